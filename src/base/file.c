@@ -1,0 +1,125 @@
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "base/file.h"
+
+int atomic_open(AtomicFile *af, const char *path, Error *err) {
+    memset(af, 0, sizeof *af);
+    if (strlen(path) >= sizeof af->path) return err_set(err, "%s: path too long", path);
+    strcpy(af->path, path);
+    snprintf(af->tmp, sizeof af->tmp, "%s.tmp", path);
+    af->f = fopen(af->tmp, "wb");
+    if (!af->f) return err_set(err, "%s: cannot create: %s", af->tmp, strerror(errno));
+    return 0;
+}
+
+int atomic_write(AtomicFile *af, const void *data, size_t n, Error *err) {
+    if (n && fwrite(data, 1, n, af->f) != n)
+        return err_set(err, "%s: write failed: %s", af->tmp, strerror(errno));
+    return 0;
+}
+
+int atomic_commit(AtomicFile *af, Error *err) {
+    if (!af->f) return err_set(err, "%s: file is not open", af->path);
+    int bad = fflush(af->f) != 0 || ferror(af->f);
+    bad |= fclose(af->f) != 0;
+    af->f = NULL;
+    if (bad) {
+        int e = errno;
+        unlink(af->tmp);
+        return err_set(err, "%s: write failed: %s", af->tmp, strerror(e));
+    }
+    if (rename(af->tmp, af->path) != 0) {
+        int e = errno;
+        unlink(af->tmp);
+        return err_set(err, "%s: cannot rename into place: %s", af->path, strerror(e));
+    }
+    return 0;
+}
+
+void atomic_abort(AtomicFile *af) {
+    if (af->f) {
+        fclose(af->f);
+        af->f = NULL;
+        unlink(af->tmp);
+    }
+}
+
+int file_write_all(const char *path, const void *data, size_t n, Error *err) {
+    AtomicFile af;
+    if (atomic_open(&af, path, err)) return -1;
+    if (atomic_write(&af, data, n, err)) {
+        atomic_abort(&af);
+        return -1;
+    }
+    return atomic_commit(&af, err);
+}
+
+char *file_read_all(const char *path, size_t *len, Error *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        err_set(err, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (n < cap) break;
+        cap *= 2;
+        char *nb = realloc(buf, cap + 1);
+        if (!nb) free(buf);
+        buf = nb;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!buf) {
+        err_set(err, "%s: out of memory reading file", path);
+        return NULL;
+    }
+    if (bad) {
+        free(buf);
+        err_set(err, "%s: read failed", path);
+        return NULL;
+    }
+    buf[n] = 0;
+    if (len) *len = n;
+    return buf;
+}
+
+int path_is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+int path_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+int make_dirs(const char *path, Error *err) {
+    char buf[4096];
+    if (strlen(path) >= sizeof buf) return err_set(err, "%s: path too long", path);
+    strcpy(buf, path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return err_set(err, "%s: cannot create directory: %s", buf, strerror(errno));
+        *p = '/';
+    }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+        return err_set(err, "%s: cannot create directory: %s", buf, strerror(errno));
+    if (!path_is_dir(buf)) return err_set(err, "%s: exists and is not a directory", buf);
+    return 0;
+}
+
+int path_join(char *out, size_t n, const char *dir, const char *name, Error *err) {
+    int w = snprintf(out, n, "%s/%s", dir, name);
+    if (w < 0 || (size_t)w >= n) return err_set(err, "%s/%s: path too long", dir, name);
+    return 0;
+}

@@ -1,0 +1,35 @@
+// File helpers. Outputs are written to "path.tmp" and renamed into place only when complete, so a
+// failed run never leaves a half-written file under the real name.
+#ifndef DSV3_BASE_FILE_H
+#define DSV3_BASE_FILE_H
+
+#include <stdio.h>
+#include <stddef.h>
+
+#include "base/error.h"
+
+typedef struct AtomicFile {
+    FILE *f;
+    char path[4096];
+    char tmp[4100];
+} AtomicFile;
+
+int atomic_open(AtomicFile *af, const char *path, Error *err);
+int atomic_write(AtomicFile *af, const void *data, size_t n, Error *err);
+// Flushes, closes and renames into place. On failure the temporary file is removed.
+int atomic_commit(AtomicFile *af, Error *err);
+// Closes and removes the temporary file (safe to call on an already committed/aborted file).
+void atomic_abort(AtomicFile *af);
+
+// Writes a whole buffer atomically.
+int file_write_all(const char *path, const void *data, size_t n, Error *err);
+// Reads a whole file into a NUL-terminated malloc'd buffer; *len gets its length (without NUL).
+char *file_read_all(const char *path, size_t *len, Error *err);
+int path_is_dir(const char *path);
+int path_exists(const char *path);
+// Creates a directory and its parents (like mkdir -p).
+int make_dirs(const char *path, Error *err);
+// Joins dir and name into out (size n); returns -1 with err when it does not fit.
+int path_join(char *out, size_t n, const char *dir, const char *name, Error *err);
+
+#endif

@@ -1,0 +1,67 @@
+// safetensors files, read through mmap and validated before a byte of tensor data is touched;
+// a model directory is one model.safetensors or shards listed by model.safetensors.index.json.
+#ifndef DSV3_BASE_SAFETENSORS_H
+#define DSV3_BASE_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/dtype.h"
+#include "base/error.h"
+
+#define ST_MAX_DIMS 8
+
+typedef struct StTensor {
+    char *name;
+    DType dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    const void *data;  // points into the mapping
+    size_t nbytes;
+    const char *file;  // the file it lives in (for error messages)
+} StTensor;
+
+typedef struct StFile {
+    char *path;
+    void *map;
+    size_t map_size;
+    int n;
+    StTensor *tensors;  // sorted by name
+} StFile;
+
+// Returns 0, or -1 with err filled: "model-00002-of-00002.safetensors: tensor X: data offsets
+// [a, b) run past the end of the data (c bytes)".
+int st_open(StFile *f, const char *path, Error *err);
+void st_close(StFile *f);
+const StTensor *st_find(const StFile *f, const char *name);
+
+// A model directory: every tensor of every shard, searchable by name.
+typedef struct StModel {
+    int nfiles;
+    StFile *files;
+    size_t mapped_bytes;
+} StModel;
+
+int st_model_open(StModel *m, const char *dir, Error *err);
+void st_model_close(StModel *m);
+const StTensor *st_model_find(const StModel *m, const char *name);
+
+// Writing: describe the tensors, then st_write lays out the header and data and renames the file
+// into place only when all of it is written.
+typedef struct StTensorDesc {
+    const char *name;
+    DType dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    const void *data;  // nbytes = product(shape) * dtype_size
+} StTensorDesc;
+
+int st_write(const char *path, const StTensorDesc *tensors, int n, Error *err);
+// Writes shards of at most max_shard_bytes each plus model.safetensors.index.json into dir (a
+// single model.safetensors when everything fits).
+int st_write_model(const char *dir, const StTensorDesc *tensors, int n, size_t max_shard_bytes,
+                   Error *err);
+
+int64_t st_numel(const int64_t *shape, int ndim);
+
+#endif

@@ -1,0 +1,11 @@
+// One function per subcommand of `dsv3`; each returns the process exit status and prints its own
+// one-line error to stderr.
+#ifndef DSV3_CLI_COMMANDS_H
+#define DSV3_CLI_COMMANDS_H
+
+int cmd_logits(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
+int cmd_init(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+
+#endif

@@ -1,0 +1,39 @@
+// Matrix products with fp32 activations against weights stored as F32, BF16, F16 or block-scaled
+// F8_E4M3. Weights are read in their stored type and widened to fp32 inside the kernel (a whole
+// model is never expanded); accumulation is fp32. Work is split over OpenMP threads; the ISA
+// (AVX-512, AVX-512-BF16, scalar) is chosen once at run time from CPUID.
+#ifndef DSV3_KERNELS_MATMUL_H
+#define DSV3_KERNELS_MATMUL_H
+
+#include <stdint.h>
+
+#include "base/dtype.h"
+
+// A row-major weight matrix W[rows][cols] (HF layout [out, in]) in its stored type.
+// F8_E4M3: the value is code × scale_inv[(row0 + r) / block][c / block] (block = 128 in released
+// checkpoints; edge blocks are partial). row0 lets a view start inside a matrix (a head's rows of
+// kv_b_proj) while the scale grid stays that of the whole matrix.
+typedef struct MatView {
+    DType dtype;
+    int rows, cols;
+    const void *data;          // points at row 0 of this view
+    const float *scale_inv;    // F8_E4M3 only: the whole matrix's [ceil(R/block)][ceil(cols/block)]
+    int scale_cols;            // ceil(cols / block)
+    int block;                 // 128
+    int row0;                  // first row of this view within the scaled matrix
+} MatView;
+
+// Rows [r0, r0 + n) of w, as a view.
+MatView matview_rows(const MatView *w, int r0, int n);
+
+// out[N][rows] = x[N][cols] · Wᵀ   (a linear layer y = W x for N tokens)
+void matmul_nt(float *out, const float *x, const MatView *w, int N);
+// out[N][cols] = x[N][rows] · W    (the transposed product, e.g. folding W_UK into a query)
+void matmul_nn(float *out, const float *x, const MatView *w, int N);
+// Dequantises row r of w into out[cols] (embedding look-ups).
+void matview_row_f32(const MatView *w, int r, float *out);
+
+// Which instruction set the kernels chose ("avx512bf16", "avx512", "scalar").
+const char *kernels_isa(void);
+
+#endif

@@ -1,0 +1,57 @@
+// A small test harness: TEST(name) registers a function; CHECK* record a failure with its place
+// and return from the test. The runner prints "N passed, N failed" as its last line.
+#ifndef DSV3_TESTS_TEST_H
+#define DSV3_TESTS_TEST_H
+
+#include <math.h>
+#include <stddef.h>
+
+typedef void (*TestFn)(void);
+void test_register(const char *file, const char *name, TestFn fn);
+void test_fail(const char *file, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+#define TEST(name)                                                                         \
+    static void name(void);                                                                \
+    __attribute__((constructor)) static void name##_register(void) {                       \
+        test_register(__FILE__, #name, name);                                              \
+    }                                                                                      \
+    static void name(void)
+
+#define CHECK(cond)                                                \
+    do {                                                           \
+        if (!(cond)) {                                             \
+            test_fail(__FILE__, __LINE__, "CHECK(%s)", #cond);     \
+            return;                                                \
+        }                                                          \
+    } while (0)
+
+#define CHECK_MSG(cond, ...)                          \
+    do {                                              \
+        if (!(cond)) {                                \
+            test_fail(__FILE__, __LINE__, __VA_ARGS__); \
+            return;                                   \
+        }                                             \
+    } while (0)
+
+#define CHECK_NEAR(a, b, tol)                                                                    \
+    do {                                                                                         \
+        double a_ = (a), b_ = (b);                                                               \
+        if (!(fabs(a_ - b_) <= (tol))) {                                                         \
+            test_fail(__FILE__, __LINE__, "%s = %.9g, %s = %.9g, |diff| %.3g > %.3g", #a, a_, #b, \
+                      b_, fabs(a_ - b_), (double)(tol));                                         \
+            return;                                                                              \
+        }                                                                                        \
+    } while (0)
+
+// Runs a shell command; captures stdout+stderr (truncated to n-1 bytes) into out (may be NULL).
+// Returns the exit status (or -1 if it could not run / was killed by a signal: 128+sig).
+int test_run(char *out, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+// The dsv3 binary under test ($DSV3, default build/dsv3) and a scratch directory for this run.
+const char *test_bin(void);
+const char *test_tmpdir(void);
+// Directory of committed test data (tests/data).
+const char *test_datadir(void);
+// Reads a whole file into a malloc'd buffer; NULL if missing.
+void *test_read_file(const char *path, size_t *len);
+
+#endif

@@ -1,0 +1,112 @@
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include "test.h"
+
+#define MAX_TESTS 1024
+
+static struct {
+    const char *file, *name;
+    TestFn fn;
+} tests[MAX_TESTS];
+static int ntests;
+static int current_failed;
+
+void test_register(const char *file, const char *name, TestFn fn) {
+    if (ntests < MAX_TESTS) tests[ntests++] = (typeof(tests[0])){file, name, fn};
+}
+
+void test_fail(const char *file, int line, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stdout, "    %s:%d: ", file, line);
+    vfprintf(stdout, fmt, ap);
+    fprintf(stdout, "\n");
+    va_end(ap);
+    current_failed = 1;
+}
+
+const char *test_bin(void) {
+    const char *b = getenv("DSV3");
+    return b && *b ? b : "build/dsv3";
+}
+
+const char *test_tmpdir(void) {
+    const char *t = getenv("TEST_TMP");
+    return t && *t ? t : "build/test-tmp";
+}
+
+const char *test_datadir(void) { return "tests/data"; }
+
+int test_run(char *out, size_t n, const char *fmt, ...) {
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    char full[8300];
+    snprintf(full, sizeof full, "(%s) 2>&1", cmd);
+    FILE *p = popen(full, "r");
+    if (!p) return -1;
+    size_t len = 0;
+    char buf[4096];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof buf, p)) > 0) {
+        if (out && len + 1 < n) {
+            size_t take = got < n - 1 - len ? got : n - 1 - len;
+            memcpy(out + len, buf, take);
+            len += take;
+        }
+    }
+    if (out && n) out[len] = 0;
+    int st = pclose(p);
+    if (st == -1) return -1;
+    if (WIFEXITED(st)) return WEXITSTATUS(st);
+    return 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+}
+
+void *test_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc(sz + 1);
+    if (buf && fread(buf, 1, sz, f) != (size_t)sz) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    if (buf) buf[sz] = 0;
+    if (len) *len = sz;
+    return buf;
+}
+
+int main(int argc, char **argv) {
+    mkdir("build", 0755);
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", test_tmpdir(), test_tmpdir());
+    if (system(cmd) != 0) {
+        fprintf(stderr, "cannot create %s\n", test_tmpdir());
+        return 2;
+    }
+    int passed = 0, failed = 0;
+    for (int i = 0; i < ntests; i++) {
+        int selected = argc < 2;
+        for (int a = 1; a < argc && !selected; a++)
+            selected = strstr(tests[i].name, argv[a]) || strstr(tests[i].file, argv[a]);
+        if (!selected) continue;
+        current_failed = 0;
+        tests[i].fn();
+        printf("%s %s (%s)\n", current_failed ? "FAIL" : "ok  ", tests[i].name, tests[i].file);
+        fflush(stdout);
+        if (current_failed) failed++;
+        else passed++;
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
