@@ -4,6 +4,7 @@
 #define DSV3_BASE_ERROR_H
 
 #include <stdarg.h>
+#include <stddef.h>
 
 typedef struct Error {
     char msg[1024];

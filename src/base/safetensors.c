@@ -173,6 +173,7 @@ static int model_add_file(StModel *m, const char *path, Error *err) {
 int st_model_open(StModel *m, const char *dir, Error *err) {
     memset(m, 0, sizeof *m);
     if (!path_is_dir(dir)) return err_set(err, "%s: model directory does not exist", dir);
+    m->dir = strdup(dir);
     char path[4096];
     if (path_join(path, sizeof path, dir, "model.safetensors.index.json", err)) return -1;
     if (!path_exists(path)) {
@@ -239,6 +240,7 @@ fail:
 void st_model_close(StModel *m) {
     for (int i = 0; i < m->nfiles; i++) st_close(&m->files[i]);
     free(m->files);
+    free(m->dir);
     memset(m, 0, sizeof *m);
 }
 

@@ -37,6 +37,7 @@ const StTensor *st_find(const StFile *f, const char *name);
 
 // A model directory: every tensor of every shard, searchable by name.
 typedef struct StModel {
+    char *dir;
     int nfiles;
     StFile *files;
     size_t mapped_bytes;

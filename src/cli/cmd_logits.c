@@ -1,7 +1,92 @@
+// dsv3 logits: raw float32 logits of every position, by prefill or one token at a time.
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/file.h"
+#include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/util.h"
+#include "model/model.h"
+
+static const char *const VALUED[] = {"model", "tokens", "out", "mtp-out", NULL};
+static const char *const FLAGS[] = {"decode", "absorbed", NULL};
+
+// Main logits (T, V) and, when mtp is non-NULL, the first MTP module's logits (T-1, V).
+static int compute(const Model *m, const int *tok, int T, int decode, AttnMode mode, float *logits, float *mtp,
+                   Error *err) {
+    const ModelConfig *c = &m->cfg;
+    int d = c->hidden_size, V = c->vocab_size, n_mtp = mtp ? 1 : 0, rc = -1;
+    KVCache kv;
+    if (kvcache_init(&kv, c, n_mtp, T, err)) return -1;
+    ForwardState *s = forward_state_new(m, decode ? 1 : T, T, err);
+    float *hidden = xmalloc(err, sizeof(float) * T * d, "hidden states");
+    if (!s || !hidden) goto done;
+    if (!decode) {
+        if (model_forward(m, s, &kv, tok, T, mode, logits, NULL, hidden, err)) goto done;
+        if (mtp && T > 1 && model_mtp_forward(m, s, &kv, 0, tok + 1, hidden, T - 1, mode, mtp, NULL, err)) goto done;
+    } else {
+        for (int t = 0; t < T; t++) {
+            if (model_forward(m, s, &kv, tok + t, 1, ATTN_ABSORBED, NULL, logits + (size_t)t * V, hidden + (size_t)t * d, err))
+                goto done;
+            // MTP row t-1 needs h_{t-1} and token t: it can run as soon as token t is known
+            if (mtp && t > 0 &&
+                model_mtp_forward(m, s, &kv, 0, tok + t, hidden + (size_t)(t - 1) * d, 1, ATTN_ABSORBED,
+                                  mtp + (size_t)(t - 1) * V, NULL, err))
+                goto done;
+        }
+    }
+    rc = 0;
+done:
+    free(hidden);
+    forward_state_free(s);
+    kvcache_free(&kv);
+    return rc;
+}
+
 int cmd_logits(int argc, char **argv) {
-    (void)argc; (void)argv;
-    fprintf(stderr, "dsv3 logits: not built yet\n");
-    return 1;
+    const char *cmd = "dsv3 logits";
+    Error err = {0};
+    Args a;
+    const char *dir, *tokens_s;
+    if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
+        args_require(&a, "tokens", &tokens_s, &err))
+        return cli_fail(cmd, &err);
+    const char *out = args_str(&a, "out", NULL), *mtp_out = args_str(&a, "mtp-out", NULL);
+    if (!out && !mtp_out) {
+        err_set(&err, "give --out FILE, --mtp-out FILE or both");
+        return cli_fail(cmd, &err);
+    }
+    int *tok = NULL, T = 0;
+    if (parse_token_list(tokens_s, &tok, &T, &err)) return cli_fail(cmd, &err);
+    Model m;
+    if (model_load(&m, dir, mtp_out != NULL, &err)) {
+        free(tok);
+        return cli_fail(cmd, &err);
+    }
+    int rc = 1, V = m.cfg.vocab_size;
+    float *logits = NULL, *mtp = NULL;
+    if (mtp_out && m.w.n_mtp == 0) {
+        err_set(&err, "%s: --mtp-out: the model has no MTP module (num_nextn_predict_layers is 0)", dir);
+        goto done;
+    }
+    if (mtp_out && T < 2) {
+        err_set(&err, "--mtp-out needs at least 2 tokens");
+        goto done;
+    }
+    logits = xmalloc(&err, sizeof(float) * (size_t)T * V, "logits");
+    if (mtp_out) mtp = xmalloc(&err, sizeof(float) * (size_t)(T - 1) * V, "MTP logits");
+    if (!logits || (mtp_out && !mtp)) goto done;
+    AttnMode mode = args_flag(&a, "absorbed") ? ATTN_ABSORBED : ATTN_PLAIN;
+    if (compute(&m, tok, T, args_flag(&a, "decode"), mode, logits, mtp, &err)) goto done;
+    if (out && file_write_all(out, logits, sizeof(float) * (size_t)T * V, &err)) goto done;
+    if (mtp_out && file_write_all(mtp_out, mtp, sizeof(float) * (size_t)(T - 1) * V, &err)) goto done;
+    rc = 0;
+done:
+    if (rc) cli_fail(cmd, &err);
+    free(logits);
+    free(mtp);
+    free(tok);
+    model_free(&m);
+    return rc;
 }

@@ -1,0 +1,12 @@
+// Helpers shared by the subcommands.
+#ifndef DSV3_CLI_UTIL_H
+#define DSV3_CLI_UTIL_H
+
+#include "base/error.h"
+
+// "5,17,3" → malloc'd ids; an empty list or a malformed id is an error naming the item.
+int parse_token_list(const char *s, int **out, int *n, Error *err);
+// Prints "dsv3 CMD: message" to stderr and returns 1 (the exit status).
+int cli_fail(const char *cmd, const Error *err);
+
+#endif

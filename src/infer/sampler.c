@@ -1,0 +1,79 @@
+#include <math.h>
+#include <stdlib.h>
+
+#include "infer/sampler.h"
+
+int sampler_init(Sampler *s, int vocab, float temperature, int top_k, float top_p, unsigned long long seed) {
+    s->temperature = temperature;
+    s->top_k = top_k;
+    s->top_p = top_p;
+    s->vocab = vocab;
+    rng_seed(&s->rng, seed);
+    s->probs = malloc(sizeof(float) * vocab);
+    s->order = malloc(sizeof(int) * vocab);
+    if (!s->probs || !s->order) {
+        sampler_free(s);
+        return -1;
+    }
+    return 0;
+}
+
+void sampler_free(Sampler *s) {
+    free(s->probs);
+    free(s->order);
+    s->probs = NULL;
+    s->order = NULL;
+}
+
+int argmax_f32(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static const float *sort_probs;
+static int by_prob_desc(const void *a, const void *b) {
+    float x = sort_probs[*(const int *)a], y = sort_probs[*(const int *)b];
+    if (x != y) return x < y ? 1 : -1;
+    return *(const int *)a - *(const int *)b;
+}
+
+int sampler_sample(Sampler *s, const float *logits) {
+    int V = s->vocab;
+    if (s->temperature <= 0) return argmax_f32(logits, V);
+    float m = logits[argmax_f32(logits, V)];
+    double sum = 0;
+    for (int i = 0; i < V; i++) {
+        s->probs[i] = expf((logits[i] - m) / s->temperature);
+        sum += s->probs[i];
+    }
+    for (int i = 0; i < V; i++) s->probs[i] = (float)(s->probs[i] / sum);
+    int n = V;
+    if ((s->top_k > 0 && s->top_k < V) || s->top_p < 1) {
+        for (int i = 0; i < V; i++) s->order[i] = i;
+        sort_probs = s->probs;
+        qsort(s->order, V, sizeof(int), by_prob_desc);
+        if (s->top_k > 0 && s->top_k < n) n = s->top_k;
+        if (s->top_p < 1) {
+            double c = 0;
+            for (int i = 0; i < n; i++) {
+                c += s->probs[s->order[i]];
+                if (c >= s->top_p) {
+                    n = i + 1;
+                    break;
+                }
+            }
+        }
+    } else {
+        for (int i = 0; i < V; i++) s->order[i] = i;
+    }
+    double total = 0;
+    for (int i = 0; i < n; i++) total += s->probs[s->order[i]];
+    double u = rng_uniform(&s->rng) * total, c = 0;
+    for (int i = 0; i < n; i++) {
+        c += s->probs[s->order[i]];
+        if (u < c) return s->order[i];
+    }
+    return s->order[n - 1];
+}

@@ -1,0 +1,25 @@
+// Choosing the next token from logits: greedy at temperature 0, otherwise temperature, top-k and
+// top-p (nucleus) filtering, then a draw from a seeded generator.
+#ifndef DSV3_INFER_SAMPLER_H
+#define DSV3_INFER_SAMPLER_H
+
+#include "base/rng.h"
+
+typedef struct Sampler {
+    float temperature;  // 0: greedy
+    int top_k;          // 0: off
+    float top_p;        // 1: off
+    Rng rng;
+    int vocab;
+    float *probs;       // (vocab) scratch
+    int *order;         // (vocab) scratch
+} Sampler;
+
+int sampler_init(Sampler *s, int vocab, float temperature, int top_k, float top_p, unsigned long long seed);
+void sampler_free(Sampler *s);
+// logits: (vocab); returns the chosen id.
+int sampler_sample(Sampler *s, const float *logits);
+// The id of the largest logit (the lowest id on ties).
+int argmax_f32(const float *x, int n);
+
+#endif

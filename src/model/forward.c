@@ -1,0 +1,302 @@
+// The inference forward pass: embedding → decoder layers (MLA + dense/MoE FFN) → norm → head,
+// and the MTP modules. Activations are fp32; weights are read in their stored type by the kernels.
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/matmul.h"
+#include "kernels/ops.h"
+#include "model/model.h"
+#include "model/moe.h"
+
+struct ForwardState {
+    int max_T, capacity, nthreads;
+    float *x;        // (T, d) residual stream
+    float *xn;       // (T, d) normed input of a sub-layer
+    float *y;        // (T, d) sub-layer output
+    float *cq;       // (T, q_lora)
+    float *q;        // (T, H, qk_head)  [q_nope | q_pe] per head
+    float *kva;      // (T, kv_lora + rope)
+    float *attn;     // (T, H, v_head)
+    float *gate;     // (T, F) SwiGLU gate, F the widest FFN
+    float *up;       // (T, F)
+    float *router;   // (T, N_r)
+    float *scores;   // (T, N_r)
+    int *topk_idx;   // (T, K_r)
+    float *topk_w;   // (T, K_r)
+    int *rows;       // (T) tokens routed to one expert
+    float *xg;       // (T, d) those tokens' inputs, gathered
+    float *cat;      // (T, 2d) MTP input [enorm(emb) ; hnorm(h)]
+    float *thread;   // (nthreads, per_thread) attention scratch
+    size_t per_thread;
+    float *block;    // the one allocation everything above lives in
+};
+
+static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *err) {
+    const ModelConfig *c = &m->cfg;
+    ForwardState *s = xcalloc(err, 1, sizeof *s, "forward state");
+    if (!s) return NULL;
+    s->max_T = max_T;
+    s->capacity = capacity;
+    s->nthreads = omp_get_max_threads();
+    long T = max_T, d = c->hidden_size, H = c->num_attention_heads, qk = config_qk_head_dim(c);
+    long F = max3(c->intermediate_size, c->moe_intermediate_size * (c->n_shared_experts > 0 ? c->n_shared_experts : 1),
+                  c->moe_intermediate_size);
+    long N = c->n_routed_experts > 0 ? c->n_routed_experts : 1, K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+    long nope = c->qk_nope_head_dim, v = c->v_head_dim, lora = c->kv_lora_rank;
+    // attention scratch per thread: expanded keys/values of one head over the cache (plain path),
+    // a score row, and the gathered query/latent/output rows of one head (absorbed path)
+    s->per_thread = (size_t)capacity * (nope + v) + capacity + T * (nope + 2 * lora + v + qk);
+    long sizes[] = {T * d, T * d, T * d, T * (c->q_lora_rank > 0 ? c->q_lora_rank : 1), T * H * qk,
+                    T * (lora + c->qk_rope_head_dim), T * H * v, T * F, T * F, T * N, T * N, T * K, T * K, T,
+                    T * d, T * 2 * d, (long)(s->nthreads * s->per_thread)};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += (size_t)sizes[i];
+    s->block = xmalloc(err, total * sizeof(float), "forward activations");
+    if (!s->block) {
+        free(s);
+        return NULL;
+    }
+    float *p = s->block;
+    float **slots[] = {&s->x, &s->xn, &s->y, &s->cq, &s->q, &s->kva, &s->attn, &s->gate, &s->up, &s->router, &s->scores};
+    int i = 0;
+    for (; i < (int)(sizeof slots / sizeof slots[0]); i++) {
+        *slots[i] = p;
+        p += sizes[i];
+    }
+    s->topk_idx = (int *)p;  // int and float have the same size
+    p += sizes[i++];
+    s->topk_w = p;
+    p += sizes[i++];
+    s->rows = (int *)p;
+    p += sizes[i++];
+    s->xg = p;
+    p += sizes[i++];
+    s->cat = p;
+    p += sizes[i++];
+    s->thread = p;
+    return s;
+}
+
+void forward_state_free(ForwardState *s) {
+    if (!s) return;
+    free(s->block);
+    free(s);
+}
+
+// Plain MLA: expand each head's keys and values from the cached latents, then ordinary causal
+// attention. latent: (S, kv_lora) and kpe: (S, rope) of this layer, S = pos0 + T.
+static void attention_plain(const Model *m, ForwardState *s, const MlaWeights *a, const float *latent,
+                            const float *kpe, int T, int pos0) {
+    const ModelConfig *c = &m->cfg;
+    int H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim;
+    int v = c->v_head_dim, S = pos0 + T;
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {
+        float *kvh = s->thread + (size_t)omp_get_thread_num() * s->per_thread;  // (S, nope + v)
+        float *sc = kvh + (size_t)s->capacity * (nope + v);                      // (S)
+        MatView wh = matview_rows(&a->kv_b_proj, h * (nope + v), nope + v);
+        matmul_nt(kvh, latent, &wh, S);
+        for (int t = 0; t < T; t++) {
+            const float *qh = s->q + ((size_t)t * H + h) * qk;
+            int p = pos0 + t;
+            for (int j = 0; j <= p; j++) {
+                const float *kj = kvh + (size_t)j * (nope + v), *pj = kpe + (size_t)j * r;
+                float dot = 0;
+                for (int i = 0; i < nope; i++) dot += qh[i] * kj[i];
+                for (int i = 0; i < r; i++) dot += qh[nope + i] * pj[i];
+                sc[j] = dot * m->softmax_scale;
+            }
+            softmax_inplace(sc, p + 1);
+            float *o = s->attn + ((size_t)t * H + h) * v;
+            memset(o, 0, sizeof(float) * v);
+            for (int j = 0; j <= p; j++) {
+                const float *vj = kvh + (size_t)j * (nope + v) + nope;
+                for (int i = 0; i < v; i++) o[i] += sc[j] * vj[i];
+            }
+        }
+    }
+}
+
+// Absorbed MLA (SPEC §2.1): q̃ = W_UKᵀ q_nope scores against the latents directly, the weighted
+// sum stays in latent space, and W_UV maps it to the head's output.
+static void attention_absorbed(const Model *m, ForwardState *s, const MlaWeights *a, const float *latent,
+                               const float *kpe, int T, int pos0) {
+    const ModelConfig *c = &m->cfg;
+    int H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim;
+    int v = c->v_head_dim, L = c->kv_lora_rank;
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {
+        float *sc = s->thread + (size_t)omp_get_thread_num() * s->per_thread;  // (S)
+        float *qn = sc + s->capacity;                                           // (T, nope)
+        float *qa = qn + (size_t)T * nope;                                      // (T, kv_lora)
+        float *ol = qa + (size_t)T * L;                                         // (T, kv_lora)
+        float *ov = ol + (size_t)T * L;                                         // (T, v)
+        for (int t = 0; t < T; t++) memcpy(qn + (size_t)t * nope, s->q + ((size_t)t * H + h) * qk, sizeof(float) * nope);
+        MatView wuk = matview_rows(&a->kv_b_proj, h * (nope + v), nope);
+        MatView wuv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
+        if (nope > 0) matmul_nn(qa, qn, &wuk, T);
+        else memset(qa, 0, sizeof(float) * T * L);
+        for (int t = 0; t < T; t++) {
+            const float *qt = qa + (size_t)t * L, *qpe = s->q + ((size_t)t * H + h) * qk + nope;
+            int p = pos0 + t;
+            for (int j = 0; j <= p; j++) {
+                const float *lj = latent + (size_t)j * L, *pj = kpe + (size_t)j * r;
+                float dot = 0;
+                for (int i = 0; i < L; i++) dot += qt[i] * lj[i];
+                for (int i = 0; i < r; i++) dot += qpe[i] * pj[i];
+                sc[j] = dot * m->softmax_scale;
+            }
+            softmax_inplace(sc, p + 1);
+            float *o = ol + (size_t)t * L;
+            memset(o, 0, sizeof(float) * L);
+            for (int j = 0; j <= p; j++) {
+                const float *lj = latent + (size_t)j * L;
+                for (int i = 0; i < L; i++) o[i] += sc[j] * lj[i];
+            }
+        }
+        matmul_nt(ov, ol, &wuv, T);
+        for (int t = 0; t < T; t++) memcpy(s->attn + ((size_t)t * H + h) * v, ov + (size_t)t * v, sizeof(float) * v);
+    }
+}
+
+// x += MLA(RMSNorm(x)), appending this layer's latents and rotated keys to the cache.
+static void mla_forward(const Model *m, ForwardState *s, KVCache *kv, int cache_layer, const LayerWeights *lw, int T,
+                        int pos0, AttnMode mode) {
+    const ModelConfig *c = &m->cfg;
+    const MlaWeights *a = &lw->self_attn;
+    int d = c->hidden_size, H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim;
+    int r = c->qk_rope_head_dim, L = c->kv_lora_rank;
+    rmsnorm_forward(s->xn, NULL, s->x, lw->input_layernorm, T, d, c->rms_norm_eps);
+    if (c->q_lora_rank > 0) {
+        matmul_nt(s->cq, s->xn, &a->q_a_proj, T);
+        rmsnorm_forward(s->cq, NULL, s->cq, a->q_a_layernorm, T, c->q_lora_rank, c->rms_norm_eps);
+        matmul_nt(s->q, s->cq, &a->q_b_proj, T);
+    } else {
+        matmul_nt(s->q, s->xn, &a->q_proj, T);
+    }
+    matmul_nt(s->kva, s->xn, &a->kv_a_proj_with_mqa, T);
+    float *latent = kv->latent + (size_t)cache_layer * kv->capacity * L;
+    float *kpe = kv->k_pe + (size_t)cache_layer * kv->capacity * r;
+    for (int t = 0; t < T; t++) {
+        const float *row = s->kva + (size_t)t * (L + r);
+        rmsnorm_forward(latent + (size_t)(pos0 + t) * L, NULL, row, a->kv_a_layernorm, 1, L, c->rms_norm_eps);
+        float *kp = kpe + (size_t)(pos0 + t) * r;
+        memcpy(kp, row + L, sizeof(float) * r);
+        rope_forward(kp, r, pos0 + t, m->inv_freq, m->rope_mscale);
+        for (int h = 0; h < H; h++) rope_forward(s->q + ((size_t)t * H + h) * qk + nope, r, pos0 + t, m->inv_freq, m->rope_mscale);
+    }
+    if (mode == ATTN_PLAIN) attention_plain(m, s, a, latent, kpe, T, pos0);
+    else attention_absorbed(m, s, a, latent, kpe, T, pos0);
+    matmul_nt(s->y, s->attn, &a->o_proj, T);
+    for (long i = 0; i < (long)T * d; i++) s->x[i] += s->y[i];
+}
+
+// out (T, d) = SwiGLU FFN of in (T, d), width inter.
+static void ffn_forward(ForwardState *s, const FfnWeights *f, int inter, const float *in, float *out, int T) {
+    matmul_nt(s->gate, in, &f->gate_proj, T);
+    matmul_nt(s->up, in, &f->up_proj, T);
+    swiglu_forward(s->gate, s->gate, s->up, (long)T * inter);
+    matmul_nt(out, s->gate, &f->down_proj, T);
+}
+
+// y (T, d) = shared experts + Σ routed gate · expert, every token reaching its K_r experts.
+static void moe_forward(const Model *m, ForwardState *s, const MoeWeights *w, int T) {
+    const ModelConfig *c = &m->cfg;
+    int d = c->hidden_size, N = c->n_routed_experts, K = c->num_experts_per_tok, F = c->moe_intermediate_size;
+    matmul_nt(s->router, s->xn, &w->gate, T);
+    for (int t = 0; t < T; t++)
+        moe_route(c, s->router + (size_t)t * N, w->e_score_correction_bias, s->scores + (size_t)t * N,
+                  s->topk_idx + (size_t)t * K, s->topk_w + (size_t)t * K);
+    if (c->n_shared_experts > 0) ffn_forward(s, &w->shared_experts, c->n_shared_experts * F, s->xn, s->y, T);
+    else memset(s->y, 0, sizeof(float) * T * d);
+    float *eo = s->cat;  // (T, d) expert outputs; the MTP input buffer is free during a layer
+    for (int e = 0; e < N; e++) {
+        int n = 0;
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++)
+                if (s->topk_idx[t * K + k] == e) {
+                    s->rows[n] = t * K + k;
+                    memcpy(s->xg + (size_t)n * d, s->xn + (size_t)t * d, sizeof(float) * d);
+                    n++;
+                }
+        if (n == 0) continue;
+        ffn_forward(s, &w->experts[e], F, s->xg, eo, n);
+        for (int i = 0; i < n; i++) {
+            int t = s->rows[i] / K;
+            float g = s->topk_w[s->rows[i]];
+            float *yt = s->y + (size_t)t * d;
+            const float *et = eo + (size_t)i * d;
+            for (int j = 0; j < d; j++) yt[j] += g * et[j];
+        }
+    }
+}
+
+static void layer_forward(const Model *m, ForwardState *s, KVCache *kv, int cache_layer, const LayerWeights *lw,
+                          int T, int pos0, AttnMode mode) {
+    const ModelConfig *c = &m->cfg;
+    int d = c->hidden_size;
+    mla_forward(m, s, kv, cache_layer, lw, T, pos0, mode);
+    rmsnorm_forward(s->xn, NULL, s->x, lw->post_attention_layernorm, T, d, c->rms_norm_eps);
+    if (lw->is_moe) moe_forward(m, s, &lw->moe, T);
+    else ffn_forward(s, &lw->mlp, c->intermediate_size, s->xn, s->y, T);
+    for (long i = 0; i < (long)T * d; i++) s->x[i] += s->y[i];
+}
+
+static int check_call(const Model *m, const ForwardState *s, int T, int pos0, int capacity, const int *tokens,
+                      Error *err) {
+    if (T < 1 || T > s->max_T) return err_set(err, "forward: %d tokens, but the state holds at most %d", T, s->max_T);
+    if (pos0 + T > capacity || pos0 + T > s->capacity)
+        return err_set(err, "forward: positions up to %d exceed the KV cache capacity %d", pos0 + T, capacity);
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= m->cfg.vocab_size)
+            return err_set(err, "token %d at position %d is outside the vocabulary [0, %d)", tokens[t], pos0 + t,
+                           m->cfg.vocab_size);
+    return 0;
+}
+
+static void head_forward(const ForwardState *s, const MatView *head, int T, int d, float *logits, float *last_logits) {
+    if (logits) matmul_nt(logits, s->xn, head, T);
+    if (last_logits) matmul_nt(last_logits, s->xn + (size_t)(T - 1) * d, head, 1);
+}
+
+int model_forward(const Model *m, ForwardState *s, KVCache *kv, const int *tokens, int T, AttnMode mode,
+                  float *logits, float *last_logits, float *hidden, Error *err) {
+    const ModelConfig *c = &m->cfg;
+    int d = c->hidden_size, pos0 = kv->len;
+    if (check_call(m, s, T, pos0, kv->capacity, tokens, err)) return -1;
+    for (int t = 0; t < T; t++) matview_row_f32(&m->w.embed_tokens, tokens[t], s->x + (size_t)t * d);
+    for (int l = 0; l < c->num_hidden_layers; l++) layer_forward(m, s, kv, l, &m->w.layers[l], T, pos0, mode);
+    kv->len += T;
+    rmsnorm_forward(s->xn, NULL, s->x, m->w.norm, T, d, c->rms_norm_eps);
+    if (hidden) memcpy(hidden, s->xn, sizeof(float) * T * d);
+    head_forward(s, &m->w.lm_head, T, d, logits, last_logits);
+    return 0;
+}
+
+int model_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, const int *next_tokens,
+                      const float *hidden, int T, AttnMode mode, float *logits, float *hidden_out, Error *err) {
+    const ModelConfig *c = &m->cfg;
+    if (k < 0 || k >= m->w.n_mtp || k >= kv->n_mtp)
+        return err_set(err, "MTP module %d: the model has %d MTP modules loaded", k, m->w.n_mtp);
+    const MtpWeights *w = &m->w.mtp[k];
+    int d = c->hidden_size, pos0 = kv->mtp_len[k];
+    if (check_call(m, s, T, pos0, kv->capacity, next_tokens, err)) return -1;
+    for (int t = 0; t < T; t++) {
+        float *row = s->cat + (size_t)t * 2 * d;
+        // the embedding half comes first, as in the released checkpoints (SPEC §2.3)
+        matview_row_f32(&w->embed_tokens, next_tokens[t], s->y);
+        rmsnorm_forward(row, NULL, s->y, w->enorm, 1, d, c->rms_norm_eps);
+        rmsnorm_forward(row + d, NULL, hidden + (size_t)t * d, w->hnorm, 1, d, c->rms_norm_eps);
+    }
+    matmul_nt(s->x, s->cat, &w->eh_proj, T);
+    layer_forward(m, s, kv, c->num_hidden_layers + k, &w->layer, T, pos0, mode);
+    kv->mtp_len[k] += T;
+    if (hidden_out) memcpy(hidden_out, s->x, sizeof(float) * T * d);
+    rmsnorm_forward(s->xn, NULL, s->x, w->shared_head_norm, T, d, c->rms_norm_eps);
+    head_forward(s, &w->shared_head_head, T, d, logits, NULL);
+    return 0;
+}
