@@ -71,6 +71,9 @@ bench: deps $(BUILD)/dsv3 $(BENCH_BIN)
 	@for b in $(BENCH_BIN); do echo "== $$b"; $$b || exit 1; done
 	@for s in $(BENCH_SH); do echo "== $$s"; DSV3=$(BUILD)/dsv3 bash $$s || exit 1; done
 
+demo: deps $(BUILD)/dsv3
+	DSV3=$(BUILD)/dsv3 bash scripts/demo.sh
+
 clean:
 	rm -rf build build-asan
 

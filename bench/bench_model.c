@@ -1,0 +1,106 @@
+// Prefill and decode speed of a ~108M-parameter DeepSeek-V3-layout model (bench/configs/
+// v3-108m.json, random weights from `dsv3 init`'s code), in BF16 and FP8, next to this machine's
+// read bandwidth: decode is bound by streaming the active weights once per token.
+#include <stdio.h>
+#include <string.h>
+
+#include "base/file.h"
+#include "bench_common.h"
+#include "kernels/matmul.h"
+#include "model/init.h"
+#include "model/model.h"
+
+// Bytes a decode step reads: every weight one token touches, in its stored type.
+static double mat_bytes(const MatView *m) {
+    double b = (double)m->rows * m->cols * dtype_size(m->dtype);
+    if (m->dtype == DT_F8_E4M3) b += 4.0 * ((m->rows + m->block - 1) / m->block) * m->scale_cols;
+    return b;
+}
+
+static double ffn_bytes(const FfnWeights *f) {
+    return mat_bytes(&f->gate_proj) + mat_bytes(&f->up_proj) + mat_bytes(&f->down_proj);
+}
+
+static double active_weight_bytes(const Model *m) {
+    const ModelConfig *c = &m->cfg;
+    double b = mat_bytes(&m->w.lm_head) + c->hidden_size * dtype_size(m->w.embed_tokens.dtype);
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const LayerWeights *L = &m->w.layers[l];
+        const MlaWeights *a = &L->self_attn;
+        b += (c->q_lora_rank ? mat_bytes(&a->q_a_proj) + mat_bytes(&a->q_b_proj) : mat_bytes(&a->q_proj)) +
+             mat_bytes(&a->kv_a_proj_with_mqa) + mat_bytes(&a->kv_b_proj) + mat_bytes(&a->o_proj);
+        if (!L->is_moe) b += ffn_bytes(&L->mlp);
+        else
+            b += mat_bytes(&L->moe.gate) + (c->n_shared_experts ? ffn_bytes(&L->moe.shared_experts) : 0) +
+                 c->num_experts_per_tok * ffn_bytes(&L->moe.experts[0]);
+    }
+    return b;
+}
+
+static int bench_one(const char *cfg_path, const char *dir, DType dt, double bw) {
+    Error err = {0};
+    ModelConfig c;
+    if (config_load(&c, cfg_path, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    char probe[600];
+    snprintf(probe, sizeof probe, "%s/config.json", dir);
+    if (!path_exists(probe) && model_write_random(&c, dir, 1, dt, (size_t)8 << 30, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    Model m;
+    if (model_load(&m, dir, 0, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    enum { PROMPT = 256, DECODE = 128, REPS = 3 };
+    int V = m.cfg.vocab_size, tok[PROMPT];
+    for (int i = 0; i < PROMPT; i++) tok[i] = (i * 7919 + 13) % V;
+    float *logits = malloc(sizeof(float) * V);
+    double pre[REPS], dec[REPS];
+    for (int r = 0; r < REPS; r++) {
+        KVCache kv;
+        ForwardState *s = forward_state_new(&m, PROMPT, PROMPT + DECODE, &err);
+        if (!s || kvcache_init(&kv, &m.cfg, 0, PROMPT + DECODE, &err)) {
+            fprintf(stderr, "%s\n", err.msg);
+            return 1;
+        }
+        double t0 = bench_now();
+        if (model_forward(&m, s, &kv, tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) return 1;
+        double t1 = bench_now();
+        int next = 0;
+        for (int i = 0; i < DECODE; i++) {
+            next = (next * 31 + 7) % V;  // a fixed stream: random weights give no meaningful argmax
+            if (model_forward(&m, s, &kv, &next, 1, ATTN_ABSORBED, NULL, logits, NULL, &err)) return 1;
+        }
+        double t2 = bench_now();
+        pre[r] = PROMPT / (t1 - t0);
+        dec[r] = DECODE / (t2 - t1);
+        forward_state_free(s);
+        kvcache_free(&kv);
+    }
+    double p = bench_median(pre, REPS), d = bench_median(dec, REPS), wb = active_weight_bytes(&m);
+    printf("%-5s prefill %d tokens: %8.1f tokens/s\n", dtype_name(dt), PROMPT, p);
+    printf("%-5s decode (context %d-%d): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s = %.0f%% of read bandwidth\n",
+           dtype_name(dt), PROMPT, PROMPT + DECODE, d, wb / 1e6, wb * d / 1e9, 100 * wb * d / 1e9 / bw);
+    free(logits);
+    model_free(&m);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *cfg = argc > 1 ? argv[1] : "bench/configs/v3-108m.json";
+    Error err = {0};
+    if (make_dirs("build/bench-models", &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    double bw = bench_read_bandwidth((size_t)1 << 30, 7);
+    printf("model %s, %d threads, kernels %s\n", cfg, omp_get_max_threads(), kernels_isa());
+    printf("read bandwidth: %.1f GB/s (median of 7 passes over 1 GiB)\n", bw);
+    if (bench_one(cfg, "build/bench-models/v3-108m-bf16", DT_BF16, bw)) return 1;
+    if (bench_one(cfg, "build/bench-models/v3-108m-fp8", DT_F8_E4M3, bw)) return 1;
+    return 0;
+}
