@@ -17,21 +17,21 @@ int args_parse(Args *a, const char *cmd, int argc, char **argv, const char *cons
     for (int i = 0; i < argc; i++) {
         const char *s = argv[i];
         if (strncmp(s, "--", 2) != 0 || s[2] == 0) {
-            if (a->npos >= (int)(sizeof a->pos / sizeof a->pos[0])) return err_set(err, "%s: too many arguments", cmd);
+            if (a->npos >= (int)(sizeof a->pos / sizeof a->pos[0])) return err_set(err, "too many arguments");
             a->pos[a->npos++] = s;
             continue;
         }
         const char *name = s + 2;
-        if (a->n >= ARGS_MAX) return err_set(err, "%s: too many options", cmd);
+        if (a->n >= ARGS_MAX) return err_set(err, "too many options");
         if (in_list(valued, name)) {
-            if (i + 1 >= argc) return err_set(err, "%s: --%s needs a value", cmd, name);
+            if (i + 1 >= argc) return err_set(err, "--%s needs a value", name);
             a->name[a->n] = name;
             a->value[a->n++] = argv[++i];
         } else if (in_list(flags, name)) {
             a->name[a->n] = name;
             a->value[a->n++] = NULL;
         } else {
-            return err_set(err, "%s: unknown option --%s", cmd, name);
+            return err_set(err, "unknown option --%s", name);
         }
     }
     return 0;
@@ -59,8 +59,8 @@ int args_long(const Args *a, const char *name, long dflt, long lo, long hi, long
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
-    if (errno || end == s || *end) return err_set(err, "%s: --%s: '%s' is not an integer", a->cmd, name, s);
-    if (v < lo || v > hi) return err_set(err, "%s: --%s: %ld is outside [%ld, %ld]", a->cmd, name, v, lo, hi);
+    if (errno || end == s || *end) return err_set(err, "--%s: '%s' is not an integer", name, s);
+    if (v < lo || v > hi) return err_set(err, "--%s: %ld is outside [%ld, %ld]", name, v, lo, hi);
     *out = v;
     return 0;
 }
@@ -74,14 +74,14 @@ int args_double(const Args *a, const char *name, double dflt, double lo, double 
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || end == s || *end) return err_set(err, "%s: --%s: '%s' is not a number", a->cmd, name, s);
-    if (!(v >= lo && v <= hi)) return err_set(err, "%s: --%s: %g is outside [%g, %g]", a->cmd, name, v, lo, hi);
+    if (errno || end == s || *end) return err_set(err, "--%s: '%s' is not a number", name, s);
+    if (!(v >= lo && v <= hi)) return err_set(err, "--%s: %g is outside [%g, %g]", name, v, lo, hi);
     *out = v;
     return 0;
 }
 
 int args_require(const Args *a, const char *name, const char **out, Error *err) {
     *out = args_str(a, name, NULL);
-    if (!*out) return err_set(err, "%s: --%s is required", a->cmd, name);
+    if (!*out) return err_set(err, "--%s is required", name);
     return 0;
 }

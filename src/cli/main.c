@@ -13,6 +13,7 @@ static const struct {
     {"generate", cmd_generate, "--model DIR --tokens IDS [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S]"},
     {"init", cmd_init, "--config FILE --out DIR [--seed S] [--dtype f32|bf16|fp8]"},
     {"info", cmd_info, "--model DIR [--json]"},
+    {"plan", cmd_plan, "(--config FILE | --preset NAME | --tables) [--seq T] [--ep-bandwidth GBPS] [--json] | --pipeline PP | --network"},
 };
 
 static void usage(FILE *f) {
