@@ -33,6 +33,8 @@ struct ForwardState {
     float *block;    // the one allocation everything above lives in
 };
 
+static size_t head_scratch_floats(const ModelConfig *c, int capacity);
+
 static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
 ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *err) {
@@ -46,10 +48,8 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     long F = max3(c->intermediate_size, c->moe_intermediate_size * (c->n_shared_experts > 0 ? c->n_shared_experts : 1),
                   c->moe_intermediate_size);
     long N = c->n_routed_experts > 0 ? c->n_routed_experts : 1, K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
-    long nope = c->qk_nope_head_dim, v = c->v_head_dim, lora = c->kv_lora_rank;
-    // attention scratch per thread: expanded keys/values of one head over the cache (plain path),
-    // a score row, and the gathered query/latent/output rows of one head (absorbed path)
-    s->per_thread = (size_t)capacity * (nope + v) + capacity + T * (nope + 2 * lora + v + qk);
+    long v = c->v_head_dim, lora = c->kv_lora_rank;
+    s->per_thread = head_scratch_floats(c, capacity);
     long sizes[] = {T * d, T * d, T * d, T * (c->q_lora_rank > 0 ? c->q_lora_rank : 1), T * H * qk,
                     T * (lora + c->qk_rope_head_dim), T * H * v, T * F, T * F, T * N, T * N, T * K, T * K, T,
                     T * d, T * 2 * d, (long)(s->nthreads * s->per_thread)};
@@ -87,36 +87,89 @@ void forward_state_free(ForwardState *s) {
     free(s);
 }
 
+// Queries are processed in chunks of this many rows, so the score buffers stay (QCHUNK, S).
+#define QCHUNK 64
+
+static MatView f32_view(const float *data, int rows, int cols) {
+    return (MatView){.dtype = DT_F32, .rows = rows, .cols = cols, .data = data};
+}
+
+// Per-thread attention scratch, carved from s->thread for a T-row call.
+typedef struct {
+    float *k, *v;     // (S, nope), (S, v_head): one head's expanded keys and values (plain path)
+    float *p, *p2;    // (QCHUNK, S) scores: latent/no-rope part, then the rotary part
+    float *qn, *qp;   // (QCHUNK, nope), (QCHUNK, rope) one head's query rows
+    float *qa, *ol;   // (QCHUNK, kv_lora) absorbed query, latent-space output (absorbed path)
+    float *o;         // (QCHUNK, v_head)
+} HeadScratch;
+
+static size_t head_scratch_floats(const ModelConfig *c, int capacity) {
+    size_t S = capacity, Q = QCHUNK;
+    return S * (c->qk_nope_head_dim + c->v_head_dim) + 2 * Q * S +
+           Q * (c->qk_nope_head_dim + c->qk_rope_head_dim + 2 * c->kv_lora_rank + c->v_head_dim);
+}
+
+static HeadScratch head_scratch(const ModelConfig *c, ForwardState *s) {
+    size_t S = s->capacity, Q = QCHUNK;
+    HeadScratch h;
+    h.k = s->thread + (size_t)omp_get_thread_num() * s->per_thread;
+    h.v = h.k + S * c->qk_nope_head_dim;
+    h.p = h.v + S * c->v_head_dim;
+    h.p2 = h.p + Q * S;
+    h.qn = h.p2 + Q * S;
+    h.qp = h.qn + Q * c->qk_nope_head_dim;
+    h.qa = h.qp + Q * c->qk_rope_head_dim;
+    h.ol = h.qa + Q * c->kv_lora_rank;
+    h.o = h.ol + Q * c->kv_lora_rank;
+    return h;
+}
+
+// Copies head h's query rows t0..t0+n into qn (no-rope part) and qp (rotary part).
+static void gather_query(const ModelConfig *c, const float *q, int h, int t0, int n, float *qn, float *qp) {
+    int H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim;
+    for (int i = 0; i < n; i++) {
+        const float *src = q + ((size_t)(t0 + i) * H + h) * qk;
+        memcpy(qn + (size_t)i * nope, src, sizeof(float) * nope);
+        memcpy(qp + (size_t)i * r, src + nope, sizeof(float) * r);
+    }
+}
+
+// p (n, S) = (p + p2) * scale, causally masked (row i sees keys 0..pos0+t0+i), softmaxed; masked
+// entries become 0 so the weighted sum can run over the whole row.
+static void scores_to_probs(float *p, const float *p2, int n, int S, int first_pos, float scale, int has_rope) {
+    for (int i = 0; i < n; i++) {
+        float *row = p + (size_t)i * S;
+        const float *row2 = p2 + (size_t)i * S;
+        int visible = first_pos + i + 1;
+        for (int j = 0; j < visible; j++) row[j] = (row[j] + (has_rope ? row2[j] : 0.0f)) * scale;
+        softmax_inplace(row, visible);
+        for (int j = visible; j < S; j++) row[j] = 0.0f;
+    }
+}
+
 // Plain MLA: expand each head's keys and values from the cached latents, then ordinary causal
 // attention. latent: (S, kv_lora) and kpe: (S, rope) of this layer, S = pos0 + T.
 static void attention_plain(const Model *m, ForwardState *s, const MlaWeights *a, const float *latent,
                             const float *kpe, int T, int pos0) {
     const ModelConfig *c = &m->cfg;
-    int H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim;
-    int v = c->v_head_dim, S = pos0 + T;
+    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, v = c->v_head_dim;
 #pragma omp parallel for schedule(static)
     for (int h = 0; h < H; h++) {
-        float *kvh = s->thread + (size_t)omp_get_thread_num() * s->per_thread;  // (S, nope + v)
-        float *sc = kvh + (size_t)s->capacity * (nope + v);                      // (S)
-        MatView wh = matview_rows(&a->kv_b_proj, h * (nope + v), nope + v);
-        matmul_nt(kvh, latent, &wh, S);
-        for (int t = 0; t < T; t++) {
-            const float *qh = s->q + ((size_t)t * H + h) * qk;
-            int p = pos0 + t;
-            for (int j = 0; j <= p; j++) {
-                const float *kj = kvh + (size_t)j * (nope + v), *pj = kpe + (size_t)j * r;
-                float dot = 0;
-                for (int i = 0; i < nope; i++) dot += qh[i] * kj[i];
-                for (int i = 0; i < r; i++) dot += qh[nope + i] * pj[i];
-                sc[j] = dot * m->softmax_scale;
-            }
-            softmax_inplace(sc, p + 1);
-            float *o = s->attn + ((size_t)t * H + h) * v;
-            memset(o, 0, sizeof(float) * v);
-            for (int j = 0; j <= p; j++) {
-                const float *vj = kvh + (size_t)j * (nope + v) + nope;
-                for (int i = 0; i < v; i++) o[i] += sc[j] * vj[i];
-            }
+        HeadScratch b = head_scratch(c, s);
+        MatView wk = matview_rows(&a->kv_b_proj, h * (nope + v), nope);
+        MatView wv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
+        if (nope > 0) matmul_nt(b.k, latent, &wk, pos0 + T);
+        matmul_nt(b.v, latent, &wv, pos0 + T);
+        for (int t0 = 0; t0 < T; t0 += QCHUNK) {
+            int n = T - t0 < QCHUNK ? T - t0 : QCHUNK, S = pos0 + t0 + n;
+            gather_query(c, s->q, h, t0, n, b.qn, b.qp);
+            MatView K = f32_view(b.k, S, nope), P = f32_view(kpe, S, r), V = f32_view(b.v, S, v);
+            if (nope > 0) matmul_nt(b.p, b.qn, &K, n);
+            else memset(b.p, 0, sizeof(float) * n * S);
+            if (r > 0) matmul_nt(b.p2, b.qp, &P, n);
+            scores_to_probs(b.p, b.p2, n, S, pos0 + t0, m->softmax_scale, r > 0);
+            matmul_nn(b.o, b.p, &V, n);
+            for (int i = 0; i < n; i++) memcpy(s->attn + ((size_t)(t0 + i) * H + h) * v, b.o + (size_t)i * v, sizeof(float) * v);
         }
     }
 }
@@ -126,40 +179,29 @@ static void attention_plain(const Model *m, ForwardState *s, const MlaWeights *a
 static void attention_absorbed(const Model *m, ForwardState *s, const MlaWeights *a, const float *latent,
                                const float *kpe, int T, int pos0) {
     const ModelConfig *c = &m->cfg;
-    int H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim;
-    int v = c->v_head_dim, L = c->kv_lora_rank;
+    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, v = c->v_head_dim;
+    int L = c->kv_lora_rank;
 #pragma omp parallel for schedule(static)
     for (int h = 0; h < H; h++) {
-        float *sc = s->thread + (size_t)omp_get_thread_num() * s->per_thread;  // (S)
-        float *qn = sc + s->capacity;                                           // (T, nope)
-        float *qa = qn + (size_t)T * nope;                                      // (T, kv_lora)
-        float *ol = qa + (size_t)T * L;                                         // (T, kv_lora)
-        float *ov = ol + (size_t)T * L;                                         // (T, v)
-        for (int t = 0; t < T; t++) memcpy(qn + (size_t)t * nope, s->q + ((size_t)t * H + h) * qk, sizeof(float) * nope);
+        HeadScratch b = head_scratch(c, s);
         MatView wuk = matview_rows(&a->kv_b_proj, h * (nope + v), nope);
         MatView wuv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
-        if (nope > 0) matmul_nn(qa, qn, &wuk, T);
-        else memset(qa, 0, sizeof(float) * T * L);
-        for (int t = 0; t < T; t++) {
-            const float *qt = qa + (size_t)t * L, *qpe = s->q + ((size_t)t * H + h) * qk + nope;
-            int p = pos0 + t;
-            for (int j = 0; j <= p; j++) {
-                const float *lj = latent + (size_t)j * L, *pj = kpe + (size_t)j * r;
-                float dot = 0;
-                for (int i = 0; i < L; i++) dot += qt[i] * lj[i];
-                for (int i = 0; i < r; i++) dot += qpe[i] * pj[i];
-                sc[j] = dot * m->softmax_scale;
+        for (int t0 = 0; t0 < T; t0 += QCHUNK) {
+            int n = T - t0 < QCHUNK ? T - t0 : QCHUNK, S = pos0 + t0 + n;
+            gather_query(c, s->q, h, t0, n, b.qn, b.qp);
+            MatView C = f32_view(latent, S, L), P = f32_view(kpe, S, r);
+            if (nope > 0) {
+                matmul_nn(b.qa, b.qn, &wuk, n);
+                matmul_nt(b.p, b.qa, &C, n);
+            } else {
+                memset(b.p, 0, sizeof(float) * n * S);
             }
-            softmax_inplace(sc, p + 1);
-            float *o = ol + (size_t)t * L;
-            memset(o, 0, sizeof(float) * L);
-            for (int j = 0; j <= p; j++) {
-                const float *lj = latent + (size_t)j * L;
-                for (int i = 0; i < L; i++) o[i] += sc[j] * lj[i];
-            }
+            if (r > 0) matmul_nt(b.p2, b.qp, &P, n);
+            scores_to_probs(b.p, b.p2, n, S, pos0 + t0, m->softmax_scale, r > 0);
+            matmul_nn(b.ol, b.p, &C, n);
+            matmul_nt(b.o, b.ol, &wuv, n);
+            for (int i = 0; i < n; i++) memcpy(s->attn + ((size_t)(t0 + i) * H + h) * v, b.o + (size_t)i * v, sizeof(float) * v);
         }
-        matmul_nt(ov, ol, &wuv, T);
-        for (int t = 0; t < T; t++) memcpy(s->attn + ((size_t)t * H + h) * v, ov + (size_t)t * v, sizeof(float) * v);
     }
 }
 
