@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/attention.h"
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
 #include "model/model.h"
@@ -27,6 +28,7 @@ struct ForwardState {
     float *topk_w;   // (T, K_r)
     int *rows;       // (T) tokens routed to one expert
     float *xg;       // (T, d) those tokens' inputs, gathered
+    float *fused;    // (2, K_r + n_shared, moe_inter) decode: gate and up rows of every expert a token uses
     float *cat;      // (T, 2d) MTP input [enorm(emb) ; hnorm(h)]
     float *thread;   // (nthreads, per_thread) attention scratch
     size_t per_thread;
@@ -52,7 +54,8 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     s->per_thread = head_scratch_floats(c, capacity);
     long sizes[] = {T * d, T * d, T * d, T * (c->q_lora_rank > 0 ? c->q_lora_rank : 1), T * H * qk,
                     T * (lora + c->qk_rope_head_dim), T * H * v, T * F, T * F, T * N, T * N, T * K, T * K, T,
-                    T * d, T * 2 * d, (long)(s->nthreads * s->per_thread)};
+                    T * d, 2 * (K + c->n_shared_experts) * (long)c->moe_intermediate_size, T * 2 * d,
+                    (long)(s->nthreads * s->per_thread)};
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += (size_t)sizes[i];
     s->block = xmalloc(err, total * sizeof(float), "forward activations");
@@ -75,6 +78,8 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     p += sizes[i++];
     s->xg = p;
     p += sizes[i++];
+    s->fused = p;
+    p += sizes[i++];
     s->cat = p;
     p += sizes[i++];
     s->thread = p;
@@ -87,6 +92,8 @@ void forward_state_free(ForwardState *s) {
     free(s);
 }
 
+// Up to this many query rows, absorbed attention runs as direct loops per row.
+#define DECODE_ROWS 4
 // Queries are processed in chunks of this many rows, so the score buffers stay (QCHUNK, S).
 #define QCHUNK 64
 
@@ -189,13 +196,20 @@ static void attention_absorbed(const Model *m, ForwardState *s, const MlaWeights
         for (int t0 = 0; t0 < T; t0 += QCHUNK) {
             int n = T - t0 < QCHUNK ? T - t0 : QCHUNK, S = pos0 + t0 + n;
             gather_query(c, s->q, h, t0, n, b.qn, b.qp);
-            MatView C = f32_view(latent, S, L), P = f32_view(kpe, S, r);
-            if (nope > 0) {
-                matmul_nn(b.qa, b.qn, &wuk, n);
-                matmul_nt(b.p, b.qa, &C, n);
-            } else {
-                memset(b.p, 0, sizeof(float) * n * S);
+            if (nope > 0) matmul_nn(b.qa, b.qn, &wuk, n);
+            else memset(b.qa, 0, sizeof(float) * n * L);
+            if (n <= DECODE_ROWS) {  // a few rows: direct loops beat matmul calls of one row
+                for (int i = 0; i < n; i++)
+                    attention_one_query(b.ol + (size_t)i * L, b.qa + (size_t)i * L, b.qp + (size_t)i * r, latent, L, L,
+                                        kpe, r, latent, L, L, pos0 + t0 + i + 1, m->softmax_scale, b.p);
+                matmul_nt(b.o, b.ol, &wuv, n);
+                for (int i = 0; i < n; i++)
+                    memcpy(s->attn + ((size_t)(t0 + i) * H + h) * v, b.o + (size_t)i * v, sizeof(float) * v);
+                continue;
             }
+            MatView C = f32_view(latent, S, L), P = f32_view(kpe, S, r);
+            if (nope > 0) matmul_nt(b.p, b.qa, &C, n);
+            else memset(b.p, 0, sizeof(float) * n * S);
             if (r > 0) matmul_nt(b.p2, b.qp, &P, n);
             scores_to_probs(b.p, b.p2, n, S, pos0 + t0, m->softmax_scale, r > 0);
             matmul_nn(b.ol, b.p, &C, n);
@@ -245,6 +259,55 @@ static void ffn_forward(ForwardState *s, const FfnWeights *f, int inter, const f
     matmul_nt(out, s->gate, &f->down_proj, T);
 }
 
+// Decode (one token): the chosen experts and the shared experts run in one parallel region. The
+// gate and up rows of all of them are split evenly over the threads; after one barrier each
+// thread owns a slice of the output features and sums every expert's down projection into it.
+// One fork and one barrier per layer instead of three per expert keeps small experts streaming.
+static void moe_forward_one(const Model *m, ForwardState *s, const MoeWeights *w) {
+    const ModelConfig *c = &m->cfg;
+    int d = c->hidden_size, K = c->num_experts_per_tok, F = c->moe_intermediate_size;
+    const FfnWeights *ex[K + 1];
+    float g[K + 1];
+    int off[K + 2], ne = 0;
+    off[0] = 0;
+    for (int k = 0; k < K; k++) {
+        ex[ne] = &w->experts[s->topk_idx[k]];
+        g[ne] = s->topk_w[k];
+        off[ne + 1] = off[ne] + F;
+        ne++;
+    }
+    if (c->n_shared_experts > 0) {
+        ex[ne] = &w->shared_experts;
+        g[ne] = 1.0f;
+        off[ne + 1] = off[ne] + c->n_shared_experts * F;
+        ne++;
+    }
+    int R = off[ne];
+    float *act = s->fused, *up = s->fused + R, *tmp = s->xg;  // act, up: (R); tmp: (d)
+#pragma omp parallel
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int b = (int)((long)R * t / nt), e = (int)((long)R * (t + 1) / nt);
+        for (int j = 0; j < ne; j++) {
+            int lo = off[j] > b ? off[j] : b, hi = off[j + 1] < e ? off[j + 1] : e;
+            if (lo >= hi) continue;
+            MatView gv = matview_rows(&ex[j]->gate_proj, lo - off[j], hi - lo);
+            MatView uv = matview_rows(&ex[j]->up_proj, lo - off[j], hi - lo);
+            matmul_nt(act + lo, s->xn, &gv, 1);
+            matmul_nt(up + lo, s->xn, &uv, 1);
+            swiglu_forward(act + lo, act + lo, up + lo, hi - lo);
+        }
+#pragma omp barrier
+        int db = (int)((long)d * t / nt) & ~15, de = t == nt - 1 ? d : (int)((long)d * (t + 1) / nt) & ~15;
+        for (int r = db; r < de; r++) s->y[r] = 0.0f;
+        for (int j = 0; j < ne && de > db; j++) {
+            MatView dv = matview_rows(&ex[j]->down_proj, db, de - db);
+            matmul_nt(tmp + db, act + off[j], &dv, 1);
+            for (int r = db; r < de; r++) s->y[r] += g[j] * tmp[r];
+        }
+    }
+}
+
 // y (T, d) = shared experts + Σ routed gate · expert, every token reaching its K_r experts.
 static void moe_forward(const Model *m, ForwardState *s, const MoeWeights *w, int T) {
     const ModelConfig *c = &m->cfg;
@@ -253,6 +316,10 @@ static void moe_forward(const Model *m, ForwardState *s, const MoeWeights *w, in
     for (int t = 0; t < T; t++)
         moe_route(c, s->router + (size_t)t * N, w->e_score_correction_bias, s->scores + (size_t)t * N,
                   s->topk_idx + (size_t)t * K, s->topk_w + (size_t)t * K);
+    if (T == 1) {
+        moe_forward_one(m, s, w);
+        return;
+    }
     if (c->n_shared_experts > 0) ffn_forward(s, &w->shared_experts, c->n_shared_experts * F, s->xn, s->y, T);
     else memset(s->y, 0, sizeof(float) * T * d);
     float *eo = s->cat;  // (T, d) expert outputs; the MTP input buffer is free during a layer
