@@ -10,10 +10,15 @@ static const struct {
     const char *help;
 } commands[] = {
     {"logits", cmd_logits, "--model DIR --tokens IDS [--out FILE] [--mtp-out FILE] [--decode]"},
-    {"generate", cmd_generate, "--model DIR --tokens IDS [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S]"},
+    {"generate", cmd_generate, "--model DIR (--tokens IDS | --prompt TEXT [--chat] [--system TEXT]) [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S]"},
     {"init", cmd_init, "--config FILE --out DIR [--seed S] [--dtype f32|bf16|fp8]"},
     {"info", cmd_info, "--model DIR [--json]"},
     {"plan", cmd_plan, "(--config FILE | --preset NAME | --tables) [--seq T] [--ep-bandwidth GBPS] [--json] | --pipeline PP | --network"},
+    {"tokenize", cmd_tokenize, "--tokenizer FILE|DIR [--bos] [--lines] [--stats]  (UTF-8 on stdin, ids on stdout)"},
+    {"detokenize", cmd_detokenize, "--tokenizer FILE|DIR [--lines] [--skip-special]  (ids on stdin, text on stdout)"},
+    {"tokenizer", cmd_tokenizer, "train --vocab-size N --out tokenizer.json FILES...  (also writes tokenizer_config.json beside it)"},
+    {"prepare", cmd_prepare, "--tokenizer FILE|DIR|bytes --out DIR [--val-fraction F] [--shard-tokens N] FILES..."},
+    {"train", cmd_train, "(--config FILE | --init MODEL_DIR) --data DIR --out DIR [--steps N] [--batch B] [--seq T] [--accum A] [--lr LR] [--warmup N] [--decay-steps N] [--bias-update-speed G] [--seq-aux-alpha A] [--mtp-lambda L] [--eval-every K] [--save-every K] [--seed S] [--stop-at N] | --resume DIR [...]"},
 };
 
 static void usage(FILE *f) {

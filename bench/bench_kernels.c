@@ -1,0 +1,248 @@
+// Throughput of the matmul kernels against what the machine can do: its read bandwidth (a
+// vectorised sum over 1 GiB) and OpenBLAS sgemm. Decode (N = 1..8) is bandwidth-bound, so it is
+// reported as GB/s of weights streamed and as a fraction of the read bandwidth; prefill (N = 64,
+// 256) is compute-bound, so as GFLOP/s next to sgemm's. Every figure is the median of several runs;
+// the weights cycle through a 1 GiB pool so that nothing is served from the caches.
+#include <cblas.h>
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/convert.h"
+#include "kernels/matmul.h"
+
+#define POOL_BYTES ((size_t)1 << 30)
+#define RUNS 7
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+    qsort(v, n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Sum of the pool as 64-bit integers (integers so that whatever bytes it holds cost the same).
+__attribute__((target("avx512f"))) static uint64_t sum_avx512(const void *pool, size_t bytes) {
+    const int64_t *p = pool;
+    size_t n = bytes / 8;
+    uint64_t total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+#pragma omp for schedule(static)
+        for (size_t i = 0; i < n; i += 32) {
+            a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
+            a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 8));
+            a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 16));
+            a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 24));
+        }
+        total += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+    }
+    return total;
+}
+
+static uint64_t sum_portable(const void *pool, size_t bytes) {
+    const uint64_t *p = pool;
+    size_t n = bytes / 8;
+    uint64_t total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+    for (size_t i = 0; i < n; i++) total += p[i];
+    return total;
+}
+
+static volatile uint64_t sink;
+
+// Seconds for one read of the whole pool.
+static double read_pass(const void *pool) {
+    double t = now();
+    sink += __builtin_cpu_supports("avx512f") ? sum_avx512(pool, POOL_BYTES) : sum_portable(pool, POOL_BYTES);
+    return now() - t;
+}
+
+static double read_bandwidth(const void *pool) {
+    double gbs[RUNS];
+    read_pass(pool);  // warms up (clock ramp, TLB)
+    for (int r = 0; r < RUNS; r++) gbs[r] = POOL_BYTES / read_pass(pool) / 1e9;
+    return median(gbs, RUNS);
+}
+
+static double sgemm_gflops(int M) {
+    float *a = malloc(sizeof(float) * M * M), *b = malloc(sizeof(float) * M * M), *c = malloc(sizeof(float) * M * M);
+    for (int i = 0; i < M * M; i++) a[i] = (float)(i % 13) * 0.01f, b[i] = (float)(i % 7) * 0.01f;
+    double g[5];
+    for (int r = -1; r < 5; r++) {
+        double t = now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, M, M, 1.0f, a, M, b, M, 0.0f, c, M);
+        t = now() - t;
+        if (r >= 0) g[r] = 2.0 * M * M * M / t / 1e9;
+    }
+    free(a), free(b), free(c);
+    return median(g, 5);
+}
+
+// Views of consecutive matrices of one shape and type laid over the pool (as many as fit), each
+// with its own valid contents: bf16/f16 values in [-1, 1], E4M3 codes other than NaN.
+typedef struct Pool {
+    MatView *views;
+    int count;
+    float *scale;
+} Pool;
+
+// Fills the first 16 MiB with weights distributed like trained ones (roughly normal) in the given
+// type and repeats them over the pool (the addresses differ, so the repeats are not served from the
+// caches). E4M3 codes are those of a block quantiser (amax ~ 4.5 sigma maps to 448), so subnormal
+// codes are as rare as in released checkpoints.
+static void pool_fill(void *pool, DType dt) {
+    enum { CHUNK = 16 << 20 };
+    uint32_t s = 12345;
+    size_t n = CHUNK / dtype_size(dt);
+    for (size_t i = 0; i < n; i++) {
+        float v = 0;
+        for (int k = 0; k < 4; k++) {
+            s = s * 1664525u + 1013904223u;
+            v += (float)(s >> 8) * 0x1p-24f - 0.5f;
+        }
+        v *= 1.7320508f;  // unit variance
+        switch (dt) {
+        case DT_F8_E4M3: ((uint8_t *)pool)[i] = fp8_e4m3_from_f32(v * (448.0f / 4.5f)); break;
+        case DT_BF16: ((uint16_t *)pool)[i] = bf16_from_f32(v * 0.02f); break;
+        case DT_F16: ((uint16_t *)pool)[i] = f16_from_f32(v * 0.02f); break;
+        default: ((float *)pool)[i] = v * 0.02f; break;
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (size_t off = CHUNK; off < POOL_BYTES; off += CHUNK) memcpy((char *)pool + off, pool, CHUNK);
+}
+
+static Pool pool_views(void *pool, DType dt, int rows, int cols) {
+    Pool p = {0};
+    size_t bytes = (size_t)rows * cols * dtype_size(dt);
+    p.count = (int)(POOL_BYTES / bytes);
+    p.views = malloc(sizeof(MatView) * p.count);
+    int sr = (rows + 127) / 128, sc = (cols + 127) / 128;
+    p.scale = malloc(sizeof(float) * sr * sc);
+    for (int i = 0; i < sr * sc; i++) p.scale[i] = 0.02f * 4.5f / 448.0f * (float)(1 + i % 3);
+    for (int i = 0; i < p.count; i++)
+        p.views[i] = (MatView){.dtype = dt, .rows = rows, .cols = cols, .data = (char *)pool + i * bytes,
+                               .scale_inv = dt == DT_F8_E4M3 ? p.scale : NULL, .scale_cols = sc, .block = 128};
+    return p;
+}
+
+// Median GB/s of weights streamed by matmul_nt with N activation rows, one pass over the pool per
+// run, and the median ratio to a read of the pool timed just before each run (the machine's
+// bandwidth drifts when it is shared, so the ratio compares like with like).
+static double gemv_gbs(const Pool *p, const float *x, float *out, int N, double *ratio) {
+    const MatView *v = &p->views[0];
+    double bytes = (double)p->count * v->rows * v->cols * dtype_size(v->dtype), g[RUNS], q[RUNS];
+    for (int r = -1; r < RUNS; r++) {
+        double tr = read_pass(p->views[0].data);
+        double t = now();
+        for (int i = 0; i < p->count; i++) matmul_nt(out, x, &p->views[i], N);
+        t = now() - t;
+        if (r >= 0) g[r] = bytes / t / 1e9, q[r] = (bytes / t) / (POOL_BYTES / tr);
+    }
+    *ratio = median(q, RUNS);
+    return median(g, RUNS);
+}
+
+// Median GFLOP/s of matmul_nt (or nn) with N activation rows, cycling through the pool.
+static double gemm_gflops(const Pool *p, const float *x, float *out, int N, int nn, int runs) {
+    const MatView *v = &p->views[0];
+    double flops = 2.0 * N * v->rows * v->cols, g[16];
+    for (int r = -1; r < runs; r++) {
+        const MatView *w = &p->views[(r + 1) % p->count];
+        double t = now();
+        if (nn) matmul_nn(out, x, w, N);
+        else matmul_nt(out, x, w, N);
+        t = now() - t;
+        if (r >= 0) g[r] = flops / t / 1e9;
+    }
+    return median(g, runs);
+}
+
+static double sgemm_direct_gflops(const Pool *p, const float *x, float *out, int N, int runs) {
+    const MatView *v = &p->views[0];
+    double flops = 2.0 * N * v->rows * v->cols, g[16];
+    for (int r = -1; r < runs; r++) {
+        const MatView *w = &p->views[(r + 1) % p->count];
+        double t = now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, w->rows, w->cols, 1.0f, x, w->cols, w->data, w->cols,
+                    0.0f, out, w->rows);
+        t = now() - t;
+        if (r >= 0) g[r] = flops / t / 1e9;
+    }
+    return median(g, runs);
+}
+
+int main(void) {
+    double t_start = now();
+    void *pool = aligned_alloc(64, POOL_BYTES);
+    float *x = malloc(sizeof(float) * 256 * 8192), *out = malloc(sizeof(float) * 256 * 8192);
+    if (!pool || !x || !out) {
+        fprintf(stderr, "bench_kernels: out of memory\n");
+        return 1;
+    }
+    for (int i = 0; i < 256 * 8192; i++) x[i] = (float)((i * 7919L) % 2001 - 1000) * 1e-3f;
+    printf("kernels: %s, %d threads\n", kernels_isa(), omp_get_max_threads());
+
+    pool_fill(pool, DT_F32);
+    double bw = read_bandwidth(pool);
+    printf("read bandwidth (sum over 1 GiB):            %6.1f GB/s\n", bw);
+    double peak = sgemm_gflops(2048);
+    printf("sgemm 2048^3 (OpenBLAS):                    %6.1f GFLOP/s\n", peak);
+
+    const DType dts[3] = {DT_BF16, DT_F8_E4M3, DT_F32};
+    const int shapes[2][2] = {{4096, 4096}, {1408, 512}};
+    for (int d = 0; d < 3; d++) {
+        DType dt = dts[d];
+        pool_fill(pool, dt);
+        for (int s = 0; s < 2; s++) {
+            Pool p = pool_views(pool, dt, shapes[s][0], shapes[s][1]);
+            double q, g = gemv_gbs(&p, x, out, 1, &q);
+            printf("matmul_nt %-7s N=1 %4dx%-4d (x%4d):     %6.1f GB/s  %3.0f%% of read bandwidth\n", dtype_name(dt),
+                   shapes[s][0], shapes[s][1], p.count, g, 100 * q);
+            free(p.views), free(p.scale);
+        }
+        Pool p = pool_views(pool, dt, 4096, 4096);
+        if (dt != DT_F32) {
+            for (int N = 2; N <= 8; N *= 2) {
+                double q, g = gemv_gbs(&p, x, out, N, &q);
+                printf("matmul_nt %-7s N=%d 4096x4096:              %6.1f GB/s  %3.0f%% of read bandwidth\n",
+                       dtype_name(dt), N, g, 100 * q);
+            }
+        }
+        for (int N = 64; N <= 256; N *= 4) {
+            double g = gemm_gflops(&p, x, out, N, 0, N == 64 ? 9 : 5);
+            printf("matmul_nt %-7s N=%-3d 4096x4096:            %6.1f GFLOP/s  %3.0f%% of sgemm\n", dtype_name(dt), N,
+                   g, 100 * g / peak);
+            if (dt == DT_F32) {
+                g = sgemm_direct_gflops(&p, x, out, N, N == 64 ? 9 : 5);
+                printf("cblas_sgemm     N=%-3d 4096x4096:            %6.1f GFLOP/s  %3.0f%% of sgemm\n", N, g,
+                       100 * g / peak);
+            }
+        }
+        if (dt == DT_BF16) {
+            // one multiply-add (2 flops) per 2-byte weight: GFLOP/s and GB/s coincide
+            double g = gemm_gflops(&p, x, out, 1, 1, 9);
+            printf("matmul_nn BF16    N=1 4096x4096:              %6.1f GB/s  %3.0f%% of read bandwidth\n", g,
+                   100 * g / bw);
+        }
+        free(p.views), free(p.scale);
+    }
+    printf("bench_kernels total time:                   %6.1f s\n", now() - t_start);
+    free(pool), free(x), free(out);
+    return 0;
+}

@@ -1,0 +1,45 @@
+// Internal to src/kernels: the CPU feature check, per-thread scratch, and the AVX-512 kernels
+// behind matmul.h and convert.h (those only called after kernels_cpu_avx512() returned 1).
+#ifndef DSV3_KERNELS_KERNELS_CPU_H
+#define DSV3_KERNELS_KERNELS_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/matmul.h"
+
+// 1 when the AVX-512 kernels are in use: F/BW/VL/DQ present (checked once) and not turned off
+// with kernels_set_isa("scalar").
+int kernels_cpu_avx512(void);
+
+// Per-thread scratch of at least n floats, 64-byte aligned, kept between calls and freed when the
+// thread exits (the kernels run many times per token; allocating each time would fault pages in).
+// Aborts when memory runs out: the kernels have no error channel.
+float *kernels_scratch(size_t n);
+
+// Bulk bf16 conversions; each returns how many leading elements it converted (the caller does
+// the rest with the scalar codec).
+size_t bf16_to_f32_n_avx512(float *out, const uint16_t *in, size_t n);
+size_t bf16_from_f32_n_avx512(uint16_t *out, const float *in, size_t n);
+
+// Can the AVX-512 paths take this view? FP8 needs block % 64 == 0 (released checkpoints: 128)
+// and a caller without denormals-are-zero (MXCSR.DAZ).
+int matview_avx512_ok(const MatView *w);
+
+// Few activation rows (decode, speculative drafts), every weight read from memory once:
+// out[n * ldo + r] = x[n * ldx ..] · W[r] for rows r in [r_begin, r_end), n < N;
+void gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
+                    int r_begin, int r_end);
+// out[n][c] = Σ_r x[n][r] W[r][c] for columns c in [c_begin, c_end) (out: N × cols, x: N × rows).
+void gemv_nn_avx512(float *out, const float *x, int N, const MatView *w, int c_begin, int c_end);
+
+// One thread's share of a blocked product: output features [f_begin, f_end) of all N rows.
+// transpose_w = 1: out[N][rows] = x · Wᵀ (features are rows of W, K = cols);
+// transpose_w = 0: out[N][cols] = x · W  (features are cols of W, K = rows).
+void gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpose_w, int f_begin,
+                 int f_end);
+
+// Dequantises columns [c0, c0 + n) of row r into out[n].
+void matview_row_avx512(const MatView *w, int r, int c0, int n, float *out);
+
+#endif

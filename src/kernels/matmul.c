@@ -1,0 +1,303 @@
+// Matrix products against weights in their stored type: the entry points, the choice of path
+// (instruction set, few or many activation rows, threads) and the portable fallback.
+//
+// Threads: OpenMP over output features with a static split, omp_get_max_threads() of them, or
+// one when called from inside a parallel region (the model runs attention heads in parallel and
+// calls these per head).
+//
+// With AVX-512 every type, F32 included, goes through our own kernels: on the machine this was
+// tuned on (Zen, 2 threads) OpenBLAS 0.3.21 only has its AVX2 sgemm for it, and the 12 × 32
+// AVX-512 tile is ~1.6× faster at N = 64 (bench/bench_kernels prints both). The portable path
+// widens panels of W and calls OpenBLAS, but only outside parallel regions, where its own
+// threads do not compete with ours; inside one it stays in plain C.
+#include <cblas.h>
+#include <omp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/convert.h"
+#include "kernels/kernels_cpu.h"
+#include "kernels/matmul.h"
+
+// Up to this many activation rows, each weight row is streamed once against all of them (decode,
+// speculative drafts); beyond it the packed blocked product wins.
+#define GEMV_MAX_N 8
+// The same for out = x · W, whose column tiles hold fewer activation rows in registers.
+#define GEMV_NN_MAX_N 4
+// Below this many weight elements (times rows of x) one thread is faster than a fork and join.
+#define PARALLEL_MIN_WORK (1 << 16)
+// Rows of W widened at a time by the portable fallback before calling sgemm.
+#define FALLBACK_PANEL 64
+
+static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
+static int cpu_has_avx512, use_avx512;
+
+static void isa_detect(void) {
+    __builtin_cpu_init();
+    cpu_has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    use_avx512 = cpu_has_avx512;
+}
+
+int kernels_cpu_avx512(void) {
+    pthread_once(&isa_once, isa_detect);
+    return use_avx512;
+}
+
+// AVX512_BF16 would need the activations rounded to bf16, which the default path does not do,
+// so the widest set in use is plain AVX-512.
+const char *kernels_isa(void) { return kernels_cpu_avx512() ? "avx512" : "scalar"; }
+
+int kernels_set_isa(const char *isa) {
+    pthread_once(&isa_once, isa_detect);
+    if (strcmp(isa, "scalar") == 0) use_avx512 = 0;
+    else if (strcmp(isa, "auto") == 0) use_avx512 = cpu_has_avx512;
+    else return -1;
+    return 0;
+}
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+typedef struct Scratch {
+    float *data;
+    size_t cap;
+} Scratch;
+
+static void scratch_free(void *p) {
+    Scratch *s = p;
+    free(s->data);
+    free(s);
+}
+
+static void scratch_init(void) {
+    if (pthread_key_create(&scratch_key, scratch_free) != 0) {
+        fprintf(stderr, "dsv3 kernels: cannot create the per-thread scratch key\n");
+        abort();
+    }
+}
+
+float *kernels_scratch(size_t n) {
+    pthread_once(&scratch_once, scratch_init);
+    Scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scratch_key, s) != 0) goto oom;
+    }
+    if (s->cap < n) {
+        size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+        float *p = aligned_alloc(64, bytes);
+        if (!p) goto oom;
+        free(s->data);
+        s->data = p;
+        s->cap = n;
+    }
+    return s->data;
+oom:
+    fprintf(stderr, "dsv3 kernels: out of memory for %zu floats of scratch\n", n);
+    abort();
+}
+
+static void check_dtype(const MatView *w) {
+    if (w->dtype == DT_F32 || w->dtype == DT_BF16 || w->dtype == DT_F16 ||
+        (w->dtype == DT_F8_E4M3 && w->block > 0 && w->scale_inv)) return;
+    fprintf(stderr, "dsv3 kernels: matmul on a %s matrix (%d x %d) is not supported\n", dtype_name(w->dtype),
+            w->rows, w->cols);
+    abort();
+}
+
+MatView matview_rows(const MatView *w, int r0, int n) {
+    MatView v = *w;
+    v.data = (const char *)w->data + (size_t)r0 * w->cols * dtype_size(w->dtype);
+    v.rows = n;
+    v.row0 = w->row0 + r0;
+    return v;
+}
+
+// Columns [c0, c0 + n) of row r, widened; FP8 as fp32(code) × scale with one rounding.
+static void row_scalar(const MatView *w, int r, int c0, int n, float *out) {
+    size_t base = (size_t)r * w->cols + c0;
+    switch (w->dtype) {
+    case DT_F32: memcpy(out, (const float *)w->data + base, sizeof(float) * n); break;
+    case DT_BF16: {
+        const uint16_t *p = (const uint16_t *)w->data + base;
+        for (int i = 0; i < n; i++) out[i] = bf16_to_f32(p[i]);
+        break;
+    }
+    case DT_F16: {
+        const uint16_t *p = (const uint16_t *)w->data + base;
+        for (int i = 0; i < n; i++) out[i] = f16_to_f32(p[i]);
+        break;
+    }
+    default: {
+        const uint8_t *p = (const uint8_t *)w->data + base;
+        const float *sr = w->scale_inv + (size_t)((w->row0 + r) / w->block) * w->scale_cols;
+        for (int i = 0; i < n; i++) out[i] = fp8_e4m3_to_f32(p[i]) * sr[(c0 + i) / w->block];
+    }
+    }
+}
+
+void matview_row_f32(const MatView *w, int r, float *out) {
+    check_dtype(w);
+    if (kernels_cpu_avx512() && matview_avx512_ok(w)) matview_row_avx512(w, r, 0, w->cols, out);
+    else row_scalar(w, r, 0, w->cols, out);
+}
+
+static int threads_for(double work) {
+    if (omp_in_parallel() || work < PARALLEL_MIN_WORK) return 1;
+    return omp_get_max_threads();
+}
+
+// [*begin, *end) of `units` units of `unit` items (capped at n) for thread t of nt.
+static void split(int n, int unit, int t, int nt, int *begin, int *end) {
+    long units = (n + unit - 1) / unit;
+    long b = units * t / nt * unit, e = units * (t + 1) / nt * unit;
+    *begin = (int)(b < n ? b : n);
+    *end = (int)(e < n ? e : n);
+}
+
+static float dot(const float *a, const float *b, int n) {
+    float s[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
+    for (; i < n; i++) s[0] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+// Widens rows [r0, r0 + n) of w into buf[n][cols], in parallel when allowed.
+static void rows_scalar(const MatView *w, int r0, int n, float *buf) {
+    int nt = threads_for((double)n * w->cols);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int i = 0; i < n; i++) row_scalar(w, r0 + i, 0, w->cols, buf + (size_t)i * w->cols);
+}
+
+static void matmul_nt_scalar(float *out, const float *x, const MatView *w, int N) {
+    const int rows = w->rows, cols = w->cols;
+    if (w->dtype == DT_F32 && N > GEMV_MAX_N && !omp_in_parallel()) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, rows, cols, 1.0f, x, cols, w->data, cols, 0.0f, out,
+                    rows);
+        return;
+    }
+    if (N <= GEMV_MAX_N || omp_in_parallel()) {
+        int nt = threads_for((double)N * rows * cols);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            int r0, r1;
+            split(rows, 1, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+            float *row = kernels_scratch(cols);
+            for (int r = r0; r < r1; r++) {
+                row_scalar(w, r, 0, cols, row);
+                for (int n = 0; n < N; n++) out[(size_t)n * rows + r] = dot(row, x + (size_t)n * cols, cols);
+            }
+        }
+        return;
+    }
+    float *buf = malloc(sizeof(float) * FALLBACK_PANEL * cols);
+    if (!buf) {
+        fprintf(stderr, "dsv3 kernels: out of memory for a %d x %d panel\n", FALLBACK_PANEL, cols);
+        abort();
+    }
+    for (int r0 = 0; r0 < rows; r0 += FALLBACK_PANEL) {
+        int p = rows - r0 < FALLBACK_PANEL ? rows - r0 : FALLBACK_PANEL;
+        rows_scalar(w, r0, p, buf);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, p, cols, 1.0f, x, cols, buf, cols, 0.0f, out + r0, rows);
+    }
+    free(buf);
+}
+
+static void matmul_nn_scalar(float *out, const float *x, const MatView *w, int N) {
+    const int rows = w->rows, cols = w->cols;
+    if (omp_in_parallel()) {
+        // one thread, no BLAS: out[n] = Σ_r x[n][r] W[r], a row of W at a time
+        float *row = kernels_scratch(cols);
+        memset(out, 0, sizeof(float) * N * cols);
+        for (int r = 0; r < rows; r++) {
+            row_scalar(w, r, 0, cols, row);
+            for (int n = 0; n < N; n++) {
+                float a = x[(size_t)n * rows + r], *o = out + (size_t)n * cols;
+                for (int c = 0; c < cols; c++) o[c] += a * row[c];
+            }
+        }
+        return;
+    }
+    if (w->dtype == DT_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, cols, rows, 1.0f, x, rows, w->data, cols, 0.0f, out,
+                    cols);
+        return;
+    }
+    float *buf = malloc(sizeof(float) * FALLBACK_PANEL * cols);
+    if (!buf) {
+        fprintf(stderr, "dsv3 kernels: out of memory for a %d x %d panel\n", FALLBACK_PANEL, cols);
+        abort();
+    }
+    for (int k0 = 0; k0 < rows; k0 += FALLBACK_PANEL) {
+        int p = rows - k0 < FALLBACK_PANEL ? rows - k0 : FALLBACK_PANEL;
+        rows_scalar(w, k0, p, buf);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, cols, p, 1.0f, x + k0, rows, buf, cols,
+                    k0 ? 1.0f : 0.0f, out, cols);
+    }
+    free(buf);
+}
+
+void matmul_nt(float *out, const float *x, const MatView *w, int N) {
+    check_dtype(w);
+    const int rows = w->rows, cols = w->cols;
+    if (N <= 0 || rows <= 0) return;
+    if (cols <= 0) {
+        memset(out, 0, sizeof(float) * N * rows);
+        return;
+    }
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) {
+        matmul_nt_scalar(out, x, w, N);
+        return;
+    }
+    int nt = threads_for((double)N * rows * cols);
+    if (N <= GEMV_MAX_N) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            int r0, r1;
+            split(rows, 4, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+            gemv_nt_avx512(out, rows, x, cols, N, w, r0, r1);
+        }
+        return;
+    }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int f0, f1;
+        split(rows, 32, omp_get_thread_num(), omp_get_num_threads(), &f0, &f1);
+        gemm_avx512(out, x, w, N, 1, f0, f1);
+    }
+}
+
+void matmul_nn(float *out, const float *x, const MatView *w, int N) {
+    check_dtype(w);
+    const int rows = w->rows, cols = w->cols;
+    if (N <= 0 || cols <= 0) return;
+    if (rows <= 0) {
+        memset(out, 0, sizeof(float) * N * cols);
+        return;
+    }
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) {
+        matmul_nn_scalar(out, x, w, N);
+        return;
+    }
+    int nt = threads_for((double)N * rows * cols);
+    if (N <= GEMV_NN_MAX_N) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            int c0, c1;
+            split(cols, 64, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
+            gemv_nn_avx512(out, x, N, w, c0, c1);
+        }
+        return;
+    }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int f0, f1;
+        split(cols, 32, omp_get_thread_num(), omp_get_num_threads(), &f0, &f1);
+        gemm_avx512(out, x, w, N, 0, f0, f1);
+    }
+}

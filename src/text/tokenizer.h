@@ -1,0 +1,92 @@
+// Text in, text out: a HuggingFace tokenizer.json holding a byte-level BPE (DeepSeek-V3's, GPT-2's,
+// one written by `dsv3 tokenizer train`), with tokenizer_config.json beside it when present.
+//
+//   Tokenizer *tok = tok_load_dir(model_dir, &err);          // NULL with err on failure
+//   TokIds ids = {0};
+//   tok_encode(tok, text, strlen(text), TOK_ADD_SPECIAL, &ids, &err);   // BOS as the config says
+//   TokStream ts;  tok_stream_init(&ts, tok, TOK_SKIP_SPECIAL);
+//   for each generated id: tok_stream_push(&ts, id, &s, &n, &err); fwrite(s, 1, n, stdout);
+//   tok_stream_finish(&ts, &s, &n); fwrite(s, 1, n, stdout); tok_stream_free(&ts);
+//   ids_free(&ids); tok_free(tok);
+//
+// Encoding matches the JavaScript reference (@lenml/tokenizers, transformers.js) id for id; input
+// that is not valid UTF-8 is first repaired as the reference's decoder does (each maximal invalid
+// subpart becomes U+FFFD). Decoding is the exact reverse: byte-exact for text that was valid UTF-8.
+// A Tokenizer is not safe to use from two threads at once (it owns a word cache and regex state).
+#ifndef DSV3_TEXT_TOKENIZER_H
+#define DSV3_TEXT_TOKENIZER_H
+
+#include <stddef.h>
+
+#include "base/error.h"
+#include "text/bpe.h"  // TokIds: a growable id list (ids_push, ids_free)
+
+typedef struct Tokenizer Tokenizer;
+
+// Loads a tokenizer.json, and tokenizer_config.json from the same directory when it exists.
+Tokenizer *tok_load(const char *tokenizer_json, Error *err);
+// Loads DIR/tokenizer.json (+ DIR/tokenizer_config.json): what a model directory holds.
+Tokenizer *tok_load_dir(const char *dir, Error *err);
+void tok_free(Tokenizer *t);
+
+// 1 + the largest token id (vocabulary and added tokens).
+int tok_vocab_size(const Tokenizer *t);
+// The ids of the config's bos_token / eos_token / pad_token, -1 when not configured.
+int tok_bos_id(const Tokenizer *t);
+int tok_eos_id(const Tokenizer *t);
+int tok_pad_id(const Tokenizer *t);
+// The id of a token given by its text (an added token or a vocabulary entry), -1 when none.
+int tok_token_id(const Tokenizer *t, const char *text);
+
+// Flags of tok_encode.
+enum {
+    TOK_ADD_SPECIAL = 1,  // add what the tokenizer says: add_bos_token/add_eos_token of the
+                          // config, else the post-processor's template (nothing when neither)
+    TOK_ADD_BOS = 2,      // prepend BOS (once, even with TOK_ADD_SPECIAL); an error without one
+};
+// Appends the ids of text[0, len) to out. Added tokens (special or not) are matched first.
+int tok_encode(Tokenizer *t, const char *text, size_t len, int flags, TokIds *out, Error *err);
+
+// Flags of tok_decode and the stream.
+enum {
+    TOK_SKIP_SPECIAL = 1,  // leave out added tokens marked "special" (BOS, EOS, pad, ...)
+};
+// Decodes ids into a malloc'd NUL-terminated string (*len bytes). An id outside the vocabulary
+// is an error naming it. Byte sequences that are not valid UTF-8 come out as U+FFFD.
+char *tok_decode(const Tokenizer *t, const int *ids, size_t n, int flags, size_t *len, Error *err);
+// The raw bytes of one token (no UTF-8 repair), NULL for an id outside the vocabulary.
+const char *tok_token_bytes(const Tokenizer *t, int id, size_t *len);
+// Whether id is an added token marked special.
+int tok_is_special(const Tokenizer *t, int id);
+
+// Streaming decode for generation: each push returns only complete UTF-8, holding back the start
+// of a character split across tokens; concatenating every push and the finish equals tok_decode
+// of all the ids.
+typedef struct TokStream {
+    const Tokenizer *tok;
+    int flags;
+    ByteBuf in;   // bytes of an unfinished character, then the new token's bytes
+    ByteBuf out;  // the complete text handed back
+} TokStream;
+void tok_stream_init(TokStream *s, const Tokenizer *t, int flags);
+// *text (valid until the next call) gets the text completed by this id, possibly empty.
+int tok_stream_push(TokStream *s, int id, const char **text, size_t *len, Error *err);
+// The held-back bytes of an unfinished character, as U+FFFD (empty when nothing is pending).
+void tok_stream_finish(TokStream *s, const char **text, size_t *len);
+void tok_stream_free(TokStream *s);
+
+// The DeepSeek-V3 chat format (SPEC §6): BOS, the system prompts (joined by "\n\n"), then per
+// turn "<｜User｜>" + content or "<｜Assistant｜>" + content + "<｜end▁of▁sentence｜>", and with
+// add_generation_prompt a final "<｜Assistant｜>". The special strings in it become their tokens
+// when the result is encoded, exactly as apply_chat_template does.
+typedef struct ChatMessage {
+    const char *role;  // "system", "user" or "assistant"
+    const char *content;
+} ChatMessage;
+// The rendered prompt as a malloc'd string; an unknown role is an error naming it.
+char *tok_chat_render(const Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, Error *err);
+// Renders and encodes (no further specials are added: the BOS is in the text).
+int tok_chat_encode(Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, TokIds *out,
+                    Error *err);
+
+#endif

@@ -1,0 +1,162 @@
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/safetensors.h"
+#include "train/optim.h"
+
+AdamWConfig adamw_defaults(void) { return (AdamWConfig){0.9f, 0.95f, 1e-8f, 0.1f, 1.0f}; }
+
+int adamw_init(AdamW *o, const TrainModel *model, AdamWConfig cfg, Error *err) {
+    memset(o, 0, sizeof *o);
+    o->cfg = cfg;
+    o->n = model->n_params;
+    o->m = xcalloc(err, 2 * o->n, sizeof(float), "AdamW moments");
+    if (!o->m) return -1;
+    o->v = o->m + o->n;
+    return 0;
+}
+
+void adamw_free(AdamW *o) {
+    free(o->m);
+    memset(o, 0, sizeof *o);
+}
+
+static int is_trained(const TrainTensor *t) { return !t->shared && t->kind != TENSOR_BIAS; }
+static int decays(const TrainTensor *t) { return t->ndim == 2; }
+
+#define NORM_CHUNK 65536
+
+double grad_global_norm(const TrainModel *model) {
+    double total = 0;
+    for (int i = 0; i < model->n_tensors; i++) {
+        const TrainTensor *t = &model->tensors[i];
+        if (!is_trained(t)) continue;
+        const float *g = model->grads + t->offset;
+        long chunks = (long)((t->numel + NORM_CHUNK - 1) / NORM_CHUNK);
+        double part[chunks > 0 ? chunks : 1];
+#pragma omp parallel for schedule(static)
+        for (long c = 0; c < chunks; c++) {
+            size_t b = (size_t)c * NORM_CHUNK, e = b + NORM_CHUNK < t->numel ? b + NORM_CHUNK : t->numel;
+            double s = 0;
+            for (size_t j = b; j < e; j++) s += (double)g[j] * g[j];
+            part[c] = s;
+        }
+        for (long c = 0; c < chunks; c++) total += part[c];
+    }
+    return sqrt(total);
+}
+
+void adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm) {
+    const AdamWConfig *c = &o->cfg;
+    o->step++;
+    float clip = 1.0f;
+    if (c->grad_clip > 0 && grad_norm > c->grad_clip) clip = (float)(c->grad_clip / grad_norm);
+    float bc1 = 1.0f - powf(c->beta1, (float)o->step), bc2 = 1.0f - powf(c->beta2, (float)o->step);
+    for (int i = 0; i < model->n_tensors; i++) {
+        const TrainTensor *t = &model->tensors[i];
+        if (!is_trained(t)) continue;
+        float *p = model->params + t->offset, *m = o->m + t->offset, *v = o->v + t->offset;
+        const float *g = model->grads + t->offset;
+        float shrink = decays(t) ? 1.0f - lr * c->weight_decay : 1.0f;
+        long n = (long)t->numel;
+#pragma omp parallel for schedule(static)
+        for (long j = 0; j < n; j++) {
+            float gj = g[j] * clip;
+            m[j] = c->beta1 * m[j] + (1.0f - c->beta1) * gj;
+            v[j] = c->beta2 * v[j] + (1.0f - c->beta2) * gj * gj;
+            float mh = m[j] / bc1, vh = v[j] / bc2;
+            p[j] = p[j] * shrink - lr * mh / (sqrtf(vh) + c->eps);
+        }
+    }
+}
+
+int adamw_save(const AdamW *o, const TrainModel *model, const char *path, Error *err) {
+    StTensorDesc *desc = xcalloc(err, 2 * model->n_tensors, sizeof *desc, "optimiser tensor list");
+    char (*names)[160] = xcalloc(err, 2 * model->n_tensors, sizeof *names, "optimiser tensor names");
+    int n = 0, rc = -1;
+    if (!desc || !names) goto done;
+    for (int i = 0; i < model->n_tensors; i++) {
+        const TrainTensor *t = &model->tensors[i];
+        if (!is_trained(t)) continue;
+        for (int k = 0; k < 2; k++) {
+            snprintf(names[n], sizeof names[n], "%s.%s", k ? "exp_avg_sq" : "exp_avg", t->name);
+            desc[n] = (StTensorDesc){names[n], DT_F32, t->ndim, {t->shape[0], t->shape[1]}, (k ? o->v : o->m) + t->offset};
+            n++;
+        }
+    }
+    rc = st_write(path, desc, n, err);
+done:
+    free(desc);
+    free(names);
+    return rc;
+}
+
+int adamw_load(AdamW *o, const TrainModel *model, const char *path, Error *err) {
+    StFile f;
+    if (st_open(&f, path, err)) return -1;
+    int rc = -1;
+    for (int i = 0; i < model->n_tensors; i++) {
+        const TrainTensor *t = &model->tensors[i];
+        if (!is_trained(t)) continue;
+        for (int k = 0; k < 2; k++) {
+            char name[160];
+            snprintf(name, sizeof name, "%s.%s", k ? "exp_avg_sq" : "exp_avg", t->name);
+            const StTensor *s = st_find(&f, name);
+            if (!s || s->dtype != DT_F32 || s->nbytes != t->numel * sizeof(float)) {
+                err_set(err, "%s: tensor %s: %s", path, name, s ? "not F32 of the parameter's shape" : "missing");
+                goto done;
+            }
+            memcpy((k ? o->v : o->m) + t->offset, s->data, s->nbytes);
+        }
+    }
+    rc = 0;
+done:
+    st_close(&f);
+    return rc;
+}
+
+float lr_at(const LrSchedule *s, long step) {
+    if (s->warmup > 0 && step < s->warmup) return s->peak * (float)(step + 1) / (float)s->warmup;
+    long decay_start = s->total - s->decay_steps;
+    if (s->decay_steps <= 0 || step < decay_start) return s->peak;
+    // the first decay step already moves, the last one lands on final_frac · peak
+    double x = (double)(step - decay_start + 1) / (double)s->decay_steps;
+    if (x > 1) x = 1;
+    double f = s->final_frac + (1.0 - s->final_frac) * 0.5 * (1.0 + cos(M_PI * x));
+    return (float)(s->peak * f);
+}
+
+void moe_bias_update(TrainModel *model, const long long *loads, float gamma) {
+    int Nr = model->cfg.n_routed_experts;
+    for (int j = 0; j < model->n_moe; j++) {
+        float *b = model->moe_bias[j];
+        if (!b) continue;
+        const long long *l = loads + (size_t)j * Nr;
+        long long total = 0;
+        for (int i = 0; i < Nr; i++) total += l[i];
+        double mean = (double)total / Nr;
+        // an overloaded expert loses bias, an underloaded one gains it; exact balance leaves it
+        for (int i = 0; i < Nr; i++) b[i] += gamma * (float)((mean > l[i]) - (mean < l[i]));
+    }
+}
+
+void moe_max_vio(const long long *loads, int n_moe, int n_experts, double *mean, double *worst) {
+    *mean = *worst = 0;
+    int counted = 0;
+    for (int j = 0; j < n_moe; j++) {
+        const long long *l = loads + (size_t)j * n_experts;
+        long long total = 0, mx = 0;
+        for (int i = 0; i < n_experts; i++) {
+            total += l[i];
+            mx = l[i] > mx ? l[i] : mx;
+        }
+        if (total == 0) continue;
+        double avg = (double)total / n_experts, v = (mx - avg) / avg;
+        *mean += v;
+        *worst = v > *worst ? v : *worst;
+        counted++;
+    }
+    if (counted) *mean /= counted;
+}

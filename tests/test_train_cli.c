@@ -1,0 +1,374 @@
+// `dsv3 prepare` and `dsv3 train` end to end: the shard format, the loader's windows and order,
+// bit-exact resume, determinism, checkpoints the inference commands load, and bad input.
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "train/data.h"
+#include "test.h"
+
+// A tiny V3-style model over the byte vocabulary (258 ids): q_lora, noaux_tc in 2 groups, MTP.
+static const char *TINY_CONFIG =
+    "{\"model_type\": \"deepseek_v3\", \"vocab_size\": 264, \"hidden_size\": 32, \"num_hidden_layers\": 2,"
+    " \"first_k_dense_replace\": 1, \"intermediate_size\": 48, \"moe_intermediate_size\": 16,"
+    " \"num_attention_heads\": 2, \"q_lora_rank\": 16, \"kv_lora_rank\": 16, \"qk_nope_head_dim\": 8,"
+    " \"qk_rope_head_dim\": 8, \"v_head_dim\": 8, \"n_routed_experts\": 8, \"n_shared_experts\": 1,"
+    " \"num_experts_per_tok\": 2, \"n_group\": 2, \"topk_group\": 1, \"topk_method\": \"noaux_tc\","
+    " \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 2.5,"
+    " \"num_nextn_predict_layers\": 1, \"max_position_embeddings\": 256, \"rope_theta\": 10000,"
+    " \"rms_norm_eps\": 1e-6, \"initializer_range\": 0.02, \"bos_token_id\": 0, \"eos_token_id\": 1}";
+
+static int sanitized(void) { return getenv("DSV3_TEST_SANITIZED") != NULL; }
+
+static void write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    if (f) {
+        fputs(text, f);
+        fclose(f);
+    }
+}
+
+// The corpus and the data directory, made once per run of the test binary.
+static const char *corpus_dir(void) {
+    static char dir[512];
+    if (dir[0]) return dir;
+    snprintf(dir, sizeof dir, "%s/train_cli", test_tmpdir());
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", dir, dir);
+    if (system(cmd) != 0) return dir;
+    char path[600];
+    for (int d = 0; d < 3; d++) {
+        char *text = malloc(16384), *p = text;
+        for (int i = 0; i < 120; i++)
+            p += sprintf(p, "document %d line %d: the quick brown fox jumps over the lazy dog.\n", d, i * (d + 1));
+        snprintf(path, sizeof path, "%s/doc%d.txt", dir, d);
+        write_text(path, text);
+        free(text);
+    }
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    write_text(path, TINY_CONFIG);
+    char out[4096];
+    snprintf(cmd, sizeof cmd, "%s prepare --tokenizer bytes --out '%s/data' --val-fraction 0.3 '%s/doc0.txt' '%s/doc1.txt' '%s/doc2.txt'",
+             test_bin(), dir, dir, dir, dir);
+    test_run(out, sizeof out, "%s", cmd);
+    return dir;
+}
+
+TEST(test_prepare_bytes_shards) {
+    const char *dir = corpus_dir();
+    char path[600];
+    snprintf(path, sizeof path, "%s/data/train-00000.bin", dir);
+    size_t n;
+    unsigned char *b = test_read_file(path, &n);
+    CHECK_MSG(b, "%s missing", path);
+    CHECK(memcmp(b, "DSV3TOKS", 8) == 0);
+    uint32_t ver, hb, vocab;
+    uint64_t count;
+    memcpy(&ver, b + 8, 4);
+    memcpy(&hb, b + 12, 4);
+    memcpy(&count, b + 16, 8);
+    memcpy(&vocab, b + 24, 4);
+    CHECK(ver == 1 && hb == 32 && vocab == 258);
+    CHECK(n == 32 + 4 * count);
+    // the first document: BOS, its bytes shifted by 2, EOS
+    const uint32_t *tok = (const uint32_t *)(b + 32);
+    const char *start = "document 0 line 0:";
+    CHECK(tok[0] == 0);
+    for (size_t i = 0; i < strlen(start); i++) CHECK(tok[1 + i] == (uint32_t)(unsigned char)start[i] + 2);
+    snprintf(path, sizeof path, "%s/doc0.txt", dir);
+    size_t doc0;
+    free(test_read_file(path, &doc0));
+    CHECK(tok[1 + doc0] == 1);  // EOS closes the document
+    CHECK(tok[2 + doc0] == 0);  // and BOS opens the next
+    // validation: whole documents from the end (doc2, longer than 30% alone? then the last one)
+    long long ntr = 0, nval = 0;
+    Error err = {0};
+    snprintf(path, sizeof path, "%s/data", dir);
+    CHECK(data_split_tokens(path, "train", &ntr, &err) == 0 && data_split_tokens(path, "val", &nval, &err) == 0);
+    CHECK(ntr == (long long)count && nval > 0);
+    free(b);
+}
+
+TEST(test_loader_windows_and_order) {
+    char data[600];
+    snprintf(data, sizeof data, "%s/data", corpus_dir());
+    Error err = {0};
+    DataLoader a, b, c;
+    int T = 16;
+    CHECK_MSG(loader_open(&a, data, "train", T, 7, 1, 258, &err) == 0, "%s", err.msg);
+    CHECK(loader_open(&b, data, "train", T, 7, 1, 258, &err) == 0);
+    CHECK(loader_open(&c, data, "train", T, 8, 1, 258, &err) == 0);
+    long W = a.n_windows;
+    CHECK(W == (long)((a.total - 1) / T));
+    int *x = malloc(sizeof(int) * (T + 1) * W), *y = malloc(sizeof(int) * (T + 1) * W), *z = malloc(sizeof(int) * (T + 1) * W);
+    loader_next_batch(&a, x, (int)W);
+    loader_next_batch(&b, y, (int)W);
+    loader_next_batch(&c, z, (int)W);
+    CHECK(memcmp(x, y, sizeof(int) * (T + 1) * W) == 0);  // the same seed, the same order
+    CHECK(memcmp(x, z, sizeof(int) * (T + 1) * W) != 0);  // another seed, another order
+    // one epoch visits every window once: each window's first token index w·T is hit once
+    char *seen = calloc(W, 1);
+    for (long i = 0; i < W; i++) {
+        long w = a.perm[i];
+        CHECK(w >= 0 && w < W && !seen[w]);
+        seen[w] = 1;
+    }
+    // the next epoch continues; a loader moved to (epoch, pos) continues identically
+    int *n1 = malloc(sizeof(int) * (T + 1) * 5), *n2 = malloc(sizeof(int) * (T + 1) * 5);
+    loader_next_batch(&a, n1, 3);
+    CHECK(a.epoch == 1 && a.pos == 3);
+    loader_next_batch(&a, n1, 5);
+    CHECK(loader_seek(&c, 1, 3, &err) == 0);
+    c.seed = 7;
+    CHECK(loader_seek(&c, 1, 3, &err) == 0);
+    loader_next_batch(&c, n2, 5);
+    CHECK(memcmp(n1, n2, sizeof(int) * (T + 1) * 5) == 0);
+    CHECK(loader_seek(&c, 0, W + 1, &err) != 0);
+    free(x), free(y), free(z), free(seen), free(n1), free(n2);
+    loader_close(&a);
+    loader_close(&b);
+    loader_close(&c);
+}
+
+// The metrics file without the wall-clock field.
+static char *metrics_without_timing(const char *run) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run);
+    char *s = test_read_file(path, NULL);
+    if (!s) return NULL;
+    char *w = s;
+    for (char *r = s; *r;) {
+        if (strncmp(r, ", \"tokens_per_s\": ", 18) == 0) {
+            r += 18;
+            while (*r && *r != ',' && *r != '}') r++;
+            continue;
+        }
+        *w++ = *r++;
+    }
+    *w = 0;
+    return s;
+}
+
+static int train(char *out, size_t n, const char *run, long steps, const char *extra) {
+    const char *dir = corpus_dir();
+    return test_run(out, n,
+                    "%s train --config '%s/config.json' --data '%s/data' --out '%s' --steps %ld --batch 2 --seq 24 "
+                    "--warmup 2 --lr 3e-3 --eval-every 2 --eval-batches 2 --save-every 2 --seq-aux-alpha 0.01 "
+                    "--bias-update-speed 0.01 --seed 5 %s",
+                    test_bin(), dir, dir, run, steps, extra);
+}
+
+TEST(test_train_resume_is_bit_exact) {
+    long N = sanitized() ? 2 : 4;
+    char a[600], b[600], out[4096];
+    snprintf(a, sizeof a, "%s/run_full", corpus_dir());
+    snprintf(b, sizeof b, "%s/run_resumed", corpus_dir());
+    int rc = train(out, sizeof out, a, 2 * N, "");
+    CHECK_MSG(rc == 0, "%s", out);
+    char stop[64];  // the first leg is interrupted after step N of the same 2N-step run
+    snprintf(stop, sizeof stop, "--stop-at %ld", N);
+    rc = train(out, sizeof out, b, 2 * N, stop);
+    CHECK_MSG(rc == 0, "%s", out);
+    rc = test_run(out, sizeof out, "%s train --resume '%s'", test_bin(), b);
+    CHECK_MSG(rc == 0, "%s", out);
+    char *ma = metrics_without_timing(a), *mb = metrics_without_timing(b);
+    CHECK(ma && mb);
+    CHECK_MSG(strcmp(ma, mb) == 0, "metrics differ:\n%s\nvs\n%s", ma, mb);
+    int lines = 0;
+    for (char *p = ma; *p; p++) lines += *p == '\n';
+    CHECK(lines == 2 * N);
+    CHECK(strstr(ma, "\"val_loss\"") && strstr(ma, "\"max_vio\"") && strstr(ma, "\"mtp_loss\""));
+    free(ma);
+    free(mb);
+    char pa[700], pb[700];
+    snprintf(pa, sizeof pa, "%s/step-%ld/model.safetensors", a, 2 * N);
+    snprintf(pb, sizeof pb, "%s/step-%ld/model.safetensors", b, 2 * N);
+    size_t na, nb;
+    char *wa = test_read_file(pa, &na), *wb = test_read_file(pb, &nb);
+    CHECK(wa && wb && na == nb && memcmp(wa, wb, na) == 0);
+    free(wa);
+    free(wb);
+    snprintf(pa, sizeof pa, "%s/metrics.svg", a);
+    char *svg = test_read_file(pa, NULL);
+    CHECK(svg && strstr(svg, "<svg") && strstr(svg, "MaxVio"));
+    free(svg);
+}
+
+TEST(test_train_deterministic_and_learns) {
+    long N = sanitized() ? 3 : 8;
+    char a[600], b[600], out[4096];
+    snprintf(a, sizeof a, "%s/run_det_a", corpus_dir());
+    snprintf(b, sizeof b, "%s/run_det_b", corpus_dir());
+    int rc = train(out, sizeof out, a, N, "--no-progress");
+    CHECK_MSG(rc == 0, "%s", out);
+    rc = train(out, sizeof out, b, N, "--no-progress");
+    CHECK_MSG(rc == 0, "%s", out);
+    char *ma = metrics_without_timing(a), *mb = metrics_without_timing(b);
+    CHECK(ma && mb && strcmp(ma, mb) == 0);
+    // the loss falls on this repetitive text
+    double first = 0, last = 0;
+    CHECK(sscanf(strstr(ma, "\"main_loss\": ") + 13, "%lf", &first) == 1);
+    char *p = ma, *q;
+    while ((q = strstr(p + 1, "\"main_loss\": "))) p = q;
+    CHECK(sscanf(p + 13, "%lf", &last) == 1);
+    CHECK_MSG(last < first - (sanitized() ? 0.1 : 0.3), "main loss %g → %g", first, last);
+    free(ma);
+    free(mb);
+}
+
+// A checkpoint is a HuggingFace model directory the inference commands read.
+TEST(test_train_checkpoint_runs_in_inference) {
+    char a[600], out[4096];
+    snprintf(a, sizeof a, "%s/run_det_a", corpus_dir());
+    char path[700];
+    snprintf(path, sizeof path, "%s/step-2/config.json", a);
+    char *probe = test_read_file(path, NULL);
+    if (!probe) {
+        int rc = train(out, sizeof out, a, 2, "--no-progress");
+        CHECK_MSG(rc == 0, "%s", out);
+    }
+    free(probe);
+    int rc = test_run(out, sizeof out, "%s logits --model '%s/step-2' --tokens 0,70,71 --out '%s/l.f32' --mtp-out '%s/m.f32'",
+                      test_bin(), a, test_tmpdir(), test_tmpdir());
+    CHECK_MSG(rc == 0, "%s", out);
+    rc = test_run(out, sizeof out, "%s generate --model '%s/step-2' --tokens 0,70 --max-new 3", test_bin(), a);
+    CHECK_MSG(rc == 0, "%s", out);
+}
+
+TEST(test_train_bad_input) {
+    const char *dir = corpus_dir();
+    char out[4096], run[600];
+    // an existing run is never started over
+    snprintf(run, sizeof run, "%s/run_once", dir);
+    int rc = train(out, sizeof out, run, 1, "");
+    CHECK_MSG(rc == 0, "%s", out);
+    char before[700], *m0, *m1;
+    snprintf(before, sizeof before, "%s/metrics.jsonl", run);
+    m0 = test_read_file(before, NULL);
+    rc = train(out, sizeof out, run, 2, "");
+    CHECK_MSG(rc == 1 && strstr(out, "already holds a run"), "%s", out);
+    m1 = test_read_file(before, NULL);
+    CHECK(m0 && m1 && strcmp(m0, m1) == 0);
+    free(m0);
+    free(m1);
+    // a missing input file
+    rc = test_run(out, sizeof out, "%s prepare --tokenizer bytes --out '%s/bad' '%s/nope.txt'", test_bin(), dir, dir);
+    CHECK(rc == 1 && strstr(out, "nope.txt"));
+    // a shard whose tokens do not fit the model's vocabulary
+    char cfg[600];
+    snprintf(cfg, sizeof cfg, "%s/small_vocab.json", dir);
+    char *c = strdup(TINY_CONFIG);
+    memcpy(strstr(c, "264"), "100", 3);  // 'x' is byte token 122
+    write_text(cfg, c);
+    free(c);
+    rc = test_run(out, sizeof out, "%s train --config '%s' --data '%s/data' --out '%s/run_bad' --steps 1 --batch 1 --seq 8",
+                  test_bin(), cfg, dir, dir);
+    CHECK_MSG(rc == 1 && strstr(out, "train-00000.bin") && strstr(out, "vocabulary of 100"), "%s", out);
+    // a truncated shard
+    char path[600];
+    snprintf(path, sizeof path, "%s/data_cut", dir);
+    rc = test_run(out, sizeof out, "cp -r '%s/data' '%s' && truncate -s 100 '%s/train-00000.bin'", dir, path, path);
+    CHECK(rc == 0);
+    rc = test_run(out, sizeof out, "%s train --config '%s/config.json' --data '%s' --out '%s/run_bad2' --steps 1 --batch 1 --seq 8",
+                  test_bin(), dir, path, dir);
+    CHECK_MSG(rc == 1 && strstr(out, "train-00000.bin") && strstr(out, "header says"), "%s", out);
+    // a sequence longer than the model's positions, and a resume without a checkpoint
+    rc = test_run(out, sizeof out, "%s train --config '%s/config.json' --data '%s/data' --out '%s/run_bad3' --seq 1000",
+                  test_bin(), dir, dir, dir);
+    CHECK_MSG(rc == 1 && strstr(out, "max_position_embeddings"), "%s", out);
+    rc = test_run(out, sizeof out, "%s train --resume '%s/data'", test_bin(), dir);
+    CHECK_MSG(rc == 1 && strstr(out, "--resume"), "%s", out);
+}
+
+// A byte-level BPE tokenizer.json of the HuggingFace layout: the 256 byte symbols (GPT-2's
+// byte-to-unicode map) at ids 2..257 after <s> and </s>, and the merges t+h, th+e, Ġ+the.
+static void write_tiny_tokenizer(const char *dir) {
+    json_t *vocab = json_object();
+    json_object_set_new(vocab, "<s>", json_integer(0));
+    json_object_set_new(vocab, "</s>", json_integer(1));
+    int n = 0;
+    for (int b = 0; b < 256; b++) {
+        int printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+        unsigned cp = printable ? (unsigned)b : 256u + n++;
+        char u[3] = {(char)(0xC0 | cp >> 6), (char)(0x80 | (cp & 0x3F)), 0}, a[2] = {(char)cp, 0};
+        json_object_set_new(vocab, cp < 0x80 ? a : u, json_integer(b + 2));
+    }
+    json_object_set_new(vocab, "th", json_integer(258));
+    json_object_set_new(vocab, "the", json_integer(259));
+    json_object_set_new(vocab, "\xC4\xA0the", json_integer(260));
+    json_t *tok = json_pack(
+        "{s:s, s:[{s:i, s:s, s:b, s:b, s:b, s:b, s:b}, {s:i, s:s, s:b, s:b, s:b, s:b, s:b}], s:n, s:{s:s, s:b, s:b, s:b},"
+        " s:n, s:{s:s, s:b, s:b, s:b}, s:{s:s, s:o, s:[s, s, s]}}",
+        "version", "1.0", "added_tokens", "id", 0, "content", "<s>", "single_word", 0, "lstrip", 0, "rstrip", 0,
+        "normalized", 0, "special", 1, "id", 1, "content", "</s>", "single_word", 0, "lstrip", 0, "rstrip", 0,
+        "normalized", 0, "special", 1, "normalizer", "pre_tokenizer", "type", "ByteLevel", "add_prefix_space", 0,
+        "trim_offsets", 1, "use_regex", 1, "post_processor", "decoder", "type", "ByteLevel", "add_prefix_space", 1,
+        "trim_offsets", 1, "use_regex", 1, "model", "type", "BPE", "vocab", vocab, "merges", "t h", "th e",
+        "\xC4\xA0 the");
+    char path[700];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    json_dump_file(tok, path, 0);
+    json_decref(tok);
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    write_text(path, "{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\"}");
+}
+
+// `prepare` through a real tokenizer.json: BOS, the BPE ids, EOS; the tokenizer travels into the
+// data directory and from there into every checkpoint.
+TEST(test_prepare_with_tokenizer_json) {
+    char dir[600], out[4096], path[700];
+    snprintf(dir, sizeof dir, "%s/tok", corpus_dir());
+    test_run(out, sizeof out, "mkdir -p '%s'", dir);
+    write_tiny_tokenizer(dir);
+    snprintf(path, sizeof path, "%s/doc.txt", dir);
+    write_text(path, "the cat the dog");
+    int rc = test_run(out, sizeof out, "%s prepare --tokenizer '%s' --out '%s/data' --val-fraction 0 '%s'", test_bin(),
+                      dir, dir, path);
+    CHECK_MSG(rc == 0, "%s", out);
+    snprintf(path, sizeof path, "%s/data/train-00000.bin", dir);
+    size_t n;
+    unsigned char *b = test_read_file(path, &n);
+    CHECK(b && n == 32 + 4 * 12);
+    // <s> "the" "Ġ" "c" "a" "t" "Ġthe" "Ġ" "d" "o" "g" </s>  (bytes at their value + 2)
+    uint32_t want[12] = {0, 259, ' ' + 2, 'c' + 2, 'a' + 2, 't' + 2, 260, ' ' + 2, 'd' + 2, 'o' + 2, 'g' + 2, 1};
+    CHECK(memcmp(b + 32, want, sizeof want) == 0);
+    free(b);
+    snprintf(path, sizeof path, "%s/data/tokenizer.json", dir);
+    char *copied = test_read_file(path, NULL);
+    CHECK(copied && strstr(copied, "\"merges\""));
+    free(copied);
+    // a model trained on it carries the tokenizer in its checkpoints
+    for (int i = 0; i < 8; i++) {  // enough text for a window of 17 tokens
+        snprintf(path, sizeof path, "%s/doc%d.txt", dir, i);
+        write_text(path, "the cat sat on the mat and the dog sat on the log");
+    }
+    rc = test_run(out, sizeof out,
+                  "%s prepare --tokenizer '%s/tokenizer.json' --out '%s/data2' --val-fraction 0 '%s'/doc?.txt && "
+                  "%s train --config '%s/config.json' --data '%s/data2' --out '%s/run' --steps 1 --batch 1 --seq 16",
+                  test_bin(), dir, dir, dir, test_bin(), corpus_dir(), dir, dir);
+    CHECK_MSG(rc == 0, "%s", out);
+    snprintf(path, sizeof path, "%s/run/step-1/tokenizer.json", dir);
+    copied = test_read_file(path, NULL);
+    CHECK(copied && strstr(copied, "\"merges\""));
+    free(copied);
+}
+
+// Fine-tuning starts from a released-format checkpoint (FP8 block-scaled here); the checkpoints
+// it writes hold F32 master weights without a quantization_config.
+TEST(test_train_init_from_fp8_checkpoint) {
+    const char *dir = corpus_dir();
+    char out[4096], run[600];
+    snprintf(run, sizeof run, "%s/run_init", dir);
+    int rc = test_run(out, sizeof out, "%s train --init '%s/fp8' --data '%s/data' --out '%s' --steps 2 --batch 1 --seq 8",
+                      test_bin(), test_datadir(), dir, run);
+    CHECK_MSG(rc == 0, "%s", out);
+    char path[700];
+    snprintf(path, sizeof path, "%s/step-2/config.json", run);
+    char *cfg = test_read_file(path, NULL);
+    CHECK(cfg && !strstr(cfg, "quantization_config") && strstr(cfg, "float32"));
+    free(cfg);
+    rc = test_run(out, sizeof out, "%s train --init '%s/fp8' --config '%s/config.json' --data '%s/data' --out '%s/x'",
+                  test_bin(), test_datadir(), dir, dir, dir);
+    CHECK_MSG(rc == 1 && strstr(out, "--init"), "%s", out);
+}

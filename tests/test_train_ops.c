@@ -1,0 +1,317 @@
+// Each training op's backward against central finite differences of its forward, in fp32: the
+// scalar is a fixed random projection Σ r·y summed in double, inputs are O(1), and the step 1e-3
+// keeps the truncation error near 1e-6 while the rounding noise stays near 1e-4 of the gradient.
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/rng.h"
+#include "kernels/ops.h"
+#include "model/moe.h"
+#include "train/train_ops.h"
+#include "test.h"
+
+static Rng rng;
+
+static float *randn(size_t n, float scale) {
+    float *p = malloc(sizeof(float) * n);
+    for (size_t i = 0; i < n; i++) p[i] = scale * rng_normal(&rng);
+    return p;
+}
+
+static float *zeros(size_t n) { return calloc(n, sizeof(float)); }
+
+static double dot(const float *a, const float *b, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)a[i] * b[i];
+    return s;
+}
+
+// Perturbs every x[j] by ±eps, recomputes loss(ctx), and compares with analytic[j]: the largest
+// error must stay within tol × the largest |analytic|. Returns that ratio.
+static double fd_ratio(float *x, size_t n, const float *analytic, double (*loss)(void *), void *ctx) {
+    const float eps = 1e-3f;
+    double worst = 0, scale = 1e-12;
+    for (size_t j = 0; j < n; j++) {
+        float x0 = x[j];
+        x[j] = x0 + eps;
+        double lp = loss(ctx);
+        x[j] = x0 - eps;
+        double lm = loss(ctx);
+        x[j] = x0;
+        double fd = (lp - lm) / (2.0 * eps);
+        worst = fmax(worst, fabs(fd - analytic[j]));
+        scale = fmax(scale, fabs(analytic[j]));
+    }
+    return worst / scale;
+}
+
+#define FD_TOL 3e-3
+
+// ---- linear ----
+typedef struct {
+    int N, C, OC;
+    float *x, *w, *y, *r;
+} LinCtx;
+
+static double lin_loss(void *p) {
+    LinCtx *c = p;
+    linear_forward(c->y, c->x, c->w, c->N, c->C, c->OC);
+    return dot(c->y, c->r, (size_t)c->N * c->OC);
+}
+
+TEST(test_train_op_linear) {
+    rng_seed(&rng, 1);
+    LinCtx c = {5, 7, 4, randn(35, 1), randn(28, 1), zeros(20), randn(20, 1)};
+    float *dx = randn(35, 1), *dw = zeros(28), *dx0 = malloc(sizeof(float) * 35);
+    memcpy(dx0, dx, sizeof(float) * 35);
+    linear_backward(dx, dw, c.r, c.x, c.w, c.N, c.C, c.OC);
+    for (int i = 0; i < 35; i++) dx[i] -= dx0[i];  // the backward accumulates onto what was there
+    CHECK(fd_ratio(c.x, 35, dx, lin_loss, &c) < FD_TOL);
+    CHECK(fd_ratio(c.w, 28, dw, lin_loss, &c) < FD_TOL);
+    free(c.x), free(c.w), free(c.y), free(c.r), free(dx), free(dw), free(dx0);
+}
+
+// ---- RMSNorm (threaded rows) ----
+typedef struct {
+    int N, C;
+    float *x, *w, *y, *rstd, *r;
+} NormCtx;
+
+static double norm_loss(void *p) {
+    NormCtx *c = p;
+    rmsnorm_rows_forward(c->y, c->rstd, c->x, c->w, c->N, c->C, 1e-6f);
+    return dot(c->y, c->r, (size_t)c->N * c->C);
+}
+
+TEST(test_train_op_rmsnorm) {
+    rng_seed(&rng, 2);
+    int N = 130, C = 6;  // more rows than one chunk of the fixed-order reduction
+    NormCtx c = {N, C, randn(N * C, 1), randn(C, 1), zeros(N * C), zeros(N), randn(N * C, 1)};
+    float *dx = zeros(N * C), *dw = zeros(C);
+    norm_loss(&c);
+    rmsnorm_rows_backward(dx, dw, c.r, c.x, c.w, c.rstd, N, C);
+    CHECK(fd_ratio(c.x, N * C, dx, norm_loss, &c) < FD_TOL);
+    CHECK(fd_ratio(c.w, C, dw, norm_loss, &c) < FD_TOL);
+    free(c.x), free(c.w), free(c.y), free(c.rstd), free(c.r), free(dx), free(dw);
+}
+
+// ---- SwiGLU ----
+typedef struct {
+    long n;
+    float *g, *u, *h, *r;
+} SwiCtx;
+
+static double swi_loss(void *p) {
+    SwiCtx *c = p;
+    swiglu_rows_forward(c->h, c->g, c->u, c->n);
+    return dot(c->h, c->r, c->n);
+}
+
+TEST(test_train_op_swiglu) {
+    rng_seed(&rng, 3);
+    long n = 40;
+    SwiCtx c = {n, randn(n, 2), randn(n, 1), zeros(n), randn(n, 1)};
+    float *dg = zeros(n), *du = zeros(n);
+    swiglu_rows_backward(dg, du, c.r, c.g, c.u, n);
+    CHECK(fd_ratio(c.g, n, dg, swi_loss, &c) < FD_TOL);
+    CHECK(fd_ratio(c.u, n, du, swi_loss, &c) < FD_TOL);
+    free(c.g), free(c.u), free(c.h), free(c.r), free(dg), free(du);
+}
+
+// ---- RoPE (YaRN frequencies, a cos/sin factor ≠ 1) ----
+typedef struct {
+    int N, T, heads, stride, r;
+    float *x, *y, *cs, *sn, *rr;
+} RopeCtx;
+
+static double rope_loss(void *p) {
+    RopeCtx *c = p;
+    size_t n = (size_t)c->N * c->heads * c->stride;
+    memcpy(c->y, c->x, sizeof(float) * n);
+    rope_rows_forward(c->y + 2, c->N, c->T, c->heads, c->stride, c->r, c->cs, c->sn);
+    return dot(c->y, c->rr, n);
+}
+
+TEST(test_train_op_rope) {
+    rng_seed(&rng, 4);
+    int T = 5, N = 10, heads = 2, stride = 10, r = 8;  // q-like rows: 2 non-rotary then 8 rotary per head
+    double inv[4];
+    rope_inv_freq(inv, r, 10000.0, 1, 4.0, 16, 32, 1);
+    float cs[5 * 4], sn[5 * 4];
+    rope_table(cs, sn, T, r, inv, 1.1f);
+    size_t n = (size_t)N * heads * stride;
+    RopeCtx c = {N, T, heads, stride, r, randn(n, 1), zeros(n), cs, sn, randn(n, 1)};
+    float *dx = malloc(sizeof(float) * n);
+    memcpy(dx, c.rr, sizeof(float) * n);
+    rope_rows_backward(dx + 2, N, T, heads, stride, r, cs, sn);
+    CHECK(fd_ratio(c.x, n, dx, rope_loss, &c) < FD_TOL);
+    // the table holds what kernels/ops.h's rope_forward computes
+    float v[8];
+    for (int i = 0; i < 8; i++) v[i] = (float)i - 3.5f;
+    rope_forward(v, r, 3, inv, 1.1f);
+    float u[4 * 8];  // rows 0..3 at positions 0..3
+    for (int i = 0; i < 32; i++) u[i] = (float)(i % 8) - 3.5f;
+    rope_rows_forward(u, 4, T, 1, 8, 8, cs, sn);
+    for (int i = 0; i < 8; i++) CHECK_NEAR(u[3 * 8 + i], v[i], 0);
+    free(c.x), free(c.y), free(c.rr), free(dx);
+}
+
+// ---- MLA attention core ----
+typedef struct {
+    int B, T, H, nope, r, v;
+    float scale;
+    float *q, *kv, *kpe, *att, *out, *rr;
+} AttCtx;
+
+static double att_loss(void *p) {
+    AttCtx *c = p;
+    mla_attention_forward(c->out, c->att, c->q, c->kv, c->kpe, c->B, c->T, c->H, c->nope, c->r, c->v, c->scale);
+    return dot(c->out, c->rr, (size_t)c->B * c->T * c->H * c->v);
+}
+
+static void check_attention(int nope, int r) {
+    rng_seed(&rng, 5);
+    int B = 2, T = 5, H = 3, v = 4;
+    size_t N = (size_t)B * T, nq = N * H * (nope + r), nkv = N * H * (nope + v), np = N * r, no = N * H * v;
+    AttCtx c = {B, T, H, nope, r, v, 0.4f, randn(nq, 1), randn(nkv, 1), randn(np > 0 ? np : 1, 1),
+                zeros((size_t)B * H * T * T), zeros(no), randn(no, 1)};
+    float *dq = zeros(nq), *dkv = zeros(nkv), *dkpe = zeros(np > 0 ? np : 1), *datt = zeros((size_t)B * H * T * T);
+    float *dkpe_heads = zeros(np * H + 1);
+    att_loss(&c);
+    // causal: a later position never reaches an earlier output
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                double rowsum = 0;
+                for (int j = 0; j < T; j++) {
+                    float pj = c.att[(((size_t)b * H + h) * T + t) * T + j];
+                    if (j > t) CHECK(pj == 0);
+                    rowsum += pj;
+                }
+                CHECK_NEAR(rowsum, 1.0, 1e-5);
+            }
+    mla_attention_backward(dq, dkv, dkpe, dkpe_heads, datt, c.rr, c.att, c.q, c.kv, c.kpe, B, T, H, nope, r, v, c.scale);
+    CHECK(fd_ratio(c.q, nq, dq, att_loss, &c) < FD_TOL);
+    CHECK(fd_ratio(c.kv, nkv, dkv, att_loss, &c) < FD_TOL);
+    if (r > 0) CHECK(fd_ratio(c.kpe, np, dkpe, att_loss, &c) < FD_TOL);
+    free(c.q), free(c.kv), free(c.kpe), free(c.att), free(c.out), free(c.rr), free(dq), free(dkv), free(dkpe), free(datt), free(dkpe_heads);
+}
+
+TEST(test_train_op_attention) { check_attention(4, 6); }
+TEST(test_train_op_attention_rope_only) { check_attention(0, 6); }
+
+// ---- cross-entropy ----
+typedef struct {
+    int N, V;
+    float *logits, *lse, *losses;
+    int *tgt;
+} CeCtx;
+
+static double ce_loss(void *p) {
+    CeCtx *c = p;
+    return crossentropy_forward(c->losses, c->lse, c->logits, c->tgt, c->N, c->V) * 0.7;
+}
+
+TEST(test_train_op_cross_entropy) {
+    rng_seed(&rng, 6);
+    int N = 4, V = 9, tgt[4] = {0, 8, 3, 3};
+    CeCtx c = {N, V, randn(N * V, 2), zeros(N), zeros(N), tgt};
+    ce_loss(&c);
+    for (int n = 0; n < N; n++) {  // −log softmax computed directly
+        double s = 0;
+        for (int i = 0; i < V; i++) s += exp(c.logits[n * V + i]);
+        CHECK_NEAR(c.losses[n], log(s) - c.logits[n * V + tgt[n]], 1e-5);
+    }
+    float *g = malloc(sizeof(float) * N * V);
+    memcpy(g, c.logits, sizeof(float) * N * V);
+    crossentropy_backward(g, c.lse, tgt, N, V, 0.7f);
+    CHECK(fd_ratio(c.logits, N * V, g, ce_loss, &c) < FD_TOL);
+    free(c.logits), free(c.lse), free(c.losses), free(g);
+}
+
+// ---- router: scores → gates of the (held) chosen experts, and the balance loss ----
+typedef struct {
+    ModelConfig cfg;
+    int T;
+    float *logits, *scores, *f, *rw;  // rw: (T, K) projection of the gates
+    int *idx;
+    float alpha;
+} RouteCtx;
+
+static void scores_of(const RouteCtx *c, const float *lg, float *s) {
+    int Nr = c->cfg.n_routed_experts;
+    if (c->cfg.scoring_func == SCORING_SIGMOID) {
+        for (int i = 0; i < Nr; i++) s[i] = sigmoidf_(lg[i]);
+    } else {
+        memcpy(s, lg, sizeof(float) * Nr);
+        softmax_inplace(s, Nr);
+    }
+}
+
+// Σ_t rw_t · gates_t (the held choice) + the balance loss of the sequence.
+static double route_loss(void *p) {
+    RouteCtx *c = p;
+    int Nr = c->cfg.n_routed_experts, K = c->cfg.num_experts_per_tok;
+    double L = 0;
+    for (int t = 0; t < c->T; t++) {
+        float *s = c->scores + (size_t)t * Nr;
+        scores_of(c, c->logits + (size_t)t * Nr, s);
+        const int *idx = c->idx + (size_t)t * K;
+        float sum = 1e-20f;
+        for (int k = 0; k < K; k++) sum += s[idx[k]];
+        for (int k = 0; k < K; k++) {
+            float g = s[idx[k]] * (c->cfg.norm_topk_prob ? 1.0f / sum : 1.0f) * c->cfg.routed_scaling_factor;
+            L += (double)g * c->rw[t * K + k];
+        }
+    }
+    return L + moe_balance_forward(c->f, c->scores, c->idx, c->T, Nr, K, c->alpha);
+}
+
+static void check_router(ScoringFunc sf, TopkMethod tm, int norm, float rsf) {
+    rng_seed(&rng, 8);
+    RouteCtx c = {0};
+    c.cfg.n_routed_experts = 8;
+    c.cfg.num_experts_per_tok = 3;
+    c.cfg.n_group = 4;
+    c.cfg.topk_group = 2;
+    c.cfg.scoring_func = sf;
+    c.cfg.topk_method = tm;
+    c.cfg.norm_topk_prob = norm;
+    c.cfg.routed_scaling_factor = rsf;
+    c.T = 6;
+    c.alpha = 0.3f;
+    int Nr = 8, K = 3, T = 6;
+    c.logits = randn(T * Nr, 1.5f);
+    c.scores = zeros(T * Nr);
+    c.f = zeros(Nr);
+    c.rw = randn(T * K, 1);
+    c.idx = malloc(sizeof(int) * T * K);
+    float *bias = randn(Nr, 0.1f), w[3];
+    for (int t = 0; t < T; t++) {  // the choice made by moe_route, then held
+        moe_route(&c.cfg, c.logits + t * Nr, bias, c.scores + t * Nr, c.idx + t * K, w);
+        float sum = 1e-20f;
+        for (int k = 0; k < K; k++) sum += c.scores[t * Nr + c.idx[t * K + k]];
+        for (int k = 0; k < K; k++)  // moe_route's gates are the unbiased scores, normalised, scaled
+            CHECK_NEAR(w[k], c.scores[t * Nr + c.idx[t * K + k]] * (norm ? 1.0f / sum : 1.0f) * rsf, 1e-6);
+    }
+    route_loss(&c);
+    float *ds = zeros(T * Nr), *dl = zeros(T * Nr);
+    for (int t = 0; t < T; t++) moe_gate_backward(ds + t * Nr, c.rw + t * K, c.scores + t * Nr, c.idx + t * K, &c.cfg);
+    moe_balance_backward(ds, c.f, c.scores, T, Nr, c.alpha, 1.0f);
+    for (int t = 0; t < T; t++) moe_scores_backward(dl + t * Nr, ds + t * Nr, c.scores + t * Nr, Nr, sf);
+    CHECK(fd_ratio(c.logits, T * Nr, dl, route_loss, &c) < FD_TOL);
+    free(c.logits), free(c.scores), free(c.f), free(c.rw), free(c.idx), free(bias), free(ds), free(dl);
+}
+
+TEST(test_train_op_router_sigmoid_noaux_tc) { check_router(SCORING_SIGMOID, TOPK_NOAUX_TC, 1, 2.5f); }
+TEST(test_train_op_router_softmax_greedy) { check_router(SCORING_SOFTMAX, TOPK_GREEDY, 0, 1.0f); }
+TEST(test_train_op_router_softmax_group_limited) { check_router(SCORING_SOFTMAX, TOPK_GROUP_LIMITED_GREEDY, 1, 1.5f); }
+
+// The balance loss of a perfectly even sequence is α: f_i = 1 for every expert and Σ P_i = 1.
+TEST(test_train_balance_loss_even_is_alpha) {
+    int T = 4, Nr = 4, K = 2, idx[8] = {0, 1, 2, 3, 1, 0, 3, 2};
+    float s[16], f[4];
+    for (int i = 0; i < 16; i++) s[i] = 0.25f + 0.01f * (i % 3);
+    CHECK_NEAR(moe_balance_forward(f, s, idx, T, Nr, K, 0.01f), 0.01, 1e-8);
+    for (int i = 0; i < Nr; i++) CHECK_NEAR(f[i], 1.0, 0);
+}

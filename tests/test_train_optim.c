@@ -1,0 +1,137 @@
+// AdamW, clipping, the schedule, gradient accumulation, and the loss-free balancing rule.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "train/optim.h"
+#include "train/train_model.h"
+#include "test.h"
+
+static int tiny_model(TrainModel *m, const char *name, int B, int T) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/train_grad/%s/config.json", test_datadir(), name);
+    ModelConfig c;
+    Error err = {0};
+    if (config_load(&c, path, &err) || train_model_new(m, &c, B, T, &err)) return -1;
+    snprintf(path, sizeof path, "%s/train_grad/%s", test_datadir(), name);
+    return train_model_load(m, path, &err);
+}
+
+// Two AdamW steps against the update written out in double: a matrix decays, a norm does not,
+// the router bias does not move; clipping scales the gradients that enter the moments.
+TEST(test_adamw_matches_reference) {
+    TrainModel m;
+    CHECK(tiny_model(&m, "v3", 1, 4) == 0);
+    AdamW o;
+    Error err = {0};
+    AdamWConfig cfg = adamw_defaults();
+    cfg.grad_clip = 0.5f;
+    CHECK(adamw_init(&o, &m, cfg, &err) == 0);
+    const TrainTensor *mat = train_model_tensor(&m, "model.layers.0.self_attn.q_a_proj.weight");
+    const TrainTensor *nrm = train_model_tensor(&m, "model.layers.0.input_layernorm.weight");
+    const TrainTensor *bias = train_model_tensor(&m, "model.layers.1.mlp.gate.e_score_correction_bias");
+    CHECK(mat && nrm && bias);
+    float b0 = m.params[bias->offset + 3];
+    double p[2] = {m.params[mat->offset + 5], m.params[nrm->offset + 2]}, mm[2] = {0, 0}, vv[2] = {0, 0};
+    const TrainTensor *which[2] = {mat, nrm};
+    float lrs[2] = {1e-2f, 5e-3f};
+    for (int step = 1; step <= 2; step++) {
+        for (size_t i = 0; i < m.n_params; i++) m.grads[i] = (float)(((i * 7919 + step * 13) % 101) - 50) * 1e-2f;
+        double norm = grad_global_norm(&m), want = 0;
+        for (int i = 0; i < m.n_tensors; i++) {
+            const TrainTensor *t = &m.tensors[i];
+            if (t->shared || t->kind == TENSOR_BIAS) continue;
+            for (size_t j = 0; j < t->numel; j++) want += (double)m.grads[t->offset + j] * m.grads[t->offset + j];
+        }
+        CHECK_NEAR(norm, sqrt(want), 1e-9 * sqrt(want));
+        CHECK(norm > cfg.grad_clip);
+        double clip = cfg.grad_clip / norm, lr = lrs[step - 1];
+        for (int k = 0; k < 2; k++) {
+            size_t off = which[k]->offset + (k ? 2 : 5);
+            double g = m.grads[off] * clip;
+            mm[k] = 0.9 * mm[k] + 0.1 * g;
+            vv[k] = 0.95 * vv[k] + 0.05 * g * g;
+            double mh = mm[k] / (1 - pow(0.9, step)), vh = vv[k] / (1 - pow(0.95, step));
+            p[k] = p[k] * (k == 0 ? 1 - lr * 0.1 : 1.0) - lr * mh / (sqrt(vh) + 1e-8);
+        }
+        adamw_update(&o, &m, (float)lr, norm);
+        CHECK_NEAR(m.params[mat->offset + 5], p[0], 1e-6);
+        CHECK_NEAR(m.params[nrm->offset + 2], p[1], 1e-6);
+        CHECK_NEAR(o.m[mat->offset + 5], mm[0], 1e-7);
+    }
+    CHECK(m.params[bias->offset + 3] == b0);
+    // the moments survive a save and a load bit for bit
+    char path[512];
+    snprintf(path, sizeof path, "%s/adamw.safetensors", test_tmpdir());
+    CHECK_MSG(adamw_save(&o, &m, path, &err) == 0, "%s", err.msg);
+    AdamW o2;
+    CHECK(adamw_init(&o2, &m, cfg, &err) == 0);
+    CHECK_MSG(adamw_load(&o2, &m, path, &err) == 0, "%s", err.msg);
+    CHECK(memcmp(o.m, o2.m, sizeof(float) * 2 * o.n) == 0);
+    adamw_free(&o2);
+    adamw_free(&o);
+    train_model_free(&m);
+}
+
+TEST(test_lr_schedule_warmup_constant_cosine) {
+    LrSchedule s = {1e-3f, 10, 100, 40, 0.1f};
+    CHECK_NEAR(lr_at(&s, 0), 1e-4, 1e-9);       // the first warmup step
+    CHECK_NEAR(lr_at(&s, 4), 5e-4, 1e-9);
+    CHECK_NEAR(lr_at(&s, 9), 1e-3, 1e-9);       // warmup ends at the peak
+    CHECK_NEAR(lr_at(&s, 59), 1e-3, 1e-9);      // constant until the decay
+    CHECK(lr_at(&s, 60) < 1e-3f);               // the first decay step moves
+    CHECK_NEAR(lr_at(&s, 79), 0.55e-3, 1e-8);   // half way down the cosine: (1 + 0.1) / 2
+    CHECK_NEAR(lr_at(&s, 99), 1e-4, 1e-9);      // the last step lands on 10%
+    for (long i = 60; i < 99; i++) CHECK(lr_at(&s, i + 1) <= lr_at(&s, i));
+}
+
+TEST(test_moe_bias_update_and_max_vio) {
+    TrainModel m;
+    CHECK(tiny_model(&m, "v3", 1, 4) == 0);
+    CHECK(m.n_moe == 2);  // layer 1 and the MTP layer
+    int Nr = m.cfg.n_routed_experts;
+    long long loads[16] = {4, 1, 3, 3, 2, 3, 3, 5,   // layer 1: mean 3
+                           3, 3, 3, 3, 3, 3, 3, 3};  // MTP layer: even
+    float before[16];
+    for (int j = 0; j < 2; j++) memcpy(before + j * Nr, m.moe_bias[j], sizeof(float) * Nr);
+    moe_bias_update(&m, loads, 0.001f);
+    float want[8] = {-0.001f, 0.001f, 0, 0, 0.001f, 0, 0, -0.001f};
+    for (int i = 0; i < Nr; i++) {
+        CHECK_NEAR(m.moe_bias[0][i] - before[i], want[i], 1e-8);
+        CHECK(m.moe_bias[1][i] == before[Nr + i]);
+    }
+    double mean, worst;
+    moe_max_vio(loads, 2, Nr, &mean, &worst);
+    CHECK_NEAR(worst, 2.0 / 3.0, 1e-12);
+    CHECK_NEAR(mean, 1.0 / 3.0, 1e-12);
+    train_model_free(&m);
+}
+
+// Two micro-batches of one sequence with scale 1/2 give the gradient of the batch of two.
+TEST(test_gradient_accumulation_equals_full_batch) {
+    TrainModel full, half;
+    CHECK(tiny_model(&full, "v3", 2, 6) == 0);
+    CHECK(tiny_model(&half, "v3", 1, 6) == 0);
+    full.obj.seq_aux_alpha = half.obj.seq_aux_alpha = 0.05f;
+    int tok[14] = {0, 5, 9, 33, 2, 17, 40, 0, 11, 11, 7, 30, 45, 3};
+    Error err = {0};
+    CHECK(train_model_forward(&full, tok, &err) == 0);
+    train_model_zero_grad(&full);
+    train_model_backward(&full, 1.0f);
+    train_model_zero_grad(&half);
+    double loss = 0;
+    for (int b = 0; b < 2; b++) {
+        CHECK(train_model_forward(&half, tok + 7 * b, &err) == 0);
+        loss += half.loss.loss / 2;
+        train_model_backward(&half, 0.5f);
+    }
+    CHECK_NEAR(loss, full.loss.loss, 1e-5 * full.loss.loss);
+    double scale = 0, diff = 0;
+    for (size_t i = 0; i < full.n_params; i++) {
+        scale = fmax(scale, fabs(full.grads[i]));
+        diff = fmax(diff, fabs(full.grads[i] - half.grads[i]));
+    }
+    CHECK_MSG(diff <= 1e-5 * scale, "accumulated gradients differ by %.3g (largest %.3g)", diff, scale);
+    train_model_free(&full);
+    train_model_free(&half);
+}
