@@ -648,6 +648,9 @@ TEST(test_tokenizer_bad_input_errors) {
     CHECK(write_tok("bad_cfg", tiny_json(), "{\"bos_token\": \"<nope>\", \"add_bos_token\": true}", path, sizeof path) == 0);
     CHECK_FAILS("tokenizer_config.json", "bos_token: '<nope>'", "echo hi | %s tokenize --tokenizer %s", B, path);
 
+    CHECK(write_tok("bad_cfg2", tiny_json(), "{\"bos_token\": ", path, sizeof path) == 0);
+    CHECK_FAILS("bad_cfg2/tokenizer_config.json", "invalid JSON", "echo hi | %s tokenize --tokenizer %s", B, path);
+
     // detokenize: an id out of range, a malformed id; nothing is printed but the error
     CHECK(write_tok("detok", tiny_json(), TINY_CFG, path, sizeof path) == 0);
     CHECK_FAILS("token id 4000 is out of range", "0..308", "echo '104 4000' | %s detokenize --tokenizer %s", B, path);

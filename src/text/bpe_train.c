@@ -349,12 +349,12 @@ int bpe_train(const char *const *files, int nfiles, int vocab_size, const char *
     if (!woff || !wlen || !wcnt || !stamp || !sym || !toff || !tlen || !merges || !pushed) goto oom;
     size_t w = 0;
     for (size_t i = 0; i < words.cap; i++) {
-        if (!words.hash[i]) continue;
+        if (!words.slots[i].hash) continue;
         size_t kl;
         const uint8_t *k = strmap_key(&words, i, &kl);
         woff[w] = (uint32_t)total;
         wlen[w] = (uint32_t)kl;
-        wcnt[w] = (int64_t)words.val[i];
+        wcnt[w] = (int64_t)words.slots[i].val;
         for (size_t j = 0; j < kl; j++) sym[total + j] = FIRST_BYTE_ID + k[j];
         total += kl;
         w++;

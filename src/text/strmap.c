@@ -26,11 +26,12 @@ uint64_t strmap_hash(const void *k, size_t n) {
 static size_t probe(const StrMap *m, uint64_t h, const void *k, size_t n, int *found) {
     size_t mask = m->cap - 1, i = (size_t)h & mask;
     for (;;) {
-        if (m->hash[i] == 0) {
+        const StrSlot *s = &m->slots[i];
+        if (s->hash == 0) {
             *found = 0;
             return i;
         }
-        if (m->hash[i] == h && m->klen[i] == n && memcmp(m->keys.p + m->koff[i], k, n) == 0) {
+        if (s->hash == h && s->klen == n && memcmp(m->keys.p + s->koff, k, n) == 0) {
             *found = 1;
             return i;
         }
@@ -42,37 +43,21 @@ uint64_t *strmap_find(const StrMap *m, const void *k, size_t n) {
     if (!m->cap) return NULL;
     int found;
     size_t i = probe(m, strmap_hash(k, n), k, n, &found);
-    return found ? &m->val[i] : NULL;
+    return found ? &m->slots[i].val : NULL;
 }
 
 static int grow(StrMap *m) {
     size_t cap = m->cap ? m->cap * 2 : 1024;
-    uint64_t *hash = calloc(cap, sizeof *hash), *val = malloc(cap * sizeof *val);
-    uint32_t *koff = malloc(cap * sizeof *koff), *klen = malloc(cap * sizeof *klen);
-    if (!hash || !val || !koff || !klen) {
-        free(hash);
-        free(val);
-        free(koff);
-        free(klen);
-        return -1;
-    }
+    StrSlot *slots = calloc(cap, sizeof *slots);
+    if (!slots) return -1;
     for (size_t i = 0; i < m->cap; i++) {
-        if (!m->hash[i]) continue;
-        size_t j = (size_t)m->hash[i] & (cap - 1);
-        while (hash[j]) j = (j + 1) & (cap - 1);
-        hash[j] = m->hash[i];
-        val[j] = m->val[i];
-        koff[j] = m->koff[i];
-        klen[j] = m->klen[i];
+        if (!m->slots[i].hash) continue;
+        size_t j = (size_t)m->slots[i].hash & (cap - 1);
+        while (slots[j].hash) j = (j + 1) & (cap - 1);
+        slots[j] = m->slots[i];
     }
-    free(m->hash);
-    free(m->val);
-    free(m->koff);
-    free(m->klen);
-    m->hash = hash;
-    m->val = val;
-    m->koff = koff;
-    m->klen = klen;
+    free(m->slots);
+    m->slots = slots;
     m->cap = cap;
     return 0;
 }
@@ -84,36 +69,30 @@ uint64_t *strmap_insert(StrMap *m, const void *k, size_t n, int *is_new) {
     size_t i = probe(m, h, k, n, &found);
     if (found) {
         *is_new = 0;
-        return &m->val[i];
+        return &m->slots[i].val;
     }
     if (m->keys.n + n > UINT32_MAX) return NULL;
     uint32_t off = (uint32_t)m->keys.n;
     if (bb_append(&m->keys, k, n)) return NULL;
-    m->hash[i] = h;
-    m->koff[i] = off;
-    m->klen[i] = (uint32_t)n;
-    m->val[i] = 0;
+    m->slots[i] = (StrSlot){h, 0, off, (uint32_t)n};
     m->count++;
     *is_new = 1;
-    return &m->val[i];
+    return &m->slots[i].val;
 }
 
 const uint8_t *strmap_key(const StrMap *m, size_t i, size_t *n) {
-    *n = m->klen[i];
-    return (const uint8_t *)m->keys.p + m->koff[i];
+    *n = m->slots[i].klen;
+    return (const uint8_t *)m->keys.p + m->slots[i].koff;
 }
 
 void strmap_clear(StrMap *m) {
-    if (m->cap) memset(m->hash, 0, m->cap * sizeof *m->hash);
+    if (m->cap) memset(m->slots, 0, m->cap * sizeof *m->slots);
     m->count = 0;
     m->keys.n = 0;
 }
 
 void strmap_free(StrMap *m) {
-    free(m->hash);
-    free(m->val);
-    free(m->koff);
-    free(m->klen);
+    free(m->slots);
     bb_free(&m->keys);
     *m = (StrMap){0};
 }

@@ -1,6 +1,6 @@
 // Loading tokenizer.json (+ tokenizer_config.json), encoding and decoding.
 #include <jansson.h>
-#include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -641,6 +641,8 @@ static int encode_body(Tokenizer *t, const uint8_t *s, size_t n, Error *err) {
 
 int tok_encode(Tokenizer *t, const char *text, size_t len, int flags, TokIds *out, Error *err) {
     const uint8_t *s = (const uint8_t *)text;
+    // pieces are addressed with 32-bit offsets (and repair can triple the length)
+    if (len > UINT32_MAX / 3) return err_set(err, "a text of %zu bytes is too long to encode at once (1 GiB at most)", len);
     if (utf8_valid_prefix(s, len) != len) {
         t->repaired.n = 0;
         if (utf8_repair(s, len, 1, &t->repaired) == (size_t)-1) return err_set(err, "out of memory");

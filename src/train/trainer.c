@@ -376,6 +376,16 @@ int trainer_run(const TrainerOptions *opts, const char *resume, Error *err) {
         err_set(err, "--stop-at %ld: the run is already at step %ld", o->stop_at, r->step);
         goto done_loads;
     }
+    if (r->step == 0 && r->have_val && o->eval_every > 0) {  // the untrained model's validation loss
+        double v0, vmv0;
+        char l0[256];
+        if (evaluate(r, tokens, &v0, &vmv0, err)) goto done_loads;
+        snprintf(l0, sizeof l0, "{\"step\": 0, \"val_loss\": %.9g, \"val_max_vio\": %.9g}\n", v0, vmv0);
+        if (fputs(l0, mf) == EOF || fflush(mf)) {
+            err_set(err, "%s: write failed", metrics);
+            goto done_loads;
+        }
+    }
     while (r->step < stop) {
         double t0 = now_s();
         train_model_zero_grad(m);
