@@ -9,7 +9,7 @@ LDLIBS  += -lopenblas -ljansson -lpcre2-8 -lm
 LDFLAGS += -fopenmp
 
 # Debian packages the build and the tests need; `make deps` installs whichever are missing.
-DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev
+DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev bible-kjv
 
 LIB_SRC   := $(shell find src -name '*.c' ! -path 'src/cli/*' | sort)
 CLI_SRC   := $(sort $(wildcard src/cli/*.c))
