@@ -226,16 +226,14 @@ int config_is_moe_layer(const ModelConfig *c, int layer) {
 
 int config_qk_head_dim(const ModelConfig *c) { return c->qk_nope_head_dim + c->qk_rope_head_dim; }
 
-static double yarn_mscale(double factor, double mscale) {
-    return factor <= 1 ? 1.0 : 0.1 * mscale * log(factor) + 1.0;
+double config_yarn_mscale(const ModelConfig *c, double mscale) {
+    return !c->rope_yarn || c->rope_factor <= 1 ? 1.0 : 0.1 * mscale * log(c->rope_factor) + 1.0;
 }
 
 float config_softmax_scale(const ModelConfig *c) {
     double s = 1.0 / sqrt((double)config_qk_head_dim(c));
-    if (c->rope_yarn && c->rope_factor > 1) {
-        double m = yarn_mscale(c->rope_factor, c->rope_mscale_all_dim);
-        s *= m * m;
-    }
+    double m = config_yarn_mscale(c, c->rope_mscale_all_dim);
+    s *= m * m;
     return (float)s;
 }
 

@@ -55,7 +55,9 @@ int config_save(const ModelConfig *c, const char *path, Error *err);
 
 int config_is_moe_layer(const ModelConfig *c, int layer);
 int config_qk_head_dim(const ModelConfig *c);
-// 1/sqrt(qk_head_dim), times m² under YaRN (SPEC §2.1).
+// YaRN's m = 0.1·mscale·ln(factor) + 1 (1 without YaRN or with factor <= 1).
+double config_yarn_mscale(const ModelConfig *c, double mscale);
+// 1/sqrt(qk_head_dim), times m(mscale_all_dim)² under YaRN (SPEC §2.1).
 float config_softmax_scale(const ModelConfig *c);
 const char *config_topk_method_name(TopkMethod m);
 

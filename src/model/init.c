@@ -37,7 +37,6 @@ int model_write_random(const ModelConfig *cfg, const char *dir, uint64_t seed, D
         int is_mtp_embed = t->kind == TENSOR_EMBED && strstr(t->name, ".embed_tokens.") && strncmp(t->name, "model.embed", 11) != 0;
         int is_mtp_head = t->kind == TENSOR_EMBED && strstr(t->name, "shared_head.head");
         DType dt = t->kind == TENSOR_LINEAR ? dtype : (t->kind == TENSOR_BIAS || dtype == DT_F32) ? DT_F32 : DT_BF16;
-        if (t->kind == TENSOR_NORM && dtype == DT_F8_E4M3) dt = DT_BF16;
         StTensorDesc *d = &desc[nd];
         d->name = t->name;
         d->dtype = dt;

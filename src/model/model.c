@@ -6,10 +6,6 @@
 #include "kernels/ops.h"
 #include "model/model.h"
 
-static double yarn_mscale(double factor, double mscale) {
-    return factor <= 1 ? 1.0 : 0.1 * mscale * log(factor) + 1.0;
-}
-
 int model_load(Model *m, const char *dir, int need_mtp, Error *err) {
     memset(m, 0, sizeof *m);
     if (!path_is_dir(dir)) return err_set(err, "%s: model directory does not exist", dir);
@@ -29,10 +25,7 @@ int model_load(Model *m, const char *dir, int need_mtp, Error *err) {
     }
     rope_inv_freq(m->inv_freq, r, c->rope_theta, c->rope_yarn, c->rope_factor, c->rope_original_max_position,
                   c->rope_beta_fast, c->rope_beta_slow);
-    m->rope_mscale = 1.0f;
-    if (c->rope_yarn && c->rope_factor > 1)
-        m->rope_mscale = (float)(yarn_mscale(c->rope_factor, c->rope_mscale) /
-                                 yarn_mscale(c->rope_factor, c->rope_mscale_all_dim));
+    m->rope_mscale = (float)(config_yarn_mscale(c, c->rope_mscale) / config_yarn_mscale(c, c->rope_mscale_all_dim));
     m->softmax_scale = config_softmax_scale(c);
     return 0;
 }

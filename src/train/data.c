@@ -180,15 +180,22 @@ done:
     return rc;
 }
 
-int data_split_tokens(const char *dir, const char *split, long long *n, Error *err) {
-    char path[4096];
-    if (path_join(path, sizeof path, dir, "data.json", err)) return -1;
+// Reads DIR/data.json; path gets its name for messages.
+static json_t *load_meta(const char *dir, char *path, size_t n, Error *err) {
+    if (path_join(path, n, dir, "data.json", err)) return NULL;
     json_error_t je;
     json_t *meta = json_load_file(path, 0, &je);
     if (!meta) {
-        if (!path_exists(path)) return err_set(err, "%s: missing (make the data with dsv3 prepare)", path);
-        return err_set(err, "%s: line %d: %s", path, je.line, je.text);
+        if (!path_exists(path)) err_set(err, "%s: missing (make the data with dsv3 prepare)", path);
+        else err_set(err, "%s: line %d: %s", path, je.line, je.text);
     }
+    return meta;
+}
+
+int data_split_tokens(const char *dir, const char *split, long long *n, Error *err) {
+    char path[4096];
+    json_t *meta = load_meta(dir, path, sizeof path, err);
+    if (!meta) return -1;
     json_t *v = json_object_get(json_object_get(meta, split), "tokens");
     int rc = json_is_integer(v) ? 0 : err_set(err, "%s: %s.tokens: missing", path, split);
     if (!rc) *n = json_integer_value(v);
@@ -252,13 +259,8 @@ int loader_open(DataLoader *l, const char *dir, const char *split, int T, uint64
                 int vocab_limit, Error *err) {
     memset(l, 0, sizeof *l);
     char path[4096];
-    if (path_join(path, sizeof path, dir, "data.json", err)) return -1;
-    json_error_t je;
-    json_t *meta = json_load_file(path, 0, &je);
-    if (!meta) {
-        if (!path_exists(path)) return err_set(err, "%s: missing (make the data with dsv3 prepare)", path);
-        return err_set(err, "%s: line %d: %s", path, je.line, je.text);
-    }
+    json_t *meta = load_meta(dir, path, sizeof path, err);
+    if (!meta) return -1;
     json_t *shards = json_object_get(json_object_get(meta, split), "shards");
     if (!json_is_array(shards)) {
         json_decref(meta);
