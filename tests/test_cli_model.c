@@ -74,6 +74,15 @@ TEST(test_cli_logits_prefill_decode_agree) {
     for (int i = 0; i < 6 * 96; i++) md = fmaxf(md, fabsf(xm[i] - ym[i]));
     CHECK_MSG(mx > 0.1f, "logits are degenerate (max %g)", mx);
     CHECK_MSG(md <= 1e-4f * mx, "decode differs from prefill by %g (max %g)", md, mx);
+    // --no-mmap reads the same bytes into private memory: the same logits, bit for bit
+    rc = test_run(o, sizeof o, "%s logits --model %s --tokens 5,17,3,90,2,44,8 --out %s --mtp-out %s --decode --no-mmap",
+                  test_bin(), dir, a, am);
+    CHECK_MSG(rc == 0, "%s", o);
+    free(x);
+    free(xm);
+    x = test_read_file(a, &la), xm = test_read_file(am, &lam);
+    CHECK(x && xm && la == lb && lam == lbm);
+    CHECK_MSG(memcmp(x, y, la) == 0 && memcmp(xm, ym, lam) == 0, "--no-mmap changes the logits");
     free(x);
     free(y);
     free(xm);
@@ -154,6 +163,7 @@ TEST(test_bad_checkpoints) {
     CHECK(test_run(NULL, 0, "truncate -s -1000 %s/model.safetensors", d) == 0);
     CHECK_FAILS("model.safetensors", out, "%s logits --model %s --tokens 1 --out %s", bin, d, out);
     CHECK_FAILS("past the end", out, "%s logits --model %s --tokens 1 --out %s", bin, d, out);
+    CHECK_FAILS("past the end", out, "%s logits --model %s --tokens 1 --out %s --no-mmap", bin, d, out);
 
     CHECK(copy_model(dir, "ck_hlen", d, sizeof d) == 0);  // header length larger than the file
     CHECK(test_run(NULL, 0, "printf '\\377\\377\\377\\000' | dd of=%s/model.safetensors bs=1 seek=0 conv=notrunc 2>/dev/null", d) == 0);

@@ -568,3 +568,37 @@ TEST(test_matmul_inside_parallel_region) {
     kernels_set_isa("auto");
     free(x), free(out), free_matrix(&m);
 }
+
+// matmul_nt_part / matmul_nn_part: ranges of odd sizes and offsets, each computed by whichever
+// thread of a team takes it, together give the whole product and write nothing outside them.
+TEST(test_matmul_parts_assemble_the_product) {
+    const int cuts[] = {0, 1, 5, 16, 17, 64, 99, 150, 203};
+    const int ncuts = sizeof cuts / sizeof cuts[0];
+    for (int d = 0; d < 4; d++) {
+        TestMatrix m;
+        make_matrix(&m, all_dtypes[d], 203, 300);
+        float *x = random_x(9 * 300), *out = malloc(sizeof(float) * 9 * 300);
+        for (int is = 0; is < 2; is++) {
+            kernels_set_isa(isas[is]);
+            const int Ns[] = {1, 3, 9};
+            for (int k = 0; k < 3; k++) {
+                int N = Ns[k];
+                char what[96];
+                for (int i = 0; i < 9 * 300; i++) out[i] = NAN;
+#pragma omp parallel for schedule(dynamic)
+                for (int p = 0; p < ncuts - 1; p++) matmul_nt_part(out, x, &m.w, N, cuts[p], cuts[p + 1]);
+                snprintf(what, sizeof what, "%s %s nt parts N=%d", isas[is], dtype_name(all_dtypes[d]), N);
+                if (!check_product(what, out, x, &m, 0, 203, N, 1)) goto done;
+                // out = x (N x 203) · W (203 x 300), columns in pieces
+                for (int i = 0; i < 9 * 300; i++) out[i] = NAN;
+#pragma omp parallel for schedule(dynamic)
+                for (int p = 0; p < ncuts - 1; p++) matmul_nn_part(out, x, &m.w, N, cuts[p], cuts[p + 1] + 97 * (p == ncuts - 2));
+                snprintf(what, sizeof what, "%s %s nn parts N=%d", isas[is], dtype_name(all_dtypes[d]), N);
+                if (!check_product(what, out, x, &m, 0, 203, N, 0)) goto done;
+            }
+        }
+    done:
+        kernels_set_isa("auto");
+        free(x), free(out), free_matrix(&m);
+    }
+}

@@ -69,6 +69,31 @@ static int parse_entry(const char *path, const char *name, json_t *v, const uint
     return 0;
 }
 
+static StLoadMode load_mode = ST_MAP;
+
+void st_set_load_mode(StLoadMode mode) { load_mode = mode; }
+
+// The whole of fd (size bytes) in private anonymous memory, read-only once filled.
+static void *read_whole(int fd, const char *path, size_t size, Error *err) {
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        err_set(err, "%s: cannot allocate %zu bytes to read it into: %s", path, size, strerror(errno));
+        return NULL;
+    }
+    madvise(p, size, MADV_HUGEPAGE);  // advice only: without THP the copy still works
+    for (size_t got = 0; got < size;) {
+        ssize_t r = pread(fd, (char *)p + got, size - got, (off_t)got);
+        if (r <= 0) {
+            err_set(err, "%s: read failed at byte %zu of %zu: %s", path, got, size, r < 0 ? strerror(errno) : "end of file");
+            munmap(p, size);
+            return NULL;
+        }
+        got += (size_t)r;
+    }
+    mprotect(p, size, PROT_READ);
+    return p;
+}
+
 int st_open(StFile *f, const char *path, Error *err) {
     memset(f, 0, sizeof *f);
     int fd = open(path, O_RDONLY);
@@ -83,9 +108,16 @@ int st_open(StFile *f, const char *path, Error *err) {
         close(fd);
         return err_set(err, "%s: file is %zu bytes, too short for a safetensors header", path, size);
     }
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) return err_set(err, "%s: mmap failed: %s", path, strerror(errno));
+    void *map;
+    if (load_mode == ST_READ) {
+        map = read_whole(fd, path, size, err);
+        close(fd);
+        if (!map) return -1;
+    } else {
+        map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+        close(fd);
+        if (map == MAP_FAILED) return err_set(err, "%s: mmap failed: %s", path, strerror(errno));
+    }
     f->map = map;
     f->map_size = size;
     f->path = strdup(path);

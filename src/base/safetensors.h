@@ -29,6 +29,14 @@ typedef struct StFile {
     StTensor *tensors;  // sorted by name
 } StFile;
 
+// How st_open brings a file into memory. ST_MAP (the default): mmap it; pages come from the page
+// cache on demand and are shared with other processes. ST_READ: read it whole into private
+// anonymous memory, on transparent huge pages where the kernel gives them: a full read at open
+// and memory of its own, but weights then stream faster (decode reads every active weight once
+// per token, and 4 KiB page-cache pages cost it ~10%). Process-wide; set it before opening.
+typedef enum { ST_MAP, ST_READ } StLoadMode;
+void st_set_load_mode(StLoadMode mode);
+
 // Returns 0, or -1 with err filled: "model-00002-of-00002.safetensors: tensor X: data offsets
 // [a, b) run past the end of the data (c bytes)".
 int st_open(StFile *f, const char *path, Error *err);

@@ -14,7 +14,7 @@
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "max-new", "temperature", "top-p",
                                      "top-k", "seed", NULL};
-static const char *const FLAGS[] = {"chat", NULL};
+static const char *const FLAGS[] = {"chat", "no-mmap", NULL};
 
 // The prompt's ids: --tokens as given, or --prompt encoded (BOS as tokenizer_config.json says;
 // with --chat in the DeepSeek-V3 chat format ending in the generation prompt).
@@ -67,6 +67,7 @@ int cmd_generate(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     Model m;
+    if (args_flag(&a, "no-mmap")) st_set_load_mode(ST_READ);
     if (model_load(&m, dir, 0, &err)) {
         free(prompt);
         tok_free(tok);

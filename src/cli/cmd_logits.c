@@ -10,7 +10,7 @@
 #include "model/model.h"
 
 static const char *const VALUED[] = {"model", "tokens", "out", "mtp-out", NULL};
-static const char *const FLAGS[] = {"decode", "absorbed", NULL};
+static const char *const FLAGS[] = {"decode", "absorbed", "no-mmap", NULL};
 
 // Main logits (T, V) and, when mtp is non-NULL, the first MTP module's logits (T-1, V).
 static int compute(const Model *m, const int *tok, int T, int decode, AttnMode mode, float *logits, float *mtp,
@@ -60,6 +60,7 @@ int cmd_logits(int argc, char **argv) {
     int *tok = NULL, T = 0;
     if (parse_token_list(tokens_s, &tok, &T, &err)) return cli_fail(cmd, &err);
     Model m;
+    if (args_flag(&a, "no-mmap")) st_set_load_mode(ST_READ);
     if (model_load(&m, dir, mtp_out != NULL, &err)) {
         free(tok);
         return cli_fail(cmd, &err);

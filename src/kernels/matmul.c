@@ -174,6 +174,30 @@ static void rows_scalar(const MatView *w, int r0, int n, float *buf) {
     for (int i = 0; i < n; i++) row_scalar(w, r0 + i, 0, w->cols, buf + (size_t)i * w->cols);
 }
 
+// Output features [r0, r1) of out[N][rows] = x · Wᵀ on this thread: one widened row at a time.
+static void nt_scalar_rows(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
+    const int rows = w->rows, cols = w->cols;
+    float *row = kernels_scratch(cols);
+    for (int r = r0; r < r1; r++) {
+        row_scalar(w, r, 0, cols, row);
+        for (int n = 0; n < N; n++) out[(size_t)n * rows + r] = dot(row, x + (size_t)n * cols, cols);
+    }
+}
+
+// Columns [c0, c1) of out[N][cols] = x · W on this thread: out[n] = Σ_r x[n][r] W[r], a row at a time.
+static void nn_scalar_cols(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
+    const int rows = w->rows, cols = w->cols, nc = c1 - c0;
+    float *row = kernels_scratch(nc);
+    for (int n = 0; n < N; n++) memset(out + (size_t)n * cols + c0, 0, sizeof(float) * nc);
+    for (int r = 0; r < rows; r++) {
+        row_scalar(w, r, c0, nc, row);
+        for (int n = 0; n < N; n++) {
+            float a = x[(size_t)n * rows + r], *o = out + (size_t)n * cols + c0;
+            for (int c = 0; c < nc; c++) o[c] += a * row[c];
+        }
+    }
+}
+
 static void matmul_nt_scalar(float *out, const float *x, const MatView *w, int N) {
     const int rows = w->rows, cols = w->cols;
     if (w->dtype == DT_F32 && N > GEMV_MAX_N && !omp_in_parallel()) {
@@ -187,11 +211,7 @@ static void matmul_nt_scalar(float *out, const float *x, const MatView *w, int N
         {
             int r0, r1;
             split(rows, 1, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-            float *row = kernels_scratch(cols);
-            for (int r = r0; r < r1; r++) {
-                row_scalar(w, r, 0, cols, row);
-                for (int n = 0; n < N; n++) out[(size_t)n * rows + r] = dot(row, x + (size_t)n * cols, cols);
-            }
+            nt_scalar_rows(out, x, w, N, r0, r1);
         }
         return;
     }
@@ -210,17 +230,8 @@ static void matmul_nt_scalar(float *out, const float *x, const MatView *w, int N
 
 static void matmul_nn_scalar(float *out, const float *x, const MatView *w, int N) {
     const int rows = w->rows, cols = w->cols;
-    if (omp_in_parallel()) {
-        // one thread, no BLAS: out[n] = Σ_r x[n][r] W[r], a row of W at a time
-        float *row = kernels_scratch(cols);
-        memset(out, 0, sizeof(float) * N * cols);
-        for (int r = 0; r < rows; r++) {
-            row_scalar(w, r, 0, cols, row);
-            for (int n = 0; n < N; n++) {
-                float a = x[(size_t)n * rows + r], *o = out + (size_t)n * cols;
-                for (int c = 0; c < cols; c++) o[c] += a * row[c];
-            }
-        }
+    if (omp_in_parallel()) {  // one thread, no BLAS
+        nn_scalar_cols(out, x, w, N, 0, cols);
         return;
     }
     if (w->dtype == DT_F32) {
@@ -242,6 +253,38 @@ static void matmul_nn_scalar(float *out, const float *x, const MatView *w, int N
     free(buf);
 }
 
+void matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
+    check_dtype(w);
+    if (N <= 0 || r1 <= r0) return;
+    if (w->cols <= 0) {
+        for (int n = 0; n < N; n++) memset(out + (size_t)n * w->rows + r0, 0, sizeof(float) * (r1 - r0));
+        return;
+    }
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) nt_scalar_rows(out, x, w, N, r0, r1);
+    else if (N <= GEMV_MAX_N) gemv_nt_avx512(out, w->rows, x, w->cols, N, w, r0, r1);
+    else gemm_avx512(out, x, w, N, 1, r0, r1);
+}
+
+void matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
+    check_dtype(w);
+    if (N <= 0 || c1 <= c0) return;
+    if (w->rows <= 0) {
+        for (int n = 0; n < N; n++) memset(out + (size_t)n * w->cols + c0, 0, sizeof(float) * (c1 - c0));
+        return;
+    }
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) {
+        nn_scalar_cols(out, x, w, N, c0, c1);
+        return;
+    }
+    // The vector kernels take one FP8 scale per 16 columns, so a vector must not straddle a scale
+    // block: they start on a multiple of 16 and a ragged head is done here.
+    int a = w->dtype == DT_F8_E4M3 ? (c0 + 15) & ~15 : c0;
+    if (a > c1) a = c1;
+    if (a > c0) nn_scalar_cols(out, x, w, N, c0, a);
+    if (N <= GEMV_NN_MAX_N) gemv_nn_avx512(out, x, N, w, a, c1);
+    else gemm_avx512(out, x, w, N, 0, a, c1);
+}
+
 void matmul_nt(float *out, const float *x, const MatView *w, int N) {
     check_dtype(w);
     const int rows = w->rows, cols = w->cols;
@@ -254,21 +297,12 @@ void matmul_nt(float *out, const float *x, const MatView *w, int N) {
         matmul_nt_scalar(out, x, w, N);
         return;
     }
-    int nt = threads_for((double)N * rows * cols);
-    if (N <= GEMV_MAX_N) {
-#pragma omp parallel num_threads(nt) if (nt > 1)
-        {
-            int r0, r1;
-            split(rows, 4, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-            gemv_nt_avx512(out, rows, x, cols, N, w, r0, r1);
-        }
-        return;
-    }
+    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N ? 4 : 32;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int f0, f1;
-        split(rows, 32, omp_get_thread_num(), omp_get_num_threads(), &f0, &f1);
-        gemm_avx512(out, x, w, N, 1, f0, f1);
+        int r0, r1;
+        split(rows, unit, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+        matmul_nt_part(out, x, w, N, r0, r1);
     }
 }
 
@@ -284,20 +318,11 @@ void matmul_nn(float *out, const float *x, const MatView *w, int N) {
         matmul_nn_scalar(out, x, w, N);
         return;
     }
-    int nt = threads_for((double)N * rows * cols);
-    if (N <= GEMV_NN_MAX_N) {
-#pragma omp parallel num_threads(nt) if (nt > 1)
-        {
-            int c0, c1;
-            split(cols, 64, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
-            gemv_nn_avx512(out, x, N, w, c0, c1);
-        }
-        return;
-    }
+    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_NN_MAX_N ? 64 : 32;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int f0, f1;
-        split(cols, 32, omp_get_thread_num(), omp_get_num_threads(), &f0, &f1);
-        gemm_avx512(out, x, w, N, 0, f0, f1);
+        int c0, c1;
+        split(cols, unit, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
+        matmul_nn_part(out, x, w, N, c0, c1);
     }
 }

@@ -30,6 +30,12 @@ MatView matview_rows(const MatView *w, int r0, int n);
 void matmul_nt(float *out, const float *x, const MatView *w, int N);
 // out[N][cols] = x[N][rows] · W    (the transposed product, e.g. folding W_UK into a query)
 void matmul_nn(float *out, const float *x, const MatView *w, int N);
+// One thread's share of the same products, computed on the calling thread without forking: for
+// callers that run their own parallel region (a decode step forks once per token, not once per
+// matrix). matmul_nt_part writes output features [r0, r1) of every row of out[N][rows];
+// matmul_nn_part writes columns [c0, c1) of out[N][cols].
+void matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1);
+void matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1);
 // Dequantises row r of w into out[cols] (embedding look-ups).
 void matview_row_f32(const MatView *w, int r, float *out);
 

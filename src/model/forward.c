@@ -8,34 +8,8 @@
 #include "kernels/attention.h"
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
-#include "model/model.h"
+#include "model/forward_internal.h"
 #include "model/moe.h"
-
-struct ForwardState {
-    int max_T, capacity, nthreads;
-    float *x;        // (T, d) residual stream
-    float *xn;       // (T, d) normed input of a sub-layer
-    float *y;        // (T, d) sub-layer output
-    float *cq;       // (T, q_lora)
-    float *q;        // (T, H, qk_head)  [q_nope | q_pe] per head
-    float *kva;      // (T, kv_lora + rope)
-    float *attn;     // (T, H, v_head)
-    float *gate;     // (T, F) SwiGLU gate, F the widest FFN
-    float *up;       // (T, F)
-    float *router;   // (T, N_r)
-    float *scores;   // (T, N_r)
-    int *topk_idx;   // (T, K_r)
-    float *topk_w;   // (T, K_r)
-    int *rows;       // (T) tokens routed to one expert
-    float *xg;       // (T, d) those tokens' inputs, gathered
-    float *fused;    // (2, K_r + n_shared, moe_inter) decode: gate and up rows of every expert a token uses
-    float *cat;      // (T, 2d) MTP input [enorm(emb) ; hnorm(h)]
-    float *thread;   // (nthreads, per_thread) attention scratch
-    size_t per_thread;
-    float *block;    // the one allocation everything above lives in
-};
-
-static size_t head_scratch_floats(const ModelConfig *c, int capacity);
 
 static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
@@ -51,7 +25,7 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
                   c->moe_intermediate_size);
     long N = c->n_routed_experts > 0 ? c->n_routed_experts : 1, K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
     long v = c->v_head_dim, lora = c->kv_lora_rank;
-    s->per_thread = head_scratch_floats(c, capacity);
+    s->per_thread = thread_scratch_floats(c, capacity);
     long sizes[] = {T * d, T * d, T * d, T * (c->q_lora_rank > 0 ? c->q_lora_rank : 1), T * H * qk,
                     T * (lora + c->qk_rope_head_dim), T * H * v, T * F, T * F, T * N, T * N, T * K, T * K, T,
                     T * d, 2 * (K + c->n_shared_experts) * (long)c->moe_intermediate_size, T * 2 * d,
@@ -94,31 +68,21 @@ void forward_state_free(ForwardState *s) {
 
 // Up to this many query rows, absorbed attention runs as direct loops per row.
 #define DECODE_ROWS 4
-// Queries are processed in chunks of this many rows, so the score buffers stay (QCHUNK, S).
-#define QCHUNK 64
 
 static MatView f32_view(const float *data, int rows, int cols) {
     return (MatView){.dtype = DT_F32, .rows = rows, .cols = cols, .data = data};
 }
 
-// Per-thread attention scratch, carved from s->thread for a T-row call.
-typedef struct {
-    float *k, *v;     // (S, nope), (S, v_head): one head's expanded keys and values (plain path)
-    float *p, *p2;    // (QCHUNK, S) scores: latent/no-rope part, then the rotary part
-    float *qn, *qp;   // (QCHUNK, nope), (QCHUNK, rope) one head's query rows
-    float *qa, *ol;   // (QCHUNK, kv_lora) absorbed query, latent-space output (absorbed path)
-    float *o;         // (QCHUNK, v_head)
-} HeadScratch;
-
-static size_t head_scratch_floats(const ModelConfig *c, int capacity) {
-    size_t S = capacity, Q = QCHUNK;
+size_t thread_scratch_floats(const ModelConfig *c, int capacity) {
+    size_t S = capacity, Q = QCHUNK, K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
     return S * (c->qk_nope_head_dim + c->v_head_dim) + 2 * Q * S +
-           Q * (c->qk_nope_head_dim + c->qk_rope_head_dim + 2 * c->kv_lora_rank + c->v_head_dim);
+           Q * (c->qk_nope_head_dim + c->qk_rope_head_dim + 2 * c->kv_lora_rank + c->v_head_dim) +
+           3 * (size_t)c->hidden_size + c->q_lora_rank + c->n_routed_experts + 2 * K;
 }
 
-static HeadScratch head_scratch(const ModelConfig *c, ForwardState *s) {
-    size_t S = s->capacity, Q = QCHUNK;
-    HeadScratch h;
+ThreadScratch thread_scratch(const ModelConfig *c, ForwardState *s) {
+    size_t S = s->capacity, Q = QCHUNK, K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+    ThreadScratch h;
     h.k = s->thread + (size_t)omp_get_thread_num() * s->per_thread;
     h.v = h.k + S * c->qk_nope_head_dim;
     h.p = h.v + S * c->v_head_dim;
@@ -128,6 +92,12 @@ static HeadScratch head_scratch(const ModelConfig *c, ForwardState *s) {
     h.qa = h.qp + Q * c->qk_rope_head_dim;
     h.ol = h.qa + Q * c->kv_lora_rank;
     h.o = h.ol + Q * c->kv_lora_rank;
+    h.xn = h.o + Q * c->v_head_dim;
+    h.cq = h.xn + c->hidden_size;
+    h.cat = h.cq + c->q_lora_rank;
+    h.scores = h.cat + 2 * c->hidden_size;
+    h.gw = h.scores + c->n_routed_experts;
+    h.idx = (int *)(h.gw + K);  // int and float have the same size
     return h;
 }
 
@@ -162,7 +132,7 @@ static void attention_plain(const Model *m, ForwardState *s, const MlaWeights *a
     int H = c->num_attention_heads, nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, v = c->v_head_dim;
 #pragma omp parallel for schedule(static)
     for (int h = 0; h < H; h++) {
-        HeadScratch b = head_scratch(c, s);
+        ThreadScratch b = thread_scratch(c, s);
         MatView wk = matview_rows(&a->kv_b_proj, h * (nope + v), nope);
         MatView wv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
         if (nope > 0) matmul_nt(b.k, latent, &wk, pos0 + T);
@@ -190,7 +160,7 @@ static void attention_absorbed(const Model *m, ForwardState *s, const MlaWeights
     int L = c->kv_lora_rank;
 #pragma omp parallel for schedule(static)
     for (int h = 0; h < H; h++) {
-        HeadScratch b = head_scratch(c, s);
+        ThreadScratch b = thread_scratch(c, s);
         MatView wuk = matview_rows(&a->kv_b_proj, h * (nope + v), nope);
         MatView wuv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
         for (int t0 = 0; t0 < T; t0 += QCHUNK) {
@@ -259,55 +229,6 @@ static void ffn_forward(ForwardState *s, const FfnWeights *f, int inter, const f
     matmul_nt(out, s->gate, &f->down_proj, T);
 }
 
-// Decode (one token): the chosen experts and the shared experts run in one parallel region. The
-// gate and up rows of all of them are split evenly over the threads; after one barrier each
-// thread owns a slice of the output features and sums every expert's down projection into it.
-// One fork and one barrier per layer instead of three per expert keeps small experts streaming.
-static void moe_forward_one(const Model *m, ForwardState *s, const MoeWeights *w) {
-    const ModelConfig *c = &m->cfg;
-    int d = c->hidden_size, K = c->num_experts_per_tok, F = c->moe_intermediate_size;
-    const FfnWeights *ex[K + 1];
-    float g[K + 1];
-    int off[K + 2], ne = 0;
-    off[0] = 0;
-    for (int k = 0; k < K; k++) {
-        ex[ne] = &w->experts[s->topk_idx[k]];
-        g[ne] = s->topk_w[k];
-        off[ne + 1] = off[ne] + F;
-        ne++;
-    }
-    if (c->n_shared_experts > 0) {
-        ex[ne] = &w->shared_experts;
-        g[ne] = 1.0f;
-        off[ne + 1] = off[ne] + c->n_shared_experts * F;
-        ne++;
-    }
-    int R = off[ne];
-    float *act = s->fused, *up = s->fused + R, *tmp = s->xg;  // act, up: (R); tmp: (d)
-#pragma omp parallel
-    {
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int b = (int)((long)R * t / nt), e = (int)((long)R * (t + 1) / nt);
-        for (int j = 0; j < ne; j++) {
-            int lo = off[j] > b ? off[j] : b, hi = off[j + 1] < e ? off[j + 1] : e;
-            if (lo >= hi) continue;
-            MatView gv = matview_rows(&ex[j]->gate_proj, lo - off[j], hi - lo);
-            MatView uv = matview_rows(&ex[j]->up_proj, lo - off[j], hi - lo);
-            matmul_nt(act + lo, s->xn, &gv, 1);
-            matmul_nt(up + lo, s->xn, &uv, 1);
-            swiglu_forward(act + lo, act + lo, up + lo, hi - lo);
-        }
-#pragma omp barrier
-        int db = (int)((long)d * t / nt) & ~15, de = t == nt - 1 ? d : (int)((long)d * (t + 1) / nt) & ~15;
-        for (int r = db; r < de; r++) s->y[r] = 0.0f;
-        for (int j = 0; j < ne && de > db; j++) {
-            MatView dv = matview_rows(&ex[j]->down_proj, db, de - db);
-            matmul_nt(tmp + db, act + off[j], &dv, 1);
-            for (int r = db; r < de; r++) s->y[r] += g[j] * tmp[r];
-        }
-    }
-}
-
 // y (T, d) = shared experts + Σ routed gate · expert, every token reaching its K_r experts.
 static void moe_forward(const Model *m, ForwardState *s, const MoeWeights *w, int T) {
     const ModelConfig *c = &m->cfg;
@@ -317,7 +238,8 @@ static void moe_forward(const Model *m, ForwardState *s, const MoeWeights *w, in
         moe_route(c, s->router + (size_t)t * N, w->e_score_correction_bias, s->scores + (size_t)t * N,
                   s->topk_idx + (size_t)t * K, s->topk_w + (size_t)t * K);
     if (T == 1) {
-        moe_forward_one(m, s, w);
+#pragma omp parallel
+        moe_experts_one(m, s, w, s->xn, s->topk_idx, s->topk_w, NULL);
         return;
     }
     if (c->n_shared_experts > 0) ffn_forward(s, &w->shared_experts, c->n_shared_experts * F, s->xn, s->y, T);
@@ -377,6 +299,11 @@ int model_forward(const Model *m, ForwardState *s, KVCache *kv, const int *token
     const ModelConfig *c = &m->cfg;
     int d = c->hidden_size, pos0 = kv->len;
     if (check_call(m, s, T, pos0, kv->capacity, tokens, err)) return -1;
+    if (T == 1 && mode == ATTN_ABSORBED) {
+        decode_forward(m, s, kv, tokens[0], logits ? logits : last_logits, hidden);
+        if (logits && last_logits) memcpy(last_logits, logits, sizeof(float) * c->vocab_size);
+        return 0;
+    }
     for (int t = 0; t < T; t++) matview_row_f32(&m->w.embed_tokens, tokens[t], s->x + (size_t)t * d);
     for (int l = 0; l < c->num_hidden_layers; l++) layer_forward(m, s, kv, l, &m->w.layers[l], T, pos0, mode);
     kv->len += T;
@@ -394,6 +321,10 @@ int model_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, const
     const MtpWeights *w = &m->w.mtp[k];
     int d = c->hidden_size, pos0 = kv->mtp_len[k];
     if (check_call(m, s, T, pos0, kv->capacity, next_tokens, err)) return -1;
+    if (T == 1 && mode == ATTN_ABSORBED) {
+        decode_mtp_forward(m, s, kv, k, next_tokens[0], hidden, logits, hidden_out);
+        return 0;
+    }
     for (int t = 0; t < T; t++) {
         float *row = s->cat + (size_t)t * 2 * d;
         // the embedding half comes first, as in the released checkpoints (SPEC §2.3)
