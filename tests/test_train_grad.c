@@ -129,7 +129,7 @@ static void check_inference(const char *name) {
     Model mm;
     CHECK_MSG(model_load(&mm, dir, D > 0, &err) == 0, "%s", err.msg);
     float *logits = malloc(sizeof(float) * T * V), *hidden = malloc(sizeof(float) * T * d);
-    float *hout = malloc(sizeof(float) * T * d), *hnext = malloc(sizeof(float) * T * d);
+    float *hout = malloc(sizeof(float) * T * d);
     double worst = 0, scale = 0;
     for (int b = 0; b < B; b++) {
         const int *tok = g.tokens + b * (T + 1);
@@ -149,8 +149,27 @@ static void check_inference(const char *name) {
                       "%s", err.msg);
             ref = g.m.a.mtp[k - 1].logits + (size_t)b * Tk * V;
             for (long i = 0; i < (long)Tk * V; i++) worst = fmax(worst, fabs(logits[i] - ref[i]));
-            rmsnorm_forward(hnext, NULL, hout, mm.w.mtp[k - 1].shared_head_norm, Tk, d, c->rms_norm_eps);
-            memcpy(hidden, hnext, sizeof(float) * Tk * d);
+            memcpy(hidden, hout, sizeof(float) * Tk * d);  // module k's normed output feeds module k + 1
+        }
+        kvcache_free(&kv);
+        // the same one token at a time through the decode step (absorbed attention), MTP chain included
+        CHECK(kvcache_init(&kv, c, D, T, &err) == 0);
+        for (int t = 0; t < T; t++) {
+            CHECK_MSG(model_forward(&mm, s, &kv, tok + t, 1, ATTN_ABSORBED, logits, NULL, hidden + (size_t)t * d, &err) == 0,
+                      "%s", err.msg);
+            ref = g.m.a.logits + ((size_t)b * T + t) * V;
+            for (int i = 0; i < V; i++) worst = fmax(worst, fabs(logits[i] - ref[i]));
+        }
+        for (int k = 1; k <= D; k++) {
+            int Tk = T - k;
+            for (int t = 0; t < Tk; t++) {
+                CHECK_MSG(model_mtp_forward(&mm, s, &kv, k - 1, tok + k + t, hidden + (size_t)t * d, 1, ATTN_ABSORBED, logits,
+                                            hout + (size_t)t * d, &err) == 0,
+                          "%s", err.msg);
+                ref = g.m.a.mtp[k - 1].logits + ((size_t)b * Tk + t) * V;
+                for (int i = 0; i < V; i++) worst = fmax(worst, fabs(logits[i] - ref[i]));
+            }
+            memcpy(hidden, hout, sizeof(float) * Tk * d);
         }
         forward_state_free(s);
         kvcache_free(&kv);
@@ -158,7 +177,6 @@ static void check_inference(const char *name) {
     free(logits);
     free(hidden);
     free(hout);
-    free(hnext);
     model_free(&mm);
     golden_free(&g);
     CHECK_MSG(worst <= 1e-4 * scale, "%s: logits differ by %.3g (largest logit %.3g)", name, worst, scale);

@@ -218,8 +218,7 @@ void decode_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, int
         gemv_share(s->x, ts.cat, &w->eh_proj);
 #pragma omp barrier
         decode_layer(m, s, kv, c->num_hidden_layers + k, &w->layer, pos, &ts);
-        if (hidden_out && omp_get_thread_num() == 0) memcpy(hidden_out, s->x, sizeof(float) * d);
-        decode_head(m, s, w->shared_head_norm, &w->shared_head_head, logits, NULL, &ts);
+        decode_head(m, s, w->shared_head_norm, &w->shared_head_head, logits, hidden_out, &ts);
     }
     kv->mtp_len[k]++;
 }

@@ -335,8 +335,8 @@ int model_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, const
     matmul_nt(s->x, s->cat, &w->eh_proj, T);
     layer_forward(m, s, kv, c->num_hidden_layers + k, &w->layer, T, pos0, mode);
     kv->mtp_len[k] += T;
-    if (hidden_out) memcpy(hidden_out, s->x, sizeof(float) * T * d);
     rmsnorm_forward(s->xn, NULL, s->x, w->shared_head_norm, T, d, c->rms_norm_eps);
+    if (hidden_out) memcpy(hidden_out, s->xn, sizeof(float) * T * d);
     head_forward(s, &w->shared_head_head, T, d, logits, NULL);
     return 0;
 }

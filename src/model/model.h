@@ -61,7 +61,8 @@ int model_forward(const Model *m, ForwardState *s, KVCache *kv, const int *token
 // MTP module k (0-based): rows i = 0..T-1 combine (next_tokens[i], hidden[i]) at positions
 // kv->mtp_len + i, appending to the module's cache layer. hidden: (T, d) — the main model's
 // final-normed output for k = 0, the previous module's output for k > 0. logits: (T, vocab);
-// hidden_out: (T, d) the module's output before shared_head.norm, or NULL.
+// hidden_out: (T, d) the module's output after shared_head.norm — the next module's `hidden`, as
+// in training (docs/training.md) and Megatron — or NULL.
 int model_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, const int *next_tokens,
                       const float *hidden, int T, AttnMode mode, float *logits, float *hidden_out, Error *err);
 
