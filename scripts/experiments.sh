@@ -3,7 +3,8 @@
 # (auxiliary-loss-free bias vs none vs the sequence-wise loss alone) and MTP on vs off, each a
 # `make demo` training run (bench/configs/v3-10m-train.json on the KJV Bible, 8 x 256 tokens per
 # step, lr 2e-3) that differs in one option. STEPS (300) and SEEDS ("1 2") set the runs' length
-# and repetitions. Prints a markdown table; the runs stay in build/experiments/<name>-s<seed>/.
+# and repetitions; ONLY="name ..." keeps some runs. Prints a markdown table and draws
+# build/experiments/{balance,mtp}.svg (seed 1); the runs stay in build/experiments/<name>-s<seed>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DSV3=${DSV3:-build/dsv3}
@@ -23,6 +24,7 @@ fi
 runs=(
   "v3-recipe|--bias-update-speed 0.001 --seq-aux-alpha 1e-4 --mtp-lambda 0.3"
   "bias-only|--bias-update-speed 0.001 --seq-aux-alpha 0 --mtp-lambda 0.3"
+  "bias-0.01|--bias-update-speed 0.01 --seq-aux-alpha 1e-4 --mtp-lambda 0.3"
   "no-balance|--bias-update-speed 0 --seq-aux-alpha 0 --mtp-lambda 0.3"
   "seq-aux-1e-3|--bias-update-speed 0 --seq-aux-alpha 1e-3 --mtp-lambda 0.3"
   "seq-aux-1e-2|--bias-update-speed 0 --seq-aux-alpha 1e-2 --mtp-lambda 0.3"
@@ -61,3 +63,13 @@ for r in "${runs[@]}"; do
       "$(echo "$last" | field val_max_vio)" "$mv" "$mw" "$ml"
   done
 done
+
+s1=$(echo "$SEEDS" | awk '{print $1}')
+plot_runs() {
+  local svg=$1; shift
+  local args=()
+  for n in "$@"; do [ -f "$out/$n-s$s1/metrics.jsonl" ] && args+=("$n=$out/$n-s$s1"); done
+  [ ${#args[@]} -gt 0 ] && $DSV3 plot --out "$out/$svg" --from 25 "${args[@]}" >&2
+}
+plot_runs balance.svg v3-recipe bias-only bias-0.01 no-balance seq-aux-1e-3 seq-aux-1e-2
+plot_runs mtp.svg v3-recipe no-mtp

@@ -372,3 +372,38 @@ TEST(test_train_init_from_fp8_checkpoint) {
                   test_bin(), test_datadir(), dir, dir, dir);
     CHECK_MSG(rc == 1 && strstr(out, "--init"), "%s", out);
 }
+
+// `dsv3 plot` compares runs: every run's label and its validation points are in the SVG, steps
+// before --from are left out, and bad input is a one-line error with no file written.
+TEST(test_plot_compares_runs) {
+    char a[600], b[600], svg[700], out[4096], path[700];
+    snprintf(a, sizeof a, "%s/plot_a", test_tmpdir());
+    snprintf(b, sizeof b, "%s/plot_b", test_tmpdir());
+    snprintf(svg, sizeof svg, "%s/plot.svg", test_tmpdir());
+    CHECK(test_run(out, sizeof out, "mkdir -p '%s' '%s' && rm -f '%s'", a, b, svg) == 0);
+    snprintf(path, sizeof path, "%s/metrics.jsonl", a);
+    write_text(path, "{\"step\": 0, \"val_loss\": 9.5}\n{\"step\": 1, \"main_loss\": 9.0, \"max_vio\": 1.5}\n"
+                     "{\"step\": 2, \"main_loss\": 8.0, \"max_vio\": 0.5, \"val_loss\": 7.25}\n");
+    snprintf(path, sizeof path, "%s/metrics.jsonl", b);
+    write_text(path, "{\"step\": 1, \"main_loss\": 9.5, \"max_vio\": 2.5}\n{\"step\": 2, \"main_loss\": 8.5, \"max_vio\": 2.0, \"val_loss\": 7.5}\n");
+    int rc = test_run(out, sizeof out, "%s plot --out '%s' --smooth 1 --from 1 first=%s %s/", test_bin(), svg, a, b);
+    CHECK_MSG(rc == 0, "%s", out);
+    char *s = test_read_file(svg, NULL);
+    CHECK(s != NULL);
+    if (s) {
+        CHECK_MSG(strstr(s, ">first<") && strstr(s, ">plot_b<"), "labels missing");
+        int circles = 0;
+        for (const char *p = s; (p = strstr(p, "<circle")); p++) circles++;
+        CHECK_MSG(circles == 2, "%d validation points, want 2 (step 0 is before --from)", circles);
+        free(s);
+    }
+    CHECK(test_run(out, sizeof out, "rm -f '%s'", svg) == 0);
+    write_text(path, "{\"step\": 1, \"main_loss\": 9.5}\nnot json\n");
+    rc = test_run(out, sizeof out, "%s plot --out '%s' %s %s", test_bin(), svg, a, b);
+    CHECK_MSG(rc == 1 && strstr(out, "metrics.jsonl: line 2") && strchr(out, '\n') == strrchr(out, '\n'), "%s", out);
+    CHECK_MSG(fopen(svg, "r") == NULL, "an SVG was written from bad input");
+    rc = test_run(out, sizeof out, "%s plot --out '%s' %s/missing", test_bin(), svg, a);
+    CHECK_MSG(rc == 1 && strstr(out, "missing/metrics.jsonl"), "%s", out);
+    rc = test_run(out, sizeof out, "%s plot --out '%s'", test_bin(), svg);
+    CHECK_MSG(rc == 1 && strstr(out, "run directories"), "%s", out);
+}
