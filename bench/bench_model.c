@@ -60,11 +60,11 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode
     int V = m.cfg.vocab_size, tok[PROMPT];
     for (int i = 0; i < PROMPT; i++) tok[i] = (i * 7919 + 13) % V;
     float *logits = malloc(sizeof(float) * V);
-    double pre[REPS], dec[REPS];
-    // The host's memory speed drifts (a shared virtual machine): the bandwidth the ratio divides by
-    // is measured right before and after this model's runs, and their mean is used.
-    double bw0 = bench_read_bandwidth((size_t)1 << 30, 7);
+    double pre[REPS], dec[REPS], bws[REPS], ratio[REPS], wb = active_weight_bytes(&m);
+    // The host's memory speed drifts from minute to minute (a shared virtual machine), so every run
+    // is paired with a bandwidth measurement taken just before it, and the ratio is per pair.
     for (int r = 0; r < REPS; r++) {
+        bws[r] = bench_read_bandwidth((size_t)1 << 30, 3);
         KVCache kv;
         ForwardState *s = forward_state_new(&m, PROMPT, PROMPT + DECODE, &err);
         if (!s || kvcache_init(&kv, &m.cfg, 0, PROMPT + DECODE, &err)) {
@@ -82,19 +82,18 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode
         double t2 = bench_now();
         pre[r] = PROMPT / (t1 - t0);
         dec[r] = DECODE / (t2 - t1);
+        ratio[r] = wb * dec[r] / 1e9 / bws[r];
         forward_state_free(s);
         kvcache_free(&kv);
     }
-    double bw1 = bench_read_bandwidth((size_t)1 << 30, 7), bw = 0.5 * (bw0 + bw1);
-    double dbest = 0;
-    for (int r = 0; r < REPS; r++) dbest = dec[r] > dbest ? dec[r] : dbest;
-    double p = bench_median(pre, REPS), d = bench_median(dec, REPS), wb = active_weight_bytes(&m);
-    printf("%-5s read bandwidth %.1f GB/s before, %.1f after (median of 7 passes over 1 GiB each)\n", dtype_name(dt), bw0, bw1);
+    double rlo = ratio[0], rhi = ratio[0];
+    for (int r = 1; r < REPS; r++) rlo = ratio[r] < rlo ? ratio[r] : rlo, rhi = ratio[r] > rhi ? ratio[r] : rhi;
+    double p = bench_median(pre, REPS), d = bench_median(dec, REPS), bw = bench_median(bws, REPS);
+    double q = bench_median(ratio, REPS);
     printf("%-5s prefill %d tokens: %8.1f tokens/s\n", dtype_name(dt), PROMPT, p);
-    printf("%-5s decode (context %d-%d): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s = %.0f%% of read bandwidth"
-           " (best run: %.1f tokens/s, %.0f%%)\n",
-           dtype_name(dt), PROMPT, PROMPT + DECODE, d, wb / 1e6, wb * d / 1e9, 100 * wb * d / 1e9 / bw, dbest,
-           100 * wb * dbest / 1e9 / bw);
+    printf("%-5s decode (context %d-%d): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s; read bandwidth %.1f GB/s\n"
+           "      weights streamed / read bandwidth, run by run: median %.0f%% (range %.0f-%.0f%%)\n",
+           dtype_name(dt), PROMPT, PROMPT + DECODE, d, wb / 1e6, wb * d / 1e9, bw, 100 * q, 100 * rlo, 100 * rhi);
     free(logits);
     model_free(&m);
     return 0;
@@ -107,7 +106,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
-    printf("model %s, %d threads, kernels %s; prefill and decode tokens/s: median of 7 runs\n", cfg, omp_get_max_threads(),
+    printf("model %s, %d threads, kernels %s; medians of 7 runs, each after its own read-bandwidth measurement\n", cfg, omp_get_max_threads(),
            kernels_isa());
     for (int mode = ST_MAP; mode <= ST_READ; mode++) {
         printf("-- weights %s\n", mode == ST_MAP ? "mmapped from the page cache (the default)"
