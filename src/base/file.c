@@ -123,3 +123,12 @@ int path_join(char *out, size_t n, const char *dir, const char *name, Error *err
     if (w < 0 || (size_t)w >= n) return err_set(err, "%s/%s: path too long", dir, name);
     return 0;
 }
+
+int file_copy(const char *from, const char *to, Error *err) {
+    size_t n;
+    char *data = file_read_all(from, &n, err);
+    if (!data) return -1;
+    int rc = file_write_all(to, data, n, err);
+    free(data);
+    return rc;
+}

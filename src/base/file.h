@@ -25,6 +25,8 @@ void atomic_abort(AtomicFile *af);
 int file_write_all(const char *path, const void *data, size_t n, Error *err);
 // Reads a whole file into a NUL-terminated malloc'd buffer; *len gets its length (without NUL).
 char *file_read_all(const char *path, size_t *len, Error *err);
+// Copies a whole file (written atomically, like file_write_all).
+int file_copy(const char *from, const char *to, Error *err);
 int path_is_dir(const char *path);
 int path_exists(const char *path);
 // Creates a directory and its parents (like mkdir -p).

@@ -62,15 +62,6 @@ static json_t *write_split(const char *dir, const char *split, const int *ids, s
     return names;
 }
 
-static int copy_file(const char *from, const char *to, Error *err) {
-    size_t n;
-    char *data = file_read_all(from, &n, err);
-    if (!data) return -1;
-    int rc = file_write_all(to, data, n, err);
-    free(data);
-    return rc;
-}
-
 int data_prepare(const PrepareOptions *o, PrepareStats *stats, Error *err) {
     memset(stats, 0, sizeof *stats);
     if (o->n_files < 1) return err_set(err, "no input files");
@@ -154,9 +145,9 @@ int data_prepare(const PrepareOptions *o, PrepareStats *stats, Error *err) {
                      (json_int_t)ntrain, "shards", tr, "val", "tokens", (json_int_t)nval, "shards", va);
     char path[4096];
     if (!bytes) {
-        if (path_join(path, sizeof path, o->out, "tokenizer.json", err) || copy_file(tok_json, path, err)) goto done_tail;
+        if (path_join(path, sizeof path, o->out, "tokenizer.json", err) || file_copy(tok_json, path, err)) goto done_tail;
         if (path_exists(tok_cfg) && (path_join(path, sizeof path, o->out, "tokenizer_config.json", err) ||
-                                     copy_file(tok_cfg, path, err)))
+                                     file_copy(tok_cfg, path, err)))
             goto done_tail;
     }
     char *js = json_dumps(meta, JSON_INDENT(2));

@@ -152,13 +152,7 @@ static int copy_if_exists(const char *from_dir, const char *to_dir, const char *
     char from[4200], to[4200];
     snprintf(from, sizeof from, "%s/%s", from_dir, name);
     snprintf(to, sizeof to, "%s/%s", to_dir, name);
-    if (!path_exists(from)) return 0;
-    size_t n;
-    char *data = file_read_all(from, &n, err);
-    if (!data) return -1;
-    int rc = file_write_all(to, data, n, err);
-    free(data);
-    return rc;
+    return path_exists(from) ? file_copy(from, to, err) : 0;
 }
 
 typedef struct Run {
