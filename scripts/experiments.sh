@@ -3,14 +3,14 @@
 # (auxiliary-loss-free bias vs none vs the sequence-wise loss alone) and MTP on vs off, each a
 # `make demo` training run (bench/configs/v3-10m-train.json on the KJV Bible, 8 x 256 tokens per
 # step, lr 2e-3) that differs in one option. STEPS (300) and SEEDS ("1 2") set the runs' length
-# and repetitions; ONLY="name ..." keeps some runs. Prints a markdown table and draws
-# build/experiments/{balance,mtp}.svg (seed 1); the runs stay in build/experiments/<name>-s<seed>/.
+# and repetitions; ONLY="name ..." keeps some runs; OUT (build/experiments) is where they go. Prints
+# a markdown table and draws $OUT/{balance,mtp}.svg (seed 1); the runs stay in $OUT/<name>-s<seed>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DSV3=${DSV3:-build/dsv3}
 STEPS=${STEPS:-300}
 SEEDS=${SEEDS:-1 2}
-out=build/experiments
+out=${OUT:-build/experiments}
 mkdir -p "$out"
 
 if [ ! -f "$out/data/data.json" ]; then
