@@ -1,6 +1,7 @@
 // The forward pass against golden logits from the independent numpy reference (tools/ref_model.py,
 // made by tools/make_golden.py), and the engine's paths against each other: decode vs prefill,
 // absorbed vs plain attention, FP8 vs the same weights in F32, sharded vs single-file.
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -204,4 +205,20 @@ TEST(test_fp8_matches_dequantised_f32) {
 TEST(test_sharded_matches_single_file) {
     char why[2048];
     CHECK_MSG(check_same("v3", "v3_sharded", 0.0f, why, sizeof why) == 0, "%s", why);
+}
+
+// The decode step splits every product between the threads of its team: with 1, 3 and 5 threads
+// (uneven shares, a thread with no head of its own) it still gives the golden logits.
+TEST(test_golden_decode_any_thread_count) {
+    int saved = omp_get_max_threads();
+    const int counts[] = {1, 3, 5};
+    for (int i = 0; i < 3; i++) {
+        omp_set_num_threads(counts[i]);
+        char why[2048];
+        int rc = check_golden("v3", 1, why, sizeof why);
+        if (rc == 0) rc = check_golden("fp8", 1, why, sizeof why);
+        CHECK_MSG(rc == 0, "%d threads: %s", counts[i], why);
+        if (rc) break;
+    }
+    omp_set_num_threads(saved);
 }
