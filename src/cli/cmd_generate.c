@@ -14,7 +14,7 @@
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "max-new", "temperature", "top-p",
                                      "top-k", "seed", NULL};
-static const char *const FLAGS[] = {"chat", "no-mmap", NULL};
+static const char *const FLAGS[] = {"chat", "no-mmap", "stats", NULL};
 
 // The prompt's ids: --tokens as given, or --prompt encoded (BOS as tokenizer_config.json says;
 // with --chat in the DeepSeek-V3 chat format ending in the generation prompt).
@@ -87,7 +87,10 @@ int cmd_generate(int argc, char **argv) {
         err_set(&err, "out of memory");
         goto done;
     }
+    double t0 = cli_now();
     if (model_forward(&m, s, &kv, prompt, T, ATTN_PLAIN, NULL, logits, NULL, &err)) goto done;
+    double t1 = cli_now();
+    long generated = 0;
     for (long i = 0; i < max_new; i++) {
         int next = sampler_sample(&sm, logits);
         if (tok) {
@@ -99,6 +102,7 @@ int cmd_generate(int argc, char **argv) {
             printf(i ? " %d" : "%d", next);
         }
         fflush(stdout);
+        generated++;
         if (next == m.cfg.eos_token_id || i + 1 == max_new) break;
         if (model_forward(&m, s, &kv, &next, 1, ATTN_ABSORBED, NULL, logits, NULL, &err)) goto done;
     }
@@ -109,6 +113,13 @@ int cmd_generate(int argc, char **argv) {
         fwrite(text, 1, n, stdout);
     }
     printf("\n");
+    if (args_flag(&a, "stats")) {
+        // decode steps: every generated token but the last needed one forward pass
+        double t2 = cli_now(), dt = t2 - t1;
+        fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tokens/s); generated %ld tokens in %.3f s (%.1f tokens/s)\n", T,
+                t1 - t0, T / (t1 - t0 > 1e-9 ? t1 - t0 : 1e-9), generated, dt,
+                generated > 1 ? (generated - 1) / (dt > 1e-9 ? dt : 1e-9) : 0.0);
+    }
     rc = 0;
 done:
     if (rc) {

@@ -12,12 +12,6 @@
 #include "cli/util.h"
 #include "text/tokenizer.h"
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static char *read_stdin(size_t *len, Error *err) {
     ByteBuf b = {0};
     char chunk[1 << 16];
@@ -74,17 +68,17 @@ int cmd_tokenize(int argc, char **argv) {
     if (args_parse(&a, cmd, argc, argv, TOK_VALUED, TOK_FLAGS, &err) || args_require(&a, "tokenizer", &path, &err))
         return cli_fail(cmd, &err);
     int flags = args_flag(&a, "bos") ? TOK_ADD_BOS : 0, lines = args_flag(&a, "lines");
-    double t0 = now_s();
+    double t0 = cli_now();
     Tokenizer *tok = open_tokenizer(path, &err);
     if (!tok) return cli_fail(cmd, &err);
-    double t1 = now_s();
+    double t1 = cli_now();
     size_t len;
     char *text = read_stdin(&len, &err);
     if (!text) {
         tok_free(tok);
         return cli_fail(cmd, &err);
     }
-    double t2 = now_s(), t_out = 0;
+    double t2 = cli_now(), t_out = 0;
     TokIds ids = {0};
     ByteBuf line = {0};
     size_t ntok = 0;
@@ -98,14 +92,14 @@ int cmd_tokenize(int argc, char **argv) {
         }
         ids.n = 0;
         if (tok_encode(tok, p, (size_t)(e - p), flags, &ids, &err)) rc = -1;
-        double w0 = now_s();
+        double w0 = cli_now();
         if (rc == 0 && write_ids(stdout, ids.v, ids.n, &line)) rc = err_set(&err, "stdout: write error");
-        t_out += now_s() - w0;
+        t_out += cli_now() - w0;
         ntok += ids.n;
         p = e + 1;
     }
     if (rc == 0 && fflush(stdout)) rc = err_set(&err, "stdout: write error");
-    double t3 = now_s();
+    double t3 = cli_now();
     if (rc == 0 && args_flag(&a, "stats"))
         fprintf(stderr, "load %.3f s; encoded %zu bytes into %zu tokens in %.3f s (%.2f MB/s)\n", t1 - t0, len, ntok,
                 t3 - t2 - t_out, len / 1e6 / (t3 - t2 - t_out > 1e-9 ? t3 - t2 - t_out : 1e-9));

@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cli/util.h"
 
@@ -46,4 +47,10 @@ int parse_token_list(const char *s, int **out, int *n, Error *err) {
 int cli_fail(const char *cmd, const Error *err) {
     fprintf(stderr, "%s: %s\n", cmd, err->msg);
     return 1;
+}
+
+double cli_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }

@@ -6,6 +6,8 @@
 
 // "5,17,3" → malloc'd ids; an empty list or a malformed id is an error naming the item.
 int parse_token_list(const char *s, int **out, int *n, Error *err);
+// Monotonic wall-clock seconds, for the commands' --stats lines.
+double cli_now(void);
 // Prints "dsv3 CMD: message" to stderr and returns 1 (the exit status).
 int cli_fail(const char *cmd, const Error *err);
 
