@@ -72,7 +72,7 @@ void moe_experts_one(const Model *m, ForwardState *s, const MoeWeights *w, const
     }
     int R = off[ne], b, e;
     float *act = s->fused, *up = s->fused + R, *tmp = s->xg;  // act, up: (R); tmp: (d) down products
-    share(R, 1, &b, &e);
+    share(R, SHARE_UNIT, &b, &e);
     for (int j = 0; j < ne; j++) {
         int lo = off[j] > b ? off[j] : b, hi = off[j + 1] < e ? off[j + 1] : e;
         if (lo >= hi) continue;
