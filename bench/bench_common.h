@@ -11,23 +11,23 @@
 #include <sys/mman.h>
 #include <time.h>
 
-static double bench_now(void) {
+static inline double bench_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static int bench_cmp_double(const void *a, const void *b) {
+static inline int bench_cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
 }
 
-static double bench_median(double *v, int n) {
+static inline double bench_median(double *v, int n) {
     qsort(v, n, sizeof *v, bench_cmp_double);
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-__attribute__((target("avx512f"))) static uint64_t bench_sum_avx512(const uint64_t *p, size_t n) {
+__attribute__((target("avx512f"))) static inline uint64_t bench_sum_avx512(const uint64_t *p, size_t n) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     for (size_t i = 0; i + 32 <= n; i += 32) {
         a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
@@ -38,38 +38,46 @@ __attribute__((target("avx512f"))) static uint64_t bench_sum_avx512(const uint64
     return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
 }
 
-static uint64_t bench_sum_scalar(const uint64_t *p, size_t n) {
+static inline uint64_t bench_sum_scalar(const uint64_t *p, size_t n) {
     uint64_t s = 0;
     for (size_t i = 0; i < n; i++) s += p[i];
     return s;
 }
 
-// Median GB/s (1e9 bytes) of reading `bytes` with all threads; huge pages where the kernel gives them.
-static double bench_read_bandwidth(size_t bytes, int reps) {
-    uint64_t *buf = aligned_alloc(2 << 20, bytes);
-    if (!buf) return 0;
-    madvise(buf, bytes, MADV_HUGEPAGE);
-    memset(buf, 1, bytes);
+// Seconds for one read of buf (bytes, a multiple of 256, 64-byte aligned) by all threads.
+static inline double bench_read_pass(const void *buf, size_t bytes) {
+    static volatile uint64_t sink;
+    const uint64_t *p = buf;
     size_t n = bytes / 8;
     int avx = __builtin_cpu_supports("avx512f");
-    double t[32];
-    volatile uint64_t sink = 0;
-    if (reps > 32) reps = 32;
-    for (int r = 0; r < reps; r++) {
-        double t0 = bench_now();
-        uint64_t s = 0;
+    double t0 = bench_now();
+    uint64_t s = 0;
 #pragma omp parallel reduction(+ : s)
-        {
-            int nt = omp_get_num_threads(), id = omp_get_thread_num();
-            size_t chunk = (n / nt) & ~(size_t)31, b = chunk * id, e = id == nt - 1 ? n : b + chunk;
-            s += avx ? bench_sum_avx512(buf + b, (e - b) & ~(size_t)31) : bench_sum_scalar(buf + b, e - b);
-        }
-        sink += s;
-        t[r] = bytes / (bench_now() - t0) / 1e9;
+    {
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        size_t chunk = (n / nt) & ~(size_t)31, b = chunk * id, e = id == nt - 1 ? n : b + chunk;
+        s += avx ? bench_sum_avx512(p + b, (e - b) & ~(size_t)31) : bench_sum_scalar(p + b, e - b);
     }
-    (void)sink;
-    free(buf);
+    sink += s;
+    return bench_now() - t0;
+}
+
+// Median GB/s (1e9 bytes) of reading buf `reps` times (at most 32) after one warm-up pass.
+static inline double bench_read_bandwidth_of(const void *buf, size_t bytes, int reps) {
+    double t[32];
+    if (reps > 32) reps = 32;
+    bench_read_pass(buf, bytes);  // clock ramp, TLB
+    for (int r = 0; r < reps; r++) t[r] = bytes / bench_read_pass(buf, bytes) / 1e9;
     return bench_median(t, reps);
+}
+
+// A buffer of `bytes` for the bandwidth probe, on huge pages where the kernel gives them, or NULL.
+static inline void *bench_probe_alloc(size_t bytes) {
+    void *buf = aligned_alloc(2 << 20, bytes);
+    if (!buf) return NULL;
+    madvise(buf, bytes, MADV_HUGEPAGE);
+    memset(buf, 1, bytes);
+    return buf;
 }
 
 #endif

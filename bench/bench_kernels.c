@@ -12,85 +12,25 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_common.h"
 #include "kernels/convert.h"
 #include "kernels/matmul.h"
 
 #define POOL_BYTES ((size_t)1 << 30)
 #define RUNS 7
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Sum of the pool as 64-bit integers (integers so that whatever bytes it holds cost the same).
-__attribute__((target("avx512f"))) static uint64_t sum_avx512(const void *pool, size_t bytes) {
-    const int64_t *p = pool;
-    size_t n = bytes / 8;
-    uint64_t total = 0;
-#pragma omp parallel reduction(+ : total)
-    {
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-#pragma omp for schedule(static)
-        for (size_t i = 0; i < n; i += 32) {
-            a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
-            a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 8));
-            a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 16));
-            a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 24));
-        }
-        total += (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
-    }
-    return total;
-}
-
-static uint64_t sum_portable(const void *pool, size_t bytes) {
-    const uint64_t *p = pool;
-    size_t n = bytes / 8;
-    uint64_t total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-    for (size_t i = 0; i < n; i++) total += p[i];
-    return total;
-}
-
-static volatile uint64_t sink;
-
-// Seconds for one read of the whole pool.
-static double read_pass(const void *pool) {
-    double t = now();
-    sink += __builtin_cpu_supports("avx512f") ? sum_avx512(pool, POOL_BYTES) : sum_portable(pool, POOL_BYTES);
-    return now() - t;
-}
-
-static double read_bandwidth(const void *pool) {
-    double gbs[RUNS];
-    read_pass(pool);  // warms up (clock ramp, TLB)
-    for (int r = 0; r < RUNS; r++) gbs[r] = POOL_BYTES / read_pass(pool) / 1e9;
-    return median(gbs, RUNS);
-}
-
 static double sgemm_gflops(int M) {
     float *a = malloc(sizeof(float) * M * M), *b = malloc(sizeof(float) * M * M), *c = malloc(sizeof(float) * M * M);
     for (int i = 0; i < M * M; i++) a[i] = (float)(i % 13) * 0.01f, b[i] = (float)(i % 7) * 0.01f;
     double g[5];
     for (int r = -1; r < 5; r++) {
-        double t = now();
+        double t = bench_now();
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, M, M, 1.0f, a, M, b, M, 0.0f, c, M);
-        t = now() - t;
+        t = bench_now() - t;
         if (r >= 0) g[r] = 2.0 * M * M * M / t / 1e9;
     }
     free(a), free(b), free(c);
-    return median(g, 5);
+    return bench_median(g, 5);
 }
 
 // Views of consecutive matrices of one shape and type laid over the pool (as many as fit), each
@@ -148,14 +88,14 @@ static double gemv_gbs(const Pool *p, const float *x, float *out, int N, double 
     const MatView *v = &p->views[0];
     double bytes = (double)p->count * v->rows * v->cols * dtype_size(v->dtype), g[RUNS], q[RUNS];
     for (int r = -1; r < RUNS; r++) {
-        double tr = read_pass(p->views[0].data);
-        double t = now();
+        double tr = bench_read_pass(p->views[0].data, POOL_BYTES);
+        double t = bench_now();
         for (int i = 0; i < p->count; i++) matmul_nt(out, x, &p->views[i], N);
-        t = now() - t;
+        t = bench_now() - t;
         if (r >= 0) g[r] = bytes / t / 1e9, q[r] = (bytes / t) / (POOL_BYTES / tr);
     }
-    *ratio = median(q, RUNS);
-    return median(g, RUNS);
+    *ratio = bench_median(q, RUNS);
+    return bench_median(g, RUNS);
 }
 
 // Median GFLOP/s of matmul_nt (or nn) with N activation rows, cycling through the pool.
@@ -164,13 +104,13 @@ static double gemm_gflops(const Pool *p, const float *x, float *out, int N, int 
     double flops = 2.0 * N * v->rows * v->cols, g[16];
     for (int r = -1; r < runs; r++) {
         const MatView *w = &p->views[(r + 1) % p->count];
-        double t = now();
+        double t = bench_now();
         if (nn) matmul_nn(out, x, w, N);
         else matmul_nt(out, x, w, N);
-        t = now() - t;
+        t = bench_now() - t;
         if (r >= 0) g[r] = flops / t / 1e9;
     }
-    return median(g, runs);
+    return bench_median(g, runs);
 }
 
 static double sgemm_direct_gflops(const Pool *p, const float *x, float *out, int N, int runs) {
@@ -178,17 +118,17 @@ static double sgemm_direct_gflops(const Pool *p, const float *x, float *out, int
     double flops = 2.0 * N * v->rows * v->cols, g[16];
     for (int r = -1; r < runs; r++) {
         const MatView *w = &p->views[(r + 1) % p->count];
-        double t = now();
+        double t = bench_now();
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, w->rows, w->cols, 1.0f, x, w->cols, w->data, w->cols,
                     0.0f, out, w->rows);
-        t = now() - t;
+        t = bench_now() - t;
         if (r >= 0) g[r] = flops / t / 1e9;
     }
-    return median(g, runs);
+    return bench_median(g, runs);
 }
 
 int main(void) {
-    double t_start = now();
+    double t_start = bench_now();
     void *pool = aligned_alloc(64, POOL_BYTES);
     float *x = malloc(sizeof(float) * 256 * 8192), *out = malloc(sizeof(float) * 256 * 8192);
     if (!pool || !x || !out) {
@@ -199,7 +139,7 @@ int main(void) {
     printf("kernels: %s, %d threads\n", kernels_isa(), omp_get_max_threads());
 
     pool_fill(pool, DT_F32);
-    double bw = read_bandwidth(pool);
+    double bw = bench_read_bandwidth_of(pool, POOL_BYTES, RUNS);
     printf("read bandwidth (sum over 1 GiB):            %6.1f GB/s\n", bw);
     double peak = sgemm_gflops(2048);
     printf("sgemm 2048^3 (OpenBLAS):                    %6.1f GFLOP/s\n", peak);
@@ -242,7 +182,7 @@ int main(void) {
         }
         free(p.views), free(p.scale);
     }
-    printf("bench_kernels total time:                   %6.1f s\n", now() - t_start);
+    printf("bench_kernels total time:                   %6.1f s\n", bench_now() - t_start);
     free(pool), free(x), free(out);
     return 0;
 }

@@ -37,7 +37,9 @@ static double active_weight_bytes(const Model *m) {
     return b;
 }
 
-static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode mode) {
+// bw_buf: a buffer of bw_bytes whose read speed is measured before every run.
+static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode mode, const void *bw_buf,
+                     size_t bw_bytes) {
     Error err = {0};
     ModelConfig c;
     if (config_load(&c, cfg_path, &err)) {
@@ -64,7 +66,7 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode
     // The host's memory speed drifts from minute to minute (a shared virtual machine), so every run
     // is paired with a bandwidth measurement taken just before it, and the ratio is per pair.
     for (int r = 0; r < REPS; r++) {
-        bws[r] = bench_read_bandwidth((size_t)1 << 30, 3);
+        bws[r] = bench_read_bandwidth_of(bw_buf, bw_bytes, 3);
         KVCache kv;
         ForwardState *s = forward_state_new(&m, PROMPT, PROMPT + DECODE, &err);
         if (!s || kvcache_init(&kv, &m.cfg, 0, PROMPT + DECODE, &err)) {
@@ -99,6 +101,8 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode
     return 0;
 }
 
+#define PROBE_BYTES ((size_t)1 << 30)
+
 int main(int argc, char **argv) {
     const char *cfg = argc > 1 ? argv[1] : "bench/configs/v3-108m.json";
     Error err = {0};
@@ -106,13 +110,20 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
-    printf("model %s, %d threads, kernels %s; medians of 7 runs, each after its own read-bandwidth measurement\n", cfg, omp_get_max_threads(),
-           kernels_isa());
+    void *probe = bench_probe_alloc(PROBE_BYTES);
+    if (!probe) {
+        fprintf(stderr, "bench_model: out of memory for the 1 GiB bandwidth probe\n");
+        return 1;
+    }
+    printf("model %s, %d threads, kernels %s; medians of 7 runs, each after its own read-bandwidth measurement\n", cfg,
+           omp_get_max_threads(), kernels_isa());
     for (int mode = ST_MAP; mode <= ST_READ; mode++) {
         printf("-- weights %s\n", mode == ST_MAP ? "mmapped from the page cache (the default)"
                                                  : "read into huge-page memory (--no-mmap)");
-        if (bench_one(cfg, "build/bench-models/v3-108m-bf16", DT_BF16, mode)) return 1;
-        if (bench_one(cfg, "build/bench-models/v3-108m-fp8", DT_F8_E4M3, mode)) return 1;
+        if (bench_one(cfg, "build/bench-models/v3-108m-bf16", DT_BF16, mode, probe, PROBE_BYTES) ||
+            bench_one(cfg, "build/bench-models/v3-108m-fp8", DT_F8_E4M3, mode, probe, PROBE_BYTES))
+            return 1;
     }
+    free(probe);
     return 0;
 }

@@ -62,7 +62,6 @@ static double attention_flops(const ModelConfig *c, int T) {
 }
 
 int main(void) {
-    (void)bench_read_bandwidth;
     double peak = sgemm_peak(2048, 5);
     const char *cfg_path = "bench/configs/v3-10m-train.json";
     enum { B = 8, T = 256, WARM = 2, STEPS = 6 };

@@ -46,6 +46,8 @@ void test_fail(const char *file, int line, const char *fmt, ...) __attribute__((
 // Runs a shell command; captures stdout+stderr (truncated to n-1 bytes) into out (may be NULL).
 // Returns the exit status (or -1 if it could not run / was killed by a signal: 128+sig).
 int test_run(char *out, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+// Newlines in s: a one-line error message has exactly one.
+int test_count_lines(const char *s);
 // The dsv3 binary under test ($DSV3, default build/dsv3) and a scratch directory for this run.
 const char *test_bin(void);
 const char *test_tmpdir(void);

@@ -33,12 +33,6 @@ static int make_tiny(const char *name, const char *dtype, char *dir, size_t n) {
     return test_run(out, sizeof out, "%s init --config %s --out %s --dtype %s --seed 7", test_bin(), cfg, dir, dtype);
 }
 
-static int count_lines(const char *s) {
-    int n = 0;
-    for (; *s; s++) n += *s == '\n';
-    return n;
-}
-
 // A failing command: non-zero exit, exactly one line naming `needle`, no output file left.
 #define CHECK_FAILS(needle, outfile, ...)                                                                  \
     do {                                                                                                   \
@@ -46,7 +40,7 @@ static int count_lines(const char *s) {
         int rc_ = test_run(o_, sizeof o_, __VA_ARGS__);                                                    \
         CHECK_MSG(rc_ != 0 && rc_ < 128, "exit %d (want a clean non-zero exit): %s", rc_, o_);             \
         CHECK_MSG(strstr(o_, needle) != NULL, "error does not name '%s': %s", needle, o_);                  \
-        CHECK_MSG(count_lines(o_) == 1, "want a one-line error, got: %s", o_);                             \
+        CHECK_MSG(test_count_lines(o_) == 1, "want a one-line error, got: %s", o_);                             \
         CHECK_MSG(outfile == NULL || fopen(outfile, "rb") == NULL, "partial output %s left behind", outfile); \
     } while (0)
 

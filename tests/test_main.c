@@ -69,6 +69,12 @@ int test_run(char *out, size_t n, const char *fmt, ...) {
     return 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
 }
 
+int test_count_lines(const char *s) {
+    int n = 0;
+    for (; *s; s++) n += *s == '\n';
+    return n;
+}
+
 void *test_read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;

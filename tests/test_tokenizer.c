@@ -16,12 +16,6 @@
 #include "text/tokenizer.h"
 #include "text/utf8.h"
 
-static int count_lines(const char *s) {
-    int n = 0;
-    for (; *s; s++) n += *s == '\n';
-    return n;
-}
-
 // A failing command: a clean non-zero exit and exactly one line that names every needle.
 #define CHECK_FAILS(needle1, needle2, ...)                                                            \
     do {                                                                                              \
@@ -30,7 +24,7 @@ static int count_lines(const char *s) {
         CHECK_MSG(rc_ != 0 && rc_ < 128, "exit %d (want a clean non-zero exit): %s", rc_, o_);        \
         CHECK_MSG(strstr(o_, needle1) && strstr(o_, needle2), "error does not name '%s' and '%s': %s", \
                   needle1, needle2, o_);                                                              \
-        CHECK_MSG(count_lines(o_) == 1, "want a one-line error, got: %s", o_);                        \
+        CHECK_MSG(test_count_lines(o_) == 1, "want a one-line error, got: %s", o_);                        \
     } while (0)
 
 // ---- a small byte-level tokenizer ----

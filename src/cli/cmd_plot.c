@@ -19,13 +19,12 @@ int cmd_plot(int argc, char **argv) {
     if (args_parse(&a, cmd, argc, argv, VALUED, NULL, &err) || args_require(&a, "out", &svg, &err) ||
         args_long(&a, "smooth", 10, 1, 100000, &smooth, &err) || args_long(&a, "from", 0, 0, 1L << 40, &from, &err))
         return cli_fail(cmd, &err);
-    enum { MAX_RUNS = 10 };
-    if (a.npos < 1 || a.npos > MAX_RUNS) {
-        err_set(&err, "give 1 to %d run directories (or LABEL=DIR), got %d", MAX_RUNS, a.npos);
+    if (a.npos < 1 || a.npos > TRAINER_PLOT_MAX_RUNS) {
+        err_set(&err, "give 1 to %d run directories (or LABEL=DIR), got %d", TRAINER_PLOT_MAX_RUNS, a.npos);
         return cli_fail(cmd, &err);
     }
-    char files[MAX_RUNS][4200], names[MAX_RUNS][256];
-    const char *fp[MAX_RUNS], *lp[MAX_RUNS];
+    char files[TRAINER_PLOT_MAX_RUNS][4200], names[TRAINER_PLOT_MAX_RUNS][256];
+    const char *fp[TRAINER_PLOT_MAX_RUNS], *lp[TRAINER_PLOT_MAX_RUNS];
     for (int i = 0; i < a.npos; i++) {
         const char *arg = a.pos[i], *eq = strchr(arg, '='), *dir = eq ? eq + 1 : arg;
         if (eq) snprintf(names[i], sizeof names[i], "%.*s", (int)(eq - arg), arg);

@@ -31,6 +31,8 @@ int matview_avx512_ok(const MatView *w);
 void gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
                     int r_begin, int r_end);
 // out[n][c] = Σ_r x[n][r] W[r][c] for columns c in [c_begin, c_end) (out: N × cols, x: N × rows).
+// FP8: c_begin must be a multiple of 16 (one scale per 16-column vector), as for gemm_avx512 with
+// transpose_w = 0; matmul_nn_part does a ragged head itself.
 void gemv_nn_avx512(float *out, const float *x, int N, const MatView *w, int c_begin, int c_end);
 
 // One thread's share of a blocked product: output features [f_begin, f_end) of all N rows.

@@ -214,11 +214,11 @@ done:
 }
 
 // In place: each value becomes the mean of the last `w` values up to it (per-step curves are
-// noisy; a comparison of runs reads better smoothed).
-static void trailing_mean(Series *s, int w) {
-    double sum = 0;
-    double *raw = s->n ? malloc(sizeof(double) * s->n) : NULL;
-    if (!raw) return;
+// noisy; a comparison of runs reads better smoothed). -1 when out of memory.
+static int trailing_mean(Series *s, int w) {
+    if (s->n == 0) return 0;
+    double sum = 0, *raw = malloc(sizeof(double) * s->n);
+    if (!raw) return -1;
     memcpy(raw, s->y, sizeof(double) * s->n);
     for (int i = 0; i < s->n; i++) {
         sum += raw[i];
@@ -226,25 +226,29 @@ static void trailing_mean(Series *s, int w) {
         s->y[i] = sum / (i + 1 < w ? i + 1 : w);
     }
     free(raw);
+    return 0;
 }
 
 int trainer_plot_compare(const char *const *metrics_jsonl, const char *const *labels, int n, int smooth, long from,
                          const char *svg, Error *err) {
     static const char *const PALETTE[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e",
                                           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
-    enum { MAX_RUNS = 10 };
-    if (n < 1 || n > MAX_RUNS) return err_set(err, "plot: %d runs; give 1 to %d", n, MAX_RUNS);
+    if (n < 1 || n > TRAINER_PLOT_MAX_RUNS)
+        return err_set(err, "plot: %d runs; give 1 to %d", n, TRAINER_PLOT_MAX_RUNS);
     static const char *const keys[3] = {"val_loss", "main_loss", "max_vio"};
-    Series s[3][MAX_RUNS] = {{{0}}};
+    Series s[3][TRAINER_PLOT_MAX_RUNS] = {{{0}}};
     double xmin = INFINITY, xmax = -INFINITY;
-    int rc = -1, points[MAX_RUNS], lines[MAX_RUNS] = {0};
+    int rc = -1, points[TRAINER_PLOT_MAX_RUNS], lines[TRAINER_PLOT_MAX_RUNS] = {0};
     for (int r = 0; r < n; r++) {
         Series tmp[3] = {{0}};
         points[r] = 1;
         int bad = read_metrics(metrics_jsonl[r], keys, 3, from, tmp, &xmin, &xmax, err);
         for (int k = 0; k < 3; k++) s[k][r] = tmp[k];
         if (bad) goto done;
-        if (smooth > 1) trailing_mean(&s[1][r], smooth), trailing_mean(&s[2][r], smooth);
+        if (smooth > 1 && (trailing_mean(&s[1][r], smooth) || trailing_mean(&s[2][r], smooth))) {
+            err_set(err, "out of memory smoothing %s", metrics_jsonl[r]);
+            goto done;
+        }
     }
     if (!isfinite(xmin)) xmin = 0, xmax = 1;
     int lw = 0;

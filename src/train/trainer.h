@@ -57,9 +57,11 @@ int trainer_run(const TrainerOptions *o, const char *resume, Error *err);
 
 // Draws metrics.jsonl as an SVG: training and validation loss, MaxVio (mean and worst layer).
 int trainer_plot(const char *metrics_jsonl, const char *svg, Error *err);
-// Draws n runs' metrics.jsonl side by side (n ≤ 10): validation loss, training main loss and
-// MaxVio (mean of layers), the last two as trailing means over `smooth` steps (1: raw), from step
-// `from` on.
+
+#define TRAINER_PLOT_MAX_RUNS 10
+// Draws n runs' metrics.jsonl side by side (n ≤ TRAINER_PLOT_MAX_RUNS): validation loss,
+// training main loss and MaxVio (mean of layers), the last two as trailing means over `smooth`
+// steps (1: raw), from step `from` on.
 int trainer_plot_compare(const char *const *metrics_jsonl, const char *const *labels, int n, int smooth, long from,
                          const char *svg, Error *err);
 
