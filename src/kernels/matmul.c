@@ -326,3 +326,86 @@ void matmul_nn(float *out, const float *x, const MatView *w, int N) {
         matmul_nn_part(out, x, w, N, c0, c1);
     }
 }
+
+// ---- fp32 GEMMs for the backward pass ----
+
+// C = alpha op(A) op(B) + beta C in the calling thread. A zero-width K leaves beta C (cblas wants
+// K ≥ 1 for some layouts).
+void gemm_f32(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+              float beta, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j];
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
+                B, ldb, beta, C, ldc);
+}
+
+// OpenBLAS runs single-threaded under our OpenMP team: two pools of threads, OpenBLAS's and
+// OpenMP's, would fight over the cores. The previous setting is restored afterwards.
+static int blas_single_begin(void) {
+    int n = openblas_get_num_threads();
+    if (n != 1) openblas_set_num_threads(1);
+    return n;
+}
+static void blas_single_end(int n) {
+    if (n != 1) openblas_set_num_threads(n);
+}
+
+// gemm_f32's product split over the OpenMP threads in static blocks of C rows (or columns, when C
+// is wide and short), each block one single-threaded sgemm: the same thread count gives the same
+// blocks and the same bits.
+static void gemm_f32_parallel(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
+                              const float *B, int ldb, float beta, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+    int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if ((double)M * N * (K > 0 ? K : 1) < (1 << 18) || K <= 0) nt = 1;  // too small to share
+    int by_rows = M >= N || M >= 64 * nt, len = by_rows ? M : N;
+    int saved = blas_single_begin();
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int p = 0; p < nt; p++) {
+        int q = (len + nt - 1) / nt, o = p * q, n = len - o < q ? len - o : q;
+        if (n <= 0) continue;
+        if (by_rows)
+            gemm_f32(ta, tb, n, N, K, alpha, A + (ta ? (size_t)o : (size_t)o * lda), lda, B, ldb, beta,
+                     C + (size_t)o * ldc, ldc);
+        else
+            gemm_f32(ta, tb, M, n, K, alpha, A, lda, B + (tb ? (size_t)o * ldb : (size_t)o), ldb, beta, C + o, ldc);
+    }
+    blas_single_end(saved);
+}
+
+float *matview_f32_data(const MatView *w) {
+    if (w->dtype != DT_F32) {
+        fprintf(stderr, "dsv3 kernels: a %s matrix (%d x %d) used where an F32 one is needed\n", dtype_name(w->dtype),
+                w->rows, w->cols);
+        abort();
+    }
+    return (float *)w->data;
+}
+
+MatView matview_f32(const float *data, int rows, int cols) {
+    return (MatView){.dtype = DT_F32, .rows = rows, .cols = cols, .data = data};
+}
+
+void matmul_backward(float *dx, const MatView *dw, const float *dout, const float *x, const MatView *w, int N) {
+    int rows = w->rows, cols = w->cols;
+    if (N <= 0) return;
+    if (dx) {
+        if (w->dtype == DT_F32) {
+            gemm_f32_parallel(0, 0, N, cols, rows, 1.0f, dout, rows, w->data, cols, 1.0f, dx, cols);
+        } else {  // widen through the forward kernels: tmp = dout · W, then accumulate
+            float *tmp = malloc(sizeof(float) * (size_t)N * cols);
+            if (!tmp) {
+                fprintf(stderr, "dsv3 kernels: out of memory for a %d x %d gradient\n", N, cols);
+                abort();
+            }
+            matmul_nn(tmp, dout, w, N);
+            for (size_t i = 0; i < (size_t)N * cols; i++) dx[i] += tmp[i];
+            free(tmp);
+        }
+    }
+    gemm_f32_parallel(1, 0, rows, cols, N, 1.0f, dout, rows, x, cols, 1.0f, matview_f32_data(dw), cols);
+}

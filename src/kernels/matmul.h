@@ -36,6 +36,22 @@ void matmul_nn(float *out, const float *x, const MatView *w, int N);
 // matmul_nn_part writes columns [c0, c1) of out[N][cols].
 void matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1);
 void matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1);
+// The backward pass of out = x · Wᵀ, the other two GEMMs of a linear layer:
+// dx (N, cols) += dout · W (skipped when dx is NULL; any weight type) and
+// dw (rows, cols) += doutᵀ · x (dw: an F32 view over writable memory, the gradient of w).
+// dout: (N, rows)  x: (N, cols). Threads split the products in fixed blocks: for a given thread
+// count the result is the same bits every run.
+void matmul_backward(float *dx, const MatView *dw, const float *dout, const float *x, const MatView *w, int N);
+// The writable fp32 data of an F32 view over memory the caller owns (gradients, training weights).
+float *matview_f32_data(const MatView *w);
+// An F32 view of rows × cols floats.
+MatView matview_f32(const float *data, int rows, int cols);
+
+// C (M×N, ldc) = alpha op(A) op(B) + beta C with fp32 operands, row-major, op = transpose when ta /
+// tb; on the calling thread (for the small products of one attention head inside a parallel loop).
+void gemm_f32(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+              float beta, float *C, int ldc);
+
 // Dequantises row r of w into out[cols] (embedding look-ups).
 void matview_row_f32(const MatView *w, int r, float *out);
 

@@ -1,4 +1,5 @@
 #include <math.h>
+#include <stdlib.h>
 
 #include "kernels/ops.h"
 
@@ -58,22 +59,116 @@ void softmax_inplace(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
-static void rope_rotate(float *x, int r, int pos, const double *inv_freq, float mscale, double sign) {
+void rope_cos_sin(float *cos_t, float *sin_t, int r, int pos, const double *inv_freq, float mscale) {
     for (int i = 0; i < r / 2; i++) {
         double a = (double)pos * inv_freq[i];
-        float c = (float)cos(a) * mscale, s = (float)(sign * sin(a)) * mscale;
-        float x0 = x[2 * i], x1 = x[2 * i + 1];
-        x[2 * i] = x0 * c - x1 * s;
-        x[2 * i + 1] = x0 * s + x1 * c;
+        cos_t[i] = (float)cos(a) * mscale;
+        sin_t[i] = (float)sin(a) * mscale;
     }
 }
 
-void rope_forward(float *x, int r, int pos, const double *inv_freq, float mscale) {
-    rope_rotate(x, r, pos, inv_freq, mscale, 1.0);
+void rope_table(float *cos_t, float *sin_t, int T, int r, int pos0, const double *inv_freq, float mscale) {
+    for (int t = 0; t < T; t++)
+        rope_cos_sin(cos_t + (size_t)t * (r / 2), sin_t + (size_t)t * (r / 2), r, pos0 + t, inv_freq, mscale);
 }
 
-void rope_backward(float *dx, int r, int pos, const double *inv_freq, float mscale) {
-    rope_rotate(dx, r, pos, inv_freq, mscale, -1.0);
+// sign +1: the rotation R; sign −1: its transpose.
+static void rope_rotate(float *x, int r, const float *c, const float *s, float sign) {
+    for (int i = 0; i < r / 2; i++) {
+        float x0 = x[2 * i], x1 = x[2 * i + 1], si = sign * s[i];
+        x[2 * i] = x0 * c[i] - x1 * si;
+        x[2 * i + 1] = x0 * si + x1 * c[i];
+    }
+}
+
+void rope_forward(float *x, int r, const float *cos_t, const float *sin_t) { rope_rotate(x, r, cos_t, sin_t, 1.0f); }
+
+void rope_backward(float *dx, int r, const float *cos_t, const float *sin_t) { rope_rotate(dx, r, cos_t, sin_t, -1.0f); }
+
+static void rope_rows(float *x, int N, int T, int heads, int stride, int r, const float *cos_t, const float *sin_t,
+                      float sign) {
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (int n = 0; n < N; n++) {
+        const float *c = cos_t + (size_t)(n % T) * (r / 2), *s = sin_t + (size_t)(n % T) * (r / 2);
+        for (int h = 0; h < heads; h++) rope_rotate(x + ((size_t)n * heads + h) * stride, r, c, s, sign);
+    }
+}
+
+void rope_rows_forward(float *x, int N, int T, int heads, int stride, int r, const float *cos_t, const float *sin_t) {
+    rope_rows(x, N, T, heads, stride, r, cos_t, sin_t, 1.0f);
+}
+
+void rope_rows_backward(float *dx, int N, int T, int heads, int stride, int r, const float *cos_t,
+                        const float *sin_t) {
+    rope_rows(dx, N, T, heads, stride, r, cos_t, sin_t, -1.0f);
+}
+
+// Row chunk of the fixed-order reductions: partial sums per chunk of rows, added in chunk order,
+// give the same bits however the chunks are scheduled.
+#define ROW_CHUNK 64
+#define ELEM_CHUNK 4096L
+
+void rmsnorm_rows_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps) {
+#pragma omp parallel for schedule(static) if (N > ROW_CHUNK)
+    for (int n0 = 0; n0 < N; n0 += ROW_CHUNK) {
+        int n = N - n0 < ROW_CHUNK ? N - n0 : ROW_CHUNK;
+        rmsnorm_forward(out + (size_t)n0 * C, rstd ? rstd + n0 : NULL, inp + (size_t)n0 * C, weight, n, C, eps);
+    }
+}
+
+void rmsnorm_rows_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                           const float *rstd, int N, int C) {
+    int chunks = (N + ROW_CHUNK - 1) / ROW_CHUNK;
+    float *part = calloc((size_t)chunks * C, sizeof(float));  // (chunks, C) per-chunk dweight
+    if (!part) {  // no memory for the partials: the serial pass gives the same sums row by row
+        rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd, N, C);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int ch = 0; ch < chunks; ch++) {
+        int n0 = ch * ROW_CHUNK, n = N - n0 < ROW_CHUNK ? N - n0 : ROW_CHUNK;
+        rmsnorm_backward(dinp + (size_t)n0 * C, part + (size_t)ch * C, dout + (size_t)n0 * C, inp + (size_t)n0 * C,
+                         weight, rstd + n0, n, C);
+    }
+    for (int ch = 0; ch < chunks; ch++)
+        for (int i = 0; i < C; i++) dweight[i] += part[(size_t)ch * C + i];
+    free(part);
+}
+
+void swiglu_rows_forward(float *h, const float *gate, const float *up, long n) {
+#pragma omp parallel for schedule(static) if (n > ELEM_CHUNK)
+    for (long i = 0; i < n; i += ELEM_CHUNK) swiglu_forward(h + i, gate + i, up + i, n - i < ELEM_CHUNK ? n - i : ELEM_CHUNK);
+}
+
+void swiglu_rows_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, long n) {
+#pragma omp parallel for schedule(static) if (n > ELEM_CHUNK)
+    for (long i = 0; i < n; i += ELEM_CHUNK)
+        swiglu_backward(dgate + i, dup + i, dh + i, gate + i, up + i, n - i < ELEM_CHUNK ? n - i : ELEM_CHUNK);
+}
+
+double crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *l = logits + (size_t)n * V;
+        float mx = -INFINITY;
+        for (int i = 0; i < V; i++) mx = l[i] > mx ? l[i] : mx;
+        double s = 0;
+        for (int i = 0; i < V; i++) s += expf(l[i] - mx);
+        lse[n] = mx + (float)log(s);
+        losses[n] = lse[n] - l[targets[n]];
+    }
+    double sum = 0;
+    for (int n = 0; n < N; n++) sum += losses[n];
+    return sum;
+}
+
+void crossentropy_backward(float *logits, const float *lse, const int *targets, int N, int V, float dloss) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *l = logits + (size_t)n * V;
+        for (int i = 0; i < V; i++) l[i] = expf(l[i] - lse[n]) * dloss;
+        l[targets[n]] -= dloss;
+    }
 }
 
 // The rotary dimension whose wavelength completes n rotations over the original context.

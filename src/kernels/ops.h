@@ -19,11 +19,37 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
 void softmax_inplace(float *x, int n);
 float sigmoidf_(float x);
 
-// RoPE on interleaved pairs (x[2i], x[2i+1]) rotated by pos * inv_freq[i], scaled by mscale.
-// x: (r)   inv_freq: (r/2)
-void rope_forward(float *x, int r, int pos, const double *inv_freq, float mscale);
-// The inverse rotation (the transpose), for the backward pass: dx ← Rᵀ dx.
-void rope_backward(float *dx, int r, int pos, const double *inv_freq, float mscale);
+// RoPE on interleaved pairs (x[2i], x[2i+1]) rotated by the angle pos · inv_freq[i] and scaled by
+// mscale (YaRN's cos/sin factor). The angles of a position are computed once (rope_cos_sin, angles
+// in fp64) and applied to every vector of that position: the shared rotary key and each head's query.
+// cos, sin: (r/2) for one position
+void rope_cos_sin(float *cos_t, float *sin_t, int r, int pos, const double *inv_freq, float mscale);
+// cos_t, sin_t: (T, r/2) for positions pos0 .. pos0 + T − 1
+void rope_table(float *cos_t, float *sin_t, int T, int r, int pos0, const double *inv_freq, float mscale);
+// x: (r) rotated in place by one position's cos/sin; the backward pass applies the inverse (the
+// transpose) to the gradient: dx ← Rᵀ dx.
+void rope_forward(float *x, int r, const float *cos_t, const float *sin_t);
+void rope_backward(float *dx, int r, const float *cos_t, const float *sin_t);
+// Rows n = 0..N-1, each holding `heads` vectors of width r at x + (n * heads + h) * stride, row n at
+// table row n % T (B sequences of T positions); threaded over rows.
+void rope_rows_forward(float *x, int N, int T, int heads, int stride, int r, const float *cos_t, const float *sin_t);
+void rope_rows_backward(float *dx, int N, int T, int heads, int stride, int r, const float *cos_t,
+                        const float *sin_t);
+
+// Row-parallel forms of the ops above for many rows, split over the OpenMP threads in fixed chunks
+// so a result never depends on scheduling (dweight: per-chunk partials added in chunk order).
+// rstd may be NULL when no backward pass follows.
+void rmsnorm_rows_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
+void rmsnorm_rows_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                           const float *rstd, int N, int C);
+void swiglu_rows_forward(float *h, const float *gate, const float *up, long n);
+void swiglu_rows_backward(float *dgate, float *dup, const float *dh, const float *gate, const float *up, long n);
+
+// Cross-entropy of N rows of logits (N, V) against targets (N): lse (N) saves each row's
+// log-sum-exp; losses (N) gets −log p(target). Returns Σ losses in double.
+double crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V);
+// In place: logits (N, V) become dlogits = (softmax − onehot) · dloss (the loss's weight per row).
+void crossentropy_backward(float *logits, const float *lse, const int *targets, int N, int V, float dloss);
 
 // Inverse frequencies theta^(-2i/r), i < r/2, optionally corrected by YaRN (factor > 1):
 // f_i ← f_i/factor · ramp_i + f_i · (1 − ramp_i) with the ramp between the correction dimensions

@@ -17,6 +17,7 @@
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
 #include "model/forward_internal.h"
+#include "model/layer.h"
 #include "model/moe.h"
 
 // Output rows are handed out in units of 16 floats (one 64-byte line): threads never write the
@@ -46,12 +47,37 @@ static void gemv_share_residual(float *x, float *y, const float *in, const MatVi
     for (int r = b; r < e; r++) x[r] += y[r];
 }
 
+// A thread's private vectors, carved from s->own: every thread normalises and routes for itself
+// rather than wait at a barrier for one thread to do it.
+typedef struct {
+    float *xn;      // (d) the normed input of a sub-layer
+    float *cq;      // (q_lora) the normed q latent
+    float *cat;     // (2d) the MTP input
+    float *scores;  // (N_r) router scores
+    float *gw;      // (K_r) gating weights of the chosen experts
+    int *idx;       // (K_r) the chosen experts
+    float *attn;    // this thread's attention scratch
+} Own;
+
+static Own own_vectors(const ModelConfig *c, ForwardState *s) {
+    int t = omp_get_thread_num(), K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+    Own o;
+    o.xn = s->own + (size_t)t * s->own_per_thread;
+    o.cq = o.xn + c->hidden_size;
+    o.cat = o.cq + c->q_lora_rank;
+    o.scores = o.cat + 2 * c->hidden_size;
+    o.gw = o.scores + c->n_routed_experts;
+    o.idx = (int *)(o.gw + K);  // int and float have the same size
+    o.attn = s->attn + (size_t)t * s->attn_per_thread;
+    return o;
+}
+
 // The chosen experts and the shared experts of one token, split evenly over the team: first the
 // gate and up rows of all of them, then, after one barrier, each thread owns a slice of the output
 // features and sums every expert's down projection into it. Small experts (256 x 512) would lose
-// most of their time to start-up if each product forked on its own.
-void moe_experts_one(const Model *m, ForwardState *s, const MoeWeights *w, const float *xn, const int *idx,
-                     const float *gw, float *residual) {
+// most of their time to start-up if each product forked on its own. Adds the result to x.
+static void moe_experts_one(const Model *m, ForwardState *s, const MoeWeights *w, const float *xn, const int *idx,
+                            const float *gw, float *x) {
     const ModelConfig *c = &m->cfg;
     int d = c->hidden_size, K = c->num_experts_per_tok, F = c->moe_intermediate_size;
     const FfnWeights *ex[K + 1];
@@ -71,7 +97,7 @@ void moe_experts_one(const Model *m, ForwardState *s, const MoeWeights *w, const
         ne++;
     }
     int R = off[ne], b, e;
-    float *act = s->fused, *up = s->fused + R, *tmp = s->xg;  // act, up: (R); tmp: (d) down products
+    float *act = s->fused, *up = s->fused + R, *tmp = s->e_out;  // act, up: (R); tmp: (d) down products
     share(R, SHARE_UNIT, &b, &e);
     for (int j = 0; j < ne; j++) {
         int lo = off[j] > b ? off[j] : b, hi = off[j + 1] < e ? off[j + 1] : e;
@@ -87,73 +113,46 @@ void moe_experts_one(const Model *m, ForwardState *s, const MoeWeights *w, const
         matmul_nt_part(tmp, act + off[j], &ex[j]->down_proj, 1, b, e);
         for (int r = b; r < e; r++) s->y[r] += g[j] * tmp[r];
     }
-    if (residual)
-        for (int r = b; r < e; r++) residual[r] += s->y[r];
+    for (int r = b; r < e; r++) x[r] += s->y[r];
 #pragma omp barrier
 }
 
 // x += MLA(RMSNorm(x)) for the token at position pos; appends the cache row.
-static void decode_mla(const Model *m, ForwardState *s, KVCache *kv, int cache_layer, const LayerWeights *lw,
-                       int pos, ThreadScratch *ts) {
+static void decode_mla(const Model *m, ForwardState *s, const LayerPass *p, const LayerWeights *lw, int pos,
+                       Own *ts) {
     const ModelConfig *c = &m->cfg;
     const MlaWeights *a = &lw->self_attn;
     int d = c->hidden_size, H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim;
-    int r = c->qk_rope_head_dim, L = c->kv_lora_rank, v = c->v_head_dim;
+    int r = c->qk_rope_head_dim, L = c->kv_lora_rank;
     float eps = c->rms_norm_eps;
     rmsnorm_forward(ts->xn, NULL, s->x, lw->input_layernorm, 1, d, eps);
-    gemv_share(c->q_lora_rank > 0 ? s->cq : s->q, ts->xn, c->q_lora_rank > 0 ? &a->q_a_proj : &a->q_proj);
+    gemv_share(c->q_lora_rank > 0 ? s->qa : s->q, ts->xn, c->q_lora_rank > 0 ? &a->q_a_proj : &a->q_proj);
     gemv_share(s->kva, ts->xn, &a->kv_a_proj_with_mqa);
 #pragma omp barrier
-    float *latent = kv->latent + (size_t)cache_layer * kv->capacity * L;
-    float *kpe = kv->k_pe + (size_t)cache_layer * kv->capacity * r;
     if (omp_get_thread_num() == omp_get_num_threads() - 1) {  // the others start on q_b meanwhile
-        rmsnorm_forward(latent + (size_t)pos * L, NULL, s->kva, a->kv_a_layernorm, 1, L, eps);
-        memcpy(kpe + (size_t)pos * r, s->kva + L, sizeof(float) * r);
-        rope_forward(kpe + (size_t)pos * r, r, pos, m->inv_freq, m->rope_mscale);
+        rmsnorm_forward(p->latent + (size_t)pos * L, NULL, s->kva, a->kv_a_layernorm, 1, L, eps);
+        float *kp = p->kpe + (size_t)pos * r;
+        memcpy(kp, s->kva + L, sizeof(float) * r);
+        rope_forward(kp, r, p->rope_cos, p->rope_sin);
     }
     if (c->q_lora_rank > 0) {
-        rmsnorm_forward(ts->cq, NULL, s->cq, a->q_a_layernorm, 1, c->q_lora_rank, eps);
+        rmsnorm_forward(ts->cq, NULL, s->qa, a->q_a_layernorm, 1, c->q_lora_rank, eps);
         gemv_share(s->q, ts->cq, &a->q_b_proj);
     }
 #pragma omp barrier
     int h0, h1;
     share(H, 1, &h0, &h1);
-    // The latent cache is every head's key and value (MQA-like), so this thread's heads score
-    // against it together: each cached row is read once per thread, not once per head.
-    int S = pos + 1;
-    MatView C = {.dtype = DT_F32, .rows = S, .cols = L, .data = latent};
-    MatView P = {.dtype = DT_F32, .rows = S, .cols = r, .data = kpe};
-    for (int g0 = h0; g0 < h1; g0 += QCHUNK) {
-        int n = h1 - g0 < QCHUNK ? h1 - g0 : QCHUNK;
-        for (int i = 0; i < n; i++) {
-            float *q = s->q + (size_t)(g0 + i) * qk;
-            rope_forward(q + nope, r, pos, m->inv_freq, m->rope_mscale);
-            memcpy(ts->qp + (size_t)i * r, q + nope, sizeof(float) * r);
-            MatView wuk = matview_rows(&a->kv_b_proj, (g0 + i) * (nope + v), nope);
-            if (nope > 0) matmul_nn_part(ts->qa + (size_t)i * L, q, &wuk, 1, 0, L);
-            else memset(ts->qa + (size_t)i * L, 0, sizeof(float) * L);
-        }
-        matmul_nt_part(ts->p, ts->qa, &C, n, 0, S);  // (n, S) latent scores
-        if (r > 0) matmul_nt_part(ts->p2, ts->qp, &P, n, 0, S);
-        for (int i = 0; i < n; i++) {
-            float *row = ts->p + (size_t)i * S;
-            const float *row2 = ts->p2 + (size_t)i * S;
-            for (int j = 0; j < S; j++) row[j] = (row[j] + (r > 0 ? row2[j] : 0.0f)) * m->softmax_scale;
-            softmax_inplace(row, S);
-        }
-        matmul_nn_part(ts->ol, ts->p, &C, n, 0, L);  // (n, L) the weighted sums, in latent space
-        for (int i = 0; i < n; i++) {
-            MatView wuv = matview_rows(&a->kv_b_proj, (g0 + i) * (nope + v) + nope, v);
-            matmul_nt_part(s->attn + (size_t)(g0 + i) * v, ts->ol + (size_t)i * L, &wuv, 1, 0, v);
-        }
-    }
+    for (int h = h0; h < h1; h++) rope_forward(s->q + (size_t)h * qk + nope, r, p->rope_cos, p->rope_sin);
+    // the latent cache is every head's key and value (MQA-like), so this thread's heads score
+    // against it together: each cached row is read once per thread, not once per head
+    mla_attend_absorbed(p, &a->kv_b_proj, s->q, 1, pos, h0, h1, p->latent, p->kpe, s->ao, ts->attn);
 #pragma omp barrier
-    gemv_share_residual(s->x, s->y, s->attn, &a->o_proj);
+    gemv_share_residual(s->x, s->y, s->ao, &a->o_proj);
 #pragma omp barrier
 }
 
 // x += FFN(RMSNorm(x)): the dense SwiGLU or the MoE.
-static void decode_ffn(const Model *m, ForwardState *s, const LayerWeights *lw, ThreadScratch *ts) {
+static void decode_ffn(const Model *m, ForwardState *s, const LayerWeights *lw, Own *ts) {
     const ModelConfig *c = &m->cfg;
     rmsnorm_forward(ts->xn, NULL, s->x, lw->post_attention_layernorm, 1, c->hidden_size, c->rms_norm_eps);
     if (lw->is_moe) {
@@ -175,15 +174,19 @@ static void decode_ffn(const Model *m, ForwardState *s, const LayerWeights *lw, 
 #pragma omp barrier
 }
 
-static void decode_layer(const Model *m, ForwardState *s, KVCache *kv, int cache_layer, const LayerWeights *lw,
-                         int pos, ThreadScratch *ts) {
-    decode_mla(m, s, kv, cache_layer, lw, pos, ts);
+static void decode_layer(const Model *m, ForwardState *s, LayerPass *p, KVCache *kv, int cache_layer,
+                         const LayerWeights *lw, int pos, Own *ts) {
+    const ModelConfig *c = &m->cfg;
+    LayerPass lp = *p;
+    lp.latent = kv->latent + (size_t)cache_layer * kv->capacity * c->kv_lora_rank;
+    lp.kpe = kv->k_pe + (size_t)cache_layer * kv->capacity * c->qk_rope_head_dim;
+    decode_mla(m, s, &lp, lw, pos, ts);
     decode_ffn(m, s, lw, ts);
 }
 
 // logits (vocab) = head · norm(x); hidden (d) = norm(x) when asked.
 static void decode_head(const Model *m, ForwardState *s, const float *norm, const MatView *head, float *logits,
-                        float *hidden, ThreadScratch *ts) {
+                        float *hidden, Own *ts) {
     const ModelConfig *c = &m->cfg;
     rmsnorm_forward(ts->xn, NULL, s->x, norm, 1, c->hidden_size, c->rms_norm_eps);
     if (hidden && omp_get_thread_num() == 0) memcpy(hidden, ts->xn, sizeof(float) * c->hidden_size);
@@ -194,10 +197,11 @@ void decode_forward(const Model *m, ForwardState *s, KVCache *kv, int token, flo
     const ModelConfig *c = &m->cfg;
     int pos = kv->len;
     matview_row_f32(&m->w.embed_tokens, token, s->x);
+    LayerPass p = forward_pass(m, s, kv, 1, pos, ATTN_ABSORBED);
 #pragma omp parallel num_threads(s->nthreads)
     {
-        ThreadScratch ts = thread_scratch(c, s);
-        for (int l = 0; l < c->num_hidden_layers; l++) decode_layer(m, s, kv, l, &m->w.layers[l], pos, &ts);
+        Own ts = own_vectors(c, s);
+        for (int l = 0; l < c->num_hidden_layers; l++) decode_layer(m, s, &p, kv, l, &m->w.layers[l], pos, &ts);
         decode_head(m, s, m->w.norm, &m->w.lm_head, logits, hidden, &ts);
     }
     kv->len++;
@@ -208,16 +212,17 @@ void decode_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, int
     const ModelConfig *c = &m->cfg;
     const MtpWeights *w = &m->w.mtp[k];
     int d = c->hidden_size, pos = kv->mtp_len[k];
-    matview_row_f32(&w->embed_tokens, token, s->y);
+    matview_row_f32(&w->embed_tokens, token, s->emb);
+    LayerPass p = forward_pass(m, s, kv, 1, pos, ATTN_ABSORBED);
 #pragma omp parallel num_threads(s->nthreads)
     {
-        ThreadScratch ts = thread_scratch(c, s);
+        Own ts = own_vectors(c, s);
         // the embedding half comes first, as in the released checkpoints (SPEC §2.3)
-        rmsnorm_forward(ts.cat, NULL, s->y, w->enorm, 1, d, c->rms_norm_eps);
+        rmsnorm_forward(ts.cat, NULL, s->emb, w->enorm, 1, d, c->rms_norm_eps);
         rmsnorm_forward(ts.cat + d, NULL, hidden, w->hnorm, 1, d, c->rms_norm_eps);
         gemv_share(s->x, ts.cat, &w->eh_proj);
 #pragma omp barrier
-        decode_layer(m, s, kv, c->num_hidden_layers + k, &w->layer, pos, &ts);
+        decode_layer(m, s, &p, kv, c->num_hidden_layers + k, &w->layer, pos, &ts);
         decode_head(m, s, w->shared_head_norm, &w->shared_head_head, logits, hidden_out, &ts);
     }
     kv->mtp_len[k]++;

@@ -13,9 +13,8 @@
 #include "base/error.h"
 #include "base/safetensors.h"
 #include "model/config.h"
+#include "model/layer.h"
 #include "model/weights.h"
-
-typedef enum { ATTN_PLAIN, ATTN_ABSORBED } AttnMode;
 
 typedef struct Model {
     ModelConfig cfg;

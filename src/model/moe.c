@@ -1,6 +1,12 @@
+// DeepSeekMoE (SPEC §2.2): routing, and the MoE seam — route → dispatch → experts → combine —
+// forward and backward, for every pass. The decode step runs the experts of its one token with a
+// schedule of its own (decode.c) on the same route.
 #include <math.h>
+#include <string.h>
 
+#include "kernels/matmul.h"
 #include "kernels/ops.h"
+#include "model/layer.h"
 #include "model/moe.h"
 
 // Index of the largest v[i] with allowed[i]; ties go to the lowest index, like a stable top-k.
@@ -11,14 +17,30 @@ static int argmax_masked(const float *v, const unsigned char *allowed, int n) {
     return best;
 }
 
-void moe_route(const ModelConfig *c, const float *logits, const float *bias, float *scores, int *idx, float *weight) {
-    int N = c->n_routed_experts, K = c->num_experts_per_tok, G = c->n_group, per = N / G;
+void moe_scores(const ModelConfig *c, const float *logits, float *scores) {
+    int N = c->n_routed_experts;
     if (c->scoring_func == SCORING_SIGMOID) {
         for (int i = 0; i < N; i++) scores[i] = sigmoidf_(logits[i]);
     } else {
         for (int i = 0; i < N; i++) scores[i] = logits[i];
         softmax_inplace(scores, N);
     }
+}
+
+void moe_gates(const ModelConfig *c, const float *scores, const int *idx, float *weight) {
+    int K = c->num_experts_per_tok;
+    float sum = 0;
+    for (int k = 0; k < K; k++) {
+        weight[k] = scores[idx[k]];
+        sum += scores[idx[k]];
+    }
+    float norm = c->norm_topk_prob ? 1.0f / (sum + 1e-20f) : 1.0f;
+    for (int k = 0; k < K; k++) weight[k] *= norm * c->routed_scaling_factor;
+}
+
+void moe_route(const ModelConfig *c, const float *logits, const float *bias, float *scores, int *idx, float *weight) {
+    int N = c->n_routed_experts, K = c->num_experts_per_tok, G = c->n_group, per = N / G;
+    moe_scores(c, logits, scores);
     // selection scores: the bias only steers selection; the gate weights use the unbiased score
     float sel[N];
     unsigned char allowed[N];
@@ -55,14 +77,218 @@ void moe_route(const ModelConfig *c, const float *logits, const float *bias, flo
         }
         for (int i = 0; i < N; i++) allowed[i] = gkeep[i / per];
     }
-    float sum = 0;
     for (int k = 0; k < K; k++) {
         int e = argmax_masked(sel, allowed, N);
         allowed[e] = 0;
         idx[k] = e;
-        weight[k] = scores[e];
-        sum += scores[e];
     }
-    float norm = c->norm_topk_prob ? 1.0f / (sum + 1e-20f) : 1.0f;
-    for (int k = 0; k < K; k++) weight[k] *= norm * c->routed_scaling_factor;
+    moe_gates(c, scores, idx, weight);
+}
+
+void moe_scores_backward(float *dlogits, const float *dscores, const float *scores, int N_r, ScoringFunc f) {
+    if (f == SCORING_SIGMOID) {
+        for (int i = 0; i < N_r; i++) dlogits[i] += dscores[i] * scores[i] * (1.0f - scores[i]);
+        return;
+    }
+    float dot = 0;
+    for (int i = 0; i < N_r; i++) dot += dscores[i] * scores[i];
+    for (int i = 0; i < N_r; i++) dlogits[i] += scores[i] * (dscores[i] - dot);
+}
+
+void moe_gate_backward(float *dscores, const float *dweight, const float *scores, const int *idx,
+                       const ModelConfig *c) {
+    int K = c->num_experts_per_tok;
+    float rsf = c->routed_scaling_factor;
+    if (!c->norm_topk_prob) {
+        for (int k = 0; k < K; k++) dscores[idx[k]] += rsf * dweight[k];
+        return;
+    }
+    // w_k = rsf s_k / S with S = Σ_j s_j (+1e-20 as in moe_gates): ∂w_k/∂s_j = rsf (δ_kj − w_k/rsf) / S
+    float S = 1e-20f, dot = 0;
+    for (int k = 0; k < K; k++) S += scores[idx[k]];
+    for (int k = 0; k < K; k++) dot += dweight[k] * scores[idx[k]];
+    for (int k = 0; k < K; k++) dscores[idx[k]] += rsf * (dweight[k] - dot / S) / S;
+}
+
+double moe_balance_forward(float *f, const float *scores, const int *idx, int T, int N_r, int K_r, float alpha) {
+    double P[N_r];
+    for (int i = 0; i < N_r; i++) {
+        f[i] = 0;
+        P[i] = 0;
+    }
+    for (int t = 0; t < T; t++) {
+        for (int k = 0; k < K_r; k++) f[idx[(size_t)t * K_r + k]] += 1.0f;
+        const float *s = scores + (size_t)t * N_r;
+        double S = 0;
+        for (int i = 0; i < N_r; i++) S += s[i];
+        for (int i = 0; i < N_r; i++) P[i] += s[i] / S;
+    }
+    double loss = 0;
+    for (int i = 0; i < N_r; i++) {
+        f[i] *= (float)N_r / ((float)K_r * T);
+        loss += (double)f[i] * P[i] / T;
+    }
+    return alpha * loss;
+}
+
+void moe_balance_backward(float *dscores, const float *f, const float *scores, int T, int N_r, float alpha,
+                          float dloss) {
+    float g[N_r];
+    for (int i = 0; i < N_r; i++) g[i] = alpha * dloss * f[i] / T;
+    for (int t = 0; t < T; t++) {
+        const float *s = scores + (size_t)t * N_r;
+        float *ds = dscores + (size_t)t * N_r;
+        float S = 0, c = 0;
+        for (int i = 0; i < N_r; i++) S += s[i];
+        for (int i = 0; i < N_r; i++) c += g[i] * s[i];
+        c /= S;
+        for (int i = 0; i < N_r; i++) ds[i] += (g[i] - c) / S;
+    }
+}
+
+// ---- the seam ----
+
+void moe_route_rows(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N) {
+    const ModelConfig *c = p->c;
+    int Nr = c->n_routed_experts, K = c->num_experts_per_tok;
+    matmul_nt(a->router, a->ln2, &w->gate, N);
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (int t = 0; t < N; t++) {
+        const float *lg = a->router + (size_t)t * Nr;
+        float *s = a->scores + (size_t)t * Nr, *wt = a->topk_w + (size_t)t * K;
+        int *idx = a->topk_idx + (size_t)t * K;
+        if (!p->freeze_routing) {
+            moe_route(c, lg, w->e_score_correction_bias, s, idx, wt);
+        } else {  // the held choice, with scores and gates as moe_route computes them
+            moe_scores(c, lg, s);
+            moe_gates(c, s, idx, wt);
+        }
+    }
+}
+
+void moe_dispatch(const ModelConfig *c, LayerActs *a, int N, long long *load) {
+    int Nr = c->n_routed_experts, K = c->num_experts_per_tok;
+    // slots sorted by expert, tokens in order within an expert: each expert is one product
+    int *off = a->expert_off;
+    memset(off, 0, sizeof(int) * (Nr + 1));
+    for (long i = 0; i < (long)N * K; i++) off[a->topk_idx[i] + 1]++;
+    for (int e = 0; e < Nr; e++) {
+        if (load) load[e] = off[e + 1];
+        off[e + 1] += off[e];
+    }
+    int cursor[Nr];
+    memcpy(cursor, off, sizeof(int) * Nr);
+    for (long i = 0; i < (long)N * K; i++) {
+        int slot = cursor[a->topk_idx[i]]++;
+        a->slot_of[i] = slot;
+        a->slot_tk[slot] = (int)i;
+    }
+}
+
+// xg (N·K, d): each slot's token input, gathered from ln2.
+static void moe_gather(const ModelConfig *c, const LayerActs *a, float *xg, int N) {
+    int d = c->hidden_size, K = c->num_experts_per_tok;
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (long sl = 0; sl < (long)N * K; sl++)
+        memcpy(xg + sl * d, a->ln2 + (size_t)(a->slot_tk[sl] / K) * d, sizeof(float) * d);
+}
+
+void moe_experts_forward(const ModelConfig *c, const MoeWeights *w, LayerActs *a, int N) {
+    int d = c->hidden_size, Nr = c->n_routed_experts, Fm = c->moe_intermediate_size;
+    moe_gather(c, a, a->xg, N);
+    for (int e = 0; e < Nr; e++) {
+        int n = a->expert_off[e + 1] - a->expert_off[e];
+        if (n == 0) continue;
+        size_t o = a->expert_off[e];
+        ffn_forward(&w->experts[e], a->xg + o * d, a->e_gate + o * Fm, a->e_up + o * Fm, a->e_h + o * Fm,
+                    a->e_out + o * d, n);
+    }
+}
+
+void moe_combine(const ModelConfig *c, const LayerActs *a, float *y, int N) {
+    int d = c->hidden_size, K = c->num_experts_per_tok;
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < K; k++) {
+            float gk = a->topk_w[(size_t)t * K + k];
+            const float *eo = a->e_out + (size_t)a->slot_of[(size_t)t * K + k] * d;
+            float *yt = y + (size_t)t * d;
+            for (int j = 0; j < d; j++) yt[j] += gk * eo[j];
+        }
+}
+
+double moe_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, float *y, long long *load) {
+    const ModelConfig *c = p->c;
+    int N = p->B * p->T, Nr = c->n_routed_experts, K = c->num_experts_per_tok;
+    moe_route_rows(p, w, a, N);
+    moe_dispatch(c, a, N, load);
+    moe_experts_forward(c, w, a, N);
+    if (c->n_shared_experts > 0) ffn_forward(&w->shared_experts, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, y, N);
+    else memset(y, 0, sizeof(float) * N * c->hidden_size);
+    moe_combine(c, a, y, N);
+    if (p->seq_aux_alpha <= 0 || !a->bal_f) return 0;
+    double bal = 0;
+    for (int b = 0; b < p->B; b++)
+        bal += moe_balance_forward(a->bal_f + (size_t)b * Nr, a->scores + (size_t)b * p->T * Nr,
+                                   a->topk_idx + (size_t)b * p->T * K, p->T, Nr, K, p->seq_aux_alpha);
+    return bal / p->B;
+}
+
+void moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a, LayerGradScratch *s,
+                  const float *dy, float balance_dloss) {
+    const ModelConfig *c = p->c;
+    int N = p->B * p->T, d = c->hidden_size, Nr = c->n_routed_experts, K = c->num_experts_per_tok;
+    int Fm = c->moe_intermediate_size;
+    // combine: y_t = Σ_k g_tk E_k(x_t), so ∂g_tk = dy_t · E_k(x_t) and ∂E_k(x_t) = g_tk dy_t
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < K; k++) {
+            size_t sl = a->slot_of[(size_t)t * K + k];
+            const float *eo = a->e_out + sl * d, *dyt = dy + (size_t)t * d;
+            float *deo = s->de_out + sl * d, gk = a->topk_w[(size_t)t * K + k], dot = 0;
+            for (int j = 0; j < d; j++) {
+                dot += dyt[j] * eo[j];
+                deo[j] = gk * dyt[j];
+            }
+            s->dtopk_w[(size_t)t * K + k] = dot;
+        }
+    // the experts (their inputs are gathered again: xg is shared scratch)
+    moe_gather(c, a, a->xg, N);
+    memset(s->dxg, 0, sizeof(float) * N * K * d);
+    for (int e = 0; e < Nr; e++) {
+        int n = a->expert_off[e + 1] - a->expert_off[e];
+        if (n == 0) continue;
+        size_t o = a->expert_off[e];
+        ffn_backward(&w->experts[e], &g->experts[e], s->de_out + o * d, a->xg + o * d, a->e_gate + o * Fm,
+                     a->e_up + o * Fm, a->e_h + o * Fm, s->dxg + o * d, s->de_gate + o * Fm, s->de_up + o * Fm,
+                     s->de_h + o * Fm, n);
+    }
+    // dispatch: each slot's input gradient goes back to its token
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < K; k++) {
+            const float *src = s->dxg + (size_t)a->slot_of[(size_t)t * K + k] * d;
+            float *dst = s->dln + (size_t)t * d;
+            for (int j = 0; j < d; j++) dst[j] += src[j];
+        }
+    if (c->n_shared_experts > 0)
+        ffn_backward(&w->shared_experts, &g->shared_experts, dy, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, s->dln,
+                     s->dffn_gate, s->dffn_up, s->dffn_h, N);
+    // the route: gates and the balance loss are functions of the scores
+    memset(s->dscores, 0, sizeof(float) * N * Nr);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++)
+        moe_gate_backward(s->dscores + (size_t)t * Nr, s->dtopk_w + (size_t)t * K, a->scores + (size_t)t * Nr,
+                          a->topk_idx + (size_t)t * K, c);
+    if (p->seq_aux_alpha > 0)
+#pragma omp parallel for schedule(static)
+        for (int b = 0; b < p->B; b++)
+            moe_balance_backward(s->dscores + (size_t)b * p->T * Nr, a->bal_f + (size_t)b * Nr,
+                                 a->scores + (size_t)b * p->T * Nr, p->T, Nr, p->seq_aux_alpha, balance_dloss / p->B);
+    memset(s->drouter, 0, sizeof(float) * N * Nr);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++)
+        moe_scores_backward(s->drouter + (size_t)t * Nr, s->dscores + (size_t)t * Nr, a->scores + (size_t)t * Nr, Nr,
+                            c->scoring_func);
+    matmul_backward(s->dln, &g->gate, s->drouter, a->ln2, &w->gate, N);
 }

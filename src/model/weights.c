@@ -175,6 +175,22 @@ static int alloc_experts(LayerWeights *L, const ModelConfig *c, int li, Error *e
     return L->moe.experts ? 0 : -1;
 }
 
+int weights_alloc_tables(ModelWeights *w, const ModelConfig *c, int n_mtp, Error *err) {
+    memset(w, 0, sizeof *w);
+    w->n_mtp = n_mtp;
+    w->layers = xcalloc(err, c->num_hidden_layers, sizeof *w->layers, "layer table");
+    w->mtp = xcalloc(err, n_mtp > 0 ? n_mtp : 1, sizeof *w->mtp, "MTP table");
+    if (!w->layers || !w->mtp) goto fail;
+    for (int i = 0; i < c->num_hidden_layers; i++)
+        if (alloc_experts(&w->layers[i], c, i, err)) goto fail;
+    for (int k = 0; k < n_mtp; k++)
+        if (alloc_experts(&w->mtp[k].layer, c, c->num_hidden_layers + k, err)) goto fail;
+    return 0;
+fail:
+    weights_free(w, c);
+    return -1;
+}
+
 int weights_bind(ModelWeights *w, const ModelConfig *c, const StModel *st, int need_mtp, Error *err) {
     memset(w, 0, sizeof *w);
     char probe[128];

@@ -65,6 +65,8 @@ typedef struct ModelWeights {
 // tensor and its file. MTP layers are bound only when present (need_mtp demands them).
 int weights_bind(ModelWeights *w, const ModelConfig *c, const StModel *st, int need_mtp, Error *err);
 void weights_free(ModelWeights *w, const ModelConfig *c);
+// Allocates w->layers, w->mtp and every MoE layer's experts array, for n_mtp MTP modules.
+int weights_alloc_tables(ModelWeights *w, const ModelConfig *c, int n_mtp, Error *err);
 
 // Parameters of the main model (all, and those one token touches) and of the MTP modules.
 typedef struct ParamCounts {

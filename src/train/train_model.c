@@ -1,25 +1,20 @@
 // The training model: tensor list and parameter block, activation plan, checkpoint I/O, and the
 // model-level forward/backward (embedding, layers, final norm, head, cross-entropy, MTP modules).
 #include <math.h>
-#include <stdarg.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/bufplan.h"
 #include "base/file.h"
 #include "base/rng.h"
 #include "base/safetensors.h"
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
-#include "train/train_layer.h"
 #include "train/train_model.h"
-#include "train/train_ops.h"
 
 // ---- tensors and the parameter block ----
-
-static int cmp_tensor_name(const void *a, const void *b) {
-    return strcmp(((const TrainTensor *)a)->name, ((const TrainTensor *)b)->name);
-}
 
 const TrainTensor *train_model_tensor(const TrainModel *m, const char *name) {
     for (int i = 0; i < m->n_tensors; i++)
@@ -27,236 +22,176 @@ const TrainTensor *train_model_tensor(const TrainModel *m, const char *name) {
     return NULL;
 }
 
-// Name look-ups while binding go through a sorted copy (configurations have thousands of experts).
+// Binds one tensor of the walk to its place in a block: the walk visits tensors in the order of
+// m->tensors, so the i-th visit is m->tensors[i].
 typedef struct {
-    TrainTensor *sorted;
-    int n;
-} NameIndex;
+    const TrainModel *m;
+    float *base;
+    int i;
+} BlockBinder;
 
-static float *at(const NameIndex *ix, float *base, const char *fmt, ...) {
-    TrainTensor key;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(key.name, sizeof key.name, fmt, ap);
-    va_end(ap);
-    const TrainTensor *t = bsearch(&key, ix->sorted, ix->n, sizeof key, cmp_tensor_name);
-    return t ? base + t->offset : NULL;
-}
-
-static void bind_ffn(const NameIndex *ix, float *base, TrainFfn *f, const char *prefix) {
-    f->gate_proj = at(ix, base, "%s.gate_proj.weight", prefix);
-    f->up_proj = at(ix, base, "%s.up_proj.weight", prefix);
-    f->down_proj = at(ix, base, "%s.down_proj.weight", prefix);
-}
-
-static void bind_layer(const TrainModel *m, const NameIndex *ix, float *base, TrainLayer *l, int li,
-                       TrainFfn *experts) {
-    const ModelConfig *c = &m->cfg;
-    char p[64], q[96];
-    snprintf(p, sizeof p, "model.layers.%d", li);
-    l->input_layernorm = at(ix, base, "%s.input_layernorm.weight", p);
-    l->post_attention_layernorm = at(ix, base, "%s.post_attention_layernorm.weight", p);
-    TrainMla *a = &l->self_attn;
-    a->q_proj = at(ix, base, "%s.self_attn.q_proj.weight", p);
-    a->q_a_proj = at(ix, base, "%s.self_attn.q_a_proj.weight", p);
-    a->q_a_layernorm = at(ix, base, "%s.self_attn.q_a_layernorm.weight", p);
-    a->q_b_proj = at(ix, base, "%s.self_attn.q_b_proj.weight", p);
-    a->kv_a_proj_with_mqa = at(ix, base, "%s.self_attn.kv_a_proj_with_mqa.weight", p);
-    a->kv_a_layernorm = at(ix, base, "%s.self_attn.kv_a_layernorm.weight", p);
-    a->kv_b_proj = at(ix, base, "%s.self_attn.kv_b_proj.weight", p);
-    a->o_proj = at(ix, base, "%s.self_attn.o_proj.weight", p);
-    l->is_moe = config_is_moe_layer(c, li);
-    if (!l->is_moe) {
-        snprintf(q, sizeof q, "%s.mlp", p);
-        bind_ffn(ix, base, &l->mlp, q);
-        return;
-    }
-    l->moe.gate = at(ix, base, "%s.mlp.gate.weight", p);
-    l->moe.e_score_correction_bias = at(ix, base, "%s.mlp.gate.e_score_correction_bias", p);
-    l->moe.experts = experts;
-    for (int e = 0; e < c->n_routed_experts; e++) {
-        snprintf(q, sizeof q, "%s.mlp.experts.%d", p, e);
-        bind_ffn(ix, base, &experts[e], q);
-    }
-    snprintf(q, sizeof q, "%s.mlp.shared_experts", p);
-    bind_ffn(ix, base, &l->moe.shared_experts, q);
-}
-
-static int bind_params(TrainModel *m, const NameIndex *ix, float *base, TrainParams *p, Error *err) {
-    const ModelConfig *c = &m->cfg;
-    int nl = c->num_hidden_layers, D = c->num_nextn_predict_layers, Nr = c->n_routed_experts;
-    p->layers = xcalloc(err, nl, sizeof *p->layers, "training layer table");
-    p->mtp = xcalloc(err, D > 0 ? D : 1, sizeof *p->mtp, "training MTP table");
-    p->expert_table = xcalloc(err, (size_t)(nl + D) * (Nr > 0 ? Nr : 1), sizeof *p->expert_table, "expert table");
-    if (!p->layers || !p->mtp || !p->expert_table) return -1;
-    p->embed_tokens = at(ix, base, "model.embed_tokens.weight");
-    p->norm = at(ix, base, "model.norm.weight");
-    p->lm_head = c->tie_word_embeddings ? p->embed_tokens : at(ix, base, "lm_head.weight");
-    for (int l = 0; l < nl; l++) bind_layer(m, ix, base, &p->layers[l], l, p->expert_table + (size_t)l * Nr);
-    for (int k = 0; k < D; k++) {
-        int li = nl + k;
-        TrainMtp *t = &p->mtp[k];
-        t->enorm = at(ix, base, "model.layers.%d.enorm.weight", li);
-        t->hnorm = at(ix, base, "model.layers.%d.hnorm.weight", li);
-        t->eh_proj = at(ix, base, "model.layers.%d.eh_proj.weight", li);
-        t->shared_head_norm = at(ix, base, "model.layers.%d.shared_head.norm.weight", li);
-        bind_layer(m, ix, base, &t->layer, li, p->expert_table + (size_t)li * Nr);
-    }
+static int bind_tensor(const TensorSpec *t, void *ctx) {
+    BlockBinder *b = ctx;
+    const TrainTensor *tt = &b->m->tensors[b->i++];
+    float *at = b->base + tt->offset;
+    if (t->mat) *t->mat = matview_f32(at, (int)tt->shape[0], (int)tt->shape[1]);
+    if (t->vec) *t->vec = at;
     return 0;
 }
 
-static void free_params_tables(TrainParams *p) {
-    free(p->layers);
-    free(p->mtp);
-    free(p->expert_table);
-    memset(p, 0, sizeof *p);
+// w: the model's weights seen over one block (parameters or gradients).
+static int bind_block(TrainModel *m, ModelWeights *w, float *base, Error *err) {
+    const ModelConfig *c = &m->cfg;
+    int D = c->num_nextn_predict_layers;
+    if (weights_alloc_tables(w, c, D, err)) return -1;
+    w->n_mtp = D;
+    BlockBinder b = {m, base, 0};
+    tensor_walk(c, D, w, bind_tensor, &b);
+    if (c->tie_word_embeddings) w->lm_head = w->embed_tokens;
+    return 0;
+}
+
+static void free_block_tables(ModelWeights *w, const ModelConfig *c) {
+    w->vectors = NULL;  // the vectors live in the block, not in a table of their own
+    weights_free(w, c);
 }
 
 // ---- the activation plan ----
 
-// A bump allocator run twice: once with base NULL to size the block, once to lay pointers over it.
-typedef struct {
-    char *base;
-    size_t used;
-} Plan;
-
-static void *take(Plan *p, size_t n, size_t elem) {
-    size_t off = (p->used + 63) & ~(size_t)63;  // 64-byte aligned buffers
-    p->used = off + n * elem;
-    return p->base ? p->base + off : NULL;
-}
-#define TAKE_F(p, n) ((float *)take((p), (size_t)(n), sizeof(float)))
-#define TAKE_I(p, n) ((int *)take((p), (size_t)(n), sizeof(int)))
-
 static long lmax(long a, long b) { return a > b ? a : b; }
 
-static void plan_layer(const TrainModel *m, Plan *p, TrainLayerActs *a, int is_moe, int B, int T) {
+// One layer's saved activations; kva, y and xg are shared scratch (not read by the backward pass).
+static void plan_layer(const TrainModel *m, BufPlan *p, TrainLayerActs *t, int is_moe, int B, int T) {
     const ModelConfig *c = &m->cfg;
+    LayerActs *a = &t->acts;
+    const TrainActs *s = &m->a;
     long N = (long)B * T, d = c->hidden_size, H = c->num_attention_heads, nope = c->qk_nope_head_dim;
     long r = c->qk_rope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank;
     long Nr = c->n_routed_experts, K = c->num_experts_per_tok, Fm = c->moe_intermediate_size;
     long F = is_moe ? (long)c->n_shared_experts * Fm : c->intermediate_size;
-    a->B = B;
-    a->T = T;
-    a->N = (int)N;
-    a->x_in = TAKE_F(p, N * d);
-    a->ln1 = TAKE_F(p, N * d);
-    a->ln1_rstd = TAKE_F(p, N);
-    a->qa = qr > 0 ? TAKE_F(p, N * qr) : NULL;
-    a->cq = qr > 0 ? TAKE_F(p, N * qr) : NULL;
-    a->cq_rstd = qr > 0 ? TAKE_F(p, N) : NULL;
-    a->q = TAKE_F(p, N * H * (nope + r));
-    a->ckv_pre = TAKE_F(p, N * L);
-    a->ckv = TAKE_F(p, N * L);
-    a->ckv_rstd = TAKE_F(p, N);
-    a->kpe = TAKE_F(p, N * r);
-    a->kv = TAKE_F(p, N * H * (nope + v));
-    a->att = TAKE_F(p, (long)B * H * T * T);
-    a->ao = TAKE_F(p, N * H * v);
-    a->x_mid = TAKE_F(p, N * d);
-    a->ln2 = TAKE_F(p, N * d);
-    a->ln2_rstd = TAKE_F(p, N);
-    a->ffn_gate = F > 0 ? TAKE_F(p, N * F) : NULL;
-    a->ffn_up = F > 0 ? TAKE_F(p, N * F) : NULL;
-    a->ffn_h = F > 0 ? TAKE_F(p, N * F) : NULL;
+    a->x_in = PLAN_F(p, N * d);
+    a->ln1 = PLAN_F(p, N * d);
+    a->ln1_rstd = PLAN_F(p, N);
+    a->qa = qr > 0 ? PLAN_F(p, N * qr) : NULL;
+    a->cq = qr > 0 ? PLAN_F(p, N * qr) : NULL;
+    a->cq_rstd = qr > 0 ? PLAN_F(p, N) : NULL;
+    a->q = PLAN_F(p, N * H * (nope + r));
+    a->kva = s->kva;
+    a->ckv_pre = PLAN_F(p, N * L);
+    t->ckv = PLAN_F(p, N * L);
+    a->ckv_rstd = PLAN_F(p, N);
+    t->kpe = PLAN_F(p, N * lmax(r, 1));
+    a->kv = PLAN_F(p, N * H * (nope + v));
+    a->att = PLAN_F(p, (long)B * H * T * T);
+    a->ao = PLAN_F(p, N * H * v);
+    a->y = s->y;
+    a->x_mid = PLAN_F(p, N * d);
+    a->ln2 = PLAN_F(p, N * d);
+    a->ln2_rstd = PLAN_F(p, N);
+    a->ffn_gate = F > 0 ? PLAN_F(p, N * F) : NULL;
+    a->ffn_up = F > 0 ? PLAN_F(p, N * F) : NULL;
+    a->ffn_h = F > 0 ? PLAN_F(p, N * F) : NULL;
     if (!is_moe) return;
-    a->router = TAKE_F(p, N * Nr);
-    a->scores = TAKE_F(p, N * Nr);
-    a->topk_idx = TAKE_I(p, N * K);
-    a->topk_w = TAKE_F(p, N * K);
-    a->slot_of = TAKE_I(p, N * K);
-    a->slot_tk = TAKE_I(p, N * K);
-    a->expert_off = TAKE_I(p, Nr + 1);
-    a->e_gate = TAKE_F(p, N * K * Fm);
-    a->e_up = TAKE_F(p, N * K * Fm);
-    a->e_h = TAKE_F(p, N * K * Fm);
-    a->e_out = TAKE_F(p, N * K * d);
-    a->bal_f = TAKE_F(p, (long)B * Nr);
+    a->router = PLAN_F(p, N * Nr);
+    a->scores = PLAN_F(p, N * Nr);
+    a->topk_idx = PLAN_I(p, N * K);
+    a->topk_w = PLAN_F(p, N * K);
+    a->slot_of = PLAN_I(p, N * K);
+    a->slot_tk = PLAN_I(p, N * K);
+    a->expert_off = PLAN_I(p, Nr + 1);
+    a->xg = s->xg;
+    a->e_gate = PLAN_F(p, N * K * Fm);
+    a->e_up = PLAN_F(p, N * K * Fm);
+    a->e_h = PLAN_F(p, N * K * Fm);
+    a->e_out = PLAN_F(p, N * K * d);
+    a->bal_f = PLAN_F(p, (long)B * Nr);
 }
 
-static void plan_acts(TrainModel *m, Plan *p) {
+static void plan_acts(BufPlan *p, void *ctx) {
+    TrainModel *m = ctx;
     const ModelConfig *c = &m->cfg;
     TrainActs *a = &m->a;
-    int B = m->B, T = m->T, D = c->num_nextn_predict_layers;
+    LayerGradScratch *g = &a->gs;
+    int B = m->B, T = m->T, D = c->num_nextn_predict_layers, nl = c->num_hidden_layers;
     long N = (long)B * T, d = c->hidden_size, V = c->vocab_size, H = c->num_attention_heads;
     long nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank;
     long qr = c->q_lora_rank, Nr = c->n_routed_experts, K = c->num_experts_per_tok, Fm = c->moe_intermediate_size;
     long F = lmax(c->intermediate_size, (long)c->n_shared_experts * Fm);
-    long NK = N * (K > 0 ? K : 1);
-    a->tokens = TAKE_I(p, (long)B * (T + 1));
-    a->targets = TAKE_I(p, N);
-    for (int l = 0; l < c->num_hidden_layers; l++) plan_layer(m, p, &a->layers[l], config_is_moe_layer(c, l), B, T);
-    a->x_final = TAKE_F(p, N * d);
-    for (int l = 0; l < c->num_hidden_layers; l++)
-        a->layers[l].x_out = l + 1 < c->num_hidden_layers ? a->layers[l + 1].x_in : a->x_final;
-    a->lnf = TAKE_F(p, N * d);
-    a->lnf_rstd = TAKE_F(p, N);
-    a->logits = TAKE_F(p, N * V);
-    a->lse = TAKE_F(p, N);
-    a->losses = TAKE_F(p, N);
+    long NK = N * lmax(K, 1);
+    // shared scratch first: the layers' plans point into it
+    a->kva = PLAN_F(p, N * (L + r));
+    a->y = PLAN_F(p, N * d);
+    a->xg = PLAN_F(p, NK * d);
+    a->attn = PLAN_F(p, (size_t)omp_get_max_threads() * a->attn_per_thread);
+    a->tokens = PLAN_I(p, (long)B * (T + 1));
+    a->inputs = PLAN_I(p, N);
+    a->targets = PLAN_I(p, N);
+    for (int l = 0; l < nl; l++) plan_layer(m, p, &a->layers[l], config_is_moe_layer(c, l), B, T);
+    a->x_final = PLAN_F(p, N * d);
+    for (int l = 0; l < nl; l++) a->layers[l].acts.x_out = l + 1 < nl ? a->layers[l + 1].acts.x_in : a->x_final;
+    a->lnf = PLAN_F(p, N * d);
+    a->lnf_rstd = PLAN_F(p, N);
+    a->logits = PLAN_F(p, N * V);
+    a->lse = PLAN_F(p, N);
+    a->losses = PLAN_F(p, N);
     for (int k = 1; k <= D; k++) {
         TrainMtpActs *t = &a->mtp[k - 1];
         long Nk = (long)B * (T - k);
         t->T = T - k;
         t->N = (int)Nk;
-        t->in_tok = TAKE_I(p, Nk);
-        t->targets = TAKE_I(p, Nk);
-        t->emb = TAKE_F(p, Nk * d);
-        t->h_in = TAKE_F(p, Nk * d);
-        t->en_rstd = TAKE_F(p, Nk);
-        t->hn_rstd = TAKE_F(p, Nk);
-        t->cat = TAKE_F(p, Nk * 2 * d);
-        plan_layer(m, p, &t->layer, config_is_moe_layer(c, c->num_hidden_layers + k - 1), B, T - k);
-        t->x_out = TAKE_F(p, Nk * d);
-        t->layer.x_out = t->x_out;
-        t->h_out = TAKE_F(p, Nk * d);
-        t->h_rstd = TAKE_F(p, Nk);
-        t->logits = TAKE_F(p, Nk * V);
-        t->lse = TAKE_F(p, Nk);
-        t->losses = TAKE_F(p, Nk);
-        t->dh_out = TAKE_F(p, Nk * d);
+        t->in_tok = PLAN_I(p, Nk);
+        t->targets = PLAN_I(p, Nk);
+        t->emb = PLAN_F(p, Nk * d);
+        t->h_in = PLAN_F(p, Nk * d);
+        t->en_rstd = PLAN_F(p, Nk);
+        t->hn_rstd = PLAN_F(p, Nk);
+        t->cat = PLAN_F(p, Nk * 2 * d);
+        plan_layer(m, p, &t->layer, config_is_moe_layer(c, nl + k - 1), B, T - k);
+        t->layer.acts.x_out = PLAN_F(p, Nk * d);
+        t->h_out = PLAN_F(p, Nk * d);
+        t->h_rstd = PLAN_F(p, Nk);
+        t->logits = PLAN_F(p, Nk * V);
+        t->lse = PLAN_F(p, Nk);
+        t->losses = PLAN_F(p, Nk);
+        t->dh_out = PLAN_F(p, Nk * d);
     }
-    a->tmp = TAKE_F(p, N * lmax(d, L + r));
-    a->xg = TAKE_F(p, NK * d);
-    a->dres = TAKE_F(p, N * d);
-    a->dln = TAKE_F(p, N * d);
-    a->dlnf = TAKE_F(p, N * d);
-    a->dq = TAKE_F(p, N * H * (nope + r));
-    a->dqa = qr > 0 ? TAKE_F(p, N * qr) : NULL;
-    a->dcq = qr > 0 ? TAKE_F(p, N * qr) : NULL;
-    a->dkv = TAKE_F(p, N * H * (nope + v));
-    a->dckv = TAKE_F(p, N * L);
-    a->dckv_pre = TAKE_F(p, N * L);
-    a->dkpe = TAKE_F(p, N * r);
-    a->dkpe_heads = TAKE_F(p, N * H * r);
-    a->dkva = TAKE_F(p, N * (L + r));
-    a->datt = TAKE_F(p, (long)B * H * T * T);
-    a->dao = TAKE_F(p, N * H * v);
-    a->dffn_gate = TAKE_F(p, N * F);
-    a->dffn_up = TAKE_F(p, N * F);
-    a->dffn_h = TAKE_F(p, N * F);
+    a->dres = PLAN_F(p, N * d);
+    a->dlnf = PLAN_F(p, N * d);
+    g->dln = PLAN_F(p, N * d);
+    g->dq = PLAN_F(p, N * H * (nope + r));
+    g->dqa = qr > 0 ? PLAN_F(p, N * qr) : NULL;
+    g->dcq = qr > 0 ? PLAN_F(p, N * qr) : NULL;
+    g->dkv = PLAN_F(p, N * H * (nope + v));
+    g->dckv = PLAN_F(p, N * L);
+    g->dckv_pre = PLAN_F(p, N * L);
+    g->dkpe = PLAN_F(p, N * r);
+    g->dkpe_heads = PLAN_F(p, N * H * r);
+    g->dkva = PLAN_F(p, N * (L + r));
+    g->datt = PLAN_F(p, (long)B * H * T * T);
+    g->dao = PLAN_F(p, N * H * v);
+    g->dffn_gate = PLAN_F(p, N * F);
+    g->dffn_up = PLAN_F(p, N * F);
+    g->dffn_h = PLAN_F(p, N * F);
     if (Nr > 0) {
-        a->de_out = TAKE_F(p, NK * d);
-        a->dxg = TAKE_F(p, NK * d);
-        a->de_gate = TAKE_F(p, NK * Fm);
-        a->de_up = TAKE_F(p, NK * Fm);
-        a->de_h = TAKE_F(p, NK * Fm);
-        a->dtopk_w = TAKE_F(p, NK);
-        a->dscores = TAKE_F(p, N * Nr);
-        a->drouter = TAKE_F(p, N * Nr);
+        g->de_out = PLAN_F(p, NK * d);
+        g->dxg = PLAN_F(p, NK * d);
+        g->de_gate = PLAN_F(p, NK * Fm);
+        g->de_up = PLAN_F(p, NK * Fm);
+        g->de_h = PLAN_F(p, NK * Fm);
+        g->dtopk_w = PLAN_F(p, NK);
+        g->dscores = PLAN_F(p, N * Nr);
+        g->drouter = PLAN_F(p, N * Nr);
     }
     if (D > 0) {
-        a->dcat = TAKE_F(p, N * 2 * d);
-        a->den = TAKE_F(p, N * d);
-        a->dhn = TAKE_F(p, N * d);
-        a->demb = TAKE_F(p, N * d);
-        a->dh_prev = TAKE_F(p, N * d);
+        a->dcat = PLAN_F(p, N * 2 * d);
+        a->den = PLAN_F(p, N * d);
+        a->dhn = PLAN_F(p, N * d);
+        a->demb = PLAN_F(p, N * d);
+        a->dh_prev = PLAN_F(p, N * d);
     }
 }
 
 // ---- construction ----
-
-static double yarn_m(double factor, double mscale) { return factor <= 1 ? 1.0 : 0.1 * mscale * log(factor) + 1.0; }
 
 int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *err) {
     memset(m, 0, sizeof *m);
@@ -269,7 +204,6 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
         return err_set(err, "sequence length %d: the %d MTP module(s) need at least %d positions", T, D, D + 1);
     if (T > c->max_position_embeddings)
         return err_set(err, "sequence length %d exceeds max_position_embeddings %d", T, c->max_position_embeddings);
-    TrainTensor *sorted = NULL;
     TensorSpec *specs = NULL;
     int n;
     if (tensor_specs(c, &specs, &n, err)) return -1;
@@ -285,9 +219,7 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
         t->shape[0] = specs[i].shape[0];
         t->shape[1] = specs[i].ndim == 2 ? specs[i].shape[1] : 1;
         t->numel = (size_t)t->shape[0] * t->shape[1];
-        int mtp_embed = t->kind == TENSOR_EMBED && strstr(t->name, ".embed_tokens.") && strncmp(t->name, "model.embed", 11);
-        int mtp_head = t->kind == TENSOR_EMBED && strstr(t->name, "shared_head.head");
-        t->shared = mtp_embed || mtp_head;
+        t->shared = specs[i].mtp_copy;
         if (t->shared) continue;
         t->offset = off;
         off += t->numel;
@@ -299,22 +231,16 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
     for (int i = 0; i < n; i++)
         if (m->tensors[i].shared) m->tensors[i].offset = strstr(m->tensors[i].name, "shared_head") ? head->offset : emb->offset;
     m->params = xcalloc(err, 2 * m->n_params, sizeof(float), "parameters and gradients");
-    sorted = xmalloc(err, sizeof *sorted * n, "tensor index");
-    if (!m->params || !sorted) goto fail;
+    if (!m->params) goto fail;
     m->grads = m->params + m->n_params;
-    memcpy(sorted, m->tensors, sizeof *sorted * n);
-    qsort(sorted, n, sizeof *sorted, cmp_tensor_name);
-    NameIndex ix = {sorted, n};
-    if (bind_params(m, &ix, m->params, &m->p, err) || bind_params(m, &ix, m->grads, &m->g, err)) goto fail;
-    free(sorted);
-    sorted = NULL;
+    if (bind_block(m, &m->p, m->params, err) || bind_block(m, &m->g, m->grads, err)) goto fail;
     for (int l = 0; l < nl + D; l++) m->n_moe += config_is_moe_layer(c, l);
     m->moe_bias = xcalloc(err, m->n_moe > 0 ? m->n_moe : 1, sizeof *m->moe_bias, "router bias table");
     m->expert_load = xcalloc(err, (size_t)(m->n_moe > 0 ? m->n_moe : 1) * (Nr > 0 ? Nr : 1), sizeof(long long),
                              "expert loads");
     if (!m->moe_bias || !m->expert_load) goto fail;
     for (int l = 0, j = 0; l < nl + D; l++) {
-        const TrainLayer *ly = l < nl ? &m->p.layers[l] : &m->p.mtp[l - nl].layer;
+        const LayerWeights *ly = l < nl ? &m->p.layers[l] : &m->p.mtp[l - nl].layer;
         if (ly->is_moe) m->moe_bias[j++] = ly->moe.e_score_correction_bias;
     }
     int r = c->qk_rope_head_dim;
@@ -324,38 +250,31 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
     if (!m->inv_freq || !m->rope_cos || !m->rope_sin) goto fail;
     rope_inv_freq(m->inv_freq, r, c->rope_theta, c->rope_yarn, c->rope_factor, c->rope_original_max_position,
                   c->rope_beta_fast, c->rope_beta_slow);
-    m->rope_mscale = 1.0f;
-    if (c->rope_yarn && c->rope_factor > 1)
-        m->rope_mscale = (float)(yarn_m(c->rope_factor, c->rope_mscale) / yarn_m(c->rope_factor, c->rope_mscale_all_dim));
+    m->rope_mscale = (float)(config_yarn_mscale(c, c->rope_mscale) / config_yarn_mscale(c, c->rope_mscale_all_dim));
     m->softmax_scale = config_softmax_scale(c);
-    rope_table(m->rope_cos, m->rope_sin, T, r, m->inv_freq, m->rope_mscale);
+    rope_table(m->rope_cos, m->rope_sin, T, r, 0, m->inv_freq, m->rope_mscale);
     m->a.layers = xcalloc(err, nl, sizeof *m->a.layers, "layer activations");
     m->a.mtp = xcalloc(err, D > 0 ? D : 1, sizeof *m->a.mtp, "MTP activations");
     if (!m->a.layers || !m->a.mtp) goto fail;
-    Plan plan = {NULL, 0};
-    plan_acts(m, &plan);
-    m->act_bytes = plan.used;
-    m->act_block = xmalloc(err, plan.used + 64, "training activations");
+    m->a.attn_per_thread = (attn_scratch_floats(c, T) + 15) / 16 * 16;
+    m->act_block = bufplan_alloc(plan_acts, m, &m->act_bytes, err, "training activations");
     if (!m->act_block) {
-        err_prefix(err, "micro-batch %d × %d needs %.1f MB of activations", B, T, plan.used / 1e6);
+        err_prefix(err, "micro-batch %d × %d", B, T);
         goto fail;
     }
-    plan = (Plan){(char *)(((uintptr_t)m->act_block + 63) & ~(uintptr_t)63), 0};
-    plan_acts(m, &plan);
     m->obj.mtp_lambda = D > 0 ? 0.3f : 0.0f;
     m->obj.seq_aux_alpha = 0.0001f;
     free(specs);
     return 0;
 fail:
-    free(sorted);
     free(specs);
     train_model_free(m);
     return -1;
 }
 
 void train_model_free(TrainModel *m) {
-    free_params_tables(&m->p);
-    free_params_tables(&m->g);
+    free_block_tables(&m->p, &m->cfg);
+    free_block_tables(&m->g, &m->cfg);
     free(m->tensors);
     free(m->params);
     free(m->moe_bias);
@@ -472,13 +391,22 @@ static void embed_backward(float *dtable, const float *drows, const int *tok, in
 
 static int mtp_active(const TrainModel *m) { return m->cfg.num_nextn_predict_layers > 0 && m->obj.mtp_lambda > 0; }
 
+// The pass of a layer over B windows of T positions from 0, its latent store the saved ckv/kpe.
+static LayerPass train_pass(const TrainModel *m, const TrainLayerActs *t, int T) {
+    return (LayerPass){.c = &m->cfg, .B = m->B, .T = T, .pos0 = 0, .rope_cos = m->rope_cos, .rope_sin = m->rope_sin,
+                       .softmax_scale = m->softmax_scale, .latent = t->ckv, .kpe = t->kpe, .ld = T,
+                       .mode = ATTN_PLAIN, .save = 1, .freeze_routing = m->freeze_routing,
+                       .seq_aux_alpha = m->obj.seq_aux_alpha, .scratch = m->a.attn,
+                       .per_thread = m->a.attn_per_thread};
+}
+
 // MTP module k (1-based): rows (b, i), i < T − k, of the previous stage's h (rows T − k + 1 per
 // sequence) feed module k with Emb(t_{i+k}).
 static double mtp_forward(TrainModel *m, int k, long long *load, double *bal) {
     const ModelConfig *c = &m->cfg;
     TrainActs *a = &m->a;
     TrainMtpActs *t = &a->mtp[k - 1];
-    const TrainMtp *w = &m->p.mtp[k - 1];
+    const MtpWeights *w = &m->p.mtp[k - 1];
     int B = m->B, T = m->T, Tk = t->T, Tp = Tk + 1, d = c->hidden_size, V = c->vocab_size;
     const float *prev = k == 1 ? a->lnf : a->mtp[k - 2].h_out;  // (B, Tp, d)
     for (int b = 0; b < B; b++)
@@ -488,19 +416,12 @@ static double mtp_forward(TrainModel *m, int k, long long *load, double *bal) {
             memcpy(t->h_in + ((size_t)b * Tk + i) * d, prev + ((size_t)b * Tp + i) * d, sizeof(float) * d);
         }
     int N = t->N;
-    embed_rows(t->emb, m->p.embed_tokens, t->in_tok, N, d);
-    float *en = a->den, *hn = a->dhn;  // (N, d) each: the gradient buffers are free during the forward
-    rmsnorm_rows_forward(en, t->en_rstd, t->emb, w->enorm, N, d, c->rms_norm_eps);
-    rmsnorm_rows_forward(hn, t->hn_rstd, t->h_in, w->hnorm, N, d, c->rms_norm_eps);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {  // the embedding half first, as in the released checkpoints (SPEC §2.3)
-        memcpy(t->cat + (size_t)n * 2 * d, en + (size_t)n * d, sizeof(float) * d);
-        memcpy(t->cat + (size_t)n * 2 * d + d, hn + (size_t)n * d, sizeof(float) * d);
-    }
-    linear_forward(t->layer.x_in, t->cat, w->eh_proj, N, 2 * d, d);
-    *bal += train_layer_forward(m, &w->layer, &t->layer, load);
-    rmsnorm_rows_forward(t->h_out, t->h_rstd, t->x_out, w->shared_head_norm, N, d, c->rms_norm_eps);
-    linear_forward(t->logits, t->h_out, m->p.lm_head, N, d, V);
+    embed_rows(t->emb, matview_f32_data(&m->p.embed_tokens), t->in_tok, N, d);
+    mtp_input_forward(c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N);
+    LayerPass p = train_pass(m, &t->layer, Tk);
+    *bal += layer_forward(&p, &w->layer, &t->layer.acts, load);
+    rmsnorm_rows_forward(t->h_out, t->h_rstd, t->layer.acts.x_out, w->shared_head_norm, N, d, c->rms_norm_eps);
+    matmul_nt(t->logits, t->h_out, &m->p.lm_head, N);
     return crossentropy_forward(t->losses, t->lse, t->logits, t->targets, N, V) / N;
 }
 
@@ -513,19 +434,20 @@ int train_model_forward(TrainModel *m, const int *tokens, Error *err) {
             return err_set(err, "token %d at batch position %ld is outside the vocabulary [0, %d)", tokens[i], i, V);
     memcpy(a->tokens, tokens, sizeof(int) * B * (T + 1));
     for (int b = 0; b < B; b++)
-        for (int i = 0; i < T; i++) a->targets[b * T + i] = tokens[(size_t)b * (T + 1) + i + 1];
-    int *inp = (int *)a->tmp;  // (N) the input tokens
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < T; i++) inp[b * T + i] = tokens[(size_t)b * (T + 1) + i];
-    embed_rows(a->layers[0].x_in, m->p.embed_tokens, inp, N, d);
+        for (int i = 0; i < T; i++) {
+            a->inputs[b * T + i] = tokens[(size_t)b * (T + 1) + i];
+            a->targets[b * T + i] = tokens[(size_t)b * (T + 1) + i + 1];
+        }
+    embed_rows(a->layers[0].acts.x_in, matview_f32_data(&m->p.embed_tokens), a->inputs, N, d);
     double bal = 0;
     int j = 0;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         long long *load = m->p.layers[l].is_moe ? m->expert_load + (size_t)(j++) * Nr : NULL;
-        bal += train_layer_forward(m, &m->p.layers[l], &a->layers[l], load);
+        LayerPass p = train_pass(m, &a->layers[l], T);
+        bal += layer_forward(&p, &m->p.layers[l], &a->layers[l].acts, load);
     }
     rmsnorm_rows_forward(a->lnf, a->lnf_rstd, a->x_final, m->p.norm, N, d, c->rms_norm_eps);
-    linear_forward(a->logits, a->lnf, m->p.lm_head, N, d, V);
+    matmul_nt(a->logits, a->lnf, &m->p.lm_head, N);
     m->loss.main = crossentropy_forward(a->losses, a->lse, a->logits, a->targets, N, V) / N;
     m->loss.mtp = 0;
     m->mtp_ran = mtp_active(m);
@@ -550,26 +472,21 @@ static void mtp_backward(TrainModel *m, int k, float scale) {
     const ModelConfig *c = &m->cfg;
     TrainActs *a = &m->a;
     TrainMtpActs *t = &a->mtp[k - 1];
-    const TrainMtp *w = &m->p.mtp[k - 1];
-    TrainMtp *g = &m->g.mtp[k - 1];
+    const MtpWeights *w = &m->p.mtp[k - 1];
+    MtpWeights *g = &m->g.mtp[k - 1];
     int N = t->N, d = c->hidden_size, V = c->vocab_size, D = c->num_nextn_predict_layers, Tk = t->T, Tp = Tk + 1;
     crossentropy_backward(t->logits, t->lse, t->targets, N, V, scale * m->obj.mtp_lambda / D / N);
-    linear_backward(t->dh_out, m->g.lm_head, t->logits, t->h_out, m->p.lm_head, N, d, V);
+    matmul_backward(t->dh_out, &m->g.lm_head, t->logits, t->h_out, &m->p.lm_head, N);
     memset(a->dres, 0, sizeof(float) * N * d);
-    rmsnorm_rows_backward(a->dres, g->shared_head_norm, t->dh_out, t->x_out, w->shared_head_norm, t->h_rstd, N, d);
-    train_layer_backward(m, &w->layer, &g->layer, &t->layer, a->dres, scale);
-    memset(a->dcat, 0, sizeof(float) * N * 2 * d);
-    linear_backward(a->dcat, g->eh_proj, a->dres, t->cat, w->eh_proj, N, 2 * d, d);
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        memcpy(a->den + (size_t)n * d, a->dcat + (size_t)n * 2 * d, sizeof(float) * d);
-        memcpy(a->dhn + (size_t)n * d, a->dcat + (size_t)n * 2 * d + d, sizeof(float) * d);
-    }
+    rmsnorm_rows_backward(a->dres, g->shared_head_norm, t->dh_out, t->layer.acts.x_out, w->shared_head_norm,
+                          t->h_rstd, N, d);
+    LayerPass p = train_pass(m, &t->layer, Tk);
+    layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale);
     memset(a->demb, 0, sizeof(float) * N * d);
     memset(a->dh_prev, 0, sizeof(float) * N * d);
-    rmsnorm_rows_backward(a->demb, g->enorm, a->den, t->emb, w->enorm, t->en_rstd, N, d);
-    rmsnorm_rows_backward(a->dh_prev, g->hnorm, a->dhn, t->h_in, w->hnorm, t->hn_rstd, N, d);
-    embed_backward(m->g.embed_tokens, a->demb, t->in_tok, N, d);
+    mtp_input_backward(c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den, a->dhn,
+                       a->demb, a->dh_prev, N);
+    embed_backward(matview_f32_data(&m->g.embed_tokens), a->demb, t->in_tok, N, d);
     float *dprev = k == 1 ? a->dlnf : a->mtp[k - 2].dh_out;  // (B, Tp, d)
     for (int b = 0; b < m->B; b++)
         for (int i = 0; i < Tk; i++) {
@@ -590,13 +507,12 @@ void train_model_backward(TrainModel *m, float scale) {
         for (int k = D; k >= 1; k--) mtp_backward(m, k, scale);
     }
     crossentropy_backward(a->logits, a->lse, a->targets, N, V, scale / N);
-    linear_backward(a->dlnf, m->g.lm_head, a->logits, a->lnf, m->p.lm_head, N, d, V);
+    matmul_backward(a->dlnf, &m->g.lm_head, a->logits, a->lnf, &m->p.lm_head, N);
     memset(a->dres, 0, sizeof(float) * N * d);
     rmsnorm_rows_backward(a->dres, m->g.norm, a->dlnf, a->x_final, m->p.norm, a->lnf_rstd, N, d);
-    for (int l = c->num_hidden_layers - 1; l >= 0; l--)
-        train_layer_backward(m, &m->p.layers[l], &m->g.layers[l], &a->layers[l], a->dres, scale);
-    int *inp = (int *)a->tmp;
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < T; i++) inp[b * T + i] = a->tokens[(size_t)b * (T + 1) + i];
-    embed_backward(m->g.embed_tokens, a->dres, inp, N, d);
+    for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
+        LayerPass p = train_pass(m, &a->layers[l], T);
+        layer_backward(&p, &m->p.layers[l], &m->g.layers[l], &a->layers[l].acts, &a->gs, a->dres, scale);
+    }
+    embed_backward(matview_f32_data(&m->g.embed_tokens), a->dres, a->inputs, N, d);
 }
