@@ -345,12 +345,12 @@ void gemm_f32(int ta, int tb, int M, int N, int K, float alpha, const float *A, 
 
 // OpenBLAS runs single-threaded under our OpenMP team: two pools of threads, OpenBLAS's and
 // OpenMP's, would fight over the cores. The previous setting is restored afterwards.
-static int blas_single_begin(void) {
+int gemm_f32_serial_begin(void) {
     int n = openblas_get_num_threads();
     if (n != 1) openblas_set_num_threads(1);
     return n;
 }
-static void blas_single_end(int n) {
+void gemm_f32_serial_end(int n) {
     if (n != 1) openblas_set_num_threads(n);
 }
 
@@ -363,7 +363,7 @@ static void gemm_f32_parallel(int ta, int tb, int M, int N, int K, float alpha, 
     int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
     if ((double)M * N * (K > 0 ? K : 1) < (1 << 18) || K <= 0) nt = 1;  // too small to share
     int by_rows = M >= N || M >= 64 * nt, len = by_rows ? M : N;
-    int saved = blas_single_begin();
+    int saved = gemm_f32_serial_begin();
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int p = 0; p < nt; p++) {
         int q = (len + nt - 1) / nt, o = p * q, n = len - o < q ? len - o : q;
@@ -374,7 +374,7 @@ static void gemm_f32_parallel(int ta, int tb, int M, int N, int K, float alpha, 
         else
             gemm_f32(ta, tb, M, n, K, alpha, A, lda, B + (tb ? (size_t)o * ldb : (size_t)o), ldb, beta, C + o, ldc);
     }
-    blas_single_end(saved);
+    gemm_f32_serial_end(saved);
 }
 
 float *matview_f32_data(const MatView *w) {

@@ -49,6 +49,10 @@ MatView matview_f32(const float *data, int rows, int cols);
 
 // C (M×N, ldc) = alpha op(A) op(B) + beta C with fp32 operands, row-major, op = transpose when ta /
 // tb; on the calling thread (for the small products of one attention head inside a parallel loop).
+// A parallel region calling it is bracketed by gemm_f32_serial_begin / _end, which keep the BLAS
+// library from starting threads of its own under ours (returns and restores its setting).
+int gemm_f32_serial_begin(void);
+void gemm_f32_serial_end(int saved);
 void gemm_f32(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
               float beta, float *C, int ldc);
 

@@ -199,6 +199,7 @@ static void attention_plain_backward(const LayerPass *p, const LayerActs *a, Lay
     int v = c->v_head_dim, qk = nope + r, kvw = nope + v;
     float scale = p->softmax_scale;
     const float *q = a->q, *kv = a->kv, *kpe = p->kpe;
+    int saved = gemm_f32_serial_begin();
 #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
         int b = bh / H, h = bh % H;
@@ -228,6 +229,7 @@ static void attention_plain_backward(const LayerPass *p, const LayerActs *a, Lay
             gemm_f32(1, 0, T, r, T, 1.0f, dS, T, qb + nope, H * qk, 0.0f, s->dkpe_heads + (size_t)bh * T * r, r);
         }
     }
+    gemm_f32_serial_end(saved);
     if (r == 0) return;
     // the one rotary key per token collects every head's gradient, added in head order
 #pragma omp parallel for schedule(static)
