@@ -95,7 +95,7 @@ int main(void) {
             fprintf(stderr, "bench_train: %s\n", err.msg);
             return 1;
         }
-        train_model_backward(&m, 1.0f);
+        if (train_model_backward(&m, 1.0f, &err)) return 1;
         adamw_update(&opt, &m, 3e-4f, grad_global_norm(&m));
         memcpy(loads, m.expert_load, sizeof *loads * m.n_moe * c.n_routed_experts);
         moe_bias_update(&m, loads, 0.001f);

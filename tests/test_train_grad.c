@@ -74,7 +74,7 @@ static void check_golden(const char *name) {
                   got[i], want);
     }
     train_model_zero_grad(&g.m);
-    train_model_backward(&g.m, 1.0f);
+    CHECK(train_model_backward(&g.m, 1.0f, &err) == 0);
     char path[600];
     snprintf(path, sizeof path, "%s/train_grad/%s/grads.safetensors", test_datadir(), name);
     StFile st;
@@ -197,7 +197,7 @@ static void check_finite_differences(const char *name) {
     TrainModel *m = &g.m;
     CHECK(train_model_forward(m, g.tokens, &err) == 0);
     train_model_zero_grad(m);
-    train_model_backward(m, 1.0f);
+    CHECK(train_model_backward(m, 1.0f, &err) == 0);
     m->freeze_routing = 1;
     Rng rng;
     rng_seed(&rng, 7);

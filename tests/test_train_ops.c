@@ -207,7 +207,7 @@ static void check_mla(int q_lora, int nope) {
     float *cs = zeros(T * r / 2), *sn = zeros(T * r / 2);
     rope_table(cs, sn, T, r, 0, inv, 1.0f);
     size_t per = attn_scratch_floats(c, T);
-    m.p = (LayerPass){.c = c, .B = B, .T = T, .rope_cos = cs, .rope_sin = sn, .softmax_scale = 0.4f,
+    m.p = (LayerPass){.be = backend_cpu(), .c = c, .B = B, .T = T, .rope_cos = cs, .rope_sin = sn, .softmax_scale = 0.4f,
                       .latent = zeros(N * L), .kpe = zeros(N * r), .ld = T, .mode = ATTN_PLAIN, .save = 1,
                       .scratch = zeros(per * 64), .per_thread = per};
     LayerActs *a = &m.a;
@@ -225,7 +225,7 @@ static void check_mla(int q_lora, int nope) {
     mla_loss(&m);
     float *dres = malloc(sizeof(float) * m.n);
     memcpy(dres, m.rr, sizeof(float) * m.n);
-    mla_backward(&m.p, w, &g, m.ln1w, dln1w, a, &s, dres);
+    CHECK(mla_backward(&m.p, w, &g, m.ln1w, dln1w, a, &s, dres) == 0);
     CHECK(fd_ratio(a->x_in, m.n, dres, mla_loss, &m) < FD_TOL);
     CHECK(fd_ratio((float *)w->kv_b_proj.data, (size_t)H * (nope + v) * L, g.kv_b_proj.data, mla_loss, &m) < FD_TOL);
     CHECK(fd_ratio((float *)w->kv_a_proj_with_mqa.data, (size_t)(L + r) * d, g.kv_a_proj_with_mqa.data, mla_loss, &m) <

@@ -117,13 +117,13 @@ TEST(test_gradient_accumulation_equals_full_batch) {
     Error err = {0};
     CHECK(train_model_forward(&full, tok, &err) == 0);
     train_model_zero_grad(&full);
-    train_model_backward(&full, 1.0f);
+    CHECK(train_model_backward(&full, 1.0f, &err) == 0);
     train_model_zero_grad(&half);
     double loss = 0;
     for (int b = 0; b < 2; b++) {
         CHECK(train_model_forward(&half, tok + 7 * b, &err) == 0);
         loss += half.loss.loss / 2;
-        train_model_backward(&half, 0.5f);
+        CHECK(train_model_backward(&half, 0.5f, &err) == 0);
     }
     CHECK_NEAR(loss, full.loss.loss, 1e-5 * full.loss.loss);
     double scale = 0, diff = 0;

@@ -15,6 +15,12 @@ int err_set(Error *err, const char *fmt, ...) __attribute__((format(printf, 2, 3
 // Prepends "prefix: " to an existing message; returns -1.
 int err_prefix(Error *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+// Returns -1 from the calling function when x, a call that can fail, did (its error already set).
+#define TRY(x)                   \
+    do {                         \
+        if ((x) != 0) return -1; \
+    } while (0)
+
 // Allocation that reports failure through err instead of returning NULL silently.
 void *xmalloc(Error *err, size_t n, const char *what);
 void *xcalloc(Error *err, size_t count, size_t size, const char *what);

@@ -14,7 +14,7 @@ int kernels_cpu_avx512(void);
 
 // Per-thread scratch of at least n floats, 64-byte aligned, kept between calls and freed when the
 // thread exits (the kernels run many times per token; allocating each time would fault pages in).
-// Aborts when memory runs out: the kernels have no error channel.
+// NULL when memory runs out: the caller's product then fails with -1.
 float *kernels_scratch(size_t n);
 
 // Bulk bf16 conversions; each returns how many leading elements it converted (the caller does
@@ -26,19 +26,20 @@ size_t bf16_from_f32_n_avx512(uint16_t *out, const float *in, size_t n);
 // and a caller without denormals-are-zero (MXCSR.DAZ).
 int matview_avx512_ok(const MatView *w);
 
+// The products return 0, or -1 when their scratch could not be allocated.
 // Few activation rows (decode, speculative drafts), every weight read from memory once:
 // out[n * ldo + r] = x[n * ldx ..] · W[r] for rows r in [r_begin, r_end), n < N;
-void gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
+int gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
                     int r_begin, int r_end);
 // out[n][c] = Σ_r x[n][r] W[r][c] for columns c in [c_begin, c_end) (out: N × cols, x: N × rows).
 // FP8: c_begin must be a multiple of 16 (one scale per 16-column vector), as for gemm_avx512 with
 // transpose_w = 0; matmul_nn_part does a ragged head itself.
-void gemv_nn_avx512(float *out, const float *x, int N, const MatView *w, int c_begin, int c_end);
+int gemv_nn_avx512(float *out, const float *x, int N, const MatView *w, int c_begin, int c_end);
 
 // One thread's share of a blocked product: output features [f_begin, f_end) of all N rows.
 // transpose_w = 1: out[N][rows] = x · Wᵀ (features are rows of W, K = cols);
 // transpose_w = 0: out[N][cols] = x · W  (features are cols of W, K = rows).
-void gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpose_w, int f_begin,
+int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpose_w, int f_begin,
                  int f_end);
 
 // Dequantises columns [c0, c0 + n) of row r into out[n].

@@ -72,40 +72,38 @@ static void scratch_free(void *p) {
     free(s);
 }
 
-static void scratch_init(void) {
-    if (pthread_key_create(&scratch_key, scratch_free) != 0) {
-        fprintf(stderr, "dsv3 kernels: cannot create the per-thread scratch key\n");
-        abort();
-    }
-}
+static int scratch_key_ok;
+
+static void scratch_init(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0; }
 
 float *kernels_scratch(size_t n) {
     pthread_once(&scratch_once, scratch_init);
+    if (!scratch_key_ok) return NULL;
     Scratch *s = pthread_getspecific(scratch_key);
     if (!s) {
         s = calloc(1, sizeof *s);
-        if (!s || pthread_setspecific(scratch_key, s) != 0) goto oom;
+        if (!s) return NULL;
+        if (pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
     }
     if (s->cap < n) {
         size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
         float *p = aligned_alloc(64, bytes);
-        if (!p) goto oom;
+        if (!p) return NULL;
         free(s->data);
         s->data = p;
         s->cap = n;
     }
     return s->data;
-oom:
-    fprintf(stderr, "dsv3 kernels: out of memory for %zu floats of scratch\n", n);
-    abort();
 }
 
-static void check_dtype(const MatView *w) {
-    if (w->dtype == DT_F32 || w->dtype == DT_BF16 || w->dtype == DT_F16 ||
-        (w->dtype == DT_F8_E4M3 && w->block > 0 && w->scale_inv)) return;
-    fprintf(stderr, "dsv3 kernels: matmul on a %s matrix (%d x %d) is not supported\n", dtype_name(w->dtype),
-            w->rows, w->cols);
-    abort();
+static int check_dtype(const MatView *w) {
+    return w->dtype == DT_F32 || w->dtype == DT_BF16 || w->dtype == DT_F16 ||
+                   (w->dtype == DT_F8_E4M3 && w->block > 0 && w->scale_inv)
+               ? 0
+               : -1;
 }
 
 MatView matview_rows(const MatView *w, int r0, int n) {
@@ -139,10 +137,11 @@ static void row_scalar(const MatView *w, int r, int c0, int n, float *out) {
     }
 }
 
-void matview_row_f32(const MatView *w, int r, float *out) {
-    check_dtype(w);
+int matview_row_f32(const MatView *w, int r, float *out) {
+    if (check_dtype(w)) return -1;
     if (kernels_cpu_avx512() && matview_avx512_ok(w)) matview_row_avx512(w, r, 0, w->cols, out);
     else row_scalar(w, r, 0, w->cols, out);
+    return 0;
 }
 
 static int threads_for(double work) {
@@ -175,19 +174,22 @@ static void rows_scalar(const MatView *w, int r0, int n, float *buf) {
 }
 
 // Output features [r0, r1) of out[N][rows] = x · Wᵀ on this thread: one widened row at a time.
-static void nt_scalar_rows(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
+static int nt_scalar_rows(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
     const int rows = w->rows, cols = w->cols;
     float *row = kernels_scratch(cols);
+    if (!row) return -1;
     for (int r = r0; r < r1; r++) {
         row_scalar(w, r, 0, cols, row);
         for (int n = 0; n < N; n++) out[(size_t)n * rows + r] = dot(row, x + (size_t)n * cols, cols);
     }
+    return 0;
 }
 
 // Columns [c0, c1) of out[N][cols] = x · W on this thread: out[n] = Σ_r x[n][r] W[r], a row at a time.
-static void nn_scalar_cols(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
+static int nn_scalar_cols(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
     const int rows = w->rows, cols = w->cols, nc = c1 - c0;
     float *row = kernels_scratch(nc);
+    if (!row) return -1;
     for (int n = 0; n < N; n++) memset(out + (size_t)n * cols + c0, 0, sizeof(float) * nc);
     for (int r = 0; r < rows; r++) {
         row_scalar(w, r, c0, nc, row);
@@ -196,54 +198,47 @@ static void nn_scalar_cols(float *out, const float *x, const MatView *w, int N, 
             for (int c = 0; c < nc; c++) o[c] += a * row[c];
         }
     }
+    return 0;
 }
 
-static void matmul_nt_scalar(float *out, const float *x, const MatView *w, int N) {
+static int matmul_nt_scalar(float *out, const float *x, const MatView *w, int N) {
     const int rows = w->rows, cols = w->cols;
     if (w->dtype == DT_F32 && N > GEMV_MAX_N && !omp_in_parallel()) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, rows, cols, 1.0f, x, cols, w->data, cols, 0.0f, out,
                     rows);
-        return;
+        return 0;
     }
     if (N <= GEMV_MAX_N || omp_in_parallel()) {
-        int nt = threads_for((double)N * rows * cols);
-#pragma omp parallel num_threads(nt) if (nt > 1)
+        int nt = threads_for((double)N * rows * cols), failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
         {
             int r0, r1;
             split(rows, 1, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-            nt_scalar_rows(out, x, w, N, r0, r1);
+            failed |= nt_scalar_rows(out, x, w, N, r0, r1) != 0;
         }
-        return;
+        return failed ? -1 : 0;
     }
     float *buf = malloc(sizeof(float) * FALLBACK_PANEL * cols);
-    if (!buf) {
-        fprintf(stderr, "dsv3 kernels: out of memory for a %d x %d panel\n", FALLBACK_PANEL, cols);
-        abort();
-    }
+    if (!buf) return -1;
     for (int r0 = 0; r0 < rows; r0 += FALLBACK_PANEL) {
         int p = rows - r0 < FALLBACK_PANEL ? rows - r0 : FALLBACK_PANEL;
         rows_scalar(w, r0, p, buf);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, p, cols, 1.0f, x, cols, buf, cols, 0.0f, out + r0, rows);
     }
     free(buf);
+    return 0;
 }
 
-static void matmul_nn_scalar(float *out, const float *x, const MatView *w, int N) {
+static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N) {
     const int rows = w->rows, cols = w->cols;
-    if (omp_in_parallel()) {  // one thread, no BLAS
-        nn_scalar_cols(out, x, w, N, 0, cols);
-        return;
-    }
+    if (omp_in_parallel()) return nn_scalar_cols(out, x, w, N, 0, cols);  // one thread, no BLAS
     if (w->dtype == DT_F32) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, cols, rows, 1.0f, x, rows, w->data, cols, 0.0f, out,
                     cols);
-        return;
+        return 0;
     }
     float *buf = malloc(sizeof(float) * FALLBACK_PANEL * cols);
-    if (!buf) {
-        fprintf(stderr, "dsv3 kernels: out of memory for a %d x %d panel\n", FALLBACK_PANEL, cols);
-        abort();
-    }
+    if (!buf) return -1;
     for (int k0 = 0; k0 < rows; k0 += FALLBACK_PANEL) {
         int p = rows - k0 < FALLBACK_PANEL ? rows - k0 : FALLBACK_PANEL;
         rows_scalar(w, k0, p, buf);
@@ -251,80 +246,74 @@ static void matmul_nn_scalar(float *out, const float *x, const MatView *w, int N
                     k0 ? 1.0f : 0.0f, out, cols);
     }
     free(buf);
+    return 0;
 }
 
-void matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
-    check_dtype(w);
-    if (N <= 0 || r1 <= r0) return;
+int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
+    if (check_dtype(w)) return -1;
+    if (N <= 0 || r1 <= r0) return 0;
     if (w->cols <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * w->rows + r0, 0, sizeof(float) * (r1 - r0));
-        return;
+        return 0;
     }
-    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) nt_scalar_rows(out, x, w, N, r0, r1);
-    else if (N <= GEMV_MAX_N) gemv_nt_avx512(out, w->rows, x, w->cols, N, w, r0, r1);
-    else gemm_avx512(out, x, w, N, 1, r0, r1);
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return nt_scalar_rows(out, x, w, N, r0, r1);
+    if (N <= GEMV_MAX_N) return gemv_nt_avx512(out, w->rows, x, w->cols, N, w, r0, r1);
+    return gemm_avx512(out, x, w, N, 1, r0, r1);
 }
 
-void matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
-    check_dtype(w);
-    if (N <= 0 || c1 <= c0) return;
+int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
+    if (check_dtype(w)) return -1;
+    if (N <= 0 || c1 <= c0) return 0;
     if (w->rows <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * w->cols + c0, 0, sizeof(float) * (c1 - c0));
-        return;
+        return 0;
     }
-    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) {
-        nn_scalar_cols(out, x, w, N, c0, c1);
-        return;
-    }
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return nn_scalar_cols(out, x, w, N, c0, c1);
     // The vector kernels take one FP8 scale per 16 columns, so a vector must not straddle a scale
     // block: they start on a multiple of 16 and a ragged head is done here.
     int a = w->dtype == DT_F8_E4M3 ? (c0 + 15) & ~15 : c0;
     if (a > c1) a = c1;
-    if (a > c0) nn_scalar_cols(out, x, w, N, c0, a);
-    if (N <= GEMV_NN_MAX_N) gemv_nn_avx512(out, x, N, w, a, c1);
-    else gemm_avx512(out, x, w, N, 0, a, c1);
+    if (a > c0 && nn_scalar_cols(out, x, w, N, c0, a)) return -1;
+    if (N <= GEMV_NN_MAX_N) return gemv_nn_avx512(out, x, N, w, a, c1);
+    return gemm_avx512(out, x, w, N, 0, a, c1);
 }
 
-void matmul_nt(float *out, const float *x, const MatView *w, int N) {
-    check_dtype(w);
+int matmul_nt(float *out, const float *x, const MatView *w, int N) {
+    if (check_dtype(w)) return -1;
     const int rows = w->rows, cols = w->cols;
-    if (N <= 0 || rows <= 0) return;
+    if (N <= 0 || rows <= 0) return 0;
     if (cols <= 0) {
         memset(out, 0, sizeof(float) * N * rows);
-        return;
+        return 0;
     }
-    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) {
-        matmul_nt_scalar(out, x, w, N);
-        return;
-    }
-    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N ? 4 : 32;
-#pragma omp parallel num_threads(nt) if (nt > 1)
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return matmul_nt_scalar(out, x, w, N);
+    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N ? 4 : 32, failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {
         int r0, r1;
         split(rows, unit, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-        matmul_nt_part(out, x, w, N, r0, r1);
+        failed |= matmul_nt_part(out, x, w, N, r0, r1) != 0;
     }
+    return failed ? -1 : 0;
 }
 
-void matmul_nn(float *out, const float *x, const MatView *w, int N) {
-    check_dtype(w);
+int matmul_nn(float *out, const float *x, const MatView *w, int N) {
+    if (check_dtype(w)) return -1;
     const int rows = w->rows, cols = w->cols;
-    if (N <= 0 || cols <= 0) return;
+    if (N <= 0 || cols <= 0) return 0;
     if (rows <= 0) {
         memset(out, 0, sizeof(float) * N * cols);
-        return;
+        return 0;
     }
-    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) {
-        matmul_nn_scalar(out, x, w, N);
-        return;
-    }
-    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_NN_MAX_N ? 64 : 32;
-#pragma omp parallel num_threads(nt) if (nt > 1)
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return matmul_nn_scalar(out, x, w, N);
+    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_NN_MAX_N ? 64 : 32, failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {
         int c0, c1;
         split(cols, unit, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
-        matmul_nn_part(out, x, w, N, c0, c1);
+        failed |= matmul_nn_part(out, x, w, N, c0, c1) != 0;
     }
+    return failed ? -1 : 0;
 }
 
 // ---- fp32 GEMMs for the backward pass ----
@@ -377,35 +366,30 @@ static void gemm_f32_parallel(int ta, int tb, int M, int N, int K, float alpha, 
     gemm_f32_serial_end(saved);
 }
 
-float *matview_f32_data(const MatView *w) {
-    if (w->dtype != DT_F32) {
-        fprintf(stderr, "dsv3 kernels: a %s matrix (%d x %d) used where an F32 one is needed\n", dtype_name(w->dtype),
-                w->rows, w->cols);
-        abort();
-    }
-    return (float *)w->data;
-}
+float *matview_f32_data(const MatView *w) { return w->dtype == DT_F32 ? (float *)w->data : NULL; }
 
 MatView matview_f32(const float *data, int rows, int cols) {
     return (MatView){.dtype = DT_F32, .rows = rows, .cols = cols, .data = data};
 }
 
-void matmul_backward(float *dx, const MatView *dw, const float *dout, const float *x, const MatView *w, int N) {
+int matmul_backward(float *dx, const MatView *dw, const float *dout, const float *x, const MatView *w, int N) {
     int rows = w->rows, cols = w->cols;
-    if (N <= 0) return;
+    float *dwd = matview_f32_data(dw);
+    if (!dwd || check_dtype(w)) return -1;
+    if (N <= 0) return 0;
     if (dx) {
         if (w->dtype == DT_F32) {
             gemm_f32_parallel(0, 0, N, cols, rows, 1.0f, dout, rows, w->data, cols, 1.0f, dx, cols);
         } else {  // widen through the forward kernels: tmp = dout · W, then accumulate
             float *tmp = malloc(sizeof(float) * (size_t)N * cols);
-            if (!tmp) {
-                fprintf(stderr, "dsv3 kernels: out of memory for a %d x %d gradient\n", N, cols);
-                abort();
+            if (!tmp || matmul_nn(tmp, dout, w, N)) {
+                free(tmp);
+                return -1;
             }
-            matmul_nn(tmp, dout, w, N);
             for (size_t i = 0; i < (size_t)N * cols; i++) dx[i] += tmp[i];
             free(tmp);
         }
     }
-    gemm_f32_parallel(1, 0, rows, cols, N, 1.0f, dout, rows, x, cols, 1.0f, matview_f32_data(dw), cols);
+    gemm_f32_parallel(1, 0, rows, cols, N, 1.0f, dout, rows, x, cols, 1.0f, dwd, cols);
+    return 0;
 }

@@ -26,23 +26,26 @@ typedef struct MatView {
 // Rows [r0, r0 + n) of w, as a view.
 MatView matview_rows(const MatView *w, int r0, int n);
 
+// Every product returns 0, or -1 when the view's dtype is not a weight type (F32, BF16, F16,
+// F8_E4M3 with its scales) or scratch memory ran out; the backend turns that into an Error.
 // out[N][rows] = x[N][cols] · Wᵀ   (a linear layer y = W x for N tokens)
-void matmul_nt(float *out, const float *x, const MatView *w, int N);
+int matmul_nt(float *out, const float *x, const MatView *w, int N);
 // out[N][cols] = x[N][rows] · W    (the transposed product, e.g. folding W_UK into a query)
-void matmul_nn(float *out, const float *x, const MatView *w, int N);
+int matmul_nn(float *out, const float *x, const MatView *w, int N);
 // One thread's share of the same products, computed on the calling thread without forking: for
 // callers that run their own parallel region (a decode step forks once per token, not once per
 // matrix). matmul_nt_part writes output features [r0, r1) of every row of out[N][rows];
 // matmul_nn_part writes columns [c0, c1) of out[N][cols].
-void matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1);
-void matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1);
+int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1);
+int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1);
 // The backward pass of out = x · Wᵀ, the other two GEMMs of a linear layer:
 // dx (N, cols) += dout · W (skipped when dx is NULL; any weight type) and
 // dw (rows, cols) += doutᵀ · x (dw: an F32 view over writable memory, the gradient of w).
 // dout: (N, rows)  x: (N, cols). Threads split the products in fixed blocks: for a given thread
 // count the result is the same bits every run.
-void matmul_backward(float *dx, const MatView *dw, const float *dout, const float *x, const MatView *w, int N);
-// The writable fp32 data of an F32 view over memory the caller owns (gradients, training weights).
+int matmul_backward(float *dx, const MatView *dw, const float *dout, const float *x, const MatView *w, int N);
+// The writable fp32 data of an F32 view over memory the caller owns (gradients, training
+// weights); NULL for any other dtype.
 float *matview_f32_data(const MatView *w);
 // An F32 view of rows × cols floats.
 MatView matview_f32(const float *data, int rows, int cols);
@@ -57,7 +60,7 @@ void gemm_f32(int ta, int tb, int M, int N, int K, float alpha, const float *A, 
               float beta, float *C, int ldc);
 
 // Dequantises row r of w into out[cols] (embedding look-ups).
-void matview_row_f32(const MatView *w, int r, float *out);
+int matview_row_f32(const MatView *w, int r, float *out);
 
 // Which instruction set the kernels chose ("avx512bf16", "avx512", "scalar").
 const char *kernels_isa(void);

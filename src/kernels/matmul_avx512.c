@@ -376,18 +376,19 @@ AVX512 static void gemv_rows_fp8(float *out, int ldo, const float *x, int ldx, i
     gemv_rows(W_FP8, out, ldo, x, ldx, N, w, r0, r1);
 }
 
-AVX512 void gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int r_begin,
-                           int r_end) {
+AVX512 int gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int r_begin,
+                          int r_end) {
     if (fp8_needs_split_scale(w)) {
         // Rare: widen each group of rows exactly into scratch and run the fp32 kernel on it.
         float *buf = kernels_scratch((size_t)4 * w->cols);
+        if (!buf) return -1;
         MatView f = {.dtype = DT_F32, .rows = 4, .cols = w->cols, .data = buf};
         for (int r = r_begin; r < r_end; r += 4) {
             int rb = r_end - r < 4 ? r_end - r : 4;
             for (int i = 0; i < rb; i++) matview_row_avx512(w, r + i, 0, w->cols, buf + (size_t)i * w->cols);
             gemv_rows_f32(out + r, ldo, x, ldx, N, &f, 0, rb);
         }
-        return;
+        return 0;
     }
     switch (weight_kind(w->dtype)) {
     case W_F32: gemv_rows_f32(out, ldo, x, ldx, N, w, r_begin, r_end); break;
@@ -395,6 +396,7 @@ AVX512 void gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, 
     case W_F16: gemv_rows_f16(out, ldo, x, ldx, N, w, r_begin, r_end); break;
     default: gemv_rows_fp8(out, ldo, x, ldx, N, w, r_begin, r_end); break;
     }
+    return 0;
 }
 
 // ---- out = x · W with few activation rows: column tiles, every weight row streamed once ------
@@ -494,19 +496,17 @@ AVX512 static void gemv_nn_fp8(float *out, int ldo, const float *x, int ldx, int
     gemv_nn_cols(W_FP8, out, ldo, x, ldx, N, w, c0, c1);
 }
 
-AVX512 void gemv_nn_avx512(float *out, const float *x, int N, const MatView *w, int c_begin, int c_end) {
-    if (c_end <= c_begin) return;
-    if (fp8_needs_split_scale(w)) {
-        // Rare (a block scale >= 2^8): the blocked product handles it while packing.
-        gemm_avx512(out, x, w, N, 0, c_begin, c_end);
-        return;
-    }
+AVX512 int gemv_nn_avx512(float *out, const float *x, int N, const MatView *w, int c_begin, int c_end) {
+    if (c_end <= c_begin) return 0;
+    if (fp8_needs_split_scale(w))  // rare (a block scale >= 2^8): the blocked product handles it while packing
+        return gemm_avx512(out, x, w, N, 0, c_begin, c_end);
     switch (weight_kind(w->dtype)) {
     case W_F32: gemv_nn_f32(out, w->cols, x, w->rows, N, w, c_begin, c_end); break;
     case W_BF16: gemv_nn_bf16(out, w->cols, x, w->rows, N, w, c_begin, c_end); break;
     case W_F16: gemv_nn_f16(out, w->cols, x, w->rows, N, w, c_begin, c_end); break;
     default: gemv_nn_fp8(out, w->cols, x, w->rows, N, w, c_begin, c_end); break;
     }
+    return 0;
 }
 
 // ---- row dequantisation --------------------------------------------------------------------
@@ -759,12 +759,13 @@ AVX512 static void micro(int mr, int kc, const float *xp, const float *bp, float
     }
 }
 
-AVX512 void gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpose_w, int f_begin,
-                        int f_end) {
-    if (f_end <= f_begin) return;
+AVX512 int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpose_w, int f_begin,
+                       int f_end) {
+    if (f_end <= f_begin) return 0;
     const int K = transpose_w ? w->cols : w->rows, F = transpose_w ? w->rows : w->cols;
     const int split = fp8_needs_split_scale(w);
     float *bp = kernels_scratch((size_t)(FB + MC) * KC);
+    if (!bp) return -1;
     float *xp = bp + (size_t)FB * KC;
     for (int n0 = 0; n0 < N; n0 += MC) {
         int mc = N - n0 < MC ? N - n0 : MC;
@@ -786,4 +787,5 @@ AVX512 void gemm_avx512(float *out, const float *x, const MatView *w, int N, int
             }
         }
     }
+    return 0;
 }

@@ -6,7 +6,6 @@
 #include <string.h>
 
 #include "base/bufplan.h"
-#include "kernels/matmul.h"
 #include "kernels/ops.h"
 #include "model/forward_internal.h"
 
@@ -45,6 +44,7 @@ static void lay_state(BufPlan *p, void *ctx) {
     s->topk_w = PLAN_F(p, TK);
     s->slot_of = PLAN_I(p, TK);
     s->slot_tk = PLAN_I(p, TK);
+    s->slot_tk_token = PLAN_I(p, TK);
     s->expert_off = PLAN_I(p, Nr + 1);
     s->xg = PLAN_F(p, TK * d);
     s->e_out = PLAN_F(p, TK * d);
@@ -82,6 +82,7 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     a->qa = a->cq = s->qa;
     a->q = s->q;
     a->kva = s->kva;
+    a->ckv_pre = NULL;
     a->ao = s->ao;
     a->y = s->y;
     a->ffn_gate = a->ffn_h = s->gate;
@@ -92,6 +93,7 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     a->topk_w = s->topk_w;
     a->slot_of = s->slot_of;
     a->slot_tk = s->slot_tk;
+    a->slot_tk_token = s->slot_tk_token;
     a->expert_off = s->expert_off;
     a->xg = s->xg;
     a->e_gate = a->e_h = s->e_gate;
@@ -109,7 +111,7 @@ void forward_state_free(ForwardState *s) {
 LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T, int pos0, AttnMode mode) {
     const ModelConfig *c = &m->cfg;
     rope_table(s->rope_cos, s->rope_sin, T, c->qk_rope_head_dim, pos0, m->inv_freq, m->rope_mscale);
-    return (LayerPass){.c = c, .B = 1, .T = T, .pos0 = pos0, .rope_cos = s->rope_cos, .rope_sin = s->rope_sin,
+    return (LayerPass){.be = m->be, .c = c, .B = 1, .T = T, .pos0 = pos0, .rope_cos = s->rope_cos, .rope_sin = s->rope_sin,
                        .softmax_scale = m->softmax_scale, .ld = kv->capacity, .mode = mode, .scratch = s->attn,
                        .per_thread = s->attn_per_thread};
 }
@@ -132,32 +134,42 @@ static int check_call(const Model *m, const ForwardState *s, int T, int pos0, in
     return 0;
 }
 
-static void head_forward(const ForwardState *s, const MatView *head, int T, int d, float *logits, float *last_logits) {
-    if (logits) matmul_nt(logits, s->xn, head, T);
-    if (last_logits) matmul_nt(last_logits, s->xn + (size_t)(T - 1) * d, head, 1);
+// The final norm and the head: hidden (T, d) = norm(x) when asked, logits (T, vocab) and
+// last_logits (vocab) when asked.
+static int head_forward(const Model *m, ForwardState *s, const float *norm, const MatView *head, int T,
+                        float *logits, float *last_logits, float *hidden) {
+    Backend *be = m->be;
+    int d = m->cfg.hidden_size;
+    TRY(be->ops->rmsnorm(be, s->xn, d, NULL, s->x, d, norm, T, d, m->cfg.rms_norm_eps));
+    if (hidden) memcpy(hidden, s->xn, sizeof(float) * T * d);
+    if (logits) TRY(be->ops->matmul(be, logits, s->xn, head, T));
+    if (last_logits) TRY(be->ops->matmul(be, last_logits, s->xn + (size_t)(T - 1) * d, head, 1));
+    return 0;
 }
+
+// The backend's error, as the caller's.
+static int backend_failed(const Model *m, Error *err) { return err_set(err, "%s", m->be->err.msg); }
 
 int model_forward(const Model *m, ForwardState *s, KVCache *kv, const int *tokens, int T, AttnMode mode,
                   float *logits, float *last_logits, float *hidden, Error *err) {
     const ModelConfig *c = &m->cfg;
-    int d = c->hidden_size, pos0 = kv->len;
+    int pos0 = kv->len;
     if (check_call(m, s, T, pos0, kv->capacity, tokens, err)) return -1;
     if (T == 1 && mode == ATTN_ABSORBED) {
-        decode_forward(m, s, kv, tokens[0], logits ? logits : last_logits, hidden);
+        if (decode_forward(m, s, kv, tokens[0], logits ? logits : last_logits, hidden)) return backend_failed(m, err);
         if (logits && last_logits) memcpy(last_logits, logits, sizeof(float) * c->vocab_size);
         return 0;
     }
-    for (int t = 0; t < T; t++) matview_row_f32(&m->w.embed_tokens, tokens[t], s->x + (size_t)t * d);
+    Backend *be = m->be;
+    if (be->ops->embedding(be, s->x, &m->w.embed_tokens, tokens, T)) return backend_failed(m, err);
     LayerPass p = forward_pass(m, s, kv, T, pos0, mode);
     for (int l = 0; l < c->num_hidden_layers; l++) {
+        double balance;
         pass_layer(&p, c, kv, l);
-        layer_forward(&p, &m->w.layers[l], &s->acts, NULL);
+        if (layer_forward(&p, &m->w.layers[l], &s->acts, NULL, &balance)) return backend_failed(m, err);
     }
     kv->len += T;
-    rmsnorm_rows_forward(s->xn, NULL, s->x, m->w.norm, T, d, c->rms_norm_eps);
-    if (hidden) memcpy(hidden, s->xn, sizeof(float) * T * d);
-    head_forward(s, &m->w.lm_head, T, d, logits, last_logits);
-    return 0;
+    return head_forward(m, s, m->w.norm, &m->w.lm_head, T, logits, last_logits, hidden) ? backend_failed(m, err) : 0;
 }
 
 int model_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, const int *next_tokens,
@@ -166,20 +178,20 @@ int model_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, const
     if (k < 0 || k >= m->w.n_mtp || k >= kv->n_mtp)
         return err_set(err, "MTP module %d: the model has %d MTP modules loaded", k, m->w.n_mtp);
     const MtpWeights *w = &m->w.mtp[k];
-    int d = c->hidden_size, pos0 = kv->mtp_len[k];
+    int pos0 = kv->mtp_len[k];
     if (check_call(m, s, T, pos0, kv->capacity, next_tokens, err)) return -1;
-    if (T == 1 && mode == ATTN_ABSORBED) {
-        decode_mtp_forward(m, s, kv, k, next_tokens[0], hidden, logits, hidden_out);
-        return 0;
-    }
-    for (int t = 0; t < T; t++) matview_row_f32(&w->embed_tokens, next_tokens[t], s->emb + (size_t)t * d);
-    mtp_input_forward(c, w, s->emb, hidden, s->cat, NULL, NULL, s->x, T);
+    if (T == 1 && mode == ATTN_ABSORBED)
+        return decode_mtp_forward(m, s, kv, k, next_tokens[0], hidden, logits, hidden_out) ? backend_failed(m, err) : 0;
+    Backend *be = m->be;
+    double balance;
     LayerPass p = forward_pass(m, s, kv, T, pos0, mode);
     pass_layer(&p, c, kv, c->num_hidden_layers + k);
-    layer_forward(&p, &w->layer, &s->acts, NULL);
+    if (be->ops->embedding(be, s->emb, &w->embed_tokens, next_tokens, T) ||
+        mtp_input_forward(be, c, w, s->emb, hidden, s->cat, NULL, NULL, s->x, T) ||
+        layer_forward(&p, &w->layer, &s->acts, NULL, &balance))
+        return backend_failed(m, err);
     kv->mtp_len[k] += T;
-    rmsnorm_rows_forward(s->xn, NULL, s->x, w->shared_head_norm, T, d, c->rms_norm_eps);
-    if (hidden_out) memcpy(hidden_out, s->xn, sizeof(float) * T * d);
-    head_forward(s, &w->shared_head_head, T, d, logits, NULL);
-    return 0;
+    return head_forward(m, s, w->shared_head_norm, &w->shared_head_head, T, logits, NULL, hidden_out)
+               ? backend_failed(m, err)
+               : 0;
 }

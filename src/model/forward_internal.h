@@ -19,6 +19,7 @@ struct ForwardState {
     float *topk_w;            // (T, K_r)
     int *slot_of;             // (T, K_r)
     int *slot_tk;             // (T·K_r)
+    int *slot_tk_token;       // (T·K_r)
     int *expert_off;          // (N_r + 1)
     float *xg, *e_out;        // (T·K_r, d) routed inputs and outputs by slot
     float *e_gate, *e_up;     // (T·K_r, moe_inter)
@@ -39,9 +40,9 @@ LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T
 
 // Decode steps: one token at position kv->len (main model) or kv->mtp_len[k] (MTP module k)
 // through absorbed attention, in one parallel region (decode.c). Same outputs as model_forward and
-// model_mtp_forward with T = 1; the callers have checked the arguments.
-void decode_forward(const Model *m, ForwardState *s, KVCache *kv, int token, float *logits, float *hidden);
-void decode_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, int token, const float *hidden,
-                        float *logits, float *hidden_out);
+// model_mtp_forward with T = 1; the callers have checked the arguments. 0, or -1 with m->be->err set.
+int decode_forward(const Model *m, ForwardState *s, KVCache *kv, int token, float *logits, float *hidden);
+int decode_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, int token, const float *hidden,
+                       float *logits, float *hidden_out);
 
 #endif

@@ -1,79 +1,75 @@
 // The decoder layer (MLA, then the dense FFN or the MoE) and the MTP module's input, forward and
-// backward; MLA lives in mla.c, the MoE seam in moe.c.
+// backward; MLA lives in mla.c, the MoE seam in moe.c. Every product runs on the pass's backend.
 #include <string.h>
 
-#include "kernels/matmul.h"
-#include "kernels/ops.h"
 #include "model/layer.h"
 
-void ffn_forward(const FfnWeights *f, const float *x, float *gate, float *up, float *h, float *out, int n) {
+int ffn_forward(Backend *be, const FfnWeights *f, const float *x, float *gate, float *up, float *h, float *out,
+                int n) {
     long F = f->gate_proj.rows;
-    matmul_nt(gate, x, &f->gate_proj, n);
-    matmul_nt(up, x, &f->up_proj, n);
-    swiglu_rows_forward(h, gate, up, (long)n * F);
-    matmul_nt(out, h, &f->down_proj, n);
+    TRY(be->ops->matmul(be, gate, x, &f->gate_proj, n));
+    TRY(be->ops->matmul(be, up, x, &f->up_proj, n));
+    TRY(be->ops->swiglu(be, h, gate, up, (long)n * F));
+    return be->ops->matmul(be, out, h, &f->down_proj, n);
 }
 
-void ffn_backward(const FfnWeights *f, FfnWeights *gf, const float *dout, const float *x, const float *gate,
-                  const float *up, const float *h, float *dx, float *dgate, float *dup, float *dh, int n) {
+int ffn_backward(Backend *be, const FfnWeights *f, FfnWeights *gf, const float *dout, const float *x,
+                 const float *gate, const float *up, const float *h, float *dx, float *dgate, float *dup, float *dh,
+                 int n) {
     long F = f->gate_proj.rows;
     memset(dh, 0, sizeof(float) * n * F);
-    matmul_backward(dh, &gf->down_proj, dout, h, &f->down_proj, n);
-    swiglu_rows_backward(dgate, dup, dh, gate, up, (long)n * F);
-    matmul_backward(dx, &gf->gate_proj, dgate, x, &f->gate_proj, n);
-    matmul_backward(dx, &gf->up_proj, dup, x, &f->up_proj, n);
+    TRY(be->ops->matmul_backward(be, dh, &gf->down_proj, dout, h, &f->down_proj, n));
+    TRY(be->ops->swiglu_backward(be, dgate, dup, dh, gate, up, (long)n * F));
+    TRY(be->ops->matmul_backward(be, dx, &gf->gate_proj, dgate, x, &f->gate_proj, n));
+    return be->ops->matmul_backward(be, dx, &gf->up_proj, dup, x, &f->up_proj, n);
 }
 
-double layer_forward(const LayerPass *p, const LayerWeights *w, LayerActs *a, long long *load) {
+int layer_forward(const LayerPass *p, const LayerWeights *w, LayerActs *a, long long *load, double *balance) {
     const ModelConfig *c = p->c;
+    Backend *be = p->be;
     int N = p->B * p->T, d = c->hidden_size;
-    mla_forward(p, &w->self_attn, w->input_layernorm, a);
-    rmsnorm_rows_forward(a->ln2, a->ln2_rstd, a->x_mid, w->post_attention_layernorm, N, d, c->rms_norm_eps);
-    double bal = 0;
-    if (w->is_moe) bal = moe_forward(p, &w->moe, a, a->y, load);
-    else ffn_forward(&w->mlp, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, a->y, N);
-#pragma omp parallel for schedule(static) if (N > 1)
-    for (long i = 0; i < (long)N * d; i++) a->x_out[i] = a->x_mid[i] + a->y[i];
-    return bal;
+    *balance = 0;
+    TRY(mla_forward(p, &w->self_attn, w->input_layernorm, a));
+    TRY(be->ops->rmsnorm(be, a->ln2, d, a->ln2_rstd, a->x_mid, d, w->post_attention_layernorm, N, d,
+                         c->rms_norm_eps));
+    if (w->is_moe) TRY(moe_forward(p, &w->moe, a, a->y, load, balance));
+    else TRY(ffn_forward(be, &w->mlp, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, a->y, N));
+    return be->ops->add(be, a->x_out, a->x_mid, a->y, (long)N * d);
 }
 
-void layer_backward(const LayerPass *p, const LayerWeights *w, LayerWeights *g, LayerActs *a, LayerGradScratch *s,
-                    float *dres, float balance_dloss) {
+int layer_backward(const LayerPass *p, const LayerWeights *w, LayerWeights *g, LayerActs *a, LayerGradScratch *s,
+                   float *dres, float balance_dloss) {
     const ModelConfig *c = p->c;
+    Backend *be = p->be;
     int N = p->B * p->T, d = c->hidden_size;
     memset(s->dln, 0, sizeof(float) * N * d);
-    if (w->is_moe) moe_backward(p, &w->moe, &g->moe, a, s, dres, balance_dloss);
+    if (w->is_moe) TRY(moe_backward(p, &w->moe, &g->moe, a, s, dres, balance_dloss));
     else
-        ffn_backward(&w->mlp, &g->mlp, dres, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, s->dln, s->dffn_gate,
-                     s->dffn_up, s->dffn_h, N);
-    rmsnorm_rows_backward(dres, g->post_attention_layernorm, s->dln, a->x_mid, w->post_attention_layernorm,
-                          a->ln2_rstd, N, d);
-    mla_backward(p, &w->self_attn, &g->self_attn, w->input_layernorm, g->input_layernorm, a, s, dres);
+        TRY(ffn_backward(be, &w->mlp, &g->mlp, dres, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, s->dln, s->dffn_gate,
+                         s->dffn_up, s->dffn_h, N));
+    TRY(be->ops->rmsnorm_backward(be, dres, g->post_attention_layernorm, s->dln, a->x_mid,
+                                  w->post_attention_layernorm, a->ln2_rstd, N, d));
+    return mla_backward(p, &w->self_attn, &g->self_attn, w->input_layernorm, g->input_layernorm, a, s, dres);
 }
 
-void mtp_input_forward(const ModelConfig *c, const MtpWeights *w, const float *emb, const float *h, float *cat,
-                       float *en_rstd, float *hn_rstd, float *x, int N) {
+int mtp_input_forward(Backend *be, const ModelConfig *c, const MtpWeights *w, const float *emb, const float *h,
+                      float *cat, float *en_rstd, float *hn_rstd, float *x, int N) {
     int d = c->hidden_size;
-#pragma omp parallel for schedule(static) if (N > 1)
-    for (int n = 0; n < N; n++) {
-        float *row = cat + (size_t)n * 2 * d;
-        rmsnorm_forward(row, en_rstd ? en_rstd + n : NULL, emb + (size_t)n * d, w->enorm, 1, d, c->rms_norm_eps);
-        rmsnorm_forward(row + d, hn_rstd ? hn_rstd + n : NULL, h + (size_t)n * d, w->hnorm, 1, d, c->rms_norm_eps);
-    }
-    matmul_nt(x, cat, &w->eh_proj, N);
+    TRY(be->ops->rmsnorm(be, cat, 2 * d, en_rstd, emb, d, w->enorm, N, d, c->rms_norm_eps));
+    TRY(be->ops->rmsnorm(be, cat + d, 2 * d, hn_rstd, h, d, w->hnorm, N, d, c->rms_norm_eps));
+    return be->ops->matmul(be, x, cat, &w->eh_proj, N);
 }
 
-void mtp_input_backward(const ModelConfig *c, const MtpWeights *w, MtpWeights *g, const float *emb, const float *h,
-                        const float *cat, const float *en_rstd, const float *hn_rstd, const float *dx, float *dcat,
-                        float *den, float *dhn, float *demb, float *dh, int N) {
+int mtp_input_backward(Backend *be, const ModelConfig *c, const MtpWeights *w, MtpWeights *g, const float *emb,
+                       const float *h, const float *cat, const float *en_rstd, const float *hn_rstd, const float *dx,
+                       float *dcat, float *den, float *dhn, float *demb, float *dh, int N) {
     int d = c->hidden_size;
     memset(dcat, 0, sizeof(float) * N * 2 * d);
-    matmul_backward(dcat, &g->eh_proj, dx, cat, &w->eh_proj, N);
-#pragma omp parallel for schedule(static)
+    TRY(be->ops->matmul_backward(be, dcat, &g->eh_proj, dx, cat, &w->eh_proj, N));
     for (int n = 0; n < N; n++) {
         memcpy(den + (size_t)n * d, dcat + (size_t)n * 2 * d, sizeof(float) * d);
         memcpy(dhn + (size_t)n * d, dcat + (size_t)n * 2 * d + d, sizeof(float) * d);
     }
-    rmsnorm_rows_backward(demb, g->enorm, den, emb, w->enorm, en_rstd, N, d);
-    rmsnorm_rows_backward(dh, g->hnorm, dhn, h, w->hnorm, hn_rstd, N, d);
+    TRY(be->ops->rmsnorm_backward(be, demb, g->enorm, den, emb, w->enorm, en_rstd, N, d));
+    return be->ops->rmsnorm_backward(be, dh, g->hnorm, dhn, h, w->hnorm, hn_rstd, N, d);
 }

@@ -11,23 +11,24 @@
 // positions 0 .. pos0 + T − 1 of each sequence. Inference points it at its KV cache; training at
 // its saved activations (ckv, kpe), which are the same thing for a window that starts at 0.
 //
-// Backward passes ACCUMULATE into weight gradients and input gradients (+=) unless said otherwise;
-// the caller zeroes once per step.
+// Every op runs on the pass's backend (kernels/backend.h) and returns 0, or -1 with be->err saying
+// what failed. Backward passes ACCUMULATE into weight gradients and input gradients (+=) unless
+// said otherwise; the caller zeroes once per step.
 #ifndef DSV3_MODEL_LAYER_H
 #define DSV3_MODEL_LAYER_H
 
 #include <stddef.h>
 
+#include "kernels/attention.h"
+#include "kernels/backend.h"
 #include "model/config.h"
 #include "model/weights.h"
 
 typedef enum { ATTN_PLAIN, ATTN_ABSORBED } AttnMode;
 
-// Queries are processed in chunks of this many rows, so score buffers stay (QCHUNK, S).
-#define QCHUNK 64
-
 // How a pass runs. Inference fills one per call; training one per micro-batch.
 typedef struct LayerPass {
+    Backend *be;
     const ModelConfig *c;
     int B, T, pos0;
     const float *rope_cos, *rope_sin;  // (T, rope/2) the new positions' angles, YaRN mscale folded in
@@ -45,6 +46,9 @@ typedef struct LayerPass {
 
 // Per-thread floats attention needs for query chunks against up to S positions.
 size_t attn_scratch_floats(const ModelConfig *c, int S);
+// The attention call of a pass over one layer's store: B sequences of T rows at pos0.
+LatentAttention mla_attention_call(const LayerPass *p, const MatView *kv_b_proj, const float *q, float *out,
+                                   float *kv_save, float *probs_save);
 
 // What one layer's forward writes. Training lays out one per layer and keeps them for the backward
 // pass; inference lays one over its scratch, shared by every layer, where the residual stream is
@@ -56,7 +60,7 @@ typedef struct LayerActs {
     float *cq, *cq_rstd;       // (N, q_lora), (N) after q_a_layernorm (inference: qa itself, normed in place)
     float *q;                  // (N, H, nope + rope) per head [q_nope | q_pe], q_pe rotated
     float *kva;                // (N, kv_lora + rope) kv_a_proj_with_mqa output
-    float *ckv_pre;            // (N, kv_lora) saved: the latent before kv_a_layernorm
+    float *ckv_pre;            // (N, kv_lora) saved: the latent before kv_a_layernorm (or NULL)
     float *ckv_rstd;           // (N) saved
     float *kv;                 // (N, H, nope + v) saved: kv_b_proj output [k_nope | v] per head (plain)
     float *att;                // (B, H, T, T) saved: attention probabilities (pos0 = 0)
@@ -72,6 +76,7 @@ typedef struct LayerActs {
     float *topk_w;             // (N, K_r) their gating weights
     int *slot_of;              // (N, K_r) slot of choice (t, k) in the expert-sorted order
     int *slot_tk;              // (N·K_r) the choice t·K_r + k each slot serves
+    int *slot_tk_token;        // (N·K_r) the token t each slot serves
     int *expert_off;           // (N_r + 1) each expert's slots
     float *xg;                 // (N·K_r, d) routed tokens' inputs gathered by slot
     float *e_gate, *e_up, *e_h;  // (N·K_r, moe_inter) routed experts' activations by slot
@@ -102,56 +107,50 @@ typedef struct LayerGradScratch {
 // ---- ops ----
 
 // out (n, d) = down(silu(gate x) · up x) of x (n, d), width F; gate, up, h: (n, F) written.
-void ffn_forward(const FfnWeights *f, const float *x, float *gate, float *up, float *h, float *out, int n);
+int ffn_forward(Backend *be, const FfnWeights *f, const float *x, float *gate, float *up, float *h, float *out,
+                int n);
 // dx (n, d) += ..., gf += ... from dout (n, d); dgate, dup, dh: (n, F) scratch.
-void ffn_backward(const FfnWeights *f, FfnWeights *gf, const float *dout, const float *x, const float *gate,
-                  const float *up, const float *h, float *dx, float *dgate, float *dup, float *dh, int n);
+int ffn_backward(Backend *be, const FfnWeights *f, FfnWeights *gf, const float *dout, const float *x,
+                 const float *gate, const float *up, const float *h, float *dx, float *dgate, float *dup, float *dh,
+                 int n);
 
 // x_mid = x_in + MLA(RMSNorm(x_in)), writing the new positions into the latent store.
-void mla_forward(const LayerPass *p, const MlaWeights *w, const float *input_layernorm, LayerActs *a);
+int mla_forward(const LayerPass *p, const MlaWeights *w, const float *input_layernorm, LayerActs *a);
 // dres (N, d): the gradient of x_mid on entry, of x_in on return.
-void mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const float *input_layernorm,
-                  float *dinput_layernorm, LayerActs *a, LayerGradScratch *s, float *dres);
-
-// Absorbed MLA (SPEC §2.1) for query rows 0..T-1 (positions pos0 + t) × heads [h0, h1) of one
-// sequence, on the calling thread: q̃ = W_UKᵀ q_nope scores against the cached latents directly,
-// the weighted sum stays in latent space and W_UV maps it to the head's output. Rows and heads
-// are stacked so that one pass over the cache serves many (a decode step's heads score together).
-// q: (T, H, qk)  latent: (≥ pos0 + T, kv_lora)  kpe: (≥ pos0 + T, rope)  out: (T, H, v)
-void mla_attend_absorbed(const LayerPass *p, const MatView *kv_b_proj, const float *q, int T, int pos0, int h0,
-                         int h1, const float *latent, const float *kpe, float *out, float *scratch);
+int mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const float *input_layernorm,
+                 float *dinput_layernorm, LayerActs *a, LayerGradScratch *s, float *dres);
 
 // The MoE seam. moe_route (moe.h) picks each token's experts; moe_dispatch sorts the choices by
 // expert (the tokens of each expert, in token order) and counts each expert's load; the experts
 // run one product over their tokens; moe_combine adds the gated outputs back to their tokens. An
 // expert-parallel all-to-all or FP8 dispatch goes between dispatch and experts, and between experts
 // and combine.
-void moe_route_rows(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N);
+int moe_route_rows(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N);
 void moe_dispatch(const ModelConfig *c, LayerActs *a, int N, long long *load);
-void moe_experts_forward(const ModelConfig *c, const MoeWeights *w, LayerActs *a, int N);
-void moe_combine(const ModelConfig *c, const LayerActs *a, float *y, int N);
+int moe_experts_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N);
+int moe_combine(const LayerPass *p, const LayerActs *a, float *y, int N);
 // y (N, d) = shared experts + Σ_k g_k E_k(ln2), every token reaching its K_r experts (none
-// dropped). load: (N_r) or NULL. Returns the sequence-wise balance loss (0 when α = 0).
-double moe_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, float *y, long long *load);
+// dropped). load: (N_r) or NULL. *balance: the sequence-wise balance loss (0 when α = 0).
+int moe_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, float *y, long long *load, double *balance);
 // dln (N, d) += the MoE's input gradient from dy (N, d); balance_dloss weighs the balance loss.
-void moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a, LayerGradScratch *s,
-                  const float *dy, float balance_dloss);
+int moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a, LayerGradScratch *s,
+                 const float *dy, float balance_dloss);
 
 // A decoder layer: x_out = x_mid + FFN(RMSNorm(x_mid)), x_mid = x_in + MLA(RMSNorm(x_in)).
-// Returns the layer's balance loss (0 for a dense layer or α = 0).
-double layer_forward(const LayerPass *p, const LayerWeights *w, LayerActs *a, long long *load);
+// *balance: the layer's balance loss (0 for a dense layer or α = 0).
+int layer_forward(const LayerPass *p, const LayerWeights *w, LayerActs *a, long long *load, double *balance);
 // dres (N, d): the gradient of x_out on entry, of x_in on return. g: the layer's gradients.
-void layer_backward(const LayerPass *p, const LayerWeights *w, LayerWeights *g, LayerActs *a, LayerGradScratch *s,
-                    float *dres, float balance_dloss);
+int layer_backward(const LayerPass *p, const LayerWeights *w, LayerWeights *g, LayerActs *a, LayerGradScratch *s,
+                   float *dres, float balance_dloss);
 
 // The MTP module's input (SPEC §2.3): x (N, d) = eh_proj [enorm(emb) ; hnorm(h)], the embedding
 // half first as in the released checkpoints. emb, h: (N, d); cat: (N, 2d) written;
 // en_rstd, hn_rstd: (N) or NULL.
-void mtp_input_forward(const ModelConfig *c, const MtpWeights *w, const float *emb, const float *h, float *cat,
-                       float *en_rstd, float *hn_rstd, float *x, int N);
+int mtp_input_forward(Backend *be, const ModelConfig *c, const MtpWeights *w, const float *emb, const float *h,
+                      float *cat, float *en_rstd, float *hn_rstd, float *x, int N);
 // demb, dh (N, d) += ..., g += ... from dx (N, d); dcat: (N, 2d) scratch, den/dhn: (N, d) scratch.
-void mtp_input_backward(const ModelConfig *c, const MtpWeights *w, MtpWeights *g, const float *emb, const float *h,
-                        const float *cat, const float *en_rstd, const float *hn_rstd, const float *dx, float *dcat,
-                        float *den, float *dhn, float *demb, float *dh, int N);
+int mtp_input_backward(Backend *be, const ModelConfig *c, const MtpWeights *w, MtpWeights *g, const float *emb,
+                       const float *h, const float *cat, const float *en_rstd, const float *hn_rstd, const float *dx,
+                       float *dcat, float *den, float *dhn, float *demb, float *dh, int N);
 
 #endif

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "base/file.h"
+#include "kernels/backend.h"
 #include "kernels/ops.h"
 #include "model/model.h"
 
@@ -16,6 +17,7 @@ int model_load(Model *m, const char *dir, int need_mtp, Error *err) {
         st_model_close(&m->files);
         return -1;
     }
+    m->be = backend_cpu();
     const ModelConfig *c = &m->cfg;
     int r = c->qk_rope_head_dim;
     m->inv_freq = xcalloc(err, r / 2 + 1, sizeof(double), "RoPE frequencies");

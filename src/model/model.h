@@ -17,6 +17,7 @@
 #include "model/weights.h"
 
 typedef struct Model {
+    Backend *be;         // where the forward pass runs (the CPU backend)
     ModelConfig cfg;
     StModel files;
     ModelWeights w;

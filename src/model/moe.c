@@ -148,11 +148,10 @@ void moe_balance_backward(float *dscores, const float *f, const float *scores, i
 
 // ---- the seam ----
 
-void moe_route_rows(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N) {
+int moe_route_rows(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N) {
     const ModelConfig *c = p->c;
     int Nr = c->n_routed_experts, K = c->num_experts_per_tok;
-    matmul_nt(a->router, a->ln2, &w->gate, N);
-#pragma omp parallel for schedule(static) if (N > 1)
+    TRY(p->be->ops->matmul(p->be, a->router, a->ln2, &w->gate, N));
     for (int t = 0; t < N; t++) {
         const float *lg = a->router + (size_t)t * Nr;
         float *s = a->scores + (size_t)t * Nr, *wt = a->topk_w + (size_t)t * K;
@@ -164,6 +163,7 @@ void moe_route_rows(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N
             moe_gates(c, s, idx, wt);
         }
     }
+    return 0;
 }
 
 void moe_dispatch(const ModelConfig *c, LayerActs *a, int N, long long *load) {
@@ -185,110 +185,89 @@ void moe_dispatch(const ModelConfig *c, LayerActs *a, int N, long long *load) {
     }
 }
 
-// xg (N·K, d): each slot's token input, gathered from ln2.
-static void moe_gather(const ModelConfig *c, const LayerActs *a, float *xg, int N) {
-    int d = c->hidden_size, K = c->num_experts_per_tok;
-#pragma omp parallel for schedule(static) if (N > 1)
-    for (long sl = 0; sl < (long)N * K; sl++)
-        memcpy(xg + sl * d, a->ln2 + (size_t)(a->slot_tk[sl] / K) * d, sizeof(float) * d);
+// xg (N·K, d): each slot's token input, gathered from ln2; rows (N·K) is scratch for the indices.
+static int moe_gather(const LayerPass *p, const LayerActs *a, int N) {
+    int K = p->c->num_experts_per_tok;
+    long NK = (long)N * K;
+    for (long sl = 0; sl < NK; sl++) a->slot_tk_token[sl] = a->slot_tk[sl] / K;
+    return p->be->ops->gather_rows(p->be, a->xg, a->ln2, a->slot_tk_token, NK, p->c->hidden_size);
 }
 
-void moe_experts_forward(const ModelConfig *c, const MoeWeights *w, LayerActs *a, int N) {
+int moe_experts_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N) {
+    const ModelConfig *c = p->c;
     int d = c->hidden_size, Nr = c->n_routed_experts, Fm = c->moe_intermediate_size;
-    moe_gather(c, a, a->xg, N);
+    TRY(moe_gather(p, a, N));
     for (int e = 0; e < Nr; e++) {
         int n = a->expert_off[e + 1] - a->expert_off[e];
         if (n == 0) continue;
         size_t o = a->expert_off[e];
-        ffn_forward(&w->experts[e], a->xg + o * d, a->e_gate + o * Fm, a->e_up + o * Fm, a->e_h + o * Fm,
-                    a->e_out + o * d, n);
+        TRY(ffn_forward(p->be, &w->experts[e], a->xg + o * d, a->e_gate + o * Fm, a->e_up + o * Fm, a->e_h + o * Fm,
+                        a->e_out + o * d, n));
     }
+    return 0;
 }
 
-void moe_combine(const ModelConfig *c, const LayerActs *a, float *y, int N) {
-    int d = c->hidden_size, K = c->num_experts_per_tok;
-#pragma omp parallel for schedule(static) if (N > 1)
-    for (int t = 0; t < N; t++)
-        for (int k = 0; k < K; k++) {
-            float gk = a->topk_w[(size_t)t * K + k];
-            const float *eo = a->e_out + (size_t)a->slot_of[(size_t)t * K + k] * d;
-            float *yt = y + (size_t)t * d;
-            for (int j = 0; j < d; j++) yt[j] += gk * eo[j];
-        }
+int moe_combine(const LayerPass *p, const LayerActs *a, float *y, int N) {
+    const ModelConfig *c = p->c;
+    return p->be->ops->combine(p->be, y, a->e_out, a->slot_of, a->topk_w, N, c->num_experts_per_tok, c->hidden_size);
 }
 
-double moe_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, float *y, long long *load) {
+int moe_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, float *y, long long *load, double *balance) {
     const ModelConfig *c = p->c;
     int N = p->B * p->T, Nr = c->n_routed_experts, K = c->num_experts_per_tok;
-    moe_route_rows(p, w, a, N);
+    *balance = 0;
+    TRY(moe_route_rows(p, w, a, N));
     moe_dispatch(c, a, N, load);
-    moe_experts_forward(c, w, a, N);
-    if (c->n_shared_experts > 0) ffn_forward(&w->shared_experts, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, y, N);
+    TRY(moe_experts_forward(p, w, a, N));
+    if (c->n_shared_experts > 0)
+        TRY(ffn_forward(p->be, &w->shared_experts, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, y, N));
     else memset(y, 0, sizeof(float) * N * c->hidden_size);
-    moe_combine(c, a, y, N);
+    TRY(moe_combine(p, a, y, N));
     if (p->seq_aux_alpha <= 0 || !a->bal_f) return 0;
     double bal = 0;
     for (int b = 0; b < p->B; b++)
         bal += moe_balance_forward(a->bal_f + (size_t)b * Nr, a->scores + (size_t)b * p->T * Nr,
                                    a->topk_idx + (size_t)b * p->T * K, p->T, Nr, K, p->seq_aux_alpha);
-    return bal / p->B;
+    *balance = bal / p->B;
+    return 0;
 }
 
-void moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a, LayerGradScratch *s,
-                  const float *dy, float balance_dloss) {
+int moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a, LayerGradScratch *s,
+                 const float *dy, float balance_dloss) {
     const ModelConfig *c = p->c;
+    Backend *be = p->be;
     int N = p->B * p->T, d = c->hidden_size, Nr = c->n_routed_experts, K = c->num_experts_per_tok;
     int Fm = c->moe_intermediate_size;
     // combine: y_t = Σ_k g_tk E_k(x_t), so ∂g_tk = dy_t · E_k(x_t) and ∂E_k(x_t) = g_tk dy_t
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < N; t++)
-        for (int k = 0; k < K; k++) {
-            size_t sl = a->slot_of[(size_t)t * K + k];
-            const float *eo = a->e_out + sl * d, *dyt = dy + (size_t)t * d;
-            float *deo = s->de_out + sl * d, gk = a->topk_w[(size_t)t * K + k], dot = 0;
-            for (int j = 0; j < d; j++) {
-                dot += dyt[j] * eo[j];
-                deo[j] = gk * dyt[j];
-            }
-            s->dtopk_w[(size_t)t * K + k] = dot;
-        }
+    TRY(be->ops->combine_backward(be, s->de_out, s->dtopk_w, dy, a->e_out, a->slot_of, a->topk_w, N, K, d));
     // the experts (their inputs are gathered again: xg is shared scratch)
-    moe_gather(c, a, a->xg, N);
+    TRY(moe_gather(p, a, N));
     memset(s->dxg, 0, sizeof(float) * N * K * d);
     for (int e = 0; e < Nr; e++) {
         int n = a->expert_off[e + 1] - a->expert_off[e];
         if (n == 0) continue;
         size_t o = a->expert_off[e];
-        ffn_backward(&w->experts[e], &g->experts[e], s->de_out + o * d, a->xg + o * d, a->e_gate + o * Fm,
-                     a->e_up + o * Fm, a->e_h + o * Fm, s->dxg + o * d, s->de_gate + o * Fm, s->de_up + o * Fm,
-                     s->de_h + o * Fm, n);
+        TRY(ffn_backward(be, &w->experts[e], &g->experts[e], s->de_out + o * d, a->xg + o * d, a->e_gate + o * Fm,
+                         a->e_up + o * Fm, a->e_h + o * Fm, s->dxg + o * d, s->de_gate + o * Fm, s->de_up + o * Fm,
+                         s->de_h + o * Fm, n));
     }
     // dispatch: each slot's input gradient goes back to its token
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < N; t++)
-        for (int k = 0; k < K; k++) {
-            const float *src = s->dxg + (size_t)a->slot_of[(size_t)t * K + k] * d;
-            float *dst = s->dln + (size_t)t * d;
-            for (int j = 0; j < d; j++) dst[j] += src[j];
-        }
+    TRY(be->ops->scatter_add_rows(be, s->dln, s->dxg, a->slot_tk_token, (long)N * K, d));
     if (c->n_shared_experts > 0)
-        ffn_backward(&w->shared_experts, &g->shared_experts, dy, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, s->dln,
-                     s->dffn_gate, s->dffn_up, s->dffn_h, N);
+        TRY(ffn_backward(be, &w->shared_experts, &g->shared_experts, dy, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h,
+                         s->dln, s->dffn_gate, s->dffn_up, s->dffn_h, N));
     // the route: gates and the balance loss are functions of the scores
     memset(s->dscores, 0, sizeof(float) * N * Nr);
-#pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++)
         moe_gate_backward(s->dscores + (size_t)t * Nr, s->dtopk_w + (size_t)t * K, a->scores + (size_t)t * Nr,
                           a->topk_idx + (size_t)t * K, c);
     if (p->seq_aux_alpha > 0)
-#pragma omp parallel for schedule(static)
         for (int b = 0; b < p->B; b++)
             moe_balance_backward(s->dscores + (size_t)b * p->T * Nr, a->bal_f + (size_t)b * Nr,
                                  a->scores + (size_t)b * p->T * Nr, p->T, Nr, p->seq_aux_alpha, balance_dloss / p->B);
     memset(s->drouter, 0, sizeof(float) * N * Nr);
-#pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++)
         moe_scores_backward(s->drouter + (size_t)t * Nr, s->dscores + (size_t)t * Nr, a->scores + (size_t)t * Nr, Nr,
                             c->scoring_func);
-    matmul_backward(s->dln, &g->gate, s->drouter, a->ln2, &w->gate, N);
+    return be->ops->matmul_backward(be, s->dln, &g->gate, s->drouter, a->ln2, &w->gate, N);
 }

@@ -98,6 +98,7 @@ static void plan_layer(const TrainModel *m, BufPlan *p, TrainLayerActs *t, int i
     a->topk_w = PLAN_F(p, N * K);
     a->slot_of = PLAN_I(p, N * K);
     a->slot_tk = PLAN_I(p, N * K);
+    a->slot_tk_token = PLAN_I(p, N * K);
     a->expert_off = PLAN_I(p, Nr + 1);
     a->xg = s->xg;
     a->e_gate = PLAN_F(p, N * K * Fm);
@@ -195,6 +196,7 @@ static void plan_acts(BufPlan *p, void *ctx) {
 
 int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *err) {
     memset(m, 0, sizeof *m);
+    m->be = backend_cpu();
     m->cfg = *c;
     m->B = B;
     m->T = T;
@@ -375,39 +377,40 @@ int train_model_save(const TrainModel *m, const char *dir, size_t shard_bytes, E
 
 // ---- forward and backward ----
 
-static void embed_rows(float *out, const float *table, const int *tok, int N, int d) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * d, table + (size_t)tok[n] * d, sizeof(float) * d);
-}
-
-// dtable[tok[n]] += drows[n], in row order (a token may repeat).
-static void embed_backward(float *dtable, const float *drows, const int *tok, int N, int d) {
-    for (int n = 0; n < N; n++) {
-        float *dst = dtable + (size_t)tok[n] * d;
-        const float *src = drows + (size_t)n * d;
-        for (int j = 0; j < d; j++) dst[j] += src[j];
-    }
-}
-
 static int mtp_active(const TrainModel *m) { return m->cfg.num_nextn_predict_layers > 0 && m->obj.mtp_lambda > 0; }
 
 // The pass of a layer over B windows of T positions from 0, its latent store the saved ckv/kpe.
 static LayerPass train_pass(const TrainModel *m, const TrainLayerActs *t, int T) {
-    return (LayerPass){.c = &m->cfg, .B = m->B, .T = T, .pos0 = 0, .rope_cos = m->rope_cos, .rope_sin = m->rope_sin,
-                       .softmax_scale = m->softmax_scale, .latent = t->ckv, .kpe = t->kpe, .ld = T,
-                       .mode = ATTN_PLAIN, .save = 1, .freeze_routing = m->freeze_routing,
+    return (LayerPass){.be = m->be, .c = &m->cfg, .B = m->B, .T = T, .pos0 = 0, .rope_cos = m->rope_cos,
+                       .rope_sin = m->rope_sin, .softmax_scale = m->softmax_scale, .latent = t->ckv, .kpe = t->kpe,
+                       .ld = T, .mode = ATTN_PLAIN, .save = 1, .freeze_routing = m->freeze_routing,
                        .seq_aux_alpha = m->obj.seq_aux_alpha, .scratch = m->a.attn,
                        .per_thread = m->a.attn_per_thread};
 }
 
+// The final norm, the head and the loss of rows (N, d) x: h (N, d) and its rstd saved; *loss the
+// mean cross-entropy against targets.
+static int head_forward(TrainModel *m, const float *norm, const float *x, float *h, float *h_rstd, float *logits,
+                        float *lse, float *losses, const int *targets, int N, double *loss) {
+    Backend *be = m->be;
+    int d = m->cfg.hidden_size, V = m->cfg.vocab_size;
+    double sum;
+    TRY(be->ops->rmsnorm(be, h, d, h_rstd, x, d, norm, N, d, m->cfg.rms_norm_eps));
+    TRY(be->ops->matmul(be, logits, h, &m->p.lm_head, N));
+    TRY(be->ops->crossentropy(be, &sum, losses, lse, logits, targets, N, V));
+    *loss = sum / N;
+    return 0;
+}
+
 // MTP module k (1-based): rows (b, i), i < T − k, of the previous stage's h (rows T − k + 1 per
 // sequence) feed module k with Emb(t_{i+k}).
-static double mtp_forward(TrainModel *m, int k, long long *load, double *bal) {
+static int mtp_forward(TrainModel *m, int k, long long *load, double *bal, double *loss) {
     const ModelConfig *c = &m->cfg;
+    Backend *be = m->be;
     TrainActs *a = &m->a;
     TrainMtpActs *t = &a->mtp[k - 1];
     const MtpWeights *w = &m->p.mtp[k - 1];
-    int B = m->B, T = m->T, Tk = t->T, Tp = Tk + 1, d = c->hidden_size, V = c->vocab_size;
+    int B = m->B, T = m->T, Tk = t->T, Tp = Tk + 1, d = c->hidden_size;
     const float *prev = k == 1 ? a->lnf : a->mtp[k - 2].h_out;  // (B, Tp, d)
     for (int b = 0; b < B; b++)
         for (int i = 0; i < Tk; i++) {
@@ -416,46 +419,46 @@ static double mtp_forward(TrainModel *m, int k, long long *load, double *bal) {
             memcpy(t->h_in + ((size_t)b * Tk + i) * d, prev + ((size_t)b * Tp + i) * d, sizeof(float) * d);
         }
     int N = t->N;
-    embed_rows(t->emb, matview_f32_data(&m->p.embed_tokens), t->in_tok, N, d);
-    mtp_input_forward(c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N);
+    double layer_bal;
     LayerPass p = train_pass(m, &t->layer, Tk);
-    *bal += layer_forward(&p, &w->layer, &t->layer.acts, load);
-    rmsnorm_rows_forward(t->h_out, t->h_rstd, t->layer.acts.x_out, w->shared_head_norm, N, d, c->rms_norm_eps);
-    matmul_nt(t->logits, t->h_out, &m->p.lm_head, N);
-    return crossentropy_forward(t->losses, t->lse, t->logits, t->targets, N, V) / N;
+    TRY(be->ops->embedding(be, t->emb, &m->p.embed_tokens, t->in_tok, N));
+    TRY(mtp_input_forward(be, c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
+    TRY(layer_forward(&p, &w->layer, &t->layer.acts, load, &layer_bal));
+    *bal += layer_bal;
+    return head_forward(m, w->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd, t->logits, t->lse,
+                        t->losses, t->targets, N, loss);
 }
 
-int train_model_forward(TrainModel *m, const int *tokens, Error *err) {
+static int forward(TrainModel *m, const int *tokens) {
     const ModelConfig *c = &m->cfg;
     TrainActs *a = &m->a;
-    int B = m->B, T = m->T, d = c->hidden_size, V = c->vocab_size, N = B * T, Nr = c->n_routed_experts;
-    for (long i = 0; i < (long)B * (T + 1); i++)
-        if (tokens[i] < 0 || tokens[i] >= V)
-            return err_set(err, "token %d at batch position %ld is outside the vocabulary [0, %d)", tokens[i], i, V);
+    int B = m->B, T = m->T, N = B * T, Nr = c->n_routed_experts;
     memcpy(a->tokens, tokens, sizeof(int) * B * (T + 1));
     for (int b = 0; b < B; b++)
         for (int i = 0; i < T; i++) {
             a->inputs[b * T + i] = tokens[(size_t)b * (T + 1) + i];
             a->targets[b * T + i] = tokens[(size_t)b * (T + 1) + i + 1];
         }
-    embed_rows(a->layers[0].acts.x_in, matview_f32_data(&m->p.embed_tokens), a->inputs, N, d);
-    double bal = 0;
+    TRY(m->be->ops->embedding(m->be, a->layers[0].acts.x_in, &m->p.embed_tokens, a->inputs, N));
+    double bal = 0, layer_bal;
     int j = 0;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         long long *load = m->p.layers[l].is_moe ? m->expert_load + (size_t)(j++) * Nr : NULL;
         LayerPass p = train_pass(m, &a->layers[l], T);
-        bal += layer_forward(&p, &m->p.layers[l], &a->layers[l].acts, load);
+        TRY(layer_forward(&p, &m->p.layers[l], &a->layers[l].acts, load, &layer_bal));
+        bal += layer_bal;
     }
-    rmsnorm_rows_forward(a->lnf, a->lnf_rstd, a->x_final, m->p.norm, N, d, c->rms_norm_eps);
-    matmul_nt(a->logits, a->lnf, &m->p.lm_head, N);
-    m->loss.main = crossentropy_forward(a->losses, a->lse, a->logits, a->targets, N, V) / N;
+    TRY(head_forward(m, m->p.norm, a->x_final, a->lnf, a->lnf_rstd, a->logits, a->lse, a->losses, a->targets, N,
+                     &m->loss.main));
     m->loss.mtp = 0;
     m->mtp_ran = mtp_active(m);
     if (m->mtp_ran) {
         int D = c->num_nextn_predict_layers;
         for (int k = 1; k <= D; k++) {
             long long *load = m->p.mtp[k - 1].layer.is_moe ? m->expert_load + (size_t)(j++) * Nr : NULL;
-            m->loss.mtp += mtp_forward(m, k, load, &bal);
+            double lk;
+            TRY(mtp_forward(m, k, load, &bal, &lk));
+            m->loss.mtp += lk;
         }
         m->loss.mtp /= D;
     } else {
@@ -466,27 +469,46 @@ int train_model_forward(TrainModel *m, const int *tokens, Error *err) {
     return 0;
 }
 
+int train_model_forward(TrainModel *m, const int *tokens, Error *err) {
+    int B = m->B, T = m->T, V = m->cfg.vocab_size;
+    for (long i = 0; i < (long)B * (T + 1); i++)
+        if (tokens[i] < 0 || tokens[i] >= V)
+            return err_set(err, "token %d at batch position %ld is outside the vocabulary [0, %d)", tokens[i], i, V);
+    return forward(m, tokens) ? err_set(err, "training forward: %s", m->be->err.msg) : 0;
+}
+
 void train_model_zero_grad(TrainModel *m) { memset(m->grads, 0, sizeof(float) * m->n_params); }
 
-static void mtp_backward(TrainModel *m, int k, float scale) {
+// The head's backward: dh (N, d) += from the loss of rows (N) of logits weighted dloss each;
+// dres (N, d) = the gradient of the head's input x (overwritten).
+static int head_backward(TrainModel *m, const float *norm, float *dnorm, const float *x, const float *h,
+                         const float *h_rstd, float *logits, const float *lse, const int *targets, int N, float dloss,
+                         float *dh, float *dres) {
+    Backend *be = m->be;
+    int d = m->cfg.hidden_size, V = m->cfg.vocab_size;
+    TRY(be->ops->crossentropy_backward(be, logits, lse, targets, N, V, dloss));
+    TRY(be->ops->matmul_backward(be, dh, &m->g.lm_head, logits, h, &m->p.lm_head, N));
+    memset(dres, 0, sizeof(float) * N * d);
+    return be->ops->rmsnorm_backward(be, dres, dnorm, dh, x, norm, h_rstd, N, d);
+}
+
+static int mtp_backward(TrainModel *m, int k, float scale) {
     const ModelConfig *c = &m->cfg;
+    Backend *be = m->be;
     TrainActs *a = &m->a;
     TrainMtpActs *t = &a->mtp[k - 1];
     const MtpWeights *w = &m->p.mtp[k - 1];
     MtpWeights *g = &m->g.mtp[k - 1];
-    int N = t->N, d = c->hidden_size, V = c->vocab_size, D = c->num_nextn_predict_layers, Tk = t->T, Tp = Tk + 1;
-    crossentropy_backward(t->logits, t->lse, t->targets, N, V, scale * m->obj.mtp_lambda / D / N);
-    matmul_backward(t->dh_out, &m->g.lm_head, t->logits, t->h_out, &m->p.lm_head, N);
-    memset(a->dres, 0, sizeof(float) * N * d);
-    rmsnorm_rows_backward(a->dres, g->shared_head_norm, t->dh_out, t->layer.acts.x_out, w->shared_head_norm,
-                          t->h_rstd, N, d);
+    int N = t->N, d = c->hidden_size, D = c->num_nextn_predict_layers, Tk = t->T, Tp = Tk + 1;
+    TRY(head_backward(m, w->shared_head_norm, g->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd,
+                      t->logits, t->lse, t->targets, N, scale * m->obj.mtp_lambda / D / N, t->dh_out, a->dres));
     LayerPass p = train_pass(m, &t->layer, Tk);
-    layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale);
+    TRY(layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale));
     memset(a->demb, 0, sizeof(float) * N * d);
     memset(a->dh_prev, 0, sizeof(float) * N * d);
-    mtp_input_backward(c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den, a->dhn,
-                       a->demb, a->dh_prev, N);
-    embed_backward(matview_f32_data(&m->g.embed_tokens), a->demb, t->in_tok, N, d);
+    TRY(mtp_input_backward(be, c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den,
+                           a->dhn, a->demb, a->dh_prev, N));
+    TRY(be->ops->embedding_backward(be, &m->g.embed_tokens, a->demb, t->in_tok, N));
     float *dprev = k == 1 ? a->dlnf : a->mtp[k - 2].dh_out;  // (B, Tp, d)
     for (int b = 0; b < m->B; b++)
         for (int i = 0; i < Tk; i++) {
@@ -494,25 +516,28 @@ static void mtp_backward(TrainModel *m, int k, float scale) {
             const float *src = a->dh_prev + ((size_t)b * Tk + i) * d;
             for (int j = 0; j < d; j++) dst[j] += src[j];
         }
+    return 0;
 }
 
-void train_model_backward(TrainModel *m, float scale) {
+static int backward(TrainModel *m, float scale) {
     const ModelConfig *c = &m->cfg;
     TrainActs *a = &m->a;
-    int B = m->B, T = m->T, d = c->hidden_size, V = c->vocab_size, N = B * T;
+    int B = m->B, T = m->T, d = c->hidden_size, N = B * T;
     memset(a->dlnf, 0, sizeof(float) * N * d);
     if (m->mtp_ran) {
         int D = c->num_nextn_predict_layers;
         for (int k = 1; k <= D; k++) memset(a->mtp[k - 1].dh_out, 0, sizeof(float) * a->mtp[k - 1].N * d);
-        for (int k = D; k >= 1; k--) mtp_backward(m, k, scale);
+        for (int k = D; k >= 1; k--) TRY(mtp_backward(m, k, scale));
     }
-    crossentropy_backward(a->logits, a->lse, a->targets, N, V, scale / N);
-    matmul_backward(a->dlnf, &m->g.lm_head, a->logits, a->lnf, &m->p.lm_head, N);
-    memset(a->dres, 0, sizeof(float) * N * d);
-    rmsnorm_rows_backward(a->dres, m->g.norm, a->dlnf, a->x_final, m->p.norm, a->lnf_rstd, N, d);
+    TRY(head_backward(m, m->p.norm, m->g.norm, a->x_final, a->lnf, a->lnf_rstd, a->logits, a->lse, a->targets, N,
+                      scale / N, a->dlnf, a->dres));
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         LayerPass p = train_pass(m, &a->layers[l], T);
-        layer_backward(&p, &m->p.layers[l], &m->g.layers[l], &a->layers[l].acts, &a->gs, a->dres, scale);
+        TRY(layer_backward(&p, &m->p.layers[l], &m->g.layers[l], &a->layers[l].acts, &a->gs, a->dres, scale));
     }
-    embed_backward(matview_f32_data(&m->g.embed_tokens), a->dres, a->inputs, N, d);
+    return m->be->ops->embedding_backward(m->be, &m->g.embed_tokens, a->dres, a->inputs, N);
+}
+
+int train_model_backward(TrainModel *m, float scale, Error *err) {
+    return backward(m, scale) ? err_set(err, "training backward: %s", m->be->err.msg) : 0;
 }

@@ -96,6 +96,7 @@ typedef struct TrainLosses {
 } TrainLosses;
 
 typedef struct TrainModel {
+    Backend *be;           // where the passes run (the CPU backend)
     ModelConfig cfg;
     int B, T;  // micro-batch: B windows, T predicted positions each (windows hold T + 1 tokens)
     TrainObjective obj;
@@ -143,6 +144,6 @@ int train_model_forward(TrainModel *m, const int *tokens, Error *err);
 void train_model_zero_grad(TrainModel *m);
 // Accumulates into m->grads the gradient of scale · loss of the last forward (scale = 1/A when
 // A micro-batches make one step). Consumes the saved logits.
-void train_model_backward(TrainModel *m, float scale);
+int train_model_backward(TrainModel *m, float scale, Error *err);
 
 #endif

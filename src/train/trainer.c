@@ -388,7 +388,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, Error *err) {
         for (int a = 0; a < o->accum; a++) {
             loader_next_batch(&r->train, tokens, o->batch);
             if (train_model_forward(m, tokens, err)) goto done_loads;
-            train_model_backward(m, 1.0f / o->accum);
+            if (train_model_backward(m, 1.0f / o->accum, err)) goto done_loads;
             acc.loss += m->loss.loss / o->accum;
             acc.main += m->loss.main / o->accum;
             acc.mtp += m->loss.mtp / o->accum;

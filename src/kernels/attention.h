@@ -1,0 +1,56 @@
+// Attention over a latent cache (MLA's core, SPEC §2.1), in terms of shapes only: per position the
+// cache holds a latent vector c (kv_lora) and one rotary key k_pe (rope) shared by every head;
+// head h's key is [W_UK,h c ; k_pe] and its value W_UV,h c, with W_UK,h and W_UV,h the head's
+// rows of kv_b_proj ([nope rows of W_UK ; v rows of W_UV] per head).
+//
+// Two ways compute the same function: plain expands each head's keys and values (prefill,
+// training, which keeps them for the backward pass); absorbed folds W_UK into the query and W_UV
+// after the weighted sum, so per-head keys never exist (decode, speculative verification).
+#ifndef DSV3_KERNELS_ATTENTION_H
+#define DSV3_KERNELS_ATTENTION_H
+
+#include <stddef.h>
+
+#include "kernels/matmul.h"
+
+// Queries are processed in chunks of this many rows (or head × row entries), so score buffers
+// stay (LATENT_QCHUNK, S).
+#define LATENT_QCHUNK 64
+
+// One call: B sequences of T new query rows at positions pos0 .. pos0 + T − 1, causal over
+// positions 0 .. pos0 + T − 1 of their own sequence.
+typedef struct LatentAttention {
+    int B, T, pos0;
+    int H, nope, rope, v, kv_lora;
+    float scale;               // softmax scale (YaRN mscale² folded in)
+    int absorbed;
+    const float *q;            // (B·T, H, nope + rope) [q_nope | q_pe], q_pe rotated
+    const float *latent;       // (B, ld, kv_lora)
+    const float *kpe;          // (B, ld, rope) rotated
+    int ld;                    // positions per sequence in latent / kpe
+    const MatView *kv_b_proj;  // (H·(nope + v), kv_lora)
+    float *out;                // (B·T, H, v)
+    float *kv_save;            // plain with pos0 = 0 only, or NULL: (B·T, H, nope + v) [k_nope | v]
+    float *probs_save;         // plain with pos0 = 0 only, or NULL: (B, H, T, T), upper triangle 0
+    float *scratch;            // (threads, per_thread) floats, per_thread ≥ latent_attention_scratch_floats
+    size_t per_thread;
+} LatentAttention;
+
+// Per-thread scratch floats for sequences of up to S positions.
+size_t latent_attention_scratch_floats(const LatentAttention *a, int S);
+
+// The whole call, split over the OpenMP threads by (sequence, head). 0, or -1 when a product
+// failed (out of scratch memory).
+int latent_attention_forward(const LatentAttention *a);
+// Absorbed attention of sequence 0's rows × heads [h0, h1) on the calling thread, with this
+// thread's scratch (a decode step's share of the heads: they score the cache together, so each
+// cached row is read once per thread, not once per head).
+int latent_attention_absorbed_part(const LatentAttention *a, int h0, int h1, float *scratch);
+
+// The backward pass of plain attention from what the forward saved (pos0 = 0; kv_save and
+// probs_save set). dout: (B·T, H, v). dq (B·T, H, nope + rope), dkv (B·T, H, nope + v) and
+// dkpe (B·T, rope) += ...; dkpe_heads (B, H, T, rope) and dprobs (B, H, T, T) are scratch.
+int latent_attention_backward(const LatentAttention *a, const float *dout, float *dq, float *dkv, float *dkpe,
+                              float *dkpe_heads, float *dprobs);
+
+#endif

@@ -1,0 +1,90 @@
+// The backend interface: the operations the model needs, as one table of functions (in the
+// manner of ggml's ggml_backend_i). The model says what to compute; a backend decides how —
+// threads, BLAS threading and the instruction set live inside it. The CPU backend implements it
+// today (backend_cpu.c over the kernels of this folder); a CUDA backend implements the same table.
+//
+// Every operation returns 0, or -1 with be->err saying what failed. Buffers are fp32 unless a
+// MatView says otherwise (weights in their stored type: F32, BF16, F16, F8_E4M3 with block
+// scales). Backward operations ACCUMULATE (+=) into their gradient outputs unless said otherwise.
+#ifndef DSV3_KERNELS_BACKEND_H
+#define DSV3_KERNELS_BACKEND_H
+
+#include <stddef.h>
+
+#include "base/error.h"
+#include "kernels/attention.h"
+#include "kernels/matmul.h"
+
+typedef struct Backend Backend;
+
+typedef struct BackendOps {
+    const char *name;
+    // memory: 64-byte aligned, zeroed; NULL with be->err naming `what` when it runs out
+    void *(*alloc)(Backend *be, size_t bytes, const char *what);
+    void (*free)(Backend *be, void *p);
+    // waits until every operation issued so far has finished (the CPU backend runs them in order)
+    int (*synchronize)(Backend *be);
+
+    // the three GEMMs of a linear layer: out (N, rows) = x (N, cols) Wᵀ;
+    // dx (N, cols) += dout W (dx may be NULL), dw (rows, cols) += doutᵀ x (dw an F32 view)
+    int (*matmul)(Backend *be, float *out, const float *x, const MatView *w, int N);
+    int (*matmul_backward)(Backend *be, float *dx, const MatView *dw, const float *dout, const float *x,
+                           const MatView *w, int N);
+    // out[i] (cols) = row idx[i] of w, widened (embedding look-ups); dw[idx[i]] += dout[i] in row order
+    int (*embedding)(Backend *be, float *out, const MatView *w, const int *idx, int n);
+    int (*embedding_backward)(Backend *be, const MatView *dw, const float *dout, const int *idx, int n);
+
+    // RMSNorm over N rows of C: out row n at out + n·ldo, input row at x + n·ldx; rstd (N) or NULL
+    int (*rmsnorm)(Backend *be, float *out, int ldo, float *rstd, const float *x, int ldx, const float *weight,
+                   int N, int C, float eps);
+    // dx (N, C) += ..., dweight (C) += ... (summed over rows in a fixed order)
+    int (*rmsnorm_backward)(Backend *be, float *dx, float *dweight, const float *dout, const float *x,
+                            const float *weight, const float *rstd, int N, int C);
+    // h = silu(gate) · up over n elements; dgate, dup overwritten from dh
+    int (*swiglu)(Backend *be, float *h, const float *gate, const float *up, long n);
+    int (*swiglu_backward)(Backend *be, float *dgate, float *dup, const float *dh, const float *gate,
+                           const float *up, long n);
+    // RoPE on N rows × heads vectors of width r (x + (n·heads + h)·stride), row n at table row n % T;
+    // the backward applies the transposed rotation to the gradient in place
+    int (*rope)(Backend *be, float *x, int N, int T, int heads, int stride, int r, const float *cos_t,
+                const float *sin_t);
+    int (*rope_backward)(Backend *be, float *dx, int N, int T, int heads, int stride, int r, const float *cos_t,
+                         const float *sin_t);
+    // out = a + b over n elements (the residual stream)
+    int (*add)(Backend *be, float *out, const float *a, const float *b, long n);
+
+    // attention over a latent cache (kernels/attention.h), forward and (plain, saved) backward
+    int (*latent_attention)(Backend *be, const LatentAttention *a);
+    int (*latent_attention_backward)(Backend *be, const LatentAttention *a, const float *dout, float *dq, float *dkv,
+                                     float *dkpe, float *dkpe_heads, float *dprobs);
+
+    // the MoE's dispatch and combine: out[i] (d) = src[rows[i]];
+    // y[t] += Σ_k weight[t·K + k] · src[slot[t·K + k]] over t < N;
+    // its backward: dsrc[slot[t·K + k]] = weight · dy[t] (overwritten), dweight[t·K + k] = dy[t] · src[slot]
+    int (*gather_rows)(Backend *be, float *out, const float *src, const int *rows, long n, int d);
+    int (*combine)(Backend *be, float *y, const float *src, const int *slot, const float *weight, int N, int K,
+                   int d);
+    int (*combine_backward)(Backend *be, float *dsrc, float *dweight, const float *dy, const float *src,
+                            const int *slot, const float *weight, int N, int K, int d);
+    // gather_rows' backward: dx[rows[i]] += dout[i], i in order
+    int (*scatter_add_rows)(Backend *be, float *dx, const float *dout, const int *rows, long n, int d);
+
+    // cross-entropy of N rows of logits (N, V): losses, lse (N) written, *sum = Σ losses (double);
+    // backward in place: logits become (softmax − onehot) · dloss
+    int (*crossentropy)(Backend *be, double *sum, float *losses, float *lse, const float *logits, const int *targets,
+                        int N, int V);
+    int (*crossentropy_backward)(Backend *be, float *logits, const float *lse, const int *targets, int N, int V,
+                                 float dloss);
+} BackendOps;
+
+struct Backend {
+    const BackendOps *ops;
+    const char *isa;  // the instruction set its kernels chose
+    int nthreads;
+    Error err;        // the last failure
+};
+
+// The process's CPU backend (OpenMP threads, AVX-512 when CPUID has it, OpenBLAS for fp32 GEMMs).
+Backend *backend_cpu(void);
+
+#endif

@@ -1,0 +1,237 @@
+// The CPU backend: the table of backend.h over this folder's kernels. Threads are OpenMP's (the
+// kernels split their work in fixed shares, so a result never depends on scheduling); OpenBLAS
+// runs single-threaded under them; the ISA is chosen once from CPUID (matmul.c).
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/backend.h"
+#include "kernels/ops.h"
+
+static int fail(Backend *be, const char *op, const char *what) {
+    return err_set(&be->err, "%s backend: %s: %s", be->ops->name, op, what);
+}
+
+// The products fail only on a weight type they do not take or on scratch memory.
+static int product_failed(Backend *be, const char *op, const MatView *w) {
+    if (w->dtype != DT_F32 && w->dtype != DT_BF16 && w->dtype != DT_F16 && w->dtype != DT_F8_E4M3)
+        return err_set(&be->err, "%s backend: %s: a %s matrix (%d x %d) is not a weight type", be->ops->name, op,
+                       dtype_name(w->dtype), w->rows, w->cols);
+    return fail(be, op, "out of memory for kernel scratch");
+}
+
+static void *cpu_alloc(Backend *be, size_t bytes, const char *what) {
+    size_t n = (bytes + 63) & ~(size_t)63;
+    void *p = aligned_alloc(64, n ? n : 64);
+    if (!p) {
+        err_set(&be->err, "out of memory for %s (%.1f MB)", what, bytes / 1e6);
+        return NULL;
+    }
+    memset(p, 0, n);
+    return p;
+}
+
+static void cpu_free(Backend *be, void *p) {
+    (void)be;
+    free(p);
+}
+
+static int cpu_synchronize(Backend *be) {
+    (void)be;
+    return 0;
+}
+
+static int cpu_matmul(Backend *be, float *out, const float *x, const MatView *w, int N) {
+    return matmul_nt(out, x, w, N) ? product_failed(be, "matmul", w) : 0;
+}
+
+static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const float *dout, const float *x,
+                               const MatView *w, int N) {
+    if (!matview_f32_data(dw)) return fail(be, "matmul_backward", "the weight gradient is not an F32 view");
+    return matmul_backward(dx, dw, dout, x, w, N) ? product_failed(be, "matmul_backward", w) : 0;
+}
+
+static int cpu_embedding(Backend *be, float *out, const MatView *w, const int *idx, int n) {
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed) if (n > 1)
+    for (int i = 0; i < n; i++) failed |= matview_row_f32(w, idx[i], out + (size_t)i * w->cols) != 0;
+    return failed ? product_failed(be, "embedding", w) : 0;
+}
+
+static int cpu_embedding_backward(Backend *be, const MatView *dw, const float *dout, const int *idx, int n) {
+    float *g = matview_f32_data(dw);
+    if (!g) return fail(be, "embedding_backward", "the gradient is not an F32 view");
+    int d = dw->cols;
+    for (int i = 0; i < n; i++) {  // in row order: a token may repeat
+        float *dst = g + (size_t)idx[i] * d;
+        const float *src = dout + (size_t)i * d;
+        for (int j = 0; j < d; j++) dst[j] += src[j];
+    }
+    return 0;
+}
+
+static int cpu_rmsnorm(Backend *be, float *out, int ldo, float *rstd, const float *x, int ldx, const float *weight,
+                       int N, int C, float eps) {
+    (void)be;
+    if (ldo == C && ldx == C) {
+        rmsnorm_rows_forward(out, rstd, x, weight, N, C, eps);
+        return 0;
+    }
+#pragma omp parallel for schedule(static) if (N > 64)
+    for (int n = 0; n < N; n++)
+        rmsnorm_forward(out + (size_t)n * ldo, rstd ? rstd + n : NULL, x + (size_t)n * ldx, weight, 1, C, eps);
+    return 0;
+}
+
+static int cpu_rmsnorm_backward(Backend *be, float *dx, float *dweight, const float *dout, const float *x,
+                                const float *weight, const float *rstd, int N, int C) {
+    (void)be;
+    rmsnorm_rows_backward(dx, dweight, dout, x, weight, rstd, N, C);
+    return 0;
+}
+
+static int cpu_swiglu(Backend *be, float *h, const float *gate, const float *up, long n) {
+    (void)be;
+    swiglu_rows_forward(h, gate, up, n);
+    return 0;
+}
+
+static int cpu_swiglu_backward(Backend *be, float *dgate, float *dup, const float *dh, const float *gate,
+                               const float *up, long n) {
+    (void)be;
+    swiglu_rows_backward(dgate, dup, dh, gate, up, n);
+    return 0;
+}
+
+static int cpu_rope(Backend *be, float *x, int N, int T, int heads, int stride, int r, const float *cos_t,
+                    const float *sin_t) {
+    (void)be;
+    rope_rows_forward(x, N, T, heads, stride, r, cos_t, sin_t);
+    return 0;
+}
+
+static int cpu_rope_backward(Backend *be, float *dx, int N, int T, int heads, int stride, int r, const float *cos_t,
+                             const float *sin_t) {
+    (void)be;
+    rope_rows_backward(dx, N, T, heads, stride, r, cos_t, sin_t);
+    return 0;
+}
+
+static int cpu_add(Backend *be, float *out, const float *a, const float *b, long n) {
+    (void)be;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (long i = 0; i < n; i++) out[i] = a[i] + b[i];
+    return 0;
+}
+
+static int cpu_latent_attention(Backend *be, const LatentAttention *a) {
+    return latent_attention_forward(a) ? fail(be, "latent_attention", "out of memory for kernel scratch") : 0;
+}
+
+static int cpu_latent_attention_backward(Backend *be, const LatentAttention *a, const float *dout, float *dq,
+                                         float *dkv, float *dkpe, float *dkpe_heads, float *dprobs) {
+    if (a->absorbed || a->pos0 != 0 || !a->kv_save || !a->probs_save)
+        return fail(be, "latent_attention_backward", "needs a plain forward from position 0 that saved keys and probabilities");
+    latent_attention_backward(a, dout, dq, dkv, dkpe, dkpe_heads, dprobs);
+    return 0;
+}
+
+static int cpu_gather_rows(Backend *be, float *out, const float *src, const int *rows, long n, int d) {
+    (void)be;
+#pragma omp parallel for schedule(static) if (n > 1)
+    for (long i = 0; i < n; i++) memcpy(out + i * d, src + (size_t)rows[i] * d, sizeof(float) * d);
+    return 0;
+}
+
+static int cpu_combine(Backend *be, float *y, const float *src, const int *slot, const float *weight, int N, int K,
+                       int d) {
+    (void)be;
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < K; k++) {
+            float g = weight[(size_t)t * K + k];
+            const float *s = src + (size_t)slot[(size_t)t * K + k] * d;
+            float *yt = y + (size_t)t * d;
+            for (int j = 0; j < d; j++) yt[j] += g * s[j];
+        }
+    return 0;
+}
+
+static int cpu_combine_backward(Backend *be, float *dsrc, float *dweight, const float *dy, const float *src,
+                                const int *slot, const float *weight, int N, int K, int d) {
+    (void)be;
+#pragma omp parallel for schedule(static) if (N > 1)
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < K; k++) {
+            size_t sl = slot[(size_t)t * K + k];
+            const float *s = src + sl * d, *dyt = dy + (size_t)t * d;
+            float *ds = dsrc + sl * d, g = weight[(size_t)t * K + k], dot = 0;
+            for (int j = 0; j < d; j++) {
+                dot += dyt[j] * s[j];
+                ds[j] = g * dyt[j];
+            }
+            dweight[(size_t)t * K + k] = dot;
+        }
+    return 0;
+}
+
+static int cpu_scatter_add_rows(Backend *be, float *dx, const float *dout, const int *rows, long n, int d) {
+    (void)be;
+    for (long i = 0; i < n; i++) {  // in order: rows repeat (a token reaches K_r experts)
+        float *dst = dx + (size_t)rows[i] * d;
+        const float *s = dout + i * d;
+        for (int j = 0; j < d; j++) dst[j] += s[j];
+    }
+    return 0;
+}
+
+static int cpu_crossentropy(Backend *be, double *sum, float *losses, float *lse, const float *logits,
+                            const int *targets, int N, int V) {
+    (void)be;
+    *sum = crossentropy_forward(losses, lse, logits, targets, N, V);
+    return 0;
+}
+
+static int cpu_crossentropy_backward(Backend *be, float *logits, const float *lse, const int *targets, int N, int V,
+                                     float dloss) {
+    (void)be;
+    crossentropy_backward(logits, lse, targets, N, V, dloss);
+    return 0;
+}
+
+static const BackendOps cpu_ops = {
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .synchronize = cpu_synchronize,
+    .matmul = cpu_matmul,
+    .matmul_backward = cpu_matmul_backward,
+    .embedding = cpu_embedding,
+    .embedding_backward = cpu_embedding_backward,
+    .rmsnorm = cpu_rmsnorm,
+    .rmsnorm_backward = cpu_rmsnorm_backward,
+    .swiglu = cpu_swiglu,
+    .swiglu_backward = cpu_swiglu_backward,
+    .rope = cpu_rope,
+    .rope_backward = cpu_rope_backward,
+    .add = cpu_add,
+    .latent_attention = cpu_latent_attention,
+    .latent_attention_backward = cpu_latent_attention_backward,
+    .gather_rows = cpu_gather_rows,
+    .combine = cpu_combine,
+    .combine_backward = cpu_combine_backward,
+    .scatter_add_rows = cpu_scatter_add_rows,
+    .crossentropy = cpu_crossentropy,
+    .crossentropy_backward = cpu_crossentropy_backward,
+};
+
+Backend *backend_cpu(void) {
+    // one per thread that asks: its err is written by the operations that thread issues
+    static _Thread_local Backend be;
+    if (!be.ops) {
+        be.ops = &cpu_ops;
+        be.isa = kernels_isa();
+        be.nthreads = omp_get_max_threads();
+    }
+    return &be;
+}
