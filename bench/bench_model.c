@@ -9,32 +9,26 @@
 #include "kernels/matmul.h"
 #include "model/init.h"
 #include "model/model.h"
+#include "model/tensors.h"
 
-// Bytes a decode step reads: every weight one token touches, in its stored type.
-static double mat_bytes(const MatView *m) {
-    double b = (double)m->rows * m->cols * dtype_size(m->dtype);
-    if (m->dtype == DT_F8_E4M3) b += 4.0 * ((m->rows + m->block - 1) / m->block) * m->scale_cols;
-    return b;
+// Bytes a decode step reads: every matrix one token is multiplied by (tensor_cost's matmul
+// weights: K_r routed experts per MoE layer, the router, the head) in its stored type, and the one
+// embedding row it looks up. The norm vectors (a few KB) are left out.
+typedef struct Streamed {
+    const ModelConfig *c;
+    double bytes;
+} Streamed;
+
+static int add_streamed(const TensorSpec *t, void *ctx) {
+    Streamed *s = ctx;
+    if (t->mat && tensor_cost(s->c, t).matmul) s->bytes += (double)tensor_view_bytes(t->mat);
+    return 0;
 }
 
-static double ffn_bytes(const FfnWeights *f) {
-    return mat_bytes(&f->gate_proj) + mat_bytes(&f->up_proj) + mat_bytes(&f->down_proj);
-}
-
-static double active_weight_bytes(const Model *m) {
-    const ModelConfig *c = &m->cfg;
-    double b = mat_bytes(&m->w.lm_head) + c->hidden_size * dtype_size(m->w.embed_tokens.dtype);
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        const LayerWeights *L = &m->w.layers[l];
-        const MlaWeights *a = &L->self_attn;
-        b += (c->q_lora_rank ? mat_bytes(&a->q_a_proj) + mat_bytes(&a->q_b_proj) : mat_bytes(&a->q_proj)) +
-             mat_bytes(&a->kv_a_proj_with_mqa) + mat_bytes(&a->kv_b_proj) + mat_bytes(&a->o_proj);
-        if (!L->is_moe) b += ffn_bytes(&L->mlp);
-        else
-            b += mat_bytes(&L->moe.gate) + (c->n_shared_experts ? ffn_bytes(&L->moe.shared_experts) : 0) +
-                 c->num_experts_per_tok * ffn_bytes(&L->moe.experts[0]);
-    }
-    return b;
+static double active_weight_bytes(Model *m) {
+    Streamed s = {&m->cfg, (double)m->cfg.hidden_size * dtype_size(m->w.embed_tokens.dtype)};
+    tensor_walk(&m->cfg, 0, &m->w, add_streamed, &s);
+    return s.bytes;
 }
 
 // bw_buf: a buffer of bw_bytes whose read speed is measured before every run.

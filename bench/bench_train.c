@@ -13,6 +13,7 @@
 
 #include "bench_common.h"
 #include "model/config.h"
+#include "model/tensors.h"
 #include "train/optim.h"
 #include "train/train_model.h"
 
@@ -47,14 +48,20 @@ static double sgemm_peak(int n, int reps) {
     return best;
 }
 
-static double layer_matmul_params(const ModelConfig *c, int layer) {
-    double d = c->hidden_size, H = c->num_attention_heads, qk = config_qk_head_dim(c);
-    double att = (c->q_lora_rank ? c->q_lora_rank * d + H * qk * c->q_lora_rank : H * qk * d) +
-                 (c->kv_lora_rank + c->qk_rope_head_dim) * d +
-                 H * (c->qk_nope_head_dim + c->v_head_dim) * c->kv_lora_rank + d * H * c->v_head_dim;
-    if (!config_is_moe_layer(c, layer)) return att + 3 * d * c->intermediate_size;
-    double Fm = c->moe_intermediate_size;
-    return att + c->n_routed_experts * d + 3 * d * Fm * (c->num_experts_per_tok + c->n_shared_experts);
+// Matmul parameters a token is multiplied by (tensor_cost), in the main model and in each MTP
+// module.
+typedef struct MatmulParams {
+    const ModelConfig *c;
+    double main;
+    double *mtp;  // (num_nextn_predict_layers)
+} MatmulParams;
+
+static int add_matmul(const TensorSpec *t, void *ctx) {
+    MatmulParams *p = ctx;
+    double n = (double)tensor_cost(p->c, t).matmul;
+    if (t->mtp < 0) p->main += n;
+    else p->mtp[t->mtp] += n;
+    return 0;
 }
 
 static double attention_flops(const ModelConfig *c, int T) {
@@ -77,15 +84,13 @@ int main(void) {
     train_model_init_random(&m, 1);
     int *tok = malloc(sizeof(int) * B * (T + 1));
     long long *loads = calloc((size_t)m.n_moe * c.n_routed_experts, sizeof *loads);
-    double per_token = 0, main_params = 0;
-    for (int l = 0; l < c.num_hidden_layers; l++) main_params += layer_matmul_params(&c, l);
-    main_params += (double)c.vocab_size * c.hidden_size;
-    per_token = 6 * main_params + c.num_hidden_layers * attention_flops(&c, T);
-    for (int k = 0; k < c.num_nextn_predict_layers; k++) {
-        double mtp = 2.0 * c.hidden_size * c.hidden_size + layer_matmul_params(&c, c.num_hidden_layers + k) +
-                     (double)c.vocab_size * c.hidden_size;
-        per_token += (6 * mtp + attention_flops(&c, T - 1 - k)) * (T - 1.0 - k) / T;
-    }
+    MatmulParams mp = {&c, 0, calloc(c.num_nextn_predict_layers + 1, sizeof(double))};
+    tensor_walk(&c, c.num_nextn_predict_layers, NULL, add_matmul, &mp);
+    double per_token = 6 * mp.main + c.num_hidden_layers * attention_flops(&c, T);
+    // MTP module k predicts from T - 1 - k of the T positions
+    for (int k = 0; k < c.num_nextn_predict_layers; k++)
+        per_token += (6 * mp.mtp[k] + attention_flops(&c, T - 1 - k)) * (T - 1.0 - k) / T;
+    free(mp.mtp);
     double times[STEPS];
     for (int s = 0; s < WARM + STEPS; s++) {
         for (int i = 0; i < B * (T + 1); i++) tok[i] = (int)((i * 7919L + s * 104729L) % c.vocab_size);

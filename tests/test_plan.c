@@ -267,6 +267,15 @@ TEST(test_plan_config_errors) {
         {"{\"vocab_size\": 16000000, \"hidden_size\": 16000000, \"num_hidden_layers\": 2, \"intermediate_size\": 9,"
          " \"num_attention_heads\": 4}",
          "cfg.json: hidden_size: the configuration describes more than 1e15 parameters"},
+        {"{\"vocab_size\": 16000000, \"hidden_size\": 16000000, \"num_hidden_layers\": 2, \"intermediate_size\": 16000000,"
+         " \"num_attention_heads\": 4, \"kv_lora_rank\": 8, \"qk_nope_head_dim\": 8, \"qk_rope_head_dim\": 4,"
+         " \"v_head_dim\": 8}",
+         "cfg.json: hidden_size: the configuration describes more than 1e15 parameters"},
+        // an MLA model is counted tensor by tensor: 2000 layers x 1000 experts would take seconds
+        {"{\"vocab_size\": 10, \"hidden_size\": 8, \"num_hidden_layers\": 2000, \"intermediate_size\": 9,"
+         " \"num_attention_heads\": 4, \"kv_lora_rank\": 8, \"qk_nope_head_dim\": 8, \"qk_rope_head_dim\": 4,"
+         " \"v_head_dim\": 8, \"n_routed_experts\": 1000, \"num_experts_per_tok\": 2}",
+         "cfg.json: n_routed_experts: the configuration describes more than 2 million tensors"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         err.msg[0] = 0;

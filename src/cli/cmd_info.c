@@ -8,6 +8,7 @@
 #include "cli/util.h"
 #include "kernels/matmul.h"
 #include "model/model.h"
+#include "model/tensors.h"
 
 static const char *const VALUED[] = {"model", NULL};
 static const char *const FLAGS[] = {"json", NULL};
@@ -22,7 +23,7 @@ int cmd_info(int argc, char **argv) {
     Model m;
     if (model_load(&m, dir, 0, &err)) return cli_fail(cmd, &err);
     const ModelConfig *c = &m.cfg;
-    ParamCounts p = weights_count_params(c);
+    ParamCounts p = tensor_count_params(c);
     size_t kvb = kvcache_bytes_per_token(c);
     if (args_flag(&a, "json")) {
         json_t *o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I,s:s,s:I,s:i,s:i,s:s,s:s}", "model_type", c->model_type,

@@ -34,16 +34,15 @@ int model_write_random(const ModelConfig *cfg, const char *dir, uint64_t seed, D
     for (int i = 0; i < n; i++) {
         const TensorSpec *t = &specs[i];
         long numel = (long)t->shape[0] * (t->ndim == 2 ? t->shape[1] : 1);
-        int is_mtp_embed = t->kind == TENSOR_EMBED && strstr(t->name, ".embed_tokens.") && strncmp(t->name, "model.embed", 11) != 0;
-        int is_mtp_head = t->kind == TENSOR_EMBED && strstr(t->name, "shared_head.head");
-        DType dt = t->kind == TENSOR_LINEAR ? dtype : (t->kind == TENSOR_BIAS || dtype == DT_F32) ? DT_F32 : DT_BF16;
+        // only the decoder layers' linear weights take dtype; the rest is BF16, the router bias F32
+        DType dt = t->kind == TENSOR_BIAS || dtype == DT_F32 ? DT_F32 : t->fp8 ? dtype : DT_BF16;
         StTensorDesc *d = &desc[nd];
         d->name = t->name;
         d->dtype = dt;
         d->ndim = t->ndim;
         d->shape[0] = t->shape[0];
         d->shape[1] = t->shape[1];
-        if (is_mtp_embed || is_mtp_head) {  // byte-identical copies, filled in below
+        if (t->mtp_copy) {  // byte-identical copies, filled in below
             d->data = NULL;
             nd++;
             continue;
@@ -76,13 +75,18 @@ int model_write_random(const ModelConfig *cfg, const char *dir, uint64_t seed, D
             desc[nd] = (StTensorDesc){names[i], DT_F32, 2, {sr, sc}, scale};
             bufs[nd] = scale;
         }
-        if (t->kind == TENSOR_EMBED && !embed && strcmp(t->name, "model.embed_tokens.weight") == 0) embed = buf;
-        if (t->kind == TENSOR_EMBED && !head && strcmp(t->name, "lm_head.weight") == 0) head = buf;
+        if (t->kind == TENSOR_EMBED && t->layer < 0) {  // model.embed_tokens (first; the head too when tied), lm_head
+            if (!embed) embed = buf;
+            if (t->head) head = buf;
+        }
         nd++;
     }
-    // the MTP modules' copies of the embedding and head
-    for (int i = 0; i < nd; i++)
-        if (!desc[i].data) desc[i].data = strstr(desc[i].name, "shared_head.head") ? head : embed;
+    // the MTP modules' copies of the embedding and head, in the same order as their specs
+    for (int i = 0, j = 0; i < n; i++)
+        if (specs[i].mtp_copy) {
+            while (desc[j].name != specs[i].name) j++;
+            desc[j].data = specs[i].head ? head : embed;
+        }
     {
         char path[4096];
         if (st_write_model(dir, desc, nd, shard_bytes, err) || path_join(path, sizeof path, dir, "config.json", err) ||

@@ -61,17 +61,14 @@ typedef struct ModelWeights {
     float *vectors;        // one block holding every fp32 vector above
 } ModelWeights;
 
-// Binds every tensor the config calls for, checking presence, dtype and shape; an error names the
-// tensor and its file. MTP layers are bound only when present (need_mtp demands them).
+// Binds every tensor of the table (model/tensors.h) the config calls for, checking presence, dtype
+// and shape; an error names the tensor and its file. MTP layers are bound only when present
+// (need_mtp demands them). Tied embeddings: lm_head.weight when the files have one, else the
+// embedding.
 int weights_bind(ModelWeights *w, const ModelConfig *c, const StModel *st, int need_mtp, Error *err);
-void weights_free(ModelWeights *w, const ModelConfig *c);
-// Allocates w->layers, w->mtp and every MoE layer's experts array, for n_mtp MTP modules.
+// Zeroes w and allocates its tables for n_mtp MTP modules: w->layers, w->mtp and every MoE layer's
+// experts (is_moe set), so that tensor_walk can give every tensor's slot. On failure w is freed.
 int weights_alloc_tables(ModelWeights *w, const ModelConfig *c, int n_mtp, Error *err);
-
-// Parameters of the main model (all, and those one token touches) and of the MTP modules.
-typedef struct ParamCounts {
-    long long total, active, mtp_total, mtp_active;
-} ParamCounts;
-ParamCounts weights_count_params(const ModelConfig *c);
+void weights_free(ModelWeights *w, const ModelConfig *c);
 
 #endif

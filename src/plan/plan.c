@@ -1,11 +1,14 @@
 // Model costs: the architecture from config.json, then one walk over its tensors that every
-// parameter, memory and FLOP figure comes from. Conventions: docs/plan.md.
+// parameter, memory and FLOP figure comes from: for MLA (DeepSeek) architectures the tensor table
+// dsv3 loads checkpoints by (model/tensors.h), for the GQA/MHA ones compared against a walk of
+// their own here. Conventions: docs/plan.md.
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "base/file.h"
+#include "model/tensors.h"
 #include "plan/plan.h"
 
 // The published configurations, as the keys of their HuggingFace config.json files (only the
@@ -112,7 +115,7 @@ static int has_key(json_t *root, const char *key) {
     return v && !json_is_null(v);
 }
 
-static double model_params_estimate(const PlanArch *a);
+static int check_size(const PlanArch *a, const char *src, Error *err);
 
 static int parse_arch(PlanArch *a, json_t *root, const char *src, Error *err) {
     memset(a, 0, sizeof *a);
@@ -177,9 +180,7 @@ static int parse_arch(PlanArch *a, json_t *root, const char *src, Error *err) {
         a->shared_intermediate = a->n_shared * a->moe_intermediate;
         a->router_bias = strcmp(topk_method, "noaux_tc") == 0;
     }
-    if (model_params_estimate(a) > 1e15)
-        return err_set(err, "%s: hidden_size: the configuration describes more than 1e15 parameters", src);
-    return 0;
+    return check_size(a, src, err);
 }
 
 int plan_arch_from_json(PlanArch *a, const char *text, const char *source, Error *err) {
@@ -226,20 +227,64 @@ int64_t plan_moe_layers(const PlanArch *a) {
     return n;
 }
 
-// The tensor walk. Each tensor is counted three ways: stored (copies in the checkpoint), active
-// (copies a token's computation uses: the routed experts it reaches, not the embedding table, of
-// which it reads one row; DeepSeek's "37B activated" counts so) and multiplied (the matmul
-// FLOPs: active, less norms and biases).
-// Counts are doubles so that an absurd configuration cannot overflow before it is rejected;
-// every realistic count stays far below 2^53, where doubles are exact.
-typedef enum { KIND_FP8_LINEAR, KIND_BF16_MATRIX, KIND_VECTOR } TensorKind;
+int plan_model_config(const PlanArch *a, ModelConfig *c) {
+    memset(c, 0, sizeof *c);
+    if (!a->mla) return -1;
+    snprintf(c->model_type, sizeof c->model_type, "deepseek_v3");
+    c->vocab_size = (int)a->vocab;
+    c->hidden_size = (int)a->hidden;
+    c->num_hidden_layers = (int)a->layers;
+    c->intermediate_size = (int)a->intermediate;
+    c->num_attention_heads = (int)a->heads;
+    c->tie_word_embeddings = a->tie_embeddings;
+    c->q_lora_rank = (int)a->q_lora;
+    c->kv_lora_rank = (int)a->kv_lora;
+    c->qk_nope_head_dim = (int)a->qk_nope;
+    c->qk_rope_head_dim = (int)a->qk_rope;
+    c->v_head_dim = (int)a->v_head;
+    c->n_routed_experts = (int)a->n_routed;
+    c->n_shared_experts = (int)a->n_shared;
+    c->num_experts_per_tok = (int)a->top_k;
+    c->moe_intermediate_size = (int)a->moe_intermediate;
+    c->first_k_dense_replace = (int)a->first_dense;
+    c->moe_layer_freq = a->moe_freq > 0 ? (int)a->moe_freq : 1;
+    c->n_group = c->topk_group = 1;
+    c->topk_method = a->router_bias ? TOPK_NOAUX_TC : TOPK_GREEDY;
+    c->num_nextn_predict_layers = (int)a->mtp;
+    return 0;
+}
 
+// Every count, with and without the MTP modules. Counts are doubles so that an absurd configuration
+// cannot overflow before it is rejected; every realistic count stays far below 2^53, where doubles
+// are exact.
 typedef struct Tally {
     double total, active, matmul;
     double bytes_fp8;
 } Tally;
 
-static void tensor(Tally *t, TensorKind kind, int64_t rows, int64_t cols, double stored, double active,
+typedef struct Tallies {
+    const ModelConfig *c;
+    Tally main, mtp;  // the main model; the MTP modules alone
+} Tallies;
+
+static int tally_tensor(const TensorSpec *t, void *ctx) {
+    Tallies *x = ctx;
+    TensorCost k = tensor_cost(x->c, t);
+    Tally *y = t->mtp < 0 ? &x->main : &x->mtp;
+    y->total += (double)k.params;
+    y->active += (double)k.active;
+    y->matmul += (double)k.matmul;
+    y->bytes_fp8 += (double)k.bytes_fp8;
+    return 0;
+}
+
+// The GQA/MHA walk (LLaMA, Qwen, Mixtral-style experts): dsv3 cannot load these models, so they
+// have no tensor table; plan_model compares DeepSeek's figures against theirs. Each tensor is
+// counted with the conventions of tensor_cost: stored, active (copies a token's computation uses:
+// the routed experts it reaches, not the embedding table) and multiplied (active matrices).
+typedef enum { KIND_FP8_LINEAR, KIND_BF16_MATRIX, KIND_VECTOR } GqaKind;
+
+static void tensor(Tally *t, GqaKind kind, int64_t rows, int64_t cols, double stored, double active,
                    double multiplied) {
     double n = (double)rows * (double)cols;
     t->total += n * stored;
@@ -263,35 +308,20 @@ static void swiglu(Tally *t, int64_t d, int64_t width, double stored, double act
     linear(t, d, width, stored, active);  // down_proj
 }
 
-static void decoder_layer(Tally *t, const PlanArch *a, int moe) {
-    int64_t d = a->hidden, H = a->heads;
-    vec(t, d);  // input_layernorm
-    vec(t, d);  // post_attention_layernorm
-    if (a->mla) {
-        if (a->q_lora) {
-            linear(t, a->q_lora, d, 1, 1);  // q_a_proj
-            vec(t, a->q_lora);              // q_a_layernorm
-            linear(t, H * (a->qk_nope + a->qk_rope), a->q_lora, 1, 1);  // q_b_proj
-        } else {
-            linear(t, H * (a->qk_nope + a->qk_rope), d, 1, 1);  // q_proj
-        }
-        linear(t, a->kv_lora + a->qk_rope, d, 1, 1);  // kv_a_proj_with_mqa
-        vec(t, a->kv_lora);                           // kv_a_layernorm
-        linear(t, H * (a->qk_nope + a->v_head), a->kv_lora, 1, 1);  // kv_b_proj
-        linear(t, d, H * a->v_head, 1, 1);                          // o_proj
-    } else {
-        int64_t q = H * a->head_dim, kv = a->kv_heads * a->head_dim;
-        linear(t, q, d, 1, 1);   // q_proj
-        linear(t, kv, d, 1, 1);  // k_proj
-        linear(t, kv, d, 1, 1);  // v_proj
-        linear(t, d, q, 1, 1);   // o_proj
-        if (a->qkv_bias) {
-            vec(t, q);
-            vec(t, kv);
-            vec(t, kv);
-        }
-        if (a->o_bias) vec(t, d);
+static void gqa_layer(Tally *t, const PlanArch *a, int moe) {
+    int64_t d = a->hidden, H = a->heads, q = H * a->head_dim, kv = a->kv_heads * a->head_dim;
+    vec(t, d);               // input_layernorm
+    vec(t, d);               // post_attention_layernorm
+    linear(t, q, d, 1, 1);   // q_proj
+    linear(t, kv, d, 1, 1);  // k_proj
+    linear(t, kv, d, 1, 1);  // v_proj
+    linear(t, d, q, 1, 1);   // o_proj
+    if (a->qkv_bias) {
+        vec(t, q);
+        vec(t, kv);
+        vec(t, kv);
     }
+    if (a->o_bias) vec(t, d);
     if (!moe) {
         swiglu(t, d, a->intermediate, 1, 1);
         if (a->mlp_bias) {
@@ -302,57 +332,92 @@ static void decoder_layer(Tally *t, const PlanArch *a, int moe) {
         return;
     }
     // every token is scored against every expert, so the whole router is multiplied
-    tensor(t, KIND_BF16_MATRIX, a->n_routed, d, 1, 1, 1);  // mlp.gate
+    tensor(t, KIND_BF16_MATRIX, a->n_routed, d, 1, 1, 1);  // router
     if (a->router_bias) vec(t, a->n_routed);             // e_score_correction_bias
     swiglu(t, d, a->moe_intermediate, (double)a->n_routed, (double)a->top_k);
     if (a->shared_intermediate) swiglu(t, d, a->shared_intermediate, 1, 1);
 }
 
-static void walk_main(Tally *t, const PlanArch *a) {
+static void gqa_walk(const PlanArch *a, Tally *body, Tally *mtp) {
     int64_t V = a->vocab, d = a->hidden;
-    tensor(t, KIND_BF16_MATRIX, V, d, 1, 0, 0);  // embed_tokens: a token reads one row of it
-    for (int64_t i = 0; i < a->layers; i++) decoder_layer(t, a, plan_is_moe_layer(a, i));
-    vec(t, d);  // model.norm
+    tensor(body, KIND_BF16_MATRIX, V, d, 1, 0, 0);  // embed_tokens: a token reads one row of it
+    for (int64_t i = 0; i < a->layers; i++) gqa_layer(body, a, plan_is_moe_layer(a, i));
+    vec(body, d);  // model.norm
     if (a->tie_embeddings)
-        tensor(t, KIND_BF16_MATRIX, V, d, 0, 1, 1);  // lm_head is embed_tokens: active, not stored again
+        tensor(body, KIND_BF16_MATRIX, V, d, 0, 1, 1);  // lm_head is embed_tokens: active, not stored again
     else
-        tensor(t, KIND_BF16_MATRIX, V, d, 1, 1, 1);
+        tensor(body, KIND_BF16_MATRIX, V, d, 1, 1, 1);
+    for (int64_t k = 0; k < a->mtp; k++) {  // laid out as DeepSeek's MTP modules (SPEC §5)
+        tensor(mtp, KIND_BF16_MATRIX, V, d, 1, 0, 0);      // embed_tokens copy
+        vec(mtp, d);                                       // enorm
+        vec(mtp, d);                                       // hnorm
+        tensor(mtp, KIND_BF16_MATRIX, d, 2 * d, 1, 1, 1);  // eh_proj
+        gqa_layer(mtp, a, plan_is_moe_layer(a, a->layers + k));
+        vec(mtp, d);                                       // shared_head.norm
+        tensor(mtp, KIND_BF16_MATRIX, V, d, 1, 1, 1);      // shared_head.head
+    }
 }
 
-// MTP module k as the checkpoint stores it (SPEC §5): its own copies of the embedding and head.
-static void walk_mtp(Tally *t, const PlanArch *a, int64_t k) {
-    int64_t V = a->vocab, d = a->hidden;
-    tensor(t, KIND_BF16_MATRIX, V, d, 1, 0, 0);  // embed_tokens copy
-    vec(t, d);                                   // enorm
-    vec(t, d);                                   // hnorm
-    tensor(t, KIND_BF16_MATRIX, d, 2 * d, 1, 1, 1);  // eh_proj
-    decoder_layer(t, a, plan_is_moe_layer(a, a->layers + k));
-    vec(t, d);                                   // shared_head.norm
-    tensor(t, KIND_BF16_MATRIX, V, d, 1, 1, 1);  // shared_head.head
+static void tally(const PlanArch *a, Tally *body, Tally *mtp) {
+    ModelConfig c;
+    if (plan_model_config(a, &c)) {
+        *body = *mtp = (Tally){0};
+        gqa_walk(a, body, mtp);
+        return;
+    }
+    Tallies x = {.c = &c};
+    tensor_walk(&c, c.num_nextn_predict_layers, NULL, tally_tensor, &x);
+    *body = x.main;
+    *mtp = x.mtp;
 }
 
-static double model_params_estimate(const PlanArch *a) {
-    Tally t = {0};
-    walk_main(&t, a);
-    for (int64_t k = 0; k < a->mtp; k++) walk_mtp(&t, a, k);
-    return t.total;
+// Counting an MLA model walks every routed expert's tensors one by one: (3 N_r + 14) tensors or
+// fewer per layer, ~0.1 us each. Refuse sizes whose walks would take more than about a second
+// (DeepSeek-V3 has 47,000 tensors), then sizes whose counts would not fit the int64 figures.
+#define MAX_TENSORS 2e6
+#define MAX_PARAMS 1e15
+
+static double params_stored(const TensorSpec *t) {
+    return (double)t->shape[0] * (double)(t->ndim == 2 ? t->shape[1] : 1);
+}
+
+static int add_stored(const TensorSpec *t, void *ctx) {
+    double *total = ctx;
+    *total += params_stored(t);
+    return *total > MAX_PARAMS;
+}
+
+static int check_size(const PlanArch *a, const char *src, Error *err) {
+    double total = 0;
+    ModelConfig c;
+    if (plan_model_config(a, &c) == 0) {
+        if ((double)(a->layers + a->mtp) * (3.0 * (double)a->n_routed + 14) > MAX_TENSORS)
+            return err_set(err, "%s: n_routed_experts: the configuration describes more than 2 million tensors", src);
+        tensor_walk(&c, c.num_nextn_predict_layers, NULL, add_stored, &total);
+    } else {
+        Tally body = {0}, mtp = {0};
+        gqa_walk(a, &body, &mtp);
+        total = body.total + mtp.total;
+    }
+    if (total > MAX_PARAMS)
+        return err_set(err, "%s: hidden_size: the configuration describes more than 1e15 parameters", src);
+    return 0;
 }
 
 void plan_model(const PlanArch *a, int64_t seq, PlanModel *m) {
     memset(m, 0, sizeof *m);
-    Tally t = {0};
-    walk_main(&t, a);
+    Tally t, mtp;
+    tally(a, &t, &mtp);
     m->total_params = (int64_t)t.total;
     m->active_params = (int64_t)t.active;
     m->matmul_params = (int64_t)t.matmul;
     m->weight_bytes_bf16 = 2 * m->total_params;
     m->weight_bytes_fp8 = (int64_t)t.bytes_fp8;
-    for (int64_t k = 0; k < a->mtp; k++) walk_mtp(&t, a, k);
-    m->total_params_mtp = (int64_t)t.total;
-    m->active_params_mtp = (int64_t)t.active;
-    m->matmul_params_mtp = (int64_t)t.matmul;
+    m->total_params_mtp = (int64_t)(t.total + mtp.total);
+    m->active_params_mtp = (int64_t)(t.active + mtp.active);
+    m->matmul_params_mtp = (int64_t)(t.matmul + mtp.matmul);
     m->weight_bytes_bf16_mtp = 2 * m->total_params_mtp;
-    m->weight_bytes_fp8_mtp = (int64_t)t.bytes_fp8;
+    m->weight_bytes_fp8_mtp = (int64_t)(t.bytes_fp8 + mtp.bytes_fp8);
 
     // MLA caches the latent and the shared rotary key; GQA a key and a value per KV head
     int64_t per_layer = a->mla ? a->kv_lora + a->qk_rope : 2 * a->kv_heads * a->head_dim;

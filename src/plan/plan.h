@@ -1,13 +1,15 @@
 // Deployment planning: the cost figures of the DeepSeek-V3 papers (SPEC §7), computed for any
-// architecture. This module depends only on src/base; it reads HuggingFace config.json files
-// itself, because it must also describe dense GQA/MHA models that the model loader rejects.
-// The conventions behind every figure are in docs/plan.md.
+// architecture. It reads HuggingFace config.json files itself, because it must also describe dense
+// GQA/MHA models that the model loader rejects; MLA (DeepSeek) architectures are counted through
+// the tensor table dsv3 loads checkpoints by (model/tensors.h), so `dsv3 plan` and `dsv3 info`
+// agree. The conventions behind every figure are in docs/plan.md.
 #ifndef DSV3_PLAN_PLAN_H
 #define DSV3_PLAN_PLAN_H
 
 #include <stdint.h>
 
 #include "base/error.h"
+#include "model/config.h"
 
 // The shape of a decoder-only transformer, as far as its costs depend on it.
 typedef struct PlanArch {
@@ -50,12 +52,16 @@ typedef struct PlanPaper {
 } PlanPaper;
 PlanPaper plan_preset_paper(const char *name);
 
+// An MLA architecture as the ModelConfig dsv3 would load (the keys its tensor table depends on;
+// routing details it does not are left at neutral values); -1 for GQA/MHA, which dsv3 cannot load.
+int plan_model_config(const PlanArch *a, ModelConfig *c);
+
 int plan_is_moe_layer(const PlanArch *a, int64_t layer);
 int64_t plan_moe_layers(const PlanArch *a);
 
 typedef struct PlanModel {
     // parameters; "active" counts the routed experts a token reaches (top_k), not all of them,
-    // and not the embedding table (a lookup)
+    // and not the embedding table (a lookup): tensor_cost's conventions (model/tensors.h)
     int64_t total_params, active_params;
     int64_t total_params_mtp, active_params_mtp;  // with the MTP modules, as the checkpoint stores them
     int64_t matmul_params;      // active weights a token is multiplied by: no embedding lookup, no norms
