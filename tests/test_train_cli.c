@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "train/data.h"
+#include "train/trainer.h"
 #include "test.h"
 
 // A tiny V3-style model over the byte vocabulary (258 ids): q_lora, noaux_tc in 2 groups, MTP.
@@ -170,8 +171,13 @@ TEST(test_train_resume_is_bit_exact) {
     snprintf(stop, sizeof stop, "--stop-at %ld", N);
     rc = train(out, sizeof out, b, 2 * N, stop);
     CHECK_MSG(rc == 0, "%s", out);
+    char said[64];  // the command prints the trainer's summary
+    snprintf(said, sizeof said, "stopped at step %ld (", N);
+    CHECK_MSG(strstr(out, said), "%s", out);
     rc = test_run(out, sizeof out, "%s train --resume '%s'", test_bin(), b);
     CHECK_MSG(rc == 0, "%s", out);
+    snprintf(said, sizeof said, "trained to step %ld (", 2 * N);
+    CHECK_MSG(strstr(out, said) && strstr(out, "validation loss"), "%s", out);
     char *ma = metrics_without_timing(a), *mb = metrics_without_timing(b);
     CHECK(ma && mb);
     CHECK_MSG(strcmp(ma, mb) == 0, "metrics differ:\n%s\nvs\n%s", ma, mb);
@@ -406,4 +412,141 @@ TEST(test_plot_compares_runs) {
     CHECK_MSG(rc == 1 && strstr(out, "missing/metrics.jsonl"), "%s", out);
     rc = test_run(out, sizeof out, "%s plot --out '%s'", test_bin(), svg);
     CHECK_MSG(rc == 1 && strstr(out, "run directories"), "%s", out);
+}
+
+static const void *option_field(const TrainerOptions *o, const TrainerOption *t) { return (const char *)o + t->offset; }
+
+static int option_is(const TrainerOptions *a, const TrainerOptions *b, const TrainerOption *t) {
+    return memcmp(option_field(a, t), option_field(b, t), t->size) == 0;
+}
+
+// Writes {"options": opts} as dir/trainer_state.json (opts is stolen).
+static void write_state(const char *dir, json_t *opts) {
+    char path[700];
+    snprintf(path, sizeof path, "%s/trainer_state.json", dir);
+    json_t *st = json_pack("{s:o}", "options", opts);
+    json_dump_file(st, path, JSON_INDENT(2));
+    json_decref(st);
+}
+
+// Every saved option comes back from trainer_state.json as it was written; the unsaved ones
+// come back as their defaults.
+TEST(test_train_options_round_trip_state) {
+    char dir[600], out[4096];
+    snprintf(dir, sizeof dir, "%s/options_state", test_tmpdir());
+    CHECK(test_run(out, sizeof out, "mkdir -p '%s'", dir) == 0);
+    TrainerOptions dflt = trainer_defaults(), want = trainer_defaults(), got;
+    int saved = 0;
+    for (const TrainerOption *t = trainer_options; t->name; t++) {
+        double x = t->lo + (t->hi - t->lo) * 0.3712345;  // inside the range, not a round number
+        char s[64];
+        switch (t->type) {
+        case TOPT_STRING:
+            snprintf(s, sizeof s, "dir/%s-\xC3\xA9", t->name);
+            CHECK(trainer_option_set_string(&want, t, s) == 0);
+            break;
+        case TOPT_FLOAT: trainer_option_set_real(&want, t, x); break;
+        case TOPT_FLAG: trainer_option_set_integer(&want, t, !(long long)t->dflt); break;
+        default: trainer_option_set_integer(&want, t, (long long)x); break;
+        }
+        CHECK_MSG(!option_is(&want, &dflt, t), "--%s: the test value is the default", t->name);
+        saved += t->key != NULL;
+    }
+    Error err = {0};
+    json_t *opts = trainer_options_json(&want, &err);
+    CHECK_MSG(opts, "%s", err.msg);
+    CHECK_MSG((int)json_object_size(opts) == saved, "%zu keys, %d saved options", json_object_size(opts), saved);
+    write_state(dir, opts);
+    CHECK_MSG(trainer_read_options(dir, &got, &err) == 0, "%s", err.msg);
+    for (const TrainerOption *t = trainer_options; t->name; t++)
+        CHECK_MSG(option_is(&got, t->key ? &want : &dflt, t), "--%s (%s) does not round-trip", t->name,
+                  t->key ? t->key : "not saved");
+    // a saved value out of its range, or of the wrong type, is an error naming the key
+    opts = trainer_options_json(&want, &err);
+    json_object_set_new(opts, "batch", json_integer(0));
+    write_state(dir, opts);
+    CHECK(trainer_read_options(dir, &got, &err) == -1);
+    CHECK_MSG(strstr(err.msg, "options.batch: 0 is outside [1, 1048576]"), "%s", err.msg);
+    opts = trainer_options_json(&want, &err);
+    json_object_set_new(opts, "lr", json_string("fast"));
+    write_state(dir, opts);
+    CHECK(trainer_read_options(dir, &got, &err) == -1 && strstr(err.msg, "options.lr: not a number"));
+}
+
+// trainer_state.json as the code before the option table wrote it (keys, order, float formatting)
+// still reads: a resumed run of an existing checkpoint gets its options back.
+TEST(test_train_options_read_existing_state) {
+    char dir[600], out[4096], path[700];
+    snprintf(dir, sizeof dir, "%s/options_old", test_tmpdir());
+    CHECK(test_run(out, sizeof out, "mkdir -p '%s'", dir) == 0);
+    snprintf(path, sizeof path, "%s/trainer_state.json", dir);
+    write_text(path, "{\"made_by\": \"dsv3 train\", \"step\": 3, \"tokens\": 288, \"adamw_step\": 3,"
+                     " \"data\": {\"epoch\": 0, \"pos\": 12, \"windows\": 683},"
+                     " \"options\": {\"config\": \"c/config.json\", \"init\": \"\", \"data\": \"d\", \"steps\": 3,"
+                     " \"batch\": 2, \"seq\": 24, \"accum\": 2, \"lr\": 0.0020000000949949026, \"warmup\": 1,"
+                     " \"decay_steps\": 2, \"lr_final_frac\": 0.20000000298023224, \"weight_decay\": 0.05000000074505806,"
+                     " \"grad_clip\": 0.5, \"bias_update_speed\": 0.0020000000949949026,"
+                     " \"seq_aux_alpha\": 0.0010000000474974513, \"mtp_lambda\": 0.25, \"eval_every\": 3,"
+                     " \"eval_batches\": 1, \"save_every\": 3, \"seed\": 123456789012}}");
+    TrainerOptions o;
+    Error err = {0};
+    CHECK_MSG(trainer_read_options(dir, &o, &err) == 0, "%s", err.msg);
+    CHECK(strcmp(o.config, "c/config.json") == 0 && o.init[0] == 0 && strcmp(o.data, "d") == 0 && o.out[0] == 0);
+    CHECK(o.steps == 3 && o.batch == 2 && o.seq == 24 && o.accum == 2 && o.warmup == 1 && o.decay_steps == 2);
+    CHECK(o.lr == 2e-3f && o.lr_final_frac == 0.2f && o.weight_decay == 0.05f && o.grad_clip == 0.5f);
+    CHECK(o.bias_update_speed == 0.002f && o.seq_aux_alpha == 0.001f && o.mtp_lambda == 0.25f);
+    CHECK(o.eval_every == 3 && o.eval_batches == 1 && o.save_every == 3 && o.seed == 123456789012ULL);
+    CHECK(o.stop_at == 0 && o.progress == 0);
+    // and writes back the same object, key for key
+    json_t *st = json_load_file(path, 0, NULL), *again = trainer_options_json(&o, &err);
+    CHECK(st && again);
+    CHECK_MSG(json_equal(json_object_get(st, "options"), again), "the options object changed");
+    json_decref(st);
+    json_decref(again);
+    // a key the file lacks (an option newer than the run) keeps its default
+    write_text(path, "{\"options\": {\"data\": \"d\", \"steps\": 7}}");
+    CHECK_MSG(trainer_read_options(dir, &o, &err) == 0, "%s", err.msg);
+    CHECK(o.steps == 7 && o.batch == trainer_defaults().batch && o.decay_steps == -1);
+}
+
+// A number option outside its range, or not a number, is a one-line error naming the option and
+// exit status 1, before anything is written.
+TEST(test_train_option_out_of_range) {
+    char out[4096], run[600];
+    snprintf(run, sizeof run, "%s/run_range", test_tmpdir());
+    int tried = 0;
+    for (const TrainerOption *t = trainer_options; t->name; t++) {
+        if (t->type == TOPT_STRING || t->type == TOPT_FLAG) continue;
+        char vals[3][64], want[128];
+        if (t->type == TOPT_FLOAT) {
+            snprintf(vals[0], sizeof vals[0], "%.17g", t->lo - 1);
+            snprintf(vals[1], sizeof vals[1], "%.17g", t->hi * 2 + 1);
+        } else {
+            snprintf(vals[0], sizeof vals[0], "%lld", (long long)t->lo - 1);
+            snprintf(vals[1], sizeof vals[1], "%lld", (long long)t->hi * 2 + 1);
+        }
+        snprintf(vals[2], sizeof vals[2], "x%.40s", vals[0]);
+        snprintf(want, sizeof want, "dsv3 train: --%s: ", t->name);
+        for (int i = 0; i < 3; i++) {
+            int rc = test_run(out, sizeof out, "%s train --config c.json --data d --out '%s' --%s %s", test_bin(), run,
+                              t->name, vals[i]);
+            CHECK_MSG(rc == 1 && strncmp(out, want, strlen(want)) == 0 && test_count_lines(out) == 1,
+                      "--%s %s: exit %d, %s", t->name, vals[i], rc, out);
+            tried++;
+        }
+    }
+    CHECK(tried >= 3 * 18);
+    CHECK_MSG(fopen(run, "r") == NULL, "%s was created", run);
+}
+
+// `dsv3 train --help` lists every option of the table.
+TEST(test_train_help_lists_every_option) {
+    char out[16384], name[80];
+    int rc = test_run(out, sizeof out, "%s train --help", test_bin());
+    CHECK_MSG(rc == 0, "%s", out);
+    CHECK(strstr(out, "--resume DIR"));
+    for (const TrainerOption *t = trainer_options; t->name; t++) {
+        snprintf(name, sizeof name, "  --%s ", t->name);
+        CHECK_MSG(strstr(out, name) && strstr(out, t->help), "--%s missing from --help", t->name);
+    }
 }

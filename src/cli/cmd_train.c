@@ -1,5 +1,8 @@
 // dsv3 train: pre-train (or continue) a DeepSeek-V3-architecture model on prepared token shards.
+// The options are the rows of trainer_options[] (src/train/trainer.c); this file only parses
+// them, adds --resume and --help, and prints.
 #include <libgen.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -10,60 +13,87 @@
 #include "cli/util.h"
 #include "train/trainer.h"
 
-static const char *const VALUED[] = {"config", "init", "data", "out", "steps", "batch", "seq", "accum", "lr", "warmup",
-                                     "decay-steps", "lr-final", "weight-decay", "grad-clip", "bias-update-speed",
-                                     "seq-aux-alpha", "mtp-lambda", "eval-every", "eval-batches", "save-every",
-                                     "resume", "seed", "stop-at", NULL};
-static const char *const FLAGS[] = {"no-progress", NULL};
+#define MAX_NAMES 64
+
+// The names args_parse accepts: every valued row and --resume; every flag row and --help.
+static int option_names(const char **valued, const char **flags, Error *err) {
+    int nv = 0, nf = 0;
+    valued[nv++] = "resume";
+    flags[nf++] = "help";
+    for (const TrainerOption *t = trainer_options; t->name; t++) {
+        if (nv >= MAX_NAMES - 1 || nf >= MAX_NAMES - 1) return err_set(err, "more than %d options", MAX_NAMES - 2);
+        if (t->type == TOPT_FLAG) flags[nf++] = t->name;
+        else valued[nv++] = t->name;
+    }
+    valued[nv] = flags[nf] = NULL;
+    return 0;
+}
 
 // Options given on the command line override the defaults (a new run) or the checkpoint's (a
 // resumed run); those not given keep them.
 static int apply(const Args *a, TrainerOptions *o, Error *err) {
-    long v;
-    double x;
-#define LONG_OPT(name, field, lo, hi)                                   \
-    if (args_str(a, name, NULL)) {                                      \
-        if (args_long(a, name, 0, lo, hi, &v, err)) return -1;         \
-        o->field = v;                                                   \
+    for (const TrainerOption *t = trainer_options; t->name; t++) {
+        if (t->type == TOPT_FLAG) {
+            if (args_flag(a, t->name)) trainer_option_set_integer(o, t, (long long)t->lo);
+            continue;
+        }
+        const char *s = args_str(a, t->name, NULL);
+        if (!s) continue;
+        if (t->type == TOPT_STRING) {
+            if (trainer_option_set_string(o, t, s)) return err_set(err, "--%s: longer than %zu bytes", t->name, t->size - 1);
+        } else if (t->type == TOPT_FLOAT) {
+            double x;
+            if (args_double(a, t->name, 0, t->lo, t->hi, &x, err)) return -1;
+            trainer_option_set_real(o, t, x);
+        } else {
+            long v;
+            if (args_long(a, t->name, 0, (long)t->lo, (long)t->hi, &v, err)) return -1;
+            trainer_option_set_integer(o, t, v);
+        }
     }
-#define NUM_OPT(name, field, lo, hi)                                    \
-    if (args_str(a, name, NULL)) {                                      \
-        if (args_double(a, name, 0, lo, hi, &x, err)) return -1;       \
-        o->field = (float)x;                                            \
-    }
-    LONG_OPT("steps", steps, 1, 1L << 40)
-    LONG_OPT("batch", batch, 1, 1 << 20)
-    LONG_OPT("seq", seq, 2, 1 << 20)
-    LONG_OPT("accum", accum, 1, 1 << 20)
-    LONG_OPT("warmup", warmup, 0, 1L << 40)
-    LONG_OPT("decay-steps", decay_steps, 0, 1L << 40)
-    LONG_OPT("eval-every", eval_every, 0, 1L << 40)
-    LONG_OPT("eval-batches", eval_batches, 0, 1L << 30)
-    LONG_OPT("save-every", save_every, 0, 1L << 40)
-    LONG_OPT("seed", seed, 0, 0x7fffffffffffL)
-    LONG_OPT("stop-at", stop_at, 0, 1L << 40)
-    NUM_OPT("lr", lr, 0, 10)
-    NUM_OPT("lr-final", lr_final_frac, 0, 1)
-    NUM_OPT("weight-decay", weight_decay, 0, 10)
-    NUM_OPT("grad-clip", grad_clip, 0, 1e9)
-    NUM_OPT("bias-update-speed", bias_update_speed, 0, 1)
-    NUM_OPT("seq-aux-alpha", seq_aux_alpha, 0, 10)
-    NUM_OPT("mtp-lambda", mtp_lambda, 0, 10)
-#undef LONG_OPT
-#undef NUM_OPT
-    const char *s;
-    if ((s = args_str(a, "config", NULL))) snprintf(o->config, sizeof o->config, "%s", s);
-    if ((s = args_str(a, "init", NULL))) snprintf(o->init, sizeof o->init, "%s", s);
-    if ((s = args_str(a, "data", NULL))) snprintf(o->data, sizeof o->data, "%s", s);
-    if ((s = args_str(a, "out", NULL))) snprintf(o->out, sizeof o->out, "%s", s);
     return 0;
+}
+
+static void print_help(FILE *f) {
+    fprintf(f, "usage: dsv3 train (--config FILE | --init MODEL_DIR) --data DIR --out DIR [options]\n"
+               "       dsv3 train --resume DIR [options]\n\n"
+               "--resume takes a checkpoint or a run directory (its newest checkpoint). The resumed run keeps\n"
+               "the options saved with it, except those given again and");
+    const char *sep = " ";
+    for (const TrainerOption *t = trainer_options; t->name; t++)
+        if (!t->key) {
+            fprintf(f, "%s--%s", sep, t->name);
+            sep = ", ";
+        }
+    fprintf(f, ".\n\n");
+    for (const TrainerOption *t = trainer_options; t->name; t++) {
+        char head[64], dflt[64] = "";
+        snprintf(head, sizeof head, "%s%s%s", t->name, t->arg ? " " : "", t->arg ? t->arg : "");
+        if (t->type == TOPT_FLOAT) snprintf(dflt, sizeof dflt, "; default %g", t->dflt);
+        else if (t->type != TOPT_STRING && t->type != TOPT_FLAG && t->dflt >= t->lo)
+            snprintf(dflt, sizeof dflt, "; default %.0f", t->dflt);
+        fprintf(f, "  --%-22s %s%s\n", head, t->help, dflt);
+    }
+}
+
+static void print_result(const TrainerResult *res, const char *out) {
+    printf("%s step %ld (%lld tokens): loss %.4f", res->step < res->steps ? "stopped at" : "trained to", res->step,
+           res->tokens, res->loss);
+    if (!isnan(res->val_loss)) printf(", validation loss %.4f", res->val_loss);
+    printf("; checkpoint %s/step-%ld\n", out, res->step);
 }
 
 int cmd_train(int argc, char **argv) {
     const char *cmd = "dsv3 train";
     Error err = {0};
     Args a;
-    if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err)) return cli_fail(cmd, &err);
+    const char *valued[MAX_NAMES], *flags[MAX_NAMES];
+    if (option_names(valued, flags, &err) || args_parse(&a, cmd, argc, argv, valued, flags, &err))
+        return cli_fail(cmd, &err);
+    if (args_flag(&a, "help")) {
+        print_help(stdout);
+        return 0;
+    }
     if (a.npos > 0) {
         err_set(&err, "unexpected argument '%s'", a.pos[0]);
         return cli_fail(cmd, &err);
@@ -83,9 +113,10 @@ int cmd_train(int argc, char **argv) {
         err_set(&err, "a new run needs (--config FILE | --init MODEL_DIR) --data DIR --out DIR, or --resume DIR");
         return cli_fail(cmd, &err);
     }
-    o.stop_at = 0;  // an interruption point is never inherited from the checkpoint
+    o.progress = isatty(STDERR_FILENO);  // --no-progress turns it off
     if (apply(&a, &o, &err)) return cli_fail(cmd, &err);
-    o.progress = !args_flag(&a, "no-progress") && isatty(STDERR_FILENO);
-    if (trainer_run(&o, resume ? ckpt : NULL, &err)) return cli_fail(cmd, &err);
+    TrainerResult res;
+    if (trainer_run(&o, resume ? ckpt : NULL, &res, &err)) return cli_fail(cmd, &err);
+    print_result(&res, o.out);
     return 0;
 }

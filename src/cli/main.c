@@ -19,7 +19,7 @@ static const struct {
     {"tokenizer", cmd_tokenizer, "train --vocab-size N --out tokenizer.json FILES...  (also writes tokenizer_config.json beside it)"},
     {"prepare", cmd_prepare, "--tokenizer FILE|DIR|bytes --out DIR [--val-fraction F] [--shard-tokens N] FILES..."},
     {"plot", cmd_plot, "--out FILE.svg [--smooth N] [--from STEP] RUN_DIR|LABEL=RUN_DIR...  (compare training runs: val loss, main loss, MaxVio)"},
-    {"train", cmd_train, "(--config FILE | --init MODEL_DIR) --data DIR --out DIR [--steps N] [--batch B] [--seq T] [--accum A] [--lr LR] [--warmup N] [--decay-steps N] [--bias-update-speed G] [--seq-aux-alpha A] [--mtp-lambda L] [--eval-every K] [--save-every K] [--seed S] [--stop-at N] | --resume DIR [...]"},
+    {"train", cmd_train, "(--config FILE | --init MODEL_DIR) --data DIR --out DIR [options] | --resume DIR [options]  (dsv3 train --help lists the options)"},
 };
 
 static void usage(FILE *f) {

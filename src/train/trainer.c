@@ -16,47 +16,144 @@
 #include "train/train_model.h"
 #include "train/trainer.h"
 
+// ---- the options ----
+
+// A row's field: its offset, after a compile-time check that the field has the row's C type (a
+// mismatch makes a negative array size), and its size.
+#define FIELD(f, ctype)                                                                                   \
+    .offset = offsetof(TrainerOptions, f) +                                                               \
+              0 * sizeof(char[_Generic(((TrainerOptions *)0)->f, ctype: 1, default: -1)]),                \
+    .size = sizeof(((TrainerOptions *)0)->f)
+#define OPT(type_, ctype, name_, key_, f, dflt_, lo_, hi_, arg_, help_)                                  \
+    {.name = name_, .key = key_, .type = type_, FIELD(f, ctype), .dflt = dflt_, .lo = lo_, .hi = hi_,     \
+     .arg = arg_, .help = help_}
+// (name, key, field, default, lo, hi, placeholder, help)
+#define INT_OPT(...) OPT(TOPT_INT, int, __VA_ARGS__)
+#define LONG_OPT(...) OPT(TOPT_LONG, long, __VA_ARGS__)
+#define UINT64_OPT(...) OPT(TOPT_UINT64, uint64_t, __VA_ARGS__)
+#define FLOAT_OPT(...) OPT(TOPT_FLOAT, float, __VA_ARGS__)
+#define STRING_OPT(name_, key_, f, arg_, help_) OPT(TOPT_STRING, char *, name_, key_, f, 0, 0, 0, arg_, help_)
+// a flag is never saved; giving it stores `value`
+#define FLAG_OPT(name_, f, dflt_, value, help_) OPT(TOPT_FLAG, int, name_, NULL, f, dflt_, value, value, NULL, help_)
+
+#define STEPS_MAX (double)(1L << 40)
+
+// Every option of `dsv3 train`, in the order of trainer_state.json and --help. A key of NULL: not
+// saved with the run. progress defaults to off in the library; the command turns it on when
+// stderr is a terminal, and --no-progress stores 0.
+const TrainerOption trainer_options[] = {
+    STRING_OPT("config", "config", config, "FILE", "model config.json of a new run (a resumed run has its checkpoint's)"),
+    STRING_OPT("init", "init", init, "MODEL_DIR", "or start from this model's config and weights (any stored dtype)"),
+    STRING_OPT("data", "data", data, "DIR", "data directory from `dsv3 prepare`"),
+    STRING_OPT("out", NULL, out, "DIR", "run directory (a resumed run: its checkpoint's)"),
+    LONG_OPT("steps", "steps", steps, 1000, 1, STEPS_MAX, "N", "optimiser steps of the whole run (a resumed run included)"),
+    INT_OPT("batch", "batch", batch, 8, 1, 1 << 20, "B", "sequences per micro-batch"),
+    INT_OPT("seq", "seq", seq, 256, 2, 1 << 20, "T", "positions per sequence"),
+    INT_OPT("accum", "accum", accum, 1, 1, 1 << 20, "A", "micro-batches per step"),
+    FLOAT_OPT("lr", "lr", lr, 3e-4, 0, 10, "LR", "peak learning rate"),
+    LONG_OPT("warmup", "warmup", warmup, 100, 0, STEPS_MAX, "N", "linear warmup steps"),
+    LONG_OPT("decay-steps", "decay_steps", decay_steps, -1, 0, STEPS_MAX, "N",
+             "cosine decay over the last N steps; default: the last quarter of the run"),
+    FLOAT_OPT("lr-final", "lr_final_frac", lr_final_frac, 0.1, 0, 1, "F", "the decay ends at F x the peak learning rate"),
+    FLOAT_OPT("weight-decay", "weight_decay", weight_decay, 0.1, 0, 10, "W", "AdamW's decoupled weight decay (matrices only)"),
+    FLOAT_OPT("grad-clip", "grad_clip", grad_clip, 1.0, 0, 1e9, "C", "clip the global gradient norm to C (0: no clipping)"),
+    FLOAT_OPT("bias-update-speed", "bias_update_speed", bias_update_speed, 0.001, 0, 1, "G",
+              "gamma of the auxiliary-loss-free balancing (0: off)"),
+    FLOAT_OPT("seq-aux-alpha", "seq_aux_alpha", seq_aux_alpha, 0.0001, 0, 10, "A",
+              "alpha of the sequence-wise balance loss (0: off)"),
+    FLOAT_OPT("mtp-lambda", "mtp_lambda", mtp_lambda, 0.3, 0, 10, "L", "lambda of the MTP loss (0: the MTP modules do not run)"),
+    LONG_OPT("eval-every", "eval_every", eval_every, 100, 0, STEPS_MAX, "K",
+             "validation loss at step 0 and every K steps (0: at the last)"),
+    LONG_OPT("eval-batches", "eval_batches", eval_batches, 8, 0, 1L << 30, "N", "batches per evaluation (0: no evaluation)"),
+    LONG_OPT("save-every", "save_every", save_every, 500, 0, STEPS_MAX, "K", "a checkpoint every K steps (0: at the last)"),
+    LONG_OPT("stop-at", NULL, stop_at, 0, 0, STEPS_MAX, "N",
+             "stop after step N with a checkpoint, as if interrupted (0: never)"),
+    UINT64_OPT("seed", "seed", seed, 1, 0, 0x7fffffffffffL, "S", "weight init and data order"),
+    FLAG_OPT("no-progress", progress, 0, 0, "no live progress line on stderr (shown when stderr is a terminal)"),
+    {0},
+};
+
+static void *field(TrainerOptions *o, const TrainerOption *t) { return (char *)o + t->offset; }
+
+void trainer_option_set_integer(TrainerOptions *o, const TrainerOption *t, long long v) {
+    void *p = field(o, t);
+    switch (t->type) {
+    case TOPT_INT:
+    case TOPT_FLAG: *(int *)p = (int)v; break;
+    case TOPT_LONG: *(long *)p = (long)v; break;
+    case TOPT_UINT64: *(uint64_t *)p = (uint64_t)v; break;
+    case TOPT_FLOAT: *(float *)p = (float)v; break;
+    case TOPT_STRING: break;
+    }
+}
+
+void trainer_option_set_real(TrainerOptions *o, const TrainerOption *t, double v) {
+    if (t->type == TOPT_FLOAT) *(float *)field(o, t) = (float)v;
+    else trainer_option_set_integer(o, t, (long long)v);
+}
+
+int trainer_option_set_string(TrainerOptions *o, const TrainerOption *t, const char *v) {
+    if (t->type != TOPT_STRING || strlen(v) >= t->size) return -1;
+    memcpy(field(o, t), v, strlen(v) + 1);
+    return 0;
+}
+
 TrainerOptions trainer_defaults(void) {
     TrainerOptions o;
     memset(&o, 0, sizeof o);
-    o.steps = 1000;
-    o.batch = 8;
-    o.seq = 256;
-    o.accum = 1;
-    o.lr = 3e-4f;
-    o.warmup = 100;
-    o.decay_steps = -1;  // −1: the last quarter of the run
-    o.lr_final_frac = 0.1f;
-    o.weight_decay = 0.1f;
-    o.grad_clip = 1.0f;
-    o.bias_update_speed = 0.001f;
-    o.seq_aux_alpha = 0.0001f;
-    o.mtp_lambda = 0.3f;
-    o.eval_every = 100;
-    o.eval_batches = 8;
-    o.save_every = 500;
-    o.seed = 1;
+    for (const TrainerOption *t = trainer_options; t->name; t++)
+        if (t->type == TOPT_FLOAT) trainer_option_set_real(&o, t, t->dflt);
+        else if (t->type != TOPT_STRING) trainer_option_set_integer(&o, t, (long long)t->dflt);
     return o;
 }
 
-// ---- options as JSON ----
-
-static json_t *options_json(const TrainerOptions *o) {
-    return json_pack("{s:s, s:s, s:s, s:I, s:i, s:i, s:i, s:f, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:I, s:I, s:I, s:I}",
-                     "config", o->config, "init", o->init, "data", o->data, "steps", (json_int_t)o->steps, "batch", o->batch, "seq",
-                     o->seq, "accum", o->accum, "lr", (double)o->lr, "warmup", (json_int_t)o->warmup, "decay_steps",
-                     (json_int_t)o->decay_steps, "lr_final_frac", (double)o->lr_final_frac, "weight_decay",
-                     (double)o->weight_decay, "grad_clip", (double)o->grad_clip, "bias_update_speed",
-                     (double)o->bias_update_speed, "seq_aux_alpha", (double)o->seq_aux_alpha, "mtp_lambda",
-                     (double)o->mtp_lambda, "eval_every", (json_int_t)o->eval_every, "eval_batches",
-                     (json_int_t)o->eval_batches, "save_every", (json_int_t)o->save_every, "seed",
-                     (json_int_t)o->seed);
+json_t *trainer_options_json(const TrainerOptions *o, Error *err) {
+    json_t *obj = json_object();
+    if (!obj) return err_set(err, "out of memory"), NULL;
+    for (const TrainerOption *t = trainer_options; t->name; t++) {
+        if (!t->key) continue;
+        const void *p = (const char *)o + t->offset;
+        json_t *v = NULL;
+        switch (t->type) {
+        case TOPT_INT:
+        case TOPT_FLAG: v = json_integer(*(const int *)p); break;
+        case TOPT_LONG: v = json_integer(*(const long *)p); break;
+        case TOPT_UINT64: v = json_integer((json_int_t) * (const uint64_t *)p); break;
+        case TOPT_FLOAT: v = json_real(*(const float *)p); break;
+        case TOPT_STRING: v = json_string(p); break;
+        }
+        if (!v || json_object_set_new(obj, t->key, v)) {
+            json_decref(obj);
+            if (t->type == TOPT_STRING) err_set(err, "--%s: '%s' is not valid UTF-8", t->name, (const char *)p);
+            else err_set(err, "out of memory");
+            return NULL;
+        }
+    }
+    return obj;
 }
 
-static int read_num(json_t *obj, const char *path, const char *key, double *out, Error *err) {
-    json_t *v = json_object_get(obj, key);
-    if (!json_is_number(v)) return err_set(err, "%s: options.%s: missing", path, key);
-    *out = json_number_value(v);
+// One saved option back into o. Its range is the command line's, or its default (−1 = auto).
+static int read_option(TrainerOptions *o, const TrainerOption *t, json_t *v, const char *path, Error *err) {
+    if (t->type == TOPT_STRING) {
+        if (!json_is_string(v)) return err_set(err, "%s: options.%s: not a string", path, t->key);
+        if (trainer_option_set_string(o, t, json_string_value(v)))
+            return err_set(err, "%s: options.%s: longer than %zu bytes", path, t->key, t->size - 1);
+        return 0;
+    }
+    if (!json_is_number(v)) return err_set(err, "%s: options.%s: not a number", path, t->key);
+    double x = json_number_value(v);
+    if (t->type == TOPT_FLOAT) {
+        if (!(x >= t->lo && x <= t->hi) && (float)x != (float)t->dflt)
+            return err_set(err, "%s: options.%s: %g is outside [%g, %g]", path, t->key, x, t->lo, t->hi);
+        trainer_option_set_real(o, t, x);
+        return 0;
+    }
+    if (!json_is_integer(v) && (x != floor(x) || fabs(x) > 9e18)) return err_set(err, "%s: options.%s: %g is not an integer", path, t->key, x);
+    long long n = json_is_integer(v) ? (long long)json_integer_value(v) : (long long)x;
+    if ((n < (long long)t->lo || n > (long long)t->hi) && n != (long long)t->dflt)
+        return err_set(err, "%s: options.%s: %lld is outside [%lld, %lld]", path, t->key, n, (long long)t->lo,
+                       (long long)t->hi);
+    trainer_option_set_integer(o, t, n);
     return 0;
 }
 
@@ -68,41 +165,11 @@ int trainer_read_options(const char *ckpt, TrainerOptions *o, Error *err) {
     if (!st) return err_set(err, "%s: %s", path, path_exists(path) ? je.text : "missing");
     json_t *op = json_object_get(st, "options");
     *o = trainer_defaults();
-    const char *keys[] = {"steps", "batch", "seq", "accum", "lr", "warmup", "decay_steps", "lr_final_frac",
-                          "weight_decay", "grad_clip", "bias_update_speed", "seq_aux_alpha", "mtp_lambda",
-                          "eval_every", "eval_batches", "save_every", "seed"};
-    double v[17];
-    int rc = -1;
-    for (int i = 0; i < 17; i++)
-        if (read_num(op, path, keys[i], &v[i], err)) goto done;
-    const char *cfg = json_string_value(json_object_get(op, "config")), *data = json_string_value(json_object_get(op, "data"));
-    if (!cfg || !data) {
-        err_set(err, "%s: options.config / options.data: missing", path);
-        goto done;
+    int rc = json_is_object(op) ? 0 : err_set(err, "%s: options: missing", path);
+    for (const TrainerOption *t = trainer_options; t->name && !rc; t++) {
+        json_t *v = t->key ? json_object_get(op, t->key) : NULL;
+        if (v) rc = read_option(o, t, v, path, err);
     }
-    snprintf(o->config, sizeof o->config, "%s", cfg);
-    snprintf(o->data, sizeof o->data, "%s", data);
-    const char *init = json_string_value(json_object_get(op, "init"));
-    snprintf(o->init, sizeof o->init, "%s", init ? init : "");
-    o->steps = (long)v[0];
-    o->batch = (int)v[1];
-    o->seq = (int)v[2];
-    o->accum = (int)v[3];
-    o->lr = (float)v[4];
-    o->warmup = (long)v[5];
-    o->decay_steps = (long)v[6];
-    o->lr_final_frac = (float)v[7];
-    o->weight_decay = (float)v[8];
-    o->grad_clip = (float)v[9];
-    o->bias_update_speed = (float)v[10];
-    o->seq_aux_alpha = (float)v[11];
-    o->mtp_lambda = (float)v[12];
-    o->eval_every = (long)v[13];
-    o->eval_batches = (long)v[14];
-    o->save_every = (long)v[15];
-    o->seed = (uint64_t)v[16];
-    rc = 0;
-done:
     json_decref(st);
     return rc;
 }
@@ -178,10 +245,13 @@ static int save_checkpoint(Run *r, Error *err) {
     if (copy_if_exists(r->o.data, tmp, "tokenizer.json", err) ||
         copy_if_exists(r->o.data, tmp, "tokenizer_config.json", err))
         return -1;
+    json_t *opts = trainer_options_json(&r->o, err);
+    if (!opts) return -1;
     json_t *st = json_pack("{s:s, s:I, s:I, s:I, s:{s:I, s:I, s:I}, s:o}", "made_by", "dsv3 train", "step",
                            (json_int_t)r->step, "tokens", (json_int_t)r->tokens, "adamw_step", (json_int_t)r->opt.step,
                            "data", "epoch", (json_int_t)r->train.epoch, "pos", (json_int_t)r->train.pos, "windows",
-                           (json_int_t)r->train.n_windows, "options", options_json(&r->o));
+                           (json_int_t)r->train.n_windows, "options", opts);
+    if (!st) return err_set(err, "out of memory");
     char *js = json_dumps(st, JSON_INDENT(2));
     json_decref(st);
     snprintf(path, sizeof path, "%s/trainer_state.json", tmp);
@@ -323,7 +393,7 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     return 0;
 }
 
-int trainer_run(const TrainerOptions *opts, const char *resume, Error *err) {
+int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *res, Error *err) {
     Run *r = calloc(1, sizeof *r);
     if (!r) return err_set(err, "out of memory");
     r->o = *opts;
@@ -334,6 +404,10 @@ int trainer_run(const TrainerOptions *opts, const char *resume, Error *err) {
     snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", o->out);
     if (o->steps < 1 || o->batch < 1 || o->seq < 1 || o->accum < 1) {
         err_set(err, "--steps, --batch, --seq and --accum must be positive");
+        goto done;
+    }
+    if (!o->data[0] || !o->out[0]) {
+        err_set(err, "a run needs --data and --out");
         goto done;
     }
     if (!resume && path_exists(metrics)) {
@@ -443,10 +517,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, Error *err) {
         mf = NULL;
         if (trainer_plot(metrics, svg, err)) goto done_loads;
     }
-    printf("%s step %ld (%lld tokens): loss %.4f", r->step < o->steps ? "stopped at" : "trained to", r->step,
-           r->tokens, last_loss);
-    if (!isnan(val_loss)) printf(", validation loss %.4f", val_loss);
-    printf("; checkpoint %s/step-%ld\n", o->out, r->step);
+    if (res) *res = (TrainerResult){r->step, o->steps, r->tokens, last_loss, val_loss};
     rc = 0;
 done_loads:
     free(loads);

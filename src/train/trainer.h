@@ -5,7 +5,7 @@
 // time), metrics.svg (loss and MaxVio curves, rewritten at the end) and checkpoints step-N/:
 // config.json + model.safetensors (F32, loadable by `dsv3 logits` / `dsv3 generate`), the data's
 // tokenizer.json when there is one, optimizer.safetensors (AdamW moments) and trainer_state.json
-// (step, data position, and every option of the run). A checkpoint is written into step-N.tmp and
+// (step, data position, and every option saved with the run). A checkpoint is written into step-N.tmp and
 // renamed into place when complete, so an existing good checkpoint is never damaged.
 //
 // Resuming from a checkpoint continues the run bit for bit: the weights (router biases included),
@@ -14,34 +14,52 @@
 #ifndef DSV3_TRAIN_TRAINER_H
 #define DSV3_TRAIN_TRAINER_H
 
+#include <jansson.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "base/error.h"
 
+// The options of a run. Every field is one row of trainer_options[] (trainer.c), which gives its
+// command-line name, its trainer_state.json key, default, bounds and help; read the rows there.
 typedef struct TrainerOptions {
-    char config[4096];  // model config.json of a new run (a resumed run has its checkpoint's)
-    char init[4096];    // or "": a model directory whose config and weights (any stored dtype) start
-                        // a new run instead of random weights
-    char data[4096];    // data directory from `dsv3 prepare`
-    char out[4096];     // run directory
-    long steps;         // optimiser steps in all (a resumed run counts from its checkpoint)
-    int batch;          // sequences per micro-batch
-    int seq;            // positions per sequence
-    int accum;          // micro-batches per step
-    float lr;           // peak learning rate
-    long warmup;        // linear warmup steps
-    long decay_steps;   // cosine decay over the last decay_steps steps (to lr_final_frac · lr)
-    float lr_final_frac;
-    float weight_decay, grad_clip;
-    float bias_update_speed;  // γ of the loss-free balancing
-    float seq_aux_alpha;      // α of the sequence-wise balance loss
-    float mtp_lambda;         // λ of the MTP loss
-    long eval_every, eval_batches, save_every;  // 0: never (the last step always evaluates and saves)
-    long stop_at;             // end this invocation after this step with a checkpoint (0: run to steps);
-                              // not saved with the run: a resumed run goes on to `steps`
-    uint64_t seed;            // weight init and data order
-    int progress;             // live progress line on stderr
+    char config[4096], init[4096], data[4096], out[4096];
+    long steps;
+    int batch, seq, accum;
+    float lr;
+    long warmup, decay_steps;
+    float lr_final_frac, weight_decay, grad_clip, bias_update_speed, seq_aux_alpha, mtp_lambda;
+    long eval_every, eval_batches, save_every, stop_at;
+    uint64_t seed;
+    int progress;  // a live progress line on stderr (the library's default: none)
 } TrainerOptions;
+
+// The C type of an option's field. A flag takes no value on the command line: giving it stores lo.
+typedef enum { TOPT_INT, TOPT_LONG, TOPT_UINT64, TOPT_FLOAT, TOPT_STRING, TOPT_FLAG } TrainerOptionType;
+
+// One option of `dsv3 train`. Adding an option is adding a field above and a row to the table
+// (the compiler checks the row's type against the field): the defaults, trainer_state.json
+// (written and read), the command line and its --help all walk the table.
+typedef struct TrainerOption {
+    const char *name;  // on the command line: --name
+    const char *key;   // in trainer_state.json's "options"; NULL: not saved with the run, so a resumed
+                       // run starts from the default (or the command line) again
+    TrainerOptionType type;
+    size_t offset, size;  // of the field in TrainerOptions
+    double dflt;          // numbers and flags; strings start empty
+    double lo, hi;        // the accepted range of a number (a stored default may lie outside it: −1 = auto)
+    const char *arg;      // the value's placeholder in --help: "N", "FILE"
+    const char *help;     // one line
+} TrainerOption;
+
+// The table, ended by a row whose name is NULL.
+extern const TrainerOption trainer_options[];
+
+// Set one option's field: a number (integer types and flags, or TOPT_FLOAT), or a string, which
+// returns -1 without changing the field when it does not fit.
+void trainer_option_set_integer(TrainerOptions *o, const TrainerOption *t, long long v);
+void trainer_option_set_real(TrainerOptions *o, const TrainerOption *t, double v);
+int trainer_option_set_string(TrainerOptions *o, const TrainerOption *t, const char *v);
 
 // The defaults of `dsv3 train` (SPEC §4, scaled to small runs).
 TrainerOptions trainer_defaults(void);
@@ -49,11 +67,26 @@ TrainerOptions trainer_defaults(void);
 // Finds the checkpoint to resume from: dir itself when it holds trainer_state.json, else the
 // newest complete step-N/ inside it. out gets its path.
 int trainer_find_checkpoint(const char *dir, char *out, size_t n, Error *err);
-// Reads the options a checkpoint's run was started with.
+// The "options" object of trainer_state.json: every saved option under its key. NULL with err
+// filled when a string is not valid UTF-8.
+json_t *trainer_options_json(const TrainerOptions *o, Error *err);
+// Reads the options a checkpoint's run was saved with. A key the file lacks (an option added
+// after the run was saved) keeps its default; a value of the wrong type or out of range is an
+// error naming the file and the key.
 int trainer_read_options(const char *ckpt, TrainerOptions *o, Error *err);
 
+// What a run reports at its end, for the caller to print.
+typedef struct TrainerResult {
+    long step;          // the step the run stopped at; its checkpoint is out/step-N
+    long steps;         // the run's total (step < steps: stopped early by stop_at)
+    long long tokens;   // tokens trained on since step 0
+    double loss;        // the last step's training loss
+    double val_loss;    // of the last evaluation after a step of this invocation, NAN if none ran
+} TrainerResult;
+
 // Runs (or, with resume non-NULL, continues from that checkpoint) until o->steps.
-int trainer_run(const TrainerOptions *o, const char *resume, Error *err);
+// Prints nothing on stdout; with o->progress a live line on stderr. res (may be NULL) gets the summary.
+int trainer_run(const TrainerOptions *o, const char *resume, TrainerResult *res, Error *err);
 
 // Draws metrics.jsonl as an SVG: training and validation loss, MaxVio (mean and worst layer).
 int trainer_plot(const char *metrics_jsonl, const char *svg, Error *err);
