@@ -101,7 +101,7 @@ int main(void) {
             return 1;
         }
         if (train_model_backward(&m, 1.0f, &err)) return 1;
-        adamw_update(&opt, &m, 3e-4f, grad_global_norm(&m));
+        if (adamw_update(&opt, &m, 3e-4f, grad_global_norm(&m), &err)) return 1;
         memcpy(loads, m.expert_load, sizeof *loads * m.n_moe * c.n_routed_experts);
         moe_bias_update(&m, loads, 0.001f);
         if (s >= WARM) times[s - WARM] = bench_now() - t0;

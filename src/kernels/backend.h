@@ -17,6 +17,14 @@
 
 typedef struct Backend Backend;
 
+// One AdamW step's constants (the optimiser computes them; the backend applies them).
+typedef struct AdamWStep {
+    float lr, beta1, beta2, eps;
+    float bc1, bc2;  // bias corrections 1 − βᵗ
+    float clip;      // gradient scale from global-norm clipping (1: none)
+    float shrink;    // decoupled weight decay factor 1 − lr·wd (1 for vectors)
+} AdamWStep;
+
 typedef struct BackendOps {
     const char *name;
     // memory: 64-byte aligned, zeroed; NULL with be->err naming `what` when it runs out
@@ -75,6 +83,11 @@ typedef struct BackendOps {
                         int N, int V);
     int (*crossentropy_backward)(Backend *be, float *logits, const float *lse, const int *targets, int N, int V,
                                  float dloss);
+
+    // the optimiser: *sum = Σ x² over n elements (double, in a fixed order); AdamW on n parameters
+    // p with gradients g and moments m, v
+    int (*sum_squares)(Backend *be, double *sum, const float *x, long n);
+    int (*adamw)(Backend *be, float *p, float *m, float *v, const float *g, long n, const AdamWStep *s);
 } BackendOps;
 
 struct Backend {

@@ -1,6 +1,7 @@
 // The CPU backend: the table of backend.h over this folder's kernels. Threads are OpenMP's (the
 // kernels split their work in fixed shares, so a result never depends on scheduling); OpenBLAS
 // runs single-threaded under them; the ISA is chosen once from CPUID (matmul.c).
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -199,6 +200,41 @@ static int cpu_crossentropy_backward(Backend *be, float *logits, const float *ls
     return 0;
 }
 
+// Chunks of the fixed-order sum: partial sums per chunk, added in chunk order, give the same bits
+// however the chunks are scheduled.
+#define SUM_CHUNK 65536
+
+static int cpu_sum_squares(Backend *be, double *sum, const float *x, long n) {
+    long chunks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
+    double *part = malloc(sizeof(double) * (chunks > 0 ? chunks : 1));
+    if (!part) return fail(be, "sum_squares", "out of memory");
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < chunks; c++) {
+        long b = c * SUM_CHUNK, e = b + SUM_CHUNK < n ? b + SUM_CHUNK : n;
+        double s = 0;
+        for (long j = b; j < e; j++) s += (double)x[j] * x[j];
+        part[c] = s;
+    }
+    double total = 0;
+    for (long c = 0; c < chunks; c++) total += part[c];
+    free(part);
+    *sum = total;
+    return 0;
+}
+
+static int cpu_adamw(Backend *be, float *p, float *m, float *v, const float *g, long n, const AdamWStep *s) {
+    (void)be;
+#pragma omp parallel for schedule(static)
+    for (long j = 0; j < n; j++) {
+        float gj = g[j] * s->clip;
+        m[j] = s->beta1 * m[j] + (1.0f - s->beta1) * gj;
+        v[j] = s->beta2 * v[j] + (1.0f - s->beta2) * gj * gj;
+        float mh = m[j] / s->bc1, vh = v[j] / s->bc2;
+        p[j] = p[j] * s->shrink - s->lr * mh / (sqrtf(vh) + s->eps);
+    }
+    return 0;
+}
+
 static const BackendOps cpu_ops = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -223,6 +259,8 @@ static const BackendOps cpu_ops = {
     .scatter_add_rows = cpu_scatter_add_rows,
     .crossentropy = cpu_crossentropy,
     .crossentropy_backward = cpu_crossentropy_backward,
+    .sum_squares = cpu_sum_squares,
+    .adamw = cpu_adamw,
 };
 
 Backend *backend_cpu(void) {

@@ -26,50 +26,35 @@ void adamw_free(AdamW *o) {
 static int is_trained(const TrainTensor *t) { return !t->shared && t->kind != TENSOR_BIAS; }
 static int decays(const TrainTensor *t) { return t->ndim == 2; }
 
-#define NORM_CHUNK 65536
-
 double grad_global_norm(const TrainModel *model) {
     double total = 0;
     for (int i = 0; i < model->n_tensors; i++) {
         const TrainTensor *t = &model->tensors[i];
         if (!is_trained(t)) continue;
-        const float *g = model->grads + t->offset;
-        long chunks = (long)((t->numel + NORM_CHUNK - 1) / NORM_CHUNK);
-        double part[chunks > 0 ? chunks : 1];
-#pragma omp parallel for schedule(static)
-        for (long c = 0; c < chunks; c++) {
-            size_t b = (size_t)c * NORM_CHUNK, e = b + NORM_CHUNK < t->numel ? b + NORM_CHUNK : t->numel;
-            double s = 0;
-            for (size_t j = b; j < e; j++) s += (double)g[j] * g[j];
-            part[c] = s;
-        }
-        for (long c = 0; c < chunks; c++) total += part[c];
+        double part = 0;
+        if (model->be->ops->sum_squares(model->be, &part, model->grads + t->offset, (long)t->numel)) return NAN;
+        total += part;
     }
     return sqrt(total);
 }
 
-void adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm) {
+int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error *err) {
     const AdamWConfig *c = &o->cfg;
+    Backend *be = model->be;
     o->step++;
-    float clip = 1.0f;
-    if (c->grad_clip > 0 && grad_norm > c->grad_clip) clip = (float)(c->grad_clip / grad_norm);
-    float bc1 = 1.0f - powf(c->beta1, (float)o->step), bc2 = 1.0f - powf(c->beta2, (float)o->step);
+    AdamWStep s = {.lr = lr, .beta1 = c->beta1, .beta2 = c->beta2, .eps = c->eps, .clip = 1.0f};
+    if (c->grad_clip > 0 && grad_norm > c->grad_clip) s.clip = (float)(c->grad_clip / grad_norm);
+    s.bc1 = 1.0f - powf(c->beta1, (float)o->step);
+    s.bc2 = 1.0f - powf(c->beta2, (float)o->step);
     for (int i = 0; i < model->n_tensors; i++) {
         const TrainTensor *t = &model->tensors[i];
         if (!is_trained(t)) continue;
-        float *p = model->params + t->offset, *m = o->m + t->offset, *v = o->v + t->offset;
-        const float *g = model->grads + t->offset;
-        float shrink = decays(t) ? 1.0f - lr * c->weight_decay : 1.0f;
-        long n = (long)t->numel;
-#pragma omp parallel for schedule(static)
-        for (long j = 0; j < n; j++) {
-            float gj = g[j] * clip;
-            m[j] = c->beta1 * m[j] + (1.0f - c->beta1) * gj;
-            v[j] = c->beta2 * v[j] + (1.0f - c->beta2) * gj * gj;
-            float mh = m[j] / bc1, vh = v[j] / bc2;
-            p[j] = p[j] * shrink - lr * mh / (sqrtf(vh) + c->eps);
-        }
+        s.shrink = decays(t) ? 1.0f - lr * c->weight_decay : 1.0f;
+        if (be->ops->adamw(be, model->params + t->offset, o->m + t->offset, o->v + t->offset,
+                           model->grads + t->offset, (long)t->numel, &s))
+            return err_set(err, "AdamW: %s", be->err.msg);
     }
+    return 0;
 }
 
 int adamw_save(const AdamW *o, const TrainModel *model, const char *path, Error *err) {

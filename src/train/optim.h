@@ -33,12 +33,13 @@ int adamw_init(AdamW *o, const TrainModel *model, AdamWConfig cfg, Error *err);
 void adamw_free(AdamW *o);
 
 // The L2 norm of every trained gradient (the router bias has none), summed in double over fixed
-// chunks in a fixed order: the same bits for any number of threads.
+// chunks in a fixed order: the same bits for any number of threads. NaN when the backend failed.
 double grad_global_norm(const TrainModel *model);
 
 // One update at learning rate lr: gradients are first scaled by min(1, clip / norm) (norm from
 // grad_global_norm), then p ← p − lr·wd·p (matrices) and p ← p − lr·m̂/(√v̂ + eps).
-void adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm);
+// Runs on the model's backend; 0, or -1 with err set.
+int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error *err);
 
 // The moments as a safetensors file: "exp_avg.<tensor>" and "exp_avg_sq.<tensor>" (F32) for every
 // trained tensor. The step count travels in the trainer's state.

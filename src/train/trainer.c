@@ -472,7 +472,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         last_loss = acc.loss;
         double gnorm = grad_global_norm(m);
         float lr = lr_at(&sched, r->step);
-        adamw_update(&r->opt, m, lr, gnorm);
+        if (adamw_update(&r->opt, m, lr, gnorm, err)) goto done_loads;
         moe_bias_update(m, loads, o->bias_update_speed);
         double vio, vio_worst;
         moe_max_vio(loads, m->n_moe, Nr, &vio, &vio_worst);
