@@ -2,17 +2,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/bufplan.h"
 #include "kernels/convert.h"
 #include "model/tensors.h"
 #include "model/weights.h"
 
-// Binding runs twice: the first pass only counts the fp32 floats the vectors need, the second
-// lays them over one block. Both passes check every tensor, so errors surface on the first.
+// Binding runs twice, as an allocation plan (base/bufplan.h): the first pass only measures the
+// fp32 vectors, the second lays them over one block. Both passes check every tensor, so errors
+// surface on the first.
 typedef struct Binder {
     const StModel *st;
     const ModelConfig *c;
-    float *block;  // NULL in the counting pass
-    size_t used;
+    BufPlan plan;  // over no memory in the measuring pass
     Error *err;
 } Binder;
 
@@ -37,8 +38,8 @@ static int bind_vector(Binder *b, float **out, const char *name, int n) {
     if (t->ndim != 1 || t->shape[0] != n) return shape_error(b, t, want);
     if (t->dtype != DT_F32 && t->dtype != DT_BF16 && t->dtype != DT_F16)
         return err_set(b->err, "%s: tensor %s: dtype %s is not F32, BF16 or F16", t->file, name, dtype_name(t->dtype));
-    if (b->block) {
-        float *v = b->block + b->used;
+    float *v = PLAN_F(&b->plan, n);  // (n)
+    if (v) {
         for (int i = 0; i < n; i++) {
             if (t->dtype == DT_F32) memcpy(&v[i], (const char *)t->data + 4 * i, 4);
             else {
@@ -49,7 +50,6 @@ static int bind_vector(Binder *b, float **out, const char *name, int n) {
         }
         *out = v;
     }
-    b->used += n;
     return 0;
 }
 
@@ -134,12 +134,14 @@ int weights_bind(ModelWeights *w, const ModelConfig *c, const StModel *st, int n
         return err_set(err, "%s: tensor %s: missing (config.json asks for %d MTP modules)", st->dir, probe,
                        c->num_nextn_predict_layers);
     if (weights_alloc_tables(w, c, have_mtp ? c->num_nextn_predict_layers : 0, err)) return -1;
-    Binder b = {st, c, NULL, 0, err};
+    Binder b = {st, c, {NULL, 0}, err};
     if (bind_all(&b, w)) goto fail;
-    w->vectors = xmalloc(err, b.used * sizeof(float), "norm weights");
-    if (!w->vectors) goto fail;
-    b.block = w->vectors;
-    b.used = 0;
+    w->vectors = aligned_alloc(64, (b.plan.used + 63) / 64 * 64 + 64);
+    if (!w->vectors) {
+        err_set(err, "%s: out of memory for %zu bytes of norm weights", st->dir, b.plan.used);
+        goto fail;
+    }
+    b.plan = (BufPlan){(char *)w->vectors, 0};
     if (bind_all(&b, w)) goto fail;
     return 0;
 fail:
