@@ -1,0 +1,96 @@
+// The backend interface (kernels/backend.h): errors travel instead of aborting, and the latent
+// attention op's two ways (plain and absorbed) compute the same function, also for several new
+// positions at once behind a cached prefix (what speculative verification runs).
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/rng.h"
+#include "kernels/backend.h"
+#include "test.h"
+
+static float *randn(Rng *rng, size_t n, float scale) {
+    float *p = malloc(sizeof(float) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) p[i] = scale * rng_normal(rng);
+    return p;
+}
+
+TEST(test_backend_reports_a_matrix_it_cannot_multiply) {
+    Backend *be = backend_cpu();
+    int64_t data[4 * 8] = {0};
+    float x[8] = {0}, out[4];
+    MatView w = {.dtype = DT_I64, .rows = 4, .cols = 8, .data = data};
+    CHECK(be->ops->matmul(be, out, x, &w, 1) == -1);
+    CHECK_MSG(strstr(be->err.msg, "I64") && strstr(be->err.msg, "not a weight type"), "%s", be->err.msg);
+    // FP8 without its scale grid is no weight either
+    MatView f = {.dtype = DT_F8_E4M3, .rows = 4, .cols = 8, .data = data};
+    CHECK(be->ops->matmul(be, out, x, &f, 1) == -1);
+}
+
+TEST(test_backend_matmul_backward_needs_an_f32_gradient) {
+    Backend *be = backend_cpu();
+    float w[6] = {1, 2, 3, 4, 5, 6}, x[3] = {1, 1, 1}, dout[2] = {1, 1}, dx[3] = {0};
+    uint16_t g16[6] = {0};
+    MatView W = matview_f32(w, 2, 3), G = {.dtype = DT_BF16, .rows = 2, .cols = 3, .data = g16};
+    CHECK(be->ops->matmul_backward(be, dx, &G, dout, x, &W, 1) == -1);
+    CHECK_MSG(strstr(be->err.msg, "F32"), "%s", be->err.msg);
+    // with an F32 gradient: dx = doutᵀ W = (5, 7, 9), dW = dout xᵀ = all ones
+    float gw[6] = {0};
+    MatView GW = matview_f32(gw, 2, 3);
+    CHECK(be->ops->matmul_backward(be, dx, &GW, dout, x, &W, 1) == 0);
+    CHECK_NEAR(dx[0], 5, 0);
+    CHECK_NEAR(dx[2], 9, 0);
+    for (int i = 0; i < 6; i++) CHECK_NEAR(gw[i], 1, 0);
+}
+
+// B sequences with a cached prefix of pos0 positions and T new rows each: absorbed attention
+// equals plain attention to fp32 rounding, for T = 1 (decode) and T = 2..4 (verification).
+static void check_absorbed_matches_plain(int B, int pos0, int T, int nope) {
+    Rng rng;
+    rng_seed(&rng, 11 + T);
+    int H = 4, r = 8, v = 6, L = 16, ld = pos0 + T + 3, S = pos0 + T;
+    float *latent = randn(&rng, (size_t)B * ld * L, 1), *kpe = randn(&rng, (size_t)B * ld * r, 1);
+    float *q = randn(&rng, (size_t)B * T * H * (nope + r), 1);
+    float *kvb = randn(&rng, (size_t)H * (nope + v) * L, 0.3f);
+    MatView kv_b = matview_f32(kvb, H * (nope + v), L);
+    float *plain = calloc((size_t)B * T * H * v, sizeof(float)), *absorbed = calloc((size_t)B * T * H * v, sizeof(float));
+    LatentAttention a = {.B = B, .T = T, .pos0 = pos0, .H = H, .nope = nope, .rope = r, .v = v, .kv_lora = L,
+                         .scale = 0.3f, .q = q, .latent = latent, .kpe = kpe, .ld = ld, .kv_b_proj = &kv_b,
+                         .out = plain};
+    a.per_thread = latent_attention_scratch_floats(&a, S);
+    a.scratch = malloc(sizeof(float) * a.per_thread * 64);
+    Backend *be = backend_cpu();
+    CHECK(be->ops->latent_attention(be, &a) == 0);
+    a.absorbed = 1;
+    a.out = absorbed;
+    CHECK(be->ops->latent_attention(be, &a) == 0);
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < (size_t)B * T * H * v; i++) {
+        worst = fmax(worst, fabs(plain[i] - absorbed[i]));
+        scale = fmax(scale, fabs(plain[i]));
+    }
+    CHECK_MSG(worst <= 1e-5 * scale, "B %d pos0 %d T %d: max |plain - absorbed| %.3g of %.3g", B, pos0, T, worst, scale);
+    // row t of a sequence sees positions up to pos0 + t only: changing a later key moves nothing
+    if (T > 1) {
+        float *before = malloc(sizeof(float) * (size_t)T * H * v);
+        memcpy(before, absorbed, sizeof(float) * (size_t)T * H * v);
+        latent[(size_t)(pos0 + T - 1) * L] += 5.0f;  // sequence 0's last new position
+        CHECK(be->ops->latent_attention(be, &a) == 0);
+        for (size_t i = 0; i < (size_t)(T - 1) * H * v; i++) CHECK(absorbed[i] == before[i]);
+        free(before);
+    }
+    free(latent), free(kpe), free(q), free(kvb), free(plain), free(absorbed), free(a.scratch);
+}
+
+TEST(test_latent_attention_absorbed_matches_plain_decode) { check_absorbed_matches_plain(2, 9, 1, 5); }
+TEST(test_latent_attention_absorbed_matches_plain_2_to_4_new_positions) {
+    for (int T = 2; T <= 4; T++) check_absorbed_matches_plain(2, 7, T, 5);
+}
+TEST(test_latent_attention_absorbed_matches_plain_rope_only) { check_absorbed_matches_plain(1, 4, 3, 0); }
+
+TEST(test_latent_attention_backward_refuses_an_unsaved_forward) {
+    Backend *be = backend_cpu();
+    LatentAttention a = {.B = 1, .T = 2, .pos0 = 1, .H = 1, .nope = 2, .rope = 2, .v = 2, .kv_lora = 2};
+    float d[16] = {0};
+    CHECK(be->ops->latent_attention_backward(be, &a, d, d, d, d, d, d) == -1);
+    CHECK_MSG(strstr(be->err.msg, "latent_attention_backward"), "%s", be->err.msg);
+}
