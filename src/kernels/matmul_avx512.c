@@ -392,7 +392,7 @@ AVX512 int gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, c
     }
     if (N == 1 && ((uintptr_t)x & 31) == 0) {
         // A one-row GEMV streaming its weights from memory runs faster when x is NOT 32-byte
-        // aligned (Zen 4, 2 threads, 512 BF16 matrices 256 x 512 = 128 MB streamed per pass: x
+        // aligned (Zen 4, one thread, 512 BF16 matrices 256 x 512 = 128 MB streamed per pass: x
         // aligned 17.2-20.1 GB/s, x 4 or 60 bytes past a line 21.0-23.2 GB/s), and a decode step
         // of the 108M model with 64-byte aligned activations lost 10-15% to it. So x is read from
         // a copy 4 bytes past a line; the copy is cols floats against rows x cols weights.
