@@ -8,7 +8,9 @@ CFLAGS  += -std=gnu11 -Wall -Wextra -fopenmp -Isrc -MMD -MP
 LDLIBS  += -lopenblas -ljansson -lpcre2-8 -lm
 LDFLAGS += -fopenmp
 
-# Debian packages the build and the tests need; `make deps` installs whichever are missing.
+# Debian packages the build and the tests need; `make deps` installs whichever are missing, and
+# nodejs + npm when node or npm is missing (the tokenizer conformance tests run the JavaScript
+# reference; without node they are reported as skipped).
 DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev bible-kjv
 
 LIB_SRC   := $(shell find src -name '*.c' ! -path 'src/cli/*' | sort)
@@ -26,7 +28,7 @@ all: $(BUILD)/dsv3
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done; \
-	  command -v npm >/dev/null 2>&1 || echo nodejs npm); \
+	  { command -v node && command -v npm; } >/dev/null 2>&1 || echo nodejs npm); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:" $$missing; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \

@@ -1,5 +1,7 @@
 // A small test harness: TEST(name) registers a function; CHECK* record a failure with its place
-// and return from the test. The runner prints "N passed, N failed" as its last line.
+// and return from the test; SKIP records that the test could not run, and why, and returns. A
+// skipped test is never counted as passed: the runner's last line is
+// "N passed, N failed, N skipped".
 #ifndef DSV3_TESTS_TEST_H
 #define DSV3_TESTS_TEST_H
 
@@ -9,6 +11,7 @@
 typedef void (*TestFn)(void);
 void test_register(const char *file, const char *name, TestFn fn);
 void test_fail(const char *file, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void test_skip(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 #define TEST(name)                                                                         \
     static void name(void);                                                                \
@@ -16,6 +19,12 @@ void test_fail(const char *file, int line, const char *fmt, ...) __attribute__((
         test_register(__FILE__, #name, name);                                              \
     }                                                                                      \
     static void name(void)
+
+#define SKIP(...)               \
+    do {                        \
+        test_skip(__VA_ARGS__); \
+        return;                 \
+    } while (0)
 
 #define CHECK(cond)                                                \
     do {                                                           \
@@ -42,6 +51,13 @@ void test_fail(const char *file, int line, const char *fmt, ...) __attribute__((
             return;                                                                              \
         }                                                                                        \
     } while (0)
+
+// |a - b|, infinite when either is NaN: fmax drops a NaN, so a running maximum of plain |a - b|
+// would hide one.
+static inline double test_absdiff(double a, double b) {
+    double d = fabs(a - b);
+    return d == d ? d : INFINITY;
+}
 
 // Runs a shell command; captures stdout+stderr (truncated to n-1 bytes) into out (may be NULL).
 // Returns the exit status (or -1 if it could not run / was killed by a signal: 128+sig).

@@ -14,7 +14,7 @@ static struct {
     TestFn fn;
 } tests[MAX_TESTS];
 static int ntests;
-static int current_failed;
+static int current_failed, current_skipped;
 
 void test_register(const char *file, const char *name, TestFn fn) {
     if (ntests < MAX_TESTS) tests[ntests++] = (typeof(tests[0])){file, name, fn};
@@ -28,6 +28,16 @@ void test_fail(const char *file, int line, const char *fmt, ...) {
     fprintf(stdout, "\n");
     va_end(ap);
     current_failed = 1;
+}
+
+void test_skip(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stdout, "    skipped: ");
+    vfprintf(stdout, fmt, ap);
+    fprintf(stdout, "\n");
+    va_end(ap);
+    current_skipped = 1;
 }
 
 const char *test_bin(void) {
@@ -100,19 +110,22 @@ int main(int argc, char **argv) {
         fprintf(stderr, "cannot create %s\n", test_tmpdir());
         return 2;
     }
-    int passed = 0, failed = 0;
+    int passed = 0, failed = 0, skipped = 0;
     for (int i = 0; i < ntests; i++) {
         int selected = argc < 2;
         for (int a = 1; a < argc && !selected; a++)
             selected = strstr(tests[i].name, argv[a]) || strstr(tests[i].file, argv[a]);
         if (!selected) continue;
-        current_failed = 0;
+        current_failed = current_skipped = 0;
         tests[i].fn();
-        printf("%s %s (%s)\n", current_failed ? "FAIL" : "ok  ", tests[i].name, tests[i].file);
+        // a failure outweighs a skip: a test that failed before it gave up still failed
+        const char *status = current_failed ? "FAIL" : current_skipped ? "SKIP" : "ok  ";
+        printf("%s %s (%s)\n", status, tests[i].name, tests[i].file);
         fflush(stdout);
         if (current_failed) failed++;
+        else if (current_skipped) skipped++;
         else passed++;
     }
-    printf("%d passed, %d failed\n", passed, failed);
+    printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
     return failed ? 1 : 0;
 }

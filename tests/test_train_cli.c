@@ -5,7 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/config.h"
 #include "train/data.h"
+#include "train/train_model.h"
 #include "train/trainer.h"
 #include "test.h"
 
@@ -223,22 +225,67 @@ TEST(test_train_deterministic_and_learns) {
     free(mb);
 }
 
-// A checkpoint is a HuggingFace model directory the inference commands read.
-TEST(test_train_checkpoint_runs_in_inference) {
+// max |a - ref| / max |ref| over n values (INFINITY on a NaN).
+static double rel_diff(const float *a, const float *ref, long n) {
+    double md = 0, mr = 0;
+    for (long i = 0; i < n; i++) {
+        md = fmax(md, test_absdiff(a[i], ref[i]));
+        mr = fmax(mr, fabs(ref[i]));
+    }
+    return mr > 0 ? md / mr : INFINITY;
+}
+
+// A checkpoint is a HuggingFace model directory the inference commands read, and they compute
+// the function that was trained: the training forward of the checkpoint (train_model_load) and
+// `dsv3 logits` on it, by prefill and by decode, give the same main and MTP logits to 1e-5 of the
+// largest (both are float32 computations of one function; they agree to ~1e-6).
+TEST(test_train_checkpoint_logits_match_inference) {
     char a[600], out[4096];
     snprintf(a, sizeof a, "%s/run_det_a", corpus_dir());
-    char path[700];
-    snprintf(path, sizeof path, "%s/step-2/config.json", a);
+    char ck[700], path[800];
+    snprintf(ck, sizeof ck, "%s/step-2", a);
+    snprintf(path, sizeof path, "%s/config.json", ck);
     char *probe = test_read_file(path, NULL);
     if (!probe) {
         int rc = train(out, sizeof out, a, 2, "--no-progress");
         CHECK_MSG(rc == 0, "%s", out);
     }
     free(probe);
-    int rc = test_run(out, sizeof out, "%s logits --model '%s/step-2' --tokens 0,70,71 --out '%s/l.f32' --mtp-out '%s/m.f32'",
-                      test_bin(), a, test_tmpdir(), test_tmpdir());
-    CHECK_MSG(rc == 0, "%s", out);
-    rc = test_run(out, sizeof out, "%s generate --model '%s/step-2' --tokens 0,70 --max-new 3", test_bin(), a);
+    // a window of T + 1 tokens: BOS, then bytes shifted by 2
+    const char *text = "the lazy dog jumps";
+    int T = (int)strlen(text), tok[64];
+    tok[0] = 0;
+    for (int i = 0; i < T; i++) tok[i + 1] = (unsigned char)text[i] + 2;
+    ModelConfig c;
+    TrainModel m;
+    Error err = {0};
+    CHECK_MSG(config_load(&c, path, &err) == 0 && train_model_new(&m, &c, 1, T, &err) == 0, "%s", err.msg);
+    CHECK_MSG(train_model_load(&m, ck, &err) == 0, "%s", err.msg);
+    m.obj.mtp_lambda = 0.3f;  // the MTP module runs only with a weight in the objective
+    CHECK_MSG(train_model_forward(&m, tok, &err) == 0, "%s", err.msg);
+    CHECK(m.mtp_ran);
+    int V = c.vocab_size;
+    char ids[512] = "", lf[700], mf[700];
+    for (int i = 0; i < T; i++) snprintf(ids + strlen(ids), sizeof ids - strlen(ids), "%s%d", i ? "," : "", tok[i]);
+    snprintf(lf, sizeof lf, "%s/ck_logits.f32", test_tmpdir());
+    snprintf(mf, sizeof mf, "%s/ck_mtp.f32", test_tmpdir());
+    for (int decode = 0; decode < 2; decode++) {
+        int rc = test_run(out, sizeof out, "%s logits --model '%s' --tokens %s --out '%s' --mtp-out '%s'%s", test_bin(), ck,
+                          ids, lf, mf, decode ? " --decode" : "");
+        CHECK_MSG(rc == 0, "%s", out);
+        size_t nl, nm;
+        float *l = test_read_file(lf, &nl), *lm = test_read_file(mf, &nm);
+        CHECK(l && lm && nl == sizeof(float) * T * V && nm == sizeof(float) * (T - 1) * V);
+        // row i of both: the distribution after tokens 0..i; MTP row i: token i+1 with h_i
+        double rm = rel_diff(l, m.a.logits, (long)T * V), rt = rel_diff(lm, m.a.mtp[0].logits, (long)(T - 1) * V);
+        free(l);
+        free(lm);
+        printf("    dsv3 logits%s vs training forward: main max|diff| %.2g, MTP %.2g of max|logit| (tol 1e-5)\n",
+               decode ? " --decode" : "", rm, rt);
+        CHECK_MSG(rm <= 1e-5 && rt <= 1e-5, "main %.3g, MTP %.3g of the largest logit", rm, rt);
+    }
+    train_model_free(&m);
+    int rc = test_run(out, sizeof out, "%s generate --model '%s' --tokens 0,70 --max-new 3", test_bin(), ck);
     CHECK_MSG(rc == 0, "%s", out);
 }
 
