@@ -38,10 +38,11 @@ static int target(const float *logits, double T, int top_k, double top_p, double
     g_p = p;
     qsort(order, NV, sizeof(int), by_p_desc);
     int n = top_k > 0 && top_k < NV ? top_k : NV;
-    if (top_p < 1) {
-        double c = 0;
+    if (top_p < 1) {  // against the top-k set renormalised
+        double c = 0, topk = 0;
+        for (int i = 0; i < n; i++) topk += p[order[i]];
         for (int i = 0; i < n; i++)
-            if ((c += p[order[i]]) >= top_p) {
+            if ((c += p[order[i]] / topk) >= top_p) {
                 n = i + 1;
                 break;
             }
@@ -137,11 +138,14 @@ TEST(test_sampler_top_p_keeps_smallest_nucleus) {
     check_setting("top-p 0.2", 1.0f, 0, 0.2f, 1, 1.0f, 0, 0.3f);  // of the tied two, the lower id
 }
 
-// Both filters: top-k first, then top-p. The common convention (HF transformers, vLLM, llama.cpp)
-// measures p against the top-k set renormalised; dsv3 measures it against the whole distribution,
-// so the two can keep different sets (see the report of this change). In this case they agree:
-// the top 4 hold 0.781; 0.255 + 0.255 reaches 0.4 of the whole and of the top 4 (0.312) alike.
-TEST(test_sampler_top_k_then_top_p) { check_setting("top-k 4, top-p 0.4", 1.0f, 4, 0.4f, 2, 1.0f, 4, 1.0f); }
+// Both filters: top-k first, then top-p against the top-k set renormalised (HF transformers, vLLM,
+// llama.cpp). top-k 4 holds 0.781: 0.255 + 0.255 = 0.654 of it reaches 0.4. top-k 3 holds 0.666:
+// the first two are 0.767 of it and reach 0.7, so two are kept — measured against the whole
+// distribution (0.511 < 0.7) all three would be.
+TEST(test_sampler_top_k_then_top_p) {
+    check_setting("top-k 4, top-p 0.4", 1.0f, 4, 0.4f, 2, 1.0f, 4, 1.0f);
+    check_setting("top-k 3, top-p 0.7", 1.0f, 3, 0.7f, 2, 1.0f, 3, 1.0f);
+}
 
 // Temperature 0 is greedy: the argmax every time, the lowest id on ties, whatever the filters.
 TEST(test_sampler_temperature_zero_is_argmax) {

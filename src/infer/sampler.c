@@ -56,10 +56,13 @@ int sampler_sample(Sampler *s, const float *logits) {
         qsort(s->order, V, sizeof(int), by_prob_desc);
         if (s->top_k > 0 && s->top_k < n) n = s->top_k;
         if (s->top_p < 1) {
-            double c = 0;
+            // p is measured against the top-k set renormalised, as HF transformers, vLLM and
+            // llama.cpp apply the two filters one after the other
+            double kept = 0, c = 0;
+            for (int i = 0; i < n; i++) kept += s->probs[s->order[i]];
             for (int i = 0; i < n; i++) {
                 c += s->probs[s->order[i]];
-                if (c >= s->top_p) {
+                if (c >= s->top_p * kept) {
                     n = i + 1;
                     break;
                 }

@@ -1,5 +1,6 @@
 // Choosing the next token from logits: greedy at temperature 0, otherwise temperature, top-k and
-// top-p (nucleus) filtering, then a draw from a seeded generator.
+// top-p (nucleus) filtering — top-p over the top-k set renormalised, as HF transformers, vLLM and
+// llama.cpp chain them — then a draw from a seeded generator.
 #ifndef DSV3_INFER_SAMPLER_H
 #define DSV3_INFER_SAMPLER_H
 
