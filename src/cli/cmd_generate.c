@@ -1,26 +1,34 @@
-// dsv3 generate: prefill the prompt, then decode token by token through the latent KV cache,
-// stopping at eos_token_id. A --tokens prompt prints ids as they come; a --prompt (text, with the
-// model directory's tokenizer.json) streams decoded text.
+// dsv3 generate: a thin user of the engine (src/infer/engine.h). A --tokens prompt prints ids as
+// they come; a --prompt (text, with the model directory's tokenizer.json) streams decoded text;
+// --batch-file runs one prompt per line, --parallel at a time, and prints one line of ids per
+// prompt in input order (the line --tokens prints for it alone; line k samples with seed S + k).
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/file.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/util.h"
-#include "infer/sampler.h"
+#include "infer/engine.h"
 #include "model/model.h"
 #include "text/tokenizer.h"
 
-static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "max-new", "temperature", "top-p",
-                                     "top-k", "seed", NULL};
+static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
+                                     "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", NULL};
 static const char *const FLAGS[] = {"chat", "no-mmap", "stats", NULL};
+
+// --parallel's default: sequences decoded at once when --batch-file gives several.
+#define DEFAULT_PARALLEL 4
+#define DEFAULT_PREFILL_CHUNK 512
 
 // The prompt's ids: --tokens as given, or --prompt encoded (BOS as tokenizer_config.json says;
 // with --chat in the DeepSeek-V3 chat format ending in the generation prompt).
 static int prompt_ids(const Args *a, const char *dir, Tokenizer **tok, int **ids, int *n, Error *err) {
     const char *tokens = args_str(a, "tokens", NULL), *text = args_str(a, "prompt", NULL);
-    if (!!tokens == !!text) return err_set(err, "give exactly one of --tokens IDS and --prompt TEXT");
+    if (!!tokens + !!text + !!args_str(a, "batch-file", NULL) != 1)
+        return err_set(err, "give exactly one of --tokens IDS, --prompt TEXT and --batch-file FILE");
     if ((args_flag(a, "chat") || args_str(a, "system", NULL)) && !text)
         return err_set(err, "--chat and --system need --prompt");
     if (tokens) return parse_token_list(tokens, ids, n, err);
@@ -47,92 +55,223 @@ static int prompt_ids(const Args *a, const char *dir, Tokenizer **tok, int **ids
     return 0;
 }
 
+// --batch-file: one prompt per line as comma-separated ids. *lines gets each line's ids (a list of
+// n malloc'd lists); an empty or malformed line is an error naming it.
+static int read_batch_file(const char *path, int ***lines, int **lens, int *n, Error *err) {
+    size_t len;
+    char *text = file_read_all(path, &len, err);
+    if (!text) return -1;
+    int cap = 16, rc = 0;
+    *n = 0;
+    *lines = malloc(sizeof **lines * cap);
+    *lens = malloc(sizeof **lens * cap);
+    if (!*lines || !*lens) rc = err_set(err, "%s: out of memory", path);
+    char *line = text;
+    for (int no = 1; rc == 0 && *line; no++) {
+        char *end = strchr(line, '\n');
+        if (end) *end = '\0';
+        size_t l = strlen(line);
+        if (l > 0 && line[l - 1] == '\r') line[--l] = '\0';
+        if (*n == cap) {
+            cap *= 2;
+            int **nl = realloc(*lines, sizeof **lines * cap);
+            int *nn = nl ? realloc(*lens, sizeof **lens * cap) : NULL;
+            if (nl) *lines = nl;
+            if (nn) *lens = nn;
+            if (!nl || !nn) {
+                rc = err_set(err, "%s: out of memory", path);
+                break;
+            }
+        }
+        if (parse_token_list(line, &(*lines)[*n], &(*lens)[*n], err)) {
+            rc = err_prefix(err, "%s: line %d", path, no);
+            break;
+        }
+        (*n)++;
+        if (!end) break;
+        line = end + 1;
+    }
+    if (rc == 0 && *n == 0) rc = err_set(err, "%s: no prompts", path);
+    free(text);
+    return rc;
+}
+
+// What the command collects from the engine.
+typedef struct {
+    Tokenizer *tok;     // --prompt: text is streamed as it comes
+    TokStream ts;
+    int stream;         // one sequence: print its tokens as they arrive
+    int **out;          // (n) each sequence's generated ids, for --batch-file
+    int *n_out, *cap_out;
+    Error *err;
+    int failed;
+} Sink;
+
+static void on_token(void *owner, int seq, int token, FinishReason finish) {
+    Sink *k = owner;
+    (void)finish;
+    if (token < 0 || k->failed) return;
+    if (k->stream) {
+        if (k->tok) {
+            const char *text;
+            size_t n;
+            if (tok_stream_push(&k->ts, token, &text, &n, k->err)) {
+                k->failed = 1;
+                return;
+            }
+            fwrite(text, 1, n, stdout);
+        } else {
+            printf(k->n_out[0] ? " %d" : "%d", token);
+        }
+        fflush(stdout);
+    }
+    if (k->n_out[seq] == k->cap_out[seq]) {
+        int cap = k->cap_out[seq] ? 2 * k->cap_out[seq] : 64, *nv = realloc(k->out[seq], sizeof(int) * cap);
+        if (!nv) {
+            err_set(k->err, "out of memory for the generated tokens");
+            k->failed = 1;
+            return;
+        }
+        k->out[seq] = nv;
+        k->cap_out[seq] = cap;
+    }
+    k->out[seq][k->n_out[seq]++] = token;
+}
+
+// --stats-json: the run's figures as one JSON object, written atomically.
+static int write_stats_json(const char *path, const EngineStats *st, Error *err) {
+    double tps = st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0;
+    json_t *o = json_pack("{s:I, s:I, s:f, s:f, s:f, s:I, s:I, s:f}", "prompt_tokens", (json_int_t)st->prompt_tokens,
+                          "generated_tokens", (json_int_t)st->generated_tokens, "prefill_s", st->prefill_s, "decode_s",
+                          st->decode_s, "decode_tokens_per_s", tps, "draft_tokens", (json_int_t)st->draft_tokens,
+                          "accepted_tokens", (json_int_t)st->accepted_tokens, "acceptance_rate",
+                          st->draft_tokens > 0 ? (double)st->accepted_tokens / st->draft_tokens : 0.0);
+    char *text = o ? json_dumps(o, JSON_INDENT(2)) : NULL;
+    json_decref(o);
+    if (!text) return err_set(err, "%s: out of memory", path);
+    size_t n = strlen(text);
+    text[n] = '\n';  // json_dumps leaves room for the NUL, which the newline replaces
+    int rc = file_write_all(path, text, n + 1, err);
+    free(text);
+    return rc;
+}
+
 int cmd_generate(int argc, char **argv) {
     const char *cmd = "dsv3 generate";
     Error err = {0};
     Args a;
     const char *dir;
-    long max_new, top_k, seed;
+    long max_new, top_k, seed, parallel, chunk;
     double temp, top_p;
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
         args_long(&a, "max-new", 32, 1, 1 << 20, &max_new, &err) || args_long(&a, "top-k", 0, 0, 1 << 30, &top_k, &err) ||
         args_long(&a, "seed", 0, 0, 0x7fffffffL, &seed, &err) ||
+        args_long(&a, "parallel", DEFAULT_PARALLEL, 1, 1024, &parallel, &err) ||
+        args_long(&a, "prefill-chunk", DEFAULT_PREFILL_CHUNK, 1, 1 << 20, &chunk, &err) ||
         args_double(&a, "temperature", 0.0, 0.0, 100.0, &temp, &err) ||
         args_double(&a, "top-p", 1.0, 0.0, 1.0, &top_p, &err))
         return cli_fail(cmd, &err);
     Tokenizer *tok = NULL;
-    int *prompt = NULL, T = 0;
-    if (prompt_ids(&a, dir, &tok, &prompt, &T, &err)) {
-        tok_free(tok);
-        return cli_fail(cmd, &err);
+    int **prompts = NULL, *lens = NULL, np = 0, rc = 1;
+    const char *batch = args_str(&a, "batch-file", NULL);
+    if (batch) {
+        if (args_str(&a, "tokens", NULL) || args_str(&a, "prompt", NULL)) {
+            err_set(&err, "give exactly one of --tokens IDS, --prompt TEXT and --batch-file FILE");
+            return cli_fail(cmd, &err);
+        }
+        if (args_flag(&a, "chat") || args_str(&a, "system", NULL)) {
+            err_set(&err, "--chat and --system need --prompt");
+            return cli_fail(cmd, &err);
+        }
+        if (read_batch_file(batch, &prompts, &lens, &np, &err)) goto done_prompts;
+    } else {
+        prompts = malloc(sizeof *prompts);
+        lens = malloc(sizeof *lens);
+        if (!prompts || !lens) {
+            err_set(&err, "out of memory");
+            goto done_prompts;
+        }
+        if (prompt_ids(&a, dir, &tok, &prompts[0], &lens[0], &err)) goto done_prompts;
+        np = 1;
     }
     Model m;
+    Engine *e = NULL;
+    Sink k = {.tok = tok, .stream = !batch, .err = &err};
     if (args_flag(&a, "no-mmap")) st_set_load_mode(ST_READ);
-    if (model_load(&m, dir, 0, &err)) {
-        free(prompt);
-        tok_free(tok);
-        return cli_fail(cmd, &err);
-    }
-    int rc = 1, V = m.cfg.vocab_size;
-    KVCache kv = {0};
-    ForwardState *s = NULL;
-    Sampler sm = {0};
-    TokStream ts;
-    if (tok) tok_stream_init(&ts, tok, TOK_SKIP_SPECIAL);
-    float *logits = xmalloc(&err, sizeof(float) * V, "logits");
-    if (!logits || kvcache_init(&kv, &m.cfg, 0, T + (int)max_new, &err)) goto done;
-    s = forward_state_new(&m, T, T + (int)max_new, &err);
-    if (!s) goto done;
-    if (sampler_init(&sm, V, (float)temp, (int)top_k, (float)top_p, (unsigned long long)seed)) {
+    if (model_load(&m, dir, 0, &err)) goto done_prompts;
+    int longest = 0;
+    for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
+    EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + (int)max_new,
+                        .prefill_chunk = (int)chunk};
+    k.out = calloc(np, sizeof *k.out);
+    k.n_out = calloc(np, sizeof *k.n_out);
+    k.cap_out = calloc(np, sizeof *k.cap_out);
+    if (!k.out || !k.n_out || !k.cap_out) {
         err_set(&err, "out of memory");
         goto done;
     }
-    double t0 = cli_now();
-    if (model_forward(&m, s, &kv, prompt, T, ATTN_PLAIN, NULL, logits, NULL, &err)) goto done;
-    double t1 = cli_now();
-    long generated = 0;
-    for (long i = 0; i < max_new; i++) {
-        int next = sampler_sample(&sm, logits);
-        if (tok) {
-            const char *text;
-            size_t n;
-            if (tok_stream_push(&ts, next, &text, &n, &err)) goto done;
-            fwrite(text, 1, n, stdout);
-        } else {
-            printf(i ? " %d" : "%d", next);
+    if (tok) tok_stream_init(&k.ts, tok, TOK_SKIP_SPECIAL);
+    e = engine_new(&m, &eo, &err);
+    if (!e) goto done;
+    for (int i = 0; i < np; i++) {
+        SeqParams sp = seq_params_default();
+        sp.max_new = (int)max_new;
+        sp.temperature = (float)temp;
+        sp.top_k = (int)top_k;
+        sp.top_p = (float)top_p;
+        sp.seed = (unsigned long long)seed + (unsigned long long)i;  // sequence k samples with seed S + k
+        if (engine_add(e, prompts[i], lens[i], &sp, on_token, &k, &err) < 0) {
+            if (batch) err_prefix(&err, "%s: line %d", batch, i + 1);
+            goto done;
         }
-        fflush(stdout);
-        generated++;
-        if (next == m.cfg.eos_token_id || i + 1 == max_new) break;
-        if (model_forward(&m, s, &kv, &next, 1, ATTN_ABSORBED, NULL, logits, NULL, &err)) goto done;
     }
+    int live;
+    while ((live = engine_step(e, &err)) > 0 && !k.failed) {
+    }
+    if (live < 0 || k.failed) goto done;
     if (tok) {
         const char *text;
         size_t n;
-        tok_stream_finish(&ts, &text, &n);
+        tok_stream_finish(&k.ts, &text, &n);
         fwrite(text, 1, n, stdout);
     }
-    printf("\n");
+    if (batch)
+        for (int i = 0; i < np; i++) {
+            for (int j = 0; j < k.n_out[i]; j++) printf(j ? " %d" : "%d", k.out[i][j]);
+            printf("\n");
+        }
+    else
+        printf("\n");
+    const EngineStats *st = engine_stats(e);
     if (args_flag(&a, "stats")) {
-        // decode steps: every generated token but the last needed one forward pass
-        double t2 = cli_now(), dt = t2 - t1;
-        fprintf(stderr, "prompt: %d tokens in %.3f s (%.1f tokens/s); generated %ld tokens in %.3f s (%.1f tokens/s)\n", T,
-                t1 - t0, T / (t1 - t0 > 1e-9 ? t1 - t0 : 1e-9), generated, dt,
-                generated > 1 ? (generated - 1) / (dt > 1e-9 ? dt : 1e-9) : 0.0);
+        long steps = st->decode_tokens;
+        fprintf(stderr, "prompt: %ld tokens in %.3f s (%.1f tokens/s); generated %ld tokens in %.3f s (%.1f tokens/s)\n",
+                st->prompt_tokens, st->prefill_s, st->prompt_tokens / (st->prefill_s > 1e-9 ? st->prefill_s : 1e-9),
+                st->generated_tokens, st->decode_s, steps > 0 ? steps / (st->decode_s > 1e-9 ? st->decode_s : 1e-9) : 0.0);
     }
+    if (args_str(&a, "stats-json", NULL) && write_stats_json(args_str(&a, "stats-json", NULL), st, &err)) goto done;
     rc = 0;
 done:
     if (rc) {
         fflush(stdout);
         cli_fail(cmd, &err);
     }
-    if (tok) tok_stream_free(&ts);
-    tok_free(tok);
-    sampler_free(&sm);
-    forward_state_free(s);
-    kvcache_free(&kv);
-    free(logits);
-    free(prompt);
+    engine_free(e);
+    if (tok) tok_stream_free(&k.ts);
+    if (k.out)
+        for (int i = 0; i < np; i++) free(k.out[i]);
+    free(k.out);
+    free(k.n_out);
+    free(k.cap_out);
     model_free(&m);
+    rc = rc ? 1 : 0;
+    goto done_free;
+done_prompts:
+    cli_fail(cmd, &err);
+done_free:
+    for (int i = 0; i < np; i++) free(prompts[i]);
+    free(prompts);
+    free(lens);
+    tok_free(tok);
     return rc;
 }

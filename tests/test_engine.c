@@ -1,0 +1,181 @@
+// The inference engine (src/infer/engine.h) and `dsv3 generate` on it: a sequence's tokens do not
+// depend on what else runs or on how its prompt is chunked; --batch-file prints what --tokens
+// prints for each line; cancelled sequences free their slot; bad input is a one-line error.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "infer/engine.h"
+#include "test.h"
+
+#define GOLDEN "tests/data/v3"
+
+typedef struct {
+    int tok[8][64];
+    int n[8];
+    FinishReason why[8];
+} Got;
+
+static void collect(void *owner, int seq, int token, FinishReason finish) {
+    Got *g = owner;
+    if (token >= 0 && g->n[seq] < 64) g->tok[seq][g->n[seq]++] = token;
+    if (finish != FINISH_NONE) g->why[seq] = finish;
+}
+
+static int run_all(Engine *e, Error *err) {
+    int live;
+    while ((live = engine_step(e, err)) > 0) {
+    }
+    return live;
+}
+
+// Each sequence alone in an engine of one slot, prefilled in one chunk: the reference.
+static int run_alone(const Model *m, const int *prompt, int n, const SeqParams *sp, int *out, Error *err) {
+    EngineOptions o = {.parallel = 1, .ctx = n + sp->max_new, .prefill_chunk = 64};
+    Engine *e = engine_new(m, &o, err);
+    Got g = {0};
+    if (!e || engine_add(e, prompt, n, sp, collect, &g, err) != 0 || run_all(e, err) != 0) {
+        engine_free(e);
+        return -1;
+    }
+    engine_free(e);
+    memcpy(out, g.tok[0], sizeof(int) * g.n[0]);
+    return g.n[0];
+}
+
+TEST(test_engine_sequence_independent_of_company_and_chunking) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, GOLDEN, 0, &err) == 0, "%s", err.msg);
+    static const int p0[] = {5, 17, 3, 9, 44, 2, 8}, p1[] = {7}, p2[] = {11, 12, 13, 14}, p3[] = {60, 61};
+    const int *prompts[] = {p0, p1, p2, p3};
+    int lens[] = {7, 1, 4, 2};
+    SeqParams sp[4];
+    for (int i = 0; i < 4; i++) {
+        sp[i] = seq_params_default();
+        sp[i].max_new = 6 + i;
+        sp[i].temperature = i % 2 ? 0.9f : 0.0f;  // greedy and sampled sequences side by side
+        sp[i].seed = 100 + i;
+        sp[i].stop_at_eos = 0;
+    }
+    // two slots for four sequences (the last two wait), prompts prefilled 3 positions at a time
+    EngineOptions o = {.parallel = 2, .ctx = 32, .prefill_chunk = 3};
+    Engine *e = engine_new(&m, &o, &err);
+    CHECK_MSG(e, "%s", err.msg);
+    Got g = {0};
+    for (int i = 0; i < 4; i++) CHECK_MSG(engine_add(e, prompts[i], lens[i], &sp[i], collect, &g, &err) == i, "%s", err.msg);
+    CHECK_MSG(run_all(e, &err) == 0, "%s", err.msg);
+    const EngineStats *st = engine_stats(e);
+    CHECK(st->prompt_tokens == 14 && st->generated_tokens == 6 + 7 + 8 + 9 && st->decode_tokens == st->generated_tokens - 4);
+    engine_free(e);
+    for (int i = 0; i < 4; i++) {
+        int alone[64], n = run_alone(&m, prompts[i], lens[i], &sp[i], alone, &err);
+        CHECK_MSG(n == sp[i].max_new && g.n[i] == n, "sequence %d: %d tokens with company, %d alone (%s)", i, g.n[i], n,
+                  err.msg);
+        CHECK(g.why[i] == FINISH_LENGTH);
+        for (int j = 0; j < n; j++) CHECK_MSG(g.tok[i][j] == alone[j], "sequence %d token %d: %d vs %d alone", i, j, g.tok[i][j], alone[j]);
+    }
+    model_free(&m);
+}
+
+TEST(test_engine_cancel_frees_the_slot_and_stops_at_stop_ids) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, GOLDEN, 0, &err) == 0, "%s", err.msg);
+    static const int p[] = {5, 17, 3};
+    SeqParams sp = seq_params_default();
+    sp.max_new = 5;
+    sp.stop_at_eos = 0;
+    int ref[64], n = run_alone(&m, p, 3, &sp, ref, &err);
+    CHECK_MSG(n == 5, "%s", err.msg);
+    EngineOptions o = {.parallel = 1, .ctx = 16, .prefill_chunk = 8};
+    Engine *e = engine_new(&m, &o, &err);
+    Got g = {0};
+    CHECK(engine_add(e, p, 3, &sp, collect, &g, &err) == 0);
+    CHECK(engine_add(e, p, 3, &sp, collect, &g, &err) == 1);
+    CHECK(engine_add(e, p, 3, &sp, collect, &g, &err) == 2);
+    CHECK(engine_step(e, &err) == 3);  // sequence 0 prefilled, 1 and 2 wait for the one slot
+    CHECK(engine_cancel(e, 0) == 0 && g.why[0] == FINISH_CANCELLED && g.n[0] == 1);
+    CHECK(engine_cancel(e, 1) == 0 && g.why[1] == FINISH_CANCELLED && g.n[1] == 0);  // cancelled while waiting
+    CHECK(engine_cancel(e, 1) == -1);                                                // not live any more
+    CHECK_MSG(run_all(e, &err) == 0, "%s", err.msg);
+    CHECK(g.n[2] == 5);  // the slot's cache was reused from position 0
+    for (int j = 0; j < 5; j++) CHECK(g.tok[2][j] == ref[j]);
+    // a stop id ends the sequence on that token, which is reported
+    int stop = ref[2];
+    SeqParams ss = sp;
+    ss.stop_ids = &stop;
+    ss.n_stop_ids = 1;
+    Got h = {0};
+    CHECK(engine_add(e, p, 3, &ss, collect, &h, &err) == 3);
+    CHECK_MSG(run_all(e, &err) == 0, "%s", err.msg);
+    int first = 0;
+    while (ref[first] != stop) first++;
+    CHECK(h.n[3] == first + 1 && h.tok[3][first] == stop && h.why[3] == FINISH_STOP);
+    // bad input names what is wrong
+    static const int bad[] = {5, 9999};
+    CHECK(engine_add(e, bad, 2, &sp, collect, &h, &err) == -1 && strstr(err.msg, "9999") && strstr(err.msg, "position 1"));
+    static const int longp[16] = {0};
+    CHECK(engine_add(e, longp, 16, &sp, collect, &h, &err) == -1 && strstr(err.msg, "16"));
+    engine_free(e);
+    model_free(&m);
+}
+
+TEST(test_cli_batch_file_prints_what_tokens_prints) {
+    char path[600], o[8192], one[1024];
+    snprintf(path, sizeof path, "%s/batch.txt", test_tmpdir());
+    FILE *f = fopen(path, "w");
+    CHECK(f);
+    const char *lines[] = {"5,17,3,9,44", "7", "11,12,13", "60,61", "2,3,4,5,6,7,8,9"};
+    for (int i = 0; i < 5; i++) fprintf(f, "%s\n", lines[i]);
+    fclose(f);
+    int rc = test_run(o, sizeof o, "%s generate --model %s --batch-file %s --max-new 6 --temperature 0.8 --seed 40 --parallel 2 --prefill-chunk 3",
+                      test_bin(), GOLDEN, path);
+    CHECK_MSG(rc == 0, "%s", o);
+    char *line = o;
+    for (int i = 0; i < 5; i++) {
+        char *end = strchr(line, '\n');
+        CHECK_MSG(end, "line %d missing: %s", i, o);
+        *end = 0;
+        rc = test_run(one, sizeof one, "%s generate --model %s --tokens %s --max-new 6 --temperature 0.8 --seed %d",
+                      test_bin(), GOLDEN, lines[i], 40 + i);
+        CHECK_MSG(rc == 0, "%s", one);
+        one[strcspn(one, "\n")] = 0;
+        CHECK_MSG(strcmp(line, one) == 0, "line %d: batch '%s', alone '%s'", i, line, one);
+        line = end + 1;
+    }
+    CHECK_MSG(*line == 0, "more output than prompts: %s", line);
+    // --stats-json: the run's figures
+    char js[600];
+    snprintf(js, sizeof js, "%s/stats.json", test_tmpdir());
+    rc = test_run(o, sizeof o, "%s generate --model %s --batch-file %s --max-new 4 --stats-json %s >/dev/null", test_bin(),
+                  GOLDEN, path, js);
+    CHECK_MSG(rc == 0, "%s", o);
+    size_t len;
+    char *text = test_read_file(js, &len);
+    CHECK(text);
+    CHECK_MSG(strstr(text, "\"prompt_tokens\": 19") && strstr(text, "\"generated_tokens\": ") &&
+                  strstr(text, "\"decode_tokens_per_s\": ") && strstr(text, "\"acceptance_rate\": ") &&
+                  strstr(text, "\"draft_tokens\": 0"),
+              "%s", text);
+    free(text);
+}
+
+TEST(test_cli_batch_file_bad_lines) {
+    char path[600], o[4096];
+    snprintf(path, sizeof path, "%s/bad_batch.txt", test_tmpdir());
+    const char *cases[][2] = {{"1,2\n\n3\n", "line 2"}, {"1,2\n4,x\n", "line 2"}, {"1,2\n3,9999\n", "line 2"}, {"", "no prompts"}};
+    for (int i = 0; i < 4; i++) {
+        FILE *f = fopen(path, "w");
+        CHECK(f);
+        fputs(cases[i][0], f);
+        fclose(f);
+        int rc = test_run(o, sizeof o, "%s generate --model %s --batch-file %s --max-new 2", test_bin(), GOLDEN, path);
+        CHECK_MSG(rc == 1 && strstr(o, cases[i][1]) && strstr(o, "bad_batch.txt") && strchr(o, '\n') == o + strlen(o) - 1,
+                  "case %d: rc %d: %s", i, rc, o);
+    }
+    int rc = test_run(o, sizeof o, "%s generate --model %s --batch-file %s --tokens 1", test_bin(), GOLDEN, path);
+    CHECK_MSG(rc == 1 && strstr(o, "exactly one of"), "%s", o);
+    rc = test_run(o, sizeof o, "%s generate --model %s --tokens 1 --parallel 0", test_bin(), GOLDEN);
+    CHECK_MSG(rc == 1 && strstr(o, "--parallel"), "%s", o);
+}
