@@ -179,3 +179,57 @@ TEST(test_cli_batch_file_bad_lines) {
     rc = test_run(o, sizeof o, "%s generate --model %s --tokens 1 --parallel 0", test_bin(), GOLDEN);
     CHECK_MSG(rc == 1 && strstr(o, "--parallel"), "%s", o);
 }
+
+// A small model with a tokenizer trained here: the golden v3 configuration over a 300-id BPE.
+static int chat_model(char *dir, size_t n) {
+    char out[4096];
+    snprintf(dir, n, "%s/chat_model", test_tmpdir());
+    return test_run(out, sizeof out,
+                    "rm -rf %s && mkdir -p %s/tok && "
+                    "for i in 1 2 3 4 5 6; do echo 'the cat sat on the mat and the dog sat on the log'; done > %s/tok/text.txt && "
+                    "%s tokenizer train --vocab-size 300 --out %s/tok/tokenizer.json %s/tok/text.txt >/dev/null && "
+                    "sed 's/\"vocab_size\": 256/\"vocab_size\": 300/' %s/config.json > %s/tok/config.json && "
+                    "%s init --config %s/tok/config.json --out %s >/dev/null && "
+                    "cp %s/tok/tokenizer.json %s/tok/tokenizer_config.json %s/",
+                    dir, dir, dir, test_bin(), dir, dir, GOLDEN, dir, test_bin(), dir, dir, dir, dir, dir);
+}
+
+// Turns through stdin: the history in the chat format (--verbose-prompt shows each turn's prompt),
+// /reset, /exit, end of input; a greedy first reply is what `generate --chat` writes.
+TEST(test_cli_chat_turns_history_reset_and_exit) {
+    char dir[600], o[16384], g[4096];
+    CHECK(chat_model(dir, sizeof dir) == 0);
+    int rc = test_run(o, sizeof o,
+                      "printf 'the cat\\nthe dog\\n/reset\\nsat on\\n/exit\\nnever read\\n' | "
+                      "%s chat --model %s --max-new 6 --temperature 0 --system 'be brief' --verbose-prompt",
+                      test_bin(), dir);
+    CHECK_MSG(rc == 0, "%s", o);
+    const char *U = "<｜User｜>", *A = "<｜Assistant｜>", *E = "<｜end▁of▁sentence｜>";
+    char first[256], second_head[256];
+    snprintf(first, sizeof first, "be brief%sthe cat%s\n", U, A);
+    CHECK_MSG(strstr(o, first), "turn 1 prompt missing: %s", o);
+    // turn 2 repeats turn 1 with its reply closed by the end-of-sentence token
+    snprintf(second_head, sizeof second_head, "be brief%sthe cat%s", U, A);
+    const char *t2 = strstr(strstr(o, first) + strlen(first), second_head);
+    CHECK_MSG(t2, "turn 2 prompt missing: %s", o);
+    char tail[256];
+    snprintf(tail, sizeof tail, "%s%sthe dog%s\n", E, U, A);
+    CHECK_MSG(strstr(t2, tail), "turn 2 does not close turn 1's reply: %s", o);
+    // after /reset only the system prompt remains
+    char third[256];
+    snprintf(third, sizeof third, "be brief%ssat on%s\n", U, A);
+    CHECK_MSG(strstr(o, "(conversation cleared)") && strstr(o, third), "%s", o);
+    CHECK_MSG(!strstr(o, "never read"), "read past /exit: %s", o);
+    // the first reply, greedy, is generate --chat's
+    rc = test_run(g, sizeof g, "%s generate --model %s --prompt 'the cat' --chat --system 'be brief' --max-new 6",
+                  test_bin(), dir);
+    CHECK_MSG(rc == 0, "%s", g);
+    g[strcspn(g, "\n")] = 0;
+    const char *r1 = strstr(o, first) + strlen(first);
+    CHECK_MSG(strncmp(r1, g, strlen(g)) == 0, "chat reply '%.40s' vs generate '%s'", r1, g);
+    // end of input ends the session as /exit does; a model without tokenizer.json is an error
+    rc = test_run(o, sizeof o, "printf 'the cat' | %s chat --model %s --max-new 2", test_bin(), dir);
+    CHECK_MSG(rc == 0, "%s", o);
+    rc = test_run(o, sizeof o, "echo hi | %s chat --model %s", test_bin(), GOLDEN);
+    CHECK_MSG(rc == 1 && strstr(o, "tokenizer"), "%s", o);
+}
