@@ -233,3 +233,67 @@ TEST(test_cli_chat_turns_history_reset_and_exit) {
     rc = test_run(o, sizeof o, "echo hi | %s chat --model %s", test_bin(), GOLDEN);
     CHECK_MSG(rc == 1 && strstr(o, "tokenizer"), "%s", o);
 }
+
+// A BF16 cache rounds each stored latent and rotated key to BF16 (8 bits of mantissa): the logits
+// move by a few 1e-3 of their scale, not more, through prefill (plain attention reads the widened
+// cache) and decode (absorbed attention reads BF16 directly). Measured on the golden models.
+static int run_cache(const Model *m, DType dt, const int *tok, int T, int decode, float *logits, Error *err) {
+    KVCache kv;
+    if (kvcache_init_as(&kv, &m->cfg, 0, T, dt, err)) return -1;
+    ForwardState *s = forward_state_new(m, T, T, err);
+    int rc = s ? 0 : -1, V = m->cfg.vocab_size;
+    if (!decode && rc == 0) rc = model_forward(m, s, &kv, tok, T, ATTN_PLAIN, logits, NULL, NULL, err);
+    for (int t = 0; decode && t < T && rc == 0; t++)
+        rc = model_forward(m, s, &kv, tok + t, 1, ATTN_ABSORBED, logits + (size_t)t * V, NULL, NULL, err);
+    forward_state_free(s);
+    kvcache_free(&kv);
+    return rc;
+}
+
+TEST(test_bf16_cache_close_to_f32) {
+    const char *models[] = {"tests/data/v3", "tests/data/v2lite", "tests/data/fp8"};
+    for (int k = 0; k < 3; k++) {
+        Model m;
+        Error err = {0};
+        CHECK_MSG(model_load(&m, models[k], 0, &err) == 0, "%s", err.msg);
+        int T = 40, V = m.cfg.vocab_size, tok[40];
+        for (int t = 0; t < T; t++) tok[t] = (t * 37 + 11) % V;
+        float *a = malloc(sizeof(float) * T * V), *b = malloc(sizeof(float) * T * V);
+        for (int decode = 0; decode < 2; decode++) {
+            CHECK_MSG(run_cache(&m, DT_F32, tok, T, decode, a, &err) == 0 && run_cache(&m, DT_BF16, tok, T, decode, b, &err) == 0,
+                      "%s", err.msg);
+            double worst = 0, scale = 0;
+            int agree = 0;
+            for (int t = 0; t < T; t++) {
+                int ia = 0, ib = 0;
+                for (int v = 0; v < V; v++) {
+                    worst = fmax(worst, test_absdiff(a[(size_t)t * V + v], b[(size_t)t * V + v]));
+                    scale = fmax(scale, fabs(a[(size_t)t * V + v]));
+                    if (a[(size_t)t * V + v] > a[(size_t)t * V + ia]) ia = v;
+                    if (b[(size_t)t * V + v] > b[(size_t)t * V + ib]) ib = v;
+                }
+                agree += ia == ib;
+            }
+            printf("    %s %s: bf16 cache max|diff| %.1e of max|logit|, argmax agrees at %d of %d positions\n", models[k],
+                   decode ? "decode" : "prefill", worst / scale, agree, T);
+            CHECK_MSG(worst <= 2e-2 * scale && worst > 0, "%s: %.3g of %.3g", models[k], worst, scale);
+            CHECK_MSG(agree >= T - 2, "%s: argmax agrees at %d of %d", models[k], agree, T);
+        }
+        free(a);
+        free(b);
+        model_free(&m);
+    }
+}
+
+TEST(test_cli_kv_dtype) {
+    char o[8192], ref[1024];
+    int rc = test_run(o, sizeof o, "%s info --model %s --json", test_bin(), GOLDEN);
+    // (kv_lora 32 + rope 8) x 3 layers x 4 or 2 bytes
+    CHECK_MSG(rc == 0 && strstr(o, "\"kv_bytes_per_token\": 480") && strstr(o, "\"kv_bytes_per_token_bf16\": 240"), "%s", o);
+    rc = test_run(ref, sizeof ref, "%s generate --model %s --tokens 5,17,3 --max-new 8", test_bin(), GOLDEN);
+    CHECK_MSG(rc == 0, "%s", ref);
+    rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5,17,3 --max-new 8 --kv-dtype bf16", test_bin(), GOLDEN);
+    CHECK_MSG(rc == 0 && strcmp(o, ref) == 0, "greedy ids with a bf16 cache: '%s' vs '%s'", o, ref);
+    rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5 --kv-dtype fp8", test_bin(), GOLDEN);
+    CHECK_MSG(rc == 1 && strstr(o, "--kv-dtype") && strstr(o, "fp8"), "%s", o);
+}

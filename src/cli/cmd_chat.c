@@ -21,7 +21,8 @@
 #include "text/tokenizer.h"
 #include "text/utf8.h"
 
-static const char *const VALUED[] = {"model", "system", "max-new", "temperature", "top-p", "top-k", "seed", "ctx", NULL};
+static const char *const VALUED[] = {"model", "system", "max-new", "temperature", "top-p", "top-k", "seed", "ctx",
+                                     "kv-dtype", NULL};
 static const char *const FLAGS[] = {"no-mmap", "verbose-prompt", NULL};
 
 static volatile sig_atomic_t interrupted;
@@ -79,7 +80,8 @@ static void history_trim(History *h, int keep) {
 }
 
 // One turn: the history (ending in the user's message) in, the reply streamed and added.
-static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp, int ctx, int verbose, Error *err) {
+static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp, int ctx, DType kv_dtype, int verbose,
+                 Error *err) {
     if (verbose) {
         char *text = tok_chat_render(tok, h->m, h->n, 1, err);
         if (!text) return -1;
@@ -96,7 +98,7 @@ static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp
         err_set(err, "the conversation is %zu tokens, the context %d: /reset to start again", ids.n, ctx);
         goto done;
     }
-    EngineOptions o = {.parallel = 1, .ctx = ctx, .prefill_chunk = 512};
+    EngineOptions o = {.parallel = 1, .ctx = ctx, .prefill_chunk = 512, .kv_dtype = kv_dtype};
     SeqParams p = *sp;
     if (p.max_new > ctx - (int)ids.n) p.max_new = ctx - (int)ids.n;
     e = engine_new(m, &o, err);
@@ -146,6 +148,8 @@ int cmd_chat(int argc, char **argv) {
         err_set(&err, "unexpected argument '%s'", a.pos[0]);
         return cli_fail(cmd, &err);
     }
+    DType kv_dtype;
+    if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
     Tokenizer *tok = tok_load_dir(dir, &err);
     if (!tok) return cli_fail(cmd, &err);
     Model m;
@@ -194,7 +198,7 @@ int cmd_chat(int argc, char **argv) {
         sp.top_k = (int)top_k;
         sp.top_p = (float)top_p;
         sp.seed = (unsigned long long)seed + (unsigned long long)turn++;
-        if (reply(&m, tok, &h, &sp, (int)ctx, args_flag(&a, "verbose-prompt"), &err)) {
+        if (reply(&m, tok, &h, &sp, (int)ctx, kv_dtype, args_flag(&a, "verbose-prompt"), &err)) {
             history_trim(&h, h.n - 1);  // the turn did not happen
             cli_fail(cmd, &err);
             err = (Error){0};

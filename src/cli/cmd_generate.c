@@ -16,7 +16,7 @@
 #include "text/tokenizer.h"
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
-                                     "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", NULL};
+                                     "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype", NULL};
 static const char *const FLAGS[] = {"chat", "no-mmap", "stats", NULL};
 
 // --parallel's default: sequences decoded at once when --batch-file gives several.
@@ -171,6 +171,8 @@ int cmd_generate(int argc, char **argv) {
         args_double(&a, "temperature", 0.0, 0.0, 100.0, &temp, &err) ||
         args_double(&a, "top-p", 1.0, 0.0, 1.0, &top_p, &err))
         return cli_fail(cmd, &err);
+    DType kv_dtype;
+    if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
     Tokenizer *tok = NULL;
     int **prompts = NULL, *lens = NULL, np = 0, rc = 1;
     const char *batch = args_str(&a, "batch-file", NULL);
@@ -202,7 +204,7 @@ int cmd_generate(int argc, char **argv) {
     int longest = 0;
     for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
     EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + (int)max_new,
-                        .prefill_chunk = (int)chunk};
+                        .prefill_chunk = (int)chunk, .kv_dtype = kv_dtype};
     k.out = calloc(np, sizeof *k.out);
     k.n_out = calloc(np, sizeof *k.n_out);
     k.cap_out = calloc(np, sizeof *k.cap_out);

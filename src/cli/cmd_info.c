@@ -24,12 +24,13 @@ int cmd_info(int argc, char **argv) {
     if (model_load(&m, dir, 0, &err)) return cli_fail(cmd, &err);
     const ModelConfig *c = &m.cfg;
     ParamCounts p = tensor_count_params(c);
-    size_t kvb = kvcache_bytes_per_token(c);
+    size_t kvb = kvcache_bytes_per_token(c, DT_F32), kvb16 = kvcache_bytes_per_token(c, DT_BF16);
     if (args_flag(&a, "json")) {
-        json_t *o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I,s:s,s:I,s:i,s:i,s:s,s:s}", "model_type", c->model_type,
+        json_t *o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I,s:I,s:s,s:I,s:i,s:i,s:s,s:s}", "model_type", c->model_type,
                               "total_params", (json_int_t)p.total, "active_params", (json_int_t)p.active,
                               "mtp_params", (json_int_t)p.mtp_total, "mtp_active_params", (json_int_t)p.mtp_active,
-                              "kv_bytes_per_token", (json_int_t)kvb, "kv_cache_dtype", "f32", "mapped_bytes",
+                              "kv_bytes_per_token", (json_int_t)kvb, "kv_bytes_per_token_bf16", (json_int_t)kvb16,
+                              "kv_cache_dtype", "f32", "mapped_bytes",
                               (json_int_t)m.files.mapped_bytes, "layers", c->num_hidden_layers, "mtp_modules",
                               m.w.n_mtp, "weight_dtype", dtype_name(m.w.layers[0].self_attn.o_proj.dtype), "isa",
                               kernels_isa());
@@ -49,8 +50,8 @@ int cmd_info(int argc, char **argv) {
             printf("experts          %d routed (top-%d, %s, %s), %d shared\n", c->n_routed_experts,
                    c->num_experts_per_tok, config_topk_method_name(c->topk_method),
                    c->scoring_func == SCORING_SIGMOID ? "sigmoid" : "softmax", c->n_shared_experts);
-        printf("KV cache         %zu bytes per token (f32: (%d + %d) x %d layers x 4)\n", kvb, c->kv_lora_rank,
-               c->qk_rope_head_dim, c->num_hidden_layers);
+        printf("KV cache         %zu bytes per token in f32, %zu in bf16 (--kv-dtype): (%d + %d) x %d layers\n", kvb,
+               kvb16, c->kv_lora_rank, c->qk_rope_head_dim, c->num_hidden_layers);
         printf("weights          %s, %zu bytes mapped from %d file(s)\n",
                dtype_name(m.w.layers[0].self_attn.o_proj.dtype), m.files.mapped_bytes, m.files.nfiles);
         printf("kernels          %s\n", kernels_isa());

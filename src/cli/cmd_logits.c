@@ -9,16 +9,16 @@
 #include "cli/util.h"
 #include "model/model.h"
 
-static const char *const VALUED[] = {"model", "tokens", "out", "mtp-out", NULL};
+static const char *const VALUED[] = {"model", "tokens", "out", "mtp-out", "kv-dtype", NULL};
 static const char *const FLAGS[] = {"decode", "absorbed", "no-mmap", NULL};
 
 // Main logits (T, V) and, when mtp is non-NULL, the first MTP module's logits (T-1, V).
-static int compute(const Model *m, const int *tok, int T, int decode, AttnMode mode, float *logits, float *mtp,
-                   Error *err) {
+static int compute(const Model *m, const int *tok, int T, int decode, AttnMode mode, DType kv_dtype, float *logits,
+                   float *mtp, Error *err) {
     const ModelConfig *c = &m->cfg;
     int d = c->hidden_size, V = c->vocab_size, n_mtp = mtp ? 1 : 0, rc = -1;
     KVCache kv;
-    if (kvcache_init(&kv, c, n_mtp, T, err)) return -1;
+    if (kvcache_init_as(&kv, c, n_mtp, T, kv_dtype, err)) return -1;
     ForwardState *s = forward_state_new(m, decode ? 1 : T, T, err);
     float *hidden = xmalloc(err, sizeof(float) * T * d, "hidden states");
     if (!s || !hidden) goto done;
@@ -52,6 +52,8 @@ int cmd_logits(int argc, char **argv) {
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
         args_require(&a, "tokens", &tokens_s, &err))
         return cli_fail(cmd, &err);
+    DType kv_dtype;
+    if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
     const char *out = args_str(&a, "out", NULL), *mtp_out = args_str(&a, "mtp-out", NULL);
     if (!out && !mtp_out) {
         err_set(&err, "give --out FILE, --mtp-out FILE or both");
@@ -79,7 +81,7 @@ int cmd_logits(int argc, char **argv) {
     if (mtp_out) mtp = xmalloc(&err, sizeof(float) * (size_t)(T - 1) * V, "MTP logits");
     if (!logits || (mtp_out && !mtp)) goto done;
     AttnMode mode = args_flag(&a, "absorbed") ? ATTN_ABSORBED : ATTN_PLAIN;
-    if (compute(&m, tok, T, args_flag(&a, "decode"), mode, logits, mtp, &err)) goto done;
+    if (compute(&m, tok, T, args_flag(&a, "decode"), mode, kv_dtype, logits, mtp, &err)) goto done;
     if (out && file_write_all(out, logits, sizeof(float) * (size_t)T * V, &err)) goto done;
     if (mtp_out && file_write_all(mtp_out, mtp, sizeof(float) * (size_t)(T - 1) * V, &err)) goto done;
     rc = 0;

@@ -49,6 +49,14 @@ int cli_fail(const char *cmd, const Error *err) {
     return 1;
 }
 
+int parse_kv_dtype(const Args *a, DType *out, Error *err) {
+    const char *s = args_str(a, "kv-dtype", "f32");
+    if (!strcmp(s, "f32")) *out = DT_F32;
+    else if (!strcmp(s, "bf16")) *out = DT_BF16;
+    else return err_set(err, "--kv-dtype: '%s' is not f32 or bf16", s);
+    return 0;
+}
+
 double cli_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -62,7 +62,7 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
     if (!e->cache || !e->slot_seq || !e->logits) goto fail;
     for (int i = 0; i < o->parallel; i++) {
         e->slot_seq[i] = -1;
-        if (kvcache_init(&e->cache[i], &m->cfg, 0, o->ctx, err)) goto fail;
+        if (kvcache_init_as(&e->cache[i], &m->cfg, 0, o->ctx, o->kv_dtype, err)) goto fail;
     }
     e->fs = forward_state_new(m, e->o.prefill_chunk, o->ctx, err);
     if (!e->fs) goto fail;

@@ -44,6 +44,7 @@ typedef struct EngineOptions {
     int parallel;       // sequences decoded at once (slots)
     int ctx;            // positions per slot: prompt + generated tokens
     int prefill_chunk;  // positions a prefill forward pass takes at most
+    DType kv_dtype;     // the cache's element type: DT_F32 (0, the default) or DT_BF16
 } EngineOptions;
 
 typedef struct EngineStats {

@@ -2,7 +2,10 @@
 #include <omp.h>
 #include <string.h>
 
+#include <stdlib.h>
+
 #include "kernels/attention.h"
+#include "kernels/convert.h"
 #include "kernels/ops.h"
 
 #define QC LATENT_QCHUNK
@@ -59,7 +62,9 @@ static void scores_to_probs(float *p, const float *p2, int n, int S, int first_p
 static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
     int H = a->H, nope = a->nope, r = a->rope, v = a->v, L = a->kv_lora, qk = nope + r;
     int T = a->T, pos0 = a->pos0, S = pos0 + T, rc = 0;
-    const float *latent = a->latent + (size_t)b * a->ld * L, *kpe = a->kpe + (size_t)b * a->ld * r;
+    // plain attention reads an F32 store (latent_attention_forward widens a BF16 one first)
+    const float *latent = (const float *)a->latent + (size_t)b * a->ld * L;
+    const float *kpe = (const float *)a->kpe + (size_t)b * a->ld * r;
     MatView wk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
     MatView wv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
     if (nope > 0) rc |= matmul_nt(s.k, latent, &wk, S);
@@ -100,8 +105,10 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
 // LATENT_QCHUNK at a time so that one pass over the cache serves all of them.
 static int absorbed_heads(const LatentAttention *a, int b, int h0, int h1, Scratch s) {
     int H = a->H, nope = a->nope, r = a->rope, v = a->v, L = a->kv_lora, qk = nope + r, T = a->T, pos0 = a->pos0;
-    const float *q = a->q + (size_t)b * T * H * qk, *latent = a->latent + (size_t)b * a->ld * L;
-    const float *kpe = a->kpe + (size_t)b * a->ld * r;
+    size_t es = dtype_size(a->dtype);
+    const float *q = a->q + (size_t)b * T * H * qk;
+    const char *latent = (const char *)a->latent + (size_t)b * a->ld * L * es;
+    const char *kpe = (const char *)a->kpe + (size_t)b * a->ld * r * es;
     float *out = a->out + (size_t)b * T * H * v;
     int E = (h1 - h0) * T, rc = 0;  // entry e is head h0 + e / T, row e % T
     for (int e0 = 0; e0 < E; e0 += QC) {
@@ -116,7 +123,8 @@ static int absorbed_heads(const LatentAttention *a, int b, int h0, int h1, Scrat
             if (pos0 + t + 1 > S) S = pos0 + t + 1;
         }
         // every head's key and value is the latent (MQA-like): the entries score the cache together
-        MatView C = matview_f32(latent, S, L), P = matview_f32(kpe, S, r);
+        MatView C = {.dtype = a->dtype, .rows = S, .cols = L, .data = latent};
+        MatView P = {.dtype = a->dtype, .rows = S, .cols = r, .data = kpe};
         rc |= matmul_nt_part(s.p, s.qa, &C, n, 0, S);  // (n, S) latent scores
         if (r > 0) rc |= matmul_nt_part(s.p2, s.qp, &P, n, 0, S);
         for (int i = 0; i < n; i++) {
@@ -141,7 +149,31 @@ int latent_attention_absorbed_part(const LatentAttention *a, int h0, int h1, flo
     return absorbed_heads(a, 0, h0, h1, carve(a, scratch, a->pos0 + a->T));
 }
 
+// Plain attention over a BF16 store: its positions widened to F32 once per call, not per head.
+static int plain_from_bf16(const LatentAttention *a) {
+    int S = a->pos0 + a->T, L = a->kv_lora, r = a->rope;
+    float *lat = malloc(sizeof(float) * (size_t)a->B * S * L), *kp = malloc(sizeof(float) * ((size_t)a->B * S * r + 1));
+    int rc = -1;
+    if (lat && kp) {
+        for (int b = 0; b < a->B; b++) {
+            bf16_to_f32_n(lat + (size_t)b * S * L, (const uint16_t *)a->latent + (size_t)b * a->ld * L, (size_t)S * L);
+            bf16_to_f32_n(kp + (size_t)b * S * r, (const uint16_t *)a->kpe + (size_t)b * a->ld * r, (size_t)S * r);
+        }
+        LatentAttention f = *a;
+        f.latent = lat;
+        f.kpe = kp;
+        f.ld = S;
+        f.dtype = DT_F32;
+        rc = latent_attention_forward(&f);
+    }
+    free(lat);
+    free(kp);
+    return rc;
+}
+
 int latent_attention_forward(const LatentAttention *a) {
+    if (a->dtype != DT_F32 && a->dtype != DT_BF16) return -1;
+    if (!a->absorbed && a->dtype == DT_BF16) return plain_from_bf16(a);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed)
     for (int bh = 0; bh < a->B * a->H; bh++) {
@@ -156,7 +188,7 @@ int latent_attention_backward(const LatentAttention *a, const float *dout, float
                               float *dkpe_heads, float *dprobs) {
     int B = a->B, T = a->T, H = a->H, nope = a->nope, r = a->rope, v = a->v, qk = nope + r, kvw = nope + v;
     float scale = a->scale;
-    const float *q = a->q, *kv = a->kv_save, *kpe = a->kpe;
+    const float *q = a->q, *kv = a->kv_save, *kpe = (const float *)a->kpe;
     int saved = gemm_f32_serial_begin();
 #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {

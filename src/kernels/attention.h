@@ -25,9 +25,10 @@ typedef struct LatentAttention {
     float scale;               // softmax scale (YaRN mscale² folded in)
     int absorbed;
     const float *q;            // (B·T, H, nope + rope) [q_nope | q_pe], q_pe rotated
-    const float *latent;       // (B, ld, kv_lora)
-    const float *kpe;          // (B, ld, rope) rotated
+    const void *latent;        // (B, ld, kv_lora)
+    const void *kpe;           // (B, ld, rope) rotated
     int ld;                    // positions per sequence in latent / kpe
+    DType dtype;               // of latent and kpe: DT_F32 or DT_BF16 (plain backward: F32 only)
     const MatView *kv_b_proj;  // (H·(nope + v), kv_lora)
     float *out;                // (B·T, H, v)
     float *kv_save;            // plain with pos0 = 0 only, or NULL: (B·T, H, nope + v) [k_nope | v]

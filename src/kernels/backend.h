@@ -10,6 +10,7 @@
 #define DSV3_KERNELS_BACKEND_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "base/error.h"
 #include "kernels/attention.h"
@@ -60,6 +61,8 @@ typedef struct BackendOps {
                          const float *sin_t);
     // out = a + b over n elements (the residual stream)
     int (*add)(Backend *be, float *out, const float *a, const float *b, long n);
+    // dst (n) = src rounded to BF16, to nearest even (a BF16 cache's rows)
+    int (*to_bf16)(Backend *be, uint16_t *dst, const float *src, long n);
 
     // attention over a latent cache (kernels/attention.h), forward and (plain, saved) backward
     int (*latent_attention)(Backend *be, const LatentAttention *a);

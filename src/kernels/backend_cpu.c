@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "kernels/backend.h"
+#include "kernels/convert.h"
 #include "kernels/ops.h"
 
 static int fail(Backend *be, const char *op, const char *what) {
@@ -126,12 +127,19 @@ static int cpu_add(Backend *be, float *out, const float *a, const float *b, long
 }
 
 static int cpu_latent_attention(Backend *be, const LatentAttention *a) {
+    if (a->dtype != DT_F32 && a->dtype != DT_BF16) return fail(be, "latent_attention", "the cache is neither F32 nor BF16");
     return latent_attention_forward(a) ? fail(be, "latent_attention", "out of memory for kernel scratch") : 0;
+}
+
+static int cpu_to_bf16(Backend *be, uint16_t *dst, const float *src, long n) {
+    (void)be;
+    bf16_from_f32_n(dst, src, (size_t)n);
+    return 0;
 }
 
 static int cpu_latent_attention_backward(Backend *be, const LatentAttention *a, const float *dout, float *dq,
                                          float *dkv, float *dkpe, float *dkpe_heads, float *dprobs) {
-    if (a->absorbed || a->pos0 != 0 || !a->kv_save || !a->probs_save)
+    if (a->absorbed || a->pos0 != 0 || !a->kv_save || !a->probs_save || a->dtype != DT_F32)
         return fail(be, "latent_attention_backward", "needs a plain forward from position 0 that saved keys and probabilities");
     latent_attention_backward(a, dout, dq, dkv, dkpe, dkpe_heads, dprobs);
     return 0;
@@ -253,6 +261,7 @@ static const BackendOps cpu_ops = {
     .add = cpu_add,
     .latent_attention = cpu_latent_attention,
     .latent_attention_backward = cpu_latent_attention_backward,
+    .to_bf16 = cpu_to_bf16,
     .gather_rows = cpu_gather_rows,
     .combine = cpu_combine,
     .combine_backward = cpu_combine_backward,

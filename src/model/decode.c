@@ -14,6 +14,7 @@
 #include <omp.h>
 #include <string.h>
 
+#include "kernels/convert.h"
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
 #include "model/forward_internal.h"
@@ -133,10 +134,16 @@ static void decode_mla(const Model *m, ForwardState *s, const LayerPass *p, cons
     ts->failed |= gemv_share(s->kva, ts->xn, &a->kv_a_proj_with_mqa);
 #pragma omp barrier
     if (omp_get_thread_num() == omp_get_num_threads() - 1) {  // the others start on q_b meanwhile
-        rmsnorm_forward(p->latent + (size_t)pos * L, NULL, s->kva, a->kv_a_layernorm, 1, L, eps);
-        float *kp = p->kpe + (size_t)pos * r;
-        memcpy(kp, s->kva + L, sizeof(float) * r);
-        rope_forward(kp, r, p->rope_cos, p->rope_sin);
+        // normalised and rotated in place in kva, then stored in the cache's element type
+        rmsnorm_forward(s->kva, NULL, s->kva, a->kv_a_layernorm, 1, L, eps);
+        rope_forward(s->kva + L, r, p->rope_cos, p->rope_sin);
+        if (p->store == DT_F32) {
+            memcpy((float *)p->latent + (size_t)pos * L, s->kva, sizeof(float) * L);
+            memcpy((float *)p->kpe + (size_t)pos * r, s->kva + L, sizeof(float) * r);
+        } else {
+            bf16_from_f32_n((uint16_t *)p->latent + (size_t)pos * L, s->kva, L);
+            bf16_from_f32_n((uint16_t *)p->kpe + (size_t)pos * r, s->kva + L, r);
+        }
     }
     if (c->q_lora_rank > 0) {
         rmsnorm_forward(ts->cq, NULL, s->qa, a->q_a_layernorm, 1, c->q_lora_rank, eps);
@@ -182,8 +189,8 @@ static void decode_layer(const Model *m, ForwardState *s, LayerPass *p, KVCache 
                          const LayerWeights *lw, int pos, Own *ts) {
     const ModelConfig *c = &m->cfg;
     LayerPass lp = *p;
-    lp.latent = kv->latent + (size_t)cache_layer * kv->capacity * c->kv_lora_rank;
-    lp.kpe = kv->k_pe + (size_t)cache_layer * kv->capacity * c->qk_rope_head_dim;
+    lp.latent = kvcache_latent(kv, c, cache_layer);
+    lp.kpe = kvcache_kpe(kv, c, cache_layer);
     decode_mla(m, s, &lp, lw, pos, ts);
     decode_ffn(m, s, lw, ts);
 }

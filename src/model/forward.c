@@ -112,14 +112,15 @@ LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T
     const ModelConfig *c = &m->cfg;
     rope_table(s->rope_cos, s->rope_sin, T, c->qk_rope_head_dim, pos0, m->inv_freq, m->rope_mscale);
     return (LayerPass){.be = m->be, .c = c, .B = 1, .T = T, .pos0 = pos0, .rope_cos = s->rope_cos, .rope_sin = s->rope_sin,
-                       .softmax_scale = m->softmax_scale, .ld = kv->capacity, .mode = mode, .scratch = s->attn,
+                       .softmax_scale = m->softmax_scale, .ld = kv->capacity, .store = kv->dtype, .mode = mode,
+                       .scratch = s->attn,
                        .per_thread = s->attn_per_thread};
 }
 
 // Points the pass at cache layer l (main layers first, then the MTP modules' layers).
 static void pass_layer(LayerPass *p, const ModelConfig *c, KVCache *kv, int l) {
-    p->latent = kv->latent + (size_t)l * kv->capacity * c->kv_lora_rank;
-    p->kpe = kv->k_pe + (size_t)l * kv->capacity * c->qk_rope_head_dim;
+    p->latent = kvcache_latent(kv, c, l);
+    p->kpe = kvcache_kpe(kv, c, l);
 }
 
 static int check_call(const Model *m, const ForwardState *s, int T, int pos0, int capacity, const int *tokens,

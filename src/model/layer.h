@@ -33,9 +33,10 @@ typedef struct LayerPass {
     int B, T, pos0;
     const float *rope_cos, *rope_sin;  // (T, rope/2) the new positions' angles, YaRN mscale folded in
     float softmax_scale;
-    float *latent;     // (B, ld, kv_lora) the latent store of this layer (see above)
-    float *kpe;        // (B, ld, rope)
+    void *latent;      // (B, ld, kv_lora) the latent store of this layer (see above)
+    void *kpe;         // (B, ld, rope)
     int ld;            // positions per sequence in the store (cache capacity; T in training)
+    DType store;       // the store's element type: DT_F32 (training: always), or DT_BF16
     AttnMode mode;     // plain: per-head keys and values expanded through kv_b_proj; absorbed: not
     int save;          // keep what the backward pass reads (training)
     int freeze_routing;   // reuse the route already in the acts (training's finite-difference checks)

@@ -9,7 +9,7 @@
 LatentAttention mla_attention_call(const LayerPass *p, const MatView *kv_b_proj, const float *q, float *out,
                                    float *kv_save, float *probs_save) {
     const ModelConfig *c = p->c;
-    return (LatentAttention){.B = p->B, .T = p->T, .pos0 = p->pos0, .H = c->num_attention_heads,
+    return (LatentAttention){.dtype = p->store,.B = p->B, .T = p->T, .pos0 = p->pos0, .H = c->num_attention_heads,
                              .nope = c->qk_nope_head_dim, .rope = c->qk_rope_head_dim, .v = c->v_head_dim,
                              .kv_lora = c->kv_lora_rank, .scale = p->softmax_scale,
                              .absorbed = p->mode == ATTN_ABSORBED, .q = q, .latent = p->latent, .kpe = p->kpe,
@@ -38,17 +38,28 @@ int mla_forward(const LayerPass *p, const MlaWeights *w, const float *input_laye
         TRY(be->ops->matmul(be, a->q, a->ln1, &w->q_proj, N));
     }
     TRY(be->ops->matmul(be, a->kva, a->ln1, &w->kv_a_proj_with_mqa, N));
-    // the new positions go into the store: normalised latents, rotated shared keys
-    for (int b = 0; b < B; b++) {
-        const float *kva = a->kva + (size_t)b * T * (L + r);
-        size_t at = (size_t)b * p->ld + p->pos0;
-        TRY(be->ops->rmsnorm(be, p->latent + at * L, L, a->ckv_rstd ? a->ckv_rstd + b * T : NULL, kva, L + r,
-                             w->kv_a_layernorm, T, L, eps));
-        for (int t = 0; t < T; t++) memcpy(p->kpe + (at + t) * r, kva + (size_t)t * (L + r) + L, sizeof(float) * r);
-        TRY(be->ops->rope(be, p->kpe + at * r, T, T, 1, r, r, p->rope_cos, p->rope_sin));
-    }
     if (a->ckv_pre)
         for (int n = 0; n < N; n++) memcpy(a->ckv_pre + (size_t)n * L, a->kva + (size_t)n * (L + r), sizeof(float) * L);
+    // the new positions go into the store: normalised latents, rotated shared keys
+    for (int b = 0; b < B; b++) {
+        float *kva = a->kva + (size_t)b * T * (L + r);
+        size_t at = (size_t)b * p->ld + p->pos0;
+        float *rstd = a->ckv_rstd ? a->ckv_rstd + b * T : NULL;
+        if (p->store == DT_F32) {
+            float *latent = (float *)p->latent + at * L, *kpe = (float *)p->kpe + at * r;
+            TRY(be->ops->rmsnorm(be, latent, L, rstd, kva, L + r, w->kv_a_layernorm, T, L, eps));
+            for (int t = 0; t < T; t++) memcpy(kpe + (size_t)t * r, kva + (size_t)t * (L + r) + L, sizeof(float) * r);
+            TRY(be->ops->rope(be, kpe, T, T, 1, r, r, p->rope_cos, p->rope_sin));
+            continue;
+        }
+        // BF16: normalise and rotate in place in kva (not read again), then round into the store
+        TRY(be->ops->rmsnorm(be, kva, L + r, rstd, kva, L + r, w->kv_a_layernorm, T, L, eps));
+        TRY(be->ops->rope(be, kva + L, T, T, 1, L + r, r, p->rope_cos, p->rope_sin));
+        for (int t = 0; t < T; t++) {
+            TRY(be->ops->to_bf16(be, (uint16_t *)p->latent + (at + t) * L, kva + (size_t)t * (L + r), L));
+            TRY(be->ops->to_bf16(be, (uint16_t *)p->kpe + (at + t) * r, kva + (size_t)t * (L + r) + L, r));
+        }
+    }
     TRY(be->ops->rope(be, a->q + nope, N, T, H, qk, r, p->rope_cos, p->rope_sin));
     LatentAttention at = mla_attention_call(p, &w->kv_b_proj, a->q, a->ao, p->save ? a->kv : NULL,
                                             p->save ? a->att : NULL);
@@ -63,7 +74,7 @@ int mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const f
     Backend *be = p->be;
     int N = p->B * p->T, T = p->T, d = c->hidden_size, H = c->num_attention_heads, nope = c->qk_nope_head_dim;
     int r = c->qk_rope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, qk = nope + r;
-    const float *ckv = p->latent;  // (N, L): a training window's latents are its store
+    const float *ckv = p->latent;  // (N, L): a training window's latents are its store (always F32)
     memset(s->dao, 0, sizeof(float) * N * H * v);
     TRY(be->ops->matmul_backward(be, s->dao, &g->o_proj, dres, a->ao, &w->o_proj, N));
     memset(s->dq, 0, sizeof(float) * N * H * qk);

@@ -40,12 +40,19 @@ void model_free(Model *m) {
 }
 
 int kvcache_init(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, Error *err) {
+    return kvcache_init_as(kv, c, n_mtp, capacity, DT_F32, err);
+}
+
+int kvcache_init_as(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, DType dtype, Error *err) {
     memset(kv, 0, sizeof *kv);
+    if (dtype != DT_F32 && dtype != DT_BF16) return err_set(err, "KV cache: element type %s is not F32 or BF16", dtype_name(dtype));
     kv->n_layers = c->num_hidden_layers + n_mtp;
     kv->n_mtp = n_mtp;
     kv->capacity = capacity;
-    kv->latent = xmalloc(err, sizeof(float) * kv->n_layers * capacity * c->kv_lora_rank, "KV cache latents");
-    kv->k_pe = xmalloc(err, sizeof(float) * kv->n_layers * capacity * (c->qk_rope_head_dim ? c->qk_rope_head_dim : 1),
+    kv->dtype = dtype;
+    size_t es = dtype_size(dtype);
+    kv->latent = xmalloc(err, es * kv->n_layers * capacity * c->kv_lora_rank, "KV cache latents");
+    kv->k_pe = xmalloc(err, es * kv->n_layers * capacity * (c->qk_rope_head_dim ? c->qk_rope_head_dim : 1),
                        "KV cache rotary keys");
     kv->mtp_len = xcalloc(err, n_mtp, sizeof(int), "KV cache MTP lengths");
     if (!kv->latent || !kv->k_pe || !kv->mtp_len) {
@@ -62,6 +69,14 @@ void kvcache_free(KVCache *kv) {
     memset(kv, 0, sizeof *kv);
 }
 
-size_t kvcache_bytes_per_token(const ModelConfig *c) {
-    return (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * c->num_hidden_layers * sizeof(float);
+void *kvcache_latent(const KVCache *kv, const ModelConfig *c, int l) {
+    return (char *)kv->latent + (size_t)l * kv->capacity * c->kv_lora_rank * dtype_size(kv->dtype);
+}
+
+void *kvcache_kpe(const KVCache *kv, const ModelConfig *c, int l) {
+    return (char *)kv->k_pe + (size_t)l * kv->capacity * c->qk_rope_head_dim * dtype_size(kv->dtype);
+}
+
+size_t kvcache_bytes_per_token(const ModelConfig *c, DType dtype) {
+    return (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * c->num_hidden_layers * dtype_size(dtype);
 }

@@ -30,21 +30,29 @@ typedef struct Model {
 int model_load(Model *m, const char *dir, int need_mtp, Error *err);
 void model_free(Model *m);
 
-// The latent cache of one sequence, for the main layers and then the MTP layers.
+// The latent cache of one sequence, for the main layers and then the MTP layers. Elements are F32
+// (decode computes exactly what prefill does) or BF16 (half the memory and the bytes attention
+// reads; the normalised latent and the rotated key are rounded to BF16 as they are stored).
 typedef struct KVCache {
     int n_layers;   // num_hidden_layers + MTP modules
     int capacity;   // positions
     int len;        // positions filled (same for every main layer)
     int n_mtp;
     int *mtp_len;   // (n_mtp) positions filled in each MTP module's layer
-    float *latent;  // (n_layers, capacity, kv_lora_rank)  normalised c_kv
-    float *k_pe;    // (n_layers, capacity, qk_rope_head_dim) rotated
+    DType dtype;    // DT_F32 or DT_BF16
+    void *latent;   // (n_layers, capacity, kv_lora_rank)  normalised c_kv
+    void *k_pe;     // (n_layers, capacity, qk_rope_head_dim) rotated
 } KVCache;
 
+// An F32 cache; kvcache_init_as chooses the element type (DT_F32 or DT_BF16).
 int kvcache_init(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, Error *err);
+int kvcache_init_as(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, DType dtype, Error *err);
 void kvcache_free(KVCache *kv);
-// Bytes per token of the cache as stored (fp32 elements), over the main layers.
-size_t kvcache_bytes_per_token(const ModelConfig *c);
+// Layer l's latents and rotated keys (pointers into the cache at position 0).
+void *kvcache_latent(const KVCache *kv, const ModelConfig *c, int l);
+void *kvcache_kpe(const KVCache *kv, const ModelConfig *c, int l);
+// Bytes per token of the cache with elements of dtype, over the main layers.
+size_t kvcache_bytes_per_token(const ModelConfig *c, DType dtype);
 
 // Scratch for a forward pass over up to max_T tokens against a cache of `capacity` positions:
 // one allocation, laid out by the plan in forward.c.
