@@ -23,7 +23,7 @@ CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/%.o)
 TEST_OBJ  := $(TEST_SRC:%.c=$(BUILD)/%.o)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps test test-fast test-asan bench demo clean
+.PHONY: all deps deps-fuzz test test-fast test-asan bench demo fuzz clean
 all: $(BUILD)/dsv3
 
 deps:
@@ -76,7 +76,39 @@ bench: deps $(BUILD)/dsv3 $(BENCH_BIN)
 demo: deps $(BUILD)/dsv3
 	DSV3=$(BUILD)/dsv3 bash scripts/demo.sh
 
+# Fuzz targets of the parsers (tests/fuzz/fuzz_*.c, clang's libFuzzer with ASan + UBSan), each run
+# for FUZZ_SECONDS from a seed corpus of the test data; a crash stops with the input saved.
+FUZZ_SECONDS ?= 30
+FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=build-fuzz/fuzz/%)
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+
+deps-fuzz: deps
+	@command -v clang >/dev/null 2>&1 && dpkg -s libomp-dev >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq clang libomp-dev; }
+
+build-fuzz/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz_common.h build-fuzz/libdsv3.a
+	@mkdir -p $(dir $@)
+	clang -O1 -g -std=gnu11 -Isrc -fopenmp -fsanitize=fuzzer $(FUZZ_SAN) -o $@ $< build-fuzz/libdsv3.a $(LDLIBS)
+
+fuzz: deps-fuzz $(BUILD)/dsv3
+	$(MAKE) BUILD=build-fuzz CC=clang OPT="-O1 -fsanitize=fuzzer-no-link $(FUZZ_SAN)" build-fuzz/libdsv3.a
+	$(MAKE) $(FUZZ_BIN)
+	@set -e; c=build-fuzz/corpus; rm -rf $$c; mkdir -p $$c/fuzz_safetensors $$c/fuzz_config $$c/fuzz_tokenizer $$c/fuzz_encode $$c/fuzz_plan; \
+	  for d in v3 fp8 v2lite; do cp tests/data/$$d/model.safetensors $$c/fuzz_safetensors/$$d.safetensors; done; \
+	  i=0; for f in tests/data/*/config.json bench/configs/*.json; do i=$$((i+1)); cp $$f $$c/fuzz_config/$$i.json; \
+	    cp $$f $$c/fuzz_plan/$$i.json; done; \
+	  $(BUILD)/dsv3 tokenizer train --vocab-size 400 --out $$c/tokenizer.json README.md docs/*.md >/dev/null; \
+	  cp $$c/tokenizer.json $$c/fuzz_tokenizer/; cp README.md docs/tokenizer.md $$c/fuzz_encode/; \
+	  for t in $(notdir $(FUZZ_BIN)); do echo "== $$t ($(FUZZ_SECONDS) s)"; \
+	    if ! DSV3_FUZZ_TOKENIZER=$$c/tokenizer.json ASAN_OPTIONS=detect_leaks=0 build-fuzz/fuzz/$$t $$c/$$t \
+	      -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -artifact_prefix=build-fuzz/$$t- -print_final_stats=1 \
+	      > build-fuzz/$$t.log 2>&1; then tail -40 build-fuzz/$$t.log; exit 1; fi; \
+	    grep -E "stat::number_of_executed_units|stat::peak_rss_mb" build-fuzz/$$t.log; done; \
+	  echo "fuzz: no crash in $(FUZZ_SECONDS) s per target"
+
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz
 
 -include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
