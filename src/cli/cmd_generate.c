@@ -205,6 +205,7 @@ int cmd_generate(int argc, char **argv) {
     for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
     EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + (int)max_new,
                         .prefill_chunk = (int)chunk, .kv_dtype = kv_dtype};
+    if (tok) tok_stream_init(&k.ts, tok, TOK_SKIP_SPECIAL);
     k.out = calloc(np, sizeof *k.out);
     k.n_out = calloc(np, sizeof *k.n_out);
     k.cap_out = calloc(np, sizeof *k.cap_out);
@@ -212,7 +213,6 @@ int cmd_generate(int argc, char **argv) {
         err_set(&err, "out of memory");
         goto done;
     }
-    if (tok) tok_stream_init(&k.ts, tok, TOK_SKIP_SPECIAL);
     e = engine_new(&m, &eo, &err);
     if (!e) goto done;
     for (int i = 0; i < np; i++) {
