@@ -602,3 +602,33 @@ TEST(test_matmul_parts_assemble_the_product) {
         free(x), free(out), free_matrix(&m);
     }
 }
+
+// Batch invariance of the few-rows product (N <= 8, the decode batches): row n of out = x · Wᵀ is
+// the same bits whether x has 1 row or N, whatever the others hold, and however the output rows are
+// split over threads — so a sequence's logits do not depend on what else is decoded with it. With
+// AVX-512 every element is one running sum over 16-column vectors, then one fixed lane reduction.
+TEST(test_matmul_few_rows_batch_invariant) {
+    if (strcmp(kernels_isa(), "avx512") != 0) {
+        SKIP("the AVX-512 kernels are not in use on this CPU");
+    }
+    const int rows = 203, cols = 300;
+    for (int d = 0; d < 4; d++) {
+        TestMatrix m;
+        make_matrix(&m, all_dtypes[d], rows, cols);
+        float *x = random_x(8 * cols), *one = malloc(sizeof(float) * rows * 8), *many = malloc(sizeof(float) * rows * 8);
+        for (int n = 0; n < 8; n++) matmul_nt(one + (size_t)n * rows, x + (size_t)n * cols, &m.w, 1);
+        for (int N = 2; N <= 8; N++)
+            for (int split = 0; split < 3; split++) {
+                // the whole call; then its output rows in uneven shares, as a decode schedule cuts them
+                if (split == 0) matmul_nt(many, x, &m.w, N);
+                else
+                    for (int r0 = 0; r0 < rows; r0 += 37 * split) {
+                        int r1 = r0 + 37 * split < rows ? r0 + 37 * split : rows;
+                        matmul_nt_part(many, x, &m.w, N, r0, r1);
+                    }
+                CHECK_MSG(memcmp(many, one, sizeof(float) * rows * N) == 0, "%s: N = %d, split %d: rows differ from N = 1",
+                          dtype_name(all_dtypes[d]), N, split);
+            }
+        free(x), free(one), free(many), free_matrix(&m);
+    }
+}
