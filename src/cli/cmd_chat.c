@@ -136,13 +136,13 @@ int cmd_chat(int argc, char **argv) {
     Error err = {0};
     Args a;
     const char *dir;
-    long max_new, top_k, seed, ctx;
-    double temp, top_p;
+    long ctx;
+    SeqParams sp = seq_params_default();
+    sp.max_new = 512;  // a chat's defaults: replies sampled, as people expect of a chat
+    sp.temperature = 0.7f;
+    sp.top_p = 0.95f;
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
-        args_long(&a, "max-new", 512, 1, 1 << 20, &max_new, &err) || args_long(&a, "top-k", 0, 0, 1 << 30, &top_k, &err) ||
-        args_long(&a, "seed", 0, 0, 0x7fffffffL, &seed, &err) || args_long(&a, "ctx", 4096, 2, 1 << 24, &ctx, &err) ||
-        args_double(&a, "temperature", 0.7, 0.0, 100.0, &temp, &err) ||
-        args_double(&a, "top-p", 0.95, 0.0, 1.0, &top_p, &err))
+        parse_sampling(&a, &sp, &err) || args_long(&a, "ctx", 4096, 2, 1 << 24, &ctx, &err))
         return cli_fail(cmd, &err);
     if (a.npos > 0) {
         err_set(&err, "unexpected argument '%s'", a.pos[0]);
@@ -192,13 +192,9 @@ int cmd_chat(int argc, char **argv) {
             continue;
         }
         if (history_add(&h, "user", line, (size_t)len)) goto oom;
-        SeqParams sp = seq_params_default();
-        sp.max_new = (int)max_new;
-        sp.temperature = (float)temp;
-        sp.top_k = (int)top_k;
-        sp.top_p = (float)top_p;
-        sp.seed = (unsigned long long)seed + (unsigned long long)turn++;
-        if (reply(&m, tok, &h, &sp, (int)ctx, kv_dtype, args_flag(&a, "verbose-prompt"), &err)) {
+        SeqParams st = sp;
+        st.seed = sp.seed + (unsigned long long)turn++;  // each turn its own draws
+        if (reply(&m, tok, &h, &st, (int)ctx, kv_dtype, args_flag(&a, "verbose-prompt"), &err)) {
             history_trim(&h, h.n - 1);  // the turn did not happen
             cli_fail(cmd, &err);
             err = (Error){0};

@@ -161,15 +161,11 @@ int cmd_generate(int argc, char **argv) {
     Error err = {0};
     Args a;
     const char *dir;
-    long max_new, top_k, seed, parallel, chunk;
-    double temp, top_p;
+    long parallel, chunk;
+    SeqParams sp = seq_params_default();  // greedy, 32 tokens unless told otherwise
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
-        args_long(&a, "max-new", 32, 1, 1 << 20, &max_new, &err) || args_long(&a, "top-k", 0, 0, 1 << 30, &top_k, &err) ||
-        args_long(&a, "seed", 0, 0, 0x7fffffffL, &seed, &err) ||
-        args_long(&a, "parallel", DEFAULT_PARALLEL, 1, 1024, &parallel, &err) ||
-        args_long(&a, "prefill-chunk", DEFAULT_PREFILL_CHUNK, 1, 1 << 20, &chunk, &err) ||
-        args_double(&a, "temperature", 0.0, 0.0, 100.0, &temp, &err) ||
-        args_double(&a, "top-p", 1.0, 0.0, 1.0, &top_p, &err))
+        parse_sampling(&a, &sp, &err) || args_long(&a, "parallel", DEFAULT_PARALLEL, 1, 1024, &parallel, &err) ||
+        args_long(&a, "prefill-chunk", DEFAULT_PREFILL_CHUNK, 1, 1 << 20, &chunk, &err))
         return cli_fail(cmd, &err);
     DType kv_dtype;
     if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
@@ -203,7 +199,7 @@ int cmd_generate(int argc, char **argv) {
     if (model_load(&m, dir, 0, &err)) goto done_prompts;
     int longest = 0;
     for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
-    EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + (int)max_new,
+    EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + sp.max_new,
                         .prefill_chunk = (int)chunk, .kv_dtype = kv_dtype};
     if (tok) tok_stream_init(&k.ts, tok, TOK_SKIP_SPECIAL);
     k.out = calloc(np, sizeof *k.out);
@@ -216,13 +212,9 @@ int cmd_generate(int argc, char **argv) {
     e = engine_new(&m, &eo, &err);
     if (!e) goto done;
     for (int i = 0; i < np; i++) {
-        SeqParams sp = seq_params_default();
-        sp.max_new = (int)max_new;
-        sp.temperature = (float)temp;
-        sp.top_k = (int)top_k;
-        sp.top_p = (float)top_p;
-        sp.seed = (unsigned long long)seed + (unsigned long long)i;  // sequence k samples with seed S + k
-        if (engine_add(e, prompts[i], lens[i], &sp, on_token, &k, &err) < 0) {
+        SeqParams si = sp;
+        si.seed = sp.seed + (unsigned long long)i;  // sequence k samples with seed S + k
+        if (engine_add(e, prompts[i], lens[i], &si, on_token, &k, &err) < 0) {
             if (batch) err_prefix(&err, "%s: line %d", batch, i + 1);
             goto done;
         }

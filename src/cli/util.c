@@ -49,6 +49,23 @@ int cli_fail(const char *cmd, const Error *err) {
     return 1;
 }
 
+int parse_sampling(const Args *a, SeqParams *sp, Error *err) {
+    long max_new, top_k, seed;
+    double temp, top_p;
+    if (args_long(a, "max-new", sp->max_new, 1, 1 << 20, &max_new, err) ||
+        args_long(a, "top-k", sp->top_k, 0, 1 << 30, &top_k, err) ||
+        args_long(a, "seed", (long)sp->seed, 0, 0x7fffffffL, &seed, err) ||
+        args_double(a, "temperature", sp->temperature, 0.0, 100.0, &temp, err) ||
+        args_double(a, "top-p", sp->top_p, 0.0, 1.0, &top_p, err))
+        return -1;
+    sp->max_new = (int)max_new;
+    sp->top_k = (int)top_k;
+    sp->seed = (unsigned long long)seed;
+    sp->temperature = (float)temp;
+    sp->top_p = (float)top_p;
+    return 0;
+}
+
 int parse_kv_dtype(const Args *a, DType *out, Error *err) {
     const char *s = args_str(a, "kv-dtype", "f32");
     if (!strcmp(s, "f32")) *out = DT_F32;

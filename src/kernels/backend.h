@@ -95,9 +95,7 @@ typedef struct BackendOps {
 
 struct Backend {
     const BackendOps *ops;
-    const char *isa;  // the instruction set its kernels chose
-    int nthreads;
-    Error err;        // the last failure
+    Error err;  // the last failure
 };
 
 // The process's CPU backend (OpenMP threads, AVX-512 when CPUID has it, OpenBLAS for fp32 GEMMs).

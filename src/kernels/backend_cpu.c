@@ -2,7 +2,6 @@
 // kernels split their work in fixed shares, so a result never depends on scheduling); OpenBLAS
 // runs single-threaded under them; the ISA is chosen once from CPUID (matmul.c).
 #include <math.h>
-#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -275,10 +274,6 @@ static const BackendOps cpu_ops = {
 Backend *backend_cpu(void) {
     // one per thread that asks: its err is written by the operations that thread issues
     static _Thread_local Backend be;
-    if (!be.ops) {
-        be.ops = &cpu_ops;
-        be.isa = kernels_isa();
-        be.nthreads = omp_get_max_threads();
-    }
+    be.ops = &cpu_ops;
     return &be;
 }

@@ -70,11 +70,14 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     s->attn_per_thread = (attn_scratch_floats(c, capacity) + 15) / 16 * 16;
     s->own_per_thread = (own_floats(c) + 15) / 16 * 16;
     Layout lay = {s, c};
-    s->block = bufplan_alloc(lay_state, &lay, NULL, err, "forward activations");
+    s->be = m->be;
+    s->block = s->be->ops->alloc(s->be, bufplan_size(lay_state, &lay), "forward activations");
     if (!s->block) {
+        err_set(err, "%s", s->be->err.msg);
         free(s);
         return NULL;
     }
+    bufplan_lay(lay_state, &lay, s->block);
     // one layer's activations: the residual stream is updated in place, nothing is kept
     LayerActs *a = &s->acts;
     a->x_in = a->x_mid = a->x_out = s->x;
@@ -104,7 +107,7 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
 
 void forward_state_free(ForwardState *s) {
     if (!s) return;
-    free(s->block);
+    s->be->ops->free(s->be, s->block);
     free(s);
 }
 
@@ -145,7 +148,7 @@ static int head_forward(const Model *m, ForwardState *s, const float *norm, cons
     if (hidden) memcpy(hidden, s->xn, sizeof(float) * T * d);
     if (logits) TRY(be->ops->matmul(be, logits, s->xn, head, T));
     if (last_logits) TRY(be->ops->matmul(be, last_logits, s->xn + (size_t)(T - 1) * d, head, 1));
-    return 0;
+    return be->ops->synchronize(be);  // the caller reads the results
 }
 
 // The backend's error, as the caller's.

@@ -7,6 +7,7 @@
 #include "model/model.h"
 
 struct ForwardState {
+    Backend *be;              // whose memory the block is
     int max_T, capacity, nthreads;
     float *x, *xn, *y;        // (T, d) residual stream, a sub-layer's normed input, its output
     float *qa;                // (T, q_lora) q_a_proj output, normed in place

@@ -259,11 +259,13 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
     m->a.mtp = xcalloc(err, D > 0 ? D : 1, sizeof *m->a.mtp, "MTP activations");
     if (!m->a.layers || !m->a.mtp) goto fail;
     m->a.attn_per_thread = (attn_scratch_floats(c, T) + 15) / 16 * 16;
-    m->act_block = bufplan_alloc(plan_acts, m, &m->act_bytes, err, "training activations");
+    m->act_bytes = bufplan_size(plan_acts, m);
+    m->act_block = m->be->ops->alloc(m->be, m->act_bytes, "training activations");
     if (!m->act_block) {
-        err_prefix(err, "micro-batch %d × %d", B, T);
+        err_set(err, "micro-batch %d × %d: %s", B, T, m->be->err.msg);
         goto fail;
     }
+    bufplan_lay(plan_acts, m, m->act_block);
     m->obj.mtp_lambda = D > 0 ? 0.3f : 0.0f;
     m->obj.seq_aux_alpha = 0.0001f;
     free(specs);
@@ -286,7 +288,7 @@ void train_model_free(TrainModel *m) {
     free(m->rope_sin);
     free(m->a.layers);
     free(m->a.mtp);
-    free(m->act_block);
+    if (m->act_block) m->be->ops->free(m->be, m->act_block);
     memset(m, 0, sizeof *m);
 }
 
@@ -474,7 +476,8 @@ int train_model_forward(TrainModel *m, const int *tokens, Error *err) {
     for (long i = 0; i < (long)B * (T + 1); i++)
         if (tokens[i] < 0 || tokens[i] >= V)
             return err_set(err, "token %d at batch position %ld is outside the vocabulary [0, %d)", tokens[i], i, V);
-    return forward(m, tokens) ? err_set(err, "training forward: %s", m->be->err.msg) : 0;
+    return forward(m, tokens) || m->be->ops->synchronize(m->be) ? err_set(err, "training forward: %s", m->be->err.msg)
+                                                                 : 0;
 }
 
 void train_model_zero_grad(TrainModel *m) { memset(m->grads, 0, sizeof(float) * m->n_params); }
@@ -539,5 +542,6 @@ static int backward(TrainModel *m, float scale) {
 }
 
 int train_model_backward(TrainModel *m, float scale, Error *err) {
-    return backward(m, scale) ? err_set(err, "training backward: %s", m->be->err.msg) : 0;
+    return backward(m, scale) || m->be->ops->synchronize(m->be) ? err_set(err, "training backward: %s", m->be->err.msg)
+                                                                  : 0;
 }
