@@ -1,6 +1,7 @@
 // The inference engine (src/infer/engine.h) and `dsv3 generate` on it: a sequence's tokens do not
 // depend on what else runs or on how its prompt is chunked; --batch-file prints what --tokens
 // prints for each line; cancelled sequences free their slot; bad input is a one-line error.
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +17,20 @@ typedef struct {
     FinishReason why[8];
 } Got;
 
-static void collect(void *owner, int seq, int token, FinishReason finish) {
+typedef struct {
+    EngineToken first;  // the first token's report
+    int seen;
+} FirstToken;
+
+static void keep_first(void *owner, int seq, const EngineToken *et) {
+    FirstToken *f = owner;
+    (void)seq;
+    if (!f->seen++) f->first = *et;
+}
+
+static void collect(void *owner, int seq, const EngineToken *et) {
+    int token = et->token;
+    FinishReason finish = et->finish;
     Got *g = owner;
     if (token >= 0 && g->n[seq] < 64) g->tok[seq][g->n[seq]++] = token;
     if (finish != FINISH_NONE) g->why[seq] = finish;
@@ -296,4 +310,53 @@ TEST(test_cli_kv_dtype) {
     CHECK_MSG(rc == 0 && strcmp(o, ref) == 0, "greedy ids with a bf16 cache: '%s' vs '%s'", o, ref);
     rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5 --kv-dtype fp8", test_bin(), GOLDEN);
     CHECK_MSG(rc == 1 && strstr(o, "--kv-dtype") && strstr(o, "fp8"), "%s", o);
+}
+
+// The first token's log-probabilities after the golden prompt against the log-softmax of the
+// independent float64 reference's logits (tests/data/v3/logits.f32, last row).
+TEST(test_engine_logprobs_match_the_reference_distribution) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, GOLDEN, 0, &err) == 0, "%s", err.msg);
+    size_t len;
+    char *text = test_read_file(GOLDEN "/tokens.txt", NULL);
+    float *ref = test_read_file(GOLDEN "/logits.f32", &len);
+    CHECK(text && ref);
+    int tok[64], T = 0, V = m.cfg.vocab_size;
+    for (char *p = text; *p && T < 64;) {
+        tok[T++] = (int)strtol(p, &p, 10);
+        while (*p == ',' || *p == '\n') p++;
+    }
+    CHECK(len == sizeof(float) * (size_t)T * V);
+    const float *last = ref + (size_t)(T - 1) * V;
+    double mx = last[0], sum = 0;
+    for (int i = 1; i < V; i++) mx = last[i] > mx ? last[i] : mx;
+    for (int i = 0; i < V; i++) sum += exp(last[i] - mx);
+    double lse = mx + log(sum);
+    SeqParams sp = seq_params_default();
+    sp.max_new = 1;
+    sp.temperature = 1.0f;  // a sampled token: its log-probability is not the largest in general
+    sp.seed = 7;
+    sp.logprobs = 1;
+    sp.top_logprobs = 5;
+    EngineOptions o = {.parallel = 1, .ctx = T + 1, .prefill_chunk = 64};
+    Engine *e = engine_new(&m, &o, &err);
+    FirstToken f = {0};
+    CHECK_MSG(e && engine_add(e, tok, T, &sp, keep_first, &f, &err) == 0 && run_all(e, &err) == 0, "%s", err.msg);
+    CHECK(f.seen == 1 && f.first.finish == FINISH_LENGTH && f.first.n_top == 5);
+    CHECK_MSG(fabs(f.first.logprob - (last[f.first.token] - lse)) < 1e-5, "token %d: %g vs %g", f.first.token,
+              f.first.logprob, last[f.first.token] - lse);
+    for (int j = 0; j < 5; j++) {
+        int id = f.first.top_ids[j], above = 0;  // the reference's rank of the j-th reported id
+        for (int i = 0; i < V; i++) above += last[i] > last[id];
+        CHECK_MSG(above == j, "alternative %d (id %d) ranks %d in the reference", j, id, above);
+        CHECK(fabs(f.first.top_logprobs[j] - (last[id] - lse)) < 1e-5);
+    }
+    SeqParams bad = sp;
+    bad.top_logprobs = 21;
+    CHECK(engine_add(e, tok, T, &bad, keep_first, &f, &err) == -1 && strstr(err.msg, "top_logprobs"));
+    engine_free(e);
+    free(text);
+    free(ref);
+    model_free(&m);
 }

@@ -38,7 +38,9 @@ typedef struct {
     int failed;
 } Turn;
 
-static void on_token(void *owner, int seq, int token, FinishReason finish) {
+static void on_token(void *owner, int seq, const EngineToken *et) {
+    int token = et->token;
+    FinishReason finish = et->finish;
     Turn *t = owner;
     (void)seq;
     (void)finish;

@@ -107,7 +107,9 @@ typedef struct {
     int failed;
 } Sink;
 
-static void on_token(void *owner, int seq, int token, FinishReason finish) {
+static void on_token(void *owner, int seq, const EngineToken *et) {
+    int token = et->token;
+    FinishReason finish = et->finish;
     Sink *k = owner;
     (void)finish;
     if (token < 0 || k->failed) return;

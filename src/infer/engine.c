@@ -1,3 +1,4 @@
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -102,6 +103,8 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
         if (prompt[i] < 0 || prompt[i] >= V)
             return err_set(err, "engine: token %d at prompt position %d is outside the vocabulary [0, %d)", prompt[i], i, V);
     if (p->max_new < 1) return err_set(err, "engine: max_new %d must be at least 1", p->max_new);
+    if (p->top_logprobs < 0 || p->top_logprobs > ENGINE_MAX_TOP_LOGPROBS)
+        return err_set(err, "engine: top_logprobs %d is outside [0, %d]", p->top_logprobs, ENGINE_MAX_TOP_LOGPROBS);
     if (e->n_seqs == e->cap_seqs) {
         int cap = e->cap_seqs ? 2 * e->cap_seqs : 16;
         Seq *ns = realloc(e->seqs, sizeof *ns * cap);
@@ -130,18 +133,40 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     return e->n_seqs++;
 }
 
-static void finish(Engine *e, Seq *s, int token, FinishReason why) {
+// Ends s; t (its last token, or token -1) reaches the owner with the reason.
+static void finish(Engine *e, Seq *s, EngineToken *t, FinishReason why) {
     if (s->slot >= 0) e->slot_seq[s->slot] = -1;
     s->slot = -1;
     s->state = SEQ_DONE;
     seq_release(s);
-    if (s->fn) s->fn(s->owner, (int)(s - e->seqs), token, why);
+    t->finish = why;
+    if (s->fn) s->fn(s->owner, (int)(s - e->seqs), t);
 }
 
 int engine_cancel(Engine *e, int seq) {
     if (seq < 0 || seq >= e->n_seqs || e->seqs[seq].state == SEQ_DONE) return -1;
-    finish(e, &e->seqs[seq], -1, FINISH_CANCELLED);
+    EngineToken t = {.token = -1};
+    finish(e, &e->seqs[seq], &t, FINISH_CANCELLED);
     return 0;
+}
+
+// The log-probabilities the owner asked for: token's, and the n most likely (ties: lower id).
+static void token_logprobs(const float *logits, int V, EngineToken *t, int n) {
+    float m = logits[argmax_f32(logits, V)];
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - m);
+    double lse = m + log(sum);
+    t->logprob = (float)(logits[t->token] - lse);
+    t->n_top = 0;
+    for (int i = 0; i < V; i++) {  // insertion into the n best so far
+        int at = t->n_top;
+        while (at > 0 && logits[i] > logits[t->top_ids[at - 1]]) at--;
+        if (at >= n) continue;
+        int last = t->n_top < n ? t->n_top++ : n - 1;
+        for (int j = last; j > at; j--) t->top_ids[j] = t->top_ids[j - 1];
+        t->top_ids[at] = i;
+    }
+    for (int j = 0; j < t->n_top; j++) t->top_logprobs[j] = (float)(logits[t->top_ids[j]] - lse);
 }
 
 const EngineStats *engine_stats(const Engine *e) { return &e->stats; }
@@ -169,14 +194,16 @@ static void emit(Engine *e, Seq *s) {
     s->generated++;
     e->stats.generated_tokens++;
     s->last = next;
+    EngineToken t = {.token = next};
+    if (s->p.logprobs) token_logprobs(e->logits, e->m->cfg.vocab_size, &t, s->p.top_logprobs);
     FinishReason why = stop ? FINISH_STOP
                        : s->generated >= s->p.max_new || e->cache[s->slot].len >= e->o.ctx ? FINISH_LENGTH
                                                                                              : FINISH_NONE;
     if (why != FINISH_NONE) {
-        finish(e, s, next, why);
+        finish(e, s, &t, why);
         return;
     }
-    if (s->fn) s->fn(s->owner, (int)(s - e->seqs), next, FINISH_NONE);
+    if (s->fn) s->fn(s->owner, (int)(s - e->seqs), &t);
 }
 
 // One forward pass of a running sequence: the next prefill chunk, or one decode step.
@@ -208,7 +235,12 @@ int engine_step(Engine *e, Error *err) {
         if (id >= 0 && advance(e, &e->seqs[id], err)) return err_prefix(err, "sequence %d", id);
     }
     admit(e);
-    int live = 0;
-    for (int i = 0; i < e->n_seqs; i++) live += e->seqs[i].state != SEQ_DONE;
+    int live = 0, running = 0;
+    for (int i = 0; i < e->n_seqs; i++) {
+        live += e->seqs[i].state != SEQ_DONE;
+        running += e->seqs[i].state == SEQ_RUNNING;
+    }
+    e->stats.running = running;
+    e->stats.waiting = live - running;
     return live;
 }

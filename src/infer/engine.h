@@ -21,6 +21,7 @@ typedef enum {
     FINISH_LENGTH,     // max_new tokens, or the slot's cache is full
     FINISH_STOP,       // the model's EOS or one of the stop ids (the stop token is reported)
     FINISH_CANCELLED,  // engine_cancel
+    FINISH_ERROR,      // the sequence could not go on (the cache pool ran out); the others run on
 } FinishReason;
 
 typedef struct SeqParams {
@@ -32,13 +33,28 @@ typedef struct SeqParams {
     int stop_at_eos;            // the model's eos_token_id ends the sequence
     const int *stop_ids;        // further ids that end it (copied at engine_add)
     int n_stop_ids;
+    int logprobs;               // report each token's log-probability
+    int top_logprobs;           // and this many most likely alternatives (0 .. ENGINE_MAX_TOP_LOGPROBS)
 } SeqParams;
+
+#define ENGINE_MAX_TOP_LOGPROBS 20
+
+// What a sequence's owner receives per new token. Log-probabilities are those of the model's
+// distribution (log-softmax of the logits, before temperature and filtering), as vLLM reports.
+typedef struct EngineToken {
+    int token;              // -1 when a sequence ends without one (cancelled, failed)
+    FinishReason finish;    // FINISH_NONE while more follow; the last token carries the reason
+    float logprob;          // log p(token), when SeqParams.logprobs
+    int n_top;              // alternatives below, most likely first
+    int top_ids[ENGINE_MAX_TOP_LOGPROBS];
+    float top_logprobs[ENGINE_MAX_TOP_LOGPROBS];
+} EngineToken;
 
 SeqParams seq_params_default(void);
 
-// A new token of sequence seq (finish == FINISH_NONE while more follow; the last token carries
-// the reason), or token -1 when a sequence ends without one (cancelled).
-typedef void (*EngineTokenFn)(void *owner, int seq, int token, FinishReason finish);
+// A new token of sequence seq, or its end (see EngineToken). Called from engine_step (or
+// engine_cancel) on the caller's thread.
+typedef void (*EngineTokenFn)(void *owner, int seq, const EngineToken *t);
 
 typedef struct EngineOptions {
     int parallel;       // sequences decoded at once (slots)
@@ -52,6 +68,8 @@ typedef struct EngineStats {
     long decode_tokens;                 // tokens produced by decode steps (a prefill produces the first)
     double prefill_s, decode_s;         // wall time of the prefill and the decode forward passes
     long draft_tokens, accepted_tokens; // speculative decoding (0 while it is off)
+    int running, waiting;               // sequences now
+    long cache_blocks_used, cache_blocks_total;  // the latent cache pool, in blocks of positions
 } EngineStats;
 
 typedef struct Engine Engine;
