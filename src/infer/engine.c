@@ -52,6 +52,10 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
                 o->parallel, o->ctx, o->prefill_chunk);
         return NULL;
     }
+    if (o->speculative != 0) {
+        err_set(err, "engine: speculative decoding is not built yet");
+        return NULL;
+    }
     Engine *e = xcalloc(err, 1, sizeof *e, "engine");
     if (!e) return NULL;
     e->m = m;

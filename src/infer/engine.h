@@ -61,6 +61,7 @@ typedef struct EngineOptions {
     int ctx;            // positions per slot: prompt + generated tokens
     int prefill_chunk;  // positions a prefill forward pass takes at most
     DType kv_dtype;     // the cache's element type: DT_F32 (0, the default) or DT_BF16
+    int speculative;    // MTP draft tokens per step (0: off; needs a model with MTP layers)
 } EngineOptions;
 
 typedef struct EngineStats {
