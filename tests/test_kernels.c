@@ -632,3 +632,46 @@ TEST(test_matmul_few_rows_batch_invariant) {
         free(x), free(one), free(many), free_matrix(&m);
     }
 }
+
+// The invariant products for any N (batched decoding, speculative verification): row n's bits are
+// those of the row alone, for N up to 40, any split of the output, and (x · W) summed over row
+// blocks one after the other with add = 1. Runs on every ISA (the scalar path is invariant too).
+TEST(test_matmul_invariant_any_rows) {
+    const int rows = 203, cols = 300, NMAX = 40;
+    for (int d = 0; d < 4; d++) {
+        TestMatrix m;
+        make_matrix(&m, all_dtypes[d], rows, cols);
+        float *x = random_x(NMAX * cols), *xr = random_x(NMAX * rows);
+        float *one = malloc(sizeof(float) * rows * NMAX), *many = malloc(sizeof(float) * rows * NMAX);
+        float *one_nn = malloc(sizeof(float) * cols * NMAX), *many_nn = malloc(sizeof(float) * cols * NMAX);
+        for (int n = 0; n < NMAX; n++) {
+            CHECK(matmul_nt_invariant(one + (size_t)n * rows, rows, x + (size_t)n * cols, cols, &m.w, 1, 0, rows) == 0);
+            CHECK(matmul_nn_invariant(one_nn + (size_t)n * cols, cols, xr + (size_t)n * rows, rows, &m.w, 1, 0, cols, 0) == 0);
+        }
+        // the row products agree with the reference product (the few-rows path) to rounding
+        float *ref = malloc(sizeof(float) * rows);
+        CHECK(matmul_nt(ref, x, &m.w, 1) == 0 && memcmp(ref, one, sizeof(float) * rows) == 0);
+        free(ref);
+        for (int N = 2; N <= NMAX; N += 7)
+            for (int split = 0; split < 3; split++) {
+                int step = split ? 37 * split : rows;
+                for (int r0 = 0; r0 < rows; r0 += step)
+                    CHECK(matmul_nt_invariant(many, rows, x, cols, &m.w, N, r0, r0 + step < rows ? r0 + step : rows) == 0);
+                CHECK_MSG(memcmp(many, one, sizeof(float) * rows * N) == 0, "%s: N = %d, split %d: x·Wᵀ rows differ",
+                          dtype_name(all_dtypes[d]), N, split);
+                // x · W over row blocks of W (a paged cache's blocks), column shares starting on 16
+                int cstep = split ? 64 * split : cols, bstep = split ? 16 * split + 5 : rows;
+                for (int c0 = 0; c0 < cols; c0 += cstep) {
+                    int c1 = c0 + cstep < cols ? c0 + cstep : cols;
+                    for (int b0 = 0; b0 < rows; b0 += bstep) {
+                        int nb = rows - b0 < bstep ? rows - b0 : bstep;
+                        MatView blk = matview_rows(&m.w, b0, nb);
+                        CHECK(matmul_nn_invariant(many_nn, cols, xr + b0, rows, &blk, N, c0, c1, b0 > 0) == 0);
+                    }
+                }
+                CHECK_MSG(memcmp(many_nn, one_nn, sizeof(float) * cols * N) == 0,
+                          "%s: N = %d, split %d: x·W rows differ", dtype_name(all_dtypes[d]), N, split);
+            }
+        free(x), free(xr), free(one), free(many), free(one_nn), free(many_nn), free_matrix(&m);
+    }
+}

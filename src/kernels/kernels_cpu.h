@@ -31,10 +31,14 @@ int matview_avx512_ok(const MatView *w);
 // out[n * ldo + r] = x[n * ldx ..] · W[r] for rows r in [r_begin, r_end), n < N;
 int gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
                     int r_begin, int r_end);
-// out[n][c] = Σ_r x[n][r] W[r][c] for columns c in [c_begin, c_end) (out: N × cols, x: N × rows).
+// out[n * ldo + c] (add: +=) Σ_r x[n * ldx + r] W[r][c] for columns c in [c_begin, c_end).
 // FP8: c_begin must be a multiple of 16 (one scale per 16-column vector), as for gemm_avx512 with
-// transpose_w = 0; matmul_nn_part does a ragged head itself.
-int gemv_nn_avx512(float *out, const float *x, int N, const MatView *w, int c_begin, int c_end);
+// transpose_w = 0; matmul_nn_part does a ragged head itself. Not for an FP8 view whose scales need
+// the split path (the caller checks fp8_scales_need_split).
+int gemv_nn_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c_begin, int c_end,
+                   int add);
+// 1 when some block scale of an FP8 view is too large for the kernels' folded 2^120.
+int fp8_scales_need_split(const MatView *w);
 
 // One thread's share of a blocked product: output features [f_begin, f_end) of all N rows.
 // transpose_w = 1: out[N][rows] = x · Wᵀ (features are rows of W, K = cols);

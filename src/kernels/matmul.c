@@ -173,28 +173,32 @@ static void rows_scalar(const MatView *w, int r0, int n, float *buf) {
     for (int i = 0; i < n; i++) row_scalar(w, r0 + i, 0, w->cols, buf + (size_t)i * w->cols);
 }
 
-// Output features [r0, r1) of out[N][rows] = x · Wᵀ on this thread: one widened row at a time.
-static int nt_scalar_rows(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
-    const int rows = w->rows, cols = w->cols;
+// Output features [r0, r1) of out[n * ldo ..] = x[n * ldx ..] · Wᵀ on this thread: one widened row
+// at a time.
+static int nt_scalar_rows(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
+    const int cols = w->cols;
     float *row = kernels_scratch(cols);
     if (!row) return -1;
     for (int r = r0; r < r1; r++) {
         row_scalar(w, r, 0, cols, row);
-        for (int n = 0; n < N; n++) out[(size_t)n * rows + r] = dot(row, x + (size_t)n * cols, cols);
+        for (int n = 0; n < N; n++) out[(size_t)n * ldo + r] = dot(row, x + (size_t)n * ldx, cols);
     }
     return 0;
 }
 
-// Columns [c0, c1) of out[N][cols] = x · W on this thread: out[n] = Σ_r x[n][r] W[r], a row at a time.
-static int nn_scalar_cols(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
-    const int rows = w->rows, cols = w->cols, nc = c1 - c0;
+// Columns [c0, c1) of out[n * ldo ..] (add: +=) x[n * ldx ..] · W on this thread: out[n] += Σ_r
+// x[n][r] W[r], a row at a time.
+static int nn_scalar_cols(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int c0, int c1,
+                          int add) {
+    const int rows = w->rows, nc = c1 - c0;
     float *row = kernels_scratch(nc);
     if (!row) return -1;
-    for (int n = 0; n < N; n++) memset(out + (size_t)n * cols + c0, 0, sizeof(float) * nc);
+    if (!add)
+        for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + c0, 0, sizeof(float) * nc);
     for (int r = 0; r < rows; r++) {
         row_scalar(w, r, c0, nc, row);
         for (int n = 0; n < N; n++) {
-            float a = x[(size_t)n * rows + r], *o = out + (size_t)n * cols + c0;
+            float a = x[(size_t)n * ldx + r], *o = out + (size_t)n * ldo + c0;
             for (int c = 0; c < nc; c++) o[c] += a * row[c];
         }
     }
@@ -214,7 +218,7 @@ static int matmul_nt_scalar(float *out, const float *x, const MatView *w, int N)
         {
             int r0, r1;
             split(rows, 1, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-            failed |= nt_scalar_rows(out, x, w, N, r0, r1) != 0;
+            failed |= nt_scalar_rows(out, rows, x, cols, w, N, r0, r1) != 0;
         }
         return failed ? -1 : 0;
     }
@@ -231,7 +235,7 @@ static int matmul_nt_scalar(float *out, const float *x, const MatView *w, int N)
 
 static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N) {
     const int rows = w->rows, cols = w->cols;
-    if (omp_in_parallel()) return nn_scalar_cols(out, x, w, N, 0, cols);  // one thread, no BLAS
+    if (omp_in_parallel()) return nn_scalar_cols(out, cols, x, rows, w, N, 0, cols, 0);  // one thread, no BLAS
     if (w->dtype == DT_F32) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, cols, rows, 1.0f, x, rows, w->data, cols, 0.0f, out,
                     cols);
@@ -256,26 +260,54 @@ int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, 
         for (int n = 0; n < N; n++) memset(out + (size_t)n * w->rows + r0, 0, sizeof(float) * (r1 - r0));
         return 0;
     }
-    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return nt_scalar_rows(out, x, w, N, r0, r1);
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return nt_scalar_rows(out, w->rows, x, w->cols, w, N, r0, r1);
     if (N <= GEMV_MAX_N) return gemv_nt_avx512(out, w->rows, x, w->cols, N, w, r0, r1);
     return gemm_avx512(out, x, w, N, 1, r0, r1);
 }
 
 int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
     if (check_dtype(w)) return -1;
+    if (N <= GEMV_NN_MAX_N || !kernels_cpu_avx512() || !matview_avx512_ok(w) || fp8_scales_need_split(w))
+        return matmul_nn_invariant(out, w->cols, x, w->rows, w, N, c0, c1, 0);
     if (N <= 0 || c1 <= c0) return 0;
     if (w->rows <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * w->cols + c0, 0, sizeof(float) * (c1 - c0));
         return 0;
     }
-    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return nn_scalar_cols(out, x, w, N, c0, c1);
+    int a = w->dtype == DT_F8_E4M3 ? (c0 + 15) & ~15 : c0;  // as in matmul_nn_invariant
+    if (a > c1) a = c1;
+    if (a > c0 && nn_scalar_cols(out, w->cols, x, w->rows, w, N, c0, a, 0)) return -1;
+    return gemm_avx512(out, x, w, N, 0, a, c1);
+}
+
+int matmul_nt_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
+    if (check_dtype(w)) return -1;
+    if (N <= 0 || r1 <= r0) return 0;
+    if (w->cols <= 0) {
+        for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
+        return 0;
+    }
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return nt_scalar_rows(out, ldo, x, ldx, w, N, r0, r1);
+    return gemv_nt_avx512(out, ldo, x, ldx, N, w, r0, r1);
+}
+
+int matmul_nn_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int c0, int c1,
+                        int add) {
+    if (check_dtype(w)) return -1;
+    if (N <= 0 || c1 <= c0) return 0;
+    if (w->rows <= 0) {
+        if (!add)
+            for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + c0, 0, sizeof(float) * (c1 - c0));
+        return 0;
+    }
+    if (!kernels_cpu_avx512() || !matview_avx512_ok(w) || fp8_scales_need_split(w))
+        return nn_scalar_cols(out, ldo, x, ldx, w, N, c0, c1, add);
     // The vector kernels take one FP8 scale per 16 columns, so a vector must not straddle a scale
     // block: they start on a multiple of 16 and a ragged head is done here.
     int a = w->dtype == DT_F8_E4M3 ? (c0 + 15) & ~15 : c0;
     if (a > c1) a = c1;
-    if (a > c0 && nn_scalar_cols(out, x, w, N, c0, a)) return -1;
-    if (N <= GEMV_NN_MAX_N) return gemv_nn_avx512(out, x, N, w, a, c1);
-    return gemm_avx512(out, x, w, N, 0, a, c1);
+    if (a > c0 && nn_scalar_cols(out, ldo, x, ldx, w, N, c0, a, add)) return -1;
+    return gemv_nn_avx512(out, ldo, x, ldx, N, w, a, c1, add);
 }
 
 int matmul_nt(float *out, const float *x, const MatView *w, int N) {

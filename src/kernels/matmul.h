@@ -38,6 +38,17 @@ int matmul_nn(float *out, const float *x, const MatView *w, int N);
 // matmul_nn_part writes columns [c0, c1) of out[N][cols].
 int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1);
 int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1);
+// Batch-invariant shares of the same products for any N, with row strides (ldo, ldx floats):
+// every output element is ONE chain of fused multiply-adds in a fixed order, whatever N, the
+// other rows and the split of the output — so a row's bits never depend on what it is batched
+// with (batched decoding, speculative verification; tests/test_kernels.c). Weights are still read
+// from memory once for all N rows (row groups follow each other over a tile kept in cache), but
+// for large N the blocked product of matmul_nt is faster.
+// matmul_nt_invariant: out[n * ldo + r] = x[n * ldx ..] · W[r] for r in [r0, r1).
+// matmul_nn_invariant: out[n * ldo + c] (add: +=, the chain going on from out) Σ_r x[n * ldx + r]
+// W[r][c] for c in [c0, c1): a sum over row blocks, block after block, is the one chain.
+int matmul_nt_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+int matmul_nn_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int c0, int c1, int add);
 // The backward pass of out = x · Wᵀ, the other two GEMMs of a linear layer:
 // dx (N, cols) += dout · W (skipped when dx is NULL; any weight type) and
 // dw (rows, cols) += doutᵀ · x (dw: an F32 view over writable memory, the gradient of w).

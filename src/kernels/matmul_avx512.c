@@ -46,7 +46,7 @@ int matview_avx512_ok(const MatView *w) {
 }
 
 // 1 when some block scale of the view is finite but too large for the folded 2^120 (see top).
-static int fp8_needs_split_scale(const MatView *w) {
+int fp8_scales_need_split(const MatView *w) {
     if (w->dtype != DT_F8_E4M3 || w->rows <= 0) return 0;
     int b0 = w->row0 / w->block, b1 = (w->row0 + w->rows - 1) / w->block;
     for (int b = b0; b <= b1; b++)
@@ -383,7 +383,7 @@ AVX512 static void gemv_rows_fp8(float *out, int ldo, const float *x, int ldx, i
 
 AVX512 int gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int r_begin,
                           int r_end) {
-    if (fp8_needs_split_scale(w)) {
+    if (fp8_scales_need_split(w)) {
         // Rare: widen each group of rows exactly into scratch and run the fp32 kernel on it.
         float *buf = kernels_scratch((size_t)4 * w->cols);
         if (!buf) return -1;
@@ -417,10 +417,11 @@ AVX512 int gemv_nt_avx512(float *out, int ldo, const float *x, int ldx, int N, c
 
 // ---- out = x · W with few activation rows: column tiles, every weight row streamed once ------
 
-// out[j][c0 .. c0 + nc) for NB activation rows and a tile of V vectors (nc <= 16 V; FULL when
-// nc == 16 V): walks all rows of W, each adding x[j][r] · W[r][tile] into registers.
+// out[j][c0 .. c0 + nc) (add: +=) for NB activation rows and a tile of V vectors (nc <= 16 V; FULL
+// when nc == 16 V): walks all rows of W, each adding x[j][r] · W[r][tile] into registers — per
+// output element one chain of fused multiply-adds in row order, whatever NB, V or the tile.
 AVX512_INLINE void gemv_nn_tile(const int kind, const int NB, const int V, const int FULL, float *out, int ldo,
-                                const float *x, int ldx, const MatView *w, int c0, int nc) {
+                                const float *x, int ldx, const MatView *w, int c0, int nc, int add) {
     const int rows = w->rows, cols = w->cols, esz = (int)elem_size(kind);
     __m512 acc[4][16];
     __mmask16 mv[16];
@@ -428,7 +429,8 @@ AVX512_INLINE void gemv_nn_tile(const int kind, const int NB, const int V, const
     for (int v = 0; v < V; v++) {
         mv[v] = FULL ? (__mmask16)0xffff : tail_mask(nc - 16 * v > 0 ? nc - 16 * v : 0);
 #pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) acc[j][v] = _mm512_setzero_ps();
+        for (int j = 0; j < NB; j++)  // add: the chain goes on from out's values
+            acc[j][v] = add ? _mm512_maskz_loadu_ps(mv[v], out + (size_t)j * ldo + c0 + 16 * v) : _mm512_setzero_ps();
     }
     float sbuf[16];
     int cbv[16];
@@ -478,7 +480,7 @@ AVX512_INLINE void gemv_nn_tile(const int kind, const int NB, const int V, const
 // Columns [c_begin, c_end) in tiles as wide as the registers allow: 256 columns for one
 // activation row, 128 for two, 64 for three or four.
 AVX512_INLINE void gemv_nn_cols(const int kind, float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
-                                int c_begin, int c_end) {
+                                int c_begin, int c_end, int add) {
     for (int n0 = 0; n0 < N; n0 += 4) {
         int nb = N - n0 < 4 ? N - n0 : 4, tile = nb == 1 ? 256 : nb == 2 ? 128 : 64;
         float *o = out + (size_t)n0 * ldo;
@@ -486,8 +488,8 @@ AVX512_INLINE void gemv_nn_cols(const int kind, float *out, int ldo, const float
         for (int c = c_begin; c < c_end; c += tile) {
             int nc = c_end - c < tile ? c_end - c : tile;
 #define NN_TILE(NB_, V_)                                                                       \
-    (nc == 16 * (V_) ? gemv_nn_tile(kind, NB_, V_, 1, o, ldo, xn, ldx, w, c, nc)              \
-                     : gemv_nn_tile(kind, NB_, V_, 0, o, ldo, xn, ldx, w, c, nc))
+    (nc == 16 * (V_) ? gemv_nn_tile(kind, NB_, V_, 1, o, ldo, xn, ldx, w, c, nc, add)         \
+                     : gemv_nn_tile(kind, NB_, V_, 0, o, ldo, xn, ldx, w, c, nc, add))
             switch (nb) {
             case 1: NN_TILE(1, 16); break;
             case 2: NN_TILE(2, 8); break;
@@ -499,28 +501,31 @@ AVX512_INLINE void gemv_nn_cols(const int kind, float *out, int ldo, const float
     }
 }
 
-AVX512 static void gemv_nn_f32(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c0, int c1) {
-    gemv_nn_cols(W_F32, out, ldo, x, ldx, N, w, c0, c1);
+AVX512 static void gemv_nn_f32(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c0, int c1,
+                           int add) {
+    gemv_nn_cols(W_F32, out, ldo, x, ldx, N, w, c0, c1, add);
 }
-AVX512 static void gemv_nn_bf16(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c0, int c1) {
-    gemv_nn_cols(W_BF16, out, ldo, x, ldx, N, w, c0, c1);
+AVX512 static void gemv_nn_bf16(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c0, int c1,
+                           int add) {
+    gemv_nn_cols(W_BF16, out, ldo, x, ldx, N, w, c0, c1, add);
 }
-AVX512 static void gemv_nn_f16(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c0, int c1) {
-    gemv_nn_cols(W_F16, out, ldo, x, ldx, N, w, c0, c1);
+AVX512 static void gemv_nn_f16(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c0, int c1,
+                           int add) {
+    gemv_nn_cols(W_F16, out, ldo, x, ldx, N, w, c0, c1, add);
 }
-AVX512 static void gemv_nn_fp8(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c0, int c1) {
-    gemv_nn_cols(W_FP8, out, ldo, x, ldx, N, w, c0, c1);
+AVX512 static void gemv_nn_fp8(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c0, int c1,
+                           int add) {
+    gemv_nn_cols(W_FP8, out, ldo, x, ldx, N, w, c0, c1, add);
 }
 
-AVX512 int gemv_nn_avx512(float *out, const float *x, int N, const MatView *w, int c_begin, int c_end) {
+AVX512 int gemv_nn_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int c_begin, int c_end,
+                          int add) {
     if (c_end <= c_begin) return 0;
-    if (fp8_needs_split_scale(w))  // rare (a block scale >= 2^8): the blocked product handles it while packing
-        return gemm_avx512(out, x, w, N, 0, c_begin, c_end);
     switch (weight_kind(w->dtype)) {
-    case W_F32: gemv_nn_f32(out, w->cols, x, w->rows, N, w, c_begin, c_end); break;
-    case W_BF16: gemv_nn_bf16(out, w->cols, x, w->rows, N, w, c_begin, c_end); break;
-    case W_F16: gemv_nn_f16(out, w->cols, x, w->rows, N, w, c_begin, c_end); break;
-    default: gemv_nn_fp8(out, w->cols, x, w->rows, N, w, c_begin, c_end); break;
+    case W_F32: gemv_nn_f32(out, ldo, x, ldx, N, w, c_begin, c_end, add); break;
+    case W_BF16: gemv_nn_bf16(out, ldo, x, ldx, N, w, c_begin, c_end, add); break;
+    case W_F16: gemv_nn_f16(out, ldo, x, ldx, N, w, c_begin, c_end, add); break;
+    default: gemv_nn_fp8(out, ldo, x, ldx, N, w, c_begin, c_end, add); break;
     }
     return 0;
 }
@@ -779,7 +784,7 @@ AVX512 int gemm_avx512(float *out, const float *x, const MatView *w, int N, int 
                        int f_end) {
     if (f_end <= f_begin) return 0;
     const int K = transpose_w ? w->cols : w->rows, F = transpose_w ? w->rows : w->cols;
-    const int split = fp8_needs_split_scale(w);
+    const int split = fp8_scales_need_split(w);
     float *bp = kernels_scratch((size_t)(FB + MC) * KC);
     if (!bp) return -1;
     float *xp = bp + (size_t)FB * KC;
