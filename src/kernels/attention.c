@@ -102,13 +102,15 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
 }
 
 // Absorbed, sequence b, rows 0..T-1 × heads [h0, h1): entries (head, row) head-major, stacked
-// LATENT_QCHUNK at a time so that one pass over the cache serves all of them.
+// LATENT_QCHUNK at a time so that one pass over the cache serves all of them. The cache is read a
+// block of positions at a time (the whole sequence when the store is contiguous), with the
+// batch-invariant products: an entry's scores and weighted sum are the same bits whichever other
+// entries, heads or sequences share its chunk, so a verify pass over K + 1 rows computes what K + 1
+// single steps do.
 static int absorbed_heads(const LatentAttention *a, int b, int h0, int h1, Scratch s) {
     int H = a->H, nope = a->nope, r = a->rope, v = a->v, L = a->kv_lora, qk = nope + r, T = a->T, pos0 = a->pos0;
     size_t es = dtype_size(a->dtype);
     const float *q = a->q + (size_t)b * T * H * qk;
-    const char *latent = (const char *)a->latent + (size_t)b * a->ld * L * es;
-    const char *kpe = (const char *)a->kpe + (size_t)b * a->ld * r * es;
     float *out = a->out + (size_t)b * T * H * v;
     int E = (h1 - h0) * T, rc = 0;  // entry e is head h0 + e / T, row e % T
     for (int e0 = 0; e0 < E; e0 += QC) {
@@ -123,10 +125,15 @@ static int absorbed_heads(const LatentAttention *a, int b, int h0, int h1, Scrat
             if (pos0 + t + 1 > S) S = pos0 + t + 1;
         }
         // every head's key and value is the latent (MQA-like): the entries score the cache together
-        MatView C = {.dtype = a->dtype, .rows = S, .cols = L, .data = latent};
-        MatView P = {.dtype = a->dtype, .rows = S, .cols = r, .data = kpe};
-        rc |= matmul_nt_part(s.p, s.qa, &C, n, 0, S);  // (n, S) latent scores
-        if (r > 0) rc |= matmul_nt_part(s.p2, s.qp, &P, n, 0, S);
+        int bs = a->blocks ? a->block_size : S;
+        for (int j0 = 0; j0 < S; j0 += bs) {
+            int nb = S - j0 < bs ? S - j0 : bs;
+            size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j0);
+            MatView C = {.dtype = a->dtype, .rows = nb, .cols = L, .data = (const char *)a->latent + row * L * es};
+            MatView P = {.dtype = a->dtype, .rows = nb, .cols = r, .data = (const char *)a->kpe + row * r * es};
+            rc |= matmul_nt_invariant(s.p + j0, S, s.qa, L, &C, n, 0, nb);  // (n, S) latent scores
+            if (r > 0) rc |= matmul_nt_invariant(s.p2 + j0, S, s.qp, r, &P, n, 0, nb);
+        }
         for (int i = 0; i < n; i++) {
             float *row = s.p + (size_t)i * S;
             const float *row2 = s.p2 + (size_t)i * S;
@@ -135,7 +142,12 @@ static int absorbed_heads(const LatentAttention *a, int b, int h0, int h1, Scrat
             softmax_inplace(row, visible);
             for (int j = visible; j < S; j++) row[j] = 0.0f;
         }
-        rc |= matmul_nn_part(s.ol, s.p, &C, n, 0, L);  // (n, L) the weighted sums, in latent space
+        for (int j0 = 0; j0 < S; j0 += bs) {  // (n, L) the weighted sums, in latent space, block after block
+            int nb = S - j0 < bs ? S - j0 : bs;
+            size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j0);
+            MatView C = {.dtype = a->dtype, .rows = nb, .cols = L, .data = (const char *)a->latent + row * L * es};
+            rc |= matmul_nn_invariant(s.ol, L, s.p + j0, S, &C, n, 0, L, j0 > 0);
+        }
         for (int i = 0; i < n; i++) {
             int h = h0 + (e0 + i) / T, t = (e0 + i) % T;
             MatView wuv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
@@ -149,21 +161,33 @@ int latent_attention_absorbed_part(const LatentAttention *a, int h0, int h1, flo
     return absorbed_heads(a, 0, h0, h1, carve(a, scratch, a->pos0 + a->T));
 }
 
-// Plain attention over a BF16 store: its positions widened to F32 once per call, not per head.
-static int plain_from_bf16(const LatentAttention *a) {
+// Plain attention over a BF16 or paged store: its positions gathered (and widened) into a
+// contiguous F32 copy once per call, not per head.
+static int plain_gathered(const LatentAttention *a) {
     int S = a->pos0 + a->T, L = a->kv_lora, r = a->rope;
+    size_t es = dtype_size(a->dtype);
     float *lat = malloc(sizeof(float) * (size_t)a->B * S * L), *kp = malloc(sizeof(float) * ((size_t)a->B * S * r + 1));
     int rc = -1;
     if (lat && kp) {
-        for (int b = 0; b < a->B; b++) {
-            bf16_to_f32_n(lat + (size_t)b * S * L, (const uint16_t *)a->latent + (size_t)b * a->ld * L, (size_t)S * L);
-            bf16_to_f32_n(kp + (size_t)b * S * r, (const uint16_t *)a->kpe + (size_t)b * a->ld * r, (size_t)S * r);
-        }
+        for (int b = 0; b < a->B; b++)
+            for (int j = 0; j < S; j++) {
+                size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j);
+                const char *ls = (const char *)a->latent + row * L * es, *ks = (const char *)a->kpe + row * r * es;
+                float *ld = lat + ((size_t)b * S + j) * L, *kd = kp + ((size_t)b * S + j) * r;
+                if (a->dtype == DT_BF16) {
+                    bf16_to_f32_n(ld, (const uint16_t *)ls, L);
+                    bf16_to_f32_n(kd, (const uint16_t *)ks, r);
+                } else {
+                    memcpy(ld, ls, sizeof(float) * L);
+                    memcpy(kd, ks, sizeof(float) * r);
+                }
+            }
         LatentAttention f = *a;
         f.latent = lat;
         f.kpe = kp;
         f.ld = S;
         f.dtype = DT_F32;
+        f.blocks = NULL;
         rc = latent_attention_forward(&f);
     }
     free(lat);
@@ -173,7 +197,8 @@ static int plain_from_bf16(const LatentAttention *a) {
 
 int latent_attention_forward(const LatentAttention *a) {
     if (a->dtype != DT_F32 && a->dtype != DT_BF16) return -1;
-    if (!a->absorbed && a->dtype == DT_BF16) return plain_from_bf16(a);
+    if (a->blocks && (a->B != 1 || a->block_size < 1)) return -1;
+    if (!a->absorbed && (a->dtype == DT_BF16 || a->blocks)) return plain_gathered(a);
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed)
     for (int bh = 0; bh < a->B * a->H; bh++) {
@@ -188,6 +213,7 @@ int latent_attention_backward(const LatentAttention *a, const float *dout, float
                               float *dkpe_heads, float *dprobs) {
     int B = a->B, T = a->T, H = a->H, nope = a->nope, r = a->rope, v = a->v, qk = nope + r, kvw = nope + v;
     float scale = a->scale;
+    if (a->blocks || a->dtype != DT_F32) return -1;
     const float *q = a->q, *kv = a->kv_save, *kpe = (const float *)a->kpe;
     int saved = gemm_f32_serial_begin();
 #pragma omp parallel for schedule(static)

@@ -25,9 +25,11 @@ typedef struct LatentAttention {
     float scale;               // softmax scale (YaRN mscale² folded in)
     int absorbed;
     const float *q;            // (B·T, H, nope + rope) [q_nope | q_pe], q_pe rotated
-    const void *latent;        // (B, ld, kv_lora)
-    const void *kpe;           // (B, ld, rope) rotated
-    int ld;                    // positions per sequence in latent / kpe
+    const void *latent;        // (B, ld, kv_lora), or the rows of a paged store (blocks)
+    const void *kpe;           // (B, ld, rope) rotated, or paged like latent
+    int ld;                    // positions per sequence in latent / kpe (contiguous store)
+    const int *blocks;         // paged store (B = 1): position p is row p % block_size of block
+    int block_size;            // blocks[p / block_size]; NULL: contiguous
     DType dtype;               // of latent and kpe: DT_F32 or DT_BF16 (plain backward: F32 only)
     const MatView *kv_b_proj;  // (H·(nope + v), kv_lora)
     float *out;                // (B·T, H, v)
@@ -36,6 +38,11 @@ typedef struct LatentAttention {
     float *scratch;            // (threads, per_thread) floats, per_thread ≥ latent_attention_scratch_floats
     size_t per_thread;
 } LatentAttention;
+
+// The row of the store holding position pos of sequence b (paged: B = 1).
+static inline size_t latent_store_row(const int *blocks, int block_size, int ld, int b, int pos) {
+    return blocks ? (size_t)blocks[pos / block_size] * block_size + pos % block_size : (size_t)b * ld + pos;
+}
 
 // Per-thread scratch floats for sequences of up to S positions.
 size_t latent_attention_scratch_floats(const LatentAttention *a, int S);
@@ -49,7 +56,7 @@ int latent_attention_forward(const LatentAttention *a);
 int latent_attention_absorbed_part(const LatentAttention *a, int h0, int h1, float *scratch);
 
 // The backward pass of plain attention from what the forward saved (pos0 = 0; kv_save and
-// probs_save set). dout: (B·T, H, v). dq (B·T, H, nope + rope), dkv (B·T, H, nope + v) and
+// probs_save set; a contiguous store). dout: (B·T, H, v). dq (B·T, H, nope + rope), dkv (B·T, H, nope + v) and
 // dkpe (B·T, rope) += ...; dkpe_heads (B, H, T, rope) and dprobs (B, H, T, T) are scratch.
 int latent_attention_backward(const LatentAttention *a, const float *dout, float *dq, float *dkv, float *dkpe,
                               float *dkpe_heads, float *dprobs);

@@ -1,16 +1,23 @@
-// The decode step: one token through every layer with absorbed attention, in ONE parallel region.
+// The decode step: the next rows of several sequences (one token each in batched decoding, K + 1
+// in a speculative verification) through every layer with absorbed attention, in ONE parallel
+// region.
 //
-// Decoding is bound by streaming the weights, and at one token the matrices are small (an expert
+// Decoding is bound by streaming the weights, and at a few rows the matrices are small (an expert
 // of a 100M model is 256 x 512). Forking a team per product spends much of the step starting and
-// joining threads, so here the team is formed once per token and every product is split between
-// its threads by output rows (matmul_nt_part), with a barrier only where the next phase reads the
-// whole of what the previous one wrote. Small per-token work (the RMSNorms, the router's top-k)
-// is repeated by every thread into its own scratch instead of costing a barrier.
+// joining threads, so here the team is formed once per step and every product is split between
+// its threads by output rows, with a barrier only where the next phase reads the whole of what the
+// previous one wrote. Small per-row work (the RMSNorms, the router's top-k, the dispatch) is
+// repeated by every thread into its own scratch instead of costing a barrier.
+//
+// Batch invariance: every product is matmul_nt_invariant (one chain per output element, whatever
+// the number of rows or the split), attention runs per sequence, and the MoE sums each token's
+// experts in a fixed order (its routed experts in selection order, then the shared experts) — so a
+// row's bits depend only on its sequence, never on the rest of the batch or the thread count.
 //
 // Phases of a layer, each ending in a barrier:
-//   q_a / q_proj and kv_a rows  →  q_b rows, the cache row  →  attention heads  →  o_proj rows + residual
-//   →  router rows  →  expert gate/up rows  →  down-projection slice + residual   (MoE)
-//   →  gate/up rows  →  down rows + residual                                      (dense)
+//   q_a / q_proj and kv_a rows  →  q_b rows, the cache rows  →  attention (sequence, head) items
+//   →  o_proj rows + residual  →  router rows  →  expert gate/up rows  →  down slice + residual (MoE)
+//   →  gate/up rows  →  down rows + residual                                                (dense)
 #include <omp.h>
 #include <string.h>
 
@@ -33,215 +40,343 @@ static void share(int n, int unit, int *b, int *e) {
     *e = (int)(hi < n ? hi : n);
 }
 
-// This thread's rows of out (rows of w) = w · x; 0 or -1 (kernel scratch).
-static int gemv_share(float *out, const float *x, const MatView *w) {
-    int b, e;
-    share(w->rows, SHARE_UNIT, &b, &e);
-    return matmul_nt_part(out, x, w, 1, b, e);
-}
-
-// x += o_proj · attn (or down · act): this thread's rows of y, then of x.
-static int gemv_share_residual(float *x, float *y, const float *in, const MatView *w) {
-    int b, e;
-    share(w->rows, SHARE_UNIT, &b, &e);
-    int rc = matmul_nt_part(y, in, w, 1, b, e);
-    for (int r = b; r < e; r++) x[r] += y[r];
-    return rc;
-}
-
-// A thread's private vectors, carved from s->own: every thread normalises and routes for itself
-// rather than wait at a barrier for one thread to do it.
+// The batch of one step: rows of sequences, sequence i owning rows [row0[i], row0[i] + T).
 typedef struct {
-    float *xn;      // (d) the normed input of a sub-layer
-    float *cq;      // (q_lora) the normed q latent
-    float *cat;     // (2d) the MTP input
-    float *scores;  // (N_r) router scores
-    float *gw;      // (K_r) gating weights of the chosen experts
-    int *idx;       // (K_r) the chosen experts
-    float *attn;    // this thread's attention scratch
-    int failed;     // a product of this thread failed (out of kernel scratch)
+    const DecodeSeq *seqs;
+    int n_seqs, N;
+    int row0[DECODE_MAX_SEQS];
+    int pos0[DECODE_MAX_SEQS];  // each sequence's first new position in the layer being run
+} Batch;
+
+// A thread's private vectors, carved from s->own: every thread normalises and routes all rows for
+// itself rather than wait at a barrier for one thread to do it.
+typedef struct {
+    float *xn;        // (N, d) the normed input of a sub-layer
+    float *cq;        // (N, q_lora) the normed q latents
+    float *cat;       // (N, 2d) the MTP input
+    float *xin;       // (N, d) an expert's tokens' inputs, gathered
+    float *scores;    // (N_r) router scores of one token
+    float *gw;        // (N, K_r) gating weights of the chosen experts
+    int *idx;         // (N, K_r) the chosen experts
+    int *slot_of;     // (N, K_r) slot of choice (t, k) in the expert-sorted order
+    int *slot_tok;    // (N·K_r) the token each slot serves
+    int *expert_off;  // (N_r + 1) each expert's slots
+    float *attn;      // this thread's attention scratch
+    int failed;       // a product of this thread failed (out of kernel scratch)
 } Own;
 
+size_t decode_own_floats(const ModelConfig *c, int rows) {
+    size_t d = c->hidden_size, K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+    return (size_t)rows * (4 * d + c->q_lora_rank + 4 * K) + 2 * (size_t)c->n_routed_experts + 1;
+}
+
 static Own own_vectors(const ModelConfig *c, ForwardState *s) {
-    int t = omp_get_thread_num(), K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+    int t = omp_get_thread_num(), K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1, R = s->max_decode;
+    size_t d = c->hidden_size;
     Own o;
     o.xn = s->own + (size_t)t * s->own_per_thread;
-    o.cq = o.xn + c->hidden_size;
-    o.cat = o.cq + c->q_lora_rank;
-    o.scores = o.cat + 2 * c->hidden_size;
+    o.cq = o.xn + R * d;
+    o.cat = o.cq + (size_t)R * c->q_lora_rank;
+    o.xin = o.cat + 2 * R * d;
+    o.scores = o.xin + R * d;
     o.gw = o.scores + c->n_routed_experts;
-    o.idx = (int *)(o.gw + K);  // int and float have the same size
+    o.idx = (int *)(o.gw + (size_t)R * K);  // int and float have the same size
+    o.slot_of = o.idx + (size_t)R * K;
+    o.slot_tok = o.slot_of + (size_t)R * K;
+    o.expert_off = o.slot_tok + (size_t)R * K;
     o.attn = s->attn + (size_t)t * s->attn_per_thread;
     o.failed = 0;
     return o;
 }
 
-// The chosen experts and the shared experts of one token, split evenly over the team: first the
-// gate and up rows of all of them, then, after one barrier, each thread owns a slice of the output
-// features and sums every expert's down projection into it. Small experts (256 x 512) would lose
-// most of their time to start-up if each product forked on its own. Adds the result to x.
-static void moe_experts_one(const Model *m, ForwardState *s, const MoeWeights *w, const float *xn, const int *idx,
-                            const float *gw, float *x, Own *ts) {
-    const ModelConfig *c = &m->cfg;
-    int d = c->hidden_size, K = c->num_experts_per_tok, F = c->moe_intermediate_size;
-    const FfnWeights *ex[K + 1];
-    float g[K + 1];
-    int off[K + 2], ne = 0;  // expert j's rows are act[off[j] .. off[j + 1])
-    off[0] = 0;
-    for (int k = 0; k < K; k++) {
-        ex[ne] = &w->experts[idx[k]];
-        g[ne] = gw[k];
-        off[ne + 1] = off[ne] + F;
-        ne++;
-    }
-    if (c->n_shared_experts > 0) {
-        ex[ne] = &w->shared_experts;
-        g[ne] = 1.0f;
-        off[ne + 1] = off[ne] + c->n_shared_experts * F;
-        ne++;
-    }
-    int R = off[ne], b, e;
-    float *act = s->fused, *up = s->fused + R, *tmp = s->xg;  // act, up: (R); tmp: (d) down products
-    share(R, SHARE_UNIT, &b, &e);
-    for (int j = 0; j < ne; j++) {
-        int lo = off[j] > b ? off[j] : b, hi = off[j + 1] < e ? off[j + 1] : e;
-        if (lo >= hi) continue;
-        ts->failed |= matmul_nt_part(act + off[j], xn, &ex[j]->gate_proj, 1, lo - off[j], hi - off[j]);
-        ts->failed |= matmul_nt_part(up + off[j], xn, &ex[j]->up_proj, 1, lo - off[j], hi - off[j]);
-        swiglu_forward(act + lo, act + lo, up + lo, hi - lo);
-    }
-#pragma omp barrier
-    share(d, SHARE_UNIT, &b, &e);
-    for (int r = b; r < e; r++) s->y[r] = 0.0f;
-    for (int j = 0; j < ne && e > b; j++) {
-        ts->failed |= matmul_nt_part(tmp, act + off[j], &ex[j]->down_proj, 1, b, e);
-        for (int r = b; r < e; r++) s->y[r] += g[j] * tmp[r];
-    }
-    for (int r = b; r < e; r++) x[r] += s->y[r];
-#pragma omp barrier
+// This thread's output rows of out (N, w->rows) = x (N, cols) · Wᵀ.
+static int gemv_share(float *out, const float *x, const MatView *w, int N) {
+    int b, e;
+    share(w->rows, SHARE_UNIT, &b, &e);
+    return matmul_nt_invariant(out, w->rows, x, w->cols, w, N, b, e);
 }
 
-// x += MLA(RMSNorm(x)) for the token at position pos; appends the cache row.
-static void decode_mla(const Model *m, ForwardState *s, const LayerPass *p, const LayerWeights *lw, int pos,
-                       Own *ts) {
+// x += o_proj · attn (or down · act): this thread's features of y, then of x, for all N rows.
+static int gemv_share_residual(float *x, float *y, const float *in, const MatView *w, int N) {
+    int b, e, d = w->rows;
+    share(d, SHARE_UNIT, &b, &e);
+    int rc = matmul_nt_invariant(y, d, in, w->cols, w, N, b, e);
+    for (int n = 0; n < N; n++)
+        for (int r = b; r < e; r++) x[(size_t)n * d + r] += y[(size_t)n * d + r];
+    return rc;
+}
+
+// The rows of sequence i in the store of one layer: position pos → row of the pool's layer.
+static size_t store_row(const KVCache *kv, int pos) {
+    return latent_store_row(kv->blocks, kv->pool->block_size, 0, 0, pos);
+}
+
+// x += MLA(RMSNorm(x)) for every row; appends the rows to their sequences' caches (layer l).
+static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, const LayerWeights *lw, Own *ts) {
     const ModelConfig *c = &m->cfg;
     const MlaWeights *a = &lw->self_attn;
-    int d = c->hidden_size, H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim;
-    int r = c->qk_rope_head_dim, L = c->kv_lora_rank;
+    int N = bt->N, d = c->hidden_size, H = c->num_attention_heads, qk = config_qk_head_dim(c);
+    int nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, hr = r / 2;
     float eps = c->rms_norm_eps;
-    rmsnorm_forward(ts->xn, NULL, s->x, lw->input_layernorm, 1, d, eps);
-    ts->failed |= gemv_share(c->q_lora_rank > 0 ? s->qa : s->q, ts->xn, c->q_lora_rank > 0 ? &a->q_a_proj : &a->q_proj);
-    ts->failed |= gemv_share(s->kva, ts->xn, &a->kv_a_proj_with_mqa);
+    rmsnorm_forward(ts->xn, NULL, s->x, lw->input_layernorm, N, d, eps);
+    ts->failed |= gemv_share(qr > 0 ? s->qa : s->q, ts->xn, qr > 0 ? &a->q_a_proj : &a->q_proj, N);
+    ts->failed |= gemv_share(s->kva, ts->xn, &a->kv_a_proj_with_mqa, N);
 #pragma omp barrier
     if (omp_get_thread_num() == omp_get_num_threads() - 1) {  // the others start on q_b meanwhile
         // normalised and rotated in place in kva, then stored in the cache's element type
-        rmsnorm_forward(s->kva, NULL, s->kva, a->kv_a_layernorm, 1, L, eps);
-        rope_forward(s->kva + L, r, p->rope_cos, p->rope_sin);
-        if (p->store == DT_F32) {
-            memcpy((float *)p->latent + (size_t)pos * L, s->kva, sizeof(float) * L);
-            memcpy((float *)p->kpe + (size_t)pos * r, s->kva + L, sizeof(float) * r);
-        } else {
-            bf16_from_f32_n((uint16_t *)p->latent + (size_t)pos * L, s->kva, L);
-            bf16_from_f32_n((uint16_t *)p->kpe + (size_t)pos * r, s->kva + L, r);
+        for (int i = 0; i < bt->n_seqs; i++) {
+            const KVCache *kv = bt->seqs[i].kv;
+            char *lat = kvcache_latent(kv, c, l), *kpe = kvcache_kpe(kv, c, l);
+            size_t es = dtype_size(kv->dtype);
+            for (int t = 0; t < bt->seqs[i].T; t++) {
+                int n = bt->row0[i] + t;
+                float *row = s->kva + (size_t)n * (L + r);
+                size_t at = store_row(kv, bt->pos0[i] + t);
+                rmsnorm_forward(row, NULL, row, a->kv_a_layernorm, 1, L, eps);
+                rope_forward(row + L, r, s->rope_cos + (size_t)n * hr, s->rope_sin + (size_t)n * hr);
+                if (kv->dtype == DT_F32) {
+                    memcpy(lat + at * L * es, row, sizeof(float) * L);
+                    memcpy(kpe + at * r * es, row + L, sizeof(float) * r);
+                } else {
+                    bf16_from_f32_n((uint16_t *)lat + at * L, row, L);
+                    bf16_from_f32_n((uint16_t *)kpe + at * r, row + L, r);
+                }
+            }
         }
     }
-    if (c->q_lora_rank > 0) {
-        rmsnorm_forward(ts->cq, NULL, s->qa, a->q_a_layernorm, 1, c->q_lora_rank, eps);
-        ts->failed |= gemv_share(s->q, ts->cq, &a->q_b_proj);
+    if (qr > 0) {
+        rmsnorm_forward(ts->cq, NULL, s->qa, a->q_a_layernorm, N, qr, eps);
+        ts->failed |= gemv_share(s->q, ts->cq, &a->q_b_proj, N);
     }
 #pragma omp barrier
-    int h0, h1;
-    share(H, 1, &h0, &h1);
-    for (int h = h0; h < h1; h++) rope_forward(s->q + (size_t)h * qk + nope, r, p->rope_cos, p->rope_sin);
-    // the latent cache is every head's key and value (MQA-like), so this thread's heads score
-    // against it together: each cached row is read once per thread, not once per head
-    LatentAttention at = mla_attention_call(p, &a->kv_b_proj, s->q, s->ao, NULL, NULL);
-    ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
+    // attention items (sequence, head), split evenly: a thread's heads of one sequence score its
+    // cache together, so each cached row is read once per thread, not once per head
+    int i0, i1;
+    share(bt->n_seqs * H, 1, &i0, &i1);
+    for (int it = i0; it < i1;) {
+        int i = it / H, h0 = it % H, h1 = i1 - i * H < H ? i1 - i * H : H, T = bt->seqs[i].T, row0 = bt->row0[i];
+        const KVCache *kv = bt->seqs[i].kv;
+        for (int t = 0; t < T; t++)
+            for (int h = h0; h < h1; h++)
+                rope_forward(s->q + ((size_t)(row0 + t) * H + h) * qk + nope, r, s->rope_cos + (size_t)(row0 + t) * hr,
+                             s->rope_sin + (size_t)(row0 + t) * hr);
+        LayerPass p = {.c = c, .B = 1, .T = T, .pos0 = bt->pos0[i], .softmax_scale = m->softmax_scale,
+                       .latent = kvcache_latent(kv, c, l), .kpe = kvcache_kpe(kv, c, l), .blocks = kv->blocks,
+                       .block_size = kv->pool->block_size, .store = kv->dtype, .mode = ATTN_ABSORBED};
+        LatentAttention at = mla_attention_call(&p, &a->kv_b_proj, s->q + (size_t)row0 * H * qk,
+                                                s->ao + (size_t)row0 * H * c->v_head_dim, NULL, NULL);
+        ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
+        it = i * H + h1;
+    }
 #pragma omp barrier
-    ts->failed |= gemv_share_residual(s->x, s->y, s->ao, &a->o_proj);
+    ts->failed |= gemv_share_residual(s->x, s->y, s->ao, &a->o_proj, N);
+#pragma omp barrier
+}
+
+// The routed experts and the shared experts of every row. Each thread routes every row and sorts
+// the choices by expert (slots: expert by expert, tokens in order), then the experts' gate and up
+// rows, over all experts in use, are split evenly over the team; after one barrier each thread owns
+// a slice of the output features and sums every token's experts into it — routed in selection
+// order, then the shared experts, the order a token alone would use. Adds the result to x.
+static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int N, Own *ts) {
+    const ModelConfig *c = &m->cfg;
+    int d = c->hidden_size, K = c->num_experts_per_tok, F = c->moe_intermediate_size, Nr = c->n_routed_experts;
+    int Fs = c->n_shared_experts * F;
+    for (int n = 0; n < N; n++)
+        moe_route(c, s->router + (size_t)n * Nr, w->e_score_correction_bias, ts->scores, ts->idx + (size_t)n * K,
+                  ts->gw + (size_t)n * K);
+    int *off = ts->expert_off;
+    memset(off, 0, sizeof(int) * (Nr + 1));
+    for (int i = 0; i < N * K; i++) off[ts->idx[i] + 1]++;
+    for (int e = 0; e < Nr; e++) off[e + 1] += off[e];
+    int cursor[Nr];  // slot of choice (t, k): the next free slot of its expert, tokens in order
+    memcpy(cursor, off, sizeof(int) * Nr);
+    for (int i = 0; i < N * K; i++) {
+        int sl = cursor[ts->idx[i]]++;
+        ts->slot_of[i] = sl;
+        ts->slot_tok[sl] = i / K;
+    }
+    // gate and up rows: experts in use (each F rows over its tokens), then the shared experts
+    int used = 0, R, b, e;
+    for (int x = 0; x < Nr; x++) used += off[x + 1] > off[x];
+    R = used * F + (Fs > 0 ? Fs : 0);
+    share(R, SHARE_UNIT, &b, &e);
+    for (int x = 0, base = 0; x < Nr && base < e; x++) {
+        int nt = off[x + 1] - off[x];
+        if (nt == 0) continue;
+        int lo = b > base ? b - base : 0, hi = e - base < F ? e - base : F;
+        base += F;
+        if (lo >= hi) continue;
+        const FfnWeights *ex = &w->experts[x];
+        const float *in = ts->xn + (size_t)ts->slot_tok[off[x]] * d;
+        if (nt > 1) {  // the expert's tokens' inputs, gathered
+            for (int j = 0; j < nt; j++)
+                memcpy(ts->xin + (size_t)j * d, ts->xn + (size_t)ts->slot_tok[off[x] + j] * d, sizeof(float) * d);
+            in = ts->xin;
+        }
+        float *g = s->e_gate + (size_t)off[x] * F, *u = s->e_up + (size_t)off[x] * F;
+        ts->failed |= matmul_nt_invariant(g, F, in, d, &ex->gate_proj, nt, lo, hi);
+        ts->failed |= matmul_nt_invariant(u, F, in, d, &ex->up_proj, nt, lo, hi);
+        for (int j = 0; j < nt; j++) swiglu_forward(g + (size_t)j * F + lo, g + (size_t)j * F + lo, u + (size_t)j * F + lo, hi - lo);
+    }
+    if (Fs > 0) {
+        int lo = b - used * F, hi = e - used * F;
+        lo = lo < 0 ? 0 : lo;
+        hi = hi > Fs ? Fs : hi;
+        if (lo < hi) {
+            ts->failed |= matmul_nt_invariant(s->gate, Fs, ts->xn, d, &w->shared_experts.gate_proj, N, lo, hi);
+            ts->failed |= matmul_nt_invariant(s->up, Fs, ts->xn, d, &w->shared_experts.up_proj, N, lo, hi);
+            for (int n = 0; n < N; n++)
+                swiglu_forward(s->gate + (size_t)n * Fs + lo, s->gate + (size_t)n * Fs + lo, s->up + (size_t)n * Fs + lo,
+                               hi - lo);
+        }
+    }
+#pragma omp barrier
+    share(d, SHARE_UNIT, &b, &e);
+    if (e > b) {
+        // this thread's features of every slot's down projection, and of the shared experts'
+        for (int x = 0; x < Nr; x++) {
+            int nt = off[x + 1] - off[x];
+            if (nt > 0)
+                ts->failed |= matmul_nt_invariant(s->e_out + (size_t)off[x] * d, d, s->e_gate + (size_t)off[x] * F, F,
+                                                  &w->experts[x].down_proj, nt, b, e);
+        }
+        if (Fs > 0) ts->failed |= matmul_nt_invariant(s->y, d, s->gate, Fs, &w->shared_experts.down_proj, N, b, e);
+        for (int n = 0; n < N; n++) {
+            float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d;
+            for (int r = b; r < e; r++) {
+                float acc = 0.0f;
+                for (int k = 0; k < K; k++)
+                    acc += ts->gw[n * K + k] * s->e_out[(size_t)ts->slot_of[n * K + k] * d + r];
+                if (Fs > 0) acc += ys[r];
+                x[r] += acc;
+            }
+        }
+    }
 #pragma omp barrier
 }
 
 // x += FFN(RMSNorm(x)): the dense SwiGLU or the MoE.
-static void decode_ffn(const Model *m, ForwardState *s, const LayerWeights *lw, Own *ts) {
+static void decode_ffn(const Model *m, ForwardState *s, const LayerWeights *lw, int N, Own *ts) {
     const ModelConfig *c = &m->cfg;
-    rmsnorm_forward(ts->xn, NULL, s->x, lw->post_attention_layernorm, 1, c->hidden_size, c->rms_norm_eps);
+    rmsnorm_forward(ts->xn, NULL, s->x, lw->post_attention_layernorm, N, c->hidden_size, c->rms_norm_eps);
     if (lw->is_moe) {
-        const MoeWeights *w = &lw->moe;
-        ts->failed |= gemv_share(s->router, ts->xn, &w->gate);
+        ts->failed |= gemv_share(s->router, ts->xn, &lw->moe.gate, N);
 #pragma omp barrier
-        moe_route(c, s->router, w->e_score_correction_bias, ts->scores, ts->idx, ts->gw);
-        moe_experts_one(m, s, w, ts->xn, ts->idx, ts->gw, s->x, ts);
+        decode_moe(m, s, &lw->moe, N, ts);
         return;
     }
     const FfnWeights *f = &lw->mlp;
-    int b, e;
-    share(c->intermediate_size, SHARE_UNIT, &b, &e);
-    ts->failed |= matmul_nt_part(s->gate, ts->xn, &f->gate_proj, 1, b, e);
-    ts->failed |= matmul_nt_part(s->up, ts->xn, &f->up_proj, 1, b, e);
-    swiglu_forward(s->gate + b, s->gate + b, s->up + b, e - b);
+    int b, e, F = c->intermediate_size;
+    share(F, SHARE_UNIT, &b, &e);
+    ts->failed |= matmul_nt_invariant(s->gate, F, ts->xn, c->hidden_size, &f->gate_proj, N, b, e);
+    ts->failed |= matmul_nt_invariant(s->up, F, ts->xn, c->hidden_size, &f->up_proj, N, b, e);
+    for (int n = 0; n < N; n++)
+        swiglu_forward(s->gate + (size_t)n * F + b, s->gate + (size_t)n * F + b, s->up + (size_t)n * F + b, e - b);
 #pragma omp barrier
-    ts->failed |= gemv_share_residual(s->x, s->y, s->gate, &f->down_proj);
+    ts->failed |= gemv_share_residual(s->x, s->y, s->gate, &f->down_proj, N);
 #pragma omp barrier
 }
 
-static void decode_layer(const Model *m, ForwardState *s, LayerPass *p, KVCache *kv, int cache_layer,
-                         const LayerWeights *lw, int pos, Own *ts) {
+// logits (N, vocab) = head · norm(x); hidden (N, d) = norm(x) when asked.
+static void decode_head(const Model *m, ForwardState *s, const float *norm, const MatView *head, int N,
+                        float *logits, float *hidden, Own *ts) {
     const ModelConfig *c = &m->cfg;
-    LayerPass lp = *p;
-    lp.latent = kvcache_latent(kv, c, cache_layer);
-    lp.kpe = kvcache_kpe(kv, c, cache_layer);
-    decode_mla(m, s, &lp, lw, pos, ts);
-    decode_ffn(m, s, lw, ts);
+    rmsnorm_forward(ts->xn, NULL, s->x, norm, N, c->hidden_size, c->rms_norm_eps);
+    if (hidden && omp_get_thread_num() == 0) memcpy(hidden, ts->xn, sizeof(float) * N * c->hidden_size);
+    if (logits) ts->failed |= gemv_share(logits, ts->xn, head, N);
 }
 
-// logits (vocab) = head · norm(x); hidden (d) = norm(x) when asked.
-static void decode_head(const Model *m, ForwardState *s, const float *norm, const MatView *head, float *logits,
-                        float *hidden, Own *ts) {
+// Checks the batch, lays out its rows and the RoPE angles of their positions (pos0 of each
+// sequence: kv->len, or kv->mtp_len[mtp] for an MTP module), and makes room in the caches.
+static int batch_begin(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_seqs, int mtp, Batch *bt,
+                       Error *err) {
     const ModelConfig *c = &m->cfg;
-    rmsnorm_forward(ts->xn, NULL, s->x, norm, 1, c->hidden_size, c->rms_norm_eps);
-    if (hidden && omp_get_thread_num() == 0) memcpy(hidden, ts->xn, sizeof(float) * c->hidden_size);
-    if (logits) ts->failed |= gemv_share(logits, ts->xn, head);
+    if (n_seqs < 1 || n_seqs > DECODE_MAX_SEQS)
+        return err_set(err, "decode: %d sequences in a step (1 .. %d)", n_seqs, DECODE_MAX_SEQS);
+    bt->seqs = seqs;
+    bt->n_seqs = n_seqs;
+    bt->N = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const DecodeSeq *q = &seqs[i];
+        int pos0 = mtp < 0 ? q->kv->len : q->kv->mtp_len[mtp];
+        if (q->T < 1) return err_set(err, "decode: sequence %d has %d new tokens", i, q->T);
+        if (pos0 + q->T > s->capacity)
+            return err_set(err, "decode: positions up to %d exceed the forward state's %d", pos0 + q->T, s->capacity);
+        for (int t = 0; t < q->T; t++)
+            if (q->tokens[t] < 0 || q->tokens[t] >= c->vocab_size)
+                return err_set(err, "token %d at position %d is outside the vocabulary [0, %d)", q->tokens[t], pos0 + t,
+                               c->vocab_size);
+        if (kvcache_reserve(q->kv, pos0 + q->T, err)) return -1;
+        bt->row0[i] = bt->N;
+        bt->pos0[i] = pos0;
+        bt->N += q->T;
+    }
+    if (bt->N > s->max_decode)
+        return err_set(err, "decode: %d rows in a step, the forward state holds %d", bt->N, s->max_decode);
+    int hr = c->qk_rope_head_dim / 2;
+    for (int i = 0; i < n_seqs; i++)
+        rope_table(s->rope_cos + (size_t)bt->row0[i] * hr, s->rope_sin + (size_t)bt->row0[i] * hr, seqs[i].T,
+                   c->qk_rope_head_dim, bt->pos0[i], m->inv_freq, m->rope_mscale);
+    return 0;
 }
 
-// Every thread's failure, as the step's: 0, or -1 with the backend's error set.
-static int step_result(const Model *m, int failed) {
-    return failed ? err_set(&m->be->err, "decode step: out of memory for kernel scratch") : 0;
+// Every thread's failure, as the step's: 0, or -1 with err set.
+static int step_result(int failed, Error *err) {
+    return failed ? err_set(err, "decode step: out of memory for kernel scratch") : 0;
 }
 
-int decode_forward(const Model *m, ForwardState *s, KVCache *kv, int token, float *logits, float *hidden) {
+int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_seqs, float *logits, float *hidden,
+                 Error *err) {
     const ModelConfig *c = &m->cfg;
-    int pos = kv->len, failed = matview_row_f32(&m->w.embed_tokens, token, s->x) != 0;
-    LayerPass p = forward_pass(m, s, kv, 1, pos, ATTN_ABSORBED);
+    Batch bt;
+    if (batch_begin(m, s, seqs, n_seqs, -1, &bt, err)) return -1;
+    int failed = 0, d = c->hidden_size;
+    for (int i = 0; i < n_seqs; i++)
+        for (int t = 0; t < seqs[i].T; t++)
+            failed |= matview_row_f32(&m->w.embed_tokens, seqs[i].tokens[t], s->x + (size_t)(bt.row0[i] + t) * d) != 0;
 #pragma omp parallel num_threads(s->nthreads) reduction(| : failed)
     {
         Own ts = own_vectors(c, s);
-        for (int l = 0; l < c->num_hidden_layers; l++) decode_layer(m, s, &p, kv, l, &m->w.layers[l], pos, &ts);
-        decode_head(m, s, m->w.norm, &m->w.lm_head, logits, hidden, &ts);
+        for (int l = 0; l < c->num_hidden_layers; l++) {
+            decode_mla(m, s, &bt, l, &m->w.layers[l], &ts);
+            decode_ffn(m, s, &m->w.layers[l], bt.N, &ts);
+        }
+        decode_head(m, s, m->w.norm, &m->w.lm_head, bt.N, logits, hidden, &ts);
         failed |= ts.failed != 0;
     }
-    kv->len++;
-    return step_result(m, failed);
+    for (int i = 0; i < n_seqs; i++) seqs[i].kv->len += seqs[i].T;
+    return step_result(failed, err);
 }
 
-int decode_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, int token, const float *hidden,
-                       float *logits, float *hidden_out) {
+int model_mtp_decode(const Model *m, ForwardState *s, int k, const DecodeSeq *seqs, int n_seqs, const float *hidden,
+                     float *logits, float *hidden_out, Error *err) {
     const ModelConfig *c = &m->cfg;
+    if (k < 0 || k >= m->w.n_mtp) return err_set(err, "MTP module %d: the model has %d MTP modules loaded", k, m->w.n_mtp);
+    for (int i = 0; i < n_seqs; i++)
+        if (k >= seqs[i].kv->n_mtp) return err_set(err, "MTP module %d: sequence %d's cache has no layer for it", k, i);
     const MtpWeights *w = &m->w.mtp[k];
-    int d = c->hidden_size, pos = kv->mtp_len[k], failed = matview_row_f32(&w->embed_tokens, token, s->emb) != 0;
-    LayerPass p = forward_pass(m, s, kv, 1, pos, ATTN_ABSORBED);
+    Batch bt;
+    if (batch_begin(m, s, seqs, n_seqs, k, &bt, err)) return -1;
+    int failed = 0, d = c->hidden_size, N = bt.N;
+    for (int i = 0; i < n_seqs; i++)
+        for (int t = 0; t < seqs[i].T; t++)
+            failed |= matview_row_f32(&w->embed_tokens, seqs[i].tokens[t], s->emb + (size_t)(bt.row0[i] + t) * d) != 0;
 #pragma omp parallel num_threads(s->nthreads) reduction(| : failed)
     {
         Own ts = own_vectors(c, s);
         // the embedding half comes first, as in the released checkpoints (SPEC §2.3)
-        rmsnorm_forward(ts.cat, NULL, s->emb, w->enorm, 1, d, c->rms_norm_eps);
-        rmsnorm_forward(ts.cat + d, NULL, hidden, w->hnorm, 1, d, c->rms_norm_eps);
-        ts.failed |= gemv_share(s->x, ts.cat, &w->eh_proj);
+        for (int n = 0; n < N; n++) {
+            rmsnorm_forward(ts.cat + (size_t)n * 2 * d, NULL, s->emb + (size_t)n * d, w->enorm, 1, d, c->rms_norm_eps);
+            rmsnorm_forward(ts.cat + (size_t)n * 2 * d + d, NULL, hidden + (size_t)n * d, w->hnorm, 1, d, c->rms_norm_eps);
+        }
+        ts.failed |= gemv_share(s->x, ts.cat, &w->eh_proj, N);
 #pragma omp barrier
-        decode_layer(m, s, &p, kv, c->num_hidden_layers + k, &w->layer, pos, &ts);
-        decode_head(m, s, w->shared_head_norm, &w->shared_head_head, logits, hidden_out, &ts);
+        decode_mla(m, s, &bt, c->num_hidden_layers + k, &w->layer, &ts);
+        decode_ffn(m, s, &w->layer, N, &ts);
+        decode_head(m, s, w->shared_head_norm, &w->shared_head_head, N, logits, hidden_out, &ts);
         failed |= ts.failed != 0;
     }
-    kv->mtp_len[k]++;
-    return step_result(m, failed);
+    for (int i = 0; i < n_seqs; i++) seqs[i].kv->mtp_len[k] += seqs[i].T;
+    return step_result(failed, err);
 }

@@ -11,12 +11,6 @@
 
 static long lmax(long a, long b) { return a > b ? a : b; }
 
-// Floats of a decode thread's private vectors: xn (d), cq (q_lora), cat (2d), router scores (N_r),
-// gates (K_r) and chosen experts (K_r).
-static size_t own_floats(const ModelConfig *c) {
-    return 3 * (size_t)c->hidden_size + c->q_lora_rank + c->n_routed_experts + 2 * (size_t)lmax(c->num_experts_per_tok, 1);
-}
-
 typedef struct {
     ForwardState *s;
     const ModelConfig *c;
@@ -54,7 +48,6 @@ static void lay_state(BufPlan *p, void *ctx) {
     s->cat = PLAN_F(p, T * 2 * d);
     s->rope_cos = PLAN_F(p, T * (r / 2 + 1));
     s->rope_sin = PLAN_F(p, T * (r / 2 + 1));
-    s->fused = PLAN_F(p, 2 * (K + c->n_shared_experts) * Fm);
     s->attn = PLAN_F(p, s->nthreads * s->attn_per_thread);
     s->own = PLAN_F(p, s->nthreads * s->own_per_thread);
 }
@@ -64,11 +57,12 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     ForwardState *s = xcalloc(err, 1, sizeof *s, "forward state");
     if (!s) return NULL;
     s->max_T = max_T;
+    s->max_decode = max_T < DECODE_MAX_ROWS ? max_T : DECODE_MAX_ROWS;
     s->capacity = capacity;
     s->nthreads = omp_get_max_threads();
     // per-thread sizes padded to whole cache lines, so threads never share one
     s->attn_per_thread = (attn_scratch_floats(c, capacity) + 15) / 16 * 16;
-    s->own_per_thread = (own_floats(c) + 15) / 16 * 16;
+    s->own_per_thread = (decode_own_floats(c, s->max_decode) + 15) / 16 * 16;
     Layout lay = {s, c};
     s->be = m->be;
     s->block = s->be->ops->alloc(s->be, bufplan_size(lay_state, &lay), "forward activations");
@@ -115,7 +109,8 @@ LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T
     const ModelConfig *c = &m->cfg;
     rope_table(s->rope_cos, s->rope_sin, T, c->qk_rope_head_dim, pos0, m->inv_freq, m->rope_mscale);
     return (LayerPass){.be = m->be, .c = c, .B = 1, .T = T, .pos0 = pos0, .rope_cos = s->rope_cos, .rope_sin = s->rope_sin,
-                       .softmax_scale = m->softmax_scale, .ld = kv->capacity, .store = kv->dtype, .mode = mode,
+                       .softmax_scale = m->softmax_scale, .blocks = kv->blocks, .block_size = kv->pool->block_size,
+                       .store = kv->dtype, .mode = mode,
                        .scratch = s->attn,
                        .per_thread = s->attn_per_thread};
 }
@@ -126,16 +121,18 @@ static void pass_layer(LayerPass *p, const ModelConfig *c, KVCache *kv, int l) {
     p->kpe = kvcache_kpe(kv, c, l);
 }
 
-static int check_call(const Model *m, const ForwardState *s, int T, int pos0, int capacity, const int *tokens,
+// Checks a call of T tokens at pos0 and makes room for them in the cache.
+static int check_call(const Model *m, const ForwardState *s, KVCache *kv, int T, int pos0, const int *tokens,
                       Error *err) {
     if (T < 1 || T > s->max_T) return err_set(err, "forward: %d tokens, but the state holds at most %d", T, s->max_T);
-    if (pos0 + T > capacity || pos0 + T > s->capacity)
-        return err_set(err, "forward: positions up to %d exceed the KV cache capacity %d", pos0 + T, capacity);
+    if (pos0 + T > kv->capacity || pos0 + T > s->capacity)
+        return err_set(err, "forward: positions up to %d exceed the KV cache capacity %d", pos0 + T,
+                       kv->capacity < s->capacity ? kv->capacity : s->capacity);
     for (int t = 0; t < T; t++)
         if (tokens[t] < 0 || tokens[t] >= m->cfg.vocab_size)
             return err_set(err, "token %d at position %d is outside the vocabulary [0, %d)", tokens[t], pos0 + t,
                            m->cfg.vocab_size);
-    return 0;
+    return kvcache_reserve(kv, pos0 + T, err);
 }
 
 // The final norm and the head: hidden (T, d) = norm(x) when asked, logits (T, vocab) and
@@ -158,9 +155,10 @@ int model_forward(const Model *m, ForwardState *s, KVCache *kv, const int *token
                   float *logits, float *last_logits, float *hidden, Error *err) {
     const ModelConfig *c = &m->cfg;
     int pos0 = kv->len;
-    if (check_call(m, s, T, pos0, kv->capacity, tokens, err)) return -1;
+    if (check_call(m, s, kv, T, pos0, tokens, err)) return -1;
     if (T == 1 && mode == ATTN_ABSORBED) {
-        if (decode_forward(m, s, kv, tokens[0], logits ? logits : last_logits, hidden)) return backend_failed(m, err);
+        DecodeSeq one = {.kv = kv, .tokens = tokens, .T = 1};
+        if (model_decode(m, s, &one, 1, logits ? logits : last_logits, hidden, err)) return -1;
         if (logits && last_logits) memcpy(last_logits, logits, sizeof(float) * c->vocab_size);
         return 0;
     }
@@ -183,9 +181,11 @@ int model_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, const
         return err_set(err, "MTP module %d: the model has %d MTP modules loaded", k, m->w.n_mtp);
     const MtpWeights *w = &m->w.mtp[k];
     int pos0 = kv->mtp_len[k];
-    if (check_call(m, s, T, pos0, kv->capacity, next_tokens, err)) return -1;
-    if (T == 1 && mode == ATTN_ABSORBED)
-        return decode_mtp_forward(m, s, kv, k, next_tokens[0], hidden, logits, hidden_out) ? backend_failed(m, err) : 0;
+    if (check_call(m, s, kv, T, pos0, next_tokens, err)) return -1;
+    if (T == 1 && mode == ATTN_ABSORBED) {
+        DecodeSeq one = {.kv = kv, .tokens = next_tokens, .T = 1};
+        return model_mtp_decode(m, s, k, &one, 1, hidden, logits, hidden_out, err);
+    }
     Backend *be = m->be;
     double balance;
     LayerPass p = forward_pass(m, s, kv, T, pos0, mode);

@@ -9,6 +9,7 @@
 struct ForwardState {
     Backend *be;              // whose memory the block is
     int max_T, capacity, nthreads;
+    int max_decode;           // rows a decode step takes at most (min(max_T, DECODE_MAX_ROWS))
     float *x, *xn, *y;        // (T, d) residual stream, a sub-layer's normed input, its output
     float *qa;                // (T, q_lora) q_a_proj output, normed in place
     float *q;                 // (T, H, qk_head) [q_nope | q_pe] per head
@@ -27,10 +28,9 @@ struct ForwardState {
     float *emb;               // (T, d) MTP: the next tokens' embeddings
     float *cat;               // (T, 2d) MTP input [enorm(emb) ; hnorm(h)]
     float *rope_cos, *rope_sin;  // (T, rope/2) the angles of the positions being run
-    float *fused;             // (2, (K_r + n_shared) · moe_inter) decode: gate and up rows of a token's experts
     float *attn;              // (nthreads, attn_per_thread) attention scratch
     size_t attn_per_thread;
-    float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors
+    float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors (decode.c)
     size_t own_per_thread;
     LayerActs acts;           // a layer's activations, laid over the buffers above
     void *block;              // the one allocation everything above lives in
@@ -39,11 +39,7 @@ struct ForwardState {
 // The pass of T rows at pos0 over one sequence's cache; latent and kpe are set per layer.
 LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T, int pos0, AttnMode mode);
 
-// Decode steps: one token at position kv->len (main model) or kv->mtp_len[k] (MTP module k)
-// through absorbed attention, in one parallel region (decode.c). Same outputs as model_forward and
-// model_mtp_forward with T = 1; the callers have checked the arguments. 0, or -1 with m->be->err set.
-int decode_forward(const Model *m, ForwardState *s, KVCache *kv, int token, float *logits, float *hidden);
-int decode_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, int token, const float *hidden,
-                       float *logits, float *hidden_out);
+// Floats of one decode thread's private vectors for steps of up to `rows` rows.
+size_t decode_own_floats(const ModelConfig *c, int rows);
 
 #endif

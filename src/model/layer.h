@@ -35,7 +35,9 @@ typedef struct LayerPass {
     float softmax_scale;
     void *latent;      // (B, ld, kv_lora) the latent store of this layer (see above)
     void *kpe;         // (B, ld, rope)
-    int ld;            // positions per sequence in the store (cache capacity; T in training)
+    int ld;            // positions per sequence in a contiguous store (T in training)
+    const int *blocks; // a paged store (inference, B = 1): its block table (KVCache), or NULL
+    int block_size;
     DType store;       // the store's element type: DT_F32 (training: always), or DT_BF16
     AttnMode mode;     // plain: per-head keys and values expanded through kv_b_proj; absorbed: not
     int save;          // keep what the backward pass reads (training)

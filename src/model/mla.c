@@ -13,7 +13,7 @@ LatentAttention mla_attention_call(const LayerPass *p, const MatView *kv_b_proj,
                              .nope = c->qk_nope_head_dim, .rope = c->qk_rope_head_dim, .v = c->v_head_dim,
                              .kv_lora = c->kv_lora_rank, .scale = p->softmax_scale,
                              .absorbed = p->mode == ATTN_ABSORBED, .q = q, .latent = p->latent, .kpe = p->kpe,
-                             .ld = p->ld, .kv_b_proj = kv_b_proj, .out = out, .kv_save = kv_save,
+                             .ld = p->ld, .blocks = p->blocks, .block_size = p->block_size, .kv_b_proj = kv_b_proj, .out = out, .kv_save = kv_save,
                              .probs_save = probs_save, .scratch = p->scratch, .per_thread = p->per_thread};
 }
 
@@ -40,24 +40,23 @@ int mla_forward(const LayerPass *p, const MlaWeights *w, const float *input_laye
     TRY(be->ops->matmul(be, a->kva, a->ln1, &w->kv_a_proj_with_mqa, N));
     if (a->ckv_pre)
         for (int n = 0; n < N; n++) memcpy(a->ckv_pre + (size_t)n * L, a->kva + (size_t)n * (L + r), sizeof(float) * L);
-    // the new positions go into the store: normalised latents, rotated shared keys
+    // the new positions go into the store: normalised latents, rotated shared keys — normalised and
+    // rotated in place in kva (not read again), then copied or rounded into the store row by row
     for (int b = 0; b < B; b++) {
         float *kva = a->kva + (size_t)b * T * (L + r);
-        size_t at = (size_t)b * p->ld + p->pos0;
-        float *rstd = a->ckv_rstd ? a->ckv_rstd + b * T : NULL;
-        if (p->store == DT_F32) {
-            float *latent = (float *)p->latent + at * L, *kpe = (float *)p->kpe + at * r;
-            TRY(be->ops->rmsnorm(be, latent, L, rstd, kva, L + r, w->kv_a_layernorm, T, L, eps));
-            for (int t = 0; t < T; t++) memcpy(kpe + (size_t)t * r, kva + (size_t)t * (L + r) + L, sizeof(float) * r);
-            TRY(be->ops->rope(be, kpe, T, T, 1, r, r, p->rope_cos, p->rope_sin));
-            continue;
-        }
-        // BF16: normalise and rotate in place in kva (not read again), then round into the store
-        TRY(be->ops->rmsnorm(be, kva, L + r, rstd, kva, L + r, w->kv_a_layernorm, T, L, eps));
+        TRY(be->ops->rmsnorm(be, kva, L + r, a->ckv_rstd ? a->ckv_rstd + b * T : NULL, kva, L + r, w->kv_a_layernorm,
+                             T, L, eps));
         TRY(be->ops->rope(be, kva + L, T, T, 1, L + r, r, p->rope_cos, p->rope_sin));
         for (int t = 0; t < T; t++) {
-            TRY(be->ops->to_bf16(be, (uint16_t *)p->latent + (at + t) * L, kva + (size_t)t * (L + r), L));
-            TRY(be->ops->to_bf16(be, (uint16_t *)p->kpe + (at + t) * r, kva + (size_t)t * (L + r) + L, r));
+            size_t row = latent_store_row(p->blocks, p->block_size, p->ld, b, p->pos0 + t);
+            const float *src = kva + (size_t)t * (L + r);
+            if (p->store == DT_F32) {
+                memcpy((float *)p->latent + row * L, src, sizeof(float) * L);
+                memcpy((float *)p->kpe + row * r, src + L, sizeof(float) * r);
+            } else {
+                TRY(be->ops->to_bf16(be, (uint16_t *)p->latent + row * L, src, L));
+                TRY(be->ops->to_bf16(be, (uint16_t *)p->kpe + row * r, src + L, r));
+            }
         }
     }
     TRY(be->ops->rope(be, a->q + nope, N, T, H, qk, r, p->rope_cos, p->rope_sin));

@@ -39,42 +39,114 @@ void model_free(Model *m) {
     memset(m, 0, sizeof *m);
 }
 
-int kvcache_init(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, Error *err) {
-    return kvcache_init_as(kv, c, n_mtp, capacity, DT_F32, err);
+int kvpool_init(KVPool *p, const ModelConfig *c, int n_mtp, int n_blocks, int block_size, DType dtype, Error *err) {
+    memset(p, 0, sizeof *p);
+    if (dtype != DT_F32 && dtype != DT_BF16)
+        return err_set(err, "KV cache: element type %s is not F32 or BF16", dtype_name(dtype));
+    if (n_blocks < 1 || block_size < 1)
+        return err_set(err, "KV cache: %d blocks of %d positions", n_blocks, block_size);
+    p->n_layers = c->num_hidden_layers + n_mtp;
+    p->block_size = block_size;
+    p->n_blocks = n_blocks;
+    p->dtype = dtype;
+    size_t es = dtype_size(dtype), rows = (size_t)p->n_layers * n_blocks * block_size;
+    p->latent = xmalloc(err, es * rows * c->kv_lora_rank, "KV cache latents");
+    p->k_pe = xmalloc(err, es * rows * (c->qk_rope_head_dim ? c->qk_rope_head_dim : 1), "KV cache rotary keys");
+    p->free_ids = xmalloc(err, sizeof(int) * n_blocks, "KV cache block list");
+    if (!p->latent || !p->k_pe || !p->free_ids) {
+        kvpool_free(p);
+        return -1;
+    }
+    for (int i = 0; i < n_blocks; i++) p->free_ids[i] = n_blocks - 1 - i;  // block 0 is handed out first
+    p->n_free = n_blocks;
+    return 0;
 }
 
-int kvcache_init_as(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, DType dtype, Error *err) {
+void kvpool_free(KVPool *p) {
+    free(p->latent);
+    free(p->k_pe);
+    free(p->free_ids);
+    memset(p, 0, sizeof *p);
+}
+
+size_t kvpool_block_bytes(const KVPool *p, const ModelConfig *c) {
+    return (size_t)p->n_layers * p->block_size * (c->kv_lora_rank + c->qk_rope_head_dim) * dtype_size(p->dtype);
+}
+
+int kvcache_attach(KVCache *kv, KVPool *pool, int n_mtp, int capacity, Error *err) {
     memset(kv, 0, sizeof *kv);
-    if (dtype != DT_F32 && dtype != DT_BF16) return err_set(err, "KV cache: element type %s is not F32 or BF16", dtype_name(dtype));
-    kv->n_layers = c->num_hidden_layers + n_mtp;
+    if (capacity < 1) return err_set(err, "KV cache: capacity %d", capacity);
+    kv->pool = pool;
+    kv->dtype = pool->dtype;
     kv->n_mtp = n_mtp;
+    kv->max_blocks = (capacity + pool->block_size - 1) / pool->block_size;
     kv->capacity = capacity;
-    kv->dtype = dtype;
-    size_t es = dtype_size(dtype);
-    kv->latent = xmalloc(err, es * kv->n_layers * capacity * c->kv_lora_rank, "KV cache latents");
-    kv->k_pe = xmalloc(err, es * kv->n_layers * capacity * (c->qk_rope_head_dim ? c->qk_rope_head_dim : 1),
-                       "KV cache rotary keys");
-    kv->mtp_len = xcalloc(err, n_mtp, sizeof(int), "KV cache MTP lengths");
-    if (!kv->latent || !kv->k_pe || !kv->mtp_len) {
+    kv->blocks = xmalloc(err, sizeof(int) * kv->max_blocks, "KV cache block table");
+    kv->mtp_len = xcalloc(err, n_mtp > 0 ? n_mtp : 1, sizeof(int), "KV cache MTP lengths");
+    if (!kv->blocks || !kv->mtp_len) {
         kvcache_free(kv);
         return -1;
     }
     return 0;
 }
 
+int kvcache_init(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, Error *err) {
+    return kvcache_init_as(kv, c, n_mtp, capacity, DT_F32, err);
+}
+
+int kvcache_init_as(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, DType dtype, Error *err) {
+    memset(kv, 0, sizeof *kv);
+    KVPool *pool = xcalloc(err, 1, sizeof *pool, "KV cache");
+    if (!pool) return -1;
+    if (kvpool_init(pool, c, n_mtp, 1, capacity, dtype, err) || kvcache_attach(kv, pool, n_mtp, capacity, err) ||
+        kvcache_reserve(kv, capacity, err)) {
+        kvpool_free(pool);
+        free(pool);
+        kvcache_free(kv);
+        return -1;
+    }
+    kv->owns_pool = 1;
+    return 0;
+}
+
+int kvcache_reserve(KVCache *kv, int positions, Error *err) {
+    if (positions > kv->capacity)
+        return err_set(err, "KV cache: %d positions exceed the sequence's capacity %d", positions, kv->capacity);
+    KVPool *p = kv->pool;
+    while (kv->n_blocks * p->block_size < positions) {
+        if (p->n_free == 0)
+            return err_set(err, "KV cache: the pool's %d blocks of %d positions are all in use", p->n_blocks,
+                           p->block_size);
+        kv->blocks[kv->n_blocks++] = p->free_ids[--p->n_free];
+    }
+    return 0;
+}
+
+void kvcache_clear(KVCache *kv) {
+    while (kv->n_blocks > 0) kv->pool->free_ids[kv->pool->n_free++] = kv->blocks[--kv->n_blocks];
+    kv->len = 0;
+    for (int k = 0; k < kv->n_mtp; k++) kv->mtp_len[k] = 0;
+}
+
 void kvcache_free(KVCache *kv) {
-    free(kv->latent);
-    free(kv->k_pe);
+    if (kv->pool && kv->blocks) kvcache_clear(kv);
+    if (kv->owns_pool) {
+        kvpool_free(kv->pool);
+        free(kv->pool);
+    }
+    free(kv->blocks);
     free(kv->mtp_len);
     memset(kv, 0, sizeof *kv);
 }
 
 void *kvcache_latent(const KVCache *kv, const ModelConfig *c, int l) {
-    return (char *)kv->latent + (size_t)l * kv->capacity * c->kv_lora_rank * dtype_size(kv->dtype);
+    const KVPool *p = kv->pool;
+    return (char *)p->latent + (size_t)l * p->n_blocks * p->block_size * c->kv_lora_rank * dtype_size(p->dtype);
 }
 
 void *kvcache_kpe(const KVCache *kv, const ModelConfig *c, int l) {
-    return (char *)kv->k_pe + (size_t)l * kv->capacity * c->qk_rope_head_dim * dtype_size(kv->dtype);
+    const KVPool *p = kv->pool;
+    return (char *)p->k_pe + (size_t)l * p->n_blocks * p->block_size * c->qk_rope_head_dim * dtype_size(p->dtype);
 }
 
 size_t kvcache_bytes_per_token(const ModelConfig *c, DType dtype) {

@@ -30,25 +30,56 @@ typedef struct Model {
 int model_load(Model *m, const char *dir, int need_mtp, Error *err);
 void model_free(Model *m);
 
-// The latent cache of one sequence, for the main layers and then the MTP layers. Elements are F32
-// (decode computes exactly what prefill does) or BF16 (half the memory and the bytes attention
-// reads; the normalised latent and the rotated key are rounded to BF16 as they are stored).
+// The latent cache's memory: one pool of blocks of block_size positions, each block holding those
+// positions' rows for every layer (main layers, then the MTP modules' layers). Sequences take blocks
+// as they grow and give them back when they end, so sequences of different lengths share one
+// bounded pool. Elements are F32 (decode computes exactly what prefill does) or BF16 (half the
+// memory and the bytes attention reads; the normalised latent and the rotated key are rounded to
+// BF16 as they are stored).
+typedef struct KVPool {
+    int n_layers;     // num_hidden_layers + MTP modules
+    int block_size;   // positions per block
+    int n_blocks;
+    DType dtype;      // DT_F32 or DT_BF16
+    void *latent;     // (n_layers, n_blocks, block_size, kv_lora_rank)  normalised c_kv
+    void *k_pe;       // (n_layers, n_blocks, block_size, qk_rope_head_dim) rotated
+    int *free_ids;    // (n_blocks) a stack of the free blocks
+    int n_free;
+} KVPool;
+
+int kvpool_init(KVPool *p, const ModelConfig *c, int n_mtp, int n_blocks, int block_size, DType dtype, Error *err);
+void kvpool_free(KVPool *p);
+// Bytes of one block.
+size_t kvpool_block_bytes(const KVPool *p, const ModelConfig *c);
+
+// One sequence's cache: its block table into a pool (position p lives in row p % block_size of
+// block blocks[p / block_size]) and how many positions are filled.
 typedef struct KVCache {
-    int n_layers;   // num_hidden_layers + MTP modules
-    int capacity;   // positions
+    KVPool *pool;
+    int owns_pool;  // kvcache_init made a private pool (freed with the cache)
+    int *blocks;    // (max_blocks) the block table
+    int n_blocks, max_blocks;
+    int capacity;   // positions at most: max_blocks · block_size
     int len;        // positions filled (same for every main layer)
     int n_mtp;
     int *mtp_len;   // (n_mtp) positions filled in each MTP module's layer
-    DType dtype;    // DT_F32 or DT_BF16
-    void *latent;   // (n_layers, capacity, kv_lora_rank)  normalised c_kv
-    void *k_pe;     // (n_layers, capacity, qk_rope_head_dim) rotated
+    DType dtype;    // the pool's
 } KVCache;
 
-// An F32 cache; kvcache_init_as chooses the element type (DT_F32 or DT_BF16).
+// A cache of `capacity` positions with a private pool that holds all of them (one block): for a
+// caller that runs one sequence. F32, or kvcache_init_as's dtype (DT_F32 or DT_BF16).
 int kvcache_init(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, Error *err);
 int kvcache_init_as(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, DType dtype, Error *err);
+// An empty cache of up to `capacity` positions whose blocks come from pool as it grows.
+int kvcache_attach(KVCache *kv, KVPool *pool, int n_mtp, int capacity, Error *err);
+// Makes positions [0, positions) backed by blocks; -1 with err when the pool has run out (the
+// cache keeps what it had) or positions exceeds the capacity.
+int kvcache_reserve(KVCache *kv, int positions, Error *err);
+// Empties the cache and gives its blocks back to the pool.
+void kvcache_clear(KVCache *kv);
 void kvcache_free(KVCache *kv);
-// Layer l's latents and rotated keys (pointers into the cache at position 0).
+// Layer l's latents and rotated keys: the pool's rows of that layer, addressed through the block
+// table (kernels/attention.h: latent_store_row).
 void *kvcache_latent(const KVCache *kv, const ModelConfig *c, int l);
 void *kvcache_kpe(const KVCache *kv, const ModelConfig *c, int l);
 // Bytes per token of the cache with elements of dtype, over the main layers.
@@ -65,6 +96,26 @@ void forward_state_free(ForwardState *s);
 // NULL; hidden: (T, d) the final-normed hidden states (the MTP module's input) or NULL.
 int model_forward(const Model *m, ForwardState *s, KVCache *kv, const int *tokens, int T, AttnMode mode,
                   float *logits, float *last_logits, float *hidden, Error *err);
+
+// Batched decoding: one forward with absorbed attention over the new tokens of several sequences —
+// one each in a decode step, K + 1 in a speculative verification — each at its own positions
+// (kv->len .., or kv->mtp_len[k] ..) in its own cache, appending to it. Every weight matrix is
+// read once for the whole batch, and a row's bits do not depend on the other rows or the thread
+// count (batch invariance, decode.c). Rows are in sequence order, N = Σ T ≤ the state's max_T
+// and DECODE_MAX_ROWS; logits: (N, vocab) or NULL; hidden: (N, d) the final-normed states or NULL.
+#define DECODE_MAX_SEQS 256
+#define DECODE_MAX_ROWS 512
+typedef struct DecodeSeq {
+    KVCache *kv;
+    const int *tokens;  // (T)
+    int T;
+} DecodeSeq;
+int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_seqs, float *logits, float *hidden,
+                 Error *err);
+// MTP module k over such a batch: tokens are the next tokens, hidden (N, d) the input states (as
+// model_mtp_forward's); logits (N, vocab), hidden_out (N, d) or NULL.
+int model_mtp_decode(const Model *m, ForwardState *s, int k, const DecodeSeq *seqs, int n_seqs, const float *hidden,
+                     float *logits, float *hidden_out, Error *err);
 
 // MTP module k (0-based): rows i = 0..T-1 combine (next_tokens[i], hidden[i]) at positions
 // kv->mtp_len + i, appending to the module's cache layer. hidden: (T, d) — the main model's
