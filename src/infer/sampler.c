@@ -39,9 +39,8 @@ static int by_prob_desc(const void *a, const void *b) {
     return *(const int *)a - *(const int *)b;
 }
 
-int sampler_sample(Sampler *s, const float *logits) {
+int sampler_distribution(Sampler *s, const float *logits) {
     int V = s->vocab;
-    if (s->temperature <= 0) return argmax_f32(logits, V);
     float m = logits[argmax_f32(logits, V)];
     double sum = 0;
     for (int i = 0; i < V; i++) {
@@ -50,8 +49,8 @@ int sampler_sample(Sampler *s, const float *logits) {
     }
     for (int i = 0; i < V; i++) s->probs[i] = (float)(s->probs[i] / sum);
     int n = V;
+    for (int i = 0; i < V; i++) s->order[i] = i;
     if ((s->top_k > 0 && s->top_k < V) || s->top_p < 1) {
-        for (int i = 0; i < V; i++) s->order[i] = i;
         sort_probs = s->probs;
         qsort(s->order, V, sizeof(int), by_prob_desc);
         if (s->top_k > 0 && s->top_k < n) n = s->top_k;
@@ -68,15 +67,37 @@ int sampler_sample(Sampler *s, const float *logits) {
                 }
             }
         }
-    } else {
-        for (int i = 0; i < V; i++) s->order[i] = i;
     }
-    double total = 0;
-    for (int i = 0; i < n; i++) total += s->probs[s->order[i]];
-    double u = rng_uniform(&s->rng) * total, c = 0;
+    return n;
+}
+
+double sampler_prob(const Sampler *s, int n, int id) {
+    double total = 0, p = 0;
     for (int i = 0; i < n; i++) {
-        c += s->probs[s->order[i]];
-        if (u < c) return s->order[i];
+        total += s->probs[s->order[i]];
+        if (s->order[i] == id) p = s->probs[id];
     }
-    return s->order[n - 1];
+    return total > 0 ? p / total : 0;
+}
+
+int sampler_draw(Sampler *s, int n, int exclude) {
+    double total = 0;
+    for (int i = 0; i < n; i++)
+        if (s->order[i] != exclude) total += s->probs[s->order[i]];
+    double u = rng_uniform(&s->rng) * total, c = 0;
+    int last = -1;
+    for (int i = 0; i < n; i++) {
+        if (s->order[i] == exclude) continue;
+        c += s->probs[s->order[i]];
+        last = s->order[i];
+        if (u < c) return last;
+    }
+    return last >= 0 ? last : s->order[0];
+}
+
+double sampler_uniform(Sampler *s) { return rng_uniform(&s->rng); }
+
+int sampler_sample(Sampler *s, const float *logits) {
+    if (s->temperature <= 0) return argmax_f32(logits, s->vocab);
+    return sampler_draw(s, sampler_distribution(s, logits), -1);
 }

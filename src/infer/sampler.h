@@ -20,6 +20,14 @@ int sampler_init(Sampler *s, int vocab, float temperature, int top_k, float top_
 void sampler_free(Sampler *s);
 // logits: (vocab); returns the chosen id.
 int sampler_sample(Sampler *s, const float *logits);
+// The pieces of a draw at temperature > 0, for speculative sampling: sampler_distribution keeps
+// the distribution the draw is from (the n ids it returns, s->order[0 .. n)); sampler_prob is
+// p(id) in it; sampler_draw draws from it, leaving out `exclude` (-1: none) and renormalising
+// (the residual distribution of a rejected greedy draft); sampler_uniform is a draw from [0, 1).
+int sampler_distribution(Sampler *s, const float *logits);
+double sampler_prob(const Sampler *s, int n, int id);
+int sampler_draw(Sampler *s, int n, int exclude);
+double sampler_uniform(Sampler *s);
 // The id of the largest logit (the lowest id on ties).
 int argmax_f32(const float *x, int n);
 
