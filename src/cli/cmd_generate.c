@@ -111,7 +111,10 @@ static void on_token(void *owner, int seq, const EngineToken *et) {
     int token = et->token;
     FinishReason finish = et->finish;
     Sink *k = owner;
-    (void)finish;
+    if (finish == FINISH_ERROR && !k->failed) {
+        err_set(k->err, "sequence %d: the KV cache pool ran out", seq);
+        k->failed = 1;
+    }
     if (token < 0 || k->failed) return;
     if (k->stream) {
         if (k->tok) {

@@ -1,3 +1,21 @@
+// The engine (engine.h): admission, chunked prefill, the batched decode step, speculative decoding
+// with the MTP module as the drafter, and the hand-over of tokens to their owners.
+//
+// Speculative decoding, per sequence, with n = its cache length and x_n the token just produced
+// (not yet in the cache), h_t the main model's final-normed hidden state at position t:
+//  - the MTP module's cache row t holds (h_t, x_{t+1}) (SPEC §2.3). Prefill fills rows up to n − 2
+//    from the prompt; the rows not yet run are pending: (h_t, x_{t+1}) for t = mtp_len .. n − 1;
+//  - draft: the module runs the pending rows (one batched forward over all sequences); the last
+//    row's argmax is draft d_1. For K > 1 the module chains on its own output (its hidden state
+//    after shared_head.norm, as training feeds the next module) with d_j as the next token;
+//  - verify: ONE model_decode over [x_n, d_1 .. d_K] at positions n .. n + K; row j's logits are
+//    exactly what a plain step at position n + j computes (batch invariance). Row j decides the
+//    token at n + j + 1: greedy accepts d_{j+1} when it is the argmax; sampling accepts it with
+//    probability p_j(d_{j+1}), and on a rejection draws from p_j without d_{j+1} (the residual of a
+//    greedy draft), so the output distribution is plain sampling's. The first rejection's token (or
+//    after K acceptances the bonus from row K) ends the step;
+//  - roll back: the main cache keeps positions up to n + a (a drafts accepted); the module's cache
+//    drops the chained rows; the verify rows 0 .. a become the next pending rows.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,25 +32,41 @@ typedef struct Seq {
     int n_prompt;
     int prefilled;        // prompt positions already in the cache
     int generated;
-    int last;             // the token the next decode step feeds
+    int last;             // the token the next step feeds (produced, not yet in the cache)
     SeqParams p;
     int *stop_ids;        // (p.n_stop_ids) owned copy
     Sampler sampler;
     EngineTokenFn fn;
     void *owner;
-    int slot;             // -1 while waiting or done
+    KVCache kv;           // while running
+    int has_kv;
+    // speculative decoding: the module's pending rows (h_t, x_{t+1}), t = kv.mtp_len[0] ..
+    int n_pend;
+    int *pend_tok;        // (K + 1)
+    float *pend_h;        // (K + 1, d)
+    int draft[ENGINE_MAX_SPECULATIVE];
+    int n_draft;
+    int row0;             // this step's first row in the batch
 } Seq;
 
 struct Engine {
     const Model *m;
     EngineOptions o;
-    KVCache *cache;        // (parallel) one per slot, ctx positions each
-    int *slot_seq;         // (parallel) the sequence in each slot, or -1
-    ForwardState *fs;      // shared: sequences run one forward pass at a time
-    float *logits;         // (vocab)
+    int K;                 // draft tokens per step (0: plain decoding)
+    KVPool pool;
+    ForwardState *fs;
+    int max_rows;          // rows of a decode step: parallel · (K + 1)
+    float *logits;         // (max_rows, vocab)
+    float *hidden;         // (max(max_rows, prefill_chunk), d) main model hidden states
+    float *mtp_hidden;     // (max_rows, d) the module's output states
+    float *mtp_logits;     // (max_rows, vocab)
     Seq *seqs;             // (n_seqs) every sequence ever added, by id
     int n_seqs, cap_seqs;
     int next_waiting;      // sequences below this id have been admitted (or cancelled)
+    int *run;              // (parallel) ids of the running sequences, in admission order
+    int n_run;
+    DecodeSeq *batch;      // (parallel)
+    int *batch_tok;        // (max_rows)
     EngineStats stats;
 };
 
@@ -47,30 +81,60 @@ SeqParams seq_params_default(void) {
 }
 
 Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
-    if (o->parallel < 1 || o->ctx < 2 || o->prefill_chunk < 1) {
-        err_set(err, "engine: parallel %d, ctx %d, prefill chunk %d: each must be positive (ctx at least 2)",
-                o->parallel, o->ctx, o->prefill_chunk);
+    const ModelConfig *c = &m->cfg;
+    int K = o->speculative;
+    if (o->parallel < 1 || o->ctx < 2 || o->prefill_chunk < 1 || o->cache_tokens < 0) {
+        err_set(err, "engine: parallel %d, ctx %d, prefill chunk %d, cache %d: each must be positive (ctx at least 2)",
+                o->parallel, o->ctx, o->prefill_chunk, o->cache_tokens);
         return NULL;
     }
-    if (o->speculative != 0) {
-        err_set(err, "engine: speculative decoding is not built yet");
+    if (K < 0 || K > ENGINE_MAX_SPECULATIVE) {
+        err_set(err, "engine: speculative %d is outside [0, %d]", K, ENGINE_MAX_SPECULATIVE);
+        return NULL;
+    }
+    if (K > 0 && m->w.n_mtp < 1) {
+        err_set(err, "engine: speculative decoding drafts with the MTP module, and this model has no MTP layers loaded "
+                     "(num_nextn_predict_layers = %d)", c->num_nextn_predict_layers);
+        return NULL;
+    }
+    if ((long)o->parallel * (K + 1) > DECODE_MAX_ROWS || o->parallel > DECODE_MAX_SEQS) {
+        err_set(err, "engine: %d sequences × %d rows exceed a decode step's %d rows", o->parallel, K + 1, DECODE_MAX_ROWS);
         return NULL;
     }
     Engine *e = xcalloc(err, 1, sizeof *e, "engine");
     if (!e) return NULL;
     e->m = m;
     e->o = *o;
+    e->K = K;
     if (e->o.prefill_chunk > o->ctx) e->o.prefill_chunk = o->ctx;
-    e->cache = xcalloc(err, o->parallel, sizeof *e->cache, "engine slots");
-    e->slot_seq = xmalloc(err, sizeof(int) * o->parallel, "engine slots");
-    e->logits = xmalloc(err, sizeof(float) * m->cfg.vocab_size, "logits");
-    if (!e->cache || !e->slot_seq || !e->logits) goto fail;
-    for (int i = 0; i < o->parallel; i++) {
-        e->slot_seq[i] = -1;
-        if (kvcache_init_as(&e->cache[i], &m->cfg, 0, o->ctx, o->kv_dtype, err)) goto fail;
+    // by default every running sequence can reach ctx positions (whole blocks each)
+    long per_seq = (o->ctx + ENGINE_BLOCK_SIZE - 1) / ENGINE_BLOCK_SIZE;
+    long n_blocks = o->cache_tokens > 0 ? (o->cache_tokens + ENGINE_BLOCK_SIZE - 1) / ENGINE_BLOCK_SIZE
+                                        : (long)o->parallel * per_seq;
+    if (n_blocks > (1L << 30)) {
+        err_set(err, "engine: a cache of %ld blocks", n_blocks);
+        return NULL;
     }
-    e->fs = forward_state_new(m, e->o.prefill_chunk, o->ctx, err);
+    e->max_rows = o->parallel * (K + 1);
+    int V = c->vocab_size, d = c->hidden_size, hrows = e->max_rows > e->o.prefill_chunk ? e->max_rows : e->o.prefill_chunk;
+    if (kvpool_init(&e->pool, c, K > 0 ? 1 : 0, (int)n_blocks, ENGINE_BLOCK_SIZE, o->kv_dtype, err)) {
+        free(e);
+        return NULL;
+    }
+    e->logits = xmalloc(err, sizeof(float) * e->max_rows * V, "logits");
+    e->hidden = xmalloc(err, sizeof(float) * (size_t)hrows * d, "hidden states");
+    e->run = xmalloc(err, sizeof(int) * o->parallel, "engine");
+    e->batch = xmalloc(err, sizeof(DecodeSeq) * o->parallel, "engine");
+    e->batch_tok = xmalloc(err, sizeof(int) * e->max_rows, "engine");
+    if (!e->logits || !e->hidden || !e->run || !e->batch || !e->batch_tok) goto fail;
+    if (K > 0) {
+        e->mtp_hidden = xmalloc(err, sizeof(float) * e->max_rows * d, "MTP hidden states");
+        e->mtp_logits = xmalloc(err, sizeof(float) * e->max_rows * V, "MTP logits");
+        if (!e->mtp_hidden || !e->mtp_logits) goto fail;
+    }
+    e->fs = forward_state_new(m, hrows, o->ctx, err);
     if (!e->fs) goto fail;
+    e->stats.cache_blocks_total = n_blocks;
     return e;
 fail:
     engine_free(e);
@@ -80,20 +144,27 @@ fail:
 static void seq_release(Seq *s) {
     free(s->prompt);
     free(s->stop_ids);
+    free(s->pend_tok);
+    free(s->pend_h);
     sampler_free(&s->sampler);
-    s->prompt = NULL;
-    s->stop_ids = NULL;
+    if (s->has_kv) kvcache_free(&s->kv);
+    s->has_kv = 0;
+    s->prompt = s->stop_ids = s->pend_tok = NULL;
+    s->pend_h = NULL;
 }
 
 void engine_free(Engine *e) {
     if (!e) return;
-    if (e->cache)
-        for (int i = 0; i < e->o.parallel; i++) kvcache_free(&e->cache[i]);
     for (int i = 0; i < e->n_seqs; i++) seq_release(&e->seqs[i]);
     forward_state_free(e->fs);
-    free(e->cache);
-    free(e->slot_seq);
+    kvpool_free(&e->pool);
     free(e->logits);
+    free(e->hidden);
+    free(e->mtp_hidden);
+    free(e->mtp_logits);
+    free(e->run);
+    free(e->batch);
+    free(e->batch_tok);
     free(e->seqs);
     free(e);
 }
@@ -109,6 +180,7 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     if (p->max_new < 1) return err_set(err, "engine: max_new %d must be at least 1", p->max_new);
     if (p->top_logprobs < 0 || p->top_logprobs > ENGINE_MAX_TOP_LOGPROBS)
         return err_set(err, "engine: top_logprobs %d is outside [0, %d]", p->top_logprobs, ENGINE_MAX_TOP_LOGPROBS);
+    if (p->n_stop_ids < 0) return err_set(err, "engine: %d stop ids", p->n_stop_ids);
     if (e->n_seqs == e->cap_seqs) {
         int cap = e->cap_seqs ? 2 * e->cap_seqs : 16;
         Seq *ns = realloc(e->seqs, sizeof *ns * cap);
@@ -121,7 +193,6 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     s->p = *p;
     s->fn = fn;
     s->owner = owner;
-    s->slot = -1;
     s->n_prompt = n;
     s->prompt = malloc(sizeof(int) * n);
     s->stop_ids = malloc(sizeof(int) * (p->n_stop_ids > 0 ? p->n_stop_ids : 1));
@@ -137,20 +208,48 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     return e->n_seqs++;
 }
 
-// Ends s; t (its last token, or token -1) reaches the owner with the reason.
+// Ends s; t (its last token, or token -1) reaches the owner with the reason. Its cache blocks go
+// back to the pool at once.
 static void finish(Engine *e, Seq *s, EngineToken *t, FinishReason why) {
-    if (s->slot >= 0) e->slot_seq[s->slot] = -1;
-    s->slot = -1;
+    int id = (int)(s - e->seqs);
+    if (s->state == SEQ_RUNNING) {
+        int j = 0;
+        while (e->run[j] != id) j++;
+        memmove(e->run + j, e->run + j + 1, sizeof(int) * (e->n_run - j - 1));
+        e->n_run--;
+    }
     s->state = SEQ_DONE;
     seq_release(s);
     t->finish = why;
-    if (s->fn) s->fn(s->owner, (int)(s - e->seqs), t);
+    if (s->fn) s->fn(s->owner, id, t);
 }
 
 int engine_cancel(Engine *e, int seq) {
     if (seq < 0 || seq >= e->n_seqs || e->seqs[seq].state == SEQ_DONE) return -1;
     EngineToken t = {.token = -1};
     finish(e, &e->seqs[seq], &t, FINISH_CANCELLED);
+    return 0;
+}
+
+const EngineStats *engine_stats(const Engine *e) { return &e->stats; }
+
+// Waiting sequences take free places, oldest first, each with an empty cache on the pool.
+static int admit(Engine *e, Error *err) {
+    while (e->n_run < e->o.parallel) {
+        while (e->next_waiting < e->n_seqs && e->seqs[e->next_waiting].state != SEQ_WAITING) e->next_waiting++;
+        if (e->next_waiting == e->n_seqs) return 0;
+        Seq *s = &e->seqs[e->next_waiting++];
+        int d = e->m->cfg.hidden_size;
+        if (kvcache_attach(&s->kv, &e->pool, e->K > 0 ? 1 : 0, e->o.ctx, err)) return -1;
+        s->has_kv = 1;
+        if (e->K > 0) {
+            s->pend_tok = malloc(sizeof(int) * (e->K + 1));
+            s->pend_h = malloc(sizeof(float) * (e->K + 1) * d);
+            if (!s->pend_tok || !s->pend_h) return err_set(err, "engine: out of memory for a sequence");
+        }
+        s->state = SEQ_RUNNING;
+        e->run[e->n_run++] = (int)(s - e->seqs);
+    }
     return 0;
 }
 
@@ -173,78 +272,205 @@ static void token_logprobs(const float *logits, int V, EngineToken *t, int n) {
     for (int j = 0; j < t->n_top; j++) t->top_logprobs[j] = (float)(logits[t->top_ids[j]] - lse);
 }
 
-const EngineStats *engine_stats(const Engine *e) { return &e->stats; }
-
-// Free slots take the waiting sequences, oldest first.
-static void admit(Engine *e) {
-    for (int slot = 0; slot < e->o.parallel; slot++) {
-        if (e->slot_seq[slot] >= 0) continue;
-        while (e->next_waiting < e->n_seqs && e->seqs[e->next_waiting].state != SEQ_WAITING) e->next_waiting++;
-        if (e->next_waiting == e->n_seqs) return;
-        Seq *s = &e->seqs[e->next_waiting++];
-        s->state = SEQ_RUNNING;
-        s->slot = slot;
-        e->slot_seq[slot] = (int)(s - e->seqs);
-        KVCache *kv = &e->cache[slot];
-        kv->len = 0;
-    }
-}
-
-// Samples the next token from e->logits and hands it to the owner; ends the sequence when it is
-// the last.
-static void emit(Engine *e, Seq *s) {
-    int next = sampler_sample(&s->sampler, e->logits), stop = s->p.stop_at_eos && next == e->m->cfg.eos_token_id;
+// Hands token `next` (chosen at logits) to the owner; 1 when the sequence has ended.
+static int emit(Engine *e, Seq *s, int next, const float *logits) {
+    int stop = s->p.stop_at_eos && next == e->m->cfg.eos_token_id;
     for (int i = 0; i < s->p.n_stop_ids && !stop; i++) stop = next == s->p.stop_ids[i];
     s->generated++;
     e->stats.generated_tokens++;
     s->last = next;
     EngineToken t = {.token = next};
-    if (s->p.logprobs) token_logprobs(e->logits, e->m->cfg.vocab_size, &t, s->p.top_logprobs);
+    if (s->p.logprobs) token_logprobs(logits, e->m->cfg.vocab_size, &t, s->p.top_logprobs);
     FinishReason why = stop ? FINISH_STOP
-                       : s->generated >= s->p.max_new || e->cache[s->slot].len >= e->o.ctx ? FINISH_LENGTH
-                                                                                             : FINISH_NONE;
+                       : s->generated >= s->p.max_new || s->kv.len >= e->o.ctx ? FINISH_LENGTH
+                                                                              : FINISH_NONE;
     if (why != FINISH_NONE) {
         finish(e, s, &t, why);
-        return;
+        return 1;
     }
     if (s->fn) s->fn(s->owner, (int)(s - e->seqs), &t);
+    return s->state == SEQ_DONE;  // the owner may have cancelled it
 }
 
-// One forward pass of a running sequence: the next prefill chunk, or one decode step.
-static int advance(Engine *e, Seq *s, Error *err) {
-    KVCache *kv = &e->cache[s->slot];
-    double t0 = now_s();
-    if (s->prefilled < s->n_prompt) {
+// Ends s because the cache pool ran out.
+static void fail_seq(Engine *e, Seq *s) {
+    EngineToken t = {.token = -1};
+    finish(e, s, &t, FINISH_ERROR);
+}
+
+// Prefill: each sequence still reading its prompt runs its next chunk (chunks start at multiples
+// of prefill_chunk, so a prompt's passes never depend on the company), at most prefill_chunk
+// positions in all this step except that the first chunk always runs. With speculative decoding
+// the MTP module's cache takes the chunk's rows (h_t, x_{t+1}) whose next token is in the prompt.
+static int prefill(Engine *e, Error *err) {
+    const ModelConfig *c = &e->m->cfg;
+    int budget = e->o.prefill_chunk, used = 0, d = c->hidden_size, ids[DECODE_MAX_SEQS], n_ids = e->n_run;
+    memcpy(ids, e->run, sizeof(int) * n_ids);  // sequences may end (and leave e->run) on the way
+    for (int j = 0; j < n_ids; j++) {
+        Seq *s = &e->seqs[ids[j]];
+        if (s->state != SEQ_RUNNING || s->prefilled >= s->n_prompt) continue;
         int n = s->n_prompt - s->prefilled;
         if (n > e->o.prefill_chunk) n = e->o.prefill_chunk;
-        if (model_forward(e->m, e->fs, kv, s->prompt + s->prefilled, n, ATTN_PLAIN, NULL, e->logits, NULL, err))
+        if (used > 0 && used + n > budget) break;
+        if (kvcache_reserve(&s->kv, s->prefilled + n, err)) {
+            fail_seq(e, s);
+            continue;
+        }
+        double t0 = now_s();
+        int last_chunk = s->prefilled + n == s->n_prompt;
+        float *last_logits = e->logits;
+        if (model_forward(e->m, e->fs, &s->kv, s->prompt + s->prefilled, n, ATTN_PLAIN, NULL,
+                          last_chunk ? last_logits : NULL, e->K > 0 ? e->hidden : NULL, err))
             return -1;
+        if (e->K > 0) {
+            int rows = last_chunk ? n - 1 : n;  // the last prompt position's next token is not known yet
+            if (rows > 0 && model_mtp_forward(e->m, e->fs, &s->kv, 0, s->prompt + s->prefilled + 1, e->hidden, rows,
+                                              ATTN_PLAIN, NULL, NULL, err))
+                return -1;
+            if (last_chunk) memcpy(s->pend_h, e->hidden + (size_t)(n - 1) * d, sizeof(float) * d);
+        }
         s->prefilled += n;
+        used += n;
         e->stats.prefill_s += now_s() - t0;
         e->stats.prompt_tokens += n;
-        if (s->prefilled == s->n_prompt) emit(e, s);
-        return 0;
+        if (last_chunk) {
+            int next = sampler_sample(&s->sampler, last_logits);
+            if (e->K > 0) {
+                s->pend_tok[0] = next;
+                s->n_pend = 1;
+            }
+            emit(e, s, next, last_logits);
+        }
     }
-    if (model_forward(e->m, e->fs, kv, &s->last, 1, ATTN_ABSORBED, NULL, e->logits, NULL, err)) return -1;
+    return 0;
+}
+
+// Drafts for the decoding sequences in ds (n of them): the MTP module over each one's pending
+// rows, then chained on its own output, n_draft drafts each (set by the caller). Reorders ds.
+static int draft(Engine *e, Seq **ds, int n, Error *err) {
+    const ModelConfig *c = &e->m->cfg;
+    int d = c->hidden_size, V = c->vocab_size, rows = 0;
+    float *h_in = e->hidden;  // the pending rows' hidden states, gathered
+    for (int i = 0; i < n; i++) {
+        Seq *s = ds[i];
+        e->batch[i] = (DecodeSeq){.kv = &s->kv, .tokens = s->pend_tok, .T = s->n_pend};
+        memcpy(h_in + (size_t)rows * d, s->pend_h, sizeof(float) * s->n_pend * d);
+        rows += s->n_pend;
+    }
+    if (model_mtp_decode(e->m, e->fs, 0, e->batch, n, h_in, e->mtp_logits, e->mtp_hidden, err)) return -1;
+    // each sequence's last row drafts d_1; its state feeds the chained drafts
+    int m = 0;
+    for (int i = 0, r = 0; i < n; i++) {
+        r += ds[i]->n_pend;
+        ds[i]->draft[0] = argmax_f32(e->mtp_logits + (size_t)(r - 1) * V, V);
+        memmove(e->mtp_hidden + (size_t)i * d, e->mtp_hidden + (size_t)(r - 1) * d, sizeof(float) * d);
+        ds[i]->n_pend = 0;
+    }
+    for (int j = 1; j < e->K; j++) {
+        m = 0;  // the sequences still drafting, their states compacted in order
+        for (int i = 0; i < n; i++) {
+            if (ds[i]->n_draft <= j) continue;
+            e->batch[m] = (DecodeSeq){.kv = &ds[i]->kv, .tokens = &ds[i]->draft[j - 1], .T = 1};
+            memmove(e->mtp_hidden + (size_t)m * d, e->mtp_hidden + (size_t)i * d, sizeof(float) * d);
+            ds[m] = ds[i];  // reorder: drafting ones first (the caller's order is restored below)
+            m++;
+        }
+        if (m == 0) break;
+        memcpy(h_in, e->mtp_hidden, sizeof(float) * m * d);
+        if (model_mtp_decode(e->m, e->fs, 0, e->batch, m, h_in, e->mtp_logits, e->mtp_hidden, err)) return -1;
+        for (int i = 0; i < m; i++) ds[i]->draft[j] = argmax_f32(e->mtp_logits + (size_t)i * V, V);
+        n = m;
+    }
+    return 0;
+}
+
+// Row j's verdict on draft `dr` (-1: no draft, the bonus row): *accepted, and the token the
+// sequence takes at this position.
+static int judge(Seq *s, const float *logits, int V, int dr, int *accepted) {
+    if (s->p.temperature <= 0) {
+        int y = argmax_f32(logits, V);
+        *accepted = dr >= 0 && y == dr;
+        return y;
+    }
+    int n = sampler_distribution(&s->sampler, logits);
+    if (dr >= 0 && sampler_uniform(&s->sampler) < sampler_prob(&s->sampler, n, dr)) {
+        *accepted = 1;
+        return dr;
+    }
+    *accepted = 0;
+    return sampler_draw(&s->sampler, n, dr);
+}
+
+// One batched forward over every decoding sequence: [last, drafts...] each.
+static int decode(Engine *e, Error *err) {
+    const ModelConfig *c = &e->m->cfg;
+    int V = c->vocab_size, d = c->hidden_size, n = 0, ids[DECODE_MAX_SEQS], n_ids = e->n_run;
+    Seq *ds[DECODE_MAX_SEQS];
+    memcpy(ids, e->run, sizeof(int) * n_ids);
+    for (int j = 0; j < n_ids; j++) {
+        Seq *s = &e->seqs[ids[j]];
+        if (s->state != SEQ_RUNNING || s->prefilled < s->n_prompt) continue;
+        // room for the rows this step appends: the verify rows (the module's rows stay below them);
+        // with the pool nearly out, fewer drafts; with no room for one row, the sequence ends
+        int room = e->o.ctx - 1 - s->kv.len, want = s->kv.len + 1 + (e->K < room ? e->K : room);
+        if (kvcache_reserve(&s->kv, want, err) && kvcache_reserve(&s->kv, s->kv.len + 1, err)) {
+            fail_seq(e, s);
+            continue;
+        }
+        int have = s->kv.n_blocks * ENGINE_BLOCK_SIZE - s->kv.len - 1;
+        s->n_draft = e->K < room ? e->K : room;
+        s->n_draft = s->n_draft < have ? s->n_draft : have;
+        ds[n++] = s;
+    }
+    if (n == 0) return 0;
+    double t0 = now_s();
+    Seq *order[DECODE_MAX_SEQS];
+    memcpy(order, ds, sizeof(Seq *) * n);
+    if (e->K > 0 && draft(e, ds, n, err)) return -1;
+    int rows = 0;
+    for (int i = 0; i < n; i++) {
+        Seq *s = order[i];
+        int nd = s->n_draft;
+        s->row0 = rows;
+        e->batch_tok[rows] = s->last;
+        memcpy(e->batch_tok + rows + 1, s->draft, sizeof(int) * nd);
+        e->batch[i] = (DecodeSeq){.kv = &s->kv, .tokens = e->batch_tok + rows, .T = 1 + nd};
+        rows += 1 + nd;
+    }
+    if (model_decode(e->m, e->fs, e->batch, n, e->logits, e->K > 0 ? e->hidden : NULL, err)) return -1;
     e->stats.decode_s += now_s() - t0;
-    e->stats.decode_tokens++;
-    emit(e, s);
+    for (int i = 0; i < n; i++) {
+        Seq *s = order[i];
+        if (s->state != SEQ_RUNNING) continue;  // cancelled by an owner's callback this step
+        int n0 = s->kv.len - 1 - s->n_draft;  // the position of `last`
+        int nd = s->n_draft, a = 0, done = 0;
+        if (e->K > 0) s->kv.mtp_len[0] = n0;  // the chained rows go; the verify rows become pending
+        for (int j = 0; j <= nd && !done; j++) {
+            const float *lg = e->logits + (size_t)(s->row0 + j) * V;
+            int ok, y = judge(s, lg, V, j < nd ? s->draft[j] : -1, &ok);
+            if (e->K > 0) {
+                s->pend_tok[j] = y;
+                memcpy(s->pend_h + (size_t)j * d, e->hidden + (size_t)(s->row0 + j) * d, sizeof(float) * d);
+                s->n_pend = j + 1;
+            }
+            s->kv.len = n0 + j + 1;  // positions up to n0 + j hold verified tokens
+            e->stats.decode_tokens++;
+            done = emit(e, s, y, lg);
+            if (!ok) break;
+            a++;
+        }
+        e->stats.draft_tokens += nd;
+        e->stats.accepted_tokens += a < nd ? a : nd;
+    }
     return 0;
 }
 
 int engine_step(Engine *e, Error *err) {
-    admit(e);
-    for (int slot = 0; slot < e->o.parallel; slot++) {
-        int id = e->slot_seq[slot];
-        if (id >= 0 && advance(e, &e->seqs[id], err)) return err_prefix(err, "sequence %d", id);
-    }
-    admit(e);
-    int live = 0, running = 0;
-    for (int i = 0; i < e->n_seqs; i++) {
-        live += e->seqs[i].state != SEQ_DONE;
-        running += e->seqs[i].state == SEQ_RUNNING;
-    }
-    e->stats.running = running;
-    e->stats.waiting = live - running;
-    return live;
+    if (admit(e, err) || prefill(e, err) || decode(e, err) || admit(e, err)) return -1;
+    int live = 0;
+    for (int i = e->next_waiting; i < e->n_seqs; i++) live += e->seqs[i].state == SEQ_WAITING;
+    e->stats.running = e->n_run;
+    e->stats.waiting = live;
+    e->stats.cache_blocks_used = e->pool.n_blocks - e->pool.n_free;
+    return live + e->n_run;
 }

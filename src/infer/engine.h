@@ -1,15 +1,18 @@
-// The inference engine: a loaded model, the KV-cache memory of up to `parallel` sequences, and the
-// sequences it advances. The contract the command line (and later the server) uses: add a
-// sequence (its prompt, sampler, stop conditions and a callback for its tokens), step the engine,
-// cancel a sequence; each new token reaches its owner through the callback as it is produced.
+// The inference engine: a loaded model, a pool of latent-cache blocks, and the sequences it
+// advances. The contract the command line and the server use: add a sequence (its prompt, sampler,
+// stop conditions and a callback for its tokens), step the engine, cancel a sequence; each new
+// token reaches its owner through the callback as it is produced.
 //
-// A sequence waits until a slot (a cache of ctx positions) is free, then runs: its first steps
-// prefill the prompt in chunks of at most prefill_chunk positions, every later step decodes one
-// token; when it finishes (length, a stop id, cancelled) its slot takes the next waiting one.
+// Up to `parallel` sequences run at once; more wait, oldest first. A running sequence takes cache
+// blocks as it grows and gives them back when it ends; running out of blocks ends that sequence
+// (FINISH_ERROR), never the others. One step: prompts being prefilled advance by one chunk each
+// (at most prefill_chunk positions in all, chunk boundaries fixed per sequence), then ONE batched
+// forward (model_decode) advances every decoding sequence — by one token, or with speculative
+// decoding by K drafts of the MTP module verified at once, plus the model's own next token.
 //
-// Today a step advances each running sequence in turn, one forward pass each, with the same
-// kernels as a sequence run alone — so a sequence's tokens never depend on what else runs. The
-// batched forward over all running sequences and the paged cache are the engine's next steps.
+// Batch invariance: a sequence's logits are the same bits whatever else runs (decode.c), so its
+// tokens never depend on the load; greedy speculative decoding emits exactly what plain decoding
+// does, and speculative sampling draws from the same distribution as plain sampling.
 #ifndef DSV3_INFER_ENGINE_H
 #define DSV3_INFER_ENGINE_H
 
@@ -18,7 +21,7 @@
 
 typedef enum {
     FINISH_NONE,       // still running
-    FINISH_LENGTH,     // max_new tokens, or the slot's cache is full
+    FINISH_LENGTH,     // max_new tokens, or ctx positions
     FINISH_STOP,       // the model's EOS or one of the stop ids (the stop token is reported)
     FINISH_CANCELLED,  // engine_cancel
     FINISH_ERROR,      // the sequence could not go on (the cache pool ran out); the others run on
@@ -38,6 +41,10 @@ typedef struct SeqParams {
 } SeqParams;
 
 #define ENGINE_MAX_TOP_LOGPROBS 20
+// Cache positions per block of the pool.
+#define ENGINE_BLOCK_SIZE 16
+// Draft tokens per step at most.
+#define ENGINE_MAX_SPECULATIVE 8
 
 // What a sequence's owner receives per new token. Log-probabilities are those of the model's
 // distribution (log-softmax of the logits, before temperature and filtering), as vLLM reports.
@@ -53,12 +60,14 @@ typedef struct EngineToken {
 SeqParams seq_params_default(void);
 
 // A new token of sequence seq, or its end (see EngineToken). Called from engine_step (or
-// engine_cancel) on the caller's thread.
+// engine_cancel) on the caller's thread; it may call engine_cancel (a stop string was seen), but
+// not engine_add or engine_step.
 typedef void (*EngineTokenFn)(void *owner, int seq, const EngineToken *t);
 
 typedef struct EngineOptions {
-    int parallel;       // sequences decoded at once (slots)
-    int ctx;            // positions per slot: prompt + generated tokens
+    int parallel;       // sequences decoded at once
+    int ctx;            // positions per sequence at most: prompt + generated tokens
+    int cache_tokens;   // positions the cache pool holds in all (0: parallel · ctx)
     int prefill_chunk;  // positions a prefill forward pass takes at most
     DType kv_dtype;     // the cache's element type: DT_F32 (0, the default) or DT_BF16
     int speculative;    // MTP draft tokens per step (0: off; needs a model with MTP layers)
@@ -78,12 +87,12 @@ typedef struct Engine Engine;
 Engine *engine_new(const Model *m, const EngineOptions *o, Error *err);
 void engine_free(Engine *e);
 // Queues a sequence; returns its id (0, 1, ... in order of adding) or -1 with err naming what is
-// wrong (an id outside the vocabulary, a prompt longer than a slot, bad parameters).
+// wrong (an id outside the vocabulary, a prompt longer than ctx, bad parameters).
 int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTokenFn fn, void *owner, Error *err);
-// Ends a waiting or running sequence and frees its slot; 0, or -1 when seq is not live.
+// Ends a waiting or running sequence and gives its cache blocks back; 0, or -1 when seq is not live.
 int engine_cancel(Engine *e, int seq);
-// One step: every running sequence advances by one forward pass, freed slots take waiting
-// sequences. Returns how many sequences are still live (running or waiting), or -1 with err.
+// One step (see above); finished sequences make room for waiting ones. Returns how many sequences
+// are still live (running or waiting), or -1 with err (a failure of the model, not of a sequence).
 int engine_step(Engine *e, Error *err);
 const EngineStats *engine_stats(const Engine *e);
 
