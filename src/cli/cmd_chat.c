@@ -22,7 +22,7 @@
 #include "text/utf8.h"
 
 static const char *const VALUED[] = {"model", "system", "max-new", "temperature", "top-p", "top-k", "seed", "ctx",
-                                     "kv-dtype", NULL};
+                                     "kv-dtype", "speculative", NULL};
 static const char *const FLAGS[] = {"no-mmap", "verbose-prompt", NULL};
 
 static volatile sig_atomic_t interrupted;
@@ -82,7 +82,7 @@ static void history_trim(History *h, int keep) {
 }
 
 // One turn: the history (ending in the user's message) in, the reply streamed and added.
-static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp, int ctx, DType kv_dtype, int verbose,
+static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp, int ctx, const EngineOptions *eo, int verbose,
                  Error *err) {
     if (verbose) {
         char *text = tok_chat_render(tok, h->m, h->n, 1, err);
@@ -100,7 +100,8 @@ static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp
         err_set(err, "the conversation is %zu tokens, the context %d: /reset to start again", ids.n, ctx);
         goto done;
     }
-    EngineOptions o = {.parallel = 1, .ctx = ctx, .prefill_chunk = 512, .kv_dtype = kv_dtype};
+    EngineOptions o = *eo;
+    o.ctx = ctx;
     SeqParams p = *sp;
     if (p.max_new > ctx - (int)ids.n) p.max_new = ctx - (int)ids.n;
     e = engine_new(m, &o, err);
@@ -151,7 +152,10 @@ int cmd_chat(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     DType kv_dtype;
-    if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
+    long spec;
+    if (parse_kv_dtype(&a, &kv_dtype, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err))
+        return cli_fail(cmd, &err);
+    EngineOptions eo = {.parallel = 1, .prefill_chunk = 512, .kv_dtype = kv_dtype, .speculative = (int)spec};
     Tokenizer *tok = tok_load_dir(dir, &err);
     if (!tok) return cli_fail(cmd, &err);
     Model m;
@@ -196,7 +200,7 @@ int cmd_chat(int argc, char **argv) {
         if (history_add(&h, "user", line, (size_t)len)) goto oom;
         SeqParams st = sp;
         st.seed = sp.seed + (unsigned long long)turn++;  // each turn its own draws
-        if (reply(&m, tok, &h, &st, (int)ctx, kv_dtype, args_flag(&a, "verbose-prompt"), &err)) {
+        if (reply(&m, tok, &h, &st, (int)ctx, &eo, args_flag(&a, "verbose-prompt"), &err)) {
             history_trim(&h, h.n - 1);  // the turn did not happen
             cli_fail(cmd, &err);
             err = (Error){0};

@@ -16,7 +16,8 @@
 #include "text/tokenizer.h"
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
-                                     "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype", NULL};
+                                     "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype",
+                                     "speculative", NULL};
 static const char *const FLAGS[] = {"chat", "no-mmap", "stats", NULL};
 
 // --parallel's default: sequences decoded at once when --batch-file gives several.
@@ -166,11 +167,12 @@ int cmd_generate(int argc, char **argv) {
     Error err = {0};
     Args a;
     const char *dir;
-    long parallel, chunk;
+    long parallel, chunk, spec;
     SeqParams sp = seq_params_default();  // greedy, 32 tokens unless told otherwise
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
         parse_sampling(&a, &sp, &err) || args_long(&a, "parallel", DEFAULT_PARALLEL, 1, 1024, &parallel, &err) ||
-        args_long(&a, "prefill-chunk", DEFAULT_PREFILL_CHUNK, 1, 1 << 20, &chunk, &err))
+        args_long(&a, "prefill-chunk", DEFAULT_PREFILL_CHUNK, 1, 1 << 20, &chunk, &err) ||
+        args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err))
         return cli_fail(cmd, &err);
     DType kv_dtype;
     if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
@@ -205,7 +207,7 @@ int cmd_generate(int argc, char **argv) {
     int longest = 0;
     for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
     EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + sp.max_new,
-                        .prefill_chunk = (int)chunk, .kv_dtype = kv_dtype};
+                        .prefill_chunk = (int)chunk, .kv_dtype = kv_dtype, .speculative = (int)spec};
     if (tok) tok_stream_init(&k.ts, tok, TOK_SKIP_SPECIAL);
     k.out = calloc(np, sizeof *k.out);
     k.n_out = calloc(np, sizeof *k.n_out);
@@ -247,6 +249,9 @@ int cmd_generate(int argc, char **argv) {
         fprintf(stderr, "prompt: %ld tokens in %.3f s (%.1f tokens/s); generated %ld tokens in %.3f s (%.1f tokens/s)\n",
                 st->prompt_tokens, st->prefill_s, st->prompt_tokens / (st->prefill_s > 1e-9 ? st->prefill_s : 1e-9),
                 st->generated_tokens, st->decode_s, steps > 0 ? steps / (st->decode_s > 1e-9 ? st->decode_s : 1e-9) : 0.0);
+        if (st->draft_tokens > 0)
+            fprintf(stderr, "speculative: %ld of %ld drafts accepted (%.1f%%)\n", st->accepted_tokens, st->draft_tokens,
+                    100.0 * st->accepted_tokens / st->draft_tokens);
     }
     if (args_str(&a, "stats-json", NULL) && write_stats_json(args_str(&a, "stats-json", NULL), st, &err)) goto done;
     rc = 0;

@@ -80,6 +80,8 @@ SeqParams seq_params_default(void) {
     return (SeqParams){.max_new = 32, .temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 0, .stop_at_eos = 1};
 }
 
+static int refresh_stats(Engine *e);
+
 Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
     const ModelConfig *c = &m->cfg;
     int K = o->speculative;
@@ -135,6 +137,7 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
     e->fs = forward_state_new(m, hrows, o->ctx, err);
     if (!e->fs) goto fail;
     e->stats.cache_blocks_total = n_blocks;
+    refresh_stats(e);
     return e;
 fail:
     engine_free(e);
@@ -224,10 +227,21 @@ static void finish(Engine *e, Seq *s, EngineToken *t, FinishReason why) {
     if (s->fn) s->fn(s->owner, id, t);
 }
 
+// The counts of the stats: sequences now, blocks in use.
+static int refresh_stats(Engine *e) {
+    int waiting = 0;
+    for (int i = e->next_waiting; i < e->n_seqs; i++) waiting += e->seqs[i].state == SEQ_WAITING;
+    e->stats.running = e->n_run;
+    e->stats.waiting = waiting;
+    e->stats.cache_blocks_used = e->pool.n_blocks - e->pool.n_free;
+    return waiting + e->n_run;
+}
+
 int engine_cancel(Engine *e, int seq) {
     if (seq < 0 || seq >= e->n_seqs || e->seqs[seq].state == SEQ_DONE) return -1;
     EngineToken t = {.token = -1};
     finish(e, &e->seqs[seq], &t, FINISH_CANCELLED);
+    refresh_stats(e);
     return 0;
 }
 
@@ -467,10 +481,5 @@ static int decode(Engine *e, Error *err) {
 
 int engine_step(Engine *e, Error *err) {
     if (admit(e, err) || prefill(e, err) || decode(e, err) || admit(e, err)) return -1;
-    int live = 0;
-    for (int i = e->next_waiting; i < e->n_seqs; i++) live += e->seqs[i].state == SEQ_WAITING;
-    e->stats.running = e->n_run;
-    e->stats.waiting = live;
-    e->stats.cache_blocks_used = e->pool.n_blocks - e->pool.n_free;
-    return live + e->n_run;
+    return refresh_stats(e);
 }

@@ -1,0 +1,210 @@
+// Batched decoding (model_decode) and the paged cache: a sequence's logits are bit for bit the same
+// alone or in a batch of 7 others at different lengths, with 1 and 3 threads, F32 and BF16 caches,
+// on the golden models; a verify pass over K + 1 rows equals K + 1 single steps; the engine's pool
+// hands out and takes back blocks, and running out ends one sequence cleanly.
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "infer/engine.h"
+#include "model/model.h"
+#include "test.h"
+
+#define STEPS 5
+
+// Decodes `steps` tokens of sequence 0 (prompt p0, then its own argmax) alone in a private cache;
+// logits (steps, V) of each step.
+static int alone(const Model *m, DType dt, const int *p0, int n0, int steps, float *logits, Error *err) {
+    KVCache kv;
+    if (kvcache_init_as(&kv, &m->cfg, 0, n0 + steps + 1, dt, err)) return -1;
+    ForwardState *s = forward_state_new(m, 64, n0 + steps + 1, err);
+    int rc = s ? model_forward(m, s, &kv, p0, n0, ATTN_PLAIN, NULL, NULL, NULL, err) : -1, V = m->cfg.vocab_size;
+    int tok = p0[n0 - 1] % V;
+    for (int t = 0; t < steps && rc == 0; t++) {
+        DecodeSeq one = {.kv = &kv, .tokens = &tok, .T = 1};
+        rc = model_decode(m, s, &one, 1, logits + (size_t)t * V, NULL, err);
+        int best = 0;
+        for (int v = 1; v < V; v++) best = logits[(size_t)t * V + v] > logits[(size_t)t * V + best] ? v : best;
+        tok = best;
+    }
+    forward_state_free(s);
+    kvcache_free(&kv);
+    return rc;
+}
+
+// The same sequence as row group 0 of a batch of 8 on a shared pool (block size 4, so the
+// sequences span several blocks, interleaved), the others at other lengths, some of them
+// verifying 3 rows at a time. Returns sequence 0's logits per step.
+static int in_batch(const Model *m, DType dt, const int *p0, int n0, int steps, float *logits, Error *err) {
+    const ModelConfig *c = &m->cfg;
+    int V = c->vocab_size, rc = 0;
+    KVPool pool;
+    if (kvpool_init(&pool, c, 0, 256, 4, dt, err)) return -1;
+    KVCache kv[8];
+    ForwardState *s = forward_state_new(m, 64, 128, err);
+    float *lg = malloc(sizeof(float) * 64 * V);
+    int tok[8][4], ntok[8];
+    if (!s || !lg) rc = -1;
+    for (int i = 0; i < 8 && rc == 0; i++) {
+        rc = kvcache_attach(&kv[i], &pool, 0, 128, err);
+        int n = i == 0 ? n0 : 3 + 5 * i, p[64];
+        for (int t = 0; t < n; t++) p[t] = i == 0 ? p0[t] : (t * 13 + i * 7) % V;
+        if (rc == 0) rc = model_forward(m, s, &kv[i], p, n, ATTN_PLAIN, NULL, NULL, NULL, err);
+        ntok[i] = i % 3 == 2 ? 3 : 1;  // sequences 2 and 5 verify 3 rows per step
+        for (int t = 0; t < ntok[i]; t++) tok[i][t] = (i * 11 + t) % V;
+    }
+    tok[0][0] = p0[n0 - 1] % V;
+    for (int step = 0; step < steps && rc == 0; step++) {
+        DecodeSeq b[8];
+        int nb = 0;
+        // the order of the batch changes from step to step: sequence 0 is not always first
+        for (int j = 0; j < 8; j++) {
+            int i = (j + step * 3) % 8;
+            b[nb++] = (DecodeSeq){.kv = &kv[i], .tokens = tok[i], .T = ntok[i]};
+        }
+        rc = model_decode(m, s, b, nb, lg, NULL, err);
+        for (int j = 0, row = 0; j < nb && rc == 0; row += b[j].T, j++) {
+            if (b[j].kv != &kv[0]) continue;
+            memcpy(logits + (size_t)step * V, lg + (size_t)row * V, sizeof(float) * V);
+            int best = 0;
+            for (int v = 1; v < V; v++) best = lg[(size_t)row * V + v] > lg[(size_t)row * V + best] ? v : best;
+            tok[0][0] = best;
+        }
+    }
+    for (int i = 0; i < 8; i++) kvcache_free(&kv[i]);
+    kvpool_free(&pool);
+    forward_state_free(s);
+    free(lg);
+    return rc;
+}
+
+TEST(test_batch_invariance_bit_for_bit) {
+    const char *models[] = {"tests/data/v3", "tests/data/v2lite", "tests/data/fp8"};
+    int saved = omp_get_max_threads();
+    for (int k = 0; k < 3; k++) {
+        Model m;
+        Error err = {0};
+        CHECK_MSG(model_load(&m, models[k], 0, &err) == 0, "%s", err.msg);
+        int V = m.cfg.vocab_size, p0[9] = {5, 17, 3, 9, 44, 2, 8, 1, 30};
+        float *ref = malloc(sizeof(float) * STEPS * V), *got = malloc(sizeof(float) * STEPS * V);
+        for (int dt = 0; dt < 2; dt++) {
+            DType type = dt ? DT_BF16 : DT_F32;
+            omp_set_num_threads(1);
+            CHECK_MSG(alone(&m, type, p0, 9, STEPS, ref, &err) == 0, "%s", err.msg);
+            int threads[] = {1, 3};
+            for (int ti = 0; ti < 2; ti++) {
+                omp_set_num_threads(threads[ti]);
+                CHECK_MSG(in_batch(&m, type, p0, 9, STEPS, got, &err) == 0, "%s", err.msg);
+                for (int t = 0; t < STEPS; t++)
+                    CHECK_MSG(memcmp(ref + (size_t)t * V, got + (size_t)t * V, sizeof(float) * V) == 0,
+                              "%s %s cache, %d threads: step %d's logits differ from the sequence alone", models[k],
+                              dt ? "BF16" : "F32", threads[ti], t);
+            }
+        }
+        omp_set_num_threads(saved);
+        free(ref);
+        free(got);
+        model_free(&m);
+    }
+    omp_set_num_threads(saved);
+}
+
+// A verify pass: K + 1 rows of one sequence in one model_decode give the bits of K + 1 steps.
+TEST(test_verify_rows_equal_single_steps) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, "tests/data/v3", 0, &err) == 0, "%s", err.msg);
+    int V = m.cfg.vocab_size, p[6] = {3, 1, 4, 1, 5, 9}, rows[4] = {26, 5, 35, 8};
+    KVCache a, b;
+    CHECK(kvcache_init(&a, &m.cfg, 0, 16, &err) == 0 && kvcache_init(&b, &m.cfg, 0, 16, &err) == 0);
+    ForwardState *s = forward_state_new(&m, 16, 16, &err);
+    float *one = malloc(sizeof(float) * 4 * V), *four = malloc(sizeof(float) * 4 * V);
+    CHECK(s && model_forward(&m, s, &a, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0 &&
+          model_forward(&m, s, &b, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0);
+    for (int t = 0; t < 4; t++) {
+        DecodeSeq q = {.kv = &a, .tokens = rows + t, .T = 1};
+        CHECK(model_decode(&m, s, &q, 1, one + (size_t)t * V, NULL, &err) == 0);
+    }
+    DecodeSeq q = {.kv = &b, .tokens = rows, .T = 4};
+    CHECK_MSG(model_decode(&m, s, &q, 1, four, NULL, &err) == 0, "%s", err.msg);
+    CHECK(a.len == 10 && b.len == 10);
+    CHECK_MSG(memcmp(one, four, sizeof(float) * 4 * V) == 0, "a verify pass differs from single steps");
+    forward_state_free(s);
+    kvcache_free(&a);
+    kvcache_free(&b);
+    free(one);
+    free(four);
+    model_free(&m);
+}
+
+typedef struct {
+    int tok[8][64], n[8];
+    FinishReason why[8];
+} Out;
+
+static void collect(void *owner, int seq, const EngineToken *t) {
+    Out *o = owner;
+    if (t->token >= 0 && o->n[seq] < 64) o->tok[seq][o->n[seq]++] = t->token;
+    if (t->finish != FINISH_NONE) o->why[seq] = t->finish;
+}
+
+static int run(Engine *e, Error *err) {
+    int live;
+    while ((live = engine_step(e, err)) > 0) {
+    }
+    return live;
+}
+
+// Sequences that grow over block boundaries (blocks of ENGINE_BLOCK_SIZE = 16), a cancellation
+// whose blocks the next sequence reuses, and a pool too small for all: the one that cannot grow
+// ends with FINISH_ERROR, the others finish as they would alone.
+TEST(test_paged_cache_grows_reuses_and_runs_out_cleanly) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, "tests/data/v3", 0, &err) == 0, "%s", err.msg);
+    static const int p0[] = {5, 17, 3, 9, 44}, p1[] = {7, 8}, p2[] = {11, 12, 13};
+    SeqParams sp = seq_params_default();
+    sp.max_new = 40;  // 45 positions: three blocks
+    sp.stop_at_eos = 0;
+    Out ref = {0};
+    EngineOptions big = {.parallel = 1, .ctx = 64, .prefill_chunk = 8};
+    Engine *e = engine_new(&m, &big, &err);
+    CHECK_MSG(e, "%s", err.msg);
+    CHECK(engine_add(e, p0, 5, &sp, collect, &ref, &err) == 0 && engine_add(e, p1, 2, &sp, collect, &ref, &err) == 1 &&
+          engine_add(e, p2, 3, &sp, collect, &ref, &err) == 2);
+    CHECK_MSG(run(e, &err) == 0, "%s", err.msg);
+    CHECK(engine_stats(e)->cache_blocks_used == 0 && engine_stats(e)->cache_blocks_total == 4);
+    engine_free(e);
+    // a pool of 5 blocks for 3 sequences wanting 3 each: sequence 1 is cancelled after a few steps
+    // (its blocks go back), then the pool runs out for one of the others
+    EngineOptions small = {.parallel = 3, .ctx = 64, .prefill_chunk = 8, .cache_tokens = 5 * ENGINE_BLOCK_SIZE};
+    e = engine_new(&m, &small, &err);
+    CHECK_MSG(e, "%s", err.msg);
+    Out got = {0};
+    CHECK(engine_add(e, p0, 5, &sp, collect, &got, &err) == 0 && engine_add(e, p1, 2, &sp, collect, &got, &err) == 1 &&
+          engine_add(e, p2, 3, &sp, collect, &got, &err) == 2);
+    for (int i = 0; i < 4; i++) CHECK(engine_step(e, &err) == 3);
+    CHECK(engine_stats(e)->cache_blocks_used == 3);
+    CHECK(engine_cancel(e, 1) == 0 && got.why[1] == FINISH_CANCELLED);
+    CHECK(engine_stats(e)->running == 2);
+    CHECK_MSG(run(e, &err) == 0, "%s", err.msg);
+    int errors = 0, complete = 0;
+    for (int i = 0; i < 3; i += 2) {
+        if (got.why[i] == FINISH_ERROR) errors++;
+        if (got.why[i] == FINISH_LENGTH) {
+            complete++;
+            CHECK(got.n[i] == 40 && memcmp(got.tok[i], ref.tok[i], sizeof(int) * 40) == 0);
+        }
+        for (int t = 0; t < got.n[i]; t++) CHECK(got.tok[i][t] == ref.tok[i][t]);  // what it produced is right
+    }
+    CHECK_MSG(errors == 1 && complete == 1, "%d ran out, %d completed", errors, complete);
+    CHECK(engine_stats(e)->cache_blocks_used == 0);
+    // the freed pool serves a new sequence from the start
+    Out again = {0};
+    CHECK(engine_add(e, p1, 2, &sp, collect, &again, &err) == 3);
+    CHECK_MSG(run(e, &err) == 0, "%s", err.msg);
+    CHECK(again.n[3] == 40 && memcmp(again.tok[3], ref.tok[1], sizeof(int) * 40) == 0);
+    engine_free(e);
+    model_free(&m);
+}
