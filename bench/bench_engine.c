@@ -1,0 +1,175 @@
+// The engine's figures: aggregate decode tokens/s of a batch of 1, 4, 16 and 64 sequences on the
+// ~108M-parameter benchmark model (bench/configs/v3-108m.json, BF16, random weights), and MTP
+// speculative decoding with K = 0..3 drafts on a model with a TRAINED MTP head — `make demo`'s
+// checkpoint (build/demo/run/step-300; skipped, and said so, when it is absent) — next to what a
+// bandwidth model predicts: a verify step streams the dense weights once, the routed experts the
+// K + 1 tokens reach (more than one token's), and the MTP module once per draft.
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/file.h"
+#include "bench_common.h"
+#include "infer/engine.h"
+#include "kernels/matmul.h"
+#include "model/init.h"
+#include "model/model.h"
+#include "model/tensors.h"
+#include "text/tokenizer.h"
+
+// Bytes of the matrices one token multiplies by, split into routed experts (per expert) and the
+// rest, over the main layers; and the MTP module's.
+typedef struct {
+    const ModelConfig *c;
+    double dense, expert, mtp;  // expert: the bytes of ONE routed expert of one layer
+} Bytes;
+
+static int add_bytes(const TensorSpec *t, void *ctx) {
+    Bytes *b = ctx;
+    if (!t->mat) return 0;
+    double v = (double)tensor_view_bytes(t->mat);
+    if (t->expert >= 0) {
+        if (t->mtp >= 0) b->mtp += v * b->c->num_experts_per_tok / b->c->n_routed_experts;  // K_r of them
+        else b->expert = v * 3;  // gate, up, down of one expert (all the same size)
+    } else if (tensor_cost(b->c, t).matmul) {
+        if (t->mtp >= 0) b->mtp += v;
+        else b->dense += v;
+    }
+    return 0;
+}
+
+static void on_token(void *owner, int seq, const EngineToken *t) { (void)owner, (void)seq, (void)t; }
+
+// Runs n sequences (prompt of P ids each, G new tokens) with parallel n and K drafts; stats out.
+static int run(const Model *m, int n, int P, int G, int K, const int *prompt, EngineStats *st) {
+    Error err = {0};
+    EngineOptions o = {.parallel = n, .ctx = P + G + 1, .prefill_chunk = 512, .speculative = K};
+    Engine *e = engine_new(m, &o, &err);
+    if (!e) {
+        fprintf(stderr, "%s\n", err.msg);
+        return -1;
+    }
+    SeqParams sp = seq_params_default();
+    sp.max_new = G;
+    sp.stop_at_eos = 0;
+    for (int i = 0; i < n; i++) {
+        int ids[512];
+        for (int t = 0; t < P; t++) ids[t] = prompt ? prompt[t] : (t * 7919 + i * 104729 + 13) % m->cfg.vocab_size;
+        if (engine_add(e, ids, P, &sp, on_token, NULL, &err) < 0) {
+            fprintf(stderr, "%s\n", err.msg);
+            engine_free(e);
+            return -1;
+        }
+    }
+    int live;
+    while ((live = engine_step(e, &err)) > 0) {
+    }
+    *st = *engine_stats(e);
+    engine_free(e);
+    if (live < 0) fprintf(stderr, "%s\n", err.msg);
+    return live < 0 ? -1 : 0;
+}
+
+static int batch_figures(void) {
+    const char *dir = "build/bench-models/v3-108m-bf16";
+    Error err = {0};
+    ModelConfig c;
+    char probe[600];
+    snprintf(probe, sizeof probe, "%s/config.json", dir);
+    if (config_load(&c, "bench/configs/v3-108m.json", &err) ||
+        (!path_exists(probe) && (make_dirs("build/bench-models", &err) ||
+                                 model_write_random(&c, dir, 1, DT_BF16, (size_t)8 << 30, &err)))) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    Model m;
+    if (model_load(&m, dir, 0, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    printf("-- batched decoding, %s (BF16, random weights): prompts of 32, 32 new tokens each; aggregate decode "
+           "tokens/s (medians of 3)\n", dir);
+    int sizes[] = {1, 4, 16, 64};
+    double base = 0;
+    for (int i = 0; i < 4; i++) {
+        double r[3];
+        for (int k = 0; k < 3; k++) {
+            EngineStats st;
+            if (run(&m, sizes[i], 32, 32, 0, NULL, &st)) return 1;
+            r[k] = st.decode_tokens / st.decode_s;
+        }
+        double tps = bench_median(r, 3);
+        if (i == 0) base = tps;
+        printf("   batch %2d: %8.1f tokens/s aggregate, %6.1f per sequence, %.2fx batch 1\n", sizes[i], tps,
+               tps / sizes[i], tps / base);
+    }
+    model_free(&m);
+    return 0;
+}
+
+static int speculative_figures(void) {
+    const char *dir = "build/demo/run/step-300";
+    char probe[600];
+    snprintf(probe, sizeof probe, "%s/config.json", dir);
+    if (!path_exists(probe)) {
+        printf("-- speculative decoding: skipped (needs a trained MTP head: run `make demo` first)\n");
+        return 0;
+    }
+    Error err = {0};
+    Model m;
+    Tokenizer *tok = tok_load_dir(dir, &err);
+    if (!tok || model_load(&m, dir, 1, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    const char *text = "And God said unto Moses, I AM THAT I AM: and he said, Thus shalt thou say unto the children";
+    TokIds ids = {0};
+    if (tok_encode(tok, text, strlen(text), TOK_ADD_SPECIAL, &ids, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    Bytes b = {.c = &m.cfg};
+    tensor_walk(&m.cfg, m.w.n_mtp, &m.w, add_bytes, &b);
+    int Nr = m.cfg.n_routed_experts, Kr = m.cfg.num_experts_per_tok;
+    int moe_layers = m.cfg.num_hidden_layers - m.cfg.first_k_dense_replace;
+    double plain_bytes = b.dense + moe_layers * Kr * b.expert;
+    printf("-- speculative decoding, %s (make demo's checkpoint, greedy, 4 sequences of 128 new tokens, one at a "
+           "time; medians of 3)\n   plain step streams %.1f MB\n", dir, plain_bytes / 1e6);
+    double base = 0;
+    for (int K = 0; K <= 3; K++) {
+        double r[3], acc = 0;
+        for (int k = 0; k < 3; k++) {
+            EngineStats st;
+            if (run(&m, 1, (int)ids.n, 128, K, ids.v, &st)) return 1;
+            r[k] = st.decode_tokens / st.decode_s;
+            acc = st.draft_tokens ? (double)st.accepted_tokens / st.draft_tokens : 0;
+        }
+        double tps = bench_median(r, 3);
+        if (K == 0) {
+            base = tps;
+            printf("   K=0: %8.1f tokens/s\n", tps);
+            continue;
+        }
+        // tokens a step yields: 1 + accepted drafts (drafts accepted in a row, each with rate acc)
+        double per_step = 1, run_p = 1;
+        for (int j = 0; j < K; j++) per_step += (run_p *= acc);
+        // experts K + 1 tokens reach, routing taken as uniform: Nr (1 − (1 − Kr/Nr)^(K+1)) per layer
+        double experts = Nr > 0 ? Nr * (1 - pow(1 - (double)Kr / Nr, K + 1)) : 0;
+        double step_bytes = b.dense + moe_layers * experts * b.expert + K * b.mtp;
+        double predicted = base * per_step * plain_bytes / step_bytes;
+        printf("   K=%d: %8.1f tokens/s, acceptance %.0f%%, %.2f tokens per step; a step streams %.1f MB "
+               "(%.1f experts per MoE layer, %d MTP passes); bandwidth model %.1f tokens/s -> %.0f%% of it\n",
+               K, tps, 100 * acc, per_step, step_bytes / 1e6, experts, K, predicted, 100 * tps / predicted);
+    }
+    ids_free(&ids);
+    tok_free(tok);
+    model_free(&m);
+    return 0;
+}
+
+int main(void) {
+    printf("bench_engine: %d threads, kernels %s\n", omp_get_max_threads(), kernels_isa());
+    return batch_figures() || speculative_figures();
+}
