@@ -208,3 +208,72 @@ TEST(test_paged_cache_grows_reuses_and_runs_out_cleanly) {
     engine_free(e);
     model_free(&m);
 }
+
+// Runs one prompt to completion in e; its tokens into o->tok[seq].
+static int run_one(Engine *e, const int *p, int n, const SeqParams *sp, Out *o, Error *err) {
+    int id = engine_add(e, p, n, sp, collect, o, err);
+    if (id < 0 || run(e, err) != 0) return -1;
+    return id;
+}
+
+// The prefix cache: a prompt that starts like an earlier one reuses its whole blocks (the hit
+// counted), and the output is the one computed without the cache; a small pool evicts retained
+// blocks for new work and stays correct; with speculative decoding the MTP rows are reused too.
+TEST(test_prefix_cache_reuses_blocks_and_stays_correct) {
+    const char *models[] = {"tests/data/v3", "tests/data/v3"};
+    for (int mi = 0; mi < 2; mi++) {
+        int K = mi;  // the second round: speculative decoding with K = 1
+        Model m;
+        Error err = {0};
+        CHECK_MSG(model_load(&m, models[mi], 0, &err) == 0, "%s", err.msg);
+        int V = m.cfg.vocab_size, sys[40], a[48], b[52];
+        for (int t = 0; t < 40; t++) sys[t] = (t * 31 + 7) % V;  // a shared "system prompt"
+        memcpy(a, sys, sizeof sys), memcpy(b, sys, sizeof sys);
+        for (int t = 40; t < 48; t++) a[t] = (t * 5 + 1) % V;
+        for (int t = 40; t < 52; t++) b[t] = (t * 9 + 2) % V;
+        SeqParams sp = seq_params_default();
+        sp.max_new = 20;
+        sp.stop_at_eos = 0;
+        // the reference: each alone, no cache
+        Out ref = {0};
+        EngineOptions plain = {.parallel = 1, .ctx = 80, .prefill_chunk = 64, .speculative = K};
+        Engine *e = engine_new(&m, &plain, &err);
+        CHECK_MSG(e, "%s", err.msg);
+        CHECK(run_one(e, a, 48, &sp, &ref, &err) == 0 && run_one(e, b, 52, &sp, &ref, &err) == 1);
+        CHECK(engine_stats(e)->prefix_hit_tokens == 0);
+        engine_free(e);
+        // with the cache: b reuses a's two full blocks of the system prompt (32 positions)
+        EngineOptions cached = plain;
+        cached.prefix_cache = 1;
+        e = engine_new(&m, &cached, &err);
+        CHECK_MSG(e, "%s", err.msg);
+        Out got = {0};
+        CHECK(run_one(e, a, 48, &sp, &got, &err) == 0);
+        CHECK(engine_stats(e)->prefix_hit_tokens == 0);
+        CHECK(run_one(e, b, 52, &sp, &got, &err) == 1);
+        CHECK_MSG(engine_stats(e)->prefix_hit_tokens == 32 && engine_stats(e)->prefix_lookup_tokens == 100,
+                  "hits %ld of %ld", engine_stats(e)->prefix_hit_tokens, engine_stats(e)->prefix_lookup_tokens);
+        // the same prompt again: its own blocks, prompt and reply (all but the last block's worth)
+        CHECK(run_one(e, b, 52, &sp, &got, &err) == 2);
+        CHECK_MSG(engine_stats(e)->prefix_hit_tokens == 32 + 48, "hits %ld", engine_stats(e)->prefix_hit_tokens);
+        for (int i = 0; i < 3; i++)
+            CHECK_MSG(got.n[i] == 20 && memcmp(got.tok[i], ref.tok[i ? 1 : 0], sizeof(int) * 20) == 0,
+                      "K=%d sequence %d: output with the prefix cache differs", K, i);
+        CHECK(engine_stats(e)->cache_blocks_used == 0);
+        engine_free(e);
+        // a pool of 8 blocks: 6 different prompts of 3 blocks each evict what earlier ones left
+        cached.cache_tokens = 8 * ENGINE_BLOCK_SIZE;
+        e = engine_new(&m, &cached, &err);
+        CHECK_MSG(e, "%s", err.msg);
+        Out many = {0};
+        for (int k = 0; k < 6; k++) {
+            int p[48];
+            for (int t = 0; t < 48; t++) p[t] = k % 2 ? a[t] : (t * 17 + k) % V;  // a returns every other time
+            CHECK_MSG(run_one(e, p, 48, &sp, &many, &err) == k, "%s", err.msg);
+            if (k % 2) CHECK(memcmp(many.tok[k], ref.tok[0], sizeof(int) * 20) == 0);
+        }
+        CHECK(engine_stats(e)->prefix_hit_tokens > 0);
+        engine_free(e);
+        model_free(&m);
+    }
+}

@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "infer/engine.h"
+#include "infer/prefix_cache.h"
 #include "infer/sampler.h"
 
 typedef enum { SEQ_WAITING, SEQ_RUNNING, SEQ_DONE } SeqState;
@@ -47,6 +48,11 @@ typedef struct Seq {
     int draft[ENGINE_MAX_SPECULATIVE];
     int n_draft;
     int row0;             // this step's first row in the batch
+    // the prefix cache: the sequence's tokens by position, and its blocks already indexed
+    int *hist;            // (cap_hist) prompt, then every emitted token
+    int n_hist, cap_hist;
+    int n_pub;            // blocks 0 .. n_pub − 1 are indexed (this sequence's or equal ones)
+    int pub_parent;       // the indexed block of block n_pub − 1, or -1
 } Seq;
 
 struct Engine {
@@ -54,6 +60,7 @@ struct Engine {
     EngineOptions o;
     int K;                 // draft tokens per step (0: plain decoding)
     KVPool pool;
+    PrefixCache pc;        // when o.prefix_cache
     ForwardState *fs;
     int max_rows;          // rows of a decode step: parallel · (K + 1)
     float *logits;         // (max_rows, vocab)
@@ -81,6 +88,9 @@ SeqParams seq_params_default(void) {
 }
 
 static int refresh_stats(Engine *e);
+
+// The pool reused a retained block: it leaves the prefix index.
+static void evicted(void *ctx, int block) { prefix_evict(&((Engine *)ctx)->pc, block); }
 
 Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
     const ModelConfig *c = &m->cfg;
@@ -136,6 +146,11 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
     }
     e->fs = forward_state_new(m, hrows, o->ctx, err);
     if (!e->fs) goto fail;
+    if (o->prefix_cache) {
+        if (prefix_init(&e->pc, (int)n_blocks, ENGINE_BLOCK_SIZE + (K > 0), err)) goto fail;
+        e->pool.on_evict = evicted;
+        e->pool.evict_ctx = e;
+    }
     e->stats.cache_blocks_total = n_blocks;
     refresh_stats(e);
     return e;
@@ -149,6 +164,8 @@ static void seq_release(Seq *s) {
     free(s->stop_ids);
     free(s->pend_tok);
     free(s->pend_h);
+    free(s->hist);
+    s->hist = NULL;
     sampler_free(&s->sampler);
     if (s->has_kv) kvcache_free(&s->kv);
     s->has_kv = 0;
@@ -161,6 +178,7 @@ void engine_free(Engine *e) {
     for (int i = 0; i < e->n_seqs; i++) seq_release(&e->seqs[i]);
     forward_state_free(e->fs);
     kvpool_free(&e->pool);
+    prefix_free(&e->pc);
     free(e->logits);
     free(e->hidden);
     free(e->mtp_hidden);
@@ -205,17 +223,43 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
         return err_set(err, "engine: out of memory for a sequence");
     }
     memcpy(s->prompt, prompt, sizeof(int) * n);
+    if (e->o.prefix_cache) {
+        s->cap_hist = n + 64;
+        s->hist = malloc(sizeof(int) * s->cap_hist);
+        if (!s->hist) {
+            seq_release(s);
+            return err_set(err, "engine: out of memory for a sequence");
+        }
+        memcpy(s->hist, prompt, sizeof(int) * n);
+        s->n_hist = n;
+    }
     if (p->n_stop_ids > 0) memcpy(s->stop_ids, p->stop_ids, sizeof(int) * p->n_stop_ids);
     s->p.stop_ids = s->stop_ids;
     s->state = SEQ_WAITING;
     return e->n_seqs++;
 }
 
+// With the prefix cache: indexes the sequence's blocks that are full and final — every position
+// verified and, with the MTP module, its rows written (which needs the token after the block).
+static void publish(Engine *e, Seq *s) {
+    if (!e->o.prefix_cache || !s->has_kv) return;
+    int bs = ENGINE_BLOCK_SIZE;
+    for (;;) {
+        int end = (s->n_pub + 1) * bs;
+        if (end > s->kv.len || (e->K > 0 && (s->n_hist <= end || s->kv.mtp_len[0] < end))) return;
+        int b = s->kv.blocks[s->n_pub], id = prefix_insert(&e->pc, s->pub_parent, s->hist + (size_t)s->n_pub * bs, b);
+        if (id == b) kvpool_retain(&e->pool, b);
+        s->pub_parent = id;
+        s->n_pub++;
+    }
+}
+
 // Ends s; t (its last token, or token -1) reaches the owner with the reason. Its cache blocks go
-// back to the pool at once.
+// back to the pool at once (those the prefix cache indexed stay filled until evicted).
 static void finish(Engine *e, Seq *s, EngineToken *t, FinishReason why) {
     int id = (int)(s - e->seqs);
     if (s->state == SEQ_RUNNING) {
+        publish(e, s);
         int j = 0;
         while (e->run[j] != id) j++;
         memmove(e->run + j, e->run + j + 1, sizeof(int) * (e->n_run - j - 1));
@@ -233,7 +277,7 @@ static int refresh_stats(Engine *e) {
     for (int i = e->next_waiting; i < e->n_seqs; i++) waiting += e->seqs[i].state == SEQ_WAITING;
     e->stats.running = e->n_run;
     e->stats.waiting = waiting;
-    e->stats.cache_blocks_used = e->pool.n_blocks - e->pool.n_free;
+    e->stats.cache_blocks_used = e->pool.n_used;
     return waiting + e->n_run;
 }
 
@@ -262,7 +306,25 @@ static int admit(Engine *e, Error *err) {
             if (!s->pend_tok || !s->pend_h) return err_set(err, "engine: out of memory for a sequence");
         }
         s->state = SEQ_RUNNING;
+        s->pub_parent = -1;
         e->run[e->n_run++] = (int)(s - e->seqs);
+        if (e->o.prefix_cache) {
+            // the longest indexed prefix of whole blocks, leaving at least the last prompt token to
+            // run (its logits give the first token); with the MTP module a block's key includes
+            // the token after it, which must be in the prompt
+            int bs = ENGINE_BLOCK_SIZE, most = (s->n_prompt - 1) / bs;
+            while (s->n_pub < most) {
+                int b = prefix_find(&e->pc, s->pub_parent, s->prompt + (size_t)s->n_pub * bs);
+                if (b < 0 || kvcache_share(&s->kv, b, err)) break;
+                s->pub_parent = b;
+                s->n_pub++;
+            }
+            int hit = s->n_pub * bs;
+            s->kv.len = s->prefilled = hit;
+            if (e->K > 0) s->kv.mtp_len[0] = hit;
+            e->stats.prefix_lookup_tokens += s->n_prompt;
+            e->stats.prefix_hit_tokens += hit;
+        }
     }
     return 0;
 }
@@ -290,6 +352,14 @@ static void token_logprobs(const float *logits, int V, EngineToken *t, int n) {
 static int emit(Engine *e, Seq *s, int next, const float *logits) {
     int stop = s->p.stop_at_eos && next == e->m->cfg.eos_token_id;
     for (int i = 0; i < s->p.n_stop_ids && !stop; i++) stop = next == s->p.stop_ids[i];
+    if (s->hist) {  // the prefix cache's record of the positions (grown in step with the tokens)
+        if (s->n_hist == s->cap_hist) {
+            int cap = 2 * s->cap_hist, *nh = realloc(s->hist, sizeof(int) * cap);
+            if (nh) s->hist = nh, s->cap_hist = cap;
+        }
+        if (s->n_hist < s->cap_hist) s->hist[s->n_hist++] = next;
+        else e->o.prefix_cache = 0;  // out of memory: stop caching rather than index wrong tokens
+    }
     s->generated++;
     e->stats.generated_tokens++;
     s->last = next;
@@ -345,6 +415,7 @@ static int prefill(Engine *e, Error *err) {
         }
         s->prefilled += n;
         used += n;
+        publish(e, s);
         e->stats.prefill_s += now_s() - t0;
         e->stats.prompt_tokens += n;
         if (last_chunk) {
@@ -475,6 +546,7 @@ static int decode(Engine *e, Error *err) {
         }
         e->stats.draft_tokens += nd;
         e->stats.accepted_tokens += a < nd ? a : nd;
+        if (s->state == SEQ_RUNNING) publish(e, s);
     }
     return 0;
 }

@@ -71,6 +71,8 @@ typedef struct EngineOptions {
     int prefill_chunk;  // positions a prefill forward pass takes at most
     DType kv_dtype;     // the cache's element type: DT_F32 (0, the default) or DT_BF16
     int speculative;    // MTP draft tokens per step (0: off; needs a model with MTP layers)
+    int prefix_cache;   // keep filled blocks of finished and running sequences for later prompts
+                        // that start the same way (prefix_cache.h); a hit skips their prefill
 } EngineOptions;
 
 typedef struct EngineStats {
@@ -80,6 +82,7 @@ typedef struct EngineStats {
     long draft_tokens, accepted_tokens; // speculative decoding (0 while it is off)
     int running, waiting;               // sequences now
     long cache_blocks_used, cache_blocks_total;  // the latent cache pool, in blocks of positions
+    long prefix_lookup_tokens, prefix_hit_tokens;  // prompt positions looked up in / served by the prefix cache
 } EngineStats;
 
 typedef struct Engine Engine;

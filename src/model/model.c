@@ -53,7 +53,10 @@ int kvpool_init(KVPool *p, const ModelConfig *c, int n_mtp, int n_blocks, int bl
     p->latent = xmalloc(err, es * rows * c->kv_lora_rank, "KV cache latents");
     p->k_pe = xmalloc(err, es * rows * (c->qk_rope_head_dim ? c->qk_rope_head_dim : 1), "KV cache rotary keys");
     p->free_ids = xmalloc(err, sizeof(int) * n_blocks, "KV cache block list");
-    if (!p->latent || !p->k_pe || !p->free_ids) {
+    p->ref = xcalloc(err, n_blocks, sizeof(int), "KV cache block list");
+    p->retained = xcalloc(err, n_blocks, sizeof(int), "KV cache block list");
+    p->released = xcalloc(err, n_blocks, sizeof(long), "KV cache block list");
+    if (!p->latent || !p->k_pe || !p->free_ids || !p->ref || !p->retained || !p->released) {
         kvpool_free(p);
         return -1;
     }
@@ -66,6 +69,9 @@ void kvpool_free(KVPool *p) {
     free(p->latent);
     free(p->k_pe);
     free(p->free_ids);
+    free(p->ref);
+    free(p->retained);
+    free(p->released);
     memset(p, 0, sizeof *p);
 }
 
@@ -109,21 +115,57 @@ int kvcache_init_as(KVCache *kv, const ModelConfig *c, int n_mtp, int capacity, 
     return 0;
 }
 
+void kvpool_retain(KVPool *p, int b) { p->retained[b] = 1; }
+
+// A block for a new user: a free one, or else the retained block released longest ago; -1 when
+// every block is in use.
+static int pool_take(KVPool *p) {
+    int b = -1;
+    if (p->n_free > 0) {
+        b = p->free_ids[--p->n_free];
+    } else {
+        for (int i = 0; i < p->n_blocks; i++)
+            if (p->ref[i] == 0 && p->retained[i] && (b < 0 || p->released[i] < p->released[b])) b = i;
+        if (b < 0) return -1;
+        p->retained[b] = 0;
+        if (p->on_evict) p->on_evict(p->evict_ctx, b);
+    }
+    p->ref[b] = 1;
+    p->n_used++;
+    return b;
+}
+
 int kvcache_reserve(KVCache *kv, int positions, Error *err) {
     if (positions > kv->capacity)
         return err_set(err, "KV cache: %d positions exceed the sequence's capacity %d", positions, kv->capacity);
     KVPool *p = kv->pool;
     while (kv->n_blocks * p->block_size < positions) {
-        if (p->n_free == 0)
+        int b = pool_take(p);
+        if (b < 0)
             return err_set(err, "KV cache: the pool's %d blocks of %d positions are all in use", p->n_blocks,
                            p->block_size);
-        kv->blocks[kv->n_blocks++] = p->free_ids[--p->n_free];
+        kv->blocks[kv->n_blocks++] = b;
     }
     return 0;
 }
 
+int kvcache_share(KVCache *kv, int b, Error *err) {
+    KVPool *p = kv->pool;
+    if (kv->n_blocks == kv->max_blocks) return err_set(err, "KV cache: the block table is full");
+    if (p->ref[b]++ == 0) p->n_used++;
+    kv->blocks[kv->n_blocks++] = b;
+    return 0;
+}
+
 void kvcache_clear(KVCache *kv) {
-    while (kv->n_blocks > 0) kv->pool->free_ids[kv->pool->n_free++] = kv->blocks[--kv->n_blocks];
+    KVPool *p = kv->pool;
+    while (kv->n_blocks > 0) {
+        int b = kv->blocks[--kv->n_blocks];
+        if (--p->ref[b] > 0) continue;
+        p->n_used--;
+        if (p->retained[b]) p->released[b] = ++p->clock;  // stays filled, evictable
+        else p->free_ids[p->n_free++] = b;
+    }
     kv->len = 0;
     for (int k = 0; k < kv->n_mtp; k++) kv->mtp_len[k] = 0;
 }

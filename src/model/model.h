@@ -45,12 +45,24 @@ typedef struct KVPool {
     void *k_pe;       // (n_layers, n_blocks, block_size, qk_rope_head_dim) rotated
     int *free_ids;    // (n_blocks) a stack of the free blocks
     int n_free;
+    // Sharing (a prefix cache): a block may be in several sequences' tables (ref counts them); a
+    // retained block stays filled after its last user leaves and is evicted, least recently
+    // released first, only when no block is free — its owner hears of it through on_evict.
+    int *ref;         // (n_blocks) the tables holding each block
+    int *retained;    // (n_blocks)
+    long *released;   // (n_blocks) when a retained block's last user left (eviction order)
+    long clock;
+    int n_used;       // blocks with ref > 0
+    void (*on_evict)(void *ctx, int block);
+    void *evict_ctx;
 } KVPool;
 
 int kvpool_init(KVPool *p, const ModelConfig *c, int n_mtp, int n_blocks, int block_size, DType dtype, Error *err);
 void kvpool_free(KVPool *p);
 // Bytes of one block.
 size_t kvpool_block_bytes(const KVPool *p, const ModelConfig *c);
+// Keeps block b filled after its last user leaves (until evicted).
+void kvpool_retain(KVPool *p, int b);
 
 // One sequence's cache: its block table into a pool (position p lives in row p % block_size of
 // block blocks[p / block_size]) and how many positions are filled.
@@ -75,6 +87,8 @@ int kvcache_attach(KVCache *kv, KVPool *pool, int n_mtp, int capacity, Error *er
 // Makes positions [0, positions) backed by blocks; -1 with err when the pool has run out (the
 // cache keeps what it had) or positions exceeds the capacity.
 int kvcache_reserve(KVCache *kv, int positions, Error *err);
+// Appends block b of the pool (a filled block another sequence shares) to the cache's table.
+int kvcache_share(KVCache *kv, int b, Error *err);
 // Empties the cache and gives its blocks back to the pool.
 void kvcache_clear(KVCache *kv);
 void kvcache_free(KVCache *kv);
