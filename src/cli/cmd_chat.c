@@ -82,8 +82,9 @@ static void history_trim(History *h, int keep) {
 }
 
 // One turn: the history (ending in the user's message) in, the reply streamed and added.
-static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp, int ctx, const EngineOptions *eo, int verbose,
-                 Error *err) {
+// The session's engine keeps the conversation's cache blocks (its prefix cache), so a turn
+// computes only what the previous turns did not: the reply's tail and the new message.
+static int reply(Engine *e, Tokenizer *tok, History *h, const SeqParams *sp, int ctx, int verbose, Error *err) {
     if (verbose) {
         char *text = tok_chat_render(tok, h->m, h->n, 1, err);
         if (!text) return -1;
@@ -92,24 +93,20 @@ static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp
     }
     TokIds ids = {0};
     if (tok_chat_encode(tok, h->m, h->n, 1, &ids, err)) return -1;
-    int rc = -1;
-    Engine *e = NULL;
+    int rc = -1, id = -1;
     Turn t = {.err = err};
     tok_stream_init(&t.ts, tok, TOK_SKIP_SPECIAL);
     if ((int)ids.n >= ctx) {
         err_set(err, "the conversation is %zu tokens, the context %d: /reset to start again", ids.n, ctx);
         goto done;
     }
-    EngineOptions o = *eo;
-    o.ctx = ctx;
     SeqParams p = *sp;
     if (p.max_new > ctx - (int)ids.n) p.max_new = ctx - (int)ids.n;
-    e = engine_new(m, &o, err);
-    if (!e || engine_add(e, ids.v, (int)ids.n, &p, on_token, &t, err) < 0) goto done;
+    if ((id = engine_add(e, ids.v, (int)ids.n, &p, on_token, &t, err)) < 0) goto done;
     int live;
     while ((live = engine_step(e, err)) > 0 && !t.failed) {
         if (interrupted) {  // Ctrl-C: this reply stops, the session goes on
-            engine_cancel(e, 0);
+            engine_cancel(e, id);
             break;
         }
     }
@@ -127,7 +124,7 @@ static int reply(const Model *m, Tokenizer *tok, History *h, const SeqParams *sp
     rc = 0;
 done:
     interrupted = 0;
-    engine_free(e);
+    if (id >= 0) engine_cancel(e, id);  // (a no-op once it has finished)
     tok_stream_free(&t.ts);
     bb_free(&t.reply);
     ids_free(&ids);
@@ -165,6 +162,14 @@ int cmd_chat(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     if (ctx > m.cfg.max_position_embeddings) ctx = m.cfg.max_position_embeddings;
+    eo.ctx = (int)ctx;
+    eo.prefix_cache = 1;
+    Engine *e = engine_new(&m, &eo, &err);
+    if (!e) {
+        model_free(&m);
+        tok_free(tok);
+        return cli_fail(cmd, &err);
+    }
     History h = {0};
     const char *system = args_str(&a, "system", NULL);
     int rc = 1, keep = 0, tty = isatty(STDIN_FILENO) && isatty(STDERR_FILENO);
@@ -200,7 +205,7 @@ int cmd_chat(int argc, char **argv) {
         if (history_add(&h, "user", line, (size_t)len)) goto oom;
         SeqParams st = sp;
         st.seed = sp.seed + (unsigned long long)turn++;  // each turn its own draws
-        if (reply(&m, tok, &h, &st, (int)ctx, &eo, args_flag(&a, "verbose-prompt"), &err)) {
+        if (reply(e, tok, &h, &st, (int)ctx, args_flag(&a, "verbose-prompt"), &err)) {
             history_trim(&h, h.n - 1);  // the turn did not happen
             cli_fail(cmd, &err);
             err = (Error){0};
@@ -215,6 +220,7 @@ done:
     free(line);
     history_trim(&h, 0);
     free(h.m);
+    engine_free(e);
     model_free(&m);
     tok_free(tok);
     return rc;
