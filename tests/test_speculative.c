@@ -256,7 +256,7 @@ TEST(test_speculative_sampling_keeps_the_distribution) {
         drafts += st.draft_tokens;
         accepted += st.accepted_tokens;
         SeqParams hs = sp;  // a different distribution the test must tell apart
-        hs.temperature = 1.25f;
+        hs.temperature = 1.6f;
         CHECK_MSG(run_prompts(&m, 0, 64, &hs, 900000 + 1000 * r, &o, NULL, &err) == 0, "%s", err.msg);
         histogram(&o, 64, 2, hot);
     }
@@ -264,10 +264,10 @@ TEST(test_speculative_sampling_keeps_the_distribution) {
     double same = chi2_homogeneity(plain, spec, V, &df), diff = chi2_homogeneity(plain, hot, V, &df2);
     double crit = chi2_critical(df, 3.09), crit2 = chi2_critical(df2, 3.09);  // p = 0.001
     printf("    %d samples each: plain vs speculative K=2 chi2 %.1f (df %d, p=0.001 critical %.1f); plain vs "
-           "temperature 1.25 chi2 %.1f (critical %.1f); %ld of %ld drafts accepted\n",
+           "temperature 1.6 chi2 %.1f (critical %.1f); %ld of %ld drafts accepted\n",
            rounds * 64, same, df, crit, diff, crit2, accepted, drafts);
     CHECK_MSG(df >= 3 && same < crit, "speculative sampling's histogram differs from plain sampling's");
-    CHECK_MSG(diff > crit2, "the test cannot tell temperature 1.25 from 1.0: it has no power");
+    CHECK_MSG(diff > crit2, "the test cannot tell temperature 1.6 from 1.0: it has no power");
     CHECK(accepted > 0 && accepted < drafts);
     free(plain);
     free(spec);
