@@ -65,6 +65,8 @@ int test_run(char *out, size_t n, const char *fmt, ...) __attribute__((format(pr
 // Newlines in s: a one-line error message has exactly one.
 int test_count_lines(const char *s);
 // The dsv3 binary under test ($DSV3, default build/dsv3) and a scratch directory for this run.
+// A tiny V3-style config.json over the byte vocabulary (264 ids): q_lora, noaux_tc in 2 groups, MTP.
+extern const char *const TEST_TINY_V3_CONFIG;
 const char *test_bin(void);
 const char *test_tmpdir(void);
 // Directory of committed test data (tests/data).

@@ -13,16 +13,6 @@
 #include "model/model.h"
 #include "test.h"
 
-static const char *TINY =
-    "{\"model_type\": \"deepseek_v3\", \"vocab_size\": 264, \"hidden_size\": 32, \"num_hidden_layers\": 2,"
-    " \"first_k_dense_replace\": 1, \"intermediate_size\": 48, \"moe_intermediate_size\": 16,"
-    " \"num_attention_heads\": 2, \"q_lora_rank\": 16, \"kv_lora_rank\": 16, \"qk_nope_head_dim\": 8,"
-    " \"qk_rope_head_dim\": 8, \"v_head_dim\": 8, \"n_routed_experts\": 8, \"n_shared_experts\": 1,"
-    " \"num_experts_per_tok\": 2, \"n_group\": 2, \"topk_group\": 1, \"topk_method\": \"noaux_tc\","
-    " \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 2.5,"
-    " \"num_nextn_predict_layers\": 1, \"max_position_embeddings\": 256, \"rope_theta\": 10000,"
-    " \"rms_norm_eps\": 1e-6, \"initializer_range\": 0.02, \"bos_token_id\": 0, \"eos_token_id\": 1}";
-
 // The trained checkpoint's directory, made once per run.
 static const char *trained(void) {
     static char ck[600];
@@ -46,7 +36,7 @@ static const char *trained(void) {
     snprintf(path, sizeof path, "%s/config.json", dir);
     f = fopen(path, "w");
     if (!f) return NULL;
-    fputs(TINY, f);
+    fputs(TEST_TINY_V3_CONFIG, f);
     fclose(f);
     int rc = test_run(out, sizeof out,
                       "%s prepare --tokenizer bytes --out '%s/data' --val-fraction 0.1 '%s/doc.txt' && "

@@ -11,16 +11,7 @@
 #include "train/trainer.h"
 #include "test.h"
 
-// A tiny V3-style model over the byte vocabulary (258 ids): q_lora, noaux_tc in 2 groups, MTP.
-static const char *TINY_CONFIG =
-    "{\"model_type\": \"deepseek_v3\", \"vocab_size\": 264, \"hidden_size\": 32, \"num_hidden_layers\": 2,"
-    " \"first_k_dense_replace\": 1, \"intermediate_size\": 48, \"moe_intermediate_size\": 16,"
-    " \"num_attention_heads\": 2, \"q_lora_rank\": 16, \"kv_lora_rank\": 16, \"qk_nope_head_dim\": 8,"
-    " \"qk_rope_head_dim\": 8, \"v_head_dim\": 8, \"n_routed_experts\": 8, \"n_shared_experts\": 1,"
-    " \"num_experts_per_tok\": 2, \"n_group\": 2, \"topk_group\": 1, \"topk_method\": \"noaux_tc\","
-    " \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 2.5,"
-    " \"num_nextn_predict_layers\": 1, \"max_position_embeddings\": 256, \"rope_theta\": 10000,"
-    " \"rms_norm_eps\": 1e-6, \"initializer_range\": 0.02, \"bos_token_id\": 0, \"eos_token_id\": 1}";
+#define TINY_CONFIG TEST_TINY_V3_CONFIG
 
 static int sanitized(void) { return getenv("DSV3_TEST_SANITIZED") != NULL; }
 
