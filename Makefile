@@ -5,13 +5,13 @@ BUILD   ?= build
 OPT     ?= -O2
 CFLAGS  ?= $(OPT) -g
 CFLAGS  += -std=gnu11 -Wall -Wextra -fopenmp -Isrc -MMD -MP
-LDLIBS  += -lopenblas -ljansson -lpcre2-8 -lm
+LDLIBS  += -lopenblas -ljansson -lpcre2-8 -lmicrohttpd -lpthread -lm
 LDFLAGS += -fopenmp
 
 # Debian packages the build and the tests need; `make deps` installs whichever are missing, and
 # nodejs + npm when node or npm is missing (the tokenizer conformance tests run the JavaScript
 # reference; without node they are reported as skipped).
-DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev bible-kjv
+DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev libmicrohttpd-dev bible-kjv
 
 LIB_SRC   := $(shell find src -name '*.c' ! -path 'src/cli/*' | sort)
 CLI_SRC   := $(sort $(wildcard src/cli/*.c))
