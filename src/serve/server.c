@@ -1,5 +1,6 @@
 #define _GNU_SOURCE  // POLLRDHUP
 #include <arpa/inet.h>
+#include <errno.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <netdb.h>
@@ -11,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "infer/engine.h"
 #include "model/model.h"
@@ -78,7 +80,8 @@ struct Server {
     int model_loaded;
     Tokenizer *tok;
     Engine *e;
-    int vocab;
+    int vocab;                // the model's
+    int tok_vocab;            // the tokenizer's (ids past it have no text)
     pthread_mutex_t mu;       // guards what follows and every Job
     pthread_cond_t engine_cv; // the engine thread waits here for work
     pthread_mutex_t tok_mu;   // encoding uses the tokenizer's caches
@@ -307,7 +310,10 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         const char *text;
         size_t n;
         ByteBuf settled = {0};
-        int rc = tok_stream_push(&c->ts, t->token, &text, &n, &err) ? -1 : stop_text_push(&c->stop, text, n, &settled);
+        int rc = 0;
+        // an id the tokenizer does not have (a model's vocabulary may be padded past it) has no text
+        if (t->token < s->tok_vocab && tok_stream_push(&c->ts, t->token, &text, &n, &err)) rc = -1;
+        else if (t->token < s->tok_vocab) rc = stop_text_push(&c->stop, text, n, &settled);
         if (rc < 0) {
             job_fail(j, 500, "out of memory decoding the answer");
         } else {
@@ -940,6 +946,14 @@ static void server_free(Server *s) {
     free(s);
 }
 
+static int stop_pipe[2] = {-1, -1};
+static void on_stop_signal(int sig) {
+    (void)sig;
+    char b = 1;
+    ssize_t rc = write(stop_pipe[1], &b, 1);  // a full pipe already holds a stop
+    (void)rc;
+}
+
 int serve_run(const ServeOptions *o, Error *err) {
     Server *s = calloc(1, sizeof *s);
     if (!s) return err_set(err, "out of memory");
@@ -962,6 +976,7 @@ int serve_run(const ServeOptions *o, Error *err) {
     }
     s->model_loaded = 1;
     s->vocab = s->m.cfg.vocab_size;
+    s->tok_vocab = tok_vocab_size(s->tok);
     if (s->o.ctx > s->m.cfg.max_position_embeddings) s->o.ctx = s->m.cfg.max_position_embeddings;
     EngineOptions eo = {.parallel = o->parallel, .ctx = s->o.ctx, .prefill_chunk = PREFILL_CHUNK, .kv_dtype = o->kv_dtype,
                         .speculative = o->speculative};
@@ -981,13 +996,20 @@ int serve_run(const ServeOptions *o, Error *err) {
     }
     int v6 = ai->ai_family == AF_INET6;
 
-    // Signals: SIGINT and SIGTERM are taken by sigwait below (blocked in every thread, which
-    // inherit the mask); a client that vanishes must not kill the process with SIGPIPE.
-    sigset_t stop_set;
-    sigemptyset(&stop_set);
-    sigaddset(&stop_set, SIGINT);
-    sigaddset(&stop_set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &stop_set, NULL);
+    // Signals: SIGINT and SIGTERM write a byte to a pipe the main thread waits on (a handler, not
+    // sigwait: threads made before this point — OpenBLAS's, OpenMP's — would take a blocked signal's
+    // default action); a client that vanishes must not kill the process with SIGPIPE.
+    if (pipe(stop_pipe)) {
+        freeaddrinfo(ai);
+        server_free(s);
+        return err_set(err, "cannot make a pipe");
+    }
+    struct sigaction sa = {0};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     pthread_mutex_init(&s->mu, NULL);
@@ -1014,8 +1036,9 @@ int serve_run(const ServeOptions *o, Error *err) {
         fprintf(stderr, v6 ? "listening on http://[%s]:%d\n" : "listening on http://%s:%d\n", o->host,
                 di ? di->port : o->port);
         fflush(stderr);
-        int sig;
-        sigwait(&stop_set, &sig);
+        char b;
+        while (read(stop_pipe[0], &b, 1) < 0 && errno == EINTR) {
+        }
     }
     // Stop: the engine thread ends every sequence (their streams end with an error event), the
     // connections finish sending and MHD joins their threads.
