@@ -168,37 +168,47 @@ static void write_file(const char *path, const char *text) {
     }
 }
 
-// A model directory with a tokenizer trained here and a random model of its vocabulary (big enough
-// that a long answer takes seconds, so that cancelling one is visible), made once per run.
-static const char *model_dir(void) {
-    static char dir[512];
-    static int state;
-    if (state) return state == 1 ? dir : NULL;
-    state = 2;
+// Model directories with a tokenizer trained here and random models of its vocabulary, made once
+// per run: a small one (quick, also under the sanitizers), and a big one for the disconnect test —
+// a long answer of it takes seconds, so that cancelling one is visible.
+#define MODEL_CONFIG(hidden, layers, inter, moe_inter, heads)                                                   \
+    "{\"model_type\": \"deepseek_v3\", \"vocab_size\": 400, \"hidden_size\": " #hidden ", \"num_hidden_layers\": " #layers \
+    ", \"first_k_dense_replace\": 1, \"intermediate_size\": " #inter ", \"moe_intermediate_size\": " #moe_inter         \
+    ", \"num_attention_heads\": " #heads ", \"q_lora_rank\": 32, \"kv_lora_rank\": 32, \"qk_nope_head_dim\": 16,"       \
+    " \"qk_rope_head_dim\": 8, \"v_head_dim\": 16, \"n_routed_experts\": 8, \"n_shared_experts\": 1,"                 \
+    " \"num_experts_per_tok\": 2, \"n_group\": 2, \"topk_group\": 1, \"topk_method\": \"noaux_tc\","                 \
+    " \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 2.5,"                      \
+    " \"num_nextn_predict_layers\": 0, \"max_position_embeddings\": 4096, \"rope_theta\": 10000,"                  \
+    " \"rms_norm_eps\": 1e-6, \"initializer_range\": 0.5, \"bos_token_id\": 0, \"eos_token_id\": 1}"
+
+static const char *model_dir_of(int big) {
+    static char dirs[2][512];
+    static int state[2], tokenizer;
     char base[400], path[600], out[4096];
+    if (state[big]) return state[big] == 1 ? dirs[big] : NULL;
+    state[big] = 2;
     snprintf(base, sizeof base, "%s/serve", test_tmpdir());
-    snprintf(dir, sizeof dir, "%s/model", base);
-    if (test_run(out, sizeof out, "rm -rf '%s' && mkdir -p '%s'", base, base)) return NULL;
-    snprintf(path, sizeof path, "%s/config.json", base);
-    write_file(path,
-               "{\"model_type\": \"deepseek_v3\", \"vocab_size\": 400, \"hidden_size\": 512, \"num_hidden_layers\": 6,"
-               " \"first_k_dense_replace\": 1, \"intermediate_size\": 1536, \"moe_intermediate_size\": 384,"
-               " \"num_attention_heads\": 8, \"q_lora_rank\": 32, \"kv_lora_rank\": 32, \"qk_nope_head_dim\": 16,"
-               " \"qk_rope_head_dim\": 8, \"v_head_dim\": 16, \"n_routed_experts\": 8, \"n_shared_experts\": 1,"
-               " \"num_experts_per_tok\": 2, \"n_group\": 2, \"topk_group\": 1, \"topk_method\": \"noaux_tc\","
-               " \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 2.5,"
-               " \"num_nextn_predict_layers\": 0, \"max_position_embeddings\": 4096, \"rope_theta\": 10000,"
-               " \"rms_norm_eps\": 1e-6, \"initializer_range\": 0.5, \"bos_token_id\": 0, \"eos_token_id\": 1}");
-    // the repository's documentation is the corpus: enough distinct text for 400 ids
-    if (test_run(out, sizeof out, "%s tokenizer train --vocab-size 400 --out %s/tokenizer.json README.md docs/*.md", test_bin(), base) ||
-        test_run(out, sizeof out, "%s init --config %s/config.json --out %s --seed 3 --dtype bf16", test_bin(), base, dir) ||
-        test_run(out, sizeof out, "cp %s/tokenizer.json %s/tokenizer_config.json %s/", base, base, dir)) {
+    snprintf(dirs[big], sizeof dirs[big], "%s/model-%s", base, big ? "big" : "small");
+    if (!tokenizer) {  // the repository's documentation is the corpus: enough distinct text for 400 ids
+        if (test_run(out, sizeof out, "rm -rf '%s' && mkdir -p '%s' && %s tokenizer train --vocab-size 400 --out %s/tokenizer.json "
+                     "README.md docs/*.md", base, base, test_bin(), base)) {
+            fprintf(stderr, "    tokenizer setup failed: %s\n", out);
+            return NULL;
+        }
+        tokenizer = 1;
+    }
+    snprintf(path, sizeof path, "%s/config-%d.json", base, big);
+    write_file(path, big ? MODEL_CONFIG(512, 6, 1536, 384, 8) : MODEL_CONFIG(128, 2, 256, 64, 2));
+    if (test_run(out, sizeof out, "%s init --config %s --out %s --seed 3 --dtype bf16 && cp %s/tokenizer.json %s/tokenizer_config.json %s/",
+                 test_bin(), path, dirs[big], base, base, dirs[big])) {
         fprintf(stderr, "    model setup failed: %s\n", out);
         return NULL;
     }
-    state = 1;
-    return dir;
+    state[big] = 1;
+    return dirs[big];
 }
+
+static const char *model_dir(void) { return model_dir_of(0); }
 
 typedef struct {
     pid_t pid;
@@ -206,10 +216,11 @@ typedef struct {
     char log[600];
 } Server;
 
-// Starts `dsv3 serve --model DIR --port 0 EXTRA`, waits for its "listening on" line.
-static int server_start(Server *s, const char *extra) {
+// Starts `dsv3 serve --model DIR --port 0 EXTRA` (the big model or the small one), waits for its
+// "listening on" line.
+static int server_start_on(Server *s, int big, const char *extra) {
     static int serial;
-    const char *dir = model_dir();
+    const char *dir = model_dir_of(big);
     if (!dir) return -1;
     snprintf(s->log, sizeof s->log, "%s/serve/server-%d.log", test_tmpdir(), serial++);
     char cmd[2048];
@@ -323,13 +334,14 @@ static Response http(int port, const char *method, const char *path, const char 
 
 static Response post(int port, const char *path, const char *body) { return http(port, "POST", path, NULL, body); }
 
-// The first choice's text of a completion answer (malloc'd), NULL when it is not one.
+// The first choice's text of a completion answer as a JSON string (malloc'd; escaped, so a NUL in
+// the text compares too), NULL when it is not one.
 static char *answer_text(const Response *r) {
-    json_t *o = r->body ? json_loads(r->body, 0, NULL) : NULL;
+    json_t *o = r->body ? json_loads(r->body, JSON_ALLOW_NUL, NULL) : NULL;
     json_t *c = json_array_get(json_object_get(o, "choices"), 0);
     json_t *t = json_object_get(c, "text");
     if (!t) t = json_object_get(json_object_get(c, "message"), "content");
-    char *s = json_is_string(t) ? strdup(json_string_value(t)) : NULL;
+    char *s = json_is_string(t) ? json_dumps(t, JSON_ENCODE_ANY) : NULL;
     json_decref(o);
     return s;
 }
@@ -346,7 +358,7 @@ static double metric(int port, const char *name) {
     return v;
 }
 
-#define SERVER_OR_FAIL(s, extra) CHECK_MSG(server_start(s, extra) == 0, "the server did not start: %s", (s)->log)
+#define SERVER_OR_FAIL(s, extra) CHECK_MSG(server_start_on(s, 0, extra) == 0, "the server did not start: %s", (s)->log)
 
 // ---- the official client ----
 
@@ -366,23 +378,34 @@ TEST(test_serve_openai_client_and_generate_agree) {
     int stop_rc = server_stop(&s);
     CHECK_MSG(rc == 0, "the client's checks: %s", out);
     CHECK_MSG(stop_rc == 0, "SIGTERM: exit %d", stop_rc);
-    const char *line = strrchr(out, '{');
-    json_t *res = line ? json_loads(line, 0, NULL) : NULL;
+    const char *line = out;  // the result is the last line
+    for (const char *p = out; *p; p++)
+        if (p[0] == '\n' && p[1]) line = p + 1;
+    json_t *res = json_loads(line, JSON_ALLOW_NUL, NULL);
     CHECK_MSG(res, "no result line: %s", out);
-    const char *completion = json_string_value(json_object_get(res, "completion")), *chat = json_string_value(json_object_get(res, "chat"));
+    json_t *completion = json_object_get(res, "completion"), *chat = json_object_get(res, "chat");
     int stop_checked = json_is_string(json_object_get(res, "stop_checked"));
-    char want[8192], want_chat[8192];
-    int g1 = test_run(want, sizeof want, "%s generate --model %s --prompt '%s' --max-new 24", test_bin(), model_dir(), prompt);
-    int g2 = test_run(want_chat, sizeof want_chat, "%s generate --model %s --chat --system '%s' --prompt '%s' --max-new 20", test_bin(),
-                      model_dir(), system, user);
-    size_t lw = strlen(want), lc = strlen(want_chat);
-    int ok1 = g1 == 0 && completion && lw > 0 && strlen(completion) == lw - 1 && !memcmp(completion, want, lw - 1);
-    int ok2 = g2 == 0 && chat && lc > 0 && strlen(chat) == lc - 1 && !memcmp(chat, want_chat, lc - 1);
-    printf("    completion %zu bytes, chat %zu bytes, stop string checked: %s\n", completion ? strlen(completion) : 0,
-           chat ? strlen(chat) : 0, stop_checked ? "yes" : "no");
-    CHECK_MSG(ok1, "the server's greedy completion '%s' differs from dsv3 generate's '%s'", completion ? completion : "?", want);
-    CHECK_MSG(ok2, "the server's greedy chat answer '%s' differs from dsv3 generate --chat's '%s'", chat ? chat : "?", want_chat);
+    // dsv3 generate's text, into files (it may hold a NUL): the answer and a newline
+    char gen1[600], gen2[600];
+    snprintf(gen1, sizeof gen1, "%s/serve/generate.txt", test_tmpdir());
+    snprintf(gen2, sizeof gen2, "%s/serve/generate_chat.txt", test_tmpdir());
+    int g1 = test_run(NULL, 0, "%s generate --model %s --prompt '%s' --max-new 24 > %s", test_bin(), model_dir(), prompt, gen1);
+    int g2 = test_run(NULL, 0, "%s generate --model %s --chat --system '%s' --prompt '%s' --max-new 20 > %s", test_bin(),
+                      model_dir(), system, user, gen2);
+    size_t lw = 0, lc = 0;
+    char *want = test_read_file(gen1, &lw), *want_chat = test_read_file(gen2, &lc);
+    int ok1 = g1 == 0 && want && json_is_string(completion) && lw > 0 && json_string_length(completion) == lw - 1 &&
+              !memcmp(json_string_value(completion), want, lw - 1);
+    int ok2 = g2 == 0 && want_chat && json_is_string(chat) && lc > 0 && json_string_length(chat) == lc - 1 &&
+              !memcmp(json_string_value(chat), want_chat, lc - 1);
+    printf("    completion %zu bytes, chat %zu bytes, stop string checked: %s\n", json_string_length(completion),
+           json_string_length(chat), stop_checked ? "yes" : "no");
+    char *got1 = json_dumps(completion, JSON_ENCODE_ANY), *got2 = json_dumps(chat, JSON_ENCODE_ANY);
+    CHECK_MSG(ok1, "the server's greedy completion %s differs from dsv3 generate's '%s'", got1 ? got1 : "?", want ? want : "?");
+    CHECK_MSG(ok2, "the server's greedy chat answer %s differs from dsv3 generate --chat's '%s'", got2 ? got2 : "?",
+              want_chat ? want_chat : "?");
     CHECK_MSG(stop_checked, "the answer was too short to check a stop string");
+    free(got1), free(got2), free(want), free(want_chat);
     json_decref(res);
 }
 
@@ -478,7 +501,7 @@ static double await_metric(int port, const char *name, double want, int ms) {
 // and the server exits 0.
 TEST(test_serve_disconnect_cancels_and_queue_limit) {
     Server s;
-    SERVER_OR_FAIL(&s, "--parallel 1 --max-queue 1");
+    CHECK_MSG(server_start_on(&s, 1, "--parallel 1 --max-queue 1") == 0, "the server did not start: %s", s.log);
     int a = open_stream(s.port, 4000);
     CHECK_MSG(a >= 0, "the first stream did not start");
     char body[] = "{\"prompt\": \"the engine\", \"max_tokens\": 4000, \"stream\": true}";
