@@ -169,16 +169,16 @@ static void write_file(const char *path, const char *text) {
 }
 
 // Model directories with a tokenizer trained here and random models of its vocabulary, made once
-// per run: a small one (quick, also under the sanitizers), and a big one for the disconnect test —
+// per run: a small one with an MTP module (quick, also under the sanitizers), and a big one for the disconnect test —
 // a long answer of it takes seconds, so that cancelling one is visible.
-#define MODEL_CONFIG(hidden, layers, inter, moe_inter, heads)                                                   \
+#define MODEL_CONFIG(hidden, layers, inter, moe_inter, heads, mtp)                                                   \
     "{\"model_type\": \"deepseek_v3\", \"vocab_size\": 400, \"hidden_size\": " #hidden ", \"num_hidden_layers\": " #layers \
     ", \"first_k_dense_replace\": 1, \"intermediate_size\": " #inter ", \"moe_intermediate_size\": " #moe_inter         \
     ", \"num_attention_heads\": " #heads ", \"q_lora_rank\": 32, \"kv_lora_rank\": 32, \"qk_nope_head_dim\": 16,"       \
     " \"qk_rope_head_dim\": 8, \"v_head_dim\": 16, \"n_routed_experts\": 8, \"n_shared_experts\": 1,"                 \
     " \"num_experts_per_tok\": 2, \"n_group\": 2, \"topk_group\": 1, \"topk_method\": \"noaux_tc\","                 \
     " \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, \"routed_scaling_factor\": 2.5,"                      \
-    " \"num_nextn_predict_layers\": 0, \"max_position_embeddings\": 4096, \"rope_theta\": 10000,"                  \
+    " \"num_nextn_predict_layers\": " #mtp ", \"max_position_embeddings\": 4096, \"rope_theta\": 10000,"                  \
     " \"rms_norm_eps\": 1e-6, \"initializer_range\": 0.5, \"bos_token_id\": 0, \"eos_token_id\": 1}"
 
 static const char *model_dir_of(int big) {
@@ -198,7 +198,7 @@ static const char *model_dir_of(int big) {
         tokenizer = 1;
     }
     snprintf(path, sizeof path, "%s/config-%d.json", base, big);
-    write_file(path, big ? MODEL_CONFIG(512, 6, 1536, 384, 8) : MODEL_CONFIG(128, 2, 256, 64, 2));
+    write_file(path, big ? MODEL_CONFIG(512, 6, 1536, 384, 8, 0) : MODEL_CONFIG(128, 2, 256, 64, 2, 1));
     if (test_run(out, sizeof out, "%s init --config %s --out %s --seed 3 --dtype bf16 && cp %s/tokenizer.json %s/tokenizer_config.json %s/",
                  test_bin(), path, dirs[big], base, base, dirs[big])) {
         fprintf(stderr, "    model setup failed: %s\n", out);
@@ -428,10 +428,11 @@ static void *call_thread(void *arg) {
 }
 
 // Requests running together (more than the slots: some wait in the queue) answer exactly what
-// they answer alone: greedy, and sampled with a seed.
+// they answer alone: greedy, and sampled with a seed — here with MTP speculative decoding on
+// (--speculative reaches the engine: /metrics counts drafts).
 TEST(test_serve_concurrent_requests_equal_solo) {
     Server s;
-    SERVER_OR_FAIL(&s, "--parallel 3 --max-queue 16");
+    SERVER_OR_FAIL(&s, "--parallel 3 --max-queue 16 --speculative 2");
     char bodies[N_CONC][256];
     char *solo[N_CONC] = {0};
     Call calls[N_CONC];
@@ -449,7 +450,8 @@ TEST(test_serve_concurrent_requests_equal_solo) {
         pthread_create(&th[i], NULL, call_thread, &calls[i]);
     }
     for (int i = 0; i < N_CONC; i++) pthread_join(th[i], NULL);
-    double live = metric(s.port, "dsv3_sequences_live");
+    double live = metric(s.port, "dsv3_sequences_live"), drafts = metric(s.port, "dsv3_speculative_draft_tokens_total");
+    double used = metric(s.port, "dsv3_cache_blocks_used");
     int rc = server_stop(&s), same = 0;
     for (int i = 0; i < N_CONC; i++) {
         same += solo[i] && calls[i].text && !strcmp(solo[i], calls[i].text);
@@ -459,7 +461,8 @@ TEST(test_serve_concurrent_requests_equal_solo) {
         free(calls[i].text);
     }
     CHECK_MSG(same == N_CONC, "%d of %d concurrent answers equal their solo answers", same, N_CONC);
-    CHECK_MSG(live == 0, "%g sequences still live after every answer", live);
+    CHECK_MSG(live == 0 && used == 0, "%g sequences still live, %g cache blocks used after every answer", live, used);
+    CHECK_MSG(drafts > 0, "no draft tokens with --speculative 2 (%g)", drafts);
     CHECK_MSG(rc == 0, "SIGTERM: exit %d", rc);
 }
 
@@ -507,6 +510,10 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
     char body[] = "{\"prompt\": \"the engine\", \"max_tokens\": 4000, \"stream\": true}";
     int b = http_send(s.port, "POST", "/v1/completions", NULL, body, strlen(body));
     double live = await_metric(s.port, "dsv3_sequences_live", 2, 2000);
+    double blocks = 0;  // the engine's counts are read after each step: wait for one
+    for (int t = 0; t < 250 && blocks <= 0; t++) {
+        if ((blocks = metric(s.port, "dsv3_cache_blocks_used")) <= 0) usleep(20000);
+    }
     Response c = post(s.port, "/v1/completions", "{\"prompt\": \"the engine\", \"max_tokens\": 4}");
     int got503 = c.status == 503 && strstr(c.head, "Retry-After:") && strstr(c.body, "\"error\"");
     free(c.head);
@@ -515,7 +522,7 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
     double gen_before = metric(s.port, "dsv3_generation_tokens_total");
     close(a);  // the running one leaves
     double live_after_a = await_metric(s.port, "dsv3_sequences_live", 0, 2000);
-    double running = metric(s.port, "dsv3_sequences_running");
+    double running = metric(s.port, "dsv3_sequences_running"), blocks_after = metric(s.port, "dsv3_cache_blocks_used");
     double gen = metric(s.port, "dsv3_generation_tokens_total");
     usleep(200000);
     double gen_later = metric(s.port, "dsv3_generation_tokens_total");
@@ -523,13 +530,14 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
     kill(s.pid, SIGTERM);
     Response rest = d >= 0 ? http_read(d) : (Response){.status = -1, .head = calloc(1, 1)};
     int rc = server_stop(&s);
-    printf("    live %g with two streams; %g after the waiting one left, %g after the running one left "
-           "(running %g); generated %g tokens before it left, %g after, %g later\n",
-           live, live_after_b, live_after_a, running, gen_before, gen, gen_later);
+    printf("    live %g with two streams (cache blocks used %g); %g after the waiting one left, %g after the running one "
+           "left (running %g, cache blocks used %g); generated %g tokens before it left, %g after, %g later\n",
+           live, blocks, live_after_b, live_after_a, running, blocks_after, gen_before, gen, gen_later);
     CHECK_MSG(live == 2, "two streams: %g sequences live", live);
     CHECK_MSG(got503, "a third request beyond the queue did not get 503 with Retry-After");
     CHECK_MSG(live_after_b == 1, "the waiting stream's client left: %g sequences live", live_after_b);
     CHECK_MSG(live_after_a == 0 && running == 0, "the running stream's client left: %g live, %g running", live_after_a, running);
+    CHECK_MSG(blocks > 0 && blocks_after == 0, "cache blocks used: %g while streaming, %g after the client left", blocks, blocks_after);
     CHECK_MSG(gen < 2000 && gen_later == gen, "the abandoned stream went on: %g tokens generated, then %g", gen, gen_later);
     CHECK_MSG(d >= 0, "a stream after the cancels did not start");
     free(rest.head);

@@ -475,7 +475,8 @@ static int draft(Engine *e, Seq **ds, int n, Error *err) {
 // sequence takes at this position.
 static int judge(Seq *s, const float *logits, int V, int dr, int *accepted) {
     if (s->p.temperature <= 0) {
-        int y = sampler_sample(&s->sampler, logits);  // the argmax, of the penalised logits
+        // the argmax; of the penalised logits when a penalty is set
+        int y = s->sampler.counts ? sampler_sample(&s->sampler, logits) : argmax_f32(logits, V);
         *accepted = dr >= 0 && y == dr;
         return y;
     }
