@@ -56,22 +56,29 @@ TEST(test_stop_text_holds_back_a_possible_start) {
     bb_free(&out);
 }
 
-// Against the definition: the output is the text up to the earliest occurrence of any stop string
-// (all of it when none occurs), however the text is split into pieces.
+// Against the definition: the output is the text up to the stop string that is complete first —
+// of all occurrences the one that ends first, on a tie the one that starts first — (all of it when
+// none occurs), however the text is split into pieces. "abcd" with stops "abcd" and "bc" stops at
+// "bc" (complete at byte 3, before "abcd" is), with "abcd" and "cd" at "abcd" (both end at 4).
 TEST(test_stop_text_equals_truncation_at_first_match) {
-    const char *texts[] = {"hello world, the end", "aaab", "x<stop>y", "ümlaut ✓ done", "abcabd", "no match here"};
-    const char *const stop_sets[][3] = {{"end", "world", NULL}, {"aab", NULL, NULL}, {"<stop>", "<s", NULL},
-                                        {"✓", NULL, NULL},      {"abd", "bca", NULL}, {"zz", "ere!", NULL}};
+    const char *texts[] = {"hello world, the end", "aaab", "x<stop>y", "ümlaut ✓ done", "abcabd", "no match here",
+                           "abcd", "abcd", "xx long stop 1 string yy"};
+    const char *const stop_sets[][3] = {{"end", "world", NULL}, {"aab", NULL, NULL},   {"<stop>", "<s", NULL},
+                                        {"✓", NULL, NULL},      {"abd", "bca", NULL},  {"zz", "ere!", NULL},
+                                        {"abcd", "bc", NULL},   {"abcd", "cd", NULL},  {"long stop 1 string", "1", NULL}};
+    const size_t want[] = {6, 1, 1, 8, 1, 13, 1, 0, 12};
     unsigned seed = 7;
-    for (int t = 0; t < 6; t++) {
+    for (int t = 0; t < 9; t++) {
         const char *text = texts[t];
         int ns = 0;
         while (ns < 3 && stop_sets[t][ns]) ns++;
-        size_t first = strlen(text);
+        size_t first = strlen(text), end = (size_t)-1;
         for (int k = 0; k < ns; k++) {
             const char *at = strstr(text, stop_sets[t][k]);
-            if (at && (size_t)(at - text) < first) first = (size_t)(at - text);
+            size_t a = at ? (size_t)(at - text) : 0, l = strlen(stop_sets[t][k]);
+            if (at && (a + l < end || (a + l == end && a < first))) first = a, end = a + l;
         }
+        CHECK_MSG(first == want[t], "'%s': the definition gives %zu, the test expects %zu", text, first, want[t]);
         for (int trial = 0; trial < 50; trial++) {  // random splits, at character boundaries
             char buf[64][32];
             const char *pieces[64];

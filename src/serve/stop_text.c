@@ -33,11 +33,15 @@ int stop_text_push(StopText *s, const char *text, size_t n, ByteBuf *out) {
     if (s->n == 0) return bb_append(out, text, n);
     if (bb_append(&s->held, text, n)) return -1;
     const char *h = s->held.p;
-    size_t hn = s->held.n, first = hn;
+    size_t hn = s->held.n, first = hn, end = (size_t)-1;
     if (hn == 0) return 0;
-    for (int k = 0; k < s->n; k++) {  // the earliest occurrence of any stop string
+    for (int k = 0; k < s->n; k++) {  // the occurrence that is complete first (the longer one on a tie)
         const char *at = memmem(h, hn, s->stop[k], s->len[k]);
-        if (at && (size_t)(at - h) < first) first = (size_t)(at - h);
+        size_t a = at ? (size_t)(at - h) : 0;
+        if (at && (a + s->len[k] < end || (a + s->len[k] == end && a < first))) {
+            first = a;
+            end = a + s->len[k];
+        }
     }
     if (first < hn) {
         s->matched = 1;

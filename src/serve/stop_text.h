@@ -2,7 +2,9 @@
 // only text that can no longer turn out to be part of a stop string — the longest end of the text
 // that is the start of some stop string is held back until the next piece settles it. When a stop
 // string appears, the text before it is released and everything from it on is dropped (the OpenAI
-// API leaves the stop string out of the answer).
+// API leaves the stop string out of the answer). Generation stops at the first stop string to be
+// complete: of all occurrences, the one that ends first (on a tie, the one that starts first) —
+// so the answer does not depend on how the text was split into pieces.
 //
 // UTF-8 safe: given complete characters in and stop strings that are valid UTF-8, a held-back
 // end begins with the first byte of a character (so does every stop string), so what comes out

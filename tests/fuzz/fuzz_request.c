@@ -1,8 +1,8 @@
 #define _GNU_SOURCE  // memmem
 // Any bytes as the body of POST /v1/chat/completions and /v1/completions: parsed into a request or
 // refused with a 4xx that names its reason, never a crash; a parsed request keeps the API's limits.
-// The stop strings of a parsed chat request then run over the body's bytes split in two, and what
-// comes out is the text up to the first stop string (src/serve/stop_text.h's definition).
+// The stop strings of a parsed request then run over the body's bytes split in two, and what comes
+// out is the text up to the stop string that is complete first (src/serve/stop_text.h's definition).
 #include <string.h>
 
 #include "serve/request.h"
@@ -19,12 +19,13 @@ static void check_stops(const ServeRequest *r, const uint8_t *data, size_t size)
     if (m == 0) m = stop_text_push(&s, (const char *)data + cut, size - cut, &out);
     if (m == 0 && stop_text_finish(&s, &out)) abort();
     if (m < 0) abort();
-    size_t first = size;
+    size_t first = size, end = (size_t)-1;  // the occurrence that ends first, the earlier start on a tie
     for (int k = 0; k < r->n_stop; k++) {
         size_t l = strlen(r->stop[k]);
         if (l == 0) continue;
         const void *at = memmem(data, size, r->stop[k], l);
-        if (at && (size_t)((const uint8_t *)at - data) < first) first = (size_t)((const uint8_t *)at - data);
+        size_t a = at ? (size_t)((const uint8_t *)at - data) : 0;
+        if (at && (a + l < end || (a + l == end && a < first))) first = a, end = a + l;
     }
     if (out.n != first || (first && memcmp(out.p, data, first)) || m != (first < size)) abort();
     bb_free(&out);
