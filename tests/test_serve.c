@@ -505,13 +505,16 @@ static double await_metric(int port, const char *name, double want, int ms) {
     return v;
 }
 
-// With one slot and a queue of one: a long stream runs, a second waits, a third is refused with
-// 503 and Retry-After. A client that closes its socket — waiting or mid-stream — cancels its
+// With one slot and a queue of one: a request for more choices than that can ever hold is a 400; a
+// long stream runs, a second waits, a third is refused with 503 and Retry-After. A client that closes its socket — waiting or mid-stream — cancels its
 // sequence at once (the long one is far from done when it goes). SIGTERM ends a stream in flight
 // and the server exits 0.
 TEST(test_serve_disconnect_cancels_and_queue_limit) {
     Server s;
     CHECK_MSG(server_start_on(&s, 1, "--parallel 1 --max-queue 1") == 0, "the server did not start: %s", s.log);
+    Response too_many = post(s.port, "/v1/completions", "{\"prompt\": \"the\", \"max_tokens\": 2, \"n\": 3}");
+    int n_refused = too_many.status == 400 && too_many.body && strstr(too_many.body, "\"param\":\"n\"");
+    free(too_many.head);
     int a = open_stream(s.port, 4000);
     CHECK_MSG(a >= 0, "the first stream did not start");
     char body[] = "{\"prompt\": \"the engine\", \"max_tokens\": 4000, \"stream\": true}";
@@ -540,6 +543,7 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
     printf("    live %g with two streams (cache blocks used %g); %g after the waiting one left, %g after the running one "
            "left (running %g, cache blocks used %g); generated %g tokens before it left, %g after, %g later\n",
            live, blocks, live_after_b, live_after_a, running, blocks_after, gen_before, gen, gen_later);
+    CHECK_MSG(n_refused, "n = 3 with room for 2 sequences in all: not refused with 400 naming n");
     CHECK_MSG(live == 2, "two streams: %g sequences live", live);
     CHECK_MSG(got503, "a third request beyond the queue did not get 503 with Retry-After");
     CHECK_MSG(live_after_b == 1, "the waiting stream's client left: %g sequences live", live_after_b);
@@ -678,5 +682,37 @@ TEST(test_serve_api_key) {
     CHECK_MSG(st[0] == 401 && st[1] == 401 && st[2] == 401 && shaped, "without the key: %d %d %d", st[0], st[1], st[2]);
     CHECK_MSG(st[3] == 200, "with the key: %d", st[3]);
     CHECK_MSG(st[4] == 200, "/health needs no key: %d", st[4]);
+    CHECK_MSG(rc == 0, "SIGTERM: exit %d", rc);
+}
+
+// A client that sends half a request and goes silent holds no sequence and is cut off after
+// --timeout seconds; the server answers others meanwhile.
+TEST(test_serve_silent_client_times_out) {
+    Server s;
+    SERVER_OR_FAIL(&s, "--timeout 1");
+    int fd = connect_to(s.port);
+    CHECK(fd >= 0);
+    const char *half = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\": ";
+    CHECK(send_all(fd, half, strlen(half)) == 0);
+    struct timeval tv = {.tv_sec = 10};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    double live = metric(s.port, "dsv3_sequences_live");
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    char b[256];
+    ssize_t k;
+    while ((k = recv(fd, b, sizeof b, 0)) > 0) {
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    close(fd);
+    double waited = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    Response h = http(s.port, "GET", "/health", NULL, "");
+    int health = h.status;
+    free(h.head);
+    int rc = server_stop(&s);
+    printf("    the silent connection was closed after %.1f s\n", waited);
+    CHECK_MSG(live == 0, "a half-sent request holds %g sequences", live);
+    CHECK_MSG(k == 0 && waited < 5, "the silent connection was not closed (recv %zd after %.1f s)", k, waited);
+    CHECK_MSG(health == 200, "/health: %d", health);
     CHECK_MSG(rc == 0, "SIGTERM: exit %d", rc);
 }

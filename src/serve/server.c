@@ -632,6 +632,11 @@ static enum MHD_Result handle_completion(Server *s, struct MHD_Connection *conn,
                   "the prompt is %zu tokens and the context %d positions: it leaves no room for an answer", ids.n, s->o.ctx);
         goto fail;
     }
+    if (r.n > s->o.parallel + s->o.max_queue) {  // could never be admitted: not a matter of retrying
+        api_error(&e, 400, "n", "invalid_value", "'n' is %d; this server holds %d sequences at once (--parallel + --max-queue)",
+                  r.n, s->o.parallel + s->o.max_queue);
+        goto fail;
+    }
     j = job_new(s, &r, &ids, connection_fd(conn));
     if (!j) {
         api_error(&e, 500, NULL, NULL, "out of memory");

@@ -122,15 +122,18 @@ async function main() {
     eq([0, 1, 2].map((i) => ns.texts[i]), a.choices.map((c) => c.text), 'n streamed');
     eq(Object.keys(ns.finish).length, 3, 'n streamed: a finish_reason per choice');
 
-    // stop strings: the answer ends before the first occurrence, finish_reason "stop"
-    const k = Math.floor(t.length / 2), stop = t.slice(k, k + 2);
+    // stop strings: the answer ends before the first occurrence, finish_reason "stop" (on an answer
+    // that EOS does not cut short)
+    const long = (await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, ignore_eos: true })).choices[0].text;
+    const k = Math.floor(long.length / 2), stop = long.slice(k, k + 2);
     if (stop.length === 2) {
-        const want = t.slice(0, t.indexOf(stop));
-        const st = await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, stop: [stop, '@@never@@'] });
+        const want = long.slice(0, long.indexOf(stop));
+        const st = await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, ignore_eos: true,
+                                                     stop: [stop, '@@never@@'] });
         eq(st.choices[0].text, want, `stop ${JSON.stringify(stop)}`);
         eq(st.choices[0].finish_reason, 'stop', 'finish_reason at a stop string');
         const sst = await collect(await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, stop,
-                                                                     stream: true }), false);
+                                                                     ignore_eos: true, stream: true }), false);
         eq(sst.texts[0], want, 'stop, streamed');
         eq(sst.finish[0], 'stop', 'stop, streamed finish_reason');
         result.stop_checked = stop;
