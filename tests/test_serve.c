@@ -511,7 +511,8 @@ static double await_metric(int port, const char *name, double want, int ms) {
 // and the server exits 0.
 TEST(test_serve_disconnect_cancels_and_queue_limit) {
     Server s;
-    CHECK_MSG(server_start_on(&s, 1, "--parallel 1 --max-queue 1") == 0, "the server did not start: %s", s.log);
+    // (without the prefix cache, so that the blocks of a finished sequence are free, not kept)
+    CHECK_MSG(server_start_on(&s, 1, "--parallel 1 --max-queue 1 --no-prefix-cache") == 0, "the server did not start: %s", s.log);
     Response too_many = post(s.port, "/v1/completions", "{\"prompt\": \"the\", \"max_tokens\": 2, \"n\": 3}");
     int n_refused = too_many.status == 400 && too_many.body && strstr(too_many.body, "\"param\":\"n\"");
     free(too_many.head);
@@ -715,4 +716,43 @@ TEST(test_serve_silent_client_times_out) {
     CHECK_MSG(k == 0 && waited < 5, "the silent connection was not closed (recv %zd after %.1f s)", k, waited);
     CHECK_MSG(health == 200, "/health: %d", health);
     CHECK_MSG(rc == 0, "SIGTERM: exit %d", rc);
+}
+
+// A system prompt shared by requests is computed once: later requests take its cache blocks (the
+// prefix cache's hit counts in /metrics), and their answers are those of a server without it.
+TEST(test_serve_shared_prefix_hits_the_cache) {
+    char sys[2048] = "", body[3][2600];
+    for (int i = 0; i < 20; i++) strcat(sys, "the engine serves tokens to clients over HTTP. ");
+    for (int i = 0; i < 3; i++)
+        snprintf(body[i], sizeof body[i],
+                 "{\"messages\": [{\"role\": \"system\", \"content\": \"%s\"}, {\"role\": \"user\", \"content\": "
+                 "\"question %d\"}], \"max_tokens\": 8, \"temperature\": 0}", sys, i);
+    char *with[3] = {0}, *without[3] = {0};
+    double lookups = -1, hits = -1, hits_off = -1;
+    for (int pass = 0; pass < 2; pass++) {
+        Server s;
+        SERVER_OR_FAIL(&s, pass ? "--no-prefix-cache" : "");
+        for (int i = 0; i < 3; i++) {
+            Response r = post(s.port, "/v1/chat/completions", body[i]);
+            (pass ? without : with)[i] = r.status == 200 ? answer_text(&r) : NULL;
+            free(r.head);
+        }
+        if (pass == 0) {
+            lookups = metric(s.port, "dsv3_prefix_cache_lookup_tokens_total");
+            hits = metric(s.port, "dsv3_prefix_cache_hit_tokens_total");
+        } else {
+            hits_off = metric(s.port, "dsv3_prefix_cache_hit_tokens_total");
+        }
+        CHECK_MSG(server_stop(&s) == 0, "SIGTERM: exit not 0");
+    }
+    int same = 0;
+    for (int i = 0; i < 3; i++) {
+        same += with[i] && without[i] && !strcmp(with[i], without[i]);
+        free(with[i]);
+        free(without[i]);
+    }
+    printf("    prefix cache: %g of %g prompt positions served from the cache (%g without it)\n", hits, lookups, hits_off);
+    CHECK_MSG(same == 3, "%d of 3 answers equal with and without the prefix cache", same);
+    CHECK_MSG(hits >= 2 * 16 && hits_off == 0, "the shared system prompt was not reused: %g hit positions (%g without the cache)",
+              hits, hits_off);
 }

@@ -9,7 +9,7 @@
 
 static const char *const VALUED[] = {"model", "host", "port", "parallel", "ctx", "kv-dtype", "speculative", "api-key",
                                      "alias", "max-queue", "timeout", "max-body", NULL};
-static const char *const FLAGS[] = {"no-mmap", NULL};
+static const char *const FLAGS[] = {"no-mmap", "no-prefix-cache", NULL};
 
 int cmd_serve(int argc, char **argv) {
     const char *cmd = "dsv3 serve";
@@ -33,6 +33,7 @@ int cmd_serve(int argc, char **argv) {
     o.parallel = (int)parallel;
     o.ctx = (int)ctx;
     o.speculative = (int)spec;
+    o.prefix_cache = !args_flag(&a, "no-prefix-cache");
     o.api_key = args_str(&a, "api-key", NULL);
     o.alias = args_str(&a, "alias", NULL);
     o.max_queue = (int)queue;

@@ -825,6 +825,14 @@ static enum MHD_Result handle_metrics(Server *s, struct MHD_Connection *conn) {
          "dsv3_sequences_live %d\n", live);
     EMIT("# TYPE dsv3_cache_blocks_used gauge\ndsv3_cache_blocks_used %ld\n", st.cache_blocks_used);
     EMIT("# TYPE dsv3_cache_blocks_free gauge\ndsv3_cache_blocks_free %ld\n", st.cache_blocks_total - st.cache_blocks_used);
+    EMIT("# HELP dsv3_prefix_cache_lookup_tokens_total Prompt positions looked up in the prefix cache.\n"
+         "# TYPE dsv3_prefix_cache_lookup_tokens_total counter\ndsv3_prefix_cache_lookup_tokens_total %ld\n",
+         st.prefix_lookup_tokens);
+    EMIT("# HELP dsv3_prefix_cache_hit_tokens_total Prompt positions served from cached blocks (not prefilled).\n"
+         "# TYPE dsv3_prefix_cache_hit_tokens_total counter\ndsv3_prefix_cache_hit_tokens_total %ld\n",
+         st.prefix_hit_tokens);
+    EMIT("# TYPE dsv3_prefix_cache_hit_rate gauge\ndsv3_prefix_cache_hit_rate %.4f\n",
+         st.prefix_lookup_tokens > 0 ? (double)st.prefix_hit_tokens / st.prefix_lookup_tokens : 0.0);
     EMIT("# TYPE dsv3_speculative_draft_tokens_total counter\ndsv3_speculative_draft_tokens_total %ld\n", st.draft_tokens);
     EMIT("# TYPE dsv3_speculative_accepted_tokens_total counter\ndsv3_speculative_accepted_tokens_total %ld\n",
          st.accepted_tokens);
@@ -984,7 +992,7 @@ int serve_run(const ServeOptions *o, Error *err) {
     s->tok_vocab = tok_vocab_size(s->tok);
     if (s->o.ctx > s->m.cfg.max_position_embeddings) s->o.ctx = s->m.cfg.max_position_embeddings;
     EngineOptions eo = {.parallel = o->parallel, .ctx = s->o.ctx, .prefill_chunk = PREFILL_CHUNK, .kv_dtype = o->kv_dtype,
-                        .speculative = o->speculative};
+                        .speculative = o->speculative, .prefix_cache = o->prefix_cache};
     s->e = engine_new(&s->m, &eo, err);
     if (!s->e) {
         server_free(s);

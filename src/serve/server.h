@@ -20,7 +20,8 @@ typedef struct ServeOptions {
     int parallel;            // sequences decoded at once
     int ctx;                 // positions per sequence (clamped to the model's max_position_embeddings)
     DType kv_dtype;
-    int speculative;         // MTP draft tokens (the engine refuses it until it is built)
+    int speculative;         // MTP draft tokens per step (the model needs an MTP module)
+    int prefix_cache;        // reuse the cache blocks of a prompt prefix seen before
     const char *api_key;     // NULL: no authentication
     const char *alias;       // the model's name in the API; NULL: the directory's name
     int max_queue;           // sequences that may wait for a slot beyond the running ones
