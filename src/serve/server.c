@@ -319,6 +319,8 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         } else {
             deliver(j, c, settled.p, settled.n);
             if (rc == 1) choice_finish(j, c, "stop");
+            // asked for logprobs, a stream has a chunk per token, even one whose text is not settled yet
+            else if (j->stream && j->sp.logprobs && settled.n == 0) stream_piece(j, c, "", 0, NULL);
         }
         bb_free(&settled);
     }
