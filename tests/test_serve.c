@@ -23,8 +23,6 @@
 #include "serve/stop_text.h"
 #include "test.h"
 
-// ---- stop strings ----
-
 // Feeds text in the given pieces; returns what came out (malloc'd) and whether a stop matched.
 static char *stop_run(const char *const *stops, int n, const char *const *pieces, int np, int *matched) {
     StopText s;
@@ -102,8 +100,6 @@ TEST(test_stop_text_equals_truncation_at_first_match) {
     }
 }
 
-// ---- the request parser ----
-
 static int parse(ApiKind kind, const char *body, ServeRequest *r, ApiError *e) {
     return serve_request_parse(r, kind, body, strlen(body), e);
 }
@@ -164,8 +160,6 @@ TEST(test_request_parse_refuses_bad_fields) {
                   bad[i].body, rc, e.status, rc ? e.param : "", bad[i].param, rc ? e.message : "");
     }
 }
-
-// ---- a server ----
 
 static void write_file(const char *path, const char *text) {
     FILE *f = fopen(path, "w");
@@ -367,8 +361,6 @@ static double metric(int port, const char *name) {
 
 #define SERVER_OR_FAIL(s, extra) CHECK_MSG(server_start_on(s, 0, extra) == 0, "the server did not start: %s", (s)->log)
 
-// ---- the official client ----
-
 TEST(test_serve_openai_client_and_generate_agree) {
     char out[16384];
     int rc = test_run(out, sizeof out, "bash tests/js/setup_openai.sh 2>&1");
@@ -415,8 +407,6 @@ TEST(test_serve_openai_client_and_generate_agree) {
     free(got1), free(got2), free(want), free(want_chat);
     json_decref(res);
 }
-
-// ---- concurrency ----
 
 #define N_CONC 8
 
@@ -472,8 +462,6 @@ TEST(test_serve_concurrent_requests_equal_solo) {
     CHECK_MSG(drafts > 0, "no draft tokens with --speculative 2 (%g)", drafts);
     CHECK_MSG(rc == 0, "SIGTERM: exit %d", rc);
 }
-
-// ---- disconnects, the queue, shutdown ----
 
 // Opens a stream and reads until its first content chunk has arrived; returns the fd.
 static int open_stream(int port, int max_tokens) {
@@ -555,8 +543,6 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
     free(rest.head);
     CHECK_MSG(rc == 0, "SIGTERM with a stream in flight: exit %d", rc);
 }
-
-// ---- bad requests ----
 
 typedef struct {
     const char *method, *path, *body;

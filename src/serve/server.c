@@ -1,5 +1,4 @@
 #define _GNU_SOURCE  // POLLRDHUP
-#include <arpa/inet.h>
 #include <errno.h>
 #include <jansson.h>
 #include <microhttpd.h>
@@ -34,7 +33,7 @@ typedef struct Choice {
     int index;
     int seq;             // the engine's id, -1 until added
     int live;            // the engine has it (added, not ended)
-    int cancel;          // to be cancelled: its stop string appeared
+    int cancel;          // to be cancelled: its stop string appeared, or the request failed
     int cancel_sent;
     const char *finish;  // "stop" / "length" once the answer is complete
     int n_tokens;        // tokens the engine produced for it
@@ -102,8 +101,6 @@ static double now_s(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-// ---- responses (Server.mu held where noted) ----
-
 static json_t *error_json(const ApiError *e) {
     return json_pack("{s:{s:s, s:s, s:s?, s:s?}}", "error", "message", e->message, "type", api_error_type(e->status),
                      "param", e->param[0] ? e->param : NULL, "code", e->code[0] ? e->code : NULL);
@@ -145,8 +142,6 @@ static enum MHD_Result send_error(Server *s, struct MHD_Connection *conn, const 
     if (e->status == 401) hname = "WWW-Authenticate", hvalue = "Bearer";
     return send_json(s, conn, e->status, error_json(e), hname, hvalue);
 }
-
-// ---- jobs (Server.mu held) ----
 
 static void job_unref(Job *j) {
     if (--j->refs > 0) return;
@@ -349,8 +344,6 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
     pthread_mutex_unlock(&s->mu);
 }
 
-// ---- the engine thread ----
-
 static void *engine_main(void *arg) {
     Server *s = arg;
     Error err;
@@ -427,8 +420,6 @@ static void *engine_main(void *arg) {
     pthread_mutex_unlock(&s->mu);
     return NULL;
 }
-
-// ---- connections ----
 
 // Whether the client of fd has closed its end (nothing is read from the socket).
 static int peer_closed(int fd) {
