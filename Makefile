@@ -5,13 +5,13 @@ BUILD   ?= build
 OPT     ?= -O2
 CFLAGS  ?= $(OPT) -g
 CFLAGS  += -std=gnu11 -Wall -Wextra -fopenmp -Isrc -MMD -MP
-LDLIBS  += -lopenblas -ljansson -lpcre2-8 -lm
+LDLIBS  += -lopenblas -ljansson -lpcre2-8 -lmicrohttpd -lpthread -lm
 LDFLAGS += -fopenmp
 
 # Debian packages the build and the tests need; `make deps` installs whichever are missing, and
 # nodejs + npm when node or npm is missing (the tokenizer conformance tests run the JavaScript
 # reference; without node they are reported as skipped).
-DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev bible-kjv
+DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev libmicrohttpd-dev bible-kjv
 
 LIB_SRC   := $(shell find src -name '*.c' ! -path 'src/cli/*' | sort)
 CLI_SRC   := $(sort $(wildcard src/cli/*.c))
@@ -95,7 +95,8 @@ build-fuzz/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz_common.h build-fuzz/libdsv3.a
 fuzz: deps-fuzz $(BUILD)/dsv3
 	$(MAKE) BUILD=build-fuzz CC=clang OPT="-O1 -fsanitize=fuzzer-no-link $(FUZZ_SAN)" build-fuzz/libdsv3.a
 	$(MAKE) $(FUZZ_BIN)
-	@set -e; c=build-fuzz/corpus; rm -rf $$c; mkdir -p $$c/fuzz_safetensors $$c/fuzz_config $$c/fuzz_tokenizer $$c/fuzz_encode $$c/fuzz_plan; \
+	@set -e; c=build-fuzz/corpus; rm -rf $$c; mkdir -p $$c/fuzz_safetensors $$c/fuzz_config $$c/fuzz_tokenizer $$c/fuzz_encode $$c/fuzz_plan $$c/fuzz_request; \
+	  cp tests/fuzz/seeds/request/* $$c/fuzz_request/; \
 	  for d in v3 fp8 v2lite; do cp tests/data/$$d/model.safetensors $$c/fuzz_safetensors/$$d.safetensors; done; \
 	  i=0; for f in tests/data/*/config.json bench/configs/*.json; do i=$$((i+1)); cp $$f $$c/fuzz_config/$$i.json; \
 	    cp $$f $$c/fuzz_plan/$$i.json; done; \

@@ -198,3 +198,109 @@ TEST(test_sampler_seeded_draws_repeat) {
     sampler_free(&c);
     CHECK(same && differ);
 }
+
+// The independent definitions of the filters added for the server (OpenAI / vLLM):
+//   penalties    logit_i − presence·[c_i > 0] − frequency·c_i, c_i = times id i was generated
+//   min-p        after top-k / top-p, keep the ids with p_i ≥ min_p · max_j p_j
+// q (NV): the target; returns how many ids are kept.
+static int target_ext(const float *logits, const int *counts, double presence, double frequency, double T, int top_k,
+                      double top_p, double min_p, double *q) {
+    float pen[NV];
+    for (int i = 0; i < NV; i++) pen[i] = (float)(logits[i] - presence * (counts[i] > 0) - frequency * counts[i]);
+    int n = target(pen, T, top_k, top_p, q);
+    double mx = 0, kept = 0;
+    for (int i = 0; i < NV; i++) mx = fmax(mx, q[i]);
+    for (int i = 0; i < NV; i++)
+        if (q[i] < min_p * mx) q[i] = 0;
+    n = 0;
+    for (int i = 0; i < NV; i++) kept += q[i], n += q[i] > 0;
+    for (int i = 0; i < NV; i++) q[i] /= kept;
+    return n;
+}
+
+// The sampler's distribution equals q id for id, and DRAWS draws fit it (and not `wrong`).
+static int check_ext(const char *what, const int *counts, float presence, float frequency, float T, int top_k,
+                     float top_p, float min_p, int want_kept, const double *wrong) {
+    double q[NV];
+    int kept = target_ext(LOGITS, counts, presence, frequency, T, top_k, top_p, min_p, q);
+    if (kept != want_kept) {
+        test_fail(__FILE__, __LINE__, "%s: the target keeps %d ids, the test expects %d", what, kept, want_kept);
+        return -1;
+    }
+    Sampler s;
+    if (sampler_init(&s, NV, T, top_k, top_p, 77) || sampler_set_filters(&s, min_p, presence, frequency)) return -1;
+    for (int i = 0; i < NV; i++)
+        for (int c = 0; c < counts[i]; c++) sampler_accept(&s, i);
+    int n = sampler_distribution(&s, LOGITS), rc = 0;
+    double maxdiff = 0;
+    for (int i = 0; i < NV; i++) maxdiff = fmax(maxdiff, test_absdiff(sampler_prob(&s, n, i), q[i]));
+    if (n != kept || maxdiff > 1e-6) {
+        test_fail(__FILE__, __LINE__, "%s: the sampler keeps %d ids (want %d), max |p − q| %.3g", what, n, kept, maxdiff);
+        rc = -1;
+    }
+    long count[NV] = {0}, outside = 0;
+    for (long d = 0; d < DRAWS && rc == 0; d++) {
+        int id = sampler_sample(&s, LOGITS);  // the counts stay: no sampler_accept between draws
+        if (q[id] == 0) outside++;
+        else count[id]++;
+    }
+    sampler_free(&s);
+    if (rc) return rc;
+    int df, wdf;
+    double chi = chi_square(count, q, DRAWS, &df), wchi = chi_square(count, wrong, DRAWS, &wdf);
+    printf("    %s: chi-square %.1f on %d df (bound %.1f); against the wrong distribution %.3g\n", what, chi, df,
+           chi_bound(df), wchi);
+    if (outside || chi > chi_bound(df) || wchi <= chi_bound(wdf)) {
+        test_fail(__FILE__, __LINE__, "%s: %ld draws outside, chi-square %.1f (bound %.1f), wrong fits %.1f", what,
+                  outside, chi, chi_bound(df), wchi);
+        return -1;
+    }
+    return 0;
+}
+
+// min-p 0.5 at T 1: the largest p is 0.255 (ids 1, 9), the floor 0.128: ids 1, 9 and 4 (0.155) are
+// kept, 0 (0.115) is not.
+TEST(test_sampler_min_p_keeps_ids_near_the_top) {
+    int none[NV] = {0};
+    double wrong[NV];
+    target_ext(LOGITS, none, 0, 0, 1.0, 0, 1.0, 0.4, wrong);  // one id more
+    CHECK(check_ext("min-p 0.5", none, 0, 0, 1.0f, 0, 1.0f, 0.5f, 3, wrong) == 0);
+    target_ext(LOGITS, none, 0, 0, 0.7, 0, 1.0, 0.0, wrong);  // no min-p at all
+    CHECK(check_ext("min-p 0.2, T 0.7", none, 0, 0, 0.7f, 0, 1.0f, 0.2f, 4, wrong) == 0);
+    // after top-k 2 the floor is still relative to the top: min-p 0.9 keeps both tied ids
+    target_ext(LOGITS, none, 0, 0, 1.0, 1, 1.0, 0.0, wrong);
+    CHECK(check_ext("top-k 2, min-p 0.9", none, 0, 0, 1.0f, 2, 1.0f, 0.9f, 2, wrong) == 0);
+}
+
+// Penalties subtract from the logits of generated ids: presence once, frequency per occurrence.
+TEST(test_sampler_penalties_follow_the_counts) {
+    int counts[NV] = {0};
+    counts[1] = 3;  // id 1 generated three times, id 4 once
+    counts[4] = 1;
+    double wrong[NV];
+    target_ext(LOGITS, counts, 0.5, 0.0, 1.0, 0, 1.0, 0.0, wrong);  // the frequency term left out
+    CHECK(check_ext("presence 0.5, frequency 0.3", counts, 0.5f, 0.3f, 1.0f, 0, 1.0f, 0.0f, NV, wrong) == 0);
+    target_ext(LOGITS, counts, 0.0, 0.0, 1.0, 0, 1.0, 0.0, wrong);  // no penalty
+    CHECK(check_ext("presence -1 (a bonus)", counts, -1.0f, 0.0f, 1.0f, 0, 1.0f, 0.0f, NV, wrong) == 0);
+    target_ext(LOGITS, counts, 0.0, 0.4, 1.0, 0, 1.0, 0.0, wrong);  // counted once per id, not per use
+    // penalised: 9 2.0, 0 1.2, 3 0.8, 4 0.7, 7 0.5, ... 1 −0.4: top-p 0.8 keeps the first five
+    CHECK(check_ext("frequency 0.8, top-p 0.8", counts, 0.0f, 0.8f, 1.0f, 0, 0.8f, 0.0f, 5, wrong) == 0);
+}
+
+// Greedy decoding sees the penalised logits: ids 1 and 9 tie at 2.0; once 1 is generated a small
+// presence penalty makes 9 the argmax, and once both are, 4 (1.5) wins with a penalty of 0.6.
+TEST(test_sampler_greedy_with_penalties) {
+    Sampler s;
+    CHECK(sampler_init(&s, NV, 0.0f, 0, 1.0f, 1) == 0 && sampler_set_filters(&s, 0, 0.1f, 0) == 0);
+    CHECK(sampler_sample(&s, LOGITS) == 1);
+    sampler_accept(&s, 1);
+    CHECK(sampler_sample(&s, LOGITS) == 9);
+    sampler_accept(&s, 9);
+    CHECK(sampler_sample(&s, LOGITS) == 1);  // both penalised by 0.1: the tie again, the lower id
+    sampler_free(&s);
+    CHECK(sampler_init(&s, NV, 0.0f, 0, 1.0f, 1) == 0 && sampler_set_filters(&s, 0, 0.6f, 0) == 0);
+    sampler_accept(&s, 1);
+    sampler_accept(&s, 9);
+    CHECK(sampler_sample(&s, LOGITS) == 4);
+    sampler_free(&s);
+}

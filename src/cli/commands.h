@@ -15,5 +15,6 @@ int cmd_plot(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_detokenize(int argc, char **argv);
 int cmd_tokenizer(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
 
 #endif

@@ -218,7 +218,8 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     s->prompt = malloc(sizeof(int) * n);
     s->stop_ids = malloc(sizeof(int) * (p->n_stop_ids > 0 ? p->n_stop_ids : 1));
     if (!s->prompt || !s->stop_ids ||
-        sampler_init(&s->sampler, V, p->temperature, p->top_k, p->top_p, p->seed)) {
+        sampler_init(&s->sampler, V, p->temperature, p->top_k, p->top_p, p->seed) ||
+        sampler_set_filters(&s->sampler, p->min_p, p->presence_penalty, p->frequency_penalty)) {
         seq_release(s);
         return err_set(err, "engine: out of memory for a sequence");
     }
@@ -351,6 +352,7 @@ static void token_logprobs(const float *logits, int V, EngineToken *t, int n) {
 // Hands token `next` (chosen at logits) to the owner; 1 when the sequence has ended.
 static int emit(Engine *e, Seq *s, int next, const float *logits) {
     int stop = s->p.stop_at_eos && next == e->m->cfg.eos_token_id;
+    sampler_accept(&s->sampler, next);
     for (int i = 0; i < s->p.n_stop_ids && !stop; i++) stop = next == s->p.stop_ids[i];
     if (s->hist) {  // the prefix cache's record of the positions (grown in step with the tokens)
         if (s->n_hist == s->cap_hist) {
@@ -473,7 +475,8 @@ static int draft(Engine *e, Seq **ds, int n, Error *err) {
 // sequence takes at this position.
 static int judge(Seq *s, const float *logits, int V, int dr, int *accepted) {
     if (s->p.temperature <= 0) {
-        int y = argmax_f32(logits, V);
+        // the argmax; of the penalised logits when a penalty is set
+        int y = s->sampler.counts ? sampler_sample(&s->sampler, logits) : argmax_f32(logits, V);
         *accepted = dr >= 0 && y == dr;
         return y;
     }

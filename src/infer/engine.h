@@ -32,6 +32,9 @@ typedef struct SeqParams {
     float temperature;          // 0: greedy
     int top_k;                  // 0: off
     float top_p;                // 1: off
+    float min_p;                // 0: off; keeps ids at least min_p × the most likely one's probability
+    float presence_penalty;     // 0: off; logit − presence·[count > 0] − frequency·count over the
+    float frequency_penalty;    // tokens generated so far (OpenAI's definition)
     unsigned long long seed;
     int stop_at_eos;            // the model's eos_token_id ends the sequence
     const int *stop_ids;        // further ids that end it (copied at engine_add)

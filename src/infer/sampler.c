@@ -1,9 +1,11 @@
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "infer/sampler.h"
 
 int sampler_init(Sampler *s, int vocab, float temperature, int top_k, float top_p, unsigned long long seed) {
+    memset(s, 0, sizeof *s);
     s->temperature = temperature;
     s->top_k = top_k;
     s->top_p = top_p;
@@ -18,11 +20,31 @@ int sampler_init(Sampler *s, int vocab, float temperature, int top_k, float top_
     return 0;
 }
 
+int sampler_set_filters(Sampler *s, float min_p, float presence_penalty, float frequency_penalty) {
+    s->min_p = min_p;
+    s->presence_penalty = presence_penalty;
+    s->frequency_penalty = frequency_penalty;
+    if ((presence_penalty != 0 || frequency_penalty != 0) && !s->counts) {
+        s->counts = calloc(s->vocab, sizeof(int));
+        s->penalised = malloc(sizeof(float) * s->vocab);
+        if (!s->counts || !s->penalised) return -1;
+    }
+    return 0;
+}
+
 void sampler_free(Sampler *s) {
     free(s->probs);
     free(s->order);
+    free(s->counts);
+    free(s->penalised);
     s->probs = NULL;
     s->order = NULL;
+    s->counts = NULL;
+    s->penalised = NULL;
+}
+
+void sampler_accept(Sampler *s, int token) {
+    if (s->counts && token >= 0 && token < s->vocab) s->counts[token]++;
 }
 
 int argmax_f32(const float *x, int n) {
@@ -39,8 +61,19 @@ static int by_prob_desc(const void *a, const void *b) {
     return *(const int *)a - *(const int *)b;
 }
 
+// The logits the filters see: less the penalties when one is set (into s->penalised).
+static const float *penalise(Sampler *s, const float *logits) {
+    if (!s->counts) return logits;
+    for (int i = 0; i < s->vocab; i++) {
+        int c = s->counts[i];
+        s->penalised[i] = logits[i] - s->presence_penalty * (c > 0) - s->frequency_penalty * (float)c;
+    }
+    return s->penalised;
+}
+
 int sampler_distribution(Sampler *s, const float *logits) {
     int V = s->vocab;
+    logits = penalise(s, logits);
     float m = logits[argmax_f32(logits, V)];
     double sum = 0;
     for (int i = 0; i < V; i++) {
@@ -50,7 +83,7 @@ int sampler_distribution(Sampler *s, const float *logits) {
     for (int i = 0; i < V; i++) s->probs[i] = (float)(s->probs[i] / sum);
     int n = V;
     for (int i = 0; i < V; i++) s->order[i] = i;
-    if ((s->top_k > 0 && s->top_k < V) || s->top_p < 1) {
+    if ((s->top_k > 0 && s->top_k < V) || s->top_p < 1 || s->min_p > 0) {
         sort_probs = s->probs;
         qsort(s->order, V, sizeof(int), by_prob_desc);
         if (s->top_k > 0 && s->top_k < n) n = s->top_k;
@@ -66,6 +99,13 @@ int sampler_distribution(Sampler *s, const float *logits) {
                     break;
                 }
             }
+        }
+        if (s->min_p > 0) {
+            // relative to the most probable id, so renormalising after top-k / top-p changes nothing
+            float floor = s->min_p * s->probs[s->order[0]];
+            int keep = 1;
+            while (keep < n && s->probs[s->order[keep]] >= floor) keep++;
+            n = keep;
         }
     }
     return n;
@@ -98,6 +138,6 @@ int sampler_draw(Sampler *s, int n, int exclude) {
 double sampler_uniform(Sampler *s) { return rng_uniform(&s->rng); }
 
 int sampler_sample(Sampler *s, const float *logits) {
-    if (s->temperature <= 0) return argmax_f32(logits, s->vocab);
+    if (s->temperature <= 0) return argmax_f32(penalise(s, logits), s->vocab);
     return sampler_draw(s, sampler_distribution(s, logits), -1);
 }

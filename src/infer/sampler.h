@@ -1,6 +1,9 @@
-// Choosing the next token from logits: greedy at temperature 0, otherwise temperature, top-k and
-// top-p (nucleus) filtering — top-p over the top-k set renormalised, as HF transformers, vLLM and
-// llama.cpp chain them — then a draw from a seeded generator.
+// Choosing the next token from logits. The logits are first penalised for the tokens this sampler
+// has emitted (OpenAI's and vLLM's definition: logit − presence·[count > 0] − frequency·count, the
+// counts over generated tokens only; sampler_accept counts one); then greedy at temperature 0,
+// otherwise temperature, top-k, top-p (nucleus) and min-p filtering — top-p over the top-k set
+// renormalised, as HF transformers, vLLM and llama.cpp chain them; min-p keeps the ids whose
+// probability is at least min_p times the largest — then a draw from a seeded generator.
 #ifndef DSV3_INFER_SAMPLER_H
 #define DSV3_INFER_SAMPLER_H
 
@@ -10,15 +13,23 @@ typedef struct Sampler {
     float temperature;  // 0: greedy
     int top_k;          // 0: off
     float top_p;        // 1: off
+    float min_p;        // 0: off
+    float presence_penalty, frequency_penalty;  // 0: off
     Rng rng;
     int vocab;
     float *probs;       // (vocab) scratch
     int *order;         // (vocab) scratch
+    int *counts;        // (vocab) times each id was accepted; only while a penalty is set
+    float *penalised;   // (vocab) scratch: the logits less the penalties; only while a penalty is set
 } Sampler;
 
 int sampler_init(Sampler *s, int vocab, float temperature, int top_k, float top_p, unsigned long long seed);
+// min_p in [0, 1]; the penalties in [-2, 2] as OpenAI allows. Returns -1 when memory runs out.
+int sampler_set_filters(Sampler *s, float min_p, float presence_penalty, float frequency_penalty);
 void sampler_free(Sampler *s);
-// logits: (vocab); returns the chosen id.
+// The token emitted after a sample: the penalties count it.
+void sampler_accept(Sampler *s, int token);
+// logits: (vocab); returns the chosen id (at temperature 0 the argmax of the penalised logits).
 int sampler_sample(Sampler *s, const float *logits);
 // The pieces of a draw at temperature > 0, for speculative sampling: sampler_distribution keeps
 // the distribution the draw is from (the n ids it returns, s->order[0 .. n)); sampler_prob is

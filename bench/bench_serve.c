@@ -1,0 +1,189 @@
+// `dsv3 serve` under load: a bounded load generator on loopback against a server on the ~108M
+// benchmark model (bench/configs/v3-108m.json, BF16, random weights, a tokenizer trained on the
+// repository's documentation): 1, 4, 16 and 64 concurrent streams, each client sending
+// REQUESTS_PER_CLIENT streamed completions one after another (a prompt of PROMPT ids, GEN new
+// tokens, greedy, EOS ignored). Per level: aggregate generated tokens/s over the level's wall
+// time, time to first token and time per output token (after the first), p50 and p99.
+// Figures, not tests; it stops by itself. The aims of issue 11: aggregate tokens/s at 16 streams
+// ≥ 6× one stream, TTFT p99 at 16 streams under 4× its single-stream value.
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "bench_common.h"
+
+#define PROMPT 64
+#define GEN 32
+#define REQUESTS_PER_CLIENT 2
+#define MAX_CLIENTS 64
+
+typedef struct {
+    int port, client;
+    int n;                       // requests done
+    double ttft[REQUESTS_PER_CLIENT], tpot[REQUESTS_PER_CLIENT];
+    long tokens;
+    int failed;
+} Client;
+
+static int connect_to(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct timeval tv = {.tv_sec = 600};
+    if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a)) {
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+// One streamed request; *ttft and *tpot in seconds, the answer's token count from the usage chunk.
+static int one_request(int port, int seed, double *ttft, double *tpot, long *tokens) {
+    char body[2048], head[256];
+    int n = snprintf(body, sizeof body, "{\"prompt\": [");
+    for (int t = 0; t < PROMPT; t++)
+        n += snprintf(body + n, sizeof body - n, "%s%lld", t ? "," : "", 2 + (t * 7919LL + seed * 104729LL) % 8000);
+    // logprobs: a chunk per token, so the first chunk times the first token
+    n += snprintf(body + n, sizeof body - n, "], \"max_tokens\": %d, \"temperature\": 0, \"ignore_eos\": true, \"stream\": true,"
+                  " \"logprobs\": 0, \"stream_options\": {\"include_usage\": true}}", GEN);
+    int h = snprintf(head, sizeof head, "POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n", n);
+    int fd = connect_to(port);
+    if (fd < 0) return -1;
+    double t0 = bench_now(), first = 0, last = 0;
+    if (send(fd, head, h, MSG_NOSIGNAL) != h || send(fd, body, n, MSG_NOSIGNAL) != n) {
+        close(fd);
+        return -1;
+    }
+    static __thread char buf[1 << 16];
+    size_t len = 0;
+    for (;;) {
+        ssize_t k = recv(fd, buf + len, sizeof buf - 1 - len, 0);
+        if (k <= 0) break;
+        buf[len + k] = 0;
+        double now = bench_now();
+        if (!first && strstr(buf + (len > 16 ? len - 16 : 0), "\"text\"")) first = now;
+        last = now;
+        len += (size_t)k;
+        if (len > sizeof buf - 4096) {  // keep the tail (the usage chunk comes last)
+            memmove(buf, buf + len - 4096, 4096);
+            len = 4096;
+        }
+    }
+    close(fd);
+    buf[len] = 0;
+    const char *u = strstr(buf, "\"completion_tokens\":");
+    if (!u || !first) return -1;
+    *tokens = atol(u + strlen("\"completion_tokens\":"));
+    *ttft = first - t0;
+    *tpot = *tokens > 1 ? (last - first) / (*tokens - 1) : 0;
+    return 0;
+}
+
+static void *client_main(void *arg) {
+    Client *c = arg;
+    for (int r = 0; r < REQUESTS_PER_CLIENT; r++) {
+        long tok = 0;
+        if (one_request(c->port, c->client * 100 + r, &c->ttft[r], &c->tpot[r], &tok)) {
+            c->failed++;
+            continue;
+        }
+        c->tokens += tok;
+        c->n++;
+    }
+    return NULL;
+}
+
+static double pct(double *v, int n, double p) {
+    qsort(v, n, sizeof *v, bench_cmp_double);
+    int i = (int)(p * (n - 1) + 0.5);
+    return n ? v[i] : 0;
+}
+
+static int sh(const char *cmd) {
+    int rc = system(cmd);
+    return rc == 0 ? 0 : -1;
+}
+
+int main(void) {
+    const char *dsv3 = getenv("DSV3") ? getenv("DSV3") : "build/dsv3", *dir = "build/bench-serve";
+    char cmd[4096], log[512];
+    snprintf(cmd, sizeof cmd,
+             "set -e; rm -rf %s && mkdir -p %s/model && %s tokenizer train --vocab-size 4096 --out %s/model/tokenizer.json "
+             "README.md docs/*.md >/dev/null && %s init --config bench/configs/v3-108m.json --out %s/model --dtype bf16 --seed 1 "
+             ">/dev/null",
+             dir, dir, dsv3, dir, dsv3, dir);
+    if (sh(cmd)) {
+        fprintf(stderr, "bench_serve: making the model failed\n");
+        return 1;
+    }
+    snprintf(log, sizeof log, "%s/server.log", dir);
+    pid_t pid = fork();
+    if (pid == 0) {
+        snprintf(cmd, sizeof cmd, "exec %s serve --model %s/model --port 0 --parallel %d --max-queue %d --ctx %d 2>%s", dsv3, dir,
+                 MAX_CLIENTS, MAX_CLIENTS, PROMPT + GEN + 8, log);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    int port = 0;
+    for (int i = 0; i < 600 && !port; i++) {
+        usleep(100000);
+        FILE *f = fopen(log, "r");
+        char line[256];
+        while (f && fgets(line, sizeof line, f))
+            if (sscanf(line, "listening on http://127.0.0.1:%d", &port) == 1) break;
+        if (f) fclose(f);
+    }
+    if (!port) {
+        fprintf(stderr, "bench_serve: the server did not start (%s)\n", log);
+        kill(pid, SIGKILL);
+        return 1;
+    }
+    printf("-- dsv3 serve, v3-108m (BF16, random weights) on loopback: streamed completions, prompts of %d ids, %d new tokens,\n"
+           "   %d requests per client one after another; the prefix cache sees distinct prompts\n", PROMPT, GEN, REQUESTS_PER_CLIENT);
+    static const int levels[] = {1, 4, 16, 64};
+    double base_tps = 0, base_ttft99 = 0;
+    int rc = 0;
+    for (int l = 0; l < 4; l++) {
+        int nc = levels[l];
+        static Client cl[MAX_CLIENTS];
+        pthread_t th[MAX_CLIENTS];
+        double t0 = bench_now();
+        for (int i = 0; i < nc; i++) {
+            cl[i] = (Client){.port = port, .client = l * 1000 + i};
+            pthread_create(&th[i], NULL, client_main, &cl[i]);
+        }
+        for (int i = 0; i < nc; i++) pthread_join(th[i], NULL);
+        double wall = bench_now() - t0, ttft[MAX_CLIENTS * REQUESTS_PER_CLIENT], tpot[MAX_CLIENTS * REQUESTS_PER_CLIENT];
+        long tokens = 0;
+        int n = 0, failed = 0;
+        for (int i = 0; i < nc; i++) {
+            for (int r = 0; r < cl[i].n; r++) ttft[n] = cl[i].ttft[r], tpot[n++] = cl[i].tpot[r];
+            tokens += cl[i].tokens;
+            failed += cl[i].failed;
+        }
+        double tps = tokens / wall, t50 = pct(ttft, n, 0.5), t99 = pct(ttft, n, 0.99), p50 = pct(tpot, n, 0.5), p99 = pct(tpot, n, 0.99);
+        if (l == 0) base_tps = tps, base_ttft99 = t99;
+        printf("   %2d streams: %7.1f tokens/s aggregate (%.2fx one stream); TTFT p50 %6.3f s p99 %6.3f s (%.2fx); "
+               "TPOT p50 %6.4f s p99 %6.4f s%s\n",
+               nc, tps, tps / base_tps, t50, t99, t99 / base_ttft99, p50, p99, failed ? "  (some requests FAILED)" : "");
+        if (failed) rc = 1;
+    }
+    kill(pid, SIGTERM);
+    int st;
+    waitpid(pid, &st, 0);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+        fprintf(stderr, "bench_serve: the server did not exit cleanly on SIGTERM\n");
+        rc = 1;
+    }
+    return rc;
+}

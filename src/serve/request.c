@@ -1,0 +1,263 @@
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "serve/request.h"
+
+const char *api_error_type(int status) {
+    switch (status) {
+    case 401: return "authentication_error";
+    case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 413: return "request_too_large";
+    case 429: return "rate_limit_error";
+    case 503: return "overloaded_error";
+    default: return status >= 500 ? "server_error" : "invalid_request_error";
+    }
+}
+
+int api_error(ApiError *e, int status, const char *param, const char *code, const char *fmt, ...) {
+    e->status = status;
+    snprintf(e->param, sizeof e->param, "%s", param ? param : "");
+    snprintf(e->code, sizeof e->code, "%s", code ? code : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+// The field key of o, NULL when absent or null.
+static json_t *field(json_t *o, const char *key) {
+    json_t *v = json_object_get(o, key);
+    return v && !json_is_null(v) ? v : NULL;
+}
+
+static int get_number(json_t *o, const char *key, double lo, double hi, float *out, ApiError *e) {
+    json_t *v = field(o, key);
+    if (!v) return 0;
+    if (!json_is_number(v)) return api_error(e, 400, key, "invalid_type", "'%s' must be a number", key);
+    double x = json_number_value(v);
+    if (!(x >= lo && x <= hi)) return api_error(e, 400, key, "invalid_value", "'%s' is %g; it must be in [%g, %g]", key, x, lo, hi);
+    *out = (float)x;
+    return 0;
+}
+
+static int get_int(json_t *o, const char *key, long long lo, long long hi, int *out, ApiError *e) {
+    json_t *v = field(o, key);
+    if (!v) return 0;
+    if (!json_is_integer(v)) return api_error(e, 400, key, "invalid_type", "'%s' must be an integer", key);
+    json_int_t x = json_integer_value(v);
+    if (x < lo || x > hi) return api_error(e, 400, key, "invalid_value", "'%s' is %lld; it must be in [%lld, %lld]", key, (long long)x, lo, hi);
+    *out = (int)x;
+    return 0;
+}
+
+static int get_bool(json_t *o, const char *key, int *out, ApiError *e) {
+    json_t *v = field(o, key);
+    if (!v) return 0;
+    if (!json_is_boolean(v)) return api_error(e, 400, key, "invalid_type", "'%s' must be true or false", key);
+    *out = json_is_true(v);
+    return 0;
+}
+
+static char *dup_str(const char *s, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, s, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+#define OOM(e) api_error(e, 500, NULL, NULL, "out of memory")
+
+// A message's content: a string, or an array of text parts joined by newlines (as vLLM joins them).
+static int message_content(json_t *c, int i, char **out, ApiError *e) {
+    char param[64];
+    snprintf(param, sizeof param, "messages[%d].content", i);
+    if (!c) {
+        *out = dup_str("", 0);
+        return *out ? 0 : OOM(e);
+    }
+    if (json_is_string(c)) {
+        *out = dup_str(json_string_value(c), json_string_length(c));
+        return *out ? 0 : OOM(e);
+    }
+    if (!json_is_array(c)) return api_error(e, 400, param, "invalid_type", "'%s' must be a string or an array of text parts", param);
+    ByteBuf b = {0};
+    size_t k;
+    json_t *part;
+    json_array_foreach(c, k, part) {
+        json_t *type = json_object_get(part, "type"), *text = json_object_get(part, "text");
+        if (!json_is_object(part) || !json_is_string(type) || strcmp(json_string_value(type), "text") || !json_is_string(text)) {
+            bb_free(&b);
+            return api_error(e, 400, param, "invalid_value", "'%s[%zu]' must be {\"type\": \"text\", \"text\": STRING} (only text parts are supported)", param, k);
+        }
+        if ((k > 0 && bb_append(&b, "\n", 1)) || bb_append(&b, json_string_value(text), json_string_length(text))) {
+            bb_free(&b);
+            return OOM(e);
+        }
+    }
+    *out = b.p ? b.p : dup_str("", 0);
+    return *out ? 0 : OOM(e);
+}
+
+static int parse_messages(ServeRequest *r, json_t *body, ApiError *e) {
+    json_t *m = field(body, "messages");
+    if (!m) return api_error(e, 400, "messages", "missing_required_parameter", "'messages' is required");
+    if (!json_is_array(m)) return api_error(e, 400, "messages", "invalid_type", "'messages' must be an array");
+    if (json_array_size(m) == 0) return api_error(e, 400, "messages", "invalid_value", "'messages' must not be empty");
+    r->msgs = calloc(json_array_size(m), sizeof *r->msgs);
+    if (!r->msgs) return OOM(e);
+    size_t i;
+    json_t *msg;
+    json_array_foreach(m, i, msg) {
+        char param[64];
+        snprintf(param, sizeof param, "messages[%zu]", i);
+        if (!json_is_object(msg)) return api_error(e, 400, param, "invalid_type", "'%s' must be an object", param);
+        json_t *role = json_object_get(msg, "role");
+        snprintf(param, sizeof param, "messages[%zu].role", i);
+        if (!json_is_string(role)) return api_error(e, 400, param, "invalid_type", "'%s' must be a string", param);
+        const char *rs = json_string_value(role);
+        if (!strcmp(rs, "developer")) rs = "system";  // OpenAI's newer name for the system prompt
+        if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant"))
+            return api_error(e, 400, param, "invalid_value", "'%s' is '%.40s'; it must be system, user or assistant", param, rs);
+        r->msgs[i].role = rs[0] == 's' ? "system" : rs[0] == 'u' ? "user" : "assistant";
+        char *content;
+        if (message_content(field(msg, "content"), (int)i, &content, e)) return -1;
+        r->msgs[i].content = content;
+        r->n_msgs = (int)i + 1;
+    }
+    return 0;
+}
+
+// prompt: a string, an array of token ids, or either wrapped in an array of one.
+static int parse_prompt(ServeRequest *r, json_t *body, ApiError *e) {
+    json_t *p = field(body, "prompt");
+    if (!p) return api_error(e, 400, "prompt", "missing_required_parameter", "'prompt' is required");
+    if (json_is_array(p) && json_array_size(p) == 1 && !json_is_integer(json_array_get(p, 0))) p = json_array_get(p, 0);
+    if (json_is_string(p)) {
+        r->prompt = dup_str(json_string_value(p), json_string_length(p));
+        return r->prompt ? 0 : OOM(e);
+    }
+    if (!json_is_array(p)) return api_error(e, 400, "prompt", "invalid_type", "'prompt' must be a string or an array of token ids");
+    size_t n = json_array_size(p), i;
+    if (n == 0) return api_error(e, 400, "prompt", "invalid_value", "'prompt' must not be empty");
+    r->prompt_ids = malloc(sizeof(int) * n);
+    if (!r->prompt_ids) return OOM(e);
+    json_t *v;
+    json_array_foreach(p, i, v) {
+        if (!json_is_integer(v))
+            return api_error(e, 400, "prompt", "invalid_type", "'prompt[%zu]' must be a token id (one prompt per request)", i);
+        json_int_t id = json_integer_value(v);
+        if (id < 0 || id > 0x7fffffff) return api_error(e, 400, "prompt", "invalid_value", "'prompt[%zu]' = %lld is not a token id", i, (long long)id);
+        r->prompt_ids[i] = (int)id;
+    }
+    r->n_prompt_ids = (int)n;
+    return 0;
+}
+
+static int parse_stop(ServeRequest *r, json_t *body, ApiError *e) {
+    json_t *s = field(body, "stop");
+    if (!s) return 0;
+    if (json_is_string(s)) {
+        r->stop[0] = dup_str(json_string_value(s), json_string_length(s));
+        r->n_stop = 1;
+        return r->stop[0] ? 0 : OOM(e);
+    }
+    if (!json_is_array(s)) return api_error(e, 400, "stop", "invalid_type", "'stop' must be a string or an array of strings");
+    if (json_array_size(s) > STOP_TEXT_MAX)
+        return api_error(e, 400, "stop", "invalid_value", "'stop' has %zu strings; at most %d", json_array_size(s), STOP_TEXT_MAX);
+    size_t i;
+    json_t *v;
+    json_array_foreach(s, i, v) {
+        if (!json_is_string(v)) return api_error(e, 400, "stop", "invalid_type", "'stop[%zu]' must be a string", i);
+        r->stop[i] = dup_str(json_string_value(v), json_string_length(v));
+        if (!r->stop[i]) return OOM(e);
+        r->n_stop = (int)i + 1;
+    }
+    return 0;
+}
+
+static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
+    json_t *model = field(body, "model");
+    if (model && !json_is_string(model)) return api_error(e, 400, "model", "invalid_type", "'model' must be a string");
+    if (model && !(r->model = dup_str(json_string_value(model), json_string_length(model)))) return OOM(e);
+    if (r->kind == API_CHAT ? parse_messages(r, body, e) : parse_prompt(r, body, e)) return -1;
+    TRY(get_int(body, "max_tokens", 1, SERVE_MAX_TOKENS, &r->max_tokens, e));
+    if (r->kind == API_CHAT) TRY(get_int(body, "max_completion_tokens", 1, SERVE_MAX_TOKENS, &r->max_tokens, e));
+    TRY(get_number(body, "temperature", 0, 2, &r->temperature, e));
+    TRY(get_number(body, "top_p", 0, 1, &r->top_p, e));
+    TRY(get_number(body, "min_p", 0, 1, &r->min_p, e));
+    TRY(get_number(body, "presence_penalty", -2, 2, &r->presence_penalty, e));
+    TRY(get_number(body, "frequency_penalty", -2, 2, &r->frequency_penalty, e));
+    TRY(get_int(body, "top_k", -1, 1 << 30, &r->top_k, e));
+    if (r->top_k < 0) r->top_k = 0;
+    json_t *seed = field(body, "seed");
+    if (seed && !json_is_integer(seed)) return api_error(e, 400, "seed", "invalid_type", "'seed' must be an integer");
+    if (seed) {
+        r->has_seed = 1;
+        r->seed = (unsigned long long)json_integer_value(seed);
+    }
+    TRY(parse_stop(r, body, e));
+    TRY(get_int(body, "n", 1, SERVE_MAX_N, &r->n, e));
+    TRY(get_bool(body, "stream", &r->stream, e));
+    json_t *so = field(body, "stream_options");
+    if (so && !json_is_object(so)) return api_error(e, 400, "stream_options", "invalid_type", "'stream_options' must be an object");
+    if (so) {
+        int usage = 0;
+        if (get_bool(so, "include_usage", &usage, e)) return api_error(e, 400, "stream_options.include_usage", "invalid_type", "'stream_options.include_usage' must be true or false");
+        r->include_usage = usage;
+    }
+    if (r->kind == API_CHAT) {
+        // logprobs: a boolean; top_logprobs: alternatives per token (needs logprobs)
+        TRY(get_bool(body, "logprobs", &r->logprobs, e));
+        TRY(get_int(body, "top_logprobs", 0, 20, &r->top_logprobs, e));
+        if (r->top_logprobs > 0 && !r->logprobs)
+            return api_error(e, 400, "top_logprobs", "invalid_value", "'top_logprobs' needs 'logprobs': true");
+    } else {
+        // logprobs: the number of alternatives (0 .. 20); present means report
+        int lp = -1;
+        TRY(get_int(body, "logprobs", 0, 20, &lp, e));
+        if (lp >= 0) {
+            r->logprobs = 1;
+            r->top_logprobs = lp;
+        }
+        int echo = 0;
+        TRY(get_bool(body, "echo", &echo, e));
+        if (echo) return api_error(e, 400, "echo", "unsupported_value", "'echo' is not supported");
+    }
+    TRY(get_bool(body, "ignore_eos", &r->ignore_eos, e));
+    return 0;
+}
+
+int serve_request_parse(ServeRequest *r, ApiKind kind, const char *body, size_t len, ApiError *e) {
+    memset(r, 0, sizeof *r);
+    r->kind = kind;
+    r->max_tokens = -1;
+    r->temperature = 1.0f;  // the API's defaults
+    r->top_p = 1.0f;
+    r->n = 1;
+    json_error_t je;
+    json_t *root = json_loadb(body, len, 0, &je);
+    if (!root) return api_error(e, 400, NULL, "invalid_json", "the body is not valid JSON: %s (at byte %d)", je.text, je.position);
+    int rc = 0;
+    if (!json_is_object(root)) rc = api_error(e, 400, NULL, "invalid_json", "the body must be a JSON object");
+    else rc = parse_fields(r, root, e);
+    json_decref(root);
+    if (rc) serve_request_free(r);
+    return rc;
+}
+
+void serve_request_free(ServeRequest *r) {
+    free(r->model);
+    for (int i = 0; i < r->n_msgs; i++) free((char *)r->msgs[i].content);
+    free(r->msgs);
+    free(r->prompt);
+    free(r->prompt_ids);
+    for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
+    memset(r, 0, sizeof *r);
+}

@@ -1,0 +1,62 @@
+// The body of a completion request (POST /v1/chat/completions, POST /v1/completions) as the
+// OpenAI API defines it, parsed and checked; and the API's error body. No tokenizer, no model:
+// what is checked here needs only the JSON (the prompt's length, the model's name and the token
+// ids' range are checked by the server, which knows them).
+//
+// A field given as JSON null counts as absent; unknown fields are ignored. Every error names the
+// field (`param`) and is a 4xx: the parser takes any bytes.
+#ifndef DSV3_SERVE_REQUEST_H
+#define DSV3_SERVE_REQUEST_H
+
+#include <stddef.h>
+
+#include "serve/stop_text.h"
+#include "text/tokenizer.h"
+
+typedef enum { API_CHAT, API_COMPLETION } ApiKind;
+
+// {"error": {"message", "type", "param", "code"}} with its HTTP status.
+typedef struct ApiError {
+    int status;
+    char message[512];
+    char param[64];  // "" when no field is at fault
+    char code[48];   // "" for none
+} ApiError;
+
+// Fills e (type from the status) and returns -1. param may be NULL.
+int api_error(ApiError *e, int status, const char *param, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+// "invalid_request_error", "authentication_error", ... for a status.
+const char *api_error_type(int status);
+
+#define SERVE_MAX_N 16          // choices per request
+#define SERVE_MAX_TOKENS (1 << 24)
+
+typedef struct ServeRequest {
+    ApiKind kind;
+    char *model;              // NULL when absent
+    ChatMessage *msgs;        // (n_msgs) chat; role and content owned
+    int n_msgs;
+    char *prompt;             // completions: the prompt as text (owned), or
+    int *prompt_ids;          // as token ids (n_prompt_ids), NULL when text
+    int n_prompt_ids;
+    int max_tokens;           // -1: absent (the rest of the context)
+    float temperature, top_p, min_p, presence_penalty, frequency_penalty;
+    int top_k;                // 0: off (-1 is accepted for it, as vLLM spells off)
+    int has_seed;
+    unsigned long long seed;
+    char *stop[STOP_TEXT_MAX];  // owned
+    int n_stop;
+    int n;                    // choices
+    int stream, include_usage;
+    int logprobs;             // report log-probabilities
+    int top_logprobs;         // and this many alternatives (≤ 20)
+    int ignore_eos;           // vLLM's extension: EOS does not end the answer
+} ServeRequest;
+
+// body[0, len): any bytes. 0 with *r filled (free it with serve_request_free), or -1 with e set
+// and nothing to free.
+int serve_request_parse(ServeRequest *r, ApiKind kind, const char *body, size_t len, ApiError *e);
+void serve_request_free(ServeRequest *r);
+
+#endif

@@ -1,0 +1,164 @@
+// The official OpenAI client against `dsv3 serve` (started by tests/test_serve.c):
+//   node serve_client.js NODE_MODULES BASE_URL MODEL PROMPT SYSTEM USER
+// Checks the shapes and invariants of the API (streamed deltas concatenate to the plain answer,
+// usage counts, logprobs, n, stop strings, errors) and prints one JSON line with the greedy
+// answers, which the C test compares with `dsv3 generate`. Exits 1 with a message on a failure.
+const OpenAI = require(require('path').resolve(process.argv[2], 'openai'));
+const [base, model, prompt, system, user] = process.argv.slice(3);
+const client = new OpenAI({ baseURL: base, apiKey: 'test-key', maxRetries: 0, timeout: 30000 });
+
+function check(cond, what) {
+    if (!cond) throw new Error('check failed: ' + what);
+}
+function eq(a, b, what) {
+    check(JSON.stringify(a) === JSON.stringify(b), `${what}: ${JSON.stringify(a)} != ${JSON.stringify(b)}`);
+}
+
+async function countTokens(text) {
+    const r = await fetch(base.replace(/\/v1$/, '') + '/tokenize', {
+        method: 'POST', headers: { Authorization: 'Bearer test-key' }, body: JSON.stringify({ content: text }) });
+    return (await r.json()).count;
+}
+
+// Streams a request; returns {texts, finish, usage, roles, chunks, logprobs} per choice index.
+async function collect(stream, chat) {
+    const out = { texts: {}, finish: {}, roles: {}, usage: null, logprobs: {}, order: [] };
+    for await (const chunk of stream) {
+        if (chunk.usage) {
+            eq(chunk.choices, [], 'the usage chunk has no choices');
+            out.usage = chunk.usage;
+            continue;
+        }
+        for (const c of chunk.choices) {
+            const i = c.index;
+            check(!(i in out.finish), `choice ${i}: a chunk after its finish_reason`);
+            out.texts[i] = out.texts[i] || '';
+            if (chat) {
+                if (c.delta.role) {
+                    check(out.texts[i] === '' && !out.roles[i], `choice ${i}: the role comes first, once`);
+                    out.roles[i] = c.delta.role;
+                } else {
+                    check(out.roles[i] === 'assistant', `choice ${i}: content before the role`);
+                }
+                out.texts[i] += c.delta.content || '';
+                if (c.logprobs && c.logprobs.content) (out.logprobs[i] = out.logprobs[i] || []).push(...c.logprobs.content);
+            } else {
+                out.texts[i] += c.text;
+            }
+            if (c.finish_reason) out.finish[i] = c.finish_reason;
+        }
+    }
+    return out;
+}
+
+async function main() {
+    const result = {};
+    const nPrompt = await countTokens(prompt);
+
+    // completions: plain, then streamed
+    const plain = await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0 });
+    const t = plain.choices[0].text;
+    eq(plain.object, 'text_completion', 'object');
+    eq(plain.model, model, 'model');
+    check(plain.id.startsWith('cmpl-'), 'id');
+    eq(plain.usage.prompt_tokens, nPrompt, 'usage.prompt_tokens');
+    eq(plain.usage.total_tokens, plain.usage.prompt_tokens + plain.usage.completion_tokens, 'usage.total_tokens');
+    check(['stop', 'length'].includes(plain.choices[0].finish_reason), 'finish_reason');
+    if (plain.choices[0].finish_reason === 'length') eq(plain.usage.completion_tokens, 24, 'completion_tokens at length');
+    result.completion = t;
+    const s = await collect(await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, stream: true,
+                                                              stream_options: { include_usage: true } }), false);
+    eq(s.texts[0], t, 'streamed completion deltas concatenate to the plain answer');
+    eq(s.finish[0], plain.choices[0].finish_reason, 'streamed finish_reason');
+    eq(s.usage, plain.usage, 'streamed usage');
+
+    // chat: plain, streamed
+    const messages = [{ role: 'system', content: system }, { role: 'user', content: user }];
+    const chat = await client.chat.completions.create({ model, messages, max_completion_tokens: 20, temperature: 0 });
+    eq(chat.object, 'chat.completion', 'object');
+    eq(chat.choices[0].message.role, 'assistant', 'role');
+    result.chat = chat.choices[0].message.content;
+    const cs = await collect(await client.chat.completions.create({ model, messages, max_tokens: 20, temperature: 0,
+                                                                    stream: true }), true);
+    eq(cs.texts[0], result.chat, 'streamed chat deltas concatenate to the plain answer');
+    eq(cs.finish[0], chat.choices[0].finish_reason, 'streamed chat finish_reason');
+    eq(cs.usage, null, 'no usage chunk unless asked');
+    // content as an array of text parts renders like the string
+    const parts = await client.chat.completions.create({ model, max_tokens: 20, temperature: 0, messages: [
+        { role: 'system', content: [{ type: 'text', text: system }] }, { role: 'user', content: [{ type: 'text', text: user }] }] });
+    eq(parts.choices[0].message.content, result.chat, 'content as text parts');
+
+    // logprobs: chat (entries with top alternatives, most likely first; greedy picks the first)
+    const lp = await client.chat.completions.create({ model, messages, max_tokens: 8, temperature: 0, logprobs: true,
+                                                      top_logprobs: 3 });
+    const content = lp.choices[0].logprobs.content;
+    eq(content.length, lp.usage.completion_tokens, 'one logprobs entry per token');
+    for (const e of content) {
+        eq(e.top_logprobs.length, 3, 'top_logprobs length');
+        check(e.logprob <= 0 && Array.isArray(e.bytes), 'entry shape');
+        check(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob && e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob,
+              'alternatives most likely first');
+        check(Math.abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6, 'greedy takes the most likely token');
+    }
+    const lps = await collect(await client.chat.completions.create({ model, messages, max_tokens: 8, temperature: 0,
+                                                                     logprobs: true, top_logprobs: 3, stream: true }), true);
+    eq(lps.logprobs[0], content, 'streamed logprobs equal the plain ones');
+    // logprobs: completions (parallel arrays)
+    const clp = await client.completions.create({ model, prompt, max_tokens: 6, temperature: 0, logprobs: 2 });
+    const L = clp.choices[0].logprobs;
+    eq(L.tokens.length, clp.usage.completion_tokens, 'completion logprobs tokens');
+    eq(L.token_logprobs.length, L.tokens.length, 'token_logprobs');
+    eq(L.top_logprobs.length, L.tokens.length, 'top_logprobs');
+    check(L.top_logprobs.every((o) => Object.keys(o).length >= 1 && Object.keys(o).length <= 2), 'top_logprobs entries');
+
+    // n > 1: sampled with a seed, repeatable, one finish per choice
+    const req = { model, prompt, max_tokens: 12, temperature: 1.0, seed: 1234, n: 3 };
+    const a = await client.completions.create(req), b = await client.completions.create(req);
+    eq(a.choices.map((c) => c.index), [0, 1, 2], 'n choices');
+    eq(a.choices.map((c) => c.text), b.choices.map((c) => c.text), 'a seeded request repeats');
+    check(new Set(a.choices.map((c) => c.text)).size > 1, 'the choices of n draw differently: ' + JSON.stringify(a.choices.map((c) => c.text)));
+    eq(a.usage.prompt_tokens, nPrompt, 'n: the prompt counted once');
+    const ns = await collect(await client.completions.create({ ...req, stream: true }), false);
+    eq([0, 1, 2].map((i) => ns.texts[i]), a.choices.map((c) => c.text), 'n streamed');
+    eq(Object.keys(ns.finish).length, 3, 'n streamed: a finish_reason per choice');
+
+    // stop strings: the answer ends before the first occurrence, finish_reason "stop" (on an answer
+    // that EOS does not cut short)
+    const long = (await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, ignore_eos: true })).choices[0].text;
+    const k = Math.floor(long.length / 2), stop = long.slice(k, k + 2);
+    if (stop.length === 2) {
+        const want = long.slice(0, long.indexOf(stop));
+        const st = await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, ignore_eos: true,
+                                                     stop: [stop, '@@never@@'] });
+        eq(st.choices[0].text, want, `stop ${JSON.stringify(stop)}`);
+        eq(st.choices[0].finish_reason, 'stop', 'finish_reason at a stop string');
+        const sst = await collect(await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, stop,
+                                                                     ignore_eos: true, stream: true }), false);
+        eq(sst.texts[0], want, 'stop, streamed');
+        eq(sst.finish[0], 'stop', 'stop, streamed finish_reason');
+        result.stop_checked = stop;
+    }
+
+    // errors come back as the client's typed errors
+    try {
+        await client.completions.create({ model: 'no-such-model', prompt, max_tokens: 2 });
+        check(false, 'an unknown model is refused');
+    } catch (e) {
+        eq(e.status, 404, 'unknown model status');
+        eq(e.error && e.error.param, 'model', 'unknown model param');
+    }
+    try {
+        await client.chat.completions.create({ model, messages, max_tokens: 2, top_logprobs: 21, logprobs: true });
+        check(false, 'top_logprobs 21 is refused');
+    } catch (e) {
+        eq(e.status, 400, 'top_logprobs status');
+    }
+    const models = await client.models.list();
+    eq(models.data.map((m) => m.id), [model], 'models');
+    console.log(JSON.stringify(result));
+}
+
+main().catch((e) => {
+    console.error(e && e.message ? e.message : String(e));
+    process.exit(1);
+});
