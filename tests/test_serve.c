@@ -447,8 +447,15 @@ TEST(test_serve_concurrent_requests_equal_solo) {
         pthread_create(&th[i], NULL, call_thread, &calls[i]);
     }
     for (int i = 0; i < N_CONC; i++) pthread_join(th[i], NULL);
-    double live = metric(s.port, "dsv3_sequences_live"), drafts = metric(s.port, "dsv3_speculative_draft_tokens_total");
-    double used = metric(s.port, "dsv3_cache_blocks_used");
+    // the engine's counts are read after each step: the last answer can reach its client a moment
+    // before the step that produced it has ended
+    double live = 1, used = 1, drafts = 0;
+    for (int tries = 0; tries < 200 && (live != 0 || used != 0); tries++) {
+        if (tries) usleep(10000);
+        live = metric(s.port, "dsv3_sequences_live");
+        used = metric(s.port, "dsv3_cache_blocks_used");
+    }
+    drafts = metric(s.port, "dsv3_speculative_draft_tokens_total");
     int rc = server_stop(&s), same = 0;
     for (int i = 0; i < N_CONC; i++) {
         same += solo[i] && calls[i].text && !strcmp(solo[i], calls[i].text);
@@ -521,7 +528,12 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
     double gen_before = metric(s.port, "dsv3_generation_tokens_total");
     close(a);  // the running one leaves
     double live_after_a = await_metric(s.port, "dsv3_sequences_live", 0, 2000);
-    double running = metric(s.port, "dsv3_sequences_running"), blocks_after = metric(s.port, "dsv3_cache_blocks_used");
+    double running = 1, blocks_after = 1;  // (the engine's counts follow the cancellation a moment later)
+    for (int t = 0; t < 200 && (running != 0 || blocks_after != 0); t++) {
+        if (t) usleep(10000);
+        running = metric(s.port, "dsv3_sequences_running");
+        blocks_after = metric(s.port, "dsv3_cache_blocks_used");
+    }
     double gen = metric(s.port, "dsv3_generation_tokens_total");
     usleep(200000);
     double gen_later = metric(s.port, "dsv3_generation_tokens_total");
