@@ -19,7 +19,7 @@ int cmd_serve(int argc, char **argv) {
     long port, parallel, ctx, spec, queue, timeout, max_body;
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &o.model_dir, &err) ||
         args_long(&a, "port", 8080, 0, 65535, &port, &err) || args_long(&a, "parallel", 4, 1, 1024, &parallel, &err) ||
-        args_long(&a, "ctx", 4096, 2, 1 << 24, &ctx, &err) || args_long(&a, "speculative", 0, 0, 16, &spec, &err) ||
+        args_long(&a, "ctx", 4096, 2, 1 << 24, &ctx, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err) ||
         args_long(&a, "max-queue", 64, 0, 1 << 20, &queue, &err) || args_long(&a, "timeout", 600, 1, 86400, &timeout, &err) ||
         args_long(&a, "max-body", 8L << 20, 1024, 1L << 30, &max_body, &err) || parse_kv_dtype(&a, &o.kv_dtype, &err))
         return cli_fail(cmd, &err);
