@@ -40,10 +40,8 @@ typedef struct {
 
 static void on_token(void *owner, int seq, const EngineToken *et) {
     int token = et->token;
-    FinishReason finish = et->finish;
     Turn *t = owner;
     (void)seq;
-    (void)finish;
     const char *text;
     size_t n;
     if (token < 0 || t->failed) return;

@@ -446,7 +446,6 @@ static int draft(Engine *e, Seq **ds, int n, Error *err) {
     }
     if (model_mtp_decode(e->m, e->fs, 0, e->batch, n, h_in, e->mtp_logits, e->mtp_hidden, err)) return -1;
     // each sequence's last row drafts d_1; its state feeds the chained drafts
-    int m = 0;
     for (int i = 0, r = 0; i < n; i++) {
         r += ds[i]->n_pend;
         ds[i]->draft[0] = argmax_f32(e->mtp_logits + (size_t)(r - 1) * V, V);
@@ -454,12 +453,12 @@ static int draft(Engine *e, Seq **ds, int n, Error *err) {
         ds[i]->n_pend = 0;
     }
     for (int j = 1; j < e->K; j++) {
-        m = 0;  // the sequences still drafting, their states compacted in order
+        int m = 0;  // the sequences still drafting, their states compacted in order
         for (int i = 0; i < n; i++) {
             if (ds[i]->n_draft <= j) continue;
             e->batch[m] = (DecodeSeq){.kv = &ds[i]->kv, .tokens = &ds[i]->draft[j - 1], .T = 1};
             memmove(e->mtp_hidden + (size_t)m * d, e->mtp_hidden + (size_t)i * d, sizeof(float) * d);
-            ds[m] = ds[i];  // reorder: drafting ones first (the caller's order is restored below)
+            ds[m] = ds[i];  // drafting ones first (the caller keeps its own order)
             m++;
         }
         if (m == 0) break;
