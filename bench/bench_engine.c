@@ -72,7 +72,7 @@ static int run(const Model *m, int n, int P, int G, int K, const int *prompt, En
     return live < 0 ? -1 : 0;
 }
 
-static int batch_figures(void) {
+static int batch_figures(const int *sizes, int n_sizes) {
     const char *dir = "build/bench-models/v3-108m-bf16";
     Error err = {0};
     ModelConfig c;
@@ -91,9 +91,8 @@ static int batch_figures(void) {
     }
     printf("-- batched decoding, %s (BF16, random weights): prompts of 32, 32 new tokens each; aggregate decode "
            "tokens/s (medians of 3)\n", dir);
-    int sizes[] = {1, 4, 16, 64};
     double base = 0;
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < n_sizes; i++) {
         double r[3];
         for (int k = 0; k < 3; k++) {
             EngineStats st;
@@ -169,7 +168,21 @@ static int speculative_figures(void) {
     return 0;
 }
 
-int main(void) {
+// bench_engine [--batch N]...: only the batch sizes named (for profiling one of them) and no
+// speculative figures; without arguments, every figure.
+int main(int argc, char **argv) {
+    int sizes[16] = {1, 4, 16, 64}, n_sizes = 4, chosen = 0;
+    for (int i = 1; i < argc; i++) {
+        char *end;
+        long v = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : 0;
+        if (strcmp(argv[i], "--batch") || i + 1 >= argc || *end || v < 1 || v > 256 || chosen == 16) {
+            fprintf(stderr, "usage: bench_engine [--batch N (1..256)]... (at most 16)\n");
+            return 2;
+        }
+        sizes[chosen++] = (int)v;
+        i++;
+    }
+    if (chosen) n_sizes = chosen;
     printf("bench_engine: %d threads, kernels %s\n", omp_get_max_threads(), kernels_isa());
-    return batch_figures() || speculative_figures();
+    return batch_figures(sizes, n_sizes) || (!chosen && speculative_figures());
 }

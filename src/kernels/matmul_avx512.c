@@ -138,6 +138,8 @@ static int fp8_row_has_nan(const MatView *w, int r) {
 // more when the memory is busy); four interleaved streams (groups of 4 rows) from less.
 #define PREFETCH_ROW 4096
 #define PREFETCH_TILE 1024
+// The activation rows one weight row at a time may sweep: a half of the 32 KiB L1 data cache.
+#define ROW_STREAM_X_BYTES 16384
 
 // out[j][r] = x[j] · W[r] for one weight row and NB <= 4 activation rows, with U partial sums per
 // activation row so that with few rows the FMA latency does not limit the stream. A thread walking
@@ -328,10 +330,14 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
         for (int j = 0; j < NB; j++) out[(size_t)j * ldo + r + i] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-// Rows [r0, r1) against N activation rows. N = 1: one row at a time (the weights arrive as one
-// stream, which the hardware prefetchers follow best). N > 1: groups of 4 rows against groups of up
-// to 4 activation rows; the groups of one row block follow each other while its weights are still
-// in L1/L2, so W is read from memory once whatever N is.
+// Rows [r0, r1) against N activation rows. One weight row at a time against all N activation rows
+// while those stay in L1 (N <= 4, N x cols floats <= ROW_STREAM_X_BYTES): the weights arrive as one
+// stream, which the hardware prefetchers follow best. Otherwise groups of 4 weight rows against
+// groups of up to 4 activation rows, so that each activation vector loaded serves 4 weight rows;
+// the groups of one row block follow each other while its weights are still in L1/L2, so W is read
+// from memory once whatever N is. (Zen 4, 2 threads, BF16, bench_kernels' "invariant" lines: an
+// expert's 256 x 512 at N = 2 streams ~25-33 GB/s one row at a time against ~17-19 GB/s in groups
+// of 4; at 2048 columns the single stream still wins at N = 2 and loses at N = 4.)
 // Batch invariance: every output element is ONE running sum over the 16-column vectors of its row
 // (no split partial sums), then one lane reduction, in every path — so a row's result is the same
 // bits for any N <= GEMV_MAX_N and any split of the rows (tests/test_kernels.c). One chain of fused
@@ -339,6 +345,15 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
 // same, FP8 within ~3% (bench_kernels, alternating runs).
 AVX512_INLINE void gemv_rows(const int kind, float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
                              int r0, int r1) {
+    if (N <= 4 && (size_t)N * w->cols * sizeof(float) <= ROW_STREAM_X_BYTES) {
+        for (int r = r0; r < r1; r++) switch (N) {
+            case 1: gemv_row(kind, 1, 1, out, ldo, x, ldx, w, r); break;
+            case 2: gemv_row(kind, 2, 1, out, ldo, x, ldx, w, r); break;
+            case 3: gemv_row(kind, 3, 1, out, ldo, x, ldx, w, r); break;
+            default: gemv_row(kind, 4, 1, out, ldo, x, ldx, w, r); break;
+            }
+        return;
+    }
     if (N == 1) {
         for (int r = r0; r < r1; r++) gemv_row(kind, 1, 1, out, ldo, x, ldx, w, r);
         return;
