@@ -6,11 +6,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/gemm_lowp.h"
 #include "kernels/matmul.h"
 
 // 1 when the AVX-512 kernels are in use: F/BW/VL/DQ present (checked once) and not turned off
 // with kernels_set_isa("scalar").
 int kernels_cpu_avx512(void);
+// 1 when, in addition, the CPU has the AVX512_BF16 dot products (and they are not turned off with
+// kernels_set_isa("avx512") or "scalar").
+int kernels_cpu_avx512bf16(void);
 
 // Per-thread scratch of at least n floats, 64-byte aligned, kept between calls and freed when the
 // thread exits (the kernels run many times per token; allocating each time would fault pages in).
@@ -48,5 +52,11 @@ int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpo
 
 // Dequantises columns [c0, c0 + n) of row r into out[n].
 void matview_row_avx512(const MatView *w, int r, int c0, int n, float *out);
+
+// gemm_lowp's pieces: lowp_values over the leading multiple of 16 (returns how many), and one
+// thread's share of the product, output columns [n_begin, n_end) of all M rows.
+long lowp_values_avx512(float *out, const float *x, long n, LowpFormat fmt, float scale);
+int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K, int add,
+                         int n_begin, int n_end);
 
 #endif

@@ -32,13 +32,15 @@
 #define FALLBACK_PANEL 64
 
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
-static int cpu_has_avx512, use_avx512;
+static int cpu_has_avx512, cpu_has_bf16, use_avx512, use_bf16;
 
 static void isa_detect(void) {
     __builtin_cpu_init();
     cpu_has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    cpu_has_bf16 = cpu_has_avx512 && __builtin_cpu_supports("avx512bf16");
     use_avx512 = cpu_has_avx512;
+    use_bf16 = cpu_has_bf16;
 }
 
 int kernels_cpu_avx512(void) {
@@ -46,14 +48,22 @@ int kernels_cpu_avx512(void) {
     return use_avx512;
 }
 
-// AVX512_BF16 would need the activations rounded to bf16, which the default path does not do,
-// so the widest set in use is plain AVX-512.
-const char *kernels_isa(void) { return kernels_cpu_avx512() ? "avx512" : "scalar"; }
+int kernels_cpu_avx512bf16(void) {
+    pthread_once(&isa_once, isa_detect);
+    return use_bf16;
+}
+
+// The fp32 products use AVX-512; the BF16 dot products serve only the products whose operands
+// are rounded to BF16 anyway (gemm_lowp: mixed-precision training).
+const char *kernels_isa(void) {
+    return kernels_cpu_avx512bf16() ? "avx512bf16" : kernels_cpu_avx512() ? "avx512" : "scalar";
+}
 
 int kernels_set_isa(const char *isa) {
     pthread_once(&isa_once, isa_detect);
-    if (strcmp(isa, "scalar") == 0) use_avx512 = 0;
-    else if (strcmp(isa, "auto") == 0) use_avx512 = cpu_has_avx512;
+    if (strcmp(isa, "scalar") == 0) use_avx512 = use_bf16 = 0;
+    else if (strcmp(isa, "avx512") == 0) use_avx512 = cpu_has_avx512, use_bf16 = 0;
+    else if (strcmp(isa, "auto") == 0) use_avx512 = cpu_has_avx512, use_bf16 = cpu_has_bf16;
     else return -1;
     return 0;
 }

@@ -75,8 +75,9 @@ int matview_row_f32(const MatView *w, int r, float *out);
 
 // Which instruction set the kernels chose ("avx512bf16", "avx512", "scalar").
 const char *kernels_isa(void);
-// Makes later calls use "scalar" (portable C + OpenBLAS) or the best the CPU has ("auto"), so tests
-// and benchmarks can compare the paths in one process. Returns 0, or -1 for an unknown name.
+// Makes later calls use "scalar" (portable C + OpenBLAS), "avx512" (no BF16 dot products) or the
+// best the CPU has ("auto"), so tests and benchmarks can compare the paths in one process (a set
+// the CPU lacks stays off). Returns 0, or -1 for an unknown name.
 // Not to be called while kernels run on other threads.
 int kernels_set_isa(const char *isa);
 

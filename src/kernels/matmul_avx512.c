@@ -16,11 +16,10 @@
 #include <math.h>
 #include <string.h>
 
+#include "kernels/avx512_util.h"
 #include "kernels/convert.h"
 #include "kernels/kernels_cpu.h"
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define AVX512_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 enum { W_F32, W_BF16, W_F16, W_FP8 };
 
@@ -113,8 +112,6 @@ AVX512_INLINE __m512 wload_mask(const int kind, const char *row, int c, __mmask1
     default: return fp8_raw(_mm_maskz_loadu_epi8(m, row + c));
     }
 }
-
-static inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
 static inline size_t elem_size(int kind) { return kind == W_F32 ? 4 : kind == W_FP8 ? 1 : 2; }
 
@@ -594,37 +591,6 @@ enum {
     FB = 128,  // output features packed at a time: the weight panel is FB × KC floats (128 KiB, L2)
     MC = 192,  // activation rows packed at a time: MC × KC floats (192 KiB)
 };
-
-// Transposes 16 vectors (rows) into 16 vectors (columns) in place.
-AVX512_INLINE void transpose16(__m512 v[16]) {
-    __m512 t[16];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-    }
-    // v[4g + q]: in 128-bit lane L, column 4L + q of rows 4g .. 4g + 3
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; g++) {
-        __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
-        __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
-        v[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        v[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        v[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        v[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; q++) {
-        __m512 a = _mm512_shuffle_f32x4(v[q], v[4 + q], 0x88), b = _mm512_shuffle_f32x4(v[q], v[4 + q], 0xdd);
-        __m512 c = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0x88), d = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0xdd);
-        t[q] = _mm512_shuffle_f32x4(a, c, 0x88);
-        t[8 + q] = _mm512_shuffle_f32x4(a, c, 0xdd);
-        t[4 + q] = _mm512_shuffle_f32x4(b, d, 0x88);
-        t[12 + q] = _mm512_shuffle_f32x4(b, d, 0xdd);
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; i++) v[i] = t[i];
-}
 
 // 16 dequantised weights of a row from column c, the lanes outside m zero. FP8: s is the block's
 // scale, already multiplied by 2^120 unless split; NaN codes are dealt with by the caller.

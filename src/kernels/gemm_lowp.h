@@ -1,0 +1,65 @@
+// The low-precision GEMMs of mixed-precision training (SPEC §3; the V3 report §3.3):
+// C (M × N) = A (M × K) · B (N × K)ᵀ with both operands read from fp32 and rounded as they are
+// packed, accumulating in fp32.
+//   BF16: each operand rounded to nearest even; one fp32 accumulation over K.
+//   FP8:  each operand quantised with its own scales, code = E4M3 or E5M2 of (x / scale), round to
+//         nearest even, saturating; each 128-element chunk of K is summed in fp32 and then
+//         multiplied by the two scales and added to the fp32 result (the report's promotion).
+// Every E4M3 / E5M2 value is exactly a BF16 value, so both run on the same BF16 dot products
+// (AVX512_BF16, chosen at run time) with a portable fallback (operands rounded into fp32 buffers,
+// OpenBLAS sgemm). The dot-product instruction treats subnormal BF16 inputs as zero and flushes
+// subnormal results; FP8 values are never subnormal as BF16, so only BF16 operands below 2^-126
+// (and the fallback, which keeps them) can differ there.
+#ifndef DSV3_KERNELS_GEMM_LOWP_H
+#define DSV3_KERNELS_GEMM_LOWP_H
+
+#include <limits.h>
+
+typedef enum { LOWP_BF16, LOWP_E4M3, LOWP_E5M2 } LowpFormat;
+
+// The chunk of K whose partial sum is promoted, and the width of a fine-grained FP8 tile.
+#define LOWP_FP8_CHUNK 128
+
+// One operand: element (i, k) of a rows × K matrix is data[i * ld + k] (trans 0: rows along K, as
+// activations x (tokens × features) and weights W (out × in) are stored) or data[k * ld + i]
+// (trans 1: the transposed view, as the backward passes read W and the activations).
+// FP8 scale of element (i, k): scale[(i / scale_rows) * scale_ld + (k / 128) * scale_kstep]:
+//   1 × 128 tiles:   scale_rows 1,   scale_ld = ceil(K / 128), scale_kstep 1
+//   128 × 128 blocks: scale_rows 128, scale_ld = ceil(K / 128), scale_kstep 1
+//   one per tensor:   scale_rows INT_MAX, scale_ld 0, scale_kstep 0
+// (lowp_fp8_scales fills them; any strides that address the array are accepted).
+typedef struct LowpOperand {
+    const float *data;
+    int ld, trans;
+    LowpFormat fmt;
+    const float *scale;
+    int scale_rows, scale_ld, scale_kstep;
+} LowpOperand;
+
+typedef enum { LOWP_TILE_1x128, LOWP_BLOCK_128x128, LOWP_TENSOR } LowpScaling;
+
+// The largest finite value of an FP8 format (E4M3 448, E5M2 57344).
+float lowp_fp8_max(LowpFormat fmt);
+
+// Floats lowp_fp8_scales writes for a rows × K operand.
+long lowp_fp8_scale_count(int rows, int K, LowpScaling how);
+// Computes op's scales over its rows × K elements into scale (lowp_fp8_scale_count floats) and
+// points op at them: scale = max(amax of the tile, 1e-4) / max of op->fmt (DeepSeek's act_quant and
+// weight quantiser). op->fmt must be an FP8 format.
+void lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how);
+
+// The value an element is packed as (exactly representable in BF16): bf16(x), or the FP8 value
+// fmt(x / scale) (without the scale). Scalar; the reference the vector packers are tested against.
+float lowp_value(LowpFormat fmt, float x, float scale);
+// The same over n values with one scale, vectorised where the CPU allows (tests, tools).
+void lowp_values(float *out, const float *x, long n, LowpFormat fmt, float scale);
+
+// C (M × N, row stride ldc) = (add: +=) A · Bᵀ as above. A and B must be both BF16 or both FP8
+// (the two FP8 formats may differ). Splits the work over OpenMP threads (one when called inside a
+// parallel region). Returns 0, or -1 on mismatched formats or when scratch memory ran out.
+int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K, int add);
+
+// Which path gemm_lowp takes: "avx512bf16" or "portable".
+const char *gemm_lowp_isa(void);
+
+#endif

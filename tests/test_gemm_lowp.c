@@ -1,0 +1,211 @@
+// The low-precision GEMMs of mixed-precision training (kernels/gemm_lowp.h) against fp64
+// references written here: the operands rounded by the scalar codecs (themselves tested against
+// the format definitions in test_kernels.c), every product and sum in double, FP8 chunks scaled
+// as the report describes. Both paths: the AVX512_BF16 dot products when the CPU has them, and
+// the portable one (operands rounded into fp32, sgemm).
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/convert.h"
+#include "kernels/gemm_lowp.h"
+#include "kernels/matmul.h"
+#include "test.h"
+
+static uint64_t lcg = 0x2545f4914f6cdd1dull;
+
+static double urand(void) {  // [0, 1)
+    lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
+    return (double)(lcg >> 11) * 0x1p-53;
+}
+
+static float f32_from(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// Values that exercise the rounding: random over many binades, exact ties of the BF16, E4M3 and
+// E5M2 grids (mantissa patterns with the first dropped bit set), subnormals of both FP8 formats,
+// values past saturation, zeros, NaN.
+static float probe_value(long i) {
+    double sgn = i % 2 ? -1.0 : 1.0;
+    switch (i % 9) {
+    case 0: return (float)(sgn * ldexp(1 + urand(), (int)(urand() * 60) - 30));
+    case 1: return f32_from(((uint32_t)(urand() * 254 + 1) << 23) | 0x8000u);                // BF16 tie
+    case 2: return f32_from(((uint32_t)(120 + urand() * 16) << 23) | (uint32_t)(urand() * 8) << 20 | 1u << 19);  // E4M3 tie
+    case 3: return f32_from(((uint32_t)(110 + urand() * 30) << 23) | (uint32_t)(urand() * 4) << 21 | 1u << 20);  // E5M2 tie
+    case 4: return (float)(sgn * (int)(urand() * 32) * 0x1p-10);                              // E4M3 subnormals, ties
+    case 5: return (float)(sgn * (int)(urand() * 16) * 0x1p-17);                              // E5M2 subnormals, ties
+    case 6: return (float)(sgn * (440 + urand() * 80000));                                   // saturation
+    case 7: return i % 5 == 0 ? NAN : sgn * 0.0f;
+    default: return (float)(sgn * urand() * 2);
+    }
+}
+
+// The vector rounding used by the packers gives the scalar codecs' values bit for bit.
+TEST(test_lowp_values_vector_equals_scalar) {
+    enum { n = 40000 };
+    float *x = malloc(sizeof(float) * n), *got = malloc(sizeof(float) * n);
+    for (long i = 0; i < n; i++) x[i] = probe_value(i);
+    const LowpFormat fmts[3] = {LOWP_BF16, LOWP_E4M3, LOWP_E5M2};
+    const float scales[3] = {1.0f, 0.37f, 3e-3f};
+    for (int f = 0; f < 3; f++)
+        for (int s = 0; s < 3; s++) {
+            lowp_values(got, x, n, fmts[f], scales[s]);
+            for (long i = 0; i < n; i++) {
+                float want = lowp_value(fmts[f], x[i], scales[s]);
+                uint32_t a, b;
+                memcpy(&a, &got[i], 4);
+                memcpy(&b, &want, 4);
+                int same = a == b || (isnan(got[i]) && isnan(want));
+                CHECK_MSG(same, "format %d scale %g: x = %.9g -> %.9g, scalar %.9g", f, scales[s], x[i], got[i], want);
+            }
+        }
+    // the scalar values are the formats': a few fixed points
+    CHECK(lowp_value(LOWP_E4M3, 1000.0f, 1.0f) == 448.0f);
+    CHECK(lowp_value(LOWP_E5M2, -1e9f, 1.0f) == -57344.0f);
+    CHECK(lowp_value(LOWP_E4M3, 3 * 0x1p-10f, 1.0f) == 2 * 0x1p-9f);
+    CHECK(lowp_value(LOWP_E4M3, 1.0625f * 4, 4.0f) == 1.0f);
+    CHECK(lowp_value(LOWP_BF16, f32_from(0x3f808000u), 1.0f) == 1.0f);
+    free(x), free(got);
+}
+
+typedef struct {
+    int rows, K, trans;
+    float *data;
+    float *scale;
+    LowpOperand op;
+} Opnd;
+
+// A rows × K operand stored as trans says, rows of different magnitudes (so that tile scales
+// differ), quantised as fmt with the given scaling.
+static void make_opnd(Opnd *o, int rows, int K, int trans, LowpFormat fmt, LowpScaling how) {
+    o->rows = rows, o->K = K, o->trans = trans;
+    o->data = malloc(sizeof(float) * ((size_t)rows * K + 1));
+    for (int i = 0; i < rows; i++)
+        for (int k = 0; k < K; k++) {
+            float v = (float)((urand() * 2 - 1) * ldexp(1, i % 7 - 3 + (k / 128) % 3));
+            o->data[trans ? (size_t)k * rows + i : (size_t)i * K + k] = v;
+        }
+    o->op = (LowpOperand){.data = o->data, .ld = trans ? rows : K, .trans = trans, .fmt = fmt};
+    o->scale = NULL;
+    if (fmt != LOWP_BF16) {
+        o->scale = malloc(sizeof(float) * lowp_fp8_scale_count(rows, K, how));
+        lowp_fp8_scales(&o->op, o->scale, rows, K, how);
+    }
+}
+
+static float opnd_at(const Opnd *o, int i, int k) {
+    return o->trans ? o->data[(size_t)k * o->rows + i] : o->data[(size_t)i * o->K + k];
+}
+
+static float opnd_scale(const Opnd *o, int i, int k) {
+    const LowpOperand *p = &o->op;
+    return p->fmt == LOWP_BF16 ? 1.0f : p->scale[(long)(i / p->scale_rows) * p->scale_ld + (long)(k / 128) * p->scale_kstep];
+}
+
+// Checks C (M × N, from C0 when add) against the fp64 sum of the rounded operands, chunk by chunk,
+// within (K + 8) units of 2^-24 of Σ|terms| (fp32 accumulation of K terms, the scale products and
+// the promotion's fused multiply-adds).
+static int check_product(const float *C, const float *C0, int add, const Opnd *A, const Opnd *B, int M, int N, int K,
+                         double *worst) {
+    int fp8 = A->op.fmt != LOWP_BF16, chunk = fp8 ? 128 : (K > 0 ? K : 1);
+    *worst = 0;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double ref = add ? C0[(size_t)i * N + j] : 0, mag = fabs(ref);
+            for (int k0 = 0; k0 < K; k0 += chunk) {
+                double part = 0, pmag = 0, s = 1;
+                for (int k = k0; k < K && k < k0 + chunk; k++) {
+                    float sa = opnd_scale(A, i, k), sb = opnd_scale(B, j, k);
+                    double t = (double)lowp_value(A->op.fmt, opnd_at(A, i, k), sa) *
+                               (double)lowp_value(B->op.fmt, opnd_at(B, j, k), sb);
+                    part += t, pmag += fabs(t);
+                    s = (double)sa * sb;
+                }
+                ref += part * s, mag += pmag * s;
+            }
+            double err = fabs(C[(size_t)i * N + j] - ref), tol = (K + 8) * 0x1p-24 * mag + 1e-30;
+            if (!(err <= tol)) {
+                test_fail(__FILE__, __LINE__, "C[%d][%d] = %.9g, fp64 %.9g, |diff| %.3g > %.3g (M %d N %d K %d)", i,
+                          j, C[(size_t)i * N + j], ref, err, tol, M, N, K);
+                return 0;
+            }
+            if (mag > 0 && err / mag > *worst) *worst = err / mag;
+        }
+    return 1;
+}
+
+static void run_case(int M, int N, int K, int ta, int tb, LowpFormat fa, LowpFormat fb, LowpScaling sa,
+                     LowpScaling sb, int add) {
+    Opnd A, B;
+    make_opnd(&A, M, K, ta, fa, sa);
+    make_opnd(&B, N, K, tb, fb, sb);
+    float *C = malloc(sizeof(float) * M * N), *C0 = malloc(sizeof(float) * M * N);
+    for (int i = 0; i < M * N; i++) C0[i] = (float)(urand() - 0.5);
+    const char *isas[2] = {"auto", "avx512"};  // "avx512": no BF16 dot products, the portable path
+    for (int p = 0; p < 2; p++) {
+        kernels_set_isa(isas[p]);
+        memcpy(C, C0, sizeof(float) * M * N);
+        int rc = gemm_lowp(C, N, &A.op, &B.op, M, N, K, add);
+        const char *path = gemm_lowp_isa();
+        double worst;
+        int ok = rc == 0 && check_product(C, C0, add, &A, &B, M, N, K, &worst);
+        kernels_set_isa("auto");
+        if (!ok) {
+            test_fail(__FILE__, __LINE__, "path %s (%s), M %d N %d K %d trans %d%d formats %d%d scaling %d%d add %d rc %d",
+                      isas[p], path, M, N, K, ta, tb, fa, fb, sa, sb, add, rc);
+            break;
+        }
+    }
+    free(A.data), free(A.scale), free(B.data), free(B.scale), free(C), free(C0);
+}
+
+// Ragged shapes (partial register tiles and panels, odd K, K past one packed slice and one chunk),
+// all four storage combinations, BF16 and FP8 with every scaling, overwrite and accumulate.
+TEST(test_gemm_lowp_against_fp64) {
+    const int shapes[][3] = {{37, 45, 300}, {5, 70, 129}, {64, 33, 513}, {13, 100, 1}, {1, 1, 7}, {200, 64, 128}};
+    for (int s = 0; s < 6; s++)
+        for (int t = 0; t < 4; t++) {
+            int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2], ta = t & 1, tb = t >> 1;
+            run_case(M, N, K, ta, tb, LOWP_BF16, LOWP_BF16, 0, 0, t == 3);
+            run_case(M, N, K, ta, tb, LOWP_E4M3, LOWP_E4M3, LOWP_TILE_1x128, LOWP_BLOCK_128x128, t & 1);
+            run_case(M, N, K, ta, tb, LOWP_E5M2, LOWP_E4M3, LOWP_TILE_1x128, LOWP_TILE_1x128, 0);
+            run_case(M, N, K, ta, tb, LOWP_E4M3, LOWP_E5M2, LOWP_TENSOR, LOWP_TENSOR, 1);
+        }
+    // formats must agree on BF16 vs FP8
+    Opnd A, B;
+    make_opnd(&A, 4, 8, 0, LOWP_BF16, 0);
+    make_opnd(&B, 4, 8, 0, LOWP_E4M3, LOWP_TENSOR);
+    float C[16];
+    CHECK(gemm_lowp(C, 4, &A.op, &B.op, 4, 4, 8, 0) == -1);
+    free(A.data), free(B.data), free(B.scale);
+}
+
+// Rounding really happens, and by the formats' amounts: against the fp32 operands' exact product
+// the BF16 product is off by about 2^-9 relative per operand, E4M3 tiles by about 2^-4.
+TEST(test_gemm_lowp_error_is_the_formats) {
+    int M = 48, N = 64, K = 1024;
+    Opnd A, B;
+    const LowpFormat f[2] = {LOWP_BF16, LOWP_E4M3};
+    const double lo[2] = {1e-5, 1e-3}, hi[2] = {2e-2 / 8, 2e-1 / 4};
+    for (int p = 0; p < 2; p++) {
+        make_opnd(&A, M, K, 0, f[p], LOWP_TILE_1x128);
+        make_opnd(&B, N, K, 0, f[p], LOWP_BLOCK_128x128);
+        float *C = malloc(sizeof(float) * M * N);
+        CHECK(gemm_lowp(C, N, &A.op, &B.op, M, N, K, 0) == 0);
+        double num = 0, den = 0;
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                double exact = 0;
+                for (int k = 0; k < K; k++) exact += (double)opnd_at(&A, i, k) * opnd_at(&B, j, k);
+                num += (C[i * N + j] - exact) * (C[i * N + j] - exact), den += exact * exact;
+            }
+        double rel = sqrt(num / den);
+        CHECK_MSG(rel > lo[p] && rel < hi[p], "format %d: relative rms error %.3g outside (%.3g, %.3g)", p, rel, lo[p],
+                  hi[p]);
+        free(A.data), free(A.scale), free(B.data), free(B.scale), free(C);
+    }
+}
