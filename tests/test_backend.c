@@ -19,11 +19,11 @@ TEST(test_backend_reports_a_matrix_it_cannot_multiply) {
     int64_t data[4 * 8] = {0};
     float x[8] = {0}, out[4];
     MatView w = {.dtype = DT_I64, .rows = 4, .cols = 8, .data = data};
-    CHECK(be->ops->matmul(be, out, x, &w, 1) == -1);
+    CHECK(be->ops->matmul(be, out, x, &w, 1, NULL) == -1);
     CHECK_MSG(strstr(be->err.msg, "I64") && strstr(be->err.msg, "not a weight type"), "%s", be->err.msg);
     // FP8 without its scale grid is no weight either
     MatView f = {.dtype = DT_F8_E4M3, .rows = 4, .cols = 8, .data = data};
-    CHECK(be->ops->matmul(be, out, x, &f, 1) == -1);
+    CHECK(be->ops->matmul(be, out, x, &f, 1, NULL) == -1);
 }
 
 TEST(test_backend_matmul_backward_needs_an_f32_gradient) {
@@ -31,12 +31,12 @@ TEST(test_backend_matmul_backward_needs_an_f32_gradient) {
     float w[6] = {1, 2, 3, 4, 5, 6}, x[3] = {1, 1, 1}, dout[2] = {1, 1}, dx[3] = {0};
     uint16_t g16[6] = {0};
     MatView W = matview_f32(w, 2, 3), G = {.dtype = DT_BF16, .rows = 2, .cols = 3, .data = g16};
-    CHECK(be->ops->matmul_backward(be, dx, &G, dout, x, &W, 1) == -1);
+    CHECK(be->ops->matmul_backward(be, dx, &G, dout, x, &W, 1, NULL) == -1);
     CHECK_MSG(strstr(be->err.msg, "F32"), "%s", be->err.msg);
     // with an F32 gradient: dx = doutᵀ W = (5, 7, 9), dW = dout xᵀ = all ones
     float gw[6] = {0};
     MatView GW = matview_f32(gw, 2, 3);
-    CHECK(be->ops->matmul_backward(be, dx, &GW, dout, x, &W, 1) == 0);
+    CHECK(be->ops->matmul_backward(be, dx, &GW, dout, x, &W, 1, NULL) == 0);
     CHECK_NEAR(dx[0], 5, 0);
     CHECK_NEAR(dx[2], 9, 0);
     for (int i = 0; i < 6; i++) CHECK_NEAR(gw[i], 1, 0);

@@ -209,3 +209,31 @@ TEST(test_gemm_lowp_error_is_the_formats) {
         free(A.data), free(A.scale), free(B.data), free(B.scale), free(C);
     }
 }
+
+// The FP8 scales are max(amax of the tile, 1e-4) / the format's max, over 1 x 128 tiles, 128 x 128
+// blocks or the whole tensor, whichever way the operand is stored (ragged edges included).
+TEST(test_lowp_fp8_scales_are_tile_amax) {
+    const int rows = 300, K = 261;
+    for (int trans = 0; trans < 2; trans++)
+        for (int how = 0; how < 3; how++) {
+            Opnd o;
+            make_opnd(&o, rows, K, trans, how == 1 ? LOWP_E5M2 : LOWP_E4M3, (LowpScaling)how);
+            int tile_rows = how == 0 ? 1 : how == 1 ? 128 : rows, tile_k = how == 2 ? K : 128;
+            float mx = how == 1 ? 57344.0f : 448.0f;
+            if (how == 0) {  // a tile of zeros gets the 1e-4 floor
+                for (int k = 0; k < 128; k++) o.data[trans ? (size_t)k * rows + 7 : (size_t)7 * K + k] = 0;
+                lowp_fp8_scales(&o.op, o.scale, rows, K, LOWP_TILE_1x128);
+            }
+            for (int i0 = 0; i0 < rows; i0 += tile_rows)
+                for (int k0 = 0; k0 < K; k0 += tile_k) {
+                    float amax = 0;
+                    for (int i = i0; i < i0 + tile_rows && i < rows; i++)
+                        for (int k = k0; k < k0 + tile_k && k < K; k++) amax = fmaxf(amax, fabsf(opnd_at(&o, i, k)));
+                    float want = fmaxf(amax, 1e-4f) / mx;
+                    CHECK_MSG(opnd_scale(&o, i0, k0) == want, "trans %d scaling %d tile (%d, %d): %.9g, want %.9g",
+                              trans, how, i0, k0, opnd_scale(&o, i0, k0), want);
+                    if (how == 0 && i0 == 7 && k0 == 0) CHECK(want == 1e-4f / 448.0f);
+                }
+            free(o.data), free(o.scale);
+        }
+}

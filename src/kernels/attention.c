@@ -67,8 +67,16 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
     const float *kpe = (const float *)a->kpe + (size_t)b * a->ld * r;
     MatView wk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
     MatView wv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
-    if (nope > 0) rc |= matmul_nt(s.k, latent, &wk, S);
-    rc |= matmul_nt(s.v, latent, &wv, S);
+    if (a->kv_in) {  // expanded by the caller: head h's [k_nope | v], rows of sequence b
+        for (int j = 0; j < S; j++) {
+            const float *src = a->kv_in + ((size_t)(b * T + j) * H + h) * (nope + v);
+            memcpy(s.k + (size_t)j * nope, src, sizeof(float) * nope);
+            memcpy(s.v + (size_t)j * v, src + nope, sizeof(float) * v);
+        }
+    } else {
+        if (nope > 0) rc |= matmul_nt(s.k, latent, &wk, S);
+        rc |= matmul_nt(s.v, latent, &wv, S);
+    }
     if (a->kv_save)  // [k_nope | v] of head h, rows of sequence b
         for (int j = 0; j < S; j++) {
             float *dst = a->kv_save + ((size_t)(b * T + j) * H + h) * (nope + v);

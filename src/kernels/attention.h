@@ -34,6 +34,8 @@ typedef struct LatentAttention {
     const MatView *kv_b_proj;  // (H·(nope + v), kv_lora)
     float *out;                // (B·T, H, v)
     float *kv_save;            // plain with pos0 = 0 only, or NULL: (B·T, H, nope + v) [k_nope | v]
+    const float *kv_in;        // plain with pos0 = 0 only, or NULL: the same [k_nope | v], already
+                               // expanded by the caller (training under a BF16/FP8 recipe)
     float *probs_save;         // plain with pos0 = 0 only, or NULL: (B, H, T, T), upper triangle 0
     float *scratch;            // (threads, per_thread) floats, per_thread ≥ latent_attention_scratch_floats
     size_t per_thread;

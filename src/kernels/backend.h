@@ -14,6 +14,7 @@
 
 #include "base/error.h"
 #include "kernels/attention.h"
+#include "kernels/gemm_lowp.h"
 #include "kernels/matmul.h"
 
 typedef struct Backend Backend;
@@ -26,6 +27,20 @@ typedef struct AdamWStep {
     float shrink;    // decoupled weight decay factor 1 − lr·wd (1 for vectors)
 } AdamWStep;
 
+// How the three GEMMs of a linear layer take their operands (training's --precision, SPEC §3). A
+// NULL recipe means fp32 operands, as inference and fp32 training use. The report keeps the
+// embedding, the output head, the router, the norms and the attention core in higher precision in
+// every mode: their products are called with NULL.
+//   BF16: x, W and the output gradient rounded to BF16, fp32 accumulation.
+//   FP8: activations and activation gradients in 1 x 128 tiles along the reduction (the weight
+//   gradient's operands so in 128 x 1 tiles: along the tokens), weights in 128 x 128 blocks, or one
+//   scale per tensor; partial sums promoted to fp32 every 128 (kernels/gemm_lowp.h).
+typedef struct LinearRecipe {
+    LowpFormat fmt;       // LOWP_BF16 or LOWP_E4M3 (activations and weights)
+    LowpFormat grad_fmt;  // the output gradients': fmt for BF16; E4M3 (the report) or E5M2 for FP8
+    int tensor_scaling;   // FP8: one scale per tensor instead of tiles and blocks (an ablation)
+} LinearRecipe;
+
 typedef struct BackendOps {
     const char *name;
     // memory: 64-byte aligned, zeroed; NULL with be->err naming `what` when it runs out
@@ -35,10 +50,11 @@ typedef struct BackendOps {
     int (*synchronize)(Backend *be);
 
     // the three GEMMs of a linear layer: out (N, rows) = x (N, cols) Wᵀ;
-    // dx (N, cols) += dout W (dx may be NULL), dw (rows, cols) += doutᵀ x (dw an F32 view)
-    int (*matmul)(Backend *be, float *out, const float *x, const MatView *w, int N);
+    // dx (N, cols) += dout W (dx may be NULL), dw (rows, cols) += doutᵀ x (dw an F32 view);
+    // recipe NULL: fp32 operands, any weight type; otherwise an F32 w (training's master weights)
+    int (*matmul)(Backend *be, float *out, const float *x, const MatView *w, int N, const LinearRecipe *recipe);
     int (*matmul_backward)(Backend *be, float *dx, const MatView *dw, const float *dout, const float *x,
-                           const MatView *w, int N);
+                           const MatView *w, int N, const LinearRecipe *recipe);
     // out[i] (cols) = row idx[i] of w, widened (embedding look-ups); dw[idx[i]] += dout[i] in row order
     int (*embedding)(Backend *be, float *out, const MatView *w, const int *idx, int n);
     int (*embedding_backward)(Backend *be, const MatView *dw, const float *dout, const int *idx, int n);

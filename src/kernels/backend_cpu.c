@@ -2,6 +2,7 @@
 // kernels split their work in fixed shares, so a result never depends on scheduling); OpenBLAS
 // runs single-threaded under them; the ISA is chosen once from CPUID (matmul.c).
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,14 +43,65 @@ static int cpu_synchronize(Backend *be) {
     return 0;
 }
 
-static int cpu_matmul(Backend *be, float *out, const float *x, const MatView *w, int N) {
-    return matmul_nt(out, x, w, N) ? product_failed(be, "matmul", w) : 0;
+// An FP8 operand's scales (malloc'd into *scale), or nothing for BF16.
+static int lowp_operand(LowpOperand *op, float **scale, const float *data, int ld, int trans, LowpFormat fmt, int rows,
+                        int K, LowpScaling how) {
+    *op = (LowpOperand){.data = data, .ld = ld, .trans = trans, .fmt = fmt};
+    *scale = NULL;
+    if (fmt == LOWP_BF16) return 0;
+    *scale = malloc(sizeof(float) * lowp_fp8_scale_count(rows, K, how));
+    return *scale ? lowp_fp8_scales(op, *scale, rows, K, how) : -1;
+}
+
+// C (M × N) (+)= A · Bᵀ for one of a linear layer's GEMMs under a recipe: A's and B's storage
+// and scaling as the caller says, the scales computed here from the current tensors.
+static int lowp_product(float *C, int M, int N, int K, int add, const float *a, int lda, int ta, LowpFormat fa,
+                        LowpScaling sa, const float *b, int ldb, int tb, LowpFormat fb, LowpScaling sb) {
+    LowpOperand A, B;
+    float *scale_a = NULL, *scale_b = NULL;
+    int rc = lowp_operand(&A, &scale_a, a, lda, ta, fa, M, K, sa) || lowp_operand(&B, &scale_b, b, ldb, tb, fb, N, K, sb)
+                 ? -1
+                 : gemm_lowp(C, N, &A, &B, M, N, K, add);
+    free(scale_a), free(scale_b);
+    return rc;
+}
+
+static int recipe_weights(Backend *be, const char *op, const MatView *w) {
+    if (w->dtype == DT_F32) return 0;
+    char what[96];
+    snprintf(what, sizeof what, "a BF16/FP8 recipe needs F32 master weights, got %s", dtype_name(w->dtype));
+    return fail(be, op, what);
+}
+
+static int cpu_matmul(Backend *be, float *out, const float *x, const MatView *w, int N, const LinearRecipe *recipe) {
+    if (!recipe) return matmul_nt(out, x, w, N) ? product_failed(be, "matmul", w) : 0;
+    if (recipe_weights(be, "matmul", w)) return -1;
+    LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
+    LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;
+    // out (N × rows) = x (N × cols) · Wᵀ
+    return lowp_product(out, N, w->rows, w->cols, 0, x, w->cols, 0, recipe->fmt, act, w->data, w->cols, 0,
+                        recipe->fmt, wgt)
+               ? product_failed(be, "matmul", w)
+               : 0;
 }
 
 static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const float *dout, const float *x,
-                               const MatView *w, int N) {
-    if (!matview_f32_data(dw)) return fail(be, "matmul_backward", "the weight gradient is not an F32 view");
-    return matmul_backward(dx, dw, dout, x, w, N) ? product_failed(be, "matmul_backward", w) : 0;
+                               const MatView *w, int N, const LinearRecipe *recipe) {
+    float *g = matview_f32_data(dw);
+    if (!g) return fail(be, "matmul_backward", "the weight gradient is not an F32 view");
+    if (!recipe) return matmul_backward(dx, dw, dout, x, w, N) ? product_failed(be, "matmul_backward", w) : 0;
+    if (recipe_weights(be, "matmul_backward", w)) return -1;
+    int rows = w->rows, cols = w->cols;
+    LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
+    LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;
+    // dx (N × cols) += dout (N × rows) · W: B = Wᵀ, element (c, r) = W[r][c]
+    if (dx && lowp_product(dx, N, cols, rows, 1, dout, rows, 0, recipe->grad_fmt, act, w->data, cols, 1, recipe->fmt,
+                           wgt))
+        return product_failed(be, "matmul_backward", w);
+    // dw (rows × cols) += doutᵀ · x: both operands read along the tokens (128 x 1 tiles)
+    if (lowp_product(g, rows, cols, N, 1, dout, rows, 1, recipe->grad_fmt, act, x, cols, 1, recipe->fmt, act))
+        return product_failed(be, "matmul_backward", w);
+    return 0;
 }
 
 static int cpu_embedding(Backend *be, float *out, const MatView *w, const int *idx, int n) {

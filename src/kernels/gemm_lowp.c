@@ -28,27 +28,74 @@ static inline float op_scale(const LowpOperand *o, int i, int k) {
     return o->scale[(long)(i / o->scale_rows) * o->scale_ld + (long)(k / LOWP_FP8_CHUNK) * o->scale_kstep];
 }
 
-void lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how) {
+// amax (rows × ceil(K / 128)) of each 1 × 128 tile, threads over rows, vector loops inside.
+static void tile_amax(float *amax, const LowpOperand *op, int rows, int K) {
+    int kc = (K + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
+    const float *d = op->data;
+    long ld = op->ld;
+    if (!op->trans) {
+#pragma omp parallel for schedule(static) if ((long)rows * K > (1 << 16))
+        for (int i = 0; i < rows; i++)
+            for (int c = 0; c < kc; c++) {
+                const float *x = d + i * ld + (long)c * LOWP_FP8_CHUNK;
+                int n = K - c * LOWP_FP8_CHUNK < LOWP_FP8_CHUNK ? K - c * LOWP_FP8_CHUNK : LOWP_FP8_CHUNK;
+                float m = 0.0f;
+#pragma omp simd reduction(max : m)
+                for (int k = 0; k < n; k++) m = fabsf(x[k]) > m ? fabsf(x[k]) : m;
+                amax[(long)i * kc + c] = m;
+            }
+        return;
+    }
+    // transposed: element (i, k) at d[k * ld + i]; a chunk's rows k sweep a range of i at a time
+#pragma omp parallel if ((long)rows * K > (1 << 16))
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int i0 = (int)((long)rows * t / nt), i1 = (int)((long)rows * (t + 1) / nt);
+        float *m = malloc(sizeof(float) * (i1 - i0 + 1));
+        for (int c = 0; c < kc && m; c++) {
+            for (int i = i0; i < i1; i++) m[i - i0] = 0.0f;
+            int k1 = (c + 1) * LOWP_FP8_CHUNK < K ? (c + 1) * LOWP_FP8_CHUNK : K;
+            for (int k = c * LOWP_FP8_CHUNK; k < k1; k++) {
+                const float *x = d + k * ld;
+#pragma omp simd
+                for (int i = i0; i < i1; i++) m[i - i0] = fabsf(x[i]) > m[i - i0] ? fabsf(x[i]) : m[i - i0];
+            }
+            for (int i = i0; i < i1; i++) amax[(long)i * kc + c] = m[i - i0];
+        }
+        if (!m)  // out of memory: the slow way, same result
+            for (int c = 0; c < kc; c++)
+                for (int i = i0; i < i1; i++) {
+                    float v = 0.0f;
+                    for (int k = c * LOWP_FP8_CHUNK; k < K && k < (c + 1) * LOWP_FP8_CHUNK; k++)
+                        v = fabsf(d[k * ld + i]) > v ? fabsf(d[k * ld + i]) : v;
+                    amax[(long)i * kc + c] = v;
+                }
+        free(m);
+    }
+}
+
+int lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how) {
     long n = lowp_fp8_scale_count(rows, K, how);
     int kc = (K + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
     op->scale = scale;
     op->scale_rows = how == LOWP_TILE_1x128 ? 1 : how == LOWP_BLOCK_128x128 ? LOWP_FP8_CHUNK : INT_MAX;
     op->scale_ld = how == LOWP_TENSOR ? 0 : kc;
     op->scale_kstep = how == LOWP_TENSOR ? 0 : 1;
-    for (long c = 0; c < n; c++) scale[c] = 0.0f;  // amax first
-    // in storage order, so that the inner loop is contiguous whichever way the operand is stored
-    int outer = op->trans ? K : rows, inner = op->trans ? rows : K;
-    for (int a = 0; a < outer; a++) {
-        const float *row = op->data + (long)a * op->ld;
-        for (int b = 0; b < inner; b++) {
-            int i = op->trans ? b : a, k = op->trans ? a : b;
-            float *cell = scale + (long)(i / op->scale_rows) * op->scale_ld + (long)(k / LOWP_FP8_CHUNK) * op->scale_kstep;
-            float v = fabsf(row[b]);
-            if (v > *cell) *cell = v;
-        }
+    float *amax = how == LOWP_TILE_1x128 ? scale : malloc(sizeof(float) * ((size_t)rows * kc + 1));
+    if (!amax) return -1;
+    tile_amax(amax, op, rows, K);
+    if (how != LOWP_TILE_1x128) {  // the tiles' maxima folded into blocks or one value
+        for (long c = 0; c < n; c++) scale[c] = 0.0f;
+        for (int i = 0; i < rows; i++)
+            for (int c = 0; c < kc; c++) {
+                float *cell = scale + (long)(i / op->scale_rows) * op->scale_ld + (long)c * op->scale_kstep;
+                if (amax[(long)i * kc + c] > *cell) *cell = amax[(long)i * kc + c];
+            }
+        free(amax);
     }
     float mx = lowp_fp8_max(op->fmt);
     for (long c = 0; c < n; c++) scale[c] = fmaxf(scale[c], 1e-4f) / mx;
+    return 0;
 }
 
 float lowp_value(LowpFormat fmt, float x, float scale) {

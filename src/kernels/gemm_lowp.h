@@ -45,8 +45,8 @@ float lowp_fp8_max(LowpFormat fmt);
 long lowp_fp8_scale_count(int rows, int K, LowpScaling how);
 // Computes op's scales over its rows × K elements into scale (lowp_fp8_scale_count floats) and
 // points op at them: scale = max(amax of the tile, 1e-4) / max of op->fmt (DeepSeek's act_quant and
-// weight quantiser). op->fmt must be an FP8 format.
-void lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how);
+// weight quantiser). op->fmt must be an FP8 format. -1 when scratch memory ran out.
+int lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how);
 
 // The value an element is packed as (exactly representable in BF16): bf16(x), or the FP8 value
 // fmt(x / scale) (without the scale). Scalar; the reference the vector packers are tested against.

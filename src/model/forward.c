@@ -143,8 +143,8 @@ static int head_forward(const Model *m, ForwardState *s, const float *norm, cons
     int d = m->cfg.hidden_size;
     TRY(be->ops->rmsnorm(be, s->xn, d, NULL, s->x, d, norm, T, d, m->cfg.rms_norm_eps));
     if (hidden) memcpy(hidden, s->xn, sizeof(float) * T * d);
-    if (logits) TRY(be->ops->matmul(be, logits, s->xn, head, T));
-    if (last_logits) TRY(be->ops->matmul(be, last_logits, s->xn + (size_t)(T - 1) * d, head, 1));
+    if (logits) TRY(be->ops->matmul(be, logits, s->xn, head, T, NULL));
+    if (last_logits) TRY(be->ops->matmul(be, last_logits, s->xn + (size_t)(T - 1) * d, head, 1, NULL));
     return be->ops->synchronize(be);  // the caller reads the results
 }
 
@@ -191,7 +191,7 @@ int model_mtp_forward(const Model *m, ForwardState *s, KVCache *kv, int k, const
     LayerPass p = forward_pass(m, s, kv, T, pos0, mode);
     pass_layer(&p, c, kv, c->num_hidden_layers + k);
     if (be->ops->embedding(be, s->emb, &w->embed_tokens, next_tokens, T) ||
-        mtp_input_forward(be, c, w, s->emb, hidden, s->cat, NULL, NULL, s->x, T) ||
+        mtp_input_forward(be, NULL, c, w, s->emb, hidden, s->cat, NULL, NULL, s->x, T) ||
         layer_forward(&p, &w->layer, &s->acts, NULL, &balance))
         return backend_failed(m, err);
     kv->mtp_len[k] += T;

@@ -43,6 +43,7 @@ typedef struct LayerPass {
     int save;          // keep what the backward pass reads (training)
     int freeze_routing;   // reuse the route already in the acts (training's finite-difference checks)
     float seq_aux_alpha;  // α of the sequence-wise balance loss (0: not computed)
+    const LinearRecipe *recipe;  // the linear layers' operand precision (training), NULL: fp32
     float *scratch;    // (threads, per_thread) attention scratch, see attn_scratch_floats
     size_t per_thread;
 } LayerPass;
@@ -110,10 +111,10 @@ typedef struct LayerGradScratch {
 // ---- ops ----
 
 // out (n, d) = down(silu(gate x) · up x) of x (n, d), width F; gate, up, h: (n, F) written.
-int ffn_forward(Backend *be, const FfnWeights *f, const float *x, float *gate, float *up, float *h, float *out,
+int ffn_forward(Backend *be, const LinearRecipe *recipe, const FfnWeights *f, const float *x, float *gate, float *up, float *h, float *out,
                 int n);
 // dx (n, d) += ..., gf += ... from dout (n, d); dgate, dup, dh: (n, F) scratch.
-int ffn_backward(Backend *be, const FfnWeights *f, FfnWeights *gf, const float *dout, const float *x,
+int ffn_backward(Backend *be, const LinearRecipe *recipe, const FfnWeights *f, FfnWeights *gf, const float *dout, const float *x,
                  const float *gate, const float *up, const float *h, float *dx, float *dgate, float *dup, float *dh,
                  int n);
 
@@ -149,10 +150,10 @@ int layer_backward(const LayerPass *p, const LayerWeights *w, LayerWeights *g, L
 // The MTP module's input (SPEC §2.3): x (N, d) = eh_proj [enorm(emb) ; hnorm(h)], the embedding
 // half first as in the released checkpoints. emb, h: (N, d); cat: (N, 2d) written;
 // en_rstd, hn_rstd: (N) or NULL.
-int mtp_input_forward(Backend *be, const ModelConfig *c, const MtpWeights *w, const float *emb, const float *h,
+int mtp_input_forward(Backend *be, const LinearRecipe *recipe, const ModelConfig *c, const MtpWeights *w, const float *emb, const float *h,
                       float *cat, float *en_rstd, float *hn_rstd, float *x, int N);
 // demb, dh (N, d) += ..., g += ... from dx (N, d); dcat: (N, 2d) scratch, den/dhn: (N, d) scratch.
-int mtp_input_backward(Backend *be, const ModelConfig *c, const MtpWeights *w, MtpWeights *g, const float *emb,
+int mtp_input_backward(Backend *be, const LinearRecipe *recipe, const ModelConfig *c, const MtpWeights *w, MtpWeights *g, const float *emb,
                        const float *h, const float *cat, const float *en_rstd, const float *hn_rstd, const float *dx,
                        float *dcat, float *den, float *dhn, float *demb, float *dh, int N);
 

@@ -31,13 +31,13 @@ int mla_forward(const LayerPass *p, const MlaWeights *w, const float *input_laye
     float eps = c->rms_norm_eps;
     TRY(be->ops->rmsnorm(be, a->ln1, d, a->ln1_rstd, a->x_in, d, input_layernorm, N, d, eps));
     if (qr > 0) {
-        TRY(be->ops->matmul(be, a->qa, a->ln1, &w->q_a_proj, N));
+        TRY(be->ops->matmul(be, a->qa, a->ln1, &w->q_a_proj, N, p->recipe));
         TRY(be->ops->rmsnorm(be, a->cq, qr, a->cq_rstd, a->qa, qr, w->q_a_layernorm, N, qr, eps));
-        TRY(be->ops->matmul(be, a->q, a->cq, &w->q_b_proj, N));
+        TRY(be->ops->matmul(be, a->q, a->cq, &w->q_b_proj, N, p->recipe));
     } else {
-        TRY(be->ops->matmul(be, a->q, a->ln1, &w->q_proj, N));
+        TRY(be->ops->matmul(be, a->q, a->ln1, &w->q_proj, N, p->recipe));
     }
-    TRY(be->ops->matmul(be, a->kva, a->ln1, &w->kv_a_proj_with_mqa, N));
+    TRY(be->ops->matmul(be, a->kva, a->ln1, &w->kv_a_proj_with_mqa, N, p->recipe));
     if (a->ckv_pre)
         for (int n = 0; n < N; n++) memcpy(a->ckv_pre + (size_t)n * L, a->kva + (size_t)n * (L + r), sizeof(float) * L);
     // the new positions go into the store: normalised latents, rotated shared keys — normalised and
@@ -62,8 +62,15 @@ int mla_forward(const LayerPass *p, const MlaWeights *w, const float *input_laye
     TRY(be->ops->rope(be, a->q + nope, N, T, H, qk, r, p->rope_cos, p->rope_sin));
     LatentAttention at = mla_attention_call(p, &w->kv_b_proj, a->q, a->ao, p->save ? a->kv : NULL,
                                             p->save ? a->att : NULL);
+    if (p->save && p->recipe) {
+        // kv_b_proj is a linear layer of the recipe: expanded here, in one product over the window's
+        // latents (its store, contiguous in training), rather than per head inside the attention
+        TRY(be->ops->matmul(be, a->kv, (const float *)p->latent, &w->kv_b_proj, N, p->recipe));
+        at.kv_in = a->kv;
+        at.kv_save = NULL;
+    }
     TRY(be->ops->latent_attention(be, &at));
-    TRY(be->ops->matmul(be, a->y, a->ao, &w->o_proj, N));
+    TRY(be->ops->matmul(be, a->y, a->ao, &w->o_proj, N, p->recipe));
     return be->ops->add(be, a->x_mid, a->x_in, a->y, (long)N * d);
 }
 
@@ -75,7 +82,7 @@ int mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const f
     int r = c->qk_rope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, qk = nope + r;
     const float *ckv = p->latent;  // (N, L): a training window's latents are its store (always F32)
     memset(s->dao, 0, sizeof(float) * N * H * v);
-    TRY(be->ops->matmul_backward(be, s->dao, &g->o_proj, dres, a->ao, &w->o_proj, N));
+    TRY(be->ops->matmul_backward(be, s->dao, &g->o_proj, dres, a->ao, &w->o_proj, N, p->recipe));
     memset(s->dq, 0, sizeof(float) * N * H * qk);
     memset(s->dkv, 0, sizeof(float) * N * H * (nope + v));
     memset(s->dkpe, 0, sizeof(float) * N * r);
@@ -84,7 +91,7 @@ int mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const f
     TRY(be->ops->rope_backward(be, s->dq + nope, N, T, H, qk, r, p->rope_cos, p->rope_sin));
     TRY(be->ops->rope_backward(be, s->dkpe, N, T, 1, r, r, p->rope_cos, p->rope_sin));
     memset(s->dckv, 0, sizeof(float) * N * L);
-    TRY(be->ops->matmul_backward(be, s->dckv, &g->kv_b_proj, s->dkv, ckv, &w->kv_b_proj, N));
+    TRY(be->ops->matmul_backward(be, s->dckv, &g->kv_b_proj, s->dkv, ckv, &w->kv_b_proj, N, p->recipe));
     memset(s->dckv_pre, 0, sizeof(float) * N * L);
     TRY(be->ops->rmsnorm_backward(be, s->dckv_pre, g->kv_a_layernorm, s->dckv, a->ckv_pre, w->kv_a_layernorm,
                                   a->ckv_rstd, N, L));
@@ -93,16 +100,16 @@ int mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const f
         memcpy(s->dkva + (size_t)n * (L + r) + L, s->dkpe + (size_t)n * r, sizeof(float) * r);
     }
     memset(s->dln, 0, sizeof(float) * N * d);
-    TRY(be->ops->matmul_backward(be, s->dln, &g->kv_a_proj_with_mqa, s->dkva, a->ln1, &w->kv_a_proj_with_mqa, N));
+    TRY(be->ops->matmul_backward(be, s->dln, &g->kv_a_proj_with_mqa, s->dkva, a->ln1, &w->kv_a_proj_with_mqa, N, p->recipe));
     if (qr > 0) {
         memset(s->dcq, 0, sizeof(float) * N * qr);
-        TRY(be->ops->matmul_backward(be, s->dcq, &g->q_b_proj, s->dq, a->cq, &w->q_b_proj, N));
+        TRY(be->ops->matmul_backward(be, s->dcq, &g->q_b_proj, s->dq, a->cq, &w->q_b_proj, N, p->recipe));
         memset(s->dqa, 0, sizeof(float) * N * qr);
         TRY(be->ops->rmsnorm_backward(be, s->dqa, g->q_a_layernorm, s->dcq, a->qa, w->q_a_layernorm, a->cq_rstd, N,
                                       qr));
-        TRY(be->ops->matmul_backward(be, s->dln, &g->q_a_proj, s->dqa, a->ln1, &w->q_a_proj, N));
+        TRY(be->ops->matmul_backward(be, s->dln, &g->q_a_proj, s->dqa, a->ln1, &w->q_a_proj, N, p->recipe));
     } else {
-        TRY(be->ops->matmul_backward(be, s->dln, &g->q_proj, s->dq, a->ln1, &w->q_proj, N));
+        TRY(be->ops->matmul_backward(be, s->dln, &g->q_proj, s->dq, a->ln1, &w->q_proj, N, p->recipe));
     }
     return be->ops->rmsnorm_backward(be, dres, dinput_layernorm, s->dln, a->x_in, input_layernorm, a->ln1_rstd, N, d);
 }

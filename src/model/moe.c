@@ -151,7 +151,7 @@ void moe_balance_backward(float *dscores, const float *f, const float *scores, i
 int moe_route_rows(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N) {
     const ModelConfig *c = p->c;
     int Nr = c->n_routed_experts, K = c->num_experts_per_tok;
-    TRY(p->be->ops->matmul(p->be, a->router, a->ln2, &w->gate, N));
+    TRY(p->be->ops->matmul(p->be, a->router, a->ln2, &w->gate, N, NULL));  // the router stays fp32
     for (int t = 0; t < N; t++) {
         const float *lg = a->router + (size_t)t * Nr;
         float *s = a->scores + (size_t)t * Nr, *wt = a->topk_w + (size_t)t * K;
@@ -201,7 +201,7 @@ int moe_experts_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, i
         int n = a->expert_off[e + 1] - a->expert_off[e];
         if (n == 0) continue;
         size_t o = a->expert_off[e];
-        TRY(ffn_forward(p->be, &w->experts[e], a->xg + o * d, a->e_gate + o * Fm, a->e_up + o * Fm, a->e_h + o * Fm,
+        TRY(ffn_forward(p->be, p->recipe, &w->experts[e], a->xg + o * d, a->e_gate + o * Fm, a->e_up + o * Fm, a->e_h + o * Fm,
                         a->e_out + o * d, n));
     }
     return 0;
@@ -220,7 +220,7 @@ int moe_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, float *y,
     moe_dispatch(c, a, N, load);
     TRY(moe_experts_forward(p, w, a, N));
     if (c->n_shared_experts > 0)
-        TRY(ffn_forward(p->be, &w->shared_experts, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, y, N));
+        TRY(ffn_forward(p->be, p->recipe, &w->shared_experts, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, y, N));
     else memset(y, 0, sizeof(float) * N * c->hidden_size);
     TRY(moe_combine(p, a, y, N));
     if (p->seq_aux_alpha <= 0 || !a->bal_f) return 0;
@@ -247,14 +247,14 @@ int moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerAc
         int n = a->expert_off[e + 1] - a->expert_off[e];
         if (n == 0) continue;
         size_t o = a->expert_off[e];
-        TRY(ffn_backward(be, &w->experts[e], &g->experts[e], s->de_out + o * d, a->xg + o * d, a->e_gate + o * Fm,
+        TRY(ffn_backward(be, p->recipe, &w->experts[e], &g->experts[e], s->de_out + o * d, a->xg + o * d, a->e_gate + o * Fm,
                          a->e_up + o * Fm, a->e_h + o * Fm, s->dxg + o * d, s->de_gate + o * Fm, s->de_up + o * Fm,
                          s->de_h + o * Fm, n));
     }
     // dispatch: each slot's input gradient goes back to its token
     TRY(be->ops->scatter_add_rows(be, s->dln, s->dxg, a->slot_tk_token, (long)N * K, d));
     if (c->n_shared_experts > 0)
-        TRY(ffn_backward(be, &w->shared_experts, &g->shared_experts, dy, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h,
+        TRY(ffn_backward(be, p->recipe, &w->shared_experts, &g->shared_experts, dy, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h,
                          s->dln, s->dffn_gate, s->dffn_up, s->dffn_h, N));
     // the route: gates and the balance loss are functions of the scores
     memset(s->dscores, 0, sizeof(float) * N * Nr);
@@ -269,5 +269,5 @@ int moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerAc
     for (int t = 0; t < N; t++)
         moe_scores_backward(s->drouter + (size_t)t * Nr, s->dscores + (size_t)t * Nr, a->scores + (size_t)t * Nr, Nr,
                             c->scoring_func);
-    return be->ops->matmul_backward(be, s->dln, &g->gate, s->drouter, a->ln2, &w->gate, N);
+    return be->ops->matmul_backward(be, s->dln, &g->gate, s->drouter, a->ln2, &w->gate, N, NULL);
 }

@@ -387,7 +387,7 @@ static LayerPass train_pass(const TrainModel *m, const TrainLayerActs *t, int T)
                        .rope_sin = m->rope_sin, .softmax_scale = m->softmax_scale, .latent = t->ckv, .kpe = t->kpe,
                        .ld = T, .mode = ATTN_PLAIN, .save = 1, .freeze_routing = m->freeze_routing,
                        .seq_aux_alpha = m->obj.seq_aux_alpha, .scratch = m->a.attn,
-                       .per_thread = m->a.attn_per_thread};
+                       .per_thread = m->a.attn_per_thread, .recipe = m->lowp};
 }
 
 // The final norm, the head and the loss of rows (N, d) x: h (N, d) and its rstd saved; *loss the
@@ -398,7 +398,7 @@ static int head_forward(TrainModel *m, const float *norm, const float *x, float 
     int d = m->cfg.hidden_size, V = m->cfg.vocab_size;
     double sum;
     TRY(be->ops->rmsnorm(be, h, d, h_rstd, x, d, norm, N, d, m->cfg.rms_norm_eps));
-    TRY(be->ops->matmul(be, logits, h, &m->p.lm_head, N));
+    TRY(be->ops->matmul(be, logits, h, &m->p.lm_head, N, NULL));  // the head stays fp32
     TRY(be->ops->crossentropy(be, &sum, losses, lse, logits, targets, N, V));
     *loss = sum / N;
     return 0;
@@ -424,7 +424,7 @@ static int mtp_forward(TrainModel *m, int k, long long *load, double *bal, doubl
     double layer_bal;
     LayerPass p = train_pass(m, &t->layer, Tk);
     TRY(be->ops->embedding(be, t->emb, &m->p.embed_tokens, t->in_tok, N));
-    TRY(mtp_input_forward(be, c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
+    TRY(mtp_input_forward(be, m->lowp, c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
     TRY(layer_forward(&p, &w->layer, &t->layer.acts, load, &layer_bal));
     *bal += layer_bal;
     return head_forward(m, w->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd, t->logits, t->lse,
@@ -490,7 +490,7 @@ static int head_backward(TrainModel *m, const float *norm, float *dnorm, const f
     Backend *be = m->be;
     int d = m->cfg.hidden_size, V = m->cfg.vocab_size;
     TRY(be->ops->crossentropy_backward(be, logits, lse, targets, N, V, dloss));
-    TRY(be->ops->matmul_backward(be, dh, &m->g.lm_head, logits, h, &m->p.lm_head, N));
+    TRY(be->ops->matmul_backward(be, dh, &m->g.lm_head, logits, h, &m->p.lm_head, N, NULL));
     memset(dres, 0, sizeof(float) * N * d);
     return be->ops->rmsnorm_backward(be, dres, dnorm, dh, x, norm, h_rstd, N, d);
 }
@@ -509,7 +509,7 @@ static int mtp_backward(TrainModel *m, int k, float scale) {
     TRY(layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale));
     memset(a->demb, 0, sizeof(float) * N * d);
     memset(a->dh_prev, 0, sizeof(float) * N * d);
-    TRY(mtp_input_backward(be, c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den,
+    TRY(mtp_input_backward(be, m->lowp, c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den,
                            a->dhn, a->demb, a->dh_prev, N));
     TRY(be->ops->embedding_backward(be, &m->g.embed_tokens, a->demb, t->in_tok, N));
     float *dprev = k == 1 ? a->dlnf : a->mtp[k - 2].dh_out;  // (B, Tp, d)

@@ -121,6 +121,9 @@ typedef struct TrainModel {
     // constant in the weights and not differentiated; holding it makes the objective smooth, so
     // finite differences can check the gradient (tests) across any routing margin.
     int freeze_routing;
+    // The linear layers' operand precision (dsv3 train --precision): NULL for fp32, else &recipe.
+    LinearRecipe recipe;
+    const LinearRecipe *lowp;
 } TrainModel;
 
 // Lays out parameters, gradients and activations for micro-batches of B × (T + 1) tokens;

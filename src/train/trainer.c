@@ -62,6 +62,11 @@ const TrainerOption trainer_options[] = {
     FLOAT_OPT("seq-aux-alpha", "seq_aux_alpha", seq_aux_alpha, 0.0001, 0, 10, "A",
               "alpha of the sequence-wise balance loss (0: off)"),
     FLOAT_OPT("mtp-lambda", "mtp_lambda", mtp_lambda, 0.3, 0, 10, "L", "lambda of the MTP loss (0: the MTP modules do not run)"),
+    STRING_OPT("precision", "precision", precision, "P",
+               "operands of the linear layers' GEMMs: fp32 (default), bf16, or fp8 (the V3 report's recipe)"),
+    STRING_OPT("fp8-grad", "fp8_grad", fp8_grad, "F", "fp8: the output gradients' format, e4m3 (default, the report's) or e5m2"),
+    STRING_OPT("fp8-scaling", "fp8_scaling", fp8_scaling, "S",
+               "fp8: tile (default: 1x128 activation tiles, 128x128 weight blocks) or tensor (one scale each)"),
     LONG_OPT("eval-every", "eval_every", eval_every, 100, 0, STEPS_MAX, "K",
              "validation loss at step 0 and every K steps (0: at the last)"),
     LONG_OPT("eval-batches", "eval_batches", eval_batches, 8, 0, 1L << 30, "N", "batches per evaluation (0: no evaluation)"),
@@ -361,6 +366,29 @@ static void fmt_duration(char *out, size_t n, double s) {
 
 // ---- the run ----
 
+// The linear layers' recipe from --precision and the fp8 options: *lowp NULL for fp32.
+int trainer_recipe(const TrainerOptions *o, LinearRecipe *recipe, const LinearRecipe **lowp, Error *err) {
+    const char *p = o->precision[0] ? o->precision : "fp32";
+    int fp8 = strcmp(p, "fp8") == 0;
+    if (!fp8 && strcmp(p, "fp32") != 0 && strcmp(p, "bf16") != 0)
+        return err_set(err, "--precision: unknown value '%s' (fp32, bf16 or fp8)", p);
+    if (!fp8 && (o->fp8_grad[0] || o->fp8_scaling[0]))
+        return err_set(err, "--%s: only with --precision fp8 (the run's precision is %s)",
+                       o->fp8_grad[0] ? "fp8-grad" : "fp8-scaling", p);
+    const char *g = o->fp8_grad[0] ? o->fp8_grad : "e4m3", *s = o->fp8_scaling[0] ? o->fp8_scaling : "tile";
+    if (strcmp(g, "e4m3") != 0 && strcmp(g, "e5m2") != 0)
+        return err_set(err, "--fp8-grad: unknown value '%s' (e4m3 or e5m2)", g);
+    if (strcmp(s, "tile") != 0 && strcmp(s, "tensor") != 0)
+        return err_set(err, "--fp8-scaling: unknown value '%s' (tile or tensor)", s);
+    *lowp = NULL;
+    if (strcmp(p, "fp32") == 0) return 0;
+    *recipe = (LinearRecipe){.fmt = fp8 ? LOWP_E4M3 : LOWP_BF16,
+                             .grad_fmt = !fp8 ? LOWP_BF16 : strcmp(g, "e5m2") == 0 ? LOWP_E5M2 : LOWP_E4M3,
+                             .tensor_scaling = strcmp(s, "tensor") == 0};
+    *lowp = recipe;
+    return 0;
+}
+
 static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *err) {
     ModelConfig c;
     char cfg_path[4200];
@@ -374,6 +402,7 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     }
     if (config_load(&c, cfg_path, err)) return -1;
     if (train_model_new(&r->m, &c, r->o.batch, r->o.seq, err)) return -1;
+    if (trainer_recipe(&r->o, &r->m.recipe, &r->m.lowp, err)) return -1;
     r->m.obj.mtp_lambda = r->o.mtp_lambda;
     r->m.obj.seq_aux_alpha = r->o.seq_aux_alpha;
     AdamWConfig ac = adamw_defaults();
@@ -414,6 +443,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         err_set(err, "%s: the run directory already holds a run; continue it with --resume %s", o->out, o->out);
         goto done;
     }
+    if (trainer_recipe(o, &r->m.recipe, &r->m.lowp, err)) goto done;  // checked before anything is written
     if (make_dirs(o->out, err) || setup(r, resume, ckpt, sizeof ckpt, err)) goto done;
     if (resume && truncate_metrics(metrics, r->step, err)) goto done;
     if (r->step >= o->steps) {
