@@ -1,7 +1,9 @@
 // Training throughput of the ~10M-parameter DeepSeek-V3-layout model (bench/configs/
-// v3-10m-train.json: q_lora, 16 experts top-4 in 4 groups, one MTP module) at batch 8 × seq 256:
-// tokens per second of full steps (forward, backward, clipping, AdamW, bias update) and the model
-// FLOPs utilisation against this machine's fp32 GEMM peak, measured here with the same sgemm.
+// v3-10m-train.json: q_lora, 16 experts top-4 in 4 groups, one MTP module) at batch 8 × seq 256,
+// in each precision of the linear layers (fp32, bf16, fp8): tokens per second of full steps
+// (forward, backward, clipping, AdamW, bias update) and the model FLOPs utilisation against this
+// machine's peak for that precision's GEMM, measured here: OpenBLAS sgemm for fp32, gemm_lowp with
+// BF16 operands for bf16 and fp8 (whose E4M3 values run on the same BF16 dot products).
 //
 // FLOPs per token = 6 × (active matmul parameters: attention projections, dense FFN or router +
 // K_r routed + shared experts, output head, and the MTP module's eh_proj, layer and head)
@@ -12,9 +14,12 @@
 #include <stdlib.h>
 
 #include "bench_common.h"
+#include "kernels/gemm_lowp.h"
+#include "kernels/matmul.h"
 #include "model/config.h"
 #include "model/tensors.h"
 #include "train/optim.h"
+#include "train/trainer.h"
 #include "train/train_model.h"
 
 // Best GFLOP/s of an n×n×n sgemm over reps runs on all cores, the better of two ways: OpenBLAS
@@ -48,6 +53,22 @@ static double sgemm_peak(int n, int reps) {
     return best;
 }
 
+// Best GFLOP/s of an n×n×n gemm_lowp with BF16 operands over reps runs (its own threads).
+static double bf16_peak(int n, int reps) {
+    float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n), *c = malloc(sizeof(float) * n * n);
+    for (long i = 0; i < (long)n * n; i++) a[i] = b[i] = (float)((i % 17) - 8) * 0.01f;
+    LowpOperand A = {.data = a, .ld = n, .fmt = LOWP_BF16}, B = {.data = b, .ld = n, .fmt = LOWP_BF16};
+    double best = 0;
+    for (int r = 0; r < reps; r++) {
+        double t0 = bench_now();
+        gemm_lowp(c, n, &A, &B, n, n, n, 0);
+        double g = 2.0 * n * n * n / (bench_now() - t0) / 1e9;
+        best = g > best ? g : best;
+    }
+    free(a), free(b), free(c);
+    return best;
+}
+
 // Matmul parameters a token is multiplied by (tensor_cost), in the main model and in each MTP
 // module.
 typedef struct MatmulParams {
@@ -68,22 +89,52 @@ static double attention_flops(const ModelConfig *c, int T) {
     return 3.0 * 2.0 * c->num_attention_heads * (config_qk_head_dim(c) + c->v_head_dim) * (T + 1) / 2.0;
 }
 
+// Median step time of one precision ("fp32", "bf16", "fp8").
+static int time_steps(const ModelConfig *c, const char *precision, int B, int T, int warm, int steps, double *step_s,
+                      size_t *act_bytes, Error *err) {
+    TrainModel m;
+    AdamW opt;
+    TrainerOptions o = trainer_defaults();
+    snprintf(o.precision, sizeof o.precision, "%s", precision);
+    if (train_model_new(&m, c, B, T, err)) return -1;
+    if (trainer_recipe(&o, &m.recipe, &m.lowp, err) || adamw_init(&opt, &m, adamw_defaults(), err)) {
+        train_model_free(&m);
+        return -1;
+    }
+    train_model_init_random(&m, 1);
+    int *tok = malloc(sizeof(int) * B * (T + 1));
+    long long *loads = calloc((size_t)m.n_moe * c->n_routed_experts, sizeof *loads);
+    double times[16];
+    int rc = 0;
+    for (int s = 0; s < warm + steps && rc == 0; s++) {
+        for (int i = 0; i < B * (T + 1); i++) tok[i] = (int)((i * 7919L + s * 104729L) % c->vocab_size);
+        double t0 = bench_now();
+        train_model_zero_grad(&m);
+        rc = train_model_forward(&m, tok, err) || train_model_backward(&m, 1.0f, err) ||
+             adamw_update(&opt, &m, 3e-4f, grad_global_norm(&m), err);
+        memcpy(loads, m.expert_load, sizeof *loads * m.n_moe * c->n_routed_experts);
+        moe_bias_update(&m, loads, 0.001f);
+        if (s >= warm) times[s - warm] = bench_now() - t0;
+    }
+    *step_s = bench_median(times, steps);
+    *act_bytes = m.act_bytes;
+    free(tok);
+    free(loads);
+    adamw_free(&opt);
+    train_model_free(&m);
+    return rc ? -1 : 0;
+}
+
 int main(void) {
-    double peak = sgemm_peak(2048, 5);
+    double peak32 = sgemm_peak(2048, 5), peak16 = bf16_peak(2048, 5);
     const char *cfg_path = "bench/configs/v3-10m-train.json";
     enum { B = 8, T = 256, WARM = 2, STEPS = 6 };
     Error err = {0};
     ModelConfig c;
-    TrainModel m;
-    AdamW opt;
-    if (config_load(&c, cfg_path, &err) || train_model_new(&m, &c, B, T, &err) ||
-        adamw_init(&opt, &m, adamw_defaults(), &err)) {
+    if (config_load(&c, cfg_path, &err)) {
         fprintf(stderr, "bench_train: %s\n", err.msg);
         return 1;
     }
-    train_model_init_random(&m, 1);
-    int *tok = malloc(sizeof(int) * B * (T + 1));
-    long long *loads = calloc((size_t)m.n_moe * c.n_routed_experts, sizeof *loads);
     MatmulParams mp = {&c, 0, calloc(c.num_nextn_predict_layers + 1, sizeof(double))};
     tensor_walk(&c, c.num_nextn_predict_layers, NULL, add_matmul, &mp);
     double per_token = 6 * mp.main + c.num_hidden_layers * attention_flops(&c, T);
@@ -91,29 +142,25 @@ int main(void) {
     for (int k = 0; k < c.num_nextn_predict_layers; k++)
         per_token += (6 * mp.mtp[k] + attention_flops(&c, T - 1 - k)) * (T - 1.0 - k) / T;
     free(mp.mtp);
-    double times[STEPS];
-    for (int s = 0; s < WARM + STEPS; s++) {
-        for (int i = 0; i < B * (T + 1); i++) tok[i] = (int)((i * 7919L + s * 104729L) % c.vocab_size);
-        double t0 = bench_now();
-        train_model_zero_grad(&m);
-        if (train_model_forward(&m, tok, &err)) {
-            fprintf(stderr, "bench_train: %s\n", err.msg);
+    printf("train %s: batch %d x seq %d, %d threads, kernels %s, %.1f MFLOP per token\n", cfg_path, B, T,
+           omp_get_max_threads(), kernels_isa(), per_token / 1e6);
+    printf("  GEMM peaks (2048^3): fp32 sgemm %.1f GFLOP/s, bf16 gemm_lowp (%s) %.1f GFLOP/s\n", peak32,
+           gemm_lowp_isa(), peak16);
+    const char *prec[3] = {"fp32", "bf16", "fp8"};
+    double base = 0;
+    for (int p = 0; p < 3; p++) {
+        double t;
+        size_t act;
+        if (time_steps(&c, prec[p], B, T, WARM, STEPS, &t, &act, &err)) {
+            fprintf(stderr, "bench_train: %s: %s\n", prec[p], err.msg);
             return 1;
         }
-        if (train_model_backward(&m, 1.0f, &err)) return 1;
-        if (adamw_update(&opt, &m, 3e-4f, grad_global_norm(&m), &err)) return 1;
-        memcpy(loads, m.expert_load, sizeof *loads * m.n_moe * c.n_routed_experts);
-        moe_bias_update(&m, loads, 0.001f);
-        if (s >= WARM) times[s - WARM] = bench_now() - t0;
+        double tps = B * T / t, peak = p == 0 ? peak32 : peak16;
+        if (p == 0) base = t;
+        printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s, MFU %4.1f%% of the %s peak, "
+               "%.2fx fp32's step; activations %.0f MB\n",
+               prec[p], t, STEPS, tps, tps * per_token / 1e9, 100 * tps * per_token / 1e9 / peak,
+               p == 0 ? "fp32" : "bf16", t / base, act / 1e6);
     }
-    double t = bench_median(times, STEPS), tps = B * T / t;
-    printf("train %s: batch %d x seq %d, %d threads, %.1f MFLOP per token\n", cfg_path, B, T, omp_get_max_threads(),
-           per_token / 1e6);
-    printf("  step %.3f s (median of %d), %.0f tokens/s, %.1f GFLOP/s\n", t, STEPS, tps, tps * per_token / 1e9);
-    printf("  fp32 sgemm peak (2048^3) %.1f GFLOP/s: MFU %.1f%%\n", peak, 100 * tps * per_token / 1e9 / peak);
-    free(tok);
-    free(loads);
-    adamw_free(&opt);
-    train_model_free(&m);
     return 0;
 }

@@ -43,25 +43,17 @@ static int cpu_synchronize(Backend *be) {
     return 0;
 }
 
-// An FP8 operand's scales (malloc'd into *scale), or nothing for BF16.
-static int lowp_operand(LowpOperand *op, float **scale, const float *data, int ld, int trans, LowpFormat fmt, int rows,
-                        int K, LowpScaling how) {
-    *op = (LowpOperand){.data = data, .ld = ld, .trans = trans, .fmt = fmt};
-    *scale = NULL;
-    if (fmt == LOWP_BF16) return 0;
-    *scale = malloc(sizeof(float) * lowp_fp8_scale_count(rows, K, how));
-    return *scale ? lowp_fp8_scales(op, *scale, rows, K, how) : -1;
-}
-
 // C (M × N) (+)= A · Bᵀ for one of a linear layer's GEMMs under a recipe: A's and B's storage
-// and scaling as the caller says, the scales computed here from the current tensors.
+// and scaling as the caller says, the FP8 scales computed from the current tensors.
 static int lowp_product(float *C, int M, int N, int K, int add, const float *a, int lda, int ta, LowpFormat fa,
                         LowpScaling sa, const float *b, int ldb, int tb, LowpFormat fb, LowpScaling sb) {
-    LowpOperand A, B;
-    float *scale_a = NULL, *scale_b = NULL;
-    int rc = lowp_operand(&A, &scale_a, a, lda, ta, fa, M, K, sa) || lowp_operand(&B, &scale_b, b, ldb, tb, fb, N, K, sb)
+    LowpOperand A = {.data = a, .ld = lda, .trans = ta, .fmt = fa}, B = {.data = b, .ld = ldb, .trans = tb, .fmt = fb};
+    int fp8 = fa != LOWP_BF16;
+    float *scale_a = fp8 ? malloc(sizeof(float) * lowp_fp8_scale_count(M, K, sa)) : NULL;
+    float *scale_b = fp8 ? malloc(sizeof(float) * lowp_fp8_scale_count(N, K, sb)) : NULL;
+    int rc = fp8 && (!scale_a || !scale_b)
                  ? -1
-                 : gemm_lowp(C, N, &A, &B, M, N, K, add);
+                 : gemm_lowp_scaled(C, N, &A, fp8 ? (int)sa : -1, scale_a, &B, fp8 ? (int)sb : -1, scale_b, M, N, K, add);
     free(scale_a), free(scale_b);
     return rc;
 }

@@ -28,13 +28,16 @@ static inline float op_scale(const LowpOperand *o, int i, int k) {
     return o->scale[(long)(i / o->scale_rows) * o->scale_ld + (long)(k / LOWP_FP8_CHUNK) * o->scale_kstep];
 }
 
-// amax (rows × ceil(K / 128)) of each 1 × 128 tile, threads over rows, vector loops inside.
-static void tile_amax(float *amax, const LowpOperand *op, int rows, int K) {
+// The scales of one operand by the calling team of threads (worksharing constructs that bind to
+// the enclosing parallel region; one thread outside of any): tile maxima, folded into blocks or
+// one value when asked, then max(amax, 1e-4) / the format's max. amax: rows × ceil(K / 128)
+// floats of scratch (scale itself for 1 × 128 tiles).
+static void scales_team(const LowpOperand *op, float *scale, float *amax, int rows, int K, LowpScaling how) {
     int kc = (K + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
     const float *d = op->data;
     long ld = op->ld;
     if (!op->trans) {
-#pragma omp parallel for schedule(static) if ((long)rows * K > (1 << 16))
+#pragma omp for schedule(static)
         for (int i = 0; i < rows; i++)
             for (int c = 0; c < kc; c++) {
                 const float *x = d + i * ld + (long)c * LOWP_FP8_CHUNK;
@@ -44,57 +47,63 @@ static void tile_amax(float *amax, const LowpOperand *op, int rows, int K) {
                 for (int k = 0; k < n; k++) m = fabsf(x[k]) > m ? fabsf(x[k]) : m;
                 amax[(long)i * kc + c] = m;
             }
-        return;
-    }
-    // transposed: element (i, k) at d[k * ld + i]; a chunk's rows k sweep a range of i at a time
-#pragma omp parallel if ((long)rows * K > (1 << 16))
-    {
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int i0 = (int)((long)rows * t / nt), i1 = (int)((long)rows * (t + 1) / nt);
-        float *m = malloc(sizeof(float) * (i1 - i0 + 1));
-        for (int c = 0; c < kc && m; c++) {
-            for (int i = i0; i < i1; i++) m[i - i0] = 0.0f;
-            int k1 = (c + 1) * LOWP_FP8_CHUNK < K ? (c + 1) * LOWP_FP8_CHUNK : K;
-            for (int k = c * LOWP_FP8_CHUNK; k < k1; k++) {
-                const float *x = d + k * ld;
+    } else {
+        // element (i, k) at d[k * ld + i]: blocks of 256 values of i, each swept down a chunk's rows
+        enum { IB = 256 };
+#pragma omp for schedule(static)
+        for (int i0 = 0; i0 < rows; i0 += IB) {
+            int n = rows - i0 < IB ? rows - i0 : IB;
+            float m[IB];
+            for (int c = 0; c < kc; c++) {
+                for (int i = 0; i < n; i++) m[i] = 0.0f;
+                int k1 = (c + 1) * LOWP_FP8_CHUNK < K ? (c + 1) * LOWP_FP8_CHUNK : K;
+                for (int k = c * LOWP_FP8_CHUNK; k < k1; k++) {
+                    const float *x = d + k * ld + i0;
 #pragma omp simd
-                for (int i = i0; i < i1; i++) m[i - i0] = fabsf(x[i]) > m[i - i0] ? fabsf(x[i]) : m[i - i0];
-            }
-            for (int i = i0; i < i1; i++) amax[(long)i * kc + c] = m[i - i0];
-        }
-        if (!m)  // out of memory: the slow way, same result
-            for (int c = 0; c < kc; c++)
-                for (int i = i0; i < i1; i++) {
-                    float v = 0.0f;
-                    for (int k = c * LOWP_FP8_CHUNK; k < K && k < (c + 1) * LOWP_FP8_CHUNK; k++)
-                        v = fabsf(d[k * ld + i]) > v ? fabsf(d[k * ld + i]) : v;
-                    amax[(long)i * kc + c] = v;
+                    for (int i = 0; i < n; i++) m[i] = fabsf(x[i]) > m[i] ? fabsf(x[i]) : m[i];
                 }
-        free(m);
+                for (int i = 0; i < n; i++) amax[(long)(i0 + i) * kc + c] = m[i];
+            }
+        }
+    }
+#pragma omp single
+    {
+        long n = lowp_fp8_scale_count(rows, K, how);
+        if (how != LOWP_TILE_1x128) {  // the tiles' maxima folded into blocks or one value
+            int srow = how == LOWP_BLOCK_128x128 ? LOWP_FP8_CHUNK : rows;
+            for (long c = 0; c < n; c++) scale[c] = 0.0f;
+            for (int i = 0; i < rows; i++)
+                for (int c = 0; c < kc; c++) {
+                    float *cell = how == LOWP_TENSOR ? scale : scale + (long)(i / srow) * kc + c;
+                    if (amax[(long)i * kc + c] > *cell) *cell = amax[(long)i * kc + c];
+                }
+        }
+        float mx = lowp_fp8_max(op->fmt);
+        for (long c = 0; c < n; c++) scale[c] = fmaxf(scale[c], 1e-4f) / mx;
     }
 }
 
-int lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how) {
-    long n = lowp_fp8_scale_count(rows, K, how);
+// Points op at scale with the strides of `how`.
+static void scales_bind(LowpOperand *op, float *scale, int K, LowpScaling how) {
     int kc = (K + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
     op->scale = scale;
     op->scale_rows = how == LOWP_TILE_1x128 ? 1 : how == LOWP_BLOCK_128x128 ? LOWP_FP8_CHUNK : INT_MAX;
     op->scale_ld = how == LOWP_TENSOR ? 0 : kc;
     op->scale_kstep = how == LOWP_TENSOR ? 0 : 1;
-    float *amax = how == LOWP_TILE_1x128 ? scale : malloc(sizeof(float) * ((size_t)rows * kc + 1));
+}
+
+static float *amax_scratch(float *scale, int rows, int K, LowpScaling how) {
+    int kc = (K + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
+    return how == LOWP_TILE_1x128 ? scale : malloc(sizeof(float) * ((size_t)rows * kc + 1));
+}
+
+int lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how) {
+    float *amax = amax_scratch(scale, rows, K, how);
     if (!amax) return -1;
-    tile_amax(amax, op, rows, K);
-    if (how != LOWP_TILE_1x128) {  // the tiles' maxima folded into blocks or one value
-        for (long c = 0; c < n; c++) scale[c] = 0.0f;
-        for (int i = 0; i < rows; i++)
-            for (int c = 0; c < kc; c++) {
-                float *cell = scale + (long)(i / op->scale_rows) * op->scale_ld + (long)c * op->scale_kstep;
-                if (amax[(long)i * kc + c] > *cell) *cell = amax[(long)i * kc + c];
-            }
-        free(amax);
-    }
-    float mx = lowp_fp8_max(op->fmt);
-    for (long c = 0; c < n; c++) scale[c] = fmaxf(scale[c], 1e-4f) / mx;
+    scales_bind(op, scale, K, how);
+#pragma omp parallel if (!omp_in_parallel() && (long)rows * K > (1 << 16))
+    scales_team(op, scale, amax, rows, K, how);
+    if (amax != scale) free(amax);
     return 0;
 }
 
@@ -154,19 +163,45 @@ static int gemm_lowp_portable(float *C, int ldc, const LowpOperand *A, const Low
     return 0;
 }
 
+// Checks the formats and takes the paths that need no AVX512_BF16 team.
 int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K, int add) {
     if ((A->fmt == LOWP_BF16) != (B->fmt == LOWP_BF16)) return -1;
     if (M <= 0 || N <= 0) return 0;
     if (!kernels_cpu_avx512bf16()) return gemm_lowp_portable(C, ldc, A, B, M, N, K, add);
     if (omp_in_parallel()) return gemm_lowp_avx512bf16(C, ldc, A, B, M, N, K, add, 0, N);
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        // features in units of one register panel (32), split evenly
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        long units = (N + 31) / 32, lo = units * t / nt * 32, hi = units * (t + 1) / nt * 32;
-        if (hi > N) hi = N;
-        if (lo < hi) failed |= gemm_lowp_avx512bf16(C, ldc, A, B, M, N, K, add, (int)lo, (int)hi) != 0;
+    return gemm_lowp_scaled(C, ldc, (LowpOperand *)A, -1, NULL, (LowpOperand *)B, -1, NULL, M, N, K, add);
+}
+
+int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *scale_a, LowpOperand *B,
+                     int scale_b_how, float *scale_b, int M, int N, int K, int add) {
+    if ((A->fmt == LOWP_BF16) != (B->fmt == LOWP_BF16)) return -1;
+    int qa = scale_a_how >= 0 && A->fmt != LOWP_BF16, qb = scale_b_how >= 0 && B->fmt != LOWP_BF16;
+    float *amax_a = qa ? amax_scratch(scale_a, M, K, scale_a_how) : NULL;
+    float *amax_b = qb ? amax_scratch(scale_b, N, K, scale_b_how) : NULL;
+    int failed = (qa && !amax_a) || (qb && !amax_b);
+    if (qa && amax_a) scales_bind(A, scale_a, K, scale_a_how);
+    if (qb && amax_b) scales_bind(B, scale_b, K, scale_b_how);
+    if (!failed && (M <= 0 || N <= 0)) {  // nothing to multiply; the scales are still asked for
+        if (qa) scales_team(A, scale_a, amax_a, M > 0 ? M : 0, K, scale_a_how);
+        if (qb) scales_team(B, scale_b, amax_b, N > 0 ? N : 0, K, scale_b_how);
+    } else if (!failed && !kernels_cpu_avx512bf16()) {
+        if (qa) scales_team(A, scale_a, amax_a, M, K, scale_a_how);
+        if (qb) scales_team(B, scale_b, amax_b, N, K, scale_b_how);
+        failed = gemm_lowp_portable(C, ldc, A, B, M, N, K, add) != 0;
+    } else if (!failed) {
+        // one team: both operands' scales (the worksharing loops end in barriers), then the product,
+        // features in units of one register panel (32) split evenly
+#pragma omp parallel reduction(| : failed) if (!omp_in_parallel())
+        {
+            if (qa) scales_team(A, scale_a, amax_a, M, K, scale_a_how);
+            if (qb) scales_team(B, scale_b, amax_b, N, K, scale_b_how);
+            int nt = omp_get_num_threads(), t = omp_get_thread_num();
+            long units = (N + 31) / 32, lo = units * t / nt * 32, hi = units * (t + 1) / nt * 32;
+            if (hi > N) hi = N;
+            if (lo < hi) failed |= gemm_lowp_avx512bf16(C, ldc, A, B, M, N, K, add, (int)lo, (int)hi) != 0;
+        }
     }
+    if (amax_a && amax_a != scale_a) free(amax_a);
+    if (amax_b && amax_b != scale_b) free(amax_b);
     return failed ? -1 : 0;
 }

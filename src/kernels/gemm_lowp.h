@@ -59,6 +59,13 @@ void lowp_values(float *out, const float *x, long n, LowpFormat fmt, float scale
 // parallel region). Returns 0, or -1 on mismatched formats or when scratch memory ran out.
 int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K, int add);
 
+// The same, first computing the scales of an FP8 operand whose scaling is given (a LowpScaling;
+// -1: the operand's scales are already set) into the caller's buffer of lowp_fp8_scale_count
+// floats, in the same team of threads as the product (one fork per product, not three). The
+// operand is pointed at its buffer as lowp_fp8_scales does.
+int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *scale_a, LowpOperand *B,
+                     int scale_b_how, float *scale_b, int M, int N, int K, int add);
+
 // Which path gemm_lowp takes: "avx512bf16" or "portable".
 const char *gemm_lowp_isa(void);
 
