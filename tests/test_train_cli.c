@@ -154,15 +154,17 @@ static int train(char *out, size_t n, const char *run, long steps, const char *e
                     test_bin(), dir, dir, run, steps, extra);
 }
 
-TEST(test_train_resume_is_bit_exact) {
+// A run interrupted and resumed equals the uninterrupted run: metrics (but the wall clock) and the
+// final weights byte for byte. `extra`: the options of both legs; `tag` names the run directories.
+static void check_resume(const char *extra, const char *tag) {
     long N = sanitized() ? 2 : 4;
     char a[600], b[600], out[4096];
-    snprintf(a, sizeof a, "%s/run_full", corpus_dir());
-    snprintf(b, sizeof b, "%s/run_resumed", corpus_dir());
-    int rc = train(out, sizeof out, a, 2 * N, "");
+    snprintf(a, sizeof a, "%s/run_full%s", corpus_dir(), tag);
+    snprintf(b, sizeof b, "%s/run_resumed%s", corpus_dir(), tag);
+    int rc = train(out, sizeof out, a, 2 * N, extra);
     CHECK_MSG(rc == 0, "%s", out);
-    char stop[64];  // the first leg is interrupted after step N of the same 2N-step run
-    snprintf(stop, sizeof stop, "--stop-at %ld", N);
+    char stop[256];  // the first leg is interrupted after step N of the same 2N-step run
+    snprintf(stop, sizeof stop, "%s --stop-at %ld", extra, N);
     rc = train(out, sizeof out, b, 2 * N, stop);
     CHECK_MSG(rc == 0, "%s", out);
     char said[64];  // the command prints the trainer's summary
@@ -194,6 +196,12 @@ TEST(test_train_resume_is_bit_exact) {
     CHECK(svg && strstr(svg, "<svg") && strstr(svg, "MaxVio"));
     free(svg);
 }
+
+TEST(test_train_resume_is_bit_exact) { check_resume("", ""); }
+
+// The same in FP8 with BF16 moments: the quantised products and the rounded moments are
+// deterministic too, and both options travel with the checkpoint.
+TEST(test_train_resume_is_bit_exact_fp8_bf16_moments) { check_resume("--precision fp8 --moments bf16", "_fp8"); }
 
 TEST(test_train_deterministic_and_learns) {
     long N = sanitized() ? 3 : 8;

@@ -5,6 +5,7 @@
 
 #include "train/optim.h"
 #include "train/train_model.h"
+#include "kernels/convert.h"
 #include "test.h"
 
 static int tiny_model(TrainModel *m, const char *name, int B, int T) {
@@ -70,6 +71,63 @@ TEST(test_adamw_matches_reference) {
     CHECK(memcmp(o.m, o2.m, sizeof(float) * 2 * o.n) == 0);
     adamw_free(&o2);
     adamw_free(&o);
+    train_model_free(&m);
+}
+
+// BF16 moments (--moments bf16): each step's moments are the fp32 update of the stored BF16
+// values rounded to nearest even, the parameters move as with fp32 moments to within the BF16
+// rounding, and the moments save as BF16 and load back bit for bit (an F32 file loads rounded).
+TEST(test_adamw_bf16_moments) {
+    TrainModel m;
+    CHECK(tiny_model(&m, "v3", 1, 4) == 0);
+    Error err = {0};
+    AdamWConfig cfg = adamw_defaults();
+    cfg.moments_bf16 = 1;
+    AdamW o, f;
+    CHECK(adamw_init(&o, &m, cfg, &err) == 0 && o.m16 && !o.m);
+    cfg.moments_bf16 = 0;
+    CHECK(adamw_init(&f, &m, cfg, &err) == 0 && f.m);
+    const TrainTensor *mat = train_model_tensor(&m, "model.layers.0.self_attn.q_a_proj.weight");
+    CHECK(mat);
+    float *p0 = malloc(sizeof(float) * m.n_params), *pf = malloc(sizeof(float) * m.n_params);
+    memcpy(p0, m.params, sizeof(float) * m.n_params);
+    size_t off = mat->offset + 5;
+    double mm = 0;
+    for (int step = 1; step <= 3; step++) {
+        for (size_t i = 0; i < m.n_params; i++) m.grads[i] = (float)(((i * 7919 + step * 13) % 101) - 50) * 1e-3f;
+        double g = m.grads[off];
+        // fp32 moments on a copy of the parameters
+        memcpy(pf, m.params, sizeof(float) * m.n_params);
+        float *keep = m.params;
+        m.params = pf;
+        CHECK(adamw_update(&f, &m, 1e-3f, 0.0, &err) == 0);
+        m.params = keep;
+        CHECK(adamw_update(&o, &m, 1e-3f, 0.0, &err) == 0);
+        mm = bf16_to_f32(bf16_from_f32((float)(0.9 * mm + 0.1 * g)));
+        CHECK_MSG(fabs(bf16_to_f32(o.m16[off]) - mm) <= 0x1p-8 * fabs(mm), "step %d: m %.9g, want %.9g", step,
+                  bf16_to_f32(o.m16[off]), mm);
+        // the same update to within the moments' rounding (a few 2^-9 relative of a step of ~lr)
+        CHECK_MSG(fabs(pf[off] - m.params[off]) <= 1e-3 * 0x1p-5, "step %d: %.9g vs fp32 moments %.9g", step,
+                  m.params[off], pf[off]);
+    }
+    double moved = fabs(m.params[off] - p0[off]);
+    CHECK(moved > 1e-4);  // three steps of lr 1e-3 with a steady gradient sign
+    free(p0), free(pf);
+    char path[512];
+    snprintf(path, sizeof path, "%s/adamw_bf16.safetensors", test_tmpdir());
+    CHECK_MSG(adamw_save(&o, &m, path, &err) == 0, "%s", err.msg);
+    AdamW o2;
+    cfg.moments_bf16 = 1;
+    CHECK(adamw_init(&o2, &m, cfg, &err) == 0);
+    CHECK_MSG(adamw_load(&o2, &m, path, &err) == 0, "%s", err.msg);
+    CHECK(memcmp(o.m16, o2.m16, sizeof(uint16_t) * 2 * o.n) == 0);
+    snprintf(path, sizeof path, "%s/adamw_f32.safetensors", test_tmpdir());
+    CHECK_MSG(adamw_save(&f, &m, path, &err) == 0, "%s", err.msg);
+    CHECK_MSG(adamw_load(&o2, &m, path, &err) == 0, "%s", err.msg);
+    CHECK(o2.m16[off] == bf16_from_f32(f.m[off]) && o2.v16[off + 1] == bf16_from_f32(f.v[off + 1]));
+    adamw_free(&o2);
+    adamw_free(&o);
+    adamw_free(&f);
     train_model_free(&m);
 }
 

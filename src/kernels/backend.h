@@ -25,6 +25,7 @@ typedef struct AdamWStep {
     float bc1, bc2;  // bias corrections 1 − βᵗ
     float clip;      // gradient scale from global-norm clipping (1: none)
     float shrink;    // decoupled weight decay factor 1 − lr·wd (1 for vectors)
+    int moments_bf16;  // m and v are BF16 (uint16_t), updated in fp32 and rounded to nearest even
 } AdamWStep;
 
 // How the three GEMMs of a linear layer take their operands (training's --precision, SPEC §3). A
@@ -104,9 +105,9 @@ typedef struct BackendOps {
                                  float dloss);
 
     // the optimiser: *sum = Σ x² over n elements (double, in a fixed order); AdamW on n parameters
-    // p with gradients g and moments m, v
+    // p with gradients g and moments m, v (float, or BF16 as s says)
     int (*sum_squares)(Backend *be, double *sum, const float *x, long n);
-    int (*adamw)(Backend *be, float *p, float *m, float *v, const float *g, long n, const AdamWStep *s);
+    int (*adamw)(Backend *be, float *p, void *m, void *v, const float *g, long n, const AdamWStep *s);
 } BackendOps;
 
 struct Backend {

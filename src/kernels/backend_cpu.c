@@ -273,15 +273,34 @@ static int cpu_sum_squares(Backend *be, double *sum, const float *x, long n) {
     return 0;
 }
 
-static int cpu_adamw(Backend *be, float *p, float *m, float *v, const float *g, long n, const AdamWStep *s) {
+static inline void adamw_elem(float *p, float *m, float *v, float g, const AdamWStep *s) {
+    float gj = g * s->clip;
+    *m = s->beta1 * *m + (1.0f - s->beta1) * gj;
+    *v = s->beta2 * *v + (1.0f - s->beta2) * gj * gj;
+    float mh = *m / s->bc1, vh = *v / s->bc2;
+    *p = *p * s->shrink - s->lr * mh / (sqrtf(vh) + s->eps);
+}
+
+static int cpu_adamw(Backend *be, float *p, void *m, void *v, const float *g, long n, const AdamWStep *s) {
     (void)be;
+    if (!s->moments_bf16) {
+        float *mf = m, *vf = v;
 #pragma omp parallel for schedule(static)
-    for (long j = 0; j < n; j++) {
-        float gj = g[j] * s->clip;
-        m[j] = s->beta1 * m[j] + (1.0f - s->beta1) * gj;
-        v[j] = s->beta2 * v[j] + (1.0f - s->beta2) * gj * gj;
-        float mh = m[j] / s->bc1, vh = v[j] / s->bc2;
-        p[j] = p[j] * s->shrink - s->lr * mh / (sqrtf(vh) + s->eps);
+        for (long j = 0; j < n; j++) adamw_elem(p + j, mf + j, vf + j, g[j], s);
+        return 0;
+    }
+    // BF16 moments: chunks widened into fp32, updated, rounded back
+    enum { CHUNK = 512 };
+    uint16_t *mb = m, *vb = v;
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < n; c += CHUNK) {
+        float mf[CHUNK], vf[CHUNK];
+        long k = n - c < CHUNK ? n - c : CHUNK;
+        bf16_to_f32_n(mf, mb + c, (size_t)k);
+        bf16_to_f32_n(vf, vb + c, (size_t)k);
+        for (long j = 0; j < k; j++) adamw_elem(p + c + j, mf + j, vf + j, g[c + j], s);
+        bf16_from_f32_n(mb + c, mf, (size_t)k);
+        bf16_from_f32_n(vb + c, vf, (size_t)k);
     }
     return 0;
 }

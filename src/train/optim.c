@@ -4,22 +4,38 @@
 #include <string.h>
 
 #include "base/safetensors.h"
+#include "kernels/convert.h"
 #include "train/optim.h"
 
-AdamWConfig adamw_defaults(void) { return (AdamWConfig){0.9f, 0.95f, 1e-8f, 0.1f, 1.0f}; }
+AdamWConfig adamw_defaults(void) {
+    return (AdamWConfig){.beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f, .grad_clip = 1.0f};
+}
 
 int adamw_init(AdamW *o, const TrainModel *model, AdamWConfig cfg, Error *err) {
     memset(o, 0, sizeof *o);
     o->cfg = cfg;
     o->n = model->n_params;
+    if (cfg.moments_bf16) {
+        o->m16 = xcalloc(err, 2 * o->n, sizeof(uint16_t), "AdamW moments (BF16)");
+        if (!o->m16) return -1;
+        o->v16 = o->m16 + o->n;
+        return 0;
+    }
     o->m = xcalloc(err, 2 * o->n, sizeof(float), "AdamW moments");
     if (!o->m) return -1;
     o->v = o->m + o->n;
     return 0;
 }
 
+// Moment k (0: m, 1: v) of the parameter at offset off, as stored.
+static void *moment(const AdamW *o, int k, size_t off) {
+    if (o->m16) return (k ? o->v16 : o->m16) + off;
+    return (k ? o->v : o->m) + off;
+}
+
 void adamw_free(AdamW *o) {
     free(o->m);
+    free(o->m16);
     memset(o, 0, sizeof *o);
 }
 
@@ -42,7 +58,8 @@ int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error 
     const AdamWConfig *c = &o->cfg;
     Backend *be = model->be;
     o->step++;
-    AdamWStep s = {.lr = lr, .beta1 = c->beta1, .beta2 = c->beta2, .eps = c->eps, .clip = 1.0f};
+    AdamWStep s = {.lr = lr, .beta1 = c->beta1, .beta2 = c->beta2, .eps = c->eps, .clip = 1.0f,
+                   .moments_bf16 = o->m16 != NULL};
     if (c->grad_clip > 0 && grad_norm > c->grad_clip) s.clip = (float)(c->grad_clip / grad_norm);
     s.bc1 = 1.0f - powf(c->beta1, (float)o->step);
     s.bc2 = 1.0f - powf(c->beta2, (float)o->step);
@@ -50,7 +67,7 @@ int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error 
         const TrainTensor *t = &model->tensors[i];
         if (!is_trained(t)) continue;
         s.shrink = decays(t) ? 1.0f - lr * c->weight_decay : 1.0f;
-        if (be->ops->adamw(be, model->params + t->offset, o->m + t->offset, o->v + t->offset,
+        if (be->ops->adamw(be, model->params + t->offset, moment(o, 0, t->offset), moment(o, 1, t->offset),
                            model->grads + t->offset, (long)t->numel, &s))
             return err_set(err, "AdamW: %s", be->err.msg);
     }
@@ -67,7 +84,8 @@ int adamw_save(const AdamW *o, const TrainModel *model, const char *path, Error 
         if (!is_trained(t)) continue;
         for (int k = 0; k < 2; k++) {
             snprintf(names[n], sizeof names[n], "%s.%s", k ? "exp_avg_sq" : "exp_avg", t->name);
-            desc[n] = (StTensorDesc){names[n], DT_F32, t->ndim, {t->shape[0], t->shape[1]}, (k ? o->v : o->m) + t->offset};
+            desc[n] = (StTensorDesc){names[n], o->m16 ? DT_BF16 : DT_F32, t->ndim, {t->shape[0], t->shape[1]},
+                                     moment(o, k, t->offset)};
             n++;
         }
     }
@@ -89,11 +107,16 @@ int adamw_load(AdamW *o, const TrainModel *model, const char *path, Error *err) 
             char name[160];
             snprintf(name, sizeof name, "%s.%s", k ? "exp_avg_sq" : "exp_avg", t->name);
             const StTensor *s = st_find(&f, name);
-            if (!s || s->dtype != DT_F32 || s->nbytes != t->numel * sizeof(float)) {
-                err_set(err, "%s: tensor %s: %s", path, name, s ? "not F32 of the parameter's shape" : "missing");
+            int ok = s && ((s->dtype == DT_F32 && s->nbytes == t->numel * sizeof(float)) ||
+                           (s->dtype == DT_BF16 && s->nbytes == t->numel * sizeof(uint16_t)));
+            if (!ok) {
+                err_set(err, "%s: tensor %s: %s", path, name, s ? "not F32 or BF16 of the parameter's shape" : "missing");
                 goto done;
             }
-            memcpy((k ? o->v : o->m) + t->offset, s->data, s->nbytes);
+            void *dst = moment(o, k, t->offset);
+            if ((s->dtype == DT_BF16) == (o->m16 != NULL)) memcpy(dst, s->data, s->nbytes);
+            else if (o->m16) bf16_from_f32_n(dst, s->data, t->numel);
+            else bf16_to_f32_n(dst, s->data, t->numel);
         }
     }
     rc = 0;

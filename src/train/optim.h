@@ -18,6 +18,7 @@ typedef struct AdamWConfig {
     float eps;             // 1e-8
     float weight_decay;    // 0.1, on matrices only
     float grad_clip;       // 1.0: the global gradient norm is clipped to this (0: no clipping)
+    int moments_bf16;      // keep m and v in BF16 (the V3 report's choice), updated in fp32
 } AdamWConfig;
 
 AdamWConfig adamw_defaults(void);
@@ -25,7 +26,8 @@ AdamWConfig adamw_defaults(void);
 typedef struct AdamW {
     AdamWConfig cfg;
     size_t n;       // floats, = the model's n_params (the layouts match)
-    float *m, *v;   // (n) first and second moments, one allocation
+    float *m, *v;   // (n) first and second moments, one allocation (fp32 moments), or NULL
+    uint16_t *m16, *v16;  // (n) the same in BF16 (cfg.moments_bf16), or NULL
     long step;      // updates taken
 } AdamW;
 
@@ -41,8 +43,10 @@ double grad_global_norm(const TrainModel *model);
 // Runs on the model's backend; 0, or -1 with err set.
 int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error *err);
 
-// The moments as a safetensors file: "exp_avg.<tensor>" and "exp_avg_sq.<tensor>" (F32) for every
-// trained tensor. The step count travels in the trainer's state.
+// The moments as a safetensors file: "exp_avg.<tensor>" and "exp_avg_sq.<tensor>" (F32, or BF16
+// with BF16 moments) for every trained tensor. The step count travels in the trainer's state.
+// Loading accepts either type (a BF16 file into fp32 moments exactly; an F32 file into BF16
+// moments rounded to nearest even).
 int adamw_save(const AdamW *o, const TrainModel *model, const char *path, Error *err);
 int adamw_load(AdamW *o, const TrainModel *model, const char *path, Error *err);
 

@@ -67,6 +67,7 @@ const TrainerOption trainer_options[] = {
     STRING_OPT("fp8-grad", "fp8_grad", fp8_grad, "F", "fp8: the output gradients' format, e4m3 (default, the report's) or e5m2"),
     STRING_OPT("fp8-scaling", "fp8_scaling", fp8_scaling, "S",
                "fp8: tile (default: 1x128 activation tiles, 128x128 weight blocks) or tensor (one scale each)"),
+    STRING_OPT("moments", "moments", moments, "T", "AdamW moments stored as f32 (default) or bf16 (the report's)"),
     LONG_OPT("eval-every", "eval_every", eval_every, 100, 0, STEPS_MAX, "K",
              "validation loss at step 0 and every K steps (0: at the last)"),
     LONG_OPT("eval-batches", "eval_batches", eval_batches, 8, 0, 1L << 30, "N", "batches per evaluation (0: no evaluation)"),
@@ -376,6 +377,8 @@ int trainer_recipe(const TrainerOptions *o, LinearRecipe *recipe, const LinearRe
         return err_set(err, "--%s: only with --precision fp8 (the run's precision is %s)",
                        o->fp8_grad[0] ? "fp8-grad" : "fp8-scaling", p);
     const char *g = o->fp8_grad[0] ? o->fp8_grad : "e4m3", *s = o->fp8_scaling[0] ? o->fp8_scaling : "tile";
+    if (o->moments[0] && strcmp(o->moments, "f32") != 0 && strcmp(o->moments, "bf16") != 0)
+        return err_set(err, "--moments: unknown value '%s' (f32 or bf16)", o->moments);
     if (strcmp(g, "e4m3") != 0 && strcmp(g, "e5m2") != 0)
         return err_set(err, "--fp8-grad: unknown value '%s' (e4m3 or e5m2)", g);
     if (strcmp(s, "tile") != 0 && strcmp(s, "tensor") != 0)
@@ -408,6 +411,7 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     AdamWConfig ac = adamw_defaults();
     ac.weight_decay = r->o.weight_decay;
     ac.grad_clip = r->o.grad_clip;
+    ac.moments_bf16 = strcmp(r->o.moments, "bf16") == 0;
     if (adamw_init(&r->opt, &r->m, ac, err)) return -1;
     if (loader_open(&r->train, r->o.data, "train", r->o.seq, r->o.seed, 1, c.vocab_size, err)) return -1;
     long long nval = 0;

@@ -25,7 +25,7 @@
 // command-line name, its trainer_state.json key, default, bounds and help; read the rows there.
 typedef struct TrainerOptions {
     char config[4096], init[4096], data[4096], out[4096];
-    char precision[8], fp8_grad[8], fp8_scaling[8];  // "" = the default (fp32; e4m3; tile)
+    char precision[8], fp8_grad[8], fp8_scaling[8], moments[8];  // "" = the default (fp32; e4m3; tile; f32)
     long steps;
     int batch, seq, accum;
     float lr;
@@ -64,7 +64,8 @@ void trainer_option_set_real(TrainerOptions *o, const TrainerOption *t, double v
 int trainer_option_set_string(TrainerOptions *o, const TrainerOption *t, const char *v);
 
 // The linear layers' recipe of --precision, --fp8-grad and --fp8-scaling: *lowp is NULL for fp32,
-// else recipe. An unknown value, or an fp8 option without --precision fp8, is an error.
+// else recipe. An unknown value (of these or --moments), or an fp8 option without --precision fp8,
+// is an error.
 int trainer_recipe(const TrainerOptions *o, LinearRecipe *recipe, const LinearRecipe **lowp, Error *err);
 
 // The defaults of `dsv3 train` (SPEC §4, scaled to small runs).
