@@ -168,7 +168,7 @@ int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int
     if ((A->fmt == LOWP_BF16) != (B->fmt == LOWP_BF16)) return -1;
     if (M <= 0 || N <= 0) return 0;
     if (!kernels_cpu_avx512bf16()) return gemm_lowp_portable(C, ldc, A, B, M, N, K, add);
-    if (omp_in_parallel()) return gemm_lowp_avx512bf16(C, ldc, A, B, M, N, K, add, 0, N);
+    if (omp_in_parallel()) return gemm_lowp_avx512bf16(C, ldc, A, B, K, add, 0, M, 0, N);
     return gemm_lowp_scaled(C, ldc, (LowpOperand *)A, -1, NULL, (LowpOperand *)B, -1, NULL, M, N, K, add);
 }
 
@@ -189,16 +189,21 @@ int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *
         if (qb) scales_team(B, scale_b, amax_b, N, K, scale_b_how);
         failed = gemm_lowp_portable(C, ldc, A, B, M, N, K, add) != 0;
     } else if (!failed) {
-        // one team: both operands' scales (the worksharing loops end in barriers), then the product,
-        // features in units of one register panel (32) split evenly
+        // one team: both operands' scales (the worksharing loops end in barriers), then the product
+        // split along the longer side of C, in units of a register tile (12 rows or 32 columns): each
+        // thread packs its own share of that side's operand and all of the other, so the operand
+        // packed more than once is the smaller one
 #pragma omp parallel reduction(| : failed) if (!omp_in_parallel())
         {
             if (qa) scales_team(A, scale_a, amax_a, M, K, scale_a_how);
             if (qb) scales_team(B, scale_b, amax_b, N, K, scale_b_how);
-            int nt = omp_get_num_threads(), t = omp_get_thread_num();
-            long units = (N + 31) / 32, lo = units * t / nt * 32, hi = units * (t + 1) / nt * 32;
-            if (hi > N) hi = N;
-            if (lo < hi) failed |= gemm_lowp_avx512bf16(C, ldc, A, B, M, N, K, add, (int)lo, (int)hi) != 0;
+            int nt = omp_get_num_threads(), t = omp_get_thread_num(), by_rows = M > N;
+            int len = by_rows ? M : N, unit = by_rows ? 12 : 32;
+            long units = (len + unit - 1) / unit, lo = units * t / nt * unit, hi = units * (t + 1) / nt * unit;
+            if (hi > len) hi = len;
+            if (lo < hi)
+                failed |= (by_rows ? gemm_lowp_avx512bf16(C, ldc, A, B, K, add, (int)lo, (int)hi, 0, N)
+                                   : gemm_lowp_avx512bf16(C, ldc, A, B, K, add, 0, M, (int)lo, (int)hi)) != 0;
         }
     }
     if (amax_a && amax_a != scale_a) free(amax_a);

@@ -213,10 +213,9 @@ AVX512BF16 static void micro(int mr, int kp_n, const uint32_t *ap, const uint32_
     }
 }
 
-AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K,
-                                    int add, int n_begin, int n_end) {
-    (void)N;  // the columns are [n_begin, n_end)
-    if (n_end <= n_begin) return 0;
+AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add,
+                                    int m_begin, int m_end, int n_begin, int n_end) {
+    if (n_end <= n_begin || m_end <= m_begin) return 0;
     const int fp8 = A->fmt != LOWP_BF16;
     // scratch: B slice (NC × KC/2 words), A block (MC × KC/2 words), FP8 scales of both per chunk
     size_t words_b = (size_t)NC * KC / 2, words_a = (size_t)MC * KC / 2;
@@ -225,7 +224,7 @@ AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, con
     uint32_t *bp = (uint32_t *)scratch, *ap = bp + words_b;
     float *sb = (float *)(ap + words_a), *sa = sb + (size_t)KCH * NC;
     if (K == 0 && !add)
-        for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc + n_begin, 0, sizeof(float) * (n_end - n_begin));
+        for (int i = m_begin; i < m_end; i++) memset(C + (size_t)i * ldc + n_begin, 0, sizeof(float) * (n_end - n_begin));
     for (int nb = n_begin; nb < n_end; nb += NC) {
         int nc = n_end - nb < NC ? n_end - nb : NC;
         for (int k0 = 0; k0 < K; k0 += KC) {
@@ -238,8 +237,8 @@ AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, con
             if (fp8)
                 for (int ch = 0; ch * CH < kc; ch++)
                     for (int j = 0; j < nc; j++) sb[(size_t)ch * NC + j] = scale_at(B, nb + j, k0 + ch * CH);
-            for (int m0 = 0; m0 < M; m0 += MC) {
-                int mc = M - m0 < MC ? M - m0 : MC;
+            for (int m0 = m_begin; m0 < m_end; m0 += MC) {
+                int mc = m_end - m0 < MC ? m_end - m0 : MC;
                 for (int t = 0; t * MR < mc; t++) {
                     int mr = mc - t * MR < MR ? mc - t * MR : MR;
                     uint32_t *tile = ap + (size_t)t * MR * kp_n;

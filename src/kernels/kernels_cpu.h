@@ -54,9 +54,9 @@ int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpo
 void matview_row_avx512(const MatView *w, int r, int c0, int n, float *out);
 
 // gemm_lowp's pieces: lowp_values over the leading multiple of 16 (returns how many), and one
-// thread's share of the product, output columns [n_begin, n_end) of all M rows.
+// thread's share of the product, the block rows [m_begin, m_end) × columns [n_begin, n_end) of C.
 long lowp_values_avx512(float *out, const float *x, long n, LowpFormat fmt, float scale);
-int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K, int add,
-                         int n_begin, int n_end);
+int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
+                         int m_end, int n_begin, int n_end);
 
 #endif
