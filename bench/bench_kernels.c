@@ -4,6 +4,7 @@
 // 256) is compute-bound, so as GFLOP/s next to sgemm's. Every figure is the median of several runs;
 // the weights cycle through a 1 GiB pool so that nothing is served from the caches.
 #include <cblas.h>
+#include <math.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -14,6 +15,7 @@
 
 #include "bench_common.h"
 #include "kernels/convert.h"
+#include "kernels/gemm_lowp.h"
 #include "kernels/matmul.h"
 
 #define POOL_BYTES ((size_t)1 << 30)
@@ -98,6 +100,25 @@ static double gemv_gbs(const Pool *p, const float *x, float *out, int N, double 
     return bench_median(g, RUNS);
 }
 
+// Median GB/s of weights streamed by the batch-invariant product (the engine's decode steps: an
+// expert's rows split between the threads), N activation rows, one pass over the pool per run.
+static double invariant_gbs(const Pool *p, const float *x, float *out, int N) {
+    const MatView *v = &p->views[0];
+    double bytes = (double)p->count * v->rows * v->cols * dtype_size(v->dtype), g[RUNS];
+    for (int r = -1; r < RUNS; r++) {
+        double t = bench_now();
+#pragma omp parallel
+        {
+            int nt = omp_get_num_threads(), th = omp_get_thread_num();
+            int r0 = v->rows * th / nt, r1 = v->rows * (th + 1) / nt;
+            for (int i = 0; i < p->count; i++) matmul_nt_invariant(out, v->rows, x, v->cols, &p->views[i], N, r0, r1);
+        }
+        t = bench_now() - t;
+        if (r >= 0) g[r] = bytes / t / 1e9;
+    }
+    return bench_median(g, RUNS);
+}
+
 // Median GFLOP/s of matmul_nt (or nn) with N activation rows, cycling through the pool.
 static double gemm_gflops(const Pool *p, const float *x, float *out, int N, int nn, int runs) {
     const MatView *v = &p->views[0];
@@ -125,6 +146,53 @@ static double sgemm_direct_gflops(const Pool *p, const float *x, float *out, int
         if (r >= 0) g[r] = flops / t / 1e9;
     }
     return bench_median(g, runs);
+}
+
+// The FP8 GEMM's accumulation error (the V3 report's §3.3.2 experiment): A (32 × K) and B (32 × K)
+// standard normal, quantised to E4M3 in 1 × 128 tiles and 128 × 128 blocks; C = A·Bᵀ against fp64
+// of the same FP8 values, as max |C − C64| / max |C64|, for fp32 accumulation with promotion (the
+// default), a 14-bit accumulator promoted every 128 (the report's fix) and a 14-bit accumulator over
+// all of K (the H800 without promotion).
+static void fp8_accumulation_table(void) {
+    printf("FP8 GEMM accumulation error, 32 x 32 outputs, normal operands, max|C - C64| / max|C64|:\n");
+    printf("      K   fp32+promote   14-bit+promote   14-bit, no promotion\n");
+    uint32_t s = 7;
+    for (int K = 512; K <= 16384; K *= 2) {
+        enum { M = 32 };
+        float *a = malloc(sizeof(float) * M * K), *b = malloc(sizeof(float) * M * K), *c = malloc(sizeof(float) * M * M);
+        float *sa = malloc(sizeof(float) * M * (K / 128 + 1)), *sb = malloc(sizeof(float) * (K / 128 + 1));
+        for (long i = 0; i < (long)M * K; i++)
+            for (int w = 0; w < 2; w++) {
+                double u1, u2;  // Box-Muller
+                s = s * 1664525u + 1013904223u, u1 = ((s >> 8) + 1) * 0x1p-24;
+                s = s * 1664525u + 1013904223u, u2 = (s >> 8) * 0x1p-24;
+                (w ? b : a)[i] = (float)(sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2));
+            }
+        LowpOperand A = {.data = a, .ld = K, .fmt = LOWP_E4M3}, B = {.data = b, .ld = K, .fmt = LOWP_E4M3};
+        lowp_fp8_scales(&A, sa, M, K, LOWP_TILE_1x128);
+        lowp_fp8_scales(&B, sb, M, K, LOWP_BLOCK_128x128);
+        double ref[M * M], big = 0;
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < M; j++) {
+                double r = 0;
+                for (int k = 0; k < K; k++) {
+                    float qa = lowp_value(LOWP_E4M3, a[(long)i * K + k], sa[i * (K / 128) + k / 128]);
+                    float qb = lowp_value(LOWP_E4M3, b[(long)j * K + k], sb[k / 128]);
+                    r += (double)qa * sa[i * (K / 128) + k / 128] * qb * sb[k / 128];
+                }
+                ref[i * M + j] = r, big = fmax(big, fabs(r));
+            }
+        double err[3];
+        const LowpAccum modes[3] = {{0, 1}, {14, 1}, {14, 0}};
+        for (int m = 0; m < 3; m++) {
+            gemm_lowp_scaled(c, M, &A, -1, NULL, &B, -1, NULL, M, M, K, 0, &modes[m]);
+            double e = 0;
+            for (int i = 0; i < M * M; i++) e = fmax(e, fabs(c[i] - ref[i]));
+            err[m] = e / big;
+        }
+        printf("  %5d   %12.2e   %14.2e   %20.2e\n", K, err[0], err[1], err[2]);
+        free(a), free(b), free(c), free(sa), free(sb);
+    }
 }
 
 int main(void) {
@@ -175,6 +243,13 @@ int main(void) {
             }
         }
         if (dt == DT_BF16) {
+            Pool e = pool_views(pool, dt, 256, 512);  // a routed expert's gate of the 108M model
+            for (int N = 1; N <= 16; N *= 2) {
+                double g = invariant_gbs(&e, x, out, N);
+                printf("matmul_nt_invariant BF16 N=%-2d 256x512:   %6.1f GB/s  %3.0f%% of read bandwidth\n", N, g,
+                       100 * g / bw);
+            }
+            free(e.views), free(e.scale);
             // one multiply-add (2 flops) per 2-byte weight: GFLOP/s and GB/s coincide
             double g = gemm_gflops(&p, x, out, 1, 1, 9);
             printf("matmul_nn BF16    N=1 4096x4096:              %6.1f GB/s  %3.0f%% of read bandwidth\n", g,
@@ -182,6 +257,7 @@ int main(void) {
         }
         free(p.views), free(p.scale);
     }
+    fp8_accumulation_table();
     printf("bench_kernels total time:                   %6.1f s\n", bench_now() - t_start);
     free(pool), free(x), free(out);
     return 0;

@@ -237,3 +237,59 @@ TEST(test_lowp_fp8_scales_are_tile_amax) {
             free(o.data), free(o.scale);
         }
 }
+
+// The H800 accumulation model, written again from its definition with integers: in each group of
+// 32 products the leading bit of the largest magnitude among them and the running sum sets a grid
+// 2^(lead + 1 - bits); every addend and the running sum are cut toward zero onto it and summed.
+static double limited_sum(const double *t, int K, int bits) {
+    double acc = 0;
+    for (int g = 0; g < K; g += 32) {
+        double big = fabs(acc);
+        for (int k = g; k < K && k < g + 32; k++) big = fmax(big, fabs(t[k]));
+        if (big == 0) continue;
+        int lead = 0;  // 2^lead <= big < 2^(lead + 1)
+        while (ldexp(1, lead) > big) lead--;
+        while (ldexp(1, lead + 1) <= big) lead++;
+        double q = ldexp(1, lead + 1 - bits);
+        long long units = (long long)(acc / q);
+        for (int k = g; k < K && k < g + 32; k++) units += (long long)(t[k] / q);
+        acc = (double)units * q;
+    }
+    return acc;
+}
+
+// gemm_lowp_scaled with an emulated accumulator equals that model (with promotion: per 128-chunk
+// of code products, then × the scales in fp32; without: one sum of the scaled products). The sizes
+// of the error it causes are bench_kernels' FP8 accumulation table.
+TEST(test_gemm_lowp_emulated_accumulation) {
+    const int M = 3, N = 5, K = 1000;
+    Opnd A, B;
+    make_opnd(&A, M, K, 0, LOWP_E4M3, LOWP_TILE_1x128);
+    make_opnd(&B, N, K, 1, LOWP_E4M3, LOWP_BLOCK_128x128);
+    for (int bits = 8; bits <= 14; bits += 6)
+        for (int promote = 0; promote < 2; promote++) {
+            float C[15];
+            LowpAccum acc = {bits, promote};
+            CHECK(gemm_lowp_scaled(C, N, &A.op, -1, NULL, &B.op, -1, NULL, M, N, K, 0, &acc) == 0);
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) {
+                    double t[1000], want = 0;
+                    int chunk = promote ? 128 : K;
+                    for (int k0 = 0; k0 < K; k0 += chunk) {
+                        int n = K - k0 < chunk ? K - k0 : chunk;
+                        float sa = opnd_scale(&A, i, k0), sb = opnd_scale(&B, j, k0);
+                        for (int k = 0; k < n; k++) {
+                            float a = lowp_value(LOWP_E4M3, opnd_at(&A, i, k0 + k), opnd_scale(&A, i, k0 + k));
+                            float b = lowp_value(LOWP_E4M3, opnd_at(&B, j, k0 + k), opnd_scale(&B, j, k0 + k));
+                            if (!promote) a *= opnd_scale(&A, i, k0 + k), b *= opnd_scale(&B, j, k0 + k);
+                            t[k] = (double)(a * b);
+                        }
+                        double part = limited_sum(t, n, bits);
+                        want = promote ? fmaf((float)part, sa * sb, (float)want) : (float)want + (float)part;
+                    }
+                    CHECK_MSG(C[i * N + j] == (float)want, "bits %d promote %d C[%d][%d] = %.9g, model %.9g", bits,
+                              promote, i, j, C[i * N + j], want);
+                }
+        }
+    free(A.data), free(A.scale), free(B.data), free(B.scale);
+}

@@ -124,7 +124,8 @@ done:
 // far below it: the operands are really rounded (BF16 ~1e-3 relative, E4M3 ~1e-2).
 TEST(test_linear_layer_recipes_within_format_bounds) {
     const LinearRecipe recipes[4] = {
-        {LOWP_BF16, LOWP_BF16, 0}, {LOWP_E4M3, LOWP_E4M3, 0}, {LOWP_E4M3, LOWP_E5M2, 0}, {LOWP_E4M3, LOWP_E4M3, 1}};
+        {LOWP_BF16, LOWP_BF16, 0, {0, 1}}, {LOWP_E4M3, LOWP_E4M3, 0, {0, 1}}, {LOWP_E4M3, LOWP_E5M2, 0, {0, 1}},
+        {LOWP_E4M3, LOWP_E4M3, 1, {0, 1}}};
     const double lo[4] = {1e-4, 3e-3, 3e-3, 3e-3}, hi[4] = {4e-3, 8e-2, 1.5e-1, 1.5e-1};
     for (int t = 0; t < 4; t++) {
         Report rep[3] = {{0}};

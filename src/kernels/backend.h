@@ -40,6 +40,7 @@ typedef struct LinearRecipe {
     LowpFormat fmt;       // LOWP_BF16 or LOWP_E4M3 (activations and weights)
     LowpFormat grad_fmt;  // the output gradients': fmt for BF16; E4M3 (the report) or E5M2 for FP8
     int tensor_scaling;   // FP8: one scale per tensor instead of tiles and blocks (an ablation)
+    LowpAccum accum;      // FP8: {0, 1} fp32 accumulation; bits > 0 emulates the H800's (ablations)
 } LinearRecipe;
 
 typedef struct BackendOps {

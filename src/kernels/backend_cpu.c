@@ -45,15 +45,16 @@ static int cpu_synchronize(Backend *be) {
 
 // C (M × N) (+)= A · Bᵀ for one of a linear layer's GEMMs under a recipe: A's and B's storage
 // and scaling as the caller says, the FP8 scales computed from the current tensors.
-static int lowp_product(float *C, int M, int N, int K, int add, const float *a, int lda, int ta, LowpFormat fa,
-                        LowpScaling sa, const float *b, int ldb, int tb, LowpFormat fb, LowpScaling sb) {
+static int lowp_product(const LinearRecipe *r, float *C, int M, int N, int K, int add, const float *a, int lda, int ta,
+                        LowpFormat fa, LowpScaling sa, const float *b, int ldb, int tb, LowpFormat fb, LowpScaling sb) {
     LowpOperand A = {.data = a, .ld = lda, .trans = ta, .fmt = fa}, B = {.data = b, .ld = ldb, .trans = tb, .fmt = fb};
     int fp8 = fa != LOWP_BF16;
     float *scale_a = fp8 ? malloc(sizeof(float) * lowp_fp8_scale_count(M, K, sa)) : NULL;
     float *scale_b = fp8 ? malloc(sizeof(float) * lowp_fp8_scale_count(N, K, sb)) : NULL;
     int rc = fp8 && (!scale_a || !scale_b)
                  ? -1
-                 : gemm_lowp_scaled(C, N, &A, fp8 ? (int)sa : -1, scale_a, &B, fp8 ? (int)sb : -1, scale_b, M, N, K, add);
+                 : gemm_lowp_scaled(C, N, &A, fp8 ? (int)sa : -1, scale_a, &B, fp8 ? (int)sb : -1, scale_b, M, N, K, add,
+                                    &r->accum);
     free(scale_a), free(scale_b);
     return rc;
 }
@@ -71,7 +72,7 @@ static int cpu_matmul(Backend *be, float *out, const float *x, const MatView *w,
     LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
     LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;
     // out (N × rows) = x (N × cols) · Wᵀ
-    return lowp_product(out, N, w->rows, w->cols, 0, x, w->cols, 0, recipe->fmt, act, w->data, w->cols, 0,
+    return lowp_product(recipe, out, N, w->rows, w->cols, 0, x, w->cols, 0, recipe->fmt, act, w->data, w->cols, 0,
                         recipe->fmt, wgt)
                ? product_failed(be, "matmul", w)
                : 0;
@@ -87,11 +88,11 @@ static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const 
     LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
     LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;
     // dx (N × cols) += dout (N × rows) · W: B = Wᵀ, element (c, r) = W[r][c]
-    if (dx && lowp_product(dx, N, cols, rows, 1, dout, rows, 0, recipe->grad_fmt, act, w->data, cols, 1, recipe->fmt,
+    if (dx && lowp_product(recipe, dx, N, cols, rows, 1, dout, rows, 0, recipe->grad_fmt, act, w->data, cols, 1, recipe->fmt,
                            wgt))
         return product_failed(be, "matmul_backward", w);
     // dw (rows × cols) += doutᵀ · x: both operands read along the tokens (128 x 1 tiles)
-    if (lowp_product(g, rows, cols, N, 1, dout, rows, 1, recipe->grad_fmt, act, x, cols, 1, recipe->fmt, act))
+    if (lowp_product(recipe, g, rows, cols, N, 1, dout, rows, 1, recipe->grad_fmt, act, x, cols, 1, recipe->fmt, act))
         return product_failed(be, "matmul_backward", w);
     return 0;
 }

@@ -163,18 +163,82 @@ static int gemm_lowp_portable(float *C, int ldc, const LowpOperand *A, const Low
     return 0;
 }
 
+// The tensor core's limited accumulation, as the V3 report describes the H800's: each group of 32
+// products is aligned to the largest exponent among them and the running sum, and everything below
+// `bits` bits under that leading bit is dropped (truncated toward zero) before the exact sum —
+// every addend and the running sum itself. In double: the grid is a power of two and the sum of
+// 33 values on it stays exact.
+static double accum_group(double acc, const double *t, int n, int bits) {
+    double big = fabs(acc);
+    for (int k = 0; k < n; k++) big = fabs(t[k]) > big ? fabs(t[k]) : big;
+    if (big == 0 || !isfinite(big)) {
+        double s = acc;
+        for (int k = 0; k < n; k++) s += t[k];
+        return s;
+    }
+    int e;
+    frexp(big, &e);  // big in [2^(e-1), 2^e)
+    double q = ldexp(1.0, e - bits), s = trunc(acc / q) * q;
+    for (int k = 0; k < n; k++) s += trunc(t[k] / q) * q;
+    return s;
+}
+
+// FP8 products with the accumulation emulated (accum->bits > 0): with promotion each 128-chunk of
+// code products is summed that way and promoted (× the two scales, fp32 fused multiply-add into C);
+// without, every product of scaled values goes into one limited sum over all of K. Slow (one
+// scalar path): for ablations and the error table, not for speed.
+static int gemm_lowp_emulated(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K,
+                              int add, const LowpAccum *accum) {
+    float *a = malloc(sizeof(float) * ((size_t)M * K + (size_t)N * K + 1));
+    if (!a) return -1;
+    float *b = a + (size_t)M * K;
+    int promote = accum->promote;
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < M; i++)
+        for (int k = 0; k < K; k++) {
+            float s = op_scale(A, i, k);
+            a[(size_t)i * K + k] = lowp_value(A->fmt, elem(A, i, k), s) * (promote ? 1.0f : s);
+        }
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < N; j++)
+        for (int k = 0; k < K; k++) {
+            float s = op_scale(B, j, k);
+            b[(size_t)j * K + k] = lowp_value(B->fmt, elem(B, j, k), s) * (promote ? 1.0f : s);
+        }
+    int chunk = promote ? LOWP_FP8_CHUNK : (K > 0 ? K : 1);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float *c = C + (size_t)i * ldc + j;
+            if (!add) *c = 0.0f;
+            for (int k0 = 0; k0 < K; k0 += chunk) {
+                int k1 = k0 + chunk < K ? k0 + chunk : K;
+                double acc = 0, t[32];
+                for (int g = k0; g < k1; g += 32) {
+                    int n = k1 - g < 32 ? k1 - g : 32;
+                    for (int k = 0; k < n; k++) t[k] = (double)(a[(size_t)i * K + g + k] * b[(size_t)j * K + g + k]);
+                    acc = accum_group(acc, t, n, accum->bits);
+                }
+                *c = promote ? fmaf((float)acc, op_scale(A, i, k0) * op_scale(B, j, k0), *c) : *c + (float)acc;
+            }
+        }
+    free(a);
+    return 0;
+}
+
 // Checks the formats and takes the paths that need no AVX512_BF16 team.
 int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K, int add) {
     if ((A->fmt == LOWP_BF16) != (B->fmt == LOWP_BF16)) return -1;
     if (M <= 0 || N <= 0) return 0;
     if (!kernels_cpu_avx512bf16()) return gemm_lowp_portable(C, ldc, A, B, M, N, K, add);
     if (omp_in_parallel()) return gemm_lowp_avx512bf16(C, ldc, A, B, K, add, 0, M, 0, N);
-    return gemm_lowp_scaled(C, ldc, (LowpOperand *)A, -1, NULL, (LowpOperand *)B, -1, NULL, M, N, K, add);
+    return gemm_lowp_scaled(C, ldc, (LowpOperand *)A, -1, NULL, (LowpOperand *)B, -1, NULL, M, N, K, add, NULL);
 }
 
 int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *scale_a, LowpOperand *B,
-                     int scale_b_how, float *scale_b, int M, int N, int K, int add) {
+                     int scale_b_how, float *scale_b, int M, int N, int K, int add, const LowpAccum *accum) {
     if ((A->fmt == LOWP_BF16) != (B->fmt == LOWP_BF16)) return -1;
+    int emulate = accum && accum->bits > 0 && A->fmt != LOWP_BF16;
     int qa = scale_a_how >= 0 && A->fmt != LOWP_BF16, qb = scale_b_how >= 0 && B->fmt != LOWP_BF16;
     float *amax_a = qa ? amax_scratch(scale_a, M, K, scale_a_how) : NULL;
     float *amax_b = qb ? amax_scratch(scale_b, N, K, scale_b_how) : NULL;
@@ -184,10 +248,11 @@ int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *
     if (!failed && (M <= 0 || N <= 0)) {  // nothing to multiply; the scales are still asked for
         if (qa) scales_team(A, scale_a, amax_a, M > 0 ? M : 0, K, scale_a_how);
         if (qb) scales_team(B, scale_b, amax_b, N > 0 ? N : 0, K, scale_b_how);
-    } else if (!failed && !kernels_cpu_avx512bf16()) {
+    } else if (!failed && (emulate || !kernels_cpu_avx512bf16())) {
         if (qa) scales_team(A, scale_a, amax_a, M, K, scale_a_how);
         if (qb) scales_team(B, scale_b, amax_b, N, K, scale_b_how);
-        failed = gemm_lowp_portable(C, ldc, A, B, M, N, K, add) != 0;
+        failed = (emulate ? gemm_lowp_emulated(C, ldc, A, B, M, N, K, add, accum)
+                          : gemm_lowp_portable(C, ldc, A, B, M, N, K, add)) != 0;
     } else if (!failed) {
         // one team: both operands' scales (the worksharing loops end in barriers), then the product
         // split along the longer side of C, in units of a register tile (12 rows or 32 columns): each

@@ -59,12 +59,22 @@ void lowp_values(float *out, const float *x, long n, LowpFormat fmt, float scale
 // parallel region). Returns 0, or -1 on mismatched formats or when scratch memory ran out.
 int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K, int add);
 
+// How an FP8 product accumulates. bits 0: in fp32 (the default). bits B > 0: emulates the H800
+// tensor core the V3 report describes — each group of 32 products aligned to the largest exponent
+// among them and the running sum, keeping B bits (13-14 on the H800), truncated. promote 1: that
+// only within each 128-chunk, promoted to fp32 with the scales (the report's fix); 0: one such sum
+// over all of K of the scaled products. The emulation is a slow scalar path (ablations, tables).
+typedef struct LowpAccum {
+    int bits;
+    int promote;
+} LowpAccum;
+
 // The same, first computing the scales of an FP8 operand whose scaling is given (a LowpScaling;
 // -1: the operand's scales are already set) into the caller's buffer of lowp_fp8_scale_count
 // floats, in the same team of threads as the product (one fork per product, not three). The
-// operand is pointed at its buffer as lowp_fp8_scales does.
+// operand is pointed at its buffer as lowp_fp8_scales does. accum NULL: fp32 accumulation.
 int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *scale_a, LowpOperand *B,
-                     int scale_b_how, float *scale_b, int M, int N, int K, int add);
+                     int scale_b_how, float *scale_b, int M, int N, int K, int add, const LowpAccum *accum);
 
 // Which path gemm_lowp takes: "avx512bf16" or "portable".
 const char *gemm_lowp_isa(void);

@@ -67,6 +67,10 @@ const TrainerOption trainer_options[] = {
     STRING_OPT("fp8-grad", "fp8_grad", fp8_grad, "F", "fp8: the output gradients' format, e4m3 (default, the report's) or e5m2"),
     STRING_OPT("fp8-scaling", "fp8_scaling", fp8_scaling, "S",
                "fp8: tile (default: 1x128 activation tiles, 128x128 weight blocks) or tensor (one scale each)"),
+    INT_OPT("fp8-accum-bits", "fp8_accum_bits", fp8_accum_bits, 0, 0, 23, "B",
+            "fp8: emulate a tensor core keeping B bits per 32-product group (H800: ~14; 0: fp32, the default; slow)"),
+    STRING_OPT("fp8-promotion", "fp8_promotion", fp8_promotion, "P",
+               "fp8: on (default: each 128-chunk promoted to fp32 with its scales) or off (needs --fp8-accum-bits)"),
     STRING_OPT("moments", "moments", moments, "T", "AdamW moments stored as f32 (default) or bf16 (the report's)"),
     LONG_OPT("eval-every", "eval_every", eval_every, 100, 0, STEPS_MAX, "K",
              "validation loss at step 0 and every K steps (0: at the last)"),
@@ -373,9 +377,19 @@ int trainer_recipe(const TrainerOptions *o, LinearRecipe *recipe, const LinearRe
     int fp8 = strcmp(p, "fp8") == 0;
     if (!fp8 && strcmp(p, "fp32") != 0 && strcmp(p, "bf16") != 0)
         return err_set(err, "--precision: unknown value '%s' (fp32, bf16 or fp8)", p);
-    if (!fp8 && (o->fp8_grad[0] || o->fp8_scaling[0]))
+    if (!fp8 && (o->fp8_grad[0] || o->fp8_scaling[0] || o->fp8_promotion[0] || o->fp8_accum_bits))
         return err_set(err, "--%s: only with --precision fp8 (the run's precision is %s)",
-                       o->fp8_grad[0] ? "fp8-grad" : "fp8-scaling", p);
+                       o->fp8_grad[0]       ? "fp8-grad"
+                       : o->fp8_scaling[0]  ? "fp8-scaling"
+                       : o->fp8_promotion[0] ? "fp8-promotion"
+                                            : "fp8-accum-bits",
+                       p);
+    const char *pr = o->fp8_promotion[0] ? o->fp8_promotion : "on";
+    if (strcmp(pr, "on") != 0 && strcmp(pr, "off") != 0)
+        return err_set(err, "--fp8-promotion: unknown value '%s' (on or off)", pr);
+    if (strcmp(pr, "off") == 0 && o->fp8_accum_bits == 0)
+        return err_set(err, "--fp8-promotion off: needs --fp8-accum-bits B (with fp32 accumulation there is nothing to "
+                            "promote from)");
     const char *g = o->fp8_grad[0] ? o->fp8_grad : "e4m3", *s = o->fp8_scaling[0] ? o->fp8_scaling : "tile";
     if (o->moments[0] && strcmp(o->moments, "f32") != 0 && strcmp(o->moments, "bf16") != 0)
         return err_set(err, "--moments: unknown value '%s' (f32 or bf16)", o->moments);
@@ -387,7 +401,8 @@ int trainer_recipe(const TrainerOptions *o, LinearRecipe *recipe, const LinearRe
     if (strcmp(p, "fp32") == 0) return 0;
     *recipe = (LinearRecipe){.fmt = fp8 ? LOWP_E4M3 : LOWP_BF16,
                              .grad_fmt = !fp8 ? LOWP_BF16 : strcmp(g, "e5m2") == 0 ? LOWP_E5M2 : LOWP_E4M3,
-                             .tensor_scaling = strcmp(s, "tensor") == 0};
+                             .tensor_scaling = strcmp(s, "tensor") == 0,
+                             .accum = {.bits = o->fp8_accum_bits, .promote = strcmp(pr, "on") == 0}};
     *lowp = recipe;
     return 0;
 }
