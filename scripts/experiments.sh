@@ -5,6 +5,9 @@
 # step, lr 2e-3) that differs in one option. STEPS (300) and SEEDS ("1 2") set the runs' length
 # and repetitions; ONLY="name ..." keeps some runs; OUT (build/experiments) is where they go. Prints
 # a markdown table and draws $OUT/{balance,mtp}.svg (seed 1); the runs stay in $OUT/<name>-s<seed>/.
+# SET=precision runs the mixed-precision comparison instead (the linear layers' GEMMs in fp32, bf16
+# and the report's FP8 recipe, and the FP8 ablations; draws $OUT/precision.svg):
+#   SET=precision STEPS=900 OUT=build/experiments-precision scripts/experiments.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DSV3=${DSV3:-build/dsv3}
@@ -30,6 +33,15 @@ runs=(
   "seq-aux-1e-2|--bias-update-speed 0 --seq-aux-alpha 1e-2 --mtp-lambda 0.3"
   "no-mtp|--bias-update-speed 0.001 --seq-aux-alpha 1e-4 --mtp-lambda 0"
 )
+if [ "${SET:-ablations}" = precision ]; then
+  runs=(
+    "fp32|--precision fp32"
+    "bf16|--precision bf16"
+    "fp8|--precision fp8"
+    "fp8-tensor|--precision fp8 --fp8-scaling tensor"
+    "fp8-e5m2|--precision fp8 --fp8-grad e5m2"
+  )
+fi
 if [ -n "${ONLY:-}" ]; then
   kept=(); for r in "${runs[@]}"; do [[ " $ONLY " == *" ${r%%|*} "* ]] && kept+=("$r"); done; runs=("${kept[@]}")
 fi
@@ -71,5 +83,9 @@ plot_runs() {
   for n in "$@"; do [ -f "$out/$n-s$s1/metrics.jsonl" ] && args+=("$n=$out/$n-s$s1"); done
   [ ${#args[@]} -gt 0 ] && $DSV3 plot --out "$out/$svg" --from 25 "${args[@]}" >&2
 }
+if [ "${SET:-ablations}" = precision ]; then
+  plot_runs precision.svg fp32 bf16 fp8 fp8-tensor fp8-e5m2
+  exit 0
+fi
 plot_runs balance.svg v3-recipe bias-only bias-0.01 no-balance seq-aux-1e-3 seq-aux-1e-2
 plot_runs mtp.svg v3-recipe no-mtp
