@@ -535,9 +535,14 @@ TEST(test_train_options_read_existing_state) {
     CHECK(o.bias_update_speed == 0.002f && o.seq_aux_alpha == 0.001f && o.mtp_lambda == 0.25f);
     CHECK(o.eval_every == 3 && o.eval_batches == 1 && o.save_every == 3 && o.seed == 123456789012ULL);
     CHECK(o.stop_at == 0 && o.progress == 0);
-    // and writes back the same object, key for key
+    // and writes back the same object, key for key (options newer than the file add their keys)
     json_t *st = json_load_file(path, 0, NULL), *again = trainer_options_json(&o, &err);
     CHECK(st && again);
+    const char *key;
+    json_t *val;
+    void *next;
+    json_object_foreach_safe(again, next, key, val) if (!json_object_get(json_object_get(st, "options"), key))
+        json_object_del(again, key);
     CHECK_MSG(json_equal(json_object_get(st, "options"), again), "the options object changed");
     json_decref(st);
     json_decref(again);

@@ -33,7 +33,7 @@ typedef struct TrainerOptions {
     float lr_final_frac, weight_decay, grad_clip, bias_update_speed, seq_aux_alpha, mtp_lambda;
     long eval_every, eval_batches, save_every, stop_at;
     uint64_t seed;
-    char save_dtype[8];  // "f32" (also when empty), "bf16" or "fp8"
+    char save_dtype[32];  // "f32" (also when empty), "bf16" or "fp8"
     int progress;  // a live progress line on stderr (the library's default: none)
 } TrainerOptions;
 
