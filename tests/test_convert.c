@@ -401,6 +401,9 @@ TEST(test_convert_bad_input) {
                 "%s convert --model %s --out %s --dtype fp8", nan, to);
     // OUT is the input
     check_fails("is the input directory", "/nonexistent", "%s convert --model %s --out %s --dtype fp8 --force", in, in);
+    char parent[400];
+    snprintf(parent, sizeof parent, "%s/..", in);
+    check_fails("holds it", "/nonexistent", "%s convert --model %s --out %s --dtype fp8 --force", in, parent);
 }
 
 // A small corpus in bytes and its prepared data, for the training runs below.
@@ -439,6 +442,9 @@ TEST(test_train_save_dtype_fp8) {
     char out[4096], a[700], b[700], path[900], ck[800];
     snprintf(a, sizeof a, "%s", fresh("train_full"));
     snprintf(b, sizeof b, "%s", fresh("train_resumed"));
+    int rc = train(out, sizeof out, a, "--save-dtype fp4");
+    CHECK_MSG(rc == 1 && test_count_lines(out) == 1 && strstr(out, "--save-dtype: 'fp4' is not f32, bf16 or fp8"), "%s",
+              out);
     CHECK_MSG(train(out, sizeof out, a, "--save-dtype fp8") == 0, "%s", out);
     snprintf(ck, sizeof ck, "%s/step-4", a);
     snprintf(path, sizeof path, "%s/config.json", ck);

@@ -346,9 +346,12 @@ static int move_into_place(const char *tmp, const char *out, Error *err) {
     return 0;
 }
 
-static int same_dir(const char *a, const char *b) {
-    char ra[PATH_MAX], rb[PATH_MAX];
-    return realpath(a, ra) && realpath(b, rb) && strcmp(ra, rb) == 0;
+// 1 when directory in is out or lies inside it (replacing out would delete the input).
+static int inside(const char *in, const char *out) {
+    char ri[PATH_MAX], ro[PATH_MAX];
+    if (!realpath(in, ri) || !realpath(out, ro)) return 0;
+    size_t n = strlen(ro);
+    return strncmp(ri, ro, n) == 0 && (ri[n] == 0 || ri[n] == '/' || n == 1);
 }
 
 int checkpoint_convert(const char *in, const char *out_arg, DType target, size_t shard_bytes, int force,
@@ -363,7 +366,7 @@ int checkpoint_convert(const char *in, const char *out_arg, DType target, size_t
     out[len] = 0;
     if (path_exists(out)) {
         if (!path_is_dir(out)) return err_set(err, "%s: exists and is not a directory", out);
-        if (same_dir(in, out)) return err_set(err, "%s: is the input directory", out);
+        if (inside(in, out)) return err_set(err, "%s: is the input directory or holds it", out);
         if (!force && !dir_is_empty(out)) return err_set(err, "%s: exists and is not empty (--force replaces it)", out);
     }
     ModelConfig c;
