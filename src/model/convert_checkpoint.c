@@ -25,7 +25,8 @@ int ckpt_dtype_parse(const char *s, const char *what, DType *out, Error *err) {
 
 static int is_float(DType t) { return t == DT_F32 || t == DT_BF16 || t == DT_F16 || t == DT_F8_E4M3; }
 
-// The rule of the header for a tensor outside the table (fp8: FP8 set; else bias F32).
+// The rule of convert_checkpoint.h for any tensor: fp8_linear, one of the FP8 set; bias, the
+// router's e_score_correction_bias.
 static DType target_dtype(int fp8_linear, int bias, DType stored, DType target) {
     if (!is_float(stored)) return stored;
     if (target == DT_F8_E4M3) return fp8_linear ? DT_F8_E4M3 : stored;
