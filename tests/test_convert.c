@@ -103,8 +103,10 @@ TEST(test_convert_fp8_to_bf16_matches_numpy_golden) {
     snprintf(want, sizeof want, "%s/convert/fp8.safetensors", test_datadir());
     // the golden FP8 model itself (its config and tensors) as the input
     const char *src = fresh("bf16_src");
-    CHECK(test_run(out, sizeof out, "mkdir -p '%s' && cp '%s/convert/config.json' '%s/' && cp '%s' '%s/model.safetensors'",
-                   src, test_datadir(), src, want, src) == 0);
+    CHECK(test_run(out, sizeof out,
+                   "mkdir -p '%s' && cp '%s/convert/config.json' '%s/' && cp '%s' '%s/model.safetensors' && "
+                   "echo '{\"bos_token_id\": 0}' > '%s/generation_config.json'",
+                   src, test_datadir(), src, want, src, src) == 0);
     const char *d = fresh("bf16_out");
     int rc = convert(out, sizeof out, src, d, "bf16");
     CHECK_MSG(rc == 0, "%s", out);
@@ -114,6 +116,10 @@ TEST(test_convert_fp8_to_bf16_matches_numpy_golden) {
     char *cfg = test_read_file(path, NULL);
     CHECK(cfg && !strstr(cfg, "quantization_config") && strstr(cfg, "\"torch_dtype\": \"bfloat16\""));
     free(cfg);
+    snprintf(path, sizeof path, "%s/generation_config.json", d);  // copied, as tokenizer files are
+    char *gen = test_read_file(path, NULL);
+    CHECK(gen && strstr(gen, "bos_token_id"));
+    free(gen);
 }
 
 // f32 → fp8 → f32 → fp8 gives back the same codes and scales, and so does fp8 → f32 → fp8 from
