@@ -130,7 +130,7 @@ static void check_inference(const char *name) {
     CHECK_MSG(train_model_forward(&g.m, g.tokens, &err) == 0, "%s", err.msg);
     char dir[600];
     snprintf(dir, sizeof dir, "%s/train_infer_%s", test_tmpdir(), name);
-    CHECK_MSG(train_model_save(&g.m, dir, (size_t)1 << 30, &err) == 0, "%s", err.msg);
+    CHECK_MSG(train_model_save(&g.m, dir, DT_F32, (size_t)1 << 30, &err) == 0, "%s", err.msg);
     const ModelConfig *c = &g.cfg;
     int B = g.m.B, T = g.m.T, V = c->vocab_size, d = c->hidden_size, D = g.m.mtp_ran ? c->num_nextn_predict_layers : 0;
     Model mm;

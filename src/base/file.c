@@ -1,4 +1,7 @@
+#define _GNU_SOURCE  // nftw
+#include <dirent.h>
 #include <errno.h>
+#include <ftw.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -131,4 +134,31 @@ int file_copy(const char *from, const char *to, Error *err) {
     int rc = file_write_all(to, data, n, err);
     free(data);
     return rc;
+}
+
+int file_copy_if_exists(const char *from_dir, const char *to_dir, const char *name, Error *err) {
+    char from[4096], to[4096];
+    if (path_join(from, sizeof from, from_dir, name, err) || path_join(to, sizeof to, to_dir, name, err)) return -1;
+    return path_exists(from) ? file_copy(from, to, err) : 0;
+}
+
+int dir_is_empty(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    struct dirent *e;
+    int empty = 1;
+    while (empty && (e = readdir(d)))
+        empty = strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0;
+    closedir(d);
+    return empty;
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+void path_remove_tree(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) == 0) nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }

@@ -27,7 +27,13 @@ int file_write_all(const char *path, const void *data, size_t n, Error *err);
 char *file_read_all(const char *path, size_t *len, Error *err);
 // Copies a whole file (written atomically, like file_write_all).
 int file_copy(const char *from, const char *to, Error *err);
+// Copies from_dir/name to to_dir/name when it exists (nothing to do is not an error).
+int file_copy_if_exists(const char *from_dir, const char *to_dir, const char *name, Error *err);
 int path_is_dir(const char *path);
+// 1 when dir is a directory holding no entries.
+int dir_is_empty(const char *dir);
+// Removes a file or a whole directory tree, like rm -rf (a missing path is not an error).
+void path_remove_tree(const char *path);
 int path_exists(const char *path);
 // Creates a directory and its parents (like mkdir -p).
 int make_dirs(const char *path, Error *err);

@@ -288,10 +288,13 @@ static size_t desc_bytes(const StTensorDesc *d) {
     return (size_t)st_numel(d->shape, d->ndim) * dtype_size(d->dtype);
 }
 
-int st_write(const char *path, const StTensorDesc *tensors, int n, Error *err) {
+// Writes tensors[0..n) into path; a tensor without data is produced by fill(ctx, base + i, ...)
+// into one buffer reused from tensor to tensor.
+static int write_file(const char *path, const StTensorDesc *tensors, int n, StFill fill, void *ctx, int base,
+                      Error *err) {
     json_t *root = json_object();
     json_object_set_new(root, "__metadata__", json_pack("{s:s}", "format", "pt"));
-    size_t off = 0;
+    size_t off = 0, biggest = 0;
     for (int i = 0; i < n; i++) {
         json_t *shape = json_array();
         for (int d = 0; d < tensors[i].ndim; d++) json_array_append_new(shape, json_integer(tensors[i].shape[d]));
@@ -300,10 +303,20 @@ int st_write(const char *path, const StTensorDesc *tensors, int n, Error *err) {
                             json_pack("{s:s,s:o,s:[I,I]}", "dtype", dtype_name(tensors[i].dtype), "shape", shape,
                                       "data_offsets", (json_int_t)off, (json_int_t)(off + nb)));
         off += nb;
+        if (!tensors[i].data && nb > biggest) biggest = nb;
     }
     char *hdr = json_dumps(root, JSON_COMPACT);
     json_decref(root);
     if (!hdr) return err_set(err, "%s: cannot encode header", path);
+    if (biggest && !fill) {
+        free(hdr);
+        return err_set(err, "%s: a tensor has no data", path);
+    }
+    void *buf = biggest ? xmalloc(err, biggest, path) : NULL;
+    if (biggest && !buf) {
+        free(hdr);
+        return -1;
+    }
     size_t hlen = strlen(hdr);
     size_t padded = (hlen + 7) & ~(size_t)7;  // keep the data 8-byte aligned
     uint8_t lenb[8];
@@ -311,13 +324,22 @@ int st_write(const char *path, const StTensorDesc *tensors, int n, Error *err) {
     AtomicFile af;
     if (atomic_open(&af, path, err)) {
         free(hdr);
+        free(buf);
         return -1;
     }
     static const char spaces[8] = "        ";
     int rc = atomic_write(&af, lenb, 8, err) || atomic_write(&af, hdr, hlen, err) ||
              atomic_write(&af, spaces, padded - hlen, err);
     free(hdr);
-    for (int i = 0; i < n && !rc; i++) rc = atomic_write(&af, tensors[i].data, desc_bytes(&tensors[i]), err);
+    for (int i = 0; i < n && !rc; i++) {
+        const void *data = tensors[i].data;
+        if (!data) {
+            rc = fill(ctx, base + i, buf, err);
+            data = buf;
+        }
+        rc = rc || atomic_write(&af, data, desc_bytes(&tensors[i]), err);
+    }
+    free(buf);
     if (rc) {
         atomic_abort(&af);
         return -1;
@@ -325,13 +347,22 @@ int st_write(const char *path, const StTensorDesc *tensors, int n, Error *err) {
     return atomic_commit(&af, err);
 }
 
+int st_write(const char *path, const StTensorDesc *tensors, int n, Error *err) {
+    return write_file(path, tensors, n, NULL, NULL, 0, err);
+}
+
 int st_write_model(const char *dir, const StTensorDesc *tensors, int n, size_t max_shard_bytes, Error *err) {
+    return st_write_model_fill(dir, tensors, n, max_shard_bytes, NULL, NULL, err);
+}
+
+int st_write_model_fill(const char *dir, const StTensorDesc *tensors, int n, size_t max_shard_bytes, StFill fill,
+                        void *ctx, Error *err) {
     size_t total = 0;
     for (int i = 0; i < n; i++) total += desc_bytes(&tensors[i]);
     char path[4096];
     if (total <= max_shard_bytes) {
         if (path_join(path, sizeof path, dir, "model.safetensors", err)) return -1;
-        return st_write(path, tensors, n, err);
+        return write_file(path, tensors, n, fill, ctx, 0, err);
     }
     // count shards first: names carry the total ("model-00001-of-00003.safetensors")
     int nshards = 0;
@@ -350,7 +381,7 @@ int st_write_model(const char *dir, const StTensorDesc *tensors, int n, size_t m
         while (j < n && (j == i || sz + desc_bytes(&tensors[j]) <= max_shard_bytes)) sz += desc_bytes(&tensors[j++]);
         char fname[64];
         snprintf(fname, sizeof fname, "model-%05d-of-%05d.safetensors", ++shard, nshards);
-        if (path_join(path, sizeof path, dir, fname, err) || st_write(path, tensors + i, j - i, err)) {
+        if (path_join(path, sizeof path, dir, fname, err) || write_file(path, tensors + i, j - i, fill, ctx, i, err)) {
             json_decref(wm);
             return -1;
         }

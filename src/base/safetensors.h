@@ -62,14 +62,23 @@ typedef struct StTensorDesc {
     DType dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
-    const void *data;  // nbytes = product(shape) * dtype_size
+    const void *data;  // nbytes = product(shape) * dtype_size; NULL: produced by a StFill
 } StTensorDesc;
+
+// Produces the bytes of tensor i (of the list given to st_write_model_fill) into buf, which holds
+// its product(shape) * dtype_size bytes. Returns 0, or -1 with err filled.
+typedef int (*StFill)(void *ctx, int i, void *buf, Error *err);
 
 int st_write(const char *path, const StTensorDesc *tensors, int n, Error *err);
 // Writes shards of at most max_shard_bytes each plus model.safetensors.index.json into dir (a
 // single model.safetensors when everything fits).
 int st_write_model(const char *dir, const StTensorDesc *tensors, int n, size_t max_shard_bytes,
                    Error *err);
+// The same, each tensor whose data is NULL produced by fill just before it is written, in order,
+// into one buffer reused from tensor to tensor: a converter streams a model through the memory of
+// its largest tensor.
+int st_write_model_fill(const char *dir, const StTensorDesc *tensors, int n, size_t max_shard_bytes, StFill fill,
+                        void *ctx, Error *err);
 
 int64_t st_numel(const int64_t *shape, int ndim);
 

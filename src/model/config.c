@@ -241,6 +241,16 @@ const char *config_topk_method_name(TopkMethod m) {
     return m == TOPK_NOAUX_TC ? "noaux_tc" : m == TOPK_GROUP_LIMITED_GREEDY ? "group_limited_greedy" : "greedy";
 }
 
+void config_json_set_storage(json_t *o, int fp8_block, const char *torch_dtype) {
+    json_object_set_new(o, "torch_dtype", json_string(torch_dtype));
+    if (fp8_block > 0)
+        json_object_set_new(o, "quantization_config",
+                            json_pack("{s:s,s:s,s:s,s:[i,i]}", "activation_scheme", "dynamic", "fmt", "e4m3",
+                                      "quant_method", "fp8", "weight_block_size", fp8_block, fp8_block));
+    else
+        json_object_del(o, "quantization_config");
+}
+
 int config_save(const ModelConfig *c, const char *path, Error *err) {
     json_t *o = json_object();
     json_object_set_new(o, "architectures", json_pack("[s]", strcmp(c->model_type, "deepseek_v2") == 0 ? "DeepseekV2ForCausalLM" : "DeepseekV3ForCausalLM"));
@@ -274,12 +284,8 @@ int config_save(const ModelConfig *c, const char *path, Error *err) {
     json_object_set_new(o, "hidden_act", json_string("silu"));
     json_object_set_new(o, "attention_bias", json_false());
     json_object_set_new(o, "tie_word_embeddings", json_boolean(c->tie_word_embeddings));
-    json_object_set_new(o, "torch_dtype", json_string(c->torch_dtype));
     json_object_set_new(o, "use_cache", json_true());
-    if (c->fp8)
-        json_object_set_new(o, "quantization_config",
-                            json_pack("{s:s,s:s,s:s,s:[i,i]}", "activation_scheme", "dynamic", "fmt", "e4m3",
-                                      "quant_method", "fp8", "weight_block_size", c->fp8_block[0], c->fp8_block[1]));
+    config_json_set_storage(o, c->fp8 ? c->fp8_block[0] : 0, c->torch_dtype);
     char *s = json_dumps(o, JSON_INDENT(2));
     json_decref(o);
     if (!s) return err_set(err, "%s: cannot encode config", path);

@@ -52,6 +52,11 @@ typedef struct ModelConfig {
 int config_load(ModelConfig *c, const char *path, Error *err);
 // Writes a config.json that config_load and HuggingFace both read (atomically).
 int config_save(const ModelConfig *c, const char *path, Error *err);
+// Sets the keys of a config.json object that say how the weights are stored: torch_dtype, and the
+// release's quantization_config ({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method":
+// "fp8", "weight_block_size": [b, b]}) when fp8_block > 0, none otherwise.
+struct json_t;
+void config_json_set_storage(struct json_t *o, int fp8_block, const char *torch_dtype);
 
 int config_is_moe_layer(const ModelConfig *c, int layer);
 int config_qk_head_dim(const ModelConfig *c);

@@ -12,6 +12,7 @@
 #include "base/safetensors.h"
 #include "kernels/matmul.h"
 #include "kernels/ops.h"
+#include "model/convert_checkpoint.h"
 #include "train/train_model.h"
 
 // ---- tensors and the parameter block ----
@@ -358,22 +359,12 @@ done:
     return rc;
 }
 
-int train_model_save(const TrainModel *m, const char *dir, size_t shard_bytes, Error *err) {
-    StTensorDesc *desc = xcalloc(err, m->n_tensors, sizeof *desc, "tensor list");
-    if (!desc) return -1;
-    for (int i = 0; i < m->n_tensors; i++) {
-        const TrainTensor *t = &m->tensors[i];
-        desc[i] = (StTensorDesc){t->name, DT_F32, t->ndim, {t->shape[0], t->shape[1]}, m->params + t->offset};
-    }
-    ModelConfig c = m->cfg;
-    c.fp8 = 0;  // master weights are saved as they are trained: F32
-    snprintf(c.torch_dtype, sizeof c.torch_dtype, "float32");
-    char path[4096];
-    int rc = make_dirs(dir, err) || st_write_model(dir, desc, m->n_tensors, shard_bytes, err) ||
-                     path_join(path, sizeof path, dir, "config.json", err) || config_save(&c, path, err)
-                 ? -1
-                 : 0;
-    free(desc);
+int train_model_save(const TrainModel *m, const char *dir, DType dtype, size_t shard_bytes, Error *err) {
+    const float **values = xcalloc(err, m->n_tensors ? m->n_tensors : 1, sizeof *values, "tensor list");
+    if (!values) return -1;
+    for (int i = 0; i < m->n_tensors; i++) values[i] = m->params + m->tensors[i].offset;
+    int rc = ckpt_save_f32(dir, &m->cfg, values, dtype, shard_bytes, err);
+    free(values);
     return rc;
 }
 

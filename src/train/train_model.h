@@ -136,9 +136,10 @@ void train_model_init_random(TrainModel *m, uint64_t seed);
 // which must match m's configuration in names and shapes. MTP tensors absent from the files are
 // an error; the MTP copies of the embedding and head are not read (the model shares them).
 int train_model_load(TrainModel *m, const char *dir, Error *err);
-// Writes config.json and model.safetensors (F32, shards over shard_bytes) into dir, MTP copies
-// of the embedding and head included.
-int train_model_save(const TrainModel *m, const char *dir, size_t shard_bytes, Error *err);
+// Writes config.json and model.safetensors (shards over shard_bytes) into dir, MTP copies of the
+// embedding and head included, the weights stored as dtype: F32 (the master weights as they are),
+// BF16 or FP8 (model/convert_checkpoint.h).
+int train_model_save(const TrainModel *m, const char *dir, DType dtype, size_t shard_bytes, Error *err);
 // The tensor named name, or NULL.
 const TrainTensor *train_model_tensor(const TrainModel *m, const char *name);
 

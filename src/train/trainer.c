@@ -1,7 +1,6 @@
-#define _GNU_SOURCE  // nftw
+#define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
-#include <ftw.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -11,6 +10,7 @@
 
 #include "base/file.h"
 #include "model/config.h"
+#include "model/convert_checkpoint.h"
 #include "train/data.h"
 #include "train/optim.h"
 #include "train/train_model.h"
@@ -79,6 +79,8 @@ const TrainerOption trainer_options[] = {
     LONG_OPT("stop-at", NULL, stop_at, 0, 0, STEPS_MAX, "N",
              "stop after step N with a checkpoint, as if interrupted (0: never)"),
     UINT64_OPT("seed", "seed", seed, 1, 0, 0x7fffffffffffL, "S", "weight init and data order"),
+    STRING_OPT("save-dtype", "save_dtype", save_dtype, "f32|bf16|fp8",
+               "dtype of the checkpoints' weights; default f32, the master weights (bf16, fp8: master/ keeps them)"),
     FLAG_OPT("no-progress", progress, 0, 0, "no live progress line on stderr (shown when stderr is a terminal)"),
     {0},
 };
@@ -216,28 +218,13 @@ int trainer_find_checkpoint(const char *dir, char *out, size_t n, Error *err) {
     return 0;
 }
 
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-static void rm_tree(const char *path) {
-    if (path_exists(path)) nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-static int copy_if_exists(const char *from_dir, const char *to_dir, const char *name, Error *err) {
-    char from[4200], to[4200];
-    snprintf(from, sizeof from, "%s/%s", from_dir, name);
-    snprintf(to, sizeof to, "%s/%s", to_dir, name);
-    return path_exists(from) ? file_copy(from, to, err) : 0;
-}
-
 typedef struct Run {
     TrainerOptions o;
     TrainModel m;
     AdamW opt;
     DataLoader train, val;
     int have_val;
+    DType save_dtype;   // of the checkpoints' model.safetensors
     long step;          // steps done
     long long tokens;   // tokens trained on
 } Run;
@@ -247,13 +234,16 @@ static int save_checkpoint(Run *r, Error *err) {
     snprintf(dir, sizeof dir, "%s/step-%ld", r->o.out, r->step);
     snprintf(tmp, sizeof tmp, "%s.tmp", dir);
     snprintf(old, sizeof old, "%s.old", dir);
-    rm_tree(tmp);
+    path_remove_tree(tmp);
     char path[4400];
-    if (train_model_save(&r->m, tmp, (size_t)4 << 30, err)) return -1;
+    if (train_model_save(&r->m, tmp, r->save_dtype, (size_t)4 << 30, err)) return -1;
+    // a BF16 or FP8 model.safetensors has lost bits the run needs: --resume reads these
+    snprintf(path, sizeof path, "%s/master", tmp);
+    if (r->save_dtype != DT_F32 && train_model_save(&r->m, path, DT_F32, (size_t)4 << 30, err)) return -1;
     snprintf(path, sizeof path, "%s/optimizer.safetensors", tmp);
     if (adamw_save(&r->opt, &r->m, path, err)) return -1;
-    if (copy_if_exists(r->o.data, tmp, "tokenizer.json", err) ||
-        copy_if_exists(r->o.data, tmp, "tokenizer_config.json", err))
+    if (file_copy_if_exists(r->o.data, tmp, "tokenizer.json", err) ||
+        file_copy_if_exists(r->o.data, tmp, "tokenizer_config.json", err))
         return -1;
     json_t *opts = trainer_options_json(&r->o, err);
     if (!opts) return -1;
@@ -269,16 +259,17 @@ static int save_checkpoint(Run *r, Error *err) {
     free(js);
     if (rc) return -1;
     // the old checkpoint of this step (a resumed run passing it again) stays until the new one is in place
-    rm_tree(old);
+    path_remove_tree(old);
     if (path_exists(dir) && rename(dir, old)) return err_set(err, "%s: cannot move aside: %s", dir, strerror(errno));
     if (rename(tmp, dir)) return err_set(err, "%s: cannot rename into place: %s", dir, strerror(errno));
-    rm_tree(old);
+    path_remove_tree(old);
     return 0;
 }
 
 static int load_checkpoint(Run *r, const char *ckpt, Error *err) {
     char path[4200];
-    if (train_model_load(&r->m, ckpt, err)) return -1;
+    snprintf(path, sizeof path, "%s/master", ckpt);  // the master weights of a bf16 or fp8 checkpoint
+    if (train_model_load(&r->m, path_is_dir(path) ? path : ckpt, err)) return -1;
     snprintf(path, sizeof path, "%s/optimizer.safetensors", ckpt);
     if (adamw_load(&r->opt, &r->m, path, err)) return -1;
     snprintf(path, sizeof path, "%s/trainer_state.json", ckpt);
@@ -454,6 +445,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         err_set(err, "--steps, --batch, --seq and --accum must be positive");
         goto done;
     }
+    if (ckpt_dtype_parse(o->save_dtype[0] ? o->save_dtype : "f32", "--save-dtype", &r->save_dtype, err)) goto done;
     if (!o->data[0] || !o->out[0]) {
         err_set(err, "a run needs --data and --out");
         goto done;

@@ -3,7 +3,9 @@
 //
 // A run directory holds metrics.jsonl (one JSON object per step, appended a whole line at a
 // time), metrics.svg (loss and MaxVio curves, rewritten at the end) and checkpoints step-N/:
-// config.json + model.safetensors (F32, loadable by `dsv3 logits` / `dsv3 generate`), the data's
+// config.json + model.safetensors (F32 by default; --save-dtype bf16|fp8 stores it so, the FP8
+// one in the released block-scaled format, with the F32 master weights beside it in master/;
+// loadable by `dsv3 logits` / `dsv3 generate`), the data's
 // tokenizer.json when there is one, optimizer.safetensors (AdamW moments) and trainer_state.json
 // (step, data position, and every option saved with the run). A checkpoint is written into step-N.tmp and
 // renamed into place when complete, so an existing good checkpoint is never damaged.
@@ -34,6 +36,7 @@ typedef struct TrainerOptions {
     float lr_final_frac, weight_decay, grad_clip, bias_update_speed, seq_aux_alpha, mtp_lambda;
     long eval_every, eval_batches, save_every, stop_at;
     uint64_t seed;
+    char save_dtype[32];  // "f32" (also when empty), "bf16" or "fp8"
     int progress;  // a live progress line on stderr (the library's default: none)
 } TrainerOptions;
 
