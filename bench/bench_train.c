@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "base/procmem.h"
 #include "bench_common.h"
 #include "kernels/gemm_lowp.h"
 #include "kernels/matmul.h"
@@ -91,7 +92,7 @@ static double attention_flops(const ModelConfig *c, int T) {
 
 // Median step time of one precision ("fp32", "bf16", "fp8").
 static int time_steps(const ModelConfig *c, const char *precision, int B, int T, int warm, int steps, double *step_s,
-                      size_t *act_bytes, Error *err) {
+                      size_t *act_bytes, size_t *peak, Error *err) {
     TrainModel m;
     AdamW opt;
     TrainerOptions o = trainer_defaults();
@@ -105,6 +106,7 @@ static int time_steps(const ModelConfig *c, const char *precision, int B, int T,
     int *tok = malloc(sizeof(int) * B * (T + 1));
     long long *loads = calloc((size_t)m.n_moe * c->n_routed_experts, sizeof *loads);
     double times[16];
+    procmem_reset_peak();
     int rc = 0;
     for (int s = 0; s < warm + steps && rc == 0; s++) {
         for (int i = 0; i < B * (T + 1); i++) tok[i] = (int)((i * 7919L + s * 104729L) % c->vocab_size);
@@ -118,6 +120,7 @@ static int time_steps(const ModelConfig *c, const char *precision, int B, int T,
     }
     *step_s = bench_median(times, steps);
     *act_bytes = m.act_bytes;
+    *peak = procmem_peak_bytes();
     free(tok);
     free(loads);
     adamw_free(&opt);
@@ -150,17 +153,17 @@ int main(void) {
     double base = 0;
     for (int p = 0; p < 3; p++) {
         double t;
-        size_t act;
-        if (time_steps(&c, prec[p], B, T, WARM, STEPS, &t, &act, &err)) {
+        size_t act, peak;
+        if (time_steps(&c, prec[p], B, T, WARM, STEPS, &t, &act, &peak, &err)) {
             fprintf(stderr, "bench_train: %s: %s\n", prec[p], err.msg);
             return 1;
         }
-        double tps = B * T / t, peak = p == 0 ? peak32 : peak16;
+        double tps = B * T / t, peak_g = p == 0 ? peak32 : peak16;
         if (p == 0) base = t;
         printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s, MFU %4.1f%% of the %s peak, "
-               "%.2fx fp32's step; activations %.0f MB\n",
-               prec[p], t, STEPS, tps, tps * per_token / 1e9, 100 * tps * per_token / 1e9 / peak,
-               p == 0 ? "fp32" : "bf16", t / base, act / 1e6);
+               "%.2fx fp32's step; activations %.0f MB, peak resident %.0f MB\n",
+               prec[p], t, STEPS, tps, tps * per_token / 1e9, 100 * tps * per_token / 1e9 / peak_g,
+               p == 0 ? "fp32" : "bf16", t / base, act / 1e6, peak / 1e6);
     }
     return 0;
 }

@@ -249,6 +249,10 @@ TEST(test_train_precisions_learn_and_stay_close) {
         snprintf(extra, sizeof extra, "--no-progress --precision %s", prec[p]);
         int rc = train(out, sizeof out, run, N, extra);
         CHECK_MSG(rc == 0, "%s", out);
+        double peak_mb = 0;  // the summary line ends with the process's peak memory
+        CHECK_MSG(strstr(out, "; peak memory ") && sscanf(strstr(out, "; peak memory ") + 14, "%lf", &peak_mb) == 1 &&
+                      peak_mb > 1,
+                  "%s", out);
         runs[p] = metrics_without_timing(run);
         CHECK(runs[p]);
         double first = 0;

@@ -80,7 +80,9 @@ static void print_result(const TrainerResult *res, const char *out) {
     printf("%s step %ld (%lld tokens): loss %.4f", res->step < res->steps ? "stopped at" : "trained to", res->step,
            res->tokens, res->loss);
     if (!isnan(res->val_loss)) printf(", validation loss %.4f", res->val_loss);
-    printf("; checkpoint %s/step-%ld\n", out, res->step);
+    printf("; checkpoint %s/step-%ld", out, res->step);
+    if (res->peak_bytes) printf("; peak memory %.0f MB", res->peak_bytes / 1e6);
+    printf("\n");
 }
 
 int cmd_train(int argc, char **argv) {

@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "base/file.h"
+#include "base/procmem.h"
 #include "model/config.h"
 #include "model/convert_checkpoint.h"
 #include "train/data.h"
@@ -558,7 +559,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         mf = NULL;
         if (trainer_plot(metrics, svg, err)) goto done_loads;
     }
-    if (res) *res = (TrainerResult){r->step, o->steps, r->tokens, last_loss, val_loss};
+    if (res) *res = (TrainerResult){r->step, o->steps, r->tokens, last_loss, val_loss, procmem_peak_bytes()};
     rc = 0;
 done_loads:
     free(loads);

@@ -93,6 +93,7 @@ typedef struct TrainerResult {
     long long tokens;   // tokens trained on since step 0
     double loss;        // the last step's training loss
     double val_loss;    // of the last evaluation after a step of this invocation, NAN if none ran
+    size_t peak_bytes;  // the process's peak resident memory (0: unknown)
 } TrainerResult;
 
 // Runs (or, with resume non-NULL, continues from that checkpoint) until o->steps.
