@@ -408,7 +408,7 @@ TEST(test_serve_openai_client_and_generate_agree) {
     json_decref(res);
 }
 
-#define N_CONC 8
+#define N_CONC 16
 
 typedef struct {
     int port;
@@ -429,7 +429,7 @@ static void *call_thread(void *arg) {
 // (--speculative reaches the engine: /metrics counts drafts).
 TEST(test_serve_concurrent_requests_equal_solo) {
     Server s;
-    SERVER_OR_FAIL(&s, "--parallel 3 --max-queue 16 --speculative 2");
+    SERVER_OR_FAIL(&s, "--parallel 6 --max-queue 16 --speculative 2");
     char bodies[N_CONC][256];
     char *solo[N_CONC] = {0};
     Call calls[N_CONC];
@@ -501,13 +501,15 @@ static double await_metric(int port, const char *name, double want, int ms) {
 }
 
 // With one slot and a queue of one: a request for more choices than that can ever hold is a 400; a
-// long stream runs, a second waits, a third is refused with 503 and Retry-After. A client that closes its socket — waiting or mid-stream — cancels its
+// long stream runs, a second waits (its stream kept alive by ": ping" comments, --sse-ping 1), a
+// third is refused with 503 and Retry-After. A client that closes its socket — waiting or mid-stream — cancels its
 // sequence at once (the long one is far from done when it goes). SIGTERM ends a stream in flight
 // and the server exits 0.
 TEST(test_serve_disconnect_cancels_and_queue_limit) {
     Server s;
     // (without the prefix cache, so that the blocks of a finished sequence are free, not kept)
-    CHECK_MSG(server_start_on(&s, 1, "--parallel 1 --max-queue 1 --no-prefix-cache") == 0, "the server did not start: %s", s.log);
+    CHECK_MSG(server_start_on(&s, 1, "--parallel 1 --max-queue 1 --no-prefix-cache --sse-ping 1") == 0,
+              "the server did not start: %s", s.log);
     Response too_many = post(s.port, "/v1/completions", "{\"prompt\": \"the\", \"max_tokens\": 2, \"n\": 3}");
     int n_refused = too_many.status == 400 && too_many.body && strstr(too_many.body, "\"param\":\"n\"");
     free(too_many.head);
@@ -520,6 +522,17 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
     for (int t = 0; t < 250 && blocks <= 0; t++) {
         if ((blocks = metric(s.port, "dsv3_cache_blocks_used")) <= 0) usleep(20000);
     }
+    // the waiting stream hears a comment line within a few seconds (before any data of its own)
+    struct timeval tv = {.tv_sec = 4};
+    setsockopt(b, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    char heard[4096] = "";
+    size_t nh = 0;
+    while (nh < sizeof heard - 1 && !strstr(heard, ": ping\n\n")) {
+        ssize_t k = recv(b, heard + nh, sizeof heard - 1 - nh, 0);
+        if (k <= 0) break;
+        heard[nh += (size_t)k] = 0;
+    }
+    int pinged = strstr(heard, ": ping\n\n") && !strstr(heard, "\"text\"");
     Response c = post(s.port, "/v1/completions", "{\"prompt\": \"the engine\", \"max_tokens\": 4}");
     int got503 = c.status == 503 && strstr(c.head, "Retry-After:") && strstr(c.body, "\"error\"");
     free(c.head);
@@ -546,6 +559,7 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
            live, blocks, live_after_b, live_after_a, running, blocks_after, gen_before, gen, gen_later);
     CHECK_MSG(n_refused, "n = 3 with room for 2 sequences in all: not refused with 400 naming n");
     CHECK_MSG(live == 2, "two streams: %g sequences live", live);
+    CHECK_MSG(pinged, "the waiting stream got no \": ping\" comment: '%s'", heard);
     CHECK_MSG(got503, "a third request beyond the queue did not get 503 with Retry-After");
     CHECK_MSG(live_after_b == 1, "the waiting stream's client left: %g sequences live", live_after_b);
     CHECK_MSG(live_after_a == 0 && running == 0, "the running stream's client left: %g live, %g running", live_after_a, running);

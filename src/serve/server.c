@@ -20,7 +20,7 @@
 #include "serve/stop_text.h"
 #include "text/tokenizer.h"
 
-#define PING_S 10.0            // an idle stream gets an SSE comment this often
+#define PING_S 10.0            // an idle stream gets an SSE comment this often (default of --sse-ping)
 #define WAIT_SLICE_MS 200      // how often a waiting connection looks whether its client left
 #define PREFILL_CHUNK 512
 
@@ -474,7 +474,7 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
             rc = MHD_CONTENT_READER_END_WITH_ERROR;
             break;
         }
-        if (now_s() - j->last_write >= PING_S && max >= 8) {
+        if (now_s() - j->last_write >= (s->o.ping_s > 0 ? s->o.ping_s : PING_S) && max >= 8) {
             memcpy(buf, ": ping\n\n", 8);
             j->last_write = now_s();
             rc = 8;

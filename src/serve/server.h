@@ -27,6 +27,7 @@ typedef struct ServeOptions {
     int max_queue;           // sequences that may wait for a slot beyond the running ones
     int timeout_s;           // an idle connection is closed after this long
     long max_body;           // bytes a request body may have
+    double ping_s;           // an idle stream gets an SSE comment (": ping") this often; 0: 10 s
 } ServeOptions;
 
 // Loads the model and its tokenizer, listens, prints "listening on http://HOST:PORT" on stderr and
