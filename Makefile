@@ -11,7 +11,7 @@ LDFLAGS += -fopenmp
 # Debian packages the build and the tests need; `make deps` installs whichever are missing, and
 # nodejs + npm when node or npm is missing (the tokenizer conformance tests run the JavaScript
 # reference; without node they are reported as skipped).
-DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev libmicrohttpd-dev bible-kjv
+DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev libmicrohttpd-dev bible-kjv curl
 
 LIB_SRC   := $(shell find src -name '*.c' ! -path 'src/cli/*' | sort)
 CLI_SRC   := $(sort $(wildcard src/cli/*.c))

@@ -3,7 +3,8 @@
 // port over a small model with a tokenizer made here: the official OpenAI client (node; skipped
 // without node/npm), greedy answers equal to `dsv3 generate`, concurrent requests equal to the same
 // requests alone, a client that disconnects cancels its sequence, the queue limit answers 503, a
-// corpus of bad requests sent raw gets 4xx with the OpenAI error body, the API key, SIGTERM exits 0.
+// corpus of bad requests sent raw and through curl gets 4xx with the OpenAI error body, the API key,
+// SIGTERM exits 0.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <jansson.h>
@@ -669,11 +670,36 @@ TEST(test_serve_bad_requests_get_4xx) {
         if (!ok && failed++ < 5) printf("    %s\n", why);
         free(r.head);
     }
+    // the same corpus again through curl (another client's framing: Expect, chunking choices, headers)
+    int curl_n = 0, curl_failed = 0;
+    char bodyfile[600], outfile[600];
+    snprintf(bodyfile, sizeof bodyfile, "%s/curl_body", test_tmpdir());
+    snprintf(outfile, sizeof outfile, "%s/curl_out", test_tmpdir());
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++, curl_n++) {
+        char body[512], out[256];
+        snprintf(body, sizeof body, "%s", bad[i].body);
+        if (strstr(body, "\\xff")) strcpy(body, "{\"prompt\": \"\xff\xfe\"}");
+        write_file(bodyfile, body);
+        int has_body = strcmp(bad[i].method, "GET") != 0 && strcmp(bad[i].method, "DELETE") != 0;
+        int rc = test_run(out, sizeof out,
+                          "curl -s -o '%s' -w '%%{http_code}' -X %s -H 'Content-Type: application/json' %s%s%s "
+                          "'http://127.0.0.1:%d%s'",
+                          outfile, bad[i].method, has_body ? "--data-binary '@" : "", has_body ? bodyfile : "",
+                          has_body ? "'" : "", s.port, bad[i].path);
+        Response r = {.status = rc == 0 ? atoi(out) : -1};
+        r.head = test_read_file(outfile, NULL);
+        r.body = r.head;
+        if (!check_error_body(&r, &bad[i], why, sizeof why) && curl_failed++ < 5) printf("    curl: %s\n", why);
+        free(r.head);
+    }
     Response h = http(s.port, "GET", "/health", NULL, "");
     int health = h.status;
     free(h.head);
     int rc = server_stop(&s);
-    printf("    %d bad requests, %d answered otherwise than expected\n", n, failed);
+    printf("    %d bad requests, %d answered otherwise than expected; through curl %d, %d\n", n, failed, curl_n,
+           curl_failed);
+    CHECK_MSG(curl_n >= 40 && curl_failed == 0, "curl: %d of %d bad requests were not refused as expected",
+              curl_failed, curl_n);
     CHECK_MSG(n >= 40 && failed == 0, "%d of %d bad requests were not refused as expected", failed, n);
     CHECK_MSG(health == 200, "/health after the bad requests: %d", health);
     CHECK_MSG(rc == 0, "SIGTERM: exit %d", rc);
