@@ -98,7 +98,10 @@ static int time_steps(const ModelConfig *c, const char *precision, int B, int T,
     TrainerOptions o = trainer_defaults();
     snprintf(o.precision, sizeof o.precision, "%s", precision);
     if (train_model_new(&m, c, B, T, err)) return -1;
-    if (trainer_recipe(&o, &m.recipe, &m.lowp, err) || adamw_init(&opt, &m, adamw_defaults(), err)) {
+    LinearRecipe recipe;
+    const LinearRecipe *lowp;
+    if (trainer_recipe(&o, &recipe, &lowp, err) || train_model_set_recipe(&m, lowp, err) ||
+        adamw_init(&opt, &m, adamw_defaults(), err)) {
         train_model_free(&m);
         return -1;
     }

@@ -411,3 +411,58 @@ TEST(test_train_forward_matches_golden_logits_v2lite_f16) { check_golden_logits(
 TEST(test_train_forward_matches_golden_logits_v2group) { check_golden_logits("v2group"); }
 TEST(test_train_forward_matches_golden_logits_fp8) { check_golden_logits("fp8"); }
 TEST(test_train_forward_matches_golden_logits_sharded) { check_golden_logits("v3_sharded"); }
+
+// FP8 storage of the linear layers' inputs (--precision fp8): the forward pass and every gradient
+// that no linear layer's weight gradient feeds are the same bits as with fp32 storage (the kept
+// buffers are read again only by weight gradients); the linear weights' gradients move by FP8
+// amounts (each kept input is off by at most 2^-4 relative plus half a subnormal unit of its
+// tile's scale) and the activation plan shrinks.
+TEST(test_train_fp8_storage_changes_only_weight_gradients) {
+    GoldenCase g[2];
+    char why[1024] = "";
+    Error err = {0};
+    LinearRecipe fp8 = {LOWP_E4M3, LOWP_E4M3, 0, {0, 1}};
+    for (int i = 0; i < 2; i++) {
+        CHECK_MSG(golden_load(&g[i], "v3", why, sizeof why) == 0, "%s", why);
+        if (i == 0) {  // the recipe without the FP8 plan
+            g[i].m.recipe = fp8;
+            g[i].m.lowp = &g[i].m.recipe;
+        } else {
+            CHECK_MSG(train_model_set_recipe(&g[i].m, &fp8, &err) == 0, "%s", err.msg);
+        }
+        CHECK_MSG(train_model_forward(&g[i].m, g[i].tokens, &err) == 0, "%s", err.msg);
+        train_model_zero_grad(&g[i].m);
+        CHECK_MSG(train_model_backward(&g[i].m, 1.0f, &err) == 0, "%s", err.msg);
+    }
+    CHECK(g[1].m.fp8_storage && !g[0].m.fp8_storage && g[1].m.act_bytes < g[0].m.act_bytes);
+    CHECK(g[0].m.loss.loss == g[1].m.loss.loss && g[0].m.loss.mtp == g[1].m.loss.mtp);
+    int same = 0, moved = 0;
+    double worst = 0;
+    for (int i = 0; i < g[0].m.n_tensors; i++) {
+        const TrainTensor *t = &g[0].m.tensors[i];
+        if (t->shared) continue;
+        const float *a = g[0].m.grads + t->offset, *b = g[1].m.grads + t->offset;
+        // the weights whose gradient reads a kept input: q_a/q_b/q/kv_a (ln1, cq), o_proj (ao),
+        // down_proj of the dense FFN, the shared and the routed experts (ffn_h, e_h)
+        int kept_input = strstr(t->name, "q_a_proj") || strstr(t->name, "q_b_proj") || strstr(t->name, ".q_proj") ||
+                         strstr(t->name, "kv_a_proj") || strstr(t->name, "o_proj") || strstr(t->name, "down_proj");
+        double diff = 0, scale = 0;
+        for (size_t j = 0; j < t->numel; j++) {
+            diff = fmax(diff, test_absdiff(a[j], b[j]));
+            scale = fmax(scale, fabs(a[j]));
+        }
+        if (!kept_input) {
+            CHECK_MSG(diff == 0, "%s: gradient changed by %.3g with FP8 storage", t->name, diff);
+            same++;
+        } else {
+            CHECK_MSG(diff > 0 && diff <= 0.15 * scale, "%s: gradient changed by %.3g of %.3g", t->name, diff, scale);
+            worst = fmax(worst, diff / scale);
+            moved++;
+        }
+    }
+    printf("    %d gradients the same bits, %d linear weights' moved by at most %.2g of their largest entry; "
+           "activations %.1f KB -> %.1f KB\n", same, moved, worst, g[0].m.act_bytes / 1e3, g[1].m.act_bytes / 1e3);
+    CHECK(same > 10 && moved > 10);
+    golden_free(&g[0]);
+    golden_free(&g[1]);
+}

@@ -81,6 +81,10 @@ typedef struct BackendOps {
     int (*add)(Backend *be, float *out, const float *a, const float *b, long n);
     // dst (n) = src rounded to BF16, to nearest even (a BF16 cache's rows)
     int (*to_bf16)(Backend *be, uint16_t *dst, const float *src, long n);
+    // an activation kept for the backward pass in FP8: rows × cols → E4M3 codes and a scale per
+    // 1 × 128 tile of a row (kernels/gemm_lowp.h), and back into fp32
+    int (*fp8_save)(Backend *be, uint8_t *codes, float *scales, const float *x, long rows, int cols);
+    int (*fp8_restore)(Backend *be, float *x, const uint8_t *codes, const float *scales, long rows, int cols);
 
     // attention over a latent cache (kernels/attention.h), forward and (plain, saved) backward
     int (*latent_attention)(Backend *be, const LatentAttention *a);

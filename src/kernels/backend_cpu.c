@@ -306,6 +306,18 @@ static int cpu_adamw(Backend *be, float *p, void *m, void *v, const float *g, lo
     return 0;
 }
 
+static int cpu_fp8_save(Backend *be, uint8_t *codes, float *scales, const float *x, long rows, int cols) {
+    (void)be;
+    lowp_fp8_save_rows(codes, scales, x, rows, cols);
+    return 0;
+}
+
+static int cpu_fp8_restore(Backend *be, float *x, const uint8_t *codes, const float *scales, long rows, int cols) {
+    (void)be;
+    lowp_fp8_restore_rows(x, codes, scales, rows, cols);
+    return 0;
+}
+
 static const BackendOps cpu_ops = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -333,6 +345,8 @@ static const BackendOps cpu_ops = {
     .crossentropy_backward = cpu_crossentropy_backward,
     .sum_squares = cpu_sum_squares,
     .adamw = cpu_adamw,
+    .fp8_save = cpu_fp8_save,
+    .fp8_restore = cpu_fp8_restore,
 };
 
 Backend *backend_cpu(void) {

@@ -125,6 +125,32 @@ void lowp_values(float *out, const float *x, long n, LowpFormat fmt, float scale
     for (; i < n; i++) out[i] = lowp_value(fmt, x[i], scale);
 }
 
+void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols) {
+    int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+    for (long r = 0; r < rows; r++)
+        for (int c = 0; c < kc; c++) {
+            const float *v = x + r * cols + (long)c * LOWP_FP8_CHUNK;
+            uint8_t *q = codes + r * cols + (long)c * LOWP_FP8_CHUNK;
+            int n = cols - c * LOWP_FP8_CHUNK < LOWP_FP8_CHUNK ? cols - c * LOWP_FP8_CHUNK : LOWP_FP8_CHUNK;
+            float amax = 0.0f;
+            for (int k = 0; k < n; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+            float s = fmaxf(amax, 1e-4f) / 448.0f;
+            scales[r * kc + c] = s;
+            for (int k = 0; k < n; k++) q[k] = fp8_e4m3_from_f32(v[k] / s);
+        }
+}
+
+void lowp_fp8_restore_rows(float *x, const uint8_t *codes, const float *scales, long rows, int cols) {
+    int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
+    float table[256];  // every code's value
+    for (int c = 0; c < 256; c++) table[c] = fp8_e4m3_to_f32((uint8_t)c);
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+    for (long r = 0; r < rows; r++)
+        for (int k = 0; k < cols; k++)
+            x[r * cols + k] = table[codes[r * cols + k]] * scales[r * kc + k / LOWP_FP8_CHUNK];
+}
+
 const char *gemm_lowp_isa(void) { return kernels_cpu_avx512bf16() ? "avx512bf16" : "portable"; }
 
 // The portable path: operands rounded into fp32 buffers, products by sgemm. FP8: one sgemm per

@@ -14,6 +14,7 @@
 #define DSV3_KERNELS_GEMM_LOWP_H
 
 #include <limits.h>
+#include <stdint.h>
 
 typedef enum { LOWP_BF16, LOWP_E4M3, LOWP_E5M2 } LowpFormat;
 
@@ -75,6 +76,13 @@ typedef struct LowpAccum {
 // operand is pointed at its buffer as lowp_fp8_scales does. accum NULL: fp32 accumulation.
 int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *scale_a, LowpOperand *B,
                      int scale_b_how, float *scale_b, int M, int N, int K, int add, const LowpAccum *accum);
+
+// Activations kept for the backward pass in FP8 (the report's low-precision storage): rows × cols
+// fp32 → E4M3 codes (rows × cols bytes) with one scale per 1 × 128 tile of a row (rows ×
+// ceil(cols / 128) floats, max(amax, 1e-4) / 448) — the codes the forward GEMM quantises the same
+// rows to — and back, code × scale in fp32. Threads over rows.
+void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols);
+void lowp_fp8_restore_rows(float *x, const uint8_t *codes, const float *scales, long rows, int cols);
 
 // Which path gemm_lowp takes: "avx512bf16" or "portable".
 const char *gemm_lowp_isa(void);

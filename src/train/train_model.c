@@ -70,11 +70,19 @@ static void plan_layer(const TrainModel *m, BufPlan *p, TrainLayerActs *t, int i
     long r = c->qk_rope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank;
     long Nr = c->n_routed_experts, K = c->num_experts_per_tok, Fm = c->moe_intermediate_size;
     long F = is_moe ? (long)c->n_shared_experts * Fm : c->intermediate_size;
+    memset(t->kept, 0, sizeof t->kept);
+    // a buffer that only a linear layer's weight gradient reads again: the layer's own fp32, or
+    // (FP8 storage) shared fp32 scratch plus the layer's FP8 copy
+#define KEPT(k, rows, cols)                                                                             \
+    (m->fp8_storage ? (t->kept[k] = (Fp8Kept){(uint8_t *)bufplan_take(p, (size_t)(rows) * (cols), 1),   \
+                                              PLAN_F(p, (rows) * (((cols) + 127) / 128)), (rows), (int)(cols)}, \
+                       s->kept_fp32[k])                                                                 \
+                    : PLAN_F(p, (rows) * (cols)))
     a->x_in = PLAN_F(p, N * d);
-    a->ln1 = PLAN_F(p, N * d);
+    a->ln1 = KEPT(KEPT_LN1, N, d);
     a->ln1_rstd = PLAN_F(p, N);
     a->qa = qr > 0 ? PLAN_F(p, N * qr) : NULL;
-    a->cq = qr > 0 ? PLAN_F(p, N * qr) : NULL;
+    a->cq = qr > 0 ? KEPT(KEPT_CQ, N, qr) : NULL;
     a->cq_rstd = qr > 0 ? PLAN_F(p, N) : NULL;
     a->q = PLAN_F(p, N * H * (nope + r));
     a->kva = s->kva;
@@ -84,14 +92,14 @@ static void plan_layer(const TrainModel *m, BufPlan *p, TrainLayerActs *t, int i
     t->kpe = PLAN_F(p, N * lmax(r, 1));
     a->kv = PLAN_F(p, N * H * (nope + v));
     a->att = PLAN_F(p, (long)B * H * T * T);
-    a->ao = PLAN_F(p, N * H * v);
+    a->ao = KEPT(KEPT_AO, N, H * v);
     a->y = s->y;
     a->x_mid = PLAN_F(p, N * d);
     a->ln2 = PLAN_F(p, N * d);
     a->ln2_rstd = PLAN_F(p, N);
     a->ffn_gate = F > 0 ? PLAN_F(p, N * F) : NULL;
     a->ffn_up = F > 0 ? PLAN_F(p, N * F) : NULL;
-    a->ffn_h = F > 0 ? PLAN_F(p, N * F) : NULL;
+    a->ffn_h = F > 0 ? KEPT(KEPT_FFN_H, N, F) : NULL;
     if (!is_moe) return;
     a->router = PLAN_F(p, N * Nr);
     a->scores = PLAN_F(p, N * Nr);
@@ -104,9 +112,10 @@ static void plan_layer(const TrainModel *m, BufPlan *p, TrainLayerActs *t, int i
     a->xg = s->xg;
     a->e_gate = PLAN_F(p, N * K * Fm);
     a->e_up = PLAN_F(p, N * K * Fm);
-    a->e_h = PLAN_F(p, N * K * Fm);
+    a->e_h = KEPT(KEPT_E_H, N * K, Fm);
     a->e_out = PLAN_F(p, N * K * d);
     a->bal_f = PLAN_F(p, (long)B * Nr);
+#undef KEPT
 }
 
 static void plan_acts(BufPlan *p, void *ctx) {
@@ -125,6 +134,13 @@ static void plan_acts(BufPlan *p, void *ctx) {
     a->y = PLAN_F(p, N * d);
     a->xg = PLAN_F(p, NK * d);
     a->attn = PLAN_F(p, (size_t)omp_get_max_threads() * a->attn_per_thread);
+    if (m->fp8_storage) {  // the kept buffers' fp32 form, as large as any layer's
+        a->kept_fp32[KEPT_LN1] = PLAN_F(p, N * d);
+        a->kept_fp32[KEPT_CQ] = PLAN_F(p, N * lmax(qr, 1));
+        a->kept_fp32[KEPT_AO] = PLAN_F(p, N * H * v);
+        a->kept_fp32[KEPT_FFN_H] = PLAN_F(p, N * F);
+        a->kept_fp32[KEPT_E_H] = PLAN_F(p, NK * lmax(Fm, 1));
+    }
     a->tokens = PLAN_I(p, (long)B * (T + 1));
     a->inputs = PLAN_I(p, N);
     a->targets = PLAN_I(p, N);
@@ -277,6 +293,25 @@ fail:
     return -1;
 }
 
+int train_model_set_recipe(TrainModel *m, const LinearRecipe *recipe, Error *err) {
+    if (recipe) m->recipe = *recipe;
+    m->lowp = recipe ? &m->recipe : NULL;
+    int want = recipe && recipe->fmt != LOWP_BF16;
+    if (want == m->fp8_storage) return 0;
+    m->fp8_storage = want;
+    size_t bytes = bufplan_size(plan_acts, m);
+    void *block = m->be->ops->alloc(m->be, bytes, "training activations");
+    if (!block) {
+        m->fp8_storage = !want;
+        return err_set(err, "micro-batch %d × %d: %s", m->B, m->T, m->be->err.msg);
+    }
+    m->be->ops->free(m->be, m->act_block);
+    m->act_block = block;
+    m->act_bytes = bytes;
+    bufplan_lay(plan_acts, m, block);
+    return 0;
+}
+
 void train_model_free(TrainModel *m) {
     free_block_tables(&m->p, &m->cfg);
     free_block_tables(&m->g, &m->cfg);
@@ -395,6 +430,24 @@ static int head_forward(TrainModel *m, const float *norm, const float *x, float 
     return 0;
 }
 
+// FP8 storage: a layer's kept buffers, which its forward left in the shared fp32 scratch, into its
+// FP8 copies; and back into the scratch before its backward pass.
+static int keep_layer(TrainModel *m, TrainLayerActs *t) {
+    for (int k = 0; k < N_KEPT; k++)
+        if (t->kept[k].rows)
+            TRY(m->be->ops->fp8_save(m->be, t->kept[k].codes, t->kept[k].scales, m->a.kept_fp32[k], t->kept[k].rows,
+                                     t->kept[k].cols));
+    return 0;
+}
+
+static int restore_layer(TrainModel *m, const TrainLayerActs *t) {
+    for (int k = 0; k < N_KEPT; k++)
+        if (t->kept[k].rows)
+            TRY(m->be->ops->fp8_restore(m->be, m->a.kept_fp32[k], t->kept[k].codes, t->kept[k].scales, t->kept[k].rows,
+                                        t->kept[k].cols));
+    return 0;
+}
+
 // MTP module k (1-based): rows (b, i), i < T − k, of the previous stage's h (rows T − k + 1 per
 // sequence) feed module k with Emb(t_{i+k}).
 static int mtp_forward(TrainModel *m, int k, long long *load, double *bal, double *loss) {
@@ -417,6 +470,7 @@ static int mtp_forward(TrainModel *m, int k, long long *load, double *bal, doubl
     TRY(be->ops->embedding(be, t->emb, &m->p.embed_tokens, t->in_tok, N));
     TRY(mtp_input_forward(be, m->lowp, c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
     TRY(layer_forward(&p, &w->layer, &t->layer.acts, load, &layer_bal));
+    TRY(keep_layer(m, &t->layer));
     *bal += layer_bal;
     return head_forward(m, w->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd, t->logits, t->lse,
                         t->losses, t->targets, N, loss);
@@ -439,6 +493,7 @@ static int forward(TrainModel *m, const int *tokens) {
         long long *load = m->p.layers[l].is_moe ? m->expert_load + (size_t)(j++) * Nr : NULL;
         LayerPass p = train_pass(m, &a->layers[l], T);
         TRY(layer_forward(&p, &m->p.layers[l], &a->layers[l].acts, load, &layer_bal));
+        TRY(keep_layer(m, &a->layers[l]));
         bal += layer_bal;
     }
     TRY(head_forward(m, m->p.norm, a->x_final, a->lnf, a->lnf_rstd, a->logits, a->lse, a->losses, a->targets, N,
@@ -497,6 +552,7 @@ static int mtp_backward(TrainModel *m, int k, float scale) {
     TRY(head_backward(m, w->shared_head_norm, g->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd,
                       t->logits, t->lse, t->targets, N, scale * m->obj.mtp_lambda / D / N, t->dh_out, a->dres));
     LayerPass p = train_pass(m, &t->layer, Tk);
+    TRY(restore_layer(m, &t->layer));
     TRY(layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale));
     memset(a->demb, 0, sizeof(float) * N * d);
     memset(a->dh_prev, 0, sizeof(float) * N * d);
@@ -527,6 +583,7 @@ static int backward(TrainModel *m, float scale) {
                       scale / N, a->dlnf, a->dres));
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         LayerPass p = train_pass(m, &a->layers[l], T);
+        TRY(restore_layer(m, &a->layers[l]));
         TRY(layer_backward(&p, &m->p.layers[l], &m->g.layers[l], &a->layers[l].acts, &a->gs, a->dres, scale));
     }
     return m->be->ops->embedding_backward(m->be, &m->g.embed_tokens, a->dres, a->inputs, N);

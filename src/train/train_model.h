@@ -43,10 +43,23 @@ typedef struct TrainTensor {
 } TrainTensor;
 
 // What one decoder layer keeps for its backward pass. N = B·T rows.
+// The linear layers' inputs that only their weight gradients read again — kept in FP8 between the
+// forward and the backward pass under --precision fp8, as the V3 report stores them (§3.3.3).
+enum { KEPT_LN1, KEPT_CQ, KEPT_AO, KEPT_FFN_H, KEPT_E_H, N_KEPT };
+
+typedef struct Fp8Kept {
+    uint8_t *codes;   // (rows, cols) E4M3
+    float *scales;    // (rows, ceil(cols / 128)) one per 1 × 128 tile
+    long rows;        // 0: not kept (the buffer is the layer's own fp32)
+    int cols;
+} Fp8Kept;
+
 typedef struct TrainLayerActs {
     LayerActs acts;   // what the layer's forward saves (src/model/layer.h)
     float *ckv;       // (N, kv_lora) the layer's latent store: the normalised latents
     float *kpe;       // (N, rope) and the rotated shared keys
+    Fp8Kept kept[N_KEPT];  // FP8 copies of ln1, cq, ao, ffn_h, e_h; their acts pointers then lead to
+                           // shared fp32 scratch, filled again from here before the backward pass
 } TrainLayerActs;
 
 typedef struct TrainMtpActs {
@@ -79,6 +92,7 @@ typedef struct TrainActs {
     float *y;                 // (B·T, d) a sub-layer's output
     float *xg;                // (B·T·K_r, d) routed tokens' inputs gathered by slot
     float *attn;              // (threads, attn_per_thread) attention scratch
+    float *kept_fp32[N_KEPT]; // FP8 storage: the kept buffers' fp32 form, shared by every layer
     size_t attn_per_thread;
     LayerGradScratch gs;      // the backward pass's scratch
     float *dres, *dlnf;       // (B·T, d) residual and final-norm gradients
@@ -124,11 +138,16 @@ typedef struct TrainModel {
     // The linear layers' operand precision (dsv3 train --precision): NULL for fp32, else &recipe.
     LinearRecipe recipe;
     const LinearRecipe *lowp;
+    int fp8_storage;  // the activation plan keeps the linear layers' inputs in FP8 (Fp8Kept)
 } TrainModel;
 
 // Lays out parameters, gradients and activations for micro-batches of B × (T + 1) tokens;
 // parameters are zero until train_model_init_random or train_model_load.
 int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *err);
+// Sets the linear layers' precision (NULL: fp32). FP8 also lays the activations out again with the
+// linear layers' inputs kept in FP8 between the passes (smaller act_bytes); the activations'
+// contents are lost, the parameters and gradients kept.
+int train_model_set_recipe(TrainModel *m, const LinearRecipe *recipe, Error *err);
 void train_model_free(TrainModel *m);
 // Linear, embedding, head and router weights ~ N(0, initializer_range); norms 1; router bias 0.
 void train_model_init_random(TrainModel *m, uint64_t seed);

@@ -412,7 +412,9 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     }
     if (config_load(&c, cfg_path, err)) return -1;
     if (train_model_new(&r->m, &c, r->o.batch, r->o.seq, err)) return -1;
-    if (trainer_recipe(&r->o, &r->m.recipe, &r->m.lowp, err)) return -1;
+    LinearRecipe recipe;
+    const LinearRecipe *lowp;
+    if (trainer_recipe(&r->o, &recipe, &lowp, err) || train_model_set_recipe(&r->m, lowp, err)) return -1;
     r->m.obj.mtp_lambda = r->o.mtp_lambda;
     r->m.obj.seq_aux_alpha = r->o.seq_aux_alpha;
     AdamWConfig ac = adamw_defaults();
@@ -455,7 +457,9 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         err_set(err, "%s: the run directory already holds a run; continue it with --resume %s", o->out, o->out);
         goto done;
     }
-    if (trainer_recipe(o, &r->m.recipe, &r->m.lowp, err)) goto done;  // checked before anything is written
+    LinearRecipe recipe;
+    const LinearRecipe *lowp;
+    if (trainer_recipe(o, &recipe, &lowp, err)) goto done;  // checked before anything is written
     if (make_dirs(o->out, err) || setup(r, resume, ckpt, sizeof ckpt, err)) goto done;
     if (resume && truncate_metrics(metrics, r->step, err)) goto done;
     if (r->step >= o->steps) {
