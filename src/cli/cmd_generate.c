@@ -14,6 +14,7 @@
 #include "infer/engine.h"
 #include "model/model.h"
 #include "text/tokenizer.h"
+#include "text/token_list.h"
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
                                      "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype",
@@ -54,47 +55,6 @@ static int prompt_ids(const Args *a, const char *dir, Tokenizer **tok, int **ids
     *ids = v.v;  // the list's buffer becomes the caller's (freed with free())
     *n = (int)v.n;
     return 0;
-}
-
-// --batch-file: one prompt per line as comma-separated ids. *lines gets each line's ids (a list of
-// n malloc'd lists); an empty or malformed line is an error naming it.
-static int read_batch_file(const char *path, int ***lines, int **lens, int *n, Error *err) {
-    size_t len;
-    char *text = file_read_all(path, &len, err);
-    if (!text) return -1;
-    int cap = 16, rc = 0;
-    *n = 0;
-    *lines = malloc(sizeof **lines * cap);
-    *lens = malloc(sizeof **lens * cap);
-    if (!*lines || !*lens) rc = err_set(err, "%s: out of memory", path);
-    char *line = text;
-    for (int no = 1; rc == 0 && *line; no++) {
-        char *end = strchr(line, '\n');
-        if (end) *end = '\0';
-        size_t l = strlen(line);
-        if (l > 0 && line[l - 1] == '\r') line[--l] = '\0';
-        if (*n == cap) {
-            cap *= 2;
-            int **nl = realloc(*lines, sizeof **lines * cap);
-            int *nn = nl ? realloc(*lens, sizeof **lens * cap) : NULL;
-            if (nl) *lines = nl;
-            if (nn) *lens = nn;
-            if (!nl || !nn) {
-                rc = err_set(err, "%s: out of memory", path);
-                break;
-            }
-        }
-        if (parse_token_list(line, &(*lines)[*n], &(*lens)[*n], err)) {
-            rc = err_prefix(err, "%s: line %d", path, no);
-            break;
-        }
-        (*n)++;
-        if (!end) break;
-        line = end + 1;
-    }
-    if (rc == 0 && *n == 0) rc = err_set(err, "%s: no prompts", path);
-    free(text);
-    return rc;
 }
 
 // What the command collects from the engine.
@@ -188,7 +148,7 @@ int cmd_generate(int argc, char **argv) {
             err_set(&err, "--chat and --system need --prompt");
             return cli_fail(cmd, &err);
         }
-        if (read_batch_file(batch, &prompts, &lens, &np, &err)) goto done_prompts;
+        if (token_lists_read(batch, &prompts, &lens, &np, &err)) goto done_prompts;
     } else {
         prompts = malloc(sizeof *prompts);
         lens = malloc(sizeof *lens);
@@ -273,9 +233,7 @@ done:
 done_prompts:
     cli_fail(cmd, &err);
 done_free:
-    for (int i = 0; i < np; i++) free(prompts[i]);
-    free(prompts);
-    free(lens);
+    token_lists_free(prompts, lens, np);
     tok_free(tok);
     return rc;
 }

@@ -5,43 +5,10 @@
 #include <time.h>
 
 #include "cli/util.h"
+#include "text/token_list.h"
 
 int parse_token_list(const char *s, int **out, int *n, Error *err) {
-    int cap = 16, cnt = 0;
-    int *v = malloc(sizeof(int) * cap);
-    if (!v) return err_set(err, "out of memory");
-    const char *p = s;
-    for (;;) {
-        while (*p == ' ') p++;
-        char *end;
-        errno = 0;
-        long x = strtol(p, &end, 10);
-        if (end == p || errno || x < 0 || x > 0x7fffffff) {
-            free(v);
-            return err_set(err, "--tokens: item %d ('%.20s') is not a token id", cnt + 1, p);
-        }
-        if (cnt == cap) {
-            cap *= 2;
-            int *nv = realloc(v, sizeof(int) * cap);
-            if (!nv) {
-                free(v);
-                return err_set(err, "out of memory");
-            }
-            v = nv;
-        }
-        v[cnt++] = (int)x;
-        p = end;
-        while (*p == ' ') p++;
-        if (*p == 0) break;
-        if (*p != ',') {
-            free(v);
-            return err_set(err, "--tokens: unexpected '%c' after item %d", *p, cnt);
-        }
-        p++;
-    }
-    *out = v;
-    *n = cnt;
-    return 0;
+    return token_list_parse(s, out, n, err) ? err_prefix(err, "--tokens") : 0;
 }
 
 int cli_fail(const char *cmd, const Error *err) {
