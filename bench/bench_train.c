@@ -132,7 +132,7 @@ static int time_steps(const ModelConfig *c, const char *precision, int B, int T,
 }
 
 int main(void) {
-    double peak32 = sgemm_peak(2048, 5), peak16 = bf16_peak(2048, 5);
+    double peak32 = sgemm_peak(2048, 5), peak16 = bf16_peak(2048, 5), unit16 = bench_bf16_unit_peak();
     const char *cfg_path = "bench/configs/v3-10m-train.json";
     enum { B = 8, T = 256, WARM = 2, STEPS = 6 };
     Error err = {0};
@@ -150,8 +150,8 @@ int main(void) {
     free(mp.mtp);
     printf("train %s: batch %d x seq %d, %d threads, kernels %s, %.1f MFLOP per token\n", cfg_path, B, T,
            omp_get_max_threads(), kernels_isa(), per_token / 1e6);
-    printf("  GEMM peaks (2048^3): fp32 sgemm %.1f GFLOP/s, bf16 gemm_lowp (%s) %.1f GFLOP/s\n", peak32,
-           gemm_lowp_isa(), peak16);
+    printf("  GEMM peaks (2048^3): fp32 sgemm %.1f GFLOP/s, bf16 gemm_lowp (%s) %.1f GFLOP/s; the BF16 dot-product "
+           "unit on registers %.1f GFLOP/s\n", peak32, gemm_lowp_isa(), peak16, unit16);
     const char *prec[3] = {"fp32", "bf16", "fp8"};
     double base = 0;
     for (int p = 0; p < 3; p++) {
@@ -163,10 +163,13 @@ int main(void) {
         }
         double tps = B * T / t, peak_g = p == 0 ? peak32 : peak16;
         if (p == 0) base = t;
-        printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s, MFU %4.1f%% of the %s peak, "
+        double gf = tps * per_token / 1e9;
+        char unit[64] = "";
+        if (p > 0 && unit16 > 0) snprintf(unit, sizeof unit, " (%.1f%% of the unit)", 100 * gf / unit16);
+        printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s, MFU %4.1f%% of the %s GEMM peak%s, "
                "%.2fx fp32's step; activations %.0f MB, peak resident %.0f MB\n",
-               prec[p], t, STEPS, tps, tps * per_token / 1e9, 100 * tps * per_token / 1e9 / peak_g,
-               p == 0 ? "fp32" : "bf16", t / base, act / 1e6, peak / 1e6);
+               prec[p], t, STEPS, tps, gf, 100 * gf / peak_g, p == 0 ? "fp32" : "bf16", unit, t / base, act / 1e6,
+               peak / 1e6);
     }
     return 0;
 }
