@@ -53,6 +53,14 @@ int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpo
 // Dequantises columns [c0, c0 + n) of row r into out[n].
 void matview_row_avx512(const MatView *w, int r, int c0, int n, float *out);
 
+// ops.c's exp-bound loops (ops_avx512.c): out = e^(x - shift); a softmax row in place; Σ e^(x - shift)
+// in double; SwiGLU forward and backward.
+void exp_n_avx512(float *out, const float *x, long n, float shift);
+void softmax_avx512(float *x, int n);
+double sum_exp_avx512(const float *x, int n, float shift);
+void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n);
+void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n);
+
 // gemm_lowp's pieces: lowp_values over the leading multiple of 16 (returns how many), and one
 // thread's share of the product, the block rows [m_begin, m_end) × columns [n_begin, n_end) of C.
 long lowp_values_avx512(float *out, const float *x, long n, LowpFormat fmt, float scale);

@@ -1,6 +1,7 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "kernels/kernels_cpu.h"
 #include "kernels/ops.h"
 
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps) {
@@ -35,10 +36,18 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 void swiglu_forward(float *out, const float *gate, const float *up, long n) {
+    if (kernels_cpu_avx512()) {
+        swiglu_forward_avx512(out, gate, up, n);
+        return;
+    }
     for (long i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n) {
+    if (kernels_cpu_avx512()) {
+        swiglu_backward_avx512(dgate, dup, dout, gate, up, n);
+        return;
+    }
     for (long i = 0; i < n; i++) {
         float s = 1.0f / (1.0f + expf(-gate[i]));
         float silu = gate[i] * s;
@@ -48,6 +57,10 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
 }
 
 void softmax_inplace(float *x, int n) {
+    if (kernels_cpu_avx512()) {
+        softmax_avx512(x, n);
+        return;
+    }
     float m = -INFINITY;
     for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
     float s = 0;
@@ -153,7 +166,9 @@ double crossentropy_forward(float *losses, float *lse, const float *logits, cons
         float mx = -INFINITY;
         for (int i = 0; i < V; i++) mx = l[i] > mx ? l[i] : mx;
         double s = 0;
-        for (int i = 0; i < V; i++) s += expf(l[i] - mx);
+        if (kernels_cpu_avx512()) s = sum_exp_avx512(l, V, mx);
+        else
+            for (int i = 0; i < V; i++) s += expf(l[i] - mx);
         lse[n] = mx + (float)log(s);
         losses[n] = lse[n] - l[targets[n]];
     }
@@ -166,7 +181,12 @@ void crossentropy_backward(float *logits, const float *lse, const int *targets, 
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         float *l = logits + (size_t)n * V;
-        for (int i = 0; i < V; i++) l[i] = expf(l[i] - lse[n]) * dloss;
+        if (kernels_cpu_avx512()) {
+            exp_n_avx512(l, l, V, lse[n]);
+            for (int i = 0; i < V; i++) l[i] *= dloss;
+        } else {
+            for (int i = 0; i < V; i++) l[i] = expf(l[i] - lse[n]) * dloss;
+        }
         l[targets[n]] -= dloss;
     }
 }
