@@ -211,8 +211,8 @@ static double accum_group(double acc, const double *t, int n, int bits) {
 
 // FP8 products with the accumulation emulated (accum->bits > 0): with promotion each 128-chunk of
 // code products is summed that way and promoted (× the two scales, fp32 fused multiply-add into C);
-// without, every product of scaled values goes into one limited sum over all of K. Slow (one
-// scalar path): for ablations and the error table, not for speed.
+// without, every product of scaled values goes into one limited sum over all of K. For ablations
+// and the error table, not for speed: a vector path over 16 columns (bits <= 18), else scalar.
 static int gemm_lowp_emulated(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int M, int N, int K,
                               int add, const LowpAccum *accum) {
     float *a = malloc(sizeof(float) * ((size_t)M * K + (size_t)N * K + 1));
@@ -232,6 +232,31 @@ static int gemm_lowp_emulated(float *C, int ldc, const LowpOperand *A, const Low
             b[(size_t)j * K + k] = lowp_value(B->fmt, elem(B, j, k), s) * (promote ? 1.0f : s);
         }
     int chunk = promote ? LOWP_FP8_CHUNK : (K > 0 ? K : 1);
+    if (kernels_cpu_avx512() && accum->bits <= 18) {
+        // the vector path: B transposed (K × N) and the promotion's scales laid out per chunk
+        int nch = (K + chunk - 1) / chunk;
+        float *bt = malloc(sizeof(float) * ((size_t)K * N + (size_t)M * nch + (size_t)nch * N + 1));
+        if (!bt) {
+            free(a);
+            return -1;
+        }
+        float *sa = bt + (size_t)K * N, *sbt = sa + (size_t)M * nch;
+        for (int j = 0; j < N; j++)
+            for (int k = 0; k < K; k++) bt[(size_t)k * N + j] = b[(size_t)j * K + k];
+        for (int ch = 0; ch < nch; ch++) {
+            for (int i = 0; i < M; i++) sa[(size_t)i * nch + ch] = promote ? op_scale(A, i, ch * chunk) : 1.0f;
+            for (int j = 0; j < N; j++) sbt[(size_t)ch * N + j] = promote ? op_scale(B, j, ch * chunk) : 1.0f;
+        }
+#pragma omp parallel
+        {
+            int nt = omp_get_num_threads(), t = omp_get_thread_num();
+            emulated_rows_avx512(C, ldc, a, bt, N, K, (int)((long)M * t / nt), (int)((long)M * (t + 1) / nt), chunk,
+                                 accum->bits, promote, sa, sbt, add);
+        }
+        free(bt);
+        free(a);
+        return 0;
+    }
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {

@@ -262,3 +262,58 @@ AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, con
     }
     return 0;
 }
+
+// The emulated limited accumulation (gemm_lowp.c's accum_group, LowpAccum) over 16 columns at a
+// time: rows [i0, i1) of C from a (rows of K values) and bt (K rows of N values, the B operand
+// transposed), each chunk of K (all of it without promotion) summed in groups of 32 products on
+// the grid 2^(e - bits) of the group's largest magnitude (running sum included), then promoted with
+// sa[i * nch + chunk] · sbt[chunk * N + j] (promote) or added. Exact in fp32 for bits <= 18: 33
+// values on one grid below 2^e never need more than bits + 6 significant bits. A lane whose
+// largest magnitude is inf or NaN sums plainly, as the scalar path does.
+AVX512 void emulated_rows_avx512(float *C, int ldc, const float *a, const float *bt, int N, int K, int i0, int i1,
+                                 int chunk, int bits, int promote, const float *sa, const float *sbt, int add) {
+    const int nch = (K + chunk - 1) / chunk;
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)), one = _mm512_set1_ps(1.0f);
+    const __m512 fbits = _mm512_set1_ps((float)bits), inf = _mm512_set1_ps(INFINITY);
+    for (int i = i0; i < i1; i++)
+        for (int j = 0; j < N; j += 16) {
+            __mmask16 m = tail_mask(N - j);
+            float *c = C + (size_t)i * ldc + j;
+            __m512 out = add ? _mm512_maskz_loadu_ps(m, c) : _mm512_setzero_ps();
+            for (int ch = 0; ch < nch; ch++) {
+                int k0 = ch * chunk, k1 = k0 + chunk < K ? k0 + chunk : K;
+                __m512 acc = _mm512_setzero_ps();
+                for (int g = k0; g < k1; g += 32) {
+                    int n = k1 - g < 32 ? k1 - g : 32;
+                    const float *ai = a + (size_t)i * K + g;
+                    __m512 big = _mm512_and_ps(acc, abs_mask);
+                    for (int k = 0; k < n; k++) {
+                        __m512 t = _mm512_mul_ps(_mm512_set1_ps(ai[k]), _mm512_maskz_loadu_ps(m, bt + (size_t)(g + k) * N + j));
+                        big = _mm512_max_ps(big, _mm512_and_ps(t, abs_mask));
+                    }
+                    __mmask16 finite = _mm512_cmp_ps_mask(big, inf, _CMP_LT_OQ);
+                    __mmask16 zero = _mm512_cmp_ps_mask(big, _mm512_setzero_ps(), _CMP_EQ_OQ);
+                    // big in [2^(e-1), 2^e): e = floor(log2 big) + 1; the grid q = 2^(e - bits)
+                    __m512 e = _mm512_maskz_mov_ps(finite & ~zero, _mm512_add_ps(_mm512_getexp_ps(big), one));
+                    __m512 q = _mm512_scalef_ps(one, _mm512_sub_ps(e, fbits));
+                    __m512 iq = _mm512_scalef_ps(one, _mm512_sub_ps(fbits, e));
+                    __m512 s = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(acc, iq), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), q);
+                    __m512 plain = acc;
+                    for (int k = 0; k < n; k++) {
+                        __m512 t = _mm512_mul_ps(_mm512_set1_ps(ai[k]), _mm512_maskz_loadu_ps(m, bt + (size_t)(g + k) * N + j));
+                        s = _mm512_add_ps(s, _mm512_mul_ps(
+                                                 _mm512_roundscale_ps(_mm512_mul_ps(t, iq), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC), q));
+                        plain = _mm512_add_ps(plain, t);
+                    }
+                    acc = _mm512_mask_blend_ps(finite, plain, s);
+                }
+                if (promote) {
+                    __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa[(size_t)i * nch + ch]), _mm512_maskz_loadu_ps(m, sbt + (size_t)ch * N + j));
+                    out = _mm512_fmadd_ps(acc, scale, out);
+                } else {
+                    out = _mm512_add_ps(out, acc);
+                }
+            }
+            _mm512_mask_storeu_ps(c, m, out);
+        }
+}
