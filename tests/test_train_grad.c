@@ -412,12 +412,12 @@ TEST(test_train_forward_matches_golden_logits_v2group) { check_golden_logits("v2
 TEST(test_train_forward_matches_golden_logits_fp8) { check_golden_logits("fp8"); }
 TEST(test_train_forward_matches_golden_logits_sharded) { check_golden_logits("v3_sharded"); }
 
-// FP8 storage of the linear layers' inputs (--precision fp8): the forward pass and every gradient
-// that no linear layer's weight gradient feeds are the same bits as with fp32 storage (the kept
-// buffers are read again only by weight gradients); the linear weights' gradients move by FP8
-// amounts (each kept input is off by at most 2^-4 relative plus half a subnormal unit of its
-// tile's scale) and the activation plan shrinks.
-TEST(test_train_fp8_storage_changes_only_weight_gradients) {
+// FP8 storage (--precision fp8): the forward pass is the same bits as with fp32 storage (the kept
+// buffers are read again only by the backward pass), so are the gradients computed before any
+// layer's backward pass (the head's, the MTP module's final norm); every other gradient moves by FP8 amounts
+// (each kept value is off by at most 2^-4 relative plus half a subnormal unit of its tile's scale)
+// and the activation plan shrinks.
+TEST(test_train_fp8_storage_changes_only_the_layers_gradients) {
     GoldenCase g[2];
     char why[1024] = "";
     Error err = {0};
@@ -440,12 +440,12 @@ TEST(test_train_fp8_storage_changes_only_weight_gradients) {
     double worst = 0;
     for (int i = 0; i < g[0].m.n_tensors; i++) {
         const TrainTensor *t = &g[0].m.tensors[i];
-        if (t->shared) continue;
+        if (t->shared || t->kind == TENSOR_BIAS) continue;  // (the router bias has no gradient)
         const float *a = g[0].m.grads + t->offset, *b = g[1].m.grads + t->offset;
-        // the weights whose gradient reads a kept input: q_a/q_b/q/kv_a (ln1, cq), o_proj (ao),
-        // down_proj of the dense FFN, the shared and the routed experts (ffn_h, e_h)
-        int kept_input = strstr(t->name, "q_a_proj") || strstr(t->name, "q_b_proj") || strstr(t->name, ".q_proj") ||
-                         strstr(t->name, "kv_a_proj") || strstr(t->name, "o_proj") || strstr(t->name, "down_proj");
+        // the gradients computed before any layer's backward pass: the output head (shared by the
+        // MTP module) and the MTP module's final norm (the main one also takes the MTP module's
+        // input gradient, which comes through its layer)
+        int kept_input = !(strstr(t->name, "lm_head") || strstr(t->name, "shared_head.norm"));
         double diff = 0, scale = 0;
         for (size_t j = 0; j < t->numel; j++) {
             diff = fmax(diff, test_absdiff(a[j], b[j]));
@@ -454,15 +454,17 @@ TEST(test_train_fp8_storage_changes_only_weight_gradients) {
         if (!kept_input) {
             CHECK_MSG(diff == 0, "%s: gradient changed by %.3g with FP8 storage", t->name, diff);
             same++;
-        } else {
-            CHECK_MSG(diff > 0 && diff <= 0.15 * scale, "%s: gradient changed by %.3g of %.3g", t->name, diff, scale);
+        } else {  // (the last layer's router reads no kept buffer: it may stay the same)
+            // at most two kept values meet in one product (SwiGLU's backward: up × σ'(gate)):
+            // (1 + 2^-4)² − 1 ≈ 0.13 of the largest entry, and less once summed
+            CHECK_MSG(diff <= 0.15 * scale, "%s: gradient changed by %.3g of %.3g", t->name, diff, scale);
             worst = fmax(worst, diff / scale);
-            moved++;
+            moved += diff > 0;
         }
     }
-    printf("    %d gradients the same bits, %d linear weights' moved by at most %.2g of their largest entry; "
+    printf("    %d gradients the same bits, %d moved by at most %.2g of their largest entry; "
            "activations %.1f KB -> %.1f KB\n", same, moved, worst, g[0].m.act_bytes / 1e3, g[1].m.act_bytes / 1e3);
-    CHECK(same > 10 && moved > 10);
+    CHECK(same >= 2 && moved > 50);
     golden_free(&g[0]);
     golden_free(&g[1]);
 }

@@ -97,9 +97,9 @@ static void plan_layer(const TrainModel *m, BufPlan *p, TrainLayerActs *t, int i
     a->x_mid = PLAN_F(p, N * d);
     a->ln2 = PLAN_F(p, N * d);
     a->ln2_rstd = PLAN_F(p, N);
-    a->ffn_gate = F > 0 ? PLAN_F(p, N * F) : NULL;
-    a->ffn_up = F > 0 ? PLAN_F(p, N * F) : NULL;
-    a->ffn_h = F > 0 ? KEPT(KEPT_FFN_H, N, F) : NULL;
+    a->ffn_gate = F > 0 ? KEPT(KEPT_FFN_GATE, N, F) : NULL;
+    a->ffn_up = F > 0 ? KEPT(KEPT_FFN_UP, N, F) : NULL;
+    a->ffn_h = F > 0 ? (m->fp8_storage ? s->ffn_h_fp32 : PLAN_F(p, N * F)) : NULL;
     if (!is_moe) return;
     a->router = PLAN_F(p, N * Nr);
     a->scores = PLAN_F(p, N * Nr);
@@ -110,9 +110,9 @@ static void plan_layer(const TrainModel *m, BufPlan *p, TrainLayerActs *t, int i
     a->slot_tk_token = PLAN_I(p, N * K);
     a->expert_off = PLAN_I(p, Nr + 1);
     a->xg = s->xg;
-    a->e_gate = PLAN_F(p, N * K * Fm);
-    a->e_up = PLAN_F(p, N * K * Fm);
-    a->e_h = KEPT(KEPT_E_H, N * K, Fm);
+    a->e_gate = KEPT(KEPT_E_GATE, N * K, Fm);
+    a->e_up = KEPT(KEPT_E_UP, N * K, Fm);
+    a->e_h = m->fp8_storage ? s->e_h_fp32 : PLAN_F(p, N * K * Fm);
     a->e_out = PLAN_F(p, N * K * d);
     a->bal_f = PLAN_F(p, (long)B * Nr);
 #undef KEPT
@@ -138,8 +138,12 @@ static void plan_acts(BufPlan *p, void *ctx) {
         a->kept_fp32[KEPT_LN1] = PLAN_F(p, N * d);
         a->kept_fp32[KEPT_CQ] = PLAN_F(p, N * lmax(qr, 1));
         a->kept_fp32[KEPT_AO] = PLAN_F(p, N * H * v);
-        a->kept_fp32[KEPT_FFN_H] = PLAN_F(p, N * F);
-        a->kept_fp32[KEPT_E_H] = PLAN_F(p, NK * lmax(Fm, 1));
+        a->kept_fp32[KEPT_FFN_GATE] = PLAN_F(p, N * F);
+        a->kept_fp32[KEPT_FFN_UP] = PLAN_F(p, N * F);
+        a->ffn_h_fp32 = PLAN_F(p, N * F);
+        a->kept_fp32[KEPT_E_GATE] = PLAN_F(p, NK * lmax(Fm, 1));
+        a->kept_fp32[KEPT_E_UP] = PLAN_F(p, NK * lmax(Fm, 1));
+        a->e_h_fp32 = PLAN_F(p, NK * lmax(Fm, 1));
     }
     a->tokens = PLAN_I(p, (long)B * (T + 1));
     a->inputs = PLAN_I(p, N);
@@ -445,6 +449,11 @@ static int restore_layer(TrainModel *m, const TrainLayerActs *t) {
         if (t->kept[k].rows)
             TRY(m->be->ops->fp8_restore(m->be, m->a.kept_fp32[k], t->kept[k].codes, t->kept[k].scales, t->kept[k].rows,
                                         t->kept[k].cols));
+    // the SwiGLU outputs from the restored inputs (the report recomputes them rather than keep them)
+    const Fp8Kept *fg = &t->kept[KEPT_FFN_GATE], *eg = &t->kept[KEPT_E_GATE];
+    if (fg->rows)
+        TRY(m->be->ops->swiglu(m->be, t->acts.ffn_h, t->acts.ffn_gate, t->acts.ffn_up, fg->rows * fg->cols));
+    if (eg->rows) TRY(m->be->ops->swiglu(m->be, t->acts.e_h, t->acts.e_gate, t->acts.e_up, eg->rows * eg->cols));
     return 0;
 }
 

@@ -43,9 +43,11 @@ typedef struct TrainTensor {
 } TrainTensor;
 
 // What one decoder layer keeps for its backward pass. N = B·T rows.
-// The linear layers' inputs that only their weight gradients read again — kept in FP8 between the
-// forward and the backward pass under --precision fp8, as the V3 report stores them (§3.3.3).
-enum { KEPT_LN1, KEPT_CQ, KEPT_AO, KEPT_FFN_H, KEPT_E_H, N_KEPT };
+// Activations kept in FP8 between the forward and the backward pass under --precision fp8, as the V3
+// report stores them (§3.3.3): the linear layers' inputs that only their weight gradients read again,
+// and the SwiGLU inputs (gate, up) of the dense FFN, the shared and the routed experts, whose output
+// (the down projections' input) is then not kept at all but computed again from them.
+enum { KEPT_LN1, KEPT_CQ, KEPT_AO, KEPT_FFN_GATE, KEPT_FFN_UP, KEPT_E_GATE, KEPT_E_UP, N_KEPT };
 
 typedef struct Fp8Kept {
     uint8_t *codes;   // (rows, cols) E4M3
@@ -58,8 +60,9 @@ typedef struct TrainLayerActs {
     LayerActs acts;   // what the layer's forward saves (src/model/layer.h)
     float *ckv;       // (N, kv_lora) the layer's latent store: the normalised latents
     float *kpe;       // (N, rope) and the rotated shared keys
-    Fp8Kept kept[N_KEPT];  // FP8 copies of ln1, cq, ao, ffn_h, e_h; their acts pointers then lead to
-                           // shared fp32 scratch, filled again from here before the backward pass
+    Fp8Kept kept[N_KEPT];  // FP8 copies of ln1, cq, ao and the SwiGLU inputs; their acts pointers (and
+                           // ffn_h's, e_h's) then lead to shared fp32 scratch, filled again from here
+                           // (ffn_h and e_h computed again) before the layer's backward pass
 } TrainLayerActs;
 
 typedef struct TrainMtpActs {
@@ -93,6 +96,7 @@ typedef struct TrainActs {
     float *xg;                // (B·T·K_r, d) routed tokens' inputs gathered by slot
     float *attn;              // (threads, attn_per_thread) attention scratch
     float *kept_fp32[N_KEPT]; // FP8 storage: the kept buffers' fp32 form, shared by every layer
+    float *ffn_h_fp32, *e_h_fp32;  // and the SwiGLU outputs', computed again from the kept inputs
     size_t attn_per_thread;
     LayerGradScratch gs;      // the backward pass's scratch
     float *dres, *dlnf;       // (B·T, d) residual and final-norm gradients
