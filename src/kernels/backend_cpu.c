@@ -8,6 +8,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/convert.h"
+#include "kernels/kernels_cpu.h"
 #include "kernels/ops.h"
 
 static int fail(Backend *be, const char *op, const char *what) {
@@ -286,6 +287,14 @@ static int cpu_adamw(Backend *be, float *p, void *m, void *v, const float *g, lo
     (void)be;
     if (!s->moments_bf16) {
         float *mf = m, *vf = v;
+        if (kernels_cpu_avx512()) {
+            enum { PART = 1 << 14 };  // threads take parts of 16K parameters
+#pragma omp parallel for schedule(static)
+            for (long c = 0; c < n; c += PART)
+                adamw_avx512(p + c, mf + c, vf + c, g + c, n - c < PART ? n - c : PART, s->lr, s->beta1, s->beta2,
+                             s->eps, s->bc1, s->bc2, s->clip, s->shrink);
+            return 0;
+        }
 #pragma omp parallel for schedule(static)
         for (long j = 0; j < n; j++) adamw_elem(p + j, mf + j, vf + j, g[j], s);
         return 0;
@@ -299,7 +308,10 @@ static int cpu_adamw(Backend *be, float *p, void *m, void *v, const float *g, lo
         long k = n - c < CHUNK ? n - c : CHUNK;
         bf16_to_f32_n(mf, mb + c, (size_t)k);
         bf16_to_f32_n(vf, vb + c, (size_t)k);
-        for (long j = 0; j < k; j++) adamw_elem(p + c + j, mf + j, vf + j, g[c + j], s);
+        if (kernels_cpu_avx512())
+            adamw_avx512(p + c, mf, vf, g + c, k, s->lr, s->beta1, s->beta2, s->eps, s->bc1, s->bc2, s->clip, s->shrink);
+        else
+            for (long j = 0; j < k; j++) adamw_elem(p + c + j, mf + j, vf + j, g[c + j], s);
         bf16_from_f32_n(mb + c, mf, (size_t)k);
         bf16_from_f32_n(vb + c, vf, (size_t)k);
     }

@@ -59,6 +59,8 @@ void exp_n_avx512(float *out, const float *x, long n, float shift);
 void softmax_avx512(float *x, int n);
 double sum_exp_avx512(const float *x, int n, float shift);
 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n);
+void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr, float beta1, float beta2, float eps,
+                  float bc1, float bc2, float clip, float shrink);
 void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n);
 
 // gemm_lowp's pieces: lowp_values over the leading multiple of 16 (returns how many), and one

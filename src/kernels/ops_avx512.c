@@ -89,3 +89,24 @@ AVX512 void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, 
         _mm512_mask_storeu_ps(dgate + i, m, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, up + i)), ds));
     }
 }
+
+// AdamW on n parameters with fp32 moments (backend_cpu.c's adamw_elem, 16 at a time): the
+// divisions and the square root are IEEE-exact in both, so only contraction into fused
+// multiply-adds can make a last-bit difference between the two.
+AVX512 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr, float beta1, float beta2,
+                         float eps, float bc1, float bc2, float clip, float shrink) {
+    const __m512 b1 = _mm512_set1_ps(beta1), b2 = _mm512_set1_ps(beta2), c1 = _mm512_set1_ps(1.0f - beta1);
+    const __m512 c2 = _mm512_set1_ps(1.0f - beta2), vc = _mm512_set1_ps(clip), vb1 = _mm512_set1_ps(bc1);
+    const __m512 vb2 = _mm512_set1_ps(bc2), ve = _mm512_set1_ps(eps), vlr = _mm512_set1_ps(lr), vs = _mm512_set1_ps(shrink);
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask((int)(n - i < 16 ? n - i : 16));
+        __m512 gj = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, g + i), vc);
+        __m512 mj = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, m + i), _mm512_mul_ps(c1, gj));
+        __m512 vj = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, v + i), _mm512_mul_ps(_mm512_mul_ps(c2, gj), gj));
+        __m512 mh = _mm512_div_ps(mj, vb1), vh = _mm512_div_ps(vj, vb2);
+        __m512 step = _mm512_div_ps(_mm512_mul_ps(vlr, mh), _mm512_add_ps(_mm512_sqrt_ps(vh), ve));
+        _mm512_mask_storeu_ps(p + i, k, _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, p + i), vs, step));
+        _mm512_mask_storeu_ps(m + i, k, mj);
+        _mm512_mask_storeu_ps(v + i, k, vj);
+    }
+}
