@@ -24,9 +24,6 @@ static inline float elem(const LowpOperand *o, int i, int k) {
     return o->trans ? o->data[(long)k * o->ld + i] : o->data[(long)i * o->ld + k];
 }
 
-static inline float op_scale(const LowpOperand *o, int i, int k) {
-    return o->scale[(long)(i / o->scale_rows) * o->scale_ld + (long)(k / LOWP_FP8_CHUNK) * o->scale_kstep];
-}
 
 // The scales of one operand by the calling team of threads (worksharing constructs that bind to
 // the enclosing parallel region; one thread outside of any): tile maxima, folded into blocks or
@@ -126,19 +123,14 @@ void lowp_values(float *out, const float *x, long n, LowpFormat fmt, float scale
 }
 
 void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols) {
+    // the scales as the forward GEMM computes them for this operand (1 × 128 tiles along a row)
+    LowpOperand op = {.data = x, .ld = cols, .fmt = LOWP_E4M3};
+    if (lowp_fp8_scales(&op, scales, (int)rows, cols, LOWP_TILE_1x128)) return;  // (tiles: no scratch to fail)
     int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
     for (long r = 0; r < rows; r++)
-        for (int c = 0; c < kc; c++) {
-            const float *v = x + r * cols + (long)c * LOWP_FP8_CHUNK;
-            uint8_t *q = codes + r * cols + (long)c * LOWP_FP8_CHUNK;
-            int n = cols - c * LOWP_FP8_CHUNK < LOWP_FP8_CHUNK ? cols - c * LOWP_FP8_CHUNK : LOWP_FP8_CHUNK;
-            float amax = 0.0f;
-            for (int k = 0; k < n; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
-            float s = fmaxf(amax, 1e-4f) / 448.0f;
-            scales[r * kc + c] = s;
-            for (int k = 0; k < n; k++) q[k] = fp8_e4m3_from_f32(v[k] / s);
-        }
+        for (int k = 0; k < cols; k++)
+            codes[r * cols + k] = fp8_e4m3_from_f32(x[r * cols + k] / scales[r * kc + k / LOWP_FP8_CHUNK]);
 }
 
 void lowp_fp8_restore_rows(float *x, const uint8_t *codes, const float *scales, long rows, int cols) {
@@ -168,20 +160,20 @@ static int gemm_lowp_portable(float *C, int ldc, const LowpOperand *A, const Low
         int kc = K - k0 < chunk ? K - k0 : chunk;
         for (int i = 0; i < M; i++)
             for (int k = 0; k < kc; k++)
-                a[(size_t)i * kc + k] = lowp_value(A->fmt, elem(A, i, k0 + k), fp8 ? op_scale(A, i, k0 + k) : 1.0f);
+                a[(size_t)i * kc + k] = lowp_value(A->fmt, elem(A, i, k0 + k), fp8 ? lowp_scale_of(A, i, k0 + k) : 1.0f);
         for (int j = 0; j < N; j++)
             for (int k = 0; k < kc; k++)
-                b[(size_t)j * kc + k] = lowp_value(B->fmt, elem(B, j, k0 + k), fp8 ? op_scale(B, j, k0 + k) : 1.0f);
+                b[(size_t)j * kc + k] = lowp_value(B->fmt, elem(B, j, k0 + k), fp8 ? lowp_scale_of(B, j, k0 + k) : 1.0f);
         if (!fp8) {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, kc, 1.0f, a, kc, b, kc, 1.0f, C, ldc);
             continue;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, kc, 1.0f, a, kc, b, kc, 0.0f, t, N);
         for (int i = 0; i < M; i++) {
-            float sa = op_scale(A, i, k0);
+            float sa = lowp_scale_of(A, i, k0);
             for (int j = 0; j < N; j++) {
                 float *c = C + (size_t)i * ldc + j;
-                *c = fmaf(t[(size_t)i * N + j], sa * op_scale(B, j, k0), *c);
+                *c = fmaf(t[(size_t)i * N + j], sa * lowp_scale_of(B, j, k0), *c);
             }
         }
     }
@@ -222,13 +214,13 @@ static int gemm_lowp_emulated(float *C, int ldc, const LowpOperand *A, const Low
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < M; i++)
         for (int k = 0; k < K; k++) {
-            float s = op_scale(A, i, k);
+            float s = lowp_scale_of(A, i, k);
             a[(size_t)i * K + k] = lowp_value(A->fmt, elem(A, i, k), s) * (promote ? 1.0f : s);
         }
 #pragma omp parallel for schedule(static)
     for (int j = 0; j < N; j++)
         for (int k = 0; k < K; k++) {
-            float s = op_scale(B, j, k);
+            float s = lowp_scale_of(B, j, k);
             b[(size_t)j * K + k] = lowp_value(B->fmt, elem(B, j, k), s) * (promote ? 1.0f : s);
         }
     int chunk = promote ? LOWP_FP8_CHUNK : (K > 0 ? K : 1);
@@ -244,8 +236,8 @@ static int gemm_lowp_emulated(float *C, int ldc, const LowpOperand *A, const Low
         for (int j = 0; j < N; j++)
             for (int k = 0; k < K; k++) bt[(size_t)k * N + j] = b[(size_t)j * K + k];
         for (int ch = 0; ch < nch; ch++) {
-            for (int i = 0; i < M; i++) sa[(size_t)i * nch + ch] = promote ? op_scale(A, i, ch * chunk) : 1.0f;
-            for (int j = 0; j < N; j++) sbt[(size_t)ch * N + j] = promote ? op_scale(B, j, ch * chunk) : 1.0f;
+            for (int i = 0; i < M; i++) sa[(size_t)i * nch + ch] = promote ? lowp_scale_of(A, i, ch * chunk) : 1.0f;
+            for (int j = 0; j < N; j++) sbt[(size_t)ch * N + j] = promote ? lowp_scale_of(B, j, ch * chunk) : 1.0f;
         }
 #pragma omp parallel
         {
@@ -270,7 +262,7 @@ static int gemm_lowp_emulated(float *C, int ldc, const LowpOperand *A, const Low
                     for (int k = 0; k < n; k++) t[k] = (double)(a[(size_t)i * K + g + k] * b[(size_t)j * K + g + k]);
                     acc = accum_group(acc, t, n, accum->bits);
                 }
-                *c = promote ? fmaf((float)acc, op_scale(A, i, k0) * op_scale(B, j, k0), *c) : *c + (float)acc;
+                *c = promote ? fmaf((float)acc, lowp_scale_of(A, i, k0) * lowp_scale_of(B, j, k0), *c) : *c + (float)acc;
             }
         }
     free(a);

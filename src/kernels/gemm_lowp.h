@@ -39,6 +39,11 @@ typedef struct LowpOperand {
 
 typedef enum { LOWP_TILE_1x128, LOWP_BLOCK_128x128, LOWP_TENSOR } LowpScaling;
 
+// The FP8 scale of element (i, k) of an operand (the formula above).
+static inline float lowp_scale_of(const LowpOperand *o, int i, int k) {
+    return o->scale[(long)(i / o->scale_rows) * o->scale_ld + (long)(k / LOWP_FP8_CHUNK) * o->scale_kstep];
+}
+
 // The largest finite value of an FP8 format (E4M3 448, E5M2 57344).
 float lowp_fp8_max(LowpFormat fmt);
 

@@ -87,9 +87,6 @@ AVX512_INLINE __m512i pair_words(__m512 even, __m512 odd) {
                            _mm512_and_si512(_mm512_castps_si512(odd), _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-static inline float scale_at(const LowpOperand *o, int i, int k) {
-    return o->scale[(long)(i / o->scale_rows) * o->scale_ld + (long)(k / CH) * o->scale_kstep];
-}
 
 // Packs rows [i0, i0 + n) (n <= 16) × K slice [k0, k0 + kc) of an operand as words
 // out[kp * stride + (i - i0)], kp < ceil(kc / 2) (a missing odd element is 0). FP8: the slice lies
@@ -105,7 +102,7 @@ AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const Lo
             int k = k0 + 2 * kp;
             if (fmt != LOWP_BF16 && (kp == 0 || k % CH == 0)) {  // the rows' scales for this chunk
                 float sv[16];
-                for (int l = 0; l < 16; l++) sv[l] = l < n ? scale_at(o, i0 + l, k) : 1.0f;
+                for (int l = 0; l < 16; l++) sv[l] = l < n ? lowp_scale_of(o, i0 + l, k) : 1.0f;
                 s = _mm512_loadu_ps(sv);
             }
             __m512 e = _mm512_maskz_loadu_ps(lanes, o->data + (long)k * o->ld + i0);
@@ -126,7 +123,7 @@ AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const Lo
                 continue;
             }
             const float *src = o->data + (long)(i0 + l) * o->ld + k0 + kk;
-            __m512 s = _mm512_set1_ps(fmt != LOWP_BF16 ? scale_at(o, i0 + l, k0 + kk) : 1.0f);
+            __m512 s = _mm512_set1_ps(fmt != LOWP_BF16 ? lowp_scale_of(o, i0 + l, k0 + kk) : 1.0f);
             __m512 lo = round_value(fmt, _mm512_maskz_loadu_ps(tail_mask(m), src), s);
             __m512 hi = round_value(fmt, _mm512_maskz_loadu_ps(tail_mask(m - 16 > 0 ? m - 16 : 0), src + 16), s);
             // 32 BF16 in k order = 16 pair words
@@ -236,7 +233,7 @@ AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, con
             }
             if (fp8)
                 for (int ch = 0; ch * CH < kc; ch++)
-                    for (int j = 0; j < nc; j++) sb[(size_t)ch * NC + j] = scale_at(B, nb + j, k0 + ch * CH);
+                    for (int j = 0; j < nc; j++) sb[(size_t)ch * NC + j] = lowp_scale_of(B, nb + j, k0 + ch * CH);
             for (int m0 = m_begin; m0 < m_end; m0 += MC) {
                 int mc = m_end - m0 < MC ? m_end - m0 : MC;
                 for (int t = 0; t * MR < mc; t++) {
@@ -246,7 +243,7 @@ AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, con
                 }
                 if (fp8)
                     for (int ch = 0; ch * CH < kc; ch++)
-                        for (int i = 0; i < mc; i++) sa[(size_t)ch * MC + i] = scale_at(A, m0 + i, k0 + ch * CH);
+                        for (int i = 0; i < mc; i++) sa[(size_t)ch * MC + i] = lowp_scale_of(A, m0 + i, k0 + ch * CH);
                 for (int t = 0; t * MR < mc; t++) {
                     int mr = mc - t * MR < MR ? mc - t * MR : MR;
                     for (int p = 0; p * NR < nc; p++) {
