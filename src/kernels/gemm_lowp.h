@@ -69,7 +69,7 @@ int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int
 // tensor core the V3 report describes — each group of 32 products aligned to the largest exponent
 // among them and the running sum, keeping B bits (13-14 on the H800), truncated. promote 1: that
 // only within each 128-chunk, promoted to fp32 with the scales (the report's fix); 0: one such sum
-// over all of K of the scaled products. The emulation is a slow scalar path (ablations, tables).
+// over all of K of the scaled products. The emulation is far slower than the units (ablations, tables).
 typedef struct LowpAccum {
     int bits;
     int promote;
