@@ -11,7 +11,17 @@ LDFLAGS += -fopenmp
 # Debian packages the build and the tests need; `make deps` installs whichever are missing, and
 # nodejs + npm when node or npm is missing (the tokenizer conformance tests run the JavaScript
 # reference; without node they are reported as skipped).
-DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev libmicrohttpd-dev bible-kjv curl
+DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev libmicrohttpd-dev bible-kjv curl \
+               openmpi-bin libopenmpi-dev
+
+# MPI (src/dist/comm.c, the only file that includes mpi.h) when OpenMPI's compiler wrapper is
+# installed, else a one-process build; MPI=0 forces the latter. $(BUILD)/mpi.flags records the
+# choice so that comm.o is rebuilt when it changes.
+MPI ?= $(shell command -v mpicc >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(MPI),1)
+MPI_CFLAGS := -DDSV3_MPI $(shell mpicc --showme:compile)
+LDLIBS     += $(shell mpicc --showme:link)
+endif
 
 LIB_SRC   := $(shell find src -name '*.c' ! -path 'src/cli/*' | sort)
 CLI_SRC   := $(sort $(wildcard src/cli/*.c))
@@ -23,7 +33,7 @@ CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/%.o)
 TEST_OBJ  := $(TEST_SRC:%.c=$(BUILD)/%.o)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
-.PHONY: all deps deps-fuzz test test-fast test-asan bench demo fuzz clean
+.PHONY: FORCE all deps deps-fuzz test test-fast test-asan bench demo fuzz clean
 all: $(BUILD)/dsv3
 
 deps:
@@ -38,6 +48,14 @@ deps:
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/mpi.flags: FORCE
+	@mkdir -p $(dir $@)
+	@echo '$(MPI_CFLAGS)' | cmp -s - $@ || echo '$(MPI_CFLAGS)' > $@
+
+$(BUILD)/src/dist/comm.o: src/dist/comm.c $(BUILD)/mpi.flags
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(MPI_CFLAGS) -c $< -o $@
 
 $(BUILD)/libdsv3.a: $(LIB_OBJ)
 	@rm -f $@

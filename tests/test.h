@@ -69,6 +69,11 @@ int test_count_lines(const char *s);
 extern const char *const TEST_TINY_V3_CONFIG;
 const char *test_bin(void);
 const char *test_tmpdir(void);
+// A directory holding doc0..2.txt, config.json (the tiny V3 config) and data/ (`dsv3 prepare
+// --tokenizer bytes`, 30% held out), made once per run of the test binary.
+const char *test_train_corpus(void);
+// Writes text to path (tests check what they read back).
+void test_write_text(const char *path, const char *text);
 // Directory of committed test data (tests/data).
 const char *test_datadir(void);
 // Reads a whole file into a malloc'd buffer; NULL if missing.

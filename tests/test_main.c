@@ -140,3 +140,37 @@ int main(int argc, char **argv) {
     printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
     return failed ? 1 : 0;
 }
+
+void test_write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    if (f) {
+        fputs(text, f);
+        fclose(f);
+    }
+}
+
+// The training corpus and its data directory, made once (test.h).
+const char *test_train_corpus(void) {
+    static char dir[512];
+    if (dir[0]) return dir;
+    snprintf(dir, sizeof dir, "%s/train_cli", test_tmpdir());
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", dir, dir);
+    if (system(cmd) != 0) return dir;
+    char path[600];
+    for (int d = 0; d < 3; d++) {
+        char *text = malloc(16384), *p = text;
+        for (int i = 0; i < 120; i++)
+            p += sprintf(p, "document %d line %d: the quick brown fox jumps over the lazy dog.\n", d, i * (d + 1));
+        snprintf(path, sizeof path, "%s/doc%d.txt", dir, d);
+        test_write_text(path, text);
+        free(text);
+    }
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    test_write_text(path, TEST_TINY_V3_CONFIG);
+    char out[4096];
+    snprintf(cmd, sizeof cmd, "%s prepare --tokenizer bytes --out '%s/data' --val-fraction 0.3 '%s/doc0.txt' '%s/doc1.txt' '%s/doc2.txt'",
+             test_bin(), dir, dir, dir, dir);
+    test_run(out, sizeof out, "%s", cmd);
+    return dir;
+}

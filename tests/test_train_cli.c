@@ -16,42 +16,8 @@
 
 static int sanitized(void) { return getenv("DSV3_TEST_SANITIZED") != NULL; }
 
-static void write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "w");
-    if (f) {
-        fputs(text, f);
-        fclose(f);
-    }
-}
-
-// The corpus and the data directory, made once per run of the test binary.
-static const char *corpus_dir(void) {
-    static char dir[512];
-    if (dir[0]) return dir;
-    snprintf(dir, sizeof dir, "%s/train_cli", test_tmpdir());
-    char cmd[4096];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", dir, dir);
-    if (system(cmd) != 0) return dir;
-    char path[600];
-    for (int d = 0; d < 3; d++) {
-        char *text = malloc(16384), *p = text;
-        for (int i = 0; i < 120; i++)
-            p += sprintf(p, "document %d line %d: the quick brown fox jumps over the lazy dog.\n", d, i * (d + 1));
-        snprintf(path, sizeof path, "%s/doc%d.txt", dir, d);
-        write_text(path, text);
-        free(text);
-    }
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    write_text(path, TINY_CONFIG);
-    char out[4096];
-    snprintf(cmd, sizeof cmd, "%s prepare --tokenizer bytes --out '%s/data' --val-fraction 0.3 '%s/doc0.txt' '%s/doc1.txt' '%s/doc2.txt'",
-             test_bin(), dir, dir, dir, dir);
-    test_run(out, sizeof out, "%s", cmd);
-    return dir;
-}
-
 TEST(test_prepare_bytes_shards) {
-    const char *dir = corpus_dir();
+    const char *dir = test_train_corpus();
     char path[600];
     snprintf(path, sizeof path, "%s/data/train-00000.bin", dir);
     size_t n;
@@ -87,7 +53,7 @@ TEST(test_prepare_bytes_shards) {
 
 TEST(test_loader_windows_and_order) {
     char data[600];
-    snprintf(data, sizeof data, "%s/data", corpus_dir());
+    snprintf(data, sizeof data, "%s/data", test_train_corpus());
     Error err = {0};
     DataLoader a, b, c;
     int T = 16;
@@ -146,7 +112,7 @@ static char *metrics_without_timing(const char *run) {
 }
 
 static int train(char *out, size_t n, const char *run, long steps, const char *extra) {
-    const char *dir = corpus_dir();
+    const char *dir = test_train_corpus();
     return test_run(out, n,
                     "%s train --config '%s/config.json' --data '%s/data' --out '%s' --steps %ld --batch 2 --seq 24 "
                     "--warmup 2 --lr 3e-3 --eval-every 2 --eval-batches 2 --save-every 2 --seq-aux-alpha 0.01 "
@@ -159,8 +125,8 @@ static int train(char *out, size_t n, const char *run, long steps, const char *e
 static void check_resume(const char *extra, const char *tag) {
     long N = sanitized() ? 2 : 4;
     char a[600], b[600], out[4096];
-    snprintf(a, sizeof a, "%s/run_full%s", corpus_dir(), tag);
-    snprintf(b, sizeof b, "%s/run_resumed%s", corpus_dir(), tag);
+    snprintf(a, sizeof a, "%s/run_full%s", test_train_corpus(), tag);
+    snprintf(b, sizeof b, "%s/run_resumed%s", test_train_corpus(), tag);
     int rc = train(out, sizeof out, a, 2 * N, extra);
     CHECK_MSG(rc == 0, "%s", out);
     char stop[256];  // the first leg is interrupted after step N of the same 2N-step run
@@ -206,8 +172,8 @@ TEST(test_train_resume_is_bit_exact_fp8_bf16_moments) { check_resume("--precisio
 TEST(test_train_deterministic_and_learns) {
     long N = sanitized() ? 3 : 8;
     char a[600], b[600], out[4096];
-    snprintf(a, sizeof a, "%s/run_det_a", corpus_dir());
-    snprintf(b, sizeof b, "%s/run_det_b", corpus_dir());
+    snprintf(a, sizeof a, "%s/run_det_a", test_train_corpus());
+    snprintf(b, sizeof b, "%s/run_det_b", test_train_corpus());
     int rc = train(out, sizeof out, a, N, "--no-progress");
     CHECK_MSG(rc == 0, "%s", out);
     rc = train(out, sizeof out, b, N, "--no-progress");
@@ -245,7 +211,7 @@ TEST(test_train_precisions_learn_and_stay_close) {
     char *runs[3];
     for (int p = 0; p < 3; p++) {
         char run[600], extra[64], out[4096];
-        snprintf(run, sizeof run, "%s/run_prec_%s", corpus_dir(), prec[p]);
+        snprintf(run, sizeof run, "%s/run_prec_%s", test_train_corpus(), prec[p]);
         snprintf(extra, sizeof extra, "--no-progress --precision %s", prec[p]);
         int rc = train(out, sizeof out, run, N, extra);
         CHECK_MSG(rc == 0, "%s", out);
@@ -268,7 +234,7 @@ TEST(test_train_precisions_learn_and_stay_close) {
     for (int p = 0; p < 3; p++) free(runs[p]);
     // the precision is saved with the run: a resumed fp8 run stays fp8
     char run[600], path[700];
-    snprintf(run, sizeof run, "%s/run_prec_fp8", corpus_dir());
+    snprintf(run, sizeof run, "%s/run_prec_fp8", test_train_corpus());
     snprintf(path, sizeof path, "%s/step-%ld/trainer_state.json", run, N - N % 2);
     char *state = test_read_file(path, NULL);
     CHECK_MSG(state && strstr(state, "\"precision\": \"fp8\""), "%s", state ? state : path);
@@ -276,7 +242,7 @@ TEST(test_train_precisions_learn_and_stay_close) {
 }
 
 TEST(test_train_precision_bad_options) {
-    const char *dir = corpus_dir();
+    const char *dir = test_train_corpus();
     const char *bad[][2] = {{"--precision fp16", "--precision: unknown value 'fp16'"},
                             {"--precision bf16 --fp8-grad e5m2", "--fp8-grad: only with --precision fp8"},
                             {"--precision fp8 --fp8-scaling block", "--fp8-scaling: unknown value 'block'"},
@@ -312,7 +278,7 @@ static double rel_diff(const float *a, const float *ref, long n) {
 // largest (both are float32 computations of one function; they agree to ~1e-6).
 TEST(test_train_checkpoint_logits_match_inference) {
     char a[600], out[4096];
-    snprintf(a, sizeof a, "%s/run_det_a", corpus_dir());
+    snprintf(a, sizeof a, "%s/run_det_a", test_train_corpus());
     char ck[700], path[800];
     snprintf(ck, sizeof ck, "%s/step-2", a);
     snprintf(path, sizeof path, "%s/config.json", ck);
@@ -361,7 +327,7 @@ TEST(test_train_checkpoint_logits_match_inference) {
 }
 
 TEST(test_train_bad_input) {
-    const char *dir = corpus_dir();
+    const char *dir = test_train_corpus();
     char out[4096], run[600];
     // an existing run is never started over
     snprintf(run, sizeof run, "%s/run_once", dir);
@@ -384,7 +350,7 @@ TEST(test_train_bad_input) {
     snprintf(cfg, sizeof cfg, "%s/small_vocab.json", dir);
     char *c = strdup(TINY_CONFIG);
     memcpy(strstr(c, "264"), "100", 3);  // 'x' is byte token 122
-    write_text(cfg, c);
+    test_write_text(cfg, c);
     free(c);
     rc = test_run(out, sizeof out, "%s train --config '%s' --data '%s/data' --out '%s/run_bad' --steps 1 --batch 1 --seq 8",
                   test_bin(), cfg, dir, dir);
@@ -435,18 +401,18 @@ static void write_tiny_tokenizer(const char *dir) {
     json_dump_file(tok, path, 0);
     json_decref(tok);
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    write_text(path, "{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\"}");
+    test_write_text(path, "{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\"}");
 }
 
 // `prepare` through a real tokenizer.json: BOS, the BPE ids, EOS; the tokenizer travels into the
 // data directory and from there into every checkpoint.
 TEST(test_prepare_with_tokenizer_json) {
     char dir[600], out[4096], path[700];
-    snprintf(dir, sizeof dir, "%s/tok", corpus_dir());
+    snprintf(dir, sizeof dir, "%s/tok", test_train_corpus());
     test_run(out, sizeof out, "mkdir -p '%s'", dir);
     write_tiny_tokenizer(dir);
     snprintf(path, sizeof path, "%s/doc.txt", dir);
-    write_text(path, "the cat the dog");
+    test_write_text(path, "the cat the dog");
     int rc = test_run(out, sizeof out, "%s prepare --tokenizer '%s' --out '%s/data' --val-fraction 0 '%s'", test_bin(),
                       dir, dir, path);
     CHECK_MSG(rc == 0, "%s", out);
@@ -465,12 +431,12 @@ TEST(test_prepare_with_tokenizer_json) {
     // a model trained on it carries the tokenizer in its checkpoints
     for (int i = 0; i < 8; i++) {  // enough text for a window of 17 tokens
         snprintf(path, sizeof path, "%s/doc%d.txt", dir, i);
-        write_text(path, "the cat sat on the mat and the dog sat on the log");
+        test_write_text(path, "the cat sat on the mat and the dog sat on the log");
     }
     rc = test_run(out, sizeof out,
                   "%s prepare --tokenizer '%s/tokenizer.json' --out '%s/data2' --val-fraction 0 '%s'/doc?.txt && "
                   "%s train --config '%s/config.json' --data '%s/data2' --out '%s/run' --steps 1 --batch 1 --seq 16",
-                  test_bin(), dir, dir, dir, test_bin(), corpus_dir(), dir, dir);
+                  test_bin(), dir, dir, dir, test_bin(), test_train_corpus(), dir, dir);
     CHECK_MSG(rc == 0, "%s", out);
     snprintf(path, sizeof path, "%s/run/step-1/tokenizer.json", dir);
     copied = test_read_file(path, NULL);
@@ -481,7 +447,7 @@ TEST(test_prepare_with_tokenizer_json) {
 // Fine-tuning starts from a released-format checkpoint (FP8 block-scaled here); the checkpoints
 // it writes hold F32 master weights without a quantization_config.
 TEST(test_train_init_from_fp8_checkpoint) {
-    const char *dir = corpus_dir();
+    const char *dir = test_train_corpus();
     char out[4096], run[600];
     snprintf(run, sizeof run, "%s/run_init", dir);
     int rc = test_run(out, sizeof out, "%s train --init '%s/fp8' --data '%s/data' --out '%s' --steps 2 --batch 1 --seq 8",
@@ -506,10 +472,10 @@ TEST(test_plot_compares_runs) {
     snprintf(svg, sizeof svg, "%s/plot.svg", test_tmpdir());
     CHECK(test_run(out, sizeof out, "mkdir -p '%s' '%s' && rm -f '%s'", a, b, svg) == 0);
     snprintf(path, sizeof path, "%s/metrics.jsonl", a);
-    write_text(path, "{\"step\": 0, \"val_loss\": 9.5}\n{\"step\": 1, \"main_loss\": 9.0, \"max_vio\": 1.5}\n"
+    test_write_text(path, "{\"step\": 0, \"val_loss\": 9.5}\n{\"step\": 1, \"main_loss\": 9.0, \"max_vio\": 1.5}\n"
                      "{\"step\": 2, \"main_loss\": 8.0, \"max_vio\": 0.5, \"val_loss\": 7.25}\n");
     snprintf(path, sizeof path, "%s/metrics.jsonl", b);
-    write_text(path, "{\"step\": 1, \"main_loss\": 9.5, \"max_vio\": 2.5}\n{\"step\": 2, \"main_loss\": 8.5, \"max_vio\": 2.0, \"val_loss\": 7.5}\n");
+    test_write_text(path, "{\"step\": 1, \"main_loss\": 9.5, \"max_vio\": 2.5}\n{\"step\": 2, \"main_loss\": 8.5, \"max_vio\": 2.0, \"val_loss\": 7.5}\n");
     int rc = test_run(out, sizeof out, "%s plot --out '%s' --smooth 1 --from 1 first=%s %s/", test_bin(), svg, a, b);
     CHECK_MSG(rc == 0, "%s", out);
     char *s = test_read_file(svg, NULL);
@@ -522,7 +488,7 @@ TEST(test_plot_compares_runs) {
         free(s);
     }
     CHECK(test_run(out, sizeof out, "rm -f '%s'", svg) == 0);
-    write_text(path, "{\"step\": 1, \"main_loss\": 9.5}\nnot json\n");
+    test_write_text(path, "{\"step\": 1, \"main_loss\": 9.5}\nnot json\n");
     rc = test_run(out, sizeof out, "%s plot --out '%s' %s %s", test_bin(), svg, a, b);
     CHECK_MSG(rc == 1 && strstr(out, "metrics.jsonl: line 2") && test_count_lines(out) == 1, "%s", out);
     CHECK_MSG(fopen(svg, "r") == NULL, "an SVG was written from bad input");
@@ -598,7 +564,7 @@ TEST(test_train_options_read_existing_state) {
     snprintf(dir, sizeof dir, "%s/options_old", test_tmpdir());
     CHECK(test_run(out, sizeof out, "mkdir -p '%s'", dir) == 0);
     snprintf(path, sizeof path, "%s/trainer_state.json", dir);
-    write_text(path, "{\"made_by\": \"dsv3 train\", \"step\": 3, \"tokens\": 288, \"adamw_step\": 3,"
+    test_write_text(path, "{\"made_by\": \"dsv3 train\", \"step\": 3, \"tokens\": 288, \"adamw_step\": 3,"
                      " \"data\": {\"epoch\": 0, \"pos\": 12, \"windows\": 683},"
                      " \"options\": {\"config\": \"c/config.json\", \"init\": \"\", \"data\": \"d\", \"steps\": 3,"
                      " \"batch\": 2, \"seq\": 24, \"accum\": 2, \"lr\": 0.0020000000949949026, \"warmup\": 1,"
@@ -627,7 +593,7 @@ TEST(test_train_options_read_existing_state) {
     json_decref(st);
     json_decref(again);
     // a key the file lacks (an option newer than the run) keeps its default
-    write_text(path, "{\"options\": {\"data\": \"d\", \"steps\": 7}}");
+    test_write_text(path, "{\"options\": {\"data\": \"d\", \"steps\": 7}}");
     CHECK_MSG(trainer_read_options(dir, &o, &err) == 0, "%s", err.msg);
     CHECK(o.steps == 7 && o.batch == trainer_defaults().batch && o.decay_steps == -1);
 }

@@ -215,6 +215,37 @@ static void plan_acts(BufPlan *p, void *ctx) {
 
 // ---- construction ----
 
+// The gradient groups (TrainGradsDone): each a contiguous range of the block, since the block is
+// laid out in tensor_walk order, layer by layer.
+static int plan_grad_groups(TrainModel *m, const TensorSpec *specs, Error *err) {
+    int ng = TRAIN_GRADS_EMBED(m) + 1;
+    m->grad_groups = xcalloc(err, ng, sizeof *m->grad_groups, "gradient groups");
+    if (!m->grad_groups) return -1;
+    m->n_grad_groups = ng;
+    size_t *end = xcalloc(err, ng, sizeof *end, "gradient groups");
+    if (!end) return -1;
+    for (int g = 0; g < ng; g++) m->grad_groups[g].offset = SIZE_MAX;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const TrainTensor *t = &m->tensors[i];
+        if (t->shared) continue;
+        int g = specs[i].layer >= 0                                      ? specs[i].layer
+                : strcmp(t->name, "model.embed_tokens.weight") == 0 ? TRAIN_GRADS_EMBED(m)
+                                                                     : TRAIN_GRADS_HEAD(m);
+        TrainGradGroup *gg = &m->grad_groups[g];
+        if (gg->offset == SIZE_MAX) gg->offset = t->offset;
+        else if (t->offset != end[g]) {
+            free(end);
+            return err_set(err, "%s: its layer's tensors are not contiguous in the parameter block", t->name);
+        }
+        end[g] = t->offset + t->numel;
+        gg->n += t->numel;
+    }
+    for (int g = 0; g < ng; g++)
+        if (m->grad_groups[g].offset == SIZE_MAX) m->grad_groups[g].offset = 0;  // empty (no lm_head when tied)
+    free(end);
+    return 0;
+}
+
 int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *err) {
     memset(m, 0, sizeof *m);
     m->be = backend_cpu();
@@ -248,6 +279,7 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
         off += t->numel;
     }
     m->n_params = off;
+    if (plan_grad_groups(m, specs, err)) goto fail;
     // the shared copies take the storage of the embedding and of the head
     const TrainTensor *emb = train_model_tensor(m, "model.embed_tokens.weight");
     const TrainTensor *head = c->tie_word_embeddings ? emb : train_model_tensor(m, "lm_head.weight");
@@ -320,6 +352,7 @@ void train_model_free(TrainModel *m) {
     free_block_tables(&m->p, &m->cfg);
     free_block_tables(&m->g, &m->cfg);
     free(m->tensors);
+    free(m->grad_groups);
     free(m->params);
     free(m->moe_bias);
     free(m->expert_load);
@@ -578,6 +611,13 @@ static int mtp_backward(TrainModel *m, int k, float scale) {
     return 0;
 }
 
+// Tells the caller a group's gradients are final; the backend's queue is drained first.
+static int grads_done(TrainModel *m, int group) {
+    if (!m->grads_done) return 0;
+    TRY(m->be->ops->synchronize(m->be));
+    return m->grads_done(m->grads_done_ctx, group, &m->be->err);
+}
+
 static int backward(TrainModel *m, float scale) {
     const ModelConfig *c = &m->cfg;
     TrainActs *a = &m->a;
@@ -586,16 +626,22 @@ static int backward(TrainModel *m, float scale) {
     if (m->mtp_ran) {
         int D = c->num_nextn_predict_layers;
         for (int k = 1; k <= D; k++) memset(a->mtp[k - 1].dh_out, 0, sizeof(float) * a->mtp[k - 1].N * d);
-        for (int k = D; k >= 1; k--) TRY(mtp_backward(m, k, scale));
+        for (int k = D; k >= 1; k--) {
+            TRY(mtp_backward(m, k, scale));
+            TRY(grads_done(m, c->num_hidden_layers + k - 1));
+        }
     }
     TRY(head_backward(m, m->p.norm, m->g.norm, a->x_final, a->lnf, a->lnf_rstd, a->logits, a->lse, a->targets, N,
                       scale / N, a->dlnf, a->dres));
+    TRY(grads_done(m, TRAIN_GRADS_HEAD(m)));
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         LayerPass p = train_pass(m, &a->layers[l], T);
         TRY(restore_layer(m, &a->layers[l]));
         TRY(layer_backward(&p, &m->p.layers[l], &m->g.layers[l], &a->layers[l].acts, &a->gs, a->dres, scale));
+        TRY(grads_done(m, l));
     }
-    return m->be->ops->embedding_backward(m->be, &m->g.embed_tokens, a->dres, a->inputs, N);
+    TRY(m->be->ops->embedding_backward(m->be, &m->g.embed_tokens, a->dres, a->inputs, N));
+    return grads_done(m, TRAIN_GRADS_EMBED(m));
 }
 
 int train_model_backward(TrainModel *m, float scale, Error *err) {

@@ -104,6 +104,20 @@ typedef struct TrainActs {
     float *den, *dhn, *demb, *dh_prev;  // (B·T, d) MTP input gradients
 } TrainActs;
 
+// A range of the gradient block that the backward pass completes at once: a decoder layer, an MTP
+// module, the final norm with the head, the embedding. The buckets of a data-parallel gradient sum.
+typedef struct TrainGradGroup {
+    size_t offset, n;  // in floats
+} TrainGradGroup;
+
+// Called by the backward pass (when set) as soon as a group's gradients are final for this
+// micro-batch: decoder layer l (0..L-1) and MTP module k (L + k), then TRAIN_GRADS_HEAD(m) and
+// TRAIN_GRADS_EMBED(m). The order is the backward's: MTP modules last to first (when they ran), the
+// head, the layers from the last, the embedding. A non-zero return (err set) fails the backward pass.
+typedef int (*TrainGradsDone)(void *ctx, int group, Error *err);
+#define TRAIN_GRADS_HEAD(m) ((m)->cfg.num_hidden_layers + (m)->cfg.num_nextn_predict_layers)
+#define TRAIN_GRADS_EMBED(m) (TRAIN_GRADS_HEAD(m) + 1)
+
 typedef struct TrainObjective {
     float mtp_lambda;     // λ: the MTP modules run only when λ > 0 (and the config has them)
     float seq_aux_alpha;  // α of the sequence-wise balance loss (0: not computed)
@@ -143,6 +157,10 @@ typedef struct TrainModel {
     LinearRecipe recipe;
     const LinearRecipe *lowp;
     int fp8_storage;  // the activation plan keeps the linear layers' inputs in FP8 (Fp8Kept)
+    int n_grad_groups;              // L + D + 2
+    TrainGradGroup *grad_groups;    // (n_grad_groups) indexed as TrainGradsDone's group
+    TrainGradsDone grads_done;      // NULL: not told
+    void *grads_done_ctx;
 } TrainModel;
 
 // Lays out parameters, gradients and activations for micro-batches of B × (T + 1) tokens;

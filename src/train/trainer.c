@@ -10,6 +10,7 @@
 
 #include "base/file.h"
 #include "base/procmem.h"
+#include "dist/dist.h"
 #include "model/config.h"
 #include "model/convert_checkpoint.h"
 #include "train/data.h"
@@ -83,6 +84,8 @@ const TrainerOption trainer_options[] = {
     STRING_OPT("save-dtype", "save_dtype", save_dtype, "f32|bf16|fp8",
                "dtype of the checkpoints' weights; default f32, the master weights (bf16, fp8: master/ keeps them)"),
     FLAG_OPT("no-progress", progress, 0, 0, "no live progress line on stderr (shown when stderr is a terminal)"),
+    INT_OPT("data-parallel", NULL, data_parallel, 0, 0, 1 << 20, "D",
+            "under mpirun: ranks that split each batch (0: all of them; --batch is the whole batch)"),
     {0},
 };
 
@@ -222,6 +225,10 @@ int trainer_find_checkpoint(const char *dir, char *out, size_t n, Error *err) {
 typedef struct Run {
     TrainerOptions o;
     TrainModel m;
+    DistComm *world;    // the data-parallel ranks (all of the run's processes)
+    int rank, D;        // this rank, the number of ranks; each takes B / D sequences of a micro-batch
+    DistSum *sync;      // the gradient sum in flight
+    unsigned char *synced;  // (n_grad_groups) the groups started in this step's sum
     AdamW opt;
     DataLoader train, val;
     int have_val;
@@ -339,12 +346,13 @@ static int evaluate(Run *r, int *tokens, double *val_loss, double *val_max_vio, 
     double sum = 0;
     int rc = 0;
     for (long b = 0; b < r->o.eval_batches && !rc; b++) {
-        loader_next_batch(&r->val, tokens, m->B);
-        rc = train_model_forward(m, tokens, err);
-        sum += m->loss.main;
+        loader_next_batch(&r->val, tokens, r->o.batch);  // the whole batch; this rank takes its share
+        rc = train_model_forward(m, tokens + (size_t)r->rank * m->B * (m->T + 1), err);
+        sum += m->loss.main / r->D;
         for (size_t i = 0; i < (size_t)m->n_moe * Nr; i++) loads[i] += m->expert_load[i];
     }
     m->obj = keep;
+    if (!rc) rc = dist_sum_f64(r->world, &sum, 1, err) || dist_sum_i64(r->world, loads, m->n_moe * Nr, err) ? -1 : 0;
     double worst;
     // the MTP layers did not run: only the main model's MoE layers have loads
     int main_moe = 0;
@@ -411,7 +419,7 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
         snprintf(cfg_path, sizeof cfg_path, "%s", r->o.config);
     }
     if (config_load(&c, cfg_path, err)) return -1;
-    if (train_model_new(&r->m, &c, r->o.batch, r->o.seq, err)) return -1;
+    if (train_model_new(&r->m, &c, r->o.batch / r->D, r->o.seq, err)) return -1;
     LinearRecipe recipe;
     const LinearRecipe *lowp;
     if (trainer_recipe(&r->o, &recipe, &lowp, err) || train_model_set_recipe(&r->m, lowp, err)) return -1;
@@ -435,90 +443,162 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     return 0;
 }
 
+// ---- the gradient sum over the data-parallel ranks ----
+
+// TrainGradsDone: a group's gradients are final on this rank; its sum over the ranks starts now and
+// runs while the backward pass goes on.
+static int sync_group(void *ctx, int group, Error *err) {
+    Run *r = ctx;
+    const TrainGradGroup *g = &r->m.grad_groups[group];
+    r->synced[group] = 1;
+    return dist_sum_start(r->sync, r->m.grads + g->offset, g->n, err);
+}
+
+// Starts the groups the backward pass did not report (the MTP modules when they did not run: their
+// gradients are zero on every rank), in group order, and completes the sum.
+static int sync_finish(Run *r, DistSumStats *st, Error *err) {
+    for (int g = 0; g < r->m.n_grad_groups; g++)
+        if (!r->synced[g] && sync_group(r, g, err)) return -1;
+    memset(r->synced, 0, r->m.n_grad_groups);
+    return dist_sum_wait(r->sync, st, err);
+}
+
+// The time of a blocking sum of the whole gradient (the zeroed block), for the share of it a step
+// hides: the fastest of three after one that sets up the connections.
+static int sync_alone(Run *r, double *seconds, Error *err) {
+    *seconds = INFINITY;
+    for (int rep = 0; rep < 4; rep++) {
+        double t0 = now_s();
+        for (int g = 0; g < r->m.n_grad_groups; g++)
+            if (sync_group(r, g, err)) return -1;
+        TRY(sync_finish(r, NULL, err));
+        if (rep > 0 && now_s() - t0 < *seconds) *seconds = now_s() - t0;
+    }
+    return 0;
+}
+
+// Everything before the first step: options, the data-parallel split, the model, the data, the
+// checkpoint. Rank 0 alone creates the run directory.
+static int prepare(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *err) {
+    const TrainerOptions *o = &r->o;
+    char metrics[4200];
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", o->out);
+    if (o->steps < 1 || o->batch < 1 || o->seq < 1 || o->accum < 1)
+        return err_set(err, "--steps, --batch, --seq and --accum must be positive");
+    if (ckpt_dtype_parse(o->save_dtype[0] ? o->save_dtype : "f32", "--save-dtype", &r->save_dtype, err)) return -1;
+    if (!o->data[0] || !o->out[0]) return err_set(err, "a run needs --data and --out");
+    int world = dist_size(r->world);
+    r->D = o->data_parallel > 0 ? o->data_parallel : world;
+    if (r->D != world)
+        return err_set(err, "--data-parallel %d: the run has %d processes (data parallelism takes all of them)", r->D,
+                       world);
+    if (o->batch % r->D)
+        return err_set(err, "--batch %d: not divisible by the %d data-parallel ranks (each takes an equal share)",
+                       o->batch, r->D);
+    if (!resume && path_exists(metrics))
+        return err_set(err, "%s: the run directory already holds a run; continue it with --resume %s", o->out, o->out);
+    LinearRecipe recipe;
+    const LinearRecipe *lowp;
+    TRY(trainer_recipe(o, &recipe, &lowp, err));  // checked before anything is written
+    if (r->rank == 0) TRY(make_dirs(o->out, err));
+    TRY(setup(r, resume, ckpt, ckpt_n, err));
+    if (r->rank == 0 && resume) TRY(truncate_metrics(metrics, r->step, err));
+    if (r->step >= o->steps)
+        return err_set(err, "%s: the checkpoint is at step %ld; --steps %ld leaves nothing to do", ckpt, r->step,
+                       o->steps);
+    if (o->stop_at > 0 && o->stop_at < o->steps && r->step >= o->stop_at)
+        return err_set(err, "--stop-at %ld: the run is already at step %ld", o->stop_at, r->step);
+    r->sync = dist_sum_new(r->world, err);
+    r->synced = calloc(r->m.n_grad_groups, 1);
+    if (!r->sync || !r->synced) return err_set(err, "out of memory");
+    return 0;
+}
+
+// Rank 0 appends a line to metrics.jsonl.
+static int metrics_line(Run *r, FILE *mf, const char *line, const char *path, Error *err) {
+    if (r->rank != 0) return 0;
+    if (fputs(line, mf) == EOF || fflush(mf)) return err_set(err, "%s: write failed", path);
+    return 0;
+}
+
 int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *res, Error *err) {
+    res->failed_rank = -1;
     Run *r = calloc(1, sizeof *r);
     if (!r) return err_set(err, "out of memory");
     r->o = *opts;
+    r->world = dist_world();
+    r->rank = dist_rank(r->world);
+    r->D = 1;
     const TrainerOptions *o = &r->o;
-    int rc = -1, *tokens = NULL;
+    int rc = -1, *tokens = NULL, agreed = 0;
+    long long *loads = NULL;
     FILE *mf = NULL;
     char metrics[4200], ckpt[4200] = "", line[1024];
     snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", o->out);
-    if (o->steps < 1 || o->batch < 1 || o->seq < 1 || o->accum < 1) {
-        err_set(err, "--steps, --batch, --seq and --accum must be positive");
-        goto done;
-    }
-    if (ckpt_dtype_parse(o->save_dtype[0] ? o->save_dtype : "f32", "--save-dtype", &r->save_dtype, err)) goto done;
-    if (!o->data[0] || !o->out[0]) {
-        err_set(err, "a run needs --data and --out");
-        goto done;
-    }
-    if (!resume && path_exists(metrics)) {
-        err_set(err, "%s: the run directory already holds a run; continue it with --resume %s", o->out, o->out);
-        goto done;
-    }
-    LinearRecipe recipe;
-    const LinearRecipe *lowp;
-    if (trainer_recipe(o, &recipe, &lowp, err)) goto done;  // checked before anything is written
-    if (make_dirs(o->out, err) || setup(r, resume, ckpt, sizeof ckpt, err)) goto done;
-    if (resume && truncate_metrics(metrics, r->step, err)) goto done;
-    if (r->step >= o->steps) {
-        err_set(err, "%s: the checkpoint is at step %ld; --steps %ld leaves nothing to do", ckpt, r->step, o->steps);
-        goto done;
-    }
-    mf = fopen(metrics, "a");
-    tokens = malloc(sizeof(int) * (size_t)o->batch * (o->seq + 1));
-    if (!mf || !tokens) {
-        err_set(err, "%s: cannot open for appending", metrics);
-        goto done;
-    }
+    int prc = prepare(r, resume, ckpt, sizeof ckpt, err);
     TrainModel *m = &r->m;
     int Nr = m->cfg.n_routed_experts > 0 ? m->cfg.n_routed_experts : 1;
     size_t nload = (size_t)(m->n_moe > 0 ? m->n_moe : 1) * Nr;
-    long long *loads = calloc(nload, sizeof *loads);
-    if (!loads) {
-        err_set(err, "out of memory");
+    if (!prc) {
+        mf = r->rank == 0 ? fopen(metrics, "a") : NULL;
+        tokens = malloc(sizeof(int) * (size_t)o->batch * (o->seq + 1));
+        loads = calloc(nload, sizeof *loads);
+        if ((r->rank == 0 && !mf) || !tokens || !loads)
+            prc = err_set(err, "%s: cannot open for appending (or out of memory)", metrics);
+    }
+    // every rank got here; one that failed reports, all leave
+    if (dist_agree(r->world, prc, &res->failed_rank)) {
+        if (res->failed_rank != r->rank) err_set(err, "rank %d failed", res->failed_rank);
+        agreed = 1;
         goto done;
     }
+    double sync_alone_s = 0, exposed_sum = 0;
+    if (r->D > 1 && sync_alone(r, &sync_alone_s, err)) goto done;
     LrSchedule sched = {o->lr, o->warmup, o->steps, o->decay_steps >= 0 ? o->decay_steps : o->steps / 4,
                         o->lr_final_frac};
     double t_start = now_s();
     long first = r->step;
-    double val_loss = NAN, last_loss = NAN;
+    double val_loss = NAN, last_loss = NAN, sync_bytes = 0;
     long stop = o->stop_at > 0 && o->stop_at < o->steps ? o->stop_at : o->steps;
-    if (r->step >= stop) {
-        err_set(err, "--stop-at %ld: the run is already at step %ld", o->stop_at, r->step);
-        goto done_loads;
-    }
+    size_t share = (size_t)r->rank * m->B * (o->seq + 1);  // this rank's sequences in a micro-batch
     if (r->step == 0 && r->have_val && o->eval_every > 0) {  // the untrained model's validation loss
         double v0, vmv0;
         char l0[256];
-        if (evaluate(r, tokens, &v0, &vmv0, err)) goto done_loads;
+        if (evaluate(r, tokens, &v0, &vmv0, err)) goto done;
         snprintf(l0, sizeof l0, "{\"step\": 0, \"val_loss\": %.9g, \"val_max_vio\": %.9g}\n", v0, vmv0);
-        if (fputs(l0, mf) == EOF || fflush(mf)) {
-            err_set(err, "%s: write failed", metrics);
-            goto done_loads;
-        }
+        if (metrics_line(r, mf, l0, metrics, err)) goto done;
     }
     while (r->step < stop) {
         double t0 = now_s();
         train_model_zero_grad(m);
         memset(loads, 0, sizeof *loads * nload);
-        TrainLosses acc = {0};
+        double parts[4] = {0};  // loss, main, mtp, balance: this rank's share of the step's means
         for (int a = 0; a < o->accum; a++) {
             loader_next_batch(&r->train, tokens, o->batch);
-            if (train_model_forward(m, tokens, err)) goto done_loads;
-            if (train_model_backward(m, 1.0f / o->accum, err)) goto done_loads;
-            acc.loss += m->loss.loss / o->accum;
-            acc.main += m->loss.main / o->accum;
-            acc.mtp += m->loss.mtp / o->accum;
-            acc.balance += m->loss.balance / o->accum;
+            if (train_model_forward(m, tokens + share, err)) goto done;
+            // the last micro-batch's backward completes the gradients: their sum starts group by group
+            m->grads_done = r->D > 1 && a == o->accum - 1 ? sync_group : NULL;
+            m->grads_done_ctx = r;
+            if (train_model_backward(m, 1.0f / ((float)o->accum * r->D), err)) goto done;
+            double w = 1.0 / ((double)o->accum * r->D);
+            parts[0] += m->loss.loss * w, parts[1] += m->loss.main * w;
+            parts[2] += m->loss.mtp * w, parts[3] += m->loss.balance * w;
             for (size_t i = 0; i < nload; i++) loads[i] += m->expert_load[i];
         }
+        m->grads_done = NULL;
+        if (r->D > 1) {
+            DistSumStats st;
+            if (sync_finish(r, &st, err) || dist_sum_f64(r->world, parts, 4, err) ||
+                dist_sum_i64(r->world, loads, (int)nload, err))
+                goto done;
+            exposed_sum += st.busy_s;  // blocked, and summing chunks between layers
+            sync_bytes = (double)st.bytes_sent;
+        }
+        TrainLosses acc = {parts[0], parts[1], parts[2], parts[3]};
         last_loss = acc.loss;
         double gnorm = grad_global_norm(m);
         float lr = lr_at(&sched, r->step);
-        if (adamw_update(&r->opt, m, lr, gnorm, err)) goto done_loads;
+        if (adamw_update(&r->opt, m, lr, gnorm, err)) goto done;
         moe_bias_update(m, loads, o->bias_update_speed);
         double vio, vio_worst;
         moe_max_vio(loads, m->n_moe, Nr, &vio, &vio_worst);
@@ -535,17 +615,25 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         int last = r->step == o->steps;
         if (r->have_val && ((o->eval_every > 0 && r->step % o->eval_every == 0) || last)) {
             double vmv;
-            if (evaluate(r, tokens, &val_loss, &vmv, err)) goto done_loads;
+            if (evaluate(r, tokens, &val_loss, &vmv, err)) goto done;
             n += snprintf(line + n, sizeof line - n, ", \"val_loss\": %.9g, \"val_max_vio\": %.9g", val_loss, vmv);
         }
         snprintf(line + n, sizeof line - n, "}\n");
-        if (fputs(line, mf) == EOF || fflush(mf)) {
-            err_set(err, "%s: write failed", metrics);
-            goto done_loads;
+        int wrc = metrics_line(r, mf, line, metrics, err);
+        if (!wrc && ((o->save_every > 0 && r->step % o->save_every == 0) || last || r->step == stop) && r->rank == 0)
+            wrc = save_checkpoint(r, err);
+        if (r->D > 1) {  // rank 0's writes: all ranks go on or stop together
+            int first_failed;
+            if (dist_agree(r->world, wrc, &first_failed)) {
+                res->failed_rank = first_failed;
+                if (first_failed != r->rank) err_set(err, "rank %d failed", first_failed);
+                agreed = 1;
+                goto done;
+            }
+        } else if (wrc) {
+            goto done;
         }
-        if ((o->save_every > 0 && r->step % o->save_every == 0) || last || r->step == stop)
-            if (save_checkpoint(r, err)) goto done_loads;
-        if (o->progress) {
+        if (o->progress && r->rank == 0) {
             double el = now_s() - t_start, eta = el / (r->step - first) * (o->steps - r->step);
             char es[32];
             fmt_duration(es, sizeof es, eta);
@@ -555,21 +643,25 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
             fflush(stderr);
         }
     }
-    if (o->progress) fputc('\n', stderr);
-    {
+    if (o->progress && r->rank == 0) fputc('\n', stderr);
+    if (r->rank == 0) {
         char svg[4200];
         snprintf(svg, sizeof svg, "%s/metrics.svg", o->out);
         fclose(mf);
         mf = NULL;
-        if (trainer_plot(metrics, svg, err)) goto done_loads;
+        if (trainer_plot(metrics, svg, err)) goto done;
     }
-    if (res) *res = (TrainerResult){r->step, o->steps, r->tokens, last_loss, val_loss, procmem_peak_bytes()};
+    *res = (TrainerResult){r->step, o->steps, r->tokens, last_loss, val_loss, procmem_peak_bytes(), r->D, sync_bytes,
+                           sync_alone_s, r->step > first ? exposed_sum / (r->step - first) : 0, -1};
     rc = 0;
-done_loads:
-    free(loads);
 done:
+    if (rc && r->D > 1 && !agreed) res->failed_rank = -1;  // failed alone: the caller ends the run
+    else if (rc && r->D == 1) res->failed_rank = 0;
     if (mf) fclose(mf);
     free(tokens);
+    free(loads);
+    dist_sum_free(r->sync);
+    free(r->synced);
     loader_close(&r->train);
     loader_close(&r->val);
     adamw_free(&r->opt);

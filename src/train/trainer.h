@@ -38,6 +38,7 @@ typedef struct TrainerOptions {
     uint64_t seed;
     char save_dtype[32];  // "f32" (also when empty), "bf16" or "fp8"
     int progress;  // a live progress line on stderr (the library's default: none)
+    int data_parallel;  // ranks that split each batch (0: all the processes of the run)
 } TrainerOptions;
 
 // The C type of an option's field. A flag takes no value on the command line: giving it stores lo.
@@ -94,10 +95,26 @@ typedef struct TrainerResult {
     double loss;        // the last step's training loss
     double val_loss;    // of the last evaluation after a step of this invocation, NAN if none ran
     size_t peak_bytes;  // the process's peak resident memory (0: unknown)
+    // Several processes (dist.h): data_parallel ranks; the gradient sum's bytes sent per step by a
+    // rank, its time alone (a blocking sum of the whole gradient, timed once) and its mean exposed
+    // time per step (the part the backward pass did not hide).
+    int data_parallel;
+    double sync_bytes, sync_alone_s, sync_exposed_s;
+    // On failure: the rank that reports the error (the lowest that failed, agreed by all ranks,
+    // which all return -1), or -1 when a rank failed alone in the middle of a step, where the others
+    // may be waiting for it: the caller then ends the run (dist_abort).
+    int failed_rank;
 } TrainerResult;
 
 // Runs (or, with resume non-NULL, continues from that checkpoint) until o->steps.
-// Prints nothing on stdout; with o->progress a live line on stderr. res (may be NULL) gets the summary.
+// Prints nothing on stdout; with o->progress a live line on stderr. res gets the summary.
+//
+// Data parallel (o->data_parallel ranks of dist_world(), after dist_init): every rank holds the
+// whole model and optimiser; each micro-batch of o->batch sequences is split into equal shares
+// (rank r takes sequences r·B/D .. (r+1)·B/D − 1 of it), each rank's gradients are scaled by 1/D and
+// summed over the ranks in buckets (TrainGradGroup) as the backward pass completes them, in rank
+// order, so every rank applies the same update; losses and expert loads are summed the same way.
+// Rank 0 alone writes the run directory and reports progress.
 int trainer_run(const TrainerOptions *o, const char *resume, TrainerResult *res, Error *err);
 
 // Draws metrics.jsonl as an SVG: training and validation loss, MaxVio (mean and worst layer).
