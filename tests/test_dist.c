@@ -72,59 +72,88 @@ static double weights_rel_diff(const char *fa, const char *fb) {
     return mr > 0 ? md / mr : INFINITY;
 }
 
-// The same global batch on 1, 2 and 4 ranks gives the same run: every loss, gradient norm, MaxVio
-// and validation figure of every step within 1e-6 relative (measured: 2.5e-8 to 3.6e-8, the
-// summation order of fp32 means and gradient sums), and the final weights within 3e-6 of their
-// largest (measured 1.3e-7 to 3e-7). Two runs on
-// the same number of ranks are identical to the bit. Rank 0 alone prints and writes.
+// Runs the one-process reference once and then each launch; every run's metrics (every loss,
+// gradient norm, MaxVio and validation figure of every step) must be within 1e-6 relative of the
+// reference's and its final weights (router biases included) within 3e-6 of their largest.
+// Measured: 2e-8 to 4e-8 and 1e-7 to 3e-7, the summation order of fp32 means and sums.
+static void check_equals_one_process(const char *tag, const char *const *launch, const char *const *extra, int n) {
+    const char *dir = test_train_corpus();
+    char ref[600], out[8192];
+    snprintf(ref, sizeof ref, "%s/dist_one", dir);
+    static int ref_done;
+    if (!ref_done) {
+        int rc = dp_train(out, sizeof out, "", ref, 6, "");
+        CHECK_MSG(rc == 0, "one process: %s", out);
+        ref_done = 1;
+    }
+    double v0[400], v[400];
+    int n0 = metric_values(ref, v0, 400);
+    CHECK(n0 > 6 * 8);
+    for (int i = 0; i < n; i++) {
+        char run[600];
+        snprintf(run, sizeof run, "%s/%s%d", dir, tag, i);
+        int rc = dp_train(out, sizeof out, launch[i], run, 6, extra[i]);
+        CHECK_MSG(rc == 0, "%s %s: %s", launch[i], extra[i], out);
+        CHECK_MSG(strstr(out, "trained to step 6") && strstr(out, " ranks (data parallel ") &&
+                      !strstr(strstr(out, "trained to step 6") + 1, "trained to step"),
+                  "one summary from rank 0: %s", out);
+        int nv = metric_values(run, v, 400);
+        CHECK_MSG(nv == n0, "%s %s: %d values, one process %d", launch[i], extra[i], nv, n0);
+        double worst = 0;
+        for (int k = 0; k < n0 && k < nv; k++) worst = fmax(worst, fabs(v[k] - v0[k]) / fmax(fabs(v0[k]), 1e-3));
+        CHECK_MSG(worst < 1e-6, "%s %s: metrics differ from one process by %.3g relative", launch[i], extra[i], worst);
+        char wa[700], wb[700];
+        snprintf(wa, sizeof wa, "%s/step-6/model.safetensors", run);
+        snprintf(wb, sizeof wb, "%s/step-6/model.safetensors", ref);
+        double wd = weights_rel_diff(wa, wb);
+        CHECK_MSG(wd < 3e-6, "%s %s: final weights differ by %.3g of the largest", launch[i], extra[i], wd);
+        printf("    %s %s: metrics within %.2g, weights within %.2g of one process\n", strstr(launch[i], "-np"),
+               extra[i], worst, wd);
+    }
+}
+
+// Data parallel: the same global batch on 2 ranks (over TCP) and 4 gives the run of one process;
+// two runs on 2 ranks are identical to the bit; a checkpoint continues on another number of ranks.
 TEST(test_dist_data_parallel_equals_one_process) {
     const char *why = no_mpi();
     if (why) SKIP("%s", why);
+    const char *launch[] = {MPIRUN " -np 2 --mca btl self,tcp", MPIRUN " -np 4", MPIRUN " -np 2"};
+    const char *extra[] = {"", "", ""};
+    check_equals_one_process("dp", launch, extra, 3);
     const char *dir = test_train_corpus();
-    long steps = 6;
-    const char *runs[4] = {"dp_one", "dp_np2_tcp", "dp_np4", "dp_np2_again"};
-    const char *launch[4] = {"", MPIRUN " -np 2 --mca btl self,tcp", MPIRUN " -np 4", MPIRUN " -np 2"};
-    char path[4][600];
-    double v[4][400];
-    int nv[4];
-    for (int i = 0; i < 4; i++) {
-        char out[8192];
-        snprintf(path[i], sizeof path[i], "%s/%s", dir, runs[i]);
-        int rc = dp_train(out, sizeof out, launch[i], path[i], steps, "");
-        CHECK_MSG(rc == 0, "%s: %s", runs[i], out);
-        CHECK_MSG(test_count_lines(out) == (i == 0 ? 1 : 2), "%s: one summary from rank 0: %s", runs[i], out);
-        CHECK_MSG(strstr(out, "trained to step 6") && (i == 0 || strstr(out, "data parallel over")), "%s", out);
-        nv[i] = metric_values(path[i], v[i], 400);
-        CHECK(nv[i] > 6 * 8);
-    }
-    for (int i = 1; i < 3; i++) {
-        CHECK_MSG(nv[i] == nv[0], "%s: %d values, one process %d", runs[i], nv[i], nv[0]);
-        double worst = 0;
-        for (int k = 0; k < nv[0]; k++) worst = fmax(worst, fabs(v[i][k] - v[0][k]) / fmax(fabs(v[0][k]), 1e-3));
-        CHECK_MSG(worst < 1e-6, "%s: metrics differ from one process by %.3g relative", runs[i], worst);
-        char wa[700], wb[700];
-        snprintf(wa, sizeof wa, "%s/step-6/model.safetensors", path[i]);
-        snprintf(wb, sizeof wb, "%s/step-6/model.safetensors", path[0]);
-        double wd = weights_rel_diff(wa, wb);
-        CHECK_MSG(wd < 3e-6, "%s: final weights differ by %.3g of the largest", runs[i], wd);
-        printf("    %s: metrics within %.2g, weights within %.2g of one process\n", runs[i], worst, wd);
-    }
     char ma[700], mb[700];
-    snprintf(ma, sizeof ma, "%s/step-6/model.safetensors", path[1]);
-    snprintf(mb, sizeof mb, "%s/step-6/model.safetensors", path[3]);
+    snprintf(ma, sizeof ma, "%s/dp0/step-6/model.safetensors", dir);
+    snprintf(mb, sizeof mb, "%s/dp2/step-6/model.safetensors", dir);
     CHECK_MSG(weights_rel_diff(ma, mb) == 0, "two runs on 2 ranks differ");
-    CHECK(nv[1] == nv[3] && memcmp(v[1], v[3], sizeof(double) * nv[1]) == 0);
-    // the checkpoint of a data-parallel run continues on another number of ranks
-    char out[8192];
-    int rc = test_run(out, sizeof out, "%s -np 2 %s train --resume '%s/step-3' --no-progress", MPIRUN, test_bin(),
-                      path[2]);
+    double a[400], b[400];
+    snprintf(ma, sizeof ma, "%s/dp0", dir);
+    snprintf(mb, sizeof mb, "%s/dp2", dir);
+    int na = metric_values(ma, a, 400), nb = metric_values(mb, b, 400);
+    CHECK(na > 0 && na == nb && memcmp(a, b, sizeof(double) * na) == 0);
+    // the checkpoint of the 4-rank run continues on 2
+    char out[8192], ref[600];
+    int rc = test_run(out, sizeof out, "%s -np 2 %s train --resume '%s/dp1/step-3' --no-progress", MPIRUN, test_bin(),
+                      dir);
     CHECK_MSG(rc == 0 && strstr(out, "trained to step 6"), "%s", out);
-    double r[400];
-    int nr = metric_values(path[2], r, 400);
-    CHECK(nr == nv[2]);
+    snprintf(ma, sizeof ma, "%s/dp1", dir);
+    snprintf(ref, sizeof ref, "%s/dist_one", dir);
+    na = metric_values(ma, a, 400), nb = metric_values(ref, b, 400);
+    CHECK(na == nb);
     double worst = 0;
-    for (int k = 0; k < nr; k++) worst = fmax(worst, fabs(r[k] - v[0][k]) / fmax(fabs(v[0][k]), 1e-3));
+    for (int k = 0; k < na && k < nb; k++) worst = fmax(worst, fabs(a[k] - b[k]) / fmax(fabs(b[k]), 1e-3));
     CHECK_MSG(worst < 1e-6, "resumed on 2 ranks: %.3g from one process", worst);
+}
+
+// Expert parallel: the tiny model's 8 routed experts (its MoE layer and its MTP module's) split over
+// 2 and 4 ranks, alone and with 2 data-parallel groups, gives the run of one process — forward,
+// every gradient (the weights after six AdamW steps) and the bias updates. The 4-way split runs
+// over TCP.
+TEST(test_dist_expert_parallel_equals_one_process) {
+    const char *why = no_mpi();
+    if (why) SKIP("%s", why);
+    const char *launch[] = {MPIRUN " -np 2", MPIRUN " -np 4", MPIRUN " -np 4 --mca btl self,tcp"};
+    const char *extra[] = {"--expert-parallel 2", "--expert-parallel 2", "--expert-parallel 4"};
+    check_equals_one_process("ep", launch, extra, 3);
 }
 
 // Options every rank rejects alike: one line from rank 0, a non-zero exit of every rank, no run
@@ -133,18 +162,22 @@ TEST(test_dist_bad_options_one_line_from_rank0) {
     const char *why = no_mpi();
     if (why) SKIP("%s", why);
     const char *dir = test_train_corpus();
-    const char *bad[][2] = {{"--batch 3", "--batch 3: not divisible by the 2 data-parallel ranks"},
-                            {"--data-parallel 4", "--data-parallel 4: the run has 2 processes"},
-                            {"--precision fp16", "--precision: unknown value 'fp16'"}};
-    for (int i = 0; i < 3; i++) {
-        char run[600], out[8192];
+    const char *bad[][3] = {
+        {"2", "--batch 3", "--batch 3: not divisible by the 2 ranks"},
+        {"2", "--data-parallel 4", "--data-parallel 4 x --expert-parallel 1 is 4 ranks, the run has 2 processes"},
+        {"2", "--expert-parallel 3", "--expert-parallel 3: the run's 2 processes do not split into groups of 3"},
+        {"3", "--batch 3 --expert-parallel 3", "--expert-parallel 3: the model's 8 routed experts do not split evenly"},
+        {"2", "--precision fp16", "--precision: unknown value 'fp16'"}};
+    for (int i = 0; i < (int)(sizeof bad / sizeof bad[0]); i++) {
+        char run[600], out[8192], launch[300];
         snprintf(run, sizeof run, "%s/dp_bad%d", dir, i);
-        int rc = dp_train(out, sizeof out, MPIRUN " -np 2", run, 2, bad[i][0]);
-        CHECK_MSG(rc != 0 && rc != 124, "%s: exit %d: %s", bad[i][0], rc, out);
-        CHECK_MSG(strstr(out, bad[i][1]), "%s: %s", bad[i][0], out);
+        snprintf(launch, sizeof launch, "%s -np %s", MPIRUN, bad[i][0]);
+        int rc = dp_train(out, sizeof out, launch, run, 2, bad[i][1]);
+        CHECK_MSG(rc != 0 && rc != 124, "%s: exit %d: %s", bad[i][1], rc, out);
+        CHECK_MSG(strstr(out, bad[i][2]), "%s: %s", bad[i][1], out);
         char *first = strstr(out, "dsv3 train: ");
-        CHECK_MSG(first && !strstr(first + 1, "dsv3 train: "), "%s: not one line: %s", bad[i][0], out);
+        CHECK_MSG(first && !strstr(first + 1, "dsv3 train: "), "%s: not one line: %s", bad[i][1], out);
         struct stat sb;
-        CHECK_MSG(stat(run, &sb) != 0, "%s: the run directory was created", bad[i][0]);
+        CHECK_MSG(stat(run, &sb) != 0, "%s: the run directory was created", bad[i][1]);
     }
 }

@@ -84,11 +84,19 @@ static void print_result(const TrainerResult *res, const char *out) {
     printf("; checkpoint %s/step-%ld", out, res->step);
     if (res->peak_bytes) printf("; peak memory %.0f MB", res->peak_bytes / 1e6);
     printf("\n");
-    if (res->data_parallel > 1)
-        printf("data parallel over %d ranks: gradient sum %.1f MB sent per step by each rank, %.1f ms alone, "
-               "%.1f ms per step not hidden by the backward pass (%.0f%% hidden)\n",
-               res->data_parallel, res->sync_bytes / 1e6, res->sync_alone_s * 1e3, res->sync_exposed_s * 1e3,
-               res->sync_alone_s > 0 ? 100.0 * (1 - res->sync_exposed_s / res->sync_alone_s) : 0.0);
+    if (res->ranks > 1) {
+        printf("%d ranks (data parallel %d x expert parallel %d): gradient sum %.1f MB sent per step by a rank, "
+               "%.1f ms alone, %.1f ms per step spent in it after the backward pass",
+               res->ranks, res->data_parallel, res->expert_parallel, res->sync_bytes / 1e6, res->sync_alone_s * 1e3,
+               res->sync_exposed_s * 1e3);
+        if (res->sync_exposed_s <= res->sync_alone_s)  // more: ranks waited for each other, not for the sum
+            printf(" (%.0f%% hidden)", res->sync_alone_s > 0 ? 100.0 * (1 - res->sync_exposed_s / res->sync_alone_s) : 0.0);
+        printf("\n");
+    }
+    if (res->expert_parallel > 1)
+        printf("expert parallel: a token reached %.2f ranks; per step a rank sent %.2f MB dispatching and %.2f MB "
+               "combining, %.1f ms in the all-to-alls\n",
+               res->ranks_per_token, res->a2a_dispatch_bytes / 1e6, res->a2a_combine_bytes / 1e6, res->a2a_s * 1e3);
 }
 
 // A failure every rank sees alike (the arguments, the run's setup) is reported by rank 0 alone.

@@ -233,6 +233,47 @@ int dist_broadcast(DistComm *c, void *buf, size_t n, int root, Error *err) {
     return 0;
 }
 
+int dist_alltoall_int(DistComm *c, const int *send, int *recv, Error *err) {
+    if (c->size == 1) {
+        recv[0] = send[0];
+        return 0;
+    }
+#ifdef DSV3_MPI
+    MPI_TRY(MPI_Alltoall(send, 1, MPI_INT, recv, 1, MPI_INT, c->comm), "MPI_Alltoall");
+#endif
+    (void)err;
+    return 0;
+}
+
+int dist_alltoallv(DistComm *c, const void *send, const int *send_counts, void *recv, const int *recv_counts,
+                   size_t elem_bytes, Error *err) {
+    if (c->size == 1) {
+        if (send_counts[0] != recv_counts[0]) return err_set(err, "all-to-all: %d elements sent, %d expected",
+                                                             send_counts[0], recv_counts[0]);
+        memcpy(recv, send, (size_t)send_counts[0] * elem_bytes);
+        return 0;
+    }
+#ifdef DSV3_MPI
+    int R = c->size, *v = malloc(sizeof(int) * 4 * R);
+    if (!v) return err_set(err, "out of memory");
+    int *sc = v, *sd = v + R, *rc = v + 2 * R, *rd = v + 3 * R;
+    size_t so = 0, ro = 0;
+    for (int r = 0; r < R; r++) {
+        size_t sb = (size_t)send_counts[r] * elem_bytes, rb = (size_t)recv_counts[r] * elem_bytes;
+        if (sb > INT_MAX || rb > INT_MAX || so + sb > INT_MAX || ro + rb > INT_MAX) {
+            free(v);
+            return err_set(err, "all-to-all: more than 2 GB in one exchange");
+        }
+        sc[r] = (int)sb, sd[r] = (int)so, rc[r] = (int)rb, rd[r] = (int)ro;
+        so += sb, ro += rb;
+    }
+    int rc_ = MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, c->comm);
+    free(v);
+    if (rc_ != MPI_SUCCESS) return mpi_err(err, rc_, "MPI_Alltoallv");
+#endif
+    return 0;
+}
+
 // ---- nonblocking bucket sums ----
 
 typedef struct Bucket {

@@ -49,6 +49,14 @@ int dist_barrier(DistComm *c, Error *err);
 // Root's n bytes to every rank of c.
 int dist_broadcast(DistComm *c, void *buf, size_t n, int root, Error *err);
 
+// The all-to-all of one int per rank (send[r] to rank r,
+// recv[r] from rank r).
+int dist_alltoall_int(DistComm *c, const int *send, int *recv, Error *err);
+// The all-to-all of variable blocks: send_counts[r] elements of elem_bytes each from send (blocks in
+// rank order) to rank r, recv_counts[r] from rank r into recv (in rank order).
+int dist_alltoallv(DistComm *c, const void *send, const int *send_counts, void *recv, const int *recv_counts,
+                   size_t elem_bytes, Error *err);
+
 // Nonblocking sums of float buffers (gradient buckets) over the ranks of a communicator, started
 // as their values become final and completed together: each bucket is cut into one chunk per rank,
 // each rank adds up its chunk over the ranks in rank order (an all-to-all of the chunks) and hands

@@ -26,8 +26,30 @@
 
 typedef enum { ATTN_PLAIN, ATTN_ABSORBED } AttnMode;
 
+typedef struct LayerPass LayerPass;
+typedef struct LayerActs LayerActs;
+typedef struct LayerGradScratch LayerGradScratch;
+
+// Expert parallelism (dist/expert_parallel.h implements it): the routed experts of every MoE layer
+// are split over the ranks of a group, each rank computing the ones it holds for the tokens of every
+// rank that chose them. The MoE layer calls these in place of its own dispatch → experts → combine;
+// the route, the loads, the shared experts and the balance loss stay with the token's rank.
+typedef struct MoeParallel MoeParallel;
+typedef struct MoeParallelOps {
+    // y (N, d) += Σ_k g_k E_k(ln2) over each token's routed experts (a->topk_idx, a->topk_w),
+    // keeping what the backward pass reads when p->save.
+    int (*forward)(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, LayerActs *a, int N, float *y);
+    // From dy (N, d): s->dln (N, d) += the routed experts' input gradient, s->dtopk_w (N, K) = the
+    // gates' gradient, g's experts += their weight gradients.
+    int (*backward)(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a,
+                    LayerGradScratch *s, const float *dy, int N);
+} MoeParallelOps;
+struct MoeParallel {
+    const MoeParallelOps *ops;
+};
+
 // How a pass runs. Inference fills one per call; training one per micro-batch.
-typedef struct LayerPass {
+struct LayerPass {
     Backend *be;
     const ModelConfig *c;
     int B, T, pos0;
@@ -46,7 +68,9 @@ typedef struct LayerPass {
     const LinearRecipe *recipe;  // the linear layers' operand precision (training), NULL: fp32
     float *scratch;    // (threads, per_thread) attention scratch, see attn_scratch_floats
     size_t per_thread;
-} LayerPass;
+    MoeParallel *moe_parallel;  // the routed experts split over ranks, or NULL: all of them here
+    int layer;                  // the layer's HF index (MTP module k: num_hidden_layers + k), for moe_parallel
+};
 
 // Per-thread floats attention needs for query chunks against up to S positions.
 size_t attn_scratch_floats(const ModelConfig *c, int S);
@@ -57,7 +81,7 @@ LatentAttention mla_attention_call(const LayerPass *p, const MatView *kv_b_proj,
 // What one layer's forward writes. Training lays out one per layer and keeps them for the backward
 // pass; inference lays one over its scratch, shared by every layer, where the residual stream is
 // updated in place (x_in = x_mid = x_out) and the saved-only fields are NULL.
-typedef struct LayerActs {
+struct LayerActs {
     float *x_in;               // (N, d) residual stream entering the layer
     float *ln1, *ln1_rstd;     // (N, d), (N) input_layernorm
     float *qa;                 // (N, q_lora) q_a_proj output
@@ -87,10 +111,10 @@ typedef struct LayerActs {
     float *e_out;              // (N·K_r, d) routed experts' outputs by slot
     float *bal_f;              // (B, N_r) saved: f_i of each sequence for the balance loss
     float *x_out;              // (N, d) residual stream leaving the layer
-} LayerActs;
+};
 
 // Scratch of the backward pass of a layer, sized for N rows, shared by every layer.
-typedef struct LayerGradScratch {
+struct LayerGradScratch {
     float *dln;               // (N, d) normed-input gradient
     float *dq;                // (N, H*qk)
     float *dqa, *dcq;         // (N, q_lora)
@@ -106,7 +130,7 @@ typedef struct LayerGradScratch {
     float *de_gate, *de_up, *de_h;  // (N·K_r, moe_inter)
     float *dtopk_w;           // (N, K_r)
     float *dscores, *drouter; // (N, N_r)
-} LayerGradScratch;
+};
 
 // ---- ops ----
 

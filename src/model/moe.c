@@ -217,12 +217,13 @@ int moe_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, float *y,
     int N = p->B * p->T, Nr = c->n_routed_experts, K = c->num_experts_per_tok;
     *balance = 0;
     TRY(moe_route_rows(p, w, a, N));
-    moe_dispatch(c, a, N, load);
-    TRY(moe_experts_forward(p, w, a, N));
+    moe_dispatch(c, a, N, load);  // the slots serve the local experts; the loads are this rank's tokens'
+    if (!p->moe_parallel) TRY(moe_experts_forward(p, w, a, N));
     if (c->n_shared_experts > 0)
         TRY(ffn_forward(p->be, p->recipe, &w->shared_experts, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, y, N));
     else memset(y, 0, sizeof(float) * N * c->hidden_size);
-    TRY(moe_combine(p, a, y, N));
+    if (p->moe_parallel) TRY(p->moe_parallel->ops->forward(p->moe_parallel, p, w, a, N, y));
+    else TRY(moe_combine(p, a, y, N));
     if (p->seq_aux_alpha <= 0 || !a->bal_f) return 0;
     double bal = 0;
     for (int b = 0; b < p->B; b++)
@@ -238,21 +239,25 @@ int moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerAc
     Backend *be = p->be;
     int N = p->B * p->T, d = c->hidden_size, Nr = c->n_routed_experts, K = c->num_experts_per_tok;
     int Fm = c->moe_intermediate_size;
-    // combine: y_t = Σ_k g_tk E_k(x_t), so ∂g_tk = dy_t · E_k(x_t) and ∂E_k(x_t) = g_tk dy_t
-    TRY(be->ops->combine_backward(be, s->de_out, s->dtopk_w, dy, a->e_out, a->slot_of, a->topk_w, N, K, d));
-    // the experts (their inputs are gathered again: xg is shared scratch)
-    TRY(moe_gather(p, a, N));
-    memset(s->dxg, 0, sizeof(float) * N * K * d);
-    for (int e = 0; e < Nr; e++) {
-        int n = a->expert_off[e + 1] - a->expert_off[e];
-        if (n == 0) continue;
-        size_t o = a->expert_off[e];
-        TRY(ffn_backward(be, p->recipe, &w->experts[e], &g->experts[e], s->de_out + o * d, a->xg + o * d, a->e_gate + o * Fm,
-                         a->e_up + o * Fm, a->e_h + o * Fm, s->dxg + o * d, s->de_gate + o * Fm, s->de_up + o * Fm,
-                         s->de_h + o * Fm, n));
+    if (p->moe_parallel) {
+        TRY(p->moe_parallel->ops->backward(p->moe_parallel, p, w, g, a, s, dy, N));
+    } else {
+        // combine: y_t = Σ_k g_tk E_k(x_t), so ∂g_tk = dy_t · E_k(x_t) and ∂E_k(x_t) = g_tk dy_t
+        TRY(be->ops->combine_backward(be, s->de_out, s->dtopk_w, dy, a->e_out, a->slot_of, a->topk_w, N, K, d));
+        // the experts (their inputs are gathered again: xg is shared scratch)
+        TRY(moe_gather(p, a, N));
+        memset(s->dxg, 0, sizeof(float) * N * K * d);
+        for (int e = 0; e < Nr; e++) {
+            int n = a->expert_off[e + 1] - a->expert_off[e];
+            if (n == 0) continue;
+            size_t o = a->expert_off[e];
+            TRY(ffn_backward(be, p->recipe, &w->experts[e], &g->experts[e], s->de_out + o * d, a->xg + o * d,
+                             a->e_gate + o * Fm, a->e_up + o * Fm, a->e_h + o * Fm, s->dxg + o * d, s->de_gate + o * Fm,
+                             s->de_up + o * Fm, s->de_h + o * Fm, n));
+        }
+        // dispatch: each slot's input gradient goes back to its token
+        TRY(be->ops->scatter_add_rows(be, s->dln, s->dxg, a->slot_tk_token, (long)N * K, d));
     }
-    // dispatch: each slot's input gradient goes back to its token
-    TRY(be->ops->scatter_add_rows(be, s->dln, s->dxg, a->slot_tk_token, (long)N * K, d));
     if (c->n_shared_experts > 0)
         TRY(ffn_backward(be, p->recipe, &w->shared_experts, &g->shared_experts, dy, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h,
                          s->dln, s->dffn_gate, s->dffn_up, s->dffn_h, N));

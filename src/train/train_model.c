@@ -445,8 +445,9 @@ int train_model_save(const TrainModel *m, const char *dir, DType dtype, size_t s
 static int mtp_active(const TrainModel *m) { return m->cfg.num_nextn_predict_layers > 0 && m->obj.mtp_lambda > 0; }
 
 // The pass of a layer over B windows of T positions from 0, its latent store the saved ckv/kpe.
-static LayerPass train_pass(const TrainModel *m, const TrainLayerActs *t, int T) {
-    return (LayerPass){.be = m->be, .c = &m->cfg, .B = m->B, .T = T, .pos0 = 0, .rope_cos = m->rope_cos,
+// The pass of HF layer `layer` (MTP module k: num_hidden_layers + k − 1).
+static LayerPass train_pass(const TrainModel *m, const TrainLayerActs *t, int T, int layer) {
+    return (LayerPass){.moe_parallel = m->moe_parallel, .layer = layer, .be = m->be, .c = &m->cfg, .B = m->B, .T = T, .pos0 = 0, .rope_cos = m->rope_cos,
                        .rope_sin = m->rope_sin, .softmax_scale = m->softmax_scale, .latent = t->ckv, .kpe = t->kpe,
                        .ld = T, .mode = ATTN_PLAIN, .save = 1, .freeze_routing = m->freeze_routing,
                        .seq_aux_alpha = m->obj.seq_aux_alpha, .scratch = m->a.attn,
@@ -508,7 +509,7 @@ static int mtp_forward(TrainModel *m, int k, long long *load, double *bal, doubl
         }
     int N = t->N;
     double layer_bal;
-    LayerPass p = train_pass(m, &t->layer, Tk);
+    LayerPass p = train_pass(m, &t->layer, Tk, c->num_hidden_layers + k - 1);
     TRY(be->ops->embedding(be, t->emb, &m->p.embed_tokens, t->in_tok, N));
     TRY(mtp_input_forward(be, m->lowp, c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
     TRY(layer_forward(&p, &w->layer, &t->layer.acts, load, &layer_bal));
@@ -533,7 +534,7 @@ static int forward(TrainModel *m, const int *tokens) {
     int j = 0;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         long long *load = m->p.layers[l].is_moe ? m->expert_load + (size_t)(j++) * Nr : NULL;
-        LayerPass p = train_pass(m, &a->layers[l], T);
+        LayerPass p = train_pass(m, &a->layers[l], T, l);
         TRY(layer_forward(&p, &m->p.layers[l], &a->layers[l].acts, load, &layer_bal));
         TRY(keep_layer(m, &a->layers[l]));
         bal += layer_bal;
@@ -593,7 +594,7 @@ static int mtp_backward(TrainModel *m, int k, float scale) {
     int N = t->N, d = c->hidden_size, D = c->num_nextn_predict_layers, Tk = t->T, Tp = Tk + 1;
     TRY(head_backward(m, w->shared_head_norm, g->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd,
                       t->logits, t->lse, t->targets, N, scale * m->obj.mtp_lambda / D / N, t->dh_out, a->dres));
-    LayerPass p = train_pass(m, &t->layer, Tk);
+    LayerPass p = train_pass(m, &t->layer, Tk, c->num_hidden_layers + k - 1);
     TRY(restore_layer(m, &t->layer));
     TRY(layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale));
     memset(a->demb, 0, sizeof(float) * N * d);
@@ -635,7 +636,7 @@ static int backward(TrainModel *m, float scale) {
                       scale / N, a->dlnf, a->dres));
     TRY(grads_done(m, TRAIN_GRADS_HEAD(m)));
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
-        LayerPass p = train_pass(m, &a->layers[l], T);
+        LayerPass p = train_pass(m, &a->layers[l], T, l);
         TRY(restore_layer(m, &a->layers[l]));
         TRY(layer_backward(&p, &m->p.layers[l], &m->g.layers[l], &a->layers[l].acts, &a->gs, a->dres, scale));
         TRY(grads_done(m, l));

@@ -161,6 +161,7 @@ typedef struct TrainModel {
     TrainGradGroup *grad_groups;    // (n_grad_groups) indexed as TrainGradsDone's group
     TrainGradsDone grads_done;      // NULL: not told
     void *grads_done_ctx;
+    MoeParallel *moe_parallel;      // the routed experts split over ranks (dist/expert_parallel.h), or NULL
 } TrainModel;
 
 // Lays out parameters, gradients and activations for micro-batches of B × (T + 1) tokens;

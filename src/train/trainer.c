@@ -11,6 +11,7 @@
 #include "base/file.h"
 #include "base/procmem.h"
 #include "dist/dist.h"
+#include "dist/expert_parallel.h"
 #include "model/config.h"
 #include "model/convert_checkpoint.h"
 #include "train/data.h"
@@ -85,7 +86,9 @@ const TrainerOption trainer_options[] = {
                "dtype of the checkpoints' weights; default f32, the master weights (bf16, fp8: master/ keeps them)"),
     FLAG_OPT("no-progress", progress, 0, 0, "no live progress line on stderr (shown when stderr is a terminal)"),
     INT_OPT("data-parallel", NULL, data_parallel, 0, 0, 1 << 20, "D",
-            "under mpirun: ranks that split each batch (0: all of them; --batch is the whole batch)"),
+            "under mpirun: groups of --expert-parallel ranks, D x E = the processes (0: that quotient)"),
+    INT_OPT("expert-parallel", NULL, expert_parallel, 1, 1, 1 << 20, "E",
+            "under mpirun: ranks that split the routed experts; every rank takes batch/(D x E) sequences"),
     {0},
 };
 
@@ -225,8 +228,11 @@ int trainer_find_checkpoint(const char *dir, char *out, size_t n, Error *err) {
 typedef struct Run {
     TrainerOptions o;
     TrainModel m;
-    DistComm *world;    // the data-parallel ranks (all of the run's processes)
-    int rank, D;        // this rank, the number of ranks; each takes B / D sequences of a micro-batch
+    DistComm *world;    // all of the run's processes
+    int rank, W;        // this rank, their number; each takes B / W sequences of a micro-batch
+    int D, E;           // data parallel x expert parallel = W: E ranks share the routed experts
+    DistComm *ep_comm;  // this rank's expert-parallel group: ranks E·(rank / E) .. E·(rank / E) + E − 1
+    ExpertParallel *ep;
     DistSum *sync;      // the gradient sum in flight
     unsigned char *synced;  // (n_grad_groups) the groups started in this step's sum
     AdamW opt;
@@ -348,7 +354,7 @@ static int evaluate(Run *r, int *tokens, double *val_loss, double *val_max_vio, 
     for (long b = 0; b < r->o.eval_batches && !rc; b++) {
         loader_next_batch(&r->val, tokens, r->o.batch);  // the whole batch; this rank takes its share
         rc = train_model_forward(m, tokens + (size_t)r->rank * m->B * (m->T + 1), err);
-        sum += m->loss.main / r->D;
+        sum += m->loss.main / r->W;
         for (size_t i = 0; i < (size_t)m->n_moe * Nr; i++) loads[i] += m->expert_load[i];
     }
     m->obj = keep;
@@ -419,7 +425,10 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
         snprintf(cfg_path, sizeof cfg_path, "%s", r->o.config);
     }
     if (config_load(&c, cfg_path, err)) return -1;
-    if (train_model_new(&r->m, &c, r->o.batch / r->D, r->o.seq, err)) return -1;
+    if (r->E > 1 && (c.n_routed_experts <= 0 || c.n_routed_experts % r->E))
+        return err_set(err, "--expert-parallel %d: the model's %d routed experts do not split evenly over %d ranks",
+                       r->E, c.n_routed_experts, r->E);
+    if (train_model_new(&r->m, &c, r->o.batch / r->W, r->o.seq, err)) return -1;
     LinearRecipe recipe;
     const LinearRecipe *lowp;
     if (trainer_recipe(&r->o, &recipe, &lowp, err) || train_model_set_recipe(&r->m, lowp, err)) return -1;
@@ -443,7 +452,19 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     return 0;
 }
 
-// ---- the gradient sum over the data-parallel ranks ----
+// ---- the ranks ----
+
+// The expert-parallel groups: E consecutive ranks each, the routed experts split over a group's
+// ranks and the MoE layers exchanging tokens within it. Collective over the world.
+static int start_expert_parallel(Run *r, Error *err) {
+    TRY(dist_split(r->world, r->rank / r->E, r->rank, &r->ep_comm, err));
+    r->ep = expert_parallel_new(r->ep_comm, &r->m.cfg, err);
+    if (!r->ep) return -1;
+    r->m.moe_parallel = expert_parallel_seam(r->ep);
+    return 0;
+}
+
+// ---- the gradient sum over the ranks ----
 
 // TrainGradsDone: a group's gradients are final on this rank; its sum over the ranks starts now and
 // runs while the backward pass goes on.
@@ -488,20 +509,25 @@ static int prepare(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error 
     if (ckpt_dtype_parse(o->save_dtype[0] ? o->save_dtype : "f32", "--save-dtype", &r->save_dtype, err)) return -1;
     if (!o->data[0] || !o->out[0]) return err_set(err, "a run needs --data and --out");
     int world = dist_size(r->world);
-    r->D = o->data_parallel > 0 ? o->data_parallel : world;
-    if (r->D != world)
-        return err_set(err, "--data-parallel %d: the run has %d processes (data parallelism takes all of them)", r->D,
-                       world);
-    if (o->batch % r->D)
-        return err_set(err, "--batch %d: not divisible by the %d data-parallel ranks (each takes an equal share)",
-                       o->batch, r->D);
-    if (!resume && path_exists(metrics))
+    r->W = world;
+    r->E = o->expert_parallel;
+    if (world % r->E)
+        return err_set(err, "--expert-parallel %d: the run's %d processes do not split into groups of %d", r->E, world,
+                       r->E);
+    r->D = o->data_parallel > 0 ? o->data_parallel : world / r->E;
+    if (r->D * r->E != world)
+        return err_set(err, "--data-parallel %d x --expert-parallel %d is %d ranks, the run has %d processes", r->D,
+                       r->E, r->D * r->E, world);
+    if (o->batch % world)
+        return err_set(err, "--batch %d: not divisible by the %d ranks (each takes an equal share)", o->batch, world);
+    // (rank 0 alone looks: the others could see the file rank 0 has just begun)
+    if (r->rank == 0 && !resume && path_exists(metrics))
         return err_set(err, "%s: the run directory already holds a run; continue it with --resume %s", o->out, o->out);
     LinearRecipe recipe;
     const LinearRecipe *lowp;
-    TRY(trainer_recipe(o, &recipe, &lowp, err));  // checked before anything is written
+    TRY(trainer_recipe(o, &recipe, &lowp, err));
+    TRY(setup(r, resume, ckpt, ckpt_n, err));  // reads only: the options and the model are checked first
     if (r->rank == 0) TRY(make_dirs(o->out, err));
-    TRY(setup(r, resume, ckpt, ckpt_n, err));
     if (r->rank == 0 && resume) TRY(truncate_metrics(metrics, r->step, err));
     if (r->step >= o->steps)
         return err_set(err, "%s: the checkpoint is at step %ld; --steps %ld leaves nothing to do", ckpt, r->step,
@@ -528,7 +554,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
     r->o = *opts;
     r->world = dist_world();
     r->rank = dist_rank(r->world);
-    r->D = 1;
+    r->D = r->E = r->W = 1;
     const TrainerOptions *o = &r->o;
     int rc = -1, *tokens = NULL, agreed = 0;
     long long *loads = NULL;
@@ -553,7 +579,9 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         goto done;
     }
     double sync_alone_s = 0, exposed_sum = 0;
-    if (r->D > 1 && sync_alone(r, &sync_alone_s, err)) goto done;
+    ExpertParallelStats a2a = {0};
+    if (r->E > 1 && start_expert_parallel(r, err)) goto done;
+    if (r->W > 1 && sync_alone(r, &sync_alone_s, err)) goto done;
     LrSchedule sched = {o->lr, o->warmup, o->steps, o->decay_steps >= 0 ? o->decay_steps : o->steps / 4,
                         o->lr_final_frac};
     double t_start = now_s();
@@ -577,22 +605,27 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
             loader_next_batch(&r->train, tokens, o->batch);
             if (train_model_forward(m, tokens + share, err)) goto done;
             // the last micro-batch's backward completes the gradients: their sum starts group by group
-            m->grads_done = r->D > 1 && a == o->accum - 1 ? sync_group : NULL;
+            m->grads_done = r->W > 1 && a == o->accum - 1 ? sync_group : NULL;
             m->grads_done_ctx = r;
-            if (train_model_backward(m, 1.0f / ((float)o->accum * r->D), err)) goto done;
-            double w = 1.0 / ((double)o->accum * r->D);
+            if (train_model_backward(m, 1.0f / ((float)o->accum * r->W), err)) goto done;
+            double w = 1.0 / ((double)o->accum * r->W);
             parts[0] += m->loss.loss * w, parts[1] += m->loss.main * w;
             parts[2] += m->loss.mtp * w, parts[3] += m->loss.balance * w;
             for (size_t i = 0; i < nload; i++) loads[i] += m->expert_load[i];
         }
         m->grads_done = NULL;
-        if (r->D > 1) {
+        if (r->W > 1) {
             DistSumStats st;
             if (sync_finish(r, &st, err) || dist_sum_f64(r->world, parts, 4, err) ||
                 dist_sum_i64(r->world, loads, (int)nload, err))
                 goto done;
             exposed_sum += st.busy_s;  // blocked, and summing chunks between layers
             sync_bytes = (double)st.bytes_sent;
+        }
+        if (r->ep) {  // the training step's exchanges (evaluation's are taken and dropped below)
+            ExpertParallelStats st = expert_parallel_take_stats(r->ep);
+            a2a.dispatch_bytes += st.dispatch_bytes, a2a.combine_bytes += st.combine_bytes;
+            a2a.exchange_s += st.exchange_s, a2a.tokens += st.tokens, a2a.token_ranks += st.token_ranks;
         }
         TrainLosses acc = {parts[0], parts[1], parts[2], parts[3]};
         last_loss = acc.loss;
@@ -616,13 +649,14 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         if (r->have_val && ((o->eval_every > 0 && r->step % o->eval_every == 0) || last)) {
             double vmv;
             if (evaluate(r, tokens, &val_loss, &vmv, err)) goto done;
+            if (r->ep) expert_parallel_take_stats(r->ep);
             n += snprintf(line + n, sizeof line - n, ", \"val_loss\": %.9g, \"val_max_vio\": %.9g", val_loss, vmv);
         }
         snprintf(line + n, sizeof line - n, "}\n");
         int wrc = metrics_line(r, mf, line, metrics, err);
         if (!wrc && ((o->save_every > 0 && r->step % o->save_every == 0) || last || r->step == stop) && r->rank == 0)
             wrc = save_checkpoint(r, err);
-        if (r->D > 1) {  // rank 0's writes: all ranks go on or stop together
+        if (r->W > 1) {  // rank 0's writes: all ranks go on or stop together
             int first_failed;
             if (dist_agree(r->world, wrc, &first_failed)) {
                 res->failed_rank = first_failed;
@@ -651,16 +685,25 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         mf = NULL;
         if (trainer_plot(metrics, svg, err)) goto done;
     }
-    *res = (TrainerResult){r->step, o->steps, r->tokens, last_loss, val_loss, procmem_peak_bytes(), r->D, sync_bytes,
-                           sync_alone_s, r->step > first ? exposed_sum / (r->step - first) : 0, -1};
+    long ran = r->step > first ? r->step - first : 1;
+    *res = (TrainerResult){.step = r->step, .steps = o->steps, .tokens = r->tokens, .loss = last_loss,
+                           .val_loss = val_loss, .peak_bytes = procmem_peak_bytes(), .ranks = r->W,
+                           .data_parallel = r->D, .expert_parallel = r->E, .sync_bytes = sync_bytes,
+                           .sync_alone_s = sync_alone_s, .sync_exposed_s = exposed_sum / ran,
+                           .a2a_dispatch_bytes = a2a.dispatch_bytes / ran, .a2a_combine_bytes = a2a.combine_bytes / ran,
+                           .a2a_s = a2a.exchange_s / ran,
+                           .ranks_per_token = a2a.tokens ? (double)a2a.token_ranks / a2a.tokens : 0,
+                           .failed_rank = -1};
     rc = 0;
 done:
-    if (rc && r->D > 1 && !agreed) res->failed_rank = -1;  // failed alone: the caller ends the run
-    else if (rc && r->D == 1) res->failed_rank = 0;
+    if (rc && r->W > 1 && !agreed) res->failed_rank = -1;  // failed alone: the caller ends the run
+    else if (rc && r->W == 1) res->failed_rank = 0;
     if (mf) fclose(mf);
     free(tokens);
     free(loads);
     dist_sum_free(r->sync);
+    expert_parallel_free(r->ep);
+    dist_comm_free(r->ep_comm);
     free(r->synced);
     loader_close(&r->train);
     loader_close(&r->val);

@@ -38,7 +38,8 @@ typedef struct TrainerOptions {
     uint64_t seed;
     char save_dtype[32];  // "f32" (also when empty), "bf16" or "fp8"
     int progress;  // a live progress line on stderr (the library's default: none)
-    int data_parallel;  // ranks that split each batch (0: all the processes of the run)
+    int data_parallel;    // copies of each routed expert (0: the processes of the run / expert_parallel)
+    int expert_parallel;  // ranks that split the routed experts (1: none)
 } TrainerOptions;
 
 // The C type of an option's field. A flag takes no value on the command line: giving it stores lo.
@@ -95,11 +96,14 @@ typedef struct TrainerResult {
     double loss;        // the last step's training loss
     double val_loss;    // of the last evaluation after a step of this invocation, NAN if none ran
     size_t peak_bytes;  // the process's peak resident memory (0: unknown)
-    // Several processes (dist.h): data_parallel ranks; the gradient sum's bytes sent per step by a
-    // rank, its time alone (a blocking sum of the whole gradient, timed once) and its mean exposed
-    // time per step (the part the backward pass did not hide).
-    int data_parallel;
+    // Several processes (dist.h): ranks = data_parallel × expert_parallel; the gradient sum's bytes
+    // sent per step by a rank, its time alone (a blocking sum of the whole gradient, the fastest of
+    // three) and its mean time per step spent in it (waiting for other ranks included).
+    int ranks, data_parallel, expert_parallel;
     double sync_bytes, sync_alone_s, sync_exposed_s;
+    // Expert parallelism, per step and rank: bytes sent by dispatch and combine (forward and
+    // backward), time in those all-to-alls, and the ranks a routed token reached on average.
+    double a2a_dispatch_bytes, a2a_combine_bytes, a2a_s, ranks_per_token;
     // On failure: the rank that reports the error (the lowest that failed, agreed by all ranks,
     // which all return -1), or -1 when a rank failed alone in the middle of a step, where the others
     // may be waiting for it: the caller then ends the run (dist_abort).

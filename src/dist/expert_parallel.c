@@ -1,0 +1,312 @@
+// expert_parallel.h: the MoE seam over an all-to-all of packed rows.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "dist/expert_parallel.h"
+
+// What one MoE layer's forward leaves for its backward pass. Rows are received tokens (i), slots
+// are (received token, chosen expert held here) pairs sorted by expert.
+typedef struct EpLayer {
+    int N;             // this rank's tokens in the last forward
+    int Ns, Rn, S;     // rows sent, rows received, slots
+    int *send_counts;  // (E) rows sent to each rank
+    int *recv_counts;  // (E) rows received from each rank
+    int *send_tok;     // (Ns) the local token of each sent row, grouped by destination in rank order
+    int *rec;          // (Rn, K) each received token's choice k: the slot serving it here, or -1
+    float *gate;       // (Rn, K) its gates (0 where not held here)
+    int *expert_off;   // (experts per rank + 1) each local expert's slots
+    int *slot_src;     // (S) the received token each slot serves
+    int *slot_k;       // (S) and which of its choices
+    float *xg, *eo;    // (S, d) the slot's input, the expert's output
+    float *eg, *eu, *eh;  // (S, moe_inter) the expert's SwiGLU activations
+    size_t cap_send, cap_recv, cap_slots;
+} EpLayer;
+
+struct ExpertParallel {
+    MoeParallel seam;  // first: the seam's pointer is the ExpertParallel's
+    DistComm *comm;
+    int E, rank, per_rank;  // ranks, this one, experts per rank
+    const ModelConfig *c;
+    int n_layers;
+    EpLayer *layers;   // (num_hidden_layers + num_nextn_predict_layers), by HF layer index
+    // scratch shared by the layers: packed rows out and in, per-row sums, the backward's slot buffers
+    float *out, *in, *rows;
+    size_t cap_out, cap_in, cap_rows;
+    float *de_out, *dxg, *deg, *deu, *deh;
+    size_t cap_dslots;
+    ExpertParallelStats st;
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Makes room for n units in each of `count` arrays of 4-byte elements, unit i of array a being
+// per[a] elements; *cap counts units and grows by half again. Contents are kept. -1: no memory.
+static int reserve(size_t *cap, size_t n, int count, void **arrays[], const size_t per[]) {
+    if (n <= *cap) return 0;
+    size_t want = n + n / 2 + 16;
+    for (int a = 0; a < count; a++) {
+        void *q = realloc(*arrays[a], want * per[a] * 4);
+        if (!q) return -1;
+        *arrays[a] = q;
+    }
+    *cap = want;
+    return 0;
+}
+
+// One array of floats or ints, n elements.
+static int grow(void *p, size_t *cap, size_t n) {
+    const size_t one = 1;
+    return reserve(cap, n, 1, (void **[]){(void **)p}, &one);
+}
+
+int expert_parallel_owner(const ExpertParallel *ep, int e) { return e / ep->per_rank; }
+int expert_parallel_holds(const ExpertParallel *ep, int e) { return e / ep->per_rank == ep->rank; }
+
+ExpertParallelStats expert_parallel_take_stats(ExpertParallel *ep) {
+    ExpertParallelStats s = ep->st;
+    memset(&ep->st, 0, sizeof ep->st);
+    return s;
+}
+
+// The all-to-all of packed rows of `words` floats: send_counts rows of ep->out to each rank,
+// recv_counts rows into ep->in.
+static int exchange(ExpertParallel *ep, const int *send_counts, const int *recv_counts, int words, double *bytes,
+                    Error *err) {
+    double t0 = now_s();
+    int rc = dist_alltoallv(ep->comm, ep->out, send_counts, ep->in, recv_counts, sizeof(float) * words, err);
+    ep->st.exchange_s += now_s() - t0;
+    for (int r = 0; r < ep->E; r++)
+        if (r != ep->rank) *bytes += (double)send_counts[r] * words * sizeof(float);
+    return rc;
+}
+
+static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, LayerActs *a, int N, float *y) {
+    ExpertParallel *ep = (ExpertParallel *)mp;
+    Error *err = &p->be->err;
+    const ModelConfig *c = ep->c;
+    int E = ep->E, K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size;
+    int P = ep->per_rank, e0 = ep->rank * P, words = d + 2 * K;
+    if (p->layer < 0 || p->layer >= ep->n_layers) return err_set(err, "expert parallel: layer %d out of range", p->layer);
+    EpLayer *L = &ep->layers[p->layer];
+    L->N = N;
+    // the plan: each token once to every rank holding one of its experts, grouped by rank
+    memset(L->send_counts, 0, sizeof(int) * E);
+    for (int t = 0; t < N; t++) {
+        unsigned char to[E];
+        memset(to, 0, E);
+        for (int k = 0; k < K; k++) to[a->topk_idx[(size_t)t * K + k] / P] = 1;
+        for (int r = 0; r < E; r++) L->send_counts[r] += to[r];
+    }
+    L->Ns = 0;
+    for (int r = 0; r < E; r++) L->Ns += L->send_counts[r];
+    if (grow(&L->send_tok, &L->cap_send, L->Ns) || grow(&ep->out, &ep->cap_out, (size_t)L->Ns * words))
+        return err_set(err, "expert parallel: out of memory");
+    // the rows: [input (d) | K choices: the expert's index on that rank or -1, as int bits | K gates]
+    for (int r = 0, j = 0; r < E; r++)
+        for (int t = 0; t < N; t++) {
+            const int *idx = a->topk_idx + (size_t)t * K;
+            int here = 0;
+            for (int k = 0; k < K; k++) here |= idx[k] / P == r;
+            if (!here) continue;
+            float *row = ep->out + (size_t)j * words;
+            memcpy(row, a->ln2 + (size_t)t * d, sizeof(float) * d);
+            for (int k = 0; k < K; k++) {
+                int32_t local = idx[k] / P == r ? idx[k] - r * P : -1;
+                memcpy(row + d + k, &local, sizeof local);
+                row[d + K + k] = local >= 0 ? a->topk_w[(size_t)t * K + k] : 0.0f;
+            }
+            L->send_tok[j++] = t;
+        }
+    ep->st.tokens += N;
+    ep->st.token_ranks += L->Ns;
+    TRY(dist_alltoall_int(ep->comm, L->send_counts, L->recv_counts, err));
+    L->Rn = 0;
+    for (int r = 0; r < E; r++) L->Rn += L->recv_counts[r];
+    if (grow(&ep->in, &ep->cap_in, (size_t)L->Rn * words) ||
+        reserve(&L->cap_recv, L->Rn, 2, (void **[]){(void **)&L->rec, (void **)&L->gate}, (size_t[]){K, K}))
+        return err_set(err, "expert parallel: out of memory");
+    TRY(exchange(ep, L->send_counts, L->recv_counts, words, &ep->st.dispatch_bytes, err));
+    // the slots: received tokens in order (source rank, then its token order), each choice held here
+    int cnt[P + 1];
+    memset(cnt, 0, sizeof cnt);
+    L->S = 0;
+    for (int i = 0; i < L->Rn; i++)
+        for (int k = 0; k < K; k++) {
+            int32_t local;
+            memcpy(&local, ep->in + (size_t)i * words + d + k, sizeof local);
+            if (local < 0 || local >= P) {
+                L->rec[(size_t)i * K + k] = -1;
+                if (local >= P) return err_set(err, "expert parallel: a received choice names expert %d of %d", local, P);
+                continue;
+            }
+            L->rec[(size_t)i * K + k] = local;  // the expert for now, the slot below
+            cnt[local + 1]++;
+            L->S++;
+        }
+    void **slot_arrays[] = {(void **)&L->slot_src, (void **)&L->slot_k, (void **)&L->xg, (void **)&L->eo,
+                            (void **)&L->eg, (void **)&L->eu, (void **)&L->eh};
+    if (reserve(&L->cap_slots, L->S, 7, slot_arrays, (size_t[]){1, 1, d, d, Fm, Fm, Fm}))
+        return err_set(err, "expert parallel: out of memory");
+    for (int e = 0; e < P; e++) cnt[e + 1] += cnt[e];
+    memcpy(L->expert_off, cnt, sizeof(int) * (P + 1));
+    for (int i = 0; i < L->Rn; i++) {
+        const float *row = ep->in + (size_t)i * words;
+        for (int k = 0; k < K; k++) {
+            int e = L->rec[(size_t)i * K + k];
+            L->gate[(size_t)i * K + k] = row[d + K + k];
+            if (e < 0) continue;
+            int s = cnt[e]++;
+            L->slot_src[s] = i, L->slot_k[s] = k;
+            L->rec[(size_t)i * K + k] = s;
+            memcpy(L->xg + (size_t)s * d, row, sizeof(float) * d);
+        }
+    }
+    for (int e = 0; e < P; e++) {
+        int n = L->expert_off[e + 1] - L->expert_off[e];
+        if (n == 0) continue;
+        size_t o = L->expert_off[e];
+        TRY(ffn_forward(p->be, p->recipe, &w->experts[e0 + e], L->xg + o * d, L->eg + o * Fm, L->eu + o * Fm,
+                        L->eh + o * Fm, L->eo + o * d, n));
+    }
+    TRY(p->be->ops->synchronize(p->be));
+    // one row per received token: its gated outputs of the experts held here, in choice order
+    if (grow(&ep->out, &ep->cap_out, (size_t)L->Rn * d) || grow(&ep->in, &ep->cap_in, (size_t)L->Ns * d))
+        return err_set(err, "expert parallel: out of memory");
+    for (int i = 0; i < L->Rn; i++) {
+        float *row = ep->out + (size_t)i * d;
+        memset(row, 0, sizeof(float) * d);
+        for (int k = 0; k < K; k++) {
+            int s = L->rec[(size_t)i * K + k];
+            if (s < 0) continue;
+            float g = L->gate[(size_t)i * K + k];
+            const float *o = L->eo + (size_t)s * d;
+            for (int j = 0; j < d; j++) row[j] += g * o[j];
+        }
+    }
+    TRY(exchange(ep, L->recv_counts, L->send_counts, d, &ep->st.combine_bytes, err));
+    // each token adds its rows in rank order
+    for (int j = 0; j < L->Ns; j++) {
+        float *yt = y + (size_t)L->send_tok[j] * d;
+        const float *row = ep->in + (size_t)j * d;
+        for (int q = 0; q < d; q++) yt[q] += row[q];
+    }
+    return 0;
+}
+
+static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a,
+                       LayerGradScratch *s, const float *dy, int N) {
+    ExpertParallel *ep = (ExpertParallel *)mp;
+    Error *err = &p->be->err;
+    const ModelConfig *c = ep->c;
+    int K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size, P = ep->per_rank;
+    int e0 = ep->rank * P;
+    if (p->layer < 0 || p->layer >= ep->n_layers) return err_set(err, "expert parallel: layer %d out of range", p->layer);
+    EpLayer *L = &ep->layers[p->layer];
+    if (L->N != N) return err_set(err, "expert parallel: layer %d backward over %d tokens, forward had %d", p->layer, N, L->N);
+    // dispatch the output gradients along the forward's plan
+    int rows_out = L->Ns > L->Rn ? L->Ns : L->Rn;  // each buffer carries both directions
+    void **dslot_arrays[] = {(void **)&ep->de_out, (void **)&ep->dxg, (void **)&ep->deg, (void **)&ep->deu,
+                             (void **)&ep->deh};
+    if (grow(&ep->out, &ep->cap_out, (size_t)rows_out * (d + K)) || grow(&ep->in, &ep->cap_in, (size_t)rows_out * (d + K)) ||
+        grow(&ep->rows, &ep->cap_rows, (size_t)L->Rn * K) ||
+        reserve(&ep->cap_dslots, L->S, 5, dslot_arrays, (size_t[]){d, d, Fm, Fm, Fm}))
+        return err_set(err, "expert parallel: out of memory");
+    for (int j = 0; j < L->Ns; j++) memcpy(ep->out + (size_t)j * d, dy + (size_t)L->send_tok[j] * d, sizeof(float) * d);
+    TRY(exchange(ep, L->send_counts, L->recv_counts, d, &ep->st.dispatch_bytes, err));
+    // the rows' gradients: ∂E(x) = g·dy, ∂g = dy · E(x)
+    float *dgate = ep->rows;  // (Rn, K)
+    memset(dgate, 0, sizeof(float) * L->Rn * K);
+    for (int sl = 0; sl < L->S; sl++) {
+        int i = L->slot_src[sl], k = L->slot_k[sl];
+        const float *dyr = ep->in + (size_t)i * d, *o = L->eo + (size_t)sl * d;
+        float gt = L->gate[(size_t)i * K + k], dot = 0;
+        float *de = ep->de_out + (size_t)sl * d;
+        for (int j = 0; j < d; j++) de[j] = gt * dyr[j], dot += dyr[j] * o[j];
+        dgate[(size_t)i * K + k] = dot;
+    }
+    memset(ep->dxg, 0, sizeof(float) * L->S * d);
+    for (int e = 0; e < P; e++) {
+        int n = L->expert_off[e + 1] - L->expert_off[e];
+        if (n == 0) continue;
+        size_t o = L->expert_off[e];
+        TRY(ffn_backward(p->be, p->recipe, &w->experts[e0 + e], &g->experts[e0 + e], ep->de_out + o * d, L->xg + o * d,
+                         L->eg + o * Fm, L->eu + o * Fm, L->eh + o * Fm, ep->dxg + o * d, ep->deg + o * Fm,
+                         ep->deu + o * Fm, ep->deh + o * Fm, n));
+    }
+    TRY(p->be->ops->synchronize(p->be));
+    // one row per received token back: [its input gradient from the experts held here | K gate gradients]
+    int words = d + K;
+    for (int i = 0; i < L->Rn; i++) {
+        float *row = ep->out + (size_t)i * words;
+        memset(row, 0, sizeof(float) * d);
+        for (int k = 0; k < K; k++) {
+            int sl = L->rec[(size_t)i * K + k];
+            row[d + k] = dgate[(size_t)i * K + k];
+            if (sl < 0) continue;
+            const float *dx = ep->dxg + (size_t)sl * d;
+            for (int j = 0; j < d; j++) row[j] += dx[j];
+        }
+    }
+    TRY(exchange(ep, L->recv_counts, L->send_counts, words, &ep->st.combine_bytes, err));
+    // each token adds its rows in rank order; each gate's gradient comes from the rank holding its expert
+    int dest = 0, left = L->send_counts[0];
+    for (int j = 0; j < L->Ns; j++) {
+        while (left == 0) left = L->send_counts[++dest];
+        left--;
+        int t = L->send_tok[j];
+        const float *row = ep->in + (size_t)j * words;
+        float *dx = s->dln + (size_t)t * d;
+        for (int q = 0; q < d; q++) dx[q] += row[q];
+        for (int k = 0; k < K; k++)
+            if (a->topk_idx[(size_t)t * K + k] / P == dest) s->dtopk_w[(size_t)t * K + k] = row[d + k];
+    }
+    return 0;
+}
+
+static const MoeParallelOps ep_ops = {ep_forward, ep_backward};
+
+ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, Error *err) {
+    int E = dist_size(comm), Nr = c->n_routed_experts;
+    if (Nr <= 0) return err_set(err, "--expert-parallel %d: the model has no routed experts", E), NULL;
+    if (Nr % E)
+        return err_set(err, "--expert-parallel %d: the %d routed experts do not split evenly over %d ranks", E, Nr, E),
+               NULL;
+    ExpertParallel *ep = calloc(1, sizeof *ep);
+    if (!ep) return err_set(err, "out of memory"), NULL;
+    ep->seam.ops = &ep_ops;
+    ep->comm = comm;
+    ep->E = E, ep->rank = dist_rank(comm), ep->per_rank = Nr / E;
+    ep->c = c;
+    ep->n_layers = c->num_hidden_layers + c->num_nextn_predict_layers;
+    ep->layers = calloc(ep->n_layers, sizeof *ep->layers);
+    if (!ep->layers) return expert_parallel_free(ep), err_set(err, "out of memory"), NULL;
+    for (int l = 0; l < ep->n_layers; l++) {
+        EpLayer *L = &ep->layers[l];
+        L->send_counts = calloc(2 * E + ep->per_rank + 1, sizeof(int));
+        if (!L->send_counts) return expert_parallel_free(ep), err_set(err, "out of memory"), NULL;
+        L->recv_counts = L->send_counts + E;
+        L->expert_off = L->recv_counts + E;
+    }
+    return ep;
+}
+
+void expert_parallel_free(ExpertParallel *ep) {
+    if (!ep) return;
+    for (int l = 0; ep->layers && l < ep->n_layers; l++) {
+        EpLayer *L = &ep->layers[l];
+        free(L->send_counts), free(L->send_tok), free(L->rec), free(L->gate), free(L->slot_src), free(L->slot_k);
+        free(L->xg), free(L->eo), free(L->eg), free(L->eu), free(L->eh);
+    }
+    free(ep->layers);
+    free(ep->out), free(ep->in), free(ep->rows);
+    free(ep->de_out), free(ep->dxg), free(ep->deg), free(ep->deu), free(ep->deh);
+    free(ep);
+}
+
+MoeParallel *expert_parallel_seam(ExpertParallel *ep) { return &ep->seam; }

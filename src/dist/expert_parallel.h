@@ -1,0 +1,46 @@
+// Expert parallelism (the V3 report's EP, SPEC §5): the routed experts of every MoE layer, MTP
+// modules' included, split over the E ranks of a group — rank r holds experts r·N_r/E ..
+// (r+1)·N_r/E − 1 — and each MoE layer's routed part run as
+//
+//   dispatch:  every token's normalised input goes ONCE to each rank holding at least one of its
+//              chosen experts (not once per expert), with the chosen experts there and their gates;
+//   experts:   each rank runs its experts over the tokens of every rank that chose them, one
+//              product per expert, and adds up a token's gated outputs of the experts it holds;
+//   combine:   one row per (token, rank) comes back and the token's rank adds them up in rank order.
+//
+// The backward pass is the same exchange the other way: the output gradient of a token is
+// dispatched like its input, each rank computes its experts' weight gradients and, per (token,
+// rank), the input gradient and the gates' gradients, which are combined back. Counts go first (an
+// all-to-all of one int per rank), then the payload (one all-to-all of packed rows). It implements
+// the model's MoeParallel seam (model/layer.h); a LayerPass pointing at it runs its MoE layers so.
+#ifndef DSV3_DIST_EXPERT_PARALLEL_H
+#define DSV3_DIST_EXPERT_PARALLEL_H
+
+#include "base/error.h"
+#include "dist/dist.h"
+#include "model/config.h"
+#include "model/layer.h"
+
+typedef struct ExpertParallel ExpertParallel;
+
+// What crossed the wire since the last expert_parallel_take_stats, per rank.
+typedef struct ExpertParallelStats {
+    double dispatch_bytes, combine_bytes;  // sent by this rank, forward and backward
+    long long tokens;                      // tokens this rank routed (forward passes)
+    long long token_ranks;                 // (token, destination rank) pairs: how many rows dispatch sent
+    double exchange_s;                     // time in the all-to-alls
+} ExpertParallelStats;
+
+// An expert-parallel MoE over the ranks of comm (E = its size) for a model of configuration c
+// (n_routed_experts divisible by E). Keeps per MoE layer what its backward pass reads.
+ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, Error *err);
+void expert_parallel_free(ExpertParallel *ep);
+// The seam a LayerPass takes (LayerPass.moe_parallel).
+MoeParallel *expert_parallel_seam(ExpertParallel *ep);
+// The rank of comm that holds routed expert e, and whether this rank does.
+int expert_parallel_owner(const ExpertParallel *ep, int e);
+int expert_parallel_holds(const ExpertParallel *ep, int e);
+// Returns the figures gathered since the last call and starts counting again.
+ExpertParallelStats expert_parallel_take_stats(ExpertParallel *ep);
+
+#endif
