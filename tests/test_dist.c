@@ -154,6 +154,31 @@ TEST(test_dist_expert_parallel_equals_one_process) {
     const char *launch[] = {MPIRUN " -np 2", MPIRUN " -np 4", MPIRUN " -np 4 --mca btl self,tcp"};
     const char *extra[] = {"--expert-parallel 2", "--expert-parallel 2", "--expert-parallel 4"};
     check_equals_one_process("ep", launch, extra, 3);
+    // each rank holds its share of the experts; rank 0 gathers them (and their AdamW moments) into
+    // whole checkpoints, which continue on another split and on one process
+    const char *dir = test_train_corpus();
+    char out[8192], run[600], ref[600];
+    snprintf(ref, sizeof ref, "%s/dist_one", dir);
+    const char *again[][2] = {{MPIRUN " -np 4", "--expert-parallel 4"}, {"", ""}};
+    for (int i = 0; i < 2; i++) {
+        snprintf(run, sizeof run, "%s/ep%d", dir, i);
+        int rc = test_run(out, sizeof out, "%s %s train --resume '%s/step-3' --no-progress %s", again[i][0],
+                          test_bin(), run, again[i][1]);
+        CHECK_MSG(rc == 0 && strstr(out, "trained to step 6"), "%s", out);
+        double a[400], b[400];
+        int na = metric_values(run, a, 400), nb = metric_values(ref, b, 400);
+        CHECK(na == nb && na > 0);
+        double worst = 0;
+        for (int k = 0; k < na && k < nb; k++) worst = fmax(worst, fabs(a[k] - b[k]) / fmax(fabs(b[k]), 1e-3));
+        CHECK_MSG(worst < 1e-6, "resumed %s: %.3g from one process", again[i][1], worst);
+    }
+    // the summary says what a rank holds: the dense tensors and 2 of the 8 experts of each MoE layer
+    snprintf(run, sizeof run, "%s/ep_held", dir);
+    int rc = dp_train(out, sizeof out, MPIRUN " -np 4", run, 1, "--expert-parallel 4");
+    long held = 0, total = 0;
+    const char *h = strstr(out, "a rank holds ");
+    CHECK_MSG(rc == 0 && h && sscanf(h, "a rank holds %ld of the %ld parameters", &held, &total) == 2, "%s", out);
+    CHECK_MSG(held > 0 && held < total, "%s", out);
 }
 
 // Options every rank rejects alike: one line from rank 0, a non-zero exit of every rank, no run

@@ -94,9 +94,10 @@ static void print_result(const TrainerResult *res, const char *out) {
         printf("\n");
     }
     if (res->expert_parallel > 1)
-        printf("expert parallel: a token reached %.2f ranks; per step a rank sent %.2f MB dispatching and %.2f MB "
-               "combining, %.1f ms in the all-to-alls\n",
-               res->ranks_per_token, res->a2a_dispatch_bytes / 1e6, res->a2a_combine_bytes / 1e6, res->a2a_s * 1e3);
+        printf("expert parallel: a rank holds %lld of the %lld parameters; a token reached %.2f ranks; per step a "
+               "rank sent %.2f MB dispatching and %.2f MB combining, %.1f ms in the all-to-alls\n",
+               res->params_held, res->params_total, res->ranks_per_token, res->a2a_dispatch_bytes / 1e6,
+               res->a2a_combine_bytes / 1e6, res->a2a_s * 1e3);
 }
 
 // A failure every rank sees alike (the arguments, the run's setup) is reported by rank 0 alone.

@@ -219,6 +219,21 @@ int dist_barrier(DistComm *c, Error *err) {
     return 0;
 }
 
+int dist_gather(DistComm *c, const void *send, size_t n, void *recv, int root, Error *err) {
+    if (c->size == 1) {
+        memcpy(recv, send, n);
+        return 0;
+    }
+#ifdef DSV3_MPI
+    if (n > INT_MAX) return err_set(err, "gather: %zu bytes per rank, more than MPI's int counts allow", n);
+    MPI_TRY(MPI_Gather(send, (int)n, MPI_BYTE, recv, (int)n, MPI_BYTE, root, c->comm), "MPI_Gather");
+#else
+    (void)send, (void)recv, (void)root;
+#endif
+    (void)err;
+    return 0;
+}
+
 int dist_broadcast(DistComm *c, void *buf, size_t n, int root, Error *err) {
     if (c->size == 1) return 0;
 #ifdef DSV3_MPI

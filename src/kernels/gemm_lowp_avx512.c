@@ -1,14 +1,11 @@
-// gemm_lowp on the AVX512_BF16 dot products. vdpbf16ps adds to each fp32 lane
-// the two products of a pair of BF16 values (elements k and k + 1 of K), so
-// both operands are packed as 32-bit words holding such pairs, rounded (or
-// FP8-quantised, the value carried as BF16) on the way:
-//   A: tiles of MR rows, word (kp, i) at ap[kp * mr + i], broadcast one at a
-//   time; B: panels of NR = 32 columns, word (kp, j) at bp[kp * 32 + j], two
-//   vectors per pair.
-// The register tile is MR × 32 fp32 sums (24 vectors); over a KC slice it
-// accumulates in fp32, then adds into C — in FP8 mode once per 128-chunk,
-// multiplied by the chunk's two scales (the C tile stays in L1 between its
-// chunks).
+// gemm_lowp on the AVX512_BF16 dot products. vdpbf16ps adds to each fp32 lane the two products of
+// a pair of BF16 values (elements k and k + 1 of K), so both operands are packed as 32-bit words
+// holding such pairs, rounded (or FP8-quantised, the value carried as BF16) on the way:
+//   A: tiles of MR rows, word (kp, i) at ap[kp * mr + i], broadcast one at a time;
+//   B: panels of NR = 32 columns, word (kp, j) at bp[kp * 32 + j], two vectors per pair.
+// The register tile is MR × 32 fp32 sums (24 vectors); over a KC slice it accumulates in fp32,
+// then adds into C — in FP8 mode once per 128-chunk, multiplied by the chunk's two scales (the
+// C tile stays in L1 between its chunks).
 #include <math.h>
 #include <string.h>
 
@@ -16,497 +13,376 @@
 #include "kernels/kernels_cpu.h"
 
 enum {
-  MR = 12,  // rows of A per register tile
-  NR = 32,  // columns of B per register tile
-  KC = 256, // depth of one packed slice (two FP8 chunks)
-  MC = 192, // rows of A packed at a time: MC × KC BF16 (96 KiB, L2)
-  NC = 256, // columns of B packed at a time: NC × KC BF16 (128 KiB, L2); a
-            // panel 16 KiB (L1)
-  CH = LOWP_FP8_CHUNK,
-  KCH = KC / CH, // chunks per slice
+    MR = 12,   // rows of A per register tile
+    NR = 32,   // columns of B per register tile
+    KC = 256,  // depth of one packed slice (two FP8 chunks)
+    MC = 192,  // rows of A packed at a time: MC × KC BF16 (96 KiB, L2)
+    NC = 256,  // columns of B packed at a time: NC × KC BF16 (128 KiB, L2); a panel 16 KiB (L1)
+    CH = LOWP_FP8_CHUNK,
+    KCH = KC / CH,  // chunks per slice
 };
 
-// x rounded to BF16 (nearest even, NaN quieted), the result's low 16 bits zero
-// — the same integer rounding as bf16_from_f32; vcvtne2ps2bf16 is not used
-// because it flushes subnormals.
+// x rounded to BF16 (nearest even, NaN quieted), the result's low 16 bits zero — the same integer
+// rounding as bf16_from_f32; vcvtne2ps2bf16 is not used because it flushes subnormals.
 AVX512_INLINE __m512 round_bf16(__m512 x) {
-  __m512i u = _mm512_castps_si512(x);
-  __m512i r = _mm512_add_epi32(
-      u, _mm512_add_epi32(
-             _mm512_set1_epi32(0x7fff),
-             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
-  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(
-      r, nan, _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)),
-      _mm512_set1_epi32(0x00400000));
-  return _mm512_castsi512_ps(r);
+    __m512i u = _mm512_castps_si512(x);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)),
+                             _mm512_set1_epi32(0x00400000));
+    return _mm512_castsi512_ps(r);
 }
 
-// The FP8 value of x (already divided by its scale): nearest even with `mbits`
-// mantissa bits, subnormals on the grid `unit` below `min_normal`, saturated at
-// ±max, NaN kept — the scalar codecs of convert.c, lane by lane.
-AVX512_INLINE __m512 round_fp8(__m512 x, const int mbits, float min_normal,
-                               float unit, float max) {
-  const int drop = 23 - mbits;
-  __m512i u = _mm512_castps_si512(x);
-  __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u));
-  __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-  __m512i r = _mm512_add_epi32(a, _mm512_set1_epi32((1 << (drop - 1)) - 1));
-  r = _mm512_add_epi32(
-      r, _mm512_and_si512(_mm512_srli_epi32(a, drop), _mm512_set1_epi32(1)));
-  r = _mm512_and_si512(r, _mm512_set1_epi32(-(1 << drop)));
-  __m512 ax = _mm512_castsi512_ps(a);
-  __m512 sub = _mm512_mul_ps(
-      _mm512_roundscale_ps(_mm512_mul_ps(ax, _mm512_set1_ps(1.0f / unit)),
-                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-      _mm512_set1_ps(unit));
-  __m512 v = _mm512_mask_blend_ps(
-      _mm512_cmp_ps_mask(ax, _mm512_set1_ps(min_normal), _CMP_LT_OQ),
-      _mm512_castsi512_ps(r), sub);
-  v = _mm512_min_ps(v, _mm512_set1_ps(max));
-  v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
-  return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+// The FP8 value of x (already divided by its scale): nearest even with `mbits` mantissa bits,
+// subnormals on the grid `unit` below `min_normal`, saturated at ±max, NaN kept — the scalar
+// codecs of convert.c, lane by lane.
+AVX512_INLINE __m512 round_fp8(__m512 x, const int mbits, float min_normal, float unit, float max) {
+    const int drop = 23 - mbits;
+    __m512i u = _mm512_castps_si512(x);
+    __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u));
+    __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    __m512i r = _mm512_add_epi32(a, _mm512_set1_epi32((1 << (drop - 1)) - 1));
+    r = _mm512_add_epi32(r, _mm512_and_si512(_mm512_srli_epi32(a, drop), _mm512_set1_epi32(1)));
+    r = _mm512_and_si512(r, _mm512_set1_epi32(-(1 << drop)));
+    __m512 ax = _mm512_castsi512_ps(a);
+    __m512 sub = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(ax, _mm512_set1_ps(1.0f / unit)),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                               _mm512_set1_ps(unit));
+    __m512 v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(min_normal), _CMP_LT_OQ),
+                                    _mm512_castsi512_ps(r), sub);
+    v = _mm512_min_ps(v, _mm512_set1_ps(max));
+    v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+    return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
 }
 
 // x / s rounded as fmt packs it (s ignored for BF16).
 AVX512_INLINE __m512 round_value(const int fmt, __m512 x, __m512 s) {
-  switch (fmt) {
-  case LOWP_BF16:
-    return round_bf16(x);
-  case LOWP_E4M3:
-    return round_fp8(_mm512_div_ps(x, s), 3, 0x1p-6f, 0x1p-9f, 448.0f);
-  default:
-    return round_fp8(_mm512_div_ps(x, s), 2, 0x1p-14f, 0x1p-16f, 57344.0f);
-  }
-}
-
-AVX512 long lowp_values_avx512(float *out, const float *x, long n,
-                               LowpFormat fmt, float scale) {
-  long i = 0;
-  __m512 s = _mm512_set1_ps(scale);
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_loadu_ps(x + i);
     switch (fmt) {
-    case LOWP_BF16:
-      v = round_value(LOWP_BF16, v, s);
-      break;
-    case LOWP_E4M3:
-      v = round_value(LOWP_E4M3, v, s);
-      break;
-    default:
-      v = round_value(LOWP_E5M2, v, s);
-      break;
+    case LOWP_BF16: return round_bf16(x);
+    case LOWP_E4M3: return round_fp8(_mm512_div_ps(x, s), 3, 0x1p-6f, 0x1p-9f, 448.0f);
+    default: return round_fp8(_mm512_div_ps(x, s), 2, 0x1p-14f, 0x1p-16f, 57344.0f);
     }
-    _mm512_storeu_ps(out + i, v);
-  }
-  return i;
 }
 
-// Words of BF16 pairs from rounded values: (even k, odd k) → even in the low
-// half.
+AVX512 long lowp_values_avx512(float *out, const float *x, long n, LowpFormat fmt, float scale) {
+    long i = 0;
+    __m512 s = _mm512_set1_ps(scale);
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        switch (fmt) {
+        case LOWP_BF16: v = round_value(LOWP_BF16, v, s); break;
+        case LOWP_E4M3: v = round_value(LOWP_E4M3, v, s); break;
+        default: v = round_value(LOWP_E5M2, v, s); break;
+        }
+        _mm512_storeu_ps(out + i, v);
+    }
+    return i;
+}
+
+// Words of BF16 pairs from rounded values: (even k, odd k) → even in the low half.
 AVX512_INLINE __m512i pair_words(__m512 even, __m512 odd) {
-  return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
-                         _mm512_and_si512(_mm512_castps_si512(odd),
-                                          _mm512_set1_epi32((int)0xffff0000u)));
+    return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
+                           _mm512_and_si512(_mm512_castps_si512(odd), _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-// Packs rows [i0, i0 + n) (n <= 16) × K slice [k0, k0 + kc) of an operand as
-// words out[kp * stride + (i - i0)], kp < ceil(kc / 2) (a missing odd element
-// is 0). FP8: the slice lies in chunks of its own (k0 a multiple of 128), so
-// each element's scale is its row's for its chunk.
-AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride,
-                              const LowpOperand *o, int i0, int n, int k0,
+
+// Packs rows [i0, i0 + n) (n <= 16) × K slice [k0, k0 + kc) of an operand as words
+// out[kp * stride + (i - i0)], kp < ceil(kc / 2) (a missing odd element is 0). FP8: the slice lies
+// in chunks of its own (k0 a multiple of 128), so each element's scale is its row's for its chunk.
+AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const LowpOperand *o, int i0, int n, int k0,
                               int kc, int K) {
-  const int kp_n = (kc + 1) / 2;
-  const __mmask16 lanes = tail_mask(n);
-  if (o->trans) {
-    // element (i, k) at data[k * ld + i]: a pair of rows of the source gives 16
-    // words at once
-    __m512 s = _mm512_set1_ps(1.0f);
-    for (int kp = 0; kp < kp_n; kp++) {
-      int k = k0 + 2 * kp;
-      if (fmt != LOWP_BF16 &&
-          (kp == 0 || k % CH == 0)) { // the rows' scales for this chunk
-        float sv[16];
-        for (int l = 0; l < 16; l++)
-          sv[l] = l < n ? lowp_scale_of(o, i0 + l, k) : 1.0f;
-        s = _mm512_loadu_ps(sv);
-      }
-      __m512 e = _mm512_maskz_loadu_ps(lanes, o->data + (long)k * o->ld + i0);
-      __m512 d = k + 1 < K && 2 * kp + 1 < kc
-                     ? _mm512_maskz_loadu_ps(
-                           lanes, o->data + (long)(k + 1) * o->ld + i0)
-                     : _mm512_setzero_ps();
-      _mm512_mask_storeu_epi32(
-          out + (size_t)kp * stride, lanes,
-          pair_words(round_value(fmt, e, s), round_value(fmt, d, s)));
-    }
-    return;
-  }
-  // element (i, k) at data[i * ld + k]: 32 values of a row make 16 words; 16
-  // rows are transposed
-  for (int kk = 0; kk < kc; kk += 32) {
-    __m512 v[16];
-    int m = kc - kk < 32 ? kc - kk : 32;
-    for (int l = 0; l < 16; l++) {
-      if (l >= n) {
-        v[l] = _mm512_setzero_ps();
-        continue;
-      }
-      const float *src = o->data + (long)(i0 + l) * o->ld + k0 + kk;
-      __m512 s = _mm512_set1_ps(
-          fmt != LOWP_BF16 ? lowp_scale_of(o, i0 + l, k0 + kk) : 1.0f);
-      __m512 lo = round_value(fmt, _mm512_maskz_loadu_ps(tail_mask(m), src), s);
-      __m512 hi = round_value(
-          fmt,
-          _mm512_maskz_loadu_ps(tail_mask(m - 16 > 0 ? m - 16 : 0), src + 16),
-          s);
-      // 32 BF16 in k order = 16 pair words
-      __m256i l16 =
-          _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16));
-      __m256i h16 =
-          _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16));
-      v[l] = _mm512_castsi512_ps(
-          _mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1));
-    }
-    transpose16(v); // v[p]: pair kk/2 + p of the 16 rows
-    int pairs = (m + 1) / 2;
-    for (int p = 0; p < pairs; p++)
-      _mm512_mask_storeu_epi32(out + (size_t)(kk / 2 + p) * stride, lanes,
-                               _mm512_castps_si512(v[p]));
-  }
-}
-
-AVX512BF16 static void pack(uint32_t *out, int stride, const LowpOperand *o,
-                            int i0, int n, int k0, int kc, int K) {
-  switch (o->fmt) {
-  case LOWP_BF16:
-    pack_group(LOWP_BF16, out, stride, o, i0, n, k0, kc, K);
-    break;
-  case LOWP_E4M3:
-    pack_group(LOWP_E4M3, out, stride, o, i0, n, k0, kc, K);
-    break;
-  default:
-    pack_group(LOWP_E5M2, out, stride, o, i0, n, k0, kc, K);
-    break;
-  }
-}
-
-// C tile (MR_ × 32, columns masked by m0 / m1) from kp_n pair words. FP8 (sa
-// set): the slice's chunks one after the other, each sum multiplied by
-// sa[chunk][i] · sb[chunk][j] and added to C; BF16: one sum, added to C (or
-// stored, !add).
-AVX512BF16_INLINE void micro_tile(const int MR_, int kp_n, const uint32_t *ap,
-                                  const uint32_t *bp, float *c, int ldc,
-                                  __mmask16 m0, __mmask16 m1, int add,
-                                  const float *sa, const float *sb, int sa_ld) {
-  const int chunk_pairs = sa ? CH / 2 : kp_n;
-  for (int kp0 = 0, ch = 0; kp0 < kp_n; kp0 += chunk_pairs, ch++) {
-    int kp1 = kp0 + chunk_pairs < kp_n ? kp0 + chunk_pairs : kp_n;
-    __m512 acc[MR][2];
-#pragma GCC unroll 12
-    for (int i = 0; i < MR_; i++)
-      acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int kp = kp0; kp < kp1; kp++) {
-      __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + (size_t)kp * NR);
-      __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + (size_t)kp * NR + 16);
-#pragma GCC unroll 12
-      for (int i = 0; i < MR_; i++) {
-        __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[(size_t)kp * MR_ + i]);
-        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
-      }
-    }
-    int add_here = add || kp0 > 0;
-    __m512 s0 = _mm512_set1_ps(1.0f), s1 = s0;
-    if (sa) {
-      s0 = _mm512_maskz_loadu_ps(m0, sb + (size_t)ch * NC);
-      s1 = _mm512_maskz_loadu_ps(m1, sb + (size_t)ch * NC + 16);
-    }
-#pragma GCC unroll 12
-    for (int i = 0; i < MR_; i++) {
-      float *ci = c + (size_t)i * ldc;
-      __m512 c0 =
-          add_here ? _mm512_maskz_loadu_ps(m0, ci) : _mm512_setzero_ps();
-      __m512 c1 =
-          add_here ? _mm512_maskz_loadu_ps(m1, ci + 16) : _mm512_setzero_ps();
-      if (sa) {
-        __m512 f = _mm512_set1_ps(sa[(size_t)ch * sa_ld + i]);
-        c0 = _mm512_fmadd_ps(acc[i][0], _mm512_mul_ps(f, s0), c0);
-        c1 = _mm512_fmadd_ps(acc[i][1], _mm512_mul_ps(f, s1), c1);
-      } else {
-        c0 = _mm512_add_ps(acc[i][0], c0);
-        c1 = _mm512_add_ps(acc[i][1], c1);
-      }
-      _mm512_mask_storeu_ps(ci, m0, c0);
-      _mm512_mask_storeu_ps(ci + 16, m1, c1);
-    }
-  }
-}
-
-AVX512BF16 static void micro(int mr, int kp_n, const uint32_t *ap,
-                             const uint32_t *bp, float *c, int ldc,
-                             __mmask16 m0, __mmask16 m1, int add,
-                             const float *sa, const float *sb, int sa_ld) {
-  switch (mr) {
-  case 1:
-    micro_tile(1, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 2:
-    micro_tile(2, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 3:
-    micro_tile(3, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 4:
-    micro_tile(4, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 5:
-    micro_tile(5, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 6:
-    micro_tile(6, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 7:
-    micro_tile(7, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 8:
-    micro_tile(8, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 9:
-    micro_tile(9, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 10:
-    micro_tile(10, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  case 11:
-    micro_tile(11, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  default:
-    micro_tile(12, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld);
-    break;
-  }
-}
-
-AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A,
-                                    const LowpOperand *B, int K, int add,
-                                    int m_begin, int m_end, int n_begin,
-                                    int n_end) {
-  if (n_end <= n_begin || m_end <= m_begin)
-    return 0;
-  const int fp8 = A->fmt != LOWP_BF16;
-  // scratch: B slice (NC × KC/2 words), A block (MC × KC/2 words), FP8 scales
-  // of both per chunk
-  size_t words_b = (size_t)NC * KC / 2, words_a = (size_t)MC * KC / 2;
-  float *scratch = kernels_scratch(words_b + words_a + (size_t)KCH * (NC + MC));
-  if (!scratch)
-    return -1;
-  uint32_t *bp = (uint32_t *)scratch, *ap = bp + words_b;
-  float *sb = (float *)(ap + words_a), *sa = sb + (size_t)KCH * NC;
-  if (K == 0 && !add)
-    for (int i = m_begin; i < m_end; i++)
-      memset(C + (size_t)i * ldc + n_begin, 0,
-             sizeof(float) * (n_end - n_begin));
-  for (int nb = n_begin; nb < n_end; nb += NC) {
-    int nc = n_end - nb < NC ? n_end - nb : NC;
-    for (int k0 = 0; k0 < K; k0 += KC) {
-      int kc = K - k0 < KC ? K - k0 : KC, kp_n = (kc + 1) / 2;
-      // B: panels of 32 columns, each kp_n × 32 words; FP8 scales per (chunk,
-      // column)
-      for (int j = 0; j < nc; j += 16) {
-        int n = nc - j < 16 ? nc - j : 16;
-        pack(bp + (size_t)(j / NR) * NR * kp_n + j % NR, NR, B, nb + j, n, k0,
-             kc, K);
-      }
-      if (fp8)
-        for (int ch = 0; ch * CH < kc; ch++)
-          for (int j = 0; j < nc; j++)
-            sb[(size_t)ch * NC + j] = lowp_scale_of(B, nb + j, k0 + ch * CH);
-      for (int m0 = m_begin; m0 < m_end; m0 += MC) {
-        int mc = m_end - m0 < MC ? m_end - m0 : MC;
-        for (int t = 0; t * MR < mc; t++) {
-          int mr = mc - t * MR < MR ? mc - t * MR : MR;
-          uint32_t *tile = ap + (size_t)t * MR * kp_n;
-          pack(tile, mr, A, m0 + t * MR, mr, k0, kc, K);
-        }
-        if (fp8)
-          for (int ch = 0; ch * CH < kc; ch++)
-            for (int i = 0; i < mc; i++)
-              sa[(size_t)ch * MC + i] = lowp_scale_of(A, m0 + i, k0 + ch * CH);
-        for (int t = 0; t * MR < mc; t++) {
-          int mr = mc - t * MR < MR ? mc - t * MR : MR;
-          for (int p = 0; p * NR < nc; p++) {
-            int n = nc - p * NR;
-            micro(mr, kp_n, ap + (size_t)t * MR * kp_n,
-                  bp + (size_t)p * NR * kp_n,
-                  C + (size_t)(m0 + t * MR) * ldc + nb + p * NR, ldc,
-                  tail_mask(n), tail_mask(n > 16 ? n - 16 : 0), add || k0 > 0,
-                  fp8 ? sa + t * MR : NULL, fp8 ? sb + p * NR : NULL, MC);
-          }
-        }
-      }
-    }
-  }
-  return 0;
-}
-
-// The emulated limited accumulation (gemm_lowp.c's accum_group, LowpAccum):
-// rows [i0, i1) of C from a (rows of K values) and bt (K rows of N values, the
-// B operand transposed), each chunk of K (all of it without promotion) summed
-// in groups of 32 products on the grid 2^(e - bits) of the group's largest
-// magnitude (running sum included), then promoted with sa[i * nch + chunk] ·
-// sbt[chunk * N + j] (promote) or added. The sum is kept in units of the grid,
-// exact in fp32 for bits <= 18: 33 values below 2^bits units never need more
-// than 24 bits. A lane whose largest magnitude is inf or NaN sums plainly, as
-// the scalar path does. Register-blocked, R rows × 32 columns at a time (2R
-// independent sums), because the sums are chains of dependent adds.
-AVX512_INLINE void emulated_block(float *C, int ldc, const float *a,
-                                  const float *bt, int N, int K, int i, int R,
-                                  int j, int chunk, int bits, int promote,
-                                  const float *sa, const float *sbt, int add) {
-  enum { RMAX = 4 };
-  const int nch = (K + chunk - 1) / chunk;
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)),
-               one = _mm512_set1_ps(1.0f);
-  const __m512 fbits = _mm512_set1_ps((float)bits),
-               inf = _mm512_set1_ps(INFINITY);
-  const __mmask16 m0 = tail_mask(N - j),
-                  m1 = tail_mask(N - j - 16 > 0 ? N - j - 16 : 0);
-  __m512 out[RMAX][2];
-  #pragma GCC unroll 4
-  for (int r = 0; r < R; r++) {
-    float *c = C + (size_t)(i + r) * ldc + j;
-    out[r][0] = add ? _mm512_maskz_loadu_ps(m0, c) : _mm512_setzero_ps();
-    out[r][1] = add ? _mm512_maskz_loadu_ps(m1, c + 16) : _mm512_setzero_ps();
-  }
-  for (int ch = 0; ch < nch; ch++) {
-    int k0 = ch * chunk, k1 = k0 + chunk < K ? k0 + chunk : K;
-    __m512 acc[RMAX][2];
-    #pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-      acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int g = k0; g < k1; g += 32) {
-      int n = k1 - g < 32 ? k1 - g : 32;
-      __m512 big[RMAX][2], q[RMAX][2], iq[RMAX][2], s[RMAX][2];
-      #pragma GCC unroll 4
-      for (int r = 0; r < R; r++)
-        #pragma GCC unroll 4
-        for (int v = 0; v < 2; v++)
-          big[r][v] = _mm512_and_ps(acc[r][v], abs_mask);
-      for (int k = 0; k < n; k++) {
-        const float *b = bt + (size_t)(g + k) * N + j;
-        __m512 b0 = _mm512_maskz_loadu_ps(m0, b),
-               b1 = _mm512_maskz_loadu_ps(m1, b + 16);
-        #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-          __m512 x = _mm512_set1_ps(a[(size_t)(i + r) * K + g + k]);
-          big[r][0] = _mm512_max_ps(
-              big[r][0], _mm512_and_ps(_mm512_mul_ps(x, b0), abs_mask));
-          big[r][1] = _mm512_max_ps(
-              big[r][1], _mm512_and_ps(_mm512_mul_ps(x, b1), abs_mask));
-        }
-      }
-      __mmask16 finite = 0xffff;
-      #pragma GCC unroll 4
-      for (int r = 0; r < R; r++)
-        #pragma GCC unroll 4
-        for (int v = 0; v < 2; v++) {
-          __mmask16 fin = _mm512_cmp_ps_mask(big[r][v], inf, _CMP_LT_OQ);
-          __mmask16 zero =
-              _mm512_cmp_ps_mask(big[r][v], _mm512_setzero_ps(), _CMP_EQ_OQ);
-          finite &= fin;
-          // big in [2^(e-1), 2^e): e = floor(log2 big) + 1; the grid q = 2^(e -
-          // bits)
-          __m512 e = _mm512_maskz_mov_ps(
-              fin & ~zero, _mm512_add_ps(_mm512_getexp_ps(big[r][v]), one));
-          q[r][v] = _mm512_scalef_ps(one, _mm512_sub_ps(e, fbits));
-          iq[r][v] = _mm512_scalef_ps(one, _mm512_sub_ps(fbits, e));
-          s[r][v] =
-              _mm512_roundscale_ps(_mm512_mul_ps(acc[r][v], iq[r][v]),
-                                   _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        }
-      if (finite == 0xffff) {
-        for (int k = 0; k < n; k++) {
-          const float *b = bt + (size_t)(g + k) * N + j;
-          __m512 b0 = _mm512_maskz_loadu_ps(m0, b),
-                 b1 = _mm512_maskz_loadu_ps(m1, b + 16);
-          #pragma GCC unroll 4
-          for (int r = 0; r < R; r++) {
-            __m512 x = _mm512_set1_ps(a[(size_t)(i + r) * K + g + k]);
-            s[r][0] = _mm512_add_ps(
-                s[r][0], _mm512_roundscale_ps(
-                             _mm512_mul_ps(_mm512_mul_ps(x, b0), iq[r][0]),
-                             _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
-            s[r][1] = _mm512_add_ps(
-                s[r][1], _mm512_roundscale_ps(
-                             _mm512_mul_ps(_mm512_mul_ps(x, b1), iq[r][1]),
-                             _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
-          }
-        }
-        #pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-          #pragma GCC unroll 4
-          for (int v = 0; v < 2; v++)
-            acc[r][v] = _mm512_mul_ps(s[r][v], q[r][v]);
-      } else { // some lane saw inf or NaN: those lanes sum plainly
-        #pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-          #pragma GCC unroll 4
-          for (int v = 0; v < 2; v++) {
-            __mmask16 mv = v ? m1 : m0;
-            __mmask16 fin = _mm512_cmp_ps_mask(big[r][v], inf, _CMP_LT_OQ);
-            __m512 plain = acc[r][v];
-            for (int k = 0; k < n; k++) {
-              __m512 t =
-                  _mm512_mul_ps(_mm512_set1_ps(a[(size_t)(i + r) * K + g + k]),
-                                _mm512_maskz_loadu_ps(
-                                    mv, bt + (size_t)(g + k) * N + j + 16 * v));
-              s[r][v] = _mm512_add_ps(
-                  s[r][v],
-                  _mm512_roundscale_ps(_mm512_mul_ps(t, iq[r][v]),
-                                       _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
-              plain = _mm512_add_ps(plain, t);
+    const int kp_n = (kc + 1) / 2;
+    const __mmask16 lanes = tail_mask(n);
+    if (o->trans) {
+        // element (i, k) at data[k * ld + i]: a pair of rows of the source gives 16 words at once
+        __m512 s = _mm512_set1_ps(1.0f);
+        for (int kp = 0; kp < kp_n; kp++) {
+            int k = k0 + 2 * kp;
+            if (fmt != LOWP_BF16 && (kp == 0 || k % CH == 0)) {  // the rows' scales for this chunk
+                float sv[16];
+                for (int l = 0; l < 16; l++) sv[l] = l < n ? lowp_scale_of(o, i0 + l, k) : 1.0f;
+                s = _mm512_loadu_ps(sv);
             }
-            acc[r][v] = _mm512_mask_blend_ps(fin, plain,
-                                             _mm512_mul_ps(s[r][v], q[r][v]));
-          }
-      }
-    }
-    #pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-      #pragma GCC unroll 4
-      for (int v = 0; v < 2; v++) {
-        if (promote) {
-          __m512 scale = _mm512_mul_ps(
-              _mm512_set1_ps(sa[(size_t)(i + r) * nch + ch]),
-              _mm512_maskz_loadu_ps(v ? m1 : m0,
-                                    sbt + (size_t)ch * N + j + 16 * v));
-          out[r][v] = _mm512_fmadd_ps(acc[r][v], scale, out[r][v]);
-        } else {
-          out[r][v] = _mm512_add_ps(out[r][v], acc[r][v]);
+            __m512 e = _mm512_maskz_loadu_ps(lanes, o->data + (long)k * o->ld + i0);
+            __m512 d = k + 1 < K && 2 * kp + 1 < kc ? _mm512_maskz_loadu_ps(lanes, o->data + (long)(k + 1) * o->ld + i0)
+                                                    : _mm512_setzero_ps();
+            _mm512_mask_storeu_epi32(out + (size_t)kp * stride, lanes,
+                                     pair_words(round_value(fmt, e, s), round_value(fmt, d, s)));
         }
-      }
-  }
-  #pragma GCC unroll 4
-  for (int r = 0; r < R; r++) {
-    float *c = C + (size_t)(i + r) * ldc + j;
-    _mm512_mask_storeu_ps(c, m0, out[r][0]);
-    _mm512_mask_storeu_ps(c + 16, m1, out[r][1]);
-  }
+        return;
+    }
+    // element (i, k) at data[i * ld + k]: 32 values of a row make 16 words; 16 rows are transposed
+    for (int kk = 0; kk < kc; kk += 32) {
+        __m512 v[16];
+        int m = kc - kk < 32 ? kc - kk : 32;
+        for (int l = 0; l < 16; l++) {
+            if (l >= n) {
+                v[l] = _mm512_setzero_ps();
+                continue;
+            }
+            const float *src = o->data + (long)(i0 + l) * o->ld + k0 + kk;
+            __m512 s = _mm512_set1_ps(fmt != LOWP_BF16 ? lowp_scale_of(o, i0 + l, k0 + kk) : 1.0f);
+            __m512 lo = round_value(fmt, _mm512_maskz_loadu_ps(tail_mask(m), src), s);
+            __m512 hi = round_value(fmt, _mm512_maskz_loadu_ps(tail_mask(m - 16 > 0 ? m - 16 : 0), src + 16), s);
+            // 32 BF16 in k order = 16 pair words
+            __m256i l16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(lo), 16));
+            __m256i h16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(hi), 16));
+            v[l] = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(l16), h16, 1));
+        }
+        transpose16(v);  // v[p]: pair kk/2 + p of the 16 rows
+        int pairs = (m + 1) / 2;
+        for (int p = 0; p < pairs; p++)
+            _mm512_mask_storeu_epi32(out + (size_t)(kk / 2 + p) * stride, lanes, _mm512_castps_si512(v[p]));
+    }
 }
 
-AVX512 void emulated_rows_avx512(float *C, int ldc, const float *a,
-                                 const float *bt, int N, int K, int i0, int i1,
-                                 int chunk, int bits, int promote,
-                                 const float *sa, const float *sbt, int add) {
-  for (int j = 0; j < N; j += 32) {
-    int i = i0;
-    for (; i + 4 <= i1; i += 4)
-      emulated_block(C, ldc, a, bt, N, K, i, 4, j, chunk, bits, promote, sa,
-                     sbt, add);
-    for (; i < i1; i++)
-      emulated_block(C, ldc, a, bt, N, K, i, 1, j, chunk, bits, promote, sa,
-                     sbt, add);
-  }
+AVX512BF16 static void pack(uint32_t *out, int stride, const LowpOperand *o, int i0, int n, int k0, int kc, int K) {
+    switch (o->fmt) {
+    case LOWP_BF16: pack_group(LOWP_BF16, out, stride, o, i0, n, k0, kc, K); break;
+    case LOWP_E4M3: pack_group(LOWP_E4M3, out, stride, o, i0, n, k0, kc, K); break;
+    default: pack_group(LOWP_E5M2, out, stride, o, i0, n, k0, kc, K); break;
+    }
+}
+
+// C tile (MR_ × 32, columns masked by m0 / m1) from kp_n pair words. FP8 (sa set): the slice's
+// chunks one after the other, each sum multiplied by sa[chunk][i] · sb[chunk][j] and added to C;
+// BF16: one sum, added to C (or stored, !add).
+AVX512BF16_INLINE void micro_tile(const int MR_, int kp_n, const uint32_t *ap, const uint32_t *bp, float *c, int ldc,
+                                  __mmask16 m0, __mmask16 m1, int add, const float *sa, const float *sb, int sa_ld) {
+    const int chunk_pairs = sa ? CH / 2 : kp_n;
+    for (int kp0 = 0, ch = 0; kp0 < kp_n; kp0 += chunk_pairs, ch++) {
+        int kp1 = kp0 + chunk_pairs < kp_n ? kp0 + chunk_pairs : kp_n;
+        __m512 acc[MR][2];
+#pragma GCC unroll 12
+        for (int i = 0; i < MR_; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        for (int kp = kp0; kp < kp1; kp++) {
+            __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + (size_t)kp * NR);
+            __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + (size_t)kp * NR + 16);
+#pragma GCC unroll 12
+            for (int i = 0; i < MR_; i++) {
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[(size_t)kp * MR_ + i]);
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+            }
+        }
+        int add_here = add || kp0 > 0;
+        __m512 s0 = _mm512_set1_ps(1.0f), s1 = s0;
+        if (sa) {
+            s0 = _mm512_maskz_loadu_ps(m0, sb + (size_t)ch * NC);
+            s1 = _mm512_maskz_loadu_ps(m1, sb + (size_t)ch * NC + 16);
+        }
+#pragma GCC unroll 12
+        for (int i = 0; i < MR_; i++) {
+            float *ci = c + (size_t)i * ldc;
+            __m512 c0 = add_here ? _mm512_maskz_loadu_ps(m0, ci) : _mm512_setzero_ps();
+            __m512 c1 = add_here ? _mm512_maskz_loadu_ps(m1, ci + 16) : _mm512_setzero_ps();
+            if (sa) {
+                __m512 f = _mm512_set1_ps(sa[(size_t)ch * sa_ld + i]);
+                c0 = _mm512_fmadd_ps(acc[i][0], _mm512_mul_ps(f, s0), c0);
+                c1 = _mm512_fmadd_ps(acc[i][1], _mm512_mul_ps(f, s1), c1);
+            } else {
+                c0 = _mm512_add_ps(acc[i][0], c0);
+                c1 = _mm512_add_ps(acc[i][1], c1);
+            }
+            _mm512_mask_storeu_ps(ci, m0, c0);
+            _mm512_mask_storeu_ps(ci + 16, m1, c1);
+        }
+    }
+}
+
+AVX512BF16 static void micro(int mr, int kp_n, const uint32_t *ap, const uint32_t *bp, float *c, int ldc, __mmask16 m0,
+                             __mmask16 m1, int add, const float *sa, const float *sb, int sa_ld) {
+    switch (mr) {
+    case 1: micro_tile(1, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 2: micro_tile(2, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 3: micro_tile(3, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 4: micro_tile(4, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 5: micro_tile(5, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 6: micro_tile(6, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 7: micro_tile(7, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 8: micro_tile(8, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 9: micro_tile(9, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 10: micro_tile(10, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    case 11: micro_tile(11, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    default: micro_tile(12, kp_n, ap, bp, c, ldc, m0, m1, add, sa, sb, sa_ld); break;
+    }
+}
+
+AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add,
+                                    int m_begin, int m_end, int n_begin, int n_end) {
+    if (n_end <= n_begin || m_end <= m_begin) return 0;
+    const int fp8 = A->fmt != LOWP_BF16;
+    // scratch: B slice (NC × KC/2 words), A block (MC × KC/2 words), FP8 scales of both per chunk
+    size_t words_b = (size_t)NC * KC / 2, words_a = (size_t)MC * KC / 2;
+    float *scratch = kernels_scratch(words_b + words_a + (size_t)KCH * (NC + MC));
+    if (!scratch) return -1;
+    uint32_t *bp = (uint32_t *)scratch, *ap = bp + words_b;
+    float *sb = (float *)(ap + words_a), *sa = sb + (size_t)KCH * NC;
+    if (K == 0 && !add)
+        for (int i = m_begin; i < m_end; i++) memset(C + (size_t)i * ldc + n_begin, 0, sizeof(float) * (n_end - n_begin));
+    for (int nb = n_begin; nb < n_end; nb += NC) {
+        int nc = n_end - nb < NC ? n_end - nb : NC;
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            int kc = K - k0 < KC ? K - k0 : KC, kp_n = (kc + 1) / 2;
+            // B: panels of 32 columns, each kp_n × 32 words; FP8 scales per (chunk, column)
+            for (int j = 0; j < nc; j += 16) {
+                int n = nc - j < 16 ? nc - j : 16;
+                pack(bp + (size_t)(j / NR) * NR * kp_n + j % NR, NR, B, nb + j, n, k0, kc, K);
+            }
+            if (fp8)
+                for (int ch = 0; ch * CH < kc; ch++)
+                    for (int j = 0; j < nc; j++) sb[(size_t)ch * NC + j] = lowp_scale_of(B, nb + j, k0 + ch * CH);
+            for (int m0 = m_begin; m0 < m_end; m0 += MC) {
+                int mc = m_end - m0 < MC ? m_end - m0 : MC;
+                for (int t = 0; t * MR < mc; t++) {
+                    int mr = mc - t * MR < MR ? mc - t * MR : MR;
+                    uint32_t *tile = ap + (size_t)t * MR * kp_n;
+                    pack(tile, mr, A, m0 + t * MR, mr, k0, kc, K);
+                }
+                if (fp8)
+                    for (int ch = 0; ch * CH < kc; ch++)
+                        for (int i = 0; i < mc; i++) sa[(size_t)ch * MC + i] = lowp_scale_of(A, m0 + i, k0 + ch * CH);
+                for (int t = 0; t * MR < mc; t++) {
+                    int mr = mc - t * MR < MR ? mc - t * MR : MR;
+                    for (int p = 0; p * NR < nc; p++) {
+                        int n = nc - p * NR;
+                        micro(mr, kp_n, ap + (size_t)t * MR * kp_n, bp + (size_t)p * NR * kp_n,
+                              C + (size_t)(m0 + t * MR) * ldc + nb + p * NR, ldc, tail_mask(n),
+                              tail_mask(n > 16 ? n - 16 : 0), add || k0 > 0, fp8 ? sa + t * MR : NULL,
+                              fp8 ? sb + p * NR : NULL, MC);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+// The emulated limited accumulation (gemm_lowp.c's accum_group, LowpAccum): rows [i0, i1) of C from
+// a (rows of K values) and bt (K rows of N values, the B operand transposed), each chunk of K (all
+// of it without promotion) summed in groups of 32 products on the grid 2^(e - bits) of the group's
+// largest magnitude (running sum included), then promoted with sa[i * nch + chunk] ·
+// sbt[chunk * N + j] (promote) or added. The sum is kept in units of the grid, exact in fp32 for
+// bits <= 18: 33 values below 2^bits units never need more than 24 bits. A lane whose largest
+// magnitude is inf or NaN sums plainly, as the scalar path does. Register-blocked, R rows × 32
+// columns at a time (2R independent sums), because the sums are chains of dependent adds.
+AVX512_INLINE void emulated_block(float *C, int ldc, const float *a, const float *bt,
+                                                                 int N, int K, int i, int R, int j, int chunk,
+                                                                 int bits, int promote, const float *sa,
+                                                                 const float *sbt, int add) {
+    enum { RMAX = 4 };
+    const int nch = (K + chunk - 1) / chunk;
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)), one = _mm512_set1_ps(1.0f);
+    const __m512 fbits = _mm512_set1_ps((float)bits), inf = _mm512_set1_ps(INFINITY);
+    const __mmask16 m0 = tail_mask(N - j), m1 = tail_mask(N - j - 16 > 0 ? N - j - 16 : 0);
+    __m512 out[RMAX][2];
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        float *c = C + (size_t)(i + r) * ldc + j;
+        out[r][0] = add ? _mm512_maskz_loadu_ps(m0, c) : _mm512_setzero_ps();
+        out[r][1] = add ? _mm512_maskz_loadu_ps(m1, c + 16) : _mm512_setzero_ps();
+    }
+    for (int ch = 0; ch < nch; ch++) {
+        int k0 = ch * chunk, k1 = k0 + chunk < K ? k0 + chunk : K;
+        __m512 acc[RMAX][2];
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int g = k0; g < k1; g += 32) {
+            int n = k1 - g < 32 ? k1 - g : 32;
+            __m512 big[RMAX][2], q[RMAX][2], iq[RMAX][2], s[RMAX][2];
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++)
+                #pragma GCC unroll 4
+                for (int v = 0; v < 2; v++) big[r][v] = _mm512_and_ps(acc[r][v], abs_mask);
+            for (int k = 0; k < n; k++) {
+                const float *b = bt + (size_t)(g + k) * N + j;
+                __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+                #pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    __m512 x = _mm512_set1_ps(a[(size_t)(i + r) * K + g + k]);
+                    big[r][0] = _mm512_max_ps(big[r][0], _mm512_and_ps(_mm512_mul_ps(x, b0), abs_mask));
+                    big[r][1] = _mm512_max_ps(big[r][1], _mm512_and_ps(_mm512_mul_ps(x, b1), abs_mask));
+                }
+            }
+            __mmask16 finite = 0xffff;
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; r++)
+                #pragma GCC unroll 4
+                for (int v = 0; v < 2; v++) {
+                    __mmask16 fin = _mm512_cmp_ps_mask(big[r][v], inf, _CMP_LT_OQ);
+                    __mmask16 zero = _mm512_cmp_ps_mask(big[r][v], _mm512_setzero_ps(), _CMP_EQ_OQ);
+                    finite &= fin;
+                    // big in [2^(e-1), 2^e): e = floor(log2 big) + 1; the grid q = 2^(e - bits)
+                    __m512 e = _mm512_maskz_mov_ps(fin & ~zero, _mm512_add_ps(_mm512_getexp_ps(big[r][v]), one));
+                    q[r][v] = _mm512_scalef_ps(one, _mm512_sub_ps(e, fbits));
+                    iq[r][v] = _mm512_scalef_ps(one, _mm512_sub_ps(fbits, e));
+                    s[r][v] = _mm512_roundscale_ps(_mm512_mul_ps(acc[r][v], iq[r][v]),
+                                                   _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                }
+            if (finite == 0xffff) {
+                for (int k = 0; k < n; k++) {
+                    const float *b = bt + (size_t)(g + k) * N + j;
+                    __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+                    #pragma GCC unroll 4
+                    for (int r = 0; r < R; r++) {
+                        __m512 x = _mm512_set1_ps(a[(size_t)(i + r) * K + g + k]);
+                        s[r][0] = _mm512_add_ps(s[r][0], _mm512_roundscale_ps(_mm512_mul_ps(_mm512_mul_ps(x, b0), iq[r][0]),
+                                                                              _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+                        s[r][1] = _mm512_add_ps(s[r][1], _mm512_roundscale_ps(_mm512_mul_ps(_mm512_mul_ps(x, b1), iq[r][1]),
+                                                                              _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+                    }
+                }
+                #pragma GCC unroll 4
+                for (int r = 0; r < R; r++)
+                    #pragma GCC unroll 4
+                    for (int v = 0; v < 2; v++) acc[r][v] = _mm512_mul_ps(s[r][v], q[r][v]);
+            } else {  // some lane saw inf or NaN: those lanes sum plainly
+                #pragma GCC unroll 4
+                for (int r = 0; r < R; r++)
+                    #pragma GCC unroll 4
+                    for (int v = 0; v < 2; v++) {
+                        __mmask16 mv = v ? m1 : m0;
+                        __mmask16 fin = _mm512_cmp_ps_mask(big[r][v], inf, _CMP_LT_OQ);
+                        __m512 plain = acc[r][v];
+                        for (int k = 0; k < n; k++) {
+                            __m512 t = _mm512_mul_ps(_mm512_set1_ps(a[(size_t)(i + r) * K + g + k]),
+                                                     _mm512_maskz_loadu_ps(mv, bt + (size_t)(g + k) * N + j + 16 * v));
+                            s[r][v] = _mm512_add_ps(s[r][v], _mm512_roundscale_ps(_mm512_mul_ps(t, iq[r][v]),
+                                                                                  _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+                            plain = _mm512_add_ps(plain, t);
+                        }
+                        acc[r][v] = _mm512_mask_blend_ps(fin, plain, _mm512_mul_ps(s[r][v], q[r][v]));
+                    }
+            }
+        }
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            #pragma GCC unroll 4
+            for (int v = 0; v < 2; v++) {
+                if (promote) {
+                    __m512 scale = _mm512_mul_ps(_mm512_set1_ps(sa[(size_t)(i + r) * nch + ch]),
+                                                 _mm512_maskz_loadu_ps(v ? m1 : m0, sbt + (size_t)ch * N + j + 16 * v));
+                    out[r][v] = _mm512_fmadd_ps(acc[r][v], scale, out[r][v]);
+                } else {
+                    out[r][v] = _mm512_add_ps(out[r][v], acc[r][v]);
+                }
+            }
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        float *c = C + (size_t)(i + r) * ldc + j;
+        _mm512_mask_storeu_ps(c, m0, out[r][0]);
+        _mm512_mask_storeu_ps(c + 16, m1, out[r][1]);
+    }
+}
+
+AVX512 void emulated_rows_avx512(float *C, int ldc, const float *a, const float *bt, int N, int K, int i0, int i1,
+                                 int chunk, int bits, int promote, const float *sa, const float *sbt, int add) {
+    for (int j = 0; j < N; j += 32) {
+        int i = i0;
+        for (; i + 4 <= i1; i += 4) emulated_block(C, ldc, a, bt, N, K, i, 4, j, chunk, bits, promote, sa, sbt, add);
+        for (; i < i1; i++) emulated_block(C, ldc, a, bt, N, K, i, 1, j, chunk, bits, promote, sa, sbt, add);
+    }
 }

@@ -39,19 +39,26 @@ void adamw_free(AdamW *o) {
     memset(o, 0, sizeof *o);
 }
 
+// Trained by AdamW (the router bias has its own rule), and held by this rank.
 static int is_trained(const TrainTensor *t) { return !t->shared && t->kind != TENSOR_BIAS; }
+static int is_updated_here(const TrainTensor *t) { return is_trained(t) && !t->remote; }
 static int decays(const TrainTensor *t) { return t->ndim == 2; }
 
 double grad_global_norm(const TrainModel *model) {
-    double total = 0;
+    double parts[2];
+    return grad_sum_squares(model, parts) ? NAN : sqrt(parts[0] + parts[1]);
+}
+
+int grad_sum_squares(const TrainModel *model, double parts[2]) {
+    parts[0] = parts[1] = 0;
     for (int i = 0; i < model->n_tensors; i++) {
         const TrainTensor *t = &model->tensors[i];
-        if (!is_trained(t)) continue;
+        if (!is_updated_here(t)) continue;
         double part = 0;
-        if (model->be->ops->sum_squares(model->be, &part, model->grads + t->offset, (long)t->numel)) return NAN;
-        total += part;
+        if (model->be->ops->sum_squares(model->be, &part, model->grads + t->offset, (long)t->numel)) return -1;
+        parts[t->expert >= 0] += part;
     }
-    return sqrt(total);
+    return 0;
 }
 
 int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error *err) {
@@ -65,7 +72,7 @@ int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error 
     s.bc2 = 1.0f - powf(c->beta2, (float)o->step);
     for (int i = 0; i < model->n_tensors; i++) {
         const TrainTensor *t = &model->tensors[i];
-        if (!is_trained(t)) continue;
+        if (!is_updated_here(t)) continue;
         s.shrink = decays(t) ? 1.0f - lr * c->weight_decay : 1.0f;
         if (be->ops->adamw(be, model->params + t->offset, moment(o, 0, t->offset), moment(o, 1, t->offset),
                            model->grads + t->offset, (long)t->numel, &s))
@@ -75,6 +82,11 @@ int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error 
 }
 
 int adamw_save(const AdamW *o, const TrainModel *model, const char *path, Error *err) {
+    return adamw_save_values(o, model, path, NULL, err);
+}
+
+int adamw_save_values(const AdamW *o, const TrainModel *model, const char *path, const void *const *moments[2],
+                      Error *err) {
     StTensorDesc *desc = xcalloc(err, 2 * model->n_tensors, sizeof *desc, "optimiser tensor list");
     char (*names)[160] = xcalloc(err, 2 * model->n_tensors, sizeof *names, "optimiser tensor names");
     int n = 0, rc = -1;
@@ -82,10 +94,14 @@ int adamw_save(const AdamW *o, const TrainModel *model, const char *path, Error 
     for (int i = 0; i < model->n_tensors; i++) {
         const TrainTensor *t = &model->tensors[i];
         if (!is_trained(t)) continue;
+        if (t->remote && !moments) {
+            err_set(err, "%s: %s is held by another rank", path, t->name);
+            goto done;
+        }
         for (int k = 0; k < 2; k++) {
             snprintf(names[n], sizeof names[n], "%s.%s", k ? "exp_avg_sq" : "exp_avg", t->name);
             desc[n] = (StTensorDesc){names[n], o->m16 ? DT_BF16 : DT_F32, t->ndim, {t->shape[0], t->shape[1]},
-                                     moment(o, k, t->offset)};
+                                     moments ? moments[k][i] : moment(o, k, t->offset)};
             n++;
         }
     }
@@ -102,7 +118,7 @@ int adamw_load(AdamW *o, const TrainModel *model, const char *path, Error *err) 
     int rc = -1;
     for (int i = 0; i < model->n_tensors; i++) {
         const TrainTensor *t = &model->tensors[i];
-        if (!is_trained(t)) continue;
+        if (!is_updated_here(t)) continue;
         for (int k = 0; k < 2; k++) {
             char name[160];
             snprintf(name, sizeof name, "%s.%s", k ? "exp_avg_sq" : "exp_avg", t->name);

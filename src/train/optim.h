@@ -37,6 +37,9 @@ void adamw_free(AdamW *o);
 // The L2 norm of every trained gradient (the router bias has none), summed in double over fixed
 // chunks in a fixed order: the same bits for any number of threads. NaN when the backend failed.
 double grad_global_norm(const TrainModel *model);
+// The squared norm of the gradients held here in two parts: parts[0] the dense tensors', parts[1]
+// the routed experts' (expert parallel: each rank adds its own, the caller sums them). -1 on error.
+int grad_sum_squares(const TrainModel *model, double parts[2]);
 
 // One update at learning rate lr: gradients are first scaled by min(1, clip / norm) (norm from
 // grad_global_norm), then p ← p − lr·wd·p (matrices) and p ← p − lr·m̂/(√v̂ + eps).
@@ -48,6 +51,10 @@ int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error 
 // Loading accepts either type (a BF16 file into fp32 moments exactly; an F32 file into BF16
 // moments rounded to nearest even).
 int adamw_save(const AdamW *o, const TrainModel *model, const char *path, Error *err);
+// The same with every tensor's moments given: moments[k][i] (k 0: m, 1: v) for model->tensors[i],
+// stored as o's moments are (remote experts' gathered from their ranks by the caller).
+int adamw_save_values(const AdamW *o, const TrainModel *model, const char *path, const void *const *moments[2],
+                      Error *err);
 int adamw_load(AdamW *o, const TrainModel *model, const char *path, Error *err);
 
 // Learning rate at a step (0-based): linear warmup over `warmup` steps to `peak`, constant, then a

@@ -34,7 +34,7 @@ typedef struct {
 static int bind_tensor(const TensorSpec *t, void *ctx) {
     BlockBinder *b = ctx;
     const TrainTensor *tt = &b->m->tensors[b->i++];
-    float *at = b->base + tt->offset;
+    float *at = tt->remote ? NULL : b->base + tt->offset;  // a remote expert's view has no data here
     if (t->mat) *t->mat = matview_f32(at, (int)tt->shape[0], (int)tt->shape[1]);
     if (t->vec) *t->vec = at;
     return 0;
@@ -227,10 +227,11 @@ static int plan_grad_groups(TrainModel *m, const TensorSpec *specs, Error *err) 
     for (int g = 0; g < ng; g++) m->grad_groups[g].offset = SIZE_MAX;
     for (int i = 0; i < m->n_tensors; i++) {
         const TrainTensor *t = &m->tensors[i];
-        if (t->shared) continue;
         int g = specs[i].layer >= 0                                      ? specs[i].layer
                 : strcmp(t->name, "model.embed_tokens.weight") == 0 ? TRAIN_GRADS_EMBED(m)
                                                                      : TRAIN_GRADS_HEAD(m);
+        m->tensors[i].group = g;
+        if (t->shared || t->remote) continue;
         TrainGradGroup *gg = &m->grad_groups[g];
         if (gg->offset == SIZE_MAX) gg->offset = t->offset;
         else if (t->offset != end[g]) {
@@ -247,6 +248,10 @@ static int plan_grad_groups(TrainModel *m, const TensorSpec *specs, Error *err) 
 }
 
 int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *err) {
+    return train_model_new_sharded(m, c, B, T, 1, 0, err);
+}
+
+int train_model_new_sharded(TrainModel *m, const ModelConfig *c, int B, int T, int ep_size, int ep_rank, Error *err) {
     memset(m, 0, sizeof *m);
     m->be = backend_cpu();
     m->cfg = *c;
@@ -254,6 +259,9 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
     m->T = T;
     int D = c->num_nextn_predict_layers, nl = c->num_hidden_layers, Nr = c->n_routed_experts;
     if (B < 1 || T < 1) return err_set(err, "training batch %d × %d: both must be positive", B, T);
+    if (ep_size < 1 || ep_rank < 0 || ep_rank >= ep_size || (ep_size > 1 && (Nr <= 0 || Nr % ep_size)))
+        return err_set(err, "%d routed experts cannot be split over %d ranks", Nr, ep_size);
+    m->ep_size = ep_size, m->ep_rank = ep_rank;
     if (D > 0 && T <= D)
         return err_set(err, "sequence length %d: the %d MTP module(s) need at least %d positions", T, D, D + 1);
     if (T > c->max_position_embeddings)
@@ -274,7 +282,9 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
         t->shape[1] = specs[i].ndim == 2 ? specs[i].shape[1] : 1;
         t->numel = (size_t)t->shape[0] * t->shape[1];
         t->shared = specs[i].mtp_copy;
-        if (t->shared) continue;
+        t->expert = specs[i].expert;
+        t->remote = ep_size > 1 && t->expert >= 0 && t->expert / (Nr / ep_size) != ep_rank;
+        if (t->shared || t->remote) continue;
         t->offset = off;
         off += t->numel;
     }
@@ -372,6 +382,10 @@ void train_model_init_random(TrainModel *m, uint64_t seed) {
     for (int i = 0; i < m->n_tensors; i++) {
         const TrainTensor *t = &m->tensors[i];
         if (t->shared) continue;
+        if (t->remote) {  // its draws, so that the tensors after it get the values they get everywhere
+            for (size_t j = 0; j < t->numel; j++) rng_normal(&rng);
+            continue;
+        }
         float *w = m->params + t->offset;
         for (size_t j = 0; j < t->numel; j++)
             w[j] = t->kind == TENSOR_NORM ? 1.0f : t->kind == TENSOR_BIAS ? 0.0f : std * rng_normal(&rng);
@@ -386,7 +400,7 @@ int train_model_load(TrainModel *m, const char *dir, Error *err) {
     int rc = -1;
     for (int i = 0; i < m->n_tensors; i++) {
         const TrainTensor *t = &m->tensors[i];
-        if (t->shared) continue;
+        if (t->shared || t->remote) continue;
         const StTensor *s = st_model_find(&st, t->name);
         if (!s) {
             err_set(err, "%s: tensor %s: missing", dir, t->name);
@@ -431,11 +445,18 @@ done:
     return rc;
 }
 
+int train_model_save_values(const TrainModel *m, const char *dir, const float *const *values, DType dtype,
+                            size_t shard_bytes, Error *err) {
+    return ckpt_save_f32(dir, &m->cfg, values, dtype, shard_bytes, err);
+}
+
 int train_model_save(const TrainModel *m, const char *dir, DType dtype, size_t shard_bytes, Error *err) {
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].remote) return err_set(err, "%s: held by another rank", m->tensors[i].name);
     const float **values = xcalloc(err, m->n_tensors ? m->n_tensors : 1, sizeof *values, "tensor list");
     if (!values) return -1;
     for (int i = 0; i < m->n_tensors; i++) values[i] = m->params + m->tensors[i].offset;
-    int rc = ckpt_save_f32(dir, &m->cfg, values, dtype, shard_bytes, err);
+    int rc = train_model_save_values(m, dir, values, dtype, shard_bytes, err);
     free(values);
     return rc;
 }

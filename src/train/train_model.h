@@ -40,6 +40,9 @@ typedef struct TrainTensor {
     int64_t shape[2];
     size_t offset, numel;  // in floats
     int shared;            // an MTP module's copy of the embedding or head: the original's storage
+    int expert;            // the routed expert it belongs to, or -1
+    int remote;            // a routed expert another rank holds (expert parallel): no storage here
+    int group;             // its TrainGradGroup (see TrainGradsDone)
 } TrainTensor;
 
 // What one decoder layer keeps for its backward pass. N = B·T rows.
@@ -134,7 +137,8 @@ typedef struct TrainModel {
     TrainObjective obj;
     int n_tensors;
     TrainTensor *tensors;  // every tensor of tensor_specs(), in its order
-    size_t n_params;       // floats in the parameter block (shared copies counted once)
+    size_t n_params;       // floats in the parameter block (shared copies counted once, remote experts not)
+    int ep_size, ep_rank;  // the routed experts are split over ep_size ranks; this one holds ep_rank's share
     float *params;         // (n_params) fp32 master weights
     float *grads;          // (n_params) their gradients, same layout
     ModelWeights p, g;     // the two blocks as the model's weights: F32 views, by tensor name
@@ -167,21 +171,31 @@ typedef struct TrainModel {
 // Lays out parameters, gradients and activations for micro-batches of B × (T + 1) tokens;
 // parameters are zero until train_model_init_random or train_model_load.
 int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *err);
+// The same holding only routed experts ep_rank·N_r/ep_size .. (ep_rank+1)·N_r/ep_size − 1 of every
+// MoE layer (expert parallel: the others are `remote`, with neither parameters nor gradients here;
+// n_routed_experts must be divisible by ep_size).
+int train_model_new_sharded(TrainModel *m, const ModelConfig *c, int B, int T, int ep_size, int ep_rank, Error *err);
 // Sets the linear layers' precision (NULL: fp32). FP8 also lays the activations out again with the
 // linear layers' inputs kept in FP8 between the passes (smaller act_bytes); the activations'
 // contents are lost, the parameters and gradients kept.
 int train_model_set_recipe(TrainModel *m, const LinearRecipe *recipe, Error *err);
 void train_model_free(TrainModel *m);
 // Linear, embedding, head and router weights ~ N(0, initializer_range); norms 1; router bias 0.
+// The draws are those of the whole model in tensor order, remote experts' skipped, so a sharded
+// model holds the same values as the whole one.
 void train_model_init_random(TrainModel *m, uint64_t seed);
-// Reads every tensor (any stored dtype, FP8 block-scaled included) of the checkpoint in dir,
-// which must match m's configuration in names and shapes. MTP tensors absent from the files are
+// Reads every tensor held here (any stored dtype, FP8 block-scaled included) of the checkpoint in
+// dir, which must match m's configuration in names and shapes. MTP tensors absent from the files are
 // an error; the MTP copies of the embedding and head are not read (the model shares them).
 int train_model_load(TrainModel *m, const char *dir, Error *err);
 // Writes config.json and model.safetensors (shards over shard_bytes) into dir, MTP copies of the
 // embedding and head included, the weights stored as dtype: F32 (the master weights as they are),
 // BF16 or FP8 (model/convert_checkpoint.h).
 int train_model_save(const TrainModel *m, const char *dir, DType dtype, size_t shard_bytes, Error *err);
+// The same with every tensor's values given (values[i] for m->tensors[i]: remote experts gathered
+// from their ranks by the caller).
+int train_model_save_values(const TrainModel *m, const char *dir, const float *const *values, DType dtype,
+                            size_t shard_bytes, Error *err);
 // The tensor named name, or NULL.
 const TrainTensor *train_model_tensor(const TrainModel *m, const char *name);
 

@@ -232,7 +232,14 @@ typedef struct Run {
     int rank, W;        // this rank, their number; each takes B / W sequences of a micro-batch
     int D, E;           // data parallel x expert parallel = W: E ranks share the routed experts
     DistComm *ep_comm;  // this rank's expert-parallel group: ranks E·(rank / E) .. E·(rank / E) + E − 1
+    DistComm *edp_comm; // the D ranks holding the same experts as this one: rank % E alike
     ExpertParallel *ep;
+    DistSum *sync_experts;  // the routed experts' gradient sum over edp_comm (E > 1)
+    struct SyncSeg {
+        size_t offset, n;
+        int experts;  // routed experts' gradients: summed over the ranks holding them (edp_comm)
+    } *segs;          // each gradient group's runs of tensors, in group order
+    int *seg_of;      // (n_grad_groups + 1) group g's runs: segs[seg_of[g] .. seg_of[g + 1])
     DistSum *sync;      // the gradient sum in flight
     unsigned char *synced;  // (n_grad_groups) the groups started in this step's sum
     AdamW opt;
@@ -243,19 +250,153 @@ typedef struct Run {
     long long tokens;   // tokens trained on
 } Run;
 
+// ---- the ranks ----
+
+// The model's parameters, the experts other ranks hold included (the MTP copies of the embedding
+// and head are the originals).
+static long long params_total(const TrainModel *m) {
+    long long n = 0;
+    for (int i = 0; i < m->n_tensors; i++) n += m->tensors[i].shared ? 0 : (long long)m->tensors[i].numel;
+    return n;
+}
+
+// The expert-parallel groups: E consecutive ranks each, the routed experts split over a group's
+// ranks and the MoE layers exchanging tokens within it; and the groups of D ranks that hold the
+// same experts, over which their gradients are summed. Collective over the world.
+static int start_expert_parallel(Run *r, Error *err) {
+    TRY(dist_split(r->world, r->rank / r->E, r->rank, &r->ep_comm, err));
+    TRY(dist_split(r->world, r->rank % r->E, r->rank, &r->edp_comm, err));
+    r->ep = expert_parallel_new(r->ep_comm, &r->m.cfg, err);
+    if (!r->ep) return -1;
+    r->m.moe_parallel = expert_parallel_seam(r->ep);
+    r->sync_experts = dist_sum_new(r->edp_comm, err);
+    return r->sync_experts ? 0 : -1;
+}
+
+// Each gradient group's runs of held tensors, cut where the routed experts' begin and end (with
+// expert parallelism they are summed over the ranks holding them, the rest over all ranks).
+static int plan_sync(Run *r, Error *err) {
+    TrainModel *m = &r->m;
+    r->segs = calloc(m->n_tensors + 1, sizeof *r->segs);
+    r->seg_of = calloc(m->n_grad_groups + 1, sizeof *r->seg_of);
+    if (!r->segs || !r->seg_of) return err_set(err, "out of memory");
+    int n = 0;
+    for (int g = 0; g < m->n_grad_groups; g++) {
+        r->seg_of[g] = n;
+        for (int i = 0; i < m->n_tensors; i++) {
+            const TrainTensor *t = &m->tensors[i];
+            if (t->group != g || t->shared || t->remote) continue;
+            int experts = r->E > 1 && t->expert >= 0;
+            if (n > r->seg_of[g] && r->segs[n - 1].experts == experts &&
+                r->segs[n - 1].offset + r->segs[n - 1].n == t->offset)
+                r->segs[n - 1].n += t->numel;
+            else r->segs[n++] = (struct SyncSeg){t->offset, t->numel, experts};
+        }
+    }
+    r->seg_of[m->n_grad_groups] = n;
+    return 0;
+}
+
+// The global gradient norm: every rank holds the dense gradients whole; the routed experts' are
+// spread over an expert-parallel group, whose parts add up.
+static int global_norm(Run *r, double *norm, Error *err) {
+    if (r->E == 1) {
+        *norm = grad_global_norm(&r->m);
+        return 0;
+    }
+    double parts[2];
+    if (grad_sum_squares(&r->m, parts)) return err_set(err, "gradient norm: %s", r->m.be->err.msg);
+    TRY(dist_sum_f64(r->ep_comm, &parts[1], 1, err));
+    *norm = sqrt(parts[0] + parts[1]);
+    return 0;
+}
+
+// Remote experts' values for a checkpoint: rank 0 gets a pointer to every tensor's values (held
+// ones in base, an array laid out like the parameter block with elem-byte entries; the others
+// gathered into *gathered, which the caller frees) in ptrs (n_tensors). The ranks of rank 0's
+// expert-parallel group take part, the others return at once.
+static int gather_experts(Run *r, const void *base, size_t elem, const void **ptrs, void **gathered, Error *err) {
+    TrainModel *m = &r->m;
+    *gathered = NULL;
+    for (int i = 0; i < m->n_tensors; i++) ptrs[i] = (const char *)base + m->tensors[i].offset * elem;
+    if (r->E == 1 || r->rank >= r->E) return 0;
+    size_t mine = 0;  // this rank's experts, packed in tensor order
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].expert >= 0 && !m->tensors[i].remote) mine += m->tensors[i].numel * elem;
+    char *send = malloc(mine + 1), *all = r->rank == 0 ? malloc(mine * r->E + 1) : NULL;
+    if (!send || (r->rank == 0 && !all)) {
+        free(send);
+        free(all);
+        return err_set(err, "checkpoint: out of memory gathering the experts");
+    }
+    size_t at = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].expert >= 0 && !m->tensors[i].remote) {
+            memcpy(send + at, ptrs[i], m->tensors[i].numel * elem);
+            at += m->tensors[i].numel * elem;
+        }
+    int rc = dist_gather(r->ep_comm, send, mine, all, 0, err);
+    free(send);
+    if (rc || r->rank != 0) {
+        free(all);
+        return rc;
+    }
+    int per = m->cfg.n_routed_experts / r->E;
+    size_t *pos = calloc(r->E, sizeof *pos);  // how far into each rank's part the walk is
+    if (!pos) {
+        free(all);
+        return err_set(err, "out of memory");
+    }
+    for (int i = 0; i < m->n_tensors; i++) {
+        const TrainTensor *t = &m->tensors[i];
+        if (t->expert < 0) continue;
+        int owner = t->expert / per;
+        ptrs[i] = all + owner * mine + pos[owner];
+        pos[owner] += t->numel * elem;
+    }
+    free(pos);
+    *gathered = all;
+    return 0;
+}
+
+// ---- checkpoints of the run ----
+
+static int write_checkpoint(Run *r, const float *const *values, const void *const *moments[2], Error *err);
+
+// Every rank comes here: the routed experts other ranks hold are gathered to rank 0, which writes.
 static int save_checkpoint(Run *r, Error *err) {
+    int n = r->m.n_tensors;
+    const void **ptrs = calloc(3 * (size_t)n + 1, sizeof *ptrs);
+    void *bufs[3] = {0};
+    if (!ptrs) return err_set(err, "out of memory");
+    size_t melem = r->opt.m16 ? sizeof(uint16_t) : sizeof(float);
+    const void *mom[2] = {r->opt.m16 ? (const void *)r->opt.m16 : (const void *)r->opt.m,
+                          r->opt.m16 ? (const void *)r->opt.v16 : (const void *)r->opt.v};
+    int rc = gather_experts(r, r->m.params, sizeof(float), ptrs, &bufs[0], err);
+    for (int k = 0; k < 2 && !rc; k++) rc = gather_experts(r, mom[k], melem, ptrs + (k + 1) * n, &bufs[k + 1], err);
+    if (!rc && r->rank == 0) {
+        const void *const *moments[2] = {ptrs + n, ptrs + 2 * n};
+        rc = write_checkpoint(r, (const float *const *)ptrs, moments, err);
+    }
+    for (int k = 0; k < 3; k++) free(bufs[k]);
+    free(ptrs);
+    return rc;
+}
+
+static int write_checkpoint(Run *r, const float *const *values, const void *const *moments[2], Error *err) {
     char dir[4200], tmp[4300], old[4300];
     snprintf(dir, sizeof dir, "%s/step-%ld", r->o.out, r->step);
     snprintf(tmp, sizeof tmp, "%s.tmp", dir);
     snprintf(old, sizeof old, "%s.old", dir);
     path_remove_tree(tmp);
     char path[4400];
-    if (train_model_save(&r->m, tmp, r->save_dtype, (size_t)4 << 30, err)) return -1;
+    if (train_model_save_values(&r->m, tmp, values, r->save_dtype, (size_t)4 << 30, err)) return -1;
     // a BF16 or FP8 model.safetensors has lost bits the run needs: --resume reads these
     snprintf(path, sizeof path, "%s/master", tmp);
-    if (r->save_dtype != DT_F32 && train_model_save(&r->m, path, DT_F32, (size_t)4 << 30, err)) return -1;
+    if (r->save_dtype != DT_F32 && train_model_save_values(&r->m, path, values, DT_F32, (size_t)4 << 30, err))
+        return -1;
     snprintf(path, sizeof path, "%s/optimizer.safetensors", tmp);
-    if (adamw_save(&r->opt, &r->m, path, err)) return -1;
+    if (adamw_save_values(&r->opt, &r->m, path, moments, err)) return -1;
     if (file_copy_if_exists(r->o.data, tmp, "tokenizer.json", err) ||
         file_copy_if_exists(r->o.data, tmp, "tokenizer_config.json", err))
         return -1;
@@ -428,7 +569,7 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     if (r->E > 1 && (c.n_routed_experts <= 0 || c.n_routed_experts % r->E))
         return err_set(err, "--expert-parallel %d: the model's %d routed experts do not split evenly over %d ranks",
                        r->E, c.n_routed_experts, r->E);
-    if (train_model_new(&r->m, &c, r->o.batch / r->W, r->o.seq, err)) return -1;
+    if (train_model_new_sharded(&r->m, &c, r->o.batch / r->W, r->o.seq, r->E, r->rank % r->E, err)) return -1;
     LinearRecipe recipe;
     const LinearRecipe *lowp;
     if (trainer_recipe(&r->o, &recipe, &lowp, err) || train_model_set_recipe(&r->m, lowp, err)) return -1;
@@ -452,27 +593,18 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     return 0;
 }
 
-// ---- the ranks ----
-
-// The expert-parallel groups: E consecutive ranks each, the routed experts split over a group's
-// ranks and the MoE layers exchanging tokens within it. Collective over the world.
-static int start_expert_parallel(Run *r, Error *err) {
-    TRY(dist_split(r->world, r->rank / r->E, r->rank, &r->ep_comm, err));
-    r->ep = expert_parallel_new(r->ep_comm, &r->m.cfg, err);
-    if (!r->ep) return -1;
-    r->m.moe_parallel = expert_parallel_seam(r->ep);
-    return 0;
-}
-
 // ---- the gradient sum over the ranks ----
 
 // TrainGradsDone: a group's gradients are final on this rank; its sum over the ranks starts now and
 // runs while the backward pass goes on.
 static int sync_group(void *ctx, int group, Error *err) {
     Run *r = ctx;
-    const TrainGradGroup *g = &r->m.grad_groups[group];
     r->synced[group] = 1;
-    return dist_sum_start(r->sync, r->m.grads + g->offset, g->n, err);
+    for (int i = r->seg_of[group]; i < r->seg_of[group + 1]; i++) {
+        const struct SyncSeg *sg = &r->segs[i];
+        TRY(dist_sum_start(sg->experts ? r->sync_experts : r->sync, r->m.grads + sg->offset, sg->n, err));
+    }
+    return 0;
 }
 
 // Starts the groups the backward pass did not report (the MTP modules when they did not run: their
@@ -481,7 +613,11 @@ static int sync_finish(Run *r, DistSumStats *st, Error *err) {
     for (int g = 0; g < r->m.n_grad_groups; g++)
         if (!r->synced[g] && sync_group(r, g, err)) return -1;
     memset(r->synced, 0, r->m.n_grad_groups);
-    return dist_sum_wait(r->sync, st, err);
+    DistSumStats se = {0};
+    TRY(dist_sum_wait(r->sync, st, err));
+    if (r->sync_experts) TRY(dist_sum_wait(r->sync_experts, &se, err));
+    if (st) st->busy_s += se.busy_s, st->wait_s += se.wait_s, st->bytes_sent += se.bytes_sent;
+    return 0;
 }
 
 // The time of a blocking sum of the whole gradient (the zeroed block), for the share of it a step
@@ -537,7 +673,7 @@ static int prepare(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error 
     r->sync = dist_sum_new(r->world, err);
     r->synced = calloc(r->m.n_grad_groups, 1);
     if (!r->sync || !r->synced) return err_set(err, "out of memory");
-    return 0;
+    return plan_sync(r, err);
 }
 
 // Rank 0 appends a line to metrics.jsonl.
@@ -629,7 +765,8 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         }
         TrainLosses acc = {parts[0], parts[1], parts[2], parts[3]};
         last_loss = acc.loss;
-        double gnorm = grad_global_norm(m);
+        double gnorm = 0;
+        if (global_norm(r, &gnorm, err)) goto done;
         float lr = lr_at(&sched, r->step);
         if (adamw_update(&r->opt, m, lr, gnorm, err)) goto done;
         moe_bias_update(m, loads, o->bias_update_speed);
@@ -654,7 +791,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         }
         snprintf(line + n, sizeof line - n, "}\n");
         int wrc = metrics_line(r, mf, line, metrics, err);
-        if (!wrc && ((o->save_every > 0 && r->step % o->save_every == 0) || last || r->step == stop) && r->rank == 0)
+        if (!wrc && ((o->save_every > 0 && r->step % o->save_every == 0) || last || r->step == stop))
             wrc = save_checkpoint(r, err);
         if (r->W > 1) {  // rank 0's writes: all ranks go on or stop together
             int first_failed;
@@ -693,6 +830,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
                            .a2a_dispatch_bytes = a2a.dispatch_bytes / ran, .a2a_combine_bytes = a2a.combine_bytes / ran,
                            .a2a_s = a2a.exchange_s / ran,
                            .ranks_per_token = a2a.tokens ? (double)a2a.token_ranks / a2a.tokens : 0,
+                           .params_held = (long long)m->n_params, .params_total = params_total(m),
                            .failed_rank = -1};
     rc = 0;
 done:
@@ -702,8 +840,12 @@ done:
     free(tokens);
     free(loads);
     dist_sum_free(r->sync);
+    dist_sum_free(r->sync_experts);
+    free(r->segs);
+    free(r->seg_of);
     expert_parallel_free(r->ep);
     dist_comm_free(r->ep_comm);
+    dist_comm_free(r->edp_comm);
     free(r->synced);
     loader_close(&r->train);
     loader_close(&r->val);

@@ -104,6 +104,7 @@ typedef struct TrainerResult {
     // Expert parallelism, per step and rank: bytes sent by dispatch and combine (forward and
     // backward), time in those all-to-alls, and the ranks a routed token reached on average.
     double a2a_dispatch_bytes, a2a_combine_bytes, a2a_s, ranks_per_token;
+    long long params_held, params_total;  // parameters in this rank's memory, and in the model
     // On failure: the rank that reports the error (the lowest that failed, agreed by all ranks,
     // which all return -1), or -1 when a rank failed alone in the middle of a step, where the others
     // may be waiting for it: the caller then ends the run (dist_abort).
