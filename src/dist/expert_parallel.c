@@ -5,6 +5,8 @@
 #include <time.h>
 
 #include "dist/expert_parallel.h"
+#include "kernels/convert.h"
+#include "kernels/gemm_lowp.h"
 
 // What one MoE layer's forward leaves for its backward pass. Rows are received tokens (i), slots
 // are (received token, chosen expert held here) pairs sorted by expert.
@@ -31,9 +33,12 @@ struct ExpertParallel {
     const ModelConfig *c;
     int n_layers;
     EpLayer *layers;   // (num_hidden_layers + num_nextn_predict_layers), by HF layer index
-    // scratch shared by the layers: packed rows out and in, per-row sums, the backward's slot buffers
-    float *out, *in, *rows;
-    size_t cap_out, cap_in, cap_rows;
+    A2aDtype dispatch, combine;  // the payloads' formats (see expert_parallel.h)
+    // scratch shared by the layers: packed rows out and in (bytes), per-row sums, the backward's
+    // slot buffers
+    char *out, *in;
+    float *rows, *sums;
+    size_t cap_out, cap_in, cap_rows, cap_sums;
     float *de_out, *dxg, *deg, *deu, *deh;
     size_t cap_dslots;
     ExpertParallelStats st;
@@ -74,16 +79,60 @@ ExpertParallelStats expert_parallel_take_stats(ExpertParallel *ep) {
     return s;
 }
 
-// The all-to-all of packed rows of `words` floats: send_counts rows of ep->out to each rank,
-// recv_counts rows into ep->in.
-static int exchange(ExpertParallel *ep, const int *send_counts, const int *recv_counts, int words, double *bytes,
-                    Error *err) {
+// ---- rows on the wire ----
+// A row is d values in the payload's format, then `extra` 32-bit words (choices, gates).
+
+// Bytes of d values: fp32 4d, bf16 2d, fp8 d codes + one fp32 scale per 1 × 128 tile.
+static size_t payload_bytes(int d, A2aDtype t) {
+    return t == A2A_FP32 ? 4 * (size_t)d : t == A2A_BF16 ? 2 * (size_t)d : (size_t)d + 4 * (size_t)((d + 127) / 128);
+}
+
+static void encode_row(char *dst, const float *x, int d, A2aDtype t) {
+    if (t == A2A_FP32) {
+        memcpy(dst, x, 4 * (size_t)d);
+    } else if (t == A2A_BF16) {
+        for (int j = 0; j < d; j++) {
+            uint16_t h = bf16_from_f32(x[j]);
+            memcpy(dst + 2 * j, &h, 2);
+        }
+    } else {  // E4M3 with a scale per 1 × 128 tile, as DeepSeek's dispatch sends them
+        float scales[(d + 127) / 128];
+        lowp_fp8_save_rows((uint8_t *)dst, scales, x, 1, d);
+        memcpy(dst + d, scales, sizeof scales);
+    }
+}
+
+static void decode_row(float *x, const char *src, int d, A2aDtype t) {
+    if (t == A2A_FP32) {
+        memcpy(x, src, 4 * (size_t)d);
+    } else if (t == A2A_BF16) {
+        for (int j = 0; j < d; j++) {
+            uint16_t h;
+            memcpy(&h, src + 2 * j, 2);
+            x[j] = bf16_to_f32(h);
+        }
+    } else {
+        float scales[(d + 127) / 128];
+        memcpy(scales, src + d, sizeof scales);
+        lowp_fp8_restore_rows(x, (const uint8_t *)src, scales, 1, d);
+    }
+}
+
+// The all-to-all of rows of row_bytes: send_counts rows of ep->out to each rank, recv_counts rows
+// into ep->in; what left this rank is added to *bytes.
+static int exchange(ExpertParallel *ep, const int *send_counts, const int *recv_counts, size_t row_bytes,
+                    double *bytes, Error *err) {
     double t0 = now_s();
-    int rc = dist_alltoallv(ep->comm, ep->out, send_counts, ep->in, recv_counts, sizeof(float) * words, err);
+    int rc = dist_alltoallv(ep->comm, ep->out, send_counts, ep->in, recv_counts, row_bytes, err);
     ep->st.exchange_s += now_s() - t0;
     for (int r = 0; r < ep->E; r++)
-        if (r != ep->rank) *bytes += (double)send_counts[r] * words * sizeof(float);
+        if (r != ep->rank) *bytes += (double)send_counts[r] * row_bytes;
     return rc;
+}
+
+// Room for n rows of row_bytes in a byte buffer.
+static int grow_bytes(char **p, size_t *cap, size_t n, size_t row_bytes) {
+    return grow(p, cap, (n * row_bytes + 3) / 4);  // (grow counts 4-byte units)
 }
 
 static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, LayerActs *a, int N, float *y) {
@@ -91,7 +140,8 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     Error *err = &p->be->err;
     const ModelConfig *c = ep->c;
     int E = ep->E, K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size;
-    int P = ep->per_rank, e0 = ep->rank * P, words = d + 2 * K;
+    int P = ep->per_rank, e0 = ep->rank * P;
+    size_t pay = payload_bytes(d, ep->dispatch), row_bytes = pay + 8 * (size_t)K;
     if (p->layer < 0 || p->layer >= ep->n_layers) return err_set(err, "expert parallel: layer %d out of range", p->layer);
     EpLayer *L = &ep->layers[p->layer];
     L->N = N;
@@ -105,21 +155,22 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     }
     L->Ns = 0;
     for (int r = 0; r < E; r++) L->Ns += L->send_counts[r];
-    if (grow(&L->send_tok, &L->cap_send, L->Ns) || grow(&ep->out, &ep->cap_out, (size_t)L->Ns * words))
+    if (grow(&L->send_tok, &L->cap_send, L->Ns) || grow_bytes(&ep->out, &ep->cap_out, L->Ns, row_bytes))
         return err_set(err, "expert parallel: out of memory");
-    // the rows: [input (d) | K choices: the expert's index on that rank or -1, as int bits | K gates]
+    // the rows: [input (d, in the dispatch format) | K choices: the expert's index on that rank or −1 | K gates]
     for (int r = 0, j = 0; r < E; r++)
         for (int t = 0; t < N; t++) {
             const int *idx = a->topk_idx + (size_t)t * K;
             int here = 0;
             for (int k = 0; k < K; k++) here |= idx[k] / P == r;
             if (!here) continue;
-            float *row = ep->out + (size_t)j * words;
-            memcpy(row, a->ln2 + (size_t)t * d, sizeof(float) * d);
+            char *row = ep->out + (size_t)j * row_bytes;
+            encode_row(row, a->ln2 + (size_t)t * d, d, ep->dispatch);
             for (int k = 0; k < K; k++) {
                 int32_t local = idx[k] / P == r ? idx[k] - r * P : -1;
-                memcpy(row + d + k, &local, sizeof local);
-                row[d + K + k] = local >= 0 ? a->topk_w[(size_t)t * K + k] : 0.0f;
+                float gate = local >= 0 ? a->topk_w[(size_t)t * K + k] : 0.0f;
+                memcpy(row + pay + 4 * k, &local, 4);
+                memcpy(row + pay + 4 * (K + k), &gate, 4);
             }
             L->send_tok[j++] = t;
         }
@@ -128,10 +179,10 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     TRY(dist_alltoall_int(ep->comm, L->send_counts, L->recv_counts, err));
     L->Rn = 0;
     for (int r = 0; r < E; r++) L->Rn += L->recv_counts[r];
-    if (grow(&ep->in, &ep->cap_in, (size_t)L->Rn * words) ||
+    if (grow_bytes(&ep->in, &ep->cap_in, L->Rn, row_bytes) ||
         reserve(&L->cap_recv, L->Rn, 2, (void **[]){(void **)&L->rec, (void **)&L->gate}, (size_t[]){K, K}))
         return err_set(err, "expert parallel: out of memory");
-    TRY(exchange(ep, L->send_counts, L->recv_counts, words, &ep->st.dispatch_bytes, err));
+    TRY(exchange(ep, L->send_counts, L->recv_counts, row_bytes, &ep->st.dispatch_bytes, err));
     // the slots: received tokens in order (source rank, then its token order), each choice held here
     int cnt[P + 1];
     memset(cnt, 0, sizeof cnt);
@@ -139,7 +190,7 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     for (int i = 0; i < L->Rn; i++)
         for (int k = 0; k < K; k++) {
             int32_t local;
-            memcpy(&local, ep->in + (size_t)i * words + d + k, sizeof local);
+            memcpy(&local, ep->in + (size_t)i * row_bytes + pay + 4 * k, sizeof local);
             if (local < 0 || local >= P) {
                 L->rec[(size_t)i * K + k] = -1;
                 if (local >= P) return err_set(err, "expert parallel: a received choice names expert %d of %d", local, P);
@@ -156,15 +207,18 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     for (int e = 0; e < P; e++) cnt[e + 1] += cnt[e];
     memcpy(L->expert_off, cnt, sizeof(int) * (P + 1));
     for (int i = 0; i < L->Rn; i++) {
-        const float *row = ep->in + (size_t)i * words;
+        const char *row = ep->in + (size_t)i * row_bytes;
+        int first = -1;  // the slot that decoded the row; the token's other slots copy it
         for (int k = 0; k < K; k++) {
             int e = L->rec[(size_t)i * K + k];
-            L->gate[(size_t)i * K + k] = row[d + K + k];
+            memcpy(&L->gate[(size_t)i * K + k], row + pay + 4 * (K + k), 4);
             if (e < 0) continue;
             int s = cnt[e]++;
             L->slot_src[s] = i, L->slot_k[s] = k;
             L->rec[(size_t)i * K + k] = s;
-            memcpy(L->xg + (size_t)s * d, row, sizeof(float) * d);
+            if (first < 0) decode_row(L->xg + (size_t)s * d, row, d, ep->dispatch);
+            else memcpy(L->xg + (size_t)s * d, L->xg + (size_t)first * d, sizeof(float) * d);
+            if (first < 0) first = s;
         }
     }
     for (int e = 0; e < P; e++) {
@@ -176,24 +230,27 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     }
     TRY(p->be->ops->synchronize(p->be));
     // one row per received token: its gated outputs of the experts held here, in choice order
-    if (grow(&ep->out, &ep->cap_out, (size_t)L->Rn * d) || grow(&ep->in, &ep->cap_in, (size_t)L->Ns * d))
+    size_t cb = payload_bytes(d, ep->combine);
+    if (grow_bytes(&ep->out, &ep->cap_out, L->Rn, cb) || grow_bytes(&ep->in, &ep->cap_in, L->Ns, cb) ||
+        grow(&ep->sums, &ep->cap_sums, d))
         return err_set(err, "expert parallel: out of memory");
     for (int i = 0; i < L->Rn; i++) {
-        float *row = ep->out + (size_t)i * d;
-        memset(row, 0, sizeof(float) * d);
+        float *sum = ep->sums;
+        memset(sum, 0, sizeof(float) * d);
         for (int k = 0; k < K; k++) {
             int s = L->rec[(size_t)i * K + k];
             if (s < 0) continue;
             float g = L->gate[(size_t)i * K + k];
             const float *o = L->eo + (size_t)s * d;
-            for (int j = 0; j < d; j++) row[j] += g * o[j];
+            for (int j = 0; j < d; j++) sum[j] += g * o[j];
         }
+        encode_row(ep->out + (size_t)i * cb, sum, d, ep->combine);
     }
-    TRY(exchange(ep, L->recv_counts, L->send_counts, d, &ep->st.combine_bytes, err));
+    TRY(exchange(ep, L->recv_counts, L->send_counts, cb, &ep->st.combine_bytes, err));
     // each token adds its rows in rank order
     for (int j = 0; j < L->Ns; j++) {
-        float *yt = y + (size_t)L->send_tok[j] * d;
-        const float *row = ep->in + (size_t)j * d;
+        float *yt = y + (size_t)L->send_tok[j] * d, *row = ep->sums;
+        decode_row(row, ep->in + (size_t)j * cb, d, ep->combine);
         for (int q = 0; q < d; q++) yt[q] += row[q];
     }
     return 0;
@@ -210,21 +267,24 @@ static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w,
     EpLayer *L = &ep->layers[p->layer];
     if (L->N != N) return err_set(err, "expert parallel: layer %d backward over %d tokens, forward had %d", p->layer, N, L->N);
     // dispatch the output gradients along the forward's plan
+    // the gradients travel in the combine's format both ways
+    size_t pay = payload_bytes(d, ep->combine), row_bytes = pay + 4 * (size_t)K;
     int rows_out = L->Ns > L->Rn ? L->Ns : L->Rn;  // each buffer carries both directions
     void **dslot_arrays[] = {(void **)&ep->de_out, (void **)&ep->dxg, (void **)&ep->deg, (void **)&ep->deu,
                              (void **)&ep->deh};
-    if (grow(&ep->out, &ep->cap_out, (size_t)rows_out * (d + K)) || grow(&ep->in, &ep->cap_in, (size_t)rows_out * (d + K)) ||
-        grow(&ep->rows, &ep->cap_rows, (size_t)L->Rn * K) ||
+    if (grow_bytes(&ep->out, &ep->cap_out, rows_out, row_bytes) || grow_bytes(&ep->in, &ep->cap_in, rows_out, row_bytes) ||
+        grow(&ep->rows, &ep->cap_rows, (size_t)L->Rn * K + (size_t)L->Rn * d) || grow(&ep->sums, &ep->cap_sums, d) ||
         reserve(&ep->cap_dslots, L->S, 5, dslot_arrays, (size_t[]){d, d, Fm, Fm, Fm}))
         return err_set(err, "expert parallel: out of memory");
-    for (int j = 0; j < L->Ns; j++) memcpy(ep->out + (size_t)j * d, dy + (size_t)L->send_tok[j] * d, sizeof(float) * d);
-    TRY(exchange(ep, L->send_counts, L->recv_counts, d, &ep->st.dispatch_bytes, err));
+    for (int j = 0; j < L->Ns; j++) encode_row(ep->out + (size_t)j * pay, dy + (size_t)L->send_tok[j] * d, d, ep->combine);
+    TRY(exchange(ep, L->send_counts, L->recv_counts, pay, &ep->st.dispatch_bytes, err));
     // the rows' gradients: ∂E(x) = g·dy, ∂g = dy · E(x)
-    float *dgate = ep->rows;  // (Rn, K)
+    float *dgate = ep->rows, *dyr_all = ep->rows + (size_t)L->Rn * K;  // (Rn, K), (Rn, d)
+    for (int i = 0; i < L->Rn; i++) decode_row(dyr_all + (size_t)i * d, ep->in + (size_t)i * pay, d, ep->combine);
     memset(dgate, 0, sizeof(float) * L->Rn * K);
     for (int sl = 0; sl < L->S; sl++) {
         int i = L->slot_src[sl], k = L->slot_k[sl];
-        const float *dyr = ep->in + (size_t)i * d, *o = L->eo + (size_t)sl * d;
+        const float *dyr = dyr_all + (size_t)i * d, *o = L->eo + (size_t)sl * d;
         float gt = L->gate[(size_t)i * K + k], dot = 0;
         float *de = ep->de_out + (size_t)sl * d;
         for (int j = 0; j < d; j++) de[j] = gt * dyr[j], dot += dyr[j] * o[j];
@@ -241,37 +301,39 @@ static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w,
     }
     TRY(p->be->ops->synchronize(p->be));
     // one row per received token back: [its input gradient from the experts held here | K gate gradients]
-    int words = d + K;
     for (int i = 0; i < L->Rn; i++) {
-        float *row = ep->out + (size_t)i * words;
-        memset(row, 0, sizeof(float) * d);
+        char *row = ep->out + (size_t)i * row_bytes;
+        float *sum = ep->sums;
+        memset(sum, 0, sizeof(float) * d);
         for (int k = 0; k < K; k++) {
             int sl = L->rec[(size_t)i * K + k];
-            row[d + k] = dgate[(size_t)i * K + k];
+            memcpy(row + pay + 4 * k, &dgate[(size_t)i * K + k], 4);
             if (sl < 0) continue;
             const float *dx = ep->dxg + (size_t)sl * d;
-            for (int j = 0; j < d; j++) row[j] += dx[j];
+            for (int j = 0; j < d; j++) sum[j] += dx[j];
         }
+        encode_row(row, sum, d, ep->combine);
     }
-    TRY(exchange(ep, L->recv_counts, L->send_counts, words, &ep->st.combine_bytes, err));
+    TRY(exchange(ep, L->recv_counts, L->send_counts, row_bytes, &ep->st.combine_bytes, err));
     // each token adds its rows in rank order; each gate's gradient comes from the rank holding its expert
     int dest = 0, left = L->send_counts[0];
     for (int j = 0; j < L->Ns; j++) {
         while (left == 0) left = L->send_counts[++dest];
         left--;
         int t = L->send_tok[j];
-        const float *row = ep->in + (size_t)j * words;
-        float *dx = s->dln + (size_t)t * d;
-        for (int q = 0; q < d; q++) dx[q] += row[q];
+        const char *row = ep->in + (size_t)j * row_bytes;
+        float *dx = s->dln + (size_t)t * d, *got = ep->sums;
+        decode_row(got, row, d, ep->combine);
+        for (int q = 0; q < d; q++) dx[q] += got[q];
         for (int k = 0; k < K; k++)
-            if (a->topk_idx[(size_t)t * K + k] / P == dest) s->dtopk_w[(size_t)t * K + k] = row[d + k];
+            if (a->topk_idx[(size_t)t * K + k] / P == dest) memcpy(&s->dtopk_w[(size_t)t * K + k], row + pay + 4 * k, 4);
     }
     return 0;
 }
 
 static const MoeParallelOps ep_ops = {ep_forward, ep_backward};
 
-ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, Error *err) {
+ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDtype dtype, Error *err) {
     int E = dist_size(comm), Nr = c->n_routed_experts;
     if (Nr <= 0) return err_set(err, "--expert-parallel %d: the model has no routed experts", E), NULL;
     if (Nr % E)
@@ -283,6 +345,8 @@ ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, Error 
     ep->comm = comm;
     ep->E = E, ep->rank = dist_rank(comm), ep->per_rank = Nr / E;
     ep->c = c;
+    ep->dispatch = dtype;
+    ep->combine = dtype == A2A_FP8 ? A2A_BF16 : dtype;
     ep->n_layers = c->num_hidden_layers + c->num_nextn_predict_layers;
     ep->layers = calloc(ep->n_layers, sizeof *ep->layers);
     if (!ep->layers) return expert_parallel_free(ep), err_set(err, "out of memory"), NULL;
@@ -304,7 +368,7 @@ void expert_parallel_free(ExpertParallel *ep) {
         free(L->xg), free(L->eo), free(L->eg), free(L->eu), free(L->eh);
     }
     free(ep->layers);
-    free(ep->out), free(ep->in), free(ep->rows);
+    free(ep->out), free(ep->in), free(ep->rows), free(ep->sums);
     free(ep->de_out), free(ep->dxg), free(ep->deg), free(ep->deu), free(ep->deh);
     free(ep);
 }

@@ -23,6 +23,11 @@
 
 typedef struct ExpertParallel ExpertParallel;
 
+// The payloads' format (--a2a-dtype): fp32 exact; bf16 both ways; fp8 as DeepSeek does, the
+// dispatched inputs in E4M3 with one scale per 1 × 128 tile (max(amax, 1e-4)/448) and everything
+// else — the combined outputs and, in the backward pass, the gradients both ways — in BF16.
+typedef enum { A2A_FP32, A2A_BF16, A2A_FP8 } A2aDtype;
+
 // What crossed the wire since the last expert_parallel_take_stats, per rank.
 typedef struct ExpertParallelStats {
     double dispatch_bytes, combine_bytes;  // sent by this rank, forward and backward
@@ -33,7 +38,7 @@ typedef struct ExpertParallelStats {
 
 // An expert-parallel MoE over the ranks of comm (E = its size) for a model of configuration c
 // (n_routed_experts divisible by E). Keeps per MoE layer what its backward pass reads.
-ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, Error *err);
+ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDtype dtype, Error *err);
 void expert_parallel_free(ExpertParallel *ep);
 // The seam a LayerPass takes (LayerPass.moe_parallel).
 MoeParallel *expert_parallel_seam(ExpertParallel *ep);

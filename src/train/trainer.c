@@ -89,6 +89,8 @@ const TrainerOption trainer_options[] = {
             "under mpirun: groups of --expert-parallel ranks, D x E = the processes (0: that quotient)"),
     INT_OPT("expert-parallel", NULL, expert_parallel, 1, 1, 1 << 20, "E",
             "under mpirun: ranks that split the routed experts; every rank takes batch/(D x E) sequences"),
+    STRING_OPT("a2a-dtype", NULL, a2a_dtype, "T",
+               "expert parallel payloads: fp32 (default, exact), bf16, or fp8 (E4M3 dispatch, BF16 combine)"),
     {0},
 };
 
@@ -266,7 +268,8 @@ static long long params_total(const TrainModel *m) {
 static int start_expert_parallel(Run *r, Error *err) {
     TRY(dist_split(r->world, r->rank / r->E, r->rank, &r->ep_comm, err));
     TRY(dist_split(r->world, r->rank % r->E, r->rank, &r->edp_comm, err));
-    r->ep = expert_parallel_new(r->ep_comm, &r->m.cfg, err);
+    A2aDtype t = strcmp(r->o.a2a_dtype, "fp8") == 0 ? A2A_FP8 : strcmp(r->o.a2a_dtype, "bf16") == 0 ? A2A_BF16 : A2A_FP32;
+    r->ep = expert_parallel_new(r->ep_comm, &r->m.cfg, t, err);
     if (!r->ep) return -1;
     r->m.moe_parallel = expert_parallel_seam(r->ep);
     r->sync_experts = dist_sum_new(r->edp_comm, err);
@@ -656,6 +659,10 @@ static int prepare(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error 
                        r->E, r->D * r->E, world);
     if (o->batch % world)
         return err_set(err, "--batch %d: not divisible by the %d ranks (each takes an equal share)", o->batch, world);
+    const char *a2a = o->a2a_dtype;
+    if (a2a[0] && strcmp(a2a, "fp32") != 0 && strcmp(a2a, "bf16") != 0 && strcmp(a2a, "fp8") != 0)
+        return err_set(err, "--a2a-dtype: unknown value '%s' (fp32, bf16 or fp8)", a2a);
+    if (a2a[0] && r->E == 1) return err_set(err, "--a2a-dtype %s: only with --expert-parallel", a2a);
     // (rank 0 alone looks: the others could see the file rank 0 has just begun)
     if (r->rank == 0 && !resume && path_exists(metrics))
         return err_set(err, "%s: the run directory already holds a run; continue it with --resume %s", o->out, o->out);

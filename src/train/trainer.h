@@ -40,6 +40,7 @@ typedef struct TrainerOptions {
     int progress;  // a live progress line on stderr (the library's default: none)
     int data_parallel;    // copies of each routed expert (0: the processes of the run / expert_parallel)
     int expert_parallel;  // ranks that split the routed experts (1: none)
+    char a2a_dtype[16];   // their exchanges' payloads: fp32 (also when empty), bf16, fp8
 } TrainerOptions;
 
 // The C type of an option's field. A flag takes no value on the command line: giving it stores lo.
