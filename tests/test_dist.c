@@ -226,6 +226,31 @@ TEST(test_dist_expert_parallel_equals_one_process) {
     CHECK_MSG(held > 0 && held < total, "%s", out);
 }
 
+// Node-limited routing (report §2.1.2): the tiny model's 8 experts form 2 groups of which a token
+// keeps 1; on 2 ranks of one node each, a group is a node, so every token's experts lie on exactly
+// one node (the counts come from the routing decisions of every rank); on one node of 2 ranks
+// nothing crosses nodes.
+TEST(test_dist_node_limited_routing) {
+    const char *why = no_mpi();
+    if (why) SKIP("%s", why);
+    const char *dir = test_train_corpus();
+    char run[600], out[8192];
+    snprintf(run, sizeof run, "%s/ep_nodes1", dir);
+    int rc = dp_train(out, sizeof out, MPIRUN " -np 2", run, 2, "--expert-parallel 2 --ranks-per-node 1");
+    double nodes = 0, intra = -1, inter = -1;
+    int most = 0;
+    const char *l = strstr(out, "routed experts lay on ");
+    CHECK_MSG(rc == 0 && l && sscanf(l, "routed experts lay on %lf nodes (at most %d)", &nodes, &most) == 2, "%s", out);
+    CHECK_MSG(nodes == 1.0 && most == 1, "a token reached %.2f nodes, at most %d (topk_group 1): %s", nodes, most, out);
+    l = strstr(out, "a rank sent ");
+    l = l ? strstr(l + 1, "a rank sent ") : NULL;  // the second: the per-node figures
+    CHECK_MSG(l && sscanf(l, "a rank sent %lf B within its node and %lf B to other nodes", &intra, &inter) == 2, "%s", out);
+    CHECK_MSG(intra == 0 && inter > 0, "%s", out);
+    snprintf(run, sizeof run, "%s/ep_nodes2", dir);
+    rc = dp_train(out, sizeof out, MPIRUN " -np 2", run, 2, "--expert-parallel 2 --ranks-per-node 2");
+    CHECK_MSG(rc == 0 && strstr(out, "B to other nodes") && strstr(out, " 0 B to other nodes"), "%s", out);
+}
+
 // Options every rank rejects alike: one line from rank 0, a non-zero exit of every rank, no run
 // directory, no hang.
 TEST(test_dist_bad_options_one_line_from_rank0) {
@@ -237,6 +262,8 @@ TEST(test_dist_bad_options_one_line_from_rank0) {
         {"2", "--data-parallel 4", "--data-parallel 4 x --expert-parallel 1 is 4 ranks, the run has 2 processes"},
         {"2", "--expert-parallel 3", "--expert-parallel 3: the run's 2 processes do not split into groups of 3"},
         {"3", "--batch 3 --expert-parallel 3", "--expert-parallel 3: the model's 8 routed experts do not split evenly"},
+        {"2", "--expert-parallel 2 --ranks-per-node 3", "--ranks-per-node 3: 2 ranks in groups of 2"},
+        {"2", "--expert-parallel 2 --a2a-dtype fp4", "--a2a-dtype: unknown value 'fp4'"},
         {"2", "--precision fp16", "--precision: unknown value 'fp16'"}};
     for (int i = 0; i < (int)(sizeof bad / sizeof bad[0]); i++) {
         char run[600], out[8192], launch[300];

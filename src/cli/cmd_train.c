@@ -98,6 +98,11 @@ static void print_result(const TrainerResult *res, const char *out) {
                "rank sent %.2f MB dispatching and %.2f MB combining, %.1f ms in the all-to-alls\n",
                res->params_held, res->params_total, res->ranks_per_token, res->a2a_dispatch_bytes / 1e6,
                res->a2a_combine_bytes / 1e6, res->a2a_s * 1e3);
+    if (res->expert_parallel > 1)
+        printf("nodes of %d ranks: a token's routed experts lay on %.2f nodes (at most %d); per routed token and MoE "
+               "layer a rank sent %.0f B within its node and %.0f B to other nodes\n",
+               res->ranks_per_node, res->nodes_per_token, res->max_nodes, res->intra_node_bytes_per_token,
+               res->inter_node_bytes_per_token);
 }
 
 // A failure every rank sees alike (the arguments, the run's setup) is reported by rank 0 alone.

@@ -30,6 +30,7 @@ struct ExpertParallel {
     MoeParallel seam;  // first: the seam's pointer is the ExpertParallel's
     DistComm *comm;
     int E, rank, per_rank;  // ranks, this one, experts per rank
+    int ranks_per_node;     // a rank's node: rank / ranks_per_node
     const ModelConfig *c;
     int n_layers;
     EpLayer *layers;   // (num_hidden_layers + num_nextn_predict_layers), by HF layer index
@@ -125,8 +126,13 @@ static int exchange(ExpertParallel *ep, const int *send_counts, const int *recv_
     double t0 = now_s();
     int rc = dist_alltoallv(ep->comm, ep->out, send_counts, ep->in, recv_counts, row_bytes, err);
     ep->st.exchange_s += now_s() - t0;
-    for (int r = 0; r < ep->E; r++)
-        if (r != ep->rank) *bytes += (double)send_counts[r] * row_bytes;
+    for (int r = 0; r < ep->E; r++) {
+        if (r == ep->rank) continue;
+        double b = (double)send_counts[r] * row_bytes;
+        *bytes += b;
+        if (r / ep->ranks_per_node == ep->rank / ep->ranks_per_node) ep->st.intra_node_bytes += b;
+        else ep->st.inter_node_bytes += b;
+    }
     return rc;
 }
 
@@ -148,10 +154,19 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     // the plan: each token once to every rank holding one of its experts, grouped by rank
     memset(L->send_counts, 0, sizeof(int) * E);
     for (int t = 0; t < N; t++) {
-        unsigned char to[E];
+        unsigned char to[E], node[E];
         memset(to, 0, E);
-        for (int k = 0; k < K; k++) to[a->topk_idx[(size_t)t * K + k] / P] = 1;
+        memset(node, 0, E);
+        int nodes = 0;
+        for (int k = 0; k < K; k++) {
+            int r = a->topk_idx[(size_t)t * K + k] / P;
+            to[r] = 1;
+            nodes += !node[r / ep->ranks_per_node];
+            node[r / ep->ranks_per_node] = 1;
+        }
         for (int r = 0; r < E; r++) L->send_counts[r] += to[r];
+        ep->st.token_nodes += nodes;
+        if (nodes > ep->st.max_nodes) ep->st.max_nodes = nodes;
     }
     L->Ns = 0;
     for (int r = 0; r < E; r++) L->Ns += L->send_counts[r];
@@ -346,6 +361,7 @@ ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDty
     ep->E = E, ep->rank = dist_rank(comm), ep->per_rank = Nr / E;
     ep->c = c;
     ep->dispatch = dtype;
+    ep->ranks_per_node = E;
     ep->combine = dtype == A2A_FP8 ? A2A_BF16 : dtype;
     ep->n_layers = c->num_hidden_layers + c->num_nextn_predict_layers;
     ep->layers = calloc(ep->n_layers, sizeof *ep->layers);
@@ -374,3 +390,11 @@ void expert_parallel_free(ExpertParallel *ep) {
 }
 
 MoeParallel *expert_parallel_seam(ExpertParallel *ep) { return &ep->seam; }
+
+int expert_parallel_set_nodes(ExpertParallel *ep, int ranks_per_node, Error *err) {
+    if (ranks_per_node < 1 || ep->E % ranks_per_node)
+        return err_set(err, "--ranks-per-node %d: an expert-parallel group of %d ranks is not made of whole nodes",
+                       ranks_per_node, ep->E);
+    ep->ranks_per_node = ranks_per_node;
+    return 0;
+}

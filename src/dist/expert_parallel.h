@@ -33,6 +33,9 @@ typedef struct ExpertParallelStats {
     double dispatch_bytes, combine_bytes;  // sent by this rank, forward and backward
     long long tokens;                      // tokens this rank routed (forward passes)
     long long token_ranks;                 // (token, destination rank) pairs: how many rows dispatch sent
+    long long token_nodes;                 // (token, node) pairs: the nodes each token's experts lie on
+    int max_nodes;                         // the most nodes one token's experts lay on
+    double intra_node_bytes, inter_node_bytes;  // what left this rank for its own node and for others
     double exchange_s;                     // time in the all-to-alls
 } ExpertParallelStats;
 
@@ -42,6 +45,11 @@ ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDty
 void expert_parallel_free(ExpertParallel *ep);
 // The seam a LayerPass takes (LayerPass.moe_parallel).
 MoeParallel *expert_parallel_seam(ExpertParallel *ep);
+// Groups the ranks into nodes of ranks_per_node consecutive ranks (default: all on one node), for
+// the traffic counts; with the experts of each of the config's n_group groups on one node (n_group
+// a multiple of the nodes), group-limited routing reaches at most topk_group nodes per token — the
+// report's node-limited routing. -1 when ranks_per_node does not divide the group's size.
+int expert_parallel_set_nodes(ExpertParallel *ep, int ranks_per_node, Error *err);
 // The rank of comm that holds routed expert e, and whether this rank does.
 int expert_parallel_owner(const ExpertParallel *ep, int e);
 int expert_parallel_holds(const ExpertParallel *ep, int e);

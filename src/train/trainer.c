@@ -89,6 +89,8 @@ const TrainerOption trainer_options[] = {
             "under mpirun: groups of --expert-parallel ranks, D x E = the processes (0: that quotient)"),
     INT_OPT("expert-parallel", NULL, expert_parallel, 1, 1, 1 << 20, "E",
             "under mpirun: ranks that split the routed experts; every rank takes batch/(D x E) sequences"),
+    INT_OPT("ranks-per-node", NULL, ranks_per_node, 0, 0, 1 << 20, "R",
+            "expert parallel: ranks per node for the traffic counts (0: as the launcher placed them)"),
     STRING_OPT("a2a-dtype", NULL, a2a_dtype, "T",
                "expert parallel payloads: fp32 (default, exact), bf16, or fp8 (E4M3 dispatch, BF16 combine)"),
     {0},
@@ -233,6 +235,7 @@ typedef struct Run {
     DistComm *world;    // all of the run's processes
     int rank, W;        // this rank, their number; each takes B / W sequences of a micro-batch
     int D, E;           // data parallel x expert parallel = W: E ranks share the routed experts
+    int R;              // ranks per node
     DistComm *ep_comm;  // this rank's expert-parallel group: ranks E·(rank / E) .. E·(rank / E) + E − 1
     DistComm *edp_comm; // the D ranks holding the same experts as this one: rank % E alike
     ExpertParallel *ep;
@@ -270,7 +273,7 @@ static int start_expert_parallel(Run *r, Error *err) {
     TRY(dist_split(r->world, r->rank % r->E, r->rank, &r->edp_comm, err));
     A2aDtype t = strcmp(r->o.a2a_dtype, "fp8") == 0 ? A2A_FP8 : strcmp(r->o.a2a_dtype, "bf16") == 0 ? A2A_BF16 : A2A_FP32;
     r->ep = expert_parallel_new(r->ep_comm, &r->m.cfg, t, err);
-    if (!r->ep) return -1;
+    if (!r->ep || expert_parallel_set_nodes(r->ep, r->R < r->E ? r->R : r->E, err)) return -1;
     r->m.moe_parallel = expert_parallel_seam(r->ep);
     r->sync_experts = dist_sum_new(r->edp_comm, err);
     return r->sync_experts ? 0 : -1;
@@ -663,6 +666,10 @@ static int prepare(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error 
     if (a2a[0] && strcmp(a2a, "fp32") != 0 && strcmp(a2a, "bf16") != 0 && strcmp(a2a, "fp8") != 0)
         return err_set(err, "--a2a-dtype: unknown value '%s' (fp32, bf16 or fp8)", a2a);
     if (a2a[0] && r->E == 1) return err_set(err, "--a2a-dtype %s: only with --expert-parallel", a2a);
+    r->R = o->ranks_per_node > 0 ? o->ranks_per_node : dist_local_size();
+    if (world % r->R || (r->E % r->R && r->R % r->E))
+        return err_set(err, "--ranks-per-node %d: %d ranks in groups of %d expert-parallel ranks do not make whole nodes",
+                       r->R, world, r->E);
     // (rank 0 alone looks: the others could see the file rank 0 has just begun)
     if (r->rank == 0 && !resume && path_exists(metrics))
         return err_set(err, "%s: the run directory already holds a run; continue it with --resume %s", o->out, o->out);
@@ -769,6 +776,9 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
             ExpertParallelStats st = expert_parallel_take_stats(r->ep);
             a2a.dispatch_bytes += st.dispatch_bytes, a2a.combine_bytes += st.combine_bytes;
             a2a.exchange_s += st.exchange_s, a2a.tokens += st.tokens, a2a.token_ranks += st.token_ranks;
+            a2a.token_nodes += st.token_nodes, a2a.intra_node_bytes += st.intra_node_bytes;
+            a2a.inter_node_bytes += st.inter_node_bytes;
+            if (st.max_nodes > a2a.max_nodes) a2a.max_nodes = st.max_nodes;
         }
         TrainLosses acc = {parts[0], parts[1], parts[2], parts[3]};
         last_loss = acc.loss;
@@ -822,6 +832,11 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         }
     }
     if (o->progress && r->rank == 0) fputc('\n', stderr);
+    if (r->ep) {  // the most nodes any token reached, over all ranks
+        double most = a2a.max_nodes;
+        if (dist_max_f64(r->world, &most, 1, err)) goto done;
+        a2a.max_nodes = (int)most;
+    }
     if (r->rank == 0) {
         char svg[4200];
         snprintf(svg, sizeof svg, "%s/metrics.svg", o->out);
@@ -838,6 +853,10 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
                            .a2a_s = a2a.exchange_s / ran,
                            .ranks_per_token = a2a.tokens ? (double)a2a.token_ranks / a2a.tokens : 0,
                            .params_held = (long long)m->n_params, .params_total = params_total(m),
+                           .nodes_per_token = a2a.tokens ? (double)a2a.token_nodes / a2a.tokens : 0,
+                           .intra_node_bytes_per_token = a2a.tokens ? a2a.intra_node_bytes / a2a.tokens : 0,
+                           .inter_node_bytes_per_token = a2a.tokens ? a2a.inter_node_bytes / a2a.tokens : 0,
+                           .max_nodes = a2a.max_nodes, .ranks_per_node = r->R,
                            .failed_rank = -1};
     rc = 0;
 done:

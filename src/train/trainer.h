@@ -41,6 +41,7 @@ typedef struct TrainerOptions {
     int data_parallel;    // copies of each routed expert (0: the processes of the run / expert_parallel)
     int expert_parallel;  // ranks that split the routed experts (1: none)
     char a2a_dtype[16];   // their exchanges' payloads: fp32 (also when empty), bf16, fp8
+    int ranks_per_node;   // consecutive ranks that share a node (0: as the launcher placed them)
 } TrainerOptions;
 
 // The C type of an option's field. A flag takes no value on the command line: giving it stores lo.
@@ -106,6 +107,11 @@ typedef struct TrainerResult {
     // backward), time in those all-to-alls, and the ranks a routed token reached on average.
     double a2a_dispatch_bytes, a2a_combine_bytes, a2a_s, ranks_per_token;
     long long params_held, params_total;  // parameters in this rank's memory, and in the model
+    // Nodes (--ranks-per-node): the mean and most nodes one token's routed experts lay on (over all
+    // ranks), and the bytes a rank sent within its node and to other nodes per routed token and
+    // MoE layer (dispatch and combine, forward and backward).
+    double nodes_per_token, intra_node_bytes_per_token, inter_node_bytes_per_token;
+    int max_nodes, ranks_per_node;
     // On failure: the rank that reports the error (the lowest that failed, agreed by all ranks,
     // which all return -1), or -1 when a rank failed alone in the middle of a step, where the others
     // may be waiting for it: the caller then ends the run (dist_abort).
