@@ -1,4 +1,5 @@
 // expert_parallel.h: the MoE seam over an all-to-all of packed rows.
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,6 +8,7 @@
 #include "dist/expert_parallel.h"
 #include "kernels/convert.h"
 #include "kernels/gemm_lowp.h"
+#include "model/tensors.h"
 
 // What one MoE layer's forward leaves for its backward pass. Rows are received tokens (i), slots
 // are (received token, chosen expert held here) pairs sorted by expert.
@@ -28,6 +30,8 @@ typedef struct EpLayer {
 
 struct ExpertParallel {
     MoeParallel seam;  // first: the seam's pointer is the ExpertParallel's
+    MoeParallel replicated;  // the replicated-token seam (inference)
+    DistSum *sum;            // its all-reduce
     DistComm *comm;
     int E, rank, per_rank;  // ranks, this one, experts per rank
     int ranks_per_node;     // a rank's node: rank / ranks_per_node
@@ -348,6 +352,57 @@ static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w,
 
 static const MoeParallelOps ep_ops = {ep_forward, ep_backward};
 
+// The replicated-token forward: the slots of moe_dispatch (a->expert_off, slot_tk, slot_of) cover
+// every expert; this rank runs its own and adds each token's gated outputs in choice order.
+static int ep_forward_replicated(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, LayerActs *a, int N,
+                                 float *y) {
+    ExpertParallel *ep = (ExpertParallel *)((char *)mp - offsetof(ExpertParallel, replicated));
+    Error *err = &p->be->err;
+    const ModelConfig *c = ep->c;
+    int K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size, P = ep->per_rank;
+    int e0 = ep->rank * P;
+    if (grow(&ep->rows, &ep->cap_rows, (size_t)N * d + (size_t)N * K)) return err_set(err, "expert parallel: out of memory");
+    float *partial = ep->rows;  // (N, d)
+    int *tok = (int *)(ep->rows + (size_t)N * d);  // (slots of one expert) their tokens
+    for (int e = e0; e < e0 + P; e++) {
+        int n = a->expert_off[e + 1] - a->expert_off[e];
+        if (n == 0) continue;
+        size_t o = a->expert_off[e];
+        for (int j = 0; j < n; j++) tok[j] = a->slot_tk[o + j] / K;
+        TRY(p->be->ops->gather_rows(p->be, a->xg + o * d, a->ln2, tok, n, d));
+        TRY(ffn_forward(p->be, p->recipe, &w->experts[e], a->xg + o * d, a->e_gate + o * Fm, a->e_up + o * Fm,
+                        a->e_h + o * Fm, a->e_out + o * d, n));
+    }
+    TRY(p->be->ops->synchronize(p->be));
+    memset(partial, 0, sizeof(float) * N * d);
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < K; k++) {
+            int e = a->topk_idx[(size_t)t * K + k];
+            if (e < e0 || e >= e0 + P) continue;
+            float g = a->topk_w[(size_t)t * K + k], *pt = partial + (size_t)t * d;
+            const float *out = a->e_out + (size_t)a->slot_of[(size_t)t * K + k] * d;
+            for (int j = 0; j < d; j++) pt[j] += g * out[j];
+        }
+    double t0 = now_s();
+    if (!ep->sum && !(ep->sum = dist_sum_new(ep->comm, err))) return -1;
+    TRY(dist_sum_start(ep->sum, partial, (size_t)N * d, err));
+    DistSumStats st;
+    TRY(dist_sum_wait(ep->sum, &st, err));
+    ep->st.exchange_s += now_s() - t0;
+    ep->st.combine_bytes += (double)st.bytes_sent;
+    ep->st.tokens += N;
+    for (size_t i = 0; i < (size_t)N * d; i++) y[i] += partial[i];
+    return 0;
+}
+
+static int ep_backward_replicated(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, MoeWeights *g,
+                                  LayerActs *a, LayerGradScratch *s, const float *dy, int N) {
+    (void)mp, (void)w, (void)g, (void)a, (void)s, (void)dy, (void)N;
+    return err_set(&p->be->err, "expert parallel: the replicated-token seam has no backward pass");
+}
+
+static const MoeParallelOps ep_replicated_ops = {ep_forward_replicated, ep_backward_replicated};
+
 ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDtype dtype, Error *err) {
     int E = dist_size(comm), Nr = c->n_routed_experts;
     if (Nr <= 0) return err_set(err, "--expert-parallel %d: the model has no routed experts", E), NULL;
@@ -357,6 +412,7 @@ ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDty
     ExpertParallel *ep = calloc(1, sizeof *ep);
     if (!ep) return err_set(err, "out of memory"), NULL;
     ep->seam.ops = &ep_ops;
+    ep->replicated.ops = &ep_replicated_ops;
     ep->comm = comm;
     ep->E = E, ep->rank = dist_rank(comm), ep->per_rank = Nr / E;
     ep->c = c;
@@ -385,11 +441,33 @@ void expert_parallel_free(ExpertParallel *ep) {
     }
     free(ep->layers);
     free(ep->out), free(ep->in), free(ep->rows), free(ep->sums);
+    dist_sum_free(ep->sum);
     free(ep->de_out), free(ep->dxg), free(ep->deg), free(ep->deu), free(ep->deh);
     free(ep);
 }
 
+typedef struct {
+    const ExpertParallel *ep;
+    long long used, all;
+} WeightBytes;
+
+static int count_weight(const TensorSpec *t, void *ctx) {
+    WeightBytes *b = ctx;
+    long long n = t->mat ? tensor_view_bytes(t->mat) : t->vec ? (long long)sizeof(float) * t->shape[0] : 0;
+    b->all += n;
+    if (t->expert < 0 || expert_parallel_holds(b->ep, t->expert)) b->used += n;
+    return 0;
+}
+
+void expert_parallel_weight_bytes(const ExpertParallel *ep, const ModelConfig *c, ModelWeights *w, long long *used,
+                                  long long *all) {
+    WeightBytes b = {ep, 0, 0};
+    tensor_walk(c, w->n_mtp, w, count_weight, &b);
+    *used = b.used, *all = b.all;
+}
+
 MoeParallel *expert_parallel_seam(ExpertParallel *ep) { return &ep->seam; }
+MoeParallel *expert_parallel_seam_replicated(ExpertParallel *ep) { return &ep->replicated; }
 
 int expert_parallel_set_nodes(ExpertParallel *ep, int ranks_per_node, Error *err) {
     if (ranks_per_node < 1 || ep->E % ranks_per_node)

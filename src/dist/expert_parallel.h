@@ -43,8 +43,14 @@ typedef struct ExpertParallelStats {
 // (n_routed_experts divisible by E). Keeps per MoE layer what its backward pass reads.
 ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDtype dtype, Error *err);
 void expert_parallel_free(ExpertParallel *ep);
-// The seam a LayerPass takes (LayerPass.moe_parallel).
+// The seam a LayerPass takes (LayerPass.moe_parallel): every rank its own tokens, exchanged as above.
 MoeParallel *expert_parallel_seam(ExpertParallel *ep);
+// The seam for ranks that all run the same tokens (inference: `dsv3 logits` under mpirun, where
+// every rank runs the dense layers over the whole prompt): nothing is dispatched; each rank runs
+// its experts over the tokens that chose them and the ranks' partial sums are added up in rank
+// order (a deterministic all-reduce of N × d), so every rank continues with the same rows.
+// Forward only.
+MoeParallel *expert_parallel_seam_replicated(ExpertParallel *ep);
 // Groups the ranks into nodes of ranks_per_node consecutive ranks (default: all on one node), for
 // the traffic counts; with the experts of each of the config's n_group groups on one node (n_group
 // a multiple of the nodes), group-limited routing reaches at most topk_group nodes per token — the
@@ -53,6 +59,10 @@ int expert_parallel_set_nodes(ExpertParallel *ep, int ranks_per_node, Error *err
 // The rank of comm that holds routed expert e, and whether this rank does.
 int expert_parallel_owner(const ExpertParallel *ep, int e);
 int expert_parallel_holds(const ExpertParallel *ep, int e);
+// The bytes of the weights w of configuration c (stored types, FP8 scales included) that this rank
+// reads — every tensor but the routed experts other ranks hold — and of all of them.
+void expert_parallel_weight_bytes(const ExpertParallel *ep, const ModelConfig *c, ModelWeights *w, long long *used,
+                                  long long *all);
 // Returns the figures gathered since the last call and starts counting again.
 ExpertParallelStats expert_parallel_take_stats(ExpertParallel *ep);
 

@@ -329,6 +329,7 @@ static int step_result(int failed, Error *err) {
 int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_seqs, float *logits, float *hidden,
                  Error *err) {
     const ModelConfig *c = &m->cfg;
+    if (m->moe_parallel) return err_set(err, "decoding with the experts split over ranks is not supported yet");
     Batch bt;
     if (batch_begin(m, s, seqs, n_seqs, -1, &bt, err)) return -1;
     int failed = 0, d = c->hidden_size;
@@ -352,6 +353,7 @@ int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_s
 int model_mtp_decode(const Model *m, ForwardState *s, int k, const DecodeSeq *seqs, int n_seqs, const float *hidden,
                      float *logits, float *hidden_out, Error *err) {
     const ModelConfig *c = &m->cfg;
+    if (m->moe_parallel) return err_set(err, "decoding with the experts split over ranks is not supported yet");
     if (k < 0 || k >= m->w.n_mtp) return err_set(err, "MTP module %d: the model has %d MTP modules loaded", k, m->w.n_mtp);
     for (int i = 0; i < n_seqs; i++)
         if (k >= seqs[i].kv->n_mtp) return err_set(err, "MTP module %d: sequence %d's cache has no layer for it", k, i);

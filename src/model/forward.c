@@ -110,13 +110,14 @@ LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T
     rope_table(s->rope_cos, s->rope_sin, T, c->qk_rope_head_dim, pos0, m->inv_freq, m->rope_mscale);
     return (LayerPass){.be = m->be, .c = c, .B = 1, .T = T, .pos0 = pos0, .rope_cos = s->rope_cos, .rope_sin = s->rope_sin,
                        .softmax_scale = m->softmax_scale, .blocks = kv->blocks, .block_size = kv->pool->block_size,
-                       .store = kv->dtype, .mode = mode,
+                       .store = kv->dtype, .mode = mode, .moe_parallel = m->moe_parallel,
                        .scratch = s->attn,
                        .per_thread = s->attn_per_thread};
 }
 
 // Points the pass at cache layer l (main layers first, then the MTP modules' layers).
 static void pass_layer(LayerPass *p, const ModelConfig *c, KVCache *kv, int l) {
+    p->layer = l;
     p->latent = kvcache_latent(kv, c, l);
     p->kpe = kvcache_kpe(kv, c, l);
 }

@@ -24,6 +24,7 @@ typedef struct Model {
     double *inv_freq;    // (qk_rope/2) RoPE frequencies, YaRN-corrected
     float rope_mscale;   // cos/sin factor m(mscale)/m(mscale_all_dim)
     float softmax_scale;
+    MoeParallel *moe_parallel;  // the routed experts split over ranks (prefill: model_forward), or NULL
 } Model;
 
 // Loads config.json and the safetensors of dir. need_mtp: fail unless the MTP layers are present.
