@@ -151,21 +151,22 @@ TEST(test_dist_data_parallel_equals_one_process) {
     CHECK_MSG(worst < 1e-6, "resumed on 2 ranks: %.3g from one process", worst);
 }
 
-// Low-precision payloads (--a2a-dtype): BF16 both ways, or FP8 dispatch with BF16 combine, change
-// the run by the rounding of what crosses the wire: the main loss of every step and the validation
-// losses within 1e-3 relative of one process's (measured: bf16 1.9e-5, fp8 5.1e-5), where fp32 payloads
-// agree to 1e-6. (MaxVio is not compared: a rounded input may flip a near-tie routing choice.)
+// Low-precision payloads (--a2a-dtype): BF16 both ways, or FP8 / LogFMT-8 / LogFMT-10 dispatch with
+// BF16 combine, change the run by the rounding of what crosses the wire: the main loss of every step
+// and the validation losses within 1e-3 relative of one process's (measured: bf16 1.9e-5, fp8
+// 5.1e-5, logfmt8 3.1e-4, logfmt10 1.8e-6), where fp32 payloads agree to 1e-6. (MaxVio is not
+// compared: a rounded input may flip a near-tie routing choice.)
 TEST(test_dist_expert_parallel_low_precision_payloads) {
     const char *why = no_mpi();
     if (why) SKIP("%s", why);
     const char *dir = test_train_corpus();
-    const char *types[] = {"bf16", "fp8"};
+    const char *types[] = {"bf16", "fp8", "logfmt8", "logfmt10"};
     char ref[600], out[8192];
     snprintf(ref, sizeof ref, "%s/ep_lowp_ref", dir);
     int rc = dp_train(out, sizeof out, "", ref, 6, "");
     CHECK_MSG(rc == 0, "%s", out);
     const char *keys[] = {"main_loss", "val_loss"};
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 4; i++) {
         char run[600], extra[64];
         snprintf(run, sizeof run, "%s/ep_lowp%d", dir, i);
         snprintf(extra, sizeof extra, "--expert-parallel 2 --a2a-dtype %s", types[i]);
@@ -181,7 +182,7 @@ TEST(test_dist_expert_parallel_low_precision_payloads) {
         CHECK_MSG(worst < 1e-3, "--a2a-dtype %s: losses differ by %.3g relative", types[i], worst);
         printf("    --a2a-dtype %s: losses within %.2g of one process\n", types[i], worst);
     }
-    // they really round: the runs differ from the exact one
+    // they really round: the runs differ from the exact one (bf16 and fp8 compared here)
     char a[600], b[600], c[600];
     snprintf(a, sizeof a, "%s/ep_lowp0/step-6/model.safetensors", dir);
     snprintf(b, sizeof b, "%s/ep_lowp1/step-6/model.safetensors", dir);

@@ -8,6 +8,7 @@
 #include "dist/expert_parallel.h"
 #include "kernels/convert.h"
 #include "kernels/gemm_lowp.h"
+#include "kernels/logfmt.h"
 #include "model/tensors.h"
 
 // What one MoE layer's forward leaves for its backward pass. Rows are received tokens (i), slots
@@ -88,12 +89,28 @@ ExpertParallelStats expert_parallel_take_stats(ExpertParallel *ep) {
 // A row is d values in the payload's format, then `extra` 32-bit words (choices, gates).
 
 // Bytes of d values: fp32 4d, bf16 2d, fp8 d codes + one fp32 scale per 1 × 128 tile.
-static size_t payload_bytes(int d, A2aDtype t) {
-    return t == A2A_FP32 ? 4 * (size_t)d : t == A2A_BF16 ? 2 * (size_t)d : (size_t)d + 4 * (size_t)((d + 127) / 128);
+// LogFMT: its own tiles (logfmt_row_bytes).
+size_t a2a_row_bytes(int d, A2aDtype t) {
+    switch (t) {
+    case A2A_FP32: return 4 * (size_t)d;
+    case A2A_BF16: return 2 * (size_t)d;
+    case A2A_FP8: return (size_t)d + 4 * (size_t)((d + 127) / 128);
+    case A2A_LOGFMT8: return logfmt_row_bytes(d, 8);
+    default: return logfmt_row_bytes(d, 10);
+    }
 }
 
-static void encode_row(char *dst, const float *x, int d, A2aDtype t) {
-    if (t == A2A_FP32) {
+int a2a_dtype_parse(const char *s, A2aDtype *t) {
+    static const char *const names[] = {"fp32", "bf16", "fp8", "logfmt8", "logfmt10"};
+    for (int i = 0; i < 5; i++)
+        if (strcmp(s, names[i]) == 0) return *t = (A2aDtype)i, 0;
+    return -1;
+}
+
+void a2a_encode_row(char *dst, const float *x, int d, A2aDtype t) {
+    if (t == A2A_LOGFMT8 || t == A2A_LOGFMT10) {
+        logfmt_encode_row((uint8_t *)dst, x, d, t == A2A_LOGFMT8 ? 8 : 10);
+    } else if (t == A2A_FP32) {
         memcpy(dst, x, 4 * (size_t)d);
     } else if (t == A2A_BF16) {
         for (int j = 0; j < d; j++) {
@@ -107,8 +124,10 @@ static void encode_row(char *dst, const float *x, int d, A2aDtype t) {
     }
 }
 
-static void decode_row(float *x, const char *src, int d, A2aDtype t) {
-    if (t == A2A_FP32) {
+void a2a_decode_row(float *x, const char *src, int d, A2aDtype t) {
+    if (t == A2A_LOGFMT8 || t == A2A_LOGFMT10) {
+        logfmt_decode_row(x, (const uint8_t *)src, d, t == A2A_LOGFMT8 ? 8 : 10);
+    } else if (t == A2A_FP32) {
         memcpy(x, src, 4 * (size_t)d);
     } else if (t == A2A_BF16) {
         for (int j = 0; j < d; j++) {
@@ -151,7 +170,7 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     const ModelConfig *c = ep->c;
     int E = ep->E, K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size;
     int P = ep->per_rank, e0 = ep->rank * P;
-    size_t pay = payload_bytes(d, ep->dispatch), row_bytes = pay + 8 * (size_t)K;
+    size_t pay = a2a_row_bytes(d, ep->dispatch), row_bytes = pay + 8 * (size_t)K;
     if (p->layer < 0 || p->layer >= ep->n_layers) return err_set(err, "expert parallel: layer %d out of range", p->layer);
     EpLayer *L = &ep->layers[p->layer];
     L->N = N;
@@ -184,7 +203,7 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
             for (int k = 0; k < K; k++) here |= idx[k] / P == r;
             if (!here) continue;
             char *row = ep->out + (size_t)j * row_bytes;
-            encode_row(row, a->ln2 + (size_t)t * d, d, ep->dispatch);
+            a2a_encode_row(row, a->ln2 + (size_t)t * d, d, ep->dispatch);
             for (int k = 0; k < K; k++) {
                 int32_t local = idx[k] / P == r ? idx[k] - r * P : -1;
                 float gate = local >= 0 ? a->topk_w[(size_t)t * K + k] : 0.0f;
@@ -235,7 +254,7 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
             int s = cnt[e]++;
             L->slot_src[s] = i, L->slot_k[s] = k;
             L->rec[(size_t)i * K + k] = s;
-            if (first < 0) decode_row(L->xg + (size_t)s * d, row, d, ep->dispatch);
+            if (first < 0) a2a_decode_row(L->xg + (size_t)s * d, row, d, ep->dispatch);
             else memcpy(L->xg + (size_t)s * d, L->xg + (size_t)first * d, sizeof(float) * d);
             if (first < 0) first = s;
         }
@@ -249,7 +268,7 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
     }
     TRY(p->be->ops->synchronize(p->be));
     // one row per received token: its gated outputs of the experts held here, in choice order
-    size_t cb = payload_bytes(d, ep->combine);
+    size_t cb = a2a_row_bytes(d, ep->combine);
     if (grow_bytes(&ep->out, &ep->cap_out, L->Rn, cb) || grow_bytes(&ep->in, &ep->cap_in, L->Ns, cb) ||
         grow(&ep->sums, &ep->cap_sums, d))
         return err_set(err, "expert parallel: out of memory");
@@ -263,13 +282,13 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
             const float *o = L->eo + (size_t)s * d;
             for (int j = 0; j < d; j++) sum[j] += g * o[j];
         }
-        encode_row(ep->out + (size_t)i * cb, sum, d, ep->combine);
+        a2a_encode_row(ep->out + (size_t)i * cb, sum, d, ep->combine);
     }
     TRY(exchange(ep, L->recv_counts, L->send_counts, cb, &ep->st.combine_bytes, err));
     // each token adds its rows in rank order
     for (int j = 0; j < L->Ns; j++) {
         float *yt = y + (size_t)L->send_tok[j] * d, *row = ep->sums;
-        decode_row(row, ep->in + (size_t)j * cb, d, ep->combine);
+        a2a_decode_row(row, ep->in + (size_t)j * cb, d, ep->combine);
         for (int q = 0; q < d; q++) yt[q] += row[q];
     }
     return 0;
@@ -287,7 +306,7 @@ static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w,
     if (L->N != N) return err_set(err, "expert parallel: layer %d backward over %d tokens, forward had %d", p->layer, N, L->N);
     // dispatch the output gradients along the forward's plan
     // the gradients travel in the combine's format both ways
-    size_t pay = payload_bytes(d, ep->combine), row_bytes = pay + 4 * (size_t)K;
+    size_t pay = a2a_row_bytes(d, ep->combine), row_bytes = pay + 4 * (size_t)K;
     int rows_out = L->Ns > L->Rn ? L->Ns : L->Rn;  // each buffer carries both directions
     void **dslot_arrays[] = {(void **)&ep->de_out, (void **)&ep->dxg, (void **)&ep->deg, (void **)&ep->deu,
                              (void **)&ep->deh};
@@ -295,11 +314,11 @@ static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w,
         grow(&ep->rows, &ep->cap_rows, (size_t)L->Rn * K + (size_t)L->Rn * d) || grow(&ep->sums, &ep->cap_sums, d) ||
         reserve(&ep->cap_dslots, L->S, 5, dslot_arrays, (size_t[]){d, d, Fm, Fm, Fm}))
         return err_set(err, "expert parallel: out of memory");
-    for (int j = 0; j < L->Ns; j++) encode_row(ep->out + (size_t)j * pay, dy + (size_t)L->send_tok[j] * d, d, ep->combine);
+    for (int j = 0; j < L->Ns; j++) a2a_encode_row(ep->out + (size_t)j * pay, dy + (size_t)L->send_tok[j] * d, d, ep->combine);
     TRY(exchange(ep, L->send_counts, L->recv_counts, pay, &ep->st.dispatch_bytes, err));
     // the rows' gradients: ∂E(x) = g·dy, ∂g = dy · E(x)
     float *dgate = ep->rows, *dyr_all = ep->rows + (size_t)L->Rn * K;  // (Rn, K), (Rn, d)
-    for (int i = 0; i < L->Rn; i++) decode_row(dyr_all + (size_t)i * d, ep->in + (size_t)i * pay, d, ep->combine);
+    for (int i = 0; i < L->Rn; i++) a2a_decode_row(dyr_all + (size_t)i * d, ep->in + (size_t)i * pay, d, ep->combine);
     memset(dgate, 0, sizeof(float) * L->Rn * K);
     for (int sl = 0; sl < L->S; sl++) {
         int i = L->slot_src[sl], k = L->slot_k[sl];
@@ -331,7 +350,7 @@ static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w,
             const float *dx = ep->dxg + (size_t)sl * d;
             for (int j = 0; j < d; j++) sum[j] += dx[j];
         }
-        encode_row(row, sum, d, ep->combine);
+        a2a_encode_row(row, sum, d, ep->combine);
     }
     TRY(exchange(ep, L->recv_counts, L->send_counts, row_bytes, &ep->st.combine_bytes, err));
     // each token adds its rows in rank order; each gate's gradient comes from the rank holding its expert
@@ -342,7 +361,7 @@ static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w,
         int t = L->send_tok[j];
         const char *row = ep->in + (size_t)j * row_bytes;
         float *dx = s->dln + (size_t)t * d, *got = ep->sums;
-        decode_row(got, row, d, ep->combine);
+        a2a_decode_row(got, row, d, ep->combine);
         for (int q = 0; q < d; q++) dx[q] += got[q];
         for (int k = 0; k < K; k++)
             if (a->topk_idx[(size_t)t * K + k] / P == dest) memcpy(&s->dtopk_w[(size_t)t * K + k], row + pay + 4 * k, 4);
@@ -418,7 +437,7 @@ ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDty
     ep->c = c;
     ep->dispatch = dtype;
     ep->ranks_per_node = E;
-    ep->combine = dtype == A2A_FP8 ? A2A_BF16 : dtype;
+    ep->combine = dtype == A2A_FP32 ? A2A_FP32 : A2A_BF16;
     ep->n_layers = c->num_hidden_layers + c->num_nextn_predict_layers;
     ep->layers = calloc(ep->n_layers, sizeof *ep->layers);
     if (!ep->layers) return expert_parallel_free(ep), err_set(err, "out of memory"), NULL;

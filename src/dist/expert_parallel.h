@@ -25,8 +25,15 @@ typedef struct ExpertParallel ExpertParallel;
 
 // The payloads' format (--a2a-dtype): fp32 exact; bf16 both ways; fp8 as DeepSeek does, the
 // dispatched inputs in E4M3 with one scale per 1 × 128 tile (max(amax, 1e-4)/448) and everything
-// else — the combined outputs and, in the backward pass, the gradients both ways — in BF16.
-typedef enum { A2A_FP32, A2A_BF16, A2A_FP8 } A2aDtype;
+// else — the combined outputs and, in the backward pass, the gradients both ways — in BF16;
+// logfmt8 / logfmt10 the same with the dispatched inputs in LogFMT-8 / -10 (kernels/logfmt.h).
+typedef enum { A2A_FP32, A2A_BF16, A2A_FP8, A2A_LOGFMT8, A2A_LOGFMT10 } A2aDtype;
+// The format named s ("fp32", "bf16", "fp8", "logfmt8", "logfmt10"); -1 for another name.
+int a2a_dtype_parse(const char *s, A2aDtype *t);
+// A row of d values on the wire in format t: its bytes, and the row to and from them.
+size_t a2a_row_bytes(int d, A2aDtype t);
+void a2a_encode_row(char *dst, const float *x, int d, A2aDtype t);
+void a2a_decode_row(float *x, const char *src, int d, A2aDtype t);
 
 // What crossed the wire since the last expert_parallel_take_stats, per rank.
 typedef struct ExpertParallelStats {

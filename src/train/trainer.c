@@ -92,7 +92,7 @@ const TrainerOption trainer_options[] = {
     INT_OPT("ranks-per-node", NULL, ranks_per_node, 0, 0, 1 << 20, "R",
             "expert parallel: ranks per node for the traffic counts (0: as the launcher placed them)"),
     STRING_OPT("a2a-dtype", NULL, a2a_dtype, "T",
-               "expert parallel payloads: fp32 (default, exact), bf16, or fp8 (E4M3 dispatch, BF16 combine)"),
+               "expert parallel payloads: fp32 (default, exact), bf16, fp8 or logfmt8|10 (dispatch so, BF16 combine)"),
     {0},
 };
 
@@ -271,7 +271,8 @@ static long long params_total(const TrainModel *m) {
 static int start_expert_parallel(Run *r, Error *err) {
     TRY(dist_split(r->world, r->rank / r->E, r->rank, &r->ep_comm, err));
     TRY(dist_split(r->world, r->rank % r->E, r->rank, &r->edp_comm, err));
-    A2aDtype t = strcmp(r->o.a2a_dtype, "fp8") == 0 ? A2A_FP8 : strcmp(r->o.a2a_dtype, "bf16") == 0 ? A2A_BF16 : A2A_FP32;
+    A2aDtype t = A2A_FP32;
+    if (r->o.a2a_dtype[0]) a2a_dtype_parse(r->o.a2a_dtype, &t);  // checked in prepare
     r->ep = expert_parallel_new(r->ep_comm, &r->m.cfg, t, err);
     if (!r->ep || expert_parallel_set_nodes(r->ep, r->R < r->E ? r->R : r->E, err)) return -1;
     r->m.moe_parallel = expert_parallel_seam(r->ep);
@@ -663,8 +664,9 @@ static int prepare(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error 
     if (o->batch % world)
         return err_set(err, "--batch %d: not divisible by the %d ranks (each takes an equal share)", o->batch, world);
     const char *a2a = o->a2a_dtype;
-    if (a2a[0] && strcmp(a2a, "fp32") != 0 && strcmp(a2a, "bf16") != 0 && strcmp(a2a, "fp8") != 0)
-        return err_set(err, "--a2a-dtype: unknown value '%s' (fp32, bf16 or fp8)", a2a);
+    A2aDtype a2a_t;
+    if (a2a[0] && a2a_dtype_parse(a2a, &a2a_t))
+        return err_set(err, "--a2a-dtype: unknown value '%s' (fp32, bf16, fp8, logfmt8 or logfmt10)", a2a);
     if (a2a[0] && r->E == 1) return err_set(err, "--a2a-dtype %s: only with --expert-parallel", a2a);
     r->R = o->ranks_per_node > 0 ? o->ranks_per_node : dist_local_size();
     if (world % r->R || (r->E % r->R && r->R % r->E))
