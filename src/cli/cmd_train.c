@@ -95,9 +95,11 @@ static void print_result(const TrainerResult *res, const char *out) {
     }
     if (res->expert_parallel > 1)
         printf("expert parallel: a rank holds %lld of the %lld parameters; a token reached %.2f ranks; per step a "
-               "rank sent %.2f MB dispatching and %.2f MB combining, %.1f ms in the all-to-alls\n",
+               "rank sent %.2f MB dispatching and %.2f MB combining; the all-to-alls were %.1f ms in flight, %.1f ms "
+               "of it waited for (%.0f%% hidden)\n",
                res->params_held, res->params_total, res->ranks_per_token, res->a2a_dispatch_bytes / 1e6,
-               res->a2a_combine_bytes / 1e6, res->a2a_s * 1e3);
+               res->a2a_combine_bytes / 1e6, res->a2a_s * 1e3, res->a2a_wait_s * 1e3,
+               res->a2a_s > 0 ? 100.0 * (1 - res->a2a_wait_s / res->a2a_s) : 0.0);
     if (res->expert_parallel > 1)
         printf("nodes of %d ranks: a token's routed experts lay on %.2f nodes (at most %d); per routed token and MoE "
                "layer a rank sent %.0f B within its node and %.0f B to other nodes\n",

@@ -262,29 +262,80 @@ int dist_alltoall_int(DistComm *c, const int *send, int *recv, Error *err) {
 
 int dist_alltoallv(DistComm *c, const void *send, const int *send_counts, void *recv, const int *recv_counts,
                    size_t elem_bytes, Error *err) {
+    DistExchange x;
+    TRY(dist_alltoallv_start(c, send, send_counts, recv, recv_counts, elem_bytes, &x, err));
+    return dist_exchange_wait(&x, err);
+}
+
+int dist_alltoallv_start(DistComm *c, const void *send, const int *send_counts, void *recv, const int *recv_counts,
+                         size_t elem_bytes, DistExchange *x, Error *err) {
+    memset(x, 0, sizeof *x);
+    x->started_s = now_s();
     if (c->size == 1) {
-        if (send_counts[0] != recv_counts[0]) return err_set(err, "all-to-all: %d elements sent, %d expected",
-                                                             send_counts[0], recv_counts[0]);
+        x->done_s = x->started_s;
+        if (send_counts[0] != recv_counts[0])
+            return err_set(err, "all-to-all: %d elements sent, %d expected", send_counts[0], recv_counts[0]);
         memcpy(recv, send, (size_t)send_counts[0] * elem_bytes);
         return 0;
     }
 #ifdef DSV3_MPI
-    int R = c->size, *v = malloc(sizeof(int) * 4 * R);
-    if (!v) return err_set(err, "out of memory");
-    int *sc = v, *sd = v + R, *rc = v + 2 * R, *rd = v + 3 * R;
+    int R = c->size;
+    x->counts = malloc(sizeof(int) * 4 * R);
+    MPI_Request *req = malloc(sizeof *req);
+    if (!x->counts || !req) {
+        free(x->counts), free(req);
+        x->counts = NULL;
+        return err_set(err, "out of memory");
+    }
+    int *sc = x->counts, *sd = sc + R, *rc = sc + 2 * R, *rd = sc + 3 * R;
     size_t so = 0, ro = 0;
     for (int r = 0; r < R; r++) {
         size_t sb = (size_t)send_counts[r] * elem_bytes, rb = (size_t)recv_counts[r] * elem_bytes;
         if (sb > INT_MAX || rb > INT_MAX || so + sb > INT_MAX || ro + rb > INT_MAX) {
-            free(v);
+            free(x->counts), free(req);
+            x->counts = NULL;
             return err_set(err, "all-to-all: more than 2 GB in one exchange");
         }
         sc[r] = (int)sb, sd[r] = (int)so, rc[r] = (int)rb, rd[r] = (int)ro;
         so += sb, ro += rb;
     }
-    int rc_ = MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, c->comm);
-    free(v);
-    if (rc_ != MPI_SUCCESS) return mpi_err(err, rc_, "MPI_Alltoallv");
+    int rc_ = MPI_Ialltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, c->comm, req);
+    if (rc_ != MPI_SUCCESS) {
+        free(x->counts), free(req);
+        x->counts = NULL;
+        return mpi_err(err, rc_, "MPI_Ialltoallv");
+    }
+    x->req = req;
+#endif
+    return 0;
+}
+
+int dist_exchange_test(DistExchange *x, int *done, Error *err) {
+    *done = 1;
+#ifdef DSV3_MPI
+    if (!x->req) return 0;
+    MPI_TRY(MPI_Test((MPI_Request *)x->req, done, MPI_STATUS_IGNORE), "MPI_Test");
+    if (*done) {
+        x->done_s = now_s();
+        free(x->req), free(x->counts);
+        x->req = NULL, x->counts = NULL;
+    }
+#else
+    (void)x, (void)err;
+#endif
+    return 0;
+}
+
+int dist_exchange_wait(DistExchange *x, Error *err) {
+#ifdef DSV3_MPI
+    if (!x->req) return 0;
+    int rc = MPI_Wait((MPI_Request *)x->req, MPI_STATUS_IGNORE);
+    x->done_s = now_s();
+    free(x->req), free(x->counts);
+    x->req = NULL, x->counts = NULL;
+    if (rc != MPI_SUCCESS) return mpi_err(err, rc, "MPI_Wait");
+#else
+    (void)x, (void)err;
 #endif
     return 0;
 }

@@ -59,6 +59,21 @@ int dist_alltoall_int(DistComm *c, const int *send, int *recv, Error *err);
 int dist_alltoallv(DistComm *c, const void *send, const int *send_counts, void *recv, const int *recv_counts,
                    size_t elem_bytes, Error *err);
 
+// The same, nonblocking: started, then tested (MPI moves it on inside the calls) until it is done,
+// or waited for. The buffers and counts must stay untouched until then. Exchanges on one
+// communicator must be started in the same order on every rank.
+typedef struct DistExchange {
+    void *req;           // the MPI request (NULL: complete)
+    int *counts;         // (4 × size) byte counts and displacements, owned
+    double started_s;    // when it started, and when this rank saw it complete
+    double done_s;
+} DistExchange;
+int dist_alltoallv_start(DistComm *c, const void *send, const int *send_counts, void *recv, const int *recv_counts,
+                         size_t elem_bytes, DistExchange *x, Error *err);
+// *done: whether x completed (it stays complete).
+int dist_exchange_test(DistExchange *x, int *done, Error *err);
+int dist_exchange_wait(DistExchange *x, Error *err);
+
 // Nonblocking sums of float buffers (gradient buckets) over the ranks of a communicator, started
 // as their values become final and completed together: each bucket is cut into one chunk per rank,
 // each rank adds up its chunk over the ranks in rank order (an all-to-all of the chunks) and hands

@@ -11,23 +11,40 @@
 #include "kernels/logfmt.h"
 #include "model/tensors.h"
 
-// What one MoE layer's forward leaves for its backward pass. Rows are received tokens (i), slots
-// are (received token, chosen expert held here) pairs sorted by expert.
-typedef struct EpLayer {
-    int N;             // this rank's tokens in the last forward
+// What a part of one MoE layer's tokens leaves for the backward pass. With overlap a layer's
+// tokens go in two chunks, so that one chunk's all-to-all is in flight while the other's experts
+// run. Rows are received tokens (i), slots are (received token, chosen expert held here) pairs
+// sorted by expert.
+typedef struct EpChunk {
+    int t0, N;         // this rank's tokens [t0, t0 + N)
     int Ns, Rn, S;     // rows sent, rows received, slots
     int *send_counts;  // (E) rows sent to each rank
     int *recv_counts;  // (E) rows received from each rank
+    int *expert_off;   // (experts per rank + 1) each local expert's slots
     int *send_tok;     // (Ns) the local token of each sent row, grouped by destination in rank order
     int *rec;          // (Rn, K) each received token's choice k: the slot serving it here, or -1
     float *gate;       // (Rn, K) its gates (0 where not held here)
-    int *expert_off;   // (experts per rank + 1) each local expert's slots
     int *slot_src;     // (S) the received token each slot serves
     int *slot_k;       // (S) and which of its choices
     float *xg, *eo;    // (S, d) the slot's input, the expert's output
     float *eg, *eu, *eh;  // (S, moe_inter) the expert's SwiGLU activations
     size_t cap_send, cap_recv, cap_slots;
+} EpChunk;
+
+typedef struct EpLayer {
+    int N, n_chunks;   // this rank's tokens in the last forward, in 1 or 2 chunks
+    EpChunk ch[2];
 } EpLayer;
+
+// A chunk's transient buffers (one set per chunk: both may be in flight): packed rows out and
+// in, and the backward's per-row and per-slot scratch.
+typedef struct EpBuffers {
+    char *out, *in;
+    float *rows, *sums;
+    float *de_out, *dxg, *deg, *deu, *deh;
+    size_t cap_out, cap_in, cap_rows, cap_sums, cap_dslots;
+    DistExchange x;  // its exchange in flight
+} EpBuffers;
 
 struct ExpertParallel {
     MoeParallel seam;  // first: the seam's pointer is the ExpertParallel's
@@ -36,17 +53,12 @@ struct ExpertParallel {
     DistComm *comm;
     int E, rank, per_rank;  // ranks, this one, experts per rank
     int ranks_per_node;     // a rank's node: rank / ranks_per_node
+    int overlap;            // two chunks per layer, one's exchange in flight while the other computes
     const ModelConfig *c;
     int n_layers;
     EpLayer *layers;   // (num_hidden_layers + num_nextn_predict_layers), by HF layer index
     A2aDtype dispatch, combine;  // the payloads' formats (see expert_parallel.h)
-    // scratch shared by the layers: packed rows out and in (bytes), per-row sums, the backward's
-    // slot buffers
-    char *out, *in;
-    float *rows, *sums;
-    size_t cap_out, cap_in, cap_rows, cap_sums;
-    float *de_out, *dxg, *deg, *deu, *deh;
-    size_t cap_dslots;
+    EpBuffers buf[2];
     ExpertParallelStats st;
 };
 
@@ -142,21 +154,40 @@ void a2a_decode_row(float *x, const char *src, int d, A2aDtype t) {
     }
 }
 
-// The all-to-all of rows of row_bytes: send_counts rows of ep->out to each rank, recv_counts rows
-// into ep->in; what left this rank is added to *bytes.
-static int exchange(ExpertParallel *ep, const int *send_counts, const int *recv_counts, size_t row_bytes,
-                    double *bytes, Error *err) {
-    double t0 = now_s();
-    int rc = dist_alltoallv(ep->comm, ep->out, send_counts, ep->in, recv_counts, row_bytes, err);
-    ep->st.exchange_s += now_s() - t0;
+// ---- exchanges ----
+
+// Starts the all-to-all of rows of row_bytes from b->out (send_counts rows to each rank) into b->in
+// (recv_counts rows from each); what leaves this rank is added to *bytes and to the node counts.
+static int exchange_start(ExpertParallel *ep, EpBuffers *b, const int *send_counts, const int *recv_counts,
+                          size_t row_bytes, double *bytes, Error *err) {
     for (int r = 0; r < ep->E; r++) {
         if (r == ep->rank) continue;
-        double b = (double)send_counts[r] * row_bytes;
-        *bytes += b;
-        if (r / ep->ranks_per_node == ep->rank / ep->ranks_per_node) ep->st.intra_node_bytes += b;
-        else ep->st.inter_node_bytes += b;
+        double n = (double)send_counts[r] * row_bytes;
+        *bytes += n;
+        if (r / ep->ranks_per_node == ep->rank / ep->ranks_per_node) ep->st.intra_node_bytes += n;
+        else ep->st.inter_node_bytes += n;
     }
+    return dist_alltoallv_start(ep->comm, b->out, send_counts, b->in, recv_counts, row_bytes, &b->x, err);
+}
+
+// Waits for b's exchange: the time blocked is the communication this rank did not hide; the time
+// from start to completion is what it took in flight.
+static int exchange_wait(ExpertParallel *ep, EpBuffers *b, Error *err) {
+    double t0 = now_s();
+    int rc = dist_exchange_wait(&b->x, err);
+    ep->st.wait_s += now_s() - t0;
+    ep->st.exchange_s += b->x.done_s - b->x.started_s;
     return rc;
+}
+
+// Lets MPI move the exchanges in flight on (it does so only inside its calls): called between the
+// experts' products.
+static int progress(ExpertParallel *ep, Error *err) {
+    for (int i = 0; i < 2; i++) {
+        int done;
+        if (ep->buf[i].x.req && dist_exchange_test(&ep->buf[i].x, &done, err)) return -1;
+    }
+    return 0;
 }
 
 // Room for n rows of row_bytes in a byte buffer.
@@ -164,19 +195,17 @@ static int grow_bytes(char **p, size_t *cap, size_t n, size_t row_bytes) {
     return grow(p, cap, (n * row_bytes + 3) / 4);  // (grow counts 4-byte units)
 }
 
-static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, LayerActs *a, int N, float *y) {
-    ExpertParallel *ep = (ExpertParallel *)mp;
-    Error *err = &p->be->err;
+// ---- forward ----
+
+// Plans chunk C (each token once to every rank holding one of its experts, grouped by rank), packs
+// its rows and starts their dispatch: [input (d, in the dispatch format) | K choices: the expert's
+// index on that rank or −1 | K gates].
+static int dispatch_start(ExpertParallel *ep, EpChunk *C, EpBuffers *b, const LayerActs *a, Error *err) {
     const ModelConfig *c = ep->c;
-    int E = ep->E, K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size;
-    int P = ep->per_rank, e0 = ep->rank * P;
+    int E = ep->E, K = c->num_experts_per_tok, d = c->hidden_size, P = ep->per_rank;
     size_t pay = a2a_row_bytes(d, ep->dispatch), row_bytes = pay + 8 * (size_t)K;
-    if (p->layer < 0 || p->layer >= ep->n_layers) return err_set(err, "expert parallel: layer %d out of range", p->layer);
-    EpLayer *L = &ep->layers[p->layer];
-    L->N = N;
-    // the plan: each token once to every rank holding one of its experts, grouped by rank
-    memset(L->send_counts, 0, sizeof(int) * E);
-    for (int t = 0; t < N; t++) {
+    memset(C->send_counts, 0, sizeof(int) * E);
+    for (int t = C->t0; t < C->t0 + C->N; t++) {
         unsigned char to[E], node[E];
         memset(to, 0, E);
         memset(node, 0, E);
@@ -187,22 +216,21 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
             nodes += !node[r / ep->ranks_per_node];
             node[r / ep->ranks_per_node] = 1;
         }
-        for (int r = 0; r < E; r++) L->send_counts[r] += to[r];
+        for (int r = 0; r < E; r++) C->send_counts[r] += to[r];
         ep->st.token_nodes += nodes;
         if (nodes > ep->st.max_nodes) ep->st.max_nodes = nodes;
     }
-    L->Ns = 0;
-    for (int r = 0; r < E; r++) L->Ns += L->send_counts[r];
-    if (grow(&L->send_tok, &L->cap_send, L->Ns) || grow_bytes(&ep->out, &ep->cap_out, L->Ns, row_bytes))
+    C->Ns = 0;
+    for (int r = 0; r < E; r++) C->Ns += C->send_counts[r];
+    if (grow(&C->send_tok, &C->cap_send, C->Ns) || grow_bytes(&b->out, &b->cap_out, C->Ns, row_bytes))
         return err_set(err, "expert parallel: out of memory");
-    // the rows: [input (d, in the dispatch format) | K choices: the expert's index on that rank or −1 | K gates]
     for (int r = 0, j = 0; r < E; r++)
-        for (int t = 0; t < N; t++) {
+        for (int t = C->t0; t < C->t0 + C->N; t++) {
             const int *idx = a->topk_idx + (size_t)t * K;
             int here = 0;
             for (int k = 0; k < K; k++) here |= idx[k] / P == r;
             if (!here) continue;
-            char *row = ep->out + (size_t)j * row_bytes;
+            char *row = b->out + (size_t)j * row_bytes;
             a2a_encode_row(row, a->ln2 + (size_t)t * d, d, ep->dispatch);
             for (int k = 0; k < K; k++) {
                 int32_t local = idx[k] / P == r ? idx[k] - r * P : -1;
@@ -210,161 +238,228 @@ static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, 
                 memcpy(row + pay + 4 * k, &local, 4);
                 memcpy(row + pay + 4 * (K + k), &gate, 4);
             }
-            L->send_tok[j++] = t;
+            C->send_tok[j++] = t;
         }
-    ep->st.tokens += N;
-    ep->st.token_ranks += L->Ns;
-    TRY(dist_alltoall_int(ep->comm, L->send_counts, L->recv_counts, err));
-    L->Rn = 0;
-    for (int r = 0; r < E; r++) L->Rn += L->recv_counts[r];
-    if (grow_bytes(&ep->in, &ep->cap_in, L->Rn, row_bytes) ||
-        reserve(&L->cap_recv, L->Rn, 2, (void **[]){(void **)&L->rec, (void **)&L->gate}, (size_t[]){K, K}))
+    ep->st.tokens += C->N;
+    ep->st.token_ranks += C->Ns;
+    double t0 = now_s();
+    TRY(dist_alltoall_int(ep->comm, C->send_counts, C->recv_counts, err));
+    ep->st.wait_s += now_s() - t0;
+    ep->st.exchange_s += now_s() - t0;
+    C->Rn = 0;
+    for (int r = 0; r < E; r++) C->Rn += C->recv_counts[r];
+    if (grow_bytes(&b->in, &b->cap_in, C->Rn, row_bytes) ||
+        reserve(&C->cap_recv, C->Rn, 2, (void **[]){(void **)&C->rec, (void **)&C->gate}, (size_t[]){K, K}))
         return err_set(err, "expert parallel: out of memory");
-    TRY(exchange(ep, L->send_counts, L->recv_counts, row_bytes, &ep->st.dispatch_bytes, err));
-    // the slots: received tokens in order (source rank, then its token order), each choice held here
+    return exchange_start(ep, b, C->send_counts, C->recv_counts, row_bytes, &ep->st.dispatch_bytes, err);
+}
+
+// Chunk C's dispatch has arrived: its slots (received tokens in order — source rank, then its
+// token order — each choice held here), this rank's experts over them, and one row per received
+// token back (its gated outputs of the experts held here, in choice order), started.
+static int experts_forward(ExpertParallel *ep, EpChunk *C, EpBuffers *b, const LayerPass *p, const MoeWeights *w,
+                           Error *err) {
+    const ModelConfig *c = ep->c;
+    int K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size, P = ep->per_rank;
+    int e0 = ep->rank * P;
+    size_t pay = a2a_row_bytes(d, ep->dispatch), row_bytes = pay + 8 * (size_t)K;
     int cnt[P + 1];
     memset(cnt, 0, sizeof cnt);
-    L->S = 0;
-    for (int i = 0; i < L->Rn; i++)
+    C->S = 0;
+    for (int i = 0; i < C->Rn; i++)
         for (int k = 0; k < K; k++) {
             int32_t local;
-            memcpy(&local, ep->in + (size_t)i * row_bytes + pay + 4 * k, sizeof local);
-            if (local < 0 || local >= P) {
-                L->rec[(size_t)i * K + k] = -1;
-                if (local >= P) return err_set(err, "expert parallel: a received choice names expert %d of %d", local, P);
-                continue;
-            }
-            L->rec[(size_t)i * K + k] = local;  // the expert for now, the slot below
+            memcpy(&local, b->in + (size_t)i * row_bytes + pay + 4 * k, sizeof local);
+            if (local >= P) return err_set(err, "expert parallel: a received choice names expert %d of %d", local, P);
+            C->rec[(size_t)i * K + k] = local;  // the expert for now, the slot below
+            if (local < 0) continue;
             cnt[local + 1]++;
-            L->S++;
+            C->S++;
         }
-    void **slot_arrays[] = {(void **)&L->slot_src, (void **)&L->slot_k, (void **)&L->xg, (void **)&L->eo,
-                            (void **)&L->eg, (void **)&L->eu, (void **)&L->eh};
-    if (reserve(&L->cap_slots, L->S, 7, slot_arrays, (size_t[]){1, 1, d, d, Fm, Fm, Fm}))
+    void **slot_arrays[] = {(void **)&C->slot_src, (void **)&C->slot_k, (void **)&C->xg, (void **)&C->eo,
+                            (void **)&C->eg, (void **)&C->eu, (void **)&C->eh};
+    if (reserve(&C->cap_slots, C->S, 7, slot_arrays, (size_t[]){1, 1, d, d, Fm, Fm, Fm}))
         return err_set(err, "expert parallel: out of memory");
     for (int e = 0; e < P; e++) cnt[e + 1] += cnt[e];
-    memcpy(L->expert_off, cnt, sizeof(int) * (P + 1));
-    for (int i = 0; i < L->Rn; i++) {
-        const char *row = ep->in + (size_t)i * row_bytes;
+    memcpy(C->expert_off, cnt, sizeof(int) * (P + 1));
+    for (int i = 0; i < C->Rn; i++) {
+        const char *row = b->in + (size_t)i * row_bytes;
         int first = -1;  // the slot that decoded the row; the token's other slots copy it
         for (int k = 0; k < K; k++) {
-            int e = L->rec[(size_t)i * K + k];
-            memcpy(&L->gate[(size_t)i * K + k], row + pay + 4 * (K + k), 4);
+            int e = C->rec[(size_t)i * K + k];
+            memcpy(&C->gate[(size_t)i * K + k], row + pay + 4 * (K + k), 4);
             if (e < 0) continue;
             int s = cnt[e]++;
-            L->slot_src[s] = i, L->slot_k[s] = k;
-            L->rec[(size_t)i * K + k] = s;
-            if (first < 0) a2a_decode_row(L->xg + (size_t)s * d, row, d, ep->dispatch);
-            else memcpy(L->xg + (size_t)s * d, L->xg + (size_t)first * d, sizeof(float) * d);
+            C->slot_src[s] = i, C->slot_k[s] = k;
+            C->rec[(size_t)i * K + k] = s;
+            if (first < 0) a2a_decode_row(C->xg + (size_t)s * d, row, d, ep->dispatch);
+            else memcpy(C->xg + (size_t)s * d, C->xg + (size_t)first * d, sizeof(float) * d);
             if (first < 0) first = s;
         }
     }
     for (int e = 0; e < P; e++) {
-        int n = L->expert_off[e + 1] - L->expert_off[e];
+        int n = C->expert_off[e + 1] - C->expert_off[e];
         if (n == 0) continue;
-        size_t o = L->expert_off[e];
-        TRY(ffn_forward(p->be, p->recipe, &w->experts[e0 + e], L->xg + o * d, L->eg + o * Fm, L->eu + o * Fm,
-                        L->eh + o * Fm, L->eo + o * d, n));
+        size_t o = C->expert_off[e];
+        TRY(ffn_forward(p->be, p->recipe, &w->experts[e0 + e], C->xg + o * d, C->eg + o * Fm, C->eu + o * Fm,
+                        C->eh + o * Fm, C->eo + o * d, n));
+        TRY(p->be->ops->synchronize(p->be));
+        TRY(progress(ep, err));
     }
-    TRY(p->be->ops->synchronize(p->be));
-    // one row per received token: its gated outputs of the experts held here, in choice order
     size_t cb = a2a_row_bytes(d, ep->combine);
-    if (grow_bytes(&ep->out, &ep->cap_out, L->Rn, cb) || grow_bytes(&ep->in, &ep->cap_in, L->Ns, cb) ||
-        grow(&ep->sums, &ep->cap_sums, d))
+    if (grow_bytes(&b->out, &b->cap_out, C->Rn, cb) || grow_bytes(&b->in, &b->cap_in, C->Ns, cb) ||
+        grow(&b->sums, &b->cap_sums, d))
         return err_set(err, "expert parallel: out of memory");
-    for (int i = 0; i < L->Rn; i++) {
-        float *sum = ep->sums;
+    for (int i = 0; i < C->Rn; i++) {
+        float *sum = b->sums;
         memset(sum, 0, sizeof(float) * d);
         for (int k = 0; k < K; k++) {
-            int s = L->rec[(size_t)i * K + k];
+            int s = C->rec[(size_t)i * K + k];
             if (s < 0) continue;
-            float g = L->gate[(size_t)i * K + k];
-            const float *o = L->eo + (size_t)s * d;
+            float g = C->gate[(size_t)i * K + k];
+            const float *o = C->eo + (size_t)s * d;
             for (int j = 0; j < d; j++) sum[j] += g * o[j];
         }
-        a2a_encode_row(ep->out + (size_t)i * cb, sum, d, ep->combine);
+        a2a_encode_row(b->out + (size_t)i * cb, sum, d, ep->combine);
     }
-    TRY(exchange(ep, L->recv_counts, L->send_counts, cb, &ep->st.combine_bytes, err));
-    // each token adds its rows in rank order
-    for (int j = 0; j < L->Ns; j++) {
-        float *yt = y + (size_t)L->send_tok[j] * d, *row = ep->sums;
-        a2a_decode_row(row, ep->in + (size_t)j * cb, d, ep->combine);
+    return exchange_start(ep, b, C->recv_counts, C->send_counts, cb, &ep->st.combine_bytes, err);
+}
+
+// Chunk C's combine has arrived: each token adds its rows in rank order.
+static void combine_finish(ExpertParallel *ep, EpChunk *C, EpBuffers *b, float *y) {
+    int d = ep->c->hidden_size;
+    size_t cb = a2a_row_bytes(d, ep->combine);
+    for (int j = 0; j < C->Ns; j++) {
+        float *yt = y + (size_t)C->send_tok[j] * d, *row = b->sums;
+        a2a_decode_row(row, b->in + (size_t)j * cb, d, ep->combine);
         for (int q = 0; q < d; q++) yt[q] += row[q];
     }
+}
+
+static int ep_forward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, LayerActs *a, int N, float *y) {
+    ExpertParallel *ep = (ExpertParallel *)mp;
+    Error *err = &p->be->err;
+    if (p->layer < 0 || p->layer >= ep->n_layers) return err_set(err, "expert parallel: layer %d out of range", p->layer);
+    EpLayer *L = &ep->layers[p->layer];
+    L->N = N;
+    L->n_chunks = ep->overlap && N >= 2 ? 2 : 1;
+    for (int c = 0; c < L->n_chunks; c++) {
+        L->ch[c].t0 = (int)((long)N * c / L->n_chunks);
+        L->ch[c].N = (int)((long)N * (c + 1) / L->n_chunks) - L->ch[c].t0;
+    }
+    // both chunks' dispatches start; each chunk's experts run while the other's exchange is in flight
+    for (int c = 0; c < L->n_chunks; c++) TRY(dispatch_start(ep, &L->ch[c], &ep->buf[c], a, err));
+    for (int c = 0; c < L->n_chunks; c++) {
+        TRY(exchange_wait(ep, &ep->buf[c], err));
+        TRY(experts_forward(ep, &L->ch[c], &ep->buf[c], p, w, err));
+    }
+    for (int c = 0; c < L->n_chunks; c++) {
+        TRY(exchange_wait(ep, &ep->buf[c], err));
+        combine_finish(ep, &L->ch[c], &ep->buf[c], y);
+    }
     return 0;
+}
+
+// ---- backward ----
+
+// Chunk C's output gradients dispatched along its forward's plan, in the combine's format (the
+// gradients travel so both ways).
+static int grad_dispatch_start(ExpertParallel *ep, EpChunk *C, EpBuffers *b, const float *dy, Error *err) {
+    int d = ep->c->hidden_size, K = ep->c->num_experts_per_tok;
+    size_t pay = a2a_row_bytes(d, ep->combine), row_bytes = pay + 4 * (size_t)K;
+    int rows = C->Ns > C->Rn ? C->Ns : C->Rn;  // each buffer carries both directions
+    if (grow_bytes(&b->out, &b->cap_out, rows, row_bytes) || grow_bytes(&b->in, &b->cap_in, rows, row_bytes))
+        return err_set(err, "expert parallel: out of memory");
+    for (int j = 0; j < C->Ns; j++) a2a_encode_row(b->out + (size_t)j * pay, dy + (size_t)C->send_tok[j] * d, d, ep->combine);
+    return exchange_start(ep, b, C->send_counts, C->recv_counts, pay, &ep->st.dispatch_bytes, err);
+}
+
+// Chunk C's gradients have arrived: ∂E(x) = g·dy and ∂g = dy · E(x) per slot, this rank's experts'
+// backward (their weight gradients accumulate into g), and one row per received token back: [its
+// input gradient from the experts held here | K gate gradients], started.
+static int experts_backward(ExpertParallel *ep, EpChunk *C, EpBuffers *b, const LayerPass *p, const MoeWeights *w,
+                            MoeWeights *g, Error *err) {
+    const ModelConfig *c = ep->c;
+    int K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size, P = ep->per_rank;
+    int e0 = ep->rank * P;
+    size_t pay = a2a_row_bytes(d, ep->combine), row_bytes = pay + 4 * (size_t)K;
+    void **dslot_arrays[] = {(void **)&b->de_out, (void **)&b->dxg, (void **)&b->deg, (void **)&b->deu,
+                             (void **)&b->deh};
+    if (grow(&b->rows, &b->cap_rows, (size_t)C->Rn * K + (size_t)C->Rn * d) || grow(&b->sums, &b->cap_sums, d) ||
+        reserve(&b->cap_dslots, C->S, 5, dslot_arrays, (size_t[]){d, d, Fm, Fm, Fm}))
+        return err_set(err, "expert parallel: out of memory");
+    float *dgate = b->rows, *dyr_all = b->rows + (size_t)C->Rn * K;  // (Rn, K), (Rn, d)
+    for (int i = 0; i < C->Rn; i++) a2a_decode_row(dyr_all + (size_t)i * d, b->in + (size_t)i * pay, d, ep->combine);
+    memset(dgate, 0, sizeof(float) * C->Rn * K);
+    for (int sl = 0; sl < C->S; sl++) {
+        int i = C->slot_src[sl], k = C->slot_k[sl];
+        const float *dyr = dyr_all + (size_t)i * d, *o = C->eo + (size_t)sl * d;
+        float gt = C->gate[(size_t)i * K + k], dot = 0;
+        float *de = b->de_out + (size_t)sl * d;
+        for (int j = 0; j < d; j++) de[j] = gt * dyr[j], dot += dyr[j] * o[j];
+        dgate[(size_t)i * K + k] = dot;
+    }
+    memset(b->dxg, 0, sizeof(float) * C->S * d);
+    for (int e = 0; e < P; e++) {
+        int n = C->expert_off[e + 1] - C->expert_off[e];
+        if (n == 0) continue;
+        size_t o = C->expert_off[e];
+        TRY(ffn_backward(p->be, p->recipe, &w->experts[e0 + e], &g->experts[e0 + e], b->de_out + o * d, C->xg + o * d,
+                         C->eg + o * Fm, C->eu + o * Fm, C->eh + o * Fm, b->dxg + o * d, b->deg + o * Fm,
+                         b->deu + o * Fm, b->deh + o * Fm, n));
+        TRY(p->be->ops->synchronize(p->be));
+        TRY(progress(ep, err));
+    }
+    for (int i = 0; i < C->Rn; i++) {
+        char *row = b->out + (size_t)i * row_bytes;
+        float *sum = b->sums;
+        memset(sum, 0, sizeof(float) * d);
+        for (int k = 0; k < K; k++) {
+            int sl = C->rec[(size_t)i * K + k];
+            memcpy(row + pay + 4 * k, &dgate[(size_t)i * K + k], 4);
+            if (sl < 0) continue;
+            const float *dx = b->dxg + (size_t)sl * d;
+            for (int j = 0; j < d; j++) sum[j] += dx[j];
+        }
+        a2a_encode_row(row, sum, d, ep->combine);
+    }
+    return exchange_start(ep, b, C->recv_counts, C->send_counts, row_bytes, &ep->st.combine_bytes, err);
+}
+
+// Chunk C's input gradients have arrived: each token adds its rows in rank order; each gate's
+// gradient comes from the rank holding its expert.
+static void grad_combine_finish(ExpertParallel *ep, EpChunk *C, EpBuffers *b, const LayerActs *a, LayerGradScratch *s) {
+    int K = ep->c->num_experts_per_tok, d = ep->c->hidden_size, P = ep->per_rank;
+    size_t pay = a2a_row_bytes(d, ep->combine), row_bytes = pay + 4 * (size_t)K;
+    int dest = 0, left = C->send_counts[0];
+    for (int j = 0; j < C->Ns; j++) {
+        while (left == 0) left = C->send_counts[++dest];
+        left--;
+        int t = C->send_tok[j];
+        const char *row = b->in + (size_t)j * row_bytes;
+        float *dx = s->dln + (size_t)t * d, *got = b->sums;
+        a2a_decode_row(got, row, d, ep->combine);
+        for (int q = 0; q < d; q++) dx[q] += got[q];
+        for (int k = 0; k < K; k++)
+            if (a->topk_idx[(size_t)t * K + k] / P == dest) memcpy(&s->dtopk_w[(size_t)t * K + k], row + pay + 4 * k, 4);
+    }
 }
 
 static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a,
                        LayerGradScratch *s, const float *dy, int N) {
     ExpertParallel *ep = (ExpertParallel *)mp;
     Error *err = &p->be->err;
-    const ModelConfig *c = ep->c;
-    int K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size, P = ep->per_rank;
-    int e0 = ep->rank * P;
     if (p->layer < 0 || p->layer >= ep->n_layers) return err_set(err, "expert parallel: layer %d out of range", p->layer);
     EpLayer *L = &ep->layers[p->layer];
     if (L->N != N) return err_set(err, "expert parallel: layer %d backward over %d tokens, forward had %d", p->layer, N, L->N);
-    // dispatch the output gradients along the forward's plan
-    // the gradients travel in the combine's format both ways
-    size_t pay = a2a_row_bytes(d, ep->combine), row_bytes = pay + 4 * (size_t)K;
-    int rows_out = L->Ns > L->Rn ? L->Ns : L->Rn;  // each buffer carries both directions
-    void **dslot_arrays[] = {(void **)&ep->de_out, (void **)&ep->dxg, (void **)&ep->deg, (void **)&ep->deu,
-                             (void **)&ep->deh};
-    if (grow_bytes(&ep->out, &ep->cap_out, rows_out, row_bytes) || grow_bytes(&ep->in, &ep->cap_in, rows_out, row_bytes) ||
-        grow(&ep->rows, &ep->cap_rows, (size_t)L->Rn * K + (size_t)L->Rn * d) || grow(&ep->sums, &ep->cap_sums, d) ||
-        reserve(&ep->cap_dslots, L->S, 5, dslot_arrays, (size_t[]){d, d, Fm, Fm, Fm}))
-        return err_set(err, "expert parallel: out of memory");
-    for (int j = 0; j < L->Ns; j++) a2a_encode_row(ep->out + (size_t)j * pay, dy + (size_t)L->send_tok[j] * d, d, ep->combine);
-    TRY(exchange(ep, L->send_counts, L->recv_counts, pay, &ep->st.dispatch_bytes, err));
-    // the rows' gradients: ∂E(x) = g·dy, ∂g = dy · E(x)
-    float *dgate = ep->rows, *dyr_all = ep->rows + (size_t)L->Rn * K;  // (Rn, K), (Rn, d)
-    for (int i = 0; i < L->Rn; i++) a2a_decode_row(dyr_all + (size_t)i * d, ep->in + (size_t)i * pay, d, ep->combine);
-    memset(dgate, 0, sizeof(float) * L->Rn * K);
-    for (int sl = 0; sl < L->S; sl++) {
-        int i = L->slot_src[sl], k = L->slot_k[sl];
-        const float *dyr = dyr_all + (size_t)i * d, *o = L->eo + (size_t)sl * d;
-        float gt = L->gate[(size_t)i * K + k], dot = 0;
-        float *de = ep->de_out + (size_t)sl * d;
-        for (int j = 0; j < d; j++) de[j] = gt * dyr[j], dot += dyr[j] * o[j];
-        dgate[(size_t)i * K + k] = dot;
+    for (int c = 0; c < L->n_chunks; c++) TRY(grad_dispatch_start(ep, &L->ch[c], &ep->buf[c], dy, err));
+    for (int c = 0; c < L->n_chunks; c++) {
+        TRY(exchange_wait(ep, &ep->buf[c], err));
+        TRY(experts_backward(ep, &L->ch[c], &ep->buf[c], p, w, g, err));
     }
-    memset(ep->dxg, 0, sizeof(float) * L->S * d);
-    for (int e = 0; e < P; e++) {
-        int n = L->expert_off[e + 1] - L->expert_off[e];
-        if (n == 0) continue;
-        size_t o = L->expert_off[e];
-        TRY(ffn_backward(p->be, p->recipe, &w->experts[e0 + e], &g->experts[e0 + e], ep->de_out + o * d, L->xg + o * d,
-                         L->eg + o * Fm, L->eu + o * Fm, L->eh + o * Fm, ep->dxg + o * d, ep->deg + o * Fm,
-                         ep->deu + o * Fm, ep->deh + o * Fm, n));
-    }
-    TRY(p->be->ops->synchronize(p->be));
-    // one row per received token back: [its input gradient from the experts held here | K gate gradients]
-    for (int i = 0; i < L->Rn; i++) {
-        char *row = ep->out + (size_t)i * row_bytes;
-        float *sum = ep->sums;
-        memset(sum, 0, sizeof(float) * d);
-        for (int k = 0; k < K; k++) {
-            int sl = L->rec[(size_t)i * K + k];
-            memcpy(row + pay + 4 * k, &dgate[(size_t)i * K + k], 4);
-            if (sl < 0) continue;
-            const float *dx = ep->dxg + (size_t)sl * d;
-            for (int j = 0; j < d; j++) sum[j] += dx[j];
-        }
-        a2a_encode_row(row, sum, d, ep->combine);
-    }
-    TRY(exchange(ep, L->recv_counts, L->send_counts, row_bytes, &ep->st.combine_bytes, err));
-    // each token adds its rows in rank order; each gate's gradient comes from the rank holding its expert
-    int dest = 0, left = L->send_counts[0];
-    for (int j = 0; j < L->Ns; j++) {
-        while (left == 0) left = L->send_counts[++dest];
-        left--;
-        int t = L->send_tok[j];
-        const char *row = ep->in + (size_t)j * row_bytes;
-        float *dx = s->dln + (size_t)t * d, *got = ep->sums;
-        a2a_decode_row(got, row, d, ep->combine);
-        for (int q = 0; q < d; q++) dx[q] += got[q];
-        for (int k = 0; k < K; k++)
-            if (a->topk_idx[(size_t)t * K + k] / P == dest) memcpy(&s->dtopk_w[(size_t)t * K + k], row + pay + 4 * k, 4);
+    for (int c = 0; c < L->n_chunks; c++) {
+        TRY(exchange_wait(ep, &ep->buf[c], err));
+        grad_combine_finish(ep, &L->ch[c], &ep->buf[c], a, s);
     }
     return 0;
 }
@@ -380,9 +475,10 @@ static int ep_forward_replicated(MoeParallel *mp, const LayerPass *p, const MoeW
     const ModelConfig *c = ep->c;
     int K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size, P = ep->per_rank;
     int e0 = ep->rank * P;
-    if (grow(&ep->rows, &ep->cap_rows, (size_t)N * d + (size_t)N * K)) return err_set(err, "expert parallel: out of memory");
-    float *partial = ep->rows;  // (N, d)
-    int *tok = (int *)(ep->rows + (size_t)N * d);  // (slots of one expert) their tokens
+    EpBuffers *b = &ep->buf[0];
+    if (grow(&b->rows, &b->cap_rows, (size_t)N * d + (size_t)N * K)) return err_set(err, "expert parallel: out of memory");
+    float *partial = b->rows;  // (N, d)
+    int *tok = (int *)(b->rows + (size_t)N * d);  // (slots of one expert) their tokens
     for (int e = e0; e < e0 + P; e++) {
         int n = a->expert_off[e + 1] - a->expert_off[e];
         if (n == 0) continue;
@@ -437,31 +533,39 @@ ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDty
     ep->c = c;
     ep->dispatch = dtype;
     ep->ranks_per_node = E;
+    ep->overlap = 1;
     ep->combine = dtype == A2A_FP32 ? A2A_FP32 : A2A_BF16;
     ep->n_layers = c->num_hidden_layers + c->num_nextn_predict_layers;
     ep->layers = calloc(ep->n_layers, sizeof *ep->layers);
     if (!ep->layers) return expert_parallel_free(ep), err_set(err, "out of memory"), NULL;
-    for (int l = 0; l < ep->n_layers; l++) {
-        EpLayer *L = &ep->layers[l];
-        L->send_counts = calloc(2 * E + ep->per_rank + 1, sizeof(int));
-        if (!L->send_counts) return expert_parallel_free(ep), err_set(err, "out of memory"), NULL;
-        L->recv_counts = L->send_counts + E;
-        L->expert_off = L->recv_counts + E;
-    }
+    for (int l = 0; l < ep->n_layers; l++)
+        for (int c = 0; c < 2; c++) {
+            EpChunk *C = &ep->layers[l].ch[c];
+            C->send_counts = calloc(2 * E + ep->per_rank + 1, sizeof(int));
+            if (!C->send_counts) return expert_parallel_free(ep), err_set(err, "out of memory"), NULL;
+            C->recv_counts = C->send_counts + E;
+            C->expert_off = C->recv_counts + E;
+        }
     return ep;
 }
 
 void expert_parallel_free(ExpertParallel *ep) {
     if (!ep) return;
-    for (int l = 0; ep->layers && l < ep->n_layers; l++) {
-        EpLayer *L = &ep->layers[l];
-        free(L->send_counts), free(L->send_tok), free(L->rec), free(L->gate), free(L->slot_src), free(L->slot_k);
-        free(L->xg), free(L->eo), free(L->eg), free(L->eu), free(L->eh);
-    }
+    for (int l = 0; ep->layers && l < ep->n_layers; l++)
+        for (int c = 0; c < 2; c++) {
+            EpChunk *C = &ep->layers[l].ch[c];
+            free(C->send_counts), free(C->send_tok), free(C->rec), free(C->gate), free(C->slot_src), free(C->slot_k);
+            free(C->xg), free(C->eo), free(C->eg), free(C->eu), free(C->eh);
+        }
     free(ep->layers);
-    free(ep->out), free(ep->in), free(ep->rows), free(ep->sums);
+    for (int c = 0; c < 2; c++) {
+        EpBuffers *b = &ep->buf[c];
+        Error ignored;
+        dist_exchange_wait(&b->x, &ignored);  // (none is in flight unless a pass failed midway)
+        free(b->out), free(b->in), free(b->rows), free(b->sums);
+        free(b->de_out), free(b->dxg), free(b->deg), free(b->deu), free(b->deh);
+    }
     dist_sum_free(ep->sum);
-    free(ep->de_out), free(ep->dxg), free(ep->deg), free(ep->deu), free(ep->deh);
     free(ep);
 }
 
@@ -486,6 +590,7 @@ void expert_parallel_weight_bytes(const ExpertParallel *ep, const ModelConfig *c
 }
 
 MoeParallel *expert_parallel_seam(ExpertParallel *ep) { return &ep->seam; }
+void expert_parallel_set_overlap(ExpertParallel *ep, int on) { ep->overlap = on; }
 MoeParallel *expert_parallel_seam_replicated(ExpertParallel *ep) { return &ep->replicated; }
 
 int expert_parallel_set_nodes(ExpertParallel *ep, int ranks_per_node, Error *err) {

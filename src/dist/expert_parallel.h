@@ -43,7 +43,8 @@ typedef struct ExpertParallelStats {
     long long token_nodes;                 // (token, node) pairs: the nodes each token's experts lie on
     int max_nodes;                         // the most nodes one token's experts lay on
     double intra_node_bytes, inter_node_bytes;  // what left this rank for its own node and for others
-    double exchange_s;                     // time in the all-to-alls
+    double exchange_s;                     // the all-to-alls' time from start to completion
+    double wait_s;                         // of which this rank spent blocked waiting (not hidden)
 } ExpertParallelStats;
 
 // An expert-parallel MoE over the ranks of comm (E = its size) for a model of configuration c
@@ -63,6 +64,11 @@ MoeParallel *expert_parallel_seam_replicated(ExpertParallel *ep);
 // a multiple of the nodes), group-limited routing reaches at most topk_group nodes per token — the
 // report's node-limited routing. -1 when ranks_per_node does not divide the group's size.
 int expert_parallel_set_nodes(ExpertParallel *ep, int ranks_per_node, Error *err);
+// Overlap (on by default for the all-to-all seam): a MoE layer's tokens go in two chunks, both
+// dispatched at once, and each chunk's experts run while the other chunk's exchange is in flight
+// (MPI moved on by progress calls between the experts' products) — the report's two micro-batches
+// in flight, within a layer. Off: one chunk, each exchange waited for at once.
+void expert_parallel_set_overlap(ExpertParallel *ep, int on);
 // The rank of comm that holds routed expert e, and whether this rank does.
 int expert_parallel_owner(const ExpertParallel *ep, int e);
 int expert_parallel_holds(const ExpertParallel *ep, int e);

@@ -89,6 +89,8 @@ const TrainerOption trainer_options[] = {
             "under mpirun: groups of --expert-parallel ranks, D x E = the processes (0: that quotient)"),
     INT_OPT("expert-parallel", NULL, expert_parallel, 1, 1, 1 << 20, "E",
             "under mpirun: ranks that split the routed experts; every rank takes batch/(D x E) sequences"),
+    STRING_OPT("ep-overlap", NULL, ep_overlap, "on|off",
+               "expert parallel: run one half of a layer's tokens while the other half's all-to-all is in flight"),
     INT_OPT("ranks-per-node", NULL, ranks_per_node, 0, 0, 1 << 20, "R",
             "expert parallel: ranks per node for the traffic counts (0: as the launcher placed them)"),
     STRING_OPT("a2a-dtype", NULL, a2a_dtype, "T",
@@ -275,6 +277,7 @@ static int start_expert_parallel(Run *r, Error *err) {
     if (r->o.a2a_dtype[0]) a2a_dtype_parse(r->o.a2a_dtype, &t);  // checked in prepare
     r->ep = expert_parallel_new(r->ep_comm, &r->m.cfg, t, err);
     if (!r->ep || expert_parallel_set_nodes(r->ep, r->R < r->E ? r->R : r->E, err)) return -1;
+    expert_parallel_set_overlap(r->ep, strcmp(r->o.ep_overlap, "off") != 0);
     r->m.moe_parallel = expert_parallel_seam(r->ep);
     r->sync_experts = dist_sum_new(r->edp_comm, err);
     return r->sync_experts ? 0 : -1;
@@ -664,6 +667,8 @@ static int prepare(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error 
     if (o->batch % world)
         return err_set(err, "--batch %d: not divisible by the %d ranks (each takes an equal share)", o->batch, world);
     const char *a2a = o->a2a_dtype;
+    if (o->ep_overlap[0] && strcmp(o->ep_overlap, "on") != 0 && strcmp(o->ep_overlap, "off") != 0)
+        return err_set(err, "--ep-overlap: unknown value '%s' (on or off)", o->ep_overlap);
     A2aDtype a2a_t;
     if (a2a[0] && a2a_dtype_parse(a2a, &a2a_t))
         return err_set(err, "--a2a-dtype: unknown value '%s' (fp32, bf16, fp8, logfmt8 or logfmt10)", a2a);
@@ -778,6 +783,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
             ExpertParallelStats st = expert_parallel_take_stats(r->ep);
             a2a.dispatch_bytes += st.dispatch_bytes, a2a.combine_bytes += st.combine_bytes;
             a2a.exchange_s += st.exchange_s, a2a.tokens += st.tokens, a2a.token_ranks += st.token_ranks;
+            a2a.wait_s += st.wait_s;
             a2a.token_nodes += st.token_nodes, a2a.intra_node_bytes += st.intra_node_bytes;
             a2a.inter_node_bytes += st.inter_node_bytes;
             if (st.max_nodes > a2a.max_nodes) a2a.max_nodes = st.max_nodes;
@@ -852,7 +858,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
                            .data_parallel = r->D, .expert_parallel = r->E, .sync_bytes = sync_bytes,
                            .sync_alone_s = sync_alone_s, .sync_exposed_s = exposed_sum / ran,
                            .a2a_dispatch_bytes = a2a.dispatch_bytes / ran, .a2a_combine_bytes = a2a.combine_bytes / ran,
-                           .a2a_s = a2a.exchange_s / ran,
+                           .a2a_s = a2a.exchange_s / ran, .a2a_wait_s = a2a.wait_s / ran,
                            .ranks_per_token = a2a.tokens ? (double)a2a.token_ranks / a2a.tokens : 0,
                            .params_held = (long long)m->n_params, .params_total = params_total(m),
                            .nodes_per_token = a2a.tokens ? (double)a2a.token_nodes / a2a.tokens : 0,

@@ -42,6 +42,8 @@ typedef struct TrainerOptions {
     int expert_parallel;  // ranks that split the routed experts (1: none)
     char a2a_dtype[16];   // their exchanges' payloads: fp32 (also when empty), bf16, fp8
     int ranks_per_node;   // consecutive ranks that share a node (0: as the launcher placed them)
+    char ep_overlap[8];   // "on" (also when empty): a layer's tokens in two chunks, one's exchange in flight
+                          // while the other's experts run; "off"
 } TrainerOptions;
 
 // The C type of an option's field. A flag takes no value on the command line: giving it stores lo.
@@ -105,7 +107,7 @@ typedef struct TrainerResult {
     double sync_bytes, sync_alone_s, sync_exposed_s;
     // Expert parallelism, per step and rank: bytes sent by dispatch and combine (forward and
     // backward), time in those all-to-alls, and the ranks a routed token reached on average.
-    double a2a_dispatch_bytes, a2a_combine_bytes, a2a_s, ranks_per_token;
+    double a2a_dispatch_bytes, a2a_combine_bytes, a2a_s, a2a_wait_s, ranks_per_token;
     long long params_held, params_total;  // parameters in this rank's memory, and in the model
     // Nodes (--ranks-per-node): the mean and most nodes one token's routed experts lay on (over all
     // ranks), and the bytes a rank sent within its node and to other nodes per routed token and
