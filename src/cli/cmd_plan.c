@@ -9,9 +9,11 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/util.h"
+#include "dist/expert_parallel.h"
 #include "plan/plan.h"
 
 static const char *const VALUED[] = {"config", "preset", "seq", "ep-bandwidth", "tokens-per-device", "ep-hidden",
+                                     "ep-ranks", "ranks-per-node", "a2a-dtype",
                                      "pipeline", "f", "b", "w", "fb", "radix", "planes", "df-groups",
                                      "switch-cost", "link-cost", "endpoint-cost", "local-link-cost", NULL};
 static const char *const FLAGS[] = {"json", "network", "tables", NULL};
@@ -111,6 +113,54 @@ static void print_model(const PlanArch *a, const PlanModel *m, const PlanEp *e, 
 }
 
 static void json_set(json_t *o, const char *key, json_t *v) { json_object_set_new(o, key, v); }
+
+// --ep-ranks: plan_ep_traffic and the bytes dsv3's exchange puts on the wire for it.
+typedef struct EpTraffic {
+    PlanEpTraffic t;
+    int64_t topk_group;
+    const char *dtype;
+    double pair_forward, pair_training;  // bytes per (token, destination rank) pair
+} EpTraffic;
+
+static int ep_traffic(const PlanArch *a, long ranks, long per_node, A2aDtype dtype, EpTraffic *x, Error *err) {
+    static const char *const names[] = {"fp32", "bf16", "fp8", "logfmt8", "logfmt10"};
+    TRY(plan_ep_traffic(a, ranks, per_node, 100000, &x->t, err));
+    x->topk_group = a->topk_group;
+    x->dtype = names[dtype];
+    x->pair_forward = (double)expert_parallel_pair_bytes((int)a->hidden, (int)a->top_k, dtype, 0);
+    x->pair_training = (double)expert_parallel_pair_bytes((int)a->hidden, (int)a->top_k, dtype, 1);
+    return 0;
+}
+
+static void print_traffic(const EpTraffic *x) {
+    const PlanEpTraffic *t = &x->t;
+    printf("EP traffic            %lld ranks in nodes of %lld, routing uniform within its groups (100,000 tokens)\n",
+           (long long)t->ranks, (long long)t->ranks_per_node);
+    printf("  a token reaches     %.3f ranks, %.3f nodes (at most %lld; topk_group %lld)\n", t->ranks_reached,
+           t->nodes_reached, (long long)t->max_nodes, (long long)x->topk_group);
+    printf("  its rank sends      %.3f rows to other ranks, %.3f to other nodes, per MoE layer\n", t->rows_other_ranks,
+           t->rows_other_nodes);
+    printf("  bytes, %-12s %.0f within nodes, %.0f across nodes per token and MoE layer in training (forward %.0f, %.0f)\n",
+           x->dtype, (t->rows_other_ranks - t->rows_other_nodes) * x->pair_training, t->rows_other_nodes * x->pair_training,
+           (t->rows_other_ranks - t->rows_other_nodes) * x->pair_forward, t->rows_other_nodes * x->pair_forward);
+}
+
+static json_t *traffic_json(const EpTraffic *x) {
+    const PlanEpTraffic *t = &x->t;
+    json_t *o = json_object();
+    json_set(o, "ranks", json_integer(t->ranks));
+    json_set(o, "ranks_per_node", json_integer(t->ranks_per_node));
+    json_set(o, "a2a_dtype", json_string(x->dtype));
+    json_set(o, "ranks_reached", json_real(t->ranks_reached));
+    json_set(o, "nodes_reached", json_real(t->nodes_reached));
+    json_set(o, "max_nodes", json_integer(t->max_nodes));
+    json_set(o, "rows_other_ranks", json_real(t->rows_other_ranks));
+    json_set(o, "rows_other_nodes", json_real(t->rows_other_nodes));
+    json_set(o, "intra_node_bytes_training", json_real((t->rows_other_ranks - t->rows_other_nodes) * x->pair_training));
+    json_set(o, "inter_node_bytes_training", json_real(t->rows_other_nodes * x->pair_training));
+    json_set(o, "inter_node_bytes_forward", json_real(t->rows_other_nodes * x->pair_forward));
+    return o;
+}
 
 static json_t *model_json(const PlanArch *a, const PlanModel *m, const PlanEp *e, PlanPaper paper) {
     json_t *o = json_object();
@@ -293,7 +343,8 @@ int cmd_plan(int argc, char **argv) {
     const char *config = args_str(&a, "config", NULL), *preset = args_str(&a, "preset", NULL);
     int tables = args_flag(&a, "tables"), network = args_flag(&a, "network"), pipeline = args_flag(&a, "pipeline");
     int json = args_flag(&a, "json"), model = config || preset;
-    static const char *const model_opts[] = {"seq", "ep-bandwidth", "tokens-per-device", "ep-hidden", NULL};
+    static const char *const model_opts[] = {"seq", "ep-bandwidth", "tokens-per-device", "ep-hidden", "ep-ranks",
+                                             "ranks-per-node", "a2a-dtype", NULL};
     static const char *const pipe_opts[] = {"f", "b", "w", "fb", NULL};
     static const char *const net_opts[] = {"radix", "planes", "df-groups", "switch-cost", "link-cost",
                                            "endpoint-cost", "local-link-cost", NULL};
@@ -326,11 +377,28 @@ int cmd_plan(int argc, char **argv) {
     PlanModel m;
     PlanEp e;
     PlanPaper paper = {0, 0};
+    long ep_ranks = 0, per_node = 0;
+    A2aDtype a2a = A2A_FP32;
+    if (args_long(&a, "ep-ranks", 0, 1, 1 << 20, &ep_ranks, &err) ||
+        args_long(&a, "ranks-per-node", 0, 1, 1 << 20, &per_node, &err))
+        return cli_fail(cmd, &err);
+    const char *a2a_s = args_str(&a, "a2a-dtype", NULL);
+    if (a2a_s && a2a_dtype_parse(a2a_s, &a2a)) {
+        err_set(&err, "--a2a-dtype: unknown value '%s' (fp32, bf16, fp8, logfmt8 or logfmt10)", a2a_s);
+        return cli_fail(cmd, &err);
+    }
+    if ((per_node || a2a_s) && !ep_ranks) {
+        err_set(&err, "--%s needs --ep-ranks", per_node ? "ranks-per-node" : "a2a-dtype");
+        return cli_fail(cmd, &err);
+    }
+    EpTraffic traffic = {0};
     if (model) {
         if (config ? plan_arch_from_file(&arch, config, &err) : plan_arch_preset(&arch, preset, &err))
             return cli_fail(cmd, &err);
         if (preset) paper = plan_preset_paper(preset);
         compute_model(&arch, &mo, &m, &e);
+        if (ep_ranks && ep_traffic(&arch, ep_ranks, per_node ? per_node : ep_ranks, a2a, &traffic, &err))
+            return cli_fail(cmd, &err);
     }
     PlanPipe pipe[3];
     if (pipeline && plan_pipeline(pp, f, b, w, fb, pipe, &err)) return cli_fail(cmd, &err);
@@ -339,6 +407,7 @@ int cmd_plan(int argc, char **argv) {
 
     if (json) {
         json_t *o = model ? model_json(&arch, &m, &e, paper) : json_object();
+        if (model && ep_ranks) json_set(o, "ep_traffic", traffic_json(&traffic));
         if (tables) json_set(o, "presets", tables_json(&mo));
         if (pipeline) json_set(o, "pipeline", pipeline_json(pp, f, b, w, fb, pipe));
         if (network) json_set(o, "network", network_json(radix, planes, &prices, topo));
@@ -354,6 +423,7 @@ int cmd_plan(int argc, char **argv) {
     }
     int sections = 0;  // a blank line between sections
     if (model) print_model(&arch, &m, &e, paper), sections++;
+    if (model && ep_ranks) print_traffic(&traffic);
     if (tables) {
         if (sections++) putchar('\n');
         print_tables(&mo);

@@ -112,6 +112,12 @@ size_t a2a_row_bytes(int d, A2aDtype t) {
     }
 }
 
+size_t expert_parallel_pair_bytes(int d, int K, A2aDtype t, int backward) {
+    A2aDtype combine = t == A2A_FP32 ? A2A_FP32 : A2A_BF16;  // as expert_parallel_new sets them
+    size_t c = a2a_row_bytes(d, combine);
+    return a2a_row_bytes(d, t) + 8 * (size_t)K + c + (backward ? 2 * c + 4 * (size_t)K : 0);
+}
+
 int a2a_dtype_parse(const char *s, A2aDtype *t) {
     static const char *const names[] = {"fp32", "bf16", "fp8", "logfmt8", "logfmt10"};
     for (int i = 0; i < 5; i++)
@@ -534,7 +540,7 @@ ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDty
     ep->dispatch = dtype;
     ep->ranks_per_node = E;
     ep->overlap = 1;
-    ep->combine = dtype == A2A_FP32 ? A2A_FP32 : A2A_BF16;
+    ep->combine = dtype == A2A_FP32 ? A2A_FP32 : A2A_BF16;  // (expert_parallel_pair_bytes counts so)
     ep->n_layers = c->num_hidden_layers + c->num_nextn_predict_layers;
     ep->layers = calloc(ep->n_layers, sizeof *ep->layers);
     if (!ep->layers) return expert_parallel_free(ep), err_set(err, "out of memory"), NULL;

@@ -30,6 +30,11 @@ typedef struct ExpertParallel ExpertParallel;
 typedef enum { A2A_FP32, A2A_BF16, A2A_FP8, A2A_LOGFMT8, A2A_LOGFMT10 } A2aDtype;
 // The format named s ("fp32", "bf16", "fp8", "logfmt8", "logfmt10"); -1 for another name.
 int a2a_dtype_parse(const char *s, A2aDtype *t);
+// The bytes one (token, destination rank) pair puts on the wire in one MoE layer with hidden size d
+// and K experts per token: the dispatched row (d values in t, K choices, K gates) and the combined
+// one (d values in BF16, or fp32 when t is); backward adds the gradients' two rows (d values and,
+// coming back, K gate gradients).
+size_t expert_parallel_pair_bytes(int d, int K, A2aDtype t, int backward);
 // A row of d values on the wire in format t: its bytes, and the row to and from them.
 size_t a2a_row_bytes(int d, A2aDtype t);
 void a2a_encode_row(char *dst, const float *x, int d, A2aDtype t);

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "base/file.h"
+#include "base/rng.h"
 #include "model/tensors.h"
 #include "plan/plan.h"
 
@@ -179,6 +180,14 @@ static int parse_arch(PlanArch *a, json_t *root, const char *src, Error *err) {
                            (long long)a->first_dense, (long long)a->layers);
         a->shared_intermediate = a->n_shared * a->moe_intermediate;
         a->router_bias = strcmp(topk_method, "noaux_tc") == 0;
+        int grouped = a->router_bias || strcmp(topk_method, "group_limited_greedy") == 0;
+        if (get_int(root, src, "n_group", 0, 1, 1, &a->n_group, err) ||
+            get_int(root, src, "topk_group", 0, a->n_group, 1, &a->topk_group, err))
+            return -1;
+        if (!grouped) a->n_group = a->topk_group = 1;  // plain top-k: no group limit
+        if (a->n_routed % a->n_group || a->topk_group > a->n_group)
+            return err_set(err, "%s: n_group %lld, topk_group %lld: not groups of %lld experts", src,
+                           (long long)a->n_group, (long long)a->topk_group, (long long)a->n_routed);
     }
     return check_size(a, src, err);
 }
@@ -436,6 +445,67 @@ void plan_model(const PlanArch *a, int64_t seq, PlanModel *m) {
     m->train_flops_attention = attn_per_layer * (double)a->layers;
     m->train_flops_per_token = m->train_flops_matmul + m->train_flops_attention;
     m->train_flops_per_token_mtp = 6.0 * (double)m->matmul_params_mtp + attn_per_layer * (double)(a->layers + a->mtp);
+}
+
+int plan_ep_traffic(const PlanArch *a, int64_t ranks, int64_t ranks_per_node, int64_t draws, PlanEpTraffic *t,
+                    Error *err) {
+    memset(t, 0, sizeof *t);
+    t->ranks = ranks, t->ranks_per_node = ranks_per_node;
+    if (a->n_routed <= 0) return err_set(err, "%s: a dense model has no expert-parallel traffic", a->name);
+    if (ranks < 1 || a->n_routed % ranks)
+        return err_set(err, "--ep-ranks %lld: the %lld routed experts do not split evenly", (long long)ranks,
+                       (long long)a->n_routed);
+    if (ranks_per_node < 1 || (ranks % ranks_per_node && ranks_per_node % ranks))
+        return err_set(err, "--ranks-per-node %lld: %lld ranks do not make whole nodes", (long long)ranks_per_node,
+                       (long long)ranks);
+    if (ranks_per_node > ranks) ranks_per_node = ranks;
+    int64_t per_rank = a->n_routed / ranks, per_group = a->n_routed / a->n_group;
+    Rng rng;
+    rng_seed(&rng, 12345);
+    int64_t *pool = malloc(sizeof(int64_t) * (size_t)a->n_routed), *groups = malloc(sizeof(int64_t) * (size_t)a->n_group);
+    unsigned char *hit = calloc((size_t)ranks, 1);
+    if (!pool || !groups || !hit) {
+        free(pool), free(groups), free(hit);
+        return err_set(err, "out of memory");
+    }
+    double sr = 0, sn = 0, so = 0, sno = 0;
+    for (int64_t n = 0; n < draws; n++) {
+        // topk_group groups, then top_k experts among theirs, each uniformly without replacement
+        for (int64_t g = 0; g < a->n_group; g++) groups[g] = g;
+        for (int64_t g = 0; g < a->topk_group; g++) {
+            int64_t j = g + (int64_t)(rng_next(&rng) % (uint64_t)(a->n_group - g)), x = groups[g];
+            groups[g] = groups[j], groups[j] = x;
+        }
+        int64_t m = 0;
+        for (int64_t g = 0; g < a->topk_group; g++)
+            for (int64_t e = 0; e < per_group; e++) pool[m++] = groups[g] * per_group + e;
+        memset(hit, 0, (size_t)ranks);
+        int64_t source = (int64_t)(rng_next(&rng) % (uint64_t)ranks);
+        for (int64_t k = 0; k < a->top_k && k < m; k++) {
+            int64_t j = k + (int64_t)(rng_next(&rng) % (uint64_t)(m - k)), x = pool[k];
+            pool[k] = pool[j], pool[j] = x;
+            hit[pool[k] / per_rank] = 1;
+        }
+        int64_t reached = 0, nodes = 0, other = 0, other_nodes = 0;
+        for (int64_t r = 0; r < ranks; r++) {
+            if (!hit[r]) continue;
+            reached++;
+            other += r != source;
+            other_nodes += r / ranks_per_node != source / ranks_per_node;
+        }
+        for (int64_t nd = 0; nd < ranks / ranks_per_node; nd++) {
+            int any = 0;
+            for (int64_t r = nd * ranks_per_node; r < (nd + 1) * ranks_per_node; r++) any |= hit[r];
+            nodes += any;
+        }
+        sr += reached, sn += nodes, so += other, sno += other_nodes;
+        if (nodes > t->max_nodes) t->max_nodes = nodes;
+    }
+    free(pool), free(groups), free(hit);
+    t->ranks_per_node = ranks_per_node;
+    t->ranks_reached = sr / draws, t->nodes_reached = sn / draws;
+    t->rows_other_ranks = so / draws, t->rows_other_nodes = sno / draws;
+    return 0;
 }
 
 void plan_ep(const PlanArch *a, double bandwidth_gbps, int64_t tokens_per_device, int64_t hidden, PlanEp *e) {

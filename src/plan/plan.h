@@ -33,6 +33,8 @@ typedef struct PlanArch {
     int64_t first_dense;        // first_k_dense_replace
     int64_t moe_freq;           // moe_layer_freq: layer i >= first_dense is MoE when i % moe_freq == 0
     int router_bias;            // topk_method noaux_tc: e_score_correction_bias per MoE layer
+    int64_t n_group, topk_group;  // group-limited routing (noaux_tc, group_limited_greedy): a token's
+                                  // experts come from topk_group of n_group groups; 1, 1 otherwise
     int64_t mtp;                // num_nextn_predict_layers
 } PlanArch;
 
@@ -96,6 +98,26 @@ typedef struct PlanEp {
 
 void plan_ep(const PlanArch *a, double bandwidth_gbps, int64_t tokens_per_device, int64_t hidden,
              PlanEp *e);
+
+// What dsv3's expert parallelism (dist/expert_parallel.h) sends for one token in one MoE layer, with
+// the routed experts split over `ranks` ranks in order (rank r holds experts r·N_r/ranks ..) and
+// the ranks in nodes of ranks_per_node: a token's row goes once to each rank holding one of its
+// experts. Expected over routing that is uniform within the rules — topk_group groups drawn
+// uniformly, then top_k experts uniformly among theirs — and over the token's rank (a fixed-seed
+// Monte Carlo of `draws` tokens). With each group on one node a token reaches at most topk_group
+// nodes (the V3 report's node-limited routing).
+typedef struct PlanEpTraffic {
+    int64_t ranks, ranks_per_node;
+    double ranks_reached;      // ranks holding one of the token's experts
+    double nodes_reached;      // nodes holding one
+    int64_t max_nodes;         // the most nodes one token reached among the draws
+    double rows_other_ranks;   // rows the token's rank sends to other ranks (dispatch; combine likewise)
+    double rows_other_nodes;   // of which to ranks on other nodes
+} PlanEpTraffic;
+
+// -1 (err set) when the experts do not split over the ranks or the ranks over the nodes.
+int plan_ep_traffic(const PlanArch *a, int64_t ranks, int64_t ranks_per_node, int64_t draws, PlanEpTraffic *t,
+                    Error *err);
 
 // Pipeline bubbles and memory multipliers (DeepSeek-V3 report Table 2). F: a forward chunk,
 // B: a full backward chunk, W: its weight-gradient part, FB: a forward and a backward chunk
