@@ -9,14 +9,14 @@ static const struct {
     int (*fn)(int, char **);
     const char *help;
 } commands[] = {
-    {"logits", cmd_logits, "--model DIR --tokens IDS [--out FILE] [--mtp-out FILE] [--decode] [--no-mmap]"},
+    {"logits", cmd_logits, "--model DIR --tokens IDS [--out FILE] [--mtp-out FILE] [--decode] [--no-mmap] [--expert-parallel E (under mpirun)]"},
     {"generate", cmd_generate, "--model DIR (--tokens IDS | --prompt TEXT [--chat] [--system TEXT] | --batch-file FILE) [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--parallel N] [--prefill-chunk N] [--no-mmap] [--stats] [--stats-json FILE]"},
     {"chat", cmd_chat, "--model DIR [--system TEXT] [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ctx N] [--no-mmap] [--verbose-prompt]  (/reset, /exit; Ctrl-C stops a reply)"},
     {"serve", cmd_serve, "--model DIR [--host 127.0.0.1] [--port 8080] [--parallel N] [--ctx N] [--kv-dtype f32|bf16] [--speculative K] [--api-key KEY] [--alias NAME] [--max-queue N] [--timeout S] [--max-body BYTES] [--no-prefix-cache]  (OpenAI-compatible HTTP server)"},
     {"init", cmd_init, "--config FILE --out DIR [--seed S] [--dtype f32|bf16|fp8]"},
     {"convert", cmd_convert, "--model IN --out OUT --dtype fp8|bf16|f32 [--shard-mb N] [--force]  (FP8: the released block-scaled format)"},
     {"info", cmd_info, "--model DIR [--json]"},
-    {"plan", cmd_plan, "(--config FILE | --preset NAME | --tables) [--seq T] [--ep-bandwidth GBPS] [--json] | --pipeline PP | --network"},
+    {"plan", cmd_plan, "(--config FILE | --preset NAME | --tables) [--seq T] [--ep-bandwidth GBPS] [--ep-ranks E [--ranks-per-node R] [--a2a-dtype T]] [--json] | --pipeline PP | --network"},
     {"tokenize", cmd_tokenize, "--tokenizer FILE|DIR [--bos] [--lines] [--stats]  (UTF-8 on stdin, ids on stdout)"},
     {"detokenize", cmd_detokenize, "--tokenizer FILE|DIR [--lines] [--skip-special]  (ids on stdin, text on stdout)"},
     {"tokenizer", cmd_tokenizer, "train --vocab-size N --out tokenizer.json FILES...  (also writes tokenizer_config.json beside it)"},
