@@ -40,9 +40,9 @@ typedef struct TrainerOptions {
     int progress;  // a live progress line on stderr (the library's default: none)
     int data_parallel;    // copies of each routed expert (0: the processes of the run / expert_parallel)
     int expert_parallel;  // ranks that split the routed experts (1: none)
-    char a2a_dtype[16];   // their exchanges' payloads: fp32 (also when empty), bf16, fp8
+    char a2a_dtype[32];   // their exchanges' payloads: fp32 (also when empty), bf16, fp8
     int ranks_per_node;   // consecutive ranks that share a node (0: as the launcher placed them)
-    char ep_overlap[8];   // "on" (also when empty): a layer's tokens in two chunks, one's exchange in flight
+    char ep_overlap[32];  // "on" (also when empty): a layer's tokens in two chunks, one's exchange in flight
                           // while the other's experts run; "off"
 } TrainerOptions;
 
