@@ -282,7 +282,9 @@ TEST(test_dist_bad_options_one_line_from_rank0) {
 }
 
 // Inference with the experts split (`dsv3 logits --expert-parallel E` under mpirun -np E): the
-// golden models' logits, main and MTP, on 2 and 4 ranks equal one process's to 2e-6 of the largest
+// golden models' logits, main and MTP, by prefill and by --decode (the batched decode step, where
+// the ranks' partial sums are added inside its OpenMP region), on 2 and 4 ranks equal one
+// process's to 2e-6 of the largest
 // logit (the ranks' partial sums are added in another order; measured: up to 5.6e-7) and the numpy
 // reference's to 1e-5 as one process does; each rank reads only its share of the experts' bytes.
 static void check_ep_logits(const char *name) {
@@ -293,51 +295,55 @@ static void check_ep_logits(const char *name) {
     CHECK_MSG(tok, "%s missing", path);
     snprintf(ids, sizeof ids, "%.*s", (int)strcspn(tok, "\n"), tok);
     free(tok);
-    char one[600], onem[600];
-    snprintf(one, sizeof one, "%s/ep_logits_%s_1.f32", test_tmpdir(), name);
-    snprintf(onem, sizeof onem, "%s/ep_logits_%s_1m.f32", test_tmpdir(), name);
-    int rc = test_run(o, sizeof o, "%s logits --model %s --tokens %s --out %s --mtp-out %s", test_bin(), dir, ids, one, onem);
-    CHECK_MSG(rc == 0, "%s", o);
-    size_t n1, n1m, ng;
-    float *l1 = test_read_file(one, &n1), *m1 = test_read_file(onem, &n1m);
-    snprintf(path, sizeof path, "%s/logits.f32", dir);
-    float *g = test_read_file(path, &ng);
-    CHECK(l1 && m1 && g && ng == n1);
-    for (int np = 2; np <= 4; np += 2) {
-        char lf[600], mf[600];
-        snprintf(lf, sizeof lf, "%s/ep_logits_%s_%d.f32", test_tmpdir(), name, np);
-        snprintf(mf, sizeof mf, "%s/ep_logits_%s_%dm.f32", test_tmpdir(), name, np);
-        rc = test_run(o, sizeof o, "%s -np %d %s logits --model %s --tokens %s --out %s --mtp-out %s --expert-parallel %d",
-                      MPIRUN, np, test_bin(), dir, ids, lf, mf, np);
+    for (int decode = 0; decode < 2; decode++) {
+        const char *how = decode ? " --decode" : "";
+        char one[600], onem[600];
+        snprintf(one, sizeof one, "%s/ep_logits_%s_1.f32", test_tmpdir(), name);
+        snprintf(onem, sizeof onem, "%s/ep_logits_%s_1m.f32", test_tmpdir(), name);
+        int rc = test_run(o, sizeof o, "%s logits --model %s --tokens %s --out %s --mtp-out %s%s", test_bin(), dir, ids, one,
+                          onem, how);
         CHECK_MSG(rc == 0, "%s", o);
-        size_t nl, nm;
-        float *l = test_read_file(lf, &nl), *lm = test_read_file(mf, &nm);
-        CHECK(l && lm && nl == n1 && nm == n1m);
-        double md = 0, mx = 0, mdm = 0, mxm = 0, mdg = 0;
-        for (size_t i = 0; l && i < n1 / 4; i++) {
-            md = fmax(md, test_absdiff(l[i], l1[i])), mx = fmax(mx, fabs(l1[i]));
-            mdg = fmax(mdg, test_absdiff(l[i], g[i]));
+        size_t n1, n1m, ng;
+        float *l1 = test_read_file(one, &n1), *m1 = test_read_file(onem, &n1m);
+        snprintf(path, sizeof path, "%s/logits.f32", dir);
+        float *g = test_read_file(path, &ng);
+        CHECK(l1 && m1 && g && ng == n1);
+        for (int np = 2; np <= 4; np += 2) {
+            char lf[600], mf[600];
+            snprintf(lf, sizeof lf, "%s/ep_logits_%s_%d.f32", test_tmpdir(), name, np);
+            snprintf(mf, sizeof mf, "%s/ep_logits_%s_%dm.f32", test_tmpdir(), name, np);
+            rc = test_run(o, sizeof o, "%s -np %d %s logits --model %s --tokens %s --out %s --mtp-out %s --expert-parallel %d%s",
+                          MPIRUN, np, test_bin(), dir, ids, lf, mf, np, how);
+            CHECK_MSG(rc == 0, "%s", o);
+            size_t nl, nm;
+            float *l = test_read_file(lf, &nl), *lm = test_read_file(mf, &nm);
+            CHECK(l && lm && nl == n1 && nm == n1m);
+            double md = 0, mx = 0, mdm = 0, mxm = 0, mdg = 0;
+            for (size_t i = 0; l && i < n1 / 4; i++) {
+                md = fmax(md, test_absdiff(l[i], l1[i])), mx = fmax(mx, fabs(l1[i]));
+                mdg = fmax(mdg, test_absdiff(l[i], g[i]));
+            }
+            for (size_t i = 0; lm && i < n1m / 4; i++) mdm = fmax(mdm, test_absdiff(lm[i], m1[i])), mxm = fmax(mxm, fabs(m1[i]));
+            printf("    %s%s on %d ranks: max|diff| %.2g, MTP %.2g of max|logit| from one process; %.2g from the reference\n",
+                   name, how, np, md / mx, mdm / mxm, mdg / mx);
+            CHECK_MSG(md <= 2e-6 * mx && mdm <= 2e-6 * mxm && mdg <= 1e-5 * mx, "%s on %d ranks: %.3g, MTP %.3g, ref %.3g",
+                      name, np, md / mx, mdm / mxm, mdg / mx);
+            free(l);
+            free(lm);
+            // one line per rank from rank 0: the weights it reads are the dense ones and its experts
+            for (int r = 0; r < np; r++) {
+                char key[64];
+                snprintf(key, sizeof key, "rank %d: reads ", r);
+                const char *p = strstr(o, key);
+                double used = 0, all = 0;
+                CHECK_MSG(p && sscanf(p + strlen(key), "%lf MB of the %lf MB", &used, &all) == 2 && used < all && used > 0,
+                          "%s", o);
+            }
         }
-        for (size_t i = 0; lm && i < n1m / 4; i++) mdm = fmax(mdm, test_absdiff(lm[i], m1[i])), mxm = fmax(mxm, fabs(m1[i]));
-        printf("    %s on %d ranks: max|diff| %.2g, MTP %.2g of max|logit| from one process; %.2g from the reference\n",
-               name, np, md / mx, mdm / mxm, mdg / mx);
-        CHECK_MSG(md <= 2e-6 * mx && mdm <= 2e-6 * mxm && mdg <= 1e-5 * mx, "%s on %d ranks: %.3g, MTP %.3g, ref %.3g",
-                  name, np, md / mx, mdm / mxm, mdg / mx);
-        free(l);
-        free(lm);
-        // one line per rank from rank 0: the weights it reads are the dense ones and its experts
-        for (int r = 0; r < np; r++) {
-            char key[64];
-            snprintf(key, sizeof key, "rank %d: reads ", r);
-            const char *p = strstr(o, key);
-            double used = 0, all = 0;
-            CHECK_MSG(p && sscanf(p + strlen(key), "%lf MB of the %lf MB", &used, &all) == 2 && used < all && used > 0,
-                      "%s", o);
-        }
+        free(l1);
+        free(m1);
+        free(g);
     }
-    free(l1);
-    free(m1);
-    free(g);
 }
 
 TEST(test_dist_logits_expert_parallel_golden_v3) {
@@ -362,7 +368,7 @@ TEST(test_dist_logits_bad_split) {
     const char *cases[][3] = {
         {"3", "--expert-parallel 3", "16 routed experts do not split evenly over 3 ranks"},
         {"2", "--expert-parallel 4", "--expert-parallel 4: the run has 2 processes"},
-        {"2", "--expert-parallel 2 --decode", "--decode with --expert-parallel"}};
+        {"2", "--expert-parallel two", "--expert-parallel"}};
     for (int i = 0; i < 3; i++) {
         int rc = test_run(o, sizeof o, "%s -np %s %s logits --model %s --tokens 5,17,3 --out %s %s", MPIRUN, cases[i][0],
                           test_bin(), dir, out, cases[i][1]);
@@ -372,4 +378,36 @@ TEST(test_dist_logits_bad_split) {
     }
     int rc = test_run(o, sizeof o, "%s logits --model %s --tokens 5,17,3 --out %s --expert-parallel 2", test_bin(), dir, out);
     CHECK_MSG(rc == 1 && strstr(o, "the run has 1 processes (start it with mpirun -np 2)"), "%s", o);
+}
+
+// Generation with the experts split (`generate --expert-parallel E`): every rank runs the engine
+// over the same sequences (prefill, the batched decode step, MTP drafts), so greedy decoding on 2
+// and 4 ranks gives one process's tokens — single, batched (--batch-file at --parallel 2) and
+// speculative — and rank 0 alone prints.
+TEST(test_dist_generate_expert_parallel) {
+    const char *why = no_mpi();
+    if (why) SKIP("%s", why);
+    char dir[300], batch[600], o1[8192], o[8192];
+    snprintf(dir, sizeof dir, "%s/v3", test_datadir());
+    snprintf(batch, sizeof batch, "%s/ep_batch.txt", test_tmpdir());
+    test_write_text(batch, "5,17,3\n90,2,44,8\n7\n");
+    const char *runs[] = {"--tokens 5,17,3 --max-new 16", "--batch-file BATCH --max-new 10 --parallel 2",
+                          "--tokens 5,17,3 --max-new 16 --speculative 2"};
+    for (int i = 0; i < 3; i++) {
+        char opts[700];
+        snprintf(opts, sizeof opts, "%s", runs[i]);
+        char *b = strstr(opts, "BATCH");
+        if (b) {
+            char rest[200];
+            snprintf(rest, sizeof rest, "%s", b + 5);
+            snprintf(b, sizeof opts - (size_t)(b - opts), "%s%s", batch, rest);
+        }
+        int rc = test_run(o1, sizeof o1, "%s generate --model %s %s --temperature 0 2>/dev/null", test_bin(), dir, opts);
+        CHECK_MSG(rc == 0 && strlen(o1) > 4, "%s", o1);
+        for (int np = 2; np <= 4; np += 2) {
+            rc = test_run(o, sizeof o, "%s -np %d %s generate --model %s %s --temperature 0 --expert-parallel %d 2>/dev/null",
+                          MPIRUN, np, test_bin(), dir, opts, np);
+            CHECK_MSG(rc == 0 && strcmp(o, o1) == 0, "%s on %d ranks:\n%s\none process:\n%s", runs[i], np, o, o1);
+        }
+    }
 }

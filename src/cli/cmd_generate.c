@@ -2,8 +2,11 @@
 // they come; a --prompt (text, with the model directory's tokenizer.json) streams decoded text;
 // --batch-file runs one prompt per line, --parallel at a time, and prints one line of ids per
 // prompt in input order (the line --tokens prints for it alone; line k samples with seed S + k).
+// Under mpirun with --expert-parallel E every rank runs the same sequences with its share of the
+// routed experts (the sums of each MoE layer added up over the ranks); rank 0 alone prints.
 #include <jansson.h>
 #include <stdio.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,7 +21,7 @@
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
                                      "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype",
-                                     "speculative", NULL};
+                                     "speculative", "expert-parallel", NULL};
 static const char *const FLAGS[] = {"chat", "no-mmap", "stats", NULL};
 
 // --parallel's default: sequences decoded at once when --batch-file gives several.
@@ -122,7 +125,7 @@ static int write_stats_json(const char *path, const EngineStats *st, Error *err)
     return rc;
 }
 
-int cmd_generate(int argc, char **argv) {
+static int generate_main(int argc, char **argv) {
     const char *cmd = "dsv3 generate";
     Error err = {0};
     Args a;
@@ -163,7 +166,13 @@ int cmd_generate(int argc, char **argv) {
     Engine *e = NULL;
     Sink k = {.tok = tok, .stream = !batch, .err = &err};
     if (args_flag(&a, "no-mmap")) st_set_load_mode(ST_READ);
-    if (model_load(&m, dir, 0, &err)) goto done_prompts;
+    ExpertParallel *ep = NULL;
+    long E;
+    if (cli_expert_parallel_size(&a, &E, &err) || model_load(&m, dir, 0, &err)) goto done_prompts;
+    if (E > 1 && cli_expert_parallel_start(&m, &ep, &err)) {
+        model_free(&m);
+        goto done_prompts;
+    }
     int longest = 0;
     for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
     EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + sp.max_new,
@@ -213,7 +222,10 @@ int cmd_generate(int argc, char **argv) {
             fprintf(stderr, "speculative: %ld of %ld drafts accepted (%.1f%%)\n", st->accepted_tokens, st->draft_tokens,
                     100.0 * st->accepted_tokens / st->draft_tokens);
     }
-    if (args_str(&a, "stats-json", NULL) && write_stats_json(args_str(&a, "stats-json", NULL), st, &err)) goto done;
+    if (ep && args_flag(&a, "stats") && cli_report_expert_ranks(ep, &m, &err)) goto done;
+    if (args_str(&a, "stats-json", NULL) && dist_rank(dist_world()) == 0 &&
+        write_stats_json(args_str(&a, "stats-json", NULL), st, &err))
+        goto done;
     rc = 0;
 done:
     if (rc) {
@@ -221,6 +233,7 @@ done:
         cli_fail(cmd, &err);
     }
     engine_free(e);
+    expert_parallel_free(ep);
     if (tok) tok_stream_free(&k.ts);
     if (k.out)
         for (int i = 0; i < np; i++) free(k.out[i]);
@@ -235,5 +248,17 @@ done_prompts:
 done_free:
     token_lists_free(prompts, lens, np);
     tok_free(tok);
+    return rc;
+}
+
+// Every rank computes the same sequences; the others' copies of the output and of any error (which
+// they meet alike) go nowhere.
+int cmd_generate(int argc, char **argv) {
+    Error err = {0};
+    if (dist_init(&err)) return cli_fail("dsv3 generate", &err);
+    if (dist_rank(dist_world()) != 0 && (!freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr)))
+        dist_abort(1);
+    int rc = generate_main(argc, argv);
+    dist_finalize();
     return rc;
 }

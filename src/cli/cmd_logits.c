@@ -4,7 +4,6 @@
 #include <string.h>
 
 #include "base/file.h"
-#include "base/procmem.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/util.h"
@@ -52,24 +51,6 @@ static int fail_all(const char *cmd, const Error *err) {
     return 1;
 }
 
-// Rank 0 prints every rank's weight bytes: what it reads of the weights (its experts only), and
-// its resident memory after the forward pass.
-static int report_ranks(const ExpertParallel *ep, Model *m, Error *err) {
-    DistComm *w = dist_world();
-    int n = dist_size(w);
-    long long used, all;
-    expert_parallel_weight_bytes(ep, &m->cfg, &m->w, &used, &all);
-    double mine[3] = {(double)used, (double)all, (double)procmem_resident_bytes()}, *every = malloc(sizeof mine * n);
-    if (!every) return err_set(err, "out of memory");
-    int rc = dist_gather(w, mine, sizeof mine, every, 0, err);
-    if (!rc && dist_rank(w) == 0)
-        for (int r = 0; r < n; r++)
-            fprintf(stderr, "rank %d: reads %.1f MB of the %.1f MB of weights (its experts only); resident %.1f MB\n", r,
-                    every[3 * r] / 1e6, every[3 * r + 1] / 1e6, every[3 * r + 2] / 1e6);
-    free(every);
-    return rc;
-}
-
 static int logits_main(int argc, char **argv) {
     const char *cmd = "dsv3 logits";
     Error err = {0};
@@ -85,17 +66,9 @@ static int logits_main(int argc, char **argv) {
         err_set(&err, "give --out FILE, --mtp-out FILE or both");
         return fail_all(cmd, &err);
     }
-    long E = 1;
-    int world = dist_size(dist_world()), root = dist_rank(dist_world()) == 0;
-    if (args_long(&a, "expert-parallel", 1, 1, 1 << 20, &E, &err)) return fail_all(cmd, &err);
-    if (E != world) {
-        err_set(&err, "--expert-parallel %ld: the run has %d processes (start it with mpirun -np %ld)", E, world, E);
-        return fail_all(cmd, &err);
-    }
-    if (E > 1 && args_flag(&a, "decode")) {
-        err_set(&err, "--decode with --expert-parallel: decoding with the experts split over ranks is not supported yet");
-        return fail_all(cmd, &err);
-    }
+    long E;
+    int root = dist_rank(dist_world()) == 0;
+    if (cli_expert_parallel_size(&a, &E, &err)) return fail_all(cmd, &err);
     int *tok = NULL, T = 0;
     if (parse_token_list(tokens_s, &tok, &T, &err)) return fail_all(cmd, &err);
     Model m;
@@ -107,10 +80,7 @@ static int logits_main(int argc, char **argv) {
     int rc = 1, V = m.cfg.vocab_size;
     float *logits = NULL, *mtp = NULL;
     ExpertParallel *ep = NULL;
-    if (E > 1) {
-        if (!(ep = expert_parallel_new(dist_world(), &m.cfg, A2A_FP32, &err))) goto done;
-        m.moe_parallel = expert_parallel_seam_replicated(ep);
-    }
+    if (E > 1 && cli_expert_parallel_start(&m, &ep, &err)) goto done;
     if (mtp_out && m.w.n_mtp == 0) {
         err_set(&err, "%s: --mtp-out: the model has no MTP module (num_nextn_predict_layers is 0)", dir);
         goto done;
@@ -124,7 +94,7 @@ static int logits_main(int argc, char **argv) {
     if (!logits || (mtp_out && !mtp)) goto done;
     AttnMode mode = args_flag(&a, "absorbed") ? ATTN_ABSORBED : ATTN_PLAIN;
     if (compute(&m, tok, T, args_flag(&a, "decode"), mode, kv_dtype, logits, mtp, &err)) goto done;
-    if (ep && report_ranks(ep, &m, &err)) goto done;
+    if (ep && cli_report_expert_ranks(ep, &m, &err)) goto done;
     if (root && out && file_write_all(out, logits, sizeof(float) * (size_t)T * V, &err)) goto done;
     if (root && mtp_out && file_write_all(mtp_out, mtp, sizeof(float) * (size_t)(T - 1) * V, &err)) goto done;
     rc = 0;

@@ -4,6 +4,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "base/procmem.h"
 #include "cli/util.h"
 #include "text/token_list.h"
 
@@ -45,4 +46,36 @@ double cli_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+int cli_expert_parallel_size(const Args *a, long *E, Error *err) {
+    int world = dist_size(dist_world());
+    TRY(args_long(a, "expert-parallel", 1, 1, 1 << 20, E, err));
+    if (*E != world)
+        return err_set(err, "--expert-parallel %ld: the run has %d processes (start it with mpirun -np %ld)", *E, world,
+                       *E);
+    return 0;
+}
+
+int cli_expert_parallel_start(Model *m, ExpertParallel **ep, Error *err) {
+    *ep = expert_parallel_new(dist_world(), &m->cfg, A2A_FP32, err);
+    if (!*ep) return -1;
+    m->moe_parallel = expert_parallel_seam_replicated(*ep);
+    return 0;
+}
+
+int cli_report_expert_ranks(const ExpertParallel *ep, Model *m, Error *err) {
+    DistComm *w = dist_world();
+    int n = dist_size(w);
+    long long used, all;
+    expert_parallel_weight_bytes(ep, &m->cfg, &m->w, &used, &all);
+    double mine[3] = {(double)used, (double)all, (double)procmem_resident_bytes()}, *every = malloc(sizeof mine * n);
+    if (!every) return err_set(err, "out of memory");
+    int rc = dist_gather(w, mine, sizeof mine, every, 0, err);
+    if (!rc && dist_rank(w) == 0)
+        for (int r = 0; r < n; r++)
+            fprintf(stderr, "rank %d: reads %.1f MB of the %.1f MB of weights (its experts only); resident %.1f MB\n", r,
+                    every[3 * r] / 1e6, every[3 * r + 1] / 1e6, every[3 * r + 2] / 1e6);
+    free(every);
+    return rc;
 }

@@ -5,7 +5,9 @@
 #include "base/dtype.h"
 #include "base/error.h"
 #include "cli/args.h"
+#include "dist/expert_parallel.h"
 #include "infer/engine.h"
+#include "model/model.h"
 
 // "5,17,3" → malloc'd ids; an empty list or a malformed id is an error naming the item.
 int parse_token_list(const char *s, int **out, int *n, Error *err);
@@ -16,6 +18,14 @@ int parse_sampling(const Args *a, SeqParams *sp, Error *err);
 int parse_kv_dtype(const Args *a, DType *out, Error *err);
 // Monotonic wall-clock seconds, for the commands' --stats lines.
 double cli_now(void);
+// --expert-parallel E (default 1), which must be the run's number of processes (mpirun -np E).
+int cli_expert_parallel_size(const Args *a, long *E, Error *err);
+// Splits m's routed experts over the world's ranks, every rank running the same tokens
+// (expert_parallel_seam_replicated): m->moe_parallel is set; *ep to free after the model's use.
+int cli_expert_parallel_start(Model *m, ExpertParallel **ep, Error *err);
+// Rank 0 prints every rank's weight bytes — what it reads of the weights (its experts only) — and
+// its resident memory. Collective.
+int cli_report_expert_ranks(const ExpertParallel *ep, Model *m, Error *err);
 // Prints "dsv3 CMD: message" to stderr and returns 1 (the exit status).
 int cli_fail(const char *cmd, const Error *err);
 

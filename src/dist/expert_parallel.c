@@ -470,7 +470,9 @@ static int ep_backward(MoeParallel *mp, const LayerPass *p, const MoeWeights *w,
     return 0;
 }
 
-static const MoeParallelOps ep_ops = {ep_forward, ep_backward};
+static int ep_holds(const MoeParallel *mp, int e);
+static int ep_sum_rows(MoeParallel *mp, float *x, long n, Error *err);
+static const MoeParallelOps ep_ops = {ep_forward, ep_backward, ep_holds, ep_sum_rows};
 
 // The replicated-token forward: the slots of moe_dispatch (a->expert_off, slot_tk, slot_of) cover
 // every expert; this rank runs its own and adds each token's gated outputs in choice order.
@@ -504,15 +506,29 @@ static int ep_forward_replicated(MoeParallel *mp, const LayerPass *p, const MoeW
             const float *out = a->e_out + (size_t)a->slot_of[(size_t)t * K + k] * d;
             for (int j = 0; j < d; j++) pt[j] += g * out[j];
         }
+    TRY(ep_sum_rows(&ep->replicated, partial, (long)N * d, err));
+    ep->st.tokens += N;
+    for (size_t i = 0; i < (size_t)N * d; i++) y[i] += partial[i];
+    return 0;
+}
+
+// Both seams' ExpertParallel.
+static ExpertParallel *of_seam(const MoeParallel *mp) {
+    return mp->ops == &ep_ops ? (ExpertParallel *)mp : (ExpertParallel *)((char *)mp - offsetof(ExpertParallel, replicated));
+}
+
+static int ep_holds(const MoeParallel *mp, int e) { return expert_parallel_holds(of_seam(mp), e); }
+
+static int ep_sum_rows(MoeParallel *mp, float *x, long n, Error *err) {
+    ExpertParallel *ep = of_seam(mp);
     double t0 = now_s();
     if (!ep->sum && !(ep->sum = dist_sum_new(ep->comm, err))) return -1;
-    TRY(dist_sum_start(ep->sum, partial, (size_t)N * d, err));
+    TRY(dist_sum_start(ep->sum, x, (size_t)n, err));
     DistSumStats st;
     TRY(dist_sum_wait(ep->sum, &st, err));
     ep->st.exchange_s += now_s() - t0;
+    ep->st.wait_s += now_s() - t0;
     ep->st.combine_bytes += (double)st.bytes_sent;
-    ep->st.tokens += N;
-    for (size_t i = 0; i < (size_t)N * d; i++) y[i] += partial[i];
     return 0;
 }
 
@@ -522,7 +538,8 @@ static int ep_backward_replicated(MoeParallel *mp, const LayerPass *p, const Moe
     return err_set(&p->be->err, "expert parallel: the replicated-token seam has no backward pass");
 }
 
-static const MoeParallelOps ep_replicated_ops = {ep_forward_replicated, ep_backward_replicated};
+static const MoeParallelOps ep_replicated_ops = {ep_forward_replicated, ep_backward_replicated, ep_holds,
+                                                 ep_sum_rows};
 
 ExpertParallel *expert_parallel_new(DistComm *comm, const ModelConfig *c, A2aDtype dtype, Error *err) {
     int E = dist_size(comm), Nr = c->n_routed_experts;

@@ -178,6 +178,10 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
 // rows, over all experts in use, are split evenly over the team; after one barrier each thread owns
 // a slice of the output features and sums every token's experts into it — routed in selection
 // order, then the shared experts, the order a token alone would use. Adds the result to x.
+// With the experts split over ranks (m->moe_parallel; every rank runs the same rows) a rank runs
+// only the experts it holds; each row's routed sum of those is added up over the ranks in rank
+// order (by thread 0, MPI's thread) before the shared experts join it — another order than one
+// process's, but the same on every rank and, per row, whatever else is in the batch.
 static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int N, Own *ts) {
     const ModelConfig *c = &m->cfg;
     int d = c->hidden_size, K = c->num_experts_per_tok, F = c->moe_intermediate_size, Nr = c->n_routed_experts;
@@ -197,13 +201,14 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
         ts->slot_tok[sl] = i / K;
     }
     // gate and up rows: experts in use (each F rows over its tokens), then the shared experts
+    MoeParallel *mp = m->moe_parallel;
     int used = 0, R, b, e;
-    for (int x = 0; x < Nr; x++) used += off[x + 1] > off[x];
+    for (int x = 0; x < Nr; x++) used += off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x));
     R = used * F + (Fs > 0 ? Fs : 0);
     share(R, SHARE_UNIT, &b, &e);
     for (int x = 0, base = 0; x < Nr && base < e; x++) {
         int nt = off[x + 1] - off[x];
-        if (nt == 0) continue;
+        if (nt == 0 || (mp && !mp->ops->holds(mp, x))) continue;
         int lo = b > base ? b - base : 0, hi = e - base < F ? e - base : F;
         base += F;
         if (lo >= hi) continue;
@@ -237,22 +242,38 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
         // this thread's features of every slot's down projection, and of the shared experts'
         for (int x = 0; x < Nr; x++) {
             int nt = off[x + 1] - off[x];
-            if (nt > 0)
+            if (nt > 0 && (!mp || mp->ops->holds(mp, x)))
                 ts->failed |= matmul_nt_invariant(s->e_out + (size_t)off[x] * d, d, s->e_gate + (size_t)off[x] * F, F,
                                                   &w->experts[x].down_proj, nt, b, e);
         }
         if (Fs > 0) ts->failed |= matmul_nt_invariant(s->y, d, s->gate, Fs, &w->shared_experts.down_proj, N, b, e);
         for (int n = 0; n < N; n++) {
-            float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d;
+            float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d, *part = s->xg + (size_t)n * d;
             for (int r = b; r < e; r++) {
                 float acc = 0.0f;
                 for (int k = 0; k < K; k++)
-                    acc += ts->gw[n * K + k] * s->e_out[(size_t)ts->slot_of[n * K + k] * d + r];
+                    if (!mp || mp->ops->holds(mp, ts->idx[n * K + k]))
+                        acc += ts->gw[n * K + k] * s->e_out[(size_t)ts->slot_of[n * K + k] * d + r];
+                if (mp) {  // this rank's routed part, summed over the ranks below
+                    part[r] = acc;
+                    continue;
+                }
                 if (Fs > 0) acc += ys[r];
                 x[r] += acc;
             }
         }
     }
+#pragma omp barrier
+    if (!mp) return;
+    // s->xg (N, d): free in decoding, the routed parts of every row
+#pragma omp master
+    ts->failed |= mp->ops->sum_rows(mp, s->xg, (long)N * d, &m->be->err) != 0;
+#pragma omp barrier
+    if (e > b)
+        for (int n = 0; n < N; n++) {
+            float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d, *part = s->xg + (size_t)n * d;
+            for (int r = b; r < e; r++) x[r] += Fs > 0 ? part[r] + ys[r] : part[r];
+        }
 #pragma omp barrier
 }
 
@@ -329,7 +350,6 @@ static int step_result(int failed, Error *err) {
 int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_seqs, float *logits, float *hidden,
                  Error *err) {
     const ModelConfig *c = &m->cfg;
-    if (m->moe_parallel) return err_set(err, "decoding with the experts split over ranks is not supported yet");
     Batch bt;
     if (batch_begin(m, s, seqs, n_seqs, -1, &bt, err)) return -1;
     int failed = 0, d = c->hidden_size;
@@ -353,7 +373,6 @@ int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_s
 int model_mtp_decode(const Model *m, ForwardState *s, int k, const DecodeSeq *seqs, int n_seqs, const float *hidden,
                      float *logits, float *hidden_out, Error *err) {
     const ModelConfig *c = &m->cfg;
-    if (m->moe_parallel) return err_set(err, "decoding with the experts split over ranks is not supported yet");
     if (k < 0 || k >= m->w.n_mtp) return err_set(err, "MTP module %d: the model has %d MTP modules loaded", k, m->w.n_mtp);
     for (int i = 0; i < n_seqs; i++)
         if (k >= seqs[i].kv->n_mtp) return err_set(err, "MTP module %d: sequence %d's cache has no layer for it", k, i);

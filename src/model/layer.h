@@ -43,6 +43,11 @@ typedef struct MoeParallelOps {
     // gates' gradient, g's experts += their weight gradients.
     int (*backward)(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerActs *a,
                     LayerGradScratch *s, const float *dy, int N);
+    // For a schedule of its own (the batched decode step, where every rank runs the same rows):
+    // whether routed expert e is computed here, and the sum over the ranks of n floats, in rank
+    // order, the same bits on every rank. Called by one thread.
+    int (*holds)(const MoeParallel *mp, int e);
+    int (*sum_rows)(MoeParallel *mp, float *x, long n, Error *err);
 } MoeParallelOps;
 struct MoeParallel {
     const MoeParallelOps *ops;
