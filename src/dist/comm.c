@@ -44,6 +44,7 @@ int dist_have_mpi(void) {
 #endif
 }
 
+#ifdef DSV3_MPI
 // The rank's share of the machine's cores: its affinity mask when the launcher bound it to its
 // share (the masks of the node's ranks then add up to no more than the machine), else the mask
 // divided among the ranks.
@@ -55,6 +56,7 @@ static void set_threads(int local_size) {
     int n = (long)mine * local_size <= online ? mine : mine / local_size;
     omp_set_num_threads(n > 0 ? n : 1);
 }
+#endif
 
 int dist_init(Error *err) {
     if (g.inited) return 0;
@@ -188,7 +190,7 @@ int dist_sum_f64(DistComm *c, double *x, int n, Error *err) {
     if (rc != MPI_SUCCESS) return mpi_err(err, rc, "MPI_Gather");
     MPI_TRY(MPI_Bcast(x, n, MPI_DOUBLE, 0, c->comm), "MPI_Bcast");
 #endif
-    (void)err;
+    (void)x, (void)err;
     return 0;
 }
 
@@ -197,7 +199,7 @@ int dist_sum_i64(DistComm *c, long long *x, int n, Error *err) {
 #ifdef DSV3_MPI
     MPI_TRY(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_LONG_LONG, MPI_SUM, c->comm), "MPI_Allreduce");  // exact
 #endif
-    (void)err;
+    (void)x, (void)err;
     return 0;
 }
 
@@ -206,7 +208,7 @@ int dist_max_f64(DistComm *c, double *x, int n, Error *err) {
 #ifdef DSV3_MPI
     MPI_TRY(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_MAX, c->comm), "MPI_Allreduce");  // exact
 #endif
-    (void)err;
+    (void)x, (void)err;
     return 0;
 }
 
