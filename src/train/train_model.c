@@ -491,9 +491,15 @@ static int head_forward(TrainModel *m, const float *norm, const float *x, float 
 
 // FP8 storage: a layer's kept buffers, which its forward left in the shared fp32 scratch, into its
 // FP8 copies; and back into the scratch before its backward pass.
+// Whether kept buffer k is in use: with the experts split over ranks (moe_parallel) the routed
+// experts' activations live in the exchange's state, not in the layer's, and are not kept here.
+static int kept_in_use(const TrainModel *m, const TrainLayerActs *t, int k) {
+    return t->kept[k].rows && !(m->moe_parallel && (k == KEPT_E_GATE || k == KEPT_E_UP));
+}
+
 static int keep_layer(TrainModel *m, TrainLayerActs *t) {
     for (int k = 0; k < N_KEPT; k++)
-        if (t->kept[k].rows)
+        if (kept_in_use(m, t, k))
             TRY(m->be->ops->fp8_save(m->be, t->kept[k].codes, t->kept[k].scales, m->a.kept_fp32[k], t->kept[k].rows,
                                      t->kept[k].cols));
     return 0;
@@ -501,14 +507,15 @@ static int keep_layer(TrainModel *m, TrainLayerActs *t) {
 
 static int restore_layer(TrainModel *m, const TrainLayerActs *t) {
     for (int k = 0; k < N_KEPT; k++)
-        if (t->kept[k].rows)
+        if (kept_in_use(m, t, k))
             TRY(m->be->ops->fp8_restore(m->be, m->a.kept_fp32[k], t->kept[k].codes, t->kept[k].scales, t->kept[k].rows,
                                         t->kept[k].cols));
     // the SwiGLU outputs from the restored inputs (the report recomputes them rather than keep them)
     const Fp8Kept *fg = &t->kept[KEPT_FFN_GATE], *eg = &t->kept[KEPT_E_GATE];
     if (fg->rows)
         TRY(m->be->ops->swiglu(m->be, t->acts.ffn_h, t->acts.ffn_gate, t->acts.ffn_up, fg->rows * fg->cols));
-    if (eg->rows) TRY(m->be->ops->swiglu(m->be, t->acts.e_h, t->acts.e_gate, t->acts.e_up, eg->rows * eg->cols));
+    if (kept_in_use(m, t, KEPT_E_GATE))
+        TRY(m->be->ops->swiglu(m->be, t->acts.e_h, t->acts.e_gate, t->acts.e_up, eg->rows * eg->cols));
     return 0;
 }
 
