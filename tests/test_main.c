@@ -56,9 +56,14 @@ const char *test_bin(void) {
     return b && *b ? b : "build/dsv3";
 }
 
+// Under mpirun (a test running the runner on several ranks) each rank has a directory of its own,
+// since each clears it at start.
 const char *test_tmpdir(void) {
-    const char *t = getenv("TEST_TMP");
-    return t && *t ? t : "build/test-tmp";
+    static char dir[256];
+    if (dir[0]) return dir;
+    const char *t = getenv("TEST_TMP"), *rank = getenv("OMPI_COMM_WORLD_RANK");
+    snprintf(dir, sizeof dir, "%s%s%s", t && *t ? t : "build/test-tmp", rank ? "/rank" : "", rank ? rank : "");
+    return dir;
 }
 
 const char *test_datadir(void) { return "tests/data"; }
