@@ -38,8 +38,8 @@ static int dp_train(char *out, size_t n, const char *launch, const char *run, lo
                     launch, test_bin(), dir, dir, run, steps, extra);
 }
 
-// The numbers of metrics.jsonl in order (keys and the wall-clock tokens_per_s dropped); with key,
-// only that key's ("main_loss").
+// The numbers of metrics.jsonl in order (keys, the wall-clock tokens_per_s and the expert-parallel
+// traffic fields dropped); with key, only that key's ("main_loss").
 static int metric_key(const char *run, const char *key, double *v, int max) {
     char path[700];
     snprintf(path, sizeof path, "%s/metrics.jsonl", run);
@@ -47,7 +47,11 @@ static int metric_key(const char *run, const char *key, double *v, int max) {
     if (!s) return -1;
     int n = 0;
     for (char *p = s; (p = strstr(p, "\": ")) && n < max;) {
-        int timing = p - s >= 12 && strncmp(p - 12, "tokens_per_s", 12) == 0;
+        // the wall clock, and what only expert parallelism reports (its traffic), are not compared
+        const char *k = p;
+        while (k > s && k[-1] != '"') k--;
+        int timing = strncmp(k, "tokens_per_s\"", 13) == 0 || strncmp(k, "a2a_", 4) == 0 ||
+                     strncmp(k, "max_nodes\"", 10) == 0;
         size_t kl = key ? strlen(key) : 0;
         int wanted = !key || (p - s >= (long)kl + 1 && strncmp(p - kl, key, kl) == 0 && p[-(long)kl - 1] == '"');
         p += 3;

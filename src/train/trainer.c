@@ -779,8 +779,12 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
             exposed_sum += st.busy_s;  // blocked, and summing chunks between layers
             sync_bytes = (double)st.bytes_sent;
         }
+        ExpertParallelStats st = {0};
+        double step_nodes = 0;
         if (r->ep) {  // the training step's exchanges (evaluation's are taken and dropped below)
-            ExpertParallelStats st = expert_parallel_take_stats(r->ep);
+            st = expert_parallel_take_stats(r->ep);
+            step_nodes = st.max_nodes;  // the most nodes a token of any rank reached this step
+            if (dist_max_f64(r->world, &step_nodes, 1, err)) goto done;
             a2a.dispatch_bytes += st.dispatch_bytes, a2a.combine_bytes += st.combine_bytes;
             a2a.exchange_s += st.exchange_s, a2a.tokens += st.tokens, a2a.token_ranks += st.token_ranks;
             a2a.wait_s += st.wait_s;
@@ -807,6 +811,11 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
                          "\"tokens\": %lld, \"tokens_per_s\": %.1f",
                          r->step, acc.loss, acc.main, acc.mtp, acc.balance, lr, gnorm, vio, vio_worst, r->tokens,
                          step_tokens / dt);
+        if (r->ep && st.tokens > 0)
+            n += snprintf(line + n, sizeof line - n,
+                          ", \"a2a_intra_node_bytes_per_token\": %.1f, \"a2a_inter_node_bytes_per_token\": %.1f, "
+                          "\"max_nodes\": %d, \"a2a_wait_s\": %.6f",
+                          st.intra_node_bytes / st.tokens, st.inter_node_bytes / st.tokens, (int)step_nodes, st.wait_s);
         int last = r->step == o->steps;
         if (r->have_val && ((o->eval_every > 0 && r->step % o->eval_every == 0) || last)) {
             double vmv;
