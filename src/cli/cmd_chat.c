@@ -22,7 +22,7 @@
 #include "text/utf8.h"
 
 static const char *const VALUED[] = {"model", "system", "max-new", "temperature", "top-p", "top-k", "seed", "ctx",
-                                     "kv-dtype", "speculative", NULL};
+                                     "kv-dtype", "speculative", "compute", NULL};
 static const char *const FLAGS[] = {"no-mmap", "verbose-prompt", NULL};
 
 static volatile sig_atomic_t interrupted;
@@ -148,7 +148,9 @@ int cmd_chat(int argc, char **argv) {
     }
     DType kv_dtype;
     long spec;
-    if (parse_kv_dtype(&a, &kv_dtype, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err))
+    int bf16;
+    if (parse_kv_dtype(&a, &kv_dtype, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err) ||
+        parse_compute(&a, &bf16, &err))
         return cli_fail(cmd, &err);
     EngineOptions eo = {.parallel = 1, .prefill_chunk = 512, .kv_dtype = kv_dtype, .speculative = (int)spec};
     Tokenizer *tok = tok_load_dir(dir, &err);
@@ -159,6 +161,7 @@ int cmd_chat(int argc, char **argv) {
         tok_free(tok);
         return cli_fail(cmd, &err);
     }
+    model_set_compute(&m, bf16);
     if (ctx > m.cfg.max_position_embeddings) ctx = m.cfg.max_position_embeddings;
     eo.ctx = (int)ctx;
     eo.prefix_cache = 1;

@@ -21,7 +21,7 @@
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
                                      "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype",
-                                     "speculative", "expert-parallel", NULL};
+                                     "speculative", "expert-parallel", "compute", NULL};
 static const char *const FLAGS[] = {"chat", "no-mmap", "stats", NULL};
 
 // --parallel's default: sequences decoded at once when --batch-file gives several.
@@ -168,7 +168,10 @@ static int generate_main(int argc, char **argv) {
     if (args_flag(&a, "no-mmap")) st_set_load_mode(ST_READ);
     ExpertParallel *ep = NULL;
     long E;
-    if (cli_expert_parallel_size(&a, &E, &err) || model_load(&m, dir, 0, &err)) goto done_prompts;
+    int bf16;
+    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, &bf16, &err) || model_load(&m, dir, 0, &err))
+        goto done_prompts;
+    model_set_compute(&m, bf16);
     if (E > 1 && cli_expert_parallel_start(&m, &ep, &err)) {
         model_free(&m);
         goto done_prompts;

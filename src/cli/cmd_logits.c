@@ -10,7 +10,7 @@
 #include "dist/expert_parallel.h"
 #include "model/model.h"
 
-static const char *const VALUED[] = {"model", "tokens", "out", "mtp-out", "kv-dtype", "expert-parallel", NULL};
+static const char *const VALUED[] = {"model", "tokens", "out", "mtp-out", "kv-dtype", "expert-parallel", "compute", NULL};
 static const char *const FLAGS[] = {"decode", "absorbed", "no-mmap", NULL};
 
 // Main logits (T, V) and, when mtp is non-NULL, the first MTP module's logits (T-1, V).
@@ -67,8 +67,8 @@ static int logits_main(int argc, char **argv) {
         return fail_all(cmd, &err);
     }
     long E;
-    int root = dist_rank(dist_world()) == 0;
-    if (cli_expert_parallel_size(&a, &E, &err)) return fail_all(cmd, &err);
+    int root = dist_rank(dist_world()) == 0, bf16;
+    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, &bf16, &err)) return fail_all(cmd, &err);
     int *tok = NULL, T = 0;
     if (parse_token_list(tokens_s, &tok, &T, &err)) return fail_all(cmd, &err);
     Model m;
@@ -80,6 +80,7 @@ static int logits_main(int argc, char **argv) {
     int rc = 1, V = m.cfg.vocab_size;
     float *logits = NULL, *mtp = NULL;
     ExpertParallel *ep = NULL;
+    model_set_compute(&m, bf16);
     if (E > 1 && cli_expert_parallel_start(&m, &ep, &err)) goto done;
     if (mtp_out && m.w.n_mtp == 0) {
         err_set(&err, "%s: --mtp-out: the model has no MTP module (num_nextn_predict_layers is 0)", dir);

@@ -79,3 +79,11 @@ int cli_report_expert_ranks(const ExpertParallel *ep, Model *m, Error *err) {
     free(every);
     return rc;
 }
+
+int parse_compute(const Args *a, int *bf16, Error *err) {
+    const char *s = args_str(a, "compute", "f32");
+    if (strcmp(s, "f32") != 0 && strcmp(s, "bf16") != 0)
+        return err_set(err, "--compute: unknown value '%s' (f32 or bf16)", s);
+    *bf16 = strcmp(s, "bf16") == 0;
+    return 0;
+}

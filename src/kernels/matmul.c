@@ -266,6 +266,7 @@ static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N)
 int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
     if (check_dtype(w)) return -1;
     if (N <= 0 || r1 <= r0) return 0;
+    if (w->compute_bf16 && w->cols > 0) return matmul_nt_bf16c(out, w->rows, x, w->cols, w, N, r0, r1);
     if (w->cols <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * w->rows + r0, 0, sizeof(float) * (r1 - r0));
         return 0;
@@ -293,6 +294,7 @@ int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, 
 int matmul_nt_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
     if (check_dtype(w)) return -1;
     if (N <= 0 || r1 <= r0) return 0;
+    if (w->compute_bf16 && w->cols > 0) return matmul_nt_bf16c(out, ldo, x, ldx, w, N, r0, r1);
     if (w->cols <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
         return 0;
@@ -328,7 +330,7 @@ int matmul_nt(float *out, const float *x, const MatView *w, int N) {
         memset(out, 0, sizeof(float) * N * rows);
         return 0;
     }
-    if (!kernels_cpu_avx512() || !matview_avx512_ok(w)) return matmul_nt_scalar(out, x, w, N);
+    if (!w->compute_bf16 && (!kernels_cpu_avx512() || !matview_avx512_ok(w))) return matmul_nt_scalar(out, x, w, N);
     int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N ? 4 : 32, failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {

@@ -21,7 +21,14 @@ typedef struct MatView {
     int scale_cols;            // ceil(cols / block)
     int block;                 // 128
     int row0;                  // first row of this view within the scaled matrix
+    int compute_bf16;          // 1: x · Wᵀ products take x and W as BF16 values, fp32 sums (matmul_nt_bf16c)
 } MatView;
+
+// out[n * ldo + r] = x[n * ldx ..] · W[r] for r in [r0, r1) with BF16 compute (matmul_bf16c.c):
+// x rounded to BF16, W as BF16 values (FP8: codes, the block scale applied per 128-column chunk),
+// fp32 sums in a fixed order per output element (batch invariant); AVX512_BF16 dot products or a
+// portable path. The matmul_nt family takes this path for views with compute_bf16 set. No fork.
+int matmul_nt_bf16c(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
 
 // Rows [r0, r0 + n) of w, as a view.
 MatView matview_rows(const MatView *w, int r0, int n);

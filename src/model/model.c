@@ -6,6 +6,7 @@
 #include "kernels/backend.h"
 #include "kernels/ops.h"
 #include "model/model.h"
+#include "model/tensors.h"
 
 int model_load(Model *m, const char *dir, int need_mtp, Error *err) {
     memset(m, 0, sizeof *m);
@@ -193,4 +194,18 @@ void *kvcache_kpe(const KVCache *kv, const ModelConfig *c, int l) {
 
 size_t kvcache_bytes_per_token(const ModelConfig *c, DType dtype) {
     return (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * c->num_hidden_layers * dtype_size(dtype);
+}
+
+typedef struct {
+    int bf16;
+} ComputeWalk;
+
+static int set_compute(const TensorSpec *t, void *ctx) {
+    if (t->mat && t->kind == TENSOR_LINEAR) t->mat->compute_bf16 = ((ComputeWalk *)ctx)->bf16;
+    return 0;
+}
+
+void model_set_compute(Model *m, int bf16) {
+    ComputeWalk w = {bf16};
+    tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &w);
 }
