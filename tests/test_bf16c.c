@@ -147,3 +147,17 @@ static void check_bf16_compute(const char *name) {
 TEST(test_bf16_compute_golden_v3) { check_bf16_compute("v3"); }
 TEST(test_bf16_compute_golden_fp8) { check_bf16_compute("fp8"); }
 TEST(test_bf16_compute_golden_v2lite) { check_bf16_compute("v2lite"); }
+
+// Batch invariance holds under --compute bf16: the batch file's greedy continuations are the same
+// bits alone (--parallel 1), four at a time, and on one thread.
+TEST(test_bf16_compute_batch_invariant) {
+    char dir[300], batch[600], a[4096], b[4096], c[4096];
+    snprintf(dir, sizeof dir, "%s/v3", test_datadir());
+    snprintf(batch, sizeof batch, "%s/bf16c_batch.txt", test_tmpdir());
+    test_write_text(batch, "5,17,3\n90,2,44,8\n7\n11,12\n");
+    const char *fmt = "%s%s generate --model %s --batch-file %s --max-new 12 --parallel %d --compute bf16 --temperature 0";
+    CHECK(test_run(a, sizeof a, fmt, "", test_bin(), dir, batch, 1) == 0);
+    CHECK(test_run(b, sizeof b, fmt, "", test_bin(), dir, batch, 4) == 0);
+    CHECK(test_run(c, sizeof c, fmt, "OMP_NUM_THREADS=1 ", test_bin(), dir, batch, 4) == 0);
+    CHECK_MSG(strlen(a) > 20 && strcmp(a, b) == 0 && strcmp(a, c) == 0, "alone:\n%s\nfour:\n%s\none thread:\n%s", a, b, c);
+}
