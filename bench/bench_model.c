@@ -32,7 +32,7 @@ static double active_weight_bytes(Model *m) {
 }
 
 // bw_buf: a buffer of bw_bytes whose read speed is measured before every run.
-static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode mode, const void *bw_buf,
+static int bench_one(const char *cfg_path, const char *dir, DType dt, int bf16, StLoadMode mode, const void *bw_buf,
                      size_t bw_bytes) {
     Error err = {0};
     ModelConfig c;
@@ -52,6 +52,8 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
+    model_set_compute(&m, bf16);
+    const char *how = bf16 ? " compute bf16" : "";
     enum { PROMPT = 256, DECODE = 128, REPS = 7 };
     int V = m.cfg.vocab_size, tok[PROMPT];
     for (int i = 0; i < PROMPT; i++) tok[i] = (i * 7919 + 13) % V;
@@ -86,10 +88,10 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, StLoadMode
     for (int r = 1; r < REPS; r++) rlo = ratio[r] < rlo ? ratio[r] : rlo, rhi = ratio[r] > rhi ? ratio[r] : rhi;
     double p = bench_median(pre, REPS), d = bench_median(dec, REPS), bw = bench_median(bws, REPS);
     double q = bench_median(ratio, REPS);
-    printf("%-5s prefill %d tokens: %8.1f tokens/s\n", dtype_name(dt), PROMPT, p);
-    printf("%-5s decode (context %d-%d): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s; read bandwidth %.1f GB/s\n"
+    printf("%-5s%s prefill %d tokens: %8.1f tokens/s\n", dtype_name(dt), how, PROMPT, p);
+    printf("%-5s%s decode (context %d-%d): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s; read bandwidth %.1f GB/s\n"
            "      weights streamed / read bandwidth, run by run: median %.0f%% (range %.0f-%.0f%%)\n",
-           dtype_name(dt), PROMPT, PROMPT + DECODE, d, wb / 1e6, wb * d / 1e9, bw, 100 * q, 100 * rlo, 100 * rhi);
+           dtype_name(dt), how, PROMPT, PROMPT + DECODE, d, wb / 1e6, wb * d / 1e9, bw, 100 * q, 100 * rlo, 100 * rhi);
     free(logits);
     model_free(&m);
     return 0;
@@ -114,9 +116,11 @@ int main(int argc, char **argv) {
     for (int mode = ST_MAP; mode <= ST_READ; mode++) {
         printf("-- weights %s\n", mode == ST_MAP ? "mmapped from the page cache (the default)"
                                                  : "read into huge-page memory (--no-mmap)");
-        if (bench_one(cfg, "build/bench-models/v3-108m-bf16", DT_BF16, mode, probe, PROBE_BYTES) ||
-            bench_one(cfg, "build/bench-models/v3-108m-fp8", DT_F8_E4M3, mode, probe, PROBE_BYTES))
-            return 1;
+        // f32 and --compute bf16 taking turns
+        for (int bf16 = 0; bf16 < 2; bf16++)
+            if (bench_one(cfg, "build/bench-models/v3-108m-bf16", DT_BF16, bf16, mode, probe, PROBE_BYTES) ||
+                bench_one(cfg, "build/bench-models/v3-108m-fp8", DT_F8_E4M3, bf16, mode, probe, PROBE_BYTES))
+                return 1;
     }
     free(probe);
     return 0;
