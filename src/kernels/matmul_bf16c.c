@@ -49,8 +49,10 @@ static void bf16c_rows_portable(float *out, int ldo, const float *x, int ldx, in
                 float *a = acc[(c0 / 32) % 4];
                 for (int i = 0; i < 16; i++) a[i] = fp8 ? fmaf(part[i], fp8_scale(w, r, c0), a[i]) : a[i] + part[i];
             }
-            float sum = 0;
-            for (int i = 0; i < 16; i++) sum += (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
+            float t[16], a[8];
+            for (int i = 0; i < 16; i++) t[i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
+            for (int i = 0; i < 8; i++) a[i] = t[i] + t[i + 8];  // reduce4's tree
+            float sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
             if (fp8)  // an E4M3 NaN code makes its row's products NaN, as the fp32 path does
                 for (int c = 0; c < cols; c++)
                     if ((((const uint8_t *)w->data)[(size_t)r * cols + c] & 0x7f) == 0x7f) sum = NAN;
@@ -92,54 +94,106 @@ AVX512BF16_INLINE __m512i weights32(const DType kind, const char *row, int c, __
     }
 }
 
+// The sums of 16 lanes of four vectors, each by the same tree (halves, then pairs): a row's sum is
+// the same bits whichever rows share the call.
+AVX512BF16_INLINE __m128 reduce4(__m512 t0, __m512 t1, __m512 t2, __m512 t3) {
+    __m256 a0 = _mm256_add_ps(_mm512_castps512_ps256(t0), _mm512_extractf32x8_ps(t0, 1));
+    __m256 a1 = _mm256_add_ps(_mm512_castps512_ps256(t1), _mm512_extractf32x8_ps(t1, 1));
+    __m256 a2 = _mm256_add_ps(_mm512_castps512_ps256(t2), _mm512_extractf32x8_ps(t2, 1));
+    __m256 a3 = _mm256_add_ps(_mm512_castps512_ps256(t3), _mm512_extractf32x8_ps(t3, 1));
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 // Row r against NB <= 4 activation rows xb (BF16, zero-padded to cpad columns); KIND: w's dtype.
-AVX512BF16_INLINE void bf16c_row(const DType KIND, const int NB, float *out, int ldo, const uint16_t *xb, int cpad,
-                                 const MatView *w, int r) {
+// t[j]: the row's 16 lane sums for activation row j (reduce4 adds them); returns 1 when the row
+// holds an FP8 NaN code.
+AVX512BF16_INLINE int bf16c_row(const DType KIND, const int NB, __m512 *t, const uint16_t *xb, int cpad,
+                                const MatView *w, int r) {
     const int cols = w->cols, fp8 = KIND == DT_F8_E4M3;
-    const char *row = (const char *)w->data + (size_t)r * cols * dtype_size(w->dtype);
+    const char *row = (const char *)w->data + (size_t)r * cols * (KIND == DT_F32 ? 4 : KIND == DT_F8_E4M3 ? 1 : 2);
     __m512 acc[4][4];
+#pragma GCC unroll 4
     for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
         for (int u = 0; u < 4; u++) acc[j][u] = _mm512_setzero_ps();
     int nan = 0;
     const size_t esz = KIND == DT_F32 ? 4 : KIND == DT_F8_E4M3 ? 1 : 2;
     const float *srow = fp8 ? w->scale_inv + (size_t)((w->row0 + r) / w->block) * w->scale_cols : NULL;
-    __m256i nan_seen = _mm256_setzero_si256();
-    // 128 columns (four steps, one per sum) at a time, so that the sums stay in registers
-    for (int c4 = 0, cb = 0; c4 < cols; c4 += 128, cb++) {  // (FP8 blocks are 128 columns: one scale)
+    // A code ORed with 0x80 is 0xff exactly for the NaN codes (S.1111.111): a running byte maximum
+    // finds one without touching the arithmetic.
+    __m512i nan_seen = _mm512_setzero_si512();
+    const __m512i sign = _mm512_set1_epi8((char)0x80);
+    const int full = cols & ~127;
+    // whole 128-column blocks (four steps, one per sum, one FP8 scale), without masks
+    for (int c4 = 0, cb = 0; c4 < full; c4 += 128, cb++) {
+        for (size_t b = 0; b < 128 * esz; b += 64) _mm_prefetch(row + c4 * esz + b + 4096, _MM_HINT_T0);
+        __m512 s = _mm512_setzero_ps();
         if (fp8) {
-            __m256i codes = _mm256_loadu_si256((const __m256i *)(row + c4));  // (NaN look-out, see below)
-            if (cols - c4 >= 32) nan_seen = _mm256_max_epu8(nan_seen, _mm256_or_si256(codes, _mm256_set1_epi8((char)0x80)));
+            nan_seen = _mm512_max_epu8(nan_seen, _mm512_or_si512(_mm512_loadu_si512(row + c4), sign));
+            nan_seen = _mm512_max_epu8(nan_seen, _mm512_or_si512(_mm512_loadu_si512(row + c4 + 64), sign));
+            s = _mm512_set1_ps(srow[cb]);
         }
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) {
             int c = c4 + 32 * u;
-            if (c >= cols) break;
-            __mmask32 m = cols - c >= 32 ? 0xffffffffu : (1u << (cols - c)) - 1;
-            for (size_t b = 0; b < 32 * esz; b += 64) _mm_prefetch(row + c * esz + b + 4096, _MM_HINT_T0);
-            __m512bh wv = (__m512bh)weights32(KIND, row, c, m);
-            if (!fp8) {
-#pragma GCC unroll 4
-                for (int j = 0; j < NB; j++)
-                    acc[j][u] = _mm512_dpbf16_ps(acc[j][u], wv, (__m512bh)_mm512_loadu_si512(xb + (size_t)j * cpad + c));
-                continue;
-            }
-            if (u > 0 || cols - c < 32)
-                nan_seen = _mm256_max_epu8(nan_seen, _mm256_or_si256(_mm256_maskz_loadu_epi8(m, row + c),
-                                                                     _mm256_set1_epi8((char)0x80)));
-            __m512 s = _mm512_set1_ps(srow[cb]);
+            __m512bh wv = (__m512bh)weights32(KIND, row, c, 0xffffffffu);
 #pragma GCC unroll 4
             for (int j = 0; j < NB; j++) {
-                __m512 part =
-                    _mm512_dpbf16_ps(_mm512_setzero_ps(), wv, (__m512bh)_mm512_loadu_si512(xb + (size_t)j * cpad + c));
-                acc[j][u] = _mm512_fmadd_ps(part, s, acc[j][u]);
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (size_t)j * cpad + c);
+                if (fp8) acc[j][u] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), wv, xv), s, acc[j][u]);
+                else acc[j][u] = _mm512_dpbf16_ps(acc[j][u], wv, xv);
             }
         }
     }
-    if (fp8 && _mm256_cmpeq_epi8_mask(nan_seen, _mm256_set1_epi8((char)0xff)))
+    // the rest: the same steps, masked
+    for (int c = full, u = 0; c < cols; c += 32, u++) {
+        __mmask32 m = cols - c >= 32 ? 0xffffffffu : (1u << (cols - c)) - 1;
+        __m512bh wv = (__m512bh)weights32(KIND, row, c, m);
+        __m512 s = _mm512_setzero_ps();
+        if (fp8) {
+            nan_seen = _mm512_max_epu8(nan_seen, _mm512_castsi256_si512(_mm256_or_si256(
+                                                     _mm256_maskz_loadu_epi8(m, row + c), _mm256_set1_epi8((char)0x80))));
+            s = _mm512_set1_ps(srow[full / 128]);
+        }
+#define BF16C_TAIL_STEP(U)                                                                                   \
+    acc[j][U] = fp8 ? _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), wv, xv), s, acc[j][U])              \
+                    : _mm512_dpbf16_ps(acc[j][U], wv, xv)
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (size_t)j * cpad + c);
+            switch (u) {  // (the sums by name, so that they stay in registers)
+            case 0: BF16C_TAIL_STEP(0); break;
+            case 1: BF16C_TAIL_STEP(1); break;
+            case 2: BF16C_TAIL_STEP(2); break;
+            default: BF16C_TAIL_STEP(3); break;
+            }
+        }
+#undef BF16C_TAIL_STEP
+    }
+    if (fp8 && _mm512_cmpeq_epi8_mask(nan_seen, _mm512_set1_epi8((char)0xff)))
         for (int c = 0; c < cols && !nan; c++) nan = (((const uint8_t *)row)[c] & 0x7f) == 0x7f;
-    for (int j = 0; j < NB; j++) {
-        __m512 t = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
-        out[(size_t)j * ldo + r] = nan ? NAN : _mm512_reduce_add_ps(t);
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++) t[j] = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
+    return nan;
+}
+
+// Rows [r0, r1) of w against NB activation rows, four weight rows at a time for the lane sums.
+AVX512BF16_INLINE void bf16c_rows(const DType KIND, const int NB, float *out, int ldo, const uint16_t *xb, int cpad,
+                                  const MatView *w, int r0, int r1) {
+    for (int r = r0; r < r1; r += 4) {
+        __m512 t[4][4];
+        int nan[4] = {0};
+        for (int i = 0; i < 4; i++) {
+            if (r + i < r1) nan[i] = bf16c_row(KIND, NB, t[i], xb, cpad, w, r + i);
+            else
+                for (int j = 0; j < NB; j++) t[i][j] = _mm512_setzero_ps();
+        }
+        for (int j = 0; j < NB; j++) {
+            float sum[4];
+            _mm_storeu_ps(sum, reduce4(t[0][j], t[1][j], t[2][j], t[3][j]));
+            for (int i = 0; i < 4 && r + i < r1; i++) out[(size_t)j * ldo + r + i] = nan[i] ? NAN : sum[i];
+        }
     }
 }
 
@@ -163,12 +217,12 @@ AVX512BF16 static int bf16c_rows_avx512(float *out, int ldo, const float *x, int
         }
         float *o = out + (size_t)n0 * ldo;
 #define BF16C_ROWS(KIND)                                                                \
-    for (int r = r0; r < r1; r++) switch (nb) {                                         \
-        case 1: bf16c_row(KIND, 1, o, ldo, xb, cpad, w, r); break;                      \
-        case 2: bf16c_row(KIND, 2, o, ldo, xb, cpad, w, r); break;                      \
-        case 3: bf16c_row(KIND, 3, o, ldo, xb, cpad, w, r); break;                      \
-        default: bf16c_row(KIND, 4, o, ldo, xb, cpad, w, r); break;                     \
-        }
+    switch (nb) {                                                                       \
+    case 1: bf16c_rows(KIND, 1, o, ldo, xb, cpad, w, r0, r1); break;                    \
+    case 2: bf16c_rows(KIND, 2, o, ldo, xb, cpad, w, r0, r1); break;                    \
+    case 3: bf16c_rows(KIND, 3, o, ldo, xb, cpad, w, r0, r1); break;                    \
+    default: bf16c_rows(KIND, 4, o, ldo, xb, cpad, w, r0, r1); break;                   \
+    }
         switch (w->dtype) {
         case DT_F32: BF16C_ROWS(DT_F32); break;
         case DT_BF16: BF16C_ROWS(DT_BF16); break;
