@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 DSV3=${DSV3:-build/dsv3}
 out=build/bench-dist
 if ! command -v mpirun >/dev/null 2>&1; then echo "bench_dist: skipped (mpirun not installed)"; exit 0; fi
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 \
+  OMPI_MCA_btl_vader_single_copy_mechanism=none
 mkdir -p "$out"
 if [ ! -f "$out/data/data.json" ]; then
   bible -f "Genesis1:1-Revelation22:21" 2>/dev/null | sed 's/^[0-9A-Za-z]*[0-9]*:[0-9]* //' > "$out/kjv.txt"

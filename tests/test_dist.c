@@ -24,10 +24,11 @@ static const char *no_mpi(void) {
 }
 
 // mpirun as root too, one OpenMP thread per rank (2 or 4 ranks share this machine's cores), ranks
-// yielding while they wait, and a time limit so that a hang fails the test instead of the suite.
+// yielding while they wait, shared memory without the single-copy mechanism (cross-process reads
+// that containers often forbid), and a time limit so that a hang fails the test instead of the suite.
 #define MPIRUN                                                                                                 \
     "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 OMP_NUM_THREADS=1 " \
-    "timeout 300 mpirun --oversubscribe"
+    "OMPI_MCA_btl_vader_single_copy_mechanism=none timeout 300 mpirun --oversubscribe"
 
 static int dp_train(char *out, size_t n, const char *launch, const char *run, long steps, const char *extra) {
     const char *dir = test_train_corpus();
