@@ -197,39 +197,45 @@ AVX512BF16_INLINE void bf16c_rows(const DType KIND, const int NB, float *out, in
     }
 }
 
+// Every activation row in BF16 (zero-padded to cpad), then the weight rows in blocks of 16: each
+// block against all the activation rows, four at a time, while the block is still in cache — so
+// that a batch reads the weights from memory once.
 AVX512BF16 static int bf16c_rows_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int r0,
                                         int r1) {
     const int cols = w->cols, cpad = (cols + 31) & ~31;
-    for (int n0 = 0; n0 < N; n0 += 4) {
-        int nb = N - n0 < 4 ? N - n0 : 4;
-        // this group's activations in BF16, zero-padded: 2 bytes each, in the thread's scratch
-        uint16_t *xb = (uint16_t *)kernels_scratch((size_t)nb * cpad / 2 + 16);
-        if (!xb) return -1;
-        for (int j = 0; j < nb; j++) {
-            const float *xr = x + (size_t)(n0 + j) * ldx;
-            uint16_t *d = xb + (size_t)j * cpad;
-            for (int c = 0; c < cpad; c += 32) {
-                __mmask16 ml = cols - c >= 16 ? 0xffff : cols - c > 0 ? (__mmask16)((1u << (cols - c)) - 1) : 0;
-                __mmask16 mh = cols - c >= 32 ? 0xffff : cols - c > 16 ? (__mmask16)((1u << (cols - c - 16)) - 1) : 0;
-                __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mh, xr + c + 16), _mm512_maskz_loadu_ps(ml, xr + c));
-                _mm512_storeu_si512(d + c, (__m512i)v);
-            }
+    uint16_t *xb = (uint16_t *)kernels_scratch((size_t)N * cpad / 2 + 16);  // (N, cpad) BF16, the thread's scratch
+    if (!xb) return -1;
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * ldx;
+        uint16_t *d = xb + (size_t)n * cpad;
+        for (int c = 0; c < cpad; c += 32) {
+            __mmask16 ml = cols - c >= 16 ? 0xffff : cols - c > 0 ? (__mmask16)((1u << (cols - c)) - 1) : 0;
+            __mmask16 mh = cols - c >= 32 ? 0xffff : cols - c > 16 ? (__mmask16)((1u << (cols - c - 16)) - 1) : 0;
+            __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mh, xr + c + 16), _mm512_maskz_loadu_ps(ml, xr + c));
+            _mm512_storeu_si512(d + c, (__m512i)v);
         }
-        float *o = out + (size_t)n0 * ldo;
+    }
+    for (int rb = r0; rb < r1; rb += 16) {
+        int re = rb + 16 < r1 ? rb + 16 : r1;
+        for (int n0 = 0; n0 < N; n0 += 4) {
+            int nb = N - n0 < 4 ? N - n0 : 4;
+            float *o = out + (size_t)n0 * ldo;
+            const uint16_t *xg = xb + (size_t)n0 * cpad;
 #define BF16C_ROWS(KIND)                                                                \
     switch (nb) {                                                                       \
-    case 1: bf16c_rows(KIND, 1, o, ldo, xb, cpad, w, r0, r1); break;                    \
-    case 2: bf16c_rows(KIND, 2, o, ldo, xb, cpad, w, r0, r1); break;                    \
-    case 3: bf16c_rows(KIND, 3, o, ldo, xb, cpad, w, r0, r1); break;                    \
-    default: bf16c_rows(KIND, 4, o, ldo, xb, cpad, w, r0, r1); break;                   \
+    case 1: bf16c_rows(KIND, 1, o, ldo, xg, cpad, w, rb, re); break;                    \
+    case 2: bf16c_rows(KIND, 2, o, ldo, xg, cpad, w, rb, re); break;                    \
+    case 3: bf16c_rows(KIND, 3, o, ldo, xg, cpad, w, rb, re); break;                    \
+    default: bf16c_rows(KIND, 4, o, ldo, xg, cpad, w, rb, re); break;                   \
     }
-        switch (w->dtype) {
-        case DT_F32: BF16C_ROWS(DT_F32); break;
-        case DT_BF16: BF16C_ROWS(DT_BF16); break;
-        case DT_F16: BF16C_ROWS(DT_F16); break;
-        default: BF16C_ROWS(DT_F8_E4M3); break;
-        }
+            switch (w->dtype) {
+            case DT_F32: BF16C_ROWS(DT_F32); break;
+            case DT_BF16: BF16C_ROWS(DT_BF16); break;
+            case DT_F16: BF16C_ROWS(DT_F16); break;
+            default: BF16C_ROWS(DT_F8_E4M3); break;
+            }
 #undef BF16C_ROWS
+        }
     }
     return 0;
 }
