@@ -72,6 +72,9 @@ const char *test_tmpdir(void);
 // A directory holding doc0..2.txt, config.json (the tiny V3 config) and data/ (`dsv3 prepare
 // --tokenizer bytes`, 30% held out), made once per run of the test binary.
 const char *test_train_corpus(void);
+// The first line of golden model NAME's tokens.txt (tests/data/NAME), "5,17,3", into ids (n bytes);
+// returns its number of tokens, 0 when the file is missing.
+int test_golden_ids(const char *name, char *ids, size_t n);
 // Writes text to path (tests check what they read back).
 void test_write_text(const char *path, const char *text);
 // Directory of committed test data (tests/data).

@@ -103,13 +103,8 @@ TEST(test_bf16c_against_fp64) {
 static void check_bf16_compute(const char *name) {
     char dir[300], path[600], ids[1024], lf[600], o[4096];
     snprintf(dir, sizeof dir, "%s/%s", test_datadir(), name);
-    snprintf(path, sizeof path, "%s/tokens.txt", dir);
-    char *tok = test_read_file(path, NULL);
-    CHECK_MSG(tok, "%s missing", path);
-    snprintf(ids, sizeof ids, "%.*s", (int)strcspn(tok, "\n"), tok);
-    free(tok);
-    int T = 1;
-    for (const char *p = ids; *p; p++) T += *p == ',';
+    int T = test_golden_ids(name, ids, sizeof ids);
+    CHECK_MSG(T > 0, "%s/tokens.txt missing", dir);
     snprintf(path, sizeof path, "%s/logits.f32", dir);
     size_t ng;
     float *g = test_read_file(path, &ng);

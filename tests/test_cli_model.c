@@ -90,13 +90,8 @@ TEST(test_cli_logits_prefill_decode_agree) {
 static void check_cli_golden(const char *name) {
     char dir[300], path[600], ids[1024], lf[600], mf[600], o[4096];
     snprintf(dir, sizeof dir, "%s/%s", test_datadir(), name);
-    snprintf(path, sizeof path, "%s/tokens.txt", dir);
-    char *tok = test_read_file(path, NULL);
-    CHECK_MSG(tok, "%s missing", path);
-    snprintf(ids, sizeof ids, "%.*s", (int)strcspn(tok, "\n"), tok);
-    free(tok);
-    int T = 1;
-    for (const char *p = ids; *p; p++) T += *p == ',';
+    int T = test_golden_ids(name, ids, sizeof ids);
+    CHECK_MSG(T > 0, "%s/tokens.txt missing", dir);
     snprintf(lf, sizeof lf, "%s/cli_golden.f32", test_tmpdir());
     snprintf(mf, sizeof mf, "%s/cli_golden_mtp.f32", test_tmpdir());
     size_t ng, nmg;

@@ -179,3 +179,15 @@ const char *test_train_corpus(void) {
     test_run(out, sizeof out, "%s", cmd);
     return dir;
 }
+
+int test_golden_ids(const char *name, char *ids, size_t n) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/%s/tokens.txt", test_datadir(), name);
+    char *tok = test_read_file(path, NULL);
+    if (!tok) return 0;
+    snprintf(ids, n, "%.*s", (int)strcspn(tok, "\n"), tok);
+    free(tok);
+    int T = 1;
+    for (const char *p = ids; *p; p++) T += *p == ',';
+    return T;
+}

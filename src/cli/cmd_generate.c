@@ -6,7 +6,6 @@
 // routed experts (the sums of each MoE layer added up over the ranks); rank 0 alone prints.
 #include <jansson.h>
 #include <stdio.h>
-#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -125,7 +124,7 @@ static int write_stats_json(const char *path, const EngineStats *st, Error *err)
     return rc;
 }
 
-static int generate_main(int argc, char **argv) {
+int cmd_generate(int argc, char **argv) {
     const char *cmd = "dsv3 generate";
     Error err = {0};
     Args a;
@@ -251,17 +250,5 @@ done_prompts:
 done_free:
     token_lists_free(prompts, lens, np);
     tok_free(tok);
-    return rc;
-}
-
-// Every rank computes the same sequences; the others' copies of the output and of any error (which
-// they meet alike) go nowhere.
-int cmd_generate(int argc, char **argv) {
-    Error err = {0};
-    if (dist_init(&err)) return cli_fail("dsv3 generate", &err);
-    if (dist_rank(dist_world()) != 0 && (!freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr)))
-        dist_abort(1);
-    int rc = generate_main(argc, argv);
-    dist_finalize();
     return rc;
 }

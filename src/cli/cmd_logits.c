@@ -45,37 +45,33 @@ done:
     return rc;
 }
 
-// Under mpirun every rank runs the same prompt; a failure they all see is reported by rank 0.
-static int fail_all(const char *cmd, const Error *err) {
-    if (dist_rank(dist_world()) == 0) cli_fail(cmd, err);
-    return 1;
-}
-
-static int logits_main(int argc, char **argv) {
+// Under mpirun (main.c starts MPI for this command) every rank runs the same prompt with its share
+// of the routed experts; a failure they all meet alike is reported by rank 0; rank 0 writes.
+int cmd_logits(int argc, char **argv) {
     const char *cmd = "dsv3 logits";
     Error err = {0};
     Args a;
     const char *dir, *tokens_s;
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
         args_require(&a, "tokens", &tokens_s, &err))
-        return fail_all(cmd, &err);
+        return cli_fail_once(cmd, &err);
     DType kv_dtype;
-    if (parse_kv_dtype(&a, &kv_dtype, &err)) return fail_all(cmd, &err);
+    if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail_once(cmd, &err);
     const char *out = args_str(&a, "out", NULL), *mtp_out = args_str(&a, "mtp-out", NULL);
     if (!out && !mtp_out) {
         err_set(&err, "give --out FILE, --mtp-out FILE or both");
-        return fail_all(cmd, &err);
+        return cli_fail_once(cmd, &err);
     }
     long E;
     int root = dist_rank(dist_world()) == 0, bf16;
-    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, &bf16, &err)) return fail_all(cmd, &err);
+    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, &bf16, &err)) return cli_fail_once(cmd, &err);
     int *tok = NULL, T = 0;
-    if (parse_token_list(tokens_s, &tok, &T, &err)) return fail_all(cmd, &err);
+    if (parse_token_list(tokens_s, &tok, &T, &err)) return cli_fail_once(cmd, &err);
     Model m;
     if (args_flag(&a, "no-mmap")) st_set_load_mode(ST_READ);
     if (model_load(&m, dir, mtp_out != NULL, &err)) {
         free(tok);
-        return fail_all(cmd, &err);
+        return cli_fail_once(cmd, &err);
     }
     int rc = 1, V = m.cfg.vocab_size;
     float *logits = NULL, *mtp = NULL;
@@ -100,21 +96,11 @@ static int logits_main(int argc, char **argv) {
     if (root && mtp_out && file_write_all(mtp_out, mtp, sizeof(float) * (size_t)(T - 1) * V, &err)) goto done;
     rc = 0;
 done:
-    if (rc) fail_all(cmd, &err);  // the ranks compute the same: they fail alike
+    if (rc) cli_fail_once(cmd, &err);  // the ranks compute the same: they fail alike
     expert_parallel_free(ep);
     free(logits);
     free(mtp);
     free(tok);
     model_free(&m);
-    return rc;
-}
-
-// Under mpirun with --expert-parallel E every rank holds (reads) only its share of the routed
-// experts; rank 0 writes the logits.
-int cmd_logits(int argc, char **argv) {
-    Error err = {0};
-    if (dist_init(&err)) return cli_fail("dsv3 logits", &err);
-    int rc = logits_main(argc, argv);
-    dist_finalize();
     return rc;
 }

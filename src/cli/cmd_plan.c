@@ -119,7 +119,9 @@ typedef struct EpTraffic {
     PlanEpTraffic t;
     int64_t topk_group;
     const char *dtype;
-    double pair_forward, pair_training;  // bytes per (token, destination rank) pair
+    // bytes a token's rank sends per MoE layer: within its node and across, in training (forward and
+    // backward), and across in the forward pass alone
+    double intra_training, inter_training, inter_forward, intra_forward;
 } EpTraffic;
 
 static int ep_traffic(const PlanArch *a, long ranks, long per_node, A2aDtype dtype, EpTraffic *x, Error *err) {
@@ -127,8 +129,11 @@ static int ep_traffic(const PlanArch *a, long ranks, long per_node, A2aDtype dty
     TRY(plan_ep_traffic(a, ranks, per_node, 100000, &x->t, err));
     x->topk_group = a->topk_group;
     x->dtype = names[dtype];
-    x->pair_forward = (double)expert_parallel_pair_bytes((int)a->hidden, (int)a->top_k, dtype, 0);
-    x->pair_training = (double)expert_parallel_pair_bytes((int)a->hidden, (int)a->top_k, dtype, 1);
+    double forward = (double)expert_parallel_pair_bytes((int)a->hidden, (int)a->top_k, dtype, 0);
+    double training = (double)expert_parallel_pair_bytes((int)a->hidden, (int)a->top_k, dtype, 1);
+    double within = x->t.rows_other_ranks - x->t.rows_other_nodes;  // rows to other ranks of the node
+    x->intra_training = within * training, x->inter_training = x->t.rows_other_nodes * training;
+    x->intra_forward = within * forward, x->inter_forward = x->t.rows_other_nodes * forward;
     return 0;
 }
 
@@ -141,8 +146,7 @@ static void print_traffic(const EpTraffic *x) {
     printf("  its rank sends      %.3f rows to other ranks, %.3f to other nodes, per MoE layer\n", t->rows_other_ranks,
            t->rows_other_nodes);
     printf("  bytes, %-12s %.0f within nodes, %.0f across nodes per token and MoE layer in training (forward %.0f, %.0f)\n",
-           x->dtype, (t->rows_other_ranks - t->rows_other_nodes) * x->pair_training, t->rows_other_nodes * x->pair_training,
-           (t->rows_other_ranks - t->rows_other_nodes) * x->pair_forward, t->rows_other_nodes * x->pair_forward);
+           x->dtype, x->intra_training, x->inter_training, x->intra_forward, x->inter_forward);
 }
 
 static json_t *traffic_json(const EpTraffic *x) {
@@ -156,9 +160,9 @@ static json_t *traffic_json(const EpTraffic *x) {
     json_set(o, "max_nodes", json_integer(t->max_nodes));
     json_set(o, "rows_other_ranks", json_real(t->rows_other_ranks));
     json_set(o, "rows_other_nodes", json_real(t->rows_other_nodes));
-    json_set(o, "intra_node_bytes_training", json_real((t->rows_other_ranks - t->rows_other_nodes) * x->pair_training));
-    json_set(o, "inter_node_bytes_training", json_real(t->rows_other_nodes * x->pair_training));
-    json_set(o, "inter_node_bytes_forward", json_real(t->rows_other_nodes * x->pair_forward));
+    json_set(o, "intra_node_bytes_training", json_real(x->intra_training));
+    json_set(o, "inter_node_bytes_training", json_real(x->inter_training));
+    json_set(o, "inter_node_bytes_forward", json_real(x->inter_forward));
     return o;
 }
 

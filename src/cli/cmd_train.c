@@ -107,26 +107,22 @@ static void print_result(const TrainerResult *res, const char *out) {
                res->inter_node_bytes_per_token);
 }
 
-// A failure every rank sees alike (the arguments, the run's setup) is reported by rank 0 alone.
-static int fail_all(const char *cmd, Error *err) {
-    if (dist_rank(dist_world()) == 0) cli_fail(cmd, err);
-    return 1;
-}
-
-static int train(int argc, char **argv) {
+// Under mpirun (main.c starts MPI for this command) every rank runs this; a failure every rank
+// meets alike (the arguments, the run's setup) is reported by rank 0 alone.
+int cmd_train(int argc, char **argv) {
     const char *cmd = "dsv3 train";
     Error err = {0};
     Args a;
     const char *valued[MAX_NAMES], *flags[MAX_NAMES];
     if (option_names(valued, flags, &err) || args_parse(&a, cmd, argc, argv, valued, flags, &err))
-        return fail_all(cmd, &err);
+        return cli_fail_once(cmd, &err);
     if (args_flag(&a, "help")) {
         print_help(stdout);
         return 0;
     }
     if (a.npos > 0) {
         err_set(&err, "unexpected argument '%s'", a.pos[0]);
-        return fail_all(cmd, &err);
+        return cli_fail_once(cmd, &err);
     }
     TrainerOptions o = trainer_defaults();
     const char *resume = args_str(&a, "resume", NULL);
@@ -134,17 +130,17 @@ static int train(int argc, char **argv) {
     if (resume) {
         // the run continues where its checkpoint lives unless --out says otherwise
         if (trainer_find_checkpoint(resume, ckpt, sizeof ckpt, &err) || trainer_read_options(ckpt, &o, &err))
-            return fail_all(cmd, &err);
+            return cli_fail_once(cmd, &err);
         char parent[4096];
         snprintf(parent, sizeof parent, "%s", ckpt);
         snprintf(o.out, sizeof o.out, "%s", dirname(parent));
     } else if (!!args_str(&a, "config", NULL) == !!args_str(&a, "init", NULL) || !args_str(&a, "data", NULL) ||
                !args_str(&a, "out", NULL)) {
         err_set(&err, "a new run needs (--config FILE | --init MODEL_DIR) --data DIR --out DIR, or --resume DIR");
-        return fail_all(cmd, &err);
+        return cli_fail_once(cmd, &err);
     }
     o.progress = isatty(STDERR_FILENO);  // --no-progress turns it off
-    if (apply(&a, &o, &err)) return fail_all(cmd, &err);
+    if (apply(&a, &o, &err)) return cli_fail_once(cmd, &err);
     TrainerResult res;
     if (trainer_run(&o, resume ? ckpt : NULL, &res, &err)) {
         int rank = dist_rank(dist_world());
@@ -157,13 +153,4 @@ static int train(int argc, char **argv) {
     }
     if (dist_rank(dist_world()) == 0) print_result(&res, o.out);
     return 0;
-}
-
-// Under mpirun every rank runs this; all of them finalise MPI before they leave.
-int cmd_train(int argc, char **argv) {
-    Error err = {0};
-    if (dist_init(&err)) return cli_fail("dsv3 train", &err);
-    int rc = train(argc, argv);
-    dist_finalize();
-    return rc;
 }

@@ -12,6 +12,11 @@ int parse_token_list(const char *s, int **out, int *n, Error *err) {
     return token_list_parse(s, out, n, err) ? err_prefix(err, "--tokens") : 0;
 }
 
+int cli_fail_once(const char *cmd, const Error *err) {
+    if (dist_rank(dist_world()) == 0) cli_fail(cmd, err);
+    return 1;
+}
+
 int cli_fail(const char *cmd, const Error *err) {
     fprintf(stderr, "%s: %s\n", cmd, err->msg);
     return 1;

@@ -28,6 +28,8 @@ int cli_expert_parallel_start(Model *m, ExpertParallel **ep, Error *err);
 // Rank 0 prints every rank's weight bytes — what it reads of the weights (its experts only) — and
 // its resident memory. Collective.
 int cli_report_expert_ranks(const ExpertParallel *ep, Model *m, Error *err);
+// cli_fail for a failure every rank of the run meets alike: rank 0 alone prints it. Returns 1.
+int cli_fail_once(const char *cmd, const Error *err);
 // Prints "dsv3 CMD: message" to stderr and returns 1 (the exit status).
 int cli_fail(const char *cmd, const Error *err);
 

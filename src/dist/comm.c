@@ -212,15 +212,6 @@ int dist_max_f64(DistComm *c, double *x, int n, Error *err) {
     return 0;
 }
 
-int dist_barrier(DistComm *c, Error *err) {
-    if (c->size == 1) return 0;
-#ifdef DSV3_MPI
-    MPI_TRY(MPI_Barrier(c->comm), "MPI_Barrier");
-#endif
-    (void)err;
-    return 0;
-}
-
 int dist_gather(DistComm *c, const void *send, size_t n, void *recv, int root, Error *err) {
     if (c->size == 1) {
         memcpy(recv, send, n);
@@ -231,20 +222,6 @@ int dist_gather(DistComm *c, const void *send, size_t n, void *recv, int root, E
     MPI_TRY(MPI_Gather(send, (int)n, MPI_BYTE, recv, (int)n, MPI_BYTE, root, c->comm), "MPI_Gather");
 #else
     (void)send, (void)recv, (void)root;
-#endif
-    (void)err;
-    return 0;
-}
-
-int dist_broadcast(DistComm *c, void *buf, size_t n, int root, Error *err) {
-    if (c->size == 1) return 0;
-#ifdef DSV3_MPI
-    for (size_t off = 0; off < n; off += INT_MAX / 2) {
-        size_t part = n - off < INT_MAX / 2 ? n - off : INT_MAX / 2;
-        MPI_TRY(MPI_Bcast((char *)buf + off, (int)part, MPI_BYTE, root, c->comm), "MPI_Bcast");
-    }
-#else
-    (void)buf, (void)n, (void)root;
 #endif
     (void)err;
     return 0;

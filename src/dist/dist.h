@@ -45,11 +45,8 @@ int dist_agree(DistComm *c, int rc, int *first_failed);
 int dist_sum_f64(DistComm *c, double *x, int n, Error *err);
 int dist_sum_i64(DistComm *c, long long *x, int n, Error *err);
 int dist_max_f64(DistComm *c, double *x, int n, Error *err);
-int dist_barrier(DistComm *c, Error *err);
 // Every rank's n bytes (the same n everywhere) into root's recv (size × n bytes, in rank order).
 int dist_gather(DistComm *c, const void *send, size_t n, void *recv, int root, Error *err);
-// Root's n bytes to every rank of c.
-int dist_broadcast(DistComm *c, void *buf, size_t n, int root, Error *err);
 
 // The all-to-all of one int per rank (send[r] to rank r,
 // recv[r] from rank r).

@@ -88,7 +88,6 @@ static int grow(void *p, size_t *cap, size_t n) {
     return reserve(cap, n, 1, (void **[]){(void **)p}, &one);
 }
 
-int expert_parallel_owner(const ExpertParallel *ep, int e) { return e / ep->per_rank; }
 int expert_parallel_holds(const ExpertParallel *ep, int e) { return e / ep->per_rank == ep->rank; }
 
 ExpertParallelStats expert_parallel_take_stats(ExpertParallel *ep) {
@@ -474,11 +473,16 @@ static int ep_holds(const MoeParallel *mp, int e);
 static int ep_sum_rows(MoeParallel *mp, float *x, long n, Error *err);
 static const MoeParallelOps ep_ops = {ep_forward, ep_backward, ep_holds, ep_sum_rows};
 
+// Both seams' ExpertParallel.
+static ExpertParallel *of_seam(const MoeParallel *mp) {
+    return mp->ops == &ep_ops ? (ExpertParallel *)mp : (ExpertParallel *)((char *)mp - offsetof(ExpertParallel, replicated));
+}
+
 // The replicated-token forward: the slots of moe_dispatch (a->expert_off, slot_tk, slot_of) cover
 // every expert; this rank runs its own and adds each token's gated outputs in choice order.
 static int ep_forward_replicated(MoeParallel *mp, const LayerPass *p, const MoeWeights *w, LayerActs *a, int N,
                                  float *y) {
-    ExpertParallel *ep = (ExpertParallel *)((char *)mp - offsetof(ExpertParallel, replicated));
+    ExpertParallel *ep = of_seam(mp);
     Error *err = &p->be->err;
     const ModelConfig *c = ep->c;
     int K = c->num_experts_per_tok, d = c->hidden_size, Fm = c->moe_intermediate_size, P = ep->per_rank;
@@ -512,10 +516,6 @@ static int ep_forward_replicated(MoeParallel *mp, const LayerPass *p, const MoeW
     return 0;
 }
 
-// Both seams' ExpertParallel.
-static ExpertParallel *of_seam(const MoeParallel *mp) {
-    return mp->ops == &ep_ops ? (ExpertParallel *)mp : (ExpertParallel *)((char *)mp - offsetof(ExpertParallel, replicated));
-}
 
 static int ep_holds(const MoeParallel *mp, int e) { return expert_parallel_holds(of_seam(mp), e); }
 

@@ -74,8 +74,7 @@ int expert_parallel_set_nodes(ExpertParallel *ep, int ranks_per_node, Error *err
 // (MPI moved on by progress calls between the experts' products) — the report's two micro-batches
 // in flight, within a layer. Off: one chunk, each exchange waited for at once.
 void expert_parallel_set_overlap(ExpertParallel *ep, int on);
-// The rank of comm that holds routed expert e, and whether this rank does.
-int expert_parallel_owner(const ExpertParallel *ep, int e);
+// Whether this rank holds routed expert e.
 int expert_parallel_holds(const ExpertParallel *ep, int e);
 // The bytes of the weights w of configuration c (stored types, FP8 scales included) that this rank
 // reads — every tensor but the routed experts other ranks hold — and of all of them.

@@ -46,8 +46,8 @@ static void bf16c_rows_portable(float *out, int ldo, const float *x, int ldx, in
                 float part[16] = {0};
                 for (int c = c0; c < cols && c < c0 + 32; c++)
                     part[(c - c0) / 2] += weight_bf16(w, r, c) * bf16_to_f32(bf16_from_f32(xn[c]));
-                float *a = acc[(c0 / 32) % 4];
-                for (int i = 0; i < 16; i++) a[i] = fp8 ? fmaf(part[i], fp8_scale(w, r, c0), a[i]) : a[i] + part[i];
+                float *a = acc[(c0 / 32) % 4], s = fp8 ? fp8_scale(w, r, c0) : 1.0f;
+                for (int i = 0; i < 16; i++) a[i] = fp8 ? fmaf(part[i], s, a[i]) : a[i] + part[i];
             }
             float t[16], a[8];
             for (int i = 0; i < 16; i++) t[i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);

@@ -249,11 +249,12 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
         if (Fs > 0) ts->failed |= matmul_nt_invariant(s->y, d, s->gate, Fs, &w->shared_experts.down_proj, N, b, e);
         for (int n = 0; n < N; n++) {
             float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d, *part = s->xg + (size_t)n * d;
+            unsigned char here[K];  // the row's choices computed on this rank (all of them without mp)
+            for (int k = 0; k < K; k++) here[k] = !mp || mp->ops->holds(mp, ts->idx[n * K + k]);
             for (int r = b; r < e; r++) {
                 float acc = 0.0f;
                 for (int k = 0; k < K; k++)
-                    if (!mp || mp->ops->holds(mp, ts->idx[n * K + k]))
-                        acc += ts->gw[n * K + k] * s->e_out[(size_t)ts->slot_of[n * K + k] * d + r];
+                    if (here[k]) acc += ts->gw[n * K + k] * s->e_out[(size_t)ts->slot_of[n * K + k] * d + r];
                 if (mp) {  // this rank's routed part, summed over the ranks below
                     part[r] = acc;
                     continue;
