@@ -1,5 +1,6 @@
 // The engine's figures: aggregate decode tokens/s of a batch of 1, 4, 16 and 64 sequences on the
-// ~108M-parameter benchmark model (bench/configs/v3-108m.json, BF16, random weights), and MTP
+// ~108M-parameter benchmark model (bench/configs/v3-108m.json, random weights, BF16 and FP8, fp32
+// and BF16 compute), and MTP
 // speculative decoding with K = 0..3 drafts on a model with a TRAINED MTP head — `make demo`'s
 // checkpoint (build/demo/run/step-300; skipped, and said so, when it is absent) — next to what a
 // bandwidth model predicts: a verify step streams the dense weights once, the routed experts the
@@ -72,39 +73,49 @@ static int run(const Model *m, int n, int P, int G, int K, const int *prompt, En
     return live < 0 ? -1 : 0;
 }
 
+// The batch sizes on the BF16 and the FP8 copy of the model, each with fp32 and BF16 compute
+// (--compute), the four taking turns at every size so that a drift of the host's memory speed
+// does not favour one of them.
 static int batch_figures(const int *sizes, int n_sizes) {
-    const char *dir = "build/bench-models/v3-108m-bf16";
+    const char *dirs[2] = {"build/bench-models/v3-108m-bf16", "build/bench-models/v3-108m-fp8"};
+    const DType types[2] = {DT_BF16, DT_F8_E4M3};
     Error err = {0};
     ModelConfig c;
-    char probe[600];
-    snprintf(probe, sizeof probe, "%s/config.json", dir);
-    if (config_load(&c, "bench/configs/v3-108m.json", &err) ||
-        (!path_exists(probe) && (make_dirs("build/bench-models", &err) ||
-                                 model_write_random(&c, dir, 1, DT_BF16, (size_t)8 << 30, &err)))) {
+    Model m[2];
+    if (config_load(&c, "bench/configs/v3-108m.json", &err) || make_dirs("build/bench-models", &err)) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
-    Model m;
-    if (model_load(&m, dir, 0, &err)) {
-        fprintf(stderr, "%s\n", err.msg);
-        return 1;
-    }
-    printf("-- batched decoding, %s (BF16, random weights): prompts of 32, 32 new tokens each; aggregate decode "
-           "tokens/s (medians of 3)\n", dir);
-    double base = 0;
-    for (int i = 0; i < n_sizes; i++) {
-        double r[3];
-        for (int k = 0; k < 3; k++) {
-            EngineStats st;
-            if (run(&m, sizes[i], 32, 32, 0, NULL, &st)) return 1;
-            r[k] = st.decode_tokens / st.decode_s;
+    for (int d = 0; d < 2; d++) {
+        char probe[600];
+        snprintf(probe, sizeof probe, "%s/config.json", dirs[d]);
+        if ((!path_exists(probe) && model_write_random(&c, dirs[d], 1, types[d], (size_t)8 << 30, &err)) ||
+            model_load(&m[d], dirs[d], 0, &err)) {
+            fprintf(stderr, "%s\n", err.msg);
+            return 1;
         }
-        double tps = bench_median(r, 3);
-        if (i == 0) base = tps;
-        printf("   batch %2d: %8.1f tokens/s aggregate, %6.1f per sequence, %.2fx batch 1\n", sizes[i], tps,
-               tps / sizes[i], tps / base);
     }
-    model_free(&m);
+    printf("-- batched decoding, bench/configs/v3-108m.json (random weights): prompts of 32, 32 new tokens each; "
+           "aggregate decode tokens/s (medians of 3)\n");
+    double base[4] = {0};
+    for (int i = 0; i < n_sizes; i++)
+        for (int v = 0; v < 4; v++) {  // v: weights (bit 1) x compute (bit 0)
+            Model *mv = &m[v >> 1];
+            model_set_compute(mv, v & 1);
+            double r[3];
+            for (int k = 0; k < 3; k++) {
+                EngineStats st;
+                if (run(mv, sizes[i], 32, 32, 0, NULL, &st)) return 1;
+                r[k] = st.decode_tokens / st.decode_s;
+            }
+            double tps = bench_median(r, 3);
+            if (i == 0) base[v] = tps;
+            printf("   %-4s weights, compute %-4s, batch %2d: %8.1f tokens/s aggregate, %6.1f per sequence, %.2fx batch "
+                   "%d\n", dtype_name(types[v >> 1]), v & 1 ? "bf16" : "f32", sizes[i], tps, tps / sizes[i],
+                   tps / base[v], sizes[0]);
+        }
+    model_free(&m[0]);
+    model_free(&m[1]);
     return 0;
 }
 

@@ -1,6 +1,6 @@
 // BF16 compute of x · Wᵀ (kernels/matmul_bf16c.c, `--compute bf16`) against fp64 sums of the same
-// rounded operands — x rounded to BF16, W as BF16 values (F32 rounded, BF16 as stored, FP8 codes
-// with their block scale per 128-column chunk) — on ragged shapes, on the AVX512_BF16 path and on
+// rounded operands — x rounded to BF16, W as BF16 values (F32 and F16 rounded, BF16 as stored, FP8
+// codes with their block scale per 128-column chunk) — on ragged shapes, on the AVX512_BF16 path and on
 // the portable one (forced), within the fp32 accumulation bound; a row's result does not depend
 // on the other activation rows of the call (batch invariance).
 #include <math.h>
@@ -30,6 +30,7 @@ static void make_w(TestW *w, DType t, int rows, int cols, uint64_t *s) {
         float x = uniform(s);
         if (t == DT_F32) ((float *)w->data)[i] = x;
         else if (t == DT_BF16) ((uint16_t *)w->data)[i] = bf16_from_f32(x);
+        else if (t == DT_F16) ((uint16_t *)w->data)[i] = f16_from_f32(x);
         else {
             uint8_t c = (uint8_t)(lcg(s) >> 56);
             if ((c & 0x7f) == 0x7f) c ^= 1;  // no NaN codes
@@ -51,47 +52,89 @@ static double w_value(const TestW *w, int r, int c) {
     switch (w->v.dtype) {
     case DT_F32: return bf16_to_f32(bf16_from_f32(((float *)w->data)[i]));
     case DT_BF16: return bf16_to_f32(((uint16_t *)w->data)[i]);
+    case DT_F16: return bf16_to_f32(bf16_from_f32(f16_to_f32(((uint16_t *)w->data)[i])));
     default: return fp8_e4m3_to_f32(((uint8_t *)w->data)[i]);
     }
 }
 
+// Every weight type on ragged shapes — rows across the kernel's blocks of 16 and a view starting
+// inside the matrix (FP8 scales of the whole matrix), columns around the steps of 32 and 64 and
+// the chunks of 128 — and numbers of activation rows that take each tile shape, within the fp32
+// accumulation bound of fp64 sums; each row alone (or in a pair) gives the bits it gave among all.
 TEST(test_bf16c_against_fp64) {
-    const DType types[] = {DT_F32, DT_BF16, DT_F8_E4M3};
-    const int colss[] = {1, 31, 32, 33, 100, 129, 300};
+    const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
+    const int colss[] = {1, 31, 32, 33, 63, 64, 65, 100, 129, 300, 512};
+    const int Ns[] = {1, 2, 3, 5, 9};
     uint64_t seed = 5;
     for (int isa = 0; isa < 2; isa++) {
         CHECK(kernels_set_isa(isa ? "scalar" : "auto") == 0);
-        for (int ti = 0; ti < 3; ti++)
-            for (int ci = 0; ci < 7; ci++) {
-                int rows = 7, cols = colss[ci], N = 6;
-                TestW w;
-                make_w(&w, types[ti], rows, cols, &seed);
-                float *x = malloc(sizeof(float) * N * cols), out[6 * 7], one[7];
-                for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
-                CHECK(matmul_nt_bf16c(out, rows, x, cols, &w.v, N, 0, rows) == 0);
-                for (int n = 0; n < N; n++)
-                    for (int r = 0; r < rows; r++) {
-                        double want = 0, mag = 0;
-                        for (int c0 = 0; c0 < cols; c0 += 128) {
-                            double part = 0, pm = 0;
-                            for (int c = c0; c < cols && c < c0 + 128; c++) {
-                                double p = w_value(&w, r, c) * bf16_to_f32(bf16_from_f32(x[(size_t)n * cols + c]));
-                                part += p, pm += fabs(p);
+        for (int ti = 0; ti < 4; ti++)
+            for (int ci = 0; ci < 11; ci++)
+                for (int ni = 0; ni < 5; ni++) {
+                    int rows = ci % 2 ? 7 : 37, cols = colss[ci], N = Ns[ni], skip = ci % 3 == 0 ? 3 : 0;
+                    if (isa && ni > 2) continue;  // (the portable path has one shape)
+                    TestW w;
+                    make_w(&w, types[ti], rows + skip, cols, &seed);
+                    MatView v = matview_rows(&w.v, skip, rows);  // rows skip .. of the matrix
+                    v.compute_bf16 = 1;
+                    float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows);
+                    float *one = malloc(sizeof(float) * 2 * rows);
+                    for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
+                    CHECK(matmul_nt_bf16c(out, rows, x, cols, &v, N, 0, rows) == 0);
+                    for (int n = 0; n < N; n++)
+                        for (int r = 0; r < rows; r++) {
+                            double want = 0, mag = 0;
+                            for (int c0 = 0; c0 < cols; c0 += 128) {
+                                double part = 0, pm = 0;
+                                for (int c = c0; c < cols && c < c0 + 128; c++) {
+                                    double p = w_value(&w, skip + r, c) * bf16_to_f32(bf16_from_f32(x[(size_t)n * cols + c]));
+                                    part += p, pm += fabs(p);
+                                }
+                                double s = types[ti] == DT_F8_E4M3 ? w.scales[((skip + r) / 128) * v.scale_cols + c0 / 128] : 1.0;
+                                want += part * s, mag += pm * s;
                             }
-                            double s = types[ti] == DT_F8_E4M3 ? w.scales[c0 / 128] : 1.0;
-                            want += part * s, mag += pm * s;
+                            double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
+                            CHECK_MSG(fabs(out[n * rows + r] - want) <= bound, "%s %s cols %d N %d: %.9g vs %.9g (bound %.3g)",
+                                      isa ? "portable" : "auto", dtype_name(types[ti]), cols, N, out[n * rows + r], want, bound);
                         }
-                        double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
-                        CHECK_MSG(fabs(out[n * rows + r] - want) <= bound, "%s %s cols %d: %.9g vs %.9g (bound %.3g)",
-                                  isa ? "portable" : "auto", dtype_name(types[ti]), cols, out[n * rows + r], want, bound);
+                    for (int n = 0; n < N; n++) {
+                        CHECK(matmul_nt_bf16c(one, rows, x + (size_t)n * cols, cols, &v, 1, 0, rows) == 0);
+                        CHECK_MSG(memcmp(one, out + (size_t)n * rows, sizeof(float) * rows) == 0, "%s N %d row %d alone",
+                                  dtype_name(types[ti]), N, n);
+                        if (n + 1 < N) {
+                            CHECK(matmul_nt_bf16c(one, rows, x + (size_t)n * cols, cols, &v, 2, 0, rows) == 0);
+                            CHECK(memcmp(one, out + (size_t)n * rows, sizeof(float) * 2 * rows) == 0);
+                        }
                     }
-                // one row alone gives the bits it gave among six
-                for (int n = 0; n < N; n++) {
-                    CHECK(matmul_nt_bf16c(one, rows, x + (size_t)n * cols, cols, &w.v, 1, 0, rows) == 0);
-                    CHECK(memcmp(one, out + n * rows, sizeof one) == 0);
+                    // a share of the rows (a thread's) gives the same bits
+                    CHECK(matmul_nt_bf16c(out, rows, x, cols, &v, N, 5, rows - 1) == 0);
+                    CHECK(matmul_nt_bf16c(one, rows, x, cols, &v, 1, 0, rows) == 0);
+                    CHECK(memcmp(one + 5, out + 5, sizeof(float) * (rows - 6)) == 0);
+                    free(x), free(out), free(one), free(w.data), free(w.scales);
                 }
-                free(x), free(w.data), free(w.scales);
-            }
+    }
+    CHECK(kernels_set_isa("auto") == 0);
+}
+
+// An E4M3 NaN code makes its row's products NaN, as the fp32 path does, and no other row's.
+TEST(test_bf16c_fp8_nan_code) {
+    uint64_t seed = 9;
+    for (int isa = 0; isa < 2; isa++) {
+        CHECK(kernels_set_isa(isa ? "scalar" : "auto") == 0);
+        for (int N = 1; N <= 4; N += 3) {
+            TestW w;
+            make_w(&w, DT_F8_E4M3, 20, 200, &seed);
+            ((uint8_t *)w.data)[3 * 200 + 150] = 0xff;
+            ((uint8_t *)w.data)[17 * 200 + 5] = 0x7f;
+            float x[4 * 200], out[4 * 20];
+            for (int i = 0; i < N * 200; i++) x[i] = uniform(&seed);
+            CHECK(matmul_nt_bf16c(out, 20, x, 200, &w.v, N, 0, 20) == 0);
+            for (int n = 0; n < N; n++)
+                for (int r = 0; r < 20; r++)
+                    CHECK_MSG(isnan(out[n * 20 + r]) == (r == 3 || r == 17), "%s N %d row %d: %g", isa ? "portable" : "auto",
+                              N, r, out[n * 20 + r]);
+            free(w.data), free(w.scales);
+        }
     }
     CHECK(kernels_set_isa("auto") == 0);
 }

@@ -15,6 +15,9 @@ int kernels_cpu_avx512(void);
 // 1 when, in addition, the CPU has the AVX512_BF16 dot products (and they are not turned off with
 // kernels_set_isa("avx512") or "scalar").
 int kernels_cpu_avx512bf16(void);
+// 1 when, in addition, the CPU has AVX512_VBMI's byte permutes (every AVX512_BF16 CPU but Cooper
+// Lake): the BF16-compute products (matmul_bf16c.c) widen FP8 codes with them.
+int kernels_cpu_avx512bf16_vbmi(void);
 
 // Per-thread scratch of at least n floats, 64-byte aligned, kept between calls and freed when the
 // thread exits (the kernels run many times per token; allocating each time would fault pages in).

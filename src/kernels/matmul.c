@@ -32,13 +32,14 @@
 #define FALLBACK_PANEL 64
 
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
-static int cpu_has_avx512, cpu_has_bf16, use_avx512, use_bf16;
+static int cpu_has_avx512, cpu_has_bf16, cpu_has_vbmi, use_avx512, use_bf16;
 
 static void isa_detect(void) {
     __builtin_cpu_init();
     cpu_has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     cpu_has_bf16 = cpu_has_avx512 && __builtin_cpu_supports("avx512bf16");
+    cpu_has_vbmi = __builtin_cpu_supports("avx512vbmi");
     use_avx512 = cpu_has_avx512;
     use_bf16 = cpu_has_bf16;
 }
@@ -52,6 +53,8 @@ int kernels_cpu_avx512bf16(void) {
     pthread_once(&isa_once, isa_detect);
     return use_bf16;
 }
+
+int kernels_cpu_avx512bf16_vbmi(void) { return kernels_cpu_avx512bf16() && cpu_has_vbmi; }
 
 // The fp32 products use AVX-512; the BF16 dot products serve only the products whose operands
 // are rounded to BF16 anyway (gemm_lowp: mixed-precision training).

@@ -2,15 +2,24 @@
 // rounded to BF16 (nearest even), each weight taken as a BF16 value — BF16 as stored, F32 and F16
 // rounded to nearest even, FP8 E4M3 exactly (every E4M3 value is a BF16 value) with its block scale
 // applied in fp32 to each 128-column chunk's sum — and the products summed in fp32: on AVX512_BF16
-// dot products (two products per lane per instruction) where the CPU has them, else the same
-// arithmetic in portable C (products and pair sums in fp32, so the two paths may differ in the last
-// bits of a sum, not in what is rounded).
+// dot products where the CPU has them, else the same arithmetic in portable C.
 //
-// Order of the sums, fixed per output element (batch invariance): per 32 columns one 16-lane step
-// (lane i adds columns 2i and 2i+1) into one of four sums, step s into sum s % 4 (FP8: each step's
-// products × the scale of its 128-column chunk, added to its sum), then the sums added pairwise and
-// the 16 lanes added. Four sums, so that the dot products' latency does not bound the stream.
+// Order of the sums, fixed per output element whatever the number of activation rows, the other
+// rows and the thread split (batch invariance; one order for prefill, decode and verification):
+// the columns go in steps of 32, one 16-lane dot product each, lane i adding its two columns'
+// products (the odd one first, as the instruction does) to its running sum; FP8: the sum restarts
+// at every 128-column chunk (four steps) and each chunk's lane sums × the chunk's scale are added
+// (fused) to the lane totals. The 16 lanes are then folded in halves (lane i + lane i + 8, then + 4,
+// + 2, + 1). One running sum per output element: the instruction latency is hidden by the other
+// elements of a tile (16 weight rows in a decode step), not by splitting an element's sum.
+// Which columns a lane holds depends on the weight type (step_column): FP8 codes are widened 64
+// at a time by byte table look-ups whose unpacking interleaves groups of 8 columns, and the
+// activations are laid out the same way, so that a code costs a few byte shuffles, not arithmetic.
+//
+// The portable path follows the same order; it differs from the instruction only where the
+// instruction treats a subnormal BF16 input as zero or flushes a subnormal sum.
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -19,6 +28,36 @@
 #include "kernels/kernels_cpu.h"
 #include "kernels/matmul.h"
 
+// Weight rows widened into scratch at a time (F32, F16, and FP8 against many activation rows).
+#define BF16C_ROW_BLOCK 16
+// FP8 codes are widened in registers for up to this many activation rows (each code once per row);
+// beyond, a block of rows is widened once into scratch and read back for every activation row.
+#define BF16C_FP8_INREG_MAX_N 2
+
+// E4M3 code → its value as BF16 (exact; the NaN codes S.1111.111 → a NaN), and the two bytes of
+// the positive codes' values for the byte look-ups.
+static uint16_t fp8_bf16[256];
+static uint8_t fp8_bf16_lo[128], fp8_bf16_hi[128];
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
+
+static void tables_init(void) {
+    for (int c = 0; c < 256; c++) {
+        fp8_bf16[c] = (c & 0x7f) == 0x7f ? (uint16_t)(0x7fc0 | (c & 0x80) << 8) : bf16_from_f32(fp8_e4m3_to_f32((uint8_t)c));
+        if (c < 128) fp8_bf16_lo[c] = (uint8_t)fp8_bf16[c], fp8_bf16_hi[c] = (uint8_t)(fp8_bf16[c] >> 8);
+    }
+}
+
+// The column that lane `lane` of step s multiplies in its `half` (0: the even word, 1: the odd).
+// Natural layout (BF16, F32, F16): step s holds columns 32s .. 32s + 31 in order. FP8 layout: in
+// 64-column group g, step 2g holds in lane 4q + k the columns 64g + 16q + 2k (+1), step 2g + 1 the
+// same + 8 (the byte unpacking of 128-bit lanes).
+static int step_column(int fp8, int s, int lane, int half) {
+    if (!fp8) return 32 * s + 2 * lane + half;
+    return 64 * (s / 2) + 16 * (lane / 4) + 8 * (s % 2) + 2 * (lane % 4) + half;
+}
+
+static int step_count(int fp8, int cols) { return fp8 ? 2 * ((cols + 63) / 64) : (cols + 31) / 32; }
+
 // The BF16 value weight (r, c) is taken as, in fp32 (FP8: the code's value, before the scale).
 static float weight_bf16(const MatView *w, int r, int c) {
     size_t i = (size_t)r * w->cols + c;
@@ -26,224 +65,412 @@ static float weight_bf16(const MatView *w, int r, int c) {
     case DT_F32: return bf16_to_f32(bf16_from_f32(((const float *)w->data)[i]));
     case DT_BF16: return bf16_to_f32(((const uint16_t *)w->data)[i]);
     case DT_F16: return bf16_to_f32(bf16_from_f32(f16_to_f32(((const uint16_t *)w->data)[i])));
-    default: return fp8_e4m3_to_f32(((const uint8_t *)w->data)[i]);
+    default: return bf16_to_f32(fp8_bf16[((const uint8_t *)w->data)[i]]);
     }
 }
 
-static float fp8_scale(const MatView *w, int r, int c) {
-    return w->scale_inv[(size_t)((w->row0 + r) / w->block) * w->scale_cols + c / w->block];
+static float fp8_scale(const MatView *w, int r, int chunk) {
+    return w->scale_inv[(size_t)((w->row0 + r) / w->block) * w->scale_cols + chunk];
 }
 
-// The portable path: the same roundings, the sums in the documented order.
+// The 16 lane sums folded in halves.
+static float fold_lanes(const float l[16]) {
+    float a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) a[i] = l[i] + l[i + 8];
+    for (int i = 0; i < 4; i++) b[i] = a[i] + a[i + 4];
+    for (int i = 0; i < 2; i++) c[i] = b[i] + b[i + 2];
+    return c[0] + c[1];
+}
+
 static void bf16c_rows_portable(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int r0,
                                 int r1) {
-    int cols = w->cols, fp8 = w->dtype == DT_F8_E4M3;
+    const int cols = w->cols, fp8 = w->dtype == DT_F8_E4M3, steps = step_count(fp8, cols);
     for (int n = 0; n < N; n++)
         for (int r = r0; r < r1; r++) {
             const float *xn = x + (size_t)n * ldx;
-            float acc[4][16] = {{0}};
-            for (int c0 = 0; c0 < cols; c0 += 32) {
-                float part[16] = {0};
-                for (int c = c0; c < cols && c < c0 + 32; c++)
-                    part[(c - c0) / 2] += weight_bf16(w, r, c) * bf16_to_f32(bf16_from_f32(xn[c]));
-                float *a = acc[(c0 / 32) % 4], s = fp8 ? fp8_scale(w, r, c0) : 1.0f;
-                for (int i = 0; i < 16; i++) a[i] = fp8 ? fmaf(part[i], s, a[i]) : a[i] + part[i];
+            float lane[16] = {0}, chunk[16] = {0}, *acc = fp8 ? chunk : lane;
+            for (int s = 0; s < steps; s++) {
+                if (fp8 && s % 4 == 0) memset(chunk, 0, sizeof chunk);
+                for (int i = 0; i < 16; i++) {
+                    float p[2];
+                    for (int h = 0; h < 2; h++) {
+                        int c = step_column(fp8, s, i, h);
+                        p[h] = c < cols ? weight_bf16(w, r, c) * bf16_to_f32(bf16_from_f32(xn[c])) : 0.0f;
+                    }
+                    acc[i] = (acc[i] + p[1]) + p[0];
+                }
+                if (fp8 && (s % 4 == 3 || s == steps - 1)) {
+                    float sc = fp8_scale(w, r, s / 4);
+                    for (int i = 0; i < 16; i++) lane[i] = fmaf(chunk[i], sc, lane[i]);
+                }
             }
-            float t[16], a[8];
-            for (int i = 0; i < 16; i++) t[i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
-            for (int i = 0; i < 8; i++) a[i] = t[i] + t[i + 8];  // reduce4's tree
-            float sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-            if (fp8)  // an E4M3 NaN code makes its row's products NaN, as the fp32 path does
-                for (int c = 0; c < cols; c++)
-                    if ((((const uint8_t *)w->data)[(size_t)r * cols + c] & 0x7f) == 0x7f) sum = NAN;
-            out[(size_t)n * ldo + r] = sum;
+            out[(size_t)n * ldo + r] = fold_lanes(lane);
         }
 }
 
-// 32 weights of a row from column c as BF16 (lanes from column c), m: the columns that exist.
-AVX512BF16_INLINE __m512i weights32(const DType kind, const char *row, int c, __mmask32 m) {
-    switch (kind) {
-    case DT_BF16: return _mm512_maskz_loadu_epi16(m, (const uint16_t *)row + c);
-    case DT_F32: {
-        __m512 lo = _mm512_maskz_loadu_ps((__mmask16)m, (const float *)row + c);
-        __m512 hi = _mm512_maskz_loadu_ps((__mmask16)(m >> 16), (const float *)row + c + 16);
-        return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    }
-    case DT_F16: {
-        __m512 lo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)m, (const uint16_t *)row + c));
-        __m512 hi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)(m >> 16), (const uint16_t *)row + c + 16));
-        return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    }
-    default: {
-        // E4M3 → BF16 exactly: the sign-extended code shifted so that its exponent and mantissa
-        // land in place and its sign at bit 15 (the mask clears the sign's other copies), the
-        // exponent rebased (+120); the codes whose exponent field is 0 (zero and the subnormals,
-        // m · 2^-9: rare in weights) from a table
-        __m512i s16 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, row + c));
-        __m512i v = _mm512_add_epi16(_mm512_and_si512(_mm512_slli_epi16(s16, 4), _mm512_set1_epi16((short)0x87f0)),
-                                     _mm512_set1_epi16(0x3c00));
-        __mmask32 low = _mm512_testn_epi16_mask(s16, _mm512_set1_epi16(0x78));
-        if (low) {
-            const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                                   0x3c60, 0x3c40, 0x3c20, 0x3c00, 0x3bc0, 0x3b80, 0x3b00, 0);
-            __m512i sub = _mm512_permutexvar_epi16(_mm512_and_si512(s16, _mm512_set1_epi16(7)), table);
-            v = _mm512_mask_mov_epi16(v, low, _mm512_or_si512(sub, _mm512_and_si512(s16, _mm512_set1_epi16((short)0x8000))));
-        }
-        return v;
-    }
-    }
+// ---- AVX512_BF16 with AVX512_VBMI's byte look-ups (Zen 4, Sapphire Rapids and later) ----
+#define BF16C_TARGET AVX512BF16_TARGET ",avx512vbmi"
+#define BF16C __attribute__((target(BF16C_TARGET)))
+#define BF16C_INLINE static inline __attribute__((always_inline, target(BF16C_TARGET)))
+
+// 16 vectors' lanes folded as fold_lanes does, all at once: lane 4q + p of the result is the sum
+// of v[4p + q].
+BF16C_INLINE __m512 fold16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xdd));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xdd));
 }
 
-// The sums of 16 lanes of four vectors, each by the same tree (halves, then pairs): a row's sum is
-// the same bits whichever rows share the call.
-AVX512BF16_INLINE __m128 reduce4(__m512 t0, __m512 t1, __m512 t2, __m512 t3) {
-    __m256 a0 = _mm256_add_ps(_mm512_castps512_ps256(t0), _mm512_extractf32x8_ps(t0, 1));
-    __m256 a1 = _mm256_add_ps(_mm512_castps512_ps256(t1), _mm512_extractf32x8_ps(t1, 1));
-    __m256 a2 = _mm256_add_ps(_mm512_castps512_ps256(t2), _mm512_extractf32x8_ps(t2, 1));
-    __m256 a3 = _mm256_add_ps(_mm512_castps512_ps256(t3), _mm512_extractf32x8_ps(t3, 1));
-    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+// 64 E4M3 codes → their BF16 values in the FP8 layout (two steps): the low and the high byte of
+// each value looked up by the code's 7 magnitude bits, the sign ORed into the high byte, the bytes
+// unpacked into words. t: the look-up tables (lo 0-63, lo 64-127, hi 0-63, hi 64-127).
+BF16C_INLINE void fp8_widen64(__m512i codes, const __m512i t[4], __m512i *a, __m512i *b) {
+    __m512i lo = _mm512_permutex2var_epi8(t[0], codes, t[1]);
+    __m512i hi = _mm512_permutex2var_epi8(t[2], codes, t[3]);
+    hi = _mm512_ternarylogic_epi32(hi, codes, _mm512_set1_epi8((char)0x80), 0xf8);  // hi | (codes & 0x80)
+    *a = _mm512_unpacklo_epi8(lo, hi);
+    *b = _mm512_unpackhi_epi8(lo, hi);
 }
 
-// Row r against NB <= 4 activation rows xb (BF16, zero-padded to cpad columns); KIND: w's dtype.
-// t[j]: the row's 16 lane sums for activation row j (reduce4 adds them); returns 1 when the row
-// holds an FP8 NaN code.
-AVX512BF16_INLINE int bf16c_row(const DType KIND, const int NB, __m512 *t, const uint16_t *xb, int cpad,
-                                const MatView *w, int r) {
-    const int cols = w->cols, fp8 = KIND == DT_F8_E4M3;
-    const char *row = (const char *)w->data + (size_t)r * cols * (KIND == DT_F32 ? 4 : KIND == DT_F8_E4M3 ? 1 : 2);
-    __m512 acc[4][4];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) acc[j][u] = _mm512_setzero_ps();
-    int nan = 0;
-    const size_t esz = KIND == DT_F32 ? 4 : KIND == DT_F8_E4M3 ? 1 : 2;
-    const float *srow = fp8 ? w->scale_inv + (size_t)((w->row0 + r) / w->block) * w->scale_cols : NULL;
-    // A code ORed with 0x80 is 0xff exactly for the NaN codes (S.1111.111): a running byte maximum
-    // finds one without touching the arithmetic.
-    __m512i nan_seen = _mm512_setzero_si512();
-    const __m512i sign = _mm512_set1_epi8((char)0x80);
-    const int full = cols & ~127;
-    // whole 128-column blocks (four steps, one per sum, one FP8 scale), without masks
-    for (int c4 = 0, cb = 0; c4 < full; c4 += 128, cb++) {
-        for (size_t b = 0; b < 128 * esz; b += 64) _mm_prefetch(row + c4 * esz + b + 4096, _MM_HINT_T0);
-        __m512 s = _mm512_setzero_ps();
-        if (fp8) {
-            nan_seen = _mm512_max_epu8(nan_seen, _mm512_or_si512(_mm512_loadu_si512(row + c4), sign));
-            nan_seen = _mm512_max_epu8(nan_seen, _mm512_or_si512(_mm512_loadu_si512(row + c4 + 64), sign));
-            s = _mm512_set1_ps(srow[cb]);
+// The operands of a tile. Weights: BF16 rows (wb, row stride wld elements, in the view's layout;
+// masked past cols when they are the view's own rows) or, in_reg, FP8 codes (codes, row stride
+// cld bytes). xb: BF16 activations, row stride kpad, zero past cols. Rows past nr (weights) and
+// nc (activations) repeat the last one: computed, not stored.
+typedef struct Tile {
+    const uint16_t *wb;
+    size_t wld;
+    const uint8_t *codes;
+    size_t cld;
+    const uint16_t *xb;
+    int kpad, cols, nr, nc;
+    const MatView *w;  // FP8: the scales; r: the tile's first row in w
+    int r;
+    size_t prefetch;   // bytes from a weight row's position to the same position in the next block
+                       // of rows, to prefetch while this block is read from memory; 0: none
+    float *out;        // element (row i, activation j) at out[j * ldo + i]
+    int ldo;
+} Tile;
+
+// A tile's R × C sums (element (i, j) in v[i * C + j]) folded and stored: activation row j's R
+// outputs are contiguous in out.
+BF16C_INLINE void tile_store(const int R, const int C, const Tile *t, const __m512 v[16]) {
+    int idx[16] = {0};
+#pragma GCC unroll 16
+    for (int e = 0; e < R * C; e++) idx[(e % C) * R + e / C] = 4 * (e % 4) + e / 4;  // fold16's lane of v[e]
+    float sum[32];
+    _mm512_storeu_ps(sum, _mm512_permutexvar_ps(_mm512_loadu_si512(idx), fold16(v)));
+    __mmask16 m = tail_mask(t->nr);
+    for (int j = 0; j < t->nc; j++) _mm512_mask_storeu_ps(t->out + (size_t)j * t->ldo, m, _mm512_loadu_ps(sum + j * R));
+}
+
+// R weight rows × C activation rows, BF16 weights in the natural layout.
+BF16C_INLINE void tile_bf16(const int R, const int C, const Tile *t) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int e = 0; e < 16; e++) acc[e] = _mm512_setzero_ps();
+    const uint16_t *wr[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; i++) wr[i] = t->wb + (size_t)(i < t->nr ? i : t->nr - 1) * t->wld;
+    const int steps = (t->cols + 31) / 32, full = t->cols / 32;
+    if (C == 1)  // one activation row (decode): row after row, so that memory is read in order
+#pragma GCC unroll 16
+        for (int i = 0; i < R; i++) {
+            for (int s = 0; s < full; s++) {
+                if (t->prefetch) _mm_prefetch((const char *)(wr[i] + 32 * s) + t->prefetch, _MM_HINT_T0);
+                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(wr[i] + 32 * s),
+                                          (__m512bh)_mm512_loadu_si512(t->xb + 32 * s));
+            }
+            if (full < steps)
+                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16((1u << (t->cols - 32 * full)) - 1, wr[i] + 32 * full),
+                                          (__m512bh)_mm512_loadu_si512(t->xb + 32 * full));
         }
+    else
+    for (int s = 0; s < steps; s++) {
+        __mmask32 m = s < full ? 0xffffffffu : (1u << (t->cols - 32 * s)) - 1;
+        __m512bh xv[4];
 #pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) {
-            int c = c4 + 32 * u;
-            __m512bh wv = (__m512bh)weights32(KIND, row, c, 0xffffffffu);
+        for (int j = 0; j < C; j++) xv[j] = (__m512bh)_mm512_loadu_si512(t->xb + (size_t)(j < t->nc ? j : t->nc - 1) * t->kpad + 32 * s);
+#pragma GCC unroll 16
+        for (int i = 0; i < R; i++) {
+            if (t->prefetch) _mm_prefetch((const char *)(wr[i] + 32 * s) + t->prefetch, _MM_HINT_T0);
+            __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, wr[i] + 32 * s);
 #pragma GCC unroll 4
-            for (int j = 0; j < NB; j++) {
-                __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (size_t)j * cpad + c);
-                if (fp8) acc[j][u] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), wv, xv), s, acc[j][u]);
-                else acc[j][u] = _mm512_dpbf16_ps(acc[j][u], wv, xv);
+            for (int j = 0; j < C; j++) acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], wv, xv[j]);
+        }
+    }
+    tile_store(R, C, t, acc);
+}
+
+// The scaled sums of one 128-column chunk (steps s0 .. s0 + n - 1) of a tile whose FP8 weights
+// were widened into scratch: acc restarted, then × each row's scale into tot.
+#define FP8_CHUNK_STEPS(NSTEPS)                                                                     \
+    do {                                                                                            \
+        _Pragma("GCC unroll 16") for (int e = 0; e < R * C; e++) acc[e] = _mm512_setzero_ps();      \
+        _Pragma("GCC unroll 4") for (int s = s0; s < s0 + (NSTEPS); s++) {                          \
+            __m512bh xv[4];                                                                         \
+            _Pragma("GCC unroll 4") for (int j = 0; j < C; j++) xv[j] =                             \
+                (__m512bh)_mm512_loadu_si512(t->xb + (size_t)(j < t->nc ? j : t->nc - 1) * t->kpad + 32 * s); \
+            _Pragma("GCC unroll 16") for (int i = 0; i < R; i++) {                                  \
+                __m512bh wv = (__m512bh)_mm512_loadu_si512(t->wb + rows[i] * t->wld + 32 * s);      \
+                _Pragma("GCC unroll 4") for (int j = 0; j < C; j++) acc[i * C + j] =                \
+                    _mm512_dpbf16_ps(acc[i * C + j], wv, xv[j]);                                    \
+            }                                                                                       \
+        }                                                                                           \
+    } while (0)
+
+// R weight rows × C activation rows, FP8 weights (IN_REG: codes widened here, else BF16 values in
+// the FP8 layout in scratch, where step s is at 32 s), each 128-column chunk's sums scaled into
+// the totals.
+BF16C_INLINE void tile_fp8(const int R, const int C, const int IN_REG, const Tile *t) {
+    __m512 tot[16], acc[16];
+#pragma GCC unroll 16
+    for (int e = 0; e < 16; e++) tot[e] = _mm512_setzero_ps();
+    __m512i tab[4];
+    if (IN_REG)
+        for (int k = 0; k < 2; k++)
+            tab[k] = _mm512_loadu_si512(fp8_bf16_lo + 64 * k), tab[2 + k] = _mm512_loadu_si512(fp8_bf16_hi + 64 * k);
+    int rows[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; i++) rows[i] = i < t->nr ? i : t->nr - 1;
+    const int groups = (t->cols + 63) / 64, steps = 2 * groups;
+    const float *srow[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; i++)
+        srow[i] = t->w->scale_inv + (size_t)((t->w->row0 + t->r + rows[i]) / t->w->block) * t->w->scale_cols;
+    if (C == 1) {  // one activation row (decode): row after row, so that memory is read in order
+        const int whole = IN_REG ? t->cols / 128 * 2 : 0;  // groups in whole 128-column chunks
+        // the bulk without masks, two rows at a time (two chains of sums in flight)
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i += 2)
+            if (IN_REG)
+                for (int g0 = 0; g0 < whole; g0 += 2) {
+                    __m512 a[2];
+#pragma GCC unroll 2
+                    for (int h = 0; h < 2; h++) {
+                        const uint8_t *p = t->codes + rows[i + h] * t->cld + 64 * g0;
+                        if (t->prefetch) {
+                            _mm_prefetch((const char *)p + t->prefetch, _MM_HINT_T0);
+                            _mm_prefetch((const char *)p + 64 + t->prefetch, _MM_HINT_T0);
+                        }
+                        __m512i w[4];
+                        fp8_widen64(_mm512_loadu_si512(p), tab, &w[0], &w[1]);
+                        fp8_widen64(_mm512_loadu_si512(p + 64), tab, &w[2], &w[3]);
+                        a[h] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+                        for (int k = 0; k < 4; k++)
+                            a[h] = _mm512_dpbf16_ps(a[h], (__m512bh)w[k], (__m512bh)_mm512_loadu_si512(t->xb + 64 * g0 + 32 * k));
+                    }
+#pragma GCC unroll 2
+                    for (int h = 0; h < 2; h++)
+                        tot[i + h] = _mm512_fmadd_ps(a[h], _mm512_set1_ps(srow[i + h][g0 / 2]), tot[i + h]);
+                }
+#pragma GCC unroll 16
+        for (int i = 0; i < R; i++) {
+            for (int g0 = whole; g0 < groups; g0 += 2) {
+                __m512 a = _mm512_setzero_ps();
+                for (int g = g0; g < g0 + 2 && g < groups; g++) {
+                    __m512i wa, wb;
+                    if (IN_REG) {
+                        const uint8_t *p = t->codes + rows[i] * t->cld + 64 * g;
+                        if (t->prefetch) _mm_prefetch((const char *)p + t->prefetch, _MM_HINT_T0);
+                        int left = t->cols - 64 * g;
+                        fp8_widen64(_mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1, p), tab, &wa, &wb);
+                    } else {
+                        wa = _mm512_loadu_si512(t->wb + rows[i] * t->wld + 64 * g);
+                        wb = _mm512_loadu_si512(t->wb + rows[i] * t->wld + 64 * g + 32);
+                    }
+                    a = _mm512_dpbf16_ps(a, (__m512bh)wa, (__m512bh)_mm512_loadu_si512(t->xb + 64 * g));
+                    a = _mm512_dpbf16_ps(a, (__m512bh)wb, (__m512bh)_mm512_loadu_si512(t->xb + 64 * g + 32));
+                }
+                tot[i] = _mm512_fmadd_ps(a, _mm512_set1_ps(srow[i][g0 / 2]), tot[i]);
+            }
+        }
+    } else {
+        for (int s0 = 0; s0 < steps; s0 += 4) {
+            if (IN_REG) {  // a few activation rows: each 64 codes widened once for all of them
+#pragma GCC unroll 16
+                for (int e = 0; e < R * C; e++) acc[e] = _mm512_setzero_ps();
+                for (int g = s0 / 2; g < s0 / 2 + 2 && g < groups; g++) {
+                    __m512bh xa[4], xb[4];
+#pragma GCC unroll 4
+                    for (int j = 0; j < C; j++) {
+                        const uint16_t *xr = t->xb + (size_t)(j < t->nc ? j : t->nc - 1) * t->kpad + 64 * g;
+                        xa[j] = (__m512bh)_mm512_loadu_si512(xr);
+                        xb[j] = (__m512bh)_mm512_loadu_si512(xr + 32);
+                    }
+#pragma GCC unroll 16
+                    for (int i = 0; i < R; i++) {
+                        __m512i wa, wb;
+                        const uint8_t *p = t->codes + rows[i] * t->cld + 64 * g;
+                        if (t->prefetch) _mm_prefetch((const char *)p + t->prefetch, _MM_HINT_T0);
+                        int left = t->cols - 64 * g;
+                        fp8_widen64(_mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1, p), tab, &wa, &wb);
+#pragma GCC unroll 4
+                        for (int j = 0; j < C; j++) {
+                            acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], (__m512bh)wa, xa[j]);
+                            acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], (__m512bh)wb, xb[j]);
+                        }
+                    }
+                }
+            } else if (s0 + 4 <= steps) {
+                FP8_CHUNK_STEPS(4);
+            } else {
+                FP8_CHUNK_STEPS(2);  // (steps is even)
+            }
+#pragma GCC unroll 16
+            for (int i = 0; i < R; i++) {
+                __m512 sc = _mm512_set1_ps(srow[i][s0 / 4]);
+#pragma GCC unroll 4
+                for (int j = 0; j < C; j++) tot[i * C + j] = _mm512_fmadd_ps(acc[i * C + j], sc, tot[i * C + j]);
             }
         }
     }
-    // the rest: the same steps, masked
-    for (int c = full, u = 0; c < cols; c += 32, u++) {
-        __mmask32 m = cols - c >= 32 ? 0xffffffffu : (1u << (cols - c)) - 1;
-        __m512bh wv = (__m512bh)weights32(KIND, row, c, m);
-        __m512 s = _mm512_setzero_ps();
-        if (fp8) {
-            nan_seen = _mm512_max_epu8(nan_seen, _mm512_castsi256_si512(_mm256_or_si256(
-                                                     _mm256_maskz_loadu_epi8(m, row + c), _mm256_set1_epi8((char)0x80))));
-            s = _mm512_set1_ps(srow[full / 128]);
-        }
-#define BF16C_TAIL_STEP(U)                                                                                   \
-    acc[j][U] = fp8 ? _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), wv, xv), s, acc[j][U])              \
-                    : _mm512_dpbf16_ps(acc[j][U], wv, xv)
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (size_t)j * cpad + c);
-            switch (u) {  // (the sums by name, so that they stay in registers)
-            case 0: BF16C_TAIL_STEP(0); break;
-            case 1: BF16C_TAIL_STEP(1); break;
-            case 2: BF16C_TAIL_STEP(2); break;
-            default: BF16C_TAIL_STEP(3); break;
-            }
-        }
-#undef BF16C_TAIL_STEP
-    }
-    if (fp8 && _mm512_cmpeq_epi8_mask(nan_seen, _mm512_set1_epi8((char)0xff)))
-        for (int c = 0; c < cols && !nan; c++) nan = (((const uint8_t *)row)[c] & 0x7f) == 0x7f;
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++) t[j] = _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3]));
-    return nan;
+    tile_store(R, C, t, tot);
 }
+#undef FP8_CHUNK_STEPS
 
-// Rows [r0, r1) of w against NB activation rows, four weight rows at a time for the lane sums.
-AVX512BF16_INLINE void bf16c_rows(const DType KIND, const int NB, float *out, int ldo, const uint16_t *xb, int cpad,
-                                  const MatView *w, int r0, int r1) {
-    for (int r = r0; r < r1; r += 4) {
-        __m512 t[4][4];
-        int nan[4] = {0};
-        for (int i = 0; i < 4; i++) {
-            if (r + i < r1) nan[i] = bf16c_row(KIND, NB, t[i], xb, cpad, w, r + i);
-            else
-                for (int j = 0; j < NB; j++) t[i][j] = _mm512_setzero_ps();
-        }
-        for (int j = 0; j < NB; j++) {
-            float sum[4];
-            _mm_storeu_ps(sum, reduce4(t[0][j], t[1][j], t[2][j], t[3][j]));
-            for (int i = 0; i < 4 && r + i < r1; i++) out[(size_t)j * ldo + r + i] = nan[i] ? NAN : sum[i];
-        }
+// Activation rows in BF16 into xb (N × kpad, zero past cols), in the FP8 layout when fp8.
+BF16C static void widen_x(uint16_t *xb, int kpad, const float *x, int ldx, int N, int cols, int fp8) {
+    __m512i ia = _mm512_setzero_si512(), ib = ia;
+    if (fp8) {
+        uint16_t a[32], b[32];
+        for (int p = 0; p < 32; p++) a[p] = (uint16_t)(16 * (p / 8) + p % 8), b[p] = (uint16_t)(a[p] + 8);
+        ia = _mm512_loadu_si512(a), ib = _mm512_loadu_si512(b);
     }
-}
-
-// Every activation row in BF16 (zero-padded to cpad), then the weight rows in blocks of 16: each
-// block against all the activation rows, four at a time, while the block is still in cache — so
-// that a batch reads the weights from memory once.
-AVX512BF16 static int bf16c_rows_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int r0,
-                                        int r1) {
-    const int cols = w->cols, cpad = (cols + 31) & ~31;
-    uint16_t *xb = (uint16_t *)kernels_scratch((size_t)N * cpad / 2 + 16);  // (N, cpad) BF16, the thread's scratch
-    if (!xb) return -1;
     for (int n = 0; n < N; n++) {
         const float *xr = x + (size_t)n * ldx;
-        uint16_t *d = xb + (size_t)n * cpad;
-        for (int c = 0; c < cpad; c += 32) {
-            __mmask16 ml = cols - c >= 16 ? 0xffff : cols - c > 0 ? (__mmask16)((1u << (cols - c)) - 1) : 0;
-            __mmask16 mh = cols - c >= 32 ? 0xffff : cols - c > 16 ? (__mmask16)((1u << (cols - c - 16)) - 1) : 0;
-            __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mh, xr + c + 16), _mm512_maskz_loadu_ps(ml, xr + c));
-            _mm512_storeu_si512(d + c, (__m512i)v);
+        uint16_t *d = xb + (size_t)n * kpad;
+        for (int c = 0; c < kpad; c += 64) {
+            __m512i v[2];
+            for (int h = 0; h < 2; h++) {
+                int b = c + 32 * h;
+                __mmask16 ml = tail_mask(cols - b > 0 ? cols - b : 0), mh = tail_mask(cols - b - 16 > 0 ? cols - b - 16 : 0);
+                v[h] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mh, xr + b + 16), _mm512_maskz_loadu_ps(ml, xr + b));
+            }
+            if (fp8) {
+                _mm512_storeu_si512(d + c, _mm512_permutex2var_epi16(v[0], ia, v[1]));
+                _mm512_storeu_si512(d + c + 32, _mm512_permutex2var_epi16(v[0], ib, v[1]));
+            } else {
+                _mm512_storeu_si512(d + c, v[0]);
+                if (c + 32 < kpad) _mm512_storeu_si512(d + c + 32, v[1]);
+            }
         }
     }
-    for (int rb = r0; rb < r1; rb += 16) {
-        int re = rb + 16 < r1 ? rb + 16 : r1;
-        for (int n0 = 0; n0 < N; n0 += 4) {
-            int nb = N - n0 < 4 ? N - n0 : 4;
-            float *o = out + (size_t)n0 * ldo;
-            const uint16_t *xg = xb + (size_t)n0 * cpad;
-#define BF16C_ROWS(KIND)                                                                \
-    switch (nb) {                                                                       \
-    case 1: bf16c_rows(KIND, 1, o, ldo, xg, cpad, w, rb, re); break;                    \
-    case 2: bf16c_rows(KIND, 2, o, ldo, xg, cpad, w, rb, re); break;                    \
-    case 3: bf16c_rows(KIND, 3, o, ldo, xg, cpad, w, rb, re); break;                    \
-    default: bf16c_rows(KIND, 4, o, ldo, xg, cpad, w, rb, re); break;                   \
-    }
-            switch (w->dtype) {
-            case DT_F32: BF16C_ROWS(DT_F32); break;
-            case DT_BF16: BF16C_ROWS(DT_BF16); break;
-            case DT_F16: BF16C_ROWS(DT_F16); break;
-            default: BF16C_ROWS(DT_F8_E4M3); break;
+}
+
+// Rows [r, r + nr) of w as BF16 values into wb (nr × kpad, zero past cols), in the FP8 layout
+// for FP8.
+BF16C static void widen_w(uint16_t *wb, int kpad, const MatView *w, int r, int nr) {
+    const int cols = w->cols;
+    for (int i = 0; i < nr; i++) {
+        uint16_t *d = wb + (size_t)i * kpad;
+        size_t row = (size_t)(r + i) * cols;
+        if (w->dtype == DT_F8_E4M3) {
+            const uint8_t *codes = (const uint8_t *)w->data + row;
+            for (int c = 0; c < kpad; c += 64) {
+                int left = cols - c;
+                __mmask64 m = left >= 64 ? ~0ull : left > 0 ? (1ull << left) - 1 : 0;
+                __m512i tab[4], a, b;
+                for (int k = 0; k < 2; k++)
+                    tab[k] = _mm512_loadu_si512(fp8_bf16_lo + 64 * k), tab[2 + k] = _mm512_loadu_si512(fp8_bf16_hi + 64 * k);
+                fp8_widen64(_mm512_maskz_loadu_epi8(m, codes + c), tab, &a, &b);
+                _mm512_storeu_si512(d + c, a);
+                _mm512_storeu_si512(d + c + 32, b);
             }
-#undef BF16C_ROWS
+            continue;
+        }
+        for (int c = 0; c < kpad; c += 32) {
+            __mmask16 ml = tail_mask(cols - c > 0 ? cols - c : 0), mh = tail_mask(cols - c - 16 > 0 ? cols - c - 16 : 0);
+            __m512 lo, hi;
+            if (w->dtype == DT_F32) {
+                lo = _mm512_maskz_loadu_ps(ml, (const float *)w->data + row + c);
+                hi = _mm512_maskz_loadu_ps(mh, (const float *)w->data + row + c + 16);
+            } else {  // F16
+                lo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(ml, (const uint16_t *)w->data + row + c));
+                hi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mh, (const uint16_t *)w->data + row + c + 16));
+            }
+            _mm512_storeu_si512(d + c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+}
+
+// One tile of R rows × C activation rows at rows [r, r + nr) of the block and activation rows
+// [n, n + nc): the tile's operands set from the block's.
+#define BF16C_TILE(R, C, CALL)                                                                       \
+    for (int i0 = 0; i0 < nrb; i0 += (R)) {                                                          \
+        Tile u = t;                                                                                  \
+        u.nr = nrb - i0 < (R) ? nrb - i0 : (R), u.nc = nc, u.r = rb + i0;                            \
+        u.wb = t.wb ? t.wb + (size_t)i0 * t.wld : NULL, u.codes = t.codes ? t.codes + (size_t)i0 * t.cld : NULL; \
+        u.xb = xb + (size_t)n0 * kpad, u.out = out + (size_t)n0 * ldo + rb + i0;                     \
+        u.prefetch = prefetch_rows ? ((C) == 1 ? 4096 : (size_t)(R) * prefetch_rows) : 0;                 \
+        CALL;                                                                                        \
+    }
+
+// Rows [r0, r1) of w against N activation rows: the activations widened once, then the weight
+// rows in blocks of 16 — each block (widened into scratch unless BF16, or FP8 codes widened in
+// registers for one or two activation rows) against every activation row while it is in cache, so
+// that a batch reads the weights from memory once.
+BF16C static int bf16c_rows_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int r0,
+                                   int r1) {
+    const int cols = w->cols, fp8 = w->dtype == DT_F8_E4M3, kpad = fp8 ? (cols + 63) & ~63 : (cols + 31) & ~31;
+    const int in_reg = fp8 && N <= BF16C_FP8_INREG_MAX_N, direct = w->dtype == DT_BF16, widen = !direct && !in_reg;
+    size_t xn = (size_t)N * kpad, wn = widen ? (size_t)BF16C_ROW_BLOCK * kpad : 0;
+    uint16_t *xb = (uint16_t *)kernels_scratch((xn + wn) / 2 + 32);  // (N, kpad) BF16, then (16, kpad)
+    if (!xb) return -1;
+    uint16_t *wb = xb + xn;  // (kpad: a multiple of 32 elements, so 64-byte aligned)
+    widen_x(xb, kpad, x, ldx, N, cols, fp8);
+    Tile t = {.kpad = kpad, .cols = cols, .w = w, .ldo = ldo};
+    for (int rb = r0; rb < r1; rb += BF16C_ROW_BLOCK) {
+        int nrb = r1 - rb < BF16C_ROW_BLOCK ? r1 - rb : BF16C_ROW_BLOCK;
+        if (widen) {
+            widen_w(wb, kpad, w, rb, nrb);
+            t.wb = wb, t.wld = kpad;
+        } else if (direct) {
+            t.wb = (const uint16_t *)w->data + (size_t)rb * cols, t.wld = cols;
+        } else {
+            t.codes = (const uint8_t *)w->data + (size_t)rb * cols, t.cld = cols;
+        }
+        for (int n0 = 0; n0 < N;) {
+            int nc = N - n0;
+            // a tile reads its R weight rows from memory as R interleaved streams, which the
+            // hardware prefetchers pick up slowly: the first tile of activation rows prefetches
+            // the next R rows (a prefetch past the matrix is harmless)
+            size_t prefetch_rows = n0 == 0 && !widen ? (size_t)cols * (direct ? 2 : 1) : 0;
+            if (!fp8) {
+                nc = nc > 4 ? 4 : nc;
+                if (nc == 1) BF16C_TILE(16, 1, tile_bf16(16, 1, &u))
+                else if (nc == 2) BF16C_TILE(8, 2, tile_bf16(8, 2, &u))
+                else BF16C_TILE(4, 4, tile_bf16(4, 4, &u))
+            } else {
+                nc = nc > 3 ? 3 : nc;
+                if (nc == 1 && in_reg) BF16C_TILE(16, 1, tile_fp8(16, 1, 1, &u))
+                else if (nc == 1) BF16C_TILE(16, 1, tile_fp8(16, 1, 0, &u))
+                else if (in_reg) BF16C_TILE(4, 2, tile_fp8(4, 2, 1, &u))
+                else if (nc == 2) BF16C_TILE(4, 2, tile_fp8(4, 2, 0, &u))
+                else BF16C_TILE(4, 3, tile_fp8(4, 3, 0, &u))
+            }
+            n0 += nc;
         }
     }
     return 0;
 }
+#undef BF16C_TILE
 
 int matmul_nt_bf16c(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
     if (N <= 0 || r1 <= r0) return 0;
     if (w->dtype == DT_F8_E4M3 && (w->block != 128 || !w->scale_inv)) return -1;  // (the release's blocks)
-    if (kernels_cpu_avx512bf16()) return bf16c_rows_avx512(out, ldo, x, ldx, N, w, r0, r1);
+    pthread_once(&tables_once, tables_init);
+    if (kernels_cpu_avx512bf16_vbmi()) return bf16c_rows_avx512(out, ldo, x, ldx, N, w, r0, r1);
     bf16c_rows_portable(out, ldo, x, ldx, N, w, r0, r1);
     return 0;
 }
