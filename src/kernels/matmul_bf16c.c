@@ -28,11 +28,15 @@
 #include "kernels/kernels_cpu.h"
 #include "kernels/matmul.h"
 
-// Weight rows widened into scratch at a time (F32, F16, and FP8 against many activation rows).
+// Weight rows widened (or copied) into scratch at a time.
 #define BF16C_ROW_BLOCK 16
+// BF16 weights are read from their own rows for up to this many activation rows, each weight row
+// against all of them (bandwidth-bound); beyond, a block of rows is copied into scratch first and
+// the tiles reuse each weight vector across several activation rows (compute-bound).
+#define BF16C_DIRECT_MAX_N 4
 // FP8 codes are widened in registers for up to this many activation rows (each code once per row);
 // beyond, a block of rows is widened once into scratch and read back for every activation row.
-#define BF16C_FP8_INREG_MAX_N 2
+#define BF16C_FP8_INREG_MAX_N 4
 
 // E4M3 code → its value as BF16 (exact; the NaN codes S.1111.111 → a NaN), and the two bytes of
 // the positive codes' values for the byte look-ups.
@@ -155,8 +159,8 @@ typedef struct Tile {
     int kpad, cols, nr, nc;
     const MatView *w;  // FP8: the scales; r: the tile's first row in w
     int r;
-    size_t prefetch;   // bytes from a weight row's position to the same position in the next block
-                       // of rows, to prefetch while this block is read from memory; 0: none
+    int in_order;      // weights from memory (their own rows): read row after row, not interleaved
+    size_t prefetch;   // in_order: bytes ahead of a weight row's position to prefetch; 0: none
     float *out;        // element (row i, activation j) at out[j * ldo + i]
     int ldo;
 } Tile;
@@ -182,27 +186,34 @@ BF16C_INLINE void tile_bf16(const int R, const int C, const Tile *t) {
 #pragma GCC unroll 16
     for (int i = 0; i < R; i++) wr[i] = t->wb + (size_t)(i < t->nr ? i : t->nr - 1) * t->wld;
     const int steps = (t->cols + 31) / 32, full = t->cols / 32;
-    if (C == 1)  // one activation row (decode): row after row, so that memory is read in order
+    const uint16_t *xr[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < C; j++) xr[j] = t->xb + (size_t)(j < t->nc ? j : t->nc - 1) * t->kpad;
+    if (t->in_order)  // weights from memory: row after row, so that memory is read in order
 #pragma GCC unroll 16
         for (int i = 0; i < R; i++) {
             for (int s = 0; s < full; s++) {
                 if (t->prefetch) _mm_prefetch((const char *)(wr[i] + 32 * s) + t->prefetch, _MM_HINT_T0);
-                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(wr[i] + 32 * s),
-                                          (__m512bh)_mm512_loadu_si512(t->xb + 32 * s));
+                __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[i] + 32 * s);
+#pragma GCC unroll 4
+                for (int j = 0; j < C; j++)
+                    acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], wv, (__m512bh)_mm512_loadu_si512(xr[j] + 32 * s));
             }
-            if (full < steps)
-                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16((1u << (t->cols - 32 * full)) - 1, wr[i] + 32 * full),
-                                          (__m512bh)_mm512_loadu_si512(t->xb + 32 * full));
+            if (full < steps) {
+                __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16((1u << (t->cols - 32 * full)) - 1, wr[i] + 32 * full);
+#pragma GCC unroll 4
+                for (int j = 0; j < C; j++)
+                    acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], wv, (__m512bh)_mm512_loadu_si512(xr[j] + 32 * full));
+            }
         }
     else
     for (int s = 0; s < steps; s++) {
         __mmask32 m = s < full ? 0xffffffffu : (1u << (t->cols - 32 * s)) - 1;
         __m512bh xv[4];
 #pragma GCC unroll 4
-        for (int j = 0; j < C; j++) xv[j] = (__m512bh)_mm512_loadu_si512(t->xb + (size_t)(j < t->nc ? j : t->nc - 1) * t->kpad + 32 * s);
+        for (int j = 0; j < C; j++) xv[j] = (__m512bh)_mm512_loadu_si512(xr[j] + 32 * s);
 #pragma GCC unroll 16
         for (int i = 0; i < R; i++) {
-            if (t->prefetch) _mm_prefetch((const char *)(wr[i] + 32 * s) + t->prefetch, _MM_HINT_T0);
             __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, wr[i] + 32 * s);
 #pragma GCC unroll 4
             for (int j = 0; j < C; j++) acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], wv, xv[j]);
@@ -247,12 +258,12 @@ BF16C_INLINE void tile_fp8(const int R, const int C, const int IN_REG, const Til
 #pragma GCC unroll 16
     for (int i = 0; i < R; i++)
         srow[i] = t->w->scale_inv + (size_t)((t->w->row0 + t->r + rows[i]) / t->w->block) * t->w->scale_cols;
-    if (C == 1) {  // one activation row (decode): row after row, so that memory is read in order
+    if (C == 1 || IN_REG) {  // weights from memory (codes) or one activation row: row after row
         const int whole = IN_REG ? t->cols / 128 * 2 : 0;  // groups in whole 128-column chunks
-        // the bulk without masks, two rows at a time (two chains of sums in flight)
+        // one activation row: the bulk without masks, two rows at a time (two chains in flight)
 #pragma GCC unroll 8
         for (int i = 0; i < R; i += 2)
-            if (IN_REG)
+            if (IN_REG && C == 1)
                 for (int g0 = 0; g0 < whole; g0 += 2) {
                     __m512 a[2];
 #pragma GCC unroll 2
@@ -275,9 +286,11 @@ BF16C_INLINE void tile_fp8(const int R, const int C, const int IN_REG, const Til
                         tot[i + h] = _mm512_fmadd_ps(a[h], _mm512_set1_ps(srow[i + h][g0 / 2]), tot[i + h]);
                 }
 #pragma GCC unroll 16
-        for (int i = 0; i < R; i++) {
-            for (int g0 = whole; g0 < groups; g0 += 2) {
-                __m512 a = _mm512_setzero_ps();
+        for (int i = 0; i < R; i++)
+            for (int g0 = C == 1 ? whole : 0; g0 < groups; g0 += 2) {
+                __m512 a[4];
+#pragma GCC unroll 4
+                for (int j = 0; j < C; j++) a[j] = _mm512_setzero_ps();
                 for (int g = g0; g < g0 + 2 && g < groups; g++) {
                     __m512i wa, wb;
                     if (IN_REG) {
@@ -289,44 +302,21 @@ BF16C_INLINE void tile_fp8(const int R, const int C, const int IN_REG, const Til
                         wa = _mm512_loadu_si512(t->wb + rows[i] * t->wld + 64 * g);
                         wb = _mm512_loadu_si512(t->wb + rows[i] * t->wld + 64 * g + 32);
                     }
-                    a = _mm512_dpbf16_ps(a, (__m512bh)wa, (__m512bh)_mm512_loadu_si512(t->xb + 64 * g));
-                    a = _mm512_dpbf16_ps(a, (__m512bh)wb, (__m512bh)_mm512_loadu_si512(t->xb + 64 * g + 32));
-                }
-                tot[i] = _mm512_fmadd_ps(a, _mm512_set1_ps(srow[i][g0 / 2]), tot[i]);
-            }
-        }
-    } else {
-        for (int s0 = 0; s0 < steps; s0 += 4) {
-            if (IN_REG) {  // a few activation rows: each 64 codes widened once for all of them
-#pragma GCC unroll 16
-                for (int e = 0; e < R * C; e++) acc[e] = _mm512_setzero_ps();
-                for (int g = s0 / 2; g < s0 / 2 + 2 && g < groups; g++) {
-                    __m512bh xa[4], xb[4];
 #pragma GCC unroll 4
                     for (int j = 0; j < C; j++) {
                         const uint16_t *xr = t->xb + (size_t)(j < t->nc ? j : t->nc - 1) * t->kpad + 64 * g;
-                        xa[j] = (__m512bh)_mm512_loadu_si512(xr);
-                        xb[j] = (__m512bh)_mm512_loadu_si512(xr + 32);
-                    }
-#pragma GCC unroll 16
-                    for (int i = 0; i < R; i++) {
-                        __m512i wa, wb;
-                        const uint8_t *p = t->codes + rows[i] * t->cld + 64 * g;
-                        if (t->prefetch) _mm_prefetch((const char *)p + t->prefetch, _MM_HINT_T0);
-                        int left = t->cols - 64 * g;
-                        fp8_widen64(_mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1, p), tab, &wa, &wb);
-#pragma GCC unroll 4
-                        for (int j = 0; j < C; j++) {
-                            acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], (__m512bh)wa, xa[j]);
-                            acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], (__m512bh)wb, xb[j]);
-                        }
+                        a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)wa, (__m512bh)_mm512_loadu_si512(xr));
+                        a[j] = _mm512_dpbf16_ps(a[j], (__m512bh)wb, (__m512bh)_mm512_loadu_si512(xr + 32));
                     }
                 }
-            } else if (s0 + 4 <= steps) {
-                FP8_CHUNK_STEPS(4);
-            } else {
-                FP8_CHUNK_STEPS(2);  // (steps is even)
+                __m512 sc = _mm512_set1_ps(srow[i][g0 / 2]);
+#pragma GCC unroll 4
+                for (int j = 0; j < C; j++) tot[i * C + j] = _mm512_fmadd_ps(a[j], sc, tot[i * C + j]);
             }
+    } else {  // weights widened into scratch, many activation rows: each weight vector for C of them
+        for (int s0 = 0; s0 < steps; s0 += 4) {
+            if (s0 + 4 <= steps) FP8_CHUNK_STEPS(4);
+            else FP8_CHUNK_STEPS(2);  // (steps is even)
 #pragma GCC unroll 16
             for (int i = 0; i < R; i++) {
                 __m512 sc = _mm512_set1_ps(srow[i][s0 / 4]);
@@ -375,6 +365,11 @@ BF16C static void widen_w(uint16_t *wb, int kpad, const MatView *w, int r, int n
     for (int i = 0; i < nr; i++) {
         uint16_t *d = wb + (size_t)i * kpad;
         size_t row = (size_t)(r + i) * cols;
+        if (w->dtype == DT_BF16) {
+            memcpy(d, (const uint16_t *)w->data + row, sizeof(uint16_t) * cols);
+            memset(d + cols, 0, sizeof(uint16_t) * (kpad - cols));
+            continue;
+        }
         if (w->dtype == DT_F8_E4M3) {
             const uint8_t *codes = (const uint8_t *)w->data + row;
             for (int c = 0; c < kpad; c += 64) {
@@ -412,7 +407,7 @@ BF16C static void widen_w(uint16_t *wb, int kpad, const MatView *w, int r, int n
         u.nr = nrb - i0 < (R) ? nrb - i0 : (R), u.nc = nc, u.r = rb + i0;                            \
         u.wb = t.wb ? t.wb + (size_t)i0 * t.wld : NULL, u.codes = t.codes ? t.codes + (size_t)i0 * t.cld : NULL; \
         u.xb = xb + (size_t)n0 * kpad, u.out = out + (size_t)n0 * ldo + rb + i0;                     \
-        u.prefetch = prefetch_rows ? ((C) == 1 ? 4096 : (size_t)(R) * prefetch_rows) : 0;                 \
+        u.in_order = from_memory, u.prefetch = from_memory ? 4096 : 0;                               \
         CALL;                                                                                        \
     }
 
@@ -423,7 +418,8 @@ BF16C static void widen_w(uint16_t *wb, int kpad, const MatView *w, int r, int n
 BF16C static int bf16c_rows_avx512(float *out, int ldo, const float *x, int ldx, int N, const MatView *w, int r0,
                                    int r1) {
     const int cols = w->cols, fp8 = w->dtype == DT_F8_E4M3, kpad = fp8 ? (cols + 63) & ~63 : (cols + 31) & ~31;
-    const int in_reg = fp8 && N <= BF16C_FP8_INREG_MAX_N, direct = w->dtype == DT_BF16, widen = !direct && !in_reg;
+    const int in_reg = fp8 && N <= BF16C_FP8_INREG_MAX_N, direct = w->dtype == DT_BF16 && N <= BF16C_DIRECT_MAX_N;
+    const int widen = !direct && !in_reg;
     size_t xn = (size_t)N * kpad, wn = widen ? (size_t)BF16C_ROW_BLOCK * kpad : 0;
     uint16_t *xb = (uint16_t *)kernels_scratch((xn + wn) / 2 + 32);  // (N, kpad) BF16, then (16, kpad)
     if (!xb) return -1;
@@ -442,22 +438,27 @@ BF16C static int bf16c_rows_avx512(float *out, int ldo, const float *x, int ldx,
         }
         for (int n0 = 0; n0 < N;) {
             int nc = N - n0;
-            // a tile reads its R weight rows from memory as R interleaved streams, which the
-            // hardware prefetchers pick up slowly: the first tile of activation rows prefetches
-            // the next R rows (a prefetch past the matrix is harmless)
-            size_t prefetch_rows = n0 == 0 && !widen ? (size_t)cols * (direct ? 2 : 1) : 0;
+            // the weights' own rows are read in memory order, one row after another (the
+            // hardware prefetchers follow one stream, not 16 interleaved ones), a few KB ahead
+            // prefetched (past the matrix: harmless)
+            const int from_memory = !widen;
             if (!fp8) {
                 nc = nc > 4 ? 4 : nc;
                 if (nc == 1) BF16C_TILE(16, 1, tile_bf16(16, 1, &u))
                 else if (nc == 2) BF16C_TILE(8, 2, tile_bf16(8, 2, &u))
                 else BF16C_TILE(4, 4, tile_bf16(4, 4, &u))
             } else {
-                nc = nc > 3 ? 3 : nc;
-                if (nc == 1 && in_reg) BF16C_TILE(16, 1, tile_fp8(16, 1, 1, &u))
-                else if (nc == 1) BF16C_TILE(16, 1, tile_fp8(16, 1, 0, &u))
-                else if (in_reg) BF16C_TILE(4, 2, tile_fp8(4, 2, 1, &u))
-                else if (nc == 2) BF16C_TILE(4, 2, tile_fp8(4, 2, 0, &u))
-                else BF16C_TILE(4, 3, tile_fp8(4, 3, 0, &u))
+                if (in_reg) {
+                    nc = nc > 4 ? 4 : nc;
+                    if (nc == 1) BF16C_TILE(16, 1, tile_fp8(16, 1, 1, &u))
+                    else if (nc == 2) BF16C_TILE(8, 2, tile_fp8(8, 2, 1, &u))
+                    else BF16C_TILE(4, 4, tile_fp8(4, 4, 1, &u))
+                } else {
+                    nc = nc > 3 ? 3 : nc;
+                    if (nc == 1) BF16C_TILE(16, 1, tile_fp8(16, 1, 0, &u))
+                    else if (nc == 2) BF16C_TILE(4, 2, tile_fp8(4, 2, 0, &u))
+                    else BF16C_TILE(4, 3, tile_fp8(4, 3, 0, &u))
+                }
             }
             n0 += nc;
         }

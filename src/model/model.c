@@ -201,7 +201,7 @@ typedef struct {
 } ComputeWalk;
 
 static int set_compute(const TensorSpec *t, void *ctx) {
-    if (t->mat && t->kind == TENSOR_LINEAR) t->mat->compute_bf16 = ((ComputeWalk *)ctx)->bf16;
+    if (t->mat && (t->kind == TENSOR_LINEAR || t->kind == TENSOR_EMBED)) t->mat->compute_bf16 = ((ComputeWalk *)ctx)->bf16;
     return 0;
 }
 

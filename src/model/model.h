@@ -33,8 +33,8 @@ void model_free(Model *m);
 // The arithmetic of the linear layers' products (--compute): 0 fp32 (the default: activations and
 // weights in fp32), 1 BF16 (activations rounded to BF16, weights as BF16 values — FP8 codes exactly,
 // with their scales per 128-column chunk — fp32 sums; matmul_nt_bf16c). The attention projections,
-// kv_b_proj, the dense FFN, the experts and eh_proj; the router, the output head, the norms, RoPE
-// and the attention core stay fp32.
+// kv_b_proj, the dense FFN, the experts, eh_proj and the output heads (main and MTP: the largest
+// matrix a decode step reads); the router, the norms, RoPE and the attention core stay fp32.
 void model_set_compute(Model *m, int bf16);
 
 // The latent cache's memory: one pool of blocks of block_size positions, each block holding those
