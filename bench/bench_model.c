@@ -6,7 +6,9 @@
 #include <string.h>
 
 #include "base/file.h"
+#include "base/rng.h"
 #include "bench_common.h"
+#include "kernels/convert.h"
 #include "kernels/matmul.h"
 #include "model/init.h"
 #include "model/model.h"
@@ -143,9 +145,90 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, int bf16, 
     return 0;
 }
 
+// Decode tokens/s with ctx positions already in the cache (of dtype), engine-style steps
+// (model_decode, one sequence). The cache holds random latents: the speed of a step does not
+// depend on their values, and prefilling 32K tokens would take minutes.
+static double decode_at(Model *m, int ctx, DType dtype, Error *err) {
+    enum { STEPS = 32 };
+    const ModelConfig *c = &m->cfg;
+    KVCache kv;
+    ForwardState *s = forward_state_new(m, 1, ctx + STEPS + 2, err);
+    if (!s || kvcache_init_as(&kv, c, 0, ctx + STEPS + 2, dtype, err)) return -1;
+    Rng rng;
+    rng_seed(&rng, 7);
+    int L = c->kv_lora_rank, r = c->qk_rope_head_dim;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        char *lat = kvcache_latent(&kv, c, l), *kpe = kvcache_kpe(&kv, c, l);
+        for (long i = 0; i < (long)ctx * L; i++) {
+            float x = rng_normal(&rng);
+            if (dtype == DT_BF16) ((uint16_t *)lat)[i] = bf16_from_f32(x);
+            else ((float *)lat)[i] = x;
+        }
+        for (long i = 0; i < (long)ctx * r; i++) {
+            float x = rng_normal(&rng);
+            if (dtype == DT_BF16) ((uint16_t *)kpe)[i] = bf16_from_f32(x);
+            else ((float *)kpe)[i] = x;
+        }
+    }
+    kv.len = ctx;
+    int tok = 5;
+    double t0 = 0;
+    for (int i = -2; i < STEPS; i++) {  // two untimed steps first
+        if (i == 0) t0 = bench_now();
+        DecodeSeq ds = {&kv, &tok, 1};
+        if (model_decode(m, s, &ds, 1, NULL, NULL, err)) return -1;
+        tok = (tok * 31 + 7) % c->vocab_size;
+    }
+    double tps = STEPS / (bench_now() - t0);
+    forward_state_free(s);
+    kvcache_free(&kv);
+    return tps;
+}
+
+// Decode at long contexts (the config's YaRN context allows 163,840), f32 and BF16 cache: tokens/s,
+// the attention's share of a step (its time above a step at context 64), and the cache bytes a
+// step reads.
+static int long_context_table(const char *dir, int bf16) {
+    Error err = {0};
+    Model m;
+    if (model_load(&m, dir, 0, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
+    model_set_compute(&m, bf16);
+    const ModelConfig *c = &m.cfg;
+    printf("-- long context: %s, compute %s, decode steps of one sequence (model_decode), cache of random latents; "
+           "max_position_embeddings %d (YaRN factor %.0f)\n", dir, bf16 ? "bf16" : "f32", c->max_position_embeddings,
+           c->rope_factor);
+    const int ctxs[] = {64, 1024, 8192, 32768};
+    for (int k = 0; k < 2; k++) {
+        DType dt = k ? DT_BF16 : DT_F32;
+        double base = 0;
+        for (int i = 0; i < 4; i++) {
+            double t[3];
+            for (int rep = 0; rep < 3; rep++)
+                if ((t[rep] = decode_at(&m, ctxs[i], dt, &err)) < 0) {
+                    fprintf(stderr, "%s\n", err.msg);
+                    return 1;
+                }
+            double tps = bench_median(t, 3);
+            if (i == 0) base = tps;
+            double bytes = (double)ctxs[i] * kvcache_bytes_per_token(c, dt);
+            printf("   cache %-4s context %6d: %8.1f tokens/s, attention %3.0f%% of a step, cache %6.1f MB per token "
+                   "(%5.1f GB/s)\n", k ? "bf16" : "f32", ctxs[i], tps, 100 * (1 - tps / base), bytes / 1e6, bytes * tps / 1e9);
+        }
+    }
+    model_free(&m);
+    return 0;
+}
+
 #define PROBE_BYTES ((size_t)1 << 30)
 
+// bench_model [--long-context] [CONFIG]: --long-context prints only the long-context table (the
+// benchmark models must exist: a full run makes them).
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--long-context") == 0)
+        return long_context_table("build/bench-models/v3-108m-bf16", 0) || long_context_table("build/bench-models/v3-108m-fp8", 1);
     const char *cfg = argc > 1 ? argv[1] : "bench/configs/v3-108m.json";
     Error err = {0};
     if (make_dirs("build/bench-models", &err)) {
@@ -173,5 +256,5 @@ int main(int argc, char **argv) {
                 return 1;
     }
     free(probe);
-    return 0;
+    return long_context_table("build/bench-models/v3-108m-bf16", 0) || long_context_table("build/bench-models/v3-108m-fp8", 1);
 }

@@ -87,6 +87,44 @@ TEST(test_latent_attention_absorbed_matches_plain_2_to_4_new_positions) {
 }
 TEST(test_latent_attention_absorbed_matches_plain_rope_only) { check_absorbed_matches_plain(1, 4, 3, 0); }
 
+// Past LATENT_CHUNK positions the cache goes in chunks merged in order: still plain attention to
+// fp32 rounding, and the chunks computed apart (as a decode step spreads them over threads) then
+// merged in order give the bits one thread going chunk after chunk gives.
+TEST(test_latent_attention_long_context_chunks) {
+    const int cases[][2] = {{2500, 1}, {2045, 3}, {1023, 1}, {1024, 2}};
+    for (int k = 0; k < 4; k++) {
+        int pos0 = cases[k][0], T = cases[k][1];
+        check_absorbed_matches_plain(1, pos0, T, 5);
+        Rng rng;
+        rng_seed(&rng, 40 + k);
+        int H = 4, r = 8, v = 6, L = 16, nope = 5, S = pos0 + T;
+        float *latent = randn(&rng, (size_t)S * L, 1), *kpe = randn(&rng, (size_t)S * r, 1);
+        float *q = randn(&rng, (size_t)T * H * (nope + r), 1), *kvb = randn(&rng, (size_t)H * (nope + v) * L, 0.3f);
+        MatView kv_b = matview_f32(kvb, H * (nope + v), L);
+        float *one = calloc((size_t)T * H * v, sizeof(float)), *spread = calloc((size_t)T * H * v, sizeof(float));
+        LatentAttention a = {.B = 1, .T = T, .pos0 = pos0, .H = H, .nope = nope, .rope = r, .v = v, .kv_lora = L,
+                             .scale = 0.3f, .absorbed = 1, .q = q, .latent = latent, .kpe = kpe, .ld = S, .kv_b_proj = &kv_b,
+                             .out = one};
+        size_t per = latent_attention_scratch_floats(&a, S);
+        float *scratch = malloc(sizeof(float) * per);
+        CHECK(latent_attention_absorbed_part(&a, 0, H, scratch) == 0);
+        int chunks = latent_attention_chunk_count(&a), E = H * T;
+        CHECK(chunks == (S + LATENT_CHUNK - 1) / LATENT_CHUNK);
+        float *parts = malloc(sizeof(float) * chunks * E * (L + 2)), *state = malloc(sizeof(float) * E * (L + 2));
+        for (int c = chunks - 1; c >= 0; c--)  // (any order of computing)
+            CHECK(latent_attention_chunk(&a, c, parts + (size_t)c * E * (L + 2), scratch) == 0);
+        for (int c = 0; c < chunks; c++) {  // merged in order, entries in two shares
+            latent_attention_merge(&a, 0, E / 2, parts + (size_t)c * E * (L + 2), state, c == 0);
+            latent_attention_merge(&a, E / 2, E, parts + (size_t)c * E * (L + 2), state, c == 0);
+        }
+        a.out = spread;
+        CHECK(latent_attention_finish(&a, 0, E / 3, state, scratch) == 0);
+        CHECK(latent_attention_finish(&a, E / 3, E, state, scratch) == 0);
+        CHECK_MSG(memcmp(one, spread, sizeof(float) * T * H * v) == 0, "pos0 %d T %d: spread chunks differ", pos0, T);
+        free(latent), free(kpe), free(q), free(kvb), free(one), free(spread), free(scratch), free(parts), free(state);
+    }
+}
+
 TEST(test_latent_attention_backward_refuses_an_unsaved_forward) {
     Backend *be = backend_cpu();
     LatentAttention a = {.B = 1, .T = 2, .pos0 = 1, .H = 1, .nope = 2, .rope = 2, .v = 2, .kv_lora = 2};

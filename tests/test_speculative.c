@@ -5,6 +5,7 @@
 // draws from plain sampling's distribution (a chi-square test of homogeneity, with a check that
 // the same test rejects a different distribution); bad input.
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,6 +122,70 @@ TEST(test_speculative_greedy_equals_plain) {
         }
         model_free(&m);
     }
+}
+
+// Long contexts (more than one LATENT_CHUNK of cache): a decode step spreads the sequence's
+// attention chunks over the threads. Its greedy output is the same bits alone, among short
+// sequences, on one thread, with bf16 cache or not aside, and verified speculatively (K + 1 rows
+// at once against single steps).
+typedef struct {
+    int tok[3][24], n[3];
+    float top[3][24][4];  // the top log-probabilities: the logits' bits, not just their argmax
+} LongOut;
+
+static void collect_long(void *owner, int seq, const EngineToken *t) {
+    LongOut *o = owner;
+    if (t->token < 0 || o->n[seq] >= 24) return;
+    memcpy(o->top[seq][o->n[seq]], t->top_logprobs, sizeof o->top[seq][0]);
+    o->tok[seq][o->n[seq]++] = t->token;
+}
+
+static int run_long(const Model *m, int K, int with_short, int kv_bf16, LongOut *o, Error *err) {
+    enum { P = 2100 };  // three chunks of cache
+    EngineOptions eo = {.parallel = 3, .ctx = P + 32, .prefill_chunk = 256, .speculative = K,
+                        .kv_dtype = kv_bf16 ? DT_BF16 : DT_F32};
+    Engine *e = engine_new(m, &eo, err);
+    if (!e) return -1;
+    memset(o, 0, sizeof *o);
+    SeqParams sp = seq_params_default();
+    sp.max_new = 24;
+    sp.stop_at_eos = 0;
+    sp.logprobs = 1;
+    sp.top_logprobs = 4;
+    static int ids[P];
+    for (int i = 0; i < P; i++) ids[i] = (i * 37 + (i / 7) * 11 + 3) % m->cfg.vocab_size;
+    int rc = 0;
+    if (with_short) rc |= engine_add(e, ids + 100, 9, &sp, collect_long, o, err) < 0;
+    rc |= engine_add(e, ids, P, &sp, collect_long, o, err) < 0;
+    if (with_short) rc |= engine_add(e, ids + 7, 30, &sp, collect_long, o, err) < 0;
+    int live = 1;
+    while (rc == 0 && (live = engine_step(e, err)) > 0) {
+    }
+    engine_free(e);
+    return rc || live < 0 ? -1 : 0;
+}
+
+TEST(test_long_context_decode_invariant) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, "tests/data/v3", 1, &err) == 0, "%s", err.msg);
+    for (int kv = 0; kv < 2; kv++) {
+        static LongOut alone, mixed, spec, one;
+        CHECK_MSG(run_long(&m, 0, 0, kv, &alone, &err) == 0, "%s", err.msg);
+        CHECK_MSG(run_long(&m, 0, 1, kv, &mixed, &err) == 0, "%s", err.msg);
+        CHECK_MSG(run_long(&m, 2, 0, kv, &spec, &err) == 0, "%s", err.msg);
+        int threads = omp_get_max_threads();
+        omp_set_num_threads(1);
+        CHECK_MSG(run_long(&m, 0, 0, kv, &one, &err) == 0, "%s", err.msg);
+        omp_set_num_threads(threads);
+        CHECK(alone.n[0] == 24 && mixed.n[1] == 24 && spec.n[0] == 24 && one.n[0] == 24);
+        CHECK_MSG(memcmp(alone.tok[0], mixed.tok[1], sizeof alone.tok[0]) == 0 &&
+                      memcmp(alone.top[0], mixed.top[1], sizeof alone.top[0]) == 0, "kv %d: among short sequences", kv);
+        CHECK_MSG(memcmp(alone.tok[0], spec.tok[0], sizeof alone.tok[0]) == 0, "kv %d: speculative K=2", kv);
+        CHECK_MSG(memcmp(alone.tok[0], one.tok[0], sizeof alone.tok[0]) == 0 &&
+                      memcmp(alone.top[0], one.top[0], sizeof alone.top[0]) == 0, "kv %d: one thread", kv);
+    }
+    model_free(&m);
 }
 
 // K = 1 by hand: with plain greedy output x (prompt + generated), the step that feeds x_n drafts the

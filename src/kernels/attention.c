@@ -1,4 +1,5 @@
 // Latent attention (attention.h): plain and absorbed forward, plain backward.
+#include <math.h>
 #include <omp.h>
 #include <string.h>
 
@@ -17,6 +18,7 @@ typedef struct Scratch {
     float *qn, *qp;   // (QC, nope), (QC, rope) query rows
     float *qa, *ol;   // (QC, kv_lora) absorbed queries, latent-space outputs (absorbed)
     float *o;         // (QC, v)
+    float *part, *state;  // (QC, kv_lora + 2) absorbed: a chunk's [max, sum, latent sum], and the merge
 } Scratch;
 
 // Each buffer starts on a 64-byte line, whatever S is (the vector kernels read them).
@@ -25,7 +27,7 @@ static size_t lines(size_t floats) { return (floats + 15) & ~(size_t)15; }
 size_t latent_attention_scratch_floats(const LatentAttention *a, int S) {
     size_t Q = QC;
     return lines((size_t)S * a->nope) + lines((size_t)S * a->v) + 2 * lines(Q * S) + lines(Q * a->nope) +
-           lines(Q * a->rope) + 2 * lines(Q * a->kv_lora) + lines(Q * a->v);
+           lines(Q * a->rope) + 2 * lines(Q * a->kv_lora) + lines(Q * a->v) + 2 * lines(Q * (a->kv_lora + 2));
 }
 
 // base: 64-byte aligned.
@@ -41,6 +43,8 @@ static Scratch carve(const LatentAttention *a, float *base, int S) {
     h.qa = h.qp + lines(Q * a->rope);
     h.ol = h.qa + lines(Q * a->kv_lora);
     h.o = h.ol + lines(Q * a->kv_lora);
+    h.part = h.o + lines(Q * a->v);
+    h.state = h.part + lines(Q * (a->kv_lora + 2));
     return h;
 }
 
@@ -109,64 +113,125 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
     return rc ? -1 : 0;
 }
 
-// Absorbed, sequence b, rows 0..T-1 × heads [h0, h1): entries (head, row) head-major, stacked
-// LATENT_QCHUNK at a time so that one pass over the cache serves all of them. The cache is read a
-// block of positions at a time (the whole sequence when the store is contiguous), with the
-// batch-invariant products: an entry's scores and weighted sum are the same bits whichever other
-// entries, heads or sequences share its chunk, so a verify pass over K + 1 rows computes what K + 1
-// single steps do.
-static int absorbed_heads(const LatentAttention *a, int b, int h0, int h1, Scratch s) {
+// Absorbed attention, in chunks of LATENT_CHUNK positions (attention.h). Entry e of sequence b is
+// head e / T, row e % T (head-major); a part row is [max score, Σ exp, Σ exp · latent (kv_lora)].
+
+// Entries [e0, e0 + n) (n <= QC) over chunk c's positions: their part rows (ld kv_lora + 2). The
+// entries score the cache together (every head's key and value is the latent, MQA-like), a block
+// of the paged store at a time, with the batch-invariant products.
+static int chunk_entries(const LatentAttention *a, int b, int c, int e0, int n, float *part, Scratch s) {
     int H = a->H, nope = a->nope, r = a->rope, v = a->v, L = a->kv_lora, qk = nope + r, T = a->T, pos0 = a->pos0;
+    int j0 = c * LATENT_CHUNK, S = pos0 + T, j1 = S - j0 < LATENT_CHUNK ? S : j0 + LATENT_CHUNK, len = j1 - j0, rc = 0;
+    const int ld = S < LATENT_CHUNK ? S : LATENT_CHUNK;  // of the scores (carve gave (QC, S))
     size_t es = dtype_size(a->dtype);
     const float *q = a->q + (size_t)b * T * H * qk;
+    for (int i = 0; i < n; i++) {
+        int h = (e0 + i) / T, t = (e0 + i) % T;
+        const float *qr = q + ((size_t)t * H + h) * qk;
+        memcpy(s.qp + (size_t)i * r, qr + nope, sizeof(float) * r);
+        MatView wuk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
+        if (nope > 0) rc |= matmul_nn_part(s.qa + (size_t)i * L, qr, &wuk, 1, 0, L);  // q̃ = W_UKᵀ q_nope
+        else memset(s.qa + (size_t)i * L, 0, sizeof(float) * L);
+    }
+    // (n, len) scores over the chunk, a run of positions within one block of the store at a time
+    int bs = a->blocks ? a->block_size : len;
+    for (int j = j0; j < j1;) {
+        int run = a->blocks ? bs - j % bs : j1 - j;
+        run = run < j1 - j ? run : j1 - j;
+        size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j);
+        MatView C = {.dtype = a->dtype, .rows = run, .cols = L, .data = (const char *)a->latent + row * L * es};
+        MatView P = {.dtype = a->dtype, .rows = run, .cols = r, .data = (const char *)a->kpe + row * r * es};
+        rc |= matmul_nt_invariant(s.p + (j - j0), ld, s.qa, L, &C, n, 0, run);
+        if (r > 0) rc |= matmul_nt_invariant(s.p2 + (j - j0), ld, s.qp, r, &P, n, 0, run);
+        j += run;
+    }
+    for (int i = 0; i < n; i++) {
+        float *row = s.p + (size_t)i * ld, *pr = part + (size_t)i * (L + 2);
+        const float *row2 = s.p2 + (size_t)i * ld;
+        int vis = pos0 + (e0 + i) % T + 1 - j0;  // the entry's row sees positions < pos0 + t + 1
+        vis = vis < 0 ? 0 : vis > len ? len : vis;
+        for (int j = 0; j < vis; j++) row[j] = (row[j] + (r > 0 ? row2[j] : 0.0f)) * a->scale;
+        pr[1] = exp_shifted_inplace(row, vis, &pr[0]);
+        for (int j = vis; j < len; j++) row[j] = 0.0f;
+    }
+    // (n, L) the exp-weighted latent sums, a run after another (one chain per element)
+    for (int j = j0; j < j1;) {
+        int run = a->blocks ? bs - j % bs : j1 - j;
+        run = run < j1 - j ? run : j1 - j;
+        size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j);
+        MatView C = {.dtype = a->dtype, .rows = run, .cols = L, .data = (const char *)a->latent + row * L * es};
+        rc |= matmul_nn_invariant(s.ol, L, s.p + (j - j0), ld, &C, n, 0, L, j > j0);
+        j += run;
+    }
+    for (int i = 0; i < n; i++) memcpy(part + (size_t)i * (L + 2) + 2, s.ol + (size_t)i * L, sizeof(float) * L);
+    return rc ? -1 : 0;
+}
+
+void latent_attention_merge(const LatentAttention *a, int e0, int e1, const float *part, float *state, int first) {
+    int L = a->kv_lora;
+    for (int e = e0; e < e1; e++) {
+        const float *p = part + (size_t)e * (L + 2);
+        float *st = state + (size_t)e * (L + 2);
+        if (first) {
+            memcpy(st, p, sizeof(float) * (L + 2));
+            continue;
+        }
+        if (p[1] == 0.0f) continue;  // no position of the chunk is visible to the entry
+        float m = st[0] > p[0] ? st[0] : p[0], fs = expf(st[0] - m), fp = expf(p[0] - m);
+        st[0] = m;
+        st[1] = st[1] * fs + p[1] * fp;
+        for (int k = 0; k < L; k++) st[2 + k] = st[2 + k] * fs + p[2 + k] * fp;
+    }
+}
+
+// Entries [e0, e1) of sequence b from their merged state (row i: entry e0 + i): the latent sums
+// over Σ exp, through W_UV into out.
+static int finish_entries(const LatentAttention *a, int b, int e0, int e1, const float *state, Scratch s) {
+    int H = a->H, nope = a->nope, v = a->v, L = a->kv_lora, T = a->T, rc = 0;
     float *out = a->out + (size_t)b * T * H * v;
-    int E = (h1 - h0) * T, rc = 0;  // entry e is head h0 + e / T, row e % T
-    for (int e0 = 0; e0 < E; e0 += QC) {
-        int n = E - e0 < QC ? E - e0 : QC, S = 0;
-        for (int i = 0; i < n; i++) {
-            int h = h0 + (e0 + i) / T, t = (e0 + i) % T;
-            const float *qr = q + ((size_t)t * H + h) * qk;
-            memcpy(s.qp + (size_t)i * r, qr + nope, sizeof(float) * r);
-            MatView wuk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
-            if (nope > 0) rc |= matmul_nn_part(s.qa + (size_t)i * L, qr, &wuk, 1, 0, L);  // q̃ = W_UKᵀ q_nope
-            else memset(s.qa + (size_t)i * L, 0, sizeof(float) * L);
-            if (pos0 + t + 1 > S) S = pos0 + t + 1;
+    for (int e = e0; e < e1; e++) {
+        int h = e / T, t = e % T;
+        const float *st = state + (size_t)(e - e0) * (L + 2);
+        float inv = 1.0f / st[1];
+        for (int k = 0; k < L; k++) s.ol[k] = st[2 + k] * inv;
+        MatView wuv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
+        rc |= matmul_nt_part(out + ((size_t)t * H + h) * v, s.ol, &wuv, 1, 0, v);
+    }
+    return rc ? -1 : 0;
+}
+
+// Sequence b, heads [h0, h1) × rows 0..T-1, on the calling thread: QC entries at a time, chunk
+// after chunk merged in order — what the split over threads computes, so a verify pass over K + 1
+// rows computes what K + 1 single steps do, however the chunks are spread.
+static int absorbed_heads(const LatentAttention *a, int b, int h0, int h1, Scratch s) {
+    int T = a->T, chunks = latent_attention_chunk_count(a), rc = 0;
+    for (int e0 = h0 * T; e0 < h1 * T; e0 += QC) {
+        int n = h1 * T - e0 < QC ? h1 * T - e0 : QC;
+        for (int c = 0; c < chunks; c++) {
+            rc |= chunk_entries(a, b, c, e0, n, c ? s.part : s.state, s);
+            if (c) latent_attention_merge(a, 0, n, s.part, s.state, 0);
         }
-        // every head's key and value is the latent (MQA-like): the entries score the cache together
-        int bs = a->blocks ? a->block_size : S;
-        for (int j0 = 0; j0 < S; j0 += bs) {
-            int nb = S - j0 < bs ? S - j0 : bs;
-            size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j0);
-            MatView C = {.dtype = a->dtype, .rows = nb, .cols = L, .data = (const char *)a->latent + row * L * es};
-            MatView P = {.dtype = a->dtype, .rows = nb, .cols = r, .data = (const char *)a->kpe + row * r * es};
-            rc |= matmul_nt_invariant(s.p + j0, S, s.qa, L, &C, n, 0, nb);  // (n, S) latent scores
-            if (r > 0) rc |= matmul_nt_invariant(s.p2 + j0, S, s.qp, r, &P, n, 0, nb);
-        }
-        for (int i = 0; i < n; i++) {
-            float *row = s.p + (size_t)i * S;
-            const float *row2 = s.p2 + (size_t)i * S;
-            int visible = pos0 + (e0 + i) % T + 1;
-            for (int j = 0; j < visible; j++) row[j] = (row[j] + (r > 0 ? row2[j] : 0.0f)) * a->scale;
-            softmax_inplace(row, visible);
-            for (int j = visible; j < S; j++) row[j] = 0.0f;
-        }
-        for (int j0 = 0; j0 < S; j0 += bs) {  // (n, L) the weighted sums, in latent space, block after block
-            int nb = S - j0 < bs ? S - j0 : bs;
-            size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j0);
-            MatView C = {.dtype = a->dtype, .rows = nb, .cols = L, .data = (const char *)a->latent + row * L * es};
-            rc |= matmul_nn_invariant(s.ol, L, s.p + j0, S, &C, n, 0, L, j0 > 0);
-        }
-        for (int i = 0; i < n; i++) {
-            int h = h0 + (e0 + i) / T, t = (e0 + i) % T;
-            MatView wuv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
-            rc |= matmul_nt_part(out + ((size_t)t * H + h) * v, s.ol + (size_t)i * L, &wuv, 1, 0, v);
-        }
+        rc |= finish_entries(a, b, e0, e0 + n, s.state, s);
     }
     return rc ? -1 : 0;
 }
 
 int latent_attention_absorbed_part(const LatentAttention *a, int h0, int h1, float *scratch) {
     return absorbed_heads(a, 0, h0, h1, carve(a, scratch, a->pos0 + a->T));
+}
+
+int latent_attention_chunk_count(const LatentAttention *a) { return (a->pos0 + a->T + LATENT_CHUNK - 1) / LATENT_CHUNK; }
+
+int latent_attention_chunk(const LatentAttention *a, int c, float *part, float *scratch) {
+    Scratch s = carve(a, scratch, a->pos0 + a->T);
+    int E = a->H * a->T, rc = 0;
+    for (int e0 = 0; e0 < E; e0 += QC)
+        rc |= chunk_entries(a, 0, c, e0, E - e0 < QC ? E - e0 : QC, part + (size_t)e0 * (a->kv_lora + 2), s);
+    return rc;
+}
+
+int latent_attention_finish(const LatentAttention *a, int e0, int e1, const float *state, float *scratch) {
+    return finish_entries(a, 0, e0, e1, state + (size_t)e0 * (a->kv_lora + 2), carve(a, scratch, a->pos0 + a->T));
 }
 
 // Plain attention over a BF16 or paged store: its positions gathered (and widened) into a

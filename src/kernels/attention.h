@@ -57,6 +57,23 @@ int latent_attention_forward(const LatentAttention *a);
 // cached row is read once per thread, not once per head).
 int latent_attention_absorbed_part(const LatentAttention *a, int h0, int h1, float *scratch);
 
+// Absorbed attention goes over the cache in chunks of LATENT_CHUNK positions: per chunk and entry
+// (head h, row t of sequence 0 is entry h·T + t) a part row [max score, Σ exp(score − max),
+// Σ exp(score − max) · latent (kv_lora)], the chunks merged one after another in order (running
+// max and rescaled sums), then the latent sum over the exp sum through W_UV. One running merge
+// in chunk order whoever computed the chunks: latent_attention_absorbed_part does it all on one
+// thread; a long context spreads its chunks over the threads (latent_attention_chunk, then
+// latent_attention_merge in order) and gets the same bits.
+#define LATENT_CHUNK 1024
+int latent_attention_chunk_count(const LatentAttention *a);
+// Chunk c of every entry (H·T part rows, ld kv_lora + 2) with this thread's scratch.
+int latent_attention_chunk(const LatentAttention *a, int c, float *part, float *scratch);
+// Entries [e0, e1) of state (H·T rows) merged with a chunk's part rows (first: the first chunk,
+// copied); every chunk in order, from chunk 0.
+void latent_attention_merge(const LatentAttention *a, int e0, int e1, const float *part, float *state, int first);
+// Entries [e0, e1) from their merged state rows into out.
+int latent_attention_finish(const LatentAttention *a, int e0, int e1, const float *state, float *scratch);
+
 // The backward pass of plain attention from what the forward saved (pos0 = 0; kv_save and
 // probs_save set; a contiguous store). dout: (B·T, H, v). dq (B·T, H, nope + rope), dkv (B·T, H, nope + v) and
 // dkpe (B·T, rope) += ...; dkpe_heads (B, H, T, rope) and dprobs (B, H, T, T) are scratch.

@@ -56,6 +56,24 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
     }
 }
 
+float exp_shifted_inplace(float *x, int n, float *max) {
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    *max = m;
+    if (n == 0) return 0.0f;
+    if (kernels_cpu_avx512()) exp_n_avx512(x, x, n, m);
+    else
+        for (int i = 0; i < n; i++) x[i] = expf(x[i] - m);
+    float lane[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) lane[k] += x[i + k];
+    for (int k = 0; i + k < n; k++) lane[k] += x[i + k];
+    for (int h = 8; h >= 1; h /= 2)
+        for (int k = 0; k < h; k++) lane[k] += lane[k + h];
+    return lane[0];
+}
+
 void softmax_inplace(float *x, int n) {
     if (kernels_cpu_avx512()) {
         softmax_avx512(x, n);

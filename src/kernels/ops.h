@@ -17,6 +17,9 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
 
 // In-place softmax of x (n), max-subtracted, fp32.
 void softmax_inplace(float *x, int n);
+// In place x (n) = e^(x − max x); *max gets the max (−inf when n = 0) and the sum of the exps is
+// returned (16 lane sums in order, folded in halves: the same bits for the same x).
+float exp_shifted_inplace(float *x, int n, float *max);
 float sigmoidf_(float x);
 
 // RoPE on interleaved pairs (x[2i], x[2i+1]) rotated by the angle pos · inv_freq[i] and scaled by

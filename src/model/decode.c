@@ -111,6 +111,25 @@ static size_t store_row(const KVCache *kv, int pos) {
     return latent_store_row(kv->blocks, kv->pool->block_size, 0, 0, pos);
 }
 
+// Does sequence i of the step spread its attention's chunks over the threads?
+static int long_context(const ModelConfig *c, const Batch *bt, int i) {
+    (void)c;
+    return bt->seqs[i].T <= LONG_ROWS && bt->pos0[i] + bt->seqs[i].T > LATENT_CHUNK;
+}
+
+// The absorbed attention call of sequence i in layer l (its rows' queries, rotated, in s->q).
+static LatentAttention decode_attention(const Model *m, ForwardState *s, const Batch *bt, int l, int i,
+                                        const MatView *kv_b_proj) {
+    const ModelConfig *c = &m->cfg;
+    const KVCache *kv = bt->seqs[i].kv;
+    int H = c->num_attention_heads, qk = config_qk_head_dim(c), row0 = bt->row0[i];
+    LayerPass p = {.c = c, .B = 1, .T = bt->seqs[i].T, .pos0 = bt->pos0[i], .softmax_scale = m->softmax_scale,
+                   .latent = kvcache_latent(kv, c, l), .kpe = kvcache_kpe(kv, c, l), .blocks = kv->blocks,
+                   .block_size = kv->pool->block_size, .store = kv->dtype, .mode = ATTN_ABSORBED};
+    return mla_attention_call(&p, kv_b_proj, s->q + (size_t)row0 * H * qk, s->ao + (size_t)row0 * H * c->v_head_dim,
+                              NULL, NULL);
+}
+
 // x += MLA(RMSNorm(x)) for every row; appends the rows to their sequences' caches (layer l).
 static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, const LayerWeights *lw, Own *ts) {
     const ModelConfig *c = &m->cfg;
@@ -149,24 +168,43 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
         ts->failed |= gemv_share(s->q, ts->cq, &a->q_b_proj, N);
     }
 #pragma omp barrier
-    // attention items (sequence, head), split evenly: a thread's heads of one sequence score its
-    // cache together, so each cached row is read once per thread, not once per head
-    int i0, i1;
-    share(bt->n_seqs * H, 1, &i0, &i1);
-    for (int it = i0; it < i1;) {
-        int i = it / H, h0 = it % H, h1 = i1 - i * H < H ? i1 - i * H : H, T = bt->seqs[i].T, row0 = bt->row0[i];
-        const KVCache *kv = bt->seqs[i].kv;
-        for (int t = 0; t < T; t++)
-            for (int h = h0; h < h1; h++)
-                rope_forward(s->q + ((size_t)(row0 + t) * H + h) * qk + nope, r, s->rope_cos + (size_t)(row0 + t) * hr,
-                             s->rope_sin + (size_t)(row0 + t) * hr);
-        LayerPass p = {.c = c, .B = 1, .T = T, .pos0 = bt->pos0[i], .softmax_scale = m->softmax_scale,
-                       .latent = kvcache_latent(kv, c, l), .kpe = kvcache_kpe(kv, c, l), .blocks = kv->blocks,
-                       .block_size = kv->pool->block_size, .store = kv->dtype, .mode = ATTN_ABSORBED};
-        LatentAttention at = mla_attention_call(&p, &a->kv_b_proj, s->q + (size_t)row0 * H * qk,
-                                                s->ao + (size_t)row0 * H * c->v_head_dim, NULL, NULL);
+    int rb, re;  // q_pe rotated first, by rows: a long context's chunks read every head's query
+    share(N, 1, &rb, &re);
+    for (int n = rb; n < re; n++)
+        for (int h = 0; h < H; h++)
+            rope_forward(s->q + ((size_t)n * H + h) * qk + nope, r, s->rope_cos + (size_t)n * hr, s->rope_sin + (size_t)n * hr);
+#pragma omp barrier
+    // The other sequences: items (sequence, head) split evenly; a thread's heads of one sequence
+    // score its cache together, so each cached row is read once per thread, not once per head.
+    int items = 0, i0, i1;
+    for (int i = 0; i < bt->n_seqs; i++) items += long_context(c, bt, i) ? 0 : H;
+    share(items, 1, &i0, &i1);
+    for (int i = 0, base = 0; i < bt->n_seqs && base < i1; i++) {
+        if (long_context(c, bt, i)) continue;
+        int h0 = i0 > base ? i0 - base : 0, h1 = i1 - base < H ? i1 - base : H;
+        base += H;
+        if (h0 >= h1) continue;
+        LatentAttention at = decode_attention(m, s, bt, l, i, &a->kv_b_proj);
         ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
-        it = i * H + h1;
+    }
+    // A sequence with several chunks of cache and few rows: its chunks spread over the threads, a
+    // wave of one chunk per thread, merged in chunk order by entries (the same bits as one thread
+    // going chunk after chunk), so the cache is read once per step, not once per thread.
+    int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    for (int i = 0; i < bt->n_seqs; i++) {
+        if (!long_context(c, bt, i)) continue;
+        LatentAttention at = decode_attention(m, s, bt, l, i, &a->kv_b_proj);
+        int chunks = latent_attention_chunk_count(&at), E = H * bt->seqs[i].T, e0, e1;
+        size_t part = (size_t)E * (c->kv_lora_rank + 2);
+        share(E, 1, &e0, &e1);
+        for (int w0 = 0; w0 < chunks; w0 += nt) {
+            if (w0 + tid < chunks) ts->failed |= latent_attention_chunk(&at, w0 + tid, s->attn_parts + tid * part, ts->attn);
+#pragma omp barrier
+            for (int k = 0; k < nt && w0 + k < chunks; k++)
+                latent_attention_merge(&at, e0, e1, s->attn_parts + k * part, s->attn_state, w0 + k == 0);
+#pragma omp barrier
+        }
+        ts->failed |= latent_attention_finish(&at, e0, e1, s->attn_state, ts->attn);
     }
 #pragma omp barrier
     ts->failed |= gemv_share_residual(s->x, s->y, s->ao, &a->o_proj, N);

@@ -30,11 +30,18 @@ struct ForwardState {
     float *rope_cos, *rope_sin;  // (T, rope/2) the angles of the positions being run
     float *attn;              // (nthreads, attn_per_thread) attention scratch
     size_t attn_per_thread;
+    float *attn_parts;        // (nthreads, LONG_ROWS·H, kv_lora + 2) decode: a long context's chunk parts
+    float *attn_state;        // (LONG_ROWS·H, kv_lora + 2) and their running merge (decode.c)
     float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors (decode.c)
     size_t own_per_thread;
     LayerActs acts;           // a layer's activations, laid over the buffers above
     void *block;              // the one allocation everything above lives in
 };
+
+// A decode step spreads the chunks of a sequence's attention over the threads when it has several
+// chunks and at most this many rows (a decode step or a speculative verification; prefill chunks
+// keep the split by heads).
+#define LONG_ROWS 16
 
 // The pass of T rows at pos0 over one sequence's cache; latent and kpe are set per layer.
 LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T, int pos0, AttnMode mode);
