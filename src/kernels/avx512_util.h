@@ -16,6 +16,25 @@
 // The first n of 16 lanes.
 static inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
+// The 16 lanes of each of 16 vectors added by one tree — halves (lane i + lane i + 8), then
+// + 4, + 2, + 1, the tree of _mm512_reduce_add_ps — all at once: lane 4q + p of the result is the
+// sum of v[4p + q]. So a tile's sums are the bits a reduction per vector would give.
+AVX512_INLINE __m512 fold16_ps(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xdd));
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xdd));
+}
+
 // Transposes 16 vectors (rows) into 16 vectors (columns) in place.
 AVX512_INLINE void transpose16(__m512 v[16]) {
     __m512 t[16];

@@ -219,6 +219,19 @@ AVX512_INLINE void gemv_row(const int kind, const int NB, const int U, float *ou
     }
 }
 
+// A 4 × NB tile's sums (acc[i][j]: weight row i, activation row j) reduced as
+// _mm512_reduce_add_ps would, sixteen at once, into out[j * ldo + i].
+AVX512_INLINE void tile4_store(const int NB, float *out, int ldo, __m512 acc[4][4]) {
+    __m512 v[16];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) v[4 * i + j] = j < NB ? acc[i][j] : _mm512_setzero_ps();
+    __m512 f = fold16_ps(v);  // lane 4j + i: the sum of v[4i + j]
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++) _mm_storeu_ps(out + (size_t)j * ldo, _mm512_extractf32x4_ps(f, j));
+}
+
 // out[j][r + i] for 4 weight rows and NB <= 4 activation rows: every activation vector loaded
 // serves the 4 rows, which keeps the activations' cache traffic below the weights' when N > 1.
 AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo, const float *x, int ldx,
@@ -277,10 +290,7 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
                 }
             }
         }
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++)
-#pragma GCC unroll 4
-            for (int j = 0; j < NB; j++) out[(size_t)j * ldo + r + i] = _mm512_reduce_add_ps(acc[i][j]);
+        tile4_store(NB, out + r, ldo, acc);
         if (_mm512_cmpeq_epi8_mask(nan_seen, _mm512_set1_epi8((char)0xff)))
             for (int i = 0; i < 4; i++)
                 if (fp8_row_has_nan(w, r + i))
@@ -321,10 +331,7 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
             for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++)
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) out[(size_t)j * ldo + r + i] = _mm512_reduce_add_ps(acc[i][j]);
+    tile4_store(NB, out + r, ldo, acc);
 }
 
 // Rows [r0, r1) against N activation rows. One weight row at a time against all N activation rows

@@ -117,24 +117,6 @@ static void bf16c_rows_portable(float *out, int ldo, const float *x, int ldx, in
 #define BF16C __attribute__((target(BF16C_TARGET)))
 #define BF16C_INLINE static inline __attribute__((always_inline, target(BF16C_TARGET)))
 
-// 16 vectors' lanes folded as fold_lanes does, all at once: lane 4q + p of the result is the sum
-// of v[4p + q].
-BF16C_INLINE __m512 fold16(const __m512 v[16]) {
-    __m512 a[8], b[4], c[2];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; i++)
-        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++)
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xdd));
-#pragma GCC unroll 2
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xee));
-    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xdd));
-}
-
 // 64 E4M3 codes → their BF16 values in the FP8 layout (two steps): the low and the high byte of
 // each value looked up by the code's 7 magnitude bits, the sign ORed into the high byte, the bytes
 // unpacked into words. t: the look-up tables (lo 0-63, lo 64-127, hi 0-63, hi 64-127).
@@ -170,9 +152,9 @@ typedef struct Tile {
 BF16C_INLINE void tile_store(const int R, const int C, const Tile *t, const __m512 v[16]) {
     int idx[16] = {0};
 #pragma GCC unroll 16
-    for (int e = 0; e < R * C; e++) idx[(e % C) * R + e / C] = 4 * (e % 4) + e / 4;  // fold16's lane of v[e]
+    for (int e = 0; e < R * C; e++) idx[(e % C) * R + e / C] = 4 * (e % 4) + e / 4;  // fold16_ps's lane of v[e]
     float sum[32];
-    _mm512_storeu_ps(sum, _mm512_permutexvar_ps(_mm512_loadu_si512(idx), fold16(v)));
+    _mm512_storeu_ps(sum, _mm512_permutexvar_ps(_mm512_loadu_si512(idx), fold16_ps(v)));
     __mmask16 m = tail_mask(t->nr);
     for (int j = 0; j < t->nc; j++) _mm512_mask_storeu_ps(t->out + (size_t)j * t->ldo, m, _mm512_loadu_ps(sum + j * R));
 }
