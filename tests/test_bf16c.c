@@ -179,12 +179,25 @@ static void check_bf16_compute(const char *name) {
     }
     free(g);
     CHECK(test_run(o, sizeof o, "%s logits --model %s --tokens %s --out %s --compute fp16", test_bin(), dir, ids, lf) == 1 &&
-          strstr(o, "--compute: unknown value 'fp16' (f32 or bf16)"));
+          strstr(o, "--compute: unknown value 'fp16' (f32, bf16 or auto)"));
 }
 
 TEST(test_bf16_compute_golden_v3) { check_bf16_compute("v3"); }
 TEST(test_bf16_compute_golden_fp8) { check_bf16_compute("fp8"); }
 TEST(test_bf16_compute_golden_v2lite) { check_bf16_compute("v2lite"); }
+
+// generate, chat and serve default to --compute auto: bf16 where the CPU has the BF16 dot products
+// (matmul_bf16c_fast), f32 elsewhere; logits to f32.
+TEST(test_compute_auto_default) {
+    char dir[300], a[4096], b[4096];
+    snprintf(dir, sizeof dir, "%s/v3", test_datadir());
+    const char *fmt = "%s generate --model %s --tokens 5,17,3,90 --max-new 16 --temperature 0 %s";
+    CHECK(test_run(a, sizeof a, fmt, test_bin(), dir, "") == 0);
+    CHECK(test_run(b, sizeof b, fmt, test_bin(), dir, matmul_bf16c_fast() ? "--compute bf16" : "--compute f32") == 0);
+    CHECK_MSG(strlen(a) > 10 && strcmp(a, b) == 0, "default:\n%s\nexplicit:\n%s", a, b);
+    CHECK(test_run(b, sizeof b, fmt, test_bin(), dir, "--compute auto") == 0 && strcmp(a, b) == 0);
+    printf("    this CPU: --compute auto is %s\n", matmul_bf16c_fast() ? "bf16" : "f32");
+}
 
 // Batch invariance holds under --compute bf16: the batch file's greedy continuations are the same
 // bits alone (--parallel 1), four at a time, and on one thread.

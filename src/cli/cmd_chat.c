@@ -150,7 +150,7 @@ int cmd_chat(int argc, char **argv) {
     long spec;
     int bf16;
     if (parse_kv_dtype(&a, &kv_dtype, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err) ||
-        parse_compute(&a, &bf16, &err))
+        parse_compute(&a, "auto", &bf16, &err))
         return cli_fail(cmd, &err);
     EngineOptions eo = {.parallel = 1, .prefill_chunk = 512, .kv_dtype = kv_dtype, .speculative = (int)spec};
     Tokenizer *tok = tok_load_dir(dir, &err);

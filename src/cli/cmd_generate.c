@@ -168,7 +168,7 @@ int cmd_generate(int argc, char **argv) {
     ExpertParallel *ep = NULL;
     long E;
     int bf16;
-    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, &bf16, &err) || model_load(&m, dir, 0, &err))
+    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "auto", &bf16, &err) || model_load(&m, dir, 0, &err))
         goto done_prompts;
     model_set_compute(&m, bf16);
     if (E > 1 && cli_expert_parallel_start(&m, &ep, &err)) {

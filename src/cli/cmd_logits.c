@@ -64,7 +64,7 @@ int cmd_logits(int argc, char **argv) {
     }
     long E;
     int root = dist_rank(dist_world()) == 0, bf16;
-    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, &bf16, &err)) return cli_fail_once(cmd, &err);
+    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "f32", &bf16, &err)) return cli_fail_once(cmd, &err);
     int *tok = NULL, T = 0;
     if (parse_token_list(tokens_s, &tok, &T, &err)) return cli_fail_once(cmd, &err);
     Model m;

@@ -29,6 +29,9 @@ typedef struct MatView {
 // fp32 sums in a fixed order per output element (batch invariant); AVX512_BF16 dot products or a
 // portable path. The matmul_nt family takes this path for views with compute_bf16 set. No fork.
 int matmul_nt_bf16c(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+// 1 when those products run on the CPU's BF16 dot products (AVX512_BF16 with AVX512_VBMI); 0 when
+// they would take the portable path, far slower than fp32 (so `--compute auto` picks f32 there).
+int matmul_bf16c_fast(void);
 
 // Rows [r0, r0 + n) of w, as a view.
 MatView matview_rows(const MatView *w, int r0, int n);

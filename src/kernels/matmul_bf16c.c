@@ -457,3 +457,5 @@ int matmul_nt_bf16c(float *out, int ldo, const float *x, int ldx, const MatView 
     bf16c_rows_portable(out, ldo, x, ldx, N, w, r0, r1);
     return 0;
 }
+
+int matmul_bf16c_fast(void) { return kernels_cpu_avx512bf16_vbmi(); }
