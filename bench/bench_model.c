@@ -117,7 +117,8 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, int bf16, 
         int next = 0;
         for (int i = 0; i < DECODE; i++) {
             next = (next * 31 + 7) % V;  // a fixed stream: random weights give no meaningful argmax
-            if (model_forward(&m, s, &kv, &next, 1, ATTN_ABSORBED, NULL, logits, NULL, &err)) return 1;
+            DecodeSeq ds = {&kv, &next, 1};  // a decode step as generate and serve run it
+            if (model_decode(&m, s, &ds, 1, logits, NULL, &err)) return 1;
         }
         double t2 = bench_now();
         pre[r] = PROMPT / (t1 - t0);
