@@ -10,6 +10,7 @@
 
 #include "kernels/convert.h"
 #include "kernels/matmul.h"
+#include "model/config.h"
 #include "test.h"
 
 static uint64_t lcg(uint64_t *s) { return *s = *s * 6364136223846793005ULL + 1442695040888963407ULL; }
@@ -180,6 +181,59 @@ static void check_bf16_compute(const char *name) {
     free(g);
     CHECK(test_run(o, sizeof o, "%s logits --model %s --tokens %s --out %s --compute fp16", test_bin(), dir, ids, lf) == 1 &&
           strstr(o, "--compute: unknown value 'fp16' (f32, bf16 or auto)"));
+}
+
+// Expert flips: the routed experts of every (layer, token) under --compute bf16 against f32, from
+// `logits --routes-out` (int32 (layers, T, K_r), -1 for dense layers). Measured on the golden
+// models: see the printed lines (and README); asserted: well-formed routes, and at most 1 in 10
+// choices flipped (a flip follows a near-tie of the routing scores, which BF16 rounding of the
+// experts' inputs can tip).
+static void check_routes(const char *name) {
+    char dir[300], ids[1024], fa[600], fb[600], o[4096], path[600];
+    snprintf(dir, sizeof dir, "%s/%s", test_datadir(), name);
+    int T = test_golden_ids(name, ids, sizeof ids);
+    CHECK(T > 0);
+    snprintf(fa, sizeof fa, "%s/routes_f32_%s.i32", test_tmpdir(), name);
+    snprintf(fb, sizeof fb, "%s/routes_bf16_%s.i32", test_tmpdir(), name);
+    CHECK(test_run(o, sizeof o, "%s logits --model %s --tokens %s --routes-out %s", test_bin(), dir, ids, fa) == 0);
+    CHECK(test_run(o, sizeof o, "%s logits --model %s --tokens %s --routes-out %s --compute bf16", test_bin(), dir, ids, fb) == 0);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    ModelConfig c;
+    Error err = {0};
+    CHECK(config_load(&c, path, &err) == 0);
+    size_t na, nb;
+    int *ra = test_read_file(fa, &na), *rb = test_read_file(fb, &nb);
+    int K = c.num_experts_per_tok, L = c.num_hidden_layers;
+    CHECK(ra && rb && na == nb && na == sizeof(int) * (size_t)L * T * K);
+    long choices = 0, flips = 0, rows = 0, rows_flipped = 0;
+    for (int l = 0; ra && rb && l < L; l++)
+        for (int t = 0; t < T; t++) {
+            const int *a = ra + ((size_t)l * T + t) * K, *b = rb + ((size_t)l * T + t) * K;
+            if (a[0] < 0) {  // a dense layer: -1 throughout, in both
+                for (int k = 0; k < K; k++) CHECK(a[k] == -1 && b[k] == -1);
+                continue;
+            }
+            int f = 0;
+            for (int k = 0; k < K; k++) {
+                CHECK(a[k] >= 0 && a[k] < c.n_routed_experts && b[k] >= 0 && b[k] < c.n_routed_experts);
+                int found = 0;
+                for (int j = 0; j < K; j++) found |= a[k] == b[j];
+                f += !found;
+            }
+            choices += K, flips += f, rows++, rows_flipped += f > 0;
+        }
+    printf("    %s: %ld of %ld expert choices flipped under --compute bf16 (%ld of %ld token-layers)\n", name, flips,
+           choices, rows_flipped, rows);
+    CHECK(choices > 0 && flips * 10 <= choices);
+    free(ra), free(rb);
+    CHECK(test_run(o, sizeof o, "%s logits --model %s --tokens %s --routes-out %s --decode", test_bin(), dir, ids, fa) == 1 &&
+          strstr(o, "--routes-out: recorded by the prefill pass"));
+}
+
+TEST(test_bf16_compute_expert_flips) {
+    check_routes("v3");
+    check_routes("fp8");
+    check_routes("v2lite");
 }
 
 TEST(test_bf16_compute_golden_v3) { check_bf16_compute("v3"); }

@@ -10,12 +10,13 @@
 #include "dist/expert_parallel.h"
 #include "model/model.h"
 
-static const char *const VALUED[] = {"model", "tokens", "out", "mtp-out", "kv-dtype", "expert-parallel", "compute", NULL};
+static const char *const VALUED[] = {"model", "tokens", "out", "mtp-out", "routes-out", "kv-dtype", "expert-parallel", "compute", NULL};
 static const char *const FLAGS[] = {"decode", "absorbed", "no-mmap", NULL};
 
-// Main logits (T, V) and, when mtp is non-NULL, the first MTP module's logits (T-1, V).
+// Main logits (T, V), when mtp is non-NULL the first MTP module's logits (T-1, V), and when routes
+// is non-NULL (prefill only) the routed experts (layers, T, K_r).
 static int compute(const Model *m, const int *tok, int T, int decode, AttnMode mode, DType kv_dtype, float *logits,
-                   float *mtp, Error *err) {
+                   float *mtp, int *routes, Error *err) {
     const ModelConfig *c = &m->cfg;
     int d = c->hidden_size, V = c->vocab_size, n_mtp = mtp ? 1 : 0, rc = -1;
     KVCache kv;
@@ -24,7 +25,9 @@ static int compute(const Model *m, const int *tok, int T, int decode, AttnMode m
     float *hidden = xmalloc(err, sizeof(float) * T * d, "hidden states");
     if (!s || !hidden) goto done;
     if (!decode) {
+        forward_state_record_routes(s, routes);
         if (model_forward(m, s, &kv, tok, T, mode, logits, NULL, hidden, err)) goto done;
+        forward_state_record_routes(s, NULL);
         if (mtp && T > 1 && model_mtp_forward(m, s, &kv, 0, tok + 1, hidden, T - 1, mode, mtp, NULL, err)) goto done;
     } else {
         for (int t = 0; t < T; t++) {
@@ -58,8 +61,13 @@ int cmd_logits(int argc, char **argv) {
     DType kv_dtype;
     if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail_once(cmd, &err);
     const char *out = args_str(&a, "out", NULL), *mtp_out = args_str(&a, "mtp-out", NULL);
-    if (!out && !mtp_out) {
-        err_set(&err, "give --out FILE, --mtp-out FILE or both");
+    const char *routes_out = args_str(&a, "routes-out", NULL);
+    if (!out && !mtp_out && !routes_out) {
+        err_set(&err, "give --out FILE, --mtp-out FILE, --routes-out FILE or several");
+        return cli_fail_once(cmd, &err);
+    }
+    if (routes_out && args_flag(&a, "decode")) {
+        err_set(&err, "--routes-out: recorded by the prefill pass, not with --decode");
         return cli_fail_once(cmd, &err);
     }
     long E;
@@ -73,7 +81,8 @@ int cmd_logits(int argc, char **argv) {
         free(tok);
         return cli_fail_once(cmd, &err);
     }
-    int rc = 1, V = m.cfg.vocab_size;
+    int rc = 1, V = m.cfg.vocab_size, *routes = NULL;
+    size_t n_routes = (size_t)m.cfg.num_hidden_layers * T * (m.cfg.num_experts_per_tok > 0 ? m.cfg.num_experts_per_tok : 1);
     float *logits = NULL, *mtp = NULL;
     ExpertParallel *ep = NULL;
     model_set_compute(&m, bf16);
@@ -88,18 +97,21 @@ int cmd_logits(int argc, char **argv) {
     }
     logits = xmalloc(&err, sizeof(float) * (size_t)T * V, "logits");
     if (mtp_out) mtp = xmalloc(&err, sizeof(float) * (size_t)(T - 1) * V, "MTP logits");
-    if (!logits || (mtp_out && !mtp)) goto done;
+    if (routes_out) routes = xmalloc(&err, sizeof(int) * n_routes, "routes");
+    if (!logits || (mtp_out && !mtp) || (routes_out && !routes)) goto done;
     AttnMode mode = args_flag(&a, "absorbed") ? ATTN_ABSORBED : ATTN_PLAIN;
-    if (compute(&m, tok, T, args_flag(&a, "decode"), mode, kv_dtype, logits, mtp, &err)) goto done;
+    if (compute(&m, tok, T, args_flag(&a, "decode"), mode, kv_dtype, logits, mtp, routes, &err)) goto done;
     if (ep && cli_report_expert_ranks(ep, &m, &err)) goto done;
     if (root && out && file_write_all(out, logits, sizeof(float) * (size_t)T * V, &err)) goto done;
     if (root && mtp_out && file_write_all(mtp_out, mtp, sizeof(float) * (size_t)(T - 1) * V, &err)) goto done;
+    if (root && routes_out && file_write_all(routes_out, routes, sizeof(int) * n_routes, &err)) goto done;
     rc = 0;
 done:
     if (rc) cli_fail_once(cmd, &err);  // the ranks compute the same: they fail alike
     expert_parallel_free(ep);
     free(logits);
     free(mtp);
+    free(routes);
     free(tok);
     model_free(&m);
     return rc;

@@ -227,9 +227,9 @@ AVX512_INLINE void tile4_store(const int NB, float *out, int ldo, __m512 acc[4][
     for (int i = 0; i < 4; i++)
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) v[4 * i + j] = j < NB ? acc[i][j] : _mm512_setzero_ps();
-    __m512 f = fold16_ps(v);  // lane 4j + i: the sum of v[4i + j]
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++) _mm_storeu_ps(out + (size_t)j * ldo, _mm512_extractf32x4_ps(f, j));
+    float s[16];
+    _mm512_storeu_ps(s, fold16_ps(v));  // lane 4j + i: the sum of v[4i + j]
+    for (int j = 0; j < NB; j++) memcpy(out + (size_t)j * ldo, s + 4 * j, sizeof(float) * 4);
 }
 
 // out[j][r + i] for 4 weight rows and NB <= 4 activation rows: every activation vector loaded

@@ -101,6 +101,8 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     return s;
 }
 
+void forward_state_record_routes(ForwardState *s, int *routes) { s->routes = routes; }
+
 void forward_state_free(ForwardState *s) {
     if (!s) return;
     s->be->ops->free(s->be, s->block);
@@ -172,6 +174,13 @@ int model_forward(const Model *m, ForwardState *s, KVCache *kv, const int *token
         double balance;
         pass_layer(&p, c, kv, l);
         if (layer_forward(&p, &m->w.layers[l], &s->acts, NULL, &balance)) return backend_failed(m, err);
+        if (s->routes) {
+            size_t K = c->num_experts_per_tok > 0 ? c->num_experts_per_tok : 1;
+            int *dst = s->routes + (size_t)l * T * K;
+            if (m->w.layers[l].is_moe) memcpy(dst, s->topk_idx, sizeof(int) * T * K);
+            else
+                for (size_t i = 0; i < T * K; i++) dst[i] = -1;
+        }
     }
     kv->len += T;
     return head_forward(m, s, m->w.norm, &m->w.lm_head, T, logits, last_logits, hidden) ? backend_failed(m, err) : 0;

@@ -34,6 +34,7 @@ struct ForwardState {
     float *attn_state;        // (LONG_ROWS·H, kv_lora + 2) and their running merge (decode.c)
     float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors (decode.c)
     size_t own_per_thread;
+    int *routes;              // or NULL: model_forward records each layer's routed experts here
     LayerActs acts;           // a layer's activations, laid over the buffers above
     void *block;              // the one allocation everything above lives in
 };

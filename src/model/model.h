@@ -111,6 +111,10 @@ size_t kvcache_bytes_per_token(const ModelConfig *c, DType dtype);
 typedef struct ForwardState ForwardState;
 ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *err);
 void forward_state_free(ForwardState *s);
+// From now on, every model_forward of T > 1 tokens (or plain attention) writes the experts each
+// token is routed to: routes (num_hidden_layers, T, num_experts_per_tok) in selection order, −1
+// for the dense layers — what `dsv3 logits --routes-out` writes. NULL stops recording.
+void forward_state_record_routes(ForwardState *s, int *routes);
 
 // Runs tokens[0..T) at positions kv->len .. kv->len+T-1, appending to the cache.
 // logits: (T, vocab) for every position, or NULL; last_logits: (vocab) for the last position or
