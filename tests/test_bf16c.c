@@ -117,6 +117,27 @@ TEST(test_bf16c_against_fp64) {
     CHECK(kernels_set_isa("auto") == 0);
 }
 
+// The portable path is the dot-product instruction's documented arithmetic (two products per lane,
+// the odd one added first, each add rounded) in the same order: the same bits as the AVX512_BF16
+// path, on operands without BF16 subnormals (which the instruction reads as zero).
+TEST(test_bf16c_portable_equals_instruction) {
+    uint64_t seed = 21;
+    const DType types[] = {DT_F32, DT_BF16, DT_F8_E4M3};
+    for (int ti = 0; ti < 3; ti++) {
+        TestW w;
+        make_w(&w, types[ti], 37, 300, &seed);
+        float x[5 * 300], a[5 * 37], b[5 * 37];
+        for (int i = 0; i < 5 * 300; i++) x[i] = uniform(&seed) * 3;
+        CHECK(kernels_set_isa("auto") == 0);
+        CHECK(matmul_nt_bf16c(a, 37, x, 300, &w.v, 5, 0, 37) == 0);
+        CHECK(kernels_set_isa("scalar") == 0);
+        CHECK(matmul_nt_bf16c(b, 37, x, 300, &w.v, 5, 0, 37) == 0);
+        CHECK_MSG(memcmp(a, b, sizeof a) == 0, "%s: the portable path differs from the instruction", dtype_name(types[ti]));
+        free(w.data), free(w.scales);
+    }
+    CHECK(kernels_set_isa("auto") == 0);
+}
+
 // An E4M3 NaN code makes its row's products NaN, as the fp32 path does, and no other row's.
 TEST(test_bf16c_fp8_nan_code) {
     uint64_t seed = 9;

@@ -16,7 +16,8 @@
 // at a time by byte table look-ups whose unpacking interleaves groups of 8 columns, and the
 // activations are laid out the same way, so that a code costs a few byte shuffles, not arithmetic.
 //
-// The portable path follows the same order; it differs from the instruction only where the
+// The portable path follows the same order with the instruction's documented arithmetic (each
+// product exact in fp32, each add rounded): the same bits (tests/test_bf16c.c), except where the
 // instruction treats a subnormal BF16 input as zero or flushes a subnormal sum.
 #include <math.h>
 #include <pthread.h>
@@ -34,7 +35,7 @@
 // against all of them (bandwidth-bound); beyond, a block of rows is copied into scratch first and
 // the tiles reuse each weight vector across several activation rows (compute-bound).
 #define BF16C_DIRECT_MAX_N 4
-// FP8 codes are widened in registers for up to this many activation rows (each code once per row);
+// FP8 codes are widened in registers for up to this many activation rows (each code once, for all);
 // beyond, a block of rows is widened once into scratch and read back for every activation row.
 #define BF16C_FP8_INREG_MAX_N 4
 
