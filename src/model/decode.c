@@ -112,8 +112,7 @@ static size_t store_row(const KVCache *kv, int pos) {
 }
 
 // Does sequence i of the step spread its attention's chunks over the threads?
-static int long_context(const ModelConfig *c, const Batch *bt, int i) {
-    (void)c;
+static int long_context(const Batch *bt, int i) {
     return bt->seqs[i].T <= LONG_ROWS && bt->pos0[i] + bt->seqs[i].T > LATENT_CHUNK;
 }
 
@@ -177,10 +176,10 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     // The other sequences: items (sequence, head) split evenly; a thread's heads of one sequence
     // score its cache together, so each cached row is read once per thread, not once per head.
     int items = 0, i0, i1;
-    for (int i = 0; i < bt->n_seqs; i++) items += long_context(c, bt, i) ? 0 : H;
+    for (int i = 0; i < bt->n_seqs; i++) items += long_context(bt, i) ? 0 : H;
     share(items, 1, &i0, &i1);
     for (int i = 0, base = 0; i < bt->n_seqs && base < i1; i++) {
-        if (long_context(c, bt, i)) continue;
+        if (long_context(bt, i)) continue;
         int h0 = i0 > base ? i0 - base : 0, h1 = i1 - base < H ? i1 - base : H;
         base += H;
         if (h0 >= h1) continue;
@@ -192,7 +191,7 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     // going chunk after chunk), so the cache is read once per step, not once per thread.
     int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     for (int i = 0; i < bt->n_seqs; i++) {
-        if (!long_context(c, bt, i)) continue;
+        if (!long_context(bt, i)) continue;
         LatentAttention at = decode_attention(m, s, bt, l, i, &a->kv_b_proj);
         int chunks = latent_attention_chunk_count(&at), E = H * bt->seqs[i].T, e0, e1;
         size_t part = (size_t)E * (c->kv_lora_rank + 2);
