@@ -345,6 +345,9 @@ BF16C static void widen_x(uint16_t *xb, int kpad, const float *x, int ldx, int N
 // for FP8.
 BF16C static void widen_w(uint16_t *wb, int kpad, const MatView *w, int r, int nr) {
     const int cols = w->cols;
+    __m512i tab[4];
+    for (int k = 0; k < 2; k++)
+        tab[k] = _mm512_loadu_si512(fp8_bf16_lo + 64 * k), tab[2 + k] = _mm512_loadu_si512(fp8_bf16_hi + 64 * k);
     for (int i = 0; i < nr; i++) {
         uint16_t *d = wb + (size_t)i * kpad;
         size_t row = (size_t)(r + i) * cols;
@@ -358,9 +361,7 @@ BF16C static void widen_w(uint16_t *wb, int kpad, const MatView *w, int r, int n
             for (int c = 0; c < kpad; c += 64) {
                 int left = cols - c;
                 __mmask64 m = left >= 64 ? ~0ull : left > 0 ? (1ull << left) - 1 : 0;
-                __m512i tab[4], a, b;
-                for (int k = 0; k < 2; k++)
-                    tab[k] = _mm512_loadu_si512(fp8_bf16_lo + 64 * k), tab[2 + k] = _mm512_loadu_si512(fp8_bf16_hi + 64 * k);
+                __m512i a, b;
                 fp8_widen64(_mm512_maskz_loadu_epi8(m, codes + c), tab, &a, &b);
                 _mm512_storeu_si512(d + c, a);
                 _mm512_storeu_si512(d + c + 32, b);
