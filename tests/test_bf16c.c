@@ -11,6 +11,7 @@
 #include "kernels/convert.h"
 #include "kernels/matmul.h"
 #include "model/config.h"
+#include "model/model.h"
 #include "test.h"
 
 static uint64_t lcg(uint64_t *s) { return *s = *s * 6364136223846793005ULL + 1442695040888963407ULL; }
@@ -261,17 +262,50 @@ TEST(test_bf16_compute_golden_v3) { check_bf16_compute("v3"); }
 TEST(test_bf16_compute_golden_fp8) { check_bf16_compute("fp8"); }
 TEST(test_bf16_compute_golden_v2lite) { check_bf16_compute("v2lite"); }
 
-// generate, chat and serve default to --compute auto: bf16 where the CPU has the BF16 dot products
-// (matmul_bf16c_fast), f32 elsewhere; logits to f32.
-TEST(test_compute_auto_default) {
+// generate, chat and serve default to --compute auto: bf16 for the matrices stored in BF16 or FP8
+// where the CPU has the BF16 dot products (matmul_bf16c_fast), f32 elsewhere and for F32 weights;
+// logits to f32.
+static void check_auto(const char *name, int want_bf16) {
     char dir[300], a[4096], b[4096];
-    snprintf(dir, sizeof dir, "%s/v3", test_datadir());
+    snprintf(dir, sizeof dir, "%s/%s", test_datadir(), name);
     const char *fmt = "%s generate --model %s --tokens 5,17,3,90 --max-new 16 --temperature 0 %s";
     CHECK(test_run(a, sizeof a, fmt, test_bin(), dir, "") == 0);
-    CHECK(test_run(b, sizeof b, fmt, test_bin(), dir, matmul_bf16c_fast() ? "--compute bf16" : "--compute f32") == 0);
-    CHECK_MSG(strlen(a) > 10 && strcmp(a, b) == 0, "default:\n%s\nexplicit:\n%s", a, b);
+    CHECK(test_run(b, sizeof b, fmt, test_bin(), dir, want_bf16 ? "--compute bf16" : "--compute f32") == 0);
+    CHECK_MSG(strlen(a) > 10 && strcmp(a, b) == 0, "%s default:\n%s\nexplicit:\n%s", name, a, b);
     CHECK(test_run(b, sizeof b, fmt, test_bin(), dir, "--compute auto") == 0 && strcmp(a, b) == 0);
-    printf("    this CPU: --compute auto is %s\n", matmul_bf16c_fast() ? "bf16" : "f32");
+}
+
+// COMPUTE_AUTO marks the BF16 and FP8 matrices (linear layers and heads) for BF16 compute on a CPU
+// with the fast kernels, view by view, and nothing else: not F32 weights, not the router.
+TEST(test_compute_auto_marks_views) {
+    const char *names[] = {"fp8", "fp8_f32", "v3"};
+    for (int i = 0; i < 3; i++) {
+        char dir[300];
+        snprintf(dir, sizeof dir, "%s/%s", test_datadir(), names[i]);
+        Model m;
+        Error err = {0};
+        CHECK_MSG(model_load(&m, dir, 0, &err) == 0, "%s", err.msg);
+        model_set_compute(&m, COMPUTE_AUTO);
+        const LayerWeights *moe = &m.w.layers[m.cfg.first_k_dense_replace];
+        int low = m.w.layers[0].self_attn.kv_b_proj.dtype != DT_F32;  // BF16 or FP8 weights
+        int want = low && matmul_bf16c_fast();
+        CHECK_MSG(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == want, "%s kv_b_proj", names[i]);
+        CHECK(moe->moe.experts[0].down_proj.compute_bf16 == want);
+        CHECK(m.w.lm_head.compute_bf16 == (matmul_bf16c_fast() && m.w.lm_head.dtype != DT_F32));  // per view
+        CHECK(moe->moe.gate.compute_bf16 == 0);  // the router stays fp32
+        model_set_compute(&m, COMPUTE_BF16);
+        CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 1 && moe->moe.gate.compute_bf16 == 0);
+        model_set_compute(&m, COMPUTE_F32);
+        CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 0);
+        model_free(&m);
+    }
+}
+
+TEST(test_compute_auto_default) {
+    check_auto("v3", matmul_bf16c_fast());      // BF16 weights
+    check_auto("fp8", matmul_bf16c_fast());     // FP8 weights
+    check_auto("fp8_f32", 0);                   // the same model in F32: fp32 compute
+    printf("    this CPU: --compute auto is %s for BF16 and FP8 weights\n", matmul_bf16c_fast() ? "bf16" : "f32");
 }
 
 // Batch invariance holds under --compute bf16: the batch file's greedy continuations are the same

@@ -148,9 +148,9 @@ int cmd_chat(int argc, char **argv) {
     }
     DType kv_dtype;
     long spec;
-    int bf16;
+    ComputeMode cmode;
     if (parse_kv_dtype(&a, &kv_dtype, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err) ||
-        parse_compute(&a, "auto", &bf16, &err))
+        parse_compute(&a, "auto", &cmode, &err))
         return cli_fail(cmd, &err);
     EngineOptions eo = {.parallel = 1, .prefill_chunk = 512, .kv_dtype = kv_dtype, .speculative = (int)spec};
     Tokenizer *tok = tok_load_dir(dir, &err);
@@ -161,7 +161,7 @@ int cmd_chat(int argc, char **argv) {
         tok_free(tok);
         return cli_fail(cmd, &err);
     }
-    model_set_compute(&m, bf16);
+    model_set_compute(&m, cmode);
     if (ctx > m.cfg.max_position_embeddings) ctx = m.cfg.max_position_embeddings;
     eo.ctx = (int)ctx;
     eo.prefix_cache = 1;

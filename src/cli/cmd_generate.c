@@ -167,10 +167,10 @@ int cmd_generate(int argc, char **argv) {
     if (args_flag(&a, "no-mmap")) st_set_load_mode(ST_READ);
     ExpertParallel *ep = NULL;
     long E;
-    int bf16;
-    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "auto", &bf16, &err) || model_load(&m, dir, 0, &err))
+    ComputeMode cmode;
+    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "auto", &cmode, &err) || model_load(&m, dir, 0, &err))
         goto done_prompts;
-    model_set_compute(&m, bf16);
+    model_set_compute(&m, cmode);
     if (E > 1 && cli_expert_parallel_start(&m, &ep, &err)) {
         model_free(&m);
         goto done_prompts;

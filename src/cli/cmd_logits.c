@@ -71,8 +71,9 @@ int cmd_logits(int argc, char **argv) {
         return cli_fail_once(cmd, &err);
     }
     long E;
-    int root = dist_rank(dist_world()) == 0, bf16;
-    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "f32", &bf16, &err)) return cli_fail_once(cmd, &err);
+    int root = dist_rank(dist_world()) == 0;
+    ComputeMode cmode;
+    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "f32", &cmode, &err)) return cli_fail_once(cmd, &err);
     int *tok = NULL, T = 0;
     if (parse_token_list(tokens_s, &tok, &T, &err)) return cli_fail_once(cmd, &err);
     Model m;
@@ -85,7 +86,7 @@ int cmd_logits(int argc, char **argv) {
     size_t n_routes = (size_t)m.cfg.num_hidden_layers * T * (m.cfg.num_experts_per_tok > 0 ? m.cfg.num_experts_per_tok : 1);
     float *logits = NULL, *mtp = NULL;
     ExpertParallel *ep = NULL;
-    model_set_compute(&m, bf16);
+    model_set_compute(&m, cmode);
     if (E > 1 && cli_expert_parallel_start(&m, &ep, &err)) goto done;
     if (mtp_out && m.w.n_mtp == 0) {
         err_set(&err, "%s: --mtp-out: the model has no MTP module (num_nextn_predict_layers is 0)", dir);

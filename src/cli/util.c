@@ -6,7 +6,6 @@
 
 #include "base/procmem.h"
 #include "cli/util.h"
-#include "kernels/matmul.h"
 #include "text/token_list.h"
 
 int parse_token_list(const char *s, int **out, int *n, Error *err) {
@@ -86,10 +85,10 @@ int cli_report_expert_ranks(const ExpertParallel *ep, Model *m, Error *err) {
     return rc;
 }
 
-int parse_compute(const Args *a, const char *dflt, int *bf16, Error *err) {
+int parse_compute(const Args *a, const char *dflt, ComputeMode *mode, Error *err) {
     const char *s = args_str(a, "compute", dflt);
     if (strcmp(s, "f32") != 0 && strcmp(s, "bf16") != 0 && strcmp(s, "auto") != 0)
         return err_set(err, "--compute: unknown value '%s' (f32, bf16 or auto)", s);
-    *bf16 = strcmp(s, "bf16") == 0 || (strcmp(s, "auto") == 0 && matmul_bf16c_fast());
+    *mode = strcmp(s, "bf16") == 0 ? COMPUTE_BF16 : strcmp(s, "auto") == 0 ? COMPUTE_AUTO : COMPUTE_F32;
     return 0;
 }

@@ -18,10 +18,8 @@ int parse_sampling(const Args *a, SeqParams *sp, Error *err);
 int parse_kv_dtype(const Args *a, DType *out, Error *err);
 // Monotonic wall-clock seconds, for the commands' --stats lines.
 double cli_now(void);
-// --compute f32|bf16|auto (default dflt) as model_set_compute's flag: auto is bf16 where the CPU
-// runs BF16 products on its dot-product units (matmul_bf16c_fast), else f32; an error names the
-// option.
-int parse_compute(const Args *a, const char *dflt, int *bf16, Error *err);
+// --compute f32|bf16|auto (default dflt) as model_set_compute's mode; an error names the option.
+int parse_compute(const Args *a, const char *dflt, ComputeMode *mode, Error *err);
 // --expert-parallel E (default 1), which must be the run's number of processes (mpirun -np E).
 int cli_expert_parallel_size(const Args *a, long *E, Error *err);
 // Splits m's routed experts over the world's ranks, every rank running the same tokens

@@ -196,16 +196,13 @@ size_t kvcache_bytes_per_token(const ModelConfig *c, DType dtype) {
     return (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * c->num_hidden_layers * dtype_size(dtype);
 }
 
-typedef struct {
-    int bf16;
-} ComputeWalk;
-
 static int set_compute(const TensorSpec *t, void *ctx) {
-    if (t->mat && (t->kind == TENSOR_LINEAR || t->kind == TENSOR_EMBED)) t->mat->compute_bf16 = ((ComputeWalk *)ctx)->bf16;
+    ComputeMode mode = *(const ComputeMode *)ctx;
+    if (!t->mat || (t->kind != TENSOR_LINEAR && t->kind != TENSOR_EMBED)) return 0;
+    DType dt = t->mat->dtype;
+    t->mat->compute_bf16 = mode == COMPUTE_BF16 ||
+                           (mode == COMPUTE_AUTO && matmul_bf16c_fast() && (dt == DT_BF16 || dt == DT_F8_E4M3));
     return 0;
 }
 
-void model_set_compute(Model *m, int bf16) {
-    ComputeWalk w = {bf16};
-    tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &w);
-}
+void model_set_compute(Model *m, ComputeMode mode) { tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode); }

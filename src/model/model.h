@@ -30,12 +30,16 @@ typedef struct Model {
 // Loads config.json and the safetensors of dir. need_mtp: fail unless the MTP layers are present.
 int model_load(Model *m, const char *dir, int need_mtp, Error *err);
 void model_free(Model *m);
-// The arithmetic of the linear layers' products (--compute): 0 fp32 (the default: activations and
-// weights in fp32), 1 BF16 (activations rounded to BF16, weights as BF16 values — FP8 codes exactly,
-// with their scales per 128-column chunk — fp32 sums; matmul_nt_bf16c). The attention projections,
+// The arithmetic of the linear layers' products (--compute): COMPUTE_F32 (the default: activations
+// and weights in fp32), COMPUTE_BF16 (activations rounded to BF16, weights as BF16 values — FP8
+// codes exactly, with their scales per 128-column chunk — fp32 sums; matmul_nt_bf16c), or
+// COMPUTE_AUTO: BF16 for the matrices stored in BF16 or FP8 where the CPU runs BF16 products on
+// its dot-product units (matmul_bf16c_fast), fp32 for the rest (F32 and F16 weights would be
+// rounded every step, which costs more than the BF16 products save in a decode step). The attention projections,
 // kv_b_proj, the dense FFN, the experts, eh_proj and the output heads (main and MTP: the largest
 // matrix a decode step reads); the router, the norms, RoPE and the attention core stay fp32.
-void model_set_compute(Model *m, int bf16);
+typedef enum { COMPUTE_F32, COMPUTE_BF16, COMPUTE_AUTO } ComputeMode;
+void model_set_compute(Model *m, ComputeMode mode);
 
 // The latent cache's memory: one pool of blocks of block_size positions, each block holding those
 // positions' rows for every layer (main layers, then the MTP modules' layers). Sequences take blocks

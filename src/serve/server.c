@@ -981,7 +981,7 @@ int serve_run(const ServeOptions *o, Error *err) {
         return -1;
     }
     s->model_loaded = 1;
-    model_set_compute(&s->m, o->compute_bf16);
+    model_set_compute(&s->m, o->compute);
     s->vocab = s->m.cfg.vocab_size;
     s->tok_vocab = tok_vocab_size(s->tok);
     if (s->o.ctx > s->m.cfg.max_position_embeddings) s->o.ctx = s->m.cfg.max_position_embeddings;

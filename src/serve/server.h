@@ -28,7 +28,7 @@ typedef struct ServeOptions {
     int timeout_s;           // an idle connection is closed after this long
     long max_body;           // bytes a request body may have
     double ping_s;           // an idle stream gets an SSE comment (": ping") this often; 0: 10 s
-    int compute_bf16;        // --compute bf16 (model_set_compute)
+    ComputeMode compute;     // --compute (model_set_compute)
 } ServeOptions;
 
 // Loads the model and its tokenizer, listens, prints "listening on http://HOST:PORT" on stderr and
