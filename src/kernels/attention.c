@@ -116,34 +116,44 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
 // Absorbed attention, in chunks of LATENT_CHUNK positions (attention.h). Entry e of sequence b is
 // head e / T, row e % T (head-major); a part row is [max score, Σ exp, Σ exp · latent (kv_lora)].
 
-// Entries [e0, e0 + n) (n <= QC) over chunk c's positions: their part rows (ld kv_lora + 2). The
-// entries score the cache together (every head's key and value is the latent, MQA-like), a block
-// of the paged store at a time, with the batch-invariant products.
-static int chunk_entries(const LatentAttention *a, int b, int c, int e0, int n, float *part, Scratch s) {
-    int H = a->H, nope = a->nope, r = a->rope, v = a->v, L = a->kv_lora, qk = nope + r, T = a->T, pos0 = a->pos0;
-    int j0 = c * LATENT_CHUNK, S = pos0 + T, j1 = S - j0 < LATENT_CHUNK ? S : j0 + LATENT_CHUNK, len = j1 - j0, rc = 0;
-    const int ld = S < LATENT_CHUNK ? S : LATENT_CHUNK;  // of the scores (carve gave (QC, S))
-    size_t es = dtype_size(a->dtype);
+// The queries of entries [e0, e0 + n) (n <= QC) of sequence b in the latent space: s.qa (n,
+// kv_lora) = W_UKᵀ q_nope, s.qp (n, rope) = q_pe — once per entry group, for all its chunks.
+static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch s) {
+    int H = a->H, nope = a->nope, r = a->rope, v = a->v, L = a->kv_lora, qk = nope + r, T = a->T, rc = 0;
     const float *q = a->q + (size_t)b * T * H * qk;
     for (int i = 0; i < n; i++) {
         int h = (e0 + i) / T, t = (e0 + i) % T;
         const float *qr = q + ((size_t)t * H + h) * qk;
         memcpy(s.qp + (size_t)i * r, qr + nope, sizeof(float) * r);
         MatView wuk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
-        if (nope > 0) rc |= matmul_nn_part(s.qa + (size_t)i * L, qr, &wuk, 1, 0, L);  // q̃ = W_UKᵀ q_nope
+        if (nope > 0) rc |= matmul_nn_part(s.qa + (size_t)i * L, qr, &wuk, 1, 0, L);
         else memset(s.qa + (size_t)i * L, 0, sizeof(float) * L);
     }
-    // (n, len) scores over the chunk, a run of positions within one block of the store at a time
-    int bs = a->blocks ? a->block_size : len;
-    for (int j = j0; j < j1;) {
-        int run = a->blocks ? bs - j % bs : j1 - j;
-        run = run < j1 - j ? run : j1 - j;
-        size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j);
-        MatView C = {.dtype = a->dtype, .rows = run, .cols = L, .data = (const char *)a->latent + row * L * es};
-        MatView P = {.dtype = a->dtype, .rows = run, .cols = r, .data = (const char *)a->kpe + row * r * es};
+    return rc ? -1 : 0;
+}
+
+// The rows of sequence b's store from position j, as many as lie in one block of a paged store
+// and before j1 (*run), as a view of `cols` columns of base (latent or kpe).
+static MatView store_run(const LatentAttention *a, const void *base, int cols, int b, int j, int j1, int *run) {
+    int n = a->blocks ? a->block_size - j % a->block_size : j1 - j;
+    *run = n < j1 - j ? n : j1 - j;
+    size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j);
+    return (MatView){.dtype = a->dtype, .rows = *run, .cols = cols,
+                     .data = (const char *)base + row * cols * dtype_size(a->dtype)};
+}
+
+// Entries [e0, e0 + n) (n <= QC, their queries in s.qa / s.qp) over chunk c's positions: their
+// part rows (ld kv_lora + 2). The entries score the cache together (every head's key and value is
+// the latent, MQA-like), a block of the paged store at a time, with the batch-invariant products.
+static int chunk_entries(const LatentAttention *a, int b, int c, int e0, int n, float *part, Scratch s) {
+    int r = a->rope, L = a->kv_lora, T = a->T, pos0 = a->pos0;
+    int j0 = c * LATENT_CHUNK, S = pos0 + T, j1 = S - j0 < LATENT_CHUNK ? S : j0 + LATENT_CHUNK, len = j1 - j0, rc = 0;
+    const int ld = S < LATENT_CHUNK ? S : LATENT_CHUNK;  // of the scores (carve gave (QC, S))
+    for (int j = j0, run; j < j1; j += run) {  // (n, len) scores over the chunk
+        MatView C = store_run(a, a->latent, L, b, j, j1, &run);
+        MatView P = store_run(a, a->kpe, r, b, j, j1, &run);
         rc |= matmul_nt_invariant(s.p + (j - j0), ld, s.qa, L, &C, n, 0, run);
         if (r > 0) rc |= matmul_nt_invariant(s.p2 + (j - j0), ld, s.qp, r, &P, n, 0, run);
-        j += run;
     }
     for (int i = 0; i < n; i++) {
         float *row = s.p + (size_t)i * ld, *pr = part + (size_t)i * (L + 2);
@@ -154,14 +164,9 @@ static int chunk_entries(const LatentAttention *a, int b, int c, int e0, int n, 
         pr[1] = exp_shifted_inplace(row, vis, &pr[0]);
         for (int j = vis; j < len; j++) row[j] = 0.0f;
     }
-    // (n, L) the exp-weighted latent sums, a run after another (one chain per element)
-    for (int j = j0; j < j1;) {
-        int run = a->blocks ? bs - j % bs : j1 - j;
-        run = run < j1 - j ? run : j1 - j;
-        size_t row = latent_store_row(a->blocks, a->block_size, a->ld, b, j);
-        MatView C = {.dtype = a->dtype, .rows = run, .cols = L, .data = (const char *)a->latent + row * L * es};
+    for (int j = j0, run; j < j1; j += run) {  // (n, L) the exp-weighted latent sums, one chain per element
+        MatView C = store_run(a, a->latent, L, b, j, j1, &run);
         rc |= matmul_nn_invariant(s.ol, L, s.p + (j - j0), ld, &C, n, 0, L, j > j0);
-        j += run;
     }
     for (int i = 0; i < n; i++) memcpy(part + (size_t)i * (L + 2) + 2, s.ol + (size_t)i * L, sizeof(float) * L);
     return rc ? -1 : 0;
@@ -207,6 +212,7 @@ static int absorbed_heads(const LatentAttention *a, int b, int h0, int h1, Scrat
     int T = a->T, chunks = latent_attention_chunk_count(a), rc = 0;
     for (int e0 = h0 * T; e0 < h1 * T; e0 += QC) {
         int n = h1 * T - e0 < QC ? h1 * T - e0 : QC;
+        rc |= entry_queries(a, b, e0, n, s);
         for (int c = 0; c < chunks; c++) {
             rc |= chunk_entries(a, b, c, e0, n, c ? s.part : s.state, s);
             if (c) latent_attention_merge(a, 0, n, s.part, s.state, 0);
@@ -225,8 +231,11 @@ int latent_attention_chunk_count(const LatentAttention *a) { return (a->pos0 + a
 int latent_attention_chunk(const LatentAttention *a, int c, float *part, float *scratch) {
     Scratch s = carve(a, scratch, a->pos0 + a->T);
     int E = a->H * a->T, rc = 0;
-    for (int e0 = 0; e0 < E; e0 += QC)
-        rc |= chunk_entries(a, 0, c, e0, E - e0 < QC ? E - e0 : QC, part + (size_t)e0 * (a->kv_lora + 2), s);
+    for (int e0 = 0; e0 < E; e0 += QC) {
+        int n = E - e0 < QC ? E - e0 : QC;
+        rc |= entry_queries(a, 0, e0, n, s);
+        rc |= chunk_entries(a, 0, c, e0, n, part + (size_t)e0 * (a->kv_lora + 2), s);
+    }
     return rc;
 }
 
