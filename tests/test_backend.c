@@ -6,6 +6,8 @@
 
 #include "base/rng.h"
 #include "kernels/backend.h"
+#include "kernels/convert.h"
+#include "kernels/matmul.h"
 #include "test.h"
 
 static float *randn(Rng *rng, size_t n, float scale) {
@@ -123,6 +125,51 @@ TEST(test_latent_attention_long_context_chunks) {
         CHECK_MSG(memcmp(one, spread, sizeof(float) * T * H * v) == 0, "pos0 %d T %d: spread chunks differ", pos0, T);
         free(latent), free(kpe), free(q), free(kvb), free(one), free(spread), free(scratch), free(parts), free(state);
     }
+}
+
+// The absorbed scores (one fused kernel over the latent and the rotary values): at V3-like widths
+// (128 + 32) and ragged ones (20 + 12), F32 and BF16 caches, any grouping of the heads gives the
+// same bits (a thread's share of them, a verify pass's rows), and the portable path computes the
+// same function as the AVX-512 one (plain attention, fp32 rounding, on both).
+TEST(test_latent_attention_absorbed_scores_any_grouping) {
+    const int widths[][2] = {{128, 32}, {20, 12}};
+    for (int w = 0; w < 2; w++)
+        for (int bf = 0; bf < 2; bf++) {
+            Rng rng;
+            rng_seed(&rng, 70 + 2 * w + bf);
+            int H = 8, T = 2, pos0 = 37, S = pos0 + T, L = widths[w][0], r = widths[w][1], nope = 7, v = 5;
+            float *latent = randn(&rng, (size_t)S * L, 1), *kpe = randn(&rng, (size_t)S * r, 1);
+            float *q = randn(&rng, (size_t)T * H * (nope + r), 0.3f), *kvb = randn(&rng, (size_t)H * (nope + v) * L, 0.3f);
+            uint16_t *lat16 = malloc(sizeof(uint16_t) * S * L), *kpe16 = malloc(sizeof(uint16_t) * S * r);
+            bf16_from_f32_n(lat16, latent, (size_t)S * L);
+            bf16_from_f32_n(kpe16, kpe, (size_t)S * r);
+            MatView kv_b = matview_f32(kvb, H * (nope + v), L);
+            float *all = calloc((size_t)T * H * v, sizeof(float)), *split = calloc((size_t)T * H * v, sizeof(float));
+            LatentAttention a = {.B = 1, .T = T, .pos0 = pos0, .H = H, .nope = nope, .rope = r, .v = v, .kv_lora = L,
+                                 .scale = 0.2f, .absorbed = 1, .q = q, .latent = bf ? (void *)lat16 : latent,
+                                 .kpe = bf ? (void *)kpe16 : kpe, .ld = S, .dtype = bf ? DT_BF16 : DT_F32,
+                                 .kv_b_proj = &kv_b, .out = all};
+            float *scratch = malloc(sizeof(float) * latent_attention_scratch_floats(&a, S));
+            CHECK(latent_attention_absorbed_part(&a, 0, H, scratch) == 0);
+            a.out = split;
+            const int cuts[] = {0, 1, 4, 7, 8};  // groups of 1, 3, 3 and 1 heads
+            for (int g = 0; g < 4; g++) CHECK(latent_attention_absorbed_part(&a, cuts[g], cuts[g + 1], scratch) == 0);
+            CHECK_MSG(memcmp(all, split, sizeof(float) * T * H * v) == 0, "L %d r %d %s: grouping changed the bits", L,
+                      r, bf ? "bf16" : "f32");
+            // the portable path against the AVX-512 one: the same function to fp32 rounding
+            CHECK(kernels_set_isa("scalar") == 0);
+            CHECK(latent_attention_absorbed_part(&a, 0, H, scratch) == 0);
+            CHECK(kernels_set_isa("auto") == 0);
+            double worst = 0, big = 0;
+            for (int i = 0; i < T * H * v; i++) worst = fmax(worst, fabs(split[i] - all[i])), big = fmax(big, fabs(all[i]));
+            CHECK_MSG(worst <= 1e-5 * big, "L %d r %d: portable vs vector %.3g of %.3g", L, r, worst, big);
+            free(latent), free(kpe), free(q), free(kvb), free(lat16), free(kpe16), free(all), free(split), free(scratch);
+        }
+    check_absorbed_matches_plain(2, 9, 1, 5);  // and the plain comparison on the portable path
+    CHECK(kernels_set_isa("scalar") == 0);
+    check_absorbed_matches_plain(2, 9, 1, 5);
+    check_absorbed_matches_plain(1, 4, 3, 0);
+    CHECK(kernels_set_isa("auto") == 0);
 }
 
 TEST(test_latent_attention_backward_refuses_an_unsaved_forward) {

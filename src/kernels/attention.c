@@ -7,6 +7,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/convert.h"
+#include "kernels/kernels_cpu.h"
 #include "kernels/ops.h"
 
 #define QC LATENT_QCHUNK
@@ -132,6 +133,28 @@ static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch
     return rc ? -1 : 0;
 }
 
+// s[e * lds + j] = scale · (qa[e] · latent[j] + qp[e] · kpe[j]) for entries e < n and the run of
+// cached positions j < run: each score one sum over the latent then the rotary values, the same
+// bits whatever n (the AVX-512 kernel: its own fixed order).
+static void latent_scores(float *s, int lds, const float *qa, const float *qp, int n, const void *lat,
+                          const void *kpe, DType dt, int run, int L, int r, float scale) {
+    if (kernels_cpu_avx512()) {
+        latent_scores_avx512(s, lds, qa, qp, n, lat, kpe, dt == DT_BF16, run, L, r, scale);
+        return;
+    }
+    for (int e = 0; e < n; e++)
+        for (int j = 0; j < run; j++) {
+            float acc = 0.0f;
+            for (int k = 0; k < L; k++)
+                acc += qa[(size_t)e * L + k] * (dt == DT_BF16 ? bf16_to_f32(((const uint16_t *)lat)[(size_t)j * L + k])
+                                                               : ((const float *)lat)[(size_t)j * L + k]);
+            for (int k = 0; k < r; k++)
+                acc += qp[(size_t)e * r + k] * (dt == DT_BF16 ? bf16_to_f32(((const uint16_t *)kpe)[(size_t)j * r + k])
+                                                               : ((const float *)kpe)[(size_t)j * r + k]);
+            s[(size_t)e * lds + j] = acc * scale;
+        }
+}
+
 // The rows of sequence b's store from position j, as many as lie in one block of a paged store
 // and before j1 (*run), as a view of `cols` columns of base (latent or kpe).
 static MatView store_run(const LatentAttention *a, const void *base, int cols, int b, int j, int j1, int *run) {
@@ -152,15 +175,12 @@ static int chunk_entries(const LatentAttention *a, int b, int c, int e0, int n, 
     for (int j = j0, run; j < j1; j += run) {  // (n, len) scores over the chunk
         MatView C = store_run(a, a->latent, L, b, j, j1, &run);
         MatView P = store_run(a, a->kpe, r, b, j, j1, &run);
-        rc |= matmul_nt_invariant(s.p + (j - j0), ld, s.qa, L, &C, n, 0, run);
-        if (r > 0) rc |= matmul_nt_invariant(s.p2 + (j - j0), ld, s.qp, r, &P, n, 0, run);
+        latent_scores(s.p + (j - j0), ld, s.qa, s.qp, n, C.data, P.data, a->dtype, run, L, r, a->scale);
     }
     for (int i = 0; i < n; i++) {
         float *row = s.p + (size_t)i * ld, *pr = part + (size_t)i * (L + 2);
-        const float *row2 = s.p2 + (size_t)i * ld;
         int vis = pos0 + (e0 + i) % T + 1 - j0;  // the entry's row sees positions < pos0 + t + 1
         vis = vis < 0 ? 0 : vis > len ? len : vis;
-        for (int j = 0; j < vis; j++) row[j] = (row[j] + (r > 0 ? row2[j] : 0.0f)) * a->scale;
         pr[1] = exp_shifted_inplace(row, vis, &pr[0]);
         for (int j = vis; j < len; j++) row[j] = 0.0f;
     }

@@ -66,6 +66,13 @@ void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr
                   float bc1, float bc2, float clip, float shrink);
 void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n);
 
+// Absorbed attention's scores (attention_avx512.c): s[e * lds + j] = scale · (qa[e] · latent[j] +
+// qp[e] · kpe[j]) for entries e < n and cached positions j < run (rows of L and r values, F32 or
+// BF16 when bf16), one running sum per score over both halves then one lane fold: the same bits
+// whatever n.
+void latent_scores_avx512(float *s, int lds, const float *qa, const float *qp, int n, const void *lat,
+                          const void *kpe, int bf16, int run, int L, int r, float scale);
+
 // gemm_lowp's pieces: lowp_values over the leading multiple of 16 (returns how many), and one
 // thread's share of the product, the block rows [m_begin, m_end) × columns [n_begin, n_end) of C.
 long lowp_values_avx512(float *out, const float *x, long n, LowpFormat fmt, float scale);

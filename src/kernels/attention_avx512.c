@@ -1,0 +1,113 @@
+// The scores of absorbed attention on AVX-512 (attention.c's latent_scores): every entry's latent
+// query and rotary query against a run of cached positions, both halves in one running sum.
+//
+// Each score is one chain of fused multiply-adds over the 16-value vectors of the latent, then of
+// k_pe, and one fold of its 16 lanes (fold16_ps's tree), then × the softmax scale — the same bits
+// whatever tile computed it, so however the entries are grouped (a thread's heads, a verify pass's
+// rows) a score never changes. A tile is 16 scores: 4 positions × 4 entries. (Zen 4, one thread,
+// 8 entries, 128 + 32 values, a chunk in L2: ~71 GFLOP/s; from memory ~61 GFLOP/s = 15 GB/s of
+// f32 cache with the prefetch below, against 31-33 for the two products it replaces. 2 × 8 tiles
+// were slower.)
+#include <stdint.h>
+
+#include "kernels/avx512_util.h"
+#include "kernels/kernels_cpu.h"
+
+// Cached rows are requested this many positions ahead of the tile that reads them (past the run's
+// end: harmless, a prefetch never faults).
+#define SCORE_PREFETCH_ROWS 8
+
+// Values [k, k + 16) of a cached row (lanes in m), widened from BF16 when BF.
+AVX512_INLINE __m512 cached(const int BF, const void *row, int k, __mmask16 m) {
+    if (BF) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + k)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)row + k);
+}
+
+// Adds q[e] · row[p] over n values into acc[p · E + e], 16 at a time (a masked tail).
+AVX512_INLINE void score_steps(const int BF, const int P, const int E, __m512 acc[16], const float *q[4],
+                               const char *row[4], int n) {
+    int k = 0;
+#pragma GCC unroll 2
+    for (; k + 16 <= n; k += 16) {
+        __m512 c[4];
+#pragma GCC unroll 4
+        for (int p = 0; p < P; p++) c[p] = cached(BF, row[p], k, 0xffff);
+#pragma GCC unroll 4
+        for (int e = 0; e < E; e++) {
+            __m512 qv = _mm512_loadu_ps(q[e] + k);
+#pragma GCC unroll 4
+            for (int p = 0; p < P; p++) acc[p * E + e] = _mm512_fmadd_ps(c[p], qv, acc[p * E + e]);
+        }
+    }
+    if (k < n) {
+        __mmask16 m = tail_mask(n - k);
+        __m512 c[4];
+#pragma GCC unroll 4
+        for (int p = 0; p < P; p++) c[p] = cached(BF, row[p], k, m);
+#pragma GCC unroll 4
+        for (int e = 0; e < E; e++) {
+            __m512 qv = _mm512_maskz_loadu_ps(m, q[e] + k);
+#pragma GCC unroll 4
+            for (int p = 0; p < P; p++) acc[p * E + e] = _mm512_fmadd_ps(c[p], qv, acc[p * E + e]);
+        }
+    }
+}
+
+// The P × E scores of positions [j, j + np) and entries [e0, e0 + ne) (np <= P, ne <= E; the
+// rest repeat the last one: computed, not stored).
+AVX512_INLINE void score_tile(const int BF, const int P, const int E, float *s, int lds, const float *qa,
+                              const float *qp, int e0, int ne, const char *lat, const char *kpe, int j, int np, int L,
+                              int r, float scale) {
+    const size_t esz = BF ? 2 : 4;
+    const float *qal[4], *qpl[4];
+    const char *lr[4], *kr[4];
+#pragma GCC unroll 4
+    for (int e = 0; e < E; e++) {
+        int i = e0 + (e < ne ? e : ne - 1);
+        qal[e] = qa + (size_t)i * L, qpl[e] = qp + (size_t)i * r;
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < P; p++) {
+        size_t i = (size_t)j + (p < np ? p : np - 1);
+        lr[p] = lat + i * L * esz, kr[p] = kpe + i * r * esz;
+    }
+    // a long cache comes from memory: the rows a few tiles ahead requested now
+    for (int p = 0; p < P; p++) {
+        const char *al = lat + ((size_t)j + p + SCORE_PREFETCH_ROWS) * L * esz;
+        const char *ak = kpe + ((size_t)j + p + SCORE_PREFETCH_ROWS) * r * esz;
+        for (size_t b = 0; b < L * esz; b += 64) _mm_prefetch(al + b, _MM_HINT_T0);
+        for (size_t b = 0; b < r * esz; b += 64) _mm_prefetch(ak + b, _MM_HINT_T0);
+    }
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    score_steps(BF, P, E, acc, qal, lr, L);
+    score_steps(BF, P, E, acc, qpl, kr, r);
+    // fold16_ps puts the sum of acc[i] in lane 4 (i % 4) + i / 4; entry e's P scores gathered
+    // into lanes e P .. e P + P − 1
+    int idx[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) {
+        int e = i / P, p = i % P, a = p * E + e;
+        idx[i] = 4 * (a % 4) + a / 4;
+    }
+    float out[16];
+    _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(idx), fold16_ps(acc)), _mm512_set1_ps(scale)));
+    for (int e = 0; e < ne; e++)
+        for (int p = 0; p < np; p++) s[(size_t)(e0 + e) * lds + j + p] = out[e * P + p];
+}
+
+// Four positions at a time, each against every group of four entries while its rows are in L1.
+AVX512_INLINE void scores(const int BF, float *s, int lds, const float *qa, const float *qp, int n, const char *lat,
+                          const char *kpe, int run, int L, int r, float scale) {
+    for (int j = 0; j < run; j += 4)
+        for (int e0 = 0; e0 < n; e0 += 4)
+            score_tile(BF, 4, 4, s, lds, qa, qp, e0, n - e0 < 4 ? n - e0 : 4, lat, kpe, j, run - j < 4 ? run - j : 4, L, r,
+                       scale);
+}
+
+AVX512 void latent_scores_avx512(float *s, int lds, const float *qa, const float *qp, int n, const void *lat,
+                                 const void *kpe, int bf16, int run, int L, int r, float scale) {
+    if (bf16) scores(1, s, lds, qa, qp, n, lat, kpe, run, L, r, scale);
+    else scores(0, s, lds, qa, qp, n, lat, kpe, run, L, r, scale);
+}
