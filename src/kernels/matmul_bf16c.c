@@ -243,14 +243,16 @@ BF16C_INLINE void tile_fp8(const int R, const int C, const int IN_REG, const Til
         srow[i] = t->w->scale_inv + (size_t)((t->w->row0 + t->r + rows[i]) / t->w->block) * t->w->scale_cols;
     if (C == 1 || IN_REG) {  // weights from memory (codes) or one activation row: row after row
         const int whole = IN_REG ? t->cols / 128 * 2 : 0;  // groups in whole 128-column chunks
-        // one activation row: the bulk without masks, two rows at a time (two chains in flight)
+        // the bulk without masks, whole chunks: two rows at a time for one or two activation rows
+        // (two or four chains in flight), one at a time for three or four
+        const int HR = C <= 2 ? 2 : 1;
 #pragma GCC unroll 8
-        for (int i = 0; i < R; i += 2)
-            if (IN_REG && C == 1)
+        for (int i = 0; i < R; i += HR)
+            if (IN_REG)
                 for (int g0 = 0; g0 < whole; g0 += 2) {
-                    __m512 a[2];
+                    __m512 a[2][4];
 #pragma GCC unroll 2
-                    for (int h = 0; h < 2; h++) {
+                    for (int h = 0; h < HR; h++) {
                         const uint8_t *p = t->codes + rows[i + h] * t->cld + 64 * g0;
                         if (t->prefetch) {
                             _mm_prefetch((const char *)p + t->prefetch, _MM_HINT_T0);
@@ -259,18 +261,25 @@ BF16C_INLINE void tile_fp8(const int R, const int C, const int IN_REG, const Til
                         __m512i w[4];
                         fp8_widen64(_mm512_loadu_si512(p), tab, &w[0], &w[1]);
                         fp8_widen64(_mm512_loadu_si512(p + 64), tab, &w[2], &w[3]);
-                        a[h] = _mm512_setzero_ps();
 #pragma GCC unroll 4
-                        for (int k = 0; k < 4; k++)
-                            a[h] = _mm512_dpbf16_ps(a[h], (__m512bh)w[k], (__m512bh)_mm512_loadu_si512(t->xb + 64 * g0 + 32 * k));
+                        for (int j = 0; j < C; j++) {
+                            const uint16_t *xr = t->xb + (size_t)(j < t->nc ? j : t->nc - 1) * t->kpad + 64 * g0;
+                            a[h][j] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+                            for (int k = 0; k < 4; k++)
+                                a[h][j] = _mm512_dpbf16_ps(a[h][j], (__m512bh)w[k], (__m512bh)_mm512_loadu_si512(xr + 32 * k));
+                        }
                     }
 #pragma GCC unroll 2
-                    for (int h = 0; h < 2; h++)
-                        tot[i + h] = _mm512_fmadd_ps(a[h], _mm512_set1_ps(srow[i + h][g0 / 2]), tot[i + h]);
+                    for (int h = 0; h < HR; h++) {
+                        __m512 sc = _mm512_set1_ps(srow[i + h][g0 / 2]);
+#pragma GCC unroll 4
+                        for (int j = 0; j < C; j++) tot[(i + h) * C + j] = _mm512_fmadd_ps(a[h][j], sc, tot[(i + h) * C + j]);
+                    }
                 }
 #pragma GCC unroll 16
         for (int i = 0; i < R; i++)
-            for (int g0 = C == 1 ? whole : 0; g0 < groups; g0 += 2) {
+            for (int g0 = whole; g0 < groups; g0 += 2) {
                 __m512 a[4];
 #pragma GCC unroll 4
                 for (int j = 0; j < C; j++) a[j] = _mm512_setzero_ps();
