@@ -126,6 +126,10 @@ static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch
         int h = (e0 + i) / T, t = (e0 + i) % T;
         const float *qr = q + ((size_t)t * H + h) * qk;
         memcpy(s.qp + (size_t)i * r, qr + nope, sizeof(float) * r);
+        if (a->q_latent) {
+            memcpy(s.qa + (size_t)i * L, a->q_latent + (((size_t)b * T + t) * H + h) * L, sizeof(float) * L);
+            continue;
+        }
         MatView wuk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
         if (nope > 0) rc |= matmul_nn_part(s.qa + (size_t)i * L, qr, &wuk, 1, 0, L);
         else memset(s.qa + (size_t)i * L, 0, sizeof(float) * L);
@@ -218,6 +222,11 @@ static int finish_entries(const LatentAttention *a, int b, int e0, int e1, const
         int h = e / T, t = e % T;
         const float *st = state + (size_t)(e - e0) * (L + 2);
         float inv = 1.0f / st[1];
+        if (a->out_latent) {
+            float *ol = a->out_latent + (((size_t)b * T + t) * H + h) * L;
+            for (int k = 0; k < L; k++) ol[k] = st[2 + k] * inv;
+            continue;
+        }
         for (int k = 0; k < L; k++) s.ol[k] = st[2 + k] * inv;
         MatView wuv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
         rc |= matmul_nt_part(out + ((size_t)t * H + h) * v, s.ol, &wuv, 1, 0, v);

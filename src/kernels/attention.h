@@ -33,6 +33,10 @@ typedef struct LatentAttention {
     DType dtype;               // of latent and kpe: DT_F32 or DT_BF16 (plain backward: F32 only)
     const MatView *kv_b_proj;  // (H·(nope + v), kv_lora)
     float *out;                // (B·T, H, v)
+    // absorbed only, or NULL: the caller folds W_UK and applies W_UV itself, for many sequences in
+    // one product per head (a batched decode step) — the same products, the same bits
+    const float *q_latent;     // (B·T, H, kv_lora) W_UK,hᵀ q_nope: read instead of computed
+    float *out_latent;         // (B·T, H, kv_lora) Σ p · latent written instead of out (W_UV not applied)
     float *kv_save;            // plain with pos0 = 0 only, or NULL: (B·T, H, nope + v) [k_nope | v]
     const float *kv_in;        // plain with pos0 = 0 only, or NULL: the same [k_nope | v], already
                                // expanded by the caller (training under a BF16/FP8 recipe)

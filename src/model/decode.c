@@ -116,6 +116,11 @@ static int long_context(const Batch *bt, int i) {
     return bt->seqs[i].T <= LONG_ROWS && bt->pos0[i] + bt->seqs[i].T > LATENT_CHUNK;
 }
 
+// Does the step fold W_UK into the queries and apply W_UV itself, one product per head over every
+// row, rather than attention doing it per (row, head)? With several sequences (each weight then
+// serves them all at once) and room for their rows; the products are the same, so are the bits.
+static int latent_fold(const Batch *bt, const ForwardState *s) { return bt->n_seqs > 1 && bt->N <= s->latent_rows; }
+
 // The absorbed attention call of sequence i in layer l (its rows' queries, rotated, in s->q).
 static LatentAttention decode_attention(const Model *m, ForwardState *s, const Batch *bt, int l, int i,
                                         const MatView *kv_b_proj) {
@@ -125,8 +130,13 @@ static LatentAttention decode_attention(const Model *m, ForwardState *s, const B
     LayerPass p = {.c = c, .B = 1, .T = bt->seqs[i].T, .pos0 = bt->pos0[i], .softmax_scale = m->softmax_scale,
                    .latent = kvcache_latent(kv, c, l), .kpe = kvcache_kpe(kv, c, l), .blocks = kv->blocks,
                    .block_size = kv->pool->block_size, .store = kv->dtype, .mode = ATTN_ABSORBED};
-    return mla_attention_call(&p, kv_b_proj, s->q + (size_t)row0 * H * qk, s->ao + (size_t)row0 * H * c->v_head_dim,
-                              NULL, NULL);
+    LatentAttention at = mla_attention_call(&p, kv_b_proj, s->q + (size_t)row0 * H * qk,
+                                            s->ao + (size_t)row0 * H * c->v_head_dim, NULL, NULL);
+    if (latent_fold(bt, s)) {
+        at.q_latent = s->q_latent + (size_t)row0 * H * c->kv_lora_rank;
+        at.out_latent = s->out_latent + (size_t)row0 * H * c->kv_lora_rank;
+    }
+    return at;
 }
 
 // x += MLA(RMSNorm(x)) for every row; appends the rows to their sequences' caches (layer l).
@@ -172,6 +182,19 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     for (int n = rb; n < re; n++)
         for (int h = 0; h < H; h++)
             rope_forward(s->q + ((size_t)n * H + h) * qk + nope, r, s->rope_cos + (size_t)n * hr, s->rope_sin + (size_t)n * hr);
+    const int fold = latent_fold(bt, s), v = c->v_head_dim;
+    if (fold) {  // meanwhile (q_nope is not rotated) W_UK,hᵀ q_nope for every row, by heads
+        int hb, he;
+        share(H, 1, &hb, &he);
+        for (int h = hb; h < he; h++) {
+            MatView wuk = matview_rows(&a->kv_b_proj, h * (nope + v), nope);
+            if (nope > 0)
+                ts->failed |= matmul_nn_invariant(s->q_latent + (size_t)h * L, H * L, s->q + (size_t)h * qk, H * qk, &wuk,
+                                                  N, 0, L, 0);
+            else
+                for (int n = 0; n < N; n++) memset(s->q_latent + ((size_t)n * H + h) * L, 0, sizeof(float) * L);
+        }
+    }
 #pragma omp barrier
     // The other sequences: items (sequence, head) split evenly; a thread's heads of one sequence
     // score its cache together, so each cached row is read once per thread, not once per head.
@@ -206,6 +229,16 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
         ts->failed |= latent_attention_finish(&at, e0, e1, s->attn_state, ts->attn);
     }
 #pragma omp barrier
+    if (fold) {  // W_UV applied to every row's latent output, by heads
+        int hb, he;
+        share(H, 1, &hb, &he);
+        for (int h = hb; h < he; h++) {
+            MatView wuv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
+            ts->failed |= matmul_nt_invariant(s->ao + (size_t)h * v, H * v, s->out_latent + (size_t)h * L, H * L, &wuv,
+                                              N, 0, v);
+        }
+#pragma omp barrier
+    }
     ts->failed |= gemv_share_residual(s->x, s->y, s->ao, &a->o_proj, N);
 #pragma omp barrier
 }

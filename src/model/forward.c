@@ -52,6 +52,8 @@ static void lay_state(BufPlan *p, void *ctx) {
     s->attn_parts = PLAN_F(p, s->nthreads * LONG_ROWS * H * (L + 2));
     s->attn_state = PLAN_F(p, LONG_ROWS * H * (L + 2));
     s->own = PLAN_F(p, s->nthreads * s->own_per_thread);
+    s->q_latent = PLAN_F(p, (long)s->latent_rows * H * L);
+    s->out_latent = PLAN_F(p, (long)s->latent_rows * H * L);
 }
 
 ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *err) {
@@ -60,6 +62,7 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
     if (!s) return NULL;
     s->max_T = max_T;
     s->max_decode = max_T < DECODE_MAX_ROWS ? max_T : DECODE_MAX_ROWS;
+    s->latent_rows = s->max_decode < DECODE_LATENT_ROWS ? s->max_decode : DECODE_LATENT_ROWS;
     s->capacity = capacity;
     s->nthreads = omp_get_max_threads();
     // per-thread sizes padded to whole cache lines, so threads never share one
