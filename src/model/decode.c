@@ -243,6 +243,31 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
 #pragma omp barrier
 }
 
+// The gate/up rows of a MoE step (the experts in use, F rows each, then the shared experts' Fs)
+// are shared out by cost, not by count: a row costs widening/reading its weights once plus a dot
+// product per token it serves, so an expert chosen by six tokens weighs more than one chosen by
+// one. In units of one token's dot product, reading a row costs about this many.
+#define MOE_ROW_READ_COST 4.0
+
+// The first row at which the cumulative cost reaches `target`, in whole SHARE_UNITs of an expert's
+// rows (every thread computes the same boundaries, so the shares tile the rows exactly).
+static int moe_row_at_cost(const int *off, int Nr, int F, int Fs, int N, const MoeParallel *mp, double target) {
+    double acc = 0;
+    int base = 0;
+    for (int x = 0; x <= Nr; x++) {
+        int rows = x < Nr ? F : Fs, nt = x < Nr ? off[x + 1] - off[x] : N;
+        if (rows <= 0 || nt == 0 || (x < Nr && mp && !mp->ops->holds(mp, x))) continue;
+        double per = MOE_ROW_READ_COST + nt;
+        if (target < acc + rows * per) {
+            int in = (int)((target - acc) / per) / SHARE_UNIT * SHARE_UNIT;
+            return base + (in < rows ? in : rows);
+        }
+        acc += rows * per;
+        base += rows;
+    }
+    return base;
+}
+
 // The routed experts and the shared experts of every row. Each thread routes every row and sorts
 // the choices by expert (slots: expert by expert, tokens in order), then the experts' gate and up
 // rows, over all experts in use, are split evenly over the team; after one barrier each thread owns
@@ -272,10 +297,14 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
     }
     // gate and up rows: experts in use (each F rows over its tokens), then the shared experts
     MoeParallel *mp = m->moe_parallel;
-    int used = 0, R, b, e;
-    for (int x = 0; x < Nr; x++) used += off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x));
+    int used = 0, R, b, e, nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    double cost = 0;
+    for (int x = 0; x < Nr; x++)
+        if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) used++, cost += F * (MOE_ROW_READ_COST + off[x + 1] - off[x]);
     R = used * F + (Fs > 0 ? Fs : 0);
-    share(R, SHARE_UNIT, &b, &e);
+    cost += Fs > 0 ? Fs * (MOE_ROW_READ_COST + N) : 0;
+    b = tid == 0 ? 0 : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * tid / nth);
+    e = tid == nth - 1 ? R : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * (tid + 1) / nth);
     for (int x = 0, base = 0; x < Nr && base < e; x++) {
         int nt = off[x + 1] - off[x];
         if (nt == 0 || (mp && !mp->ops->holds(mp, x))) continue;
