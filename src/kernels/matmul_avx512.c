@@ -347,12 +347,12 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
 // bits for any N <= GEMV_MAX_N and any split of the rows (tests/test_kernels.c). One chain of fused
 // multiply-adds keeps up with memory here: measured against four partial sums, BF16 and F32 the
 // same, FP8 within ~3% (bench_kernels, alternating runs).
-// Rows this short (attention's latent rows, 128-512 values) gain nothing from one stream, and
-// the tiles reduce 16 sums at once instead of one at a time.
-#define ROW_STREAM_MIN_COLS 512
+// (Short rows took the tiles for a while, for attention's scores over latent rows; the scores have
+// their own kernel now, and the tiles cost a speculative verification of the demo model — every
+// row 256 values or fewer, 2 activation rows — half its speed: K = 1 1,516 -> 2,890 tokens/s.)
 AVX512_INLINE void gemv_rows(const int kind, float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
                              int r0, int r1) {
-    if (N <= 4 && (size_t)N * w->cols * sizeof(float) <= ROW_STREAM_X_BYTES && (N == 1 || w->cols > ROW_STREAM_MIN_COLS)) {
+    if (N <= 4 && (size_t)N * w->cols * sizeof(float) <= ROW_STREAM_X_BYTES) {
         for (int r = r0; r < r1; r++) switch (N) {
             case 1: gemv_row(kind, 1, 1, out, ldo, x, ldx, w, r); break;
             case 2: gemv_row(kind, 2, 1, out, ldo, x, ldx, w, r); break;
