@@ -124,8 +124,8 @@ TEST(test_speculative_greedy_equals_plain) {
     }
 }
 
-// Long contexts (more than one LATENT_CHUNK of cache): a decode step spreads the sequence's
-// attention chunks over the threads. Its greedy output is the same bits alone, among short
+// Long contexts (at least two LATENT_CHUNKs of cache per thread): a decode step spreads the
+// sequence's attention chunks over the threads. Its greedy output is the same bits alone, among short
 // sequences, on one thread, with bf16 cache or not aside, and verified speculatively (K + 1 rows
 // at once against single steps).
 typedef struct {
@@ -141,7 +141,7 @@ static void collect_long(void *owner, int seq, const EngineToken *t) {
 }
 
 static int run_long(const Model *m, int K, int with_short, int kv_bf16, LongOut *o, Error *err) {
-    enum { P = 2100 };  // three chunks of cache
+    enum { P = 4300 };  // five chunks of cache: spread over up to two threads (two chunks each)
     EngineOptions eo = {.parallel = 3, .ctx = P + 32, .prefill_chunk = 256, .speculative = K,
                         .kv_dtype = kv_bf16 ? DT_BF16 : DT_F32};
     Engine *e = engine_new(m, &eo, err);

@@ -111,9 +111,13 @@ static size_t store_row(const KVCache *kv, int pos) {
     return latent_store_row(kv->blocks, kv->pool->block_size, 0, 0, pos);
 }
 
-// Does sequence i of the step spread its attention's chunks over the threads?
+// Does sequence i of the step spread its attention's chunks over the threads? With few rows and
+// at least two chunks per thread: with fewer, a wave of one chunk per thread would leave threads
+// idle (at 1,025-2,048 positions one of two threads did a whole chunk, the other a few
+// positions), and the split by heads keeps them all busy — the same bits either way.
 static int long_context(const Batch *bt, int i) {
-    return bt->seqs[i].T <= LONG_ROWS && bt->pos0[i] + bt->seqs[i].T > LATENT_CHUNK;
+    int chunks = (bt->pos0[i] + bt->seqs[i].T + LATENT_CHUNK - 1) / LATENT_CHUNK;
+    return bt->seqs[i].T <= LONG_ROWS && chunks > 1 && chunks >= 2 * omp_get_num_threads();
 }
 
 // Does the step fold W_UK into the queries and apply W_UV itself, one product per head over every
