@@ -7,11 +7,14 @@
 // chi-square statistic; every draw must also fall inside the kept set. The bound (the statistic's
 // mean plus 6 standard deviations) does not flake, and the same draws measured against a slightly
 // wrong distribution (temperature 10% off, one id too many or too few) fail it by far.
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "infer/sampler.h"
+#include "kernels/matmul.h"
+#include "kernels/ops.h"
 #include "test.h"
 
 #define NV 10
@@ -160,6 +163,33 @@ TEST(test_sampler_temperature_zero_is_argmax) {
     float flat[5] = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
     CHECK(argmax_f32(flat, 5) == 0);
     CHECK(argmax_f32(LOGITS, NV) == 1);
+}
+
+// argmax_f32 (two vector passes) picks what the one-line loop picks — the first of the largest,
+// NaNs never winning, a NaN at 0 giving 0 — for lengths around the vector width, ties, −0 and +0,
+// infinities and NaNs, on the vector and the portable path.
+TEST(test_argmax_matches_the_loop) {
+    unsigned seed = 12345;
+    float x[70];
+    for (int trial = 0; trial < 4000; trial++) {
+        int n = 1 + trial % 70;
+        for (int i = 0; i < n; i++) {
+            seed = seed * 1103515245u + 12345u;
+            int k = (seed >> 16) % 12;
+            x[i] = k == 0 ? NAN : k == 1 ? -INFINITY : k == 2 ? (trial % 3 ? 2.0f : INFINITY) : k == 3 ? -0.0f : k == 4 ? 0.0f
+                                                                                               : (float)((int)((seed >> 8) % 7) - 3);
+            if (x[i] != x[i] && trial % 5) x[i] = 1.0f;  // NaNs in a fifth of the trials
+        }
+        int best = 0;
+        for (int i = 1; i < n; i++)
+            if (x[i] > x[best]) best = i;
+        for (int isa = 0; isa < 2; isa++) {
+            CHECK(kernels_set_isa(isa ? "scalar" : "auto") == 0);
+            int got = argmax_f32(x, n);
+            CHECK_MSG(got == best, "trial %d n %d %s: %d, the loop %d", trial, n, isa ? "scalar" : "vector", got, best);
+        }
+    }
+    CHECK(kernels_set_isa("auto") == 0);
 }
 
 // Probabilities come from logits relative to the largest: logits near 1e4 neither overflow nor

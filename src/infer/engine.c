@@ -23,6 +23,7 @@
 
 #include "infer/engine.h"
 #include "infer/prefix_cache.h"
+#include "kernels/ops.h"
 #include "infer/sampler.h"
 
 typedef enum { SEQ_WAITING, SEQ_RUNNING, SEQ_DONE } SeqState;

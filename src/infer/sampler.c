@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "infer/sampler.h"
+#include "kernels/ops.h"
 
 int sampler_init(Sampler *s, int vocab, float temperature, int top_k, float top_p, unsigned long long seed) {
     memset(s, 0, sizeof *s);
@@ -45,13 +46,6 @@ void sampler_free(Sampler *s) {
 
 void sampler_accept(Sampler *s, int token) {
     if (s->counts && token >= 0 && token < s->vocab) s->counts[token]++;
-}
-
-int argmax_f32(const float *x, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
 }
 
 static const float *sort_probs;

@@ -39,7 +39,5 @@ int sampler_distribution(Sampler *s, const float *logits);
 double sampler_prob(const Sampler *s, int n, int id);
 int sampler_draw(Sampler *s, int n, int exclude);
 double sampler_uniform(Sampler *s);
-// The id of the largest logit (the lowest id on ties).
-int argmax_f32(const float *x, int n);
 
 #endif

@@ -62,6 +62,10 @@ void exp_n_avx512(float *out, const float *x, long n, float shift);
 void softmax_avx512(float *x, int n);
 double sum_exp_avx512(const float *x, int n, float shift);
 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n);
+// argmax_f32's two passes: the largest value that is not a NaN (−inf when none), and the first
+// index holding a value equal to v (−1 when none).
+float max_finite_avx512(const float *x, int n);
+int first_equal_avx512(const float *x, int n, float v);
 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr, float beta1, float beta2, float eps,
                   float bc1, float bc2, float clip, float shrink);
 void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n);

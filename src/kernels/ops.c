@@ -74,6 +74,15 @@ float exp_shifted_inplace(float *x, int n, float *max) {
     return lane[0];
 }
 
+int argmax_f32(const float *x, int n) {
+    if (n <= 1 || isnan(x[0])) return 0;
+    if (kernels_cpu_avx512()) return first_equal_avx512(x, n, max_finite_avx512(x, n));  // (x[0] is a candidate)
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
 void softmax_inplace(float *x, int n) {
     if (kernels_cpu_avx512()) {
         softmax_avx512(x, n);

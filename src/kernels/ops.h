@@ -21,6 +21,9 @@ void softmax_inplace(float *x, int n);
 // returned (16 lane sums in order, folded in halves: the same bits for the same x).
 float exp_shifted_inplace(float *x, int n, float *max);
 float sigmoidf_(float x);
+// The index of the largest of x (n >= 1), the lowest on ties; NaNs never win, and a NaN at x[0]
+// gives 0 (what `if (x[i] > x[best]) best = i` gives, in two vector passes).
+int argmax_f32(const float *x, int n);
 
 // RoPE on interleaved pairs (x[2i], x[2i+1]) rotated by the angle pos · inv_freq[i] and scaled by
 // mscale (YaRN's cos/sin factor). The angles of a position are computed once (rope_cos_sin, angles

@@ -66,6 +66,22 @@ AVX512 double sum_exp_avx512(const float *x, int n, float shift) {
     return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
 }
 
+AVX512 float max_finite_avx512(const float *x, int n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int i = 0; i < n; i += 16)  // max_ps(v, m) gives m where v is NaN: NaNs never win
+        m = _mm512_mask_max_ps(m, tail_mask(n - i), _mm512_maskz_loadu_ps(tail_mask(n - i), x + i), m);
+    return _mm512_reduce_max_ps(m);
+}
+
+AVX512 int first_equal_avx512(const float *x, int n, float v) {
+    __m512 vv = _mm512_set1_ps(v);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 eq = _mm512_mask_cmp_ps_mask(tail_mask(n - i), _mm512_maskz_loadu_ps(tail_mask(n - i), x + i), vv, _CMP_EQ_OQ);
+        if (eq) return i + __builtin_ctz(eq);
+    }
+    return -1;
+}
+
 AVX512 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n) {
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
