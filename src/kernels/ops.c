@@ -58,7 +58,9 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
 
 float exp_shifted_inplace(float *x, int n, float *max) {
     float m = -INFINITY;
-    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    if (kernels_cpu_avx512()) m = max_finite_avx512(x, n);  // (the same value; a zero's sign aside)
+    else
+        for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
     *max = m;
     if (n == 0) return 0.0f;
     if (kernels_cpu_avx512()) exp_n_avx512(x, x, n, m);
