@@ -61,17 +61,17 @@ static double w_value(const TestW *w, int r, int c) {
 
 // Every weight type on ragged shapes — rows across the kernel's blocks of 16 and a view starting
 // inside the matrix (FP8 scales of the whole matrix), columns around the steps of 32 and 64 and
-// the chunks of 128 — and numbers of activation rows that take each tile shape, within the fp32
+// the chunks of 128, short and long rows — and numbers of activation rows that take each tile shape, within the fp32
 // accumulation bound of fp64 sums; each row alone (or in a pair) gives the bits it gave among all.
 TEST(test_bf16c_against_fp64) {
     const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
-    const int colss[] = {1, 31, 32, 33, 63, 64, 65, 100, 129, 300, 512};
+    const int colss[] = {1, 31, 32, 33, 63, 64, 65, 100, 129, 300, 512, 1030, 2100};  // (from 1,024: one row at a time)
     const int Ns[] = {1, 2, 3, 5, 9};
     uint64_t seed = 5;
     for (int isa = 0; isa < 2; isa++) {
         CHECK(kernels_set_isa(isa ? "scalar" : "auto") == 0);
         for (int ti = 0; ti < 4; ti++)
-            for (int ci = 0; ci < 11; ci++)
+            for (int ci = 0; ci < 13; ci++)
                 for (int ni = 0; ni < 5; ni++) {
                     int rows = ci % 2 ? 7 : 37, cols = colss[ci], N = Ns[ni], skip = ci % 3 == 0 ? 3 : 0;
                     if (isa && ni > 2) continue;  // (the portable path has one shape)

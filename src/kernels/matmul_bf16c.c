@@ -40,6 +40,12 @@
 // FP8 codes are widened in registers for up to this many activation rows (each code once, for all);
 // beyond, a block of rows is widened once into scratch and read back for every activation row.
 #define BF16C_FP8_INREG_MAX_N 4
+// FP8 codes widened in registers go two rows at a time below this many columns, one row at a time
+// from it: two interleaved streams of short rows read as one, but rows of 2 KB and more make each
+// pair two new short streams that the prefetchers keep re-learning (one thread, N = 1, matrices
+// streamed from memory: 512 x 2048 10.0 -> 19.0 GB/s, 2048 x 7168 (a V3 expert) 11.7 -> 15.6;
+// 256 x 512 stays with pairs, 17.8 against 15.8 one at a time).
+#define BF16C_PAIR_MAX_COLS 1024
 
 // E4M3 code → its value as BF16 (exact; the NaN codes S.1111.111 → a NaN), and the two bytes of
 // the positive codes' values for the byte look-ups.
@@ -245,9 +251,9 @@ BF16C_INLINE void tile_fp8(const int R, const int C, const int IN_REG, const Til
         srow[i] = t->w->scale_inv + (size_t)((t->w->row0 + t->r + rows[i]) / t->w->block) * t->w->scale_cols;
     if (C == 1 || IN_REG) {  // weights from memory (codes) or one activation row: row after row
         const int whole = IN_REG ? t->cols / 128 * 2 : 0;  // groups in whole 128-column chunks
-        // the bulk without masks, whole chunks: two rows at a time for one or two activation rows
-        // (two or four chains in flight), one at a time for three or four
-        const int HR = C <= 2 ? 2 : 1;
+        // the bulk without masks, whole chunks: two short rows at a time for one or two activation
+        // rows (two or four chains in flight), else one row at a time
+        const int HR = C <= 2 && t->cols < BF16C_PAIR_MAX_COLS ? 2 : 1;
 #pragma GCC unroll 8
         for (int i = 0; i < R; i += HR)
             if (IN_REG)
