@@ -274,9 +274,10 @@ static int moe_row_at_cost(const int *off, int Nr, int F, int Fs, int N, const M
 
 // The routed experts and the shared experts of every row. Each thread routes every row and sorts
 // the choices by expert (slots: expert by expert, tokens in order), then the experts' gate and up
-// rows, over all experts in use, are split evenly over the team; after one barrier each thread owns
-// a slice of the output features and sums every token's experts into it — routed in selection
-// order, then the shared experts, the order a token alone would use. Adds the result to x.
+// rows, over all experts in use, are shared out over the team by cost (moe_row_at_cost); after
+// one barrier each thread owns a slice of the output features and sums every token's experts into
+// it — routed in selection order, then the shared experts, the order a token alone would use.
+// Adds the result to x.
 // With the experts split over ranks (m->moe_parallel; every rank runs the same rows) a rank runs
 // only the experts it holds; each row's routed sum of those is added up over the ranks in rank
 // order (by thread 0, MPI's thread) before the shared experts join it — another order than one
