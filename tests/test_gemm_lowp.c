@@ -238,6 +238,32 @@ TEST(test_lowp_fp8_scales_are_tile_amax) {
         }
 }
 
+// UE8M0 scales (--fp8-scale-format ue8m0): lowp_ue8m0 is 2^ceil(log2 s) (powers of two stay), and
+// an operand with pow2 set gets exactly that of each tile's fp32 scale, so its amax lands in
+// (max / 2, max] — never saturating, never below half the format's range.
+TEST(test_lowp_ue8m0_scales) {
+    const float cases[][2] = {{1.0f, 1.0f}, {0.75f, 1.0f}, {1.5f, 2.0f}, {0x1p-20f, 0x1p-20f}, {0x1.000002p-20f, 0x1p-19f},
+                              {1e-4f / 448.0f, 0x1p-22f}, {3.0f / 448.0f, 0x1p-7f}};
+    for (int i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++)
+        CHECK_MSG(lowp_ue8m0(cases[i][0]) == cases[i][1], "ue8m0(%a) = %a, want %a", cases[i][0], lowp_ue8m0(cases[i][0]),
+                  cases[i][1]);
+    const int rows = 70, K = 300;
+    for (int how = 0; how < 3; how++) {
+        Opnd o;
+        make_opnd(&o, rows, K, 0, LOWP_E4M3, (LowpScaling)how);
+        float *fp32 = malloc(sizeof(float) * lowp_fp8_scale_count(rows, K, (LowpScaling)how));
+        memcpy(fp32, o.scale, sizeof(float) * lowp_fp8_scale_count(rows, K, (LowpScaling)how));
+        o.op.pow2 = 1;
+        CHECK(lowp_fp8_scales(&o.op, o.scale, rows, K, (LowpScaling)how) == 0);
+        for (long c = 0; c < lowp_fp8_scale_count(rows, K, (LowpScaling)how); c++) {
+            int e;
+            CHECK_MSG(frexpf(o.scale[c], &e) == 0.5f && o.scale[c] >= fp32[c] && o.scale[c] < 2 * fp32[c],
+                      "scaling %d scale %ld: %a from %a", how, c, o.scale[c], fp32[c]);
+        }
+        free(o.data), free(o.scale), free(fp32);
+    }
+}
+
 // The H800 accumulation model, written again from its definition with integers: in each group of
 // 32 products the leading bit of the largest magnitude among them and the running sum sets a grid
 // 2^(lead + 1 - bits); every addend and the running sum are cut toward zero onto it and summed.

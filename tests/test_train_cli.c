@@ -206,12 +206,12 @@ static double last_main_loss(const char *metrics) {
 // long run).
 TEST(test_train_precisions_learn_and_stay_close) {
     long N = sanitized() ? 3 : 8;
-    const char *prec[3] = {"fp32", "bf16", "fp8"};
-    double loss[3];
-    char *runs[3];
-    for (int p = 0; p < 3; p++) {
-        char run[600], extra[64], out[4096];
-        snprintf(run, sizeof run, "%s/run_prec_%s", test_train_corpus(), prec[p]);
+    const char *prec[4] = {"fp32", "bf16", "fp8", "fp8 --fp8-scale-format ue8m0"}, *dirs[4] = {"fp32", "bf16", "fp8", "ue8m0"};
+    double loss[4];
+    char *runs[4];
+    for (int p = 0; p < 4; p++) {
+        char run[600], extra[96], out[4096];
+        snprintf(run, sizeof run, "%s/run_prec_%s", test_train_corpus(), dirs[p]);
         snprintf(extra, sizeof extra, "--no-progress --precision %s", prec[p]);
         int rc = train(out, sizeof out, run, N, extra);
         CHECK_MSG(rc == 0, "%s", out);
@@ -228,10 +228,11 @@ TEST(test_train_precisions_learn_and_stay_close) {
         printf("    %s: main loss %.4f -> %.4f\n", prec[p], first, loss[p]);
     }
     CHECK(strcmp(runs[0], runs[1]) != 0 && strcmp(runs[1], runs[2]) != 0 && strcmp(runs[0], runs[2]) != 0);
+    CHECK(strcmp(runs[2], runs[3]) != 0);  // UE8M0 scales change the run
     CHECK(loss[1] != loss[0] && loss[2] != loss[1]);
-    for (int p = 1; p < 3; p++)
+    for (int p = 1; p < 4; p++)
         CHECK_MSG(fabs(loss[p] - loss[0]) < 0.005 * loss[0], "%s: loss %.4f vs fp32 %.4f", prec[p], loss[p], loss[0]);
-    for (int p = 0; p < 3; p++) free(runs[p]);
+    for (int p = 0; p < 4; p++) free(runs[p]);
     // the precision is saved with the run: a resumed fp8 run stays fp8
     char run[600], path[700];
     snprintf(run, sizeof run, "%s/run_prec_fp8", test_train_corpus());
@@ -246,6 +247,8 @@ TEST(test_train_precision_bad_options) {
     const char *bad[][2] = {{"--precision fp16", "--precision: unknown value 'fp16'"},
                             {"--precision bf16 --fp8-grad e5m2", "--fp8-grad: only with --precision fp8"},
                             {"--precision fp8 --fp8-scaling block", "--fp8-scaling: unknown value 'block'"},
+                            {"--precision fp8 --fp8-scale-format e8m0", "--fp8-scale-format: unknown value 'e8m0'"},
+                            {"--precision bf16 --fp8-scale-format ue8m0", "--fp8-scale-format: only with --precision fp8"},
                             {"--precision fp8 --fp8-grad e3m4", "--fp8-grad: unknown value 'e3m4'"},
                             {"--fp8-accum-bits 14", "--fp8-accum-bits: only with --precision fp8"},
                             {"--precision fp8 --fp8-promotion off", "--fp8-promotion off: needs --fp8-accum-bits"},

@@ -32,9 +32,17 @@ static Fmt fmt_of(LowpFormat f) {
     }
 }
 
+// 2^ceil(log2 s), computed apart from the kernel's lowp_ue8m0 (a UE8M0 scale).
+static float pow2_up(float s) {
+    float p = 1.0f;
+    while (p < s) p *= 2.0f;
+    while (p / 2.0f >= s) p /= 2.0f;
+    return p;
+}
+
 // The scales of a rows × K matrix m (row-major along K) in tiles of tr rows × tk columns (0: the
-// whole matrix), one per element: out[i * K + k].
-static float *tile_scales(const float *m, int rows, int K, int tr, int tk, float max) {
+// whole matrix), one per element: out[i * K + k]; rounded up to powers of two when pow2.
+static float *tile_scales(const float *m, int rows, int K, int tr, int tk, float max, int pow2) {
     float *out = malloc(sizeof(float) * rows * K);
     int TR = tr ? tr : rows, TK = tk ? tk : K;
     for (int i0 = 0; i0 < rows; i0 += TR)
@@ -42,8 +50,9 @@ static float *tile_scales(const float *m, int rows, int K, int tr, int tk, float
             float amax = 0;
             for (int a = i0; a < i0 + TR && a < rows; a++)
                 for (int b = k0; b < k0 + TK && b < K; b++) amax = fmaxf(amax, fabsf(m[(size_t)a * K + b]));
+            float s = fmaxf(amax, 1e-4f) / max;
             for (int a = i0; a < i0 + TR && a < rows; a++)
-                for (int b = k0; b < k0 + TK && b < K; b++) out[(size_t)a * K + b] = fmaxf(amax, 1e-4f) / max;
+                for (int b = k0; b < k0 + TK && b < K; b++) out[(size_t)a * K + b] = pow2 ? pow2_up(s) : s;
         }
     return out;
 }
@@ -90,7 +99,9 @@ static void check_recipe(const LinearRecipe *r, int N, int R, int C, Report rep[
         int M = which == 2 ? R : N, Nn = which == 0 ? R : C, K = which == 0 ? C : which == 1 ? R : N;
         Fmt fA = which == 0 ? fa : fg, fB = fa;
         int bt = which == 2 ? one : T;  // the weight's 128 x 128 blocks, or a 1 x 128 tile of x along tokens
-        float *SA = fp8 ? tile_scales(A, M, K, one, T, fA.max) : NULL, *SB = fp8 ? tile_scales(B, Nn, K, bt, T, fB.max) : NULL;
+        // UE8M0: the activations' and gradients' scales (A always; B is x in the weight gradient)
+        float *SA = fp8 ? tile_scales(A, M, K, one, T, fA.max, r->pow2_scales) : NULL;
+        float *SB = fp8 ? tile_scales(B, Nn, K, bt, T, fB.max, r->pow2_scales && which == 2) : NULL;
         double worst = 0, num = 0, den = 0;
         for (int i = 0; i < M; i++)
             for (int j = 0; j < Nn; j++) {
@@ -123,11 +134,11 @@ done:
 // on ragged shapes (partial tiles and blocks). The error must also be of the format's size, not
 // far below it: the operands are really rounded (BF16 ~1e-3 relative, E4M3 ~1e-2).
 TEST(test_linear_layer_recipes_within_format_bounds) {
-    const LinearRecipe recipes[4] = {
-        {LOWP_BF16, LOWP_BF16, 0, {0, 1}}, {LOWP_E4M3, LOWP_E4M3, 0, {0, 1}}, {LOWP_E4M3, LOWP_E5M2, 0, {0, 1}},
-        {LOWP_E4M3, LOWP_E4M3, 1, {0, 1}}};
-    const double lo[4] = {1e-4, 3e-3, 3e-3, 3e-3}, hi[4] = {4e-3, 8e-2, 1.5e-1, 1.5e-1};
-    for (int t = 0; t < 4; t++) {
+    const LinearRecipe recipes[5] = {
+        {LOWP_BF16, LOWP_BF16, 0, {0, 1}, 0}, {LOWP_E4M3, LOWP_E4M3, 0, {0, 1}, 0}, {LOWP_E4M3, LOWP_E5M2, 0, {0, 1}, 0},
+        {LOWP_E4M3, LOWP_E4M3, 1, {0, 1}, 0}, {LOWP_E4M3, LOWP_E4M3, 0, {0, 1}, 1}};  // the last: UE8M0 scales
+    const double lo[5] = {1e-4, 3e-3, 3e-3, 3e-3, 3e-3}, hi[5] = {4e-3, 8e-2, 1.5e-1, 1.5e-1, 8e-2};
+    for (int t = 0; t < 5; t++) {
         Report rep[3] = {{0}};
         check_recipe(&recipes[t], 150, 136, 200, rep);
         for (int which = 0; which < 3; which++) {
@@ -138,8 +149,18 @@ TEST(test_linear_layer_recipes_within_format_bounds) {
                       lo[t], hi[t]);
         }
     }
-    // an FP8 recipe needs F32 master weights
+    // UE8M0 scales really reach the products: the same layer gives other bits than with fp32 scales
     Backend *be = backend_cpu();
+    {
+        enum { N = 7, R = 20, C = 300 };
+        static float x[N * C], w[R * C], y1[N * R], y2[N * R];
+        for (int i = 0; i < N * C; i++) x[i] = (float)(urand() * 2 - 1);
+        for (int i = 0; i < R * C; i++) w[i] = (float)((urand() * 2 - 1) * 0.05);
+        MatView W = matview_f32(w, R, C);
+        CHECK(be->ops->matmul(be, y1, x, &W, N, &recipes[1]) == 0 && be->ops->matmul(be, y2, x, &W, N, &recipes[4]) == 0);
+        CHECK(memcmp(y1, y2, sizeof y1) != 0);
+    }
+    // an FP8 recipe needs F32 master weights
     uint16_t wb[4] = {0};
     float x[2] = {1, 2}, y[2];
     MatView w = {.dtype = DT_BF16, .rows = 2, .cols = 2, .data = wb};

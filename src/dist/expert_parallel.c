@@ -136,7 +136,7 @@ void a2a_encode_row(char *dst, const float *x, int d, A2aDtype t) {
         }
     } else {  // E4M3 with a scale per 1 × 128 tile, as DeepSeek's dispatch sends them
         float scales[(d + 127) / 128];
-        lowp_fp8_save_rows((uint8_t *)dst, scales, x, 1, d);
+        lowp_fp8_save_rows((uint8_t *)dst, scales, x, 1, d, 0);
         memcpy(dst + d, scales, sizeof scales);
     }
 }

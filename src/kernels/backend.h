@@ -41,6 +41,7 @@ typedef struct LinearRecipe {
     LowpFormat grad_fmt;  // the output gradients': fmt for BF16; E4M3 (the report) or E5M2 for FP8
     int tensor_scaling;   // FP8: one scale per tensor instead of tiles and blocks (an ablation)
     LowpAccum accum;      // FP8: {0, 1} fp32 accumulation; bits > 0 emulates the H800's (ablations)
+    int pow2_scales;      // FP8: the activations' and gradients' scales powers of two (UE8M0); weights' fp32
 } LinearRecipe;
 
 typedef struct BackendOps {
@@ -82,8 +83,8 @@ typedef struct BackendOps {
     // dst (n) = src rounded to BF16, to nearest even (a BF16 cache's rows)
     int (*to_bf16)(Backend *be, uint16_t *dst, const float *src, long n);
     // an activation kept for the backward pass in FP8: rows × cols → E4M3 codes and a scale per
-    // 1 × 128 tile of a row (kernels/gemm_lowp.h), and back into fp32
-    int (*fp8_save)(Backend *be, uint8_t *codes, float *scales, const float *x, long rows, int cols);
+    // 1 × 128 tile of a row (kernels/gemm_lowp.h; a power of two when pow2), and back into fp32
+    int (*fp8_save)(Backend *be, uint8_t *codes, float *scales, const float *x, long rows, int cols, int pow2);
     int (*fp8_restore)(Backend *be, float *x, const uint8_t *codes, const float *scales, long rows, int cols);
 
     // attention over a latent cache (kernels/attention.h), forward and (plain, saved) backward

@@ -72,6 +72,8 @@ static void scales_team(const LowpOperand *op, float *scale, float *amax, int ro
         }
         float mx = lowp_fp8_max(op->fmt);
         for (long c = 0; c < n; c++) scale[c] = fmaxf(scale[c], 1e-4f) / mx;
+        if (op->pow2)
+            for (long c = 0; c < n; c++) scale[c] = lowp_ue8m0(scale[c]);
     }
 }
 
@@ -87,6 +89,12 @@ static void scales_bind(LowpOperand *op, float *scale, int K, LowpScaling how) {
 static float *amax_scratch(float *scale, int rows, int K, LowpScaling how) {
     int kc = (K + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
     return how == LOWP_TILE_1x128 ? scale : malloc(sizeof(float) * ((size_t)rows * kc + 1));
+}
+
+float lowp_ue8m0(float s) {
+    int e;
+    float m = frexpf(s, &e);  // s = m · 2^e, m in [0.5, 1)
+    return m == 0.5f ? s : ldexpf(1.0f, e);
 }
 
 int lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how) {
@@ -117,9 +125,9 @@ void lowp_values(float *out, const float *x, long n, LowpFormat fmt, float scale
     for (; i < n; i++) out[i] = lowp_value(fmt, x[i], scale);
 }
 
-void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols) {
+void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols, int pow2) {
     // the scales as the forward GEMM computes them for this operand (1 × 128 tiles along a row)
-    LowpOperand op = {.data = x, .ld = cols, .fmt = LOWP_E4M3};
+    LowpOperand op = {.data = x, .ld = cols, .fmt = LOWP_E4M3, .pow2 = pow2};
     if (lowp_fp8_scales(&op, scales, (int)rows, cols, LOWP_TILE_1x128)) return;  // (tiles: no scratch to fail)
     int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))

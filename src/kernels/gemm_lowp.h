@@ -33,6 +33,7 @@ typedef struct LowpOperand {
     const float *data;
     int ld, trans;
     LowpFormat fmt;
+    int pow2;  // FP8: scales computed by lowp_fp8_scales rounded up to a power of two (lowp_ue8m0)
     const float *scale;
     int scale_rows, scale_ld, scale_kstep;
 } LowpOperand;
@@ -46,12 +47,17 @@ static inline float lowp_scale_of(const LowpOperand *o, int i, int k) {
 
 // The largest finite value of an FP8 format (E4M3 448, E5M2 57344).
 float lowp_fp8_max(LowpFormat fmt);
+// s rounded up to a power of two, 2^ceil(log2 s): a UE8M0 scale (an exponent only, as DeepSeek's
+// later FP8 kernels and the report's power-of-two scaling factors use). The tile's amax then maps
+// to between half the format's max and its max, never past it. s > 0 and finite.
+float lowp_ue8m0(float s);
 
 // Floats lowp_fp8_scales writes for a rows × K operand.
 long lowp_fp8_scale_count(int rows, int K, LowpScaling how);
 // Computes op's scales over its rows × K elements into scale (lowp_fp8_scale_count floats) and
 // points op at them: scale = max(amax of the tile, 1e-4) / max of op->fmt (DeepSeek's act_quant and
-// weight quantiser). op->fmt must be an FP8 format. -1 when scratch memory ran out.
+// weight quantiser), rounded up to a power of two when op->pow2. op->fmt must be an FP8 format. -1
+// when scratch memory ran out.
 int lowp_fp8_scales(LowpOperand *op, float *scale, int rows, int K, LowpScaling how);
 
 // The value an element is packed as (exactly representable in BF16): bf16(x), or the FP8 value
@@ -84,9 +90,9 @@ int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *
 
 // Activations kept for the backward pass in FP8 (the report's low-precision storage): rows × cols
 // fp32 → E4M3 codes (rows × cols bytes) with one scale per 1 × 128 tile of a row (rows ×
-// ceil(cols / 128) floats, max(amax, 1e-4) / 448) — the codes the forward GEMM quantises the same
-// rows to — and back, code × scale in fp32. Threads over rows.
-void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols);
+// ceil(cols / 128) floats, max(amax, 1e-4) / 448, a power of two when pow2) — the codes the forward
+// GEMM quantises the same rows to — and back, code × scale in fp32. Threads over rows.
+void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols, int pow2);
 void lowp_fp8_restore_rows(float *x, const uint8_t *codes, const float *scales, long rows, int cols);
 
 // Which path gemm_lowp takes: "avx512bf16" or "portable".

@@ -501,7 +501,7 @@ static int keep_layer(TrainModel *m, TrainLayerActs *t) {
     for (int k = 0; k < N_KEPT; k++)
         if (kept_in_use(m, t, k))
             TRY(m->be->ops->fp8_save(m->be, t->kept[k].codes, t->kept[k].scales, m->a.kept_fp32[k], t->kept[k].rows,
-                                     t->kept[k].cols));
+                                     t->kept[k].cols, m->lowp && m->lowp->pow2_scales));
     return 0;
 }
 

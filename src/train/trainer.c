@@ -70,6 +70,8 @@ const TrainerOption trainer_options[] = {
     STRING_OPT("fp8-grad", "fp8_grad", fp8_grad, "F", "fp8: the output gradients' format, e4m3 (default, the report's) or e5m2"),
     STRING_OPT("fp8-scaling", "fp8_scaling", fp8_scaling, "S",
                "fp8: tile (default: 1x128 activation tiles, 128x128 weight blocks) or tensor (one scale each)"),
+    STRING_OPT("fp8-scale-format", "fp8_scale_format", fp8_scale_format, "F",
+               "fp8: fp32 (default) or ue8m0 (activation and gradient scales rounded up to powers of two)"),
     INT_OPT("fp8-accum-bits", "fp8_accum_bits", fp8_accum_bits, 0, 0, 23, "B",
             "fp8: emulate a tensor core keeping B bits per 32-product group (H800: ~14; 0: fp32, the default; slow)"),
     STRING_OPT("fp8-promotion", "fp8_promotion", fp8_promotion, "P",
@@ -534,13 +536,17 @@ int trainer_recipe(const TrainerOptions *o, LinearRecipe *recipe, const LinearRe
     int fp8 = strcmp(p, "fp8") == 0;
     if (!fp8 && strcmp(p, "fp32") != 0 && strcmp(p, "bf16") != 0)
         return err_set(err, "--precision: unknown value '%s' (fp32, bf16 or fp8)", p);
-    if (!fp8 && (o->fp8_grad[0] || o->fp8_scaling[0] || o->fp8_promotion[0] || o->fp8_accum_bits))
+    if (!fp8 && (o->fp8_grad[0] || o->fp8_scaling[0] || o->fp8_promotion[0] || o->fp8_scale_format[0] || o->fp8_accum_bits))
         return err_set(err, "--%s: only with --precision fp8 (the run's precision is %s)",
-                       o->fp8_grad[0]       ? "fp8-grad"
-                       : o->fp8_scaling[0]  ? "fp8-scaling"
-                       : o->fp8_promotion[0] ? "fp8-promotion"
-                                            : "fp8-accum-bits",
+                       o->fp8_grad[0]           ? "fp8-grad"
+                       : o->fp8_scaling[0]      ? "fp8-scaling"
+                       : o->fp8_promotion[0]    ? "fp8-promotion"
+                       : o->fp8_scale_format[0] ? "fp8-scale-format"
+                                                : "fp8-accum-bits",
                        p);
+    const char *sf = o->fp8_scale_format[0] ? o->fp8_scale_format : "fp32";
+    if (strcmp(sf, "fp32") != 0 && strcmp(sf, "ue8m0") != 0)
+        return err_set(err, "--fp8-scale-format: unknown value '%s' (fp32 or ue8m0)", sf);
     const char *pr = o->fp8_promotion[0] ? o->fp8_promotion : "on";
     if (strcmp(pr, "on") != 0 && strcmp(pr, "off") != 0)
         return err_set(err, "--fp8-promotion: unknown value '%s' (on or off)", pr);
@@ -559,7 +565,8 @@ int trainer_recipe(const TrainerOptions *o, LinearRecipe *recipe, const LinearRe
     *recipe = (LinearRecipe){.fmt = fp8 ? LOWP_E4M3 : LOWP_BF16,
                              .grad_fmt = !fp8 ? LOWP_BF16 : strcmp(g, "e5m2") == 0 ? LOWP_E5M2 : LOWP_E4M3,
                              .tensor_scaling = strcmp(s, "tensor") == 0,
-                             .accum = {.bits = o->fp8_accum_bits, .promote = strcmp(pr, "on") == 0}};
+                             .accum = {.bits = o->fp8_accum_bits, .promote = strcmp(pr, "on") == 0},
+                             .pow2_scales = strcmp(sf, "ue8m0") == 0};
     *lowp = recipe;
     return 0;
 }

@@ -27,7 +27,7 @@
 // command-line name, its trainer_state.json key, default, bounds and help; read the rows there.
 typedef struct TrainerOptions {
     char config[4096], init[4096], data[4096], out[4096];
-    char precision[32], fp8_grad[32], fp8_scaling[32], fp8_promotion[32], moments[32];  // "": the default
+    char precision[32], fp8_grad[32], fp8_scaling[32], fp8_promotion[32], fp8_scale_format[32], moments[32];  // "": the default
     int fp8_accum_bits;
     long steps;
     int batch, seq, accum;
