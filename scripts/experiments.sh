@@ -41,6 +41,7 @@ if [ "${SET:-ablations}" = precision ]; then
     "fp8-tensor|--precision fp8 --fp8-scaling tensor"
     "fp8-e5m2|--precision fp8 --fp8-grad e5m2"
     "fp8-no-promotion|--precision fp8 --fp8-accum-bits 14 --fp8-promotion off"
+    "fp8-ue8m0|--precision fp8 --fp8-scale-format ue8m0"
   )
 fi
 if [ -n "${ONLY:-}" ]; then
@@ -85,7 +86,7 @@ plot_runs() {
   [ ${#args[@]} -gt 0 ] && $DSV3 plot --out "$out/$svg" --from 25 "${args[@]}" >&2
 }
 if [ "${SET:-ablations}" = precision ]; then
-  plot_runs precision.svg fp32 bf16 fp8 fp8-tensor fp8-e5m2 fp8-no-promotion
+  plot_runs precision.svg fp32 bf16 fp8 fp8-tensor fp8-e5m2 fp8-no-promotion fp8-ue8m0
   exit 0
 fi
 plot_runs balance.svg v3-recipe bias-only bias-0.01 no-balance seq-aux-1e-3 seq-aux-1e-2
