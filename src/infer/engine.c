@@ -23,8 +23,8 @@
 
 #include "infer/engine.h"
 #include "infer/prefix_cache.h"
-#include "kernels/ops.h"
 #include "infer/sampler.h"
+#include "kernels/ops.h"
 
 typedef enum { SEQ_WAITING, SEQ_RUNNING, SEQ_DONE } SeqState;
 

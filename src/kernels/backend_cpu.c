@@ -46,11 +46,12 @@ static int cpu_synchronize(Backend *be) {
 
 // C (M × N) (+)= A · Bᵀ for one of a linear layer's GEMMs under a recipe: A's and B's storage
 // and scaling as the caller says, the FP8 scales computed from the current tensors.
-// pa, pb: the operand is an activation or a gradient (its scales powers of two under r->pow2_scales).
+// A is an activation or a gradient in all three, B too when pb (their scales powers of two under
+// r->pow2_scales; a weight's stay fp32).
 static int lowp_product(const LinearRecipe *r, float *C, int M, int N, int K, int add, const float *a, int lda, int ta,
-                        LowpFormat fa, LowpScaling sa, int pa, const float *b, int ldb, int tb, LowpFormat fb,
-                        LowpScaling sb, int pb) {
-    LowpOperand A = {.data = a, .ld = lda, .trans = ta, .fmt = fa, .pow2 = pa && r->pow2_scales},
+                        LowpFormat fa, LowpScaling sa, const float *b, int ldb, int tb, LowpFormat fb, LowpScaling sb,
+                        int pb) {
+    LowpOperand A = {.data = a, .ld = lda, .trans = ta, .fmt = fa, .pow2 = r->pow2_scales},
                 B = {.data = b, .ld = ldb, .trans = tb, .fmt = fb, .pow2 = pb && r->pow2_scales};
     int fp8 = fa != LOWP_BF16;
     float *scale_a = fp8 ? malloc(sizeof(float) * lowp_fp8_scale_count(M, K, sa)) : NULL;
@@ -76,8 +77,8 @@ static int cpu_matmul(Backend *be, float *out, const float *x, const MatView *w,
     LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
     LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;
     // out (N × rows) = x (N × cols) · Wᵀ
-    return lowp_product(recipe, out, N, w->rows, w->cols, 0, x, w->cols, 0, recipe->fmt, act, 1, w->data, w->cols, 0,
-                        recipe->fmt, wgt, 0)
+    return lowp_product(recipe, out, N, w->rows, w->cols, 0, x, w->cols, 0, recipe->fmt, act, w->data, w->cols, 0, recipe->fmt,
+                        wgt, 0)
                ? product_failed(be, "matmul", w)
                : 0;
 }
@@ -92,11 +93,11 @@ static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const 
     LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
     LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;
     // dx (N × cols) += dout (N × rows) · W: B = Wᵀ, element (c, r) = W[r][c]
-    if (dx && lowp_product(recipe, dx, N, cols, rows, 1, dout, rows, 0, recipe->grad_fmt, act, 1, w->data, cols, 1,
-                           recipe->fmt, wgt, 0))
+    if (dx && lowp_product(recipe, dx, N, cols, rows, 1, dout, rows, 0, recipe->grad_fmt, act, w->data, cols, 1, recipe->fmt,
+                           wgt, 0))
         return product_failed(be, "matmul_backward", w);
     // dw (rows × cols) += doutᵀ · x: both operands read along the tokens (128 x 1 tiles)
-    if (lowp_product(recipe, g, rows, cols, N, 1, dout, rows, 1, recipe->grad_fmt, act, 1, x, cols, 1, recipe->fmt, act, 1))
+    if (lowp_product(recipe, g, rows, cols, N, 1, dout, rows, 1, recipe->grad_fmt, act, x, cols, 1, recipe->fmt, act, 1))
         return product_failed(be, "matmul_backward", w);
     return 0;
 }

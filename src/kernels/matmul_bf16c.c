@@ -358,8 +358,8 @@ BF16C static void widen_x(uint16_t *xb, int kpad, const float *x, int ldx, int N
     }
 }
 
-// Rows [r, r + nr) of w as BF16 values into wb (nr × kpad, zero past cols), in the FP8 layout
-// for FP8.
+// Rows [r, r + nr) of an F32, F16 or FP8 w as BF16 values into wb (nr × kpad, zero past cols), in
+// the FP8 layout for FP8 (BF16 rows are read where they lie).
 BF16C static void widen_w(uint16_t *wb, int kpad, const MatView *w, int r, int nr) {
     const int cols = w->cols;
     __m512i tab[4];
@@ -368,11 +368,6 @@ BF16C static void widen_w(uint16_t *wb, int kpad, const MatView *w, int r, int n
     for (int i = 0; i < nr; i++) {
         uint16_t *d = wb + (size_t)i * kpad;
         size_t row = (size_t)(r + i) * cols;
-        if (w->dtype == DT_BF16) {
-            memcpy(d, (const uint16_t *)w->data + row, sizeof(uint16_t) * cols);
-            memset(d + cols, 0, sizeof(uint16_t) * (kpad - cols));
-            continue;
-        }
         if (w->dtype == DT_F8_E4M3) {
             const uint8_t *codes = (const uint8_t *)w->data + row;
             for (int c = 0; c < kpad; c += 64) {
@@ -427,22 +422,22 @@ BF16C static int bf16c_rows_avx512(float *out, int ldo, const float *x, int ldx,
     uint16_t *wb = xb + xn;  // (kpad: a multiple of 32 elements, so 64-byte aligned)
     widen_x(xb, kpad, x, ldx, N, cols, fp8);
     Tile t = {.kpad = kpad, .cols = cols, .w = w, .ldo = ldo};
+    // few activation rows: the weights' own rows are read in memory order, one row after another
+    // (the hardware prefetchers follow one stream, not 16 interleaved ones), a few KB ahead
+    // prefetched (past the matrix: harmless)
+    const int from_memory = direct || in_reg;
     for (int rb = r0; rb < r1; rb += BF16C_ROW_BLOCK) {
         int nrb = r1 - rb < BF16C_ROW_BLOCK ? r1 - rb : BF16C_ROW_BLOCK;
         if (widen) {
             widen_w(wb, kpad, w, rb, nrb);
             t.wb = wb, t.wld = kpad;
-        } else if (w->dtype == DT_BF16) {  // (many rows: tiles interleave the block's 16 rows)
+        } else if (w->dtype == DT_BF16) {
             t.wb = (const uint16_t *)w->data + (size_t)rb * cols, t.wld = cols;
         } else {
             t.codes = (const uint8_t *)w->data + (size_t)rb * cols, t.cld = cols;
         }
         for (int n0 = 0; n0 < N;) {
             int nc = N - n0;
-            // the weights' own rows are read in memory order, one row after another (the
-            // hardware prefetchers follow one stream, not 16 interleaved ones), a few KB ahead
-            // prefetched (past the matrix: harmless)
-            const int from_memory = direct || in_reg;
             if (!fp8) {
                 nc = nc > 4 ? 4 : nc;
                 if (nc == 1) BF16C_TILE(16, 1, tile_bf16(16, 1, &u))

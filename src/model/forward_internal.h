@@ -33,18 +33,18 @@ struct ForwardState {
     float *attn_parts;        // (nthreads, LONG_ROWS·H, kv_lora + 2) decode: a long context's chunk parts
     float *attn_state;        // (LONG_ROWS·H, kv_lora + 2) and their running merge (decode.c)
     float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors (decode.c)
+    size_t own_per_thread;
     int latent_rows;          // decode steps of up to this many rows fold W_UK / apply W_UV for all rows at once:
     float *q_latent;          // (latent_rows, H, kv_lora) W_UK,hᵀ q_nope of every row and head
     float *out_latent;        // (latent_rows, H, kv_lora) attention's latent outputs, before W_UV
-    size_t own_per_thread;
     int *routes;              // or NULL: model_forward records each layer's routed experts here
     LayerActs acts;           // a layer's activations, laid over the buffers above
     void *block;              // the one allocation everything above lives in
 };
 
-// A decode step spreads the chunks of a sequence's attention over the threads when it has several
-// chunks and at most this many rows (a decode step or a speculative verification; prefill chunks
-// keep the split by heads).
+// A decode step spreads the chunks of a sequence's attention over the threads when it has at least
+// two chunks per thread and at most this many rows (a decode step or a speculative verification;
+// prefill chunks keep the split by heads).
 #define LONG_ROWS 16
 
 // Rows of a decode step whose latent queries and outputs have room in the forward state (above it,
