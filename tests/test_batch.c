@@ -138,6 +138,44 @@ TEST(test_verify_rows_equal_single_steps) {
     model_free(&m);
 }
 
+// A prompt prefilled in pieces beside other sequences (the engine's absorbed prefill): the rows
+// are the bits of single decode steps, and only the rows past skip_logits get logits, packed.
+TEST(test_prompt_pieces_equal_single_steps) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, "tests/data/v3", 0, &err) == 0, "%s", err.msg);
+    int V = m.cfg.vocab_size, all[10] = {3, 1, 4, 1, 5, 9, 26, 5, 35, 8};
+    KVCache r, x, y;
+    CHECK(kvcache_init(&r, &m.cfg, 0, 16, &err) == 0 && kvcache_init(&x, &m.cfg, 0, 16, &err) == 0 &&
+          kvcache_init(&y, &m.cfg, 0, 16, &err) == 0);
+    ForwardState *s = forward_state_new(&m, 16, 16, &err);
+    float *ref = malloc(sizeof(float) * 10 * V), *got = malloc(sizeof(float) * 10 * V);
+    CHECK(s && ref && got);
+    for (int t = 0; t < 10; t++) {
+        DecodeSeq q = {.kv = &r, .tokens = all + t, .T = 1};
+        CHECK(model_decode(&m, s, &q, 1, ref + (size_t)t * V, NULL, &err) == 0);
+    }
+    // x takes 4 rows without logits beside y's 6-row prompt, which wants its last row's
+    DecodeSeq b1[2] = {{.kv = &x, .tokens = all, .T = 4, .skip_logits = 4}, {.kv = &y, .tokens = all, .T = 6, .skip_logits = 5}};
+    CHECK_MSG(model_decode(&m, s, b1, 2, got, NULL, &err) == 0, "%s", err.msg);
+    CHECK_MSG(memcmp(got, ref + (size_t)5 * V, sizeof(float) * V) == 0, "a piece's last row differs from a single step");
+    // then x's other 6 rows, the last 4 with logits, beside one step of y
+    DecodeSeq b2[2] = {{.kv = &y, .tokens = all + 6, .T = 1}, {.kv = &x, .tokens = all + 4, .T = 6, .skip_logits = 2}};
+    CHECK_MSG(model_decode(&m, s, b2, 2, got, NULL, &err) == 0, "%s", err.msg);
+    CHECK(x.len == 10 && y.len == 7);
+    CHECK_MSG(memcmp(got, ref + (size_t)6 * V, sizeof(float) * V) == 0, "y's step differs");
+    CHECK_MSG(memcmp(got + V, ref + (size_t)6 * V, sizeof(float) * 4 * V) == 0, "x's rows differ from single steps");
+    DecodeSeq bad = {.kv = &y, .tokens = all, .T = 2, .skip_logits = 3};
+    CHECK(model_decode(&m, s, &bad, 1, got, NULL, &err) == -1 && strstr(err.msg, "skips"));
+    forward_state_free(s);
+    kvcache_free(&r);
+    kvcache_free(&x);
+    kvcache_free(&y);
+    free(ref);
+    free(got);
+    model_free(&m);
+}
+
 typedef struct {
     int tok[8][64], n[8];
     FinishReason why[8];

@@ -108,7 +108,9 @@ TEST(test_engine_cancel_frees_the_slot_and_stops_at_stop_ids) {
     CHECK(engine_add(e, p, 3, &sp, collect, &g, &err) == 0);
     CHECK(engine_add(e, p, 3, &sp, collect, &g, &err) == 1);
     CHECK(engine_add(e, p, 3, &sp, collect, &g, &err) == 2);
-    CHECK(engine_step(e, &err) == 3);  // sequence 0 prefilled and one step decoded, 1 and 2 wait
+    CHECK(engine_step(e, &err) == 3);  // sequence 0 prefilled (its first token), 1 and 2 wait
+    CHECK(g.n[0] == 1);
+    CHECK(engine_step(e, &err) == 3);  // and one token decoded
     CHECK(engine_cancel(e, 0) == 0 && g.why[0] == FINISH_CANCELLED && g.n[0] == 2);
     CHECK(engine_cancel(e, 1) == 0 && g.why[1] == FINISH_CANCELLED && g.n[1] == 0);  // cancelled while waiting
     CHECK(engine_cancel(e, 1) == -1);                                                // not live any more

@@ -141,7 +141,9 @@ static void collect_long(void *owner, int seq, const EngineToken *t) {
 }
 
 static int run_long(const Model *m, int K, int with_short, int kv_bf16, LongOut *o, Error *err) {
-    enum { P = 4300 };  // five chunks of cache: spread over up to two threads (two chunks each)
+    // five chunks of cache: spread over up to two threads (two chunks each); the prompt is 16 plain
+    // chunks and a tail of 104 positions absorbed in the batched forward (beside the short ones)
+    enum { P = 4200 };
     EngineOptions eo = {.parallel = 3, .ctx = P + 32, .prefill_chunk = 256, .speculative = K,
                         .kv_dtype = kv_bf16 ? DT_BF16 : DT_F32};
     Engine *e = engine_new(m, &eo, err);

@@ -49,6 +49,7 @@ typedef struct Seq {
     int draft[ENGINE_MAX_SPECULATIVE];
     int n_draft;
     int row0;             // this step's first row in the batch
+    int piece;            // prompt positions this step's batch runs (absorbed prefill), or 0
     // the prefix cache: the sequence's tokens by position, and its blocks already indexed
     int *hist;            // (cap_hist) prompt, then every emitted token
     int n_hist, cap_hist;
@@ -63,11 +64,12 @@ struct Engine {
     KVPool pool;
     PrefixCache pc;        // when o.prefix_cache
     ForwardState *fs;
-    int max_rows;          // rows of a decode step: parallel · (K + 1)
-    float *logits;         // (max_rows, vocab)
-    float *hidden;         // (max(max_rows, prefill_chunk), d) main model hidden states
-    float *mtp_hidden;     // (max_rows, d) the module's output states
-    float *mtp_logits;     // (max_rows, vocab)
+    int max_rows;          // decoding rows of a step: parallel · (K + 1)
+    int step_rows;         // rows of a step's batched forward: decoding rows, then prompt pieces
+    float *logits;         // (max_rows + parallel, vocab) the rows that want them
+    float *hidden;         // (max(step_rows, prefill_chunk), d) main model hidden states
+    float *mtp_hidden;     // (step_rows, d) the module's input or output states
+    float *mtp_logits;     // (parallel, vocab) each drafting sequence's last row
     Seq *seqs;             // (n_seqs) every sequence ever added, by id
     int n_seqs, cap_seqs;
     int next_waiting;      // sequences below this id have been admitted (or cancelled)
@@ -129,20 +131,22 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
         return NULL;
     }
     e->max_rows = o->parallel * (K + 1);
-    int V = c->vocab_size, d = c->hidden_size, hrows = e->max_rows > e->o.prefill_chunk ? e->max_rows : e->o.prefill_chunk;
+    long step_rows = (long)e->max_rows + e->o.prefill_chunk;
+    e->step_rows = step_rows < DECODE_MAX_ROWS ? (int)step_rows : DECODE_MAX_ROWS;
+    int V = c->vocab_size, d = c->hidden_size, hrows = e->step_rows > e->o.prefill_chunk ? e->step_rows : e->o.prefill_chunk;
     if (kvpool_init(&e->pool, c, K > 0 ? 1 : 0, (int)n_blocks, ENGINE_BLOCK_SIZE, o->kv_dtype, err)) {
         free(e);
         return NULL;
     }
-    e->logits = xmalloc(err, sizeof(float) * e->max_rows * V, "logits");
+    e->logits = xmalloc(err, sizeof(float) * (e->max_rows + o->parallel) * V, "logits");
     e->hidden = xmalloc(err, sizeof(float) * (size_t)hrows * d, "hidden states");
     e->run = xmalloc(err, sizeof(int) * o->parallel, "engine");
     e->batch = xmalloc(err, sizeof(DecodeSeq) * o->parallel, "engine");
     e->batch_tok = xmalloc(err, sizeof(int) * e->max_rows, "engine");
     if (!e->logits || !e->hidden || !e->run || !e->batch || !e->batch_tok) goto fail;
     if (K > 0) {
-        e->mtp_hidden = xmalloc(err, sizeof(float) * e->max_rows * d, "MTP hidden states");
-        e->mtp_logits = xmalloc(err, sizeof(float) * e->max_rows * V, "MTP logits");
+        e->mtp_hidden = xmalloc(err, sizeof(float) * e->step_rows * d, "MTP hidden states");
+        e->mtp_logits = xmalloc(err, sizeof(float) * o->parallel * V, "MTP logits");
         if (!e->mtp_hidden || !e->mtp_logits) goto fail;
     }
     e->fs = forward_state_new(m, hrows, o->ctx, err);
@@ -385,50 +389,67 @@ static void fail_seq(Engine *e, Seq *s) {
     finish(e, s, &t, FINISH_ERROR);
 }
 
-// Prefill: each sequence still reading its prompt runs its next chunk (chunks start at multiples
-// of prefill_chunk, so a prompt's passes never depend on the company), at most prefill_chunk
-// positions in all this step except that the first chunk always runs. With speculative decoding
-// the MTP module's cache takes the chunk's rows (h_t, x_{t+1}) whose next token is in the prompt.
-static int prefill(Engine *e, Error *err) {
-    const ModelConfig *c = &e->m->cfg;
-    int budget = e->o.prefill_chunk, used = 0, d = c->hidden_size, ids[DECODE_MAX_SEQS], n_ids = e->n_run;
+// A prompt chunk of at most this many positions runs with absorbed attention inside the step's
+// batched forward, beside the decoding sequences, whose weights it shares; a longer one runs alone
+// with plain attention. One sequence on v3-108m (Zen 4, bf16 and f32 compute): absorbed costs
+// 0.55–1.0× plain up to 128 rows, 1.1–1.3× at 192–256 (the scores of the 576-wide latent grow
+// with rows × positions, plain attention expands the cache once per chunk).
+#define ABSORBED_PREFILL_ROWS 128
+
+// The next chunk of s's prompt: prefill_chunk positions from where it stands, or what is left.
+// Plain chunks run whole, so they start at fixed offsets; once a chunk is short enough to be
+// absorbed, so is all that follows it, and absorbed rows are the bits of single decode steps
+// however they are split (decode.c). A prompt's bits never depend on the company.
+static int next_chunk(const Engine *e, const Seq *s) {
+    int n = s->n_prompt - s->prefilled;
+    return n < e->o.prefill_chunk ? n : e->o.prefill_chunk;
+}
+
+// s's prompt is all in the cache: its first token, chosen at logits; with speculative decoding
+// the module's pending row is (h of the last prompt position, that token).
+static void prompt_done(Engine *e, Seq *s, const float *logits, const float *last_hidden) {
+    int next = sampler_sample(&s->sampler, logits);
+    if (e->K > 0) {
+        s->pend_tok[0] = next;
+        memcpy(s->pend_h, last_hidden, sizeof(float) * e->m->cfg.hidden_size);
+        s->n_pend = 1;
+    }
+    emit(e, s, next, logits);
+}
+
+// Plain prefill: each sequence whose next chunk is too long to be absorbed runs it alone, at most
+// prefill_chunk positions in all this step (*used counts them) except that the first chunk always
+// runs. With speculative decoding the MTP module's cache takes the chunk's rows (h_t, x_{t+1})
+// whose next token is in the prompt.
+static int prefill_plain(Engine *e, int *used, Error *err) {
+    int d = e->m->cfg.hidden_size, ids[DECODE_MAX_SEQS], n_ids = e->n_run;
     memcpy(ids, e->run, sizeof(int) * n_ids);  // sequences may end (and leave e->run) on the way
     for (int j = 0; j < n_ids; j++) {
         Seq *s = &e->seqs[ids[j]];
         if (s->state != SEQ_RUNNING || s->prefilled >= s->n_prompt) continue;
-        int n = s->n_prompt - s->prefilled;
-        if (n > e->o.prefill_chunk) n = e->o.prefill_chunk;
-        if (used > 0 && used + n > budget) break;
+        int n = next_chunk(e, s);
+        if (n <= ABSORBED_PREFILL_ROWS) continue;
+        if (*used > 0 && *used + n > e->o.prefill_chunk) break;
         if (kvcache_reserve(&s->kv, s->prefilled + n, err)) {
             fail_seq(e, s);
             continue;
         }
         double t0 = now_s();
         int last_chunk = s->prefilled + n == s->n_prompt;
-        float *last_logits = e->logits;
         if (model_forward(e->m, e->fs, &s->kv, s->prompt + s->prefilled, n, ATTN_PLAIN, NULL,
-                          last_chunk ? last_logits : NULL, e->K > 0 ? e->hidden : NULL, err))
+                          last_chunk ? e->logits : NULL, e->K > 0 ? e->hidden : NULL, err))
             return -1;
-        if (e->K > 0) {
-            int rows = last_chunk ? n - 1 : n;  // the last prompt position's next token is not known yet
-            if (rows > 0 && model_mtp_forward(e->m, e->fs, &s->kv, 0, s->prompt + s->prefilled + 1, e->hidden, rows,
-                                              ATTN_PLAIN, NULL, NULL, err))
-                return -1;
-            if (last_chunk) memcpy(s->pend_h, e->hidden + (size_t)(n - 1) * d, sizeof(float) * d);
-        }
+        int rows = last_chunk ? n - 1 : n;  // the last prompt position's next token is not known yet
+        if (e->K > 0 && rows > 0 &&
+            model_mtp_forward(e->m, e->fs, &s->kv, 0, s->prompt + s->prefilled + 1, e->hidden, rows, ATTN_PLAIN, NULL,
+                              NULL, err))
+            return -1;
         s->prefilled += n;
-        used += n;
+        *used += n;
         publish(e, s);
         e->stats.prefill_s += now_s() - t0;
         e->stats.prompt_tokens += n;
-        if (last_chunk) {
-            int next = sampler_sample(&s->sampler, last_logits);
-            if (e->K > 0) {
-                s->pend_tok[0] = next;
-                s->n_pend = 1;
-            }
-            emit(e, s, next, last_logits);
-        }
+        if (last_chunk) prompt_done(e, s, e->logits, e->hidden + (size_t)(n - 1) * d);
     }
     return 0;
 }
@@ -441,15 +462,15 @@ static int draft(Engine *e, Seq **ds, int n, Error *err) {
     float *h_in = e->hidden;  // the pending rows' hidden states, gathered
     for (int i = 0; i < n; i++) {
         Seq *s = ds[i];
-        e->batch[i] = (DecodeSeq){.kv = &s->kv, .tokens = s->pend_tok, .T = s->n_pend};
+        e->batch[i] = (DecodeSeq){.kv = &s->kv, .tokens = s->pend_tok, .T = s->n_pend, .skip_logits = s->n_pend - 1};
         memcpy(h_in + (size_t)rows * d, s->pend_h, sizeof(float) * s->n_pend * d);
         rows += s->n_pend;
     }
     if (model_mtp_decode(e->m, e->fs, 0, e->batch, n, h_in, e->mtp_logits, e->mtp_hidden, err)) return -1;
-    // each sequence's last row drafts d_1; its state feeds the chained drafts
+    // each sequence's last row drafts d_1 (its logits are row i); its state feeds the chained drafts
     for (int i = 0, r = 0; i < n; i++) {
         r += ds[i]->n_pend;
-        ds[i]->draft[0] = argmax_f32(e->mtp_logits + (size_t)(r - 1) * V, V);
+        ds[i]->draft[0] = argmax_f32(e->mtp_logits + (size_t)i * V, V);
         memmove(e->mtp_hidden + (size_t)i * d, e->mtp_hidden + (size_t)(r - 1) * d, sizeof(float) * d);
         ds[i]->n_pend = 0;
     }
@@ -489,11 +510,14 @@ static int judge(Seq *s, const float *logits, int V, int dr, int *accepted) {
     return sampler_draw(&s->sampler, n, dr);
 }
 
-// One batched forward over every decoding sequence: [last, drafts...] each.
-static int decode(Engine *e, Error *err) {
+// The step's batched forward (model_decode): every decoding sequence's rows [last, drafts...],
+// then pieces of the prompts whose next chunk is absorbed, as far as the step's prefill budget
+// (prefill_chunk positions, `used` of them taken by plain chunks) and rows allow. The module's
+// cache takes the pieces' rows after it, in one batched pass of its own.
+static int step_forward(Engine *e, int used, Error *err) {
     const ModelConfig *c = &e->m->cfg;
-    int V = c->vocab_size, d = c->hidden_size, n = 0, ids[DECODE_MAX_SEQS], n_ids = e->n_run;
-    Seq *ds[DECODE_MAX_SEQS];
+    int V = c->vocab_size, d = c->hidden_size, n = 0, np = 0, rows = 0, ids[DECODE_MAX_SEQS], n_ids = e->n_run;
+    Seq *ds[DECODE_MAX_SEQS], *ps[DECODE_MAX_SEQS];
     memcpy(ids, e->run, sizeof(int) * n_ids);
     for (int j = 0; j < n_ids; j++) {
         Seq *s = &e->seqs[ids[j]];
@@ -508,14 +532,33 @@ static int decode(Engine *e, Error *err) {
         int have = s->kv.n_blocks * ENGINE_BLOCK_SIZE - s->kv.len - 1;
         s->n_draft = e->K < room ? e->K : room;
         s->n_draft = s->n_draft < have ? s->n_draft : have;
+        rows += 1 + s->n_draft;
         ds[n++] = s;
     }
-    if (n == 0) return 0;
+    int drows = rows;
+    for (int j = 0; j < n_ids; j++) {
+        Seq *s = &e->seqs[ids[j]];
+        if (s->state != SEQ_RUNNING || s->prefilled >= s->n_prompt) continue;
+        int take = next_chunk(e, s), left = e->o.prefill_chunk - used;
+        if (take > ABSORBED_PREFILL_ROWS) continue;  // a plain chunk, next step
+        take = take < left ? take : left;
+        take = take < e->step_rows - rows ? take : e->step_rows - rows;
+        if (take <= 0) break;
+        if (kvcache_reserve(&s->kv, s->prefilled + take, err)) {
+            fail_seq(e, s);
+            continue;
+        }
+        s->piece = take;
+        used += take;
+        rows += take;
+        ps[np++] = s;
+    }
+    if (n + np == 0) return 0;
     double t0 = now_s();
     Seq *order[DECODE_MAX_SEQS];
     memcpy(order, ds, sizeof(Seq *) * n);
-    if (e->K > 0 && draft(e, ds, n, err)) return -1;
-    int rows = 0;
+    if (e->K > 0 && n > 0 && draft(e, ds, n, err)) return -1;
+    rows = 0;
     for (int i = 0; i < n; i++) {
         Seq *s = order[i];
         int nd = s->n_draft;
@@ -525,16 +568,43 @@ static int decode(Engine *e, Error *err) {
         e->batch[i] = (DecodeSeq){.kv = &s->kv, .tokens = e->batch_tok + rows, .T = 1 + nd};
         rows += 1 + nd;
     }
-    if (model_decode(e->m, e->fs, e->batch, n, e->logits, e->K > 0 ? e->hidden : NULL, err)) return -1;
-    e->stats.decode_s += now_s() - t0;
+    for (int i = 0; i < np; i++) {  // a piece wants the logits of its last row when it ends the prompt
+        Seq *s = ps[i];
+        int ends = s->prefilled + s->piece == s->n_prompt;
+        s->row0 = rows;
+        e->batch[n + i] = (DecodeSeq){.kv = &s->kv, .tokens = s->prompt + s->prefilled, .T = s->piece,
+                                      .skip_logits = s->piece - ends};
+        rows += s->piece;
+    }
+    if (model_decode(e->m, e->fs, e->batch, n + np, e->logits, e->K > 0 ? e->hidden : NULL, err)) return -1;
+    if (e->K > 0 && np > 0) {
+        // the module's rows (h_t, x_{t+1}) of the pieces whose next token is in the prompt
+        int m = 0, mrows = 0;
+        for (int i = 0; i < np; i++) {
+            Seq *s = ps[i];
+            int r = s->prefilled + s->piece == s->n_prompt ? s->piece - 1 : s->piece;
+            if (r == 0) continue;
+            e->batch[m++] = (DecodeSeq){.kv = &s->kv, .tokens = s->prompt + s->prefilled + 1, .T = r};
+            memcpy(e->mtp_hidden + (size_t)mrows * d, e->hidden + (size_t)s->row0 * d, sizeof(float) * r * d);
+            mrows += r;
+        }
+        if (m > 0 && model_mtp_decode(e->m, e->fs, 0, e->batch, m, e->mtp_hidden, NULL, NULL, err)) return -1;
+    }
+    // the forward's time, shared between decoding and prefill by rows
+    double dt = now_s() - t0;
+    e->stats.decode_s += dt * drows / rows;
+    e->stats.prefill_s += dt * (rows - drows) / rows;
+    int lrow = 0;  // the next row of logits
     for (int i = 0; i < n; i++) {
         Seq *s = order[i];
-        if (s->state != SEQ_RUNNING) continue;  // cancelled by an owner's callback this step
-        int n0 = s->kv.len - 1 - s->n_draft;  // the position of `last`
         int nd = s->n_draft, a = 0, done = 0;
+        const float *lg0 = e->logits + (size_t)lrow * V;
+        lrow += 1 + nd;
+        if (s->state != SEQ_RUNNING) continue;  // cancelled by an owner's callback this step
+        int n0 = s->kv.len - 1 - nd;  // the position of `last`
         if (e->K > 0) s->kv.mtp_len[0] = n0;  // the chained rows go; the verify rows become pending
         for (int j = 0; j <= nd && !done; j++) {
-            const float *lg = e->logits + (size_t)(s->row0 + j) * V;
+            const float *lg = lg0 + (size_t)j * V;
             int ok, y = judge(s, lg, V, j < nd ? s->draft[j] : -1, &ok);
             if (e->K > 0) {
                 s->pend_tok[j] = y;
@@ -551,10 +621,23 @@ static int decode(Engine *e, Error *err) {
         e->stats.accepted_tokens += a < nd ? a : nd;
         if (s->state == SEQ_RUNNING) publish(e, s);
     }
+    for (int i = 0; i < np; i++) {
+        Seq *s = ps[i];
+        int piece = s->piece, ends = s->prefilled + piece == s->n_prompt;
+        const float *lg = e->logits + (size_t)lrow * V;
+        lrow += ends;
+        s->piece = 0;
+        e->stats.prompt_tokens += piece;
+        if (s->state != SEQ_RUNNING) continue;  // cancelled by an owner's callback this step
+        s->prefilled += piece;
+        publish(e, s);
+        if (ends) prompt_done(e, s, lg, e->hidden + (size_t)(s->row0 + piece - 1) * d);
+    }
     return 0;
 }
 
 int engine_step(Engine *e, Error *err) {
-    if (admit(e, err) || prefill(e, err) || decode(e, err) || admit(e, err)) return -1;
+    int used = 0;  // prompt positions this step
+    if (admit(e, err) || prefill_plain(e, &used, err) || step_forward(e, used, err) || admit(e, err)) return -1;
     return refresh_stats(e);
 }

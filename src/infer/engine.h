@@ -5,10 +5,12 @@
 //
 // Up to `parallel` sequences run at once; more wait, oldest first. A running sequence takes cache
 // blocks as it grows and gives them back when it ends; running out of blocks ends that sequence
-// (FINISH_ERROR), never the others. One step: prompts being prefilled advance by one chunk each
-// (at most prefill_chunk positions in all, chunk boundaries fixed per sequence), then ONE batched
-// forward (model_decode) advances every decoding sequence — by one token, or with speculative
-// decoding by K drafts of the MTP module verified at once, plus the model's own next token.
+// (FINISH_ERROR), never the others. One step: a prompt whose next chunk is long runs it alone with
+// plain attention (model_forward); then ONE batched forward (model_decode) advances every decoding
+// sequence — by one token, or with speculative decoding by K drafts of the MTP module verified at
+// once, plus the model's own next token — and takes pieces of the prompts whose next chunk is
+// short (≤ 128 positions, absorbed attention), so short prompts share the step's weight reads with
+// the decoding rows and each other. At most prefill_chunk prompt positions per step.
 //
 // Batch invariance: a sequence's logits are the same bits whatever else runs (decode.c), so its
 // tokens never depend on the load; greedy speculative decoding emits exactly what plain decoding
@@ -71,7 +73,7 @@ typedef struct EngineOptions {
     int parallel;       // sequences decoded at once
     int ctx;            // positions per sequence at most: prompt + generated tokens
     int cache_tokens;   // positions the cache pool holds in all (0: parallel · ctx)
-    int prefill_chunk;  // positions a prefill forward pass takes at most
+    int prefill_chunk;  // prompt positions a step takes at most (a plain chunk is this long)
     DType kv_dtype;     // the cache's element type: DT_F32 (0, the default) or DT_BF16
     int speculative;    // MTP draft tokens per step (0: off; needs a model with MTP layers)
     int prefix_cache;   // keep filled blocks of finished and running sequences for later prompts

@@ -404,13 +404,23 @@ static void decode_ffn(const Model *m, ForwardState *s, const LayerWeights *lw, 
 #pragma omp barrier
 }
 
-// logits (N, vocab) = head · norm(x); hidden (N, d) = norm(x) when asked.
-static void decode_head(const Model *m, ForwardState *s, const float *norm, const MatView *head, int N,
+// logits = head · norm(x) for the rows that want them (each sequence's last T − skip_logits),
+// packed in row order; hidden (N, d) = norm(x) when asked.
+static void decode_head(const Model *m, ForwardState *s, const Batch *bt, const float *norm, const MatView *head,
                         float *logits, float *hidden, Own *ts) {
     const ModelConfig *c = &m->cfg;
-    rmsnorm_forward(ts->xn, NULL, s->x, norm, N, c->hidden_size, c->rms_norm_eps);
-    if (hidden && omp_get_thread_num() == 0) memcpy(hidden, ts->xn, sizeof(float) * N * c->hidden_size);
-    if (logits) ts->failed |= gemv_share(logits, ts->xn, head, N);
+    size_t d = c->hidden_size;
+    rmsnorm_forward(ts->xn, NULL, s->x, norm, bt->N, c->hidden_size, c->rms_norm_eps);
+    if (hidden && omp_get_thread_num() == 0) memcpy(hidden, ts->xn, sizeof(float) * bt->N * d);
+    if (!logits) return;
+    int rows = 0;  // the wanted rows moved to the front of this thread's own copy (never upwards)
+    for (int i = 0; i < bt->n_seqs; i++) {
+        int skip = bt->seqs[i].skip_logits, n = bt->seqs[i].T - skip;
+        if (n > 0 && rows != bt->row0[i] + skip)
+            memmove(ts->xn + rows * d, ts->xn + (size_t)(bt->row0[i] + skip) * d, sizeof(float) * n * d);
+        rows += n;
+    }
+    if (rows > 0) ts->failed |= gemv_share(logits, ts->xn, head, rows);
 }
 
 // Checks the batch, lays out its rows and the RoPE angles of their positions (pos0 of each
@@ -427,6 +437,8 @@ static int batch_begin(const Model *m, ForwardState *s, const DecodeSeq *seqs, i
         const DecodeSeq *q = &seqs[i];
         int pos0 = mtp < 0 ? q->kv->len : q->kv->mtp_len[mtp];
         if (q->T < 1) return err_set(err, "decode: sequence %d has %d new tokens", i, q->T);
+        if (q->skip_logits < 0 || q->skip_logits > q->T)
+            return err_set(err, "decode: sequence %d skips the logits of %d of its %d rows", i, q->skip_logits, q->T);
         if (pos0 + q->T > s->capacity)
             return err_set(err, "decode: positions up to %d exceed the forward state's %d", pos0 + q->T, s->capacity);
         for (int t = 0; t < q->T; t++)
@@ -468,7 +480,7 @@ int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_s
             decode_mla(m, s, &bt, l, &m->w.layers[l], &ts);
             decode_ffn(m, s, &m->w.layers[l], bt.N, &ts);
         }
-        decode_head(m, s, m->w.norm, &m->w.lm_head, bt.N, logits, hidden, &ts);
+        decode_head(m, s, &bt, m->w.norm, &m->w.lm_head, logits, hidden, &ts);
         failed |= ts.failed != 0;
     }
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->len += seqs[i].T;
@@ -500,7 +512,7 @@ int model_mtp_decode(const Model *m, ForwardState *s, int k, const DecodeSeq *se
 #pragma omp barrier
         decode_mla(m, s, &bt, c->num_hidden_layers + k, &w->layer, &ts);
         decode_ffn(m, s, &w->layer, N, &ts);
-        decode_head(m, s, w->shared_head_norm, &w->shared_head_head, N, logits, hidden_out, &ts);
+        decode_head(m, s, &bt, w->shared_head_norm, &w->shared_head_head, logits, hidden_out, &ts);
         failed |= ts.failed != 0;
     }
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->mtp_len[k] += seqs[i].T;

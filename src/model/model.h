@@ -127,17 +127,20 @@ int model_forward(const Model *m, ForwardState *s, KVCache *kv, const int *token
                   float *logits, float *last_logits, float *hidden, Error *err);
 
 // Batched decoding: one forward with absorbed attention over the new tokens of several sequences —
-// one each in a decode step, K + 1 in a speculative verification — each at its own positions
-// (kv->len .., or kv->mtp_len[k] ..) in its own cache, appending to it. Every weight matrix is
-// read once for the whole batch, and a row's bits do not depend on the other rows or the thread
-// count (batch invariance, decode.c). Rows are in sequence order, N = Σ T ≤ the state's max_T
-// and DECODE_MAX_ROWS; logits: (N, vocab) or NULL; hidden: (N, d) the final-normed states or NULL.
+// one each in a decode step, K + 1 in a speculative verification, a piece of a prompt in the
+// engine's prefill — each at its own positions (kv->len .., or kv->mtp_len[k] ..) in its own
+// cache, appending to it. Every weight matrix is read once for the whole batch, and a row's bits
+// do not depend on the other rows, how its sequence's rows are split between calls, or the thread
+// count (batch invariance, decode.c). Rows are in sequence order, N = Σ T ≤ the state's max_T and
+// DECODE_MAX_ROWS. logits: (Σ (T − skip_logits), vocab), the rows that want them in row order, or
+// NULL; hidden: (N, d) the final-normed states or NULL.
 #define DECODE_MAX_SEQS 256
 #define DECODE_MAX_ROWS 512
 typedef struct DecodeSeq {
     KVCache *kv;
     const int *tokens;  // (T)
     int T;
+    int skip_logits;    // leading rows whose logits nobody reads (a prompt's, whose next token is known)
 } DecodeSeq;
 int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_seqs, float *logits, float *hidden,
                  Error *err);
