@@ -12,6 +12,7 @@
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "base/procmem.h"
 #include "bench_common.h"
@@ -84,7 +85,19 @@ static int time_steps(const ModelConfig *c, const char *precision, int B, int T,
     return rc ? -1 : 0;
 }
 
-int main(void) {
+// bench_train [PRECISION...]: the named precisions only (default: fp32 bf16 fp8).
+int main(int argc, char **argv) {
+    const char *prec[3] = {"fp32", "bf16", "fp8"};
+    int run[3] = {argc < 2, argc < 2, argc < 2};
+    for (int a = 1; a < argc; a++) {
+        int p = 0;
+        while (p < 3 && strcmp(argv[a], prec[p])) p++;
+        if (p == 3) {
+            fprintf(stderr, "bench_train: unknown precision '%s' (fp32, bf16 or fp8)\n", argv[a]);
+            return 2;
+        }
+        run[p] = 1;
+    }
     double peak32 = bench_sgemm_peak(2048, 5), peak16 = bench_bf16_gemm_peak(2048, 5), unit16 = bench_bf16_unit_peak();
     const char *cfg_path = "bench/configs/v3-10m-train.json";
     enum { B = 8, T = 256, WARM = 2, STEPS = 6 };
@@ -105,9 +118,9 @@ int main(void) {
            omp_get_max_threads(), kernels_isa(), per_token / 1e6);
     printf("  GEMM peaks (2048^3): fp32 sgemm %.1f GFLOP/s, bf16 gemm_lowp (%s) %.1f GFLOP/s; the BF16 dot-product "
            "unit on registers %.1f GFLOP/s\n", peak32, gemm_lowp_isa(), peak16, unit16);
-    const char *prec[3] = {"fp32", "bf16", "fp8"};
     double base = 0;
     for (int p = 0; p < 3; p++) {
+        if (!run[p]) continue;
         double t;
         size_t act, peak;
         if (time_steps(&c, prec[p], B, T, WARM, STEPS, &t, &act, &peak, &err)) {
@@ -119,9 +132,11 @@ int main(void) {
         double gf = tps * per_token / 1e9;
         char unit[64] = "";
         if (p > 0 && unit16 > 0) snprintf(unit, sizeof unit, " (%.1f%% of the unit)", 100 * gf / unit16);
-        printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s, MFU %4.1f%% of the %s GEMM peak%s, "
-               "%.2fx fp32's step; activations %.0f MB, peak resident %.0f MB\n",
-               prec[p], t, STEPS, tps, gf, 100 * gf / peak_g, p == 0 ? "fp32" : "bf16", unit, t / base, act / 1e6,
+        char rel[32] = "";
+        if (base > 0) snprintf(rel, sizeof rel, ", %.2fx fp32's step", t / base);
+        printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s, MFU %4.1f%% of the %s GEMM peak%s"
+               "%s; activations %.0f MB, peak resident %.0f MB\n",
+               prec[p], t, STEPS, tps, gf, 100 * gf / peak_g, p == 0 ? "fp32" : "bf16", unit, rel, act / 1e6,
                peak / 1e6);
     }
     return 0;
