@@ -32,6 +32,7 @@ static void collect(void *owner, int seq, const EngineToken *et) {
     int token = et->token;
     FinishReason finish = et->finish;
     Got *g = owner;
+    if (et->prompt) return;  // the prompt's own tokens (prompt_logprobs)
     if (token >= 0 && g->n[seq] < 64) g->tok[seq][g->n[seq]++] = token;
     if (finish != FINISH_NONE) g->why[seq] = finish;
 }
@@ -360,5 +361,133 @@ TEST(test_engine_logprobs_match_the_reference_distribution) {
     engine_free(e);
     free(text);
     free(ref);
+    model_free(&m);
+}
+
+// Prompt log-probabilities (SeqParams.prompt_logprobs) against the independent reference's logits
+// of tests/data/v3 (tools/ref_model.py): the prompt's tokens come first, in order, the first
+// without a log-probability; max_new 0 ends after them. The prompt runs in pieces of 5 positions
+// beside another sequence.
+typedef struct {
+    int n_prompt, n_gen, tok[64];
+    float lp[64];
+    int top0[64];
+    FinishReason why;
+    int token_at_end;
+} PromptLp;
+
+static void collect_prompt(void *owner, int seq, const EngineToken *et) {
+    PromptLp *o = (PromptLp *)owner + seq;
+    if (et->prompt && o->n_prompt < 64) {
+        o->lp[o->n_prompt] = et->logprob;
+        o->top0[o->n_prompt] = et->n_top > 0 ? et->top_ids[0] : -1;
+        o->tok[o->n_prompt++] = et->token;
+    } else if (et->token >= 0) {
+        o->n_gen++;
+    }
+    if (et->finish != FINISH_NONE) o->why = et->finish, o->token_at_end = et->token;
+}
+
+TEST(test_engine_prompt_logprobs_match_the_reference) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, GOLDEN, 0, &err) == 0, "%s", err.msg);
+    size_t len;
+    char *text = test_read_file(GOLDEN "/tokens.txt", NULL);
+    float *ref = test_read_file(GOLDEN "/logits.f32", &len);
+    CHECK(text && ref);
+    int tok[64], T = 0, V = m.cfg.vocab_size;
+    for (char *p = text; *p && T < 64;) {
+        tok[T++] = (int)strtol(p, &p, 10);
+        while (*p == ',' || *p == '\n') p++;
+    }
+    CHECK(len == sizeof(float) * (size_t)T * V);
+    EngineOptions o = {.parallel = 2, .ctx = T + 4, .prefill_chunk = 5, .prefix_cache = 1};
+    Engine *e = engine_new(&m, &o, &err);
+    CHECK_MSG(e, "%s", err.msg);
+    static PromptLp got[2];
+    memset(got, 0, sizeof got);
+    SeqParams sp = seq_params_default();
+    sp.max_new = 0;
+    sp.logprobs = 1;
+    sp.top_logprobs = 2;
+    sp.prompt_logprobs = 1;
+    SeqParams other = seq_params_default();
+    other.max_new = 3;
+    CHECK(engine_add(e, tok, T, &sp, collect_prompt, got, &err) == 0);
+    CHECK(engine_add(e, tok + 3, 9, &other, collect_prompt, got, &err) == 1);
+    CHECK_MSG(run_all(e, &err) == 0, "%s", err.msg);
+    CHECK_MSG(got[0].n_prompt == T && got[0].n_gen == 0 && got[0].why == FINISH_LENGTH && got[0].token_at_end == -1,
+              "%d prompt tokens of %d, %d generated, finish %d", got[0].n_prompt, T, got[0].n_gen, (int)got[0].why);
+    CHECK(got[1].n_prompt == 0 && got[1].n_gen == 3);
+    CHECK(isnan(got[0].lp[0]) && got[0].tok[0] == tok[0]);
+    double worst = 0;
+    for (int t = 1; t < T; t++) {
+        const float *row = ref + (size_t)(t - 1) * V;
+        double mx = row[0], sum = 0;
+        int best = 0;
+        for (int i = 1; i < V; i++)
+            if (row[i] > mx) mx = row[i], best = i;
+        for (int i = 0; i < V; i++) sum += exp(row[i] - mx);
+        double want = row[tok[t]] - mx - log(sum), d = fabs(got[0].lp[t] - want);
+        worst = d > worst ? d : worst;
+        CHECK_MSG(got[0].tok[t] == tok[t] && d < 1e-4, "position %d: token %d logprob %g, reference %g", t, got[0].tok[t],
+                  got[0].lp[t], want);
+        CHECK_MSG(got[0].top0[t] == best, "position %d: most likely %d, reference %d", t, got[0].top0[t], best);
+    }
+    printf("    %d prompt positions, max |logprob - reference| %.2g\n", T - 1, worst);
+    // a prompt's log-probabilities do not change its answer: the same tokens as without them
+    static const int p[] = {5, 17, 3, 9, 44, 2, 8};
+    SeqParams plain = seq_params_default(), with = plain;
+    plain.max_new = with.max_new = 6;
+    plain.stop_at_eos = with.stop_at_eos = 0;
+    with.prompt_logprobs = with.logprobs = 1;
+    int a[64], b[64];
+    CHECK(run_alone(&m, p, 7, &plain, a, &err) == 6 && run_alone(&m, p, 7, &with, b, &err) == 6);
+    CHECK(memcmp(a, b, sizeof(int) * 6) == 0);
+    engine_free(e);
+    free(text);
+    free(ref);
+    model_free(&m);
+}
+
+// logit_bias: −100 on the greedy answer's first token changes it, +100 on an id makes every token
+// that id, and greedy speculative decoding still equals plain decoding under a bias.
+TEST(test_engine_logit_bias) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, GOLDEN, 1, &err) == 0, "%s", err.msg);
+    static const int p[] = {5, 17, 3, 9, 44, 2, 8};
+    SeqParams sp = seq_params_default();
+    sp.max_new = 8;
+    sp.stop_at_eos = 0;
+    int ref[64], got[64];
+    CHECK(run_alone(&m, p, 7, &sp, ref, &err) == 8);
+    SeqParams ban = sp, force = sp, mild = sp;
+    float minus = -100, plus = 100, some = 3;
+    ban.bias_ids = &ref[0], ban.bias_values = &minus, ban.n_bias = 1;
+    CHECK(run_alone(&m, p, 7, &ban, got, &err) == 8 && got[0] != ref[0]);
+    for (int i = 0; i < 8; i++) CHECK(got[i] != ref[0]);
+    int x = 11;
+    force.bias_ids = &x, force.bias_values = &plus, force.n_bias = 1;
+    CHECK(run_alone(&m, p, 7, &force, got, &err) == 8);
+    for (int i = 0; i < 8; i++) CHECK_MSG(got[i] == x, "token %d is %d, not the forced %d", i, got[i], x);
+    mild.bias_ids = &ref[2], mild.bias_values = &some, mild.n_bias = 1;
+    int plain[64];
+    CHECK(run_alone(&m, p, 7, &mild, plain, &err) == 8);
+    EngineOptions o = {.parallel = 1, .ctx = 7 + 8, .prefill_chunk = 64, .speculative = 2};
+    Engine *e = engine_new(&m, &o, &err);
+    Got g = {0};
+    CHECK_MSG(e && engine_add(e, p, 7, &mild, collect, &g, &err) == 0 && run_all(e, &err) == 0, "%s", err.msg);
+    CHECK(g.n[0] == 8 && memcmp(g.tok[0], plain, sizeof(int) * 8) == 0);
+    // bad biases name what is wrong
+    int bad_id = m.cfg.vocab_size;
+    float nan_v = NAN;
+    SeqParams bad = sp;
+    bad.bias_ids = &bad_id, bad.bias_values = &plus, bad.n_bias = 1;
+    CHECK(engine_add(e, p, 7, &bad, collect, &g, &err) == -1 && strstr(err.msg, "logit bias"));
+    bad.bias_ids = &x, bad.bias_values = &nan_v;
+    CHECK(engine_add(e, p, 7, &bad, collect, &g, &err) == -1 && strstr(err.msg, "finite"));
+    engine_free(e);
     model_free(&m);
 }

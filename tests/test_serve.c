@@ -11,6 +11,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -124,12 +125,26 @@ TEST(test_request_parse_fields) {
     serve_request_free(&r);
     CHECK(ok);
     CHECK(parse(API_COMPLETION, "{\"prompt\": [5, 6, 7], \"logprobs\": 3, \"stop\": \"s\", \"seed\": null}", &r, &e) == 0);
-    ok = r.n_prompt_ids == 3 && r.prompt_ids[2] == 7 && !r.prompt && r.logprobs && r.top_logprobs == 3 && r.n_stop == 1 &&
-         !r.has_seed && r.max_tokens == -1 && r.temperature == 1.0f && r.n == 1;
+    ok = r.n_prompts == 1 && r.prompts[0].n_ids == 3 && r.prompts[0].ids[2] == 7 && !r.prompts[0].text && r.logprobs &&
+         r.top_logprobs == 3 && r.n_stop == 1 && !r.has_seed && r.max_tokens == -1 && r.temperature == 1.0f && r.n == 1 &&
+         !r.echo && r.n_bias == 0;
     serve_request_free(&r);
     CHECK(ok);
     CHECK(parse(API_COMPLETION, "{\"prompt\": [\"text\"]}", &r, &e) == 0);
-    ok = r.prompt && !strcmp(r.prompt, "text");
+    ok = r.n_prompts == 1 && r.prompts[0].text && !strcmp(r.prompts[0].text, "text");
+    serve_request_free(&r);
+    CHECK(ok);
+    // several prompts, echo with max_tokens 0, a logit bias
+    CHECK_MSG(parse(API_COMPLETION, "{\"prompt\": [\"a\", [3, 4], \"b\"], \"echo\": true, \"max_tokens\": 0,"
+                                    " \"logit_bias\": {\"17\": -100, \"5\": 2.5}}", &r, &e) == 0, "%s", e.message);
+    ok = r.n_prompts == 3 && !strcmp(r.prompts[0].text, "a") && r.prompts[1].n_ids == 2 && r.prompts[1].ids[1] == 4 &&
+         !strcmp(r.prompts[2].text, "b") && r.echo && r.max_tokens == 0 && r.n_bias == 2;
+    for (int i = 0; ok && i < r.n_bias; i++)
+        ok = r.bias_ids[i] == 17 ? r.bias_values[i] == -100.0f : r.bias_ids[i] == 5 && r.bias_values[i] == 2.5f;
+    serve_request_free(&r);
+    CHECK(ok);
+    CHECK(parse(API_COMPLETION, "{\"prompt\": [[1, 2], [3]]}", &r, &e) == 0);
+    ok = r.n_prompts == 2 && r.prompts[0].n_ids == 2 && r.prompts[1].n_ids == 1 && r.prompts[1].ids[0] == 3;
     serve_request_free(&r);
     CHECK(ok);
 }
@@ -151,6 +166,20 @@ TEST(test_request_parse_refuses_bad_fields) {
         {API_COMPLETION, "{\"prompt\": 5}", "prompt"}, {API_COMPLETION, "{\"prompt\": []}", "prompt"},
         {API_COMPLETION, "{\"prompt\": [1, \"a\"]}", "prompt"}, {API_COMPLETION, "{\"prompt\": \"x\", \"logprobs\": 21}", "logprobs"},
         {API_COMPLETION, "{\"prompt\": \"x\", \"n\": 0}", "n"}, {API_COMPLETION, "{\"prompt\": \"x\", \"stream\": 1}", "stream"},
+        {API_COMPLETION, "{\"prompt\": [[1], []]}", "prompt"}, {API_COMPLETION, "{\"prompt\": [\"a\", 3]}", "prompt"},
+        {API_COMPLETION, "{\"prompt\": [[1], [\"a\"]]}", "prompt"}, {API_COMPLETION, "{\"prompt\": [[1, -2]]}", "prompt"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"max_tokens\": 0}", "max_tokens"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"echo\": 1}", "echo"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"best_of\": 3}", "best_of"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"suffix\": \"y\"}", "suffix"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": [1]}", "logit_bias"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": {\"12\": 101}}", "logit_bias"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": {\"a1\": 1}}", "logit_bias"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": {\"-1\": 1}}", "logit_bias"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": {\"\": 1}}", "logit_bias"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": {\"99999999999\": 1}}", "logit_bias"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": {\"3\": \"high\"}}", "logit_bias"},
+        {API_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"logit_bias\": {\"3\": -101}}", "logit_bias"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         ServeRequest r;
@@ -406,6 +435,35 @@ TEST(test_serve_openai_client_and_generate_agree) {
               want_chat ? want_chat : "?");
     CHECK_MSG(stop_checked, "the answer was too short to check a stop string");
     free(got1), free(got2), free(want), free(want_chat);
+    // echo's prompt log-probabilities against `dsv3 logits --decode` (the same absorbed rows, the
+    // server's compute) of the prompt's ids
+    json_t *plp = json_object_get(res, "prompt_logprobs"), *pids = json_object_get(res, "prompt_ids");
+    size_t T = json_array_size(pids);
+    CHECK(json_is_array(plp) && json_is_array(pids) && T >= 2 && json_array_size(plp) == T);
+    char ids[2048] = "", lpath[600];
+    for (size_t i = 0, w = 0; i < T && w < sizeof ids - 16; i++)
+        w += snprintf(ids + w, sizeof ids - w, i ? ",%lld" : "%lld", (long long)json_integer_value(json_array_get(pids, i)));
+    snprintf(lpath, sizeof lpath, "%s/serve/prompt_logits.f32", test_tmpdir());
+    CHECK(test_run(out, sizeof out, "%s logits --model %s --tokens %s --decode --compute auto --out %s", test_bin(),
+                   model_dir(), ids, lpath) == 0);
+    size_t len;
+    float *lg = test_read_file(lpath, &len);
+    CHECK(lg && len % (sizeof(float) * T) == 0);
+    size_t V = len / sizeof(float) / T;
+    double worst = 0;
+    for (size_t t = 1; t < T; t++) {
+        const float *row = lg + (t - 1) * V;
+        float mx = row[0];
+        for (size_t i = 1; i < V; i++) mx = row[i] > mx ? row[i] : mx;
+        double sum = 0;
+        for (size_t i = 0; i < V; i++) sum += exp((double)row[i] - mx);
+        double want_lp = (float)(row[json_integer_value(json_array_get(pids, t))] - (mx + log(sum)));
+        double d = fabs(json_number_value(json_array_get(plp, t)) - want_lp);
+        worst = d > worst ? d : worst;
+    }
+    printf("    echo: %zu prompt log-probabilities, max |difference| from dsv3 logits %.2g\n", T - 1, worst);
+    CHECK_MSG(worst < 1e-6, "the prompt's log-probabilities differ from dsv3 logits by %g", worst);
+    free(lg);
     json_decref(res);
 }
 
@@ -626,9 +684,14 @@ TEST(test_serve_bad_requests_get_4xx) {
         {"POST", CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\\u0000b\"}]}", 400, NULL},
         {"POST", COMPL, "{}", 400, "prompt"}, {"POST", COMPL, "{\"prompt\": [1, 2, 100000]}", 400, "prompt"},
         {"POST", COMPL, "{\"prompt\": [-1]}", 400, "prompt"}, {"POST", COMPL, "{\"prompt\": []}", 400, "prompt"},
-        {"POST", COMPL, "{\"prompt\": {\"a\": 1}}", 400, "prompt"}, {"POST", COMPL, "{\"prompt\": [[1], [2]]}", 400, "prompt"},
+        {"POST", COMPL, "{\"prompt\": {\"a\": 1}}", 400, "prompt"}, {"POST", COMPL, "{\"prompt\": [[1], [2, 100000]]}", 400, "prompt"},
         {"POST", COMPL, "{\"prompt\": \"x\", \"logprobs\": 21}", 400, "logprobs"},
-        {"POST", COMPL, "{\"prompt\": \"x\", \"echo\": true}", 400, "echo"},
+        {"POST", COMPL, "{\"prompt\": \"x\", \"echo\": \"yes\"}", 400, "echo"},
+        {"POST", COMPL, "{\"prompt\": \"x\", \"max_tokens\": 0}", 400, "max_tokens"},
+        {"POST", COMPL, "{\"prompt\": \"x\", \"logit_bias\": {\"100000\": 1}}", 400, "logit_bias"},
+        {"POST", COMPL, "{\"prompt\": \"x\", \"logit_bias\": {\"1\": 1e9}}", 400, "logit_bias"},
+        {"POST", COMPL, "{\"prompt\": [\"x\", 5]}", 400, "prompt"},
+        {"POST", COMPL, "{\"prompt\": [[1], []]}", 400, "prompt"},
         {"POST", COMPL, "{\"prompt\": \"\\xff\\xfe\"}", 400, NULL},
         {"GET", CHAT, "", 405, NULL}, {"PUT", "/v1/models", "", 405, NULL}, {"DELETE", "/health", "", 405, NULL},
         {"GET", "/nope", "", 404, NULL}, {"POST", "/v1/completion", "{}", 404, NULL},

@@ -66,7 +66,8 @@ struct Engine {
     ForwardState *fs;
     int max_rows;          // decoding rows of a step: parallel · (K + 1)
     int step_rows;         // rows of a step's batched forward: decoding rows, then prompt pieces
-    float *logits;         // (max_rows + parallel, vocab) the rows that want them
+    int logit_rows;        // rows of logits it keeps: max_rows + parallel
+    float *logits;         // (logit_rows, vocab) the rows that want them
     float *hidden;         // (max(step_rows, prefill_chunk), d) main model hidden states
     float *mtp_hidden;     // (step_rows, d) the module's input or output states
     float *mtp_logits;     // (parallel, vocab) each drafting sequence's last row
@@ -138,7 +139,8 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
         free(e);
         return NULL;
     }
-    e->logits = xmalloc(err, sizeof(float) * (e->max_rows + o->parallel) * V, "logits");
+    e->logit_rows = e->max_rows + o->parallel;
+    e->logits = xmalloc(err, sizeof(float) * e->logit_rows * V, "logits");
     e->hidden = xmalloc(err, sizeof(float) * (size_t)hrows * d, "hidden states");
     e->run = xmalloc(err, sizeof(int) * o->parallel, "engine");
     e->batch = xmalloc(err, sizeof(DecodeSeq) * o->parallel, "engine");
@@ -203,10 +205,17 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     for (int i = 0; i < n; i++)
         if (prompt[i] < 0 || prompt[i] >= V)
             return err_set(err, "engine: token %d at prompt position %d is outside the vocabulary [0, %d)", prompt[i], i, V);
-    if (p->max_new < 1) return err_set(err, "engine: max_new %d must be at least 1", p->max_new);
+    if (p->max_new < 0) return err_set(err, "engine: max_new %d must not be negative", p->max_new);
     if (p->top_logprobs < 0 || p->top_logprobs > ENGINE_MAX_TOP_LOGPROBS)
         return err_set(err, "engine: top_logprobs %d is outside [0, %d]", p->top_logprobs, ENGINE_MAX_TOP_LOGPROBS);
     if (p->n_stop_ids < 0) return err_set(err, "engine: %d stop ids", p->n_stop_ids);
+    if (p->n_bias < 0) return err_set(err, "engine: %d logit biases", p->n_bias);
+    for (int i = 0; i < p->n_bias; i++) {
+        if (p->bias_ids[i] < 0 || p->bias_ids[i] >= V)
+            return err_set(err, "engine: logit bias for id %d, outside the vocabulary [0, %d)", p->bias_ids[i], V);
+        if (!isfinite(p->bias_values[i]))
+            return err_set(err, "engine: logit bias for id %d is not a finite number", p->bias_ids[i]);
+    }
     if (e->n_seqs == e->cap_seqs) {
         int cap = e->cap_seqs ? 2 * e->cap_seqs : 16;
         Seq *ns = realloc(e->seqs, sizeof *ns * cap);
@@ -224,7 +233,8 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     s->stop_ids = malloc(sizeof(int) * (p->n_stop_ids > 0 ? p->n_stop_ids : 1));
     if (!s->prompt || !s->stop_ids ||
         sampler_init(&s->sampler, V, p->temperature, p->top_k, p->top_p, p->seed) ||
-        sampler_set_filters(&s->sampler, p->min_p, p->presence_penalty, p->frequency_penalty)) {
+        sampler_set_filters(&s->sampler, p->min_p, p->presence_penalty, p->frequency_penalty) ||
+        sampler_set_bias(&s->sampler, p->bias_ids, p->bias_values, p->n_bias)) {
         seq_release(s);
         return err_set(err, "engine: out of memory for a sequence");
     }
@@ -241,6 +251,9 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     }
     if (p->n_stop_ids > 0) memcpy(s->stop_ids, p->stop_ids, sizeof(int) * p->n_stop_ids);
     s->p.stop_ids = s->stop_ids;
+    s->p.bias_ids = NULL;  // held by the sampler
+    s->p.bias_values = NULL;
+    s->p.n_bias = 0;
     s->state = SEQ_WAITING;
     return e->n_seqs++;
 }
@@ -314,7 +327,7 @@ static int admit(Engine *e, Error *err) {
         s->state = SEQ_RUNNING;
         s->pub_parent = -1;
         e->run[e->n_run++] = (int)(s - e->seqs);
-        if (e->o.prefix_cache) {
+        if (e->o.prefix_cache && !s->p.prompt_logprobs) {
             // the longest indexed prefix of whole blocks, leaving at least the last prompt token to
             // run (its logits give the first token); with the MTP module a block's key includes
             // the token after it, which must be in the prompt
@@ -408,6 +421,11 @@ static int next_chunk(const Engine *e, const Seq *s) {
 // s's prompt is all in the cache: its first token, chosen at logits; with speculative decoding
 // the module's pending row is (h of the last prompt position, that token).
 static void prompt_done(Engine *e, Seq *s, const float *logits, const float *last_hidden) {
+    if (s->p.max_new == 0) {
+        EngineToken t = {.token = -1};
+        finish(e, s, &t, FINISH_LENGTH);
+        return;
+    }
     int next = sampler_sample(&s->sampler, logits);
     if (e->K > 0) {
         s->pend_tok[0] = next;
@@ -428,7 +446,7 @@ static int prefill_plain(Engine *e, int *used, Error *err) {
         Seq *s = &e->seqs[ids[j]];
         if (s->state != SEQ_RUNNING || s->prefilled >= s->n_prompt) continue;
         int n = next_chunk(e, s);
-        if (n <= ABSORBED_PREFILL_ROWS) continue;
+        if (n <= ABSORBED_PREFILL_ROWS || s->p.prompt_logprobs) continue;
         if (*used > 0 && *used + n > e->o.prefill_chunk) break;
         if (kvcache_reserve(&s->kv, s->prefilled + n, err)) {
             fail_seq(e, s);
@@ -496,8 +514,8 @@ static int draft(Engine *e, Seq **ds, int n, Error *err) {
 // sequence takes at this position.
 static int judge(Seq *s, const float *logits, int V, int dr, int *accepted) {
     if (s->p.temperature <= 0) {
-        // the argmax; of the penalised logits when a penalty is set
-        int y = s->sampler.counts ? sampler_sample(&s->sampler, logits) : argmax_f32(logits, V);
+        // the argmax; of the biased or penalised logits when either is set
+        int y = sampler_adjusts(&s->sampler) ? sampler_sample(&s->sampler, logits) : argmax_f32(logits, V);
         *accepted = dr >= 0 && y == dr;
         return y;
     }
@@ -508,6 +526,24 @@ static int judge(Seq *s, const float *logits, int V, int dr, int *accepted) {
     }
     *accepted = 0;
     return sampler_draw(&s->sampler, n, dr);
+}
+
+// The prompt's tokens at positions p0 + 1 .. p0 + n (those in the prompt; position 0 too when p0 is
+// 0) reach the owner with their log-probabilities, from logits (n, vocab) of positions p0 ..
+// p0 + n − 1. 1 when the owner cancelled the sequence meanwhile.
+static int report_prompt(Engine *e, Seq *s, int p0, int n, const float *logits) {
+    int V = e->m->cfg.vocab_size, id = (int)(s - e->seqs);
+    if (p0 == 0) {
+        EngineToken t = {.token = s->prompt[0], .prompt = 1, .logprob = NAN};
+        if (s->fn) s->fn(s->owner, id, &t);
+    }
+    for (int j = 0; j < n && p0 + j + 1 < s->n_prompt; j++) {
+        if (s->state != SEQ_RUNNING) return 1;
+        EngineToken t = {.token = s->prompt[p0 + j + 1], .prompt = 1};
+        token_logprobs(logits + (size_t)j * V, V, &t, s->p.top_logprobs);
+        if (s->fn) s->fn(s->owner, id, &t);
+    }
+    return s->state != SEQ_RUNNING;
 }
 
 // The step's batched forward (model_decode): every decoding sequence's rows [last, drafts...],
@@ -535,15 +571,17 @@ static int step_forward(Engine *e, int used, Error *err) {
         rows += 1 + s->n_draft;
         ds[n++] = s;
     }
-    int drows = rows;
+    int drows = rows, lrows = rows;  // lrows: rows of logits, at most logit_rows
     for (int j = 0; j < n_ids; j++) {
         Seq *s = &e->seqs[ids[j]];
         if (s->state != SEQ_RUNNING || s->prefilled >= s->n_prompt) continue;
         int take = next_chunk(e, s), left = e->o.prefill_chunk - used;
-        if (take > ABSORBED_PREFILL_ROWS) continue;  // a plain chunk, next step
+        if (take > ABSORBED_PREFILL_ROWS && !s->p.prompt_logprobs) continue;  // a plain chunk, next step
         take = take < left ? take : left;
         take = take < e->step_rows - rows ? take : e->step_rows - rows;
-        if (take <= 0) break;
+        if (s->p.prompt_logprobs && take > e->logit_rows - lrows) take = e->logit_rows - lrows;  // every row's
+        if (take <= 0 || lrows + 1 > e->logit_rows) break;
+        lrows += s->p.prompt_logprobs ? take : s->prefilled + take == s->n_prompt;
         if (kvcache_reserve(&s->kv, s->prefilled + take, err)) {
             fail_seq(e, s);
             continue;
@@ -573,7 +611,7 @@ static int step_forward(Engine *e, int used, Error *err) {
         int ends = s->prefilled + s->piece == s->n_prompt;
         s->row0 = rows;
         e->batch[n + i] = (DecodeSeq){.kv = &s->kv, .tokens = s->prompt + s->prefilled, .T = s->piece,
-                                      .skip_logits = s->piece - ends};
+                                      .skip_logits = s->p.prompt_logprobs ? 0 : s->piece - ends};
         rows += s->piece;
     }
     if (model_decode(e->m, e->fs, e->batch, n + np, e->logits, e->K > 0 ? e->hidden : NULL, err)) return -1;
@@ -623,15 +661,17 @@ static int step_forward(Engine *e, int used, Error *err) {
     }
     for (int i = 0; i < np; i++) {
         Seq *s = ps[i];
-        int piece = s->piece, ends = s->prefilled + piece == s->n_prompt;
-        const float *lg = e->logits + (size_t)lrow * V;
-        lrow += ends;
+        int piece = s->piece, ends = s->prefilled + piece == s->n_prompt, plp = s->p.prompt_logprobs;
+        const float *lg = e->logits + (size_t)lrow * V;  // its first row's logits
+        lrow += plp ? piece : ends;
         s->piece = 0;
         e->stats.prompt_tokens += piece;
         if (s->state != SEQ_RUNNING) continue;  // cancelled by an owner's callback this step
+        int p0 = s->prefilled;
         s->prefilled += piece;
         publish(e, s);
-        if (ends) prompt_done(e, s, lg, e->hidden + (size_t)(s->row0 + piece - 1) * d);
+        if (plp && report_prompt(e, s, p0, piece, lg)) continue;  // the owner cancelled it
+        if (ends) prompt_done(e, s, plp ? lg + (size_t)(piece - 1) * V : lg, e->hidden + (size_t)(s->row0 + piece - 1) * d);
     }
     return 0;
 }

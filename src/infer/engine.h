@@ -30,7 +30,7 @@ typedef enum {
 } FinishReason;
 
 typedef struct SeqParams {
-    int max_new;                // tokens to generate at most (≥ 1)
+    int max_new;                // tokens to generate at most (0: the prompt only, for its log-probabilities)
     float temperature;          // 0: greedy
     int top_k;                  // 0: off
     float top_p;                // 1: off
@@ -41,8 +41,15 @@ typedef struct SeqParams {
     int stop_at_eos;            // the model's eos_token_id ends the sequence
     const int *stop_ids;        // further ids that end it (copied at engine_add)
     int n_stop_ids;
+    const int *bias_ids;        // OpenAI's logit_bias: bias_values[i] is added to the logit of
+    const float *bias_values;   // bias_ids[i] before the choice (ids in the vocabulary, values
+    int n_bias;                 // finite; copied at engine_add)
     int logprobs;               // report each token's log-probability
     int top_logprobs;           // and this many most likely alternatives (0 .. ENGINE_MAX_TOP_LOGPROBS)
+    int prompt_logprobs;        // report the prompt's tokens too, each with its log-probability given
+                                // the ones before (and top_logprobs alternatives): the whole prompt
+                                // is then run absorbed in pieces that keep every row's logits, and
+                                // the prefix cache is not used for it
 } SeqParams;
 
 #define ENGINE_MAX_TOP_LOGPROBS 20
@@ -54,7 +61,9 @@ typedef struct SeqParams {
 // What a sequence's owner receives per new token. Log-probabilities are those of the model's
 // distribution (log-softmax of the logits, before temperature and filtering), as vLLM reports.
 typedef struct EngineToken {
-    int token;              // -1 when a sequence ends without one (cancelled, failed)
+    int token;              // -1 when a sequence ends without one (cancelled, failed, max_new 0)
+    int prompt;             // 1: a token of the prompt (SeqParams.prompt_logprobs), in order; the
+                            // first has no log-probability (NAN, no alternatives)
     FinishReason finish;    // FINISH_NONE while more follow; the last token carries the reason
     float logprob;          // log p(token), when SeqParams.logprobs
     int n_top;              // alternatives below, most likely first

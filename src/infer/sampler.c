@@ -27,20 +27,33 @@ int sampler_set_filters(Sampler *s, float min_p, float presence_penalty, float f
     s->frequency_penalty = frequency_penalty;
     if ((presence_penalty != 0 || frequency_penalty != 0) && !s->counts) {
         s->counts = calloc(s->vocab, sizeof(int));
-        s->penalised = malloc(sizeof(float) * s->vocab);
-        if (!s->counts || !s->penalised) return -1;
+        if (!s->counts) return -1;
     }
+    if (s->counts && !s->penalised && !(s->penalised = malloc(sizeof(float) * s->vocab))) return -1;
     return 0;
 }
+
+int sampler_set_bias(Sampler *s, const int *ids, const float *bias, int n) {
+    if (n <= 0) return 0;
+    if (!s->bias && !(s->bias = calloc(s->vocab, sizeof(float)))) return -1;
+    if (!s->penalised && !(s->penalised = malloc(sizeof(float) * s->vocab))) return -1;
+    for (int i = 0; i < n; i++)
+        if (ids[i] >= 0 && ids[i] < s->vocab) s->bias[ids[i]] = bias[i];
+    return 0;
+}
+
+int sampler_adjusts(const Sampler *s) { return s->penalised != NULL; }
 
 void sampler_free(Sampler *s) {
     free(s->probs);
     free(s->order);
     free(s->counts);
+    free(s->bias);
     free(s->penalised);
     s->probs = NULL;
     s->order = NULL;
     s->counts = NULL;
+    s->bias = NULL;
     s->penalised = NULL;
 }
 
@@ -55,12 +68,14 @@ static int by_prob_desc(const void *a, const void *b) {
     return *(const int *)a - *(const int *)b;
 }
 
-// The logits the filters see: less the penalties when one is set (into s->penalised).
+// The logits the filters see: plus the bias, less the penalties, when either is set (into
+// s->penalised).
 static const float *penalise(Sampler *s, const float *logits) {
-    if (!s->counts) return logits;
+    if (!s->penalised) return logits;
     for (int i = 0; i < s->vocab; i++) {
-        int c = s->counts[i];
-        s->penalised[i] = logits[i] - s->presence_penalty * (c > 0) - s->frequency_penalty * (float)c;
+        float v = s->bias ? logits[i] + s->bias[i] : logits[i];
+        int c = s->counts ? s->counts[i] : 0;
+        s->penalised[i] = c ? v - s->presence_penalty - s->frequency_penalty * (float)c : v;
     }
     return s->penalised;
 }

@@ -1,6 +1,7 @@
-// Choosing the next token from logits. The logits are first penalised for the tokens this sampler
-// has emitted (OpenAI's and vLLM's definition: logit − presence·[count > 0] − frequency·count, the
-// counts over generated tokens only; sampler_accept counts one); then greedy at temperature 0,
+// Choosing the next token from logits. The logits first take their bias (OpenAI's logit_bias,
+// added to the logit of an id) and are penalised for the tokens this sampler has emitted (OpenAI's
+// and vLLM's definition: logit − presence·[count > 0] − frequency·count, the counts over generated
+// tokens only; sampler_accept counts one); then greedy at temperature 0,
 // otherwise temperature, top-k, top-p (nucleus) and min-p filtering — top-p over the top-k set
 // renormalised, as HF transformers, vLLM and llama.cpp chain them; min-p keeps the ids whose
 // probability is at least min_p times the largest — then a draw from a seeded generator.
@@ -20,12 +21,19 @@ typedef struct Sampler {
     float *probs;       // (vocab) scratch
     int *order;         // (vocab) scratch
     int *counts;        // (vocab) times each id was accepted; only while a penalty is set
-    float *penalised;   // (vocab) scratch: the logits less the penalties; only while a penalty is set
+    float *bias;        // (vocab) added to each logit; only when a bias is set
+    float *penalised;   // (vocab) scratch: the logits biased and penalised; only when either is set
 } Sampler;
 
 int sampler_init(Sampler *s, int vocab, float temperature, int top_k, float top_p, unsigned long long seed);
 // min_p in [0, 1]; the penalties in [-2, 2] as OpenAI allows. Returns -1 when memory runs out.
 int sampler_set_filters(Sampler *s, float min_p, float presence_penalty, float frequency_penalty);
+// bias[i] is added to the logit of ids[i] from now on (ids outside the vocabulary are ignored; the
+// caller checks them). Returns -1 when memory runs out.
+int sampler_set_bias(Sampler *s, const int *ids, const float *bias, int n);
+// Whether the logits are changed before the choice (a bias or a penalty): greedy then is not the
+// logits' own argmax.
+int sampler_adjusts(const Sampler *s);
 void sampler_free(Sampler *s);
 // The token emitted after a sample: the penalties count it.
 void sampler_accept(Sampler *s, int token);

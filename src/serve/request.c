@@ -134,29 +134,81 @@ static int parse_messages(ServeRequest *r, json_t *body, ApiError *e) {
     return 0;
 }
 
-// prompt: a string, an array of token ids, or either wrapped in an array of one.
+// One prompt as ids: a non-empty array of token ids (param names it in errors).
+static int prompt_ids(json_t *p, const char *param, ServePrompt *out, ApiError *e) {
+    size_t n = json_array_size(p), i;
+    if (n == 0) return api_error(e, 400, "prompt", "invalid_value", "'%s' must not be empty", param);
+    out->ids = malloc(sizeof(int) * n);
+    if (!out->ids) return OOM(e);
+    json_t *v;
+    json_array_foreach(p, i, v) {
+        if (!json_is_integer(v)) return api_error(e, 400, "prompt", "invalid_type", "'%s[%zu]' must be a token id", param, i);
+        json_int_t id = json_integer_value(v);
+        if (id < 0 || id > 0x7fffffff)
+            return api_error(e, 400, "prompt", "invalid_value", "'%s[%zu]' = %lld is not a token id", param, i, (long long)id);
+        out->ids[i] = (int)id;
+    }
+    out->n_ids = (int)n;
+    return 0;
+}
+
+// prompt: a string, an array of token ids, or an array of strings or of arrays of ids (one
+// prompt each).
 static int parse_prompt(ServeRequest *r, json_t *body, ApiError *e) {
     json_t *p = field(body, "prompt");
     if (!p) return api_error(e, 400, "prompt", "missing_required_parameter", "'prompt' is required");
-    if (json_is_array(p) && json_array_size(p) == 1 && !json_is_integer(json_array_get(p, 0))) p = json_array_get(p, 0);
-    if (json_is_string(p)) {
-        r->prompt = dup_str(json_string_value(p), json_string_length(p));
-        return r->prompt ? 0 : OOM(e);
+    if (!json_is_string(p) && !json_is_array(p))
+        return api_error(e, 400, "prompt", "invalid_type", "'prompt' must be a string, an array of token ids, or an array of either");
+    if (json_is_array(p) && json_array_size(p) == 0) return api_error(e, 400, "prompt", "invalid_value", "'prompt' must not be empty");
+    // one prompt (a string, or ids), or a list of them
+    int many = json_is_array(p) && !json_is_integer(json_array_get(p, 0));
+    size_t n = many ? json_array_size(p) : 1;
+    if (n > SERVE_MAX_PROMPTS)
+        return api_error(e, 400, "prompt", "invalid_value", "'prompt' has %zu prompts; at most %d", n, SERVE_MAX_PROMPTS);
+    r->prompts = calloc(n, sizeof *r->prompts);
+    if (!r->prompts) return OOM(e);
+    for (size_t i = 0; i < n; i++) {
+        json_t *q = many ? json_array_get(p, i) : p;
+        char param[32];
+        if (many) snprintf(param, sizeof param, "prompt[%zu]", i);
+        else snprintf(param, sizeof param, "prompt");
+        r->n_prompts = (int)i + 1;
+        if (json_is_string(q)) {
+            if (!(r->prompts[i].text = dup_str(json_string_value(q), json_string_length(q)))) return OOM(e);
+        } else if (!json_is_array(q) || (many && json_array_size(q) > 0 && !json_is_integer(json_array_get(q, 0)))) {
+            return api_error(e, 400, "prompt", "invalid_type", "'%s' must be a string or an array of token ids", param);
+        } else if (prompt_ids(q, param, &r->prompts[i], e)) {
+            return -1;
+        }
     }
-    if (!json_is_array(p)) return api_error(e, 400, "prompt", "invalid_type", "'prompt' must be a string or an array of token ids");
-    size_t n = json_array_size(p), i;
-    if (n == 0) return api_error(e, 400, "prompt", "invalid_value", "'prompt' must not be empty");
-    r->prompt_ids = malloc(sizeof(int) * n);
-    if (!r->prompt_ids) return OOM(e);
+    return 0;
+}
+
+// logit_bias: {"ID": BIAS, ...}, ids as decimal strings, biases in [-100, 100].
+static int parse_logit_bias(ServeRequest *r, json_t *body, ApiError *e) {
+    json_t *b = field(body, "logit_bias");
+    if (!b) return 0;
+    if (!json_is_object(b)) return api_error(e, 400, "logit_bias", "invalid_type", "'logit_bias' must be an object of token ids to biases");
+    size_t n = json_object_size(b);
+    if (n == 0) return 0;
+    r->bias_ids = malloc(sizeof(int) * n);
+    r->bias_values = malloc(sizeof(float) * n);
+    if (!r->bias_ids || !r->bias_values) return OOM(e);
+    const char *key;
     json_t *v;
-    json_array_foreach(p, i, v) {
-        if (!json_is_integer(v))
-            return api_error(e, 400, "prompt", "invalid_type", "'prompt[%zu]' must be a token id (one prompt per request)", i);
-        json_int_t id = json_integer_value(v);
-        if (id < 0 || id > 0x7fffffff) return api_error(e, 400, "prompt", "invalid_value", "'prompt[%zu]' = %lld is not a token id", i, (long long)id);
-        r->prompt_ids[i] = (int)id;
+    json_object_foreach(b, key, v) {
+        char *end;
+        long long id = strtoll(key, &end, 10);
+        if (!key[0] || *end || key[0] == '-' || key[0] == '+' || key[0] == ' ' || id > 0x7fffffff)
+            return api_error(e, 400, "logit_bias", "invalid_value", "'logit_bias' key '%.40s' is not a token id", key);
+        if (!json_is_number(v))
+            return api_error(e, 400, "logit_bias", "invalid_type", "'logit_bias[\"%lld\"]' must be a number", id);
+        double x = json_number_value(v);
+        if (!(x >= -100 && x <= 100))
+            return api_error(e, 400, "logit_bias", "invalid_value", "'logit_bias[\"%lld\"]' is %g; it must be in [-100, 100]", id, x);
+        r->bias_ids[r->n_bias] = (int)id;
+        r->bias_values[r->n_bias++] = (float)x;
     }
-    r->n_prompt_ids = (int)n;
     return 0;
 }
 
@@ -187,7 +239,7 @@ static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
     if (model && !json_is_string(model)) return api_error(e, 400, "model", "invalid_type", "'model' must be a string");
     if (model && !(r->model = dup_str(json_string_value(model), json_string_length(model)))) return OOM(e);
     if (r->kind == API_CHAT ? parse_messages(r, body, e) : parse_prompt(r, body, e)) return -1;
-    TRY(get_int(body, "max_tokens", 1, SERVE_MAX_TOKENS, &r->max_tokens, e));
+    TRY(get_int(body, "max_tokens", r->kind == API_CHAT ? 1 : 0, SERVE_MAX_TOKENS, &r->max_tokens, e));
     if (r->kind == API_CHAT) TRY(get_int(body, "max_completion_tokens", 1, SERVE_MAX_TOKENS, &r->max_tokens, e));
     TRY(get_number(body, "temperature", 0, 2, &r->temperature, e));
     TRY(get_number(body, "top_p", 0, 1, &r->top_p, e));
@@ -226,11 +278,21 @@ static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
             r->logprobs = 1;
             r->top_logprobs = lp;
         }
-        int echo = 0;
-        TRY(get_bool(body, "echo", &echo, e));
-        if (echo) return api_error(e, 400, "echo", "unsupported_value", "'echo' is not supported");
+        TRY(get_bool(body, "echo", &r->echo, e));
+        // best_of (more answers drawn than returned) and suffix (fill in the middle) are not done:
+        // refused rather than ignored, since ignoring them would answer a different question
+        int best_of = r->n;
+        TRY(get_int(body, "best_of", 1, SERVE_MAX_N, &best_of, e));
+        if (best_of != r->n)
+            return api_error(e, 400, "best_of", "unsupported_value", "'best_of' other than 'n' is not supported");
+        json_t *suffix = field(body, "suffix");
+        if (suffix && !(json_is_string(suffix) && json_string_length(suffix) == 0))
+            return api_error(e, 400, "suffix", "unsupported_value", "'suffix' is not supported");
+        if (r->max_tokens == 0 && !r->echo)
+            return api_error(e, 400, "max_tokens", "invalid_value", "'max_tokens' is 0; it must be at least 1 (0 only with 'echo')");
     }
     TRY(get_bool(body, "ignore_eos", &r->ignore_eos, e));
+    TRY(parse_logit_bias(r, body, e));
     return 0;
 }
 
@@ -256,8 +318,13 @@ void serve_request_free(ServeRequest *r) {
     free(r->model);
     for (int i = 0; i < r->n_msgs; i++) free((char *)r->msgs[i].content);
     free(r->msgs);
-    free(r->prompt);
-    free(r->prompt_ids);
+    for (int i = 0; i < r->n_prompts; i++) {
+        free(r->prompts[i].text);
+        free(r->prompts[i].ids);
+    }
+    free(r->prompts);
+    free(r->bias_ids);
+    free(r->bias_values);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     memset(r, 0, sizeof *r);
 }

@@ -29,18 +29,26 @@ int api_error(ApiError *e, int status, const char *param, const char *code, cons
 // "invalid_request_error", "authentication_error", ... for a status.
 const char *api_error_type(int status);
 
-#define SERVE_MAX_N 16          // choices per request
+#define SERVE_MAX_N 16          // choices per prompt
+#define SERVE_MAX_PROMPTS 64    // prompts in one completions request
 #define SERVE_MAX_TOKENS (1 << 24)
+
+// One prompt of a completions request: text, or token ids.
+typedef struct ServePrompt {
+    char *text;               // the prompt as text (owned), or
+    int *ids;                 // as token ids (n_ids), NULL when text
+    int n_ids;
+} ServePrompt;
 
 typedef struct ServeRequest {
     ApiKind kind;
     char *model;              // NULL when absent
     ChatMessage *msgs;        // (n_msgs) chat; role and content owned
     int n_msgs;
-    char *prompt;             // completions: the prompt as text (owned), or
-    int *prompt_ids;          // as token ids (n_prompt_ids), NULL when text
-    int n_prompt_ids;
-    int max_tokens;           // -1: absent (the rest of the context)
+    ServePrompt *prompts;     // (n_prompts) completions: a string or ids, or an array of either;
+    int n_prompts;            // the answers are prompt 0's n choices, then prompt 1's, ...
+    int echo;                 // completions: the answer starts with its prompt
+    int max_tokens;           // -1: absent (the rest of the context); 0 only with echo
     float temperature, top_p, min_p, presence_penalty, frequency_penalty;
     int top_k;                // 0: off (-1 is accepted for it, as vLLM spells off)
     int has_seed;
@@ -52,6 +60,9 @@ typedef struct ServeRequest {
     int logprobs;             // report log-probabilities
     int top_logprobs;         // and this many alternatives (≤ 20)
     int ignore_eos;           // vLLM's extension: EOS does not end the answer
+    int *bias_ids;            // logit_bias: bias_values[i] (in [-100, 100]) is added to the logit of
+    float *bias_values;       // bias_ids[i] (the server checks the ids against its vocabulary)
+    int n_bias;
 } ServeRequest;
 
 // body[0, len): any bytes. 0 with *r filled (free it with serve_request_free), or -1 with e set

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE  // POLLRDHUP
 #include <errno.h>
+#include <math.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <netdb.h>
@@ -27,10 +28,12 @@
 typedef struct Server Server;
 typedef struct Job Job;
 
-// One answer of a request (a request with n > 1 has n).
+// One answer of a request: a request has n per prompt.
 typedef struct Choice {
     Job *job;
     int index;
+    int prompt;          // its prompt in Job.prompts
+    int echoed;          // echo: the prompt's text has gone out
     int seq;             // the engine's id, -1 until added
     int live;            // the engine has it (added, not ended)
     int cancel;          // to be cancelled: its stop string appeared, or the request failed
@@ -44,6 +47,14 @@ typedef struct Choice {
     long text_offset;    // completions' logprobs.text_offset: bytes of token text so far
 } Choice;
 
+// A prompt of a request, as token ids, and its text when the answer echoes it.
+typedef struct JobPrompt {
+    int *ids, n;
+    int max_new;         // the answer's tokens at most: max_tokens, or what the context leaves
+    char *echo;          // (echo_n bytes) or NULL
+    size_t echo_n;
+} JobPrompt;
+
 // A completion request: owned by its connection and by the engine thread (refs), guarded by
 // Server.mu.
 struct Job {
@@ -52,12 +63,15 @@ struct Job {
     ApiKind kind;
     char id[48];
     long long created;
-    int *prompt, n_prompt;
+    JobPrompt *prompts;  // (n_prompts)
+    int n_prompts;
     SeqParams sp;
+    int *bias_ids;       // (sp.n_bias) the logit bias, owned
+    float *bias_values;
     int stop_ids[1];
     char *stops[STOP_TEXT_MAX];  // the request's stop strings, which every choice's StopText points into
     int stream, include_usage;
-    int n;
+    int n;               // choices in all: n per prompt
     Choice *ch;
     int n_finished;      // choices whose answer is complete
     int n_live;          // choices the engine still has
@@ -154,7 +168,13 @@ static void job_unref(Job *j) {
     }
     for (int i = 0; i < STOP_TEXT_MAX; i++) free(j->stops[i]);
     free(j->ch);
-    free(j->prompt);
+    for (int i = 0; i < j->n_prompts; i++) {
+        free(j->prompts[i].ids);
+        free(j->prompts[i].echo);
+    }
+    free(j->prompts);
+    free(j->bias_ids);
+    free(j->bias_values);
     bb_free(&j->out);
     pthread_cond_destroy(&j->cv);
     free(j);
@@ -176,10 +196,11 @@ static json_t *chunk_new(Job *j, json_t *choices) {
 }
 
 static json_t *usage_json(Job *j) {
-    long done = 0;
+    long done = 0, prompt = 0;
     for (int i = 0; i < j->n; i++) done += j->ch[i].n_tokens;
-    return json_pack("{s:i, s:I, s:I}", "prompt_tokens", j->n_prompt, "completion_tokens", (json_int_t)done, "total_tokens",
-                     (json_int_t)(j->n_prompt + done));
+    for (int i = 0; i < j->n_prompts; i++) prompt += j->prompts[i].n;  // each prompt once, whatever n
+    return json_pack("{s:I, s:I, s:I}", "prompt_tokens", (json_int_t)prompt, "completion_tokens", (json_int_t)done,
+                     "total_tokens", (json_int_t)(prompt + done));
 }
 
 static json_t *lp_empty(ApiKind kind) {
@@ -256,7 +277,8 @@ static json_t *token_entry(Server *s, int id, float logprob, int with_bytes) {
     char *text = tok_decode(s->tok, &id, 1, 0, &n, &err);
     const char *raw = tok_token_bytes(s->tok, id, &rn);
     if (!raw) raw = text ? text : "", rn = text ? n : 0;
-    json_t *o = json_pack("{s:s%, s:f}", "token", text ? text : "", text ? n : 0, "logprob", (double)logprob);
+    json_t *o = json_pack("{s:s%, s:o}", "token", text ? text : "", text ? n : 0, "logprob",
+                          isnan(logprob) ? json_null() : json_real(logprob));  // NAN: the prompt's first token
     if (o && with_bytes) {
         json_t *b = json_array();
         for (size_t i = 0; i < rn; i++) json_array_append_new(b, json_integer((unsigned char)raw[i]));
@@ -276,7 +298,7 @@ static void add_logprobs(Job *j, Choice *c, const EngineToken *t) {
         json_array_append_new(c->lp, e);
         return;
     }
-    json_t *e = token_entry(s, t->token, t->logprob, 0), *top = json_object();
+    json_t *e = token_entry(s, t->token, t->logprob, 0), *top = isnan(t->logprob) ? json_null() : json_object();
     for (int k = 0; k < t->n_top; k++) {
         json_t *a = token_entry(s, t->top_ids[k], t->top_logprobs[k], 0);
         json_object_set(top, json_string_value(json_object_get(a, "token")), json_object_get(a, "logprob"));
@@ -299,6 +321,19 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
     (void)seq;
     pthread_mutex_lock(&s->mu);
     Error err;
+    if (t->prompt) {  // echo with logprobs: the prompt's tokens come first
+        if (j->sp.logprobs && !c->finish) add_logprobs(j, c, t);
+        pthread_mutex_unlock(&s->mu);
+        return;
+    }
+    if (!c->echoed && !c->finish) {  // echo: the prompt's text (and log-probabilities) before the answer's
+        JobPrompt *p = &j->prompts[c->prompt];
+        c->echoed = 1;
+        if (p->echo) {
+            if (j->stream) stream_piece(j, c, p->echo, p->echo_n, NULL);
+            else if (bb_append(&c->text, p->echo, p->echo_n)) j->out.n = 0;
+        }
+    }
     if (t->token >= 0 && !c->finish) {
         c->n_tokens++;
         if (j->sp.logprobs) add_logprobs(j, c, t);
@@ -356,8 +391,10 @@ static void *engine_main(void *arg) {
             if (!j->gone && !s->stopping && !j->complete)
                 for (; k < j->n; k++) {
                     SeqParams sp = j->sp;
+                    JobPrompt *p = &j->prompts[j->ch[k].prompt];
                     sp.seed += (unsigned long long)k;  // choice k draws with seed + k
-                    int id = engine_add(s->e, j->prompt, j->n_prompt, &sp, on_token, &j->ch[k], &err);
+                    sp.max_new = p->max_new;
+                    int id = engine_add(s->e, p->ids, p->n, &sp, on_token, &j->ch[k], &err);
                     if (id < 0) {
                         job_fail(j, 400, err.msg);
                         break;
@@ -515,58 +552,96 @@ static json_t *answer_json(Job *j) {
                      "model", j->srv->alias, "choices", choices, "usage", usage_json(j));
 }
 
-// The prompt's ids: the chat rendered and encoded, the text encoded, or the ids checked.
-static int prompt_ids(Server *s, ServeRequest *r, TokIds *ids, ApiError *e) {
+// Prompt i's ids (the chat rendered and encoded, the text encoded, or the ids checked), refused
+// when empty or when it leaves no room in the context.
+static int prompt_ids(Server *s, ServeRequest *r, int i, TokIds *ids, ApiError *e) {
     Error err;
-    const char *param = r->kind == API_CHAT ? "messages" : "prompt";
-    if (r->kind == API_COMPLETION && r->prompt_ids) {
-        for (int i = 0; i < r->n_prompt_ids; i++)
-            if (r->prompt_ids[i] >= s->vocab)
-                return api_error(e, 400, "prompt", "invalid_value", "'prompt[%d]' = %d is outside the vocabulary [0, %d)", i,
-                                 r->prompt_ids[i], s->vocab);
-        if (ids_append(ids, r->prompt_ids, r->n_prompt_ids)) return api_error(e, 500, NULL, NULL, "out of memory");
-        return 0;
+    char param[32];
+    if (r->kind == API_CHAT) snprintf(param, sizeof param, "messages");
+    else if (r->n_prompts > 1) snprintf(param, sizeof param, "prompt[%d]", i);
+    else snprintf(param, sizeof param, "prompt");
+    const char *field = r->kind == API_CHAT ? "messages" : "prompt";
+    const ServePrompt *p = r->kind == API_COMPLETION ? &r->prompts[i] : NULL;
+    if (p && p->ids) {
+        for (int k = 0; k < p->n_ids; k++)
+            if (p->ids[k] >= s->vocab)
+                return api_error(e, 400, field, "invalid_value", "'%s[%d]' = %d is outside the vocabulary [0, %d)", param, k,
+                                 p->ids[k], s->vocab);
+        if (ids_append(ids, p->ids, p->n_ids)) return api_error(e, 500, NULL, NULL, "out of memory");
+    } else {
+        pthread_mutex_lock(&s->tok_mu);
+        int rc = r->kind == API_CHAT ? tok_chat_encode(s->tok, r->msgs, r->n_msgs, 1, ids, &err)
+                                     : tok_encode(s->tok, p->text, strlen(p->text), TOK_ADD_SPECIAL, ids, &err);
+        pthread_mutex_unlock(&s->tok_mu);
+        if (rc) return api_error(e, 400, field, "invalid_value", "%s", err.msg);
+        for (size_t k = 0; k < ids->n; k++)
+            if (ids->v[k] >= s->vocab)
+                return api_error(e, 400, field, "invalid_value",
+                                 "the tokenizer gives id %d, outside the model's vocabulary [0, %d)", ids->v[k], s->vocab);
     }
-    pthread_mutex_lock(&s->tok_mu);
-    int rc = r->kind == API_CHAT ? tok_chat_encode(s->tok, r->msgs, r->n_msgs, 1, ids, &err)
-                                 : tok_encode(s->tok, r->prompt, strlen(r->prompt), TOK_ADD_SPECIAL, ids, &err);
-    pthread_mutex_unlock(&s->tok_mu);
-    if (rc) return api_error(e, 400, param, "invalid_value", "%s", err.msg);
-    for (size_t i = 0; i < ids->n; i++)
-        if (ids->v[i] >= s->vocab)
-            return api_error(e, 400, param, "invalid_value", "the tokenizer gives id %d, outside the model's vocabulary [0, %d)",
-                             ids->v[i], s->vocab);
+    if (ids->n == 0) return api_error(e, 400, field, "invalid_value", "'%s' encodes to no tokens", param);
+    if ((long)ids->n >= s->o.ctx)
+        return api_error(e, 400, field, "context_length_exceeded",
+                         "'%s' is %zu tokens and the context %d positions: it leaves no room for an answer", param, ids->n,
+                         s->o.ctx);
     return 0;
 }
 
-static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int fd) {
+// The text an echo starts with: the prompt as given, or its ids decoded.
+static int echo_text(Server *s, const ServeRequest *r, int i, const TokIds *ids, JobPrompt *p) {
+    const ServePrompt *q = &r->prompts[i];
+    if (q->text) {
+        p->echo_n = strlen(q->text);
+        p->echo = strdup(q->text);
+        return p->echo ? 0 : -1;
+    }
+    Error err;
+    pthread_mutex_lock(&s->tok_mu);
+    p->echo = tok_decode(s->tok, ids->v, ids->n, 0, &p->echo_n, &err);
+    pthread_mutex_unlock(&s->tok_mu);
+    return p->echo ? 0 : -1;
+}
+
+// A job for the request's np prompts (ids, whose buffers it takes), r->n choices each.
+static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int fd) {
     Job *j = calloc(1, sizeof *j);
     if (!j) return NULL;
-    j->ch = calloc(r->n, sizeof *j->ch);
-    int oom = !j->ch;
+    j->n = np * r->n;
+    j->ch = calloc(j->n, sizeof *j->ch);
+    j->prompts = calloc(np, sizeof *j->prompts);
+    int oom = !j->ch || !j->prompts;
     for (int i = 0; i < r->n_stop; i++) oom |= !(j->stops[i] = strdup(r->stop[i]));
+    if (!oom && r->n_bias > 0) {
+        j->bias_ids = malloc(sizeof(int) * r->n_bias);
+        j->bias_values = malloc(sizeof(float) * r->n_bias);
+        oom = !j->bias_ids || !j->bias_values;
+    }
+    pthread_cond_init(&j->cv, NULL);
+    j->refs = 1;
+    for (int i = 0; i < np && !oom; i++) {
+        JobPrompt *p = &j->prompts[i];
+        if (r->kind == API_COMPLETION && r->echo && echo_text(s, r, i, &ids[i], p)) oom = 1;
+        p->ids = ids[i].v;  // the list's buffer becomes the job's
+        p->n = (int)ids[i].n;
+        ids[i] = (TokIds){0};
+        j->n_prompts = i + 1;
+        int room = s->o.ctx - p->n;
+        p->max_new = r->max_tokens < 0 || r->max_tokens > room ? room : r->max_tokens;
+    }
     if (oom) {
-        for (int i = 0; i < STOP_TEXT_MAX; i++) free(j->stops[i]);
-        free(j->ch);
-        free(j);
+        j->n = 0;  // no choice is set up yet
+        job_unref(j);
         return NULL;
     }
     j->srv = s;
     j->kind = r->kind;
-    j->prompt = ids->v;  // the list's buffer becomes the job's
-    j->n_prompt = (int)ids->n;
-    *ids = (TokIds){0};
     j->stream = r->stream;
     j->include_usage = r->stream && r->include_usage;
-    j->n = r->n;
     j->fd = fd;
     j->last_write = now_s();
     j->created = (long long)time(NULL);
-    pthread_cond_init(&j->cv, NULL);
-    int room = s->o.ctx - j->n_prompt;
     SeqParams *sp = &j->sp;
     *sp = seq_params_default();
-    sp->max_new = r->max_tokens < 0 || r->max_tokens > room ? room : r->max_tokens;
     sp->temperature = r->temperature;
     sp->top_k = r->top_k;
     sp->top_p = r->top_p;
@@ -580,19 +655,29 @@ static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int fd) {
         sp->stop_ids = j->stop_ids;
         sp->n_stop_ids = 1;
     }
+    if (r->n_bias > 0) {
+        memcpy(j->bias_ids, r->bias_ids, sizeof(int) * r->n_bias);
+        memcpy(j->bias_values, r->bias_values, sizeof(float) * r->n_bias);
+        sp->bias_ids = j->bias_ids;
+        sp->bias_values = j->bias_values;
+        sp->n_bias = r->n_bias;
+    }
     sp->logprobs = r->logprobs;
     sp->top_logprobs = r->top_logprobs;
+    sp->prompt_logprobs = r->kind == API_COMPLETION && r->echo && r->logprobs;
     pthread_mutex_lock(&s->mu);
     unsigned long long serial = ++s->next_id;
     pthread_mutex_unlock(&s->mu);
     unsigned long long mix = (serial * 0x9E3779B97F4A7C15ULL) ^ (unsigned long long)s->started * 0xBF58476D1CE4E5B9ULL;
     sp->seed = r->has_seed ? r->seed : mix ^ (unsigned long long)(now_s() * 1e9);
     snprintf(j->id, sizeof j->id, "%s-%016llx", r->kind == API_CHAT ? "chatcmpl" : "cmpl", mix);
-    for (int i = 0; i < r->n; i++) {
+    for (int i = 0; i < j->n; i++) {
         Choice *c = &j->ch[i];
         c->job = j;
         c->index = i;
+        c->prompt = i / r->n;
         c->seq = -1;
+        c->echoed = !j->prompts[c->prompt].echo;
         tok_stream_init(&c->ts, s->tok, TOK_SKIP_SPECIAL);
         stop_text_init(&c->stop, (const char *const *)j->stops, r->n_stop);
     }
@@ -608,33 +693,38 @@ static enum MHD_Result handle_completion(Server *s, struct MHD_Connection *conn,
     ServeRequest r;
     ApiError e;
     if (serve_request_parse(&r, kind, body, n, &e)) return send_error(s, conn, &e);
-    TokIds ids = {0};
+    int np = kind == API_CHAT ? 1 : r.n_prompts;
+    TokIds *ids = calloc(np, sizeof *ids);
     Job *j = NULL;
+    if (!ids) {
+        api_error(&e, 500, NULL, NULL, "out of memory");
+        goto fail;
+    }
     if (r.model && strcmp(r.model, s->alias)) {
         api_error(&e, 404, "model", "model_not_found", "the model '%.100s' does not exist: this server serves '%s'", r.model, s->alias);
         goto fail;
     }
-    if (prompt_ids(s, &r, &ids, &e)) goto fail;
-    const char *param = kind == API_CHAT ? "messages" : "prompt";
-    if (ids.n == 0) {
-        api_error(&e, 400, param, "invalid_value", "the prompt encodes to no tokens");
+    for (int i = 0; i < r.n_bias; i++)
+        if (r.bias_ids[i] >= s->vocab) {
+            api_error(&e, 400, "logit_bias", "invalid_value", "'logit_bias' has id %d, outside the vocabulary [0, %d)",
+                      r.bias_ids[i], s->vocab);
+            goto fail;
+        }
+    for (int i = 0; i < np; i++)
+        if (prompt_ids(s, &r, i, &ids[i], &e)) goto fail;
+    if (np * r.n > s->o.parallel + s->o.max_queue) {  // could never be admitted: not a matter of retrying
+        api_error(&e, 400, "n", "invalid_value",
+                  "%d prompts × 'n' %d answers; this server holds %d sequences at once (--parallel + --max-queue)", np, r.n,
+                  s->o.parallel + s->o.max_queue);
         goto fail;
     }
-    if ((long)ids.n >= s->o.ctx) {
-        api_error(&e, 400, param, "context_length_exceeded",
-                  "the prompt is %zu tokens and the context %d positions: it leaves no room for an answer", ids.n, s->o.ctx);
-        goto fail;
-    }
-    if (r.n > s->o.parallel + s->o.max_queue) {  // could never be admitted: not a matter of retrying
-        api_error(&e, 400, "n", "invalid_value", "'n' is %d; this server holds %d sequences at once (--parallel + --max-queue)",
-                  r.n, s->o.parallel + s->o.max_queue);
-        goto fail;
-    }
-    j = job_new(s, &r, &ids, connection_fd(conn));
+    j = job_new(s, &r, ids, np, connection_fd(conn));
     if (!j) {
         api_error(&e, 500, NULL, NULL, "out of memory");
         goto fail;
     }
+    free(ids);  // the job has the lists' buffers
+    ids = NULL;
     pthread_mutex_lock(&s->mu);
     if (s->stopping || s->live_seqs + j->n > s->o.parallel + s->o.max_queue) {
         api_error(&e, 503, NULL, s->stopping ? "shutting_down" : "queue_full",
@@ -691,7 +781,8 @@ static enum MHD_Result handle_completion(Server *s, struct MHD_Connection *conn,
     if (status != 200) return send_error(s, conn, &e);
     return send_json(s, conn, 200, answer, NULL, NULL);
 fail:
-    ids_free(&ids);
+    for (int i = 0; ids && i < np; i++) ids_free(&ids[i]);
+    free(ids);
     serve_request_free(&r);
     return send_error(s, conn, &e);
 }

@@ -41,11 +41,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             continue;
         }
         if (r.n < 1 || r.n > SERVE_MAX_N || r.top_logprobs < 0 || r.top_logprobs > 20 || r.n_stop > STOP_TEXT_MAX ||
-            (r.max_tokens != -1 && (r.max_tokens < 1 || r.max_tokens > SERVE_MAX_TOKENS)) || !(r.temperature >= 0) ||
+            (r.max_tokens != -1 && (r.max_tokens < 0 || r.max_tokens > SERVE_MAX_TOKENS)) || !(r.temperature >= 0) ||
             !(r.top_p >= 0 && r.top_p <= 1))
             abort();
         if (kind == 0 && (r.n_msgs < 1 || !r.msgs[0].content)) abort();
-        if (kind == 1 && !r.prompt && r.n_prompt_ids < 1) abort();
+        if (kind == 1 && (r.n_prompts < 1 || r.n_prompts > SERVE_MAX_PROMPTS)) abort();
+        for (int i = 0; kind == 1 && i < r.n_prompts; i++)
+            if (!r.prompts[i].text && r.prompts[i].n_ids < 1) abort();
+        for (int i = 0; i < r.n_bias; i++)
+            if (r.bias_ids[i] < 0 || !(r.bias_values[i] >= -100 && r.bias_values[i] <= 100)) abort();
+        if (r.max_tokens == 0 && !r.echo) abort();
         check_stops(&r, data, size);
         serve_request_free(&r);
     }

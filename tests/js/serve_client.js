@@ -14,6 +14,15 @@ function eq(a, b, what) {
     check(JSON.stringify(a) === JSON.stringify(b), `${what}: ${JSON.stringify(a)} != ${JSON.stringify(b)}`);
 }
 
+// The id of a token given by its text (one token of the answer: encoding it alone gives it back).
+async function idOf(text) {
+    const r = await fetch(base.replace(/\/v1$/, '') + '/tokenize', {
+        method: 'POST', headers: { Authorization: 'Bearer test-key' }, body: JSON.stringify({ content: text, add_special: false }) });
+    const t = (await r.json()).tokens;
+    check(t.length === 1, `the text ${JSON.stringify(text)} is one token`);
+    return t[0];
+}
+
 async function countTokens(text) {
     const r = await fetch(base.replace(/\/v1$/, '') + '/tokenize', {
         method: 'POST', headers: { Authorization: 'Bearer test-key' }, body: JSON.stringify({ content: text }) });
@@ -110,6 +119,55 @@ async function main() {
     eq(L.token_logprobs.length, L.tokens.length, 'token_logprobs');
     eq(L.top_logprobs.length, L.tokens.length, 'top_logprobs');
     check(L.top_logprobs.every((o) => Object.keys(o).length >= 1 && Object.keys(o).length <= 2), 'top_logprobs entries');
+
+    // echo: the answer starts with the prompt, streamed or not
+    const ec = await client.completions.create({ model, prompt, max_tokens: 6, temperature: 0, echo: true });
+    const six = (await client.completions.create({ model, prompt, max_tokens: 6, temperature: 0 })).choices[0].text;
+    eq(ec.choices[0].text, prompt + six, 'echo: the prompt, then the answer');
+    const ecs = await collect(await client.completions.create({ model, prompt, max_tokens: 6, temperature: 0, echo: true,
+                                                                stream: true }), false);
+    eq(ecs.texts[0], ec.choices[0].text, 'echo, streamed');
+    // echo with max_tokens 0 and logprobs: the prompt's own log-probabilities, the first null (how
+    // lm-evaluation-harness scores continuations through this API)
+    const sc = await client.completions.create({ model, prompt, max_tokens: 0, echo: true, logprobs: 2 });
+    eq(sc.choices[0].text, prompt, 'echo with max_tokens 0: the prompt alone');
+    eq(sc.usage.completion_tokens, 0, 'echo with max_tokens 0: no tokens');
+    eq(sc.choices[0].finish_reason, 'length', 'echo with max_tokens 0: finish_reason');
+    const P = sc.choices[0].logprobs;
+    eq(P.tokens.length, nPrompt, 'a logprobs entry per prompt token');
+    eq(P.token_logprobs[0], null, "the prompt's first token has no log-probability");
+    eq(P.top_logprobs[0], null, "nor alternatives");
+    check(P.token_logprobs.slice(1).every((x) => typeof x === 'number' && x <= 0), 'prompt log-probabilities');
+    check(P.top_logprobs.slice(1).every((o) => Object.keys(o).length >= 1 && Object.keys(o).length <= 2), 'prompt alternatives');
+    const scg = await client.completions.create({ model, prompt, max_tokens: 3, temperature: 0, echo: true, logprobs: 1 });
+    eq(scg.choices[0].logprobs.token_logprobs.slice(0, nPrompt), P.token_logprobs, 'prompt log-probabilities, then the answer\'s');
+    eq(scg.choices[0].logprobs.tokens.length, nPrompt + scg.usage.completion_tokens, 'echo: entries for prompt and answer');
+    result.prompt_logprobs = P.token_logprobs;
+    result.prompt_ids = await (await fetch(base.replace(/\/v1$/, '') + '/tokenize', {
+        method: 'POST', headers: { Authorization: 'Bearer test-key' }, body: JSON.stringify({ content: prompt }) })).json()
+        .then((r) => r.tokens);
+
+    // several prompts in one request: n answers each, in order, each what it gets alone
+    const other = 'a second prompt';
+    const both = await client.completions.create({ model, prompt: [prompt, other], max_tokens: 6, temperature: 0, n: 2 });
+    const alone2 = (await client.completions.create({ model, prompt: other, max_tokens: 6, temperature: 0 })).choices[0].text;
+    eq(both.choices.map((c) => c.index), [0, 1, 2, 3], 'several prompts: choice indices');
+    eq(both.choices.map((c) => c.text), [six, six, alone2, alone2], 'several prompts: each answer as alone');
+    eq(both.usage.prompt_tokens, nPrompt + await countTokens(other), 'several prompts: usage counts each prompt once');
+    const bs = await collect(await client.completions.create({ model, prompt: [prompt, other], max_tokens: 6, temperature: 0,
+                                                               stream: true }), false);
+    eq([bs.texts[0], bs.texts[1]], [six, alone2], 'several prompts, streamed');
+
+    // logit_bias: +100 makes every token that id, -100 bans the greedy answer's first token
+    const first = (await client.completions.create({ model, prompt, max_tokens: 1, temperature: 0, logprobs: 0 }));
+    const forced = result.prompt_ids[result.prompt_ids.length - 1];
+    const fb = await client.completions.create({ model, prompt, max_tokens: 4, temperature: 0, logprobs: 0,
+                                                 logit_bias: { [forced]: 100 } });
+    const tokText = P.tokens[P.tokens.length - 1];
+    eq(fb.choices[0].logprobs.tokens, [tokText, tokText, tokText, tokText], 'logit_bias +100 forces the id');
+    const bb = await client.completions.create({ model, prompt, max_tokens: 1, temperature: 0, logprobs: 0,
+                                                 logit_bias: { [String(await idOf(first.choices[0].logprobs.tokens[0]))]: -100 } });
+    check(bb.choices[0].logprobs.tokens[0] !== first.choices[0].logprobs.tokens[0], 'logit_bias -100 bans the id');
 
     // n > 1: sampled with a seed, repeatable, one finish per choice
     const req = { model, prompt, max_tokens: 12, temperature: 1.0, seed: 1234, n: 3 };
