@@ -404,9 +404,11 @@ static void fail_seq(Engine *e, Seq *s) {
 
 // A prompt chunk of at most this many positions runs with absorbed attention inside the step's
 // batched forward, beside the decoding sequences, whose weights it shares; a longer one runs alone
-// with plain attention. One sequence on v3-108m (Zen 4, bf16 and f32 compute): absorbed costs
-// 0.55–1.0× plain up to 128 rows, 1.1–1.3× at 192–256 (the scores of the 576-wide latent grow
-// with rows × positions, plain attention expands the cache once per chunk).
+// with plain attention. One sequence alone on v3-108m (Zen 4; BF16 and FP8 weights, bf16 and f32
+// compute; chunks at positions 0, 512 and 1,536): absorbed costs 0.55–1.1× plain up to 64 rows,
+// 0.9–1.25× at 128, 1.1–1.4× at 192–256 (its scores over the 576-wide latent grow with rows ×
+// positions; plain attention expands the cache once per chunk) — before the weight reads it
+// shares with the rest of the batch.
 #define ABSORBED_PREFILL_ROWS 128
 
 // The next chunk of s's prompt: prefill_chunk positions from where it stands, or what is left.
