@@ -18,6 +18,7 @@
 //   q_a / q_proj and kv_a rows  →  q_b rows, the cache rows  →  attention (sequence, head) items
 //   →  o_proj rows + residual  →  router rows  →  expert gate/up rows  →  down slice + residual (MoE)
 //   →  gate/up rows  →  down rows + residual                                                (dense)
+#include <math.h>
 #include <omp.h>
 #include <string.h>
 
@@ -200,15 +201,25 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
         }
     }
 #pragma omp barrier
-    // The other sequences: items (sequence, head) split evenly; a thread's heads of one sequence
-    // score its cache together, so each cached row is read once per thread, not once per head.
-    int items = 0, i0, i1;
-    for (int i = 0; i < bt->n_seqs; i++) items += long_context(bt, i) ? 0 : H;
-    share(items, 1, &i0, &i1);
-    for (int i = 0, base = 0; i < bt->n_seqs && base < i1; i++) {
+    // The other sequences: items (sequence, head) split by cost — a head of a sequence scores its
+    // rows against their positions, rows × (pos0 + T) — so short and long contexts in one batch
+    // keep the threads equally busy; a thread's heads of one sequence score its cache together, so
+    // each cached row is read once per thread, not once per head.
+    double total = 0;
+    for (int i = 0; i < bt->n_seqs; i++)
+        if (!long_context(bt, i)) total += (double)H * bt->seqs[i].T * (bt->pos0[i] + bt->seqs[i].T);
+    int nth = omp_get_num_threads(), me = omp_get_thread_num();
+    double lo = total * me / nth, hi = total * (me + 1) / nth, at = 0;
+    for (int i = 0; i < bt->n_seqs && at < hi; i++) {
         if (long_context(bt, i)) continue;
-        int h0 = i0 > base ? i0 - base : 0, h1 = i1 - base < H ? i1 - base : H;
-        base += H;
+        double per = (double)bt->seqs[i].T * (bt->pos0[i] + bt->seqs[i].T);
+        // heads h whose cost interval [at + h·per, at + (h+1)·per) starts in [lo, hi): every head
+        // goes to exactly one thread, the same boundaries on every thread
+        int h0 = at >= lo ? 0 : (int)ceil((lo - at) / per), h1 = (int)ceil((hi - at) / per);
+        if (me == nth - 1) h1 = H;
+        h0 = h0 < H ? h0 : H;
+        h1 = h1 < H ? h1 : H;
+        at += H * per;
         if (h0 >= h1) continue;
         LatentAttention at = decode_attention(m, s, bt, l, i, &a->kv_b_proj);
         ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
