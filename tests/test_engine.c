@@ -491,3 +491,55 @@ TEST(test_engine_logit_bias) {
     engine_free(e);
     model_free(&m);
 }
+
+// A constraint (TokenConstraint): only even ids after an odd one and only multiples of 3 after an
+// even one — a state that moves with every token. Every token obeys it, the state sees each token
+// once, in order, and greedy speculative decoding under it equals plain decoding under it.
+typedef struct {
+    int last, seen, order_ok;
+    int tokens[64];
+} Alternating;
+
+static void alt_mask(void *ctx, float *logits, int V) {
+    Alternating *a = ctx;
+    for (int i = 0; i < V; i++)
+        if (a->last % 2 ? i % 2 != 0 : i % 3 != 0) logits[i] = -INFINITY;
+}
+
+static void alt_accept(void *ctx, int token) {
+    Alternating *a = ctx;
+    if (a->seen < 64) a->tokens[a->seen] = token;
+    a->seen++;
+    a->last = token;
+}
+
+TEST(test_engine_constraint_masks_every_choice) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, GOLDEN, 1, &err) == 0, "%s", err.msg);
+    static const int p[] = {5, 17, 3, 9, 44, 2, 7};
+    int out[3][64];
+    for (int K = 0; K <= 2; K += 2) {
+        for (int sampled = 0; sampled < 2; sampled++) {
+            Alternating a = {.last = 7};  // the prompt's last token
+            TokenConstraint tc = {.ctx = &a, .mask = alt_mask, .accept = alt_accept};
+            SeqParams sp = seq_params_default();
+            sp.max_new = 12;
+            sp.stop_at_eos = 0;
+            sp.constraint = &tc;
+            sp.temperature = sampled ? 1.0f : 0.0f;
+            sp.seed = 9;
+            EngineOptions o = {.parallel = 1, .ctx = 7 + 12, .prefill_chunk = 4, .speculative = K};
+            Engine *e = engine_new(&m, &o, &err);
+            Got g = {0};
+            CHECK_MSG(e && engine_add(e, p, 7, &sp, collect, &g, &err) == 0 && run_all(e, &err) == 0, "%s", err.msg);
+            engine_free(e);
+            CHECK(g.n[0] == 12 && a.seen == 12 && memcmp(a.tokens, g.tok[0], sizeof(int) * 12) == 0);
+            for (int i = 0, prev = 7; i < 12; prev = g.tok[0][i++])
+                CHECK_MSG(prev % 2 ? g.tok[0][i] % 2 == 0 : g.tok[0][i] % 3 == 0, "token %d (%d after %d)", i, g.tok[0][i], prev);
+            if (!sampled) memcpy(out[K], g.tok[0], sizeof(int) * 12);
+        }
+    }
+    CHECK_MSG(memcmp(out[0], out[2], sizeof(int) * 12) == 0, "speculative decoding under the constraint differs from plain");
+    model_free(&m);
+}

@@ -464,6 +464,15 @@ TEST(test_serve_openai_client_and_generate_agree) {
     printf("    echo: %zu prompt log-probabilities, max |difference| from dsv3 logits %.2g\n", T - 1, worst);
     CHECK_MSG(worst < 1e-6, "the prompt's log-probabilities differ from dsv3 logits by %g", worst);
     free(lg);
+    // JSON mode's complete answers parse as objects with jansson too
+    json_t *ja = json_object_get(res, "json_answers");
+    CHECK(json_is_array(ja) && json_array_size(ja) >= 2);
+    for (size_t i = 0; i < json_array_size(ja); i++) {
+        json_t *a = json_array_get(ja, i), *o = json_loadb(json_string_value(a), json_string_length(a), JSON_ALLOW_NUL, NULL);
+        CHECK_MSG(o && json_is_object(o), "a JSON-mode answer is not an object for jansson: %s", json_string_value(a));
+        json_decref(o);
+    }
+    printf("    JSON mode: %zu answers closed their object, each parsed by jansson\n", json_array_size(ja));
     json_decref(res);
 }
 
@@ -692,6 +701,9 @@ TEST(test_serve_bad_requests_get_4xx) {
         {"POST", COMPL, "{\"prompt\": \"x\", \"logit_bias\": {\"1\": 1e9}}", 400, "logit_bias"},
         {"POST", COMPL, "{\"prompt\": [\"x\", 5]}", 400, "prompt"},
         {"POST", COMPL, "{\"prompt\": [[1], []]}", 400, "prompt"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {}}}", 400, "response_format"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"xml\"}}", 400, "response_format"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": \"json\"}", 400, "response_format"},
         {"POST", COMPL, "{\"prompt\": \"\\xff\\xfe\"}", 400, NULL},
         {"GET", CHAT, "", 405, NULL}, {"PUT", "/v1/models", "", 405, NULL}, {"DELETE", "/health", "", 405, NULL},
         {"GET", "/nope", "", 404, NULL}, {"POST", "/v1/completion", "{}", 404, NULL},

@@ -48,6 +48,8 @@ typedef struct Seq {
     float *pend_h;        // (K + 1, d)
     int draft[ENGINE_MAX_SPECULATIVE];
     int n_draft;
+    TokenConstraint constraint;  // ctx NULL: none
+    float *masked;        // (vocab) a row of logits under the constraint
     int row0;             // this step's first row in the batch
     int piece;            // prompt positions this step's batch runs (absorbed prefill), or 0
     // the prefix cache: the sequence's tokens by position, and its blocks already indexed
@@ -172,7 +174,9 @@ static void seq_release(Seq *s) {
     free(s->pend_tok);
     free(s->pend_h);
     free(s->hist);
+    free(s->masked);
     s->hist = NULL;
+    s->masked = NULL;
     sampler_free(&s->sampler);
     if (s->has_kv) kvcache_free(&s->kv);
     s->has_kv = 0;
@@ -250,6 +254,14 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
         s->n_hist = n;
     }
     if (p->n_stop_ids > 0) memcpy(s->stop_ids, p->stop_ids, sizeof(int) * p->n_stop_ids);
+    if (p->constraint) {
+        s->constraint = *p->constraint;
+        if (!(s->masked = malloc(sizeof(float) * V))) {
+            seq_release(s);
+            return err_set(err, "engine: out of memory for a sequence");
+        }
+    }
+    s->p.constraint = NULL;
     s->p.stop_ids = s->stop_ids;
     s->p.bias_ids = NULL;  // held by the sampler
     s->p.bias_values = NULL;
@@ -367,10 +379,20 @@ static void token_logprobs(const float *logits, int V, EngineToken *t, int n) {
     for (int j = 0; j < t->n_top; j++) t->top_logprobs[j] = (float)(logits[t->top_ids[j]] - lse);
 }
 
+// The logits the choice sees: the row itself, or under the sequence's constraint a masked copy.
+static const float *choice_logits(const Engine *e, Seq *s, const float *logits) {
+    if (!s->constraint.mask) return logits;
+    int V = e->m->cfg.vocab_size;
+    memcpy(s->masked, logits, sizeof(float) * V);
+    s->constraint.mask(s->constraint.ctx, s->masked, V);
+    return s->masked;
+}
+
 // Hands token `next` (chosen at logits) to the owner; 1 when the sequence has ended.
 static int emit(Engine *e, Seq *s, int next, const float *logits) {
     int stop = s->p.stop_at_eos && next == e->m->cfg.eos_token_id;
     sampler_accept(&s->sampler, next);
+    if (s->constraint.accept) s->constraint.accept(s->constraint.ctx, next);
     for (int i = 0; i < s->p.n_stop_ids && !stop; i++) stop = next == s->p.stop_ids[i];
     if (s->hist) {  // the prefix cache's record of the positions (grown in step with the tokens)
         if (s->n_hist == s->cap_hist) {
@@ -428,7 +450,7 @@ static void prompt_done(Engine *e, Seq *s, const float *logits, const float *las
         finish(e, s, &t, FINISH_LENGTH);
         return;
     }
-    int next = sampler_sample(&s->sampler, logits);
+    int next = sampler_sample(&s->sampler, choice_logits(e, s, logits));
     if (e->K > 0) {
         s->pend_tok[0] = next;
         memcpy(s->pend_h, last_hidden, sizeof(float) * e->m->cfg.hidden_size);
@@ -514,7 +536,8 @@ static int draft(Engine *e, Seq **ds, int n, Error *err) {
 
 // Row j's verdict on draft `dr` (-1: no draft, the bonus row): *accepted, and the token the
 // sequence takes at this position.
-static int judge(Seq *s, const float *logits, int V, int dr, int *accepted) {
+static int judge(const Engine *e, Seq *s, const float *logits, int V, int dr, int *accepted) {
+    logits = choice_logits(e, s, logits);
     if (s->p.temperature <= 0) {
         // the argmax; of the biased or penalised logits when either is set
         int y = sampler_adjusts(&s->sampler) ? sampler_sample(&s->sampler, logits) : argmax_f32(logits, V);
@@ -645,7 +668,7 @@ static int step_forward(Engine *e, int used, Error *err) {
         if (e->K > 0) s->kv.mtp_len[0] = n0;  // the chained rows go; the verify rows become pending
         for (int j = 0; j <= nd && !done; j++) {
             const float *lg = lg0 + (size_t)j * V;
-            int ok, y = judge(s, lg, V, j < nd ? s->draft[j] : -1, &ok);
+            int ok, y = judge(e, s, lg, V, j < nd ? s->draft[j] : -1, &ok);
             if (e->K > 0) {
                 s->pend_tok[j] = y;
                 memcpy(s->pend_h + (size_t)j * d, e->hidden + (size_t)(s->row0 + j) * d, sizeof(float) * d);

@@ -29,6 +29,18 @@ typedef enum {
     FINISH_ERROR,      // the sequence could not go on (the cache pool ran out); the others run on
 } FinishReason;
 
+// A constraint on what a sequence may say (the server's JSON mode): before each choice the engine
+// hands it the logits to mask (set to -INFINITY the ids that may not come next; the reported
+// log-probabilities stay the model's own), and each token the sequence takes to advance its state.
+// Drafts of speculative decoding are judged against the masked logits, so the output is the one
+// plain decoding gives under the same constraint. Its calls come from engine_step, on the
+// caller's thread.
+typedef struct TokenConstraint {
+    void *ctx;
+    void (*mask)(void *ctx, float *logits, int vocab);
+    void (*accept)(void *ctx, int token);
+} TokenConstraint;
+
 typedef struct SeqParams {
     int max_new;                // tokens to generate at most (0: the prompt only, for its log-probabilities)
     float temperature;          // 0: greedy
@@ -46,6 +58,7 @@ typedef struct SeqParams {
     int n_bias;                 // finite; copied at engine_add)
     int logprobs;               // report each token's log-probability
     int top_logprobs;           // and this many most likely alternatives (0 .. ENGINE_MAX_TOP_LOGPROBS)
+    const TokenConstraint *constraint;  // or NULL (copied at engine_add; ctx must outlive the sequence)
     int prompt_logprobs;        // report the prompt's tokens too, each with its log-probability given
                                 // the ones before (and top_logprobs alternatives): the whole prompt
                                 // is then run absorbed in pieces that keep every row's logits, and

@@ -293,6 +293,19 @@ static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
     }
     TRY(get_bool(body, "ignore_eos", &r->ignore_eos, e));
     TRY(parse_logit_bias(r, body, e));
+    json_t *rf = field(body, "response_format");
+    if (rf) {
+        json_t *type = json_object_get(rf, "type");
+        if (!json_is_object(rf) || !json_is_string(type))
+            return api_error(e, 400, "response_format", "invalid_type", "'response_format' must be {\"type\": \"text\" or \"json_object\"}");
+        const char *t = json_string_value(type);
+        if (!strcmp(t, "json_object")) r->json_mode = 1;
+        else if (!strcmp(t, "json_schema"))
+            return api_error(e, 400, "response_format", "unsupported_value",
+                             "'response_format' json_schema is not supported (json_object is: any JSON object)");
+        else if (strcmp(t, "text"))
+            return api_error(e, 400, "response_format", "invalid_value", "'response_format.type' is '%.40s'; it must be text or json_object", t);
+    }
     return 0;
 }
 

@@ -60,6 +60,7 @@ typedef struct ServeRequest {
     int logprobs;             // report log-probabilities
     int top_logprobs;         // and this many alternatives (≤ 20)
     int ignore_eos;           // vLLM's extension: EOS does not end the answer
+    int json_mode;            // response_format {"type": "json_object"}: the answer is a JSON object
     int *bias_ids;            // logit_bias: bias_values[i] (in [-100, 100]) is added to the logit of
     float *bias_values;       // bias_ids[i] (the server checks the ids against its vocabulary)
     int n_bias;

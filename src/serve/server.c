@@ -19,6 +19,7 @@
 #include "serve/request.h"
 #include "serve/server.h"
 #include "serve/stop_text.h"
+#include "text/json_prefix.h"
 #include "text/tokenizer.h"
 
 #define PING_S 10.0            // an idle stream gets an SSE comment this often (default of --sse-ping)
@@ -45,6 +46,10 @@ typedef struct Choice {
     ByteBuf text;        // the answer (not streaming)
     json_t *lp;          // log-probabilities not yet sent: chat, an array of entries; completions, parallel arrays
     long text_offset;    // completions' logprobs.text_offset: bytes of token text so far
+    // JSON mode: the answer so far as a JSON prefix, the engine's hook, and which ids may follow
+    JsonPrefix jp;
+    TokenConstraint tc;
+    uint8_t *allow;      // (vocab)
 } Choice;
 
 // A prompt of a request, as token ids, and its text when the answer echoes it.
@@ -72,6 +77,7 @@ struct Job {
     char *stops[STOP_TEXT_MAX];  // the request's stop strings, which every choice's StopText points into
     int stream, include_usage;
     int n;               // choices in all: n per prompt
+    int json_mode;       // response_format json_object
     Choice *ch;
     int n_finished;      // choices whose answer is complete
     int n_live;          // choices the engine still has
@@ -165,6 +171,7 @@ static void job_unref(Job *j) {
         stop_text_free(&c->stop);
         bb_free(&c->text);
         json_decref(c->lp);
+        free(c->allow);
     }
     for (int i = 0; i < STOP_TEXT_MAX; i++) free(j->stops[i]);
     free(j->ch);
@@ -313,6 +320,42 @@ static void add_logprobs(Job *j, Choice *c, const EngineToken *t) {
     json_decref(e);
 }
 
+// JSON mode's constraint (on the engine thread, as the engine calls it): an id may follow when its
+// bytes continue the answer as the beginning of a JSON object; special tokens never, except the
+// ends of an answer once the object is complete (the answer stops there anyway: on_token). When no
+// id would fit, the logits stay as they are.
+static int json_end_id(const Job *j, int id) {
+    return id == j->srv->m.cfg.eos_token_id || (j->sp.n_stop_ids > 0 && id == j->sp.stop_ids[0]);
+}
+
+static void json_mask(void *ctx, float *logits, int V) {
+    Choice *c = ctx;
+    Server *s = c->job->srv;
+    int complete = json_prefix_complete(&c->jp), any = 0;
+    for (int id = 0; id < V; id++) {
+        size_t n = 0;
+        const char *b = id < s->tok_vocab && !tok_is_special(s->tok, id) ? tok_token_bytes(s->tok, id, &n) : NULL;
+        int ok = json_end_id(c->job, id) ? complete : 0;
+        if (!ok && b && n > 0 && !complete) {
+            JsonPrefix t = c->jp;
+            ok = json_prefix_feed(&t, b, n) == 0;
+        }
+        c->allow[id] = (uint8_t)ok;
+        any |= ok;
+    }
+    if (any)
+        for (int id = 0; id < V; id++)
+            if (!c->allow[id]) logits[id] = -INFINITY;
+}
+
+static void json_accept(void *ctx, int token) {
+    Choice *c = ctx;
+    Server *s = c->job->srv;
+    size_t n = 0;
+    const char *b = token < s->tok_vocab && !tok_is_special(s->tok, token) ? tok_token_bytes(s->tok, token, &n) : NULL;
+    if (b && n > 0 && !json_prefix_complete(&c->jp)) json_prefix_feed(&c->jp, b, n);
+}
+
 // The engine's callback (on the engine thread): decode, stop strings, deliver.
 static void on_token(void *owner, int seq, const EngineToken *t) {
     Choice *c = owner;
@@ -347,6 +390,15 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         if (rc < 0) {
             job_fail(j, 500, "out of memory decoding the answer");
         } else {
+            if (rc == 0 && j->json_mode && json_prefix_complete(&c->jp)) {
+                // the object is complete: the answer ends here, its held-back text settled
+                const char *rest;
+                size_t rn;
+                tok_stream_finish(&c->ts, &rest, &rn);
+                rc = stop_text_push(&c->stop, rest, rn, &settled);
+                if (rc == 0) rc = stop_text_finish(&c->stop, &settled);
+                if (rc == 0) rc = 1;
+            }
             deliver(j, c, settled.p, settled.n);
             if (rc == 1) choice_finish(j, c, "stop");
             // asked for logprobs, a stream has a chunk per token, even one whose text is not settled yet
@@ -394,6 +446,7 @@ static void *engine_main(void *arg) {
                     JobPrompt *p = &j->prompts[j->ch[k].prompt];
                     sp.seed += (unsigned long long)k;  // choice k draws with seed + k
                     sp.max_new = p->max_new;
+                    if (j->json_mode) sp.constraint = &j->ch[k].tc;
                     int id = engine_add(s->e, p->ids, p->n, &sp, on_token, &j->ch[k], &err);
                     if (id < 0) {
                         job_fail(j, 400, err.msg);
@@ -635,6 +688,7 @@ static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int f
     }
     j->srv = s;
     j->kind = r->kind;
+    j->json_mode = r->json_mode;
     j->stream = r->stream;
     j->include_usage = r->stream && r->include_usage;
     j->fd = fd;
@@ -678,8 +732,17 @@ static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int f
         c->prompt = i / r->n;
         c->seq = -1;
         c->echoed = !j->prompts[c->prompt].echo;
+        if (r->json_mode) {
+            json_prefix_init(&c->jp);
+            c->tc = (TokenConstraint){.ctx = c, .mask = json_mask, .accept = json_accept};
+            if (!(c->allow = malloc(s->vocab))) oom = 1;
+        }
         tok_stream_init(&c->ts, s->tok, TOK_SKIP_SPECIAL);
         stop_text_init(&c->stop, (const char *const *)j->stops, r->n_stop);
+    }
+    if (oom) {
+        job_unref(j);
+        return NULL;
     }
     return j;
 }

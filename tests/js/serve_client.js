@@ -169,6 +169,28 @@ async function main() {
                                                  logit_bias: { [String(await idOf(first.choices[0].logprobs.tokens[0]))]: -100 } });
     check(bb.choices[0].logprobs.tokens[0] !== first.choices[0].logprobs.tokens[0], 'logit_bias -100 bans the id');
 
+    // JSON mode: every answer that ends by itself is a JSON object; the rest stopped at max_tokens.
+    // (A random model wanders: a bias towards the structural characters lets objects close.)
+    const jbias = {};
+    for (const ch of ['"', '}', ':', ',', '1']) jbias[await idOf(ch)] = 6;
+    const jreq = { model, messages, max_tokens: 300, temperature: 1, seed: 5, n: 8, logit_bias: jbias,
+                   response_format: { type: 'json_object' } };
+    const jr = await client.chat.completions.create(jreq);
+    let closed = 0;
+    for (const c of jr.choices) {
+        if (c.finish_reason === 'stop') {
+            const o = JSON.parse(c.message.content);
+            check(o !== null && typeof o === 'object' && !Array.isArray(o), 'a JSON-mode answer is an object: ' + c.message.content);
+            closed++;
+        } else {
+            eq(c.finish_reason, 'length', 'a JSON-mode answer ends as an object or at max_tokens');
+        }
+    }
+    check(closed >= 2, `JSON mode: ${closed} of 8 answers closed their object`);
+    const js = await collect(await client.chat.completions.create({ ...jreq, stream: true }), true);
+    eq(jr.choices.map((c) => js.texts[c.index]), jr.choices.map((c) => c.message.content), 'JSON mode, streamed');
+    result.json_answers = jr.choices.filter((c) => c.finish_reason === 'stop').map((c) => c.message.content);
+
     // n > 1: sampled with a seed, repeatable, one finish per choice
     const req = { model, prompt, max_tokens: 12, temperature: 1.0, seed: 1234, n: 3 };
     const a = await client.completions.create(req), b = await client.completions.create(req);

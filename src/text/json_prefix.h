@@ -1,0 +1,45 @@
+// Whether bytes are the beginning of a JSON object (RFC 8259), fed a few at a time: what constrained
+// decoding needs to tell, for every token of the vocabulary, whether the answer may go on with it
+// (`response_format: {"type": "json_object"}`). The state is a small value: copy it, feed a
+// token's bytes to the copy, keep the copy when they fit.
+//
+// Accepted: one top-level object, optionally preceded by whitespace, nested at most
+// JSON_PREFIX_MAX_DEPTH deep, strings of valid UTF-8 (split anywhere between feeds) with the JSON
+// escapes, numbers in JSON's grammar, true / false / null. Refused as well, to keep generation from
+// running away: more than JSON_PREFIX_MAX_SPACE whitespace bytes in a row outside strings, and
+// anything but that much whitespace after the closing brace; and numbers a common parser cannot
+// hold (jansson refuses an integer past int64 and an exponent past a double's): at most
+// JSON_PREFIX_MAX_INT_DIGITS integer digits and JSON_PREFIX_MAX_EXP_DIGITS exponent digits.
+#ifndef DSV3_TEXT_JSON_PREFIX_H
+#define DSV3_TEXT_JSON_PREFIX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define JSON_PREFIX_MAX_DEPTH 32
+#define JSON_PREFIX_MAX_SPACE 16
+#define JSON_PREFIX_MAX_INT_DIGITS 18
+#define JSON_PREFIX_MAX_EXP_DIGITS 2
+
+typedef struct JsonPrefix {
+    uint8_t state;                          // what comes next (json_prefix.c)
+    uint8_t depth;                          // open containers
+    uint8_t in_key;                         // the string being read is an object key
+    uint8_t pending;                        // UTF-8 continuation bytes (or \u hex digits) still due
+    uint8_t lo, hi;                         // the range the next continuation byte must be in
+    uint8_t lit;                            // literal: the index of its next byte; number: digits so far
+    uint8_t which;                          // which literal
+    uint8_t space;                          // whitespace bytes in a row
+    uint8_t low_due;                        // the \u escape being read must be a low surrogate
+    uint16_t code;                          // the \u escape's value so far
+    uint8_t stack[JSON_PREFIX_MAX_DEPTH];   // '{' or '[' per open container
+} JsonPrefix;
+
+void json_prefix_init(JsonPrefix *p);
+// Feeds n bytes; 0 when everything fed so far is the beginning of an object, -1 when not (p is
+// then of no further use: feed a copy to try bytes).
+int json_prefix_feed(JsonPrefix *p, const char *bytes, size_t n);
+// 1 when what was fed is one complete object (possibly after whitespace).
+int json_prefix_complete(const JsonPrefix *p);
+
+#endif
