@@ -27,7 +27,7 @@ static int feed_split(const char *s, size_t n, Rng *rng, int max_piece) {
 }
 
 static int jansson_object(const char *s, size_t n) {
-    json_t *o = json_loadb(s, n, JSON_ALLOW_NUL, NULL);
+    json_t *o = json_loadb(s, n, 0, NULL);
     int ok = o && json_is_object(o);
     json_decref(o);
     return ok;
@@ -38,7 +38,7 @@ TEST(test_json_prefix_valid_objects) {
         "{}", " \n{ }", "{\"a\": 1}", "{\"a\":-0.5e+10,\"b\":[1,2.25,-3E-2,0]}", "{\"k\": [true, false, null, {}, []]}",
         "{\"s\": \"tab\\tquote\\\" back\\\\ slash\\/ \\u00e9 \\ud83d\\ude00\"}", "{\"\xc3\xa9t\xc3\xa9\": \"\xe2\x82\xac \xf0\x9f\x98\x80\"}",
         "{\"nest\": {\"a\": {\"b\": [[[\"deep\"]]]}}}", "{\"n\": 0, \"m\": 10, \"e\": 1e5, \"z\": 0.0, \"big\": 123456789012345678, \"x\": -9.5E-99}", "{\"\": \"\"}",
-        "{\"a\":\"\\u0000\"}", "{} \n",
+        "{} \n",
     };
     Rng rng;
     rng_seed(&rng, 7);
@@ -59,7 +59,7 @@ TEST(test_json_prefix_refuses) {
         "[1]", "x", "{\"a\":01}", "{\"a\":1,}", "{\"a\" 1}", "{,}", "{\"a\":\"\x01\"}", "{\"a\":\"\\ud800\"}",
         "{\"a\":\"\\udc00\"}", "{\"a\":\"\\ud800\\u0041\"}", "{\"a\":\"\xc0\x80\"}", "{\"a\":\"\xed\xa0\x80\"}",
         "{\"a\":\"\xf4\x90\x80\x80\"}", "{}x", "{} x", "{\"a\":1.}", "{\"a\":-}", "{\"a\":1e}", "{\"a\":.5}", "{\"a\":+1}",
-        "{\"a\":tru}", "{\"a\":True}", "{\"a\":1e100}", "{\"a\":1234567890123456789}", "{\"a\":-1E+999}", "{'a':1}", "{\"a\":[1 2]}", "{\"a\":\"\\x\"}", "{\"a\":1}}", "{\"a\":[}",
+        "{\"a\":tru}", "{\"a\":True}", "{\"a\":\"\\u0000\"}", "{\"\\u0000\":1}", "{\"a\":1e100}", "{\"a\":1234567890123456789}", "{\"a\":-1E+999}", "{'a':1}", "{\"a\":[1 2]}", "{\"a\":\"\\x\"}", "{\"a\":1}}", "{\"a\":[}",
         "{                  }",  // more whitespace in a row than the limit
     };
     Rng rng;
@@ -78,7 +78,7 @@ TEST(test_json_prefix_refuses) {
 TEST(test_json_prefix_agrees_with_jansson) {
     static const char *const frag[] = {
         "{", "}", "[", "]", ":", ",", " ", "\n", "\"k\"", "\"a b\"", "1", "-2", "0", "3.5", "1e3 ", "-0.25E-2 ", "true",
-        "false", "null", "\"\\n\"", "\"\\u00e9\"", "\"\xc3\xa9\"", "\"", "\\", "e", ".", "-", "01", "\"\\ud83d\\ude00\"",
+        "false", "null", "\"\\n\"", "\"\\u00e9\"", "\"\\u0000\"", "\"\xc3\xa9\"", "\"", "\\", "e", ".", "-", "01", "\"\\ud83d\\ude00\"",
     };
     int nf = (int)(sizeof frag / sizeof frag[0]), objects = 0, prefixes = 0;
     Rng rng;

@@ -468,7 +468,7 @@ TEST(test_serve_openai_client_and_generate_agree) {
     json_t *ja = json_object_get(res, "json_answers");
     CHECK(json_is_array(ja) && json_array_size(ja) >= 2);
     for (size_t i = 0; i < json_array_size(ja); i++) {
-        json_t *a = json_array_get(ja, i), *o = json_loadb(json_string_value(a), json_string_length(a), JSON_ALLOW_NUL, NULL);
+        json_t *a = json_array_get(ja, i), *o = json_loadb(json_string_value(a), json_string_length(a), 0, NULL);
         CHECK_MSG(o && json_is_object(o), "a JSON-mode answer is not an object for jansson: %s", json_string_value(a));
         json_decref(o);
     }

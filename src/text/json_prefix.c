@@ -162,7 +162,7 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
             p->state = S_STRING;
             return 0;
         }
-        if (low) return -1;  // a low surrogate alone
+        if (low || p->code == 0) return -1;  // a low surrogate alone; U+0000, which many parsers refuse
         p->low_due = (uint8_t)high;
         p->state = high ? S_LOW_SLASH : S_STRING;
         return 0;

@@ -7,9 +7,10 @@
 // JSON_PREFIX_MAX_DEPTH deep, strings of valid UTF-8 (split anywhere between feeds) with the JSON
 // escapes, numbers in JSON's grammar, true / false / null. Refused as well, to keep generation from
 // running away: more than JSON_PREFIX_MAX_SPACE whitespace bytes in a row outside strings, and
-// anything but that much whitespace after the closing brace; and numbers a common parser cannot
-// hold (jansson refuses an integer past int64 and an exponent past a double's): at most
-// JSON_PREFIX_MAX_INT_DIGITS integer digits and JSON_PREFIX_MAX_EXP_DIGITS exponent digits.
+// anything but that much whitespace after the closing brace; and what a common parser cannot
+// hold (jansson, by default, refuses each): the escape \u0000, an integer past int64, an exponent
+// past a double's — at most JSON_PREFIX_MAX_INT_DIGITS integer digits and
+// JSON_PREFIX_MAX_EXP_DIGITS exponent digits.
 #ifndef DSV3_TEXT_JSON_PREFIX_H
 #define DSV3_TEXT_JSON_PREFIX_H
 
