@@ -1,7 +1,8 @@
 // `dsv3 serve` under load: a bounded load generator on loopback against a server on the ~108M
 // benchmark model (bench/configs/v3-108m.json, BF16, random weights, a tokenizer trained on the
 // repository's documentation): 1, 4, 16 and 64 concurrent streams, each client sending
-// REQUESTS_PER_CLIENT streamed completions one after another (a prompt of PROMPT ids, GEN new
+// REQUESTS_PER_CLIENT streamed completions one after another (SOLO_REQUESTS for the single
+// stream, whose percentiles would otherwise rest on two samples; a prompt of PROMPT ids, GEN new
 // tokens, greedy, EOS ignored). Per level: aggregate generated tokens/s over the level's wall
 // time, time to first token and time per output token (after the first), p50 and p99.
 // Figures, not tests; it stops by itself. The aims of issue 11: aggregate tokens/s at 16 streams
@@ -24,12 +25,14 @@
 #define PROMPT 64
 #define GEN 32
 #define REQUESTS_PER_CLIENT 2
+#define SOLO_REQUESTS 8
 #define MAX_CLIENTS 64
 
 typedef struct {
     int port, client;
     int n;                       // requests done
-    double ttft[REQUESTS_PER_CLIENT], tpot[REQUESTS_PER_CLIENT];
+    int requests;                // to send
+    double ttft[SOLO_REQUESTS], tpot[SOLO_REQUESTS];
     long tokens;
     int failed;
 } Client;
@@ -91,7 +94,7 @@ static int one_request(int port, int seed, double *ttft, double *tpot, long *tok
 
 static void *client_main(void *arg) {
     Client *c = arg;
-    for (int r = 0; r < REQUESTS_PER_CLIENT; r++) {
+    for (int r = 0; r < c->requests; r++) {
         long tok = 0;
         if (one_request(c->port, c->client * 100 + r, &c->ttft[r], &c->tpot[r], &tok)) {
             c->failed++;
@@ -149,7 +152,8 @@ int main(void) {
         return 1;
     }
     printf("-- dsv3 serve, v3-108m (BF16, random weights) on loopback: streamed completions, prompts of %d ids, %d new tokens,\n"
-           "   %d requests per client one after another; the prefix cache sees distinct prompts\n", PROMPT, GEN, REQUESTS_PER_CLIENT);
+           "   %d requests per client one after another (%d for the single stream); the prefix cache sees distinct prompts\n",
+           PROMPT, GEN, REQUESTS_PER_CLIENT, SOLO_REQUESTS);
     double wt, wp;  // one request first, untimed: the server's first pass touches its memory
     long wn;
     if (one_request(port, 999999, &wt, &wp, &wn)) fprintf(stderr, "bench_serve: the warm-up request failed\n");
@@ -162,11 +166,11 @@ int main(void) {
         pthread_t th[MAX_CLIENTS];
         double t0 = bench_now();
         for (int i = 0; i < nc; i++) {
-            cl[i] = (Client){.port = port, .client = l * 1000 + i};
+            cl[i] = (Client){.port = port, .client = l * 1000 + i, .requests = nc == 1 ? SOLO_REQUESTS : REQUESTS_PER_CLIENT};
             pthread_create(&th[i], NULL, client_main, &cl[i]);
         }
         for (int i = 0; i < nc; i++) pthread_join(th[i], NULL);
-        double wall = bench_now() - t0, ttft[MAX_CLIENTS * REQUESTS_PER_CLIENT], tpot[MAX_CLIENTS * REQUESTS_PER_CLIENT];
+        double wall = bench_now() - t0, ttft[MAX_CLIENTS * SOLO_REQUESTS], tpot[MAX_CLIENTS * SOLO_REQUESTS];
         long tokens = 0;
         int n = 0, failed = 0;
         for (int i = 0; i < nc; i++) {
