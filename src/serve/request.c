@@ -256,6 +256,7 @@ static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
     }
     TRY(parse_stop(r, body, e));
     TRY(get_int(body, "n", 1, SERVE_MAX_N, &r->n, e));
+    r->best_of = r->n;
     TRY(get_bool(body, "stream", &r->stream, e));
     json_t *so = field(body, "stream_options");
     if (so && !json_is_object(so)) return api_error(e, 400, "stream_options", "invalid_type", "'stream_options' must be an object");
@@ -279,12 +280,13 @@ static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
             r->top_logprobs = lp;
         }
         TRY(get_bool(body, "echo", &r->echo, e));
-        // best_of (more answers drawn than returned) and suffix (fill in the middle) are not done:
-        // refused rather than ignored, since ignoring them would answer a different question
-        int best_of = r->n;
-        TRY(get_int(body, "best_of", 1, SERVE_MAX_N, &best_of, e));
-        if (best_of != r->n)
-            return api_error(e, 400, "best_of", "unsupported_value", "'best_of' other than 'n' is not supported");
+        TRY(get_int(body, "best_of", 1, SERVE_MAX_N, &r->best_of, e));
+        if (r->best_of < r->n)
+            return api_error(e, 400, "best_of", "invalid_value", "'best_of' is %d; it must be at least 'n' (%d)", r->best_of, r->n);
+        if (r->best_of > r->n && r->stream)
+            return api_error(e, 400, "best_of", "invalid_value", "'best_of' greater than 'n' cannot be streamed");
+        // suffix (fill in the middle) is not done: refused rather than ignored, since ignoring it
+        // would answer a different question
         json_t *suffix = field(body, "suffix");
         if (suffix && !(json_is_string(suffix) && json_string_length(suffix) == 0))
             return api_error(e, 400, "suffix", "unsupported_value", "'suffix' is not supported");

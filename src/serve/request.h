@@ -55,7 +55,8 @@ typedef struct ServeRequest {
     unsigned long long seed;
     char *stop[STOP_TEXT_MAX];  // owned
     int n_stop;
-    int n;                    // choices
+    int n;                    // choices (per prompt)
+    int best_of;              // completions: answers drawn per prompt, the n most likely per token returned
     int stream, include_usage;
     int logprobs;             // report log-probabilities
     int top_logprobs;         // and this many alternatives (≤ 20)

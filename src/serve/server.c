@@ -35,6 +35,7 @@ typedef struct Choice {
     int index;
     int prompt;          // its prompt in Job.prompts
     int echoed;          // echo: the prompt's text has gone out
+    double sum_logprob;  // of the answer's tokens (best_of ranks the answers by its mean)
     int seq;             // the engine's id, -1 until added
     int live;            // the engine has it (added, not ended)
     int cancel;          // to be cancelled: its stop string appeared, or the request failed
@@ -76,7 +77,10 @@ struct Job {
     int stop_ids[1];
     char *stops[STOP_TEXT_MAX];  // the request's stop strings, which every choice's StopText points into
     int stream, include_usage;
-    int n;               // choices in all: n per prompt
+    int n;               // answers drawn in all: per_prompt per prompt
+    int per_prompt;      // best_of (n without it)
+    int n_out;           // answers returned per prompt: n
+    int report_logprobs; // the request asked for logprobs (best_of computes them anyway)
     int json_mode;       // response_format json_object
     Choice *ch;
     int n_finished;      // choices whose answer is complete
@@ -365,7 +369,7 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
     pthread_mutex_lock(&s->mu);
     Error err;
     if (t->prompt) {  // echo with logprobs: the prompt's tokens come first
-        if (j->sp.logprobs && !c->finish) add_logprobs(j, c, t);
+        if (j->report_logprobs && !c->finish) add_logprobs(j, c, t);
         pthread_mutex_unlock(&s->mu);
         return;
     }
@@ -379,7 +383,8 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
     }
     if (t->token >= 0 && !c->finish) {
         c->n_tokens++;
-        if (j->sp.logprobs) add_logprobs(j, c, t);
+        if (j->report_logprobs) add_logprobs(j, c, t);
+        if (j->sp.logprobs) c->sum_logprob += t->logprob;
         const char *text;
         size_t n;
         ByteBuf settled = {0};
@@ -402,7 +407,7 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
             deliver(j, c, settled.p, settled.n);
             if (rc == 1) choice_finish(j, c, "stop");
             // asked for logprobs, a stream has a chunk per token, even one whose text is not settled yet
-            else if (j->stream && j->sp.logprobs && settled.n == 0) stream_piece(j, c, "", 0, NULL);
+            else if (j->stream && j->report_logprobs && settled.n == 0) stream_piece(j, c, "", 0, NULL);
         }
         bb_free(&settled);
     }
@@ -588,17 +593,33 @@ static void stream_free(void *cls) {
 // The whole answer of a request that does not stream (Server.mu held, the job complete).
 static json_t *answer_json(Job *j) {
     json_t *choices = json_array();
-    for (int i = 0; i < j->n; i++) {
-        Choice *c = &j->ch[i];
-        const char *text = c->text.p ? c->text.p : "";
-        json_t *lp = lp_take(j, c), *o;
-        if (j->kind == API_CHAT)
-            o = json_pack("{s:i, s:{s:s, s:s%}, s:o, s:s}", "index", i, "message", "role", "assistant", "content", text,
-                          c->text.n, "logprobs", lp, "finish_reason", c->finish);
-        else
-            o = json_pack("{s:i, s:s%, s:o, s:s}", "index", i, "text", text, c->text.n, "logprobs", lp, "finish_reason",
-                          c->finish);
-        json_array_append_new(choices, o);
+    int per = j->per_prompt, order[SERVE_MAX_N];
+    for (int i = 0; i < j->n; i += per) {
+        // best_of: the prompt's answers by mean log-probability per token, best first (ties: drawn first)
+        for (int k = 0; k < per; k++) order[k] = i + k;
+        for (int a = 1; per > j->n_out && a < per; a++)
+            for (int b = a; b > 0; b--) {
+                const Choice *x = &j->ch[order[b - 1]], *y = &j->ch[order[b]];
+                double mx = x->sum_logprob / (x->n_tokens > 0 ? x->n_tokens : 1);
+                double my = y->sum_logprob / (y->n_tokens > 0 ? y->n_tokens : 1);
+                if (!(my > mx)) break;
+                int t = order[b - 1];
+                order[b - 1] = order[b];
+                order[b] = t;
+            }
+        for (int k = 0; k < j->n_out; k++) {
+            Choice *c = &j->ch[order[k]];
+            int index = i / per * j->n_out + k;
+            const char *text = c->text.p ? c->text.p : "";
+            json_t *lp = lp_take(j, c), *o;
+            if (j->kind == API_CHAT)
+                o = json_pack("{s:i, s:{s:s, s:s%}, s:o, s:s}", "index", index, "message", "role", "assistant", "content",
+                              text, c->text.n, "logprobs", lp, "finish_reason", c->finish);
+            else
+                o = json_pack("{s:i, s:s%, s:o, s:s}", "index", index, "text", text, c->text.n, "logprobs", lp,
+                              "finish_reason", c->finish);
+            json_array_append_new(choices, o);
+        }
     }
     return json_pack("{s:s, s:s, s:I, s:s, s:o, s:o}", "id", j->id, "object",
                      j->kind == API_CHAT ? "chat.completion" : "text_completion", "created", (json_int_t)j->created,
@@ -659,7 +680,9 @@ static int echo_text(Server *s, const ServeRequest *r, int i, const TokIds *ids,
 static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int fd) {
     Job *j = calloc(1, sizeof *j);
     if (!j) return NULL;
-    j->n = np * r->n;
+    j->per_prompt = r->kind == API_COMPLETION ? r->best_of : r->n;
+    j->n_out = r->n;
+    j->n = np * j->per_prompt;
     j->ch = calloc(j->n, sizeof *j->ch);
     j->prompts = calloc(np, sizeof *j->prompts);
     int oom = !j->ch || !j->prompts;
@@ -716,7 +739,8 @@ static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int f
         sp->bias_values = j->bias_values;
         sp->n_bias = r->n_bias;
     }
-    sp->logprobs = r->logprobs;
+    sp->logprobs = r->logprobs || j->per_prompt > j->n_out;  // best_of ranks by them
+    j->report_logprobs = r->logprobs;
     sp->top_logprobs = r->top_logprobs;
     sp->prompt_logprobs = r->kind == API_COMPLETION && r->echo && r->logprobs;
     pthread_mutex_lock(&s->mu);
@@ -729,7 +753,7 @@ static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int f
         Choice *c = &j->ch[i];
         c->job = j;
         c->index = i;
-        c->prompt = i / r->n;
+        c->prompt = i / j->per_prompt;
         c->seq = -1;
         c->echoed = !j->prompts[c->prompt].echo;
         if (r->json_mode) {
@@ -775,10 +799,11 @@ static enum MHD_Result handle_completion(Server *s, struct MHD_Connection *conn,
         }
     for (int i = 0; i < np; i++)
         if (prompt_ids(s, &r, i, &ids[i], &e)) goto fail;
-    if (np * r.n > s->o.parallel + s->o.max_queue) {  // could never be admitted: not a matter of retrying
-        api_error(&e, 400, "n", "invalid_value",
-                  "%d prompts × 'n' %d answers; this server holds %d sequences at once (--parallel + --max-queue)", np, r.n,
-                  s->o.parallel + s->o.max_queue);
+    int drawn = kind == API_COMPLETION ? r.best_of : r.n;
+    if (np * drawn > s->o.parallel + s->o.max_queue) {  // could never be admitted: not a matter of retrying
+        api_error(&e, 400, drawn > r.n ? "best_of" : "n", "invalid_value",
+                  "%d prompts × %d answers drawn; this server holds %d sequences at once (--parallel + --max-queue)", np,
+                  drawn, s->o.parallel + s->o.max_queue);
         goto fail;
     }
     j = job_new(s, &r, ids, np, connection_fd(conn));

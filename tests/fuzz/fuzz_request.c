@@ -51,6 +51,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (int i = 0; i < r.n_bias; i++)
             if (r.bias_ids[i] < 0 || !(r.bias_values[i] >= -100 && r.bias_values[i] <= 100)) abort();
         if (r.max_tokens == 0 && !r.echo) abort();
+        if (r.best_of < r.n || r.best_of > SERVE_MAX_N || (r.best_of > r.n && r.stream)) abort();
         check_stops(&r, data, size);
         serve_request_free(&r);
     }

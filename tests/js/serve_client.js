@@ -191,6 +191,16 @@ async function main() {
     eq(jr.choices.map((c) => js.texts[c.index]), jr.choices.map((c) => c.message.content), 'JSON mode, streamed');
     result.json_answers = jr.choices.filter((c) => c.finish_reason === 'stop').map((c) => c.message.content);
 
+    // best_of: of best_of answers drawn (choice k with seed + k, as n draws them), the n with the
+    // highest mean log-probability per token, best first; usage counts every answer drawn
+    const drawn = await client.completions.create({ model, prompt, max_tokens: 8, temperature: 1, seed: 77, n: 4, logprobs: 0 });
+    const mean = (c) => c.logprobs.token_logprobs.reduce((a, b) => a + b, 0) / c.logprobs.token_logprobs.length;
+    const ranked = drawn.choices.map((c) => ({ text: c.text, m: mean(c) })).sort((a, b) => b.m - a.m);
+    const best = await client.completions.create({ model, prompt, max_tokens: 8, temperature: 1, seed: 77, n: 2, best_of: 4 });
+    eq(best.choices.map((c) => c.index), [0, 1], 'best_of: n choices');
+    eq(best.choices.map((c) => c.text), ranked.slice(0, 2).map((r) => r.text), 'best_of: the two most likely per token');
+    eq(best.usage.completion_tokens, drawn.usage.completion_tokens, 'best_of: usage counts every answer drawn');
+
     // n > 1: sampled with a seed, repeatable, one finish per choice
     const req = { model, prompt, max_tokens: 12, temperature: 1.0, seed: 1234, n: 3 };
     const a = await client.completions.create(req), b = await client.completions.create(req);
