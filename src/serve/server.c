@@ -16,10 +16,10 @@
 
 #include "infer/engine.h"
 #include "model/model.h"
+#include "serve/json_mode.h"
 #include "serve/request.h"
 #include "serve/server.h"
 #include "serve/stop_text.h"
-#include "text/json_prefix.h"
 #include "text/tokenizer.h"
 
 #define PING_S 10.0            // an idle stream gets an SSE comment this often (default of --sse-ping)
@@ -47,10 +47,8 @@ typedef struct Choice {
     ByteBuf text;        // the answer (not streaming)
     json_t *lp;          // log-probabilities not yet sent: chat, an array of entries; completions, parallel arrays
     long text_offset;    // completions' logprobs.text_offset: bytes of token text so far
-    // JSON mode: the answer so far as a JSON prefix, the engine's hook, and which ids may follow
-    JsonPrefix jp;
-    TokenConstraint tc;
-    uint8_t *allow;      // (vocab)
+    JsonMode json;       // JSON mode: the answer as a constraint
+    TokenConstraint tc;  // its hook for the engine
 } Choice;
 
 // A prompt of a request, as token ids, and its text when the answer echoes it.
@@ -175,7 +173,7 @@ static void job_unref(Job *j) {
         stop_text_free(&c->stop);
         bb_free(&c->text);
         json_decref(c->lp);
-        free(c->allow);
+        json_mode_free(&c->json);
     }
     for (int i = 0; i < STOP_TEXT_MAX; i++) free(j->stops[i]);
     free(j->ch);
@@ -324,42 +322,6 @@ static void add_logprobs(Job *j, Choice *c, const EngineToken *t) {
     json_decref(e);
 }
 
-// JSON mode's constraint (on the engine thread, as the engine calls it): an id may follow when its
-// bytes continue the answer as the beginning of a JSON object; special tokens never, except the
-// ends of an answer once the object is complete (the answer stops there anyway: on_token). When no
-// id would fit, the logits stay as they are.
-static int json_end_id(const Job *j, int id) {
-    return id == j->srv->m.cfg.eos_token_id || (j->sp.n_stop_ids > 0 && id == j->sp.stop_ids[0]);
-}
-
-static void json_mask(void *ctx, float *logits, int V) {
-    Choice *c = ctx;
-    Server *s = c->job->srv;
-    int complete = json_prefix_complete(&c->jp), any = 0;
-    for (int id = 0; id < V; id++) {
-        size_t n = 0;
-        const char *b = id < s->tok_vocab && !tok_is_special(s->tok, id) ? tok_token_bytes(s->tok, id, &n) : NULL;
-        int ok = json_end_id(c->job, id) ? complete : 0;
-        if (!ok && b && n > 0 && !complete) {
-            JsonPrefix t = c->jp;
-            ok = json_prefix_feed(&t, b, n) == 0;
-        }
-        c->allow[id] = (uint8_t)ok;
-        any |= ok;
-    }
-    if (any)
-        for (int id = 0; id < V; id++)
-            if (!c->allow[id]) logits[id] = -INFINITY;
-}
-
-static void json_accept(void *ctx, int token) {
-    Choice *c = ctx;
-    Server *s = c->job->srv;
-    size_t n = 0;
-    const char *b = token < s->tok_vocab && !tok_is_special(s->tok, token) ? tok_token_bytes(s->tok, token, &n) : NULL;
-    if (b && n > 0 && !json_prefix_complete(&c->jp)) json_prefix_feed(&c->jp, b, n);
-}
-
 // The engine's callback (on the engine thread): decode, stop strings, deliver.
 static void on_token(void *owner, int seq, const EngineToken *t) {
     Choice *c = owner;
@@ -395,7 +357,7 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         if (rc < 0) {
             job_fail(j, 500, "out of memory decoding the answer");
         } else {
-            if (rc == 0 && j->json_mode && json_prefix_complete(&c->jp)) {
+            if (rc == 0 && j->json_mode && json_mode_complete(&c->json)) {
                 // the object is complete: the answer ends here, its held-back text settled
                 const char *rest;
                 size_t rn;
@@ -757,9 +719,9 @@ static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int f
         c->seq = -1;
         c->echoed = !j->prompts[c->prompt].echo;
         if (r->json_mode) {
-            json_prefix_init(&c->jp);
-            c->tc = (TokenConstraint){.ctx = c, .mask = json_mask, .accept = json_accept};
-            if (!(c->allow = malloc(s->vocab))) oom = 1;
+            int ends[2] = {s->m.cfg.eos_token_id, sp->n_stop_ids > 0 ? sp->stop_ids[0] : -1};
+            if (json_mode_init(&c->json, s->tok, s->vocab, ends, 2)) oom = 1;
+            c->tc = json_mode_constraint(&c->json);
         }
         tok_stream_init(&c->ts, s->tok, TOK_SKIP_SPECIAL);
         stop_text_init(&c->stop, (const char *const *)j->stops, r->n_stop);
