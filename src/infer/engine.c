@@ -604,13 +604,15 @@ static int step_forward(Engine *e, int used, Error *err) {
         if (take > ABSORBED_PREFILL_ROWS && !s->p.prompt_logprobs) continue;  // a plain chunk, next step
         take = take < left ? take : left;
         take = take < e->step_rows - rows ? take : e->step_rows - rows;
-        if (s->p.prompt_logprobs && take > e->logit_rows - lrows) take = e->logit_rows - lrows;  // every row's
-        if (take <= 0 || lrows + 1 > e->logit_rows) break;
-        lrows += s->p.prompt_logprobs ? take : s->prefilled + take == s->n_prompt;
+        // logits: a piece of a prompt_logprobs sequence keeps every row's, another only its last
+        // row's, when it ends the prompt
+        if (s->p.prompt_logprobs && take > e->logit_rows - lrows) take = e->logit_rows - lrows;
+        if (take <= 0 || lrows == e->logit_rows) break;
         if (kvcache_reserve(&s->kv, s->prefilled + take, err)) {
             fail_seq(e, s);
             continue;
         }
+        lrows += s->p.prompt_logprobs ? take : s->prefilled + take == s->n_prompt;
         s->piece = take;
         used += take;
         rows += take;
