@@ -871,3 +871,45 @@ TEST(test_serve_shared_prefix_hits_the_cache) {
     CHECK_MSG(hits >= 2 * 16 && hits_off == 0, "the shared system prompt was not reused: %g hit positions (%g without the cache)",
               hits, hits_off);
 }
+
+// The same JSON mode and logit bias from the command line: `dsv3 generate --json` stops by itself
+// exactly when its answer is a complete object (jansson parses it), else it ran to --max-new;
+// `--logit-bias ID=100` makes every token that id.
+TEST(test_cli_generate_json_and_logit_bias) {
+    const char *dir = model_dir();
+    CHECK(dir);
+    char out[8192], bias[256] = "";
+    static const char *const chars[] = {"\"", "}", ":", ",", "1"};
+    for (int i = 0; i < 5; i++) {  // the structural characters' ids, favoured so that objects close
+        CHECK(test_run(out, sizeof out, "printf '%%s' '%s' | %s tokenize --tokenizer %s/tokenizer.json", chars[i], test_bin(),
+                       dir) == 0);
+        int id = atoi(out);
+        snprintf(bias + strlen(bias), sizeof bias - strlen(bias), "%s%d=6", i ? "," : "", id);
+    }
+    int closed = 0;
+    for (int seed = 1; seed <= 4; seed++) {
+        char txt[600], stats[600];
+        snprintf(txt, sizeof txt, "%s/serve/json-%d.txt", test_tmpdir(), seed);
+        snprintf(stats, sizeof stats, "%s/serve/json-%d.stats", test_tmpdir(), seed);
+        CHECK(test_run(out, sizeof out, "%s generate --model %s --prompt 'data:' --json --temperature 1 --seed %d --max-new 300 "
+                       "--logit-bias %s --stats-json %s > %s", test_bin(), dir, seed, bias, stats, txt) == 0);
+        size_t n;
+        char *answer = test_read_file(txt, &n), *st = test_read_file(stats, NULL);
+        CHECK(answer && st && n > 0 && answer[n - 1] == '\n');
+        json_t *s = json_loads(st, 0, NULL), *o = json_loadb(answer, n - 1, 0, NULL);
+        long generated = (long)json_integer_value(json_object_get(s, "generated_tokens"));
+        CHECK_MSG(generated < 300 ? o && json_is_object(o) : generated == 300,
+                  "seed %d: %ld tokens, %s: %.200s", seed, generated, o ? "parsed" : "not an object", answer);
+        closed += generated < 300;
+        json_decref(s), json_decref(o);
+        free(answer), free(st);
+    }
+    printf("    generate --json: %d of 4 sampled answers closed their object, each parsed by jansson\n", closed);
+    CHECK(closed >= 2);
+    // +100 on an id: every token is it
+    CHECK(test_run(out, sizeof out, "%s generate --model %s --tokens 5,6,7 --max-new 5 --logit-bias 42=100", test_bin(), dir) == 0);
+    CHECK_MSG(!strcmp(out, "42 42 42 42 42\n"), "%s", out);
+    CHECK(test_run(out, sizeof out, "%s generate --model %s --tokens 5 --logit-bias 3=101 2>&1", test_bin(), dir) != 0 &&
+          strstr(out, "--logit-bias"));
+    CHECK(test_run(out, sizeof out, "%s generate --model %s --tokens 5 --json 2>&1", test_bin(), dir) != 0 && strstr(out, "--json"));
+}

@@ -4,6 +4,7 @@
 // prompt in input order (the line --tokens prints for it alone; line k samples with seed S + k).
 // Under mpirun with --expert-parallel E every rank runs the same sequences with its share of the
 // routed experts (the sums of each MoE layer added up over the ranks); rank 0 alone prints.
+// --json constrains a --prompt's answer to a JSON object (serve/json_mode.h) and ends it there.
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,13 +16,14 @@
 #include "cli/util.h"
 #include "infer/engine.h"
 #include "model/model.h"
+#include "serve/json_mode.h"
 #include "text/tokenizer.h"
 #include "text/token_list.h"
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
                                      "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype",
-                                     "speculative", "expert-parallel", "compute", NULL};
-static const char *const FLAGS[] = {"chat", "no-mmap", "stats", NULL};
+                                     "speculative", "expert-parallel", "compute", "logit-bias", NULL};
+static const char *const FLAGS[] = {"chat", "no-mmap", "stats", "json", NULL};
 
 // --parallel's default: sequences decoded at once when --batch-file gives several.
 #define DEFAULT_PARALLEL 4
@@ -68,6 +70,8 @@ typedef struct {
     int *n_out, *cap_out;
     Error *err;
     int failed;
+    JsonMode *json;     // --json: the answer ends once its object is complete
+    Engine *e;
 } Sink;
 
 static void on_token(void *owner, int seq, const EngineToken *et) {
@@ -88,6 +92,7 @@ static void on_token(void *owner, int seq, const EngineToken *et) {
                 return;
             }
             fwrite(text, 1, n, stdout);
+            if (k->json && json_mode_complete(k->json)) engine_cancel(k->e, seq);  // reports back here, token -1
         } else {
             printf(k->n_out[0] ? " %d" : "%d", token);
         }
@@ -131,6 +136,9 @@ int cmd_generate(int argc, char **argv) {
     const char *dir;
     long parallel, chunk, spec;
     SeqParams sp = seq_params_default();  // greedy, 32 tokens unless told otherwise
+    JsonMode json = {0};
+    int *bias_ids = NULL, n_bias = 0;
+    float *bias_values = NULL;
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
         parse_sampling(&a, &sp, &err) || args_long(&a, "parallel", DEFAULT_PARALLEL, 1, 1024, &parallel, &err) ||
         args_long(&a, "prefill-chunk", DEFAULT_PREFILL_CHUNK, 1, 1 << 20, &chunk, &err) ||
@@ -138,6 +146,10 @@ int cmd_generate(int argc, char **argv) {
         return cli_fail(cmd, &err);
     DType kv_dtype;
     if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
+    if (args_flag(&a, "json") && !args_str(&a, "prompt", NULL)) {
+        err_set(&err, "--json needs --prompt (the answer's text is checked with the model's tokenizer)");
+        return cli_fail(cmd, &err);
+    }
     Tokenizer *tok = NULL;
     int **prompts = NULL, *lens = NULL, np = 0, rc = 1;
     const char *batch = args_str(&a, "batch-file", NULL);
@@ -164,6 +176,8 @@ int cmd_generate(int argc, char **argv) {
     Model m;
     Engine *e = NULL;
     Sink k = {.tok = tok, .stream = !batch, .err = &err};
+    if (parse_logit_bias(&a, &bias_ids, &bias_values, &n_bias, &err)) goto done_prompts;
+    sp.bias_ids = bias_ids, sp.bias_values = bias_values, sp.n_bias = n_bias;
     if (args_flag(&a, "no-mmap")) st_set_load_mode(ST_READ);
     ExpertParallel *ep = NULL;
     long E;
@@ -189,6 +203,18 @@ int cmd_generate(int argc, char **argv) {
     }
     e = engine_new(&m, &eo, &err);
     if (!e) goto done;
+    TokenConstraint tc;
+    if (args_flag(&a, "json")) {
+        int ends[2] = {m.cfg.eos_token_id, args_flag(&a, "chat") || args_str(&a, "system", NULL) ? tok_eos_id(tok) : -1};
+        if (json_mode_init(&json, tok, m.cfg.vocab_size, ends, 2)) {
+            err_set(&err, "out of memory");
+            goto done;
+        }
+        tc = json_mode_constraint(&json);
+        sp.constraint = &tc;
+        k.json = &json;
+        k.e = e;
+    }
     for (int i = 0; i < np; i++) {
         SeqParams si = sp;
         si.seed = sp.seed + (unsigned long long)i;  // sequence k samples with seed S + k
@@ -249,6 +275,9 @@ done_prompts:
     cli_fail(cmd, &err);
 done_free:
     token_lists_free(prompts, lens, np);
+    json_mode_free(&json);
+    free(bias_ids);
+    free(bias_values);
     tok_free(tok);
     return rc;
 }

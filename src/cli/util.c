@@ -22,6 +22,35 @@ int cli_fail(const char *cmd, const Error *err) {
     return 1;
 }
 
+int parse_logit_bias(const Args *a, int **ids, float **values, int *n, Error *err) {
+    const char *v = args_str(a, "logit-bias", NULL);
+    *ids = NULL;
+    *values = NULL;
+    *n = 0;
+    if (!v) return 0;
+    int cap = 1;
+    for (const char *p = v; *p; p++) cap += *p == ',';
+    *ids = malloc(sizeof(int) * cap);
+    *values = malloc(sizeof(float) * cap);
+    if (!*ids || !*values) return err_set(err, "--logit-bias: out of memory");
+    for (const char *p = v;;) {
+        char *end;
+        long id = strtol(p, &end, 10);
+        double b = 0;
+        int ok = end != p && *end == '=' && id >= 0 && id <= 0x7fffffff;
+        if (ok) {
+            const char *q = end + 1;
+            b = strtod(q, &end);
+            ok = end != q && (*end == ',' || *end == '\0') && b >= -100 && b <= 100;
+        }
+        if (!ok) return err_set(err, "--logit-bias '%.60s': give ID=BIAS pairs separated by commas, BIAS in [-100, 100]", v);
+        (*ids)[*n] = (int)id;
+        (*values)[(*n)++] = (float)b;
+        if (*end == '\0') return 0;
+        p = end + 1;
+    }
+}
+
 int parse_sampling(const Args *a, SeqParams *sp, Error *err) {
     long max_new, top_k, seed;
     double temp, top_p;

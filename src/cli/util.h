@@ -14,6 +14,9 @@ int parse_token_list(const char *s, int **out, int *n, Error *err);
 // --max-new, --temperature, --top-p, --top-k and --seed into *sp, whose fields on entry are the
 // command's defaults; an error names the option.
 int parse_sampling(const Args *a, SeqParams *sp, Error *err);
+// --logit-bias ID=BIAS[,ID=BIAS...] (OpenAI's logit_bias: BIAS in [-100, 100] added to that id's
+// logit): *ids and *values allocated (free them), *n pairs; none when the option is absent.
+int parse_logit_bias(const Args *a, int **ids, float **values, int *n, Error *err);
 // --kv-dtype f32|bf16 (default f32) as the KV cache's element type; an error names the option.
 int parse_kv_dtype(const Args *a, DType *out, Error *err);
 // Monotonic wall-clock seconds, for the commands' --stats lines.
