@@ -315,27 +315,43 @@ TEST(test_cli_kv_dtype) {
     CHECK_MSG(rc == 1 && strstr(o, "--kv-dtype") && strstr(o, "fp8"), "%s", o);
 }
 
+// The golden model's prompt (tokens.txt, up to 64 ids) and the independent reference's logits for
+// it (logits.f32, (T, V)); 0, or -1 when the files are missing or do not agree in size.
+static int read_golden(int V, int *tok, int *T, float **ref) {
+    size_t len;
+    char *text = test_read_file(GOLDEN "/tokens.txt", NULL);
+    *ref = test_read_file(GOLDEN "/logits.f32", &len);
+    *T = 0;
+    for (char *p = text; p && *p && *T < 64;) {
+        tok[(*T)++] = (int)strtol(p, &p, 10);
+        while (*p == ',' || *p == '\n') p++;
+    }
+    int ok = text && *ref && len == sizeof(float) * (size_t)*T * V;
+    free(text);
+    return ok ? 0 : -1;
+}
+
+// log-softmax(row)[id] in float64, and the row's argmax in *best.
+static double ref_logprob(const float *row, int V, int id, int *best) {
+    double mx = row[0], sum = 0;
+    *best = 0;
+    for (int i = 1; i < V; i++)
+        if (row[i] > mx) mx = row[i], *best = i;
+    for (int i = 0; i < V; i++) sum += exp(row[i] - mx);
+    return row[id] - mx - log(sum);
+}
+
 // The first token's log-probabilities after the golden prompt against the log-softmax of the
 // independent float64 reference's logits (tests/data/v3/logits.f32, last row).
 TEST(test_engine_logprobs_match_the_reference_distribution) {
     Model m;
     Error err = {0};
     CHECK_MSG(model_load(&m, GOLDEN, 0, &err) == 0, "%s", err.msg);
-    size_t len;
-    char *text = test_read_file(GOLDEN "/tokens.txt", NULL);
-    float *ref = test_read_file(GOLDEN "/logits.f32", &len);
-    CHECK(text && ref);
-    int tok[64], T = 0, V = m.cfg.vocab_size;
-    for (char *p = text; *p && T < 64;) {
-        tok[T++] = (int)strtol(p, &p, 10);
-        while (*p == ',' || *p == '\n') p++;
-    }
-    CHECK(len == sizeof(float) * (size_t)T * V);
+    int tok[64], T, V = m.cfg.vocab_size;
+    float *ref;
+    CHECK_MSG(read_golden(V, tok, &T, &ref) == 0, GOLDEN ": tokens.txt and logits.f32 missing or of different sizes");
     const float *last = ref + (size_t)(T - 1) * V;
-    double mx = last[0], sum = 0;
-    for (int i = 1; i < V; i++) mx = last[i] > mx ? last[i] : mx;
-    for (int i = 0; i < V; i++) sum += exp(last[i] - mx);
-    double lse = mx + log(sum);
+    int best;
     SeqParams sp = seq_params_default();
     sp.max_new = 1;
     sp.temperature = 1.0f;  // a sampled token: its log-probability is not the largest in general
@@ -347,19 +363,18 @@ TEST(test_engine_logprobs_match_the_reference_distribution) {
     FirstToken f = {0};
     CHECK_MSG(e && engine_add(e, tok, T, &sp, keep_first, &f, &err) == 0 && run_all(e, &err) == 0, "%s", err.msg);
     CHECK(f.seen == 1 && f.first.finish == FINISH_LENGTH && f.first.n_top == 5);
-    CHECK_MSG(fabs(f.first.logprob - (last[f.first.token] - lse)) < 1e-5, "token %d: %g vs %g", f.first.token,
-              f.first.logprob, last[f.first.token] - lse);
+    double want = ref_logprob(last, V, f.first.token, &best);
+    CHECK_MSG(fabs(f.first.logprob - want) < 1e-5, "token %d: %g vs %g", f.first.token, f.first.logprob, want);
     for (int j = 0; j < 5; j++) {
         int id = f.first.top_ids[j], above = 0;  // the reference's rank of the j-th reported id
         for (int i = 0; i < V; i++) above += last[i] > last[id];
         CHECK_MSG(above == j, "alternative %d (id %d) ranks %d in the reference", j, id, above);
-        CHECK(fabs(f.first.top_logprobs[j] - (last[id] - lse)) < 1e-5);
+        CHECK(fabs(f.first.top_logprobs[j] - ref_logprob(last, V, id, &best)) < 1e-5);
     }
     SeqParams bad = sp;
     bad.top_logprobs = 21;
     CHECK(engine_add(e, tok, T, &bad, keep_first, &f, &err) == -1 && strstr(err.msg, "top_logprobs"));
     engine_free(e);
-    free(text);
     free(ref);
     model_free(&m);
 }
@@ -392,16 +407,9 @@ TEST(test_engine_prompt_logprobs_match_the_reference) {
     Model m;
     Error err = {0};
     CHECK_MSG(model_load(&m, GOLDEN, 0, &err) == 0, "%s", err.msg);
-    size_t len;
-    char *text = test_read_file(GOLDEN "/tokens.txt", NULL);
-    float *ref = test_read_file(GOLDEN "/logits.f32", &len);
-    CHECK(text && ref);
-    int tok[64], T = 0, V = m.cfg.vocab_size;
-    for (char *p = text; *p && T < 64;) {
-        tok[T++] = (int)strtol(p, &p, 10);
-        while (*p == ',' || *p == '\n') p++;
-    }
-    CHECK(len == sizeof(float) * (size_t)T * V);
+    int tok[64], T, V = m.cfg.vocab_size;
+    float *ref;
+    CHECK_MSG(read_golden(V, tok, &T, &ref) == 0, GOLDEN ": tokens.txt and logits.f32 missing or of different sizes");
     EngineOptions o = {.parallel = 2, .ctx = T + 4, .prefill_chunk = 5, .prefix_cache = 1};
     Engine *e = engine_new(&m, &o, &err);
     CHECK_MSG(e, "%s", err.msg);
@@ -423,13 +431,8 @@ TEST(test_engine_prompt_logprobs_match_the_reference) {
     CHECK(isnan(got[0].lp[0]) && got[0].tok[0] == tok[0]);
     double worst = 0;
     for (int t = 1; t < T; t++) {
-        const float *row = ref + (size_t)(t - 1) * V;
-        double mx = row[0], sum = 0;
-        int best = 0;
-        for (int i = 1; i < V; i++)
-            if (row[i] > mx) mx = row[i], best = i;
-        for (int i = 0; i < V; i++) sum += exp(row[i] - mx);
-        double want = row[tok[t]] - mx - log(sum), d = fabs(got[0].lp[t] - want);
+        int best;
+        double want = ref_logprob(ref + (size_t)(t - 1) * V, V, tok[t], &best), d = fabs(got[0].lp[t] - want);
         worst = d > worst ? d : worst;
         CHECK_MSG(got[0].tok[t] == tok[t] && d < 1e-4, "position %d: token %d logprob %g, reference %g", t, got[0].tok[t],
                   got[0].lp[t], want);
@@ -446,7 +449,6 @@ TEST(test_engine_prompt_logprobs_match_the_reference) {
     CHECK(run_alone(&m, p, 7, &plain, a, &err) == 6 && run_alone(&m, p, 7, &with, b, &err) == 6);
     CHECK(memcmp(a, b, sizeof(int) * 6) == 0);
     engine_free(e);
-    free(text);
     free(ref);
     model_free(&m);
 }

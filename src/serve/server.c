@@ -322,6 +322,16 @@ static void add_logprobs(Job *j, Choice *c, const EngineToken *t) {
     json_decref(e);
 }
 
+// The end of c's answer: the text its decoder and stop strings still hold, settled into *settled;
+// 1 when a stop string is completed there, 0, or -1 when memory runs out.
+static int settle_rest(Choice *c, ByteBuf *settled) {
+    const char *rest;
+    size_t n;
+    tok_stream_finish(&c->ts, &rest, &n);
+    int rc = stop_text_push(&c->stop, rest, n, settled);
+    return rc == 0 ? stop_text_finish(&c->stop, settled) : rc;
+}
+
 // The engine's callback (on the engine thread): decode, stop strings, deliver.
 static void on_token(void *owner, int seq, const EngineToken *t) {
     Choice *c = owner;
@@ -336,12 +346,10 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         return;
     }
     if (!c->echoed && !c->finish) {  // echo: the prompt's text (and log-probabilities) before the answer's
-        JobPrompt *p = &j->prompts[c->prompt];
+        const JobPrompt *p = &j->prompts[c->prompt];
         c->echoed = 1;
-        if (p->echo) {
-            if (j->stream) stream_piece(j, c, p->echo, p->echo_n, NULL);
-            else if (bb_append(&c->text, p->echo, p->echo_n)) j->out.n = 0;
-        }
+        if (j->stream) stream_piece(j, c, p->echo, p->echo_n, NULL);
+        else if (bb_append(&c->text, p->echo, p->echo_n)) j->out.n = 0;
     }
     if (t->token >= 0 && !c->finish) {
         c->n_tokens++;
@@ -357,15 +365,8 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         if (rc < 0) {
             job_fail(j, 500, "out of memory decoding the answer");
         } else {
-            if (rc == 0 && j->json_mode && json_mode_complete(&c->json)) {
-                // the object is complete: the answer ends here, its held-back text settled
-                const char *rest;
-                size_t rn;
-                tok_stream_finish(&c->ts, &rest, &rn);
-                rc = stop_text_push(&c->stop, rest, rn, &settled);
-                if (rc == 0) rc = stop_text_finish(&c->stop, &settled);
-                if (rc == 0) rc = 1;
-            }
+            if (rc == 0 && j->json_mode && json_mode_complete(&c->json))
+                rc = settle_rest(c, &settled) < 0 ? -1 : 1;  // the object is complete: the answer ends here
             deliver(j, c, settled.p, settled.n);
             if (rc == 1) choice_finish(j, c, "stop");
             // asked for logprobs, a stream has a chunk per token, even one whose text is not settled yet
@@ -379,12 +380,8 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         s->live_seqs--;
         if (!c->finish) {
             if (t->finish == FINISH_STOP || t->finish == FINISH_LENGTH) {
-                const char *text;
-                size_t n;
                 ByteBuf settled = {0};
-                tok_stream_finish(&c->ts, &text, &n);
-                int rc = stop_text_push(&c->stop, text, n, &settled);
-                if (rc == 0) rc = stop_text_finish(&c->stop, &settled);
+                int rc = settle_rest(c, &settled);
                 deliver(j, c, settled.p, settled.n);
                 bb_free(&settled);
                 choice_finish(j, c, rc == 1 || t->finish == FINISH_STOP ? "stop" : "length");
@@ -552,6 +549,8 @@ static void stream_free(void *cls) {
     pthread_mutex_unlock(&s->mu);
 }
 
+static double mean_logprob(const Choice *c) { return c->sum_logprob / (c->n_tokens > 0 ? c->n_tokens : 1); }
+
 // The whole answer of a request that does not stream (Server.mu held, the job complete).
 static json_t *answer_json(Job *j) {
     json_t *choices = json_array();
@@ -560,11 +559,7 @@ static json_t *answer_json(Job *j) {
         // best_of: the prompt's answers by mean log-probability per token, best first (ties: drawn first)
         for (int k = 0; k < per; k++) order[k] = i + k;
         for (int a = 1; per > j->n_out && a < per; a++)
-            for (int b = a; b > 0; b--) {
-                const Choice *x = &j->ch[order[b - 1]], *y = &j->ch[order[b]];
-                double mx = x->sum_logprob / (x->n_tokens > 0 ? x->n_tokens : 1);
-                double my = y->sum_logprob / (y->n_tokens > 0 ? y->n_tokens : 1);
-                if (!(my > mx)) break;
+            for (int b = a; b > 0 && mean_logprob(&j->ch[order[b]]) > mean_logprob(&j->ch[order[b - 1]]); b--) {
                 int t = order[b - 1];
                 order[b - 1] = order[b];
                 order[b] = t;
@@ -638,8 +633,9 @@ static int echo_text(Server *s, const ServeRequest *r, int i, const TokIds *ids,
     return p->echo ? 0 : -1;
 }
 
-// A job for the request's np prompts (ids, whose buffers it takes), r->n choices each.
-static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int fd) {
+// A job for the request's np prompts (ids, whose buffers it takes, as it takes the request's logit
+// bias), r->best_of answers each (r->n for chat).
+static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
     Job *j = calloc(1, sizeof *j);
     if (!j) return NULL;
     j->per_prompt = r->kind == API_COMPLETION ? r->best_of : r->n;
@@ -649,11 +645,10 @@ static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int f
     j->prompts = calloc(np, sizeof *j->prompts);
     int oom = !j->ch || !j->prompts;
     for (int i = 0; i < r->n_stop; i++) oom |= !(j->stops[i] = strdup(r->stop[i]));
-    if (!oom && r->n_bias > 0) {
-        j->bias_ids = malloc(sizeof(int) * r->n_bias);
-        j->bias_values = malloc(sizeof(float) * r->n_bias);
-        oom = !j->bias_ids || !j->bias_values;
-    }
+    j->bias_ids = r->bias_ids;  // the request's arrays become the job's
+    j->bias_values = r->bias_values;
+    r->bias_ids = NULL;
+    r->bias_values = NULL;
     pthread_cond_init(&j->cv, NULL);
     j->refs = 1;
     for (int i = 0; i < np && !oom; i++) {
@@ -694,13 +689,9 @@ static Job *job_new(Server *s, const ServeRequest *r, TokIds *ids, int np, int f
         sp->stop_ids = j->stop_ids;
         sp->n_stop_ids = 1;
     }
-    if (r->n_bias > 0) {
-        memcpy(j->bias_ids, r->bias_ids, sizeof(int) * r->n_bias);
-        memcpy(j->bias_values, r->bias_values, sizeof(float) * r->n_bias);
-        sp->bias_ids = j->bias_ids;
-        sp->bias_values = j->bias_values;
-        sp->n_bias = r->n_bias;
-    }
+    sp->bias_ids = j->bias_ids;
+    sp->bias_values = j->bias_values;
+    sp->n_bias = r->n_bias;
     sp->logprobs = r->logprobs || j->per_prompt > j->n_out;  // best_of ranks by them
     j->report_logprobs = r->logprobs;
     sp->top_logprobs = r->top_logprobs;
