@@ -20,6 +20,7 @@ enum {
     NC = 256,  // columns of B packed at a time: NC × KC BF16 (128 KiB, L2); a panel 16 KiB (L1)
     CH = LOWP_FP8_CHUNK,
     KCH = KC / CH,  // chunks per slice
+    PF_PAIRS = 4,   // row pairs a transposed operand's pack prefetches ahead
 };
 
 // x rounded to BF16 (nearest even, NaN quieted), the result's low 16 bits zero — the same integer
@@ -138,11 +139,61 @@ AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const Lo
     }
 }
 
-AVX512BF16 static void pack(uint32_t *out, int stride, const LowpOperand *o, int i0, int n, int k0, int kc, int K) {
-    switch (o->fmt) {
-    case LOWP_BF16: pack_group(LOWP_BF16, out, stride, o, i0, n, k0, kc, K); break;
-    case LOWP_E4M3: pack_group(LOWP_E4M3, out, stride, o, i0, n, k0, kc, K); break;
-    default: pack_group(LOWP_E5M2, out, stride, o, i0, n, k0, kc, K); break;
+// Packs rows [i0, i0 + len) (len <= 256) of a transposed operand into tiles of W rows (W = MR or
+// NR): tile t at out + t * W * kp_n, word (kp, i) at kp * W + i within it — or kp * (its width)
+// for a narrower last tile when narrow_last (A's tiles; B's panels keep NR). The same words as
+// pack_group, but walking the source a row pair at a time across all of [i0, i0 + len): each pair
+// is two sequential reads, where a group at a time would read 64 bytes from each of kc rows.
+AVX512_INLINE void pack_trans_span(const int fmt, uint32_t *out, int W, int narrow_last, const LowpOperand *o, int i0,
+                                   int len, int k0, int kc, int K) {
+    const int kp_n = (kc + 1) / 2, seg = W < 16 ? W : 16, last = (len - 1) / W;
+    float sv[256];
+    for (int kp = 0; kp < kp_n; kp++) {
+        int k = k0 + 2 * kp;
+        if (fmt != LOWP_BF16 && (kp == 0 || k % CH == 0))  // the rows' scales for this chunk
+            for (int i = 0; i < len; i++) sv[i] = lowp_scale_of(o, i0 + i, k);
+        const float *re = o->data + (long)k * o->ld + i0;
+        const float *ro = k + 1 < K && 2 * kp + 1 < kc ? re + o->ld : NULL;
+        if (kp + PF_PAIRS < kp_n)
+            for (int s = 0; s < len; s += 16) {
+                _mm_prefetch((const char *)(re + (long)2 * PF_PAIRS * o->ld + s), _MM_HINT_T0);
+                _mm_prefetch((const char *)(re + (long)(2 * PF_PAIRS + 1) * o->ld + s), _MM_HINT_T0);
+            }
+        for (int s = 0; s < len; s += seg) {
+            int n = len - s < seg ? len - s : seg, t = s / W;
+            int stride = narrow_last && t == last ? len - t * W : W;
+            __mmask16 m = tail_mask(n);
+            __m512 sc = fmt != LOWP_BF16 ? _mm512_maskz_loadu_ps(m, sv + s) : _mm512_set1_ps(1.0f);
+            __m512 e = _mm512_maskz_loadu_ps(m, re + s);
+            __m512 d = ro ? _mm512_maskz_loadu_ps(m, ro + s) : _mm512_setzero_ps();
+            _mm512_mask_storeu_epi32(out + (size_t)t * W * kp_n + (size_t)kp * stride + s % W, m,
+                                     pair_words(round_value(fmt, e, sc), round_value(fmt, d, sc)));
+        }
+    }
+}
+
+// Rows [i0, i0 + len) of an operand into tiles of W rows, as pack_trans_span lays them out.
+AVX512BF16 static void pack(uint32_t *out, int W, int narrow_last, const LowpOperand *o, int i0, int len, int k0,
+                            int kc, int K) {
+    const int kp_n = (kc + 1) / 2;
+    if (o->trans) {
+        switch (o->fmt) {
+        case LOWP_BF16: pack_trans_span(LOWP_BF16, out, W, narrow_last, o, i0, len, k0, kc, K); break;
+        case LOWP_E4M3: pack_trans_span(LOWP_E4M3, out, W, narrow_last, o, i0, len, k0, kc, K); break;
+        default: pack_trans_span(LOWP_E5M2, out, W, narrow_last, o, i0, len, k0, kc, K); break;
+        }
+        return;
+    }
+    const int seg = W < 16 ? W : 16, last = (len - 1) / W;
+    for (int s = 0; s < len; s += seg) {
+        int n = len - s < seg ? len - s : seg, t = s / W;
+        int stride = narrow_last && t == last ? len - t * W : W;
+        uint32_t *dst = out + (size_t)t * W * kp_n + s % W;
+        switch (o->fmt) {
+        case LOWP_BF16: pack_group(LOWP_BF16, dst, stride, o, i0 + s, n, k0, kc, K); break;
+        case LOWP_E4M3: pack_group(LOWP_E4M3, dst, stride, o, i0 + s, n, k0, kc, K); break;
+        default: pack_group(LOWP_E5M2, dst, stride, o, i0 + s, n, k0, kc, K); break;
+        }
     }
 }
 
@@ -227,20 +278,13 @@ AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, con
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = K - k0 < KC ? K - k0 : KC, kp_n = (kc + 1) / 2;
             // B: panels of 32 columns, each kp_n × 32 words; FP8 scales per (chunk, column)
-            for (int j = 0; j < nc; j += 16) {
-                int n = nc - j < 16 ? nc - j : 16;
-                pack(bp + (size_t)(j / NR) * NR * kp_n + j % NR, NR, B, nb + j, n, k0, kc, K);
-            }
+            pack(bp, NR, 0, B, nb, nc, k0, kc, K);
             if (fp8)
                 for (int ch = 0; ch * CH < kc; ch++)
                     for (int j = 0; j < nc; j++) sb[(size_t)ch * NC + j] = lowp_scale_of(B, nb + j, k0 + ch * CH);
             for (int m0 = m_begin; m0 < m_end; m0 += MC) {
                 int mc = m_end - m0 < MC ? m_end - m0 : MC;
-                for (int t = 0; t * MR < mc; t++) {
-                    int mr = mc - t * MR < MR ? mc - t * MR : MR;
-                    uint32_t *tile = ap + (size_t)t * MR * kp_n;
-                    pack(tile, mr, A, m0 + t * MR, mr, k0, kc, K);
-                }
+                pack(ap, MR, 1, A, m0, mc, k0, kc, K);  // tiles of MR rows, the last one mr wide
                 if (fp8)
                     for (int ch = 0; ch * CH < kc; ch++)
                         for (int i = 0; i < mc; i++) sa[(size_t)ch * MC + i] = lowp_scale_of(A, m0 + i, k0 + ch * CH);

@@ -69,6 +69,9 @@ int first_equal_avx512(const float *x, int n, float v);
 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr, float beta1, float beta2, float eps,
                   float bc1, float bc2, float clip, float shrink);
 void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n);
+// ops.c's rmsnorm_backward with each row's Σ dy·w·x summed in 16 lanes, then folded.
+void rmsnorm_backward_avx512(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                             const float *rstd, int N, int C);
 
 // Absorbed attention's scores (attention_avx512.c): s[e * lds + j] = scale · (qa[e] · latent[j] +
 // qp[e] · kpe[j]) for entries e < n and cached positions j < run (rows of L and r values, F32 or

@@ -18,6 +18,10 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *wei
 
 void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
                       const float *rstd, int N, int C) {
+    if (kernels_cpu_avx512()) {
+        rmsnorm_backward_avx512(dinp, dweight, dout, inp, weight, rstd, N, C);
+        return;
+    }
     for (int n = 0; n < N; n++) {
         const float *x = inp + (long)n * C, *dy = dout + (long)n * C;
         float *dx = dinp + (long)n * C;

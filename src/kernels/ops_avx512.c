@@ -1,5 +1,6 @@
 // AVX-512 versions of the element-wise ops whose cost is exp: softmax rows (attention, routers),
-// cross-entropy rows over the vocabulary, SwiGLU. Called by ops.c after kernels_cpu_avx512().
+// cross-entropy rows over the vocabulary, SwiGLU; and RMSNorm's backward pass, whose row sum the
+// compiler would otherwise leave serial. Called by ops.c after kernels_cpu_avx512().
 #include <math.h>
 
 #include "kernels/avx512_util.h"
@@ -124,5 +125,31 @@ AVX512 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, f
         _mm512_mask_storeu_ps(p + i, k, _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, p + i), vs, step));
         _mm512_mask_storeu_ps(m + i, k, mj);
         _mm512_mask_storeu_ps(v + i, k, vj);
+    }
+}
+
+AVX512 void rmsnorm_backward_avx512(float *dinp, float *dweight, const float *dout, const float *inp,
+                                    const float *weight, const float *rstd, int N, int C) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (long)n * C, *dy = dout + (long)n * C;
+        float *dx = dinp + (long)n * C;
+        __m512 dot = _mm512_setzero_ps();
+        for (int i = 0; i < C; i += 16) {
+            __mmask16 m = tail_mask(C - i < 16 ? C - i : 16);
+            __m512 d = _mm512_maskz_loadu_ps(m, dy + i), w = _mm512_maskz_loadu_ps(m, weight + i);
+            dot = _mm512_fmadd_ps(_mm512_mul_ps(d, w), _mm512_maskz_loadu_ps(m, x + i), dot);
+        }
+        // dx_j = r w_j dy_j − r³/C x_j Σ_i dy_i w_i x_i;  dw_j += dy_j x_j r
+        float r = rstd[n], k = r * r * r / C * _mm512_reduce_add_ps(dot);
+        __m512 rv = _mm512_set1_ps(r), kv = _mm512_set1_ps(k);
+        for (int i = 0; i < C; i += 16) {
+            __mmask16 m = tail_mask(C - i < 16 ? C - i : 16);
+            __m512 d = _mm512_maskz_loadu_ps(m, dy + i), xv = _mm512_maskz_loadu_ps(m, x + i);
+            __m512 g = _mm512_fmsub_ps(_mm512_mul_ps(rv, _mm512_maskz_loadu_ps(m, weight + i)), d,
+                                       _mm512_mul_ps(kv, xv));
+            _mm512_mask_storeu_ps(dx + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dx + i), g));
+            _mm512_mask_storeu_ps(dweight + i, m,
+                                  _mm512_fmadd_ps(_mm512_mul_ps(d, xv), rv, _mm512_maskz_loadu_ps(m, dweight + i)));
+        }
     }
 }
