@@ -504,7 +504,7 @@ TEST(test_tokenizer_chat_format) {
     Tokenizer *t = tiny();
     CHECK(t);
     Error err = {0};
-    ChatMessage msgs[] = {{"system", "S1"}, {"user", "hi"}, {"system", "S2"}, {"assistant", "yo"}, {"user", "again"}};
+    ChatMessage msgs[] = {{.role = "system", .content = "S1"}, {.role = "user", .content = "hi"}, {.role = "system", .content = "S2"}, {.role = "assistant", .content = "yo"}, {.role = "user", .content = "again"}};
     char *s = tok_chat_render(t, msgs, 5, 1, &err);
     CHECK(s);
     const char *want = "<s>S1\n\nS2<｜User｜>hi<｜Assistant｜>yo<｜end▁of▁sentence｜><｜User｜>again<｜Assistant｜>";
@@ -513,8 +513,35 @@ TEST(test_tokenizer_chat_format) {
     s = tok_chat_render(t, msgs + 1, 1, 0, &err);
     CHECK(s && strcmp(s, "<s><｜User｜>hi") == 0);
     free(s);
-    ChatMessage bad[] = {{"tool", "x"}};
-    CHECK(tok_chat_render(t, bad, 1, 1, &err) == NULL && strstr(err.msg, "tool"));
+    ChatMessage bad[] = {{.role = "robot", .content = "x"}};
+    CHECK(tok_chat_render(t, bad, 1, 1, &err) == NULL && strstr(err.msg, "robot"));
+    ChatMessage no_content[] = {{.role = "assistant"}};
+    CHECK(tok_chat_render(t, no_content, 1, 1, &err) == NULL && strstr(err.msg, "no content"));
+    // tool calls, tool outputs, and the tools' description after the system prompt
+    ChatToolCall calls[] = {{.name = "f", .arguments = "{\"a\": 1}"}, {.name = "g", .arguments = "{}"}};
+    ChatMessage conv[] = {{.role = "system", .content = "S"},
+                          {.role = "user", .content = "q"},
+                          {.role = "assistant", .tool_calls = calls, .n_tool_calls = 2},
+                          {.role = "tool", .content = "1"},
+                          {.role = "tool", .content = "2"},
+                          {.role = "assistant", .content = "done"},
+                          {.role = "user", .content = "more"},
+                          {.role = "assistant", .content = "ok", .tool_calls = calls + 1, .n_tool_calls = 1},
+                          {.role = "tool", .content = "3"}};
+    s = tok_chat_render_tools(t, conv, 9, "TOOLS", 1, &err);
+    CHECK(s);
+    want = "<s>S\n\nTOOLS<｜User｜>q<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n"
+           "```json\n{\"a\": 1}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>g\n```json\n{}\n```"
+           "<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>1"
+           "<｜tool▁output▁end｜>\n<｜tool▁output▁begin｜>2<｜tool▁output▁end｜><｜tool▁outputs▁end｜>done"
+           "<｜end▁of▁sentence｜><｜User｜>more<｜Assistant｜>ok<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function"
+           "<｜tool▁sep｜>g\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+           "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>3<｜tool▁output▁end｜><｜tool▁outputs▁end｜>";
+    CHECK_MSG(strcmp(s, want) == 0, "rendered '%s'", s);
+    free(s);
+    s = tok_chat_render_tools(t, conv + 1, 1, "TOOLS", 1, &err);  // no system prompt: the tools alone
+    CHECK(s && strcmp(s, "<s>TOOLS<｜User｜>q<｜Assistant｜>") == 0);
+    free(s);
     // the BOS text becomes the BOS token once, and nothing else is added
     TokIds ids = {0};
     CHECK(tok_chat_encode(t, msgs + 1, 1, 0, &ids, &err) == 0);

@@ -232,22 +232,44 @@ TEST(test_tokenizer_deepseek_chat_matches_reference) {
     Error err = {0};
     Tokenizer *t = tok_load(g_tok, &err);
     CHECK_MSG(t, "%s", err.msg);
-    const ChatMessage c1[] = {{"user", "Hello! Who are you?"}};
-    const ChatMessage c2[] = {{"system", "You are a helpful assistant."}, {"user", "What is 2+2?"},
-                              {"assistant", "2 + 2 = 4."}, {"user", "And 你好 in English? 😀\n\n  spaces"}};
-    const ChatMessage c3[] = {{"system", "A"}, {"system", "B\n"}, {"user", "<｜User｜> inside"}, {"assistant", ""}};
+    const ChatMessage c1[] = {{.role = "user", .content = "Hello! Who are you?"}};
+    const ChatMessage c2[] = {{.role = "system", .content = "You are a helpful assistant."}, {.role = "user", .content = "What is 2+2?"},
+                              {.role = "assistant", .content = "2 + 2 = 4."}, {.role = "user", .content = "And 你好 in English? 😀\n\n  spaces"}};
+    const ChatMessage c3[] = {{.role = "system", .content = "A"}, {.role = "system", .content = "B\n"}, {.role = "user", .content = "<｜User｜> inside"}, {.role = "assistant", .content = ""}};
+    // tool calls and outputs where the released template is consistent: two calls in the first
+    // message that has calls, a run of outputs, the reply to them; or a conversation ending in outputs
+    const ChatToolCall calls[] = {{.id = "a", .name = "get_weather", .arguments = "{\"city\": \"Paris\"}"},
+                                  {.id = "b", .name = "get_time", .arguments = "{\"zone\": \"CET\"}"}};
+    const ChatMessage c4[] = {{.role = "system", .content = "S"},
+                              {.role = "user", .content = "Weather and time in Paris?"},
+                              {.role = "assistant", .tool_calls = calls, .n_tool_calls = 2},
+                              {.role = "tool", .content = "18C"},
+                              {.role = "tool", .content = "09:00"},
+                              {.role = "assistant", .content = "18C at 09:00."},
+                              {.role = "user", .content = "Thanks!"}};
     const struct {
         const ChatMessage *m;
         int n, gen;
-    } convs[] = {{c1, 1, 1}, {c2, 4, 1}, {c2, 3, 0}, {c3, 4, 1}};
+    } convs[] = {{c1, 1, 1}, {c2, 4, 1}, {c2, 3, 0}, {c3, 4, 1}, {c4, 7, 1}, {c4, 5, 1}, {c4, 6, 0}};
     char req[700], o[8192];
     snprintf(req, sizeof req, "%s/chat.json", test_tmpdir());
     size_t nconv = sizeof convs / sizeof convs[0];
     json_t *all = json_array();
     for (size_t k = 0; k < nconv; k++) {
         json_t *msgs = json_array();
-        for (int i = 0; i < convs[k].n; i++)
-            json_array_append_new(msgs, json_pack("{s:s, s:s}", "role", convs[k].m[i].role, "content", convs[k].m[i].content));
+        for (int i = 0; i < convs[k].n; i++) {
+            const ChatMessage *m = &convs[k].m[i];
+            json_t *o = json_pack("{s:s, s:o}", "role", m->role, "content", m->content ? json_string(m->content) : json_null());
+            if (m->n_tool_calls) {
+                json_t *tc = json_array();
+                for (int c = 0; c < m->n_tool_calls; c++)
+                    json_array_append_new(tc, json_pack("{s:s, s:s, s:{s:s, s:s}}", "id", m->tool_calls[c].id, "type", "function",
+                                                        "function", "name", m->tool_calls[c].name, "arguments",
+                                                        m->tool_calls[c].arguments));
+                json_object_set_new(o, "tool_calls", tc);
+            }
+            json_array_append_new(msgs, o);
+        }
         json_array_append_new(all, json_pack("{s:o, s:b}", "messages", msgs, "add_generation_prompt", convs[k].gen));
     }
     CHECK(json_dump_file(all, req, 0) == 0);

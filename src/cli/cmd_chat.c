@@ -70,7 +70,7 @@ static int history_add(History *h, const char *role, const char *content, size_t
     if (!c) return -1;
     memcpy(c, content, len);
     c[len] = '\0';
-    h->m[h->n++] = (ChatMessage){role, c};
+    h->m[h->n++] = (ChatMessage){.role = role, .content = c};
     return 0;
 }
 

@@ -45,8 +45,8 @@ static int prompt_ids(const Args *a, const char *dir, Tokenizer **tok, int **ids
     if (args_flag(a, "chat") || args_str(a, "system", NULL)) {
         ChatMessage msgs[2];
         int nm = 0;
-        if (args_str(a, "system", NULL)) msgs[nm++] = (ChatMessage){"system", args_str(a, "system", NULL)};
-        msgs[nm++] = (ChatMessage){"user", text};
+        if (args_str(a, "system", NULL)) msgs[nm++] = (ChatMessage){.role = "system", .content = args_str(a, "system", NULL)};
+        msgs[nm++] = (ChatMessage){.role = "user", .content = text};
         rc = tok_chat_encode(*tok, msgs, nm, 1, &v, err);
     } else {
         rc = tok_encode(*tok, text, strlen(text), TOK_ADD_SPECIAL, &v, err);

@@ -10,8 +10,16 @@
 #include "text/json_prefix.h"
 #include "text/tokenizer.h"
 
+// Framed (a forced tool call): the answer must first be exactly one of `heads` (literal text),
+// then the object, then exactly `tail`; only then may it end.
 typedef struct JsonMode {
-    JsonPrefix answer;      // the answer so far
+    JsonPrefix answer;      // the answer's object so far
+    const char *const *heads;  // (n_heads) not owned; none: the object comes first
+    int n_heads;
+    const char *tail;       // not owned; NULL: none
+    char *lit;              // the answer's bytes in the current literal part (head or tail)
+    size_t lit_n, lit_cap;
+    int phase;              // 0 head, 1 object, 2 tail
     const Tokenizer *tok;
     int vocab;              // the model's (ids from the tokenizer's size up have no bytes)
     int end_ids[2], n_end;  // the answer's ends: the model's EOS, the chat format's end of a turn
@@ -21,9 +29,11 @@ typedef struct JsonMode {
 // 0, or -1 when memory runs out. end_ids: up to two (n_end), -1 entries ignored.
 int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end);
 void json_mode_free(JsonMode *m);
+// Frames the object: heads (n_heads ≥ 1) and tail outlive m. 0, or -1 when memory runs out.
+int json_mode_frame(JsonMode *m, const char *const *heads, int n_heads, const char *tail);
 // The engine's hook for this answer (m must outlive the sequence).
 TokenConstraint json_mode_constraint(JsonMode *m);
-// 1 once the answer is a complete object.
+// 1 once the answer is a complete object (and its tail, framed).
 int json_mode_complete(const JsonMode *m);
 
 #endif

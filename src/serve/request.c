@@ -105,6 +105,52 @@ static int message_content(json_t *c, int i, char **out, ApiError *e) {
     return *out ? 0 : OOM(e);
 }
 
+static char *dup_json_string(json_t *v) { return dup_str(json_string_value(v), json_string_length(v)); }
+
+// A function name as the API allows it: 1 to 64 of a-z, A-Z, 0-9, '_' and '-'.
+static int valid_name(json_t *v) {
+    size_t n = json_is_string(v) ? json_string_length(v) : 0;
+    const char *s = json_string_value(v);
+    if (n < 1 || n > 64) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') || (s[i] >= '0' && s[i] <= '9') || s[i] == '_' ||
+              s[i] == '-'))
+            return 0;
+    return 1;
+}
+
+// An assistant message's tool_calls: [{"id", "type": "function", "function": {"name", "arguments"}}].
+static int message_tool_calls(json_t *calls, int i, ChatMessage *m, ApiError *e) {
+    char param[80];
+    snprintf(param, sizeof param, "messages[%d].tool_calls", i);
+    if (!json_is_array(calls)) return api_error(e, 400, param, "invalid_type", "'%s' must be an array", param);
+    size_t n = json_array_size(calls), k;
+    if (n == 0) return 0;
+    ChatToolCall *tc = calloc(n, sizeof *tc);
+    if (!tc) return OOM(e);
+    m->tool_calls = tc;
+    json_t *c;
+    json_array_foreach(calls, k, c) {
+        snprintf(param, sizeof param, "messages[%d].tool_calls[%zu]", i, k);
+        json_t *f = json_object_get(c, "function"), *type = json_object_get(c, "type"), *id = json_object_get(c, "id");
+        json_t *name = json_object_get(f, "name"), *args = json_object_get(f, "arguments");
+        if (!json_is_object(c) || !json_is_object(f))
+            return api_error(e, 400, param, "invalid_type", "'%s' must be {\"type\": \"function\", \"function\": {...}}", param);
+        if (type && !(json_is_string(type) && !strcmp(json_string_value(type), "function")))
+            return api_error(e, 400, param, "invalid_value", "'%s.type' must be \"function\"", param);
+        if (!valid_name(name))
+            return api_error(e, 400, param, "invalid_value", "'%s.function.name' must be 1 to 64 letters, digits, '_' or '-'", param);
+        if (!json_is_string(args))
+            return api_error(e, 400, param, "invalid_type", "'%s.function.arguments' must be a string (JSON text)", param);
+        if (id && !json_is_string(id)) return api_error(e, 400, param, "invalid_type", "'%s.id' must be a string", param);
+        m->n_tool_calls = (int)k + 1;
+        if (!(tc[k].name = dup_json_string(name)) || !(tc[k].arguments = dup_json_string(args)) ||
+            (id && !(tc[k].id = dup_json_string(id))))
+            return OOM(e);
+    }
+    return 0;
+}
+
 static int parse_messages(ServeRequest *r, json_t *body, ApiError *e) {
     json_t *m = field(body, "messages");
     if (!m) return api_error(e, 400, "messages", "missing_required_parameter", "'messages' is required");
@@ -123,13 +169,19 @@ static int parse_messages(ServeRequest *r, json_t *body, ApiError *e) {
         if (!json_is_string(role)) return api_error(e, 400, param, "invalid_type", "'%s' must be a string", param);
         const char *rs = json_string_value(role);
         if (!strcmp(rs, "developer")) rs = "system";  // OpenAI's newer name for the system prompt
-        if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant"))
-            return api_error(e, 400, param, "invalid_value", "'%s' is '%.40s'; it must be system, user or assistant", param, rs);
-        r->msgs[i].role = rs[0] == 's' ? "system" : rs[0] == 'u' ? "user" : "assistant";
-        char *content;
-        if (message_content(field(msg, "content"), (int)i, &content, e)) return -1;
-        r->msgs[i].content = content;
+        if (strcmp(rs, "system") && strcmp(rs, "user") && strcmp(rs, "assistant") && strcmp(rs, "tool"))
+            return api_error(e, 400, param, "invalid_value", "'%s' is '%.40s'; it must be system, user, assistant or tool",
+                             param, rs);
+        r->msgs[i].role = rs[0] == 's' ? "system" : rs[0] == 'u' ? "user" : rs[0] == 't' ? "tool" : "assistant";
         r->n_msgs = (int)i + 1;
+        json_t *calls = rs[0] == 'a' ? field(msg, "tool_calls") : NULL;
+        if (calls && message_tool_calls(calls, (int)i, &r->msgs[i], e)) return -1;
+        char *content = NULL;
+        snprintf(param, sizeof param, "messages[%zu].content", i);
+        if (rs[0] == 't' && !field(msg, "content"))
+            return api_error(e, 400, param, "missing_required_parameter", "'%s' is required for a tool message", param);
+        if (!(calls && !field(msg, "content")) && message_content(field(msg, "content"), (int)i, &content, e)) return -1;
+        r->msgs[i].content = content;
     }
     return 0;
 }
@@ -234,6 +286,81 @@ static int parse_stop(ServeRequest *r, json_t *body, ApiError *e) {
     return 0;
 }
 
+static int put(ByteBuf *b, const char *s) { return bb_append(b, s, strlen(s)); }
+
+// tools: [{"type": "function", "function": {"name", "description"?, "parameters"?}}] and
+// tool_choice. The description the model reads is written here: the functions, their
+// parameters' JSON Schema as given, and the format of a call in the chat format.
+static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
+    json_t *tools = field(body, "tools"), *choice = field(body, "tool_choice");
+    if (tools && !json_is_array(tools)) return api_error(e, 400, "tools", "invalid_type", "'tools' must be an array");
+    size_t n = tools ? json_array_size(tools) : 0, k;
+    if (n > SERVE_MAX_TOOLS) return api_error(e, 400, "tools", "invalid_value", "'tools' has %zu functions; at most %d", n, SERVE_MAX_TOOLS);
+    r->tool_choice = n ? TOOL_AUTO : TOOL_NONE;
+    if (choice) {
+        const char *cs = json_string_value(choice);
+        json_t *f = json_object_get(choice, "function");
+        if (cs && !strcmp(cs, "none")) r->tool_choice = TOOL_NONE;
+        else if (cs && (!strcmp(cs, "auto") || !strcmp(cs, "required")))
+            r->tool_choice = cs[0] == 'a' ? TOOL_AUTO : TOOL_REQUIRED;
+        else if (json_is_object(choice) && json_is_object(f) && json_is_string(json_object_get(f, "name")))
+            r->tool_choice = TOOL_NAMED;
+        else
+            return api_error(e, 400, "tool_choice", "invalid_value",
+                             "'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}");
+        if (r->tool_choice != TOOL_NONE && n == 0)
+            return api_error(e, 400, "tool_choice", "invalid_value", "'tool_choice' needs 'tools'");
+    }
+    if (n == 0) return 0;
+    if (!(r->tool_names = calloc(n, sizeof *r->tool_names))) return OOM(e);
+    ByteBuf b = {0};
+    int fail = put(&b, "## Tools\n\nYou can call the functions below. To call one, answer with\n"
+                       CHAT_TOOL_CALLS_BEGIN CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP "NAME\n```json\nARGUMENTS\n```"
+                       CHAT_TOOL_CALL_END CHAT_TOOL_CALLS_END "\nwhere ARGUMENTS is a JSON object that fits the "
+                       "function's parameters; for several calls, put them one after another, separated by a newline, "
+                       "before " CHAT_TOOL_CALLS_END ".\n");
+    json_t *t;
+    json_array_foreach(tools, k, t) {
+        char param[40];
+        snprintf(param, sizeof param, "tools[%zu]", k);
+        json_t *type = json_object_get(t, "type"), *f = json_object_get(t, "function");
+        json_t *name = json_object_get(f, "name"), *desc = field(f, "description"), *params = field(f, "parameters");
+        const char *why = !json_is_object(t) || !json_is_object(f) ? "must be {\"type\": \"function\", \"function\": {...}}"
+                          : type && !(json_is_string(type) && !strcmp(json_string_value(type), "function"))
+                              ? "has a type other than \"function\""
+                          : !valid_name(name) ? "needs a function name of 1 to 64 letters, digits, '_' or '-'"
+                          : desc && !json_is_string(desc) ? "has a description that is not a string"
+                          : params && !json_is_object(params) ? "has parameters that are not a JSON Schema object"
+                                                              : NULL;
+        if (why) {
+            bb_free(&b);
+            return api_error(e, 400, param, "invalid_value", "'%s' %s", param, why);
+        }
+        r->n_tools = (int)k + 1;
+        if (!(r->tool_names[k] = dup_json_string(name))) fail = 1;
+        char *schema = params ? json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+        fail = fail || put(&b, "\n### ") || put(&b, r->tool_names[k]) || put(&b, "\n") ||
+               (desc && (put(&b, json_string_value(desc)) || put(&b, "\n"))) || put(&b, "Parameters: ") ||
+               put(&b, schema ? schema : "{}") || put(&b, "\n");
+        free(schema);
+    }
+    if (r->tool_choice == TOOL_NAMED) {
+        const char *want = json_string_value(json_object_get(json_object_get(choice, "function"), "name"));
+        for (r->tool_named = 0; r->tool_named < r->n_tools && strcmp(r->tool_names[r->tool_named], want); r->tool_named++) {}
+        if (r->tool_named == r->n_tools) {
+            bb_free(&b);
+            return api_error(e, 400, "tool_choice", "invalid_value", "'tool_choice' names '%.64s', which is not in 'tools'", want);
+        }
+    }
+    if (fail || !b.p) {
+        bb_free(&b);
+        return OOM(e);
+    }
+    if (r->tool_choice != TOOL_NONE) r->tools_prompt = b.p;
+    else bb_free(&b);
+    return 0;
+}
+
 static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
     json_t *model = field(body, "model");
     if (model && !json_is_string(model)) return api_error(e, 400, "model", "invalid_type", "'model' must be a string");
@@ -308,6 +435,7 @@ static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
         else if (strcmp(t, "text"))
             return api_error(e, 400, "response_format", "invalid_value", "'response_format.type' is '%.40s'; it must be text or json_object", t);
     }
+    if (r->kind == API_CHAT) TRY(parse_tools(r, body, e));
     return 0;
 }
 
@@ -331,7 +459,18 @@ int serve_request_parse(ServeRequest *r, ApiKind kind, const char *body, size_t 
 
 void serve_request_free(ServeRequest *r) {
     free(r->model);
-    for (int i = 0; i < r->n_msgs; i++) free((char *)r->msgs[i].content);
+    for (int i = 0; i < r->n_msgs; i++) {
+        free((char *)r->msgs[i].content);
+        for (int k = 0; k < r->msgs[i].n_tool_calls; k++) {
+            free((char *)r->msgs[i].tool_calls[k].id);
+            free((char *)r->msgs[i].tool_calls[k].name);
+            free((char *)r->msgs[i].tool_calls[k].arguments);
+        }
+        free((void *)r->msgs[i].tool_calls);
+    }
+    free(r->tools_prompt);
+    for (int i = 0; i < r->n_tools; i++) free(r->tool_names[i]);
+    free(r->tool_names);
     free(r->msgs);
     for (int i = 0; i < r->n_prompts; i++) {
         free(r->prompts[i].text);

@@ -40,6 +40,11 @@ typedef struct ServePrompt {
     int n_ids;
 } ServePrompt;
 
+#define SERVE_MAX_TOOLS 128
+// tool_choice: "none" (tools neither described nor parsed), "auto" (the default with tools: the
+// model may answer with calls), "required" (it must call one), or a named function.
+typedef enum { TOOL_NONE, TOOL_AUTO, TOOL_REQUIRED, TOOL_NAMED } ToolChoice;
+
 typedef struct ServeRequest {
     ApiKind kind;
     char *model;              // NULL when absent
@@ -65,6 +70,13 @@ typedef struct ServeRequest {
     int *bias_ids;            // logit_bias: bias_values[i] (in [-100, 100]) is added to the logit of
     float *bias_values;       // bias_ids[i] (the server checks the ids against its vocabulary)
     int n_bias;
+    // chat: the functions the model may call (tools), described for the prompt in tools_prompt,
+    // and how it must call them (tool_choice; TOOL_NAMED: tool_names[tool_named])
+    char *tools_prompt;       // NULL without tools, or with tool_choice "none"
+    char **tool_names;        // (n_tools) owned
+    int n_tools;
+    ToolChoice tool_choice;
+    int tool_named;
 } ServeRequest;
 
 // body[0, len): any bytes. 0 with *r filled (free it with serve_request_free), or -1 with e set

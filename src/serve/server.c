@@ -17,6 +17,7 @@
 #include "infer/engine.h"
 #include "model/model.h"
 #include "serve/json_mode.h"
+#include "serve/tool_calls.h"
 #include "serve/request.h"
 #include "serve/server.h"
 #include "serve/stop_text.h"
@@ -47,8 +48,12 @@ typedef struct Choice {
     ByteBuf text;        // the answer (not streaming)
     json_t *lp;          // log-probabilities not yet sent: chat, an array of entries; completions, parallel arrays
     long text_offset;    // completions' logprobs.text_offset: bytes of token text so far
-    JsonMode json;       // JSON mode: the answer as a constraint
+    JsonMode json;       // JSON mode, or a forced tool call: the answer as a constraint
     TokenConstraint tc;  // its hook for the engine
+    StopText tool_split; // tools: the answer's content ends where its tool calls begin
+    int in_calls;        // the calls have begun: text goes to calls
+    ByteBuf calls;       // the text after "<｜tool▁calls▁begin｜>"
+    json_t *tool_calls;  // the calls read from it when the answer ends (NULL: none)
 } Choice;
 
 // A prompt of a request, as token ids, and its text when the answer echoes it.
@@ -80,6 +85,10 @@ struct Job {
     int n_out;           // answers returned per prompt: n
     int report_logprobs; // the request asked for logprobs (best_of computes them anyway)
     int json_mode;       // response_format json_object
+    int tools;           // chat with tools (tool_choice not "none"): answers may end in tool calls
+    int tool_force;      // tool_choice "required" or a named function: the answer is one call
+    char **tool_heads;   // (n_heads) forced: what the answer starts with, one per function allowed
+    int n_heads;
     Choice *ch;
     int n_finished;      // choices whose answer is complete
     int n_live;          // choices the engine still has
@@ -174,6 +183,9 @@ static void job_unref(Job *j) {
         bb_free(&c->text);
         json_decref(c->lp);
         json_mode_free(&c->json);
+        stop_text_free(&c->tool_split);
+        bb_free(&c->calls);
+        json_decref(c->tool_calls);
     }
     for (int i = 0; i < STOP_TEXT_MAX; i++) free(j->stops[i]);
     free(j->ch);
@@ -184,6 +196,8 @@ static void job_unref(Job *j) {
     free(j->prompts);
     free(j->bias_ids);
     free(j->bias_values);
+    for (int i = 0; i < j->n_heads; i++) free(j->tool_heads[i]);
+    free(j->tool_heads);
     bb_free(&j->out);
     pthread_cond_destroy(&j->cv);
     free(j);
@@ -246,6 +260,54 @@ static void deliver(Job *j, Choice *c, const char *text, size_t n) {
     else if (bb_append(&c->text, text, n)) j->out.n = 0;
 }
 
+// Settled text of c with tools: content until the tool calls begin, then the calls' text.
+static void route(Job *j, Choice *c, const char *text, size_t n) {
+    if (!j->tools) {
+        deliver(j, c, text, n);
+        return;
+    }
+    if (c->in_calls) {
+        if (bb_append(&c->calls, text, n)) j->out.n = 0;
+        return;
+    }
+    ByteBuf content = {0};
+    int rc = stop_text_push(&c->tool_split, text, n, &content);
+    deliver(j, c, content.p, content.n);
+    if (rc == 1) {
+        size_t an;
+        const char *after = stop_text_after(&c->tool_split, &an);
+        c->in_calls = 1;
+        if (bb_append(&c->calls, after, an)) j->out.n = 0;
+    }
+    bb_free(&content);
+}
+
+// The end of c's text with tools: held-back content released, the calls read. 1 when the answer
+// has calls.
+static int route_finish(Job *j, Choice *c) {
+    if (!j->tools) return 0;
+    if (!c->in_calls) {
+        ByteBuf content = {0};
+        stop_text_finish(&c->tool_split, &content);
+        deliver(j, c, content.p, content.n);
+        bb_free(&content);
+        return 0;
+    }
+    ToolCallText *calls;
+    int n = tool_calls_parse(c->calls.p ? c->calls.p : "", c->calls.n, &calls);
+    if (n <= 0) return 0;
+    c->tool_calls = json_array();
+    for (int i = 0; i < n; i++) {
+        char id[80];
+        snprintf(id, sizeof id, "call_%s_%d_%d", j->id + strlen(j->id) - 16, c->index, i);
+        json_array_append_new(c->tool_calls,
+                              json_pack("{s:i, s:s, s:s, s:{s:s, s:s}}", "index", i, "id", id, "type", "function", "function",
+                                        "name", calls[i].name, "arguments", calls[i].arguments));
+    }
+    tool_calls_free(calls, n);
+    return 1;
+}
+
 static void job_complete(Job *j) {
     j->complete = 1;
     if (j->stream) {
@@ -273,8 +335,14 @@ static void job_fail(Job *j, int status, const char *msg) {
 }
 
 static void choice_finish(Job *j, Choice *c, const char *reason) {
+    if (route_finish(j, c) && !strcmp(reason, "stop")) reason = "tool_calls";
     c->finish = reason;
     c->cancel = 1;  // a stop string ends it before the engine does
+    if (j->stream && c->tool_calls) {  // the calls whole, in one delta, before the finish
+        json_t *choice = json_pack("{s:i, s:{s:O}, s:o, s:n}", "index", c->index, "delta", "tool_calls", c->tool_calls,
+                                   "logprobs", lp_take(j, c), "finish_reason");
+        sse_send(j, chunk_new(j, json_pack("[o]", choice)));
+    }
     if (j->stream) stream_piece(j, c, "", 0, reason);
     if (++j->n_finished == j->n) job_complete(j);
 }
@@ -365,9 +433,9 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         if (rc < 0) {
             job_fail(j, 500, "out of memory decoding the answer");
         } else {
-            if (rc == 0 && j->json_mode && json_mode_complete(&c->json))
+            if (rc == 0 && (j->json_mode || j->tool_force) && json_mode_complete(&c->json))
                 rc = settle_rest(c, &settled) < 0 ? -1 : 1;  // the object is complete: the answer ends here
-            deliver(j, c, settled.p, settled.n);
+            route(j, c, settled.p, settled.n);
             if (rc == 1) choice_finish(j, c, "stop");
             // asked for logprobs, a stream has a chunk per token, even one whose text is not settled yet
             else if (j->stream && j->report_logprobs && settled.n == 0) stream_piece(j, c, "", 0, NULL);
@@ -382,7 +450,7 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
             if (t->finish == FINISH_STOP || t->finish == FINISH_LENGTH) {
                 ByteBuf settled = {0};
                 int rc = settle_rest(c, &settled);
-                deliver(j, c, settled.p, settled.n);
+                route(j, c, settled.p, settled.n);
                 bb_free(&settled);
                 choice_finish(j, c, rc == 1 || t->finish == FINISH_STOP ? "stop" : "length");
             } else if (t->finish == FINISH_ERROR) {
@@ -410,7 +478,7 @@ static void *engine_main(void *arg) {
                     JobPrompt *p = &j->prompts[j->ch[k].prompt];
                     sp.seed += (unsigned long long)k;  // choice k draws with seed + k
                     sp.max_new = p->max_new;
-                    if (j->json_mode) sp.constraint = &j->ch[k].tc;
+                    if (j->json_mode || j->tool_force) sp.constraint = &j->ch[k].tc;
                     int id = engine_add(s->e, p->ids, p->n, &sp, on_token, &j->ch[k], &err);
                     if (id < 0) {
                         job_fail(j, 400, err.msg);
@@ -569,7 +637,11 @@ static json_t *answer_json(Job *j) {
             int index = i / per * j->n_out + k;
             const char *text = c->text.p ? c->text.p : "";
             json_t *lp = lp_take(j, c), *o;
-            if (j->kind == API_CHAT)
+            if (j->kind == API_CHAT && c->tool_calls) {  // content null when the answer is only calls
+                json_t *msg = json_pack("{s:s, s:o, s:O}", "role", "assistant", "content",
+                                        c->text.n ? json_stringn(text, c->text.n) : json_null(), "tool_calls", c->tool_calls);
+                o = json_pack("{s:i, s:o, s:o, s:s}", "index", index, "message", msg, "logprobs", lp, "finish_reason", c->finish);
+            } else if (j->kind == API_CHAT)
                 o = json_pack("{s:i, s:{s:s, s:s%}, s:o, s:s}", "index", index, "message", "role", "assistant", "content",
                               text, c->text.n, "logprobs", lp, "finish_reason", c->finish);
             else
@@ -601,7 +673,7 @@ static int prompt_ids(Server *s, ServeRequest *r, int i, TokIds *ids, ApiError *
         if (ids_append(ids, p->ids, p->n_ids)) return api_error(e, 500, NULL, NULL, "out of memory");
     } else {
         pthread_mutex_lock(&s->tok_mu);
-        int rc = r->kind == API_CHAT ? tok_chat_encode(s->tok, r->msgs, r->n_msgs, 1, ids, &err)
+        int rc = r->kind == API_CHAT ? tok_chat_encode_tools(s->tok, r->msgs, r->n_msgs, r->tools_prompt, 1, ids, &err)
                                      : tok_encode(s->tok, p->text, strlen(p->text), TOK_ADD_SPECIAL, ids, &err);
         pthread_mutex_unlock(&s->tok_mu);
         if (rc) return api_error(e, 400, field, "invalid_value", "%s", err.msg);
@@ -635,6 +707,10 @@ static int echo_text(Server *s, const ServeRequest *r, int i, const TokIds *ids,
 
 // A job for the request's np prompts (ids, whose buffers it takes, as it takes the request's logit
 // bias), r->best_of answers each (r->n for chat).
+// A forced tool call: its opening (then the function's name, "\n```json\n", the arguments) and its end.
+#define TOOL_HEAD CHAT_TOOL_CALLS_BEGIN CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP
+#define TOOL_TAIL "\n```" CHAT_TOOL_CALL_END CHAT_TOOL_CALLS_END
+
 static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
     Job *j = calloc(1, sizeof *j);
     if (!j) return NULL;
@@ -669,6 +745,25 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
     j->srv = s;
     j->kind = r->kind;
     j->json_mode = r->json_mode;
+    j->tools = r->tool_choice != TOOL_NONE;
+    j->tool_force = r->tool_choice == TOOL_REQUIRED || r->tool_choice == TOOL_NAMED;
+    if (j->tool_force) {  // the answer opens a call of one of the allowed functions and its arguments
+        int first = r->tool_choice == TOOL_NAMED ? r->tool_named : 0, last = r->tool_choice == TOOL_NAMED ? first + 1 : r->n_tools;
+        j->tool_heads = calloc((size_t)(last - first), sizeof *j->tool_heads);
+        for (int i = first; j->tool_heads && i < last; i++) {
+            ByteBuf b = {0};
+            if (bb_append(&b, TOOL_HEAD, strlen(TOOL_HEAD)) || bb_append(&b, r->tool_names[i], strlen(r->tool_names[i])) ||
+                bb_append(&b, "\n```json\n", 9)) {
+                bb_free(&b);
+                break;
+            }
+            j->tool_heads[j->n_heads++] = b.p;
+        }
+        if (j->n_heads < last - first) {
+            job_unref(j);
+            return NULL;
+        }
+    }
     j->stream = r->stream;
     j->include_usage = r->stream && r->include_usage;
     j->fd = fd;
@@ -709,11 +804,15 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
         c->prompt = i / j->per_prompt;
         c->seq = -1;
         c->echoed = !j->prompts[c->prompt].echo;
-        if (r->json_mode) {
+        if (r->json_mode || j->tool_force) {
             int ends[2] = {s->m.cfg.eos_token_id, sp->n_stop_ids > 0 ? sp->stop_ids[0] : -1};
-            if (json_mode_init(&c->json, s->tok, s->vocab, ends, 2)) oom = 1;
+            if (json_mode_init(&c->json, s->tok, s->vocab, ends, 2) ||
+                (j->tool_force && json_mode_frame(&c->json, (const char *const *)j->tool_heads, j->n_heads, TOOL_TAIL)))
+                oom = 1;
             c->tc = json_mode_constraint(&c->json);
         }
+        const char *marker = CHAT_TOOL_CALLS_BEGIN;
+        stop_text_init(&c->tool_split, &marker, j->tools ? 1 : 0);
         tok_stream_init(&c->ts, s->tok, TOK_SKIP_SPECIAL);
         stop_text_init(&c->stop, (const char *const *)j->stops, r->n_stop);
     }

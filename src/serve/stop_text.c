@@ -46,8 +46,9 @@ int stop_text_push(StopText *s, const char *text, size_t n, ByteBuf *out) {
     if (first < hn) {
         s->matched = 1;
         int rc = bb_append(out, h, first);
-        s->held.n = 0;
-        s->held.p[0] = '\0';
+        memmove(s->held.p, h + end, hn - end);  // what came after it, for stop_text_after
+        s->held.n = hn - end;
+        s->held.p[s->held.n] = '\0';
         return rc ? -1 : 1;
     }
     size_t keep = partial_end(s, h, hn);
@@ -64,4 +65,9 @@ int stop_text_finish(StopText *s, ByteBuf *out) {
     s->held.n = 0;
     s->held.p[0] = '\0';
     return rc;
+}
+
+const char *stop_text_after(const StopText *s, size_t *n) {
+    *n = s->matched ? s->held.n : 0;
+    return *n ? s->held.p : "";
 }

@@ -35,5 +35,8 @@ int stop_text_push(StopText *s, const char *text, size_t n, ByteBuf *out);
 // The end of generation: the held-back text is released into out (nothing after a match).
 // Returns 0, or -1 when memory runs out.
 int stop_text_finish(StopText *s, ByteBuf *out);
+// After a match: the text pushed after the stop string (in the push that completed it), which the
+// answer leaves out but a caller splitting text at a marker wants.
+const char *stop_text_after(const StopText *s, size_t *n);
 
 #endif

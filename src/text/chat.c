@@ -1,5 +1,5 @@
-// The DeepSeek-V3 chat format, as its tokenizer_config.json's chat_template renders a conversation
-// of system, user and assistant turns (tool calls and tool outputs are not covered).
+// The DeepSeek-V3 chat format (tokenizer.h has the rules): system prompts, user and assistant
+// turns, the assistant's tool calls and the tools' outputs.
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,22 +9,42 @@
 static const char USER[] = "<｜User｜>";
 static const char ASSISTANT[] = "<｜Assistant｜>";
 static const char EOS[] = "<｜end▁of▁sentence｜>";
+static const char OUTPUTS_BEGIN[] = "<｜tool▁outputs▁begin｜>";
+static const char OUTPUTS_END[] = "<｜tool▁outputs▁end｜>";
+static const char OUTPUT_BEGIN[] = "<｜tool▁output▁begin｜>";
+static const char OUTPUT_END[] = "<｜tool▁output▁end｜>";
 
 static int put(ByteBuf *b, const char *s) { return bb_append(b, s, strlen(s)); }
 
-char *tok_chat_render(const Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, Error *err) {
-    ByteBuf b = {0};
+static int put_calls(ByteBuf *b, const ChatMessage *m) {
+    int fail = put(b, CHAT_TOOL_CALLS_BEGIN);
+    for (int k = 0; k < m->n_tool_calls; k++) {
+        const ChatToolCall *c = &m->tool_calls[k];
+        fail = fail || (k && put(b, "\n")) || put(b, CHAT_TOOL_CALL_BEGIN) || put(b, "function") || put(b, CHAT_TOOL_SEP) ||
+               put(b, c->name) || put(b, "\n```json\n") || put(b, c->arguments) || put(b, "\n```") ||
+               put(b, CHAT_TOOL_CALL_END);
+    }
+    return fail || put(b, CHAT_TOOL_CALLS_END) || put(b, EOS);
+}
+
+static int check(const ChatMessage *msgs, int n, Error *err) {
     for (int i = 0; i < n; i++) {
         const char *r = msgs[i].role;
-        if (!r || (strcmp(r, "system") && strcmp(r, "user") && strcmp(r, "assistant"))) {
-            err_set(err, "chat message %d: role '%s' is not system, user or assistant", i, r ? r : "(none)");
-            return NULL;
-        }
-        if (!msgs[i].content) {
-            err_set(err, "chat message %d (%s): no content", i, r);
-            return NULL;
-        }
+        if (!r || (strcmp(r, "system") && strcmp(r, "user") && strcmp(r, "assistant") && strcmp(r, "tool")))
+            return err_set(err, "chat message %d: role '%s' is not system, user, assistant or tool", i, r ? r : "(none)");
+        int calls = !strcmp(r, "assistant") && msgs[i].n_tool_calls > 0;
+        if (!msgs[i].content && !calls) return err_set(err, "chat message %d (%s): no content", i, r);
+        for (int k = 0; calls && k < msgs[i].n_tool_calls; k++)
+            if (!msgs[i].tool_calls[k].name || !msgs[i].tool_calls[k].arguments)
+                return err_set(err, "chat message %d: tool call %d has no name or no arguments", i, k);
     }
+    return 0;
+}
+
+char *tok_chat_render_tools(const Tokenizer *t, const ChatMessage *msgs, int n, const char *tools,
+                            int add_generation_prompt, Error *err) {
+    if (check(msgs, n, err)) return NULL;
+    ByteBuf b = {0};
     int fail = bb_reserve(&b, 0);
     // the template puts BOS and every system prompt (joined by a blank line) before the turns
     size_t blen = 0;
@@ -37,12 +57,30 @@ char *tok_chat_render(const Tokenizer *t, const ChatMessage *msgs, int n, int ad
         fail = fail || put(&b, msgs[i].content);
         first_sys = 0;
     }
+    if (tools && tools[0]) fail = fail || (!first_sys && put(&b, "\n\n")) || put(&b, tools);
+    int in_outputs = 0;  // a run of tool outputs is open
     for (int i = 0; i < n; i++) {
-        if (!strcmp(msgs[i].role, "user")) fail = fail || put(&b, USER) || put(&b, msgs[i].content);
-        else if (!strcmp(msgs[i].role, "assistant"))
-            fail = fail || put(&b, ASSISTANT) || put(&b, msgs[i].content) || put(&b, EOS);
+        const ChatMessage *m = &msgs[i];
+        if (!strcmp(m->role, "user")) {
+            fail = fail || put(&b, USER) || put(&b, m->content);
+            in_outputs = 0;
+        } else if (!strcmp(m->role, "assistant")) {
+            if (in_outputs && m->n_tool_calls == 0) {
+                fail = fail || put(&b, OUTPUTS_END) || put(&b, m->content) || put(&b, EOS);
+            } else {
+                if (in_outputs) fail = fail || put(&b, OUTPUTS_END);
+                fail = fail || put(&b, ASSISTANT) || (m->content && put(&b, m->content));
+                fail = fail || (m->n_tool_calls > 0 ? put_calls(&b, m) : put(&b, EOS));
+            }
+            in_outputs = 0;
+        } else if (!strcmp(m->role, "tool")) {
+            fail = fail || put(&b, in_outputs ? "\n" : OUTPUTS_BEGIN) || put(&b, OUTPUT_BEGIN) || put(&b, m->content) ||
+                   put(&b, OUTPUT_END);
+            in_outputs = 1;
+        }
     }
-    if (add_generation_prompt) fail = fail || put(&b, ASSISTANT);
+    if (in_outputs) fail = fail || put(&b, OUTPUTS_END);
+    else if (add_generation_prompt) fail = fail || put(&b, ASSISTANT);
     if (fail) {
         bb_free(&b);
         err_set(err, "out of memory");
@@ -51,11 +89,20 @@ char *tok_chat_render(const Tokenizer *t, const ChatMessage *msgs, int n, int ad
     return b.p;
 }
 
-int tok_chat_encode(Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, TokIds *out,
-                    Error *err) {
-    char *s = tok_chat_render(t, msgs, n, add_generation_prompt, err);
+char *tok_chat_render(const Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, Error *err) {
+    return tok_chat_render_tools(t, msgs, n, NULL, add_generation_prompt, err);
+}
+
+int tok_chat_encode_tools(Tokenizer *t, const ChatMessage *msgs, int n, const char *tools, int add_generation_prompt,
+                          TokIds *out, Error *err) {
+    char *s = tok_chat_render_tools(t, msgs, n, tools, add_generation_prompt, err);
     if (!s) return -1;
     int rc = tok_encode(t, s, strlen(s), 0, out, err);
     free(s);
     return rc;
+}
+
+int tok_chat_encode(Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, TokIds *out,
+                    Error *err) {
+    return tok_chat_encode_tools(t, msgs, n, NULL, add_generation_prompt, out, err);
 }

@@ -75,18 +75,50 @@ int tok_stream_push(TokStream *s, int id, const char **text, size_t *len, Error 
 void tok_stream_finish(TokStream *s, const char **text, size_t *len);
 void tok_stream_free(TokStream *s);
 
-// The DeepSeek-V3 chat format (SPEC §6): BOS, the system prompts (joined by "\n\n"), then per
-// turn "<｜User｜>" + content or "<｜Assistant｜>" + content + "<｜end▁of▁sentence｜>", and with
-// add_generation_prompt a final "<｜Assistant｜>". The special strings in it become their tokens
+// The DeepSeek-V3 chat format (SPEC §6), as the chat_template of DeepSeek-V3's
+// tokenizer_config.json renders it: BOS, the system prompts (joined by "\n\n"; then `tools`, a
+// description of the functions the model may call, when given), then per turn:
+//   user:       "<｜User｜>" + content
+//   assistant:  "<｜Assistant｜>" + content + "<｜end▁of▁sentence｜>"; right after tool outputs the
+//               template leaves out "<｜Assistant｜>" and closes them: "<｜tool▁outputs▁end｜>" +
+//               content + "<｜end▁of▁sentence｜>"
+//   tool calls: "<｜Assistant｜>" + content (if any) + "<｜tool▁calls▁begin｜>" + the calls joined by
+//               "\n", each "<｜tool▁call▁begin｜>function<｜tool▁sep｜>" + name + "\n```json\n" +
+//               arguments + "\n```<｜tool▁call▁end｜>", then "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+//   tool:       a run of outputs: "<｜tool▁outputs▁begin｜>" before the first, "\n" between, each
+//               "<｜tool▁output▁begin｜>" + content + "<｜tool▁output▁end｜>"
+// and with add_generation_prompt a final "<｜Assistant｜>" — or, after tool outputs,
+// "<｜tool▁outputs▁end｜>" (the reply follows it). Where the released template is inconsistent
+// (its single tool call is never closed, its second run of outputs is not opened) this follows the
+// rules above, as DeepSeek's later V3 templates do. The special strings in it become their tokens
 // when the result is encoded, exactly as apply_chat_template does.
+typedef struct ChatToolCall {
+    const char *id;         // the caller's, not rendered
+    const char *name;
+    const char *arguments;  // JSON text, rendered as given
+} ChatToolCall;
 typedef struct ChatMessage {
-    const char *role;  // "system", "user" or "assistant"
-    const char *content;
+    const char *role;     // "system", "user", "assistant" or "tool"
+    const char *content;  // NULL only for an assistant turn that has tool calls
+    const ChatToolCall *tool_calls;  // (n_tool_calls) an assistant turn's
+    int n_tool_calls;
 } ChatMessage;
-// The rendered prompt as a malloc'd string; an unknown role is an error naming it.
+// The rendered prompt as a malloc'd string; an unknown role is an error naming it. tools: NULL or
+// the functions' description, appended to the system prompt.
+char *tok_chat_render_tools(const Tokenizer *t, const ChatMessage *msgs, int n, const char *tools,
+                            int add_generation_prompt, Error *err);
 char *tok_chat_render(const Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, Error *err);
 // Renders and encodes (no further specials are added: the BOS is in the text).
+int tok_chat_encode_tools(Tokenizer *t, const ChatMessage *msgs, int n, const char *tools, int add_generation_prompt,
+                          TokIds *out, Error *err);
 int tok_chat_encode(Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, TokIds *out,
                     Error *err);
+
+// The chat format's tool-call markers (the strings of DeepSeek-V3's tokens for them).
+#define CHAT_TOOL_CALLS_BEGIN "<｜tool▁calls▁begin｜>"
+#define CHAT_TOOL_CALLS_END "<｜tool▁calls▁end｜>"
+#define CHAT_TOOL_CALL_BEGIN "<｜tool▁call▁begin｜>"
+#define CHAT_TOOL_CALL_END "<｜tool▁call▁end｜>"
+#define CHAT_TOOL_SEP "<｜tool▁sep｜>"
 
 #endif

@@ -191,6 +191,64 @@ async function main() {
     eq(jr.choices.map((c) => js.texts[c.index]), jr.choices.map((c) => c.message.content), 'JSON mode, streamed');
     result.json_answers = jr.choices.filter((c) => c.finish_reason === 'stop').map((c) => c.message.content);
 
+    // tools: a named tool_choice (and "required") forces one call of the function, its arguments a
+    // JSON object; finish_reason "tool_calls", content null; streamed as one tool_calls delta
+    const tools = [{ type: 'function', function: { name: 'get_weather', description: 'The weather in a city',
+                                                    parameters: { type: 'object', properties: { city: { type: 'string' } } } } },
+                   { type: 'function', function: { name: 'get_time' } }];
+    const treq = { model, messages, max_tokens: 300, temperature: 1, seed: 9, n: 6, logit_bias: jbias, tools,
+                   tool_choice: { type: 'function', function: { name: 'get_time' } } };
+    const tr = await client.chat.completions.create(treq);
+    let called = 0;
+    for (const c of tr.choices) {
+        if (c.finish_reason !== 'tool_calls') {
+            eq(c.finish_reason, 'length', 'a forced call ends as a call or at max_tokens');
+            continue;
+        }
+        called++;
+        eq(c.message.content, null, 'a forced call: no content');
+        eq(c.message.tool_calls.length, 1, 'a forced call: one call');
+        const call = c.message.tool_calls[0];
+        eq([call.type, call.function.name], ['function', 'get_time'], 'the named function is called');
+        check(typeof call.id === 'string' && call.id.length > 0, 'a call has an id');
+        const args = JSON.parse(call.function.arguments);
+        check(args !== null && typeof args === 'object' && !Array.isArray(args), 'arguments are a JSON object: ' + call.function.arguments);
+    }
+    check(called >= 2, `named tool_choice: ${called} of 6 answers completed their call`);
+    const tsr = { model, messages, max_tokens: 300, temperature: 1, seed: 9, logit_bias: jbias, tools, tool_choice: 'required' };
+    const tq = await client.chat.completions.create(tsr);
+    const ts = await client.chat.completions.create({ ...tsr, stream: true });
+    const tcs = {};
+    let sfinish = null;
+    for await (const chunk of ts) {
+        for (const ch of chunk.choices) {
+            for (const d of ch.delta.tool_calls || []) {
+                if (!tcs[d.index]) tcs[d.index] = { id: d.id, name: '', arguments: '' };
+                if (d.function && d.function.name) tcs[d.index].name += d.function.name;
+                if (d.function && d.function.arguments) tcs[d.index].arguments += d.function.arguments;
+            }
+            if (ch.finish_reason) sfinish = ch.finish_reason;
+        }
+    }
+    eq(sfinish, tq.choices[0].finish_reason, 'required, streamed: the same finish');
+    if (tq.choices[0].finish_reason === 'tool_calls') {
+        check(['get_weather', 'get_time'].includes(tq.choices[0].message.tool_calls[0].function.name), 'required: one of the tools');
+        eq(Object.values(tcs).map((c) => [c.name, c.arguments]),
+           tq.choices[0].message.tool_calls.map((c) => [c.function.name, c.function.arguments]), 'required, streamed: the same call');
+    }
+    // a conversation with calls and their outputs is rendered and answered; bad tools are 400s
+    const called0 = tr.choices.find((c) => c.finish_reason === 'tool_calls');
+    const follow = await client.chat.completions.create({ model, max_tokens: 4, temperature: 0, tools, messages: [
+        ...messages, { role: 'assistant', content: null, tool_calls: called0.message.tool_calls },
+        { role: 'tool', tool_call_id: called0.message.tool_calls[0].id, content: '09:00' }] });
+    check(['stop', 'length', 'tool_calls'].includes(follow.choices[0].finish_reason), 'an answer after tool outputs');
+    for (const bad of [{ tools: [{ type: 'function', function: { name: 'bad name' } }] }, { tools: {} },
+                       { tools, tool_choice: { type: 'function', function: { name: 'nope' } } }, { tool_choice: 'required' }]) {
+        let status = 0;
+        try { await client.chat.completions.create({ model, messages, max_tokens: 2, ...bad }); } catch (e) { status = e.status; }
+        eq(status, 400, 'bad tools: ' + JSON.stringify(bad));
+    }
+
     // best_of: of best_of answers drawn (choice k with seed + k, as n draws them), the n with the
     // highest mean log-probability per token, best first; usage counts every answer drawn
     const drawn = await client.completions.create({ model, prompt, max_tokens: 8, temperature: 1, seed: 77, n: 4, logprobs: 0 });

@@ -1,0 +1,91 @@
+#define _GNU_SOURCE  // memmem
+#include <stdlib.h>
+#include <string.h>
+
+#include "serve/tool_calls.h"
+#include "text/tokenizer.h"
+
+static const char *find(const char *p, const char *end, const char *what) {
+    return p <= end ? memmem(p, (size_t)(end - p), what, strlen(what)) : NULL;
+}
+
+static int space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
+
+static char *dup_trimmed(const char *a, const char *b) {
+    while (a < b && space(*a)) a++;
+    while (b > a && space(b[-1])) b--;
+    char *s = malloc((size_t)(b - a) + 1);
+    if (s) {
+        memcpy(s, a, (size_t)(b - a));
+        s[b - a] = '\0';
+    }
+    return s;
+}
+
+// The arguments of a V3 call: a body "NAME\n```json\nARGS\n```" without its name line, fence removed.
+static char *unfenced(const char *a, const char *b) {
+    while (a < b && space(*a)) a++;
+    if (b - a >= 3 && !memcmp(a, "```", 3)) {  // "```" or "```json" up to the end of the line
+        const char *nl = memchr(a, '\n', (size_t)(b - a));
+        a = nl ? nl + 1 : b;
+        while (b > a && space(b[-1])) b--;
+        if (b - a >= 3 && !memcmp(b - 3, "```", 3)) b -= 3;
+    }
+    return dup_trimmed(a, b);
+}
+
+int tool_calls_parse(const char *text, size_t n, ToolCallText **out) {
+    const char *p = text, *end = text + n;
+    int count = 0, cap = 0;
+    *out = NULL;
+    const char *cb;
+    while ((cb = find(p, end, CHAT_TOOL_CALL_BEGIN))) {
+        const char *head = cb + strlen(CHAT_TOOL_CALL_BEGIN);
+        const char *ce = find(head, end, CHAT_TOOL_CALL_END);
+        if (!ce) break;  // unfinished
+        p = ce + strlen(CHAT_TOOL_CALL_END);
+        const char *sep = find(head, ce, CHAT_TOOL_SEP);
+        if (!sep) continue;
+        const char *body = sep + strlen(CHAT_TOOL_SEP);
+        const char *nl = memchr(body, '\n', (size_t)(ce - body));
+        char *name, *args;
+        if (nl && memmem(nl, (size_t)(ce - nl), "```", 3)) {  // V3: TYPE <sep> NAME \n fenced arguments
+            name = dup_trimmed(body, nl);
+            args = unfenced(nl + 1, ce);
+        } else {  // V3.1: NAME <sep> ARGUMENTS
+            name = dup_trimmed(head, sep);
+            args = dup_trimmed(body, ce);
+        }
+        if (!name || !args || !name[0]) {
+            int oom = !name || !args;
+            free(name);
+            free(args);
+            if (oom) goto fail;
+            continue;
+        }
+        if (count == cap) {
+            cap = cap ? 2 * cap : 4;
+            ToolCallText *nb = realloc(*out, sizeof **out * (size_t)cap);
+            if (!nb) {
+                free(name);
+                free(args);
+                goto fail;
+            }
+            *out = nb;
+        }
+        (*out)[count++] = (ToolCallText){name, args};
+    }
+    return count;
+fail:
+    tool_calls_free(*out, count);
+    *out = NULL;
+    return -1;
+}
+
+void tool_calls_free(ToolCallText *calls, int n) {
+    for (int i = 0; i < n; i++) {
+        free(calls[i].name);
+        free(calls[i].arguments);
+    }
+    free(calls);
+}
