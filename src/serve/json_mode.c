@@ -7,7 +7,7 @@
 int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end) {
     memset(m, 0, sizeof *m);
     json_prefix_init(&m->answer);
-    m->phase = 1;  // unframed: the object first
+    m->phase = JSON_MODE_OBJECT;  // unframed: the object first
     m->tok = tok;
     m->vocab = vocab;
     for (int i = 0; i < n_end && m->n_end < 2; i++)
@@ -18,42 +18,40 @@ int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_
 
 void json_mode_free(JsonMode *m) {
     free(m->allow);
-    free(m->lit);
+    free(m->live);
     m->allow = NULL;
-    m->lit = NULL;
+    m->live = NULL;
+}
+
+// A literal part begins: every candidate (the heads, or the tail) still matches.
+static void literal_begin(JsonMode *m, JsonModePhase phase) {
+    m->phase = phase;
+    m->n_live = phase == JSON_MODE_HEAD ? m->n_heads : 1;
+    for (int i = 0; i < m->n_live; i++) m->live[i] = i;
+    m->lit_n = 0;
 }
 
 int json_mode_frame(JsonMode *m, const char *const *heads, int n_heads, const char *tail) {
-    size_t cap = tail ? strlen(tail) : 0;
-    for (int i = 0; i < n_heads; i++)
-        if (strlen(heads[i]) > cap) cap = strlen(heads[i]);
-    free(m->lit);
-    if (!(m->lit = malloc(cap + 1))) return -1;
-    m->lit_cap = cap;
-    m->lit_n = 0;
+    free(m->live);
+    if (!(m->live = malloc(sizeof *m->live * (size_t)(n_heads > 1 ? n_heads : 1)))) return -1;
     m->heads = heads;
     m->n_heads = n_heads;
     m->tail = tail;
-    m->phase = n_heads > 0 ? 0 : 1;
+    literal_begin(m, JSON_MODE_HEAD);
     return 0;
 }
 
-int json_mode_complete(const JsonMode *m) {
-    if (!json_prefix_complete(&m->answer) || m->phase == 0) return 0;
-    return !m->tail || (m->phase == 2 && m->lit_n == strlen(m->tail));
-}
+int json_mode_complete(const JsonMode *m) { return m->phase == JSON_MODE_DONE; }
 
-// In a literal part: 0 when the bytes so far + b[0, n) are the start of one of the part's texts,
-// 2 when they are one of them whole, -1 when neither.
-static int literal_fits(const JsonMode *m, const char *b, size_t n) {
-    int cands = m->phase == 0 ? m->n_heads : 1, best = -1;
-    for (int i = 0; i < cands; i++) {
-        const char *t = m->phase == 0 ? m->heads[i] : m->tail;
-        size_t tn = strlen(t);
-        if (m->lit_n + n > tn || memcmp(t, m->lit, m->lit_n) || memcmp(t + m->lit_n, b, n)) continue;
-        best = m->lit_n + n == tn ? 2 : best < 0 ? 0 : best;
-    }
-    return best;
+static const char *candidate(const JsonMode *m, int i) { return m->phase == JSON_MODE_HEAD ? m->heads[i] : m->tail; }
+
+// In a literal part, whether the bytes matched so far + b[0, n) go on live candidate k: 0 no, 1 as
+// its start, 2 as the whole of it.
+static int literal_fits(const JsonMode *m, int k, const char *b, size_t n) {
+    const char *t = candidate(m, m->live[k]);
+    size_t tn = strlen(t);
+    if (m->lit_n + n > tn || memcmp(t + m->lit_n, b, n)) return 0;
+    return m->lit_n + n == tn ? 2 : 1;
 }
 
 // The bytes an id adds to the answer: NULL for special tokens and ids the tokenizer lacks.
@@ -65,20 +63,18 @@ static const char *id_bytes(const JsonMode *m, int id, size_t *n) {
 
 static void mask(void *ctx, float *logits, int vocab) {
     JsonMode *m = ctx;
-    int complete = json_mode_complete(m), any = 0;
-    int literal = m->phase == 0 || (m->phase == 2 && !complete) ||
-                  (m->phase == 1 && m->tail && json_prefix_complete(&m->answer));
+    int done = m->phase == JSON_MODE_DONE, any = 0;
     if (vocab > m->vocab) vocab = m->vocab;
     for (int id = 0; id < vocab; id++) {
         int ok = 0;
-        for (int e = 0; e < m->n_end; e++) ok |= id == m->end_ids[e] && complete;
+        for (int e = 0; e < m->n_end; e++) ok |= id == m->end_ids[e] && done;
         size_t n;
-        const char *b = ok || complete ? NULL : id_bytes(m, id, &n);
-        if (b && n > 0 && literal) {
-            ok = literal_fits(m, b, n) >= 0;
-        } else if (b && n > 0) {
+        const char *b = done ? NULL : id_bytes(m, id, &n);
+        if (b && n > 0 && m->phase == JSON_MODE_OBJECT) {
             JsonPrefix t = m->answer;
             ok = json_prefix_feed(&t, b, n) == 0;
+        } else if (b && n > 0) {
+            for (int k = 0; k < m->n_live && !ok; k++) ok = literal_fits(m, k, b, n) > 0;
         }
         m->allow[id] = (uint8_t)ok;
         any |= ok;
@@ -92,17 +88,28 @@ static void accept(void *ctx, int token) {
     JsonMode *m = ctx;
     size_t n;
     const char *b = token >= 0 && token < m->vocab ? id_bytes(m, token, &n) : NULL;
-    if (!b || n == 0 || json_mode_complete(m)) return;
-    if (m->phase == 1 && m->tail && json_prefix_complete(&m->answer)) m->phase = 2, m->lit_n = 0;  // the tail begins
-    if (m->phase == 1) {
-        json_prefix_feed(&m->answer, b, n);
+    if (!b || n == 0 || m->phase == JSON_MODE_DONE) return;
+    if (m->phase == JSON_MODE_OBJECT) {
+        if (json_prefix_feed(&m->answer, b, n) == 0 && json_prefix_complete(&m->answer)) {
+            if (m->tail) literal_begin(m, JSON_MODE_TAIL);
+            else m->phase = JSON_MODE_DONE;
+        }
         return;
     }
-    int fit = literal_fits(m, b, n);  // (the mask let only fitting ids through, unless none fitted)
-    if (fit < 0) return;
-    memcpy(m->lit + m->lit_n, b, n);
+    // a literal part: the candidates this token goes on stay (the mask let only such ids through,
+    // unless none fitted, when the answer is left where it was)
+    int kept = 0, whole = 0;
+    for (int k = 0; k < m->n_live; k++) {
+        int fit = literal_fits(m, k, b, n);
+        if (fit) m->live[kept++] = m->live[k];
+        whole |= fit == 2;
+    }
+    if (kept == 0) return;
+    m->n_live = kept;
     m->lit_n += n;
-    if (fit == 2 && m->phase == 0) m->phase = 1, m->lit_n = 0;  // a head is whole: the object follows
+    if (!whole) return;
+    if (m->phase == JSON_MODE_HEAD) m->phase = JSON_MODE_OBJECT;  // a head is whole: the object follows
+    else m->phase = JSON_MODE_DONE;
 }
 
 TokenConstraint json_mode_constraint(JsonMode *m) { return (TokenConstraint){.ctx = m, .mask = mask, .accept = accept}; }

@@ -10,16 +10,19 @@
 #include "text/json_prefix.h"
 #include "text/tokenizer.h"
 
-// Framed (a forced tool call): the answer must first be exactly one of `heads` (literal text),
-// then the object, then exactly `tail`; only then may it end.
+// Framed (a forced tool call): the answer must first be exactly one of `heads` (literal text, none
+// the start of another), then the object, then exactly `tail`; only then may it end.
+typedef enum { JSON_MODE_HEAD, JSON_MODE_OBJECT, JSON_MODE_TAIL, JSON_MODE_DONE } JsonModePhase;
+
 typedef struct JsonMode {
     JsonPrefix answer;      // the answer's object so far
+    JsonModePhase phase;
     const char *const *heads;  // (n_heads) not owned; none: the object comes first
     int n_heads;
     const char *tail;       // not owned; NULL: none
-    char *lit;              // the answer's bytes in the current literal part (head or tail)
-    size_t lit_n, lit_cap;
-    int phase;              // 0 head, 1 object, 2 tail
+    int *live;              // (n_live) in a literal part: the heads (or the tail, 0) the answer still matches
+    int n_live;
+    size_t lit_n;           // and its bytes matched so far
     const Tokenizer *tok;
     int vocab;              // the model's (ids from the tokenizer's size up have no bytes)
     int end_ids[2], n_end;  // the answer's ends: the model's EOS, the chat format's end of a turn

@@ -72,6 +72,9 @@ static char *dup_str(const char *s, size_t n) {
     return d;
 }
 
+// A JSON string's bytes (it may hold NULs: its length, not strlen).
+static char *dup_json_string(json_t *v) { return dup_str(json_string_value(v), json_string_length(v)); }
+
 #define OOM(e) api_error(e, 500, NULL, NULL, "out of memory")
 
 // A message's content: a string, or an array of text parts joined by newlines (as vLLM joins them).
@@ -83,7 +86,7 @@ static int message_content(json_t *c, int i, char **out, ApiError *e) {
         return *out ? 0 : OOM(e);
     }
     if (json_is_string(c)) {
-        *out = dup_str(json_string_value(c), json_string_length(c));
+        *out = dup_json_string(c);
         return *out ? 0 : OOM(e);
     }
     if (!json_is_array(c)) return api_error(e, 400, param, "invalid_type", "'%s' must be a string or an array of text parts", param);
@@ -104,8 +107,6 @@ static int message_content(json_t *c, int i, char **out, ApiError *e) {
     *out = b.p ? b.p : dup_str("", 0);
     return *out ? 0 : OOM(e);
 }
-
-static char *dup_json_string(json_t *v) { return dup_str(json_string_value(v), json_string_length(v)); }
 
 // A function name as the API allows it: 1 to 64 of a-z, A-Z, 0-9, '_' and '-'.
 static int valid_name(json_t *v) {
@@ -226,7 +227,7 @@ static int parse_prompt(ServeRequest *r, json_t *body, ApiError *e) {
         else snprintf(param, sizeof param, "prompt");
         r->n_prompts = (int)i + 1;
         if (json_is_string(q)) {
-            if (!(r->prompts[i].text = dup_str(json_string_value(q), json_string_length(q)))) return OOM(e);
+            if (!(r->prompts[i].text = dup_json_string(q))) return OOM(e);
         } else if (!json_is_array(q) || (many && json_array_size(q) > 0 && !json_is_integer(json_array_get(q, 0)))) {
             return api_error(e, 400, "prompt", "invalid_type", "'%s' must be a string or an array of token ids", param);
         } else if (prompt_ids(q, param, &r->prompts[i], e)) {
@@ -268,7 +269,7 @@ static int parse_stop(ServeRequest *r, json_t *body, ApiError *e) {
     json_t *s = field(body, "stop");
     if (!s) return 0;
     if (json_is_string(s)) {
-        r->stop[0] = dup_str(json_string_value(s), json_string_length(s));
+        r->stop[0] = dup_json_string(s);
         r->n_stop = 1;
         return r->stop[0] ? 0 : OOM(e);
     }
@@ -279,14 +280,12 @@ static int parse_stop(ServeRequest *r, json_t *body, ApiError *e) {
     json_t *v;
     json_array_foreach(s, i, v) {
         if (!json_is_string(v)) return api_error(e, 400, "stop", "invalid_type", "'stop[%zu]' must be a string", i);
-        r->stop[i] = dup_str(json_string_value(v), json_string_length(v));
+        r->stop[i] = dup_json_string(v);
         if (!r->stop[i]) return OOM(e);
         r->n_stop = (int)i + 1;
     }
     return 0;
 }
-
-static int put(ByteBuf *b, const char *s) { return bb_append(b, s, strlen(s)); }
 
 // tools: [{"type": "function", "function": {"name", "description"?, "parameters"?}}] and
 // tool_choice. The description the model reads is written here: the functions, their
@@ -314,7 +313,7 @@ static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
     if (n == 0) return 0;
     if (!(r->tool_names = calloc(n, sizeof *r->tool_names))) return OOM(e);
     ByteBuf b = {0};
-    int fail = put(&b, "## Tools\n\nYou can call the functions below. To call one, answer with\n"
+    int fail = bb_puts(&b, "## Tools\n\nYou can call the functions below. To call one, answer with\n"
                        CHAT_TOOL_CALLS_BEGIN CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP "NAME\n```json\nARGUMENTS\n```"
                        CHAT_TOOL_CALL_END CHAT_TOOL_CALLS_END "\nwhere ARGUMENTS is a JSON object that fits the "
                        "function's parameters; for several calls, put them one after another, separated by a newline, "
@@ -339,9 +338,9 @@ static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
         r->n_tools = (int)k + 1;
         if (!(r->tool_names[k] = dup_json_string(name))) fail = 1;
         char *schema = params ? json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
-        fail = fail || put(&b, "\n### ") || put(&b, r->tool_names[k]) || put(&b, "\n") ||
-               (desc && (put(&b, json_string_value(desc)) || put(&b, "\n"))) || put(&b, "Parameters: ") ||
-               put(&b, schema ? schema : "{}") || put(&b, "\n");
+        fail = fail || bb_puts(&b, "\n### ") || bb_puts(&b, r->tool_names[k]) || bb_puts(&b, "\n") ||
+               (desc && (bb_puts(&b, json_string_value(desc)) || bb_puts(&b, "\n"))) ||
+               bb_puts(&b, "Parameters: ") || bb_puts(&b, schema ? schema : "{}") || bb_puts(&b, "\n");
         free(schema);
     }
     if (r->tool_choice == TOOL_NAMED) {
@@ -364,7 +363,7 @@ static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
 static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
     json_t *model = field(body, "model");
     if (model && !json_is_string(model)) return api_error(e, 400, "model", "invalid_type", "'model' must be a string");
-    if (model && !(r->model = dup_str(json_string_value(model), json_string_length(model)))) return OOM(e);
+    if (model && !(r->model = dup_json_string(model))) return OOM(e);
     if (r->kind == API_CHAT ? parse_messages(r, body, e) : parse_prompt(r, body, e)) return -1;
     TRY(get_int(body, "max_tokens", r->kind == API_CHAT ? 1 : 0, SERVE_MAX_TOKENS, &r->max_tokens, e));
     if (r->kind == API_CHAT) TRY(get_int(body, "max_completion_tokens", 1, SERVE_MAX_TOKENS, &r->max_tokens, e));

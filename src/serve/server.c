@@ -84,7 +84,7 @@ struct Job {
     int per_prompt;      // best_of (n without it)
     int n_out;           // answers returned per prompt: n
     int report_logprobs; // the request asked for logprobs (best_of computes them anyway)
-    int json_mode;       // response_format json_object
+    int constrained;     // JSON mode (response_format json_object) or a forced call: Choice.json steers the answer
     int tools;           // chat with tools (tool_choice not "none"): answers may end in tool calls
     int tool_force;      // tool_choice "required" or a named function: the answer is one call
     char **tool_heads;   // (n_heads) forced: what the answer starts with, one per function allowed
@@ -433,7 +433,7 @@ static void on_token(void *owner, int seq, const EngineToken *t) {
         if (rc < 0) {
             job_fail(j, 500, "out of memory decoding the answer");
         } else {
-            if (rc == 0 && (j->json_mode || j->tool_force) && json_mode_complete(&c->json))
+            if (rc == 0 && j->constrained && json_mode_complete(&c->json))
                 rc = settle_rest(c, &settled) < 0 ? -1 : 1;  // the object is complete: the answer ends here
             route(j, c, settled.p, settled.n);
             if (rc == 1) choice_finish(j, c, "stop");
@@ -478,7 +478,7 @@ static void *engine_main(void *arg) {
                     JobPrompt *p = &j->prompts[j->ch[k].prompt];
                     sp.seed += (unsigned long long)k;  // choice k draws with seed + k
                     sp.max_new = p->max_new;
-                    if (j->json_mode || j->tool_force) sp.constraint = &j->ch[k].tc;
+                    if (j->constrained) sp.constraint = &j->ch[k].tc;
                     int id = engine_add(s->e, p->ids, p->n, &sp, on_token, &j->ch[k], &err);
                     if (id < 0) {
                         job_fail(j, 400, err.msg);
@@ -705,12 +705,12 @@ static int echo_text(Server *s, const ServeRequest *r, int i, const TokIds *ids,
     return p->echo ? 0 : -1;
 }
 
-// A job for the request's np prompts (ids, whose buffers it takes, as it takes the request's logit
-// bias), r->best_of answers each (r->n for chat).
 // A forced tool call: its opening (then the function's name, "\n```json\n", the arguments) and its end.
 #define TOOL_HEAD CHAT_TOOL_CALLS_BEGIN CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP
 #define TOOL_TAIL "\n```" CHAT_TOOL_CALL_END CHAT_TOOL_CALLS_END
 
+// A job for the request's np prompts (ids, whose buffers it takes, as it takes the request's logit
+// bias), r->best_of answers each (r->n for chat).
 static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
     Job *j = calloc(1, sizeof *j);
     if (!j) return NULL;
@@ -744,16 +744,15 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
     }
     j->srv = s;
     j->kind = r->kind;
-    j->json_mode = r->json_mode;
     j->tools = r->tool_choice != TOOL_NONE;
     j->tool_force = r->tool_choice == TOOL_REQUIRED || r->tool_choice == TOOL_NAMED;
+    j->constrained = r->json_mode || j->tool_force;
     if (j->tool_force) {  // the answer opens a call of one of the allowed functions and its arguments
         int first = r->tool_choice == TOOL_NAMED ? r->tool_named : 0, last = r->tool_choice == TOOL_NAMED ? first + 1 : r->n_tools;
         j->tool_heads = calloc((size_t)(last - first), sizeof *j->tool_heads);
         for (int i = first; j->tool_heads && i < last; i++) {
             ByteBuf b = {0};
-            if (bb_append(&b, TOOL_HEAD, strlen(TOOL_HEAD)) || bb_append(&b, r->tool_names[i], strlen(r->tool_names[i])) ||
-                bb_append(&b, "\n```json\n", 9)) {
+            if (bb_puts(&b, TOOL_HEAD) || bb_puts(&b, r->tool_names[i]) || bb_puts(&b, "\n```json\n")) {
                 bb_free(&b);
                 break;
             }
@@ -804,7 +803,7 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
         c->prompt = i / j->per_prompt;
         c->seq = -1;
         c->echoed = !j->prompts[c->prompt].echo;
-        if (r->json_mode || j->tool_force) {
+        if (j->constrained) {
             int ends[2] = {s->m.cfg.eos_token_id, sp->n_stop_ids > 0 ? sp->stop_ids[0] : -1};
             if (json_mode_init(&c->json, s->tok, s->vocab, ends, 2) ||
                 (j->tool_force && json_mode_frame(&c->json, (const char *const *)j->tool_heads, j->n_heads, TOOL_TAIL)))

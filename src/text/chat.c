@@ -14,17 +14,15 @@ static const char OUTPUTS_END[] = "<｜tool▁outputs▁end｜>";
 static const char OUTPUT_BEGIN[] = "<｜tool▁output▁begin｜>";
 static const char OUTPUT_END[] = "<｜tool▁output▁end｜>";
 
-static int put(ByteBuf *b, const char *s) { return bb_append(b, s, strlen(s)); }
-
 static int put_calls(ByteBuf *b, const ChatMessage *m) {
-    int fail = put(b, CHAT_TOOL_CALLS_BEGIN);
+    int fail = bb_puts(b, CHAT_TOOL_CALLS_BEGIN);
     for (int k = 0; k < m->n_tool_calls; k++) {
         const ChatToolCall *c = &m->tool_calls[k];
-        fail = fail || (k && put(b, "\n")) || put(b, CHAT_TOOL_CALL_BEGIN) || put(b, "function") || put(b, CHAT_TOOL_SEP) ||
-               put(b, c->name) || put(b, "\n```json\n") || put(b, c->arguments) || put(b, "\n```") ||
-               put(b, CHAT_TOOL_CALL_END);
+        fail = fail || (k && bb_puts(b, "\n")) || bb_puts(b, CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP) ||
+               bb_puts(b, c->name) || bb_puts(b, "\n```json\n") || bb_puts(b, c->arguments) ||
+               bb_puts(b, "\n```" CHAT_TOOL_CALL_END);
     }
-    return fail || put(b, CHAT_TOOL_CALLS_END) || put(b, EOS);
+    return fail || bb_puts(b, CHAT_TOOL_CALLS_END) || bb_puts(b, EOS);
 }
 
 static int check(const ChatMessage *msgs, int n, Error *err) {
@@ -53,34 +51,34 @@ char *tok_chat_render_tools(const Tokenizer *t, const ChatMessage *msgs, int n, 
     int first_sys = 1;
     for (int i = 0; i < n; i++) {
         if (strcmp(msgs[i].role, "system")) continue;
-        if (!first_sys) fail = fail || put(&b, "\n\n");
-        fail = fail || put(&b, msgs[i].content);
+        if (!first_sys) fail = fail || bb_puts(&b, "\n\n");
+        fail = fail || bb_puts(&b, msgs[i].content);
         first_sys = 0;
     }
-    if (tools && tools[0]) fail = fail || (!first_sys && put(&b, "\n\n")) || put(&b, tools);
+    if (tools && tools[0]) fail = fail || (!first_sys && bb_puts(&b, "\n\n")) || bb_puts(&b, tools);
     int in_outputs = 0;  // a run of tool outputs is open
     for (int i = 0; i < n; i++) {
         const ChatMessage *m = &msgs[i];
         if (!strcmp(m->role, "user")) {
-            fail = fail || put(&b, USER) || put(&b, m->content);
+            fail = fail || bb_puts(&b, USER) || bb_puts(&b, m->content);
             in_outputs = 0;
         } else if (!strcmp(m->role, "assistant")) {
             if (in_outputs && m->n_tool_calls == 0) {
-                fail = fail || put(&b, OUTPUTS_END) || put(&b, m->content) || put(&b, EOS);
+                fail = fail || bb_puts(&b, OUTPUTS_END) || bb_puts(&b, m->content) || bb_puts(&b, EOS);
             } else {
-                if (in_outputs) fail = fail || put(&b, OUTPUTS_END);
-                fail = fail || put(&b, ASSISTANT) || (m->content && put(&b, m->content));
-                fail = fail || (m->n_tool_calls > 0 ? put_calls(&b, m) : put(&b, EOS));
+                if (in_outputs) fail = fail || bb_puts(&b, OUTPUTS_END);
+                fail = fail || bb_puts(&b, ASSISTANT) || (m->content && bb_puts(&b, m->content));
+                fail = fail || (m->n_tool_calls > 0 ? put_calls(&b, m) : bb_puts(&b, EOS));
             }
             in_outputs = 0;
         } else if (!strcmp(m->role, "tool")) {
-            fail = fail || put(&b, in_outputs ? "\n" : OUTPUTS_BEGIN) || put(&b, OUTPUT_BEGIN) || put(&b, m->content) ||
-                   put(&b, OUTPUT_END);
+            fail = fail || bb_puts(&b, in_outputs ? "\n" : OUTPUTS_BEGIN) || bb_puts(&b, OUTPUT_BEGIN) ||
+                   bb_puts(&b, m->content) || bb_puts(&b, OUTPUT_END);
             in_outputs = 1;
         }
     }
-    if (in_outputs) fail = fail || put(&b, OUTPUTS_END);
-    else if (add_generation_prompt) fail = fail || put(&b, ASSISTANT);
+    if (in_outputs) fail = fail || bb_puts(&b, OUTPUTS_END);
+    else if (add_generation_prompt) fail = fail || bb_puts(&b, ASSISTANT);
     if (fail) {
         bb_free(&b);
         err_set(err, "out of memory");

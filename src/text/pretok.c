@@ -59,8 +59,6 @@ static long hex4(const char *p, const char *end) {
     return v;
 }
 
-static int emit(ByteBuf *o, const char *s) { return bb_append(o, s, strlen(s)); }
-
 char *regex_translate(const char *pat, size_t len, Error *err) {
     ByteBuf o = {0};
     const char *p = pat, *end = pat + len;
@@ -78,10 +76,10 @@ char *regex_translate(const char *pat, size_t len, Error *err) {
             else if (e == 'D') negated = JS_DIGIT_MEMBERS;
             else if (e == 'W') negated = JS_WORD_MEMBERS;
             if (members) {
-                fail = in_class ? emit(&o, members) : (emit(&o, "[") || emit(&o, members) || emit(&o, "]"));
+                fail = in_class ? bb_puts(&o, members) : (bb_puts(&o, "[") || bb_puts(&o, members) || bb_puts(&o, "]"));
                 p += 2;
             } else if (negated && !in_class) {
-                fail = emit(&o, "[^") || emit(&o, negated) || emit(&o, "]");
+                fail = bb_puts(&o, "[^") || bb_puts(&o, negated) || bb_puts(&o, "]");
                 p += 2;
             } else if (e == 'u') {
                 // \u{X...} or \uXXXX, with a UTF-16 surrogate pair read as one code point
@@ -112,7 +110,7 @@ char *regex_translate(const char *pat, size_t len, Error *err) {
                     return NULL;
                 }
                 snprintf(tmp, sizeof tmp, "\\x{%lX}", cp);
-                fail = emit(&o, tmp);
+                fail = bb_puts(&o, tmp);
                 p = q;
             } else {
                 // any other escape is copied whole (with a multi-byte escaped character)
@@ -143,7 +141,7 @@ char *regex_translate(const char *pat, size_t len, Error *err) {
             class_start = 1;
             fail = bb_append(&o, p, 1);
         } else if (c == '.') {
-            fail = emit(&o, "[^\\n\\r\\x{2028}\\x{2029}]");  // JavaScript's '.' without the s flag
+            fail = bb_puts(&o, "[^\\n\\r\\x{2028}\\x{2029}]");  // JavaScript's '.' without the s flag
         } else {
             fail = bb_append(&o, p, 1);
         }

@@ -22,6 +22,8 @@ int bb_append(ByteBuf *b, const void *data, size_t n) {
     return 0;
 }
 
+int bb_puts(ByteBuf *b, const char *s) { return bb_append(b, s, strlen(s)); }
+
 void bb_free(ByteBuf *b) {
     free(b->p);
     *b = (ByteBuf){0};

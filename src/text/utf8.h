@@ -17,6 +17,7 @@ typedef struct ByteBuf {
 // Return 0, or -1 when memory runs out (the buffer is left as it was).
 int bb_reserve(ByteBuf *b, size_t extra);
 int bb_append(ByteBuf *b, const void *data, size_t n);
+int bb_puts(ByteBuf *b, const char *s);  // a NUL-terminated string, without its NUL
 void bb_free(ByteBuf *b);
 
 // Length of the valid UTF-8 prefix of s (equal to n when all of s is valid).
