@@ -57,7 +57,7 @@ int main(int argc, char **argv) {
     int layers = 0;
     for (int b = 0; b < batches; b++) {
         loader_next_batch(&val, tokens, B);
-        if (train_model_forward(&m, tokens, &err)) {
+        if (train_model_evaluate(&m, tokens, &err)) {
             fprintf(stderr, "bench_a2a_formats: %s\n", err.msg);
             return 1;
         }

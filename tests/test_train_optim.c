@@ -1,4 +1,5 @@
 // AdamW, clipping, the schedule, gradient accumulation, and the loss-free balancing rule.
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -192,4 +193,68 @@ TEST(test_gradient_accumulation_equals_full_batch) {
     CHECK_MSG(diff <= 1e-5 * scale, "accumulated gradients differ by %.3g (largest %.3g)", diff, scale);
     train_model_free(&full);
     train_model_free(&half);
+}
+
+// The heads run fused with their loss, TRAIN_HEAD_ROWS rows at a time: with B·T = 10 × 60 rows
+// (chunks of 256, 256 and 88; the MTP module's 590 rows likewise) the loss and the head's weight
+// gradient equal the formula written out in double over the logits of the same head inputs —
+// mean over rows of lse − logit[target] (main), and scale · (Σ_main (softmax − onehot) ⊗ h / N +
+// λ/D · Σ_MTP (softmax − onehot) ⊗ h / N_k). A backward pass needs a forward of its own.
+TEST(test_fused_head_matches_formula) {
+    TrainModel m;
+    int B = 10, T = 60;
+    CHECK(tiny_model(&m, "v3", B, T) == 0);
+    CHECK(B * T > 2 * TRAIN_HEAD_ROWS && (B * T) % TRAIN_HEAD_ROWS != 0);
+    m.obj.mtp_lambda = 0.3f;
+    int V = m.cfg.vocab_size, d = m.cfg.hidden_size, D = m.cfg.num_nextn_predict_layers, N = B * T;
+    CHECK(D == 1);
+    int *tok = malloc(sizeof(int) * B * (T + 1));
+    for (int i = 0; i < B * (T + 1); i++) tok[i] = (int)((i * 7919L + 13) % V);
+    Error err = {0};
+    const float scale = 0.5f;
+    CHECK_MSG(train_model_forward(&m, tok, &err) == 0, "%s", err.msg);
+    CHECK(m.mtp_ran);
+    train_model_zero_grad(&m);
+    // the head inputs and logits of the forward, before the backward pass changes nothing of them
+    int Nk = m.a.mtp[0].N;
+    float *lm = malloc(sizeof(float) * N * V), *lk = malloc(sizeof(float) * Nk * V);
+    CHECK_MSG(train_model_logits(&m, 0, lm, &err) == 0 && train_model_logits(&m, 1, lk, &err) == 0, "%s", err.msg);
+    CHECK_MSG(train_model_backward(&m, scale, &err) == 0, "%s", err.msg);
+    double *want = calloc((size_t)V * d, sizeof(double)), loss = 0;
+    for (int k = 0; k <= D; k++) {
+        int rows = k ? Nk : N, Tk = T - k;
+        const float *lg = k ? lk : lm, *h = k ? m.a.mtp[0].h_out : m.a.lnf;
+        double w = k ? (double)m.obj.mtp_lambda / D / rows : 1.0 / rows;
+        for (int n = 0; n < rows; n++) {
+            int b = n / Tk, i = n % Tk, target = tok[b * (T + 1) + i + k + 1];
+            const float *l = lg + (size_t)n * V;
+            double mx = -INFINITY, s = 0;
+            for (int v = 0; v < V; v++) mx = fmax(mx, l[v]);
+            for (int v = 0; v < V; v++) s += exp(l[v] - mx);
+            if (!k) loss += (mx + log(s) - l[target]) / rows;
+            for (int v = 0; v < V; v++) {
+                double g = (exp(l[v] - mx) / s - (v == target)) * w * scale;
+                for (int j = 0; j < d; j++) want[(size_t)v * d + j] += g * h[(size_t)n * d + j];
+            }
+        }
+    }
+    CHECK_NEAR(m.loss.main, loss, 1e-6 * loss);
+    const TrainTensor *head = train_model_tensor(&m, "lm_head.weight");
+    CHECK(head);
+    double worst = 0, big = 0;
+    for (size_t i = 0; i < (size_t)V * d; i++) {
+        worst = fmax(worst, fabs(m.grads[head->offset + i] - want[i]));
+        big = fmax(big, fabs(want[i]));
+    }
+    printf("    fused head (%d + %d rows in chunks of %d): max|dW - formula| %.2g of max|dW| (tol 1e-5)\n", N, Nk,
+           TRAIN_HEAD_ROWS, worst / big);
+    CHECK_MSG(worst <= 1e-5 * big, "head gradient off by %.3g (largest %.3g)", worst, big);
+    // consumed: a second backward, or one after an evaluation, is refused
+    CHECK(train_model_backward(&m, scale, &err) != 0 && strstr(err.msg, "train_model_forward"));
+    CHECK_MSG(train_model_evaluate(&m, tok, &err) == 0, "%s", err.msg);
+    CHECK_NEAR(m.loss.main, loss, 1e-6 * loss);
+    CHECK(train_model_backward(&m, scale, &err) != 0);
+    CHECK(train_model_logits(&m, 2, lm, &err) != 0 && strstr(err.msg, "module 2"));
+    free(want), free(lm), free(lk), free(tok);
+    train_model_free(&m);
 }

@@ -60,6 +60,7 @@ static void free_block_tables(ModelWeights *w, const ModelConfig *c) {
 // ---- the activation plan ----
 
 static long lmax(long a, long b) { return a > b ? a : b; }
+static long lmin(long a, long b) { return a < b ? a : b; }
 
 // One layer's saved activations; kva, y and xg are shared scratch (not read by the backward pass).
 static void plan_layer(const TrainModel *m, BufPlan *p, TrainLayerActs *t, int is_moe, int B, int T) {
@@ -153,7 +154,8 @@ static void plan_acts(BufPlan *p, void *ctx) {
     for (int l = 0; l < nl; l++) a->layers[l].acts.x_out = l + 1 < nl ? a->layers[l + 1].acts.x_in : a->x_final;
     a->lnf = PLAN_F(p, N * d);
     a->lnf_rstd = PLAN_F(p, N);
-    a->logits = PLAN_F(p, N * V);
+    a->head_logits = PLAN_F(p, lmin(N, TRAIN_HEAD_ROWS) * V);
+    a->head_grad = PLAN_F(p, V * d);
     a->lse = PLAN_F(p, N);
     a->losses = PLAN_F(p, N);
     for (int k = 1; k <= D; k++) {
@@ -172,7 +174,6 @@ static void plan_acts(BufPlan *p, void *ctx) {
         t->layer.acts.x_out = PLAN_F(p, Nk * d);
         t->h_out = PLAN_F(p, Nk * d);
         t->h_rstd = PLAN_F(p, Nk);
-        t->logits = PLAN_F(p, Nk * V);
         t->lse = PLAN_F(p, Nk);
         t->losses = PLAN_F(p, Nk);
         t->dh_out = PLAN_F(p, Nk * d);
@@ -476,15 +477,30 @@ static LayerPass train_pass(const TrainModel *m, const TrainLayerActs *t, int T,
 }
 
 // The final norm, the head and the loss of rows (N, d) x: h (N, d) and its rstd saved; *loss the
-// mean cross-entropy against targets.
-static int head_forward(TrainModel *m, const float *norm, const float *x, float *h, float *h_rstd, float *logits,
-                        float *lse, float *losses, const int *targets, int N, double *loss) {
+// mean cross-entropy against targets. With dh (the forward of a training step): the loss's
+// gradient too, each row's loss weighted dloss — dh (N, d) = its gradient of h (overwritten) and
+// a->head_grad += its gradient of the head — so that no chunk's logits need to outlive it.
+static int head_forward(TrainModel *m, const float *norm, const float *x, float *h, float *h_rstd, float *lse,
+                        float *losses, const int *targets, int N, float dloss, float *dh, double *loss) {
     Backend *be = m->be;
     int d = m->cfg.hidden_size, V = m->cfg.vocab_size;
-    double sum;
+    float *logits = m->a.head_logits;  // (rows, V)
+    MatView dw = matview_f32(m->a.head_grad, V, d);
     TRY(be->ops->rmsnorm(be, h, d, h_rstd, x, d, norm, N, d, m->cfg.rms_norm_eps));
-    TRY(be->ops->matmul(be, logits, h, &m->p.lm_head, N, NULL));  // the head stays fp32
-    TRY(be->ops->crossentropy(be, &sum, losses, lse, logits, targets, N, V));
+    if (dh) memset(dh, 0, sizeof(float) * N * d);
+    for (int r0 = 0; r0 < N; r0 += TRAIN_HEAD_ROWS) {
+        int rows = N - r0 < TRAIN_HEAD_ROWS ? N - r0 : TRAIN_HEAD_ROWS;
+        const float *hr = h + (size_t)r0 * d;
+        double part;
+        TRY(be->ops->matmul(be, logits, hr, &m->p.lm_head, rows, NULL));  // the head stays fp32
+        TRY(be->ops->crossentropy(be, &part, losses + r0, lse + r0, logits, targets + r0, rows, V));
+        if (!dh) continue;
+        TRY(be->ops->crossentropy_backward(be, logits, lse + r0, targets + r0, rows, V, dloss));
+        TRY(be->ops->matmul_backward(be, dh + (size_t)r0 * d, &dw, logits, hr, &m->p.lm_head, rows, NULL));
+    }
+    TRY(be->ops->synchronize(be));
+    double sum = 0;  // in row order, however the rows were chunked
+    for (int n = 0; n < N; n++) sum += losses[n];
     *loss = sum / N;
     return 0;
 }
@@ -543,14 +559,18 @@ static int mtp_forward(TrainModel *m, int k, long long *load, double *bal, doubl
     TRY(layer_forward(&p, &w->layer, &t->layer.acts, load, &layer_bal));
     TRY(keep_layer(m, &t->layer));
     *bal += layer_bal;
-    return head_forward(m, w->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd, t->logits, t->lse,
-                        t->losses, t->targets, N, loss);
+    float dloss = m->obj.mtp_lambda / c->num_nextn_predict_layers / N;
+    return head_forward(m, w->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd, t->lse, t->losses,
+                        t->targets, N, dloss, m->a.head_grads ? t->dh_out : NULL, loss);
 }
 
-static int forward(TrainModel *m, const int *tokens) {
+// grads: keep the heads' gradients for a backward pass (TrainActs.head_grads).
+static int forward(TrainModel *m, const int *tokens, int grads) {
     const ModelConfig *c = &m->cfg;
     TrainActs *a = &m->a;
     int B = m->B, T = m->T, N = B * T, Nr = c->n_routed_experts;
+    a->head_grads = grads;
+    if (grads) memset(a->head_grad, 0, sizeof(float) * c->vocab_size * c->hidden_size);
     memcpy(a->tokens, tokens, sizeof(int) * B * (T + 1));
     for (int b = 0; b < B; b++)
         for (int i = 0; i < T; i++) {
@@ -567,8 +587,8 @@ static int forward(TrainModel *m, const int *tokens) {
         TRY(keep_layer(m, &a->layers[l]));
         bal += layer_bal;
     }
-    TRY(head_forward(m, m->p.norm, a->x_final, a->lnf, a->lnf_rstd, a->logits, a->lse, a->losses, a->targets, N,
-                     &m->loss.main));
+    TRY(head_forward(m, m->p.norm, a->x_final, a->lnf, a->lnf_rstd, a->lse, a->losses, a->targets, N, 1.0f / N,
+                     grads ? a->dlnf : NULL, &m->loss.main));
     m->loss.mtp = 0;
     m->mtp_ran = mtp_active(m);
     if (m->mtp_ran) {
@@ -588,28 +608,47 @@ static int forward(TrainModel *m, const int *tokens) {
     return 0;
 }
 
-int train_model_forward(TrainModel *m, const int *tokens, Error *err) {
+static int run_forward(TrainModel *m, const int *tokens, int grads, Error *err) {
     int B = m->B, T = m->T, V = m->cfg.vocab_size;
+    m->a.head_grads = 0;
     for (long i = 0; i < (long)B * (T + 1); i++)
         if (tokens[i] < 0 || tokens[i] >= V)
             return err_set(err, "token %d at batch position %ld is outside the vocabulary [0, %d)", tokens[i], i, V);
-    return forward(m, tokens) || m->be->ops->synchronize(m->be) ? err_set(err, "training forward: %s", m->be->err.msg)
-                                                                 : 0;
+    if (forward(m, tokens, grads) || m->be->ops->synchronize(m->be)) {
+        m->a.head_grads = 0;
+        return err_set(err, "training forward: %s", m->be->err.msg);
+    }
+    return 0;
+}
+
+int train_model_forward(TrainModel *m, const int *tokens, Error *err) { return run_forward(m, tokens, 1, err); }
+
+int train_model_evaluate(TrainModel *m, const int *tokens, Error *err) { return run_forward(m, tokens, 0, err); }
+
+int train_model_logits(TrainModel *m, int module, float *out, Error *err) {
+    int D = m->cfg.num_nextn_predict_layers;
+    if (module < 0 || module > D || (module > 0 && !m->mtp_ran))
+        return err_set(err, "training logits: module %d did not run in the last forward pass", module);
+    const float *h = module ? m->a.mtp[module - 1].h_out : m->a.lnf;
+    int N = module ? m->a.mtp[module - 1].N : m->B * m->T;
+    if (m->be->ops->matmul(m->be, out, h, &m->p.lm_head, N, NULL) || m->be->ops->synchronize(m->be))
+        return err_set(err, "training logits: %s", m->be->err.msg);
+    return 0;
 }
 
 void train_model_zero_grad(TrainModel *m) { memset(m->grads, 0, sizeof(float) * m->n_params); }
 
-// The head's backward: dh (N, d) += from the loss of rows (N) of logits weighted dloss each;
-// dres (N, d) = the gradient of the head's input x (overwritten).
-static int head_backward(TrainModel *m, const float *norm, float *dnorm, const float *x, const float *h,
-                         const float *h_rstd, float *logits, const float *lse, const int *targets, int N, float dloss,
-                         float *dh, float *dres) {
-    Backend *be = m->be;
-    int d = m->cfg.hidden_size, V = m->cfg.vocab_size;
-    TRY(be->ops->crossentropy_backward(be, logits, lse, targets, N, V, dloss));
-    TRY(be->ops->matmul_backward(be, dh, &m->g.lm_head, logits, h, &m->p.lm_head, N, NULL));
+// The final norm's backward: dres (N, d) = the gradient of the head's input x (overwritten) from
+// dh, the gradient of its output h (the head's, left by the forward pass, and the MTP modules').
+static int head_backward(TrainModel *m, const float *norm, float *dnorm, const float *x, const float *h_rstd, int N,
+                         const float *dh, float *dres) {
+    int d = m->cfg.hidden_size;
     memset(dres, 0, sizeof(float) * N * d);
-    return be->ops->rmsnorm_backward(be, dres, dnorm, dh, x, norm, h_rstd, N, d);
+    return m->be->ops->rmsnorm_backward(m->be, dres, dnorm, dh, x, norm, h_rstd, N, d);
+}
+
+static void scale_floats(float *x, long n, float s) {
+    for (long i = 0; i < n; i++) x[i] *= s;
 }
 
 static int mtp_backward(TrainModel *m, int k, float scale) {
@@ -619,9 +658,9 @@ static int mtp_backward(TrainModel *m, int k, float scale) {
     TrainMtpActs *t = &a->mtp[k - 1];
     const MtpWeights *w = &m->p.mtp[k - 1];
     MtpWeights *g = &m->g.mtp[k - 1];
-    int N = t->N, d = c->hidden_size, D = c->num_nextn_predict_layers, Tk = t->T, Tp = Tk + 1;
-    TRY(head_backward(m, w->shared_head_norm, g->shared_head_norm, t->layer.acts.x_out, t->h_out, t->h_rstd,
-                      t->logits, t->lse, t->targets, N, scale * m->obj.mtp_lambda / D / N, t->dh_out, a->dres));
+    int N = t->N, d = c->hidden_size, Tk = t->T, Tp = Tk + 1;
+    TRY(head_backward(m, w->shared_head_norm, g->shared_head_norm, t->layer.acts.x_out, t->h_rstd, N, t->dh_out,
+                      a->dres));
     LayerPass p = train_pass(m, &t->layer, Tk, c->num_hidden_layers + k - 1);
     TRY(restore_layer(m, &t->layer));
     TRY(layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale));
@@ -651,17 +690,21 @@ static int backward(TrainModel *m, float scale) {
     const ModelConfig *c = &m->cfg;
     TrainActs *a = &m->a;
     int B = m->B, T = m->T, d = c->hidden_size, N = B * T;
-    memset(a->dlnf, 0, sizeof(float) * N * d);
+    // the heads' gradients, which the forward pass left per unit of scale
+    scale_floats(a->dlnf, (long)N * d, scale);
     if (m->mtp_ran) {
         int D = c->num_nextn_predict_layers;
-        for (int k = 1; k <= D; k++) memset(a->mtp[k - 1].dh_out, 0, sizeof(float) * a->mtp[k - 1].N * d);
+        for (int k = 1; k <= D; k++) scale_floats(a->mtp[k - 1].dh_out, (long)a->mtp[k - 1].N * d, scale);
         for (int k = D; k >= 1; k--) {
             TRY(mtp_backward(m, k, scale));
             TRY(grads_done(m, c->num_hidden_layers + k - 1));
         }
     }
-    TRY(head_backward(m, m->p.norm, m->g.norm, a->x_final, a->lnf, a->lnf_rstd, a->logits, a->lse, a->targets, N,
-                      scale / N, a->dlnf, a->dres));
+    TRY(head_backward(m, m->p.norm, m->g.norm, a->x_final, a->lnf_rstd, N, a->dlnf, a->dres));
+    float *gh = (float *)m->g.lm_head.data;
+    const float *uh = a->head_grad;
+    long nh = (long)c->vocab_size * d;
+    for (long i = 0; i < nh; i++) gh[i] += scale * uh[i];
     TRY(grads_done(m, TRAIN_GRADS_HEAD(m)));
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         LayerPass p = train_pass(m, &a->layers[l], T, l);
@@ -674,6 +717,9 @@ static int backward(TrainModel *m, float scale) {
 }
 
 int train_model_backward(TrainModel *m, float scale, Error *err) {
+    if (!m->a.head_grads)
+        return err_set(err, "training backward: no train_model_forward to follow (none yet, an evaluation, or a failed one)");
+    m->a.head_grads = 0;  // consumed: the heads' gradients are scaled in place
     return backward(m, scale) || m->be->ops->synchronize(m->be) ? err_set(err, "training backward: %s", m->be->err.msg)
                                                                   : 0;
 }

@@ -32,6 +32,11 @@
 #include "model/tensors.h"
 #include "model/weights.h"
 
+// Rows of a micro-batch whose logits exist at once (TrainActs.head_logits): enough rows for the
+// weight-gradient product to run at the GEMM's speed, few enough for a chunk to stay in cache at
+// small vocabularies (v3-10m-train, V = 4,096: 4 MB).
+#define TRAIN_HEAD_ROWS 256
+
 // One tensor of the checkpoint and where it lives in the parameter (and gradient) block.
 typedef struct TrainTensor {
     char name[128];  // HF name
@@ -78,9 +83,9 @@ typedef struct TrainMtpActs {
     float *cat;               // (N, 2d) [enorm(emb) ; hnorm(h)]
     TrainLayerActs layer;
     float *h_out, *h_rstd;    // (N, d), (N) after shared_head.norm: h^k, the head's input
-    float *logits;            // (N, V), dlogits after the backward pass
     float *lse, *losses;      // (N)
-    float *dh_out;            // (N, d) gradient of h_out: from the head and from module k + 1
+    float *dh_out;            // (N, d) gradient of h_out: the head's (left by the forward pass, per
+                              // unit of the backward's scale), then module k + 1's
 } TrainMtpActs;
 
 typedef struct TrainActs {
@@ -90,8 +95,13 @@ typedef struct TrainActs {
     TrainLayerActs *layers;   // (num_hidden_layers)
     float *x_final;           // (B·T, d) output of the last layer
     float *lnf, *lnf_rstd;    // (B·T, d), (B·T) after model.norm: h^0
-    float *logits;            // (B·T, V), dlogits after the backward pass
     float *lse, *losses;      // (B·T)
+    // The heads run fused with their loss, TRAIN_HEAD_ROWS rows at a time (the logits of a whole
+    // micro-batch, B·T × V floats per head, are never stored): each chunk's logits, loss, dlogits and
+    // the two gradient products in the forward pass, per unit of the backward's scale.
+    float *head_logits;       // (TRAIN_HEAD_ROWS, V) one chunk's logits, then its dlogits
+    float *head_grad;         // (V, d) the heads' weight gradient of this micro-batch, unit scale
+    int head_grads;           // the last forward left the heads' gradients (not train_model_evaluate)
     TrainMtpActs *mtp;        // (num_nextn_predict_layers)
     // scratch, sized for B·T rows, shared by every layer
     float *kva;               // (B·T, kv_lora + rope)
@@ -102,7 +112,8 @@ typedef struct TrainActs {
     float *ffn_h_fp32, *e_h_fp32;  // and the SwiGLU outputs', computed again from the kept inputs
     size_t attn_per_thread;
     LayerGradScratch gs;      // the backward pass's scratch
-    float *dres, *dlnf;       // (B·T, d) residual and final-norm gradients
+    float *dres, *dlnf;       // (B·T, d) residual and final-norm gradients (dlnf: the head's,
+                              // left by the forward pass, then the MTP modules')
     float *dcat;              // (B·T, 2d)
     float *den, *dhn, *demb, *dh_prev;  // (B·T, d) MTP input gradients
 } TrainActs;
@@ -200,10 +211,17 @@ int train_model_save_values(const TrainModel *m, const char *dir, const float *c
 const TrainTensor *train_model_tensor(const TrainModel *m, const char *name);
 
 // tokens: (B, T + 1). Fills m->loss; fails (without running) on a token outside the vocabulary.
+// The output heads' gradients are computed here, fused with the loss (TrainActs.head_logits), for
+// the train_model_backward that follows.
 int train_model_forward(TrainModel *m, const int *tokens, Error *err);
+// The same for the loss alone (evaluation): no backward pass may follow it.
+int train_model_evaluate(TrainModel *m, const int *tokens, Error *err);
+// The logits of the last forward's rows, computed again from the heads' saved inputs: module 0
+// the main model's (B·T, V), module k ≥ 1 MTP module k's (B·(T − k), V) when it ran.
+int train_model_logits(TrainModel *m, int module, float *out, Error *err);
 void train_model_zero_grad(TrainModel *m);
-// Accumulates into m->grads the gradient of scale · loss of the last forward (scale = 1/A when
-// A micro-batches make one step). Consumes the saved logits.
+// Accumulates into m->grads the gradient of scale · loss of the last train_model_forward (scale =
+// 1/A when A micro-batches make one step).
 int train_model_backward(TrainModel *m, float scale, Error *err);
 
 #endif

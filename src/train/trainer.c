@@ -506,7 +506,7 @@ static int evaluate(Run *r, int *tokens, double *val_loss, double *val_max_vio, 
     int rc = 0;
     for (long b = 0; b < r->o.eval_batches && !rc; b++) {
         loader_next_batch(&r->val, tokens, r->o.batch);  // the whole batch; this rank takes its share
-        rc = train_model_forward(m, tokens + (size_t)r->rank * m->B * (m->T + 1), err);
+        rc = train_model_evaluate(m, tokens + (size_t)r->rank * m->B * (m->T + 1), err);
         sum += m->loss.main / r->W;
         for (size_t i = 0; i < (size_t)m->n_moe * Nr; i++) loads[i] += m->expert_load[i];
     }
