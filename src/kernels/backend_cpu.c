@@ -2,6 +2,7 @@
 // kernels split their work in fixed shares, so a result never depends on scheduling); OpenBLAS
 // runs single-threaded under them; the ISA is chosen once from CPUID (matmul.c).
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -235,10 +236,19 @@ static int cpu_combine_backward(Backend *be, float *dsrc, float *dweight, const 
 
 static int cpu_scatter_add_rows(Backend *be, float *dx, const float *dout, const int *rows, long n, int d) {
     (void)be;
-    for (long i = 0; i < n; i++) {  // in order: rows repeat (a token reaches K_r experts)
-        float *dst = dx + (size_t)rows[i] * d;
-        const float *s = dout + i * d;
-        for (int j = 0; j < d; j++) dst[j] += s[j];
+    // the threads split the columns, each going over every row in order: rows repeat (a token
+    // reaches K_r experts), so each element's additions keep their order whatever the split
+#pragma omp parallel
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int units = (d + 15) / 16, j0 = units * t / nt * 16, j1 = units * (t + 1) / nt * 16;
+        j1 = j1 < d ? j1 : d;
+        for (long i = 0; i < n && j0 < j1; i++) {
+            float *dst = dx + (size_t)rows[i] * d;
+            const float *s = dout + i * d;
+#pragma omp simd
+            for (int j = j0; j < j1; j++) dst[j] += s[j];
+        }
     }
     return 0;
 }
@@ -258,8 +268,22 @@ static int cpu_crossentropy_backward(Backend *be, float *logits, const float *ls
 }
 
 // Chunks of the fixed-order sum: partial sums per chunk, added in chunk order, give the same bits
-// however the chunks are scheduled.
+// however the chunks are scheduled. Within a chunk, element j goes to running sum j mod
+// SUM_LANES (independent chains: one chain would wait on each addition's latency), and the lanes
+// are added in halves at the end.
 #define SUM_CHUNK 65536
+#define SUM_LANES 8
+
+static double sum_squares_chunk(const float *x, long n) {
+    double lane[SUM_LANES] = {0};
+    long j = 0;
+    for (; j + SUM_LANES <= n; j += SUM_LANES)
+        for (int k = 0; k < SUM_LANES; k++) lane[k] += (double)x[j + k] * x[j + k];
+    for (int k = 0; j < n; j++, k++) lane[k] += (double)x[j] * x[j];
+    for (int w = SUM_LANES / 2; w > 0; w /= 2)
+        for (int k = 0; k < w; k++) lane[k] += lane[k + w];
+    return lane[0];
+}
 
 static int cpu_sum_squares(Backend *be, double *sum, const float *x, long n) {
     long chunks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
@@ -268,9 +292,7 @@ static int cpu_sum_squares(Backend *be, double *sum, const float *x, long n) {
 #pragma omp parallel for schedule(static)
     for (long c = 0; c < chunks; c++) {
         long b = c * SUM_CHUNK, e = b + SUM_CHUNK < n ? b + SUM_CHUNK : n;
-        double s = 0;
-        for (long j = b; j < e; j++) s += (double)x[j] * x[j];
-        part[c] = s;
+        part[c] = sum_squares_chunk(x + b, e - b);
     }
     double total = 0;
     for (long c = 0; c < chunks; c++) total += part[c];

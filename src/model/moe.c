@@ -152,6 +152,7 @@ int moe_route_rows(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N)
     const ModelConfig *c = p->c;
     int Nr = c->n_routed_experts, K = c->num_experts_per_tok;
     TRY(p->be->ops->matmul(p->be, a->router, a->ln2, &w->gate, N, NULL));  // the router stays fp32
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         const float *lg = a->router + (size_t)t * Nr;
         float *s = a->scores + (size_t)t * Nr, *wt = a->topk_w + (size_t)t * K;

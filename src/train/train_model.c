@@ -636,7 +636,11 @@ int train_model_logits(TrainModel *m, int module, float *out, Error *err) {
     return 0;
 }
 
-void train_model_zero_grad(TrainModel *m) { memset(m->grads, 0, sizeof(float) * m->n_params); }
+void train_model_zero_grad(TrainModel *m) {
+    long n = (long)m->n_params, chunk = 1L << 16;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < n; b += chunk) memset(m->grads + b, 0, sizeof(float) * (n - b < chunk ? n - b : chunk));
+}
 
 // The final norm's backward: dres (N, d) = the gradient of the head's input x (overwritten) from
 // dh, the gradient of its output h (the head's, left by the forward pass, and the MTP modules').
@@ -647,8 +651,10 @@ static int head_backward(TrainModel *m, const float *norm, float *dnorm, const f
     return m->be->ops->rmsnorm_backward(m->be, dres, dnorm, dh, x, norm, h_rstd, N, d);
 }
 
-static void scale_floats(float *x, long n, float s) {
-    for (long i = 0; i < n; i++) x[i] *= s;
+// y (n) += s · x; x = NULL: y *= s.
+static void scale_add(float *y, const float *x, long n, float s) {
+#pragma omp parallel for schedule(static)
+    for (long i = 0; i < n; i++) y[i] = x ? y[i] + s * x[i] : y[i] * s;
 }
 
 static int mtp_backward(TrainModel *m, int k, float scale) {
@@ -691,20 +697,17 @@ static int backward(TrainModel *m, float scale) {
     TrainActs *a = &m->a;
     int B = m->B, T = m->T, d = c->hidden_size, N = B * T;
     // the heads' gradients, which the forward pass left per unit of scale
-    scale_floats(a->dlnf, (long)N * d, scale);
+    scale_add(a->dlnf, NULL, (long)N * d, scale);
     if (m->mtp_ran) {
         int D = c->num_nextn_predict_layers;
-        for (int k = 1; k <= D; k++) scale_floats(a->mtp[k - 1].dh_out, (long)a->mtp[k - 1].N * d, scale);
+        for (int k = 1; k <= D; k++) scale_add(a->mtp[k - 1].dh_out, NULL, (long)a->mtp[k - 1].N * d, scale);
         for (int k = D; k >= 1; k--) {
             TRY(mtp_backward(m, k, scale));
             TRY(grads_done(m, c->num_hidden_layers + k - 1));
         }
     }
     TRY(head_backward(m, m->p.norm, m->g.norm, a->x_final, a->lnf_rstd, N, a->dlnf, a->dres));
-    float *gh = (float *)m->g.lm_head.data;
-    const float *uh = a->head_grad;
-    long nh = (long)c->vocab_size * d;
-    for (long i = 0; i < nh; i++) gh[i] += scale * uh[i];
+    scale_add((float *)m->g.lm_head.data, a->head_grad, (long)c->vocab_size * d, scale);
     TRY(grads_done(m, TRAIN_GRADS_HEAD(m)));
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         LayerPass p = train_pass(m, &a->layers[l], T, l);
