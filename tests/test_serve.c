@@ -491,6 +491,21 @@ TEST(test_serve_openai_client_and_generate_agree) {
         json_decref(o);
     }
     printf("    JSON mode: %zu answers closed their object, each parsed by jansson\n", json_array_size(ja));
+    // structured outputs: each complete answer read by jansson and held to the client's schema here
+    // ({name: string, count: integer, kind: "a" | "b", tags?: [boolean, ≤ 2]}, nothing else)
+    json_t *sa = json_object_get(res, "schema_answers");
+    CHECK(json_is_array(sa) && json_array_size(sa) >= 2);
+    for (size_t i = 0; i < json_array_size(sa); i++) {
+        json_t *a = json_array_get(sa, i), *o = json_loadb(json_string_value(a), json_string_length(a), 0, NULL);
+        json_t *kind = json_object_get(o, "kind"), *tags = json_object_get(o, "tags");
+        int ok = json_is_object(o) && json_is_string(json_object_get(o, "name")) && json_is_integer(json_object_get(o, "count")) &&
+                 json_is_string(kind) && (!strcmp(json_string_value(kind), "a") || !strcmp(json_string_value(kind), "b")) &&
+                 json_object_size(o) == 3u + (tags != NULL) && (!tags || (json_is_array(tags) && json_array_size(tags) <= 2));
+        for (size_t k = 0; ok && tags && k < json_array_size(tags); k++) ok = json_is_boolean(json_array_get(tags, k));
+        CHECK_MSG(ok, "a json_schema answer does not fit its schema: %s", json_string_value(a));
+        json_decref(o);
+    }
+    printf("    json_schema: %zu answers completed their object, each fits the schema\n", json_array_size(sa));
     json_decref(res);
 }
 
@@ -721,7 +736,22 @@ TEST(test_serve_bad_requests_get_4xx) {
         {"POST", COMPL, "{\"prompt\": \"x\", \"logit_bias\": {\"1\": 1e9}}", 400, "logit_bias"},
         {"POST", COMPL, "{\"prompt\": [\"x\", 5]}", 400, "prompt"},
         {"POST", COMPL, "{\"prompt\": [[1], []]}", 400, "prompt"},
-        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {}}}", 400, "response_format"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {}}}", 400,
+         "response_format.json_schema.name"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": 3}}", 400,
+         "response_format.json_schema"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"a b\"}}}", 400,
+         "response_format.json_schema.name"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"r\", "
+         "\"schema\": {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", \"pattern\": \"x\"}}}}}}", 400,
+         "response_format.json_schema.schema"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"r\", "
+         "\"schema\": {\"type\": \"array\"}}}}", 400, "response_format.json_schema.schema"},
+        {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"r\", "
+         "\"strict\": \"yes\"}}}", 400, "response_format.json_schema"},
+        {"POST", CHAT, "{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\", \"strict\": true, "
+         "\"parameters\": {\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\", \"minimum\": 1}}}}}]}", 400,
+         "tools[0]"},
         {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"xml\"}}", 400, "response_format"},
         {"POST", CHAT, "{" MSG ", \"response_format\": \"json\"}", 400, "response_format"},
         {"POST", COMPL, "{\"prompt\": \"\\xff\\xfe\"}", 400, NULL},
@@ -930,4 +960,40 @@ TEST(test_cli_generate_json_and_logit_bias) {
     CHECK(test_run(out, sizeof out, "%s generate --model %s --tokens 5 --logit-bias 3=101 2>&1", test_bin(), dir) != 0 &&
           strstr(out, "--logit-bias"));
     CHECK(test_run(out, sizeof out, "%s generate --model %s --tokens 5 --json 2>&1", test_bin(), dir) != 0 && strstr(out, "--json"));
+    // --json-schema FILE: an answer that ends by itself is {"id": integer, "ok": boolean} exactly
+    char schema[600], txt[600];
+    snprintf(schema, sizeof schema, "%s/serve/schema.json", test_tmpdir());
+    snprintf(txt, sizeof txt, "%s/serve/schema-answer.txt", test_tmpdir());
+    test_write_text(schema, "{\"type\": \"object\", \"properties\": {\"id\": {\"type\": \"integer\"}, \"ok\": {\"type\": \"boolean\"}},"
+                            " \"required\": [\"id\", \"ok\"], \"additionalProperties\": false}");
+    int fitted = 0;
+    for (int seed = 1; seed <= 3; seed++) {
+        CHECK(test_run(out, sizeof out, "%s generate --model %s --prompt 'data:' --json-schema %s --temperature 1 --seed %d "
+                       "--max-new 200 --logit-bias %s > %s", test_bin(), dir, schema, seed, bias, txt) == 0);
+        size_t n;
+        char *answer = test_read_file(txt, &n);
+        json_t *o = answer && n > 0 ? json_loadb(answer, n - 1, 0, NULL) : NULL;
+        if (o) {
+            CHECK_MSG(json_object_size(o) == 2 && json_is_integer(json_object_get(o, "id")) &&
+                          json_is_boolean(json_object_get(o, "ok")), "seed %d: %.200s", seed, answer);
+            fitted++;
+        }
+        json_decref(o);
+        free(answer);
+    }
+    printf("    generate --json-schema: %d of 3 sampled answers completed their object, each fits the schema\n", fitted);
+    CHECK(fitted >= 1);
+    // a schema outside the subset, or not JSON: one line naming the file and what is wrong
+    static const char *const bad[][2] = {
+        {"{\"type\": \"object\", \"properties\": {\"id\": {\"type\": \"integer\", \"maximum\": 9}}}",
+         "schema.properties.id: 'maximum' is not supported"},
+        {"{\"type\": ", "line 1"},
+    };
+    for (int i = 0; i < 2; i++) {
+        test_write_text(schema, bad[i][0]);
+        CHECK(test_run(out, sizeof out, "%s generate --model %s --prompt x --json-schema %s 2>&1", test_bin(), dir, schema) != 0 &&
+              strstr(out, schema) && strstr(out, bad[i][1]));
+    }
+    CHECK(test_run(out, sizeof out, "%s generate --model %s --tokens 5 --json-schema %s 2>&1", test_bin(), dir, schema) != 0 &&
+          strstr(out, "--json-schema needs --prompt"));
 }

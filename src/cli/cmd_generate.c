@@ -4,7 +4,8 @@
 // prompt in input order (the line --tokens prints for it alone; line k samples with seed S + k).
 // Under mpirun with --expert-parallel E every rank runs the same sequences with its share of the
 // routed experts (the sums of each MoE layer added up over the ranks); rank 0 alone prints.
-// --json constrains a --prompt's answer to a JSON object (serve/json_mode.h) and ends it there.
+// --json constrains a --prompt's answer to a JSON object (serve/json_mode.h) and ends it there;
+// --json-schema FILE to an object that JSON Schema accepts (text/json_schema.h).
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +23,7 @@
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
                                      "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype",
-                                     "speculative", "expert-parallel", "compute", "logit-bias", NULL};
+                                     "speculative", "expert-parallel", "compute", "logit-bias", "json-schema", NULL};
 static const char *const FLAGS[] = {"chat", "no-mmap", "stats", "json", NULL};
 
 // --parallel's default: sequences decoded at once when --batch-file gives several.
@@ -137,6 +138,7 @@ int cmd_generate(int argc, char **argv) {
     long parallel, chunk, spec;
     SeqParams sp = seq_params_default();  // greedy, 32 tokens unless told otherwise
     JsonMode json = {0};
+    JsonSchema *schema = NULL;
     int *bias_ids = NULL, n_bias = 0;
     float *bias_values = NULL;
     if (args_parse(&a, cmd, argc, argv, VALUED, FLAGS, &err) || args_require(&a, "model", &dir, &err) ||
@@ -146,8 +148,11 @@ int cmd_generate(int argc, char **argv) {
         return cli_fail(cmd, &err);
     DType kv_dtype;
     if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
-    if (args_flag(&a, "json") && !args_str(&a, "prompt", NULL)) {
-        err_set(&err, "--json needs --prompt (the answer's text is checked with the model's tokenizer)");
+    const char *schema_path = args_str(&a, "json-schema", NULL);
+    int json_out = args_flag(&a, "json") || schema_path;
+    if (json_out && !args_str(&a, "prompt", NULL)) {
+        err_set(&err, "--json%s needs --prompt (the answer's text is checked with the model's tokenizer)",
+                schema_path ? "-schema" : "");
         return cli_fail(cmd, &err);
     }
     Tokenizer *tok = NULL;
@@ -172,6 +177,15 @@ int cmd_generate(int argc, char **argv) {
         }
         if (prompt_ids(&a, dir, &tok, &prompts[0], &lens[0], &err)) goto done_prompts;
         np = 1;
+    }
+    if (schema_path) {
+        json_error_t je;
+        json_t *js = json_load_file(schema_path, JSON_DECODE_ANY, &je);
+        char why[256];
+        if (!js) err_set(&err, "%s: line %d: %s", schema_path, je.line, je.text);
+        else if (json_schema_compile(&schema, js, why, sizeof why)) err_set(&err, "%s: %s", schema_path, why);
+        json_decref(js);
+        if (!schema) goto done_prompts;
     }
     Model m;
     Engine *e = NULL;
@@ -204,9 +218,9 @@ int cmd_generate(int argc, char **argv) {
     e = engine_new(&m, &eo, &err);
     if (!e) goto done;
     TokenConstraint tc;
-    if (args_flag(&a, "json")) {
+    if (json_out) {
         int ends[2] = {m.cfg.eos_token_id, args_flag(&a, "chat") || args_str(&a, "system", NULL) ? tok_eos_id(tok) : -1};
-        if (json_mode_init(&json, tok, m.cfg.vocab_size, ends, 2)) {
+        if (json_mode_init(&json, tok, m.cfg.vocab_size, ends, 2, schema)) {
             err_set(&err, "out of memory");
             goto done;
         }
@@ -276,6 +290,7 @@ done_prompts:
 done_free:
     token_lists_free(prompts, lens, np);
     json_mode_free(&json);
+    json_schema_free(schema);
     free(bias_ids);
     free(bias_values);
     tok_free(tok);

@@ -17,7 +17,7 @@ static const struct {
     int ranks;
 } commands[] = {
     {"logits", cmd_logits, "--model DIR --tokens IDS [--out FILE] [--mtp-out FILE] [--routes-out FILE] [--decode] [--no-mmap] [--compute f32|bf16|auto] [--expert-parallel E (under mpirun)]", EVERY_RANK},
-    {"generate", cmd_generate, "--model DIR (--tokens IDS | --prompt TEXT [--chat] [--system TEXT] | --batch-file FILE) [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--parallel N] [--prefill-chunk N] [--logit-bias ID=B,...] [--json] [--no-mmap] [--stats] [--stats-json FILE] [--compute auto|f32|bf16] [--expert-parallel E (under mpirun)]", EVERY_RANK_RANK0_PRINTS},
+    {"generate", cmd_generate, "--model DIR (--tokens IDS | --prompt TEXT [--chat] [--system TEXT] | --batch-file FILE) [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--parallel N] [--prefill-chunk N] [--logit-bias ID=B,...] [--json | --json-schema FILE] [--no-mmap] [--stats] [--stats-json FILE] [--compute auto|f32|bf16] [--expert-parallel E (under mpirun)]", EVERY_RANK_RANK0_PRINTS},
     {"chat", cmd_chat, "--model DIR [--system TEXT] [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ctx N] [--no-mmap] [--compute auto|f32|bf16] [--verbose-prompt]  (/reset, /exit; Ctrl-C stops a reply)", ONE_PROCESS},
     {"serve", cmd_serve, "--model DIR [--host 127.0.0.1] [--port 8080] [--parallel N] [--ctx N] [--kv-dtype f32|bf16] [--speculative K] [--api-key KEY] [--alias NAME] [--max-queue N] [--timeout S] [--max-body BYTES] [--no-prefix-cache] [--compute auto|f32|bf16]  (OpenAI-compatible HTTP server)", ONE_PROCESS},
     {"init", cmd_init, "--config FILE --out DIR [--seed S] [--dtype f32|bf16|fp8]", ONE_PROCESS},

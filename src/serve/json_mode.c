@@ -4,9 +4,9 @@
 
 #include "serve/json_mode.h"
 
-int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end) {
+int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end, const JsonSchema *schema) {
     memset(m, 0, sizeof *m);
-    json_prefix_init(&m->answer);
+    json_schema_prefix_init(&m->answer, schema);
     m->phase = JSON_MODE_OBJECT;  // unframed: the object first
     m->tok = tok;
     m->vocab = vocab;
@@ -31,10 +31,12 @@ static void literal_begin(JsonMode *m, JsonModePhase phase) {
     m->lit_n = 0;
 }
 
-int json_mode_frame(JsonMode *m, const char *const *heads, int n_heads, const char *tail) {
+int json_mode_frame(JsonMode *m, const char *const *heads, const JsonSchema *const *head_schemas, int n_heads,
+                    const char *tail) {
     free(m->live);
     if (!(m->live = malloc(sizeof *m->live * (size_t)(n_heads > 1 ? n_heads : 1)))) return -1;
     m->heads = heads;
+    m->head_schemas = head_schemas;
     m->n_heads = n_heads;
     m->tail = tail;
     literal_begin(m, JSON_MODE_HEAD);
@@ -71,8 +73,9 @@ static void mask(void *ctx, float *logits, int vocab) {
         size_t n;
         const char *b = done ? NULL : id_bytes(m, id, &n);
         if (b && n > 0 && m->phase == JSON_MODE_OBJECT) {
-            JsonPrefix t = m->answer;
-            ok = json_prefix_feed(&t, b, n) == 0;
+            JsonSchemaPrefix t;
+            json_schema_prefix_copy(&t, &m->answer);
+            ok = json_schema_prefix_feed(&t, b, n) == 0;
         } else if (b && n > 0) {
             for (int k = 0; k < m->n_live && !ok; k++) ok = literal_fits(m, k, b, n) > 0;
         }
@@ -90,7 +93,7 @@ static void accept(void *ctx, int token) {
     const char *b = token >= 0 && token < m->vocab ? id_bytes(m, token, &n) : NULL;
     if (!b || n == 0 || m->phase == JSON_MODE_DONE) return;
     if (m->phase == JSON_MODE_OBJECT) {
-        if (json_prefix_feed(&m->answer, b, n) == 0 && json_prefix_complete(&m->answer)) {
+        if (json_schema_prefix_feed(&m->answer, b, n) == 0 && json_schema_prefix_complete(&m->answer)) {
             if (m->tail) literal_begin(m, JSON_MODE_TAIL);
             else m->phase = JSON_MODE_DONE;
         }
@@ -98,18 +101,22 @@ static void accept(void *ctx, int token) {
     }
     // a literal part: the candidates this token goes on stay (the mask let only such ids through,
     // unless none fitted, when the answer is left where it was)
-    int kept = 0, whole = 0;
+    int kept = 0, whole = -1;
     for (int k = 0; k < m->n_live; k++) {
         int fit = literal_fits(m, k, b, n);
+        if (fit == 2) whole = m->live[k];
         if (fit) m->live[kept++] = m->live[k];
-        whole |= fit == 2;
     }
     if (kept == 0) return;
     m->n_live = kept;
     m->lit_n += n;
-    if (!whole) return;
-    if (m->phase == JSON_MODE_HEAD) m->phase = JSON_MODE_OBJECT;  // a head is whole: the object follows
-    else m->phase = JSON_MODE_DONE;
+    if (whole < 0) return;
+    if (m->phase == JSON_MODE_HEAD) {  // a head is whole: the object follows, held to its schema
+        m->phase = JSON_MODE_OBJECT;
+        json_schema_prefix_init(&m->answer, m->head_schemas ? m->head_schemas[whole] : NULL);
+    } else {
+        m->phase = JSON_MODE_DONE;
+    }
 }
 
 TokenConstraint json_mode_constraint(JsonMode *m) { return (TokenConstraint){.ctx = m, .mask = mask, .accept = accept}; }

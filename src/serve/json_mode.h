@@ -1,23 +1,26 @@
-// JSON mode (`response_format: {"type": "json_object"}`) as a constraint on one answer: before each
-// token every id whose bytes would not continue the answer as the beginning of a JSON object
-// (text/json_prefix.h) is masked, special tokens always; once the object is complete only the
+// JSON mode (`response_format: {"type": "json_object"}`) and structured outputs (`"json_schema"`)
+// as a constraint on one answer: before each token every id whose bytes would not continue the
+// answer as the beginning of a JSON object — one the schema accepts, when there is one
+// (text/json_schema.h) — is masked, special tokens always; once the object is complete only the
 // answer's end ids may follow (the server ends the answer there itself). When no id would fit the
 // logits are left as they are.
 #ifndef DSV3_SERVE_JSON_MODE_H
 #define DSV3_SERVE_JSON_MODE_H
 
 #include "infer/engine.h"
-#include "text/json_prefix.h"
+#include "text/json_schema.h"
 #include "text/tokenizer.h"
 
 // Framed (a forced tool call): the answer must first be exactly one of `heads` (literal text, none
-// the start of another), then the object, then exactly `tail`; only then may it end.
+// the start of another), then the object (held to that head's schema), then exactly `tail`; only
+// then may it end.
 typedef enum { JSON_MODE_HEAD, JSON_MODE_OBJECT, JSON_MODE_TAIL, JSON_MODE_DONE } JsonModePhase;
 
 typedef struct JsonMode {
-    JsonPrefix answer;      // the answer's object so far
+    JsonSchemaPrefix answer;   // the answer's object so far
     JsonModePhase phase;
     const char *const *heads;  // (n_heads) not owned; none: the object comes first
+    const JsonSchema *const *head_schemas;  // (n_heads) not owned, or NULL; an entry NULL: any object
     int n_heads;
     const char *tail;       // not owned; NULL: none
     int *live;              // (n_live) in a literal part: the heads (or the tail, 0) the answer still matches
@@ -29,11 +32,14 @@ typedef struct JsonMode {
     uint8_t *allow;         // (vocab) scratch
 } JsonMode;
 
-// 0, or -1 when memory runs out. end_ids: up to two (n_end), -1 entries ignored.
-int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end);
+// 0, or -1 when memory runs out. end_ids: up to two (n_end), -1 entries ignored. schema (NULL: any
+// object) outlives m.
+int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end, const JsonSchema *schema);
 void json_mode_free(JsonMode *m);
-// Frames the object: heads (n_heads ≥ 1) and tail outlive m. 0, or -1 when memory runs out.
-int json_mode_frame(JsonMode *m, const char *const *heads, int n_heads, const char *tail);
+// Frames the object: heads (n_heads ≥ 1), their schemas (NULL: any object after each) and tail
+// outlive m. 0, or -1 when memory runs out.
+int json_mode_frame(JsonMode *m, const char *const *heads, const JsonSchema *const *head_schemas, int n_heads,
+                    const char *tail);
 // The engine's hook for this answer (m must outlive the sequence).
 TokenConstraint json_mode_constraint(JsonMode *m);
 // 1 once the answer is a complete object (and its tail, framed).

@@ -311,7 +311,8 @@ static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
             return api_error(e, 400, "tool_choice", "invalid_value", "'tool_choice' needs 'tools'");
     }
     if (n == 0) return 0;
-    if (!(r->tool_names = calloc(n, sizeof *r->tool_names))) return OOM(e);
+    if (!(r->tool_names = calloc(n, sizeof *r->tool_names)) || !(r->tool_schemas = calloc(n, sizeof *r->tool_schemas)))
+        return OOM(e);
     ByteBuf b = {0};
     int fail = bb_puts(&b, "## Tools\n\nYou can call the functions below. To call one, answer with\n"
                        CHAT_TOOL_CALLS_BEGIN CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP "NAME\n```json\nARGUMENTS\n```"
@@ -324,18 +325,28 @@ static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
         snprintf(param, sizeof param, "tools[%zu]", k);
         json_t *type = json_object_get(t, "type"), *f = json_object_get(t, "function");
         json_t *name = json_object_get(f, "name"), *desc = field(f, "description"), *params = field(f, "parameters");
+        json_t *strict = field(f, "strict");
         const char *why = !json_is_object(t) || !json_is_object(f) ? "must be {\"type\": \"function\", \"function\": {...}}"
                           : type && !(json_is_string(type) && !strcmp(json_string_value(type), "function"))
                               ? "has a type other than \"function\""
                           : !valid_name(name) ? "needs a function name of 1 to 64 letters, digits, '_' or '-'"
                           : desc && !json_is_string(desc) ? "has a description that is not a string"
                           : params && !json_is_object(params) ? "has parameters that are not a JSON Schema object"
-                                                              : NULL;
+                          : strict && !json_is_boolean(strict) ? "has a 'strict' that is not a boolean"
+                                                               : NULL;
         if (why) {
             bb_free(&b);
             return api_error(e, 400, param, "invalid_value", "'%s' %s", param, why);
         }
         r->n_tools = (int)k + 1;
+        // the arguments of a forced call are held to the parameters where json_schema.h can; a
+        // strict function's parameters must be within its subset, as OpenAI's strict mode requires
+        char schema_why[256];
+        if (params && json_schema_compile(&r->tool_schemas[k], params, schema_why, sizeof schema_why) &&
+            json_is_true(strict)) {
+            bb_free(&b);
+            return api_error(e, 400, param, "invalid_value", "'%s.function.parameters' (strict): %s", param, schema_why);
+        }
         if (!(r->tool_names[k] = dup_json_string(name))) fail = 1;
         char *schema = params ? json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
         fail = fail || bb_puts(&b, "\n### ") || bb_puts(&b, r->tool_names[k]) || bb_puts(&b, "\n") ||
@@ -357,6 +368,25 @@ static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
     }
     if (r->tool_choice != TOOL_NONE) r->tools_prompt = b.p;
     else bb_free(&b);
+    return 0;
+}
+
+// response_format {"type": "json_schema", "json_schema": {"name", "description", "schema", "strict"}}:
+// the schema compiled (absent: any object). dsv3 holds every answer to it, strict or not.
+static int parse_json_schema(ServeRequest *r, json_t *js, ApiError *e) {
+    const char *param = "response_format.json_schema";
+    if (!json_is_object(js)) return api_error(e, 400, param, "invalid_type", "'%s' must be an object", param);
+    json_t *name = json_object_get(js, "name"), *desc = field(js, "description"), *schema = field(js, "schema");
+    json_t *strict = field(js, "strict");
+    if (!valid_name(name))
+        return api_error(e, 400, "response_format.json_schema.name", "invalid_value",
+                         "'%s.name' must be 1 to 64 letters, digits, '_' or '-'", param);
+    if ((desc && !json_is_string(desc)) || (strict && !json_is_boolean(strict)))
+        return api_error(e, 400, param, "invalid_type", "'%s': 'description' must be a string, 'strict' a boolean", param);
+    r->json_mode = 1;
+    char why[256];
+    if (schema && json_schema_compile(&r->json_schema, schema, why, sizeof why))
+        return api_error(e, 400, "response_format.json_schema.schema", "invalid_value", "'%s.schema': %s", param, why);
     return 0;
 }
 
@@ -425,14 +455,14 @@ static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
     if (rf) {
         json_t *type = json_object_get(rf, "type");
         if (!json_is_object(rf) || !json_is_string(type))
-            return api_error(e, 400, "response_format", "invalid_type", "'response_format' must be {\"type\": \"text\" or \"json_object\"}");
+            return api_error(e, 400, "response_format", "invalid_type",
+                             "'response_format' must be {\"type\": \"text\", \"json_object\" or \"json_schema\"}");
         const char *t = json_string_value(type);
         if (!strcmp(t, "json_object")) r->json_mode = 1;
-        else if (!strcmp(t, "json_schema"))
-            return api_error(e, 400, "response_format", "unsupported_value",
-                             "'response_format' json_schema is not supported (json_object is: any JSON object)");
+        else if (!strcmp(t, "json_schema")) TRY(parse_json_schema(r, json_object_get(rf, "json_schema"), e));
         else if (strcmp(t, "text"))
-            return api_error(e, 400, "response_format", "invalid_value", "'response_format.type' is '%.40s'; it must be text or json_object", t);
+            return api_error(e, 400, "response_format", "invalid_value",
+                             "'response_format.type' is '%.40s'; it must be text, json_object or json_schema", t);
     }
     if (r->kind == API_CHAT) TRY(parse_tools(r, body, e));
     return 0;
@@ -468,8 +498,13 @@ void serve_request_free(ServeRequest *r) {
         free((void *)r->msgs[i].tool_calls);
     }
     free(r->tools_prompt);
-    for (int i = 0; i < r->n_tools; i++) free(r->tool_names[i]);
+    for (int i = 0; i < r->n_tools; i++) {
+        free(r->tool_names[i]);
+        if (r->tool_schemas) json_schema_free(r->tool_schemas[i]);
+    }
     free(r->tool_names);
+    free(r->tool_schemas);
+    json_schema_free(r->json_schema);
     free(r->msgs);
     for (int i = 0; i < r->n_prompts; i++) {
         free(r->prompts[i].text);

@@ -11,6 +11,7 @@
 #include <stddef.h>
 
 #include "serve/stop_text.h"
+#include "text/json_schema.h"
 #include "text/tokenizer.h"
 
 typedef enum { API_CHAT, API_COMPLETION } ApiKind;
@@ -66,7 +67,8 @@ typedef struct ServeRequest {
     int logprobs;             // report log-probabilities
     int top_logprobs;         // and this many alternatives (≤ 20)
     int ignore_eos;           // vLLM's extension: EOS does not end the answer
-    int json_mode;            // response_format {"type": "json_object"}: the answer is a JSON object
+    int json_mode;            // response_format json_object or json_schema: the answer is a JSON object
+    JsonSchema *json_schema;  // json_schema's schema, compiled (owned), or NULL: any object
     int *bias_ids;            // logit_bias: bias_values[i] (in [-100, 100]) is added to the logit of
     float *bias_values;       // bias_ids[i] (the server checks the ids against its vocabulary)
     int n_bias;
@@ -74,6 +76,8 @@ typedef struct ServeRequest {
     // and how it must call them (tool_choice; TOOL_NAMED: tool_names[tool_named])
     char *tools_prompt;       // NULL without tools, or with tool_choice "none"
     char **tool_names;        // (n_tools) owned
+    JsonSchema **tool_schemas;  // (n_tools) their parameters compiled (owned), NULL where a function
+                                // has none or (not strict) a schema outside json_schema.h's subset
     int n_tools;
     ToolChoice tool_choice;
     int tool_named;

@@ -88,7 +88,9 @@ struct Job {
     int tools;           // chat with tools (tool_choice not "none"): answers may end in tool calls
     int tool_force;      // tool_choice "required" or a named function: the answer is one call
     char **tool_heads;   // (n_heads) forced: what the answer starts with, one per function allowed
+    JsonSchema **head_schemas;  // (n_heads) their functions' parameters (owned; NULL: any object)
     int n_heads;
+    JsonSchema *schema;  // response_format json_schema's (owned), or NULL
     Choice *ch;
     int n_finished;      // choices whose answer is complete
     int n_live;          // choices the engine still has
@@ -196,8 +198,13 @@ static void job_unref(Job *j) {
     free(j->prompts);
     free(j->bias_ids);
     free(j->bias_values);
-    for (int i = 0; i < j->n_heads; i++) free(j->tool_heads[i]);
+    for (int i = 0; i < j->n_heads; i++) {
+        free(j->tool_heads[i]);
+        if (j->head_schemas) json_schema_free(j->head_schemas[i]);
+    }
     free(j->tool_heads);
+    free(j->head_schemas);
+    json_schema_free(j->schema);
     bb_free(&j->out);
     pthread_cond_destroy(&j->cv);
     free(j);
@@ -747,15 +754,20 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
     j->tools = r->tool_choice != TOOL_NONE;
     j->tool_force = r->tool_choice == TOOL_REQUIRED || r->tool_choice == TOOL_NAMED;
     j->constrained = r->json_mode || j->tool_force;
+    j->schema = r->json_schema;  // the job's now
+    r->json_schema = NULL;
     if (j->tool_force) {  // the answer opens a call of one of the allowed functions and its arguments
         int first = r->tool_choice == TOOL_NAMED ? r->tool_named : 0, last = r->tool_choice == TOOL_NAMED ? first + 1 : r->n_tools;
         j->tool_heads = calloc((size_t)(last - first), sizeof *j->tool_heads);
-        for (int i = first; j->tool_heads && i < last; i++) {
+        j->head_schemas = calloc((size_t)(last - first), sizeof *j->head_schemas);
+        for (int i = first; j->tool_heads && j->head_schemas && i < last; i++) {
             ByteBuf b = {0};
             if (bb_puts(&b, TOOL_HEAD) || bb_puts(&b, r->tool_names[i]) || bb_puts(&b, "\n```json\n")) {
                 bb_free(&b);
                 break;
             }
+            j->head_schemas[j->n_heads] = r->tool_schemas[i];  // the job's now
+            r->tool_schemas[i] = NULL;
             j->tool_heads[j->n_heads++] = b.p;
         }
         if (j->n_heads < last - first) {
@@ -805,8 +817,9 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
         c->echoed = !j->prompts[c->prompt].echo;
         if (j->constrained) {
             int ends[2] = {s->m.cfg.eos_token_id, sp->n_stop_ids > 0 ? sp->stop_ids[0] : -1};
-            if (json_mode_init(&c->json, s->tok, s->vocab, ends, 2) ||
-                (j->tool_force && json_mode_frame(&c->json, (const char *const *)j->tool_heads, j->n_heads, TOOL_TAIL)))
+            if (json_mode_init(&c->json, s->tok, s->vocab, ends, 2, j->schema) ||
+                (j->tool_force && json_mode_frame(&c->json, (const char *const *)j->tool_heads,
+                                                  (const JsonSchema *const *)j->head_schemas, j->n_heads, TOOL_TAIL)))
                 oom = 1;
             c->tc = json_mode_constraint(&c->json);
         }

@@ -36,6 +36,8 @@ void json_prefix_init(JsonPrefix *p) { memset(p, 0, sizeof *p); }
 
 int json_prefix_complete(const JsonPrefix *p) { return p->state == S_DONE; }
 
+int json_prefix_in_string(const JsonPrefix *p) { return p->state >= S_STRING && p->state <= S_UTF8; }
+
 static int is_space(uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
 static int hex_value(uint8_t c) {
@@ -50,6 +52,7 @@ static void value_done(JsonPrefix *p) { p->state = S_AFTER; }
 
 // c starts a value (S_VALUE, S_ARR_OPEN); 0, or -1 when it cannot.
 static int value_start(JsonPrefix *p, uint8_t c) {
+    p->events |= JSON_EV_VALUE;
     switch (c) {
     case '{':
     case '[':
@@ -87,10 +90,12 @@ static int value_start(JsonPrefix *p, uint8_t c) {
 static int after_value(JsonPrefix *p, uint8_t c) {
     uint8_t open = p->stack[p->depth - 1];
     if (c == ',') {
+        p->events |= JSON_EV_COMMA;
         p->state = open == '{' ? S_KEY : S_VALUE;
         return 0;
     }
     if (c == (open == '{' ? '}' : ']')) {
+        p->events |= JSON_EV_CLOSE;
         p->depth--;
         if (p->depth == 0) p->state = S_DONE;
         else value_done(p);
@@ -125,6 +130,7 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
     switch (p->state) {
     case S_STRING:
         if (c == '"') {
+            p->events |= p->in_key ? JSON_EV_KEY_END : JSON_EV_END;
             if (p->in_key) p->state = S_COLON;
             else value_done(p);
             return 0;
@@ -154,7 +160,13 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
         int h = hex_value(c);
         if (h < 0) return -1;
         p->code = (uint16_t)(p->code << 4 | h);
-        if (--p->pending > 0) return 0;
+        if (--p->pending > 0) {
+            // refused as soon as no digits can follow that make it valid (a prefix is never a dead
+            // end): the escape's values still possible are [lo, hi]
+            unsigned lo = (unsigned)p->code << (4 * p->pending), hi = lo + (1u << (4 * p->pending)) - 1;
+            if (p->low_due ? hi < 0xDC00 || lo > 0xDFFF : lo >= 0xDC00 && hi <= 0xDFFF) return -1;
+            return 0;
+        }
         int high = p->code >= 0xD800 && p->code <= 0xDBFF, low = p->code >= 0xDC00 && p->code <= 0xDFFF;
         if (p->low_due) {  // this was the second half of a surrogate pair
             p->low_due = 0;
@@ -179,7 +191,10 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
         return 0;
     case S_LITERAL:
         if (c != (uint8_t)LITERALS[p->which][p->lit]) return -1;
-        if (LITERALS[p->which][++p->lit] == '\0') value_done(p);
+        if (LITERALS[p->which][++p->lit] == '\0') {
+            p->events |= JSON_EV_END;
+            value_done(p);
+        }
         return 0;
     case S_NUM_MINUS:
         if (c == '0') p->state = S_NUM_ZERO;
@@ -220,6 +235,7 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
             return 0;
         }
         p->state = S_AFTER;  // the number ended; c belongs to what follows it
+        p->events |= JSON_EV_END;
         if (is_space(c)) {
             p->space = 1;
             return 0;
@@ -237,6 +253,7 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
     switch (p->state) {
     case S_TOP:
         if (c != '{') return -1;
+        p->events |= JSON_EV_VALUE;
         p->stack[p->depth++] = c;
         p->state = S_OBJ_OPEN;
         return 0;
@@ -245,6 +262,7 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
         /* fall through */
     case S_KEY:
         if (c != '"') return -1;
+        p->events |= JSON_EV_KEY;
         p->in_key = 1;
         p->state = S_STRING;
         return 0;
@@ -261,12 +279,17 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
     }
 }
 
-int json_prefix_feed(JsonPrefix *p, const char *bytes, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        if (p->state == S_BAD || feed_byte(p, (uint8_t)bytes[i])) {
-            p->state = S_BAD;
-            return -1;
-        }
+int json_prefix_step(JsonPrefix *p, uint8_t c) {
+    p->events = 0;
+    if (p->state == S_BAD || feed_byte(p, c)) {
+        p->state = S_BAD;
+        return -1;
     }
+    return p->events;
+}
+
+int json_prefix_feed(JsonPrefix *p, const char *bytes, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (json_prefix_step(p, (uint8_t)bytes[i]) < 0) return -1;
     return p->state == S_BAD ? -1 : 0;
 }

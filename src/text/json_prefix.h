@@ -33,8 +33,20 @@ typedef struct JsonPrefix {
     uint8_t space;                          // whitespace bytes in a row
     uint8_t low_due;                        // the \u escape being read must be a low surrogate
     uint16_t code;                          // the \u escape's value so far
+    uint8_t events;                         // what the last byte did (JSON_EV_*)
     uint8_t stack[JSON_PREFIX_MAX_DEPTH];   // '{' or '[' per open container
 } JsonPrefix;
+
+// What one byte did, for a reader that follows the document's structure (text/json_schema.h):
+enum {
+    JSON_EV_VALUE = 1,     // begins a value: '{', '[', '"', '-', a digit, 't', 'f' or 'n'
+    JSON_EV_KEY = 2,       // begins an object key (its opening quote)
+    JSON_EV_KEY_END = 4,   // ends the key (its closing quote)
+    JSON_EV_END = 8,       // ends a string or literal value (its last byte); a number ends BEFORE the
+                           // byte that reports it (the byte then does what else it reports)
+    JSON_EV_COMMA = 16,    // a comma between the members or elements of a container
+    JSON_EV_CLOSE = 32,    // closes the innermost container ('}' or ']')
+};
 
 void json_prefix_init(JsonPrefix *p);
 // Feeds n bytes; 0 when everything fed so far is the beginning of an object, -1 when not (p is
@@ -42,5 +54,10 @@ void json_prefix_init(JsonPrefix *p);
 int json_prefix_feed(JsonPrefix *p, const char *bytes, size_t n);
 // 1 when what was fed is one complete object (possibly after whitespace).
 int json_prefix_complete(const JsonPrefix *p);
+// 1 inside a string (a key or a value), where whitespace is text, not a separator.
+int json_prefix_in_string(const JsonPrefix *p);
+// One byte: what it did (JSON_EV_* flags, 0 for a byte inside a token or whitespace), or -1 when
+// the document can no longer be the beginning of an object (as json_prefix_feed).
+int json_prefix_step(JsonPrefix *p, uint8_t c);
 
 #endif

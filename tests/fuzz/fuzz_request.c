@@ -44,7 +44,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             (r.max_tokens != -1 && (r.max_tokens < 0 || r.max_tokens > SERVE_MAX_TOKENS)) || !(r.temperature >= 0) ||
             !(r.top_p >= 0 && r.top_p <= 1))
             abort();
-        if (kind == 0 && (r.n_msgs < 1 || !r.msgs[0].content)) abort();
+        if (kind == 0 && r.n_msgs < 1) abort();
+        for (int i = 0; kind == 0 && i < r.n_msgs; i++)  // content NULL only beside an assistant's calls
+            if (!r.msgs[i].content && !(!strcmp(r.msgs[i].role, "assistant") && r.msgs[i].n_tool_calls > 0)) abort();
+        if (r.json_schema && !r.json_mode) abort();
         if (kind == 1 && (r.n_prompts < 1 || r.n_prompts > SERVE_MAX_PROMPTS)) abort();
         for (int i = 0; kind == 1 && i < r.n_prompts; i++)
             if (!r.prompts[i].text && r.prompts[i].n_ids < 1) abort();

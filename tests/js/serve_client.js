@@ -191,10 +191,35 @@ async function main() {
     eq(jr.choices.map((c) => js.texts[c.index]), jr.choices.map((c) => c.message.content), 'JSON mode, streamed');
     result.json_answers = jr.choices.filter((c) => c.finish_reason === 'stop').map((c) => c.message.content);
 
+    // structured outputs: every answer that ends by itself fits the schema (checked field by field
+    // here, and again by the C test from result.schema_answers); the rest stopped at max_tokens
+    const schema = { type: 'object', additionalProperties: false, required: ['name', 'count', 'kind'],
+                     properties: { name: { type: 'string' }, count: { type: 'integer' }, kind: { enum: ['a', 'b'] },
+                                   tags: { type: 'array', items: { type: 'boolean' }, maxItems: 2 } } };
+    const fits = (o) => o !== null && typeof o === 'object' && !Array.isArray(o) &&
+        Object.keys(o).every((k) => ['name', 'count', 'kind', 'tags'].includes(k)) &&
+        typeof o.name === 'string' && Number.isInteger(o.count) && ['a', 'b'].includes(o.kind) &&
+        (o.tags === undefined || (Array.isArray(o.tags) && o.tags.length <= 2 && o.tags.every((t) => typeof t === 'boolean')));
+    const sreq = { model, messages, max_tokens: 300, temperature: 1, seed: 7, n: 8, logit_bias: jbias,
+                   response_format: { type: 'json_schema', json_schema: { name: 'item', schema, strict: true } } };
+    const sr = await client.chat.completions.create(sreq);
+    let fitted = 0;
+    for (const c of sr.choices) {
+        if (c.finish_reason === 'stop') {
+            check(fits(JSON.parse(c.message.content)), 'a structured answer fits its schema: ' + c.message.content);
+            fitted++;
+        } else {
+            eq(c.finish_reason, 'length', 'a structured answer ends complete or at max_tokens');
+        }
+    }
+    check(fitted >= 2, `json_schema: ${fitted} of 8 answers completed their object`);
+    result.schema_answers = sr.choices.filter((c) => c.finish_reason === 'stop').map((c) => c.message.content);
+
     // tools: a named tool_choice (and "required") forces one call of the function, its arguments a
     // JSON object; finish_reason "tool_calls", content null; streamed as one tool_calls delta
-    const tools = [{ type: 'function', function: { name: 'get_weather', description: 'The weather in a city',
-                                                    parameters: { type: 'object', properties: { city: { type: 'string' } } } } },
+    const tools = [{ type: 'function', function: { name: 'get_weather', description: 'The weather in a city', strict: true,
+                                                    parameters: { type: 'object', properties: { city: { type: 'string' } },
+                                                                  required: ['city'], additionalProperties: false } } },
                    { type: 'function', function: { name: 'get_time' } }];
     const treq = { model, messages, max_tokens: 300, temperature: 1, seed: 9, n: 6, logit_bias: jbias, tools,
                    tool_choice: { type: 'function', function: { name: 'get_time' } } };
@@ -215,6 +240,16 @@ async function main() {
         check(args !== null && typeof args === 'object' && !Array.isArray(args), 'arguments are a JSON object: ' + call.function.arguments);
     }
     check(called >= 2, `named tool_choice: ${called} of 6 answers completed their call`);
+    // a forced call's arguments are held to the function's parameters
+    const wr = await client.chat.completions.create({ ...treq, tool_choice: { type: 'function', function: { name: 'get_weather' } } });
+    let held = 0;
+    for (const c of wr.choices.filter((c) => c.finish_reason === 'tool_calls')) {
+        const args = JSON.parse(c.message.tool_calls[0].function.arguments);
+        eq(Object.keys(args), ['city'], 'get_weather is called with exactly its parameters');
+        check(typeof args.city === 'string', 'city is a string');
+        held++;
+    }
+    check(held >= 2, `get_weather: ${held} of 6 answers completed their call`);
     const tsr = { model, messages, max_tokens: 300, temperature: 1, seed: 9, logit_bias: jbias, tools, tool_choice: 'required' };
     const tq = await client.chat.completions.create(tsr);
     const ts = await client.chat.completions.create({ ...tsr, stream: true });

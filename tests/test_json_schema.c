@@ -1,0 +1,260 @@
+// The JSON Schema prefix automaton (src/text/json_schema.h) against an independent validator:
+// tests/data/json_schema/vectors.json holds schemas and documents labelled valid or not by
+// python3-jsonschema (tools/json_schema_vectors.py, Draft 2020-12). A document the reference
+// accepts is accepted byte by byte — every prefix, however split — and complete at its end; one it
+// refuses is refused by its end. Then the compile-time refusals (each naming its path), the
+// limits, and what the mask relies on: no accepted prefix is a dead end (some byte always goes on
+// until the object is complete), and a copied state goes on as the original would.
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/rng.h"
+#include "test.h"
+#include "text/json_schema.h"
+
+// Feeds s in pieces of 1 .. max_piece bytes (from rng), each on a copy kept only when it fits, as
+// the mask does; 1 complete, 0 an accepted prefix, -1 refused.
+static int feed_split(const JsonSchema *schema, const char *s, size_t n, Rng *rng, int max_piece) {
+    JsonSchemaPrefix p, copy;
+    json_schema_prefix_init(&p, schema);
+    for (size_t i = 0; i < n;) {
+        size_t k = 1 + (size_t)(rng_uniform(rng) * max_piece);
+        if (k > n - i) k = n - i;
+        json_schema_prefix_copy(&copy, &p);
+        if (json_schema_prefix_feed(&copy, s + i, k)) return -1;
+        json_schema_prefix_copy(&p, &copy);
+        i += k;
+    }
+    return json_schema_prefix_complete(&p);
+}
+
+static JsonSchema *compile_text(const char *text, char *why, size_t n) {
+    json_error_t je;
+    json_t *js = json_loads(text, JSON_DECODE_ANY, &je);
+    if (!js) {
+        snprintf(why, n, "test schema: %s", je.text);
+        return NULL;
+    }
+    JsonSchema *s = NULL;
+    json_schema_compile(&s, js, why, n);
+    json_decref(js);
+    return s;
+}
+
+TEST(test_json_schema_matches_reference_validator) {
+    char path[600], why[512];
+    snprintf(path, sizeof path, "%s/json_schema/vectors.json", test_datadir());
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    CHECK_MSG(root, "%s: %s", path, je.text);
+    json_t *cases = json_object_get(root, "cases");
+    CHECK(json_array_size(cases) >= 4);
+    Rng rng;
+    rng_seed(&rng, 11);
+    int docs = 0, valid = 0;
+    for (size_t i = 0; i < json_array_size(cases); i++) {
+        json_t *cs = json_array_get(cases, i);
+        JsonSchema *s = NULL;
+        CHECK_MSG(json_schema_compile(&s, json_object_get(cs, "schema"), why, sizeof why) == 0, "case %zu: %s", i, why);
+        json_t *list = json_object_get(cs, "docs");
+        for (size_t j = 0; j < json_array_size(list); j++) {
+            json_t *d = json_array_get(list, j);
+            const char *text = json_string_value(json_object_get(d, "text"));
+            size_t n = json_string_length(json_object_get(d, "text"));
+            int want = json_is_true(json_object_get(d, "valid"));
+            for (int piece = 1; piece <= 7; piece += 3) {
+                int got = feed_split(s, text, n, &rng, piece);
+                CHECK_MSG((got == 1) == want, "case %zu: %s: the reference says %s, dsv3 %s", i, text,
+                          want ? "valid" : "invalid", got == 1 ? "complete" : got == 0 ? "incomplete" : "refused");
+            }
+            docs++;
+            valid += want;
+        }
+        json_schema_free(s);
+    }
+    printf("    %d documents (%d valid) over %zu schemas agree with python3-jsonschema\n", docs, valid,
+           json_array_size(cases));
+    json_decref(root);
+    CHECK(docs > 500 && valid > 100 && docs - valid > 100);
+}
+
+// Where a document goes wrong is where it is refused: the mask then never lets the model write it.
+TEST(test_json_schema_refuses_at_the_first_wrong_byte) {
+    char why[512];
+    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\"}, "
+                                 "\"c\": {\"enum\": [\"red\", \"green\"]}, \"l\": {\"type\": \"array\", \"maxItems\": 2}}, "
+                                 "\"required\": [\"c\"], \"additionalProperties\": false}",
+                                 why, sizeof why);
+    CHECK_MSG(s, "%s", why);
+    static const struct {
+        const char *text;
+        int bad_at;  // the first byte refused; -1: none (the whole text is a prefix)
+        int complete;
+    } cases[] = {
+        {"{\"c\": \"red\"}", -1, 1},
+        {"{\"n\": 12, \"c\": \"green\"}", -1, 1},
+        {"{\"n\": 1.5}", 7, 0},          // an integer has no fraction
+        {"{\"n\": 1e3}", 7, 0},
+        {"{\"x\": 1}", 2, 0},            // no property begins with x
+        {"{\"nn\": 1}", 3, 0},
+        {"{\"n\": 1", -1, 0},
+        {"{\"n\": 1}", 7, 0},            // c is still due
+        {"{\"c\": \"blue\"}", 7, 0},     // not an enum value
+        {"{\"c\": \"re\"}", 9, 0},       // a prefix of one, closed too early
+        {"{\"c\": \"red\", \"c\": \"red\"}", 14, 0},  // a property twice
+        {"{\"c\": \"red\", \"l\": [1, 2, 3]}", 23, 0},  // no third element: no comma after the second
+        {"{\"c\": \"red\", \"n\": 1, \"l\": []", -1, 0},
+        {"{\"c\": \"red\", \"n\": 1, \"l\": [],", 28, 0},  // every property is there: no comma
+        {"{\"c\": \"red\", \"l\": [1, {\"any\": [null]}]}", -1, 1},
+        {"{\"c\": 1}", 6, 0},
+        {"[1]", 0, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        JsonSchemaPrefix p;
+        json_schema_prefix_init(&p, s);
+        const char *t = cases[i].text;
+        int bad = -1;
+        for (int k = 0; t[k] && bad < 0; k++)
+            if (json_schema_prefix_feed(&p, t + k, 1)) bad = k;
+        CHECK_MSG(bad == cases[i].bad_at, "%s: refused at byte %d, expected %d", t, bad, cases[i].bad_at);
+        CHECK_MSG(json_schema_prefix_complete(&p) == cases[i].complete, "%s: complete %d", t, json_schema_prefix_complete(&p));
+    }
+    json_schema_free(s);
+}
+
+TEST(test_json_schema_compile_refusals_name_the_path) {
+    static const struct {
+        const char *schema, *why;
+    } cases[] = {
+        {"{\"type\": \"object\", \"properties\": {\"age\": {\"type\": \"integer\", \"minimum\": 0}}}",
+         "schema.properties.age: 'minimum' is not supported"},
+        {"{\"type\": \"string\"}", "the root must accept an object"},
+        {"{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"strin\"}}}", "schema.properties.a: 'type' \"strin\""},
+        {"{\"type\": \"object\", \"required\": [\"a\"], \"additionalProperties\": false}", "required property 'a'"},
+        {"{\"$ref\": \"#/$defs/missing\"}", "names no schema"},
+        {"{\"$ref\": \"http://example.com/s.json\"}", "is not \"#\""},
+        {"{\"type\": \"object\", \"properties\": {\"v\": {\"anyOf\": [{\"type\": \"integer\"}, {\"type\": \"number\"}]}}}",
+         "both accept number values"},
+        {"{\"type\": \"object\", \"properties\": {\"v\": {\"enum\": [[1]]}}}", "value 0 is an object or array"},
+        {"{\"type\": \"object\", \"properties\": {\"v\": {\"type\": \"array\", \"minItems\": 3, \"maxItems\": 2}}}",
+         "'minItems' is above 'maxItems'"},
+        {"{\"type\": \"object\", \"properties\": {\"v\": false}}", "schema.properties.v: the schema false accepts nothing"},
+        {"{\"type\": \"object\", \"properties\": {\"v\": {\"type\": \"array\", \"items\": [{}]}}}", "tuples"},
+        {"{\"allOf\": [{\"type\": \"object\"}]}", "'allOf' is not supported"},
+        {"{\"type\": \"object\", \"additionalProperties\": {\"type\": \"string\"}}", "'additionalProperties' must be true or false"},
+        {"[1]", "a schema must be an object or a boolean"},
+        {"{\"type\": \"object\", \"properties\": {\"a\": {\"$ref\": \"#\"}}, \"required\": [\"a\"]}", "nests at most 32 deep"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char why[512] = "";
+        JsonSchema *s = compile_text(cases[i].schema, why, sizeof why);
+        CHECK_MSG(!s && strstr(why, cases[i].why), "%s: got \"%s\", want \"%s\"", cases[i].schema, why, cases[i].why);
+        json_schema_free(s);
+    }
+    // the limits: 64 properties and enum values; 65 refused
+    for (int n = 64; n <= 65; n++) {
+        char text[8192] = "{\"type\": \"object\", \"properties\": {";
+        for (int i = 0; i < n; i++) snprintf(text + strlen(text), sizeof text - strlen(text), "%s\"p%d\": {}", i ? "," : "", i);
+        strcat(text, "}}");
+        char why[512] = "";
+        JsonSchema *s = compile_text(text, why, sizeof why);
+        CHECK_MSG((s != NULL) == (n == 64), "%d properties: %s", n, why);
+        json_schema_free(s);
+    }
+}
+
+// Recursion through $ref ends at the grammar's depth limit; true and {} accept anything; a schema
+// without constraints behaves as JSON mode's object; a copy goes on as the original.
+TEST(test_json_schema_recursion_any_and_copies) {
+    char why[512];
+    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"next\": {\"anyOf\": [{\"$ref\": \"#\"}, "
+                                 "{\"type\": \"null\"}]}}, \"required\": [\"next\"], \"additionalProperties\": false}",
+                                 why, sizeof why);
+    CHECK_MSG(s, "%s", why);
+    char doc[4096] = "";
+    for (int i = 0; i <= JSON_PREFIX_MAX_DEPTH; i++) strcat(doc, "{\"next\":");
+    JsonSchemaPrefix p;
+    json_schema_prefix_init(&p, s);
+    CHECK(json_schema_prefix_feed(&p, doc, strlen(doc)) == -1);  // one level past the limit
+    json_schema_prefix_init(&p, s);
+    CHECK(json_schema_prefix_feed(&p, doc, strlen(doc) - 8) == 0);
+    CHECK(json_schema_prefix_feed(&p, "null", 4) == 0);
+    for (int i = 0; i < JSON_PREFIX_MAX_DEPTH; i++) CHECK(json_schema_prefix_feed(&p, "}", 1) == 0);
+    CHECK(json_schema_prefix_complete(&p));
+    // a copy taken mid-document accepts and refuses what the original does
+    json_schema_prefix_init(&p, s);
+    CHECK(json_schema_prefix_feed(&p, "{\"next\": {\"ne", 13) == 0);
+    JsonSchemaPrefix q;
+    json_schema_prefix_copy(&q, &p);
+    CHECK(json_schema_prefix_feed(&q, "xt\": null}}", 11) == 0 && json_schema_prefix_complete(&q));
+    json_schema_prefix_copy(&q, &p);
+    CHECK(json_schema_prefix_feed(&q, "w", 1) == -1);
+    CHECK(json_schema_prefix_feed(&q, "x", 1) == -1);  // refused stays refused
+    json_schema_free(s);
+    static const char *const anything[] = {"true", "{}", "{\"description\": \"only annotations\", \"title\": \"t\"}"};
+    for (int i = 0; i < 3; i++) {
+        s = compile_text(anything[i], why, sizeof why);
+        CHECK_MSG(s, "%s: %s", anything[i], why);
+        json_schema_prefix_init(&p, s);
+        const char *d = "{\"a\": [1, {\"b\": null}], \"c\": \"d\"}";
+        CHECK(json_schema_prefix_feed(&p, d, strlen(d)) == 0 && json_schema_prefix_complete(&p));
+        json_schema_free(s);
+    }
+}
+
+// Random walks over the reference's schemas, each byte drawn among those the automaton accepts
+// after the prefix (structural bytes preferred, so walks end): there is always one besides
+// whitespace between tokens until the object is complete, and the complete text is an object for
+// jansson.
+TEST(test_json_schema_prefixes_never_dead_end) {
+    char path[600], why[512];
+    snprintf(path, sizeof path, "%s/json_schema/vectors.json", test_datadir());
+    json_t *root = json_load_file(path, 0, NULL);
+    CHECK(root);
+    json_t *cases = json_object_get(root, "cases");
+    Rng rng;
+    rng_seed(&rng, 5);
+    int complete = 0, walks = 0;
+    static char doc[4096];
+    for (size_t i = 0; i < json_array_size(cases); i++) {
+        JsonSchema *s = NULL;
+        CHECK_MSG(json_schema_compile(&s, json_object_get(json_array_get(cases, i), "schema"), why, sizeof why) == 0, "%s", why);
+        for (int w = 0; w < 200; w++, walks++) {
+            JsonSchemaPrefix p, q;
+            json_schema_prefix_init(&p, s);
+            size_t n = 0;
+            while (!json_schema_prefix_complete(&p) && n < sizeof doc - 1) {
+                uint8_t ok[256];
+                int n_ok = 0;
+                int text = json_prefix_in_string(&p.lex);
+                for (int c = 1; c < 256; c++) {  // whitespace between tokens completes nothing: not counted
+                    if (!text && (c == ' ' || c == '\n' || c == '\t' || c == '\r')) continue;
+                    json_schema_prefix_copy(&q, &p);
+                    char b = (char)c;
+                    if (json_schema_prefix_feed(&q, &b, 1) == 0) ok[n_ok++] = (uint8_t)c;
+                }
+                CHECK_MSG(n_ok > 0, "case %zu: a dead end after %.*s", i, (int)n, doc);
+                if (n_ok == 0) break;
+                uint8_t pick = ok[(int)(rng_uniform(&rng) * n_ok)];
+                for (int k = 0; k < n_ok; k++)  // structure first (most of the time)
+                    if (strchr("}]\"tfn0123,:{[", ok[k]) && rng_uniform(&rng) < 0.35) {
+                        pick = ok[k];
+                        break;
+                    }
+                doc[n++] = (char)pick;
+                CHECK(json_schema_prefix_feed(&p, (char *)&pick, 1) == 0);
+            }
+            if (!json_schema_prefix_complete(&p)) continue;
+            complete++;
+            json_t *o = json_loadb(doc, n, 0, NULL);
+            CHECK_MSG(json_is_object(o), "case %zu: complete but not an object for jansson: %.*s", i, (int)n, doc);
+            json_decref(o);
+        }
+        json_schema_free(s);
+    }
+    json_decref(root);
+    printf("    %d random walks, %d complete objects, no dead end\n", walks, complete);
+    CHECK(complete > walks / 2);
+}
