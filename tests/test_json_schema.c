@@ -145,6 +145,7 @@ TEST(test_json_schema_compile_refusals_name_the_path) {
         {"{\"allOf\": [{\"type\": \"object\"}]}", "'allOf' is not supported"},
         {"{\"type\": \"object\", \"additionalProperties\": {\"type\": \"string\"}}", "'additionalProperties' must be true or false"},
         {"[1]", "a schema must be an object or a boolean"},
+        {"{\"type\": \"object\", \"properties\": {\"v\": {\"enum\": [1e300]}}}", "cannot be written within JSON mode's limits"},
         {"{\"type\": \"object\", \"properties\": {\"a\": {\"$ref\": \"#\"}}, \"required\": [\"a\"]}", "nests at most 32 deep"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {

@@ -145,6 +145,15 @@ static int kind_of_name(const char *name) {
 // The JSON text of a scalar (a string's quotes included), or NULL.
 static char *scalar_text(const json_t *v) { return json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT); }
 
+// Whether the grammar lets `text` be written as a value (as_key 0) or a key (1): a number past its
+// digit limits, or a string holding U+0000, it refuses — the mask could never complete one.
+static int writable(const char *text, int as_key) {
+    JsonPrefix p;
+    json_prefix_init(&p);
+    return json_prefix_feed(&p, as_key ? "{" : "{\"\":", as_key ? 1 : 4) == 0 && json_prefix_feed(&p, text, strlen(text)) == 0 &&
+           json_prefix_feed(&p, as_key ? ":0}" : "}", as_key ? 3 : 1) == 0 && json_prefix_complete(&p);
+}
+
 static int kind_of_value(const json_t *v) {
     switch (json_typeof(v)) {
     case JSON_STRING: return K_STRING;
@@ -173,6 +182,9 @@ static int compile_enum(Compiler *c, int i, const json_t *values, const char *pa
         if (!t) return fail(c, path, "out of memory");
         nd->enum_text[nd->n_enum++] = t;
         if (strlen(t) > 1000) return fail(c, path, "value %zu is longer than 1000 bytes as JSON", j);
+        if (!writable(t, 0))
+            return fail(c, path, "value %zu (%.40s) cannot be written within JSON mode's limits (18 integer digits, "
+                        "2 exponent digits, no U+0000)", j, t);
         nd->enum_len[j] = (uint16_t)strlen(t);
         nd->kinds |= 1u << k;
     }
@@ -203,6 +215,7 @@ static int compile_object(Compiler *c, int i, const json_t *js, const char *path
             int k = nd->n_props++;
             nd->key[k] = t;
             if (strlen(t) > 1000) return fail(c, path, "property name longer than 1000 bytes as JSON");
+            if (!writable(t, 1)) return fail(c, path, "property name %.40s cannot be written (it holds U+0000)", t);
             nd->key_len[k] = (uint16_t)strlen(t);
             snprintf(sub, sizeof sub, "%.200s.properties.%.200s", path, name);
             int p = compile(c, v, sub);
