@@ -13,6 +13,7 @@
 #include "base/rng.h"
 #include "test.h"
 #include "text/json_schema.h"
+#include "text/utf8.h"
 
 // Feeds s in pieces of 1 .. max_piece bytes (from rng), each on a copy kept only when it fits, as
 // the mask does; 1 complete, 0 an accepted prefix, -1 refused.
@@ -258,4 +259,44 @@ TEST(test_json_schema_prefixes_never_dead_end) {
     json_decref(root);
     printf("    %d random walks, %d complete objects, no dead end\n", walks, complete);
     CHECK(complete > walks / 2);
+}
+
+// The mask's shortcut: where json_schema_prefix_at_free_text says so, any run of whole characters
+// without '"', '\\' or control characters is accepted (random runs of random code points); where
+// an enum or a closed list of names constrains the string, it does not say so.
+TEST(test_json_schema_free_text_shortcut) {
+    char why[512];
+    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"e\": {\"enum\": [\"x\"]}, \"s\": {\"type\": \"string\"}, "
+                                 "\"o\": {\"type\": \"object\"}}, \"additionalProperties\": false}",
+                                 why, sizeof why);
+    CHECK_MSG(s, "%s", why);
+    static const struct {
+        const char *prefix;
+        int schema, free;
+    } at[] = {
+        {"{\"s\": \"ab", 1, 1},   {"{\"o\": {\"k", 1, 1},  // a value string; a key of an open object
+        {"{\"e\": \"", 1, 0},     {"{\"", 1, 0},           // an enum value; a key of a closed object
+        {"{\"s\": \"a\\", 1, 0},  {"{\"s\": ", 1, 0},      // an escape; not in a string
+        {"{\"k\": [\"", 0, 1},    {"{\"", 0, 1},           // JSON mode: every string
+    };
+    Rng rng;
+    rng_seed(&rng, 3);
+    for (size_t i = 0; i < sizeof at / sizeof at[0]; i++) {
+        JsonSchemaPrefix p, q;
+        json_schema_prefix_init(&p, at[i].schema ? s : NULL);
+        CHECK(json_schema_prefix_feed(&p, at[i].prefix, strlen(at[i].prefix)) == 0);
+        CHECK_MSG(json_schema_prefix_at_free_text(&p) == at[i].free, "%s", at[i].prefix);
+        for (int r = 0; at[i].free && r < 200; r++) {
+            char run[64];
+            int n = 0;
+            for (int k = 0; k < 8; k++) {
+                uint32_t cp = 0x20 + (uint32_t)(rng_uniform(&rng) * (rng_uniform(&rng) < 0.5 ? 0x60 : 0x10FFDF));
+                if (cp == '"' || cp == '\\' || (cp >= 0xD800 && cp <= 0xDFFF)) continue;
+                n += utf8_encode(cp, run + n);
+            }
+            json_schema_prefix_copy(&q, &p);
+            CHECK_MSG(json_schema_prefix_feed(&q, run, (size_t)n) == 0, "%s + %.*s", at[i].prefix, n, run);
+        }
+    }
+    json_schema_free(s);
 }

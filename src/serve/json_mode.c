@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "serve/json_mode.h"
+#include "text/utf8.h"
 
 int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end, const JsonSchema *schema) {
     memset(m, 0, sizeof *m);
@@ -13,11 +14,22 @@ int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_
     for (int i = 0; i < n_end && m->n_end < 2; i++)
         if (end_ids[i] >= 0) m->end_ids[m->n_end++] = end_ids[i];
     m->allow = malloc(vocab > 0 ? (size_t)vocab : 1);
-    return m->allow ? 0 : -1;
+    m->text = calloc(vocab > 0 ? (size_t)vocab : 1, 1);
+    if (!m->allow || !m->text) return -1;
+    int n_tok = tok_vocab_size(tok) < vocab ? tok_vocab_size(tok) : vocab;
+    for (int id = 0; id < n_tok; id++) {  // ids that are whole characters of string text
+        size_t n;
+        const uint8_t *b = tok_is_special(tok, id) ? NULL : (const uint8_t *)tok_token_bytes(tok, id, &n);
+        int ok = b && n > 0 && utf8_valid_prefix(b, n) == n;
+        for (size_t i = 0; ok && i < n; i++) ok = b[i] >= 0x20 && b[i] != '"' && b[i] != '\\';
+        m->text[id] = (uint8_t)ok;
+    }
+    return 0;
 }
 
 void json_mode_free(JsonMode *m) {
     free(m->allow);
+    free(m->text);
     free(m->live);
     m->allow = NULL;
     m->live = NULL;
@@ -66,10 +78,16 @@ static const char *id_bytes(const JsonMode *m, int id, size_t *n) {
 static void mask(void *ctx, float *logits, int vocab) {
     JsonMode *m = ctx;
     int done = m->phase == JSON_MODE_DONE, any = 0;
+    int free_text = m->phase == JSON_MODE_OBJECT && json_schema_prefix_at_free_text(&m->answer);
     if (vocab > m->vocab) vocab = m->vocab;
     for (int id = 0; id < vocab; id++) {
         int ok = 0;
         for (int e = 0; e < m->n_end; e++) ok |= id == m->end_ids[e] && done;
+        if (free_text && m->text[id]) {  // inside free string text: no need to feed it
+            m->allow[id] = 1;
+            any = 1;
+            continue;
+        }
         size_t n;
         const char *b = done ? NULL : id_bytes(m, id, &n);
         if (b && n > 0 && m->phase == JSON_MODE_OBJECT) {

@@ -30,6 +30,7 @@ typedef struct JsonMode {
     int vocab;              // the model's (ids from the tokenizer's size up have no bytes)
     int end_ids[2], n_end;  // the answer's ends: the model's EOS, the chat format's end of a turn
     uint8_t *allow;         // (vocab) scratch
+    uint8_t *text;          // (vocab) 1: the id is plain string text (json_schema_prefix_at_free_text)
 } JsonMode;
 
 // 0, or -1 when memory runs out. end_ids: up to two (n_end), -1 entries ignored. schema (NULL: any

@@ -38,6 +38,8 @@ int json_prefix_complete(const JsonPrefix *p) { return p->state == S_DONE; }
 
 int json_prefix_in_string(const JsonPrefix *p) { return p->state >= S_STRING && p->state <= S_UTF8; }
 
+int json_prefix_at_text(const JsonPrefix *p) { return p->state == S_STRING; }
+
 static int is_space(uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
 static int hex_value(uint8_t c) {

@@ -450,6 +450,14 @@ void json_schema_prefix_copy(JsonSchemaPrefix *dst, const JsonSchemaPrefix *src)
 
 int json_schema_prefix_complete(const JsonSchemaPrefix *p) { return !p->bad && json_prefix_complete(&p->lex); }
 
+int json_schema_prefix_at_free_text(const JsonSchemaPrefix *p) {
+    if (p->bad || !json_prefix_at_text(&p->lex)) return 0;
+    if (!p->schema) return 1;
+    if (p->in_value) return p->schema->nodes[p->val_node].n_enum == 0;
+    const JsonSchemaFrame *f = p->depth ? &p->frames[p->depth - 1] : NULL;
+    return f && f->in_key && p->schema->nodes[f->node].additional;  // any key may be written
+}
+
 static uint64_t low_bits(int n) { return n >= 64 ? ~0ull : (1ull << n) - 1; }
 
 // The kind of a value whose first byte is c, as node nd reads it; -1 when nd accepts none such.

@@ -76,5 +76,9 @@ void json_schema_prefix_copy(JsonSchemaPrefix *dst, const JsonSchemaPrefix *src)
 int json_schema_prefix_feed(JsonSchemaPrefix *p, const char *bytes, size_t n);
 // 1 when what was fed is one complete object the schema accepts.
 int json_schema_prefix_complete(const JsonSchemaPrefix *p);
+// 1 when any run of plain string text (whole UTF-8 characters, no '"', '\\' or control
+// characters) would be accepted next: inside a string that neither an enum nor a closed list of
+// property names constrains. The mask's shortcut: most of an answer is such text.
+int json_schema_prefix_at_free_text(const JsonSchemaPrefix *p);
 
 #endif
