@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "serve/json_mode.h"
 #include "serve/request.h"
 #include "serve/stop_text.h"
 #include "test.h"
@@ -996,4 +997,57 @@ TEST(test_cli_generate_json_and_logit_bias) {
     }
     CHECK(test_run(out, sizeof out, "%s generate --model %s --tokens 5 --json-schema %s 2>&1", test_bin(), dir, schema) != 0 &&
           strstr(out, "--json-schema needs --prompt"));
+}
+
+// The mask's shortcuts (free string text from a table; ids refused by their first byte, or their
+// first byte after leading whitespace between tokens) give exactly the ids that feeding each id's
+// bytes to a copy of the answer's automaton gives, in JSON mode and under a schema, at states
+// between tokens, inside strings, numbers, keys and literals.
+TEST(test_json_mode_mask_equals_feeding_each_id) {
+    char path[600], why[256];
+    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir());
+    Error err = {0};
+    Tokenizer *t = tok_load(path, &err);
+    CHECK_MSG(t, "%s", err.msg);
+    json_t *js = json_loads("{\"type\": \"object\", \"properties\": {\"s\": {\"type\": \"string\"}, \"o\": {\"type\": \"object\"}, "
+                            "\"e\": {\"enum\": [\"ax\", 12, \"a b\"]}}}", 0, NULL);
+    JsonSchema *s = NULL;
+    CHECK_MSG(js && json_schema_compile(&s, js, why, sizeof why) == 0, "%s", why);
+    json_decref(js);
+    static const char *const prefixes[] = {"", "{", "  {\"s\": ", "{\"s\": \"ab", "{\"s\": \"\xc3\xa9 x", "{\"o\": {\"k",
+                                           "{\"o\": {\"k\": 12", "{\"o\": {\"k\": [1, ", "{\"s\": \"a\" ,  ", "{\"o\": {\"k\": tr",
+                                           "{\"e\": \"a", "{\"zz"};
+    int V = tok_vocab_size(t);
+    float *logits = malloc(sizeof(float) * V);
+    long allowed = 0;
+    for (int sc = 0; sc < 2; sc++)
+        for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
+            JsonMode m;
+            int ends[2] = {0, -1};
+            CHECK(json_mode_init(&m, t, V, ends, 2, sc ? s : NULL) == 0);
+            if (json_schema_prefix_feed(&m.answer, prefixes[i], strlen(prefixes[i]))) {  // (the schema refuses "zz")
+                json_mode_free(&m);
+                continue;
+            }
+            TokenConstraint tc = json_mode_constraint(&m);
+            memset(logits, 0, sizeof(float) * V);
+            tc.mask(tc.ctx, logits, V);
+            int wrong = 0;
+            for (int id = 0; id < V; id++) {
+                size_t n;
+                const char *b = tok_is_special(t, id) ? NULL : tok_token_bytes(t, id, &n);
+                JsonSchemaPrefix q;
+                json_schema_prefix_copy(&q, &m.answer);
+                int want = b && n > 0 && json_schema_prefix_feed(&q, b, n) == 0;
+                wrong += want != (logits[id] != -INFINITY);
+                allowed += want;
+            }
+            CHECK_MSG(wrong == 0, "%s after '%s': %d ids differ", sc ? "schema" : "JSON mode", prefixes[i], wrong);
+            json_mode_free(&m);
+        }
+    printf("    the mask equals feeding each id's bytes: %ld ids allowed over the states tried\n", allowed);
+    CHECK(allowed > 1000);
+    free(logits);
+    json_schema_free(s);
+    tok_free(t);
 }

@@ -15,7 +15,8 @@ int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_
         if (end_ids[i] >= 0) m->end_ids[m->n_end++] = end_ids[i];
     m->allow = malloc(vocab > 0 ? (size_t)vocab : 1);
     m->text = calloc(vocab > 0 ? (size_t)vocab : 1, 1);
-    if (!m->allow || !m->text) return -1;
+    m->lead = calloc(vocab > 0 ? (size_t)vocab : 1, 1);
+    if (!m->allow || !m->text || !m->lead) return -1;
     int n_tok = tok_vocab_size(tok) < vocab ? tok_vocab_size(tok) : vocab;
     for (int id = 0; id < n_tok; id++) {  // ids that are whole characters of string text
         size_t n;
@@ -23,6 +24,9 @@ int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_
         int ok = b && n > 0 && utf8_valid_prefix(b, n) == n;
         for (size_t i = 0; ok && i < n; i++) ok = b[i] >= 0x20 && b[i] != '"' && b[i] != '\\';
         m->text[id] = (uint8_t)ok;
+        size_t k = 0;
+        while (b && k < n && k < 255 && (b[k] == ' ' || b[k] == '\t' || b[k] == '\n' || b[k] == '\r')) k++;
+        m->lead[id] = (uint8_t)k;
     }
     return 0;
 }
@@ -30,6 +34,7 @@ int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_
 void json_mode_free(JsonMode *m) {
     free(m->allow);
     free(m->text);
+    free(m->lead);
     free(m->live);
     m->allow = NULL;
     m->live = NULL;
@@ -78,7 +83,18 @@ static const char *id_bytes(const JsonMode *m, int id, size_t *n) {
 static void mask(void *ctx, float *logits, int vocab) {
     JsonMode *m = ctx;
     int done = m->phase == JSON_MODE_DONE, any = 0;
-    int free_text = m->phase == JSON_MODE_OBJECT && json_schema_prefix_at_free_text(&m->answer);
+    int object = m->phase == JSON_MODE_OBJECT, free_text = object && json_schema_prefix_at_free_text(&m->answer);
+    int between = object && json_prefix_between_tokens(&m->answer.lex);
+    // the bytes that may come next: an id starting otherwise is refused unfed — and, between
+    // tokens, where leading whitespace changes nothing else, so is one whose first byte after it
+    // may not come next
+    uint8_t first[256];
+    for (int c = 0; object && c < 256; c++) {
+        JsonSchemaPrefix t;
+        json_schema_prefix_copy(&t, &m->answer);
+        char byte = (char)c;
+        first[c] = json_schema_prefix_feed(&t, &byte, 1) == 0;
+    }
     if (vocab > m->vocab) vocab = m->vocab;
     for (int id = 0; id < vocab; id++) {
         int ok = 0;
@@ -90,10 +106,14 @@ static void mask(void *ctx, float *logits, int vocab) {
         }
         size_t n;
         const char *b = done ? NULL : id_bytes(m, id, &n);
-        if (b && n > 0 && m->phase == JSON_MODE_OBJECT) {
-            JsonSchemaPrefix t;
-            json_schema_prefix_copy(&t, &m->answer);
-            ok = json_schema_prefix_feed(&t, b, n) == 0;
+        if (b && n > 0 && object) {
+            ok = first[(uint8_t)b[0]];
+            if (ok && between && m->lead[id] < n) ok = first[(uint8_t)b[m->lead[id]]];
+            if (ok && n > 1) {
+                JsonSchemaPrefix t;
+                json_schema_prefix_copy(&t, &m->answer);
+                ok = json_schema_prefix_feed(&t, b, n) == 0;
+            }
         } else if (b && n > 0) {
             for (int k = 0; k < m->n_live && !ok; k++) ok = literal_fits(m, k, b, n) > 0;
         }

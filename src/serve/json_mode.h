@@ -31,6 +31,7 @@ typedef struct JsonMode {
     int end_ids[2], n_end;  // the answer's ends: the model's EOS, the chat format's end of a turn
     uint8_t *allow;         // (vocab) scratch
     uint8_t *text;          // (vocab) 1: the id is plain string text (json_schema_prefix_at_free_text)
+    uint8_t *lead;          // (vocab) the id's leading whitespace bytes (255 at most)
 } JsonMode;
 
 // 0, or -1 when memory runs out. end_ids: up to two (n_end), -1 entries ignored. schema (NULL: any

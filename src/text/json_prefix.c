@@ -40,6 +40,8 @@ int json_prefix_in_string(const JsonPrefix *p) { return p->state >= S_STRING && 
 
 int json_prefix_at_text(const JsonPrefix *p) { return p->state == S_STRING; }
 
+int json_prefix_between_tokens(const JsonPrefix *p) { return p->state <= S_AFTER; }
+
 static int is_space(uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
 static int hex_value(uint8_t c) {

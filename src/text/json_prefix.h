@@ -56,6 +56,9 @@ int json_prefix_feed(JsonPrefix *p, const char *bytes, size_t n);
 int json_prefix_complete(const JsonPrefix *p);
 // 1 inside a string (a key or a value), where whitespace is text, not a separator.
 int json_prefix_in_string(const JsonPrefix *p);
+// 1 between tokens (not inside a string, number or literal): whitespace then changes nothing but
+// the count of whitespace in a row.
+int json_prefix_between_tokens(const JsonPrefix *p);
 // 1 when the next byte is a string's text (inside a string, not in an escape or a multi-byte
 // character): any run of whole characters without '"', '\\' or control characters goes on.
 int json_prefix_at_text(const JsonPrefix *p);
