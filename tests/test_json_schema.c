@@ -155,6 +155,18 @@ TEST(test_json_schema_compile_refusals_name_the_path) {
         CHECK_MSG(!s && strstr(why, cases[i].why), "%s: got \"%s\", want \"%s\"", cases[i].schema, why, cases[i].why);
         json_schema_free(s);
     }
+    // nesting: 64 schemas inside one another at most (the compiler recurses)
+    for (int levels = 63; levels <= 64; levels++) {
+        char text[4096] = "{\"type\": \"object\", \"properties\": {\"a\": ";
+        for (int i = 0; i < levels - 1; i++) strcat(text, "{\"items\": ");
+        strcat(text, "{}");
+        for (int i = 0; i < levels - 1; i++) strcat(text, "}");
+        strcat(text, "}}");
+        char why[512] = "";
+        JsonSchema *s = compile_text(text, why, sizeof why);
+        CHECK_MSG((s != NULL) == (levels == 63) && (s || strstr(why, "nested more than 64")), "%d levels: %s", levels, why);
+        json_schema_free(s);
+    }
     // the limits: 64 properties and enum values; 65 refused
     for (int n = 64; n <= 65; n++) {
         char text[8192] = "{\"type\": \"object\", \"properties\": {";

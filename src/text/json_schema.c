@@ -53,7 +53,12 @@ typedef struct {
     const json_t **memo;  // (s->n) the schema object each node was compiled from (NULL: made up)
     char *why;
     size_t why_n;
+    int depth;            // schemas being compiled inside one another (JSON_SCHEMA_MAX_NESTING)
 } Compiler;
+
+// Schemas inside schemas, at most (the compiler recurses: a request's schema may not exhaust a
+// thread's stack).
+#define JSON_SCHEMA_MAX_NESTING 64
 
 static int fail(Compiler *c, const char *path, const char *fmt, ...) {
     int k = snprintf(c->why, c->why_n, "%s: ", path);
@@ -308,8 +313,18 @@ static int compile_union(Compiler *c, int i, const json_t *list, const char *key
     return 0;
 }
 
+static int compile_body(Compiler *c, const json_t *js, const char *path);
+
 // The node of schema js (compiled once per schema object, so $ref cycles end); -1 with why.
 static int compile(Compiler *c, const json_t *js, const char *path) {
+    if (c->depth == JSON_SCHEMA_MAX_NESTING) return fail(c, path, "schemas nested more than %d deep", JSON_SCHEMA_MAX_NESTING);
+    c->depth++;
+    int rc = compile_body(c, js, path);
+    c->depth--;
+    return rc;
+}
+
+static int compile_body(Compiler *c, const json_t *js, const char *path) {
     if (json_is_true(js)) return JSON_SCHEMA_ANY;
     if (json_is_false(js)) return fail(c, path, "the schema false accepts nothing");
     if (!json_is_object(js)) return fail(c, path, "a schema must be an object or a boolean");
@@ -414,7 +429,7 @@ static void compute_heights(JsonSchema *s) {
 
 int json_schema_compile(JsonSchema **out, const json_t *schema, char *why, size_t n) {
     *out = NULL;
-    Compiler c = {calloc(1, sizeof(JsonSchema)), schema, NULL, why, n};
+    Compiler c = {calloc(1, sizeof(JsonSchema)), schema, NULL, why, n, 0};
     if (!c.s) return snprintf(why, n, "out of memory"), -1;
     int any = node_new(&c, NULL, "schema");  // JSON_SCHEMA_ANY
     int root = any < 0 ? -1 : compile(&c, schema, "schema");
