@@ -1020,11 +1020,13 @@ TEST(test_json_mode_mask_equals_feeding_each_id) {
     int V = tok_vocab_size(t);
     float *logits = malloc(sizeof(float) * V);
     long allowed = 0;
+    JsonVocab v;
+    CHECK(json_vocab_init(&v, t, V) == 0);
     for (int sc = 0; sc < 2; sc++)
         for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
             JsonMode m;
             int ends[2] = {0, -1};
-            CHECK(json_mode_init(&m, t, V, ends, 2, sc ? s : NULL) == 0);
+            CHECK(json_mode_init(&m, &v, ends, 2, sc ? s : NULL) == 0);
             if (json_schema_prefix_feed(&m.answer, prefixes[i], strlen(prefixes[i]))) {  // (the schema refuses "zz")
                 json_mode_free(&m);
                 continue;
@@ -1048,6 +1050,7 @@ TEST(test_json_mode_mask_equals_feeding_each_id) {
     printf("    the mask equals feeding each id's bytes: %ld ids allowed over the states tried\n", allowed);
     CHECK(allowed > 1000);
     free(logits);
+    json_vocab_free(&v);
     json_schema_free(s);
     tok_free(t);
 }

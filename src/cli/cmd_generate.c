@@ -138,6 +138,7 @@ int cmd_generate(int argc, char **argv) {
     long parallel, chunk, spec;
     SeqParams sp = seq_params_default();  // greedy, 32 tokens unless told otherwise
     JsonMode json = {0};
+    JsonVocab json_vocab = {0};
     JsonSchema *schema = NULL;
     int *bias_ids = NULL, n_bias = 0;
     float *bias_values = NULL;
@@ -220,7 +221,7 @@ int cmd_generate(int argc, char **argv) {
     TokenConstraint tc;
     if (json_out) {
         int ends[2] = {m.cfg.eos_token_id, args_flag(&a, "chat") || args_str(&a, "system", NULL) ? tok_eos_id(tok) : -1};
-        if (json_mode_init(&json, tok, m.cfg.vocab_size, ends, 2, schema)) {
+        if (json_vocab_init(&json_vocab, tok, m.cfg.vocab_size) || json_mode_init(&json, &json_vocab, ends, 2, schema)) {
             err_set(&err, "out of memory");
             goto done;
         }
@@ -290,6 +291,7 @@ done_prompts:
 done_free:
     token_lists_free(prompts, lens, np);
     json_mode_free(&json);
+    json_vocab_free(&json_vocab);
     json_schema_free(schema);
     free(bias_ids);
     free(bias_values);

@@ -5,36 +5,49 @@
 #include "serve/json_mode.h"
 #include "text/utf8.h"
 
-int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end, const JsonSchema *schema) {
-    memset(m, 0, sizeof *m);
-    json_schema_prefix_init(&m->answer, schema);
-    m->phase = JSON_MODE_OBJECT;  // unframed: the object first
-    m->tok = tok;
-    m->vocab = vocab;
-    for (int i = 0; i < n_end && m->n_end < 2; i++)
-        if (end_ids[i] >= 0) m->end_ids[m->n_end++] = end_ids[i];
-    m->allow = malloc(vocab > 0 ? (size_t)vocab : 1);
-    m->text = calloc(vocab > 0 ? (size_t)vocab : 1, 1);
-    m->lead = calloc(vocab > 0 ? (size_t)vocab : 1, 1);
-    if (!m->allow || !m->text || !m->lead) return -1;
+int json_vocab_init(JsonVocab *v, const Tokenizer *tok, int vocab) {
+    memset(v, 0, sizeof *v);
+    v->tok = tok;
+    v->vocab = vocab;
+    v->text = calloc(vocab > 0 ? (size_t)vocab : 1, 1);
+    v->lead = calloc(vocab > 0 ? (size_t)vocab : 1, 1);
+    if (!v->text || !v->lead) {
+        json_vocab_free(v);
+        return -1;
+    }
     int n_tok = tok_vocab_size(tok) < vocab ? tok_vocab_size(tok) : vocab;
-    for (int id = 0; id < n_tok; id++) {  // ids that are whole characters of string text
+    for (int id = 0; id < n_tok; id++) {
         size_t n;
         const uint8_t *b = tok_is_special(tok, id) ? NULL : (const uint8_t *)tok_token_bytes(tok, id, &n);
         int ok = b && n > 0 && utf8_valid_prefix(b, n) == n;
         for (size_t i = 0; ok && i < n; i++) ok = b[i] >= 0x20 && b[i] != '"' && b[i] != '\\';
-        m->text[id] = (uint8_t)ok;
+        v->text[id] = (uint8_t)ok;
         size_t k = 0;
         while (b && k < n && k < 255 && (b[k] == ' ' || b[k] == '\t' || b[k] == '\n' || b[k] == '\r')) k++;
-        m->lead[id] = (uint8_t)k;
+        v->lead[id] = (uint8_t)k;
     }
     return 0;
 }
 
+void json_vocab_free(JsonVocab *v) {
+    free(v->text);
+    free(v->lead);
+    v->text = v->lead = NULL;
+}
+
+int json_mode_init(JsonMode *m, const JsonVocab *v, const int *end_ids, int n_end, const JsonSchema *schema) {
+    memset(m, 0, sizeof *m);
+    json_schema_prefix_init(&m->answer, schema);
+    m->phase = JSON_MODE_OBJECT;  // unframed: the object first
+    m->v = v;
+    for (int i = 0; i < n_end && m->n_end < 2; i++)
+        if (end_ids[i] >= 0) m->end_ids[m->n_end++] = end_ids[i];
+    m->allow = malloc(v->vocab > 0 ? (size_t)v->vocab : 1);
+    return m->allow ? 0 : -1;
+}
+
 void json_mode_free(JsonMode *m) {
     free(m->allow);
-    free(m->text);
-    free(m->lead);
     free(m->live);
     m->allow = NULL;
     m->live = NULL;
@@ -76,8 +89,8 @@ static int literal_fits(const JsonMode *m, int k, const char *b, size_t n) {
 // The bytes an id adds to the answer: NULL for special tokens and ids the tokenizer lacks.
 static const char *id_bytes(const JsonMode *m, int id, size_t *n) {
     *n = 0;
-    if (id >= tok_vocab_size(m->tok) || tok_is_special(m->tok, id)) return NULL;
-    return tok_token_bytes(m->tok, id, n);
+    if (id >= tok_vocab_size(m->v->tok) || tok_is_special(m->v->tok, id)) return NULL;
+    return tok_token_bytes(m->v->tok, id, n);
 }
 
 static void mask(void *ctx, float *logits, int vocab) {
@@ -95,11 +108,11 @@ static void mask(void *ctx, float *logits, int vocab) {
         char byte = (char)c;
         first[c] = json_schema_prefix_feed(&t, &byte, 1) == 0;
     }
-    if (vocab > m->vocab) vocab = m->vocab;
+    if (vocab > m->v->vocab) vocab = m->v->vocab;
     for (int id = 0; id < vocab; id++) {
         int ok = 0;
         for (int e = 0; e < m->n_end; e++) ok |= id == m->end_ids[e] && done;
-        if (free_text && m->text[id]) {  // inside free string text: no need to feed it
+        if (free_text && m->v->text[id]) {  // inside free string text: no need to feed it
             m->allow[id] = 1;
             any = 1;
             continue;
@@ -108,7 +121,7 @@ static void mask(void *ctx, float *logits, int vocab) {
         const char *b = done ? NULL : id_bytes(m, id, &n);
         if (b && n > 0 && object) {
             ok = first[(uint8_t)b[0]];
-            if (ok && between && m->lead[id] < n) ok = first[(uint8_t)b[m->lead[id]]];
+            if (ok && between && m->v->lead[id] < n) ok = first[(uint8_t)b[m->v->lead[id]]];
             if (ok && n > 1) {
                 JsonSchemaPrefix t;
                 json_schema_prefix_copy(&t, &m->answer);
@@ -128,7 +141,7 @@ static void mask(void *ctx, float *logits, int vocab) {
 static void accept(void *ctx, int token) {
     JsonMode *m = ctx;
     size_t n;
-    const char *b = token >= 0 && token < m->vocab ? id_bytes(m, token, &n) : NULL;
+    const char *b = token >= 0 && token < m->v->vocab ? id_bytes(m, token, &n) : NULL;
     if (!b || n == 0 || m->phase == JSON_MODE_DONE) return;
     if (m->phase == JSON_MODE_OBJECT) {
         if (json_schema_prefix_feed(&m->answer, b, n) == 0 && json_schema_prefix_complete(&m->answer)) {

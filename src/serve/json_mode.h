@@ -16,6 +16,21 @@
 // then may it end.
 typedef enum { JSON_MODE_HEAD, JSON_MODE_OBJECT, JSON_MODE_TAIL, JSON_MODE_DONE } JsonModePhase;
 
+// What the mask needs of the vocabulary, made once per tokenizer (~4 ms for DeepSeek-V3's) and
+// shared, read-only, by every answer: each id's bytes, whether they are plain string text (whole
+// characters without '"', '\\' or control characters: json_schema_prefix_at_free_text), and
+// their leading whitespace.
+typedef struct JsonVocab {
+    const Tokenizer *tok;
+    int vocab;              // the model's (ids from the tokenizer's size up have no bytes)
+    uint8_t *text;          // (vocab) 1: the id is plain string text
+    uint8_t *lead;          // (vocab) the id's leading whitespace bytes (255 at most)
+} JsonVocab;
+
+// 0, or -1 when memory runs out. tok outlives v.
+int json_vocab_init(JsonVocab *v, const Tokenizer *tok, int vocab);
+void json_vocab_free(JsonVocab *v);
+
 typedef struct JsonMode {
     JsonSchemaPrefix answer;   // the answer's object so far
     JsonModePhase phase;
@@ -26,17 +41,14 @@ typedef struct JsonMode {
     int *live;              // (n_live) in a literal part: the heads (or the tail, 0) the answer still matches
     int n_live;
     size_t lit_n;           // and its bytes matched so far
-    const Tokenizer *tok;
-    int vocab;              // the model's (ids from the tokenizer's size up have no bytes)
+    const JsonVocab *v;
     int end_ids[2], n_end;  // the answer's ends: the model's EOS, the chat format's end of a turn
-    uint8_t *allow;         // (vocab) scratch
-    uint8_t *text;          // (vocab) 1: the id is plain string text (json_schema_prefix_at_free_text)
-    uint8_t *lead;          // (vocab) the id's leading whitespace bytes (255 at most)
+    uint8_t *allow;         // (v->vocab) scratch
 } JsonMode;
 
-// 0, or -1 when memory runs out. end_ids: up to two (n_end), -1 entries ignored. schema (NULL: any
-// object) outlives m.
-int json_mode_init(JsonMode *m, const Tokenizer *tok, int vocab, const int *end_ids, int n_end, const JsonSchema *schema);
+// 0, or -1 when memory runs out. end_ids: up to two (n_end), -1 entries ignored. v and schema
+// (NULL: any object) outlive m.
+int json_mode_init(JsonMode *m, const JsonVocab *v, const int *end_ids, int n_end, const JsonSchema *schema);
 void json_mode_free(JsonMode *m);
 // Frames the object: heads (n_heads ≥ 1), their schemas (NULL: any object after each) and tail
 // outlive m. 0, or -1 when memory runs out.

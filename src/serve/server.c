@@ -114,6 +114,7 @@ struct Server {
     Engine *e;
     int vocab;                // the model's
     int tok_vocab;            // the tokenizer's (ids past it have no text)
+    JsonVocab json_vocab;     // the constrained answers' view of the vocabulary (json_mode.h)
     pthread_mutex_t mu;       // guards what follows and every Job
     pthread_cond_t engine_cv; // the engine thread waits here for work
     pthread_mutex_t tok_mu;   // encoding uses the tokenizer's caches
@@ -817,7 +818,7 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
         c->echoed = !j->prompts[c->prompt].echo;
         if (j->constrained) {
             int ends[2] = {s->m.cfg.eos_token_id, sp->n_stop_ids > 0 ? sp->stop_ids[0] : -1};
-            if (json_mode_init(&c->json, s->tok, s->vocab, ends, 2, j->schema) ||
+            if (json_mode_init(&c->json, &s->json_vocab, ends, 2, j->schema) ||
                 (j->tool_force && json_mode_frame(&c->json, (const char *const *)j->tool_heads,
                                                   (const JsonSchema *const *)j->head_schemas, j->n_heads, TOOL_TAIL)))
                 oom = 1;
@@ -1190,6 +1191,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **req, enu
 static void server_free(Server *s) {
     if (s->e) engine_free(s->e);
     if (s->model_loaded) model_free(&s->m);
+    json_vocab_free(&s->json_vocab);
     tok_free(s->tok);
     free(s->cancel_buf);
     free(s);
@@ -1227,6 +1229,11 @@ int serve_run(const ServeOptions *o, Error *err) {
     model_set_compute(&s->m, o->compute);
     s->vocab = s->m.cfg.vocab_size;
     s->tok_vocab = tok_vocab_size(s->tok);
+    if (json_vocab_init(&s->json_vocab, s->tok, s->vocab)) {
+        err_set(err, "out of memory for the vocabulary's JSON tables");
+        server_free(s);
+        return -1;
+    }
     if (s->o.ctx > s->m.cfg.max_position_embeddings) s->o.ctx = s->m.cfg.max_position_embeddings;
     EngineOptions eo = {.parallel = o->parallel, .ctx = s->o.ctx, .prefill_chunk = PREFILL_CHUNK, .kv_dtype = o->kv_dtype,
                         .speculative = o->speculative, .prefix_cache = o->prefix_cache};
