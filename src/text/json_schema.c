@@ -1,3 +1,6 @@
+// The JSON Schema prefix automaton (json_schema.h): a schema compiled into nodes (one per schema
+// object, $ref cycles sharing them) with the nesting each needs to complete, then a document read
+// byte by byte over json_prefix's grammar and its structural events, one frame per open container.
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
