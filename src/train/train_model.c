@@ -651,10 +651,16 @@ static int head_backward(TrainModel *m, const float *norm, float *dnorm, const f
     return m->be->ops->rmsnorm_backward(m->be, dres, dnorm, dh, x, norm, h_rstd, N, d);
 }
 
-// y (n) += s · x; x = NULL: y *= s.
-static void scale_add(float *y, const float *x, long n, float s) {
+// y (n) *= s.
+static void scale_floats(float *y, long n, float s) {
 #pragma omp parallel for schedule(static)
-    for (long i = 0; i < n; i++) y[i] = x ? y[i] + s * x[i] : y[i] * s;
+    for (long i = 0; i < n; i++) y[i] *= s;
+}
+
+// y (n) += s · x.
+static void add_scaled(float *y, const float *x, long n, float s) {
+#pragma omp parallel for schedule(static)
+    for (long i = 0; i < n; i++) y[i] += s * x[i];
 }
 
 static int mtp_backward(TrainModel *m, int k, float scale) {
@@ -697,17 +703,17 @@ static int backward(TrainModel *m, float scale) {
     TrainActs *a = &m->a;
     int B = m->B, T = m->T, d = c->hidden_size, N = B * T;
     // the heads' gradients, which the forward pass left per unit of scale
-    scale_add(a->dlnf, NULL, (long)N * d, scale);
+    scale_floats(a->dlnf, (long)N * d, scale);
     if (m->mtp_ran) {
         int D = c->num_nextn_predict_layers;
-        for (int k = 1; k <= D; k++) scale_add(a->mtp[k - 1].dh_out, NULL, (long)a->mtp[k - 1].N * d, scale);
+        for (int k = 1; k <= D; k++) scale_floats(a->mtp[k - 1].dh_out, (long)a->mtp[k - 1].N * d, scale);
         for (int k = D; k >= 1; k--) {
             TRY(mtp_backward(m, k, scale));
             TRY(grads_done(m, c->num_hidden_layers + k - 1));
         }
     }
     TRY(head_backward(m, m->p.norm, m->g.norm, a->x_final, a->lnf_rstd, N, a->dlnf, a->dres));
-    scale_add((float *)m->g.lm_head.data, a->head_grad, (long)c->vocab_size * d, scale);
+    add_scaled((float *)m->g.lm_head.data, a->head_grad, (long)c->vocab_size * d, scale);
     TRY(grads_done(m, TRAIN_GRADS_HEAD(m)));
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         LayerPass p = train_pass(m, &a->layers[l], T, l);
