@@ -117,7 +117,7 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, int bf16, 
         int next = 0;
         for (int i = 0; i < DECODE; i++) {
             next = (next * 31 + 7) % V;  // a fixed stream: random weights give no meaningful argmax
-            DecodeSeq ds = {&kv, &next, 1};  // a decode step as generate and serve run it
+            DecodeSeq ds = {.kv = &kv, .tokens = &next, .T = 1};  // a decode step as generate and serve run it
             if (model_decode(&m, s, &ds, 1, logits, NULL, &err)) return 1;
         }
         double t2 = bench_now();
@@ -134,7 +134,7 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, int bf16, 
     double gf = p * prefill_flops(&m, PROMPT) / PROMPT / 1e9;
     if (bf16)
         printf("%-5s%s prefill %d tokens: %8.1f tokens/s, %.1f GFLOP/s = %.0f%% of the BF16 GEMM peak, %.0f%% of the "
-               "BF16 dot-product unit\n", dtype_name(dt), how, PROMPT, p, gf, 100 * gf / pk->bf16, 100 * gf / pk->unit);
+               "%s\n", dtype_name(dt), how, PROMPT, p, gf, 100 * gf / pk->bf16, 100 * gf / pk->unit, bench_bf16_unit);
     else
         printf("%-5s%s prefill %d tokens: %8.1f tokens/s, %.1f GFLOP/s = %.0f%% of the sgemm peak\n", dtype_name(dt), how,
                PROMPT, p, gf, 100 * gf / pk->f32);
@@ -176,7 +176,7 @@ static double decode_at(Model *m, int ctx, DType dtype, Error *err) {
     double t0 = 0;
     for (int i = -2; i < STEPS; i++) {  // two untimed steps first
         if (i == 0) t0 = bench_now();
-        DecodeSeq ds = {&kv, &tok, 1};
+        DecodeSeq ds = {.kv = &kv, .tokens = &tok, .T = 1};
         if (model_decode(m, s, &ds, 1, NULL, NULL, err)) return -1;
         tok = (tok * 31 + 7) % c->vocab_size;
     }
@@ -244,9 +244,9 @@ int main(int argc, char **argv) {
     printf("model %s, %d threads, kernels %s; medians of 7 runs, each after its own read-bandwidth measurement\n", cfg,
            omp_get_max_threads(), kernels_isa());
     Peaks pk = {bench_sgemm_peak(2048, 5), bench_bf16_gemm_peak(2048, 5), bench_bf16_unit_peak()};
-    printf("peaks: sgemm 2048^3 %.1f GFLOP/s, BF16 GEMM (gemm_lowp, %s) 2048^3 %.1f GFLOP/s, BF16 dot-product unit "
-           "%.1f GFLOP/s; prefill FLOPs: every active matrix per token (the head once) + the causal attention core\n",
-           pk.f32, gemm_lowp_isa(), pk.bf16, pk.unit);
+    printf("peaks: sgemm 2048^3 %.1f GFLOP/s, BF16 GEMM (gemm_lowp, %s) 2048^3 %.1f GFLOP/s, %s %.1f GFLOP/s; "
+           "prefill FLOPs: every active matrix per token (the head once) + the causal attention core\n",
+           pk.f32, gemm_lowp_isa(), pk.bf16, bench_bf16_unit, pk.unit);
     for (int mode = ST_MAP; mode <= ST_READ; mode++) {
         printf("-- weights %s\n", mode == ST_MAP ? "mmapped from the page cache (the default)"
                                                  : "read into huge-page memory (--no-mmap)");

@@ -116,8 +116,8 @@ int main(int argc, char **argv) {
     free(mp.mtp);
     printf("train %s: batch %d x seq %d, %d threads, kernels %s, %.1f MFLOP per token\n", cfg_path, B, T,
            omp_get_max_threads(), kernels_isa(), per_token / 1e6);
-    printf("  GEMM peaks (2048^3): fp32 sgemm %.1f GFLOP/s, bf16 gemm_lowp (%s) %.1f GFLOP/s; the BF16 dot-product "
-           "unit on registers %.1f GFLOP/s\n", peak32, gemm_lowp_isa(), peak16, unit16);
+    printf("  GEMM peaks (2048^3): fp32 sgemm %.1f GFLOP/s, bf16 gemm_lowp (%s) %.1f GFLOP/s; the %s on registers "
+           "%.1f GFLOP/s\n", peak32, gemm_lowp_isa(), peak16, bench_bf16_unit, unit16);
     double base = 0;
     for (int p = 0; p < 3; p++) {
         if (!run[p]) continue;

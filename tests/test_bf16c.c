@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "kernels/convert.h"
+#include "kernels/kernels_cpu.h"
 #include "kernels/matmul.h"
 #include "model/config.h"
 #include "model/model.h"
@@ -116,6 +117,71 @@ TEST(test_bf16c_against_fp64) {
                 }
     }
     CHECK(kernels_set_isa("auto") == 0);
+}
+
+// The AMX kernel for many activation rows (prefill with `--compute bf16`): the same operands as
+// above within the same fp32 bound, an FP8 NaN code spoiling only its row. path 0: the C model of
+// the tile instructions (the kernel's blocks of 32, padding of K to 32 and transposed stores, in two
+// shares of the rows); 1: the tiles; 2: matmul_nt, which takes the tiles from 16 rows on.
+static void amx_nt_sweep(int path) {
+    const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
+    const int colss[] = {1, 31, 33, 64, 129, 300, 1030};
+    const int Ns[] = {16, 17, 40, 70};
+    uint64_t seed = 41;
+    {
+        for (int ti = 0; ti < 4; ti++)
+            for (int ci = 0; ci < 7; ci++)
+                for (int ni = 0; ni < 4; ni++) {
+                    int rows = ci % 2 ? 37 : 70, cols = colss[ci], N = Ns[ni], skip = ci % 3 == 0 ? 3 : 0;
+                    if (path == 0 && (ni > 1 || cols > 300)) continue;  // (the model is slow)
+                    TestW w;
+                    make_w(&w, types[ti], rows + skip, cols, &seed);
+                    if (types[ti] == DT_F8_E4M3 && ni == 1) ((uint8_t *)w.data)[(size_t)(skip + 5) * cols + cols / 2] = 0xff;
+                    MatView v = matview_rows(&w.v, skip, rows);
+                    v.compute_bf16 = 1;
+                    float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows);
+                    for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
+                    int rc = path == 0   ? matmul_nt_amx_emulated(out, rows, x, cols, &v, N, 0, 11) |
+                                               matmul_nt_amx_emulated(out, rows, x, cols, &v, N, 11, rows)
+                             : path == 1 ? matmul_nt_amx(out, rows, x, cols, &v, N, 0, rows)
+                                         : matmul_nt(out, x, &v, N);
+                    CHECK(rc == 0);
+                    const char *name = path == 0 ? "emulated" : path == 1 ? "amx" : "matmul_nt";
+                    for (int n = 0; n < N; n++)
+                        for (int r = 0; r < rows; r++) {
+                            double want = 0, mag = 0;
+                            for (int c0 = 0; c0 < cols; c0 += 128) {
+                                double part = 0, pm = 0;
+                                for (int c = c0; c < cols && c < c0 + 128; c++) {
+                                    double p = w_value(&w, skip + r, c) * bf16_to_f32(bf16_from_f32(x[(size_t)n * cols + c]));
+                                    part += p, pm += fabs(p);
+                                }
+                                double s = types[ti] == DT_F8_E4M3 ? w.scales[((skip + r) / 128) * v.scale_cols + c0 / 128] : 1.0;
+                                want += part * s, mag += pm * s;
+                            }
+                            float got = out[(size_t)n * rows + r];
+                            if (types[ti] == DT_F8_E4M3 && ni == 1 && r == 5) {
+                                CHECK_MSG(isnan(got), "%s: a NaN code's row gives %g", name, got);
+                                continue;
+                            }
+                            double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
+                            CHECK_MSG(fabs(got - want) <= bound, "%s %s rows %d cols %d N %d: [%d][%d] %.9g vs %.9g (bound %.3g)",
+                                      name, dtype_name(types[ti]), rows, cols, N, n, r, got, want, bound);
+                        }
+                    free(x), free(out), free(w.data), free(w.scales);
+                }
+    }
+}
+
+TEST(test_bf16c_amx_emulated_against_fp64) {
+    if (!kernels_cpu_avx512bf16()) SKIP("no AVX512_BF16: the AMX kernel's model needs its packers");
+    amx_nt_sweep(0);
+}
+
+TEST(test_bf16c_amx_against_fp64) {
+    if (!kernels_cpu_amx()) SKIP("no AMX tiles on this CPU (or Linux did not grant their state)");
+    amx_nt_sweep(1);
+    amx_nt_sweep(2);
 }
 
 // The portable path is the dot-product instruction's documented arithmetic (two products per lane,

@@ -10,6 +10,7 @@
 
 #include "kernels/convert.h"
 #include "kernels/gemm_lowp.h"
+#include "kernels/kernels_cpu.h"
 #include "kernels/matmul.h"
 #include "test.h"
 
@@ -145,12 +146,23 @@ static void run_case(int M, int N, int K, int ta, int tb, LowpFormat fa, LowpFor
     make_opnd(&B, N, K, tb, fb, sb);
     float *C = malloc(sizeof(float) * M * N), *C0 = malloc(sizeof(float) * M * N);
     for (int i = 0; i < M * N; i++) C0[i] = (float)(urand() - 0.5);
-    const char *isas[2] = {"auto", "avx512"};  // "avx512": no BF16 dot products, the portable path
-    for (int p = 0; p < 2; p++) {
-        kernels_set_isa(isas[p]);
+    // "auto": AMX tiles where the CPU has them; "avx512bf16": the dot products; "avx512": no BF16
+    // dot products, the portable path; "emulated": the AMX kernel against a C model of the tile
+    // instructions (its blocking and packing, on any CPU with AVX512_BF16), in two column shares
+    const char *isas[4] = {"auto", "avx512bf16", "avx512", "emulated"};
+    for (int p = 0; p < 4; p++) {
+        int emulated = p == 3, rc = 0;
+        kernels_set_isa(emulated ? "auto" : isas[p]);
+        if (emulated && !kernels_cpu_avx512bf16()) break;
         memcpy(C, C0, sizeof(float) * M * N);
-        int rc = gemm_lowp(C, N, &A.op, &B.op, M, N, K, add);
-        const char *path = gemm_lowp_isa();
+        if (emulated) {
+            int n1 = N / 3;
+            rc = gemm_lowp_amx_emulated(C, N, &A.op, &B.op, K, add, 0, M, 0, n1) |
+                 gemm_lowp_amx_emulated(C, N, &A.op, &B.op, K, add, 0, M, n1, N);
+        } else {
+            rc = gemm_lowp(C, N, &A.op, &B.op, M, N, K, add);
+        }
+        const char *path = emulated ? "amx emulated" : gemm_lowp_isa();
         double worst;
         int ok = rc == 0 && check_product(C, C0, add, &A, &B, M, N, K, &worst);
         kernels_set_isa("auto");

@@ -1,10 +1,12 @@
 // dsv3: the command line. Each subcommand lives in its own cmd_*.c file.
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli/commands.h"
 #include "cli/util.h"
 #include "dist/dist.h"
+#include "kernels/matmul.h"
 
 // How a command runs under mpirun (docs/distributed.md): not at all (a world of one), on every rank,
 // or on every rank computing the same thing, where the others' output and errors go nowhere.
@@ -46,6 +48,11 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage(stdout);
         return 0;
+    }
+    const char *isa = getenv("DSV3_ISA");  // (the kernels read it too; an unknown name is an error here)
+    if (isa && kernels_set_isa(isa)) {
+        fprintf(stderr, "dsv3: DSV3_ISA='%s' is not one of auto, amx, avx512bf16, avx512, scalar\n", isa);
+        return 2;
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         if (strcmp(argv[1], commands[i].name) != 0) continue;

@@ -146,7 +146,16 @@ void lowp_fp8_restore_rows(float *x, const uint8_t *codes, const float *scales, 
             x[r * cols + k] = table[codes[r * cols + k]] * scales[r * kc + k / LOWP_FP8_CHUNK];
 }
 
-const char *gemm_lowp_isa(void) { return kernels_cpu_avx512bf16() ? "avx512bf16" : "portable"; }
+const char *gemm_lowp_isa(void) {
+    return kernels_cpu_amx() ? "amx" : kernels_cpu_avx512bf16() ? "avx512bf16" : "portable";
+}
+
+// One thread's share of the product on the fastest unit: AMX tiles, else AVX512_BF16 dot products.
+static int gemm_lowp_share(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
+                           int m_end, int n_begin, int n_end) {
+    return kernels_cpu_amx() ? gemm_lowp_amx(C, ldc, A, B, K, add, m_begin, m_end, n_begin, n_end)
+                             : gemm_lowp_avx512bf16(C, ldc, A, B, K, add, m_begin, m_end, n_begin, n_end);
+}
 
 // Rows [0, rows) × K columns [k0, k0 + kn) of an operand as the values it is packed as (lowp_value,
 // vectorised), into out (rows × kn); times_scale: FP8 values multiplied back by their scales. k0
@@ -293,7 +302,7 @@ int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int
     if ((A->fmt == LOWP_BF16) != (B->fmt == LOWP_BF16)) return -1;
     if (M <= 0 || N <= 0) return 0;
     if (!kernels_cpu_avx512bf16()) return gemm_lowp_portable(C, ldc, A, B, M, N, K, add);
-    if (omp_in_parallel()) return gemm_lowp_avx512bf16(C, ldc, A, B, K, add, 0, M, 0, N);
+    if (omp_in_parallel()) return gemm_lowp_share(C, ldc, A, B, K, add, 0, M, 0, N);
     return gemm_lowp_scaled(C, ldc, (LowpOperand *)A, -1, NULL, (LowpOperand *)B, -1, NULL, M, N, K, add, NULL);
 }
 
@@ -317,7 +326,8 @@ int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *
                           : gemm_lowp_portable(C, ldc, A, B, M, N, K, add)) != 0;
     } else if (!failed) {
         // one team: both operands' scales (the worksharing loops end in barriers), then the product
-        // split along the longer side of C, in units of a register tile (12 rows or 32 columns): each
+        // split along the longer side of C, in units of a register tile (12 rows or 32 columns; AMX's
+        // blocks: 32 either way): each
         // thread packs its own share of that side's operand and all of the other, so the operand
         // packed more than once is the smaller one
 #pragma omp parallel reduction(| : failed) if (!omp_in_parallel())
@@ -325,12 +335,12 @@ int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *
             if (qa) scales_team(A, scale_a, amax_a, M, K, scale_a_how);
             if (qb) scales_team(B, scale_b, amax_b, N, K, scale_b_how);
             int nt = omp_get_num_threads(), t = omp_get_thread_num(), by_rows = M > N;
-            int len = by_rows ? M : N, unit = by_rows ? 12 : 32;
+            int len = by_rows ? M : N, unit = by_rows && !kernels_cpu_amx() ? 12 : 32;
             long units = (len + unit - 1) / unit, lo = units * t / nt * unit, hi = units * (t + 1) / nt * unit;
             if (hi > len) hi = len;
             if (lo < hi)
-                failed |= (by_rows ? gemm_lowp_avx512bf16(C, ldc, A, B, K, add, (int)lo, (int)hi, 0, N)
-                                   : gemm_lowp_avx512bf16(C, ldc, A, B, K, add, 0, M, (int)lo, (int)hi)) != 0;
+                failed |= (by_rows ? gemm_lowp_share(C, ldc, A, B, K, add, (int)lo, (int)hi, 0, N)
+                                   : gemm_lowp_share(C, ldc, A, B, K, add, 0, M, (int)lo, (int)hi)) != 0;
         }
     }
     if (amax_a && amax_a != scale_a) free(amax_a);

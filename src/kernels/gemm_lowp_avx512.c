@@ -140,12 +140,13 @@ AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const Lo
 }
 
 // Packs rows [i0, i0 + len) (len <= 256) of a transposed operand into tiles of W rows (W = MR or
-// NR): tile t at out + t * W * kp_n, word (kp, i) at kp * W + i within it — or kp * (its width)
-// for a narrower last tile when narrow_last (A's tiles; B's panels keep NR). The same words as
+// NR): tile t at out + t * W * kp_alloc (kp_alloc >= kp_n: the AMX kernel pads K), word (kp, i)
+// at kp * W + i within it — or kp * (its width) for a narrower last tile when narrow_last (A's
+// tiles; B's panels keep NR). The same words as
 // pack_group, but walking the source a row pair at a time across all of [i0, i0 + len): each pair
 // is two sequential reads, where a group at a time would read 64 bytes from each of kc rows.
 AVX512_INLINE void pack_trans_span(const int fmt, uint32_t *out, int W, int narrow_last, const LowpOperand *o, int i0,
-                                   int len, int k0, int kc, int K) {
+                                   int len, int k0, int kc, int K, int kp_alloc) {
     const int kp_n = (kc + 1) / 2, seg = W < 16 ? W : 16, last = (len - 1) / W;
     float sv[256];
     for (int kp = 0; kp < kp_n; kp++) {
@@ -166,7 +167,7 @@ AVX512_INLINE void pack_trans_span(const int fmt, uint32_t *out, int W, int narr
             __m512 sc = fmt != LOWP_BF16 ? _mm512_maskz_loadu_ps(m, sv + s) : _mm512_set1_ps(1.0f);
             __m512 e = _mm512_maskz_loadu_ps(m, re + s);
             __m512 d = ro ? _mm512_maskz_loadu_ps(m, ro + s) : _mm512_setzero_ps();
-            _mm512_mask_storeu_epi32(out + (size_t)t * W * kp_n + (size_t)kp * stride + s % W, m,
+            _mm512_mask_storeu_epi32(out + (size_t)t * W * kp_alloc + (size_t)kp * stride + s % W, m,
                                      pair_words(round_value(fmt, e, sc), round_value(fmt, d, sc)));
         }
     }
@@ -174,13 +175,12 @@ AVX512_INLINE void pack_trans_span(const int fmt, uint32_t *out, int W, int narr
 
 // Rows [i0, i0 + len) of an operand into tiles of W rows, as pack_trans_span lays them out.
 AVX512BF16 static void pack(uint32_t *out, int W, int narrow_last, const LowpOperand *o, int i0, int len, int k0,
-                            int kc, int K) {
-    const int kp_n = (kc + 1) / 2;
+                            int kc, int K, int kp_alloc) {
     if (o->trans) {
         switch (o->fmt) {
-        case LOWP_BF16: pack_trans_span(LOWP_BF16, out, W, narrow_last, o, i0, len, k0, kc, K); break;
-        case LOWP_E4M3: pack_trans_span(LOWP_E4M3, out, W, narrow_last, o, i0, len, k0, kc, K); break;
-        default: pack_trans_span(LOWP_E5M2, out, W, narrow_last, o, i0, len, k0, kc, K); break;
+        case LOWP_BF16: pack_trans_span(LOWP_BF16, out, W, narrow_last, o, i0, len, k0, kc, K, kp_alloc); break;
+        case LOWP_E4M3: pack_trans_span(LOWP_E4M3, out, W, narrow_last, o, i0, len, k0, kc, K, kp_alloc); break;
+        default: pack_trans_span(LOWP_E5M2, out, W, narrow_last, o, i0, len, k0, kc, K, kp_alloc); break;
         }
         return;
     }
@@ -188,12 +188,24 @@ AVX512BF16 static void pack(uint32_t *out, int W, int narrow_last, const LowpOpe
     for (int s = 0; s < len; s += seg) {
         int n = len - s < seg ? len - s : seg, t = s / W;
         int stride = narrow_last && t == last ? len - t * W : W;
-        uint32_t *dst = out + (size_t)t * W * kp_n + s % W;
+        uint32_t *dst = out + (size_t)t * W * kp_alloc + s % W;
         switch (o->fmt) {
         case LOWP_BF16: pack_group(LOWP_BF16, dst, stride, o, i0 + s, n, k0, kc, K); break;
         case LOWP_E4M3: pack_group(LOWP_E4M3, dst, stride, o, i0 + s, n, k0, kc, K); break;
         default: pack_group(LOWP_E5M2, dst, stride, o, i0 + s, n, k0, kc, K); break;
         }
+    }
+}
+
+AVX512BF16 void lowp_pack_panels(uint32_t *out, int W, const LowpOperand *o, int i0, int len, int K, int kp_alloc) {
+    const int kp_n = (K + 1) / 2;
+    for (int s = 0; s < len; s += 256) {
+        int n = len - s < 256 ? len - s : 256;
+        uint32_t *dst = out + (size_t)(s / W) * W * kp_alloc;
+        if (n % W) memset(dst + (size_t)(n / W) * W * kp_alloc, 0, sizeof(uint32_t) * W * kp_alloc);  // ragged panel
+        pack(dst, W, 0, o, i0 + s, n, 0, K, K, kp_alloc);
+        for (int t = 0; t * W < n; t++)  // the pairs past K
+            memset(dst + (size_t)t * W * kp_alloc + (size_t)kp_n * W, 0, sizeof(uint32_t) * W * (kp_alloc - kp_n));
     }
 }
 
@@ -278,13 +290,13 @@ AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, con
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = K - k0 < KC ? K - k0 : KC, kp_n = (kc + 1) / 2;
             // B: panels of 32 columns, each kp_n × 32 words; FP8 scales per (chunk, column)
-            pack(bp, NR, 0, B, nb, nc, k0, kc, K);
+            pack(bp, NR, 0, B, nb, nc, k0, kc, K, kp_n);
             if (fp8)
                 for (int ch = 0; ch * CH < kc; ch++)
                     for (int j = 0; j < nc; j++) sb[(size_t)ch * NC + j] = lowp_scale_of(B, nb + j, k0 + ch * CH);
             for (int m0 = m_begin; m0 < m_end; m0 += MC) {
                 int mc = m_end - m0 < MC ? m_end - m0 : MC;
-                pack(ap, MR, 1, A, m0, mc, k0, kc, K);  // tiles of MR rows, the last one mr wide
+                pack(ap, MR, 1, A, m0, mc, k0, kc, K, kp_n);  // tiles of MR rows, the last one mr wide
                 if (fp8)
                     for (int ch = 0; ch * CH < kc; ch++)
                         for (int i = 0; i < mc; i++) sa[(size_t)ch * MC + i] = lowp_scale_of(A, m0 + i, k0 + ch * CH);

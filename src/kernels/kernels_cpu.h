@@ -15,6 +15,9 @@ int kernels_cpu_avx512(void);
 // 1 when, in addition, the CPU has the AVX512_BF16 dot products (and they are not turned off with
 // kernels_set_isa("avx512") or "scalar").
 int kernels_cpu_avx512bf16(void);
+// 1 when, in addition, the CPU has AMX-BF16 tiles, Linux granted this process their state
+// (arch_prctl), and they are not turned off with kernels_set_isa("avx512bf16") or below.
+int kernels_cpu_amx(void);
 // 1 when, in addition, the CPU has AVX512_VBMI's byte permutes (every AVX512_BF16 CPU but Cooper
 // Lake): the BF16-compute products (matmul_bf16c.c) widen FP8 codes with them.
 int kernels_cpu_avx512bf16_vbmi(void);
@@ -87,5 +90,21 @@ void emulated_rows_avx512(float *C, int ldc, const float *a, const float *bt, in
                           int bits, int promote, const float *sa, const float *sbt, int add);
 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
                          int m_end, int n_begin, int n_end);
+// Rows [i0, i0 + len) × all K of an operand packed as gemm_lowp's panels of W rows (W 16 or 32;
+// panel t at out + t * W * kp_alloc, word (kp, i) — elements 2kp and 2kp + 1 of row i0 + t·W + i,
+// rounded as the operand's format says — at kp * W + i), pairs from ceil(K / 2) to kp_alloc and the
+// rows past len in the last panel zero.
+void lowp_pack_panels(uint32_t *out, int W, const LowpOperand *o, int i0, int len, int K, int kp_alloc);
+
+// The AMX kernels (matmul_amx.c): gemm_lowp_avx512bf16's contract on tiles, and x · Wᵀ with BF16
+// compute for rows [r0, r1) of w (matmul_nt_bf16c's arithmetic, the hardware's order of sums).
+// Only after kernels_cpu_amx() returned 1; the _emulated twins run anywhere with AVX512_BF16 (a C
+// model of the tile instructions: tests).
+int gemm_lowp_amx(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
+                  int m_end, int n_begin, int n_end);
+int matmul_nt_amx(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+int gemm_lowp_amx_emulated(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
+                           int m_end, int n_begin, int n_end);
+int matmul_nt_amx_emulated(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
 
 #endif

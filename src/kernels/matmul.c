@@ -11,11 +11,14 @@
 // widens panels of W and calls OpenBLAS, but only outside parallel regions, where its own
 // threads do not compete with ours; inside one it stays in plain C.
 #include <cblas.h>
+#include <cpuid.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "kernels/convert.h"
 #include "kernels/kernels_cpu.h"
@@ -31,8 +34,37 @@
 // Rows of W widened at a time by the portable fallback before calling sgemm.
 #define FALLBACK_PANEL 64
 
+// With at least this many activation rows, BF16-compute products take the AMX tiles (a block of C
+// is 32 × 32; below 16 rows most of each tile would be padding).
+#define AMX_MIN_N 16
+
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
-static int cpu_has_avx512, cpu_has_bf16, cpu_has_vbmi, use_avx512, use_bf16;
+static int cpu_has_avx512, cpu_has_bf16, cpu_has_vbmi, cpu_has_amx, use_avx512, use_bf16, use_amx;
+
+// AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), and Linux's permission to use the
+// tile data state (XFEATURE 18), which a process must ask for before its first tile instruction.
+static int amx_usable(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 22 & 1)) return 0;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    enum { ARCH_GET_XCOMP_PERM = 0x1022, ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+    unsigned long perm = 0;
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 0;
+    return syscall(SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &perm) == 0 && (perm >> XFEATURE_XTILEDATA & 1);
+#else
+    return 0;
+#endif
+}
+
+static int set_isa(const char *isa) {
+    if (strcmp(isa, "scalar") == 0) use_avx512 = use_bf16 = use_amx = 0;
+    else if (strcmp(isa, "avx512") == 0) use_avx512 = cpu_has_avx512, use_bf16 = use_amx = 0;
+    else if (strcmp(isa, "avx512bf16") == 0) use_avx512 = cpu_has_avx512, use_bf16 = cpu_has_bf16, use_amx = 0;
+    else if (strcmp(isa, "auto") == 0 || strcmp(isa, "amx") == 0)
+        use_avx512 = cpu_has_avx512, use_bf16 = cpu_has_bf16, use_amx = cpu_has_amx;
+    else return -1;
+    return 0;
+}
 
 static void isa_detect(void) {
     __builtin_cpu_init();
@@ -40,8 +72,9 @@ static void isa_detect(void) {
                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     cpu_has_bf16 = cpu_has_avx512 && __builtin_cpu_supports("avx512bf16");
     cpu_has_vbmi = __builtin_cpu_supports("avx512vbmi");
-    use_avx512 = cpu_has_avx512;
-    use_bf16 = cpu_has_bf16;
+    cpu_has_amx = cpu_has_bf16 && amx_usable();
+    const char *env = getenv("DSV3_ISA");  // (an unknown name is the command line's error to report)
+    if (!env || set_isa(env)) set_isa("auto");
 }
 
 int kernels_cpu_avx512(void) {
@@ -56,19 +89,28 @@ int kernels_cpu_avx512bf16(void) {
 
 int kernels_cpu_avx512bf16_vbmi(void) { return kernels_cpu_avx512bf16() && cpu_has_vbmi; }
 
-// The fp32 products use AVX-512; the BF16 dot products serve only the products whose operands
-// are rounded to BF16 anyway (gemm_lowp: mixed-precision training).
+int kernels_cpu_amx(void) {
+    pthread_once(&isa_once, isa_detect);
+    return use_amx;
+}
+
+int kernels_amx_present(void) {
+    pthread_once(&isa_once, isa_detect);
+    return cpu_has_amx;
+}
+
+// The fp32 products use AVX-512; the BF16 dot products and tiles serve only the products whose
+// operands are rounded to BF16 anyway (gemm_lowp: mixed-precision training; `--compute bf16`).
 const char *kernels_isa(void) {
-    return kernels_cpu_avx512bf16() ? "avx512bf16" : kernels_cpu_avx512() ? "avx512" : "scalar";
+    return kernels_cpu_amx()           ? "amx"
+           : kernels_cpu_avx512bf16() ? "avx512bf16"
+           : kernels_cpu_avx512()     ? "avx512"
+                                      : "scalar";
 }
 
 int kernels_set_isa(const char *isa) {
     pthread_once(&isa_once, isa_detect);
-    if (strcmp(isa, "scalar") == 0) use_avx512 = use_bf16 = 0;
-    else if (strcmp(isa, "avx512") == 0) use_avx512 = cpu_has_avx512, use_bf16 = 0;
-    else if (strcmp(isa, "auto") == 0) use_avx512 = cpu_has_avx512, use_bf16 = cpu_has_bf16;
-    else return -1;
-    return 0;
+    return set_isa(isa);
 }
 
 static pthread_key_t scratch_key;
@@ -269,7 +311,10 @@ static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N)
 int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
     if (check_dtype(w)) return -1;
     if (N <= 0 || r1 <= r0) return 0;
-    if (w->compute_bf16 && w->cols > 0) return matmul_nt_bf16c(out, w->rows, x, w->cols, w, N, r0, r1);
+    if (w->compute_bf16 && w->cols > 0) {  // (not the invariant products: the tiles' sums are the hardware's)
+        if (N >= AMX_MIN_N && kernels_cpu_amx()) return matmul_nt_amx(out, w->rows, x, w->cols, w, N, r0, r1);
+        return matmul_nt_bf16c(out, w->rows, x, w->cols, w, N, r0, r1);
+    }
     if (w->cols <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * w->rows + r0, 0, sizeof(float) * (r1 - r0));
         return 0;

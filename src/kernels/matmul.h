@@ -83,12 +83,16 @@ void gemm_f32(int ta, int tb, int M, int N, int K, float alpha, const float *A, 
 // Dequantises row r of w into out[cols] (embedding look-ups).
 int matview_row_f32(const MatView *w, int r, float *out);
 
-// Which instruction set the kernels chose ("avx512bf16", "avx512", "scalar").
+// Which instruction set the kernels chose ("amx", "avx512bf16", "avx512", "scalar").
 const char *kernels_isa(void);
-// Makes later calls use "scalar" (portable C + OpenBLAS), "avx512" (no BF16 dot products) or the
-// best the CPU has ("auto"), so tests and benchmarks can compare the paths in one process (a set
-// the CPU lacks stays off). Returns 0, or -1 for an unknown name.
-// Not to be called while kernels run on other threads.
+// 1 when the CPU has AMX-BF16 tiles and Linux granted this process their state, whether or not
+// kernels_set_isa left them in use (benchmarks measure the unit's peak either way).
+int kernels_amx_present(void);
+// Makes later calls use "scalar" (portable C + OpenBLAS), "avx512" (no BF16 dot products),
+// "avx512bf16" (no AMX tiles) or the best the CPU has ("auto" or "amx"), so tests and benchmarks
+// can compare the paths in one process (a set the CPU lacks stays off). The environment variable
+// DSV3_ISA, read at the first product, sets the same from outside. Returns 0, or -1 for an unknown
+// name. Not to be called while kernels run on other threads.
 int kernels_set_isa(const char *isa);
 
 #endif

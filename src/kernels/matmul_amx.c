@@ -1,0 +1,331 @@
+// Products on the AMX tiles (Sapphire Rapids and later Xeons): BF16 operands, fp32 sums.
+//   gemm_lowp_amx — the BF16 and FP8 GEMMs of mixed-precision training (gemm_lowp.h), both
+//                   operands rounded (or FP8-quantised) from fp32 by gemm_lowp's packers;
+//   matmul_nt_amx — x · Wᵀ with BF16 compute (`--compute bf16`) for many activation rows
+//                   (prefill): x rounded to BF16, W as the BF16 values matmul_bf16c.c takes (FP8
+//                   codes exactly, each 128-column chunk's sum × its block scale).
+//
+// TDPBF16PS adds to a 16 × 16 tile of fp32 sums the products of an "A" tile (16 rows, each 32 BF16
+// values of K in order: 16 words of pairs) and a "B" tile (16 rows of K pairs, row p holding for
+// each of 16 columns the word of its elements 2p and 2p + 1). B is gemm_lowp's packed panel of 32
+// columns (word (kp, j) at kp * 32 + j): two B tiles side by side. A is rows of pair words, which
+// is how a weight matrix lies in memory; a training operand is packed into 16-row panels and
+// transposed. K is padded with zero pairs to a multiple of 32 values, so every tile is full.
+//
+// The blocks of C are 32 × 32 (tiles 0-3 the sums, 4-5 the two A tiles, 6-7 the two B tiles),
+// each over the whole of K: the B side is packed once per call (its N × K), the A side 32 rows at
+// a time, so no operand is rounded twice in a call and the sums stay in the tiles. FP8: every 128
+// values of K (four tile steps) the sums are stored and added × the chunk's scales into an fp32
+// block, the report's promotion; BF16: the tiles sum all of K.
+//
+// The hardware's order and rounding inside a tile instruction are its own (measured on a Xeon
+// against the documented sequence — each product added with its own rounding — and against one
+// rounding per pair or per tile row: about 44% of results differ from each), so these products
+// are not the bits of the AVX512_BF16 kernels. They run where no bit-identity is promised (the
+// training GEMMs; prefill chunks on the plain path), never in the batch-invariant decode products.
+//
+// Linux hands out the tile state only to a process that asked for it (arch_prctl, matmul.c's
+// detection); each thread loads the tile configuration at the start of a call and releases the
+// tiles at its end. matmul_amx_emulated.c compiles this file again against a C model of the four
+// tile instructions (the documented sequence), so the blocking and the packing are tested on every
+// CPU with AVX512_BF16; the hardware path only where there are tiles.
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels/avx512_util.h"
+#include "kernels/convert.h"
+#include "kernels/kernels_cpu.h"
+
+#ifdef AMX_EMULATE
+#define AMX_FN(name) name##_emulated
+#define AMX_TARGET AVX512BF16_TARGET
+
+static __thread uint8_t emu_tile[8][16][64];  // the eight tile registers, 16 rows of 64 bytes
+
+static void emu_load(int t, const void *p, long stride) {
+    for (int r = 0; r < 16; r++) memcpy(emu_tile[t][r], (const char *)p + r * stride, 64);
+}
+static void emu_store(int t, void *p, long stride) {
+    for (int r = 0; r < 16; r++) memcpy((char *)p + r * stride, emu_tile[t][r], 64);
+}
+static float emu_bf16(const uint8_t *row, int i) {
+    uint16_t h;
+    memcpy(&h, row + 2 * i, 2);
+    return bf16_to_f32(h);
+}
+// TDPBF16PS as the SDM writes it: per pair, the even product added, then the odd one.
+static void emu_dp(int c, int a, int b) {
+    for (int m = 0; m < 16; m++) {
+        float acc[16];
+        memcpy(acc, emu_tile[c][m], 64);
+        for (int k = 0; k < 16; k++)
+            for (int n = 0; n < 16; n++) {
+                acc[n] += emu_bf16(emu_tile[a][m], 2 * k) * emu_bf16(emu_tile[b][k], 2 * n);
+                acc[n] += emu_bf16(emu_tile[a][m], 2 * k + 1) * emu_bf16(emu_tile[b][k], 2 * n + 1);
+            }
+        memcpy(emu_tile[c][m], acc, 64);
+    }
+}
+#define TILE_CONFIG() ((void)0)
+#define TILE_RELEASE() ((void)0)
+#define TILE_ZERO(t) memset(emu_tile[t], 0, sizeof emu_tile[t])
+#define TILE_LOAD(t, p, stride) emu_load(t, p, stride)
+#define TILE_STORE(t, p, stride) emu_store(t, p, stride)
+#define TILE_DP(c, a, b) emu_dp(c, a, b)
+#else
+#define AMX_FN(name) name
+#define AMX_TARGET AVX512BF16_TARGET ",amx-tile,amx-bf16"
+
+// Palette 1, all eight tiles 16 rows × 64 bytes.
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+// (Not GCC 12's _tile_loadconfig: its asm names only the first 8 bytes of the configuration as
+// read, so the compiler may drop the stores of the rest — seen as a fault in the benchmark.)
+__attribute__((target(AMX_TARGET))) static void tile_config(void) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    __asm__ volatile("ldtilecfg %0" ::"m"(c));
+}
+#define TILE_CONFIG() tile_config()
+#define TILE_RELEASE() _tile_release()
+#define TILE_ZERO(t) _tile_zero(t)
+#define TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
+#define TILE_STORE(t, p, stride) _tile_stored(t, p, stride)
+#define TILE_DP(c, a, b) _tile_dpbf16ps(c, a, b)
+#endif
+
+#define AMX __attribute__((target(AMX_TARGET)))
+#define AMX_INLINE static inline __attribute__((always_inline, target(AMX_TARGET)))
+
+enum {
+    BLK = 32,                // rows and columns of a block of C
+    STEP_PAIRS = 16,         // K pairs per tile step (32 values)
+    CHUNK_STEPS = 128 / 32,  // tile steps per FP8 chunk of 128
+};
+
+// Steps [s0, s1) of a block: a (32 rows × kpa words, row-major), b (a panel, kpa × 32 words).
+AMX_INLINE void block_steps(const uint32_t *a, const uint32_t *b, int kpa, int s0, int s1) {
+    for (int s = s0; s < s1; s++) {
+        TILE_LOAD(4, a + s * STEP_PAIRS, 4L * kpa);
+        TILE_LOAD(5, a + (size_t)16 * kpa + s * STEP_PAIRS, 4L * kpa);
+        TILE_LOAD(6, b + (size_t)s * STEP_PAIRS * BLK, 4L * BLK);
+        TILE_LOAD(7, b + (size_t)s * STEP_PAIRS * BLK + 16, 4L * BLK);
+        TILE_DP(0, 4, 6);
+        TILE_DP(1, 4, 7);
+        TILE_DP(2, 5, 6);
+        TILE_DP(3, 5, 7);
+    }
+}
+
+AMX_INLINE void tiles_zero(void) {
+    TILE_ZERO(0);
+    TILE_ZERO(1);
+    TILE_ZERO(2);
+    TILE_ZERO(3);
+}
+
+// The four sum tiles into a 32 × 32 row-major block.
+AMX_INLINE void tiles_store(float *blk) {
+    TILE_STORE(0, blk, 4L * BLK);
+    TILE_STORE(1, blk + 16, 4L * BLK);
+    TILE_STORE(2, blk + 16 * BLK, 4L * BLK);
+    TILE_STORE(3, blk + 16 * BLK + 16, 4L * BLK);
+}
+
+// acc (32 × 32) = the block's sums over all of K: BF16 in the tiles; FP8 the sum over chunks of
+// (chunk sum × sa[ch * BLK + i] · sb[ch * sb_ld + j]) — sb NULL: × sa alone. part: 32 × 32 scratch.
+AMX_INLINE void block_product(float *acc, float *part, const uint32_t *a, const uint32_t *b, int kpa, int fp8,
+                              const float *sa, const float *sb, int sb_ld) {
+    const int steps = kpa / STEP_PAIRS;
+    tiles_zero();
+    if (!fp8) {
+        block_steps(a, b, kpa, 0, steps);
+        tiles_store(acc);
+        return;
+    }
+    memset(acc, 0, sizeof(float) * BLK * BLK);
+    for (int s0 = 0, ch = 0; s0 < steps; s0 += CHUNK_STEPS, ch++) {
+        if (s0) tiles_zero();
+        block_steps(a, b, kpa, s0, s0 + CHUNK_STEPS < steps ? s0 + CHUNK_STEPS : steps);
+        tiles_store(part);
+        __m512 s0v = _mm512_set1_ps(1.0f), s1v = s0v;
+        if (sb) s0v = _mm512_loadu_ps(sb + (size_t)ch * sb_ld), s1v = _mm512_loadu_ps(sb + (size_t)ch * sb_ld + 16);
+        for (int i = 0; i < BLK; i++) {
+            __m512 f = _mm512_set1_ps(sa[ch * BLK + i]);
+            float *ai = acc + i * BLK, *pi = part + i * BLK;
+            _mm512_storeu_ps(ai, _mm512_fmadd_ps(_mm512_loadu_ps(pi), _mm512_mul_ps(f, s0v), _mm512_loadu_ps(ai)));
+            _mm512_storeu_ps(ai + 16,
+                             _mm512_fmadd_ps(_mm512_loadu_ps(pi + 16), _mm512_mul_ps(f, s1v), _mm512_loadu_ps(ai + 16)));
+        }
+    }
+}
+
+// The first mr rows × nr columns of acc into C: C[i * ldc + j] (add: +=), or transposed,
+// C[j * ldc + i] (stored).
+AMX_INLINE void block_out(float *C, long ldc, int trans, const float *acc, int mr, int nr, int add) {
+    if (!trans) {
+        __mmask16 m0 = tail_mask(nr), m1 = tail_mask(nr > 16 ? nr - 16 : 0);
+        for (int i = 0; i < mr; i++) {
+            float *c = C + i * ldc;
+            __m512 v0 = _mm512_loadu_ps(acc + i * BLK), v1 = _mm512_loadu_ps(acc + i * BLK + 16);
+            if (add) v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c)), v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
+            _mm512_mask_storeu_ps(c, m0, v0);
+            _mm512_mask_storeu_ps(c + 16, m1, v1);
+        }
+        return;
+    }
+    for (int ib = 0; ib * 16 < mr; ib++)
+        for (int jb = 0; jb * 16 < nr; jb++) {
+            __m512 v[16];
+            for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_ps(acc + (ib * 16 + r) * BLK + jb * 16);
+            transpose16(v);  // v[c]: column jb·16 + c, rows ib·16 ..
+            __mmask16 rows = tail_mask(mr - ib * 16);
+            int cols = nr - jb * 16 < 16 ? nr - jb * 16 : 16;
+            for (int c = 0; c < cols; c++) _mm512_mask_storeu_ps(C + (jb * 16 + c) * ldc + ib * 16, rows, v[c]);
+        }
+}
+
+// Two k-major panels of 16 rows (word (kp, i) at kmaj[h * 16 * kpa + kp * 16 + i]) as 32 rows of
+// pair words (word (i, kp) at rows[(h * 16 + i) * kpa + kp]).
+AMX_INLINE void panels_to_rows(uint32_t *rows, const uint32_t *kmaj, int kpa) {
+    for (int h = 0; h < 2; h++)
+        for (int k0 = 0; k0 < kpa; k0 += 16) {
+            __m512 v[16];
+            for (int p = 0; p < 16; p++) v[p] = _mm512_loadu_ps((const float *)kmaj + (size_t)h * 16 * kpa + (size_t)(k0 + p) * 16);
+            transpose16(v);
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps((float *)rows + (size_t)(h * 16 + i) * kpa + k0, v[i]);
+        }
+}
+
+AMX int AMX_FN(gemm_lowp_amx)(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add,
+                              int m_begin, int m_end, int n_begin, int n_end) {
+    if (n_end <= n_begin || m_end <= m_begin) return 0;
+    const int fp8 = A->fmt != LOWP_BF16, N = n_end - n_begin, npan = (N + BLK - 1) / BLK;
+    const int kpa = ((K + 1) / 2 + STEP_PAIRS - 1) / STEP_PAIRS * STEP_PAIRS, nch = (K + 127) / 128;
+    if (K == 0) {
+        if (!add)
+            for (int i = m_begin; i < m_end; i++) memset(C + (size_t)i * ldc + n_begin, 0, sizeof(float) * N);
+        return 0;
+    }
+    // scratch: B panels (npan·32 × kpa words), the A block (32 × kpa) and its k-major panels, FP8
+    // scales of B (nch × npan·32) and of the A block (nch × 32), two 32 × 32 blocks of sums
+    size_t wb = (size_t)npan * BLK * kpa, wa = (size_t)BLK * kpa, nsb = fp8 ? (size_t)nch * npan * BLK : 0;
+    size_t nsa = fp8 ? (size_t)nch * BLK : 0;
+    float *scratch = kernels_scratch(wb + 2 * wa + nsb + nsa + 2 * BLK * BLK);
+    if (!scratch) return -1;
+    float *acc = scratch, *part = acc + BLK * BLK;  // (64-byte aligned first)
+    uint32_t *bp = (uint32_t *)(part + BLK * BLK), *ap = bp + wb, *kmaj = ap + wa;
+    float *sb = (float *)(kmaj + wa), *sa = sb + nsb;
+    lowp_pack_panels(bp, BLK, B, n_begin, N, K, kpa);
+    if (fp8)
+        for (int ch = 0; ch < nch; ch++)
+            for (int j = 0; j < npan * BLK; j++) sb[(size_t)ch * npan * BLK + j] = j < N ? lowp_scale_of(B, n_begin + j, ch * 128) : 1.0f;
+    TILE_CONFIG();
+    for (int m0 = m_begin; m0 < m_end; m0 += BLK) {
+        int mr = m_end - m0 < BLK ? m_end - m0 : BLK;
+        lowp_pack_panels(kmaj, 16, A, m0, mr, K, kpa);
+        if (mr <= 16) memset(kmaj + (size_t)16 * kpa, 0, sizeof(uint32_t) * 16 * kpa);
+        panels_to_rows(ap, kmaj, kpa);
+        if (fp8)
+            for (int ch = 0; ch < nch; ch++)
+                for (int i = 0; i < BLK; i++) sa[ch * BLK + i] = i < mr ? lowp_scale_of(A, m0 + i, ch * 128) : 1.0f;
+        for (int p = 0; p < npan; p++) {
+            block_product(acc, part, ap, bp + (size_t)p * BLK * kpa, kpa, fp8, sa, fp8 ? sb + p * BLK : NULL, npan * BLK);
+            int nr = N - p * BLK < BLK ? N - p * BLK : BLK;
+            block_out(C + (size_t)m0 * ldc + n_begin + p * BLK, ldc, 0, acc, mr, nr, add);
+        }
+    }
+    TILE_RELEASE();
+    return 0;
+}
+
+// Rows [r, r + nr) of w as rows of BF16 pairs (row i at out + i * kpa words, zero past the
+// columns and for rows past nr up to 32): BF16 as stored, F32 and F16 rounded to nearest even,
+// FP8 codes as their exact BF16 values (the scale is applied to the chunk sums).
+AMX_INLINE void widen_rows(uint32_t *out, const MatView *w, int r, int nr, int kpa) {
+    const int cols = w->cols;
+    __m512i tab[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    if (w->dtype == DT_F8_E4M3) {
+        uint16_t t[128];
+        for (int c = 0; c < 128; c++)
+            t[c] = c == 0x7f ? 0x7fc0 : bf16_from_f32(fp8_e4m3_to_f32((uint8_t)c));  // (0x7f: a NaN code)
+        for (int k = 0; k < 4; k++) tab[k] = _mm512_loadu_si512(t + 32 * k);
+    }
+    for (int i = 0; i < BLK; i++) {
+        uint16_t *d = (uint16_t *)(out + (size_t)i * kpa);
+        if (i >= nr) {
+            memset(d, 0, sizeof(uint32_t) * kpa);
+            continue;
+        }
+        size_t row = (size_t)(r + i) * cols;
+        for (int c = 0; c < 2 * kpa; c += 32) {
+            int left = cols - c > 0 ? cols - c : 0;
+            __mmask32 m = left >= 32 ? ~0u : (1u << left) - 1;
+            __m512i v;
+            if (w->dtype == DT_BF16) {
+                v = _mm512_maskz_loadu_epi16(m, (const uint16_t *)w->data + row + c);
+            } else if (w->dtype == DT_F8_E4M3) {
+                __m512i code = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, (const uint8_t *)w->data + row + c));
+                __m512i mag = _mm512_and_si512(code, _mm512_set1_epi16(0x7f));
+                __m512i lo = _mm512_permutex2var_epi16(tab[0], mag, tab[1]), hi = _mm512_permutex2var_epi16(tab[2], mag, tab[3]);
+                v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)), lo, hi);
+                v = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(code, _mm512_set1_epi16(0x80)), 8));
+            } else {
+                __mmask16 ml = (__mmask16)m, mh = (__mmask16)(m >> 16);
+                __m512 lo, hi;
+                if (w->dtype == DT_F32) {
+                    lo = _mm512_maskz_loadu_ps(ml, (const float *)w->data + row + c);
+                    hi = _mm512_maskz_loadu_ps(mh, (const float *)w->data + row + c + 16);
+                } else {
+                    lo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(ml, (const uint16_t *)w->data + row + c));
+                    hi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mh, (const uint16_t *)w->data + row + c + 16));
+                }
+                v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+            }
+            _mm512_storeu_si512(d + c, v);
+        }
+    }
+}
+
+AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
+    if (N <= 0 || r1 <= r0) return 0;
+    const int K = w->cols, fp8 = w->dtype == DT_F8_E4M3, npan = (N + BLK - 1) / BLK;
+    if (fp8 && (w->block != 128 || !w->scale_inv)) return -1;  // (the release's blocks)
+    const int kpa = ((K + 1) / 2 + STEP_PAIRS - 1) / STEP_PAIRS * STEP_PAIRS, nch = (K + 127) / 128;
+    if (K <= 0) {
+        for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
+        return 0;
+    }
+    // scratch: the activations' panels (npan·32 × kpa words), a block of weight rows (32 × kpa),
+    // its FP8 scales (nch × 32), two 32 × 32 blocks of sums
+    size_t wb = (size_t)npan * BLK * kpa, wa = (size_t)BLK * kpa, nsa = fp8 ? (size_t)nch * BLK : 0;
+    float *scratch = kernels_scratch(wb + wa + nsa + 2 * BLK * BLK);
+    if (!scratch) return -1;
+    float *acc = scratch, *part = acc + BLK * BLK;
+    uint32_t *bp = (uint32_t *)(part + BLK * BLK), *ap = bp + wb;
+    float *sa = (float *)(ap + wa);
+    LowpOperand xo = {.data = x, .ld = ldx, .trans = 0, .fmt = LOWP_BF16};
+    lowp_pack_panels(bp, BLK, &xo, 0, N, K, kpa);
+    TILE_CONFIG();
+    for (int rb = r0; rb < r1; rb += BLK) {
+        int mr = r1 - rb < BLK ? r1 - rb : BLK;
+        widen_rows(ap, w, rb, mr, kpa);
+        if (fp8)
+            for (int ch = 0; ch < nch; ch++)
+                for (int i = 0; i < BLK; i++)
+                    sa[ch * BLK + i] = i < mr ? w->scale_inv[(size_t)((w->row0 + rb + i) / w->block) * w->scale_cols + ch] : 1.0f;
+        for (int p = 0; p < npan; p++) {
+            block_product(acc, part, ap, bp + (size_t)p * BLK * kpa, kpa, fp8, sa, NULL, 0);
+            int nr = N - p * BLK < BLK ? N - p * BLK : BLK;
+            block_out(out + (size_t)p * BLK * ldo + rb, ldo, 1, acc, mr, nr, 0);
+        }
+    }
+    TILE_RELEASE();
+    return 0;
+}
