@@ -119,24 +119,25 @@ TEST(test_bf16c_against_fp64) {
     CHECK(kernels_set_isa("auto") == 0);
 }
 
-// The AMX kernel for many activation rows (prefill with `--compute bf16`): the same operands as
-// above within the same fp32 bound, an FP8 NaN code spoiling only its row. path 0: the C model of
-// the tile instructions (the kernel's blocks of 32, padding of K to 32 and transposed stores, in two
-// shares of the rows); 1: the tiles; 2: matmul_nt, which takes the tiles from 16 rows on.
+// The AMX kernel (`--compute bf16` on a CPU with tiles, prefill and decode alike): the same
+// operands as above within the same fp32 bound, an FP8 NaN code spoiling only its row, and each
+// activation row alone giving the bits it gave among all (batch invariance: blocks of up to 16 rows
+// use half the tiles). path 0: the C model of the tile instructions (the kernel's blocks of 32,
+// padding of K to 32 and transposed stores, in two shares of the rows); 1: the tiles; 2: matmul_nt.
 static void amx_nt_sweep(int path) {
     const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
     const int colss[] = {1, 31, 33, 64, 129, 300, 1030};
-    const int Ns[] = {16, 17, 40, 70};
+    const int Ns[] = {1, 3, 16, 17, 40, 70};
     uint64_t seed = 41;
     {
         for (int ti = 0; ti < 4; ti++)
             for (int ci = 0; ci < 7; ci++)
-                for (int ni = 0; ni < 4; ni++) {
+                for (int ni = 0; ni < 6; ni++) {
                     int rows = ci % 2 ? 37 : 70, cols = colss[ci], N = Ns[ni], skip = ci % 3 == 0 ? 3 : 0;
-                    if (path == 0 && (ni > 1 || cols > 300)) continue;  // (the model is slow)
+                    if (path == 0 && (ni > 3 || cols > 300)) continue;  // (the model is slow)
                     TestW w;
                     make_w(&w, types[ti], rows + skip, cols, &seed);
-                    if (types[ti] == DT_F8_E4M3 && ni == 1) ((uint8_t *)w.data)[(size_t)(skip + 5) * cols + cols / 2] = 0xff;
+                    if (types[ti] == DT_F8_E4M3 && ni == 3) ((uint8_t *)w.data)[(size_t)(skip + 5) * cols + cols / 2] = 0xff;
                     MatView v = matview_rows(&w.v, skip, rows);
                     v.compute_bf16 = 1;
                     float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows);
@@ -160,7 +161,7 @@ static void amx_nt_sweep(int path) {
                                 want += part * s, mag += pm * s;
                             }
                             float got = out[(size_t)n * rows + r];
-                            if (types[ti] == DT_F8_E4M3 && ni == 1 && r == 5) {
+                            if (types[ti] == DT_F8_E4M3 && ni == 3 && r == 5) {
                                 CHECK_MSG(isnan(got), "%s: a NaN code's row gives %g", name, got);
                                 continue;
                             }
@@ -168,7 +169,14 @@ static void amx_nt_sweep(int path) {
                             CHECK_MSG(fabs(got - want) <= bound, "%s %s rows %d cols %d N %d: [%d][%d] %.9g vs %.9g (bound %.3g)",
                                       name, dtype_name(types[ti]), rows, cols, N, n, r, got, want, bound);
                         }
-                    free(x), free(out), free(w.data), free(w.scales);
+                    float *one = malloc(sizeof(float) * rows);
+                    for (int n = 0; n < N && path < 2; n += 1 + N / 5) {
+                        CHECK((path ? matmul_nt_amx : matmul_nt_amx_emulated)(one, rows, x + (size_t)n * cols, cols, &v, 1, 0,
+                                                                               rows) == 0);
+                        CHECK_MSG(memcmp(one, out + (size_t)n * rows, sizeof(float) * rows) == 0,
+                                  "%s %s cols %d N %d: row %d alone differs", name, dtype_name(types[ti]), cols, N, n);
+                    }
+                    free(one), free(x), free(out), free(w.data), free(w.scales);
                 }
     }
 }

@@ -1,9 +1,9 @@
 // Products on the AMX tiles (Sapphire Rapids and later Xeons): BF16 operands, fp32 sums.
 //   gemm_lowp_amx — the BF16 and FP8 GEMMs of mixed-precision training (gemm_lowp.h), both
 //                   operands rounded (or FP8-quantised) from fp32 by gemm_lowp's packers;
-//   matmul_nt_amx — x · Wᵀ with BF16 compute (`--compute bf16`) for many activation rows
-//                   (prefill): x rounded to BF16, W as the BF16 values matmul_bf16c.c takes (FP8
-//                   codes exactly, each 128-column chunk's sum × its block scale).
+//   matmul_nt_amx — x · Wᵀ with BF16 compute (`--compute bf16`), prefill and decode alike: x
+//                   rounded to BF16, W as the BF16 values matmul_bf16c.c takes (FP8 codes
+//                   exactly, each 128-column chunk's sum × its block scale).
 //
 // TDPBF16PS adds to a 16 × 16 tile of fp32 sums the products of an "A" tile (16 rows, each 32 BF16
 // values of K in order: 16 words of pairs) and a "B" tile (16 rows of K pairs, row p holding for
@@ -21,8 +21,11 @@
 // The hardware's order and rounding inside a tile instruction are its own (measured on a Xeon
 // against the documented sequence — each product added with its own rounding — and against one
 // rounding per pair or per tile row: about 44% of results differ from each), so these products
-// are not the bits of the AVX512_BF16 kernels. They run where no bit-identity is promised (the
-// training GEMMs; prefill chunks on the plain path), never in the batch-invariant decode products.
+// are not the bits of the AVX512_BF16 kernels; an output element's sum is the same instructions
+// over the same K steps whatever the other rows and columns of its block (a block of at most 16
+// activation rows uses half the B tiles), so a row's bits do not depend on its company (tested).
+// matmul.c takes this kernel for the blocked products (training, prefill from 16 rows), not for
+// the decode products: see AMX_MIN_N there for the measurements.
 //
 // Linux hands out the tile state only to a process that asked for it (arch_prctl, matmul.c's
 // detection); each thread loads the tile configuration at the start of a call and releases the
@@ -109,17 +112,21 @@ enum {
     CHUNK_STEPS = 128 / 32,  // tile steps per FP8 chunk of 128
 };
 
-// Steps [s0, s1) of a block: a (32 rows × kpa words, row-major), b (a panel, kpa × 32 words).
-AMX_INLINE void block_steps(const uint32_t *a, const uint32_t *b, int kpa, int s0, int s1) {
+// Steps [s0, s1) of a block: a (32 rows of pair words, a_ld words apart), b (a panel, 32 words
+// per K pair). wide 0: the panel's columns 16-31 are padding (at most 16 activation rows), so
+// tiles 1 and 3 are left alone — a column's sums are the same instructions either way.
+AMX_INLINE void block_steps(const uint32_t *a, long a_ld, const uint32_t *b, int s0, int s1, int wide) {
     for (int s = s0; s < s1; s++) {
-        TILE_LOAD(4, a + s * STEP_PAIRS, 4L * kpa);
-        TILE_LOAD(5, a + (size_t)16 * kpa + s * STEP_PAIRS, 4L * kpa);
+        TILE_LOAD(4, a + s * STEP_PAIRS, 4 * a_ld);
+        TILE_LOAD(5, a + 16 * a_ld + s * STEP_PAIRS, 4 * a_ld);
         TILE_LOAD(6, b + (size_t)s * STEP_PAIRS * BLK, 4L * BLK);
-        TILE_LOAD(7, b + (size_t)s * STEP_PAIRS * BLK + 16, 4L * BLK);
         TILE_DP(0, 4, 6);
-        TILE_DP(1, 4, 7);
         TILE_DP(2, 5, 6);
-        TILE_DP(3, 5, 7);
+        if (wide) {
+            TILE_LOAD(7, b + (size_t)s * STEP_PAIRS * BLK + 16, 4L * BLK);
+            TILE_DP(1, 4, 7);
+            TILE_DP(3, 5, 7);
+        }
     }
 }
 
@@ -138,21 +145,22 @@ AMX_INLINE void tiles_store(float *blk) {
     TILE_STORE(3, blk + 16 * BLK + 16, 4L * BLK);
 }
 
-// acc (32 × 32) = the block's sums over all of K: BF16 in the tiles; FP8 the sum over chunks of
-// (chunk sum × sa[ch * BLK + i] · sb[ch * sb_ld + j]) — sb NULL: × sa alone. part: 32 × 32 scratch.
-AMX_INLINE void block_product(float *acc, float *part, const uint32_t *a, const uint32_t *b, int kpa, int fp8,
-                              const float *sa, const float *sb, int sb_ld) {
+// acc (32 × 32) = the block's sums over all of K (kpa pairs): BF16 in the tiles; FP8 the sum over
+// chunks of (chunk sum × sa[ch * BLK + i] · sb[ch * sb_ld + j]) — sb NULL: × sa alone. part: 32 × 32
+// scratch. Not wide: columns 16-31 of acc are not written.
+AMX_INLINE void block_product(float *acc, float *part, const uint32_t *a, long a_ld, const uint32_t *b, int kpa,
+                              int fp8, const float *sa, const float *sb, int sb_ld, int wide) {
     const int steps = kpa / STEP_PAIRS;
     tiles_zero();
     if (!fp8) {
-        block_steps(a, b, kpa, 0, steps);
+        block_steps(a, a_ld, b, 0, steps, wide);
         tiles_store(acc);
         return;
     }
     memset(acc, 0, sizeof(float) * BLK * BLK);
     for (int s0 = 0, ch = 0; s0 < steps; s0 += CHUNK_STEPS, ch++) {
         if (s0) tiles_zero();
-        block_steps(a, b, kpa, s0, s0 + CHUNK_STEPS < steps ? s0 + CHUNK_STEPS : steps);
+        block_steps(a, a_ld, b, s0, s0 + CHUNK_STEPS < steps ? s0 + CHUNK_STEPS : steps, wide);
         tiles_store(part);
         __m512 s0v = _mm512_set1_ps(1.0f), s1v = s0v;
         if (sb) s0v = _mm512_loadu_ps(sb + (size_t)ch * sb_ld), s1v = _mm512_loadu_ps(sb + (size_t)ch * sb_ld + 16);
@@ -236,8 +244,9 @@ AMX int AMX_FN(gemm_lowp_amx)(float *C, int ldc, const LowpOperand *A, const Low
             for (int ch = 0; ch < nch; ch++)
                 for (int i = 0; i < BLK; i++) sa[ch * BLK + i] = i < mr ? lowp_scale_of(A, m0 + i, ch * 128) : 1.0f;
         for (int p = 0; p < npan; p++) {
-            block_product(acc, part, ap, bp + (size_t)p * BLK * kpa, kpa, fp8, sa, fp8 ? sb + p * BLK : NULL, npan * BLK);
             int nr = N - p * BLK < BLK ? N - p * BLK : BLK;
+            block_product(acc, part, ap, kpa, bp + (size_t)p * BLK * kpa, kpa, fp8, sa, fp8 ? sb + p * BLK : NULL,
+                          npan * BLK, nr > 16);
             block_out(C + (size_t)m0 * ldc + n_begin + p * BLK, ldc, 0, acc, mr, nr, add);
         }
     }
@@ -315,14 +324,20 @@ AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, cons
     TILE_CONFIG();
     for (int rb = r0; rb < r1; rb += BLK) {
         int mr = r1 - rb < BLK ? r1 - rb : BLK;
-        widen_rows(ap, w, rb, mr, kpa);
+        // BF16 rows whose length is a whole number of steps are the A tiles where they lie
+        const uint32_t *a = ap;
+        long a_ld = kpa;
+        if (w->dtype == DT_BF16 && K % 32 == 0 && mr == BLK && N > 16)  // (few rows: one stream per row, copied)
+            a = (const uint32_t *)((const uint16_t *)w->data + (size_t)rb * K), a_ld = K / 2;
+        else
+            widen_rows(ap, w, rb, mr, kpa);
         if (fp8)
             for (int ch = 0; ch < nch; ch++)
                 for (int i = 0; i < BLK; i++)
                     sa[ch * BLK + i] = i < mr ? w->scale_inv[(size_t)((w->row0 + rb + i) / w->block) * w->scale_cols + ch] : 1.0f;
         for (int p = 0; p < npan; p++) {
-            block_product(acc, part, ap, bp + (size_t)p * BLK * kpa, kpa, fp8, sa, NULL, 0);
             int nr = N - p * BLK < BLK ? N - p * BLK : BLK;
+            block_product(acc, part, a, a_ld, bp + (size_t)p * BLK * kpa, kpa, fp8, sa, NULL, 0, nr > 16);
             block_out(out + (size_t)p * BLK * ldo + rb, ldo, 1, acc, mr, nr, 0);
         }
     }
