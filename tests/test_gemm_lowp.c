@@ -175,11 +175,13 @@ static void run_case(int M, int N, int K, int ta, int tb, LowpFormat fa, LowpFor
     free(A.data), free(A.scale), free(B.data), free(B.scale), free(C), free(C0);
 }
 
-// Ragged shapes (partial register tiles and panels, odd K, K past one packed slice and one chunk),
-// all four storage combinations, BF16 and FP8 with every scaling, overwrite and accumulate.
+// Ragged shapes (partial register tiles and panels, odd K, K past one packed slice and one chunk;
+// long K over small C, which splits K over the threads), all four storage combinations, BF16 and
+// FP8 with every scaling, overwrite and accumulate.
 TEST(test_gemm_lowp_against_fp64) {
-    const int shapes[][3] = {{37, 45, 300}, {5, 70, 129}, {64, 33, 513}, {13, 100, 1}, {1, 1, 7}, {200, 64, 128}};
-    for (int s = 0; s < 6; s++)
+    const int shapes[][3] = {{37, 45, 300}, {5, 70, 129}, {64, 33, 513}, {13, 100, 1},
+                             {1, 1, 7},     {200, 64, 128}, {40, 70, 2100}, {3, 9, 1300}};
+    for (int s = 0; s < 8; s++)
         for (int t = 0; t < 4; t++) {
             int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2], ta = t & 1, tb = t >> 1;
             run_case(M, N, K, ta, tb, LOWP_BF16, LOWP_BF16, 0, 0, t == 3);

@@ -306,6 +306,24 @@ int gemm_lowp(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int
     return gemm_lowp_scaled(C, ldc, (LowpOperand *)A, -1, NULL, (LowpOperand *)B, -1, NULL, M, N, K, add, NULL);
 }
 
+// The operand from element k0 of K on (k0 a multiple of the FP8 chunk: its scales shift with it).
+static LowpOperand operand_from(const LowpOperand *o, int k0) {
+    LowpOperand v = *o;
+    v.data = o->trans ? o->data + (size_t)k0 * o->ld : o->data + k0;
+    if (o->fmt != LOWP_BF16 && o->scale) v.scale = o->scale + (long)(k0 / LOWP_FP8_CHUNK) * o->scale_kstep;
+    return v;
+}
+
+// Split K over the threads rather than C when K is long and C small — the weight-gradient GEMMs,
+// whose K is the tokens: split by C, every thread would pack the whole of one token-long operand;
+// split by K, each element of both is packed once. Each thread's slice of K (whole 256-element
+// packing slices, so FP8 chunks stay whole) goes into its own block, thread 0's into C, and the
+// blocks are then added to C in thread order: for a given thread count, the same bits every run.
+#define SPLIT_K_MIN 1024
+static int split_k_wanted(int M, int N, int K, int nt) {
+    return nt > 1 && K >= SPLIT_K_MIN && K >= 4 * (M > N ? M : N);
+}
+
 int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *scale_a, LowpOperand *B,
                      int scale_b_how, float *scale_b, int M, int N, int K, int add, const LowpAccum *accum) {
     if ((A->fmt == LOWP_BF16) != (B->fmt == LOWP_BF16)) return -1;
@@ -325,6 +343,8 @@ int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *
         failed = (emulate ? gemm_lowp_emulated(C, ldc, A, B, M, N, K, add, accum)
                           : gemm_lowp_portable(C, ldc, A, B, M, N, K, add)) != 0;
     } else if (!failed) {
+        int max_nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+        float *parts = split_k_wanted(M, N, K, max_nt) ? malloc(sizeof(float) * (max_nt - 1) * M * N) : NULL;
         // one team: both operands' scales (the worksharing loops end in barriers), then the product
         // split along the longer side of C, in units of a register tile (12 rows or 32 columns; AMX's
         // blocks: 32 either way): each
@@ -335,13 +355,31 @@ int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *
             if (qa) scales_team(A, scale_a, amax_a, M, K, scale_a_how);
             if (qb) scales_team(B, scale_b, amax_b, N, K, scale_b_how);
             int nt = omp_get_num_threads(), t = omp_get_thread_num(), by_rows = M > N;
-            int len = by_rows ? M : N, unit = by_rows && !kernels_cpu_amx() ? 12 : 32;
-            long units = (len + unit - 1) / unit, lo = units * t / nt * unit, hi = units * (t + 1) / nt * unit;
-            if (hi > len) hi = len;
-            if (lo < hi)
-                failed |= (by_rows ? gemm_lowp_share(C, ldc, A, B, K, add, (int)lo, (int)hi, 0, N)
-                                   : gemm_lowp_share(C, ldc, A, B, K, add, 0, M, (int)lo, (int)hi)) != 0;
+            if (parts && nt == max_nt) {
+                long slices = (K + 255) / 256, k0 = slices * t / nt * 256, k1 = slices * (t + 1) / nt * 256;
+                if (k1 > K) k1 = K;
+                if (k0 > k1) k0 = k1;
+                LowpOperand a = operand_from(A, (int)k0), b = operand_from(B, (int)k0);
+                float *dst = t == 0 ? C : parts + (size_t)(t - 1) * M * N;
+                failed |= gemm_lowp_share(dst, t == 0 ? ldc : N, &a, &b, (int)(k1 - k0), t == 0 ? add : 0, 0, M, 0, N) != 0;
+#pragma omp barrier
+                int r0 = (int)((long)M * t / nt), r1 = (int)((long)M * (t + 1) / nt);
+                for (int p = 1; p < nt; p++)
+                    for (int i = r0; i < r1; i++) {
+                        float *c = C + (size_t)i * ldc;
+                        const float *q = parts + (size_t)(p - 1) * M * N + (size_t)i * N;
+                        for (int j = 0; j < N; j++) c[j] += q[j];
+                    }
+            } else {
+                int len = by_rows ? M : N, unit = by_rows && !kernels_cpu_amx() ? 12 : 32;
+                long units = (len + unit - 1) / unit, lo = units * t / nt * unit, hi = units * (t + 1) / nt * unit;
+                if (hi > len) hi = len;
+                if (lo < hi)
+                    failed |= (by_rows ? gemm_lowp_share(C, ldc, A, B, K, add, (int)lo, (int)hi, 0, N)
+                                       : gemm_lowp_share(C, ldc, A, B, K, add, 0, M, (int)lo, (int)hi)) != 0;
+            }
         }
+        free(parts);
     }
     if (amax_a && amax_a != scale_a) free(amax_a);
     if (amax_b && amax_b != scale_b) free(amax_b);
