@@ -507,6 +507,11 @@ TEST(test_serve_openai_client_and_generate_agree) {
         json_decref(o);
     }
     printf("    json_schema: %zu answers completed their object, each fits the schema\n", json_array_size(sa));
+    json_t *ac = json_object_get(res, "auto_calls");
+    CHECK_MSG(json_integer_value(json_object_get(ac, "opened")) >= 2, "tool_choice auto: the client's counts missing");
+    printf("    tool_choice auto: %lld of 6 answers completed their calls (%lld calls), each in the format and its "
+           "function's parameters\n", (long long)json_integer_value(json_object_get(ac, "opened")),
+           (long long)json_integer_value(json_object_get(ac, "calls")));
     json_decref(res);
 }
 
@@ -1037,7 +1042,7 @@ TEST(test_json_mode_mask_equals_feeding_each_id) {
             int wrong = 0;
             for (int id = 0; id < V; id++) {
                 size_t n;
-                const char *b = tok_is_special(t, id) ? NULL : tok_token_bytes(t, id, &n);
+                const char *b = tok_is_added(t, id) ? NULL : tok_token_bytes(t, id, &n);  // (markers never)
                 JsonSchemaPrefix q;
                 json_schema_prefix_copy(&q, &m.answer);
                 int want = b && n > 0 && json_schema_prefix_feed(&q, b, n) == 0;
@@ -1052,5 +1057,81 @@ TEST(test_json_mode_mask_equals_feeding_each_id) {
     free(logits);
     json_vocab_free(&v);
     json_schema_free(s);
+    tok_free(t);
+}
+
+// tool_choice auto's lazy frame: free text (nothing masked) until the answer opens its calls, then
+// each call held to the format — one of the tools' openings, the arguments to that function's
+// parameters, the call's end — and after each call either another or the close. The answer is fed
+// id by id as the engine would; every id of a well-formed answer passes the mask, and an unknown
+// function, an argument outside the parameters or text after a call is refused at some id.
+static int lazy_feed(JsonMode *m, Tokenizer *t, const char *text, float *logits, int V, int *refused_at) {
+    TokIds ids = {0};
+    Error err = {0};
+    if (tok_encode(t, text, strlen(text), 0, &ids, &err)) return -1;
+    TokenConstraint tc = json_mode_constraint(m);
+    *refused_at = -1;
+    for (size_t i = 0; i < ids.n; i++) {
+        memset(logits, 0, sizeof(float) * V);
+        int waiting = m->phase == JSON_MODE_WAIT;
+        tc.mask(tc.ctx, logits, V);
+        int touched = 0;
+        for (int id = 0; id < V; id++) touched |= logits[id] != 0;
+        if (waiting && touched) return -2;  // free text must be left alone
+        if (logits[ids.v[i]] == -INFINITY) {
+            *refused_at = (int)i;
+            break;
+        }
+        tc.accept(tc.ctx, ids.v[i]);
+    }
+    ids_free(&ids);
+    return 0;
+}
+
+TEST(test_json_mode_lazy_tool_calls) {
+    char path[600], why[256];
+    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir());
+    Error err = {0};
+    Tokenizer *t = tok_load(path, &err);
+    CHECK_MSG(t, "%s", err.msg);
+    json_t *js = json_loads("{\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"], "
+                            "\"additionalProperties\": false}", 0, NULL);
+    JsonSchema *weather = NULL;
+    CHECK_MSG(js && json_schema_compile(&weather, js, why, sizeof why) == 0, "%s", why);
+    json_decref(js);
+#define OPEN CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP
+    const char *heads[2] = {OPEN "get_weather\n```json\n", OPEN "get_time\n```json\n"};
+    const char *again[2] = {"\n" OPEN "get_weather\n```json\n", "\n" OPEN "get_time\n```json\n"};
+    const JsonSchema *schemas[2] = {weather, NULL};
+    JsonFrame f = {.heads = heads, .head_schemas = schemas, .n_heads = 2, .tail = "\n```" CHAT_TOOL_CALL_END,
+                   .again = again, .close = CHAT_TOOL_CALLS_END, .trigger = CHAT_TOOL_CALLS_BEGIN};
+    const char *good = "Let me look. " CHAT_TOOL_CALLS_BEGIN OPEN "get_weather\n```json\n{\"city\": \"Paris\"}\n```" CHAT_TOOL_CALL_END
+                       "\n" OPEN "get_time\n```json\n{\"zone\": [1, 2]}\n```" CHAT_TOOL_CALL_END CHAT_TOOL_CALLS_END;
+    const char *bad[] = {
+        "x " CHAT_TOOL_CALLS_BEGIN OPEN "get_wether\n```json\n{}",                                     // no such function
+        CHAT_TOOL_CALLS_BEGIN OPEN "get_weather\n```json\n{\"town\": \"Paris\"}",                          // not a parameter
+        CHAT_TOOL_CALLS_BEGIN OPEN "get_time\n```json\n{}\n```" CHAT_TOOL_CALL_END " and then",        // text after a call
+        CHAT_TOOL_CALLS_BEGIN "hello",                                                                   // not a call
+    };
+#undef OPEN
+    int V = tok_vocab_size(t), ends[2] = {0, -1}, at;
+    float *logits = malloc(sizeof(float) * V);
+    JsonVocab v;
+    CHECK(json_vocab_init(&v, t, V) == 0);
+    JsonMode m;
+    CHECK(json_mode_init(&m, &v, ends, 2, NULL) == 0 && json_mode_frame(&m, &f) == 0);
+    CHECK(lazy_feed(&m, t, good, logits, V, &at) == 0);
+    CHECK_MSG(at < 0, "a well-formed answer refused at id %d", at);
+    CHECK(json_mode_complete(&m));
+    json_mode_free(&m);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK(json_mode_init(&m, &v, ends, 2, NULL) == 0 && json_mode_frame(&m, &f) == 0);
+        CHECK(lazy_feed(&m, t, bad[i], logits, V, &at) == 0);
+        CHECK_MSG(at >= 0 && !json_mode_complete(&m), "bad answer %zu was let through", i);
+        json_mode_free(&m);
+    }
+    free(logits);
+    json_vocab_free(&v);
+    json_schema_free(weather);
     tok_free(t);
 }

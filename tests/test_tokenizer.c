@@ -706,6 +706,17 @@ TEST(test_tokenizer_train_small_corpus) {
     CHECK(tok_vocab_size(t) == 300 && tok_bos_id(t) == 0 && tok_eos_id(t) == 1 && tok_pad_id(t) == 2);
     CHECK(tok_token_id(t, "<｜User｜>") == 3 && tok_token_id(t, "<｜Assistant｜>") == 4 && tok_is_special(t, 2) &&
           !tok_is_special(t, 3));
+    // the tool-call markers are one token each, as in DeepSeek-V3's tokenizer (not special: they
+    // are text of the answer), and the chat format's text around them encodes to them
+    CHECK(tok_token_id(t, "<｜tool▁calls▁begin｜>") == 5 && tok_token_id(t, "<｜tool▁output▁end｜>") == 13 &&
+          !tok_is_special(t, 5));
+    TokIds calls = {0};
+    const char *call = "x<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f";
+    CHECK(tok_encode(t, call, strlen(call), 0, &calls, &err) == 0);
+    int markers = 0;
+    for (size_t i = 0; i < calls.n; i++) markers += calls.v[i] == 5 || calls.v[i] == 7 || calls.v[i] == 9;
+    CHECK_MSG(markers == 3, "%d of the 3 markers encoded as their ids", markers);
+    ids_free(&calls);
     // merges: the words got shorter, and decoding gives the text back byte for byte
     size_t len;
     char *text = test_read_file(txt, &len);
@@ -732,6 +743,6 @@ TEST(test_tokenizer_train_small_corpus) {
         CHECK(strcmp(json_string_value(json_object_get(json_object_get(json_array_get(steps, (size_t)i), "pattern"),
                                                        "Regex")),
                      DEEPSEEK_V3_SPLIT_REGEX[i]) == 0);
-    CHECK(json_array_size(json_object_get(json_object_get(j, "model"), "merges")) == 300 - 5 - 256);
+    CHECK(json_array_size(json_object_get(json_object_get(j, "model"), "merges")) == 300 - BPE_TRAIN_N_SPECIAL - 256);
     json_decref(j);
 }

@@ -25,6 +25,20 @@ TEST(test_tool_calls_read_both_forms) {
     tool_calls_free(c, n);
 }
 
+// The end marker inside a JSON string of fenced arguments (with DeepSeek-V3's tokenizer it is one
+// token, which constrained decoding lets a string hold): the arguments end at the fence and the
+// marker, not at the marker alone; an unfinished such call is left out.
+TEST(test_tool_calls_marker_inside_a_string) {
+    const char *text = B "function" S "say\n```json\n{\"text\": \"a " E " b```" E "\"}\n```" E
+                       "\n" B "function" S "f\n```json\n{}\n```" E CHAT_TOOL_CALLS_END;
+    ToolCallText *c;
+    int n = tool_calls_parse(text, strlen(text), &c);
+    CHECK_MSG(n == 2, "%d calls", n);
+    CHECK_MSG(n >= 1 && !strcmp(c[0].arguments, "{\"text\": \"a " E " b```" E "\"}"), "arguments: %s", n >= 1 ? c[0].arguments : "");
+    CHECK(n == 2 && !strcmp(c[1].name, "f") && !strcmp(c[1].arguments, "{}"));
+    tool_calls_free(c, n);
+}
+
 TEST(test_tool_calls_unfinished_and_malformed) {
     ToolCallText *c;
     const char *cut = B "function" S "f\n```json\n{\"a\": 1}\n```" E B "function" S "g\n```json\n{\"b\":";

@@ -18,7 +18,7 @@ int json_vocab_init(JsonVocab *v, const Tokenizer *tok, int vocab) {
     int n_tok = tok_vocab_size(tok) < vocab ? tok_vocab_size(tok) : vocab;
     for (int id = 0; id < n_tok; id++) {
         size_t n;
-        const uint8_t *b = tok_is_special(tok, id) ? NULL : (const uint8_t *)tok_token_bytes(tok, id, &n);
+        const uint8_t *b = tok_is_added(tok, id) ? NULL : (const uint8_t *)tok_token_bytes(tok, id, &n);
         int ok = b && n > 0 && utf8_valid_prefix(b, n) == n;
         for (size_t i = 0; ok && i < n; i++) ok = b[i] >= 0x20 && b[i] != '"' && b[i] != '\\';
         v->text[id] = (uint8_t)ok;
@@ -53,29 +53,33 @@ void json_mode_free(JsonMode *m) {
     m->live = NULL;
 }
 
-// A literal part begins: every candidate (the heads, or the tail) still matches.
+// A literal part begins: every candidate (the heads — or, for a later call, again and close — or
+// the tail) still matches.
 static void literal_begin(JsonMode *m, JsonModePhase phase) {
     m->phase = phase;
-    m->n_live = phase == JSON_MODE_HEAD ? m->n_heads : 1;
+    m->n_live = phase != JSON_MODE_HEAD ? 1 : m->calls > 0 ? m->f.n_heads + 1 : m->f.n_heads;
     for (int i = 0; i < m->n_live; i++) m->live[i] = i;
     m->lit_n = 0;
 }
 
-int json_mode_frame(JsonMode *m, const char *const *heads, const JsonSchema *const *head_schemas, int n_heads,
-                    const char *tail) {
+int json_mode_frame(JsonMode *m, const JsonFrame *f) {
     free(m->live);
-    if (!(m->live = malloc(sizeof *m->live * (size_t)(n_heads > 1 ? n_heads : 1)))) return -1;
-    m->heads = heads;
-    m->head_schemas = head_schemas;
-    m->n_heads = n_heads;
-    m->tail = tail;
-    literal_begin(m, JSON_MODE_HEAD);
+    if (!(m->live = malloc(sizeof *m->live * (size_t)(f->n_heads + 1)))) return -1;
+    m->f = *f;
+    m->calls = 0;
+    m->trig_n = 0;
+    if (f->trigger) m->phase = JSON_MODE_WAIT;
+    else literal_begin(m, JSON_MODE_HEAD);
     return 0;
 }
 
 int json_mode_complete(const JsonMode *m) { return m->phase == JSON_MODE_DONE; }
 
-static const char *candidate(const JsonMode *m, int i) { return m->phase == JSON_MODE_HEAD ? m->heads[i] : m->tail; }
+static const char *candidate(const JsonMode *m, int i) {
+    if (m->phase != JSON_MODE_HEAD) return m->f.tail;
+    if (m->calls == 0) return m->f.heads[i];
+    return i < m->f.n_heads ? m->f.again[i] : m->f.close;
+}
 
 // In a literal part, whether the bytes matched so far + b[0, n) go on live candidate k: 0 no, 1 as
 // its start, 2 as the whole of it.
@@ -95,6 +99,7 @@ static const char *id_bytes(const JsonMode *m, int id, size_t *n) {
 
 static void mask(void *ctx, float *logits, int vocab) {
     JsonMode *m = ctx;
+    if (m->phase == JSON_MODE_WAIT) return;  // free text until the trigger
     int done = m->phase == JSON_MODE_DONE, any = 0;
     int object = m->phase == JSON_MODE_OBJECT, free_text = object && json_schema_prefix_at_free_text(&m->answer);
     int between = object && json_prefix_between_tokens(&m->answer.lex);
@@ -119,7 +124,9 @@ static void mask(void *ctx, float *logits, int vocab) {
         }
         size_t n;
         const char *b = done ? NULL : id_bytes(m, id, &n);
-        if (b && n > 0 && object) {
+        if (b && n > 0 && object && tok_is_added(m->v->tok, id)) {  // a marker: never JSON
+            ok = 0;
+        } else if (b && n > 0 && object) {
             ok = first[(uint8_t)b[0]];
             if (ok && between && m->v->lead[id] < n) ok = first[(uint8_t)b[m->v->lead[id]]];
             if (ok && n > 1) {
@@ -138,14 +145,46 @@ static void mask(void *ctx, float *logits, int vocab) {
             if (!m->allow[id]) logits[id] = -INFINITY;
 }
 
+static void accept_bytes(JsonMode *m, const char *b, size_t n);
+
+// Waiting for the trigger: the answer's bytes, one at a time; from the one that completes the
+// trigger, the frame begins and takes the rest. trig_n: the longest end of the answer that begins
+// the trigger.
+static void wait_bytes(JsonMode *m, const char *b, size_t n) {
+    const char *t = m->f.trigger;
+    size_t tn = strlen(t);
+    for (size_t i = 0; i < n; i++) {
+        if (b[i] == t[m->trig_n]) {
+            m->trig_n++;
+        } else {  // the longest k with t[0, k) = the last k bytes of t[0, trig_n) + b[i]
+            size_t k = m->trig_n;
+            while (k > 0 && !(t[k - 1] == b[i] && memcmp(t, t + m->trig_n - k + 1, k - 1) == 0)) k--;
+            m->trig_n = k;
+        }
+        if (m->trig_n == tn) {
+            literal_begin(m, JSON_MODE_HEAD);
+            if (i + 1 < n) accept_bytes(m, b + i + 1, n - i - 1);
+            return;
+        }
+    }
+}
+
 static void accept(void *ctx, int token) {
     JsonMode *m = ctx;
     size_t n;
     const char *b = token >= 0 && token < m->v->vocab ? id_bytes(m, token, &n) : NULL;
-    if (!b || n == 0 || m->phase == JSON_MODE_DONE) return;
+    if (b && n > 0) accept_bytes(m, b, n);
+}
+
+static void accept_bytes(JsonMode *m, const char *b, size_t n) {
+    if (m->phase == JSON_MODE_DONE) return;
+    if (m->phase == JSON_MODE_WAIT) {
+        wait_bytes(m, b, n);
+        return;
+    }
     if (m->phase == JSON_MODE_OBJECT) {
         if (json_schema_prefix_feed(&m->answer, b, n) == 0 && json_schema_prefix_complete(&m->answer)) {
-            if (m->tail) literal_begin(m, JSON_MODE_TAIL);
+            if (m->f.tail) literal_begin(m, JSON_MODE_TAIL);
             else m->phase = JSON_MODE_DONE;
         }
         return;
@@ -162,9 +201,12 @@ static void accept(void *ctx, int token) {
     m->n_live = kept;
     m->lit_n += n;
     if (whole < 0) return;
-    if (m->phase == JSON_MODE_HEAD) {  // a head is whole: the object follows, held to its schema
+    if (m->phase == JSON_MODE_HEAD && whole < m->f.n_heads) {  // a head: the object, held to its schema
         m->phase = JSON_MODE_OBJECT;
-        json_schema_prefix_init(&m->answer, m->head_schemas ? m->head_schemas[whole] : NULL);
+        m->calls++;
+        json_schema_prefix_init(&m->answer, m->f.head_schemas ? m->f.head_schemas[whole] : NULL);
+    } else if (m->phase == JSON_MODE_TAIL && m->f.again) {  // another call, or the close
+        literal_begin(m, JSON_MODE_HEAD);
     } else {
         m->phase = JSON_MODE_DONE;
     }

@@ -43,11 +43,23 @@ int tool_calls_parse(const char *text, size_t n, ToolCallText **out) {
         const char *head = cb + strlen(CHAT_TOOL_CALL_BEGIN);
         const char *ce = find(head, end, CHAT_TOOL_CALL_END);
         if (!ce) break;  // unfinished
-        p = ce + strlen(CHAT_TOOL_CALL_END);
         const char *sep = find(head, ce, CHAT_TOOL_SEP);
-        if (!sep) continue;
+        if (!sep) {
+            p = ce + strlen(CHAT_TOOL_CALL_END);
+            continue;
+        }
         const char *body = sep + strlen(CHAT_TOOL_SEP);
-        const char *nl = memchr(body, '\n', (size_t)(ce - body));
+        const char *nl = memchr(body, '\n', (size_t)(ce - body)), *fence = nl ? nl + 1 : NULL;
+        while (fence && fence < ce && space(*fence)) fence++;
+        if (fence && ce - fence >= 3 && !memcmp(fence, "```", 3)) {
+            // V3's fenced arguments end at the closing fence and the call's end: the end marker alone
+            // may be text inside a JSON string (with DeepSeek-V3's tokenizer it is one token, which a
+            // string may hold), a line break then the fence cannot
+            const char *close = find(fence + 3, end, "\n```" CHAT_TOOL_CALL_END);
+            if (!close) close = find(fence + 3, end, "```" CHAT_TOOL_CALL_END);
+            if (close) ce = find(close, end, CHAT_TOOL_CALL_END);
+        }
+        p = ce + strlen(CHAT_TOOL_CALL_END);
         char *name, *args;
         if (nl && memmem(nl, (size_t)(ce - nl), "```", 3)) {  // V3: TYPE <sep> NAME \n fenced arguments
             name = dup_trimmed(body, nl);

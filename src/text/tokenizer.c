@@ -34,7 +34,7 @@ struct Tokenizer {
     int n_ids;
     uint32_t *dec_off, *dec_len;  // per id: its bytes in dec
     ByteBuf dec;
-    uint8_t *defined, *special;  // per id
+    uint8_t *defined, *special;  // per id; special: ADDED_SPECIAL | ADDED_TOKEN bits
     StrMap by_text;              // a token's text as written in tokenizer.json -> id
     AddedTok *added;
     int n_added;
@@ -50,6 +50,8 @@ struct Tokenizer {
     ByteBuf repaired, piece;
     TokIds *out;  // the list encode is appending to
 };
+
+enum { ADDED_SPECIAL = 1, ADDED_TOKEN = 2 };  // an id's bits in Tokenizer.special
 
 // ---- small helpers ----
 
@@ -283,7 +285,7 @@ static int parse_model(Tokenizer *t, const json_t *model, json_t *added, Error *
         t->n_added++;
         int id = at->id, is_new;
         t->defined[id] = 1;
-        t->special[id] = (uint8_t)sp;
+        t->special[id] = (uint8_t)(ADDED_TOKEN | (sp ? ADDED_SPECIAL : 0));
         t->dec_off[id] = (uint32_t)t->dec.n;
         t->dec_len[id] = (uint32_t)clen;
         if (bb_append(&t->dec, cs, clen)) return err_set(err, "out of memory");
@@ -542,7 +544,8 @@ const char *tok_token_bytes(const Tokenizer *t, int id, size_t *len) {
     return t->dec.p + t->dec_off[id];
 }
 
-int tok_is_special(const Tokenizer *t, int id) { return id >= 0 && id < t->n_ids && t->special[id]; }
+int tok_is_special(const Tokenizer *t, int id) { return id >= 0 && id < t->n_ids && (t->special[id] & ADDED_SPECIAL); }
+int tok_is_added(const Tokenizer *t, int id) { return id >= 0 && id < t->n_ids && (t->special[id] & ADDED_TOKEN); }
 
 // ---- encoding ----
 
@@ -695,7 +698,7 @@ char *tok_decode(const Tokenizer *t, const int *ids, size_t n, int flags, size_t
             bb_free(&raw);
             return NULL;
         }
-        if ((flags & TOK_SKIP_SPECIAL) && t->special[ids[i]]) continue;
+        if ((flags & TOK_SKIP_SPECIAL) && (t->special[ids[i]] & ADDED_SPECIAL)) continue;
         if (bb_append(&raw, t->dec.p + t->dec_off[ids[i]], t->dec_len[ids[i]])) goto oom;
     }
     if (utf8_repair((const uint8_t *)raw.p, raw.n, 1, &out) == (size_t)-1 || bb_reserve(&out, 0)) goto oom;
@@ -721,7 +724,7 @@ int tok_stream_push(TokStream *s, int id, const char **text, size_t *len, Error 
     *text = "";
     *len = 0;
     if (check_id(t, id, err)) return -1;
-    if ((s->flags & TOK_SKIP_SPECIAL) && t->special[id]) return 0;
+    if ((s->flags & TOK_SKIP_SPECIAL) && (t->special[id] & ADDED_SPECIAL)) return 0;
     if (bb_append(&s->in, t->dec.p + t->dec_off[id], t->dec_len[id]) || bb_reserve(&s->out, 0))
         return err_set(err, "out of memory");
     size_t used = utf8_repair((const uint8_t *)s->in.p, s->in.n, 0, &s->out);

@@ -58,6 +58,9 @@ char *tok_decode(const Tokenizer *t, const int *ids, size_t n, int flags, size_t
 const char *tok_token_bytes(const Tokenizer *t, int id, size_t *len);
 // Whether id is an added token marked special.
 int tok_is_special(const Tokenizer *t, int id);
+// Whether id is an added token, special or not (DeepSeek-V3's chat and tool-call markers are not
+// special: they are text of the answer, but never of a JSON value inside it).
+int tok_is_added(const Tokenizer *t, int id);
 
 // Streaming decode for generation: each push returns only complete UTF-8, holding back the start
 // of a character split across tokens; concatenating every push and the finish equals tok_decode

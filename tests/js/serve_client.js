@@ -14,13 +14,18 @@ function eq(a, b, what) {
     check(JSON.stringify(a) === JSON.stringify(b), `${what}: ${JSON.stringify(a)} != ${JSON.stringify(b)}`);
 }
 
-// The id of a token given by its text (one token of the answer: encoding it alone gives it back).
-async function idOf(text) {
+// The id of a token given by its text (encoding the text alone gives one token), or null.
+async function oneTokenId(text) {
     const r = await fetch(base.replace(/\/v1$/, '') + '/tokenize', {
         method: 'POST', headers: { Authorization: 'Bearer test-key' }, body: JSON.stringify({ content: text, add_special: false }) });
     const t = (await r.json()).tokens;
-    check(t.length === 1, `the text ${JSON.stringify(text)} is one token`);
-    return t[0];
+    return t.length === 1 ? t[0] : null;
+}
+
+async function idOf(text) {
+    const id = await oneTokenId(text);
+    check(id !== null, `the text ${JSON.stringify(text)} is one token`);
+    return id;
 }
 
 async function countTokens(text) {
@@ -158,15 +163,25 @@ async function main() {
                                                                stream: true }), false);
     eq([bs.texts[0], bs.texts[1]], [six, alone2], 'several prompts, streamed');
 
-    // logit_bias: +100 makes every token that id, -100 bans the greedy answer's first token
-    const first = (await client.completions.create({ model, prompt, max_tokens: 1, temperature: 0, logprobs: 0 }));
+    // logit_bias: +100 makes every token that id, -100 bans the greedy answer's first token (of a
+    // prompt whose greedy first token is whole text: a piece of a character has no text to name it by)
+    let first = null, firstId = null;
+    for (const p of [prompt, 'the cache', 'a request', 'every token', 'weights']) {
+        first = await client.completions.create({ model, prompt: p, max_tokens: 1, temperature: 0, logprobs: 0 });
+        firstId = await oneTokenId(first.choices[0].logprobs.tokens[0]);
+        if (firstId !== null) {
+            first.prompt = p;
+            break;
+        }
+    }
+    check(firstId !== null, 'a prompt whose greedy first token is whole text');
     const forced = result.prompt_ids[result.prompt_ids.length - 1];
     const fb = await client.completions.create({ model, prompt, max_tokens: 4, temperature: 0, logprobs: 0,
                                                  logit_bias: { [forced]: 100 } });
     const tokText = P.tokens[P.tokens.length - 1];
     eq(fb.choices[0].logprobs.tokens, [tokText, tokText, tokText, tokText], 'logit_bias +100 forces the id');
-    const bb = await client.completions.create({ model, prompt, max_tokens: 1, temperature: 0, logprobs: 0,
-                                                 logit_bias: { [String(await idOf(first.choices[0].logprobs.tokens[0]))]: -100 } });
+    const bb = await client.completions.create({ model, prompt: first.prompt, max_tokens: 1, temperature: 0, logprobs: 0,
+                                                 logit_bias: { [String(firstId)]: -100 } });
     check(bb.choices[0].logprobs.tokens[0] !== first.choices[0].logprobs.tokens[0], 'logit_bias -100 bans the id');
 
     // JSON mode: every answer that ends by itself is a JSON object; the rest stopped at max_tokens.
@@ -271,6 +286,31 @@ async function main() {
         eq(Object.values(tcs).map((c) => [c.name, c.arguments]),
            tq.choices[0].message.tool_calls.map((c) => [c.function.name, c.function.arguments]), 'required, streamed: the same call');
     }
+    // tool_choice auto (the default with tools): the model opens its calls itself — here a +100 bias
+    // on the calls' opening token makes it the first — and from there each call is held to the
+    // format and to its function's parameters; several calls may follow one another (a +2 bias on
+    // the calls' close, allowed only between calls, keeps most answers to a few)
+    const abias = { ...jbias, [await idOf('<｜tool▁calls▁begin｜>')]: 100, [await idOf('<｜tool▁calls▁end｜>')]: 2 };
+    const ar = await client.chat.completions.create({ model, messages, max_tokens: 600, temperature: 1, seed: 11, n: 6,
+                                                     logit_bias: abias, tools });
+    let opened = 0, calls = 0;
+    for (const c of ar.choices) {
+        if (c.finish_reason !== 'tool_calls') {
+            eq(c.finish_reason, 'length', 'auto: opened calls end complete or at max_tokens');
+            continue;
+        }
+        opened++;
+        check(c.message.tool_calls.length >= 1, 'auto: at least one call');
+        for (const call of c.message.tool_calls) {
+            calls++;
+            check(['get_weather', 'get_time'].includes(call.function.name), 'auto: a call of one of the tools');
+            const args = JSON.parse(call.function.arguments);
+            check(typeof args === 'object' && args !== null && !Array.isArray(args), 'auto: the arguments are an object');
+            if (call.function.name === 'get_weather') eq(Object.keys(args), ['city'], 'auto: get_weather gets exactly its parameters');
+        }
+    }
+    check(opened >= 2, `tool_choice auto: ${opened} of 6 answers completed their calls`);
+    result.auto_calls = { opened, calls };
     // a conversation with calls and their outputs is rendered and answered; bad tools are 400s
     const called0 = tr.choices.find((c) => c.finish_reason === 'tool_calls');
     const follow = await client.chat.completions.create({ model, max_tokens: 4, temperature: 0, tools, messages: [
@@ -342,6 +382,6 @@ async function main() {
 }
 
 main().catch((e) => {
-    console.error(e && e.message ? e.message : String(e));
+    console.error(e && e.message ? e.message : String(e), e && e.stack ? e.stack.split("\n").slice(1, 3).join(" ") : "");
     process.exit(1);
 });
