@@ -148,6 +148,19 @@ TEST(test_request_parse_fields) {
     ok = r.n_prompts == 2 && r.prompts[0].n_ids == 2 && r.prompts[1].n_ids == 1 && r.prompts[1].ids[0] == 3;
     serve_request_free(&r);
     CHECK(ok);
+    // tools: auto by default, several calls allowed unless parallel_tool_calls is false (and the
+    // description the model reads says which)
+    const char *tb = "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"type\": \"function\", "
+                     "\"function\": {\"name\": \"f\"}}]%s}";
+    char tbody[400];
+    for (int par = 0; par < 2; par++) {
+        snprintf(tbody, sizeof tbody, tb, par ? "" : ", \"parallel_tool_calls\": false");
+        CHECK_MSG(parse(API_CHAT, tbody, &r, &e) == 0, "%s", e.message);
+        ok = r.tool_choice == TOOL_AUTO && r.n_tools == 1 && r.parallel_tool_calls == par && r.tools_prompt &&
+             (strstr(r.tools_prompt, "at most one call") != NULL) == !par;
+        serve_request_free(&r);
+        CHECK(ok);
+    }
 }
 
 // Each bad body: refused with a 400 naming the field.
@@ -171,6 +184,8 @@ TEST(test_request_parse_refuses_bad_fields) {
         {API_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"function\": {\"name\": \"f\", \"parameters\": 3}}]}",
          "tools[0]"},
         {API_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tool_choice\": \"required\"}", "tool_choice"},
+        {API_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"function\": {\"name\": \"f\"}}], \"parallel_tool_calls\": 1}",
+         "parallel_tool_calls"},
         {API_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"function\": {\"name\": \"f\"}}], \"tool_choice\": \"always\"}",
          "tool_choice"},
         {API_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"tools\": [{\"function\": {\"name\": \"f\"}}], \"tool_choice\": {\"type\": \"function\", \"function\": {\"name\": \"g\"}}}",
@@ -510,8 +525,9 @@ TEST(test_serve_openai_client_and_generate_agree) {
     json_t *ac = json_object_get(res, "auto_calls");
     CHECK_MSG(json_integer_value(json_object_get(ac, "opened")) >= 2, "tool_choice auto: the client's counts missing");
     printf("    tool_choice auto: %lld of 6 answers completed their calls (%lld calls), each in the format and its "
-           "function's parameters\n", (long long)json_integer_value(json_object_get(ac, "opened")),
-           (long long)json_integer_value(json_object_get(ac, "calls")));
+           "function's parameters; with parallel_tool_calls false %lld of 6, one call each\n",
+           (long long)json_integer_value(json_object_get(ac, "opened")), (long long)json_integer_value(json_object_get(ac, "calls")),
+           (long long)json_integer_value(json_object_get(ac, "single")));
     json_decref(res);
 }
 

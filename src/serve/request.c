@@ -296,6 +296,8 @@ static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
     size_t n = tools ? json_array_size(tools) : 0, k;
     if (n > SERVE_MAX_TOOLS) return api_error(e, 400, "tools", "invalid_value", "'tools' has %zu functions; at most %d", n, SERVE_MAX_TOOLS);
     r->tool_choice = n ? TOOL_AUTO : TOOL_NONE;
+    r->parallel_tool_calls = 1;
+    TRY(get_bool(body, "parallel_tool_calls", &r->parallel_tool_calls, e));
     if (choice) {
         const char *cs = json_string_value(choice);
         json_t *f = json_object_get(choice, "function");
@@ -317,8 +319,10 @@ static int parse_tools(ServeRequest *r, json_t *body, ApiError *e) {
     int fail = bb_puts(&b, "## Tools\n\nYou can call the functions below. To call one, answer with\n"
                        CHAT_TOOL_CALLS_BEGIN CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP "NAME\n```json\nARGUMENTS\n```"
                        CHAT_TOOL_CALL_END CHAT_TOOL_CALLS_END "\nwhere ARGUMENTS is a JSON object that fits the "
-                       "function's parameters; for several calls, put them one after another, separated by a newline, "
-                       "before " CHAT_TOOL_CALLS_END ".\n");
+                       "function's parameters; ");
+    fail |= bb_puts(&b, r->parallel_tool_calls ? "for several calls, put them one after another, separated by a newline, "
+                                                 "before " CHAT_TOOL_CALLS_END ".\n"
+                                               : "make at most one call.\n");
     json_t *t;
     json_array_foreach(tools, k, t) {
         char param[40];

@@ -81,6 +81,7 @@ typedef struct ServeRequest {
     int n_tools;
     ToolChoice tool_choice;
     int tool_named;
+    int parallel_tool_calls;  // 1 (the default): an answer may hold several calls; 0: at most one
 } ServeRequest;
 
 // body[0, len): any bytes. 0 with *r filled (free it with serve_request_free), or -1 with e set

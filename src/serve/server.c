@@ -762,25 +762,26 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
     j->tools = r->tool_choice != TOOL_NONE;
     j->tool_force = r->tool_choice == TOOL_REQUIRED || r->tool_choice == TOOL_NAMED;
     j->tool_lazy = r->tool_choice == TOOL_AUTO && !r->json_mode;
+    int one_call = j->tool_force || !r->parallel_tool_calls;
     j->constrained = r->json_mode || j->tool_force || j->tool_lazy;
     j->schema = r->json_schema;  // the job's now
     r->json_schema = NULL;
     if (j->tool_force || j->tool_lazy) {  // a call of one of the allowed functions and its arguments
         int first = r->tool_choice == TOOL_NAMED ? r->tool_named : 0, last = r->tool_choice == TOOL_NAMED ? first + 1 : r->n_tools;
         j->tool_heads = calloc((size_t)(last - first), sizeof *j->tool_heads);
-        j->tool_again = j->tool_lazy ? calloc((size_t)(last - first), sizeof *j->tool_again) : NULL;
+        j->tool_again = j->tool_lazy && !one_call ? calloc((size_t)(last - first), sizeof *j->tool_again) : NULL;
         j->head_schemas = calloc((size_t)(last - first), sizeof *j->head_schemas);
-        for (int i = first; j->tool_heads && j->head_schemas && (j->tool_again || !j->tool_lazy) && i < last; i++) {
+        for (int i = first; j->tool_heads && j->head_schemas && (j->tool_again || one_call) && i < last; i++) {
             ByteBuf b = {0}, a = {0};
             if (bb_puts(&b, j->tool_lazy ? TOOL_CALL_HEAD : TOOL_FORCED_HEAD) || bb_puts(&b, r->tool_names[i]) ||
-                bb_puts(&b, "\n```json\n") || (j->tool_lazy && (bb_puts(&a, "\n") || bb_puts(&a, b.p)))) {
+                bb_puts(&b, "\n```json\n") || (j->tool_again && (bb_puts(&a, "\n") || bb_puts(&a, b.p)))) {
                 bb_free(&b);
                 bb_free(&a);
                 break;
             }
             j->head_schemas[j->n_heads] = r->tool_schemas[i];  // the job's now
             r->tool_schemas[i] = NULL;
-            if (j->tool_lazy) j->tool_again[j->n_heads] = a.p;
+            if (j->tool_again) j->tool_again[j->n_heads] = a.p;
             j->tool_heads[j->n_heads++] = b.p;
         }
         if (j->n_heads < last - first) {
@@ -833,7 +834,7 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
             JsonFrame f = {.heads = (const char *const *)j->tool_heads,
                            .head_schemas = (const JsonSchema *const *)j->head_schemas,
                            .n_heads = j->n_heads,
-                           .tail = j->tool_lazy ? TOOL_CALL_TAIL : TOOL_FORCED_TAIL,
+                           .tail = j->tool_again ? TOOL_CALL_TAIL : TOOL_FORCED_TAIL,  // (one call: closed after it)
                            .again = (const char *const *)j->tool_again,
                            .close = CHAT_TOOL_CALLS_END,
                            .trigger = j->tool_lazy ? CHAT_TOOL_CALLS_BEGIN : NULL};

@@ -310,7 +310,17 @@ async function main() {
         }
     }
     check(opened >= 2, `tool_choice auto: ${opened} of 6 answers completed their calls`);
-    result.auto_calls = { opened, calls };
+    // parallel_tool_calls false: the calls close after one
+    const a1 = await client.chat.completions.create({ model, messages, max_tokens: 600, temperature: 1, seed: 12, n: 6,
+                                                     logit_bias: abias, tools, parallel_tool_calls: false });
+    let single = 0;
+    for (const c of a1.choices.filter((c) => c.finish_reason === 'tool_calls')) {
+        eq(c.message.tool_calls.length, 1, 'parallel_tool_calls false: one call');
+        JSON.parse(c.message.tool_calls[0].function.arguments);
+        single++;
+    }
+    check(single >= 2, `parallel_tool_calls false: ${single} of 6 answers completed their call`);
+    result.auto_calls = { opened, calls, single };
     // a conversation with calls and their outputs is rendered and answered; bad tools are 400s
     const called0 = tr.choices.find((c) => c.finish_reason === 'tool_calls');
     const follow = await client.chat.completions.create({ model, max_tokens: 4, temperature: 0, tools, messages: [
