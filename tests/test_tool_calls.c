@@ -37,6 +37,11 @@ TEST(test_tool_calls_marker_inside_a_string) {
     CHECK_MSG(n >= 1 && !strcmp(c[0].arguments, "{\"text\": \"a " E " b```" E "\"}"), "arguments: %s", n >= 1 ? c[0].arguments : "");
     CHECK(n == 2 && !strcmp(c[1].name, "f") && !strcmp(c[1].arguments, "{}"));
     tool_calls_free(c, n);
+    // a call that never closed its fence ends at its end marker, not at the next call's fence
+    const char *open = B "function" S "g\n```json\n{\"a\": 1}" E "\n" B "function" S "h\n```json\n{}\n```" E;
+    n = tool_calls_parse(open, strlen(open), &c);
+    CHECK_MSG(n == 2 && !strcmp(c[0].arguments, "{\"a\": 1}") && !strcmp(c[1].name, "h"), "%d calls", n);
+    tool_calls_free(c, n);
 }
 
 TEST(test_tool_calls_unfinished_and_malformed) {

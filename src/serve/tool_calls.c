@@ -54,10 +54,12 @@ int tool_calls_parse(const char *text, size_t n, ToolCallText **out) {
         if (fence && ce - fence >= 3 && !memcmp(fence, "```", 3)) {
             // V3's fenced arguments end at the closing fence and the call's end: the end marker alone
             // may be text inside a JSON string (with DeepSeek-V3's tokenizer it is one token, which a
-            // string may hold), a line break then the fence cannot
-            const char *close = find(fence + 3, end, "\n```" CHAT_TOOL_CALL_END);
-            if (!close) close = find(fence + 3, end, "```" CHAT_TOOL_CALL_END);
-            if (close) ce = find(close, end, CHAT_TOOL_CALL_END);
+            // string may hold), a line break then the fence cannot. Not past the next call's opening
+            // (a call that never closed its fence ends at its first end marker, as before).
+            const char *next = find(ce, end, CHAT_TOOL_CALL_BEGIN), *lim = next ? next : end;
+            const char *close = find(fence + 3, lim, "\n```" CHAT_TOOL_CALL_END);
+            if (!close) close = find(fence + 3, lim, "```" CHAT_TOOL_CALL_END);
+            if (close) ce = find(close, lim, CHAT_TOOL_CALL_END);
         }
         p = ce + strlen(CHAT_TOOL_CALL_END);
         char *name, *args;
