@@ -125,12 +125,69 @@ TEST(test_json_schema_refuses_at_the_first_wrong_byte) {
     json_schema_free(s);
 }
 
+// An integer with a range is refused at the first digit (or sign) that no integer it begins can
+// bring into the range within 18 digits, or at its end when it is outside.
+TEST(test_json_schema_integer_range_refuses_at_the_first_wrong_byte) {
+    char why[512];
+    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\", \"minimum\": 10, "
+                                 "\"exclusiveMaximum\": 251}, \"m\": {\"type\": [\"integer\", \"null\"], \"maximum\": -7.5}, "
+                                 "\"z\": {\"type\": \"integer\", \"minimum\": -0.5, \"maximum\": 0.5}, "
+                                 "\"s\": {\"type\": \"string\", \"minimum\": 3}}}",
+                                 why, sizeof why);
+    CHECK_MSG(s, "%s", why);
+    static const struct {
+        const char *text;
+        int bad_at, complete;
+    } cases[] = {
+        {"{\"n\": 10}", -1, 1},
+        {"{\"n\": 250}", -1, 1},
+        {"{\"n\": 251}", 8, 0},   // 251 itself is excluded, and 251x is too big: at its last digit
+        {"{\"n\": 26", -1, 0},     // 26 may end here (260 and longer may not)
+        {"{\"n\": 260}", 8, 0},
+        {"{\"n\": 5", -1, 0},      // 50-59 are in range
+        {"{\"n\": 5}", 7, 0},      // but 5 is not
+        {"{\"n\": -", 6, 0},       // nothing negative
+        {"{\"n\": 0", 6, 0},       // 0 is only 0
+        {"{\"m\": -8}", -1, 1},
+        {"{\"m\": -7}", 8, 0},
+        {"{\"m\": null}", -1, 1},
+        {"{\"m\": 3", 6, 0},
+        {"{\"z\": 0}", -1, 1},
+        {"{\"z\": -0}", -1, 1},     // -0 is 0
+        {"{\"z\": 1", 6, 0},
+        {"{\"z\": -1", 7, 0},
+        {"{\"s\": \"x\"}", -1, 1}, // a bound says nothing of strings
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        JsonSchemaPrefix p;
+        json_schema_prefix_init(&p, s);
+        const char *t = cases[i].text;
+        int bad = -1;
+        for (int k = 0; t[k] && bad < 0; k++)
+            if (json_schema_prefix_feed(&p, t + k, 1)) bad = k;
+        CHECK_MSG(bad == cases[i].bad_at, "%s: refused at byte %d, expected %d", t, bad, cases[i].bad_at);
+        CHECK_MSG(json_schema_prefix_complete(&p) == cases[i].complete, "%s: complete %d", t, json_schema_prefix_complete(&p));
+    }
+    json_schema_free(s);
+}
+
 TEST(test_json_schema_compile_refusals_name_the_path) {
     static const struct {
         const char *schema, *why;
     } cases[] = {
-        {"{\"type\": \"object\", \"properties\": {\"age\": {\"type\": \"integer\", \"minimum\": 0}}}",
-         "schema.properties.age: 'minimum' is not supported"},
+        {"{\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\", \"minLength\": 1}}}",
+         "schema.properties.name: 'minLength' is not supported"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"number\", \"minimum\": 0}}}",
+         "schema.properties.x: 'minimum'/'maximum' are supported on integers only"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"minimum\": 0}}}", "supported on integers only"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"enum\": [1, 2], \"minimum\": 0}}}", "beside 'enum'"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"minimum\": 2.5, \"maximum\": 2.9}}}",
+         "no integer"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"exclusiveMinimum\": 3, \"maximum\": 3}}}",
+         "no integer"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"minimum\": 1e19}}}", "no integer"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"maximum\": \"9\"}}}",
+         "'maximum' must be a number"},
         {"{\"type\": \"string\"}", "the root must accept an object"},
         {"{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"strin\"}}}", "schema.properties.a: 'type' \"strin\""},
         {"{\"type\": \"object\", \"required\": [\"a\"], \"additionalProperties\": false}", "required property 'a'"},

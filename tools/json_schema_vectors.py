@@ -84,6 +84,19 @@ EVENTS = {
     "additionalProperties": False,
 }
 
+RANGES = {  # integer bounds, inclusive and exclusive, whole and not
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer", "minimum": 1, "maximum": 100},
+        "offset": {"type": "integer", "exclusiveMinimum": -5, "exclusiveMaximum": 7.5},
+        "year": {"type": ["integer", "null"], "minimum": 1900},
+        "debt": {"type": "integer", "maximum": -1000},
+        "digits": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3},
+    },
+    "required": ["count"],
+    "additionalProperties": False,
+}
+
 CASES = [
     (PERSON, [{"name": "Ada", "age": 36, "role": "admin"},
               {"name": "Bob \"B\" \\ é ✓", "age": -3, "height": 1.5, "email": None, "tags": ["a", "b"], "role": "guest",
@@ -96,9 +109,12 @@ CASES = [
               {"events": [{"when": "d", "what": "", "score": None, "level": None},
                           {"when": "e", "what": "y", "score": -12, "level": True}],
                "nested": [[1, 2], [], [3]]}]),
+    (RANGES, [{"count": 1}, {"count": 100, "offset": 7, "year": None, "debt": -1000, "digits": [0, 9]},
+              {"count": 42, "offset": -4, "year": 2024, "digits": []}]),
 ]
 
-SCALARS = ["", "x", "admin", "tree", 0, 1, 3, -7, 2.5, -0.125, True, False, None]
+SCALARS = ["", "x", "admin", "tree", 0, 1, 3, -7, 2.5, -0.125, True, False, None,
+           100, 101, -4, -5, 7, 8, 1899, 1900, -999, -1000, 10, -1001]
 
 
 def random_value(rng, depth=0):

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #include "text/json_schema.h"
@@ -29,6 +30,9 @@ typedef struct Node {
     // arrays
     uint16_t items;
     long min_items, max_items;  // max -1: none
+    // integers: minimum / maximum / exclusiveMinimum / exclusiveMaximum as the integers [lo, hi]
+    int has_range;
+    int64_t lo, hi;
     // enum / const: the values' JSON texts (scalars)
     int n_enum;
     char **enum_text;
@@ -119,7 +123,12 @@ static const char *const ANNOTATIONS[] = {"title",   "description", "default",  
                                           "$defs",   "definitions", NULL};
 static const char *const KEYWORDS[] = {"type",     "properties", "required", "additionalProperties", "items", "minItems",
                                        "maxItems", "enum",       "const",    "anyOf",                "oneOf", "$ref",
-                                       "nullable", NULL};
+                                       "nullable", "minimum",    "maximum",  "exclusiveMinimum",     "exclusiveMaximum",
+                                       NULL};
+static const char *const RANGE_KEYWORDS[] = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", NULL};
+
+// The largest magnitude JSON mode's grammar writes: 18 integer digits.
+#define INT_MAX_MAG 999999999999999999LL
 
 static int in_list(const char *k, const char *const *list) {
     for (int i = 0; list[i]; i++)
@@ -327,6 +336,52 @@ static int compile(Compiler *c, const json_t *js, const char *path) {
     return rc;
 }
 
+static int has_range_keyword(const json_t *js) {
+    for (int i = 0; RANGE_KEYWORDS[i]; i++)
+        if (json_object_get(js, RANGE_KEYWORDS[i])) return 1;
+    return 0;
+}
+
+// A bound as an integer, clamped to the grammar's magnitudes: up = 1 rounds up (a lower bound), 0
+// down; strict: the next integer past it.
+static int64_t int_bound(const json_t *v, int up, int strict) {
+    if (json_is_integer(v)) {
+        json_int_t x = json_integer_value(v);
+        if (strict) x = up ? (x < INT_MAX_MAG + 1 ? x + 1 : x) : (x > -INT_MAX_MAG - 1 ? x - 1 : x);
+        return x > INT_MAX_MAG + 1 ? INT_MAX_MAG + 1 : x < -INT_MAX_MAG - 1 ? -INT_MAX_MAG - 1 : (int64_t)x;
+    }
+    double x = json_real_value(v), r = up ? ceil(x) : floor(x);
+    if (strict && r == x) r += up ? 1 : -1;
+    return r > 1e18 ? INT_MAX_MAG + 1 : r < -1e18 ? -INT_MAX_MAG - 1 : (int64_t)r;
+}
+
+// minimum / maximum / exclusiveMinimum / exclusiveMaximum on a node's integers (JSON Schema applies
+// them to numbers only: a node that takes no numbers ignores them; one that takes non-integer
+// numbers is refused — this automaton bounds integers only).
+static int compile_range(Compiler *c, int i, const json_t *js, const char *path) {
+    if (!has_range_keyword(js)) return 0;
+    Node *nd = &c->s->nodes[i];
+    if (nd->kinds >> K_NUMBER & 1)
+        return fail(c, path, "'minimum'/'maximum' are supported on integers only: give 'type': 'integer'");
+    int64_t lo = -INT_MAX_MAG, hi = INT_MAX_MAG;
+    for (int r = 0; RANGE_KEYWORDS[r]; r++) {
+        const json_t *v = json_object_get(js, RANGE_KEYWORDS[r]);
+        if (!v) continue;
+        if (!json_is_number(v) || !isfinite(json_number_value(v)))
+            return fail(c, path, "'%s' must be a number", RANGE_KEYWORDS[r]);
+        int lower = r == 0 || r == 2;
+        int64_t b = int_bound(v, lower, r >= 2);
+        if (lower && b > lo) lo = b;
+        if (!lower && b < hi) hi = b;
+    }
+    if (lo > hi) return fail(c, path, "no integer of at most 18 digits lies within 'minimum'/'maximum'");
+    if (!(nd->kinds >> K_INTEGER & 1)) return 0;  // no numbers: the bounds say nothing
+    nd->has_range = 1;
+    nd->lo = lo;
+    nd->hi = hi;
+    return 0;
+}
+
 static int compile_body(Compiler *c, const json_t *js, const char *path) {
     if (json_is_true(js)) return JSON_SCHEMA_ANY;
     if (json_is_false(js)) return fail(c, path, "the schema false accepts nothing");
@@ -361,6 +416,7 @@ static int compile_body(Compiler *c, const json_t *js, const char *path) {
     const json_t *type = json_object_get(js, "type"), *en = json_object_get(js, "enum"), *cn = json_object_get(js, "const");
     if (en && cn) return fail(c, path, "both 'enum' and 'const'");
     if (en && !json_is_array(en)) return fail(c, path, "'enum' must be an array");
+    if ((en || cn) && has_range_keyword(js)) return fail(c, path, "'minimum'/'maximum' beside '%s' is not supported", en ? "enum" : "const");
     if (en || cn) {
         json_t *one_value = cn ? json_pack("[O]", cn) : NULL;
         int rc = compile_enum(c, i, en ? en : one_value, path);
@@ -387,7 +443,7 @@ static int compile_body(Compiler *c, const json_t *js, const char *path) {
         c->s->nodes[i].kinds = kinds;
     }
     if (json_is_true(json_object_get(js, "nullable"))) c->s->nodes[i].kinds |= 1u << K_NULL;
-    if (compile_object(c, i, js, path) || compile_array(c, i, js, path)) return -1;
+    if (compile_object(c, i, js, path) || compile_array(c, i, js, path) || compile_range(c, i, js, path)) return -1;
     return i;
 }
 
@@ -505,10 +561,42 @@ static int enum_byte(JsonSchemaPrefix *p, const Node *nd, uint8_t c) {
     return live ? 0 : -1;
 }
 
-// The scalar value being read has ended: an enum's text must be whole.
+// Whether an integer beginning as read so far (its sign, its digits' value and count; a first
+// digit 0 makes it exactly 0) can still end within [lo, hi] in at most 18 digits: with L digits in
+// all, the magnitudes [mag·10^j, (mag + 1)·10^j − 1], j = L − digits.
+static int int_reachable(const Node *nd, const JsonSchemaPrefix *p) {
+    int neg = p->num_neg;
+    if (p->num_digits == 0) return (nd->lo <= 0 && nd->hi >= 0) || (neg && nd->lo <= -1);  // "-": -0 or below
+    if (p->num_zero) return nd->lo <= 0 && nd->hi >= 0;
+    int64_t a = p->num_mag, b = p->num_mag;
+    for (int L = p->num_digits; L <= 18; L++) {
+        int64_t v0 = neg ? -b : a, v1 = neg ? -a : b;
+        if (v1 >= nd->lo && v0 <= nd->hi) return 1;
+        if (L < 18) a *= 10, b = b * 10 + 9;
+    }
+    return 0;
+}
+
+// Byte c of an integer with a range: its sign or next digit, and whether it can still end in range.
+static int int_byte(JsonSchemaPrefix *p, const Node *nd, uint8_t c) {
+    if (!nd->has_range) return 0;
+    if (c == '-') p->num_neg = 1;
+    else if (c >= '0' && c <= '9') {
+        if (p->num_digits == 0 && c == '0') p->num_zero = 1;
+        p->num_mag = p->num_mag * 10 + (c - '0');
+        p->num_digits++;
+    }
+    return int_reachable(nd, p) ? 0 : -1;
+}
+
+// The scalar value being read has ended: an enum's text must be whole, an integer in its range.
 static int value_end(JsonSchemaPrefix *p) {
     const Node *nd = &p->schema->nodes[p->val_node];
     p->in_value = 0;
+    if (nd->has_range && p->val_kind == K_INTEGER) {
+        int64_t v = p->num_neg ? -p->num_mag : p->num_mag;
+        if (p->num_digits == 0 || v < nd->lo || v > nd->hi) return -1;
+    }
     for (int i = 0; i < nd->n_enum; i++)
         if ((p->val_live >> i & 1) && nd->enum_len[i] == p->val_len) return 0;
     return nd->n_enum ? -1 : 0;
@@ -543,6 +631,8 @@ static int value_begin(JsonSchemaPrefix *p, uint8_t c) {
     p->val_kind = (uint8_t)k;
     p->val_len = 0;
     p->val_live = low_bits(s->nodes[b].n_enum);
+    p->num_mag = 0, p->num_digits = p->num_neg = p->num_zero = 0;
+    if (k == K_INTEGER && int_byte(p, &s->nodes[b], c)) return -1;
     return enum_byte(p, &s->nodes[b], c);
 }
 
@@ -590,6 +680,7 @@ static int step(JsonSchemaPrefix *p, uint8_t c) {
             if (value_end(p)) return -1;
         } else {
             if (p->val_kind == K_INTEGER && (c == '.' || c == 'e' || c == 'E')) return -1;
+            if (p->val_kind == K_INTEGER && int_byte(p, &s->nodes[p->val_node], c)) return -1;
             if (enum_byte(p, &s->nodes[p->val_node], c)) return -1;
             return ev & JSON_EV_END ? value_end(p) : 0;
         }
