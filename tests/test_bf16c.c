@@ -60,6 +60,24 @@ static double w_value(const TestW *w, int r, int c) {
     }
 }
 
+// The fp64 sum of row r of w (of the whole matrix) with the activation row xn rounded to BF16, FP8
+// chunks of 128 columns times their block scale; *mag: the same of the products' magnitudes.
+static double reference(const TestW *w, int r, const float *xn, double *mag) {
+    int cols = w->v.cols;
+    double want = 0;
+    *mag = 0;
+    for (int c0 = 0; c0 < cols; c0 += 128) {
+        double part = 0, pm = 0;
+        for (int c = c0; c < cols && c < c0 + 128; c++) {
+            double p = w_value(w, r, c) * bf16_to_f32(bf16_from_f32(xn[c]));
+            part += p, pm += fabs(p);
+        }
+        double s = w->v.dtype == DT_F8_E4M3 ? w->scales[(r / 128) * w->v.scale_cols + c0 / 128] : 1.0;
+        want += part * s, *mag += pm * s;
+    }
+    return want;
+}
+
 // Every weight type on ragged shapes — rows across the kernel's blocks of 16 and a view starting
 // inside the matrix (FP8 scales of the whole matrix), columns around the steps of 32 and 64 and
 // the chunks of 128, short and long rows — and numbers of activation rows that take each tile shape, within the fp32
@@ -86,16 +104,7 @@ TEST(test_bf16c_against_fp64) {
                     CHECK(matmul_nt_bf16c(out, rows, x, cols, &v, N, 0, rows) == 0);
                     for (int n = 0; n < N; n++)
                         for (int r = 0; r < rows; r++) {
-                            double want = 0, mag = 0;
-                            for (int c0 = 0; c0 < cols; c0 += 128) {
-                                double part = 0, pm = 0;
-                                for (int c = c0; c < cols && c < c0 + 128; c++) {
-                                    double p = w_value(&w, skip + r, c) * bf16_to_f32(bf16_from_f32(x[(size_t)n * cols + c]));
-                                    part += p, pm += fabs(p);
-                                }
-                                double s = types[ti] == DT_F8_E4M3 ? w.scales[((skip + r) / 128) * v.scale_cols + c0 / 128] : 1.0;
-                                want += part * s, mag += pm * s;
-                            }
+                            double mag, want = reference(&w, skip + r, x + (size_t)n * cols, &mag);
                             double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
                             CHECK_MSG(fabs(out[n * rows + r] - want) <= bound, "%s %s cols %d N %d: %.9g vs %.9g (bound %.3g)",
                                       isa ? "portable" : "auto", dtype_name(types[ti]), cols, N, out[n * rows + r], want, bound);
@@ -129,56 +138,45 @@ static void amx_nt_sweep(int path) {
     const int colss[] = {1, 31, 33, 64, 129, 300, 1030};
     const int Ns[] = {1, 3, 16, 17, 40, 70};
     uint64_t seed = 41;
-    {
-        for (int ti = 0; ti < 4; ti++)
-            for (int ci = 0; ci < 7; ci++)
-                for (int ni = 0; ni < 6; ni++) {
-                    int rows = ci % 2 ? 37 : 70, cols = colss[ci], N = Ns[ni], skip = ci % 3 == 0 ? 3 : 0;
-                    if (path == 0 && (ni > 3 || cols > 300)) continue;  // (the model is slow)
-                    TestW w;
-                    make_w(&w, types[ti], rows + skip, cols, &seed);
-                    if (types[ti] == DT_F8_E4M3 && ni == 3) ((uint8_t *)w.data)[(size_t)(skip + 5) * cols + cols / 2] = 0xff;
-                    MatView v = matview_rows(&w.v, skip, rows);
-                    v.compute_bf16 = 1;
-                    float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows);
-                    for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
-                    int rc = path == 0   ? matmul_nt_amx_emulated(out, rows, x, cols, &v, N, 0, 11) |
-                                               matmul_nt_amx_emulated(out, rows, x, cols, &v, N, 11, rows)
-                             : path == 1 ? matmul_nt_amx(out, rows, x, cols, &v, N, 0, rows)
-                                         : matmul_nt(out, x, &v, N);
-                    CHECK(rc == 0);
-                    const char *name = path == 0 ? "emulated" : path == 1 ? "amx" : "matmul_nt";
-                    for (int n = 0; n < N; n++)
-                        for (int r = 0; r < rows; r++) {
-                            double want = 0, mag = 0;
-                            for (int c0 = 0; c0 < cols; c0 += 128) {
-                                double part = 0, pm = 0;
-                                for (int c = c0; c < cols && c < c0 + 128; c++) {
-                                    double p = w_value(&w, skip + r, c) * bf16_to_f32(bf16_from_f32(x[(size_t)n * cols + c]));
-                                    part += p, pm += fabs(p);
-                                }
-                                double s = types[ti] == DT_F8_E4M3 ? w.scales[((skip + r) / 128) * v.scale_cols + c0 / 128] : 1.0;
-                                want += part * s, mag += pm * s;
-                            }
-                            float got = out[(size_t)n * rows + r];
-                            if (types[ti] == DT_F8_E4M3 && ni == 3 && r == 5) {
-                                CHECK_MSG(isnan(got), "%s: a NaN code's row gives %g", name, got);
-                                continue;
-                            }
-                            double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
-                            CHECK_MSG(fabs(got - want) <= bound, "%s %s rows %d cols %d N %d: [%d][%d] %.9g vs %.9g (bound %.3g)",
-                                      name, dtype_name(types[ti]), rows, cols, N, n, r, got, want, bound);
+    for (int ti = 0; ti < 4; ti++)
+        for (int ci = 0; ci < 7; ci++)
+            for (int ni = 0; ni < 6; ni++) {
+                int rows = ci % 2 ? 37 : 70, cols = colss[ci], N = Ns[ni], skip = ci % 3 == 0 ? 3 : 0;
+                if (path == 0 && (ni > 3 || cols > 300)) continue;  // (the model is slow)
+                TestW w;
+                make_w(&w, types[ti], rows + skip, cols, &seed);
+                if (types[ti] == DT_F8_E4M3 && ni == 3) ((uint8_t *)w.data)[(size_t)(skip + 5) * cols + cols / 2] = 0xff;
+                MatView v = matview_rows(&w.v, skip, rows);
+                v.compute_bf16 = 1;
+                float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows);
+                for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
+                int rc = path == 0   ? matmul_nt_amx_emulated(out, rows, x, cols, &v, N, 0, 11) |
+                                           matmul_nt_amx_emulated(out, rows, x, cols, &v, N, 11, rows)
+                         : path == 1 ? matmul_nt_amx(out, rows, x, cols, &v, N, 0, rows)
+                                     : matmul_nt(out, x, &v, N);
+                CHECK(rc == 0);
+                const char *name = path == 0 ? "emulated" : path == 1 ? "amx" : "matmul_nt";
+                for (int n = 0; n < N; n++)
+                    for (int r = 0; r < rows; r++) {
+                        double mag, want = reference(&w, skip + r, x + (size_t)n * cols, &mag);
+                        float got = out[(size_t)n * rows + r];
+                        if (types[ti] == DT_F8_E4M3 && ni == 3 && r == 5) {
+                            CHECK_MSG(isnan(got), "%s: a NaN code's row gives %g", name, got);
+                            continue;
                         }
-                    float *one = malloc(sizeof(float) * rows);
-                    for (int n = 0; n < N && path < 2; n += 1 + N / 5) {
-                        CHECK((path ? matmul_nt_amx : matmul_nt_amx_emulated)(one, rows, x + (size_t)n * cols, cols, &v, 1, 0,
-                                                                               rows) == 0);
-                        CHECK_MSG(memcmp(one, out + (size_t)n * rows, sizeof(float) * rows) == 0,
-                                  "%s %s cols %d N %d: row %d alone differs", name, dtype_name(types[ti]), cols, N, n);
+                        double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
+                        CHECK_MSG(fabs(got - want) <= bound, "%s %s rows %d cols %d N %d: [%d][%d] %.9g vs %.9g (bound %.3g)",
+                                  name, dtype_name(types[ti]), rows, cols, N, n, r, got, want, bound);
                     }
-                    free(one), free(x), free(out), free(w.data), free(w.scales);
+                float *one = malloc(sizeof(float) * rows);
+                for (int n = 0; n < N && path < 2; n += 1 + N / 5) {
+                    CHECK((path ? matmul_nt_amx : matmul_nt_amx_emulated)(one, rows, x + (size_t)n * cols, cols, &v, 1, 0,
+                                                                           rows) == 0);
+                    CHECK_MSG(memcmp(one, out + (size_t)n * rows, sizeof(float) * rows) == 0,
+                              "%s %s cols %d N %d: row %d alone differs", name, dtype_name(types[ti]), cols, N, n);
                 }
-    }
+                free(one), free(x), free(out), free(w.data), free(w.scales);
+            }
 }
 
 TEST(test_bf16c_amx_emulated_against_fp64) {

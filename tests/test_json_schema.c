@@ -81,6 +81,26 @@ TEST(test_json_schema_matches_reference_validator) {
     CHECK(docs > 500 && valid > 100 && docs - valid > 100);
 }
 
+typedef struct {
+    const char *text;
+    int bad_at;  // the first byte refused; -1: none (the whole text is a prefix)
+    int complete;
+} RefusalCase;
+
+// Feeds each case's text byte by byte: the first byte refused and whether the whole is complete.
+static void check_refusals(const JsonSchema *s, const RefusalCase *cases, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        JsonSchemaPrefix p;
+        json_schema_prefix_init(&p, s);
+        const char *t = cases[i].text;
+        int bad = -1;
+        for (int k = 0; t[k] && bad < 0; k++)
+            if (json_schema_prefix_feed(&p, t + k, 1)) bad = k;
+        CHECK_MSG(bad == cases[i].bad_at, "%s: refused at byte %d, expected %d", t, bad, cases[i].bad_at);
+        CHECK_MSG(json_schema_prefix_complete(&p) == cases[i].complete, "%s: complete %d", t, json_schema_prefix_complete(&p));
+    }
+}
+
 // Where a document goes wrong is where it is refused: the mask then never lets the model write it.
 TEST(test_json_schema_refuses_at_the_first_wrong_byte) {
     char why[512];
@@ -89,11 +109,7 @@ TEST(test_json_schema_refuses_at_the_first_wrong_byte) {
                                  "\"required\": [\"c\"], \"additionalProperties\": false}",
                                  why, sizeof why);
     CHECK_MSG(s, "%s", why);
-    static const struct {
-        const char *text;
-        int bad_at;  // the first byte refused; -1: none (the whole text is a prefix)
-        int complete;
-    } cases[] = {
+    static const RefusalCase cases[] = {
         {"{\"c\": \"red\"}", -1, 1},
         {"{\"n\": 12, \"c\": \"green\"}", -1, 1},
         {"{\"n\": 1.5}", 7, 0},          // an integer has no fraction
@@ -112,16 +128,7 @@ TEST(test_json_schema_refuses_at_the_first_wrong_byte) {
         {"{\"c\": 1}", 6, 0},
         {"[1]", 0, 0},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        JsonSchemaPrefix p;
-        json_schema_prefix_init(&p, s);
-        const char *t = cases[i].text;
-        int bad = -1;
-        for (int k = 0; t[k] && bad < 0; k++)
-            if (json_schema_prefix_feed(&p, t + k, 1)) bad = k;
-        CHECK_MSG(bad == cases[i].bad_at, "%s: refused at byte %d, expected %d", t, bad, cases[i].bad_at);
-        CHECK_MSG(json_schema_prefix_complete(&p) == cases[i].complete, "%s: complete %d", t, json_schema_prefix_complete(&p));
-    }
+    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
     json_schema_free(s);
 }
 
@@ -135,10 +142,7 @@ TEST(test_json_schema_integer_range_refuses_at_the_first_wrong_byte) {
                                  "\"s\": {\"type\": \"string\", \"minimum\": 3}}}",
                                  why, sizeof why);
     CHECK_MSG(s, "%s", why);
-    static const struct {
-        const char *text;
-        int bad_at, complete;
-    } cases[] = {
+    static const RefusalCase cases[] = {
         {"{\"n\": 10}", -1, 1},
         {"{\"n\": 250}", -1, 1},
         {"{\"n\": 251}", 8, 0},   // 251 itself is excluded, and 251x is too big: at its last digit
@@ -158,16 +162,7 @@ TEST(test_json_schema_integer_range_refuses_at_the_first_wrong_byte) {
         {"{\"z\": -1", 7, 0},
         {"{\"s\": \"x\"}", -1, 1}, // a bound says nothing of strings
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        JsonSchemaPrefix p;
-        json_schema_prefix_init(&p, s);
-        const char *t = cases[i].text;
-        int bad = -1;
-        for (int k = 0; t[k] && bad < 0; k++)
-            if (json_schema_prefix_feed(&p, t + k, 1)) bad = k;
-        CHECK_MSG(bad == cases[i].bad_at, "%s: refused at byte %d, expected %d", t, bad, cases[i].bad_at);
-        CHECK_MSG(json_schema_prefix_complete(&p) == cases[i].complete, "%s: complete %d", t, json_schema_prefix_complete(&p));
-    }
+    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
     json_schema_free(s);
 }
 

@@ -1024,17 +1024,36 @@ TEST(test_cli_generate_json_and_logit_bias) {
 // first byte after leading whitespace between tokens) give exactly the ids that feeding each id's
 // bytes to a copy of the answer's automaton gives, in JSON mode and under a schema, at states
 // between tokens, inside strings, numbers, keys and literals.
-TEST(test_json_mode_mask_equals_feeding_each_id) {
-    char path[600], why[256];
+// The test model's tokenizer and a schema compiled from its text (NULL, the test failed, when either
+// cannot be had).
+static Tokenizer *model_tokenizer(void) {
+    char path[600];
     snprintf(path, sizeof path, "%s/tokenizer.json", model_dir());
     Error err = {0};
     Tokenizer *t = tok_load(path, &err);
-    CHECK_MSG(t, "%s", err.msg);
-    json_t *js = json_loads("{\"type\": \"object\", \"properties\": {\"s\": {\"type\": \"string\"}, \"o\": {\"type\": \"object\"}, "
-                            "\"e\": {\"enum\": [\"ax\", 12, \"a b\"]}}}", 0, NULL);
+    if (!t) test_fail(__FILE__, __LINE__, "%s", err.msg);
+    return t;
+}
+
+static JsonSchema *schema_of(const char *text) {
+    char why[256] = "";
+    json_t *js = json_loads(text, 0, NULL);
     JsonSchema *s = NULL;
-    CHECK_MSG(js && json_schema_compile(&s, js, why, sizeof why) == 0, "%s", why);
+    int rc = js ? json_schema_compile(&s, js, why, sizeof why) : -1;
     json_decref(js);
+    if (rc) test_fail(__FILE__, __LINE__, "%s: %s", text, why);
+    return s;
+}
+
+TEST(test_json_mode_mask_equals_feeding_each_id) {
+    Tokenizer *t = model_tokenizer();
+    JsonSchema *s = schema_of("{\"type\": \"object\", \"properties\": {\"s\": {\"type\": \"string\"}, \"o\": {\"type\": \"object\"}, "
+                              "\"e\": {\"enum\": [\"ax\", 12, \"a b\"]}}}");
+    if (!t || !s) {
+        tok_free(t);
+        json_schema_free(s);
+        return;
+    }
     static const char *const prefixes[] = {"", "{", "  {\"s\": ", "{\"s\": \"ab", "{\"s\": \"\xc3\xa9 x", "{\"o\": {\"k",
                                            "{\"o\": {\"k\": 12", "{\"o\": {\"k\": [1, ", "{\"s\": \"a\" ,  ", "{\"o\": {\"k\": tr",
                                            "{\"e\": \"a", "{\"zz"};
@@ -1105,16 +1124,14 @@ static int lazy_feed(JsonMode *m, Tokenizer *t, const char *text, float *logits,
 }
 
 TEST(test_json_mode_lazy_tool_calls) {
-    char path[600], why[256];
-    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir());
-    Error err = {0};
-    Tokenizer *t = tok_load(path, &err);
-    CHECK_MSG(t, "%s", err.msg);
-    json_t *js = json_loads("{\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"], "
-                            "\"additionalProperties\": false}", 0, NULL);
-    JsonSchema *weather = NULL;
-    CHECK_MSG(js && json_schema_compile(&weather, js, why, sizeof why) == 0, "%s", why);
-    json_decref(js);
+    Tokenizer *t = model_tokenizer();
+    JsonSchema *weather = schema_of("{\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, "
+                                    "\"required\": [\"city\"], \"additionalProperties\": false}");
+    if (!t || !weather) {
+        tok_free(t);
+        json_schema_free(weather);
+        return;
+    }
 #define OPEN CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP
     const char *heads[2] = {OPEN "get_weather\n```json\n", OPEN "get_time\n```json\n"};
     const char *again[2] = {"\n" OPEN "get_weather\n```json\n", "\n" OPEN "get_time\n```json\n"};

@@ -96,6 +96,9 @@ int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOper
 // rows past len in the last panel zero.
 void lowp_pack_panels(uint32_t *out, int W, const LowpOperand *o, int i0, int len, int K, int kp_alloc);
 
+// Each E4M3 code's value as BF16 (256 entries, exact; the NaN codes a NaN), from matmul_bf16c.c.
+const uint16_t *fp8_bf16_values(void);
+
 // The AMX kernels (matmul_amx.c): gemm_lowp_avx512bf16's contract on tiles, and x · Wᵀ with BF16
 // compute for rows [r0, r1) of w (matmul_nt_bf16c's arithmetic, the hardware's order of sums).
 // Only after kernels_cpu_amx() returned 1; the _emulated twins run anywhere with AVX512_BF16 (a C

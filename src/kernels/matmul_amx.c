@@ -260,10 +260,8 @@ AMX int AMX_FN(gemm_lowp_amx)(float *C, int ldc, const LowpOperand *A, const Low
 AMX_INLINE void widen_rows(uint32_t *out, const MatView *w, int r, int nr, int kpa) {
     const int cols = w->cols;
     __m512i tab[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-    if (w->dtype == DT_F8_E4M3) {
-        uint16_t t[128];
-        for (int c = 0; c < 128; c++)
-            t[c] = c == 0x7f ? 0x7fc0 : bf16_from_f32(fp8_e4m3_to_f32((uint8_t)c));  // (0x7f: a NaN code)
+    if (w->dtype == DT_F8_E4M3) {  // the positive codes' values; the sign is ORed in below
+        const uint16_t *t = fp8_bf16_values();
         for (int k = 0; k < 4; k++) tab[k] = _mm512_loadu_si512(t + 32 * k);
     }
     for (int i = 0; i < BLK; i++) {

@@ -473,3 +473,8 @@ int matmul_nt_bf16c(float *out, int ldo, const float *x, int ldx, const MatView 
 }
 
 int matmul_bf16c_fast(void) { return kernels_cpu_avx512bf16_vbmi(); }
+
+const uint16_t *fp8_bf16_values(void) {
+    pthread_once(&tables_once, tables_init);
+    return fp8_bf16;
+}
