@@ -687,7 +687,10 @@ TEST(test_serve_disconnect_cancels_and_queue_limit) {
     CHECK_MSG(live_after_b == 1, "the waiting stream's client left: %g sequences live", live_after_b);
     CHECK_MSG(live_after_a == 0 && running == 0, "the running stream's client left: %g live, %g running", live_after_a, running);
     CHECK_MSG(blocks > 0 && blocks_after == 0, "cache blocks used: %g while streaming, %g after the client left", blocks, blocks_after);
-    CHECK_MSG(gen < 2000 && gen_later == gen, "the abandoned stream went on: %g tokens generated, then %g", gen, gen_later);
+    // (the long stream must still be running when its client leaves: 4,000 tokens take seconds here)
+    CHECK_MSG(gen_before < 3900, "the long stream was done before its client left (%g tokens)", gen_before);
+    CHECK_MSG(gen - gen_before < 200 && gen_later == gen, "the abandoned stream went on: %g tokens when its client left, "
+              "%g once it was gone, %g later", gen_before, gen, gen_later);
     CHECK_MSG(d >= 0, "a stream after the cancels did not start");
     free(rest.head);
     CHECK_MSG(rc == 0, "SIGTERM with a stream in flight: exit %d", rc);

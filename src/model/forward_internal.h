@@ -3,6 +3,7 @@
 #ifndef DSV3_MODEL_FORWARD_INTERNAL_H
 #define DSV3_MODEL_FORWARD_INTERNAL_H
 
+#include "base/team_barrier.h"
 #include "model/layer.h"
 #include "model/model.h"
 
@@ -40,6 +41,7 @@ struct ForwardState {
     int *routes;              // or NULL: model_forward records each layer's routed experts here
     LayerActs acts;           // a layer's activations, laid over the buffers above
     void *block;              // the one allocation everything above lives in
+    TeamBarrier meet;         // decode.c's threads meet here (DECODE_BARRIER)
 };
 
 // A decode step spreads the chunks of a sequence's attention over the threads when it has at least
