@@ -166,14 +166,73 @@ TEST(test_json_schema_integer_range_refuses_at_the_first_wrong_byte) {
     json_schema_free(s);
 }
 
+// A string is refused at the first character past maxLength (its first byte: a multi-byte character
+// or an escape never begins where it could not end) and at a closing quote before minLength;
+// characters are code points (a surrogate pair's two escapes are one). An integer with multipleOf
+// (and a range) is refused at the first digit no multiple in range can begin.
+TEST(test_json_schema_lengths_and_multiples_refuse_at_the_first_wrong_byte) {
+    char why[512];
+    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", \"minLength\": 2, "
+                                 "\"maxLength\": 3}, \"b\": {\"type\": [\"string\", \"null\"], \"maxLength\": 0}, "
+                                 "\"m\": {\"type\": \"integer\", \"multipleOf\": 25, \"minimum\": -60, \"maximum\": 130}, "
+                                 "\"e\": {\"type\": \"integer\", \"multipleOf\": 2}}}",
+                                 why, sizeof why);
+    CHECK_MSG(s, "%s", why);
+    static const RefusalCase cases[] = {
+        {"{\"a\": \"xy\"}", -1, 1},
+        {"{\"a\": \"x\"}", 8, 0},                 // one character: the quote comes too early
+        {"{\"a\": \"xyz\"}", -1, 1},
+        {"{\"a\": \"xyzw\"}", 10, 0},             // a fourth character, at its first byte
+        {"{\"a\": \"\xc3\xa9\xe2\x9c\x93\xf0\x9f\x98\x80\"}", -1, 1},  // é ✓ 😀: three code points
+        {"{\"a\": \"\xc3\xa9\xe2\x9c\x93\xf0\x9f\x98\x80\xc3\xa9\"}", 16, 0},  // a fourth: its lead byte
+        {"{\"a\": \"\\ud83d\\ude00x\"}", -1, 1},  // a surrogate pair is one character: two in all
+        {"{\"a\": \"xy\\n\"}", -1, 1},
+        {"{\"a\": \"xyz\\n\"}", 10, 0},         // an escape is refused at its backslash
+        {"{\"b\": \"\"}", -1, 1},
+        {"{\"b\": \"x\"}", 7, 0},
+        {"{\"b\": null}", -1, 1},
+        {"{\"m\": 125}", -1, 1},
+        {"{\"m\": -50}", -1, 1},
+        {"{\"m\": 0}", -1, 1},
+        {"{\"m\": -0}", -1, 1},
+        {"{\"m\": 12", -1, 0},                      // 125 is ahead
+        {"{\"m\": 12}", 8, 0},
+        {"{\"m\": 13", 7, 0},                       // 13x is past 130 and no multiple of 25 is 13
+        {"{\"m\": -7", 7, 0},                       // -75 is below -60
+        {"{\"m\": 150}", 7, 0},                     // 15 is no multiple, 150 and longer are past 130
+        {"{\"e\": 123456789012345678}", -1, 1},     // 18 digits, even
+        {"{\"e\": 123456789012345677}", 23, 0},     // odd at the 18th digit, after which none may come
+        {"{\"e\": -14}", -1, 1},
+        {"{\"e\": 7}", 7, 0},
+    };
+    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
+    json_schema_free(s);
+}
+
 TEST(test_json_schema_compile_refusals_name_the_path) {
     static const struct {
         const char *schema, *why;
     } cases[] = {
-        {"{\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\", \"minLength\": 1}}}",
-         "schema.properties.name: 'minLength' is not supported"},
+        {"{\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\", \"minProperties\": 1}}}",
+         "schema.properties.name: 'minProperties' is not supported"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"number\", \"minimum\": 0}}}",
-         "schema.properties.x: 'minimum'/'maximum' are supported on integers only"},
+         "schema.properties.x: 'minimum' is supported on integers only"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"number\", \"multipleOf\": 2}}}",
+         "'multipleOf' is supported on integers only"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"multipleOf\": 0.5}}}",
+         "'multipleOf' must be a whole number above 0"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"multipleOf\": 0}}}",
+         "'multipleOf' must be a whole number above 0"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"multipleOf\": 7, \"minimum\": 8, "
+         "\"maximum\": 13}}}", "is a multiple of 'multipleOf'"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"type\": \"string\", \"minLength\": 3, \"maxLength\": 2}}}",
+         "schema.properties.s: 'minLength' is above 'maxLength'"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"type\": \"string\", \"maxLength\": -1}}}",
+         "'maxLength' must be an integer from 0"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"type\": \"string\", \"minLength\": 1.5}}}",
+         "'minLength' must be an integer from 0"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"enum\": [\"a\"], \"maxLength\": 3}}}",
+         "'maxLength' beside 'enum'"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"minimum\": 0}}}", "supported on integers only"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"enum\": [1, 2], \"minimum\": 0}}}", "beside 'enum'"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"minimum\": 2.5, \"maximum\": 2.9}}}",

@@ -97,6 +97,20 @@ RANGES = {  # integer bounds, inclusive and exclusive, whole and not
     "additionalProperties": False,
 }
 
+STRINGS = {  # string lengths (code points) and integer multiples
+    "type": "object",
+    "properties": {
+        "code": {"type": "string", "minLength": 2, "maxLength": 4},
+        "note": {"type": ["string", "null"], "maxLength": 1},
+        "word": {"type": "string", "minLength": 3},
+        "even": {"type": "integer", "multipleOf": 2},
+        "step": {"type": "integer", "multipleOf": 5, "minimum": -12, "maximum": 40},
+        "list": {"type": "array", "items": {"type": "string", "maxLength": 2}, "maxItems": 3},
+    },
+    "required": ["code"],
+    "additionalProperties": False,
+}
+
 CASES = [
     (PERSON, [{"name": "Ada", "age": 36, "role": "admin"},
               {"name": "Bob \"B\" \\ é ✓", "age": -3, "height": 1.5, "email": None, "tags": ["a", "b"], "role": "guest",
@@ -111,10 +125,14 @@ CASES = [
                "nested": [[1, 2], [], [3]]}]),
     (RANGES, [{"count": 1}, {"count": 100, "offset": 7, "year": None, "debt": -1000, "digits": [0, 9]},
               {"count": 42, "offset": -4, "year": 2024, "digits": []}]),
+    (STRINGS, [{"code": "ab"},
+               {"code": "é✓😀x", "note": "😀", "word": "abc", "even": -4, "step": 35, "list": ["", "ab"]},
+               {"code": "x\"\\", "note": None, "step": -10, "even": 0, "list": []}]),
 ]
 
 SCALARS = ["", "x", "admin", "tree", 0, 1, 3, -7, 2.5, -0.125, True, False, None,
-           100, 101, -4, -5, 7, 8, 1899, 1900, -999, -1000, 10, -1001]
+           100, 101, -4, -5, 7, 8, 1899, 1900, -999, -1000, 10, -1001,
+           "ab", "abcde", "😀", "é✓", "\n\t", 35, 40, 45, -10, -15, 6, 15]
 
 
 def random_value(rng, depth=0):

@@ -30,9 +30,12 @@ typedef struct Node {
     // arrays
     uint16_t items;
     long min_items, max_items;  // max -1: none
-    // integers: minimum / maximum / exclusiveMinimum / exclusiveMaximum as the integers [lo, hi]
+    // integers: minimum / maximum / exclusiveMinimum / exclusiveMaximum as the integers [lo, hi],
+    // and multipleOf (1: none); has_range: either is given
     int has_range;
-    int64_t lo, hi;
+    int64_t lo, hi, multiple;
+    // strings: minLength / maxLength, in characters (code points); max -1: none
+    long min_len, max_len;
     // enum / const: the values' JSON texts (scalars)
     int n_enum;
     char **enum_text;
@@ -113,6 +116,8 @@ static int node_new(Compiler *c, const json_t *from, const char *path) {
     nd->additional = 1;
     nd->items = JSON_SCHEMA_ANY;
     nd->max_items = -1;
+    nd->multiple = 1;
+    nd->max_len = -1;
     c->memo[i] = from;
     return i;
 }
@@ -124,8 +129,10 @@ static const char *const ANNOTATIONS[] = {"title",   "description", "default",  
 static const char *const KEYWORDS[] = {"type",     "properties", "required", "additionalProperties", "items", "minItems",
                                        "maxItems", "enum",       "const",    "anyOf",                "oneOf", "$ref",
                                        "nullable", "minimum",    "maximum",  "exclusiveMinimum",     "exclusiveMaximum",
-                                       NULL};
-static const char *const RANGE_KEYWORDS[] = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", NULL};
+                                       "multipleOf", "minLength", "maxLength", NULL};
+// (the bounds first, in this order: compile_range reads them by index)
+static const char *const RANGE_KEYWORDS[] = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", NULL};
+static const char *const LENGTH_KEYWORDS[] = {"minLength", "maxLength", NULL};
 
 // The largest magnitude JSON mode's grammar writes: 18 integer digits.
 #define INT_MAX_MAG 999999999999999999LL
@@ -336,10 +343,21 @@ static int compile(Compiler *c, const json_t *js, const char *path) {
     return rc;
 }
 
-static int has_range_keyword(const json_t *js) {
-    for (int i = 0; RANGE_KEYWORDS[i]; i++)
-        if (json_object_get(js, RANGE_KEYWORDS[i])) return 1;
-    return 0;
+// The first of the keywords that js has, or NULL.
+static const char *keyword_in(const json_t *js, const char *const *list) {
+    for (int i = 0; list[i]; i++)
+        if (json_object_get(js, list[i])) return list[i];
+    return NULL;
+}
+
+// Whether [a, b] ∩ [lo, hi] holds a multiple of the node's multipleOf.
+static int has_multiple(const Node *nd, int64_t a, int64_t b) {
+    a = a > nd->lo ? a : nd->lo;
+    b = b < nd->hi ? b : nd->hi;
+    if (a > b) return 0;
+    int64_t r = a % nd->multiple;  // (magnitudes below 1e18 + 1: no overflow)
+    if (r < 0) r += nd->multiple;
+    return (r == 0 ? a : a + (nd->multiple - r)) <= b;
 }
 
 // A bound as an integer, clamped to the grammar's magnitudes: up = 1 rounds up (a lower bound), 0
@@ -355,16 +373,25 @@ static int64_t int_bound(const json_t *v, int up, int strict) {
     return r > 1e18 ? INT_MAX_MAG + 1 : r < -1e18 ? -INT_MAX_MAG - 1 : (int64_t)r;
 }
 
-// minimum / maximum / exclusiveMinimum / exclusiveMaximum on a node's integers (JSON Schema applies
-// them to numbers only: a node that takes no numbers ignores them; one that takes non-integer
-// numbers is refused — this automaton bounds integers only).
+// minimum / maximum / exclusiveMinimum / exclusiveMaximum / multipleOf on a node's integers (JSON
+// Schema applies them to numbers only: a node that takes no numbers ignores them; one that takes
+// non-integer numbers is refused — this automaton bounds integers only).
 static int compile_range(Compiler *c, int i, const json_t *js, const char *path) {
-    if (!has_range_keyword(js)) return 0;
+    const char *kw = keyword_in(js, RANGE_KEYWORDS);
+    if (!kw) return 0;
     Node *nd = &c->s->nodes[i];
     if (nd->kinds >> K_NUMBER & 1)
-        return fail(c, path, "'minimum'/'maximum' are supported on integers only: give 'type': 'integer'");
+        return fail(c, path, "'%s' is supported on integers only: give 'type': 'integer'", kw);
+    const json_t *mult = json_object_get(js, "multipleOf");
+    int64_t multiple = 1;
+    if (mult) {
+        double m = json_number_value(mult);
+        if (!json_is_number(mult) || !(m > 0) || m != floor(m))
+            return fail(c, path, "'multipleOf' must be a whole number above 0 (on integers)");
+        multiple = m > (double)INT_MAX_MAG ? INT_MAX_MAG + 1 : json_is_integer(mult) ? (int64_t)json_integer_value(mult) : (int64_t)m;
+    }
     int64_t lo = -INT_MAX_MAG, hi = INT_MAX_MAG;
-    for (int r = 0; RANGE_KEYWORDS[r]; r++) {
+    for (int r = 0; r < 4; r++) {
         const json_t *v = json_object_get(js, RANGE_KEYWORDS[r]);
         if (!v) continue;
         if (!json_is_number(v) || !isfinite(json_number_value(v)))
@@ -374,11 +401,29 @@ static int compile_range(Compiler *c, int i, const json_t *js, const char *path)
         if (lower && b > lo) lo = b;
         if (!lower && b < hi) hi = b;
     }
-    if (lo > hi) return fail(c, path, "no integer of at most 18 digits lies within 'minimum'/'maximum'");
-    if (!(nd->kinds >> K_INTEGER & 1)) return 0;  // no numbers: the bounds say nothing
-    nd->has_range = 1;
     nd->lo = lo;
     nd->hi = hi;
+    nd->multiple = multiple;
+    if (!has_multiple(nd, lo, hi))
+        return fail(c, path, "no integer of at most 18 digits lies within 'minimum'/'maximum'%s",
+                    multiple > 1 ? " and is a multiple of 'multipleOf'" : "");
+    if (!(nd->kinds >> K_INTEGER & 1)) return 0;  // no numbers: the bounds say nothing
+    nd->has_range = 1;
+    return 0;
+}
+
+// minLength / maxLength: a string's length in characters (code points, as JSON Schema counts).
+static int compile_length(Compiler *c, int i, const json_t *js, const char *path) {
+    Node *nd = &c->s->nodes[i];
+    for (int r = 0; LENGTH_KEYWORDS[r]; r++) {
+        const json_t *v = json_object_get(js, LENGTH_KEYWORDS[r]);
+        if (!v) continue;
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > JSON_SCHEMA_MAX_LENGTH)
+            return fail(c, path, "'%s' must be an integer from 0 to %d", LENGTH_KEYWORDS[r], JSON_SCHEMA_MAX_LENGTH);
+        if (r == 0) nd->min_len = (long)json_integer_value(v);
+        else nd->max_len = (long)json_integer_value(v);
+    }
+    if (nd->max_len >= 0 && nd->min_len > nd->max_len) return fail(c, path, "'minLength' is above 'maxLength'");
     return 0;
 }
 
@@ -416,7 +461,9 @@ static int compile_body(Compiler *c, const json_t *js, const char *path) {
     const json_t *type = json_object_get(js, "type"), *en = json_object_get(js, "enum"), *cn = json_object_get(js, "const");
     if (en && cn) return fail(c, path, "both 'enum' and 'const'");
     if (en && !json_is_array(en)) return fail(c, path, "'enum' must be an array");
-    if ((en || cn) && has_range_keyword(js)) return fail(c, path, "'minimum'/'maximum' beside '%s' is not supported", en ? "enum" : "const");
+    const char *kw = keyword_in(js, RANGE_KEYWORDS);
+    kw = kw ? kw : keyword_in(js, LENGTH_KEYWORDS);
+    if ((en || cn) && kw) return fail(c, path, "'%s' beside '%s' is not supported", kw, en ? "enum" : "const");
     if (en || cn) {
         json_t *one_value = cn ? json_pack("[O]", cn) : NULL;
         int rc = compile_enum(c, i, en ? en : one_value, path);
@@ -443,7 +490,9 @@ static int compile_body(Compiler *c, const json_t *js, const char *path) {
         c->s->nodes[i].kinds = kinds;
     }
     if (json_is_true(json_object_get(js, "nullable"))) c->s->nodes[i].kinds |= 1u << K_NULL;
-    if (compile_object(c, i, js, path) || compile_array(c, i, js, path) || compile_range(c, i, js, path)) return -1;
+    if (compile_object(c, i, js, path) || compile_array(c, i, js, path) || compile_range(c, i, js, path) ||
+        compile_length(c, i, js, path))
+        return -1;
     return i;
 }
 
@@ -527,7 +576,7 @@ int json_schema_prefix_complete(const JsonSchemaPrefix *p) { return !p->bad && j
 int json_schema_prefix_at_free_text(const JsonSchemaPrefix *p) {
     if (p->bad || !json_prefix_at_text(&p->lex)) return 0;
     if (!p->schema) return 1;
-    if (p->in_value) return p->schema->nodes[p->val_node].n_enum == 0;
+    if (p->in_value) return p->schema->nodes[p->val_node].n_enum == 0 && p->schema->nodes[p->val_node].max_len < 0;
     const JsonSchemaFrame *f = p->depth ? &p->frames[p->depth - 1] : NULL;
     return f && f->in_key && p->schema->nodes[f->node].additional;  // any key may be written
 }
@@ -566,12 +615,12 @@ static int enum_byte(JsonSchemaPrefix *p, const Node *nd, uint8_t c) {
 // all, the magnitudes [mag·10^j, (mag + 1)·10^j − 1], j = L − digits.
 static int int_reachable(const Node *nd, const JsonSchemaPrefix *p) {
     int neg = p->num_neg;
-    if (p->num_digits == 0) return (nd->lo <= 0 && nd->hi >= 0) || (neg && nd->lo <= -1);  // "-": -0 or below
-    if (p->num_zero) return nd->lo <= 0 && nd->hi >= 0;
+    if (p->num_digits == 0) return has_multiple(nd, 0, 0) || has_multiple(nd, -INT_MAX_MAG, -1);  // "-": -0 or below
+    if (p->num_zero) return has_multiple(nd, 0, 0);
     int64_t a = p->num_mag, b = p->num_mag;
     for (int L = p->num_digits; L <= 18; L++) {
         int64_t v0 = neg ? -b : a, v1 = neg ? -a : b;
-        if (v1 >= nd->lo && v0 <= nd->hi) return 1;
+        if (has_multiple(nd, v0, v1)) return 1;
         if (L < 18) a *= 10, b = b * 10 + 9;
     }
     return 0;
@@ -595,7 +644,7 @@ static int value_end(JsonSchemaPrefix *p) {
     p->in_value = 0;
     if (nd->has_range && p->val_kind == K_INTEGER) {
         int64_t v = p->num_neg ? -p->num_mag : p->num_mag;
-        if (p->num_digits == 0 || v < nd->lo || v > nd->hi) return -1;
+        if (p->num_digits == 0 || v < nd->lo || v > nd->hi || v % nd->multiple) return -1;
     }
     for (int i = 0; i < nd->n_enum; i++)
         if ((p->val_live >> i & 1) && nd->enum_len[i] == p->val_len) return 0;
@@ -632,6 +681,7 @@ static int value_begin(JsonSchemaPrefix *p, uint8_t c) {
     p->val_len = 0;
     p->val_live = low_bits(s->nodes[b].n_enum);
     p->num_mag = 0, p->num_digits = p->num_neg = p->num_zero = 0;
+    p->str_chars = 0;
     if (k == K_INTEGER && int_byte(p, &s->nodes[b], c)) return -1;
     return enum_byte(p, &s->nodes[b], c);
 }
@@ -670,10 +720,21 @@ static int key_byte(JsonSchemaPrefix *p, JsonSchemaFrame *f, uint8_t c, int ends
     return nd->additional ? 0 : -1;
 }
 
+// Byte c of a string value at its text (not inside an escape or a multi-byte character): its
+// closing quote or the first byte of a character, against minLength / maxLength.
+static int string_text_byte(JsonSchemaPrefix *p, const Node *nd, uint8_t c) {
+    if (c == '"') return p->str_chars < (uint32_t)nd->min_len ? -1 : 0;
+    if (nd->max_len >= 0 && p->str_chars >= (uint32_t)nd->max_len) return -1;
+    p->str_chars++;
+    return 0;
+}
+
 static int step(JsonSchemaPrefix *p, uint8_t c) {
+    int text = p->in_value && p->val_kind == K_STRING && json_prefix_at_text(&p->lex);
     int ev = json_prefix_step(&p->lex, c);
     if (ev < 0 || !p->schema) return ev < 0 ? -1 : 0;
     const JsonSchema *s = p->schema;
+    if (text && string_text_byte(p, &s->nodes[p->val_node], c)) return -1;
     if (p->in_value) {
         int number = p->val_kind == K_NUMBER || p->val_kind == K_INTEGER;
         if (number && (ev & JSON_EV_END)) {  // the number ended before c, which goes on below

@@ -10,14 +10,15 @@
 //   true, as JSON Schema says), items, minItems, maxItems, enum and const (of strings, numbers,
 //   booleans and null, matched as their JSON text), anyOf / oneOf whose branches begin with
 //   different bytes (object, array, string, number or integer, boolean, null: the common
-//   `anyOf: [{...}, {"type": "null"}]` of an optional field), minimum, maximum, exclusiveMinimum
-//   and exclusiveMaximum on integers (a digit is refused as soon as no integer it begins can end
-//   in range; not on other numbers, not beside enum), $ref to "#", "#/$defs/NAME" or
-//   "#/definitions/NAME" (recursion included), nullable (OpenAPI's), and the annotations title,
-//   description, default, examples, format (an annotation in JSON Schema's default vocabulary),
-//   $schema, $id, $comment, deprecated, readOnly, writeOnly, strict.
-// Any other keyword (pattern, minLength, allOf, ...) is refused at compile time with its
-// path, rather than approximated. The root must accept an object. Members may come in any order,
+//   `anyOf: [{...}, {"type": "null"}]` of an optional field), minimum, maximum, exclusiveMinimum,
+//   exclusiveMaximum and multipleOf on integers (a digit is refused as soon as no integer it
+//   begins can end in range as a multiple; not on other numbers, not beside enum), minLength and
+//   maxLength on strings (characters = code points, a surrogate pair one; not beside enum), $ref
+//   to "#", "#/$defs/NAME" or "#/definitions/NAME" (recursion included), nullable (OpenAPI's),
+//   and the annotations title, description, default, examples, format (an annotation in JSON
+//   Schema's default vocabulary), $schema, $id, $comment, deprecated, readOnly, writeOnly, strict.
+// Any other keyword (pattern, allOf, ...) is refused at compile time with its path, rather than
+// approximated. The root must accept an object. Members may come in any order,
 // each at most once; a key is matched as the JSON text of a property's name (escapes written
 // otherwise than JSON's shortest form do not match); an additional property (allowed) takes any
 // value. Limits: JSON_SCHEMA_MAX_PROPS properties per object, JSON_SCHEMA_MAX_ENUM values per
@@ -34,6 +35,7 @@
 #define JSON_SCHEMA_MAX_PROPS 64
 #define JSON_SCHEMA_MAX_ENUM 64
 #define JSON_SCHEMA_MAX_NODES 4096
+#define JSON_SCHEMA_MAX_LENGTH 1000000  // minLength / maxLength at most
 // The node of an unconstrained value (true, {}, an additional property's value).
 #define JSON_SCHEMA_ANY 0
 
@@ -64,6 +66,7 @@ typedef struct JsonSchemaPrefix {
     uint16_t val_len;          // its bytes so far
     int64_t num_mag;           // an integer with a range: the magnitude of its digits so far
     uint8_t num_digits, num_neg, num_zero;  // and their count, its sign, a first digit 0
+    uint32_t str_chars;        // a string value: its characters so far
     uint8_t in_value;          // a scalar value is being read
     uint8_t val_kind;          // its kind (json_schema.c: string, number, integer, boolean, null)
     uint8_t depth;             // open containers (frames in use)
