@@ -2,7 +2,8 @@
 // structured-output answer every id of the vocabulary is tried against the answer's automaton.
 // Milliseconds per token, one thread, with DeepSeek-V3's own tokenizer.json (129,280 ids: the npm
 // package the tokenizer tests install) — or, without node, a 4,096-token tokenizer trained here —
-// at a point where a value begins and inside a string, for JSON mode and under a schema.
+// at a point where a value begins, inside a string and inside a string held to a pattern, for JSON
+// mode and under a schema.
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,7 +13,8 @@
 
 #define SCHEMA                                                                                                   \
     "{\"type\": \"object\", \"properties\": {\"user\": {\"type\": \"object\", \"properties\": {\"name\": {\"type\": " \
-    "\"string\"}, \"age\": {\"type\": \"integer\"}, \"role\": {\"enum\": [\"admin\", \"guest\"]}}, \"required\": "  \
+    "\"string\"}, \"age\": {\"type\": \"integer\"}, \"role\": {\"enum\": [\"admin\", \"guest\"]}, \"email\": "       \
+    "{\"type\": \"string\", \"pattern\": \"^[a-z0-9._]+@[a-z0-9.-]+\\\\.[a-z]{2,}$\"}}, \"required\": "             \
     "[\"name\", \"age\"], \"additionalProperties\": false}}, \"required\": [\"user\"], \"additionalProperties\": false}"
 
 // The tokenizer to measure with: V3's, or a trained stand-in; its path in out.
@@ -79,8 +81,9 @@ int main(void) {
            "(once per server) %.1f ms\n", path, V, (omp_get_wtime() - t0) * 1e3);
     static const struct {
         const char *where, *prefix;
-    } at[] = {{"a value begins", "{\"user\": {\"name\": \"Ada\", \"age\": "}, {"inside a string", "{\"user\": {\"name\": \"Ad"}};
-    for (int i = 0; i < 2; i++) {
+    } at[] = {{"a value begins", "{\"user\": {\"name\": \"Ada\", \"age\": "}, {"inside a string", "{\"user\": {\"name\": \"Ad"},
+              {"in a pattern", "{\"user\": {\"email\": \"ada.l"}};
+    for (int i = 0; i < 3; i++) {
         double plain = mask_ms(&v, NULL, at[i].prefix, logits), schema = mask_ms(&v, s, at[i].prefix, logits);
         printf("  %-16s JSON mode %6.2f ms   json_schema %6.2f ms\n", at[i].where, plain, schema);
     }

@@ -209,6 +209,37 @@ TEST(test_json_schema_lengths_and_multiples_refuse_at_the_first_wrong_byte) {
     json_schema_free(s);
 }
 
+// A string with a pattern is refused at the first byte after which no completion can match: a
+// multi-byte character or an escape at the byte that rules out every code point the pattern could
+// take next (the escape's hex digits narrowing it, a surrogate pair's two halves together), the
+// closing quote when the string does not match. Escapes stand for their characters.
+TEST(test_json_schema_pattern_refuses_at_the_first_wrong_byte) {
+    char why[512];
+    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"id\": {\"type\": \"string\", \"pattern\": "
+                                 "\"^[a-z]{2}[0-9]$\"}, \"t\": {\"type\": \"string\", \"pattern\": \"\xc3\xa9$\"}, "
+                                 "\"u\": {\"type\": \"string\", \"pattern\": \"^\\\\u00e9|^\xf0\x9f\x98\x80\"}}}",
+                                 why, sizeof why);
+    CHECK_MSG(s, "%s", why);
+    static const RefusalCase cases[] = {
+        {"{\"id\": \"ab1\"}", -1, 1},
+        {"{\"id\": \"a1\"}", 9, 0},
+        {"{\"id\": \"ab\"}", 10, 0},               // the quote: no digit yet
+        {"{\"id\": \"ab12\"}", 11, 0},
+        {"{\"id\": \"\\u0061b1\"}", -1, 1},        // an escaped letter is the letter
+        {"{\"id\": \"\xc3\xa9\"}", 8, 0},           // a two-byte character cannot be a-z: its lead byte
+        {"{\"id\": \"\\u00e9\"}", 12, 0},          // U+00E0..U+00EF holds no a-z: at the digit saying so
+        {"{\"t\": \"x\xc3\xa9\"}", -1, 1},
+        {"{\"t\": \"\xc3\xa9x\"}", 10, 0},          // anything may come (the match is at the end), but must end in é
+        {"{\"t\": \"\\u00e9\"}", -1, 1},
+        {"{\"u\": \"\\ud83d\\ude00\"}", -1, 1},   // a surrogate pair is its code point
+        {"{\"u\": \"\\ud83d\\ude01\"}", 18, 0},
+        {"{\"u\": \"\xf0\x9f\x98\x81\"}", 10, 0},  // U+1F601: at the byte that tells it from U+1F600
+        {"{\"u\": \"\xc3\xa9tail\"}", -1, 1},       // ^é matched: anything may follow
+    };
+    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
+    json_schema_free(s);
+}
+
 TEST(test_json_schema_compile_refusals_name_the_path) {
     static const struct {
         const char *schema, *why;
@@ -233,6 +264,19 @@ TEST(test_json_schema_compile_refusals_name_the_path) {
          "'minLength' must be an integer from 0"},
         {"{\"type\": \"object\", \"properties\": {\"s\": {\"enum\": [\"a\"], \"maxLength\": 3}}}",
          "'maxLength' beside 'enum'"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"type\": \"string\", \"pattern\": \"(?=a)\"}}}",
+         "schema.properties.s: 'pattern': lookahead (?= is not supported"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"(a)\\\\1\"}}}", "backreferences"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"a{,2}\"}}}", "'{,' is ambiguous"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"(ab\"}}}", "a group '(' is not closed"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"a**\"}}}", "a quantifier after a quantifier"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"[b-a]\"}}}", "out of order"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"\\\\bword\"}}}", "\\b is not supported"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"a{200}b{200}\"}}}", "more than 256 states"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": 5}}}", "'pattern' must be a string"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"a\", \"maxLength\": 3}}}",
+         "'pattern' beside 'maxLength' is not supported"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"enum\": [\"a\"], \"pattern\": \"a\"}}}", "'pattern' beside 'enum'"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"minimum\": 0}}}", "supported on integers only"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"enum\": [1, 2], \"minimum\": 0}}}", "beside 'enum'"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"minimum\": 2.5, \"maximum\": 2.9}}}",

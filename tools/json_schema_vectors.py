@@ -111,6 +111,20 @@ STRINGS = {  # string lengths (code points) and integer multiples
     "additionalProperties": False,
 }
 
+PATTERNS = {  # pattern: anchored, unanchored, non-ASCII, inside arrays (no \\w: Python's is Unicode's)
+    "type": "object",
+    "properties": {
+        "zip": {"type": "string", "pattern": "^\\d{5}(-\\d{4})?$"},
+        "id": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,7}$"},
+        "tag": {"type": "string", "pattern": "x"},
+        "date": {"type": ["string", "null"], "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+        "emoji": {"type": "string", "pattern": "^(é|✓|😀)+$"},
+        "list": {"type": "array", "items": {"type": "string", "pattern": "^(ab|cd)*$"}, "maxItems": 3},
+    },
+    "required": ["id"],
+    "additionalProperties": False,
+}
+
 CASES = [
     (PERSON, [{"name": "Ada", "age": 36, "role": "admin"},
               {"name": "Bob \"B\" \\ é ✓", "age": -3, "height": 1.5, "email": None, "tags": ["a", "b"], "role": "guest",
@@ -128,11 +142,15 @@ CASES = [
     (STRINGS, [{"code": "ab"},
                {"code": "é✓😀x", "note": "😀", "word": "abc", "even": -4, "step": 35, "list": ["", "ab"]},
                {"code": "x\"\\", "note": None, "step": -10, "even": 0, "list": []}]),
+    (PATTERNS, [{"id": "a"},
+                {"id": "abc_12", "zip": "12345-6789", "tag": "axb", "date": "2024-01-02", "emoji": "é😀✓", "list": ["", "abcd"]},
+                {"id": "z", "zip": "00000", "date": None, "list": ["cdab"], "tag": "x"}]),
 ]
 
 SCALARS = ["", "x", "admin", "tree", 0, 1, 3, -7, 2.5, -0.125, True, False, None,
            100, 101, -4, -5, 7, 8, 1899, 1900, -999, -1000, 10, -1001,
-           "ab", "abcde", "😀", "é✓", "\n\t", 35, 40, 45, -10, -15, 6, 15]
+           "ab", "abcde", "😀", "é✓", "\n\t", 35, 40, 45, -10, -15, 6, 15,
+           "12345", "1234", "12345-678", "2024-13-99", "axb", "abcd", "cd", "é😀", "a_1", "A1", "abcdefghi"]
 
 
 def random_value(rng, depth=0):

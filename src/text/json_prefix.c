@@ -108,6 +108,17 @@ static int after_value(JsonPrefix *p, uint8_t c) {
     return -1;
 }
 
+// The escapes of one character and what they stand for.
+static const char ESCAPES[] = "\"\\/bfnrt", ESCAPED[] = "\"\\/\b\f\n\r\t";
+
+// A character of a string is complete: code point cp.
+static int char_done(JsonPrefix *p, uint32_t cp) {
+    p->cp = cp;
+    p->events |= JSON_EV_CHAR;
+    p->state = S_STRING;
+    return 0;
+}
+
 // The first byte of a UTF-8 character in a string, 0x80 or above: how many continuation bytes
 // follow and the range of the first (RFC 3629: no overlongs, surrogates or code points past
 // U+10FFFF).
@@ -125,8 +136,51 @@ static int utf8_lead(JsonPrefix *p, uint8_t c) {
     } else {
         return -1;
     }
+    p->cp = c & (0x3F >> p->pending);  // the lead byte's bits of the code point
     p->state = S_UTF8;
     return 0;
+}
+
+// [lo, hi] ∩ the code points an escape can write (every one but U+0000 and the surrogates) into
+// the ranges out[*n ..].
+static void add_writable(uint32_t lo, uint32_t hi, uint32_t out[][2], int *n) {
+    static const uint32_t W[2][2] = {{1, 0xD7FF}, {0xE000, 0x10FFFF}};
+    for (int i = 0; i < 2; i++) {
+        uint32_t a = lo > W[i][0] ? lo : W[i][0], b = hi < W[i][1] ? hi : W[i][1];
+        if (a <= b) out[*n][0] = a, out[*n][1] = b, ++*n;
+    }
+}
+
+int json_prefix_char_range(const JsonPrefix *p, uint32_t out[3][2]) {
+    int n = 0;
+    switch (p->state) {
+    case S_UTF8: {  // the next byte in [lo, hi], any continuation bytes after it
+        int rest = 6 * (p->pending - 1);
+        out[0][0] = (p->cp << 6 | (p->lo & 0x3Fu)) << rest;
+        out[0][1] = (p->cp << 6 | (p->hi & 0x3Fu)) << rest | ((1u << rest) - 1);
+        return 1;
+    }
+    case S_ESCAPE: add_writable(1, 0x10FFFF, out, &n); return n;
+    case S_UHEX: {
+        uint32_t lo = (uint32_t)p->code << (4 * p->pending), hi = lo + (1u << (4 * p->pending)) - 1;
+        if (p->low_due) {  // the low half of a pair: its code point follows from the two
+            lo = lo > 0xDC00 ? lo : 0xDC00, hi = hi < 0xDFFF ? hi : 0xDFFF;
+            uint32_t base = 0x10000 + ((p->cp - 0xD800) << 10);
+            out[0][0] = base + lo - 0xDC00, out[0][1] = base + hi - 0xDC00;
+            return lo <= hi;
+        }
+        add_writable(lo < 0xFFFF ? lo : 0xFFFF, hi < 0xFFFF ? hi : 0xFFFF, out, &n);  // one escape: the BMP
+        uint32_t a = lo > 0xD800 ? lo : 0xD800, b = hi < 0xDBFF ? hi : 0xDBFF;  // a high surrogate: a pair
+        if (a <= b) out[n][0] = 0x10000 + ((a - 0xD800) << 10), out[n][1] = 0x10000 + ((b - 0xD800) << 10) + 0x3FF, n++;
+        return n;
+    }
+    case S_LOW_SLASH:
+    case S_LOW_U:
+        out[0][0] = 0x10000 + ((p->cp - 0xD800) << 10);
+        out[0][1] = out[0][0] + 0x3FF;
+        return 1;
+    default: return 0;
+    }
 }
 
 // One byte; 0 or -1.
@@ -144,22 +198,25 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
             return 0;
         }
         if (c < 0x20) return -1;  // control characters are escaped in JSON
-        return c < 0x80 ? 0 : utf8_lead(p, c);
+        if (c >= 0x80) return utf8_lead(p, c);
+        return char_done(p, c);
     case S_UTF8:
         if (c < p->lo || c > p->hi) return -1;
         p->lo = 0x80, p->hi = 0xBF;
-        if (--p->pending == 0) p->state = S_STRING;
+        p->cp = p->cp << 6 | (c & 0x3F);
+        if (--p->pending == 0) return char_done(p, p->cp);
         return 0;
-    case S_ESCAPE:
+    case S_ESCAPE: {
         if (c == 'u') {
             p->state = S_UHEX;
             p->pending = 4;
             p->code = 0;
             return 0;
         }
-        if (!strchr("\"\\/bfnrt", c) || c == 0) return -1;
-        p->state = S_STRING;
-        return 0;
+        const char *e = c ? strchr(ESCAPES, c) : NULL;
+        if (!e) return -1;
+        return char_done(p, (uint8_t)ESCAPED[e - ESCAPES]);
+    }
     case S_UHEX: {
         int h = hex_value(c);
         if (h < 0) return -1;
@@ -172,15 +229,16 @@ static int feed_byte(JsonPrefix *p, uint8_t c) {
             return 0;
         }
         int high = p->code >= 0xD800 && p->code <= 0xDBFF, low = p->code >= 0xDC00 && p->code <= 0xDFFF;
-        if (p->low_due) {  // this was the second half of a surrogate pair
+        if (p->low_due) {  // this was the second half of a surrogate pair (the first is in cp)
             p->low_due = 0;
             if (!low) return -1;
-            p->state = S_STRING;
-            return 0;
+            return char_done(p, 0x10000 + ((p->cp - 0xD800) << 10) + (p->code - 0xDC00u));
         }
         if (low || p->code == 0) return -1;  // a low surrogate alone; U+0000, which many parsers refuse
-        p->low_due = (uint8_t)high;
-        p->state = high ? S_LOW_SLASH : S_STRING;
+        if (!high) return char_done(p, p->code);
+        p->low_due = 1;
+        p->cp = p->code;
+        p->state = S_LOW_SLASH;
         return 0;
     }
     case S_LOW_SLASH:

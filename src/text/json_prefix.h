@@ -33,6 +33,8 @@ typedef struct JsonPrefix {
     uint8_t space;                          // whitespace bytes in a row
     uint8_t low_due;                        // the \u escape being read must be a low surrogate
     uint16_t code;                          // the \u escape's value so far
+    uint32_t cp;                            // the string character being read: its bits so far (UTF-8),
+                                            // the high surrogate of a pair; once complete, its code point
     uint8_t events;                         // what the last byte did (JSON_EV_*)
     uint8_t stack[JSON_PREFIX_MAX_DEPTH];   // '{' or '[' per open container
 } JsonPrefix;
@@ -46,6 +48,7 @@ enum {
                            // byte that reports it (the byte then does what else it reports)
     JSON_EV_COMMA = 16,    // a comma between the members or elements of a container
     JSON_EV_CLOSE = 32,    // closes the innermost container ('}' or ']')
+    JSON_EV_CHAR = 64,     // completes a character of a string (a key's or a value's): its code point in cp
 };
 
 void json_prefix_init(JsonPrefix *p);
@@ -62,6 +65,10 @@ int json_prefix_between_tokens(const JsonPrefix *p);
 // 1 when the next byte is a string's text (inside a string, not in an escape or a multi-byte
 // character): any run of whole characters without '"', '\\' or control characters goes on.
 int json_prefix_at_text(const JsonPrefix *p);
+// Inside a character of a string (a multi-byte character or an escape begun, not complete): the code
+// points it can still become, as up to three ranges [out[i][0], out[i][1]]; their count, 0 when
+// not inside one. Exact: each code point in them has a completion the grammar accepts.
+int json_prefix_char_range(const JsonPrefix *p, uint32_t out[3][2]);
 // One byte: what it did (JSON_EV_* flags, 0 for a byte inside a token or whitespace), or -1 when
 // the document can no longer be the beginning of an object (as json_prefix_feed).
 int json_prefix_step(JsonPrefix *p, uint8_t c);

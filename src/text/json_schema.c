@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "text/json_schema.h"
+#include "text/pattern.h"
 
 // The kinds of JSON value a schema tells apart by a value's first byte.
 enum { K_OBJECT, K_ARRAY, K_STRING, K_NUMBER, K_INTEGER, K_BOOLEAN, K_NULL, N_KINDS };
@@ -34,8 +35,9 @@ typedef struct Node {
     // and multipleOf (1: none); has_range: either is given
     int has_range;
     int64_t lo, hi, multiple;
-    // strings: minLength / maxLength, in characters (code points); max -1: none
+    // strings: minLength / maxLength, in characters (code points); max -1: none; pattern or NULL
     long min_len, max_len;
+    Pattern *pattern;
     // enum / const: the values' JSON texts (scalars)
     int n_enum;
     char **enum_text;
@@ -84,6 +86,7 @@ static void node_free(Node *nd) {
     for (int i = 0; i < nd->n_props; i++) free(nd->key[i]);
     for (int i = 0; i < nd->n_enum; i++) free(nd->enum_text[i]);
     free(nd->key), free(nd->key_len), free(nd->prop), free(nd->enum_text), free(nd->enum_len);
+    pattern_free(nd->pattern);
 }
 
 void json_schema_free(JsonSchema *s) {
@@ -129,10 +132,11 @@ static const char *const ANNOTATIONS[] = {"title",   "description", "default",  
 static const char *const KEYWORDS[] = {"type",     "properties", "required", "additionalProperties", "items", "minItems",
                                        "maxItems", "enum",       "const",    "anyOf",                "oneOf", "$ref",
                                        "nullable", "minimum",    "maximum",  "exclusiveMinimum",     "exclusiveMaximum",
-                                       "multipleOf", "minLength", "maxLength", NULL};
+                                       "multipleOf", "minLength", "maxLength", "pattern", NULL};
 // (the bounds first, in this order: compile_range reads them by index)
 static const char *const RANGE_KEYWORDS[] = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", NULL};
 static const char *const LENGTH_KEYWORDS[] = {"minLength", "maxLength", NULL};
+static const char *const STRING_KEYWORDS[] = {"minLength", "maxLength", "pattern", NULL};
 
 // The largest magnitude JSON mode's grammar writes: 18 integer digits.
 #define INT_MAX_MAG 999999999999999999LL
@@ -424,6 +428,15 @@ static int compile_length(Compiler *c, int i, const json_t *js, const char *path
         else nd->max_len = (long)json_integer_value(v);
     }
     if (nd->max_len >= 0 && nd->min_len > nd->max_len) return fail(c, path, "'minLength' is above 'maxLength'");
+    const json_t *pat = json_object_get(js, "pattern");
+    if (!pat) return 0;
+    // (a length and a pattern together could leave a prefix no completion of which fits both)
+    const char *len_kw = keyword_in(js, LENGTH_KEYWORDS);
+    if (len_kw) return fail(c, path, "'pattern' beside '%s' is not supported", len_kw);
+    if (!json_is_string(pat)) return fail(c, path, "'pattern' must be a string");
+    char why[256];
+    if (pattern_compile(&c->s->nodes[i].pattern, json_string_value(pat), why, sizeof why))
+        return fail(c, path, "'pattern': %s", why);
     return 0;
 }
 
@@ -462,7 +475,7 @@ static int compile_body(Compiler *c, const json_t *js, const char *path) {
     if (en && cn) return fail(c, path, "both 'enum' and 'const'");
     if (en && !json_is_array(en)) return fail(c, path, "'enum' must be an array");
     const char *kw = keyword_in(js, RANGE_KEYWORDS);
-    kw = kw ? kw : keyword_in(js, LENGTH_KEYWORDS);
+    kw = kw ? kw : keyword_in(js, STRING_KEYWORDS);
     if ((en || cn) && kw) return fail(c, path, "'%s' beside '%s' is not supported", kw, en ? "enum" : "const");
     if (en || cn) {
         json_t *one_value = cn ? json_pack("[O]", cn) : NULL;
@@ -576,7 +589,10 @@ int json_schema_prefix_complete(const JsonSchemaPrefix *p) { return !p->bad && j
 int json_schema_prefix_at_free_text(const JsonSchemaPrefix *p) {
     if (p->bad || !json_prefix_at_text(&p->lex)) return 0;
     if (!p->schema) return 1;
-    if (p->in_value) return p->schema->nodes[p->val_node].n_enum == 0 && p->schema->nodes[p->val_node].max_len < 0;
+    if (p->in_value) {
+        const Node *nd = &p->schema->nodes[p->val_node];
+        return nd->n_enum == 0 && nd->max_len < 0 && (!nd->pattern || pattern_unconstrained(nd->pattern, &p->pattern));
+    }
     const JsonSchemaFrame *f = p->depth ? &p->frames[p->depth - 1] : NULL;
     return f && f->in_key && p->schema->nodes[f->node].additional;  // any key may be written
 }
@@ -682,6 +698,7 @@ static int value_begin(JsonSchemaPrefix *p, uint8_t c) {
     p->val_live = low_bits(s->nodes[b].n_enum);
     p->num_mag = 0, p->num_digits = p->num_neg = p->num_zero = 0;
     p->str_chars = 0;
+    if (k == K_STRING && s->nodes[b].pattern) pattern_start(s->nodes[b].pattern, &p->pattern);
     if (k == K_INTEGER && int_byte(p, &s->nodes[b], c)) return -1;
     return enum_byte(p, &s->nodes[b], c);
 }
@@ -723,10 +740,23 @@ static int key_byte(JsonSchemaPrefix *p, JsonSchemaFrame *f, uint8_t c, int ends
 // Byte c of a string value at its text (not inside an escape or a multi-byte character): its
 // closing quote or the first byte of a character, against minLength / maxLength.
 static int string_text_byte(JsonSchemaPrefix *p, const Node *nd, uint8_t c) {
-    if (c == '"') return p->str_chars < (uint32_t)nd->min_len ? -1 : 0;
+    if (c == '"') return p->str_chars < (uint32_t)nd->min_len || (nd->pattern && !pattern_accepts(nd->pattern, &p->pattern)) ? -1 : 0;
     if (nd->max_len >= 0 && p->str_chars >= (uint32_t)nd->max_len) return -1;
     p->str_chars++;
     return 0;
+}
+
+// A byte of a string value with a pattern, after the grammar took it: a character it completes goes
+// to the pattern; inside a character (a multi-byte one or an escape begun) the code points it can
+// still become must hold one the pattern can take next.
+static int string_pattern_byte(JsonSchemaPrefix *p, const Pattern *re, int ev) {
+    if (ev & JSON_EV_CHAR) return pattern_take(re, &p->pattern, p->lex.cp);
+    uint32_t r[3][2];
+    int n = json_prefix_char_range(&p->lex, r);
+    if (n == 0) return 0;
+    for (int i = 0; i < n; i++)
+        if (pattern_can_take(re, &p->pattern, r[i][0], r[i][1])) return 0;
+    return -1;
 }
 
 static int step(JsonSchemaPrefix *p, uint8_t c) {
@@ -735,6 +765,8 @@ static int step(JsonSchemaPrefix *p, uint8_t c) {
     if (ev < 0 || !p->schema) return ev < 0 ? -1 : 0;
     const JsonSchema *s = p->schema;
     if (text && string_text_byte(p, &s->nodes[p->val_node], c)) return -1;
+    if (p->in_value && p->val_kind == K_STRING && s->nodes[p->val_node].pattern && string_pattern_byte(p, s->nodes[p->val_node].pattern, ev))
+        return -1;
     if (p->in_value) {
         int number = p->val_kind == K_NUMBER || p->val_kind == K_INTEGER;
         if (number && (ev & JSON_EV_END)) {  // the number ended before c, which goes on below

@@ -13,12 +13,15 @@
 //   `anyOf: [{...}, {"type": "null"}]` of an optional field), minimum, maximum, exclusiveMinimum,
 //   exclusiveMaximum and multipleOf on integers (a digit is refused as soon as no integer it
 //   begins can end in range as a multiple; not on other numbers, not beside enum), minLength and
-//   maxLength on strings (characters = code points, a surrogate pair one; not beside enum), $ref
+//   maxLength on strings (characters = code points, a surrogate pair one; not beside enum),
+//   pattern (text/pattern.h: ECMA-262's syntax but backreferences, lookaround and \b; matched
+//   anywhere unless anchored; a character is refused at its first byte once no completion can
+//   match; not beside minLength / maxLength or enum), $ref
 //   to "#", "#/$defs/NAME" or "#/definitions/NAME" (recursion included), nullable (OpenAPI's),
 //   and the annotations title, description, default, examples, format (an annotation in JSON
 //   Schema's default vocabulary), $schema, $id, $comment, deprecated, readOnly, writeOnly, strict.
-// Any other keyword (pattern, allOf, ...) is refused at compile time with its path, rather than
-// approximated. The root must accept an object. Members may come in any order,
+// Any other keyword (allOf, minProperties, ...) is refused at compile time with its path, rather
+// than approximated. The root must accept an object. Members may come in any order,
 // each at most once; a key is matched as the JSON text of a property's name (escapes written
 // otherwise than JSON's shortest form do not match); an additional property (allowed) takes any
 // value. Limits: JSON_SCHEMA_MAX_PROPS properties per object, JSON_SCHEMA_MAX_ENUM values per
@@ -31,6 +34,7 @@
 #include <stdint.h>
 
 #include "text/json_prefix.h"
+#include "text/pattern.h"
 
 #define JSON_SCHEMA_MAX_PROPS 64
 #define JSON_SCHEMA_MAX_ENUM 64
@@ -67,6 +71,7 @@ typedef struct JsonSchemaPrefix {
     int64_t num_mag;           // an integer with a range: the magnitude of its digits so far
     uint8_t num_digits, num_neg, num_zero;  // and their count, its sign, a first digit 0
     uint32_t str_chars;        // a string value: its characters so far
+    PatternState pattern;        // and where they stand against its pattern
     uint8_t in_value;          // a scalar value is being read
     uint8_t val_kind;          // its kind (json_schema.c: string, number, integer, boolean, null)
     uint8_t depth;             // open containers (frames in use)
