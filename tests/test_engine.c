@@ -1,6 +1,7 @@
 // The inference engine (src/infer/engine.h) and `dsv3 generate` on it: a sequence's tokens do not
 // depend on what else runs or on how its prompt is chunked; --batch-file prints what --tokens
 // prints for each line; cancelled sequences free their slot; bad input is a one-line error.
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -249,6 +250,67 @@ TEST(test_cli_chat_turns_history_reset_and_exit) {
     CHECK_MSG(rc == 0, "%s", o);
     rc = test_run(o, sizeof o, "echo hi | %s chat --model %s", test_bin(), GOLDEN);
     CHECK_MSG(rc == 1 && strstr(o, "tokenizer"), "%s", o);
+}
+
+// Tools in the chat: --tools FILE is described in the prompt as the server describes it; a forced
+// reply is one call held to the function's parameters, printed as "[tool call] NAME ARGUMENTS";
+// the next input line is its result, rendered as the chat format's tool output before the model
+// goes on. Bad files and choices are one-line errors naming them.
+TEST(test_cli_chat_tools) {
+    char dir[600], tools[700], o[32768];
+    CHECK(chat_model(dir, sizeof dir) == 0);
+    snprintf(tools, sizeof tools, "%s/tools.json", dir);
+    FILE *f = fopen(tools, "w");
+    CHECK(f);
+    if (!f) return;
+    fputs("[{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"the weather in a city\", "
+          "\"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"enum\": [\"Paris\", \"Rome\"]}}, "
+          "\"required\": [\"city\"], \"additionalProperties\": false}}}]\n", f);
+    fclose(f);
+    int rc = test_run(o, sizeof o,
+                      "printf 'the cat\\n{\"temp\": 20}\\n/exit\\n' | %s chat --model %s --max-new 200 --temperature 0 "
+                      "--tools %s --tool-choice required --verbose-prompt",
+                      test_bin(), dir, tools);
+    CHECK_MSG(rc == 0, "%s", o);
+    CHECK_MSG(strstr(o, "## Tools") && strstr(o, "### get_weather\nthe weather in a city\n"), "no tools described: %s", o);
+    const char *call = strstr(o, "[tool call] get_weather ");
+    CHECK_MSG(call, "no call printed: %s", o);
+    if (call) {
+        call += strlen("[tool call] get_weather ");
+        json_t *args = json_loadb(call, strcspn(call, "\n"), 0, NULL);
+        const char *city = json_string_value(json_object_get(args, "city"));
+        CHECK_MSG(json_object_size(args) == 1 && city && (!strcmp(city, "Paris") || !strcmp(city, "Rome")),
+                  "the arguments do not fit the parameters: %.80s", call);
+        json_decref(args);
+    }
+    CHECK_MSG(strstr(o, "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{\"temp\": 20}<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"),
+              "the result is not in the next prompt: %s", o);
+    // none: no description; bad input
+    rc = test_run(o, sizeof o, "echo hi | %s chat --model %s --max-new 2 --tools %s --tool-choice none --verbose-prompt",
+                  test_bin(), dir, tools);
+    CHECK_MSG(rc == 0 && !strstr(o, "## Tools"), "%s", o);
+    static const struct {
+        const char *content, *choice, *want;
+    } bad[] = {
+        {"[{\"type\": \"function\", \"function\": {\"name\": \"a b\"}}]", "auto", "tools[0]"},
+        {"[{\"type\": \"function\"", "auto", "line 1"},
+        {"[{\"type\": \"function\", \"function\": {\"name\": \"f\"}}]", "g", "'g', which is not in 'tools'"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char path[700];
+        snprintf(path, sizeof path, "%s/bad%zu.json", dir, i);
+        FILE *b = fopen(path, "w");
+        CHECK(b);
+        if (!b) continue;
+        fputs(bad[i].content, b);
+        fclose(b);
+        rc = test_run(o, sizeof o, "echo hi | %s chat --model %s --tools %s --tool-choice %s", test_bin(), dir, path, bad[i].choice);
+        CHECK_MSG(rc == 1 && strstr(o, path) && strstr(o, bad[i].want), "%s: %s", bad[i].content, o);
+    }
+    rc = test_run(o, sizeof o, "echo hi | %s chat --model %s --tools %s/missing.json", test_bin(), dir, dir);
+    CHECK_MSG(rc == 1 && strstr(o, "missing.json"), "%s", o);
+    rc = test_run(o, sizeof o, "echo hi | %s chat --model %s --tool-choice auto", test_bin(), dir);
+    CHECK_MSG(rc == 1 && strstr(o, "--tool-choice needs --tools"), "%s", o);
 }
 
 // A BF16 cache rounds each stored latent and rotated key to BF16 (8 bits of mantissa): the logits

@@ -86,12 +86,7 @@ struct Job {
     int report_logprobs; // the request asked for logprobs (best_of computes them anyway)
     int constrained;     // JSON mode (response_format json_object) or tool calls: Choice.json steers the answer
     int tools;           // chat with tools (tool_choice not "none"): answers may end in tool calls
-    int tool_force;      // tool_choice "required" or a named function: the answer is one call
-    int tool_lazy;       // tool_choice "auto" (without JSON mode): calls the model opens are held to the format
-    char **tool_heads;   // (n_heads) what a call starts with, one per function allowed (forced: the answer)
-    char **tool_again;   // (n_heads) lazy: a later call's start
-    JsonSchema **head_schemas;  // (n_heads) their functions' parameters (owned; NULL: any object)
-    int n_heads;
+    ToolFrame tf;        // forced or lazy: the format tool calls are held to
     JsonSchema *schema;  // response_format json_schema's (owned), or NULL
     Choice *ch;
     int n_finished;      // choices whose answer is complete
@@ -201,14 +196,7 @@ static void job_unref(Job *j) {
     free(j->prompts);
     free(j->bias_ids);
     free(j->bias_values);
-    for (int i = 0; i < j->n_heads; i++) {
-        free(j->tool_heads[i]);
-        if (j->tool_again) free(j->tool_again[i]);
-        if (j->head_schemas) json_schema_free(j->head_schemas[i]);
-    }
-    free(j->tool_heads);
-    free(j->tool_again);
-    free(j->head_schemas);
+    tool_frame_free(&j->tf);
     json_schema_free(j->schema);
     bb_free(&j->out);
     pthread_cond_destroy(&j->cv);
@@ -717,13 +705,6 @@ static int echo_text(Server *s, const ServeRequest *r, int i, const TokIds *ids,
     return p->echo ? 0 : -1;
 }
 
-// A call: its opening (then the function's name, "\n```json\n", the arguments) and its end; a
-// forced answer opens the calls and closes them after one.
-#define TOOL_CALL_HEAD CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP
-#define TOOL_CALL_TAIL "\n```" CHAT_TOOL_CALL_END
-#define TOOL_FORCED_HEAD CHAT_TOOL_CALLS_BEGIN TOOL_CALL_HEAD
-#define TOOL_FORCED_TAIL TOOL_CALL_TAIL CHAT_TOOL_CALLS_END
-
 // A job for the request's np prompts (ids, whose buffers it takes, as it takes the request's logit
 // bias), r->best_of answers each (r->n for chat).
 static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
@@ -760,35 +741,13 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
     j->srv = s;
     j->kind = r->kind;
     j->tools = r->tool_choice != TOOL_NONE;
-    j->tool_force = r->tool_choice == TOOL_REQUIRED || r->tool_choice == TOOL_NAMED;
-    j->tool_lazy = r->tool_choice == TOOL_AUTO && !r->json_mode;
-    int one_call = j->tool_force || !r->parallel_tool_calls;
-    j->constrained = r->json_mode || j->tool_force || j->tool_lazy;
     j->schema = r->json_schema;  // the job's now
     r->json_schema = NULL;
-    if (j->tool_force || j->tool_lazy) {  // a call of one of the allowed functions and its arguments
-        int first = r->tool_choice == TOOL_NAMED ? r->tool_named : 0, last = r->tool_choice == TOOL_NAMED ? first + 1 : r->n_tools;
-        j->tool_heads = calloc((size_t)(last - first), sizeof *j->tool_heads);
-        j->tool_again = j->tool_lazy && !one_call ? calloc((size_t)(last - first), sizeof *j->tool_again) : NULL;
-        j->head_schemas = calloc((size_t)(last - first), sizeof *j->head_schemas);
-        for (int i = first; j->tool_heads && j->head_schemas && (j->tool_again || one_call) && i < last; i++) {
-            ByteBuf b = {0}, a = {0};
-            if (bb_puts(&b, j->tool_lazy ? TOOL_CALL_HEAD : TOOL_FORCED_HEAD) || bb_puts(&b, r->tool_names[i]) ||
-                bb_puts(&b, "\n```json\n") || (j->tool_again && (bb_puts(&a, "\n") || bb_puts(&a, b.p)))) {
-                bb_free(&b);
-                bb_free(&a);
-                break;
-            }
-            j->head_schemas[j->n_heads] = r->tool_schemas[i];  // the job's now
-            r->tool_schemas[i] = NULL;
-            if (j->tool_again) j->tool_again[j->n_heads] = a.p;
-            j->tool_heads[j->n_heads++] = b.p;
-        }
-        if (j->n_heads < last - first) {
-            job_unref(j);
-            return NULL;
-        }
+    if (tool_frame_build(&j->tf, r)) {
+        job_unref(j);
+        return NULL;
     }
+    j->constrained = r->json_mode || j->tf.force || j->tf.lazy;
     j->stream = r->stream;
     j->include_usage = r->stream && r->include_usage;
     j->fd = fd;
@@ -831,15 +790,8 @@ static Job *job_new(Server *s, ServeRequest *r, TokIds *ids, int np, int fd) {
         c->echoed = !j->prompts[c->prompt].echo;
         if (j->constrained) {
             int ends[2] = {s->m.cfg.eos_token_id, sp->n_stop_ids > 0 ? sp->stop_ids[0] : -1};
-            JsonFrame f = {.heads = (const char *const *)j->tool_heads,
-                           .head_schemas = (const JsonSchema *const *)j->head_schemas,
-                           .n_heads = j->n_heads,
-                           .tail = j->tool_again ? TOOL_CALL_TAIL : TOOL_FORCED_TAIL,  // (one call: closed after it)
-                           .again = (const char *const *)j->tool_again,
-                           .close = CHAT_TOOL_CALLS_END,
-                           .trigger = j->tool_lazy ? CHAT_TOOL_CALLS_BEGIN : NULL};
-            if (json_mode_init(&c->json, &s->json_vocab, ends, 2, j->schema) ||
-                ((j->tool_force || j->tool_lazy) && json_mode_frame(&c->json, &f)))
+            JsonFrame f = tool_frame_view(&j->tf);
+            if (json_mode_init(&c->json, &s->json_vocab, ends, 2, j->schema) || (j->tf.n && json_mode_frame(&c->json, &f)))
                 oom = 1;
             c->tc = json_mode_constraint(&c->json);
         }

@@ -4,6 +4,7 @@
 
 #include "serve/tool_calls.h"
 #include "text/tokenizer.h"
+#include "text/utf8.h"
 
 static const char *find(const char *p, const char *end, const char *what) {
     return p <= end ? memmem(p, (size_t)(end - p), what, strlen(what)) : NULL;
@@ -102,4 +103,61 @@ void tool_calls_free(ToolCallText *calls, int n) {
         free(calls[i].arguments);
     }
     free(calls);
+}
+
+// A call: its opening (then the function's name, "\n```json\n", the arguments) and its end; a
+// forced answer opens the calls and closes them after one.
+#define TOOL_CALL_HEAD CHAT_TOOL_CALL_BEGIN "function" CHAT_TOOL_SEP
+#define TOOL_CALL_TAIL "\n```" CHAT_TOOL_CALL_END
+#define TOOL_FORCED_HEAD CHAT_TOOL_CALLS_BEGIN TOOL_CALL_HEAD
+#define TOOL_FORCED_TAIL TOOL_CALL_TAIL CHAT_TOOL_CALLS_END
+
+int tool_frame_build(ToolFrame *f, ServeRequest *r) {
+    memset(f, 0, sizeof *f);
+    f->force = r->tool_choice == TOOL_REQUIRED || r->tool_choice == TOOL_NAMED;
+    f->lazy = r->tool_choice == TOOL_AUTO && !r->json_mode;
+    if (!f->force && !f->lazy) return 0;
+    int one_call = f->force || !r->parallel_tool_calls;
+    int first = r->tool_choice == TOOL_NAMED ? r->tool_named : 0, last = r->tool_choice == TOOL_NAMED ? first + 1 : r->n_tools;
+    f->heads = calloc((size_t)(last - first), sizeof *f->heads);
+    f->again = f->lazy && !one_call ? calloc((size_t)(last - first), sizeof *f->again) : NULL;
+    f->schemas = calloc((size_t)(last - first), sizeof *f->schemas);
+    for (int i = first; f->heads && f->schemas && (f->again || one_call) && i < last; i++) {
+        ByteBuf b = {0}, a = {0};
+        if (bb_puts(&b, f->lazy ? TOOL_CALL_HEAD : TOOL_FORCED_HEAD) || bb_puts(&b, r->tool_names[i]) ||
+            bb_puts(&b, "\n```json\n") || (f->again && (bb_puts(&a, "\n") || bb_puts(&a, b.p)))) {
+            bb_free(&b);
+            bb_free(&a);
+            break;
+        }
+        f->schemas[f->n] = r->tool_schemas[i];  // the frame's now
+        r->tool_schemas[i] = NULL;
+        if (f->again) f->again[f->n] = a.p;
+        f->heads[f->n++] = b.p;
+    }
+    if (f->n == last - first) return 0;
+    tool_frame_free(f);
+    return -1;
+}
+
+JsonFrame tool_frame_view(const ToolFrame *f) {
+    return (JsonFrame){.heads = (const char *const *)f->heads,
+                       .head_schemas = (const JsonSchema *const *)f->schemas,
+                       .n_heads = f->n,
+                       .tail = f->again ? TOOL_CALL_TAIL : TOOL_FORCED_TAIL,  // (one call: closed after it)
+                       .again = (const char *const *)f->again,
+                       .close = CHAT_TOOL_CALLS_END,
+                       .trigger = f->lazy ? CHAT_TOOL_CALLS_BEGIN : NULL};
+}
+
+void tool_frame_free(ToolFrame *f) {
+    for (int i = 0; i < f->n; i++) {
+        free(f->heads[i]);
+        if (f->again) free(f->again[i]);
+        json_schema_free(f->schemas[i]);
+    }
+    free(f->heads);
+    free(f->again);
+    free(f->schemas);
+    memset(f, 0, sizeof *f);
 }
