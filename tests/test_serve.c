@@ -768,14 +768,14 @@ TEST(test_serve_bad_requests_get_4xx) {
         {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"a b\"}}}", 400,
          "response_format.json_schema.name"},
         {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"r\", "
-         "\"schema\": {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", \"pattern\": \"x\"}}}}}}", 400,
+         "\"schema\": {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", \"pattern\": \"(?=x)\"}}}}}}", 400,
          "response_format.json_schema.schema"},
         {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"r\", "
          "\"schema\": {\"type\": \"array\"}}}}", 400, "response_format.json_schema.schema"},
         {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": \"r\", "
          "\"strict\": \"yes\"}}}", 400, "response_format.json_schema"},
         {"POST", CHAT, "{" MSG ", \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\", \"strict\": true, "
-         "\"parameters\": {\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"string\", \"pattern\": \"a+\"}}}}}]}", 400,
+         "\"parameters\": {\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"string\", \"pattern\": \"(?!a)\"}}}}}]}", 400,
          "tools[0]"},
         {"POST", CHAT, "{" MSG ", \"response_format\": {\"type\": \"xml\"}}", 400, "response_format"},
         {"POST", CHAT, "{" MSG ", \"response_format\": \"json\"}", 400, "response_format"},
@@ -1010,8 +1010,8 @@ TEST(test_cli_generate_json_and_logit_bias) {
     CHECK(fitted >= 1);
     // a schema outside the subset, or not JSON: one line naming the file and what is wrong
     static const char *const bad[][2] = {
-        {"{\"type\": \"object\", \"properties\": {\"id\": {\"type\": \"string\", \"maxLength\": 9}}}",
-         "schema.properties.id: 'maxLength' is not supported"},
+        {"{\"type\": \"object\", \"properties\": {\"id\": {\"type\": \"array\", \"uniqueItems\": true}}}",
+         "schema.properties.id: 'uniqueItems' is not supported"},
         {"{\"type\": ", "line 1"},
     };
     for (int i = 0; i < 2; i++) {

@@ -61,8 +61,10 @@ static int turn_text(Turn *t, const char *text, size_t n, int last) {
     size_t before = t->reply.n;
     int rc = last ? stop_text_finish(&t->split, &t->reply) : stop_text_push(&t->split, text, n, &t->reply);
     if (rc < 0) return -1;
-    fwrite(t->reply.p + before, 1, t->reply.n - before, stdout);
-    fflush(stdout);
+    if (t->reply.n > before) {
+        fwrite(t->reply.p + before, 1, t->reply.n - before, stdout);
+        fflush(stdout);
+    }
     size_t an;
     const char *after = rc == 1 ? stop_text_after(&t->split, &an) : NULL;
     return after && an ? bb_append(&t->calls, after, an) : 0;
