@@ -1,8 +1,9 @@
 // A barrier for the threads of one parallel region that meet many times in a short step (a decode
 // step meets ~10 times per layer). OpenMP's barrier costs 1.4-3 us on the 2-core VMs here
 // (libgomp 12: it also runs pending tasks and keeps team state) — 150-250 us of a ~1 ms decode step
-// of shared/bench's v3-108m; this one is an arrival counter and a generation number on their own
-// cache lines, 0.5 us (ggml's CPU backend meets its threads the same way). Waiters spin, then
+// of bench/configs' v3-108m; this one is an arrival counter and a generation number on their own
+// cache lines, 0.1-0.5 us (`bench_kernels` prints both; ggml's CPU backend meets its threads the
+// same way). Waiters spin, then
 // yield the CPU, so that a team larger than the cores it runs on (MPI ranks sharing a machine)
 // still moves.
 #ifndef DSV3_BASE_TEAM_BARRIER_H
