@@ -240,14 +240,51 @@ TEST(test_json_schema_pattern_refuses_at_the_first_wrong_byte) {
     json_schema_free(s);
 }
 
+// A number with bounds (any number, not only integers) is refused at the first byte after which no
+// completion lies in bounds, and at its end when outside; it is written without an exponent.
+TEST(test_json_schema_number_bounds_refuse_at_the_first_wrong_byte) {
+    char why[512];
+    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"r\": {\"type\": \"number\", \"exclusiveMinimum\": 0, "
+                                 "\"maximum\": 2.5}, \"t\": {\"type\": [\"number\", \"null\"], \"minimum\": -40.5, "
+                                 "\"exclusiveMaximum\": 60}, \"z\": {\"type\": \"number\", \"minimum\": 0.25, \"maximum\": 0.25}}}",
+                                 why, sizeof why);
+    CHECK_MSG(s, "%s", why);
+    static const RefusalCase cases[] = {
+        {"{\"r\": 2.5}", -1, 1},
+        {"{\"r\": 0.001}", -1, 1},
+        {"{\"r\": 1}", -1, 1},
+        {"{\"r\": 0}", 7, 0},          // 0 is excluded: at the end ("0." could still go on)
+        {"{\"r\": 0.000}", 11, 0},
+        {"{\"r\": 2.51}", 9, 0},       // 2.51 and longer are past 2.5
+        {"{\"r\": 2.50001}", 12, 0},
+        {"{\"r\": 3", 6, 0},           // 3, 3.x, 30... all past 2.5
+        {"{\"r\": -", 6, 0},           // nothing at or below 0
+        {"{\"r\": 1e0}", 7, 0},        // no exponent beside bounds
+        {"{\"t\": -40.5}", -1, 1},
+        {"{\"t\": -40.51}", 11, 0},
+        {"{\"t\": -41", 8, 0},
+        {"{\"t\": 59.999}", -1, 1},
+        {"{\"t\": 60}", 7, 0},         // 60 is excluded, 60.x and 600... are past it
+        {"{\"t\": 59.", -1, 0},        // 59.x is below 60
+        {"{\"t\": 6", -1, 0},          // 6 and 6.x, 59.x ... 6 itself
+        {"{\"t\": null}", -1, 1},
+        {"{\"z\": 0.25}", -1, 1},
+        {"{\"z\": 0.250}", -1, 1},
+        {"{\"z\": 0.26", 9, 0},
+        {"{\"z\": 0.2}", 9, 0},
+    };
+    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
+    json_schema_free(s);
+}
+
 TEST(test_json_schema_compile_refusals_name_the_path) {
     static const struct {
         const char *schema, *why;
     } cases[] = {
         {"{\"type\": \"object\", \"properties\": {\"name\": {\"type\": \"string\", \"minProperties\": 1}}}",
          "schema.properties.name: 'minProperties' is not supported"},
-        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"number\", \"minimum\": 0}}}",
-         "schema.properties.x: 'minimum' is supported on integers only"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"number\", \"exclusiveMinimum\": 1, \"maximum\": 1}}}",
+         "schema.properties.x: no number lies within"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"number\", \"multipleOf\": 2}}}",
          "'multipleOf' is supported on integers only"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"multipleOf\": 0.5}}}",
@@ -277,7 +314,7 @@ TEST(test_json_schema_compile_refusals_name_the_path) {
         {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"a\", \"maxLength\": 3}}}",
          "'pattern' beside 'maxLength' is not supported"},
         {"{\"type\": \"object\", \"properties\": {\"s\": {\"enum\": [\"a\"], \"pattern\": \"a\"}}}", "'pattern' beside 'enum'"},
-        {"{\"type\": \"object\", \"properties\": {\"x\": {\"minimum\": 0}}}", "supported on integers only"},
+        {"{\"type\": \"object\", \"properties\": {\"x\": {\"multipleOf\": 3}}}", "'multipleOf' is supported on integers only"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"enum\": [1, 2], \"minimum\": 0}}}", "beside 'enum'"},
         {"{\"type\": \"object\", \"properties\": {\"x\": {\"type\": \"integer\", \"minimum\": 2.5, \"maximum\": 2.9}}}",
          "no integer"},

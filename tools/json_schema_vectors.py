@@ -92,6 +92,8 @@ RANGES = {  # integer bounds, inclusive and exclusive, whole and not
         "year": {"type": ["integer", "null"], "minimum": 1900},
         "debt": {"type": "integer", "maximum": -1000},
         "digits": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3},
+        "ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 2.5},
+        "temp": {"type": ["number", "null"], "minimum": -40.5, "exclusiveMaximum": 60},
     },
     "required": ["count"],
     "additionalProperties": False,
@@ -137,8 +139,9 @@ CASES = [
               {"events": [{"when": "d", "what": "", "score": None, "level": None},
                           {"when": "e", "what": "y", "score": -12, "level": True}],
                "nested": [[1, 2], [], [3]]}]),
-    (RANGES, [{"count": 1}, {"count": 100, "offset": 7, "year": None, "debt": -1000, "digits": [0, 9]},
-              {"count": 42, "offset": -4, "year": 2024, "digits": []}]),
+    (RANGES, [{"count": 1}, {"count": 100, "offset": 7, "year": None, "debt": -1000, "digits": [0, 9], "ratio": 2.5},
+              {"count": 42, "offset": -4, "year": 2024, "digits": [], "ratio": 0.001, "temp": -40.5},
+              {"count": 3, "temp": 59.75, "ratio": 1}]),
     (STRINGS, [{"code": "ab"},
                {"code": "é✓😀x", "note": "😀", "word": "abc", "even": -4, "step": 35, "list": ["", "ab"]},
                {"code": "x\"\\", "note": None, "step": -10, "even": 0, "list": []}]),
@@ -150,7 +153,8 @@ CASES = [
 SCALARS = ["", "x", "admin", "tree", 0, 1, 3, -7, 2.5, -0.125, True, False, None,
            100, 101, -4, -5, 7, 8, 1899, 1900, -999, -1000, 10, -1001,
            "ab", "abcde", "😀", "é✓", "\n\t", 35, 40, 45, -10, -15, 6, 15,
-           "12345", "1234", "12345-678", "2024-13-99", "axb", "abcd", "cd", "é😀", "a_1", "A1", "abcdefghi"]
+           "12345", "1234", "12345-678", "2024-13-99", "axb", "abcd", "cd", "é😀", "a_1", "A1", "abcdefghi",
+           2.49, 2.51, -40.5, -40.55, 59.99, 0.001, -0.001, 60]
 
 
 def random_value(rng, depth=0):

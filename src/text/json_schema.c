@@ -35,6 +35,10 @@ typedef struct Node {
     // and multipleOf (1: none); has_range: either is given
     int has_range;
     int64_t lo, hi, multiple;
+    // numbers (type "number"): the same bounds as doubles, each included or not; has_nrange: given
+    int has_nrange;
+    double nlo, nhi;
+    uint8_t nlo_incl, nhi_incl;
     // strings: minLength / maxLength, in characters (code points); max -1: none; pattern or NULL
     long min_len, max_len;
     Pattern *pattern;
@@ -377,6 +381,34 @@ static int64_t int_bound(const json_t *v, int up, int strict) {
     return r > 1e18 ? INT_MAX_MAG + 1 : r < -1e18 ? -INT_MAX_MAG - 1 : (int64_t)r;
 }
 
+// minimum / maximum / exclusiveMinimum / exclusiveMaximum on a node that takes any number: the
+// bounds as doubles (a number is compared as the double it parses to, as Python's and most
+// validators do). multipleOf is refused there.
+static int compile_number_range(Compiler *c, int i, const json_t *js, const char *path) {
+    Node *nd = &c->s->nodes[i];
+    if (json_object_get(js, "multipleOf")) return fail(c, path, "'multipleOf' is supported on integers only: give 'type': 'integer'");
+    double lo = -INFINITY, hi = INFINITY;
+    int lo_incl = 1, hi_incl = 1;
+    for (int r = 0; r < 4; r++) {
+        const json_t *v = json_object_get(js, RANGE_KEYWORDS[r]);
+        if (!v) continue;
+        if (!json_is_number(v) || !isfinite(json_number_value(v)))
+            return fail(c, path, "'%s' must be a number", RANGE_KEYWORDS[r]);
+        double b = json_number_value(v);
+        int strict = r >= 2;
+        if (r == 0 || r == 2) {
+            if (b > lo || (b == lo && strict)) lo = b, lo_incl = !strict;
+        } else if (b < hi || (b == hi && strict)) {
+            hi = b, hi_incl = !strict;
+        }
+    }
+    if (lo > hi || (lo == hi && !(lo_incl && hi_incl)))
+        return fail(c, path, "no number lies within 'minimum'/'maximum'");
+    nd->has_nrange = 1;
+    nd->nlo = lo, nd->nhi = hi, nd->nlo_incl = (uint8_t)lo_incl, nd->nhi_incl = (uint8_t)hi_incl;
+    return 0;
+}
+
 // minimum / maximum / exclusiveMinimum / exclusiveMaximum / multipleOf on a node's integers (JSON
 // Schema applies them to numbers only: a node that takes no numbers ignores them; one that takes
 // non-integer numbers is refused — this automaton bounds integers only).
@@ -384,8 +416,7 @@ static int compile_range(Compiler *c, int i, const json_t *js, const char *path)
     const char *kw = keyword_in(js, RANGE_KEYWORDS);
     if (!kw) return 0;
     Node *nd = &c->s->nodes[i];
-    if (nd->kinds >> K_NUMBER & 1)
-        return fail(c, path, "'%s' is supported on integers only: give 'type': 'integer'", kw);
+    if (nd->kinds >> K_NUMBER & 1) return compile_number_range(c, i, js, path);
     const json_t *mult = json_object_get(js, "multipleOf");
     int64_t multiple = 1;
     if (mult) {
@@ -642,6 +673,57 @@ static int int_reachable(const Node *nd, const JsonSchemaPrefix *p) {
     return 0;
 }
 
+// Whether the numbers between a and b (each end included when ai / bi) meet the node's bounds;
+// a number is a finite decimal, and those are dense: an overlap of positive length holds one.
+static int meets_bounds(const Node *nd, double a, int ai, double b, int bi) {
+    double lo = a, hi = b;
+    int loi = ai, hii = bi;
+    if (nd->nlo > lo) lo = nd->nlo, loi = nd->nlo_incl;
+    else if (nd->nlo == lo) loi = loi && nd->nlo_incl;
+    if (nd->nhi < hi) hi = nd->nhi, hii = nd->nhi_incl;
+    else if (nd->nhi == hi) hii = hii && nd->nhi_incl;
+    return lo < hi || (lo == hi && loi && hii);
+}
+
+// The magnitudes [a, b) (b excluded unless the range is a single point), or their negatives
+// (-b, -a], against the bounds.
+static int meets_magnitudes(const Node *nd, int neg, double a, double b) {
+    int point = !(b > a);
+    return neg ? meets_bounds(nd, -b, point, -a, 1) : meets_bounds(nd, a, 1, b, point);
+}
+
+// Whether a number beginning as read so far (its text in num_text: sign, integer digits, '.', the
+// fraction's first digits) can still end within the node's bounds. Written without an exponent
+// (refused beside bounds): the integer part has at most 18 digits; with L of them the magnitudes
+// are [m·10^j, (m + 1)·10^j), j = L − digits so far; in the fraction, with t digits after the
+// point, [v, v + 10^−t).
+static int number_reachable(const Node *nd, const JsonSchemaPrefix *p) {
+    int neg = p->num_neg;
+    if (p->num_digits == 0) return meets_magnitudes(nd, 1, 0, 1e18);  // "-": -0 or below
+    double m = fabs(strtod(p->num_text, NULL));
+    if (p->num_dot) return meets_magnitudes(nd, neg, m, m + pow(10, -p->num_fdigits));
+    if (p->num_zero) return meets_magnitudes(nd, neg, 0, 1);
+    for (int L = p->num_digits; L <= 18; L++, m *= 10)
+        if (meets_magnitudes(nd, neg, m, m + pow(10, L - p->num_digits))) return 1;
+    return 0;
+}
+
+// Byte c of a number with bounds: its sign, digit or point, kept as text (its first 39 bytes: the
+// fraction past them is below a double's resolution), and whether it can still end in bounds.
+static int number_byte(JsonSchemaPrefix *p, const Node *nd, uint8_t c) {
+    if (!nd->has_nrange) return 0;
+    if (c == 'e' || c == 'E') return -1;  // (bounded numbers are written without an exponent)
+    if (p->num_len < sizeof p->num_text - 1) p->num_text[p->num_len++] = (char)c, p->num_text[p->num_len] = 0;
+    if (c == '-') p->num_neg = 1;
+    else if (c == '.') p->num_dot = 1;
+    else if (p->num_dot) p->num_fdigits = p->num_fdigits < 255 ? p->num_fdigits + 1 : 255;
+    else {
+        if (p->num_digits == 0 && c == '0') p->num_zero = 1;
+        p->num_digits++;
+    }
+    return number_reachable(nd, p) ? 0 : -1;
+}
+
 // Byte c of an integer with a range: its sign or next digit, and whether it can still end in range.
 static int int_byte(JsonSchemaPrefix *p, const Node *nd, uint8_t c) {
     if (!nd->has_range) return 0;
@@ -661,6 +743,10 @@ static int value_end(JsonSchemaPrefix *p) {
     if (nd->has_range && p->val_kind == K_INTEGER) {
         int64_t v = p->num_neg ? -p->num_mag : p->num_mag;
         if (p->num_digits == 0 || v < nd->lo || v > nd->hi || v % nd->multiple) return -1;
+    }
+    if (nd->has_nrange && p->val_kind == K_NUMBER) {
+        double v = strtod(p->num_text, NULL);
+        if (p->num_digits == 0 || !meets_bounds(nd, v, 1, v, 1)) return -1;
     }
     for (int i = 0; i < nd->n_enum; i++)
         if ((p->val_live >> i & 1) && nd->enum_len[i] == p->val_len) return 0;
@@ -697,9 +783,12 @@ static int value_begin(JsonSchemaPrefix *p, uint8_t c) {
     p->val_len = 0;
     p->val_live = low_bits(s->nodes[b].n_enum);
     p->num_mag = 0, p->num_digits = p->num_neg = p->num_zero = 0;
+    p->num_dot = p->num_fdigits = p->num_len = 0;
+    p->num_text[0] = 0;
     p->str_chars = 0;
     if (k == K_STRING && s->nodes[b].pattern) pattern_start(s->nodes[b].pattern, &p->pattern);
     if (k == K_INTEGER && int_byte(p, &s->nodes[b], c)) return -1;
+    if (k == K_NUMBER && number_byte(p, &s->nodes[b], c)) return -1;
     return enum_byte(p, &s->nodes[b], c);
 }
 
@@ -774,6 +863,7 @@ static int step(JsonSchemaPrefix *p, uint8_t c) {
         } else {
             if (p->val_kind == K_INTEGER && (c == '.' || c == 'e' || c == 'E')) return -1;
             if (p->val_kind == K_INTEGER && int_byte(p, &s->nodes[p->val_node], c)) return -1;
+            if (p->val_kind == K_NUMBER && number_byte(p, &s->nodes[p->val_node], c)) return -1;
             if (enum_byte(p, &s->nodes[p->val_node], c)) return -1;
             return ev & JSON_EV_END ? value_end(p) : 0;
         }

@@ -12,7 +12,9 @@
 //   different bytes (object, array, string, number or integer, boolean, null: the common
 //   `anyOf: [{...}, {"type": "null"}]` of an optional field), minimum, maximum, exclusiveMinimum,
 //   exclusiveMaximum and multipleOf on integers (a digit is refused as soon as no integer it
-//   begins can end in range as a multiple; not on other numbers, not beside enum), minLength and
+//   begins can end in range as a multiple; not beside enum), the four bounds on any number too
+//   (compared as the double it parses to; such a number is written without an exponent, and a byte
+//   is refused once no completion lies in bounds; multipleOf there is refused), minLength and
 //   maxLength on strings (characters = code points, a surrogate pair one; not beside enum),
 //   pattern (text/pattern.h: ECMA-262's syntax but backreferences, lookaround and \b; matched
 //   anywhere unless anchored; a character is refused at its first byte once no completion can
@@ -70,6 +72,8 @@ typedef struct JsonSchemaPrefix {
     uint16_t val_len;          // its bytes so far
     int64_t num_mag;           // an integer with a range: the magnitude of its digits so far
     uint8_t num_digits, num_neg, num_zero;  // and their count, its sign, a first digit 0
+    uint8_t num_dot, num_fdigits, num_len;  // a number with bounds: a point read, fraction digits,
+    char num_text[40];                      //   and its text so far (the first 39 bytes)
     uint32_t str_chars;        // a string value: its characters so far
     PatternState pattern;        // and where they stand against its pattern
     uint8_t in_value;          // a scalar value is being read
