@@ -311,6 +311,8 @@ TEST(test_json_schema_compile_refusals_name_the_path) {
         {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"\\\\bword\"}}}", "\\b is not supported"},
         {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"a{200}b{200}\"}}}", "more than 256 states"},
         {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": 5}}}", "'pattern' must be a string"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"a$b\"}}}", "matches no string"},
+        {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"^\\\\x00$\"}}}", "matches no string"},
         {"{\"type\": \"object\", \"properties\": {\"s\": {\"pattern\": \"a\", \"maxLength\": 3}}}",
          "'pattern' beside 'maxLength' is not supported"},
         {"{\"type\": \"object\", \"properties\": {\"s\": {\"enum\": [\"a\"], \"pattern\": \"a\"}}}", "'pattern' beside 'enum'"},

@@ -562,6 +562,11 @@ int pattern_compile(Pattern **out, const char *pattern, char *why, size_t n) {
         return -1;
     }
     analyse(re);
+    if (!set_has_live(re, re->cl0[re->start])) {  // a string with it could never be completed
+        snprintf(why, n, "it matches no string a JSON string can hold (U+0000 and lone surrogates cannot be written)");
+        pattern_free(re);
+        return -1;
+    }
     *out = re;
     return 0;
 }
