@@ -87,8 +87,13 @@ typedef struct {
     int complete;
 } RefusalCase;
 
-// Feeds each case's text byte by byte: the first byte refused and whether the whole is complete.
-static void check_refusals(const JsonSchema *s, const RefusalCase *cases, size_t n) {
+// Compiles schema, then feeds each case's text byte by byte: the first byte refused and whether the
+// whole is complete.
+static void check_refusals(const char *schema, const RefusalCase *cases, size_t n) {
+    char why[512];
+    JsonSchema *s = compile_text(schema, why, sizeof why);
+    CHECK_MSG(s, "%s", why);
+    if (!s) return;
     for (size_t i = 0; i < n; i++) {
         JsonSchemaPrefix p;
         json_schema_prefix_init(&p, s);
@@ -99,16 +104,11 @@ static void check_refusals(const JsonSchema *s, const RefusalCase *cases, size_t
         CHECK_MSG(bad == cases[i].bad_at, "%s: refused at byte %d, expected %d", t, bad, cases[i].bad_at);
         CHECK_MSG(json_schema_prefix_complete(&p) == cases[i].complete, "%s: complete %d", t, json_schema_prefix_complete(&p));
     }
+    json_schema_free(s);
 }
 
 // Where a document goes wrong is where it is refused: the mask then never lets the model write it.
 TEST(test_json_schema_refuses_at_the_first_wrong_byte) {
-    char why[512];
-    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\"}, "
-                                 "\"c\": {\"enum\": [\"red\", \"green\"]}, \"l\": {\"type\": \"array\", \"maxItems\": 2}}, "
-                                 "\"required\": [\"c\"], \"additionalProperties\": false}",
-                                 why, sizeof why);
-    CHECK_MSG(s, "%s", why);
     static const RefusalCase cases[] = {
         {"{\"c\": \"red\"}", -1, 1},
         {"{\"n\": 12, \"c\": \"green\"}", -1, 1},
@@ -128,20 +128,15 @@ TEST(test_json_schema_refuses_at_the_first_wrong_byte) {
         {"{\"c\": 1}", 6, 0},
         {"[1]", 0, 0},
     };
-    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
-    json_schema_free(s);
+    check_refusals("{\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\"}, "
+                   "\"c\": {\"enum\": [\"red\", \"green\"]}, \"l\": {\"type\": \"array\", \"maxItems\": 2}}, "
+                   "\"required\": [\"c\"], \"additionalProperties\": false}",
+                   cases, sizeof cases / sizeof cases[0]);
 }
 
 // An integer with a range is refused at the first digit (or sign) that no integer it begins can
 // bring into the range within 18 digits, or at its end when it is outside.
 TEST(test_json_schema_integer_range_refuses_at_the_first_wrong_byte) {
-    char why[512];
-    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\", \"minimum\": 10, "
-                                 "\"exclusiveMaximum\": 251}, \"m\": {\"type\": [\"integer\", \"null\"], \"maximum\": -7.5}, "
-                                 "\"z\": {\"type\": \"integer\", \"minimum\": -0.5, \"maximum\": 0.5}, "
-                                 "\"s\": {\"type\": \"string\", \"minimum\": 3}}}",
-                                 why, sizeof why);
-    CHECK_MSG(s, "%s", why);
     static const RefusalCase cases[] = {
         {"{\"n\": 10}", -1, 1},
         {"{\"n\": 250}", -1, 1},
@@ -162,8 +157,11 @@ TEST(test_json_schema_integer_range_refuses_at_the_first_wrong_byte) {
         {"{\"z\": -1", 7, 0},
         {"{\"s\": \"x\"}", -1, 1}, // a bound says nothing of strings
     };
-    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
-    json_schema_free(s);
+    check_refusals("{\"type\": \"object\", \"properties\": {\"n\": {\"type\": \"integer\", \"minimum\": 10, "
+                   "\"exclusiveMaximum\": 251}, \"m\": {\"type\": [\"integer\", \"null\"], \"maximum\": -7.5}, "
+                   "\"z\": {\"type\": \"integer\", \"minimum\": -0.5, \"maximum\": 0.5}, "
+                   "\"s\": {\"type\": \"string\", \"minimum\": 3}}}",
+                   cases, sizeof cases / sizeof cases[0]);
 }
 
 // A string is refused at the first character past maxLength (its first byte: a multi-byte character
@@ -171,13 +169,6 @@ TEST(test_json_schema_integer_range_refuses_at_the_first_wrong_byte) {
 // characters are code points (a surrogate pair's two escapes are one). An integer with multipleOf
 // (and a range) is refused at the first digit no multiple in range can begin.
 TEST(test_json_schema_lengths_and_multiples_refuse_at_the_first_wrong_byte) {
-    char why[512];
-    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", \"minLength\": 2, "
-                                 "\"maxLength\": 3}, \"b\": {\"type\": [\"string\", \"null\"], \"maxLength\": 0}, "
-                                 "\"m\": {\"type\": \"integer\", \"multipleOf\": 25, \"minimum\": -60, \"maximum\": 130}, "
-                                 "\"e\": {\"type\": \"integer\", \"multipleOf\": 2}}}",
-                                 why, sizeof why);
-    CHECK_MSG(s, "%s", why);
     static const RefusalCase cases[] = {
         {"{\"a\": \"xy\"}", -1, 1},
         {"{\"a\": \"x\"}", 8, 0},                 // one character: the quote comes too early
@@ -205,8 +196,11 @@ TEST(test_json_schema_lengths_and_multiples_refuse_at_the_first_wrong_byte) {
         {"{\"e\": -14}", -1, 1},
         {"{\"e\": 7}", 7, 0},
     };
-    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
-    json_schema_free(s);
+    check_refusals("{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\", \"minLength\": 2, "
+                   "\"maxLength\": 3}, \"b\": {\"type\": [\"string\", \"null\"], \"maxLength\": 0}, "
+                   "\"m\": {\"type\": \"integer\", \"multipleOf\": 25, \"minimum\": -60, \"maximum\": 130}, "
+                   "\"e\": {\"type\": \"integer\", \"multipleOf\": 2}}}",
+                   cases, sizeof cases / sizeof cases[0]);
 }
 
 // A string with a pattern is refused at the first byte after which no completion can match: a
@@ -214,12 +208,6 @@ TEST(test_json_schema_lengths_and_multiples_refuse_at_the_first_wrong_byte) {
 // take next (the escape's hex digits narrowing it, a surrogate pair's two halves together), the
 // closing quote when the string does not match. Escapes stand for their characters.
 TEST(test_json_schema_pattern_refuses_at_the_first_wrong_byte) {
-    char why[512];
-    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"id\": {\"type\": \"string\", \"pattern\": "
-                                 "\"^[a-z]{2}[0-9]$\"}, \"t\": {\"type\": \"string\", \"pattern\": \"\xc3\xa9$\"}, "
-                                 "\"u\": {\"type\": \"string\", \"pattern\": \"^\\\\u00e9|^\xf0\x9f\x98\x80\"}}}",
-                                 why, sizeof why);
-    CHECK_MSG(s, "%s", why);
     static const RefusalCase cases[] = {
         {"{\"id\": \"ab1\"}", -1, 1},
         {"{\"id\": \"a1\"}", 9, 0},
@@ -236,19 +224,15 @@ TEST(test_json_schema_pattern_refuses_at_the_first_wrong_byte) {
         {"{\"u\": \"\xf0\x9f\x98\x81\"}", 10, 0},  // U+1F601: at the byte that tells it from U+1F600
         {"{\"u\": \"\xc3\xa9tail\"}", -1, 1},       // ^é matched: anything may follow
     };
-    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
-    json_schema_free(s);
+    check_refusals("{\"type\": \"object\", \"properties\": {\"id\": {\"type\": \"string\", \"pattern\": "
+                   "\"^[a-z]{2}[0-9]$\"}, \"t\": {\"type\": \"string\", \"pattern\": \"\xc3\xa9$\"}, "
+                   "\"u\": {\"type\": \"string\", \"pattern\": \"^\\\\u00e9|^\xf0\x9f\x98\x80\"}}}",
+                   cases, sizeof cases / sizeof cases[0]);
 }
 
 // A number with bounds (any number, not only integers) is refused at the first byte after which no
 // completion lies in bounds, and at its end when outside; it is written without an exponent.
 TEST(test_json_schema_number_bounds_refuse_at_the_first_wrong_byte) {
-    char why[512];
-    JsonSchema *s = compile_text("{\"type\": \"object\", \"properties\": {\"r\": {\"type\": \"number\", \"exclusiveMinimum\": 0, "
-                                 "\"maximum\": 2.5}, \"t\": {\"type\": [\"number\", \"null\"], \"minimum\": -40.5, "
-                                 "\"exclusiveMaximum\": 60}, \"z\": {\"type\": \"number\", \"minimum\": 0.25, \"maximum\": 0.25}}}",
-                                 why, sizeof why);
-    CHECK_MSG(s, "%s", why);
     static const RefusalCase cases[] = {
         {"{\"r\": 2.5}", -1, 1},
         {"{\"r\": 0.001}", -1, 1},
@@ -273,8 +257,10 @@ TEST(test_json_schema_number_bounds_refuse_at_the_first_wrong_byte) {
         {"{\"z\": 0.26", 9, 0},
         {"{\"z\": 0.2}", 9, 0},
     };
-    check_refusals(s, cases, sizeof cases / sizeof cases[0]);
-    json_schema_free(s);
+    check_refusals("{\"type\": \"object\", \"properties\": {\"r\": {\"type\": \"number\", \"exclusiveMinimum\": 0, "
+                   "\"maximum\": 2.5}, \"t\": {\"type\": [\"number\", \"null\"], \"minimum\": -40.5, "
+                   "\"exclusiveMaximum\": 60}, \"z\": {\"type\": \"number\", \"minimum\": 0.25, \"maximum\": 0.25}}}",
+                   cases, sizeof cases / sizeof cases[0]);
 }
 
 TEST(test_json_schema_compile_refusals_name_the_path) {

@@ -509,10 +509,9 @@ BF16C static int bf16c_rows_avx512(float *out, int ldo, const float *x, int ldx,
                 else if (nc == 2) BF16C_TILE(8, 2, tile_bf16(8, 2, &u))
                 else BF16C_TILE(4, 4, tile_bf16(4, 4, &u))
             } else {
-                if (in_reg) {
+                if (in_reg) {  // (2 to 4 rows: one row took fp8_row_dot above)
                     nc = nc > 4 ? 4 : nc;
-                    if (nc == 1) BF16C_TILE(16, 1, tile_fp8(16, 1, 1, &u))
-                    else if (nc == 2) BF16C_TILE(8, 2, tile_fp8(8, 2, 1, &u))
+                    if (nc == 2) BF16C_TILE(8, 2, tile_fp8(8, 2, 1, &u))
                     else BF16C_TILE(4, 4, tile_fp8(4, 4, 1, &u))
                 } else {
                     nc = nc > 3 ? 3 : nc;

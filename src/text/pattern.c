@@ -33,6 +33,16 @@ static int class_add(Class *c, uint32_t lo, uint32_t hi) {
     return 0;
 }
 
+// The gaps of sorted, disjoint ranges r[0, n) in [0, MAX_CP] into out.
+static int class_add_complement(Class *out, const uint32_t (*r)[2], int n) {
+    uint32_t next = 0;
+    for (int i = 0; i < n; i++) {
+        if (r[i][0] > next && class_add(out, next, r[i][0] - 1)) return -1;
+        next = r[i][1] + 1;
+    }
+    return next <= MAX_CP ? class_add(out, next, MAX_CP) : 0;
+}
+
 static int range_cmp(const void *a, const void *b) {
     const uint32_t *x = a, *y = b;
     return x[0] < y[0] ? -1 : x[0] > y[0];
@@ -56,12 +66,10 @@ static int class_finish(Class *c, int negate) {
     int n = c->n;
     Class neg = {0};
     if (negate) {
-        uint32_t next = 0;
-        for (int i = 0; i < n; i++) {
-            if (src[i][0] > next && class_add(&neg, next, src[i][0] - 1)) return -1;
-            next = src[i][1] + 1;
+        if (class_add_complement(&neg, src, n)) {
+            free(neg.r);
+            return -1;
         }
-        if (next <= MAX_CP && class_add(&neg, next, MAX_CP)) return -1;
         src = neg.r, n = neg.n;
     }
     static const uint32_t KEEP[2][2] = {{1, 0xD7FF}, {0xE000, MAX_CP}};
@@ -186,17 +194,10 @@ static int class_escape(Class *c, char e) {
                                     {0x2028, 0x2029}, {0x202F, 0x202F}, {0x205F, 0x205F}, {0x3000, 0x3000}, {0xFEFF, 0xFEFF}};
     const uint32_t(*set)[2] = e == 'd' || e == 'D' ? D : e == 'w' || e == 'W' ? W : S;
     int n = e == 'd' || e == 'D' ? 1 : e == 'w' || e == 'W' ? 4 : 10;
-    if (e >= 'a') {
-        for (int i = 0; i < n; i++)
-            if (class_add(c, set[i][0], set[i][1])) return -1;
-        return 0;
-    }
-    uint32_t next = 0;
-    for (int i = 0; i < n; i++) {
-        if (set[i][0] > next && class_add(c, next, set[i][0] - 1)) return -1;
-        next = set[i][1] + 1;
-    }
-    return class_add(c, next, MAX_CP);
+    if (e < 'a') return class_add_complement(c, set, n);
+    for (int i = 0; i < n; i++)
+        if (class_add(c, set[i][0], set[i][1])) return -1;
+    return 0;
 }
 
 // After a backslash: a class escape into c (1), or one character into *cp (0); -1 when refused.
@@ -227,6 +228,14 @@ static int escape(Parser *ps, Class *c, uint32_t *cp, int in_class) {
         *cp = next_cp(ps);  // escaped punctuation (or any other character) stands for itself
         return 0;
     }
+}
+
+// Class k finished (complemented when negate) as a leaf of the syntax tree: its node, or -1.
+static int class_leaf(Parser *ps, int k, int negate) {
+    if (class_finish(&ps->re->cls[k], negate)) return fail(ps, "out of memory");
+    int a = ast_new(ps, A_CLASS);
+    if (a >= 0) ps->ast[a].cls = k;
+    return a;
 }
 
 // [...] after its '['.
@@ -268,10 +277,7 @@ static int parse_class(Parser *ps) {
         if (class_add(c, lo, hi)) return fail(ps, "out of memory");
     }
     ps->p++;  // ']'
-    if (class_finish(c, negate)) return fail(ps, "out of memory");
-    int a = ast_new(ps, A_CLASS);
-    if (a >= 0) ps->ast[a].cls = k;
-    return a;
+    return class_leaf(ps, k, negate);
 }
 
 // A class of one code point, or of '.'.
@@ -284,10 +290,7 @@ static int single(Parser *ps, uint32_t cp, int dot) {
     } else if (class_add(c, cp, cp)) {
         return fail(ps, "out of memory");
     }
-    if (class_finish(c, dot)) return fail(ps, "out of memory");
-    int a = ast_new(ps, A_CLASS);
-    if (a >= 0) ps->ast[a].cls = k;
-    return a;
+    return class_leaf(ps, k, dot);
 }
 
 static int parse_alt(Parser *ps);
@@ -320,22 +323,15 @@ static int parse_atom(Parser *ps) {
     case '^': ps->p++; return ast_new(ps, A_BOL);
     case '$': ps->p++; return ast_new(ps, A_EOL);
     case '*': case '+': case '?': return fail(ps, "a quantifier '%c' with nothing to repeat", ch);
-    case '\\': {
+    case '\\': {  // a class escape, or one character
         ps->p++;
         int k = class_new(ps);
         if (k < 0) return -1;
         uint32_t cp;
         int r = escape(ps, &ps->re->cls[k], &cp, 0);
         if (r < 0) return -1;
-        if (r == 0) {
-            ps->re->n_cls--;  // (empty: dropped for a single character's class)
-            free(ps->re->cls[k].r);
-            return single(ps, cp, 0);
-        }
-        if (class_finish(&ps->re->cls[k], 0)) return fail(ps, "out of memory");
-        int a = ast_new(ps, A_CLASS);
-        if (a >= 0) ps->ast[a].cls = k;
-        return a;
+        if (r == 0 && class_add(&ps->re->cls[k], cp, cp)) return fail(ps, "out of memory");
+        return class_leaf(ps, k, 0);
     }
     default: return single(ps, next_cp(ps), 0);
     }
