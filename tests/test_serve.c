@@ -205,7 +205,9 @@ TEST(test_request_parse_refuses_bad_fields) {
         {API_COMPLETION, "{\"prompt\": \"x\", \"best_of\": 2, \"n\": 3}", "best_of"},
         {API_COMPLETION, "{\"prompt\": \"x\", \"best_of\": 3, \"stream\": true}", "best_of"},
         {API_COMPLETION, "{\"prompt\": \"x\", \"best_of\": 17}", "best_of"},
-        {API_COMPLETION, "{\"prompt\": \"x\", \"suffix\": \"y\"}", "suffix"},
+        {API_COMPLETION, "{\"prompt\": \"x\", \"suffix\": 3}", "suffix"},
+        {API_COMPLETION, "{\"prompt\": [1, 2], \"suffix\": \"y\"}", "suffix"},
+        {API_COMPLETION, "{\"prompt\": [\"a\", \"b\"], \"suffix\": \"y\", \"echo\": true}", "suffix"},
         {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": [1]}", "logit_bias"},
         {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": {\"12\": 101}}", "logit_bias"},
         {API_COMPLETION, "{\"prompt\": \"x\", \"logit_bias\": {\"a1\": 1}}", "logit_bias"},
@@ -943,6 +945,60 @@ TEST(test_serve_shared_prefix_hits_the_cache) {
     CHECK_MSG(same == 3, "%d of 3 answers equal with and without the prefix cache", same);
     CHECK_MSG(hits >= 2 * 16 && hits_off == 0, "the shared system prompt was not reused: %g hit positions (%g without the cache)",
               hits, hits_off);
+}
+
+static Tokenizer *model_tokenizer(void);
+
+// Fill in the middle: a completion with a suffix is the model's answer to the FIM prompt (usage
+// counts its tokens) and the same text `dsv3 generate --prompt P --suffix S` gives;
+// an empty suffix is a plain completion.
+TEST(test_serve_fill_in_the_middle) {
+    const char *prefix = "the server answers", *suffix = " over HTTP.";
+    Tokenizer *t = model_tokenizer();
+    CHECK(t);
+    TokIds fim = {0};
+    Error err = {0};
+    CHECK_MSG(tok_fim_encode(t, prefix, strlen(prefix), suffix, strlen(suffix), &fim, &err) == 0, "%s", err.msg);
+    size_t fim_n = fim.n;
+    ids_free(&fim);
+    tok_free(t);
+    char body[3][400];
+    snprintf(body[0], sizeof body[0], "{\"prompt\": \"%s\", \"suffix\": \"%s\", \"max_tokens\": 16, \"temperature\": 0}", prefix, suffix);
+    snprintf(body[1], sizeof body[1], "{\"prompt\": \"%s\", \"suffix\": \"\", \"max_tokens\": 16, \"temperature\": 0}", prefix);
+    snprintf(body[2], sizeof body[2], "{\"prompt\": \"%s\", \"max_tokens\": 16, \"temperature\": 0}", prefix);
+    Server s;
+    SERVER_OR_FAIL(&s, "");
+    char *text[3] = {0};
+    long prompt_tokens = -1;
+    for (int i = 0; i < 3; i++) {
+        Response r = post(s.port, "/v1/completions", body[i]);
+        text[i] = r.status == 200 ? answer_text(&r) : NULL;
+        if (i == 0 && r.body) {
+            json_t *o = json_loads(r.body, 0, NULL);
+            prompt_tokens = (long)json_integer_value(json_object_get(json_object_get(o, "usage"), "prompt_tokens"));
+            json_decref(o);
+        }
+        free(r.head);
+    }
+    CHECK_MSG(server_stop(&s) == 0, "SIGTERM: exit not 0");
+    char gen[600], cmd_out[2048];
+    snprintf(gen, sizeof gen, "%s/serve/generate_fim.txt", test_tmpdir());
+    int g = test_run(cmd_out, sizeof cmd_out, "%s generate --model %s --prompt '%s' --suffix '%s' --max-new 16 > %s", test_bin(),
+                     model_dir(), prefix, suffix, gen);
+    CHECK_MSG(g == 0, "dsv3 generate --suffix: %s", cmd_out);
+    size_t lw = 0;
+    char *want = test_read_file(gen, &lw);
+    json_t *got = text[0] ? json_loads(text[0], JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL) : NULL;
+    int same = want && lw > 0 && json_is_string(got) && json_string_length(got) == lw - 1 &&
+               !memcmp(json_string_value(got), want, lw - 1);
+    printf("    fill in the middle: %ld prompt tokens, %zu bytes of answer\n", prompt_tokens, got ? json_string_length(got) : 0);
+    CHECK_MSG(same, "the server's FIM answer %s differs from dsv3 generate --suffix's '%s'", text[0] ? text[0] : "(none)",
+              want ? want : "?");
+    CHECK_MSG(prompt_tokens == (long)fim_n, "usage.prompt_tokens %ld, the FIM prompt has %zu tokens", prompt_tokens, fim_n);
+    CHECK_MSG(text[1] && text[2] && !strcmp(text[1], text[2]), "an empty suffix answered %s, no suffix %s", text[1], text[2]);
+    json_decref(got);
+    free(want);
+    for (int i = 0; i < 3; i++) free(text[i]);
 }
 
 // The same JSON mode and logit bias from the command line: `dsv3 generate --json` stops by itself

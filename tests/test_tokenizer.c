@@ -515,6 +515,9 @@ TEST(test_tokenizer_chat_format) {
     free(s);
     ChatMessage bad[] = {{.role = "robot", .content = "x"}};
     CHECK(tok_chat_render(t, bad, 1, 1, &err) == NULL && strstr(err.msg, "robot"));
+    // a tokenizer without fill in the middle's tokens cannot build its prompt: an error naming one
+    TokIds fim = {0};
+    CHECK(tok_fim_encode(t, "a", 1, "b", 1, &fim, &err) == -1 && strstr(err.msg, FIM_BEGIN) && fim.n == 0);
     ChatMessage no_content[] = {{.role = "assistant"}};
     CHECK(tok_chat_render(t, no_content, 1, 1, &err) == NULL && strstr(err.msg, "no content"));
     // tool calls, tool outputs, and the tools' description after the system prompt
@@ -717,6 +720,15 @@ TEST(test_tokenizer_train_small_corpus) {
     for (size_t i = 0; i < calls.n; i++) markers += calls.v[i] == 5 || calls.v[i] == 7 || calls.v[i] == 9;
     CHECK_MSG(markers == 3, "%d of the 3 markers encoded as their ids", markers);
     ids_free(&calls);
+    // so are fill in the middle's: BOS, <｜fim▁begin｜>, the prefix, <｜fim▁hole｜>, the suffix, <｜fim▁end｜>
+    int fb = tok_token_id(t, FIM_BEGIN), fh = tok_token_id(t, FIM_HOLE), fe = tok_token_id(t, FIM_END);
+    CHECK(fh == 14 && fb == 15 && fe == 16 && !tok_is_special(t, fb));
+    TokIds fim = {0}, pre = {0}, suf = {0};
+    CHECK(tok_fim_encode(t, "the cat", 7, " and the hat", 12, &fim, &err) == 0);
+    CHECK(tok_encode(t, "the cat", 7, 0, &pre, &err) == 0 && tok_encode(t, " and the hat", 12, 0, &suf, &err) == 0);
+    CHECK(fim.n == 4 + pre.n + suf.n && fim.v[0] == 0 && fim.v[1] == fb && fim.v[2 + pre.n] == fh && fim.v[fim.n - 1] == fe);
+    CHECK(!memcmp(fim.v + 2, pre.v, pre.n * sizeof(int)) && !memcmp(fim.v + 3 + pre.n, suf.v, suf.n * sizeof(int)));
+    ids_free(&fim), ids_free(&pre), ids_free(&suf);
     // merges: the words got shorter, and decoding gives the text back byte for byte
     size_t len;
     char *text = test_read_file(txt, &len);

@@ -293,6 +293,43 @@ TEST(test_tokenizer_deepseek_chat_matches_reference) {
     tok_free(t);
 }
 
+// Fill in the middle: tok_fim_encode against the reference encoding the FIM document's text (BOS,
+// <｜fim▁begin｜>, prefix, <｜fim▁hole｜>, suffix, <｜fim▁end｜>), as DeepSeek's FIM examples build it.
+TEST(test_tokenizer_deepseek_fim_matches_reference) {
+    SETUP_OR_SKIP();
+    Error err = {0};
+    Tokenizer *t = tok_load(g_tok, &err);
+    CHECK_MSG(t, "%s", err.msg);
+    const char *cases[][2] = {{"def quick_sort(arr):\n    if len(arr) <= 1:\n        return arr\n", "\n    return quick_sort(left) + [pivot] + quick_sort(right)\n"},
+                              {"And God said, Let there be light", " and there was light."},
+                              {"", "trailing"},
+                              {"leading  spaces ", "  你好 😀"}};
+    char in[700], o[8192];
+    snprintf(in, sizeof in, "%s/fim.txt", test_tmpdir());
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        FILE *f = fopen(in, "wb");
+        CHECK(f != NULL);
+        fprintf(f, "<｜begin▁of▁sentence｜>" FIM_BEGIN "%s" FIM_HOLE "%s" FIM_END, cases[k][0], cases[k][1]);
+        fclose(f);
+        int rc = test_run(o, sizeof o, "node tests/js/tok_ref.js %s encode %s < %s", g_mods, g_tok, in);
+        CHECK_MSG(rc == 0, "reference: %s", o);
+        TokIds ids = {0};
+        CHECK_MSG(tok_fim_encode(t, cases[k][0], strlen(cases[k][0]), cases[k][1], strlen(cases[k][1]), &ids, &err) == 0,
+                  "%s", err.msg);
+        char mine[2048];
+        size_t len = 0;
+        for (size_t i = 0; i < ids.n && len < sizeof mine - 16; i++)
+            len += (size_t)snprintf(mine + len, sizeof mine - len, i ? " %d" : "%d", ids.v[i]);
+        // the three markers are single tokens after BOS (128801 = <｜fim▁begin｜> in the release)
+        CHECK(ids.n >= 4 && ids.v[0] == tok_bos_id(t) && ids.v[1] == tok_token_id(t, FIM_BEGIN) &&
+              ids.v[ids.n - 1] == tok_token_id(t, FIM_END));
+        ids_free(&ids);
+        CHECK_MSG(strlen(o) == len + 1 && memcmp(o, mine, len) == 0, "case %zu:\n      dsv3:      %s\n      reference: %s", k,
+                  mine, o);
+    }
+    tok_free(t);
+}
+
 TEST(test_tokenizer_trained_vocab_matches_reference) {
     SETUP_OR_SKIP();
     char dir[600], out[700], big[700], a[700], b[700], why[2048], o[4096];

@@ -23,7 +23,7 @@
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
                                      "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype",
-                                     "speculative", "expert-parallel", "compute", "logit-bias", "json-schema", NULL};
+                                     "speculative", "expert-parallel", "compute", "logit-bias", "json-schema", "suffix", NULL};
 static const char *const FLAGS[] = {"chat", "no-mmap", "stats", "json", NULL};
 
 // --parallel's default: sequences decoded at once when --batch-file gives several.
@@ -31,13 +31,17 @@ static const char *const FLAGS[] = {"chat", "no-mmap", "stats", "json", NULL};
 #define DEFAULT_PREFILL_CHUNK 512
 
 // The prompt's ids: --tokens as given, or --prompt encoded (BOS as tokenizer_config.json says;
-// with --chat in the DeepSeek-V3 chat format ending in the generation prompt).
+// with --chat in the DeepSeek-V3 chat format ending in the generation prompt; with --suffix in the
+// fill-in-the-middle format, the prompt the text before the hole).
 static int prompt_ids(const Args *a, const char *dir, Tokenizer **tok, int **ids, int *n, Error *err) {
     const char *tokens = args_str(a, "tokens", NULL), *text = args_str(a, "prompt", NULL);
     if (!!tokens + !!text + !!args_str(a, "batch-file", NULL) != 1)
         return err_set(err, "give exactly one of --tokens IDS, --prompt TEXT and --batch-file FILE");
     if ((args_flag(a, "chat") || args_str(a, "system", NULL)) && !text)
         return err_set(err, "--chat and --system need --prompt");
+    const char *suffix = args_str(a, "suffix", NULL);
+    if (suffix && (!text || args_flag(a, "chat") || args_str(a, "system", NULL)))
+        return err_set(err, "--suffix needs --prompt (the text before the hole) and no --chat or --system");
     if (tokens) return parse_token_list(tokens, ids, n, err);
     *tok = tok_load_dir(dir, err);
     if (!*tok) return -1;
@@ -49,6 +53,9 @@ static int prompt_ids(const Args *a, const char *dir, Tokenizer **tok, int **ids
         if (args_str(a, "system", NULL)) msgs[nm++] = (ChatMessage){.role = "system", .content = args_str(a, "system", NULL)};
         msgs[nm++] = (ChatMessage){.role = "user", .content = text};
         rc = tok_chat_encode(*tok, msgs, nm, 1, &v, err);
+    } else if (suffix) {
+        rc = tok_fim_encode(*tok, text, strlen(text), suffix, strlen(suffix), &v, err);
+        if (rc) err_prefix(err, "%s/tokenizer.json", dir);
     } else {
         rc = tok_encode(*tok, text, strlen(text), TOK_ADD_SPECIAL, &v, err);
     }

@@ -445,11 +445,20 @@ static int parse_fields(ServeRequest *r, json_t *body, ApiError *e) {
             return api_error(e, 400, "best_of", "invalid_value", "'best_of' is %d; it must be at least 'n' (%d)", r->best_of, r->n);
         if (r->best_of > r->n && r->stream)
             return api_error(e, 400, "best_of", "invalid_value", "'best_of' greater than 'n' cannot be streamed");
-        // suffix (fill in the middle) is not done: refused rather than ignored, since ignoring it
-        // would answer a different question
+        // suffix: fill in the middle (the model's FIM format, text/tokenizer.h); an empty one is a
+        // plain continuation, as there is nothing after the hole
         json_t *suffix = field(body, "suffix");
-        if (suffix && !(json_is_string(suffix) && json_string_length(suffix) == 0))
-            return api_error(e, 400, "suffix", "unsupported_value", "'suffix' is not supported");
+        if (suffix && !json_is_string(suffix))
+            return api_error(e, 400, "suffix", "invalid_type", "'suffix' must be a string");
+        if (suffix && json_string_length(suffix) > 0) {
+            for (int i = 0; i < r->n_prompts; i++)
+                if (!r->prompts[i].text)
+                    return api_error(e, 400, "suffix", "invalid_value",
+                                     "'suffix' needs a text prompt (the text before the hole), not token ids");
+            if (r->echo)
+                return api_error(e, 400, "suffix", "invalid_value", "'echo' cannot be combined with 'suffix'");
+            if (!(r->suffix = dup_json_string(suffix))) return OOM(e);
+        }
         if (r->max_tokens == 0 && !r->echo)
             return api_error(e, 400, "max_tokens", "invalid_value", "'max_tokens' is 0; it must be at least 1 (0 only with 'echo')");
     }
@@ -515,6 +524,7 @@ void serve_request_free(ServeRequest *r) {
         free(r->prompts[i].ids);
     }
     free(r->prompts);
+    free(r->suffix);
     free(r->bias_ids);
     free(r->bias_values);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);

@@ -54,6 +54,8 @@ typedef struct ServeRequest {
     ServePrompt *prompts;     // (n_prompts) completions: a string or ids, or an array of either;
     int n_prompts;            // the answers are prompt 0's n choices, then prompt 1's, ...
     int echo;                 // completions: the answer starts with its prompt
+    char *suffix;             // completions: the text after the hole (fill in the middle; each prompt
+                              // is then the text before it), NULL when none (owned)
     int max_tokens;           // -1: absent (the rest of the context); 0 only with echo
     float temperature, top_p, min_p, presence_penalty, frequency_penalty;
     int top_k;                // 0: off (-1 is accepted for it, as vLLM spells off)

@@ -674,9 +674,10 @@ static int prompt_ids(Server *s, ServeRequest *r, int i, TokIds *ids, ApiError *
     } else {
         pthread_mutex_lock(&s->tok_mu);
         int rc = r->kind == API_CHAT ? tok_chat_encode_tools(s->tok, r->msgs, r->n_msgs, r->tools_prompt, 1, ids, &err)
-                                     : tok_encode(s->tok, p->text, strlen(p->text), TOK_ADD_SPECIAL, ids, &err);
+                 : r->suffix ? tok_fim_encode(s->tok, p->text, strlen(p->text), r->suffix, strlen(r->suffix), ids, &err)
+                             : tok_encode(s->tok, p->text, strlen(p->text), TOK_ADD_SPECIAL, ids, &err);
         pthread_mutex_unlock(&s->tok_mu);
-        if (rc) return api_error(e, 400, field, "invalid_value", "%s", err.msg);
+        if (rc) return api_error(e, 400, r->suffix ? "suffix" : field, "invalid_value", "%s", err.msg);
         for (size_t k = 0; k < ids->n; k++)
             if (ids->v[k] >= s->vocab)
                 return api_error(e, 400, field, "invalid_value",

@@ -19,13 +19,14 @@ const char *const DEEPSEEK_V3_SPLIT_REGEX[3] = {
     "[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
 };
 
-// DeepSeek-V3's: BOS, EOS, pad, the chat turns' markers and its tool-call format's markers (text/
-// chat.c), each one token, as in the released tokenizer.json.
+// DeepSeek-V3's: BOS, EOS, pad, the chat turns' markers, its tool-call format's markers (text/
+// chat.c) and fill-in-the-middle's, each one token, as in the released tokenizer.json.
 const char *const BPE_TRAIN_SPECIALS[BPE_TRAIN_N_SPECIAL] = {
     "<｜begin▁of▁sentence｜>",  "<｜end▁of▁sentence｜>",  "<｜▁pad▁｜>",           "<｜User｜>",
     "<｜Assistant｜>",          "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",  "<｜tool▁call▁begin｜>",
     "<｜tool▁call▁end｜>",      "<｜tool▁sep｜>",         "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
-    "<｜tool▁output▁begin｜>",  "<｜tool▁output▁end｜>",
+    "<｜tool▁output▁begin｜>",  "<｜tool▁output▁end｜>", "<｜fim▁hole｜>",          "<｜fim▁begin｜>",
+    "<｜fim▁end｜>",
 };
 #define N_SPECIAL_FLAGGED 3  // BOS, EOS, pad are "special" (skipped by skip_special_tokens)
 #define FIRST_BYTE_ID BPE_TRAIN_N_SPECIAL

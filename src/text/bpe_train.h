@@ -11,10 +11,10 @@
 // DeepSeek-V3's three Split(Isolated) regexes (SPEC §6), as its tokenizer.json spells them.
 extern const char *const DEEPSEEK_V3_SPLIT_REGEX[3];
 
-// The added tokens a trained vocabulary starts with, at ids 0..13: BOS, EOS and pad (special), the
-// chat markers <｜User｜>, <｜Assistant｜> and the nine markers of tool calls and their outputs (not
-// special), spelled as DeepSeek-V3's.
-#define BPE_TRAIN_N_SPECIAL 14
+// The added tokens a trained vocabulary starts with, at ids 0..16: BOS, EOS and pad (special), the
+// chat markers <｜User｜>, <｜Assistant｜>, the nine markers of tool calls and their outputs and the
+// three of fill in the middle (not special), spelled as DeepSeek-V3's.
+#define BPE_TRAIN_N_SPECIAL 17
 extern const char *const BPE_TRAIN_SPECIALS[BPE_TRAIN_N_SPECIAL];
 
 typedef struct BpeTrainStats {

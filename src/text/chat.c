@@ -104,3 +104,23 @@ int tok_chat_encode(Tokenizer *t, const ChatMessage *msgs, int n, int add_genera
                     Error *err) {
     return tok_chat_encode_tools(t, msgs, n, NULL, add_generation_prompt, out, err);
 }
+
+int tok_fim_encode(Tokenizer *t, const char *prefix, size_t prefix_len, const char *suffix, size_t suffix_len,
+                   TokIds *out, Error *err) {
+    const char *marks[3] = {FIM_BEGIN, FIM_HOLE, FIM_END};
+    for (int i = 0; i < 3; i++) {
+        int id = tok_token_id(t, marks[i]);
+        if (id < 0 || !tok_is_added(t, id))
+            return err_set(err, "the tokenizer has no %s token: this model cannot fill in the middle", marks[i]);
+    }
+    ByteBuf b = {0};
+    size_t blen = 0;
+    const char *bos = tok_bos_id(t) >= 0 ? tok_token_bytes(t, tok_bos_id(t), &blen) : NULL;
+    int fail = bb_reserve(&b, blen + prefix_len + suffix_len + 64);
+    if (bos) fail = fail || bb_append(&b, bos, blen);
+    fail = fail || bb_puts(&b, FIM_BEGIN) || bb_append(&b, prefix, prefix_len) || bb_puts(&b, FIM_HOLE) ||
+           bb_append(&b, suffix, suffix_len) || bb_puts(&b, FIM_END);
+    int rc = fail ? err_set(err, "out of memory") : tok_encode(t, b.p, b.n, 0, out, err);
+    bb_free(&b);
+    return rc;
+}

@@ -117,6 +117,18 @@ int tok_chat_encode_tools(Tokenizer *t, const ChatMessage *msgs, int n, const ch
 int tok_chat_encode(Tokenizer *t, const ChatMessage *msgs, int n, int add_generation_prompt, TokIds *out,
                     Error *err);
 
+// Fill in the middle, as DeepSeek-V3 was pretrained on it (the report's Prefix-Suffix-Middle
+// documents, §4.1): BOS (when the tokenizer has one), <｜fim▁begin｜>, the text before the hole,
+// <｜fim▁hole｜>, the text after it, <｜fim▁end｜> — the model then writes the middle; appended to
+// out. Encoded as `tokenizer.encode` encodes that string (DeepSeek's own FIM examples do so), so an
+// added token's string inside the texts becomes its token, as in a chat message or a plain prompt.
+// A tokenizer without the three tokens is an error naming the missing one.
+#define FIM_BEGIN "<｜fim▁begin｜>"
+#define FIM_HOLE "<｜fim▁hole｜>"
+#define FIM_END "<｜fim▁end｜>"
+int tok_fim_encode(Tokenizer *t, const char *prefix, size_t prefix_len, const char *suffix, size_t suffix_len,
+                   TokIds *out, Error *err);
+
 // The chat format's tool-call markers (the strings of DeepSeek-V3's tokens for them).
 #define CHAT_TOOL_CALLS_BEGIN "<｜tool▁calls▁begin｜>"
 #define CHAT_TOOL_CALLS_END "<｜tool▁calls▁end｜>"
