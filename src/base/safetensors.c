@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/bigmem.h"
 #include "base/file.h"
 #include "base/safetensors.h"
 
@@ -75,17 +76,16 @@ void st_set_load_mode(StLoadMode mode) { load_mode = mode; }
 
 // The whole of fd (size bytes) in private anonymous memory, read-only once filled.
 static void *read_whole(int fd, const char *path, size_t size, Error *err) {
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-        err_set(err, "%s: cannot allocate %zu bytes to read it into: %s", path, size, strerror(errno));
+    void *p = bigmem_alloc(size, "reading it into memory", err);
+    if (!p) {
+        err_prefix(err, "%s", path);
         return NULL;
     }
-    madvise(p, size, MADV_HUGEPAGE);  // advice only: without THP the copy still works
     for (size_t got = 0; got < size;) {
         ssize_t r = pread(fd, (char *)p + got, size - got, (off_t)got);
         if (r <= 0) {
             err_set(err, "%s: read failed at byte %zu of %zu: %s", path, got, size, r < 0 ? strerror(errno) : "end of file");
-            munmap(p, size);
+            bigmem_free(p, size);
             return NULL;
         }
         got += (size_t)r;

@@ -159,14 +159,20 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     ts->failed |= gemv_share(qr > 0 ? s->qa : s->q, ts->xn, qr > 0 ? &a->q_a_proj : &a->q_proj, N);
     ts->failed |= gemv_share(s->kva, ts->xn, &a->kv_a_proj_with_mqa, N);
 meet(s);
-    if (omp_get_thread_num() == omp_get_num_threads() - 1) {  // the others start on q_b meanwhile
-        // normalised and rotated in place in kva, then stored in the cache's element type
+    {
+        // this thread's rows of the cache (one row: the last thread's) normalised and rotated in place
+        // in kva, then stored in the cache's element type; then its share of q_b. (Split by rows: at
+        // 16 rows one thread storing them all kept the other waiting ~50 us a layer, the rows' halves
+        // written by both threads' kv_a shares.)
+        int kb, ke;
+        share(N, 1, &kb, &ke);
         for (int i = 0; i < bt->n_seqs; i++) {
             const KVCache *kv = bt->seqs[i].kv;
             char *lat = kvcache_latent(kv, c, l), *kpe = kvcache_kpe(kv, c, l);
             size_t es = dtype_size(kv->dtype);
             for (int t = 0; t < bt->seqs[i].T; t++) {
                 int n = bt->row0[i] + t;
+                if (n < kb || n >= ke) continue;
                 float *row = s->kva + (size_t)n * (L + r);
                 size_t at = store_row(kv, bt->pos0[i] + t);
                 rmsnorm_forward(row, NULL, row, a->kv_a_layernorm, 1, L, eps);

@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/bigmem.h"
 #include "base/file.h"
 #include "kernels/backend.h"
 #include "kernels/ops.h"
@@ -51,8 +52,10 @@ int kvpool_init(KVPool *p, const ModelConfig *c, int n_mtp, int n_blocks, int bl
     p->n_blocks = n_blocks;
     p->dtype = dtype;
     size_t es = dtype_size(dtype), rows = (size_t)p->n_layers * n_blocks * block_size;
-    p->latent = xmalloc(err, es * rows * c->kv_lora_rank, "KV cache latents");
-    p->k_pe = xmalloc(err, es * rows * (c->qk_rope_head_dim ? c->qk_rope_head_dim : 1), "KV cache rotary keys");
+    p->latent_bytes = es * rows * c->kv_lora_rank;
+    p->kpe_bytes = es * rows * (c->qk_rope_head_dim ? c->qk_rope_head_dim : 1);
+    p->latent = bigmem_alloc(p->latent_bytes, "the KV cache's latents", err);
+    p->k_pe = p->latent ? bigmem_alloc(p->kpe_bytes, "the KV cache's rotary keys", err) : NULL;
     p->free_ids = xmalloc(err, sizeof(int) * n_blocks, "KV cache block list");
     p->ref = xcalloc(err, n_blocks, sizeof(int), "KV cache block list");
     p->retained = xcalloc(err, n_blocks, sizeof(int), "KV cache block list");
@@ -67,8 +70,8 @@ int kvpool_init(KVPool *p, const ModelConfig *c, int n_mtp, int n_blocks, int bl
 }
 
 void kvpool_free(KVPool *p) {
-    free(p->latent);
-    free(p->k_pe);
+    bigmem_free(p->latent, p->latent_bytes);
+    bigmem_free(p->k_pe, p->kpe_bytes);
     free(p->free_ids);
     free(p->ref);
     free(p->retained);

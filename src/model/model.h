@@ -54,6 +54,7 @@ typedef struct KVPool {
     DType dtype;      // DT_F32 or DT_BF16
     void *latent;     // (n_layers, n_blocks, block_size, kv_lora_rank)  normalised c_kv
     void *k_pe;       // (n_layers, n_blocks, block_size, qk_rope_head_dim) rotated
+    size_t latent_bytes, kpe_bytes;  // (base/bigmem.h: huge pages where the kernel gives them)
     int *free_ids;    // (n_blocks) a stack of the free blocks
     int n_free;
     // Sharing (a prefix cache): a block may be in several sequences' tables (ref counts them); a

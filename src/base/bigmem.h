@@ -1,0 +1,19 @@
+// Large buffers that live as long as a model or an engine (weights read into memory, the latent
+// cache pool): anonymous mappings advised for transparent huge pages, so that first touching them
+// costs one page fault per 2 MB instead of one per 4 KB (a fault is microseconds on the VMs here:
+// an engine's fresh pool faulting in during its first decode steps cost ~3 us per cached row of
+// bench/configs' v3-108m) and streaming them misses the TLB less. Advice only: without THP they are
+// ordinary pages.
+#ifndef DSV3_BASE_BIGMEM_H
+#define DSV3_BASE_BIGMEM_H
+
+#include <stddef.h>
+
+#include "base/error.h"
+
+// n bytes, zero-filled, readable and writable; NULL with err set (naming what) when it fails.
+void *bigmem_alloc(size_t n, const char *what, Error *err);
+// Frees what bigmem_alloc returned for the same n (NULL: nothing).
+void bigmem_free(void *p, size_t n);
+
+#endif
