@@ -191,6 +191,8 @@ meet(s);
         rmsnorm_forward(ts->cq, NULL, s->qa, a->q_a_layernorm, N, qr, eps);
         ts->failed |= gemv_share(s->q, ts->cq, &a->q_b_proj, N);
     }
+    // (no thread takes attention units between the previous layer's attention and this one's)
+    if (omp_get_thread_num() == 0) atomic_store(&s->attn_next, 0);
 meet(s);
     int rb, re;  // q_pe rotated first, by rows: a long context's chunks read every head's query
     share(N, 1, &rb, &re);
@@ -211,28 +213,34 @@ meet(s);
         }
     }
 meet(s);
-    // The other sequences: items (sequence, head) split by cost — a head of a sequence scores its
-    // rows against their positions, rows × (pos0 + T) — so short and long contexts in one batch
-    // keep the threads equally busy; a thread's heads of one sequence score its cache together, so
-    // each cached row is read once per thread, not once per head.
-    double total = 0;
-    for (int i = 0; i < bt->n_seqs; i++)
-        if (!long_context(bt, i)) total += (double)H * bt->seqs[i].T * (bt->pos0[i] + bt->seqs[i].T);
+    // The other sequences. Several: units taken in turn from a shared counter, so that a thread
+    // slowed down leaves more of them to the others instead of keeping them waiting (on the VMs
+    // here the vCPU taking the host's interrupts ran 10-20% slower: a step of 16 sequences at
+    // 512-640 positions waited 0.4-0.5 ms of ~9 ms at the meeting after attention with a static
+    // split). A unit is a whole sequence when there are at least two per thread, else 1/nth of its
+    // heads: a unit's heads score its cache together, each cached row loaded once for all of them
+    // (halves of every sequence made attention ~25% slower at 16 sequences). A unit's bits do not
+    // depend on which thread runs it.
     int nth = omp_get_num_threads(), me = omp_get_thread_num();
-    double lo = total * me / nth, hi = total * (me + 1) / nth, at = 0;
-    for (int i = 0; i < bt->n_seqs && at < hi; i++) {
-        if (long_context(bt, i)) continue;
-        double per = (double)bt->seqs[i].T * (bt->pos0[i] + bt->seqs[i].T);
-        // heads h whose cost interval [at + h·per, at + (h+1)·per) starts in [lo, hi): every head
-        // goes to exactly one thread, the same boundaries on every thread
-        int h0 = at >= lo ? 0 : (int)ceil((lo - at) / per), h1 = (int)ceil((hi - at) / per);
-        if (me == nth - 1) h1 = H;
-        h0 = h0 < H ? h0 : H;
-        h1 = h1 < H ? h1 : H;
-        at += H * per;
-        if (h0 >= h1) continue;
-        LatentAttention at = decode_attention(m, s, bt, l, i, &a->kv_b_proj);
-        ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
+    if (bt->n_seqs > 1) {
+        int groups = bt->n_seqs >= 2 * nth ? 1 : nth;  // units per sequence
+        for (int n_units = bt->n_seqs * groups;;) {
+            int u = atomic_fetch_add(&s->attn_next, 1);
+            if (u >= n_units) break;
+            int i = u / groups, h0 = H * (u % groups) / groups, h1 = H * (u % groups + 1) / groups;
+            if (long_context(bt, i) || h0 >= h1) continue;
+            LatentAttention at = decode_attention(m, s, bt, l, i, &a->kv_b_proj);
+            ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
+        }
+    }
+    // One: its heads split evenly, a thread's heads scoring the cache together, so each cached row
+    // is read once per thread, not once per head.
+    if (bt->n_seqs == 1 && !long_context(bt, 0)) {
+        int h0 = (H * me + nth - 1) / nth, h1 = (H * (me + 1) + nth - 1) / nth;
+        if (h0 < h1) {
+            LatentAttention at = decode_attention(m, s, bt, l, 0, &a->kv_b_proj);
+            ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
+        }
     }
     // A sequence with several chunks of cache and few rows: its chunks spread over the threads, a
     // wave of one chunk per thread, merged in chunk order by entries (the same bits as one thread
@@ -293,6 +301,41 @@ static int moe_row_at_cost(const int *off, int Nr, int F, int Fs, int N, const M
     return base;
 }
 
+// Rows [lo, hi) of routed expert x's gate and up products over its tokens (slots off[x] ..
+// off[x + 1]), SwiGLU applied: into e_gate's rows of those slots.
+static void expert_gate_up(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int x, const int *off, int lo,
+                           int hi, Own *ts) {
+    int d = c->hidden_size, F = c->moe_intermediate_size, nt = off[x + 1] - off[x];
+    const FfnWeights *ex = &w->experts[x];
+    const float *in = ts->xn + (size_t)ts->slot_tok[off[x]] * d;
+    if (nt > 1) {  // the expert's tokens' inputs, gathered
+        for (int j = 0; j < nt; j++)
+            memcpy(ts->xin + (size_t)j * d, ts->xn + (size_t)ts->slot_tok[off[x] + j] * d, sizeof(float) * d);
+        in = ts->xin;
+    }
+    float *g = s->e_gate + (size_t)off[x] * F, *u = s->e_up + (size_t)off[x] * F;
+    ts->failed |= matmul_nt_invariant(g, F, in, d, &ex->gate_proj, nt, lo, hi);
+    ts->failed |= matmul_nt_invariant(u, F, in, d, &ex->up_proj, nt, lo, hi);
+    for (int j = 0; j < nt; j++) swiglu_forward(g + (size_t)j * F + lo, g + (size_t)j * F + lo, u + (size_t)j * F + lo, hi - lo);
+}
+
+// Rows [lo, hi) of the shared experts' gate and up products over all N rows, SwiGLU applied.
+static void shared_gate_up(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int N, int lo, int hi, Own *ts) {
+    int d = c->hidden_size, Fs = c->n_shared_experts * c->moe_intermediate_size;
+    ts->failed |= matmul_nt_invariant(s->gate, Fs, ts->xn, d, &w->shared_experts.gate_proj, N, lo, hi);
+    ts->failed |= matmul_nt_invariant(s->up, Fs, ts->xn, d, &w->shared_experts.up_proj, N, lo, hi);
+    for (int n = 0; n < N; n++)
+        swiglu_forward(s->gate + (size_t)n * Fs + lo, s->gate + (size_t)n * Fs + lo, s->up + (size_t)n * Fs + lo, hi - lo);
+}
+
+// From this many rows a step's expert gate/up work is taken in units of a whole expert from a
+// shared counter instead of shared out by cost beforehand: a thread slowed down by its vCPU's
+// share of the host then does fewer (at 16 sequences the static split left one thread waiting
+// 0.25-0.6 ms of ~9 ms at the meeting after it). At a few rows the units are too small for it —
+// handing rows out dynamically to a single sequence's step was slower (the counter's line moving
+// between the cores, each thread's reads no longer one stream).
+#define MOE_DYNAMIC_MIN_ROWS 8
+
 // The routed experts and the shared experts of every row. Each thread routes every row and sorts
 // the choices by expert (slots: expert by expert, tokens in order), then the experts' gate and up
 // rows, over all experts in use, are shared out over the team by cost (moe_row_at_cost); after
@@ -324,41 +367,41 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
     // gate and up rows: experts in use (each F rows over its tokens), then the shared experts
     MoeParallel *mp = m->moe_parallel;
     int used = 0, R, b, e, nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    double cost = 0;
-    for (int x = 0; x < Nr; x++)
-        if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) used++, cost += F * (MOE_ROW_READ_COST + off[x + 1] - off[x]);
-    R = used * F + (Fs > 0 ? Fs : 0);
-    cost += Fs > 0 ? Fs * (MOE_ROW_READ_COST + N) : 0;
-    b = tid == 0 ? 0 : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * tid / nth);
-    e = tid == nth - 1 ? R : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * (tid + 1) / nth);
-    for (int x = 0, base = 0; x < Nr && base < e; x++) {
-        int nt = off[x + 1] - off[x];
-        if (nt == 0 || (mp && !mp->ops->holds(mp, x))) continue;
-        int lo = b > base ? b - base : 0, hi = e - base < F ? e - base : F;
-        base += F;
-        if (lo >= hi) continue;
-        const FfnWeights *ex = &w->experts[x];
-        const float *in = ts->xn + (size_t)ts->slot_tok[off[x]] * d;
-        if (nt > 1) {  // the expert's tokens' inputs, gathered
-            for (int j = 0; j < nt; j++)
-                memcpy(ts->xin + (size_t)j * d, ts->xn + (size_t)ts->slot_tok[off[x] + j] * d, sizeof(float) * d);
-            in = ts->xin;
+    if (N >= MOE_DYNAMIC_MIN_ROWS && nth > 1) {
+        // units: each shared expert's F rows (all N tokens: the largest, so first), then each
+        // expert in use; the k-th unit found by the same walk on every thread
+        int n_shared = Fs > 0 ? c->n_shared_experts : 0;
+        for (;;) {
+            int u = atomic_fetch_add(&s->moe_next, 1), x = 0;
+            if (u < n_shared) {
+                shared_gate_up(c, s, w, N, u * F, (u + 1) * F, ts);
+                continue;
+            }
+            for (int k = u - n_shared; x < Nr; x++)
+                if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x)) && k-- == 0) break;
+            if (x == Nr) break;
+            expert_gate_up(c, s, w, x, off, 0, F, ts);
         }
-        float *g = s->e_gate + (size_t)off[x] * F, *u = s->e_up + (size_t)off[x] * F;
-        ts->failed |= matmul_nt_invariant(g, F, in, d, &ex->gate_proj, nt, lo, hi);
-        ts->failed |= matmul_nt_invariant(u, F, in, d, &ex->up_proj, nt, lo, hi);
-        for (int j = 0; j < nt; j++) swiglu_forward(g + (size_t)j * F + lo, g + (size_t)j * F + lo, u + (size_t)j * F + lo, hi - lo);
-    }
-    if (Fs > 0) {
-        int lo = b - used * F, hi = e - used * F;
-        lo = lo < 0 ? 0 : lo;
-        hi = hi > Fs ? Fs : hi;
-        if (lo < hi) {
-            ts->failed |= matmul_nt_invariant(s->gate, Fs, ts->xn, d, &w->shared_experts.gate_proj, N, lo, hi);
-            ts->failed |= matmul_nt_invariant(s->up, Fs, ts->xn, d, &w->shared_experts.up_proj, N, lo, hi);
-            for (int n = 0; n < N; n++)
-                swiglu_forward(s->gate + (size_t)n * Fs + lo, s->gate + (size_t)n * Fs + lo, s->up + (size_t)n * Fs + lo,
-                               hi - lo);
+    } else {
+        double cost = 0;
+        for (int x = 0; x < Nr; x++)
+            if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) used++, cost += F * (MOE_ROW_READ_COST + off[x + 1] - off[x]);
+        R = used * F + (Fs > 0 ? Fs : 0);
+        cost += Fs > 0 ? Fs * (MOE_ROW_READ_COST + N) : 0;
+        b = tid == 0 ? 0 : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * tid / nth);
+        e = tid == nth - 1 ? R : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * (tid + 1) / nth);
+        for (int x = 0, base = 0; x < Nr && base < e; x++) {
+            int nt = off[x + 1] - off[x];
+            if (nt == 0 || (mp && !mp->ops->holds(mp, x))) continue;
+            int lo = b > base ? b - base : 0, hi = e - base < F ? e - base : F;
+            base += F;
+            if (lo < hi) expert_gate_up(c, s, w, x, off, lo, hi, ts);
+        }
+        if (Fs > 0) {
+            int lo = b - used * F, hi = e - used * F;
+            lo = lo < 0 ? 0 : lo;
+            hi = hi > Fs ? Fs : hi;
+            if (lo < hi) shared_gate_up(c, s, w, N, lo, hi, ts);
         }
     }
 meet(s);
@@ -409,6 +452,8 @@ static void decode_ffn(const Model *m, ForwardState *s, const LayerWeights *lw, 
     rmsnorm_forward(ts->xn, NULL, s->x, lw->post_attention_layernorm, N, c->hidden_size, c->rms_norm_eps);
     if (lw->is_moe) {
         ts->failed |= gemv_share(s->router, ts->xn, &lw->moe.gate, N);
+        // (no thread takes gate/up units between the previous layer's and this one's)
+        if (omp_get_thread_num() == 0) atomic_store(&s->moe_next, 0);
 meet(s);
         decode_moe(m, s, &lw->moe, N, ts);
         return;

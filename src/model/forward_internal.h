@@ -42,6 +42,8 @@ struct ForwardState {
     LayerActs acts;           // a layer's activations, laid over the buffers above
     void *block;              // the one allocation everything above lives in
     TeamBarrier meet;         // decode.c's threads meet here (DECODE_BARRIER)
+    _Alignas(64) atomic_int attn_next;  // decode.c: the next attention unit of a batched step
+    _Alignas(64) atomic_int moe_next;   // decode.c: the next expert gate/up unit of a batched step
 };
 
 // A decode step spreads the chunks of a sequence's attention over the threads when it has at least
