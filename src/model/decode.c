@@ -369,18 +369,15 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
     int used = 0, R, b, e, nth = omp_get_num_threads(), tid = omp_get_thread_num();
     if (N >= MOE_DYNAMIC_MIN_ROWS && nth > 1) {
         // units: each shared expert's F rows (all N tokens: the largest, so first), then each
-        // expert in use; the k-th unit found by the same walk on every thread
-        int n_shared = Fs > 0 ? c->n_shared_experts : 0;
+        // expert in use, listed in the same order on every thread
+        int n_shared = Fs > 0 ? c->n_shared_experts : 0, in_use[Nr];
+        for (int x = 0; x < Nr; x++)
+            if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) in_use[used++] = x;
         for (;;) {
-            int u = atomic_fetch_add(&s->moe_next, 1), x = 0;
-            if (u < n_shared) {
-                shared_gate_up(c, s, w, N, u * F, (u + 1) * F, ts);
-                continue;
-            }
-            for (int k = u - n_shared; x < Nr; x++)
-                if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x)) && k-- == 0) break;
-            if (x == Nr) break;
-            expert_gate_up(c, s, w, x, off, 0, F, ts);
+            int u = atomic_fetch_add(&s->moe_next, 1);
+            if (u < n_shared) shared_gate_up(c, s, w, N, u * F, (u + 1) * F, ts);
+            else if (u - n_shared < used) expert_gate_up(c, s, w, in_use[u - n_shared], off, 0, F, ts);
+            else break;
         }
     } else {
         double cost = 0;
