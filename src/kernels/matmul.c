@@ -70,6 +70,22 @@ static int set_isa(const char *isa) {
     return 0;
 }
 
+// OpenBLAS's pthreads build (Debian's default) stops its worker threads with this; a weak reference,
+// absent from other BLAS builds.
+extern void blas_thread_shutdown_(void) __attribute__((weak));
+
+// OpenBLAS starts its worker threads when it is loaded, and they spin yielding the CPU for ~0.1 s
+// before they sleep: on two cores half the machine taken from the first 100 ms of every process
+// (`generate` on make demo's model: prefill 2.4x slower, decode ~9%; 85-95 K sched_yield calls in a
+// 0.3 s run). With AVX512_BF16 every product dsv3 runs is its own kernel or a single-threaded
+// sgemm inside its own OpenMP team, so OpenBLAS is set to one thread and its workers are stopped.
+// The portable paths (no AVX-512; no BF16 for the low-precision GEMMs) keep OpenBLAS's threads:
+// their large products are OpenBLAS's, multithreaded.
+static void blas_threads_stop(void) {
+    openblas_set_num_threads(1);
+    if (blas_thread_shutdown_) blas_thread_shutdown_();
+}
+
 static void isa_detect(void) {
     __builtin_cpu_init();
     cpu_has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -79,7 +95,12 @@ static void isa_detect(void) {
     cpu_has_amx = cpu_has_bf16 && amx_usable();
     const char *env = getenv("DSV3_ISA");  // (an unknown name is the command line's error to report)
     if (!env || set_isa(env)) set_isa("auto");
+    if (use_bf16) blas_threads_stop();
 }
+
+// At load time (after OpenBLAS's own start, a library this one depends on), so that its workers
+// are stopped before they spin through the model's loading.
+__attribute__((constructor)) static void isa_at_load(void) { pthread_once(&isa_once, isa_detect); }
 
 int kernels_cpu_avx512(void) {
     pthread_once(&isa_once, isa_detect);
