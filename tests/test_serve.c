@@ -996,6 +996,13 @@ TEST(test_serve_fill_in_the_middle) {
               want ? want : "?");
     CHECK_MSG(prompt_tokens == (long)fim_n, "usage.prompt_tokens %ld, the FIM prompt has %zu tokens", prompt_tokens, fim_n);
     CHECK_MSG(text[1] && text[2] && !strcmp(text[1], text[2]), "an empty suffix answered %s, no suffix %s", text[1], text[2]);
+    // and on the command line: --suffix '' is a plain continuation too
+    char plain[600], empty[600];
+    snprintf(plain, sizeof plain, "%s/serve/generate_plain.txt", test_tmpdir());
+    snprintf(empty, sizeof empty, "%s/serve/generate_empty_suffix.txt", test_tmpdir());
+    CHECK(test_run(NULL, 0, "%s generate --model %s --prompt '%s' --max-new 16 > %s && %s generate --model %s --prompt '%s' "
+                   "--suffix '' --max-new 16 > %s && cmp -s %s %s", test_bin(), model_dir(), prefix, plain, test_bin(),
+                   model_dir(), prefix, empty, plain, empty) == 0);
     json_decref(got);
     free(want);
     for (int i = 0; i < 3; i++) free(text[i]);

@@ -40,6 +40,7 @@ static int prompt_ids(const Args *a, const char *dir, Tokenizer **tok, int **ids
     if ((args_flag(a, "chat") || args_str(a, "system", NULL)) && !text)
         return err_set(err, "--chat and --system need --prompt");
     const char *suffix = args_str(a, "suffix", NULL);
+    if (suffix && !*suffix) suffix = NULL;  // nothing after the hole: a plain continuation, as in serve
     if (suffix && (!text || args_flag(a, "chat") || args_str(a, "system", NULL)))
         return err_set(err, "--suffix needs --prompt (the text before the hole) and no --chat or --system");
     if (tokens) return parse_token_list(tokens, ids, n, err);
