@@ -607,3 +607,72 @@ TEST(test_engine_constraint_masks_every_choice) {
     CHECK_MSG(memcmp(out[0], out[2], sizeof(int) * 12) == 0, "speculative decoding under the constraint differs from plain");
     model_free(&m);
 }
+
+// The prefix cache never changes an answer: prompts that share a prefix — the same prompt twice, a
+// longer one, one that leaves the shared part inside a chunk — give, with the blocks an earlier
+// prompt left in the cache, the log-probabilities bit for bit that they give alone in a fresh
+// engine without the cache, with BF16 compute (a row's bits do not depend on its chunk's other
+// rows) and with fp32 (they do: a reused prefix then ends only where a chunk starts or in an
+// absorbed tail). Chunks of 256: plain attention for a chunk of more than 128 positions, absorbed
+// below, so a reused prefix may end inside a plain chunk or leave an absorbed tail.
+typedef struct {
+    float lp[16];
+    int tok[16], n;
+} LpRun;
+
+static void collect_lp(void *owner, int seq, const EngineToken *et) {
+    LpRun *r = owner;
+    (void)seq;
+    if (et->token >= 0 && r->n < 16) r->lp[r->n] = et->logprob, r->tok[r->n++] = et->token;
+}
+
+TEST(test_engine_prefix_cache_answers_as_alone) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, GOLDEN, 0, &err) == 0, "%s", err.msg);
+    enum { N_PROMPTS = 5 };
+    static int prompts[N_PROMPTS][700];
+    int lens[N_PROMPTS] = {301, 301, 340, 530, 260};  // the first twice; the last shares only 200 positions
+    for (int k = 0; k < N_PROMPTS; k++)
+        for (int t = 0; t < lens[k]; t++)
+            prompts[k][t] = k == 4 && t >= 200 ? (t * 31 + 7) % m.cfg.vocab_size : (t * 7919 + 13) % m.cfg.vocab_size;
+    SeqParams sp = seq_params_default();
+    sp.max_new = 8;
+    sp.stop_at_eos = 0;
+    sp.logprobs = 1;
+    for (int bf = 1; bf >= 0; bf--) {
+        model_set_compute(&m, bf ? COMPUTE_BF16 : COMPUTE_F32);
+        CHECK(model_rows_independent(&m) == bf);
+        LpRun alone[N_PROMPTS], cached[N_PROMPTS];
+        memset(alone, 0, sizeof alone);
+        memset(cached, 0, sizeof cached);
+        for (int k = 0; k < N_PROMPTS; k++) {
+            EngineOptions o = {.parallel = 1, .ctx = 700, .prefill_chunk = 256};
+            Engine *e = engine_new(&m, &o, &err);
+            CHECK_MSG(e && engine_add(e, prompts[k], lens[k], &sp, collect_lp, &alone[k], &err) == 0 && run_all(e, &err) == 0,
+                      "%s", err.msg);
+            engine_free(e);
+        }
+        EngineOptions o = {.parallel = 1, .ctx = 700, .prefill_chunk = 256, .prefix_cache = 1};
+        Engine *e = engine_new(&m, &o, &err);
+        CHECK_MSG(e, "%s", err.msg);
+        long hits[N_PROMPTS];
+        for (int k = 0; k < N_PROMPTS; k++) {
+            long before = engine_stats(e)->prefix_hit_tokens;
+            CHECK_MSG(engine_add(e, prompts[k], lens[k], &sp, collect_lp, &cached[k], &err) >= 0 && run_all(e, &err) == 0,
+                      "%s", err.msg);
+            hits[k] = engine_stats(e)->prefix_hit_tokens - before;
+            CHECK_MSG(cached[k].n == 8 && alone[k].n == 8 && !memcmp(cached[k].tok, alone[k].tok, sizeof(int) * 8) &&
+                          !memcmp(cached[k].lp, alone[k].lp, sizeof(float) * 8),
+                      "%s compute, prompt %d (%d positions, %ld from the cache): the answer's log-probabilities differ "
+                      "from the prompt's alone (first %.9g vs %.9g)", bf ? "bf16" : "f32", k, lens[k], hits[k],
+                      cached[k].lp[0], alone[k].lp[0]);
+        }
+        engine_free(e);
+        printf("    %s compute: positions from the cache %ld / %ld / %ld / %ld / %ld, every answer the bits it has alone\n",
+               bf ? "bf16" : "f32", hits[0], hits[1], hits[2], hits[3], hits[4]);
+        // fp32: the last prompt's shared part ends inside a plain chunk, so nothing is reused
+        CHECK(hits[0] == 0 && hits[1] > 0 && hits[2] > 0 && hits[3] > 0 && (hits[4] > 0) == bf);
+    }
+    model_free(&m);
+}

@@ -65,6 +65,7 @@ struct Engine {
     int K;                 // draft tokens per step (0: plain decoding)
     KVPool pool;
     PrefixCache pc;        // when o.prefix_cache
+    int rows_independent;  // model_rows_independent: a plain chunk's row has its bits in any chunk
     ForwardState *fs;
     int max_rows;          // decoding rows of a step: parallel · (K + 1)
     int step_rows;         // rows of a step's batched forward: decoding rows, then prompt pieces
@@ -123,6 +124,7 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
     if (!e) return NULL;
     e->m = m;
     e->o = *o;
+    e->rows_independent = model_rows_independent(m);
     e->K = K;
     if (e->o.prefill_chunk > o->ctx) e->o.prefill_chunk = o->ctx;
     // by default every running sequence can reach ctx positions (whole blocks each)
@@ -270,6 +272,59 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
     return e->n_seqs++;
 }
 
+// A prompt chunk of at most this many positions runs with absorbed attention inside the step's
+// batched forward, beside the decoding sequences, whose weights it shares; a longer one runs alone
+// with plain attention. One sequence alone on v3-108m (Zen 4; BF16 and FP8 weights, bf16 and f32
+// compute; chunks at positions 0, 512 and 1,536): absorbed costs 0.55–1.1× plain up to 64 rows,
+// 0.9–1.25× at 128, 1.1–1.4× at 192–256 (its scores over the 576-wide latent grow with rows ×
+// positions; plain attention expands the cache once per chunk) — before the weight reads it
+// shares with the rest of the batch.
+#define ABSORBED_PREFILL_ROWS 128
+
+// A prompt's chunks are fixed by its length alone: [k·C, min((k + 1)·C, n_prompt)) for C =
+// prefill_chunk, each run with plain attention when longer than ABSORBED_PREFILL_ROWS, else
+// absorbed (a prompt_logprobs sequence: absorbed throughout). Plain and absorbed attention are
+// different arithmetic, so this is what makes a prompt's bits its own: not the company (absorbed
+// rows are the bits of single decode steps however they are split, decode.c), not the positions
+// the prefix cache supplied (admit: cached blocks computed as this prompt would compute them, and
+// a chunk resumed after them the rest of the same chunk, or the whole of it).
+// Is position pos of s's prompt in a plain chunk? (Generated positions: absorbed, decode steps.)
+static int chunk_plain(const Engine *e, const Seq *s, int pos) {
+    if (pos >= s->n_prompt || s->p.prompt_logprobs) return 0;
+    int c0 = pos / e->o.prefill_chunk * e->o.prefill_chunk, c1 = c0 + e->o.prefill_chunk;
+    return (c1 < s->n_prompt ? c1 : s->n_prompt) - c0 > ABSORBED_PREFILL_ROWS;
+}
+
+// The positions from pos to the end of its chunk of s's prompt.
+static int chunk_rest(const Engine *e, const Seq *s, int pos) {
+    int c1 = (pos / e->o.prefill_chunk + 1) * e->o.prefill_chunk;
+    return (c1 < s->n_prompt ? c1 : s->n_prompt) - pos;
+}
+
+// How the positions of s's block j were computed, for the prefix cache: two bits per position —
+// 0 absorbed, 1 plain, 2 plain in a chunk shorter than prefill_chunk when a row's bits depend on
+// the chunk's rows (!rows_independent: such a block matches only one computed the same way).
+static unsigned block_how(const Engine *e, const Seq *s, int j) {
+    unsigned how = 0;
+    for (int i = 0; i < ENGINE_BLOCK_SIZE; i++) {
+        int pos = j * ENGINE_BLOCK_SIZE + i;
+        unsigned v = chunk_plain(e, s, pos) ? 1u : 0u;
+        if (v && !e->rows_independent && pos - pos % e->o.prefill_chunk + e->o.prefill_chunk > s->n_prompt) v = 2;
+        how |= v << (2 * i);
+    }
+    return how;
+}
+
+// May a reused prefix end at position h of s's prompt? Where the rest runs absorbed; inside a plain
+// chunk, when its rows' bits do not depend on the chunk's other rows and at least a block of it
+// is left to run (on AMX tiles a product of fewer than 16 rows takes the dot products, other
+// bits), else only at a chunk's start (the whole chunk then runs as it would alone).
+static int prefix_may_end(const Engine *e, const Seq *s, int h) {
+    if (h == 0 || !chunk_plain(e, s, h)) return 1;
+    if (e->rows_independent) return chunk_rest(e, s, h) >= ENGINE_BLOCK_SIZE;
+    return h % e->o.prefill_chunk == 0;
+}
+
 // With the prefix cache: indexes the sequence's blocks that are full and final — every position
 // verified and, with the MTP module, its rows written (which needs the token after the block).
 static void publish(Engine *e, Seq *s) {
@@ -278,7 +333,8 @@ static void publish(Engine *e, Seq *s) {
     for (;;) {
         int end = (s->n_pub + 1) * bs;
         if (end > s->kv.len || (e->K > 0 && (s->n_hist <= end || s->kv.mtp_len[0] < end))) return;
-        int b = s->kv.blocks[s->n_pub], id = prefix_insert(&e->pc, s->pub_parent, s->hist + (size_t)s->n_pub * bs, b);
+        int b = s->kv.blocks[s->n_pub];
+        int id = prefix_insert(&e->pc, s->pub_parent, s->hist + (size_t)s->n_pub * bs, block_how(e, s, s->n_pub), b);
         if (id == b) kvpool_retain(&e->pool, b);
         s->pub_parent = id;
         s->n_pub++;
@@ -340,12 +396,21 @@ static int admit(Engine *e, Error *err) {
         s->pub_parent = -1;
         e->run[e->n_run++] = (int)(s - e->seqs);
         if (e->o.prefix_cache && !s->p.prompt_logprobs) {
-            // the longest indexed prefix of whole blocks, leaving at least the last prompt token to
-            // run (its logits give the first token); with the MTP module a block's key includes
-            // the token after it, which must be in the prompt
-            int bs = ENGINE_BLOCK_SIZE, most = (s->n_prompt - 1) / bs;
-            while (s->n_pub < most) {
-                int b = prefix_find(&e->pc, s->pub_parent, s->prompt + (size_t)s->n_pub * bs);
+            // the longest indexed prefix of whole blocks computed as this prompt would compute
+            // them, leaving at least the last prompt token to run (its logits give the first
+            // token; with the MTP module a block's key includes the token after it, which must be
+            // in the prompt) and, when the rest of a plain chunk is to run, at least a block of it:
+            // the products of 16 rows and more on AMX tiles are the same bits for any number of
+            // rows, not those of fewer rows (matmul.c)
+            int bs = ENGINE_BLOCK_SIZE, most = (s->n_prompt - 1) / bs, found = 0, take;
+            for (int parent = -1; found < most; found++) {  // how far the index reaches
+                parent = prefix_find(&e->pc, parent, s->prompt + (size_t)found * bs, block_how(e, s, found));
+                if (parent < 0) break;
+            }
+            for (take = found; !prefix_may_end(e, s, take * bs); take--) {
+            }
+            while (s->n_pub < take) {
+                int b = prefix_find(&e->pc, s->pub_parent, s->prompt + (size_t)s->n_pub * bs, block_how(e, s, s->n_pub));
                 if (b < 0 || kvcache_share(&s->kv, b, err)) break;
                 s->pub_parent = b;
                 s->n_pub++;
@@ -424,23 +489,6 @@ static void fail_seq(Engine *e, Seq *s) {
     finish(e, s, &t, FINISH_ERROR);
 }
 
-// A prompt chunk of at most this many positions runs with absorbed attention inside the step's
-// batched forward, beside the decoding sequences, whose weights it shares; a longer one runs alone
-// with plain attention. One sequence alone on v3-108m (Zen 4; BF16 and FP8 weights, bf16 and f32
-// compute; chunks at positions 0, 512 and 1,536): absorbed costs 0.55–1.1× plain up to 64 rows,
-// 0.9–1.25× at 128, 1.1–1.4× at 192–256 (its scores over the 576-wide latent grow with rows ×
-// positions; plain attention expands the cache once per chunk) — before the weight reads it
-// shares with the rest of the batch.
-#define ABSORBED_PREFILL_ROWS 128
-
-// The next chunk of s's prompt: prefill_chunk positions from where it stands, or what is left.
-// Plain chunks run whole, so they start at fixed offsets; once a chunk is short enough to be
-// absorbed, so is all that follows it, and absorbed rows are the bits of single decode steps
-// however they are split (decode.c). A prompt's bits never depend on the company.
-static int next_chunk(const Engine *e, const Seq *s) {
-    int n = s->n_prompt - s->prefilled;
-    return n < e->o.prefill_chunk ? n : e->o.prefill_chunk;
-}
 
 // s's prompt is all in the cache: its first token, chosen at logits; with speculative decoding
 // the module's pending row is (h of the last prompt position, that token).
@@ -469,8 +517,8 @@ static int prefill_plain(Engine *e, int *used, Error *err) {
     for (int j = 0; j < n_ids; j++) {
         Seq *s = &e->seqs[ids[j]];
         if (s->state != SEQ_RUNNING || s->prefilled >= s->n_prompt) continue;
-        int n = next_chunk(e, s);
-        if (n <= ABSORBED_PREFILL_ROWS || s->p.prompt_logprobs) continue;
+        int n = chunk_rest(e, s, s->prefilled);
+        if (!chunk_plain(e, s, s->prefilled)) continue;
         if (*used > 0 && *used + n > e->o.prefill_chunk) break;
         if (kvcache_reserve(&s->kv, s->prefilled + n, err)) {
             fail_seq(e, s);
@@ -600,8 +648,8 @@ static int step_forward(Engine *e, int used, Error *err) {
     for (int j = 0; j < n_ids; j++) {
         Seq *s = &e->seqs[ids[j]];
         if (s->state != SEQ_RUNNING || s->prefilled >= s->n_prompt) continue;
-        int take = next_chunk(e, s), left = e->o.prefill_chunk - used;
-        if (take > ABSORBED_PREFILL_ROWS && !s->p.prompt_logprobs) continue;  // a plain chunk, next step
+        int take = chunk_rest(e, s, s->prefilled), left = e->o.prefill_chunk - used;
+        if (chunk_plain(e, s, s->prefilled)) continue;  // a plain chunk, next step
         take = take < left ? take : left;
         take = take < e->step_rows - rows ? take : e->step_rows - rows;
         // logits: a piece of a prompt_logprobs sequence keeps every row's, another only its last

@@ -209,3 +209,12 @@ static int set_compute(const TensorSpec *t, void *ctx) {
 }
 
 void model_set_compute(Model *m, ComputeMode mode) { tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode); }
+
+static int find_fp32_product(const TensorSpec *t, void *ctx) {
+    (void)ctx;
+    return t->mat && (t->kind == TENSOR_LINEAR || t->kind == TENSOR_EMBED) && !t->mat->compute_bf16;
+}
+
+int model_rows_independent(const Model *m) {
+    return tensor_walk(&m->cfg, m->w.n_mtp, (ModelWeights *)&m->w, find_fp32_product, NULL) == 0;
+}

@@ -40,6 +40,10 @@ void model_free(Model *m);
 // matrix a decode step reads); the router, the norms, RoPE and the attention core stay fp32.
 typedef enum { COMPUTE_F32, COMPUTE_BF16, COMPUTE_AUTO } ComputeMode;
 void model_set_compute(Model *m, ComputeMode mode);
+// 1 when a row of a prefill chunk gets the same bits in a chunk of any other rows (every linear
+// product in BF16 compute: one chain per element; on AMX tiles, for chunks of 16 rows or more);
+// 0 when some product is fp32, whose blocked GEMM sums a row differently in chunks of other sizes.
+int model_rows_independent(const Model *m);
 
 // The latent cache's memory: one pool of blocks of block_size positions, each block holding those
 // positions' rows for every layer (main layers, then the MTP modules' layers). Sequences take blocks
