@@ -288,18 +288,20 @@ int engine_add(Engine *e, const int *prompt, int n, const SeqParams *p, EngineTo
 // rows are the bits of single decode steps however they are split, decode.c), not the positions
 // the prefix cache supplied (admit: cached blocks computed as this prompt would compute them, and
 // a chunk resumed after them the rest of the same chunk, or the whole of it).
+// The end of the chunk of s's prompt that holds position pos (< n_prompt).
+static int chunk_end(const Engine *e, const Seq *s, int pos) {
+    int c1 = pos - pos % e->o.prefill_chunk + e->o.prefill_chunk;
+    return c1 < s->n_prompt ? c1 : s->n_prompt;
+}
+
 // Is position pos of s's prompt in a plain chunk? (Generated positions: absorbed, decode steps.)
 static int chunk_plain(const Engine *e, const Seq *s, int pos) {
     if (pos >= s->n_prompt || s->p.prompt_logprobs) return 0;
-    int c0 = pos / e->o.prefill_chunk * e->o.prefill_chunk, c1 = c0 + e->o.prefill_chunk;
-    return (c1 < s->n_prompt ? c1 : s->n_prompt) - c0 > ABSORBED_PREFILL_ROWS;
+    return chunk_end(e, s, pos) - (pos - pos % e->o.prefill_chunk) > ABSORBED_PREFILL_ROWS;
 }
 
 // The positions from pos to the end of its chunk of s's prompt.
-static int chunk_rest(const Engine *e, const Seq *s, int pos) {
-    int c1 = (pos / e->o.prefill_chunk + 1) * e->o.prefill_chunk;
-    return (c1 < s->n_prompt ? c1 : s->n_prompt) - pos;
-}
+static int chunk_rest(const Engine *e, const Seq *s, int pos) { return chunk_end(e, s, pos) - pos; }
 
 // How the positions of s's block j were computed, for the prefix cache: two bits per position —
 // 0 absorbed, 1 plain, 2 plain in a chunk shorter than prefill_chunk when a row's bits depend on
@@ -309,7 +311,8 @@ static unsigned block_how(const Engine *e, const Seq *s, int j) {
     for (int i = 0; i < ENGINE_BLOCK_SIZE; i++) {
         int pos = j * ENGINE_BLOCK_SIZE + i;
         unsigned v = chunk_plain(e, s, pos) ? 1u : 0u;
-        if (v && !e->rows_independent && pos - pos % e->o.prefill_chunk + e->o.prefill_chunk > s->n_prompt) v = 2;
+        if (v && !e->rows_independent && chunk_end(e, s, pos) - (pos - pos % e->o.prefill_chunk) < e->o.prefill_chunk)
+            v = 2;
         how |= v << (2 * i);
     }
     return how;
@@ -402,13 +405,12 @@ static int admit(Engine *e, Error *err) {
             // in the prompt) and, when the rest of a plain chunk is to run, at least a block of it:
             // the products of 16 rows and more on AMX tiles are the same bits for any number of
             // rows, not those of fewer rows (matmul.c)
-            int bs = ENGINE_BLOCK_SIZE, most = (s->n_prompt - 1) / bs, found = 0, take;
-            for (int parent = -1; found < most; found++) {  // how far the index reaches
-                parent = prefix_find(&e->pc, parent, s->prompt + (size_t)found * bs, block_how(e, s, found));
+            int bs = ENGINE_BLOCK_SIZE, most = (s->n_prompt - 1) / bs, take = 0;
+            for (int parent = -1; take < most; take++) {  // how far the index reaches
+                parent = prefix_find(&e->pc, parent, s->prompt + (size_t)take * bs, block_how(e, s, take));
                 if (parent < 0) break;
             }
-            for (take = found; !prefix_may_end(e, s, take * bs); take--) {
-            }
+            while (!prefix_may_end(e, s, take * bs)) take--;
             while (s->n_pub < take) {
                 int b = prefix_find(&e->pc, s->pub_parent, s->prompt + (size_t)s->n_pub * bs, block_how(e, s, s->n_pub));
                 if (b < 0 || kvcache_share(&s->kv, b, err)) break;
