@@ -88,11 +88,26 @@ AVX512_INLINE __m512i pair_words(__m512 even, __m512 odd) {
                            _mm512_and_si512(_mm512_castps_si512(odd), _mm512_set1_epi32((int)0xffff0000u)));
 }
 
+// BF16 operands are rounded by vcvtne2ps2bf16 (nearest even, one instruction for 32 values)
+// rather than round_bf16: it flushes subnormal inputs to zero, but the dot products read subnormal
+// BF16 inputs as zero anyway (AVX512_BF16 and AMX alike), so the products are the same bits.
+// 32 values x[0..31] as 16 words in order: x[2p] low, x[2p + 1] high.
+AVX512BF16_INLINE __m512i bf16_words(__m512 lo16, __m512 hi16) {
+    return (__m512i)_mm512_cvtne2ps_pbh(hi16, lo16);
+}
+
+// Words of BF16 pairs (even[i], odd[i]) from two vectors of 16 fp32 values each.
+AVX512BF16_INLINE __m512i bf16_pair_words(__m512 even, __m512 odd) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+}
+
 
 // Packs rows [i0, i0 + n) (n <= 16) × K slice [k0, k0 + kc) of an operand as words
 // out[kp * stride + (i - i0)], kp < ceil(kc / 2) (a missing odd element is 0). FP8: the slice lies
 // in chunks of its own (k0 a multiple of 128), so each element's scale is its row's for its chunk.
-AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const LowpOperand *o, int i0, int n, int k0,
+AVX512BF16_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const LowpOperand *o, int i0, int n, int k0,
                               int kc, int K) {
     const int kp_n = (kc + 1) / 2;
     const __mmask16 lanes = tail_mask(n);
@@ -110,7 +125,8 @@ AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const Lo
             __m512 d = k + 1 < K && 2 * kp + 1 < kc ? _mm512_maskz_loadu_ps(lanes, o->data + (long)(k + 1) * o->ld + i0)
                                                     : _mm512_setzero_ps();
             _mm512_mask_storeu_epi32(out + (size_t)kp * stride, lanes,
-                                     pair_words(round_value(fmt, e, s), round_value(fmt, d, s)));
+                                     fmt == LOWP_BF16 ? bf16_pair_words(e, d)
+                                                      : pair_words(round_value(fmt, e, s), round_value(fmt, d, s)));
         }
         return;
     }
@@ -124,7 +140,12 @@ AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const Lo
                 continue;
             }
             const float *src = o->data + (long)(i0 + l) * o->ld + k0 + kk;
-            __m512 s = _mm512_set1_ps(fmt != LOWP_BF16 ? lowp_scale_of(o, i0 + l, k0 + kk) : 1.0f);
+            if (fmt == LOWP_BF16) {
+                v[l] = _mm512_castsi512_ps(bf16_words(_mm512_maskz_loadu_ps(tail_mask(m), src),
+                                                      _mm512_maskz_loadu_ps(tail_mask(m - 16 > 0 ? m - 16 : 0), src + 16)));
+                continue;
+            }
+            __m512 s = _mm512_set1_ps(lowp_scale_of(o, i0 + l, k0 + kk));
             __m512 lo = round_value(fmt, _mm512_maskz_loadu_ps(tail_mask(m), src), s);
             __m512 hi = round_value(fmt, _mm512_maskz_loadu_ps(tail_mask(m - 16 > 0 ? m - 16 : 0), src + 16), s);
             // 32 BF16 in k order = 16 pair words
@@ -145,7 +166,7 @@ AVX512_INLINE void pack_group(const int fmt, uint32_t *out, int stride, const Lo
 // tiles; B's panels keep NR). The same words as
 // pack_group, but walking the source a row pair at a time across all of [i0, i0 + len): each pair
 // is two sequential reads, where a group at a time would read 64 bytes from each of kc rows.
-AVX512_INLINE void pack_trans_span(const int fmt, uint32_t *out, int W, int narrow_last, const LowpOperand *o, int i0,
+AVX512BF16_INLINE void pack_trans_span(const int fmt, uint32_t *out, int W, int narrow_last, const LowpOperand *o, int i0,
                                    int len, int k0, int kc, int K, int kp_alloc) {
     const int kp_n = (kc + 1) / 2, seg = W < 16 ? W : 16, last = (len - 1) / W;
     float sv[256];
@@ -168,7 +189,8 @@ AVX512_INLINE void pack_trans_span(const int fmt, uint32_t *out, int W, int narr
             __m512 e = _mm512_maskz_loadu_ps(m, re + s);
             __m512 d = ro ? _mm512_maskz_loadu_ps(m, ro + s) : _mm512_setzero_ps();
             _mm512_mask_storeu_epi32(out + (size_t)t * W * kp_alloc + (size_t)kp * stride + s % W, m,
-                                     pair_words(round_value(fmt, e, sc), round_value(fmt, d, sc)));
+                                     fmt == LOWP_BF16 ? bf16_pair_words(e, d)
+                                                      : pair_words(round_value(fmt, e, sc), round_value(fmt, d, sc)));
         }
     }
 }
