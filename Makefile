@@ -5,13 +5,13 @@ BUILD   ?= build
 OPT     ?= -O2
 CFLAGS  ?= $(OPT) -g
 CFLAGS  += -std=gnu11 -Wall -Wextra -fopenmp -Isrc -MMD -MP
-LDLIBS  += -lopenblas -ljansson -lpcre2-8 -lmicrohttpd -lpthread -lm
+LDLIBS  += -lopenblas -ldnnl -ljansson -lpcre2-8 -lmicrohttpd -lpthread -lm
 LDFLAGS += -fopenmp
 
 # Debian packages the build and the tests need; `make deps` installs whichever are missing, and
 # nodejs + npm when node or npm is missing (the tokenizer conformance tests run the JavaScript
 # reference; without node they are reported as skipped).
-DEB_PACKAGES = build-essential pkg-config libopenblas-dev libjansson-dev libpcre2-dev libmicrohttpd-dev bible-kjv curl \
+DEB_PACKAGES = build-essential pkg-config libopenblas-dev libdnnl-dev libjansson-dev libpcre2-dev libmicrohttpd-dev bible-kjv curl \
                openmpi-bin libopenmpi-dev
 
 # MPI (src/dist/comm.c, the only file that includes mpi.h) when OpenMPI's compiler wrapper is

@@ -1,11 +1,13 @@
 // Shared by the benchmark programs: wall-clock time, medians, the machine's read bandwidth
 // measured the same way every time (a vectorised sum over a buffer far larger than the caches),
-// and its GEMM peaks (OpenBLAS sgemm, gemm_lowp's BF16 product, the BF16 dot-product unit).
+// and its GEMM peaks (fp32: OpenBLAS's or oneDNN's sgemm; gemm_lowp's BF16 product, the BF16
+// dot-product unit).
 #ifndef DSV3_BENCH_COMMON_H
 #define DSV3_BENCH_COMMON_H
 
 #include <cblas.h>
 #include <immintrin.h>
+#include <oneapi/dnnl/dnnl.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -191,26 +193,27 @@ static inline double bench_bf16_unit_peak(void) {
     return bench_dpbf16_unit_peak();
 }
 
-// Best GFLOP/s of an n×n×n sgemm over reps runs on all cores, the better of two ways: OpenBLAS
-// threading it itself, and OpenMP threads each running a single-threaded sgemm on a block of rows
-// (as the training code does).
+// Best GFLOP/s of an n×n×n fp32 GEMM over reps runs on all cores, the best of three ways: OpenBLAS
+// threading its sgemm itself, oneDNN threading its own, and OpenMP threads each running gemm_f32
+// (oneDNN's, single-threaded) on a block of rows, as the training code does.
 static inline double bench_sgemm_peak(int n, int reps) {
     float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n), *c = malloc(sizeof(float) * n * n);
     for (long i = 0; i < (long)n * n; i++) a[i] = b[i] = (float)((i % 17) - 8) * 0.01f;
     double best = 0;
     int blas_threads = openblas_get_num_threads(), nt = omp_get_max_threads();
-    for (int way = 0; way < 2; way++) {
+    for (int way = 0; way < 3; way++) {
         if (way == 1) openblas_set_num_threads(1);
         for (int r = 0; r < reps; r++) {
             double t0 = bench_now();
             if (way == 0) {
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+            } else if (way == 1) {
+                dnnl_sgemm('N', 'T', n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
             } else {
 #pragma omp parallel for schedule(static)
                 for (int p = 0; p < nt; p++) {
                     int q = (n + nt - 1) / nt, o = p * q, m = n - o < q ? n - o : q;
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, n, 1.0f, a + (size_t)o * n, n, b, n,
-                                0.0f, c + (size_t)o * n, n);
+                    gemm_f32(0, 1, m, n, n, 1.0f, a + (size_t)o * n, n, b, n, 0.0f, c + (size_t)o * n, n);
                 }
             }
             double g = 2.0 * n * n * n / (bench_now() - t0) / 1e9;

@@ -1,5 +1,5 @@
 // Throughput of the matmul kernels against what the machine can do: its read bandwidth (a
-// vectorised sum over 1 GiB) and OpenBLAS sgemm. Decode (N = 1..8) is bandwidth-bound, so it is
+// vectorised sum over 1 GiB) and OpenBLAS sgemm (oneDNN's beside it). Decode (N = 1..8) is bandwidth-bound, so it is
 // reported as GB/s of weights streamed and as a fraction of the read bandwidth; prefill (N = 64,
 // 256) is compute-bound, so as GFLOP/s next to sgemm's. Every figure is the median of several runs;
 // the weights cycle through a 1 GiB pool so that nothing is served from the caches.
@@ -22,13 +22,15 @@
 #define POOL_BYTES ((size_t)1 << 30)
 #define RUNS 7
 
-static double sgemm_gflops(int M) {
+// onednn 0: OpenBLAS's sgemm (its own threads); 1: oneDNN's (gemm_f32's library, its own threads).
+static double sgemm_gflops(int M, int onednn) {
     float *a = malloc(sizeof(float) * M * M), *b = malloc(sizeof(float) * M * M), *c = malloc(sizeof(float) * M * M);
     for (int i = 0; i < M * M; i++) a[i] = (float)(i % 13) * 0.01f, b[i] = (float)(i % 7) * 0.01f;
     double g[5];
     for (int r = -1; r < 5; r++) {
         double t = bench_now();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, M, M, 1.0f, a, M, b, M, 0.0f, c, M);
+        if (onednn) dnnl_sgemm('N', 'T', M, M, M, 1.0f, a, M, b, M, 0.0f, c, M);
+        else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, M, M, 1.0f, a, M, b, M, 0.0f, c, M);
         t = bench_now() - t;
         if (r >= 0) g[r] = 2.0 * M * M * M / t / 1e9;
     }
@@ -135,14 +137,17 @@ static double gemm_gflops(const Pool *p, const float *x, float *out, int N, int 
     return bench_median(g, runs);
 }
 
-static double sgemm_direct_gflops(const Pool *p, const float *x, float *out, int N, int runs) {
+static double sgemm_direct_gflops(const Pool *p, const float *x, float *out, int N, int runs, int onednn) {
     const MatView *v = &p->views[0];
     double flops = 2.0 * N * v->rows * v->cols, g[16];
     for (int r = -1; r < runs; r++) {
         const MatView *w = &p->views[(r + 1) % p->count];
         double t = bench_now();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, w->rows, w->cols, 1.0f, x, w->cols, w->data, w->cols,
-                    0.0f, out, w->rows);
+        if (onednn)
+            dnnl_sgemm('N', 'T', N, w->rows, w->cols, 1.0f, x, w->cols, w->data, w->cols, 0.0f, out, w->rows);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, w->rows, w->cols, 1.0f, x, w->cols, w->data,
+                        w->cols, 0.0f, out, w->rows);
         t = bench_now() - t;
         if (r >= 0) g[r] = flops / t / 1e9;
     }
@@ -243,8 +248,12 @@ int main(void) {
     pool_fill(pool, DT_F32);
     double bw = bench_read_bandwidth_of(pool, POOL_BYTES, RUNS);
     printf("read bandwidth (sum over 1 GiB):            %6.1f GB/s\n", bw);
-    double peak = sgemm_gflops(2048);
-    printf("sgemm 2048^3 (OpenBLAS):                    %6.1f GFLOP/s\n", peak);
+    double peak = sgemm_gflops(2048, 0), peak_dnnl = sgemm_gflops(2048, 1);
+    const char *core = getenv("OPENBLAS_CORETYPE");  // set on some machines (it chooses OpenBLAS's kernels)
+    char what[80];
+    snprintf(what, sizeof what, "sgemm 2048^3 (OpenBLAS%s%s):", core ? " " : "", core ? core : "");
+    printf("%-44s%6.1f GFLOP/s\n", what, peak);
+    printf("sgemm 2048^3 (oneDNN: training's fp32):     %6.1f GFLOP/s\n", peak_dnnl);
 
     const DType dts[3] = {DT_BF16, DT_F8_E4M3, DT_F32};
     const int shapes[2][2] = {{4096, 4096}, {1408, 512}};
@@ -270,11 +279,12 @@ int main(void) {
             double g = gemm_gflops(&p, x, out, N, 0, N == 64 ? 9 : 5);
             printf("matmul_nt %-7s N=%-3d 4096x4096:            %6.1f GFLOP/s  %3.0f%% of sgemm\n", dtype_name(dt), N,
                    g, 100 * g / peak);
-            if (dt == DT_F32) {
-                g = sgemm_direct_gflops(&p, x, out, N, N == 64 ? 9 : 5);
-                printf("cblas_sgemm     N=%-3d 4096x4096:            %6.1f GFLOP/s  %3.0f%% of sgemm\n", N, g,
-                       100 * g / peak);
-            }
+            if (dt == DT_F32)
+                for (int lib = 0; lib < 2; lib++) {
+                    g = sgemm_direct_gflops(&p, x, out, N, N == 64 ? 9 : 5, lib);
+                    printf("%-15s N=%-3d 4096x4096:            %6.1f GFLOP/s  %3.0f%% of sgemm\n",
+                           lib ? "dnnl_sgemm" : "cblas_sgemm", N, g, 100 * g / peak);
+                }
         }
         if (dt == DT_BF16) {
             Pool e = pool_views(pool, dt, 256, 512);  // a routed expert's gate of the 108M model

@@ -2,7 +2,8 @@
 // v3-10m-train.json: q_lora, 16 experts top-4 in 4 groups, one MTP module) at batch 8 × seq 256,
 // in each precision of the linear layers (fp32, bf16, fp8): tokens per second of full steps
 // (forward, backward, clipping, AdamW, bias update) and the model FLOPs utilisation against this
-// machine's peak for that precision's GEMM, measured here: OpenBLAS sgemm for fp32, gemm_lowp with
+// machine's peak for that precision's GEMM, measured here: the faster sgemm (OpenBLAS or oneDNN,
+// which the training code uses) for fp32, gemm_lowp with
 // BF16 operands for bf16 and fp8 (whose E4M3 values run on the same BF16 dot products).
 //
 // FLOPs per token = 6 × (active matmul parameters: attention projections, dense FFN or router +

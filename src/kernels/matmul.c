@@ -12,6 +12,7 @@
 // threads do not compete with ours; inside one it stays in plain C.
 #include <cblas.h>
 #include <cpuid.h>
+#include <oneapi/dnnl/dnnl.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -437,6 +438,14 @@ int matmul_nn(float *out, const float *x, const MatView *w, int N) {
 
 // C = alpha op(A) op(B) + beta C in the calling thread. A zero-width K leaves beta C (cblas wants
 // K ≥ 1 for some layouts).
+//
+// oneDNN's sgemm, not OpenBLAS's: it chooses its kernels from the CPU's instruction sets, where
+// OpenBLAS 0.3.21 goes by the CPU model or OPENBLAS_CORETYPE — which some machines set to Haswell,
+// since older OpenBLAS builds compute wrong results on them with their AVX-512 kernels. On the
+// training products of bench_train (Zen 4 class, OPENBLAS_CORETYPE=Haswell) oneDNN runs 1.8-2.1x
+// faster: 2048³ 304 against 195 GFLOP/s on 2 threads, the head's 256 × 256 × 4096 414 against 177,
+// one attention head's 256 × 256 × 32 261 against 88. Should oneDNN refuse a call (out of memory
+// for its scratch), OpenBLAS computes it.
 void gemm_f32(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
               float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
@@ -445,6 +454,7 @@ void gemm_f32(int ta, int tb, int M, int N, int K, float alpha, const float *A, 
             for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j];
         return;
     }
+    if (dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) == dnnl_success) return;
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda,
                 B, ldb, beta, C, ldc);
 }
