@@ -433,12 +433,12 @@ TEST(test_train_fp8_storage_changes_only_the_layers_gradients) {
     GoldenCase g[2];
     char why[1024] = "";
     Error err = {0};
-    LinearRecipe fp8 = {LOWP_E4M3, LOWP_E4M3, 0, {0, 1}, 0};
+    LinearRecipe fp8 = {.fmt = LOWP_E4M3, .grad_fmt = LOWP_E4M3, .accum = {0, 1}};
     for (int i = 0; i < 2; i++) {
         CHECK_MSG(golden_load(&g[i], "v3", why, sizeof why) == 0, "%s", why);
         if (i == 0) {  // the recipe without the FP8 plan
             g[i].m.recipe = fp8;
-            g[i].m.lowp = &g[i].m.recipe;
+            g[i].m.lowp = g[i].m.linear = &g[i].m.recipe;
         } else {
             CHECK_MSG(train_model_set_recipe(&g[i].m, &fp8, &err) == 0, "%s", err.msg);
         }

@@ -135,8 +135,11 @@ done:
 // far below it: the operands are really rounded (BF16 ~1e-3 relative, E4M3 ~1e-2).
 TEST(test_linear_layer_recipes_within_format_bounds) {
     const LinearRecipe recipes[5] = {
-        {LOWP_BF16, LOWP_BF16, 0, {0, 1}, 0}, {LOWP_E4M3, LOWP_E4M3, 0, {0, 1}, 0}, {LOWP_E4M3, LOWP_E5M2, 0, {0, 1}, 0},
-        {LOWP_E4M3, LOWP_E4M3, 1, {0, 1}, 0}, {LOWP_E4M3, LOWP_E4M3, 0, {0, 1}, 1}};  // the last: UE8M0 scales
+        {.fmt = LOWP_BF16, .grad_fmt = LOWP_BF16, .accum = {0, 1}},
+        {.fmt = LOWP_E4M3, .grad_fmt = LOWP_E4M3, .accum = {0, 1}},
+        {.fmt = LOWP_E4M3, .grad_fmt = LOWP_E5M2, .accum = {0, 1}},
+        {.fmt = LOWP_E4M3, .grad_fmt = LOWP_E4M3, .tensor_scaling = 1, .accum = {0, 1}},
+        {.fmt = LOWP_E4M3, .grad_fmt = LOWP_E4M3, .accum = {0, 1}, .pow2_scales = 1}};  // the last: UE8M0 scales
     const double lo[5] = {1e-4, 3e-3, 3e-3, 3e-3, 3e-3}, hi[5] = {4e-3, 8e-2, 1.5e-1, 1.5e-1, 8e-2};
     for (int t = 0; t < 5; t++) {
         Report rep[3] = {{0}};

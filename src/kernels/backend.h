@@ -29,9 +29,12 @@ typedef struct AdamWStep {
 } AdamWStep;
 
 // How the three GEMMs of a linear layer take their operands (training's --precision, SPEC §3). A
-// NULL recipe means fp32 operands, as inference and fp32 training use. The report keeps the
+// NULL recipe means fp32 operands through the kernels inference uses, whose rows are independent
+// of how many there are (the engine's batches and prefix cache rely on it). The report keeps the
 // embedding, the output head, the router, the norms and the attention core in higher precision in
-// every mode: their products are called with NULL.
+// every mode.
+//   f32: fp32 operands through a library GEMM (gemm_f32: oneDNN), faster at training's sizes but
+//   free to round a row differently with the rows beside it — training's fp32 layers and heads.
 //   BF16: x, W and the output gradient rounded to BF16, fp32 accumulation.
 //   FP8: activations and activation gradients in 1 x 128 tiles along the reduction (the weight
 //   gradient's operands so in 128 x 1 tiles: along the tokens), weights in 128 x 128 blocks, or one
@@ -42,6 +45,7 @@ typedef struct LinearRecipe {
     int tensor_scaling;   // FP8: one scale per tensor instead of tiles and blocks (an ablation)
     LowpAccum accum;      // FP8: {0, 1} fp32 accumulation; bits > 0 emulates the H800's (ablations)
     int pow2_scales;      // FP8: the activations' and gradients' scales powers of two (UE8M0); weights' fp32
+    int f32;              // 1: fp32 operands on F32 weights, the fields above unused
 } LinearRecipe;
 
 typedef struct BackendOps {

@@ -68,13 +68,14 @@ static int lowp_product(const LinearRecipe *r, float *C, int M, int N, int K, in
 static int recipe_weights(Backend *be, const char *op, const MatView *w) {
     if (w->dtype == DT_F32) return 0;
     char what[96];
-    snprintf(what, sizeof what, "a BF16/FP8 recipe needs F32 master weights, got %s", dtype_name(w->dtype));
+    snprintf(what, sizeof what, "a training recipe needs F32 master weights, got %s", dtype_name(w->dtype));
     return fail(be, op, what);
 }
 
 static int cpu_matmul(Backend *be, float *out, const float *x, const MatView *w, int N, const LinearRecipe *recipe) {
     if (!recipe) return matmul_nt(out, x, w, N) ? product_failed(be, "matmul", w) : 0;
     if (recipe_weights(be, "matmul", w)) return -1;
+    if (recipe->f32) return matmul_nt_gemm(out, x, w, N) ? product_failed(be, "matmul", w) : 0;
     LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
     LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;
     // out (N × rows) = x (N × cols) · Wᵀ
@@ -90,6 +91,7 @@ static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const 
     if (!g) return fail(be, "matmul_backward", "the weight gradient is not an F32 view");
     if (!recipe) return matmul_backward(dx, dw, dout, x, w, N) ? product_failed(be, "matmul_backward", w) : 0;
     if (recipe_weights(be, "matmul_backward", w)) return -1;
+    if (recipe->f32) return matmul_backward(dx, dw, dout, x, w, N) ? product_failed(be, "matmul_backward", w) : 0;
     int rows = w->rows, cols = w->cols;
     LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
     LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;

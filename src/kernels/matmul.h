@@ -40,6 +40,9 @@ MatView matview_rows(const MatView *w, int r0, int n);
 // F8_E4M3 with its scales) or scratch memory ran out; the backend turns that into an Error.
 // out[N][rows] = x[N][cols] · Wᵀ   (a linear layer y = W x for N tokens)
 int matmul_nt(float *out, const float *x, const MatView *w, int N);
+// The same product for an F32 view through gemm_f32 (oneDNN) in blocks per thread: faster at
+// training's sizes, but a row's bits may depend on N. -1 for other types.
+int matmul_nt_gemm(float *out, const float *x, const MatView *w, int N);
 // out[N][cols] = x[N][rows] · W    (the transposed product, e.g. folding W_UK into a query)
 int matmul_nn(float *out, const float *x, const MatView *w, int N);
 // One thread's share of the same products, computed on the calling thread without forking: for
@@ -72,7 +75,8 @@ float *matview_f32_data(const MatView *w);
 MatView matview_f32(const float *data, int rows, int cols);
 
 // C (M×N, ldc) = alpha op(A) op(B) + beta C with fp32 operands, row-major, op = transpose when ta /
-// tb; on the calling thread (for the small products of one attention head inside a parallel loop).
+// tb (oneDNN's sgemm): on the calling thread inside a parallel region (the small products of one
+// attention head in a parallel loop), on the OpenMP threads outside one.
 // A parallel region calling it is bracketed by gemm_f32_serial_begin / _end, which keep the BLAS
 // library from starting threads of its own under ours (returns and restores its setting).
 int gemm_f32_serial_begin(void);

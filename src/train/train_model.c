@@ -248,6 +248,11 @@ static int plan_grad_groups(TrainModel *m, const TensorSpec *specs, Error *err) 
     return 0;
 }
 
+// Training's fp32 products — the linear layers without a low-precision recipe, and the heads in
+// every precision — through the library GEMM (backend.h): no row of a training batch needs the bits
+// it would have in another batch.
+static const LinearRecipe train_f32 = {.f32 = 1};
+
 int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *err) {
     return train_model_new_sharded(m, c, B, T, 1, 0, err);
 }
@@ -255,6 +260,7 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
 int train_model_new_sharded(TrainModel *m, const ModelConfig *c, int B, int T, int ep_size, int ep_rank, Error *err) {
     memset(m, 0, sizeof *m);
     m->be = backend_cpu();
+    m->linear = &train_f32;
     m->cfg = *c;
     m->B = B;
     m->T = T;
@@ -343,6 +349,7 @@ fail:
 int train_model_set_recipe(TrainModel *m, const LinearRecipe *recipe, Error *err) {
     if (recipe) m->recipe = *recipe;
     m->lowp = recipe ? &m->recipe : NULL;
+    m->linear = recipe ? &m->recipe : &train_f32;
     int want = recipe && recipe->fmt != LOWP_BF16;
     if (want == m->fp8_storage) return 0;
     m->fp8_storage = want;
@@ -473,7 +480,7 @@ static LayerPass train_pass(const TrainModel *m, const TrainLayerActs *t, int T,
                        .rope_sin = m->rope_sin, .softmax_scale = m->softmax_scale, .latent = t->ckv, .kpe = t->kpe,
                        .ld = T, .mode = ATTN_PLAIN, .save = 1, .freeze_routing = m->freeze_routing,
                        .seq_aux_alpha = m->obj.seq_aux_alpha, .scratch = m->a.attn,
-                       .per_thread = m->a.attn_per_thread, .recipe = m->lowp};
+                       .per_thread = m->a.attn_per_thread, .recipe = m->linear};
 }
 
 // The final norm, the head and the loss of rows (N, d) x: h (N, d) and its rstd saved; *loss the
@@ -492,11 +499,11 @@ static int head_forward(TrainModel *m, const float *norm, const float *x, float 
         int rows = N - r0 < TRAIN_HEAD_ROWS ? N - r0 : TRAIN_HEAD_ROWS;
         const float *hr = h + (size_t)r0 * d;
         double part;
-        TRY(be->ops->matmul(be, logits, hr, &m->p.lm_head, rows, NULL));  // the head stays fp32
+        TRY(be->ops->matmul(be, logits, hr, &m->p.lm_head, rows, &train_f32));  // the head stays fp32
         TRY(be->ops->crossentropy(be, &part, losses + r0, lse + r0, logits, targets + r0, rows, V));
         if (!dh) continue;
         TRY(be->ops->crossentropy_backward(be, logits, lse + r0, targets + r0, rows, V, dloss));
-        TRY(be->ops->matmul_backward(be, dh + (size_t)r0 * d, &dw, logits, hr, &m->p.lm_head, rows, NULL));
+        TRY(be->ops->matmul_backward(be, dh + (size_t)r0 * d, &dw, logits, hr, &m->p.lm_head, rows, &train_f32));
     }
     TRY(be->ops->synchronize(be));
     double sum = 0;  // in row order, however the rows were chunked
@@ -555,7 +562,7 @@ static int mtp_forward(TrainModel *m, int k, long long *load, double *bal, doubl
     double layer_bal;
     LayerPass p = train_pass(m, &t->layer, Tk, c->num_hidden_layers + k - 1);
     TRY(be->ops->embedding(be, t->emb, &m->p.embed_tokens, t->in_tok, N));
-    TRY(mtp_input_forward(be, m->lowp, c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
+    TRY(mtp_input_forward(be, m->linear, c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
     TRY(layer_forward(&p, &w->layer, &t->layer.acts, load, &layer_bal));
     TRY(keep_layer(m, &t->layer));
     *bal += layer_bal;
@@ -678,7 +685,7 @@ static int mtp_backward(TrainModel *m, int k, float scale) {
     TRY(layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale));
     memset(a->demb, 0, sizeof(float) * N * d);
     memset(a->dh_prev, 0, sizeof(float) * N * d);
-    TRY(mtp_input_backward(be, m->lowp, c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den,
+    TRY(mtp_input_backward(be, m->linear, c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den,
                            a->dhn, a->demb, a->dh_prev, N));
     TRY(be->ops->embedding_backward(be, &m->g.embed_tokens, a->demb, t->in_tok, N));
     float *dprev = k == 1 ? a->dlnf : a->mtp[k - 2].dh_out;  // (B, Tp, d)
