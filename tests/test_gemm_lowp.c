@@ -45,6 +45,55 @@ static float probe_value(long i) {
     }
 }
 
+// The activations FP8 storage keeps (lowp_fp8_save_rows): every code is the scalar codec's of
+// x / scale (convert.c, itself checked against the format in test_kernels.c), with the tile scales
+// max(amax, 1e-4) / 448 computed here; restoring gives code × scale. The vector encoder on its own
+// too, at fixed scales, so that values past saturation, infinities and NaN reach it.
+TEST(test_lowp_fp8_saved_codes_are_the_codec) {
+    enum { rows = 37, cols = 300, n = 40000 };  // 300: two whole 128-column tiles and a ragged one
+    const int kc = (cols + 127) / 128;
+    float *x = malloc(sizeof(float) * rows * cols), *back = malloc(sizeof(float) * rows * cols);
+    float *scales = malloc(sizeof(float) * rows * kc);
+    uint8_t *codes = malloc((size_t)rows * cols);
+    for (long i = 0; i < (long)rows * cols; i++) x[i] = probe_value(i);
+    x[5] = INFINITY;  // a tile whose scale is infinite: finite values code to zero, the infinity to NaN
+    lowp_fp8_save_rows(codes, scales, x, rows, cols, 0);
+    lowp_fp8_restore_rows(back, codes, scales, rows, cols);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < kc; c++) {
+            float amax = 0;
+            for (int k = c * 128; k < cols && k < c * 128 + 128; k++)
+                if (fabsf(x[r * cols + k]) > amax) amax = fabsf(x[r * cols + k]);
+            float s = fmaxf(amax, 1e-4f) / 448.0f;
+            CHECK_MSG(scales[r * kc + c] == s || isnan(scales[r * kc + c]), "row %d tile %d: scale %g, want %g", r, c,
+                      scales[r * kc + c], s);
+            for (int k = c * 128; k < cols && k < c * 128 + 128; k++) {
+                uint8_t want = fp8_e4m3_from_f32(x[r * cols + k] / scales[r * kc + c]);
+                float v = fp8_e4m3_to_f32(want) * scales[r * kc + c];
+                int same_back = back[r * cols + k] == v || (isnan(v) && isnan(back[r * cols + k]));
+                CHECK_MSG(codes[r * cols + k] == want && same_back,
+                          "x[%d][%d] = %.9g: code 0x%02x, codec 0x%02x; restored %.9g, want %.9g", r, k,
+                          x[r * cols + k], codes[r * cols + k], want, back[r * cols + k], v);
+            }
+        }
+    if (kernels_cpu_avx512()) {  // (without AVX-512 the rows above took the scalar codec)
+        float *y = malloc(sizeof(float) * n);
+        uint8_t *got = malloc(n);
+        for (long i = 0; i < n; i++) y[i] = probe_value(i);
+        y[1] = INFINITY, y[3] = -INFINITY, y[7] = -NAN;
+        const float fixed[3] = {1.0f, 0.37f, 3e-3f};
+        for (int s = 0; s < 3; s++) {
+            long done = lowp_e4m3_codes_avx512(got, y, n, fixed[s]);
+            CHECK(done == n);
+            for (long i = 0; i < done; i++)
+                CHECK_MSG(got[i] == fp8_e4m3_from_f32(y[i] / fixed[s]), "scale %g: x = %.9g -> 0x%02x, codec 0x%02x",
+                          fixed[s], y[i], got[i], fp8_e4m3_from_f32(y[i] / fixed[s]));
+        }
+        free(y), free(got);
+    }
+    free(x), free(back), free(scales), free(codes);
+}
+
 // The vector rounding used by the packers gives the scalar codecs' values bit for bit.
 TEST(test_lowp_values_vector_equals_scalar) {
     enum { n = 40000 };

@@ -129,21 +129,31 @@ void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows
     // the scales as the forward GEMM computes them for this operand (1 × 128 tiles along a row)
     LowpOperand op = {.data = x, .ld = cols, .fmt = LOWP_E4M3, .pow2 = pow2};
     if (lowp_fp8_scales(&op, scales, (int)rows, cols, LOWP_TILE_1x128)) return;  // (tiles: no scratch to fail)
-    int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
+    int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK, vec = kernels_cpu_avx512();
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
     for (long r = 0; r < rows; r++)
-        for (int k = 0; k < cols; k++)
-            codes[r * cols + k] = fp8_e4m3_from_f32(x[r * cols + k] / scales[r * kc + k / LOWP_FP8_CHUNK]);
+        for (int c = 0; c < kc; c++) {
+            long k0 = (long)c * LOWP_FP8_CHUNK, n = cols - k0 < LOWP_FP8_CHUNK ? cols - k0 : LOWP_FP8_CHUNK, k = 0;
+            const float *xr = x + r * cols + k0, s = scales[r * kc + c];
+            uint8_t *out = codes + r * cols + k0;
+            if (vec) k = lowp_e4m3_codes_avx512(out, xr, n, s);
+            for (; k < n; k++) out[k] = fp8_e4m3_from_f32(xr[k] / s);
+        }
 }
 
 void lowp_fp8_restore_rows(float *x, const uint8_t *codes, const float *scales, long rows, int cols) {
-    int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
+    int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK, vec = kernels_cpu_avx512();
     float table[256];  // every code's value
     for (int c = 0; c < 256; c++) table[c] = fp8_e4m3_to_f32((uint8_t)c);
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
     for (long r = 0; r < rows; r++)
-        for (int k = 0; k < cols; k++)
-            x[r * cols + k] = table[codes[r * cols + k]] * scales[r * kc + k / LOWP_FP8_CHUNK];
+        for (int c = 0; c < kc; c++) {
+            long k0 = (long)c * LOWP_FP8_CHUNK, n = cols - k0 < LOWP_FP8_CHUNK ? cols - k0 : LOWP_FP8_CHUNK, k = 0;
+            const uint8_t *in = codes + r * cols + k0;
+            float *xr = x + r * cols + k0, s = scales[r * kc + c];
+            if (vec) k = lowp_e4m3_scaled_avx512(xr, in, n, s);
+            for (; k < n; k++) xr[k] = table[in[k]] * s;
+        }
 }
 
 const char *gemm_lowp_isa(void) {

@@ -82,6 +82,49 @@ AVX512 long lowp_values_avx512(float *out, const float *x, long n, LowpFormat fm
     return i;
 }
 
+// E4M3 codes of x / scale over the leading multiple of 16 of n (returns how many): the value
+// round_fp8 gives (nearest even, saturated at ±448, NaN kept), then its code — sign, and for
+// normal values the exponent and mantissa bits moved down (the bias 127 → 7), for subnormal ones
+// value × 2^9 — as convert.c's fp8_e4m3_from_f32 encodes it (NaN 0x7f with the sign).
+AVX512 long lowp_e4m3_codes_avx512(uint8_t *codes, const float *x, long n, float scale) {
+    const __m512 s = _mm512_set1_ps(scale);
+    const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = round_value(LOWP_E4M3, _mm512_loadu_ps(x + i), s);
+        __m512i u = _mm512_castps_si512(v), a = _mm512_and_si512(u, abs_bits);
+        __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80));
+        __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(a, 20), _mm512_set1_epi32((127 - 7) << 3));
+        __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0f)));
+        __m512i code = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(0x3c800000)), normal, sub);
+        code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7f800000)),
+                                     _mm512_set1_epi32(0x7f));
+        _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(_mm512_or_si512(code, sign)));
+    }
+    return i;
+}
+
+// code × scale over the leading multiple of 16 of n (returns how many): each E4M3 code's value as
+// convert.c's fp8_e4m3_to_f32 gives it (exponent and mantissa bits moved up, the bias 7 → 127;
+// subnormal codes m × 2^-9; S.1111.111 NaN), times the scale in fp32.
+AVX512 long lowp_e4m3_scaled_avx512(float *x, const uint8_t *codes, long n, float scale) {
+    const __m512 s = _mm512_set1_ps(scale);
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + i)));
+        __m512i em = _mm512_and_si512(c, _mm512_set1_epi32(0x7f));
+        __m512i normal = _mm512_slli_epi32(_mm512_add_epi32(em, _mm512_set1_epi32((127 - 7) << 3)), 20);
+        __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(0x1p-9f));
+        __m512 v = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), _mm512_castsi512_ps(normal),
+                                        sub);
+        v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7f)), _mm512_set1_ps(NAN));
+        __m512i sign = _mm512_slli_epi32(_mm512_and_si512(c, _mm512_set1_epi32(0x80)), 24);
+        v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+        _mm512_storeu_ps(x + i, _mm512_mul_ps(v, s));
+    }
+    return i;
+}
+
 // Words of BF16 pairs from rounded values: (even k, odd k) → even in the low half.
 AVX512_INLINE __m512i pair_words(__m512 even, __m512 odd) {
     return _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
