@@ -113,6 +113,35 @@ TEST(test_lowp_values_vector_equals_scalar) {
                 CHECK_MSG(same, "format %d scale %g: x = %.9g -> %.9g, scalar %.9g", f, scales[s], x[i], got[i], want);
             }
         }
+    // quotients at and beside the formats' rounding boundaries: x = M · s for every midpoint M of
+    // two neighbouring E4M3 or E5M2 values (subnormal ones too) and a few units in the last place
+    // either side of it, where a quotient formed as x · (1/s) could round the other way
+    const float hard_scales[8] = {0.37f, 3e-3f, 1.7e-5f, 0.0123456f, 0.1f, 0.7f, 1e-3f, 2.3e-4f};
+    enum { per = 25 };
+    float *y = malloc(sizeof(float) * 2 * 256 * per), *yv = malloc(sizeof(float) * 2 * 256 * per);
+    for (int s = 0; s < 8; s++)
+        for (int f = 1; f < 3; f++) {
+            LowpFormat fmt = fmts[f];
+            long m = 0;
+            for (int c = 0; c < 255; c++) {  // midpoints of consecutive positive codes
+                float a = f == 1 ? fp8_e4m3_to_f32((uint8_t)c) : fp8_e5m2_to_f32((uint8_t)c);
+                float b = f == 1 ? fp8_e4m3_to_f32((uint8_t)(c + 1)) : fp8_e5m2_to_f32((uint8_t)(c + 1));
+                if (!isfinite(a) || !isfinite(b)) continue;
+                float x = (float)(0.5 * ((double)a + (double)b) * hard_scales[s]);
+                for (int k = -per / 2; k <= per / 2; k++) {
+                    float v = x;
+                    for (int t = 0; t < abs(k); t++) v = nextafterf(v, k < 0 ? -INFINITY : INFINITY);
+                    y[m++] = (c % 2 ? -1 : 1) * v;
+                }
+            }
+            lowp_values(yv, y, m, fmt, hard_scales[s]);
+            for (long i = 0; i < m; i++) {
+                float want = lowp_value(fmt, y[i], hard_scales[s]);
+                CHECK_MSG(yv[i] == want, "format %d scale %g: x = %.9g (x / s = %.9g) -> %.9g, scalar %.9g", f,
+                          hard_scales[s], y[i], y[i] / hard_scales[s], yv[i], want);
+            }
+        }
+    free(y), free(yv);
     // the scalar values are the formats': a few fixed points
     CHECK(lowp_value(LOWP_E4M3, 1000.0f, 1.0f) == 448.0f);
     CHECK(lowp_value(LOWP_E5M2, -1e9f, 1.0f) == -57344.0f);
