@@ -89,6 +89,9 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
             memcpy(dst + nope, s.v + (size_t)j * v, sizeof(float) * v);
         }
     MatView K = matview_f32(s.k, S, nope), P = matview_f32(kpe, S, r), V = matview_f32(s.v, S, v);
+    // Training (probabilities kept for the backward pass) takes the library GEMM, as its backward
+    // does; inference keeps the kernels whose rows do not depend on how many there are.
+    const int library = a->probs_save != NULL;
     for (int t0 = 0; t0 < T; t0 += QC) {
         int n = T - t0 < QC ? T - t0 : QC, Sc = pos0 + t0 + n;
         for (int i = 0; i < n; i++) {
@@ -97,9 +100,11 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
             memcpy(s.qp + (size_t)i * r, src + nope, sizeof(float) * r);
         }
         K.rows = P.rows = V.rows = Sc;
-        if (nope > 0) rc |= matmul_nt(s.p, s.qn, &K, n);
+        if (nope > 0 && library) gemm_f32(0, 1, n, Sc, nope, 1.0f, s.qn, nope, s.k, nope, 0.0f, s.p, Sc);
+        else if (nope > 0) rc |= matmul_nt(s.p, s.qn, &K, n);
         else memset(s.p, 0, sizeof(float) * n * Sc);
-        if (r > 0) rc |= matmul_nt(s.p2, s.qp, &P, n);
+        if (r > 0 && library) gemm_f32(0, 1, n, Sc, r, 1.0f, s.qp, r, kpe, r, 0.0f, s.p2, Sc);
+        else if (r > 0) rc |= matmul_nt(s.p2, s.qp, &P, n);
         scores_to_probs(s.p, s.p2, n, Sc, pos0 + t0, a->scale, r > 0);
         if (a->probs_save)
             for (int i = 0; i < n; i++) {
@@ -107,7 +112,8 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
                 memcpy(dst, s.p + (size_t)i * Sc, sizeof(float) * Sc);
                 memset(dst + Sc, 0, sizeof(float) * (T - Sc));
             }
-        rc |= matmul_nn(s.o, s.p, &V, n);
+        if (library) gemm_f32(0, 0, n, v, Sc, 1.0f, s.p, Sc, s.v, v, 0.0f, s.o, v);
+        else rc |= matmul_nn(s.o, s.p, &V, n);
         for (int i = 0; i < n; i++)
             memcpy(a->out + ((size_t)(b * T + t0 + i) * H + h) * v, s.o + (size_t)i * v, sizeof(float) * v);
     }
@@ -310,13 +316,14 @@ int latent_attention_forward(const LatentAttention *a) {
     if (a->dtype != DT_F32 && a->dtype != DT_BF16) return -1;
     if (a->blocks && (a->B != 1 || a->block_size < 1)) return -1;
     if (!a->absorbed && (a->dtype == DT_BF16 || a->blocks)) return plain_gathered(a);
-    int failed = 0;
+    int failed = 0, saved = a->probs_save ? gemm_f32_serial_begin() : 1;  // (training's products: gemm_f32)
 #pragma omp parallel for schedule(static) reduction(| : failed)
     for (int bh = 0; bh < a->B * a->H; bh++) {
         int b = bh / a->H, h = bh % a->H;
         Scratch s = carve(a, a->scratch + (size_t)omp_get_thread_num() * a->per_thread, a->pos0 + a->T);
         failed |= (a->absorbed ? absorbed_heads(a, b, h, h + 1, s) : plain_head(a, b, h, s)) != 0;
     }
+    gemm_f32_serial_end(saved);
     return failed ? -1 : 0;
 }
 
@@ -337,24 +344,36 @@ int latent_attention_backward(const LatentAttention *a, const float *dout, float
         float *dS = dprobs + (size_t)bh * T * T;
         float *dqb = dq + (size_t)b * T * H * qk + (size_t)h * qk;
         float *dkb = dkv + (size_t)b * T * H * kvw + (size_t)h * kvw;
-        gemm_f32(0, 1, T, T, v, 1.0f, dob, H * v, kb + nope, H * kvw, 0.0f, dS, T);  // dP = dO Vᵀ
-        gemm_f32(1, 0, T, v, T, 1.0f, P, T, dob, H * v, 1.0f, dkb + nope, H * kvw);  // dV += Pᵀ dO
-        // dS = P ⊙ (dP − Σ_j P dP), times the score scale (folded here once)
-        for (int t = 0; t < T; t++) {
-            const float *pr = P + (size_t)t * T;
-            float *ds = dS + (size_t)t * T, dot = 0;
-            for (int j = 0; j <= t; j++) dot += pr[j] * ds[j];
-            for (int j = 0; j <= t; j++) ds[j] = pr[j] * (ds[j] - dot) * scale;
-            memset(ds + t + 1, 0, sizeof(float) * (T - t - 1));
-        }
-        if (nope > 0) {
-            gemm_f32(0, 0, T, nope, T, 1.0f, dS, T, kb, H * kvw, 1.0f, dqb, H * qk);  // dQ_nope += dS K_nope
-            gemm_f32(1, 0, T, nope, T, 1.0f, dS, T, qb, H * qk, 1.0f, dkb, H * kvw);  // dK_nope += dSᵀ Q_nope
-        }
-        if (r > 0) {
-            const float *kpb = kpe + (size_t)b * a->ld * r;
-            gemm_f32(0, 0, T, r, T, 1.0f, dS, T, kpb, r, 1.0f, dqb + nope, H * qk);  // dQ_pe += dS K_pe
-            gemm_f32(1, 0, T, r, T, 1.0f, dS, T, qb + nope, H * qk, 0.0f, dkpe_heads + (size_t)bh * T * r, r);
+        // query rows in chunks of QC, each against the keys it can see (0 .. its last row): the
+        // products skip the masked upper triangle
+        const float *kpb = kpe + (size_t)b * a->ld * r;
+        float *dkh = dkpe_heads + (size_t)bh * T * r;
+        if (r > 0) memset(dkh, 0, sizeof(float) * T * r);
+        for (int t0 = 0; t0 < T; t0 += QC) {
+            int n = T - t0 < QC ? T - t0 : QC, S = t0 + n;
+            const float *dor = dob + (size_t)t0 * H * v, *qr = qb + (size_t)t0 * H * qk, *Pr = P + (size_t)t0 * T;
+            float *dSr = dS + (size_t)t0 * T, *dqr = dqb + (size_t)t0 * H * qk;
+            gemm_f32(0, 1, n, S, v, 1.0f, dor, H * v, kb + nope, H * kvw, 0.0f, dSr, T);  // dP = dO Vᵀ
+            gemm_f32(1, 0, S, v, n, 1.0f, Pr, T, dor, H * v, 1.0f, dkb + nope, H * kvw);  // dV += Pᵀ dO
+            // dS = P ⊙ (dP − Σ_j P dP), times the score scale (folded here once); 0 past the diagonal
+            for (int i = 0; i < n; i++) {
+                int t = t0 + i;
+                const float *pr = Pr + (size_t)i * T;
+                float *ds = dSr + (size_t)i * T, dot = 0;
+#pragma omp simd reduction(+ : dot)
+                for (int j = 0; j <= t; j++) dot += pr[j] * ds[j];
+#pragma omp simd
+                for (int j = 0; j <= t; j++) ds[j] = pr[j] * (ds[j] - dot) * scale;
+                for (int j = t + 1; j < S; j++) ds[j] = 0.0f;
+            }
+            if (nope > 0) {
+                gemm_f32(0, 0, n, nope, S, 1.0f, dSr, T, kb, H * kvw, 1.0f, dqr, H * qk);  // dQ_nope += dS K_nope
+                gemm_f32(1, 0, S, nope, n, 1.0f, dSr, T, qr, H * qk, 1.0f, dkb, H * kvw);  // dK_nope += dSᵀ Q_nope
+            }
+            if (r > 0) {
+                gemm_f32(0, 0, n, r, S, 1.0f, dSr, T, kpb, r, 1.0f, dqr + nope, H * qk);  // dQ_pe += dS K_pe
+                gemm_f32(1, 0, S, r, n, 1.0f, dSr, T, qr + nope, H * qk, 1.0f, dkh, r);   // dK_pe (head h) += dSᵀ Q_pe
+            }
         }
     }
     gemm_f32_serial_end(saved);
