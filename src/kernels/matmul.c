@@ -436,8 +436,9 @@ int matmul_nn(float *out, const float *x, const MatView *w, int N) {
 
 // ---- fp32 GEMMs for the backward pass ----
 
-// C = alpha op(A) op(B) + beta C in the calling thread. A zero-width K leaves beta C (cblas wants
-// K ≥ 1 for some layouts).
+// C = alpha op(A) op(B) + beta C: on the calling thread inside a parallel region, on oneDNN's
+// choice of the OpenMP threads outside one. A zero-width K leaves beta C (cblas wants K ≥ 1 for
+// some layouts).
 //
 // oneDNN's sgemm, not OpenBLAS's: it chooses its kernels from the CPU's instruction sets, where
 // OpenBLAS 0.3.21 goes by the CPU model or OPENBLAS_CORETYPE — which some machines set to Haswell,
