@@ -40,22 +40,23 @@ static void scales_team(const LowpOperand *op, float *scale, float *amax, int ro
                 amax[(long)i * kc + c] = m;
             }
     } else {
-        // element (i, k) at d[k * ld + i]: blocks of 256 values of i, each swept down a chunk's rows
+        // element (i, k) at d[k * ld + i]: blocks of 256 values of i, each swept down one chunk's
+        // rows — the threads share (block, chunk) units: a weight gradient's operands (a few hundred
+        // features along i, the tokens along K) are one block and many chunks
         enum { IB = 256 };
+        int units = (rows + IB - 1) / IB * kc;
 #pragma omp for schedule(static)
-        for (int i0 = 0; i0 < rows; i0 += IB) {
-            int n = rows - i0 < IB ? rows - i0 : IB;
+        for (int u = 0; u < units; u++) {
+            int i0 = u / kc * IB, c = u % kc, n = rows - i0 < IB ? rows - i0 : IB;
             float m[IB];
-            for (int c = 0; c < kc; c++) {
-                for (int i = 0; i < n; i++) m[i] = 0.0f;
-                int k1 = (c + 1) * LOWP_FP8_CHUNK < K ? (c + 1) * LOWP_FP8_CHUNK : K;
-                for (int k = c * LOWP_FP8_CHUNK; k < k1; k++) {
-                    const float *x = d + k * ld + i0;
+            for (int i = 0; i < n; i++) m[i] = 0.0f;
+            int k1 = (c + 1) * LOWP_FP8_CHUNK < K ? (c + 1) * LOWP_FP8_CHUNK : K;
+            for (int k = c * LOWP_FP8_CHUNK; k < k1; k++) {
+                const float *x = d + k * ld + i0;
 #pragma omp simd
-                    for (int i = 0; i < n; i++) m[i] = fabsf(x[i]) > m[i] ? fabsf(x[i]) : m[i];
-                }
-                for (int i = 0; i < n; i++) amax[(long)(i0 + i) * kc + c] = m[i];
+                for (int i = 0; i < n; i++) m[i] = fabsf(x[i]) > m[i] ? fabsf(x[i]) : m[i];
             }
+            for (int i = 0; i < n; i++) amax[(long)(i0 + i) * kc + c] = m[i];
         }
     }
 #pragma omp single
