@@ -193,6 +193,14 @@ static inline double bench_bf16_unit_peak(void) {
     return bench_dpbf16_unit_peak();
 }
 
+// Sets OpenBLAS's own thread count (the kernels keep it at one on AVX512_BF16 CPUs: benchmarks of
+// OpenBLAS threading a product itself raise it) and returns the previous one.
+static inline int bench_blas_threads(int n) {
+    int was = openblas_get_num_threads();
+    openblas_set_num_threads(n);
+    return was;
+}
+
 // Best GFLOP/s of an n×n×n fp32 GEMM over reps runs on all cores, the best of three ways: OpenBLAS
 // threading its sgemm itself, oneDNN threading its own, and OpenMP threads each running gemm_f32
 // (oneDNN's, single-threaded) on a block of rows, as the training code does.
@@ -200,7 +208,7 @@ static inline double bench_sgemm_peak(int n, int reps) {
     float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n), *c = malloc(sizeof(float) * n * n);
     for (long i = 0; i < (long)n * n; i++) a[i] = b[i] = (float)((i % 17) - 8) * 0.01f;
     double best = 0;
-    int blas_threads = openblas_get_num_threads(), nt = omp_get_max_threads();
+    int nt = omp_get_max_threads(), blas_threads = bench_blas_threads(nt);
     for (int way = 0; way < 3; way++) {
         if (way == 1) openblas_set_num_threads(1);
         for (int r = 0; r < reps; r++) {

@@ -25,8 +25,7 @@
 // onednn 0: OpenBLAS's sgemm (its own threads, as many as OpenMP's: the kernels keep OpenBLAS at
 // one otherwise); 1: oneDNN's (gemm_f32's library, its own threads).
 static double sgemm_gflops(int M, int onednn) {
-    int blas_threads = openblas_get_num_threads();
-    if (!onednn) openblas_set_num_threads(omp_get_max_threads());
+    int blas_threads = bench_blas_threads(omp_get_max_threads());
     float *a = malloc(sizeof(float) * M * M), *b = malloc(sizeof(float) * M * M), *c = malloc(sizeof(float) * M * M);
     for (int i = 0; i < M * M; i++) a[i] = (float)(i % 13) * 0.01f, b[i] = (float)(i % 7) * 0.01f;
     double g[5];
@@ -144,8 +143,7 @@ static double gemm_gflops(const Pool *p, const float *x, float *out, int N, int 
 static double sgemm_direct_gflops(const Pool *p, const float *x, float *out, int N, int runs, int onednn) {
     const MatView *v = &p->views[0];
     double flops = 2.0 * N * v->rows * v->cols, g[16];
-    int blas_threads = openblas_get_num_threads();
-    if (!onednn) openblas_set_num_threads(omp_get_max_threads());
+    int blas_threads = bench_blas_threads(omp_get_max_threads());
     for (int r = -1; r < runs; r++) {
         const MatView *w = &p->views[(r + 1) % p->count];
         double t = bench_now();

@@ -438,7 +438,7 @@ TEST(test_train_fp8_storage_changes_only_the_layers_gradients) {
         CHECK_MSG(golden_load(&g[i], "v3", why, sizeof why) == 0, "%s", why);
         if (i == 0) {  // the recipe without the FP8 plan
             g[i].m.recipe = fp8;
-            g[i].m.lowp = g[i].m.linear = &g[i].m.recipe;
+            g[i].m.lowp = &g[i].m.recipe;
         } else {
             CHECK_MSG(train_model_set_recipe(&g[i].m, &fp8, &err) == 0, "%s", err.msg);
         }

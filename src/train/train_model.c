@@ -253,6 +253,9 @@ static int plan_grad_groups(TrainModel *m, const TensorSpec *specs, Error *err) 
 // it would have in another batch.
 static const LinearRecipe train_f32 = {.f32 = 1};
 
+// What the linear layers run under: the low-precision recipe, or else fp32 through the library.
+static const LinearRecipe *linear_recipe(const TrainModel *m) { return m->lowp ? m->lowp : &train_f32; }
+
 int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *err) {
     return train_model_new_sharded(m, c, B, T, 1, 0, err);
 }
@@ -260,7 +263,6 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
 int train_model_new_sharded(TrainModel *m, const ModelConfig *c, int B, int T, int ep_size, int ep_rank, Error *err) {
     memset(m, 0, sizeof *m);
     m->be = backend_cpu();
-    m->linear = &train_f32;
     m->cfg = *c;
     m->B = B;
     m->T = T;
@@ -349,7 +351,6 @@ fail:
 int train_model_set_recipe(TrainModel *m, const LinearRecipe *recipe, Error *err) {
     if (recipe) m->recipe = *recipe;
     m->lowp = recipe ? &m->recipe : NULL;
-    m->linear = recipe ? &m->recipe : &train_f32;
     int want = recipe && recipe->fmt != LOWP_BF16;
     if (want == m->fp8_storage) return 0;
     m->fp8_storage = want;
@@ -480,7 +481,7 @@ static LayerPass train_pass(const TrainModel *m, const TrainLayerActs *t, int T,
                        .rope_sin = m->rope_sin, .softmax_scale = m->softmax_scale, .latent = t->ckv, .kpe = t->kpe,
                        .ld = T, .mode = ATTN_PLAIN, .save = 1, .freeze_routing = m->freeze_routing,
                        .seq_aux_alpha = m->obj.seq_aux_alpha, .scratch = m->a.attn,
-                       .per_thread = m->a.attn_per_thread, .recipe = m->linear};
+                       .per_thread = m->a.attn_per_thread, .recipe = linear_recipe(m)};
 }
 
 // The final norm, the head and the loss of rows (N, d) x: h (N, d) and its rstd saved; *loss the
@@ -562,7 +563,7 @@ static int mtp_forward(TrainModel *m, int k, long long *load, double *bal, doubl
     double layer_bal;
     LayerPass p = train_pass(m, &t->layer, Tk, c->num_hidden_layers + k - 1);
     TRY(be->ops->embedding(be, t->emb, &m->p.embed_tokens, t->in_tok, N));
-    TRY(mtp_input_forward(be, m->linear, c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
+    TRY(mtp_input_forward(be, linear_recipe(m), c, w, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, t->layer.acts.x_in, N));
     TRY(layer_forward(&p, &w->layer, &t->layer.acts, load, &layer_bal));
     TRY(keep_layer(m, &t->layer));
     *bal += layer_bal;
@@ -685,7 +686,7 @@ static int mtp_backward(TrainModel *m, int k, float scale) {
     TRY(layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale));
     memset(a->demb, 0, sizeof(float) * N * d);
     memset(a->dh_prev, 0, sizeof(float) * N * d);
-    TRY(mtp_input_backward(be, m->linear, c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den,
+    TRY(mtp_input_backward(be, linear_recipe(m), c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den,
                            a->dhn, a->demb, a->dh_prev, N));
     TRY(be->ops->embedding_backward(be, &m->g.embed_tokens, a->demb, t->in_tok, N));
     float *dprev = k == 1 ? a->dlnf : a->mtp[k - 2].dh_out;  // (B, Tp, d)

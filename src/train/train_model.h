@@ -171,7 +171,6 @@ typedef struct TrainModel {
     // The linear layers' operand precision (dsv3 train --precision): NULL for fp32, else &recipe.
     LinearRecipe recipe;
     const LinearRecipe *lowp;
-    const LinearRecipe *linear;  // what the linear layers run under: lowp, or else fp32 (train_f32)
     int fp8_storage;  // the activation plan keeps the linear layers' inputs in FP8 (Fp8Kept)
     int n_grad_groups;              // L + D + 2
     TrainGradGroup *grad_groups;    // (n_grad_groups) indexed as TrainGradsDone's group
