@@ -20,12 +20,20 @@ long lowp_fp8_scale_count(int rows, int K, LowpScaling how) {
     }
 }
 
+// The scale of a tile, block or tensor whose largest magnitude is amax.
+static float scale_of_amax(float amax, float fmt_max, int pow2) {
+    float s = fmaxf(amax, 1e-4f) / fmt_max;
+    return pow2 ? lowp_ue8m0(s) : s;
+}
+
 // The scales of one operand by the calling team of threads (worksharing constructs that bind to
-// the enclosing parallel region; one thread outside of any): tile maxima, folded into blocks or
-// one value when asked, then max(amax, 1e-4) / the format's max. amax: rows × ceil(K / 128)
-// floats of scratch (scale itself for 1 × 128 tiles).
+// the enclosing parallel region; one thread outside of any): tile maxima — each 1 × 128 tile's
+// scale straight away — then, for blocks or one value per tensor, the maxima folded by one thread.
+// amax: rows × ceil(K / 128) floats of scratch (scale itself for 1 × 128 tiles).
 static void scales_team(const LowpOperand *op, float *scale, float *amax, int rows, int K, LowpScaling how) {
-    int kc = (K + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK;
+    int kc = (K + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK, vec = kernels_cpu_avx512();
+    int tiles = how == LOWP_TILE_1x128, pow2 = op->pow2;
+    float mx = lowp_fp8_max(op->fmt);
     const float *d = op->data;
     long ld = op->ld;
     if (!op->trans) {
@@ -35,9 +43,13 @@ static void scales_team(const LowpOperand *op, float *scale, float *amax, int ro
                 const float *x = d + i * ld + (long)c * LOWP_FP8_CHUNK;
                 int n = K - c * LOWP_FP8_CHUNK < LOWP_FP8_CHUNK ? K - c * LOWP_FP8_CHUNK : LOWP_FP8_CHUNK;
                 float m = 0.0f;
+                if (vec) {
+                    m = lowp_absmax_avx512(x, n);
+                } else {
 #pragma omp simd reduction(max : m)
-                for (int k = 0; k < n; k++) m = fabsf(x[k]) > m ? fabsf(x[k]) : m;
-                amax[(long)i * kc + c] = m;
+                    for (int k = 0; k < n; k++) m = fabsf(x[k]) > m ? fabsf(x[k]) : m;
+                }
+                amax[(long)i * kc + c] = tiles ? scale_of_amax(m, mx, pow2) : m;
             }
     } else {
         // element (i, k) at d[k * ld + i]: blocks of 256 values of i, each swept down one chunk's
@@ -50,31 +62,30 @@ static void scales_team(const LowpOperand *op, float *scale, float *amax, int ro
             int i0 = u / kc * IB, c = u % kc, n = rows - i0 < IB ? rows - i0 : IB;
             float m[IB];
             for (int i = 0; i < n; i++) m[i] = 0.0f;
-            int k1 = (c + 1) * LOWP_FP8_CHUNK < K ? (c + 1) * LOWP_FP8_CHUNK : K;
-            for (int k = c * LOWP_FP8_CHUNK; k < k1; k++) {
-                const float *x = d + k * ld + i0;
+            int k0 = c * LOWP_FP8_CHUNK, k1 = k0 + LOWP_FP8_CHUNK < K ? k0 + LOWP_FP8_CHUNK : K;
+            if (vec)
+                lowp_colmax_avx512(m, d + k0 * ld + i0, ld, n, k1 - k0);
+            else
+                for (int k = k0; k < k1; k++) {
+                    const float *x = d + k * ld + i0;
 #pragma omp simd
-                for (int i = 0; i < n; i++) m[i] = fabsf(x[i]) > m[i] ? fabsf(x[i]) : m[i];
-            }
-            for (int i = 0; i < n; i++) amax[(long)(i0 + i) * kc + c] = m[i];
+                    for (int i = 0; i < n; i++) m[i] = fabsf(x[i]) > m[i] ? fabsf(x[i]) : m[i];
+                }
+            for (int i = 0; i < n; i++) amax[(long)(i0 + i) * kc + c] = tiles ? scale_of_amax(m[i], mx, pow2) : m[i];
         }
     }
+    if (tiles) return;  // (the loop's barrier: every scale is written)
 #pragma omp single
-    {
+    {  // the tiles' maxima folded into blocks or one value
         long n = lowp_fp8_scale_count(rows, K, how);
-        if (how != LOWP_TILE_1x128) {  // the tiles' maxima folded into blocks or one value
-            int srow = how == LOWP_BLOCK_128x128 ? LOWP_FP8_CHUNK : rows;
-            for (long c = 0; c < n; c++) scale[c] = 0.0f;
-            for (int i = 0; i < rows; i++)
-                for (int c = 0; c < kc; c++) {
-                    float *cell = how == LOWP_TENSOR ? scale : scale + (long)(i / srow) * kc + c;
-                    if (amax[(long)i * kc + c] > *cell) *cell = amax[(long)i * kc + c];
-                }
-        }
-        float mx = lowp_fp8_max(op->fmt);
-        for (long c = 0; c < n; c++) scale[c] = fmaxf(scale[c], 1e-4f) / mx;
-        if (op->pow2)
-            for (long c = 0; c < n; c++) scale[c] = lowp_ue8m0(scale[c]);
+        int srow = how == LOWP_BLOCK_128x128 ? LOWP_FP8_CHUNK : rows;
+        for (long c = 0; c < n; c++) scale[c] = 0.0f;
+        for (int i = 0; i < rows; i++)
+            for (int c = 0; c < kc; c++) {
+                float *cell = how == LOWP_TENSOR ? scale : scale + (long)(i / srow) * kc + c;
+                if (amax[(long)i * kc + c] > *cell) *cell = amax[(long)i * kc + c];
+            }
+        for (long c = 0; c < n; c++) scale[c] = scale_of_amax(scale[c], mx, pow2);
     }
 }
 

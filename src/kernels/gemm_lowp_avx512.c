@@ -37,24 +37,22 @@ AVX512_INLINE __m512 round_bf16(__m512 x) {
 }
 
 // The FP8 value of x (already divided by its scale): nearest even with `mbits` mantissa bits,
-// subnormals on the grid `unit` below `min_normal`, saturated at ±max, NaN kept — the scalar
-// codecs of convert.c, lane by lane.
-AVX512_INLINE __m512 round_fp8(__m512 x, const int mbits, float min_normal, float unit, float max) {
-    const int drop = 23 - mbits;
+// subnormals on the grid of the binade at `min_normal`, saturated at ±max, NaN kept — the scalar
+// codecs of convert.c, lane by lane. The fp32 adder rounds: for |x| in the binade [2^e, 2^(e+1)),
+// big = 2^(e + 23 - mbits) has an ulp of 2^(e - mbits), the FP8 grid there, so |x| + big rounds
+// |x| to that grid (to nearest even: big is an even multiple of it) and subtracting big is exact.
+// Saturating first is the same as rounding first: past ±max the codecs saturate either way.
+AVX512_INLINE __m512 round_fp8(__m512 x, const int mbits, float min_normal, float max) {
     __m512i u = _mm512_castps_si512(x);
-    __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u));
-    __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    __m512i r = _mm512_add_epi32(a, _mm512_set1_epi32((1 << (drop - 1)) - 1));
-    r = _mm512_add_epi32(r, _mm512_and_si512(_mm512_srli_epi32(a, drop), _mm512_set1_epi32(1)));
-    r = _mm512_and_si512(r, _mm512_set1_epi32(-(1 << drop)));
-    __m512 ax = _mm512_castsi512_ps(a);
-    __m512 sub = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(ax, _mm512_set1_ps(1.0f / unit)),
-                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                               _mm512_set1_ps(unit));
-    __m512 v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(min_normal), _CMP_LT_OQ),
-                                    _mm512_castsi512_ps(r), sub);
-    v = _mm512_min_ps(v, _mm512_set1_ps(max));
-    v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+    __m512 a = _mm512_min_ps(_mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff))),
+                             _mm512_set1_ps(max));  // (a NaN lane becomes max: restored below)
+    __m512 binade = _mm512_max_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a),
+                                                                       _mm512_set1_epi32(0x7f800000))),
+                                  _mm512_set1_ps(min_normal));
+    __m512 big = _mm512_mul_ps(binade, _mm512_set1_ps((float)(1 << (23 - mbits))));
+    __m512 v = _mm512_sub_ps(_mm512_add_ps(a, big), big);
+    v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v),
+                                            _mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u))));
     return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
 }
 
@@ -62,8 +60,8 @@ AVX512_INLINE __m512 round_fp8(__m512 x, const int mbits, float min_normal, floa
 AVX512_INLINE __m512 round_value(const int fmt, __m512 x, __m512 s) {
     switch (fmt) {
     case LOWP_BF16: return round_bf16(x);
-    case LOWP_E4M3: return round_fp8(_mm512_div_ps(x, s), 3, 0x1p-6f, 0x1p-9f, 448.0f);
-    default: return round_fp8(_mm512_div_ps(x, s), 2, 0x1p-14f, 0x1p-16f, 57344.0f);
+    case LOWP_E4M3: return round_fp8(_mm512_div_ps(x, s), 3, 0x1p-6f, 448.0f);
+    default: return round_fp8(_mm512_div_ps(x, s), 2, 0x1p-14f, 57344.0f);
     }
 }
 
@@ -80,6 +78,39 @@ AVX512 long lowp_values_avx512(float *out, const float *x, long n, LowpFormat fm
         _mm512_storeu_ps(out + i, v);
     }
     return i;
+}
+
+// The largest |x[k]| of n values, NaN ignored (vmaxps returns its second operand when either is
+// NaN, as the scalar comparison keeps the running maximum); 0 when n is 0.
+AVX512 float lowp_absmax_avx512(const float *x, long n) {
+    const __m512 abs_bits = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 m0 = _mm512_setzero_ps(), m1 = m0;
+    long k = 0;
+    for (; k + 32 <= n; k += 32) {
+        m0 = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(x + k), abs_bits), m0);
+        m1 = _mm512_max_ps(_mm512_and_ps(_mm512_loadu_ps(x + k + 16), abs_bits), m1);
+    }
+    for (; k < n; k += 16)
+        m0 = _mm512_max_ps(_mm512_and_ps(_mm512_maskz_loadu_ps(tail_mask((int)(n - k)), x + k), abs_bits), m0);
+    return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+// m[i] = the largest of m[i] and |x[k * ld + i]| over k < kn, for i < n: the maxima of n columns
+// down kn rows (a transposed operand's 128 × 1 tiles), NaN ignored as above.
+AVX512 void lowp_colmax_avx512(float *m, const float *x, long ld, int n, int kn) {
+    const __m512 abs_bits = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int i = 0; i < n; i += 64) {  // four vectors of columns at a time, kept in registers
+        __mmask16 l[4];
+        __m512 v[4];
+        for (int q = 0; q < 4; q++) {
+            l[q] = tail_mask(n - i - 16 * q > 0 ? n - i - 16 * q : 0);
+            v[q] = _mm512_maskz_loadu_ps(l[q], m + i + 16 * q);
+        }
+        for (int k = 0; k < kn; k++)
+            for (int q = 0; q < 4; q++)
+                v[q] = _mm512_max_ps(_mm512_and_ps(_mm512_maskz_loadu_ps(l[q], x + k * ld + i + 16 * q), abs_bits), v[q]);
+        for (int q = 0; q < 4; q++) _mm512_mask_storeu_ps(m + i + 16 * q, l[q], v[q]);
+    }
 }
 
 // E4M3 codes of x / scale over the leading multiple of 16 of n (returns how many): the value

@@ -83,11 +83,14 @@ void rmsnorm_backward_avx512(float *dinp, float *dweight, const float *dout, con
 void latent_scores_avx512(float *s, int lds, const float *qa, const float *qp, int n, const void *lat,
                           const void *kpe, int bf16, int run, int L, int r, float scale);
 
-// gemm_lowp's pieces: lowp_values over the leading multiple of 16 (returns how many), and one
-// thread's share of the product, the block rows [m_begin, m_end) × columns [n_begin, n_end) of C.
+// gemm_lowp's pieces: lowp_values over the leading multiple of 16 (returns how many), the FP8
+// tiles' maxima (of n values; of n columns down kn rows, into m), and one thread's share of the
+// product, the block rows [m_begin, m_end) × columns [n_begin, n_end) of C.
 long lowp_values_avx512(float *out, const float *x, long n, LowpFormat fmt, float scale);
 long lowp_e4m3_codes_avx512(uint8_t *codes, const float *x, long n, float scale);
 long lowp_e4m3_scaled_avx512(float *x, const uint8_t *codes, long n, float scale);
+float lowp_absmax_avx512(const float *x, long n);
+void lowp_colmax_avx512(float *m, const float *x, long ld, int n, int kn);
 void emulated_rows_avx512(float *C, int ldc, const float *a, const float *bt, int N, int K, int i0, int i1, int chunk,
                           int bits, int promote, const float *sa, const float *sbt, int add);
 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
