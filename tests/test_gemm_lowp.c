@@ -210,18 +210,22 @@ static float opnd_scale(const Opnd *o, int i, int k) {
 static int check_product(const float *C, const float *C0, int add, const Opnd *A, const Opnd *B, int M, int N, int K,
                          double *worst) {
     int fp8 = A->op.fmt != LOWP_BF16, chunk = fp8 ? 128 : (K > 0 ? K : 1);
-    *worst = 0;
+    // the operands' rounded values (lowp_value), once
+    double *ra = malloc(sizeof(double) * ((size_t)M * K + (size_t)N * K + 1)), *rb = ra + (size_t)M * K;
     for (int i = 0; i < M; i++)
+        for (int k = 0; k < K; k++) ra[(size_t)i * K + k] = lowp_value(A->op.fmt, opnd_at(A, i, k), opnd_scale(A, i, k));
+    for (int j = 0; j < N; j++)
+        for (int k = 0; k < K; k++) rb[(size_t)j * K + k] = lowp_value(B->op.fmt, opnd_at(B, j, k), opnd_scale(B, j, k));
+    *worst = 0;
+    int ok = 1;
+    for (int i = 0; i < M && ok; i++)
         for (int j = 0; j < N; j++) {
             double ref = add ? C0[(size_t)i * N + j] : 0, mag = fabs(ref);
             for (int k0 = 0; k0 < K; k0 += chunk) {
-                double part = 0, pmag = 0, s = 1;
+                double part = 0, pmag = 0, s = (double)opnd_scale(A, i, k0) * opnd_scale(B, j, k0);
                 for (int k = k0; k < K && k < k0 + chunk; k++) {
-                    float sa = opnd_scale(A, i, k), sb = opnd_scale(B, j, k);
-                    double t = (double)lowp_value(A->op.fmt, opnd_at(A, i, k), sa) *
-                               (double)lowp_value(B->op.fmt, opnd_at(B, j, k), sb);
+                    double t = ra[(size_t)i * K + k] * rb[(size_t)j * K + k];
                     part += t, pmag += fabs(t);
-                    s = (double)sa * sb;
                 }
                 ref += part * s, mag += pmag * s;
             }
@@ -229,11 +233,13 @@ static int check_product(const float *C, const float *C0, int add, const Opnd *A
             if (!(err <= tol)) {
                 test_fail(__FILE__, __LINE__, "C[%d][%d] = %.9g, fp64 %.9g, |diff| %.3g > %.3g (M %d N %d K %d)", i,
                           j, C[(size_t)i * N + j], ref, err, tol, M, N, K);
-                return 0;
+                ok = 0;
+                break;
             }
             if (mag > 0 && err / mag > *worst) *worst = err / mag;
         }
-    return 1;
+    free(ra);
+    return ok;
 }
 
 static void run_case(int M, int N, int K, int ta, int tb, LowpFormat fa, LowpFormat fb, LowpScaling sa,
@@ -273,12 +279,13 @@ static void run_case(int M, int N, int K, int ta, int tb, LowpFormat fa, LowpFor
 }
 
 // Ragged shapes (partial register tiles and panels, odd K, K past one packed slice and one chunk;
-// long K over small C, which splits K over the threads), all four storage combinations, BF16 and
-// FP8 with every scaling, overwrite and accumulate.
+// long K over small C, which splits K over the threads; a thread's columns past one packed block of
+// B and past a 256-row span of its packing), all four storage combinations, BF16 and FP8 with
+// every scaling, overwrite and accumulate.
 TEST(test_gemm_lowp_against_fp64) {
-    const int shapes[][3] = {{37, 45, 300}, {5, 70, 129}, {64, 33, 513}, {13, 100, 1},
-                             {1, 1, 7},     {200, 64, 128}, {40, 70, 2100}, {3, 9, 1300}};
-    for (int s = 0; s < 8; s++)
+    const int shapes[][3] = {{37, 45, 300}, {5, 70, 129}, {64, 33, 513}, {13, 100, 1}, {1, 1, 7},
+                             {200, 64, 128}, {40, 70, 2100}, {3, 9, 1300}, {14, 2500, 140}, {250, 700, 33}};
+    for (int s = 0; s < 10; s++)
         for (int t = 0; t < 4; t++) {
             int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2], ta = t & 1, tb = t >> 1;
             run_case(M, N, K, ta, tb, LOWP_BF16, LOWP_BF16, 0, 0, t == 3);
