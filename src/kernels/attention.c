@@ -235,7 +235,7 @@ static int finish_entries(const LatentAttention *a, int b, int e0, int e1, const
         }
         for (int k = 0; k < L; k++) s.ol[k] = st[2 + k] * inv;
         MatView wuv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
-        rc |= matmul_nt_part(out + ((size_t)t * H + h) * v, s.ol, &wuv, 1, 0, v);
+        rc |= matmul_nt_invariant(out + ((size_t)t * H + h) * v, v, s.ol, L, &wuv, 1, 0, v);
     }
     return rc ? -1 : 0;
 }

@@ -11,6 +11,7 @@
 
 #include "kernels/avx512_util.h"
 #include "kernels/kernels_cpu.h"
+#include "kernels/weight_words.h"
 
 enum {
     MR = 12,   // rows of A per register tile
@@ -411,6 +412,81 @@ AVX512BF16 int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, con
                               C + (size_t)(m0 + t * MR) * ldc + nb + p * NR, ldc, tail_mask(n),
                               tail_mask(n > 16 ? n - 16 : 0), add || k0 > 0, fp8 ? sa + t * MR : NULL,
                               fp8 ? sb + p * NR : NULL, MC);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+// Rows [r0, r0 + len) (len <= NC) × columns [k0, k0 + kc) of a stored weight matrix as B's
+// panels (pack's layout with W = NR), each value as weight_words32 gives it; 16 rows at a time,
+// 32 columns of each, transposed. A group's rows are 16 streams of a few lines each (a row's
+// slice), too short for the hardware's prefetchers to learn, so the next group's lines are
+// requested while this one is transposed.
+AVX512BF16 static void pack_weights(uint32_t *out, const MatView *w, int r0, int len, int k0, int kc, int kp_alloc) {
+    __m512i tab[4];
+    weight_words_tables(w, tab);
+    const size_t esz = dtype_size(w->dtype), row_bytes = (size_t)w->cols * esz;
+    for (int s = 0; s < len; s += 16) {
+        int n = len - s < 16 ? len - s : 16, ahead = len - s - 16 < 16 ? len - s - 16 : 16;
+        uint32_t *dst = out + (size_t)(s / NR) * NR * kp_alloc + s % NR;
+        const __mmask16 lanes = tail_mask(n);
+        const char *next = (const char *)w->data + (size_t)(r0 + s + 16) * row_bytes + (size_t)k0 * esz;
+        for (int kk = 0; kk < kc; kk += 32) {
+            int m = kc - kk < 32 ? kc - kk : 32;
+            for (int l = 0; l < ahead; l++)
+                for (size_t b = 0; b < 32 * esz; b += 64) _mm_prefetch(next + l * row_bytes + kk * esz + b, _MM_HINT_T0);
+            __mmask32 mk = m >= 32 ? ~0u : (1u << m) - 1;
+            __m512 v[16];
+            for (int l = 0; l < 16; l++)
+                v[l] = l < n ? _mm512_castsi512_ps(weight_words32(w, (size_t)(r0 + s + l) * w->cols + k0 + kk, mk, tab))
+                             : _mm512_setzero_ps();
+            transpose16(v);  // v[p]: pair kk/2 + p of the 16 rows
+            for (int p = 0; p < (m + 1) / 2; p++)
+                _mm512_mask_storeu_epi32(dst + (size_t)(kk / 2 + p) * NR, lanes, _mm512_castps_si512(v[p]));
+        }
+    }
+}
+
+AVX512BF16 int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0,
+                                     int r1) {
+    if (N <= 0 || r1 <= r0) return 0;
+    const int K = w->cols, fp8 = w->dtype == DT_F8_E4M3;
+    if (fp8 && (w->block != 128 || !w->scale_inv)) return -1;  // (the release's blocks)
+    if (K <= 0) {
+        for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
+        return 0;
+    }
+    // scratch as gemm_lowp_avx512bf16's: the weights' slice, an activation block, FP8 scales
+    size_t words_b = (size_t)NC * KC / 2, words_a = (size_t)MC * KC / 2;
+    float *scratch = kernels_scratch(words_b + words_a + (size_t)KCH * (NC + MC));
+    if (!scratch) return -1;
+    uint32_t *bp = (uint32_t *)scratch, *ap = bp + words_b;
+    float *sb = (float *)(ap + words_a), *sa = sb + (size_t)KCH * NC;
+    for (int i = 0; i < KCH * MC; i++) sa[i] = 1.0f;  // the activations carry no scale
+    const LowpOperand xo = {.data = x, .ld = ldx, .fmt = LOWP_BF16};
+    for (int nb = r0; nb < r1; nb += NC) {
+        int nc = r1 - nb < NC ? r1 - nb : NC;
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            int kc = K - k0 < KC ? K - k0 : KC, kp_n = (kc + 1) / 2;
+            pack_weights(bp, w, nb, nc, k0, kc, kp_n);
+            if (fp8)
+                for (int ch = 0; ch * CH < kc; ch++)
+                    for (int j = 0; j < nc; j++)
+                        sb[(size_t)ch * NC + j] =
+                            w->scale_inv[(size_t)((w->row0 + nb + j) / 128) * w->scale_cols + (k0 + ch * CH) / CH];
+            for (int m0 = 0; m0 < N; m0 += MC) {
+                int mc = N - m0 < MC ? N - m0 : MC;
+                pack(ap, MR, 1, &xo, m0, mc, k0, kc, K, kp_n);
+                for (int t = 0; t * MR < mc; t++) {
+                    int mr = mc - t * MR < MR ? mc - t * MR : MR;
+                    for (int p = 0; p * NR < nc; p++) {
+                        int n = nc - p * NR;
+                        micro(mr, kp_n, ap + (size_t)t * MR * kp_n, bp + (size_t)p * NR * kp_n,
+                              out + (size_t)(m0 + t * MR) * ldo + nb + p * NR, ldo, tail_mask(n),
+                              tail_mask(n > 16 ? n - 16 : 0), k0 > 0, fp8 ? sa : NULL, fp8 ? sb + p * NR : NULL, MC);
                     }
                 }
             }

@@ -101,6 +101,13 @@ int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOper
 // rows past len in the last panel zero.
 void lowp_pack_panels(uint32_t *out, int W, const LowpOperand *o, int i0, int len, int K, int kp_alloc);
 
+// x · Wᵀ with BF16 compute for rows [r0, r1) of w on the AVX512_BF16 dot products as a blocked
+// product (gemm_lowp's packing and register tiles): matmul_nt_bf16c's operands, but each output
+// element summed along K in pairs (one fp32 chain per 256 columns, added in order; FP8: per
+// 128-column chunk, × the block scale into the total). Not that kernel's bits; a row's bits do not
+// depend on N, the other rows or the split of [r0, r1). (gemm_lowp_avx512.c)
+int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+
 // Each E4M3 code's value as BF16 (256 entries, exact; the NaN codes a NaN), from matmul_bf16c.c.
 const uint16_t *fp8_bf16_values(void);
 

@@ -35,13 +35,14 @@
 // Rows of W widened at a time by the portable fallback before calling sgemm.
 #define FALLBACK_PANEL 64
 
-// With at least this many activation rows a BF16-compute product of the blocked path (prefill,
-// training's forward) takes the AMX tiles; the decode products (matmul_nt_invariant) never do, so
-// that a row's bits never depend on its company. Measured on a Xeon (2 threads, v3-108m, batch
-// 1 / 16 / 64): tiles for every decode product gave BF16 weights 0.83x / 1.33x / 1.83x the
-// AVX512_BF16 kernel's tokens/s but FP8 0.28x / 0.57x / 0.98x (each FP8 code widened by table
-// look-ups costing more than the dot products saved), so decode stays on the dot products.
-#define AMX_MIN_N 16
+// BF16 compute: the blocked products (matmul_nt and its shares: prefill, plain attention) take the
+// AMX tiles, else the AVX512_BF16 register tiles of matmul_nt_lowp_avx512, for every number of
+// rows — so that a prompt row's bits never depend on how many rows its chunk gave an expert (the
+// engine's prefix cache reuses rows across chunks). The decode products (matmul_nt_invariant)
+// take the dot-product kernel, whose order is one chain per output whatever N. Measured on a Xeon
+// (2 threads, v3-108m, batch 1 / 16 / 64): tiles for every decode product gave BF16 weights 0.83x
+// / 1.33x / 1.83x the AVX512_BF16 kernel's tokens/s but FP8 0.28x / 0.57x / 0.98x (each FP8 code
+// widened by table look-ups costing more than the dot products saved), so decode stays there.
 
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 static int cpu_has_avx512, cpu_has_bf16, cpu_has_vbmi, cpu_has_amx, use_avx512, use_bf16, use_amx;
@@ -338,7 +339,8 @@ int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, 
     if (check_dtype(w)) return -1;
     if (N <= 0 || r1 <= r0) return 0;
     if (w->compute_bf16 && w->cols > 0) {
-        if (N >= AMX_MIN_N && kernels_cpu_amx()) return matmul_nt_amx(out, w->rows, x, w->cols, w, N, r0, r1);
+        if (kernels_cpu_amx()) return matmul_nt_amx(out, w->rows, x, w->cols, w, N, r0, r1);
+        if (kernels_cpu_avx512bf16()) return matmul_nt_lowp_avx512(out, w->rows, x, w->cols, w, N, r0, r1);
         return matmul_nt_bf16c(out, w->rows, x, w->cols, w, N, r0, r1);
     }
     if (w->cols <= 0) {

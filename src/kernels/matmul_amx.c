@@ -24,8 +24,8 @@
 // are not the bits of the AVX512_BF16 kernels; an output element's sum is the same instructions
 // over the same K steps whatever the other rows and columns of its block (a block of at most 16
 // activation rows uses half the B tiles), so a row's bits do not depend on its company (tested).
-// matmul.c takes this kernel for the blocked products (training, prefill from 16 rows), not for
-// the decode products: see AMX_MIN_N there for the measurements.
+// matmul.c takes this kernel for the blocked products (training, prefill), not for the decode
+// products: its comment there has the measurements.
 //
 // Linux hands out the tile state only to a process that asked for it (arch_prctl, matmul.c's
 // detection); each thread loads the tile configuration at the start of a call and releases the
@@ -38,6 +38,7 @@
 #include "kernels/avx512_util.h"
 #include "kernels/convert.h"
 #include "kernels/kernels_cpu.h"
+#include "kernels/weight_words.h"
 
 #ifdef AMX_EMULATE
 #define AMX_FN(name) name##_emulated
@@ -255,15 +256,11 @@ AMX int AMX_FN(gemm_lowp_amx)(float *C, int ldc, const LowpOperand *A, const Low
 }
 
 // Rows [r, r + nr) of w as rows of BF16 pairs (row i at out + i * kpa words, zero past the
-// columns and for rows past nr up to 32): BF16 as stored, F32 and F16 rounded to nearest even,
-// FP8 codes as their exact BF16 values (the scale is applied to the chunk sums).
+// columns and for rows past nr up to 32), the values weight_words32 gives.
 AMX_INLINE void widen_rows(uint32_t *out, const MatView *w, int r, int nr, int kpa) {
     const int cols = w->cols;
-    __m512i tab[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-    if (w->dtype == DT_F8_E4M3) {  // the positive codes' values; the sign is ORed in below
-        const uint16_t *t = fp8_bf16_values();
-        for (int k = 0; k < 4; k++) tab[k] = _mm512_loadu_si512(t + 32 * k);
-    }
+    __m512i tab[4];
+    weight_words_tables(w, tab);
     for (int i = 0; i < BLK; i++) {
         uint16_t *d = (uint16_t *)(out + (size_t)i * kpa);
         if (i >= nr) {
@@ -273,29 +270,7 @@ AMX_INLINE void widen_rows(uint32_t *out, const MatView *w, int r, int nr, int k
         size_t row = (size_t)(r + i) * cols;
         for (int c = 0; c < 2 * kpa; c += 32) {
             int left = cols - c > 0 ? cols - c : 0;
-            __mmask32 m = left >= 32 ? ~0u : (1u << left) - 1;
-            __m512i v;
-            if (w->dtype == DT_BF16) {
-                v = _mm512_maskz_loadu_epi16(m, (const uint16_t *)w->data + row + c);
-            } else if (w->dtype == DT_F8_E4M3) {
-                __m512i code = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, (const uint8_t *)w->data + row + c));
-                __m512i mag = _mm512_and_si512(code, _mm512_set1_epi16(0x7f));
-                __m512i lo = _mm512_permutex2var_epi16(tab[0], mag, tab[1]), hi = _mm512_permutex2var_epi16(tab[2], mag, tab[3]);
-                v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)), lo, hi);
-                v = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(code, _mm512_set1_epi16(0x80)), 8));
-            } else {
-                __mmask16 ml = (__mmask16)m, mh = (__mmask16)(m >> 16);
-                __m512 lo, hi;
-                if (w->dtype == DT_F32) {
-                    lo = _mm512_maskz_loadu_ps(ml, (const float *)w->data + row + c);
-                    hi = _mm512_maskz_loadu_ps(mh, (const float *)w->data + row + c + 16);
-                } else {
-                    lo = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(ml, (const uint16_t *)w->data + row + c));
-                    hi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mh, (const uint16_t *)w->data + row + c + 16));
-                }
-                v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-            }
-            _mm512_storeu_si512(d + c, v);
+            _mm512_storeu_si512(d + c, weight_words32(w, row + c, left >= 32 ? ~0u : (1u << left) - 1, tab));
         }
     }
 }
