@@ -1,6 +1,7 @@
 // The backend interface (kernels/backend.h): errors travel instead of aborting, and the latent
 // attention op's two ways (plain and absorbed) compute the same function, also for several new
 // positions at once behind a cached prefix (what speculative verification runs).
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -178,4 +179,81 @@ TEST(test_latent_attention_backward_refuses_an_unsaved_forward) {
     float d[16] = {0};
     CHECK(be->ops->latent_attention_backward(be, &a, d, d, d, d, d, d) == -1);
     CHECK_MSG(strstr(be->err.msg, "latent_attention_backward"), "%s", be->err.msg);
+}
+
+// The routed experts in one call (the MoE seam's grouped product) give the bits of matmul and
+// swiglu expert by expert — whole experts on different threads, the largest first — for fp32 and
+// BF16 compute, F32/BF16/FP8 weights, experts of 0, 1, a few and many rows; a bad weight type in
+// one expert is reported.
+TEST(test_backend_experts_equal_expert_by_expert) {
+    Backend *be = backend_cpu();
+    Rng rng;
+    rng_seed(&rng, 7);
+    enum { E = 6, d = 160, F = 96 };
+    const int rows[E] = {0, 1, 37, 5, 130, 16};
+    int off[E + 1] = {0};
+    for (int e = 0; e < E; e++) off[e + 1] = off[e] + rows[e];
+    int S = off[E];
+    float *x = randn(&rng, (size_t)S * d, 1.0f);
+    const DType types[3] = {DT_F32, DT_BF16, DT_F8_E4M3};
+    for (int ti = 0; ti < 3; ti++)
+        for (int bf = 0; bf < 2; bf++) {
+            MatView w[3 * E];
+            const MatView *wp[3 * E];
+            void *mem[3 * E];
+            float *scales[3 * E];
+            for (int i = 0; i < 3 * E; i++) {
+                int r = i % 3 == 2 ? d : F, c = i % 3 == 2 ? F : d;
+                float *f = randn(&rng, (size_t)r * c, 0.1f);
+                scales[i] = NULL;
+                if (types[ti] == DT_F32) {
+                    mem[i] = f;
+                } else if (types[ti] == DT_BF16) {
+                    uint16_t *b = malloc(sizeof(uint16_t) * r * c);
+                    bf16_from_f32_n(b, f, (size_t)r * c);
+                    mem[i] = b, free(f);
+                } else {
+                    uint8_t *q = malloc((size_t)r * c);
+                    for (long k = 0; k < (long)r * c; k++) q[k] = fp8_e4m3_from_f32(f[k] * 100);
+                    int sr = (r + 127) / 128, sc = (c + 127) / 128;
+                    scales[i] = malloc(sizeof(float) * sr * sc);
+                    for (int k = 0; k < sr * sc; k++) scales[i][k] = 0.01f * (1 + k);
+                    mem[i] = q, free(f);
+                }
+                w[i] = (MatView){.dtype = types[ti], .rows = r, .cols = c, .data = mem[i], .compute_bf16 = bf,
+                                 .scale_inv = scales[i], .scale_cols = (c + 127) / 128, .block = 128};
+                wp[i] = &w[i];
+            }
+            size_t nF = (size_t)S * F + 1, nd = (size_t)S * d + 1;
+            float *g1 = calloc(nF, 4), *u1 = calloc(nF, 4), *h1 = calloc(nF, 4), *o1 = calloc(nd, 4);
+            float *g2 = calloc(nF, 4), *u2 = calloc(nF, 4), *h2 = calloc(nF, 4), *o2 = calloc(nd, 4);
+            CHECK_MSG(be->ops->experts(be, o1, g1, u1, h1, x, wp, E, off, NULL) == 0, "%s", be->err.msg);
+            for (int e = 0; e < E; e++) {
+                int n = rows[e];
+                if (!n) continue;
+                size_t o = off[e];
+                CHECK(be->ops->matmul(be, g2 + o * F, x + o * d, &w[3 * e], n, NULL) == 0);
+                CHECK(be->ops->matmul(be, u2 + o * F, x + o * d, &w[3 * e + 1], n, NULL) == 0);
+                CHECK(be->ops->swiglu(be, h2 + o * F, g2 + o * F, u2 + o * F, (long)n * F) == 0);
+                CHECK(be->ops->matmul(be, o2 + o * d, h2 + o * F, &w[3 * e + 2], n, NULL) == 0);
+            }
+            CHECK_MSG(!memcmp(g1, g2, 4 * nF) && !memcmp(u1, u2, 4 * nF) && !memcmp(h1, h2, 4 * nF) &&
+                          !memcmp(o1, o2, 4 * nd),
+                      "%s weights, compute %s: the grouped experts differ from expert by expert", dtype_name(types[ti]),
+                      bf ? "bf16" : "f32");
+            double mag = 0;
+            for (size_t i = 0; i + 1 < nd; i++) mag += fabs(o1[i]);
+            CHECK(mag > 0);
+            free(g1), free(u1), free(h1), free(o1), free(g2), free(u2), free(h2), free(o2);
+            for (int i = 0; i < 3 * E; i++) free(mem[i]), free(scales[i]);
+        }
+    // an expert whose weights are no weight type: the error names the op and the type
+    int64_t junk[8] = {0};
+    MatView bad = {.dtype = DT_I64, .rows = 2, .cols = 4, .data = junk};
+    const MatView *wb[3] = {&bad, &bad, &bad};
+    int off1[2] = {0, 1};
+    float xb[4] = {0}, ob[4], gb[2], ub[2], hb[2];
+    CHECK(be->ops->experts(be, ob, gb, ub, hb, xb, wb, 1, off1, NULL) == -1);
+    CHECK_MSG(strstr(be->err.msg, "experts") && strstr(be->err.msg, "I64"), "%s", be->err.msg);
+    free(x);
 }

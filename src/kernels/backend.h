@@ -66,6 +66,13 @@ typedef struct BackendOps {
     int (*embedding)(Backend *be, float *out, const MatView *w, const int *idx, int n);
     int (*embedding_backward)(Backend *be, const MatView *dw, const float *dout, const int *idx, int n);
 
+    // the routed experts' SwiGLU FFNs in one call (the MoE seam's grouped product): expert e takes
+    // rows [off[e], off[e + 1]) of x (d each) into gate, up, h (its intermediate size F each) and
+    // out (d each), with its weights w[3e], w[3e + 1], w[3e + 2] (gate (F, d), up, down (d, F)) as
+    // matmul takes them — the bits matmul and swiglu give expert by expert. Without a recipe a
+    // backend may run the experts side by side.
+    int (*experts)(Backend *be, float *out, float *gate, float *up, float *h, const float *x, const MatView *const *w,
+                   int n_experts, const int *off, const LinearRecipe *recipe);
     // RMSNorm over N rows of C: out row n at out + n·ldo, input row at x + n·ldx; rstd (N) or NULL
     int (*rmsnorm)(Backend *be, float *out, int ldo, float *rstd, const float *x, int ldx, const float *weight,
                    int N, int C, float eps);

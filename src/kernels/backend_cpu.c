@@ -105,6 +105,60 @@ static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const 
     return 0;
 }
 
+static int cpu_swiglu(Backend *be, float *h, const float *gate, const float *up, long n);
+
+// With a recipe (training) expert after expert, each product threaded as matmul threads it. Without
+// (inference): whole experts handed out to the threads, the largest first, each expert's three
+// products and its SwiGLU on one thread (matmul_nt_part over all its rows: a row's bits do not
+// depend on the split of the output features) — one fork per layer instead of three per expert,
+// each expert's rows packed once, and the threads kept busy by experts of different sizes.
+static int cpu_experts(Backend *be, float *out, float *gate, float *up, float *h, const float *x,
+                       const MatView *const *w, int n_experts, const int *off, const LinearRecipe *recipe) {
+    if (recipe) {
+        for (int e = 0; e < n_experts; e++) {
+            int n = off[e + 1] - off[e];
+            if (n == 0) continue;
+            size_t o = off[e];
+            long F = w[3 * e]->rows, d = w[3 * e]->cols;
+            if (cpu_matmul(be, gate + o * F, x + o * d, w[3 * e], n, recipe) ||
+                cpu_matmul(be, up + o * F, x + o * d, w[3 * e + 1], n, recipe) ||
+                cpu_swiglu(be, h + o * F, gate + o * F, up + o * F, (long)n * F) ||
+                cpu_matmul(be, out + o * w[3 * e + 2]->rows, h + o * F, w[3 * e + 2], n, recipe))
+                return -1;
+        }
+        return 0;
+    }
+    int *order = malloc(sizeof(int) * (n_experts + 1)), active = 0;
+    if (!order) return fail(be, "experts", "out of memory");
+    for (int e = 0; e < n_experts; e++)
+        if (off[e + 1] > off[e]) order[active++] = e;
+    for (int i = 1; i < active; i++)  // by rows, descending (insertion: a few dozen experts)
+        for (int j = i; j > 0 && off[order[j] + 1] - off[order[j]] > off[order[j - 1] + 1] - off[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1], order[j - 1] = t;
+        }
+    double work = active ? (double)(off[n_experts] - off[0]) * w[3 * order[0]]->rows * w[3 * order[0]]->cols : 0;
+    int failed = 0, bad = -1;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (active > 1 && work > (1 << 16))
+    for (int i = 0; i < active; i++) {
+        int e = order[i], n = off[e + 1] - off[e];
+        size_t o = off[e];
+        const MatView *wg = w[3 * e], *wu = w[3 * e + 1], *wd = w[3 * e + 2];
+        long F = wg->rows, d = wg->cols;
+        int rc = matmul_nt_part(gate + o * F, x + o * d, wg, n, 0, (int)F) ||
+                 matmul_nt_part(up + o * F, x + o * d, wu, n, 0, (int)F);
+        if (!rc) swiglu_forward(h + o * F, gate + o * F, up + o * F, (long)n * F);
+        rc = rc || matmul_nt_part(out + o * wd->rows, h + o * F, wd, n, 0, wd->rows);
+        if (rc) {
+#pragma omp atomic write
+            bad = e;
+            failed = 1;
+        }
+    }
+    free(order);
+    return failed ? product_failed(be, "experts", w[3 * bad]) : 0;
+}
+
 static int cpu_embedding(Backend *be, float *out, const MatView *w, const int *idx, int n) {
     int failed = 0;
 #pragma omp parallel for schedule(static) reduction(| : failed) if (n > 1)
@@ -365,6 +419,7 @@ static const BackendOps cpu_ops = {
     .synchronize = cpu_synchronize,
     .matmul = cpu_matmul,
     .matmul_backward = cpu_matmul_backward,
+    .experts = cpu_experts,
     .embedding = cpu_embedding,
     .embedding_backward = cpu_embedding_backward,
     .rmsnorm = cpu_rmsnorm,

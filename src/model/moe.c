@@ -2,6 +2,7 @@
 // forward and backward, for every pass. The decode step runs the experts of its one token with a
 // schedule of its own (decode.c) on the same route.
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/matmul.h"
@@ -195,17 +196,16 @@ static int moe_gather(const LayerPass *p, const LayerActs *a, int N) {
 }
 
 int moe_experts_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, int N) {
-    const ModelConfig *c = p->c;
-    int d = c->hidden_size, Nr = c->n_routed_experts, Fm = c->moe_intermediate_size;
+    int Nr = p->c->n_routed_experts;
     TRY(moe_gather(p, a, N));
-    for (int e = 0; e < Nr; e++) {
-        int n = a->expert_off[e + 1] - a->expert_off[e];
-        if (n == 0) continue;
-        size_t o = a->expert_off[e];
-        TRY(ffn_forward(p->be, p->recipe, &w->experts[e], a->xg + o * d, a->e_gate + o * Fm, a->e_up + o * Fm, a->e_h + o * Fm,
-                        a->e_out + o * d, n));
-    }
-    return 0;
+    const MatView **views = malloc(sizeof *views * 3 * (Nr + 1));
+    if (!views) return err_set(&p->be->err, "out of memory for the experts' weight list (%d experts)", Nr);
+    for (int e = 0; e < Nr; e++)
+        views[3 * e] = &w->experts[e].gate_proj, views[3 * e + 1] = &w->experts[e].up_proj,
+        views[3 * e + 2] = &w->experts[e].down_proj;
+    int rc = p->be->ops->experts(p->be, a->e_out, a->e_gate, a->e_up, a->e_h, a->xg, views, Nr, a->expert_off, p->recipe);
+    free(views);
+    return rc;
 }
 
 int moe_combine(const LayerPass *p, const LayerActs *a, float *y, int N) {
