@@ -96,18 +96,18 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, int bf16, 
     double pre[REPS], dec[REPS], bws[REPS], ratio[REPS], wb = active_weight_bytes(&m);
     // The host's memory speed drifts from minute to minute (a shared virtual machine), so every run
     // is paired with a bandwidth measurement taken just before it, and the ratio is per pair.
-    // one state for every run, as a server keeps it, its memory touched by an untimed run first
+    // one state and one cache for every run, as a server keeps them (the engine's pool), their
+    // memory touched by an untimed run first
     ForwardState *s = forward_state_new(&m, PROMPT, PROMPT + DECODE, &err);
+    KVCache kv;
+    if (!s || kvcache_init(&kv, &m.cfg, 0, PROMPT + DECODE, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 1;
+    }
     for (int r = -1; r < REPS; r++) {
-        KVCache kv;
-        if (!s || kvcache_init(&kv, &m.cfg, 0, PROMPT + DECODE, &err)) {
-            fprintf(stderr, "%s\n", err.msg);
-            return 1;
-        }
+        kvcache_clear(&kv);
         if (r < 0) {
-            int rc = model_forward(&m, s, &kv, tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err);
-            kvcache_free(&kv);
-            if (rc) return 1;
+            if (model_forward(&m, s, &kv, tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) return 1;
             continue;
         }
         bws[r] = bench_read_bandwidth_of(bw_buf, bw_bytes, 3);
@@ -124,8 +124,8 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, int bf16, 
         pre[r] = PROMPT / (t1 - t0);
         dec[r] = DECODE / (t2 - t1);
         ratio[r] = wb * dec[r] / 1e9 / bws[r];
-        kvcache_free(&kv);
     }
+    kvcache_free(&kv);
     forward_state_free(s);
     double rlo = ratio[0], rhi = ratio[0];
     for (int r = 1; r < REPS; r++) rlo = ratio[r] < rlo ? ratio[r] : rlo, rhi = ratio[r] > rhi ? ratio[r] : rhi;

@@ -189,8 +189,8 @@ TEST(test_backend_experts_equal_expert_by_expert) {
     Backend *be = backend_cpu();
     Rng rng;
     rng_seed(&rng, 7);
-    enum { E = 6, d = 160, F = 96 };
-    const int rows[E] = {0, 1, 37, 5, 130, 16};
+    enum { E = 6, d = 300, F = 96 };  // (d past one packed slice of K; an expert past a block of rows)
+    const int rows[E] = {0, 1, 37, 5, 210, 16};
     int off[E + 1] = {0};
     for (int e = 0; e < E; e++) off[e + 1] = off[e] + rows[e];
     int S = off[E];

@@ -151,9 +151,9 @@ static int cpu_experts(Backend *be, float *out, float *gate, float *up, float *h
         size_t o = off[e];
         const MatView *wg = w[3 * e], *wu = w[3 * e + 1], *wd = w[3 * e + 2];
         long F = wg->rows, d = wg->cols;
-        int rc = matmul_nt(gate + o * F, x + o * d, wg, n) || matmul_nt(up + o * F, x + o * d, wu, n);
+        int rc = matmul_nt2_part(gate + o * F, up + o * F, x + o * d, wg, wu, n);
         if (!rc) swiglu_forward(h + o * F, gate + o * F, up + o * F, (long)n * F);
-        rc = rc || matmul_nt(out + o * wd->rows, h + o * F, wd, n);
+        rc = rc || matmul_nt_part(out + o * wd->rows, h + o * F, wd, n, 0, wd->rows);
         if (rc) {
 #pragma omp atomic write
             bad = e;

@@ -450,13 +450,27 @@ AVX512BF16 static void pack_weights(uint32_t *out, const MatView *w, int r0, int
     }
 }
 
-AVX512BF16 int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0,
-                                     int r1) {
+// Rows [r0, r1) of a stack of weight matrices with the same columns (ws[0]'s rows, then ws[1]'s,
+// ...; every one but the last a whole number of panels, r0 on a panel when there are several)
+// against the same activations, each member's outputs into its own out[i] (row stride ldo[i]):
+// the activations packed once for all of them.
+AVX512BF16 static int lowp_nt_stack(float *const *out, const int *ldo, const MatView *const *ws, int n_ws,
+                                    const float *x, int ldx, int N, int r0, int r1) {
     if (N <= 0 || r1 <= r0) return 0;
-    const int K = w->cols, fp8 = w->dtype == DT_F8_E4M3;
-    if (fp8 && (w->block != 128 || !w->scale_inv)) return -1;  // (the release's blocks)
+    const int K = ws[0]->cols, fp8 = ws[0]->dtype == DT_F8_E4M3;
+    for (int i = 0; i < n_ws; i++)
+        if (ws[i]->cols != K || (ws[i]->dtype == DT_F8_E4M3) != fp8 || (fp8 && (ws[i]->block != 128 || !ws[i]->scale_inv)) ||
+            (i + 1 < n_ws && (ws[i]->rows % NR || r0 % NR)))
+            return -1;  // (the release's FP8 blocks; a stack of like matrices)
+    int first[8];  // the stacked row each member starts at
+    if (n_ws > 7) return -1;
+    first[0] = 0;
+    for (int i = 0; i < n_ws; i++) first[i + 1] = first[i] + ws[i]->rows;
     if (K <= 0) {
-        for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
+        for (int i = 0; i < n_ws; i++) {
+            int a = r0 > first[i] ? r0 : first[i], b = r1 < first[i + 1] ? r1 : first[i + 1];
+            for (int n = 0; n < N && a < b; n++) memset(out[i] + (size_t)n * ldo[i] + a - first[i], 0, sizeof(float) * (b - a));
+        }
         return 0;
     }
     // scratch as gemm_lowp_avx512bf16's: the weights' slice, an activation block, FP8 scales
@@ -471,21 +485,28 @@ AVX512BF16 int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ld
         int nc = r1 - nb < NC ? r1 - nb : NC;
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = K - k0 < KC ? K - k0 : KC, kp_n = (kc + 1) / 2;
-            pack_weights(bp, w, nb, nc, k0, kc, kp_n);
-            if (fp8)
-                for (int ch = 0; ch * CH < kc; ch++)
-                    for (int j = 0; j < nc; j++)
-                        sb[(size_t)ch * NC + j] =
-                            w->scale_inv[(size_t)((w->row0 + nb + j) / 128) * w->scale_cols + (k0 + ch * CH) / CH];
+            for (int i = 0; i < n_ws; i++) {  // each member's rows in the slice, whole panels apart
+                int a = nb > first[i] ? nb : first[i], b = nb + nc < first[i + 1] ? nb + nc : first[i + 1];
+                if (a >= b) continue;
+                const MatView *w = ws[i];
+                pack_weights(bp + (size_t)(a - nb) * kp_n, w, a - first[i], b - a, k0, kc, kp_n);
+                if (fp8)
+                    for (int ch = 0; ch * CH < kc; ch++)
+                        for (int j = a; j < b; j++)
+                            sb[(size_t)ch * NC + j - nb] =
+                                w->scale_inv[(size_t)((w->row0 + j - first[i]) / 128) * w->scale_cols + (k0 + ch * CH) / CH];
+            }
             for (int m0 = 0; m0 < N; m0 += MC) {
                 int mc = N - m0 < MC ? N - m0 : MC;
                 pack(ap, MR, 1, &xo, m0, mc, k0, kc, K, kp_n);
                 for (int t = 0; t * MR < mc; t++) {
                     int mr = mc - t * MR < MR ? mc - t * MR : MR;
-                    for (int p = 0; p * NR < nc; p++) {
-                        int n = nc - p * NR;
+                    for (int p = 0, i = 0; p * NR < nc; p++) {
+                        int n = nc - p * NR, j0 = nb + p * NR;
+                        while (j0 >= first[i + 1]) i++;
+                        if (n > first[i + 1] - j0) n = first[i + 1] - j0;  // (the last member's edge)
                         micro(mr, kp_n, ap + (size_t)t * MR * kp_n, bp + (size_t)p * NR * kp_n,
-                              out + (size_t)(m0 + t * MR) * ldo + nb + p * NR, ldo, tail_mask(n),
+                              out[i] + (size_t)(m0 + t * MR) * ldo[i] + (j0 - first[i]), ldo[i], tail_mask(n),
                               tail_mask(n > 16 ? n - 16 : 0), k0 > 0, fp8 ? sa : NULL, fp8 ? sb + p * NR : NULL, MC);
                     }
                 }
@@ -493,6 +514,19 @@ AVX512BF16 int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ld
         }
     }
     return 0;
+}
+
+AVX512BF16 int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0,
+                                     int r1) {
+    return lowp_nt_stack(&out, &ldo, &w, 1, x, ldx, N, r0, r1);
+}
+
+AVX512BF16 int matmul_nt2_lowp_avx512(float *out_a, int ldo_a, float *out_b, int ldo_b, const float *x, int ldx,
+                                      const MatView *wa, const MatView *wb, int N) {
+    float *const out[2] = {out_a, out_b};
+    const int ldo[2] = {ldo_a, ldo_b};
+    const MatView *const ws[2] = {wa, wb};
+    return lowp_nt_stack(out, ldo, ws, 2, x, ldx, N, 0, wa->rows + wb->rows);
 }
 
 // The emulated limited accumulation (gemm_lowp.c's accum_group, LowpAccum): rows [i0, i1) of C from

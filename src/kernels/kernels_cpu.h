@@ -107,6 +107,11 @@ void lowp_pack_panels(uint32_t *out, int W, const LowpOperand *o, int i0, int le
 // 128-column chunk, × the block scale into the total). Not that kernel's bits; a row's bits do not
 // depend on N, the other rows or the split of [r0, r1). (gemm_lowp_avx512.c)
 int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+// Two such products of the same activations at once (out_a = x · waᵀ, out_b = x · wbᵀ, all rows,
+// the activations packed once): each output the bits of matmul_nt_lowp_avx512's. -1 unless the
+// matrices have the same columns and type and wa's rows are a multiple of 32.
+int matmul_nt2_lowp_avx512(float *out_a, int ldo_a, float *out_b, int ldo_b, const float *x, int ldx,
+                           const MatView *wa, const MatView *wb, int N);
 
 // Each E4M3 code's value as BF16 (256 entries, exact; the NaN codes a NaN), from matmul_bf16c.c.
 const uint16_t *fp8_bf16_values(void);

@@ -352,6 +352,14 @@ int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, 
     return gemm_avx512(out, x, w, N, 1, r0, r1);
 }
 
+int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *wa, const MatView *wb, int N) {
+    if (check_dtype(wa) || check_dtype(wb)) return -1;
+    if (wa->compute_bf16 && wb->compute_bf16 && wa->cols > 0 && wa->cols == wb->cols && wa->dtype == wb->dtype &&
+        wa->rows % 32 == 0 && !kernels_cpu_amx() && kernels_cpu_avx512bf16() && N > 0)
+        return matmul_nt2_lowp_avx512(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
+    return matmul_nt_part(out_a, x, wa, N, 0, wa->rows) || matmul_nt_part(out_b, x, wb, N, 0, wb->rows) ? -1 : 0;
+}
+
 int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1) {
     if (check_dtype(w)) return -1;
     if (N <= GEMV_NN_MAX_N || !kernels_cpu_avx512() || !matview_avx512_ok(w) || fp8_scales_need_split(w))

@@ -51,6 +51,10 @@ int matmul_nn(float *out, const float *x, const MatView *w, int N);
 // matmul_nn_part writes columns [c0, c1) of out[N][cols].
 int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1);
 int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, int c1);
+// out_a[N][wa rows] = x · waᵀ and out_b = x · wbᵀ on the calling thread, the bits of two
+// matmul_nt_part over all rows (an expert's gate and up products: the blocked BF16-compute kernel
+// packs x once for both where it takes them).
+int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *wa, const MatView *wb, int N);
 // Batch-invariant shares of the same products for any N, with row strides (ldo, ldx floats):
 // every output element is ONE chain of fused multiply-adds in a fixed order, whatever N, the
 // other rows and the split of the output — so a row's bits never depend on what it is batched
