@@ -71,13 +71,6 @@ AVX512_INLINE void score_tile(const int BF, const int P, const int E, float *s, 
         size_t i = (size_t)j + (p < np ? p : np - 1);
         lr[p] = lat + i * L * esz, kr[p] = kpe + i * r * esz;
     }
-    // a long cache comes from memory: the rows a few tiles ahead requested now
-    for (int p = 0; p < P; p++) {
-        const char *al = lat + ((size_t)j + p + SCORE_PREFETCH_ROWS) * L * esz;
-        const char *ak = kpe + ((size_t)j + p + SCORE_PREFETCH_ROWS) * r * esz;
-        for (size_t b = 0; b < L * esz; b += 64) _mm_prefetch(al + b, _MM_HINT_T0);
-        for (size_t b = 0; b < r * esz; b += 64) _mm_prefetch(ak + b, _MM_HINT_T0);
-    }
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
@@ -98,12 +91,22 @@ AVX512_INLINE void score_tile(const int BF, const int P, const int E, float *s, 
 }
 
 // Four positions at a time, each against every group of four entries while its rows are in L1.
+// A long cache comes from memory: the rows a few tiles ahead are requested once per four positions
+// (not once per group of entries: with many heads that was as many prefetches as loads).
 AVX512_INLINE void scores(const int BF, float *s, int lds, const float *qa, const float *qp, int n, const char *lat,
                           const char *kpe, int run, int L, int r, float scale) {
-    for (int j = 0; j < run; j += 4)
+    const size_t esz = BF ? 2 : 4;
+    for (int j = 0; j < run; j += 4) {
+        for (int p = 0; p < 4; p++) {
+            const char *al = lat + ((size_t)j + p + SCORE_PREFETCH_ROWS) * L * esz;
+            const char *ak = kpe + ((size_t)j + p + SCORE_PREFETCH_ROWS) * r * esz;
+            for (size_t b = 0; b < L * esz; b += 64) _mm_prefetch(al + b, _MM_HINT_T0);
+            for (size_t b = 0; b < r * esz; b += 64) _mm_prefetch(ak + b, _MM_HINT_T0);
+        }
         for (int e0 = 0; e0 < n; e0 += 4)
             score_tile(BF, 4, 4, s, lds, qa, qp, e0, n - e0 < 4 ? n - e0 : 4, lat, kpe, j, run - j < 4 ? run - j : 4, L, r,
                        scale);
+    }
 }
 
 AVX512 void latent_scores_avx512(float *s, int lds, const float *qa, const float *qp, int n, const void *lat,
