@@ -29,6 +29,30 @@ TEST(test_backend_reports_a_matrix_it_cannot_multiply) {
     CHECK(be->ops->matmul(be, out, x, &f, 1, NULL) == -1);
 }
 
+// BF16 compute takes the release's 128 x 128 FP8 blocks; a checkpoint with other blocks gets a
+// message that says so (not "out of memory"), and fp32 compute takes it.
+TEST(test_backend_bf16_compute_names_fp8_blocks_it_does_not_take) {
+    Backend *be = backend_cpu();
+    uint8_t codes[4 * 64];
+    for (int i = 0; i < 4 * 64; i++) codes[i] = (uint8_t)(0x30 + i % 7);
+    float scale = 0.5f, x[64], out[4];
+    for (int i = 0; i < 64; i++) x[i] = 0.01f * i;
+    MatView w = {.dtype = DT_F8_E4M3, .rows = 4, .cols = 64, .data = codes, .scale_inv = &scale, .scale_cols = 1,
+                 .block = 64, .compute_bf16 = 1};
+    CHECK(be->ops->matmul(be, out, x, &w, 1, NULL) == -1);
+    CHECK_MSG(strstr(be->err.msg, "128 x 128 blocks") && strstr(be->err.msg, "blocks of 64"), "%s", be->err.msg);
+    w.compute_bf16 = 0;
+    CHECK_MSG(be->ops->matmul(be, out, x, &w, 1, NULL) == 0, "%s", be->err.msg);
+    for (int r = 0; r < 4; r++) {
+        double want = 0, mag = 0;
+        for (int c = 0; c < 64; c++) {
+            double t = (double)fp8_e4m3_to_f32(codes[r * 64 + c]) * scale * x[c];
+            want += t, mag += fabs(t);
+        }
+        CHECK_MSG(fabs(out[r] - want) <= 1e-6 * mag + 1e-30, "row %d: %.9g vs %.9g", r, out[r], want);
+    }
+}
+
 TEST(test_backend_matmul_backward_needs_an_f32_gradient) {
     Backend *be = backend_cpu();
     float w[6] = {1, 2, 3, 4, 5, 6}, x[3] = {1, 1, 1}, dout[2] = {1, 1}, dx[3] = {0};

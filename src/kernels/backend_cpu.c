@@ -16,11 +16,17 @@ static int fail(Backend *be, const char *op, const char *what) {
     return err_set(&be->err, "%s backend: %s: %s", be->ops->name, op, what);
 }
 
-// The products fail only on a weight type they do not take or on scratch memory.
+// The products fail only on a weight type they do not take, on FP8 blocks BF16 compute does not
+// take, or on scratch memory.
 static int product_failed(Backend *be, const char *op, const MatView *w) {
     if (w->dtype != DT_F32 && w->dtype != DT_BF16 && w->dtype != DT_F16 && w->dtype != DT_F8_E4M3)
         return err_set(&be->err, "%s backend: %s: a %s matrix (%d x %d) is not a weight type", be->ops->name, op,
                        dtype_name(w->dtype), w->rows, w->cols);
+    if (w->dtype == DT_F8_E4M3 && w->compute_bf16 && (w->block != 128 || !w->scale_inv))
+        return err_set(&be->err,
+                       "%s backend: %s: BF16 compute takes FP8 weights in 128 x 128 blocks, this matrix (%d x %d) has "
+                       "blocks of %d (use --compute f32)",
+                       be->ops->name, op, w->rows, w->cols, w->block);
     return fail(be, op, "out of memory for kernel scratch");
 }
 

@@ -203,8 +203,9 @@ static int set_compute(const TensorSpec *t, void *ctx) {
     ComputeMode mode = *(const ComputeMode *)ctx;
     if (!t->mat || (t->kind != TENSOR_LINEAR && t->kind != TENSOR_EMBED)) return 0;
     DType dt = t->mat->dtype;
-    t->mat->compute_bf16 = mode == COMPUTE_BF16 ||
-                           (mode == COMPUTE_AUTO && matmul_bf16c_fast() && (dt == DT_BF16 || dt == DT_F8_E4M3));
+    // (auto: FP8 only in the release's 128 x 128 blocks, which the BF16-compute kernels take)
+    t->mat->compute_bf16 = mode == COMPUTE_BF16 || (mode == COMPUTE_AUTO && matmul_bf16c_fast() &&
+                                                    (dt == DT_BF16 || (dt == DT_F8_E4M3 && t->mat->block == 128)));
     return 0;
 }
 
