@@ -114,7 +114,57 @@ static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const 
     return 0;
 }
 
-static int cpu_swiglu(Backend *be, float *h, const float *gate, const float *up, long n);
+static int cpu_embedding(Backend *be, float *out, const MatView *w, const int *idx, int n) {
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed) if (n > 1)
+    for (int i = 0; i < n; i++) failed |= matview_row_f32(w, idx[i], out + (size_t)i * w->cols) != 0;
+    return failed ? product_failed(be, "embedding", w) : 0;
+}
+
+static int cpu_embedding_backward(Backend *be, const MatView *dw, const float *dout, const int *idx, int n) {
+    float *g = matview_f32_data(dw);
+    if (!g) return fail(be, "embedding_backward", "the gradient is not an F32 view");
+    int d = dw->cols;
+    for (int i = 0; i < n; i++) {  // in row order: a token may repeat
+        float *dst = g + (size_t)idx[i] * d;
+        const float *src = dout + (size_t)i * d;
+        for (int j = 0; j < d; j++) dst[j] += src[j];
+    }
+    return 0;
+}
+
+static int cpu_rmsnorm(Backend *be, float *out, int ldo, float *rstd, const float *x, int ldx, const float *weight,
+                       int N, int C, float eps) {
+    (void)be;
+    if (ldo == C && ldx == C) {
+        rmsnorm_rows_forward(out, rstd, x, weight, N, C, eps);
+        return 0;
+    }
+#pragma omp parallel for schedule(static) if (N > 64)
+    for (int n = 0; n < N; n++)
+        rmsnorm_forward(out + (size_t)n * ldo, rstd ? rstd + n : NULL, x + (size_t)n * ldx, weight, 1, C, eps);
+    return 0;
+}
+
+static int cpu_rmsnorm_backward(Backend *be, float *dx, float *dweight, const float *dout, const float *x,
+                                const float *weight, const float *rstd, int N, int C) {
+    (void)be;
+    rmsnorm_rows_backward(dx, dweight, dout, x, weight, rstd, N, C);
+    return 0;
+}
+
+static int cpu_swiglu(Backend *be, float *h, const float *gate, const float *up, long n) {
+    (void)be;
+    swiglu_rows_forward(h, gate, up, n);
+    return 0;
+}
+
+static int cpu_swiglu_backward(Backend *be, float *dgate, float *dup, const float *dh, const float *gate,
+                               const float *up, long n) {
+    (void)be;
+    swiglu_rows_backward(dgate, dup, dh, gate, up, n);
+    return 0;
+}
 
 // With a recipe (training) expert after expert, each product threaded as matmul threads it (handing
 // whole experts to the threads, as below, was no faster in a training step through the noise, and
@@ -168,58 +218,6 @@ static int cpu_experts(Backend *be, float *out, float *gate, float *up, float *h
     }
     free(order);
     return failed ? product_failed(be, "experts", w[3 * bad]) : 0;
-}
-
-static int cpu_embedding(Backend *be, float *out, const MatView *w, const int *idx, int n) {
-    int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed) if (n > 1)
-    for (int i = 0; i < n; i++) failed |= matview_row_f32(w, idx[i], out + (size_t)i * w->cols) != 0;
-    return failed ? product_failed(be, "embedding", w) : 0;
-}
-
-static int cpu_embedding_backward(Backend *be, const MatView *dw, const float *dout, const int *idx, int n) {
-    float *g = matview_f32_data(dw);
-    if (!g) return fail(be, "embedding_backward", "the gradient is not an F32 view");
-    int d = dw->cols;
-    for (int i = 0; i < n; i++) {  // in row order: a token may repeat
-        float *dst = g + (size_t)idx[i] * d;
-        const float *src = dout + (size_t)i * d;
-        for (int j = 0; j < d; j++) dst[j] += src[j];
-    }
-    return 0;
-}
-
-static int cpu_rmsnorm(Backend *be, float *out, int ldo, float *rstd, const float *x, int ldx, const float *weight,
-                       int N, int C, float eps) {
-    (void)be;
-    if (ldo == C && ldx == C) {
-        rmsnorm_rows_forward(out, rstd, x, weight, N, C, eps);
-        return 0;
-    }
-#pragma omp parallel for schedule(static) if (N > 64)
-    for (int n = 0; n < N; n++)
-        rmsnorm_forward(out + (size_t)n * ldo, rstd ? rstd + n : NULL, x + (size_t)n * ldx, weight, 1, C, eps);
-    return 0;
-}
-
-static int cpu_rmsnorm_backward(Backend *be, float *dx, float *dweight, const float *dout, const float *x,
-                                const float *weight, const float *rstd, int N, int C) {
-    (void)be;
-    rmsnorm_rows_backward(dx, dweight, dout, x, weight, rstd, N, C);
-    return 0;
-}
-
-static int cpu_swiglu(Backend *be, float *h, const float *gate, const float *up, long n) {
-    (void)be;
-    swiglu_rows_forward(h, gate, up, n);
-    return 0;
-}
-
-static int cpu_swiglu_backward(Backend *be, float *dgate, float *dup, const float *dh, const float *gate,
-                               const float *up, long n) {
-    (void)be;
-    swiglu_rows_backward(dgate, dup, dh, gate, up, n);
-    return 0;
 }
 
 static int cpu_rope(Backend *be, float *x, int N, int T, int heads, int stride, int r, const float *cos_t,

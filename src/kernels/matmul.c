@@ -335,13 +335,22 @@ static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N)
     return 0;
 }
 
+// The kernel of a BF16-compute blocked product (see the top): the AMX tiles, the AVX512_BF16
+// register tiles, or matmul_bf16c (its portable path where there are no BF16 dot products).
+typedef enum { BLOCKED_AMX, BLOCKED_REGISTER_TILES, BLOCKED_BF16C } BlockedBf16;
+static BlockedBf16 blocked_bf16(void) {
+    return kernels_cpu_amx() ? BLOCKED_AMX : kernels_cpu_avx512bf16() ? BLOCKED_REGISTER_TILES : BLOCKED_BF16C;
+}
+
 int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
     if (check_dtype(w)) return -1;
     if (N <= 0 || r1 <= r0) return 0;
     if (w->compute_bf16 && w->cols > 0) {
-        if (kernels_cpu_amx()) return matmul_nt_amx(out, w->rows, x, w->cols, w, N, r0, r1);
-        if (kernels_cpu_avx512bf16()) return matmul_nt_lowp_avx512(out, w->rows, x, w->cols, w, N, r0, r1);
-        return matmul_nt_bf16c(out, w->rows, x, w->cols, w, N, r0, r1);
+        switch (blocked_bf16()) {
+        case BLOCKED_AMX: return matmul_nt_amx(out, w->rows, x, w->cols, w, N, r0, r1);
+        case BLOCKED_REGISTER_TILES: return matmul_nt_lowp_avx512(out, w->rows, x, w->cols, w, N, r0, r1);
+        default: return matmul_nt_bf16c(out, w->rows, x, w->cols, w, N, r0, r1);
+        }
     }
     if (w->cols <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * w->rows + r0, 0, sizeof(float) * (r1 - r0));
@@ -355,7 +364,7 @@ int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, 
 int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *wa, const MatView *wb, int N) {
     if (check_dtype(wa) || check_dtype(wb)) return -1;
     if (wa->compute_bf16 && wb->compute_bf16 && wa->cols > 0 && wa->cols == wb->cols && wa->dtype == wb->dtype &&
-        wa->rows % 32 == 0 && !kernels_cpu_amx() && kernels_cpu_avx512bf16() && N > 0)
+        wa->rows % 32 == 0 && blocked_bf16() == BLOCKED_REGISTER_TILES && N > 0)
         return matmul_nt2_lowp_avx512(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
     return matmul_nt_part(out_a, x, wa, N, 0, wa->rows) || matmul_nt_part(out_b, x, wb, N, 0, wb->rows) ? -1 : 0;
 }
