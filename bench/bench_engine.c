@@ -101,7 +101,10 @@ static int batch_figures(const int *sizes, int n_sizes) {
     for (int i = 0; i < n_sizes; i++)
         for (int v = 0; v < 4; v++) {  // v: weights (bit 1) x compute (bit 0)
             Model *mv = &m[v >> 1];
-            model_set_compute(mv, v & 1 ? COMPUTE_BF16 : COMPUTE_F32);
+            if (model_set_compute(mv, v & 1 ? COMPUTE_BF16 : COMPUTE_F32, &err)) {
+                fprintf(stderr, "%s\n", err.msg);
+                return 1;
+            }
             double r[3];
             for (int k = 0; k < 3; k++) {
                 EngineStats st;

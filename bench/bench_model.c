@@ -87,7 +87,11 @@ static int bench_one(const char *cfg_path, const char *dir, DType dt, int bf16, 
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
-    model_set_compute(&m, bf16 ? COMPUTE_BF16 : COMPUTE_F32);
+    if (model_set_compute(&m, bf16 ? COMPUTE_BF16 : COMPUTE_F32, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        model_free(&m);
+        return 1;
+    }
     const char *how = bf16 ? " compute bf16" : "";
     enum { PROMPT = 512, DECODE = 128, REPS = 7 };
     int V = m.cfg.vocab_size, tok[PROMPT];
@@ -196,7 +200,11 @@ static int long_context_table(const char *dir, int bf16) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
-    model_set_compute(&m, bf16 ? COMPUTE_BF16 : COMPUTE_F32);
+    if (model_set_compute(&m, bf16 ? COMPUTE_BF16 : COMPUTE_F32, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        model_free(&m);
+        return 1;
+    }
     const ModelConfig *c = &m.cfg;
     printf("-- long context: %s, compute %s, decode steps of one sequence (model_decode), cache of random latents; "
            "max_position_embeddings %d (YaRN factor %.0f)\n", dir, bf16 ? "bf16" : "f32", c->max_position_embeddings,

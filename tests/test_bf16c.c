@@ -194,6 +194,63 @@ TEST(test_bf16c_blocked_avx512bf16_against_fp64) {
     if (!kernels_cpu_amx()) amx_nt_sweep(2);  // (matmul_nt takes these tiles)
 }
 
+// Weight panels (packed once at load, MatView.panels) give the register tiles' bits for every N:
+// the few-rows path (several panels at once) and the blocked one (blocks of activation rows, each
+// panel's slices in turn) against matmul_nt_lowp_avx512 packing the same weights per call, which
+// the sweep above checks against fp64. Views inside the matrix (on a panel's first row: they keep
+// panels; off it: none), shares of the rows that cut a panel, activation blocks past their size, a
+// NaN code, and the pair product of an expert's gate and up.
+TEST(test_bf16c_panels_equal_register_tiles) {
+    if (!kernels_cpu_avx512bf16_vbmi()) SKIP("no AVX512_BF16 with VBMI: no weight panels on this CPU");
+    const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
+    const int colss[] = {1, 31, 33, 129, 300, 1030, 4100};
+    const int Ns[] = {1, 2, 3, 4, 5, 6, 7, 12, 13, 40, 200};
+    uint64_t seed = 77;
+    int compared = 0;
+    for (int ti = 0; ti < 4; ti++)
+        for (int ci = 0; ci < 7; ci++)
+            for (int ni = 0; ni < 11; ni++) {
+                int cols = colss[ci], N = Ns[ni];
+                if (cols == 4100 && N != 1 && N != 40 && N != 200) continue;
+                int rows = (ci + ni) % 3 == 0 ? 37 : (ci + ni) % 3 == 1 ? 96 : 160, skip = 32 * (ni % 3);
+                TestW w;
+                make_w(&w, types[ti], rows + skip + 5, cols, &seed);
+                if (types[ti] == DT_F8_E4M3 && ni == 4) ((uint8_t *)w.data)[(size_t)(skip + 7) * cols + cols / 2] = 0xff;
+                size_t bytes = weight_panels_bytes(&w.v);
+                CHECK(bytes > 0);
+                void *panels = aligned_alloc(64, (bytes + 63) / 64 * 64);
+                CHECK(panels && weight_panels_pack(panels, &w.v) == 0);
+                MatView whole = w.v;
+                whole.panels = panels;
+                MatView v = matview_rows(&whole, skip, rows), plain = matview_rows(&w.v, skip, rows);
+                CHECK(v.panels != NULL);
+                CHECK(matview_rows(&whole, skip + 3, 8).panels == NULL);  // off a panel's first row
+                float *x = malloc(sizeof(float) * N * cols), *want = malloc(sizeof(float) * N * rows),
+                      *got = malloc(sizeof(float) * N * rows), *inv = malloc(sizeof(float) * N * rows);
+                for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
+                CHECK(matmul_nt_lowp_avx512(want, rows, x, cols, &plain, N, 0, rows) == 0);
+                int cut = 1 + (int)(lcg(&seed) >> 33) % (rows - 1);  // a share boundary, anywhere
+                CHECK(matmul_nt_panels(got, rows, x, cols, &v, N, 0, cut) == 0);
+                CHECK(matmul_nt_panels(got, rows, x, cols, &v, N, cut, rows) == 0);
+                CHECK(matmul_nt_invariant(inv, rows, x, cols, &v, N, 0, rows) == 0);  // the decode entry takes them
+                CHECK_MSG(memcmp(got, want, sizeof(float) * N * rows) == 0 && memcmp(inv, want, sizeof(float) * N * rows) == 0,
+                          "%s rows %d (view at %d) cols %d N %d cut %d: panels differ from the register tiles",
+                          dtype_name(types[ti]), rows, skip, cols, N, cut);
+                compared++;
+                if (rows % 32 == 0 && N <= 40) {  // gate and up: the view and the whole matrix's first rows
+                    MatView b = matview_rows(&whole, 0, rows);
+                    float *ga = malloc(sizeof(float) * N * rows), *gb = malloc(sizeof(float) * N * rows),
+                          *wb = malloc(sizeof(float) * N * rows);
+                    CHECK(matmul_nt2_part(ga, gb, x, &v, &b, N) == 0);
+                    CHECK(matmul_nt_lowp_avx512(wb, rows, x, cols, &b, N, 0, rows) == 0);
+                    CHECK(memcmp(ga, want, sizeof(float) * N * rows) == 0 && memcmp(gb, wb, sizeof(float) * N * rows) == 0);
+                    free(ga), free(gb), free(wb);
+                }
+                free(x), free(want), free(got), free(inv), free(panels), free(w.data), free(w.scales);
+            }
+    printf("    %d products on panels, every one the register tiles' bits\n", compared);
+}
+
 TEST(test_bf16c_amx_against_fp64) {
     if (!kernels_cpu_amx()) SKIP("no AMX tiles on this CPU (or Linux did not grant their state)");
     amx_nt_sweep(1);
@@ -382,7 +439,7 @@ TEST(test_compute_auto_marks_views) {
         Model m;
         Error err = {0};
         CHECK_MSG(model_load(&m, dir, 0, &err) == 0, "%s", err.msg);
-        model_set_compute(&m, COMPUTE_AUTO);
+        CHECK_MSG(model_set_compute(&m, COMPUTE_AUTO, &err) == 0, "%s", err.msg);
         const LayerWeights *moe = &m.w.layers[m.cfg.first_k_dense_replace];
         int low = m.w.layers[0].self_attn.kv_b_proj.dtype != DT_F32;  // BF16 or FP8 weights
         int want = low && matmul_bf16c_fast();
@@ -390,9 +447,9 @@ TEST(test_compute_auto_marks_views) {
         CHECK(moe->moe.experts[0].down_proj.compute_bf16 == want);
         CHECK(m.w.lm_head.compute_bf16 == (matmul_bf16c_fast() && m.w.lm_head.dtype != DT_F32));  // per view
         CHECK(moe->moe.gate.compute_bf16 == 0);  // the router stays fp32
-        model_set_compute(&m, COMPUTE_BF16);
+        CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
         CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 1 && moe->moe.gate.compute_bf16 == 0);
-        model_set_compute(&m, COMPUTE_F32);
+        CHECK_MSG(model_set_compute(&m, COMPUTE_F32, &err) == 0, "%s", err.msg);
         CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 0);
         model_free(&m);
     }

@@ -641,7 +641,7 @@ TEST(test_engine_prefix_cache_answers_as_alone) {
     sp.stop_at_eos = 0;
     sp.logprobs = 1;
     for (int bf = 1; bf >= 0; bf--) {
-        model_set_compute(&m, bf ? COMPUTE_BF16 : COMPUTE_F32);
+        CHECK_MSG(model_set_compute(&m, bf ? COMPUTE_BF16 : COMPUTE_F32, &err) == 0, "%s", err.msg);
         CHECK(model_rows_independent(&m) == bf);
         LpRun alone[N_PROMPTS], cached[N_PROMPTS];
         memset(alone, 0, sizeof alone);

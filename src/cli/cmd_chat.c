@@ -320,7 +320,12 @@ int cmd_chat(int argc, char **argv) {
         tok_free(tok);
         return cli_fail(cmd, &err);
     }
-    model_set_compute(&m, cmode);
+    if (model_set_compute(&m, cmode, &err)) {
+        model_free(&m);
+        tools_free(&tools);
+        tok_free(tok);
+        return cli_fail(cmd, &err);
+    }
     if (ctx > m.cfg.max_position_embeddings) ctx = m.cfg.max_position_embeddings;
     eo.ctx = (int)ctx;
     eo.prefix_cache = 1;

@@ -207,8 +207,7 @@ int cmd_generate(int argc, char **argv) {
     ComputeMode cmode;
     if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "auto", &cmode, &err) || model_load(&m, dir, 0, &err))
         goto done_prompts;
-    model_set_compute(&m, cmode);
-    if (E > 1 && cli_expert_parallel_start(&m, &ep, &err)) {
+    if (model_set_compute(&m, cmode, &err) || (E > 1 && cli_expert_parallel_start(&m, &ep, &err))) {
         model_free(&m);
         goto done_prompts;
     }

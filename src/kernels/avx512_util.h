@@ -12,6 +12,10 @@
 #define AVX512BF16_TARGET AVX512_TARGET ",avx512bf16"
 #define AVX512BF16 __attribute__((target(AVX512BF16_TARGET)))
 #define AVX512BF16_INLINE static inline __attribute__((always_inline, target(AVX512BF16_TARGET)))
+// ... and AVX512_VBMI's byte permutes (Zen 4, Sapphire Rapids on): FP8 codes widened by byte look-ups
+#define AVX512BF16_VBMI_TARGET AVX512BF16_TARGET ",avx512vbmi"
+#define AVX512BF16_VBMI __attribute__((target(AVX512BF16_VBMI_TARGET)))
+#define AVX512BF16_VBMI_INLINE static inline __attribute__((always_inline, target(AVX512BF16_VBMI_TARGET)))
 
 // The first n of 16 lanes.
 static inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }

@@ -7,6 +7,7 @@
 // then adds into C — in FP8 mode once per 128-chunk, multiplied by the chunk's two scales (the
 // C tile stays in L1 between its chunks).
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include "kernels/avx512_util.h"
@@ -527,6 +528,278 @@ AVX512BF16 int matmul_nt2_lowp_avx512(float *out_a, int ldo_a, float *out_b, int
     const int ldo[2] = {ldo_a, ldo_b};
     const MatView *const ws[2] = {wa, wb};
     return lowp_nt_stack(out, ldo, ws, 2, x, ldx, N, 0, wa->rows + wb->rows);
+}
+
+// ---- Weight panels (matmul.h): the blocked BF16-compute product on weights packed at load ----
+// The same order of sums as matmul_nt_lowp_avx512 (the panels hold the values pack_weights would
+// pack; micro_tile sums them), so a product on panels is that kernel's bits — for every N: with
+// few activation rows (SKINNY_MAX_N) several panels go at once, each output still one chain per
+// 256 columns (FP8: per 128-column chunk, scaled into the total) as micro_tile sums it, since one
+// row's tile has too few sums in flight to hide the instruction's latency.
+
+enum {
+    SKINNY_MAX_N = 6,
+    SKINNY_AHEAD = 1536,  // bytes of a panel prefetched ahead (one thread, N = 1..4: 1,024-1,536 best)
+};
+
+static size_t panel_pairs(const MatView *w) { return ((size_t)w->cols + 1) / 2; }
+
+size_t weight_panel_bytes(const MatView *w) { return panel_pairs(w) * (w->dtype == DT_F8_E4M3 ? 64 : 128); }
+
+size_t weight_panels_bytes(const MatView *w) {
+    if (!kernels_cpu_avx512bf16_vbmi() || w->rows <= 0 || w->cols <= 0 || w->row0 % NR) return 0;
+    if (w->dtype == DT_F8_E4M3 ? w->block != 128 || !w->scale_inv
+                               : w->dtype != DT_BF16 && w->dtype != DT_F32 && w->dtype != DT_F16)
+        return 0;
+    return (size_t)((w->rows + NR - 1) / NR) * weight_panel_bytes(w);
+}
+
+// Panel p of FP8 w: per pair kp, 64 codes placed so that fp8_widen64 unpacks rows 0-15 of the
+// panel into its first word vector and rows 16-31 into its second, each row's two columns a word.
+static void fp8_panel(uint8_t *dst, const MatView *w, int p, size_t kp_all) {
+    const uint8_t *src = w->data;
+    for (size_t kp = 0; kp < kp_all; kp++)
+        for (int j = 0; j < NR; j++) {
+            int r = NR * p + j;
+            for (int h = 0; h < 2; h++) {
+                size_t c = 2 * kp + h;
+                int e = 2 * (j % 16) + h;  // the word's position in its vector
+                dst[kp * 64 + 16 * (e / 8) + 8 * (j / 16) + e % 8] =
+                    r < w->rows && c < (size_t)w->cols ? src[(size_t)r * w->cols + c] : 0;
+            }
+        }
+}
+
+AVX512BF16_VBMI static void panels_pack(void *dst, const MatView *w) {
+    const int np = (w->rows + NR - 1) / NR;
+    const size_t kp_all = panel_pairs(w), pb = weight_panel_bytes(w);
+    const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int p = 0; p < np; p++) {
+        char *d = (char *)dst + (size_t)p * pb;
+        int len = w->rows - NR * p < NR ? w->rows - NR * p : NR;
+        if (w->dtype == DT_F8_E4M3) {
+            fp8_panel((uint8_t *)d, w, p, kp_all);
+        } else {
+            if (len < NR) memset(d, 0, pb);
+            pack_weights((uint32_t *)d, w, NR * p, len, 0, w->cols, (int)kp_all);
+        }
+    }
+}
+
+int weight_panels_pack(void *dst, const MatView *w) {
+    if (!weight_panels_bytes(w)) return -1;
+    panels_pack(dst, w);
+    return 0;
+}
+
+// One panel of a product: its weights (at pair 0), the outputs of its lane 0 (activation row n's
+// at out + n · ldo), the lanes stored, FP8: its block row's scales (one per 128-column chunk).
+typedef struct Panel {
+    const void *w;
+    float *out;
+    int ldo;
+    __mmask16 m0, m1;
+    const float *scales;
+} Panel;
+
+// Stacked panel p (rows [32p, 32p + 32) of the stack of ws, first[i] the row member i starts at)
+// limited to rows [r0, r1).
+static Panel panel_at(float *const *out, const int *ldo, const MatView *const *ws, const int *first, int p, int r0,
+                      int r1) {
+    int i = 0;
+    while (NR * p >= first[i + 1]) i++;
+    const MatView *w = ws[i];
+    int q = p - first[i] / NR, lo = r0 - NR * p, hi = (r1 < first[i + 1] ? r1 : first[i + 1]) - NR * p;
+    lo = lo > 0 ? lo : 0, hi = hi < NR ? hi : NR;
+    uint32_t lanes = (hi >= 32 ? ~0u : (1u << hi) - 1) & ~((1u << lo) - 1);
+    return (Panel){.w = (const char *)w->panels + (size_t)q * weight_panel_bytes(w),
+                   .out = out[i] + (size_t)NR * q,
+                   .ldo = ldo[i],
+                   .m0 = (__mmask16)lanes,
+                   .m1 = (__mmask16)(lanes >> 16),
+                   .scales = w->dtype == DT_F8_E4M3 ? w->scale_inv + (size_t)((w->row0 + NR * q) / 128) * w->scale_cols
+                                                    : NULL};
+}
+
+// N_ activation rows (words ap[kp · N_ + n]) against P_ panels at once, all of K.
+AVX512BF16_VBMI_INLINE void skinny(const int N_, const int P_, const int fp8, const Panel *pn, const uint32_t *ap,
+                                   int kp_all, const __m512i tab[4]) {
+    const int chain = fp8 ? CH / 2 : KC / 2;  // pairs summed from zero: micro_tile's chunk / slice
+    __m512 tot[SKINNY_MAX_N][4][2];
+#pragma GCC unroll 6
+    for (int n = 0; n < N_; n++)
+#pragma GCC unroll 4
+        for (int q = 0; q < P_; q++) tot[n][q][0] = tot[n][q][1] = _mm512_setzero_ps();
+    for (int k0 = 0, ch = 0; k0 < kp_all; k0 += chain, ch++) {
+        int k1 = k0 + chain < kp_all ? k0 + chain : kp_all;
+        __m512 acc[SKINNY_MAX_N][4][2];
+#pragma GCC unroll 6
+        for (int n = 0; n < N_; n++)
+#pragma GCC unroll 4
+            for (int q = 0; q < P_; q++) acc[n][q][0] = acc[n][q][1] = _mm512_setzero_ps();
+        for (int kp = k0; kp < k1; kp++) {
+            __m512bh b[4][2];
+#pragma GCC unroll 4
+            for (int q = 0; q < P_; q++) {
+                if (fp8) {
+                    const uint8_t *c = (const uint8_t *)pn[q].w + (size_t)kp * 64;
+                    _mm_prefetch((const char *)c + SKINNY_AHEAD, _MM_HINT_T0);
+                    __m512i lo, hi;
+                    fp8_widen64(_mm512_loadu_si512(c), tab, &lo, &hi);
+                    b[q][0] = (__m512bh)lo, b[q][1] = (__m512bh)hi;
+                } else {
+                    const uint32_t *c = (const uint32_t *)pn[q].w + (size_t)kp * NR;
+                    _mm_prefetch((const char *)c + SKINNY_AHEAD, _MM_HINT_T0);
+                    _mm_prefetch((const char *)c + SKINNY_AHEAD + 64, _MM_HINT_T0);
+                    b[q][0] = (__m512bh)_mm512_loadu_si512(c);
+                    b[q][1] = (__m512bh)_mm512_loadu_si512(c + 16);
+                }
+            }
+#pragma GCC unroll 6
+            for (int n = 0; n < N_; n++) {
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[(size_t)kp * N_ + n]);
+#pragma GCC unroll 4
+                for (int q = 0; q < P_; q++) {
+                    acc[n][q][0] = _mm512_dpbf16_ps(acc[n][q][0], a, b[q][0]);
+                    acc[n][q][1] = _mm512_dpbf16_ps(acc[n][q][1], a, b[q][1]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int q = 0; q < P_; q++) {
+            __m512 sc = fp8 ? _mm512_set1_ps(pn[q].scales[ch]) : _mm512_setzero_ps();
+#pragma GCC unroll 6
+            for (int n = 0; n < N_; n++)
+#pragma GCC unroll 2
+                for (int v = 0; v < 2; v++)
+                    tot[n][q][v] = fp8 ? _mm512_fmadd_ps(acc[n][q][v], sc, tot[n][q][v]) : _mm512_add_ps(acc[n][q][v], tot[n][q][v]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < P_; q++)
+#pragma GCC unroll 6
+        for (int n = 0; n < N_; n++) {
+            float *o = pn[q].out + (size_t)n * pn[q].ldo;
+            _mm512_mask_storeu_ps(o, pn[q].m0, tot[n][q][0]);
+            _mm512_mask_storeu_ps(o + 16, pn[q].m1, tot[n][q][1]);
+        }
+}
+
+// Panels at once for N activation rows: as many as keep the sums in registers.
+static int skinny_panels(int N) { return N <= 3 ? 4 : N == 4 ? 3 : 2; }
+
+AVX512BF16_VBMI static void skinny_run(int N, int P, int fp8, const Panel *pn, const uint32_t *ap, int kp_all,
+                                       const __m512i tab[4]) {
+#define SKINNY_CASE(N_, P_)                                                                     \
+    if (N == N_ && P == P_) {                                                                   \
+        if (fp8) skinny(N_, P_, 1, pn, ap, kp_all, tab);                                        \
+        else skinny(N_, P_, 0, pn, ap, kp_all, tab);                                            \
+        return;                                                                                 \
+    }
+    SKINNY_CASE(1, 4) SKINNY_CASE(2, 4) SKINNY_CASE(3, 4) SKINNY_CASE(4, 3) SKINNY_CASE(5, 2) SKINNY_CASE(6, 2)
+    SKINNY_CASE(1, 1) SKINNY_CASE(2, 1) SKINNY_CASE(3, 1) SKINNY_CASE(4, 1) SKINNY_CASE(5, 1) SKINNY_CASE(6, 1)
+#undef SKINNY_CASE
+}
+
+// lowp_nt_stack's product with every member's weights read from its panels.
+AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, const MatView *const *ws, int n_ws,
+                                           const float *x, int ldx, int N, int r0, int r1) {
+    if (N <= 0 || r1 <= r0) return 0;
+    const int K = ws[0]->cols, fp8 = ws[0]->dtype == DT_F8_E4M3;
+    int first[8];
+    if (n_ws > 7) return -1;
+    first[0] = 0;
+    for (int i = 0; i < n_ws; i++) {
+        if (!ws[i]->panels || ws[i]->cols != K || (ws[i]->dtype == DT_F8_E4M3) != fp8 || (i + 1 < n_ws && ws[i]->rows % NR))
+            return -1;  // (a stack of like matrices, each on whole panels)
+        first[i + 1] = first[i] + ws[i]->rows;
+    }
+    if (K <= 0) return -1;  // (panels have columns)
+    const int kp_all = (K + 1) / 2, p0 = r0 / NR, p1 = (r1 - 1) / NR;
+    __m512i tab[4];
+    if (fp8) fp8_widen_tables(tab);
+    const LowpOperand xo = {.data = x, .ld = ldx, .fmt = LOWP_BF16};
+    if (N <= SKINNY_MAX_N) {
+        uint32_t *ap = (uint32_t *)kernels_scratch((size_t)N * kp_all);
+        if (!ap) return -1;
+        // word (kp, n) at kp · N + n: pack's words (one tile of N rows), without its transposition
+        for (int n = 0; n < N; n++)
+            for (int k = 0; k < K; k += 32) {
+                const float *xr = x + (size_t)n * ldx + k;
+                uint32_t w[16];
+                _mm512_storeu_si512(w, bf16_words(_mm512_maskz_loadu_ps(tail_mask(K - k), xr),
+                                                  _mm512_maskz_loadu_ps(tail_mask(K - k - 16 > 0 ? K - k - 16 : 0), xr + 16)));
+                for (int p = 0; p < 16 && k / 2 + p < kp_all; p++) ap[(size_t)(k / 2 + p) * N + n] = w[p];
+            }
+        const int P = skinny_panels(N);
+        for (int p = p0; p <= p1;) {
+            int np = p1 - p + 1 >= P ? P : 1;
+            Panel pn[4];
+            for (int q = 0; q < np; q++) pn[q] = panel_at(out, ldo, ws, first, p + q, r0, r1);
+            skinny_run(N, np, fp8, pn, ap, kp_all, tab);
+            p += np;
+        }
+        return 0;
+    }
+    // Blocks of activation rows packed whole (every slice of K; up to MC rows, at most ~512 KiB), then
+    // each panel read from its first pair to its last — one stream from memory per panel (slice
+    // after slice of all the panels instead: 16 KiB pieces 32 KiB apart at K = 512, a third slower).
+    const int slices = (K + KC - 1) / KC;
+    int mb = (int)((128 << 10) / ((size_t)slices * KC / 2)) / MR * MR;
+    mb = mb < MR ? MR : mb > MC ? MC : mb;
+    // scratch: the activation block (mb rows × every slice), one FP8 panel's slice widened (NR × KC/2),
+    // the activations' unit scales and the panel's scales per chunk (micro_tile's operands)
+    size_t words_a = (size_t)mb * slices * KC / 2, words_b = (size_t)NR * KC / 2;
+    float *scratch = kernels_scratch(words_a + words_b + (size_t)KCH * (MC + NC));
+    if (!scratch) return -1;
+    uint32_t *ap = (uint32_t *)scratch, *bw = ap + words_a;
+    float *sa = (float *)(bw + words_b), *sb = sa + (size_t)KCH * MC;
+    for (int i = 0; i < KCH * MC; i++) sa[i] = 1.0f;
+    for (int m0 = 0; m0 < N; m0 += mb) {
+        int mc = N - m0 < mb ? N - m0 : mb;
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            int kc = K - k0 < KC ? K - k0 : KC;
+            pack(ap + (size_t)(k0 / KC) * mb * KC / 2, MR, 1, &xo, m0, mc, k0, kc, K, (kc + 1) / 2);
+        }
+        for (int p = p0; p <= p1; p++) {
+            Panel pn = panel_at(out, ldo, ws, first, p, r0, r1);
+            for (int k0 = 0; k0 < K; k0 += KC) {
+                int kc = K - k0 < KC ? K - k0 : KC, kp_n = (kc + 1) / 2;
+                const uint32_t *bp = (const uint32_t *)pn.w + (size_t)(k0 / 2) * NR, *as = ap + (size_t)(k0 / KC) * mb * KC / 2;
+                if (fp8) {
+                    const uint8_t *c = (const uint8_t *)pn.w + (size_t)(k0 / 2) * 64;
+                    for (int kp = 0; kp < kp_n; kp++) {
+                        __m512i lo, hi;
+                        fp8_widen64(_mm512_loadu_si512(c + (size_t)kp * 64), tab, &lo, &hi);
+                        _mm512_storeu_si512(bw + (size_t)kp * NR, lo);
+                        _mm512_storeu_si512(bw + (size_t)kp * NR + 16, hi);
+                    }
+                    for (int ch = 0; ch * CH < kc; ch++)
+                        for (int j = 0; j < NR; j++) sb[(size_t)ch * NC + j] = pn.scales[(k0 + ch * CH) / CH];
+                    bp = bw;
+                }
+                for (int t = 0; t * MR < mc; t++) {
+                    int mr = mc - t * MR < MR ? mc - t * MR : MR;
+                    micro(mr, kp_n, as + (size_t)t * MR * kp_n, bp, pn.out + (size_t)(m0 + t * MR) * pn.ldo, pn.ldo,
+                          pn.m0, pn.m1, k0 > 0, fp8 ? sa : NULL, fp8 ? sb : NULL, MC);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+int matmul_nt_panels(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
+    return panels_nt_stack(&out, &ldo, &w, 1, x, ldx, N, r0, r1);
+}
+
+int matmul_nt2_panels(float *out_a, int ldo_a, float *out_b, int ldo_b, const float *x, int ldx, const MatView *wa,
+                      const MatView *wb, int N) {
+    float *const out[2] = {out_a, out_b};
+    const int ldo[2] = {ldo_a, ldo_b};
+    const MatView *const ws[2] = {wa, wb};
+    return panels_nt_stack(out, ldo, ws, 2, x, ldx, N, 0, wa->rows + wb->rows);
 }
 
 // The emulated limited accumulation (gemm_lowp.c's accum_group, LowpAccum): rows [i0, i1) of C from

@@ -113,6 +113,15 @@ int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ldx, const Ma
 int matmul_nt2_lowp_avx512(float *out_a, int ldo_a, float *out_b, int ldo_b, const float *x, int ldx,
                            const MatView *wa, const MatView *wb, int N);
 
+// matmul_nt_lowp_avx512's and matmul_nt2_lowp_avx512's products, their bits, with the weights read
+// from the views' panels (MatView.panels; a decode step's few rows stream several panels at once).
+// -1 where a view has none (or, for the pair, where wa's rows are not a multiple of 32).
+// (gemm_lowp_avx512.c; only where weight_panels_bytes is not 0.) weight_panel_bytes: one panel's.
+int matmul_nt_panels(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+int matmul_nt2_panels(float *out_a, int ldo_a, float *out_b, int ldo_b, const float *x, int ldx, const MatView *wa,
+                      const MatView *wb, int N);
+size_t weight_panel_bytes(const MatView *w);
+
 // Each E4M3 code's value as BF16 (256 entries, exact; the NaN codes a NaN), from matmul_bf16c.c.
 const uint16_t *fp8_bf16_values(void);
 

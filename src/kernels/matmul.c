@@ -38,11 +38,16 @@
 // BF16 compute: the blocked products (matmul_nt and its shares: prefill, plain attention) take the
 // AMX tiles, else the AVX512_BF16 register tiles of matmul_nt_lowp_avx512, for every number of
 // rows — so that a prompt row's bits never depend on how many rows its chunk gave an expert (the
-// engine's prefix cache reuses rows across chunks). The decode products (matmul_nt_invariant)
-// take the dot-product kernel, whose order is one chain per output whatever N. Measured on a Xeon
-// (2 threads, v3-108m, batch 1 / 16 / 64): tiles for every decode product gave BF16 weights 0.83x
-// / 1.33x / 1.83x the AVX512_BF16 kernel's tokens/s but FP8 0.28x / 0.57x / 0.98x (each FP8 code
-// widened by table look-ups costing more than the dot products saved), so decode stays there.
+// engine's prefix cache reuses rows across chunks). Where the model packed a matrix's weight
+// panels at load (AVX512_BF16 with VBMI), every product of it — prefill's, and the decode
+// products (matmul_nt_invariant) of one row, a batch or a verification — takes the register tiles
+// on those panels: one order for every N, the weights never re-packed per call. Without panels
+// the decode products take the dot-product kernel of matmul_bf16c.c (its own order, also one
+// chain per output whatever N): per-call packing made the tiles too slow for one row (measured on
+// a Xeon, 2 threads, v3-108m, batch 1 / 16 / 64: BF16 0.83x / 1.33x / 1.83x the dot products'
+// tokens/s, FP8 0.28x / 0.57x / 0.98x). On panels (Zen 4, the same model, taking turns with the
+// dot products): batch 1 BF16 871-997 against 955-964 tokens/s, FP8 1,256-1,624 against
+// 1,077-1,103; batch 64 BF16 4,311-4,638 against 3,553-3,654, FP8 4,810-4,857 against 3,004-3,128.
 
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 static int cpu_has_avx512, cpu_has_bf16, cpu_has_vbmi, cpu_has_amx, use_avx512, use_bf16, use_amx;
@@ -193,6 +198,7 @@ MatView matview_rows(const MatView *w, int r0, int n) {
     v.data = (const char *)w->data + (size_t)r0 * w->cols * dtype_size(w->dtype);
     v.rows = n;
     v.row0 = w->row0 + r0;
+    v.panels = w->panels && r0 % 32 == 0 ? (const char *)w->panels + (size_t)(r0 / 32) * weight_panel_bytes(w) : NULL;
     return v;
 }
 
@@ -335,19 +341,27 @@ static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N)
     return 0;
 }
 
+// Does a BF16-compute product of w read its panels (packed at load; the register tiles)?
+static int on_panels(const MatView *w) { return w->compute_bf16 && w->panels && w->cols > 0 && kernels_cpu_avx512bf16_vbmi(); }
+
 // The kernel of a BF16-compute blocked product (see the top): the AMX tiles, the AVX512_BF16
-// register tiles, or matmul_bf16c (its portable path where there are no BF16 dot products).
-typedef enum { BLOCKED_AMX, BLOCKED_REGISTER_TILES, BLOCKED_BF16C } BlockedBf16;
-static BlockedBf16 blocked_bf16(void) {
-    return kernels_cpu_amx() ? BLOCKED_AMX : kernels_cpu_avx512bf16() ? BLOCKED_REGISTER_TILES : BLOCKED_BF16C;
+// register tiles (on the view's panels where it has them), or matmul_bf16c (its portable path
+// where there are no BF16 dot products).
+typedef enum { BLOCKED_AMX, BLOCKED_PANELS, BLOCKED_REGISTER_TILES, BLOCKED_BF16C } BlockedBf16;
+static BlockedBf16 blocked_bf16(const MatView *w) {
+    return kernels_cpu_amx()             ? BLOCKED_AMX
+           : on_panels(w)                ? BLOCKED_PANELS
+           : kernels_cpu_avx512bf16()    ? BLOCKED_REGISTER_TILES
+                                         : BLOCKED_BF16C;
 }
 
 int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1) {
     if (check_dtype(w)) return -1;
     if (N <= 0 || r1 <= r0) return 0;
     if (w->compute_bf16 && w->cols > 0) {
-        switch (blocked_bf16()) {
+        switch (blocked_bf16(w)) {
         case BLOCKED_AMX: return matmul_nt_amx(out, w->rows, x, w->cols, w, N, r0, r1);
+        case BLOCKED_PANELS: return matmul_nt_panels(out, w->rows, x, w->cols, w, N, r0, r1);
         case BLOCKED_REGISTER_TILES: return matmul_nt_lowp_avx512(out, w->rows, x, w->cols, w, N, r0, r1);
         default: return matmul_nt_bf16c(out, w->rows, x, w->cols, w, N, r0, r1);
         }
@@ -364,8 +378,13 @@ int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, 
 int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *wa, const MatView *wb, int N) {
     if (check_dtype(wa) || check_dtype(wb)) return -1;
     if (wa->compute_bf16 && wb->compute_bf16 && wa->cols > 0 && wa->cols == wb->cols && wa->dtype == wb->dtype &&
-        wa->rows % 32 == 0 && blocked_bf16() == BLOCKED_REGISTER_TILES && N > 0)
-        return matmul_nt2_lowp_avx512(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
+        wa->rows % 32 == 0 && N > 0) {
+        BlockedBf16 ka = blocked_bf16(wa), kb = blocked_bf16(wb);
+        if (ka == BLOCKED_PANELS && kb == BLOCKED_PANELS)
+            return matmul_nt2_panels(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
+        if (ka == BLOCKED_REGISTER_TILES && kb == BLOCKED_REGISTER_TILES)
+            return matmul_nt2_lowp_avx512(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
+    }
     return matmul_nt_part(out_a, x, wa, N, 0, wa->rows) || matmul_nt_part(out_b, x, wb, N, 0, wb->rows) ? -1 : 0;
 }
 
@@ -387,6 +406,7 @@ int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, 
 int matmul_nt_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
     if (check_dtype(w)) return -1;
     if (N <= 0 || r1 <= r0) return 0;
+    if (on_panels(w)) return matmul_nt_panels(out, ldo, x, ldx, w, N, r0, r1);
     if (w->compute_bf16 && w->cols > 0) return matmul_nt_bf16c(out, ldo, x, ldx, w, N, r0, r1);
     if (w->cols <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
@@ -424,7 +444,7 @@ int matmul_nt(float *out, const float *x, const MatView *w, int N) {
         return 0;
     }
     if (!w->compute_bf16 && (!kernels_cpu_avx512() || !matview_avx512_ok(w))) return matmul_nt_scalar(out, x, w, N);
-    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N ? 4 : 32, failed = 0;
+    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N && !on_panels(w) ? 4 : 32, failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {
         int r0, r1;

@@ -22,7 +22,21 @@ typedef struct MatView {
     int block;                 // 128
     int row0;                  // first row of this view within the scaled matrix
     int compute_bf16;          // 1: x · Wᵀ products take x and W as BF16 values, fp32 sums (matmul_nt_bf16c)
+    const void *panels;        // compute_bf16: this view's rows as weight_panels_pack laid them out (its row 0 on
+                               // a panel's first row), which the BF16-compute products then read; NULL: none
 } MatView;
+
+// Weight panels: a matrix's copy for the BF16-compute products on the AVX512_BF16 register tiles,
+// packed once (at load) so that every product — a decode step's one row, a batch's few, a
+// prompt's many — streams it as the tiles want it, with the same order of sums whatever N:
+// panels of 32 rows, K in pairs of columns; per pair of a panel its 32 rows' BF16 value pairs
+// (128 bytes: BF16 as stored, F32 and F16 rounded to nearest even) or, for FP8, the 64 codes (64
+// bytes, in the order the byte look-ups unpack). Rows past the matrix and the column past an odd
+// K are zero. weight_panels_bytes: the size for w (0: none for it — no AVX512_BF16 with VBMI here,
+// or FP8 scales other than the release's 128 × 128 blocks); weight_panels_pack fills dst (that
+// many bytes) on the calling thread's team (-1: w takes none).
+size_t weight_panels_bytes(const MatView *w);
+int weight_panels_pack(void *dst, const MatView *w);
 
 // out[n * ldo + r] = x[n * ldx ..] · W[r] for r in [r0, r1) with BF16 compute (matmul_bf16c.c):
 // x rounded to BF16, W as BF16 values (FP8: codes, the block scale applied per 128-column chunk),

@@ -28,6 +28,7 @@
 #include "kernels/convert.h"
 #include "kernels/kernels_cpu.h"
 #include "kernels/matmul.h"
+#include "kernels/weight_words.h"
 
 // Weight rows widened (or copied) into scratch at a time.
 #define BF16C_ROW_BLOCK 16
@@ -122,20 +123,9 @@ static void bf16c_rows_portable(float *out, int ldo, const float *x, int ldx, in
 }
 
 // ---- AVX512_BF16 with AVX512_VBMI's byte look-ups (Zen 4, Sapphire Rapids and later) ----
-#define BF16C_TARGET AVX512BF16_TARGET ",avx512vbmi"
-#define BF16C __attribute__((target(BF16C_TARGET)))
-#define BF16C_INLINE static inline __attribute__((always_inline, target(BF16C_TARGET)))
-
-// 64 E4M3 codes → their BF16 values in the FP8 layout (two steps): the low and the high byte of
-// each value looked up by the code's 7 magnitude bits, the sign ORed into the high byte, the bytes
-// unpacked into words. t: the look-up tables (lo 0-63, lo 64-127, hi 0-63, hi 64-127).
-BF16C_INLINE void fp8_widen64(__m512i codes, const __m512i t[4], __m512i *a, __m512i *b) {
-    __m512i lo = _mm512_permutex2var_epi8(t[0], codes, t[1]);
-    __m512i hi = _mm512_permutex2var_epi8(t[2], codes, t[3]);
-    hi = _mm512_ternarylogic_epi32(hi, codes, _mm512_set1_epi8((char)0x80), 0xf8);  // hi | (codes & 0x80)
-    *a = _mm512_unpacklo_epi8(lo, hi);
-    *b = _mm512_unpackhi_epi8(lo, hi);
-}
+// (fp8_widen64, weight_words.h: the codes' BF16 values in the FP8 layout, two steps at a time)
+#define BF16C AVX512BF16_VBMI
+#define BF16C_INLINE AVX512BF16_VBMI_INLINE
 
 // The operands of a tile. Weights: BF16 rows (wb, row stride wld elements, in the view's layout;
 // masked past cols when they are the view's own rows) or, in_reg, FP8 codes (codes, row stride

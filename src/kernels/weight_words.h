@@ -43,4 +43,29 @@ AVX512BF16_INLINE __m512i weight_words32(const MatView *w, size_t i, __mmask32 m
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
+// 64 E4M3 codes → their BF16 values (exact; the NaN codes a NaN) as words a and b: the low and the
+// high byte of each value looked up by the code's 7 magnitude bits, the sign ORed into the high
+// byte, the bytes unpacked into words — which interleaves within 128-bit lanes: word e of a comes
+// from code byte 16(e / 8) + e % 8, word e of b from byte 16(e / 8) + 8 + e % 8. t: the tables of
+// fp8_widen_tables.
+AVX512BF16_VBMI_INLINE void fp8_widen64(__m512i codes, const __m512i t[4], __m512i *a, __m512i *b) {
+    __m512i lo = _mm512_permutex2var_epi8(t[0], codes, t[1]);
+    __m512i hi = _mm512_permutex2var_epi8(t[2], codes, t[3]);
+    hi = _mm512_ternarylogic_epi32(hi, codes, _mm512_set1_epi8((char)0x80), 0xf8);  // hi | (codes & 0x80)
+    *a = _mm512_unpacklo_epi8(lo, hi);
+    *b = _mm512_unpackhi_epi8(lo, hi);
+}
+
+// fp8_widen64's look-up tables: the low bytes of the positive codes' BF16 values (codes 0-63,
+// 64-127), then the high bytes.
+AVX512BF16_VBMI_INLINE void fp8_widen_tables(__m512i t[4]) {
+    const uint16_t *v = fp8_bf16_values();
+    for (int k = 0; k < 2; k++) {
+        __m512i a = _mm512_loadu_si512(v + 64 * k), b = _mm512_loadu_si512(v + 64 * k + 32);
+        t[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(a)), _mm512_cvtepi16_epi8(b), 1);
+        t[2 + k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srli_epi16(a, 8))),
+                                      _mm512_cvtepi16_epi8(_mm512_srli_epi16(b, 8)), 1);
+    }
+}
+
 #endif

@@ -34,7 +34,10 @@ int model_load(Model *m, const char *dir, int need_mtp, Error *err) {
     return 0;
 }
 
+static void panels_free(Model *m);
+
 void model_free(Model *m) {
+    panels_free(m);
     weights_free(&m->w, &m->cfg);
     st_model_close(&m->files);
     free(m->inv_freq);
@@ -209,7 +212,65 @@ static int set_compute(const TensorSpec *t, void *ctx) {
     return 0;
 }
 
-void model_set_compute(Model *m, ComputeMode mode) { tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode); }
+// The matrices the BF16-compute products read: the linear layers and the output heads (not an
+// embedding that is only looked up).
+static int product_matrix(const TensorSpec *t) {
+    return t->mat && t->mat->compute_bf16 && (t->kind == TENSOR_LINEAR || (t->kind == TENSOR_EMBED && t->head));
+}
+
+#define PANELS_ALIGN 64
+
+typedef struct {
+    char *next;    // pack_panels: where the next matrix's panels go
+    size_t bytes;  // count_panels: the total
+} PanelWalk;
+
+static int count_panels(const TensorSpec *t, void *ctx) {
+    PanelWalk *p = ctx;
+    if (product_matrix(t)) p->bytes += (weight_panels_bytes(t->mat) + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN;
+    return 0;
+}
+
+static int pack_panels(const TensorSpec *t, void *ctx) {
+    PanelWalk *p = ctx;
+    size_t b = product_matrix(t) ? weight_panels_bytes(t->mat) : 0;
+    if (!b) return 0;
+    weight_panels_pack(p->next, t->mat);
+    t->mat->panels = p->next;
+    p->next += (b + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN;
+    return 0;
+}
+
+static int drop_panels(const TensorSpec *t, void *ctx) {
+    (void)ctx;
+    if (t->mat) t->mat->panels = NULL;
+    return 0;
+}
+
+static void panels_free(Model *m) {
+    if (m->panels) tensor_walk(&m->cfg, m->w.n_mtp, &m->w, drop_panels, NULL);
+    bigmem_free(m->panels, m->panels_bytes);
+    m->panels = NULL;
+    m->panels_bytes = 0;
+}
+
+int model_set_compute(Model *m, ComputeMode mode, Error *err) {
+    panels_free(m);
+    tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode);
+    PanelWalk pw = {0};
+    tensor_walk(&m->cfg, m->w.n_mtp, &m->w, count_panels, &pw);
+    if (pw.bytes == 0) return 0;
+    m->panels = bigmem_alloc(pw.bytes, "the BF16-compute weight panels", err);
+    if (!m->panels) {
+        mode = COMPUTE_F32;
+        tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode);
+        return -1;
+    }
+    m->panels_bytes = pw.bytes;
+    pw.next = m->panels;
+    tensor_walk(&m->cfg, m->w.n_mtp, &m->w, pack_panels, &pw);
+    return 0;
+}
 
 static int find_fp32_product(const TensorSpec *t, void *ctx) {
     (void)ctx;

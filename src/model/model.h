@@ -25,6 +25,8 @@ typedef struct Model {
     float rope_mscale;   // cos/sin factor m(mscale)/m(mscale_all_dim)
     float softmax_scale;
     MoeParallel *moe_parallel;  // the routed experts split over ranks (prefill: model_forward), or NULL
+    void *panels;               // the BF16-compute matrices' weight panels (MatView.panels), one allocation
+    size_t panels_bytes;
 } Model;
 
 // Loads config.json and the safetensors of dir. need_mtp: fail unless the MTP layers are present.
@@ -38,8 +40,13 @@ void model_free(Model *m);
 // rounded every step, which costs more than the BF16 products save in a decode step). The attention projections,
 // kv_b_proj, the dense FFN, the experts, eh_proj and the output heads (main and MTP: the largest
 // matrix a decode step reads); the router, the norms, RoPE and the attention core stay fp32.
+// Where the CPU has AVX512_BF16 with VBMI, the BF16-compute matrices are copied once into weight
+// panels (matmul.h), which every product of them then reads — prefill, decode, a batch — with one
+// order of sums whatever the number of rows (memory: a second copy of those matrices, FP8 as codes;
+// freed by COMPUTE_F32 and model_free). Fails only when that memory cannot be had (the model keeps
+// fp32 compute then).
 typedef enum { COMPUTE_F32, COMPUTE_BF16, COMPUTE_AUTO } ComputeMode;
-void model_set_compute(Model *m, ComputeMode mode);
+int model_set_compute(Model *m, ComputeMode mode, Error *err);
 // 1 when a row of a prefill chunk gets the same bits in a chunk of any other rows (every linear
 // product in BF16 compute: one chain per element; on AMX tiles, for chunks of 16 rows or more);
 // 0 when some product is fp32, whose blocked GEMM sums a row differently in chunks of other sizes.

@@ -1198,7 +1198,10 @@ int serve_run(const ServeOptions *o, Error *err) {
         return -1;
     }
     s->model_loaded = 1;
-    model_set_compute(&s->m, o->compute);
+    if (model_set_compute(&s->m, o->compute, err)) {
+        server_free(s);
+        return -1;
+    }
     s->vocab = s->m.cfg.vocab_size;
     s->tok_vocab = tok_vocab_size(s->tok);
     if (json_vocab_init(&s->json_vocab, s->tok, s->vocab)) {
