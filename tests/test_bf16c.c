@@ -449,8 +449,12 @@ TEST(test_compute_auto_marks_views) {
         CHECK(moe->moe.gate.compute_bf16 == 0);  // the router stays fp32
         CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
         CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 1 && moe->moe.gate.compute_bf16 == 0);
+        // weight panels where the CPU takes them, for the products' matrices only (not the router)
+        CHECK((m.w.layers[0].self_attn.kv_b_proj.panels != NULL) == kernels_cpu_avx512bf16_vbmi());
+        CHECK(moe->moe.gate.panels == NULL && (m.panels != NULL) == kernels_cpu_avx512bf16_vbmi());
         CHECK_MSG(model_set_compute(&m, COMPUTE_F32, &err) == 0, "%s", err.msg);
         CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 0);
+        CHECK(m.panels == NULL && m.w.layers[0].self_attn.kv_b_proj.panels == NULL);  // freed
         model_free(&m);
     }
 }
