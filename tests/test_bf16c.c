@@ -466,6 +466,50 @@ TEST(test_compute_auto_default) {
     printf("    this CPU: --compute auto is %s for BF16 and FP8 weights\n", matmul_bf16c_fast() ? "bf16" : "f32");
 }
 
+// f32 logits of the golden tokens of m (tokens ids[0..T)) into out (T, V).
+static int f32_logits(const Model *m, const int *ids, int T, float *out, Error *err) {
+    KVCache kv;
+    if (kvcache_init_as(&kv, &m->cfg, 0, T + 1, DT_F32, err)) return -1;
+    ForwardState *s = forward_state_new(m, T, T + 1, err);
+    int rc = s ? model_forward(m, s, &kv, ids, T, ATTN_PLAIN, out, NULL, NULL, err) : -1;
+    forward_state_free(s);
+    kvcache_free(&kv);
+    return rc;
+}
+
+// Where the products read only the panels, a mmapped matrix's pages go back to the page cache
+// (model.c); its bytes must still be the file's when something reads them again — the fp32
+// products after --compute f32: the same logits as before the panels, bit for bit, and the golden
+// ones.
+TEST(test_panels_release_keeps_the_weights) {
+    if (!weight_panels_only()) SKIP("the BF16-compute products do not read panels only on this CPU");
+    char dir[300], ids_text[1024], path[600];
+    snprintf(dir, sizeof dir, "%s/fp8", test_datadir());
+    int T = test_golden_ids("fp8", ids_text, sizeof ids_text), ids[256], n = 0;
+    for (char *p = ids_text; n < T && *p; p++) ids[n++] = (int)strtol(p, &p, 10);
+    CHECK(T > 0 && n == T);
+    snprintf(path, sizeof path, "%s/logits.f32", dir);
+    size_t ng;
+    float *golden = test_read_file(path, &ng);
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, dir, 0, &err) == 0, "%s", err.msg);
+    long V = m.cfg.vocab_size;
+    CHECK(golden && ng == sizeof(float) * T * V);
+    float *before = malloc(sizeof(float) * T * V), *after = malloc(sizeof(float) * T * V);
+    CHECK_MSG(f32_logits(&m, ids, T, before, &err) == 0, "%s", err.msg);
+    CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
+    CHECK(m.w.layers[m.cfg.first_k_dense_replace].moe.experts[0].down_proj.panels != NULL);
+    CHECK_MSG(model_set_compute(&m, COMPUTE_F32, &err) == 0, "%s", err.msg);
+    CHECK_MSG(f32_logits(&m, ids, T, after, &err) == 0, "%s", err.msg);
+    CHECK(memcmp(before, after, sizeof(float) * T * V) == 0);
+    double md = 0, mx = 0;
+    for (long i = 0; i < T * V; i++) md = fmax(md, fabs(after[i] - golden[i])), mx = fmax(mx, fabs(golden[i]));
+    CHECK_MSG(md <= 1e-5 * mx, "after the panels: %.3g of the largest golden logit", md / mx);
+    free(before), free(after), free(golden);
+    model_free(&m);
+}
+
 // Batch invariance holds under --compute bf16: the batch file's greedy continuations are the same
 // bits alone (--parallel 1), four at a time, and on one thread.
 TEST(test_bf16_compute_batch_invariant) {

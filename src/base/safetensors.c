@@ -1,5 +1,6 @@
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,6 +121,7 @@ int st_open(StFile *f, const char *path, Error *err) {
     }
     f->map = map;
     f->map_size = size;
+    f->mapped = load_mode != ST_READ;
     f->path = strdup(path);
     const uint8_t *p = map;
     uint64_t hlen = 0;
@@ -267,6 +269,19 @@ int st_model_open(StModel *m, const char *dir, Error *err) {
 fail:
     st_model_close(m);
     return -1;
+}
+
+void st_model_release(const StModel *m, const void *p, size_t n) {
+    const char *a = p;
+    for (int i = 0; i < m->nfiles; i++) {
+        const StFile *f = &m->files[i];
+        const char *lo = f->map, *hi = lo + f->map_size;
+        if (!f->mapped || a < lo || a + n > hi) continue;
+        uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), b = ((uintptr_t)a + page - 1) & ~(page - 1),
+                  e = ((uintptr_t)a + n) & ~(page - 1);
+        if (e > b) madvise((void *)b, e - b, MADV_DONTNEED);  // (advice: a failure leaves them resident)
+        return;
+    }
 }
 
 void st_model_close(StModel *m) {

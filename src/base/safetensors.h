@@ -25,6 +25,7 @@ typedef struct StFile {
     char *path;
     void *map;
     size_t map_size;
+    int mapped;         // 1: map is the file mmapped (ST_MAP), 0: read into memory of its own (ST_READ)
     int n;
     StTensor *tensors;  // sorted by name
 } StFile;
@@ -52,6 +53,11 @@ typedef struct StModel {
 } StModel;
 
 int st_model_open(StModel *m, const char *dir, Error *err);
+// The whole pages of [p, p + n) — data of one of m's files — given back to the page cache, where
+// the file is mmapped: a later read maps them again from there (the model keeps a copy of its own
+// of those bytes, the weight panels, and reads these rarely or never). Nothing for files read
+// into memory (their pages would be lost) or addresses outside the files.
+void st_model_release(const StModel *m, const void *p, size_t n);
 void st_model_close(StModel *m);
 const StTensor *st_model_find(const StModel *m, const char *name);
 

@@ -37,6 +37,10 @@ typedef struct MatView {
 // many bytes) on the calling thread's team (-1: w takes none).
 size_t weight_panels_bytes(const MatView *w);
 int weight_panels_pack(void *dst, const MatView *w);
+// 1 when the BF16-compute x · Wᵀ products of a view with panels read nothing else (on AMX CPUs
+// prefill's tiles read the stored rows); the stored matrix is then read only by other products
+// (x · W) and look-ups.
+int weight_panels_only(void);
 
 // out[n * ldo + r] = x[n * ldx ..] · W[r] for r in [r0, r1) with BF16 compute (matmul_bf16c.c):
 // x rounded to BF16, W as BF16 values (FP8: codes, the block scale applied per 128-column chunk),
