@@ -29,9 +29,10 @@
 #include "model/layer.h"
 #include "model/moe.h"
 
-// Output rows are handed out in units of 16 floats (one 64-byte line): threads never write the
-// same cache line.
-#define SHARE_UNIT 16
+// Output rows are handed out in units of 32: threads never write the same cache line, and a
+// weight panel's rows (matmul.h: 32 per panel) are never split between threads, each of which
+// would read the whole panel.
+#define SHARE_UNIT 32
 
 // The team's threads meet (between the phases of a step: all of a phase's outputs written before
 // any thread reads them). A TeamBarrier rather than OpenMP's: a step meets ~10 times per layer.
