@@ -102,10 +102,10 @@ int gemm_lowp_avx512bf16(float *C, int ldc, const LowpOperand *A, const LowpOper
 void lowp_pack_panels(uint32_t *out, int W, const LowpOperand *o, int i0, int len, int K, int kp_alloc);
 
 // x · Wᵀ with BF16 compute for rows [r0, r1) of w on the AVX512_BF16 dot products as a blocked
-// product (gemm_lowp's packing and register tiles): matmul_nt_bf16c's operands, but each output
+// product (gemm_lowp's packing and register tiles), the weights packed per call: each output
 // element summed along K in pairs (one fp32 chain per 256 columns, added in order; FP8: per
-// 128-column chunk, × the block scale into the total). Not that kernel's bits; a row's bits do not
-// depend on N, the other rows or the split of [r0, r1). (gemm_lowp_avx512.c)
+// 128-column chunk, × the block scale into the total) — matmul_nt_bf16c's order; a row's bits do
+// not depend on N, the other rows or the split of [r0, r1). (gemm_lowp_avx512.c)
 int matmul_nt_lowp_avx512(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
 // Two such products of the same activations at once (out_a = x · waᵀ, out_b = x · wbᵀ, all rows,
 // the activations packed once): each output the bits of matmul_nt_lowp_avx512's. -1 unless the

@@ -41,13 +41,14 @@
 // engine's prefix cache reuses rows across chunks). Where the model packed a matrix's weight
 // panels at load (AVX512_BF16 with VBMI), every product of it — prefill's, and the decode
 // products (matmul_nt_invariant) of one row, a batch or a verification — takes the register tiles
-// on those panels: one order for every N, the weights never re-packed per call. Without panels
-// the decode products take the dot-product kernel of matmul_bf16c.c (its own order, also one
-// chain per output whatever N): per-call packing made the tiles too slow for one row (measured on
-// a Xeon, 2 threads, v3-108m, batch 1 / 16 / 64: BF16 0.83x / 1.33x / 1.83x the dot products'
-// tokens/s, FP8 0.28x / 0.57x / 0.98x). On panels (Zen 4, the same model, taking turns with the
-// dot products): batch 1 BF16 871-997 against 955-964 tokens/s, FP8 1,256-1,624 against
-// 1,077-1,103; batch 64 BF16 4,311-4,638 against 3,553-3,654, FP8 4,810-4,857 against 3,004-3,128.
+// on those panels: one order for every N, the weights never re-packed per call. A view without
+// panels (off a panel's first row; a matrix no model packed) takes the same tiles packing its
+// weights per call (matmul_nt_bf16c; the same bits, too slow for a decode step's one row to be
+// the model's path: measured on a Xeon, 2 threads, v3-108m, batch 1 / 16 / 64, per-call tiles gave
+// BF16 0.83x / 1.33x / 1.83x the tokens/s of the dot-product kernel that decode then used, FP8
+// 0.28x / 0.57x / 0.98x). On panels (Zen 4, the same model, taking turns with that kernel):
+// batch 1 BF16 871-997 against 955-964 tokens/s, FP8 1,256-1,624 against 1,077-1,103; batch 64
+// BF16 4,311-4,638 against 3,553-3,654, FP8 4,810-4,857 against 3,004-3,128.
 
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 static int cpu_has_avx512, cpu_has_bf16, cpu_has_vbmi, cpu_has_amx, use_avx512, use_bf16, use_amx;

@@ -44,11 +44,14 @@ int weight_panels_only(void);
 
 // out[n * ldo + r] = x[n * ldx ..] · W[r] for r in [r0, r1) with BF16 compute (matmul_bf16c.c):
 // x rounded to BF16, W as BF16 values (FP8: codes, the block scale applied per 128-column chunk),
-// fp32 sums in a fixed order per output element (batch invariant); AVX512_BF16 dot products or a
-// portable path. The matmul_nt family takes this path for views with compute_bf16 set. No fork.
+// fp32 sums in one order per output element whatever N (batch invariant): the AVX512_BF16
+// register tiles packing w per call (matmul_nt_lowp_avx512), else a portable path with the same
+// bits. The matmul_nt family takes this path for views with compute_bf16 set and no weight
+// panels (with panels: the same tiles reading them, the same bits). No fork.
 int matmul_nt_bf16c(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
-// 1 when those products run on the CPU's BF16 dot products (AVX512_BF16 with AVX512_VBMI); 0 when
-// they would take the portable path, far slower than fp32 (so `--compute auto` picks f32 there).
+// 1 when those products run fast here: AVX512_BF16 with AVX512_VBMI, so weight panels (FP8 widened
+// by byte look-ups); 0 where a decode step's products would pack the weights per call or take the
+// portable path, slower than fp32 (so `--compute auto` picks f32 there).
 int matmul_bf16c_fast(void);
 
 // Rows [r0, r0 + n) of w, as a view.

@@ -35,9 +35,9 @@ void model_free(Model *m);
 // The arithmetic of the linear layers' products (--compute): COMPUTE_F32 (the default: activations
 // and weights in fp32), COMPUTE_BF16 (activations rounded to BF16, weights as BF16 values — FP8
 // codes exactly, with their scales per 128-column chunk — fp32 sums; matmul_nt_bf16c), or
-// COMPUTE_AUTO: BF16 for the matrices stored in BF16 or FP8 where the CPU runs BF16 products on
-// its dot-product units (matmul_bf16c_fast), fp32 for the rest (F32 and F16 weights would be
-// rounded every step, which costs more than the BF16 products save in a decode step). The attention projections,
+// COMPUTE_AUTO: BF16 for the matrices stored in BF16 or FP8 where the CPU runs BF16 products fast
+// (matmul_bf16c_fast), fp32 for the rest (F32 and F16 checkpoints keep their precision unless
+// asked: the panels would round their weights). The attention projections,
 // kv_b_proj, the dense FFN, the experts, eh_proj and the output heads (main and MTP: the largest
 // matrix a decode step reads); the router, the norms, RoPE and the attention core stay fp32.
 // Where the CPU has AVX512_BF16 with VBMI, the BF16-compute matrices are copied once into weight
