@@ -78,10 +78,11 @@ static double reference(const TestW *w, int r, const float *xn, double *mag) {
     return want;
 }
 
-// Every weight type on ragged shapes — rows across the kernel's blocks of 16 and a view starting
-// inside the matrix (FP8 scales of the whole matrix), columns around the steps of 32 and 64 and
-// the chunks of 128, short and long rows — and numbers of activation rows that take each tile shape, within the fp32
-// accumulation bound of fp64 sums; each row alone (or in a pair) gives the bits it gave among all.
+// matmul_nt_bf16c (the register tiles packing the weights per call; forced: the portable path) on
+// every weight type and ragged shapes — a view starting inside the matrix (FP8 scales of the whole
+// matrix), columns around the pairs, the steps of 32, the chunks of 128 and the chains of 256,
+// short and long rows — within the fp32 accumulation bound of fp64 sums; each row alone (or in a
+// pair) gives the bits it gave among all, and so does a share of the rows.
 TEST(test_bf16c_against_fp64) {
     const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
     const int colss[] = {1, 31, 32, 33, 63, 64, 65, 100, 129, 300, 512, 1030, 2100};  // (from 1,024: one row at a time)
@@ -258,8 +259,8 @@ TEST(test_bf16c_amx_against_fp64) {
 }
 
 // The portable path is the dot-product instruction's documented arithmetic (two products per lane,
-// the odd one added first, each add rounded) in the same order: the same bits as the AVX512_BF16
-// path, on operands without BF16 subnormals (which the instruction reads as zero).
+// the odd one added first, each add rounded) in the register tiles' order: the same bits as the
+// AVX512_BF16 tiles, on operands without BF16 subnormals (which the instruction reads as zero).
 TEST(test_bf16c_portable_equals_instruction) {
     // First a probe of the instruction itself: lane 0 holds 1 after the first step, then adds two
     // products of 2^-24. Each add rounded (the documented arithmetic): 1; the pair rounded once: 1 +
