@@ -229,14 +229,65 @@ static void decode_step_costs(void *pool, const float *x, float *out) {
     Pool p = pool_views(pool, DT_F8_E4M3, 768, 1024);
     MatView v = p.views[0];
     v.compute_bf16 = 1;
+    void *panels = weight_panels_bytes(&v) ? aligned_alloc(64, (weight_panels_bytes(&v) + 63) / 64 * 64) : NULL;
+    if (panels && weight_panels_pack(panels, &v) == 0) v.panels = panels;  // as a loaded model has them
     double g[RUNS];
     for (int r = -1; r < RUNS; r++) {
         double t = bench_now();
         for (int k = 0; k < 400; k++) matmul_nt_invariant(out, 768, x, 1024, &v, 1, 0, 768);
         if (r >= 0) g[r] = 400.0 * 768 * 1024 / (bench_now() - t) / 1e9;
     }
-    printf("FP8 one-row product, bf16 compute, one thread, 768x1024 in cache: %5.1f GB/s of codes\n", bench_median(g, RUNS));
-    free(p.views), free(p.scale);
+    printf("FP8 one-row product, bf16 compute%s, one thread, 768x1024 in cache: %5.1f GB/s of codes\n",
+           v.panels ? " on panels" : "", bench_median(g, RUNS));
+    free(p.views), free(p.scale), free(panels);
+}
+
+// The BF16-compute products as a loaded model runs them (weight panels, matmul.h) on a routed
+// expert's gate of the 108M model (256 x 512), N activation rows — a decode step's one, a batch's
+// few per expert, a prompt's many — the panels of one matrix copied over the pool so that every
+// product streams its weights from memory, the rows split between the threads as a decode step
+// splits them: GB/s of the weights' stored bytes (and the share of the read bandwidth) and GFLOP/s.
+static void panel_products(void *pool, const float *x, float *out, double bw) {
+    const DType types[] = {DT_BF16, DT_F8_E4M3};
+    enum { ROWS = 256, COLS = 512 };
+    for (int ti = 0; ti < 2; ti++) {
+        pool_fill(pool, types[ti]);
+        Pool p = pool_views(pool, types[ti], ROWS, COLS);
+        MatView w = p.views[0];
+        w.compute_bf16 = 1;
+        size_t pb = (weight_panels_bytes(&w) + 63) / 64 * 64;
+        void *panels = pb ? aligned_alloc(64, POOL_BYTES) : NULL;
+        if (!panels || weight_panels_pack(panels, &w)) {
+            printf("BF16-compute products on weight panels: none on this CPU (AVX512_BF16 with VBMI)\n");
+            free(panels), free(p.views), free(p.scale);
+            return;
+        }
+        int count = (int)(POOL_BYTES / pb);
+        for (int i = 1; i < count; i++) memcpy((char *)panels + (size_t)i * pb, panels, pb);
+        double stored = (double)ROWS * COLS * dtype_size(types[ti]);
+        for (int N = 1; N <= 64; N *= N < 8 ? 2 : 8) {
+            double g[RUNS];
+            for (int r = -1; r < RUNS; r++) {
+                double t = bench_now();
+#pragma omp parallel
+                {
+                    int nt = omp_get_num_threads(), th = omp_get_thread_num();
+                    int r0 = ROWS / 32 * th / nt * 32, r1 = ROWS / 32 * (th + 1) / nt * 32;
+                    for (int i = 0; i < count; i++) {
+                        MatView v = w;
+                        v.panels = (char *)panels + (size_t)i * pb;
+                        matmul_nt_invariant(out, ROWS, x, COLS, &v, N, r0, r1);
+                    }
+                }
+                if (r >= 0) g[r] = count / (bench_now() - t);  // products per second
+            }
+            double per_s = bench_median(g, RUNS);
+            printf("BF16-compute product on panels, %-7s N=%-2d %dx%d: %6.1f GB/s of weights (%3.0f%% of read bandwidth), "
+                   "%6.1f GFLOP/s\n", dtype_name(types[ti]), N, ROWS, COLS, per_s * stored / 1e9, 100 * per_s * stored / 1e9 / bw,
+                   per_s * 2.0 * N * ROWS * COLS / 1e9);
+        }
+        free(panels), free(p.views), free(p.scale);
+    }
 }
 
 int main(void) {
@@ -307,6 +358,7 @@ int main(void) {
         }
         free(p.views), free(p.scale);
     }
+    panel_products(pool, x, out, bw);
     decode_step_costs(pool, x, out);
     fp8_accumulation_table();
     printf("bench_kernels total time:                   %6.1f s\n", bench_now() - t_start);
