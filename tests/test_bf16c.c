@@ -441,6 +441,7 @@ TEST(test_compute_auto_marks_views) {
         Error err = {0};
         CHECK_MSG(model_load(&m, dir, 0, &err) == 0, "%s", err.msg);
         CHECK_MSG(model_set_compute(&m, COMPUTE_AUTO, &err) == 0, "%s", err.msg);
+        CHECK(model_panels_bytes(&m, COMPUTE_AUTO, NULL) == m.panels_bytes);  // what `dsv3 info` says
         const LayerWeights *moe = &m.w.layers[m.cfg.first_k_dense_replace];
         int low = m.w.layers[0].self_attn.kv_b_proj.dtype != DT_F32;  // BF16 or FP8 weights
         int want = low && matmul_bf16c_fast();
@@ -452,6 +453,7 @@ TEST(test_compute_auto_marks_views) {
         CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 1 && moe->moe.gate.compute_bf16 == 0);
         // weight panels where the CPU takes them, for the products' matrices only (not the router)
         CHECK((m.w.layers[0].self_attn.kv_b_proj.panels != NULL) == kernels_cpu_avx512bf16_vbmi());
+        CHECK(model_panels_bytes(&m, COMPUTE_BF16, NULL) == m.panels_bytes);
         CHECK(moe->moe.gate.panels == NULL && (m.panels != NULL) == kernels_cpu_avx512bf16_vbmi());
         CHECK_MSG(model_set_compute(&m, COMPUTE_F32, &err) == 0, "%s", err.msg);
         CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 0);

@@ -25,13 +25,16 @@ int cmd_info(int argc, char **argv) {
     const ModelConfig *c = &m.cfg;
     ParamCounts p = tensor_count_params(c);
     size_t kvb = kvcache_bytes_per_token(c, DT_F32), kvb16 = kvcache_bytes_per_token(c, DT_BF16);
+    int panel_matrices;
+    size_t panels = model_panels_bytes(&m, COMPUTE_AUTO, &panel_matrices);
     if (args_flag(&a, "json")) {
-        json_t *o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I,s:I,s:s,s:I,s:i,s:i,s:s,s:s}", "model_type", c->model_type,
+        json_t *o = json_pack("{s:s,s:I,s:I,s:I,s:I,s:I,s:I,s:s,s:I,s:I,s:i,s:i,s:s,s:s}", "model_type", c->model_type,
                               "total_params", (json_int_t)p.total, "active_params", (json_int_t)p.active,
                               "mtp_params", (json_int_t)p.mtp_total, "mtp_active_params", (json_int_t)p.mtp_active,
                               "kv_bytes_per_token", (json_int_t)kvb, "kv_bytes_per_token_bf16", (json_int_t)kvb16,
                               "kv_cache_dtype", "f32", "mapped_bytes",
-                              (json_int_t)m.files.mapped_bytes, "layers", c->num_hidden_layers, "mtp_modules",
+                              (json_int_t)m.files.mapped_bytes, "panel_bytes", (json_int_t)panels, "layers",
+                              c->num_hidden_layers, "mtp_modules",
                               m.w.n_mtp, "weight_dtype", dtype_name(m.w.layers[0].self_attn.o_proj.dtype), "isa",
                               kernels_isa());
         char *s = json_dumps(o, JSON_INDENT(2));
@@ -55,6 +58,13 @@ int cmd_info(int argc, char **argv) {
         printf("weights          %s, %zu bytes mapped from %d file(s)\n",
                dtype_name(m.w.layers[0].self_attn.o_proj.dtype), m.files.mapped_bytes, m.files.nfiles);
         printf("kernels          %s\n", kernels_isa());
+        if (panels)
+            printf("weight panels    %.1f MB for %d matrices under --compute auto (the BF16-compute matrices packed at\n"
+                   "                 load by generate, chat and serve; the mmapped originals read only through\n"
+                   "                 them go back to the page cache)\n",
+                   panels / 1e6, panel_matrices);
+        else
+            printf("weight panels    none under --compute auto\n");
     }
     model_free(&m);
     return 0;

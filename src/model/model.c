@@ -202,15 +202,21 @@ size_t kvcache_bytes_per_token(const ModelConfig *c, DType dtype) {
     return (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * c->num_hidden_layers * dtype_size(dtype);
 }
 
-static int set_compute(const TensorSpec *t, void *ctx) {
-    ComputeMode mode = *(const ComputeMode *)ctx;
-    if (!t->mat || (t->kind != TENSOR_LINEAR && t->kind != TENSOR_EMBED)) return 0;
+// Does mode compute this linear layer or embedding's products in BF16?
+static int bf16_under(const TensorSpec *t, ComputeMode mode) {
     DType dt = t->mat->dtype;
     // (auto: FP8 only in the release's 128 x 128 blocks, which the BF16-compute kernels take)
-    t->mat->compute_bf16 = mode == COMPUTE_BF16 || (mode == COMPUTE_AUTO && matmul_bf16c_fast() &&
-                                                    (dt == DT_BF16 || (dt == DT_F8_E4M3 && t->mat->block == 128)));
+    return mode == COMPUTE_BF16 || (mode == COMPUTE_AUTO && matmul_bf16c_fast() &&
+                                    (dt == DT_BF16 || (dt == DT_F8_E4M3 && t->mat->block == 128)));
+}
+
+static int set_compute(const TensorSpec *t, void *ctx) {
+    if (!t->mat || (t->kind != TENSOR_LINEAR && t->kind != TENSOR_EMBED)) return 0;
+    t->mat->compute_bf16 = bf16_under(t, *(const ComputeMode *)ctx);
     return 0;
 }
+
+#define PANELS_ALIGN 64
 
 // The matrices the BF16-compute products read: the linear layers and the output heads (not an
 // embedding that is only looked up).
@@ -218,7 +224,27 @@ static int product_matrix(const TensorSpec *t) {
     return t->mat && t->mat->compute_bf16 && (t->kind == TENSOR_LINEAR || (t->kind == TENSOR_EMBED && t->head));
 }
 
-#define PANELS_ALIGN 64
+typedef struct {
+    ComputeMode mode;
+    size_t bytes;
+    int n;
+} PanelPlan;
+
+static int plan_panels(const TensorSpec *t, void *ctx) {
+    PanelPlan *p = ctx;
+    if (!t->mat || !(t->kind == TENSOR_LINEAR || (t->kind == TENSOR_EMBED && t->head)) || !bf16_under(t, p->mode)) return 0;
+    size_t b = weight_panels_bytes(t->mat);
+    p->bytes += (b + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN;
+    p->n += b > 0;
+    return 0;
+}
+
+size_t model_panels_bytes(const Model *m, ComputeMode mode, int *matrices) {
+    PanelPlan p = {.mode = mode};
+    tensor_walk(&m->cfg, m->w.n_mtp, (ModelWeights *)&m->w, plan_panels, &p);
+    if (matrices) *matrices = p.n;
+    return p.bytes;
+}
 
 typedef struct {
     size_t bytes;    // the total

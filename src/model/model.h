@@ -47,6 +47,9 @@ void model_free(Model *m);
 // fp32 compute then).
 typedef enum { COMPUTE_F32, COMPUTE_BF16, COMPUTE_AUTO } ComputeMode;
 int model_set_compute(Model *m, ComputeMode mode, Error *err);
+// The bytes of weight panels model_set_compute(mode) would allocate (0: none on this CPU), and
+// in *matrices (when not NULL) how many matrices they hold.
+size_t model_panels_bytes(const Model *m, ComputeMode mode, int *matrices);
 // 1 when a row of a prefill chunk gets the same bits in a chunk of any other rows (every linear
 // product in BF16 compute: one chain per element; on AMX tiles, for chunks of 16 rows or more);
 // 0 when some product is fp32, whose blocked GEMM sums a row differently in chunks of other sizes.
