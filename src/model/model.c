@@ -218,53 +218,44 @@ static int set_compute(const TensorSpec *t, void *ctx) {
 
 #define PANELS_ALIGN 64
 
-// The matrices the BF16-compute products read: the linear layers and the output heads (not an
-// embedding that is only looked up).
-static int product_matrix(const TensorSpec *t) {
-    return t->mat && t->mat->compute_bf16 && (t->kind == TENSOR_LINEAR || (t->kind == TENSOR_EMBED && t->head));
+// The bytes t's weight panels take when its products are BF16-compute (bf16): the linear layers
+// and the output heads (not an embedding only looked up); 0 for the rest and where the CPU takes
+// none.
+static size_t panel_bytes_of(const TensorSpec *t, int bf16) {
+    if (!bf16 || !(t->kind == TENSOR_LINEAR || (t->kind == TENSOR_EMBED && t->head))) return 0;
+    return (weight_panels_bytes(t->mat) + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN;
 }
 
 typedef struct {
+    int plan;          // 1: under mode (model_panels_bytes); 0: as the views are marked now
     ComputeMode mode;
-    size_t bytes;
-    int n;
-} PanelPlan;
-
-static int plan_panels(const TensorSpec *t, void *ctx) {
-    PanelPlan *p = ctx;
-    if (!t->mat || !(t->kind == TENSOR_LINEAR || (t->kind == TENSOR_EMBED && t->head)) || !bf16_under(t, p->mode)) return 0;
-    size_t b = weight_panels_bytes(t->mat);
-    p->bytes += (b + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN;
-    p->n += b > 0;
-    return 0;
-}
-
-size_t model_panels_bytes(const Model *m, ComputeMode mode, int *matrices) {
-    PanelPlan p = {.mode = mode};
-    tensor_walk(&m->cfg, m->w.n_mtp, (ModelWeights *)&m->w, plan_panels, &p);
-    if (matrices) *matrices = p.n;
-    return p.bytes;
-}
-
-typedef struct {
-    size_t bytes;    // the total
-    MatView **mats;  // (n) the matrices in walk order, once counted
-    char *release;   // (n) 1: its stored bytes are read by nothing but its products (not an embedding's
-                     // look-ups, not kv_b_proj's x · W_UK in absorbed attention)
-    int n;
+    size_t bytes;      // the total
+    int n;             // matrices
+    MatView **mats;    // (n) the matrices in walk order, once counted (model_set_compute)
+    size_t *at;        // (n) their panels' offsets
+    char *release;     // (n) 1: its stored bytes are read by nothing but its products (not an
+                       // embedding's look-ups, not kv_b_proj's x · W_UK in absorbed attention)
 } PanelWalk;
 
 static int count_panels(const TensorSpec *t, void *ctx) {
     PanelWalk *p = ctx;
-    size_t b = product_matrix(t) ? weight_panels_bytes(t->mat) : 0;
+    size_t b = t->mat ? panel_bytes_of(t, p->plan ? bf16_under(t, p->mode) : t->mat->compute_bf16) : 0;
     if (!b) return 0;
-    p->bytes += (b + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN;
     if (p->mats) {
         p->mats[p->n] = t->mat;
+        p->at[p->n] = p->bytes;
         p->release[p->n] = t->kind == TENSOR_LINEAR && !strstr(t->name, "kv_b_proj");
     }
+    p->bytes += b;
     p->n++;
     return 0;
+}
+
+size_t model_panels_bytes(const Model *m, ComputeMode mode, int *matrices) {
+    PanelWalk p = {.plan = 1, .mode = mode};
+    tensor_walk(&m->cfg, m->w.n_mtp, (ModelWeights *)&m->w, count_panels, &p);
+    if (matrices) *matrices = p.n;
+    return p.bytes;
 }
 
 static int drop_panels(const TensorSpec *t, void *ctx) {
@@ -288,35 +279,29 @@ int model_set_compute(Model *m, ComputeMode mode, Error *err) {
     if (pw.bytes == 0) return 0;
     size_t n = (size_t)pw.n;
     pw = (PanelWalk){.mats = xcalloc(err, n, sizeof *pw.mats, "the list of weight panels"),
+                     .at = xcalloc(err, n, sizeof *pw.at, "the list of weight panels"),
                      .release = xcalloc(err, n, 1, "the list of weight panels")};
-    if (!pw.mats || !pw.release) goto fail;
+    if (!pw.mats || !pw.at || !pw.release) goto fail;
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, count_panels, &pw);
     m->panels = bigmem_alloc(pw.bytes, "the BF16-compute weight panels", err);
     if (!m->panels) goto fail;
     m->panels_bytes = pw.bytes;
-    // each matrix's place, then the matrices packed in parallel, each by one thread (a team per
-    // matrix spent more time forking than packing: ~800 matrices in a 100M model)
-    size_t *at = xcalloc(err, n, sizeof *at, "the list of weight panels");
-    if (!at) goto fail;
-    for (size_t i = 1; i < n; i++)
-        at[i] = at[i - 1] + (weight_panels_bytes(pw.mats[i - 1]) + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN;
-    // A mmapped matrix whose every read is now its panels' gives its pages back to the page cache:
-    // the process holds one copy, not two (v3-108m BF16, `generate --compute bf16`: peak resident 422 -> 233 MB; FP8 229 -> 136).
+    // The matrices packed in parallel, each by one thread (a team per matrix spent more time forking
+    // than packing: ~800 matrices in a 100M model). A mmapped matrix whose every read is now its
+    // panels' gives its pages back to the page cache: the process holds one copy, not two
+    // (v3-108m BF16, `generate --compute bf16`: peak resident 422 -> 233 MB; FP8 229 -> 136).
     const int release = weight_panels_only();
 #pragma omp parallel for schedule(dynamic)
     for (size_t i = 0; i < n; i++) {
         MatView *w = pw.mats[i];
-        weight_panels_pack((char *)m->panels + at[i], w);
-        w->panels = (char *)m->panels + at[i];
+        weight_panels_pack((char *)m->panels + pw.at[i], w);
+        w->panels = (char *)m->panels + pw.at[i];
         if (release && pw.release[i]) st_model_release(&m->files, w->data, tensor_view_bytes(w));
     }
-    free(at);
-    free(pw.mats);
-    free(pw.release);
+    free(pw.mats), free(pw.at), free(pw.release);
     return 0;
 fail:
-    free(pw.mats);
-    free(pw.release);
+    free(pw.mats), free(pw.at), free(pw.release);
     panels_free(m);
     mode = COMPUTE_F32;
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode);
