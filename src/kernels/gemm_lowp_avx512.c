@@ -532,10 +532,11 @@ AVX512BF16 int matmul_nt2_lowp_avx512(float *out_a, int ldo_a, float *out_b, int
 
 // ---- Weight panels (matmul.h): the blocked BF16-compute product on weights packed at load ----
 // The same order of sums as matmul_nt_lowp_avx512 (the panels hold the values pack_weights would
-// pack; micro_tile sums them), so a product on panels is that kernel's bits — for every N: with
-// few activation rows (SKINNY_MAX_N) several panels go at once, each output still one chain per
-// 256 columns (FP8: per 128-column chunk, scaled into the total) as micro_tile sums it, since one
-// row's tile has too few sums in flight to hide the instruction's latency.
+// pack; micro_tile sums them), so a product on panels is that kernel's bits — for every N. Up to
+// SKINNY_MAX_N activation rows the panels go straight into registers (FP8 codes widened there,
+// not into scratch), several at once for the fewest rows, whose own tile would have too few sums
+// in flight to hide the instruction's latency; each output is still one chain per 256 columns
+// (FP8: per 128-column chunk, scaled into the total) as micro_tile sums it.
 
 enum {
     SKINNY_MAX_N = 12,
