@@ -81,7 +81,9 @@ int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *w
 // other rows and the split of the output — so a row's bits never depend on what it is batched
 // with (batched decoding, speculative verification; tests/test_kernels.c). Weights are still read
 // from memory once for all N rows (row groups follow each other over a tile kept in cache), but
-// for large N the blocked product of matmul_nt is faster.
+// for large N the blocked product of matmul_nt is faster. With compute_bf16 these are the BF16
+// products of matmul_nt_bf16c's order — on the view's weight panels where it has them, the same
+// kernel as matmul_nt's, so there the two entries give the same bits.
 // matmul_nt_invariant: out[n * ldo + r] = x[n * ldx ..] · W[r] for r in [r0, r1).
 // matmul_nn_invariant: out[n * ldo + c] (add: +=, the chain going on from out) Σ_r x[n * ldx + r]
 // W[r][c] for c in [c0, c1): a sum over row blocks, block after block, is the one chain.
