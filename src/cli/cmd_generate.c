@@ -207,7 +207,9 @@ int cmd_generate(int argc, char **argv) {
     ComputeMode cmode;
     if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "auto", &cmode, &err) || model_load(&m, dir, 0, &err))
         goto done_prompts;
-    if (model_set_compute(&m, cmode, &err) || (E > 1 && cli_expert_parallel_start(&m, &ep, &err))) {
+    // (the experts split first: a rank packs weight panels for its own experts only)
+    if ((E > 1 && cli_expert_parallel_start(&m, &ep, &err)) || model_set_compute(&m, cmode, &err)) {
+        expert_parallel_free(ep);
         model_free(&m);
         goto done_prompts;
     }

@@ -86,7 +86,8 @@ int cmd_logits(int argc, char **argv) {
     size_t n_routes = (size_t)m.cfg.num_hidden_layers * T * (m.cfg.num_experts_per_tok > 0 ? m.cfg.num_experts_per_tok : 1);
     float *logits = NULL, *mtp = NULL;
     ExpertParallel *ep = NULL;
-    if (model_set_compute(&m, cmode, &err) || (E > 1 && cli_expert_parallel_start(&m, &ep, &err))) goto done;
+    // (the experts split first: a rank packs weight panels for its own experts only)
+    if ((E > 1 && cli_expert_parallel_start(&m, &ep, &err)) || model_set_compute(&m, cmode, &err)) goto done;
     if (mtp_out && m.w.n_mtp == 0) {
         err_set(&err, "%s: --mtp-out: the model has no MTP module (num_nextn_predict_layers is 0)", dir);
         goto done;

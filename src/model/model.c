@@ -229,6 +229,7 @@ static size_t panel_bytes_of(const TensorSpec *t, int bf16) {
 typedef struct {
     int plan;          // 1: under mode (model_panels_bytes); 0: as the views are marked now
     ComputeMode mode;
+    const MoeParallel *mp;  // routed experts split over ranks: only this rank's get panels
     size_t bytes;      // the total
     int n;             // matrices
     MatView **mats;    // (n) the matrices in walk order, once counted (model_set_compute)
@@ -240,7 +241,7 @@ typedef struct {
 static int count_panels(const TensorSpec *t, void *ctx) {
     PanelWalk *p = ctx;
     size_t b = t->mat ? panel_bytes_of(t, p->plan ? bf16_under(t, p->mode) : t->mat->compute_bf16) : 0;
-    if (!b) return 0;
+    if (!b || (p->mp && t->expert >= 0 && !p->mp->ops->holds(p->mp, t->expert))) return 0;
     if (p->mats) {
         p->mats[p->n] = t->mat;
         p->at[p->n] = p->bytes;
@@ -252,7 +253,7 @@ static int count_panels(const TensorSpec *t, void *ctx) {
 }
 
 size_t model_panels_bytes(const Model *m, ComputeMode mode, int *matrices) {
-    PanelWalk p = {.plan = 1, .mode = mode};
+    PanelWalk p = {.plan = 1, .mode = mode, .mp = m->moe_parallel};
     tensor_walk(&m->cfg, m->w.n_mtp, (ModelWeights *)&m->w, count_panels, &p);
     if (matrices) *matrices = p.n;
     return p.bytes;
@@ -274,11 +275,12 @@ static void panels_free(Model *m) {
 int model_set_compute(Model *m, ComputeMode mode, Error *err) {
     panels_free(m);
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode);
-    PanelWalk pw = {0};
+    PanelWalk pw = {.mp = m->moe_parallel};
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, count_panels, &pw);
     if (pw.bytes == 0) return 0;
     size_t n = (size_t)pw.n;
-    pw = (PanelWalk){.mats = xcalloc(err, n, sizeof *pw.mats, "the list of weight panels"),
+    pw = (PanelWalk){.mp = m->moe_parallel,
+                     .mats = xcalloc(err, n, sizeof *pw.mats, "the list of weight panels"),
                      .at = xcalloc(err, n, sizeof *pw.at, "the list of weight panels"),
                      .release = xcalloc(err, n, 1, "the list of weight panels")};
     if (!pw.mats || !pw.at || !pw.release) goto fail;

@@ -43,8 +43,8 @@ void model_free(Model *m);
 // Where the CPU has AVX512_BF16 with VBMI, the BF16-compute matrices are copied once into weight
 // panels (matmul.h), which every product of them then reads — prefill, decode, a batch — with one
 // order of sums whatever the number of rows (memory: a second copy of those matrices, FP8 as codes;
-// freed by COMPUTE_F32 and model_free). Fails only when that memory cannot be had (the model keeps
-// fp32 compute then).
+// freed by COMPUTE_F32 and model_free; with m->moe_parallel set, only this rank's routed experts).
+// Fails only when that memory cannot be had (the model keeps fp32 compute then).
 typedef enum { COMPUTE_F32, COMPUTE_BF16, COMPUTE_AUTO } ComputeMode;
 int model_set_compute(Model *m, ComputeMode mode, Error *err);
 // The bytes of weight panels model_set_compute(mode) would allocate (0: none on this CPU), and
