@@ -265,7 +265,9 @@ static void panel_products(void *pool, const float *x, float *out, double bw) {
         int count = (int)(POOL_BYTES / pb);
         for (int i = 1; i < count; i++) memcpy((char *)panels + (size_t)i * pb, panels, pb);
         double stored = (double)ROWS * COLS * dtype_size(types[ti]);
-        for (int N = 1; N <= 64; N *= N < 8 ? 2 : 8) {
+        static const int Ns[] = {1, 2, 4, 8, 16, 64};
+        for (int ni = 0; ni < 6; ni++) {
+            const int N = Ns[ni];
             double g[RUNS];
             for (int r = -1; r < RUNS; r++) {
                 double t = bench_now();

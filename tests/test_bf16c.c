@@ -205,12 +205,12 @@ TEST(test_bf16c_panels_equal_register_tiles) {
     if (!kernels_cpu_avx512bf16_vbmi()) SKIP("no AVX512_BF16 with VBMI: no weight panels on this CPU");
     const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
     const int colss[] = {1, 31, 33, 129, 300, 1030, 4100};
-    const int Ns[] = {1, 2, 3, 4, 5, 6, 7, 12, 13, 40, 200};
+    const int Ns[] = {1, 2, 3, 4, 5, 6, 7, 12, 13, 24, 25, 40, 200};
     uint64_t seed = 77;
     int compared = 0;
     for (int ti = 0; ti < 4; ti++)
         for (int ci = 0; ci < 7; ci++)
-            for (int ni = 0; ni < 11; ni++) {
+            for (int ni = 0; ni < 13; ni++) {
                 int cols = colss[ci], N = Ns[ni];
                 if (cols == 4100 && N != 1 && N != 40 && N != 200) continue;
                 int rows = (ci + ni) % 3 == 0 ? 37 : (ci + ni) % 3 == 1 ? 96 : 160, skip = 32 * (ni % 3);
