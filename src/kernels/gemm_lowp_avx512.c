@@ -451,6 +451,21 @@ AVX512BF16 static void pack_weights(uint32_t *out, const MatView *w, int r0, int
     }
 }
 
+// first[i]: the row of a stack of weight matrices (ws[0]'s rows, then ws[1]'s, ...) member i starts
+// at, first[n_ws] all of them; -1 unless the members are alike (the same columns, FP8 or not) and
+// every one but the last is a whole number of panels.
+static int stack_rows(const MatView *const *ws, int n_ws, int first[8]) {
+    if (n_ws < 1 || n_ws > 7) return -1;
+    const int fp8 = ws[0]->dtype == DT_F8_E4M3;
+    first[0] = 0;
+    for (int i = 0; i < n_ws; i++) {
+        if (ws[i]->cols != ws[0]->cols || (ws[i]->dtype == DT_F8_E4M3) != fp8 || (i + 1 < n_ws && ws[i]->rows % NR))
+            return -1;
+        first[i + 1] = first[i] + ws[i]->rows;
+    }
+    return 0;
+}
+
 // Rows [r0, r1) of a stack of weight matrices with the same columns (ws[0]'s rows, then ws[1]'s,
 // ...; every one but the last a whole number of panels, r0 on a panel when there are several)
 // against the same activations, each member's outputs into its own out[i] (row stride ldo[i]):
@@ -459,14 +474,10 @@ AVX512BF16 static int lowp_nt_stack(float *const *out, const int *ldo, const Mat
                                     const float *x, int ldx, int N, int r0, int r1) {
     if (N <= 0 || r1 <= r0) return 0;
     const int K = ws[0]->cols, fp8 = ws[0]->dtype == DT_F8_E4M3;
+    int first[8];
+    if (stack_rows(ws, n_ws, first) || (n_ws > 1 && r0 % NR)) return -1;
     for (int i = 0; i < n_ws; i++)
-        if (ws[i]->cols != K || (ws[i]->dtype == DT_F8_E4M3) != fp8 || (fp8 && (ws[i]->block != 128 || !ws[i]->scale_inv)) ||
-            (i + 1 < n_ws && (ws[i]->rows % NR || r0 % NR)))
-            return -1;  // (the release's FP8 blocks; a stack of like matrices)
-    int first[8];  // the stacked row each member starts at
-    if (n_ws > 7) return -1;
-    first[0] = 0;
-    for (int i = 0; i < n_ws; i++) first[i + 1] = first[i] + ws[i]->rows;
+        if (fp8 && (ws[i]->block != 128 || !ws[i]->scale_inv)) return -1;  // (the release's FP8 blocks)
     if (K <= 0) {
         for (int i = 0; i < n_ws; i++) {
             int a = r0 > first[i] ? r0 : first[i], b = r1 < first[i + 1] ? r1 : first[i + 1];
@@ -713,18 +724,12 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
     if (N <= 0 || r1 <= r0) return 0;
     const int K = ws[0]->cols, fp8 = ws[0]->dtype == DT_F8_E4M3;
     int first[8];
-    if (n_ws > 7) return -1;
-    first[0] = 0;
-    for (int i = 0; i < n_ws; i++) {
-        if (!ws[i]->panels || ws[i]->cols != K || (ws[i]->dtype == DT_F8_E4M3) != fp8 || (i + 1 < n_ws && ws[i]->rows % NR))
-            return -1;  // (a stack of like matrices, each on whole panels)
-        first[i + 1] = first[i] + ws[i]->rows;
-    }
-    if (K <= 0) return -1;  // (panels have columns)
+    if (stack_rows(ws, n_ws, first) || K <= 0) return -1;  // (panels have columns)
+    for (int i = 0; i < n_ws; i++)
+        if (!ws[i]->panels) return -1;
     const int kp_all = (K + 1) / 2, p0 = r0 / NR, p1 = (r1 - 1) / NR;
     __m512i tab[4];
     if (fp8) fp8_widen_tables(tab);
-    const LowpOperand xo = {.data = x, .ld = ldx, .fmt = LOWP_BF16};
     if (N <= 2 * SKINNY_MAX_N) {
         // Up to SKINNY_MAX_N rows at once; up to twice that in two groups, the second right after the
         // first on each panel (from L1): FP8 codes widened twice in registers rather than once into
@@ -760,6 +765,7 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
         }
         return 0;
     }
+    const LowpOperand xo = {.data = x, .ld = ldx, .fmt = LOWP_BF16};
     // Blocks of activation rows packed whole (every slice of K; up to MC rows, at most ~512 KiB), then
     // each panel read from its first pair to its last — one stream from memory per panel (slice
     // after slice of all the panels instead: 16 KiB pieces 32 KiB apart at K = 512, a third slower).
