@@ -634,7 +634,7 @@ static Panel panel_at(float *const *out, const int *ldo, const MatView *const *w
                                                     : NULL};
 }
 
-// N_ activation rows (words ap[kp · N_ + n]) against P_ panels at once, all of K.
+// N_ activation rows (row n's words at ap + n · kp_all) against P_ panels at once, all of K.
 AVX512BF16_VBMI_INLINE void skinny(const int N_, const int P_, const int fp8, const Panel *pn, const uint32_t *ap,
                                    int kp_all, const __m512i tab[4]) {
     const int chain = fp8 ? CH / 2 : KC / 2;  // pairs summed from zero: micro_tile's chunk / slice
@@ -670,7 +670,7 @@ AVX512BF16_VBMI_INLINE void skinny(const int N_, const int P_, const int fp8, co
             }
 #pragma GCC unroll 12
             for (int n = 0; n < N_; n++) {
-                __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[(size_t)kp * N_ + n]);
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)ap[(size_t)n * kp_all + kp]);
 #pragma GCC unroll 4
                 for (int q = 0; q < P_; q++) {
                     acc[n][q][0] = _mm512_dpbf16_ps(acc[n][q][0], a, b[q][0]);
@@ -738,19 +738,17 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
         const int n1 = N <= SKINNY_MAX_N ? N : (N + 1) / 2, n2 = N - n1;
         uint32_t *ap = (uint32_t *)kernels_scratch((size_t)N * kp_all);
         if (!ap) return -1;
-        // group g's word (kp, n) at kp · n_g + n: pack's words (one tile of the group's rows),
-        // without its transposition
-        for (int n = 0; n < N; n++) {
-            uint32_t *g = n < n1 ? ap : ap + (size_t)n1 * kp_all;
-            int rows = n < n1 ? n1 : n2, i = n < n1 ? n : n - n1;
+        // row n's BF16 pairs at ap + n · kp_all, as they come: the kernel broadcasts one word of
+        // each row per pair, from N short streams in L1 (a pair-major copy, transposed word by
+        // word, cost a 16-row step of v3-108m ~7% of its time)
+        for (int n = 0; n < N; n++)
             for (int k = 0; k < K; k += 32) {
                 const float *xr = x + (size_t)n * ldx + k;
-                uint32_t w[16];
-                _mm512_storeu_si512(w, bf16_words(_mm512_maskz_loadu_ps(tail_mask(K - k), xr),
-                                                  _mm512_maskz_loadu_ps(tail_mask(K - k - 16 > 0 ? K - k - 16 : 0), xr + 16)));
-                for (int p = 0; p < 16 && k / 2 + p < kp_all; p++) g[(size_t)(k / 2 + p) * rows + i] = w[p];
+                int words = kp_all - k / 2 < 16 ? kp_all - k / 2 : 16;
+                _mm512_mask_storeu_epi32(ap + (size_t)n * kp_all + k / 2, tail_mask(words),
+                                         bf16_words(_mm512_maskz_loadu_ps(tail_mask(K - k), xr),
+                                                    _mm512_maskz_loadu_ps(tail_mask(K - k - 16 > 0 ? K - k - 16 : 0), xr + 16)));
             }
-        }
         const int P = n2 ? 1 : skinny_panels(N);
         for (int p = p0; p <= p1;) {
             int np = p1 - p + 1 >= P ? P : 1;
