@@ -8,10 +8,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/file.h"
 #include "kernels/convert.h"
 #include "kernels/kernels_cpu.h"
 #include "kernels/matmul.h"
 #include "model/config.h"
+#include "model/init.h"
 #include "model/model.h"
 #include "test.h"
 
@@ -525,4 +527,73 @@ TEST(test_bf16_compute_batch_invariant) {
     CHECK(test_run(b, sizeof b, fmt, "", test_bin(), dir, batch, 4) == 0);
     CHECK(test_run(c, sizeof c, fmt, "OMP_NUM_THREADS=1 ", test_bin(), dir, batch, 4) == 0);
     CHECK_MSG(strlen(a) > 20 && strcmp(a, b) == 0 && strcmp(a, c) == 0, "alone:\n%s\nfour:\n%s\none thread:\n%s", a, b, c);
+}
+
+// Absorbed attention's W_UK,hᵀ q_nope on the panels model_set_compute packs for it (each head's
+// W_UK rows of kv_b_proj transposed, FP8 block scales regridded) against fp64 sums of the same
+// rounded operands (q_nope in BF16, W_UK as stored: FP8 codes × their block scale), every head of
+// every layer, FP8 and BF16 weights; a head layout whose nope rows straddle two of kv_b_proj's
+// block rows (FP8, nope + v = 96) gets none, and attention reads kv_b_proj's rows as before.
+TEST(test_w_uk_panels_against_fp64) {
+    if (!matmul_bf16c_fast()) SKIP("no weight panels on this CPU (AVX512_BF16 with VBMI)");
+    const struct {
+        int nope, v, H;
+        DType dt;
+        int packed;
+    } cases[] = {{64, 64, 2, DT_F8_E4M3, 1}, {32, 96, 3, DT_F8_E4M3, 1}, {192, 64, 2, DT_F8_E4M3, 1},
+                 {64, 32, 2, DT_F8_E4M3, 0}, {48, 32, 3, DT_BF16, 1}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        char dir[400], path[600], cfg[2048];
+        snprintf(dir, sizeof dir, "%s/w_uk_%zu", test_tmpdir(), k);
+        Error err = {0};
+        CHECK_MSG(make_dirs(dir, &err) == 0, "%s", err.msg);
+        snprintf(cfg, sizeof cfg,
+                 "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\", \"vocab_size\": 64, "
+                 "\"hidden_size\": 64, \"intermediate_size\": 96, \"moe_intermediate_size\": 32, \"num_hidden_layers\": 2, "
+                 "\"num_attention_heads\": %d, \"num_key_value_heads\": %d, \"q_lora_rank\": 32, \"kv_lora_rank\": 128, "
+                 "\"qk_nope_head_dim\": %d, \"qk_rope_head_dim\": 8, \"v_head_dim\": %d, \"n_routed_experts\": 4, "
+                 "\"n_shared_experts\": 1, \"num_experts_per_tok\": 2, \"n_group\": 1, \"topk_group\": 1, "
+                 "\"topk_method\": \"noaux_tc\", \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, "
+                 "\"routed_scaling_factor\": 2.5, \"first_k_dense_replace\": 1, \"moe_layer_freq\": 1, "
+                 "\"num_nextn_predict_layers\": 0, \"max_position_embeddings\": 256, \"rope_theta\": 10000, "
+                 "\"rms_norm_eps\": 1e-06, \"hidden_act\": \"silu\", \"initializer_range\": 0.02, "
+                 "\"tie_word_embeddings\": false}",
+                 cases[k].H, cases[k].H, cases[k].nope, cases[k].v);
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        test_write_text(path, cfg);
+        ModelConfig c;
+        CHECK_MSG(config_load(&c, path, &err) == 0, "%s", err.msg);
+        CHECK_MSG(model_write_random(&c, dir, 7 + k, cases[k].dt, (size_t)1 << 30, &err) == 0, "%s", err.msg);
+        Model m;
+        CHECK_MSG(model_load(&m, dir, 0, &err) == 0, "%s", err.msg);
+        CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
+        int H = cases[k].H, nope = cases[k].nope, v = cases[k].v, L = 128, N = 3;
+        uint64_t seed = 99 + k;
+        for (int l = 0; l < c.num_hidden_layers; l++) {
+            const MlaWeights *a = &m.w.layers[l].self_attn;
+            CHECK_MSG((a->w_uk_t.panels != NULL) == cases[k].packed, "case %zu layer %d: W_UK panels %s", k, l,
+                      a->w_uk_t.panels ? "made" : "missing");
+            if (!cases[k].packed) continue;
+            float *q = malloc(sizeof(float) * N * nope), *out = malloc(sizeof(float) * N * L), *row = malloc(sizeof(float) * L);
+            for (int h = 0; h < H; h++) {
+                for (int i = 0; i < N * nope; i++) q[i] = uniform(&seed);
+                MatView wt = matview_rows(&a->w_uk_t, h * L, L);
+                CHECK(matmul_nt_invariant(out, L, q, nope, &wt, N, 0, L) == 0);
+                for (int n = 0; n < N; n++) {
+                    double want[128] = {0}, mag[128] = {0};
+                    for (int j = 0; j < nope; j++) {  // (every 128 of a head's nope rows: one block row, one scale)
+                        CHECK(matview_row_f32(&a->kv_b_proj, h * (nope + v) + j, row) == 0);
+                        double x = bf16_to_f32(bf16_from_f32(q[n * nope + j]));
+                        for (int col = 0; col < L; col++) want[col] += x * row[col], mag[col] += fabs(x * row[col]);
+                    }
+                    for (int col = 0; col < L; col++)
+                        CHECK_MSG(fabs(out[n * L + col] - want[col]) <= 1e-5 * mag[col] + 1e-30,
+                                  "case %zu layer %d head %d row %d latent %d: %.9g, fp64 %.9g", k, l, h, n, col,
+                                  out[n * L + col], want[col]);
+                }
+            }
+            free(q), free(out), free(row);
+        }
+        model_free(&m);
+    }
 }

@@ -136,6 +136,16 @@ static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch
             memcpy(s.qa + (size_t)i * L, a->q_latent + (((size_t)b * T + t) * H + h) * L, sizeof(float) * L);
             continue;
         }
+        if (a->w_uk_t) {  // the head's rows of the step at once (one product: the same bits per row)
+            int rows = 1;
+            while (i + rows < n && t + rows < T) rows++;
+            MatView wt = matview_rows(a->w_uk_t, h * L, L);
+            rc |= matmul_nt_invariant(s.qa + (size_t)i * L, L, qr, H * qk, &wt, rows, 0, L);
+            for (int k = 1; k < rows; k++)
+                memcpy(s.qp + (size_t)(i + k) * r, qr + (size_t)k * H * qk + nope, sizeof(float) * r);
+            i += rows - 1;
+            continue;
+        }
         MatView wuk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
         if (nope > 0) rc |= matmul_nn_part(s.qa + (size_t)i * L, qr, &wuk, 1, 0, L);
         else memset(s.qa + (size_t)i * L, 0, sizeof(float) * L);

@@ -32,6 +32,9 @@ typedef struct LatentAttention {
     int block_size;            // blocks[p / block_size]; NULL: contiguous
     DType dtype;               // of latent and kpe: DT_F32 or DT_BF16 (plain backward: F32 only)
     const MatView *kv_b_proj;  // (H·(nope + v), kv_lora)
+    const MatView *w_uk_t;     // absorbed, or NULL: (H·kv_lora, nope) every head's W_UK,hᵀ (weight panels), so
+                               // that W_UK,hᵀ q_nope is an x · Wᵀ product of the BF16-compute kernels; NULL:
+                               // q_nope · W_UK,h from kv_b_proj's rows
     float *out;                // (B·T, H, v)
     // absorbed only, or NULL: the caller folds W_UK and applies W_UV itself, for many sequences in
     // one product per head (a batched decode step) — the same products, the same bits

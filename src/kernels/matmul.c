@@ -196,7 +196,7 @@ static int check_dtype(const MatView *w) {
 
 MatView matview_rows(const MatView *w, int r0, int n) {
     MatView v = *w;
-    v.data = (const char *)w->data + (size_t)r0 * w->cols * dtype_size(w->dtype);
+    v.data = w->data ? (const char *)w->data + (size_t)r0 * w->cols * dtype_size(w->dtype) : NULL;  // (panels only)
     v.rows = n;
     v.row0 = w->row0 + r0;
     v.panels = w->panels && r0 % 32 == 0 ? (const char *)w->panels + (size_t)(r0 / 32) * weight_panel_bytes(w) : NULL;
@@ -346,6 +346,8 @@ int weight_panels_only(void) { return kernels_cpu_avx512bf16_vbmi() && !kernels_
 
 // Does a BF16-compute product of w read its panels (packed at load; the register tiles)?
 static int on_panels(const MatView *w) { return w->compute_bf16 && w->panels && w->cols > 0 && kernels_cpu_avx512bf16_vbmi(); }
+
+int matmul_on_panels(const MatView *w) { return on_panels(w); }
 
 // The kernel of a BF16-compute blocked product (see the top): the AMX tiles, the AVX512_BF16
 // register tiles (on the view's panels where it has them), or matmul_bf16c (its portable path

@@ -41,6 +41,9 @@ int weight_panels_pack(void *dst, const MatView *w);
 // prefill's tiles read the stored rows); the stored matrix is then read only by other products
 // (x · W) and look-ups.
 int weight_panels_only(void);
+// 1 when w's BF16-compute x · Wᵀ products read its weight panels here (it has them, and this CPU
+// runs them): a view whose panels are its only copy (data NULL) is usable only then.
+int matmul_on_panels(const MatView *w);
 
 // out[n * ldo + r] = x[n * ldx ..] · W[r] for r in [r0, r1) with BF16 compute (matmul_bf16c.c):
 // x rounded to BF16, W as BF16 values (FP8: codes, the block scale applied per 128-column chunk),

@@ -133,14 +133,14 @@ static int latent_fold(const Batch *bt, const ForwardState *s) { return bt->n_se
 
 // The absorbed attention call of sequence i in layer l (its rows' queries, rotated, in s->q).
 static LatentAttention decode_attention(const Model *m, ForwardState *s, const Batch *bt, int l, int i,
-                                        const MatView *kv_b_proj) {
+                                        const MlaWeights *w) {
     const ModelConfig *c = &m->cfg;
     const KVCache *kv = bt->seqs[i].kv;
     int H = c->num_attention_heads, qk = config_qk_head_dim(c), row0 = bt->row0[i];
     LayerPass p = {.c = c, .B = 1, .T = bt->seqs[i].T, .pos0 = bt->pos0[i], .softmax_scale = m->softmax_scale,
                    .latent = kvcache_latent(kv, c, l), .kpe = kvcache_kpe(kv, c, l), .blocks = kv->blocks,
                    .block_size = kv->pool->block_size, .store = kv->dtype, .mode = ATTN_ABSORBED};
-    LatentAttention at = mla_attention_call(&p, kv_b_proj, s->q + (size_t)row0 * H * qk,
+    LatentAttention at = mla_attention_call(&p, w, s->q + (size_t)row0 * H * qk,
                                             s->ao + (size_t)row0 * H * c->v_head_dim, NULL, NULL);
     if (latent_fold(bt, s)) {
         at.q_latent = s->q_latent + (size_t)row0 * H * c->kv_lora_rank;
@@ -204,9 +204,13 @@ meet(s);
     if (fold) {  // meanwhile (q_nope is not rotated) W_UK,hᵀ q_nope for every row, by heads
         int hb, he;
         share(H, 1, &hb, &he);
+        const MatView *wt = mla_w_uk_t(a);  // (attention's own entry queries take the same products)
         for (int h = hb; h < he; h++) {
-            MatView wuk = matview_rows(&a->kv_b_proj, h * (nope + v), nope);
-            if (nope > 0)
+            MatView wuk = wt ? matview_rows(wt, h * L, L) : matview_rows(&a->kv_b_proj, h * (nope + v), nope);
+            if (nope > 0 && wt)
+                ts->failed |= matmul_nt_invariant(s->q_latent + (size_t)h * L, H * L, s->q + (size_t)h * qk, H * qk, &wuk,
+                                                  N, 0, L);
+            else if (nope > 0)
                 ts->failed |= matmul_nn_invariant(s->q_latent + (size_t)h * L, H * L, s->q + (size_t)h * qk, H * qk, &wuk,
                                                   N, 0, L, 0);
             else
@@ -230,7 +234,7 @@ meet(s);
             if (u >= n_units) break;
             int i = u / groups, h0 = H * (u % groups) / groups, h1 = H * (u % groups + 1) / groups;
             if (long_context(bt, i) || h0 >= h1) continue;
-            LatentAttention at = decode_attention(m, s, bt, l, i, &a->kv_b_proj);
+            LatentAttention at = decode_attention(m, s, bt, l, i, a);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
         }
     }
@@ -239,7 +243,7 @@ meet(s);
     if (bt->n_seqs == 1 && !long_context(bt, 0)) {
         int h0 = (H * me + nth - 1) / nth, h1 = (H * (me + 1) + nth - 1) / nth;
         if (h0 < h1) {
-            LatentAttention at = decode_attention(m, s, bt, l, 0, &a->kv_b_proj);
+            LatentAttention at = decode_attention(m, s, bt, l, 0, a);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
         }
     }
@@ -249,7 +253,7 @@ meet(s);
     int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     for (int i = 0; i < bt->n_seqs; i++) {
         if (!long_context(bt, i)) continue;
-        LatentAttention at = decode_attention(m, s, bt, l, i, &a->kv_b_proj);
+        LatentAttention at = decode_attention(m, s, bt, l, i, a);
         int chunks = latent_attention_chunk_count(&at), E = H * bt->seqs[i].T, e0, e1;
         size_t part = (size_t)E * (c->kv_lora_rank + 2);
         share(E, 1, &e0, &e1);

@@ -79,9 +79,12 @@ struct LayerPass {
 
 // Per-thread floats attention needs for query chunks against up to S positions.
 size_t attn_scratch_floats(const ModelConfig *c, int S);
-// The attention call of a pass over one layer's store: B sequences of T rows at pos0.
-LatentAttention mla_attention_call(const LayerPass *p, const MatView *kv_b_proj, const float *q, float *out,
+// The attention call of a pass over one layer's store (its attention weights w): B sequences of T
+// rows at pos0.
+LatentAttention mla_attention_call(const LayerPass *p, const MlaWeights *w, const float *q, float *out,
                                    float *kv_save, float *probs_save);
+// w's W_UKᵀ panels where this CPU reads them, else NULL (W_UK from kv_b_proj's rows).
+const MatView *mla_w_uk_t(const MlaWeights *w);
 
 // What one layer's forward writes. Training lays out one per layer and keeps them for the backward
 // pass; inference lays one over its scratch, shared by every layer, where the residual stream is

@@ -6,14 +6,17 @@
 
 #include "model/layer.h"
 
-LatentAttention mla_attention_call(const LayerPass *p, const MatView *kv_b_proj, const float *q, float *out,
+const MatView *mla_w_uk_t(const MlaWeights *w) { return matmul_on_panels(&w->w_uk_t) ? &w->w_uk_t : NULL; }
+
+LatentAttention mla_attention_call(const LayerPass *p, const MlaWeights *w, const float *q, float *out,
                                    float *kv_save, float *probs_save) {
     const ModelConfig *c = p->c;
     return (LatentAttention){.dtype = p->store,.B = p->B, .T = p->T, .pos0 = p->pos0, .H = c->num_attention_heads,
                              .nope = c->qk_nope_head_dim, .rope = c->qk_rope_head_dim, .v = c->v_head_dim,
                              .kv_lora = c->kv_lora_rank, .scale = p->softmax_scale,
                              .absorbed = p->mode == ATTN_ABSORBED, .q = q, .latent = p->latent, .kpe = p->kpe,
-                             .ld = p->ld, .blocks = p->blocks, .block_size = p->block_size, .kv_b_proj = kv_b_proj, .out = out, .kv_save = kv_save,
+                             .ld = p->ld, .blocks = p->blocks, .block_size = p->block_size, .kv_b_proj = &w->kv_b_proj,
+                             .w_uk_t = p->mode == ATTN_ABSORBED ? mla_w_uk_t(w) : NULL, .out = out, .kv_save = kv_save,
                              .probs_save = probs_save, .scratch = p->scratch, .per_thread = p->per_thread};
 }
 
@@ -60,7 +63,7 @@ int mla_forward(const LayerPass *p, const MlaWeights *w, const float *input_laye
         }
     }
     TRY(be->ops->rope(be, a->q + nope, N, T, H, qk, r, p->rope_cos, p->rope_sin));
-    LatentAttention at = mla_attention_call(p, &w->kv_b_proj, a->q, a->ao, p->save ? a->kv : NULL,
+    LatentAttention at = mla_attention_call(p, w, a->q, a->ao, p->save ? a->kv : NULL,
                                             p->save ? a->att : NULL);
     if (p->save && p->recipe) {
         // kv_b_proj is a linear layer of the recipe: expanded here, in one product over the window's
@@ -86,7 +89,7 @@ int mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const f
     memset(s->dq, 0, sizeof(float) * N * H * qk);
     memset(s->dkv, 0, sizeof(float) * N * H * (nope + v));
     memset(s->dkpe, 0, sizeof(float) * N * r);
-    LatentAttention at = mla_attention_call(p, &w->kv_b_proj, a->q, a->ao, a->kv, a->att);
+    LatentAttention at = mla_attention_call(p, w, a->q, a->ao, a->kv, a->att);
     TRY(be->ops->latent_attention_backward(be, &at, s->dao, s->dq, s->dkv, s->dkpe, s->dkpe_heads, s->datt));
     TRY(be->ops->rope_backward(be, s->dq + nope, N, T, H, qk, r, p->rope_cos, p->rope_sin));
     TRY(be->ops->rope_backward(be, s->dkpe, N, T, 1, r, r, p->rope_cos, p->rope_sin));

@@ -202,13 +202,15 @@ size_t kvcache_bytes_per_token(const ModelConfig *c, DType dtype) {
     return (size_t)(c->kv_lora_rank + c->qk_rope_head_dim) * c->num_hidden_layers * dtype_size(dtype);
 }
 
-// Does mode compute this linear layer or embedding's products in BF16?
-static int bf16_under(const TensorSpec *t, ComputeMode mode) {
-    DType dt = t->mat->dtype;
+// Does mode compute the products of this linear layer or embedding (its view w) in BF16?
+static int bf16_under_mat(const MatView *w, ComputeMode mode) {
+    DType dt = w->dtype;
     // (auto: FP8 only in the release's 128 x 128 blocks, which the BF16-compute kernels take)
     return mode == COMPUTE_BF16 || (mode == COMPUTE_AUTO && matmul_bf16c_fast() &&
-                                    (dt == DT_BF16 || (dt == DT_F8_E4M3 && t->mat->block == 128)));
+                                    (dt == DT_BF16 || (dt == DT_F8_E4M3 && w->block == 128)));
 }
+
+static int bf16_under(const TensorSpec *t, ComputeMode mode) { return bf16_under_mat(t->mat, mode); }
 
 static int set_compute(const TensorSpec *t, void *ctx) {
     if (!t->mat || (t->kind != TENSOR_LINEAR && t->kind != TENSOR_EMBED)) return 0;
@@ -217,6 +219,82 @@ static int set_compute(const TensorSpec *t, void *ctx) {
 }
 
 #define PANELS_ALIGN 64
+
+static size_t panels_aligned(size_t bytes) { return (bytes + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN; }
+
+// Absorbed attention's W_UK,hᵀ q_nope as an x · Wᵀ product of the BF16-compute kernels, as
+// DeepSeek's reference computes it in BF16: each head's W_UK rows of kv_b_proj transposed, the
+// heads stacked (H·kv_lora rows of nope columns), packed into weight panels and kept only as
+// those (the transposed rows are read by nothing else). Rather than x · W over kv_b_proj's
+// stored rows, which took ~8% of a one-sequence FP8 decode step of v3-108m for 0.2% of its
+// bytes. Possible where each head's rows start on a panel (kv_lora a multiple of 32; FP8: of
+// 128, the block rows of the regridded scales) and, FP8, every 128-column chunk of a head's nope
+// rows lies in one block row of kv_b_proj (heads of nope + v a multiple of 128, as released).
+// The shape of the stacked view for kvb (0), or -1 where it cannot be made.
+static int wuk_view(const ModelConfig *c, const MatView *kvb, MatView *t) {
+    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank;
+    int fp8 = kvb->dtype == DT_F8_E4M3;
+    if (nope <= 0 || L <= 0 || L % (fp8 ? 128 : 32) || kvb->rows != H * (nope + v) || kvb->cols != L) return -1;
+    if (fp8) {
+        if (kvb->block != 128 || kvb->row0 != 0) return -1;
+        for (int h = 0; h < H; h++)
+            for (int k = 0; k < nope; k += 128) {
+                int last = k + 127 < nope - 1 ? k + 127 : nope - 1;
+                if ((h * (nope + v) + k) / 128 != (h * (nope + v) + last) / 128) return -1;
+            }
+    }
+    *t = (MatView){.dtype = kvb->dtype, .rows = H * L, .cols = nope, .compute_bf16 = 1, .block = fp8 ? 128 : 0,
+                   .scale_cols = fp8 ? (nope + 127) / 128 : 0};
+    return 0;
+}
+
+// Bytes of kvb's W_UKᵀ panels and, FP8, its scale grid after them (0: none).
+static size_t wuk_bytes(const ModelConfig *c, const MatView *kvb) {
+    MatView t;
+    if (wuk_view(c, kvb, &t)) return 0;
+    size_t grid = t.dtype == DT_F8_E4M3 ? sizeof(float) * (t.rows / 128) * t.scale_cols : 0;
+    if (grid) t.scale_inv = (const float *)kvb->scale_inv;  // (weight_panels_bytes asks for one)
+    size_t pb = weight_panels_bytes(&t);
+    return pb ? panels_aligned(pb) + panels_aligned(grid) : 0;
+}
+
+// Packs kvb's W_UKᵀ into dst (wuk_bytes of it) and sets *out to the panels' view. -1: out of memory
+// for the transposed copy.
+static int wuk_pack(const ModelConfig *c, const MatView *kvb, char *dst, MatView *out) {
+    MatView t;
+    if (wuk_view(c, kvb, &t)) return -1;
+    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank;
+    size_t es = dtype_size(t.dtype);
+    char *data = malloc((size_t)t.rows * t.cols * es);  // (H·L, nope): row h·L + c is column c of head h's rows
+    if (!data) return -1;
+    for (int h = 0; h < H; h++)
+        for (int k = 0; k < nope; k++) {
+            const char *src = (const char *)kvb->data + ((size_t)h * (nope + v) + k) * L * es;
+            for (int col = 0; col < L; col++) memcpy(data + (((size_t)h * L + col) * nope + k) * es, src + col * es, es);
+        }
+    t.data = data;
+    if (t.dtype == DT_F8_E4M3) {  // block (h·L/128 + col/128, k/128): kvb's block (row of h's k, col/128)
+        t.scale_inv = (const float *)kvb->scale_inv;  // (for the size)
+        float *grid = (float *)(dst + panels_aligned(weight_panels_bytes(&t)));
+        for (int h = 0; h < H; h++)
+            for (int cb = 0; cb < L / 128; cb++)
+                for (int kb = 0; kb < t.scale_cols; kb++)
+                    grid[((size_t)h * (L / 128) + cb) * t.scale_cols + kb] =
+                        kvb->scale_inv[(size_t)((h * (nope + v) + 128 * kb) / 128) * kvb->scale_cols + cb];
+        t.scale_inv = grid;
+    }
+    weight_panels_pack(dst, &t);
+    free(data);
+    t.data = NULL;
+    t.panels = dst;
+    *out = t;
+    return 0;
+}
+
+// Layer i's attention weights: the main layers, then the MTP modules' (num_hidden_layers + n_mtp).
+static MlaWeights *attention_of(Model *m, int i) {
+    return i < m->cfg.num_hidden_layers ? &m->w.layers[i].self_attn : &m->w.mtp[i - m->cfg.num_hidden_layers].layer.self_attn;
+}
 
 // The bytes t's weight panels take when its products are BF16-compute (bf16): the linear layers
 // and the output heads (not an embedding only looked up); 0 for the rest and where the CPU takes
@@ -236,6 +314,7 @@ typedef struct {
     size_t *at;        // (n) their panels' offsets
     char *release;     // (n) 1: its stored bytes are read by nothing but its products (not an
                        // embedding's look-ups, not kv_b_proj's x · W_UK in absorbed attention)
+    int wuk;           // 1: absorbed attention's W_UKᵀ gets panels of its own (wuk_view), not kv_b_proj's rows
 } PanelWalk;
 
 static int count_panels(const TensorSpec *t, void *ctx) {
@@ -245,18 +324,28 @@ static int count_panels(const TensorSpec *t, void *ctx) {
     if (p->mats) {
         p->mats[p->n] = t->mat;
         p->at[p->n] = p->bytes;
-        p->release[p->n] = t->kind == TENSOR_LINEAR && !strstr(t->name, "kv_b_proj");
+        p->release[p->n] = t->kind == TENSOR_LINEAR && (!strstr(t->name, "kv_b_proj") || p->wuk);
     }
     p->bytes += b;
     p->n++;
     return 0;
 }
 
+// The bytes of W_UKᵀ panels every layer's attention would take (0 where none: not BF16 compute
+// (bf16), no panels on this CPU, or a shape wuk_view does not take).
+static size_t wuk_total(const Model *m, int bf16) {
+    size_t total = 0;
+    for (int i = 0; bf16 && i < m->cfg.num_hidden_layers + m->w.n_mtp; i++)
+        total += wuk_bytes(&m->cfg, &attention_of((Model *)m, i)->kv_b_proj);
+    return total;
+}
+
 size_t model_panels_bytes(const Model *m, ComputeMode mode, int *matrices) {
     PanelWalk p = {.plan = 1, .mode = mode, .mp = m->moe_parallel};
     tensor_walk(&m->cfg, m->w.n_mtp, (ModelWeights *)&m->w, count_panels, &p);
-    if (matrices) *matrices = p.n;
-    return p.bytes;
+    size_t wuk = wuk_total(m, bf16_under_mat(&m->w.layers[0].self_attn.kv_b_proj, mode));
+    if (matrices) *matrices = p.n + (wuk ? m->cfg.num_hidden_layers + m->w.n_mtp : 0);
+    return p.bytes + wuk;
 }
 
 static int drop_panels(const TensorSpec *t, void *ctx) {
@@ -267,6 +356,8 @@ static int drop_panels(const TensorSpec *t, void *ctx) {
 
 static void panels_free(Model *m) {
     if (m->panels) tensor_walk(&m->cfg, m->w.n_mtp, &m->w, drop_panels, NULL);
+    for (int i = 0; m->w.layers && i < m->cfg.num_hidden_layers + m->w.n_mtp; i++)
+        attention_of(m, i)->w_uk_t = (MatView){0};
     bigmem_free(m->panels, m->panels_bytes);
     m->panels = NULL;
     m->panels_bytes = 0;
@@ -278,16 +369,33 @@ int model_set_compute(Model *m, ComputeMode mode, Error *err) {
     PanelWalk pw = {.mp = m->moe_parallel};
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, count_panels, &pw);
     if (pw.bytes == 0) return 0;
-    size_t n = (size_t)pw.n;
+    size_t n = (size_t)pw.n, wuk = wuk_total(m, m->w.layers[0].self_attn.kv_b_proj.compute_bf16);
     pw = (PanelWalk){.mp = m->moe_parallel,
                      .mats = xcalloc(err, n, sizeof *pw.mats, "the list of weight panels"),
                      .at = xcalloc(err, n, sizeof *pw.at, "the list of weight panels"),
-                     .release = xcalloc(err, n, 1, "the list of weight panels")};
+                     .release = xcalloc(err, n, 1, "the list of weight panels"),
+                     .wuk = wuk > 0};
     if (!pw.mats || !pw.at || !pw.release) goto fail;
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, count_panels, &pw);
-    m->panels = bigmem_alloc(pw.bytes, "the BF16-compute weight panels", err);
+    m->panels = bigmem_alloc(pw.bytes + wuk, "the BF16-compute weight panels", err);
     if (!m->panels) goto fail;
-    m->panels_bytes = pw.bytes;
+    m->panels_bytes = pw.bytes + wuk;
+    // each layer's W_UKᵀ after the matrices' panels (from the stored rows: before any release)
+    int layers = m->cfg.num_hidden_layers + m->w.n_mtp, failed = 0;
+    size_t *wuk_at = wuk ? xcalloc(err, layers, sizeof *wuk_at, "the list of weight panels") : NULL;
+    if (wuk && !wuk_at) goto fail;
+    size_t at = pw.bytes;
+    for (int i = 0; wuk && i < layers; i++) wuk_at[i] = at, at += wuk_bytes(&m->cfg, &attention_of(m, i)->kv_b_proj);
+#pragma omp parallel for schedule(dynamic) reduction(| : failed) if (wuk)
+    for (int i = 0; i < (wuk ? layers : 0); i++) {
+        MlaWeights *a = attention_of(m, i);
+        failed |= wuk_pack(&m->cfg, &a->kv_b_proj, (char *)m->panels + wuk_at[i], &a->w_uk_t) != 0;
+    }
+    free(wuk_at);
+    if (failed) {
+        err_set(err, "out of memory for a transposed copy of kv_b_proj (the W_UK panels)");
+        goto fail;
+    }
     // The matrices packed in parallel, each by one thread (a team per matrix spent more time forking
     // than packing: ~800 matrices in a 100M model). A mmapped matrix whose every read is now its
     // panels' gives its pages back to the page cache: the process holds one copy, not two

@@ -23,6 +23,8 @@ typedef struct MlaWeights {
     MatView kv_a_proj_with_mqa;  // (kv_lora + rope, d)
     float *kv_a_layernorm;       // (kv_lora)
     MatView kv_b_proj;           // (H*(nope + v), kv_lora): per head [W_UK (nope rows) ; W_UV (v rows)]
+    MatView w_uk_t;              // (H*kv_lora, nope): per head W_UKᵀ, BF16-compute weight panels only (data
+                                 // NULL; model_set_compute), for absorbed attention's W_UKᵀ q_nope; else empty
     MatView o_proj;              // (d, H*v)
 } MlaWeights;
 
