@@ -1,6 +1,7 @@
 // Each training op's backward against central finite differences of its forward, in fp32: the
 // scalar is a fixed random projection Σ r·y summed in double, inputs are O(1), and the step 1e-3
 // keeps the truncation error near 1e-6 while the rounding noise stays near 1e-4 of the gradient.
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -96,6 +97,37 @@ TEST(test_train_op_rmsnorm) {
     CHECK(fd_ratio(c.x, N * C, dx, norm_loss, &c) < FD_TOL);
     CHECK(fd_ratio(c.w, C, dw, norm_loss, &c) < FD_TOL);
     free(c.x), free(c.w), free(c.y), free(c.rstd), free(c.r), free(dx), free(dw);
+}
+
+// RMSNorm's forward on the AVX-512 path and the portable one against fp64 (widths around the
+// 16-lane vectors, a hidden size), and a row's bits whatever rows come with it.
+TEST(test_rmsnorm_forward_against_fp64) {
+    rng_seed(&rng, 3);
+    const int widths[] = {1, 6, 16, 37, 512};
+    for (int isa = 0; isa < 2; isa++) {
+        CHECK(kernels_set_isa(isa ? "scalar" : "auto") == 0);
+        for (int k = 0; k < 5; k++) {
+            int N = 5, C = widths[k];
+            float *x = randn((size_t)N * C, 2), *w = randn(C, 1), *y = zeros((size_t)N * C), *rstd = zeros(N);
+            float *one = zeros(C), r1;
+            rmsnorm_forward(y, rstd, x, w, N, C, 1e-6f);
+            for (int n = 0; n < N; n++) {
+                double ss = 0;
+                for (int i = 0; i < C; i++) ss += (double)x[n * C + i] * x[n * C + i];
+                double r = 1 / sqrt(ss / C + 1e-6);
+                CHECK_MSG(fabs(rstd[n] - r) <= 1e-6 * r, "C %d row %d: rstd %.9g, fp64 %.9g", C, n, rstd[n], r);
+                for (int i = 0; i < C; i++) {
+                    double want = x[n * C + i] * r * w[i];
+                    CHECK_MSG(fabs(y[n * C + i] - want) <= 2e-6 * fabs(want) + 1e-30, "C %d row %d col %d: %.9g, fp64 %.9g",
+                              C, n, i, y[n * C + i], want);
+                }
+                rmsnorm_forward(one, &r1, x + (size_t)n * C, w, 1, C, 1e-6f);  // the row alone
+                CHECK(r1 == rstd[n] && memcmp(one, y + (size_t)n * C, sizeof(float) * C) == 0);
+            }
+            free(x), free(w), free(y), free(rstd), free(one);
+        }
+    }
+    CHECK(kernels_set_isa("auto") == 0);
 }
 
 // ---- SwiGLU ----

@@ -72,7 +72,9 @@ int first_equal_avx512(const float *x, int n, float v);
 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr, float beta1, float beta2, float eps,
                   float bc1, float bc2, float clip, float shrink);
 void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n);
-// ops.c's rmsnorm_backward with each row's Σ dy·w·x summed in 16 lanes, then folded.
+// ops.c's rmsnorm_forward with each row's Σ x² summed in 16 lanes, then folded (one row at a time:
+// a row's bits do not depend on the others); its rmsnorm_backward with each row's Σ dy·w·x so.
+void rmsnorm_forward_avx512(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
 void rmsnorm_backward_avx512(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
                              const float *rstd, int N, int C);
 

@@ -5,6 +5,10 @@
 #include "kernels/ops.h"
 
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps) {
+    if (kernels_cpu_avx512()) {  // (the scalar sum of squares was ~3% of a 16-sequence decode step)
+        rmsnorm_forward_avx512(out, rstd, inp, weight, N, C, eps);
+        return;
+    }
     for (int n = 0; n < N; n++) {
         const float *x = inp + (long)n * C;
         float *o = out + (long)n * C;

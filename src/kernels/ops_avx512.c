@@ -128,6 +128,27 @@ AVX512 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, f
     }
 }
 
+AVX512 void rmsnorm_forward_avx512(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
+                                   float eps) {
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (long)n * C;
+        float *o = out + (long)n * C;
+        __m512 ss = _mm512_setzero_ps();
+        for (int i = 0; i < C; i += 16) {
+            __m512 v = _mm512_maskz_loadu_ps(tail_mask(C - i < 16 ? C - i : 16), x + i);
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        float r = 1.0f / sqrtf(_mm512_reduce_add_ps(ss) / C + eps);
+        __m512 rv = _mm512_set1_ps(r);
+        for (int i = 0; i < C; i += 16) {
+            __mmask16 m = tail_mask(C - i < 16 ? C - i : 16);
+            _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), rv),
+                                                          _mm512_maskz_loadu_ps(m, weight + i)));
+        }
+        if (rstd) rstd[n] = r;
+    }
+}
+
 AVX512 void rmsnorm_backward_avx512(float *dinp, float *dweight, const float *dout, const float *inp,
                                     const float *weight, const float *rstd, int N, int C) {
     for (int n = 0; n < N; n++) {
