@@ -130,6 +130,27 @@ TEST(test_rmsnorm_forward_against_fp64) {
     CHECK(kernels_set_isa("auto") == 0);
 }
 
+// y += a · x with the product rounded before the sum, the same bits on the AVX-512 path and the
+// portable one, for lengths around the 16-lane vectors.
+TEST(test_axpy_rounds_the_product) {
+    rng_seed(&rng, 4);
+    for (long n = 1; n <= 40; n += 13) {
+        float *x = randn(n, 1), *y0 = randn(n, 1), *want = zeros(n), *got = zeros(n), a = 0.37f;
+        for (long i = 0; i < n; i++) {
+            volatile float p = a * x[i];  // (volatile: rounded to fp32 on its own)
+            want[i] = y0[i] + p;
+        }
+        for (int isa = 0; isa < 2; isa++) {
+            CHECK(kernels_set_isa(isa ? "scalar" : "auto") == 0);
+            memcpy(got, y0, sizeof(float) * n);
+            axpy_f32(got, a, x, n);
+            CHECK_MSG(memcmp(got, want, sizeof(float) * n) == 0, "n %ld, %s path", n, isa ? "portable" : "vector");
+        }
+        CHECK(kernels_set_isa("auto") == 0);
+        free(x), free(y0), free(want), free(got);
+    }
+}
+
 // ---- SwiGLU ----
 typedef struct {
     long n;

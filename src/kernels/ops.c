@@ -43,6 +43,15 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 
 float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// (fp-contract off: a build for a CPU with FMA must not fuse the product into the sum)
+__attribute__((optimize("fp-contract=off"))) void axpy_f32(float *y, float a, const float *x, long n) {
+    if (kernels_cpu_avx512()) {
+        axpy_avx512(y, a, x, n);
+        return;
+    }
+    for (long i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 void swiglu_forward(float *out, const float *gate, const float *up, long n) {
     if (kernels_cpu_avx512()) {
         swiglu_forward_avx512(out, gate, up, n);

@@ -15,6 +15,10 @@ void swiglu_forward(float *out, const float *gate, const float *up, long n);
 // dgate = dout * up * silu'(gate), dup = dout * silu(gate)  (overwrite, not accumulate)
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n);
 
+// y (n) += a · x: the product rounded, then the sum (no fused multiply-add: the vector and the
+// portable paths give the same bits) — a gated expert output into its token's sum.
+void axpy_f32(float *y, float a, const float *x, long n);
+
 // In-place softmax of x (n), max-subtracted, fp32.
 void softmax_inplace(float *x, int n);
 // In place x (n) = e^(x − max x); *max gets the max (−inf when n = 0) and the sum of the exps is

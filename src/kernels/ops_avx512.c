@@ -83,6 +83,16 @@ AVX512 int first_equal_avx512(const float *x, int n, float v) {
     return -1;
 }
 
+// (fp-contract off: GCC would fuse the intrinsics' multiply and add into one FMA)
+__attribute__((optimize("fp-contract=off"))) AVX512 void axpy_avx512(float *y, float a, const float *x, long n) {
+    const __m512 av = _mm512_set1_ps(a);
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i),
+                                                      _mm512_mul_ps(av, _mm512_maskz_loadu_ps(m, x + i))));
+    }
+}
+
 AVX512 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n) {
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));

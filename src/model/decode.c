@@ -419,19 +419,16 @@ meet(s);
         if (Fs > 0) ts->failed |= matmul_nt_invariant(s->y, d, s->gate, Fs, &w->shared_experts.down_proj, N, b, e);
         for (int n = 0; n < N; n++) {
             float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d, *part = s->xg + (size_t)n * d;
-            unsigned char here[K];  // the row's choices computed on this rank (all of them without mp)
-            for (int k = 0; k < K; k++) here[k] = !mp || mp->ops->holds(mp, ts->idx[n * K + k]);
-            for (int r = b; r < e; r++) {
-                float acc = 0.0f;
-                for (int k = 0; k < K; k++)
-                    if (here[k]) acc += ts->gw[n * K + k] * s->e_out[(size_t)ts->slot_of[n * K + k] * d + r];
-                if (mp) {  // this rank's routed part, summed over the ranks below
-                    part[r] = acc;
-                    continue;
-                }
-                if (Fs > 0) acc += ys[r];
-                x[r] += acc;
-            }
+            // the row's routed sum over this thread's features: its choices computed on this rank
+            // (all of them without mp) in selection order, into part (mp: this rank's part, summed
+            // over the ranks below) or the gathered inputs' scratch, free now
+            float *acc = mp ? part + b : ts->xin;
+            memset(acc, 0, sizeof(float) * (e - b));
+            for (int k = 0; k < K; k++)
+                if (!mp || mp->ops->holds(mp, ts->idx[n * K + k]))
+                    axpy_f32(acc, ts->gw[n * K + k], s->e_out + (size_t)ts->slot_of[n * K + k] * d + b, e - b);
+            if (mp) continue;
+            for (int r = b; r < e; r++) x[r] += Fs > 0 ? acc[r - b] + ys[r] : acc[r - b];
         }
     }
 meet(s);
