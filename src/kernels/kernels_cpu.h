@@ -9,6 +9,17 @@
 #include "kernels/gemm_lowp.h"
 #include "kernels/matmul.h"
 
+// For a function whose products must be rounded before they are added: GCC fuses a multiply and an
+// add into one FMA wherever the target has it, intrinsics included (NO_FP_CONTRACT, on the
+// definition); clang fuses within one source expression (FP_CONTRACT_OFF, first in a block).
+#if defined(__clang__)
+#define NO_FP_CONTRACT
+#define FP_CONTRACT_OFF _Pragma("clang fp contract(off)")
+#else
+#define NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define FP_CONTRACT_OFF
+#endif
+
 // 1 when the AVX-512 kernels are in use: F/BW/VL/DQ present (checked once) and not turned off
 // with kernels_set_isa("scalar").
 int kernels_cpu_avx512(void);

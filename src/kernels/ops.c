@@ -43,8 +43,8 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 
 float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// (fp-contract off: a build for a CPU with FMA must not fuse the product into the sum)
-__attribute__((optimize("fp-contract=off"))) void axpy_f32(float *y, float a, const float *x, long n) {
+NO_FP_CONTRACT void axpy_f32(float *y, float a, const float *x, long n) {
+    FP_CONTRACT_OFF
     if (kernels_cpu_avx512()) {
         axpy_avx512(y, a, x, n);
         return;

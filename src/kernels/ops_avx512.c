@@ -83,8 +83,8 @@ AVX512 int first_equal_avx512(const float *x, int n, float v) {
     return -1;
 }
 
-// (fp-contract off: GCC would fuse the intrinsics' multiply and add into one FMA)
-__attribute__((optimize("fp-contract=off"))) AVX512 void axpy_avx512(float *y, float a, const float *x, long n) {
+NO_FP_CONTRACT AVX512 void axpy_avx512(float *y, float a, const float *x, long n) {
+    FP_CONTRACT_OFF
     const __m512 av = _mm512_set1_ps(a);
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
