@@ -123,10 +123,26 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
 // Absorbed attention, in chunks of LATENT_CHUNK positions (attention.h). Entry e of sequence b is
 // head e / T, row e % T (head-major); a part row is [max score, Σ exp, Σ exp · latent (kv_lora)].
 
+int latent_attention_fold_query(const LatentAttention *a, int h, const float *q_nope, int ldq, int n, float *out,
+                                int ldo) {
+    int nope = a->nope, L = a->kv_lora;
+    if (nope <= 0) {
+        for (int i = 0; i < n; i++) memset(out + (size_t)i * ldo, 0, sizeof(float) * L);
+        return 0;
+    }
+    if (a->w_uk_t) {
+        MatView wt = matview_rows(a->w_uk_t, h * L, L);
+        return matmul_nt_invariant(out, ldo, q_nope, ldq, &wt, n, 0, L);
+    }
+    MatView wuk = matview_rows(a->kv_b_proj, h * (nope + a->v), nope);
+    return matmul_nn_invariant(out, ldo, q_nope, ldq, &wuk, n, 0, L, 0);
+}
+
 // The queries of entries [e0, e0 + n) (n <= QC) of sequence b in the latent space: s.qa (n,
-// kv_lora) = W_UKᵀ q_nope, s.qp (n, rope) = q_pe — once per entry group, for all its chunks.
+// kv_lora) = W_UKᵀ q_nope, s.qp (n, rope) = q_pe — once per entry group, for all its chunks, a
+// head's rows of the group in one product.
 static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch s) {
-    int H = a->H, nope = a->nope, r = a->rope, v = a->v, L = a->kv_lora, qk = nope + r, T = a->T, rc = 0;
+    int H = a->H, nope = a->nope, r = a->rope, L = a->kv_lora, qk = nope + r, T = a->T, rc = 0;
     const float *q = a->q + (size_t)b * T * H * qk;
     for (int i = 0; i < n; i++) {
         int h = (e0 + i) / T, t = (e0 + i) % T;
@@ -134,21 +150,11 @@ static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch
         memcpy(s.qp + (size_t)i * r, qr + nope, sizeof(float) * r);
         if (a->q_latent) {
             memcpy(s.qa + (size_t)i * L, a->q_latent + (((size_t)b * T + t) * H + h) * L, sizeof(float) * L);
-            continue;
-        }
-        if (a->w_uk_t) {  // the head's rows of the step at once (one product: the same bits per row)
+        } else if (t == 0 || i == 0) {  // the head's rows in this group, from this one on
             int rows = 1;
             while (i + rows < n && t + rows < T) rows++;
-            MatView wt = matview_rows(a->w_uk_t, h * L, L);
-            rc |= matmul_nt_invariant(s.qa + (size_t)i * L, L, qr, H * qk, &wt, rows, 0, L);
-            for (int k = 1; k < rows; k++)
-                memcpy(s.qp + (size_t)(i + k) * r, qr + (size_t)k * H * qk + nope, sizeof(float) * r);
-            i += rows - 1;
-            continue;
+            rc |= latent_attention_fold_query(a, h, qr, H * qk, rows, s.qa + (size_t)i * L, L);
         }
-        MatView wuk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
-        if (nope > 0) rc |= matmul_nn_part(s.qa + (size_t)i * L, qr, &wuk, 1, 0, L);
-        else memset(s.qa + (size_t)i * L, 0, sizeof(float) * L);
     }
     return rc ? -1 : 0;
 }

@@ -345,9 +345,7 @@ static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N)
 int weight_panels_only(void) { return kernels_cpu_avx512bf16_vbmi() && !kernels_cpu_amx(); }
 
 // Does a BF16-compute product of w read its panels (packed at load; the register tiles)?
-static int on_panels(const MatView *w) { return w->compute_bf16 && w->panels && w->cols > 0 && kernels_cpu_avx512bf16_vbmi(); }
-
-int matmul_on_panels(const MatView *w) { return on_panels(w); }
+int matmul_on_panels(const MatView *w) { return w->compute_bf16 && w->panels && w->cols > 0 && kernels_cpu_avx512bf16_vbmi(); }
 
 // The kernel of a BF16-compute blocked product (see the top): the AMX tiles, the AVX512_BF16
 // register tiles (on the view's panels where it has them), or matmul_bf16c (its portable path
@@ -355,7 +353,7 @@ int matmul_on_panels(const MatView *w) { return on_panels(w); }
 typedef enum { BLOCKED_AMX, BLOCKED_PANELS, BLOCKED_REGISTER_TILES, BLOCKED_BF16C } BlockedBf16;
 static BlockedBf16 blocked_bf16(const MatView *w) {
     return kernels_cpu_amx()             ? BLOCKED_AMX
-           : on_panels(w)                ? BLOCKED_PANELS
+           : matmul_on_panels(w)                ? BLOCKED_PANELS
            : kernels_cpu_avx512bf16()    ? BLOCKED_REGISTER_TILES
                                          : BLOCKED_BF16C;
 }
@@ -411,7 +409,7 @@ int matmul_nn_part(float *out, const float *x, const MatView *w, int N, int c0, 
 int matmul_nt_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
     if (check_dtype(w)) return -1;
     if (N <= 0 || r1 <= r0) return 0;
-    if (on_panels(w)) return matmul_nt_panels(out, ldo, x, ldx, w, N, r0, r1);
+    if (matmul_on_panels(w)) return matmul_nt_panels(out, ldo, x, ldx, w, N, r0, r1);
     if (w->compute_bf16 && w->cols > 0) return matmul_nt_bf16c(out, ldo, x, ldx, w, N, r0, r1);
     if (w->cols <= 0) {
         for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
@@ -449,7 +447,7 @@ int matmul_nt(float *out, const float *x, const MatView *w, int N) {
         return 0;
     }
     if (!w->compute_bf16 && (!kernels_cpu_avx512() || !matview_avx512_ok(w))) return matmul_nt_scalar(out, x, w, N);
-    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N && !on_panels(w) ? 4 : 32, failed = 0;
+    int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N && !matmul_on_panels(w) ? 4 : 32, failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {
         int r0, r1;

@@ -204,18 +204,10 @@ meet(s);
     if (fold) {  // meanwhile (q_nope is not rotated) W_UK,hᵀ q_nope for every row, by heads
         int hb, he;
         share(H, 1, &hb, &he);
-        const MatView *wt = mla_w_uk_t(a);  // (attention's own entry queries take the same products)
-        for (int h = hb; h < he; h++) {
-            MatView wuk = wt ? matview_rows(wt, h * L, L) : matview_rows(&a->kv_b_proj, h * (nope + v), nope);
-            if (nope > 0 && wt)
-                ts->failed |= matmul_nt_invariant(s->q_latent + (size_t)h * L, H * L, s->q + (size_t)h * qk, H * qk, &wuk,
-                                                  N, 0, L);
-            else if (nope > 0)
-                ts->failed |= matmul_nn_invariant(s->q_latent + (size_t)h * L, H * L, s->q + (size_t)h * qk, H * qk, &wuk,
-                                                  N, 0, L, 0);
-            else
-                for (int n = 0; n < N; n++) memset(s->q_latent + ((size_t)n * H + h) * L, 0, sizeof(float) * L);
-        }
+        LatentAttention shape = decode_attention(m, s, bt, l, 0, a);  // (its weights and widths)
+        for (int h = hb; h < he; h++)
+            ts->failed |= latent_attention_fold_query(&shape, h, s->q + (size_t)h * qk, H * qk, N,
+                                                      s->q_latent + (size_t)h * L, H * L) != 0;
     }
 meet(s);
     // The other sequences. Several: units taken in turn from a shared counter, so that a thread

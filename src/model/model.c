@@ -248,10 +248,11 @@ static int wuk_view(const ModelConfig *c, const MatView *kvb, MatView *t) {
     return 0;
 }
 
-// Bytes of kvb's W_UKᵀ panels and, FP8, its scale grid after them (0: none).
-static size_t wuk_bytes(const ModelConfig *c, const MatView *kvb) {
+// Bytes of kvb's W_UKᵀ panels and, FP8, its scale grid after them, when its products are
+// BF16-compute (bf16; 0: none).
+static size_t wuk_bytes(const ModelConfig *c, const MatView *kvb, int bf16) {
     MatView t;
-    if (wuk_view(c, kvb, &t)) return 0;
+    if (!bf16 || wuk_view(c, kvb, &t)) return 0;
     size_t grid = t.dtype == DT_F8_E4M3 ? sizeof(float) * (t.rows / 128) * t.scale_cols : 0;
     if (grid) t.scale_inv = (const float *)kvb->scale_inv;  // (weight_panels_bytes asks for one)
     size_t pb = weight_panels_bytes(&t);
@@ -301,7 +302,7 @@ static MlaWeights *attention_of(Model *m, int i) {
 // none.
 static size_t panel_bytes_of(const TensorSpec *t, int bf16) {
     if (!bf16 || !(t->kind == TENSOR_LINEAR || (t->kind == TENSOR_EMBED && t->head))) return 0;
-    return (weight_panels_bytes(t->mat) + PANELS_ALIGN - 1) / PANELS_ALIGN * PANELS_ALIGN;
+    return panels_aligned(weight_panels_bytes(t->mat));
 }
 
 typedef struct {
@@ -331,21 +332,21 @@ static int count_panels(const TensorSpec *t, void *ctx) {
     return 0;
 }
 
-// The bytes of W_UKᵀ panels every layer's attention would take (0 where none: not BF16 compute
-// (bf16), no panels on this CPU, or a shape wuk_view does not take).
-static size_t wuk_total(const Model *m, int bf16) {
-    size_t total = 0;
-    for (int i = 0; bf16 && i < m->cfg.num_hidden_layers + m->w.n_mtp; i++)
-        total += wuk_bytes(&m->cfg, &attention_of((Model *)m, i)->kv_b_proj);
-    return total;
+// Layer i's W_UKᵀ panel bytes: under mode (plan), or as its kv_b_proj is marked now.
+static size_t wuk_bytes_of(const Model *m, int i, int plan, ComputeMode mode) {
+    const MatView *kvb = &attention_of((Model *)m, i)->kv_b_proj;
+    return wuk_bytes(&m->cfg, kvb, plan ? bf16_under_mat(kvb, mode) : kvb->compute_bf16);
 }
 
 size_t model_panels_bytes(const Model *m, ComputeMode mode, int *matrices) {
     PanelWalk p = {.plan = 1, .mode = mode, .mp = m->moe_parallel};
     tensor_walk(&m->cfg, m->w.n_mtp, (ModelWeights *)&m->w, count_panels, &p);
-    size_t wuk = wuk_total(m, bf16_under_mat(&m->w.layers[0].self_attn.kv_b_proj, mode));
-    if (matrices) *matrices = p.n + (wuk ? m->cfg.num_hidden_layers + m->w.n_mtp : 0);
-    return p.bytes + wuk;
+    for (int i = 0; i < m->cfg.num_hidden_layers + m->w.n_mtp; i++) {
+        size_t b = wuk_bytes_of(m, i, 1, mode);
+        p.bytes += b, p.n += b > 0;
+    }
+    if (matrices) *matrices = p.n;
+    return p.bytes;
 }
 
 static int drop_panels(const TensorSpec *t, void *ctx) {
@@ -369,29 +370,28 @@ int model_set_compute(Model *m, ComputeMode mode, Error *err) {
     PanelWalk pw = {.mp = m->moe_parallel};
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, count_panels, &pw);
     if (pw.bytes == 0) return 0;
-    size_t n = (size_t)pw.n, wuk = wuk_total(m, m->w.layers[0].self_attn.kv_b_proj.compute_bf16);
+    // each layer's W_UKᵀ after the matrices' panels: wuk_at[i] .. wuk_at[i + 1]
+    int layers = m->cfg.num_hidden_layers + m->w.n_mtp, failed = 0;
+    size_t n = (size_t)pw.n, *wuk_at = xcalloc(err, layers + 1, sizeof *wuk_at, "the list of weight panels");
     pw = (PanelWalk){.mp = m->moe_parallel,
                      .mats = xcalloc(err, n, sizeof *pw.mats, "the list of weight panels"),
                      .at = xcalloc(err, n, sizeof *pw.at, "the list of weight panels"),
-                     .release = xcalloc(err, n, 1, "the list of weight panels"),
-                     .wuk = wuk > 0};
-    if (!pw.mats || !pw.at || !pw.release) goto fail;
+                     .release = xcalloc(err, n, 1, "the list of weight panels")};
+    if (!wuk_at || !pw.mats || !pw.at || !pw.release) goto fail;
+    for (int i = 0; i < layers; i++) wuk_at[i + 1] = wuk_at[i] + wuk_bytes_of(m, i, 0, mode);
+    size_t wuk = wuk_at[layers];
+    pw.wuk = wuk > 0;
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, count_panels, &pw);
     m->panels = bigmem_alloc(pw.bytes + wuk, "the BF16-compute weight panels", err);
     if (!m->panels) goto fail;
     m->panels_bytes = pw.bytes + wuk;
-    // each layer's W_UKᵀ after the matrices' panels (from the stored rows: before any release)
-    int layers = m->cfg.num_hidden_layers + m->w.n_mtp, failed = 0;
-    size_t *wuk_at = wuk ? xcalloc(err, layers, sizeof *wuk_at, "the list of weight panels") : NULL;
-    if (wuk && !wuk_at) goto fail;
-    size_t at = pw.bytes;
-    for (int i = 0; wuk && i < layers; i++) wuk_at[i] = at, at += wuk_bytes(&m->cfg, &attention_of(m, i)->kv_b_proj);
+    // the W_UKᵀ panels packed from the stored rows, before any release
 #pragma omp parallel for schedule(dynamic) reduction(| : failed) if (wuk)
-    for (int i = 0; i < (wuk ? layers : 0); i++) {
+    for (int i = 0; i < layers; i++) {
         MlaWeights *a = attention_of(m, i);
-        failed |= wuk_pack(&m->cfg, &a->kv_b_proj, (char *)m->panels + wuk_at[i], &a->w_uk_t) != 0;
+        if (wuk_at[i + 1] > wuk_at[i])
+            failed |= wuk_pack(&m->cfg, &a->kv_b_proj, (char *)m->panels + pw.bytes + wuk_at[i], &a->w_uk_t) != 0;
     }
-    free(wuk_at);
     if (failed) {
         err_set(err, "out of memory for a transposed copy of kv_b_proj (the W_UK panels)");
         goto fail;
@@ -408,10 +408,10 @@ int model_set_compute(Model *m, ComputeMode mode, Error *err) {
         w->panels = (char *)m->panels + pw.at[i];
         if (release && pw.release[i]) st_model_release(&m->files, w->data, tensor_view_bytes(w));
     }
-    free(pw.mats), free(pw.at), free(pw.release);
+    free(wuk_at), free(pw.mats), free(pw.at), free(pw.release);
     return 0;
 fail:
-    free(pw.mats), free(pw.at), free(pw.release);
+    free(wuk_at), free(pw.mats), free(pw.at), free(pw.release);
     panels_free(m);
     mode = COMPUTE_F32;
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode);
