@@ -6,7 +6,9 @@
 
 #include "train/optim.h"
 #include "train/train_model.h"
+#include "kernels/backend.h"
 #include "kernels/convert.h"
+#include "kernels/matmul.h"
 #include "test.h"
 
 static int tiny_model(TrainModel *m, const char *name, int B, int T) {
@@ -17,6 +19,31 @@ static int tiny_model(TrainModel *m, const char *name, int B, int T) {
     if (config_load(&c, path, &err) || train_model_new(m, &c, B, T, &err)) return -1;
     snprintf(path, sizeof path, "%s/train_grad/%s", test_datadir(), name);
     return train_model_load(m, path, &err);
+}
+
+// The gradient norm's Σ x² (the backend's sum_squares): the AVX-512 path and the portable one give
+// the same bits at every length around its lanes (8) and its chunks (16,384), and both equal the
+// sum of the squares in double to its rounding.
+TEST(test_sum_squares_same_bits_on_both_paths) {
+    Backend *be = backend_cpu();
+    const long lens[] = {0, 1, 7, 8, 9, 15, 17, 1000, 16383, 16384, 16385, 65537, 200003};
+    float *x = malloc(sizeof(float) * 200003);
+    unsigned s = 12345;
+    for (long i = 0; i < 200003; i++) {
+        s = s * 1103515245u + 12345u;
+        x[i] = ((float)(s >> 8) / 16777216.0f - 0.5f) * (i % 97 == 0 ? 1e3f : 1.0f);
+    }
+    for (int k = 0; k < (int)(sizeof lens / sizeof *lens); k++) {
+        double vec, por, ref = 0;
+        CHECK(be->ops->sum_squares(be, &vec, x, lens[k]) == 0);
+        CHECK(kernels_set_isa("scalar") == 0);
+        CHECK(be->ops->sum_squares(be, &por, x, lens[k]) == 0);
+        CHECK(kernels_set_isa("auto") == 0);
+        for (long i = 0; i < lens[k]; i++) ref += (double)x[i] * x[i];
+        CHECK_MSG(memcmp(&vec, &por, sizeof vec) == 0, "n %ld: %.17g vs %.17g", lens[k], vec, por);
+        CHECK_MSG(fabs(vec - ref) <= 1e-12 * ref, "n %ld: %.17g vs %.17g", lens[k], vec, ref);
+    }
+    free(x);
 }
 
 // Two AdamW steps against the update written out in double: a matrix decays, a norm does not,

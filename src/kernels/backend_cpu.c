@@ -335,11 +335,13 @@ static int cpu_crossentropy_backward(Backend *be, float *logits, const float *ls
 // Chunks of the fixed-order sum: partial sums per chunk, added in chunk order, give the same bits
 // however the chunks are scheduled. Within a chunk, element j goes to running sum j mod
 // SUM_LANES (independent chains: one chain would wait on each addition's latency), and the lanes
-// are added in halves at the end.
-#define SUM_CHUNK 65536
+// are added in halves at the end. 16K values a chunk: an expert's matrices of a few tens of
+// thousands of values still go to both threads (the gradient norm sums tensor by tensor).
+#define SUM_CHUNK 16384
 #define SUM_LANES 8
 
 static double sum_squares_chunk(const float *x, long n) {
+    if (kernels_cpu_avx512()) return sum_squares_avx512(x, n);  // (SUM_LANES lanes too: the same bits)
     double lane[SUM_LANES] = {0};
     long j = 0;
     for (; j + SUM_LANES <= n; j += SUM_LANES)
@@ -354,7 +356,7 @@ static int cpu_sum_squares(Backend *be, double *sum, const float *x, long n) {
     long chunks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
     double *part = malloc(sizeof(double) * (chunks > 0 ? chunks : 1));
     if (!part) return fail(be, "sum_squares", "out of memory");
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (chunks > 1)  // (a norm's or a bias's few values: no fork)
     for (long c = 0; c < chunks; c++) {
         long b = c * SUM_CHUNK, e = b + SUM_CHUNK < n ? b + SUM_CHUNK : n;
         part[c] = sum_squares_chunk(x + b, e - b);
@@ -380,7 +382,7 @@ static int cpu_adamw(Backend *be, float *p, void *m, void *v, const float *g, lo
         float *mf = m, *vf = v;
         if (kernels_cpu_avx512()) {
             enum { PART = 1 << 14 };  // threads take parts of 16K parameters
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > PART)
             for (long c = 0; c < n; c += PART)
                 adamw_avx512(p + c, mf + c, vf + c, g + c, n - c < PART ? n - c : PART, s->lr, s->beta1, s->beta2,
                              s->eps, s->bc1, s->bc2, s->clip, s->shrink);

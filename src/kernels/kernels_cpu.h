@@ -70,9 +70,10 @@ int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpo
 // Dequantises columns [c0, c0 + n) of row r into out[n].
 void matview_row_avx512(const MatView *w, int r, int c0, int n, float *out);
 
-// ops.c's exp-bound loops (ops_avx512.c): out = e^(x - shift); a softmax row in place; Σ e^(x - shift)
-// in double; SwiGLU forward and backward.
-void exp_n_avx512(float *out, const float *x, long n, float shift);
+// ops.c's exp-bound loops (ops_avx512.c): out = e^(x - shift) · scale (the product rounded after
+// the exponential, as a second pass would); a softmax row in place; Σ e^(x - shift) in double;
+// SwiGLU forward and backward.
+void exp_n_avx512(float *out, const float *x, long n, float shift, float scale);
 void softmax_avx512(float *x, int n);
 double sum_exp_avx512(const float *x, int n, float shift);
 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n);
@@ -80,6 +81,9 @@ void axpy_avx512(float *y, float a, const float *x, long n);
 // argmax_f32's two passes: the largest value that is not a NaN (−inf when none), and the first
 // index holding a value equal to v (−1 when none).
 float max_finite_avx512(const float *x, int n);
+// Σ x² over n values in double, in the order of backend_cpu.c's portable sum: eight running sums,
+// element j in sum j mod 8, then folded in halves (4 onto 0-3, 2 onto 0-1, 1 onto 0).
+double sum_squares_avx512(const float *x, long n);
 int first_equal_avx512(const float *x, int n, float v);
 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr, float beta1, float beta2, float eps,
                   float bc1, float bc2, float clip, float shrink);

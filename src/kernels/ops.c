@@ -80,7 +80,7 @@ float exp_shifted_inplace(float *x, int n, float *max) {
         for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
     *max = m;
     if (n == 0) return 0.0f;
-    if (kernels_cpu_avx512()) exp_n_avx512(x, x, n, m);
+    if (kernels_cpu_avx512()) exp_n_avx512(x, x, n, m, 1.0f);
     else
         for (int i = 0; i < n; i++) x[i] = expf(x[i] - m);
     float lane[16] = {0};
@@ -210,7 +210,9 @@ double crossentropy_forward(float *losses, float *lse, const float *logits, cons
     for (int n = 0; n < N; n++) {
         const float *l = logits + (size_t)n * V;
         float mx = -INFINITY;
-        for (int i = 0; i < V; i++) mx = l[i] > mx ? l[i] : mx;
+        if (kernels_cpu_avx512()) mx = max_finite_avx512(l, V);  // (the same value; a zero's sign aside)
+        else
+            for (int i = 0; i < V; i++) mx = l[i] > mx ? l[i] : mx;
         double s = 0;
         if (kernels_cpu_avx512()) s = sum_exp_avx512(l, V, mx);
         else
@@ -228,8 +230,7 @@ void crossentropy_backward(float *logits, const float *lse, const int *targets, 
     for (int n = 0; n < N; n++) {
         float *l = logits + (size_t)n * V;
         if (kernels_cpu_avx512()) {
-            exp_n_avx512(l, l, V, lse[n]);
-            for (int i = 0; i < V; i++) l[i] *= dloss;
+            exp_n_avx512(l, l, V, lse[n], dloss);
         } else {
             for (int i = 0; i < V; i++) l[i] = expf(l[i] - lse[n]) * dloss;
         }

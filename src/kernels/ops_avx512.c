@@ -27,11 +27,12 @@ AVX512_INLINE __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(e, n);
 }
 
-AVX512 void exp_n_avx512(float *out, const float *x, long n, float shift) {
-    __m512 s = _mm512_set1_ps(shift);
+AVX512 void exp_n_avx512(float *out, const float *x, long n, float shift, float scale) {
+    __m512 s = _mm512_set1_ps(shift), f = _mm512_set1_ps(scale);
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
-        _mm512_mask_storeu_ps(out + i, m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s)));
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s));
+        _mm512_mask_storeu_ps(out + i, m, scale == 1.0f ? e : _mm512_mul_ps(e, f));
     }
 }
 
@@ -65,6 +66,17 @@ AVX512 double sum_exp_avx512(const float *x, int n, float shift) {
         hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
     }
     return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+}
+
+AVX512 double sum_squares_avx512(const float *x, long n) {
+    __m512d lane = _mm512_setzero_pd();  // lane k: the elements j ≡ k (mod 8), in order
+    for (long j = 0; j < n; j += 8) {
+        __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)tail_mask((int)(n - j < 8 ? n - j : 8)), x + j));
+        lane = _mm512_add_pd(lane, _mm512_mul_pd(v, v));  // (a float's square is exact in double)
+    }
+    __m256d h4 = _mm256_add_pd(_mm512_castpd512_pd256(lane), _mm512_extractf64x4_pd(lane, 1));  // k += k + 4
+    __m128d h2 = _mm_add_pd(_mm256_castpd256_pd128(h4), _mm256_extractf128_pd(h4, 1));        // k += k + 2
+    return _mm_cvtsd_f64(_mm_add_sd(h2, _mm_unpackhi_pd(h2, h2)));                           // 0 += 1
 }
 
 AVX512 float max_finite_avx512(const float *x, int n) {
