@@ -69,10 +69,17 @@ typedef struct BackendOps {
     // the routed experts' SwiGLU FFNs in one call (the MoE seam's grouped product): expert e takes
     // rows [off[e], off[e + 1]) of x (d each) into gate, up, h (its intermediate size F each) and
     // out (d each), with its weights w[3e], w[3e + 1], w[3e + 2] (gate (F, d), up, down (d, F)) as
-    // matmul takes them — the bits matmul and swiglu give expert by expert. Without a recipe a
-    // backend may run the experts side by side.
+    // matmul takes them — the bits matmul and swiglu give expert by expert; a backend may run the
+    // experts side by side.
     int (*experts)(Backend *be, float *out, float *gate, float *up, float *h, const float *x, const MatView *const *w,
                    int n_experts, const int *off, const LinearRecipe *recipe);
+    // their backward: from dout (rows of d) and the forward's x, gate, up, h, expert e adds its
+    // input gradient into dx's rows and its weight gradients into dw[3e], dw[3e + 1], dw[3e + 2]
+    // (F32 views, as matmul_backward); dgate, dup, dh (F each per row) are overwritten scratch.
+    // Each expert's bits are those matmul_backward and swiglu_backward give for its rows.
+    int (*experts_backward)(Backend *be, float *dx, const MatView *const *dw, const float *dout, const float *x,
+                            const float *gate, const float *up, const float *h, float *dgate, float *dup, float *dh,
+                            const MatView *const *w, int n_experts, const int *off, const LinearRecipe *recipe);
     // RMSNorm over N rows of C: out row n at out + n·ldo, input row at x + n·ldx; rstd (N) or NULL
     int (*rmsnorm)(Backend *be, float *out, int ldo, float *rstd, const float *x, int ldx, const float *weight,
                    int N, int C, float eps);

@@ -94,24 +94,28 @@ static int cpu_matmul(Backend *be, float *out, const float *x, const MatView *w,
     return linear_product(out, x, w, N, recipe) ? product_failed(be, "matmul", w) : 0;
 }
 
-static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const float *dout, const float *x,
-                               const MatView *w, int N, const LinearRecipe *recipe) {
-    float *g = matview_f32_data(dw);
-    if (!g) return fail(be, "matmul_backward", "the weight gradient is not an F32 view");
-    if (!recipe) return matmul_backward(dx, dw, dout, x, w, N) ? product_failed(be, "matmul_backward", w) : 0;
-    if (recipe_weights(be, "matmul_backward", w)) return -1;
-    if (recipe->f32) return matmul_backward(dx, dw, dout, x, w, N) ? product_failed(be, "matmul_backward", w) : 0;
+// A linear layer's backward products under a recipe (NULL: fp32 operands), dw an F32 view: -1 on
+// a failed product (the caller reports it).
+static int linear_backward(float *dx, const MatView *dw, const float *dout, const float *x, const MatView *w, int N,
+                           const LinearRecipe *recipe) {
+    if (!recipe || recipe->f32) return matmul_backward(dx, dw, dout, x, w, N);
     int rows = w->rows, cols = w->cols;
     LowpScaling act = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_TILE_1x128;
     LowpScaling wgt = recipe->tensor_scaling ? LOWP_TENSOR : LOWP_BLOCK_128x128;
     // dx (N × cols) += dout (N × rows) · W: B = Wᵀ, element (c, r) = W[r][c]
     if (dx && lowp_product(recipe, dx, N, cols, rows, 1, dout, rows, 0, recipe->grad_fmt, act, w->data, cols, 1, recipe->fmt,
                            wgt, 0))
-        return product_failed(be, "matmul_backward", w);
+        return -1;
     // dw (rows × cols) += doutᵀ · x: both operands read along the tokens (128 x 1 tiles)
-    if (lowp_product(recipe, g, rows, cols, N, 1, dout, rows, 1, recipe->grad_fmt, act, x, cols, 1, recipe->fmt, act, 1))
-        return product_failed(be, "matmul_backward", w);
-    return 0;
+    return lowp_product(recipe, matview_f32_data(dw), rows, cols, N, 1, dout, rows, 1, recipe->grad_fmt, act, x, cols, 1,
+                        recipe->fmt, act, 1);
+}
+
+static int cpu_matmul_backward(Backend *be, float *dx, const MatView *dw, const float *dout, const float *x,
+                               const MatView *w, int N, const LinearRecipe *recipe) {
+    if (!matview_f32_data(dw)) return fail(be, "matmul_backward", "the weight gradient is not an F32 view");
+    if (recipe && recipe_weights(be, "matmul_backward", w)) return -1;
+    return linear_backward(dx, dw, dout, x, w, N, recipe) ? product_failed(be, "matmul_backward", w) : 0;
 }
 
 static int cpu_embedding(Backend *be, float *out, const MatView *w, const int *idx, int n) {
@@ -166,58 +170,130 @@ static int cpu_swiglu_backward(Backend *be, float *dgate, float *dup, const floa
     return 0;
 }
 
-// With a recipe (training) expert after expert, each product threaded as matmul threads it (handing
-// whole experts to the threads, as below, was no faster in a training step through the noise, and
-// would change its bits). Without (inference): whole experts handed out to the threads, the largest
-// first, each expert's three products and its SwiGLU on one thread (matmul over all its rows: the
-// bits of the expert-by-expert loop, since a row's bits do not depend on the split of the output
-// features) — one fork per layer instead of three per expert, each expert's rows packed once, the
-// threads kept busy by experts of different sizes (prefill of 512 tokens, v3-108m: 102-103 -> 90-91
-// ms with BF16 weights, 107-108 -> 92-93 with FP8).
-static int cpu_experts(Backend *be, float *out, float *gate, float *up, float *h, const float *x,
-                       const MatView *const *w, int n_experts, const int *off, const LinearRecipe *recipe) {
-    if (recipe) {
-        for (int e = 0; e < n_experts; e++) {
-            int n = off[e + 1] - off[e];
-            if (n == 0) continue;
-            size_t o = off[e];
-            long F = w[3 * e]->rows, d = w[3 * e]->cols;
-            if (cpu_matmul(be, gate + o * F, x + o * d, w[3 * e], n, recipe) ||
-                cpu_matmul(be, up + o * F, x + o * d, w[3 * e + 1], n, recipe) ||
-                cpu_swiglu(be, h + o * F, gate + o * F, up + o * F, (long)n * F) ||
-                cpu_matmul(be, out + o * w[3 * e + 2]->rows, h + o * F, w[3 * e + 2], n, recipe))
-                return -1;
-        }
-        return 0;
-    }
-    int *order = malloc(sizeof(int) * (n_experts + 1)), active = 0;
-    if (!order) return fail(be, "experts", "out of memory");
+// The experts with rows, the most rows first (insertion: a few dozen experts); returns how many.
+static int experts_by_rows(int *order, int n_experts, const int *off) {
+    int active = 0;
     for (int e = 0; e < n_experts; e++)
         if (off[e + 1] > off[e]) order[active++] = e;
-    for (int i = 1; i < active; i++)  // by rows, descending (insertion: a few dozen experts)
+    for (int i = 1; i < active; i++)
         for (int j = i; j > 0 && off[order[j] + 1] - off[order[j]] > off[order[j - 1] + 1] - off[order[j - 1]]; j--) {
             int t = order[j];
             order[j] = order[j - 1], order[j - 1] = t;
         }
-    double work = active ? (double)(off[n_experts] - off[0]) * w[3 * order[0]]->rows * w[3 * order[0]]->cols : 0;
-    int failed = 0, bad = -1;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed) if (active > 1 && work > (1 << 16))
-    for (int i = 0; i < active; i++) {
-        int e = order[i], n = off[e + 1] - off[e];
-        size_t o = off[e];
-        const MatView *wg = w[3 * e], *wu = w[3 * e + 1], *wd = w[3 * e + 2];
-        long F = wg->rows, d = wg->cols;
-        int rc = matmul_nt2_part(gate + o * F, up + o * F, x + o * d, wg, wu, n);
-        if (!rc) swiglu_forward(h + o * F, gate + o * F, up + o * F, (long)n * F);
-        rc = rc || matmul_nt_part(out + o * wd->rows, h + o * F, wd, n, 0, wd->rows);
-        if (rc) {
+    return active;
+}
+
+// Whole experts handed out to the threads, the largest first, each expert's products and its
+// SwiGLU on one thread — one fork per layer instead of one per product, each expert's rows packed
+// once, the threads kept busy by experts of different sizes (prefill of 512 tokens, v3-108m:
+// 102-103 -> 90-91 ms with BF16 weights, 107-108 -> 92-93 with FP8). A product's rows do not
+// depend on the split of its output features, so the bits are those of the expert-by-expert loop.
+// Training's products (a recipe) likewise: one expert's rows on one thread beat the same product
+// split over both (a v3-10m-train bf16 step, forward and backward: 0.236-0.250 -> 0.227-0.239 s);
+// a lone expert (a dense FFN, a shared expert) runs its products on all the threads.
+// Expert e of the experts op, on the calling thread (its products on all the threads outside a
+// parallel region): -1 on a failed product.
+static int expert_forward(float *out, float *gate, float *up, float *h, const float *x, const MatView *const *w, int e,
+                          const int *off, const LinearRecipe *recipe) {
+    int n = off[e + 1] - off[e];
+    size_t o = off[e];
+    const MatView *wg = w[3 * e], *wu = w[3 * e + 1], *wd = w[3 * e + 2];
+    long F = wg->rows, d = wg->cols;
+    if (recipe) {
+        if (linear_product(gate + o * F, x + o * d, wg, n, recipe) || linear_product(up + o * F, x + o * d, wu, n, recipe))
+            return -1;
+        swiglu_rows_forward(h + o * F, gate + o * F, up + o * F, (long)n * F);
+        return linear_product(out + o * wd->rows, h + o * F, wd, n, recipe);
+    }
+    if (matmul_nt2_part(gate + o * F, up + o * F, x + o * d, wg, wu, n)) return -1;
+    swiglu_forward(h + o * F, gate + o * F, up + o * F, (long)n * F);
+    return matmul_nt_part(out + o * wd->rows, h + o * F, wd, n, 0, wd->rows);
+}
+
+// Expert e of the experts' backward, likewise.
+static int expert_backward(float *dx, const MatView *const *dw, const float *dout, const float *x, const float *gate,
+                           const float *up, const float *h, float *dgate, float *dup, float *dh, const MatView *const *w,
+                           int e, const int *off, const LinearRecipe *recipe) {
+    int n = off[e + 1] - off[e];
+    size_t o = off[e];
+    long F = w[3 * e]->rows, d = w[3 * e]->cols;
+    memset(dh + o * F, 0, sizeof(float) * n * F);
+    if (linear_backward(dh + o * F, dw[3 * e + 2], dout + o * d, h + o * F, w[3 * e + 2], n, recipe)) return -1;
+    swiglu_rows_backward(dgate + o * F, dup + o * F, dh + o * F, gate + o * F, up + o * F, (long)n * F);
+    return linear_backward(dx + o * d, dw[3 * e], dgate + o * F, x + o * d, w[3 * e], n, recipe) ||
+                   linear_backward(dx + o * d, dw[3 * e + 1], dup + o * F, x + o * d, w[3 * e + 1], n, recipe)
+               ? -1
+               : 0;
+}
+
+// Runs the experts with rows, the largest first: handed out whole to the threads when there are
+// several (and work enough), else one after another on the calling thread — not in a one-thread
+// team, in which each product's own fork would be a nested region, new threads every time.
+// Returns the expert that failed, or -1.
+typedef struct ExpertsCall {
+    float *out, *gate, *up, *h, *dx, *dgate, *dup, *dh;  // forward: out, gate, up, h; backward: all
+    const float *x, *dout, *gate_in, *up_in, *h_in;
+    const MatView *const *w, *const *dw;
+    const int *off;
+    const LinearRecipe *recipe;
+    int backward;
+} ExpertsCall;
+
+static int expert_run(const ExpertsCall *c, int e) {
+    return c->backward ? expert_backward(c->dx, c->dw, c->dout, c->x, c->gate_in, c->up_in, c->h_in, c->dgate, c->dup,
+                                         c->dh, c->w, e, c->off, c->recipe)
+                       : expert_forward(c->out, c->gate, c->up, c->h, c->x, c->w, e, c->off, c->recipe);
+}
+
+static int experts_run(const ExpertsCall *c, int n_experts, int *bad) {
+    int *order = malloc(sizeof(int) * (n_experts + 1));
+    if (!order) return -1;
+    int active = experts_by_rows(order, n_experts, c->off), failed = 0;
+    const MatView *w0 = active ? c->w[3 * order[0]] : NULL;
+    double work = active ? (double)(c->off[n_experts] - c->off[0]) * w0->rows * w0->cols : 0;
+    *bad = -1;
+    if (active > 1 && work > (1 << 16)) {
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+        for (int i = 0; i < active; i++)
+            if (expert_run(c, order[i])) {
 #pragma omp atomic write
-            bad = e;
-            failed = 1;
-        }
+                *bad = order[i];
+                failed = 1;
+            }
+    } else {
+        for (int i = 0; i < active && !failed; i++)
+            if (expert_run(c, order[i])) *bad = order[i], failed = 1;
     }
     free(order);
-    return failed ? product_failed(be, "experts", w[3 * bad]) : 0;
+    return failed;
+}
+
+static int cpu_experts(Backend *be, float *out, float *gate, float *up, float *h, const float *x,
+                       const MatView *const *w, int n_experts, const int *off, const LinearRecipe *recipe) {
+    for (int e = 0; recipe && e < n_experts; e++)
+        for (int j = 0; j < 3 && off[e + 1] > off[e]; j++)
+            if (recipe_weights(be, "experts", w[3 * e + j])) return -1;
+    ExpertsCall c = {.out = out, .gate = gate, .up = up, .h = h, .x = x, .w = w, .off = off, .recipe = recipe};
+    int bad, rc = experts_run(&c, n_experts, &bad);
+    if (rc && bad < 0) return fail(be, "experts", "out of memory");
+    return rc ? product_failed(be, "experts", w[3 * bad]) : 0;
+}
+
+// The experts' backward the same way: expert e's rows on one thread (a lone expert on all of
+// them), its products' and SwiGLU's backward in the order of the forward reversed.
+static int cpu_experts_backward(Backend *be, float *dx, const MatView *const *dw, const float *dout, const float *x,
+                                const float *gate, const float *up, const float *h, float *dgate, float *dup, float *dh,
+                                const MatView *const *w, int n_experts, const int *off, const LinearRecipe *recipe) {
+    for (int e = 0; e < n_experts; e++)
+        for (int j = 0; j < 3 && off[e + 1] > off[e]; j++) {
+            if (!matview_f32_data(dw[3 * e + j])) return fail(be, "experts_backward", "a weight gradient is not an F32 view");
+            if (recipe && recipe_weights(be, "experts_backward", w[3 * e + j])) return -1;
+        }
+    ExpertsCall c = {.dx = dx, .dgate = dgate, .dup = dup, .dh = dh, .x = x, .dout = dout, .gate_in = gate, .up_in = up,
+                     .h_in = h, .w = w, .dw = dw, .off = off, .recipe = recipe, .backward = 1};
+    int bad, rc = experts_run(&c, n_experts, &bad);
+    if (rc && bad < 0) return fail(be, "experts_backward", "out of memory");
+    return rc ? product_failed(be, "experts_backward", w[3 * bad]) : 0;
 }
 
 static int cpu_rope(Backend *be, float *x, int N, int T, int heads, int stride, int r, const float *cos_t,
@@ -431,6 +507,7 @@ static const BackendOps cpu_ops = {
     .matmul = cpu_matmul,
     .matmul_backward = cpu_matmul_backward,
     .experts = cpu_experts,
+    .experts_backward = cpu_experts_backward,
     .embedding = cpu_embedding,
     .embedding_backward = cpu_embedding_backward,
     .rmsnorm = cpu_rmsnorm,

@@ -4,6 +4,10 @@
 
 #include "model/layer.h"
 
+void ffn_views(const FfnWeights *f, const MatView **v) {
+    v[0] = &f->gate_proj, v[1] = &f->up_proj, v[2] = &f->down_proj;
+}
+
 int ffn_forward(Backend *be, const LinearRecipe *recipe, const FfnWeights *f, const float *x, float *gate, float *up,
                 float *h, float *out, int n) {
     long F = f->gate_proj.rows;
@@ -16,12 +20,12 @@ int ffn_forward(Backend *be, const LinearRecipe *recipe, const FfnWeights *f, co
 int ffn_backward(Backend *be, const LinearRecipe *recipe, const FfnWeights *f, FfnWeights *gf, const float *dout, const float *x,
                  const float *gate, const float *up, const float *h, float *dx, float *dgate, float *dup, float *dh,
                  int n) {
-    long F = f->gate_proj.rows;
-    memset(dh, 0, sizeof(float) * n * F);
-    TRY(be->ops->matmul_backward(be, dh, &gf->down_proj, dout, h, &f->down_proj, n, recipe));
-    TRY(be->ops->swiglu_backward(be, dgate, dup, dh, gate, up, (long)n * F));
-    TRY(be->ops->matmul_backward(be, dx, &gf->gate_proj, dgate, x, &f->gate_proj, n, recipe));
-    return be->ops->matmul_backward(be, dx, &gf->up_proj, dup, x, &f->up_proj, n, recipe);
+    // one expert of n rows: the experts' backward, its products on all the threads
+    const MatView *w[3], *dw[3];
+    ffn_views(f, w);
+    ffn_views(gf, dw);
+    int off[2] = {0, n};
+    return be->ops->experts_backward(be, dx, dw, dout, x, gate, up, h, dgate, dup, dh, w, 1, off, recipe);
 }
 
 int layer_forward(const LayerPass *p, const LayerWeights *w, LayerActs *a, long long *load, double *balance) {

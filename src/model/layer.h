@@ -142,6 +142,8 @@ struct LayerGradScratch {
 
 // ---- ops ----
 
+// v[0..2] = the FFN's gate, up and down projections (the order the experts ops take them in).
+void ffn_views(const FfnWeights *f, const MatView **v);
 // out (n, d) = down(silu(gate x) · up x) of x (n, d), width F; gate, up, h: (n, F) written.
 int ffn_forward(Backend *be, const LinearRecipe *recipe, const FfnWeights *f, const float *x, float *gate, float *up, float *h, float *out,
                 int n);

@@ -200,9 +200,7 @@ int moe_experts_forward(const LayerPass *p, const MoeWeights *w, LayerActs *a, i
     TRY(moe_gather(p, a, N));
     const MatView **views = malloc(sizeof *views * 3 * (Nr + 1));
     if (!views) return err_set(&p->be->err, "out of memory for the experts' weight list (%d experts)", Nr);
-    for (int e = 0; e < Nr; e++)
-        views[3 * e] = &w->experts[e].gate_proj, views[3 * e + 1] = &w->experts[e].up_proj,
-        views[3 * e + 2] = &w->experts[e].down_proj;
+    for (int e = 0; e < Nr; e++) ffn_views(&w->experts[e], views + 3 * e);
     int rc = p->be->ops->experts(p->be, a->e_out, a->e_gate, a->e_up, a->e_h, a->xg, views, Nr, a->expert_off, p->recipe);
     free(views);
     return rc;
@@ -239,7 +237,6 @@ int moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerAc
     const ModelConfig *c = p->c;
     Backend *be = p->be;
     int N = p->B * p->T, d = c->hidden_size, Nr = c->n_routed_experts, K = c->num_experts_per_tok;
-    int Fm = c->moe_intermediate_size;
     if (p->moe_parallel) {
         TRY(p->moe_parallel->ops->backward(p->moe_parallel, p, w, g, a, s, dy, N));
     } else {
@@ -248,14 +245,13 @@ int moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerAc
         // the experts (their inputs are gathered again: xg is shared scratch)
         TRY(moe_gather(p, a, N));
         memset(s->dxg, 0, sizeof(float) * N * K * d);
-        for (int e = 0; e < Nr; e++) {
-            int n = a->expert_off[e + 1] - a->expert_off[e];
-            if (n == 0) continue;
-            size_t o = a->expert_off[e];
-            TRY(ffn_backward(be, p->recipe, &w->experts[e], &g->experts[e], s->de_out + o * d, a->xg + o * d,
-                             a->e_gate + o * Fm, a->e_up + o * Fm, a->e_h + o * Fm, s->dxg + o * d, s->de_gate + o * Fm,
-                             s->de_up + o * Fm, s->de_h + o * Fm, n));
-        }
+        const MatView **views = malloc(sizeof *views * 6 * (Nr + 1)), **grads = views + 3 * (Nr + 1);
+        if (!views) return err_set(&be->err, "out of memory for the experts' weight list (%d experts)", Nr);
+        for (int e = 0; e < Nr; e++) ffn_views(&w->experts[e], views + 3 * e), ffn_views(&g->experts[e], grads + 3 * e);
+        int rc = be->ops->experts_backward(be, s->dxg, grads, s->de_out, a->xg, a->e_gate, a->e_up, a->e_h, s->de_gate,
+                                           s->de_up, s->de_h, views, Nr, a->expert_off, p->recipe);
+        free(views);
+        TRY(rc);
         // dispatch: each slot's input gradient goes back to its token
         TRY(be->ops->scatter_add_rows(be, s->dln, s->dxg, a->slot_tk_token, (long)N * K, d));
     }
