@@ -163,6 +163,33 @@ static double swi_loss(void *p) {
     return dot(c->h, c->r, c->n);
 }
 
+// The combine's backward row: out = a·x exactly rounded products, and Σ x·y in 16 running sums
+// folded in halves — written out here with each product and sum rounded on its own — on both paths.
+TEST(test_scale_and_dot_in_sixteen_lanes) {
+    rng_seed(&rng, 5);
+    for (long n = 1; n <= 300; n += 37) {
+        float *x = randn(n, 1), *y = randn(n, 1), *got = zeros(n), a = -0.61f, lane[16] = {0};
+        for (long i = 0; i < n; i++) {
+            volatile float p = x[i] * y[i];
+            lane[i % 16] = lane[i % 16] + p;
+        }
+        for (int h = 8; h >= 1; h /= 2)
+            for (int k = 0; k < h; k++) lane[k] = lane[k] + lane[k + h];
+        double ref = 0;
+        for (long i = 0; i < n; i++) ref += (double)x[i] * y[i];
+        for (int isa = 0; isa < 2; isa++) {
+            CHECK(kernels_set_isa(isa ? "scalar" : "auto") == 0);
+            float dot = scale_and_dot_f32(got, a, x, y, n);
+            CHECK_MSG(memcmp(&dot, &lane[0], sizeof dot) == 0, "n %ld, %s path: %.9g vs %.9g", n,
+                      isa ? "portable" : "vector", dot, lane[0]);
+            CHECK_MSG(fabs(dot - ref) <= 1e-5 * (fabs(ref) + sqrt((double)n)), "n %ld: %.9g vs %.9g", n, dot, ref);
+            for (long i = 0; i < n; i++) CHECK(got[i] == a * x[i]);
+        }
+        CHECK(kernels_set_isa("auto") == 0);
+        free(x), free(y), free(got);
+    }
+}
+
 TEST(test_train_op_swiglu) {
     rng_seed(&rng, 3);
     long n = 40;

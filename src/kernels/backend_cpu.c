@@ -348,12 +348,8 @@ static int cpu_combine(Backend *be, float *y, const float *src, const int *slot,
     (void)be;
 #pragma omp parallel for schedule(static) if (N > 1)
     for (int t = 0; t < N; t++)
-        for (int k = 0; k < K; k++) {
-            float g = weight[(size_t)t * K + k];
-            const float *s = src + (size_t)slot[(size_t)t * K + k] * d;
-            float *yt = y + (size_t)t * d;
-            for (int j = 0; j < d; j++) yt[j] += g * s[j];
-        }
+        for (int k = 0; k < K; k++)
+            axpy_f32(y + (size_t)t * d, weight[(size_t)t * K + k], src + (size_t)slot[(size_t)t * K + k] * d, d);
     return 0;
 }
 
@@ -364,13 +360,8 @@ static int cpu_combine_backward(Backend *be, float *dsrc, float *dweight, const 
     for (int t = 0; t < N; t++)
         for (int k = 0; k < K; k++) {
             size_t sl = slot[(size_t)t * K + k];
-            const float *s = src + sl * d, *dyt = dy + (size_t)t * d;
-            float *ds = dsrc + sl * d, g = weight[(size_t)t * K + k], dot = 0;
-            for (int j = 0; j < d; j++) {
-                dot += dyt[j] * s[j];
-                ds[j] = g * dyt[j];
-            }
-            dweight[(size_t)t * K + k] = dot;
+            dweight[(size_t)t * K + k] =
+                scale_and_dot_f32(dsrc + sl * d, weight[(size_t)t * K + k], dy + (size_t)t * d, src + sl * d, d);
         }
     return 0;
 }

@@ -78,6 +78,7 @@ void softmax_avx512(float *x, int n);
 double sum_exp_avx512(const float *x, int n, float shift);
 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n);
 void axpy_avx512(float *y, float a, const float *x, long n);
+float scale_and_dot_avx512(float *out, float a, const float *x, const float *y, long n);
 // argmax_f32's two passes: the largest value that is not a NaN (−inf when none), and the first
 // index holding a value equal to v (−1 when none).
 float max_finite_avx512(const float *x, int n);

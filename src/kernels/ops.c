@@ -52,6 +52,19 @@ NO_FP_CONTRACT void axpy_f32(float *y, float a, const float *x, long n) {
     for (long i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+NO_FP_CONTRACT float scale_and_dot_f32(float *out, float a, const float *x, const float *y, long n) {
+    FP_CONTRACT_OFF
+    if (kernels_cpu_avx512()) return scale_and_dot_avx512(out, a, x, y, n);
+    float lane[16] = {0};
+    for (long i = 0; i < n; i++) {
+        out[i] = a * x[i];
+        lane[i % 16] += x[i] * y[i];
+    }
+    for (int h = 8; h >= 1; h /= 2)
+        for (int k = 0; k < h; k++) lane[k] += lane[k + h];
+    return lane[0];
+}
+
 void swiglu_forward(float *out, const float *gate, const float *up, long n) {
     if (kernels_cpu_avx512()) {
         swiglu_forward_avx512(out, gate, up, n);

@@ -18,6 +18,10 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
 // y (n) += a · x: the product rounded, then the sum (no fused multiply-add: the vector and the
 // portable paths give the same bits) — a gated expert output into its token's sum.
 void axpy_f32(float *y, float a, const float *x, long n);
+// out (n) = a · x, and the return Σ x·y: 16 running sums (element j in sum j mod 16, each product
+// rounded before its addition), folded in halves — the same bits on the vector and portable paths.
+// A gated expert output's backward: its gradient, and its gate's.
+float scale_and_dot_f32(float *out, float a, const float *x, const float *y, long n);
 
 // In-place softmax of x (n), max-subtracted, fp32.
 void softmax_inplace(float *x, int n);

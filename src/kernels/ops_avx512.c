@@ -105,6 +105,23 @@ NO_FP_CONTRACT AVX512 void axpy_avx512(float *y, float a, const float *x, long n
     }
 }
 
+NO_FP_CONTRACT AVX512 float scale_and_dot_avx512(float *out, float a, const float *x, const float *y, long n) {
+    FP_CONTRACT_OFF
+    const __m512 av = _mm512_set1_ps(a);
+    __m512 acc = _mm512_setzero_ps();
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(av, xv));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(m, y + i)));
+    }
+    // folded in halves: lanes k + 8, then k + 4, k + 2, k + 1
+    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+
 AVX512 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n) {
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
