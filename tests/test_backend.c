@@ -210,6 +210,30 @@ TEST(test_latent_attention_backward_refuses_an_unsaved_forward) {
 // swiglu expert by expert — whole experts on different threads, the largest first — for fp32 and
 // BF16 compute, F32/BF16/FP8 weights, experts of 0, 1, a few and many rows; a bad weight type in
 // one expert is reported.
+// gather_rows' backward: dx[rows[i]] += dout[i] with rows repeating in any order gives the bits of
+// the loop over i (each element's additions in the order of i), on any number of threads.
+TEST(test_backend_scatter_add_rows_in_order) {
+    Backend *be = backend_cpu();
+    Rng rng;
+    rng_seed(&rng, 13);
+    enum { R = 37, n = 500, d = 45 };
+    int rows[n];
+    for (int i = 0; i < n; i++) rows[i] = (int)(rng_next(&rng) % R);
+    rows[n - 1] = R - 1;
+    float *dout = randn(&rng, (size_t)n * d, 1.0f), *x0 = randn(&rng, (size_t)R * d, 1.0f);
+    float *want = malloc(sizeof(float) * R * d), *got = malloc(sizeof(float) * R * d);
+    memcpy(want, x0, sizeof(float) * R * d);
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < d; c++) {
+            volatile float v = want[(size_t)rows[i] * d + c] + dout[(size_t)i * d + c];
+            want[(size_t)rows[i] * d + c] = v;
+        }
+    memcpy(got, x0, sizeof(float) * R * d);
+    CHECK(be->ops->scatter_add_rows(be, got, dout, rows, n, d) == 0);
+    CHECK_MSG(memcmp(got, want, sizeof(float) * R * d) == 0, "the sums differ from the loop over i");
+    free(dout), free(x0), free(want), free(got);
+}
+
 // Training's experts (a recipe: BF16 or FP8 products on F32 master weights), forward and backward
 // in one call each — whole experts on the threads — give the bits of each expert computed alone
 // (its products then split over the threads), and the backward is the chain rule: every input and

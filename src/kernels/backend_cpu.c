@@ -367,21 +367,29 @@ static int cpu_combine_backward(Backend *be, float *dsrc, float *dweight, const 
 }
 
 static int cpu_scatter_add_rows(Backend *be, float *dx, const float *dout, const int *rows, long n, int d) {
-    (void)be;
-    // the threads split the columns, each going over every row in order: rows repeat (a token
-    // reaches K_r experts), so each element's additions keep their order whatever the split
-#pragma omp parallel
-    {
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int units = (d + 15) / 16, j0 = units * t / nt * 16, j1 = units * (t + 1) / nt * 16;
-        j1 = j1 < d ? j1 : d;
-        for (long i = 0; i < n && j0 < j1; i++) {
-            float *dst = dx + (size_t)rows[i] * d;
-            const float *s = dout + i * d;
-#pragma omp simd
-            for (int j = j0; j < j1; j++) dst[j] += s[j];
-        }
+    // rows repeat (a token reaches K_r experts): each destination row takes its sources in the order
+    // of i, so its additions are those of the loop over i whatever the thread. The sources are
+    // listed per destination first (a counting sort over the n rows), then the threads split the
+    // destinations: whole rows each, read and written once.
+    int rmax = -1;
+    for (long i = 0; i < n; i++) rmax = rows[i] > rmax ? rows[i] : rmax;
+    long *start = calloc((size_t)rmax + 2, sizeof(long)), *src = malloc(sizeof(long) * (n > 0 ? n : 1));
+    if (!start || !src) {
+        free(start), free(src);
+        return fail(be, "scatter_add_rows", "out of memory");
     }
+    for (long i = 0; i < n; i++) start[rows[i] + 1]++;
+    for (int r = 0; r <= rmax; r++) start[r + 1] += start[r];
+    for (long i = 0; i < n; i++) src[start[rows[i]]++] = i;  // start[r] moves to the end of row r's list
+#pragma omp parallel for schedule(static) if (n > 64)
+    for (int r = 0; r <= rmax; r++)
+        for (long j = r ? start[r - 1] : 0; j < start[r]; j++) {
+            float *dst = dx + (size_t)r * d;
+            const float *s = dout + src[j] * d;
+#pragma omp simd
+            for (int c = 0; c < d; c++) dst[c] += s[c];
+        }
+    free(start), free(src);
     return 0;
 }
 
