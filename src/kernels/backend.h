@@ -98,6 +98,8 @@ typedef struct BackendOps {
                          const float *sin_t);
     // out = a + b over n elements (the residual stream)
     int (*add)(Backend *be, float *out, const float *a, const float *b, long n);
+    // x (n) = 0: a gradient the next operations add into
+    int (*zero)(Backend *be, float *x, long n);
     // dst (n) = src rounded to BF16, to nearest even (a BF16 cache's rows)
     int (*to_bf16)(Backend *be, uint16_t *dst, const float *src, long n);
     // an activation kept for the backward pass in FP8: rows × cols → E4M3 codes and a scale per

@@ -46,7 +46,7 @@ int layer_backward(const LayerPass *p, const LayerWeights *w, LayerWeights *g, L
     const ModelConfig *c = p->c;
     Backend *be = p->be;
     int N = p->B * p->T, d = c->hidden_size;
-    memset(s->dln, 0, sizeof(float) * N * d);
+    TRY(be->ops->zero(be, s->dln, (long)N * d));
     if (w->is_moe) TRY(moe_backward(p, &w->moe, &g->moe, a, s, dres, balance_dloss));
     else
         TRY(ffn_backward(be, p->recipe, &w->mlp, &g->mlp, dres, a->ln2, a->ffn_gate, a->ffn_up, a->ffn_h, s->dln, s->dffn_gate,
@@ -68,7 +68,7 @@ int mtp_input_backward(Backend *be, const LinearRecipe *recipe, const ModelConfi
                        const float *h, const float *cat, const float *en_rstd, const float *hn_rstd, const float *dx,
                        float *dcat, float *den, float *dhn, float *demb, float *dh, int N) {
     int d = c->hidden_size;
-    memset(dcat, 0, sizeof(float) * N * 2 * d);
+    TRY(be->ops->zero(be, dcat, (long)N * 2 * d));
     TRY(be->ops->matmul_backward(be, dcat, &g->eh_proj, dx, cat, &w->eh_proj, N, recipe));
     for (int n = 0; n < N; n++) {
         memcpy(den + (size_t)n * d, dcat + (size_t)n * 2 * d, sizeof(float) * d);

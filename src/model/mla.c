@@ -84,30 +84,30 @@ int mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const f
     int N = p->B * p->T, T = p->T, d = c->hidden_size, H = c->num_attention_heads, nope = c->qk_nope_head_dim;
     int r = c->qk_rope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, qk = nope + r;
     const float *ckv = p->latent;  // (N, L): a training window's latents are its store (always F32)
-    memset(s->dao, 0, sizeof(float) * N * H * v);
+    TRY(be->ops->zero(be, s->dao, (long)N * H * v));
     TRY(be->ops->matmul_backward(be, s->dao, &g->o_proj, dres, a->ao, &w->o_proj, N, p->recipe));
-    memset(s->dq, 0, sizeof(float) * N * H * qk);
-    memset(s->dkv, 0, sizeof(float) * N * H * (nope + v));
-    memset(s->dkpe, 0, sizeof(float) * N * r);
+    TRY(be->ops->zero(be, s->dq, (long)N * H * qk));
+    TRY(be->ops->zero(be, s->dkv, (long)N * H * (nope + v)));
+    TRY(be->ops->zero(be, s->dkpe, (long)N * r));
     LatentAttention at = mla_attention_call(p, w, a->q, a->ao, a->kv, a->att);
     TRY(be->ops->latent_attention_backward(be, &at, s->dao, s->dq, s->dkv, s->dkpe, s->dkpe_heads, s->datt));
     TRY(be->ops->rope_backward(be, s->dq + nope, N, T, H, qk, r, p->rope_cos, p->rope_sin));
     TRY(be->ops->rope_backward(be, s->dkpe, N, T, 1, r, r, p->rope_cos, p->rope_sin));
-    memset(s->dckv, 0, sizeof(float) * N * L);
+    TRY(be->ops->zero(be, s->dckv, (long)N * L));
     TRY(be->ops->matmul_backward(be, s->dckv, &g->kv_b_proj, s->dkv, ckv, &w->kv_b_proj, N, p->recipe));
-    memset(s->dckv_pre, 0, sizeof(float) * N * L);
+    TRY(be->ops->zero(be, s->dckv_pre, (long)N * L));
     TRY(be->ops->rmsnorm_backward(be, s->dckv_pre, g->kv_a_layernorm, s->dckv, a->ckv_pre, w->kv_a_layernorm,
                                   a->ckv_rstd, N, L));
     for (int n = 0; n < N; n++) {
         memcpy(s->dkva + (size_t)n * (L + r), s->dckv_pre + (size_t)n * L, sizeof(float) * L);
         memcpy(s->dkva + (size_t)n * (L + r) + L, s->dkpe + (size_t)n * r, sizeof(float) * r);
     }
-    memset(s->dln, 0, sizeof(float) * N * d);
+    TRY(be->ops->zero(be, s->dln, (long)N * d));
     TRY(be->ops->matmul_backward(be, s->dln, &g->kv_a_proj_with_mqa, s->dkva, a->ln1, &w->kv_a_proj_with_mqa, N, p->recipe));
     if (qr > 0) {
-        memset(s->dcq, 0, sizeof(float) * N * qr);
+        TRY(be->ops->zero(be, s->dcq, (long)N * qr));
         TRY(be->ops->matmul_backward(be, s->dcq, &g->q_b_proj, s->dq, a->cq, &w->q_b_proj, N, p->recipe));
-        memset(s->dqa, 0, sizeof(float) * N * qr);
+        TRY(be->ops->zero(be, s->dqa, (long)N * qr));
         TRY(be->ops->rmsnorm_backward(be, s->dqa, g->q_a_layernorm, s->dcq, a->qa, w->q_a_layernorm, a->cq_rstd, N,
                                       qr));
         TRY(be->ops->matmul_backward(be, s->dln, &g->q_a_proj, s->dqa, a->ln1, &w->q_a_proj, N, p->recipe));

@@ -244,7 +244,7 @@ int moe_backward(const LayerPass *p, const MoeWeights *w, MoeWeights *g, LayerAc
         TRY(be->ops->combine_backward(be, s->de_out, s->dtopk_w, dy, a->e_out, a->slot_of, a->topk_w, N, K, d));
         // the experts (their inputs are gathered again: xg is shared scratch)
         TRY(moe_gather(p, a, N));
-        memset(s->dxg, 0, sizeof(float) * N * K * d);
+        TRY(be->ops->zero(be, s->dxg, (long)N * K * d));
         const MatView **views = malloc(sizeof *views * 6 * (Nr + 1)), **grads = views + 3 * (Nr + 1);
         if (!views) return err_set(&be->err, "out of memory for the experts' weight list (%d experts)", Nr);
         for (int e = 0; e < Nr; e++) ffn_views(&w->experts[e], views + 3 * e), ffn_views(&g->experts[e], grads + 3 * e);

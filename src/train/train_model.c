@@ -495,7 +495,7 @@ static int head_forward(TrainModel *m, const float *norm, const float *x, float 
     float *logits = m->a.head_logits;  // (rows, V)
     MatView dw = matview_f32(m->a.head_grad, V, d);
     TRY(be->ops->rmsnorm(be, h, d, h_rstd, x, d, norm, N, d, m->cfg.rms_norm_eps));
-    if (dh) memset(dh, 0, sizeof(float) * N * d);
+    if (dh) TRY(be->ops->zero(be, dh, (long)N * d));
     for (int r0 = 0; r0 < N; r0 += TRAIN_HEAD_ROWS) {
         int rows = N - r0 < TRAIN_HEAD_ROWS ? N - r0 : TRAIN_HEAD_ROWS;
         const float *hr = h + (size_t)r0 * d;
@@ -578,7 +578,7 @@ static int forward(TrainModel *m, const int *tokens, int grads) {
     TrainActs *a = &m->a;
     int B = m->B, T = m->T, N = B * T, Nr = c->n_routed_experts;
     a->head_grads = grads;
-    if (grads) memset(a->head_grad, 0, sizeof(float) * c->vocab_size * c->hidden_size);
+    if (grads) TRY(m->be->ops->zero(m->be, a->head_grad, (long)c->vocab_size * c->hidden_size));
     memcpy(a->tokens, tokens, sizeof(int) * B * (T + 1));
     for (int b = 0; b < B; b++)
         for (int i = 0; i < T; i++) {
@@ -655,7 +655,7 @@ void train_model_zero_grad(TrainModel *m) {
 static int head_backward(TrainModel *m, const float *norm, float *dnorm, const float *x, const float *h_rstd, int N,
                          const float *dh, float *dres) {
     int d = m->cfg.hidden_size;
-    memset(dres, 0, sizeof(float) * N * d);
+    TRY(m->be->ops->zero(m->be, dres, (long)N * d));
     return m->be->ops->rmsnorm_backward(m->be, dres, dnorm, dh, x, norm, h_rstd, N, d);
 }
 
@@ -684,8 +684,8 @@ static int mtp_backward(TrainModel *m, int k, float scale) {
     LayerPass p = train_pass(m, &t->layer, Tk, c->num_hidden_layers + k - 1);
     TRY(restore_layer(m, &t->layer));
     TRY(layer_backward(&p, &w->layer, &g->layer, &t->layer.acts, &a->gs, a->dres, scale));
-    memset(a->demb, 0, sizeof(float) * N * d);
-    memset(a->dh_prev, 0, sizeof(float) * N * d);
+    TRY(be->ops->zero(be, a->demb, (long)N * d));
+    TRY(be->ops->zero(be, a->dh_prev, (long)N * d));
     TRY(mtp_input_backward(be, linear_recipe(m), c, w, g, t->emb, t->h_in, t->cat, t->en_rstd, t->hn_rstd, a->dres, a->dcat, a->den,
                            a->dhn, a->demb, a->dh_prev, N));
     TRY(be->ops->embedding_backward(be, &m->g.embed_tokens, a->demb, t->in_tok, N));
