@@ -353,11 +353,26 @@ TEST(test_train_op_cross_entropy) {
         for (int i = 0; i < V; i++) s += exp(c.logits[n * V + i]);
         CHECK_NEAR(c.losses[n], log(s) - c.logits[n * V + tgt[n]], 1e-5);
     }
-    float *g = malloc(sizeof(float) * N * V);
-    memcpy(g, c.logits, sizeof(float) * N * V);
-    crossentropy_backward(g, c.lse, tgt, N, V, 0.7f);
-    CHECK(fd_ratio(c.logits, N * V, g, ce_loss, &c) < FD_TOL);
-    free(c.logits), free(c.lse), free(c.losses), free(g);
+    // the fused pass: the same losses and lse to rounding, and the gradient by finite differences —
+    // on the vector path and the portable one (V = 9: a part vector)
+    for (int isa = 0; isa < 2; isa++) {
+        CHECK(kernels_set_isa(isa ? "scalar" : "auto") == 0);
+        float *g = malloc(sizeof(float) * N * V), lse2[4], losses2[4];
+        memcpy(g, c.logits, sizeof(float) * N * V);
+        double sum = crossentropy_forward_backward(losses2, lse2, g, tgt, N, V, 0.7f);
+        ce_loss(&c);
+        double want = 0;
+        for (int n = 0; n < N; n++) {
+            CHECK_NEAR(lse2[n], c.lse[n], 1e-6 * fabs(c.lse[n]) + 1e-6);
+            CHECK_NEAR(losses2[n], c.losses[n], 1e-5);
+            want += c.losses[n];
+        }
+        CHECK_NEAR(sum, want, 1e-5);
+        CHECK(fd_ratio(c.logits, N * V, g, ce_loss, &c) < FD_TOL);
+        free(g);
+    }
+    CHECK(kernels_set_isa("auto") == 0);
+    free(c.logits), free(c.lse), free(c.losses);
 }
 
 // ---- router: scores → gates of the (held) chosen experts, and the balance loss ----

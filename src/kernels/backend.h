@@ -124,11 +124,11 @@ typedef struct BackendOps {
     int (*scatter_add_rows)(Backend *be, float *dx, const float *dout, const int *rows, long n, int d);
 
     // cross-entropy of N rows of logits (N, V): losses, lse (N) written, *sum = Σ losses (double);
-    // backward in place: logits become (softmax − onehot) · dloss
+    // with its gradient: the same, and in place the logits become (softmax − onehot) · dloss
     int (*crossentropy)(Backend *be, double *sum, float *losses, float *lse, const float *logits, const int *targets,
                         int N, int V);
-    int (*crossentropy_backward)(Backend *be, float *logits, const float *lse, const int *targets, int N, int V,
-                                 float dloss);
+    int (*crossentropy_grad)(Backend *be, double *sum, float *losses, float *lse, float *logits, const int *targets,
+                             int N, int V, float dloss);
 
     // the optimiser: *sum = Σ x² over n elements (double, in a fixed order); AdamW on n parameters
     // p with gradients g and moments m, v (float, or BF16 as s says)

@@ -410,10 +410,10 @@ static int cpu_crossentropy(Backend *be, double *sum, float *losses, float *lse,
     return 0;
 }
 
-static int cpu_crossentropy_backward(Backend *be, float *logits, const float *lse, const int *targets, int N, int V,
-                                     float dloss) {
+static int cpu_crossentropy_grad(Backend *be, double *sum, float *losses, float *lse, float *logits,
+                                 const int *targets, int N, int V, float dloss) {
     (void)be;
-    crossentropy_backward(logits, lse, targets, N, V, dloss);
+    *sum = crossentropy_forward_backward(losses, lse, logits, targets, N, V, dloss);
     return 0;
 }
 
@@ -535,7 +535,7 @@ static const BackendOps cpu_ops = {
     .combine_backward = cpu_combine_backward,
     .scatter_add_rows = cpu_scatter_add_rows,
     .crossentropy = cpu_crossentropy,
-    .crossentropy_backward = cpu_crossentropy_backward,
+    .crossentropy_grad = cpu_crossentropy_grad,
     .sum_squares = cpu_sum_squares,
     .adamw = cpu_adamw,
     .fp8_save = cpu_fp8_save,

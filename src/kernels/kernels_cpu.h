@@ -70,12 +70,13 @@ int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpo
 // Dequantises columns [c0, c0 + n) of row r into out[n].
 void matview_row_avx512(const MatView *w, int r, int c0, int n, float *out);
 
-// ops.c's exp-bound loops (ops_avx512.c): out = e^(x - shift) · scale (the product rounded after
-// the exponential, as a second pass would); a softmax row in place; Σ e^(x - shift) in double;
-// SwiGLU forward and backward.
-void exp_n_avx512(float *out, const float *x, long n, float shift, float scale);
+// ops.c's exp-bound loops (ops_avx512.c): out = e^(x - shift); x *= f; a softmax row in place;
+// Σ e^(x - shift) in double (the values stored into out too unless it is NULL); SwiGLU forward
+// and backward.
+void exp_n_avx512(float *out, const float *x, long n, float shift);
+void scale_n_avx512(float *x, long n, float f);
 void softmax_avx512(float *x, int n);
-double sum_exp_avx512(const float *x, int n, float shift);
+double sum_exp_avx512(float *out, const float *x, int n, float shift);
 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n);
 void axpy_avx512(float *y, float a, const float *x, long n);
 float scale_and_dot_avx512(float *out, float a, const float *x, const float *y, long n);

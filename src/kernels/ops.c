@@ -93,7 +93,7 @@ float exp_shifted_inplace(float *x, int n, float *max) {
         for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
     *max = m;
     if (n == 0) return 0.0f;
-    if (kernels_cpu_avx512()) exp_n_avx512(x, x, n, m, 1.0f);
+    if (kernels_cpu_avx512()) exp_n_avx512(x, x, n, m);
     else
         for (int i = 0; i < n; i++) x[i] = expf(x[i] - m);
     float lane[16] = {0};
@@ -218,16 +218,21 @@ void swiglu_rows_backward(float *dgate, float *dup, const float *dh, const float
         swiglu_backward(dgate + i, dup + i, dh + i, gate + i, up + i, n - i < ELEM_CHUNK ? n - i : ELEM_CHUNK);
 }
 
+// Row n's maximum (NaN ignored: the largest value that is not one).
+static float row_max(const float *l, int V) {
+    if (kernels_cpu_avx512()) return max_finite_avx512(l, V);  // (the same value; a zero's sign aside)
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++) mx = l[i] > mx ? l[i] : mx;
+    return mx;
+}
+
 double crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *l = logits + (size_t)n * V;
-        float mx = -INFINITY;
-        if (kernels_cpu_avx512()) mx = max_finite_avx512(l, V);  // (the same value; a zero's sign aside)
-        else
-            for (int i = 0; i < V; i++) mx = l[i] > mx ? l[i] : mx;
+        float mx = row_max(l, V);
         double s = 0;
-        if (kernels_cpu_avx512()) s = sum_exp_avx512(l, V, mx);
+        if (kernels_cpu_avx512()) s = sum_exp_avx512(NULL, l, V, mx);
         else
             for (int i = 0; i < V; i++) s += expf(l[i] - mx);
         lse[n] = mx + (float)log(s);
@@ -238,17 +243,27 @@ double crossentropy_forward(float *losses, float *lse, const float *logits, cons
     return sum;
 }
 
-void crossentropy_backward(float *logits, const float *lse, const int *targets, int N, int V, float dloss) {
+double crossentropy_forward_backward(float *losses, float *lse, float *logits, const int *targets, int N, int V,
+                                     float dloss) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        float *l = logits + (size_t)n * V;
-        if (kernels_cpu_avx512()) {
-            exp_n_avx512(l, l, V, lse[n], dloss);
-        } else {
-            for (int i = 0; i < V; i++) l[i] = expf(l[i] - lse[n]) * dloss;
-        }
+        float *l = logits + (size_t)n * V, mx = row_max(l, V), target = l[targets[n]];
+        // e^(l - max) in place, summed in double
+        double s = 0;
+        if (kernels_cpu_avx512()) s = sum_exp_avx512(l, l, V, mx);
+        else
+            for (int i = 0; i < V; i++) s += (l[i] = expf(l[i] - mx));
+        lse[n] = mx + (float)log(s);
+        losses[n] = lse[n] - target;
+        float f = (float)(dloss / s);  // softmax · dloss = e^(l - max) · (dloss / Σ)
+        if (kernels_cpu_avx512()) scale_n_avx512(l, V, f);
+        else
+            for (int i = 0; i < V; i++) l[i] *= f;
         l[targets[n]] -= dloss;
     }
+    double sum = 0;
+    for (int n = 0; n < N; n++) sum += losses[n];
+    return sum;
 }
 
 // The rotary dimension whose wavelength completes n rotations over the original context.

@@ -62,8 +62,10 @@ void swiglu_rows_backward(float *dgate, float *dup, const float *dh, const float
 // Cross-entropy of N rows of logits (N, V) against targets (N): lse (N) saves each row's
 // log-sum-exp; losses (N) gets −log p(target). Returns Σ losses in double.
 double crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V);
-// In place: logits (N, V) become dlogits = (softmax − onehot) · dloss (the loss's weight per row).
-void crossentropy_backward(float *logits, const float *lse, const int *targets, int N, int V, float dloss);
+// The same, and in place the logits (N, V) become dlogits = (softmax − onehot) · dloss (the loss's
+// weight per row): one exponential per logit, kept and scaled by dloss / Σ (the fused head's loss).
+double crossentropy_forward_backward(float *losses, float *lse, float *logits, const int *targets, int N, int V,
+                                     float dloss);
 
 // Inverse frequencies theta^(-2i/r), i < r/2, optionally corrected by YaRN (factor > 1):
 // f_i ← f_i/factor · ramp_i + f_i · (1 − ramp_i) with the ramp between the correction dimensions

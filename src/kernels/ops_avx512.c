@@ -27,12 +27,19 @@ AVX512_INLINE __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(e, n);
 }
 
-AVX512 void exp_n_avx512(float *out, const float *x, long n, float shift, float scale) {
-    __m512 s = _mm512_set1_ps(shift), f = _mm512_set1_ps(scale);
+AVX512 void exp_n_avx512(float *out, const float *x, long n, float shift) {
+    __m512 s = _mm512_set1_ps(shift);
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
-        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s));
-        _mm512_mask_storeu_ps(out + i, m, scale == 1.0f ? e : _mm512_mul_ps(e, f));
+        _mm512_mask_storeu_ps(out + i, m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s)));
+    }
+}
+
+AVX512 void scale_n_avx512(float *x, long n, float f) {
+    __m512 fv = _mm512_set1_ps(f);
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
+        _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), fv));
     }
 }
 
@@ -56,12 +63,13 @@ AVX512 void softmax_avx512(float *x, int n) {
     }
 }
 
-AVX512 double sum_exp_avx512(const float *x, int n, float shift) {
+AVX512 double sum_exp_avx512(float *out, const float *x, int n, float shift) {
     __m512 s = _mm512_set1_ps(shift);
     __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();  // summed in double, as the scalar path
     for (int i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask(n - i);
         __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s)));
+        if (out) _mm512_mask_storeu_ps(out + i, m, e);
         lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
         hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
     }

@@ -501,9 +501,11 @@ static int head_forward(TrainModel *m, const float *norm, const float *x, float 
         const float *hr = h + (size_t)r0 * d;
         double part;
         TRY(be->ops->matmul(be, logits, hr, &m->p.lm_head, rows, &train_f32));  // the head stays fp32
-        TRY(be->ops->crossentropy(be, &part, losses + r0, lse + r0, logits, targets + r0, rows, V));
-        if (!dh) continue;
-        TRY(be->ops->crossentropy_backward(be, logits, lse + r0, targets + r0, rows, V, dloss));
+        if (!dh) {
+            TRY(be->ops->crossentropy(be, &part, losses + r0, lse + r0, logits, targets + r0, rows, V));
+            continue;
+        }
+        TRY(be->ops->crossentropy_grad(be, &part, losses + r0, lse + r0, logits, targets + r0, rows, V, dloss));
         TRY(be->ops->matmul_backward(be, dh + (size_t)r0 * d, &dw, logits, hr, &m->p.lm_head, rows, &train_f32));
     }
     TRY(be->ops->synchronize(be));
