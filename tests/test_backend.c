@@ -198,6 +198,47 @@ TEST(test_latent_attention_absorbed_scores_any_grouping) {
     CHECK(kernels_set_isa("auto") == 0);
 }
 
+// Training's attention (keys and values expanded by the caller, probabilities kept): the same
+// outputs and kept probabilities, to fp32 rounding, as the attention that expands them itself and
+// keeps them as it goes (one product over [k_nope | k_pe] against the two of the other), at
+// T = 150 (three query chunks, one ragged) and without the no-rope part; upper triangles 0.
+TEST(test_latent_attention_training_path_matches_expanding_one) {
+    for (int nope = 0; nope <= 12; nope += 12) {
+        Rng rng;
+        rng_seed(&rng, 31 + nope);
+        int B = 2, T = 150, H = 3, r = 8, v = 6, L = 16;
+        float *latent = randn(&rng, (size_t)B * T * L, 1), *kpe = randn(&rng, (size_t)B * T * r, 1);
+        float *q = randn(&rng, (size_t)B * T * H * (nope + r), 1);
+        float *kvb = randn(&rng, (size_t)H * (nope + v) * L, 0.3f);
+        MatView kv_b = matview_f32(kvb, H * (nope + v), L);
+        size_t no = (size_t)B * T * H * v, nk = (size_t)B * T * H * (nope + v), np = (size_t)B * H * T * T;
+        float *out1 = calloc(no, 4), *out2 = calloc(no, 4), *kv = calloc(nk + 1, 4), *p1 = malloc(4 * np), *p2 = malloc(4 * np);
+        for (size_t i = 0; i < np; i++) p1[i] = p2[i] = NAN;  // every entry written, the masked ones 0
+        LatentAttention a = {.B = B, .T = T, .H = H, .nope = nope, .rope = r, .v = v, .kv_lora = L, .scale = 0.3f,
+                             .q = q, .latent = latent, .kpe = kpe, .ld = T, .kv_b_proj = &kv_b, .out = out1,
+                             .kv_save = kv, .probs_save = p1};
+        a.per_thread = latent_attention_scratch_floats(&a, T);
+        a.scratch = malloc(sizeof(float) * a.per_thread * 64);
+        Backend *be = backend_cpu();
+        CHECK(be->ops->latent_attention(be, &a) == 0);  // expands [k_nope | v] into kv
+        a.kv_save = NULL, a.kv_in = kv, a.out = out2, a.probs_save = p2;
+        CHECK(be->ops->latent_attention(be, &a) == 0);
+        double wo = 0, so = 0, wp = 0;
+        for (size_t i = 0; i < no; i++) wo = fmax(wo, fabs(out1[i] - out2[i])), so = fmax(so, fabs(out1[i]));
+        int masked_ok = 1;
+        for (int bh = 0; bh < B * H; bh++)
+            for (int t = 0; t < T; t++)
+                for (int j = 0; j < T; j++) {
+                    size_t i = ((size_t)bh * T + t) * T + j;
+                    wp = fmax(wp, fabs(p1[i] - p2[i]));
+                    if (j > t && p2[i] != 0.0f) masked_ok = 0;
+                }
+        CHECK_MSG(wo <= 1e-5 * so && wp <= 1e-5, "nope %d: outputs %.3g of %.3g, probabilities %.3g apart", nope, wo, so, wp);
+        CHECK(masked_ok);
+        free(latent), free(kpe), free(q), free(kvb), free(out1), free(out2), free(kv), free(p1), free(p2), free(a.scratch);
+    }
+}
+
 TEST(test_latent_attention_backward_refuses_an_unsaved_forward) {
     Backend *be = backend_cpu();
     LatentAttention a = {.B = 1, .T = 2, .pos0 = 1, .H = 1, .nope = 2, .rope = 2, .v = 2, .kv_lora = 2};

@@ -14,7 +14,8 @@
 
 // One thread's scratch.
 typedef struct Scratch {
-    float *k, *v;     // (S, nope), (S, v): one head's expanded keys and values (plain)
+    float *k, *v;     // (S, nope + rope), (S, v): one head's expanded keys (training: with the rotary
+                      // key after each) and values (plain)
     float *p, *p2;    // (QC, S) scores: latent/no-rope part, then the rotary part
     float *qn, *qp;   // (QC, nope), (QC, rope) query rows
     float *qa, *ol;   // (QC, kv_lora) absorbed queries, latent-space outputs (absorbed)
@@ -27,7 +28,7 @@ static size_t lines(size_t floats) { return (floats + 15) & ~(size_t)15; }
 
 size_t latent_attention_scratch_floats(const LatentAttention *a, int S) {
     size_t Q = QC;
-    return lines((size_t)S * a->nope) + lines((size_t)S * a->v) + 2 * lines(Q * S) + lines(Q * a->nope) +
+    return lines((size_t)S * (a->nope + a->rope)) + lines((size_t)S * a->v) + 2 * lines(Q * S) + lines(Q * a->nope) +
            lines(Q * a->rope) + 2 * lines(Q * a->kv_lora) + lines(Q * a->v) + 2 * lines(Q * (a->kv_lora + 2));
 }
 
@@ -36,7 +37,7 @@ static Scratch carve(const LatentAttention *a, float *base, int S) {
     size_t Q = QC;
     Scratch h;
     h.k = base;
-    h.v = h.k + lines((size_t)S * a->nope);
+    h.v = h.k + lines((size_t)S * (a->nope + a->rope));
     h.p = h.v + lines((size_t)S * a->v);
     h.p2 = h.p + lines(Q * S);
     h.qn = h.p2 + lines(Q * S);
@@ -59,6 +60,38 @@ static void scores_to_probs(float *p, const float *p2, int n, int S, int first_p
         for (int j = 0; j < visible; j++) row[j] = (row[j] + (has_rope ? row2[j] : 0.0f)) * scale;
         softmax_inplace(row, visible);
         for (int j = visible; j < S; j++) row[j] = 0.0f;
+    }
+}
+
+// Training's plain attention (pos0 = 0, keys and values expanded by the caller, probabilities kept
+// for the backward pass): head h of sequence b, on the library's GEMM as its backward. The head's
+// keys are laid out [k_nope | k_pe] so that one product over qk columns gives the scores, written
+// straight into the kept probabilities' rows (softmaxed there in place), and the outputs go
+// straight to out.
+static void plain_head_saved(const LatentAttention *a, int b, int h, Scratch s) {
+    int H = a->H, nope = a->nope, r = a->rope, v = a->v, qk = nope + r, T = a->T;
+    const float *kpe = (const float *)a->kpe + (size_t)b * a->ld * r;
+    for (int j = 0; j < T; j++) {
+        const float *src = a->kv_in + ((size_t)(b * T + j) * H + h) * (nope + v);
+        memcpy(s.k + (size_t)j * qk, src, sizeof(float) * nope);
+        memcpy(s.k + (size_t)j * qk + nope, kpe + (size_t)j * r, sizeof(float) * r);
+        memcpy(s.v + (size_t)j * v, src + nope, sizeof(float) * v);
+    }
+    for (int t0 = 0; t0 < T; t0 += QC) {
+        int n = T - t0 < QC ? T - t0 : QC, Sc = t0 + n;  // the rows see keys 0 .. t0 + n - 1 at most
+        float *P = a->probs_save + (((size_t)b * H + h) * T + t0) * T;
+        const float *q = a->q + ((size_t)(b * T + t0) * H + h) * qk;
+        if (qk > 0) gemm_f32(0, 1, n, Sc, qk, 1.0f, q, H * qk, s.k, qk, 0.0f, P, T);
+        else
+            for (int i = 0; i < n; i++) memset(P + (size_t)i * T, 0, sizeof(float) * Sc);
+        for (int i = 0; i < n; i++) {
+            float *row = P + (size_t)i * T;
+            int visible = t0 + i + 1;
+            for (int j = 0; j < visible; j++) row[j] *= a->scale;
+            softmax_inplace(row, visible);
+            memset(row + visible, 0, sizeof(float) * (T - visible));
+        }
+        gemm_f32(0, 0, n, v, Sc, 1.0f, P, T, s.v, v, 0.0f, a->out + ((size_t)(b * T + t0) * H + h) * v, H * v);
     }
 }
 
@@ -337,7 +370,8 @@ int latent_attention_forward(const LatentAttention *a) {
     for (int bh = 0; bh < a->B * a->H; bh++) {
         int b = bh / a->H, h = bh % a->H;
         Scratch s = carve(a, a->scratch + (size_t)omp_get_thread_num() * a->per_thread, a->pos0 + a->T);
-        failed |= (a->absorbed ? absorbed_heads(a, b, h, h + 1, s) : plain_head(a, b, h, s)) != 0;
+        if (!a->absorbed && a->probs_save && a->kv_in) plain_head_saved(a, b, h, s);
+        else failed |= (a->absorbed ? absorbed_heads(a, b, h, h + 1, s) : plain_head(a, b, h, s)) != 0;
     }
     gemm_f32_serial_end(saved);
     return failed ? -1 : 0;
