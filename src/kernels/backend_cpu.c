@@ -183,14 +183,6 @@ static int experts_by_rows(int *order, int n_experts, const int *off) {
     return active;
 }
 
-// Whole experts handed out to the threads, the largest first, each expert's products and its
-// SwiGLU on one thread — one fork per layer instead of one per product, each expert's rows packed
-// once, the threads kept busy by experts of different sizes (prefill of 512 tokens, v3-108m:
-// 102-103 -> 90-91 ms with BF16 weights, 107-108 -> 92-93 with FP8). A product's rows do not
-// depend on the split of its output features, so the bits are those of the expert-by-expert loop.
-// Training's products (a recipe) likewise: one expert's rows on one thread beat the same product
-// split over both (a v3-10m-train bf16 step, forward and backward: 0.236-0.250 -> 0.227-0.239 s);
-// a lone expert (a dense FFN, a shared expert) runs its products on all the threads.
 // Expert e of the experts op, on the calling thread (its products on all the threads outside a
 // parallel region): -1 on a failed product.
 static int expert_forward(float *out, float *gate, float *up, float *h, const float *x, const MatView *const *w, int e,
@@ -226,10 +218,7 @@ static int expert_backward(float *dx, const MatView *const *dw, const float *dou
                : 0;
 }
 
-// Runs the experts with rows, the largest first: handed out whole to the threads when there are
-// several (and work enough), else one after another on the calling thread — not in a one-thread
-// team, in which each product's own fork would be a nested region, new threads every time.
-// Returns the expert that failed, or -1.
+// One call of the experts op or its backward: the arguments expert_run hands on.
 typedef struct ExpertsCall {
     float *out, *gate, *up, *h, *dx, *dgate, *dup, *dh;  // forward: out, gate, up, h; backward: all
     const float *x, *dout, *gate_in, *up_in, *h_in;
@@ -245,13 +234,24 @@ static int expert_run(const ExpertsCall *c, int e) {
                        : expert_forward(c->out, c->gate, c->up, c->h, c->x, c->w, e, c->off, c->recipe);
 }
 
+// Whole experts handed out to the threads, the largest first, each expert's products and its
+// SwiGLU on one thread — one fork per layer instead of one per product, each expert's rows packed
+// once, the threads kept busy by experts of different sizes (prefill of 512 tokens, v3-108m:
+// 102-103 -> 90-91 ms with BF16 weights, 107-108 -> 92-93 with FP8). A product's rows do not
+// depend on the split of its output features, so the bits are those of the expert-by-expert loop.
+// Training's products (a recipe) likewise: one expert's rows on one thread beat the same product
+// split over both (a v3-10m-train bf16 step, forward and backward: 0.236-0.250 -> 0.227-0.239 s).
+// A lone expert (a dense FFN, a shared expert) — or too little work — runs on the calling thread,
+// its products on all the threads: not in a one-thread team, in which each product's own fork
+// would be a nested region, new threads every time. Nonzero when an expert failed (*bad: which;
+// -1 when memory ran out).
 static int experts_run(const ExpertsCall *c, int n_experts, int *bad) {
+    *bad = -1;
     int *order = malloc(sizeof(int) * (n_experts + 1));
     if (!order) return -1;
     int active = experts_by_rows(order, n_experts, c->off), failed = 0;
     const MatView *w0 = active ? c->w[3 * order[0]] : NULL;
     double work = active ? (double)(c->off[n_experts] - c->off[0]) * w0->rows * w0->cols : 0;
-    *bad = -1;
     if (active > 1 && work > (1 << 16)) {
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
         for (int i = 0; i < active; i++)
