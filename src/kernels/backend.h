@@ -86,10 +86,8 @@ typedef struct BackendOps {
     // dx (N, C) += ..., dweight (C) += ... (summed over rows in a fixed order)
     int (*rmsnorm_backward)(Backend *be, float *dx, float *dweight, const float *dout, const float *x,
                             const float *weight, const float *rstd, int N, int C);
-    // h = silu(gate) · up over n elements; dgate, dup overwritten from dh
+    // h = silu(gate) · up over n elements (its backward is the experts_backward op's)
     int (*swiglu)(Backend *be, float *h, const float *gate, const float *up, long n);
-    int (*swiglu_backward)(Backend *be, float *dgate, float *dup, const float *dh, const float *gate,
-                           const float *up, long n);
     // RoPE on N rows × heads vectors of width r (x + (n·heads + h)·stride), row n at table row n % T;
     // the backward applies the transposed rotation to the gradient in place
     int (*rope)(Backend *be, float *x, int N, int T, int heads, int stride, int r, const float *cos_t,

@@ -163,13 +163,6 @@ static int cpu_swiglu(Backend *be, float *h, const float *gate, const float *up,
     return 0;
 }
 
-static int cpu_swiglu_backward(Backend *be, float *dgate, float *dup, const float *dh, const float *gate,
-                               const float *up, long n) {
-    (void)be;
-    swiglu_rows_backward(dgate, dup, dh, gate, up, n);
-    return 0;
-}
-
 // The experts with rows, the most rows first (insertion: a few dozen experts); returns how many.
 static int experts_by_rows(int *order, int n_experts, const int *off) {
     int active = 0;
@@ -522,7 +515,6 @@ static const BackendOps cpu_ops = {
     .rmsnorm = cpu_rmsnorm,
     .rmsnorm_backward = cpu_rmsnorm_backward,
     .swiglu = cpu_swiglu,
-    .swiglu_backward = cpu_swiglu_backward,
     .rope = cpu_rope,
     .rope_backward = cpu_rope_backward,
     .add = cpu_add,
