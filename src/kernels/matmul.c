@@ -352,10 +352,10 @@ int matmul_on_panels(const MatView *w) { return w->compute_bf16 && w->panels && 
 // where there are no BF16 dot products).
 typedef enum { BLOCKED_AMX, BLOCKED_PANELS, BLOCKED_REGISTER_TILES, BLOCKED_BF16C } BlockedBf16;
 static BlockedBf16 blocked_bf16(const MatView *w) {
-    return kernels_cpu_amx()             ? BLOCKED_AMX
-           : matmul_on_panels(w)                ? BLOCKED_PANELS
-           : kernels_cpu_avx512bf16()    ? BLOCKED_REGISTER_TILES
-                                         : BLOCKED_BF16C;
+    return kernels_cpu_amx()           ? BLOCKED_AMX
+           : matmul_on_panels(w)       ? BLOCKED_PANELS
+           : kernels_cpu_avx512bf16()  ? BLOCKED_REGISTER_TILES
+                                       : BLOCKED_BF16C;
 }
 
 int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, int r1) {

@@ -43,6 +43,22 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 
 float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// The largest of n values that is not a NaN (−inf when none).
+static float max_not_nan(const float *x, int n) {
+    if (kernels_cpu_avx512()) return max_finite_avx512(x, n);  // (the same value; a zero's sign aside)
+    float m = -INFINITY;
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+// 16 running sums folded in halves (lane k + 8, then + 4, + 2, + 1: the tree of
+// _mm512_reduce_add_ps, which the vector paths use).
+static float fold16_halves(float lane[16]) {
+    for (int h = 8; h >= 1; h /= 2)
+        for (int k = 0; k < h; k++) lane[k] += lane[k + h];
+    return lane[0];
+}
+
 NO_FP_CONTRACT void axpy_f32(float *y, float a, const float *x, long n) {
     FP_CONTRACT_OFF
     if (kernels_cpu_avx512()) {
@@ -60,9 +76,7 @@ NO_FP_CONTRACT float scale_and_dot_f32(float *out, float a, const float *x, cons
         out[i] = a * x[i];
         lane[i % 16] += x[i] * y[i];
     }
-    for (int h = 8; h >= 1; h /= 2)
-        for (int k = 0; k < h; k++) lane[k] += lane[k + h];
-    return lane[0];
+    return fold16_halves(lane);
 }
 
 void swiglu_forward(float *out, const float *gate, const float *up, long n) {
@@ -87,10 +101,7 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
 }
 
 float exp_shifted_inplace(float *x, int n, float *max) {
-    float m = -INFINITY;
-    if (kernels_cpu_avx512()) m = max_finite_avx512(x, n);  // (the same value; a zero's sign aside)
-    else
-        for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    float m = max_not_nan(x, n);
     *max = m;
     if (n == 0) return 0.0f;
     if (kernels_cpu_avx512()) exp_n_avx512(x, x, n, m);
@@ -101,9 +112,7 @@ float exp_shifted_inplace(float *x, int n, float *max) {
     for (; i + 16 <= n; i += 16)
         for (int k = 0; k < 16; k++) lane[k] += x[i + k];
     for (int k = 0; i + k < n; k++) lane[k] += x[i + k];
-    for (int h = 8; h >= 1; h /= 2)
-        for (int k = 0; k < h; k++) lane[k] += lane[k + h];
-    return lane[0];
+    return fold16_halves(lane);
 }
 
 int argmax_f32(const float *x, int n) {
@@ -218,52 +227,43 @@ void swiglu_rows_backward(float *dgate, float *dup, const float *dh, const float
         swiglu_backward(dgate + i, dup + i, dh + i, gate + i, up + i, n - i < ELEM_CHUNK ? n - i : ELEM_CHUNK);
 }
 
-// Row n's maximum (NaN ignored: the largest value that is not one).
-static float row_max(const float *l, int V) {
-    if (kernels_cpu_avx512()) return max_finite_avx512(l, V);  // (the same value; a zero's sign aside)
-    float mx = -INFINITY;
-    for (int i = 0; i < V; i++) mx = l[i] > mx ? l[i] : mx;
-    return mx;
-}
-
-double crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V) {
+// Both cross-entropies: each row's loss and log-sum-exp, and with grad (the logits themselves, in
+// place) the gradient from the same exponentials, kept and scaled by dloss / Σ.
+static double crossentropy_rows(float *losses, float *lse, const float *logits, float *grad, const int *targets, int N,
+                                int V, float dloss) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *l = logits + (size_t)n * V;
-        float mx = row_max(l, V);
-        double s = 0;
-        if (kernels_cpu_avx512()) s = sum_exp_avx512(NULL, l, V, mx);
+        float *g = grad ? grad + (size_t)n * V : NULL, mx = max_not_nan(l, V), target = l[targets[n]];
+        double s = 0;  // Σ e^(l - max) in double, the values kept in g
+        if (kernels_cpu_avx512()) s = sum_exp_avx512(g, l, V, mx);
         else
-            for (int i = 0; i < V; i++) s += expf(l[i] - mx);
+            for (int i = 0; i < V; i++) {
+                float e = expf(l[i] - mx);
+                if (g) g[i] = e;
+                s += e;
+            }
         lse[n] = mx + (float)log(s);
-        losses[n] = lse[n] - l[targets[n]];
+        losses[n] = lse[n] - target;
+        if (!g) continue;
+        float f = (float)(dloss / s);  // softmax · dloss = e^(l - max) · (dloss / Σ)
+        if (kernels_cpu_avx512()) scale_n_avx512(g, V, f);
+        else
+            for (int i = 0; i < V; i++) g[i] *= f;
+        g[targets[n]] -= dloss;
     }
     double sum = 0;
     for (int n = 0; n < N; n++) sum += losses[n];
     return sum;
+}
+
+double crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets, int N, int V) {
+    return crossentropy_rows(losses, lse, logits, NULL, targets, N, V, 0.0f);
 }
 
 double crossentropy_forward_backward(float *losses, float *lse, float *logits, const int *targets, int N, int V,
                                      float dloss) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float *l = logits + (size_t)n * V, mx = row_max(l, V), target = l[targets[n]];
-        // e^(l - max) in place, summed in double
-        double s = 0;
-        if (kernels_cpu_avx512()) s = sum_exp_avx512(l, l, V, mx);
-        else
-            for (int i = 0; i < V; i++) s += (l[i] = expf(l[i] - mx));
-        lse[n] = mx + (float)log(s);
-        losses[n] = lse[n] - target;
-        float f = (float)(dloss / s);  // softmax · dloss = e^(l - max) · (dloss / Σ)
-        if (kernels_cpu_avx512()) scale_n_avx512(l, V, f);
-        else
-            for (int i = 0; i < V; i++) l[i] *= f;
-        l[targets[n]] -= dloss;
-    }
-    double sum = 0;
-    for (int n = 0; n < N; n++) sum += losses[n];
-    return sum;
+    return crossentropy_rows(losses, lse, logits, logits, targets, N, V, dloss);
 }
 
 // The rotary dimension whose wavelength completes n rotations over the original context.

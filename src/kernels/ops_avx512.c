@@ -82,9 +82,7 @@ AVX512 double sum_squares_avx512(const float *x, long n) {
         __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)tail_mask((int)(n - j < 8 ? n - j : 8)), x + j));
         lane = _mm512_add_pd(lane, _mm512_mul_pd(v, v));  // (a float's square is exact in double)
     }
-    __m256d h4 = _mm256_add_pd(_mm512_castpd512_pd256(lane), _mm512_extractf64x4_pd(lane, 1));  // k += k + 4
-    __m128d h2 = _mm_add_pd(_mm256_castpd256_pd128(h4), _mm256_extractf128_pd(h4, 1));        // k += k + 2
-    return _mm_cvtsd_f64(_mm_add_sd(h2, _mm_unpackhi_pd(h2, h2)));                           // 0 += 1
+    return _mm512_reduce_add_pd(lane);  // (folded in halves: k + 4, then k + 2, k + 1)
 }
 
 AVX512 float max_finite_avx512(const float *x, int n) {
@@ -123,11 +121,7 @@ NO_FP_CONTRACT AVX512 float scale_and_dot_avx512(float *out, float a, const floa
         _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(av, xv));
         acc = _mm512_add_ps(acc, _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(m, y + i)));
     }
-    // folded in halves: lanes k + 8, then k + 4, k + 2, k + 1
-    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
-    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
-    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+    return _mm512_reduce_add_ps(acc);  // (folded in halves: lanes k + 8, then k + 4, k + 2, k + 1)
 }
 
 AVX512 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n) {
