@@ -243,7 +243,7 @@ TEST(test_latent_attention_backward_refuses_an_unsaved_forward) {
     Backend *be = backend_cpu();
     LatentAttention a = {.B = 1, .T = 2, .pos0 = 1, .H = 1, .nope = 2, .rope = 2, .v = 2, .kv_lora = 2};
     float d[16] = {0};
-    CHECK(be->ops->latent_attention_backward(be, &a, d, d, d, d, d, d) == -1);
+    CHECK(be->ops->latent_attention_backward(be, &a, d, d, d, d, d) == -1);
     CHECK_MSG(strstr(be->err.msg, "latent_attention_backward"), "%s", be->err.msg);
 }
 

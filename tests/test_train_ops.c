@@ -301,7 +301,7 @@ static void check_mla(int q_lora, int nope) {
     LayerGradScratch s = {.dln = zeros(N * d), .dq = zeros(N * H * qk), .dqa = zeros(N * (q_lora + 1)),
                           .dcq = zeros(N * (q_lora + 1)), .dkv = zeros(N * H * (nope + v)), .dckv = zeros(N * L),
                           .dckv_pre = zeros(N * L), .dkpe = zeros(N * r), .dkpe_heads = zeros(B * H * T * r),
-                          .dkva = zeros(N * (L + r)), .datt = zeros(B * H * T * T), .dao = zeros(N * H * v)};
+                          .dkva = zeros(N * (L + r)), .dao = zeros(N * H * v)};
     mla_loss(&m);
     float *dres = malloc(sizeof(float) * m.n);
     memcpy(dres, m.rr, sizeof(float) * m.n);

@@ -81,13 +81,12 @@ static void plain_head_saved(const LatentAttention *a, int b, int h, Scratch s) 
         int n = T - t0 < QC ? T - t0 : QC, Sc = t0 + n;  // the rows see keys 0 .. t0 + n - 1 at most
         float *P = a->probs_save + (((size_t)b * H + h) * T + t0) * T;
         const float *q = a->q + ((size_t)(b * T + t0) * H + h) * qk;
-        if (qk > 0) gemm_f32(0, 1, n, Sc, qk, 1.0f, q, H * qk, s.k, qk, 0.0f, P, T);
+        if (qk > 0) gemm_f32(0, 1, n, Sc, qk, a->scale, q, H * qk, s.k, qk, 0.0f, P, T);  // scaled scores
         else
             for (int i = 0; i < n; i++) memset(P + (size_t)i * T, 0, sizeof(float) * Sc);
         for (int i = 0; i < n; i++) {
             float *row = P + (size_t)i * T;
             int visible = t0 + i + 1;
-            for (int j = 0; j < visible; j++) row[j] *= a->scale;
             softmax_inplace(row, visible);
             memset(row + visible, 0, sizeof(float) * (T - visible));
         }
@@ -378,7 +377,7 @@ int latent_attention_forward(const LatentAttention *a) {
 }
 
 int latent_attention_backward(const LatentAttention *a, const float *dout, float *dq, float *dkv, float *dkpe,
-                              float *dkpe_heads, float *dprobs) {
+                              float *dkpe_heads) {
     int B = a->B, T = a->T, H = a->H, nope = a->nope, r = a->rope, v = a->v, qk = nope + r, kvw = nope + v;
     float scale = a->scale;
     if (a->blocks || a->dtype != DT_F32) return -1;
@@ -391,7 +390,9 @@ int latent_attention_backward(const LatentAttention *a, const float *dout, float
         const float *qb = q + (size_t)b * T * H * qk + (size_t)h * qk;
         const float *kb = kv + (size_t)b * T * H * kvw + (size_t)h * kvw;
         const float *P = a->probs_save + (size_t)bh * T * T;
-        float *dS = dprobs + (size_t)bh * T * T;
+        // a query chunk's score gradients (QC, T) in this thread's scratch (its score rows), where
+        // they stay in cache between the products that make and use them
+        float *dSr = carve(a, a->scratch + (size_t)omp_get_thread_num() * a->per_thread, T).p;
         float *dqb = dq + (size_t)b * T * H * qk + (size_t)h * qk;
         float *dkb = dkv + (size_t)b * T * H * kvw + (size_t)h * kvw;
         // query rows in chunks of QC, each against the keys it can see (0 .. its last row): the
@@ -402,7 +403,7 @@ int latent_attention_backward(const LatentAttention *a, const float *dout, float
         for (int t0 = 0; t0 < T; t0 += QC) {
             int n = T - t0 < QC ? T - t0 : QC, S = t0 + n;
             const float *dor = dob + (size_t)t0 * H * v, *qr = qb + (size_t)t0 * H * qk, *Pr = P + (size_t)t0 * T;
-            float *dSr = dS + (size_t)t0 * T, *dqr = dqb + (size_t)t0 * H * qk;
+            float *dqr = dqb + (size_t)t0 * H * qk;
             gemm_f32(0, 1, n, S, v, 1.0f, dor, H * v, kb + nope, H * kvw, 0.0f, dSr, T);  // dP = dO Vᵀ
             gemm_f32(1, 0, S, v, n, 1.0f, Pr, T, dor, H * v, 1.0f, dkb + nope, H * kvw);  // dV += Pᵀ dO
             // dS = P ⊙ (dP − Σ_j P dP), times the score scale (folded here once); 0 past the diagonal

@@ -88,9 +88,10 @@ void latent_attention_merge(const LatentAttention *a, int e0, int e1, const floa
 int latent_attention_finish(const LatentAttention *a, int e0, int e1, const float *state, float *scratch);
 
 // The backward pass of plain attention from what the forward saved (pos0 = 0; kv_save and
-// probs_save set; a contiguous store). dout: (B·T, H, v). dq (B·T, H, nope + rope), dkv (B·T, H, nope + v) and
-// dkpe (B·T, rope) += ...; dkpe_heads (B, H, T, rope) and dprobs (B, H, T, T) are scratch.
+// probs_save set; a contiguous store; scratch as for the forward). dout: (B·T, H, v). dq (B·T, H,
+// nope + rope), dkv (B·T, H, nope + v) and dkpe (B·T, rope) += ...; dkpe_heads (B, H, T, rope) is
+// scratch.
 int latent_attention_backward(const LatentAttention *a, const float *dout, float *dq, float *dkv, float *dkpe,
-                              float *dkpe_heads, float *dprobs);
+                              float *dkpe_heads);
 
 #endif

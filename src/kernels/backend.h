@@ -108,7 +108,7 @@ typedef struct BackendOps {
     // attention over a latent cache (kernels/attention.h), forward and (plain, saved) backward
     int (*latent_attention)(Backend *be, const LatentAttention *a);
     int (*latent_attention_backward)(Backend *be, const LatentAttention *a, const float *dout, float *dq, float *dkv,
-                                     float *dkpe, float *dkpe_heads, float *dprobs);
+                                     float *dkpe, float *dkpe_heads);
 
     // the MoE's dispatch and combine: out[i] (d) = src[rows[i]];
     // y[t] += Σ_k weight[t·K + k] · src[slot[t·K + k]] over t < N;

@@ -332,10 +332,10 @@ static int cpu_to_bf16(Backend *be, uint16_t *dst, const float *src, long n) {
 }
 
 static int cpu_latent_attention_backward(Backend *be, const LatentAttention *a, const float *dout, float *dq,
-                                         float *dkv, float *dkpe, float *dkpe_heads, float *dprobs) {
+                                         float *dkv, float *dkpe, float *dkpe_heads) {
     if (a->absorbed || a->pos0 != 0 || !a->kv_save || !a->probs_save || a->dtype != DT_F32)
         return fail(be, "latent_attention_backward", "needs a plain forward from position 0 that saved keys and probabilities");
-    latent_attention_backward(a, dout, dq, dkv, dkpe, dkpe_heads, dprobs);
+    latent_attention_backward(a, dout, dq, dkv, dkpe, dkpe_heads);
     return 0;
 }
 

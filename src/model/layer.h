@@ -131,7 +131,6 @@ struct LayerGradScratch {
     float *dkpe;              // (N, rope)
     float *dkpe_heads;        // (B, H, T, rope) each head's share of dkpe
     float *dkva;              // (N, kv_lora + rope)
-    float *datt;              // (B, H, T, T)
     float *dao;               // (N, H*v)
     float *dffn_gate, *dffn_up, *dffn_h;  // (N, F)
     float *de_out, *dxg;      // (N·K_r, d)

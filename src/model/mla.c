@@ -90,7 +90,7 @@ int mla_backward(const LayerPass *p, const MlaWeights *w, MlaWeights *g, const f
     TRY(be->ops->zero(be, s->dkv, (long)N * H * (nope + v)));
     TRY(be->ops->zero(be, s->dkpe, (long)N * r));
     LatentAttention at = mla_attention_call(p, w, a->q, a->ao, a->kv, a->att);
-    TRY(be->ops->latent_attention_backward(be, &at, s->dao, s->dq, s->dkv, s->dkpe, s->dkpe_heads, s->datt));
+    TRY(be->ops->latent_attention_backward(be, &at, s->dao, s->dq, s->dkv, s->dkpe, s->dkpe_heads));
     TRY(be->ops->rope_backward(be, s->dq + nope, N, T, H, qk, r, p->rope_cos, p->rope_sin));
     TRY(be->ops->rope_backward(be, s->dkpe, N, T, 1, r, r, p->rope_cos, p->rope_sin));
     TRY(be->ops->zero(be, s->dckv, (long)N * L));

@@ -190,7 +190,6 @@ static void plan_acts(BufPlan *p, void *ctx) {
     g->dkpe = PLAN_F(p, N * r);
     g->dkpe_heads = PLAN_F(p, N * H * r);
     g->dkva = PLAN_F(p, N * (L + r));
-    g->datt = PLAN_F(p, (long)B * H * T * T);
     g->dao = PLAN_F(p, N * H * v);
     g->dffn_gate = PLAN_F(p, N * F);
     g->dffn_up = PLAN_F(p, N * F);
