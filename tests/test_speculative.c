@@ -140,11 +140,12 @@ static void collect_long(void *owner, int seq, const EngineToken *t) {
     o->tok[seq][o->n[seq]++] = t->token;
 }
 
-static int run_long(const Model *m, int K, int with_short, int kv_bf16, LongOut *o, Error *err) {
-    // five chunks of cache: spread over up to two threads (two chunks each); the prompt is 16 plain
-    // chunks and a tail of 104 positions absorbed in the batched forward (beside the short ones)
+static int run_long(const Model *m, int K, int with_short, int kv_bf16, int prefill_chunk, LongOut *o, Error *err) {
+    // five chunks of cache: spread over up to two threads (two chunks each); with prefill chunks of
+    // 256 the prompt is 16 plain chunks and a tail of 104 positions absorbed in the batched forward
+    // (beside the short ones)
     enum { P = 4200 };
-    EngineOptions eo = {.parallel = 3, .ctx = P + 32, .prefill_chunk = 256, .speculative = K,
+    EngineOptions eo = {.parallel = 3, .ctx = P + 32, .prefill_chunk = prefill_chunk, .speculative = K,
                         .kv_dtype = kv_bf16 ? DT_BF16 : DT_F32};
     Engine *e = engine_new(m, &eo, err);
     if (!e) return -1;
@@ -173,12 +174,12 @@ TEST(test_long_context_decode_invariant) {
     CHECK_MSG(model_load(&m, "tests/data/v3", 1, &err) == 0, "%s", err.msg);
     for (int kv = 0; kv < 2; kv++) {
         static LongOut alone, mixed, spec, one;
-        CHECK_MSG(run_long(&m, 0, 0, kv, &alone, &err) == 0, "%s", err.msg);
-        CHECK_MSG(run_long(&m, 0, 1, kv, &mixed, &err) == 0, "%s", err.msg);
-        CHECK_MSG(run_long(&m, 2, 0, kv, &spec, &err) == 0, "%s", err.msg);
+        CHECK_MSG(run_long(&m, 0, 0, kv, 256, &alone, &err) == 0, "%s", err.msg);
+        CHECK_MSG(run_long(&m, 0, 1, kv, 256, &mixed, &err) == 0, "%s", err.msg);
+        CHECK_MSG(run_long(&m, 2, 0, kv, 256, &spec, &err) == 0, "%s", err.msg);
         int threads = omp_get_max_threads();
         omp_set_num_threads(1);
-        CHECK_MSG(run_long(&m, 0, 0, kv, &one, &err) == 0, "%s", err.msg);
+        CHECK_MSG(run_long(&m, 0, 0, kv, 256, &one, &err) == 0, "%s", err.msg);
         omp_set_num_threads(threads);
         CHECK(alone.n[0] == 24 && mixed.n[1] == 24 && spec.n[0] == 24 && one.n[0] == 24);
         CHECK_MSG(memcmp(alone.tok[0], mixed.tok[1], sizeof alone.tok[0]) == 0 &&
@@ -186,6 +187,31 @@ TEST(test_long_context_decode_invariant) {
         CHECK_MSG(memcmp(alone.tok[0], spec.tok[0], sizeof alone.tok[0]) == 0, "kv %d: speculative K=2", kv);
         CHECK_MSG(memcmp(alone.tok[0], one.tok[0], sizeof alone.tok[0]) == 0 &&
                       memcmp(alone.top[0], one.top[0], sizeof alone.top[0]) == 0, "kv %d: one thread", kv);
+    }
+    model_free(&m);
+}
+
+// A long prompt run absorbed in pieces of 16 rows (prefill chunks of 16): from its second chunk of
+// cache on each piece spreads its attention chunks over the threads, in waves of as many chunks as
+// the step's parts hold — 64 · threads / rows: four at one thread, so the 5-chunk cache takes two
+// waves there and one at two or three threads. The chunks are merged in order whatever the waves,
+// so the output's bits are the same at every thread count.
+TEST(test_long_context_waves_any_thread_count) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, "tests/data/v3", 1, &err) == 0, "%s", err.msg);
+    int threads = omp_get_max_threads();
+    static LongOut out[3];
+    for (int t = 0; t < 3; t++) {
+        omp_set_num_threads(t + 1);
+        CHECK_MSG(run_long(&m, 0, 0, 0, 16, &out[t], &err) == 0, "%s", err.msg);
+    }
+    omp_set_num_threads(threads);
+    for (int t = 1; t < 3; t++) {
+        CHECK(out[t].n[0] == 24);
+        CHECK_MSG(memcmp(out[0].tok[0], out[t].tok[0], sizeof out[0].tok[0]) == 0 &&
+                      memcmp(out[0].top[0], out[t].top[0], sizeof out[0].top[0]) == 0,
+                  "%d threads against one", t + 1);
     }
     model_free(&m);
 }

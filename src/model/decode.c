@@ -193,7 +193,7 @@ meet(s);
         ts->failed |= gemv_share(s->q, ts->cq, &a->q_b_proj, N);
     }
     // (no thread takes attention units between the previous layer's attention and this one's)
-    if (omp_get_thread_num() == 0) atomic_store(&s->attn_next, 0);
+    if (omp_get_thread_num() == 0) atomic_store(&s->attn_next, 0), atomic_store(&s->chunk_next, 0);
 meet(s);
     int rb, re;  // q_pe rotated first, by rows: a long context's chunks read every head's query
     share(N, 1, &rb, &re);
@@ -239,20 +239,31 @@ meet(s);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
         }
     }
-    // A sequence with several chunks of cache and few rows: its chunks spread over the threads, a
-    // wave of one chunk per thread, merged in chunk order by entries (the same bits as one thread
-    // going chunk after chunk), so the cache is read once per step, not once per thread.
-    int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    // A sequence with several chunks of cache and few rows: its chunks spread over the threads, so
+    // the cache is read once per step, not once per thread. A wave of as many chunks as the parts
+    // hold (all of them, up to 128K positions of a one-row step), each taken in turn from a shared
+    // counter — a thread slowed down leaves more of them to the other — then merged in chunk order
+    // by entries: the same bits as one thread going chunk after chunk. (A wave of one chunk per
+    // thread, as before, met twice per chunk pair: at 32K positions the threads waited at those
+    // meetings ~19% of a step.)
+    int nt = omp_get_num_threads(), claims = 0;  // chunk_next's claims so far, the same count on every thread
     for (int i = 0; i < bt->n_seqs; i++) {
         if (!long_context(bt, i)) continue;
         LatentAttention at = decode_attention(m, s, bt, l, i, a);
         int chunks = latent_attention_chunk_count(&at), E = H * bt->seqs[i].T, e0, e1;
         size_t part = (size_t)E * (c->kv_lora_rank + 2);
+        int slots = (int)((size_t)LONG_SLOTS * nt * LONG_ROWS * H * (c->kv_lora_rank + 2) / part);
         share(E, 1, &e0, &e1);
-        for (int w0 = 0; w0 < chunks; w0 += nt) {
-            if (w0 + tid < chunks) ts->failed |= latent_attention_chunk(&at, w0 + tid, s->attn_parts + tid * part, ts->attn);
+        for (int w0 = 0; w0 < chunks; w0 += slots) {
+            int wn = chunks - w0 < slots ? chunks - w0 : slots;
+            for (;;) {  // every thread ends with one claim past the wave: nt of them a wave
+                int k = atomic_fetch_add(&s->chunk_next, 1) - claims;
+                if (k >= wn) break;
+                ts->failed |= latent_attention_chunk(&at, w0 + k, s->attn_parts + k * part, ts->attn);
+            }
+            claims += wn + nt;
 meet(s);
-            for (int k = 0; k < nt && w0 + k < chunks; k++)
+            for (int k = 0; k < wn; k++)
                 latent_attention_merge(&at, e0, e1, s->attn_parts + k * part, s->attn_state, w0 + k == 0);
 meet(s);
         }

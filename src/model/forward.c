@@ -49,7 +49,7 @@ static void lay_state(BufPlan *p, void *ctx) {
     s->rope_cos = PLAN_F(p, T * (r / 2 + 1));
     s->rope_sin = PLAN_F(p, T * (r / 2 + 1));
     s->attn = PLAN_F(p, s->nthreads * s->attn_per_thread);
-    s->attn_parts = PLAN_F(p, s->nthreads * LONG_ROWS * H * (L + 2));
+    s->attn_parts = PLAN_F(p, (long)LONG_SLOTS * s->nthreads * LONG_ROWS * H * (L + 2));
     s->attn_state = PLAN_F(p, LONG_ROWS * H * (L + 2));
     s->own = PLAN_F(p, s->nthreads * s->own_per_thread);
     s->q_latent = PLAN_F(p, (long)s->latent_rows * H * L);

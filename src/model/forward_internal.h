@@ -31,7 +31,7 @@ struct ForwardState {
     float *rope_cos, *rope_sin;  // (T, rope/2) the angles of the positions being run
     float *attn;              // (nthreads, attn_per_thread) attention scratch
     size_t attn_per_thread;
-    float *attn_parts;        // (nthreads, LONG_ROWS·H, kv_lora + 2) decode: a long context's chunk parts
+    float *attn_parts;        // (LONG_SLOTS·nthreads, LONG_ROWS·H, kv_lora + 2) decode: a long context's chunk parts
     float *attn_state;        // (LONG_ROWS·H, kv_lora + 2) and their running merge (decode.c)
     float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors (decode.c)
     size_t own_per_thread;
@@ -44,12 +44,17 @@ struct ForwardState {
     TeamBarrier meet;         // decode.c's threads meet here (DECODE_BARRIER)
     _Alignas(64) atomic_int attn_next;  // decode.c: the next attention unit of a batched step
     _Alignas(64) atomic_int moe_next;   // decode.c: the next expert gate/up unit of a batched step
+    _Alignas(64) atomic_int chunk_next; // decode.c: claims of a long context's attention chunks
 };
 
 // A decode step spreads the chunks of a sequence's attention over the threads when it has at least
 // two chunks per thread and at most this many rows (a decode step or a speculative verification;
 // prefill chunks keep the split by heads).
 #define LONG_ROWS 16
+// Chunk parts kept per thread of a step with LONG_ROWS rows: the chunks of a wave, merged after
+// it, are up to this many per thread (more with fewer rows — a decode step's one row has 16 times
+// as many: 128 chunks, 128K positions, at two threads).
+#define LONG_SLOTS 4
 
 // Rows of a decode step whose latent queries and outputs have room in the forward state (above it,
 // attention folds them per (row, head) itself: the same bits, slower).
