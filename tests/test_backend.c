@@ -163,7 +163,7 @@ TEST(test_latent_attention_absorbed_scores_any_grouping) {
         for (int bf = 0; bf < 2; bf++) {
             Rng rng;
             rng_seed(&rng, 70 + 2 * w + bf);
-            int H = 8, T = 2, pos0 = 37, S = pos0 + T, L = widths[w][0], r = widths[w][1], nope = 7, v = 5;
+            int H = 16, T = 2, pos0 = 37, S = pos0 + T, L = widths[w][0], r = widths[w][1], nope = 7, v = 5;
             float *latent = randn(&rng, (size_t)S * L, 1), *kpe = randn(&rng, (size_t)S * r, 1);
             float *q = randn(&rng, (size_t)T * H * (nope + r), 0.3f), *kvb = randn(&rng, (size_t)H * (nope + v) * L, 0.3f);
             uint16_t *lat16 = malloc(sizeof(uint16_t) * S * L), *kpe16 = malloc(sizeof(uint16_t) * S * r);
@@ -178,7 +178,9 @@ TEST(test_latent_attention_absorbed_scores_any_grouping) {
             float *scratch = malloc(sizeof(float) * latent_attention_scratch_floats(&a, S));
             CHECK(latent_attention_absorbed_part(&a, 0, H, scratch) == 0);
             a.out = split;
-            const int cuts[] = {0, 1, 4, 7, 8};  // groups of 1, 3, 3 and 1 heads
+            // groups of 1, 3, 11 and 1 heads: 2 to 22 entries, each score against the same score
+            // of all 32 entries at once (a BF16 cache's rows widened once for them all)
+            const int cuts[] = {0, 1, 4, 15, 16};
             for (int g = 0; g < 4; g++) CHECK(latent_attention_absorbed_part(&a, cuts[g], cuts[g + 1], scratch) == 0);
             CHECK_MSG(memcmp(all, split, sizeof(float) * T * H * v) == 0, "L %d r %d %s: grouping changed the bits", L,
                       r, bf ? "bf16" : "f32");
