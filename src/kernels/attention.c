@@ -57,9 +57,11 @@ static void scores_to_probs(float *p, const float *p2, int n, int S, int first_p
         float *row = p + (size_t)i * S;
         const float *row2 = p2 + (size_t)i * S;
         int visible = first_pos + i + 1;
-        for (int j = 0; j < visible; j++) row[j] = (row[j] + (has_rope ? row2[j] : 0.0f)) * scale;
+        if (kernels_cpu_avx512()) add_scale_avx512(row, has_rope ? row2 : NULL, visible, scale);
+        else
+            for (int j = 0; j < visible; j++) row[j] = (row[j] + (has_rope ? row2[j] : 0.0f)) * scale;
         softmax_inplace(row, visible);
-        for (int j = visible; j < S; j++) row[j] = 0.0f;
+        if (visible < S) memset(row + visible, 0, sizeof(float) * (S - visible));
     }
 }
 

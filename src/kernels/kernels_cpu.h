@@ -96,6 +96,10 @@ void rmsnorm_forward_avx512(float *out, float *rstd, const float *inp, const flo
 void rmsnorm_backward_avx512(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
                              const float *rstd, int N, int C);
 
+// x[j] = (x[j] + y[j]) · scale for j < n (y NULL: x[j] · scale), each a rounded sum then a rounded
+// product, as the portable loop (attention.c's plain scores; attention_avx512.c).
+void add_scale_avx512(float *x, const float *y, int n, float scale);
+
 // Absorbed attention's scores (attention_avx512.c): s[e * lds + j] = scale · (qa[e] · latent[j] +
 // qp[e] · kpe[j]) for entries e < n and cached positions j < run (rows of L and r values, F32 or
 // BF16 when bf16), one running sum per score over both halves then one lane fold: the same bits
