@@ -135,17 +135,6 @@ AVX512_INLINE void scores(const int BF, const int WIDEN, float *s, int lds, cons
     }
 }
 
-NO_FP_CONTRACT AVX512 void add_scale_avx512(float *x, const float *y, int n, float scale) {
-    FP_CONTRACT_OFF
-    const __m512 s = _mm512_set1_ps(scale);
-    for (int j = 0; j < n; j += 16) {
-        __mmask16 m = tail_mask(n - j);
-        __m512 v = _mm512_maskz_loadu_ps(m, x + j);
-        if (y) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, y + j));
-        _mm512_mask_storeu_ps(x + j, m, _mm512_mul_ps(v, s));
-    }
-}
-
 AVX512 void latent_scores_avx512(float *s, int lds, const float *qa, const float *qp, int n, const void *lat,
                                  const void *kpe, int bf16, int run, int L, int r, float scale) {
     float wide[4 * SCORE_WIDE_MAX];  // a BF16 cache's four rows [latent × 4 | k_pe × 4] in fp32

@@ -70,11 +70,12 @@ int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpo
 // Dequantises columns [c0, c0 + n) of row r into out[n].
 void matview_row_avx512(const MatView *w, int r, int c0, int n, float *out);
 
-// ops.c's exp-bound loops (ops_avx512.c): out = e^(x - shift); x *= f; a softmax row in place;
+// ops.c's exp-bound loops (ops_avx512.c): out = e^(x - shift); x = (x + y) · f (y NULL: x · f; a
+// rounded sum then a rounded product, as the portable loops); a softmax row in place;
 // Σ e^(x - shift) in double (the values stored into out too unless it is NULL); SwiGLU forward
 // and backward.
 void exp_n_avx512(float *out, const float *x, long n, float shift);
-void scale_n_avx512(float *x, long n, float f);
+void add_scale_avx512(float *x, const float *y, long n, float f);
 void softmax_avx512(float *x, int n);
 double sum_exp_avx512(float *out, const float *x, int n, float shift);
 void swiglu_forward_avx512(float *out, const float *gate, const float *up, long n);
@@ -95,10 +96,6 @@ void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, const f
 void rmsnorm_forward_avx512(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
 void rmsnorm_backward_avx512(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
                              const float *rstd, int N, int C);
-
-// x[j] = (x[j] + y[j]) · scale for j < n (y NULL: x[j] · scale), each a rounded sum then a rounded
-// product, as the portable loop (attention.c's plain scores; attention_avx512.c).
-void add_scale_avx512(float *x, const float *y, int n, float scale);
 
 // Absorbed attention's scores (attention_avx512.c): s[e * lds + j] = scale · (qa[e] · latent[j] +
 // qp[e] · kpe[j]) for entries e < n and cached positions j < run (rows of L and r values, F32 or

@@ -247,7 +247,7 @@ static double crossentropy_rows(float *losses, float *lse, const float *logits, 
         losses[n] = lse[n] - target;
         if (!g) continue;
         float f = (float)(dloss / s);  // softmax · dloss = e^(l - max) · (dloss / Σ)
-        if (kernels_cpu_avx512()) scale_n_avx512(g, V, f);
+        if (kernels_cpu_avx512()) add_scale_avx512(g, NULL, V, f);
         else
             for (int i = 0; i < V; i++) g[i] *= f;
         g[targets[n]] -= dloss;

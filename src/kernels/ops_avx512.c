@@ -35,11 +35,14 @@ AVX512 void exp_n_avx512(float *out, const float *x, long n, float shift) {
     }
 }
 
-AVX512 void scale_n_avx512(float *x, long n, float f) {
-    __m512 fv = _mm512_set1_ps(f);
+NO_FP_CONTRACT AVX512 void add_scale_avx512(float *x, const float *y, long n, float f) {
+    FP_CONTRACT_OFF
+    const __m512 fv = _mm512_set1_ps(f);
     for (long i = 0; i < n; i += 16) {
         __mmask16 m = tail_mask((int)(n - i < 16 ? n - i : 16));
-        _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), fv));
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        if (y) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, y + i));
+        _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(v, fv));
     }
 }
 
