@@ -14,10 +14,10 @@
 
 // One thread's scratch.
 typedef struct Scratch {
-    float *k, *v;     // (S, nope + rope), (S, v): one head's expanded keys (training: with the rotary
-                      // key after each) and values (plain)
-    float *p, *p2;    // (QC, S) scores: latent/no-rope part, then the rotary part
-    float *qn, *qp;   // (QC, nope), (QC, rope) query rows
+    float *k, *v;     // (S, nope + rope), (S, nope + v): one head's keys [k_nope | k_pe] and values
+                      // (plain; v holds the expansion's [k_nope | v] rows first)
+    float *p;         // (QC, S) scores
+    float *q, *qp;    // (QC, nope + rope) query rows (plain), (QC, rope) rotary queries (absorbed)
     float *qa, *ol;   // (QC, kv_lora) absorbed queries, latent-space outputs (absorbed)
     float *o;         // (QC, v)
     float *part, *state;  // (QC, kv_lora + 2) absorbed: a chunk's [max, sum, latent sum], and the merge
@@ -28,8 +28,9 @@ static size_t lines(size_t floats) { return (floats + 15) & ~(size_t)15; }
 
 size_t latent_attention_scratch_floats(const LatentAttention *a, int S) {
     size_t Q = QC;
-    return lines((size_t)S * (a->nope + a->rope)) + lines((size_t)S * a->v) + 2 * lines(Q * S) + lines(Q * a->nope) +
-           lines(Q * a->rope) + 2 * lines(Q * a->kv_lora) + lines(Q * a->v) + 2 * lines(Q * (a->kv_lora + 2));
+    return lines((size_t)S * (a->nope + a->rope)) + lines((size_t)S * (a->nope + a->v)) + lines(Q * S) +
+           lines(Q * (a->nope + a->rope)) + lines(Q * a->rope) + 2 * lines(Q * a->kv_lora) + lines(Q * a->v) +
+           2 * lines(Q * (a->kv_lora + 2));
 }
 
 // base: 64-byte aligned.
@@ -38,10 +39,9 @@ static Scratch carve(const LatentAttention *a, float *base, int S) {
     Scratch h;
     h.k = base;
     h.v = h.k + lines((size_t)S * (a->nope + a->rope));
-    h.p = h.v + lines((size_t)S * a->v);
-    h.p2 = h.p + lines(Q * S);
-    h.qn = h.p2 + lines(Q * S);
-    h.qp = h.qn + lines(Q * a->nope);
+    h.p = h.v + lines((size_t)S * (a->nope + a->v));
+    h.q = h.p + lines(Q * S);
+    h.qp = h.q + lines(Q * (a->nope + a->rope));
     h.qa = h.qp + lines(Q * a->rope);
     h.ol = h.qa + lines(Q * a->kv_lora);
     h.o = h.ol + lines(Q * a->kv_lora);
@@ -50,16 +50,15 @@ static Scratch carve(const LatentAttention *a, float *base, int S) {
     return h;
 }
 
-// p (n, S) = (p + p2) · scale, causally masked (row i sees keys 0 .. first_pos + i), softmaxed;
-// masked entries become 0 so the weighted sum can run over the whole row.
-static void scores_to_probs(float *p, const float *p2, int n, int S, int first_pos, float scale, int has_rope) {
+// p (n, S) = p · scale, causally masked (row i sees keys 0 .. first_pos + i), softmaxed; masked
+// entries become 0 so the weighted sum can run over the whole row.
+static void scores_to_probs(float *p, int n, int S, int first_pos, float scale) {
     for (int i = 0; i < n; i++) {
         float *row = p + (size_t)i * S;
-        const float *row2 = p2 + (size_t)i * S;
         int visible = first_pos + i + 1;
-        if (kernels_cpu_avx512()) add_scale_avx512(row, has_rope ? row2 : NULL, visible, scale);
+        if (kernels_cpu_avx512()) add_scale_avx512(row, NULL, visible, scale);
         else
-            for (int j = 0; j < visible; j++) row[j] = (row[j] + (has_rope ? row2[j] : 0.0f)) * scale;
+            for (int j = 0; j < visible; j++) row[j] *= scale;
         softmax_inplace(row, visible);
         if (visible < S) memset(row + visible, 0, sizeof(float) * (S - visible));
     }
@@ -104,42 +103,42 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
     // plain attention reads an F32 store (latent_attention_forward widens a BF16 one first)
     const float *latent = (const float *)a->latent + (size_t)b * a->ld * L;
     const float *kpe = (const float *)a->kpe + (size_t)b * a->ld * r;
-    MatView wk = matview_rows(a->kv_b_proj, h * (nope + v), nope);
-    MatView wv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
     if (a->kv_in) {  // expanded by the caller: head h's [k_nope | v], rows of sequence b
         for (int j = 0; j < S; j++) {
             const float *src = a->kv_in + ((size_t)(b * T + j) * H + h) * (nope + v);
-            memcpy(s.k + (size_t)j * nope, src, sizeof(float) * nope);
+            memcpy(s.k + (size_t)j * qk, src, sizeof(float) * nope);
             memcpy(s.v + (size_t)j * v, src + nope, sizeof(float) * v);
         }
     } else {
-        if (nope > 0) rc |= matmul_nt(s.k, latent, &wk, S);
-        rc |= matmul_nt(s.v, latent, &wv, S);
+        // the head's nope + v rows of kv_b_proj are adjacent: one product (the latents rounded and
+        // packed once), its [k_nope | v] rows then split — v moved down in place
+        MatView wkv = matview_rows(a->kv_b_proj, h * (nope + v), nope + v);
+        rc |= matmul_nt(s.v, latent, &wkv, S);
+        for (int j = 0; j < S; j++) {
+            memcpy(s.k + (size_t)j * qk, s.v + (size_t)j * (nope + v), sizeof(float) * nope);
+            memmove(s.v + (size_t)j * v, s.v + (size_t)j * (nope + v) + nope, sizeof(float) * v);
+        }
     }
+    for (int j = 0; j < S; j++) memcpy(s.k + (size_t)j * qk + nope, kpe + (size_t)j * r, sizeof(float) * r);
     if (a->kv_save)  // [k_nope | v] of head h, rows of sequence b
         for (int j = 0; j < S; j++) {
             float *dst = a->kv_save + ((size_t)(b * T + j) * H + h) * (nope + v);
-            memcpy(dst, s.k + (size_t)j * nope, sizeof(float) * nope);
+            memcpy(dst, s.k + (size_t)j * qk, sizeof(float) * nope);
             memcpy(dst + nope, s.v + (size_t)j * v, sizeof(float) * v);
         }
-    MatView K = matview_f32(s.k, S, nope), P = matview_f32(kpe, S, r), V = matview_f32(s.v, S, v);
+    MatView K = matview_f32(s.k, S, qk), V = matview_f32(s.v, S, v);
     // Training (probabilities kept for the backward pass) takes the library GEMM, as its backward
     // does; inference keeps the kernels whose rows do not depend on how many there are.
     const int library = a->probs_save != NULL;
     for (int t0 = 0; t0 < T; t0 += QC) {
         int n = T - t0 < QC ? T - t0 : QC, Sc = pos0 + t0 + n;
-        for (int i = 0; i < n; i++) {
-            const float *src = a->q + ((size_t)(b * T + t0 + i) * H + h) * qk;
-            memcpy(s.qn + (size_t)i * nope, src, sizeof(float) * nope);
-            memcpy(s.qp + (size_t)i * r, src + nope, sizeof(float) * r);
-        }
-        K.rows = P.rows = V.rows = Sc;
-        if (nope > 0 && library) gemm_f32(0, 1, n, Sc, nope, 1.0f, s.qn, nope, s.k, nope, 0.0f, s.p, Sc);
-        else if (nope > 0) rc |= matmul_nt(s.p, s.qn, &K, n);
+        for (int i = 0; i < n; i++)
+            memcpy(s.q + (size_t)i * qk, a->q + ((size_t)(b * T + t0 + i) * H + h) * qk, sizeof(float) * qk);
+        K.rows = V.rows = Sc;
+        if (qk > 0 && library) gemm_f32(0, 1, n, Sc, qk, 1.0f, s.q, qk, s.k, qk, 0.0f, s.p, Sc);
+        else if (qk > 0) rc |= matmul_nt(s.p, s.q, &K, n);
         else memset(s.p, 0, sizeof(float) * n * Sc);
-        if (r > 0 && library) gemm_f32(0, 1, n, Sc, r, 1.0f, s.qp, r, kpe, r, 0.0f, s.p2, Sc);
-        else if (r > 0) rc |= matmul_nt(s.p2, s.qp, &P, n);
-        scores_to_probs(s.p, s.p2, n, Sc, pos0 + t0, a->scale, r > 0);
+        scores_to_probs(s.p, n, Sc, pos0 + t0, a->scale);
         if (a->probs_save)
             for (int i = 0; i < n; i++) {
                 float *dst = a->probs_save + (((size_t)b * H + h) * T + t0 + i) * T;

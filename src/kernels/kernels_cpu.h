@@ -37,6 +37,11 @@ int kernels_cpu_avx512bf16_vbmi(void);
 // thread exits (the kernels run many times per token; allocating each time would fault pages in).
 // NULL when memory runs out: the caller's product then fails with -1.
 float *kernels_scratch(size_t n);
+// The same in one of a thread's slots: KERNELS_SCRATCH_OWN is kernels_scratch's, which a kernel
+// uses for itself; KERNELS_SCRATCH_SHARED holds an operand that a caller packs once and hands to
+// several kernels or to the threads of its team (they may use their own slot meanwhile).
+typedef enum { KERNELS_SCRATCH_OWN, KERNELS_SCRATCH_SHARED, KERNELS_SCRATCH_SLOTS } KernelsScratch;
+float *kernels_scratch_slot(KernelsScratch slot, size_t n);
 
 // Bulk bf16 conversions; each returns how many leading elements it converted (the caller does
 // the rest with the scalar codec).
@@ -153,8 +158,16 @@ const uint16_t *fp8_bf16_values(void);
 int gemm_lowp_amx(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
                   int m_end, int n_begin, int n_end);
 int matmul_nt_amx(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+// matmul_nt_amx in two parts, so that activations shared by several products, or by the threads
+// of a team, are rounded and packed once: amx_pack_activations packs panels [p0, p1) (32 rows of x
+// each) of the amx_panel_words(N, K) words at panels, matmul_nt_amx_packed multiplies them.
+size_t amx_panel_words(int N, int K);
+void amx_pack_activations(uint32_t *panels, const float *x, int ldx, int N, int K, int p0, int p1);
+int matmul_nt_amx_packed(float *out, int ldo, const uint32_t *panels, int N, const MatView *w, int r0, int r1);
 int gemm_lowp_amx_emulated(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
                            int m_end, int n_begin, int n_end);
 int matmul_nt_amx_emulated(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+int matmul_nt_amx_packed_emulated(float *out, int ldo, const uint32_t *panels, int N, const MatView *w, int r0,
+                                  int r1);
 
 #endif

@@ -149,14 +149,15 @@ int kernels_set_isa(const char *isa) {
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 
+// A thread's scratch: one buffer per KernelsScratch slot.
 typedef struct Scratch {
-    float *data;
-    size_t cap;
+    float *data[KERNELS_SCRATCH_SLOTS];
+    size_t cap[KERNELS_SCRATCH_SLOTS];
 } Scratch;
 
 static void scratch_free(void *p) {
     Scratch *s = p;
-    free(s->data);
+    for (int i = 0; i < KERNELS_SCRATCH_SLOTS; i++) free(s->data[i]);
     free(s);
 }
 
@@ -164,7 +165,9 @@ static int scratch_key_ok;
 
 static void scratch_init(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0; }
 
-float *kernels_scratch(size_t n) {
+float *kernels_scratch(size_t n) { return kernels_scratch_slot(KERNELS_SCRATCH_OWN, n); }
+
+float *kernels_scratch_slot(KernelsScratch slot, size_t n) {
     pthread_once(&scratch_once, scratch_init);
     if (!scratch_key_ok) return NULL;
     Scratch *s = pthread_getspecific(scratch_key);
@@ -176,15 +179,15 @@ float *kernels_scratch(size_t n) {
             return NULL;
         }
     }
-    if (s->cap < n) {
+    if (s->cap[slot] < n) {
         size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
         float *p = aligned_alloc(64, bytes);
         if (!p) return NULL;
-        free(s->data);
-        s->data = p;
-        s->cap = n;
+        free(s->data[slot]);
+        s->data[slot] = p;
+        s->cap[slot] = n;
     }
-    return s->data;
+    return s->data[slot];
 }
 
 static int check_dtype(const MatView *w) {
@@ -387,6 +390,15 @@ int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *w
             return matmul_nt2_panels(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
         if (ka == BLOCKED_REGISTER_TILES && kb == BLOCKED_REGISTER_TILES)
             return matmul_nt2_lowp_avx512(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
+        if (ka == BLOCKED_AMX && kb == BLOCKED_AMX) {  // (the activations rounded and packed once)
+            uint32_t *panels = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, wa->cols));
+            if (!panels) return -1;
+            amx_pack_activations(panels, x, wa->cols, N, wa->cols, 0, (N + 31) / 32);
+            return matmul_nt_amx_packed(out_a, wa->rows, panels, N, wa, 0, wa->rows) ||
+                           matmul_nt_amx_packed(out_b, wb->rows, panels, N, wb, 0, wb->rows)
+                       ? -1
+                       : 0;
+        }
     }
     return matmul_nt_part(out_a, x, wa, N, 0, wa->rows) || matmul_nt_part(out_b, x, wb, N, 0, wb->rows) ? -1 : 0;
 }
@@ -448,6 +460,23 @@ int matmul_nt(float *out, const float *x, const MatView *w, int N) {
     }
     if (!w->compute_bf16 && (!kernels_cpu_avx512() || !matview_avx512_ok(w))) return matmul_nt_scalar(out, x, w, N);
     int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N && !matmul_on_panels(w) ? 4 : 32, failed = 0;
+    if (w->compute_bf16 && blocked_bf16(w) == BLOCKED_AMX) {
+        // the threads round and pack a share of the activations each, then multiply all of them
+        // by their rows of w (each packing all of x for itself was ~4% of a prefill)
+        const int npan = (N + 31) / 32;
+        uint32_t *panels = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, cols));
+        if (!panels) return -1;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
+        {
+            int t = omp_get_thread_num(), n = omp_get_num_threads(), p0, p1, r0, r1;
+            split(npan, 1, t, n, &p0, &p1);
+            amx_pack_activations(panels, x, cols, N, cols, p0, p1);
+#pragma omp barrier
+            split(rows, unit, t, n, &r0, &r1);
+            failed |= matmul_nt_amx_packed(out, rows, panels, N, w, r0, r1) != 0;
+        }
+        return failed ? -1 : 0;
+    }
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
     {
         int r0, r1;

@@ -113,6 +113,9 @@ enum {
     CHUNK_STEPS = 128 / 32,  // tile steps per FP8 chunk of 128
 };
 
+// K's pairs padded to whole tile steps (zero pairs past K).
+static int pairs_padded(int K) { return ((K + 1) / 2 + STEP_PAIRS - 1) / STEP_PAIRS * STEP_PAIRS; }
+
 // Steps [s0, s1) of a block: a (32 rows of pair words, a_ld words apart), b (a panel, 32 words
 // per K pair). wide 0: the panel's columns 16-31 are padding (at most 16 activation rows), so
 // tiles 1 and 3 are left alone — a column's sums are the same instructions either way.
@@ -216,7 +219,7 @@ AMX int AMX_FN(gemm_lowp_amx)(float *C, int ldc, const LowpOperand *A, const Low
                               int m_begin, int m_end, int n_begin, int n_end) {
     if (n_end <= n_begin || m_end <= m_begin) return 0;
     const int fp8 = A->fmt != LOWP_BF16, N = n_end - n_begin, npan = (N + BLK - 1) / BLK;
-    const int kpa = ((K + 1) / 2 + STEP_PAIRS - 1) / STEP_PAIRS * STEP_PAIRS, nch = (K + 127) / 128;
+    const int kpa = pairs_padded(K), nch = (K + 127) / 128;
     if (K == 0) {
         if (!add)
             for (int i = m_begin; i < m_end; i++) memset(C + (size_t)i * ldc + n_begin, 0, sizeof(float) * N);
@@ -275,25 +278,26 @@ AMX_INLINE void widen_rows(uint32_t *out, const MatView *w, int r, int nr, int k
     }
 }
 
-AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
-    if (N <= 0 || r1 <= r0) return 0;
-    const int K = w->cols, fp8 = w->dtype == DT_F8_E4M3, npan = (N + BLK - 1) / BLK;
-    if (fp8 && (w->block != 128 || !w->scale_inv)) return -1;  // (the release's blocks)
-    const int kpa = ((K + 1) / 2 + STEP_PAIRS - 1) / STEP_PAIRS * STEP_PAIRS, nch = (K + 127) / 128;
-    if (K <= 0) {
-        for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
-        return 0;
-    }
-    // scratch: the activations' panels (npan·32 × kpa words), a block of weight rows (32 × kpa),
-    // its FP8 scales (nch × 32), two 32 × 32 blocks of sums
-    size_t wb = (size_t)npan * BLK * kpa, wa = (size_t)BLK * kpa, nsa = fp8 ? (size_t)nch * BLK : 0;
-    float *scratch = kernels_scratch(wb + wa + nsa + 2 * BLK * BLK);
-    if (!scratch) return -1;
-    float *acc = scratch, *part = acc + BLK * BLK;
-    uint32_t *bp = (uint32_t *)(part + BLK * BLK), *ap = bp + wb;
-    float *sa = (float *)(ap + wa);
+#ifndef AMX_EMULATE
+size_t amx_panel_words(int N, int K) { return (size_t)(N + BLK - 1) / BLK * BLK * pairs_padded(K); }
+
+void amx_pack_activations(uint32_t *panels, const float *x, int ldx, int N, int K, int p0, int p1) {
+    const int kpa = pairs_padded(K), n0 = p0 * BLK, n1 = p1 * BLK < N ? p1 * BLK : N;
+    if (n1 <= n0 || K <= 0) return;
     LowpOperand xo = {.data = x, .ld = ldx, .trans = 0, .fmt = LOWP_BF16};
-    lowp_pack_panels(bp, BLK, &xo, 0, N, K, kpa);
+    lowp_pack_panels(panels + (size_t)p0 * BLK * kpa, BLK, &xo, n0, n1 - n0, K, kpa);
+}
+#endif
+
+// Rows [r0, r1) of out = the packed activations bp (N rows) · Wᵀ; scratch: two 32 × 32 blocks of
+// sums, a block of weight rows (32 × kpa words) and its FP8 scales (nch × 32), 64-byte aligned.
+AMX_INLINE void nt_on_panels(float *out, int ldo, const uint32_t *bp, int N, const MatView *w, int r0, int r1,
+                             float *scratch) {
+    const int K = w->cols, fp8 = w->dtype == DT_F8_E4M3, npan = (N + BLK - 1) / BLK;
+    const int kpa = pairs_padded(K), nch = (K + 127) / 128;
+    float *acc = scratch, *part = acc + BLK * BLK;
+    uint32_t *ap = (uint32_t *)(part + BLK * BLK);
+    float *sa = (float *)(ap + (size_t)BLK * kpa);
     TILE_CONFIG();
     for (int rb = r0; rb < r1; rb += BLK) {
         int mr = r1 - rb < BLK ? r1 - rb : BLK;
@@ -315,5 +319,48 @@ AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, cons
         }
     }
     TILE_RELEASE();
+}
+
+// Floats of nt_on_panels' scratch.
+static size_t nt_scratch_floats(const MatView *w) {
+    const int kpa = pairs_padded(w->cols), nch = (w->cols + 127) / 128;
+    return 2 * BLK * BLK + (size_t)BLK * kpa + (w->dtype == DT_F8_E4M3 ? (size_t)nch * BLK : 0);
+}
+
+// Nonzero when nt_on_panels cannot take w (or when there is nothing to do: *done set).
+static int nt_trivial(float *out, int ldo, const MatView *w, int N, int r0, int r1, int *done) {
+    *done = 1;
+    if (N <= 0 || r1 <= r0) return 0;
+    if (w->dtype == DT_F8_E4M3 && (w->block != 128 || !w->scale_inv)) return -1;  // (the release's blocks)
+    if (w->cols <= 0) {
+        for (int n = 0; n < N; n++) memset(out + (size_t)n * ldo + r0, 0, sizeof(float) * (r1 - r0));
+        return 0;
+    }
+    *done = 0;
+    return 0;
+}
+
+AMX int AMX_FN(matmul_nt_amx_packed)(float *out, int ldo, const uint32_t *panels, int N, const MatView *w, int r0,
+                                     int r1) {
+    int done, rc = nt_trivial(out, ldo, w, N, r0, r1, &done);
+    if (done || rc) return rc;
+    float *scratch = kernels_scratch(nt_scratch_floats(w));
+    if (!scratch) return -1;
+    nt_on_panels(out, ldo, panels, N, w, r0, r1, scratch);
+    return 0;
+}
+
+AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
+    int done, rc = nt_trivial(out, ldo, w, N, r0, r1, &done);
+    if (done || rc) return rc;
+    const int K = w->cols, kpa = pairs_padded(K);
+    // scratch: nt_on_panels', then the activations' panels (npan·32 × kpa words)
+    size_t own = nt_scratch_floats(w), wb = (size_t)(N + BLK - 1) / BLK * BLK * kpa;
+    float *scratch = kernels_scratch(own + wb);
+    if (!scratch) return -1;
+    uint32_t *bp = (uint32_t *)(scratch + own);
+    LowpOperand xo = {.data = x, .ld = ldx, .trans = 0, .fmt = LOWP_BF16};
+    lowp_pack_panels(bp, BLK, &xo, 0, N, K, kpa);
+    nt_on_panels(out, ldo, bp, N, w, r0, r1, scratch);
     return 0;
 }
