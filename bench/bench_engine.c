@@ -97,14 +97,18 @@ static int batch_figures(const int *sizes, int n_sizes) {
     }
     printf("-- batched decoding, bench/configs/v3-108m.json (random weights): prompts of 32, 32 new tokens each; "
            "aggregate decode tokens/s (medians of 3)\n");
-    double base[4] = {0};
+    double base[6] = {0};
+    // where the CPU has AMX tiles, the BF16-compute products as --decode-tiles auto puts them there for
+    // steps of that many sequences (model_set_panel_tiles)
+    const int variants = weight_panels_tiles() ? 6 : 4;
     for (int i = 0; i < n_sizes; i++)
-        for (int v = 0; v < 4; v++) {  // v: weights (bit 1) x compute (bit 0)
-            Model *mv = &m[v >> 1];
-            if (model_set_compute(mv, v & 1 ? COMPUTE_BF16 : COMPUTE_F32, &err)) {
+        for (int v = 0; v < variants; v++) {  // v: weights (bit 1) x compute (bit 0); 4, 5: BF16, FP8 on tiles
+            Model *mv = &m[v < 4 ? v >> 1 : v - 4];
+            if (model_set_compute(mv, v & 1 || v >= 4 ? COMPUTE_BF16 : COMPUTE_F32, &err)) {
                 fprintf(stderr, "%s\n", err.msg);
                 return 1;
             }
+            int tiled = model_set_panel_tiles(mv, v >= 4 ? sizes[i] : 0);
             double r[3];
             for (int k = 0; k < 3; k++) {
                 EngineStats st;
@@ -113,9 +117,11 @@ static int batch_figures(const int *sizes, int n_sizes) {
             }
             double tps = bench_median(r, 3);
             if (i == 0) base[v] = tps;
-            printf("   %-4s weights, compute %-4s, batch %2d: %8.1f tokens/s aggregate, %6.1f per sequence, %.2fx batch "
-                   "%d\n", dtype_name(types[v >> 1]), v & 1 ? "bf16" : "f32", sizes[i], tps, tps / sizes[i],
-                   tps / base[v], sizes[0]);
+            char how[64] = "";
+            if (v >= 4) snprintf(how, sizeof how, ", --decode-tiles auto (%d matrices)", tiled);
+            printf("   %-4s weights, compute %-4s%s, batch %2d: %8.1f tokens/s aggregate, %6.1f per sequence, %.2fx batch "
+                   "%d\n", dtype_name(types[v < 4 ? v >> 1 : v - 4]), v & 1 || v >= 4 ? "bf16" : "f32", how, sizes[i], tps,
+                   tps / sizes[i], tps / base[v], sizes[0]);
         }
     model_free(&m[0]);
     model_free(&m[1]);

@@ -266,8 +266,10 @@ static void panel_products(void *pool, const float *x, float *out, double bw) {
         for (int i = 1; i < count; i++) memcpy((char *)panels + (size_t)i * pb, panels, pb);
         double stored = (double)ROWS * COLS * dtype_size(types[ti]);
         static const int Ns[] = {1, 2, 4, 8, 16, 64};
-        for (int ni = 0; ni < 6; ni++) {
-            const int N = Ns[ni];
+        // on the register tiles, then (where the CPU has them) the AMX tiles: MatView.panels_tiles
+        for (int k = 0; k < 12 && (k < 6 || weight_panels_tiles()); k++) {
+            const int N = Ns[k % 6];
+            w.panels_tiles = k >= 6;
             double g[RUNS];
             for (int r = -1; r < RUNS; r++) {
                 double t = bench_now();
@@ -284,9 +286,9 @@ static void panel_products(void *pool, const float *x, float *out, double bw) {
                 if (r >= 0) g[r] = count / (bench_now() - t);  // products per second
             }
             double per_s = bench_median(g, RUNS);
-            printf("BF16-compute product on panels, %-7s N=%-2d %dx%d: %6.1f GB/s of weights (%3.0f%% of read bandwidth), "
-                   "%6.1f GFLOP/s\n", dtype_name(types[ti]), N, ROWS, COLS, per_s * stored / 1e9, 100 * per_s * stored / 1e9 / bw,
-                   per_s * 2.0 * N * ROWS * COLS / 1e9);
+            printf("BF16-compute product on panels%s, %-7s N=%-2d %dx%d: %6.1f GB/s of weights (%3.0f%% of read "
+                   "bandwidth), %6.1f GFLOP/s\n", k >= 6 ? ", AMX tiles" : "", dtype_name(types[ti]), N, ROWS, COLS,
+                   per_s * stored / 1e9, 100 * per_s * stored / 1e9 / bw, per_s * 2.0 * N * ROWS * COLS / 1e9);
         }
         free(panels), free(p.views), free(p.scale);
     }

@@ -88,8 +88,12 @@ TEST(test_batch_invariance_bit_for_bit) {
         CHECK_MSG(model_load(&m, models[k], 0, &err) == 0, "%s", err.msg);
         int V = m.cfg.vocab_size, p0[9] = {5, 17, 3, 9, 44, 2, 8, 1, 30};
         float *ref = malloc(sizeof(float) * STEPS * V), *got = malloc(sizeof(float) * STEPS * V);
-        for (int dt = 0; dt < 2; dt++) {
-            DType type = dt ? DT_BF16 : DT_F32;
+        // fp32 compute with an F32 and a BF16 cache, then BF16 compute on the register tiles and,
+        // where the CPU has them, on the AMX tiles (model_set_panel_tiles)
+        for (int dt = 0; dt < 4; dt++) {
+            DType type = dt == 1 ? DT_BF16 : DT_F32;
+            if (dt == 2) CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
+            if (dt == 3 && !model_set_panel_tiles(&m, MODEL_PANEL_TILES_ALL)) continue;
             omp_set_num_threads(1);
             CHECK_MSG(alone(&m, type, p0, 9, STEPS, ref, &err) == 0, "%s", err.msg);
             int threads[] = {1, 3};
@@ -98,8 +102,9 @@ TEST(test_batch_invariance_bit_for_bit) {
                 CHECK_MSG(in_batch(&m, type, p0, 9, STEPS, got, &err) == 0, "%s", err.msg);
                 for (int t = 0; t < STEPS; t++)
                     CHECK_MSG(memcmp(ref + (size_t)t * V, got + (size_t)t * V, sizeof(float) * V) == 0,
-                              "%s %s cache, %d threads: step %d's logits differ from the sequence alone", models[k],
-                              dt ? "BF16" : "F32", threads[ti], t);
+                              "%s %s, %d threads: step %d's logits differ from the sequence alone", models[k],
+                              (const char *[]){"F32 cache", "BF16 cache", "BF16 compute", "BF16 compute on AMX tiles"}[dt],
+                              threads[ti], t);
             }
         }
         omp_set_num_threads(saved);
@@ -110,31 +115,37 @@ TEST(test_batch_invariance_bit_for_bit) {
     omp_set_num_threads(saved);
 }
 
-// A verify pass: K + 1 rows of one sequence in one model_decode give the bits of K + 1 steps.
+// A verify pass: K + 1 rows of one sequence in one model_decode give the bits of K + 1 steps —
+// fp32 compute, BF16 compute, and BF16 compute on the AMX tiles where the CPU has them.
 TEST(test_verify_rows_equal_single_steps) {
     Model m;
     Error err = {0};
     CHECK_MSG(model_load(&m, "tests/data/v3", 0, &err) == 0, "%s", err.msg);
-    int V = m.cfg.vocab_size, p[6] = {3, 1, 4, 1, 5, 9}, rows[4] = {26, 5, 35, 8};
-    KVCache a, b;
-    CHECK(kvcache_init(&a, &m.cfg, 0, 16, &err) == 0 && kvcache_init(&b, &m.cfg, 0, 16, &err) == 0);
-    ForwardState *s = forward_state_new(&m, 16, 16, &err);
-    float *one = malloc(sizeof(float) * 4 * V), *four = malloc(sizeof(float) * 4 * V);
-    CHECK(s && model_forward(&m, s, &a, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0 &&
-          model_forward(&m, s, &b, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0);
-    for (int t = 0; t < 4; t++) {
-        DecodeSeq q = {.kv = &a, .tokens = rows + t, .T = 1};
-        CHECK(model_decode(&m, s, &q, 1, one + (size_t)t * V, NULL, &err) == 0);
+    for (int mode = 0; mode < 3; mode++) {
+        if (mode == 1) CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
+        if (mode == 2 && !model_set_panel_tiles(&m, MODEL_PANEL_TILES_ALL)) break;
+        int V = m.cfg.vocab_size, p[6] = {3, 1, 4, 1, 5, 9}, rows[4] = {26, 5, 35, 8};
+        KVCache a, b;
+        CHECK(kvcache_init(&a, &m.cfg, 0, 16, &err) == 0 && kvcache_init(&b, &m.cfg, 0, 16, &err) == 0);
+        ForwardState *s = forward_state_new(&m, 16, 16, &err);
+        float *one = malloc(sizeof(float) * 4 * V), *four = malloc(sizeof(float) * 4 * V);
+        CHECK(s && model_forward(&m, s, &a, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0 &&
+              model_forward(&m, s, &b, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0);
+        for (int t = 0; t < 4; t++) {
+            DecodeSeq q = {.kv = &a, .tokens = rows + t, .T = 1};
+            CHECK(model_decode(&m, s, &q, 1, one + (size_t)t * V, NULL, &err) == 0);
+        }
+        DecodeSeq q = {.kv = &b, .tokens = rows, .T = 4};
+        CHECK_MSG(model_decode(&m, s, &q, 1, four, NULL, &err) == 0, "%s", err.msg);
+        CHECK(a.len == 10 && b.len == 10);
+        CHECK_MSG(memcmp(one, four, sizeof(float) * 4 * V) == 0, "compute mode %d: a verify pass differs from single steps",
+                  mode);
+        forward_state_free(s);
+        kvcache_free(&a);
+        kvcache_free(&b);
+        free(one);
+        free(four);
     }
-    DecodeSeq q = {.kv = &b, .tokens = rows, .T = 4};
-    CHECK_MSG(model_decode(&m, s, &q, 1, four, NULL, &err) == 0, "%s", err.msg);
-    CHECK(a.len == 10 && b.len == 10);
-    CHECK_MSG(memcmp(one, four, sizeof(float) * 4 * V) == 0, "a verify pass differs from single steps");
-    forward_state_free(s);
-    kvcache_free(&a);
-    kvcache_free(&b);
-    free(one);
-    free(four);
     model_free(&m);
 }
 

@@ -197,6 +197,74 @@ TEST(test_bf16c_blocked_avx512bf16_against_fp64) {
     if (!kernels_cpu_amx()) amx_nt_sweep(2);  // (matmul_nt takes these tiles)
 }
 
+// Products on weight panels on the AMX tiles (a view's panels_tiles: engines that decode many
+// sequences at once) against fp64 sums of the same rounded operands within the fp32 bound above, an
+// FP8 NaN code spoiling only its row, each activation row alone giving the bits it gave among all
+// (row groups of 16 with tiles configured to fewer rows for the last), two shares of the rows that
+// cut a panel, and K not a whole number of tile steps. path 0: the C model of the tile
+// instructions; 1: the tiles, through the decode entry (matmul_nt_invariant).
+static void panels_tiles_sweep(int path) {
+    const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
+    const int colss[] = {1, 31, 33, 129, 300, 1030};
+    const int Ns[] = {1, 2, 5, 16, 17, 40};
+    const char *name = path ? "tiles" : "emulated tiles";
+    uint64_t seed = 53;
+    for (int ti = 0; ti < 4; ti++)
+        for (int ci = 0; ci < 6; ci++)
+            for (int ni = 0; ni < 6; ni++) {
+                int cols = colss[ci], N = Ns[ni];
+                if (path == 0 && (ni > 3 || cols > 300)) continue;  // (the model is slow)
+                int rows = (ci + ni) % 3 == 0 ? 37 : (ci + ni) % 3 == 1 ? 96 : 160, skip = 32 * (ni % 2);
+                TestW w;
+                make_w(&w, types[ti], rows + skip + 5, cols, &seed);
+                if (types[ti] == DT_F8_E4M3 && ni == 2) ((uint8_t *)w.data)[(size_t)(skip + 7) * cols + cols / 2] = 0xff;
+                size_t bytes = weight_panels_bytes(&w.v);
+                void *panels = aligned_alloc(64, (bytes + 63) / 64 * 64);
+                CHECK(bytes > 0 && panels && weight_panels_pack(panels, &w.v) == 0);
+                MatView whole = w.v;
+                whole.panels = panels;
+                whole.panels_tiles = 1;
+                MatView v = matview_rows(&whole, skip, rows);
+                float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows),
+                      *one = malloc(sizeof(float) * rows);
+                for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
+                int cut = 1 + (int)(lcg(&seed) >> 33) % (rows - 1);
+                CHECK(path ? matmul_nt_invariant(out, rows, x, cols, &v, N, 0, cut) == 0 &&
+                                 matmul_nt_invariant(out, rows, x, cols, &v, N, cut, rows) == 0
+                           : matmul_nt_panels_tiles_emulated(out, rows, x, cols, &v, N, 0, cut) == 0 &&
+                                 matmul_nt_panels_tiles_emulated(out, rows, x, cols, &v, N, cut, rows) == 0);
+                for (int n = 0; n < N; n++)
+                    for (int r = 0; r < rows; r++) {
+                        double mag, want = reference(&w, skip + r, x + (size_t)n * cols, &mag);
+                        float got = out[(size_t)n * rows + r];
+                        if (types[ti] == DT_F8_E4M3 && ni == 2 && r == 7) {
+                            CHECK_MSG(isnan(got), "%s: a NaN code's row gives %g", name, got);
+                            continue;
+                        }
+                        double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
+                        CHECK_MSG(fabs(got - want) <= bound, "%s %s rows %d cols %d N %d: [%d][%d] %.9g vs %.9g (bound %.3g)",
+                                  name, dtype_name(types[ti]), rows, cols, N, n, r, got, want, bound);
+                    }
+                for (int n = 0; n < N; n += 1 + N / 5) {
+                    CHECK(path ? matmul_nt_invariant(one, rows, x + (size_t)n * cols, cols, &v, 1, 0, rows) == 0
+                               : matmul_nt_panels_tiles_emulated(one, rows, x + (size_t)n * cols, cols, &v, 1, 0, rows) == 0);
+                    CHECK_MSG(memcmp(one, out + (size_t)n * rows, sizeof(float) * rows) == 0,
+                              "%s %s cols %d N %d: row %d alone differs", name, dtype_name(types[ti]), cols, N, n);
+                }
+                free(one), free(x), free(out), free(panels), free(w.data), free(w.scales);
+            }
+}
+
+TEST(test_bf16c_panels_on_tiles_emulated_against_fp64) {
+    if (!kernels_cpu_avx512bf16_vbmi()) SKIP("no AVX512_BF16 with VBMI: no weight panels on this CPU");
+    panels_tiles_sweep(0);
+}
+
+TEST(test_bf16c_panels_on_tiles_against_fp64) {
+    if (!weight_panels_tiles()) SKIP("no AMX tiles on this CPU (their C model is tested above)");
+    panels_tiles_sweep(1);
+}
+
 // Weight panels (packed once at load, MatView.panels) give the register tiles' bits for every N:
 // the few-rows path (several panels at once) and the blocked one (blocks of activation rows, each
 // panel's slices in turn) against matmul_nt_lowp_avx512 packing the same weights per call, which
@@ -525,11 +593,20 @@ TEST(test_bf16_compute_batch_invariant) {
     snprintf(dir, sizeof dir, "%s/v3", test_datadir());
     snprintf(batch, sizeof batch, "%s/bf16c_batch.txt", test_tmpdir());
     test_write_text(batch, "5,17,3\n90,2,44,8\n7\n11,12\n");
-    const char *fmt = "%s%s generate --model %s --batch-file %s --max-new 12 --parallel %d --compute bf16 --temperature 0";
-    CHECK(test_run(a, sizeof a, fmt, "", test_bin(), dir, batch, 1) == 0);
-    CHECK(test_run(b, sizeof b, fmt, "", test_bin(), dir, batch, 4) == 0);
-    CHECK(test_run(c, sizeof c, fmt, "OMP_NUM_THREADS=1 ", test_bin(), dir, batch, 4) == 0);
-    CHECK_MSG(strlen(a) > 20 && strcmp(a, b) == 0 && strcmp(a, c) == 0, "alone:\n%s\nfour:\n%s\none thread:\n%s", a, b, c);
+    // either kernel of the decode products (on AMX CPUs the tiles are a second one)
+    for (int tiles = 0; tiles < 2; tiles++) {
+        const char *fmt = tiles ? "%s%s generate --model %s --batch-file %s --max-new 12 --parallel %d --compute bf16 "
+                                  "--temperature 0 --decode-tiles on"
+                                : "%s%s generate --model %s --batch-file %s --max-new 12 --parallel %d --compute bf16 "
+                                  "--temperature 0 --decode-tiles off";
+        CHECK(test_run(a, sizeof a, fmt, "", test_bin(), dir, batch, 1) == 0);
+        CHECK(test_run(b, sizeof b, fmt, "", test_bin(), dir, batch, 4) == 0);
+        CHECK(test_run(c, sizeof c, fmt, "OMP_NUM_THREADS=1 ", test_bin(), dir, batch, 4) == 0);
+        CHECK_MSG(strlen(a) > 20 && strcmp(a, b) == 0 && strcmp(a, c) == 0, "tiles %s, alone:\n%s\nfour:\n%s\none thread:\n%s",
+                  tiles ? "on" : "off", a, b, c);
+    }
+    int rc = test_run(a, sizeof a, "%s generate --model %s --tokens 5 --decode-tiles always", test_bin(), dir);
+    CHECK_MSG(rc == 1 && strstr(a, "--decode-tiles") && strstr(a, "always"), "%s", a);
 }
 
 // Absorbed attention's W_UK,hᵀ q_nope on the panels model_set_compute packs for it (each head's

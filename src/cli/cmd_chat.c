@@ -37,7 +37,7 @@
 #include "text/utf8.h"
 
 static const char *const VALUED[] = {"model", "system", "max-new", "temperature", "top-p", "top-k", "seed", "ctx",
-                                     "kv-dtype", "speculative", "compute", "tools", "tool-choice", NULL};
+                                     "kv-dtype", "speculative", "compute", "tools", "tool-choice", "decode-tiles", NULL};
 static const char *const FLAGS[] = {"no-mmap", "verbose-prompt", NULL};
 
 static volatile sig_atomic_t interrupted;
@@ -294,8 +294,9 @@ int cmd_chat(int argc, char **argv) {
     DType kv_dtype;
     long spec;
     ComputeMode cmode;
+    long tile_rows;
     if (parse_kv_dtype(&a, &kv_dtype, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err) ||
-        parse_compute(&a, "auto", &cmode, &err))
+        parse_compute(&a, "auto", &cmode, &err) || parse_decode_tiles(&a, 1, &tile_rows, &err))
         return cli_fail(cmd, &err);
     EngineOptions eo = {.parallel = 1, .prefill_chunk = 512, .kv_dtype = kv_dtype, .speculative = (int)spec};
     Tokenizer *tok = tok_load_dir(dir, &err);
@@ -326,6 +327,7 @@ int cmd_chat(int argc, char **argv) {
         tok_free(tok);
         return cli_fail(cmd, &err);
     }
+    model_set_panel_tiles(&m, tile_rows);  // (one conversation: auto takes none)
     if (ctx > m.cfg.max_position_embeddings) ctx = m.cfg.max_position_embeddings;
     eo.ctx = (int)ctx;
     eo.prefix_cache = 1;

@@ -23,7 +23,8 @@
 
 static const char *const VALUED[] = {"model", "tokens", "prompt", "system", "batch-file", "max-new", "temperature",
                                      "top-p", "top-k", "seed", "parallel", "prefill-chunk", "stats-json", "kv-dtype",
-                                     "speculative", "expert-parallel", "compute", "logit-bias", "json-schema", "suffix", NULL};
+                                     "speculative", "expert-parallel", "compute", "logit-bias", "json-schema", "suffix",
+                                     "decode-tiles", NULL};
 static const char *const FLAGS[] = {"chat", "no-mmap", "stats", "json", NULL};
 
 // --parallel's default: sequences decoded at once when --batch-file gives several.
@@ -205,7 +206,9 @@ int cmd_generate(int argc, char **argv) {
     ExpertParallel *ep = NULL;
     long E;
     ComputeMode cmode;
-    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "auto", &cmode, &err) || model_load(&m, dir, 0, &err))
+    long tile_rows;
+    if (cli_expert_parallel_size(&a, &E, &err) || parse_compute(&a, "auto", &cmode, &err) ||
+        parse_decode_tiles(&a, parallel < np ? parallel : np, &tile_rows, &err) || model_load(&m, dir, 0, &err))
         goto done_prompts;
     // (the experts split first: a rank packs weight panels for its own experts only)
     if ((E > 1 && cli_expert_parallel_start(&m, &ep, &err)) || model_set_compute(&m, cmode, &err)) {
@@ -217,6 +220,7 @@ int cmd_generate(int argc, char **argv) {
     for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
     EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + sp.max_new,
                         .prefill_chunk = (int)chunk, .kv_dtype = kv_dtype, .speculative = (int)spec};
+    model_set_panel_tiles(&m, tile_rows);
     if (tok) tok_stream_init(&k.ts, tok, TOK_SKIP_SPECIAL);
     k.out = calloc(np, sizeof *k.out);
     k.n_out = calloc(np, sizeof *k.n_out);

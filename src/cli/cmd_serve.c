@@ -8,7 +8,7 @@
 #include "serve/server.h"
 
 static const char *const VALUED[] = {"model", "host", "port", "parallel", "ctx", "kv-dtype", "speculative", "api-key",
-                                     "alias", "max-queue", "timeout", "max-body", "sse-ping", "compute", NULL};
+                                     "alias", "max-queue", "timeout", "max-body", "sse-ping", "compute", "decode-tiles", NULL};
 static const char *const FLAGS[] = {"no-mmap", "no-prefix-cache", NULL};
 
 int cmd_serve(int argc, char **argv) {
@@ -23,7 +23,7 @@ int cmd_serve(int argc, char **argv) {
         args_long(&a, "max-queue", 64, 0, 1 << 20, &queue, &err) || args_long(&a, "timeout", 600, 1, 86400, &timeout, &err) ||
         args_long(&a, "max-body", 8L << 20, 1024, 1L << 30, &max_body, &err) ||
         args_long(&a, "sse-ping", 10, 1, 3600, &ping, &err) || parse_kv_dtype(&a, &o.kv_dtype, &err) ||
-        parse_compute(&a, "auto", &o.compute, &err))
+        parse_compute(&a, "auto", &o.compute, &err) || parse_decode_tiles(&a, parallel, &o.decode_tile_rows, &err))
         return cli_fail(cmd, &err);
     if (a.npos > 0) {
         err_set(&err, "unexpected argument '%s'", a.pos[0]);

@@ -114,6 +114,14 @@ int cli_report_expert_ranks(const ExpertParallel *ep, Model *m, Error *err) {
     return rc;
 }
 
+int parse_decode_tiles(const Args *a, long parallel, long *rows, Error *err) {
+    const char *s = args_str(a, "decode-tiles", "auto");
+    if (strcmp(s, "auto") != 0 && strcmp(s, "on") != 0 && strcmp(s, "off") != 0)
+        return err_set(err, "--decode-tiles: unknown value '%s' (auto, on or off)", s);
+    *rows = strcmp(s, "auto") == 0 ? parallel : strcmp(s, "on") == 0 ? MODEL_PANEL_TILES_ALL : 0;
+    return 0;
+}
+
 int parse_compute(const Args *a, const char *dflt, ComputeMode *mode, Error *err) {
     const char *s = args_str(a, "compute", dflt);
     if (strcmp(s, "f32") != 0 && strcmp(s, "bf16") != 0 && strcmp(s, "auto") != 0)

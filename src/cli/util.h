@@ -23,6 +23,10 @@ int parse_kv_dtype(const Args *a, DType *out, Error *err);
 double cli_now(void);
 // --compute f32|bf16|auto (default dflt) as model_set_compute's mode; an error names the option.
 int parse_compute(const Args *a, const char *dflt, ComputeMode *mode, Error *err);
+// --decode-tiles auto|on|off: which products on weight panels run on the AMX tiles
+// (model_set_panel_tiles): auto those that win at steps of `parallel` sequences, on every one, off
+// none. *rows: what to pass it.
+int parse_decode_tiles(const Args *a, long parallel, long *rows, Error *err);
 // --expert-parallel E (default 1), which must be the run's number of processes (mpirun -np E).
 int cli_expert_parallel_size(const Args *a, long *E, Error *err);
 // Splits m's routed experts over the world's ranks, every rank running the same tokens

@@ -737,6 +737,37 @@ AVX512BF16_VBMI static void skinny_run(int N, int P, int fp8, const Panel *pn, c
 #undef SKINNY_CASE
 }
 
+// The products on panels on the AMX tiles (MatView.panels_tiles): the activations as rows of BF16
+// pairs, padded with zeros to whole tile steps, then the panels 16 at a time. fn: panels_nt_amx or
+// its C model.
+typedef int (*PanelsTilesFn)(const AmxPanel *pn, int np, const uint32_t *ap, int kpa, int N, int kp_all, int fp8,
+                             float *scratch);
+AVX512BF16 static int panels_on_tiles(PanelsTilesFn fn, float *const *out, const int *ldo, const MatView *const *ws,
+                                      const int *first, const float *x, int ldx, int N, int r0, int r1) {
+    const int K = ws[0]->cols, fp8 = ws[0]->dtype == DT_F8_E4M3, kp_all = (K + 1) / 2, kpa = (kp_all + 15) / 16 * 16;
+    float *scratch = kernels_scratch((size_t)N * kpa + 2 * NR * NR + (size_t)NR * kpa);
+    if (!scratch) return -1;
+    uint32_t *ap = (uint32_t *)(scratch + 2 * NR * NR + (size_t)NR * kpa);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < 2 * kpa; k += 32) {
+            const float *xr = x + (size_t)n * ldx + k;
+            int left = K - k;
+            _mm512_storeu_si512(ap + (size_t)n * kpa + k / 2,
+                                bf16_words(_mm512_maskz_loadu_ps(tail_mask(left > 0 ? left : 0), xr),
+                                           _mm512_maskz_loadu_ps(tail_mask(left - 16 > 0 ? left - 16 : 0), xr + 16)));
+        }
+    for (int p = r0 / NR, p1 = (r1 - 1) / NR; p <= p1;) {
+        AmxPanel pn[16];
+        int np = 0;
+        for (; np < 16 && p <= p1; np++, p++) {
+            Panel q = panel_at(out, ldo, ws, first, p, r0, r1);
+            pn[np] = (AmxPanel){q.w, q.out, q.ldo, (uint32_t)q.m0 | (uint32_t)q.m1 << 16, q.scales};
+        }
+        if (fn(pn, np, ap, kpa, N, kp_all, fp8, scratch)) return -1;
+    }
+    return 0;
+}
+
 // lowp_nt_stack's product with every member's weights read from its panels.
 AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, const MatView *const *ws, int n_ws,
                                            const float *x, int ldx, int N, int r0, int r1) {
@@ -747,6 +778,8 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
     for (int i = 0; i < n_ws; i++)
         if (!ws[i]->panels) return -1;
     const int kp_all = (K + 1) / 2, p0 = r0 / NR, p1 = (r1 - 1) / NR;
+    if (ws[0]->panels_tiles && kernels_cpu_amx())
+        return panels_on_tiles(panels_nt_amx, out, ldo, ws, first, x, ldx, N, r0, r1);
     __m512i tab[4];
     if (fp8) fp8_widen_tables(tab);
     if (N <= 2 * SKINNY_MAX_N) {
@@ -833,6 +866,14 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
 
 int matmul_nt_panels(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
     return panels_nt_stack(&out, &ldo, &w, 1, x, ldx, N, r0, r1);
+}
+
+int matmul_nt_panels_tiles_emulated(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0,
+                                    int r1) {
+    int first[8];
+    if (N <= 0 || r1 <= r0) return 0;
+    if (!w->panels || w->cols <= 0 || stack_rows(&w, 1, first)) return -1;
+    return panels_on_tiles(panels_nt_amx_emulated, &out, &ldo, &w, first, x, ldx, N, r0, r1);
 }
 
 int matmul_nt2_panels(float *out_a, int ldo_a, float *out_b, int ldo_b, const float *x, int ldx, const MatView *wa,

@@ -164,6 +164,25 @@ int matmul_nt_amx(float *out, int ldo, const float *x, int ldx, const MatView *w
 size_t amx_panel_words(int N, int K);
 void amx_pack_activations(uint32_t *panels, const float *x, int ldx, int N, int K, int p0, int p1);
 int matmul_nt_amx_packed(float *out, int ldo, const uint32_t *panels, int N, const MatView *w, int r0, int r1);
+// x · Wᵀ on weight panels (matmul.h) on the tiles: np panels, each its words (BF16 pairs or FP8
+// codes, K's kp_all pairs), where its 32 outputs of activation row 0 go (row n's at out + n · ldo;
+// lanes: the outputs stored) and, FP8, its block row's scales per 128-column chunk; ap: N activation
+// rows of BF16 pair words, kpa apart (kp_all padded with zeros to a multiple of 16), zero rows up
+// to a multiple of 32; scratch: 2 · 32 · 32 + 32 · kpa floats.
+typedef struct AmxPanel {
+    const void *w;
+    float *out;
+    int ldo;
+    uint32_t lanes;
+    const float *scales;
+} AmxPanel;
+int panels_nt_amx(const AmxPanel *pn, int np, const uint32_t *ap, int kpa, int N, int kp_all, int fp8, float *scratch);
+int panels_nt_amx_emulated(const AmxPanel *pn, int np, const uint32_t *ap, int kpa, int N, int kp_all, int fp8,
+                           float *scratch);
+// matmul_nt_panels as a view with panels_tiles runs it on AMX CPUs, on the C model of the tiles
+// (tests; any CPU with AVX512_BF16 and VBMI).
+int matmul_nt_panels_tiles_emulated(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0,
+                                    int r1);
 int gemm_lowp_amx_emulated(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
                            int m_end, int n_begin, int n_end);
 int matmul_nt_amx_emulated(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);

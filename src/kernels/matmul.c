@@ -347,6 +347,8 @@ static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N)
 
 int weight_panels_only(void) { return kernels_cpu_avx512bf16_vbmi() && !kernels_cpu_amx(); }
 
+int weight_panels_tiles(void) { return kernels_cpu_avx512bf16_vbmi() && kernels_cpu_amx(); }
+
 // Does a BF16-compute product of w read its panels (packed at load; the register tiles)?
 int matmul_on_panels(const MatView *w) { return w->compute_bf16 && w->panels && w->cols > 0 && kernels_cpu_avx512bf16_vbmi(); }
 

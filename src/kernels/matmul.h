@@ -24,6 +24,8 @@ typedef struct MatView {
     int compute_bf16;          // 1: x · Wᵀ products take x and W as BF16 values, fp32 sums (matmul_nt_bf16c)
     const void *panels;        // compute_bf16: this view's rows as weight_panels_pack laid them out (its row 0 on
                                // a panel's first row), which the BF16-compute products then read; NULL: none
+    int panels_tiles;          // 1: the products on these panels run on the AMX tiles, for every N (where the
+                               // CPU has them; see panels_nt_amx in kernels_cpu.h); 0: the register tiles
 } MatView;
 
 // Weight panels: a matrix's copy for the BF16-compute products on the AVX512_BF16 register tiles,
@@ -41,6 +43,8 @@ int weight_panels_pack(void *dst, const MatView *w);
 // prefill's tiles read the stored rows); the stored matrix is then read only by other products
 // (x · W) and look-ups.
 int weight_panels_only(void);
+// 1 when a view's panels_tiles puts its products on the AMX tiles here (the CPU has them).
+int weight_panels_tiles(void);
 // 1 when w's BF16-compute x · Wᵀ products read its weight panels here (it has them, and this CPU
 // runs them): a view whose panels are its only copy (data NULL) is usable only then.
 int matmul_on_panels(const MatView *w);

@@ -45,12 +45,19 @@
 #define AMX_TARGET AVX512BF16_TARGET
 
 static __thread uint8_t emu_tile[8][16][64];  // the eight tile registers, 16 rows of 64 bytes
+static __thread int emu_rows[8];               // the rows each is configured with
 
+static void emu_config(int m) {
+    for (int t = 0; t < 8; t++) emu_rows[t] = t < 6 ? m : 16;
+}
+// A load or store moves the configured rows only (a row past them is neither read nor written);
+// the rest of the tile is zero after a load, as the hardware leaves it.
 static void emu_load(int t, const void *p, long stride) {
-    for (int r = 0; r < 16; r++) memcpy(emu_tile[t][r], (const char *)p + r * stride, 64);
+    memset(emu_tile[t], 0, sizeof emu_tile[t]);
+    for (int r = 0; r < emu_rows[t]; r++) memcpy(emu_tile[t][r], (const char *)p + r * stride, 64);
 }
 static void emu_store(int t, void *p, long stride) {
-    for (int r = 0; r < 16; r++) memcpy((char *)p + r * stride, emu_tile[t][r], 64);
+    for (int r = 0; r < emu_rows[t]; r++) memcpy((char *)p + r * stride, emu_tile[t][r], 64);
 }
 static float emu_bf16(const uint8_t *row, int i) {
     uint16_t h;
@@ -59,10 +66,10 @@ static float emu_bf16(const uint8_t *row, int i) {
 }
 // TDPBF16PS as the SDM writes it: per pair, the even product added, then the odd one.
 static void emu_dp(int c, int a, int b) {
-    for (int m = 0; m < 16; m++) {
+    for (int m = 0; m < emu_rows[c]; m++) {
         float acc[16];
         memcpy(acc, emu_tile[c][m], 64);
-        for (int k = 0; k < 16; k++)
+        for (int k = 0; k < emu_rows[b]; k++)
             for (int n = 0; n < 16; n++) {
                 acc[n] += emu_bf16(emu_tile[a][m], 2 * k) * emu_bf16(emu_tile[b][k], 2 * n);
                 acc[n] += emu_bf16(emu_tile[a][m], 2 * k + 1) * emu_bf16(emu_tile[b][k], 2 * n + 1);
@@ -70,8 +77,9 @@ static void emu_dp(int c, int a, int b) {
         memcpy(emu_tile[c][m], acc, 64);
     }
 }
-#define TILE_CONFIG() ((void)0)
+#define TILE_CONFIG() emu_config(16)
 #define TILE_RELEASE() ((void)0)
+#define TILE_CONFIG_ROWS(m) emu_config(m)
 #define TILE_ZERO(t) memset(emu_tile[t], 0, sizeof emu_tile[t])
 #define TILE_LOAD(t, p, stride) emu_load(t, p, stride)
 #define TILE_STORE(t, p, stride) emu_store(t, p, stride)
@@ -87,17 +95,27 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-// (Not GCC 12's _tile_loadconfig: its asm names only the first 8 bytes of the configuration as
-// read, so the compiler may drop the stores of the rest — seen as a fault in the benchmark.)
-__attribute__((target(AMX_TARGET))) static void tile_config(void) {
+// The configuration this thread's tiles hold: 0 none, else tiles 0-5 of that many rows (sums and
+// activations; 6-7 always 16). Kept between calls — loading one and releasing the tiles cost ~130
+// ns, and a decode step makes hundreds of small products per thread.
+static __thread int tiles_rows;
+
+// Tiles 0-5 of m rows, 6-7 of 16, every row 64 bytes (m = 16: all eight full, as the blocked
+// kernels want them). (Not GCC 12's _tile_loadconfig: its asm names only the first 8 bytes of the
+// configuration as read, so the compiler may drop the stores of the rest — seen as a fault in the
+// benchmark.)
+__attribute__((target(AMX_TARGET))) static void tile_config_rows(int m) {
+    if (tiles_rows == m) return;
     TileConfig c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    for (int t = 0; t < 8; t++) c.rows[t] = t < 6 ? m : 16, c.colsb[t] = 64;
     __asm__ volatile("ldtilecfg %0" ::"m"(c));
+    tiles_rows = m;
 }
-#define TILE_CONFIG() tile_config()
-#define TILE_RELEASE() _tile_release()
+#define TILE_CONFIG() tile_config_rows(16)
+#define TILE_CONFIG_ROWS(m) tile_config_rows(m)
+#define TILE_RELEASE() ((void)0)
 #define TILE_ZERO(t) _tile_zero(t)
 #define TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
 #define TILE_STORE(t, p, stride) _tile_stored(t, p, stride)
@@ -362,5 +380,121 @@ AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, cons
     LowpOperand xo = {.data = x, .ld = ldx, .trans = 0, .fmt = LOWP_BF16};
     lowp_pack_panels(bp, BLK, &xo, 0, N, K, kpa);
     nt_on_panels(out, ldo, bp, N, w, r0, r1, scratch);
+    return 0;
+}
+
+// ---- x · Wᵀ on weight panels (decode, batches, prefill alike) ----
+// A weight panel (matmul.h: 32 rows, per K pair their 32 BF16 pair words) is two B tiles side by
+// side, 128 bytes a row: the activations are the A tiles (16 rows of 16 pair words each) and the
+// sums come out as rows of activations, no transposition. A tile instruction costs the same for 1
+// activation row as for 16 (~6.5 ns on a Sapphire Rapids core, measured), so one row streams the
+// panel at ~150 GB/s of BF16 per core — memory, not the unit, is the bound at every N. FP8 panels
+// are widened into BF16 rows first (fp8_widen64, the byte look-ups), a step of 16 pairs at a time,
+// and promoted every 128 columns × the panel's block scale, as matmul_bf16c sums them. A row's sums
+// are the same instructions over the same K steps whatever the other rows (an activation row is
+// one row of an A tile; padding rows are zero), so a row's bits do not depend on its company.
+
+#define AMX_VBMI __attribute__((target(AMX_TARGET ",avx512vbmi")))
+
+
+
+// Sums of steps [s0, s1) for a group of activation rows (the A tile at a, kpa words apart) against
+// a panel's pairs at b (32 words per pair; BF16 panels in memory: the lines PF_STEPS steps ahead
+// requested — the tile loads stall on lines from memory), even steps into tiles 0-1, odd ones into
+// 2-3: two chains, so each instruction waits on one two steps back.
+enum { PF_STEPS = 2 };
+AMX_INLINE void panel_steps(const uint32_t *a, int kpa, const uint32_t *b, int s0, int s1, int pf) {
+    for (int s = s0; s < s1; s++) {
+        const uint32_t *bs = b + (size_t)s * STEP_PAIRS * BLK;
+        if (pf)
+            for (int l = 0; l < 32; l++) _mm_prefetch((const char *)(bs + PF_STEPS * STEP_PAIRS * BLK) + 64 * l, _MM_HINT_T0);
+        TILE_LOAD(6, bs, 4L * BLK);
+        TILE_LOAD(7, bs + 16, 4L * BLK);
+        if (s % 2 == 0) {
+            TILE_LOAD(4, a + s * STEP_PAIRS, 4L * kpa);
+            TILE_DP(0, 4, 6);
+            TILE_DP(1, 4, 7);
+        } else {
+            TILE_LOAD(5, a + s * STEP_PAIRS, 4L * kpa);
+            TILE_DP(2, 5, 6);
+            TILE_DP(3, 5, 7);
+        }
+    }
+}
+
+// acc rows [0, m) (32 floats apart) = (+=, add) tiles 0 + 2 | 1 + 3, × f.
+AMX_INLINE void panel_sums(float *acc, float *part, int m, __m512 f, int add) {
+    TILE_STORE(0, part, 4L * 64);
+    TILE_STORE(1, part + 16, 4L * 64);
+    TILE_STORE(2, part + 32, 4L * 64);
+    TILE_STORE(3, part + 48, 4L * 64);
+    for (int i = 0; i < m; i++)
+        for (int h = 0; h < 2; h++) {
+            __m512 v = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(part + i * 64 + 16 * h), _mm512_loadu_ps(part + i * 64 + 32 + 16 * h)), f);
+            _mm512_storeu_ps(acc + i * BLK + 16 * h, add ? _mm512_add_ps(v, _mm512_loadu_ps(acc + i * BLK + 16 * h)) : v);
+        }
+}
+
+// Pairs [kp0, kp1) of an FP8 panel's codes widened into BF16 pair words at wb (32 per pair), zero
+// from kp_all on. Widened a chunk at a time right before its steps, the tile loads find them in L1
+// (the whole panel widened first: FP8 products at N = 1-16 streamed at ~60% of this rate).
+AMX_VBMI static inline void widen_pairs(uint32_t *wb, const uint8_t *codes, int kp0, int kp1, int kp_all,
+                                        const __m512i tab[4]) {
+    int k = kp1 < kp_all ? kp1 : kp_all;
+    for (int kp = kp0; kp < k; kp++) {
+        __m512i lo, hi;
+        _mm_prefetch((const char *)codes + (size_t)kp * 64 + 1536, _MM_HINT_T0);
+        fp8_widen64(_mm512_loadu_si512(codes + (size_t)kp * 64), tab, &lo, &hi);
+        _mm512_storeu_si512(wb + (size_t)kp * BLK, lo);
+        _mm512_storeu_si512(wb + (size_t)kp * BLK + 16, hi);
+    }
+    if (k < kp0) k = kp0;
+    if (k < kp1) memset(wb + (size_t)k * BLK, 0, sizeof(uint32_t) * BLK * (kp1 - k));
+}
+
+AMX_VBMI int AMX_FN(panels_nt_amx)(const AmxPanel *pn, int np, const uint32_t *ap, int kpa, int N, int kp_all, int fp8,
+                                   float *scratch) {
+    const int steps = kpa / STEP_PAIRS;
+    float *acc = scratch, *part = acc + 16 * BLK;  // (16 × 32, 16 × 64)
+    uint32_t *wb = (uint32_t *)(part + 16 * 64);   // (kpa × 32 words: an FP8 panel widened, a BF16 one's last step)
+    __m512i tab[4] = {0};
+    if (fp8) fp8_widen_tables(tab);
+    for (int q = 0; q < np; q++) {
+        const AmxPanel *p = &pn[q];
+        const uint32_t *b = p->w;
+        if (fp8) {
+            // more than one group of 16 rows: widened once for them all; else a chunk at a time
+            if (N > 16) widen_pairs(wb, p->w, 0, kpa, kp_all, tab);
+            b = wb;
+        } else if (kp_all < kpa) {  // the last step's pairs past the panel: a zero-padded copy
+            size_t s0 = (size_t)(steps - 1) * STEP_PAIRS;
+            memcpy(wb + s0 * BLK, b + s0 * BLK, sizeof(uint32_t) * BLK * (kp_all - s0));
+            memset(wb + (size_t)kp_all * BLK, 0, sizeof(uint32_t) * BLK * (kpa - kp_all));
+        }
+        for (int m0 = 0; m0 < N; m0 += 16) {
+            const int m = N - m0 < 16 ? N - m0 : 16;
+            const uint32_t *a = ap + (size_t)m0 * kpa;
+            TILE_CONFIG_ROWS(m);
+            tiles_zero();
+            if (!fp8) {
+                int whole = kp_all < kpa ? steps - 1 : steps;
+                panel_steps(a, kpa, b, 0, whole, m0 == 0);
+                panel_steps(a, kpa, wb, whole, steps, 0);
+                panel_sums(acc, part, m, _mm512_set1_ps(1.0f), 0);
+            } else
+                for (int s0 = 0; s0 < steps; s0 += CHUNK_STEPS) {  // 128 columns a chunk, × its scale
+                    int s1 = s0 + CHUNK_STEPS < steps ? s0 + CHUNK_STEPS : steps;
+                    if (N <= 16) widen_pairs(wb, p->w, s0 * STEP_PAIRS, s1 * STEP_PAIRS, kp_all, tab);
+                    panel_steps(a, kpa, b, s0, s1, 0);
+                    panel_sums(acc, part, m, _mm512_set1_ps(p->scales[s0 / CHUNK_STEPS]), s0 > 0);
+                    tiles_zero();
+                }
+            for (int i = 0; i < m; i++) {
+                float *o = p->out + (size_t)(m0 + i) * p->ldo;
+                _mm512_mask_storeu_ps(o, (__mmask16)p->lanes, _mm512_loadu_ps(acc + i * BLK));
+                _mm512_mask_storeu_ps(o + 16, (__mmask16)(p->lanes >> 16), _mm512_loadu_ps(acc + i * BLK + 16));
+            }
+        }
+    }
     return 0;
 }

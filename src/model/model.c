@@ -215,6 +215,7 @@ static int bf16_under(const TensorSpec *t, ComputeMode mode) { return bf16_under
 static int set_compute(const TensorSpec *t, void *ctx) {
     if (!t->mat || (t->kind != TENSOR_LINEAR && t->kind != TENSOR_EMBED)) return 0;
     t->mat->compute_bf16 = bf16_under(t, *(const ComputeMode *)ctx);
+    t->mat->panels_tiles = 0;  // (model_set_panel_tiles, after)
     return 0;
 }
 
@@ -362,6 +363,38 @@ static void panels_free(Model *m) {
     bigmem_free(m->panels, m->panels_bytes);
     m->panels = NULL;
     m->panels_bytes = 0;
+}
+
+// The matrices whose products go on the tiles: the dense ones (attention, shared experts, dense
+// FFN, heads: every row of a step) from PANEL_TILES_ROWS rows on, the routed experts' where a step's
+// rows give each of them PANEL_TILES_ROWS on average (16 sequences, top-4 of 32: 2 rows per expert,
+// where the register tiles stream faster).
+enum { PANEL_TILES_ROWS = 4 };
+typedef struct TilesWalk {
+    int dense, experts, n;
+} TilesWalk;
+
+static int set_panel_tiles(const TensorSpec *t, void *ctx) {
+    TilesWalk *w = ctx;
+    if (!t->mat) return 0;
+    t->mat->panels_tiles = t->mat->panels && (t->expert < 0 ? w->dense : w->experts);
+    w->n += t->mat->panels_tiles;
+    return 0;
+}
+
+int model_set_panel_tiles(Model *m, long rows) {
+    const ModelConfig *c = &m->cfg;
+    int ok = weight_panels_tiles() && m->panels;
+    TilesWalk w = {.dense = ok && rows >= PANEL_TILES_ROWS,
+                   .experts = ok && c->n_routed_experts > 0 &&
+                              (double)rows * c->num_experts_per_tok / c->n_routed_experts >= PANEL_TILES_ROWS};
+    tensor_walk(c, m->w.n_mtp, &m->w, set_panel_tiles, &w);
+    for (int i = 0; m->w.layers && i < c->num_hidden_layers + m->w.n_mtp; i++) {
+        MatView *t = &attention_of(m, i)->w_uk_t;
+        t->panels_tiles = t->panels && w.dense;
+        w.n += t->panels_tiles;
+    }
+    return w.n;
 }
 
 int model_set_compute(Model *m, ComputeMode mode, Error *err) {

@@ -47,6 +47,17 @@ void model_free(Model *m);
 // Fails only when that memory cannot be had (the model keeps fp32 compute then).
 typedef enum { COMPUTE_F32, COMPUTE_BF16, COMPUTE_AUTO } ComputeMode;
 int model_set_compute(Model *m, ComputeMode mode, Error *err);
+// Where the products on weight panels run (after model_set_compute), for steps of up to `rows`
+// rows (an engine's sequences × (1 + draft tokens); 0: one row): on the AMX tiles, where the CPU
+// has them, a matrix's products if the rows it gets are enough for the tiles to win — the dense
+// matrices from 4 rows, the routed experts when rows × top-k / experts reaches 4 — else on the
+// AVX512_BF16 register tiles (model_set_compute's choice). One tile instruction costs the same for
+// 1 row as for 16, so a step of many rows reads each weight once at little more than one row's
+// cost, while a single row streams slower than on the register tiles (README's speed section).
+// A matrix's products take one kernel whatever the rows, so a row's bits do not depend on the
+// others in its step. Returns how many matrices the tiles now run.
+int model_set_panel_tiles(Model *m, long rows);
+#define MODEL_PANEL_TILES_ALL (1L << 40)  // rows that put every matrix with panels on the tiles
 // The bytes of weight panels model_set_compute(mode) would allocate (0: none on this CPU), and
 // in *matrices (when not NULL) how many matrices they hold.
 size_t model_panels_bytes(const Model *m, ComputeMode mode, int *matrices);

@@ -1202,6 +1202,7 @@ int serve_run(const ServeOptions *o, Error *err) {
         server_free(s);
         return -1;
     }
+    model_set_panel_tiles(&s->m, o->decode_tile_rows);
     s->vocab = s->m.cfg.vocab_size;
     s->tok_vocab = tok_vocab_size(s->tok);
     if (json_vocab_init(&s->json_vocab, s->tok, s->vocab)) {
