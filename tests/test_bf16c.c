@@ -3,6 +3,7 @@
 // codes with their block scale per 128-column chunk) — on ragged shapes, on the AVX512_BF16 path and on
 // the portable one (forced), within the fp32 accumulation bound; a row's result does not depend
 // on the other activation rows of the call (batch invariance).
+#include <immintrin.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -184,6 +185,27 @@ static void amx_nt_sweep(int path) {
                 }
                 free(one), free(x), free(out), free(w.data), free(w.scales);
             }
+}
+
+// The AMX kernels keep their tile configuration loaded between calls; code between them that
+// releases the tiles (a benchmark's own tile loop, a library's kernels) must not leave the next
+// call without one (it faulted with SIGILL before the kernels read the configuration back).
+__attribute__((target("amx-tile"))) static void release_tiles(void) { _tile_release(); }
+
+TEST(test_bf16c_amx_after_the_tiles_are_released) {
+    if (!kernels_cpu_amx()) SKIP("no AMX tiles on this CPU");
+    uint64_t seed = 9;
+    TestW w;
+    make_w(&w, DT_BF16, 64, 96, &seed);
+    MatView v = w.v;
+    v.compute_bf16 = 1;
+    float x[3 * 96], a[3 * 64], b[3 * 64];
+    for (int i = 0; i < 3 * 96; i++) x[i] = uniform(&seed);
+    CHECK(matmul_nt_amx(a, 64, x, 96, &v, 3, 0, 64) == 0);
+    release_tiles();
+    CHECK(matmul_nt_amx(b, 64, x, 96, &v, 3, 0, 64) == 0);
+    CHECK(memcmp(a, b, sizeof a) == 0);
+    free(w.data), free(w.scales);
 }
 
 TEST(test_bf16c_amx_emulated_against_fp64) {

@@ -95,23 +95,20 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-// The configuration this thread's tiles hold: 0 none, else tiles 0-5 of that many rows (sums and
-// activations; 6-7 always 16). Kept between calls — loading one and releasing the tiles cost ~130
-// ns, and a decode step makes hundreds of small products per thread.
-static __thread int tiles_rows;
-
 // Tiles 0-5 of m rows, 6-7 of 16, every row 64 bytes (m = 16: all eight full, as the blocked
-// kernels want them). (Not GCC 12's _tile_loadconfig: its asm names only the first 8 bytes of the
-// configuration as read, so the compiler may drop the stores of the rest — seen as a fault in the
-// benchmark.)
+// kernels want them), unless the tiles hold that already: the configuration stays loaded between
+// calls (no tilerelease) — loading one costs ~120 ns, reading it back ~12, and a decode step makes
+// hundreds of small products per thread. Read back, not remembered: other code on the thread (a
+// library's kernels, a benchmark) may load its own or release the tiles. (Not GCC 12's
+// _tile_loadconfig: its asm names only the first 8 bytes of the configuration as read, so the
+// compiler may drop the stores of the rest — seen as a fault in the benchmark.)
 __attribute__((target(AMX_TARGET))) static void tile_config_rows(int m) {
-    if (tiles_rows == m) return;
-    TileConfig c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) c.rows[t] = t < 6 ? m : 16, c.colsb[t] = 64;
-    __asm__ volatile("ldtilecfg %0" ::"m"(c));
-    tiles_rows = m;
+    TileConfig want, now;
+    memset(&want, 0, sizeof want);
+    want.palette = 1;
+    for (int t = 0; t < 8; t++) want.rows[t] = t < 6 ? m : 16, want.colsb[t] = 64;
+    __asm__ volatile("sttilecfg %0" : "=m"(now));
+    if (memcmp(&now, &want, sizeof want) != 0) __asm__ volatile("ldtilecfg %0" ::"m"(want));
 }
 #define TILE_CONFIG() tile_config_rows(16)
 #define TILE_CONFIG_ROWS(m) tile_config_rows(m)
