@@ -18,7 +18,7 @@ static const struct {
     const char *help;
     int ranks;
 } commands[] = {
-    {"logits", cmd_logits, "--model DIR --tokens IDS [--out FILE] [--mtp-out FILE] [--routes-out FILE] [--decode] [--no-mmap] [--compute f32|bf16|auto] [--expert-parallel E (under mpirun)]", EVERY_RANK},
+    {"logits", cmd_logits, "--model DIR --tokens IDS [--out FILE] [--mtp-out FILE] [--routes-out FILE] [--decode] [--no-mmap] [--compute f32|bf16|auto] [--decode-tiles auto|on|off] [--expert-parallel E (under mpirun)]", EVERY_RANK},
     {"generate", cmd_generate, "--model DIR (--tokens IDS | --prompt TEXT [--chat] [--system TEXT] [--suffix TEXT] | --batch-file FILE) [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--parallel N] [--prefill-chunk N] [--logit-bias ID=B,...] [--json | --json-schema FILE] [--no-mmap] [--stats] [--stats-json FILE] [--compute auto|f32|bf16] [--decode-tiles auto|on|off] [--expert-parallel E (under mpirun)]", EVERY_RANK_RANK0_PRINTS},
     {"chat", cmd_chat, "--model DIR [--system TEXT] [--max-new N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ctx N] [--no-mmap] [--compute auto|f32|bf16] [--decode-tiles auto|on|off] [--verbose-prompt] [--tools FILE [--tool-choice auto|none|required|NAME]]  (/reset, /exit; Ctrl-C stops a reply; after a tool call, each input line is a call's result)", ONE_PROCESS},
     {"serve", cmd_serve, "--model DIR [--host 127.0.0.1] [--port 8080] [--parallel N] [--ctx N] [--kv-dtype f32|bf16] [--speculative K] [--api-key KEY] [--alias NAME] [--max-queue N] [--timeout S] [--max-body BYTES] [--no-prefix-cache] [--compute auto|f32|bf16] [--decode-tiles auto|on|off]  (OpenAI-compatible HTTP server)", ONE_PROCESS},
