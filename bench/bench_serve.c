@@ -132,8 +132,10 @@ int main(void) {
     snprintf(log, sizeof log, "%s/server.log", dir);
     pid_t pid = fork();
     if (pid == 0) {
-        snprintf(cmd, sizeof cmd, "exec %s serve --model %s/model --port 0 --parallel %d --max-queue %d --ctx %d 2>%s", dsv3, dir,
-                 MAX_CLIENTS, MAX_CLIENTS, PROMPT + GEN + 8, log);
+        // BENCH_SERVE_ARGS: more options for the server (e.g. --decode-tiles off, to compare kernels)
+        const char *extra = getenv("BENCH_SERVE_ARGS") ? getenv("BENCH_SERVE_ARGS") : "";
+        snprintf(cmd, sizeof cmd, "exec %s serve --model %s/model --port 0 --parallel %d --max-queue %d --ctx %d %s 2>%s", dsv3,
+                 dir, MAX_CLIENTS, MAX_CLIENTS, PROMPT + GEN + 8, extra, log);
         execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
         _exit(127);
     }
