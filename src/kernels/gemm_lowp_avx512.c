@@ -737,25 +737,32 @@ AVX512BF16_VBMI static void skinny_run(int N, int P, int fp8, const Panel *pn, c
 #undef SKINNY_CASE
 }
 
+// Rows [0, N) of x (K columns) as BF16 pair words, row n's kp words at ap + n · kp (zero past K),
+// then rows [N, rows) zero.
+AVX512BF16_INLINE void pair_rows(uint32_t *ap, int kp, int rows, const float *x, int ldx, int N, int K) {
+    for (int n = 0; n < rows; n++)
+        for (int k = 0; k < 2 * kp; k += 32) {
+            const float *xr = x + (size_t)(n < N ? n : 0) * ldx + k;
+            int left = n < N ? K - k : 0, words = kp - k / 2 < 16 ? kp - k / 2 : 16;
+            _mm512_mask_storeu_epi32(ap + (size_t)n * kp + k / 2, tail_mask(words),
+                                     bf16_words(_mm512_maskz_loadu_ps(tail_mask(left > 0 ? left : 0), xr),
+                                                _mm512_maskz_loadu_ps(tail_mask(left - 16 > 0 ? left - 16 : 0), xr + 16)));
+        }
+}
+
 // The products on panels on the AMX tiles (MatView.panels_tiles): the activations as rows of BF16
-// pairs, padded with zeros to whole tile steps, then the panels 16 at a time. fn: panels_nt_amx or
-// its C model.
+// pairs, padded with zeros to whole tile steps (and past 16 rows to whole groups of 16), then the
+// panels 16 at a time. fn: panels_nt_amx or its C model.
 typedef int (*PanelsTilesFn)(const AmxPanel *pn, int np, const uint32_t *ap, int kpa, int N, int kp_all, int fp8,
                              float *scratch);
 AVX512BF16 static int panels_on_tiles(PanelsTilesFn fn, float *const *out, const int *ldo, const MatView *const *ws,
                                       const int *first, const float *x, int ldx, int N, int r0, int r1) {
     const int K = ws[0]->cols, fp8 = ws[0]->dtype == DT_F8_E4M3, kp_all = (K + 1) / 2, kpa = (kp_all + 15) / 16 * 16;
-    float *scratch = kernels_scratch((size_t)N * kpa + 2 * NR * NR + (size_t)NR * kpa);
+    const int rows = N <= 16 ? N : (N + 15) / 16 * 16;
+    float *scratch = kernels_scratch((size_t)rows * kpa + 2 * NR * NR + (size_t)NR * kpa);
     if (!scratch) return -1;
     uint32_t *ap = (uint32_t *)(scratch + 2 * NR * NR + (size_t)NR * kpa);
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < 2 * kpa; k += 32) {
-            const float *xr = x + (size_t)n * ldx + k;
-            int left = K - k;
-            _mm512_storeu_si512(ap + (size_t)n * kpa + k / 2,
-                                bf16_words(_mm512_maskz_loadu_ps(tail_mask(left > 0 ? left : 0), xr),
-                                           _mm512_maskz_loadu_ps(tail_mask(left - 16 > 0 ? left - 16 : 0), xr + 16)));
-        }
+    pair_rows(ap, kpa, rows, x, ldx, N, K);
     for (int p = r0 / NR, p1 = (r1 - 1) / NR; p <= p1;) {
         AmxPanel pn[16];
         int np = 0;
@@ -793,14 +800,7 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
         // row n's BF16 pairs at ap + n · kp_all, as they come: the kernel broadcasts one word of
         // each row per pair, from N short streams in L1 (a pair-major copy, transposed word by
         // word, cost a 16-row step of v3-108m ~7% of its time)
-        for (int n = 0; n < N; n++)
-            for (int k = 0; k < K; k += 32) {
-                const float *xr = x + (size_t)n * ldx + k;
-                int words = kp_all - k / 2 < 16 ? kp_all - k / 2 : 16;
-                _mm512_mask_storeu_epi32(ap + (size_t)n * kp_all + k / 2, tail_mask(words),
-                                         bf16_words(_mm512_maskz_loadu_ps(tail_mask(K - k), xr),
-                                                    _mm512_maskz_loadu_ps(tail_mask(K - k - 16 > 0 ? K - k - 16 : 0), xr + 16)));
-            }
+        pair_rows(ap, kp_all, N, x, ldx, N, K);
         const int P = n2 ? 1 : skinny_panels(N);
         for (int p = p0; p <= p1;) {
             int np = p1 - p + 1 >= P ? P : 1;

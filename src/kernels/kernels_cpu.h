@@ -167,8 +167,8 @@ int matmul_nt_amx_packed(float *out, int ldo, const uint32_t *panels, int N, con
 // x · Wᵀ on weight panels (matmul.h) on the tiles: np panels, each its words (BF16 pairs or FP8
 // codes, K's kp_all pairs), where its 32 outputs of activation row 0 go (row n's at out + n · ldo;
 // lanes: the outputs stored) and, FP8, its block row's scales per 128-column chunk; ap: N activation
-// rows of BF16 pair words, kpa apart (kp_all padded with zeros to a multiple of 16), zero rows up
-// to a multiple of 32; scratch: 2 · 32 · 32 + 32 · kpa floats.
+// rows of BF16 pair words, kpa apart (kp_all padded with zeros to a multiple of 16), and past 16
+// rows zero rows up to a multiple of 16; scratch: 2 · 32 · 32 + 32 · kpa floats.
 typedef struct AmxPanel {
     const void *w;
     float *out;

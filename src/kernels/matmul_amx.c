@@ -1,9 +1,11 @@
 // Products on the AMX tiles (Sapphire Rapids and later Xeons): BF16 operands, fp32 sums.
 //   gemm_lowp_amx — the BF16 and FP8 GEMMs of mixed-precision training (gemm_lowp.h), both
 //                   operands rounded (or FP8-quantised) from fp32 by gemm_lowp's packers;
-//   matmul_nt_amx — x · Wᵀ with BF16 compute (`--compute bf16`), prefill and decode alike: x
-//                   rounded to BF16, W as the BF16 values matmul_bf16c.c takes (FP8 codes
-//                   exactly, each 128-column chunk's sum × its block scale).
+//   matmul_nt_amx — x · Wᵀ with BF16 compute (`--compute bf16`) for the blocked products
+//                   (prefill): x rounded to BF16, W as the BF16 values matmul_bf16c.c takes (FP8
+//                   codes exactly, each 128-column chunk's sum × its block scale);
+//   panels_nt_amx — the same product on weight panels, for the decode steps of the matrices an
+//                   engine puts on the tiles (MatView.panels_tiles).
 //
 // TDPBF16PS adds to a 16 × 16 tile of fp32 sums the products of an "A" tile (16 rows, each 32 BF16
 // values of K in order: 16 words of pairs) and a "B" tile (16 rows of K pairs, row p holding for
@@ -24,12 +26,12 @@
 // are not the bits of the AVX512_BF16 kernels; an output element's sum is the same instructions
 // over the same K steps whatever the other rows and columns of its block (a block of at most 16
 // activation rows uses half the B tiles), so a row's bits do not depend on its company (tested).
-// matmul.c takes this kernel for the blocked products (training, prefill), not for the decode
-// products: its comment there has the measurements.
+// matmul.c takes this kernel for the blocked products (training, prefill); the products on weight
+// panels have their own at the end (panels_nt_amx).
 //
 // Linux hands out the tile state only to a process that asked for it (arch_prctl, matmul.c's
-// detection); each thread loads the tile configuration at the start of a call and releases the
-// tiles at its end. matmul_amx_emulated.c compiles this file again against a C model of the four
+// detection); a call loads the tile configuration it needs unless the thread's tiles hold it
+// already, and leaves it loaded (tile_config_rows). matmul_amx_emulated.c compiles this file again against a C model of the four
 // tile instructions (the documented sequence), so the blocking and the packing are tested on every
 // CPU with AVX512_BF16; the hardware path only where there are tiles.
 #include <stdint.h>
@@ -78,7 +80,6 @@ static void emu_dp(int c, int a, int b) {
     }
 }
 #define TILE_CONFIG() emu_config(16)
-#define TILE_RELEASE() ((void)0)
 #define TILE_CONFIG_ROWS(m) emu_config(m)
 #define TILE_ZERO(t) memset(emu_tile[t], 0, sizeof emu_tile[t])
 #define TILE_LOAD(t, p, stride) emu_load(t, p, stride)
@@ -112,7 +113,6 @@ __attribute__((target(AMX_TARGET))) static void tile_config_rows(int m) {
 }
 #define TILE_CONFIG() tile_config_rows(16)
 #define TILE_CONFIG_ROWS(m) tile_config_rows(m)
-#define TILE_RELEASE() ((void)0)
 #define TILE_ZERO(t) _tile_zero(t)
 #define TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
 #define TILE_STORE(t, p, stride) _tile_stored(t, p, stride)
@@ -269,7 +269,6 @@ AMX int AMX_FN(gemm_lowp_amx)(float *C, int ldc, const LowpOperand *A, const Low
             block_out(C + (size_t)m0 * ldc + n_begin + p * BLK, ldc, 0, acc, mr, nr, add);
         }
     }
-    TILE_RELEASE();
     return 0;
 }
 
@@ -333,7 +332,6 @@ AMX_INLINE void nt_on_panels(float *out, int ldo, const uint32_t *bp, int N, con
             block_out(out + (size_t)p * BLK * ldo + rb, ldo, 1, acc, mr, nr, 0);
         }
     }
-    TILE_RELEASE();
 }
 
 // Floats of nt_on_panels' scratch.
@@ -368,32 +366,28 @@ AMX int AMX_FN(matmul_nt_amx_packed)(float *out, int ldo, const uint32_t *panels
 AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
     int done, rc = nt_trivial(out, ldo, w, N, r0, r1, &done);
     if (done || rc) return rc;
-    const int K = w->cols, kpa = pairs_padded(K);
-    // scratch: nt_on_panels', then the activations' panels (npan·32 × kpa words)
-    size_t own = nt_scratch_floats(w), wb = (size_t)(N + BLK - 1) / BLK * BLK * kpa;
-    float *scratch = kernels_scratch(own + wb);
+    // scratch: nt_on_panels', then the activations' panels
+    size_t own = nt_scratch_floats(w);
+    float *scratch = kernels_scratch(own + amx_panel_words(N, w->cols));
     if (!scratch) return -1;
     uint32_t *bp = (uint32_t *)(scratch + own);
-    LowpOperand xo = {.data = x, .ld = ldx, .trans = 0, .fmt = LOWP_BF16};
-    lowp_pack_panels(bp, BLK, &xo, 0, N, K, kpa);
+    amx_pack_activations(bp, x, ldx, N, w->cols, 0, (N + BLK - 1) / BLK);
     nt_on_panels(out, ldo, bp, N, w, r0, r1, scratch);
     return 0;
 }
 
-// ---- x · Wᵀ on weight panels (decode, batches, prefill alike) ----
+// ---- x · Wᵀ on weight panels (MatView.panels_tiles: an engine's batched steps) ----
 // A weight panel (matmul.h: 32 rows, per K pair their 32 BF16 pair words) is two B tiles side by
-// side, 128 bytes a row: the activations are the A tiles (16 rows of 16 pair words each) and the
-// sums come out as rows of activations, no transposition. A tile instruction costs the same for 1
-// activation row as for 16 (~6.5 ns on a Sapphire Rapids core, measured), so one row streams the
-// panel at ~150 GB/s of BF16 per core — memory, not the unit, is the bound at every N. FP8 panels
-// are widened into BF16 rows first (fp8_widen64, the byte look-ups), a step of 16 pairs at a time,
-// and promoted every 128 columns × the panel's block scale, as matmul_bf16c sums them. A row's sums
-// are the same instructions over the same K steps whatever the other rows (an activation row is
-// one row of an A tile; padding rows are zero), so a row's bits do not depend on its company.
+// side, 128 bytes a row: the activations are the A tiles (up to 16 rows of 16 pair words each) and
+// the sums come out as rows of activations, no transposition. A tile instruction costs the same for
+// 1 activation row as for 16 (~6.5 ns on a Sapphire Rapids core, measured): from ~8 rows these
+// products beat the register tiles, at one row they stream ~0.7x as fast. FP8 panels are widened
+// into BF16 rows (fp8_widen64, the byte look-ups) and promoted every 128 columns × the panel's
+// block scale, as matmul_bf16c sums them. A row's sums are the same instructions over the same K
+// steps whatever the other rows (an activation row is one row of an A tile; padding rows are
+// zero), so a row's bits do not depend on its company.
 
 #define AMX_VBMI __attribute__((target(AMX_TARGET ",avx512vbmi")))
-
-
 
 // Sums of steps [s0, s1) for a group of activation rows (the A tile at a, kpa words apart) against
 // a panel's pairs at b (32 words per pair; BF16 panels in memory: the lines PF_STEPS steps ahead
@@ -456,6 +450,7 @@ AMX_VBMI int AMX_FN(panels_nt_amx)(const AmxPanel *pn, int np, const uint32_t *a
     uint32_t *wb = (uint32_t *)(part + 16 * 64);   // (kpa × 32 words: an FP8 panel widened, a BF16 one's last step)
     __m512i tab[4] = {0};
     if (fp8) fp8_widen_tables(tab);
+    TILE_CONFIG_ROWS(N < 16 ? N : 16);  // (past 16 rows, ap's rows are padded to whole groups)
     for (int q = 0; q < np; q++) {
         const AmxPanel *p = &pn[q];
         const uint32_t *b = p->w;
@@ -471,7 +466,6 @@ AMX_VBMI int AMX_FN(panels_nt_amx)(const AmxPanel *pn, int np, const uint32_t *a
         for (int m0 = 0; m0 < N; m0 += 16) {
             const int m = N - m0 < 16 ? N - m0 : 16;
             const uint32_t *a = ap + (size_t)m0 * kpa;
-            TILE_CONFIG_ROWS(m);
             tiles_zero();
             if (!fp8) {
                 int whole = kp_all < kpa ? steps - 1 : steps;
