@@ -112,9 +112,12 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     int V = m.cfg.vocab_size, tok[PROMPT];
     for (int i = 0; i < PROMPT; i++) tok[i] = (i * 7919 + 13) % V;
     float *logits = malloc(sizeof(float) * V);
-    double pre[REPS], dec[REPS], bws[REPS], ratio[REPS], wb = active_weight_bytes(&m);
-    // The host's memory speed drifts from minute to minute (a shared virtual machine), so every run
-    // is paired with a bandwidth measurement taken just before it, and the ratio is per pair.
+    double pre[REPS], dec[REPS], bws[REPS], ratio[REPS], peak[REPS], pratio[REPS], wb = active_weight_bytes(&m);
+    double flops = prefill_flops(&m, PROMPT);
+    // The host's memory and GEMM speeds drift from minute to minute (a shared virtual machine: the
+    // AMX unit's rate was seen to double and halve between runs a minute apart), so every run is
+    // paired with a bandwidth measurement and a GEMM peak of its precision taken just before it,
+    // and the ratios are per pair.
     // one state and one cache for every run, as a server keeps them (the engine's pool), their
     // memory touched by an untimed run first
     ForwardState *s = forward_state_new(&m, PROMPT, PROMPT + DECODE, &err);
@@ -129,6 +132,7 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
             if (model_forward(&m, s, &kv, tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) return 1;
             continue;
         }
+        peak[r] = bf16 ? bench_bf16_gemm_peak(2048, 2) : bench_sgemm_peak(2048, 1);
         bws[r] = bench_read_bandwidth_of(bw_buf, bw_bytes, 3);
         double t0 = bench_now();
         if (model_forward(&m, s, &kv, tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) return 1;
@@ -143,6 +147,7 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
         pre[r] = PROMPT / (t1 - t0);
         dec[r] = DECODE / (t2 - t1);
         ratio[r] = wb * dec[r] / 1e9 / bws[r];
+        pratio[r] = flops / (t1 - t0) / 1e9 / peak[r];
     }
     kvcache_free(&kv);
     forward_state_free(s);
@@ -150,13 +155,16 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     for (int r = 1; r < REPS; r++) rlo = ratio[r] < rlo ? ratio[r] : rlo, rhi = ratio[r] > rhi ? ratio[r] : rhi;
     double p = bench_median(pre, REPS), d = bench_median(dec, REPS), bw = bench_median(bws, REPS);
     double q = bench_median(ratio, REPS);
-    double gf = p * prefill_flops(&m, PROMPT) / PROMPT / 1e9;
-    if (bf16)
-        printf("%-5s%s prefill %d tokens: %8.1f tokens/s, %.1f GFLOP/s = %.0f%% of the BF16 GEMM peak, %.0f%% of the "
-               "%s\n", dtype_name(dt), how, PROMPT, p, gf, 100 * gf / pk->bf16, 100 * gf / pk->unit, bench_bf16_unit);
-    else
-        printf("%-5s%s prefill %d tokens: %8.1f tokens/s, %.1f GFLOP/s = %.0f%% of the sgemm peak\n", dtype_name(dt), how,
-               PROMPT, p, gf, 100 * gf / pk->f32);
+    double gf = p * flops / PROMPT / 1e9, plo = pratio[0], phi = pratio[0], klo = peak[0], khi = peak[0];
+    for (int r = 1; r < REPS; r++) {
+        plo = pratio[r] < plo ? pratio[r] : plo, phi = pratio[r] > phi ? pratio[r] : phi;
+        klo = peak[r] < klo ? peak[r] : klo, khi = peak[r] > khi ? peak[r] : khi;
+    }
+    printf("%-5s%s prefill %d tokens: %8.1f tokens/s, %.1f GFLOP/s", dtype_name(dt), how, PROMPT, p, gf);
+    if (bf16) printf(" (%.0f%% of the %s)", 100 * gf / pk->unit, bench_bf16_unit);
+    printf("\n      GFLOP/s / %s peak taken before each run, run by run: median %.0f%% (range %.0f-%.0f%%; the peak "
+           "%.0f-%.0f GFLOP/s)\n", bf16 ? "BF16 GEMM" : "sgemm", 100 * bench_median(pratio, REPS), 100 * plo, 100 * phi,
+           klo, khi);
     printf("%-5s%s decode (context %d-%d): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s; read bandwidth %.1f GB/s\n"
            "      weights streamed / read bandwidth, run by run: median %.0f%% (range %.0f-%.0f%%)\n",
            dtype_name(dt), how, PROMPT, PROMPT + DECODE, d, wb / 1e6, wb * d / 1e9, bw, 100 * q, 100 * rlo, 100 * rhi);

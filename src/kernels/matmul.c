@@ -464,18 +464,21 @@ int matmul_nt(float *out, const float *x, const MatView *w, int N) {
     int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N && !matmul_on_panels(w) ? 4 : 32, failed = 0;
     if (w->compute_bf16 && blocked_bf16(w) == BLOCKED_AMX) {
         // the threads round and pack a share of the activations each, then multiply all of them
-        // by their rows of w (each packing all of x for itself was ~4% of a prefill)
-        const int npan = (N + 31) / 32;
+        // by blocks of 32 rows of w taken in turn (each packing all of x for itself was ~4% of a
+        // prefill; an even split of the rows left a thread waiting ~10% of a prefill: 160 rows
+        // are 5 blocks, and two vCPUs of a shared host do not run at the same speed)
+        const int npan = (N + 31) / 32, blocks = (rows + 31) / 32;
         uint32_t *panels = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, cols));
         if (!panels) return -1;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
         {
-            int t = omp_get_thread_num(), n = omp_get_num_threads(), p0, p1, r0, r1;
-            split(npan, 1, t, n, &p0, &p1);
+            int p0, p1;
+            split(npan, 1, omp_get_thread_num(), omp_get_num_threads(), &p0, &p1);
             amx_pack_activations(panels, x, cols, N, cols, p0, p1);
 #pragma omp barrier
-            split(rows, unit, t, n, &r0, &r1);
-            failed |= matmul_nt_amx_packed(out, rows, panels, N, w, r0, r1) != 0;
+#pragma omp for schedule(dynamic, 1)
+            for (int b = 0; b < blocks; b++)
+                failed |= matmul_nt_amx_packed(out, rows, panels, N, w, 32 * b, 32 * b + 32 < rows ? 32 * b + 32 : rows) != 0;
         }
         return failed ? -1 : 0;
     }
