@@ -277,6 +277,84 @@ static void panels_tiles_sweep(int path) {
             }
 }
 
+// Prefill's products on the tiles from the weight panels (matmul_nt_amx_rows: two groups of 16
+// activation rows a step, the sums stored straight into the output): against fp64 within the fp32
+// bound, an FP8 NaN code spoiling only its row, each row alone giving the bits it gave among all,
+// two shares of the rows split on a panel, and the same bits as the kernel on the stored rows
+// (matmul_nt_amx: the same instructions in the same order). path 0: the C model of the tiles; 1:
+// the tiles.
+static void panels_rows_sweep(int path) {
+    const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
+    const int colss[] = {1, 31, 33, 129, 300, 1030};
+    const int Ns[] = {1, 3, 16, 17, 40, 70};
+    const char *name = path ? "panel rows" : "emulated panel rows";
+    uint64_t seed = 59;
+    for (int ti = 0; ti < 4; ti++)
+        for (int ci = 0; ci < 6; ci++)
+            for (int ni = 0; ni < 6; ni++) {
+                int cols = colss[ci], N = Ns[ni];
+                if (path == 0 && (ni > 3 || cols > 300)) continue;  // (the model is slow)
+                // (the last panel of the view: 5, 26 or all 32 rows)
+                int rows = (ci + ni) % 3 == 0 ? 37 : (ci + ni) % 3 == 1 ? 90 : 160, skip = 32 * (ni % 2);
+                TestW w;
+                make_w(&w, types[ti], rows + skip + 5, cols, &seed);
+                if (types[ti] == DT_F8_E4M3 && ni == 3) ((uint8_t *)w.data)[(size_t)(skip + 7) * cols + cols / 2] = 0xff;
+                size_t bytes = weight_panels_bytes(&w.v);
+                void *panels = aligned_alloc(64, (bytes + 63) / 64 * 64);
+                CHECK(bytes > 0 && panels && weight_panels_pack(panels, &w.v) == 0);
+                MatView whole = w.v;
+                whole.panels = panels;
+                MatView v = matview_rows(&whole, skip, rows);
+                v.compute_bf16 = 1;
+                float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows),
+                      *stored = malloc(sizeof(float) * N * rows), *one = malloc(sizeof(float) * rows);
+                uint32_t *ap = aligned_alloc(64, amx_panel_words(N, cols) * sizeof(uint32_t));
+                for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
+                amx_pair_rows(ap, x, cols, N, cols, 0, (N + 31) / 32 * 32);
+                int cut = rows > 32 ? 32 : rows;
+                CHECK(path ? matmul_nt_amx_rows(out, rows, ap, N, &v, 0, cut) == 0 &&
+                                 matmul_nt_amx_rows(out, rows, ap, N, &v, cut, rows) == 0 &&
+                                 matmul_nt_amx(stored, rows, x, cols, &v, N, 0, rows) == 0
+                           : matmul_nt_amx_rows_emulated(out, rows, ap, N, &v, 0, cut) == 0 &&
+                                 matmul_nt_amx_rows_emulated(out, rows, ap, N, &v, cut, rows) == 0 &&
+                                 matmul_nt_amx_emulated(stored, rows, x, cols, &v, N, 0, rows) == 0);
+                for (int n = 0; n < N; n++)
+                    for (int r = 0; r < rows; r++) {
+                        double mag, want = reference(&w, skip + r, x + (size_t)n * cols, &mag);
+                        float got = out[(size_t)n * rows + r];
+                        if (types[ti] == DT_F8_E4M3 && ni == 3 && r == 7) {
+                            CHECK_MSG(isnan(got), "%s: a NaN code's row gives %g", name, got);
+                            continue;
+                        }
+                        double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
+                        CHECK_MSG(fabs(got - want) <= bound, "%s %s rows %d cols %d N %d: [%d][%d] %.9g vs %.9g (bound %.3g)",
+                                  name, dtype_name(types[ti]), rows, cols, N, n, r, got, want, bound);
+                        CHECK_MSG(memcmp(&got, stored + (size_t)n * rows + r, sizeof got) == 0 ||
+                                      (isnan(got) && isnan(stored[(size_t)n * rows + r])),
+                                  "%s %s rows %d cols %d N %d: [%d][%d] %.9g, on the stored rows %.9g", name,
+                                  dtype_name(types[ti]), rows, cols, N, n, r, got, stored[(size_t)n * rows + r]);
+                    }
+                for (int n = 0; n < N; n += 1 + N / 5) {
+                    amx_pair_rows(ap, x + (size_t)n * cols, cols, 1, cols, 0, 32);
+                    CHECK(path ? matmul_nt_amx_rows(one, rows, ap, 1, &v, 0, rows) == 0
+                               : matmul_nt_amx_rows_emulated(one, rows, ap, 1, &v, 0, rows) == 0);
+                    CHECK_MSG(memcmp(one, out + (size_t)n * rows, sizeof(float) * rows) == 0,
+                              "%s %s cols %d N %d: row %d alone differs", name, dtype_name(types[ti]), cols, N, n);
+                }
+                free(ap), free(one), free(stored), free(x), free(out), free(panels), free(w.data), free(w.scales);
+            }
+}
+
+TEST(test_bf16c_panel_rows_emulated_against_fp64) {
+    if (!kernels_cpu_avx512bf16_vbmi()) SKIP("no AVX512_BF16 with VBMI: no weight panels on this CPU");
+    panels_rows_sweep(0);
+}
+
+TEST(test_bf16c_panel_rows_against_fp64) {
+    if (!weight_panels_tiles()) SKIP("no AMX tiles on this CPU (their C model is tested above)");
+    panels_rows_sweep(1);
+}
+
 TEST(test_bf16c_panels_on_tiles_emulated_against_fp64) {
     if (!kernels_cpu_avx512bf16_vbmi()) SKIP("no AVX512_BF16 with VBMI: no weight panels on this CPU");
     panels_tiles_sweep(0);

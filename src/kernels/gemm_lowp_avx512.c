@@ -750,6 +750,11 @@ AVX512BF16_INLINE void pair_rows(uint32_t *ap, int kp, int rows, const float *x,
         }
 }
 
+AVX512BF16 void amx_pair_rows(uint32_t *ap, const float *x, int ldx, int N, int K, int n0, int n1) {
+    const int kpa = ((K + 1) / 2 + 15) / 16 * 16, real = N - n0 < 0 ? 0 : N - n0 < n1 - n0 ? N - n0 : n1 - n0;
+    if (n1 > n0) pair_rows(ap + (size_t)n0 * kpa, kpa, n1 - n0, x + (size_t)(real ? n0 : 0) * ldx, ldx, real, K);
+}
+
 // The products on panels on the AMX tiles (MatView.panels_tiles): the activations as rows of BF16
 // pairs, padded with zeros to whole tile steps (and past 16 rows to whole groups of 16), then the
 // panels 16 at a time. fn: panels_nt_amx or its C model.

@@ -164,6 +164,13 @@ int matmul_nt_amx(float *out, int ldo, const float *x, int ldx, const MatView *w
 size_t amx_panel_words(int N, int K);
 void amx_pack_activations(uint32_t *panels, const float *x, int ldx, int N, int K, int p0, int p1);
 int matmul_nt_amx_packed(float *out, int ldo, const uint32_t *panels, int N, const MatView *w, int r0, int r1);
+// x · Wᵀ for many activation rows on w's panels (matmul.h; prefill): amx_pair_rows rounds rows
+// [n0, n1) of x into BF16 pair words (rows past N zero: the rows are padded to a multiple of 32,
+// amx_panel_words(N, K) words in all), matmul_nt_amx_rows multiplies them by rows [r0, r1) of w
+// (r0 a multiple of 32) — -1 where w has no panels.
+void amx_pair_rows(uint32_t *ap, const float *x, int ldx, int N, int K, int n0, int n1);
+int matmul_nt_amx_rows(float *out, int ldo, const uint32_t *ap, int N, const MatView *w, int r0, int r1);
+int matmul_nt_amx_rows_emulated(float *out, int ldo, const uint32_t *ap, int N, const MatView *w, int r0, int r1);
 // x · Wᵀ on weight panels (matmul.h) on the tiles: np panels, each its words (BF16 pairs or FP8
 // codes, K's kp_all pairs), where its 32 outputs of activation row 0 go (row n's at out + n · ldo;
 // lanes: the outputs stored) and, FP8, its block row's scales per 128-column chunk; ap: N activation

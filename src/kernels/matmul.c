@@ -345,7 +345,7 @@ static int matmul_nn_scalar(float *out, const float *x, const MatView *w, int N)
     return 0;
 }
 
-int weight_panels_only(void) { return kernels_cpu_avx512bf16_vbmi() && !kernels_cpu_amx(); }
+int weight_panels_only(void) { return kernels_cpu_avx512bf16_vbmi(); }
 
 int weight_panels_tiles(void) { return kernels_cpu_avx512bf16_vbmi() && kernels_cpu_amx(); }
 
@@ -368,7 +368,13 @@ int matmul_nt_part(float *out, const float *x, const MatView *w, int N, int r0, 
     if (N <= 0 || r1 <= r0) return 0;
     if (w->compute_bf16 && w->cols > 0) {
         switch (blocked_bf16(w)) {
-        case BLOCKED_AMX: return matmul_nt_amx(out, w->rows, x, w->cols, w, N, r0, r1);
+        case BLOCKED_AMX: {
+            if (!w->panels || r0 % 32) return matmul_nt_amx(out, w->rows, x, w->cols, w, N, r0, r1);
+            uint32_t *ap = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, w->cols));
+            if (!ap) return -1;
+            amx_pair_rows(ap, x, w->cols, N, w->cols, 0, (N + 31) / 32 * 32);
+            return matmul_nt_amx_rows(out, w->rows, ap, N, w, r0, r1);
+        }
         case BLOCKED_PANELS: return matmul_nt_panels(out, w->rows, x, w->cols, w, N, r0, r1);
         case BLOCKED_REGISTER_TILES: return matmul_nt_lowp_avx512(out, w->rows, x, w->cols, w, N, r0, r1);
         default: return matmul_nt_bf16c(out, w->rows, x, w->cols, w, N, r0, r1);
@@ -395,11 +401,20 @@ int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *w
         if (ka == BLOCKED_AMX && kb == BLOCKED_AMX) {  // (the activations rounded and packed once)
             uint32_t *panels = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, wa->cols));
             if (!panels) return -1;
-            amx_pack_activations(panels, x, wa->cols, N, wa->cols, 0, (N + 31) / 32);
-            return matmul_nt_amx_packed(out_a, wa->rows, panels, N, wa, 0, wa->rows) ||
-                           matmul_nt_amx_packed(out_b, wb->rows, panels, N, wb, 0, wb->rows)
-                       ? -1
-                       : 0;
+            if (wa->panels && wb->panels) {
+                amx_pair_rows(panels, x, wa->cols, N, wa->cols, 0, (N + 31) / 32 * 32);
+                return matmul_nt_amx_rows(out_a, wa->rows, panels, N, wa, 0, wa->rows) ||
+                               matmul_nt_amx_rows(out_b, wb->rows, panels, N, wb, 0, wb->rows)
+                           ? -1
+                           : 0;
+            }
+            if (!wa->panels && !wb->panels) {
+                amx_pack_activations(panels, x, wa->cols, N, wa->cols, 0, (N + 31) / 32);
+                return matmul_nt_amx_packed(out_a, wa->rows, panels, N, wa, 0, wa->rows) ||
+                               matmul_nt_amx_packed(out_b, wb->rows, panels, N, wb, 0, wb->rows)
+                           ? -1
+                           : 0;
+            }
         }
     }
     return matmul_nt_part(out_a, x, wa, N, 0, wa->rows) || matmul_nt_part(out_b, x, wb, N, 0, wb->rows) ? -1 : 0;
@@ -467,18 +482,24 @@ int matmul_nt(float *out, const float *x, const MatView *w, int N) {
         // by blocks of 32 rows of w taken in turn (each packing all of x for itself was ~4% of a
         // prefill; an even split of the rows left a thread waiting ~10% of a prefill: 160 rows
         // are 5 blocks, and two vCPUs of a shared host do not run at the same speed)
-        const int npan = (N + 31) / 32, blocks = (rows + 31) / 32;
+        // (w's panels where it has them: the activations as rows of BF16 pairs; else its stored
+        // rows against the activations packed as panels)
+        const int npan = (N + 31) / 32, blocks = (rows + 31) / 32, on_panels = w->panels != NULL;
         uint32_t *panels = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, cols));
         if (!panels) return -1;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
         {
             int p0, p1;
             split(npan, 1, omp_get_thread_num(), omp_get_num_threads(), &p0, &p1);
-            amx_pack_activations(panels, x, cols, N, cols, p0, p1);
+            if (on_panels) amx_pair_rows(panels, x, cols, N, cols, 32 * p0, 32 * p1);
+            else amx_pack_activations(panels, x, cols, N, cols, p0, p1);
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
-            for (int b = 0; b < blocks; b++)
-                failed |= matmul_nt_amx_packed(out, rows, panels, N, w, 32 * b, 32 * b + 32 < rows ? 32 * b + 32 : rows) != 0;
+            for (int b = 0; b < blocks; b++) {
+                int r0 = 32 * b, r1 = r0 + 32 < rows ? r0 + 32 : rows;
+                failed |= (on_panels ? matmul_nt_amx_rows(out, rows, panels, N, w, r0, r1)
+                                     : matmul_nt_amx_packed(out, rows, panels, N, w, r0, r1)) != 0;
+            }
         }
         return failed ? -1 : 0;
     }

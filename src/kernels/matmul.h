@@ -39,9 +39,9 @@ typedef struct MatView {
 // many bytes) on the calling thread's team (-1: w takes none).
 size_t weight_panels_bytes(const MatView *w);
 int weight_panels_pack(void *dst, const MatView *w);
-// 1 when the BF16-compute x · Wᵀ products of a view with panels read nothing else (on AMX CPUs
-// prefill's tiles read the stored rows); the stored matrix is then read only by other products
-// (x · W) and look-ups.
+// 1 when the BF16-compute x · Wᵀ products of a view with panels read nothing else (prefill's AMX
+// tiles read them too); the stored matrix is then read only by other products (x · W) and
+// look-ups.
 int weight_panels_only(void);
 // 1 when a view's panels_tiles puts its products on the AMX tiles here (the CPU has them).
 int weight_panels_tiles(void);

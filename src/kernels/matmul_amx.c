@@ -489,3 +489,96 @@ AMX_VBMI int AMX_FN(panels_nt_amx)(const AmxPanel *pn, int np, const uint32_t *a
     }
     return 0;
 }
+
+// ---- x · Wᵀ on weight panels for many activation rows (prefill) ----
+// Two groups of 16 activation rows (A tiles 4-5, rows of BF16 pair words) against a panel's two B
+// tiles per step: four sums for four tile loads (panels_nt_amx's single group: two for three),
+// written straight into the output rows (the stored-row kernel, nt_on_panels, transposes its
+// blocks on the way out), and the weights read as the panels decode reads — so a model on this
+// CPU holds one copy of them. One chain per sum over the steps, rows padded with zeros to groups of
+// 32: a row's bits do not depend on how many rows come with it. BF16 panels' lines are requested
+// PF_STEPS steps ahead during the first group; FP8 panels are widened whole first (every group
+// reads them) and each 128-column chunk's sums promoted × the panel's block scale.
+// two 0: the group's rows 16-31 are padding (tiles 2 and 3 left alone: a row's sums are the same
+// instructions either way).
+AMX_INLINE void wide_steps(const uint32_t *a, int kpa, const uint32_t *b, int s0, int s1, int pf, int two) {
+    for (int s = s0; s < s1; s++) {
+        const uint32_t *bs = b + (size_t)s * STEP_PAIRS * BLK;
+        if (pf)
+            for (int l = 0; l < 32; l++) _mm_prefetch((const char *)(bs + PF_STEPS * STEP_PAIRS * BLK) + 64 * l, _MM_HINT_T0);
+        TILE_LOAD(6, bs, 4L * BLK);
+        TILE_LOAD(7, bs + 16, 4L * BLK);
+        TILE_LOAD(4, a + s * STEP_PAIRS, 4L * kpa);
+        TILE_DP(0, 4, 6);
+        TILE_DP(1, 4, 7);
+        if (two) {
+            TILE_LOAD(5, a + (size_t)16 * kpa + s * STEP_PAIRS, 4L * kpa);
+            TILE_DP(2, 5, 6);
+            TILE_DP(3, 5, 7);
+        }
+    }
+}
+
+AMX_VBMI int AMX_FN(matmul_nt_amx_rows)(float *out, int ldo, const uint32_t *ap, int N, const MatView *w, int r0,
+                                        int r1) {
+    if (N <= 0 || r1 <= r0) return 0;
+    if (!w->panels || r0 % BLK || w->cols <= 0) return -1;
+    const int K = w->cols, fp8 = w->dtype == DT_F8_E4M3, kp_all = (K + 1) / 2, kpa = pairs_padded(K);
+    const int steps = kpa / STEP_PAIRS, whole = fp8 || kp_all == kpa ? steps : steps - 1;
+    const size_t pb = weight_panel_bytes(w);
+    float *acc = kernels_scratch(2 * BLK * BLK + (size_t)BLK * kpa);  // acc, part (32 × 32), wb (32 × kpa words)
+    if (!acc) return -1;
+    float *part = acc + BLK * BLK;
+    uint32_t *wb = (uint32_t *)(part + BLK * BLK);  // an FP8 panel widened, a BF16 one's last step
+    __m512i tab[4] = {0};
+    if (fp8) fp8_widen_tables(tab);
+    TILE_CONFIG();
+    for (int rb = r0; rb < r1; rb += BLK) {
+        const int nr = r1 - rb < BLK ? r1 - rb : BLK;
+        const void *panel = (const char *)w->panels + (size_t)(rb / BLK) * pb;
+        const uint32_t *b = panel;
+        const float *scales = fp8 ? w->scale_inv + (size_t)((w->row0 + rb) / 128) * w->scale_cols : NULL;
+        if (fp8) {
+            widen_pairs(wb, panel, 0, kpa, kp_all, tab);
+            b = wb;
+        } else if (whole < steps) {  // the last step's pairs past the panel: a zero-padded copy
+            size_t s0 = (size_t)whole * STEP_PAIRS;
+            memcpy(wb + s0 * BLK, b + s0 * BLK, sizeof(uint32_t) * BLK * (kp_all - s0));
+            memset(wb + (size_t)kp_all * BLK, 0, sizeof(uint32_t) * BLK * (kpa - kp_all));
+        }
+        for (int g = 0; g * BLK < N; g++) {
+            const uint32_t *a = ap + (size_t)g * BLK * kpa;
+            const int m = N - g * BLK < BLK ? N - g * BLK : BLK;
+            float *o = out + (size_t)g * BLK * ldo + rb;
+            tiles_zero();
+            if (!fp8) {
+                wide_steps(a, kpa, b, 0, whole, g == 0, m > 16);
+                wide_steps(a, kpa, wb, whole, steps, 0, m > 16);
+                if (m == BLK && nr == BLK) {
+                    TILE_STORE(0, o, 4L * ldo);
+                    TILE_STORE(1, o + 16, 4L * ldo);
+                    TILE_STORE(2, o + (size_t)16 * ldo, 4L * ldo);
+                    TILE_STORE(3, o + (size_t)16 * ldo + 16, 4L * ldo);
+                    continue;
+                }
+                tiles_store(acc);
+            } else
+                for (int s0 = 0; s0 < steps; s0 += CHUNK_STEPS) {
+                    if (s0) tiles_zero();
+                    wide_steps(a, kpa, b, s0, s0 + CHUNK_STEPS < steps ? s0 + CHUNK_STEPS : steps, 0, m > 16);
+                    tiles_store(part);
+                    // acc = Σ chunk sum × scale, fused, from zero: block_product's arithmetic, so
+                    // the stored-row kernel's bits
+                    __m512 f = _mm512_set1_ps(scales[s0 / CHUNK_STEPS]);
+                    for (int i = 0; i < m; i++)
+                        for (int h = 0; h < 2; h++) {
+                            float *ai = acc + i * BLK + 16 * h;
+                            __m512 sum = s0 ? _mm512_loadu_ps(ai) : _mm512_setzero_ps();
+                            _mm512_storeu_ps(ai, _mm512_fmadd_ps(_mm512_loadu_ps(part + i * BLK + 16 * h), f, sum));
+                        }
+                }
+            block_out(o, ldo, 0, acc, m, nr, 0);
+        }
+    }
+    return 0;
+}
