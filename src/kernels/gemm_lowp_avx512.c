@@ -740,14 +740,25 @@ AVX512BF16_VBMI static void skinny_run(int N, int P, int fp8, const Panel *pn, c
 // Rows [0, N) of x (K columns) as BF16 pair words, row n's kp words at ap + n · kp (zero past K),
 // then rows [N, rows) zero.
 AVX512BF16_INLINE void pair_rows(uint32_t *ap, int kp, int rows, const float *x, int ldx, int N, int K) {
-    for (int n = 0; n < rows; n++)
-        for (int k = 0; k < 2 * kp; k += 32) {
-            const float *xr = x + (size_t)(n < N ? n : 0) * ldx + k;
-            int left = n < N ? K - k : 0, words = kp - k / 2 < 16 ? kp - k / 2 : 16;
-            _mm512_mask_storeu_epi32(ap + (size_t)n * kp + k / 2, tail_mask(words),
-                                     bf16_words(_mm512_maskz_loadu_ps(tail_mask(left > 0 ? left : 0), xr),
-                                                _mm512_maskz_loadu_ps(tail_mask(left - 16 > 0 ? left - 16 : 0), xr + 16)));
+    for (int n = 0; n < rows; n++) {
+        uint32_t *dst = ap + (size_t)n * kp;
+        if (n >= N) {
+            memset(dst, 0, sizeof(uint32_t) * kp);
+            continue;
         }
+        const float *xr = x + (size_t)n * ldx;
+        int k = 0;
+        // whole steps of 32 values unmasked (with masks computed for every step: 0.12 ns a value
+        // against 0.10-0.11, 512 rows of 512 from L2, the two builds taking turns)
+        for (; k + 32 <= K; k += 32)
+            _mm512_storeu_si512(dst + k / 2, bf16_words(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(xr + k + 16)));
+        for (; k < 2 * kp; k += 32) {  // the ragged end, then zero words up to kp
+            int left = K - k, words = kp - k / 2 < 16 ? kp - k / 2 : 16;
+            _mm512_mask_storeu_epi32(dst + k / 2, tail_mask(words),
+                                     bf16_words(_mm512_maskz_loadu_ps(tail_mask(left > 0 ? left : 0), xr + k),
+                                                _mm512_maskz_loadu_ps(tail_mask(left - 16 > 0 ? left - 16 : 0), xr + k + 16)));
+        }
+    }
 }
 
 AVX512BF16 void amx_pair_rows(uint32_t *ap, const float *x, int ldx, int N, int K, int n0, int n1) {
