@@ -114,6 +114,12 @@ TEST(test_latent_attention_absorbed_matches_plain_2_to_4_new_positions) {
     for (int T = 2; T <= 4; T++) check_absorbed_matches_plain(2, 7, T, 5);
 }
 TEST(test_latent_attention_absorbed_matches_plain_rope_only) { check_absorbed_matches_plain(1, 4, 3, 0); }
+// Plain attention's query chunks of 64 rows (a head's keys and values packed once for all of them)
+// after cached positions, and a last chunk of few rows.
+TEST(test_latent_attention_absorbed_matches_plain_many_rows) {
+    check_absorbed_matches_plain(2, 37, 150, 5);
+    check_absorbed_matches_plain(1, 3, 133, 5);
+}
 
 // Past LATENT_CHUNK positions the cache goes in chunks merged in order: still plain attention to
 // fp32 rounding, and the chunks computed apart (as a decode step spreads them over threads) then

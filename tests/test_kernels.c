@@ -403,6 +403,36 @@ TEST(test_matmul_blocked_edges) {
     }
 }
 
+// The fp32 product on an operand packed once (plain attention's keys and values against each of a
+// head's query chunks): gemm_avx512's bits for the same operands, with fewer output columns than
+// packed (a chunk's scores) or fewer rows of W (the keys a chunk sees), across packed slices (K >
+// 256) and blocks of activation rows (N > 192), output rows apart (the heads' interleaved rows).
+TEST(test_f32_panels_product_equals_gemm) {
+    if (!kernels_cpu_avx512()) SKIP("no AVX-512 on this CPU");
+    const int Fs[] = {6, 33, 300}, Ks[] = {13, 96, 600}, Ns[] = {9, 64, 200};
+    for (int tw = 0; tw < 2; tw++)
+        for (int fi = 0; fi < 3; fi++)
+            for (int ki = 0; ki < 3; ki++) {
+                int F = Fs[fi], K = Ks[ki], N = Ns[(fi + ki) % 3], ldo = F + 5;
+                // transposed W (F × K): cut the features; W (K × F): cut its rows
+                int f_end = tw ? F - F / 3 : F, k_end = tw ? K : K - K / 4;
+                float *w = random_x(F * K), *x = random_x(N * K), *bp = malloc(sizeof(float) * f32_panels_floats(F, K));
+                float *got = malloc(sizeof(float) * N * ldo), *want = malloc(sizeof(float) * N * F);
+                MatView wv = tw ? matview_f32(w, F, K) : matview_f32(w, K, F);
+                f32_panels_pack(bp, &wv, tw, F, K);
+                CHECK(f32_panels_product(got, ldo, x, K, N, bp, F, K, f_end, k_end) == 0);
+                float *xk = malloc(sizeof(float) * N * K);  // x's first k_end columns, contiguous
+                for (int n = 0; n < N; n++) memcpy(xk + (size_t)n * k_end, x + (size_t)n * K, sizeof(float) * k_end);
+                MatView cut = tw ? wv : matview_f32(w, k_end, F);
+                CHECK(gemm_avx512(want, xk, &cut, N, tw, 0, f_end) == 0);
+                for (int n = 0; n < N; n++)
+                    CHECK_MSG(memcmp(got + (size_t)n * ldo, want + (size_t)n * F, sizeof(float) * f_end) == 0,
+                              "%s F %d K %d N %d (f_end %d, k_end %d): row %d differs", tw ? "x · Wᵀ" : "x · W", F, K, N,
+                              f_end, k_end, n);
+                free(w), free(x), free(bp), free(got), free(want), free(xk);
+            }
+}
+
 // A view that starts inside a scale block (row 77) and crosses into the next (row 128): the scale
 // grid stays the whole matrix's.
 TEST(test_fp8_block_edges_and_row_view) {

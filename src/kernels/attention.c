@@ -11,11 +11,15 @@
 #include "kernels/ops.h"
 
 #define QC LATENT_QCHUNK
+// Plain attention packs a head's keys and values once for all its query chunks up to this many
+// positions (the scratch for them stays bounded); longer, gemm_avx512 packs them per chunk.
+#define PACKED_MAX_S 4096
 
 // One thread's scratch.
 typedef struct Scratch {
     float *k, *v;     // (S, nope + rope), (S, nope + v): one head's keys [k_nope | k_pe] and values
                       // (plain; v holds the expansion's [k_nope | v] rows first)
+    float *kp, *vp;   // plain, S <= PACKED_MAX_S: the keys' and the values' panels (f32_panels_pack)
     float *p;         // (QC, S) scores
     float *q, *qp;    // (QC, nope + rope) query rows (plain), (QC, rope) rotary queries (absorbed)
     float *qa, *ol;   // (QC, kv_lora) absorbed queries, latent-space outputs (absorbed)
@@ -26,9 +30,13 @@ typedef struct Scratch {
 // Each buffer starts on a 64-byte line, whatever S is (the vector kernels read them).
 static size_t lines(size_t floats) { return (floats + 15) & ~(size_t)15; }
 
+static int packed_positions(int S) { return S <= PACKED_MAX_S ? S : 0; }
+
 size_t latent_attention_scratch_floats(const LatentAttention *a, int S) {
     size_t Q = QC;
-    return lines((size_t)S * (a->nope + a->rope)) + lines((size_t)S * (a->nope + a->v)) + lines(Q * S) +
+    int P = packed_positions(S < PACKED_MAX_S ? S : PACKED_MAX_S);  // (a shorter S may pack)
+    return lines((size_t)S * (a->nope + a->rope)) + lines((size_t)S * (a->nope + a->v)) +
+           lines(f32_panels_floats(P, a->nope + a->rope)) + lines(f32_panels_floats(a->v, P)) + lines(Q * S) +
            lines(Q * (a->nope + a->rope)) + lines(Q * a->rope) + 2 * lines(Q * a->kv_lora) + lines(Q * a->v) +
            2 * lines(Q * (a->kv_lora + 2));
 }
@@ -39,7 +47,9 @@ static Scratch carve(const LatentAttention *a, float *base, int S) {
     Scratch h;
     h.k = base;
     h.v = h.k + lines((size_t)S * (a->nope + a->rope));
-    h.p = h.v + lines((size_t)S * (a->nope + a->v));
+    h.kp = h.v + lines((size_t)S * (a->nope + a->v));
+    h.vp = h.kp + lines(f32_panels_floats(packed_positions(S), a->nope + a->rope));
+    h.p = h.vp + lines(f32_panels_floats(a->v, packed_positions(S)));
     h.q = h.p + lines(Q * S);
     h.qp = h.q + lines(Q * (a->nope + a->rope));
     h.qa = h.qp + lines(Q * a->rope);
@@ -130,8 +140,24 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
     // Training (probabilities kept for the backward pass) takes the library GEMM, as its backward
     // does; inference keeps the kernels whose rows do not depend on how many there are.
     const int library = a->probs_save != NULL;
+    // The keys and values packed once for all the query chunks (gemm_avx512 packs its operand per
+    // product: ~15% of prefill's attention), the queries read and the outputs written in place
+    // (no row copies); the same products, so the same bits.
+    const int packed = !library && packed_positions(S) && qk > 0 && v > 0 && kernels_cpu_avx512();
+    if (packed) {
+        f32_panels_pack(s.kp, &K, 1, S, qk);
+        f32_panels_pack(s.vp, &V, 0, v, S);
+    }
     for (int t0 = 0; t0 < T; t0 += QC) {
         int n = T - t0 < QC ? T - t0 : QC, Sc = pos0 + t0 + n;
+        if (packed && n > GEMV_MAX_N) {  // (fewer rows: the few-row kernels, as matmul_nt and matmul_nn take them)
+            const float *q = a->q + ((size_t)(b * T + t0) * H + h) * qk;
+            float *o = a->out + ((size_t)(b * T + t0) * H + h) * v;
+            rc |= f32_panels_product(s.p, Sc, q, H * qk, n, s.kp, S, qk, Sc, qk);
+            scores_to_probs(s.p, n, Sc, pos0 + t0, a->scale);
+            rc |= f32_panels_product(o, H * v, s.p, Sc, n, s.vp, v, S, v, Sc);
+            continue;
+        }
         for (int i = 0; i < n; i++)
             memcpy(s.q + (size_t)i * qk, a->q + ((size_t)(b * T + t0 + i) * H + h) * qk, sizeof(float) * qk);
         K.rows = V.rows = Sc;

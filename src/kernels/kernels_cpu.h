@@ -66,11 +66,25 @@ int gemv_nn_avx512(float *out, int ldo, const float *x, int ldx, int N, const Ma
 // 1 when some block scale of an FP8 view is too large for the kernels' folded 2^120.
 int fp8_scales_need_split(const MatView *w);
 
+// Up to this many activation rows an fp32 product x · Wᵀ streams each weight row once against all
+// of them (gemv_nt_avx512: decode, speculative drafts); beyond it the packed blocked product
+// (gemm_avx512) wins.
+#define GEMV_MAX_N 8
+
 // One thread's share of a blocked product: output features [f_begin, f_end) of all N rows.
 // transpose_w = 1: out[N][rows] = x · Wᵀ (features are rows of W, K = cols);
 // transpose_w = 0: out[N][cols] = x · W  (features are cols of W, K = rows).
 int gemm_avx512(float *out, const float *x, const MatView *w, int N, int transpose_w, int f_begin,
                  int f_end);
+// gemm_avx512 on an F32 right operand packed once for several products (plain attention: a head's
+// keys or values against each of its query chunks): f32_panels_pack packs W (transpose_w 1: F × K,
+// out = x · Wᵀ; 0: K × F, out = x · W) into f32_panels_floats(F, K) floats; f32_panels_product
+// computes columns [0, f_end) of out (ldo apart) from x's N rows (ldx apart) over W's rows [0,
+// k_end) of K — gemm_avx512's bits for the same operands cut to f_end and k_end.
+size_t f32_panels_floats(int F, int K);
+void f32_panels_pack(float *bp, const MatView *w, int transpose_w, int F, int K);
+int f32_panels_product(float *out, int ldo, const float *x, int ldx, int N, const float *bp, int F, int K, int f_end,
+                       int k_end);
 
 // Dequantises columns [c0, c0 + n) of row r into out[n].
 void matview_row_avx512(const MatView *w, int r, int c0, int n, float *out);

@@ -25,9 +25,6 @@
 #include "kernels/kernels_cpu.h"
 #include "kernels/matmul.h"
 
-// Up to this many activation rows, each weight row is streamed once against all of them (decode,
-// speculative drafts); beyond it the packed blocked product wins.
-#define GEMV_MAX_N 8
 // The same for out = x · W, whose column tiles hold fewer activation rows in registers.
 #define GEMV_NN_MAX_N 4
 // Below this many weight elements (times rows of x) one thread is faster than a fork and join.

@@ -813,3 +813,45 @@ AVX512 int gemm_avx512(float *out, const float *x, const MatView *w, int N, int 
     }
     return 0;
 }
+
+// ---- fp32 products on a right operand packed once (gemm_avx512's panels, kept) ----
+// Slice s (KC deep, the last kc_s = K - KC s) of W holds its ceil(F / NR) panels one after
+// another, each NR × kc_s: features f of slice s at bp + s · KC · Fp + (f / NR) · NR · kc_s.
+
+static size_t panels_fp(int F) { return (size_t)(F + NR - 1) / NR * NR; }
+
+size_t f32_panels_floats(int F, int K) { return panels_fp(F) * (size_t)K; }
+
+AVX512 void f32_panels_pack(float *bp, const MatView *w, int transpose_w, int F, int K) {
+    const size_t Fp = panels_fp(F);
+    for (int k0 = 0; k0 < K; k0 += KC) {
+        int kc = K - k0 < KC ? K - k0 : KC;
+        for (int fb = 0; fb < F; fb += FB)
+            pack_w(bp + (size_t)k0 * Fp + (size_t)fb * kc, w, transpose_w, fb, F - fb < FB ? F - fb : FB, k0, kc, 0);
+    }
+}
+
+AVX512 int f32_panels_product(float *out, int ldo, const float *x, int ldx, int N, const float *bp, int F, int K,
+                              int f_end, int k_end) {
+    const size_t Fp = panels_fp(F);
+    float *xp = kernels_scratch((size_t)MC * KC);
+    if (!xp) return -1;
+    for (int n0 = 0; n0 < N; n0 += MC) {
+        int mc = N - n0 < MC ? N - n0 : MC;
+        for (int k0 = 0; k0 < k_end; k0 += KC) {
+            int kc = k_end - k0 < KC ? k_end - k0 : KC, kc_s = K - k0 < KC ? K - k0 : KC;  // (used, as packed)
+            pack_x(xp, x + (size_t)n0 * ldx, ldx, mc, k0, kc);
+            const float *bs = bp + (size_t)k0 * Fp;
+            for (int t = 0; t * MR < mc; t++) {
+                int mr = mc - t * MR < MR ? mc - t * MR : MR;
+                for (int p = 0; p * NR < f_end; p++) {
+                    int n = f_end - p * NR;
+                    micro(mr, kc, xp + (size_t)t * MR * kc, bs + (size_t)p * NR * kc_s,
+                          out + (size_t)(n0 + t * MR) * ldo + p * NR, ldo, tail_mask(n), tail_mask(n > 16 ? n - 16 : 0),
+                          k0 > 0);
+                }
+            }
+        }
+    }
+    return 0;
+}
