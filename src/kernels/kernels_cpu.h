@@ -171,17 +171,14 @@ const uint16_t *fp8_bf16_values(void);
 // model of the tile instructions: tests).
 int gemm_lowp_amx(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
                   int m_end, int n_begin, int n_end);
+// matmul_nt_amx reads w's stored rows (a view without panels).
 int matmul_nt_amx(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
-// matmul_nt_amx in two parts, so that activations shared by several products, or by the threads
-// of a team, are rounded and packed once: amx_pack_activations packs panels [p0, p1) (32 rows of x
-// each) of the amx_panel_words(N, K) words at panels, matmul_nt_amx_packed multiplies them.
+// x · Wᵀ for many activation rows on w's panels (matmul.h; prefill), in two parts so that
+// activations shared by several products, or by the threads of a team, are rounded once:
+// amx_pair_rows rounds rows [n0, n1) of x into BF16 pair words (rows past N zero: the rows are
+// padded to a multiple of 32, amx_panel_words(N, K) words in all), matmul_nt_amx_rows multiplies
+// them by rows [r0, r1) of w (r0 a multiple of 32) — -1 where w has no panels.
 size_t amx_panel_words(int N, int K);
-void amx_pack_activations(uint32_t *panels, const float *x, int ldx, int N, int K, int p0, int p1);
-int matmul_nt_amx_packed(float *out, int ldo, const uint32_t *panels, int N, const MatView *w, int r0, int r1);
-// x · Wᵀ for many activation rows on w's panels (matmul.h; prefill): amx_pair_rows rounds rows
-// [n0, n1) of x into BF16 pair words (rows past N zero: the rows are padded to a multiple of 32,
-// amx_panel_words(N, K) words in all), matmul_nt_amx_rows multiplies them by rows [r0, r1) of w
-// (r0 a multiple of 32) — -1 where w has no panels.
 void amx_pair_rows(uint32_t *ap, const float *x, int ldx, int N, int K, int n0, int n1);
 int matmul_nt_amx_rows(float *out, int ldo, const uint32_t *ap, int N, const MatView *w, int r0, int r1);
 int matmul_nt_amx_rows_emulated(float *out, int ldo, const uint32_t *ap, int N, const MatView *w, int r0, int r1);
@@ -207,7 +204,5 @@ int matmul_nt_panels_tiles_emulated(float *out, int ldo, const float *x, int ldx
 int gemm_lowp_amx_emulated(float *C, int ldc, const LowpOperand *A, const LowpOperand *B, int K, int add, int m_begin,
                            int m_end, int n_begin, int n_end);
 int matmul_nt_amx_emulated(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
-int matmul_nt_amx_packed_emulated(float *out, int ldo, const uint32_t *panels, int N, const MatView *w, int r0,
-                                  int r1);
 
 #endif

@@ -395,23 +395,14 @@ int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *w
             return matmul_nt2_panels(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
         if (ka == BLOCKED_REGISTER_TILES && kb == BLOCKED_REGISTER_TILES)
             return matmul_nt2_lowp_avx512(out_a, wa->rows, out_b, wb->rows, x, wa->cols, wa, wb, N);
-        if (ka == BLOCKED_AMX && kb == BLOCKED_AMX) {  // (the activations rounded and packed once)
-            uint32_t *panels = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, wa->cols));
-            if (!panels) return -1;
-            if (wa->panels && wb->panels) {
-                amx_pair_rows(panels, x, wa->cols, N, wa->cols, 0, (N + 31) / 32 * 32);
-                return matmul_nt_amx_rows(out_a, wa->rows, panels, N, wa, 0, wa->rows) ||
-                               matmul_nt_amx_rows(out_b, wb->rows, panels, N, wb, 0, wb->rows)
-                           ? -1
-                           : 0;
-            }
-            if (!wa->panels && !wb->panels) {
-                amx_pack_activations(panels, x, wa->cols, N, wa->cols, 0, (N + 31) / 32);
-                return matmul_nt_amx_packed(out_a, wa->rows, panels, N, wa, 0, wa->rows) ||
-                               matmul_nt_amx_packed(out_b, wb->rows, panels, N, wb, 0, wb->rows)
-                           ? -1
-                           : 0;
-            }
+        if (ka == BLOCKED_AMX && kb == BLOCKED_AMX && wa->panels && wb->panels) {  // (the activations rounded once)
+            uint32_t *rows = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, wa->cols));
+            if (!rows) return -1;
+            amx_pair_rows(rows, x, wa->cols, N, wa->cols, 0, (N + 31) / 32 * 32);
+            return matmul_nt_amx_rows(out_a, wa->rows, rows, N, wa, 0, wa->rows) ||
+                           matmul_nt_amx_rows(out_b, wb->rows, rows, N, wb, 0, wb->rows)
+                       ? -1
+                       : 0;
         }
     }
     return matmul_nt_part(out_a, x, wa, N, 0, wa->rows) || matmul_nt_part(out_b, x, wb, N, 0, wb->rows) ? -1 : 0;
@@ -474,29 +465,24 @@ int matmul_nt(float *out, const float *x, const MatView *w, int N) {
     }
     if (!w->compute_bf16 && (!kernels_cpu_avx512() || !matview_avx512_ok(w))) return matmul_nt_scalar(out, x, w, N);
     int nt = threads_for((double)N * rows * cols), unit = N <= GEMV_MAX_N && !matmul_on_panels(w) ? 4 : 32, failed = 0;
-    if (w->compute_bf16 && blocked_bf16(w) == BLOCKED_AMX) {
-        // the threads round and pack a share of the activations each, then multiply all of them
-        // by blocks of 32 rows of w taken in turn (each packing all of x for itself was ~4% of a
-        // prefill; an even split of the rows left a thread waiting ~10% of a prefill: 160 rows
-        // are 5 blocks, and two vCPUs of a shared host do not run at the same speed)
-        // (w's panels where it has them: the activations as rows of BF16 pairs; else its stored
-        // rows against the activations packed as panels)
-        const int npan = (N + 31) / 32, blocks = (rows + 31) / 32, on_panels = w->panels != NULL;
-        uint32_t *panels = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, cols));
-        if (!panels) return -1;
+    if (w->compute_bf16 && blocked_bf16(w) == BLOCKED_AMX && w->panels) {
+        // the threads round a share of the activations each, then multiply all of them by blocks
+        // of 32 rows of w taken in turn (each rounding all of x for itself was ~4% of a prefill;
+        // an even split of the rows left a thread waiting ~10% of a prefill: 160 rows are 5
+        // blocks, and two vCPUs of a shared host do not run at the same speed). A view without
+        // panels: matmul_nt_part's stored-row tiles below.
+        const int npan = (N + 31) / 32, blocks = (rows + 31) / 32;
+        uint32_t *ap = (uint32_t *)kernels_scratch_slot(KERNELS_SCRATCH_SHARED, amx_panel_words(N, cols));
+        if (!ap) return -1;
 #pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : failed)
         {
             int p0, p1;
             split(npan, 1, omp_get_thread_num(), omp_get_num_threads(), &p0, &p1);
-            if (on_panels) amx_pair_rows(panels, x, cols, N, cols, 32 * p0, 32 * p1);
-            else amx_pack_activations(panels, x, cols, N, cols, p0, p1);
+            amx_pair_rows(ap, x, cols, N, cols, 32 * p0, 32 * p1);
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
-            for (int b = 0; b < blocks; b++) {
-                int r0 = 32 * b, r1 = r0 + 32 < rows ? r0 + 32 : rows;
-                failed |= (on_panels ? matmul_nt_amx_rows(out, rows, panels, N, w, r0, r1)
-                                     : matmul_nt_amx_packed(out, rows, panels, N, w, r0, r1)) != 0;
-            }
+            for (int b = 0; b < blocks; b++)
+                failed |= matmul_nt_amx_rows(out, rows, ap, N, w, 32 * b, 32 * b + 32 < rows ? 32 * b + 32 : rows) != 0;
         }
         return failed ? -1 : 0;
     }

@@ -294,13 +294,6 @@ AMX_INLINE void widen_rows(uint32_t *out, const MatView *w, int r, int nr, int k
 
 #ifndef AMX_EMULATE
 size_t amx_panel_words(int N, int K) { return (size_t)(N + BLK - 1) / BLK * BLK * pairs_padded(K); }
-
-void amx_pack_activations(uint32_t *panels, const float *x, int ldx, int N, int K, int p0, int p1) {
-    const int kpa = pairs_padded(K), n0 = p0 * BLK, n1 = p1 * BLK < N ? p1 * BLK : N;
-    if (n1 <= n0 || K <= 0) return;
-    LowpOperand xo = {.data = x, .ld = ldx, .trans = 0, .fmt = LOWP_BF16};
-    lowp_pack_panels(panels + (size_t)p0 * BLK * kpa, BLK, &xo, n0, n1 - n0, K, kpa);
-}
 #endif
 
 // Rows [r0, r1) of out = the packed activations bp (N rows) · Wᵀ; scratch: two 32 × 32 blocks of
@@ -353,16 +346,6 @@ static int nt_trivial(float *out, int ldo, const MatView *w, int N, int r0, int 
     return 0;
 }
 
-AMX int AMX_FN(matmul_nt_amx_packed)(float *out, int ldo, const uint32_t *panels, int N, const MatView *w, int r0,
-                                     int r1) {
-    int done, rc = nt_trivial(out, ldo, w, N, r0, r1, &done);
-    if (done || rc) return rc;
-    float *scratch = kernels_scratch(nt_scratch_floats(w));
-    if (!scratch) return -1;
-    nt_on_panels(out, ldo, panels, N, w, r0, r1, scratch);
-    return 0;
-}
-
 AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
     int done, rc = nt_trivial(out, ldo, w, N, r0, r1, &done);
     if (done || rc) return rc;
@@ -371,7 +354,10 @@ AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, cons
     float *scratch = kernels_scratch(own + amx_panel_words(N, w->cols));
     if (!scratch) return -1;
     uint32_t *bp = (uint32_t *)(scratch + own);
-    amx_pack_activations(bp, x, ldx, N, w->cols, 0, (N + BLK - 1) / BLK);
+    if (w->cols > 0) {  // (nt_trivial: a view without columns was zeroed)
+        LowpOperand xo = {.data = x, .ld = ldx, .trans = 0, .fmt = LOWP_BF16};
+        lowp_pack_panels(bp, BLK, &xo, 0, N, w->cols, pairs_padded(w->cols));
+    }
     nt_on_panels(out, ldo, bp, N, w, r0, r1, scratch);
     return 0;
 }
