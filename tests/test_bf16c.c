@@ -219,24 +219,41 @@ TEST(test_bf16c_blocked_avx512bf16_against_fp64) {
     if (!kernels_cpu_amx()) amx_nt_sweep(2);  // (matmul_nt takes these tiles)
 }
 
-// Products on weight panels on the AMX tiles (a view's panels_tiles: engines that decode many
-// sequences at once) against fp64 sums of the same rounded operands within the fp32 bound above, an
-// FP8 NaN code spoiling only its row, each activation row alone giving the bits it gave among all
-// (row groups of 16 with tiles configured to fewer rows for the last), two shares of the rows that
-// cut a panel, and K not a whole number of tile steps. path 0: the C model of the tile
-// instructions; 1: the tiles, through the decode entry (matmul_nt_invariant).
-static void panels_tiles_sweep(int path) {
+// Products on weight panels on the AMX tiles against fp64 sums of the same rounded operands within
+// the fp32 bound above, an FP8 NaN code spoiling only its row, each activation row alone giving the
+// bits it gave among all, two shares of the rows that cut the view (the last panel of 5, 26 or 32
+// rows), and K not a whole number of tile steps. Decode's kernel (a view's panels_tiles: engines
+// that decode many sequences at once; row groups of 16 with tiles configured to fewer rows for the
+// last), through its entry matmul_nt_invariant, shares cut anywhere; or prefill's
+// (matmul_nt_amx_rows: two groups of 16 rows a step, the sums stored straight into the output),
+// shares cut on a panel, which also gives the kernel on the stored rows' bits (matmul_nt_amx: the
+// same instructions in the same order). emulated: the C model of the tile instructions.
+typedef enum { SWEEP_DECODE, SWEEP_PREFILL } PanelsSweep;
+
+static int sweep_product(PanelsSweep kernel, int emulated, float *out, const float *x, int N, const MatView *v,
+                         uint32_t *ap, int r0, int r1) {
+    int cols = v->cols;
+    if (kernel == SWEEP_DECODE)
+        return emulated ? matmul_nt_panels_tiles_emulated(out, v->rows, x, cols, v, N, r0, r1)
+                        : matmul_nt_invariant(out, v->rows, x, cols, v, N, r0, r1);
+    amx_pair_rows(ap, x, cols, N, cols, 0, (N + 31) / 32 * 32);
+    return emulated ? matmul_nt_amx_rows_emulated(out, v->rows, ap, N, v, r0, r1)
+                    : matmul_nt_amx_rows(out, v->rows, ap, N, v, r0, r1);
+}
+
+static void panels_sweep(PanelsSweep kernel, int emulated) {
     const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
     const int colss[] = {1, 31, 33, 129, 300, 1030};
-    const int Ns[] = {1, 2, 5, 16, 17, 40};
-    const char *name = path ? "tiles" : "emulated tiles";
+    const int Ns[] = {1, 2, 5, 16, 17, 40, 70};
+    const char *name = kernel == SWEEP_DECODE ? (emulated ? "emulated decode tiles" : "decode tiles")
+                                              : (emulated ? "emulated prefill tiles" : "prefill tiles");
     uint64_t seed = 53;
     for (int ti = 0; ti < 4; ti++)
         for (int ci = 0; ci < 6; ci++)
-            for (int ni = 0; ni < 6; ni++) {
+            for (int ni = 0; ni < 7; ni++) {
                 int cols = colss[ci], N = Ns[ni];
-                if (path == 0 && (ni > 3 || cols > 300)) continue;  // (the model is slow)
-                int rows = (ci + ni) % 3 == 0 ? 37 : (ci + ni) % 3 == 1 ? 96 : 160, skip = 32 * (ni % 2);
+                if (emulated && (ni > 4 || cols > 300)) continue;  // (the model is slow)
+                int rows = (ci + ni) % 3 == 0 ? 37 : (ci + ni) % 3 == 1 ? 90 : 160, skip = 32 * (ni % 2);
                 TestW w;
                 make_w(&w, types[ti], rows + skip + 5, cols, &seed);
                 if (types[ti] == DT_F8_E4M3 && ni == 2) ((uint8_t *)w.data)[(size_t)(skip + 7) * cols + cols / 2] = 0xff;
@@ -245,16 +262,18 @@ static void panels_tiles_sweep(int path) {
                 CHECK(bytes > 0 && panels && weight_panels_pack(panels, &w.v) == 0);
                 MatView whole = w.v;
                 whole.panels = panels;
-                whole.panels_tiles = 1;
+                whole.panels_tiles = kernel == SWEEP_DECODE;
                 MatView v = matview_rows(&whole, skip, rows);
+                v.compute_bf16 = 1;
                 float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows),
-                      *one = malloc(sizeof(float) * rows);
+                      *stored = malloc(sizeof(float) * N * rows), *one = malloc(sizeof(float) * rows);
+                uint32_t *ap = aligned_alloc(64, amx_panel_words(N, cols) * sizeof(uint32_t));
                 for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
-                int cut = 1 + (int)(lcg(&seed) >> 33) % (rows - 1);
-                CHECK(path ? matmul_nt_invariant(out, rows, x, cols, &v, N, 0, cut) == 0 &&
-                                 matmul_nt_invariant(out, rows, x, cols, &v, N, cut, rows) == 0
-                           : matmul_nt_panels_tiles_emulated(out, rows, x, cols, &v, N, 0, cut) == 0 &&
-                                 matmul_nt_panels_tiles_emulated(out, rows, x, cols, &v, N, cut, rows) == 0);
+                int cut = kernel == SWEEP_DECODE ? 1 + (int)(lcg(&seed) >> 33) % (rows - 1) : 32;
+                CHECK(sweep_product(kernel, emulated, out, x, N, &v, ap, 0, cut) == 0 &&
+                      sweep_product(kernel, emulated, out, x, N, &v, ap, cut, rows) == 0);
+                if (kernel == SWEEP_PREFILL)
+                    CHECK((emulated ? matmul_nt_amx_emulated : matmul_nt_amx)(stored, rows, x, cols, &v, N, 0, rows) == 0);
                 for (int n = 0; n < N; n++)
                     for (int r = 0; r < rows; r++) {
                         double mag, want = reference(&w, skip + r, x + (size_t)n * cols, &mag);
@@ -266,78 +285,13 @@ static void panels_tiles_sweep(int path) {
                         double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
                         CHECK_MSG(fabs(got - want) <= bound, "%s %s rows %d cols %d N %d: [%d][%d] %.9g vs %.9g (bound %.3g)",
                                   name, dtype_name(types[ti]), rows, cols, N, n, r, got, want, bound);
+                        if (kernel == SWEEP_PREFILL)
+                            CHECK_MSG(memcmp(&got, stored + (size_t)n * rows + r, sizeof got) == 0,
+                                      "%s %s rows %d cols %d N %d: [%d][%d] %.9g, on the stored rows %.9g", name,
+                                      dtype_name(types[ti]), rows, cols, N, n, r, got, stored[(size_t)n * rows + r]);
                     }
                 for (int n = 0; n < N; n += 1 + N / 5) {
-                    CHECK(path ? matmul_nt_invariant(one, rows, x + (size_t)n * cols, cols, &v, 1, 0, rows) == 0
-                               : matmul_nt_panels_tiles_emulated(one, rows, x + (size_t)n * cols, cols, &v, 1, 0, rows) == 0);
-                    CHECK_MSG(memcmp(one, out + (size_t)n * rows, sizeof(float) * rows) == 0,
-                              "%s %s cols %d N %d: row %d alone differs", name, dtype_name(types[ti]), cols, N, n);
-                }
-                free(one), free(x), free(out), free(panels), free(w.data), free(w.scales);
-            }
-}
-
-// Prefill's products on the tiles from the weight panels (matmul_nt_amx_rows: two groups of 16
-// activation rows a step, the sums stored straight into the output): against fp64 within the fp32
-// bound, an FP8 NaN code spoiling only its row, each row alone giving the bits it gave among all,
-// two shares of the rows split on a panel, and the same bits as the kernel on the stored rows
-// (matmul_nt_amx: the same instructions in the same order). path 0: the C model of the tiles; 1:
-// the tiles.
-static void panels_rows_sweep(int path) {
-    const DType types[] = {DT_F32, DT_BF16, DT_F16, DT_F8_E4M3};
-    const int colss[] = {1, 31, 33, 129, 300, 1030};
-    const int Ns[] = {1, 3, 16, 17, 40, 70};
-    const char *name = path ? "panel rows" : "emulated panel rows";
-    uint64_t seed = 59;
-    for (int ti = 0; ti < 4; ti++)
-        for (int ci = 0; ci < 6; ci++)
-            for (int ni = 0; ni < 6; ni++) {
-                int cols = colss[ci], N = Ns[ni];
-                if (path == 0 && (ni > 3 || cols > 300)) continue;  // (the model is slow)
-                // (the last panel of the view: 5, 26 or all 32 rows)
-                int rows = (ci + ni) % 3 == 0 ? 37 : (ci + ni) % 3 == 1 ? 90 : 160, skip = 32 * (ni % 2);
-                TestW w;
-                make_w(&w, types[ti], rows + skip + 5, cols, &seed);
-                if (types[ti] == DT_F8_E4M3 && ni == 3) ((uint8_t *)w.data)[(size_t)(skip + 7) * cols + cols / 2] = 0xff;
-                size_t bytes = weight_panels_bytes(&w.v);
-                void *panels = aligned_alloc(64, (bytes + 63) / 64 * 64);
-                CHECK(bytes > 0 && panels && weight_panels_pack(panels, &w.v) == 0);
-                MatView whole = w.v;
-                whole.panels = panels;
-                MatView v = matview_rows(&whole, skip, rows);
-                v.compute_bf16 = 1;
-                float *x = malloc(sizeof(float) * N * cols), *out = malloc(sizeof(float) * N * rows),
-                      *stored = malloc(sizeof(float) * N * rows), *one = malloc(sizeof(float) * rows);
-                uint32_t *ap = aligned_alloc(64, amx_panel_words(N, cols) * sizeof(uint32_t));
-                for (int i = 0; i < N * cols; i++) x[i] = uniform(&seed) * 3;
-                amx_pair_rows(ap, x, cols, N, cols, 0, (N + 31) / 32 * 32);
-                int cut = rows > 32 ? 32 : rows;
-                CHECK(path ? matmul_nt_amx_rows(out, rows, ap, N, &v, 0, cut) == 0 &&
-                                 matmul_nt_amx_rows(out, rows, ap, N, &v, cut, rows) == 0 &&
-                                 matmul_nt_amx(stored, rows, x, cols, &v, N, 0, rows) == 0
-                           : matmul_nt_amx_rows_emulated(out, rows, ap, N, &v, 0, cut) == 0 &&
-                                 matmul_nt_amx_rows_emulated(out, rows, ap, N, &v, cut, rows) == 0 &&
-                                 matmul_nt_amx_emulated(stored, rows, x, cols, &v, N, 0, rows) == 0);
-                for (int n = 0; n < N; n++)
-                    for (int r = 0; r < rows; r++) {
-                        double mag, want = reference(&w, skip + r, x + (size_t)n * cols, &mag);
-                        float got = out[(size_t)n * rows + r];
-                        if (types[ti] == DT_F8_E4M3 && ni == 3 && r == 7) {
-                            CHECK_MSG(isnan(got), "%s: a NaN code's row gives %g", name, got);
-                            continue;
-                        }
-                        double bound = (cols + 20) * ldexp(1, -24) * mag + 1e-30;
-                        CHECK_MSG(fabs(got - want) <= bound, "%s %s rows %d cols %d N %d: [%d][%d] %.9g vs %.9g (bound %.3g)",
-                                  name, dtype_name(types[ti]), rows, cols, N, n, r, got, want, bound);
-                        CHECK_MSG(memcmp(&got, stored + (size_t)n * rows + r, sizeof got) == 0 ||
-                                      (isnan(got) && isnan(stored[(size_t)n * rows + r])),
-                                  "%s %s rows %d cols %d N %d: [%d][%d] %.9g, on the stored rows %.9g", name,
-                                  dtype_name(types[ti]), rows, cols, N, n, r, got, stored[(size_t)n * rows + r]);
-                    }
-                for (int n = 0; n < N; n += 1 + N / 5) {
-                    amx_pair_rows(ap, x + (size_t)n * cols, cols, 1, cols, 0, 32);
-                    CHECK(path ? matmul_nt_amx_rows(one, rows, ap, 1, &v, 0, rows) == 0
-                               : matmul_nt_amx_rows_emulated(one, rows, ap, 1, &v, 0, rows) == 0);
+                    CHECK(sweep_product(kernel, emulated, one, x + (size_t)n * cols, 1, &v, ap, 0, rows) == 0);
                     CHECK_MSG(memcmp(one, out + (size_t)n * rows, sizeof(float) * rows) == 0,
                               "%s %s cols %d N %d: row %d alone differs", name, dtype_name(types[ti]), cols, N, n);
                 }
@@ -347,22 +301,22 @@ static void panels_rows_sweep(int path) {
 
 TEST(test_bf16c_panel_rows_emulated_against_fp64) {
     if (!kernels_cpu_avx512bf16_vbmi()) SKIP("no AVX512_BF16 with VBMI: no weight panels on this CPU");
-    panels_rows_sweep(0);
+    panels_sweep(SWEEP_PREFILL, 1);
 }
 
 TEST(test_bf16c_panel_rows_against_fp64) {
     if (!weight_panels_tiles()) SKIP("no AMX tiles on this CPU (their C model is tested above)");
-    panels_rows_sweep(1);
+    panels_sweep(SWEEP_PREFILL, 0);
 }
 
 TEST(test_bf16c_panels_on_tiles_emulated_against_fp64) {
     if (!kernels_cpu_avx512bf16_vbmi()) SKIP("no AVX512_BF16 with VBMI: no weight panels on this CPU");
-    panels_tiles_sweep(0);
+    panels_sweep(SWEEP_DECODE, 1);
 }
 
 TEST(test_bf16c_panels_on_tiles_against_fp64) {
     if (!weight_panels_tiles()) SKIP("no AMX tiles on this CPU (their C model is tested above)");
-    panels_tiles_sweep(1);
+    panels_sweep(SWEEP_DECODE, 0);
 }
 
 // Weight panels (packed once at load, MatView.panels) give the register tiles' bits for every N:

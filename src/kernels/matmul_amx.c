@@ -375,18 +375,25 @@ AMX int AMX_FN(matmul_nt_amx)(float *out, int ldo, const float *x, int ldx, cons
 
 #define AMX_VBMI __attribute__((target(AMX_TARGET ",avx512vbmi")))
 
+enum { PF_STEPS = 2 };
+
+// Step s of a panel as tiles 6 (its rows 0-15) and 7 (rows 16-31); pf: the lines PF_STEPS steps
+// ahead requested.
+AMX_INLINE void panel_b_tiles(const uint32_t *b, int s, int pf) {
+    const uint32_t *bs = b + (size_t)s * STEP_PAIRS * BLK;
+    if (pf)
+        for (int l = 0; l < 32; l++) _mm_prefetch((const char *)(bs + PF_STEPS * STEP_PAIRS * BLK) + 64 * l, _MM_HINT_T0);
+    TILE_LOAD(6, bs, 4L * BLK);
+    TILE_LOAD(7, bs + 16, 4L * BLK);
+}
+
 // Sums of steps [s0, s1) for a group of activation rows (the A tile at a, kpa words apart) against
 // a panel's pairs at b (32 words per pair; BF16 panels in memory: the lines PF_STEPS steps ahead
 // requested — the tile loads stall on lines from memory), even steps into tiles 0-1, odd ones into
 // 2-3: two chains, so each instruction waits on one two steps back.
-enum { PF_STEPS = 2 };
 AMX_INLINE void panel_steps(const uint32_t *a, int kpa, const uint32_t *b, int s0, int s1, int pf) {
     for (int s = s0; s < s1; s++) {
-        const uint32_t *bs = b + (size_t)s * STEP_PAIRS * BLK;
-        if (pf)
-            for (int l = 0; l < 32; l++) _mm_prefetch((const char *)(bs + PF_STEPS * STEP_PAIRS * BLK) + 64 * l, _MM_HINT_T0);
-        TILE_LOAD(6, bs, 4L * BLK);
-        TILE_LOAD(7, bs + 16, 4L * BLK);
+        panel_b_tiles(b, s, pf);
         if (s % 2 == 0) {
             TILE_LOAD(4, a + s * STEP_PAIRS, 4L * kpa);
             TILE_DP(0, 4, 6);
@@ -489,11 +496,7 @@ AMX_VBMI int AMX_FN(panels_nt_amx)(const AmxPanel *pn, int np, const uint32_t *a
 // instructions either way).
 AMX_INLINE void wide_steps(const uint32_t *a, int kpa, const uint32_t *b, int s0, int s1, int pf, int two) {
     for (int s = s0; s < s1; s++) {
-        const uint32_t *bs = b + (size_t)s * STEP_PAIRS * BLK;
-        if (pf)
-            for (int l = 0; l < 32; l++) _mm_prefetch((const char *)(bs + PF_STEPS * STEP_PAIRS * BLK) + 64 * l, _MM_HINT_T0);
-        TILE_LOAD(6, bs, 4L * BLK);
-        TILE_LOAD(7, bs + 16, 4L * BLK);
+        panel_b_tiles(b, s, pf);
         TILE_LOAD(4, a + s * STEP_PAIRS, 4L * kpa);
         TILE_DP(0, 4, 6);
         TILE_DP(1, 4, 7);
