@@ -11,6 +11,7 @@
 // + the causal attention products (QKᵀ and PV: 2·H·(qk + v)·(T+1)/2 multiply-adds forward, twice
 // that backward) per layer. The embedding look-up and element-wise work count nothing.
 #include <cblas.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,45 +46,66 @@ static double attention_flops(const ModelConfig *c, int T) {
     return 3.0 * 2.0 * c->num_attention_heads * (config_qk_head_dim(c) + c->v_head_dim) * (T + 1) / 2.0;
 }
 
-// Median step time of one precision ("fp32", "bf16", "fp8").
-static int time_steps(const ModelConfig *c, const char *precision, int B, int T, int warm, int steps, double *step_s,
-                      size_t *act_bytes, size_t *peak, Error *err) {
+// One precision's training run ("fp32", "bf16", "fp8"): its model, optimiser and batch.
+typedef struct Run {
+    const ModelConfig *c;
+    int B, T, steps;
     TrainModel m;
     AdamW opt;
+    int *tok;
+    long long *loads;
+} Run;
+
+static void run_free(Run *r) {
+    free(r->tok);
+    free(r->loads);
+    adamw_free(&r->opt);
+    train_model_free(&r->m);
+}
+
+static int run_init(Run *r, const ModelConfig *c, const char *precision, int B, int T, Error *err) {
+    memset(r, 0, sizeof *r);
+    r->c = c, r->B = B, r->T = T;
     TrainerOptions o = trainer_defaults();
     snprintf(o.precision, sizeof o.precision, "%s", precision);
-    if (train_model_new(&m, c, B, T, err)) return -1;
+    if (train_model_new(&r->m, c, B, T, err)) return -1;
     LinearRecipe recipe;
     const LinearRecipe *lowp;
-    if (trainer_recipe(&o, &recipe, &lowp, err) || train_model_set_recipe(&m, lowp, err) ||
-        adamw_init(&opt, &m, adamw_defaults(), err)) {
-        train_model_free(&m);
+    if (trainer_recipe(&o, &recipe, &lowp, err) || train_model_set_recipe(&r->m, lowp, err) ||
+        adamw_init(&r->opt, &r->m, adamw_defaults(), err)) {
+        train_model_free(&r->m);
         return -1;
     }
-    train_model_init_random(&m, 1);
-    int *tok = malloc(sizeof(int) * B * (T + 1));
-    long long *loads = calloc((size_t)m.n_moe * c->n_routed_experts, sizeof *loads);
-    double times[16];
-    procmem_reset_peak();
-    int rc = 0;
-    for (int s = 0; s < warm + steps && rc == 0; s++) {
-        for (int i = 0; i < B * (T + 1); i++) tok[i] = (int)((i * 7919L + s * 104729L) % c->vocab_size);
-        double t0 = bench_now();
-        train_model_zero_grad(&m);
-        rc = train_model_forward(&m, tok, err) || train_model_backward(&m, 1.0f, err) ||
-             adamw_update(&opt, &m, 3e-4f, grad_global_norm(&m), err);
-        memcpy(loads, m.expert_load, sizeof *loads * m.n_moe * c->n_routed_experts);
-        moe_bias_update(&m, loads, 0.001f);
-        if (s >= warm) times[s - warm] = bench_now() - t0;
+    train_model_init_random(&r->m, 1);
+    r->tok = malloc(sizeof(int) * B * (T + 1));
+    r->loads = calloc((size_t)r->m.n_moe * c->n_routed_experts, sizeof *r->loads);
+    if (!r->tok || !r->loads) {
+        run_free(r);
+        return err_set(err, "out of memory for the batch");
     }
-    *step_s = bench_median(times, steps);
-    *act_bytes = m.act_bytes;
-    *peak = procmem_peak_bytes();
-    free(tok);
-    free(loads);
-    adamw_free(&opt);
-    train_model_free(&m);
-    return rc ? -1 : 0;
+    return 0;
+}
+
+// One full step (forward, backward, clipping, AdamW, bias update); its seconds, or -1.
+static double run_step(Run *r, Error *err) {
+    const ModelConfig *c = r->c;
+    int n = r->B * (r->T + 1), s = r->steps++;
+    for (int i = 0; i < n; i++) r->tok[i] = (int)((i * 7919L + s * 104729L) % c->vocab_size);
+    double t0 = bench_now();
+    train_model_zero_grad(&r->m);
+    if (train_model_forward(&r->m, r->tok, err) || train_model_backward(&r->m, 1.0f, err) ||
+        adamw_update(&r->opt, &r->m, 3e-4f, grad_global_norm(&r->m), err))
+        return -1;
+    memcpy(r->loads, r->m.expert_load, sizeof *r->loads * r->m.n_moe * c->n_routed_experts);
+    moe_bias_update(&r->m, r->loads, 0.001f);
+    return bench_now() - t0;
+}
+
+static double gemm_peak_of(int p) { return p == 0 ? bench_sgemm_peak(2048, 1) : bench_bf16_gemm_peak(2048, 2); }
+
+static void range_of(const double *v, int n, double *lo, double *hi) {
+    *lo = *hi = v[0];
+    for (int i = 1; i < n; i++) *lo = v[i] < *lo ? v[i] : *lo, *hi = v[i] > *hi ? v[i] : *hi;
 }
 
 // bench_train [PRECISION...]: the named precisions only (default: fp32 bf16 fp8).
@@ -119,26 +141,71 @@ int main(int argc, char **argv) {
            omp_get_max_threads(), kernels_isa(), per_token / 1e6);
     printf("  GEMM peaks (2048^3): fp32 sgemm %.1f GFLOP/s, bf16 gemm_lowp (%s) %.1f GFLOP/s; the %s on registers "
            "%.1f GFLOP/s\n", peak32, gemm_lowp_isa(), peak16, bench_bf16_unit, unit16);
-    double base = 0;
+    // Each precision alone (its peak resident memory its own): every timed step right after a GEMM
+    // peak of its precision, the MFU taken step by step — this host's GEMM rate moved 2x from one
+    // minute to the next (an AMX unit shared with another tenant's thread at times).
+    double base = 0, bf16_step = 0;
     for (int p = 0; p < 3; p++) {
         if (!run[p]) continue;
-        double t;
-        size_t act, peak;
-        if (time_steps(&c, prec[p], B, T, WARM, STEPS, &t, &act, &peak, &err)) {
+        Run r;
+        double times[STEPS], mfu[STEPS], peaks[STEPS];
+        double gflop = B * T * per_token / 1e9;
+        malloc_trim(0);  // (the peak resident this precision's own, not the heap freed before it)
+        procmem_reset_peak();
+        if (run_init(&r, &c, prec[p], B, T, &err)) {
             fprintf(stderr, "bench_train: %s: %s\n", prec[p], err.msg);
             return 1;
         }
-        double tps = B * T / t, peak_g = p == 0 ? peak32 : peak16;
+        size_t resident = 0;  // (over the warm-up steps: the GEMM peaks' own buffers come after)
+        for (int s = 0; s < WARM + STEPS; s++) {
+            if (s == WARM) resident = procmem_peak_bytes();
+            double pk = s >= WARM ? gemm_peak_of(p) : 0, t = run_step(&r, &err);
+            if (t < 0) {
+                fprintf(stderr, "bench_train: %s: %s\n", prec[p], err.msg);
+                return 1;
+            }
+            if (s >= WARM) times[s - WARM] = t, peaks[s - WARM] = pk, mfu[s - WARM] = gflop / t / pk;
+        }
+        size_t act = r.m.act_bytes;
+        run_free(&r);
+        double mlo, mhi, plo, phi;
+        range_of(mfu, STEPS, &mlo, &mhi);
+        range_of(peaks, STEPS, &plo, &phi);
+        double t = bench_median(times, STEPS), tps = B * T / t, gf = tps * per_token / 1e9;
         if (p == 0) base = t;
-        double gf = tps * per_token / 1e9;
+        if (p == 1) bf16_step = t;
         char unit[64] = "";
         if (p > 0 && unit16 > 0) snprintf(unit, sizeof unit, " (%.1f%% of the unit)", 100 * gf / unit16);
         char rel[32] = "";
-        if (base > 0) snprintf(rel, sizeof rel, ", %.2fx fp32's step", t / base);
-        printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s, MFU %4.1f%% of the %s GEMM peak%s"
-               "%s; activations %.0f MB, peak resident %.0f MB\n",
-               prec[p], t, STEPS, tps, gf, 100 * gf / peak_g, p == 0 ? "fp32" : "bf16", unit, rel, act / 1e6,
-               peak / 1e6);
+        if (base > 0 && p > 0) snprintf(rel, sizeof rel, ", %.2fx fp32's step", t / base);
+        printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s%s%s; activations %.0f MB, peak "
+               "resident %.0f MB\n        MFU step by step against the %s GEMM peak taken before it: median %.1f%% "
+               "(range %.1f-%.1f%%; the peak %.0f-%.0f GFLOP/s)\n",
+               prec[p], t, STEPS, tps, gf, unit, rel, act / 1e6, resident / 1e6, p == 0 ? "fp32" : "bf16",
+               100 * bench_median(mfu, STEPS), 100 * mlo, 100 * mhi, plo, phi);
+    }
+    // fp8 against bf16 step for step, the two runs alive together and taking turns (sequential
+    // medians compare two moments of a drifting host)
+    if (run[1] && run[2] && bf16_step > 0) {
+        Run r16, r8;
+        double ratio[STEPS];
+        if (run_init(&r16, &c, "bf16", B, T, &err) || run_init(&r8, &c, "fp8", B, T, &err)) {
+            fprintf(stderr, "bench_train: %s\n", err.msg);
+            return 1;
+        }
+        for (int s = 0; s < WARM + STEPS; s++) {
+            double t16 = run_step(&r16, &err), t8 = t16 < 0 ? -1 : run_step(&r8, &err);
+            if (t8 < 0) {
+                fprintf(stderr, "bench_train: %s\n", err.msg);
+                return 1;
+            }
+            if (s >= WARM) ratio[s - WARM] = t8 / t16;
+        }
+        run_free(&r16);
+        run_free(&r8);
+        double lo, hi;
+        range_of(ratio, STEPS, &lo, &hi);
+        printf("  fp8 / bf16 step, taking turns: median %.2fx (range %.2f-%.2fx)\n", bench_median(ratio, STEPS), lo, hi);
     }
     return 0;
 }

@@ -352,17 +352,24 @@ int train_model_set_recipe(TrainModel *m, const LinearRecipe *recipe, Error *err
     m->lowp = recipe ? &m->recipe : NULL;
     int want = recipe && recipe->fmt != LOWP_BF16;
     if (want == m->fp8_storage) return 0;
+    // The old layout's block goes first: holding both at once put the process's peak at their sum
+    // (v3-10m-train, fp8: 687 MB against 373 for the model with its bf16 layout).
+    m->be->ops->free(m->be, m->act_block);
     m->fp8_storage = want;
     size_t bytes = bufplan_size(plan_acts, m);
-    void *block = m->be->ops->alloc(m->be, bytes, "training activations");
-    if (!block) {
-        m->fp8_storage = !want;
-        return err_set(err, "micro-batch %d × %d: %s", m->B, m->T, m->be->err.msg);
+    m->act_block = m->be->ops->alloc(m->be, bytes, "training activations");
+    if (!m->act_block) {
+        Error why = {0};
+        err_set(&why, "micro-batch %d × %d: %s", m->B, m->T, m->be->err.msg);
+        m->fp8_storage = !want;  // the previous layout back, where its memory can still be had
+        m->act_bytes = bufplan_size(plan_acts, m);
+        m->act_block = m->be->ops->alloc(m->be, m->act_bytes, "training activations");
+        if (m->act_block) bufplan_lay(plan_acts, m, m->act_block);
+        else m->act_bytes = 0;
+        return err_set(err, "%s%s", why.msg, m->act_block ? "" : " (and the previous layout's again: free the model)");
     }
-    m->be->ops->free(m->be, m->act_block);
-    m->act_block = block;
     m->act_bytes = bytes;
-    bufplan_lay(plan_acts, m, block);
+    bufplan_lay(plan_acts, m, m->act_block);
     return 0;
 }
 

@@ -188,7 +188,8 @@ int train_model_new(TrainModel *m, const ModelConfig *c, int B, int T, Error *er
 int train_model_new_sharded(TrainModel *m, const ModelConfig *c, int B, int T, int ep_size, int ep_rank, Error *err);
 // Sets the linear layers' precision (NULL: fp32). FP8 also lays the activations out again with the
 // linear layers' inputs kept in FP8 between the passes (smaller act_bytes); the activations'
-// contents are lost, the parameters and gradients kept.
+// contents are lost, the parameters and gradients kept. Out of memory for the new layout, the
+// model keeps its previous one if it can still have that memory (else it can only be freed).
 int train_model_set_recipe(TrainModel *m, const LinearRecipe *recipe, Error *err);
 void train_model_free(TrainModel *m);
 // Linear, embedding, head and router weights ~ N(0, initializer_range); norms 1; router bias 0.
