@@ -1,9 +1,10 @@
 // Products on the AMX tiles (Sapphire Rapids and later Xeons): BF16 operands, fp32 sums.
 //   gemm_lowp_amx — the BF16 and FP8 GEMMs of mixed-precision training (gemm_lowp.h), both
 //                   operands rounded (or FP8-quantised) from fp32 by gemm_lowp's packers;
-//   matmul_nt_amx — x · Wᵀ with BF16 compute (`--compute bf16`) for the blocked products
-//                   (prefill): x rounded to BF16, W as the BF16 values matmul_bf16c.c takes (FP8
-//                   codes exactly, each 128-column chunk's sum × its block scale);
+//   matmul_nt_amx_rows — x · Wᵀ with BF16 compute (`--compute bf16`) for the blocked products
+//                   (prefill) on the weight panels: x rounded to BF16, W as the BF16 values
+//                   matmul_bf16c.c takes (FP8 codes exactly, each 128-column chunk's sum × its
+//                   block scale); matmul_nt_amx the same on a view's stored rows (no panels);
 //   panels_nt_amx — the same product on weight panels, for the decode steps of the matrices an
 //                   engine puts on the tiles (MatView.panels_tiles).
 //
@@ -26,8 +27,8 @@
 // are not the bits of the AVX512_BF16 kernels; an output element's sum is the same instructions
 // over the same K steps whatever the other rows and columns of its block (a block of at most 16
 // activation rows uses half the B tiles), so a row's bits do not depend on its company (tested).
-// matmul.c takes this kernel for the blocked products (training, prefill); the products on weight
-// panels have their own at the end (panels_nt_amx).
+// matmul.c takes these kernels for the blocked products (training, prefill); decode's products on
+// weight panels have their own (panels_nt_amx).
 //
 // Linux hands out the tile state only to a process that asked for it (arch_prctl, matmul.c's
 // detection); a call loads the tile configuration it needs unless the thread's tiles hold it
@@ -387,6 +388,14 @@ AMX_INLINE void panel_b_tiles(const uint32_t *b, int s, int pf) {
     TILE_LOAD(7, bs + 16, 4L * BLK);
 }
 
+// A BF16 panel's last step where the panel's kp_all pairs end inside it (kpa: whole steps): its
+// pairs copied to the same place in wb, zero-padded to the step's end.
+AMX_INLINE void pad_last_step(uint32_t *wb, const uint32_t *b, int kp_all, int kpa) {
+    size_t s0 = (size_t)(kpa - STEP_PAIRS);
+    memcpy(wb + s0 * BLK, b + s0 * BLK, sizeof(uint32_t) * BLK * (kp_all - s0));
+    memset(wb + (size_t)kp_all * BLK, 0, sizeof(uint32_t) * BLK * (kpa - kp_all));
+}
+
 // Sums of steps [s0, s1) for a group of activation rows (the A tile at a, kpa words apart) against
 // a panel's pairs at b (32 words per pair; BF16 panels in memory: the lines PF_STEPS steps ahead
 // requested — the tile loads stall on lines from memory), even steps into tiles 0-1, odd ones into
@@ -452,9 +461,7 @@ AMX_VBMI int AMX_FN(panels_nt_amx)(const AmxPanel *pn, int np, const uint32_t *a
             if (N > 16) widen_pairs(wb, p->w, 0, kpa, kp_all, tab);
             b = wb;
         } else if (kp_all < kpa) {  // the last step's pairs past the panel: a zero-padded copy
-            size_t s0 = (size_t)(steps - 1) * STEP_PAIRS;
-            memcpy(wb + s0 * BLK, b + s0 * BLK, sizeof(uint32_t) * BLK * (kp_all - s0));
-            memset(wb + (size_t)kp_all * BLK, 0, sizeof(uint32_t) * BLK * (kpa - kp_all));
+            pad_last_step(wb, b, kp_all, kpa);
         }
         for (int m0 = 0; m0 < N; m0 += 16) {
             const int m = N - m0 < 16 ? N - m0 : 16;
@@ -531,9 +538,7 @@ AMX_VBMI int AMX_FN(matmul_nt_amx_rows)(float *out, int ldo, const uint32_t *ap,
             widen_pairs(wb, panel, 0, kpa, kp_all, tab);
             b = wb;
         } else if (whole < steps) {  // the last step's pairs past the panel: a zero-padded copy
-            size_t s0 = (size_t)whole * STEP_PAIRS;
-            memcpy(wb + s0 * BLK, b + s0 * BLK, sizeof(uint32_t) * BLK * (kp_all - s0));
-            memset(wb + (size_t)kp_all * BLK, 0, sizeof(uint32_t) * BLK * (kpa - kp_all));
+            pad_last_step(wb, b, kp_all, kpa);
         }
         for (int g = 0; g * BLK < N; g++) {
             const uint32_t *a = ap + (size_t)g * BLK * kpa;
