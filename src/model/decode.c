@@ -128,8 +128,11 @@ static int long_context(const Batch *bt, int i) {
 
 // Does the step fold W_UK into the queries and apply W_UV itself, one product per head over every
 // row, rather than attention doing it per (row, head)? With several sequences (each weight then
-// serves them all at once) and room for their rows; the products are the same, so are the bits.
-static int latent_fold(const Batch *bt, const ForwardState *s) { return bt->n_seqs > 1 && bt->N <= s->latent_rows; }
+// serves them all at once), or one whose chunks spread over the threads (else every chunk would
+// fold its queries again), and room for their rows; the products are the same, so are the bits.
+static int latent_fold(const Batch *bt, const ForwardState *s) {
+    return (bt->n_seqs > 1 || long_context(bt, 0)) && bt->N <= s->latent_rows;
+}
 
 // The absorbed attention call of sequence i in layer l (its rows' queries, rotated, in s->q).
 static LatentAttention decode_attention(const Model *m, ForwardState *s, const Batch *bt, int l, int i,
