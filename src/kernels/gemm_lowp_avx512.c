@@ -828,7 +828,7 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
         // 2 threads from memory, taking turns: 256 x 512 +2.5%, 1024 x 512 +10%; a v3-deep FP8
         // decode step 5% faster, 19 of 20 rounds).
         const int P = n2 ? 1 : skinny_panels(N);
-        const size_t head = SKINNY_AHEAD < (size_t)kp_all * (fp8 ? 64 : 128) ? SKINNY_AHEAD : (size_t)kp_all * (fp8 ? 64 : 128);
+        const size_t pb = weight_panel_bytes(ws[0]), head = SKINNY_AHEAD < pb ? SKINNY_AHEAD : pb;
         Panel pn[4], nx[4];
         int np = p1 - p0 + 1 >= P ? P : 1;
         for (int q = 0; q < np; q++) {
