@@ -151,15 +151,13 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     }
     kvcache_free(&kv);
     forward_state_free(s);
-    double rlo = ratio[0], rhi = ratio[0];
-    for (int r = 1; r < REPS; r++) rlo = ratio[r] < rlo ? ratio[r] : rlo, rhi = ratio[r] > rhi ? ratio[r] : rhi;
+    double rlo, rhi, plo, phi, klo, khi;
+    bench_range(ratio, REPS, &rlo, &rhi);
+    bench_range(pratio, REPS, &plo, &phi);
+    bench_range(peak, REPS, &klo, &khi);
     double p = bench_median(pre, REPS), d = bench_median(dec, REPS), bw = bench_median(bws, REPS);
     double q = bench_median(ratio, REPS);
-    double gf = p * flops / PROMPT / 1e9, plo = pratio[0], phi = pratio[0], klo = peak[0], khi = peak[0];
-    for (int r = 1; r < REPS; r++) {
-        plo = pratio[r] < plo ? pratio[r] : plo, phi = pratio[r] > phi ? pratio[r] : phi;
-        klo = peak[r] < klo ? peak[r] : klo, khi = peak[r] > khi ? peak[r] : khi;
-    }
+    double gf = p * flops / PROMPT / 1e9;
     printf("%-5s%s prefill %d tokens: %8.1f tokens/s, %.1f GFLOP/s", dtype_name(dt), how, PROMPT, p, gf);
     if (bf16) printf(" (%.0f%% of the %s)", 100 * gf / pk->unit, bench_bf16_unit);
     printf("\n      GFLOP/s / %s peak taken before each run, run by run: median %.0f%% (range %.0f-%.0f%%; the peak "

@@ -103,10 +103,6 @@ static double run_step(Run *r, Error *err) {
 
 static double gemm_peak_of(int p) { return p == 0 ? bench_sgemm_peak(2048, 1) : bench_bf16_gemm_peak(2048, 2); }
 
-static void range_of(const double *v, int n, double *lo, double *hi) {
-    *lo = *hi = v[0];
-    for (int i = 1; i < n; i++) *lo = v[i] < *lo ? v[i] : *lo, *hi = v[i] > *hi ? v[i] : *hi;
-}
 
 // bench_train [PRECISION...]: the named precisions only (default: fp32 bf16 fp8).
 int main(int argc, char **argv) {
@@ -169,8 +165,8 @@ int main(int argc, char **argv) {
         size_t act = r.m.act_bytes;
         run_free(&r);
         double mlo, mhi, plo, phi;
-        range_of(mfu, STEPS, &mlo, &mhi);
-        range_of(peaks, STEPS, &plo, &phi);
+        bench_range(mfu, STEPS, &mlo, &mhi);
+        bench_range(peaks, STEPS, &plo, &phi);
         double t = bench_median(times, STEPS), tps = B * T / t, gf = tps * per_token / 1e9;
         if (p == 0) base = t;
         if (p == 1) bf16_step = t;
@@ -204,7 +200,7 @@ int main(int argc, char **argv) {
         run_free(&r16);
         run_free(&r8);
         double lo, hi;
-        range_of(ratio, STEPS, &lo, &hi);
+        bench_range(ratio, STEPS, &lo, &hi);
         printf("  fp8 / bf16 step, taking turns: median %.2fx (range %.2f-%.2fx)\n", bench_median(ratio, STEPS), lo, hi);
     }
     return 0;

@@ -657,7 +657,7 @@ static Panel panel_at(float *const *out, const int *ldo, const MatView *const *w
 AVX512BF16_VBMI_INLINE void skinny(const int N_, const int P_, const int fp8, const Panel *pn, const uint32_t *ap,
                                    int kp_all, const __m512i tab[4], const Panel *next) {
     const int chain = fp8 ? CH / 2 : KC / 2;  // pairs summed from zero: micro_tile's chunk / slice
-    const size_t panel_bytes = (size_t)kp_all * (fp8 ? 64 : 128);
+    const size_t step_bytes = fp8 ? 64 : 128, panel_bytes = (size_t)kp_all * step_bytes;  // (a pair's, a panel's)
     __m512 tot[SKINNY_MAX_N][4][2];  // (only [N_][P_] used: at most 24 sums, N_ · P_ <= 12)
 #pragma GCC unroll 12
     for (int n = 0; n < N_; n++)
@@ -674,20 +674,21 @@ AVX512BF16_VBMI_INLINE void skinny(const int N_, const int P_, const int fp8, co
             __m512bh b[4][2];
 #pragma GCC unroll 4
             for (int q = 0; q < P_; q++) {
+                // the stream SKINNY_AHEAD bytes on: in this panel, else in the next group's
+                const size_t ahead = (size_t)kp * step_bytes + SKINNY_AHEAD;
+                const char *at = ahead < panel_bytes ? (const char *)pn[q].w + ahead
+                                 : next ? (const char *)next[q].w + (ahead - panel_bytes) : NULL;
+                if (at) {
+                    _mm_prefetch(at, _MM_HINT_T0);
+                    if (!fp8) _mm_prefetch(at + 64, _MM_HINT_T0);
+                }
                 if (fp8) {
                     const uint8_t *c = (const uint8_t *)pn[q].w + (size_t)kp * 64;
-                    size_t ahead = (size_t)kp * 64 + SKINNY_AHEAD;
-                    if (ahead < panel_bytes) _mm_prefetch((const char *)c + SKINNY_AHEAD, _MM_HINT_T0);
-                    else if (next) _mm_prefetch((const char *)next[q].w + (ahead - panel_bytes), _MM_HINT_T0);
                     __m512i lo, hi;
                     fp8_widen64(_mm512_loadu_si512(c), tab, &lo, &hi);
                     b[q][0] = (__m512bh)lo, b[q][1] = (__m512bh)hi;
                 } else {
                     const uint32_t *c = (const uint32_t *)pn[q].w + (size_t)kp * NR;
-                    size_t ahead = (size_t)kp * 128 + SKINNY_AHEAD;
-                    const char *at = ahead < panel_bytes ? (const char *)c + SKINNY_AHEAD
-                                     : next ? (const char *)next[q].w + (ahead - panel_bytes) : NULL;
-                    if (at) _mm_prefetch(at, _MM_HINT_T0), _mm_prefetch(at + 64, _MM_HINT_T0);
                     b[q][0] = (__m512bh)_mm512_loadu_si512(c);
                     b[q][1] = (__m512bh)_mm512_loadu_si512(c + 16);
                 }
