@@ -14,11 +14,17 @@
 #define STEPS 5
 
 // Decodes `steps` tokens of sequence 0 (prompt p0, then its own argmax) alone in a private cache;
-// logits (steps, V) of each step.
-static int alone(const Model *m, DType dt, const int *p0, int n0, int steps, float *logits, Error *err) {
+// logits (steps, V) of each step. shares: the threads' fixed shares of the products (one per
+// thread), or NULL: measured.
+static int alone_shared(const Model *m, DType dt, const int *p0, int n0, int steps, const float *shares, float *logits,
+                        Error *err) {
     KVCache kv;
     if (kvcache_init_as(&kv, &m->cfg, 0, n0 + steps + 1, dt, err)) return -1;
     ForwardState *s = forward_state_new(m, 64, n0 + steps + 1, err);
+    if (s && shares && forward_state_set_shares(s, shares, omp_get_max_threads(), err)) {
+        forward_state_free(s);
+        s = NULL;
+    }
     int rc = s ? model_forward(m, s, &kv, p0, n0, ATTN_PLAIN, NULL, NULL, NULL, err) : -1, V = m->cfg.vocab_size;
     int tok = p0[n0 - 1] % V;
     for (int t = 0; t < steps && rc == 0; t++) {
@@ -31,6 +37,10 @@ static int alone(const Model *m, DType dt, const int *p0, int n0, int steps, flo
     forward_state_free(s);
     kvcache_free(&kv);
     return rc;
+}
+
+static int alone(const Model *m, DType dt, const int *p0, int n0, int steps, float *logits, Error *err) {
+    return alone_shared(m, dt, p0, n0, steps, NULL, logits, err);
 }
 
 // The same sequence as row group 0 of a batch of 8 on a shared pool (block size 4, so the
@@ -107,6 +117,48 @@ TEST(test_batch_invariance_bit_for_bit) {
                               threads[ti], t);
             }
         }
+        omp_set_num_threads(saved);
+        free(ref);
+        free(got);
+        model_free(&m);
+    }
+    omp_set_num_threads(saved);
+}
+
+// The decode threads' shares of the products follow their measured speeds; skewed shares, fixed by
+// hand, give the bits of one thread — fp32 and BF16 compute, an F32 and a BF16 cache — and a wrong
+// set of shares is refused.
+TEST(test_thread_shares_keep_bits) {
+    const char *models[] = {"tests/data/v3", "tests/data/fp8"};
+    int saved = omp_get_max_threads();
+    static const float two[2] = {0.8f, 0.2f}, three[3] = {0.15f, 0.6f, 0.25f};
+    for (int k = 0; k < 2; k++) {
+        Model m;
+        Error err = {0};
+        CHECK_MSG(model_load(&m, models[k], 0, &err) == 0, "%s", err.msg);
+        int V = m.cfg.vocab_size, p0[9] = {5, 17, 3, 9, 44, 2, 8, 1, 30};
+        float *ref = malloc(sizeof(float) * STEPS * V), *got = malloc(sizeof(float) * STEPS * V);
+        for (int mode = 0; mode < 3; mode++) {
+            DType type = mode == 1 ? DT_BF16 : DT_F32;
+            if (mode == 2) CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
+            omp_set_num_threads(1);
+            CHECK_MSG(alone(&m, type, p0, 9, STEPS, ref, &err) == 0, "%s", err.msg);
+            for (int n = 2; n <= 3; n++) {
+                omp_set_num_threads(n);
+                CHECK_MSG(alone_shared(&m, type, p0, 9, STEPS, n == 2 ? two : three, got, &err) == 0, "%s", err.msg);
+                CHECK_MSG(memcmp(ref, got, sizeof(float) * STEPS * V) == 0, "%s mode %d: %d threads in skewed shares",
+                          models[k], mode, n);
+            }
+        }
+        omp_set_num_threads(2);
+        ForwardState *s = forward_state_new(&m, 8, 16, &err);
+        CHECK_MSG(s, "%s", err.msg);
+        const float bad_sum[2] = {0.5f, 0.6f}, negative[2] = {1.5f, -0.5f};
+        CHECK(forward_state_set_shares(s, three, 3, &err) == -1 && strstr(err.msg, "3 fractions"));
+        CHECK(forward_state_set_shares(s, bad_sum, 2, &err) == -1 && strstr(err.msg, "sum"));
+        CHECK(forward_state_set_shares(s, negative, 2, &err) == -1 && strstr(err.msg, "fraction"));
+        CHECK(forward_state_set_shares(s, two, 2, &err) == 0 && forward_state_set_shares(s, NULL, 0, &err) == 0);
+        forward_state_free(s);
         omp_set_num_threads(saved);
         free(ref);
         free(got);

@@ -5,9 +5,10 @@
 // Decoding is bound by streaming the weights, and at a few rows the matrices are small (an expert
 // of a 100M model is 256 x 512). Forking a team per product spends much of the step starting and
 // joining threads, so here the team is formed once per step and every product is split between
-// its threads by output rows, with a barrier only where the next phase reads the whole of what the
-// previous one wrote. Small per-row work (the RMSNorms, the router's top-k, the dispatch) is
-// repeated by every thread into its own scratch instead of costing a barrier.
+// its threads by output rows (in proportion to their measured speeds: share_rows), with a barrier
+// only where the next phase reads the whole of what the previous one wrote. Small per-row work (the
+// RMSNorms, the router's top-k, the dispatch) is repeated by every thread into its own scratch
+// instead of costing a barrier.
 //
 // Batch invariance: every product is matmul_nt_invariant (one chain per output element, whatever
 // the number of rows or the split), attention runs per sequence, and the MoE sums each token's
@@ -44,6 +45,58 @@ static void share(int n, int unit, int *b, int *e) {
     long units = (n + unit - 1) / unit, lo = units * t / nt * unit, hi = units * (t + 1) / nt * unit;
     *b = (int)(lo < n ? lo : n);
     *e = (int)(hi < n ? hi : n);
+}
+
+// Threads' speeds differ on a shared host: the vCPU taking the host's interrupts ran 10-25% slower
+// than its partner for minutes at a time, and the partner then waited at every meeting. So the
+// products' output rows go to the threads in proportion to their speed (s->share_cut): each thread
+// times its share of those products (share_time), and after a step the cuts move toward equal times
+// (share_rebalance). Rows only move between threads and every output is still one chain, so the
+// bits do not change.
+
+// The start of thread t's share, as a fraction of the work (every thread computes the same cuts).
+static double share_at(const ForwardState *s, int t) {
+    int nt = omp_get_num_threads();
+    return nt == s->nthreads ? s->share_cut[t] : (double)t / nt;
+}
+
+// [*b, *e) of n output rows for this thread, in SHARE_UNITs, by the measured shares.
+static void share_rows(const ForwardState *s, int n, int *b, int *e) {
+    int t = omp_get_thread_num();
+    long units = (n + SHARE_UNIT - 1) / SHARE_UNIT;
+    long lo = lround(units * share_at(s, t)) * SHARE_UNIT, hi = lround(units * share_at(s, t + 1)) * SHARE_UNIT;
+    *b = (int)(lo < n ? lo : n);
+    *e = (int)(hi < n ? hi : n);
+}
+
+// Adds the seconds since t0 to this thread's time in its shares of the step.
+static void share_time(ForwardState *s, double t0) {
+    if (omp_get_num_threads() == s->nthreads) s->share_busy[16 * omp_get_thread_num()] += (float)(omp_get_wtime() - t0);
+}
+
+// After a step (outside the team): each thread's share moved part of the way toward its speed's
+// share (work done over time taken), within [1/2, 3/2] of an equal share — a step's timing is noisy.
+#define SHARE_STEP 0.2
+static void share_rebalance(ForwardState *s) {
+    int nt = s->nthreads;
+    if (nt < 2 || s->share_fixed) return;
+    double speed[nt], total = 0, f[nt], sum = 0;
+    for (int t = 0; t < nt; t++) {
+        double busy = s->share_busy[16 * t];
+        f[t] = s->share_cut[t + 1] - s->share_cut[t];
+        speed[t] = busy > 0 && f[t] > 0 ? f[t] / busy : 0;
+        total += speed[t];
+        s->share_busy[16 * t] = 0;
+    }
+    for (int t = 0; t < nt; t++)
+        if (speed[t] <= 0) return;  // a thread without a timed share this step: nothing to compare
+    for (int t = 0; t < nt; t++) {
+        f[t] += SHARE_STEP * (speed[t] / total - f[t]);
+        f[t] = f[t] < 0.5 / nt ? 0.5 / nt : f[t] > 1.5 / nt ? 1.5 / nt : f[t];
+        sum += f[t];
+    }
+    for (int t = 0; t < nt; t++) s->share_cut[t + 1] = (float)(s->share_cut[t] + f[t] / sum);
+    s->share_cut[nt] = 1.0f;
 }
 
 // The batch of one step: rows of sequences, sequence i owning rows [row0[i], row0[i] + T).
@@ -96,19 +149,24 @@ static Own own_vectors(const ModelConfig *c, ForwardState *s) {
 }
 
 // This thread's output rows of out (N, w->rows) = x (N, cols) · Wᵀ.
-static int gemv_share(float *out, const float *x, const MatView *w, int N) {
+static int gemv_share(ForwardState *s, float *out, const float *x, const MatView *w, int N) {
     int b, e;
-    share(w->rows, SHARE_UNIT, &b, &e);
-    return matmul_nt_invariant(out, w->rows, x, w->cols, w, N, b, e);
+    double t0 = omp_get_wtime();
+    share_rows(s, w->rows, &b, &e);
+    int rc = matmul_nt_invariant(out, w->rows, x, w->cols, w, N, b, e);
+    share_time(s, t0);
+    return rc;
 }
 
 // x += o_proj · attn (or down · act): this thread's features of y, then of x, for all N rows.
-static int gemv_share_residual(float *x, float *y, const float *in, const MatView *w, int N) {
+static int gemv_share_residual(ForwardState *s, float *x, float *y, const float *in, const MatView *w, int N) {
     int b, e, d = w->rows;
-    share(d, SHARE_UNIT, &b, &e);
+    double t0 = omp_get_wtime();
+    share_rows(s, d, &b, &e);
     int rc = matmul_nt_invariant(y, d, in, w->cols, w, N, b, e);
     for (int n = 0; n < N; n++)
         for (int r = b; r < e; r++) x[(size_t)n * d + r] += y[(size_t)n * d + r];
+    share_time(s, t0);
     return rc;
 }
 
@@ -160,8 +218,8 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     int nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, hr = r / 2;
     float eps = c->rms_norm_eps;
     rmsnorm_forward(ts->xn, NULL, s->x, lw->input_layernorm, N, d, eps);
-    ts->failed |= gemv_share(qr > 0 ? s->qa : s->q, ts->xn, qr > 0 ? &a->q_a_proj : &a->q_proj, N);
-    ts->failed |= gemv_share(s->kva, ts->xn, &a->kv_a_proj_with_mqa, N);
+    ts->failed |= gemv_share(s, qr > 0 ? s->qa : s->q, ts->xn, qr > 0 ? &a->q_a_proj : &a->q_proj, N);
+    ts->failed |= gemv_share(s, s->kva, ts->xn, &a->kv_a_proj_with_mqa, N);
 meet(s);
     {
         // this thread's rows of the cache (one row: the last thread's) normalised and rotated in place
@@ -193,7 +251,7 @@ meet(s);
     }
     if (qr > 0) {
         rmsnorm_forward(ts->cq, NULL, s->qa, a->q_a_layernorm, N, qr, eps);
-        ts->failed |= gemv_share(s->q, ts->cq, &a->q_b_proj, N);
+        ts->failed |= gemv_share(s, s->q, ts->cq, &a->q_b_proj, N);
     }
     // (no thread takes attention units between the previous layer's attention and this one's)
     if (omp_get_thread_num() == 0) atomic_store(&s->attn_next, 0), atomic_store(&s->chunk_next, 0);
@@ -283,7 +341,7 @@ meet(s);
         }
 meet(s);
     }
-    ts->failed |= gemv_share_residual(s->x, s->y, s->ao, &a->o_proj, N);
+    ts->failed |= gemv_share_residual(s, s->x, s->y, s->ao, &a->o_proj, N);
 meet(s);
 }
 
@@ -391,13 +449,13 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
             else break;
         }
     } else {
-        double cost = 0;
+        double cost = 0, t0 = omp_get_wtime();
         for (int x = 0; x < Nr; x++)
             if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) used++, cost += F * (MOE_ROW_READ_COST + off[x + 1] - off[x]);
         R = used * F + (Fs > 0 ? Fs : 0);
         cost += Fs > 0 ? Fs * (MOE_ROW_READ_COST + N) : 0;
-        b = tid == 0 ? 0 : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * tid / nth);
-        e = tid == nth - 1 ? R : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * (tid + 1) / nth);
+        b = tid == 0 ? 0 : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * share_at(s, tid));
+        e = tid == nth - 1 ? R : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * share_at(s, tid + 1));
         for (int x = 0, base = 0; x < Nr && base < e; x++) {
             int nt = off[x + 1] - off[x];
             if (nt == 0 || (mp && !mp->ops->holds(mp, x))) continue;
@@ -411,9 +469,11 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
             hi = hi > Fs ? Fs : hi;
             if (lo < hi) shared_gate_up(c, s, w, N, lo, hi, ts);
         }
+        share_time(s, t0);
     }
 meet(s);
-    share(d, SHARE_UNIT, &b, &e);
+    double t0 = omp_get_wtime();
+    share_rows(s, d, &b, &e);
     if (e > b) {
         // this thread's features of every slot's down projection, and of the shared experts'
         for (int x = 0; x < Nr; x++) {
@@ -437,6 +497,7 @@ meet(s);
             for (int r = b; r < e; r++) x[r] += Fs > 0 ? acc[r - b] + ys[r] : acc[r - b];
         }
     }
+    share_time(s, t0);
 meet(s);
     if (!mp) return;
     // s->xg (N, d): free in decoding, the routed parts of every row
@@ -456,7 +517,7 @@ static void decode_ffn(const Model *m, ForwardState *s, const LayerWeights *lw, 
     const ModelConfig *c = &m->cfg;
     rmsnorm_forward(ts->xn, NULL, s->x, lw->post_attention_layernorm, N, c->hidden_size, c->rms_norm_eps);
     if (lw->is_moe) {
-        ts->failed |= gemv_share(s->router, ts->xn, &lw->moe.gate, N);
+        ts->failed |= gemv_share(s, s->router, ts->xn, &lw->moe.gate, N);
         // (no thread takes gate/up units between the previous layer's and this one's)
         if (omp_get_thread_num() == 0) atomic_store(&s->moe_next, 0);
 meet(s);
@@ -465,13 +526,15 @@ meet(s);
     }
     const FfnWeights *f = &lw->mlp;
     int b, e, F = c->intermediate_size;
-    share(F, SHARE_UNIT, &b, &e);
+    double t0 = omp_get_wtime();
+    share_rows(s, F, &b, &e);
     ts->failed |= matmul_nt_invariant(s->gate, F, ts->xn, c->hidden_size, &f->gate_proj, N, b, e);
     ts->failed |= matmul_nt_invariant(s->up, F, ts->xn, c->hidden_size, &f->up_proj, N, b, e);
     for (int n = 0; n < N; n++)
         swiglu_forward(s->gate + (size_t)n * F + b, s->gate + (size_t)n * F + b, s->up + (size_t)n * F + b, e - b);
+    share_time(s, t0);
 meet(s);
-    ts->failed |= gemv_share_residual(s->x, s->y, s->gate, &f->down_proj, N);
+    ts->failed |= gemv_share_residual(s, s->x, s->y, s->gate, &f->down_proj, N);
 meet(s);
 }
 
@@ -491,7 +554,7 @@ static void decode_head(const Model *m, ForwardState *s, const Batch *bt, const 
             memmove(ts->xn + rows * d, ts->xn + (size_t)(bt->row0[i] + skip) * d, sizeof(float) * n * d);
         rows += n;
     }
-    if (rows > 0) ts->failed |= gemv_share(logits, ts->xn, head, rows);
+    if (rows > 0) ts->failed |= gemv_share(s, logits, ts->xn, head, rows);
 }
 
 // Checks the batch, lays out its rows and the RoPE angles of their positions (pos0 of each
@@ -555,6 +618,7 @@ int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_s
         failed |= ts.failed != 0;
     }
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->len += seqs[i].T;
+    share_rebalance(s);
     return step_result(failed, err);
 }
 
@@ -579,7 +643,7 @@ int model_mtp_decode(const Model *m, ForwardState *s, int k, const DecodeSeq *se
             rmsnorm_forward(ts.cat + (size_t)n * 2 * d, NULL, s->emb + (size_t)n * d, w->enorm, 1, d, c->rms_norm_eps);
             rmsnorm_forward(ts.cat + (size_t)n * 2 * d + d, NULL, hidden + (size_t)n * d, w->hnorm, 1, d, c->rms_norm_eps);
         }
-        ts.failed |= gemv_share(s->x, ts.cat, &w->eh_proj, N);
+        ts.failed |= gemv_share(s, s->x, ts.cat, &w->eh_proj, N);
 meet(s);
         decode_mla(m, s, &bt, c->num_hidden_layers + k, &w->layer, &ts);
         decode_ffn(m, s, &w->layer, N, &ts);
@@ -587,5 +651,6 @@ meet(s);
         failed |= ts.failed != 0;
     }
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->mtp_len[k] += seqs[i].T;
+    share_rebalance(s);
     return step_result(failed, err);
 }

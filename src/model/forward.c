@@ -1,6 +1,7 @@
 // The inference forward pass: embedding → decoder layers (layer.c) → norm → head, and the MTP
 // modules, over T tokens of one sequence appended to its latent cache. Activations are fp32;
 // weights are read in their stored type by the kernels.
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,8 @@ static void lay_state(BufPlan *p, void *ctx) {
     s->attn = PLAN_F(p, s->nthreads * s->attn_per_thread);
     s->attn_parts = PLAN_F(p, (long)LONG_SLOTS * s->nthreads * LONG_ROWS * H * (L + 2));
     s->attn_state = PLAN_F(p, LONG_ROWS * H * (L + 2));
+    s->share_cut = PLAN_F(p, s->nthreads + 1);
+    s->share_busy = PLAN_F(p, 16 * s->nthreads);
     s->own = PLAN_F(p, s->nthreads * s->own_per_thread);
     s->q_latent = PLAN_F(p, (long)s->latent_rows * H * L);
     s->out_latent = PLAN_F(p, (long)s->latent_rows * H * L);
@@ -77,6 +80,7 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
         return NULL;
     }
     bufplan_lay(lay_state, &lay, s->block);
+    share_cuts_equal(s);
     // one layer's activations: the residual stream is updated in place, nothing is kept
     LayerActs *a = &s->acts;
     a->x_in = a->x_mid = a->x_out = s->x;
@@ -105,6 +109,32 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
 }
 
 void forward_state_record_routes(ForwardState *s, int *routes) { s->routes = routes; }
+
+void share_cuts_equal(ForwardState *s) {
+    for (int t = 0; t <= s->nthreads; t++) s->share_cut[t] = (float)t / s->nthreads;
+    memset(s->share_busy, 0, sizeof(float) * 16 * s->nthreads);
+}
+
+int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Error *err) {
+    if (!fractions) {
+        s->share_fixed = 0;
+        share_cuts_equal(s);
+        return 0;
+    }
+    if (n != s->nthreads) return err_set(err, "thread shares: %d fractions for a team of %d threads", n, s->nthreads);
+    double sum = 0;
+    for (int t = 0; t < n; t++) {
+        if (!(fractions[t] >= 0.0f && fractions[t] <= 1.0f))
+            return err_set(err, "thread shares: fraction %d is %g, not in [0, 1]", t, fractions[t]);
+        sum += fractions[t];
+    }
+    if (fabs(sum - 1.0) > 1e-4) return err_set(err, "thread shares: the fractions sum to %g, not 1", sum);
+    s->share_fixed = 1;
+    for (int t = 0; t < n; t++) s->share_cut[t + 1] = s->share_cut[t] + fractions[t];
+    s->share_cut[n] = 1.0f;
+    memset(s->share_busy, 0, sizeof(float) * 16 * s->nthreads);
+    return 0;
+}
 
 void forward_state_free(ForwardState *s) {
     if (!s) return;

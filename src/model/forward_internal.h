@@ -33,6 +33,9 @@ struct ForwardState {
     size_t attn_per_thread;
     float *attn_parts;        // (LONG_SLOTS·nthreads, LONG_ROWS·H, kv_lora + 2) decode: a long context's chunk parts
     float *attn_state;        // (LONG_ROWS·H, kv_lora + 2) and their running merge (decode.c)
+    float *share_cut;         // (nthreads + 1) decode: thread t's share of the products' rows is [cut[t], cut[t + 1])
+    float *share_busy;        // (nthreads, 16) decode: each thread's seconds in those shares this step (own line)
+    int share_fixed;          // 1: share_cut set by forward_state_set_shares, not measured
     float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors (decode.c)
     size_t own_per_thread;
     int latent_rows;          // decode steps of up to this many rows fold W_UK / apply W_UV for all rows at once:
@@ -62,6 +65,9 @@ struct ForwardState {
 
 // The pass of T rows at pos0 over one sequence's cache; latent and kpe are set per layer.
 LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T, int pos0, AttnMode mode);
+
+// The decode threads' shares of the products: equal (on a new state, or a changed team).
+void share_cuts_equal(ForwardState *s);
 
 // Floats of one decode thread's private vectors for steps of up to `rows` rows.
 size_t decode_own_floats(const ModelConfig *c, int rows);

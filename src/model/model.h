@@ -145,6 +145,12 @@ void forward_state_free(ForwardState *s);
 // token is routed to: routes (num_hidden_layers, T, num_experts_per_tok) in selection order, −1
 // for the dense layers — what `dsv3 logits --routes-out` writes. NULL stops recording.
 void forward_state_record_routes(ForwardState *s, int *routes);
+// The decode threads' shares of the products' output rows: fractions (one per thread of the
+// team, summing to 1) held fixed from now on, or NULL: in proportion to each thread's speed as
+// measured over the previous steps (the default; decode.c). The shares never change the bits —
+// for tests that show it, and benchmarks that want them fixed. -1 (err set) for a wrong count
+// or fraction.
+int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Error *err);
 
 // Runs tokens[0..T) at positions kv->len .. kv->len+T-1, appending to the cache.
 // logits: (T, vocab) for every position, or NULL; last_logits: (vocab) for the last position or
