@@ -130,6 +130,7 @@ int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Err
     }
     if (fabs(sum - 1.0) > 1e-4) return err_set(err, "thread shares: the fractions sum to %g, not 1", sum);
     s->share_fixed = 1;
+    s->share_cut[0] = 0.0f;
     for (int t = 0; t < n; t++) s->share_cut[t + 1] = s->share_cut[t] + fractions[t];
     s->share_cut[n] = 1.0f;
     memset(s->share_busy, 0, sizeof(float) * 16 * s->nthreads);

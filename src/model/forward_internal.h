@@ -66,7 +66,7 @@ struct ForwardState {
 // The pass of T rows at pos0 over one sequence's cache; latent and kpe are set per layer.
 LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T, int pos0, AttnMode mode);
 
-// The decode threads' shares of the products: equal (on a new state, or a changed team).
+// The decode threads' shares of the products: equal (a new state; measured shares again).
 void share_cuts_equal(ForwardState *s);
 
 // Floats of one decode thread's private vectors for steps of up to `rows` rows.
