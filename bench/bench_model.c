@@ -113,6 +113,7 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     for (int i = 0; i < PROMPT; i++) tok[i] = (i * 7919 + 13) % V;
     float *logits = malloc(sizeof(float) * V);
     double pre[REPS], dec[REPS], bws[REPS], ratio[REPS], peak[REPS], pratio[REPS], wb = active_weight_bytes(&m);
+    double share0[REPS];  // thread 0's share of the decode products after each run's steps (model.h)
     double flops = prefill_flops(&m, PROMPT);
     // The host's memory and GEMM speeds drift from minute to minute (a shared virtual machine: the
     // AMX unit's rate was seen to double and halve between runs a minute apart), so every run is
@@ -147,6 +148,8 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
         pre[r] = PROMPT / (t1 - t0);
         dec[r] = DECODE / (t2 - t1);
         ratio[r] = wb * dec[r] / 1e9 / bws[r];
+        float sh[1];
+        share0[r] = forward_state_shares(s, sh, 1) > 1 ? sh[0] : 1.0;
         pratio[r] = flops / (t1 - t0) / 1e9 / peak[r];
     }
     kvcache_free(&kv);
@@ -166,6 +169,10 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     printf("%-5s%s decode (context %d-%d): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s; read bandwidth %.1f GB/s\n"
            "      weights streamed / read bandwidth, run by run: median %.0f%% (range %.0f-%.0f%%)\n",
            dtype_name(dt), how, PROMPT, PROMPT + DECODE, d, wb / 1e6, wb * d / 1e9, bw, 100 * q, 100 * rlo, 100 * rhi);
+    double slo, shi;
+    bench_range(share0, REPS, &slo, &shi);
+    printf("      thread 0's share of the decode products after each run (they follow the threads' speeds): %.2f-%.2f\n",
+           slo, shi);
     if (decode_tps) *decode_tps = d;
     free(logits);
     model_free(&m);

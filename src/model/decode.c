@@ -51,52 +51,59 @@ static void share(int n, int unit, int *b, int *e) {
 // than its partner for minutes at a time, and the partner then waited at every meeting. So the
 // products' output rows go to the threads in proportion to their speed (s->share_cut): each thread
 // times its share of those products (share_time), and after a step the cuts move toward equal times
-// (share_rebalance). Rows only move between threads and every output is still one chain, so the
-// bits do not change.
+// (share_rebalance). The MoE gate/up rows, shared out by an estimated cost, keep cuts of their own,
+// which also correct the estimate (one cut for both would trade one phase's wait for the other's).
+// Rows only move between threads and every output is still one chain, so the bits do not change.
 
-// The start of thread t's share, as a fraction of the work (every thread computes the same cuts).
-static double share_at(const ForwardState *s, int t) {
+// The start of thread t's share of a kind of work (SHARE_KINDS), as a fraction of it (every thread
+// computes the same cuts).
+static double share_at(const ForwardState *s, int kind, int t) {
     int nt = omp_get_num_threads();
-    return nt == s->nthreads ? s->share_cut[t] : (double)t / nt;
+    return nt == s->nthreads ? s->share_cut[kind * (nt + 1) + t] : (double)t / nt;
 }
 
 // [*b, *e) of n output rows for this thread, in SHARE_UNITs, by the measured shares.
 static void share_rows(const ForwardState *s, int n, int *b, int *e) {
     int t = omp_get_thread_num();
     long units = (n + SHARE_UNIT - 1) / SHARE_UNIT;
-    long lo = lround(units * share_at(s, t)) * SHARE_UNIT, hi = lround(units * share_at(s, t + 1)) * SHARE_UNIT;
+    long lo = lround(units * share_at(s, 0, t)) * SHARE_UNIT, hi = lround(units * share_at(s, 0, t + 1)) * SHARE_UNIT;
     *b = (int)(lo < n ? lo : n);
     *e = (int)(hi < n ? hi : n);
 }
 
-// Adds the seconds since t0 to this thread's time in its shares of the step.
-static void share_time(ForwardState *s, double t0) {
-    if (omp_get_num_threads() == s->nthreads) s->share_busy[16 * omp_get_thread_num()] += (float)(omp_get_wtime() - t0);
+// Adds the seconds since t0 to this thread's time in its shares of a kind of work this step.
+static void share_time(ForwardState *s, int kind, double t0) {
+    int nt = omp_get_num_threads();
+    if (nt == s->nthreads) s->share_busy[16 * (kind * nt + omp_get_thread_num())] += (float)(omp_get_wtime() - t0);
 }
 
 // After a step (outside the team): each thread's share moved part of the way toward its speed's
 // share (work done over time taken), within [1/2, 3/2] of an equal share — a step's timing is noisy.
 #define SHARE_STEP 0.2
-static void share_rebalance(ForwardState *s) {
-    int nt = s->nthreads;
-    if (nt < 2 || s->share_fixed) return;
+static void share_rebalance_kind(ForwardState *s, int kind) {
+    int nt = s->nthreads, ok = 1;
+    float *cut = s->share_cut + kind * (nt + 1), *busy = s->share_busy + 16 * kind * nt;
     double speed[nt], total = 0, f[nt], sum = 0;
     for (int t = 0; t < nt; t++) {
-        double busy = s->share_busy[16 * t];
-        f[t] = s->share_cut[t + 1] - s->share_cut[t];
-        speed[t] = busy > 0 && f[t] > 0 ? f[t] / busy : 0;
+        f[t] = cut[t + 1] - cut[t];
+        speed[t] = busy[16 * t] > 0 && f[t] > 0 ? f[t] / busy[16 * t] : 0;
+        ok &= speed[t] > 0;  // a thread without a timed share this step: nothing to compare
         total += speed[t];
-        s->share_busy[16 * t] = 0;
+        busy[16 * t] = 0;
     }
-    for (int t = 0; t < nt; t++)
-        if (speed[t] <= 0) return;  // a thread without a timed share this step: nothing to compare
+    if (!ok) return;
     for (int t = 0; t < nt; t++) {
         f[t] += SHARE_STEP * (speed[t] / total - f[t]);
         f[t] = f[t] < 0.5 / nt ? 0.5 / nt : f[t] > 1.5 / nt ? 1.5 / nt : f[t];
         sum += f[t];
     }
-    for (int t = 0; t < nt; t++) s->share_cut[t + 1] = (float)(s->share_cut[t] + f[t] / sum);
-    s->share_cut[nt] = 1.0f;
+    for (int t = 0; t < nt; t++) cut[t + 1] = (float)(cut[t] + f[t] / sum);
+    cut[nt] = 1.0f;
+}
+
+static void share_rebalance(ForwardState *s) {
+    if (s->nthreads < 2 || s->share_fixed) return;
+    for (int k = 0; k < SHARE_KINDS; k++) share_rebalance_kind(s, k);
 }
 
 // The batch of one step: rows of sequences, sequence i owning rows [row0[i], row0[i] + T).
@@ -154,7 +161,7 @@ static int gemv_share(ForwardState *s, float *out, const float *x, const MatView
     double t0 = omp_get_wtime();
     share_rows(s, w->rows, &b, &e);
     int rc = matmul_nt_invariant(out, w->rows, x, w->cols, w, N, b, e);
-    share_time(s, t0);
+    share_time(s, 0, t0);
     return rc;
 }
 
@@ -166,7 +173,7 @@ static int gemv_share_residual(ForwardState *s, float *x, float *y, const float 
     int rc = matmul_nt_invariant(y, d, in, w->cols, w, N, b, e);
     for (int n = 0; n < N; n++)
         for (int r = b; r < e; r++) x[(size_t)n * d + r] += y[(size_t)n * d + r];
-    share_time(s, t0);
+    share_time(s, 0, t0);
     return rc;
 }
 
@@ -295,7 +302,7 @@ meet(s);
     // split until one thread is ~30% faster), a thread's heads scoring the cache together, so each
     // cached row is read once per thread, not once per head.
     if (bt->n_seqs == 1 && !long_context(bt, 0)) {
-        int h0 = (int)lround(H * share_at(s, me)), h1 = (int)lround(H * share_at(s, me + 1));
+        int h0 = (int)lround(H * share_at(s, 0, me)), h1 = (int)lround(H * share_at(s, 0, me + 1));
         if (h0 < h1) {
             LatentAttention at = decode_attention(m, s, bt, l, 0, a);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
@@ -455,8 +462,8 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
             if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) used++, cost += F * (MOE_ROW_READ_COST + off[x + 1] - off[x]);
         R = used * F + (Fs > 0 ? Fs : 0);
         cost += Fs > 0 ? Fs * (MOE_ROW_READ_COST + N) : 0;
-        b = tid == 0 ? 0 : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * share_at(s, tid));
-        e = tid == nth - 1 ? R : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * share_at(s, tid + 1));
+        b = tid == 0 ? 0 : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * share_at(s, 1, tid));
+        e = tid == nth - 1 ? R : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * share_at(s, 1, tid + 1));
         for (int x = 0, base = 0; x < Nr && base < e; x++) {
             int nt = off[x + 1] - off[x];
             if (nt == 0 || (mp && !mp->ops->holds(mp, x))) continue;
@@ -470,7 +477,7 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
             hi = hi > Fs ? Fs : hi;
             if (lo < hi) shared_gate_up(c, s, w, N, lo, hi, ts);
         }
-        share_time(s, t0);
+        share_time(s, 1, t0);
     }
 meet(s);
     double t0 = omp_get_wtime();
@@ -498,7 +505,7 @@ meet(s);
             for (int r = b; r < e; r++) x[r] += Fs > 0 ? acc[r - b] + ys[r] : acc[r - b];
         }
     }
-    share_time(s, t0);
+    share_time(s, 0, t0);
 meet(s);
     if (!mp) return;
     // s->xg (N, d): free in decoding, the routed parts of every row
@@ -533,7 +540,7 @@ meet(s);
     ts->failed |= matmul_nt_invariant(s->up, F, ts->xn, c->hidden_size, &f->up_proj, N, b, e);
     for (int n = 0; n < N; n++)
         swiglu_forward(s->gate + (size_t)n * F + b, s->gate + (size_t)n * F + b, s->up + (size_t)n * F + b, e - b);
-    share_time(s, t0);
+    share_time(s, 0, t0);
 meet(s);
     ts->failed |= gemv_share_residual(s, s->x, s->y, s->gate, &f->down_proj, N);
 meet(s);

@@ -52,8 +52,8 @@ static void lay_state(BufPlan *p, void *ctx) {
     s->attn = PLAN_F(p, s->nthreads * s->attn_per_thread);
     s->attn_parts = PLAN_F(p, (long)LONG_SLOTS * s->nthreads * LONG_ROWS * H * (L + 2));
     s->attn_state = PLAN_F(p, LONG_ROWS * H * (L + 2));
-    s->share_cut = PLAN_F(p, s->nthreads + 1);
-    s->share_busy = PLAN_F(p, 16 * s->nthreads);
+    s->share_cut = PLAN_F(p, SHARE_KINDS * (s->nthreads + 1));
+    s->share_busy = PLAN_F(p, SHARE_KINDS * 16 * s->nthreads);
     s->own = PLAN_F(p, s->nthreads * s->own_per_thread);
     s->q_latent = PLAN_F(p, (long)s->latent_rows * H * L);
     s->out_latent = PLAN_F(p, (long)s->latent_rows * H * L);
@@ -111,8 +111,9 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
 void forward_state_record_routes(ForwardState *s, int *routes) { s->routes = routes; }
 
 void share_cuts_equal(ForwardState *s) {
-    for (int t = 0; t <= s->nthreads; t++) s->share_cut[t] = (float)t / s->nthreads;
-    memset(s->share_busy, 0, sizeof(float) * 16 * s->nthreads);
+    for (int k = 0; k < SHARE_KINDS; k++)
+        for (int t = 0; t <= s->nthreads; t++) s->share_cut[k * (s->nthreads + 1) + t] = (float)t / s->nthreads;
+    memset(s->share_busy, 0, sizeof(float) * SHARE_KINDS * 16 * s->nthreads);
 }
 
 int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Error *err) {
@@ -130,11 +131,19 @@ int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Err
     }
     if (fabs(sum - 1.0) > 1e-4) return err_set(err, "thread shares: the fractions sum to %g, not 1", sum);
     s->share_fixed = 1;
-    s->share_cut[0] = 0.0f;
-    for (int t = 0; t < n; t++) s->share_cut[t + 1] = s->share_cut[t] + fractions[t];
-    s->share_cut[n] = 1.0f;
-    memset(s->share_busy, 0, sizeof(float) * 16 * s->nthreads);
+    for (int k = 0; k < SHARE_KINDS; k++) {
+        float *cut = s->share_cut + k * (n + 1);
+        cut[0] = 0.0f;
+        for (int t = 0; t < n; t++) cut[t + 1] = cut[t] + fractions[t];
+        cut[n] = 1.0f;
+    }
+    memset(s->share_busy, 0, sizeof(float) * SHARE_KINDS * 16 * s->nthreads);
     return 0;
+}
+
+int forward_state_shares(const ForwardState *s, float *fractions, int n) {
+    for (int t = 0; t < n && t < s->nthreads; t++) fractions[t] = s->share_cut[t + 1] - s->share_cut[t];
+    return s->nthreads;
 }
 
 void forward_state_free(ForwardState *s) {

@@ -33,8 +33,8 @@ struct ForwardState {
     size_t attn_per_thread;
     float *attn_parts;        // (LONG_SLOTS·nthreads, LONG_ROWS·H, kv_lora + 2) decode: a long context's chunk parts
     float *attn_state;        // (LONG_ROWS·H, kv_lora + 2) and their running merge (decode.c)
-    float *share_cut;         // (nthreads + 1) decode: thread t's share of the products' rows is [cut[t], cut[t + 1])
-    float *share_busy;        // (nthreads, 16) decode: each thread's seconds in those shares this step (own line)
+    float *share_cut;         // (SHARE_KINDS, nthreads + 1) decode: thread t's share of a kind of work is [cut[t], cut[t + 1])
+    float *share_busy;        // (SHARE_KINDS, nthreads, 16) decode: each thread's seconds in its shares this step (own line)
     int share_fixed;          // 1: share_cut set by forward_state_set_shares, not measured
     float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors (decode.c)
     size_t own_per_thread;
@@ -65,6 +65,10 @@ struct ForwardState {
 
 // The pass of T rows at pos0 over one sequence's cache; latent and kpe are set per layer.
 LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T, int pos0, AttnMode mode);
+
+// Kinds of decode work shared out by measured speed (decode.c): the products' rows (0), and the MoE
+// gate/up rows shared out by an estimated cost (1), whose cut also corrects the estimate.
+#define SHARE_KINDS 2
 
 // The decode threads' shares of the products: equal (a new state; measured shares again).
 void share_cuts_equal(ForwardState *s);

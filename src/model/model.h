@@ -151,6 +151,8 @@ void forward_state_record_routes(ForwardState *s, int *routes);
 // for tests that show it, and benchmarks that want them fixed. -1 (err set) for a wrong count
 // or fraction.
 int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Error *err);
+// The shares now in use: up to n of them into fractions; returns the team's size.
+int forward_state_shares(const ForwardState *s, float *fractions, int n);
 
 // Runs tokens[0..T) at positions kv->len .. kv->len+T-1, appending to the cache.
 // logits: (T, vocab) for every position, or NULL; last_logits: (vocab) for the last position or
