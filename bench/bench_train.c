@@ -103,7 +103,6 @@ static double run_step(Run *r, Error *err) {
 
 static double gemm_peak_of(int p) { return p == 0 ? bench_sgemm_peak(2048, 1) : bench_bf16_gemm_peak(2048, 2); }
 
-
 // bench_train [PRECISION...]: the named precisions only (default: fp32 bf16 fp8).
 int main(int argc, char **argv) {
     const char *prec[3] = {"fp32", "bf16", "fp8"};

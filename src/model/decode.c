@@ -82,8 +82,9 @@ static void share_time(ForwardState *s, int kind, double t0) {
 #define SHARE_STEP 0.2
 static void share_rebalance_kind(ForwardState *s, int kind) {
     int nt = s->nthreads, ok = 1;
-    float *cut = s->share_cut + kind * (nt + 1), *busy = s->share_busy + 16 * kind * nt;
-    double speed[nt], total = 0, f[nt], sum = 0;
+    const float *cut = s->share_cut + kind * (nt + 1);
+    float *busy = s->share_busy + 16 * kind * nt;
+    double speed[nt], total = 0, f[nt];
     for (int t = 0; t < nt; t++) {
         f[t] = cut[t + 1] - cut[t];
         speed[t] = busy[16 * t] > 0 && f[t] > 0 ? f[t] / busy[16 * t] : 0;
@@ -95,10 +96,8 @@ static void share_rebalance_kind(ForwardState *s, int kind) {
     for (int t = 0; t < nt; t++) {
         f[t] += SHARE_STEP * (speed[t] / total - f[t]);
         f[t] = f[t] < 0.5 / nt ? 0.5 / nt : f[t] > 1.5 / nt ? 1.5 / nt : f[t];
-        sum += f[t];
     }
-    for (int t = 0; t < nt; t++) cut[t + 1] = (float)(cut[t] + f[t] / sum);
-    cut[nt] = 1.0f;
+    share_cuts_set(s, kind, f);
 }
 
 static void share_rebalance(ForwardState *s) {

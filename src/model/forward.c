@@ -110,9 +110,20 @@ ForwardState *forward_state_new(const Model *m, int max_T, int capacity, Error *
 
 void forward_state_record_routes(ForwardState *s, int *routes) { s->routes = routes; }
 
+void share_cuts_set(ForwardState *s, int kind, const double *f) {
+    int nt = s->nthreads;
+    float *cut = s->share_cut + kind * (nt + 1);
+    double sum = 0;
+    for (int t = 0; t < nt; t++) sum += f[t];
+    cut[0] = 0.0f;
+    for (int t = 0; t < nt; t++) cut[t + 1] = (float)(cut[t] + f[t] / sum);
+    cut[nt] = 1.0f;
+}
+
 void share_cuts_equal(ForwardState *s) {
-    for (int k = 0; k < SHARE_KINDS; k++)
-        for (int t = 0; t <= s->nthreads; t++) s->share_cut[k * (s->nthreads + 1) + t] = (float)t / s->nthreads;
+    double f[s->nthreads];
+    for (int t = 0; t < s->nthreads; t++) f[t] = 1.0;
+    for (int k = 0; k < SHARE_KINDS; k++) share_cuts_set(s, k, f);
     memset(s->share_busy, 0, sizeof(float) * SHARE_KINDS * 16 * s->nthreads);
 }
 
@@ -123,20 +134,15 @@ int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Err
         return 0;
     }
     if (n != s->nthreads) return err_set(err, "thread shares: %d fractions for a team of %d threads", n, s->nthreads);
-    double sum = 0;
+    double sum = 0, f[n];
     for (int t = 0; t < n; t++) {
         if (!(fractions[t] >= 0.0f && fractions[t] <= 1.0f))
             return err_set(err, "thread shares: fraction %d is %g, not in [0, 1]", t, fractions[t]);
-        sum += fractions[t];
+        sum += f[t] = fractions[t];
     }
     if (fabs(sum - 1.0) > 1e-4) return err_set(err, "thread shares: the fractions sum to %g, not 1", sum);
     s->share_fixed = 1;
-    for (int k = 0; k < SHARE_KINDS; k++) {
-        float *cut = s->share_cut + k * (n + 1);
-        cut[0] = 0.0f;
-        for (int t = 0; t < n; t++) cut[t + 1] = cut[t] + fractions[t];
-        cut[n] = 1.0f;
-    }
+    for (int k = 0; k < SHARE_KINDS; k++) share_cuts_set(s, k, f);
     memset(s->share_busy, 0, sizeof(float) * SHARE_KINDS * 16 * s->nthreads);
     return 0;
 }

@@ -70,7 +70,9 @@ LayerPass forward_pass(const Model *m, ForwardState *s, const KVCache *kv, int T
 // gate/up rows shared out by an estimated cost (1), whose cut also corrects the estimate.
 #define SHARE_KINDS 2
 
-// The decode threads' shares of the products: equal (a new state; measured shares again).
+// Kind's cuts from one fraction per thread f (scaled to sum to 1), and all kinds' cuts equal (a
+// new state; measured shares again).
+void share_cuts_set(ForwardState *s, int kind, const double *f);
 void share_cuts_equal(ForwardState *s);
 
 // Floats of one decode thread's private vectors for steps of up to `rows` rows.
