@@ -6,7 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
+#include "base/bigmem.h"
 #include "infer/engine.h"
 #include "model/model.h"
 #include "test.h"
@@ -260,6 +263,29 @@ static int run(Engine *e, Error *err) {
 // Sequences that grow over block boundaries (blocks of ENGINE_BLOCK_SIZE = 16), a cancellation
 // whose blocks the next sequence reuses, and a pool too small for all: the one that cannot grow
 // ends with FINISH_ERROR, the others finish as they would alone.
+// The pool's pages are resident once it is made (bigmem_prefault), hold zeros, and a block larger
+// than the free memory is left to fault in as used.
+TEST(test_cache_pool_is_faulted_in_when_made) {
+    ModelConfig c;
+    Error err = {0};
+    CHECK_MSG(config_load(&c, "tests/data/v3/config.json", &err) == 0, "%s", err.msg);
+    KVPool pool;
+    CHECK_MSG(kvpool_init(&pool, &c, 0, 64, ENGINE_BLOCK_SIZE, DT_F32, &err) == 0, "%s", err.msg);
+    long page = sysconf(_SC_PAGESIZE);
+    size_t pages = (pool.latent_bytes + (size_t)page - 1) / (size_t)page, resident = 0;
+    unsigned char *in = malloc(pages);
+    CHECK(in && mincore(pool.latent, pool.latent_bytes, in) == 0);
+    for (size_t i = 0; i < pages; i++) resident += in[i] & 1;
+    free(in);
+    CHECK_MSG(resident == pages, "%zu of %zu pages of the latent pool resident", resident, pages);
+    const float *lat = pool.latent;
+    for (size_t i = 0; i < pool.latent_bytes / sizeof(float); i++) CHECK(lat[i] == 0.0f);
+    // more than the machine has free: not touched (the pool's own block stands in: nothing is read)
+    size_t too_big = ((size_t)sysconf(_SC_AVPHYS_PAGES) + 1) * (size_t)page;
+    CHECK(bigmem_prefault(pool.latent, too_big) == 0);
+    kvpool_free(&pool);
+}
+
 TEST(test_paged_cache_grows_reuses_and_runs_out_cleanly) {
     Model m;
     Error err = {0};

@@ -67,6 +67,8 @@ int kvpool_init(KVPool *p, const ModelConfig *c, int n_mtp, int n_blocks, int bl
         kvpool_free(p);
         return -1;
     }
+    // together at most what is free now: faulted in here rather than during decode steps
+    if (bigmem_prefault(p->latent, p->latent_bytes)) bigmem_prefault(p->k_pe, p->kpe_bytes);
     for (int i = 0; i < n_blocks; i++) p->free_ids[i] = n_blocks - 1 - i;  // block 0 is handed out first
     p->n_free = n_blocks;
     return 0;
