@@ -43,4 +43,20 @@ static inline void team_barrier_wait(TeamBarrier *b, int nthreads) {
     }
 }
 
+// Meetings completed so far: the same number on every thread between two meetings, so a phase can
+// name a flag's value by it.
+static inline int team_barrier_passed(TeamBarrier *b) { return atomic_load(&b->passed); }
+
+// One thread's signal to the others that something it wrote is ready (a meeting that only some wait
+// for): raised with a value, waited for until it holds that value; the writes before the raise are
+// seen by the waiter after its wait (sequentially consistent atomics).
+static inline void team_flag_raise(atomic_int *flag, int value) { atomic_store(flag, value); }
+
+static inline void team_flag_wait(atomic_int *flag, int value) {
+    for (long spins = 0; atomic_load(flag) != value; spins++) {
+        if (spins < TEAM_BARRIER_SPINS) team_barrier_pause();
+        else sched_yield();
+    }
+}
+
 #endif

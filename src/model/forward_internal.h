@@ -48,6 +48,7 @@ struct ForwardState {
     _Alignas(64) atomic_int attn_next;  // decode.c: the next attention unit of a batched step
     _Alignas(64) atomic_int moe_next;   // decode.c: the next expert gate/up unit of a batched step
     _Alignas(64) atomic_int chunk_next; // decode.c: claims of a long context's attention chunks
+    _Alignas(64) atomic_int row_stored; // decode.c: a one-token step's new cache row is stored (at this meeting count)
 };
 
 // A decode step spreads the chunks of a sequence's attention over the threads when it has at least
