@@ -37,6 +37,9 @@
 
 // The team's threads meet (between the phases of a step: all of a phase's outputs written before
 // any thread reads them). A TeamBarrier rather than OpenMP's: a step meets ~10 times per layer.
+// Steps of one sequence of up to this many rows take decode_mla's path without the meetings around
+// q_b (a speculative verification's K + 1; one thread stores their cache rows).
+#define FLAG_MAX_ROWS 9
 static void meet(ForwardState *s) { team_barrier_wait(&s->meet, omp_get_num_threads()); }
 
 // [*b, *e) of n for this thread of the team.
@@ -228,21 +231,24 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     ts->failed |= gemv_share(s, qr > 0 ? s->qa : s->q, ts->xn, qr > 0 ? &a->q_a_proj : &a->q_proj, N);
     ts->failed |= gemv_share(s, s->kva, ts->xn, &a->kv_a_proj_with_mqa, N);
 meet(s);
-    // One token of one sequence (a plain decode step): each thread's share of q_b is the rows of the
-    // heads it attends for, whose q_pe it rotates itself, and the new cache row is awaited with a
-    // flag rather than a meeting — nothing else in between needs the other threads' work. Two
-    // meetings a layer fewer: v3-108m FP8 +2% and +5.6% (13 and 16 of 20 rounds taking turns),
-    // v3-deep FP8 +1.5% (14 of 16), BF16 within the noise. The same products: the same bits.
-    const int one = bt->n_seqs == 1 && N == 1 && !long_context(bt, 0), self = omp_get_thread_num();
+    // A few rows of one sequence (a plain decode step, a speculative verification): each thread's
+    // share of q_b is the columns of the heads it attends for, whose q_pe it rotates itself, and
+    // the new cache rows, stored by one thread, are awaited with a flag rather than a meeting —
+    // nothing else in between needs the other threads' work. Two meetings a layer fewer: one
+    // token, v3-108m FP8 +2% and +5.6% (13 and 16 of 20 rounds taking turns), v3-deep FP8 +1.5%
+    // (14 of 16), BF16 within the noise; `make demo`'s model speculating K = 2 +4% (10 of 12),
+    // plain +5.3% (12 of 12). The same products: the same bits.
+    const int one = bt->n_seqs == 1 && N <= FLAG_MAX_ROWS && !long_context(bt, 0), self = omp_get_thread_num();
     const int stored = team_barrier_passed(&s->meet), h0 = (int)lround(H * share_at(s, 0, self)),
               h1 = (int)lround(H * share_at(s, 0, self + 1));
     {
-        // this thread's rows of the cache (one row: the last thread's) normalised and rotated in place
-        // in kva, then stored in the cache's element type; then its share of q_b. (Split by rows: at
-        // 16 rows one thread storing them all kept the other waiting ~50 us a layer, the rows' halves
-        // written by both threads' kv_a shares.)
+        // this thread's rows of the cache (a few of one sequence: all the last thread's) normalised
+        // and rotated in place in kva, then stored in the cache's element type; then its share of
+        // q_b. (Split by rows: at 16 rows one thread storing them all kept the other waiting ~50 us
+        // a layer, the rows' halves written by both threads' kv_a shares.)
         int kb, ke;
         share(N, 1, &kb, &ke);
+        if (one) kb = self == omp_get_num_threads() - 1 ? 0 : N, ke = N;
         for (int i = 0; i < bt->n_seqs; i++) {
             const KVCache *kv = bt->seqs[i].kv;
             char *lat = kvcache_latent(kv, c, l), *kpe = kvcache_kpe(kv, c, l);
@@ -274,7 +280,9 @@ meet(s);
         } else ts->failed |= gemv_share(s, s->q, ts->cq, &a->q_b_proj, N);
     }
     if (one) {
-        for (int h = h0; h < h1; h++) rope_forward(s->q + (size_t)h * qk + nope, r, s->rope_cos, s->rope_sin);
+        for (int n = 0; n < N; n++)
+            for (int h = h0; h < h1; h++)
+                rope_forward(s->q + ((size_t)n * H + h) * qk + nope, r, s->rope_cos + (size_t)n * hr, s->rope_sin + (size_t)n * hr);
         team_flag_wait(&s->row_stored, stored);
         if (h0 < h1) {
             LatentAttention at = decode_attention(m, s, bt, l, 0, a);
