@@ -280,8 +280,9 @@ TEST(test_cache_pool_is_faulted_in_when_made) {
     CHECK_MSG(resident == pages, "%zu of %zu pages of the latent pool resident", resident, pages);
     const float *lat = pool.latent;
     for (size_t i = 0; i < pool.latent_bytes / sizeof(float); i++) CHECK(lat[i] == 0.0f);
-    // more than the machine has free: not touched (the pool's own block stands in: nothing is read)
-    size_t too_big = ((size_t)sysconf(_SC_AVPHYS_PAGES) + 1) * (size_t)page;
+    // more than the machine has free — twice its memory, so that no freeing in between can make it
+    // fit: not touched (the pool's own block stands in: nothing is read)
+    size_t too_big = 2 * (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)page;
     CHECK(bigmem_prefault(pool.latent, too_big) == 0);
     kvpool_free(&pool);
 }
