@@ -154,33 +154,39 @@ static int speculative_figures(void) {
     int Nr = m.cfg.n_routed_experts, Kr = m.cfg.num_experts_per_tok;
     int moe_layers = m.cfg.num_hidden_layers - m.cfg.first_k_dense_replace;
     double plain_bytes = b.dense + moe_layers * Kr * b.expert;
+    // K = 0..3 take turns round by round (each round in another order), and each round's K > 0 is
+    // compared with that round's K = 0: a drift of the host's speed moves both sides alike.
+    enum { ROUNDS = 5 };
     printf("-- speculative decoding, %s (make demo's checkpoint, greedy, 4 sequences of 128 new tokens, one at a "
-           "time; medians of 3)\n   plain step streams %.1f MB\n", dir, plain_bytes / 1e6);
-    double base = 0;
-    for (int K = 0; K <= 3; K++) {
-        double r[3], acc = 0;
-        for (int k = 0; k < 3; k++) {
+           "time; K = 0..3 taking turns, %d rounds, medians)\n   plain step streams %.1f MB\n",
+           dir, ROUNDS, plain_bytes / 1e6);
+    double tps[4][ROUNDS], acc[4] = {0};
+    for (int r = 0; r < ROUNDS; r++)
+        for (int i = 0; i < 4; i++) {
+            int K = (r + i) % 4;
             EngineStats st;
             if (run(&m, 1, (int)ids.n, 128, K, ids.v, &st)) return 1;
-            r[k] = st.decode_tokens / st.decode_s;
-            acc = st.draft_tokens ? (double)st.accepted_tokens / st.draft_tokens : 0;
+            tps[K][r] = st.decode_tokens / st.decode_s;
+            acc[K] = st.draft_tokens ? (double)st.accepted_tokens / st.draft_tokens : 0;  // (greedy: the same every round)
         }
-        double tps = bench_median(r, 3);
-        if (K == 0) {
-            base = tps;
-            printf("   K=0: %8.1f tokens/s\n", tps);
-            continue;
-        }
+    double sorted[ROUNDS];  // (bench_median sorts its argument: the rounds' pairing stays in tps)
+    memcpy(sorted, tps[0], sizeof sorted);
+    printf("   K=0: %8.1f tokens/s\n", bench_median(sorted, ROUNDS));
+    for (int K = 1; K <= 3; K++) {
         // tokens a step yields: 1 + accepted drafts (drafts accepted in a row, each with rate acc)
         double per_step = 1, run_p = 1;
-        for (int j = 0; j < K; j++) per_step += (run_p *= acc);
+        for (int j = 0; j < K; j++) per_step += (run_p *= acc[K]);
         // experts K + 1 tokens reach, routing taken as uniform: Nr (1 − (1 − Kr/Nr)^(K+1)) per layer
         double experts = Nr > 0 ? Nr * (1 - pow(1 - (double)Kr / Nr, K + 1)) : 0;
-        double step_bytes = b.dense + moe_layers * experts * b.expert + K * b.mtp;
-        double predicted = base * per_step * plain_bytes / step_bytes;
+        double step_bytes = b.dense + moe_layers * experts * b.expert + K * b.mtp, share[ROUNDS], lo, hi;
+        for (int r = 0; r < ROUNDS; r++) share[r] = tps[K][r] / (tps[0][r] * per_step * plain_bytes / step_bytes);
+        bench_range(share, ROUNDS, &lo, &hi);
         printf("   K=%d: %8.1f tokens/s, acceptance %.0f%%, %.2f tokens per step; a step streams %.1f MB "
-               "(%.1f experts per MoE layer, %d MTP passes); bandwidth model %.1f tokens/s -> %.0f%% of it\n",
-               K, tps, 100 * acc, per_step, step_bytes / 1e6, experts, K, predicted, 100 * tps / predicted);
+               "(%.1f experts per MoE layer, %d MTP passes); against the bandwidth model (the same round's K=0 "
+               "scaled by tokens per step and bytes per step): median %.0f%% (range %.0f-%.0f%%)\n",
+               K, (memcpy(sorted, tps[K], sizeof sorted), bench_median(sorted, ROUNDS)), 100 * acc[K], per_step,
+               step_bytes / 1e6, experts, K,
+               100 * bench_median(share, ROUNDS), 100 * lo, 100 * hi);
     }
     ids_free(&ids);
     tok_free(tok);
