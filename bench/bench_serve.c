@@ -3,8 +3,10 @@
 // repository's documentation): 1, 4, 16 and 64 concurrent streams, each client sending
 // REQUESTS_PER_CLIENT streamed completions one after another (SOLO_REQUESTS for the single
 // stream, whose percentiles would otherwise rest on two samples; a prompt of PROMPT ids, GEN new
-// tokens, greedy, EOS ignored). Per level: aggregate generated tokens/s over the level's wall
-// time, time to first token and time per output token (after the first), p50 and p99.
+// tokens, greedy, EOS ignored; every request of the run its own prompt, so the prefix cache finds
+// nothing). Per level: aggregate generated tokens/s over the level's wall time, time to first token
+// and time per output token (after the first), p50 and p99 — the levels taking turns over three
+// rounds, medians, each ratio against the same round's single stream.
 // Figures, not tests; it stops by itself. The aims of issue 11: aggregate tokens/s at 16 streams
 // ≥ 6× one stream, TTFT p99 at 16 streams under 4× its single-stream value.
 #define _GNU_SOURCE
@@ -50,12 +52,20 @@ static int connect_to(int port) {
     return fd;
 }
 
+// A well-mixed 64-bit value of x (splitmix64's finaliser): prompts of different seeds differ.
+static unsigned long long mix64(unsigned long long x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
 // One streamed request; *ttft and *tpot in seconds, the answer's token count from the usage chunk.
 static int one_request(int port, int seed, double *ttft, double *tpot, long *tokens) {
     char body[2048], head[256];
     int n = snprintf(body, sizeof body, "{\"prompt\": [");
     for (int t = 0; t < PROMPT; t++)
-        n += snprintf(body + n, sizeof body - n, "%s%lld", t ? "," : "", 2 + (t * 7919LL + seed * 104729LL) % 8000);
+        n += snprintf(body + n, sizeof body - n, "%s%llu", t ? "," : "", 2 + mix64((unsigned long long)seed * 1000003ull + t) % 8000);
     // logprobs: a chunk per token, so the first chunk times the first token
     n += snprintf(body + n, sizeof body - n, "], \"max_tokens\": %d, \"temperature\": 0, \"ignore_eos\": true, \"stream\": true,"
                   " \"logprobs\": 0, \"stream_options\": {\"include_usage\": true}}", GEN);
@@ -154,38 +164,50 @@ int main(void) {
         return 1;
     }
     printf("-- dsv3 serve, v3-108m (BF16, random weights) on loopback: streamed completions, prompts of %d ids, %d new tokens,\n"
-           "   %d requests per client one after another (%d for the single stream); the prefix cache sees distinct prompts\n",
+           "   %d requests per client one after another (%d for the single stream); the prefix cache sees distinct prompts;\n"
+           "   the levels taking turns, 3 rounds; medians, each ratio against the same round's single stream\n",
            PROMPT, GEN, REQUESTS_PER_CLIENT, SOLO_REQUESTS);
     double wt, wp;  // one request first, untimed: the server's first pass touches its memory
     long wn;
     if (one_request(port, 999999, &wt, &wp, &wn)) fprintf(stderr, "bench_serve: the warm-up request failed\n");
-    static const int levels[] = {1, 4, 16, 64};
-    double base_tps = 0, base_ttft99 = 0;
-    int rc = 0;
-    for (int l = 0; l < 4; l++) {
-        int nc = levels[l];
-        static Client cl[MAX_CLIENTS];
-        pthread_t th[MAX_CLIENTS];
-        double t0 = bench_now();
-        for (int i = 0; i < nc; i++) {
-            cl[i] = (Client){.port = port, .client = l * 1000 + i, .requests = nc == 1 ? SOLO_REQUESTS : REQUESTS_PER_CLIENT};
-            pthread_create(&th[i], NULL, client_main, &cl[i]);
+    // The levels take turns, ROUNDS rounds each in another order, and each round's level is compared
+    // with that round's single stream: a drift of the host's speed moves both sides alike.
+    enum { LEVELS = 4, ROUNDS = 3 };
+    static const int levels[LEVELS] = {1, 4, 16, 64};
+    double tps[LEVELS][ROUNDS], t50[LEVELS][ROUNDS], t99[LEVELS][ROUNDS], p50[LEVELS][ROUNDS], p99[LEVELS][ROUNDS];
+    int rc = 0, failed_at[LEVELS] = {0}, next_client = 0;
+    for (int r = 0; r < ROUNDS; r++)
+        for (int k = 0; k < LEVELS; k++) {
+            int l = (r + k) % LEVELS, nc = levels[l];
+            static Client cl[MAX_CLIENTS];
+            pthread_t th[MAX_CLIENTS];
+            double t0 = bench_now();
+            for (int i = 0; i < nc; i++) {  // (every client of every round its own prompts)
+                cl[i] = (Client){.port = port, .client = next_client++, .requests = nc == 1 ? SOLO_REQUESTS : REQUESTS_PER_CLIENT};
+                pthread_create(&th[i], NULL, client_main, &cl[i]);
+            }
+            for (int i = 0; i < nc; i++) pthread_join(th[i], NULL);
+            double wall = bench_now() - t0, ttft[MAX_CLIENTS * SOLO_REQUESTS], tpot[MAX_CLIENTS * SOLO_REQUESTS];
+            long tokens = 0;
+            int n = 0;
+            for (int i = 0; i < nc; i++) {
+                for (int q = 0; q < cl[i].n; q++) ttft[n] = cl[i].ttft[q], tpot[n++] = cl[i].tpot[q];
+                tokens += cl[i].tokens;
+                failed_at[l] += cl[i].failed;
+            }
+            tps[l][r] = tokens / wall, t50[l][r] = pct(ttft, n, 0.5), t99[l][r] = pct(ttft, n, 0.99);
+            p50[l][r] = pct(tpot, n, 0.5), p99[l][r] = pct(tpot, n, 0.99);
         }
-        for (int i = 0; i < nc; i++) pthread_join(th[i], NULL);
-        double wall = bench_now() - t0, ttft[MAX_CLIENTS * SOLO_REQUESTS], tpot[MAX_CLIENTS * SOLO_REQUESTS];
-        long tokens = 0;
-        int n = 0, failed = 0;
-        for (int i = 0; i < nc; i++) {
-            for (int r = 0; r < cl[i].n; r++) ttft[n] = cl[i].ttft[r], tpot[n++] = cl[i].tpot[r];
-            tokens += cl[i].tokens;
-            failed += cl[i].failed;
-        }
-        double tps = tokens / wall, t50 = pct(ttft, n, 0.5), t99 = pct(ttft, n, 0.99), p50 = pct(tpot, n, 0.5), p99 = pct(tpot, n, 0.99);
-        if (l == 0) base_tps = tps, base_ttft99 = t99;
+    double ratio[LEVELS][ROUNDS], ratio99[LEVELS][ROUNDS];  // (before bench_median sorts the rounds apart)
+    for (int l = 0; l < LEVELS; l++)
+        for (int r = 0; r < ROUNDS; r++) ratio[l][r] = tps[l][r] / tps[0][r], ratio99[l][r] = t99[l][r] / t99[0][r];
+    for (int l = 0; l < LEVELS; l++) {
         printf("   %2d streams: %7.1f tokens/s aggregate (%.2fx one stream); TTFT p50 %6.3f s p99 %6.3f s (%.2fx); "
                "TPOT p50 %6.4f s p99 %6.4f s%s\n",
-               nc, tps, tps / base_tps, t50, t99, t99 / base_ttft99, p50, p99, failed ? "  (some requests FAILED)" : "");
-        if (failed) rc = 1;
+               levels[l], bench_median(tps[l], ROUNDS), bench_median(ratio[l], ROUNDS), bench_median(t50[l], ROUNDS),
+               bench_median(t99[l], ROUNDS), bench_median(ratio99[l], ROUNDS), bench_median(p50[l], ROUNDS),
+               bench_median(p99[l], ROUNDS), failed_at[l] ? "  (some requests FAILED)" : "");
+        if (failed_at[l]) rc = 1;
     }
     kill(pid, SIGTERM);
     int st;
