@@ -169,24 +169,28 @@ static int speculative_figures(void) {
             tps[K][r] = st.decode_tokens / st.decode_s;
             acc[K] = st.draft_tokens ? (double)st.accepted_tokens / st.draft_tokens : 0;  // (greedy: the same every round)
         }
-    double sorted[ROUNDS];  // (bench_median sorts its argument: the rounds' pairing stays in tps)
-    memcpy(sorted, tps[0], sizeof sorted);
-    printf("   K=0: %8.1f tokens/s\n", bench_median(sorted, ROUNDS));
+    // each K's share of the bandwidth model round by round, before bench_median sorts the rounds apart
+    double per_step[4], experts[4], step_bytes[4], share[4][ROUNDS];
     for (int K = 1; K <= 3; K++) {
         // tokens a step yields: 1 + accepted drafts (drafts accepted in a row, each with rate acc)
-        double per_step = 1, run_p = 1;
-        for (int j = 0; j < K; j++) per_step += (run_p *= acc[K]);
+        double run_p = 1;
+        per_step[K] = 1;
+        for (int j = 0; j < K; j++) per_step[K] += (run_p *= acc[K]);
         // experts K + 1 tokens reach, routing taken as uniform: Nr (1 − (1 − Kr/Nr)^(K+1)) per layer
-        double experts = Nr > 0 ? Nr * (1 - pow(1 - (double)Kr / Nr, K + 1)) : 0;
-        double step_bytes = b.dense + moe_layers * experts * b.expert + K * b.mtp, share[ROUNDS], lo, hi;
-        for (int r = 0; r < ROUNDS; r++) share[r] = tps[K][r] / (tps[0][r] * per_step * plain_bytes / step_bytes);
-        bench_range(share, ROUNDS, &lo, &hi);
+        experts[K] = Nr > 0 ? Nr * (1 - pow(1 - (double)Kr / Nr, K + 1)) : 0;
+        step_bytes[K] = b.dense + moe_layers * experts[K] * b.expert + K * b.mtp;
+        for (int r = 0; r < ROUNDS; r++)
+            share[K][r] = tps[K][r] / (tps[0][r] * per_step[K] * plain_bytes / step_bytes[K]);
+    }
+    printf("   K=0: %8.1f tokens/s\n", bench_median(tps[0], ROUNDS));
+    for (int K = 1; K <= 3; K++) {
+        double lo, hi;
+        bench_range(share[K], ROUNDS, &lo, &hi);
         printf("   K=%d: %8.1f tokens/s, acceptance %.0f%%, %.2f tokens per step; a step streams %.1f MB "
                "(%.1f experts per MoE layer, %d MTP passes); against the bandwidth model (the same round's K=0 "
                "scaled by tokens per step and bytes per step): median %.0f%% (range %.0f-%.0f%%)\n",
-               K, (memcpy(sorted, tps[K], sizeof sorted), bench_median(sorted, ROUNDS)), 100 * acc[K], per_step,
-               step_bytes / 1e6, experts, K,
-               100 * bench_median(share, ROUNDS), 100 * lo, 100 * hi);
+               K, bench_median(tps[K], ROUNDS), 100 * acc[K], per_step[K], step_bytes[K] / 1e6, experts[K], K,
+               100 * bench_median(share[K], ROUNDS), 100 * lo, 100 * hi);
     }
     ids_free(&ids);
     tok_free(tok);

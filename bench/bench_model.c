@@ -177,9 +177,6 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     return 0;
 }
 
-// Decode tokens/s with ctx positions already in the cache (of dtype), engine-style steps
-// (model_decode, one sequence). The cache holds random latents: the speed of a step does not
-// depend on their values, and prefilling 32K tokens would take minutes.
 // FP8 against BF16 weights of one config (--compute bf16, mmapped), decode at 512-640 positions,
 // the two taking turns run by run (each round in the other order): the 1.5x, measured so
 // that a drift of the host moves both sides (the two medians of bench_one's runs, minutes apart,
@@ -235,6 +232,9 @@ fail:
     return 1;
 }
 
+// Decode tokens/s with ctx positions already in the cache (of dtype), engine-style steps
+// (model_decode, one sequence). The cache holds random latents: the speed of a step does not
+// depend on their values, and prefilling 32K tokens would take minutes.
 static double decode_at(Model *m, int ctx, DType dtype, Error *err) {
     enum { STEPS = 32 };
     const ModelConfig *c = &m->cfg;

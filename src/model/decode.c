@@ -37,9 +37,6 @@
 
 // The team's threads meet (between the phases of a step: all of a phase's outputs written before
 // any thread reads them). A TeamBarrier rather than OpenMP's: a step meets ~10 times per layer.
-// Steps of one sequence of up to this many rows take decode_mla's path without the meetings around
-// q_b (a speculative verification's K + 1; one thread stores their cache rows).
-#define FLAG_MAX_ROWS 9
 static void meet(ForwardState *s) { team_barrier_wait(&s->meet, omp_get_num_threads()); }
 
 // [*b, *e) of n for this thread of the team.
@@ -72,6 +69,14 @@ static void share_rows(const ForwardState *s, int n, int *b, int *e) {
     long lo = lround(units * share_at(s, 0, t)) * SHARE_UNIT, hi = lround(units * share_at(s, 0, t + 1)) * SHARE_UNIT;
     *b = (int)(lo < n ? lo : n);
     *e = (int)(hi < n ? hi : n);
+}
+
+// [*h0, *h1) of H heads for thread t of one sequence's step: whole heads at the measured shares
+// (with 8 heads an equal split until one thread is ~30% faster). Attention and, in a few-row step,
+// q_b's columns follow the same cut.
+static void share_heads(const ForwardState *s, int H, int t, int *h0, int *h1) {
+    *h0 = (int)lround(H * share_at(s, 0, t));
+    *h1 = (int)lround(H * share_at(s, 0, t + 1));
 }
 
 // Adds the seconds since t0 to this thread's time in its shares of a kind of work this step.
@@ -194,6 +199,10 @@ static int long_context(const Batch *bt, int i) {
     return bt->seqs[i].T <= LONG_ROWS && chunks > 1 && chunks >= 2 * omp_get_num_threads();
 }
 
+// Steps of one sequence of up to this many rows take decode_mla's path without the meetings around
+// q_b (a speculative verification's K + 1; one thread stores their cache rows).
+#define FLAG_MAX_ROWS 9
+
 // Does the step fold W_UK into the queries and apply W_UV itself, one product per head over every
 // row, rather than attention doing it per (row, head)? With several sequences (each weight then
 // serves them all at once), more rows of one than FLAG_MAX_ROWS (a prompt piece: one product per
@@ -241,8 +250,9 @@ meet(s);
     // (14 of 16), BF16 within the noise; `make demo`'s model speculating K = 2 +4% (10 of 12),
     // plain +5.3% (12 of 12). The same products: the same bits.
     const int one = bt->n_seqs == 1 && N <= FLAG_MAX_ROWS && !long_context(bt, 0), self = omp_get_thread_num();
-    const int stored = team_barrier_passed(&s->meet), h0 = (int)lround(H * share_at(s, 0, self)),
-              h1 = (int)lround(H * share_at(s, 0, self + 1));
+    const int stored = team_barrier_passed(&s->meet);
+    int h0, h1;
+    share_heads(s, H, self, &h0, &h1);
     {
         // this thread's rows of the cache (a few of one sequence: all the last thread's) normalised
         // and rotated in place in kva, then stored in the cache's element type; then its share of
@@ -335,11 +345,10 @@ meet(s);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
         }
     }
-    // One: its heads split by the threads' measured shares (whole heads: with 8 heads an equal
-    // split until one thread is ~30% faster), a thread's heads scoring the cache together, so each
-    // cached row is read once per thread, not once per head.
+    // One: its heads split by the threads' measured shares (share_heads), a thread's heads scoring
+    // the cache together, so each cached row is read once per thread, not once per head.
     if (bt->n_seqs == 1 && !long_context(bt, 0)) {
-        int h0 = (int)lround(H * share_at(s, 0, me)), h1 = (int)lround(H * share_at(s, 0, me + 1));
+        share_heads(s, H, me, &h0, &h1);
         if (h0 < h1) {
             LatentAttention at = decode_attention(m, s, bt, l, 0, a);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
@@ -545,10 +554,11 @@ meet(s);
     share_rows(s, d, &b, &e);
     if (e > b) {
         // this thread's features of every slot's down projection, and of the shared experts'
-        for (int x = 0; x < Nr && !down_done; x++)
-            if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) expert_down(c, s, w, x, off, b, e, ts);
-        if (Fs > 0 && !down_done)
-            ts->failed |= matmul_nt_invariant(s->y, d, s->gate, Fs, &w->shared_experts.down_proj, N, b, e);
+        if (!down_done) {
+            for (int x = 0; x < Nr; x++)
+                if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) expert_down(c, s, w, x, off, b, e, ts);
+            if (Fs > 0) ts->failed |= matmul_nt_invariant(s->y, d, s->gate, Fs, &w->shared_experts.down_proj, N, b, e);
+        }
         for (int n = 0; n < N; n++) {
             float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d, *part = s->xg + (size_t)n * d;
             // the row's routed sum over this thread's features: its choices computed on this rank

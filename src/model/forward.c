@@ -120,11 +120,16 @@ void share_cuts_set(ForwardState *s, int kind, const double *f) {
     cut[nt] = 1.0f;
 }
 
+// Every kind's cuts from the fractions f, and no time measured yet.
+static void share_cuts_all(ForwardState *s, const double *f) {
+    for (int k = 0; k < SHARE_KINDS; k++) share_cuts_set(s, k, f);
+    memset(s->share_busy, 0, sizeof(float) * SHARE_KINDS * 16 * s->nthreads);
+}
+
 void share_cuts_equal(ForwardState *s) {
     double f[s->nthreads];
     for (int t = 0; t < s->nthreads; t++) f[t] = 1.0;
-    for (int k = 0; k < SHARE_KINDS; k++) share_cuts_set(s, k, f);
-    memset(s->share_busy, 0, sizeof(float) * SHARE_KINDS * 16 * s->nthreads);
+    share_cuts_all(s, f);
 }
 
 int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Error *err) {
@@ -142,8 +147,7 @@ int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Err
     }
     if (fabs(sum - 1.0) > 1e-4) return err_set(err, "thread shares: the fractions sum to %g, not 1", sum);
     s->share_fixed = 1;
-    for (int k = 0; k < SHARE_KINDS; k++) share_cuts_set(s, k, f);
-    memset(s->share_busy, 0, sizeof(float) * SHARE_KINDS * 16 * s->nthreads);
+    share_cuts_all(s, f);
     return 0;
 }
 
