@@ -379,6 +379,66 @@ TEST(test_bf16c_panels_equal_register_tiles) {
     printf("    %d products on panels, every one the register tiles' bits\n", compared);
 }
 
+// A list of pieces (matmul_nt_pieces: one stream of weights on panels) gives every piece the bits
+// of its own matmul_nt_invariant call and writes nothing else: pieces of several matrices, rows
+// ranges cut anywhere (empty ones too), activations shared by neighbours or each its own, N from 1
+// past what the panel path takes (those go one by one), FP8 lists and BF16/F32/F16 lists, mixed
+// lists and views without panels (taken one by one).
+TEST(test_bf16c_pieces_equal_single_products) {
+    if (!kernels_cpu_avx512bf16_vbmi()) SKIP("no AVX512_BF16 with VBMI: no weight panels on this CPU");
+    enum { MATS = 5, PIECES = 9, MAXN = 14 };
+    const int rowss[MATS] = {256, 96, 160, 37, 512}, colss[MATS] = {512, 300, 129, 64, 256};
+    uint64_t seed = 2024;
+    int lists = 0;
+    for (int kind = 0; kind < 4; kind++) {  // FP8, the 16/32-bit types, mixed, some without panels
+        TestW w[MATS];
+        void *panels[MATS];
+        for (int m = 0; m < MATS; m++) {
+            const DType wide[3] = {DT_BF16, DT_F32, DT_F16};
+            DType t = kind == 0 ? DT_F8_E4M3 : kind == 2 && m % 2 ? DT_F8_E4M3 : wide[m % 3];
+            make_w(&w[m], t, rowss[m], colss[m], &seed);
+            size_t bytes = weight_panels_bytes(&w[m].v);
+            CHECK(bytes > 0);
+            panels[m] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+            CHECK(panels[m] && weight_panels_pack(panels[m], &w[m].v) == 0);
+            if (!(kind == 3 && m == 2)) w[m].v.panels = panels[m];
+        }
+        for (int rep = 0; rep < 40; rep++) {
+            NtPiece pc[PIECES];
+            float *xs[PIECES], *got[PIECES], *want[PIECES];
+            for (int i = 0; i < PIECES; i++) {
+                const MatView *v = &w[(int)(lcg(&seed) >> 33) % MATS].v;
+                int N = 1 + (int)(lcg(&seed) >> 33) % (rep % 4 == 3 ? MAXN : 3);
+                int r0 = (int)(lcg(&seed) >> 33) % v->rows, r1 = r0 + (int)(lcg(&seed) >> 33) % (v->rows - r0 + 1);
+                if (rep % 5 == 0) r0 = r0 / 32 * 32, r1 = v->rows;  // whole panels to the end
+                int ld = v->rows + 3;
+                if (i > 0 && lcg(&seed) % 3 == 0 && pc[i - 1].w->cols == v->cols) {
+                    xs[i] = NULL, N = pc[i - 1].N;  // the previous piece's activations
+                } else {
+                    xs[i] = malloc(sizeof(float) * N * (v->cols + 5));
+                    for (int k = 0; k < N * (v->cols + 5); k++) xs[i][k] = uniform(&seed) * 2;
+                }
+                got[i] = malloc(sizeof(float) * N * ld), want[i] = malloc(sizeof(float) * N * ld);
+                for (int k = 0; k < N * ld; k++) got[i][k] = want[i][k] = -7.0f;  // outside the rows: untouched
+                pc[i] = (NtPiece){.w = v, .r0 = r0, .r1 = r1, .x = xs[i] ? xs[i] : pc[i - 1].x, .ldx = v->cols + 5,
+                                  .N = N, .out = got[i], .ldo = ld};
+            }
+            CHECK(matmul_nt_pieces(pc, PIECES) == 0);
+            for (int i = 0; i < PIECES; i++) {
+                CHECK(matmul_nt_invariant(want[i], pc[i].ldo, pc[i].x, pc[i].ldx, pc[i].w, pc[i].N, pc[i].r0, pc[i].r1) == 0);
+                CHECK_MSG(memcmp(got[i], want[i], sizeof(float) * pc[i].N * pc[i].ldo) == 0,
+                          "list kind %d, repeat %d, piece %d (%s %dx%d rows %d-%d, N %d): not its own product's bits",
+                          kind, rep, i, dtype_name(pc[i].w->dtype), pc[i].w->rows, pc[i].w->cols, pc[i].r0, pc[i].r1,
+                          pc[i].N);
+            }
+            for (int i = 0; i < PIECES; i++) free(xs[i]), free(got[i]), free(want[i]);
+            lists++;
+        }
+        for (int m = 0; m < MATS; m++) free(panels[m]), free(w[m].data), free(w[m].scales);
+    }
+    printf("    %d lists of %d pieces, every piece its own product's bits\n", lists, PIECES);
+}
+
 TEST(test_bf16c_amx_against_fp64) {
     if (!kernels_cpu_amx()) SKIP("no AMX tiles on this CPU (or Linux did not grant their state)");
     amx_nt_sweep(1);

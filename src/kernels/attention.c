@@ -182,6 +182,13 @@ static int plain_head(const LatentAttention *a, int b, int h, Scratch s) {
 // Absorbed attention, in chunks of LATENT_CHUNK positions (attention.h). Entry e of sequence b is
 // head e / T, row e % T (head-major); a part row is [max score, Σ exp, Σ exp · latent (kv_lora)].
 
+// Head h's W_UK,hᵀ q_nope (n rows) as a piece of a->w_uk_t's product, *wt its view of the head's rows.
+static NtPiece fold_piece(const LatentAttention *a, int h, MatView *wt, const float *q_nope, int ldq, int n, float *out,
+                          int ldo) {
+    *wt = matview_rows(a->w_uk_t, h * a->kv_lora, a->kv_lora);
+    return (NtPiece){.w = wt, .r0 = 0, .r1 = a->kv_lora, .x = q_nope, .ldx = ldq, .N = n, .out = out, .ldo = ldo};
+}
+
 int latent_attention_fold_query(const LatentAttention *a, int h, const float *q_nope, int ldq, int n, float *out,
                                 int ldo) {
     int nope = a->nope, L = a->kv_lora;
@@ -190,8 +197,9 @@ int latent_attention_fold_query(const LatentAttention *a, int h, const float *q_
         return 0;
     }
     if (a->w_uk_t) {
-        MatView wt = matview_rows(a->w_uk_t, h * L, L);
-        return matmul_nt_invariant(out, ldo, q_nope, ldq, &wt, n, 0, L);
+        MatView wt;
+        NtPiece p = fold_piece(a, h, &wt, q_nope, ldq, n, out, ldo);
+        return matmul_nt_pieces(&p, 1);
     }
     MatView wuk = matview_rows(a->kv_b_proj, h * (nope + a->v), nope);
     return matmul_nn_invariant(out, ldo, q_nope, ldq, &wuk, n, 0, L, 0);
@@ -201,8 +209,10 @@ int latent_attention_fold_query(const LatentAttention *a, int h, const float *q_
 // kv_lora) = W_UKᵀ q_nope, s.qp (n, rope) = q_pe — once per entry group, for all its chunks, a
 // head's rows of the group in one product.
 static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch s) {
-    int H = a->H, nope = a->nope, r = a->rope, L = a->kv_lora, qk = nope + r, T = a->T, rc = 0;
+    int H = a->H, nope = a->nope, r = a->rope, L = a->kv_lora, qk = nope + r, T = a->T, rc = 0, np = 0;
     const float *q = a->q + (size_t)b * T * H * qk;
+    MatView wt[QC];  // on w_uk_t's panels the heads' products are one stream of pieces
+    NtPiece pc[QC];
     for (int i = 0; i < n; i++) {
         int h = (e0 + i) / T, t = (e0 + i) % T;
         const float *qr = q + ((size_t)t * H + h) * qk;
@@ -212,9 +222,15 @@ static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch
         } else if (t == 0 || i == 0) {  // the head's rows in this group, from this one on
             int rows = 1;
             while (i + rows < n && t + rows < T) rows++;
-            rc |= latent_attention_fold_query(a, h, qr, H * qk, rows, s.qa + (size_t)i * L, L);
+            if (a->w_uk_t && nope > 0) {
+                pc[np] = fold_piece(a, h, &wt[np], qr, H * qk, rows, s.qa + (size_t)i * L, L);
+                np++;
+            } else {
+                rc |= latent_attention_fold_query(a, h, qr, H * qk, rows, s.qa + (size_t)i * L, L);
+            }
         }
     }
+    rc |= matmul_nt_pieces(pc, np);
     return rc ? -1 : 0;
 }
 
@@ -297,9 +313,12 @@ void latent_attention_merge(const LatentAttention *a, int e0, int e1, const floa
 // Entries [e0, e1) of sequence b from their merged state (row i: entry e0 + i): the latent sums
 // over Σ exp, through W_UV into out.
 static int finish_entries(const LatentAttention *a, int b, int e0, int e1, const float *state, Scratch s) {
-    int H = a->H, nope = a->nope, v = a->v, L = a->kv_lora, T = a->T, rc = 0;
+    int H = a->H, nope = a->nope, v = a->v, L = a->kv_lora, T = a->T, np = 0, rc = 0;
     float *out = a->out + (size_t)b * T * H * v;
+    MatView wuv[QC];  // up to QC entries' products one stream of pieces (on panels), s.ol their inputs
+    NtPiece pc[QC];
     for (int e = e0; e < e1; e++) {
+        if (np == QC) rc |= matmul_nt_pieces(pc, np), np = 0;
         int h = e / T, t = e % T;
         const float *st = state + (size_t)(e - e0) * (L + 2);
         float inv = 1.0f / st[1];
@@ -308,10 +327,14 @@ static int finish_entries(const LatentAttention *a, int b, int e0, int e1, const
             for (int k = 0; k < L; k++) ol[k] = st[2 + k] * inv;
             continue;
         }
-        for (int k = 0; k < L; k++) s.ol[k] = st[2 + k] * inv;
-        MatView wuv = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
-        rc |= matmul_nt_invariant(out + ((size_t)t * H + h) * v, v, s.ol, L, &wuv, 1, 0, v);
+        float *ol = s.ol + (size_t)np * L;
+        for (int k = 0; k < L; k++) ol[k] = st[2 + k] * inv;
+        wuv[np] = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
+        pc[np] = (NtPiece){.w = &wuv[np], .r0 = 0, .r1 = v, .x = ol, .ldx = L, .N = 1,
+                           .out = out + ((size_t)t * H + h) * v, .ldo = v};
+        np++;
     }
+    rc |= matmul_nt_pieces(pc, np);
     return rc ? -1 : 0;
 }
 

@@ -900,6 +900,69 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
     return 0;
 }
 
+// A piece's panels [p, p + np) as matmul_nt_panels would take them (the views' panels_at on a
+// stack of one), the lanes past its rows unstored.
+static void piece_panels(Panel *pn, const NtPiece *pc, int p, int np) {
+    const int first[2] = {0, pc->w->rows};
+    float *const out[1] = {pc->out};
+    for (int q = 0; q < np; q++) pn[q] = panel_at(out, &pc->ldo, &pc->w, first, p + q, pc->r0, pc->r1);
+}
+
+AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
+    if (n <= 0) return 0;
+    const int fp8 = pc[0].w->dtype == DT_F8_E4M3;
+    // each piece's activations as BF16 pair words (a piece with the same rows as the one before
+    // shares its words)
+    size_t words = 0;
+    for (int i = 0; i < n; i++) words += (size_t)pc[i].N * ((pc[i].w->cols + 1) / 2);
+    uint32_t *ap = (uint32_t *)kernels_scratch(words), *at[n];
+    if (!ap) return -1;
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        const int kp = (pc[i].w->cols + 1) / 2;
+        if (i > 0 && pc[i].x == pc[i - 1].x && pc[i].ldx == pc[i - 1].ldx && pc[i].N == pc[i - 1].N &&
+            pc[i].w->cols == pc[i - 1].w->cols) {
+            at[i] = at[i - 1];
+            continue;
+        }
+        at[i] = ap + used;
+        pair_rows(at[i], kp, pc[i].N, pc[i].x, pc[i].ldx, pc[i].N, pc[i].w->cols);
+        used += (size_t)pc[i].N * kp;
+    }
+    __m512i tab[4];
+    if (fp8) fp8_widen_tables(tab);
+    // groups of panels piece after piece: (piece i, first panel p, count np), as panels_nt_stack
+    // groups one product's; a group's streams run on into the next group's, across pieces too
+    int i = 0;
+    while (i < n && (pc[i].r1 <= pc[i].r0 || pc[i].N <= 0)) i++;
+    if (i == n) return 0;
+    Panel pn[4], nx[4];
+    int p = pc[i].r0 / NR, P = skinny_panels(pc[i].N), np = (pc[i].r1 - 1) / NR - p + 1 >= P ? P : 1;
+    piece_panels(pn, &pc[i], p, np);
+    const size_t head = SKINNY_AHEAD < weight_panel_bytes(pc[i].w) ? SKINNY_AHEAD : weight_panel_bytes(pc[i].w);
+    for (int q = 0; q < np; q++)
+        for (size_t b = 0; b < head; b += 64) _mm_prefetch((const char *)pn[q].w + b, _MM_HINT_T0);
+    for (;;) {
+        int j = i, pj = p + np;
+        if (pj > (pc[i].r1 - 1) / NR) {  // the next group starts the next piece with rows
+            j = i + 1;
+            while (j < n && (pc[j].r1 <= pc[j].r0 || pc[j].N <= 0)) j++;
+            pj = j < n ? pc[j].r0 / NR : 0;
+        }
+        int nn = 0;
+        if (j < n) {
+            int Pj = skinny_panels(pc[j].N);
+            nn = (pc[j].r1 - 1) / NR - pj + 1 >= Pj ? Pj : 1;
+            piece_panels(nx, &pc[j], pj, nn);
+            for (int q = nn; q < np; q++) nx[q] = nx[nn - 1];  // (only prefetched: as many as this group has)
+        }
+        skinny_run(pc[i].N, np, fp8, pn, at[i], (pc[i].w->cols + 1) / 2, tab, j < n ? nx : NULL);
+        if (j == n) return 0;
+        for (int q = 0; q < nn; q++) pn[q] = nx[q];
+        i = j, p = pj, np = nn;
+    }
+}
+
 int matmul_nt_panels(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1) {
     return panels_nt_stack(&out, &ldo, &w, 1, x, ldx, N, r0, r1);
 }

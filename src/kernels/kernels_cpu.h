@@ -161,6 +161,10 @@ int matmul_nt_panels(float *out, int ldo, const float *x, int ldx, const MatView
 int matmul_nt2_panels(float *out_a, int ldo_a, float *out_b, int ldo_b, const float *x, int ldx, const MatView *wa,
                       const MatView *wb, int N);
 size_t weight_panel_bytes(const MatView *w);
+// matmul_nt_pieces on the views' panels: every piece's view has panels on the register tiles (not
+// AMX), the pieces all FP8 or none, each N <= PIECES_MAX_N. -1 when scratch runs out.
+#define PIECES_MAX_N 12
+int matmul_nt_pieces_panels(const NtPiece *pieces, int n);
 
 // Each E4M3 code's value as BF16 (256 entries, exact; the NaN codes a NaN), from matmul_bf16c.c.
 const uint16_t *fp8_bf16_values(void);

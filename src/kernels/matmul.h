@@ -95,6 +95,20 @@ int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *w
 // matmul_nn_invariant: out[n * ldo + c] (add: +=, the chain going on from out) Σ_r x[n * ldx + r]
 // W[r][c] for c in [c0, c1): a sum over row blocks, block after block, is the one chain.
 int matmul_nt_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+// Several matmul_nt_invariant products one after another, each piece rows [r0, r1) of its own w
+// against its own N rows of x: on weight panels (with few rows) the pieces' panels are one stream,
+// the next piece's first lines requested while the last group of this one is multiplied — a
+// product of a few panels alone began with a pipeline of misses (FP8, 64 KB a thread, 2 threads
+// from memory: 52 GB/s against 58-60 for long products). Each output has matmul_nt_invariant's bits.
+typedef struct NtPiece {
+    const MatView *w;
+    int r0, r1;        // w's rows
+    const float *x;    // (N, w->cols), rows ldx apart
+    int ldx, N;
+    float *out;        // out[n · ldo + r] for r in [r0, r1)
+    int ldo;
+} NtPiece;
+int matmul_nt_pieces(const NtPiece *pieces, int n);
 int matmul_nn_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int c0, int c1, int add);
 // The backward pass of out = x · Wᵀ, the other two GEMMs of a linear layer:
 // dx (N, cols) += dout · W (skipped when dx is NULL; any weight type) and

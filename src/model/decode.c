@@ -173,6 +173,15 @@ static int gemv_share(ForwardState *s, float *out, const float *x, const MatView
     return rc;
 }
 
+// This thread's output rows of each piece's w (its r0, r1 set here), one stream of weights.
+static int gemv_share_pieces(ForwardState *s, NtPiece *pc, int n) {
+    double t0 = omp_get_wtime();
+    for (int i = 0; i < n; i++) share_rows(s, pc[i].w->rows, &pc[i].r0, &pc[i].r1);
+    int rc = matmul_nt_pieces(pc, n);
+    share_time(s, 0, t0);
+    return rc;
+}
+
 // x += o_proj · attn (or down · act): this thread's features of y, then of x, for all N rows.
 static int gemv_share_residual(ForwardState *s, float *x, float *y, const float *in, const MatView *w, int N) {
     int b, e, d = w->rows;
@@ -239,8 +248,12 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     int nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, hr = r / 2;
     float eps = c->rms_norm_eps;
     rmsnorm_forward(ts->xn, NULL, s->x, lw->input_layernorm, N, d, eps);
-    ts->failed |= gemv_share(s, qr > 0 ? s->qa : s->q, ts->xn, qr > 0 ? &a->q_a_proj : &a->q_proj, N);
-    ts->failed |= gemv_share(s, s->kva, ts->xn, &a->kv_a_proj_with_mqa, N);
+    {
+        const MatView *wq = qr > 0 ? &a->q_a_proj : &a->q_proj, *wkv = &a->kv_a_proj_with_mqa;
+        NtPiece pc[2] = {{.w = wq, .x = ts->xn, .ldx = d, .N = N, .out = qr > 0 ? s->qa : s->q, .ldo = wq->rows},
+                         {.w = wkv, .x = ts->xn, .ldx = d, .N = N, .out = s->kva, .ldo = wkv->rows}};
+        ts->failed |= gemv_share_pieces(s, pc, 2);
+    }
 meet(s);
     // A few rows of one sequence (a plain decode step, a speculative verification): each thread's
     // share of q_b is the columns of the heads it attends for, whose q_pe it rotates itself, and
@@ -424,40 +437,58 @@ static int moe_row_at_cost(const int *off, int Nr, int F, int Fs, int N, const M
     return base;
 }
 
-// Rows [lo, hi) of routed expert x's gate and up products over its tokens (slots off[x] ..
-// off[x + 1]), SwiGLU applied: into e_gate's rows of those slots.
-static void expert_gate_up(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int x, const int *off, int lo,
-                           int hi, Own *ts) {
-    int d = c->hidden_size, F = c->moe_intermediate_size, nt = off[x + 1] - off[x];
-    const FfnWeights *ex = &w->experts[x];
-    const float *in = ts->xn + (size_t)ts->slot_tok[off[x]] * d;
-    if (nt > 1) {  // the expert's tokens' inputs, gathered
-        for (int j = 0; j < nt; j++)
-            memcpy(ts->xin + (size_t)j * d, ts->xn + (size_t)ts->slot_tok[off[x] + j] * d, sizeof(float) * d);
-        in = ts->xin;
+// The gate and up pieces of rows [lo, hi) of an expert (its own F rows each, or the shared
+// experts' Fs) over n tokens, from `in` (n rows of d), into gate and up (rows ld apart), appended
+// to pc[*np]; run_gate_up multiplies the pieces as one stream of weights, then applies SwiGLU.
+static void gate_up_pieces(NtPiece *pc, int *np, const FfnWeights *f, const float *in, int d, int n, float *gate,
+                           float *up, int ld, int lo, int hi) {
+    pc[(*np)++] = (NtPiece){.w = &f->gate_proj, .r0 = lo, .r1 = hi, .x = in, .ldx = d, .N = n, .out = gate, .ldo = ld};
+    pc[(*np)++] = (NtPiece){.w = &f->up_proj, .r0 = lo, .r1 = hi, .x = in, .ldx = d, .N = n, .out = up, .ldo = ld};
+}
+
+static void run_gate_up(const NtPiece *pc, int np, Own *ts) {
+    ts->failed |= matmul_nt_pieces(pc, np) != 0;
+    for (int i = 0; i < np; i += 2) {
+        const NtPiece *g = &pc[i], *u = &pc[i + 1];
+        for (int j = 0; j < g->N; j++) {
+            float *gr = g->out + (size_t)j * g->ldo + g->r0;
+            swiglu_forward(gr, gr, u->out + (size_t)j * u->ldo + u->r0, g->r1 - g->r0);
+        }
     }
-    float *g = s->e_gate + (size_t)off[x] * F, *u = s->e_up + (size_t)off[x] * F;
-    ts->failed |= matmul_nt_invariant(g, F, in, d, &ex->gate_proj, nt, lo, hi);
-    ts->failed |= matmul_nt_invariant(u, F, in, d, &ex->up_proj, nt, lo, hi);
-    for (int j = 0; j < nt; j++) swiglu_forward(g + (size_t)j * F + lo, g + (size_t)j * F + lo, u + (size_t)j * F + lo, hi - lo);
 }
 
-// Features [b, e) of routed expert x's down projection over its tokens: into e_out's rows of its
-// slots.
-static void expert_down(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int x, const int *off, int b,
-                        int e, Own *ts) {
-    int d = c->hidden_size, F = c->moe_intermediate_size, nt = off[x + 1] - off[x];
-    ts->failed |= matmul_nt_invariant(s->e_out + (size_t)off[x] * d, d, s->e_gate + (size_t)off[x] * F, F,
-                                      &w->experts[x].down_proj, nt, b, e);
+// Routed expert x's tokens' inputs (slots off[x] .. off[x + 1]): the one token's row of xn, or
+// several gathered into xin.
+static const float *expert_input(const ModelConfig *c, const int *off, int x, Own *ts) {
+    int d = c->hidden_size, nt = off[x + 1] - off[x];
+    if (nt == 1) return ts->xn + (size_t)ts->slot_tok[off[x]] * d;
+    for (int j = 0; j < nt; j++)
+        memcpy(ts->xin + (size_t)j * d, ts->xn + (size_t)ts->slot_tok[off[x] + j] * d, sizeof(float) * d);
+    return ts->xin;
 }
 
-// Rows [lo, hi) of the shared experts' gate and up products over all N rows, SwiGLU applied.
-static void shared_gate_up(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int N, int lo, int hi, Own *ts) {
-    int d = c->hidden_size, Fs = c->n_shared_experts * c->moe_intermediate_size;
-    ts->failed |= matmul_nt_invariant(s->gate, Fs, ts->xn, d, &w->shared_experts.gate_proj, N, lo, hi);
-    ts->failed |= matmul_nt_invariant(s->up, Fs, ts->xn, d, &w->shared_experts.up_proj, N, lo, hi);
-    for (int n = 0; n < N; n++)
-        swiglu_forward(s->gate + (size_t)n * Fs + lo, s->gate + (size_t)n * Fs + lo, s->up + (size_t)n * Fs + lo, hi - lo);
+// Rows [lo, hi) of routed expert x's gate and up pieces over its tokens: into e_gate's and
+// e_up's rows of its slots.
+static void expert_gate_up_pieces(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int x, const int *off,
+                                  const float *in, int lo, int hi, NtPiece *pc, int *np) {
+    int F = c->moe_intermediate_size;
+    gate_up_pieces(pc, np, &w->experts[x], in, c->hidden_size, off[x + 1] - off[x], s->e_gate + (size_t)off[x] * F,
+                   s->e_up + (size_t)off[x] * F, F, lo, hi);
+}
+
+// Features [b, e) of routed expert x's down projection over its tokens (into e_out's rows of its
+// slots), a piece.
+static NtPiece expert_down_piece(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int x, const int *off,
+                                 int b, int e) {
+    int d = c->hidden_size, F = c->moe_intermediate_size;
+    return (NtPiece){.w = &w->experts[x].down_proj, .r0 = b, .r1 = e, .x = s->e_gate + (size_t)off[x] * F, .ldx = F,
+                     .N = off[x + 1] - off[x], .out = s->e_out + (size_t)off[x] * d, .ldo = d};
+}
+
+static NtPiece shared_down_piece(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int N, int b, int e) {
+    int Fs = c->n_shared_experts * c->moe_intermediate_size;
+    return (NtPiece){.w = &w->shared_experts.down_proj, .r0 = b, .r1 = e, .x = s->gate, .ldx = Fs, .N = N,
+                     .out = s->y, .ldo = c->hidden_size};
 }
 
 // From this many rows a step's expert gate/up work is taken in units of a whole expert from a
@@ -515,16 +546,18 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
         // shared experts their down matrix spans all their units: it stays split by features.)
         down_done = n_shared <= 1;
         for (;;) {
-            int u = atomic_fetch_add(&s->moe_next, 1);
+            int u = atomic_fetch_add(&s->moe_next, 1), np = 0;
+            NtPiece pc[2], down;
             if (u < n_shared) {
-                shared_gate_up(c, s, w, N, u * F, (u + 1) * F, ts);
-                if (down_done)
-                    ts->failed |= matmul_nt_invariant(s->y, d, s->gate, Fs, &w->shared_experts.down_proj, N, 0, d);
+                gate_up_pieces(pc, &np, &w->shared_experts, ts->xn, d, N, s->gate, s->up, Fs, u * F, (u + 1) * F);
+                down = shared_down_piece(c, s, w, N, 0, d);
             } else if (u - n_shared < used) {
                 int x = in_use[u - n_shared];
-                expert_gate_up(c, s, w, x, off, 0, F, ts);
-                if (down_done) expert_down(c, s, w, x, off, 0, d, ts);
+                expert_gate_up_pieces(c, s, w, x, off, expert_input(c, off, x, ts), 0, F, pc, &np);
+                down = expert_down_piece(c, s, w, x, off, 0, d);
             } else break;
+            run_gate_up(pc, np, ts);
+            if (down_done) ts->failed |= matmul_nt_pieces(&down, 1) != 0;
         }
     } else {
         double cost = 0, t0 = omp_get_wtime();
@@ -534,19 +567,26 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
         cost += Fs > 0 ? Fs * (MOE_ROW_READ_COST + N) : 0;
         b = tid == 0 ? 0 : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * share_at(s, 1, tid));
         e = tid == nth - 1 ? R : moe_row_at_cost(off, Nr, F, Fs, N, mp, cost * share_at(s, 1, tid + 1));
+        // this thread's rows of every expert's gate and up as one stream of pieces (up to an expert
+        // of several tokens: its gathered inputs' buffer is the next one's)
+        NtPiece pc[2 * Nr + 2];
+        int np = 0;
         for (int x = 0, base = 0; x < Nr && base < e; x++) {
             int nt = off[x + 1] - off[x];
             if (nt == 0 || (mp && !mp->ops->holds(mp, x))) continue;
             int lo = b > base ? b - base : 0, hi = e - base < F ? e - base : F;
             base += F;
-            if (lo < hi) expert_gate_up(c, s, w, x, off, lo, hi, ts);
+            if (lo >= hi) continue;
+            expert_gate_up_pieces(c, s, w, x, off, expert_input(c, off, x, ts), lo, hi, pc, &np);
+            if (nt > 1) run_gate_up(pc, np, ts), np = 0;
         }
         if (Fs > 0) {
             int lo = b - used * F, hi = e - used * F;
             lo = lo < 0 ? 0 : lo;
             hi = hi > Fs ? Fs : hi;
-            if (lo < hi) shared_gate_up(c, s, w, N, lo, hi, ts);
+            if (lo < hi) gate_up_pieces(pc, &np, &w->shared_experts, ts->xn, d, N, s->gate, s->up, Fs, lo, hi);
         }
+        run_gate_up(pc, np, ts);
         share_time(s, 1, t0);
     }
 meet(s);
@@ -554,10 +594,13 @@ meet(s);
     share_rows(s, d, &b, &e);
     if (e > b) {
         // this thread's features of every slot's down projection, and of the shared experts'
-        if (!down_done) {
+        if (!down_done) {  // one stream of pieces
+            NtPiece pc[Nr + 1];
+            int np = 0;
             for (int x = 0; x < Nr; x++)
-                if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) expert_down(c, s, w, x, off, b, e, ts);
-            if (Fs > 0) ts->failed |= matmul_nt_invariant(s->y, d, s->gate, Fs, &w->shared_experts.down_proj, N, b, e);
+                if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) pc[np++] = expert_down_piece(c, s, w, x, off, b, e);
+            if (Fs > 0) pc[np++] = shared_down_piece(c, s, w, N, b, e);
+            ts->failed |= matmul_nt_pieces(pc, np) != 0;
         }
         for (int n = 0; n < N; n++) {
             float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d, *part = s->xg + (size_t)n * d;
@@ -604,10 +647,10 @@ meet(s);
     int b, e, F = c->intermediate_size;
     double t0 = omp_get_wtime();
     share_rows(s, F, &b, &e);
-    ts->failed |= matmul_nt_invariant(s->gate, F, ts->xn, c->hidden_size, &f->gate_proj, N, b, e);
-    ts->failed |= matmul_nt_invariant(s->up, F, ts->xn, c->hidden_size, &f->up_proj, N, b, e);
-    for (int n = 0; n < N; n++)
-        swiglu_forward(s->gate + (size_t)n * F + b, s->gate + (size_t)n * F + b, s->up + (size_t)n * F + b, e - b);
+    NtPiece pc[2];
+    int np = 0;
+    gate_up_pieces(pc, &np, f, ts->xn, c->hidden_size, N, s->gate, s->up, F, b, e);
+    run_gate_up(pc, np, ts);
     share_time(s, 0, t0);
 meet(s);
     ts->failed |= gemv_share_residual(s, s->x, s->y, s->gate, &f->down_proj, N);
