@@ -27,20 +27,35 @@ static inline void team_barrier_pause(void) {
 #endif
 }
 
-// Every one of the team's nthreads threads calls it; none returns before all have called it, and
-// each then sees every write the others made before calling (sequentially consistent atomics).
-static inline void team_barrier_wait(TeamBarrier *b, int nthreads) {
-    if (nthreads <= 1) return;
+// team_barrier_wait in two halves, for a thread with something to do that needs nobody (requests
+// for what it reads after the meeting): arrive — the last one in lets everyone go at once — then
+// await the meeting's end with what arrive returned (wait 0: the last one in, or a team of one).
+typedef struct TeamTicket {
+    int gen, wait;
+} TeamTicket;
+
+static inline TeamTicket team_barrier_arrive(TeamBarrier *b, int nthreads) {
+    if (nthreads <= 1) return (TeamTicket){0, 0};
     int gen = atomic_load(&b->passed);
-    if (atomic_fetch_add(&b->arrived, 1) == nthreads - 1) {  // the last one in lets everyone go
+    if (atomic_fetch_add(&b->arrived, 1) == nthreads - 1) {
         atomic_store(&b->arrived, 0);
         atomic_fetch_add(&b->passed, 1);
-        return;
+        return (TeamTicket){gen, 0};
     }
-    for (long spins = 0; atomic_load(&b->passed) == gen; spins++) {
+    return (TeamTicket){gen, 1};
+}
+
+static inline void team_barrier_await(TeamBarrier *b, TeamTicket t) {
+    for (long spins = 0; t.wait && atomic_load(&b->passed) == t.gen; spins++) {
         if (spins < TEAM_BARRIER_SPINS) team_barrier_pause();
         else sched_yield();
     }
+}
+
+// Every one of the team's nthreads threads calls it; none returns before all have called it, and
+// each then sees every write the others made before calling (sequentially consistent atomics).
+static inline void team_barrier_wait(TeamBarrier *b, int nthreads) {
+    team_barrier_await(b, team_barrier_arrive(b, nthreads));
 }
 
 // Meetings completed so far: the same number on every thread between two meetings, so a phase can

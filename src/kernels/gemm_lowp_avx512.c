@@ -908,6 +908,25 @@ static void piece_panels(Panel *pn, const NtPiece *pc, int p, int np) {
     for (int q = 0; q < np; q++) pn[q] = panel_at(out, &pc->ldo, &pc->w, first, p + q, pc->r0, pc->r1);
 }
 
+// The first group of panels of piece pc (pn[0 .. returned count)), their first `head` bytes requested.
+static int first_group(Panel *pn, const NtPiece *pc, size_t head) {
+    int p = pc->r0 / NR, P = skinny_panels(pc->N), np = (pc->r1 - 1) / NR - p + 1 >= P ? P : 1;
+    piece_panels(pn, pc, p, np);
+    if (head > weight_panel_bytes(pc->w)) head = weight_panel_bytes(pc->w);
+    for (int q = 0; q < np; q++)
+        for (size_t b = 0; b < head; b += 64) _mm_prefetch((const char *)pn[q].w + b, _MM_HINT_T0);
+    return np;
+}
+
+void matmul_nt_pieces_panels_ahead(const NtPiece *pc, int n) {
+    for (int i = 0; i < n; i++)
+        if (pc[i].r1 > pc[i].r0 && pc[i].N > 0) {
+            Panel pn[4];
+            first_group(pn, &pc[i], PIECES_AHEAD);
+            return;
+        }
+}
+
 AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
     if (n <= 0) return 0;
     const int fp8 = pc[0].w->dtype == DT_F8_E4M3;
@@ -937,11 +956,7 @@ AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
     while (i < n && (pc[i].r1 <= pc[i].r0 || pc[i].N <= 0)) i++;
     if (i == n) return 0;
     Panel pn[4], nx[4];
-    int p = pc[i].r0 / NR, P = skinny_panels(pc[i].N), np = (pc[i].r1 - 1) / NR - p + 1 >= P ? P : 1;
-    piece_panels(pn, &pc[i], p, np);
-    const size_t head = SKINNY_AHEAD < weight_panel_bytes(pc[i].w) ? SKINNY_AHEAD : weight_panel_bytes(pc[i].w);
-    for (int q = 0; q < np; q++)
-        for (size_t b = 0; b < head; b += 64) _mm_prefetch((const char *)pn[q].w + b, _MM_HINT_T0);
+    int p = pc[i].r0 / NR, np = first_group(pn, &pc[i], SKINNY_AHEAD);
     for (;;) {
         int j = i, pj = p + np;
         if (pj > (pc[i].r1 - 1) / NR) {  // the next group starts the next piece with rows

@@ -165,6 +165,9 @@ size_t weight_panel_bytes(const MatView *w);
 // AMX), the pieces all FP8 or none, each N <= PIECES_MAX_N. -1 when scratch runs out.
 #define PIECES_MAX_N 12
 int matmul_nt_pieces_panels(const NtPiece *pieces, int n);
+// matmul_nt_pieces_ahead on panels: the first group's first PIECES_AHEAD bytes a panel.
+#define PIECES_AHEAD 256
+void matmul_nt_pieces_panels_ahead(const NtPiece *pieces, int n);
 
 // Each E4M3 code's value as BF16 (256 entries, exact; the NaN codes a NaN), from matmul_bf16c.c.
 const uint16_t *fp8_bf16_values(void);

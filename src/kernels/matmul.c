@@ -436,14 +436,23 @@ int matmul_nt_invariant(float *out, int ldo, const float *x, int ldx, const MatV
     return gemv_nt_avx512(out, ldo, x, ldx, N, w, r0, r1);
 }
 
-int matmul_nt_pieces(const NtPiece *pc, int n) {
+// Do the pieces run on panels as one list (matmul_nt_pieces_panels)?
+static int pieces_on_panels(const NtPiece *pc, int n) {
     int panels = n > 0, fp8 = n > 0 && pc[0].w->dtype == DT_F8_E4M3;
-    for (int i = 0; i < n; i++) {
-        if (check_dtype(pc[i].w)) return -1;
+    for (int i = 0; i < n; i++)
         panels &= matmul_on_panels(pc[i].w) && (pc[i].w->dtype == DT_F8_E4M3) == fp8 && pc[i].N <= PIECES_MAX_N &&
                   !(pc[i].w->panels_tiles && kernels_cpu_amx());
-    }
-    if (panels) return matmul_nt_pieces_panels(pc, n);
+    return panels;
+}
+
+void matmul_nt_pieces_ahead(const NtPiece *pc, int n) {
+    if (pieces_on_panels(pc, n)) matmul_nt_pieces_panels_ahead(pc, n);
+}
+
+int matmul_nt_pieces(const NtPiece *pc, int n) {
+    for (int i = 0; i < n; i++)
+        if (check_dtype(pc[i].w)) return -1;
+    if (pieces_on_panels(pc, n)) return matmul_nt_pieces_panels(pc, n);
     int rc = 0;
     for (int i = 0; i < n; i++)
         rc |= matmul_nt_invariant(pc[i].out, pc[i].ldo, pc[i].x, pc[i].ldx, pc[i].w, pc[i].N, pc[i].r0, pc[i].r1);

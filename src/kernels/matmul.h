@@ -109,6 +109,9 @@ typedef struct NtPiece {
     int ldo;
 } NtPiece;
 int matmul_nt_pieces(const NtPiece *pieces, int n);
+// Requests the first lines matmul_nt_pieces(pieces, n) will read (none where it would not run on
+// panels): issued before a meeting of the threads, they arrive while it lasts.
+void matmul_nt_pieces_ahead(const NtPiece *pieces, int n);
 int matmul_nn_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int c0, int c1, int add);
 // The backward pass of out = x · Wᵀ, the other two GEMMs of a linear layer:
 // dx (N, cols) += dout · W (skipped when dx is NULL; any weight type) and

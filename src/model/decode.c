@@ -39,6 +39,16 @@
 // any thread reads them). A TeamBarrier rather than OpenMP's: a step meets ~10 times per layer.
 static void meet(ForwardState *s) { team_barrier_wait(&s->meet, omp_get_num_threads()); }
 
+// A meeting after which this thread's first product is the pieces pc: their first lines are
+// requested while the meeting lasts (after arriving, so that the last thread in lets the others go
+// before it makes its requests), not after it, when every thread starts its phase with a pipeline
+// of misses.
+static void meet_ahead(ForwardState *s, const NtPiece *pc, int n) {
+    TeamTicket t = team_barrier_arrive(&s->meet, omp_get_num_threads());
+    matmul_nt_pieces_ahead(pc, n);
+    team_barrier_await(&s->meet, t);
+}
+
 // [*b, *e) of n for this thread of the team.
 static void share(int n, int unit, int *b, int *e) {
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -137,6 +147,8 @@ typedef struct {
     int *expert_off;  // (N_r + 1) each expert's slots
     float *attn;      // this thread's attention scratch
     int failed;       // a product of this thread failed (out of kernel scratch)
+    const LayerWeights *next_layer;  // the layer after the one running (NULL: none): its first lines are
+                                     // requested at the last meeting of this one
 } Own;
 
 size_t decode_own_floats(const ModelConfig *c, int rows) {
@@ -160,6 +172,7 @@ static Own own_vectors(const ModelConfig *c, ForwardState *s) {
     o.expert_off = o.slot_tok + (size_t)R * K;
     o.attn = s->attn + (size_t)t * s->attn_per_thread;
     o.failed = 0;
+    o.next_layer = NULL;
     return o;
 }
 
@@ -180,6 +193,20 @@ static int gemv_share_pieces(ForwardState *s, NtPiece *pc, int n) {
     int rc = matmul_nt_pieces(pc, n);
     share_time(s, 0, t0);
     return rc;
+}
+
+// The meeting at a layer's end: the next layer's first products, q_a's and kv_a's rows of this
+// thread, requested while it lasts.
+static void meet_before_layer(const ModelConfig *c, ForwardState *s, const Own *ts, int N) {
+    NtPiece pc[2];
+    int n = 0;
+    if (ts->next_layer) {
+        const MlaWeights *a = &ts->next_layer->self_attn;
+        pc[n++] = (NtPiece){.w = c->q_lora_rank > 0 ? &a->q_a_proj : &a->q_proj, .N = N};
+        pc[n++] = (NtPiece){.w = &a->kv_a_proj_with_mqa, .N = N};
+        for (int i = 0; i < n; i++) share_rows(s, pc[i].w->rows, &pc[i].r0, &pc[i].r1);
+    }
+    meet_ahead(s, pc, n);
 }
 
 // x += o_proj · attn (or down · act): this thread's features of y, then of x, for all N rows.
@@ -254,7 +281,13 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
                          {.w = wkv, .x = ts->xn, .ldx = d, .N = N, .out = s->kva, .ldo = wkv->rows}};
         ts->failed |= gemv_share_pieces(s, pc, 2);
     }
-meet(s);
+    const int one = bt->n_seqs == 1 && N <= FLAG_MAX_ROWS && !long_context(bt, 0), self = omp_get_thread_num();
+    int h0, h1;
+    share_heads(s, H, self, &h0, &h1);
+    {
+        NtPiece next = {.w = &a->q_b_proj, .r0 = h0 * qk, .r1 = h1 * qk, .N = N};
+        meet_ahead(s, &next, one && qr > 0);
+    }
     // A few rows of one sequence (a plain decode step, a speculative verification): each thread's
     // share of q_b is the columns of the heads it attends for, whose q_pe it rotates itself, and
     // the new cache rows, stored by one thread, are awaited with a flag rather than a meeting —
@@ -262,10 +295,7 @@ meet(s);
     // token, v3-108m FP8 +2% and +5.6% (13 and 16 of 20 rounds taking turns), v3-deep FP8 +1.5%
     // (14 of 16), BF16 within the noise; `make demo`'s model speculating K = 2 +4% (10 of 12),
     // plain +5.3% (12 of 12). The same products: the same bits.
-    const int one = bt->n_seqs == 1 && N <= FLAG_MAX_ROWS && !long_context(bt, 0), self = omp_get_thread_num();
     const int stored = team_barrier_passed(&s->meet);
-    int h0, h1;
-    share_heads(s, H, self, &h0, &h1);
     {
         // this thread's rows of the cache (a few of one sequence: all the last thread's) normalised
         // and rotated in place in kva, then stored in the cache's element type; then its share of
@@ -313,7 +343,9 @@ meet(s);
             LatentAttention at = decode_attention(m, s, bt, l, 0, a);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
         }
-meet(s);
+        NtPiece next = {.w = &a->o_proj, .N = N};
+        share_rows(s, d, &next.r0, &next.r1);
+        meet_ahead(s, &next, 1);
         ts->failed |= gemv_share_residual(s, s->x, s->y, s->ao, &a->o_proj, N);
 meet(s);
         return;
@@ -589,19 +621,20 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
         run_gate_up(pc, np, ts);
         share_time(s, 1, t0);
     }
-meet(s);
-    double t0 = omp_get_wtime();
+    // this thread's features of every slot's down projection, and of the shared experts', as one
+    // stream of pieces (their first lines requested at the meeting)
     share_rows(s, d, &b, &e);
+    NtPiece down[Nr + 1];
+    int n_down = 0;
+    if (!down_done && e > b) {
+        for (int x = 0; x < Nr; x++)
+            if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) down[n_down++] = expert_down_piece(c, s, w, x, off, b, e);
+        if (Fs > 0) down[n_down++] = shared_down_piece(c, s, w, N, b, e);
+    }
+    meet_ahead(s, down, n_down);
+    double t0 = omp_get_wtime();
     if (e > b) {
-        // this thread's features of every slot's down projection, and of the shared experts'
-        if (!down_done) {  // one stream of pieces
-            NtPiece pc[Nr + 1];
-            int np = 0;
-            for (int x = 0; x < Nr; x++)
-                if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) pc[np++] = expert_down_piece(c, s, w, x, off, b, e);
-            if (Fs > 0) pc[np++] = shared_down_piece(c, s, w, N, b, e);
-            ts->failed |= matmul_nt_pieces(pc, np) != 0;
-        }
+        ts->failed |= matmul_nt_pieces(down, n_down) != 0;
         for (int n = 0; n < N; n++) {
             float *x = s->x + (size_t)n * d, *ys = s->y + (size_t)n * d, *part = s->xg + (size_t)n * d;
             // the row's routed sum over this thread's features: its choices computed on this rank
@@ -617,7 +650,7 @@ meet(s);
         }
     }
     share_time(s, 0, t0);
-meet(s);
+    meet_before_layer(c, s, ts, N);
     if (!mp) return;
     // s->xg (N, d): free in decoding, the routed parts of every row
 #pragma omp master
@@ -654,7 +687,7 @@ meet(s);
     share_time(s, 0, t0);
 meet(s);
     ts->failed |= gemv_share_residual(s, s->x, s->y, s->gate, &f->down_proj, N);
-meet(s);
+    meet_before_layer(c, s, ts, N);
 }
 
 // logits = head · norm(x) for the rows that want them (each sequence's last T − skip_logits),
@@ -738,6 +771,7 @@ int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_s
     {
         Own ts = own_vectors(c, s);
         for (int l = 0; l < c->num_hidden_layers; l++) {
+            ts.next_layer = l + 1 < c->num_hidden_layers ? &m->w.layers[l + 1] : NULL;
             decode_mla(m, s, &bt, l, &m->w.layers[l], &ts);
             decode_ffn(m, s, &m->w.layers[l], bt.N, &ts);
         }
