@@ -95,6 +95,7 @@ int matmul_nt2_part(float *out_a, float *out_b, const float *x, const MatView *w
 // matmul_nn_invariant: out[n * ldo + c] (add: +=, the chain going on from out) Σ_r x[n * ldx + r]
 // W[r][c] for c in [c0, c1): a sum over row blocks, block after block, is the one chain.
 int matmul_nt_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int r0, int r1);
+int matmul_nn_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int c0, int c1, int add);
 // Several matmul_nt_invariant products one after another, each piece rows [r0, r1) of its own w
 // against its own N rows of x: on weight panels (with few rows) the pieces' panels are one stream,
 // the next piece's first lines requested while the last group of this one is multiplied — a
@@ -112,7 +113,6 @@ int matmul_nt_pieces(const NtPiece *pieces, int n);
 // Requests the first lines matmul_nt_pieces(pieces, n) will read (none where it would not run on
 // panels): issued before a meeting of the threads, they arrive while it lasts.
 void matmul_nt_pieces_ahead(const NtPiece *pieces, int n);
-int matmul_nn_invariant(float *out, int ldo, const float *x, int ldx, const MatView *w, int N, int c0, int c1, int add);
 // The backward pass of out = x · Wᵀ, the other two GEMMs of a linear layer:
 // dx (N, cols) += dout · W (skipped when dx is NULL; any weight type) and
 // dw (rows, cols) += doutᵀ · x (dw: an F32 view over writable memory, the gradient of w).
