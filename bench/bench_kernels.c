@@ -246,7 +246,9 @@ static void decode_step_costs(void *pool, const float *x, float *out) {
 // expert's gate of the 108M model (256 x 512), N activation rows — a decode step's one, a batch's
 // few per expert, a prompt's many — the panels of one matrix copied over the pool so that every
 // product streams its weights from memory, the rows split between the threads as a decode step
-// splits them: GB/s of the weights' stored bytes (and the share of the read bandwidth) and GFLOP/s.
+// splits them: GB/s of the weights' stored bytes (and the share of the read bandwidth) and GFLOP/s;
+// for one row also the same products handed over as lists of pieces (matmul_nt_pieces), as a
+// decode phase hands over its several products.
 static void panel_products(void *pool, const float *x, float *out, double bw) {
     const DType types[] = {DT_BF16, DT_F8_E4M3};
     enum { ROWS = 256, COLS = 512 };
@@ -289,6 +291,31 @@ static void panel_products(void *pool, const float *x, float *out, double bw) {
             printf("BF16-compute product on panels%s, %-7s N=%-2d %dx%d: %6.1f GB/s of weights (%3.0f%% of read "
                    "bandwidth), %6.1f GFLOP/s\n", k >= 6 ? ", AMX tiles" : "", dtype_name(types[ti]), N, ROWS, COLS,
                    per_s * stored / 1e9, 100 * per_s * stored / 1e9 / bw, per_s * 2.0 * N * ROWS * COLS / 1e9);
+            if (k == 0) {  // one row, the same products as lists of 8 pieces (matmul_nt_pieces: one stream)
+                enum { LIST = 8 };
+                for (int r = -1; r < RUNS; r++) {
+                    double t = bench_now();
+#pragma omp parallel
+                    {
+                        int nt = omp_get_num_threads(), th = omp_get_thread_num();
+                        int r0 = ROWS / 32 * th / nt * 32, r1 = ROWS / 32 * (th + 1) / nt * 32;
+                        MatView vs[LIST];
+                        NtPiece pc[LIST];
+                        for (int i = 0; i + LIST <= count; i += LIST) {
+                            for (int j = 0; j < LIST; j++) {
+                                vs[j] = w;
+                                vs[j].panels = (char *)panels + (size_t)(i + j) * pb;
+                                pc[j] = (NtPiece){.w = &vs[j], .r0 = r0, .r1 = r1, .x = x, .ldx = COLS, .N = 1, .out = out, .ldo = ROWS};
+                            }
+                            matmul_nt_pieces(pc, LIST);
+                        }
+                    }
+                    if (r >= 0) g[r] = count / LIST * LIST / (bench_now() - t);
+                }
+                per_s = bench_median(g, RUNS);
+                printf("   the same as lists of %d pieces (one stream):              %6.1f GB/s of weights (%3.0f%% of read "
+                       "bandwidth)\n", LIST, per_s * stored / 1e9, 100 * per_s * stored / 1e9 / bw);
+            }
         }
         free(panels), free(p.views), free(p.scale);
     }

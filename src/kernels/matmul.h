@@ -99,8 +99,9 @@ int matmul_nn_invariant(float *out, int ldo, const float *x, int ldx, const MatV
 // Several matmul_nt_invariant products one after another, each piece rows [r0, r1) of its own w
 // against its own N rows of x: on weight panels (with few rows) the pieces' panels are one stream,
 // the next piece's first lines requested while the last group of this one is multiplied — a
-// product of a few panels alone began with a pipeline of misses (FP8, 64 KB a thread, 2 threads
-// from memory: 52 GB/s against 58-60 for long products). Each output has matmul_nt_invariant's bits.
+// product of a few panels alone began with a pipeline of misses (`bench_kernels`, FP8 256 x 512,
+// 64 KB a thread, 2 threads from memory: 47.8 GB/s one by one, 53.7 as lists of 8; scratch runs
+// 52-57 against 58-62). Each output has matmul_nt_invariant's bits.
 typedef struct NtPiece {
     const MatView *w;
     int r0, r1;        // w's rows
