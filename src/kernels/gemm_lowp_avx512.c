@@ -806,51 +806,21 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
     if (stack_rows(ws, n_ws, first) || K <= 0) return -1;  // (panels have columns)
     for (int i = 0; i < n_ws; i++)
         if (!ws[i]->panels) return -1;
-    const int kp_all = (K + 1) / 2, p0 = r0 / NR, p1 = (r1 - 1) / NR;
+    const int p0 = r0 / NR, p1 = (r1 - 1) / NR;
     if (ws[0]->panels_tiles && kernels_cpu_amx())
         return panels_on_tiles(panels_nt_amx, out, ldo, ws, first, x, ldx, N, r0, r1);
+    if (N <= PIECES_MAX_N) {  // the members' rows of [r0, r1) as a list of pieces: their group loop
+        NtPiece pc[7];
+        for (int m = 0; m < n_ws; m++) {
+            int lo = r0 - first[m], hi = r1 - first[m];
+            pc[m] = (NtPiece){.w = ws[m], .r0 = lo > 0 ? lo : 0, .r1 = hi < ws[m]->rows ? hi : ws[m]->rows, .x = x,
+                              .ldx = ldx, .N = N, .out = out[m], .ldo = ldo[m]};
+            if (pc[m].r1 < pc[m].r0) pc[m].r1 = pc[m].r0;
+        }
+        return matmul_nt_pieces_panels(pc, n_ws);
+    }
     __m512i tab[4];
     if (fp8) fp8_widen_tables(tab);
-    if (N <= 2 * SKINNY_MAX_N) {
-        // Up to SKINNY_MAX_N rows at once; up to twice that in two groups, the second right after the
-        // first on each panel (from L1): FP8 codes widened twice in registers rather than once into
-        // scratch (bench_kernels, FP8 256 x 512, N = 16: 306-321 -> 398-407 GFLOP/s; BF16 the same;
-        // a 16-sequence FP8 decode step of v3-108m 5.04-5.17 -> 4.90-5.07 ms).
-        const int n1 = N <= SKINNY_MAX_N ? N : (N + 1) / 2, n2 = N - n1;
-        uint32_t *ap = (uint32_t *)kernels_scratch((size_t)N * kp_all);
-        if (!ap) return -1;
-        // row n's BF16 pairs at ap + n · kp_all, as they come: the kernel broadcasts one word of
-        // each row per pair, from N short streams in L1 (a pair-major copy, transposed word by
-        // word, cost a 16-row step of v3-108m ~7% of its time)
-        pair_rows(ap, kp_all, N, x, ldx, N, K);
-        // Groups of P panels (then single ones), each panel one stream. A stream's prefetches run
-        // on into the same stream of the next group, and the first group's heads are requested
-        // before it starts: without either, every group began with a pipeline of misses (FP8,
-        // 2 threads from memory, taking turns: 256 x 512 +2.5%, 1024 x 512 +10%; a v3-deep FP8
-        // decode step 5% faster, 19 of 20 rounds).
-        const int P = n2 ? 1 : skinny_panels(N);
-        const size_t pb = weight_panel_bytes(ws[0]), head = SKINNY_AHEAD < pb ? SKINNY_AHEAD : pb;
-        Panel pn[4], nx[4];
-        int np = p1 - p0 + 1 >= P ? P : 1;
-        for (int q = 0; q < np; q++) {
-            pn[q] = panel_at(out, ldo, ws, first, p0 + q, r0, r1);
-            for (size_t b = 0; b < head; b += 64) _mm_prefetch((const char *)pn[q].w + b, _MM_HINT_T0);
-        }
-        for (int p = p0, pnext; p <= p1; p = pnext) {
-            pnext = p + np;
-            int nn = p1 - pnext + 1 >= P ? P : 1;
-            for (int q = 0; pnext <= p1 && q < nn; q++) nx[q] = panel_at(out, ldo, ws, first, pnext + q, r0, r1);
-            skinny_run(n1, np, fp8, pn, ap, kp_all, tab, pnext <= p1 && nn == np ? nx : NULL);
-            if (n2) {
-                pn[0].out += (size_t)n1 * pn[0].ldo;
-                skinny_run(n2, 1, fp8, pn, ap + (size_t)n1 * kp_all, kp_all, tab, NULL);
-            }
-            if (pnext > p1) break;
-            for (int q = 0; q < nn; q++) pn[q] = nx[q];
-            np = nn;
-        }
-        return 0;
-    }
     const LowpOperand xo = {.data = x, .ld = ldx, .fmt = LOWP_BF16};
     // Blocks of activation rows packed whole (every slice of K; up to MC rows, at most ~512 KiB), then
     // each panel read from its first pair to its last — one stream from memory per panel (slice
@@ -908,9 +878,15 @@ static void piece_panels(Panel *pn, const NtPiece *pc, int p, int np) {
     for (int q = 0; q < np; q++) pn[q] = panel_at(out, &pc->ldo, &pc->w, first, p + q, pc->r0, pc->r1);
 }
 
+// A piece's rows in the first of its groups of rows (all of them up to SKINNY_MAX_N, else half).
+static int split_rows(int N) { return N <= SKINNY_MAX_N ? N : (N + 1) / 2; }
+
+// Panels at once for a piece of N rows (one for two groups of rows).
+static int piece_group(int N) { return N <= SKINNY_MAX_N ? skinny_panels(N) : 1; }
+
 // The first group of panels of piece pc (pn[0 .. returned count)), their first `head` bytes requested.
 static int first_group(Panel *pn, const NtPiece *pc, size_t head) {
-    int p = pc->r0 / NR, P = skinny_panels(pc->N), np = (pc->r1 - 1) / NR - p + 1 >= P ? P : 1;
+    int p = pc->r0 / NR, P = piece_group(pc->N), np = (pc->r1 - 1) / NR - p + 1 >= P ? P : 1;
     piece_panels(pn, pc, p, np);
     if (head > weight_panel_bytes(pc->w)) head = weight_panel_bytes(pc->w);
     for (int q = 0; q < np; q++)
@@ -927,6 +903,17 @@ void matmul_nt_pieces_panels_ahead(const NtPiece *pc, int n) {
         }
 }
 
+// Up to SKINNY_MAX_N rows at once; up to twice that in two groups, the second right after the first
+// on each panel (from L1): FP8 codes widened twice in registers rather than once into scratch
+// (bench_kernels, FP8 256 x 512, N = 16: 306-321 -> 398-407 GFLOP/s; BF16 the same; a 16-sequence
+// FP8 decode step of v3-108m 5.04-5.17 -> 4.90-5.07 ms). Row n's BF16 pairs at ap + n · kp, as they
+// come: the kernel broadcasts one word of each row per pair, from N short streams in L1 (a
+// pair-major copy, transposed word by word, cost a 16-row step of v3-108m ~7% of its time). Groups
+// of P panels (then single ones), each panel one stream; a stream's prefetches run on into the same
+// stream of the next group, across pieces too, and the first group's heads are requested before it
+// starts: without either, every group began with a pipeline of misses (FP8, 2 threads from memory,
+// taking turns: 256 x 512 +2.5%, 1024 x 512 +10%; a v3-deep FP8 decode step 5% faster, 19 of 20
+// rounds).
 AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
     if (n <= 0) return 0;
     const int fp8 = pc[0].w->dtype == DT_F8_E4M3;
@@ -966,12 +953,17 @@ AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
         }
         int nn = 0;
         if (j < n) {
-            int Pj = skinny_panels(pc[j].N);
+            int Pj = piece_group(pc[j].N);
             nn = (pc[j].r1 - 1) / NR - pj + 1 >= Pj ? Pj : 1;
             piece_panels(nx, &pc[j], pj, nn);
             for (int q = nn; q < np; q++) nx[q] = nx[nn - 1];  // (only prefetched: as many as this group has)
         }
-        skinny_run(pc[i].N, np, fp8, pn, at[i], (pc[i].w->cols + 1) / 2, tab, j < n ? nx : NULL);
+        const int kp = (pc[i].w->cols + 1) / 2, n1 = split_rows(pc[i].N), n2 = pc[i].N - n1;
+        skinny_run(n1, np, fp8, pn, at[i], kp, tab, j < n ? nx : NULL);
+        if (n2) {  // (np is 1)
+            pn[0].out += (size_t)n1 * pn[0].ldo;
+            skinny_run(n2, 1, fp8, pn, at[i] + (size_t)n1 * kp, kp, tab, NULL);
+        }
         if (j == n) return 0;
         for (int q = 0; q < nn; q++) pn[q] = nx[q];
         i = j, p = pj, np = nn;

@@ -163,7 +163,7 @@ int matmul_nt2_panels(float *out_a, int ldo_a, float *out_b, int ldo_b, const fl
 size_t weight_panel_bytes(const MatView *w);
 // matmul_nt_pieces on the views' panels: every piece's view has panels on the register tiles (not
 // AMX), the pieces all FP8 or none, each N <= PIECES_MAX_N. -1 when scratch runs out.
-#define PIECES_MAX_N 12
+#define PIECES_MAX_N 24  // (twice the register tiles' rows: two groups of rows)
 int matmul_nt_pieces_panels(const NtPiece *pieces, int n);
 // matmul_nt_pieces_ahead on panels: the first group's first PIECES_AHEAD bytes a panel.
 #define PIECES_AHEAD 256

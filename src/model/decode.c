@@ -378,7 +378,7 @@ meet(s);
     // most work go first, so that the last units taken are short ones (16 sequences of 32-932
     // positions, v3-108m FP8: +3.6%, 14 of 16 rounds; in the batch's order a long one taken last
     // kept the other thread waiting). A unit's bits do not depend on which thread runs it.
-    int nth = omp_get_num_threads(), me = omp_get_thread_num();
+    int nth = omp_get_num_threads();
     if (bt->n_seqs > 1) {
         int groups = bt->n_seqs >= 2 * nth ? 1 : nth;  // units per sequence
         for (int n_units = bt->n_seqs * groups;;) {
@@ -392,8 +392,7 @@ meet(s);
     }
     // One: its heads split by the threads' measured shares (share_heads), a thread's heads scoring
     // the cache together, so each cached row is read once per thread, not once per head.
-    if (bt->n_seqs == 1 && !long_context(bt, 0)) {
-        share_heads(s, H, me, &h0, &h1);
+    if (bt->n_seqs == 1 && !long_context(bt, 0)) {  // (h0, h1: share_heads above)
         if (h0 < h1) {
             LatentAttention at = decode_attention(m, s, bt, l, 0, a);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
