@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "base/bigmem.h"
 #include "base/file.h"
 #include "base/rng.h"
 #include "bench_common.h"
@@ -172,6 +173,13 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     bench_range(share0, REPS, &slo, &shi);
     printf("      thread 0's share of the decode products after each run (they follow the threads' speeds): %.2f-%.2f\n",
            slo, shi);
+    // (a file freshly written through the page cache sits there in 4 KB pages, one read afresh in
+    // 2 MB ones where the kernel gives them: see atomic_commit in base/file.h)
+    long long frss = 0, prss = 0, fh = st_model_huge_bytes(&m.files, &frss), ph = bigmem_huge_bytes(m.panels, &prss);
+    if (fh >= 0) printf("      pages: the checkpoint's %.0f MB resident, %.0f%% of them mapped 2 MB at a time", frss / 1e6,
+                        frss ? 100.0 * fh / frss : 0.0);
+    if (fh >= 0 && m.panels && ph >= 0) printf("; the weight panels' %.0f MB, %.0f%%", prss / 1e6, prss ? 100.0 * ph / prss : 0.0);
+    if (fh >= 0) printf("\n");
     free(logits);
     model_free(&m);
     return 0;

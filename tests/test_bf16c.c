@@ -668,9 +668,9 @@ static int f32_logits(const Model *m, const int *ids, int T, float *out, Error *
 }
 
 // Where the products read only the panels, a mmapped matrix's pages go back to the page cache
-// (model.c); its bytes must still be the file's when something reads them again — the fp32
-// products after --compute f32: the same logits as before the panels, bit for bit, and the golden
-// ones.
+// (model.c), and its FP8 scales are read from a copy beside the panels; its bytes and scales must
+// still be the file's when something reads them again — the fp32 products after --compute f32:
+// the same logits as before the panels, bit for bit, and the golden ones.
 TEST(test_panels_release_keeps_the_weights) {
     if (!weight_panels_only()) SKIP("the BF16-compute products do not read panels only on this CPU");
     char dir[300], ids_text[1024], path[600];
@@ -688,9 +688,20 @@ TEST(test_panels_release_keeps_the_weights) {
     CHECK(golden && ng == sizeof(float) * T * V);
     float *before = malloc(sizeof(float) * T * V), *after = malloc(sizeof(float) * T * V);
     CHECK_MSG(f32_logits(&m, ids, T, before, &err) == 0, "%s", err.msg);
+    // the FP8 block scales: with the panels, a copy of the file's beside them (model.c's
+    // scale_bytes); after, the file's again
+    const MatView *down = &m.w.layers[m.cfg.first_k_dense_replace].moe.experts[0].down_proj;
+    char sname[200];
+    snprintf(sname, sizeof sname, "model.layers.%d.mlp.experts.0.down_proj.weight_scale_inv", m.cfg.first_k_dense_replace);
+    const StTensor *file_scales = st_model_find(&m.files, sname);
+    CHECK(file_scales && down->dtype == DT_F8_E4M3 && down->scale_inv == file_scales->data);
     CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
-    CHECK(m.w.layers[m.cfg.first_k_dense_replace].moe.experts[0].down_proj.panels != NULL);
+    CHECK(down->panels != NULL);
+    const char *sc = (const char *)down->scale_inv;
+    CHECK(sc >= (const char *)m.panels && sc < (const char *)m.panels + m.panels_bytes);
+    CHECK(memcmp(sc, file_scales->data, sizeof(float) * file_scales->shape[0] * file_scales->shape[1]) == 0);
     CHECK_MSG(model_set_compute(&m, COMPUTE_F32, &err) == 0, "%s", err.msg);
+    CHECK(down->scale_inv == file_scales->data);
     CHECK_MSG(f32_logits(&m, ids, T, after, &err) == 0, "%s", err.msg);
     CHECK(memcmp(before, after, sizeof(float) * T * V) == 0);
     double md = 0, mx = 0;

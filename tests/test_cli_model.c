@@ -177,11 +177,12 @@ TEST(test_cli_generate_greedy_matches_logits) {
         size_t k = strlen(toks);
         snprintf(toks + k, sizeof toks - k, ",%d", g[i]);
     }
-    // --stats adds one line on stderr counting what was generated; stdout is unchanged
+    // --stats adds lines on stderr: what was generated, and the pages the weights sit on; stdout is unchanged
     rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5,17,3 --max-new 4 --stats 2>&1 >/dev/null", test_bin(), dir);
     char want[64];
     snprintf(want, sizeof want, "generated %d tokens", n);
     CHECK_MSG(rc == 0 && strstr(o, "prompt: 3 tokens in ") && strstr(o, want), "%s", o);
+    CHECK_MSG(strstr(o, "MB of the checkpoint resident, ") && strstr(o, "% of them mapped 2 MB at a time"), "%s", o);
 }
 
 TEST(test_bad_token_and_paths) {

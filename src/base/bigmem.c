@@ -1,6 +1,8 @@
 #include "base/bigmem.h"
 
 #include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -27,4 +29,28 @@ int bigmem_prefault(void *p, size_t n) {
     volatile char *c = p;
     for (size_t i = 0; i < n; i += (size_t)page) c[i] = 0;
     return 1;
+}
+
+long long bigmem_huge_bytes(const void *p, long long *resident) {
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return -1;
+    char line[512];
+    int in = 0, found = 0;
+    long long rss = 0, huge = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long lo, hi, kb;
+        char key[64];
+        // a mapping's header starts with its lowercase hex range, its fields with a capitalised key
+        if (line[0] && strchr("0123456789abcdef", line[0]) && sscanf(line, "%llx-%llx ", &lo, &hi) == 2) {
+            if (found) break;  // (the next mapping's header)
+            in = found = (uintptr_t)p >= lo && (uintptr_t)p < hi;
+        } else if (in && sscanf(line, "%63[^:]: %llu kB", key, &kb) == 2) {
+            if (strcmp(key, "Rss") == 0) rss = (long long)kb << 10;
+            if (strcmp(key, "AnonHugePages") == 0 || strcmp(key, "FilePmdMapped") == 0) huge += (long long)kb << 10;
+        }
+    }
+    fclose(f);
+    if (!found) return -1;
+    if (resident) *resident = rss;
+    return huge;
 }

@@ -1,6 +1,7 @@
 #define _GNU_SOURCE  // nftw
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,7 +28,8 @@ int atomic_write(AtomicFile *af, const void *data, size_t n, Error *err) {
 
 int atomic_commit(AtomicFile *af, Error *err) {
     if (!af->f) return err_set(err, "%s: file is not open", af->path);
-    int bad = fflush(af->f) != 0 || ferror(af->f);
+    int bad = fflush(af->f) != 0 || ferror(af->f) || fdatasync(fileno(af->f)) != 0;
+    if (!bad && af->drop_cache) posix_fadvise(fileno(af->f), 0, 0, POSIX_FADV_DONTNEED);  // (advice)
     bad |= fclose(af->f) != 0;
     af->f = NULL;
     if (bad) {

@@ -34,7 +34,9 @@ typedef struct StFile {
 // cache on demand and are shared with other processes. ST_READ: read it whole into private
 // anonymous memory, on transparent huge pages where the kernel gives them: a full read at open
 // and memory of its own, but weights then stream faster (decode reads every active weight once
-// per token, and 4 KiB page-cache pages cost it ~10%). Process-wide; set it before opening.
+// per token, and 4 KiB page-cache pages cost it ~10%; a mapped file read afresh into the page
+// cache gets 2 MB pages where the kernel gives them — see atomic_commit in base/file.h).
+// Process-wide; set it before opening.
 typedef enum { ST_MAP, ST_READ } StLoadMode;
 void st_set_load_mode(StLoadMode mode);
 
@@ -59,6 +61,9 @@ int st_model_open(StModel *m, const char *dir, Error *err);
 // into memory (their pages would be lost) or addresses outside the files.
 void st_model_release(const StModel *m, const void *p, size_t n);
 void st_model_close(StModel *m);
+// The resident bytes of m's files (*resident) and, returned, how many of them are mapped 2 MB at a
+// time (bigmem_huge_bytes); -1 where that cannot be read.
+long long st_model_huge_bytes(const StModel *m, long long *resident);
 const StTensor *st_model_find(const StModel *m, const char *name);
 
 // Writing: describe the tensors, then st_write lays out the header and data and renames the file

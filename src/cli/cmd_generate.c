@@ -277,6 +277,14 @@ int cmd_generate(int argc, char **argv) {
         if (st->draft_tokens > 0)
             fprintf(stderr, "speculative: %ld of %ld drafts accepted (%.1f%%)\n", st->accepted_tokens, st->draft_tokens,
                     100.0 * st->accepted_tokens / st->draft_tokens);
+        long long resident = 0, huge = st_model_huge_bytes(&m.files, &resident);
+        if (huge >= 0 && resident > 0)  // (see atomic_commit in base/file.h)
+            fprintf(stderr, "pages: %.1f MB of the checkpoint resident, %.0f%% of them mapped 2 MB at a time%s\n",
+                    resident / 1e6, 100.0 * huge / resident,
+                    2 * huge < resident && resident >= (64 << 20) && m.files.nfiles > 0 && m.files.files[0].mapped
+                        ? " (a file written through the page cache stays in 4 KB pages: --no-mmap, or dropping its "
+                          "cached pages, reads it in 2 MB ones where the kernel gives them)"
+                        : "");
     }
     if (ep && args_flag(&a, "stats") && cli_report_expert_ranks(ep, &m, &err)) goto done;
     if (args_str(&a, "stats-json", NULL) && dist_rank(dist_world()) == 0 &&
