@@ -119,8 +119,9 @@ int st_open(StFile *f, const char *path, Error *err) {
         close(fd);
         if (map == MAP_FAILED) return err_set(err, "%s: mmap failed: %s", path, strerror(errno));
         // Advice: the pages this process is first to read come into the page cache as 2 MB folios
-        // and are mapped 2 MB at a time (see atomic_commit) — at 4 KB, streaming FP8 weights missed
-        // the TLB enough to cost decode ~12%.
+        // and are mapped 2 MB at a time (see atomic_commit) — on 4 KB pages, v3-deep's FP8 decode
+        // ran 12% slower (its block scales read from the mapping every step; with --compute f32,
+        // every weight).
         madvise(map, size, MADV_HUGEPAGE);
     }
     f->map = map;

@@ -300,9 +300,6 @@ static MlaWeights *attention_of(Model *m, int i) {
     return i < m->cfg.num_hidden_layers ? &m->w.layers[i].self_attn : &m->w.mtp[i - m->cfg.num_hidden_layers].layer.self_attn;
 }
 
-// The bytes t's weight panels take when its products are BF16-compute (bf16): the linear layers
-// and the output heads (not an embedding only looked up); 0 for the rest and where the CPU takes
-// none.
 // An FP8 matrix's block scales, copied after its panels: the products on the panels read them at
 // every step, and in the mmapped file they lie one small tensor beside each matrix, on a page of
 // their own — where the page cache holds the file in 4 KB pages (a checkpoint freshly written or
@@ -313,6 +310,9 @@ static size_t scale_bytes(const MatView *w) {
     return sizeof(float) * (size_t)((w->row0 + w->rows + w->block - 1) / w->block) * w->scale_cols;
 }
 
+// The bytes t's weight panels take when its products are BF16-compute (bf16), FP8 scales' copy
+// included: the linear layers and the output heads (not an embedding only looked up); 0 for the
+// rest and where the CPU takes none.
 static size_t panel_bytes_of(const TensorSpec *t, int bf16) {
     if (!bf16 || !(t->kind == TENSOR_LINEAR || (t->kind == TENSOR_EMBED && t->head))) return 0;
     size_t pb = weight_panels_bytes(t->mat);
