@@ -175,7 +175,8 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
            slo, shi);
     // (a file freshly written through the page cache sits there in 4 KB pages, one read afresh in
     // 2 MB ones where the kernel gives them: see atomic_commit in base/file.h)
-    long long frss = 0, prss = 0, fh = st_model_huge_bytes(&m.files, &frss), ph = bigmem_huge_bytes(m.panels, &prss);
+    const void *panels[1] = {m.panels};
+    long long frss = 0, prss = 0, fh = st_model_huge_bytes(&m.files, &frss), ph = bigmem_huge_bytes(panels, 1, &prss);
     if (fh >= 0) printf("      pages: the checkpoint's %.0f MB resident, %.0f%% of them mapped 2 MB at a time", frss / 1e6,
                         frss ? 100.0 * fh / frss : 0.0);
     if (fh >= 0 && m.panels && ph >= 0) printf("; the weight panels' %.0f MB, %.0f%%", prss / 1e6, prss ? 100.0 * ph / prss : 0.0);

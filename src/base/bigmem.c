@@ -31,26 +31,29 @@ int bigmem_prefault(void *p, size_t n) {
     return 1;
 }
 
-long long bigmem_huge_bytes(const void *p, long long *resident) {
+long long bigmem_huge_bytes(const void *const *ps, int n, long long *resident) {
     FILE *f = fopen("/proc/self/smaps", "r");
     if (!f) return -1;
-    char line[512];
-    int in = 0, found = 0;
+    char line[512], found[n > 0 ? n : 1];
+    memset(found, 0, sizeof found);
+    int in = 0;
     long long rss = 0, huge = 0;
-    while (fgets(line, sizeof line, f)) {
+    while (fgets(line, sizeof line, f)) {  // (one pass over the mappings, however many pointers)
         unsigned long long lo, hi, kb;
         char key[64];
         // a mapping's header starts with its lowercase hex range, its fields with a capitalised key
         if (line[0] && strchr("0123456789abcdef", line[0]) && sscanf(line, "%llx-%llx ", &lo, &hi) == 2) {
-            if (found) break;  // (the next mapping's header)
-            in = found = (uintptr_t)p >= lo && (uintptr_t)p < hi;
+            in = 0;
+            for (int i = 0; i < n; i++)
+                if ((uintptr_t)ps[i] >= lo && (uintptr_t)ps[i] < hi) found[i] = in = 1;
         } else if (in && sscanf(line, "%63[^:]: %llu kB", key, &kb) == 2) {
-            if (strcmp(key, "Rss") == 0) rss = (long long)kb << 10;
+            if (strcmp(key, "Rss") == 0) rss += (long long)kb << 10;
             if (strcmp(key, "AnonHugePages") == 0 || strcmp(key, "FilePmdMapped") == 0) huge += (long long)kb << 10;
         }
     }
     fclose(f);
-    if (!found) return -1;
+    for (int i = 0; i < n; i++)
+        if (!found[i]) return -1;
     if (resident) *resident = rss;
     return huge;
 }

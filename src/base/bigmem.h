@@ -21,9 +21,10 @@ void *bigmem_alloc(size_t n, const char *what, Error *err);
 int bigmem_prefault(void *p, size_t n);
 // Frees what bigmem_alloc returned for the same n (NULL: nothing).
 void bigmem_free(void *p, size_t n);
-// The bytes of the mapping holding p that are resident (*resident) and, returned, how many of them
-// are mapped 2 MB at a time (anonymous: AnonHugePages; a file's: FilePmdMapped), from
-// /proc/self/smaps; -1 where that cannot be read or lists no mapping holding p.
-long long bigmem_huge_bytes(const void *p, long long *resident);
+// The bytes of the mappings holding ps[0 .. n) that are resident (*resident) and, returned, how
+// many of them are mapped 2 MB at a time (anonymous: AnonHugePages; a file's: FilePmdMapped), each
+// mapping counted once, from /proc/self/smaps; -1 where that cannot be read or lists no mapping
+// holding one of them.
+long long bigmem_huge_bytes(const void *const *ps, int n, long long *resident);
 
 #endif

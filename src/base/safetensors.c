@@ -290,14 +290,9 @@ void st_model_release(const StModel *m, const void *p, size_t n) {
 }
 
 long long st_model_huge_bytes(const StModel *m, long long *resident) {
-    long long huge = 0, rss = 0;
-    for (int i = 0; i < m->nfiles; i++) {
-        long long r, h = bigmem_huge_bytes(m->files[i].map, &r);
-        if (h < 0) return -1;
-        huge += h, rss += r;
-    }
-    if (resident) *resident = rss;
-    return huge;
+    const void *maps[m->nfiles > 0 ? m->nfiles : 1];
+    for (int i = 0; i < m->nfiles; i++) maps[i] = m->files[i].map;
+    return bigmem_huge_bytes(maps, m->nfiles, resident);
 }
 
 void st_model_close(StModel *m) {
