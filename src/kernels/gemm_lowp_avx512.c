@@ -738,7 +738,8 @@ AVX512BF16_VBMI static void skinny_run(int N, int P, int fp8, const Panel *pn, c
         return;                                                                                 \
     }
     SKINNY_CASE(1, 4) SKINNY_CASE(2, 4) SKINNY_CASE(3, 4) SKINNY_CASE(4, 3) SKINNY_CASE(5, 2) SKINNY_CASE(6, 2)
-    SKINNY_CASE(1, 1) SKINNY_CASE(2, 1) SKINNY_CASE(3, 1) SKINNY_CASE(4, 1) SKINNY_CASE(5, 1) SKINNY_CASE(6, 1)
+    SKINNY_CASE(1, 3) SKINNY_CASE(2, 3) SKINNY_CASE(3, 3) SKINNY_CASE(1, 2) SKINNY_CASE(2, 2) SKINNY_CASE(3, 2)
+    SKINNY_CASE(4, 2) SKINNY_CASE(1, 1) SKINNY_CASE(2, 1) SKINNY_CASE(3, 1) SKINNY_CASE(4, 1) SKINNY_CASE(5, 1) SKINNY_CASE(6, 1)
     SKINNY_CASE(7, 1) SKINNY_CASE(8, 1) SKINNY_CASE(9, 1) SKINNY_CASE(10, 1) SKINNY_CASE(11, 1) SKINNY_CASE(12, 1)
 #undef SKINNY_CASE
 }
@@ -870,37 +871,85 @@ AVX512BF16_VBMI static int panels_nt_stack(float *const *out, const int *ldo, co
     return 0;
 }
 
-// A piece's panels [p, p + np) as matmul_nt_panels would take them (the views' panels_at on a
-// stack of one), the lanes past its rows unstored.
-static void piece_panels(Panel *pn, const NtPiece *pc, int p, int np) {
-    const int first[2] = {0, pc->w->rows};
-    float *const out[1] = {pc->out};
-    for (int q = 0; q < np; q++) pn[q] = panel_at(out, &pc->ldo, &pc->w, first, p + q, pc->r0, pc->r1);
-}
-
 // A piece's rows in the first of its groups of rows (all of them up to SKINNY_MAX_N, else half).
 static int split_rows(int N) { return N <= SKINNY_MAX_N ? N : (N + 1) / 2; }
 
 // Panels at once for a piece of N rows (one for two groups of rows).
 static int piece_group(int N) { return N <= SKINNY_MAX_N ? skinny_panels(N) : 1; }
 
-// The first group of panels of piece pc (pn[0 .. returned count)), their first `head` bytes requested.
-static int first_group(Panel *pn, const NtPiece *pc, size_t head) {
-    int p = pc->r0 / NR, P = piece_group(pc->N), np = (pc->r1 - 1) / NR - p + 1 >= P ? P : 1;
-    piece_panels(pn, pc, p, np);
-    if (head > weight_panel_bytes(pc->w)) head = weight_panel_bytes(pc->w);
-    for (int q = 0; q < np; q++)
-        for (size_t b = 0; b < head; b += 64) _mm_prefetch((const char *)pn[q].w + b, _MM_HINT_T0);
+// A piece's panels (none for a piece without rows).
+static int piece_panel_count(const NtPiece *pc) {
+    return pc->r1 > pc->r0 && pc->N > 0 ? (pc->r1 - 1) / NR - pc->r0 / NR + 1 : 0;
+}
+
+// Do two pieces multiply the same activation rows (so their panels can go in one group)?
+static int same_rows(const NtPiece *a, const NtPiece *b) {
+    return a->x == b->x && a->ldx == b->ldx && a->N == b->N && a->w->cols == b->w->cols;
+}
+
+// The pieces [i0, end) after i0 that multiply its rows: a run whose panels are grouped together.
+static int run_end(const NtPiece *pc, int n, int i0) {
+    int i = i0 + 1;
+    while (i < n && same_rows(&pc[i], &pc[i0])) i++;
+    return i;
+}
+
+// The groups of a run of pieces' panels (taken in order, piece after piece). With P at once, the
+// panels split into P lanes of consecutive ones (the first count % P lanes one longer), and group
+// g takes panel g of every lane that has one. So each of a group's streams goes on in the next
+// group at the next panel — a piece's panels lie one after another, one stretch of memory — where
+// groups of P consecutive panels ended all P streams every group and began P new ones: the memory
+// system's prefetchers start each stream afresh, and a short one (an FP8 panel of K = 512 is 16
+// KiB) never gets up to speed (2 threads from memory, FP8 panels of K = 512 read at ~53 GB/s, of
+// K = 1,024 at ~60, as BF16's of 512 — its panels twice the bytes). The same panels with the same
+// outputs: the same bits.
+static int run_group_count(const NtPiece *pc, int i0, int i1) {
+    int count = 0, P = piece_group(pc[i0].N);
+    for (int i = i0; i < i1; i++) count += piece_panel_count(&pc[i]);
+    return (count + P - 1) / P;
+}
+
+// Group g of the run of pieces [i0, i1) (pn[0 .. returned count)), as matmul_nt_panels would take
+// each panel (its view's panels_at on a stack of one), the lanes past a piece's rows unstored.
+static int run_panels(Panel *pn, const NtPiece *pc, int i0, int i1, int g) {
+    int count = 0;
+    for (int i = i0; i < i1; i++) count += piece_panel_count(&pc[i]);
+    const int P = piece_group(pc[i0].N), m = count / P, rem = count % P;
+    int np = 0;
+    for (int q = 0; q < P && (g < m || q < rem); q++) {
+        int at = q * m + (q < rem ? q : rem) + g;  // (lane q: m panels, m + 1 for q < rem, from q m + min(q, rem))
+        int i = i0;
+        while (at >= piece_panel_count(&pc[i])) at -= piece_panel_count(&pc[i]), i++;
+        const int first[2] = {0, pc[i].w->rows};
+        float *const out[1] = {pc[i].out};
+        pn[np++] = panel_at(out, &pc[i].ldo, &pc[i].w, first, pc[i].r0 / NR + at, pc[i].r0, pc[i].r1);
+    }
+    return np;
+}
+
+// The first piece at or after i with rows.
+static int next_with_rows(const NtPiece *pc, int n, int i) {
+    while (i < n && !piece_panel_count(&pc[i])) i++;
+    return i;
+}
+
+// The first group of panels of the pieces from i (pn[0 .. returned count)), their first `head`
+// bytes requested.
+static int first_group(Panel *pn, const NtPiece *pc, int n, int i, size_t head) {
+    int np = run_panels(pn, pc, i, run_end(pc, n, i), 0);
+    for (int q = 0; q < np; q++) {
+        size_t h = head < weight_panel_bytes(pc[i].w) ? head : weight_panel_bytes(pc[i].w);
+        for (size_t b = 0; b < h; b += 64) _mm_prefetch((const char *)pn[q].w + b, _MM_HINT_T0);
+    }
     return np;
 }
 
 void matmul_nt_pieces_panels_ahead(const NtPiece *pc, int n) {
-    for (int i = 0; i < n; i++)
-        if (pc[i].r1 > pc[i].r0 && pc[i].N > 0) {
-            Panel pn[4];
-            first_group(pn, &pc[i], PIECES_AHEAD);
-            return;
-        }
+    int i = next_with_rows(pc, n, 0);
+    if (i < n) {
+        Panel pn[4];
+        first_group(pn, pc, n, i, PIECES_AHEAD);
+    }
 }
 
 // Up to SKINNY_MAX_N rows at once; up to twice that in two groups, the second right after the first
@@ -909,11 +958,11 @@ void matmul_nt_pieces_panels_ahead(const NtPiece *pc, int n) {
 // FP8 decode step of v3-108m 5.04-5.17 -> 4.90-5.07 ms). Row n's BF16 pairs at ap + n · kp, as they
 // come: the kernel broadcasts one word of each row per pair, from N short streams in L1 (a
 // pair-major copy, transposed word by word, cost a 16-row step of v3-108m ~7% of its time). Groups
-// of P panels (then single ones), each panel one stream; a stream's prefetches run on into the same
-// stream of the next group, across pieces too, and the first group's heads are requested before it
-// starts: without either, every group began with a pipeline of misses (FP8, 2 threads from memory,
-// taking turns: 256 x 512 +2.5%, 1024 x 512 +10%; a v3-deep FP8 decode step 5% faster, 19 of 20
-// rounds).
+// of P panels of a run of pieces on the same rows (then fewer), each panel one stream; a stream's
+// prefetches run on into the same stream of the next group, across runs too, and the first
+// group's heads are requested before it starts: without either, every group began with a pipeline
+// of misses (FP8, 2 threads from memory, taking turns: 256 x 512 +2.5%, 1024 x 512 +10%; a v3-deep
+// FP8 decode step 5% faster, 19 of 20 rounds).
 AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
     if (n <= 0) return 0;
     const int fp8 = pc[0].w->dtype == DT_F8_E4M3;
@@ -926,8 +975,7 @@ AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
     size_t used = 0;
     for (int i = 0; i < n; i++) {
         const int kp = (pc[i].w->cols + 1) / 2;
-        if (i > 0 && pc[i].x == pc[i - 1].x && pc[i].ldx == pc[i - 1].ldx && pc[i].N == pc[i - 1].N &&
-            pc[i].w->cols == pc[i - 1].w->cols) {
+        if (i > 0 && same_rows(&pc[i], &pc[i - 1])) {
             at[i] = at[i - 1];
             continue;
         }
@@ -937,25 +985,21 @@ AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
     }
     __m512i tab[4];
     if (fp8) fp8_widen_tables(tab);
-    // groups of panels piece after piece: (piece i, first panel p, count np), as panels_nt_stack
-    // groups one product's; a group's streams run on into the next group's, across pieces too
-    int i = 0;
-    while (i < n && (pc[i].r1 <= pc[i].r0 || pc[i].N <= 0)) i++;
+    // groups of panels run after run: (run [i, e), group g); a group's streams run on into the
+    // next group's, across runs too
+    int i = next_with_rows(pc, n, 0);
     if (i == n) return 0;
     Panel pn[4], nx[4];
-    int p = pc[i].r0 / NR, np = first_group(pn, &pc[i], SKINNY_AHEAD);
+    int e = run_end(pc, n, i), g = 0, np = first_group(pn, pc, n, i, SKINNY_AHEAD);
     for (;;) {
-        int j = i, pj = p + np;
-        if (pj > (pc[i].r1 - 1) / NR) {  // the next group starts the next piece with rows
-            j = i + 1;
-            while (j < n && (pc[j].r1 <= pc[j].r0 || pc[j].N <= 0)) j++;
-            pj = j < n ? pc[j].r0 / NR : 0;
+        int j = i, ej = e, gj = g + 1;
+        if (gj == run_group_count(pc, i, e)) {  // the next group starts the next run with rows
+            j = next_with_rows(pc, n, e), gj = 0;
+            ej = j < n ? run_end(pc, n, j) : n;
         }
         int nn = 0;
         if (j < n) {
-            int Pj = piece_group(pc[j].N);
-            nn = (pc[j].r1 - 1) / NR - pj + 1 >= Pj ? Pj : 1;
-            piece_panels(nx, &pc[j], pj, nn);
+            nn = run_panels(nx, pc, j, ej, gj);
             for (int q = nn; q < np; q++) nx[q] = nx[nn - 1];  // (only prefetched: as many as this group has)
         }
         const int kp = (pc[i].w->cols + 1) / 2, n1 = split_rows(pc[i].N), n2 = pc[i].N - n1;
@@ -966,7 +1010,7 @@ AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
         }
         if (j == n) return 0;
         for (int q = 0; q < nn; q++) pn[q] = nx[q];
-        i = j, p = pj, np = nn;
+        i = j, e = ej, g = gj, np = nn;
     }
 }
 
