@@ -742,6 +742,8 @@ AVX512BF16_VBMI static void skinny_run(int N, int P, int fp8, const Panel *pn, c
     SKINNY_CASE(4, 2) SKINNY_CASE(1, 1) SKINNY_CASE(2, 1) SKINNY_CASE(3, 1) SKINNY_CASE(4, 1) SKINNY_CASE(5, 1) SKINNY_CASE(6, 1)
     SKINNY_CASE(7, 1) SKINNY_CASE(8, 1) SKINNY_CASE(9, 1) SKINNY_CASE(10, 1) SKINNY_CASE(11, 1) SKINNY_CASE(12, 1)
 #undef SKINNY_CASE
+    // (a group that no case above takes: its panels one at a time, the same sums)
+    for (int q = 0; P > 1 && q < P; q++) skinny_run(N, 1, fp8, pn + q, ap, kp_all, tab, NULL);
 }
 
 // Rows [0, N) of x (K columns) as BF16 pair words, row n's kp words at ap + n · kp (zero past K),
