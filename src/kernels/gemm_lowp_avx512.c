@@ -907,8 +907,8 @@ static int run_end(const NtPiece *pc, int n, int i0) {
 // outputs: the same bits. (Taking turns with the old groups: FP8 K = 512 from memory, 2 threads,
 // 448 rows +23%, 2,048 rows 58.7 -> 72.4 GB/s; BF16 +7-16%; decode at 512-640 positions, v3-deep
 // and v3-108m, FP8 and BF16, +11-13%, 13-15 of 16 rounds. Pieces with different activations in
-// one run — every expert's down projection, each panel with its own — gained 1.6% in 13 of 24
-// rounds: not kept.)
+// one run — every expert's down projection, each panel with its own — gained 1.1-1.6% in 13 of
+// 24 and 13 of 16 rounds: not kept.)
 static int run_group_count(const NtPiece *pc, int i0, int i1) {
     int count = 0, P = piece_group(pc[i0].N);
     for (int i = i0; i < i1; i++) count += piece_panel_count(&pc[i]);
