@@ -636,14 +636,16 @@ TEST(test_compute_auto_marks_views) {
         CHECK(moe->moe.experts[0].down_proj.compute_bf16 == want);
         CHECK(m.w.lm_head.compute_bf16 == (matmul_bf16c_fast() && m.w.lm_head.dtype != DT_F32));  // per view
         CHECK(moe->moe.gate.compute_bf16 == 0);  // the router stays fp32
+        CHECK(model_kv_dtype_auto(&m) == (want ? DT_BF16 : DT_F32));  // --kv-dtype auto follows the compute
         CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
+        CHECK(model_kv_dtype_auto(&m) == DT_BF16);
         CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 1 && moe->moe.gate.compute_bf16 == 0);
         // weight panels where the CPU takes them, for the products' matrices only (not the router)
         CHECK((m.w.layers[0].self_attn.kv_b_proj.panels != NULL) == kernels_cpu_avx512bf16_vbmi());
         CHECK(model_panels_bytes(&m, COMPUTE_BF16, NULL) == m.panels_bytes);
         CHECK(moe->moe.gate.panels == NULL && (m.panels != NULL) == kernels_cpu_avx512bf16_vbmi());
         CHECK_MSG(model_set_compute(&m, COMPUTE_F32, &err) == 0, "%s", err.msg);
-        CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 0);
+        CHECK(m.w.layers[0].self_attn.kv_b_proj.compute_bf16 == 0 && model_kv_dtype_auto(&m) == DT_F32);
         CHECK(m.panels == NULL && m.w.layers[0].self_attn.kv_b_proj.panels == NULL);  // freed
         model_free(&m);
     }

@@ -369,12 +369,22 @@ TEST(test_cli_kv_dtype) {
     int rc = test_run(o, sizeof o, "%s info --model %s --json", test_bin(), GOLDEN);
     // (kv_lora 32 + rope 8) x 3 layers x 4 or 2 bytes
     CHECK_MSG(rc == 0 && strstr(o, "\"kv_bytes_per_token\": 480") && strstr(o, "\"kv_bytes_per_token_bf16\": 240"), "%s", o);
-    rc = test_run(ref, sizeof ref, "%s generate --model %s --tokens 5,17,3 --max-new 8", test_bin(), GOLDEN);
+    rc = test_run(ref, sizeof ref, "%s generate --model %s --tokens 5,17,3 --max-new 8 --kv-dtype f32", test_bin(), GOLDEN);
     CHECK_MSG(rc == 0, "%s", ref);
     rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5,17,3 --max-new 8 --kv-dtype bf16", test_bin(), GOLDEN);
     CHECK_MSG(rc == 0 && strcmp(o, ref) == 0, "greedy ids with a bf16 cache: '%s' vs '%s'", o, ref);
     rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5 --kv-dtype fp8", test_bin(), GOLDEN);
     CHECK_MSG(rc == 1 && strstr(o, "--kv-dtype") && strstr(o, "fp8"), "%s", o);
+    // the default, auto: the cache in BF16 where the model computes in BF16, else F32 (--stats says)
+    rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5,17,3 --max-new 2 --compute f32 --stats 2>&1 >/dev/null",
+                  test_bin(), GOLDEN);
+    CHECK_MSG(rc == 0 && strstr(o, "cache: f32 latent rows (--kv-dtype auto)"), "--compute f32: %s", o);
+    rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5,17,3 --max-new 2 --compute bf16 --stats 2>&1 >/dev/null",
+                  test_bin(), GOLDEN);
+    CHECK_MSG(rc == 0 && strstr(o, "cache: bf16 latent rows (--kv-dtype auto)"), "--compute bf16: %s", o);
+    rc = test_run(o, sizeof o, "%s generate --model %s --tokens 5,17,3 --max-new 2 --compute bf16 --kv-dtype f32 --stats 2>&1 >/dev/null",
+                  test_bin(), GOLDEN);
+    CHECK_MSG(rc == 0 && strstr(o, "cache: f32 latent rows (--kv-dtype f32)"), "--compute bf16 --kv-dtype f32: %s", o);
 }
 
 // The golden model's prompt (tokens.txt, up to 64 ids) and the independent reference's logits for

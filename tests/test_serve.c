@@ -472,7 +472,7 @@ TEST(test_serve_openai_client_and_generate_agree) {
     CHECK_MSG(stop_checked, "the answer was too short to check a stop string");
     free(got1), free(got2), free(want), free(want_chat);
     // echo's prompt log-probabilities against `dsv3 logits --decode` (the same absorbed rows, the
-    // server's compute and kernels) of the prompt's ids
+    // server's compute, cache type and kernels) of the prompt's ids
     json_t *plp = json_object_get(res, "prompt_logprobs"), *pids = json_object_get(res, "prompt_ids");
     size_t T = json_array_size(pids);
     CHECK(json_is_array(plp) && json_is_array(pids) && T >= 2 && json_array_size(plp) == T);
@@ -480,7 +480,7 @@ TEST(test_serve_openai_client_and_generate_agree) {
     for (size_t i = 0, w = 0; i < T && w < sizeof ids - 16; i++)
         w += snprintf(ids + w, sizeof ids - w, i ? ",%lld" : "%lld", (long long)json_integer_value(json_array_get(pids, i)));
     snprintf(lpath, sizeof lpath, "%s/serve/prompt_logits.f32", test_tmpdir());
-    CHECK(test_run(out, sizeof out, "%s logits --model %s --tokens %s --decode --compute auto --decode-tiles on --out %s",
+    CHECK(test_run(out, sizeof out, "%s logits --model %s --tokens %s --decode --compute auto --kv-dtype auto --decode-tiles on --out %s",
                    test_bin(), model_dir(), ids, lpath) == 0);
     size_t len;
     float *lg = test_read_file(lpath, &len);

@@ -292,10 +292,11 @@ int cmd_chat(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     DType kv_dtype;
+    int kv_auto;
     long spec;
     ComputeMode cmode;
     long tile_rows;
-    if (parse_kv_dtype(&a, &kv_dtype, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err) ||
+    if (parse_kv_dtype(&a, "auto", &kv_dtype, &kv_auto, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err) ||
         parse_compute(&a, "auto", &cmode, &err) || parse_decode_tiles(&a, 1, &tile_rows, &err))
         return cli_fail(cmd, &err);
     EngineOptions eo = {.parallel = 1, .prefill_chunk = 512, .kv_dtype = kv_dtype, .speculative = (int)spec};
@@ -328,6 +329,7 @@ int cmd_chat(int argc, char **argv) {
         return cli_fail(cmd, &err);
     }
     model_set_panel_tiles(&m, tile_rows);  // (one conversation: auto takes none)
+    if (kv_auto) eo.kv_dtype = model_kv_dtype_auto(&m);
     if (ctx > m.cfg.max_position_embeddings) ctx = m.cfg.max_position_embeddings;
     eo.ctx = (int)ctx;
     eo.prefix_cache = 1;

@@ -157,7 +157,8 @@ int cmd_generate(int argc, char **argv) {
         args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err))
         return cli_fail(cmd, &err);
     DType kv_dtype;
-    if (parse_kv_dtype(&a, &kv_dtype, &err)) return cli_fail(cmd, &err);
+    int kv_auto;
+    if (parse_kv_dtype(&a, "auto", &kv_dtype, &kv_auto, &err)) return cli_fail(cmd, &err);
     const char *schema_path = args_str(&a, "json-schema", NULL);
     int json_out = args_flag(&a, "json") || schema_path;
     if (json_out && !args_str(&a, "prompt", NULL)) {
@@ -216,6 +217,7 @@ int cmd_generate(int argc, char **argv) {
         model_free(&m);
         goto done_prompts;
     }
+    if (kv_auto) kv_dtype = model_kv_dtype_auto(&m);
     int longest = 0;
     for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
     EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + sp.max_new,
@@ -277,6 +279,8 @@ int cmd_generate(int argc, char **argv) {
         if (st->draft_tokens > 0)
             fprintf(stderr, "speculative: %ld of %ld drafts accepted (%.1f%%)\n", st->accepted_tokens, st->draft_tokens,
                     100.0 * st->accepted_tokens / st->draft_tokens);
+        fprintf(stderr, "cache: %s latent rows (--kv-dtype %s)\n", kv_dtype == DT_BF16 ? "bf16" : "f32",
+                kv_auto ? "auto" : kv_dtype == DT_BF16 ? "bf16" : "f32");
         long long resident = 0, huge = st_model_huge_bytes(&m.files, &resident);
         if (huge >= 0 && resident > 0)  // (see atomic_commit in base/file.h)
             fprintf(stderr, "pages: %.1f MB of the checkpoint resident, %.0f%% of them mapped 2 MB at a time%s\n",

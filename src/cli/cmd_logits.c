@@ -60,8 +60,10 @@ int cmd_logits(int argc, char **argv) {
         args_require(&a, "tokens", &tokens_s, &err))
         return cli_fail_once(cmd, &err);
     DType kv_dtype;
+    int kv_auto;
     long tile_rows;  // (--decode-tiles: a server's kernels, to compare its numbers with; auto: one row's)
-    if (parse_kv_dtype(&a, &kv_dtype, &err) || parse_decode_tiles(&a, 1, &tile_rows, &err)) return cli_fail_once(cmd, &err);
+    if (parse_kv_dtype(&a, "f32", &kv_dtype, &kv_auto, &err) || parse_decode_tiles(&a, 1, &tile_rows, &err))
+        return cli_fail_once(cmd, &err);
     const char *out = args_str(&a, "out", NULL), *mtp_out = args_str(&a, "mtp-out", NULL);
     const char *routes_out = args_str(&a, "routes-out", NULL);
     if (!out && !mtp_out && !routes_out) {
@@ -91,6 +93,7 @@ int cmd_logits(int argc, char **argv) {
     // (the experts split first: a rank packs weight panels for its own experts only)
     if ((E > 1 && cli_expert_parallel_start(&m, &ep, &err)) || model_set_compute(&m, cmode, &err)) goto done;
     model_set_panel_tiles(&m, tile_rows);
+    if (kv_auto) kv_dtype = model_kv_dtype_auto(&m);
     if (mtp_out && m.w.n_mtp == 0) {
         err_set(&err, "%s: --mtp-out: the model has no MTP module (num_nextn_predict_layers is 0)", dir);
         goto done;

@@ -22,7 +22,7 @@ int cmd_serve(int argc, char **argv) {
         args_long(&a, "ctx", 4096, 2, 1 << 24, &ctx, &err) || args_long(&a, "speculative", 0, 0, ENGINE_MAX_SPECULATIVE, &spec, &err) ||
         args_long(&a, "max-queue", 64, 0, 1 << 20, &queue, &err) || args_long(&a, "timeout", 600, 1, 86400, &timeout, &err) ||
         args_long(&a, "max-body", 8L << 20, 1024, 1L << 30, &max_body, &err) ||
-        args_long(&a, "sse-ping", 10, 1, 3600, &ping, &err) || parse_kv_dtype(&a, &o.kv_dtype, &err) ||
+        args_long(&a, "sse-ping", 10, 1, 3600, &ping, &err) || parse_kv_dtype(&a, "auto", &o.kv_dtype, &o.kv_auto, &err) ||
         parse_compute(&a, "auto", &o.compute, &err) || parse_decode_tiles(&a, parallel, &o.decode_tile_rows, &err))
         return cli_fail(cmd, &err);
     if (a.npos > 0) {

@@ -68,11 +68,12 @@ int parse_sampling(const Args *a, SeqParams *sp, Error *err) {
     return 0;
 }
 
-int parse_kv_dtype(const Args *a, DType *out, Error *err) {
-    const char *s = args_str(a, "kv-dtype", "f32");
-    if (!strcmp(s, "f32")) *out = DT_F32;
-    else if (!strcmp(s, "bf16")) *out = DT_BF16;
-    else return err_set(err, "--kv-dtype: '%s' is not f32 or bf16", s);
+int parse_kv_dtype(const Args *a, const char *dflt, DType *out, int *is_auto, Error *err) {
+    const char *s = args_str(a, "kv-dtype", dflt);
+    *is_auto = 0, *out = DT_F32;
+    if (!strcmp(s, "bf16")) *out = DT_BF16;
+    else if (!strcmp(s, "auto")) *is_auto = 1;
+    else if (strcmp(s, "f32") != 0) return err_set(err, "--kv-dtype: '%s' is not f32, bf16 or auto", s);
     return 0;
 }
 

@@ -17,8 +17,9 @@ int parse_sampling(const Args *a, SeqParams *sp, Error *err);
 // --logit-bias ID=BIAS[,ID=BIAS...] (OpenAI's logit_bias: BIAS in [-100, 100] added to that id's
 // logit): *ids and *values allocated (free them), *n pairs; none when the option is absent.
 int parse_logit_bias(const Args *a, int **ids, float **values, int *n, Error *err);
-// --kv-dtype f32|bf16 (default f32) as the KV cache's element type; an error names the option.
-int parse_kv_dtype(const Args *a, DType *out, Error *err);
+// --kv-dtype f32|bf16|auto (default dflt) as the KV cache's element type: *out, or *is_auto set
+// for auto (model_kv_dtype_auto once the model's compute is set); an error names the option.
+int parse_kv_dtype(const Args *a, const char *dflt, DType *out, int *is_auto, Error *err);
 // Monotonic wall-clock seconds, for the commands' --stats lines.
 double cli_now(void);
 // --compute f32|bf16|auto (default dflt) as model_set_compute's mode; an error names the option.

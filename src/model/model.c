@@ -418,6 +418,10 @@ int model_set_panel_tiles(Model *m, long rows) {
     return w.n;
 }
 
+DType model_kv_dtype_auto(const Model *m) {
+    return m->cfg.num_hidden_layers > 0 && m->w.layers[0].self_attn.kv_a_proj_with_mqa.compute_bf16 ? DT_BF16 : DT_F32;
+}
+
 int model_set_compute(Model *m, ComputeMode mode, Error *err) {
     panels_free(m);
     tensor_walk(&m->cfg, m->w.n_mtp, &m->w, set_compute, &mode);

@@ -47,6 +47,10 @@ void model_free(Model *m);
 // Fails only when that memory cannot be had (the model keeps fp32 compute then).
 typedef enum { COMPUTE_F32, COMPUTE_BF16, COMPUTE_AUTO } ComputeMode;
 int model_set_compute(Model *m, ComputeMode mode, Error *err);
+// The latent cache's element type that goes with the model's compute (after model_set_compute):
+// BF16 where its attention's down-projection (kv_a, whose normalised rows the cache holds) runs in
+// BF16 — DeepSeek's reference keeps its cache in the model's BF16 too — else F32.
+DType model_kv_dtype_auto(const Model *m);
 // Where the products on weight panels run (after model_set_compute), for steps of up to `rows`
 // rows (an engine's sequences × (1 + draft tokens); 0: one row): on the AMX tiles, where the CPU
 // has them, a matrix's products if the rows it gets are enough for the tiles to win — the dense

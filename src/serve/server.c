@@ -1211,7 +1211,8 @@ int serve_run(const ServeOptions *o, Error *err) {
         return -1;
     }
     if (s->o.ctx > s->m.cfg.max_position_embeddings) s->o.ctx = s->m.cfg.max_position_embeddings;
-    EngineOptions eo = {.parallel = o->parallel, .ctx = s->o.ctx, .prefill_chunk = PREFILL_CHUNK, .kv_dtype = o->kv_dtype,
+    EngineOptions eo = {.parallel = o->parallel, .ctx = s->o.ctx, .prefill_chunk = PREFILL_CHUNK,
+                        .kv_dtype = o->kv_auto ? model_kv_dtype_auto(&s->m) : o->kv_dtype,
                         .speculative = o->speculative, .prefix_cache = o->prefix_cache};
     s->e = engine_new(&s->m, &eo, err);
     if (!s->e) {

@@ -20,6 +20,7 @@ typedef struct ServeOptions {
     int parallel;            // sequences decoded at once
     int ctx;                 // positions per sequence (clamped to the model's max_position_embeddings)
     DType kv_dtype;
+    int kv_auto;             // --kv-dtype auto: model_kv_dtype_auto once the compute is set
     int speculative;         // MTP draft tokens per step (the model needs an MTP module)
     int prefix_cache;        // reuse the cache blocks of a prompt prefix seen before
     const char *api_key;     // NULL: no authentication
