@@ -188,10 +188,10 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
 }
 
 // FP8 against BF16 weights of one config (--compute bf16, mmapped, the cache generate keeps for
-// it: BF16, model_kv_dtype_auto), decode at 512-640 positions, the two taking turns run by run (each round in the other order): the 1.5x, measured so
-// that a drift of the host moves both sides (the two medians of bench_one's runs, minutes apart,
-// gave 1.86x in a pass where the host read 30 GB/s for one and 61 for the other). Prints the
-// median ratio and its range.
+// it: BF16, model_kv_dtype_auto), decode at 512-640 positions, the two taking turns run by run
+// (each round in the other order): the 1.5x, measured so that a drift of the host moves
+// both sides (the two medians of bench_one's runs, minutes apart, gave 1.86x in a pass where the
+// host read 30 GB/s for one and 61 for the other). Prints the median ratio and its range.
 static int fp8_over_bf16(const char *cfg_path) {
     enum { PROMPT = 512, DECODE = 128, ROUNDS = 9 };
     const DType types[2] = {DT_BF16, DT_F8_E4M3};

@@ -896,6 +896,17 @@ static int run_end(const NtPiece *pc, int n, int i0) {
     return i;
 }
 
+// The panels of the run of pieces [i0, i1).
+static int run_panel_count(const NtPiece *pc, int i0, int i1) {
+    int count = 0;
+    for (int i = i0; i < i1; i++) count += piece_panel_count(&pc[i]);
+    return count;
+}
+
+// Group g of the run of pieces from i0 with `count` panels (pn[0 .. returned count)), as
+// matmul_nt_panels would take each panel (its view's panels_at on a stack of one), the lanes past
+// a piece's rows unstored.
+//
 // The groups of a run of pieces' panels (taken in order, piece after piece). With P at once, the
 // panels split into P lanes of consecutive ones (the first count % P lanes one longer), and group
 // g takes panel g of every lane that has one. So each of a group's streams goes on in the next
@@ -909,17 +920,7 @@ static int run_end(const NtPiece *pc, int n, int i0) {
 // and v3-108m, FP8 and BF16, +11-13%, 13-15 of 16 rounds. Pieces with different activations in
 // one run — every expert's down projection, each panel with its own — gained 1.1-1.6% in 13 of
 // 24 and 13 of 16 rounds: not kept.)
-static int run_group_count(const NtPiece *pc, int i0, int i1) {
-    int count = 0, P = piece_group(pc[i0].N);
-    for (int i = i0; i < i1; i++) count += piece_panel_count(&pc[i]);
-    return (count + P - 1) / P;
-}
-
-// Group g of the run of pieces [i0, i1) (pn[0 .. returned count)), as matmul_nt_panels would take
-// each panel (its view's panels_at on a stack of one), the lanes past a piece's rows unstored.
-static int run_panels(Panel *pn, const NtPiece *pc, int i0, int i1, int g) {
-    int count = 0;
-    for (int i = i0; i < i1; i++) count += piece_panel_count(&pc[i]);
+static int run_panels(Panel *pn, const NtPiece *pc, int i0, int count, int g) {
     const int P = piece_group(pc[i0].N), m = count / P, rem = count % P;
     int np = 0;
     for (int q = 0; q < P && (g < m || q < rem); q++) {
@@ -942,11 +943,10 @@ static int next_with_rows(const NtPiece *pc, int n, int i) {
 // The first group of panels of the pieces from i (pn[0 .. returned count)), their first `head`
 // bytes requested.
 static int first_group(Panel *pn, const NtPiece *pc, int n, int i, size_t head) {
-    int np = run_panels(pn, pc, i, run_end(pc, n, i), 0);
-    for (int q = 0; q < np; q++) {
-        size_t h = head < weight_panel_bytes(pc[i].w) ? head : weight_panel_bytes(pc[i].w);
-        for (size_t b = 0; b < h; b += 64) _mm_prefetch((const char *)pn[q].w + b, _MM_HINT_T0);
-    }
+    int np = run_panels(pn, pc, i, run_panel_count(pc, i, run_end(pc, n, i)), 0);
+    if (head > weight_panel_bytes(pc[i].w)) head = weight_panel_bytes(pc[i].w);  // (a run's panels: one size)
+    for (int q = 0; q < np; q++)
+        for (size_t b = 0; b < head; b += 64) _mm_prefetch((const char *)pn[q].w + b, _MM_HINT_T0);
     return np;
 }
 
@@ -991,21 +991,22 @@ AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
     }
     __m512i tab[4];
     if (fp8) fp8_widen_tables(tab);
-    // groups of panels run after run: (run [i, e), group g); a group's streams run on into the
-    // next group's, across runs too
+    // groups of panels run after run: (run [i, e) of `count` panels, group g); a group's streams
+    // run on into the next group's, across runs too
     int i = next_with_rows(pc, n, 0);
     if (i == n) return 0;
     Panel pn[4], nx[4];
-    int e = run_end(pc, n, i), g = 0, np = first_group(pn, pc, n, i, SKINNY_AHEAD);
+    int e = run_end(pc, n, i), count = run_panel_count(pc, i, e), g = 0, np = first_group(pn, pc, n, i, SKINNY_AHEAD);
     for (;;) {
-        int j = i, ej = e, gj = g + 1;
-        if (gj == run_group_count(pc, i, e)) {  // the next group starts the next run with rows
+        int j = i, ej = e, cj = count, gj = g + 1, P = piece_group(pc[i].N);
+        if (gj == (count + P - 1) / P) {  // the next group starts the next run with rows
             j = next_with_rows(pc, n, e), gj = 0;
             ej = j < n ? run_end(pc, n, j) : n;
+            cj = run_panel_count(pc, j, ej);
         }
         int nn = 0;
         if (j < n) {
-            nn = run_panels(nx, pc, j, ej, gj);
+            nn = run_panels(nx, pc, j, cj, gj);
             for (int q = nn; q < np; q++) nx[q] = nx[nn - 1];  // (only prefetched: as many as this group has)
         }
         const int kp = (pc[i].w->cols + 1) / 2, n1 = split_rows(pc[i].N), n2 = pc[i].N - n1;
@@ -1016,7 +1017,7 @@ AVX512BF16_VBMI int matmul_nt_pieces_panels(const NtPiece *pc, int n) {
         }
         if (j == n) return 0;
         for (int q = 0; q < nn; q++) pn[q] = nx[q];
-        i = j, e = ej, g = gj, np = nn;
+        i = j, e = ej, count = cj, g = gj, np = nn;
     }
 }
 
