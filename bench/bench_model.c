@@ -114,6 +114,9 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     float *logits = malloc(sizeof(float) * V);
     double pre[REPS], dec[REPS], bws[REPS], ratio[REPS], peak[REPS], pratio[REPS], wb = active_weight_bytes(&m);
     double share0[REPS];  // thread 0's share of the decode products after each run's steps (model.h)
+    // each run's decode steps again, profiled (DecodeProfile): the products' share of a step, their
+    // weights' rate over the read bandwidth, attention's share, the meetings' share
+    double prod[REPS], prod_bw[REPS], attn[REPS], meets[REPS];
     double flops = prefill_flops(&m, PROMPT);
     // The host's memory and GEMM speeds drift from minute to minute (a shared virtual machine: the
     // AMX unit's rate was seen to double and halve between runs a minute apart), so every run is
@@ -152,6 +155,22 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
         float sh[1];
         share0[r] = forward_state_shares(s, sh, 1) > 1 ? sh[0] : 1.0;
         pratio[r] = flops / (t1 - t0) / 1e9 / peak[r];
+        // the same steps profiled, apart from the timed ones (the marks cost ~1% of a step)
+        kvcache_clear(&kv);
+        if (model_forward(&m, s, &kv, tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) return 1;
+        forward_state_profile(s, 1);
+        next = 0;
+        for (int i = 0; i < DECODE; i++) {
+            next = (next * 31 + 7) % V;
+            DecodeSeq ds = {.kv = &kv, .tokens = &next, .T = 1};
+            if (model_decode(&m, s, &ds, 1, logits, NULL, &err)) return 1;
+        }
+        DecodeProfile pf;
+        forward_state_profile_take(s, &pf);
+        forward_state_profile(s, 0);
+        double all = pf.products + pf.attention + pf.meetings;
+        prod[r] = pf.products / all, attn[r] = pf.attention / all, meets[r] = pf.meetings / all;
+        prod_bw[r] = wb * pf.steps / pf.products / 1e9 / bws[r];
     }
     kvcache_free(&kv);
     forward_state_free(s);
@@ -170,6 +189,12 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     printf("%-5s%s decode (context %d-%d, %s cache): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s; read bandwidth %.1f GB/s\n"
            "      weights streamed / read bandwidth, run by run: median %.0f%% (range %.0f-%.0f%%)\n",
            dtype_name(dt), how, PROMPT, PROMPT + DECODE, dtype_name(kv_dtype), d, wb / 1e6, wb * d / 1e9, bw, 100 * q, 100 * rlo, 100 * rhi);
+    double blo, bhi;
+    bench_range(prod_bw, REPS, &blo, &bhi);
+    printf("      a step, profiled (DecodeProfile), run by run medians: the products %.0f%% of it, streaming the weights "
+           "there at %.0f%% of the read bandwidth (range %.0f-%.0f%%); absorbed attention %.0f%%; waiting at the "
+           "threads' meetings %.0f%%\n", 100 * bench_median(prod, REPS), 100 * bench_median(prod_bw, REPS), 100 * blo,
+           100 * bhi, 100 * bench_median(attn, REPS), 100 * bench_median(meets, REPS));
     double slo, shi;
     bench_range(share0, REPS, &slo, &shi);
     printf("      thread 0's share of the decode products after each run (they follow the threads' speeds): %.2f-%.2f\n",

@@ -18,9 +18,9 @@
 
 // Decodes `steps` tokens of sequence 0 (prompt p0, then its own argmax) alone in a private cache;
 // logits (steps, V) of each step. shares: the threads' fixed shares of the products (one per
-// thread), or NULL: measured.
-static int alone_shared(const Model *m, DType dt, const int *p0, int n0, int steps, const float *shares, float *logits,
-                        Error *err) {
+// thread), or NULL: measured. prof: the steps profiled into it, or NULL: not profiled.
+static int alone_profiled(const Model *m, DType dt, const int *p0, int n0, int steps, const float *shares,
+                          DecodeProfile *prof, float *logits, Error *err) {
     KVCache kv;
     if (kvcache_init_as(&kv, &m->cfg, 0, n0 + steps + 1, dt, err)) return -1;
     ForwardState *s = forward_state_new(m, 64, n0 + steps + 1, err);
@@ -29,6 +29,7 @@ static int alone_shared(const Model *m, DType dt, const int *p0, int n0, int ste
         s = NULL;
     }
     int rc = s ? model_forward(m, s, &kv, p0, n0, ATTN_PLAIN, NULL, NULL, NULL, err) : -1, V = m->cfg.vocab_size;
+    if (s && prof) forward_state_profile(s, 1);
     int tok = p0[n0 - 1] % V;
     for (int t = 0; t < steps && rc == 0; t++) {
         DecodeSeq one = {.kv = &kv, .tokens = &tok, .T = 1};
@@ -37,9 +38,15 @@ static int alone_shared(const Model *m, DType dt, const int *p0, int n0, int ste
         for (int v = 1; v < V; v++) best = logits[(size_t)t * V + v] > logits[(size_t)t * V + best] ? v : best;
         tok = best;
     }
+    if (s && prof) forward_state_profile_take(s, prof);
     forward_state_free(s);
     kvcache_free(&kv);
     return rc;
+}
+
+static int alone_shared(const Model *m, DType dt, const int *p0, int n0, int steps, const float *shares, float *logits,
+                        Error *err) {
+    return alone_profiled(m, dt, p0, n0, steps, shares, NULL, logits, err);
 }
 
 static int alone(const Model *m, DType dt, const int *p0, int n0, int steps, float *logits, Error *err) {
@@ -168,6 +175,50 @@ TEST(test_thread_shares_keep_bits) {
         model_free(&m);
     }
     omp_set_num_threads(saved);
+}
+
+// The decode profile (DecodeProfile): profiled steps compute the same bits; it counts them, and each
+// thread's parts — products, attention, meetings — lie within the steps' wall time (every part a
+// span between two readings of one clock inside a step), with time in the products and in
+// attention over the 9-position prompt. Taking it starts the sums again.
+TEST(test_decode_profile_adds_up_and_keeps_bits) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, "tests/data/v3", 0, &err) == 0, "%s", err.msg);
+    int V = m.cfg.vocab_size, p0[9] = {5, 17, 3, 9, 44, 2, 8, 1, 30};
+    float *ref = malloc(sizeof(float) * STEPS * V), *got = malloc(sizeof(float) * STEPS * V);
+    for (int mode = 0; mode < 2; mode++) {
+        if (mode == 1) CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
+        DecodeProfile pf;
+        CHECK_MSG(alone(&m, DT_F32, p0, 9, STEPS, ref, &err) == 0, "%s", err.msg);
+        CHECK_MSG(alone_profiled(&m, DT_F32, p0, 9, STEPS, NULL, &pf, got, &err) == 0, "%s", err.msg);
+        CHECK_MSG(memcmp(ref, got, sizeof(float) * STEPS * V) == 0, "mode %d: profiled steps changed the logits", mode);
+        CHECK_MSG(pf.steps == STEPS, "mode %d: %ld steps profiled, %d run", mode, pf.steps, STEPS);
+        double parts = pf.products + pf.attention + pf.meetings;
+        CHECK_MSG(pf.products > 0 && pf.attention > 0 && pf.meetings >= 0 && parts <= pf.seconds,
+                  "mode %d: products %g + attention %g + meetings %g s against %g s of steps", mode, pf.products,
+                  pf.attention, pf.meetings, pf.seconds);
+    }
+    ForwardState *s = forward_state_new(&m, 8, 16, &err);
+    CHECK_MSG(s, "%s", err.msg);
+    KVCache kv;
+    CHECK_MSG(kvcache_init(&kv, &m.cfg, 0, 16, &err) == 0, "%s", err.msg);
+    forward_state_profile(s, 1);
+    DecodeSeq one = {.kv = &kv, .tokens = p0, .T = 2};
+    CHECK_MSG(model_decode(&m, s, &one, 1, NULL, NULL, &err) == 0, "%s", err.msg);
+    DecodeProfile a, b;
+    forward_state_profile_take(s, &a);
+    forward_state_profile_take(s, &b);
+    CHECK(a.steps == 1 && a.seconds > 0 && b.steps == 0 && b.seconds == 0 && b.products == 0);
+    forward_state_profile(s, 0);
+    CHECK_MSG(model_decode(&m, s, &one, 1, NULL, NULL, &err) == 0, "%s", err.msg);
+    forward_state_profile_take(s, &a);
+    CHECK(a.steps == 0 && a.products == 0);
+    kvcache_free(&kv);
+    forward_state_free(s);
+    free(ref);
+    free(got);
+    model_free(&m);
 }
 
 // A verify pass: K + 1 rows of one sequence in one model_decode give the bits of K + 1 steps —

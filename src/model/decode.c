@@ -35,18 +35,45 @@
 // would read the whole panel.
 #define SHARE_UNIT 32
 
+// The profile (forward_state_profile): this thread's time since its last mark goes to a kind of work.
+static void prof_mark(ForwardState *s, int kind) {
+    if (!s->profile) return;
+    double now = omp_get_wtime(), *p = s->prof + 8 * omp_get_thread_num();
+    p[kind] += now - p[PROFILE_LAST];
+    p[PROFILE_LAST] = now;
+}
+
+// A profiled step's start on each thread (t0: when the call began — the batch's setup and the
+// team's forming count as the products' time) and its end.
+static void prof_begin(ForwardState *s, double t0) {
+    if (s->profile) s->prof[8 * omp_get_thread_num() + PROFILE_LAST] = t0;
+}
+
+static void prof_end(ForwardState *s, double t0) {
+    if (!s->profile) return;
+    s->prof_steps++;
+    s->prof_seconds += omp_get_wtime() - t0;
+}
+
 // The team's threads meet (between the phases of a step: all of a phase's outputs written before
 // any thread reads them). A TeamBarrier rather than OpenMP's: a step meets ~10 times per layer.
-static void meet(ForwardState *s) { team_barrier_wait(&s->meet, omp_get_num_threads()); }
+// The phase before a meeting is a product's unless marked otherwise (prof_mark).
+static void meet(ForwardState *s) {
+    prof_mark(s, PROFILE_PRODUCTS);
+    team_barrier_wait(&s->meet, omp_get_num_threads());
+    prof_mark(s, PROFILE_MEETINGS);
+}
 
 // A meeting after which this thread's first product is the pieces pc: their first lines are
 // requested while the meeting lasts (after arriving, so that the last thread in lets the others go
 // before it makes its requests), not after it, when every thread starts its phase with a pipeline
 // of misses.
 static void meet_ahead(ForwardState *s, const NtPiece *pc, int n) {
+    prof_mark(s, PROFILE_PRODUCTS);
     TeamTicket t = team_barrier_arrive(&s->meet, omp_get_num_threads());
     matmul_nt_pieces_ahead(pc, n);
     team_barrier_await(&s->meet, t);
+    prof_mark(s, PROFILE_MEETINGS);
 }
 
 // [*b, *e) of n for this thread of the team.
@@ -338,11 +365,14 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
         for (int n = 0; n < N; n++)
             for (int h = h0; h < h1; h++)
                 rope_forward(s->q + ((size_t)n * H + h) * qk + nope, r, s->rope_cos + (size_t)n * hr, s->rope_sin + (size_t)n * hr);
+        prof_mark(s, PROFILE_PRODUCTS);
         team_flag_wait(&s->row_stored, stored);
+        prof_mark(s, PROFILE_MEETINGS);
         if (h0 < h1) {
             LatentAttention at = decode_attention(m, s, bt, l, 0, a);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
         }
+        prof_mark(s, PROFILE_ATTENTION);
         NtPiece next = {.w = &a->o_proj, .N = N};
         share_rows(s, d, &next.r0, &next.r1);
         meet_ahead(s, &next, 1);
@@ -359,6 +389,7 @@ meet(s);
         for (int h = 0; h < H; h++)
             rope_forward(s->q + ((size_t)n * H + h) * qk + nope, r, s->rope_cos + (size_t)n * hr, s->rope_sin + (size_t)n * hr);
     const int fold = latent_fold(bt, s), v = c->v_head_dim;
+    prof_mark(s, PROFILE_PRODUCTS);
     if (fold) {  // meanwhile (q_nope is not rotated) W_UK,hᵀ q_nope for every row, by heads
         int hb, he;
         share(H, 1, &hb, &he);
@@ -367,6 +398,7 @@ meet(s);
             ts->failed |= latent_attention_fold_query(&shape, h, s->q + (size_t)h * qk, H * qk, N,
                                                       s->q_latent + (size_t)h * L, H * L) != 0;
     }
+    prof_mark(s, PROFILE_ATTENTION);
 meet(s);
     // The other sequences. Several: units taken in turn from a shared counter, so that a thread
     // slowed down leaves more of them to the others instead of keeping them waiting (on the VMs
@@ -398,6 +430,7 @@ meet(s);
             ts->failed |= latent_attention_absorbed_part(&at, h0, h1, ts->attn);
         }
     }
+    prof_mark(s, PROFILE_ATTENTION);
     // A sequence with several chunks of cache and few rows: its chunks spread over the threads, so
     // the cache is read once per step, not once per thread. A wave of as many chunks as the parts
     // hold (all of them, up to 128K positions of a one-row step), each taken in turn from a shared
@@ -421,12 +454,15 @@ meet(s);
                 ts->failed |= latent_attention_chunk(&at, w0 + k, s->attn_parts + k * part, ts->attn);
             }
             claims += wn + nt;
+            prof_mark(s, PROFILE_ATTENTION);
 meet(s);
             for (int k = 0; k < wn; k++)
                 latent_attention_merge(&at, e0, e1, s->attn_parts + k * part, s->attn_state, w0 + k == 0);
+            prof_mark(s, PROFILE_ATTENTION);
 meet(s);
         }
         ts->failed |= latent_attention_finish(&at, e0, e1, s->attn_state, ts->attn);
+        prof_mark(s, PROFILE_ATTENTION);
     }
 meet(s);
     if (fold) {  // W_UV applied to every row's latent output, by heads
@@ -437,6 +473,7 @@ meet(s);
             ts->failed |= matmul_nt_invariant(s->ao + (size_t)h * v, H * v, s->out_latent + (size_t)h * L, H * L, &wuv,
                                               N, 0, v);
         }
+        prof_mark(s, PROFILE_ATTENTION);
 meet(s);
     }
     ts->failed |= gemv_share_residual(s, s->x, s->y, s->ao, &a->o_proj, N);
@@ -760,6 +797,7 @@ static int step_result(int failed, Error *err) {
 int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_seqs, float *logits, float *hidden,
                  Error *err) {
     const ModelConfig *c = &m->cfg;
+    const double t0 = s->profile ? omp_get_wtime() : 0;
     Batch bt;
     if (batch_begin(m, s, seqs, n_seqs, -1, &bt, err)) return -1;
     int failed = 0, d = c->hidden_size;
@@ -769,16 +807,19 @@ int model_decode(const Model *m, ForwardState *s, const DecodeSeq *seqs, int n_s
 #pragma omp parallel num_threads(s->nthreads) reduction(| : failed)
     {
         Own ts = own_vectors(c, s);
+        prof_begin(s, t0);
         for (int l = 0; l < c->num_hidden_layers; l++) {
             ts.next_layer = l + 1 < c->num_hidden_layers ? &m->w.layers[l + 1] : NULL;
             decode_mla(m, s, &bt, l, &m->w.layers[l], &ts);
             decode_ffn(m, s, &m->w.layers[l], bt.N, &ts);
         }
         decode_head(m, s, &bt, m->w.norm, &m->w.lm_head, logits, hidden, &ts);
+        prof_mark(s, PROFILE_PRODUCTS);
         failed |= ts.failed != 0;
     }
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->len += seqs[i].T;
     share_rebalance(s);
+    prof_end(s, t0);
     return step_result(failed, err);
 }
 
@@ -789,6 +830,7 @@ int model_mtp_decode(const Model *m, ForwardState *s, int k, const DecodeSeq *se
     for (int i = 0; i < n_seqs; i++)
         if (k >= seqs[i].kv->n_mtp) return err_set(err, "MTP module %d: sequence %d's cache has no layer for it", k, i);
     const MtpWeights *w = &m->w.mtp[k];
+    const double t0 = s->profile ? omp_get_wtime() : 0;
     Batch bt;
     if (batch_begin(m, s, seqs, n_seqs, k, &bt, err)) return -1;
     int failed = 0, d = c->hidden_size, N = bt.N;
@@ -798,6 +840,7 @@ int model_mtp_decode(const Model *m, ForwardState *s, int k, const DecodeSeq *se
 #pragma omp parallel num_threads(s->nthreads) reduction(| : failed)
     {
         Own ts = own_vectors(c, s);
+        prof_begin(s, t0);
         // the embedding half comes first, as in the released checkpoints (SPEC §2.3)
         for (int n = 0; n < N; n++) {
             rmsnorm_forward(ts.cat + (size_t)n * 2 * d, NULL, s->emb + (size_t)n * d, w->enorm, 1, d, c->rms_norm_eps);
@@ -808,9 +851,11 @@ meet(s);
         decode_mla(m, s, &bt, c->num_hidden_layers + k, &w->layer, &ts);
         decode_ffn(m, s, &w->layer, N, &ts);
         decode_head(m, s, &bt, w->shared_head_norm, &w->shared_head_head, logits, hidden_out, &ts);
+        prof_mark(s, PROFILE_PRODUCTS);
         failed |= ts.failed != 0;
     }
     for (int i = 0; i < n_seqs; i++) seqs[i].kv->mtp_len[k] += seqs[i].T;
     share_rebalance(s);
+    prof_end(s, t0);
     return step_result(failed, err);
 }

@@ -158,6 +158,25 @@ int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Err
 // The shares now in use: up to n of them into fractions; returns the team's size.
 int forward_state_shares(const ForwardState *s, float *fractions, int n);
 
+// Where decode steps' time goes (model_decode, model_mtp_decode), from forward_state_profile(s, 1)
+// on: each thread's seconds by kind of work, averaged over the team. A step's threads split every
+// product between them and meet where one phase needs all of another's outputs; the profile tells
+// the products (streaming the weights, with the norms, routing and RoPE between them) from the
+// absorbed attention (its W_UK fold and W_UV included: compute over the cache) and from the time a
+// thread waits for the others at a meeting. The marks cost two clock reads per phase: v3-108m FP8
+// decode steps took ~1% longer profiled (median of 20 rounds taking turns, within the noise).
+typedef struct DecodeProfile {
+    long steps;        // decode steps profiled
+    double seconds;    // their wall time
+    double products;   // per thread: the products and everything else not below
+    double attention;  // per thread: absorbed attention
+    double meetings;   // per thread: waiting at the meetings
+} DecodeProfile;
+// on: from now on decode steps time their phases (the sums start from zero); 0: no more.
+void forward_state_profile(ForwardState *s, int on);
+// The sums since forward_state_profile(s, 1) or the last take, then zero again.
+void forward_state_profile_take(ForwardState *s, DecodeProfile *out);
+
 // Runs tokens[0..T) at positions kv->len .. kv->len+T-1, appending to the cache.
 // logits: (T, vocab) for every position, or NULL; last_logits: (vocab) for the last position or
 // NULL; hidden: (T, d) the final-normed hidden states (the MTP module's input) or NULL.
