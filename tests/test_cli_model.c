@@ -183,6 +183,13 @@ TEST(test_cli_generate_greedy_matches_logits) {
     snprintf(want, sizeof want, "generated %d tokens", n);
     CHECK_MSG(rc == 0 && strstr(o, "prompt: 3 tokens in ") && strstr(o, want), "%s", o);
     CHECK_MSG(strstr(o, "MB of the checkpoint resident, ") && strstr(o, "% of them mapped 2 MB at a time"), "%s", o);
+    // and where the decode steps' time went (the prompt's step has its piece: not among them)
+    const char *pl = strstr(o, "decode steps (profiled, ~1% of a step): the products ");
+    int pr = -1, at = -1, mt = -1;
+    CHECK_MSG(n < 2 || (pl && sscanf(pl, "decode steps (profiled, ~1%% of a step): the products %d%%, absorbed attention "
+                                         "%d%%, waiting at the threads' meetings %d%%", &pr, &at, &mt) == 3 &&
+                        pr > 0 && at >= 0 && mt >= 0 && pr + at + mt >= 99 && pr + at + mt <= 101),
+              "%s", o);
 }
 
 TEST(test_bad_token_and_paths) {

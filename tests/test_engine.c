@@ -174,7 +174,8 @@ TEST(test_cli_batch_file_prints_what_tokens_prints) {
     CHECK(text);
     CHECK_MSG(strstr(text, "\"prompt_tokens\": 19") && strstr(text, "\"generated_tokens\": ") &&
                   strstr(text, "\"decode_tokens_per_s\": ") && strstr(text, "\"acceptance_rate\": ") &&
-                  strstr(text, "\"draft_tokens\": 0"),
+                  strstr(text, "\"draft_tokens\": 0") && strstr(text, "\"decode_profile\": {") &&
+                  strstr(text, "\"products_s\": ") && strstr(text, "\"attention_s\": ") && strstr(text, "\"meetings_s\": "),
               "%s", text);
     free(text);
 }

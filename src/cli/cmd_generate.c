@@ -124,11 +124,15 @@ static void on_token(void *owner, int seq, const EngineToken *et) {
 // --stats-json: the run's figures as one JSON object, written atomically.
 static int write_stats_json(const char *path, const EngineStats *st, Error *err) {
     double tps = st->decode_s > 0 ? st->decode_tokens / st->decode_s : 0;
-    json_t *o = json_pack("{s:I, s:I, s:f, s:f, s:f, s:I, s:I, s:f}", "prompt_tokens", (json_int_t)st->prompt_tokens,
-                          "generated_tokens", (json_int_t)st->generated_tokens, "prefill_s", st->prefill_s, "decode_s",
-                          st->decode_s, "decode_tokens_per_s", tps, "draft_tokens", (json_int_t)st->draft_tokens,
-                          "accepted_tokens", (json_int_t)st->accepted_tokens, "acceptance_rate",
-                          st->draft_tokens > 0 ? (double)st->accepted_tokens / st->draft_tokens : 0.0);
+    const DecodeProfile *pf = &st->decode_profile;  // (per thread, averaged over the team)
+    json_t *o = json_pack("{s:I, s:I, s:f, s:f, s:f, s:I, s:I, s:f, s:{s:I, s:f, s:f, s:f, s:f}}", "prompt_tokens",
+                          (json_int_t)st->prompt_tokens, "generated_tokens", (json_int_t)st->generated_tokens,
+                          "prefill_s", st->prefill_s, "decode_s", st->decode_s, "decode_tokens_per_s", tps,
+                          "draft_tokens", (json_int_t)st->draft_tokens, "accepted_tokens",
+                          (json_int_t)st->accepted_tokens, "acceptance_rate",
+                          st->draft_tokens > 0 ? (double)st->accepted_tokens / st->draft_tokens : 0.0,
+                          "decode_profile", "passes", (json_int_t)pf->steps, "seconds", pf->seconds, "products_s",
+                          pf->products, "attention_s", pf->attention, "meetings_s", pf->meetings);
     char *text = o ? json_dumps(o, JSON_INDENT(2)) : NULL;
     json_decref(o);
     if (!text) return err_set(err, "%s: out of memory", path);
@@ -221,7 +225,8 @@ int cmd_generate(int argc, char **argv) {
     int longest = 0;
     for (int i = 0; i < np; i++) longest = lens[i] > longest ? lens[i] : longest;
     EngineOptions eo = {.parallel = (int)(parallel < np ? parallel : np), .ctx = longest + sp.max_new,
-                        .prefill_chunk = (int)chunk, .kv_dtype = kv_dtype, .speculative = (int)spec};
+                        .prefill_chunk = (int)chunk, .kv_dtype = kv_dtype, .speculative = (int)spec,
+                        .profile = args_flag(&a, "stats") || args_str(&a, "stats-json", NULL)};
     model_set_panel_tiles(&m, tile_rows);
     if (tok) tok_stream_init(&k.ts, tok, TOK_SKIP_SPECIAL);
     k.out = calloc(np, sizeof *k.out);
@@ -281,6 +286,12 @@ int cmd_generate(int argc, char **argv) {
                     100.0 * st->accepted_tokens / st->draft_tokens);
         fprintf(stderr, "cache: %s latent rows (--kv-dtype %s)\n", kv_dtype == DT_BF16 ? "bf16" : "f32",
                 kv_auto ? "auto" : kv_dtype == DT_BF16 ? "bf16" : "f32");
+        const DecodeProfile *pf = &st->decode_profile;
+        double parts = pf->products + pf->attention + pf->meetings;
+        if (parts > 0)
+            fprintf(stderr, "decode steps (profiled, ~1%% of a step): the products %.0f%%, absorbed attention %.0f%%, "
+                    "waiting at the threads' meetings %.0f%%\n", 100 * pf->products / parts, 100 * pf->attention / parts,
+                    100 * pf->meetings / parts);
         long long resident = 0, huge = st_model_huge_bytes(&m.files, &resident);
         if (huge >= 0 && resident > 0)  // (see atomic_commit in base/file.h)
             fprintf(stderr, "pages: %.1f MB of the checkpoint resident, %.0f%% of them mapped 2 MB at a time%s\n",

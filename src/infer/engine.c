@@ -157,6 +157,7 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
     }
     e->fs = forward_state_new(m, hrows, o->ctx, err);
     if (!e->fs) goto fail;
+    forward_state_profile(e->fs, o->profile);
     if (o->prefix_cache) {
         if (prefix_init(&e->pc, (int)n_blocks, ENGINE_BLOCK_SIZE + (K > 0), err)) goto fail;
         e->pool.on_evict = evicted;
@@ -709,6 +710,15 @@ static int step_forward(Engine *e, int used, Error *err) {
     double dt = now_s() - t0;
     e->stats.decode_s += dt * drows / rows;
     e->stats.prefill_s += dt * (rows - drows) / rows;
+    if (e->o.profile) {  // (this step's drafts too: the profile is taken once a step, here)
+        DecodeProfile pf;
+        forward_state_profile_take(e->fs, &pf);
+        DecodeProfile *sum = &e->stats.decode_profile;
+        if (np == 0) {
+            sum->steps += pf.steps, sum->seconds += pf.seconds, sum->products += pf.products;
+            sum->attention += pf.attention, sum->meetings += pf.meetings;
+        }
+    }
     int lrow = 0;  // the next row of logits
     for (int i = 0; i < n; i++) {
         Seq *s = order[i];

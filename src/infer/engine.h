@@ -100,6 +100,8 @@ typedef struct EngineOptions {
     int speculative;    // MTP draft tokens per step (0: off; needs a model with MTP layers)
     int prefix_cache;   // keep filled blocks of finished and running sequences for later prompts
                         // that start the same way (prefix_cache.h); a hit skips their prefill
+    int profile;        // time the decode steps' phases into EngineStats.decode_profile (model.h:
+                        // DecodeProfile; ~1% of a step)
 } EngineOptions;
 
 typedef struct EngineStats {
@@ -110,6 +112,8 @@ typedef struct EngineStats {
     int running, waiting;               // sequences now
     long cache_blocks_used, cache_blocks_total;  // the latent cache pool, in blocks of positions
     long prefix_lookup_tokens, prefix_hit_tokens;  // prompt positions looked up in / served by the prefix cache
+    DecodeProfile decode_profile;       // EngineOptions.profile: the steps that only decode (no prompt
+                                        // piece among their rows), MTP drafts and verification included
 } EngineStats;
 
 typedef struct Engine Engine;
