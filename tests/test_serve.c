@@ -551,10 +551,11 @@ static void *call_thread(void *arg) {
 
 // Requests running together (more than the slots: some wait in the queue) answer exactly what
 // they answer alone: greedy, and sampled with a seed — here with MTP speculative decoding on
-// (--speculative reaches the engine: /metrics counts drafts).
+// (--speculative reaches the engine: /metrics counts drafts) and the steps profiled (--profile:
+// /metrics has their parts).
 TEST(test_serve_concurrent_requests_equal_solo) {
     Server s;
-    SERVER_OR_FAIL(&s, "--parallel 6 --max-queue 16 --speculative 2");
+    SERVER_OR_FAIL(&s, "--parallel 6 --max-queue 16 --speculative 2 --profile");
     char bodies[N_CONC][256];
     char *solo[N_CONC] = {0};
     Call calls[N_CONC];
@@ -581,6 +582,10 @@ TEST(test_serve_concurrent_requests_equal_solo) {
         used = metric(s.port, "dsv3_cache_blocks_used");
     }
     drafts = metric(s.port, "dsv3_speculative_draft_tokens_total");
+    double passes = metric(s.port, "dsv3_decode_passes_total"),
+           products = metric(s.port, "dsv3_decode_step_seconds_total{part=\"products\"}"),
+           attention = metric(s.port, "dsv3_decode_step_seconds_total{part=\"attention\"}"),
+           meetings = metric(s.port, "dsv3_decode_step_seconds_total{part=\"meetings\"}");
     int rc = server_stop(&s), same = 0;
     for (int i = 0; i < N_CONC; i++) {
         same += solo[i] && calls[i].text && !strcmp(solo[i], calls[i].text);
@@ -592,6 +597,8 @@ TEST(test_serve_concurrent_requests_equal_solo) {
     CHECK_MSG(same == N_CONC, "%d of %d concurrent answers equal their solo answers", same, N_CONC);
     CHECK_MSG(live == 0 && used == 0, "%g sequences still live, %g cache blocks used after every answer", live, used);
     CHECK_MSG(drafts > 0, "no draft tokens with --speculative 2 (%g)", drafts);
+    CHECK_MSG(passes > 0 && products > 0 && attention > 0 && meetings >= 0,
+              "--profile: %g passes, products %g s, attention %g s, meetings %g s", passes, products, attention, meetings);
     CHECK_MSG(rc == 0, "SIGTERM: exit %d", rc);
 }
 
@@ -933,6 +940,7 @@ TEST(test_serve_shared_prefix_hits_the_cache) {
         } else {
             hits_off = metric(s.port, "dsv3_prefix_cache_hit_tokens_total");
         }
+        CHECK_MSG(metric(s.port, "dsv3_decode_passes_total") == -1, "a decode profile without --profile");
         CHECK_MSG(server_stop(&s) == 0, "SIGTERM: exit not 0");
     }
     int same = 0;

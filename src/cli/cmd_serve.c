@@ -9,7 +9,7 @@
 
 static const char *const VALUED[] = {"model", "host", "port", "parallel", "ctx", "kv-dtype", "speculative", "api-key",
                                      "alias", "max-queue", "timeout", "max-body", "sse-ping", "compute", "decode-tiles", NULL};
-static const char *const FLAGS[] = {"no-mmap", "no-prefix-cache", NULL};
+static const char *const FLAGS[] = {"no-mmap", "no-prefix-cache", "profile", NULL};
 
 int cmd_serve(int argc, char **argv) {
     const char *cmd = "dsv3 serve";
@@ -36,6 +36,7 @@ int cmd_serve(int argc, char **argv) {
     o.ctx = (int)ctx;
     o.speculative = (int)spec;
     o.prefix_cache = !args_flag(&a, "no-prefix-cache");
+    o.profile = args_flag(&a, "profile");
     o.api_key = args_str(&a, "api-key", NULL);
     o.alias = args_str(&a, "alias", NULL);
     o.max_queue = (int)queue;

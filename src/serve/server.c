@@ -1047,6 +1047,15 @@ static enum MHD_Result handle_metrics(Server *s, struct MHD_Connection *conn) {
          st.accepted_tokens);
     EMIT("# TYPE dsv3_speculative_acceptance_rate gauge\ndsv3_speculative_acceptance_rate %.4f\n",
          st.draft_tokens > 0 ? (double)st.accepted_tokens / st.draft_tokens : 0.0);
+    if (s->o.profile) {  // (model.h: DecodeProfile)
+        const DecodeProfile *pf = &st.decode_profile;
+        EMIT("# HELP dsv3_decode_step_seconds_total The decode-only steps' time by part, each thread's seconds averaged "
+             "over the threads (--profile).\n# TYPE dsv3_decode_step_seconds_total counter\n");
+        EMIT("dsv3_decode_step_seconds_total{part=\"products\"} %.6f\n", pf->products);
+        EMIT("dsv3_decode_step_seconds_total{part=\"attention\"} %.6f\n", pf->attention);
+        EMIT("dsv3_decode_step_seconds_total{part=\"meetings\"} %.6f\n", pf->meetings);
+        EMIT("# TYPE dsv3_decode_passes_total counter\ndsv3_decode_passes_total %ld\n", pf->steps);
+    }
 #undef EMIT
     if (!b.p) return MHD_NO;
     return send_body(s, conn, 200, b.p, b.n, "text/plain; version=0.0.4", NULL, NULL);
@@ -1213,7 +1222,7 @@ int serve_run(const ServeOptions *o, Error *err) {
     if (s->o.ctx > s->m.cfg.max_position_embeddings) s->o.ctx = s->m.cfg.max_position_embeddings;
     EngineOptions eo = {.parallel = o->parallel, .ctx = s->o.ctx, .prefill_chunk = PREFILL_CHUNK,
                         .kv_dtype = o->kv_auto ? model_kv_dtype_auto(&s->m) : o->kv_dtype,
-                        .speculative = o->speculative, .prefix_cache = o->prefix_cache};
+                        .speculative = o->speculative, .prefix_cache = o->prefix_cache, .profile = o->profile};
     s->e = engine_new(&s->m, &eo, err);
     if (!s->e) {
         server_free(s);

@@ -31,6 +31,7 @@ typedef struct ServeOptions {
     double ping_s;           // an idle stream gets an SSE comment (": ping") this often; 0: 10 s
     ComputeMode compute;     // --compute (model_set_compute)
     long decode_tile_rows;   // --decode-tiles: model_set_panel_tiles's rows (0: none on the AMX tiles)
+    int profile;             // --profile: /metrics adds where the decode steps' time went (EngineOptions.profile)
 } ServeOptions;
 
 // Loads the model and its tokenizer, listens, prints "listening on http://HOST:PORT" on stderr and
