@@ -79,6 +79,18 @@ static void model_dir(char *dir, size_t n, const char *cfg_path, DType dt) {
     snprintf(dir, n, "build/bench-models/%.*s-%s", len, base, dt == DT_F8_E4M3 ? "fp8" : "bf16");
 }
 
+// `steps` decode steps of one sequence after its prompt in kv, as generate and serve run them, on a
+// fixed stream of ids (random weights give no meaningful argmax). 0, or -1 with err.
+static int decode_steps(const Model *m, ForwardState *s, KVCache *kv, int steps, float *logits, Error *err) {
+    int next = 0;
+    for (int i = 0; i < steps; i++) {
+        next = (next * 31 + 7) % m->cfg.vocab_size;
+        DecodeSeq ds = {.kv = kv, .tokens = &next, .T = 1};
+        if (model_decode(m, s, &ds, 1, logits, NULL, err)) return -1;
+    }
+    return 0;
+}
+
 // Prefill and decode of one model (made first if missing) in one compute mode.
 static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, const void *bw_buf, size_t bw_bytes,
                      const Peaks *pk) {
@@ -142,12 +154,7 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
         double t0 = bench_now();
         if (model_forward(&m, s, &kv, tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) return 1;
         double t1 = bench_now();
-        int next = 0;
-        for (int i = 0; i < DECODE; i++) {
-            next = (next * 31 + 7) % V;  // a fixed stream: random weights give no meaningful argmax
-            DecodeSeq ds = {.kv = &kv, .tokens = &next, .T = 1};  // a decode step as generate and serve run it
-            if (model_decode(&m, s, &ds, 1, logits, NULL, &err)) return 1;
-        }
+        if (decode_steps(&m, s, &kv, DECODE, logits, &err)) return 1;
         double t2 = bench_now();
         pre[r] = PROMPT / (t1 - t0);
         dec[r] = DECODE / (t2 - t1);
@@ -159,12 +166,7 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
         kvcache_clear(&kv);
         if (model_forward(&m, s, &kv, tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) return 1;
         forward_state_profile(s, 1);
-        next = 0;
-        for (int i = 0; i < DECODE; i++) {
-            next = (next * 31 + 7) % V;
-            DecodeSeq ds = {.kv = &kv, .tokens = &next, .T = 1};
-            if (model_decode(&m, s, &ds, 1, logits, NULL, &err)) return 1;
-        }
+        if (decode_steps(&m, s, &kv, DECODE, logits, &err)) return 1;
         DecodeProfile pf;
         forward_state_profile_take(s, &pf);
         forward_state_profile(s, 0);
@@ -245,12 +247,7 @@ static int fp8_over_bf16(const char *cfg_path) {
             kvcache_clear(&kv[i]);
             if (model_forward(&m[i], s[i], &kv[i], tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) goto fail;
             double t0 = bench_now();
-            int next = 0;
-            for (int j = 0; j < DECODE; j++) {
-                next = (next * 31 + 7) % V;
-                DecodeSeq ds = {.kv = &kv[i], .tokens = &next, .T = 1};
-                if (model_decode(&m[i], s[i], &ds, 1, logits, NULL, &err)) goto fail;
-            }
+            if (decode_steps(&m[i], s[i], &kv[i], DECODE, logits, &err)) goto fail;
             if (r >= 0) tps[i][r] = DECODE / (bench_now() - t0);
         }
     for (int r = 0; r < ROUNDS; r++) ratio[r] = tps[1][r] / tps[0][r];

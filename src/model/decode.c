@@ -38,7 +38,7 @@
 // The profile (forward_state_profile): this thread's time since its last mark goes to a kind of work.
 static void prof_mark(ForwardState *s, int kind) {
     if (!s->profile) return;
-    double now = omp_get_wtime(), *p = s->prof + 8 * omp_get_thread_num();
+    double now = omp_get_wtime(), *p = s->prof + PROFILE_LINE * omp_get_thread_num();
     p[kind] += now - p[PROFILE_LAST];
     p[PROFILE_LAST] = now;
 }
@@ -46,7 +46,7 @@ static void prof_mark(ForwardState *s, int kind) {
 // A profiled step's start on each thread (t0: when the call began — the batch's setup and the
 // team's forming count as the products' time) and its end.
 static void prof_begin(ForwardState *s, double t0) {
-    if (s->profile) s->prof[8 * omp_get_thread_num() + PROFILE_LAST] = t0;
+    if (s->profile) s->prof[PROFILE_LINE * omp_get_thread_num() + PROFILE_LAST] = t0;
 }
 
 static void prof_end(ForwardState *s, double t0) {

@@ -54,7 +54,7 @@ static void lay_state(BufPlan *p, void *ctx) {
     s->attn_state = PLAN_F(p, LONG_ROWS * H * (L + 2));
     s->share_cut = PLAN_F(p, SHARE_KINDS * (s->nthreads + 1));
     s->share_busy = PLAN_F(p, SHARE_KINDS * 16 * s->nthreads);
-    s->prof = bufplan_take(p, 8 * (size_t)s->nthreads, sizeof(double));
+    s->prof = bufplan_take(p, PROFILE_LINE * (size_t)s->nthreads, sizeof(double));
     s->own = PLAN_F(p, s->nthreads * s->own_per_thread);
     s->q_latent = PLAN_F(p, (long)s->latent_rows * H * L);
     s->out_latent = PLAN_F(p, (long)s->latent_rows * H * L);
@@ -154,7 +154,7 @@ int forward_state_set_shares(ForwardState *s, const float *fractions, int n, Err
 
 void forward_state_profile(ForwardState *s, int on) {
     s->profile = on != 0;
-    memset(s->prof, 0, sizeof(double) * 8 * s->nthreads);
+    memset(s->prof, 0, sizeof(double) * PROFILE_LINE * s->nthreads);
     s->prof_steps = 0;
     s->prof_seconds = 0;
 }
@@ -162,7 +162,7 @@ void forward_state_profile(ForwardState *s, int on) {
 void forward_state_profile_take(ForwardState *s, DecodeProfile *out) {
     *out = (DecodeProfile){.steps = s->prof_steps, .seconds = s->prof_seconds};
     for (int t = 0; t < s->nthreads; t++) {
-        const double *p = s->prof + 8 * t;
+        const double *p = s->prof + PROFILE_LINE * t;
         out->products += p[PROFILE_PRODUCTS] / s->nthreads;
         out->attention += p[PROFILE_ATTENTION] / s->nthreads;
         out->meetings += p[PROFILE_MEETINGS] / s->nthreads;

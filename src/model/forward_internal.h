@@ -37,8 +37,8 @@ struct ForwardState {
     float *share_busy;        // (SHARE_KINDS, nthreads, 16) decode: each thread's seconds in its shares this step (own line)
     int share_fixed;          // 1: share_cut set by forward_state_set_shares, not measured
     int profile;              // 1: decode steps time their phases (forward_state_profile)
-    double *prof;             // (nthreads, 8) decode: each thread's seconds by ProfileKind, then its last
-                              // mark's time at PROFILE_LAST (own line)
+    double *prof;             // (nthreads, PROFILE_LINE) decode: each thread's seconds by kind of work,
+                              // and its last mark's time at PROFILE_LAST (a cache line a thread)
     long prof_steps;          // decode steps profiled, and their wall time
     double prof_seconds;
     float *own;               // (nthreads, own_per_thread) decode: each thread's private vectors (decode.c)
@@ -82,7 +82,7 @@ void share_cuts_set(ForwardState *s, int kind, const double *f);
 void share_cuts_equal(ForwardState *s);
 
 // A decode step's kinds of work for its profile (DecodeProfile), indexes of a thread's line of prof.
-enum { PROFILE_PRODUCTS, PROFILE_ATTENTION, PROFILE_MEETINGS, PROFILE_LAST = 7 };
+enum { PROFILE_PRODUCTS, PROFILE_ATTENTION, PROFILE_MEETINGS, PROFILE_LAST, PROFILE_LINE = 8 };
 
 // Floats of one decode thread's private vectors for steps of up to `rows` rows.
 size_t decode_own_floats(const ModelConfig *c, int rows);
