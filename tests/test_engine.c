@@ -94,6 +94,37 @@ TEST(test_engine_sequence_independent_of_company_and_chunking) {
     model_free(&m);
 }
 
+// A step's prompt budget (prefill_chunk positions) spans the sequences, whatever their context:
+// four prompts of 5 positions with ctx 8 all start in the first step (the budget was once cut to
+// ctx, so that short-context sequences trickled in one or two a step and a "batch" of 64 never
+// decoded as one), each answering what it answers alone.
+TEST(test_engine_prompt_budget_spans_short_context_sequences) {
+    Model m;
+    Error err = {0};
+    CHECK_MSG(model_load(&m, GOLDEN, 0, &err) == 0, "%s", err.msg);
+    static const int p[4][5] = {{5, 17, 3, 9, 44}, {7, 1, 2, 3, 4}, {11, 12, 13, 14, 15}, {60, 61, 62, 63, 64}};
+    SeqParams sp = seq_params_default();
+    sp.max_new = 3;
+    sp.stop_at_eos = 0;
+    EngineOptions o = {.parallel = 4, .ctx = 8, .prefill_chunk = 32};
+    Engine *e = engine_new(&m, &o, &err);
+    CHECK_MSG(e, "%s", err.msg);
+    Got g = {0};
+    for (int i = 0; i < 4; i++) CHECK_MSG(engine_add(e, p[i], 5, &sp, collect, &g, &err) == i, "%s", err.msg);
+    CHECK_MSG(engine_step(e, &err) == 4, "%s", err.msg);
+    CHECK_MSG(engine_stats(e)->prompt_tokens == 20, "%lld prompt positions in the first step, not 20",
+              (long long)engine_stats(e)->prompt_tokens);
+    for (int i = 0; i < 4; i++) CHECK_MSG(g.n[i] == 1, "sequence %d: %d tokens after the first step", i, g.n[i]);
+    CHECK_MSG(run_all(e, &err) == 0, "%s", err.msg);
+    engine_free(e);
+    for (int i = 0; i < 4; i++) {
+        int alone[64], n = run_alone(&m, p[i], 5, &sp, alone, &err);
+        CHECK_MSG(n == 3 && g.n[i] == 3, "sequence %d: %d tokens, %d alone (%s)", i, g.n[i], n, err.msg);
+        for (int j = 0; j < n && j < g.n[i]; j++) CHECK(g.tok[i][j] == alone[j]);
+    }
+    model_free(&m);
+}
+
 TEST(test_engine_cancel_frees_the_slot_and_stops_at_stop_ids) {
     Model m;
     Error err = {0};

@@ -126,7 +126,6 @@ Engine *engine_new(const Model *m, const EngineOptions *o, Error *err) {
     e->o = *o;
     e->rows_independent = model_rows_independent(m);
     e->K = K;
-    if (e->o.prefill_chunk > o->ctx) e->o.prefill_chunk = o->ctx;
     // by default every running sequence can reach ctx positions (whole blocks each)
     long per_seq = (o->ctx + ENGINE_BLOCK_SIZE - 1) / ENGINE_BLOCK_SIZE;
     long n_blocks = o->cache_tokens > 0 ? (o->cache_tokens + ENGINE_BLOCK_SIZE - 1) / ENGINE_BLOCK_SIZE
