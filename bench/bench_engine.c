@@ -43,10 +43,11 @@ static int add_bytes(const TensorSpec *t, void *ctx) {
 
 static void on_token(void *owner, int seq, const EngineToken *t) { (void)owner, (void)seq, (void)t; }
 
-// Runs n sequences (prompt of P ids each, G new tokens) with parallel n and K drafts; stats out.
-static int run(const Model *m, int n, int P, int G, int K, const int *prompt, EngineStats *st) {
+// Runs n sequences (prompt of P ids each, G new tokens) with parallel n and K drafts, the decode
+// steps' phases timed when profile (EngineStats.decode_profile); stats out.
+static int run_profiled(const Model *m, int n, int P, int G, int K, const int *prompt, int profile, EngineStats *st) {
     Error err = {0};
-    EngineOptions o = {.parallel = n, .ctx = P + G + 1, .prefill_chunk = 512, .speculative = K};
+    EngineOptions o = {.parallel = n, .ctx = P + G + 1, .prefill_chunk = 512, .speculative = K, .profile = profile};
     Engine *e = engine_new(m, &o, &err);
     if (!e) {
         fprintf(stderr, "%s\n", err.msg);
@@ -71,6 +72,10 @@ static int run(const Model *m, int n, int P, int G, int K, const int *prompt, En
     engine_free(e);
     if (live < 0) fprintf(stderr, "%s\n", err.msg);
     return live < 0 ? -1 : 0;
+}
+
+static int run(const Model *m, int n, int P, int G, int K, const int *prompt, EngineStats *st) {
+    return run_profiled(m, n, P, G, K, prompt, 0, st);
 }
 
 // The batch sizes on the BF16 and the FP8 copy of the model, each with fp32 and BF16 compute
@@ -122,6 +127,16 @@ static int batch_figures(const int *sizes, int n_sizes) {
             printf("   %-4s weights, compute %-4s%s, batch %2d: %8.1f tokens/s aggregate, %6.1f per sequence, %.2fx batch "
                    "%d\n", dtype_name(types[v < 4 ? v >> 1 : v - 4]), v & 1 || v >= 4 ? "bf16" : "f32", how, sizes[i], tps,
                    tps / sizes[i], tps / base[v], sizes[0]);
+            if (v == 3) {  // FP8 weights, BF16 compute: one run more, its decode steps' phases timed
+                EngineStats st;
+                if (run_profiled(mv, sizes[i], 32, 32, 0, NULL, 1, &st)) return 1;
+                const DecodeProfile *p = &st.decode_profile;
+                double all = p->products + p->attention + p->meetings;
+                if (all > 0 && p->steps > 0)
+                    printf("        its decode steps, profiled: %.2f ms a pass; the products %.0f%%, absorbed attention "
+                           "%.0f%%, the threads' meetings %.0f%%\n", 1e3 * p->seconds / p->steps, 100 * p->products / all,
+                           100 * p->attention / all, 100 * p->meetings / all);
+            }
         }
     model_free(&m[0]);
     model_free(&m[1]);

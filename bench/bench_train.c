@@ -18,6 +18,7 @@
 
 #include "base/procmem.h"
 #include "bench_common.h"
+#include "kernels/backend.h"
 #include "kernels/gemm_lowp.h"
 #include "kernels/matmul.h"
 #include "model/config.h"
@@ -101,6 +102,27 @@ static double run_step(Run *r, Error *err) {
     return bench_now() - t0;
 }
 
+// Where the timed steps went, by kind of backend operation, and what ran outside the backend
+// (routing, bookkeeping).
+// Then the products against the GEMM peaks measured at the start (peak16 for the BF16/FP8 ones,
+// peak32 for fp32), and the step if they ran at those peaks with the rest as it is — how much of
+// the gap to the peak the products are.
+static void print_profile(const BackendProfile *p, const double *times, int n, double peak16, double peak32) {
+    double total = 0;
+    for (int i = 0; i < n; i++) total += times[i];
+    char line[1024];
+    backend_profile_summary(line, sizeof line, p, total, n);
+    printf("        a step by kind of operation (BackendProfile, the timed steps' mean): %s\n", line);
+    const double *f = p->flops, *sec = p->seconds;
+    double lo = f[BACKEND_LOWP_PRODUCTS] / n / 1e9, hi = f[BACKEND_F32_PRODUCTS] / n / 1e9;
+    double products = (sec[BACKEND_LOWP_PRODUCTS] + sec[BACKEND_F32_PRODUCTS]) / n;
+    double at_peak = lo / peak16 + hi / peak32, step = total / n - products + at_peak;
+    printf("        the products against the GEMM peaks above:");
+    if (lo > 0) printf(" bf16/fp8 %.0f%%,", 100 * lo / (sec[BACKEND_LOWP_PRODUCTS] / n) / peak16);
+    if (hi > 0) printf(" fp32 %.0f%%;", 100 * hi / (sec[BACKEND_F32_PRODUCTS] / n) / peak32);
+    printf(" at those peaks, with the rest as it is, a step would take %.3f s instead of %.3f\n", step, total / n);
+}
+
 static double gemm_peak_of(int p) { return p == 0 ? bench_sgemm_peak(2048, 1) : bench_bf16_gemm_peak(2048, 2); }
 
 // bench_train [PRECISION...]: the named precisions only (default: fp32 bf16 fp8).
@@ -152,8 +174,9 @@ int main(int argc, char **argv) {
             return 1;
         }
         size_t resident = 0;  // (over the warm-up steps: the GEMM peaks' own buffers come after)
+        BackendProfile prof = {0};  // the timed steps' operations, by kind
         for (int s = 0; s < WARM + STEPS; s++) {
-            if (s == WARM) resident = procmem_peak_bytes();
+            if (s == WARM) resident = procmem_peak_bytes(), r.m.be->ops->profile(r.m.be, &prof);
             double pk = s >= WARM ? gemm_peak_of(p) : 0, t = run_step(&r, &err);
             if (t < 0) {
                 fprintf(stderr, "bench_train: %s: %s\n", prec[p], err.msg);
@@ -161,6 +184,7 @@ int main(int argc, char **argv) {
             }
             if (s >= WARM) times[s - WARM] = t, peaks[s - WARM] = pk, mfu[s - WARM] = gflop / t / pk;
         }
+        r.m.be->ops->profile(r.m.be, NULL);
         size_t act = r.m.act_bytes;
         run_free(&r);
         double mlo, mhi, plo, phi;
@@ -178,6 +202,7 @@ int main(int argc, char **argv) {
                "(range %.1f-%.1f%%; the peak %.0f-%.0f GFLOP/s)\n",
                prec[p], t, STEPS, tps, gf, unit, rel, act / 1e6, resident / 1e6, p == 0 ? "fp32" : "bf16",
                100 * bench_median(mfu, STEPS), 100 * mlo, 100 * mhi, plo, phi);
+        print_profile(&prof, times, STEPS, peak16, peak32);
     }
     // fp8 against bf16 step for step, the two runs alive together and taking turns (sequential
     // medians compare two moments of a drifting host)

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "kernels/backend.h"
 #include "model/config.h"
 #include "train/data.h"
 #include "train/train_model.h"
@@ -176,10 +177,29 @@ TEST(test_train_deterministic_and_learns) {
     snprintf(b, sizeof b, "%s/run_det_b", test_train_corpus());
     int rc = train(out, sizeof out, a, N, "--no-progress");
     CHECK_MSG(rc == 0, "%s", out);
-    rc = train(out, sizeof out, b, N, "--no-progress");
+    CHECK(!strstr(out, "steps went"));
+    // the second run times its steps' operations (--profile), which changes nothing it computes:
+    // where they went, by kind, each share a number, the shares (outside the backend included)
+    // adding up to the steps' time (rounded: within 4%)
+    rc = train(out, sizeof out, b, N, "--no-progress --profile");
     CHECK_MSG(rc == 0, "%s", out);
     char *ma = metrics_without_timing(a), *mb = metrics_without_timing(b);
     CHECK(ma && mb && strcmp(ma, mb) == 0);
+    char head[64];
+    snprintf(head, sizeof head, "where the %ld steps went (", N);
+    const char *line = strstr(out, head);
+    CHECK_MSG(line, "%s", out);
+    if (line) {
+        double total = 0;
+        int kinds = 0;
+        for (const char *p = line; (p = strstr(p, " ms (")); p += 5) {
+            double share = -1;
+            CHECK_MSG(sscanf(p + 5, "%lf%%", &share) == 1 && share >= 0, "%s", line);
+            total += share, kinds++;
+        }
+        CHECK_MSG(kinds == BACKEND_KINDS + 1 && total >= 96 && total <= 104, "%d kinds, %.0f%%: %s", kinds, total, line);
+        CHECK_MSG(strstr(line, "fp32 products") && strstr(line, "GFLOP/s") && strstr(line, "outside the backend"), "%s", line);
+    }
     // the loss falls on this repetitive text
     double first = 0, last = 0;
     CHECK(sscanf(strstr(ma, "\"main_loss\": ") + 13, "%lf", &first) == 1);

@@ -1,5 +1,6 @@
 // AdamW, clipping, the schedule, gradient accumulation, and the loss-free balancing rule.
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +24,8 @@ static int tiny_model(TrainModel *m, const char *name, int B, int T) {
 
 // The gradient norm's Σ x² (the backend's sum_squares): the AVX-512 path and the portable one give
 // the same bits at every length around its lanes (8) and its chunks (16,384), and both equal the
-// sum of the squares in double to its rounding.
+// sum of the squares in double to its rounding; all the lengths' vectors in one call give each
+// vector the bits it has alone.
 TEST(test_sum_squares_same_bits_on_both_paths) {
     Backend *be = backend_cpu();
     const long lens[] = {0, 1, 7, 8, 9, 15, 17, 1000, 16383, 16384, 16385, 65537, 200003};
@@ -33,16 +35,26 @@ TEST(test_sum_squares_same_bits_on_both_paths) {
         s = s * 1103515245u + 12345u;
         x[i] = ((float)(s >> 8) / 16777216.0f - 0.5f) * (i % 97 == 0 ? 1e3f : 1.0f);
     }
-    for (int k = 0; k < (int)(sizeof lens / sizeof *lens); k++) {
+    enum { LENS = sizeof lens / sizeof *lens };
+    double alone[LENS], together[LENS];
+    const float *xs[LENS];
+    for (int k = 0; k < LENS; k++) {
+        const float *xk = x + k;  // (each vector starting elsewhere)
+        long n = lens[k] - (lens[k] > k ? k : lens[k]);
         double vec, por, ref = 0;
-        CHECK(be->ops->sum_squares(be, &vec, x, lens[k]) == 0);
+        CHECK(be->ops->sum_squares(be, &vec, &xk, &n, 1) == 0);
         CHECK(kernels_set_isa("scalar") == 0);
-        CHECK(be->ops->sum_squares(be, &por, x, lens[k]) == 0);
+        CHECK(be->ops->sum_squares(be, &por, &xk, &n, 1) == 0);
         CHECK(kernels_set_isa("auto") == 0);
-        for (long i = 0; i < lens[k]; i++) ref += (double)x[i] * x[i];
-        CHECK_MSG(memcmp(&vec, &por, sizeof vec) == 0, "n %ld: %.17g vs %.17g", lens[k], vec, por);
-        CHECK_MSG(fabs(vec - ref) <= 1e-12 * ref, "n %ld: %.17g vs %.17g", lens[k], vec, ref);
+        for (long i = 0; i < n; i++) ref += (double)xk[i] * xk[i];
+        CHECK_MSG(memcmp(&vec, &por, sizeof vec) == 0, "n %ld: %.17g vs %.17g", n, vec, por);
+        CHECK_MSG(fabs(vec - ref) <= 1e-12 * ref, "n %ld: %.17g vs %.17g", n, vec, ref);
+        alone[k] = vec, xs[k] = xk;
     }
+    long ns[LENS];
+    for (int k = 0; k < LENS; k++) ns[k] = lens[k] - (lens[k] > k ? k : lens[k]);
+    CHECK(be->ops->sum_squares(be, together, xs, ns, LENS) == 0);
+    CHECK(memcmp(alone, together, sizeof alone) == 0);
     free(x);
 }
 
@@ -283,5 +295,69 @@ TEST(test_fused_head_matches_formula) {
     CHECK(train_model_backward(&m, scale, &err) != 0);
     CHECK(train_model_logits(&m, 2, lm, &err) != 0 && strstr(err.msg, "module 2"));
     free(want), free(lm), free(lk), free(tok);
+    train_model_free(&m);
+}
+
+// The backend's profile (BackendOps.profile): a bf16 training step timed by kind of operation gives
+// the same loss and gradients bit for bit as untimed; its products' FLOPs add up to the count
+// written out here from the config — 6 per token and weight a token is multiplied by (forward,
+// input and weight gradients): attention projections, the dense FFN, the router, the routed and
+// shared experts, the head, and the MTP module (eh_proj, its layer, the shared head) over T - 1
+// positions — the BF16 ones in one kind and the fp32 ones (head, router) in the other; every kind a
+// step runs is timed, within the step's time; off, nothing more is counted.
+TEST(test_backend_profile_counts_a_steps_products) {
+    enum { B = 2, T = 8 };
+    TrainModel m;
+    Error err = {0};
+    CHECK(tiny_model(&m, "v3", B, T) == 0);
+    LinearRecipe bf16 = {.fmt = LOWP_BF16, .grad_fmt = LOWP_BF16};
+    CHECK_MSG(train_model_set_recipe(&m, &bf16, &err) == 0, "%s", err.msg);
+    const ModelConfig *c = &m.cfg;
+    int tok[B * (T + 1)];
+    for (int i = 0; i < B * (T + 1); i++) tok[i] = (i * 7 + 3) % c->vocab_size;
+    float *g0 = malloc(sizeof(float) * m.n_params);
+    train_model_zero_grad(&m);
+    CHECK_MSG(train_model_forward(&m, tok, &err) == 0 && train_model_backward(&m, 1.0f, &err) == 0, "%s", err.msg);
+    double loss0 = m.loss.loss;
+    memcpy(g0, m.grads, sizeof(float) * m.n_params);
+
+    BackendProfile p = {0};
+    m.be->ops->profile(m.be, &p);
+    double t0 = omp_get_wtime();
+    train_model_zero_grad(&m);
+    CHECK_MSG(train_model_forward(&m, tok, &err) == 0 && train_model_backward(&m, 1.0f, &err) == 0, "%s", err.msg);
+    double norm = grad_global_norm(&m), wall = omp_get_wtime() - t0;
+    m.be->ops->profile(m.be, NULL);
+    CHECK(!isnan(norm));
+    CHECK(memcmp(&loss0, &m.loss.loss, sizeof loss0) == 0);
+    CHECK(memcmp(g0, m.grads, sizeof(float) * m.n_params) == 0);
+
+    double d = c->hidden_size, H = c->num_attention_heads, qk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    double attn = c->q_lora_rank * d + H * qk * c->q_lora_rank + (c->kv_lora_rank + c->qk_rope_head_dim) * d +
+                  H * (c->qk_nope_head_dim + c->v_head_dim) * c->kv_lora_rank + d * H * c->v_head_dim;
+    double dense = 3.0 * c->intermediate_size * d, F = c->moe_intermediate_size;
+    double moe = c->n_routed_experts * d + (c->num_experts_per_tok + c->n_shared_experts) * 3 * F * d;
+    double head = (double)c->vocab_size * d, lowp = 0, f32 = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++) lowp += attn + (l < c->first_k_dense_replace ? dense : moe);
+    f32 = head + c->n_routed_experts * d * (c->num_hidden_layers - c->first_k_dense_replace);
+    lowp -= c->n_routed_experts * d * (c->num_hidden_layers - c->first_k_dense_replace);  // (the routers are fp32)
+    double mtp_lowp = d * 2 * d + attn + moe - c->n_routed_experts * d, mtp_f32 = head + c->n_routed_experts * d;
+    double want_lowp = 6 * (lowp * B * T + mtp_lowp * B * (T - 1)), want_f32 = 6 * (f32 * B * T + mtp_f32 * B * (T - 1));
+    CHECK_MSG(fabs(p.flops[BACKEND_LOWP_PRODUCTS] - want_lowp) <= 1e-9 * want_lowp, "bf16 products: %.0f FLOPs, want %.0f",
+              p.flops[BACKEND_LOWP_PRODUCTS], want_lowp);
+    CHECK_MSG(fabs(p.flops[BACKEND_F32_PRODUCTS] - want_f32) <= 1e-9 * want_f32, "fp32 products: %.0f FLOPs, want %.0f",
+              p.flops[BACKEND_F32_PRODUCTS], want_f32);
+    double sum = 0;
+    for (int k = 0; k < BACKEND_KINDS; k++) {
+        CHECK_MSG(p.calls[k] > 0 && p.seconds[k] > 0, "%s: %ld calls, %g s", backend_kind_names[k], p.calls[k], p.seconds[k]);
+        CHECK(k <= BACKEND_F32_PRODUCTS || p.flops[k] == 0);
+        sum += p.seconds[k];
+    }
+    CHECK_MSG(sum <= wall, "the kinds' %g s against the step's %g s", sum, wall);
+    BackendProfile before = p;
+    train_model_zero_grad(&m);
+    CHECK(train_model_forward(&m, tok, &err) == 0);
+    CHECK(memcmp(&before, &p, sizeof p) == 0);
+    free(g0);
     train_model_free(&m);
 }

@@ -84,6 +84,12 @@ static void print_result(const TrainerResult *res, const char *out) {
     printf("; checkpoint %s/step-%ld", out, res->step);
     if (res->peak_bytes) printf("; peak memory %.0f MB", res->peak_bytes / 1e6);
     printf("\n");
+    if (res->profile_steps > 0) {
+        char line[1024];
+        backend_profile_summary(line, sizeof line, &res->profile, res->profile_s, res->profile_steps);
+        printf("where the %ld steps went (%.3f s a step): %s\n", res->profile_steps, res->profile_s / res->profile_steps,
+               line);
+    }
     if (res->ranks > 1) {
         printf("%d ranks (data parallel %d x expert parallel %d): gradient sum %.1f MB sent per step by a rank, "
                "%.1f ms alone, %.1f ms per step spent in it after the backward pass",

@@ -306,6 +306,7 @@ void latent_attention_merge(const LatentAttention *a, int e0, int e1, const floa
         float m = st[0] > p[0] ? st[0] : p[0], fs = expf(st[0] - m), fp = expf(p[0] - m);
         st[0] = m;
         st[1] = st[1] * fs + p[1] * fp;
+#pragma omp simd
         for (int k = 0; k < L; k++) st[2 + k] = st[2 + k] * fs + p[2 + k] * fp;
     }
 }
@@ -324,10 +325,12 @@ static int finish_entries(const LatentAttention *a, int b, int e0, int e1, const
         float inv = 1.0f / st[1];
         if (a->out_latent) {
             float *ol = a->out_latent + (((size_t)b * T + t) * H + h) * L;
+#pragma omp simd
             for (int k = 0; k < L; k++) ol[k] = st[2 + k] * inv;
             continue;
         }
         float *ol = s.ol + (size_t)np * L;
+#pragma omp simd
         for (int k = 0; k < L; k++) ol[k] = st[2 + k] * inv;
         wuv[np] = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
         pc[np] = (NtPiece){.w = &wuv[np], .r0 = 0, .r1 = v, .x = ol, .ldx = L, .N = 1,

@@ -48,6 +48,32 @@ typedef struct LinearRecipe {
     int f32;              // 1: fp32 operands on F32 weights, the fields above unused
 } LinearRecipe;
 
+// Where a backend's operations spent their time (BackendOps.profile turns the timing on): seconds
+// and calls by kind of operation, and the products' FLOPs (2 per multiply-add; the rest count none).
+typedef enum BackendOpKind {
+    BACKEND_LOWP_PRODUCTS,  // GEMMs under a BF16 or FP8 recipe: matmul, experts and their backward
+    BACKEND_F32_PRODUCTS,   // fp32 ones: the output heads, the router, layers without a recipe
+    BACKEND_ATTENTION,      // the attention core, forward and backward
+    BACKEND_LOSS,           // cross-entropy over the vocabulary
+    BACKEND_OPTIMIZER,      // the gradient norm's sums and AdamW
+    BACKEND_OTHER,          // norms, SwiGLU, RoPE, residuals, the MoE's dispatch and combine, embeddings, ...
+    BACKEND_KINDS
+} BackendOpKind;
+
+typedef struct BackendProfile {
+    double seconds[BACKEND_KINDS];
+    double flops[BACKEND_KINDS];
+    long calls[BACKEND_KINDS];
+} BackendProfile;
+
+// Short names of the kinds, for reports ("bf16/fp8 products", "fp32 products", ...).
+extern const char *const backend_kind_names[BACKEND_KINDS];
+
+// One line of where `steps` steps of `seconds` in all went: each kind's mean milliseconds a step,
+// its share of the time and the products' GFLOP/s, then the time outside the backend's operations
+// (the caller's own work). Returns what snprintf returns.
+int backend_profile_summary(char *buf, size_t n, const BackendProfile *p, double seconds, long steps);
+
 typedef struct BackendOps {
     const char *name;
     // memory: 64-byte aligned, zeroed; NULL with be->err naming `what` when it runs out
@@ -128,15 +154,21 @@ typedef struct BackendOps {
     int (*crossentropy_grad)(Backend *be, double *sum, float *losses, float *lse, float *logits, const int *targets,
                              int N, int V, float dloss);
 
-    // the optimiser: *sum = Σ x² over n elements (double, in a fixed order); AdamW on n parameters
-    // p with gradients g and moments m, v (float, or BF16 as s says)
-    int (*sum_squares)(Backend *be, double *sum, const float *x, long n);
+    // the optimiser: sums[i] = Σ x[i][j]² over the n[i] elements of each of count vectors (double, in
+    // a fixed order: each vector's bits whatever the others are), one call for all of a gradient's
+    // tensors; AdamW on n parameters p with gradients g and moments m, v (float, or BF16 as s says)
+    int (*sum_squares)(Backend *be, double *sums, const float *const *x, const long *n, int count);
     int (*adamw)(Backend *be, float *p, void *m, void *v, const float *g, long n, const AdamWStep *s);
+
+    // from now on every operation issued through be adds its time to *p (zeroed by the caller);
+    // NULL: no more timing. Timing costs two clock reads an operation and changes no result.
+    void (*profile)(Backend *be, BackendProfile *p);
 } BackendOps;
 
 struct Backend {
     const BackendOps *ops;
-    Error err;  // the last failure
+    Error err;                 // the last failure
+    BackendProfile *profile;   // where the operations' time goes (ops->profile), or NULL
 };
 
 // The process's CPU backend (OpenMP threads, AVX-512 when CPUID has it, OpenBLAS for fp32 GEMMs).

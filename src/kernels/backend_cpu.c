@@ -414,7 +414,8 @@ static int cpu_crossentropy_grad(Backend *be, double *sum, float *losses, float 
 // however the chunks are scheduled. Within a chunk, element j goes to running sum j mod
 // SUM_LANES (independent chains: one chain would wait on each addition's latency), and the lanes
 // are added in halves at the end. 16K values a chunk: an expert's matrices of a few tens of
-// thousands of values still go to both threads (the gradient norm sums tensor by tensor).
+// thousands of values still go to both threads. All the vectors' chunks are shared out at once
+// (the gradient norm's ~260 tensors of v3-10m-train, one fork a tensor: 3.6 ms a step).
 #define SUM_CHUNK 16384
 #define SUM_LANES 8
 
@@ -430,19 +431,26 @@ static double sum_squares_chunk(const float *x, long n) {
     return lane[0];
 }
 
-static int cpu_sum_squares(Backend *be, double *sum, const float *x, long n) {
-    long chunks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
-    double *part = malloc(sizeof(double) * (chunks > 0 ? chunks : 1));
-    if (!part) return fail(be, "sum_squares", "out of memory");
+static int cpu_sum_squares(Backend *be, double *sums, const float *const *x, const long *n, int count) {
+    long chunks = 0;
+    for (int i = 0; i < count; i++) chunks += (n[i] + SUM_CHUNK - 1) / SUM_CHUNK;
+    double *part = malloc(sizeof(double) * (chunks > 0 ? chunks : 1));  // (chunks) each chunk's sum
+    int *of = malloc(sizeof(int) * (chunks > 0 ? chunks : 1));           // (chunks) its vector
+    long *at = malloc(sizeof(long) * (chunks > 0 ? chunks : 1));         // (chunks) its first element there
+    if (!part || !of || !at) {
+        free(part), free(of), free(at);
+        return fail(be, "sum_squares", "out of memory");
+    }
+    for (int i = 0, c = 0; i < count; i++)
+        for (long b = 0; b < n[i]; b += SUM_CHUNK) of[c] = i, at[c++] = b;
 #pragma omp parallel for schedule(static) if (chunks > 1)  // (a norm's or a bias's few values: no fork)
     for (long c = 0; c < chunks; c++) {
-        long b = c * SUM_CHUNK, e = b + SUM_CHUNK < n ? b + SUM_CHUNK : n;
-        part[c] = sum_squares_chunk(x + b, e - b);
+        long b = at[c], e = b + SUM_CHUNK < n[of[c]] ? b + SUM_CHUNK : n[of[c]];
+        part[c] = sum_squares_chunk(x[of[c]] + b, e - b);
     }
-    double total = 0;
-    for (long c = 0; c < chunks; c++) total += part[c];
-    free(part);
-    *sum = total;
+    for (int i = 0; i < count; i++) sums[i] = 0;
+    for (long c = 0; c < chunks; c++) sums[of[c]] += part[c];  // (each vector's chunks in order)
+    free(part), free(of), free(at);
     return 0;
 }
 
@@ -501,42 +509,140 @@ static int cpu_fp8_restore(Backend *be, float *x, const uint8_t *codes, const fl
     return 0;
 }
 
-static const BackendOps cpu_ops = {
-    .name = "cpu",
-    .alloc = cpu_alloc,
-    .free = cpu_free,
-    .synchronize = cpu_synchronize,
-    .matmul = cpu_matmul,
-    .matmul_backward = cpu_matmul_backward,
-    .experts = cpu_experts,
-    .experts_backward = cpu_experts_backward,
-    .embedding = cpu_embedding,
-    .embedding_backward = cpu_embedding_backward,
-    .rmsnorm = cpu_rmsnorm,
-    .rmsnorm_backward = cpu_rmsnorm_backward,
-    .swiglu = cpu_swiglu,
-    .rope = cpu_rope,
-    .rope_backward = cpu_rope_backward,
-    .add = cpu_add,
-    .zero = cpu_zero,
-    .latent_attention = cpu_latent_attention,
-    .latent_attention_backward = cpu_latent_attention_backward,
-    .to_bf16 = cpu_to_bf16,
-    .gather_rows = cpu_gather_rows,
-    .combine = cpu_combine,
-    .combine_backward = cpu_combine_backward,
-    .scatter_add_rows = cpu_scatter_add_rows,
-    .crossentropy = cpu_crossentropy,
-    .crossentropy_grad = cpu_crossentropy_grad,
-    .sum_squares = cpu_sum_squares,
-    .adamw = cpu_adamw,
-    .fp8_save = cpu_fp8_save,
-    .fp8_restore = cpu_fp8_restore,
-};
+// ---- Timing (BackendOps.profile): a second table whose entries time the first's ----
+
+static void timed(Backend *be, BackendOpKind kind, double t0, double flops) {
+    BackendProfile *p = be->profile;
+    p->seconds[kind] += omp_get_wtime() - t0;
+    p->flops[kind] += flops;
+    p->calls[kind]++;
+}
+
+static BackendOpKind products_kind(const LinearRecipe *recipe) {
+    return recipe && !recipe->f32 ? BACKEND_LOWP_PRODUCTS : BACKEND_F32_PRODUCTS;
+}
+
+// The FLOPs of the experts op (backward: twice, its input and weight gradients)
+static double experts_flops(const MatView *const *w, int n_experts, const int *off, int backward) {
+    double f = 0;
+    for (int e = 0; e < n_experts; e++)
+        if (off[e + 1] > off[e])
+            f += 2.0 * (off[e + 1] - off[e]) * (w[3 * e]->rows * (double)w[3 * e]->cols * 2 +
+                                                 w[3 * e + 2]->rows * (double)w[3 * e + 2]->cols);
+    return backward ? 2 * f : f;
+}
+
+// timed_NAME: cpu_NAME's call timed as `kind`, with `flops`
+#define TIMED(name, kind, flops, params, args)          \
+    static int timed_##name params {                    \
+        double t0 = omp_get_wtime();                    \
+        int rc = cpu_##name args;                       \
+        timed(be, kind, t0, flops);                     \
+        return rc;                                      \
+    }
+TIMED(matmul, products_kind(recipe), 2.0 * N * w->rows * w->cols,
+      (Backend *be, float *out, const float *x, const MatView *w, int N, const LinearRecipe *recipe),
+      (be, out, x, w, N, recipe))
+TIMED(matmul_backward, products_kind(recipe), (dx ? 4.0 : 2.0) * N * w->rows * w->cols,
+      (Backend *be, float *dx, const MatView *dw, const float *dout, const float *x, const MatView *w, int N,
+       const LinearRecipe *recipe),
+      (be, dx, dw, dout, x, w, N, recipe))
+TIMED(experts, products_kind(recipe), experts_flops(w, n_experts, off, 0),
+      (Backend *be, float *out, float *gate, float *up, float *h, const float *x, const MatView *const *w,
+       int n_experts, const int *off, const LinearRecipe *recipe),
+      (be, out, gate, up, h, x, w, n_experts, off, recipe))
+TIMED(experts_backward, products_kind(recipe), experts_flops(w, n_experts, off, 1),
+      (Backend *be, float *dx, const MatView *const *dw, const float *dout, const float *x, const float *gate,
+       const float *up, const float *h, float *dgate, float *dup, float *dh, const MatView *const *w, int n_experts,
+       const int *off, const LinearRecipe *recipe),
+      (be, dx, dw, dout, x, gate, up, h, dgate, dup, dh, w, n_experts, off, recipe))
+TIMED(embedding, BACKEND_OTHER, 0, (Backend *be, float *out, const MatView *w, const int *idx, int n),
+      (be, out, w, idx, n))
+TIMED(embedding_backward, BACKEND_OTHER, 0, (Backend *be, const MatView *dw, const float *dout, const int *idx, int n),
+      (be, dw, dout, idx, n))
+TIMED(rmsnorm, BACKEND_OTHER, 0,
+      (Backend *be, float *out, int ldo, float *rstd, const float *x, int ldx, const float *weight, int N, int C,
+       float eps),
+      (be, out, ldo, rstd, x, ldx, weight, N, C, eps))
+TIMED(rmsnorm_backward, BACKEND_OTHER, 0,
+      (Backend *be, float *dx, float *dweight, const float *dout, const float *x, const float *weight,
+       const float *rstd, int N, int C),
+      (be, dx, dweight, dout, x, weight, rstd, N, C))
+TIMED(swiglu, BACKEND_OTHER, 0, (Backend *be, float *h, const float *gate, const float *up, long n),
+      (be, h, gate, up, n))
+TIMED(rope, BACKEND_OTHER, 0,
+      (Backend *be, float *x, int N, int T, int heads, int stride, int r, const float *cos_t, const float *sin_t),
+      (be, x, N, T, heads, stride, r, cos_t, sin_t))
+TIMED(rope_backward, BACKEND_OTHER, 0,
+      (Backend *be, float *dx, int N, int T, int heads, int stride, int r, const float *cos_t, const float *sin_t),
+      (be, dx, N, T, heads, stride, r, cos_t, sin_t))
+TIMED(add, BACKEND_OTHER, 0, (Backend *be, float *out, const float *a, const float *b, long n), (be, out, a, b, n))
+TIMED(zero, BACKEND_OTHER, 0, (Backend *be, float *x, long n), (be, x, n))
+TIMED(to_bf16, BACKEND_OTHER, 0, (Backend *be, uint16_t *dst, const float *src, long n), (be, dst, src, n))
+TIMED(fp8_save, BACKEND_OTHER, 0,
+      (Backend *be, uint8_t *codes, float *scales, const float *x, long rows, int cols, int pow2),
+      (be, codes, scales, x, rows, cols, pow2))
+TIMED(fp8_restore, BACKEND_OTHER, 0,
+      (Backend *be, float *x, const uint8_t *codes, const float *scales, long rows, int cols),
+      (be, x, codes, scales, rows, cols))
+TIMED(latent_attention, BACKEND_ATTENTION, 0, (Backend *be, const LatentAttention *a), (be, a))
+TIMED(latent_attention_backward, BACKEND_ATTENTION, 0,
+      (Backend *be, const LatentAttention *a, const float *dout, float *dq, float *dkv, float *dkpe,
+       float *dkpe_heads),
+      (be, a, dout, dq, dkv, dkpe, dkpe_heads))
+TIMED(gather_rows, BACKEND_OTHER, 0, (Backend *be, float *out, const float *src, const int *rows, long n, int d),
+      (be, out, src, rows, n, d))
+TIMED(combine, BACKEND_OTHER, 0,
+      (Backend *be, float *y, const float *src, const int *slot, const float *weight, int N, int K, int d),
+      (be, y, src, slot, weight, N, K, d))
+TIMED(combine_backward, BACKEND_OTHER, 0,
+      (Backend *be, float *dsrc, float *dweight, const float *dy, const float *src, const int *slot,
+       const float *weight, int N, int K, int d),
+      (be, dsrc, dweight, dy, src, slot, weight, N, K, d))
+TIMED(scatter_add_rows, BACKEND_OTHER, 0, (Backend *be, float *dx, const float *dout, const int *rows, long n, int d),
+      (be, dx, dout, rows, n, d))
+TIMED(crossentropy, BACKEND_LOSS, 0,
+      (Backend *be, double *sum, float *losses, float *lse, const float *logits, const int *targets, int N, int V),
+      (be, sum, losses, lse, logits, targets, N, V))
+TIMED(crossentropy_grad, BACKEND_LOSS, 0,
+      (Backend *be, double *sum, float *losses, float *lse, float *logits, const int *targets, int N, int V,
+       float dloss),
+      (be, sum, losses, lse, logits, targets, N, V, dloss))
+TIMED(sum_squares, BACKEND_OPTIMIZER, 0, (Backend *be, double *sums, const float *const *x, const long *n, int count),
+      (be, sums, x, n, count))
+TIMED(adamw, BACKEND_OPTIMIZER, 0,
+      (Backend *be, float *p, void *m, void *v, const float *g, long n, const AdamWStep *s), (be, p, m, v, g, n, s))
+#undef TIMED
+
+static void cpu_profile(Backend *be, BackendProfile *p);
+
+// The table, its operations those named P##op: cpu_ (the kernels) or timed_ (the same, timed).
+#define CPU_OPS(P)                                                                                                     \
+    .name = "cpu", .alloc = cpu_alloc, .free = cpu_free, .synchronize = cpu_synchronize,                               \
+    .profile = cpu_profile,                                                                                            \
+    .matmul = P##matmul, .matmul_backward = P##matmul_backward, .experts = P##experts,                                 \
+    .experts_backward = P##experts_backward, .embedding = P##embedding, .embedding_backward = P##embedding_backward,   \
+    .rmsnorm = P##rmsnorm, .rmsnorm_backward = P##rmsnorm_backward, .swiglu = P##swiglu,                               \
+    .rope = P##rope, .rope_backward = P##rope_backward, .add = P##add,                                                 \
+    .zero = P##zero, .latent_attention = P##latent_attention, .latent_attention_backward = P##latent_attention_backward, \
+    .to_bf16 = P##to_bf16, .gather_rows = P##gather_rows, .combine = P##combine,                                       \
+    .combine_backward = P##combine_backward, .scatter_add_rows = P##scatter_add_rows, .crossentropy = P##crossentropy, \
+    .crossentropy_grad = P##crossentropy_grad, .sum_squares = P##sum_squares, .adamw = P##adamw,                       \
+    .fp8_save = P##fp8_save, .fp8_restore = P##fp8_restore
+
+static const BackendOps cpu_ops = {CPU_OPS(cpu_)};
+static const BackendOps cpu_timed_ops = {CPU_OPS(timed_)};
+#undef CPU_OPS
+
+static void cpu_profile(Backend *be, BackendProfile *p) {
+    be->profile = p;
+    be->ops = p ? &cpu_timed_ops : &cpu_ops;
+}
 
 Backend *backend_cpu(void) {
-    // one per thread that asks: its err is written by the operations that thread issues
+    // one per thread that asks: its err is written by the operations that thread issues (and its
+    // timing, once asked for, stays on for every user of that thread's backend until turned off)
     static _Thread_local Backend be;
-    be.ops = &cpu_ops;
+    be.ops = be.profile ? &cpu_timed_ops : &cpu_ops;
     return &be;
 }

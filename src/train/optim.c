@@ -51,14 +51,26 @@ double grad_global_norm(const TrainModel *model) {
 
 int grad_sum_squares(const TrainModel *model, double parts[2]) {
     parts[0] = parts[1] = 0;
-    for (int i = 0; i < model->n_tensors; i++) {
+    int count = 0, nt = model->n_tensors, *which = malloc(sizeof(int) * (nt + 1));
+    const float **x = calloc(nt + 1, sizeof(float *));
+    long *n = calloc(nt + 1, sizeof(long));
+    double *sums = malloc(sizeof(double) * (nt + 1));
+    int rc = -1;
+    if (!which || !x || !n || !sums) {
+        err_set(&model->be->err, "out of memory for the gradient norm");
+        goto done;
+    }
+    for (int i = 0; i < nt; i++) {
         const TrainTensor *t = &model->tensors[i];
         if (!is_updated_here(t)) continue;
-        double part = 0;
-        if (model->be->ops->sum_squares(model->be, &part, model->grads + t->offset, (long)t->numel)) return -1;
-        parts[t->expert >= 0] += part;
+        which[count] = i, x[count] = model->grads + t->offset, n[count++] = (long)t->numel;
     }
-    return 0;
+    if (model->be->ops->sum_squares(model->be, sums, x, n, count)) goto done;
+    for (int k = 0; k < count; k++) parts[model->tensors[which[k]].expert >= 0] += sums[k];  // (in tensor order)
+    rc = 0;
+done:
+    free(which), free(x), free(n), free(sums);
+    return rc;
 }
 
 int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error *err) {

@@ -87,6 +87,9 @@ const TrainerOption trainer_options[] = {
     STRING_OPT("save-dtype", "save_dtype", save_dtype, "f32|bf16|fp8",
                "dtype of the checkpoints' weights; default f32, the master weights (bf16, fp8: master/ keeps them)"),
     FLAG_OPT("no-progress", progress, 0, 0, "no live progress line on stderr (shown when stderr is a terminal)"),
+    FLAG_OPT("profile", profile, 0, 1,
+             "time the steps' operations by kind (products, attention, loss, optimiser, the rest) and print where "
+             "they went"),
     INT_OPT("data-parallel", NULL, data_parallel, 0, 0, 1 << 20, "D",
             "under mpirun: groups of --expert-parallel ranks, D x E = the processes (0: that quotient)"),
     INT_OPT("expert-parallel", NULL, expert_parallel, 1, 1, 1 << 20, "E",
@@ -760,8 +763,12 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         snprintf(l0, sizeof l0, "{\"step\": 0, \"val_loss\": %.9g, \"val_max_vio\": %.9g}\n", v0, vmv0);
         if (metrics_line(r, mf, l0, metrics, err)) goto done;
     }
+    BackendProfile prof = {0};
+    long prof_steps = 0;
+    double prof_s = 0;
     while (r->step < stop) {
         double t0 = now_s();
+        if (o->profile) m->be->ops->profile(m->be, &prof);
         train_model_zero_grad(m);
         memset(loads, 0, sizeof *loads * nload);
         double parts[4] = {0};  // loss, main, mtp, balance: this rank's share of the step's means
@@ -812,6 +819,7 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
         long long step_tokens = (long long)o->accum * o->batch * o->seq;
         r->tokens += step_tokens;
         double dt = now_s() - t0;
+        if (o->profile) m->be->ops->profile(m->be, NULL), prof_steps++, prof_s += dt;
         int n = snprintf(line, sizeof line,
                          "{\"step\": %ld, \"loss\": %.9g, \"main_loss\": %.9g, \"mtp_loss\": %.9g, \"balance_loss\": "
                          "%.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"max_vio\": %.9g, \"max_vio_worst\": %.9g, "
@@ -881,9 +889,11 @@ int trainer_run(const TrainerOptions *opts, const char *resume, TrainerResult *r
                            .intra_node_bytes_per_token = a2a.tokens ? a2a.intra_node_bytes / a2a.tokens : 0,
                            .inter_node_bytes_per_token = a2a.tokens ? a2a.inter_node_bytes / a2a.tokens : 0,
                            .max_nodes = a2a.max_nodes, .ranks_per_node = r->R,
+                           .profile_steps = prof_steps, .profile_s = prof_s, .profile = prof,
                            .failed_rank = -1};
     rc = 0;
 done:
+    if (m->be) m->be->ops->profile(m->be, NULL);  // (a step that failed half-way: its timing stops here)
     if (rc && r->W > 1 && !agreed) res->failed_rank = -1;  // failed alone: the caller ends the run
     else if (rc && r->W == 1) res->failed_rank = 0;
     if (mf) fclose(mf);

@@ -38,6 +38,7 @@ typedef struct TrainerOptions {
     uint64_t seed;
     char save_dtype[32];  // "f32" (also when empty), "bf16" or "fp8"
     int progress;  // a live progress line on stderr (the library's default: none)
+    int profile;   // time each step's backend operations by kind into TrainerResult.profile
     int data_parallel;    // copies of each routed expert (0: the processes of the run / expert_parallel)
     int expert_parallel;  // ranks that split the routed experts (1: none)
     char a2a_dtype[32];   // their exchanges' payloads: fp32 (also when empty), bf16, fp8
@@ -114,6 +115,11 @@ typedef struct TrainerResult {
     // MoE layer (dispatch and combine, forward and backward).
     double nodes_per_token, intra_node_bytes_per_token, inter_node_bytes_per_token;
     int max_nodes, ranks_per_node;
+    // TrainerOptions.profile: this rank's steps of this invocation (from zeroing the gradients to the
+    // bias update; not the evaluations, metrics and checkpoints), their seconds and operations
+    long profile_steps;
+    double profile_s;
+    BackendProfile profile;
     // On failure: the rank that reports the error (the lowest that failed, agreed by all ranks,
     // which all return -1), or -1 when a rank failed alone in the middle of a step, where the others
     // may be waiting for it: the caller then ends the run (dist_abort).
