@@ -303,8 +303,9 @@ TEST(test_fused_head_matches_formula) {
 // written out here from the config — 6 per token and weight a token is multiplied by (forward,
 // input and weight gradients): attention projections, the dense FFN, the router, the routed and
 // shared experts, the head, and the MTP module (eh_proj, its layer, the shared head) over T - 1
-// positions — the BF16 ones in one kind and the fp32 ones (head, router) in the other; every kind a
-// step runs is timed, within the step's time; off, nothing more is counted.
+// positions — the BF16 ones in one kind and the fp32 ones (head, router) in the other, and the
+// attention core's to the causal count; every kind a step runs is timed, within the step's time;
+// off, nothing more is counted.
 TEST(test_backend_profile_counts_a_steps_products) {
     enum { B = 2, T = 8 };
     TrainModel m;
@@ -347,10 +348,16 @@ TEST(test_backend_profile_counts_a_steps_products) {
               p.flops[BACKEND_LOWP_PRODUCTS], want_lowp);
     CHECK_MSG(fabs(p.flops[BACKEND_F32_PRODUCTS] - want_f32) <= 1e-9 * want_f32, "fp32 products: %.0f FLOPs, want %.0f",
               p.flops[BACKEND_F32_PRODUCTS], want_f32);
+    // the attention core: (qk + v) multiply-adds a head, row and position it sees, causal, the
+    // backward twice the forward; the MTP module's layer over T - 1 positions
+    double hv = H * (qk + c->v_head_dim), want_attn = 3 * 2 * hv * B * (c->num_hidden_layers * T * (T + 1) / 2.0 +
+                                                                           (T - 1) * T / 2.0);
+    CHECK_MSG(fabs(p.flops[BACKEND_ATTENTION] - want_attn) <= 1e-9 * want_attn, "attention: %.0f FLOPs, want %.0f",
+              p.flops[BACKEND_ATTENTION], want_attn);
     double sum = 0;
     for (int k = 0; k < BACKEND_KINDS; k++) {
         CHECK_MSG(p.calls[k] > 0 && p.seconds[k] > 0, "%s: %ld calls, %g s", backend_kind_names[k], p.calls[k], p.seconds[k]);
-        CHECK(k <= BACKEND_F32_PRODUCTS || p.flops[k] == 0);
+        CHECK(k <= BACKEND_ATTENTION || p.flops[k] == 0);
         sum += p.seconds[k];
     }
     CHECK_MSG(sum <= wall, "the kinds' %g s against the step's %g s", sum, wall);

@@ -49,7 +49,8 @@ typedef struct LinearRecipe {
 } LinearRecipe;
 
 // Where a backend's operations spent their time (BackendOps.profile turns the timing on): seconds
-// and calls by kind of operation, and the products' FLOPs (2 per multiply-add; the rest count none).
+// and calls by kind of operation, and the FLOPs of the products and the attention core (2 per
+// multiply-add, from each call's shapes; the rest count none).
 typedef enum BackendOpKind {
     BACKEND_LOWP_PRODUCTS,  // GEMMs under a BF16 or FP8 recipe: matmul, experts and their backward
     BACKEND_F32_PRODUCTS,   // fp32 ones: the output heads, the router, layers without a recipe
@@ -70,8 +71,9 @@ typedef struct BackendProfile {
 extern const char *const backend_kind_names[BACKEND_KINDS];
 
 // One line of where `steps` steps of `seconds` in all went: each kind's mean milliseconds a step,
-// its share of the time and the products' GFLOP/s, then the time outside the backend's operations
-// (the caller's own work). Returns what snprintf returns.
+// its share of the time and GFLOP/s where it counts FLOPs, then the time outside the backend's
+// operations (the caller's own work), and all the FLOPs counted over the whole time (for a training
+// step: the model FLOPs MFU is taken from). Returns what snprintf returns.
 int backend_profile_summary(char *buf, size_t n, const BackendProfile *p, double seconds, long steps);
 
 typedef struct BackendOps {

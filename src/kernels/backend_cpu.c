@@ -532,6 +532,15 @@ static double experts_flops(const MatView *const *w, int n_experts, const int *o
     return backward ? 2 * f : f;
 }
 
+// The FLOPs of the attention core (backward: twice, four products of the forward's two sizes): each
+// row's scores and weighted sum over the positions it sees — plain: qk + v multiply-adds a head and
+// position; absorbed: the latent twice and the rotary part, W_UK and W_UV not counted.
+static double attention_flops(const LatentAttention *a, int backward) {
+    double seen = (double)a->B * a->T * (a->pos0 + (a->T + 1) / 2.0);  // Σ over rows of the positions seen
+    double per = a->absorbed ? 2.0 * a->kv_lora + a->rope : a->nope + a->rope + a->v;
+    return 2.0 * a->H * per * seen * (backward ? 2 : 1);
+}
+
 // timed_NAME: cpu_NAME's call timed as `kind`, with `flops`
 #define TIMED(name, kind, flops, params, args)          \
     static int timed_##name params {                    \
@@ -585,8 +594,8 @@ TIMED(fp8_save, BACKEND_OTHER, 0,
 TIMED(fp8_restore, BACKEND_OTHER, 0,
       (Backend *be, float *x, const uint8_t *codes, const float *scales, long rows, int cols),
       (be, x, codes, scales, rows, cols))
-TIMED(latent_attention, BACKEND_ATTENTION, 0, (Backend *be, const LatentAttention *a), (be, a))
-TIMED(latent_attention_backward, BACKEND_ATTENTION, 0,
+TIMED(latent_attention, BACKEND_ATTENTION, attention_flops(a, 0), (Backend *be, const LatentAttention *a), (be, a))
+TIMED(latent_attention_backward, BACKEND_ATTENTION, attention_flops(a, 1),
       (Backend *be, const LatentAttention *a, const float *dout, float *dq, float *dkv, float *dkpe,
        float *dkpe_heads),
       (be, a, dout, dq, dkv, dkpe, dkpe_heads))
