@@ -1,6 +1,7 @@
 // Training throughput of the ~10M-parameter DeepSeek-V3-layout model (bench/configs/
 // v3-10m-train.json: q_lora, 16 experts top-4 in 4 groups, one MTP module) at batch 8 × seq 256,
-// in each precision of the linear layers (fp32, bf16, fp8): tokens per second of full steps
+// in each precision of the linear layers (fp32, bf16, fp8; bf16h: bf16 with the output heads' GEMMs in
+// BF16 too, `--head-precision bf16`, which the default keeps fp32): tokens per second of full steps
 // (forward, backward, clipping, AdamW, bias update) and the model FLOPs utilisation against this
 // machine's peak for that precision's GEMM, measured here: the faster sgemm (OpenBLAS or oneDNN,
 // which the training code uses) for fp32, gemm_lowp with
@@ -47,7 +48,7 @@ static double attention_flops(const ModelConfig *c, int T) {
     return 3.0 * 2.0 * c->num_attention_heads * (config_qk_head_dim(c) + c->v_head_dim) * (T + 1) / 2.0;
 }
 
-// One precision's training run ("fp32", "bf16", "fp8"): its model, optimiser and batch.
+// One precision's training run ("fp32", "bf16", "fp8", "bf16h"): its model, optimiser and batch.
 typedef struct Run {
     const ModelConfig *c;
     int B, T, steps;
@@ -68,8 +69,10 @@ static int run_init(Run *r, const ModelConfig *c, const char *precision, int B, 
     memset(r, 0, sizeof *r);
     r->c = c, r->B = B, r->T = T;
     TrainerOptions o = trainer_defaults();
-    snprintf(o.precision, sizeof o.precision, "%s", precision);
+    int head_bf16 = strcmp(precision, "bf16h") == 0;
+    snprintf(o.precision, sizeof o.precision, "%s", head_bf16 ? "bf16" : precision);
     if (train_model_new(&r->m, c, B, T, err)) return -1;
+    r->m.head_bf16 = head_bf16;
     LinearRecipe recipe;
     const LinearRecipe *lowp;
     if (trainer_recipe(&o, &recipe, &lowp, err) || train_model_set_recipe(&r->m, lowp, err) ||
@@ -125,15 +128,15 @@ static void print_profile(const BackendProfile *p, const double *times, int n, d
 
 static double gemm_peak_of(int p) { return p == 0 ? bench_sgemm_peak(2048, 1) : bench_bf16_gemm_peak(2048, 2); }
 
-// bench_train [PRECISION...]: the named precisions only (default: fp32 bf16 fp8).
+// bench_train [PRECISION...]: the named precisions only (default: fp32 bf16 fp8 bf16h).
 int main(int argc, char **argv) {
-    const char *prec[3] = {"fp32", "bf16", "fp8"};
-    int run[3] = {argc < 2, argc < 2, argc < 2};
+    const char *prec[4] = {"fp32", "bf16", "fp8", "bf16h"};
+    int run[4] = {argc < 2, argc < 2, argc < 2, argc < 2};
     for (int a = 1; a < argc; a++) {
         int p = 0;
-        while (p < 3 && strcmp(argv[a], prec[p])) p++;
-        if (p == 3) {
-            fprintf(stderr, "bench_train: unknown precision '%s' (fp32, bf16 or fp8)\n", argv[a]);
+        while (p < 4 && strcmp(argv[a], prec[p])) p++;
+        if (p == 4) {
+            fprintf(stderr, "bench_train: unknown precision '%s' (fp32, bf16, fp8 or bf16h)\n", argv[a]);
             return 2;
         }
         run[p] = 1;
@@ -162,7 +165,7 @@ int main(int argc, char **argv) {
     // peak of its precision, the MFU taken step by step — this host's GEMM rate moved 2x from one
     // minute to the next (an AMX unit shared with another tenant's thread at times).
     double base = 0, bf16_step = 0;
-    for (int p = 0; p < 3; p++) {
+    for (int p = 0; p < 4; p++) {
         if (!run[p]) continue;
         Run r;
         double times[STEPS], mfu[STEPS], peaks[STEPS];
@@ -197,7 +200,7 @@ int main(int argc, char **argv) {
         if (p > 0 && unit16 > 0) snprintf(unit, sizeof unit, " (%.1f%% of the unit)", 100 * gf / unit16);
         char rel[32] = "";
         if (base > 0 && p > 0) snprintf(rel, sizeof rel, ", %.2fx fp32's step", t / base);
-        printf("  %-4s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s%s%s; activations %.0f MB, peak "
+        printf("  %-5s: step %.3f s (median of %d), %5.0f tokens/s, %5.1f GFLOP/s%s%s; activations %.0f MB, peak "
                "resident %.0f MB\n        MFU step by step against the %s GEMM peak taken before it: median %.1f%% "
                "(range %.1f-%.1f%%; the peak %.0f-%.0f GFLOP/s)\n",
                prec[p], t, STEPS, tps, gf, unit, rel, act / 1e6, resident / 1e6, p == 0 ? "fp32" : "bf16",

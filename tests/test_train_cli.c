@@ -223,13 +223,16 @@ static double last_main_loss(const char *metrics) {
 // A short run in each precision learns; bf16 and fp8 really change the arithmetic (their curves
 // differ from fp32's and from each other) yet stay close to fp32: within 0.5% of its loss after
 // the run (measured: bf16 ~0.002%, fp8 ~0.03% after 8 steps; the report's gap is 0.25% over a
-// long run).
+// long run). So does bf16 with the output heads' GEMMs in BF16 too (--head-precision bf16), whose
+// run differs from bf16's.
 TEST(test_train_precisions_learn_and_stay_close) {
     long N = sanitized() ? 3 : 8;
-    const char *prec[4] = {"fp32", "bf16", "fp8", "fp8 --fp8-scale-format ue8m0"}, *dirs[4] = {"fp32", "bf16", "fp8", "ue8m0"};
-    double loss[4];
-    char *runs[4];
-    for (int p = 0; p < 4; p++) {
+    enum { RUNS = 5 };
+    const char *prec[RUNS] = {"fp32", "bf16", "fp8", "fp8 --fp8-scale-format ue8m0", "bf16 --head-precision bf16"};
+    const char *dirs[RUNS] = {"fp32", "bf16", "fp8", "ue8m0", "bf16head"};
+    double loss[RUNS];
+    char *runs[RUNS];
+    for (int p = 0; p < RUNS; p++) {
         char run[600], extra[96], out[4096];
         snprintf(run, sizeof run, "%s/run_prec_%s", test_train_corpus(), dirs[p]);
         snprintf(extra, sizeof extra, "--no-progress --precision %s", prec[p]);
@@ -249,10 +252,11 @@ TEST(test_train_precisions_learn_and_stay_close) {
     }
     CHECK(strcmp(runs[0], runs[1]) != 0 && strcmp(runs[1], runs[2]) != 0 && strcmp(runs[0], runs[2]) != 0);
     CHECK(strcmp(runs[2], runs[3]) != 0);  // UE8M0 scales change the run
+    CHECK(strcmp(runs[1], runs[4]) != 0);  // and so do BF16 heads
     CHECK(loss[1] != loss[0] && loss[2] != loss[1]);
-    for (int p = 1; p < 4; p++)
+    for (int p = 1; p < RUNS; p++)
         CHECK_MSG(fabs(loss[p] - loss[0]) < 0.005 * loss[0], "%s: loss %.4f vs fp32 %.4f", prec[p], loss[p], loss[0]);
-    for (int p = 0; p < 4; p++) free(runs[p]);
+    for (int p = 0; p < RUNS; p++) free(runs[p]);
     // the precision is saved with the run: a resumed fp8 run stays fp8
     char run[600], path[700];
     snprintf(run, sizeof run, "%s/run_prec_fp8", test_train_corpus());
@@ -273,7 +277,8 @@ TEST(test_train_precision_bad_options) {
                             {"--fp8-accum-bits 14", "--fp8-accum-bits: only with --precision fp8"},
                             {"--precision fp8 --fp8-promotion off", "--fp8-promotion off: needs --fp8-accum-bits"},
                             {"--precision fp8 --fp8-accum-bits 40", "--fp8-accum-bits"},
-                            {"--moments fp16", "--moments: unknown value 'fp16'"}};
+                            {"--moments fp16", "--moments: unknown value 'fp16'"},
+                            {"--head-precision fp8", "--head-precision: unknown value 'fp8'"}};
     for (int i = 0; i < (int)(sizeof bad / sizeof bad[0]); i++) {
         char out[4096], run[600], probe[700];
         snprintf(run, sizeof run, "%s/run_prec_bad%d", dir, i);

@@ -251,6 +251,7 @@ static int plan_grad_groups(TrainModel *m, const TensorSpec *specs, Error *err) 
 // every precision — through the library GEMM (backend.h): no row of a training batch needs the bits
 // it would have in another batch.
 static const LinearRecipe train_f32 = {.f32 = 1};
+static const LinearRecipe train_head_bf16 = {.fmt = LOWP_BF16, .grad_fmt = LOWP_BF16};  // (head_bf16)
 
 // What the linear layers run under: the low-precision recipe, or else fp32 through the library.
 static const LinearRecipe *linear_recipe(const TrainModel *m) { return m->lowp ? m->lowp : &train_f32; }
@@ -500,19 +501,20 @@ static int head_forward(TrainModel *m, const float *norm, const float *x, float 
     int d = m->cfg.hidden_size, V = m->cfg.vocab_size;
     float *logits = m->a.head_logits;  // (rows, V)
     MatView dw = matview_f32(m->a.head_grad, V, d);
+    const LinearRecipe *recipe = m->head_bf16 ? &train_head_bf16 : &train_f32;  // (fp32 unless asked)
     TRY(be->ops->rmsnorm(be, h, d, h_rstd, x, d, norm, N, d, m->cfg.rms_norm_eps));
     if (dh) TRY(be->ops->zero(be, dh, (long)N * d));
     for (int r0 = 0; r0 < N; r0 += TRAIN_HEAD_ROWS) {
         int rows = N - r0 < TRAIN_HEAD_ROWS ? N - r0 : TRAIN_HEAD_ROWS;
         const float *hr = h + (size_t)r0 * d;
         double part;
-        TRY(be->ops->matmul(be, logits, hr, &m->p.lm_head, rows, &train_f32));  // the head stays fp32
+        TRY(be->ops->matmul(be, logits, hr, &m->p.lm_head, rows, recipe));
         if (!dh) {
             TRY(be->ops->crossentropy(be, &part, losses + r0, lse + r0, logits, targets + r0, rows, V));
             continue;
         }
         TRY(be->ops->crossentropy_grad(be, &part, losses + r0, lse + r0, logits, targets + r0, rows, V, dloss));
-        TRY(be->ops->matmul_backward(be, dh + (size_t)r0 * d, &dw, logits, hr, &m->p.lm_head, rows, &train_f32));
+        TRY(be->ops->matmul_backward(be, dh + (size_t)r0 * d, &dw, logits, hr, &m->p.lm_head, rows, recipe));
     }
     TRY(be->ops->synchronize(be));
     double sum = 0;  // in row order, however the rows were chunked

@@ -171,6 +171,9 @@ typedef struct TrainModel {
     // The linear layers' operand precision (dsv3 train --precision): NULL for fp32, else &recipe.
     LinearRecipe recipe;
     const LinearRecipe *lowp;
+    // The output heads' GEMMs (dsv3 train --head-precision): 0 fp32 (the default: the report keeps
+    // the head in higher precision), 1 BF16 operands with fp32 sums, as Megatron and autocast run it
+    int head_bf16;
     int fp8_storage;  // the activation plan keeps the linear layers' inputs in FP8 (Fp8Kept)
     int n_grad_groups;              // L + D + 2
     TrainGradGroup *grad_groups;    // (n_grad_groups) indexed as TrainGradsDone's group

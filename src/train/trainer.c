@@ -77,6 +77,8 @@ const TrainerOption trainer_options[] = {
     STRING_OPT("fp8-promotion", "fp8_promotion", fp8_promotion, "P",
                "fp8: on (default: each 128-chunk promoted to fp32 with its scales) or off (needs --fp8-accum-bits)"),
     STRING_OPT("moments", "moments", moments, "T", "AdamW moments stored as f32 (default) or bf16 (the report's)"),
+    STRING_OPT("head-precision", "head_precision", head_precision, "P",
+               "the output heads' GEMMs: fp32 (default, as the report keeps the head) or bf16 (BF16 operands, fp32 sums)"),
     LONG_OPT("eval-every", "eval_every", eval_every, 100, 0, STEPS_MAX, "K",
              "validation loss at step 0 and every K steps (0: at the last)"),
     LONG_OPT("eval-batches", "eval_batches", eval_batches, 8, 0, 1L << 30, "N", "batches per evaluation (0: no evaluation)"),
@@ -559,6 +561,8 @@ int trainer_recipe(const TrainerOptions *o, LinearRecipe *recipe, const LinearRe
     const char *g = o->fp8_grad[0] ? o->fp8_grad : "e4m3", *s = o->fp8_scaling[0] ? o->fp8_scaling : "tile";
     if (o->moments[0] && strcmp(o->moments, "f32") != 0 && strcmp(o->moments, "bf16") != 0)
         return err_set(err, "--moments: unknown value '%s' (f32 or bf16)", o->moments);
+    if (o->head_precision[0] && strcmp(o->head_precision, "fp32") != 0 && strcmp(o->head_precision, "bf16") != 0)
+        return err_set(err, "--head-precision: unknown value '%s' (fp32 or bf16)", o->head_precision);
     if (strcmp(g, "e4m3") != 0 && strcmp(g, "e5m2") != 0)
         return err_set(err, "--fp8-grad: unknown value '%s' (e4m3 or e5m2)", g);
     if (strcmp(s, "tile") != 0 && strcmp(s, "tensor") != 0)
@@ -593,6 +597,7 @@ static int setup(Run *r, const char *resume, char *ckpt, size_t ckpt_n, Error *e
     LinearRecipe recipe;
     const LinearRecipe *lowp;
     if (trainer_recipe(&r->o, &recipe, &lowp, err) || train_model_set_recipe(&r->m, lowp, err)) return -1;
+    r->m.head_bf16 = strcmp(r->o.head_precision, "bf16") == 0;
     r->m.obj.mtp_lambda = r->o.mtp_lambda;
     r->m.obj.seq_aux_alpha = r->o.seq_aux_alpha;
     AdamWConfig ac = adamw_defaults();

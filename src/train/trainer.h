@@ -28,6 +28,7 @@
 typedef struct TrainerOptions {
     char config[4096], init[4096], data[4096], out[4096];
     char precision[32], fp8_grad[32], fp8_scaling[32], fp8_promotion[32], fp8_scale_format[32], moments[32];  // "": the default
+    char head_precision[32];  // the output heads' GEMMs: "fp32" (also when empty) or "bf16"
     int fp8_accum_bits;
     long steps;
     int batch, seq, accum;
