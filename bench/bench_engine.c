@@ -45,7 +45,7 @@ static void on_token(void *owner, int seq, const EngineToken *t) { (void)owner, 
 
 // Runs n sequences (prompt of P ids each, G new tokens) with parallel n and K drafts, the decode
 // steps' phases timed when profile (EngineStats.decode_profile); stats out.
-static int run_profiled(const Model *m, int n, int P, int G, int K, const int *prompt, int profile, EngineStats *st) {
+static int run(const Model *m, int n, int P, int G, int K, const int *prompt, int profile, EngineStats *st) {
     Error err = {0};
     EngineOptions o = {.parallel = n, .ctx = P + G + 1, .prefill_chunk = 512, .speculative = K, .profile = profile};
     Engine *e = engine_new(m, &o, &err);
@@ -72,10 +72,6 @@ static int run_profiled(const Model *m, int n, int P, int G, int K, const int *p
     engine_free(e);
     if (live < 0) fprintf(stderr, "%s\n", err.msg);
     return live < 0 ? -1 : 0;
-}
-
-static int run(const Model *m, int n, int P, int G, int K, const int *prompt, EngineStats *st) {
-    return run_profiled(m, n, P, G, K, prompt, 0, st);
 }
 
 // The batch sizes on the BF16 and the FP8 copy of the model, each with fp32 and BF16 compute
@@ -117,7 +113,7 @@ static int batch_figures(const int *sizes, int n_sizes) {
             double r[3];
             for (int k = 0; k < 3; k++) {
                 EngineStats st;
-                if (run(mv, sizes[i], 32, 32, 0, NULL, &st)) return 1;
+                if (run(mv, sizes[i], 32, 32, 0, NULL, 0, &st)) return 1;
                 r[k] = st.decode_tokens / st.decode_s;
             }
             double tps = bench_median(r, 3);
@@ -129,7 +125,7 @@ static int batch_figures(const int *sizes, int n_sizes) {
                    tps / sizes[i], tps / base[v], sizes[0]);
             if (v == 3) {  // FP8 weights, BF16 compute: one run more, its decode steps' phases timed
                 EngineStats st;
-                if (run_profiled(mv, sizes[i], 32, 32, 0, NULL, 1, &st)) return 1;
+                if (run(mv, sizes[i], 32, 32, 0, NULL, 1, &st)) return 1;
                 const DecodeProfile *p = &st.decode_profile;
                 double all = p->products + p->attention + p->meetings;
                 if (all > 0 && p->steps > 0)
@@ -180,7 +176,7 @@ static int speculative_figures(void) {
         for (int i = 0; i < 4; i++) {
             int K = (r + i) % 4;
             EngineStats st;
-            if (run(&m, 1, (int)ids.n, 128, K, ids.v, &st)) return 1;
+            if (run(&m, 1, (int)ids.n, 128, K, ids.v, 0, &st)) return 1;
             tps[K][r] = st.decode_tokens / st.decode_s;
             acc[K] = st.draft_tokens ? (double)st.accepted_tokens / st.draft_tokens : 0;  // (greedy: the same every round)
         }

@@ -106,10 +106,9 @@ static double run_step(Run *r, Error *err) {
 }
 
 // Where the timed steps went, by kind of backend operation, and what ran outside the backend
-// (routing, bookkeeping).
-// Then the products against the GEMM peaks measured at the start (peak16 for the BF16/FP8 ones,
-// peak32 for fp32), and the step if they ran at those peaks with the rest as it is — how much of
-// the gap to the peak the products are.
+// (routing, bookkeeping); then the products against the GEMM peaks measured at the start (peak16
+// for the BF16/FP8 ones, peak32 for fp32), and the step if they ran at those peaks with the rest as
+// it is — how much of the gap to the peak the products are.
 static void print_profile(const BackendProfile *p, const double *times, int n, double peak16, double peak32) {
     double total = 0;
     for (int i = 0; i < n; i++) total += times[i];

@@ -51,25 +51,25 @@ double grad_global_norm(const TrainModel *model) {
 
 int grad_sum_squares(const TrainModel *model, double parts[2]) {
     parts[0] = parts[1] = 0;
-    int count = 0, nt = model->n_tensors, *which = malloc(sizeof(int) * (nt + 1));
+    int count = 0, nt = model->n_tensors, *expert = malloc(sizeof(int) * (nt + 1));  // (count) each sum's part
     const float **x = calloc(nt + 1, sizeof(float *));
     long *n = calloc(nt + 1, sizeof(long));
     double *sums = malloc(sizeof(double) * (nt + 1));
     int rc = -1;
-    if (!which || !x || !n || !sums) {
+    if (!expert || !x || !n || !sums) {
         err_set(&model->be->err, "out of memory for the gradient norm");
         goto done;
     }
     for (int i = 0; i < nt; i++) {
         const TrainTensor *t = &model->tensors[i];
         if (!is_updated_here(t)) continue;
-        which[count] = i, x[count] = model->grads + t->offset, n[count++] = (long)t->numel;
+        expert[count] = t->expert >= 0, x[count] = model->grads + t->offset, n[count++] = (long)t->numel;
     }
     if (model->be->ops->sum_squares(model->be, sums, x, n, count)) goto done;
-    for (int k = 0; k < count; k++) parts[model->tensors[which[k]].expert >= 0] += sums[k];  // (in tensor order)
+    for (int k = 0; k < count; k++) parts[expert[k]] += sums[k];  // (in tensor order)
     rc = 0;
 done:
-    free(which), free(x), free(n), free(sums);
+    free(expert), free(x), free(n), free(sums);
     return rc;
 }
 
