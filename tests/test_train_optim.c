@@ -23,12 +23,12 @@ static int tiny_model(TrainModel *m, const char *name, int B, int T) {
 }
 
 // The gradient norm's Σ x² (the backend's sum_squares): the AVX-512 path and the portable one give
-// the same bits at every length around its lanes (8) and its chunks (16,384), and both equal the
+// the same bits at every length around its lanes (32: four vectors of 8) and its chunks (16,384), and both equal the
 // sum of the squares in double to its rounding; all the lengths' vectors in one call give each
 // vector the bits it has alone.
 TEST(test_sum_squares_same_bits_on_both_paths) {
     Backend *be = backend_cpu();
-    const long lens[] = {0, 1, 7, 8, 9, 15, 17, 1000, 16383, 16384, 16385, 65537, 200003};
+    const long lens[] = {0, 1, 7, 8, 9, 15, 17, 31, 32, 33, 40, 63, 64, 65, 1000, 16383, 16384, 16385, 65537, 200003};
     float *x = malloc(sizeof(float) * 200003);
     unsigned s = 12345;
     for (long i = 0; i < 200003; i++) {
@@ -56,6 +56,73 @@ TEST(test_sum_squares_same_bits_on_both_paths) {
     CHECK(be->ops->sum_squares(be, together, xs, ns, LENS) == 0);
     CHECK(memcmp(alone, together, sizeof alone) == 0);
     free(x);
+}
+
+// The backend's AdamW over many tensors at once: one call for ~4.5M parameters (past the size at
+// which the update writes around the cache) gives the bits of calls a tensor at a time (below it),
+// whatever the tensors' offsets — on a line, part-way into one, and moments not lying on the
+// parameters' lines (which must not take the streaming stores) — and equals adamw_elem's update
+// written out here to fp32 rounding.
+TEST(test_adamw_one_call_for_all_tensors_same_bits) {
+    Backend *be = backend_cpu();
+    enum { TENSORS = 6 };
+    const long len[TENSORS] = {1, 17, 2000003, 2500000, 31, 65};
+    const long gap[TENSORS] = {0, 3, 16, 5, 1, 2};  // floats left before each tensor (tensor 4 moves its
+                                                    // moments one along: 2 keep them off tensor 5's)
+    long total = 0;
+    for (int i = 0; i < TENSORS; i++) total += gap[i] + len[i];
+    float *a[2][4];  // two copies of p, m, v, g (64-byte aligned, as the trainer's)
+    for (int c = 0; c < 2; c++)
+        for (int k = 0; k < 4; k++) {
+            a[c][k] = aligned_alloc(64, sizeof(float) * (size_t)(total + 16) / 16 * 16 + 64);
+            CHECK(a[c][k] != NULL);
+        }
+    unsigned s = 777;
+    for (long j = 0; j < total + 1; j++)
+        for (int k = 0; k < 4; k++) {
+            s = s * 1103515245u + 12345u;
+            float r = (float)(s >> 8) / 16777216.0f - 0.5f;
+            float x = k == 0 ? r : k == 1 ? 0.1f * r : k == 2 ? 0.01f * (r + 0.5f) : 0.3f * r;
+            a[0][k][j] = a[1][k][j] = x;
+        }
+    float *was[3];  // p, m, v before the step
+    for (int k = 0; k < 3; k++) {
+        was[k] = malloc(sizeof(float) * (size_t)(total + 1));
+        memcpy(was[k], a[0][k], sizeof(float) * (size_t)(total + 1));
+    }
+    AdamWStep st = {.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .bc1 = 0.19f, .bc2 = 0.0975f, .clip = 0.7f};
+    AdamWTensor t[2][TENSORS];
+    for (int c = 0; c < 2; c++)
+        for (long i = 0, off = 0; i < TENSORS; off += gap[i] + len[i], i++) {
+            long o = off + gap[i], mo = o + (i == 4 ? 1 : 0);  // tensor 4: its moments a float along
+            t[c][i] = (AdamWTensor){.p = a[c][0] + o, .m = a[c][1] + mo, .v = a[c][2] + mo, .g = a[c][3] + o,
+                                    .n = len[i], .shrink = i % 2 ? 1.0f : 0.9999f};
+        }
+    CHECK(be->ops->adamw(be, t[0], TENSORS, &st) == 0);
+    for (int i = 0; i < TENSORS; i++) CHECK(be->ops->adamw(be, &t[1][i], 1, &st) == 0);
+    for (int k = 0; k < 3; k++)
+        CHECK_MSG(memcmp(a[0][k], a[1][k], sizeof(float) * (size_t)(total + 1)) == 0, "array %d differs", k);
+    double worst = 0;  // the update in double from the values before it, every 997th parameter
+    for (int i = 0; i < TENSORS; i++)
+        for (long j = 0; j < len[i]; j += 997) {
+            const AdamWTensor *u = &t[1][i];
+            long at = u->p - a[1][0] + j, mat = (const float *)u->m - a[1][1] + j;
+            double g = (double)a[1][3][at] * st.clip;
+            double m1 = st.beta1 * (double)was[1][mat] + (1 - (double)st.beta1) * g;
+            double v1 = st.beta2 * (double)was[2][mat] + (1 - (double)st.beta2) * g * g;
+            double kept = was[0][at] * (double)u->shrink, step = st.lr * (m1 / st.bc1) / (sqrt(v1 / st.bc2) + st.eps);
+            // (p and m against the size of their two terms: they may cancel)
+            const double got[3] = {a[1][0][at], ((float *)u->m)[j], ((float *)u->v)[j]}, ref[3] = {kept - step, m1, v1};
+            const double size[3] = {fabs(kept) + fabs(step), fabs(st.beta1 * (double)was[1][mat]) + fabs(0.1 * g), v1};
+            for (int k = 0; k < 3; k++) {
+                double d = fabs(got[k] - ref[k]) / (size[k] + 1e-30);
+                worst = d > worst ? d : worst;
+            }
+        }
+    CHECK_MSG(worst < 1e-6, "largest relative difference %g", worst);
+    for (int c = 0; c < 2; c++)
+        for (int k = 0; k < 4; k++) free(a[c][k]);
+    for (int k = 0; k < 3; k++) free(was[k]);
 }
 
 // Two AdamW steps against the update written out in double: a matrix decays, a norm does not,

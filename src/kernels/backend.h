@@ -24,9 +24,18 @@ typedef struct AdamWStep {
     float lr, beta1, beta2, eps;
     float bc1, bc2;  // bias corrections 1 − βᵗ
     float clip;      // gradient scale from global-norm clipping (1: none)
-    float shrink;    // decoupled weight decay factor 1 − lr·wd (1 for vectors)
     int moments_bf16;  // m and v are BF16 (uint16_t), updated in fp32 and rounded to nearest even
 } AdamWStep;
+
+// One tensor's part of an AdamW step: n parameters p with gradients g and moments m, v (float, or
+// BF16 as the step says).
+typedef struct AdamWTensor {
+    float *p;
+    void *m, *v;
+    const float *g;
+    long n;
+    float shrink;  // decoupled weight decay factor 1 − lr·wd (1 for vectors)
+} AdamWTensor;
 
 // How the three GEMMs of a linear layer take their operands (training's --precision, SPEC §3). A
 // NULL recipe means fp32 operands through the kernels inference uses, whose rows are independent
@@ -158,9 +167,9 @@ typedef struct BackendOps {
 
     // the optimiser: sums[i] = Σ x[i][j]² over the n[i] elements of each of count vectors (double, in
     // a fixed order: each vector's bits whatever the others are), one call for all of a gradient's
-    // tensors; AdamW on n parameters p with gradients g and moments m, v (float, or BF16 as s says)
+    // tensors; AdamW on count tensors, one call for all of a step's
     int (*sum_squares)(Backend *be, double *sums, const float *const *x, const long *n, int count);
-    int (*adamw)(Backend *be, float *p, void *m, void *v, const float *g, long n, const AdamWStep *s);
+    int (*adamw)(Backend *be, const AdamWTensor *t, int count, const AdamWStep *s);
 
     // from now on every operation issued through be adds its time to *p (zeroed by the caller);
     // NULL: no more timing. Timing costs two clock reads an operation and changes no result.

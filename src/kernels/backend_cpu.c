@@ -412,12 +412,13 @@ static int cpu_crossentropy_grad(Backend *be, double *sum, float *losses, float 
 
 // Chunks of the fixed-order sum: partial sums per chunk, added in chunk order, give the same bits
 // however the chunks are scheduled. Within a chunk, element j goes to running sum j mod
-// SUM_LANES (independent chains: one chain would wait on each addition's latency), and the lanes
-// are added in halves at the end. 16K values a chunk: an expert's matrices of a few tens of
+// SUM_LANES (independent chains: one chain would wait on each addition's latency — with 8, one
+// vector's, the sum ran at 20-27 GB/s from memory; 32, four vectors, 80-100), and the lanes are
+// added in halves at the end. 16K values a chunk: an expert's matrices of a few tens of
 // thousands of values still go to both threads. All the vectors' chunks are shared out at once
 // (the gradient norm's ~260 tensors of v3-10m-train, one fork a tensor: 3.6 ms a step).
 #define SUM_CHUNK 16384
-#define SUM_LANES 8
+#define SUM_LANES 32
 
 static double sum_squares_chunk(const float *x, long n) {
     if (kernels_cpu_avx512()) return sum_squares_avx512(x, n);  // (SUM_LANES lanes too: the same bits)
@@ -454,46 +455,72 @@ static int cpu_sum_squares(Backend *be, double *sums, const float *const *x, con
     return 0;
 }
 
-static inline void adamw_elem(float *p, float *m, float *v, float g, const AdamWStep *s) {
+static inline void adamw_elem(float *p, float *m, float *v, float g, float shrink, const AdamWStep *s) {
     float gj = g * s->clip;
     *m = s->beta1 * *m + (1.0f - s->beta1) * gj;
     *v = s->beta2 * *v + (1.0f - s->beta2) * gj * gj;
     float mh = *m / s->bc1, vh = *v / s->bc2;
-    *p = *p * s->shrink - s->lr * mh / (sqrtf(vh) + s->eps);
+    *p = *p * shrink - s->lr * mh / (sqrtf(vh) + s->eps);
 }
 
-static int cpu_adamw(Backend *be, float *p, void *m, void *v, const float *g, long n, const AdamWStep *s) {
-    (void)be;
-    if (!s->moments_bf16) {
-        float *mf = m, *vf = v;
-        if (kernels_cpu_avx512()) {
-            enum { PART = 1 << 14 };  // threads take parts of 16K parameters
-#pragma omp parallel for schedule(static) if (n > PART)
-            for (long c = 0; c < n; c += PART)
-                adamw_avx512(p + c, mf + c, vf + c, g + c, n - c < PART ? n - c : PART, s->lr, s->beta1, s->beta2,
-                             s->eps, s->bc1, s->bc2, s->clip, s->shrink);
-            return 0;
-        }
-#pragma omp parallel for schedule(static)
-        for (long j = 0; j < n; j++) adamw_elem(p + j, mf + j, vf + j, g[j], s);
-        return 0;
+// Parameters [b, e) of tensor t, moments fp32 (stream: written around the cache, adamw_avx512).
+static void adamw_part_f32(const AdamWTensor *t, long b, long e, int stream, const AdamWStep *s) {
+    float *m = (float *)t->m + b, *v = (float *)t->v + b;
+    if (kernels_cpu_avx512()) {
+        adamw_avx512(t->p + b, m, v, t->g + b, e - b, s->lr, s->beta1, s->beta2, s->eps, s->bc1, s->bc2, s->clip,
+                     t->shrink, stream);
+        return;
     }
-    // BF16 moments: chunks widened into fp32, updated, rounded back
-    enum { CHUNK = 512 };
-    uint16_t *mb = m, *vb = v;
-#pragma omp parallel for schedule(static)
-    for (long c = 0; c < n; c += CHUNK) {
-        float mf[CHUNK], vf[CHUNK];
-        long k = n - c < CHUNK ? n - c : CHUNK;
+    for (long j = 0; j < e - b; j++) adamw_elem(t->p + b + j, m + j, v + j, t->g[b + j], t->shrink, s);
+}
+
+// Parameters [b, e) of tensor t, moments BF16: widened into fp32 a piece at a time, updated, rounded
+// back.
+static void adamw_part_bf16(const AdamWTensor *t, long b, long e, const AdamWStep *s) {
+    enum { PIECE = 512 };
+    uint16_t *mb = t->m, *vb = t->v;
+    for (long c = b; c < e; c += PIECE) {
+        float mf[PIECE], vf[PIECE];
+        long k = e - c < PIECE ? e - c : PIECE;
         bf16_to_f32_n(mf, mb + c, (size_t)k);
         bf16_to_f32_n(vf, vb + c, (size_t)k);
         if (kernels_cpu_avx512())
-            adamw_avx512(p + c, mf, vf, g + c, k, s->lr, s->beta1, s->beta2, s->eps, s->bc1, s->bc2, s->clip, s->shrink);
+            adamw_avx512(t->p + c, mf, vf, t->g + c, k, s->lr, s->beta1, s->beta2, s->eps, s->bc1, s->bc2, s->clip,
+                         t->shrink, 0);
         else
-            for (long j = 0; j < k; j++) adamw_elem(p + c + j, mf + j, vf + j, g[c + j], s);
+            for (long j = 0; j < k; j++) adamw_elem(t->p + c + j, mf + j, vf + j, t->g[c + j], t->shrink, s);
         bf16_from_f32_n(mb + c, mf, (size_t)k);
         bf16_from_f32_n(vb + c, vf, (size_t)k);
     }
+}
+
+// All the tensors' parts of ADAMW_PART parameters shared out at once (one fork a step, not one a
+// tensor: v3-10m-train's ~260 tensors). Each parameter's update depends on nothing else, so the
+// bits are those of any split. A step over more parameters than ADAMW_STREAM_MIN writes them with
+// non-temporal stores (they outgrow the cache; the next step reads them from memory either way).
+#define ADAMW_PART 16384
+#define ADAMW_STREAM_MIN (1L << 22)
+
+static int cpu_adamw(Backend *be, const AdamWTensor *t, int count, const AdamWStep *s) {
+    long parts = 0, total = 0;
+    for (int i = 0; i < count; i++) parts += (t[i].n + ADAMW_PART - 1) / ADAMW_PART, total += t[i].n;
+    int *of = malloc(sizeof(int) * (parts > 0 ? parts : 1));    // (parts) each part's tensor
+    long *at = malloc(sizeof(long) * (parts > 0 ? parts : 1));  // (parts) its first parameter there
+    if (!of || !at) {
+        free(of), free(at);
+        return fail(be, "adamw", "out of memory");
+    }
+    for (int i = 0, c = 0; i < count; i++)
+        for (long b = 0; b < t[i].n; b += ADAMW_PART) of[c] = i, at[c++] = b;
+    int stream = total >= ADAMW_STREAM_MIN;
+#pragma omp parallel for schedule(static) if (parts > 1)
+    for (long c = 0; c < parts; c++) {
+        const AdamWTensor *ti = &t[of[c]];
+        long b = at[c], e = b + ADAMW_PART < ti->n ? b + ADAMW_PART : ti->n;
+        if (s->moments_bf16) adamw_part_bf16(ti, b, e, s);
+        else adamw_part_f32(ti, b, e, stream, s);
+    }
+    free(of), free(at);
     return 0;
 }
 
@@ -620,7 +647,7 @@ TIMED(crossentropy_grad, BACKEND_LOSS, 0,
 TIMED(sum_squares, BACKEND_OPTIMIZER, 0, (Backend *be, double *sums, const float *const *x, const long *n, int count),
       (be, sums, x, n, count))
 TIMED(adamw, BACKEND_OPTIMIZER, 0,
-      (Backend *be, float *p, void *m, void *v, const float *g, long n, const AdamWStep *s), (be, p, m, v, g, n, s))
+      (Backend *be, const AdamWTensor *t, int count, const AdamWStep *s), (be, t, count, s))
 #undef TIMED
 
 static void cpu_profile(Backend *be, BackendProfile *p);

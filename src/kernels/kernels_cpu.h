@@ -103,12 +103,12 @@ float scale_and_dot_avx512(float *out, float a, const float *x, const float *y, 
 // argmax_f32's two passes: the largest value that is not a NaN (−inf when none), and the first
 // index holding a value equal to v (−1 when none).
 float max_finite_avx512(const float *x, int n);
-// Σ x² over n values in double, in the order of backend_cpu.c's portable sum: eight running sums,
-// element j in sum j mod 8, then folded in halves (4 onto 0-3, 2 onto 0-1, 1 onto 0).
+// Σ x² over n values in double, in the order of backend_cpu.c's portable sum: 32 running sums,
+// element j in sum j mod 32, then folded in halves (16 onto 0-15, 8 onto 0-7, ..., 1 onto 0).
 double sum_squares_avx512(const float *x, long n);
 int first_equal_avx512(const float *x, int n, float v);
 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr, float beta1, float beta2, float eps,
-                  float bc1, float bc2, float clip, float shrink);
+                  float bc1, float bc2, float clip, float shrink, int stream);
 void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, const float *gate, const float *up, long n);
 // ops.c's rmsnorm_forward with each row's Σ x² summed in 16 lanes, then folded (one row at a time:
 // a row's bits do not depend on the others); its rmsnorm_backward with each row's Σ dy·w·x so.

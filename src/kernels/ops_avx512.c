@@ -79,13 +79,32 @@ AVX512 double sum_exp_avx512(float *out, const float *x, int n, float shift) {
     return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
 }
 
+// lane += x[j .. j + 7]² in double (a float's square is exact there, so the fused multiply-add
+// rounds once, as the multiplication and addition of the portable path do); the elements past n
+// load as 0 and add +0, which leaves a lane as it was
+AVX512_INLINE __m512d add_squares_pd(__m512d lane, const float *x, long j, long n) {
+    long left = n - j;
+    __mmask8 k = left >= 8 ? 0xff : left > 0 ? (__mmask8)((1u << left) - 1) : 0;
+    __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, x + j));
+    return _mm512_fmadd_pd(v, v, lane);
+}
+
 AVX512 double sum_squares_avx512(const float *x, long n) {
-    __m512d lane = _mm512_setzero_pd();  // lane k: the elements j ≡ k (mod 8), in order
-    for (long j = 0; j < n; j += 8) {
-        __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)tail_mask((int)(n - j < 8 ? n - j : 8)), x + j));
-        lane = _mm512_add_pd(lane, _mm512_mul_pd(v, v));  // (a float's square is exact in double)
+    // lane k of the 32 (vector k / 8, element k % 8): the elements j ≡ k (mod 32), in order
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    long j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m512d v0 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j)), v1 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8));
+        __m512d v2 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 16)), v3 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 24));
+        a0 = _mm512_fmadd_pd(v0, v0, a0), a1 = _mm512_fmadd_pd(v1, v1, a1);
+        a2 = _mm512_fmadd_pd(v2, v2, a2), a3 = _mm512_fmadd_pd(v3, v3, a3);
     }
-    return _mm512_reduce_add_pd(lane);  // (folded in halves: k + 4, then k + 2, k + 1)
+    if (j < n) {
+        a0 = add_squares_pd(a0, x, j, n), a1 = add_squares_pd(a1, x, j + 8, n);
+        a2 = add_squares_pd(a2, x, j + 16, n), a3 = add_squares_pd(a3, x, j + 24, n);
+    }
+    // folded in halves: k + 16, k + 8, then within the vector k + 4, k + 2, k + 1
+    return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a2), _mm512_add_pd(a1, a3)));
 }
 
 AVX512 float max_finite_avx512(const float *x, int n) {
@@ -151,25 +170,52 @@ AVX512 void swiglu_backward_avx512(float *dgate, float *dup, const float *dout, 
     }
 }
 
+// One AdamW update of 16 (fewer where k says) parameters, moments fp32; stream: p, m and v are
+// 64-byte aligned and written around the cache.
+AVX512_INLINE void adamw16(float *p, float *m, float *v, const float *g, __mmask16 k, int stream, __m512 b1,
+                           __m512 b2, __m512 c1, __m512 c2, __m512 vc, __m512 vb1, __m512 vb2, __m512 ve, __m512 vlr,
+                           __m512 vs) {
+    __m512 gj = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, g), vc);
+    __m512 mj = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, m), _mm512_mul_ps(c1, gj));
+    __m512 vj = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, v), _mm512_mul_ps(_mm512_mul_ps(c2, gj), gj));
+    __m512 mh = _mm512_div_ps(mj, vb1), vh = _mm512_div_ps(vj, vb2);
+    __m512 step = _mm512_div_ps(_mm512_mul_ps(vlr, mh), _mm512_add_ps(_mm512_sqrt_ps(vh), ve));
+    __m512 pj = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, p), vs, step);
+    if (stream) {
+        _mm512_stream_ps(p, pj), _mm512_stream_ps(m, mj), _mm512_stream_ps(v, vj);
+    } else {
+        _mm512_mask_storeu_ps(p, k, pj), _mm512_mask_storeu_ps(m, k, mj), _mm512_mask_storeu_ps(v, k, vj);
+    }
+}
+
 // AdamW on n parameters with fp32 moments (backend_cpu.c's adamw_elem, 16 at a time): the
 // divisions and the square root are IEEE-exact in both, so only contraction into fused
-// multiply-adds can make a last-bit difference between the two.
+// multiply-adds can make a last-bit difference between the two. stream: the stores bypass the
+// cache where p, m and v lie alike on its lines (non-temporal: an update of more parameters than
+// the cache holds then writes them without reading their lines first — v3-10m-train's 10M
+// parameters, 2 threads: 2.8-3.7 ms against 4.8-7.7), then a fence, so the next reader (another
+// thread after the team's barrier) sees them.
 AVX512 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, float lr, float beta1, float beta2,
-                         float eps, float bc1, float bc2, float clip, float shrink) {
+                         float eps, float bc1, float bc2, float clip, float shrink, int stream) {
     const __m512 b1 = _mm512_set1_ps(beta1), b2 = _mm512_set1_ps(beta2), c1 = _mm512_set1_ps(1.0f - beta1);
     const __m512 c2 = _mm512_set1_ps(1.0f - beta2), vc = _mm512_set1_ps(clip), vb1 = _mm512_set1_ps(bc1);
     const __m512 vb2 = _mm512_set1_ps(bc2), ve = _mm512_set1_ps(eps), vlr = _mm512_set1_ps(lr), vs = _mm512_set1_ps(shrink);
-    for (long i = 0; i < n; i += 16) {
-        __mmask16 k = tail_mask((int)(n - i < 16 ? n - i : 16));
-        __m512 gj = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, g + i), vc);
-        __m512 mj = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, m + i), _mm512_mul_ps(c1, gj));
-        __m512 vj = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, v + i), _mm512_mul_ps(_mm512_mul_ps(c2, gj), gj));
-        __m512 mh = _mm512_div_ps(mj, vb1), vh = _mm512_div_ps(vj, vb2);
-        __m512 step = _mm512_div_ps(_mm512_mul_ps(vlr, mh), _mm512_add_ps(_mm512_sqrt_ps(vh), ve));
-        _mm512_mask_storeu_ps(p + i, k, _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, p + i), vs, step));
-        _mm512_mask_storeu_ps(m + i, k, mj);
-        _mm512_mask_storeu_ps(v + i, k, vj);
+    uintptr_t line = (uintptr_t)p & 63;
+    stream = stream && ((uintptr_t)m & 63) == line && ((uintptr_t)v & 63) == line && line % 4 == 0;
+    long i = 0, body_end = 0;
+    if (stream) {
+        long head = line ? (64 - (long)line) / 4 : 0;  // parameters before p's next line
+        if (head > n) head = n;
+        if (head) adamw16(p, m, v, g, tail_mask((int)head), 0, b1, b2, c1, c2, vc, vb1, vb2, ve, vlr, vs);
+        i = head;
+        body_end = i + (n - i) / 16 * 16;
+        for (; i < body_end; i += 16)
+            adamw16(p + i, m + i, v + i, g + i, 0xffff, 1, b1, b2, c1, c2, vc, vb1, vb2, ve, vlr, vs);
+        _mm_sfence();
     }
+    for (; i < n; i += 16)
+        adamw16(p + i, m + i, v + i, g + i, tail_mask((int)(n - i < 16 ? n - i : 16)), 0, b1, b2, c1, c2, vc, vb1,
+                vb2, ve, vlr, vs);
 }
 
 AVX512 void rmsnorm_forward_avx512(float *out, float *rstd, const float *inp, const float *weight, int N, int C,

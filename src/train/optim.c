@@ -21,9 +21,13 @@ int adamw_init(AdamW *o, const TrainModel *model, AdamWConfig cfg, Error *err) {
         o->v16 = o->m16 + o->n;
         return 0;
     }
-    o->m = xcalloc(err, 2 * o->n, sizeof(float), "AdamW moments");
-    if (!o->m) return -1;
-    o->v = o->m + o->n;
+    // m and v on 64-byte lines as the parameters are (v a whole number of lines after m), so that
+    // the update can write all three around the cache (the backend's adamw)
+    size_t stride = (o->n + 15) & ~(size_t)15, bytes = 2 * stride * sizeof(float);
+    o->m = aligned_alloc(64, bytes ? bytes : 64);
+    if (!o->m) return err_set(err, "out of memory allocating %zu bytes for AdamW moments", bytes);
+    memset(o->m, 0, bytes);
+    o->v = o->m + stride;
     return 0;
 }
 
@@ -82,15 +86,19 @@ int adamw_update(AdamW *o, TrainModel *model, float lr, double grad_norm, Error 
     if (c->grad_clip > 0 && grad_norm > c->grad_clip) s.clip = (float)(c->grad_clip / grad_norm);
     s.bc1 = 1.0f - powf(c->beta1, (float)o->step);
     s.bc2 = 1.0f - powf(c->beta2, (float)o->step);
+    AdamWTensor *u = malloc(sizeof *u * (model->n_tensors + 1));  // (count) the tensors updated here
+    if (!u) return err_set(err, "AdamW: out of memory");
+    int count = 0;
     for (int i = 0; i < model->n_tensors; i++) {
         const TrainTensor *t = &model->tensors[i];
         if (!is_updated_here(t)) continue;
-        s.shrink = decays(t) ? 1.0f - lr * c->weight_decay : 1.0f;
-        if (be->ops->adamw(be, model->params + t->offset, moment(o, 0, t->offset), moment(o, 1, t->offset),
-                           model->grads + t->offset, (long)t->numel, &s))
-            return err_set(err, "AdamW: %s", be->err.msg);
+        u[count++] = (AdamWTensor){.p = model->params + t->offset, .m = moment(o, 0, t->offset),
+                                   .v = moment(o, 1, t->offset), .g = model->grads + t->offset,
+                                   .n = (long)t->numel, .shrink = decays(t) ? 1.0f - lr * c->weight_decay : 1.0f};
     }
-    return 0;
+    int rc = be->ops->adamw(be, u, count, &s);
+    free(u);
+    return rc ? err_set(err, "AdamW: %s", be->err.msg) : 0;
 }
 
 int adamw_save(const AdamW *o, const TrainModel *model, const char *path, Error *err) {

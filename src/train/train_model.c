@@ -304,9 +304,16 @@ int train_model_new_sharded(TrainModel *m, const ModelConfig *c, int B, int T, i
     const TrainTensor *head = c->tie_word_embeddings ? emb : train_model_tensor(m, "lm_head.weight");
     for (int i = 0; i < n; i++)
         if (m->tensors[i].shared) m->tensors[i].offset = strstr(m->tensors[i].name, "shared_head") ? head->offset : emb->offset;
-    m->params = xcalloc(err, 2 * m->n_params, sizeof(float), "parameters and gradients");
-    if (!m->params) goto fail;
-    m->grads = m->params + m->n_params;
+    // on 64-byte lines, the gradients a whole number of lines after the parameters (as the
+    // optimiser's moments: the update writes all of them around the cache)
+    size_t stride = (m->n_params + 15) & ~(size_t)15, bytes = 2 * stride * sizeof(float);
+    m->params = aligned_alloc(64, bytes ? bytes : 64);
+    if (!m->params) {
+        err_set(err, "out of memory allocating %zu bytes for the parameters and gradients", bytes);
+        goto fail;
+    }
+    memset(m->params, 0, bytes);
+    m->grads = m->params + stride;
     if (bind_block(m, &m->p, m->params, err) || bind_block(m, &m->g, m->grads, err)) goto fail;
     for (int l = 0; l < nl + D; l++) m->n_moe += config_is_moe_layer(c, l);
     m->moe_bias = xcalloc(err, m->n_moe > 0 ? m->n_moe : 1, sizeof *m->moe_bias, "router bias table");
