@@ -403,6 +403,30 @@ TEST(test_matmul_blocked_edges) {
     }
 }
 
+// The vector maximum (the cross-entropy's and softmax's shift): the largest value that is not NaN,
+// as a loop over the elements finds it, at every length around its blocks of 64 and 16 — NaNs
+// anywhere never win, -inf only when nothing else is there, +inf wins.
+TEST(test_vector_max_ignores_nans) {
+    if (!kernels_cpu_avx512()) SKIP("no AVX-512 on this CPU");
+    float x[300];
+    unsigned s = 99;
+    for (int n = 0; n <= 300; n++)
+        for (int kind = 0; kind < 4; kind++) {
+            for (int i = 0; i < n; i++) {
+                s = s * 1103515245u + 12345u;
+                x[i] = (float)(s >> 8) / 16777216.0f * 200.0f - 150.0f;
+                if (kind >= 1 && (s >> 3) % 7 == 0) x[i] = NAN;  // NaNs sprinkled
+                if (kind == 2) x[i] = i == n / 2 ? -INFINITY : NAN;  // nothing but NaNs and -inf
+                if (kind == 3 && i == (int)((s >> 5) % (unsigned)n)) x[i] = INFINITY;
+            }
+            float want = -INFINITY;
+            for (int i = 0; i < n; i++) want = x[i] > want ? x[i] : want;
+            float got = max_finite_avx512(x, n);
+            CHECK_MSG(got == want, "n %d kind %d: %g, want %g", n, kind, got, want);
+            if (got != want) return;
+        }
+}
+
 // The fp32 product on an operand packed once (plain attention's keys and values against each of a
 // head's query chunks): gemm_avx512's bits for the same operands, with fewer output columns than
 // packed (a chunk's scores) or fewer rows of W (the keys a chunk sees), across packed slices (K >

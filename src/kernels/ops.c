@@ -231,7 +231,9 @@ void swiglu_rows_backward(float *dgate, float *dup, const float *dh, const float
 // place) the gradient from the same exponentials, kept and scaled by dloss / Σ.
 static double crossentropy_rows(float *losses, float *lse, const float *logits, float *grad, const int *targets, int N,
                                 int V, float dloss) {
-#pragma omp parallel for schedule(static)
+    // rows handed out a few at a time: the two threads of this workplace's machines often run at
+    // different speeds, and each row's values are the same whichever thread computes them
+#pragma omp parallel for schedule(dynamic, 4)
     for (int n = 0; n < N; n++) {
         const float *l = logits + (size_t)n * V;
         float *g = grad ? grad + (size_t)n * V : NULL, mx = max_not_nan(l, V), target = l[targets[n]];
