@@ -44,12 +44,12 @@ int mla_forward(const LayerPass *p, const MlaWeights *w, const float *input_laye
     if (a->ckv_pre)
         for (int n = 0; n < N; n++) memcpy(a->ckv_pre + (size_t)n * L, a->kva + (size_t)n * (L + r), sizeof(float) * L);
     // the new positions go into the store: normalised latents, rotated shared keys — normalised and
-    // rotated in place in kva (not read again), then copied or rounded into the store row by row
+    // rotated in place in kva (not read again; all B sequences' rows in one call each: sequence b's
+    // row t is row b·T + t, at table row t), then copied or rounded into the store row by row
+    TRY(be->ops->rmsnorm(be, a->kva, L + r, a->ckv_rstd, a->kva, L + r, w->kv_a_layernorm, N, L, eps));
+    TRY(be->ops->rope(be, a->kva + L, N, T, 1, L + r, r, p->rope_cos, p->rope_sin));
     for (int b = 0; b < B; b++) {
         float *kva = a->kva + (size_t)b * T * (L + r);
-        TRY(be->ops->rmsnorm(be, kva, L + r, a->ckv_rstd ? a->ckv_rstd + b * T : NULL, kva, L + r, w->kv_a_layernorm,
-                             T, L, eps));
-        TRY(be->ops->rope(be, kva + L, T, T, 1, L + r, r, p->rope_cos, p->rope_sin));
         for (int t = 0; t < T; t++) {
             size_t row = latent_store_row(p->blocks, p->block_size, p->ld, b, p->pos0 + t);
             const float *src = kva + (size_t)t * (L + r);
