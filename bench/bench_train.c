@@ -115,6 +115,8 @@ static void print_profile(const BackendProfile *p, const double *times, int n, d
     char line[1024];
     backend_profile_summary(line, sizeof line, p, total, n);
     printf("        a step by kind of operation (BackendProfile, the timed steps' mean): %s\n", line);
+    backend_profile_ops(line, sizeof line, p, n, 8);
+    printf("        the longest operations, a step: %s\n", line);
     const double *f = p->flops, *sec = p->seconds;
     double lo = f[BACKEND_LOWP_PRODUCTS] / n / 1e9, hi = f[BACKEND_F32_PRODUCTS] / n / 1e9;
     double products = (sec[BACKEND_LOWP_PRODUCTS] + sec[BACKEND_F32_PRODUCTS]) / n;

@@ -166,6 +166,15 @@ static void check_resume(const char *extra, const char *tag) {
 
 TEST(test_train_resume_is_bit_exact) { check_resume("", ""); }
 
+// The line of out that starts with head (copied into line, without its newline); 0 when none.
+static int output_line(char *line, size_t n, const char *out, const char *head) {
+    const char *p = strstr(out, head);
+    if (!p) return 0;
+    size_t len = strcspn(p, "\n");
+    snprintf(line, n, "%.*s", (int)len, p);
+    return 1;
+}
+
 // The same in FP8 with BF16 moments: the quantised products and the rounded moments are
 // deterministic too, and both options travel with the checkpoint.
 TEST(test_train_resume_is_bit_exact_fp8_bf16_moments) { check_resume("--precision fp8 --moments bf16", "_fp8"); }
@@ -180,26 +189,38 @@ TEST(test_train_deterministic_and_learns) {
     CHECK(!strstr(out, "steps went"));
     // the second run times its steps' operations (--profile), which changes nothing it computes:
     // where they went, by kind, each share a number, the shares (outside the backend included)
-    // adding up to the steps' time (rounded: within 4%)
+    // adding up to the steps' time (rounded: within 4%); then the eight longest operations, each
+    // "name X ms (Y calls)", the longest first
     rc = train(out, sizeof out, b, N, "--no-progress --profile");
     CHECK_MSG(rc == 0, "%s", out);
     char *ma = metrics_without_timing(a), *mb = metrics_without_timing(b);
     CHECK(ma && mb && strcmp(ma, mb) == 0);
-    char head[64];
+    char head[64], line[2048];
     snprintf(head, sizeof head, "where the %ld steps went (", N);
-    const char *line = strstr(out, head);
-    CHECK_MSG(line, "%s", out);
-    if (line) {
-        double total = 0;
-        int kinds = 0;
-        for (const char *p = line; (p = strstr(p, " ms (")); p += 5) {
-            double share = -1;
-            CHECK_MSG(sscanf(p + 5, "%lf%%", &share) == 1 && share >= 0, "%s", line);
-            total += share, kinds++;
-        }
-        CHECK_MSG(kinds == BACKEND_KINDS + 1 && total >= 96 && total <= 104, "%d kinds, %.0f%%: %s", kinds, total, line);
-        CHECK_MSG(strstr(line, "fp32 products") && strstr(line, "GFLOP/s") && strstr(line, "outside the backend"), "%s", line);
+    CHECK_MSG(output_line(line, sizeof line, out, head), "%s", out);
+    double total = 0;
+    int kinds = 0;
+    for (const char *p = line; (p = strstr(p, " ms (")); p += 5) {
+        double share = -1;
+        CHECK_MSG(sscanf(p + 5, "%lf%%", &share) == 1 && share >= 0, "%s", line);
+        total += share, kinds++;
     }
+    CHECK_MSG(kinds == BACKEND_KINDS + 1 && total >= 96 && total <= 104, "%d kinds, %.0f%%: %s", kinds, total, line);
+    CHECK_MSG(strstr(line, "fp32 products") && strstr(line, "GFLOP/s") && strstr(line, "outside the backend"), "%s", line);
+    CHECK_MSG(output_line(line, sizeof line, out, "the longest operations, a step: "), "%s", out);
+    int ops = 0;
+    double prev = 1e30;
+    for (const char *p = line + strlen("the longest operations, a step: "); *p; ops++) {
+        char name[64];
+        double ms = -1, calls = -1;
+        int used = 0;
+        CHECK_MSG(sscanf(p, "%63s %lf ms (%lf calls)%n", name, &ms, &calls, &used) == 3 && used > 0, "%s", p);
+        if (used <= 0) break;
+        CHECK_MSG(ms >= 0 && ms <= prev && calls > 0, "%s", line);
+        prev = ms, p += used;
+        if (strncmp(p, ", ", 2) == 0) p += 2;
+    }
+    CHECK_MSG(ops == 8 && strstr(line, "matmul"), "%d operations: %s", ops, line);
     // the loss falls on this repetitive text
     double first = 0, last = 0;
     CHECK(sscanf(strstr(ma, "\"main_loss\": ") + 13, "%lf", &first) == 1);

@@ -372,7 +372,7 @@ TEST(test_fused_head_matches_formula) {
 // shared experts, the head, and the MTP module (eh_proj, its layer, the shared head) over T - 1
 // positions — the BF16 ones in one kind and the fp32 ones (head, router) in the other, and the
 // attention core's to the causal count; every kind a step runs is timed, within the step's time;
-// off, nothing more is counted.
+// by operation, the same time and calls, each operation named once; off, nothing more is counted.
 TEST(test_backend_profile_counts_a_steps_products) {
     enum { B = 2, T = 8 };
     TrainModel m;
@@ -428,6 +428,24 @@ TEST(test_backend_profile_counts_a_steps_products) {
         sum += p.seconds[k];
     }
     CHECK_MSG(sum <= wall, "the kinds' %g s against the step's %g s", sum, wall);
+    // by operation: the same time and calls, each operation once, the step's own among them
+    double op_sum = 0;
+    long op_calls = 0, kind_calls = 0;
+    int seen = 0;
+    for (int k = 0; k < BACKEND_KINDS; k++) kind_calls += p.calls[k];
+    for (int i = 0; i < p.n_ops; i++) {
+        op_sum += p.op_seconds[i], op_calls += p.op_calls[i];
+        for (int j = 0; j < i; j++) CHECK(strcmp(p.op_name[i], p.op_name[j]) != 0);
+        seen += strcmp(p.op_name[i], "matmul_backward") == 0 || strcmp(p.op_name[i], "latent_attention_backward") == 0 ||
+                strcmp(p.op_name[i], "experts_backward") == 0 || strcmp(p.op_name[i], "sum_squares") == 0;
+    }
+    CHECK_MSG(fabs(op_sum - sum) <= 1e-9 * sum && op_calls == kind_calls && seen == 4,
+              "operations: %g s and %ld calls against %g s and %ld; %d of 4 named", op_sum, op_calls, sum, kind_calls, seen);
+    char ops[1024];
+    backend_profile_ops(ops, sizeof ops, &p, 1, 3);
+    int longest = 0;
+    for (int i = 1; i < p.n_ops; i++) longest = p.op_seconds[i] > p.op_seconds[longest] ? i : longest;
+    CHECK_MSG(strncmp(ops, p.op_name[longest], strlen(p.op_name[longest])) == 0 && strstr(ops, " calls), "), "%s", ops);
     BackendProfile before = p;
     train_model_zero_grad(&m);
     CHECK(train_model_forward(&m, tok, &err) == 0);

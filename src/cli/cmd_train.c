@@ -89,6 +89,8 @@ static void print_result(const TrainerResult *res, const char *out) {
         backend_profile_summary(line, sizeof line, &res->profile, res->profile_s, res->profile_steps);
         printf("where the %ld steps went (%.3f s a step): %s\n", res->profile_steps, res->profile_s / res->profile_steps,
                line);
+        backend_profile_ops(line, sizeof line, &res->profile, res->profile_steps, 8);
+        printf("the longest operations, a step: %s\n", line);
     }
     if (res->ranks > 1) {
         printf("%d ranks (data parallel %d x expert parallel %d): gradient sum %.1f MB sent per step by a rank, "

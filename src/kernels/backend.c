@@ -23,3 +23,21 @@ int backend_profile_summary(char *buf, size_t n, const BackendProfile *p, double
                        1e3 * (seconds - in_ops) / steps, 100 * (seconds - in_ops) / seconds, flops / seconds / 1e9);
     return (int)at;
 }
+
+int backend_profile_ops(char *buf, size_t n, const BackendProfile *p, long steps, int top) {
+    if (steps < 1 || p->n_ops < 1) return snprintf(buf, n, "no operation was timed");
+    int order[BACKEND_PROFILE_OPS], k = p->n_ops;
+    for (int i = 0; i < k; i++) order[i] = i;
+    for (int i = 1; i < k; i++)  // (longest first; ties in the order they first ran)
+        for (int j = i; j > 0 && p->op_seconds[order[j]] > p->op_seconds[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1], order[j - 1] = t;
+        }
+    size_t at = 0;
+    for (int i = 0; i < k && i < top && at < n; i++) {
+        int o = order[i];
+        at += snprintf(buf + at, n - at, "%s%s %.2f ms (%.0f calls)", i ? ", " : "", p->op_name[o],
+                       1e3 * p->op_seconds[o] / steps, (double)p->op_calls[o] / steps);
+    }
+    return (int)at;
+}

@@ -70,10 +70,19 @@ typedef enum BackendOpKind {
     BACKEND_KINDS
 } BackendOpKind;
 
+// Operations a profile names one by one (a backend's whole table fits).
+#define BACKEND_PROFILE_OPS 40
+
 typedef struct BackendProfile {
     double seconds[BACKEND_KINDS];
     double flops[BACKEND_KINDS];
     long calls[BACKEND_KINDS];
+    // the same time and calls by operation, in the order each first ran (op_name: the backend's
+    // name for it, a string it keeps)
+    int n_ops;
+    const char *op_name[BACKEND_PROFILE_OPS];
+    double op_seconds[BACKEND_PROFILE_OPS];
+    long op_calls[BACKEND_PROFILE_OPS];
 } BackendProfile;
 
 // Short names of the kinds, for reports ("bf16/fp8 products", "fp32 products", ...).
@@ -84,6 +93,9 @@ extern const char *const backend_kind_names[BACKEND_KINDS];
 // operations (the caller's own work), and all the FLOPs counted over the whole time (for a training
 // step: the model FLOPs MFU is taken from). Returns what snprintf returns.
 int backend_profile_summary(char *buf, size_t n, const BackendProfile *p, double seconds, long steps);
+// The `top` operations that took the longest, longest first: each one's mean milliseconds and calls
+// a step over `steps` steps. Returns what snprintf returns.
+int backend_profile_ops(char *buf, size_t n, const BackendProfile *p, long steps, int top);
 
 typedef struct BackendOps {
     const char *name;

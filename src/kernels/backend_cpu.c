@@ -538,11 +538,21 @@ static int cpu_fp8_restore(Backend *be, float *x, const uint8_t *codes, const fl
 
 // ---- Timing (BackendOps.profile): a second table whose entries time the first's ----
 
-static void timed(Backend *be, BackendOpKind kind, double t0, double flops) {
+// (an operation found by its name's address: the string literal TIMED names it with)
+static void timed(Backend *be, BackendOpKind kind, const char *op, double t0, double flops) {
     BackendProfile *p = be->profile;
-    p->seconds[kind] += omp_get_wtime() - t0;
+    double dt = omp_get_wtime() - t0;
+    p->seconds[kind] += dt;
     p->flops[kind] += flops;
     p->calls[kind]++;
+    int i = 0;
+    while (i < p->n_ops && p->op_name[i] != op) i++;
+    if (i == p->n_ops) {
+        if (i == BACKEND_PROFILE_OPS) return;  // (the table outgrew the profile: still timed by kind)
+        p->op_name[p->n_ops++] = op;
+    }
+    p->op_seconds[i] += dt;
+    p->op_calls[i]++;
 }
 
 static BackendOpKind products_kind(const LinearRecipe *recipe) {
@@ -573,7 +583,7 @@ static double attention_flops(const LatentAttention *a, int backward) {
     static int timed_##name params {                    \
         double t0 = omp_get_wtime();                    \
         int rc = cpu_##name args;                       \
-        timed(be, kind, t0, flops);                     \
+        timed(be, kind, #name, t0, flops);              \
         return rc;                                      \
     }
 TIMED(matmul, products_kind(recipe), 2.0 * N * w->rows * w->cols,
