@@ -432,26 +432,49 @@ static double sum_squares_chunk(const float *x, long n) {
     return lane[0];
 }
 
-static int cpu_sum_squares(Backend *be, double *sums, const float *const *x, const long *n, int count) {
-    long chunks = 0;
-    for (int i = 0; i < count; i++) chunks += (n[i] + SUM_CHUNK - 1) / SUM_CHUNK;
-    double *part = malloc(sizeof(double) * (chunks > 0 ? chunks : 1));  // (chunks) each chunk's sum
-    int *of = malloc(sizeof(int) * (chunks > 0 ? chunks : 1));           // (chunks) its vector
-    long *at = malloc(sizeof(long) * (chunks > 0 ? chunks : 1));         // (chunks) its first element there
-    if (!part || !of || !at) {
-        free(part), free(of), free(at);
-        return fail(be, "sum_squares", "out of memory");
+// Vectors cut into parts of `size` elements, every vector's parts in one list (vector by vector,
+// in order) for the threads to share out at once: part c is elements [at[c], end[c]) of vector
+// of[c]. The length of vector i is at (const char *)len + i · stride bytes (an array of longs, or a
+// field of an array of structs).
+typedef struct Parts {
+    long count;
+    int *of;         // (count) each part's vector
+    long *at, *end;  // (count) its elements there
+} Parts;
+
+static void parts_free(Parts *ps) { free(ps->of), free(ps->at), free(ps->end); }
+
+static int parts_list(Backend *be, const char *op, Parts *ps, const long *len, size_t stride, int count, long size) {
+#define PART_LEN(i) (*(const long *)((const char *)len + (size_t)(i) * stride))
+    ps->count = 0;
+    for (int i = 0; i < count; i++) ps->count += (PART_LEN(i) + size - 1) / size;
+    size_t k = ps->count > 0 ? (size_t)ps->count : 1;
+    ps->of = malloc(sizeof(int) * k), ps->at = malloc(sizeof(long) * k), ps->end = malloc(sizeof(long) * k);
+    if (!ps->of || !ps->at || !ps->end) {
+        parts_free(ps);
+        return fail(be, op, "out of memory");
     }
     for (int i = 0, c = 0; i < count; i++)
-        for (long b = 0; b < n[i]; b += SUM_CHUNK) of[c] = i, at[c++] = b;
-#pragma omp parallel for schedule(static) if (chunks > 1)  // (a norm's or a bias's few values: no fork)
-    for (long c = 0; c < chunks; c++) {
-        long b = at[c], e = b + SUM_CHUNK < n[of[c]] ? b + SUM_CHUNK : n[of[c]];
-        part[c] = sum_squares_chunk(x[of[c]] + b, e - b);
+        for (long b = 0, n = PART_LEN(i); b < n; b += size, c++)
+            ps->of[c] = i, ps->at[c] = b, ps->end[c] = b + size < n ? b + size : n;
+    return 0;
+#undef PART_LEN
+}
+
+static int cpu_sum_squares(Backend *be, double *sums, const float *const *x, const long *n, int count) {
+    Parts ps;
+    if (parts_list(be, "sum_squares", &ps, n, sizeof *n, count, SUM_CHUNK)) return -1;
+    double *part = malloc(sizeof(double) * (ps.count > 0 ? ps.count : 1));  // (ps.count) each chunk's sum
+    if (!part) {
+        parts_free(&ps);
+        return fail(be, "sum_squares", "out of memory");
     }
+#pragma omp parallel for schedule(static) if (ps.count > 1)  // (a norm's or a bias's few values: no fork)
+    for (long c = 0; c < ps.count; c++) part[c] = sum_squares_chunk(x[ps.of[c]] + ps.at[c], ps.end[c] - ps.at[c]);
     for (int i = 0; i < count; i++) sums[i] = 0;
-    for (long c = 0; c < chunks; c++) sums[of[c]] += part[c];  // (each vector's chunks in order)
-    free(part), free(of), free(at);
+    for (long c = 0; c < ps.count; c++) sums[ps.of[c]] += part[c];  // (each vector's chunks in order)
+    free(part);
+    parts_free(&ps);
     return 0;
 }
 
@@ -502,25 +525,17 @@ static void adamw_part_bf16(const AdamWTensor *t, long b, long e, const AdamWSte
 #define ADAMW_STREAM_MIN (1L << 22)
 
 static int cpu_adamw(Backend *be, const AdamWTensor *t, int count, const AdamWStep *s) {
-    long parts = 0, total = 0;
-    for (int i = 0; i < count; i++) parts += (t[i].n + ADAMW_PART - 1) / ADAMW_PART, total += t[i].n;
-    int *of = malloc(sizeof(int) * (parts > 0 ? parts : 1));    // (parts) each part's tensor
-    long *at = malloc(sizeof(long) * (parts > 0 ? parts : 1));  // (parts) its first parameter there
-    if (!of || !at) {
-        free(of), free(at);
-        return fail(be, "adamw", "out of memory");
-    }
-    for (int i = 0, c = 0; i < count; i++)
-        for (long b = 0; b < t[i].n; b += ADAMW_PART) of[c] = i, at[c++] = b;
+    Parts ps;
+    if (parts_list(be, "adamw", &ps, count > 0 ? &t[0].n : NULL, sizeof *t, count, ADAMW_PART)) return -1;
+    long total = 0;
+    for (int i = 0; i < count; i++) total += t[i].n;
     int stream = total >= ADAMW_STREAM_MIN;
-#pragma omp parallel for schedule(static) if (parts > 1)
-    for (long c = 0; c < parts; c++) {
-        const AdamWTensor *ti = &t[of[c]];
-        long b = at[c], e = b + ADAMW_PART < ti->n ? b + ADAMW_PART : ti->n;
-        if (s->moments_bf16) adamw_part_bf16(ti, b, e, s);
-        else adamw_part_f32(ti, b, e, stream, s);
+#pragma omp parallel for schedule(static) if (ps.count > 1)
+    for (long c = 0; c < ps.count; c++) {
+        if (s->moments_bf16) adamw_part_bf16(&t[ps.of[c]], ps.at[c], ps.end[c], s);
+        else adamw_part_f32(&t[ps.of[c]], ps.at[c], ps.end[c], stream, s);
     }
-    free(of), free(at);
+    parts_free(&ps);
     return 0;
 }
 

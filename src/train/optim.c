@@ -15,19 +15,15 @@ int adamw_init(AdamW *o, const TrainModel *model, AdamWConfig cfg, Error *err) {
     memset(o, 0, sizeof *o);
     o->cfg = cfg;
     o->n = model->n_params;
-    if (cfg.moments_bf16) {
-        o->m16 = xcalloc(err, 2 * o->n, sizeof(uint16_t), "AdamW moments (BF16)");
-        if (!o->m16) return -1;
-        o->v16 = o->m16 + o->n;
-        return 0;
-    }
-    // m and v on 64-byte lines as the parameters are (v a whole number of lines after m), so that
-    // the update can write all three around the cache (the backend's adamw)
-    size_t stride = (o->n + 15) & ~(size_t)15, bytes = 2 * stride * sizeof(float);
-    o->m = aligned_alloc(64, bytes ? bytes : 64);
-    if (!o->m) return err_set(err, "out of memory allocating %zu bytes for AdamW moments", bytes);
-    memset(o->m, 0, bytes);
-    o->v = o->m + stride;
+    o->be = model->be;
+    // one block of the backend's memory (zeroed, m on a 64-byte line as the parameters are); fp32:
+    // v a whole number of lines after m, so that the update can write p, m and v around the cache
+    size_t stride = cfg.moments_bf16 ? o->n : (o->n + 15) & ~(size_t)15;
+    size_t elem = cfg.moments_bf16 ? sizeof(uint16_t) : sizeof(float);
+    void *block = o->be->ops->alloc(o->be, 2 * stride * elem, cfg.moments_bf16 ? "AdamW moments (BF16)" : "AdamW moments");
+    if (!block) return err_set(err, "%s", o->be->err.msg);
+    if (cfg.moments_bf16) o->m16 = block, o->v16 = o->m16 + stride;
+    else o->m = block, o->v = o->m + stride;
     return 0;
 }
 
@@ -38,8 +34,7 @@ static void *moment(const AdamW *o, int k, size_t off) {
 }
 
 void adamw_free(AdamW *o) {
-    free(o->m);
-    free(o->m16);
+    if (o->be) o->be->ops->free(o->be, o->m16 ? (void *)o->m16 : (void *)o->m);
     memset(o, 0, sizeof *o);
 }
 

@@ -29,6 +29,7 @@ typedef struct AdamW {
     float *m, *v;   // (n) first and second moments, one allocation (fp32 moments), or NULL
     uint16_t *m16, *v16;  // (n) the same in BF16 (cfg.moments_bf16), or NULL
     long step;      // updates taken
+    Backend *be;    // whose memory holds the moments (the model's)
 } AdamW;
 
 int adamw_init(AdamW *o, const TrainModel *model, AdamWConfig cfg, Error *err);

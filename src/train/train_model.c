@@ -304,15 +304,14 @@ int train_model_new_sharded(TrainModel *m, const ModelConfig *c, int B, int T, i
     const TrainTensor *head = c->tie_word_embeddings ? emb : train_model_tensor(m, "lm_head.weight");
     for (int i = 0; i < n; i++)
         if (m->tensors[i].shared) m->tensors[i].offset = strstr(m->tensors[i].name, "shared_head") ? head->offset : emb->offset;
-    // on 64-byte lines, the gradients a whole number of lines after the parameters (as the
-    // optimiser's moments: the update writes all of them around the cache)
-    size_t stride = (m->n_params + 15) & ~(size_t)15, bytes = 2 * stride * sizeof(float);
-    m->params = aligned_alloc(64, bytes ? bytes : 64);
+    // the backend's memory (on a 64-byte line, zeroed), the gradients a whole number of lines after
+    // the parameters (as the optimiser's moments: the update writes all of them around the cache)
+    size_t stride = (m->n_params + 15) & ~(size_t)15;
+    m->params = m->be->ops->alloc(m->be, 2 * stride * sizeof(float), "the parameters and gradients");
     if (!m->params) {
-        err_set(err, "out of memory allocating %zu bytes for the parameters and gradients", bytes);
+        err_set(err, "%s", m->be->err.msg);
         goto fail;
     }
-    memset(m->params, 0, bytes);
     m->grads = m->params + stride;
     if (bind_block(m, &m->p, m->params, err) || bind_block(m, &m->g, m->grads, err)) goto fail;
     for (int l = 0; l < nl + D; l++) m->n_moe += config_is_moe_layer(c, l);
@@ -386,7 +385,7 @@ void train_model_free(TrainModel *m) {
     free_block_tables(&m->g, &m->cfg);
     free(m->tensors);
     free(m->grad_groups);
-    free(m->params);
+    if (m->params) m->be->ops->free(m->be, m->params);
     free(m->moe_bias);
     free(m->expert_load);
     free(m->inv_freq);
