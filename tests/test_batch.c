@@ -137,11 +137,13 @@ TEST(test_batch_invariance_bit_for_bit) {
 
 // The decode threads' shares of the products follow their measured speeds; skewed shares, fixed by
 // hand, give the bits of one thread — fp32 and BF16 compute, an F32 and a BF16 cache — and a wrong
-// set of shares is refused.
+// set of shares is refused. (Where the last thread's share holds the shared experts' rows — the MoE
+// layers of both models at 0.45/0.55, of tests/data/v3 at 0.15/0.6/0.25 — it computes them while
+// thread 0 computes the router: decode.c's shared_first.)
 TEST(test_thread_shares_keep_bits) {
     const char *models[] = {"tests/data/v3", "tests/data/fp8"};
     int saved = omp_get_max_threads();
-    static const float two[2] = {0.8f, 0.2f}, three[3] = {0.15f, 0.6f, 0.25f};
+    static const float two[2] = {0.8f, 0.2f}, three[3] = {0.15f, 0.6f, 0.25f}, near_even[2] = {0.45f, 0.55f};
     for (int k = 0; k < 2; k++) {
         Model m;
         Error err = {0};
@@ -153,11 +155,13 @@ TEST(test_thread_shares_keep_bits) {
             if (mode == 2) CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
             omp_set_num_threads(1);
             CHECK_MSG(alone(&m, type, p0, 9, STEPS, ref, &err) == 0, "%s", err.msg);
-            for (int n = 2; n <= 3; n++) {
+            const float *shares[3] = {two, near_even, three};
+            for (int i = 0; i < 3; i++) {
+                int n = i < 2 ? 2 : 3;
                 omp_set_num_threads(n);
-                CHECK_MSG(alone_shared(&m, type, p0, 9, STEPS, n == 2 ? two : three, got, &err) == 0, "%s", err.msg);
-                CHECK_MSG(memcmp(ref, got, sizeof(float) * STEPS * V) == 0, "%s mode %d: %d threads in skewed shares",
-                          models[k], mode, n);
+                CHECK_MSG(alone_shared(&m, type, p0, 9, STEPS, shares[i], got, &err) == 0, "%s", err.msg);
+                CHECK_MSG(memcmp(ref, got, sizeof(float) * STEPS * V) == 0, "%s mode %d: %d threads in shares %g/%g%s",
+                          models[k], mode, n, shares[i][0], shares[i][1], n == 3 ? "/.." : "");
             }
         }
         omp_set_num_threads(2);
