@@ -1,6 +1,6 @@
 // Throughput of the matmul kernels against what the machine can do: its read bandwidth (a
-// vectorised sum over 1 GiB) and OpenBLAS sgemm (oneDNN's beside it). Decode (N = 1..8) is bandwidth-bound, so it is
-// reported as GB/s of weights streamed and as a fraction of the read bandwidth; prefill (N = 64,
+// vectorised sum over 1 GiB, the faster of one and four streams a thread) and OpenBLAS sgemm
+// (oneDNN's beside it). Decode (N = 1..8) is bandwidth-bound, so it is reported as GB/s of weights streamed and as a fraction of the read bandwidth; prefill (N = 64,
 // 256) is compute-bound, so as GFLOP/s next to sgemm's. Every figure is the median of several runs;
 // the weights cycle through a 1 GiB pool so that nothing is served from the caches.
 #include <cblas.h>
@@ -334,7 +334,7 @@ int main(void) {
 
     pool_fill(pool, DT_F32);
     double bw = bench_read_bandwidth_of(pool, POOL_BYTES, RUNS);
-    printf("read bandwidth (sum over 1 GiB):            %6.1f GB/s\n", bw);
+    printf("read bandwidth (1 GiB, 1 or 4 streams/thread): %6.1f GB/s\n", bw);
     double peak = sgemm_gflops(2048, 0), peak_dnnl = sgemm_gflops(2048, 1);
     const char *core = getenv("OPENBLAS_CORETYPE");  // set on some machines (it chooses OpenBLAS's kernels)
     char what[80];
