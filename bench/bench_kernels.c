@@ -1,7 +1,8 @@
 // Throughput of the matmul kernels against what the machine can do: its read bandwidth (a
 // vectorised sum over 1 GiB, the faster of one and four streams a thread) and OpenBLAS sgemm
-// (oneDNN's beside it). Decode (N = 1..8) is bandwidth-bound, so it is reported as GB/s of weights streamed and as a fraction of the read bandwidth; prefill (N = 64,
-// 256) is compute-bound, so as GFLOP/s next to sgemm's. Every figure is the median of several runs;
+// (oneDNN's beside it). Decode (N = 1..8) is bandwidth-bound, so it is reported as GB/s of weights
+// streamed and as a fraction of the read bandwidth; prefill (N = 64, 256) is compute-bound, so as
+// GFLOP/s next to sgemm's. Every figure is the median of several runs;
 // the weights cycle through a 1 GiB pool so that nothing is served from the caches.
 #include <cblas.h>
 #include <math.h>
