@@ -18,9 +18,9 @@
 // Phases of a layer, each ending in a barrier:
 //   q_a / q_proj and kv_a rows  →  q_b rows, the cache rows  →  attention (sequence, head) items
 //   (a batch of several sequences: each thread's whole sequences, W_UK to W_UV, own_sequences)
-//   →  o_proj rows + residual  →  router rows (a few-row step: thread 0's, the shared experts'
-//   gate/up meanwhile the last thread's, a flag instead of a barrier)  →  expert gate/up rows
-//   →  down slice + residual                                                                 (MoE)
+//   →  o_proj rows + residual  →  router rows (thread 0's, meanwhile the other threads start the
+//   shared experts, a flag instead of a barrier)  →  expert gate/up rows (from 8 rows: whole
+//   experts, down included)  →  down slice + residual                                       (MoE)
 //   →  gate/up rows  →  down rows + residual                                                (dense)
 #include <math.h>
 #include <omp.h>
@@ -372,6 +372,9 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     int N = bt->N, d = c->hidden_size, H = c->num_attention_heads, qk = config_qk_head_dim(c);
     int nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, hr = r / 2;
     float eps = c->rms_norm_eps;
+    // (every thread has taken its last MoE unit of the layer before — they all passed the meeting
+    // after it — and meets the others at least once before taking one of this layer's)
+    if (omp_get_thread_num() == 0) atomic_store(&s->moe_next, 0);
     rmsnorm_forward(ts->xn, NULL, s->x, lw->input_layernorm, N, d, eps);
     {
         const MatView *wq = qr > 0 ? &a->q_a_proj : &a->q_proj, *wkv = &a->kv_a_proj_with_mqa;
@@ -646,6 +649,32 @@ static NtPiece shared_down_piece(const ModelConfig *c, ForwardState *s, const Mo
 // between the cores, each thread's reads no longer one stream).
 #define MOE_DYNAMIC_MIN_ROWS 8
 
+// Unit u of a MoE step's shared counter (decode_moe): shared expert u's F rows over all N tokens,
+// or expert in_use[u - n_shared] over its tokens — its gate and up, SwiGLU, then, when down_done,
+// its down projection, all features: three whole matrices a unit, its SwiGLU output still in this
+// core's cache (split by features after the meeting, each thread read half of every expert's
+// down matrix, a stream too short to reach full speed: 16 sequences of v3-108m FP8 +4.2%, 18 of 20
+// rounds; BF16 +2.1%). The same products, cut into other row ranges: the same bits. 0 past the
+// last unit. (A shared expert's unit reads nothing of the routing: in_use and off may be NULL.)
+static int moe_unit(const ModelConfig *c, ForwardState *s, const MoeWeights *w, int u, int n_shared,
+                    const int *in_use, int used, const int *off, int N, int down_done, Own *ts) {
+    int d = c->hidden_size, F = c->moe_intermediate_size, Fs = c->n_shared_experts * F, np = 0;
+    NtPiece pc[2], down;
+    if (u < n_shared) {
+        gate_up_pieces(pc, &np, &w->shared_experts, ts->xn, d, N, s->gate, s->up, Fs, u * F, (u + 1) * F);
+        down = shared_down_piece(c, s, w, N, 0, d);
+    } else if (u - n_shared < used) {
+        int x = in_use[u - n_shared];
+        expert_gate_up_pieces(c, s, w, x, off, expert_input(c, off, x, ts), 0, F, pc, &np);
+        down = expert_down_piece(c, s, w, x, off, 0, d);
+    } else {
+        return 0;
+    }
+    run_gate_up(pc, np, ts);
+    if (down_done) ts->failed |= matmul_nt_pieces(&down, 1) != 0;
+    return 1;
+}
+
 // Does the last thread start on the shared experts while thread 0 computes the router? They need
 // no routing. In a few-row step (the static split by cost), with two threads or more, when the
 // shared experts' rows lie in the last thread's share however the tokens are routed: their cost
@@ -678,23 +707,37 @@ static void decode_moe(const Model *m, ForwardState *s, const MoeWeights *w, int
     int d = c->hidden_size, K = c->num_experts_per_tok, F = c->moe_intermediate_size, Nr = c->n_routed_experts;
     int Fs = c->n_shared_experts * F;
     MoeParallel *mp = m->moe_parallel;
-    int used = 0, R, b, e, nth = omp_get_num_threads(), tid = omp_get_thread_num(), down_done = 0;
-    // The router's outputs: shared out, then a meeting; or, with the shared experts first
-    // (shared_first), all of them thread 0's, awaited by a flag while the last thread computes the
-    // shared experts' gate and up (the router is 32 rows of v3-deep: one thread's SHARE_UNIT
-    // anyway, the other waiting ~1.8 us a layer at the meeting after it).
-    const int early = shared_first(c, s, N, mp), done = team_barrier_passed(&s->meet);
+    int used = 0, R, b, e, nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    // From MOE_DYNAMIC_MIN_ROWS rows the experts are units taken from a shared counter: each shared
+    // expert's F rows over all N tokens (the largest, so first), then each expert in use. A
+    // unit's down projection too, all its features, right after its gate and up (when there is one
+    // shared expert: several share one down matrix, which stays split by features).
+    const int dynamic = N >= MOE_DYNAMIC_MIN_ROWS && nth > 1, n_shared = Fs > 0 ? c->n_shared_experts : 0;
+    const int down_done = dynamic && n_shared <= 1;
+    int pending = -1, in_use[Nr];  // (pending: a routed expert's unit taken before the routing)
+    // The router's outputs: shared out, then a meeting; or, with the shared experts first, all of
+    // them thread 0's, awaited on a flag meanwhile the shared experts run — a few rows: the last
+    // thread's share of their gate and up (shared_first; the router is 32 rows of v3-deep, one
+    // thread's SHARE_UNIT anyway, the other had waited ~1.8 us a layer at the meeting after it);
+    // more rows: the other threads take units from the counter, the shared experts' first.
+    const int early = dynamic ? n_shared > 0 && !mp : shared_first(c, s, N, mp), done = team_barrier_passed(&s->meet);
     const double t_moe = omp_get_wtime();
     if (!early) {
         ts->failed |= gemv_share(s, s->router, ts->xn, &w->gate, N);
-        // (no thread takes gate/up units between the previous layer's and this one's)
-        if (tid == 0) atomic_store(&s->moe_next, 0);
 meet(s);
     } else if (tid == 0) {
         ts->failed |= matmul_nt_invariant(s->router, Nr, ts->xn, d, &w->gate, N, 0, Nr) != 0;
         team_flag_raise(&s->router_done, done);
     } else {
-        if (tid == nth - 1) {
+        while (dynamic) {
+            int u = atomic_fetch_add(&s->moe_next, 1);
+            if (u >= n_shared) {
+                pending = u;
+                break;
+            }
+            moe_unit(c, s, w, u, n_shared, NULL, 0, NULL, N, down_done, ts);
+        }
+        if (!dynamic && tid == nth - 1) {
             NtPiece pc[2];
             int np = 0;
             gate_up_pieces(pc, &np, &w->shared_experts, ts->xn, d, N, s->gate, s->up, Fs, 0, Fs);
@@ -719,33 +762,12 @@ meet(s);
         ts->slot_tok[sl] = i / K;
     }
     // gate and up rows: experts in use (each F rows over its tokens), then the shared experts
-    if (N >= MOE_DYNAMIC_MIN_ROWS && nth > 1) {
-        // units: each shared expert's F rows (all N tokens: the largest, so first), then each
-        // expert in use, listed in the same order on every thread
-        int n_shared = Fs > 0 ? c->n_shared_experts : 0, in_use[Nr];
+    if (dynamic) {
+        // (the experts in use listed in the same order on every thread)
         for (int x = 0; x < Nr; x++)
             if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) in_use[used++] = x;
-        // A unit's down projection too, all its features, right after its gate and up: three
-        // whole matrices a unit, its SwiGLU output still in this core's cache. Split by features
-        // after the meeting, each thread read half of every expert's down matrix, a stream too
-        // short to reach full speed (16 sequences of v3-108m FP8: +4.2%, 18 of 20 rounds; BF16
-        // +2.1%). The same products, cut into other row ranges, so the same bits. (With several
-        // shared experts their down matrix spans all their units: it stays split by features.)
-        down_done = n_shared <= 1;
-        for (;;) {
-            int u = atomic_fetch_add(&s->moe_next, 1), np = 0;
-            NtPiece pc[2], down;
-            if (u < n_shared) {
-                gate_up_pieces(pc, &np, &w->shared_experts, ts->xn, d, N, s->gate, s->up, Fs, u * F, (u + 1) * F);
-                down = shared_down_piece(c, s, w, N, 0, d);
-            } else if (u - n_shared < used) {
-                int x = in_use[u - n_shared];
-                expert_gate_up_pieces(c, s, w, x, off, expert_input(c, off, x, ts), 0, F, pc, &np);
-                down = expert_down_piece(c, s, w, x, off, 0, d);
-            } else break;
-            run_gate_up(pc, np, ts);
-            if (down_done) ts->failed |= matmul_nt_pieces(&down, 1) != 0;
-        }
+        for (int u = pending >= 0 ? pending : atomic_fetch_add(&s->moe_next, 1);; u = atomic_fetch_add(&s->moe_next, 1))
+            if (!moe_unit(c, s, w, u, n_shared, in_use, used, off, N, down_done, ts)) break;
     } else {
         // (shared experts first: the router's time, or theirs, counts too — the cut evens out ends)
         double cost = 0, t0 = early ? t_moe : omp_get_wtime();
