@@ -79,7 +79,7 @@ __attribute__((target("avx512f"))) static inline uint64_t bench_sum4_avx512(cons
 }
 
 // Seconds for one read of buf (bytes, a multiple of 256, 64-byte aligned) by all threads, each its
-// share as one stream (streams 0) or four (streams 4, AVX-512 only).
+// share as one stream (streams 1) or four (streams 4, AVX-512 only).
 static inline double bench_read_pass_as(const void *buf, size_t bytes, int streams) {
     static volatile uint64_t sink;
     const uint64_t *p = buf;

@@ -8,7 +8,7 @@
 // as a released model's decode is — and, since v3-deep's layers are a hundredth of a released
 // model's (a layer's fixed costs, attention and the threads' meetings, weigh as much as its
 // weights there), on four layers of DeepSeek-V2-Lite's widths (bench/configs/v3-wide.json: hidden
-// 2048, experts of 1408, 16 heads over a 512 + 64 latent; 222 and 410 MB per token).
+// 2048, experts of 1408, 16 heads over a 512 + 64 latent; 239 and 443 MB per token).
 #include <stdio.h>
 #include <string.h>
 

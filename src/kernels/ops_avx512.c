@@ -208,7 +208,7 @@ AVX512 void adamw_avx512(float *p, float *m, float *v, const float *g, long n, f
     const __m512 c2 = _mm512_set1_ps(1.0f - beta2), vc = _mm512_set1_ps(clip), vb1 = _mm512_set1_ps(bc1);
     const __m512 vb2 = _mm512_set1_ps(bc2), ve = _mm512_set1_ps(eps), vlr = _mm512_set1_ps(lr), vs = _mm512_set1_ps(shrink);
     uintptr_t line = (uintptr_t)p & 63;
-    stream = stream && ((uintptr_t)m & 63) == line && ((uintptr_t)v & 63) == line && line % 4 == 0;
+    stream = stream && ((uintptr_t)m & 63) == line && ((uintptr_t)v & 63) == line;
     long i = 0, body_end = 0;
     if (stream) {
         long head = line ? (64 - (long)line) / 4 : 0;  // parameters before p's next line

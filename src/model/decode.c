@@ -297,6 +297,37 @@ static LatentAttention decode_attention(const Model *m, ForwardState *s, const B
     return at;
 }
 
+// q_pe of rows [r0, r1) and heads [h0, h1), rotated in place in s->q.
+static void rotate_queries(const ModelConfig *c, ForwardState *s, int r0, int r1, int h0, int h1) {
+    int H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim;
+    for (int n = r0; n < r1; n++)
+        for (int h = h0; h < h1; h++)
+            rope_forward(s->q + ((size_t)n * H + h) * qk + nope, r, s->rope_cos + (size_t)n * (r / 2),
+                         s->rope_sin + (size_t)n * (r / 2));
+}
+
+// A batched step's W_UK,hᵀ q_nope into s->q_latent, and W_UV applied to s->out_latent into s->ao,
+// for rows [r0, r1) and heads [h0, h1): one product per head over the rows (latent_fold).
+static void fold_queries(const Model *m, ForwardState *s, const Batch *bt, int l, const MlaWeights *a, int r0, int r1,
+                         int h0, int h1, Own *ts) {
+    const ModelConfig *c = &m->cfg;
+    int H = c->num_attention_heads, qk = config_qk_head_dim(c), L = c->kv_lora_rank;
+    LatentAttention shape = decode_attention(m, s, bt, l, 0, a);  // (its weights and widths)
+    for (int h = h0; h < h1; h++)
+        ts->failed |= latent_attention_fold_query(&shape, h, s->q + ((size_t)r0 * H + h) * qk, H * qk, r1 - r0,
+                                                  s->q_latent + ((size_t)r0 * H + h) * L, H * L) != 0;
+}
+
+static void apply_w_uv(const ModelConfig *c, ForwardState *s, const MlaWeights *a, int r0, int r1, int h0, int h1,
+                       Own *ts) {
+    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank;
+    for (int h = h0; h < h1; h++) {
+        MatView wuv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
+        ts->failed |= matmul_nt_invariant(s->ao + ((size_t)r0 * H + h) * v, H * v,
+                                          s->out_latent + ((size_t)r0 * H + h) * L, H * L, &wuv, r1 - r0, 0, v);
+    }
+}
+
 // Does each thread take whole sequences of a batched step through the rest of attention — the q_pe
 // rotation, W_UK folded into their queries, attention, W_UV — with no meeting between those
 // phases? With several sequences, at least one a thread, none whose chunks spread over the threads,
@@ -341,28 +372,17 @@ static void own_range(const ModelConfig *c, const ForwardState *s, const Batch *
 static void attend_own_sequences(const Model *m, ForwardState *s, const Batch *bt, int l, const MlaWeights *a,
                                  Own *ts) {
     const ModelConfig *c = &m->cfg;
-    int H = c->num_attention_heads, qk = config_qk_head_dim(c), nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim;
-    int L = c->kv_lora_rank, v = c->v_head_dim, hr = r / 2, i0, i1;
+    int H = c->num_attention_heads, i0, i1;
     own_range(c, s, bt, &i0, &i1);
     if (i0 >= i1) return;
-    int r0 = bt->row0[i0], r1 = bt->row0[i1 - 1] + bt->seqs[i1 - 1].T, n = r1 - r0;
-    for (int row = r0; row < r1; row++)
-        for (int h = 0; h < H; h++)
-            rope_forward(s->q + ((size_t)row * H + h) * qk + nope, r, s->rope_cos + (size_t)row * hr,
-                         s->rope_sin + (size_t)row * hr);
-    LatentAttention shape = decode_attention(m, s, bt, l, i0, a);  // (its weights and widths)
-    for (int h = 0; h < H; h++)
-        ts->failed |= latent_attention_fold_query(&shape, h, s->q + (size_t)r0 * H * qk + (size_t)h * qk, H * qk, n,
-                                                  s->q_latent + ((size_t)r0 * H + h) * L, H * L) != 0;
+    int r0 = bt->row0[i0], r1 = bt->row0[i1 - 1] + bt->seqs[i1 - 1].T;
+    rotate_queries(c, s, r0, r1, 0, H);
+    fold_queries(m, s, bt, l, a, r0, r1, 0, H, ts);
     for (int i = i0; i < i1; i++) {
         LatentAttention at = decode_attention(m, s, bt, l, i, a);
         ts->failed |= latent_attention_absorbed_part(&at, 0, H, ts->attn);
     }
-    for (int h = 0; h < H; h++) {
-        MatView wuv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
-        ts->failed |= matmul_nt_invariant(s->ao + (size_t)r0 * H * v + (size_t)h * v, H * v,
-                                          s->out_latent + ((size_t)r0 * H + h) * L, H * L, &wuv, n, 0, v);
-    }
+    apply_w_uv(c, s, a, r0, r1, 0, H, ts);
 }
 
 // x += MLA(RMSNorm(x)) for every row; appends the rows to their sequences' caches (layer l).
@@ -370,7 +390,7 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
     const ModelConfig *c = &m->cfg;
     const MlaWeights *a = &lw->self_attn;
     int N = bt->N, d = c->hidden_size, H = c->num_attention_heads, qk = config_qk_head_dim(c);
-    int nope = c->qk_nope_head_dim, r = c->qk_rope_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, hr = r / 2;
+    int r = c->qk_rope_head_dim, L = c->kv_lora_rank, qr = c->q_lora_rank, hr = r / 2;
     float eps = c->rms_norm_eps;
     // (every thread has taken its last MoE unit of the layer before — they all passed the meeting
     // after it — and meets the others at least once before taking one of this layer's)
@@ -436,9 +456,7 @@ static void decode_mla(const Model *m, ForwardState *s, const Batch *bt, int l, 
         } else ts->failed |= gemv_share(s, s->q, ts->cq, &a->q_b_proj, N);
     }
     if (one) {
-        for (int n = 0; n < N; n++)
-            for (int h = h0; h < h1; h++)
-                rope_forward(s->q + ((size_t)n * H + h) * qk + nope, r, s->rope_cos + (size_t)n * hr, s->rope_sin + (size_t)n * hr);
+        rotate_queries(c, s, 0, N, h0, h1);
         prof_mark(s, PROFILE_PRODUCTS);
         team_flag_wait(&s->row_stored, stored);
         prof_mark(s, PROFILE_MEETINGS);
@@ -465,21 +483,13 @@ meet(s);
 meet(s);
         return;
     }
-    int rb, re;  // q_pe rotated first, by rows: a long context's chunks read every head's query
+    int rb, re, hb, he;  // q_pe rotated first, by rows: a long context's chunks read every head's query
     share(N, 1, &rb, &re);
-    for (int n = rb; n < re; n++)
-        for (int h = 0; h < H; h++)
-            rope_forward(s->q + ((size_t)n * H + h) * qk + nope, r, s->rope_cos + (size_t)n * hr, s->rope_sin + (size_t)n * hr);
-    const int fold = latent_fold(bt, s), v = c->v_head_dim;
+    share(H, 1, &hb, &he);
+    rotate_queries(c, s, rb, re, 0, H);
+    const int fold = latent_fold(bt, s);
     prof_mark(s, PROFILE_PRODUCTS);
-    if (fold) {  // meanwhile (q_nope is not rotated) W_UK,hᵀ q_nope for every row, by heads
-        int hb, he;
-        share(H, 1, &hb, &he);
-        LatentAttention shape = decode_attention(m, s, bt, l, 0, a);  // (its weights and widths)
-        for (int h = hb; h < he; h++)
-            ts->failed |= latent_attention_fold_query(&shape, h, s->q + (size_t)h * qk, H * qk, N,
-                                                      s->q_latent + (size_t)h * L, H * L) != 0;
-    }
+    if (fold) fold_queries(m, s, bt, l, a, 0, N, hb, he, ts);  // meanwhile (q_nope is not rotated), by heads
     prof_mark(s, PROFILE_ATTENTION);
 meet(s);
     // The other sequences. Several: units taken in turn from a shared counter, so that a thread
@@ -548,13 +558,7 @@ meet(s);
     }
 meet(s);
     if (fold) {  // W_UV applied to every row's latent output, by heads
-        int hb, he;
-        share(H, 1, &hb, &he);
-        for (int h = hb; h < he; h++) {
-            MatView wuv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
-            ts->failed |= matmul_nt_invariant(s->ao + (size_t)h * v, H * v, s->out_latent + (size_t)h * L, H * L, &wuv,
-                                              N, 0, v);
-        }
+        apply_w_uv(c, s, a, 0, N, hb, he, ts);
         prof_mark(s, PROFILE_ATTENTION);
 meet(s);
     }

@@ -54,7 +54,7 @@ struct ForwardState {
     _Alignas(64) atomic_int moe_next;   // decode.c: the next expert gate/up unit of a batched step
     _Alignas(64) atomic_int chunk_next; // decode.c: claims of a long context's attention chunks
     _Alignas(64) atomic_int row_stored; // decode.c: a one-token step's new cache row is stored (at this meeting count)
-    _Alignas(64) atomic_int router_done; // decode.c: a few-row step's router outputs are written (at this meeting count)
+    _Alignas(64) atomic_int router_done; // decode.c: a MoE step's router outputs are written (at this meeting count)
 };
 
 // A decode step spreads the chunks of a sequence's attention over the threads when it has at least
