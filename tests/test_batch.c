@@ -10,7 +10,10 @@
 #include <unistd.h>
 
 #include "base/bigmem.h"
+#include "base/file.h"
 #include "infer/engine.h"
+#include "model/config.h"
+#include "model/init.h"
 #include "model/model.h"
 #include "test.h"
 
@@ -135,16 +138,44 @@ TEST(test_batch_invariance_bit_for_bit) {
     omp_set_num_threads(saved);
 }
 
+// A random FP8 model in dir whose experts are 96 rows wide (three SHARE_UNITs of decode.c): the
+// threads' cuts of a MoE step's gate/up rows fall inside an expert, which then has its down
+// matrix's features split between them (decode.c's down_by_owner); the golden models' experts of
+// 10-12 rows are always cut whole.
+static int write_wide_experts(const char *dir, Error *err) {
+    char path[600];
+    if (make_dirs(dir, err)) return -1;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    test_write_text(path,
+                    "{\"architectures\": [\"DeepseekV3ForCausalLM\"], \"model_type\": \"deepseek_v3\", \"vocab_size\": 64, "
+                    "\"hidden_size\": 128, \"intermediate_size\": 192, \"moe_intermediate_size\": 96, \"num_hidden_layers\": 3, "
+                    "\"num_attention_heads\": 2, \"num_key_value_heads\": 2, \"q_lora_rank\": 32, \"kv_lora_rank\": 32, "
+                    "\"qk_nope_head_dim\": 16, \"qk_rope_head_dim\": 8, \"v_head_dim\": 16, \"n_routed_experts\": 8, "
+                    "\"n_shared_experts\": 1, \"num_experts_per_tok\": 2, \"n_group\": 1, \"topk_group\": 1, "
+                    "\"topk_method\": \"noaux_tc\", \"scoring_func\": \"sigmoid\", \"norm_topk_prob\": true, "
+                    "\"routed_scaling_factor\": 2.5, \"first_k_dense_replace\": 1, \"moe_layer_freq\": 1, "
+                    "\"num_nextn_predict_layers\": 0, \"max_position_embeddings\": 256, \"rope_theta\": 10000, "
+                    "\"rms_norm_eps\": 1e-06, \"hidden_act\": \"silu\", \"initializer_range\": 0.05, "
+                    "\"tie_word_embeddings\": false}");
+    ModelConfig c;
+    return config_load(&c, path, err) || model_write_random(&c, dir, 11, DT_F8_E4M3, (size_t)1 << 30, err) ? -1 : 0;
+}
+
 // The decode threads' shares of the products follow their measured speeds; skewed shares, fixed by
 // hand, give the bits of one thread — fp32 and BF16 compute, an F32 and a BF16 cache — and a wrong
 // set of shares is refused. (Where the last thread's share holds the shared experts' rows — the MoE
-// layers of both models at 0.45/0.55, of tests/data/v3 at 0.15/0.6/0.25 — it computes them while
-// thread 0 computes the router: decode.c's shared_first.)
+// layers of both golden models at 0.45/0.55, of tests/data/v3 at 0.15/0.6/0.25 — it computes them
+// while thread 0 computes the router: decode.c's shared_first. The third model's cuts split
+// experts.)
 TEST(test_thread_shares_keep_bits) {
-    const char *models[] = {"tests/data/v3", "tests/data/fp8"};
+    char wide[400];
+    snprintf(wide, sizeof wide, "%s/wide_experts", test_tmpdir());
+    Error werr = {0};
+    CHECK_MSG(write_wide_experts(wide, &werr) == 0, "%s", werr.msg);
+    const char *models[] = {"tests/data/v3", "tests/data/fp8", wide};
     int saved = omp_get_max_threads();
     static const float two[2] = {0.8f, 0.2f}, three[3] = {0.15f, 0.6f, 0.25f}, near_even[2] = {0.45f, 0.55f};
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 3; k++) {
         Model m;
         Error err = {0};
         CHECK_MSG(model_load(&m, models[k], 0, &err) == 0, "%s", err.msg);

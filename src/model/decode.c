@@ -19,8 +19,9 @@
 //   q_a / q_proj and kv_a rows  →  q_b rows, the cache rows  →  attention (sequence, head) items
 //   (a batch of several sequences: each thread's whole sequences, W_UK to W_UV, own_sequences)
 //   →  o_proj rows + residual  →  router rows (thread 0's, meanwhile the other threads start the
-//   shared experts, a flag instead of a barrier)  →  expert gate/up rows (from 8 rows: whole
-//   experts, down included)  →  down slice + residual                                       (MoE)
+//   shared experts, a flag instead of a barrier)  →  expert gate/up rows, then the down matrices
+//   of the experts whose rows are all this thread's (from 8 rows: whole experts from a counter)
+//   →  the split experts' down features  →  every row's sum of its experts + residual       (MoE)
 //   →  gate/up rows  →  down rows + residual                                                (dense)
 #include <math.h>
 #include <omp.h>
@@ -694,14 +695,61 @@ static int shared_first(const ModelConfig *c, const ForwardState *s, int N, cons
     return shared / (routed + shared) <= 1.0 - share_at(s, 1, nth - 1);
 }
 
+// Features of an expert's down matrix that go with the first r of its `rows` gate/up rows, in
+// whole SHARE_UNITs (the same boundary for the two threads it lies between).
+static int down_feature_at(int d, int r, int rows) {
+    return r >= rows ? d : (int)((long)d * r / rows) / SHARE_UNIT * SHARE_UNIT;
+}
+
+// A few-row MoE step's down projections, after this thread's gate/up rows [b, e) of the experts in
+// use (then the shared experts' Fs rows): the down matrix of every expert whose gate/up rows are
+// all this thread's, all its features, at once — then, after the other threads' gate/up rows are
+// done (a meeting whose wait the whole experts fill), its part of the features of each expert
+// whose rows it shares with another thread, in proportion to its part of the rows. Each thread so
+// reads whole down matrices, long streams, where splitting every expert's down by features gave
+// each thread short ones (an expert of v3-108m: 256 rows of K = 256, 8 KiB panels in FP8): FP8
+// down matrices of 512 x 256 alone from memory, 2 threads, whole 45-46 GB/s against split 38-40.
+// One token at 576 positions, one process switching every 16 steps: v3-108m FP8 +1.8% and +0.9%
+// (23 and 18 of 30 rounds), v3-deep FP8 +4.2% and +0.5% (22 and 23 of 30), v3-wide FP8 +2.5% (9
+// of 16); BF16 +0.5% and +1.2%. The same products into the same outputs: the same bits.
+static void down_by_owner(const ModelConfig *c, ForwardState *s, const MoeWeights *w, const int *off, int N, int b,
+                          int e, const MoeParallel *mp, Own *ts) {
+    int d = c->hidden_size, F = c->moe_intermediate_size, Nr = c->n_routed_experts, Fs = c->n_shared_experts * F;
+    NtPiece whole[Nr + 1], split[Nr + 1];
+    int n_whole = 0, n_split = 0;
+    for (int x = 0, base = 0; x <= Nr; x++) {  // the experts in use in gate/up's order, then the shared ones
+        int rows = x < Nr ? F : Fs;
+        if (rows <= 0 || (x < Nr && (off[x + 1] == off[x] || (mp && !mp->ops->holds(mp, x))))) continue;
+        int lo = b > base ? b : base, hi = e < base + rows ? e : base + rows;
+        if (lo < hi) {
+            int fb = down_feature_at(d, lo - base, rows), fe = down_feature_at(d, hi - base, rows);
+            NtPiece p = x < Nr ? expert_down_piece(c, s, w, x, off, fb, fe) : shared_down_piece(c, s, w, N, fb, fe);
+            if (lo == base && hi == base + rows) whole[n_whole++] = p;
+            else if (fe > fb) split[n_split++] = p;
+        }
+        base += rows;
+    }
+    double t0 = omp_get_wtime();
+    prof_mark(s, PROFILE_PRODUCTS);
+    TeamTicket t = team_barrier_arrive(&s->meet, omp_get_num_threads());
+    ts->failed |= matmul_nt_pieces(whole, n_whole) != 0;
+    share_time(s, 1, t0);
+    prof_mark(s, PROFILE_PRODUCTS);
+    team_barrier_await(&s->meet, t);
+    prof_mark(s, PROFILE_MEETINGS);
+    t0 = omp_get_wtime();
+    ts->failed |= matmul_nt_pieces(split, n_split) != 0;
+    share_time(s, 1, t0);
+}
+
 // The routed experts and the shared experts of every row. Each thread routes every row and sorts
 // the choices by expert (slots: expert by expert, tokens in order), then the experts' gate and up
-// rows, over all experts in use, are shared out over the team by cost (moe_row_at_cost); after
-// one barrier each thread owns a slice of the output features, computes that slice of every
-// expert's down projection and sums every token's experts into it — routed in selection order,
-// then the shared experts, the order a token alone would use. From MOE_DYNAMIC_MIN_ROWS rows the
-// experts are instead taken whole (gate, up and down) from a shared counter, and after the
-// barrier only the sums are split by features. Adds the result to x.
+// rows, over all experts in use, are shared out over the team by cost (moe_row_at_cost), and their
+// down matrices go with them (down_by_owner); after a barrier each thread owns a slice of the
+// output features and sums every token's experts into it — routed in selection order, then the
+// shared experts, the order a token alone would use. From MOE_DYNAMIC_MIN_ROWS rows the experts
+// are instead taken whole (gate, up and down) from a shared counter (with several shared experts,
+// whose one down matrix is split by features after the barrier). Adds the result to x.
 // With the experts split over ranks (m->moe_parallel; every rank runs the same rows) a rank runs
 // only the experts it holds; each row's routed sum of those is added up over the ranks in rank
 // order (by thread 0, MPI's thread) before the shared experts join it — another order than one
@@ -802,13 +850,15 @@ meet(s);
         }
         run_gate_up(pc, np, ts);
         share_time(s, 1, t0);
+        down_by_owner(c, s, w, off, N, b, e, mp, ts);
     }
-    // this thread's features of every slot's down projection, and of the shared experts', as one
-    // stream of pieces (their first lines requested at the meeting)
+    // this thread's features: with several shared experts after the counter's units, of every
+    // slot's down projection and of the shared experts', as one stream of pieces (their first
+    // lines requested at the meeting); then every row's sum of its experts
     share_rows(s, d, &b, &e);
     NtPiece down[Nr + 1];
     int n_down = 0;
-    if (!down_done && e > b) {
+    if (dynamic && !down_done && e > b) {
         for (int x = 0; x < Nr; x++)
             if (off[x + 1] > off[x] && (!mp || mp->ops->holds(mp, x))) down[n_down++] = expert_down_piece(c, s, w, x, off, b, e);
         if (Fs > 0) down[n_down++] = shared_down_piece(c, s, w, N, b, e);
