@@ -128,6 +128,7 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     for (int i = 0; i < PROMPT; i++) tok[i] = (i * 7919 + 13) % V;
     float *logits = malloc(sizeof(float) * V);
     double pre[REPS], dec[REPS], bws[REPS], ratio[REPS], peak[REPS], pratio[REPS], wb = active_weight_bytes(&m);
+    double with_cache[REPS];  // (weights + the latent cache a step reads) / read bandwidth
     double share0[REPS];  // thread 0's share of the decode products after each run's steps (model.h)
     // each run's decode steps again, profiled (DecodeProfile): the products' share of a step, their
     // weights' rate over the read bandwidth, attention's share, the meetings' share
@@ -142,6 +143,10 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     ForwardState *s = forward_state_new(&m, PROMPT, PROMPT + DECODE, &err);
     KVCache kv;
     const DType kv_dtype = model_kv_dtype_auto(&m);  // (the cache generate and serve keep for this compute)
+    // A step also reads its sequence's latent cache, every layer's rows of every position so far
+    // (bytes counted once, as memory-bandwidth utilisation counts them, though the threads each
+    // read all of it for their heads): at the decode's middle position
+    const double cb = (PROMPT + DECODE / 2) * (double)kvcache_bytes_per_token(&m.cfg, kv_dtype);
     if (!s || kvcache_init_as(&kv, &m.cfg, 0, PROMPT + DECODE, kv_dtype, &err)) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
@@ -162,6 +167,7 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
         pre[r] = PROMPT / (t1 - t0);
         dec[r] = DECODE / (t2 - t1);
         ratio[r] = wb * dec[r] / 1e9 / bws[r];
+        with_cache[r] = (wb + cb) * dec[r] / 1e9 / bws[r];
         float sh[1];
         share0[r] = forward_state_shares(s, sh, 1) > 1 ? sh[0] : 1.0;
         pratio[r] = flops / (t1 - t0) / 1e9 / peak[r];
@@ -179,7 +185,8 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
     }
     kvcache_free(&kv);
     forward_state_free(s);
-    double rlo, rhi, plo, phi, klo, khi;
+    double rlo, rhi, plo, phi, klo, khi, clo, chi;
+    bench_range(with_cache, REPS, &clo, &chi);
     bench_range(ratio, REPS, &rlo, &rhi);
     bench_range(pratio, REPS, &plo, &phi);
     bench_range(peak, REPS, &klo, &khi);
@@ -192,8 +199,10 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
            "%.0f-%.0f GFLOP/s)\n", bf16 ? "BF16 GEMM" : "sgemm", 100 * bench_median(pratio, REPS), 100 * plo, 100 * phi,
            klo, khi);
     printf("%-5s%s decode (context %d-%d, %s cache): %8.1f tokens/s, %.1f MB of weights per token, %.1f GB/s; read bandwidth %.1f GB/s\n"
-           "      weights streamed / read bandwidth, run by run: median %.0f%% (range %.0f-%.0f%%)\n",
-           dtype_name(dt), how, PROMPT, PROMPT + DECODE, dtype_name(kv_dtype), d, wb / 1e6, wb * d / 1e9, bw, 100 * q, 100 * rlo, 100 * rhi);
+           "      weights streamed / read bandwidth, run by run: median %.0f%% (range %.0f-%.0f%%); with the latent "
+           "cache's %.1f MB per token: %.0f%% (range %.0f-%.0f%%)\n",
+           dtype_name(dt), how, PROMPT, PROMPT + DECODE, dtype_name(kv_dtype), d, wb / 1e6, wb * d / 1e9, bw, 100 * q,
+           100 * rlo, 100 * rhi, cb / 1e6, 100 * bench_median(with_cache, REPS), 100 * clo, 100 * chi);
     double blo, bhi;
     bench_range(prod_bw, REPS, &blo, &bhi);
     printf("      a step, profiled (DecodeProfile), run by run medians: the products %.0f%% of it, streaming the weights "
