@@ -257,37 +257,51 @@ TEST(test_decode_profile_adds_up_and_keeps_bits) {
 }
 
 // A verify pass: K + 1 rows of one sequence in one model_decode give the bits of K + 1 steps —
-// fp32 compute, BF16 compute, and BF16 compute on the AMX tiles where the CPU has them.
+// fp32 compute, BF16 compute, and BF16 compute on the AMX tiles where the CPU has them; on the
+// golden model with the threads' measured shares, and on write_wide_experts' with 2 threads at
+// shares whose cuts divide experts (a few-row step's down_by_owner over 4 rows).
 TEST(test_verify_rows_equal_single_steps) {
-    Model m;
-    Error err = {0};
-    CHECK_MSG(model_load(&m, "tests/data/v3", 0, &err) == 0, "%s", err.msg);
-    for (int mode = 0; mode < 3; mode++) {
-        if (mode == 1) CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
-        if (mode == 2 && !model_set_panel_tiles(&m, MODEL_PANEL_TILES_ALL)) break;
-        int V = m.cfg.vocab_size, p[6] = {3, 1, 4, 1, 5, 9}, rows[4] = {26, 5, 35, 8};
-        KVCache a, b;
-        CHECK(kvcache_init(&a, &m.cfg, 0, 16, &err) == 0 && kvcache_init(&b, &m.cfg, 0, 16, &err) == 0);
-        ForwardState *s = forward_state_new(&m, 16, 16, &err);
-        float *one = malloc(sizeof(float) * 4 * V), *four = malloc(sizeof(float) * 4 * V);
-        CHECK(s && model_forward(&m, s, &a, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0 &&
-              model_forward(&m, s, &b, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0);
-        for (int t = 0; t < 4; t++) {
-            DecodeSeq q = {.kv = &a, .tokens = rows + t, .T = 1};
-            CHECK(model_decode(&m, s, &q, 1, one + (size_t)t * V, NULL, &err) == 0);
+    char wide[400];
+    snprintf(wide, sizeof wide, "%s/wide_experts", test_tmpdir());
+    Error werr = {0};
+    CHECK_MSG(write_wide_experts(wide, &werr) == 0, "%s", werr.msg);
+    const char *models[] = {"tests/data/v3", wide};
+    static const float near_even[2] = {0.45f, 0.55f};
+    int saved = omp_get_max_threads();
+    for (int k = 0; k < 2; k++) {
+        Model m;
+        Error err = {0};
+        CHECK_MSG(model_load(&m, models[k], 0, &err) == 0, "%s", err.msg);
+        if (k == 1) omp_set_num_threads(2);
+        for (int mode = 0; mode < 3; mode++) {
+            if (mode == 1) CHECK_MSG(model_set_compute(&m, COMPUTE_BF16, &err) == 0, "%s", err.msg);
+            if (mode == 2 && !model_set_panel_tiles(&m, MODEL_PANEL_TILES_ALL)) break;
+            int V = m.cfg.vocab_size, p[6] = {3, 1, 4, 1, 5, 9}, rows[4] = {26, 5, 35, 8};
+            KVCache a, b;
+            CHECK(kvcache_init(&a, &m.cfg, 0, 16, &err) == 0 && kvcache_init(&b, &m.cfg, 0, 16, &err) == 0);
+            ForwardState *s = forward_state_new(&m, 16, 16, &err);
+            CHECK_MSG(s && (k == 0 || forward_state_set_shares(s, near_even, 2, &err) == 0), "%s", err.msg);
+            float *one = malloc(sizeof(float) * 4 * V), *four = malloc(sizeof(float) * 4 * V);
+            CHECK(s && model_forward(&m, s, &a, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0 &&
+                  model_forward(&m, s, &b, p, 6, ATTN_PLAIN, NULL, NULL, NULL, &err) == 0);
+            for (int t = 0; t < 4; t++) {
+                DecodeSeq q = {.kv = &a, .tokens = rows + t, .T = 1};
+                CHECK(model_decode(&m, s, &q, 1, one + (size_t)t * V, NULL, &err) == 0);
+            }
+            DecodeSeq q = {.kv = &b, .tokens = rows, .T = 4};
+            CHECK_MSG(model_decode(&m, s, &q, 1, four, NULL, &err) == 0, "%s", err.msg);
+            CHECK(a.len == 10 && b.len == 10);
+            CHECK_MSG(memcmp(one, four, sizeof(float) * 4 * V) == 0,
+                      "%s compute mode %d: a verify pass differs from single steps", models[k], mode);
+            forward_state_free(s);
+            kvcache_free(&a);
+            kvcache_free(&b);
+            free(one);
+            free(four);
         }
-        DecodeSeq q = {.kv = &b, .tokens = rows, .T = 4};
-        CHECK_MSG(model_decode(&m, s, &q, 1, four, NULL, &err) == 0, "%s", err.msg);
-        CHECK(a.len == 10 && b.len == 10);
-        CHECK_MSG(memcmp(one, four, sizeof(float) * 4 * V) == 0, "compute mode %d: a verify pass differs from single steps",
-                  mode);
-        forward_state_free(s);
-        kvcache_free(&a);
-        kvcache_free(&b);
-        free(one);
-        free(four);
+        omp_set_num_threads(saved);
+        model_free(&m);
     }
-    model_free(&m);
 }
 
 // A prompt prefilled in pieces beside other sequences (the engine's absorbed prefill): the rows
