@@ -138,12 +138,13 @@ TEST(test_batch_invariance_bit_for_bit) {
     omp_set_num_threads(saved);
 }
 
-// A random FP8 model in dir whose experts are 96 rows wide (three SHARE_UNITs of decode.c): the
-// threads' cuts of a MoE step's gate/up rows fall inside an expert, which then has its down
-// matrix's features split between them (decode.c's down_by_owner); the golden models' experts of
-// 10-12 rows are always cut whole.
-static int write_wide_experts(const char *dir, Error *err) {
+// A random FP8 model written into dir (n bytes: the test directory's wide_experts) whose experts are
+// 96 rows wide (three SHARE_UNITs of decode.c): the threads' cuts of a MoE step's gate/up rows fall
+// inside an expert, which then has its down matrix's features split between them (decode.c's
+// down_by_owner); the golden models' experts of 10-12 rows are always cut whole.
+static int write_wide_experts(char *dir, size_t n, Error *err) {
     char path[600];
+    snprintf(dir, n, "%s/wide_experts", test_tmpdir());
     if (make_dirs(dir, err)) return -1;
     snprintf(path, sizeof path, "%s/config.json", dir);
     test_write_text(path,
@@ -169,9 +170,8 @@ static int write_wide_experts(const char *dir, Error *err) {
 // experts.)
 TEST(test_thread_shares_keep_bits) {
     char wide[400];
-    snprintf(wide, sizeof wide, "%s/wide_experts", test_tmpdir());
     Error werr = {0};
-    CHECK_MSG(write_wide_experts(wide, &werr) == 0, "%s", werr.msg);
+    CHECK_MSG(write_wide_experts(wide, sizeof wide, &werr) == 0, "%s", werr.msg);
     const char *models[] = {"tests/data/v3", "tests/data/fp8", wide};
     int saved = omp_get_max_threads();
     static const float two[2] = {0.8f, 0.2f}, three[3] = {0.15f, 0.6f, 0.25f}, near_even[2] = {0.45f, 0.55f};
@@ -262,9 +262,8 @@ TEST(test_decode_profile_adds_up_and_keeps_bits) {
 // shares whose cuts divide experts (a few-row step's down_by_owner over 4 rows).
 TEST(test_verify_rows_equal_single_steps) {
     char wide[400];
-    snprintf(wide, sizeof wide, "%s/wide_experts", test_tmpdir());
     Error werr = {0};
-    CHECK_MSG(write_wide_experts(wide, &werr) == 0, "%s", werr.msg);
+    CHECK_MSG(write_wide_experts(wide, sizeof wide, &werr) == 0, "%s", werr.msg);
     const char *models[] = {"tests/data/v3", wide};
     static const float near_even[2] = {0.45f, 0.55f};
     int saved = omp_get_max_threads();
