@@ -189,20 +189,58 @@ static NtPiece fold_piece(const LatentAttention *a, int h, MatView *wt, const fl
     return (NtPiece){.w = wt, .r0 = 0, .r1 = a->kv_lora, .x = q_nope, .ldx = ldq, .N = n, .out = out, .ldo = ldo};
 }
 
-int latent_attention_fold_query(const LatentAttention *a, int h, const float *q_nope, int ldq, int n, float *out,
-                                int ldo) {
-    int nope = a->nope, L = a->kv_lora;
+// Head h's W_UK,hᵀ q_nope (n rows) without w_uk_t's panels: q_nope · W_UK,h over kv_b_proj's rows.
+static int fold_head_nn(const LatentAttention *a, int h, const float *q_nope, int ldq, int n, float *out, int ldo) {
+    MatView wuk = matview_rows(a->kv_b_proj, h * (a->nope + a->v), a->nope);
+    return matmul_nn_invariant(out, ldo, q_nope, ldq, &wuk, n, 0, a->kv_lora, 0);
+}
+
+// Head h's W_UV,h (ol_h) as a piece of a->kv_b_proj's product (n rows), *wv its view of the head's rows.
+static NtPiece w_uv_piece(const LatentAttention *a, int h, MatView *wv, const float *ol, int ldl, int n, float *out,
+                          int ldo) {
+    *wv = matview_rows(a->kv_b_proj, h * (a->nope + a->v) + a->nope, a->v);
+    return (NtPiece){.w = wv, .r0 = 0, .r1 = a->v, .x = ol, .ldx = ldl, .N = n, .out = out, .ldo = ldo};
+}
+
+// Heads go to matmul_nt_pieces this many at a time: one stream of weights for all of them (each
+// head's W_UK or W_UV alone is a few KB — 8 KB in FP8 at v3-108m's widths — and a product that
+// small, called on its own, waits on memory more than it reads).
+#define HEAD_PIECES 16
+
+int latent_attention_fold_queries(const LatentAttention *a, int h0, int h1, const float *q, int ldq, int n, float *out,
+                                  int ldo) {
+    int nope = a->nope, L = a->kv_lora, qk = nope + a->rope, rc = 0;
     if (nope <= 0) {
-        for (int i = 0; i < n; i++) memset(out + (size_t)i * ldo, 0, sizeof(float) * L);
+        for (int i = 0; i < n; i++) memset(out + (size_t)i * ldo + (size_t)h0 * L, 0, sizeof(float) * L * (h1 - h0));
         return 0;
     }
-    if (a->w_uk_t) {
-        MatView wt;
-        NtPiece p = fold_piece(a, h, &wt, q_nope, ldq, n, out, ldo);
-        return matmul_nt_pieces(&p, 1);
+    if (!a->w_uk_t) {
+        for (int h = h0; h < h1; h++) rc |= fold_head_nn(a, h, q + (size_t)h * qk, ldq, n, out + (size_t)h * L, ldo);
+        return rc ? -1 : 0;
     }
-    MatView wuk = matview_rows(a->kv_b_proj, h * (nope + a->v), nope);
-    return matmul_nn_invariant(out, ldo, q_nope, ldq, &wuk, n, 0, L, 0);
+    MatView wt[HEAD_PIECES];
+    NtPiece pc[HEAD_PIECES];
+    for (int g = h0; g < h1; g += HEAD_PIECES) {
+        int np = h1 - g < HEAD_PIECES ? h1 - g : HEAD_PIECES;
+        for (int k = 0; k < np; k++)
+            pc[k] = fold_piece(a, g + k, &wt[k], q + (size_t)(g + k) * qk, ldq, n, out + (size_t)(g + k) * L, ldo);
+        rc |= matmul_nt_pieces(pc, np);
+    }
+    return rc ? -1 : 0;
+}
+
+int latent_attention_apply_w_uv(const LatentAttention *a, int h0, int h1, const float *ol, int ldl, int n, float *out,
+                                int ldo) {
+    int L = a->kv_lora, v = a->v, rc = 0;
+    MatView wv[HEAD_PIECES];
+    NtPiece pc[HEAD_PIECES];
+    for (int g = h0; g < h1; g += HEAD_PIECES) {
+        int np = h1 - g < HEAD_PIECES ? h1 - g : HEAD_PIECES;
+        for (int k = 0; k < np; k++)
+            pc[k] = w_uv_piece(a, g + k, &wv[k], ol + (size_t)(g + k) * L, ldl, n, out + (size_t)(g + k) * v, ldo);
+        rc |= matmul_nt_pieces(pc, np);
+    }
+    return rc ? -1 : 0;
 }
 
 // The queries of entries [e0, e0 + n) (n <= QC) of sequence b in the latent space: s.qa (n,
@@ -225,8 +263,10 @@ static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch
             if (a->w_uk_t && nope > 0) {
                 pc[np] = fold_piece(a, h, &wt[np], qr, H * qk, rows, s.qa + (size_t)i * L, L);
                 np++;
+            } else if (nope > 0) {
+                rc |= fold_head_nn(a, h, qr, H * qk, rows, s.qa + (size_t)i * L, L);
             } else {
-                rc |= latent_attention_fold_query(a, h, qr, H * qk, rows, s.qa + (size_t)i * L, L);
+                for (int k = 0; k < rows; k++) memset(s.qa + (size_t)(i + k) * L, 0, sizeof(float) * L);
             }
         }
     }
@@ -314,7 +354,7 @@ void latent_attention_merge(const LatentAttention *a, int e0, int e1, const floa
 // Entries [e0, e1) of sequence b from their merged state (row i: entry e0 + i): the latent sums
 // over Σ exp, through W_UV into out.
 static int finish_entries(const LatentAttention *a, int b, int e0, int e1, const float *state, Scratch s) {
-    int H = a->H, nope = a->nope, v = a->v, L = a->kv_lora, T = a->T, np = 0, rc = 0;
+    int H = a->H, v = a->v, L = a->kv_lora, T = a->T, np = 0, rc = 0;
     float *out = a->out + (size_t)b * T * H * v;
     MatView wuv[QC];  // up to QC entries' products one stream of pieces (on panels), s.ol their inputs
     NtPiece pc[QC];
@@ -332,9 +372,7 @@ static int finish_entries(const LatentAttention *a, int b, int e0, int e1, const
         float *ol = s.ol + (size_t)np * L;
 #pragma omp simd
         for (int k = 0; k < L; k++) ol[k] = st[2 + k] * inv;
-        wuv[np] = matview_rows(a->kv_b_proj, h * (nope + v) + nope, v);
-        pc[np] = (NtPiece){.w = &wuv[np], .r0 = 0, .r1 = v, .x = ol, .ldx = L, .N = 1,
-                           .out = out + ((size_t)t * H + h) * v, .ldo = v};
+        pc[np] = w_uv_piece(a, h, &wuv[np], ol, L, 1, out + ((size_t)t * H + h) * v, v);
         np++;
     }
     rc |= matmul_nt_pieces(pc, np);

@@ -59,11 +59,18 @@ size_t latent_attention_scratch_floats(const LatentAttention *a, int S);
 // The whole call, split over the OpenMP threads by (sequence, head). 0, or -1 when a product
 // failed (out of scratch memory).
 int latent_attention_forward(const LatentAttention *a);
-// W_UK,hᵀ q_nope for n rows of head h of a's shape (q_nope rows ldq floats apart, out rows (kv_lora)
-// ldo apart): on a->w_uk_t's panels where it has them, else q_nope · W_UK,h over kv_b_proj's rows;
-// zero when nope is 0. One product for the rows, whoever asks — attention for its entries, a
-// batched decode step folding every row at once (LatentAttention.q_latent) — so the same bits.
-int latent_attention_fold_query(const LatentAttention *a, int h, const float *q_nope, int ldq, int n, float *out,
+// W_UK,hᵀ q_nope,h for n rows and heads [h0, h1) of a's shape: q's rows (every head's nope + rope
+// query, head h's at q + h·(nope + rope)) ldq floats apart; out's rows (head h's kv_lora values at
+// out + h·kv_lora) ldo apart. On a->w_uk_t's panels where it has them, else q_nope · W_UK,h over
+// kv_b_proj's rows; zero when nope is 0. One product per head for the rows, whoever asks —
+// attention for its entries, a batched decode step folding every row at once
+// (LatentAttention.q_latent) — so the same bits; the heads' weights one stream.
+int latent_attention_fold_queries(const LatentAttention *a, int h0, int h1, const float *q, int ldq, int n, float *out,
+                                  int ldo);
+// out,h = W_UV,h ol,h for n rows and heads [h0, h1): ol's rows (head h's kv_lora values at
+// ol + h·kv_lora) ldl floats apart, out's (head h's v values at out + h·v) ldo apart; the same
+// product as attention's own for its entries (LatentAttention.out_latent unset), so the same bits.
+int latent_attention_apply_w_uv(const LatentAttention *a, int h0, int h1, const float *ol, int ldl, int n, float *out,
                                 int ldo);
 // Absorbed attention of sequence 0's rows × heads [h0, h1) on the calling thread, with this
 // thread's scratch (a decode step's share of the heads: they score the cache together, so each

@@ -317,19 +317,17 @@ static void fold_queries(const Model *m, ForwardState *s, const Batch *bt, int l
     const ModelConfig *c = &m->cfg;
     int H = c->num_attention_heads, qk = config_qk_head_dim(c), L = c->kv_lora_rank;
     LatentAttention shape = decode_attention(m, s, bt, l, 0, a);  // (its weights and widths)
-    for (int h = h0; h < h1; h++)
-        ts->failed |= latent_attention_fold_query(&shape, h, s->q + ((size_t)r0 * H + h) * qk, H * qk, r1 - r0,
-                                                  s->q_latent + ((size_t)r0 * H + h) * L, H * L) != 0;
+    ts->failed |= latent_attention_fold_queries(&shape, h0, h1, s->q + (size_t)r0 * H * qk, H * qk, r1 - r0,
+                                                s->q_latent + (size_t)r0 * H * L, H * L) != 0;
 }
 
-static void apply_w_uv(const ModelConfig *c, ForwardState *s, const MlaWeights *a, int r0, int r1, int h0, int h1,
-                       Own *ts) {
-    int H = c->num_attention_heads, nope = c->qk_nope_head_dim, v = c->v_head_dim, L = c->kv_lora_rank;
-    for (int h = h0; h < h1; h++) {
-        MatView wuv = matview_rows(&a->kv_b_proj, h * (nope + v) + nope, v);
-        ts->failed |= matmul_nt_invariant(s->ao + ((size_t)r0 * H + h) * v, H * v,
-                                          s->out_latent + ((size_t)r0 * H + h) * L, H * L, &wuv, r1 - r0, 0, v);
-    }
+static void apply_w_uv(const Model *m, ForwardState *s, const Batch *bt, int l, const MlaWeights *a, int r0, int r1,
+                       int h0, int h1, Own *ts) {
+    const ModelConfig *c = &m->cfg;
+    int H = c->num_attention_heads, v = c->v_head_dim, L = c->kv_lora_rank;
+    LatentAttention shape = decode_attention(m, s, bt, l, 0, a);  // (its weights and widths)
+    ts->failed |= latent_attention_apply_w_uv(&shape, h0, h1, s->out_latent + (size_t)r0 * H * L, H * L, r1 - r0,
+                                              s->ao + (size_t)r0 * H * v, H * v) != 0;
 }
 
 // Does each thread take whole sequences of a batched step through the rest of attention — the q_pe
@@ -386,7 +384,7 @@ static void attend_own_sequences(const Model *m, ForwardState *s, const Batch *b
         LatentAttention at = decode_attention(m, s, bt, l, i, a);
         ts->failed |= latent_attention_absorbed_part(&at, 0, H, ts->attn);
     }
-    apply_w_uv(c, s, a, r0, r1, 0, H, ts);
+    apply_w_uv(m, s, bt, l, a, r0, r1, 0, H, ts);
 }
 
 // x += MLA(RMSNorm(x)) for every row; appends the rows to their sequences' caches (layer l).
@@ -562,7 +560,7 @@ meet(s);
     }
 meet(s);
     if (fold) {  // W_UV applied to every row's latent output, by heads
-        apply_w_uv(c, s, a, 0, N, hb, he, ts);
+        apply_w_uv(m, s, bt, l, a, 0, N, hb, he, ts);
         prof_mark(s, PROFILE_ATTENTION);
 meet(s);
     }
