@@ -203,9 +203,27 @@ static NtPiece w_uv_piece(const LatentAttention *a, int h, MatView *wv, const fl
 }
 
 // Heads go to matmul_nt_pieces this many at a time: one stream of weights for all of them (each
-// head's W_UK or W_UV alone is a few KB — 8 KB in FP8 at v3-108m's widths — and a product that
-// small, called on its own, waits on memory more than it reads).
+// head's W_UK or W_UV alone is a few KB — 8 KB in FP8 at v3-108m's widths).
 #define HEAD_PIECES 16
+
+typedef NtPiece (*HeadPiece)(const LatentAttention *a, int h, MatView *w, const float *x, int ldx, int n, float *out,
+                             int ldo);
+
+// One product per head of [h0, h1), piece(h) the head's, its input at x + h·x_step and its output
+// at out + h·out_step (rows ldx and ldo apart).
+static int head_products(const LatentAttention *a, HeadPiece piece, int h0, int h1, const float *x, size_t x_step,
+                         int ldx, int n, float *out, size_t out_step, int ldo) {
+    MatView w[HEAD_PIECES];
+    NtPiece pc[HEAD_PIECES];
+    int rc = 0;
+    for (int g = h0; g < h1; g += HEAD_PIECES) {
+        int np = h1 - g < HEAD_PIECES ? h1 - g : HEAD_PIECES;
+        for (int k = 0; k < np; k++)
+            pc[k] = piece(a, g + k, &w[k], x + (g + k) * x_step, ldx, n, out + (g + k) * out_step, ldo);
+        rc |= matmul_nt_pieces(pc, np);
+    }
+    return rc ? -1 : 0;
+}
 
 int latent_attention_fold_queries(const LatentAttention *a, int h0, int h1, const float *q, int ldq, int n, float *out,
                                   int ldo) {
@@ -218,29 +236,12 @@ int latent_attention_fold_queries(const LatentAttention *a, int h0, int h1, cons
         for (int h = h0; h < h1; h++) rc |= fold_head_nn(a, h, q + (size_t)h * qk, ldq, n, out + (size_t)h * L, ldo);
         return rc ? -1 : 0;
     }
-    MatView wt[HEAD_PIECES];
-    NtPiece pc[HEAD_PIECES];
-    for (int g = h0; g < h1; g += HEAD_PIECES) {
-        int np = h1 - g < HEAD_PIECES ? h1 - g : HEAD_PIECES;
-        for (int k = 0; k < np; k++)
-            pc[k] = fold_piece(a, g + k, &wt[k], q + (size_t)(g + k) * qk, ldq, n, out + (size_t)(g + k) * L, ldo);
-        rc |= matmul_nt_pieces(pc, np);
-    }
-    return rc ? -1 : 0;
+    return head_products(a, fold_piece, h0, h1, q, qk, ldq, n, out, L, ldo);
 }
 
 int latent_attention_apply_w_uv(const LatentAttention *a, int h0, int h1, const float *ol, int ldl, int n, float *out,
                                 int ldo) {
-    int L = a->kv_lora, v = a->v, rc = 0;
-    MatView wv[HEAD_PIECES];
-    NtPiece pc[HEAD_PIECES];
-    for (int g = h0; g < h1; g += HEAD_PIECES) {
-        int np = h1 - g < HEAD_PIECES ? h1 - g : HEAD_PIECES;
-        for (int k = 0; k < np; k++)
-            pc[k] = w_uv_piece(a, g + k, &wv[k], ol + (size_t)(g + k) * L, ldl, n, out + (size_t)(g + k) * v, ldo);
-        rc |= matmul_nt_pieces(pc, np);
-    }
-    return rc ? -1 : 0;
+    return head_products(a, w_uv_piece, h0, h1, ol, a->kv_lora, ldl, n, out, a->v, ldo);
 }
 
 // The queries of entries [e0, e0 + n) (n <= QC) of sequence b in the latent space: s.qa (n,
