@@ -189,8 +189,13 @@ static NtPiece fold_piece(const LatentAttention *a, int h, MatView *wt, const fl
     return (NtPiece){.w = wt, .r0 = 0, .r1 = a->kv_lora, .x = q_nope, .ldx = ldq, .N = n, .out = out, .ldo = ldo};
 }
 
-// Head h's W_UK,hᵀ q_nope (n rows) without w_uk_t's panels: q_nope · W_UK,h over kv_b_proj's rows.
+// Head h's W_UK,hᵀ q_nope (n rows) without w_uk_t's panels: q_nope · W_UK,h over kv_b_proj's rows
+// (zero when nope is 0).
 static int fold_head_nn(const LatentAttention *a, int h, const float *q_nope, int ldq, int n, float *out, int ldo) {
+    if (a->nope <= 0) {
+        for (int i = 0; i < n; i++) memset(out + (size_t)i * ldo, 0, sizeof(float) * a->kv_lora);
+        return 0;
+    }
     MatView wuk = matview_rows(a->kv_b_proj, h * (a->nope + a->v), a->nope);
     return matmul_nn_invariant(out, ldo, q_nope, ldq, &wuk, n, 0, a->kv_lora, 0);
 }
@@ -227,12 +232,8 @@ static int head_products(const LatentAttention *a, HeadPiece piece, int h0, int 
 
 int latent_attention_fold_queries(const LatentAttention *a, int h0, int h1, const float *q, int ldq, int n, float *out,
                                   int ldo) {
-    int nope = a->nope, L = a->kv_lora, qk = nope + a->rope, rc = 0;
-    if (nope <= 0) {
-        for (int i = 0; i < n; i++) memset(out + (size_t)i * ldo + (size_t)h0 * L, 0, sizeof(float) * L * (h1 - h0));
-        return 0;
-    }
-    if (!a->w_uk_t) {
+    int L = a->kv_lora, qk = a->nope + a->rope, rc = 0;
+    if (!a->w_uk_t || a->nope <= 0) {
         for (int h = h0; h < h1; h++) rc |= fold_head_nn(a, h, q + (size_t)h * qk, ldq, n, out + (size_t)h * L, ldo);
         return rc ? -1 : 0;
     }
@@ -264,10 +265,8 @@ static int entry_queries(const LatentAttention *a, int b, int e0, int n, Scratch
             if (a->w_uk_t && nope > 0) {
                 pc[np] = fold_piece(a, h, &wt[np], qr, H * qk, rows, s.qa + (size_t)i * L, L);
                 np++;
-            } else if (nope > 0) {
-                rc |= fold_head_nn(a, h, qr, H * qk, rows, s.qa + (size_t)i * L, L);
             } else {
-                for (int k = 0; k < rows; k++) memset(s.qa + (size_t)(i + k) * L, 0, sizeof(float) * L);
+                rc |= fold_head_nn(a, h, qr, H * qk, rows, s.qa + (size_t)i * L, L);
             }
         }
     }
