@@ -267,11 +267,11 @@ static int fp8_over_bf16(const char *cfg_path) {
     bench_range(ratio, ROUNDS, &lo, &hi);
     // (the weights' bytes per token, BF16 over FP8: what a step spent only on reading them would gain —
     // the embedding and the output head stay BF16 in both, as DeepSeek releases them)
+    const double wb16 = active_weight_bytes(&m[0]), wb8 = active_weight_bytes(&m[1]);
     printf("   %s: FP8 %.1f, BF16 %.1f tokens/s (medians); FP8 / BF16 round by round: median %.2fx (range %.2f-%.2fx); "
            "weights per token %.1f / %.1f MB = %.2fx\n",
            cfg_path, bench_median(tps[1], ROUNDS), bench_median(tps[0], ROUNDS), bench_median(ratio, ROUNDS), lo, hi,
-           active_weight_bytes(&m[0]) / 1e6, active_weight_bytes(&m[1]) / 1e6,
-           active_weight_bytes(&m[0]) / active_weight_bytes(&m[1]));
+           wb16 / 1e6, wb8 / 1e6, wb16 / wb8);
     free(logits);
     for (int i = 0; i < 2; i++) kvcache_free(&kv[i]), forward_state_free(s[i]), model_free(&m[i]);
     return 0;
