@@ -227,11 +227,13 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
 }
 
 // FP8 against BF16 weights of one config (--compute bf16, mmapped, the cache generate keeps for
-// it: BF16, model_kv_dtype_auto), decode at 512-640 positions, the two taking turns run by run
-// (each round in the other order): the 1.5x, measured so that a drift of the host moves
-// both sides (the two medians of bench_one's runs, minutes apart, gave 1.86x in a pass where the
-// host read 30 GB/s for one and 61 for the other). Prints the median ratio and its range.
-static int fp8_over_bf16(const char *cfg_path) {
+// it: BF16, model_kv_dtype_auto), decode of 128 tokens after a prompt of `prompt` (512: positions
+// 512-640; 0: an empty context, as llama-bench's tg128 measures decode), the two taking turns run by
+// run (each round in the other order, a read-bandwidth measurement before each round): the issue's
+// 1.5x, measured so that a drift of the host moves both sides (the two medians of bench_one's
+// runs, minutes apart, gave 1.86x in a pass where the host read 30 GB/s for one and 61 for the
+// other). Prints the median ratio and its range, and each side's weights streamed / read bandwidth.
+static int fp8_over_bf16(const char *cfg_path, int prompt, const void *probe, size_t probe_bytes) {
     enum { PROMPT = 512, DECODE = 128, ROUNDS = 9 };
     const DType types[2] = {DT_BF16, DT_F8_E4M3};
     Model m[2];
@@ -252,26 +254,31 @@ static int fp8_over_bf16(const char *cfg_path) {
     int V = m[0].cfg.vocab_size, tok[PROMPT];
     for (int i = 0; i < PROMPT; i++) tok[i] = (i * 7919 + 13) % V;
     float *logits = malloc(sizeof(float) * V);
-    double tps[2][ROUNDS], ratio[ROUNDS];
-    for (int r = -1; r < ROUNDS; r++)  // (round -1: untimed, the states' memory touched)
+    // (the weights' bytes per token, BF16 over FP8: what a step spent only on reading them would gain —
+    // the embedding and the output head stay BF16 in both, as DeepSeek releases them)
+    const double wb[2] = {active_weight_bytes(&m[0]), active_weight_bytes(&m[1])};
+    double tps[2][ROUNDS], share[2][ROUNDS], ratio[ROUNDS];
+    for (int r = -1; r < ROUNDS; r++) {  // (round -1: untimed, the states' memory touched)
+        double bw = r >= 0 ? bench_read_bandwidth_of(probe, probe_bytes, 3) : 0;
         for (int k = 0; k < 2; k++) {
             int i = r % 2 ? 1 - k : k;
             kvcache_clear(&kv[i]);
-            if (model_forward(&m[i], s[i], &kv[i], tok, PROMPT, ATTN_PLAIN, NULL, logits, NULL, &err)) goto fail;
+            if (prompt > 0 && model_forward(&m[i], s[i], &kv[i], tok, prompt, ATTN_PLAIN, NULL, logits, NULL, &err))
+                goto fail;
             double t0 = bench_now();
             if (decode_steps(&m[i], s[i], &kv[i], DECODE, logits, &err)) goto fail;
-            if (r >= 0) tps[i][r] = DECODE / (bench_now() - t0);
+            if (r >= 0) tps[i][r] = DECODE / (bench_now() - t0), share[i][r] = wb[i] * tps[i][r] / 1e9 / bw;
         }
+    }
     for (int r = 0; r < ROUNDS; r++) ratio[r] = tps[1][r] / tps[0][r];
     double lo, hi;
     bench_range(ratio, ROUNDS, &lo, &hi);
-    // (the weights' bytes per token, BF16 over FP8: what a step spent only on reading them would gain —
-    // the embedding and the output head stay BF16 in both, as DeepSeek releases them)
-    const double wb16 = active_weight_bytes(&m[0]), wb8 = active_weight_bytes(&m[1]);
-    printf("   %s: FP8 %.1f, BF16 %.1f tokens/s (medians); FP8 / BF16 round by round: median %.2fx (range %.2f-%.2fx); "
-           "weights per token %.1f / %.1f MB = %.2fx\n",
-           cfg_path, bench_median(tps[1], ROUNDS), bench_median(tps[0], ROUNDS), bench_median(ratio, ROUNDS), lo, hi,
-           wb16 / 1e6, wb8 / 1e6, wb16 / wb8);
+    printf("   %s, positions %d-%d: FP8 %.1f, BF16 %.1f tokens/s (medians), their weights streamed at %.0f%% and "
+           "%.0f%% of the read bandwidth; FP8 / BF16 round by round: median %.2fx (range %.2f-%.2fx); weights per "
+           "token %.1f / %.1f MB = %.2fx\n",
+           cfg_path, prompt, prompt + DECODE, bench_median(tps[1], ROUNDS), bench_median(tps[0], ROUNDS),
+           100 * bench_median(share[1], ROUNDS), 100 * bench_median(share[0], ROUNDS), bench_median(ratio, ROUNDS), lo,
+           hi, wb[0] / 1e6, wb[1] / 1e6, wb[0] / wb[1]);
     free(logits);
     for (int i = 0; i < 2; i++) kvcache_free(&kv[i]), forward_state_free(s[i]), model_free(&m[i]);
     return 0;
@@ -381,6 +388,19 @@ static int long_context_table(const char *cfg_path, DType dt, int bf16) {
 #define DEEP_CONFIG "bench/configs/v3-deep.json"
 #define WIDE_CONFIG "bench/configs/v3-wide.json"
 
+// FP8 against BF16 taking turns (fp8_over_bf16) on v3-108m (when with_default), v3-deep and
+// v3-wide, after a prompt of 512 and after none.
+static int fp8_turns(const void *probe, size_t probe_bytes, int with_default) {
+    printf("-- FP8 against BF16 weights, --compute bf16 (BF16 cache, as generate keeps it), 128 tokens decoded after "
+           "a prompt of 512 (positions 512-640) and after none (0-128, as llama-bench's tg128), the two taking turns "
+           "run by run (9 rounds, each after a read-bandwidth measurement)\n");
+    const char *cfgs[3] = {DEFAULT_CONFIG, DEEP_CONFIG, WIDE_CONFIG};
+    for (int i = with_default ? 0 : 1; i < 3; i++)
+        for (int prompt = 512; prompt >= 0; prompt -= 512)
+            if (fp8_over_bf16(cfgs[i], prompt, probe, probe_bytes)) return 1;
+    return 0;
+}
+
 // Decode beyond the last-level cache, --compute bf16, weights mmapped: v3-deep and v3-wide, each
 // in BF16 and FP8 (bench_one), then FP8 against BF16 taking turns (and first on the default model
 // when asked: a full run has made it).
@@ -393,20 +413,20 @@ static int beyond_cache(const void *probe, size_t probe_bytes, const Peaks *pk, 
             bench_one(cfgs[i], DT_F8_E4M3, 1, ST_MAP, probe, probe_bytes, pk))
             return 1;
     }
-    printf("-- FP8 against BF16 weights, --compute bf16 (BF16 cache, as generate keeps it), decode at %d-%d positions, "
-           "the two taking turns run by run (9 rounds)\n", 512, 640);
-    return (with_default && fp8_over_bf16(DEFAULT_CONFIG)) || fp8_over_bf16(DEEP_CONFIG) || fp8_over_bf16(WIDE_CONFIG);
+    return fp8_turns(probe, probe_bytes, with_default);
 }
 
-// bench_model [--long-context | --beyond-cache] [CONFIG]: --long-context prints only the
-// long-context table (the benchmark models must exist: a full run makes them), --beyond-cache only
-// decode beyond the last-level cache (v3-deep and v3-wide, made if missing) and the FP8 / BF16
-// turns. With the default config, decode beyond the cache follows the default model's figures.
+// bench_model [--long-context | --beyond-cache | --fp8-turns] [CONFIG]: --long-context prints only
+// the long-context table, --fp8-turns only the FP8 / BF16 turns (for both, the benchmark models
+// must exist: a full run makes them), --beyond-cache only decode beyond the last-level cache
+// (v3-deep and v3-wide, made if missing) and their FP8 / BF16 turns. With the default config,
+// decode beyond the cache follows the default model's figures.
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--long-context") == 0)
         return long_context_table(DEFAULT_CONFIG, DT_BF16, 0) || long_context_table(DEFAULT_CONFIG, DT_F8_E4M3, 1);
     const int beyond_only = argc > 1 && strcmp(argv[1], "--beyond-cache") == 0;
-    const char *cfg = argc > 1 && !beyond_only ? argv[1] : DEFAULT_CONFIG;
+    const int turns_only = argc > 1 && strcmp(argv[1], "--fp8-turns") == 0;
+    const char *cfg = argc > 1 && !beyond_only && !turns_only ? argv[1] : DEFAULT_CONFIG;
     Error err = {0};
     if (make_dirs("build/bench-models", &err)) {
         fprintf(stderr, "%s\n", err.msg);
@@ -416,6 +436,12 @@ int main(int argc, char **argv) {
     if (!probe) {
         fprintf(stderr, "bench_model: out of memory for the 1 GiB bandwidth probe\n");
         return 1;
+    }
+    if (turns_only) {
+        printf("%d threads, kernels %s\n", omp_get_max_threads(), kernels_isa());
+        int rc = fp8_turns(probe, PROBE_BYTES, 1);
+        free(probe);
+        return rc;
     }
     printf("model %s, %d threads, kernels %s; medians of 7 runs, each after its own read-bandwidth measurement\n", cfg,
            omp_get_max_threads(), kernels_isa());
