@@ -233,8 +233,9 @@ static int bench_one(const char *cfg_path, DType dt, int bf16, StLoadMode mode, 
 // 1.5x, measured so that a drift of the host moves both sides (the two medians of bench_one's
 // runs, minutes apart, gave 1.86x in a pass where the host read 30 GB/s for one and 61 for the
 // other). Prints the median ratio and its range, and each side's weights streamed / read bandwidth.
+enum { TURN_PROMPT = 512, TURN_DECODE = 128, TURN_ROUNDS = 9 };
 static int fp8_over_bf16(const char *cfg_path, int prompt, const void *probe, size_t probe_bytes) {
-    enum { PROMPT = 512, DECODE = 128, ROUNDS = 9 };
+    enum { PROMPT = TURN_PROMPT, DECODE = TURN_DECODE, ROUNDS = TURN_ROUNDS };
     const DType types[2] = {DT_BF16, DT_F8_E4M3};
     Model m[2];
     ForwardState *s[2] = {NULL, NULL};
@@ -391,13 +392,15 @@ static int long_context_table(const char *cfg_path, DType dt, int bf16) {
 // FP8 against BF16 taking turns (fp8_over_bf16) on v3-108m (when with_default), v3-deep and
 // v3-wide, after a prompt of 512 and after none.
 static int fp8_turns(const void *probe, size_t probe_bytes, int with_default) {
-    printf("-- FP8 against BF16 weights, --compute bf16 (BF16 cache, as generate keeps it), 128 tokens decoded after "
-           "a prompt of 512 (positions 512-640) and after none (0-128, as llama-bench's tg128), the two taking turns "
-           "run by run (9 rounds, each after a read-bandwidth measurement)\n");
+    printf("-- FP8 against BF16 weights, --compute bf16 (BF16 cache, as generate keeps it), %d tokens decoded after "
+           "a prompt of %d (positions %d-%d) and after none (0-%d, as llama-bench's tg128), the two taking turns "
+           "run by run (%d rounds, each after a read-bandwidth measurement)\n",
+           TURN_DECODE, TURN_PROMPT, TURN_PROMPT, TURN_PROMPT + TURN_DECODE, TURN_DECODE, TURN_ROUNDS);
     const char *cfgs[3] = {DEFAULT_CONFIG, DEEP_CONFIG, WIDE_CONFIG};
+    const int prompts[2] = {TURN_PROMPT, 0};
     for (int i = with_default ? 0 : 1; i < 3; i++)
-        for (int prompt = 512; prompt >= 0; prompt -= 512)
-            if (fp8_over_bf16(cfgs[i], prompt, probe, probe_bytes)) return 1;
+        for (int j = 0; j < 2; j++)
+            if (fp8_over_bf16(cfgs[i], prompts[j], probe, probe_bytes)) return 1;
     return 0;
 }
 
