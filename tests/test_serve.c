@@ -144,6 +144,12 @@ TEST(test_request_parse_fields) {
         ok = r.bias_ids[i] == 17 ? r.bias_values[i] == -100.0f : r.bias_ids[i] == 5 && r.bias_values[i] == 2.5f;
     serve_request_free(&r);
     CHECK(ok);
+    // an empty tool_calls array is no calls: null content beside it reads as empty text, as vLLM reads it
+    CHECK_MSG(parse(API_CHAT, "{\"messages\": [{\"role\": \"assistant\", \"content\": null, \"tool_calls\": []}]}", &r, &e) == 0,
+              "%s", e.message);
+    ok = r.n_msgs == 1 && r.msgs[0].n_tool_calls == 0 && r.msgs[0].content && !strcmp(r.msgs[0].content, "");
+    serve_request_free(&r);
+    CHECK(ok);
     CHECK(parse(API_COMPLETION, "{\"prompt\": [[1, 2], [3]]}", &r, &e) == 0);
     ok = r.n_prompts == 2 && r.prompts[0].n_ids == 2 && r.prompts[1].n_ids == 1 && r.prompts[1].ids[0] == 3;
     serve_request_free(&r);

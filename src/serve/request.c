@@ -181,7 +181,10 @@ static int parse_messages(ServeRequest *r, json_t *body, ApiError *e) {
         snprintf(param, sizeof param, "messages[%zu].content", i);
         if (rs[0] == 't' && !field(msg, "content"))
             return api_error(e, 400, param, "missing_required_parameter", "'%s' is required for a tool message", param);
-        if (!(calls && !field(msg, "content")) && message_content(field(msg, "content"), (int)i, &content, e)) return -1;
+        // Content may be absent beside calls; an empty tool_calls array is no calls (as vLLM reads it).
+        if (!(r->msgs[i].n_tool_calls > 0 && !field(msg, "content")) &&
+            message_content(field(msg, "content"), (int)i, &content, e))
+            return -1;
         r->msgs[i].content = content;
     }
     return 0;
