@@ -157,6 +157,7 @@ static int read_metrics(const char *metrics_jsonl, const char *const *keys, int 
             json_t *st = o ? json_object_get(o, "step") : NULL;
             if (!json_is_integer(st)) {
                 json_decref(o);
+                if (!nl) break;  // a torn last line (a run stopped mid-write), dropped as --resume drops it
                 err_set(err, "%s: line %d: not a metrics record", metrics_jsonl, lineno);
                 goto done;
             }
