@@ -166,6 +166,36 @@ static void check_resume(const char *extra, const char *tag) {
 
 TEST(test_train_resume_is_bit_exact) { check_resume("", ""); }
 
+// A checkpoint whose trainer_state.json holds a negative count is refused by --resume with a
+// one-line error naming the file and the field, before any step runs.
+TEST(test_train_resume_refuses_bad_state) {
+    char run[600], path[700], out[4096];
+    snprintf(run, sizeof run, "%s/run_bad_state", test_train_corpus());
+    int rc = train(out, sizeof out, run, 2, "");
+    CHECK_MSG(rc == 0, "%s", out);
+    snprintf(path, sizeof path, "%s/step-2/trainer_state.json", run);
+    char *good = test_read_file(path, NULL);
+    CHECK(good != NULL);
+    static const char *const field[][2] = {{"\"step\": 2", "\"step\": -4"},
+                                           {"\"tokens\": ", "\"tokens\": -"},
+                                           {"\"adamw_step\": 2", "\"adamw_step\": -1"},
+                                           {"\"pos\": ", "\"pos\": -"}};
+    static const char *const said[] = {": step is -4;", ": tokens is -", ": adamw_step is -1;", ": data.pos is -"};
+    for (int i = 0; good && i < 4; i++) {
+        const char *at = strstr(good, field[i][0]);
+        CHECK_MSG(at, "%s: no %s", path, field[i][0]);
+        if (!at) continue;
+        char bad[8192];
+        snprintf(bad, sizeof bad, "%.*s%s%s", (int)(at - good), good, field[i][1], at + strlen(field[i][0]));
+        test_write_text(path, bad);
+        rc = test_run(out, sizeof out, "%s train --resume '%s'", test_bin(), run);
+        CHECK_MSG(rc == 1 && strstr(out, "trainer_state.json") && strstr(out, said[i]) && test_count_lines(out) == 1,
+                  "%s: %s", field[i][1], out);
+    }
+    if (good) test_write_text(path, good);
+    free(good);
+}
+
 // The line of out that starts with head (copied into line, without its newline); 0 when none.
 static int output_line(char *line, size_t n, const char *out, const char *head) {
     const char *p = strstr(out, head);

@@ -2,6 +2,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -455,6 +456,13 @@ static int load_checkpoint(Run *r, const char *ckpt, Error *err) {
         if (!json_is_integer(v[i])) {
             json_decref(st);
             return err_set(err, "%s: step, tokens, adamw_step or data position missing", path);
+        }
+    static const char *const name[] = {"step", "tokens", "adamw_step", "data.epoch", "data.pos", "data.windows"};
+    for (int i = 0; i < 6; i++)
+        if (json_integer_value(v[i]) < 0 || json_integer_value(v[i]) > LONG_MAX) {
+            long long bad = (long long)json_integer_value(v[i]);
+            json_decref(st);
+            return err_set(err, "%s: %s is %lld; it must be in [0, %ld]", path, name[i], bad, LONG_MAX);
         }
     r->step = (long)json_integer_value(v[0]);
     r->tokens = (long long)json_integer_value(v[1]);
