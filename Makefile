@@ -113,7 +113,7 @@ build-fuzz/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz_common.h build-fuzz/libdsv3.a
 fuzz: deps-fuzz $(BUILD)/dsv3
 	$(MAKE) BUILD=build-fuzz CC=clang OPT="-O1 -fsanitize=fuzzer-no-link $(FUZZ_SAN)" build-fuzz/libdsv3.a
 	$(MAKE) $(FUZZ_BIN)
-	@set -e; c=build-fuzz/corpus; rm -rf $$c; mkdir -p $$c/fuzz_safetensors $$c/fuzz_config $$c/fuzz_tokenizer $$c/fuzz_encode $$c/fuzz_plan $$c/fuzz_request $$c/fuzz_shard $$c/fuzz_batch $$c/fuzz_json_prefix $$c/fuzz_json_schema $$c/fuzz_pattern $$c/fuzz_tool_calls; \
+	@set -e; c=build-fuzz/corpus; rm -rf $$c; for t in $(notdir $(FUZZ_BIN)); do mkdir -p $$c/$$t; done; \
 	  cp tests/fuzz/seeds/request/* $$c/fuzz_request/; cp tests/fuzz/seeds/batch/* $$c/fuzz_batch/; \
 	  cp tests/fuzz/seeds/request/*.json tests/fuzz/seeds/json_prefix/* $$c/fuzz_json_prefix/; \
 	  cp tests/fuzz/seeds/json_schema/* $$c/fuzz_json_schema/; cp tests/fuzz/seeds/pattern/* $$c/fuzz_pattern/; \
