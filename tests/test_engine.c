@@ -340,7 +340,9 @@ TEST(test_cli_chat_tools) {
         CHECK_MSG(rc == 1 && strstr(o, path) && strstr(o, bad[i].want), "%s: %s", bad[i].content, o);
     }
     rc = test_run(o, sizeof o, "echo hi | %s chat --model %s --tools %s/missing.json", test_bin(), dir, dir);
-    CHECK_MSG(rc == 1 && strstr(o, "missing.json"), "%s", o);
+    CHECK_MSG(rc == 1 && strstr(o, "missing.json: cannot open") && test_count_lines(o) == 1, "%s", o);
+    rc = test_run(o, sizeof o, "echo hi | %s chat --model %s --tools %s", test_bin(), dir, dir);  // a directory
+    CHECK_MSG(rc == 1 && strstr(o, "is a directory") && test_count_lines(o) == 1, "%s", o);
     rc = test_run(o, sizeof o, "echo hi | %s chat --model %s --tool-choice auto", test_bin(), dir);
     CHECK_MSG(rc == 1 && strstr(o, "--tool-choice needs --tools"), "%s", o);
 }

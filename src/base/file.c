@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -61,6 +62,25 @@ int file_write_all(const char *path, const void *data, size_t n, Error *err) {
         return -1;
     }
     return atomic_commit(&af, err);
+}
+
+json_t *file_read_json(const char *path, size_t flags, Error *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        err_set(err, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    struct stat sb;
+    if (fstat(fileno(f), &sb) == 0 && S_ISDIR(sb.st_mode)) {  // (fopen opens one; reading it fails)
+        fclose(f);
+        err_set(err, "%s: is a directory, not a JSON file", path);
+        return NULL;
+    }
+    json_error_t je;
+    json_t *v = json_loadf(f, flags, &je);
+    fclose(f);
+    if (!v) err_set(err, "%s: line %d: invalid JSON: %s", path, je.line, je.text);
+    return v;
 }
 
 char *file_read_all(const char *path, size_t *len, Error *err) {

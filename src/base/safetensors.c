@@ -222,12 +222,8 @@ int st_model_open(StModel *m, const char *dir, Error *err) {
         if (model_add_file(m, path, err)) goto fail;
         return 0;
     }
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    if (!root) {
-        err_set(err, "%s: line %d: invalid JSON: %s", path, je.line, je.text);
-        goto fail;
-    }
+    json_t *root = file_read_json(path, 0, err);
+    if (!root) goto fail;
     json_t *wm = json_object_get(root, "weight_map");
     if (!json_is_object(wm)) {
         err_set(err, "%s: weight_map: missing or not an object", path);

@@ -247,9 +247,8 @@ static int tools_load(Tools *tools, const Args *a, Error *err) {
     memset(tools, 0, sizeof *tools);
     const char *path = args_str(a, "tools", NULL), *choice = args_str(a, "tool-choice", NULL);
     if (!path) return choice ? err_set(err, "--tool-choice needs --tools") : 0;
-    json_error_t je;
-    json_t *list = json_load_file(path, 0, &je);
-    if (!list) return err_set(err, "%s: line %d: %s", path, je.line, je.text);
+    json_t *list = file_read_json(path, 0, err);
+    if (!list) return -1;
     ApiError ae;
     ServeRequest later = {0};
     int rc = tools_request(&tools->req, list, choice, &ae);

@@ -194,11 +194,9 @@ int cmd_generate(int argc, char **argv) {
         np = 1;
     }
     if (schema_path) {
-        json_error_t je;
-        json_t *js = json_load_file(schema_path, JSON_DECODE_ANY, &je);
+        json_t *js = file_read_json(schema_path, JSON_DECODE_ANY, &err);
         char why[256];
-        if (!js) err_set(&err, "%s: line %d: %s", schema_path, je.line, je.text);
-        else if (json_schema_compile(&schema, js, why, sizeof why)) err_set(&err, "%s: %s", schema_path, why);
+        if (js && json_schema_compile(&schema, js, why, sizeof why)) err_set(&err, "%s: %s", schema_path, why);
         json_decref(js);
         if (!schema) goto done_prompts;
     }

@@ -96,12 +96,8 @@ static int parse_rope_scaling(Reader *r, ModelConfig *c) {
 
 int config_load(ModelConfig *c, const char *path, Error *err) {
     memset(c, 0, sizeof *c);
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    if (!root) {
-        if (!path_exists(path)) return err_set(err, "%s: cannot open: no such file", path);
-        return err_set(err, "%s: line %d: invalid JSON: %s", path, je.line, je.text);
-    }
+    json_t *root = file_read_json(path, 0, err);
+    if (!root) return -1;
     if (!json_is_object(root)) {
         json_decref(root);
         return err_set(err, "%s: not a JSON object", path);

@@ -304,9 +304,8 @@ static int write_config(const char *in, const char *dir, DType target, Error *er
     char from[4096], to[4096];
     if (path_join(from, sizeof from, in, "config.json", err) || path_join(to, sizeof to, dir, "config.json", err))
         return -1;
-    json_error_t je;
-    json_t *root = json_load_file(from, 0, &je);
-    if (!root) return err_set(err, "%s: line %d: invalid JSON: %s", from, je.line, je.text);
+    json_t *root = file_read_json(from, 0, err);
+    if (!root) return -1;
     const char *td = json_string_value(json_object_get(root, "torch_dtype"));
     char keep[32];
     snprintf(keep, sizeof keep, "%s", td ? td : "bfloat16");

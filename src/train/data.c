@@ -174,13 +174,11 @@ done:
 // Reads DIR/data.json; path gets its name for messages.
 static json_t *load_meta(const char *dir, char *path, size_t n, Error *err) {
     if (path_join(path, n, dir, "data.json", err)) return NULL;
-    json_error_t je;
-    json_t *meta = json_load_file(path, 0, &je);
-    if (!meta) {
-        if (!path_exists(path)) err_set(err, "%s: missing (make the data with dsv3 prepare)", path);
-        else err_set(err, "%s: line %d: %s", path, je.line, je.text);
+    if (!path_exists(path)) {
+        err_set(err, "%s: missing (make the data with dsv3 prepare)", path);
+        return NULL;
     }
-    return meta;
+    return file_read_json(path, 0, err);
 }
 
 int data_split_tokens(const char *dir, const char *split, long long *n, Error *err) {

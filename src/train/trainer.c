@@ -446,9 +446,8 @@ static int load_checkpoint(Run *r, const char *ckpt, Error *err) {
     snprintf(path, sizeof path, "%s/optimizer.safetensors", ckpt);
     if (adamw_load(&r->opt, &r->m, path, err)) return -1;
     snprintf(path, sizeof path, "%s/trainer_state.json", ckpt);
-    json_error_t je;
-    json_t *st = json_load_file(path, 0, &je);
-    if (!st) return err_set(err, "%s: %s", path, je.text);
+    json_t *st = file_read_json(path, 0, err);
+    if (!st) return -1;
     json_t *data = json_object_get(st, "data");
     json_t *v[] = {json_object_get(st, "step"), json_object_get(st, "tokens"), json_object_get(st, "adamw_step"),
                    json_object_get(data, "epoch"), json_object_get(data, "pos"), json_object_get(data, "windows")};
