@@ -55,10 +55,6 @@ enum { ADDED_SPECIAL = 1, ADDED_TOKEN = 2 };  // an id's bits in Tokenizer.speci
 
 // ---- small helpers ----
 
-static int json_fail(Error *err, const char *path, const json_error_t *je) {
-    return err_set(err, "%s: invalid JSON at line %d column %d: %s", path, je->line, je->column, je->text);
-}
-
 static int get_bool(const json_t *o, const char *key, int dflt, int *out, const char *path, const char *field,
                     Error *err) {
     json_t *v = json_object_get(o, key);
@@ -418,9 +414,8 @@ static int load_config(Tokenizer *t, Error *err) {
     else snprintf(dir, sizeof dir, ".");
     snprintf(cpath, sizeof cpath, "%s/tokenizer_config.json", dir);
     if (!path_exists(cpath)) return 0;
-    json_error_t je;
-    json_t *cfg = json_load_file(cpath, 0, &je);
-    if (!cfg) return json_fail(err, cpath, &je);
+    json_t *cfg = file_read_json(cpath, 0, err);
+    if (!cfg) return -1;
     int rc = -1;
     if (!json_is_object(cfg)) {
         err_set(err, "%s: expected a JSON object", cpath);
@@ -462,16 +457,8 @@ Tokenizer *tok_load(const char *path, Error *err) {
     snprintf(t->path, sizeof t->path, "%s", path);
     const char *P = t->path;
     json_t *root = NULL;
-    size_t len;
-    char *text = file_read_all(path, &len, err);
-    if (!text) goto fail;
-    json_error_t je;
-    root = json_loadb(text, len, JSON_ALLOW_NUL, &je);
-    free(text);
-    if (!root) {
-        json_fail(err, P, &je);
-        goto fail;
-    }
+    root = file_read_json(path, JSON_ALLOW_NUL, err);
+    if (!root) goto fail;
     if (!json_is_object(root)) {
         err_set(err, "%s: expected a JSON object", P);
         goto fail;

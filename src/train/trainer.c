@@ -193,9 +193,9 @@ static int read_option(TrainerOptions *o, const TrainerOption *t, json_t *v, con
 int trainer_read_options(const char *ckpt, TrainerOptions *o, Error *err) {
     char path[4096];
     if (path_join(path, sizeof path, ckpt, "trainer_state.json", err)) return -1;
-    json_error_t je;
-    json_t *st = json_load_file(path, 0, &je);
-    if (!st) return err_set(err, "%s: %s", path, path_exists(path) ? je.text : "missing");
+    if (!path_exists(path)) return err_set(err, "%s: missing", path);
+    json_t *st = file_read_json(path, 0, err);
+    if (!st) return -1;
     json_t *op = json_object_get(st, "options");
     *o = trainer_defaults();
     int rc = json_is_object(op) ? 0 : err_set(err, "%s: options: missing", path);
