@@ -835,6 +835,16 @@ TEST(test_serve_bad_requests_get_4xx) {
         if (!ok && failed++ < 5) printf("    %s\n", why);
         free(r.head);
     }
+    {  // a body declared over the limit is refused at its headers, not after it is sent (or never is)
+        int fd = connect_to(s.port);
+        const char *head = "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000000\r\n\r\n{}";
+        Response r = {.status = -1};
+        if (fd >= 0 && send_all(fd, head, strlen(head)) == 0) r = http_read(fd);
+        else if (fd >= 0) close(fd);
+        n++;
+        if (r.status != 413 && failed++ < 5) printf("    a declared 1e12-byte body: status %d, want 413 at once\n", r.status);
+        free(r.head);
+    }
     // the same corpus again through curl (another client's framing: Expect, chunking choices, headers)
     int curl_n = 0, curl_failed = 0;
     char bodyfile[600], outfile[600];

@@ -1101,7 +1101,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     Server *s = cls;
     Upload *u = *req;
     (void)version;
-    if (!u) {  // the headers: keep a place for the body
+    if (!u) {  // the headers: a body declared over the limit is refused now, before it is sent
+        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->o.max_body) {
+            ApiError e;
+            api_error(&e, 413, NULL, "request_too_large", "the body is over the limit of %ld bytes", s->o.max_body);
+            return send_error(s, conn, &e);
+        }
         u = calloc(1, sizeof *u);
         if (!u) return MHD_NO;
         *req = u;
