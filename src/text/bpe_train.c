@@ -249,15 +249,15 @@ static int write_outputs(const char *out_json, const ByteBuf *tokbytes, const ui
     char *text = json_dumps(root, JSON_INDENT(2));
     json_decref(root);
     if (!text) goto oom;
-    rc = file_write_all(out_json, text, strlen(text), err);
-    free(text);
-    if (rc) goto done;
-    // the config names BOS/EOS/pad and asks for BOS, as DeepSeek-V3's does
-    char dir[4096], cpath[4200];
+    char dir[4096], cpath[4200];  // the output's directory, made when missing (as prepare and init make theirs)
     snprintf(dir, sizeof dir, "%s", out_json);
     char *slash = strrchr(dir, '/');
     if (slash) *slash = 0;
     else snprintf(dir, sizeof dir, ".");
+    rc = make_dirs(dir, err) || file_write_all(out_json, text, strlen(text), err);
+    free(text);
+    if (rc) goto done;
+    // the config names BOS/EOS/pad and asks for BOS, as DeepSeek-V3's does
     snprintf(cpath, sizeof cpath, "%s/tokenizer_config.json", dir);
     json_t *cfg = json_pack("{s:b, s:b, s:s, s:s, s:s, s:b, s:b, s:s, s:n}", "add_bos_token", 1, "add_eos_token", 0,
                             "bos_token", BPE_TRAIN_SPECIALS[0], "eos_token", BPE_TRAIN_SPECIALS[1], "pad_token",
