@@ -31,8 +31,8 @@ void atomic_abort(AtomicFile *af);
 int file_write_all(const char *path, const void *data, size_t n, Error *err);
 // Reads a whole file into a NUL-terminated malloc'd buffer; *len gets its length (without NUL).
 char *file_read_all(const char *path, size_t *len, Error *err);
-// Reads a whole file as JSON (jansson's decoding flags): NULL with "PATH: cannot open: ..." or
-// "PATH: line N: invalid JSON: ..." in err.
+// Reads a whole file as JSON (jansson's decoding flags): NULL with "PATH: cannot open: REASON",
+// "PATH: is a directory, not a JSON file" or "PATH: line N: invalid JSON: ..." in err.
 struct json_t *file_read_json(const char *path, size_t flags, Error *err);
 // Copies a whole file (written atomically, like file_write_all).
 int file_copy(const char *from, const char *to, Error *err);
