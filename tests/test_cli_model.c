@@ -316,3 +316,33 @@ TEST(test_init_fp8_block_edges) {
     CHECK(memcmp(m.w.mtp[0].shared_head_head.data, m.w.lm_head.data, 96 * 48 * 2) == 0);
     model_free(&m);
 }
+
+// A model written into a directory that holds an earlier one replaces its weight files whatever
+// either's layout: no index, shard or model.safetensors of the earlier model is left to be read
+// (st_model_open prefers an index: the earlier model's weights had been loaded), and the
+// directory's other files stay. (v3-10m-train: ~25 MB of BF16, seven shards of 4 MB.)
+TEST(test_init_over_an_earlier_model) {
+    const char *cfg = "bench/configs/v3-10m-train.json";
+    char dir[512], fresh[512], out[4096], a[700], b[700];
+    snprintf(dir, sizeof dir, "%s/init_again", test_tmpdir());
+    snprintf(fresh, sizeof fresh, "%s/init_fresh", test_tmpdir());
+    int rc = test_run(out, sizeof out,
+                      "rm -rf %s %s && %s init --config %s --out %s --seed 7 && %s init --config %s --out %s --seed 3 "
+                      "--shard-mb 4 && touch %s/notes.txt && ls %s | grep -c of-",
+                      dir, fresh, test_bin(), cfg, fresh, test_bin(), cfg, dir, dir, dir);
+    CHECK_MSG(rc == 0 && atoi(out) > 1, "%s", out);
+    rc = test_run(out, sizeof out, "%s init --config %s --out %s --seed 7 && ls %s | tr '\\n' ' '", test_bin(), cfg, dir, dir);
+    CHECK_MSG(rc == 0 && !strcmp(out, "config.json model.safetensors notes.txt "), "left: %s", out);
+    snprintf(a, sizeof a, "%s/model.safetensors", dir);
+    snprintf(b, sizeof b, "%s/model.safetensors", fresh);
+    size_t na, nb;
+    char *wa = test_read_file(a, &na), *wb = test_read_file(b, &nb);
+    CHECK(wa && wb && na == nb && memcmp(wa, wb, na) == 0);
+    free(wa);
+    free(wb);
+    // and back: shards over one file leave no model.safetensors
+    rc = test_run(out, sizeof out, "%s init --config %s --out %s --seed 3 --shard-mb 4 && ls %s | grep -c -v of-", test_bin(),
+                  cfg, dir, dir);
+    CHECK_MSG(rc == 0 && atoi(out) == 3, "%s", out);  // config.json, the index, notes.txt
+    rc = test_run(out, sizeof out, "rm -rf %s %s", dir, fresh);
+}
