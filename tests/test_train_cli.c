@@ -52,6 +52,29 @@ TEST(test_prepare_bytes_shards) {
     free(b);
 }
 
+// prepare into a directory an earlier preparation left: its shards beyond the new ones go (data.json
+// no longer lists them); other files stay.
+TEST(test_prepare_over_an_earlier_one) {
+    const char *dir = test_train_corpus();
+    char out[4096], path[700];
+    snprintf(path, sizeof path, "%s/again", dir);
+    int rc = test_run(out, sizeof out,
+                      "rm -rf '%s' && %s prepare --tokenizer bytes --out '%s' --shard-tokens 2048 '%s/doc0.txt' '%s/doc1.txt' "
+                      "'%s/doc2.txt' >/dev/null && touch '%s/notes.txt' '%s/train-1.bin' && ls '%s' | grep -c -e train-00010 -e val-00000",
+                      path, test_bin(), path, dir, dir, dir, path, path, path);
+    CHECK_MSG(rc == 0 && atoi(out) == 2, "%s", out);  // eleven training shards or more, one of validation
+    rc = test_run(out, sizeof out, "%s prepare --tokenizer bytes --out '%s' --shard-tokens 2048 --val-fraction 0 '%s/doc0.txt' "
+                  ">/dev/null && ls '%s' | tr '\\n' ' '", test_bin(), path, dir, path);
+    CHECK_MSG(rc == 0 && strstr(out, "train-00000.bin") && strstr(out, "notes.txt") && strstr(out, "train-1.bin") &&
+                  !strstr(out, "val-"),
+              "%s", out);
+    long long ntr = 0;
+    Error err = {0};
+    CHECK_MSG(data_split_tokens(path, "train", &ntr, &err) == 0, "%s", err.msg);
+    rc = test_run(out, sizeof out, "ls '%s' | grep -c '^train-0'", path);
+    CHECK_MSG(rc == 0 && atoll(out) == (ntr + 2047) / 2048, "%s train shards for %lld tokens", out, ntr);
+}
+
 TEST(test_loader_windows_and_order) {
     char data[600];
     snprintf(data, sizeof data, "%s/data", test_train_corpus());
