@@ -64,6 +64,21 @@ int file_write_all(const char *path, const void *data, size_t n, Error *err) {
     return atomic_commit(&af, err);
 }
 
+int dir_remove_files(const char *dir, int (*doomed)(const char *name, void *ctx), void *ctx, Error *err) {
+    DIR *d = opendir(dir);
+    if (!d) return err_set(err, "%s: cannot list: %s", dir, strerror(errno));
+    struct dirent *e;
+    int rc = 0;
+    char path[4096];
+    while (rc == 0 && (e = readdir(d)))
+        if (doomed(e->d_name, ctx)) {
+            if (path_join(path, sizeof path, dir, e->d_name, err)) rc = -1;
+            else if (unlink(path)) rc = err_set(err, "%s: cannot remove: %s", path, strerror(errno));
+        }
+    closedir(d);
+    return rc;
+}
+
 json_t *file_read_json(const char *path, size_t flags, Error *err) {
     FILE *f = fopen(path, "rb");
     if (!f) {

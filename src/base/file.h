@@ -41,6 +41,8 @@ int file_copy_if_exists(const char *from_dir, const char *to_dir, const char *na
 int path_is_dir(const char *path);
 // 1 when dir is a directory holding no entries.
 int dir_is_empty(const char *dir);
+// Removes the files of dir whose names doomed(name, ctx) says yes to; the others stay.
+int dir_remove_files(const char *dir, int (*doomed)(const char *name, void *ctx), void *ctx, Error *err);
 // Removes a file or a whole directory tree, like rm -rf (a missing path is not an error).
 void path_remove_tree(const char *path);
 int path_exists(const char *path);

@@ -1,4 +1,3 @@
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -379,29 +378,16 @@ int st_write_model(const char *dir, const StTensorDesc *tensors, int n, size_t m
     return st_write_model_fill(dir, tensors, n, max_shard_bytes, NULL, NULL, err);
 }
 
-// After a model of nshards shards (0: one model.safetensors) is written into dir, the weight files
-// of an earlier model there that it did not overwrite: model.safetensors beside shards, an index and
-// shards beside one file, shards of another count. Left there, an old index would be read instead
-// of the new file (st_model_open prefers it). Other files are not touched.
-static int remove_stale_weights(const char *dir, int nshards, Error *err) {
-    DIR *d = opendir(dir);
-    if (!d) return err_set(err, "%s: cannot list: %s", dir, strerror(errno));
-    struct dirent *e;
-    int rc = 0;
-    while (rc == 0 && (e = readdir(d))) {
-        int k, of, end = 0;
-        int stale = nshards ? !strcmp(e->d_name, "model.safetensors")
-                            : !strcmp(e->d_name, "model.safetensors.index.json");
-        if (strlen(e->d_name) == 32 &&  // exactly the names written below: model-00001-of-00003.safetensors
-            sscanf(e->d_name, "model-%5d-of-%5d.safetensors%n", &k, &of, &end) == 2 && e->d_name[end] == 0)
-            stale = of != nshards;
-        char path[4096];
-        if (!stale) continue;
-        if (path_join(path, sizeof path, dir, e->d_name, err)) rc = -1;
-        else if (unlink(path)) rc = err_set(err, "%s: cannot remove the earlier model's file: %s", path, strerror(errno));
-    }
-    closedir(d);
-    return rc;
+// After a model of *nshards shards (0: one model.safetensors) is written, whether a file of its
+// directory is a weight file of an earlier model there that it did not overwrite: model.safetensors
+// beside shards, an index and shards beside one file, shards of another count. Left there, an old
+// index would be read instead of the new file (st_model_open prefers it). Other files stay.
+static int stale_weights(const char *name, void *nshards) {
+    int k, of, end = 0, n = *(const int *)nshards;
+    if (strlen(name) == 32 &&  // exactly the names written below: model-00001-of-00003.safetensors
+        sscanf(name, "model-%5d-of-%5d.safetensors%n", &k, &of, &end) == 2 && name[end] == 0)
+        return of != n;
+    return n ? !strcmp(name, "model.safetensors") : !strcmp(name, "model.safetensors.index.json");
 }
 
 int st_write_model_fill(const char *dir, const StTensorDesc *tensors, int n, size_t max_shard_bytes, StFill fill,
@@ -411,7 +397,8 @@ int st_write_model_fill(const char *dir, const StTensorDesc *tensors, int n, siz
     char path[4096];
     if (total <= max_shard_bytes) {
         if (path_join(path, sizeof path, dir, "model.safetensors", err)) return -1;
-        return write_file(path, tensors, n, fill, ctx, 0, err) || remove_stale_weights(dir, 0, err) ? -1 : 0;
+        int single = 0;
+        return write_file(path, tensors, n, fill, ctx, 0, err) || dir_remove_files(dir, stale_weights, &single, err) ? -1 : 0;
     }
     // count shards first: names carry the total ("model-00001-of-00003.safetensors")
     int nshards = 0;
@@ -442,7 +429,7 @@ int st_write_model_fill(const char *dir, const StTensorDesc *tensors, int n, siz
     json_decref(root);
     if (!s) return err_set(err, "%s: cannot encode index", dir);
     int rc = path_join(path, sizeof path, dir, "model.safetensors.index.json", err) ||
-             file_write_all(path, s, strlen(s), err) || remove_stale_weights(dir, nshards, err);
+             file_write_all(path, s, strlen(s), err) || dir_remove_files(dir, stale_weights, &nshards, err);
     free(s);
     return rc ? -1 : 0;
 }

@@ -1,5 +1,3 @@
-#include <dirent.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -64,26 +62,16 @@ static json_t *write_split(const char *dir, const char *split, const int *ids, s
     return names;
 }
 
-// After the splits of ntrain and nval shards are written into dir, the shards of an earlier
-// preparation there beyond them (train-00009.bin after a shorter corpus): data.json no longer lists
-// them, so they are only disk used. Other files are not touched.
-static int remove_stale_shards(const char *dir, size_t ntrain, size_t nval, Error *err) {
-    DIR *d = opendir(dir);
-    if (!d) return err_set(err, "%s: cannot list: %s", dir, strerror(errno));
-    struct dirent *e;
-    int rc = 0;
-    while (rc == 0 && (e = readdir(d))) {
-        size_t k, len = strlen(e->d_name);
-        int end = 0, stale = 0;
-        if (len == 15 && sscanf(e->d_name, "train-%5zu.bin%n", &k, &end) == 1 && end == 15) stale = k >= ntrain;
-        if (len == 13 && sscanf(e->d_name, "val-%5zu.bin%n", &k, &end) == 1 && end == 13) stale = k >= nval;
-        char path[4096];
-        if (!stale) continue;
-        if (path_join(path, sizeof path, dir, e->d_name, err)) rc = -1;
-        else if (unlink(path)) rc = err_set(err, "%s: cannot remove the earlier shard: %s", path, strerror(errno));
-    }
-    closedir(d);
-    return rc;
+// After the splits of counts[0] training and counts[1] validation shards are written, whether a file
+// of the directory is a shard of an earlier preparation beyond them (train-00009.bin after a shorter
+// corpus): data.json no longer lists it, so it is only disk used. Other files stay.
+static int stale_shard(const char *name, void *counts) {
+    const size_t *n = counts;
+    size_t k, len = strlen(name);
+    int end = 0;
+    if (len == 15 && sscanf(name, "train-%5zu.bin%n", &k, &end) == 1 && end == 15) return k >= n[0];
+    if (len == 13 && sscanf(name, "val-%5zu.bin%n", &k, &end) == 1 && end == 13) return k >= n[1];
+    return 0;
 }
 
 int data_prepare(const PrepareOptions *o, PrepareStats *stats, Error *err) {
@@ -180,7 +168,8 @@ int data_prepare(const PrepareOptions *o, PrepareStats *stats, Error *err) {
         goto done_tail;
     }
     free(js);
-    if (remove_stale_shards(o->out, json_array_size(tr), json_array_size(va), err)) goto done_tail;
+    size_t counts[2] = {json_array_size(tr), json_array_size(va)};
+    if (dir_remove_files(o->out, stale_shard, counts, err)) goto done_tail;
     stats->train_tokens = (long long)ntrain;
     stats->val_tokens = (long long)nval;
     stats->documents = o->n_files;
