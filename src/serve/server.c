@@ -1096,6 +1096,12 @@ static int authorized(Server *s, struct MHD_Connection *conn) {
     return diff == 0;
 }
 
+static enum MHD_Result send_too_large(Server *s, struct MHD_Connection *conn) {
+    ApiError e;
+    api_error(&e, 413, NULL, "request_too_large", "the body is over the limit of %ld bytes", s->o.max_body);
+    return send_error(s, conn, &e);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload, size_t *upload_size, void **req) {
     Server *s = cls;
@@ -1103,11 +1109,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     (void)version;
     if (!u) {  // the headers: a body declared over the limit is refused now, before it is sent
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-        if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->o.max_body) {
-            ApiError e;
-            api_error(&e, 413, NULL, "request_too_large", "the body is over the limit of %ld bytes", s->o.max_body);
-            return send_error(s, conn, &e);
-        }
+        if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->o.max_body) return send_too_large(s, conn);
         u = calloc(1, sizeof *u);
         if (!u) return MHD_NO;
         *req = u;
@@ -1146,10 +1148,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         api_error(&e, 401, NULL, "invalid_api_key", "a valid API key is needed: Authorization: Bearer KEY");
         return send_error(s, conn, &e);
     }
-    if (u->too_large) {
-        api_error(&e, 413, NULL, "request_too_large", "the body is over the limit of %ld bytes", s->o.max_body);
-        return send_error(s, conn, &e);
-    }
+    if (u->too_large) return send_too_large(s, conn);  // (a chunked body, its length said nowhere)
     const char *body = u->body.p ? u->body.p : "";
     switch (route) {
     case R_CHAT: return handle_completion(s, conn, API_CHAT, body, u->body.n);

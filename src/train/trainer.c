@@ -2,7 +2,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
-#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -451,18 +450,15 @@ static int load_checkpoint(Run *r, const char *ckpt, Error *err) {
     json_t *data = json_object_get(st, "data");
     json_t *v[] = {json_object_get(st, "step"), json_object_get(st, "tokens"), json_object_get(st, "adamw_step"),
                    json_object_get(data, "epoch"), json_object_get(data, "pos"), json_object_get(data, "windows")};
-    for (int i = 0; i < 6; i++)
-        if (!json_is_integer(v[i])) {
-            json_decref(st);
-            return err_set(err, "%s: step, tokens, adamw_step or data position missing", path);
-        }
     static const char *const name[] = {"step", "tokens", "adamw_step", "data.epoch", "data.pos", "data.windows"};
-    for (int i = 0; i < 6; i++)
-        if (json_integer_value(v[i]) < 0 || json_integer_value(v[i]) > LONG_MAX) {
-            long long bad = (long long)json_integer_value(v[i]);
-            json_decref(st);
-            return err_set(err, "%s: %s is %lld; it must be in [0, %ld]", path, name[i], bad, LONG_MAX);
-        }
+    for (int i = 0; i < 6; i++) {
+        int is_int = json_is_integer(v[i]);
+        long long x = (long long)json_integer_value(v[i]);  // (0 when not an integer)
+        if (is_int && x >= 0) continue;
+        json_decref(st);  // (v[i] with it)
+        if (!is_int) return err_set(err, "%s: step, tokens, adamw_step or data position missing", path);
+        return err_set(err, "%s: %s is %lld; it must not be negative", path, name[i], x);
+    }
     r->step = (long)json_integer_value(v[0]);
     r->tokens = (long long)json_integer_value(v[1]);
     r->opt.step = (long)json_integer_value(v[2]);
