@@ -12,7 +12,7 @@
 // 115-124 and 145-146. Eighteenth session: an entry's four scores of a tile go out as one
 // vector, not four scalars — in L2, per position, 8 entries f32 19.6-28.2 -> 17.4-23.8 ns, BF16
 // 17.3-27.2 -> 15.9-23.2; 128 entries f32 326-399 -> 264-343 — and see SCORE_WIDE_ENTRIES.
-// Thirty-sixth session, Zen 5: tiles of 6 positions and no L1 requests, see TILE_P.)
+// Thirty-sixth session, Zen 5: tiles of 6 positions, and no L1 requests for a BF16 cache; see TILE_P.)
 #include <stdint.h>
 
 #include "kernels/avx512_util.h"
@@ -49,7 +49,8 @@ AVX512_INLINE __m512 cached(const int BF, const void *row, int k, __mmask16 m) {
 // bits: v3-108m's 4 entries × (128 + 32) values, 576 positions in L2, BF16 1.06x, f32 1.09x;
 // 1,024 of 32,768 from L3 1.08x and 1.07x; DeepSeek-V3's 64 entries × (512 + 64) BF16 1.11x, f32
 // 1.17x. The loop alone reaches the FMA peak, ~200 GFLOP/s a core; the tiles' set-up, folds and
-// stores keep the kernel at 40-85% of it.)
+// stores keep the kernel at 40-85% of it.) score_tile takes TILE_E = 4, an entry per 128-bit lane
+// of a fold, and TILE_P <= 8, two folds.
 #define TILE_P 6
 #define TILE_E 4
 
