@@ -12,7 +12,8 @@
 // 115-124 and 145-146. Eighteenth session: an entry's four scores of a tile go out as one
 // vector, not four scalars — in L2, per position, 8 entries f32 19.6-28.2 -> 17.4-23.8 ns, BF16
 // 17.3-27.2 -> 15.9-23.2; 128 entries f32 326-399 -> 264-343 — and see SCORE_WIDE_ENTRIES.
-// Thirty-sixth session, Zen 5: tiles of 6 positions, and no L1 requests for a BF16 cache; see TILE_P.)
+// Thirty-sixth session, Zen 5: tiles of 6 positions; a BF16 cache's rows requested into L2 in among
+// the FMAs and not into L1; see TILE_P and SCORE_PREFETCH_L2_ROWS.)
 #include <stdint.h>
 
 #include "kernels/avx512_util.h"
@@ -24,7 +25,11 @@
 // 3.3% faster (24 of 30 rounds taking turns; 16 sequences at 200-264 positions +3%, 7 of 10); the
 // L1 requests helped a cache read from memory by both threads at once (~20 GB/s a thread). On
 // Zen 5 a BF16 cache's L1 requests only took issue slots from the loads (without them 1.04-1.09x,
-// from memory 1.06x); an f32 cache's rows, twice as long, read from L3 at 0.93x without.
+// from memory 1.06x); an f32 cache's rows, twice as long, read from L3 at 0.93x without. A BF16
+// cache's L2 requests go a few a step into the FMA loop of the tile of the first group of entries
+// (Ahead), not in a burst before the tile: 1.03-1.11x, in L2, L3 and from memory, taking turns
+// (an f32 cache's, twice as many with the L1 ones, gained from memory but lost up to 0.80x in
+// cache that way; with many entries, widened once a tile, the burst is a small part).
 #define SCORE_PREFETCH_ROWS 8
 #define SCORE_PREFETCH_L2_ROWS 32
 
@@ -54,11 +59,29 @@ AVX512_INLINE __m512 cached(const int BF, const void *row, int k, __mmask16 m) {
 #define TILE_P 6
 #define TILE_E 4
 
-// Adds q[e] · row[p] over n values into acc[p · TILE_E + e], 16 at a time (a masked tail).
+// The lines of [p, end) requested into L2 a few at a time over the steps of a loop, in among its
+// loads and multiply-adds (p NULL: none).
+typedef struct {
+    const char *p, *end;
+    int per_step;
+} Ahead;
+
+static inline Ahead ahead_over(const char *p, size_t bytes, int steps) {
+    size_t lines = (bytes + 63) / 64;
+    return (Ahead){p, p ? p + bytes : NULL, p ? (int)((lines + steps - 1) / steps) : 0};
+}
+
+AVX512_INLINE void ahead_step(Ahead *a) {
+    for (int i = 0; i < a->per_step && a->p < a->end; i++, a->p += 64) _mm_prefetch(a->p, _MM_HINT_T1);
+}
+
+// Adds q[e] · row[p] over n values into acc[p · TILE_E + e], 16 at a time (a masked tail), the
+// lines of ahead requested as it goes.
 AVX512_INLINE void score_steps(const int BF, __m512 acc[TILE_P * TILE_E], const float *q[TILE_E],
-                               const char *row[TILE_P], int n) {
+                               const char *row[TILE_P], int n, Ahead *ahead) {
     int k = 0;
     for (; k + 16 <= n; k += 16) {
+        ahead_step(ahead);
         __m512 c[TILE_P];
 #pragma GCC unroll 8
         for (int p = 0; p < TILE_P; p++) c[p] = cached(BF, row[p], k, 0xffff);
@@ -70,6 +93,7 @@ AVX512_INLINE void score_steps(const int BF, __m512 acc[TILE_P * TILE_E], const 
         }
     }
     if (k < n) {
+        ahead_step(ahead);
         __mmask16 m = tail_mask(n - k);
         __m512 c[TILE_P];
 #pragma GCC unroll 8
@@ -86,7 +110,8 @@ AVX512_INLINE void score_steps(const int BF, __m512 acc[TILE_P * TILE_E], const 
 // The tile's scores of positions [j, j + np) and entries [e0, e0 + ne) (np <= TILE_P, ne <= TILE_E;
 // the rest repeat the last one: computed, not stored).
 AVX512_INLINE void score_tile(const int BF, float *s, int lds, const float *qa, const float *qp, int e0, int ne,
-                              const char *lat, const char *kpe, int j, int np, int L, int r, float scale) {
+                              const char *lat, const char *kpe, int j, int np, int L, int r, float scale,
+                              const char *lat_ahead, const char *kpe_ahead) {
     const size_t esz = BF ? 2 : 4;
     const float *qal[TILE_E], *qpl[TILE_E];
     const char *lr[TILE_P], *kr[TILE_P];
@@ -103,8 +128,12 @@ AVX512_INLINE void score_tile(const int BF, float *s, int lds, const float *qa, 
     __m512 acc[TILE_P * TILE_E];
 #pragma GCC unroll 32
     for (int i = 0; i < TILE_P * TILE_E; i++) acc[i] = _mm512_setzero_ps();
-    score_steps(BF, acc, qal, lr, L);
-    score_steps(BF, acc, qpl, kr, r);
+    // (the tile's rows SCORE_PREFETCH_L2_ROWS positions on, where asked)
+    const size_t ahead = SCORE_PREFETCH_L2_ROWS;
+    Ahead a = ahead_over(lat_ahead ? lat_ahead + ahead * L * esz : NULL, (size_t)TILE_P * L * esz, (L + 15) / 16);
+    score_steps(BF, acc, qal, lr, L, &a);
+    a = ahead_over(kpe_ahead ? kpe_ahead + ahead * r * esz : NULL, (size_t)TILE_P * r * esz, (r + 15) / 16);
+    score_steps(BF, acc, qpl, kr, r, &a);
     // Four positions at a time: fold16_ps puts the sum of acc[16 g + 4 p + e] (position 4 g + p,
     // entry e) in lane 4 e + p, so entry e's four scores are the result's 128-bit lane e, stored
     // from the register. A last group of two positions folds its 8 sums twice over.
@@ -133,7 +162,7 @@ AVX512_INLINE void scores(const int BF, const int WIDEN, float *s, int lds, cons
     const size_t esz = BF ? 2 : 4;
     for (int j = 0; j < run; j += TILE_P) {
         int np = run - j < TILE_P ? run - j : TILE_P;
-        for (int p = 0; p < TILE_P; p++) {
+        for (int p = 0; p < TILE_P && (WIDEN || !BF); p++) {
             size_t near = (size_t)j + p + SCORE_PREFETCH_ROWS, far = (size_t)j + p + SCORE_PREFETCH_L2_ROWS;
             for (size_t b = 0; b < L * esz; b += 64) {
                 if (!BF) _mm_prefetch(lat + near * L * esz + b, _MM_HINT_T0);
@@ -155,11 +184,14 @@ AVX512_INLINE void scores(const int BF, const int WIDEN, float *s, int lds, cons
             }
             for (int e0 = 0; e0 < n; e0 += TILE_E)
                 score_tile(0, s + j, lds, qa, qp, e0, n - e0 < TILE_E ? n - e0 : TILE_E, (const char *)wide,
-                           (const char *)(wide + (size_t)TILE_P * L), 0, np, L, r, scale);
+                           (const char *)(wide + (size_t)TILE_P * L), 0, np, L, r, scale, NULL, NULL);
             continue;
         }
-        for (int e0 = 0; e0 < n; e0 += TILE_E)
-            score_tile(BF, s, lds, qa, qp, e0, n - e0 < TILE_E ? n - e0 : TILE_E, lat, kpe, j, np, L, r, scale);
+        for (int e0 = 0; e0 < n; e0 += TILE_E) {  // (a BF16 cache's rows ahead requested by the first group's tile)
+            const int ask = BF && e0 == 0;
+            score_tile(BF, s, lds, qa, qp, e0, n - e0 < TILE_E ? n - e0 : TILE_E, lat, kpe, j, np, L, r, scale,
+                       ask ? lat + (size_t)j * L * esz : NULL, ask ? kpe + (size_t)j * r * esz : NULL);
+        }
     }
 }
 
