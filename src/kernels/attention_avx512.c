@@ -140,9 +140,10 @@ AVX512_INLINE void score_tile(const int BF, float *s, int lds, const float *qa, 
 #pragma GCC unroll 2
     for (int g = 0; g < (TILE_P + 3) / 4; g++) {
         if (4 * g >= np) break;
+        const int sums = TILE_P * TILE_E - 16 * g < 16 ? TILE_P * TILE_E - 16 * g : 16;  // (the group's)
         __m512 v[16];
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) v[i] = acc[16 * g + i % (TILE_P * TILE_E - 16 * g < 16 ? TILE_P * TILE_E - 16 * g : 16)];
+        for (int i = 0; i < 16; i++) v[i] = acc[16 * g + i % sums];
         __m512 sc = _mm512_mul_ps(fold16_ps(v), _mm512_set1_ps(scale));
         int n4 = np - 4 * g < 4 ? np - 4 * g : 4;
         const __mmask8 pm = (__mmask8)((1u << n4) - 1);
