@@ -259,6 +259,9 @@ static void panels_sweep(PanelsSweep kernel, int emulated) {
                 if (types[ti] == DT_F8_E4M3 && ni == 2) ((uint8_t *)w.data)[(size_t)(skip + 7) * cols + cols / 2] = 0xff;
                 size_t bytes = weight_panels_bytes(&w.v);
                 void *panels = aligned_alloc(64, (bytes + 63) / 64 * 64);
+                // (NaN codes and patterns where the packing must write its zero padding: past an odd
+                // last column a weight meets the activations' zero padding, and NaN × 0 is NaN)
+                if (panels) memset(panels, 0xff, bytes);
                 CHECK(bytes > 0 && panels && weight_panels_pack(panels, &w.v) == 0);
                 MatView whole = w.v;
                 whole.panels = panels;
