@@ -137,20 +137,24 @@ void lowp_values(float *out, const float *x, long n, LowpFormat fmt, float scale
     for (; i < n; i++) out[i] = lowp_value(fmt, x[i], scale);
 }
 
-void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols, int pow2) {
-    // the scales as the forward GEMM computes them for this operand (1 × 128 tiles along a row)
-    LowpOperand op = {.data = x, .ld = cols, .fmt = LOWP_E4M3, .pow2 = pow2};
-    if (lowp_fp8_scales(&op, scales, (int)rows, cols, LOWP_TILE_1x128)) return;  // (tiles: no scratch to fail)
+void lowp_e4m3_codes(uint8_t *codes, const LowpOperand *op, long rows, int cols) {
     int kc = (cols + LOWP_FP8_CHUNK - 1) / LOWP_FP8_CHUNK, vec = kernels_cpu_avx512();
-#pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
+#pragma omp parallel for schedule(static) if (!omp_in_parallel() && rows * cols > (1 << 16))
     for (long r = 0; r < rows; r++)
         for (int c = 0; c < kc; c++) {
             long k0 = (long)c * LOWP_FP8_CHUNK, n = cols - k0 < LOWP_FP8_CHUNK ? cols - k0 : LOWP_FP8_CHUNK, k = 0;
-            const float *xr = x + r * cols + k0, s = scales[r * kc + c];
+            const float *xr = op->data + r * op->ld + k0, s = lowp_scale_of(op, (int)r, (int)k0);
             uint8_t *out = codes + r * cols + k0;
             if (vec) k = lowp_e4m3_codes_avx512(out, xr, n, s);
             for (; k < n; k++) out[k] = fp8_e4m3_from_f32(xr[k] / s);
         }
+}
+
+void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols, int pow2) {
+    // the scales as the forward GEMM computes them for this operand (1 × 128 tiles along a row)
+    LowpOperand op = {.data = x, .ld = cols, .fmt = LOWP_E4M3, .pow2 = pow2};
+    if (lowp_fp8_scales(&op, scales, (int)rows, cols, LOWP_TILE_1x128)) return;  // (tiles: no scratch to fail)
+    lowp_e4m3_codes(codes, &op, rows, cols);
 }
 
 void lowp_fp8_restore_rows(float *x, const uint8_t *codes, const float *scales, long rows, int cols) {

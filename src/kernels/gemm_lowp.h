@@ -93,6 +93,10 @@ int gemm_lowp_scaled(float *C, int ldc, LowpOperand *A, int scale_a_how, float *
 // ceil(cols / 128) floats, max(amax, 1e-4) / 448, a power of two when pow2) — the codes the forward
 // GEMM quantises the same rows to — and back, code × scale in fp32. Threads over rows.
 void lowp_fp8_save_rows(uint8_t *codes, float *scales, const float *x, long rows, int cols, int pow2);
+// The E4M3 codes of an operand set up by lowp_fp8_scales (not transposed, op->fmt LOWP_E4M3): code
+// (i, k) = E4M3(x / lowp_scale_of(op, i, k)), a division, as convert.h's codec gives it. Threads
+// over rows.
+void lowp_e4m3_codes(uint8_t *codes, const LowpOperand *op, long rows, int cols);
 void lowp_fp8_restore_rows(float *x, const uint8_t *codes, const float *scales, long rows, int cols);
 
 // Which path gemm_lowp takes: "avx512bf16" or "portable".

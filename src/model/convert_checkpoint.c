@@ -84,8 +84,8 @@ static int quantise(Writer *W, const CkptTensor *t, uint8_t *codes, Error *err) 
             if (!isfinite(W->rows[i]))
                 return err_set(err, "tensor %s: value %g at [%d, %zu] cannot be quantised to FP8", t->name,
                                W->rows[i], r0 + (int)(i / cols), i % cols);
-        fp8_quantize_blocks(codes + (size_t)r0 * cols, W->scales + (size_t)(r0 / FP8_BLOCK) * sc, W->rows, n, cols,
-                            FP8_BLOCK);
+        if (fp8_quantize_blocks(codes + (size_t)r0 * cols, W->scales + (size_t)(r0 / FP8_BLOCK) * sc, W->rows, n, cols))
+            return err_set(err, "tensor %s: out of memory quantising it", t->name);
     }
     W->scales_of = (int)(t - W->t);
     return 0;

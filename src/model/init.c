@@ -69,7 +69,11 @@ int model_write_random(const ModelConfig *cfg, const char *dir, uint64_t seed, D
                 err_set(err, "out of memory");
                 goto done;
             }
-            fp8_quantize_blocks(buf, scale, w, rows, cols, 128);
+            if (fp8_quantize_blocks(buf, scale, w, rows, cols)) {
+                free(scale);
+                err_set(err, "tensor %s: out of memory quantising it", t->name);
+                goto done;
+            }
             sprintf(names[i], "%s_scale_inv", t->name);
             nd++;
             desc[nd] = (StTensorDesc){names[i], DT_F32, 2, {sr, sc}, scale};
