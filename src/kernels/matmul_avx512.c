@@ -135,6 +135,11 @@ static int fp8_row_has_nan(const MatView *w, int r) {
 // more when the memory is busy); four interleaved streams (groups of 4 rows) from less.
 #define PREFETCH_ROW 4096
 #define PREFETCH_TILE 1024
+// FP8 tiles: each of the four rows' streams runs on into the same lane's rows of the next tiles
+// (rows r + i + 4, r + i + 8, ...), so a tile starts on lines already requested: with the groups'
+// own streams only (1,024 bytes ahead, stopping at the row's end) a one-row product of 4096 x 4096
+// from memory read 30-33 GB/s, with the run-on 38-44 (2 threads, 2,048 or 4,096 bytes alike).
+#define PREFETCH_TILE_FP8 2048
 // The activation rows one weight row at a time may sweep: a half of the 32 KiB L1 data cache.
 #define ROW_STREAM_X_BYTES 16384
 
@@ -251,6 +256,9 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
         for (int i = 0; i < 4; i++) srow[i] = scale_row(w, r + i);
         __m512i nan_seen = _mm512_setzero_si512();
         const __m512i sign = _mm512_set1_epi8((char)0x80);
+        // the prefetch point PREFETCH_TILE_FP8 bytes on along lane i's rows: row i + pf_row / cols, column pf_col
+        size_t pf_row = cols > 0 ? (size_t)(PREFETCH_TILE_FP8 / cols) * 4 * cols : 0,
+               pf_col = cols > 0 ? PREFETCH_TILE_FP8 % cols : 0;
         for (int c0 = 0, cb = 0; c0 < cols; c0 += blk, cb++) {
             __m512 s[4];
 #pragma GCC unroll 4
@@ -259,9 +267,10 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
             for (; c + 64 <= c1; c += 64) {
 #pragma GCC unroll 4
                 for (int i = 0; i < 4; i++) {
-                    _mm_prefetch(row[i] + c + PREFETCH_TILE, _MM_HINT_T0);
+                    _mm_prefetch(row[i] + pf_row + pf_col, _MM_HINT_T0);
                     nan_seen = _mm512_max_epu8(nan_seen, _mm512_or_si512(_mm512_loadu_si512(row[i] + c), sign));
                 }
+                for (pf_col += 64; pf_col >= (size_t)cols; pf_col -= cols) pf_row += 4 * (size_t)cols;
 #pragma GCC unroll 4
                 for (int q = 0; q < 4; q++) {
                     __m512 xv[4];
@@ -276,6 +285,7 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
                 }
             }
             for (; c < c1; c += 16) {
+                for (pf_col += 16; pf_col >= (size_t)cols; pf_col -= cols) pf_row += 4 * (size_t)cols;
                 __mmask16 m = tail_mask(c1 - c);
                 __m512 xv[4];
 #pragma GCC unroll 4
@@ -345,14 +355,18 @@ AVX512_INLINE void gemv_tile4(const int kind, const int NB, float *out, int ldo,
 // Batch invariance: every output element is ONE running sum over the 16-column vectors of its row
 // (no split partial sums), then one lane reduction, in every path — so a row's result is the same
 // bits for any N <= GEMV_MAX_N and any split of the rows (tests/test_kernels.c). One chain of fused
-// multiply-adds keeps up with memory here: measured against four partial sums, BF16 and F32 the
-// same, FP8 within ~3% (bench_kernels, alternating runs).
+// multiply-adds keeps up with memory for F32, BF16 and F16 (32-64 bytes of weights per
+// multiply-add). Not for FP8 (16 bytes, each widened and scaled): one row's chain took codes at
+// ~20 GB/s a thread from L1, below a thread's share of the read bandwidth, so FP8 rows always go
+// four at a time — four chains, each still its row's one sum: the same bits — ~32 GB/s from L1
+// (bench_kernels' "f32 compute" line), and a one-sequence `--compute f32` decode of v3-108m FP8
+// 856-1,058 -> 1,157-1,303 tokens/s, v3-deep 179-264 -> 259-312 (five rounds taking turns).
 // (Short rows took the tiles for a while, for attention's scores over latent rows; the scores have
 // their own kernel now, and the tiles cost a speculative verification of the demo model — every
 // row 256 values or fewer, 2 activation rows — half its speed: K = 1 1,516 -> 2,890 tokens/s.)
 AVX512_INLINE void gemv_rows(const int kind, float *out, int ldo, const float *x, int ldx, int N, const MatView *w,
                              int r0, int r1) {
-    if (N <= 4 && (size_t)N * w->cols * sizeof(float) <= ROW_STREAM_X_BYTES) {
+    if (kind != W_FP8 && N <= 4 && (size_t)N * w->cols * sizeof(float) <= ROW_STREAM_X_BYTES) {
         for (int r = r0; r < r1; r++) switch (N) {
             case 1: gemv_row(kind, 1, 1, out, ldo, x, ldx, w, r); break;
             case 2: gemv_row(kind, 2, 1, out, ldo, x, ldx, w, r); break;
@@ -361,7 +375,7 @@ AVX512_INLINE void gemv_rows(const int kind, float *out, int ldo, const float *x
             }
         return;
     }
-    if (N == 1) {
+    if (kind != W_FP8 && N == 1) {
         for (int r = r0; r < r1; r++) gemv_row(kind, 1, 1, out, ldo, x, ldx, w, r);
         return;
     }
