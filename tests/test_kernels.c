@@ -688,6 +688,31 @@ TEST(test_matmul_few_rows_batch_invariant) {
     }
 }
 
+// FP8 weights with fp32 compute go four weight rows at a time (four chains of multiply-adds, each
+// its row's one sum): every row the bits of the same row computed alone, for narrow and ragged
+// widths (the tiles' column tail, blocks narrower than 128) and 1-4 activation rows, and within
+// the reference's rounding.
+TEST(test_fp8_rows_four_at_a_time_equal_rows_alone) {
+    const int widths[] = {1, 5, 16, 33, 64, 100, 129, 200}, heights[] = {4, 7, 13};
+    for (size_t wi = 0; wi < sizeof widths / sizeof widths[0]; wi++)
+        for (size_t hi = 0; hi < sizeof heights / sizeof heights[0]; hi++) {
+            const int rows = heights[hi], cols = widths[wi];
+            TestMatrix m;
+            make_matrix(&m, DT_F8_E4M3, rows, cols);
+            float *x = random_x(4 * cols), *all = malloc(sizeof(float) * 4 * rows), *alone = malloc(sizeof(float) * 4 * rows);
+            for (int N = 1; N <= 4; N++) {
+                CHECK(matmul_nt_invariant(all, rows, x, cols, &m.w, N, 0, rows) == 0);
+                for (int r = 0; r < rows; r++) CHECK(matmul_nt_invariant(alone, rows, x, cols, &m.w, N, r, r + 1) == 0);
+                CHECK_MSG(memcmp(all, alone, sizeof(float) * rows * N) == 0, "%d x %d, N = %d: rows together differ from rows alone",
+                          rows, cols, N);
+                char what[64];
+                snprintf(what, sizeof what, "FP8 %d x %d N=%d", rows, cols, N);
+                CHECK(check_product(what, all, x, &m, 0, rows, N, 1));
+            }
+            free(x), free(all), free(alone), free_matrix(&m);
+        }
+}
+
 // The invariant products for any N (batched decoding, speculative verification): row n's bits are
 // those of the row alone, for N up to 40, any split of the output, and (x · W) summed over row
 // blocks one after the other with add = 1. Runs on every ISA (the scalar path is invariant too).
