@@ -209,9 +209,9 @@ static void fp8_accumulation_table(void) {
 
 // What a decode step pays besides streaming weights: the threads meeting between phases (OpenMP's
 // barrier against base/team_barrier.h's, microseconds per meeting, 72,000 meetings in one
-// parallel region), and the FP8 one-row product with BF16 compute on one thread from cache (a
-// 768 x 1024 matrix, 768 KB, against one activation row: how fast E4M3 codes are widened and
-// multiplied when memory is not the limit).
+// parallel region), and the FP8 one-row product on one thread from cache, with BF16 compute and
+// with fp32 compute (a 768 x 1024 matrix, 768 KB, against one activation row: how fast E4M3 codes
+// are widened and multiplied when memory is not the limit).
 static void decode_step_costs(void *pool, const float *x, float *out) {
     enum { MEETINGS = 72000 };
     static TeamBarrier tb;
