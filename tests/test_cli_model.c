@@ -1,5 +1,6 @@
 // The command-line contract of logits/generate/init/info, and bad input: each gets a one-line
 // error naming the file and the tensor or key, a non-zero exit, no crash, no partial output.
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,6 +202,33 @@ TEST(test_bad_token_and_paths) {
     CHECK_FAILS("does not exist", out, "%s logits --model %s/nope --tokens 5 --out %s", test_bin(), dir, out);
     CHECK_FAILS("--model", out, "%s logits --tokens 5 --out %s", test_bin(), out);
     CHECK_FAILS("unknown option", out, "%s logits --model %s --tokens 5 --out %s --bogus", test_bin(), dir, out);
+}
+
+// `dsv3 COMMAND --help` prints the command's usage line, and every option that line names is one
+// the command's parser takes (given alone, each fails on what is missing, never as unknown).
+TEST(test_cli_help_names_accepted_options) {
+    const char *cmds[] = {"logits", "generate", "chat", "serve", "init", "convert", "info", "plan",
+                          "tokenize", "detokenize", "tokenizer train", "prepare", "plot"};
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
+        char help[4096], o[4096], want[64];
+        int rc = test_run(help, sizeof help, "%s %s --help", test_bin(), cmds[i]);
+        snprintf(want, sizeof want, "usage: dsv3 %s ", cmds[i]);
+        CHECK_MSG(rc == 0 && strncmp(help, want, strlen(want)) == 0, "%s --help: exit %d, %s", cmds[i], rc, help);
+        int options = 0;
+        for (const char *p = strstr(help, "--"); p; p = strstr(p + 2, "--")) {
+            char name[64];
+            size_t k = 0;
+            while (k + 1 < sizeof name && (p[2 + k] == '-' || islower((unsigned char)p[2 + k]) || isdigit((unsigned char)p[2 + k])))
+                name[k] = p[2 + k], k++;
+            name[k] = 0;
+            if (!k) continue;
+            options++;
+            test_run(o, sizeof o, "%s %s --%s < /dev/null", test_bin(), cmds[i], name);
+            CHECK_MSG(strstr(o, "unknown option") == NULL, "%s --help names --%s, which it does not take: %s", cmds[i],
+                      name, o);
+        }
+        CHECK_MSG(options > 0 || strcmp(cmds[i], "detokenize") == 0, "%s --help names no option: %s", cmds[i], help);
+    }
 }
 
 // Copies the tiny model into tmp/name and returns its directory.

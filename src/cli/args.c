@@ -31,7 +31,7 @@ int args_parse(Args *a, const char *cmd, int argc, char **argv, const char *cons
             a->name[a->n] = name;
             a->value[a->n++] = NULL;
         } else {
-            return err_set(err, "unknown option --%s", name);
+            return err_set(err, "unknown option --%s (dsv3 --help lists each command's options)", name);
         }
     }
     return 0;

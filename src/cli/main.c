@@ -56,6 +56,14 @@ int main(int argc, char **argv) {
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
         if (strcmp(argv[1], commands[i].name) != 0) continue;
+        // `dsv3 COMMAND --help` (or `dsv3 COMMAND SUBCOMMAND --help`): the command's line of the
+        // usage (train lists its options itself)
+        const char *last = argv[argc - 1];
+        if ((argc == 3 || (argc == 4 && argv[2][0] != '-')) && (strcmp(last, "--help") == 0 || strcmp(last, "-h") == 0) &&
+            strcmp(commands[i].name, "train") != 0) {
+            printf("usage: dsv3 %s %s\n", commands[i].name, commands[i].help);
+            return 0;
+        }
         if (commands[i].ranks == ONE_PROCESS) return commands[i].fn(argc - 2, argv + 2);
         // MPI when mpirun started the process (every rank finalises it before leaving)
         Error err = {0};
