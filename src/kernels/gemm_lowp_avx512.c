@@ -588,13 +588,55 @@ size_t weight_panels_bytes(const MatView *w) {
 // Panel p of FP8 w: per pair kp, 64 codes placed so that fp8_widen64 unpacks rows 0-15 of the
 // panel into its first word vector and rows 16-31 into its second, each row's two columns a word:
 // row j's word (columns 2 kp and 2 kp + 1, zero past the matrix) is word
-// 8 (j % 16 / 4) + 4 (j / 16) + j % 4 of the pair's 32. Written a row at a time, two codes per
-// load and store (a row's codes are contiguous in w; the panel, cols × 32 bytes, stays in cache
-// between its rows). Byte by byte, each byte's place computed, it packed 0.7 GB/s a thread, now
-// 2.4-4.2 (4096 × 4096, 256 × 7168): `generate` of one token, load included, v3-deep FP8 0.43-1.02
-// -> 0.18-0.24 s, v3-wide 0.51-0.91 -> 0.22-0.74 s (the two builds taking turns, five runs each).
-static void fp8_panel(uint8_t *dst, const MatView *w, int p, size_t kp_all) {
+// 8 (j % 16 / 4) + 4 (j / 16) + j % 4 of the pair's 32. A whole panel's pairs go 32 at a time
+// through registers (fp8_panel_32pairs); the rest — a last panel's fewer rows, the pairs after the
+// last 32, an odd last column — a row at a time, two codes per load and store. (Byte by byte, each
+// byte's place computed, packing ran 0.7 GB/s a thread; a row at a time 2.4-4.2; through the
+// registers 9.4-11.2, 2 threads 17-25, 4096 × 4096 with the pages already touched — the same bytes
+// for 13 shapes, ragged ones included. `generate` of one token, load included, the builds taking
+// turns five times: v3-wide FP8 0.18-0.20 -> 0.14-0.15 s, v3-deep 0.14-0.15 -> 0.13-0.14.)
+//
+// fp8_panel_32pairs: row j's 32 words (64 codes) loaded into vector 8 (j % 16 / 4) + 4 (j / 16) +
+// j % 4, the 32 × 32 words transposed (five rounds of two-source word permutes, each swapping the
+// off-diagonal blocks of half the size), vector m then being pair m's 64 bytes.
+AVX512BF16_VBMI_INLINE void fp8_panel_32pairs(uint8_t *dst, const uint8_t *src, size_t cols, const __m512i idx[5][2]) {
+    __m512i v[32];
+#pragma GCC unroll 32
+    for (int j = 0; j < NR; j++) v[8 * (j % 16 / 4) + 4 * (j / 16) + j % 4] = _mm512_loadu_si512(src + (size_t)j * cols);
+#pragma GCC unroll 5
+    for (int b = 0; b < 5; b++) {
+        const int B = 1 << b;
+#pragma GCC unroll 32
+        for (int i = 0; i < NR; i++) {
+            if (i & B) continue;
+            __m512i lo = _mm512_permutex2var_epi16(v[i], idx[b][0], v[i + B]);
+            v[i + B] = _mm512_permutex2var_epi16(v[i], idx[b][1], v[i + B]);
+            v[i] = lo;
+        }
+    }
+#pragma GCC unroll 32
+    for (int m = 0; m < NR; m++) _mm512_storeu_si512(dst + (size_t)m * 64, v[m]);
+}
+
+AVX512BF16_VBMI static void fp8_panel(uint8_t *dst, const MatView *w, int p, size_t kp_all) {
     const size_t cols = (size_t)w->cols, pairs = cols / 2;  // (whole pairs; an odd last column after them)
+    size_t kp0 = 0;
+    if (NR * p + NR <= w->rows) {
+        // round b: word c of the lower vector of a pair (i, i + 2^b) takes the lower's word c, or the
+        // upper's word c - 2^b where c has bit b; of the upper, the lower's word c + 2^b, or its own
+        __m512i idx[5][2];
+        for (int b = 0; b < 5; b++) {
+            uint16_t lo[32], hi[32];
+            for (int c = 0; c < 32; c++) {
+                const int B = 1 << b;
+                lo[c] = (uint16_t)(c & B ? 32 + c - B : c);
+                hi[c] = (uint16_t)(c & B ? 32 + c : c + B);
+            }
+            idx[b][0] = _mm512_loadu_si512(lo), idx[b][1] = _mm512_loadu_si512(hi);
+        }
+        const uint8_t *s = (const uint8_t *)w->data + (size_t)NR * p * cols;
+        for (; kp0 + 32 <= pairs; kp0 += 32) fp8_panel_32pairs(dst + kp0 * 64, s + 2 * kp0, cols, idx);
+    }
     for (int j = 0; j < NR; j++) {
         const int r = NR * p + j;
         uint8_t *d = dst + 2 * (8 * (j % 16 / 4) + 4 * (j / 16) + j % 4);
@@ -603,7 +645,7 @@ static void fp8_panel(uint8_t *dst, const MatView *w, int p, size_t kp_all) {
             continue;
         }
         const uint8_t *s = (const uint8_t *)w->data + (size_t)r * cols;
-        for (size_t kp = 0; kp < pairs; kp++) memcpy(d + kp * 64, s + 2 * kp, 2);
+        for (size_t kp = kp0; kp < pairs; kp++) memcpy(d + kp * 64, s + 2 * kp, 2);
         if (pairs < kp_all) d[pairs * 64] = s[2 * pairs], d[pairs * 64 + 1] = 0;
     }
 }
