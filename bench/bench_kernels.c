@@ -212,6 +212,17 @@ static void fp8_accumulation_table(void) {
 // parallel region), and the FP8 one-row product on one thread from cache, with BF16 compute and
 // with fp32 compute (a 768 x 1024 matrix, 768 KB, against one activation row: how fast E4M3 codes
 // are widened and multiplied when memory is not the limit).
+// Median GB/s of codes of v's one-row product (768 x 1024) from cache, one thread.
+static double one_row_gbs(const MatView *v, const float *x, float *out) {
+    double g[RUNS];
+    for (int r = -1; r < RUNS; r++) {
+        double t = bench_now();
+        for (int k = 0; k < 400; k++) matmul_nt_invariant(out, 768, x, 1024, v, 1, 0, 768);
+        if (r >= 0) g[r] = 400.0 * 768 * 1024 / (bench_now() - t) / 1e9;
+    }
+    return bench_median(g, RUNS);
+}
+
 static void decode_step_costs(void *pool, const float *x, float *out) {
     enum { MEETINGS = 72000 };
     static TeamBarrier tb;
@@ -232,21 +243,11 @@ static void decode_step_costs(void *pool, const float *x, float *out) {
     v.compute_bf16 = 1;
     void *panels = weight_panels_bytes(&v) ? aligned_alloc(64, (weight_panels_bytes(&v) + 63) / 64 * 64) : NULL;
     if (panels && weight_panels_pack(panels, &v) == 0) v.panels = panels;  // as a loaded model has them
-    double g[RUNS];
-    for (int r = -1; r < RUNS; r++) {
-        double t = bench_now();
-        for (int k = 0; k < 400; k++) matmul_nt_invariant(out, 768, x, 1024, &v, 1, 0, 768);
-        if (r >= 0) g[r] = 400.0 * 768 * 1024 / (bench_now() - t) / 1e9;
-    }
     printf("FP8 one-row product, bf16 compute%s, one thread, 768x1024 in cache: %5.1f GB/s of codes\n",
-           v.panels ? " on panels" : "", bench_median(g, RUNS));
-    MatView f = p.views[0];  // the exact path: each code times its scale in fp32, fp32 sums
-    for (int r = -1; r < RUNS; r++) {
-        double t = bench_now();
-        for (int k = 0; k < 400; k++) matmul_nt_invariant(out, 768, x, 1024, &f, 1, 0, 768);
-        if (r >= 0) g[r] = 400.0 * 768 * 1024 / (bench_now() - t) / 1e9;
-    }
-    printf("FP8 one-row product, f32 compute, one thread, 768x1024 in cache: %5.1f GB/s of codes\n", bench_median(g, RUNS));
+           v.panels ? " on panels" : "", one_row_gbs(&v, x, out));
+    // the exact path: each code times its scale in fp32, fp32 sums
+    printf("FP8 one-row product, f32 compute, one thread, 768x1024 in cache: %5.1f GB/s of codes\n",
+           one_row_gbs(&p.views[0], x, out));
     free(p.views), free(p.scale), free(panels);
 }
 

@@ -618,22 +618,26 @@ AVX512BF16_VBMI_INLINE void fp8_panel_32pairs(uint8_t *dst, const uint8_t *src, 
     for (int m = 0; m < NR; m++) _mm512_storeu_si512(dst + (size_t)m * 64, v[m]);
 }
 
-AVX512BF16_VBMI static void fp8_panel(uint8_t *dst, const MatView *w, int p, size_t kp_all) {
+// fp8_panel_32pairs' permutes: in round b, word c of the lower vector of a pair (i, i + 2^b) takes
+// the lower's word c, or the upper's word c - 2^b where c has bit b; of the upper, the lower's
+// word c + 2^b, or its own.
+AVX512BF16_VBMI_INLINE void fp8_panel_rounds(__m512i idx[5][2]) {
+    for (int b = 0; b < 5; b++) {
+        uint16_t lo[32], hi[32];
+        for (int c = 0; c < 32; c++) {
+            const int B = 1 << b;
+            lo[c] = (uint16_t)(c & B ? 32 + c - B : c);
+            hi[c] = (uint16_t)(c & B ? 32 + c : c + B);
+        }
+        idx[b][0] = _mm512_loadu_si512(lo), idx[b][1] = _mm512_loadu_si512(hi);
+    }
+}
+
+// idx: fp8_panel_rounds'.
+AVX512BF16_VBMI static void fp8_panel(uint8_t *dst, const MatView *w, int p, size_t kp_all, const __m512i idx[5][2]) {
     const size_t cols = (size_t)w->cols, pairs = cols / 2;  // (whole pairs; an odd last column after them)
     size_t kp0 = 0;
     if (NR * p + NR <= w->rows) {
-        // round b: word c of the lower vector of a pair (i, i + 2^b) takes the lower's word c, or the
-        // upper's word c - 2^b where c has bit b; of the upper, the lower's word c + 2^b, or its own
-        __m512i idx[5][2];
-        for (int b = 0; b < 5; b++) {
-            uint16_t lo[32], hi[32];
-            for (int c = 0; c < 32; c++) {
-                const int B = 1 << b;
-                lo[c] = (uint16_t)(c & B ? 32 + c - B : c);
-                hi[c] = (uint16_t)(c & B ? 32 + c : c + B);
-            }
-            idx[b][0] = _mm512_loadu_si512(lo), idx[b][1] = _mm512_loadu_si512(hi);
-        }
         const uint8_t *s = (const uint8_t *)w->data + (size_t)NR * p * cols;
         for (; kp0 + 32 <= pairs; kp0 += 32) fp8_panel_32pairs(dst + kp0 * 64, s + 2 * kp0, cols, idx);
     }
@@ -654,12 +658,14 @@ AVX512BF16_VBMI static void panels_pack(void *dst, const MatView *w) {
     const int np = (w->rows + NR - 1) / NR;
     const size_t kp_all = panel_pairs(w), pb = weight_panel_bytes(w);
     const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    __m512i idx[5][2];
+    if (w->dtype == DT_F8_E4M3) fp8_panel_rounds(idx);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int p = 0; p < np; p++) {
         char *d = (char *)dst + (size_t)p * pb;
         int len = w->rows - NR * p < NR ? w->rows - NR * p : NR;
         if (w->dtype == DT_F8_E4M3) {
-            fp8_panel((uint8_t *)d, w, p, kp_all);
+            fp8_panel((uint8_t *)d, w, p, kp_all, (const __m512i(*)[2])idx);
         } else {
             if (len < NR) memset(d, 0, pb);
             pack_weights((uint32_t *)d, w, NR * p, len, 0, w->cols, (int)kp_all);
